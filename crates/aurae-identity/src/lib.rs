@@ -1,0 +1,13 @@
+//! Identity for Aurae: SPIFFE IDs, the development PKI, and the rustls configurations that
+//! make mTLS mandatory and bind every connection to exactly one SPIFFE ID.
+//!
+//! Used by `auraed` (server side), `aurae-client` and `aer` (client side, `aer pki init`)
+//! and by tests. It depends on none of our other crates.
+
+pub mod pki;
+pub mod spiffe;
+pub mod tls;
+
+pub use pki::{Ca, IssueSpec, Pki, PkiError, PkiPaths};
+pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use tls::{TlsError, client_config, peer_spiffe_id, server_config};
