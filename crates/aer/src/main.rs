@@ -1,1 +1,34 @@
-fn main() {}
+//! `aer`: the Aurae command-line client.
+//!
+//! Subcommands mirror the API: `aer run` (RunExecutable), `aer cell …` (Cells),
+//! `aer executable …`, `aer vm …`, `aer instance …`, `aer pod …`, `aer events`, plus
+//! `aer pki …` for the development PKI and `aer health` / `aer info` / `aer shutdown`.
+
+mod cli;
+mod output;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        eprintln!("aer: a rustls crypto provider was already installed");
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

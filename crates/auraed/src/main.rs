@@ -1,1 +1,84 @@
-fn main() {}
+//! `auraed`: mode selection and wiring only.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use auraed::server::{ServerConfig, run};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// The Aurae daemon: runs workloads through one mTLS-authenticated gRPC API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory with ca.pem, auraed.pem and auraed.key (create one with `aer pki init`).
+    #[arg(long, env = "AURAED_PKI_DIR", default_value = "/etc/aurae/pki")]
+    pki_dir: PathBuf,
+    /// Unix socket to serve on (mode 0600, in a directory of mode 0700).
+    #[arg(long, env = "AURAED_SOCKET", default_value = "/run/aurae/auraed.sock")]
+    socket: PathBuf,
+    /// Also serve on this TCP address (mTLS as on the socket), e.g. 127.0.0.1:8443.
+    #[arg(long, env = "AURAED_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for auraed's durable state.
+    #[arg(long, env = "AURAED_STATE_DIR", default_value = "/var/lib/aurae")]
+    state_dir: PathBuf,
+    /// Authorization policy (TOML). Default: the PKI's admin identity may do everything,
+    /// nobody else anything.
+    #[arg(long, env = "AURAED_POLICY")]
+    policy: Option<PathBuf>,
+    /// Seconds a client has to finish the TLS handshake.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_s: u64,
+    /// Most connections at once (more wait in the listen backlog).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    #[arg(long, default_value_t = 128)]
+    max_streams_per_connection: u32,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("AURAED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        tracing::warn!("a rustls crypto provider was already installed");
+    }
+    let cfg = ServerConfig {
+        pki_dir: args.pki_dir,
+        socket: args.socket,
+        listen: args.listen,
+        state_dir: args.state_dir,
+        policy: args.policy,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_s.max(1)),
+        max_connections: args.max_connections.max(1),
+        max_streams_per_connection: args.max_streams_per_connection.max(1),
+        mode: "daemon",
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("auraed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

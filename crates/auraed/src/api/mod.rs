@@ -1,0 +1,117 @@
+//! The gRPC edge: one thin adapter per service, the authorization layer, error mapping.
+//!
+//! Lifecycle RPCs live on one service per resource kind (`Executables`, `Cells`,
+//! `VirtualMachines`, `Instances`, `Pods`) next to the seed's `Runtime`, so `Runtime` keeps
+//! exactly its five RPCs, each kind's verbs read naturally (`Cells/Free`), and a policy can
+//! grant a whole kind with one pattern (`aurae.runtime.v0.Cells/*`).
+
+pub mod authz;
+pub mod daemon;
+pub mod lifecycle;
+pub mod runtime;
+pub mod status;
+
+use std::{collections::BTreeSet, sync::Arc, time::SystemTime};
+
+use aurae_identity::SpiffeId;
+use aurae_proto::runtime::v0 as pb;
+use prost::Message;
+use tokio::sync::watch;
+
+/// Largest request auraed decodes; larger ones get `RESOURCE_EXHAUSTED` before allocation.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest response auraed encodes.
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+/// What the adapters share.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// "daemon" or "pid1".
+    pub mode: &'static str,
+    pub server_id: SpiffeId,
+    pub started_at: SystemTime,
+    /// CPUs of the machine (bounds cpu.max).
+    pub cpus: u64,
+    pub cgroup_controllers: Vec<String>,
+    /// Send `Some(grace)` to start the ordered shutdown.
+    pub shutdown: Arc<watch::Sender<Option<std::time::Duration>>>,
+}
+
+/// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
+pub fn served_methods() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for fds in [
+        aurae_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(fds) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package.clone().unwrap_or_default();
+            for svc in &file.service {
+                for m in &svc.method {
+                    out.insert(format!("{package}.{}/{}", svc.name(), m.name()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Builds the router with every service, each with its message-size limits.
+pub fn routes(
+    ctx: Context,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    use pb::{
+        cells_server::CellsServer, daemon_server::DaemonServer, events_server::EventsServer,
+        executables_server::ExecutablesServer, instances_server::InstancesServer, pods_server::PodsServer,
+        runtime_server::RuntimeServer, virtual_machines_server::VirtualMachinesServer,
+    };
+    macro_rules! limited {
+        ($server:expr) => {
+            $server
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        };
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aurae_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut routes = tonic::service::Routes::new(limited!(RuntimeServer::new(runtime::RuntimeApi::new(ctx.clone()))));
+    routes = routes
+        .add_service(limited!(ExecutablesServer::new(lifecycle::ExecutablesApi)))
+        .add_service(limited!(CellsServer::new(lifecycle::CellsApi::new(ctx.cpus))))
+        .add_service(limited!(VirtualMachinesServer::new(lifecycle::VirtualMachinesApi)))
+        .add_service(limited!(InstancesServer::new(lifecycle::InstancesApi)))
+        .add_service(limited!(PodsServer::new(lifecycle::PodsApi)))
+        .add_service(limited!(EventsServer::new(lifecycle::EventsApi)))
+        .add_service(limited!(DaemonServer::new(daemon::DaemonApi::new(ctx))))
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_has_exactly_the_five_seed_rpcs() {
+        let methods = served_methods();
+        let runtime: Vec<&str> = methods
+            .iter()
+            .filter_map(|m| m.strip_prefix("aurae.runtime.v0.Runtime/"))
+            .collect();
+        assert_eq!(runtime, ["RunCell", "RunExecutable", "RunPod", "RunVirtualMachine", "Spawn"]);
+        assert!(methods.contains("grpc.health.v1.Health/Check"));
+        assert!(methods.contains("grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
+        assert!(methods.contains("grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+    }
+}

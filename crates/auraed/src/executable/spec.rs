@@ -1,0 +1,148 @@
+//! Validated executable requests.
+
+use std::path::PathBuf;
+
+use aurae_proto::runtime::v0 as pb;
+
+use crate::spec::{CellName, FieldError, Label, abs_path};
+
+/// Most arguments or environment entries.
+pub const MAX_ENTRIES: usize = 4096;
+/// Most bytes of argv plus env together (the kernel's own limit is larger; this bounds memory).
+pub const MAX_ARG_BYTES: usize = 256 * 1024;
+/// Most bytes of stdin a request may carry.
+pub const MAX_STDIN: usize = 512 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutableSpec {
+    pub cell: CellName,
+    /// `None`: auraed picks a name.
+    pub name: Option<Label>,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: PathBuf,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub stdin: Vec<u8>,
+}
+
+impl TryFrom<pb::Executable> for ExecutableSpec {
+    type Error = FieldError;
+
+    fn try_from(e: pb::Executable) -> Result<Self, FieldError> {
+        let cell = CellName::parse("cell", &e.cell)?;
+        let name = if e.name.is_empty() {
+            None
+        } else {
+            Some(Label::parse("name", &e.name)?)
+        };
+        let first = e
+            .argv
+            .first()
+            .ok_or_else(|| FieldError::new("argv", "is empty: give the program's absolute path first"))?;
+        abs_path("argv[0]", first)?;
+        if e.argv.len() > MAX_ENTRIES || e.env.len() > MAX_ENTRIES {
+            return Err(FieldError::new("argv", format!("more than {MAX_ENTRIES} arguments or environment entries")));
+        }
+        let mut bytes = 0;
+        for (i, a) in e.argv.iter().enumerate() {
+            if a.contains('\0') {
+                return Err(FieldError::new(format!("argv[{i}]"), "contains NUL"));
+            }
+            bytes += a.len() + 1;
+        }
+        let mut env: Vec<(String, String)> = e.env.into_iter().collect();
+        env.sort();
+        for (k, v) in &env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(FieldError::new(format!("env[{k:?}]"), "a variable name must be non-empty, without '=' or NUL"));
+            }
+            if v.contains('\0') {
+                return Err(FieldError::new(format!("env[{k:?}]"), "the value contains NUL"));
+            }
+            bytes += k.len() + v.len() + 2;
+        }
+        if bytes > MAX_ARG_BYTES {
+            return Err(FieldError::new("argv", format!("argv and env together exceed {MAX_ARG_BYTES} bytes")));
+        }
+        let working_dir = if e.working_dir.is_empty() {
+            PathBuf::from("/")
+        } else {
+            abs_path("working_dir", &e.working_dir)?
+        };
+        if e.stdin.len() > MAX_STDIN {
+            return Err(FieldError::new("stdin", format!("is larger than {MAX_STDIN} bytes")));
+        }
+        Ok(Self {
+            cell,
+            name,
+            argv: e.argv,
+            env,
+            working_dir,
+            uid: e.uid,
+            gid: e.gid,
+            stdin: e.stdin,
+        })
+    }
+}
+
+/// One executable, by cell and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ExecutableRef {
+    pub cell: CellName,
+    pub name: Label,
+}
+
+impl ExecutableRef {
+    /// Parses the `field` of a request holding an `ExecutableRef`.
+    pub fn parse(field: &str, r: Option<&pb::ExecutableRef>) -> Result<Self, FieldError> {
+        let r = r.ok_or_else(|| FieldError::new(field, "is missing"))?;
+        Ok(Self {
+            cell: CellName::parse(&format!("{field}.cell"), &r.cell)?,
+            name: Label::parse(&format!("{field}.name"), &r.name)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exe(argv: &[&str]) -> pb::Executable {
+        pb::Executable {
+            cell: "web".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_executable() {
+        let mut e = exe(&["/bin/echo", "hi"]);
+        e.env.insert("A".into(), "1".into());
+        let s = ExecutableSpec::try_from(e).unwrap();
+        assert_eq!(s.working_dir, PathBuf::from("/"));
+        assert_eq!(s.env, vec![("A".into(), "1".into())]);
+        assert!(s.name.is_none());
+    }
+
+    #[test]
+    fn invalid_executables_name_the_field() {
+        let cases: Vec<(pb::Executable, &str)> = vec![
+            (exe(&[]), "argv"),
+            (exe(&["echo"]), "argv[0]"),
+            (exe(&["/bin/echo", "a\0b"]), "argv[1]"),
+            (pb::Executable { cell: "".into(), ..exe(&["/bin/true"]) }, "cell"),
+            (pb::Executable { cell: "a/../b".into(), ..exe(&["/bin/true"]) }, "cell"),
+            (pb::Executable { name: "Bad".into(), ..exe(&["/bin/true"]) }, "name"),
+            (pb::Executable { working_dir: "rel".into(), ..exe(&["/bin/true"]) }, "working_dir"),
+        ];
+        for (e, field) in cases {
+            let err = ExecutableSpec::try_from(e).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+        let mut e = exe(&["/bin/true"]);
+        e.env.insert("A=B".into(), "1".into());
+        assert!(ExecutableSpec::try_from(e).unwrap_err().field.starts_with("env"));
+    }
+}

@@ -1,0 +1,22 @@
+//! auraed: the Aurae daemon. PID 1 of a machine or microVM, or a daemon on a host, serving
+//! one mTLS-authenticated gRPC API for executables, cells, VMs, instances and pods.
+//!
+//! Module map (one noun per module; see ARCHITECTURE.md):
+//! - [`server`]: listeners, TLS handshakes, connection limits, ordered shutdown.
+//! - [`api`]: one thin adapter per gRPC service, the authorization layer, error mapping.
+//! - [`identity`]: the authorization policy.
+//! - [`spec`]: validated newtypes shared by the nouns.
+//! - [`executable`], [`cell`], [`vm`], [`instance`], [`pod`]: the nouns, each with its
+//!   validated request types in `spec.rs`.
+//! - [`store`]: the durable record of what auraed runs.
+
+pub mod api;
+pub mod cell;
+pub mod executable;
+pub mod identity;
+pub mod instance;
+pub mod pod;
+pub mod server;
+pub mod spec;
+pub mod store;
+pub mod vm;

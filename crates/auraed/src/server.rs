@@ -1,0 +1,454 @@
+//! Listening: the Unix socket and optional TCP, TLS handshakes with mandatory client
+//! certificates, connection limits, and the ordered shutdown.
+//!
+//! Each accepted connection is handshaken in its own task under a deadline; only a
+//! connection whose client presented a CA-signed certificate with exactly one SPIFFE ID of
+//! our trust domain reaches tonic, carrying that ID as its [`PeerInfo`].
+
+use std::{
+    fs,
+    io,
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use aurae_identity::{PkiPaths, SpiffeId, pki::ADMIN_PATH, tls};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    api::{
+        self, Context as ApiContext,
+        authz::{AuthzLayer, PeerInfo, Transport},
+    },
+    identity::Policy,
+    store::Store,
+};
+
+/// Everything `auraed` needs to serve; see `auraed --help`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub pki_dir: PathBuf,
+    pub socket: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub policy: Option<PathBuf>,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    /// "daemon" or "pid1".
+    pub mode: &'static str,
+}
+
+enum Io {
+    Unix(TlsStream<UnixStream>),
+    Tcp(TlsStream<TcpStream>),
+}
+
+/// A verified connection: TLS stream, peer identity, and its slot under the connection cap.
+pub struct Conn {
+    io: Io,
+    peer: PeerInfo,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Unix(s) => s.is_write_vectored(),
+            Io::Tcp(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The SPIFFE ID the verifier already checked, read back from the session.
+fn verified_peer<IO>(stream: &TlsStream<IO>) -> Option<SpiffeId> {
+    let (_, session) = stream.get_ref();
+    let cert = session.peer_certificates()?.first()?;
+    tls::peer_spiffe_id(cert).ok()
+}
+
+/// Prepares the socket's directory (0700, created if missing) and clears a stale socket.
+fn prepare_socket(path: &Path) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .with_context(|| format!("--socket {}: give a path inside a directory", path.display()))?;
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    let meta = fs::metadata(dir).with_context(|| format!("socket directory {}", dir.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if !meta.is_dir() || mode != 0o700 {
+        bail!(
+            "socket directory {} has mode {mode:o}; auraed needs a directory only its owner can enter (0700): \
+             use a dedicated directory such as /run/aurae",
+            dir.display()
+        );
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("{} is in use: another auraed is listening on it", path.display());
+            }
+            fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!("{} exists and is not a socket: refusing to replace it", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("socket {}", path.display())),
+    }
+    Ok(())
+}
+
+fn cgroup_controllers() -> Vec<String> {
+    for p in ["/sys/fs/cgroup/cgroup.controllers", "/sys/fs/cgroup/unified/cgroup.controllers"] {
+        if let Ok(s) = fs::read_to_string(p) {
+            return s.split_whitespace().map(str::to_owned).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// Runs auraed's API until SIGTERM/SIGINT or a Shutdown RPC, then shuts down in order.
+pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    let pki = PkiPaths::new(&cfg.pki_dir);
+    for f in [&pki.ca_cert, &pki.server_cert, &pki.server_key] {
+        if !f.exists() {
+            bail!(
+                "{} is missing: auraed needs the CA certificate and its own identity in --pki-dir. \
+                 Create a development PKI with `aer pki init --dir {}`",
+                f.display(),
+                cfg.pki_dir.display()
+            );
+        }
+    }
+    let (tls_config, server_id) = tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
+    let trust_domain = server_id.trust_domain().to_owned();
+    let methods = api::served_methods();
+    let policy = match &cfg.policy {
+        Some(p) => Policy::load(p, &trust_domain, &methods)?,
+        None => Policy::default_for(SpiffeId::new(&trust_domain, ADMIN_PATH)?),
+    };
+    for g in policy.grants() {
+        let (m, n) = g.describe();
+        info!(id = %g.id, methods = ?m, names = ?n, "policy grant");
+    }
+
+    let store = Store::open(&cfg.state_dir)?;
+    let started_at = SystemTime::now();
+    let epoch = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let boot = store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch)?;
+
+    prepare_socket(&cfg.socket)?;
+    let unix = UnixListener::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
+    fs::set_permissions(&cfg.socket, fs::Permissions::from_mode(0o600))?;
+    let tcp = match cfg.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --listen {addr}"))?),
+        None => None,
+    };
+
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
+    let ctx = ApiContext {
+        mode: cfg.mode,
+        server_id: server_id.clone(),
+        started_at,
+        cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+        cgroup_controllers: cgroup_controllers(),
+        shutdown: Arc::new(shutdown_tx),
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let routes = api::routes(ctx.clone(), health)?;
+    for svc in [""].into_iter().chain(SERVICES) {
+        health_reporter
+            .set_service_status(svc, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let accept_unix = tokio::spawn(accept_loop(
+        Listener::Unix(unix, own_uid),
+        acceptor.clone(),
+        slots.clone(),
+        cfg.handshake_timeout,
+        conn_tx.clone(),
+    ));
+    let accept_tcp = tcp.map(|l| {
+        tokio::spawn(accept_loop(
+            Listener::Tcp(l),
+            acceptor.clone(),
+            slots.clone(),
+            cfg.handshake_timeout,
+            conn_tx.clone(),
+        ))
+    });
+    drop(conn_tx);
+
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode = cfg.mode,
+        id = %server_id,
+        socket = %cfg.socket.display(),
+        listen = ?cfg.listen,
+        boots = boot.boots,
+        "auraed is serving"
+    );
+
+    let signal = async move {
+        let grace = wait_for_shutdown(&mut shutdown_rx).await;
+        for svc in [""].into_iter().chain(SERVICES) {
+            health_reporter
+                .set_service_status(svc, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        grace
+    };
+    let (grace_tx, grace_rx) = tokio::sync::oneshot::channel();
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(cfg.max_streams_per_connection))
+        .concurrency_limit_per_connection(cfg.max_streams_per_connection as usize)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .timeout(crate::spec::MAX_GRACE + Duration::from_secs(60))
+        .layer(AuthzLayer::new(Arc::new(policy)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+            let grace = signal.await;
+            let _ = grace_tx.send(grace);
+        });
+    let mut server = tokio::spawn(server);
+    let outcome = tokio::select! {
+        r = &mut server => r,
+        grace = grace_rx => {
+            let grace = grace.unwrap_or(crate::spec::DEFAULT_GRACE);
+            info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; draining calls in flight");
+            accept_unix.abort();
+            if let Some(t) = &accept_tcp { t.abort(); }
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!("calls still in flight after the grace period; closing them");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    accept_unix.abort();
+    if let Some(t) = accept_tcp {
+        t.abort();
+    }
+    if let Err(e) = fs::remove_file(&cfg.socket) {
+        warn!(socket = %cfg.socket.display(), "could not remove the socket: {e}");
+    }
+    match outcome {
+        Ok(Ok(())) => {
+            info!("auraed stopped");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+    }
+}
+
+/// Health service names, besides the overall "".
+const SERVICES: [&str; 8] = [
+    aurae_proto::service_names::RUNTIME,
+    aurae_proto::service_names::EXECUTABLES,
+    aurae_proto::service_names::CELLS,
+    aurae_proto::service_names::VIRTUAL_MACHINES,
+    aurae_proto::service_names::INSTANCES,
+    aurae_proto::service_names::PODS,
+    aurae_proto::service_names::EVENTS,
+    aurae_proto::service_names::DAEMON,
+];
+
+/// Resolves with the grace period on SIGTERM, SIGINT or a Shutdown RPC.
+async fn wait_for_shutdown(rx: &mut watch::Receiver<Option<Duration>>) -> Duration {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            error!("cannot install SIGTERM/SIGINT handlers; only the Shutdown RPC can stop auraed");
+            loop {
+                if rx.changed().await.is_err() {
+                    return crate::spec::DEFAULT_GRACE;
+                }
+                if let Some(g) = *rx.borrow() {
+                    return g;
+                }
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM"); return crate::spec::DEFAULT_GRACE; }
+            _ = int.recv() => { info!("SIGINT"); return crate::spec::DEFAULT_GRACE; }
+            changed = rx.changed() => {
+                if changed.is_err() { return crate::spec::DEFAULT_GRACE; }
+                if let Some(g) = *rx.borrow() { return g; }
+            }
+        }
+    }
+}
+
+enum Listener {
+    /// With auraed's own uid: only it and root may connect (checked by SO_PEERCRED).
+    Unix(UnixListener, u32),
+    Tcp(TcpListener),
+}
+
+async fn accept_loop(
+    listener: Listener,
+    acceptor: TlsAcceptor,
+    slots: Arc<Semaphore>,
+    handshake_timeout: Duration,
+    out: mpsc::Sender<Result<Conn, io::Error>>,
+) {
+    loop {
+        // Take a slot before accepting: at the cap, new clients wait in the backlog.
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let accepted = match &listener {
+            Listener::Unix(l, own_uid) => l.accept().await.map(|(s, _)| {
+                let cred = s.peer_cred().ok();
+                let uid = cred.map_or(u32::MAX, |c| c.uid());
+                let pid = cred.and_then(|c| c.pid());
+                (Pending::Unix(s, uid == 0 || uid == *own_uid), Transport::Unix { uid, pid })
+            }),
+            Listener::Tcp(l) => l.accept().await.map(|(s, addr)| {
+                let _ = s.set_nodelay(true);
+                (Pending::Tcp(s), Transport::Tcp(addr))
+            }),
+        };
+        let (pending, transport) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let out = out.clone();
+        tokio::spawn(async move {
+            let handshake = async {
+                match pending {
+                    Pending::Unix(_, false) => Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "peer uid is neither root nor auraed's own",
+                    )),
+                    Pending::Unix(s, true) => acceptor.accept(s).await.map(Io::Unix),
+                    Pending::Tcp(s) => acceptor.accept(s).await.map(Io::Tcp),
+                }
+            };
+            let io = match tokio::time::timeout(handshake_timeout, handshake).await {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) => {
+                    warn!(target: "aurae::audit", via = %transport, decision = "reject", "TLS handshake rejected: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(target: "aurae::audit", via = %transport, decision = "reject", "TLS handshake timed out");
+                    return;
+                }
+            };
+            let id = match &io {
+                Io::Unix(s) => verified_peer(s),
+                Io::Tcp(s) => verified_peer(s),
+            };
+            let Some(id) = id else {
+                warn!(via = %transport, "handshake finished without a verified SPIFFE ID; closing");
+                return;
+            };
+            debug!(peer_id = %id, via = %transport, "connection verified");
+            let conn = Conn {
+                io,
+                peer: PeerInfo { id, transport },
+                _permit: permit,
+            };
+            let _ = out.send(Ok(conn)).await;
+        });
+    }
+}
+
+enum Pending {
+    /// The stream, and whether SO_PEERCRED allowed the peer.
+    Unix(UnixStream, bool),
+    Tcp(TcpStream),
+}

@@ -1,0 +1,207 @@
+//! Validated newtypes shared by every noun, and the error that names the bad field.
+//!
+//! Requests are parsed into these at the API edge (`TryFrom<proto>` in each noun's
+//! `spec.rs`); domain code never sees raw proto strings or `Option`s.
+
+use std::{fmt, time::Duration};
+
+/// A request field that failed validation; becomes `INVALID_ARGUMENT` naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Longest label (RFC 1123).
+pub const MAX_LABEL: usize = 63;
+/// Deepest cell nesting.
+pub const MAX_DEPTH: usize = 8;
+
+/// One DNS label: `a-z0-9-`, 1..=63, not starting or ending with '-'.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Label(String);
+
+fn label_reason(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        Some("is empty")
+    } else if s.len() > MAX_LABEL {
+        Some("is longer than 63 characters")
+    } else if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Some("may contain only lowercase letters, digits and '-'")
+    } else if s.starts_with('-') || s.ends_with('-') {
+        Some("must not start or end with '-'")
+    } else {
+        None
+    }
+}
+
+impl Label {
+    pub fn parse(field: &str, s: &str) -> Result<Self, FieldError> {
+        match label_reason(s) {
+            Some(r) => Err(FieldError::new(field, format!("{s:?} {r}"))),
+            None => Ok(Self(s.to_owned())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A cell's path: labels joined by '/', e.g. `web` or `web/api`; at most 8 deep.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CellName(String);
+
+impl CellName {
+    pub fn parse(field: &str, s: &str) -> Result<Self, FieldError> {
+        if s.is_empty() {
+            return Err(FieldError::new(field, "is empty: name a cell such as \"web\" or \"web/api\""));
+        }
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.len() > MAX_DEPTH {
+            return Err(FieldError::new(field, format!("{s:?} is nested deeper than {MAX_DEPTH} levels")));
+        }
+        for p in &parts {
+            if let Some(r) = label_reason(p) {
+                return Err(FieldError::new(
+                    field,
+                    format!("{s:?}: component {p:?} {r} (a cell path is DNS labels joined by '/')"),
+                ));
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The parent cell, for a nested name.
+    pub fn parent(&self) -> Option<CellName> {
+        self.0.rsplit_once('/').map(|(p, _)| Self(p.to_owned()))
+    }
+}
+
+impl fmt::Display for CellName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An optional name prefix for lists and event filters: "" or a cell path, possibly
+/// ending in a partial label (e.g. "team-a/ap").
+pub fn name_prefix(field: &str, s: &str) -> Result<String, FieldError> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    if s.len() > MAX_DEPTH * (MAX_LABEL + 1)
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'/')
+        || s.starts_with('/')
+        || s.contains("//")
+    {
+        return Err(FieldError::new(
+            field,
+            format!("{s:?} is not a name prefix (lowercase letters, digits, '-' and '/')"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// Longest grace period or timeout a request may ask for.
+pub const MAX_GRACE: Duration = Duration::from_secs(600);
+/// Grace period when a request gives none.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// A proto `Duration` that must be non-negative and at most `max`.
+pub fn duration(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+    default: Duration,
+    max: Duration,
+) -> Result<Duration, FieldError> {
+    let Some(d) = d else { return Ok(default) };
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(FieldError::new(field, "must be a non-negative duration"));
+    }
+    let v = Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs());
+    if v > max {
+        return Err(FieldError::new(field, format!("must be at most {} s", max.as_secs())));
+    }
+    Ok(v)
+}
+
+/// A proto enum value that must be known to this auraed and, unless `allow_zero`, set.
+pub fn known_enum<E: TryFrom<i32>>(field: &str, v: i32, allow_zero: bool) -> Result<E, FieldError> {
+    if v == 0 && !allow_zero {
+        return Err(FieldError::new(field, "must be set"));
+    }
+    E::try_from(v).map_err(|_| FieldError::new(field, format!("unknown value {v}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_cell_names() {
+        assert!(Label::parse("f", "web-1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "a/b", &"a".repeat(64)] {
+            assert!(Label::parse("f", bad).is_err(), "{bad:?}");
+        }
+        let n = CellName::parse("cell", "web/api").unwrap();
+        assert_eq!(n.parent().unwrap().as_str(), "web");
+        for bad in ["", "/web", "web/", "web//api", "web/../etc", "..", ".", "a/b/c/d/e/f/g/h/i"] {
+            let e = CellName::parse("cell", bad).unwrap_err();
+            assert_eq!(e.field, "cell");
+        }
+    }
+
+    #[test]
+    fn durations_and_prefixes() {
+        let d = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert!(duration("g", Some(&d), DEFAULT_GRACE, MAX_GRACE).is_err());
+        let d = prost_types::Duration { seconds: 601, nanos: 0 };
+        assert!(duration("g", Some(&d), DEFAULT_GRACE, MAX_GRACE).is_err());
+        assert_eq!(duration("g", None, DEFAULT_GRACE, MAX_GRACE).unwrap(), DEFAULT_GRACE);
+        assert!(name_prefix("p", "team-a/ap").is_ok());
+        assert!(name_prefix("p", "../x").is_err());
+    }
+}
+
+/// An absolute host or guest path from a request: no NUL, no `..` component.
+pub fn abs_path(field: &str, s: &str) -> Result<std::path::PathBuf, FieldError> {
+    if s.is_empty() {
+        return Err(FieldError::new(field, "is empty: give an absolute path"));
+    }
+    if !s.starts_with('/') {
+        return Err(FieldError::new(field, format!("{s:?} is not an absolute path")));
+    }
+    if s.contains('\0') || s.len() > 4096 {
+        return Err(FieldError::new(field, "contains NUL or is longer than 4096 bytes"));
+    }
+    if s.split('/').any(|c| c == "..") {
+        return Err(FieldError::new(field, format!("{s:?} contains a '..' component")));
+    }
+    Ok(std::path::PathBuf::from(s))
+}

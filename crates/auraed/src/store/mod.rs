@@ -1,0 +1,236 @@
+//! The durable store: what auraed runs, recorded under its state directory so a restarted
+//! auraed can re-adopt it.
+//!
+//! One JSON file per record, `<state>/store/<kind>/<key>.json`, written atomically (write a
+//! temporary file, fsync it, rename over the old one, fsync the directory): a crash leaves
+//! either the old or the new record, never a torn one. Leftover temporary files from a
+//! crash are removed on open.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state store record {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state store key {0:?} is not a resource name")]
+    Key(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Record kinds, one directory each.
+pub mod kinds {
+    pub const DAEMON: &str = "daemon";
+    pub const CELL: &str = "cell";
+    pub const EXECUTABLE: &str = "executable";
+    pub const VIRTUAL_MACHINE: &str = "vm";
+    pub const INSTANCE: &str = "instance";
+    pub const POD: &str = "pod";
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Resource names are `[a-z0-9-]` labels joined by '/'; '/' becomes '.', which no label
+/// contains, so the mapping is one-to-one and no key can leave its directory.
+fn file_name(key: &str) -> Result<String, StoreError> {
+    if key.is_empty()
+        || key.len() > 600
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'/')
+    {
+        return Err(StoreError::Key(key.to_owned()));
+    }
+    Ok(format!("{}.json", key.replace('/', ".")))
+}
+
+impl Store {
+    /// Opens (creating, mode 0700) the store under `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let root = state_dir.join("store");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(io(&root))?;
+        for kind in [
+            kinds::DAEMON,
+            kinds::CELL,
+            kinds::EXECUTABLE,
+            kinds::VIRTUAL_MACHINE,
+            kinds::INSTANCE,
+            kinds::POD,
+        ] {
+            let dir = root.join(kind);
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io(&dir))?;
+            for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+                let p = entry.map_err(io(&dir))?.path();
+                if p.extension().is_some_and(|e| e == "tmp") {
+                    fs::remove_file(&p).map_err(io(&p))?;
+                }
+            }
+        }
+        Ok(Self { root })
+    }
+
+    fn path(&self, kind: &str, key: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.root.join(kind).join(file_name(key)?))
+    }
+
+    /// Writes a record atomically and durably.
+    pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> Result<(), StoreError> {
+        let path = self.path(kind, key)?;
+        let tmp = path.with_extension("tmp");
+        let data = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(&data).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        let dir = self.root.join(kind);
+        fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, kind: &str, key: &str) -> Result<Option<T>, StoreError> {
+        let path = self.path(kind, key)?;
+        match fs::read(&path) {
+            Ok(data) => serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    pub fn delete(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        let path = self.path(kind, key)?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every record of a kind, with its key, in key order.
+    pub fn list<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<(String, T)>, StoreError> {
+        let dir = self.root.join(kind);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+            let p = entry.map_err(io(&dir))?.path();
+            let Some(stem) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let key = stem.replace('.', "/");
+            if let Some(v) = self.get(kind, &key)? {
+                out.push((key, v));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// What the store records about each start of auraed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BootRecord {
+    /// How many times auraed has started with this state directory.
+    pub boots: u64,
+    pub version: String,
+    pub pid: u32,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+}
+
+impl Store {
+    /// Records this start and returns the record (boots counts every start so far).
+    pub fn record_boot(&self, version: &str, pid: u32, started_at: u64) -> Result<BootRecord, StoreError> {
+        let prev: Option<BootRecord> = self.get(kinds::DAEMON, "boot")?;
+        let rec = BootRecord {
+            boots: prev.map_or(1, |p| p.boots + 1),
+            version: version.to_owned(),
+            pid,
+            started_at,
+        };
+        self.put(kinds::DAEMON, "boot", &rec)?;
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete_roundtrip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path()).unwrap();
+        s.put(kinds::CELL, "web/api", &42u32).unwrap();
+        s.put(kinds::CELL, "web", &7u32).unwrap();
+        assert_eq!(s.get::<u32>(kinds::CELL, "web/api").unwrap(), Some(42));
+        let all: Vec<(String, u32)> = s.list(kinds::CELL).unwrap();
+        assert_eq!(all, vec![("web".into(), 7), ("web/api".into(), 42)]);
+        s.delete(kinds::CELL, "web").unwrap();
+        s.delete(kinds::CELL, "web").unwrap();
+        assert_eq!(s.get::<u32>(kinds::CELL, "web").unwrap(), None);
+    }
+
+    #[test]
+    fn keys_cannot_escape_and_leftovers_are_cleaned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path()).unwrap();
+        for bad in ["", "../x", "a.b", "A", "/abs"] {
+            assert!(s.put(kinds::CELL, bad, &1u8).is_err(), "{bad:?}");
+        }
+        let leftover = tmp.path().join("store/cell/x.tmp");
+        fs::write(&leftover, b"torn").unwrap();
+        Store::open(tmp.path()).unwrap();
+        assert!(!leftover.exists());
+    }
+
+    #[test]
+    fn corrupt_records_are_reported_not_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path()).unwrap();
+        fs::write(tmp.path().join("store/cell/web.json"), b"{not json").unwrap();
+        assert!(matches!(s.get::<u32>(kinds::CELL, "web"), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn boots_are_counted_across_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(Store::open(tmp.path()).unwrap().record_boot("0.1.0", 1, 0).unwrap().boots, 1);
+        assert_eq!(Store::open(tmp.path()).unwrap().record_boot("0.1.0", 2, 1).unwrap().boots, 2);
+    }
+}

@@ -1,0 +1,138 @@
+//! Validated virtual machine requests. Sizes are u64 bytes with checked arithmetic.
+
+use std::path::PathBuf;
+
+use aurae_proto::runtime::v0 as pb;
+
+use crate::spec::{FieldError, Label, abs_path};
+
+pub const MIN_MEMORY: u64 = 32 << 20;
+pub const MAX_MEMORY: u64 = 1 << 40;
+pub const MEMORY_ALIGN: u64 = 2 << 20;
+pub const MAX_VCPUS: u32 = 32;
+pub const MAX_CMDLINE: usize = 2048;
+
+/// Guest memory in bytes: at least 32 MiB, at most 1 TiB, a multiple of 2 MiB.
+pub fn memory(field: &str, bytes: u64) -> Result<u64, FieldError> {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || bytes % MEMORY_ALIGN != 0 {
+        return Err(FieldError::new(
+            field,
+            format!("{bytes} bytes: must be a multiple of 2 MiB between 32 MiB and 1 TiB"),
+        ));
+    }
+    Ok(bytes)
+}
+
+pub fn vcpus(field: &str, n: u32) -> Result<u32, FieldError> {
+    if !(1..=MAX_VCPUS).contains(&n) {
+        return Err(FieldError::new(field, format!("{n} is outside 1..={MAX_VCPUS}")));
+    }
+    Ok(n)
+}
+
+fn mac(field: &str, s: &str) -> Result<Option<[u8; 6]>, FieldError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let bad = || FieldError::new(field, format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 6];
+    for (o, p) in out.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if out[0] & 1 == 1 {
+        return Err(FieldError::new(field, format!("{s:?} is a multicast address")));
+    }
+    Ok(Some(out))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub name: Label,
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub drives: Vec<(PathBuf, bool)>,
+    pub macs: Vec<Option<[u8; 6]>>,
+}
+
+impl TryFrom<pb::VirtualMachine> for VmSpec {
+    type Error = FieldError;
+
+    fn try_from(v: pb::VirtualMachine) -> Result<Self, FieldError> {
+        if v.cmdline.len() > MAX_CMDLINE || v.cmdline.contains('\0') {
+            return Err(FieldError::new("cmdline", format!("longer than {MAX_CMDLINE} bytes or contains NUL")));
+        }
+        Ok(Self {
+            name: Label::parse("name", &v.name)?,
+            kernel: abs_path("kernel_path", &v.kernel_path)?,
+            initramfs: if v.initramfs_path.is_empty() {
+                None
+            } else {
+                Some(abs_path("initramfs_path", &v.initramfs_path)?)
+            },
+            cmdline: v.cmdline,
+            vcpus: vcpus("vcpus", v.vcpus)?,
+            memory_bytes: memory("memory_bytes", v.memory_bytes)?,
+            drives: v
+                .drives
+                .iter()
+                .enumerate()
+                .map(|(i, d)| Ok((abs_path(&format!("drives[{i}].path"), &d.path)?, d.read_only)))
+                .collect::<Result<_, FieldError>>()?,
+            macs: v
+                .interfaces
+                .iter()
+                .enumerate()
+                .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
+                .collect::<Result<_, FieldError>>()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> pb::VirtualMachine {
+        pb::VirtualMachine {
+            name: "vm1".into(),
+            kernel_path: "/k/vmlinuz".into(),
+            vcpus: 1,
+            memory_bytes: 5 << 30,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn memory_above_4_gib_does_not_wrap() {
+        assert_eq!(VmSpec::try_from(vm()).unwrap().memory_bytes, 5 << 30);
+    }
+
+    #[test]
+    fn bad_vms_name_the_field() {
+        let cases: Vec<(pb::VirtualMachine, &str)> = vec![
+            (pb::VirtualMachine { vcpus: 0, ..vm() }, "vcpus"),
+            (pb::VirtualMachine { vcpus: 33, ..vm() }, "vcpus"),
+            (pb::VirtualMachine { memory_bytes: 1 << 20, ..vm() }, "memory_bytes"),
+            (pb::VirtualMachine { memory_bytes: (64 << 20) + 1, ..vm() }, "memory_bytes"),
+            (pb::VirtualMachine { kernel_path: "vmlinuz".into(), ..vm() }, "kernel_path"),
+            (pb::VirtualMachine { name: "".into(), ..vm() }, "name"),
+            (
+                pb::VirtualMachine { interfaces: vec![pb::NetworkInterface { mac: "01:00:00:00:00:00".into() }], ..vm() },
+                "interfaces[0].mac",
+            ),
+        ];
+        for (v, field) in cases {
+            assert_eq!(VmSpec::try_from(v).unwrap_err().field, field);
+        }
+    }
+}
