@@ -1,0 +1,214 @@
+//! Test harness shared by the integration tests (a dev-dependency only; never in a
+//! normal dependency tree).
+//!
+//! - [`Daemon`]: a real `auraed` process in a private temp directory with its own PKI,
+//!   socket and state, ready when gRPC health answers SERVING; stopped and cleaned on drop.
+//! - [`identities`]: good and deliberately broken client certificates.
+//! - [`tier`]: visible `SKIP` lines for tests whose machine lacks a precondition.
+
+pub mod identities;
+pub mod tier;
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use aurae_client::{Client, Endpoint};
+use aurae_identity::{Pki, PkiPaths, SpiffeId};
+use tempfile::TempDir;
+
+/// Installs the ring provider once per test process (rustls needs one default).
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The trust domain test PKIs use.
+pub const TRUST_DOMAIN: &str = "aurae.test";
+
+/// How to start a test daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Policy file contents; `None` = auraed's default policy.
+    pub policy: Option<String>,
+    /// Also listen on a loopback TCP port.
+    pub tcp: bool,
+    pub extra_args: Vec<String>,
+}
+
+/// A running auraed. Dropping it kills the process (by its handle) and removes its files.
+#[derive(Debug)]
+pub struct Daemon {
+    pub dir: TempDir,
+    pub pki: PkiPaths,
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A free loopback port (bound then released; the daemon binds it right after).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+impl Daemon {
+    /// Creates a PKI and starts `bin` (pass `env!("CARGO_BIN_EXE_auraed")`).
+    pub async fn start(bin: &Path, opts: DaemonOptions) -> anyhow::Result<Self> {
+        init_crypto();
+        let dir = tempfile::Builder::new().prefix("aurae-test-").tempdir()?;
+        let pki = Pki::init(&dir.path().join("pki"), TRUST_DOMAIN, &[])?;
+        let socket = dir.path().join("run/auraed.sock");
+        let log = dir.path().join("auraed.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--pki-dir")
+            .arg(&pki.dir)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"));
+        let tcp = if opts.tcp { Some(free_port()?) } else { None };
+        if let Some(addr) = tcp {
+            cmd.arg("--listen").arg(addr.to_string());
+        }
+        if let Some(p) = &opts.policy {
+            let path = dir.path().join("policy.toml");
+            fs::write(&path, p)?;
+            cmd.arg("--policy").arg(path);
+        }
+        cmd.args(&opts.extra_args)
+            .env("AURAED_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?);
+        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let mut d = Self {
+            dir,
+            pki,
+            socket,
+            tcp,
+            log,
+            child: Some(child),
+        };
+        d.wait_ready(Duration::from_secs(30)).await?;
+        Ok(d)
+    }
+
+    /// Waits until health answers SERVING over the socket (and TCP, if enabled).
+    async fn wait_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("auraed exited during start-up ({status}):\n{}", self.log_text());
+                }
+            }
+            if self.socket.exists() {
+                if let Ok(c) = self.client("admin").await {
+                    let r = c
+                        .health()
+                        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                        .await;
+                    if r.is_ok_and(|r| r.into_inner().status == 1) {
+                        return Ok(());
+                    }
+                }
+            }
+            if start.elapsed() > deadline {
+                bail!("auraed not ready after {deadline:?}:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Issues `<name>.pem/.key` with SPIFFE path `/operator/<name>` if not there yet.
+    pub fn identity(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = self.pki.identity(name);
+        if !cert.exists() {
+            let id = SpiffeId::new(TRUST_DOMAIN, &format!("/operator/{name}"))?;
+            Pki::issue_client(&self.pki.dir, name, &id, 1)?;
+        }
+        Ok((cert, key))
+    }
+
+    /// A connected client presenting identity `name` over the socket.
+    pub async fn client(&self, name: &str) -> anyhow::Result<Client> {
+        let (cert, key) = self.identity(name)?;
+        let tls = aurae_identity::tls::client_config(&self.pki.ca_cert, &cert, &key)?;
+        Ok(Client::connect_with(&Endpoint::Unix(self.socket.clone()), "localhost", tls).await?)
+    }
+
+    /// A connected client presenting identity `name` over TCP.
+    pub async fn tcp_client(&self, name: &str) -> anyhow::Result<Client> {
+        let addr = self.tcp.context("daemon has no TCP listener")?;
+        let (cert, key) = self.identity(name)?;
+        let tls = aurae_identity::tls::client_config(&self.pki.ca_cert, &cert, &key)?;
+        Ok(Client::connect_with(&Endpoint::Tcp(addr.to_string()), "127.0.0.1", tls).await?)
+    }
+
+    /// Resident set size of the daemon, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> Option<usize> {
+        Some(fs::read_dir(format!("/proc/{}/fd", self.pid()?)).ok()?.count())
+    }
+
+    /// Sends SIGTERM and waits for the exit status (None if it had to be killed).
+    pub fn terminate(&mut self, wait: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else { return Ok(None) };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        // Our own unreaped child: its pid cannot have been reused.
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        self.wait_exit(wait)
+    }
+
+    /// Waits for the daemon to exit by itself (e.g. after a Shutdown RPC).
+    pub fn wait_exit(&mut self, wait: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else { return Ok(None) };
+        let start = Instant::now();
+        while start.elapsed() < wait {
+            if let Some(s) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(s));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill()?;
+        child.wait()?;
+        self.child = None;
+        Ok(None)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

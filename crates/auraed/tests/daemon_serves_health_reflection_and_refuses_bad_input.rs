@@ -1,0 +1,233 @@
+//! The daemon's edge: socket modes, health and reflection for generic gRPC tools, precise
+//! errors for bad input (the daemon stays up), startup errors for bad configuration, and
+//! the ordered shutdown on SIGTERM and on the Shutdown RPC.
+
+use std::{
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{Daemon, DaemonOptions};
+use tonic::Code;
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_auraed"))
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_is_0600_in_a_0700_directory() {
+    let d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let meta = std::fs::symlink_metadata(&d.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(mode(&d.socket), 0o600, "socket mode");
+    assert_eq!(mode(d.socket.parent().unwrap()), 0o700, "socket directory mode");
+    assert_eq!(mode(&d.dir.path().join("state/store")), 0o700, "state store mode");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_serves_and_reflection_lists_the_runtime_with_five_rpcs() {
+    let d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    for service in ["", "aurae.runtime.v0.Runtime", "aurae.runtime.v0.Cells"] {
+        let r = c
+            .health()
+            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, 1, "{service:?} is SERVING");
+    }
+    let unknown = c
+        .health()
+        .check(tonic_health::pb::HealthCheckRequest { service: "no.such.Service".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let mut refl = ServerReflectionClient::new(c.channel());
+    let ask = |m: MessageRequest| ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+    let mut s = refl
+        .server_reflection_info(tokio_stream::iter(vec![
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol("aurae.runtime.v0.Runtime".into())),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = s.message().await.unwrap().unwrap().message_response else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["aurae.runtime.v0.Runtime", "aurae.runtime.v0.Cells", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) = s.message().await.unwrap().unwrap().message_response else {
+        panic!("expected a file descriptor");
+    };
+    use prost::Message;
+    let runtime = files
+        .file_descriptor_proto
+        .iter()
+        .map(|b| prost_types::FileDescriptorProto::decode(b.as_slice()).unwrap())
+        .flat_map(|f| f.service)
+        .find(|s| s.name() == "Runtime")
+        .expect("Runtime service in the descriptor");
+    let rpcs: Vec<&str> = runtime.method.iter().map(|m| m.name()).collect();
+    assert_eq!(rpcs, ["RunExecutable", "RunCell", "RunVirtualMachine", "Spawn", "RunPod"]);
+
+    // v1alpha answers too (older grpcurl versions use it).
+    use tonic_reflection::pb::v1alpha as a;
+    let mut old = a::server_reflection_client::ServerReflectionClient::new(c.channel());
+    let mut s = old
+        .server_reflection_info(tokio_stream::iter(vec![a::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(a::server_reflection_request::MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
+    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let exe = |cell: &str, argv: &[&str]| pb::Executable {
+        cell: cell.into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let cases: Vec<(pb::Executable, &str)> = vec![
+        (exe("", &["/bin/true"]), "cell: is empty"),
+        (exe("web/../etc", &["/bin/true"]), "cell: \"web/../etc\""),
+        (exe("Web", &["/bin/true"]), "lowercase"),
+        (exe("web", &[]), "argv: is empty"),
+        (exe("web", &["true"]), "argv[0]"),
+    ];
+    for (e, want) in cases {
+        let s = c.runtime().run_executable(e).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(want), "{want:?} not in {:?}", s.message());
+    }
+    // An unknown enum value.
+    let s = c
+        .runtime()
+        .spawn(pb::Instance { name: "i1".into(), isolation: 42, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("isolation: unknown value 42"), "{}", s.message());
+    // Out-of-range limits and sizes name the field.
+    let s = c
+        .cells()
+        .allocate(pb::Cell {
+            name: "web".into(),
+            limits: Some(pb::CellLimits { cpu_weight: Some(0), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(s.message().starts_with("limits.cpu_weight"), "{}", s.message());
+    // An oversized message (2 MiB > the 1 MiB limit) is refused before it is decoded.
+    let big = pb::Executable { cell: "web".into(), argv: vec!["/bin/true".into()], stdin: vec![0; 2 << 20], ..Default::default() };
+    let s = c.runtime().run_executable(big).await.unwrap_err();
+    // tonic answers OUT_OF_RANGE from the length prefix, before allocating the body.
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(s.message().contains("limit is: 1048576"), "{}", s.message());
+    // Not built yet: UNIMPLEMENTED naming the capability, never a panic.
+    let s = c.runtime().run_executable(exe("web", &["/bin/true"])).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unimplemented);
+    assert!(s.message().contains("cells and executables"), "{}", s.message());
+    // Still serving, on a fresh connection too.
+    assert!(d.alive());
+    let c2 = d.client("admin").await.unwrap();
+    assert_eq!(c2.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner().peer_id, "spiffe://aurae.test/operator/admin");
+}
+
+fn start_err(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "auraed must refuse to start with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_is_refused_at_startup_with_the_reason() {
+    let d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/a.sock");
+    let sock = sock.to_str().unwrap();
+    let pki = d.pki.dir.to_str().unwrap();
+
+    let e = start_err(&["--pki-dir", "/nonexistent/pki", "--socket", sock], dir.path());
+    assert!(e.contains("aer pki init --dir /nonexistent/pki"), "{e}");
+
+    let bad_policy = [
+        ("not = [toml", "does not parse"),
+        ("[[grant]]\nid = \"spiffe://aurae.test/\"\nmethods = [\"*\"]\nnames = [\"*\"]", "path is empty"),
+        ("[[grant]]\nid = \"spiffe://aurae.test/x\"\nmethods = [\"aurae.runtime.v0.Runtime/Nope\"]\nnames = [\"*\"]", "names no method"),
+    ];
+    for (i, (text, want)) in bad_policy.iter().enumerate() {
+        let p = dir.path().join(format!("policy{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let e = start_err(&["--pki-dir", pki, "--socket", sock, "--policy", p.to_str().unwrap()], dir.path());
+        assert!(e.contains(want), "{want:?} not in {e}");
+    }
+    // A socket directory others can enter is refused.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = start_err(&["--pki-dir", pki, "--socket", open.join("a.sock").to_str().unwrap()], dir.path());
+    assert!(e.contains("0700"), "{e}");
+    // The running daemon's socket is not stolen.
+    let e = start_err(&["--pki-dir", pki, "--socket", d.socket.to_str().unwrap()], dir.path());
+    assert!(e.contains("another auraed is listening"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_shutdown_rpc_stop_the_daemon_in_order() {
+    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let status = d.terminate(Duration::from_secs(15)).unwrap().expect("exited after SIGTERM");
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists(), "socket removed on shutdown");
+    assert!(d.log_text().contains("auraed stopped"));
+
+    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let s = c
+        .daemon()
+        .shutdown(pb::ShutdownRequest { grace_period: None, reboot: true })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "reboot is PID 1 only");
+    c.daemon().shutdown(pb::ShutdownRequest::default()).await.unwrap();
+    let status = d.wait_exit(Duration::from_secs(15)).unwrap().expect("exited after Shutdown");
+    assert!(status.success());
+    assert!(d.log_text().contains("shutdown requested over the API"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reuses_the_state_directory() {
+    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    d.terminate(Duration::from_secs(15)).unwrap();
+    let state = d.dir.path().join("state");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("store/daemon/boot.json")).unwrap()).unwrap();
+    assert_eq!(rec["boots"], 1);
+}
