@@ -1,1 +1,322 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's automation, in Rust.
+//!
+//! - `test`: everything CI checks (format, lints, dependency rules, all test tiers this
+//!   machine can run), ending with one `N passed, N failed, N skipped` line.
+//! - `lint`: format, clippy `-D warnings`, rustdoc `-D warnings`, dependency rules.
+//! - `demo`: the README's main job: build, create a dev PKI, start auraed, talk to it with
+//!   aer, shut it down.
+
+use std::{
+    env,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("==> {what}");
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Crates that must never be in the dependency tree, and why.
+const BANNED: &[(&str, &str)] = &[
+    ("aws-lc-rs", "ring is the only crypto provider"),
+    ("aws-lc-sys", "ring is the only crypto provider"),
+    ("openssl-sys", "ring is the only crypto provider"),
+    ("openssl", "ring is the only crypto provider"),
+    ("serde_yml", "unsound (RUSTSEC-2025-0068)"),
+    ("serde_yaml", "deprecated (RUSTSEC-2024-0320)"),
+    ("tokio-tar", "PAX desync (RUSTSEC-2025-0111)"),
+];
+
+/// Our crates, and which of our crates each may depend on (normal dependencies).
+const ALLOWED_DEPS: &[(&str, &[&str])] = &[
+    ("aurae-proto", &[]),
+    ("aurae-identity", &[]),
+    ("aurae-client", &["aurae-proto", "aurae-identity"]),
+    ("auraed", &["aurae-proto", "aurae-identity"]),
+    ("aer", &["aurae-proto", "aurae-identity", "aurae-client"]),
+    ("aurae-testkit", &["aurae-client", "aurae-identity"]),
+    ("xtask", &[]),
+];
+
+/// Checks the dependency graph: banned crates, one-way dependencies between our crates,
+/// the testkit only as a dev-dependency, and workspace lints in every crate.
+fn check_deps() -> anyhow::Result<()> {
+    eprintln!("==> dependency rules");
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut problems = Vec::new();
+    let packages = meta["packages"].as_array().context("metadata packages")?;
+    for p in packages {
+        let name = p["name"].as_str().unwrap_or_default();
+        if let Some((_, why)) = BANNED.iter().find(|(b, _)| *b == name) {
+            problems.push(format!("banned crate {name} is in the tree: {why}"));
+        }
+    }
+    let members: Vec<&serde_json::Value> =
+        packages.iter().filter(|p| p["source"].is_null()).collect();
+    for p in &members {
+        let name = p["name"].as_str().unwrap_or_default();
+        let Some((_, allowed)) = ALLOWED_DEPS.iter().find(|(n, _)| *n == name) else {
+            problems.push(format!(
+                "crate {name} is not listed in xtask's ALLOWED_DEPS"
+            ));
+            continue;
+        };
+        for d in p["dependencies"].as_array().into_iter().flatten() {
+            let dep = d["name"].as_str().unwrap_or_default();
+            let ours = d["path"].is_string();
+            let dev = d["kind"].as_str() == Some("dev");
+            if ours && !dev && !allowed.contains(&dep) {
+                problems.push(format!(
+                    "{name} depends on {dep}: not allowed (dependencies go one way)"
+                ));
+            }
+            if dep == "aurae-testkit" && !dev {
+                problems.push(format!("{name} has aurae-testkit as a normal dependency"));
+            }
+        }
+        let manifest = p["manifest_path"].as_str().unwrap_or_default();
+        let text = std::fs::read_to_string(manifest).unwrap_or_default();
+        if !text.contains("[lints]\nworkspace = true") {
+            problems.push(format!("{manifest}: missing `[lints] workspace = true`"));
+        }
+    }
+    if problems.is_empty() {
+        eprintln!(
+            "    {} packages, {} of ours: ok",
+            packages.len(),
+            members.len()
+        );
+        Ok(())
+    } else {
+        bail!("dependency rules:\n  {}", problems.join("\n  "))
+    }
+}
+
+fn lint() -> anyhow::Result<()> {
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "cargo doc -D warnings",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps", "--locked"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
+    check_deps()
+}
+
+/// Totals from cargo test output.
+#[derive(Debug, Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+fn tests() -> anyhow::Result<Totals> {
+    eprintln!("==> cargo test --workspace");
+    let mut child = cargo()
+        .args(["test", "--workspace", "--locked", "--", "--nocapture"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut totals = Totals::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |key: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(key)?
+                                .trim()
+                                .rsplit(' ')
+                                .next()?
+                                .parse::<u64>()
+                                .ok()
+                        })
+                        .unwrap_or(0)
+                };
+                totals.passed += num("passed");
+                totals.failed += num("failed");
+            }
+            if line.starts_with("SKIP ") {
+                totals.skipped += 1;
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && totals.failed == 0 {
+        totals.failed += 1;
+    }
+    Ok(totals)
+}
+
+fn test() -> anyhow::Result<ExitCode> {
+    lint()?;
+    let t = tests()?;
+    // The plain closing line CI and people read.
+    println!(
+        "{} passed, {} failed, {} skipped",
+        t.passed, t.failed, t.skipped
+    );
+    Ok(if t.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Kills the demo daemon if the demo fails half-way.
+struct Guard(Option<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn demo() -> anyhow::Result<ExitCode> {
+    run(
+        "cargo build --release",
+        cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "auraed",
+            "-p",
+            "aer",
+        ]),
+    )?;
+    let bin = root().join("target/release");
+    let work = root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let pki = work.join("pki");
+    let socket = work.join("run/auraed.sock");
+    let aer = |args: &[&str]| {
+        let mut c = Command::new(bin.join("aer"));
+        c.arg("--pki-dir")
+            .arg(&pki)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args);
+        c
+    };
+    run(
+        "aer pki init",
+        Command::new(bin.join("aer"))
+            .args(["pki", "init", "--dir"])
+            .arg(&pki),
+    )?;
+    let log = std::fs::File::create(work.join("auraed.log"))?;
+    eprintln!(
+        "==> starting auraed (log: {})",
+        work.join("auraed.log").display()
+    );
+    let mut guard = Guard(Some(
+        Command::new(bin.join("auraed"))
+            .arg("--pki-dir")
+            .arg(&pki)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(work.join("state"))
+            .stderr(log)
+            .spawn()?,
+    ));
+    let start = Instant::now();
+    while !aer(&["health"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success()
+    {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "auraed did not answer health within 20 s; see {}",
+                work.join("auraed.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("==> auraed answered health after {:?}", start.elapsed());
+    run("aer health", &mut aer(&["health"]))?;
+    run("aer info", &mut aer(&["info"]))?;
+    run("aer shutdown", &mut aer(&["shutdown"]))?;
+    if let Some(mut c) = guard.0.take() {
+        let status = c.wait()?;
+        eprintln!("==> auraed exited: {status}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let task = env::args().nth(1).unwrap_or_default();
+    let result = match task.as_str() {
+        "test" => test(),
+        "lint" => lint().map(|()| ExitCode::SUCCESS),
+        "deps" => check_deps().map(|()| ExitCode::SUCCESS),
+        "demo" => demo(),
+        _ => {
+            eprintln!("usage: cargo xtask <test|lint|deps|demo>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

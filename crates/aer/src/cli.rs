@@ -44,7 +44,7 @@ struct Conn {
     /// PKI directory with ca.pem and the identity's .pem/.key [default: /etc/aurae/pki].
     #[arg(long, global = true)]
     pki_dir: Option<PathBuf>,
-    /// Identity in the PKI directory to present (<name>.pem / <name>.key).
+    /// Identity in the PKI directory to present (NAME.pem / NAME.key).
     #[arg(long, global = true)]
     identity: Option<String>,
     /// Name to check auraed's certificate against [default: localhost, or the endpoint's host].
@@ -162,10 +162,12 @@ struct ExeRef {
 
 impl ExeRef {
     fn proto(&self) -> anyhow::Result<pb::ExecutableRef> {
-        let (cell, name) = self
-            .id
-            .rsplit_once('/')
-            .ok_or_else(|| anyhow!("{:?}: give the executable as CELL/NAME, e.g. web/echo-1", self.id))?;
+        let (cell, name) = self.id.rsplit_once('/').ok_or_else(|| {
+            anyhow!(
+                "{:?}: give the executable as CELL/NAME, e.g. web/echo-1",
+                self.id
+            )
+        })?;
         Ok(pb::ExecutableRef {
             cell: cell.to_owned(),
             name: name.to_owned(),
@@ -239,7 +241,11 @@ impl LimitArgs {
             None => None,
             Some(s) => {
                 let (q, p) = s.split_once('/').unwrap_or((s.as_str(), "0"));
-                let quota_us = if q == "max" { 0 } else { q.parse().context("--cpu-max quota")? };
+                let quota_us = if q == "max" {
+                    0
+                } else {
+                    q.parse().context("--cpu-max quota")?
+                };
                 Some(pb::CpuMax {
                     quota_us,
                     period_us: p.parse().context("--cpu-max period")?,
@@ -445,17 +451,30 @@ fn name(n: &str) -> pb::NameRef {
 }
 
 fn ts(t: Option<&prost_types::Timestamp>) -> Value {
-    t.map_or(Value::Null, |t| json!(format!("{}.{:03}", t.seconds, t.nanos / 1_000_000)))
+    t.map_or(Value::Null, |t| {
+        json!(format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
+    })
 }
 
 fn phase(p: i32) -> Value {
-    json!(pb::Phase::try_from(p).map_or_else(|_| format!("unknown({p})"), |p| p.as_str_name().trim_start_matches("PHASE_").to_lowercase()))
+    json!(pb::Phase::try_from(p).map_or_else(
+        |_| format!("unknown({p})"),
+        |p| p.as_str_name().trim_start_matches("PHASE_").to_lowercase()
+    ))
 }
 
 fn exit(e: Option<&pb::ExitStatus>) -> Value {
     match e.and_then(|e| e.how.as_ref().map(|h| (h, e.oom_killed))) {
-        Some((pb::exit_status::How::Code(c), oom)) => json!(if oom { format!("code {c} (OOM)") } else { format!("code {c}") }),
-        Some((pb::exit_status::How::Signal(s), oom)) => json!(if oom { format!("signal {s} (OOM)") } else { format!("signal {s}") }),
+        Some((pb::exit_status::How::Code(c), oom)) => json!(if oom {
+            format!("code {c} (OOM)")
+        } else {
+            format!("code {c}")
+        }),
+        Some((pb::exit_status::How::Signal(s), oom)) => json!(if oom {
+            format!("signal {s} (OOM)")
+        } else {
+            format!("signal {s}")
+        }),
         None => Value::Null,
     }
 }
@@ -584,7 +603,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn pki(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
     match cmd {
-        PkiCmd::Init { dir, trust_domain, sans } => {
+        PkiCmd::Init {
+            dir,
+            trust_domain,
+            sans,
+        } => {
             let p = Pki::init(dir, trust_domain, sans)?;
             print(
                 fmt,
@@ -592,24 +615,48 @@ fn pki(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
                     ("dir", json!(p.dir)),
                     ("ca", json!(p.ca_cert)),
                     ("server", json!(p.server_cert)),
-                    ("server_id", json!(format!("spiffe://{trust_domain}/auraed"))),
+                    (
+                        "server_id",
+                        json!(format!("spiffe://{trust_domain}/auraed")),
+                    ),
                     ("admin", json!(p.admin_cert)),
-                    ("admin_id", json!(format!("spiffe://{trust_domain}/operator/admin"))),
+                    (
+                        "admin_id",
+                        json!(format!("spiffe://{trust_domain}/operator/admin")),
+                    ),
                 ]],
                 true,
             );
         }
-        PkiCmd::Issue { dir, name, path, days } => {
+        PkiCmd::Issue {
+            dir,
+            name,
+            path,
+            days,
+        } => {
             let ca = aurae_identity::tls::load_certs(&dir.join("ca.pem"))?;
             let td = ca
                 .first()
                 .and_then(|c| aurae_identity::peer_spiffe_id(c).ok())
                 .map(|id| id.trust_domain().to_owned())
-                .ok_or_else(|| anyhow!("{}: the CA certificate names no trust domain", dir.display()))?;
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: the CA certificate names no trust domain",
+                        dir.display()
+                    )
+                })?;
             let path = path.clone().unwrap_or_else(|| format!("/operator/{name}"));
             let id = SpiffeId::new(&td, &path)?;
             let (cert, key) = Pki::issue_client(dir, name, &id, *days)?;
-            print(fmt, &[vec![("id", json!(id.to_string())), ("cert", json!(cert)), ("key", json!(key))]], true);
+            print(
+                fmt,
+                &[vec![
+                    ("id", json!(id.to_string())),
+                    ("cert", json!(cert)),
+                    ("key", json!(key)),
+                ]],
+                true,
+            );
         }
     }
     Ok(())
@@ -622,12 +669,18 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         Command::Health { service } => {
             let r = c
                 .health()
-                .check(tonic_health::pb::HealthCheckRequest { service: service.clone() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.clone(),
+                })
                 .await?
                 .into_inner();
             let status = tonic_health::pb::health_check_response::ServingStatus::try_from(r.status)
                 .map_or("UNKNOWN", |s| s.as_str_name());
-            print(fmt, &[vec![("service", json!(service)), ("status", json!(status))]], true);
+            print(
+                fmt,
+                &[vec![("service", json!(service)), ("status", json!(status))]],
+                true,
+            );
         }
         Command::Info | Command::Version => {
             let i = c.daemon().info(pb::InfoRequest {}).await?.into_inner();
@@ -649,7 +702,8 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
             print(fmt, &[row], true);
         }
         Command::Run(a) => {
-            let env = env_pairs(&a.env).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            let env =
+                env_pairs(&a.env).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
             let s = c
                 .runtime()
                 .run_executable(pb::Executable {
@@ -688,7 +742,14 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         Command::Vm(cmd) => {
             let mut v = c.virtual_machines();
             match cmd {
-                VmCmd::Run { name, kernel, initramfs, cmdline, vcpus, memory } => {
+                VmCmd::Run {
+                    name,
+                    kernel,
+                    initramfs,
+                    cmdline,
+                    vcpus,
+                    memory,
+                } => {
                     let s = c
                         .runtime()
                         .run_virtual_machine(pb::VirtualMachine {
@@ -704,24 +765,49 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                         .into_inner();
                     print(fmt, &[vm_row(&s)], true);
                 }
-                VmCmd::Get { name: n } => print(fmt, &[vm_row(&v.get(name(&n)).await?.into_inner())], true),
+                VmCmd::Get { name: n } => {
+                    print(fmt, &[vm_row(&v.get(name(&n)).await?.into_inner())], true)
+                }
                 VmCmd::List => {
                     let l = v.list(pb::ListRequest::default()).await?.into_inner();
-                    print(fmt, &l.virtual_machines.iter().map(vm_row).collect::<Vec<_>>(), false);
+                    print(
+                        fmt,
+                        &l.virtual_machines.iter().map(vm_row).collect::<Vec<_>>(),
+                        false,
+                    );
                 }
                 VmCmd::Stop { name: n } => {
-                    let s = v.stop(pb::StopRequest { name: n, grace_period: None }).await?.into_inner();
+                    let s = v
+                        .stop(pb::StopRequest {
+                            name: n,
+                            grace_period: None,
+                        })
+                        .await?
+                        .into_inner();
                     print(fmt, &[vm_row(&s)], true);
                 }
                 VmCmd::Wait { name: n } => {
-                    let s = v.wait(pb::WaitRequest { name: n, timeout: None }).await?.into_inner();
+                    let s = v
+                        .wait(pb::WaitRequest {
+                            name: n,
+                            timeout: None,
+                        })
+                        .await?
+                        .into_inner();
                     print(fmt, &[vm_row(&s)], true);
                 }
                 VmCmd::Free { name: n } => {
                     v.free(name(&n)).await?;
                 }
                 VmCmd::Console { name: n, follow } => {
-                    let s = v.console(pb::LogsRequest { name: n, follow, from_offset: 0 }).await?.into_inner();
+                    let s = v
+                        .console(pb::LogsRequest {
+                            name: n,
+                            follow,
+                            from_offset: 0,
+                        })
+                        .await?
+                        .into_inner();
                     stream_logs(s).await?;
                 }
             }
@@ -729,25 +815,54 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         Command::Instance(cmd) => {
             let mut i = c.instances();
             match cmd {
-                InstanceCmd::Spawn { name: n, vcpus, memory } => {
+                InstanceCmd::Spawn {
+                    name: n,
+                    vcpus,
+                    memory,
+                } => {
                     let s = c
                         .runtime()
-                        .spawn(pb::Instance { name: n, vcpus, memory_bytes: memory, ..Default::default() })
+                        .spawn(pb::Instance {
+                            name: n,
+                            vcpus,
+                            memory_bytes: memory,
+                            ..Default::default()
+                        })
                         .await?
                         .into_inner();
                     print(fmt, &[instance_row(&s)], true);
                 }
-                InstanceCmd::Get { name: n } => print(fmt, &[instance_row(&i.get(name(&n)).await?.into_inner())], true),
+                InstanceCmd::Get { name: n } => print(
+                    fmt,
+                    &[instance_row(&i.get(name(&n)).await?.into_inner())],
+                    true,
+                ),
                 InstanceCmd::List => {
                     let l = i.list(pb::ListRequest::default()).await?.into_inner();
-                    print(fmt, &l.instances.iter().map(instance_row).collect::<Vec<_>>(), false);
+                    print(
+                        fmt,
+                        &l.instances.iter().map(instance_row).collect::<Vec<_>>(),
+                        false,
+                    );
                 }
                 InstanceCmd::Stop { name: n } => {
-                    let s = i.stop(pb::StopRequest { name: n, grace_period: None }).await?.into_inner();
+                    let s = i
+                        .stop(pb::StopRequest {
+                            name: n,
+                            grace_period: None,
+                        })
+                        .await?
+                        .into_inner();
                     print(fmt, &[instance_row(&s)], true);
                 }
                 InstanceCmd::Wait { name: n } => {
-                    let s = i.wait(pb::WaitRequest { name: n, timeout: None }).await?.into_inner();
+                    let s = i
+                        .wait(pb::WaitRequest {
+                            name: n,
+                            timeout: None,
+                        })
+                        .await?
+                        .into_inner();
                     print(fmt, &[instance_row(&s)], true);
                 }
                 InstanceCmd::Free { name: n } => {
@@ -758,12 +873,19 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         Command::Pod(cmd) => {
             let mut p = c.pods();
             match cmd {
-                PodCmd::Run { name: n, image, port } => {
+                PodCmd::Run {
+                    name: n,
+                    image,
+                    port,
+                } => {
                     let s = c
                         .runtime()
                         .run_pod(pb::Pod {
                             name: n,
-                            container: Some(pb::Container { image, ..Default::default() }),
+                            container: Some(pb::Container {
+                                image,
+                                ..Default::default()
+                            }),
                             listen_port: port,
                             ..Default::default()
                         })
@@ -771,24 +893,45 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                         .into_inner();
                     print(fmt, &[pod_row(&s)], true);
                 }
-                PodCmd::Get { name: n } => print(fmt, &[pod_row(&p.get(name(&n)).await?.into_inner())], true),
+                PodCmd::Get { name: n } => {
+                    print(fmt, &[pod_row(&p.get(name(&n)).await?.into_inner())], true)
+                }
                 PodCmd::List => {
                     let l = p.list(pb::ListRequest::default()).await?.into_inner();
                     print(fmt, &l.pods.iter().map(pod_row).collect::<Vec<_>>(), false);
                 }
                 PodCmd::Stop { name: n } => {
-                    let s = p.stop(pb::StopRequest { name: n, grace_period: None }).await?.into_inner();
+                    let s = p
+                        .stop(pb::StopRequest {
+                            name: n,
+                            grace_period: None,
+                        })
+                        .await?
+                        .into_inner();
                     print(fmt, &[pod_row(&s)], true);
                 }
                 PodCmd::Wait { name: n } => {
-                    let s = p.wait(pb::WaitRequest { name: n, timeout: None }).await?.into_inner();
+                    let s = p
+                        .wait(pb::WaitRequest {
+                            name: n,
+                            timeout: None,
+                        })
+                        .await?
+                        .into_inner();
                     print(fmt, &[pod_row(&s)], true);
                 }
                 PodCmd::Free { name: n } => {
                     p.free(name(&n)).await?;
                 }
                 PodCmd::Logs { name: n, follow } => {
-                    let s = p.logs(pb::LogsRequest { name: n, follow, from_offset: 0 }).await?.into_inner();
+                    let s = p
+                        .logs(pb::LogsRequest {
+                            name: n,
+                            follow,
+                            from_offset: 0,
+                        })
+                        .await?
+                        .into_inner();
                     stream_logs(s).await?;
                 }
             }
@@ -796,7 +939,11 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         Command::Events { prefix, after } => {
             let mut s = c
                 .events()
-                .watch(pb::WatchEventsRequest { kinds: vec![], name_prefix: prefix, after_sequence: after })
+                .watch(pb::WatchEventsRequest {
+                    kinds: vec![],
+                    name_prefix: prefix,
+                    after_sequence: after,
+                })
                 .await?
                 .into_inner();
             while let Some(e) = s.message().await? {
@@ -819,7 +966,10 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         }
         Command::Shutdown { grace: g } => {
             c.daemon()
-                .shutdown(pb::ShutdownRequest { grace_period: grace(g), reboot: false })
+                .shutdown(pb::ShutdownRequest {
+                    grace_period: grace(g),
+                    reboot: false,
+                })
                 .await?;
             println!("auraed is shutting down");
         }
@@ -831,10 +981,21 @@ async fn executable(c: &Client, cmd: ExeCmd, fmt: Format) -> Result<(), tonic::S
     let bad = |e: anyhow::Error| tonic::Status::invalid_argument(e.to_string());
     let mut x = c.executables();
     match cmd {
-        ExeCmd::Get(r) => print(fmt, &[exe_row(&x.get(r.proto().map_err(bad)?).await?.into_inner())], true),
+        ExeCmd::Get(r) => print(
+            fmt,
+            &[exe_row(&x.get(r.proto().map_err(bad)?).await?.into_inner())],
+            true,
+        ),
         ExeCmd::List { cell_prefix } => {
-            let l = x.list(pb::ListExecutablesRequest { cell_prefix }).await?.into_inner();
-            print(fmt, &l.executables.iter().map(exe_row).collect::<Vec<_>>(), false);
+            let l = x
+                .list(pb::ListExecutablesRequest { cell_prefix })
+                .await?
+                .into_inner();
+            print(
+                fmt,
+                &l.executables.iter().map(exe_row).collect::<Vec<_>>(),
+                false,
+            );
         }
         ExeCmd::Stop { r, grace } => {
             let s = x
@@ -848,7 +1009,10 @@ async fn executable(c: &Client, cmd: ExeCmd, fmt: Format) -> Result<(), tonic::S
         }
         ExeCmd::Signal { r, signal } => {
             let s = x
-                .signal(pb::SignalExecutableRequest { executable: Some(r.proto().map_err(bad)?), signal })
+                .signal(pb::SignalExecutableRequest {
+                    executable: Some(r.proto().map_err(bad)?),
+                    signal,
+                })
                 .await?
                 .into_inner();
             print(fmt, &[exe_row(&s)], true);
@@ -868,12 +1032,22 @@ async fn executable(c: &Client, cmd: ExeCmd, fmt: Format) -> Result<(), tonic::S
         }
         ExeCmd::Logs { r, follow } => {
             let s = x
-                .logs(pb::ExecutableLogsRequest { executable: Some(r.proto().map_err(bad)?), follow, from_offset: 0 })
+                .logs(pb::ExecutableLogsRequest {
+                    executable: Some(r.proto().map_err(bad)?),
+                    follow,
+                    from_offset: 0,
+                })
                 .await?
                 .into_inner();
             stream_logs(s).await?;
         }
-        ExeCmd::Stats(r) => print(fmt, &[stats_row(&x.stats(r.proto().map_err(bad)?).await?.into_inner())], true),
+        ExeCmd::Stats(r) => print(
+            fmt,
+            &[stats_row(
+                &x.stats(r.proto().map_err(bad)?).await?.into_inner(),
+            )],
+            true,
+        ),
     }
     Ok(())
 }
@@ -882,7 +1056,11 @@ async fn cell(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), tonic::Status
     let bad = |e: anyhow::Error| tonic::Status::invalid_argument(e.to_string());
     let mut x = c.cells();
     match cmd {
-        CellCmd::Allocate { name: n, limits, ns } => {
+        CellCmd::Allocate {
+            name: n,
+            limits,
+            ns,
+        } => {
             let s = x
                 .allocate(pb::Cell {
                     name: n,
@@ -894,14 +1072,28 @@ async fn cell(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), tonic::Status
                 .into_inner();
             print(fmt, &[cell_row(&s)], true);
         }
-        CellCmd::Get { name: n } => print(fmt, &[cell_row(&x.get(name(&n)).await?.into_inner())], true),
+        CellCmd::Get { name: n } => {
+            print(fmt, &[cell_row(&x.get(name(&n)).await?.into_inner())], true)
+        }
         CellCmd::List { prefix } => {
-            let l = x.list(pb::ListRequest { name_prefix: prefix }).await?.into_inner();
-            print(fmt, &l.cells.iter().map(cell_row).collect::<Vec<_>>(), false);
+            let l = x
+                .list(pb::ListRequest {
+                    name_prefix: prefix,
+                })
+                .await?
+                .into_inner();
+            print(
+                fmt,
+                &l.cells.iter().map(cell_row).collect::<Vec<_>>(),
+                false,
+            );
         }
         CellCmd::Stop { name: n, grace } => {
             let s = x
-                .stop(pb::StopRequest { name: n, grace_period: grace.map(proto_duration) })
+                .stop(pb::StopRequest {
+                    name: n,
+                    grace_period: grace.map(proto_duration),
+                })
                 .await?
                 .into_inner();
             print(fmt, &[cell_row(&s)], true);
@@ -910,7 +1102,11 @@ async fn cell(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), tonic::Status
             x.free(name(&n)).await?;
             println!("freed {n}");
         }
-        CellCmd::Stats { name: n } => print(fmt, &[stats_row(&x.stats(name(&n)).await?.into_inner())], true),
+        CellCmd::Stats { name: n } => print(
+            fmt,
+            &[stats_row(&x.stats(name(&n)).await?.into_inner())],
+            true,
+        ),
     }
     Ok(())
 }

@@ -29,7 +29,13 @@ pub fn print(format: Format, rows: &[Row], single: bool) {
         Format::Json => {
             let objs: Vec<Value> = rows
                 .iter()
-                .map(|r| Value::Object(r.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<Map<_, _>>()))
+                .map(|r| {
+                    Value::Object(
+                        r.iter()
+                            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                            .collect::<Map<_, _>>(),
+                    )
+                })
                 .collect();
             let out = match (single, objs.as_slice()) {
                 (true, [one]) => one.clone(),
@@ -50,7 +56,12 @@ pub fn print(format: Format, rows: &[Row], single: bool) {
                     t.add_row(vec![k.to_uppercase(), cell_text(v)]);
                 }
             } else {
-                t.set_header(first.iter().map(|(k, _)| k.to_uppercase()).collect::<Vec<_>>());
+                t.set_header(
+                    first
+                        .iter()
+                        .map(|(k, _)| k.to_uppercase())
+                        .collect::<Vec<_>>(),
+                );
                 for r in rows {
                     t.add_row(r.iter().map(|(_, v)| cell_text(v)).collect::<Vec<_>>());
                 }

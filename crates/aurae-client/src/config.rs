@@ -12,8 +12,7 @@
 //! ```
 
 use std::{
-    fmt,
-    fs,
+    fmt, fs,
     path::{Path, PathBuf},
 };
 
@@ -124,7 +123,9 @@ impl ClientConfig {
     pub fn resolve(o: &Overrides) -> Result<Self, ConfigError> {
         let file = match (&o.config, default_config_path()) {
             (Some(p), _) => FileConfig::read(p)?,
-            (None, Some(p)) if std::env::var_os("AURAE_CONFIG").is_some() || p.exists() => FileConfig::read(&p)?,
+            (None, Some(p)) if std::env::var_os("AURAE_CONFIG").is_some() || p.exists() => {
+                FileConfig::read(&p)?
+            }
             _ => FileConfig::default(),
         };
         let endpoint = match (&o.socket, &o.endpoint) {
@@ -151,10 +152,14 @@ impl ClientConfig {
             Some(p) if !from_flags => p.clone(),
             _ => flag_default,
         };
-        let server_name = o.server_name.clone().or(file.server_name.clone()).unwrap_or_else(|| match &endpoint {
-            Endpoint::Unix(_) => "localhost".to_owned(),
-            Endpoint::Tcp(a) => host_of(a),
-        });
+        let server_name = o
+            .server_name
+            .clone()
+            .or(file.server_name.clone())
+            .unwrap_or_else(|| match &endpoint {
+                Endpoint::Unix(_) => "localhost".to_owned(),
+                Endpoint::Tcp(a) => host_of(a),
+            });
         Ok(Self {
             ca: pick(pki_dir.join("ca.pem"), &file.ca),
             cert: pick(id_cert, &file.cert),
@@ -181,10 +186,10 @@ impl ClientConfig {
                 });
             }
         }
-        if let Endpoint::Unix(p) = &self.endpoint {
-            if !p.exists() {
-                return Err(ConfigError::NoSocket(p.clone()));
-            }
+        if let Endpoint::Unix(p) = &self.endpoint
+            && !p.exists()
+        {
+            return Err(ConfigError::NoSocket(p.clone()));
         }
         Ok(())
     }
@@ -224,8 +229,17 @@ mod tests {
         assert_eq!(c.cert, tmp.join("alice.pem"));
         assert_eq!(c.server_name, "localhost");
         let msg = c.check_files().unwrap_err().to_string();
-        assert!(msg.contains("ca.pem") && msg.contains("aer pki init --dir"), "{msg}");
-        let both = Overrides { endpoint: Some("127.0.0.1:1".into()), ..o };
-        assert!(matches!(ClientConfig::resolve(&both), Err(ConfigError::BothEndpoints)));
+        assert!(
+            msg.contains("ca.pem") && msg.contains("aer pki init --dir"),
+            "{msg}"
+        );
+        let both = Overrides {
+            endpoint: Some("127.0.0.1:1".into()),
+            ..o
+        };
+        assert!(matches!(
+            ClientConfig::resolve(&both),
+            Err(ConfigError::BothEndpoints)
+        ));
     }
 }

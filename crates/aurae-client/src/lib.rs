@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use aurae_proto::runtime::v0::{
     cells_client::CellsClient, daemon_client::DaemonClient, events_client::EventsClient,
-    executables_client::ExecutablesClient, instances_client::InstancesClient, pods_client::PodsClient,
-    runtime_client::RuntimeClient, virtual_machines_client::VirtualMachinesClient,
+    executables_client::ExecutablesClient, instances_client::InstancesClient,
+    pods_client::PodsClient, runtime_client::RuntimeClient,
+    virtual_machines_client::VirtualMachinesClient,
 };
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -70,12 +71,18 @@ impl Client {
                 match target {
                     Endpoint::Unix(path) => {
                         let s = UnixStream::connect(&path).await?;
-                        connector.connect(name, s).await.map(|t| TokioIo::new(Stream::Unix(t)))
+                        connector
+                            .connect(name, s)
+                            .await
+                            .map(|t| TokioIo::new(Stream::Unix(t)))
                     }
                     Endpoint::Tcp(addr) => {
                         let s = TcpStream::connect(addr.as_str()).await?;
                         s.set_nodelay(true)?;
-                        connector.connect(name, s).await.map(|t| TokioIo::new(Stream::Tcp(t)))
+                        connector
+                            .connect(name, s)
+                            .await
+                            .map(|t| TokioIo::new(Stream::Tcp(t)))
                     }
                 }
             }
@@ -142,7 +149,11 @@ mod io_impl {
     use super::Stream;
 
     impl AsyncRead for Stream {
-        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
             match self.get_mut() {
                 Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
                 Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
@@ -151,7 +162,11 @@ mod io_impl {
     }
 
     impl AsyncWrite for Stream {
-        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             match self.get_mut() {
                 Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
                 Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),

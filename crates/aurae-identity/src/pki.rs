@@ -13,8 +13,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -35,7 +35,9 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} already exists: refusing to overwrite an existing PKI (remove the directory first)")]
+    #[error(
+        "{0} already exists: refusing to overwrite an existing PKI (remove the directory first)"
+    )]
     Exists(PathBuf),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -247,13 +249,19 @@ pub fn default_server_sans() -> (Vec<String>, Vec<IpAddr>) {
     let mut dns = vec!["localhost".to_owned()];
     if let Ok(h) = fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim().to_ascii_lowercase();
-        if !h.is_empty() && h != "localhost" && rcgen::string::Ia5String::try_from(h.as_str()).is_ok() {
+        if !h.is_empty()
+            && h != "localhost"
+            && rcgen::string::Ia5String::try_from(h.as_str()).is_ok()
+        {
             dns.push(h);
         }
     }
     (
         dns,
-        vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)],
+        vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ],
     )
 }
 
@@ -261,7 +269,11 @@ impl Pki {
     /// Creates a CA, auraed's server identity and the admin client identity in `dir`.
     /// `extra_sans` are further DNS names or IP addresses for the server certificate.
     /// Refuses to touch a directory that already holds any of the files.
-    pub fn init(dir: &Path, trust_domain: &str, extra_sans: &[String]) -> Result<PkiPaths, PkiError> {
+    pub fn init(
+        dir: &Path,
+        trust_domain: &str,
+        extra_sans: &[String],
+    ) -> Result<PkiPaths, PkiError> {
         let paths = PkiPaths::new(dir);
         for p in [
             &paths.ca_cert,
@@ -310,7 +322,12 @@ impl Pki {
     }
 
     /// Issues a client identity `<name>.pem`/`<name>.key` in `dir` with the CA kept there.
-    pub fn issue_client(dir: &Path, name: &str, id: &SpiffeId, days: i64) -> Result<(PathBuf, PathBuf), PkiError> {
+    pub fn issue_client(
+        dir: &Path,
+        name: &str,
+        id: &SpiffeId,
+        days: i64,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
         if name.is_empty()
             || !name
                 .bytes()
@@ -318,7 +335,8 @@ impl Pki {
         {
             return Err(PkiError::Invalid {
                 path: dir.join(name),
-                reason: "an identity's file name may contain only letters, digits, '-' and '_'".into(),
+                reason: "an identity's file name may contain only letters, digits, '-' and '_'"
+                    .into(),
             });
         }
         let paths = PkiPaths::new(dir);
@@ -362,7 +380,12 @@ mod tests {
     fn init_writes_files_with_modes_and_refuses_to_overwrite() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("pki");
-        let p = Pki::init(&dir, "aurae.local", &["10.0.0.1".into(), "aurae.example".into()]).unwrap();
+        let p = Pki::init(
+            &dir,
+            "aurae.local",
+            &["10.0.0.1".into(), "aurae.example".into()],
+        )
+        .unwrap();
         assert_eq!(mode(&p.dir), 0o700);
         assert_eq!(mode(&p.ca_key), 0o600);
         assert_eq!(mode(&p.server_key), 0o600);
@@ -379,9 +402,19 @@ mod tests {
         assert_eq!(id.as_str(), "spiffe://aurae.local/auraed");
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
-        let names: Vec<String> = san.value.general_names.iter().map(|n| format!("{n}")).collect();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n}"))
+            .collect();
         let all = names.join(" ");
-        for want in ["localhost", "IPAddress(7f:00:00:01)", "IPAddress(0a:00:00:01)", "aurae.example"] {
+        for want in [
+            "localhost",
+            "IPAddress(7f:00:00:01)",
+            "IPAddress(0a:00:00:01)",
+            "aurae.example",
+        ] {
             assert!(all.contains(want), "{want} missing from {all}");
         }
     }
@@ -393,7 +426,11 @@ mod tests {
         let id = SpiffeId::new("td.test", "/operator/alice").unwrap();
         let (cert, key) = Pki::issue_client(&p.dir, "alice", &id, 1).unwrap();
         assert_eq!(mode(&key), 0o600);
-        assert!(fs::read_to_string(cert).unwrap().contains("BEGIN CERTIFICATE"));
+        assert!(
+            fs::read_to_string(cert)
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
         assert!(Pki::issue_client(&p.dir, "../x", &id, 1).is_err());
         assert!(matches!(
             Pki::issue_client(&p.dir, "alice", &id, 1),

@@ -28,7 +28,9 @@ pub enum SpiffeIdError {
     TrustDomainChars(String),
     #[error("the path is empty: an identity needs a path such as /operator/admin")]
     EmptyPath,
-    #[error("path segment {0:?} is empty, '.' or '..', or has characters other than letters, digits, '.', '-', '_'")]
+    #[error(
+        "path segment {0:?} is empty, '.' or '..', or has characters other than letters, digits, '.', '-', '_'"
+    )]
     Segment(String),
 }
 
@@ -113,7 +115,6 @@ impl fmt::Display for SpiffeId {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +156,9 @@ mod tests {
             assert!(s.parse::<SpiffeId>().is_err(), "{s} must be rejected");
         }
         let long = format!("spiffe://td/{}", "a".repeat(MAX_LEN));
-        assert_eq!(long.parse::<SpiffeId>().unwrap_err(), SpiffeIdError::TooLong);
+        assert_eq!(
+            long.parse::<SpiffeId>().unwrap_err(),
+            SpiffeIdError::TooLong
+        );
     }
 }

@@ -125,11 +125,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let fail = |e: TlsError| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(e)),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         };
         let id = peer_spiffe_id(end_entity).map_err(fail)?;
         if id.trust_domain() != self.trust_domain {
@@ -176,9 +178,10 @@ pub fn server_config(
     let key = load_key(key)?;
     let first = chain.first().ok_or(TlsError::NoSpiffeId)?;
     let own_id = peer_spiffe_id(first).map_err(|e| file_err(cert, e))?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca_certs)?), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca_certs)?), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let verifier = SpiffeClientVerifier {
         inner,
         trust_domain: own_id.trust_domain().to_owned(),

@@ -2,7 +2,14 @@
 //!
 //! The tonic clients and servers are behind the `client` and `server` features so that
 //! crates needing only the messages (the VMM's control channel, later) stay free of tonic.
-#![allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#![allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
+// Comments come from the .proto files, written for people reading protos, not rustdoc.
+#![allow(rustdoc::invalid_html_tags, rustdoc::bare_urls, rustdoc::broken_intra_doc_links)]
 
 /// `aurae.runtime.v0`: the Runtime service, the per-resource lifecycle services,
 /// events and the daemon service.

@@ -8,13 +8,20 @@ use rustls::ClientConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use time::{Duration, OffsetDateTime};
 
-fn parts(cert_pem: &str, key_pem: &str) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+fn parts(
+    cert_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let certs =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     Ok((certs, PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?))
 }
 
 fn with_identity(ca_pem: &Path, cert_pem: &str, key_pem: &str) -> anyhow::Result<ClientConfig> {
-    Ok(tls::client_config_from(tls::load_certs(ca_pem)?, Some(parts(cert_pem, key_pem)?))?)
+    Ok(tls::client_config_from(
+        tls::load_certs(ca_pem)?,
+        Some(parts(cert_pem, key_pem)?),
+    )?)
 }
 
 /// The kinds of bad client the handshake must refuse.
@@ -49,7 +56,10 @@ impl BadClient {
         let spec = IssueSpec::client(good.clone(), 1);
         let (cert, key) = match self {
             Self::NoCertificate => {
-                return Ok(tls::client_config_from(tls::load_certs(&paths.ca_cert)?, None)?);
+                return Ok(tls::client_config_from(
+                    tls::load_certs(&paths.ca_cert)?,
+                    None,
+                )?);
             }
             Self::OtherCa => Ca::generate(trust_domain)?.issue(&spec)?,
             Self::Expired => ca.issue(&IssueSpec {
@@ -62,8 +72,14 @@ impl BadClient {
                 not_after: now + Duration::days(10),
                 ..spec
             })?,
-            Self::NoSpiffeId => ca.issue(&IssueSpec { spiffe_id: None, ..spec })?,
-            Self::ForeignTrustDomain => ca.issue(&IssueSpec::client(SpiffeId::new("evil.test", "/operator/mallory")?, 1))?,
+            Self::NoSpiffeId => ca.issue(&IssueSpec {
+                spiffe_id: None,
+                ..spec
+            })?,
+            Self::ForeignTrustDomain => ca.issue(&IssueSpec::client(
+                SpiffeId::new("evil.test", "/operator/mallory")?,
+                1,
+            ))?,
             Self::ServerCertAsClient => {
                 // auraed's own certificate lacks the clientAuth usage.
                 let cert = std::fs::read_to_string(&paths.server_cert)?;

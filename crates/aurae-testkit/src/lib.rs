@@ -85,7 +85,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);
-        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
         let mut d = Self {
             dir,
             pki,
@@ -102,20 +104,25 @@ impl Daemon {
     async fn wait_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("auraed exited during start-up ({status}):\n{}", self.log_text());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "auraed exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
             }
-            if self.socket.exists() {
-                if let Ok(c) = self.client("admin").await {
-                    let r = c
-                        .health()
-                        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-                        .await;
-                    if r.is_ok_and(|r| r.into_inner().status == 1) {
-                        return Ok(());
-                    }
+            if self.socket.exists()
+                && let Ok(c) = self.client("admin").await
+            {
+                let r = c
+                    .health()
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                if r.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(());
                 }
             }
             if start.elapsed() > deadline {
@@ -169,12 +176,21 @@ impl Daemon {
 
     /// Open file descriptors of the daemon.
     pub fn fd_count(&self) -> Option<usize> {
-        Some(fs::read_dir(format!("/proc/{}/fd", self.pid()?)).ok()?.count())
+        Some(
+            fs::read_dir(format!("/proc/{}/fd", self.pid()?))
+                .ok()?
+                .count(),
+        )
     }
 
     /// Sends SIGTERM and waits for the exit status (None if it had to be killed).
-    pub fn terminate(&mut self, wait: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
-        let Some(child) = self.child.as_mut() else { return Ok(None) };
+    pub fn terminate(
+        &mut self,
+        wait: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
         // Our own unreaped child: its pid cannot have been reused.
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
@@ -182,8 +198,13 @@ impl Daemon {
     }
 
     /// Waits for the daemon to exit by itself (e.g. after a Shutdown RPC).
-    pub fn wait_exit(&mut self, wait: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
-        let Some(child) = self.child.as_mut() else { return Ok(None) };
+    pub fn wait_exit(
+        &mut self,
+        wait: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
         let start = Instant::now();
         while start.elapsed() < wait {
             if let Some(s) = child.try_wait()? {
@@ -200,7 +221,9 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 

@@ -26,7 +26,10 @@ pub fn check(test: &str, tier: Tier, missing: Option<String>) -> bool {
         .map(|v| v.split(',').any(|t| t.trim() == tier.name()))
         .unwrap_or(false);
     if required {
-        panic!("{test}: tier {} is required (AURAE_REQUIRE_TIER) but {reason}", tier.name());
+        panic!(
+            "{test}: tier {} is required (AURAE_REQUIRE_TIER) but {reason}",
+            tier.name()
+        );
     }
     println!("SKIP {test}: {reason}");
     eprintln!("SKIP {test}: {reason}");

@@ -52,7 +52,10 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         tracing::warn!("a rustls crypto provider was already installed");
     }
     let cfg = ServerConfig {
@@ -66,7 +69,10 @@ fn main() -> ExitCode {
         max_streams_per_connection: args.max_streams_per_connection.max(1),
         mode: "daemon",
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

@@ -6,8 +6,7 @@
 //! our trust domain reaches tonic, carrying that ID as its [`PeerInfo`].
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::SocketAddr,
     os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -67,7 +66,9 @@ pub struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("Conn")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,7 +81,11 @@ impl Connected for Conn {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
@@ -89,7 +94,11 @@ impl AsyncRead for Conn {
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
             Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
@@ -141,7 +150,12 @@ fn prepare_socket(path: &Path) -> anyhow::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .with_context(|| format!("--socket {}: give a path inside a directory", path.display()))?;
+        .with_context(|| {
+            format!(
+                "--socket {}: give a path inside a directory",
+                path.display()
+            )
+        })?;
     if !dir.exists() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -161,11 +175,18 @@ fn prepare_socket(path: &Path) -> anyhow::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!("{} is in use: another auraed is listening on it", path.display());
+                bail!(
+                    "{} is in use: another auraed is listening on it",
+                    path.display()
+                );
             }
-            fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        Ok(_) => bail!("{} exists and is not a socket: refusing to replace it", path.display()),
+        Ok(_) => bail!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("socket {}", path.display())),
     }
@@ -173,7 +194,10 @@ fn prepare_socket(path: &Path) -> anyhow::Result<()> {
 }
 
 fn cgroup_controllers() -> Vec<String> {
-    for p in ["/sys/fs/cgroup/cgroup.controllers", "/sys/fs/cgroup/unified/cgroup.controllers"] {
+    for p in [
+        "/sys/fs/cgroup/cgroup.controllers",
+        "/sys/fs/cgroup/unified/cgroup.controllers",
+    ] {
         if let Ok(s) = fs::read_to_string(p) {
             return s.split_whitespace().map(str::to_owned).collect();
         }
@@ -194,7 +218,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             );
         }
     }
-    let (tls_config, server_id) = tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
+    let (tls_config, server_id) =
+        tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
     let trust_domain = server_id.trust_domain().to_owned();
     let methods = api::served_methods();
     let policy = match &cfg.policy {
@@ -208,14 +233,22 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
 
     let store = Store::open(&cfg.state_dir)?;
     let started_at = SystemTime::now();
-    let epoch = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let epoch = started_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let boot = store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch)?;
 
     prepare_socket(&cfg.socket)?;
-    let unix = UnixListener::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
+    let unix = UnixListener::bind(&cfg.socket)
+        .with_context(|| format!("binding {}", cfg.socket.display()))?;
     fs::set_permissions(&cfg.socket, fs::Permissions::from_mode(0o600))?;
     let tcp = match cfg.listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --listen {addr}"))?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --listen {addr}"))?,
+        ),
         None => None,
     };
 
@@ -224,7 +257,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         mode: cfg.mode,
         server_id: server_id.clone(),
         started_at,
-        cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1),
         cgroup_controllers: cgroup_controllers(),
         shutdown: Arc::new(shutdown_tx),
     };
@@ -341,7 +376,10 @@ const SERVICES: [&str; 8] = [
 /// Resolves with the grace period on SIGTERM, SIGINT or a Shutdown RPC.
 async fn wait_for_shutdown(rx: &mut watch::Receiver<Option<Duration>>) -> Duration {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             error!("cannot install SIGTERM/SIGINT handlers; only the Shutdown RPC can stop auraed");
@@ -382,13 +420,18 @@ async fn accept_loop(
 ) {
     loop {
         // Take a slot before accepting: at the cap, new clients wait in the backlog.
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let accepted = match &listener {
             Listener::Unix(l, own_uid) => l.accept().await.map(|(s, _)| {
                 let cred = s.peer_cred().ok();
                 let uid = cred.map_or(u32::MAX, |c| c.uid());
                 let pid = cred.and_then(|c| c.pid());
-                (Pending::Unix(s, uid == 0 || uid == *own_uid), Transport::Unix { uid, pid })
+                (
+                    Pending::Unix(s, uid == 0 || uid == *own_uid),
+                    Transport::Unix { uid, pid },
+                )
             }),
             Listener::Tcp(l) => l.accept().await.map(|(s, addr)| {
                 let _ = s.set_nodelay(true);

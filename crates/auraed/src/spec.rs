@@ -74,11 +74,17 @@ pub struct CellName(String);
 impl CellName {
     pub fn parse(field: &str, s: &str) -> Result<Self, FieldError> {
         if s.is_empty() {
-            return Err(FieldError::new(field, "is empty: name a cell such as \"web\" or \"web/api\""));
+            return Err(FieldError::new(
+                field,
+                "is empty: name a cell such as \"web\" or \"web/api\"",
+            ));
         }
         let parts: Vec<&str> = s.split('/').collect();
         if parts.len() > MAX_DEPTH {
-            return Err(FieldError::new(field, format!("{s:?} is nested deeper than {MAX_DEPTH} levels")));
+            return Err(FieldError::new(
+                field,
+                format!("{s:?} is nested deeper than {MAX_DEPTH} levels"),
+            ));
         }
         for p in &parts {
             if let Some(r) = label_reason(p) {
@@ -146,7 +152,10 @@ pub fn duration(
     }
     let v = Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs());
     if v > max {
-        return Err(FieldError::new(field, format!("must be at most {} s", max.as_secs())));
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {} s", max.as_secs()),
+        ));
     }
     Ok(v)
 }
@@ -157,6 +166,32 @@ pub fn known_enum<E: TryFrom<i32>>(field: &str, v: i32, allow_zero: bool) -> Res
         return Err(FieldError::new(field, "must be set"));
     }
     E::try_from(v).map_err(|_| FieldError::new(field, format!("unknown value {v}")))
+}
+
+/// An absolute host or guest path from a request: no NUL, no `..` component.
+pub fn abs_path(field: &str, s: &str) -> Result<std::path::PathBuf, FieldError> {
+    if s.is_empty() {
+        return Err(FieldError::new(field, "is empty: give an absolute path"));
+    }
+    if !s.starts_with('/') {
+        return Err(FieldError::new(
+            field,
+            format!("{s:?} is not an absolute path"),
+        ));
+    }
+    if s.contains('\0') || s.len() > 4096 {
+        return Err(FieldError::new(
+            field,
+            "contains NUL or is longer than 4096 bytes",
+        ));
+    }
+    if s.split('/').any(|c| c == "..") {
+        return Err(FieldError::new(
+            field,
+            format!("{s:?} contains a '..' component"),
+        ));
+    }
+    Ok(std::path::PathBuf::from(s))
 }
 
 #[cfg(test)]
@@ -171,7 +206,16 @@ mod tests {
         }
         let n = CellName::parse("cell", "web/api").unwrap();
         assert_eq!(n.parent().unwrap().as_str(), "web");
-        for bad in ["", "/web", "web/", "web//api", "web/../etc", "..", ".", "a/b/c/d/e/f/g/h/i"] {
+        for bad in [
+            "",
+            "/web",
+            "web/",
+            "web//api",
+            "web/../etc",
+            "..",
+            ".",
+            "a/b/c/d/e/f/g/h/i",
+        ] {
             let e = CellName::parse("cell", bad).unwrap_err();
             assert_eq!(e.field, "cell");
         }
@@ -179,29 +223,21 @@ mod tests {
 
     #[test]
     fn durations_and_prefixes() {
-        let d = prost_types::Duration { seconds: -1, nanos: 0 };
+        let d = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert!(duration("g", Some(&d), DEFAULT_GRACE, MAX_GRACE).is_err());
-        let d = prost_types::Duration { seconds: 601, nanos: 0 };
+        let d = prost_types::Duration {
+            seconds: 601,
+            nanos: 0,
+        };
         assert!(duration("g", Some(&d), DEFAULT_GRACE, MAX_GRACE).is_err());
-        assert_eq!(duration("g", None, DEFAULT_GRACE, MAX_GRACE).unwrap(), DEFAULT_GRACE);
+        assert_eq!(
+            duration("g", None, DEFAULT_GRACE, MAX_GRACE).unwrap(),
+            DEFAULT_GRACE
+        );
         assert!(name_prefix("p", "team-a/ap").is_ok());
         assert!(name_prefix("p", "../x").is_err());
     }
-}
-
-/// An absolute host or guest path from a request: no NUL, no `..` component.
-pub fn abs_path(field: &str, s: &str) -> Result<std::path::PathBuf, FieldError> {
-    if s.is_empty() {
-        return Err(FieldError::new(field, "is empty: give an absolute path"));
-    }
-    if !s.starts_with('/') {
-        return Err(FieldError::new(field, format!("{s:?} is not an absolute path")));
-    }
-    if s.contains('\0') || s.len() > 4096 {
-        return Err(FieldError::new(field, "contains NUL or is longer than 4096 bytes"));
-    }
-    if s.split('/').any(|c| c == "..") {
-        return Err(FieldError::new(field, format!("{s:?} contains a '..' component")));
-    }
-    Ok(std::path::PathBuf::from(s))
 }

@@ -2,6 +2,8 @@
 //! the identity's grant. The expected allow/deny of every cell is computed here from the
 //! policy table below, independently of auraed's own policy code, and must match exactly.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use std::{collections::BTreeSet, path::Path};
 
 use aurae_proto::runtime::v0 as pb;
@@ -91,7 +93,10 @@ fn policy_toml() -> String {
 fn method_granted(who: &str, method: &str) -> bool {
     GRANTS.iter().filter(|g| g.0 == who).any(|(_, methods, _)| {
         methods.iter().any(|p| {
-            *p == "*" || *p == method || p.strip_suffix("/*").is_some_and(|svc| method.starts_with(&format!("{svc}/")))
+            *p == "*"
+                || *p == method
+                || p.strip_suffix("/*")
+                    .is_some_and(|svc| method.starts_with(&format!("{svc}/")))
         })
     })
 }
@@ -109,13 +114,35 @@ fn name_granted(who: &str, name: &str) -> bool {
 /// An encoded request for `input` (a message type name) touching `name`; `None` if the
 /// request names no resource.
 fn request(input: &str, name: &str) -> (Vec<u8>, bool) {
-    let exe = || pb::ExecutableRef { cell: name.into(), name: "x".into() };
-    let container = || Some(pb::Container { image: "busybox".into(), ..Default::default() });
+    let exe = || pb::ExecutableRef {
+        cell: name.into(),
+        name: "x".into(),
+    };
+    let container = || {
+        Some(pb::Container {
+            image: "busybox".into(),
+            ..Default::default()
+        })
+    };
     match input {
-        ".aurae.runtime.v0.Executable" => {
-            (pb::Executable { cell: name.into(), argv: vec!["/bin/true".into()], ..Default::default() }.encode_to_vec(), true)
-        }
-        ".aurae.runtime.v0.Cell" => (pb::Cell { name: name.into(), container: container(), ..Default::default() }.encode_to_vec(), true),
+        ".aurae.runtime.v0.Executable" => (
+            pb::Executable {
+                cell: name.into(),
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.Cell" => (
+            pb::Cell {
+                name: name.into(),
+                container: container(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            true,
+        ),
         ".aurae.runtime.v0.VirtualMachine" => (
             pb::VirtualMachine {
                 name: name.into(),
@@ -127,26 +154,83 @@ fn request(input: &str, name: &str) -> (Vec<u8>, bool) {
             .encode_to_vec(),
             true,
         ),
-        ".aurae.runtime.v0.Instance" => (pb::Instance { name: name.into(), ..Default::default() }.encode_to_vec(), true),
-        ".aurae.runtime.v0.Pod" => (pb::Pod { name: name.into(), container: container(), ..Default::default() }.encode_to_vec(), true),
+        ".aurae.runtime.v0.Instance" => (
+            pb::Instance {
+                name: name.into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.Pod" => (
+            pb::Pod {
+                name: name.into(),
+                container: container(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            true,
+        ),
         ".aurae.runtime.v0.ExecutableRef" => (exe().encode_to_vec(), true),
-        ".aurae.runtime.v0.StopExecutableRequest" => {
-            (pb::StopExecutableRequest { executable: Some(exe()), grace_period: None }.encode_to_vec(), true)
-        }
-        ".aurae.runtime.v0.WaitExecutableRequest" => {
-            (pb::WaitExecutableRequest { executable: Some(exe()), timeout: None }.encode_to_vec(), true)
-        }
-        ".aurae.runtime.v0.SignalExecutableRequest" => {
-            (pb::SignalExecutableRequest { executable: Some(exe()), signal: 15 }.encode_to_vec(), true)
-        }
-        ".aurae.runtime.v0.ExecutableLogsRequest" => {
-            (pb::ExecutableLogsRequest { executable: Some(exe()), ..Default::default() }.encode_to_vec(), true)
-        }
+        ".aurae.runtime.v0.StopExecutableRequest" => (
+            pb::StopExecutableRequest {
+                executable: Some(exe()),
+                grace_period: None,
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.WaitExecutableRequest" => (
+            pb::WaitExecutableRequest {
+                executable: Some(exe()),
+                timeout: None,
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.SignalExecutableRequest" => (
+            pb::SignalExecutableRequest {
+                executable: Some(exe()),
+                signal: 15,
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.ExecutableLogsRequest" => (
+            pb::ExecutableLogsRequest {
+                executable: Some(exe()),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            true,
+        ),
         ".aurae.runtime.v0.NameRef" => (pb::NameRef { name: name.into() }.encode_to_vec(), true),
-        ".aurae.runtime.v0.StopRequest" => (pb::StopRequest { name: name.into(), grace_period: None }.encode_to_vec(), true),
-        ".aurae.runtime.v0.WaitRequest" => (pb::WaitRequest { name: name.into(), timeout: None }.encode_to_vec(), true),
-        ".aurae.runtime.v0.LogsRequest" => (pb::LogsRequest { name: name.into(), ..Default::default() }.encode_to_vec(), true),
-        ".grpc.reflection.v1.ServerReflectionRequest" | ".grpc.reflection.v1alpha.ServerReflectionRequest" => {
+        ".aurae.runtime.v0.StopRequest" => (
+            pb::StopRequest {
+                name: name.into(),
+                grace_period: None,
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.WaitRequest" => (
+            pb::WaitRequest {
+                name: name.into(),
+                timeout: None,
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".aurae.runtime.v0.LogsRequest" => (
+            pb::LogsRequest {
+                name: name.into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            true,
+        ),
+        ".grpc.reflection.v1.ServerReflectionRequest"
+        | ".grpc.reflection.v1alpha.ServerReflectionRequest" => {
             // field 7: list_services = "*"
             (vec![0x3a, 0x01, b'*'], false)
         }
@@ -189,12 +273,17 @@ fn methods() -> Vec<Method> {
 
 async fn call(channel: tonic::transport::Channel, m: &Method, body: Vec<u8>) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let path: http::uri::PathAndQuery = format!("/{}", m.path).parse().unwrap();
     match (m.client_streaming, m.server_streaming) {
         (false, false) => grpc.unary(Request::new(body), path, Raw).await.map(|_| ()),
         (false, true) => {
-            let mut s = grpc.server_streaming(Request::new(body), path, Raw).await?.into_inner();
+            let mut s = grpc
+                .server_streaming(Request::new(body), path, Raw)
+                .await?
+                .into_inner();
             // One message (or the stream's error) is enough to know the call was served.
             tokio::time::timeout(std::time::Duration::from_millis(500), s.message())
                 .await
@@ -212,7 +301,10 @@ async fn call(channel: tonic::transport::Channel, m: &Method, body: Vec<u8>) -> 
 async fn authorization_matrix_matches_the_policy_exactly() {
     let d = Daemon::start(
         Path::new(env!("CARGO_BIN_EXE_auraed")),
-        DaemonOptions { policy: Some(policy_toml()), ..Default::default() },
+        DaemonOptions {
+            policy: Some(policy_toml()),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -220,8 +312,12 @@ async fn authorization_matrix_matches_the_policy_exactly() {
     let served: BTreeSet<&str> = methods.iter().map(|m| m.path.as_str()).collect();
     assert_eq!(served.len(), methods.len());
     // (identity, a name inside its grant, a name outside it)
-    let who: [(&str, &str, &str); 4] =
-        [("admin", "team-a", "team-b-x"), ("alice", "team-a", "team-b-x"), ("bob", "team-b-x", "team-a"), (NOBODY, "team-a", "team-b-x")];
+    let who: [(&str, &str, &str); 4] = [
+        ("admin", "team-a", "team-b-x"),
+        ("alice", "team-a", "team-b-x"),
+        ("bob", "team-b-x", "team-a"),
+        (NOBODY, "team-a", "team-b-x"),
+    ];
     let mut cells = 0;
     let mut mismatches = Vec::new();
     let (mut allowed, mut denied) = (0, 0);
@@ -230,7 +326,8 @@ async fn authorization_matrix_matches_the_policy_exactly() {
         for m in &methods {
             for (scope, name) in [("own", own), ("other", other)] {
                 let (body, named) = request(&m.input, name);
-                let expect_allow = method_granted(id, &m.path) && (!named || name_granted(id, name));
+                let expect_allow =
+                    method_granted(id, &m.path) && (!named || name_granted(id, name));
                 if m.path.ends_with("Daemon/Shutdown") && expect_allow {
                     continue; // would stop the daemon; covered by its own test
                 }
@@ -239,15 +336,26 @@ async fn authorization_matrix_matches_the_policy_exactly() {
                 let got_denied = matches!(&got, Err(s) if s.code() == Code::PermissionDenied);
                 if let Err(s) = &got {
                     assert!(
-                        !matches!(s.code(), Code::Internal | Code::Unauthenticated | Code::Unknown),
+                        !matches!(
+                            s.code(),
+                            Code::Internal | Code::Unauthenticated | Code::Unknown
+                        ),
                         "{id} {} {scope}: unexpected {s:?}",
                         m.path
                     );
                 }
                 if got_denied == expect_allow {
-                    mismatches.push(format!("{id} {} {scope} ({name}): expected {}, got {got:?}", m.path, if expect_allow { "allow" } else { "deny" }));
+                    mismatches.push(format!(
+                        "{id} {} {scope} ({name}): expected {}, got {got:?}",
+                        m.path,
+                        if expect_allow { "allow" } else { "deny" }
+                    ));
                 }
-                if expect_allow { allowed += 1 } else { denied += 1 }
+                if expect_allow {
+                    allowed += 1
+                } else {
+                    denied += 1
+                }
             }
         }
     }
@@ -258,5 +366,8 @@ async fn authorization_matrix_matches_the_policy_exactly() {
         mismatches.len()
     );
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
-    assert!(allowed > 50 && denied > 100, "matrix too one-sided: {allowed} allow, {denied} deny");
+    assert!(
+        allowed > 50 && denied > 100,
+        "matrix too one-sided: {allowed} allow, {denied} deny"
+    );
 }

@@ -2,6 +2,8 @@
 //! errors for bad input (the daemon stays up), startup errors for bad configuration, and
 //! the ordered shutdown on SIGTERM and on the Shutdown RPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::Path,
@@ -27,22 +29,36 @@ fn mode(p: &Path) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_0600_in_a_0700_directory() {
-    let d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
     let meta = std::fs::symlink_metadata(&d.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(mode(&d.socket), 0o600, "socket mode");
-    assert_eq!(mode(d.socket.parent().unwrap()), 0o700, "socket directory mode");
-    assert_eq!(mode(&d.dir.path().join("state/store")), 0o700, "state store mode");
+    assert_eq!(
+        mode(d.socket.parent().unwrap()),
+        0o700,
+        "socket directory mode"
+    );
+    assert_eq!(
+        mode(&d.dir.path().join("state/store")),
+        0o700,
+        "state store mode"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_serves_and_reflection_lists_the_runtime_with_five_rpcs() {
-    let d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
     let c = d.client("admin").await.unwrap();
     for service in ["", "aurae.runtime.v0.Runtime", "aurae.runtime.v0.Cells"] {
         let r = c
             .health()
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -50,29 +66,47 @@ async fn health_serves_and_reflection_lists_the_runtime_with_five_rpcs() {
     }
     let unknown = c
         .health()
-        .check(tonic_health::pb::HealthCheckRequest { service: "no.such.Service".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
     let mut refl = ServerReflectionClient::new(c.channel());
-    let ask = |m: MessageRequest| ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
     let mut s = refl
         .server_reflection_info(tokio_stream::iter(vec![
             ask(MessageRequest::ListServices(String::new())),
-            ask(MessageRequest::FileContainingSymbol("aurae.runtime.v0.Runtime".into())),
+            ask(MessageRequest::FileContainingSymbol(
+                "aurae.runtime.v0.Runtime".into(),
+            )),
         ]))
         .await
         .unwrap()
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = s.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        s.message().await.unwrap().unwrap().message_response
+    else {
         panic!("expected a service list");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["aurae.runtime.v0.Runtime", "aurae.runtime.v0.Cells", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "aurae.runtime.v0.Runtime",
+        "aurae.runtime.v0.Cells",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
-    let Some(MessageResponse::FileDescriptorResponse(files)) = s.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        s.message().await.unwrap().unwrap().message_response
+    else {
         panic!("expected a file descriptor");
     };
     use prost::Message;
@@ -84,7 +118,16 @@ async fn health_serves_and_reflection_lists_the_runtime_with_five_rpcs() {
         .find(|s| s.name() == "Runtime")
         .expect("Runtime service in the descriptor");
     let rpcs: Vec<&str> = runtime.method.iter().map(|m| m.name()).collect();
-    assert_eq!(rpcs, ["RunExecutable", "RunCell", "RunVirtualMachine", "Spawn", "RunPod"]);
+    assert_eq!(
+        rpcs,
+        [
+            "RunExecutable",
+            "RunCell",
+            "RunVirtualMachine",
+            "Spawn",
+            "RunPod"
+        ]
+    );
 
     // v1alpha answers too (older grpcurl versions use it).
     use tonic_reflection::pb::v1alpha as a;
@@ -92,7 +135,9 @@ async fn health_serves_and_reflection_lists_the_runtime_with_five_rpcs() {
     let mut s = old
         .server_reflection_info(tokio_stream::iter(vec![a::ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(a::server_reflection_request::MessageRequest::ListServices(String::new())),
+            message_request: Some(a::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
         }]))
         .await
         .unwrap()
@@ -102,7 +147,9 @@ async fn health_serves_and_reflection_lists_the_runtime_with_five_rpcs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
-    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let mut d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
     let c = d.client("admin").await.unwrap();
     let exe = |cell: &str, argv: &[&str]| pb::Executable {
         cell: cell.into(),
@@ -119,41 +166,81 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
     for (e, want) in cases {
         let s = c.runtime().run_executable(e).await.unwrap_err();
         assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-        assert!(s.message().contains(want), "{want:?} not in {:?}", s.message());
+        assert!(
+            s.message().contains(want),
+            "{want:?} not in {:?}",
+            s.message()
+        );
     }
     // An unknown enum value.
     let s = c
         .runtime()
-        .spawn(pb::Instance { name: "i1".into(), isolation: 42, ..Default::default() })
+        .spawn(pb::Instance {
+            name: "i1".into(),
+            isolation: 42,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().contains("isolation: unknown value 42"), "{}", s.message());
+    assert!(
+        s.message().contains("isolation: unknown value 42"),
+        "{}",
+        s.message()
+    );
     // Out-of-range limits and sizes name the field.
     let s = c
         .cells()
         .allocate(pb::Cell {
             name: "web".into(),
-            limits: Some(pb::CellLimits { cpu_weight: Some(0), ..Default::default() }),
+            limits: Some(pb::CellLimits {
+                cpu_weight: Some(0),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert!(s.message().starts_with("limits.cpu_weight"), "{}", s.message());
+    assert!(
+        s.message().starts_with("limits.cpu_weight"),
+        "{}",
+        s.message()
+    );
     // An oversized message (2 MiB > the 1 MiB limit) is refused before it is decoded.
-    let big = pb::Executable { cell: "web".into(), argv: vec!["/bin/true".into()], stdin: vec![0; 2 << 20], ..Default::default() };
+    let big = pb::Executable {
+        cell: "web".into(),
+        argv: vec!["/bin/true".into()],
+        stdin: vec![0; 2 << 20],
+        ..Default::default()
+    };
     let s = c.runtime().run_executable(big).await.unwrap_err();
     // tonic answers OUT_OF_RANGE from the length prefix, before allocating the body.
     assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
     assert!(s.message().contains("limit is: 1048576"), "{}", s.message());
     // Not built yet: UNIMPLEMENTED naming the capability, never a panic.
-    let s = c.runtime().run_executable(exe("web", &["/bin/true"])).await.unwrap_err();
+    let s = c
+        .runtime()
+        .run_executable(exe("web", &["/bin/true"]))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::Unimplemented);
-    assert!(s.message().contains("cells and executables"), "{}", s.message());
+    assert!(
+        s.message().contains("cells and executables"),
+        "{}",
+        s.message()
+    );
     // Still serving, on a fresh connection too.
     assert!(d.alive());
     let c2 = d.client("admin").await.unwrap();
-    assert_eq!(c2.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner().peer_id, "spiffe://aurae.test/operator/admin");
+    assert_eq!(
+        c2.daemon()
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .peer_id,
+        "spiffe://aurae.test/operator/admin"
+    );
 }
 
 fn start_err(args: &[&str], dir: &Path) -> String {
@@ -163,71 +250,125 @@ fn start_err(args: &[&str], dir: &Path) -> String {
         .arg(dir.join("state"))
         .output()
         .unwrap();
-    assert!(!out.status.success(), "auraed must refuse to start with {args:?}");
+    assert!(
+        !out.status.success(),
+        "auraed must refuse to start with {args:?}"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_is_refused_at_startup_with_the_reason() {
-    let d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("run/a.sock");
     let sock = sock.to_str().unwrap();
     let pki = d.pki.dir.to_str().unwrap();
 
-    let e = start_err(&["--pki-dir", "/nonexistent/pki", "--socket", sock], dir.path());
+    let e = start_err(
+        &["--pki-dir", "/nonexistent/pki", "--socket", sock],
+        dir.path(),
+    );
     assert!(e.contains("aer pki init --dir /nonexistent/pki"), "{e}");
 
     let bad_policy = [
         ("not = [toml", "does not parse"),
-        ("[[grant]]\nid = \"spiffe://aurae.test/\"\nmethods = [\"*\"]\nnames = [\"*\"]", "path is empty"),
-        ("[[grant]]\nid = \"spiffe://aurae.test/x\"\nmethods = [\"aurae.runtime.v0.Runtime/Nope\"]\nnames = [\"*\"]", "names no method"),
+        (
+            "[[grant]]\nid = \"spiffe://aurae.test/\"\nmethods = [\"*\"]\nnames = [\"*\"]",
+            "path is empty",
+        ),
+        (
+            "[[grant]]\nid = \"spiffe://aurae.test/x\"\nmethods = [\"aurae.runtime.v0.Runtime/Nope\"]\nnames = [\"*\"]",
+            "names no method",
+        ),
     ];
     for (i, (text, want)) in bad_policy.iter().enumerate() {
         let p = dir.path().join(format!("policy{i}.toml"));
         std::fs::write(&p, text).unwrap();
-        let e = start_err(&["--pki-dir", pki, "--socket", sock, "--policy", p.to_str().unwrap()], dir.path());
+        let e = start_err(
+            &[
+                "--pki-dir",
+                pki,
+                "--socket",
+                sock,
+                "--policy",
+                p.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
         assert!(e.contains(want), "{want:?} not in {e}");
     }
     // A socket directory others can enter is refused.
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let e = start_err(&["--pki-dir", pki, "--socket", open.join("a.sock").to_str().unwrap()], dir.path());
+    let e = start_err(
+        &[
+            "--pki-dir",
+            pki,
+            "--socket",
+            open.join("a.sock").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
     assert!(e.contains("0700"), "{e}");
     // The running daemon's socket is not stolen.
-    let e = start_err(&["--pki-dir", pki, "--socket", d.socket.to_str().unwrap()], dir.path());
+    let e = start_err(
+        &["--pki-dir", pki, "--socket", d.socket.to_str().unwrap()],
+        dir.path(),
+    );
     assert!(e.contains("another auraed is listening"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_shutdown_rpc_stop_the_daemon_in_order() {
-    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
-    let status = d.terminate(Duration::from_secs(15)).unwrap().expect("exited after SIGTERM");
+    let mut d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
+    let status = d
+        .terminate(Duration::from_secs(15))
+        .unwrap()
+        .expect("exited after SIGTERM");
     assert!(status.success(), "{status}");
     assert!(!d.socket.exists(), "socket removed on shutdown");
     assert!(d.log_text().contains("auraed stopped"));
 
-    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let mut d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
     let c = d.client("admin").await.unwrap();
     let s = c
         .daemon()
-        .shutdown(pb::ShutdownRequest { grace_period: None, reboot: true })
+        .shutdown(pb::ShutdownRequest {
+            grace_period: None,
+            reboot: true,
+        })
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "reboot is PID 1 only");
-    c.daemon().shutdown(pb::ShutdownRequest::default()).await.unwrap();
-    let status = d.wait_exit(Duration::from_secs(15)).unwrap().expect("exited after Shutdown");
+    c.daemon()
+        .shutdown(pb::ShutdownRequest::default())
+        .await
+        .unwrap();
+    let status = d
+        .wait_exit(Duration::from_secs(15))
+        .unwrap()
+        .expect("exited after Shutdown");
     assert!(status.success());
     assert!(d.log_text().contains("shutdown requested over the API"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_reuses_the_state_directory() {
-    let mut d = Daemon::start(bin(), DaemonOptions::default()).await.unwrap();
+    let mut d = Daemon::start(bin(), DaemonOptions::default())
+        .await
+        .unwrap();
     d.terminate(Duration::from_secs(15)).unwrap();
     let state = d.dir.path().join("state");
     let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("store/daemon/boot.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(state.join("store/daemon/boot.json")).unwrap())
+            .unwrap();
     assert_eq!(rec["boots"], 1);
 }

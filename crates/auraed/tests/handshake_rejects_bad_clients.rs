@@ -2,6 +2,8 @@
 //! SPIFFE ID, from another trust domain, or presenting a server-only certificate is
 //! rejected at the TLS handshake, on the Unix socket and on TCP: 100 % of attempts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use std::path::Path;
 
 use aurae_client::{Client, Endpoint};
@@ -25,9 +27,15 @@ async fn attempt(endpoint: &Endpoint, server_name: &str, bad: BadClient, pki: &P
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_client_is_rejected_at_the_handshake() {
-    let mut d = Daemon::start(Path::new(env!("CARGO_BIN_EXE_auraed")), DaemonOptions { tcp: true, ..Default::default() })
-        .await
-        .unwrap();
+    let mut d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            tcp: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let unix = Endpoint::Unix(d.socket.clone());
     let tcp = Endpoint::Tcp(d.tcp.unwrap().to_string());
     let mut total = 0;
@@ -42,17 +50,29 @@ async fn every_bad_client_is_rejected_at_the_handshake() {
                     here += 1;
                 }
             }
-            assert_eq!(here, ATTEMPTS, "{bad:?} over {endpoint}: only {here}/{ATTEMPTS} rejected");
+            assert_eq!(
+                here, ATTEMPTS,
+                "{bad:?} over {endpoint}: only {here}/{ATTEMPTS} rejected"
+            );
         }
     }
-    println!("handshake: {rejected}/{total} bad clients rejected ({} kinds x 2 transports x {ATTEMPTS})", BadClient::ALL.len());
+    println!(
+        "handshake: {rejected}/{total} bad clients rejected ({} kinds x 2 transports x {ATTEMPTS})",
+        BadClient::ALL.len()
+    );
     assert_eq!(rejected, total);
 
     // The rejections happened at the handshake: auraed logged each, and no RPC ran.
     let log = d.log_text();
     let handshake_rejections = log.matches("TLS handshake rejected").count();
-    assert!(handshake_rejections >= total, "{handshake_rejections} handshake rejections logged for {total} attempts:\n{log}");
-    assert!(!log.contains("operator/mallory method="), "a bad client reached an RPC:\n{log}");
+    assert!(
+        handshake_rejections >= total,
+        "{handshake_rejections} handshake rejections logged for {total} attempts:\n{log}"
+    );
+    assert!(
+        !log.contains("operator/mallory method="),
+        "a bad client reached an RPC:\n{log}"
+    );
     for reason in [
         "BadSignature",
         "certificate expired",
@@ -62,13 +82,23 @@ async fn every_bad_client_is_rejected_at_the_handshake() {
         "peer sent no certificates",
         "extended key usage for client authentication",
     ] {
-        assert!(log.contains(reason), "no rejection logged for {reason:?}:\n{log}");
+        assert!(
+            log.contains(reason),
+            "no rejection logged for {reason:?}:\n{log}"
+        );
     }
 
     // The daemon stayed up and still serves good clients on both transports.
     assert!(d.alive());
-    for c in [d.client("admin").await.unwrap(), d.tcp_client("admin").await.unwrap()] {
-        let r = c.health().check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap();
+    for c in [
+        d.client("admin").await.unwrap(),
+        d.tcp_client("admin").await.unwrap(),
+    ] {
+        let r = c
+            .health()
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
         assert_eq!(r.into_inner().status, 1);
     }
 }
@@ -77,23 +107,42 @@ async fn every_bad_client_is_rejected_at_the_handshake() {
 async fn a_client_that_never_finishes_the_handshake_is_cut_off() {
     let d = Daemon::start(
         Path::new(env!("CARGO_BIN_EXE_auraed")),
-        DaemonOptions { tcp: true, extra_args: vec!["--handshake-timeout-s".into(), "1".into()], ..Default::default() },
+        DaemonOptions {
+            tcp: true,
+            extra_args: vec!["--handshake-timeout-s".into(), "1".into()],
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
     use tokio::io::AsyncReadExt;
     let mut idle = Vec::new();
     for _ in 0..20 {
-        idle.push(tokio::net::TcpStream::connect(d.tcp.unwrap()).await.unwrap());
+        idle.push(
+            tokio::net::TcpStream::connect(d.tcp.unwrap())
+                .await
+                .unwrap(),
+        );
     }
     let start = std::time::Instant::now();
     for s in &mut idle {
         let mut buf = [0u8; 1];
         // The daemon closes the connection: read returns 0 bytes (EOF) or an error.
         let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await;
-        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "idle connection not closed: {n:?}");
+        assert!(
+            matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+            "idle connection not closed: {n:?}"
+        );
     }
-    println!("20 silent TCP clients closed within {:?} (timeout 1 s)", start.elapsed());
+    println!(
+        "20 silent TCP clients closed within {:?} (timeout 1 s)",
+        start.elapsed()
+    );
     let c = d.client("admin").await.unwrap();
-    assert!(c.health().check(tonic_health::pb::HealthCheckRequest::default()).await.is_ok());
+    assert!(
+        c.health()
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok()
+    );
 }

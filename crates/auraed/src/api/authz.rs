@@ -25,7 +25,10 @@ use crate::identity::{Grant, Policy};
 #[derive(Debug, Clone)]
 pub enum Transport {
     /// The Unix socket, with the peer's credentials from `SO_PEERCRED`.
-    Unix { uid: u32, pid: Option<i32> },
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+    },
     Tcp(std::net::SocketAddr),
 }
 
@@ -60,10 +63,9 @@ pub struct Caller {
 impl Caller {
     /// The caller of a request that passed the authorization layer.
     pub fn of<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
-        req.extensions()
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| Status::internal("request reached a handler without passing authorization"))
+        req.extensions().get::<Caller>().cloned().ok_or_else(|| {
+            Status::internal("request reached a handler without passing authorization")
+        })
     }
 
     /// Checks that the grant covers the resource `name`; audit-logs the decision.
@@ -126,7 +128,10 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, B> Service<http::Request<B>> for Authz<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {

@@ -19,7 +19,10 @@ impl DaemonApi {
 
 #[tonic::async_trait]
 impl Daemon for DaemonApi {
-    async fn info(&self, req: Request<pb::InfoRequest>) -> Result<Response<pb::DaemonInfo>, Status> {
+    async fn info(
+        &self,
+        req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::DaemonInfo>, Status> {
         let caller = Caller::of(&req)?;
         let (granted_methods, granted_prefixes) = caller.grant.describe();
         Ok(Response::new(pb::DaemonInfo {
@@ -34,10 +37,19 @@ impl Daemon for DaemonApi {
         }))
     }
 
-    async fn shutdown(&self, req: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownResponse>, Status> {
+    async fn shutdown(
+        &self,
+        req: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
         let caller = Caller::of(&req)?;
         let m = req.get_ref();
-        let grace = duration("grace_period", m.grace_period.as_ref(), DEFAULT_GRACE, MAX_GRACE).map_err(invalid)?;
+        let grace = duration(
+            "grace_period",
+            m.grace_period.as_ref(),
+            DEFAULT_GRACE,
+            MAX_GRACE,
+        )
+        .map_err(invalid)?;
         if m.reboot && self.ctx.mode != "pid1" {
             return Err(Status::failed_precondition(
                 "reboot: auraed runs as a daemon, not as PID 1; it can only shut itself down",

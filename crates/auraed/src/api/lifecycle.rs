@@ -58,7 +58,11 @@ fn grace(d: Option<&prost_types::Duration>, field: &str) -> Result<(), FieldErro
 /// Lists answer `UNIMPLEMENTED` too until their kind exists (an empty list would pretend);
 /// the prefix is still validated.
 fn gate_list<T>(req: &Request<T>, prefix: &str, cap: Capability) -> Status {
-    match Caller::of(req).and_then(|c| name_prefix("name_prefix", prefix).map_err(invalid).map(|_| c)) {
+    match Caller::of(req).and_then(|c| {
+        name_prefix("name_prefix", prefix)
+            .map_err(invalid)
+            .map(|_| c)
+    }) {
         Ok(caller) => not_built(&caller.method, cap),
         Err(status) => status,
     }
@@ -69,40 +73,82 @@ pub struct ExecutablesApi;
 
 #[tonic::async_trait]
 impl Executables for ExecutablesApi {
-    async fn get(&self, r: Request<pb::ExecutableRef>) -> Result<Response<pb::ExecutableStatus>, Status> {
-        Err(gate(&r, exe("executable", Some(r.get_ref())), Capability::Cells))
+    async fn get(
+        &self,
+        r: Request<pb::ExecutableRef>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
+        Err(gate(
+            &r,
+            exe("executable", Some(r.get_ref())),
+            Capability::Cells,
+        ))
     }
-    async fn list(&self, r: Request<pb::ListExecutablesRequest>) -> Result<Response<pb::ListExecutablesResponse>, Status> {
+    async fn list(
+        &self,
+        r: Request<pb::ListExecutablesRequest>,
+    ) -> Result<Response<pb::ListExecutablesResponse>, Status> {
         Err(gate_list(&r, &r.get_ref().cell_prefix, Capability::Cells))
     }
-    async fn stop(&self, r: Request<pb::StopExecutableRequest>) -> Result<Response<pb::ExecutableStatus>, Status> {
+    async fn stop(
+        &self,
+        r: Request<pb::StopExecutableRequest>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let m = r.get_ref();
-        let name = grace(m.grace_period.as_ref(), "grace_period").and_then(|_| exe("executable", m.executable.as_ref()));
+        let name = grace(m.grace_period.as_ref(), "grace_period")
+            .and_then(|_| exe("executable", m.executable.as_ref()));
         Err(gate(&r, name, Capability::Cells))
     }
-    async fn signal(&self, r: Request<pb::SignalExecutableRequest>) -> Result<Response<pb::ExecutableStatus>, Status> {
+    async fn signal(
+        &self,
+        r: Request<pb::SignalExecutableRequest>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let m = r.get_ref();
         let name = if (1..=64).contains(&m.signal) {
             exe("executable", m.executable.as_ref())
         } else {
-            Err(FieldError::new("signal", format!("{} is outside 1..=64", m.signal)))
+            Err(FieldError::new(
+                "signal",
+                format!("{} is outside 1..=64", m.signal),
+            ))
         };
         Err(gate(&r, name, Capability::Cells))
     }
-    async fn wait(&self, r: Request<pb::WaitExecutableRequest>) -> Result<Response<pb::ExecutableStatus>, Status> {
+    async fn wait(
+        &self,
+        r: Request<pb::WaitExecutableRequest>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let m = r.get_ref();
-        let name = grace(m.timeout.as_ref(), "timeout").and_then(|_| exe("executable", m.executable.as_ref()));
+        let name = grace(m.timeout.as_ref(), "timeout")
+            .and_then(|_| exe("executable", m.executable.as_ref()));
         Err(gate(&r, name, Capability::Cells))
     }
     async fn free(&self, r: Request<pb::ExecutableRef>) -> Result<Response<pb::Freed>, Status> {
-        Err(gate(&r, exe("executable", Some(r.get_ref())), Capability::Cells))
+        Err(gate(
+            &r,
+            exe("executable", Some(r.get_ref())),
+            Capability::Cells,
+        ))
     }
     type LogsStream = ResponseStream<pb::LogChunk>;
-    async fn logs(&self, r: Request<pb::ExecutableLogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        Err(gate(&r, exe("executable", r.get_ref().executable.as_ref()), Capability::Cells))
+    async fn logs(
+        &self,
+        r: Request<pb::ExecutableLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        Err(gate(
+            &r,
+            exe("executable", r.get_ref().executable.as_ref()),
+            Capability::Cells,
+        ))
     }
-    async fn stats(&self, r: Request<pb::ExecutableRef>) -> Result<Response<pb::ResourceStats>, Status> {
-        Err(gate(&r, exe("executable", Some(r.get_ref())), Capability::Cells))
+    async fn stats(
+        &self,
+        r: Request<pb::ExecutableRef>,
+    ) -> Result<Response<pb::ResourceStats>, Status> {
+        Err(gate(
+            &r,
+            exe("executable", Some(r.get_ref())),
+            Capability::Cells,
+        ))
     }
 }
 
@@ -121,7 +167,8 @@ impl CellsApi {
 impl Cells for CellsApi {
     async fn allocate(&self, r: Request<pb::Cell>) -> Result<Response<pb::CellStatus>, Status> {
         let caller = Caller::of(&r)?;
-        let spec = crate::cell::CellSpec::parse(r.into_inner(), false, self.cpus).map_err(invalid)?;
+        let spec =
+            crate::cell::CellSpec::parse(r.into_inner(), false, self.cpus).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
         caller.authorize_privilege(
             !spec.namespaces.shares_host() || caller.grant.allow_host_namespaces,
@@ -133,12 +180,16 @@ impl Cells for CellsApi {
     async fn get(&self, r: Request<pb::NameRef>) -> Result<Response<pb::CellStatus>, Status> {
         Err(gate(&r, cell("name", &r.get_ref().name), Capability::Cells))
     }
-    async fn list(&self, r: Request<pb::ListRequest>) -> Result<Response<pb::ListCellsResponse>, Status> {
+    async fn list(
+        &self,
+        r: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListCellsResponse>, Status> {
         Err(gate_list(&r, &r.get_ref().name_prefix, Capability::Cells))
     }
     async fn stop(&self, r: Request<pb::StopRequest>) -> Result<Response<pb::CellStatus>, Status> {
         let m = r.get_ref();
-        let name = grace(m.grace_period.as_ref(), "grace_period").and_then(|_| cell("name", &m.name));
+        let name =
+            grace(m.grace_period.as_ref(), "grace_period").and_then(|_| cell("name", &m.name));
         Err(gate(&r, name, Capability::Cells))
     }
     async fn free(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
@@ -195,18 +246,38 @@ named_lifecycle!(
     Capability::VirtualMachines,
     {
         type ConsoleStream = ResponseStream<pb::LogChunk>;
-        async fn console(&self, r: Request<pb::LogsRequest>) -> Result<Response<Self::ConsoleStream>, Status> {
+        async fn console(
+            &self,
+            r: Request<pb::LogsRequest>,
+        ) -> Result<Response<Self::ConsoleStream>, Status> {
             Err(Self::named(&r, &r.get_ref().name))
         }
     }
 );
-named_lifecycle!(InstancesApi, Instances, pb::InstanceStatus, pb::ListInstancesResponse, Capability::Instances, {});
-named_lifecycle!(PodsApi, Pods, pb::PodStatus, pb::ListPodsResponse, Capability::Pods, {
-    type LogsStream = ResponseStream<pb::LogChunk>;
-    async fn logs(&self, r: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        Err(Self::named(&r, &r.get_ref().name))
+named_lifecycle!(
+    InstancesApi,
+    Instances,
+    pb::InstanceStatus,
+    pb::ListInstancesResponse,
+    Capability::Instances,
+    {}
+);
+named_lifecycle!(
+    PodsApi,
+    Pods,
+    pb::PodStatus,
+    pb::ListPodsResponse,
+    Capability::Pods,
+    {
+        type LogsStream = ResponseStream<pb::LogChunk>;
+        async fn logs(
+            &self,
+            r: Request<pb::LogsRequest>,
+        ) -> Result<Response<Self::LogsStream>, Status> {
+            Err(Self::named(&r, &r.get_ref().name))
+        }
     }
-});
+);
 
 #[derive(Debug, Clone, Default)]
 pub struct EventsApi;
@@ -214,7 +285,10 @@ pub struct EventsApi;
 #[tonic::async_trait]
 impl Events for EventsApi {
     type WatchStream = ResponseStream<pb::Event>;
-    async fn watch(&self, r: Request<pb::WatchEventsRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        r: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = Caller::of(&r)?;
         let m = r.get_ref();
         for (i, k) in m.kinds.iter().enumerate() {

@@ -64,12 +64,15 @@ pub fn served_methods() -> BTreeSet<String> {
 /// Builds the router with every service, each with its message-size limits.
 pub fn routes(
     ctx: Context,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
 ) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     use pb::{
         cells_server::CellsServer, daemon_server::DaemonServer, events_server::EventsServer,
-        executables_server::ExecutablesServer, instances_server::InstancesServer, pods_server::PodsServer,
-        runtime_server::RuntimeServer, virtual_machines_server::VirtualMachinesServer,
+        executables_server::ExecutablesServer, instances_server::InstancesServer,
+        pods_server::PodsServer, runtime_server::RuntimeServer,
+        virtual_machines_server::VirtualMachinesServer,
     };
     macro_rules! limited {
         ($server:expr) => {
@@ -83,11 +86,17 @@ pub fn routes(
             .register_encoded_file_descriptor_set(aurae_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let mut routes = tonic::service::Routes::new(limited!(RuntimeServer::new(runtime::RuntimeApi::new(ctx.clone()))));
+    let mut routes = tonic::service::Routes::new(limited!(RuntimeServer::new(
+        runtime::RuntimeApi::new(ctx.clone())
+    )));
     routes = routes
         .add_service(limited!(ExecutablesServer::new(lifecycle::ExecutablesApi)))
-        .add_service(limited!(CellsServer::new(lifecycle::CellsApi::new(ctx.cpus))))
-        .add_service(limited!(VirtualMachinesServer::new(lifecycle::VirtualMachinesApi)))
+        .add_service(limited!(CellsServer::new(lifecycle::CellsApi::new(
+            ctx.cpus
+        ))))
+        .add_service(limited!(VirtualMachinesServer::new(
+            lifecycle::VirtualMachinesApi
+        )))
         .add_service(limited!(InstancesServer::new(lifecycle::InstancesApi)))
         .add_service(limited!(PodsServer::new(lifecycle::PodsApi)))
         .add_service(limited!(EventsServer::new(lifecycle::EventsApi)))
@@ -109,7 +118,16 @@ mod tests {
             .iter()
             .filter_map(|m| m.strip_prefix("aurae.runtime.v0.Runtime/"))
             .collect();
-        assert_eq!(runtime, ["RunCell", "RunExecutable", "RunPod", "RunVirtualMachine", "Spawn"]);
+        assert_eq!(
+            runtime,
+            [
+                "RunCell",
+                "RunExecutable",
+                "RunPod",
+                "RunVirtualMachine",
+                "Spawn"
+            ]
+        );
         assert!(methods.contains("grpc.health.v1.Health/Check"));
         assert!(methods.contains("grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
         assert!(methods.contains("grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));

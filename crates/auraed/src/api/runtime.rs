@@ -9,11 +9,7 @@ use super::{
     status::{Capability, invalid, not_built},
 };
 use crate::{
-    cell::CellSpec,
-    executable::ExecutableSpec,
-    instance::InstanceSpec,
-    pod::PodSpec,
-    vm::VmSpec,
+    cell::CellSpec, executable::ExecutableSpec, instance::InstanceSpec, pod::PodSpec, vm::VmSpec,
 };
 
 #[derive(Debug, Clone)]
@@ -42,7 +38,10 @@ fn authorize_cell(caller: &Caller, spec: &CellSpec) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Runtime for RuntimeApi {
-    async fn run_executable(&self, req: Request<pb::Executable>) -> Result<Response<pb::ExecutableStatus>, Status> {
+    async fn run_executable(
+        &self,
+        req: Request<pb::Executable>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let caller = Caller::of(&req)?;
         let spec = ExecutableSpec::try_from(req.into_inner()).map_err(invalid)?;
         caller.authorize_name(spec.cell.as_str())?;
@@ -71,7 +70,10 @@ impl Runtime for RuntimeApi {
         Err(not_built(&caller.method, Capability::VirtualMachines))
     }
 
-    async fn spawn(&self, req: Request<pb::Instance>) -> Result<Response<pb::InstanceStatus>, Status> {
+    async fn spawn(
+        &self,
+        req: Request<pb::Instance>,
+    ) -> Result<Response<pb::InstanceStatus>, Status> {
         let caller = Caller::of(&req)?;
         let spec = InstanceSpec::parse("", req.into_inner(), None).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;

@@ -48,5 +48,7 @@ pub fn not_built(method: &str, cap: Capability) -> Status {
 pub fn internal(err: impl Display) -> Status {
     let id = Uuid::new_v4();
     tracing::error!(correlation_id = %id, "internal error: {err}");
-    Status::internal(format!("internal error (correlation id {id}); the details are in auraed's log"))
+    Status::internal(format!(
+        "internal error (correlation id {id}); the details are in auraed's log"
+    ))
 }

@@ -47,7 +47,10 @@ pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 
 fn range(field: &str, v: Option<u64>, lo: u64, hi: u64) -> Result<Option<u64>, FieldError> {
     match v {
-        Some(x) if x < lo || x > hi => Err(FieldError::new(field, format!("{x} is outside {lo}..={hi}"))),
+        Some(x) if x < lo || x > hi => Err(FieldError::new(
+            field,
+            format!("{x} is outside {lo}..={hi}"),
+        )),
         other => Ok(other),
     }
 }
@@ -82,24 +85,39 @@ impl Limits {
         let cpu_max = match l.cpu_max {
             None => None,
             Some(c) => {
-                let period_us = if c.period_us == 0 { 100_000 } else { c.period_us };
+                let period_us = if c.period_us == 0 {
+                    100_000
+                } else {
+                    c.period_us
+                };
                 if !(1_000..=1_000_000).contains(&period_us) {
-                    return Err(FieldError::new(f("cpu_max.period_us"), format!("{period_us} is outside 1000..=1000000")));
+                    return Err(FieldError::new(
+                        f("cpu_max.period_us"),
+                        format!("{period_us} is outside 1000..=1000000"),
+                    ));
                 }
                 let quota_us = match c.quota_us {
                     0 => None,
                     q if q < 1_000 => {
-                        return Err(FieldError::new(f("cpu_max.quota_us"), format!("{q} is below the kernel's minimum 1000")));
+                        return Err(FieldError::new(
+                            f("cpu_max.quota_us"),
+                            format!("{q} is below the kernel's minimum 1000"),
+                        ));
                     }
                     q if q > period_us.saturating_mul(cpus) => {
                         return Err(FieldError::new(
                             f("cpu_max.quota_us"),
-                            format!("{q} per {period_us} µs is more than the machine's {cpus} CPUs can give"),
+                            format!(
+                                "{q} per {period_us} µs is more than the machine's {cpus} CPUs can give"
+                            ),
                         ));
                     }
                     q => Some(q),
                 };
-                Some(CpuMax { quota_us, period_us })
+                Some(CpuMax {
+                    quota_us,
+                    period_us,
+                })
             }
         };
         let mem_floor = |name: &str, v: Option<u64>| match v {
@@ -120,10 +138,13 @@ impl Limits {
         ];
         for (i, (na, a)) in order.iter().enumerate() {
             for (nb, b) in &order[i + 1..] {
-                if let (Some(a), Some(b)) = (a, b) {
-                    if a > b {
-                        return Err(FieldError::new(f(na), format!("{a} is larger than {nb} {b}")));
-                    }
+                if let (Some(a), Some(b)) = (a, b)
+                    && a > b
+                {
+                    return Err(FieldError::new(
+                        f(na),
+                        format!("{a} is larger than {nb} {b}"),
+                    ));
                 }
             }
         }
@@ -134,7 +155,9 @@ impl Limits {
                 .device
                 .split_once(':')
                 .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
-                .ok_or_else(|| FieldError::new(&field, format!("{:?} is not \"major:minor\"", m.device)))?;
+                .ok_or_else(|| {
+                    FieldError::new(&field, format!("{:?} is not \"major:minor\"", m.device))
+                })?;
             let nz = |v: u64| (v != 0).then_some(v);
             io_max.push(IoMax {
                 major: maj,
@@ -219,16 +242,28 @@ pub struct ContainerSpec {
 impl ContainerSpec {
     pub fn parse(field: &str, c: Option<pb::Container>) -> Result<Self, FieldError> {
         let c = c.ok_or_else(|| FieldError::new(field, "is missing: give at least an image"))?;
-        if c.image.is_empty() || c.image.len() > 1024 || c.image.chars().any(|ch| ch.is_whitespace() || ch == '\0') {
-            return Err(FieldError::new(format!("{field}.image"), format!("{:?} is not an image reference", c.image)));
+        if c.image.is_empty()
+            || c.image.len() > 1024
+            || c.image.chars().any(|ch| ch.is_whitespace() || ch == '\0')
+        {
+            return Err(FieldError::new(
+                format!("{field}.image"),
+                format!("{:?} is not an image reference", c.image),
+            ));
         }
         for (k, v) in &c.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(FieldError::new(format!("{field}.env[{k:?}]"), "invalid variable name or value"));
+                return Err(FieldError::new(
+                    format!("{field}.env[{k:?}]"),
+                    "invalid variable name or value",
+                ));
             }
         }
         if c.entrypoint.iter().chain(&c.args).any(|a| a.contains('\0')) {
-            return Err(FieldError::new(format!("{field}.args"), "an argument contains NUL"));
+            return Err(FieldError::new(
+                format!("{field}.args"),
+                "an argument contains NUL",
+            ));
         }
         let working_dir = if c.working_dir.is_empty() {
             None
@@ -239,7 +274,10 @@ impl ContainerSpec {
         for (i, v) in c.volumes.iter().enumerate() {
             volumes.push((
                 abs_path(&format!("{field}.volumes[{i}].host_path"), &v.host_path)?,
-                abs_path(&format!("{field}.volumes[{i}].container_path"), &v.container_path)?,
+                abs_path(
+                    &format!("{field}.volumes[{i}].container_path"),
+                    &v.container_path,
+                )?,
                 v.read_only,
             ));
         }
@@ -300,23 +338,39 @@ mod tests {
             l.memory_max_bytes = Some(64 << 20);
             l.memory_high_bytes = Some(32 << 20);
             l.pids_max = Some(32);
-            l.cpu_max = Some(pb::CpuMax { quota_us: 50_000, period_us: 0 });
+            l.cpu_max = Some(pb::CpuMax {
+                quota_us: 50_000,
+                period_us: 0,
+            });
             l.cpuset_cpus = "0-1".into();
         })
         .unwrap();
         assert_eq!(l.cpu_weight, Some(100), "cpu.weight is written as is");
-        assert_eq!(l.cpu_max, Some(CpuMax { quota_us: Some(50_000), period_us: 100_000 }));
+        assert_eq!(
+            l.cpu_max,
+            Some(CpuMax {
+                quota_us: Some(50_000),
+                period_us: 100_000
+            })
+        );
         assert!(l.memory_oom_group);
     }
 
     #[test]
     fn limits_out_of_range_name_the_field() {
-        let cases: Vec<(Box<dyn FnOnce(&mut pb::CellLimits)>, &str)> = vec![
+        type Edit = Box<dyn FnOnce(&mut pb::CellLimits)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|l| l.cpu_weight = Some(0)), "limits.cpu_weight"),
-            (Box::new(|l| l.cpu_weight = Some(10_001)), "limits.cpu_weight"),
+            (
+                Box::new(|l| l.cpu_weight = Some(10_001)),
+                "limits.cpu_weight",
+            ),
             (Box::new(|l| l.io_weight = Some(0)), "limits.io_weight"),
             (Box::new(|l| l.pids_max = Some(0)), "limits.pids_max"),
-            (Box::new(|l| l.memory_max_bytes = Some(10)), "limits.memory_max_bytes"),
+            (
+                Box::new(|l| l.memory_max_bytes = Some(10)),
+                "limits.memory_max_bytes",
+            ),
             (
                 Box::new(|l| {
                     l.memory_min_bytes = Some(64 << 20);
@@ -324,16 +378,48 @@ mod tests {
                 }),
                 "limits.memory_min_bytes",
             ),
-            (Box::new(|l| l.cpu_max = Some(pb::CpuMax { quota_us: 10, period_us: 0 })), "limits.cpu_max.quota_us"),
             (
-                Box::new(|l| l.cpu_max = Some(pb::CpuMax { quota_us: 300_000, period_us: 100_000 })),
+                Box::new(|l| {
+                    l.cpu_max = Some(pb::CpuMax {
+                        quota_us: 10,
+                        period_us: 0,
+                    })
+                }),
                 "limits.cpu_max.quota_us",
             ),
-            (Box::new(|l| l.cpu_max = Some(pb::CpuMax { quota_us: 0, period_us: 10 })), "limits.cpu_max.period_us"),
-            (Box::new(|l| l.cpuset_cpus = "3-1".into()), "limits.cpuset_cpus"),
-            (Box::new(|l| l.cpuset_mems = "x".into()), "limits.cpuset_mems"),
             (
-                Box::new(|l| l.io_max = vec![pb::IoMax { device: "sda".into(), ..Default::default() }]),
+                Box::new(|l| {
+                    l.cpu_max = Some(pb::CpuMax {
+                        quota_us: 300_000,
+                        period_us: 100_000,
+                    })
+                }),
+                "limits.cpu_max.quota_us",
+            ),
+            (
+                Box::new(|l| {
+                    l.cpu_max = Some(pb::CpuMax {
+                        quota_us: 0,
+                        period_us: 10,
+                    })
+                }),
+                "limits.cpu_max.period_us",
+            ),
+            (
+                Box::new(|l| l.cpuset_cpus = "3-1".into()),
+                "limits.cpuset_cpus",
+            ),
+            (
+                Box::new(|l| l.cpuset_mems = "x".into()),
+                "limits.cpuset_mems",
+            ),
+            (
+                Box::new(|l| {
+                    l.io_max = vec![pb::IoMax {
+                        device: "sda".into(),
+                        ..Default::default()
+                    }]
+                }),
                 "limits.io_max[0].device",
             ),
         ];
@@ -344,8 +430,14 @@ mod tests {
 
     #[test]
     fn run_cell_needs_a_container() {
-        let c = pb::Cell { name: "web".into(), ..Default::default() };
-        assert_eq!(CellSpec::parse(c.clone(), true, 2).unwrap_err().field, "container");
+        let c = pb::Cell {
+            name: "web".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            CellSpec::parse(c.clone(), true, 2).unwrap_err().field,
+            "container"
+        );
         assert!(CellSpec::parse(c, false, 2).is_ok());
     }
 }

@@ -36,13 +36,15 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
         } else {
             Some(Label::parse("name", &e.name)?)
         };
-        let first = e
-            .argv
-            .first()
-            .ok_or_else(|| FieldError::new("argv", "is empty: give the program's absolute path first"))?;
+        let first = e.argv.first().ok_or_else(|| {
+            FieldError::new("argv", "is empty: give the program's absolute path first")
+        })?;
         abs_path("argv[0]", first)?;
         if e.argv.len() > MAX_ENTRIES || e.env.len() > MAX_ENTRIES {
-            return Err(FieldError::new("argv", format!("more than {MAX_ENTRIES} arguments or environment entries")));
+            return Err(FieldError::new(
+                "argv",
+                format!("more than {MAX_ENTRIES} arguments or environment entries"),
+            ));
         }
         let mut bytes = 0;
         for (i, a) in e.argv.iter().enumerate() {
@@ -55,15 +57,24 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
         env.sort();
         for (k, v) in &env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(FieldError::new(format!("env[{k:?}]"), "a variable name must be non-empty, without '=' or NUL"));
+                return Err(FieldError::new(
+                    format!("env[{k:?}]"),
+                    "a variable name must be non-empty, without '=' or NUL",
+                ));
             }
             if v.contains('\0') {
-                return Err(FieldError::new(format!("env[{k:?}]"), "the value contains NUL"));
+                return Err(FieldError::new(
+                    format!("env[{k:?}]"),
+                    "the value contains NUL",
+                ));
             }
             bytes += k.len() + v.len() + 2;
         }
         if bytes > MAX_ARG_BYTES {
-            return Err(FieldError::new("argv", format!("argv and env together exceed {MAX_ARG_BYTES} bytes")));
+            return Err(FieldError::new(
+                "argv",
+                format!("argv and env together exceed {MAX_ARG_BYTES} bytes"),
+            ));
         }
         let working_dir = if e.working_dir.is_empty() {
             PathBuf::from("/")
@@ -71,7 +82,10 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
             abs_path("working_dir", &e.working_dir)?
         };
         if e.stdin.len() > MAX_STDIN {
-            return Err(FieldError::new("stdin", format!("is larger than {MAX_STDIN} bytes")));
+            return Err(FieldError::new(
+                "stdin",
+                format!("is larger than {MAX_STDIN} bytes"),
+            ));
         }
         Ok(Self {
             cell,
@@ -132,10 +146,34 @@ mod tests {
             (exe(&[]), "argv"),
             (exe(&["echo"]), "argv[0]"),
             (exe(&["/bin/echo", "a\0b"]), "argv[1]"),
-            (pb::Executable { cell: "".into(), ..exe(&["/bin/true"]) }, "cell"),
-            (pb::Executable { cell: "a/../b".into(), ..exe(&["/bin/true"]) }, "cell"),
-            (pb::Executable { name: "Bad".into(), ..exe(&["/bin/true"]) }, "name"),
-            (pb::Executable { working_dir: "rel".into(), ..exe(&["/bin/true"]) }, "working_dir"),
+            (
+                pb::Executable {
+                    cell: "".into(),
+                    ..exe(&["/bin/true"])
+                },
+                "cell",
+            ),
+            (
+                pb::Executable {
+                    cell: "a/../b".into(),
+                    ..exe(&["/bin/true"])
+                },
+                "cell",
+            ),
+            (
+                pb::Executable {
+                    name: "Bad".into(),
+                    ..exe(&["/bin/true"])
+                },
+                "name",
+            ),
+            (
+                pb::Executable {
+                    working_dir: "rel".into(),
+                    ..exe(&["/bin/true"])
+                },
+                "working_dir",
+            ),
         ];
         for (e, field) in cases {
             let err = ExecutableSpec::try_from(e).unwrap_err();
@@ -143,6 +181,11 @@ mod tests {
         }
         let mut e = exe(&["/bin/true"]);
         e.env.insert("A=B".into(), "1".into());
-        assert!(ExecutableSpec::try_from(e).unwrap_err().field.starts_with("env"));
+        assert!(
+            ExecutableSpec::try_from(e)
+                .unwrap_err()
+                .field
+                .starts_with("env")
+        );
     }
 }

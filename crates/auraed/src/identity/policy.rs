@@ -186,7 +186,11 @@ impl Policy {
     /// Reads and validates a policy file. `trust_domain` is auraed's own: a grant for
     /// another trust domain could never match, so it is an error. `methods` is every
     /// method auraed serves (`package.Service/Method`).
-    pub fn load(path: &Path, trust_domain: &str, methods: &BTreeSet<String>) -> Result<Self, PolicyError> {
+    pub fn load(
+        path: &Path,
+        trust_domain: &str,
+        methods: &BTreeSet<String>,
+    ) -> Result<Self, PolicyError> {
         let text = fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.display().to_string(),
             source,
@@ -204,20 +208,28 @@ impl Policy {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
-        let services: BTreeSet<&str> = methods.iter().filter_map(|m| m.split_once('/')).map(|(s, _)| s).collect();
+        let services: BTreeSet<&str> = methods
+            .iter()
+            .filter_map(|m| m.split_once('/'))
+            .map(|(s, _)| s)
+            .collect();
         let mut grants: Vec<Grant> = Vec::new();
         for (i, g) in file.grant.into_iter().enumerate() {
             let index = i + 1;
-            let id: SpiffeId = g.id.parse().map_err(|e: aurae_identity::SpiffeIdError| PolicyError::Id {
-                index,
-                id: g.id.clone(),
-                reason: e.to_string(),
-            })?;
+            let id: SpiffeId =
+                g.id.parse()
+                    .map_err(|e: aurae_identity::SpiffeIdError| PolicyError::Id {
+                        index,
+                        id: g.id.clone(),
+                        reason: e.to_string(),
+                    })?;
             if id.trust_domain() != trust_domain {
                 return Err(PolicyError::Id {
                     index,
                     id: g.id,
-                    reason: format!("is not in auraed's trust domain {trust_domain:?}, so it could never match"),
+                    reason: format!(
+                        "is not in auraed's trust domain {trust_domain:?}, so it could never match"
+                    ),
                 });
             }
             if grants.iter().any(|x| x.id == id) {
@@ -258,7 +270,8 @@ impl Policy {
                             index,
                             id: id.to_string(),
                             pattern: n.clone(),
-                            reason: "must be lowercase letters, digits, '-' and '/' before the '*'".into(),
+                            reason: "must be lowercase letters, digits, '-' and '/' before the '*'"
+                                .into(),
                         });
                     }
                     NamePattern::Prefix(prefix.to_owned())
@@ -335,11 +348,25 @@ mod tests {
         )
         .unwrap();
         let alice = id("spiffe://aurae.local/operator/alice");
-        let g = p.authorize(&alice, "aurae.runtime.v0.Runtime/RunExecutable").unwrap();
-        assert!(p.authorize(&alice, "aurae.runtime.v0.Runtime/RunCell").is_none());
+        let g = p
+            .authorize(&alice, "aurae.runtime.v0.Runtime/RunExecutable")
+            .unwrap();
+        assert!(
+            p.authorize(&alice, "aurae.runtime.v0.Runtime/RunCell")
+                .is_none()
+        );
         assert!(p.authorize(&alice, "aurae.runtime.v0.Cells/Free").is_some());
-        assert!(p.authorize(&alice, "aurae.runtime.v0.CellsX/Free").is_none());
-        assert!(p.authorize(&id("spiffe://aurae.local/operator/bob"), "grpc.health.v1.Health/Check").is_none());
+        assert!(
+            p.authorize(&alice, "aurae.runtime.v0.CellsX/Free")
+                .is_none()
+        );
+        assert!(
+            p.authorize(
+                &id("spiffe://aurae.local/operator/bob"),
+                "grpc.health.v1.Health/Check"
+            )
+            .is_none()
+        );
         assert!(g.allows_name("team-a"));
         assert!(g.allows_name("team-a/api"));
         assert!(!g.allows_name("team-ab"));
@@ -353,13 +380,34 @@ mod tests {
     fn bad_policies_are_refused_with_the_reason() {
         let cases = [
             ("grant = 3", "does not parse"),
-            ("[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[]\nextra=1", "unknown field"),
-            ("[[grant]]\nid = \"http://x/y\"\nmethods=[]\nnames=[]", "spiffe://"),
-            ("[[grant]]\nid = \"spiffe://other.td/x\"\nmethods=[]\nnames=[]", "trust domain"),
-            ("[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[\"Foo/Bar\"]\nnames=[]", "names no method"),
-            ("[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[\"x.Y/*\"]\nnames=[]", "names no service"),
-            ("[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[\"../etc\"]", "cell path"),
-            ("[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[\"Team\"]", "cell path"),
+            (
+                "[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[]\nextra=1",
+                "unknown field",
+            ),
+            (
+                "[[grant]]\nid = \"http://x/y\"\nmethods=[]\nnames=[]",
+                "spiffe://",
+            ),
+            (
+                "[[grant]]\nid = \"spiffe://other.td/x\"\nmethods=[]\nnames=[]",
+                "trust domain",
+            ),
+            (
+                "[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[\"Foo/Bar\"]\nnames=[]",
+                "names no method",
+            ),
+            (
+                "[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[\"x.Y/*\"]\nnames=[]",
+                "names no service",
+            ),
+            (
+                "[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[\"../etc\"]",
+                "cell path",
+            ),
+            (
+                "[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[\"Team\"]",
+                "cell path",
+            ),
             (
                 "[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[]\n[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[]",
                 "more than one grant",
@@ -376,6 +424,12 @@ mod tests {
         let admin = id("spiffe://aurae.local/operator/admin");
         let p = Policy::default_for(admin.clone());
         assert!(p.authorize(&admin, "anything/At-all").is_some());
-        assert!(p.authorize(&id("spiffe://aurae.local/operator/eve"), "grpc.health.v1.Health/Check").is_none());
+        assert!(
+            p.authorize(
+                &id("spiffe://aurae.local/operator/eve"),
+                "grpc.health.v1.Health/Check"
+            )
+            .is_none()
+        );
     }
 }

@@ -42,7 +42,11 @@ impl InstanceSpec {
             vcpus: vcpus(&format!("{field}vcpus"), i.vcpus.max(1))?,
             memory_bytes: memory(
                 &format!("{field}memory_bytes"),
-                if i.memory_bytes == 0 { DEFAULT_MEMORY } else { i.memory_bytes },
+                if i.memory_bytes == 0 {
+                    DEFAULT_MEMORY
+                } else {
+                    i.memory_bytes
+                },
             )?,
             kernel: opt_path("kernel_path", &i.kernel_path)?,
             initramfs: opt_path("initramfs_path", &i.initramfs_path)?,
@@ -56,9 +60,24 @@ mod tests {
 
     #[test]
     fn unknown_isolation_is_refused() {
-        let i = pb::Instance { name: "i1".into(), isolation: 7, ..Default::default() };
-        assert_eq!(InstanceSpec::parse("", i, None).unwrap_err().field, "isolation");
-        let ok = InstanceSpec::parse("", pb::Instance { name: "i1".into(), ..Default::default() }, None).unwrap();
+        let i = pb::Instance {
+            name: "i1".into(),
+            isolation: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            InstanceSpec::parse("", i, None).unwrap_err().field,
+            "isolation"
+        );
+        let ok = InstanceSpec::parse(
+            "",
+            pb::Instance {
+                name: "i1".into(),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
         assert_eq!(ok.memory_bytes, DEFAULT_MEMORY);
         assert_eq!(ok.vcpus, 1);
     }

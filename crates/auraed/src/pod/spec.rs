@@ -22,15 +22,19 @@ impl PodSpec {
         let name = Label::parse("name", &p.name)?;
         let listen_port = match p.listen_port {
             0 => None,
-            n => Some(
-                u16::try_from(n).map_err(|_| FieldError::new("listen_port", format!("{n} is outside 1..=65535")))?,
-            ),
+            n => Some(u16::try_from(n).map_err(|_| {
+                FieldError::new("listen_port", format!("{n} is outside 1..=65535"))
+            })?),
         };
         Ok(Self {
             container: ContainerSpec::parse("container", p.container)?,
             listen_port,
             limits: Limits::parse("limits", p.limits, cpus)?,
-            instance: InstanceSpec::parse("instance.", p.instance.unwrap_or_default(), Some(name.clone()))?,
+            instance: InstanceSpec::parse(
+                "instance.",
+                p.instance.unwrap_or_default(),
+                Some(name.clone()),
+            )?,
             name,
         })
     }
@@ -44,13 +48,38 @@ mod tests {
     fn pods_validate_port_and_container() {
         let p = pb::Pod {
             name: "p1".into(),
-            container: Some(pb::Container { image: "busybox".into(), ..Default::default() }),
+            container: Some(pb::Container {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
             listen_port: 70_000,
             ..Default::default()
         };
-        assert_eq!(PodSpec::parse(p.clone(), 2).unwrap_err().field, "listen_port");
-        let ok = PodSpec::parse(pb::Pod { listen_port: 8080, ..p.clone() }, 2).unwrap();
+        assert_eq!(
+            PodSpec::parse(p.clone(), 2).unwrap_err().field,
+            "listen_port"
+        );
+        let ok = PodSpec::parse(
+            pb::Pod {
+                listen_port: 8080,
+                ..p.clone()
+            },
+            2,
+        )
+        .unwrap();
         assert_eq!(ok.instance.name.as_str(), "p1");
-        assert_eq!(PodSpec::parse(pb::Pod { container: None, ..p }, 2).unwrap_err().field, "container");
+        assert_eq!(
+            PodSpec::parse(
+                pb::Pod {
+                    container: None,
+                    listen_port: 8080,
+                    ..p
+                },
+                2
+            )
+            .unwrap_err()
+            .field,
+            "container"
+        );
     }
 }

@@ -63,6 +63,9 @@ fn file_name(key: &str) -> Result<String, StoreError> {
         || !key
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'/')
+        || key.starts_with('/')
+        || key.ends_with('/')
+        || key.contains("//")
     {
         return Err(StoreError::Key(key.to_owned()));
     }
@@ -87,7 +90,11 @@ impl Store {
             kinds::POD,
         ] {
             let dir = root.join(kind);
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io(&dir))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io(&dir))?;
             for entry in fs::read_dir(&dir).map_err(io(&dir))? {
                 let p = entry.map_err(io(&dir))?.path();
                 if p.extension().is_some_and(|e| e == "tmp") {
@@ -121,7 +128,9 @@ impl Store {
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
         let dir = self.root.join(kind);
-        fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))
     }
 
     pub fn get<T: DeserializeOwned>(&self, kind: &str, key: &str) -> Result<Option<T>, StoreError> {
@@ -149,7 +158,11 @@ impl Store {
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io(&dir))? {
             let p = entry.map_err(io(&dir))?.path();
-            let Some(stem) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
+            let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
                 continue;
             };
             let key = stem.replace('.', "/");
@@ -175,7 +188,12 @@ pub struct BootRecord {
 
 impl Store {
     /// Records this start and returns the record (boots counts every start so far).
-    pub fn record_boot(&self, version: &str, pid: u32, started_at: u64) -> Result<BootRecord, StoreError> {
+    pub fn record_boot(
+        &self,
+        version: &str,
+        pid: u32,
+        started_at: u64,
+    ) -> Result<BootRecord, StoreError> {
         let prev: Option<BootRecord> = self.get(kinds::DAEMON, "boot")?;
         let rec = BootRecord {
             boots: prev.map_or(1, |p| p.boots + 1),
@@ -210,7 +228,7 @@ mod tests {
     fn keys_cannot_escape_and_leftovers_are_cleaned() {
         let tmp = tempfile::tempdir().unwrap();
         let s = Store::open(tmp.path()).unwrap();
-        for bad in ["", "../x", "a.b", "A", "/abs"] {
+        for bad in ["", "../x", "a.b", "A", "/abs", "a/", "a//b"] {
             assert!(s.put(kinds::CELL, bad, &1u8).is_err(), "{bad:?}");
         }
         let leftover = tmp.path().join("store/cell/x.tmp");
@@ -224,13 +242,30 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = Store::open(tmp.path()).unwrap();
         fs::write(tmp.path().join("store/cell/web.json"), b"{not json").unwrap();
-        assert!(matches!(s.get::<u32>(kinds::CELL, "web"), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            s.get::<u32>(kinds::CELL, "web"),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]
     fn boots_are_counted_across_restarts() {
         let tmp = tempfile::tempdir().unwrap();
-        assert_eq!(Store::open(tmp.path()).unwrap().record_boot("0.1.0", 1, 0).unwrap().boots, 1);
-        assert_eq!(Store::open(tmp.path()).unwrap().record_boot("0.1.0", 2, 1).unwrap().boots, 2);
+        assert_eq!(
+            Store::open(tmp.path())
+                .unwrap()
+                .record_boot("0.1.0", 1, 0)
+                .unwrap()
+                .boots,
+            1
+        );
+        assert_eq!(
+            Store::open(tmp.path())
+                .unwrap()
+                .record_boot("0.1.0", 2, 1)
+                .unwrap()
+                .boots,
+            2
+        );
     }
 }

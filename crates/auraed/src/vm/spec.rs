@@ -14,7 +14,7 @@ pub const MAX_CMDLINE: usize = 2048;
 
 /// Guest memory in bytes: at least 32 MiB, at most 1 TiB, a multiple of 2 MiB.
 pub fn memory(field: &str, bytes: u64) -> Result<u64, FieldError> {
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || bytes % MEMORY_ALIGN != 0 {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || !bytes.is_multiple_of(MEMORY_ALIGN) {
         return Err(FieldError::new(
             field,
             format!("{bytes} bytes: must be a multiple of 2 MiB between 32 MiB and 1 TiB"),
@@ -25,7 +25,10 @@ pub fn memory(field: &str, bytes: u64) -> Result<u64, FieldError> {
 
 pub fn vcpus(field: &str, n: u32) -> Result<u32, FieldError> {
     if !(1..=MAX_VCPUS).contains(&n) {
-        return Err(FieldError::new(field, format!("{n} is outside 1..={MAX_VCPUS}")));
+        return Err(FieldError::new(
+            field,
+            format!("{n} is outside 1..={MAX_VCPUS}"),
+        ));
     }
     Ok(n)
 }
@@ -34,7 +37,12 @@ fn mac(field: &str, s: &str) -> Result<Option<[u8; 6]>, FieldError> {
     if s.is_empty() {
         return Ok(None);
     }
-    let bad = || FieldError::new(field, format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
+    let bad = || {
+        FieldError::new(
+            field,
+            format!("{s:?} is not a MAC address like 52:54:00:12:34:56"),
+        )
+    };
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
         return Err(bad());
@@ -47,7 +55,10 @@ fn mac(field: &str, s: &str) -> Result<Option<[u8; 6]>, FieldError> {
         *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
     }
     if out[0] & 1 == 1 {
-        return Err(FieldError::new(field, format!("{s:?} is a multicast address")));
+        return Err(FieldError::new(
+            field,
+            format!("{s:?} is a multicast address"),
+        ));
     }
     Ok(Some(out))
 }
@@ -69,7 +80,10 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
 
     fn try_from(v: pb::VirtualMachine) -> Result<Self, FieldError> {
         if v.cmdline.len() > MAX_CMDLINE || v.cmdline.contains('\0') {
-            return Err(FieldError::new("cmdline", format!("longer than {MAX_CMDLINE} bytes or contains NUL")));
+            return Err(FieldError::new(
+                "cmdline",
+                format!("longer than {MAX_CMDLINE} bytes or contains NUL"),
+            ));
         }
         Ok(Self {
             name: Label::parse("name", &v.name)?,
@@ -86,7 +100,12 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
                 .drives
                 .iter()
                 .enumerate()
-                .map(|(i, d)| Ok((abs_path(&format!("drives[{i}].path"), &d.path)?, d.read_only)))
+                .map(|(i, d)| {
+                    Ok((
+                        abs_path(&format!("drives[{i}].path"), &d.path)?,
+                        d.read_only,
+                    ))
+                })
                 .collect::<Result<_, FieldError>>()?,
             macs: v
                 .interfaces
@@ -122,12 +141,41 @@ mod tests {
         let cases: Vec<(pb::VirtualMachine, &str)> = vec![
             (pb::VirtualMachine { vcpus: 0, ..vm() }, "vcpus"),
             (pb::VirtualMachine { vcpus: 33, ..vm() }, "vcpus"),
-            (pb::VirtualMachine { memory_bytes: 1 << 20, ..vm() }, "memory_bytes"),
-            (pb::VirtualMachine { memory_bytes: (64 << 20) + 1, ..vm() }, "memory_bytes"),
-            (pb::VirtualMachine { kernel_path: "vmlinuz".into(), ..vm() }, "kernel_path"),
-            (pb::VirtualMachine { name: "".into(), ..vm() }, "name"),
             (
-                pb::VirtualMachine { interfaces: vec![pb::NetworkInterface { mac: "01:00:00:00:00:00".into() }], ..vm() },
+                pb::VirtualMachine {
+                    memory_bytes: 1 << 20,
+                    ..vm()
+                },
+                "memory_bytes",
+            ),
+            (
+                pb::VirtualMachine {
+                    memory_bytes: (64 << 20) + 1,
+                    ..vm()
+                },
+                "memory_bytes",
+            ),
+            (
+                pb::VirtualMachine {
+                    kernel_path: "vmlinuz".into(),
+                    ..vm()
+                },
+                "kernel_path",
+            ),
+            (
+                pb::VirtualMachine {
+                    name: "".into(),
+                    ..vm()
+                },
+                "name",
+            ),
+            (
+                pb::VirtualMachine {
+                    interfaces: vec![pb::NetworkInterface {
+                        mac: "01:00:00:00:00:00".into(),
+                    }],
+                    ..vm()
+                },
                 "interfaces[0].mac",
             ),
         ];
