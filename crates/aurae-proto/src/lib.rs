@@ -9,7 +9,11 @@
     clippy::pedantic
 )]
 // Comments come from the .proto files, written for people reading protos, not rustdoc.
-#![allow(rustdoc::invalid_html_tags, rustdoc::bare_urls, rustdoc::broken_intra_doc_links)]
+#![allow(
+    rustdoc::invalid_html_tags,
+    rustdoc::bare_urls,
+    rustdoc::broken_intra_doc_links
+)]
 
 /// `aurae.runtime.v0`: the Runtime service, the per-resource lifecycle services,
 /// events and the daemon service.
