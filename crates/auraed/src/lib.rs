@@ -12,10 +12,12 @@
 
 pub mod api;
 pub mod cell;
+pub mod events;
 pub mod executable;
 pub mod identity;
 pub mod instance;
 pub mod pod;
+pub mod reaper;
 pub mod server;
 pub mod spec;
 pub mod store;

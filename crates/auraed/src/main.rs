@@ -35,12 +35,24 @@ struct Args {
     /// Most concurrent calls (HTTP/2 streams) per connection.
     #[arg(long, default_value_t = 128)]
     max_streams_per_connection: u32,
+    /// cgroup v2 directory for cells [default: aurae below /sys/fs/cgroup or
+    /// /sys/fs/cgroup/unified, whichever is cgroup2].
+    #[arg(long, env = "AURAED_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
 }
 
 fn main() -> ExitCode {
+    // The cell init is this binary re-executed (from a sealed copy) with a hidden mode.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw
+        .get(1)
+        .is_some_and(|a| a == auraed::cell::init::INIT_ARG)
+    {
+        return auraed::cell::init::main(&raw[2..]);
+    }
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("AURAED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -67,6 +79,7 @@ fn main() -> ExitCode {
         handshake_timeout: Duration::from_secs(args.handshake_timeout_s.max(1)),
         max_connections: args.max_connections.max(1),
         max_streams_per_connection: args.max_streams_per_connection.max(1),
+        cgroup_root: args.cgroup_root,
         mode: "daemon",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     pub max_connections: usize,
     pub max_streams_per_connection: u32,
+    /// cgroup v2 directory under which cells are created; `None` = detect.
+    pub cgroup_root: Option<PathBuf>,
     /// "daemon" or "pid1".
     pub mode: &'static str,
 }
@@ -193,16 +195,38 @@ fn prepare_socket(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cgroup_controllers() -> Vec<String> {
-    for p in [
-        "/sys/fs/cgroup/cgroup.controllers",
-        "/sys/fs/cgroup/unified/cgroup.controllers",
-    ] {
-        if let Ok(s) = fs::read_to_string(p) {
-            return s.split_whitespace().map(str::to_owned).collect();
-        }
+/// cgroup2's filesystem magic number (statfs f_type).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn is_cgroup2(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup v2 subtree for cells: `--cgroup-root`, else `aurae` below the first cgroup2
+/// mount of `/sys/fs/cgroup` (pure v2) or `/sys/fs/cgroup/unified` (hybrid hosts).
+fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::cell::cgroup::FsTree>, String> {
+    let root = match root {
+        Some(r) => r.to_owned(),
+        None => ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .iter()
+            .map(Path::new)
+            .find(|p| is_cgroup2(p))
+            .map(|p| p.join("aurae"))
+            .ok_or(
+                "no cgroup v2 hierarchy is mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified",
+            )?,
+    };
+    if let Some(parent) = root.parent()
+        && !is_cgroup2(parent)
+    {
+        return Err(format!(
+            "--cgroup-root {}: its parent is not on a cgroup2 filesystem",
+            root.display()
+        ));
     }
-    Vec::new()
+    crate::cell::cgroup::FsTree::open(&root)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// Runs auraed's API until SIGTERM/SIGINT or a Shutdown RPC, then shuts down in order.
@@ -252,6 +276,31 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Workloads: one reaper for every child, the cells, the event stream.
+    if cfg.mode == "daemon"
+        && let Err(e) = aurae_sys::process::set_child_subreaper()
+    {
+        warn!(
+            "cannot become a child subreaper ({e}): orphans of workloads sharing auraed's PID namespace go to the host's init"
+        );
+    }
+    let reaper = Arc::new(crate::reaper::Reaper::default());
+    tokio::spawn(reaper.clone().run());
+    let events = Arc::new(crate::events::EventBus::default());
+    let tree = open_cgroups(cfg.cgroup_root.as_deref());
+    match &tree {
+        Ok(t) => {
+            info!(root = %t.root().display(), controllers = ?crate::cell::cgroup::CgroupTree::controllers(t.as_ref()), "cells use cgroup v2")
+        }
+        Err(reason) => warn!("cells are unavailable: {reason}"),
+    }
+    let cells = Arc::new(crate::cell::Cells::new(
+        tree.map(|t| t as Arc<dyn crate::cell::cgroup::CgroupTree>),
+        reaper,
+        events.clone(),
+        cfg.state_dir.join("logs"),
+    ));
+
     let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
     let ctx = ApiContext {
         mode: cfg.mode,
@@ -260,8 +309,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1),
-        cgroup_controllers: cgroup_controllers(),
+        cgroup_controllers: cells.controllers(),
         shutdown: Arc::new(shutdown_tx),
+        cells: cells.clone(),
+        events,
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let routes = api::routes(ctx.clone(), health)?;
@@ -331,7 +382,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         r = &mut server => r,
         grace = grace_rx => {
             let grace = grace.unwrap_or(crate::spec::DEFAULT_GRACE);
-            info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; draining calls in flight");
+            info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; stopping workloads; draining calls in flight");
+            cells.shutdown(grace).await;
             accept_unix.abort();
             if let Some(t) = &accept_tcp { t.abort(); }
             match tokio::time::timeout(grace, &mut server).await {

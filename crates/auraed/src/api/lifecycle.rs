@@ -4,7 +4,7 @@
 //! name against the caller's grant, then calls the noun's module. Kinds whose capability is
 //! not built yet answer `UNIMPLEMENTED` naming it, after those checks.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use aurae_proto::runtime::v0::{
     self as pb, cells_server::Cells, events_server::Events, executables_server::Executables,
@@ -15,10 +15,12 @@ use tonic::{Request, Response, Status};
 
 use super::{
     authz::Caller,
-    status::{Capability, invalid, not_built},
+    status::{Capability, internal, invalid, not_built},
 };
 use crate::{
-    executable::ExecutableRef,
+    cell::Cells as CellRegistry,
+    events::EventBus,
+    executable::{Executable, ExecutableRef},
     spec::{
         CellName, DEFAULT_GRACE, FieldError, Label, MAX_GRACE, duration, known_enum, name_prefix,
     },
@@ -39,16 +41,8 @@ fn gate<T>(req: &Request<T>, name: Result<String, FieldError>, cap: Capability) 
     }
 }
 
-fn cell(field: &str, s: &str) -> Result<String, FieldError> {
-    CellName::parse(field, s).map(|n| n.as_str().to_owned())
-}
-
 fn label(field: &str, s: &str) -> Result<String, FieldError> {
     Label::parse(field, s).map(|n| n.as_str().to_owned())
-}
-
-fn exe(field: &str, r: Option<&pb::ExecutableRef>) -> Result<String, FieldError> {
-    ExecutableRef::parse(field, r).map(|r| r.cell.as_str().to_owned())
 }
 
 fn grace(d: Option<&prost_types::Duration>, field: &str) -> Result<(), FieldError> {
@@ -68,8 +62,71 @@ fn gate_list<T>(req: &Request<T>, prefix: &str, cap: Capability) -> Status {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct ExecutablesApi;
+#[derive(Debug, Clone)]
+pub struct ExecutablesApi {
+    cells: Arc<CellRegistry>,
+}
+
+impl ExecutablesApi {
+    pub fn new(cells: Arc<CellRegistry>) -> Self {
+        Self { cells }
+    }
+
+    /// Validates and authorizes an executable reference, and finds it.
+    fn find<T>(
+        &self,
+        r: &Request<T>,
+        field: &str,
+        er: Option<&pb::ExecutableRef>,
+    ) -> Result<Arc<Executable>, Status> {
+        let caller = Caller::of(r)?;
+        let er = ExecutableRef::parse(field, er).map_err(invalid)?;
+        caller.authorize_name(er.cell.as_str())?;
+        Ok(self.cells.executable(&er)?)
+    }
+}
+
+/// Streams a log: replay from `from`, then (if `follow`) new output until the process's
+/// output ends.
+fn log_stream(
+    log: Arc<crate::executable::logs::Log>,
+    from: u64,
+    follow: bool,
+) -> ResponseStream<pb::LogChunk> {
+    use crate::executable::logs::Stream as S;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut next = from;
+        let mut updates = log.subscribe();
+        loop {
+            let (chunks, dropped) = log.read_from(next);
+            for c in chunks {
+                next = c.offset + c.data.len() as u64;
+                let chunk = pb::LogChunk {
+                    offset: c.offset,
+                    stream: match c.stream {
+                        S::Stdout => pb::LogStream::Stdout,
+                        S::Stderr => pb::LogStream::Stderr,
+                    } as i32,
+                    data: c.data,
+                    at: Some(c.at.into()),
+                    dropped,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            let closed = updates.borrow_and_update().1;
+            if !follow || (closed && log.read_from(next).0.is_empty()) {
+                return;
+            }
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
 
 #[tonic::async_trait]
 impl Executables for ExecutablesApi {
@@ -77,89 +134,171 @@ impl Executables for ExecutablesApi {
         &self,
         r: Request<pb::ExecutableRef>,
     ) -> Result<Response<pb::ExecutableStatus>, Status> {
-        Err(gate(
-            &r,
-            exe("executable", Some(r.get_ref())),
-            Capability::Cells,
-        ))
+        let e = self.find(&r, "executable", Some(r.get_ref()))?;
+        Ok(Response::new(e.status()))
     }
     async fn list(
         &self,
         r: Request<pb::ListExecutablesRequest>,
     ) -> Result<Response<pb::ListExecutablesResponse>, Status> {
-        Err(gate_list(&r, &r.get_ref().cell_prefix, Capability::Cells))
+        let caller = Caller::of(&r)?;
+        let prefix = name_prefix("cell_prefix", &r.get_ref().cell_prefix).map_err(invalid)?;
+        let executables = self
+            .cells
+            .executables(|n| n.starts_with(&prefix) && caller.grant.allows_name(n));
+        Ok(Response::new(pb::ListExecutablesResponse { executables }))
     }
     async fn stop(
         &self,
         r: Request<pb::StopExecutableRequest>,
     ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let m = r.get_ref();
-        let name = grace(m.grace_period.as_ref(), "grace_period")
-            .and_then(|_| exe("executable", m.executable.as_ref()));
-        Err(gate(&r, name, Capability::Cells))
+        let g = duration(
+            "grace_period",
+            m.grace_period.as_ref(),
+            DEFAULT_GRACE,
+            MAX_GRACE,
+        )
+        .map_err(invalid)?;
+        let e = self.find(&r, "executable", m.executable.as_ref())?;
+        e.stop(g).await.map_err(internal)?;
+        Ok(Response::new(e.status()))
     }
     async fn signal(
         &self,
         r: Request<pb::SignalExecutableRequest>,
     ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let m = r.get_ref();
-        let name = if (1..=64).contains(&m.signal) {
-            exe("executable", m.executable.as_ref())
-        } else {
-            Err(FieldError::new(
+        if !(1..=64).contains(&m.signal) {
+            return Err(invalid(FieldError::new(
                 "signal",
                 format!("{} is outside 1..=64", m.signal),
-            ))
-        };
-        Err(gate(&r, name, Capability::Cells))
+            )));
+        }
+        let e = self.find(&r, "executable", m.executable.as_ref())?;
+        if !e.signal(m.signal).map_err(internal)? {
+            return Err(Status::failed_precondition(format!(
+                "executable {}/{} has exited: nothing was signalled",
+                e.cell, e.name
+            )));
+        }
+        Ok(Response::new(e.status()))
     }
     async fn wait(
         &self,
         r: Request<pb::WaitExecutableRequest>,
     ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let m = r.get_ref();
-        let name = grace(m.timeout.as_ref(), "timeout")
-            .and_then(|_| exe("executable", m.executable.as_ref()));
-        Err(gate(&r, name, Capability::Cells))
+        let timeout = m
+            .timeout
+            .as_ref()
+            .map(|t| duration("timeout", Some(t), DEFAULT_GRACE, MAX_GRACE))
+            .transpose()
+            .map_err(invalid)?;
+        let e = self.find(&r, "executable", m.executable.as_ref())?;
+        match e.wait(timeout).await {
+            Some(_) => Ok(Response::new(e.status())),
+            None => Err(Status::deadline_exceeded(format!(
+                "executable {}/{} is still running",
+                e.cell, e.name
+            ))),
+        }
     }
     async fn free(&self, r: Request<pb::ExecutableRef>) -> Result<Response<pb::Freed>, Status> {
-        Err(gate(
-            &r,
-            exe("executable", Some(r.get_ref())),
-            Capability::Cells,
-        ))
+        let caller = Caller::of(&r)?;
+        let er = ExecutableRef::parse("executable", Some(r.get_ref())).map_err(invalid)?;
+        caller.authorize_name(er.cell.as_str())?;
+        self.cells.free_executable(&er)?;
+        Ok(Response::new(pb::Freed {
+            name: format!("{}/{}", er.cell, er.name),
+        }))
     }
     type LogsStream = ResponseStream<pb::LogChunk>;
     async fn logs(
         &self,
         r: Request<pb::ExecutableLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(gate(
-            &r,
-            exe("executable", r.get_ref().executable.as_ref()),
-            Capability::Cells,
-        ))
+        let m = r.get_ref();
+        let e = self.find(&r, "executable", m.executable.as_ref())?;
+        Ok(Response::new(log_stream(
+            e.log.clone(),
+            m.from_offset,
+            m.follow,
+        )))
     }
     async fn stats(
         &self,
         r: Request<pb::ExecutableRef>,
     ) -> Result<Response<pb::ResourceStats>, Status> {
-        Err(gate(
-            &r,
-            exe("executable", Some(r.get_ref())),
-            Capability::Cells,
-        ))
+        let e = self.find(&r, "executable", Some(r.get_ref()))?;
+        Ok(Response::new(process_stats(&e)))
+    }
+}
+
+/// An executable's own usage from /proc (cgroup figures are per cell). Read while it
+/// runs; the pidfd check afterwards makes sure the pid was still ours.
+fn process_stats(e: &Executable) -> pb::ResourceStats {
+    if e.exited() {
+        return pb::ResourceStats::default();
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", e.pid)).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", e.pid)).unwrap_or_default();
+    if e.pidfd.send_signal(0).is_err() {
+        return pb::ResourceStats::default();
+    }
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let hz = 100u64; // USER_HZ on Linux
+    let (utime, stime) = (ticks(11) * 1_000_000 / hz, ticks(12) * 1_000_000 / hz);
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    pb::ResourceStats {
+        cpu_usage_usec: utime + stime,
+        cpu_user_usec: utime,
+        cpu_system_usec: stime,
+        memory_current_bytes: kib("VmRSS:"),
+        memory_peak_bytes: kib("VmHWM:"),
+        pids_current: kib("Threads:") / 1024,
+        ..Default::default()
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct CellsApi {
     cpus: u64,
+    cells: Arc<CellRegistry>,
 }
 
 impl CellsApi {
-    pub fn new(cpus: u64) -> Self {
-        Self { cpus }
+    pub fn new(cpus: u64, cells: Arc<CellRegistry>) -> Self {
+        Self { cpus, cells }
+    }
+
+    fn named<T>(r: &Request<T>, name: &str) -> Result<CellName, Status> {
+        let caller = Caller::of(r)?;
+        let name = CellName::parse("name", name).map_err(invalid)?;
+        caller.authorize_name(name.as_str())?;
+        Ok(name)
     }
 }
 
@@ -175,28 +314,44 @@ impl Cells for CellsApi {
             "share a host namespace",
             spec.name.as_str(),
         )?;
-        Err(not_built(&caller.method, Capability::Cells))
+        Ok(Response::new(self.cells.allocate(spec).await?))
     }
     async fn get(&self, r: Request<pb::NameRef>) -> Result<Response<pb::CellStatus>, Status> {
-        Err(gate(&r, cell("name", &r.get_ref().name), Capability::Cells))
+        let name = Self::named(&r, &r.get_ref().name)?;
+        Ok(Response::new(self.cells.get(&name)?))
     }
     async fn list(
         &self,
         r: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListCellsResponse>, Status> {
-        Err(gate_list(&r, &r.get_ref().name_prefix, Capability::Cells))
+        let caller = Caller::of(&r)?;
+        let prefix = name_prefix("name_prefix", &r.get_ref().name_prefix).map_err(invalid)?;
+        let cells = self
+            .cells
+            .list(|n| n.starts_with(&prefix) && caller.grant.allows_name(n));
+        Ok(Response::new(pb::ListCellsResponse { cells }))
     }
     async fn stop(&self, r: Request<pb::StopRequest>) -> Result<Response<pb::CellStatus>, Status> {
-        let m = r.get_ref();
-        let name =
-            grace(m.grace_period.as_ref(), "grace_period").and_then(|_| cell("name", &m.name));
-        Err(gate(&r, name, Capability::Cells))
+        let g = duration(
+            "grace_period",
+            r.get_ref().grace_period.as_ref(),
+            DEFAULT_GRACE,
+            MAX_GRACE,
+        )
+        .map_err(invalid)?;
+        let name = Self::named(&r, &r.get_ref().name)?;
+        Ok(Response::new(self.cells.stop(&name, g).await?))
     }
     async fn free(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
-        Err(gate(&r, cell("name", &r.get_ref().name), Capability::Cells))
+        let name = Self::named(&r, &r.get_ref().name)?;
+        self.cells.free(&name).await?;
+        Ok(Response::new(pb::Freed {
+            name: name.to_string(),
+        }))
     }
     async fn stats(&self, r: Request<pb::NameRef>) -> Result<Response<pb::ResourceStats>, Status> {
-        Err(gate(&r, cell("name", &r.get_ref().name), Capability::Cells))
+        let name = Self::named(&r, &r.get_ref().name)?;
+        Ok(Response::new(self.cells.stats(&name)?))
     }
 }
 
@@ -279,8 +434,16 @@ named_lifecycle!(
     }
 );
 
-#[derive(Debug, Clone, Default)]
-pub struct EventsApi;
+#[derive(Debug, Clone)]
+pub struct EventsApi {
+    events: Arc<EventBus>,
+}
+
+impl EventsApi {
+    pub fn new(events: Arc<EventBus>) -> Self {
+        Self { events }
+    }
+}
 
 #[tonic::async_trait]
 impl Events for EventsApi {
@@ -290,11 +453,50 @@ impl Events for EventsApi {
         r: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = Caller::of(&r)?;
-        let m = r.get_ref();
+        let m = r.into_inner();
         for (i, k) in m.kinds.iter().enumerate() {
             known_enum::<pb::Kind>(&format!("kinds[{i}]"), *k, false).map_err(invalid)?;
         }
-        name_prefix("name_prefix", &m.name_prefix).map_err(invalid)?;
-        Err(not_built(&caller.method, Capability::Cells))
+        let prefix = name_prefix("name_prefix", &m.name_prefix).map_err(invalid)?;
+        let kinds = m.kinds;
+        let wanted = move |e: &pb::Event| {
+            (kinds.is_empty() || kinds.contains(&e.kind))
+                && e.name.starts_with(&prefix)
+                && caller.grant.allows_name(&e.name)
+        };
+        let (replay, mut rx) = self.events.subscribe(m.after_sequence);
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = 0;
+            for e in replay {
+                last = e.sequence;
+                if wanted(&e) && tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.sequence > last => {
+                        last = e.sequence;
+                        if wanted(&e) && tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "watcher fell {n} events behind; resume with after_sequence"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 }

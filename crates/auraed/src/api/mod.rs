@@ -35,6 +35,8 @@ pub struct Context {
     pub cgroup_controllers: Vec<String>,
     /// Send `Some(grace)` to start the ordered shutdown.
     pub shutdown: Arc<watch::Sender<Option<std::time::Duration>>>,
+    pub cells: Arc<crate::cell::Cells>,
+    pub events: Arc<crate::events::EventBus>,
 }
 
 /// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
@@ -90,16 +92,21 @@ pub fn routes(
         runtime::RuntimeApi::new(ctx.clone())
     )));
     routes = routes
-        .add_service(limited!(ExecutablesServer::new(lifecycle::ExecutablesApi)))
+        .add_service(limited!(ExecutablesServer::new(
+            lifecycle::ExecutablesApi::new(ctx.cells.clone())
+        )))
         .add_service(limited!(CellsServer::new(lifecycle::CellsApi::new(
-            ctx.cpus
+            ctx.cpus,
+            ctx.cells.clone()
         ))))
         .add_service(limited!(VirtualMachinesServer::new(
             lifecycle::VirtualMachinesApi
         )))
         .add_service(limited!(InstancesServer::new(lifecycle::InstancesApi)))
         .add_service(limited!(PodsServer::new(lifecycle::PodsApi)))
-        .add_service(limited!(EventsServer::new(lifecycle::EventsApi)))
+        .add_service(limited!(EventsServer::new(lifecycle::EventsApi::new(
+            ctx.events.clone()
+        ))))
         .add_service(limited!(DaemonServer::new(daemon::DaemonApi::new(ctx))))
         .add_service(health)
         .add_service(reflection().build_v1()?)

@@ -52,3 +52,53 @@ pub fn internal(err: impl Display) -> Status {
         "internal error (correlation id {id}); the details are in auraed's log"
     ))
 }
+
+impl From<crate::cell::CellError> for Status {
+    fn from(e: crate::cell::CellError) -> Self {
+        use crate::cell::{CellError as E, cgroup::CgroupError};
+        match e {
+            E::Invalid(f) => invalid(f),
+            E::NotFound(m) => Status::not_found(m),
+            E::Exists(m) => Status::already_exists(m),
+            E::Precondition(m) => Status::failed_precondition(m),
+            E::Exhausted(m) => Status::resource_exhausted(m),
+            E::Cgroup(c @ CgroupError::MissingController { .. }) => {
+                Status::failed_precondition(c.to_string())
+            }
+            E::Spawn { what, source } => spawn_status(&what, source),
+            other => internal(other),
+        }
+    }
+}
+
+/// A failed spawn: the child's failing step says which field was wrong.
+fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
+    use std::io::ErrorKind as K;
+    match e {
+        aurae_sys::SpawnError::Child {
+            step: "execute",
+            error,
+        } => match error.kind() {
+            K::NotFound
+            | K::PermissionDenied
+            | K::NotADirectory
+            | K::InvalidInput
+            | K::ExecutableFileBusy => {
+                Status::invalid_argument(format!("argv[0]: cannot execute it in the cell: {error}"))
+            }
+            _ if error.raw_os_error() == Some(nix::libc::ENOEXEC) => {
+                Status::invalid_argument(format!("argv[0]: not an executable format: {error}"))
+            }
+            _ => internal(format!("{what}: execute: {error}")),
+        },
+        aurae_sys::SpawnError::Child {
+            step: "change directory",
+            error,
+        } => Status::invalid_argument(format!("working_dir: {error}")),
+        aurae_sys::SpawnError::Child {
+            step: step @ ("set uid" | "set gid" | "set groups"),
+            error,
+        } => Status::invalid_argument(format!("uid/gid: {step}: {error}")),
+        other => internal(format!("{what}: {other}")),
+    }
+}

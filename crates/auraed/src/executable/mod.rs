@@ -1,5 +1,205 @@
-//! Executables: plain processes started in a cell.
+//! Executables: plain processes started in a cell, supervised through their pidfd.
 
+pub mod logs;
 pub mod spec;
 
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use aurae_proto::runtime::v0 as pb;
+use aurae_sys::{ExitStatus, Pidfd};
+use tokio::sync::watch;
+
 pub use spec::{ExecutableRef, ExecutableSpec};
+
+use self::logs::{Log, Stream};
+use crate::spec::{CellName, Label};
+
+/// How an executable ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub status: ExitStatus,
+    pub oom_killed: bool,
+    pub at: SystemTime,
+}
+
+impl Exit {
+    pub fn to_proto(&self) -> pb::ExitStatus {
+        pb::ExitStatus {
+            how: Some(match self.status {
+                ExitStatus::Code(c) => pb::exit_status::How::Code(c),
+                ExitStatus::Signal(s) => pb::exit_status::How::Signal(s),
+            }),
+            oom_killed: self.oom_killed,
+            exited_at: Some(self.at.into()),
+        }
+    }
+}
+
+/// Where an executable is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    pub phase: pb::Phase,
+    pub exit: Option<Exit>,
+}
+
+/// A started process of a cell.
+#[derive(Debug)]
+pub struct Executable {
+    pub cell: CellName,
+    pub name: Label,
+    pub argv: Vec<String>,
+    /// Host pid (auraed's namespace).
+    pub pid: i32,
+    pub pidfd: Arc<Pidfd>,
+    pub started_at: SystemTime,
+    pub log: Arc<Log>,
+    pub state: watch::Sender<State>,
+}
+
+impl Executable {
+    pub fn status(&self) -> pb::ExecutableStatus {
+        let s = self.state.borrow().clone();
+        pb::ExecutableStatus {
+            cell: self.cell.to_string(),
+            name: self.name.to_string(),
+            phase: s.phase as i32,
+            pid: if s.exit.is_some() { 0 } else { self.pid },
+            exit: s.exit.map(|e| e.to_proto()),
+            started_at: Some(self.started_at.into()),
+            argv: self.argv.clone(),
+            message: String::new(),
+        }
+    }
+
+    pub fn exited(&self) -> bool {
+        self.state.borrow().exit.is_some()
+    }
+
+    /// Waits until the process has exited, at most `timeout`.
+    pub async fn wait(&self, timeout: Option<Duration>) -> Option<Exit> {
+        let mut rx = self.state.subscribe();
+        let wait = rx.wait_for(|s| s.exit.is_some());
+        let r = match timeout {
+            Some(t) => tokio::time::timeout(t, wait).await.ok()?,
+            None => wait.await,
+        };
+        r.ok().and_then(|s| s.exit)
+    }
+
+    /// Sends a signal through the pidfd; `false` if the process had already exited.
+    pub fn signal(&self, signal: i32) -> std::io::Result<bool> {
+        if self.exited() {
+            return Ok(false);
+        }
+        match self.pidfd.send_signal(signal) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// SIGTERM, up to `grace`, then SIGKILL; returns the exit.
+    pub async fn stop(&self, grace: Duration) -> std::io::Result<Option<Exit>> {
+        if let Some(e) = self.state.borrow().exit {
+            return Ok(Some(e));
+        }
+        self.signal(nix::libc::SIGTERM)?;
+        if let Some(e) = self.wait(Some(grace)).await {
+            return Ok(Some(e));
+        }
+        self.signal(nix::libc::SIGKILL)?;
+        Ok(self.wait(Some(Duration::from_secs(10))).await)
+    }
+}
+
+/// Prepared, owned pieces of an exec: C strings and the stdio pipes.
+#[derive(Debug)]
+pub struct Prepared {
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    pub stdin: OwnedFd,
+    pub stdin_data: Option<(OwnedFd, Vec<u8>)>,
+    pub stdout: (OwnedFd, OwnedFd),
+    pub stderr: (OwnedFd, OwnedFd),
+}
+
+fn cstring(field: &str, s: &str) -> Result<CString, crate::spec::FieldError> {
+    CString::new(s).map_err(|_| crate::spec::FieldError::new(field, "contains NUL"))
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+impl Prepared {
+    /// Builds the C strings and pipes for `spec` (read ends are ours, write ends go to the
+    /// child).
+    pub fn new(spec: &ExecutableSpec) -> Result<Self, crate::cell::CellError> {
+        let argv = spec
+            .argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| cstring(&format!("argv[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let envp = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring("env", &format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cwd = cstring("working_dir", &spec.working_dir.to_string_lossy())?;
+        let io = crate::cell::CellError::io;
+        let (stdin, stdin_data) = if spec.stdin.is_empty() {
+            let null = std::fs::File::open("/dev/null").map_err(io)?;
+            (OwnedFd::from(null), None)
+        } else {
+            let (r, w) = pipe().map_err(io)?;
+            (r, Some((w, spec.stdin.clone())))
+        };
+        Ok(Self {
+            argv,
+            envp,
+            cwd,
+            stdin,
+            stdin_data,
+            stdout: pipe().map_err(io)?,
+            stderr: pipe().map_err(io)?,
+        })
+    }
+
+    pub fn stdio(&self) -> [std::os::fd::RawFd; 3] {
+        [
+            self.stdin.as_raw_fd(),
+            self.stdout.1.as_raw_fd(),
+            self.stderr.1.as_raw_fd(),
+        ]
+    }
+}
+
+/// Copies a pipe into the log until EOF.
+pub async fn pump(read: OwnedFd, log: Arc<Log>, stream: Stream) {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
+        return;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => log.append(stream, &buf[..n]),
+        }
+    }
+}
+
+/// Writes `data` to the child's stdin, then closes it.
+pub async fn feed(write: OwnedFd, data: Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(write) {
+        let _ = tx.write_all(&data).await;
+    }
+}

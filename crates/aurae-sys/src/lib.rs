@@ -1,0 +1,19 @@
+//! The daemon's only unsafe code: thin, documented wrappers over the Linux calls the
+//! standard library and nix do not offer (clone3 into a cgroup and namespaces, pidfds,
+//! `waitid(P_PIDFD)`, sealed self-exec, an interface-flags ioctl).
+//!
+//! Rules here: every `unsafe` block states its invariant in a `SAFETY:` comment; code that
+//! runs between `clone3` and `execve` is async-signal-safe (no allocation, no locks, only
+//! raw syscalls on data prepared before the clone); every fd we create is close-on-exec.
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod fd;
+pub mod memfd;
+pub mod net;
+pub mod pidfd;
+pub mod process;
+pub mod spawn;
+
+pub use pidfd::{ExitStatus, Pidfd};
+pub use spawn::{Namespaces, SpawnError, SpawnRequest, spawn};

@@ -1,0 +1,40 @@
+//! Process-wide settings of the daemon itself.
+
+use std::io;
+
+/// Makes this process a child subreaper: orphans below it are reparented to it (daemon
+/// mode; PID 1 is a reaper already).
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Number of threads of this process (from /proc/self/status), for leak tests.
+pub fn thread_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sends `signal` to every process this process may signal in its PID namespace except
+/// itself (`kill(-1, sig)`). Only the cell init uses it, as PID 1 of its cell's namespace,
+/// where "every process" is exactly the cell.
+pub fn signal_all_in_namespace(signal: i32) -> io::Result<()> {
+    // SAFETY: kill takes integers; -1 addresses every process we may signal in our PID
+    // namespace, which for a namespace's PID 1 is that namespace.
+    let r = unsafe { libc::kill(-1, signal) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,428 @@
+//! `clone3` straight into a cgroup and into (new or existing) namespaces, then `execve`.
+//!
+//! The child is created with `CLONE_INTO_CGROUP` (it never runs outside its cell) and
+//! `CLONE_PIDFD` (we never signal or wait by pid). Between the clone and the exec the child
+//! runs only raw syscalls on data prepared before the clone: it may not allocate or lock,
+//! because the parent is multi-threaded. A close-on-exec pipe reports a failed step: no
+//! bytes means the exec succeeded.
+//!
+//! Joining a cell's PID namespace cannot be done by the child itself (`setns(CLONE_NEWPID)`
+//! only affects the caller's future children), so [`spawn`] does it on a short-lived helper
+//! thread: `setns(pidfd, CLONE_NEWPID)` changes that thread's `pid_ns_for_children`, and the
+//! clone from that thread is born inside the cell's PID namespace while still being our
+//! child (we wait for it and get its exit status).
+
+use std::{
+    ffi::{CStr, CString},
+    io,
+    mem::size_of,
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+    ptr,
+};
+
+use crate::pidfd::Pidfd;
+
+/// `CLONE_NEW*` flags, as the kernel spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Namespaces(pub libc::c_int);
+
+impl Namespaces {
+    pub const PID: libc::c_int = libc::CLONE_NEWPID;
+    pub const MOUNT: libc::c_int = libc::CLONE_NEWNS;
+    pub const IPC: libc::c_int = libc::CLONE_NEWIPC;
+    pub const UTS: libc::c_int = libc::CLONE_NEWUTS;
+    pub const NET: libc::c_int = libc::CLONE_NEWNET;
+    pub const CGROUP: libc::c_int = libc::CLONE_NEWCGROUP;
+    pub const USER: libc::c_int = libc::CLONE_NEWUSER;
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// What to execute.
+#[derive(Debug, Clone, Copy)]
+pub enum Program<'a> {
+    /// `execve(path, …)`, resolved in the child's mount namespace.
+    Path(&'a CStr),
+    /// `execveat(fd, "", …, AT_EMPTY_PATH)`: a sealed memfd of our own binary.
+    Fd(RawFd),
+}
+
+/// Everything the child needs, prepared before the clone.
+#[derive(Debug)]
+pub struct SpawnRequest<'a> {
+    pub program: Program<'a>,
+    pub argv: &'a [CString],
+    pub envp: &'a [CString],
+    pub cwd: Option<&'a CStr>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Become fds 0, 1, 2 of the child.
+    pub stdio: [RawFd; 3],
+    /// Becomes fd 3 of the child (e.g. a readiness pipe).
+    pub pass_fd: Option<RawFd>,
+    /// cgroup v2 directory to be born in (`CLONE_INTO_CGROUP`).
+    pub cgroup: Option<RawFd>,
+    /// New namespaces to create at clone time.
+    pub new_namespaces: Namespaces,
+    /// Be born inside the PID namespace of this pidfd's process (see the module docs).
+    pub pid_namespace_of: Option<RawFd>,
+    /// In the child, before anything else: `setns(pidfd, flags)` to join a process's
+    /// namespaces, then `unshare(unshare)`.
+    pub join: Option<(RawFd, Namespaces)>,
+    pub unshare: Namespaces,
+}
+
+/// Why a spawn failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Before or during the clone, in the parent.
+    #[error("spawn: {0}")]
+    Setup(#[source] io::Error),
+    /// In the child, at `step`, before the exec completed.
+    #[error("{step}: {error}")]
+    Child {
+        step: &'static str,
+        #[source]
+        error: io::Error,
+    },
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+const STEPS: [&str; 10] = [
+    "join namespaces (setns)",
+    "unshare namespaces",
+    "set up stdio",
+    "pass fd",
+    "reset signals",
+    "set groups",
+    "set gid",
+    "set uid",
+    "change directory",
+    "execute",
+];
+
+/// Layout of `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Starts the process described by `req`; returns its pid (in our namespace) and pidfd.
+/// The child is ours: reap it through the pidfd (or a reaper that knows it).
+pub fn spawn(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
+    let Some(ns) = req.pid_namespace_of else {
+        return spawn_here(req);
+    };
+    std::thread::scope(|s| {
+        let helper = s.spawn(|| {
+            // SAFETY: setns on a pidfd we were given, with CLONE_NEWPID only: it changes
+            // this helper thread's pid_ns_for_children and nothing else; the thread ends
+            // right after the clone.
+            if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
+                return Err(SpawnError::Setup(io::Error::last_os_error()));
+            }
+            spawn_here(req)
+        });
+        helper.join().unwrap_or_else(|_| {
+            Err(SpawnError::Setup(io::Error::other(
+                "spawn helper thread panicked",
+            )))
+        })
+    })
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn spawn_here(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
+    // Everything the child touches is prepared here, before the clone.
+    let argv: Vec<*const libc::c_char> = req
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([ptr::null()])
+        .collect();
+    let envp: Vec<*const libc::c_char> = req
+        .envp
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain([ptr::null()])
+        .collect();
+    let empty = c"";
+    let mut pipe = [-1 as libc::c_int; 2];
+    // SAFETY: `pipe` has room for the two fds pipe2 writes.
+    cvt(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(SpawnError::Setup)?;
+    // SAFETY: pipe2 just returned these two fds; we own them exclusively.
+    let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let err_w_raw = pipe[1];
+
+    let mut pidfd: libc::c_int = -1;
+    let mut flags = u64::try_from(libc::CLONE_PIDFD | req.new_namespaces.0).unwrap_or(0);
+    let mut args = CloneArgs {
+        pidfd: ptr::addr_of_mut!(pidfd) as u64,
+        exit_signal: u64::try_from(libc::SIGCHLD).unwrap_or(17),
+        ..CloneArgs::default()
+    };
+    if let Some(cg) = req.cgroup {
+        flags |= CLONE_INTO_CGROUP;
+        args.cgroup =
+            u64::try_from(cg).map_err(|_| SpawnError::Setup(io::Error::other("bad cgroup fd")))?;
+    }
+    args.flags = flags;
+
+    // SAFETY: clone3 with a valid clone_args of the size we pass. Without CLONE_VM the
+    // child gets a copy-on-write copy of this address space and continues on this stack.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            ptr::addr_of!(args),
+            size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: we are the new child; `child` only uses the prepared data and raw
+        // syscalls, and never returns.
+        unsafe { child(req, &argv, &envp, empty, err_w_raw) }
+    }
+    if pid < 0 {
+        return Err(SpawnError::Setup(io::Error::last_os_error()));
+    }
+    drop(err_w);
+    let pid =
+        i32::try_from(pid).map_err(|_| SpawnError::Setup(io::Error::other("pid out of range")))?;
+    // SAFETY: CLONE_PIDFD stored a new pidfd (close-on-exec) that we now own.
+    let pidfd = Pidfd::from_owned(unsafe { OwnedFd::from_raw_fd(pidfd) });
+
+    let mut report = [0u8; 8];
+    let n = read_full(&err_r, &mut report).map_err(SpawnError::Setup)?;
+    if n == 0 {
+        return Ok((pid, pidfd));
+    }
+    // The child failed before exec and exits 127 right away: reap it here.
+    let _ = pidfd.wait_blocking();
+    let step = STEPS
+        .get(usize::from(report[0]))
+        .copied()
+        .unwrap_or("unknown step");
+    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+    Err(SpawnError::Child {
+        step,
+        error: io::Error::from_raw_os_error(errno),
+    })
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: reading into the unfilled tail of `buf`, whose length we pass.
+        let r = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            break;
+        }
+        done += r.unsigned_abs();
+    }
+    Ok(done)
+}
+
+/// Reports `step` and errno on the error pipe and exits 127. Async-signal-safe.
+///
+/// # Safety
+/// Only for the child between clone and exec.
+unsafe fn fail(err_w: RawFd, step: u8) -> ! {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    let errno = unsafe { *libc::__errno_location() };
+    let e = errno.to_ne_bytes();
+    let msg = [step, 0, 0, 0, e[0], e[1], e[2], e[3]];
+    // SAFETY: writing 8 bytes from a stack buffer to our pipe; _exit never returns and
+    // runs no atexit handlers or destructors.
+    unsafe {
+        libc::write(err_w, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child between clone3 and exec. Async-signal-safe: raw syscalls only.
+///
+/// # Safety
+/// Must only run in the freshly cloned child, with pointers prepared by `spawn_here`.
+unsafe fn child(
+    req: &SpawnRequest<'_>,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    empty: &CStr,
+    err_w: RawFd,
+) -> ! {
+    // SAFETY: every call below is a raw syscall (or an async-signal-safe libc wrapper) on
+    // integers and on memory prepared before the clone; on failure `fail` exits.
+    unsafe {
+        // Not dumpable until exec: processes already in the cell cannot ptrace us or read
+        // our /proc entries while we hold the parent's memory (CVE-2016-9962).
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        if let Some((fd, ns)) = req.join
+            && libc::setns(fd, ns.0) < 0
+        {
+            fail(err_w, 0);
+        }
+        if !req.unshare.is_empty() && libc::unshare(req.unshare.0) < 0 {
+            fail(err_w, 1);
+        }
+        for (target, src) in req.stdio.iter().enumerate() {
+            let target = target as libc::c_int;
+            if *src == target {
+                // Keep it, but clear close-on-exec.
+                if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                    fail(err_w, 2);
+                }
+            } else if libc::dup2(*src, target) < 0 {
+                fail(err_w, 2);
+            }
+        }
+        if let Some(fd) = req.pass_fd
+            && libc::dup2(fd, 3) < 0
+        {
+            fail(err_w, 3);
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut()) < 0 {
+            fail(err_w, 4);
+        }
+        // Ignored signals stay ignored across exec (Rust ignores SIGPIPE): reset them all.
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        if (req.uid.is_some() || req.gid.is_some()) && libc::setgroups(0, ptr::null()) < 0 {
+            fail(err_w, 5);
+        }
+        if let Some(g) = req.gid
+            && libc::setresgid(g, g, g) < 0
+        {
+            fail(err_w, 6);
+        }
+        if let Some(u) = req.uid
+            && libc::setresuid(u, u, u) < 0
+        {
+            fail(err_w, 7);
+        }
+        if let Some(cwd) = req.cwd
+            && libc::chdir(cwd.as_ptr()) < 0
+        {
+            fail(err_w, 8);
+        }
+        // Nothing but stdio (and the passed fd) crosses the exec; the error pipe stays
+        // open until the exec succeeds (it is close-on-exec already).
+        let first = if req.pass_fd.is_some() { 4 } else { 3 };
+        libc::close_range(
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        );
+        match req.program {
+            Program::Path(p) => {
+                libc::execve(p.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            }
+            Program::Fd(fd) => {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    fd,
+                    empty.as_ptr(),
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            }
+        }
+        fail(err_w, 9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::pidfd::ExitStatus;
+
+    fn run(argv: &[&str], cwd: Option<&CStr>) -> Result<ExitStatus, SpawnError> {
+        let argv: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let fd = devnull.as_raw_fd();
+        let req = SpawnRequest {
+            program: Program::Path(&argv[0]),
+            argv: &argv,
+            envp: &[],
+            cwd,
+            uid: None,
+            gid: None,
+            stdio: [fd, fd, fd],
+            pass_fd: None,
+            cgroup: None,
+            new_namespaces: Namespaces::default(),
+            pid_namespace_of: None,
+            join: None,
+            unshare: Namespaces::default(),
+        };
+        let (_, pidfd) = spawn(&req)?;
+        Ok(pidfd.wait_blocking().unwrap())
+    }
+
+    #[test]
+    fn exit_codes_and_exec_errors() {
+        assert_eq!(run(&["/bin/true"], None).unwrap(), ExitStatus::Code(0));
+        assert_eq!(
+            run(&["/bin/sh", "-c", "exit 7"], None).unwrap(),
+            ExitStatus::Code(7)
+        );
+        assert_eq!(
+            run(&["/bin/sh", "-c", "kill -9 $$"], None).unwrap(),
+            ExitStatus::Signal(9)
+        );
+        match run(&["/nonexistent/binary"], None) {
+            Err(SpawnError::Child { step, error }) => {
+                assert_eq!(step, "execute");
+                assert_eq!(error.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("expected an exec error, got {other:?}"),
+        }
+        match run(&["/bin/true"], Some(c"/nonexistent-dir")) {
+            Err(SpawnError::Child { step, .. }) => assert_eq!(step, "change directory"),
+            other => panic!("expected a chdir error, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The cgroup v2 seam: a `CgroupTree` trait with the real filesystem implementation rooted
+//! at a parameter (`/sys/fs/cgroup/…` as PID 1, a delegated subtree as a host daemon) and an
+//! in-memory fake for unit tests.
+//!
+//! Layout under the root: each cell is a directory (`web`, `web/api`) that carries its
+//! limits; its processes live in the leaf `<cell>/_procs` (no label contains '_', so it
+//! never clashes with a child cell). Interior directories hold no processes, so the
+//! no-internal-processes rule holds with controllers enabled for children.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use super::spec::Limits;
+use crate::spec::CellName;
+
+/// The leaf directory of a cell, where its processes live.
+pub const LEAF: &str = "_procs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{field} needs the cgroup v2 {controller} controller, which is not available to auraed here (available: {available})"
+    )]
+    MissingController {
+        field: &'static str,
+        controller: &'static str,
+        available: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What auraed needs from a cgroup v2 hierarchy.
+pub trait CgroupTree: Send + Sync + std::fmt::Debug {
+    /// Controllers cells can use (the root's `cgroup.controllers`).
+    fn controllers(&self) -> Vec<String>;
+    /// Creates the cell's directory and leaf, enabling the available controllers for its
+    /// children on every directory above the leaf. The parent cell must exist.
+    fn create(&self, cell: &CellName) -> Result<(), CgroupError>;
+    /// Writes one interface file of the cell's directory.
+    fn write(&self, cell: &CellName, file: &str, value: &str) -> Result<(), CgroupError>;
+    /// Reads one interface file of the cell's directory (whole subtree figures).
+    fn read(&self, cell: &CellName, file: &str) -> Result<String, CgroupError>;
+    /// An `O_DIRECTORY` fd of the leaf, for `clone3(CLONE_INTO_CGROUP)`.
+    fn leaf_fd(&self, cell: &CellName) -> Result<OwnedFd, CgroupError>;
+    /// Whether any process is left in the cell's subtree (`cgroup.events populated`).
+    fn populated(&self, cell: &CellName) -> Result<bool, CgroupError>;
+    /// Kills every process of the subtree at once (`cgroup.kill`).
+    fn kill(&self, cell: &CellName) -> Result<(), CgroupError>;
+    /// Freezes or thaws the subtree.
+    fn freeze(&self, cell: &CellName, frozen: bool) -> Result<(), CgroupError>;
+    /// Removes the cell's leaf and directory; child cells must be removed first.
+    fn remove(&self, cell: &CellName) -> Result<(), CgroupError>;
+    /// Where the cell's directory is, for messages and probes.
+    fn path(&self, cell: &CellName) -> PathBuf;
+}
+
+/// One limit as a cgroup file write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitWrite {
+    /// The request field, for error messages.
+    pub field: &'static str,
+    pub controller: &'static str,
+    pub file: &'static str,
+    pub value: String,
+}
+
+/// The cgroup files a set of limits becomes, in the order to write them (min/low before
+/// high/max so the kernel never sees an inverted pair).
+pub fn limit_writes(l: &Limits) -> Vec<LimitWrite> {
+    let mut w = Vec::new();
+    let mut push = |field, controller, file, value: String| {
+        w.push(LimitWrite {
+            field,
+            controller,
+            file,
+            value,
+        });
+    };
+    if let Some(v) = l.cpu_weight {
+        push("limits.cpu_weight", "cpu", "cpu.weight", v.to_string());
+    }
+    if let Some(c) = l.cpu_max {
+        let q = c
+            .quota_us
+            .map_or_else(|| "max".to_owned(), |q| q.to_string());
+        push(
+            "limits.cpu_max",
+            "cpu",
+            "cpu.max",
+            format!("{q} {}", c.period_us),
+        );
+    }
+    if let Some(v) = &l.cpuset_cpus {
+        push("limits.cpuset_cpus", "cpuset", "cpuset.cpus", v.clone());
+    }
+    if let Some(v) = &l.cpuset_mems {
+        push("limits.cpuset_mems", "cpuset", "cpuset.mems", v.clone());
+    }
+    for (field, file, v) in [
+        ("limits.memory_min_bytes", "memory.min", l.memory_min),
+        ("limits.memory_low_bytes", "memory.low", l.memory_low),
+        ("limits.memory_high_bytes", "memory.high", l.memory_high),
+        ("limits.memory_max_bytes", "memory.max", l.memory_max),
+        (
+            "limits.memory_swap_max_bytes",
+            "memory.swap.max",
+            l.memory_swap_max,
+        ),
+    ] {
+        if let Some(v) = v {
+            push(field, "memory", file, v.to_string());
+        }
+    }
+    if let Some(v) = l.pids_max {
+        push("limits.pids_max", "pids", "pids.max", v.to_string());
+    }
+    if let Some(v) = l.io_weight {
+        push(
+            "limits.io_weight",
+            "io",
+            "io.weight",
+            format!("default {v}"),
+        );
+    }
+    for m in &l.io_max {
+        let part = |k: &str, v: Option<u64>| {
+            format!(
+                "{k}={}",
+                v.map_or_else(|| "max".to_owned(), |v| v.to_string())
+            )
+        };
+        push(
+            "limits.io_max",
+            "io",
+            "io.max",
+            format!(
+                "{}:{} {} {} {} {}",
+                m.major,
+                m.minor,
+                part("rbps", m.rbps),
+                part("wbps", m.wbps),
+                part("riops", m.riops),
+                part("wiops", m.wiops)
+            ),
+        );
+    }
+    w
+}
+
+/// Checks that every limit's controller is available; names the first missing one.
+pub fn check_controllers(writes: &[LimitWrite], available: &[String]) -> Result<(), CgroupError> {
+    for w in writes {
+        if !available.iter().any(|c| c == w.controller) {
+            return Err(CgroupError::MissingController {
+                field: w.field,
+                controller: w.controller,
+                available: if available.is_empty() {
+                    "none".to_owned()
+                } else {
+                    available.join(" ")
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The real cgroup v2 filesystem below `root` (created if missing, mode 0755).
+#[derive(Debug)]
+pub struct FsTree {
+    root: PathBuf,
+    controllers: Vec<String>,
+}
+
+/// Controllers auraed enables for cells when available.
+const WANTED: [&str; 6] = ["cpu", "cpuset", "io", "memory", "pids", "hugetlb"];
+
+impl FsTree {
+    /// Opens (creating) the subtree at `root`, which must be on a cgroup2 filesystem, and
+    /// enables the wanted controllers available there for its children.
+    pub fn open(root: &Path) -> Result<Self, CgroupError> {
+        if !root.exists() {
+            fs::create_dir(root).map_err(io_err(root))?;
+        }
+        let avail = fs::read_to_string(root.join("cgroup.controllers")).map_err(io_err(root))?;
+        let controllers: Vec<String> = avail
+            .split_whitespace()
+            .filter(|c| WANTED.contains(c))
+            .map(str::to_owned)
+            .collect();
+        let tree = Self {
+            root: root.to_owned(),
+            controllers,
+        };
+        tree.enable_for_children(root)?;
+        Ok(tree)
+    }
+
+    fn enable_for_children(&self, dir: &Path) -> Result<(), CgroupError> {
+        if self.controllers.is_empty() {
+            return Ok(());
+        }
+        let value: Vec<String> = self.controllers.iter().map(|c| format!("+{c}")).collect();
+        let file = dir.join("cgroup.subtree_control");
+        fs::write(&file, value.join(" ")).map_err(io_err(&file))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Removes the root itself (only once every cell is gone).
+    pub fn remove_root(&self) -> Result<(), CgroupError> {
+        fs::remove_dir(&self.root).map_err(io_err(&self.root))
+    }
+}
+
+impl CgroupTree for FsTree {
+    fn controllers(&self) -> Vec<String> {
+        self.controllers.clone()
+    }
+
+    fn create(&self, cell: &CellName) -> Result<(), CgroupError> {
+        let dir = self.path(cell);
+        fs::create_dir(&dir).map_err(io_err(&dir))?;
+        let leaf = dir.join(LEAF);
+        let made = fs::create_dir(&leaf)
+            .map_err(io_err(&leaf))
+            .and_then(|()| self.enable_for_children(&dir));
+        if let Err(e) = made {
+            let _ = fs::remove_dir(&leaf);
+            let _ = fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn write(&self, cell: &CellName, file: &str, value: &str) -> Result<(), CgroupError> {
+        let p = self.path(cell).join(file);
+        fs::write(&p, value).map_err(io_err(&p))
+    }
+
+    fn read(&self, cell: &CellName, file: &str) -> Result<String, CgroupError> {
+        let p = self.path(cell).join(file);
+        fs::read_to_string(&p).map_err(io_err(&p))
+    }
+
+    fn leaf_fd(&self, cell: &CellName) -> Result<OwnedFd, CgroupError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.path(cell).join(LEAF);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECTORY)
+            .open(&p)
+            .map_err(io_err(&p))?;
+        Ok(OwnedFd::from(f))
+    }
+
+    fn populated(&self, cell: &CellName) -> Result<bool, CgroupError> {
+        Ok(self
+            .read(cell, "cgroup.events")?
+            .lines()
+            .any(|l| l.trim() == "populated 1"))
+    }
+
+    fn kill(&self, cell: &CellName) -> Result<(), CgroupError> {
+        self.write(cell, "cgroup.kill", "1")
+    }
+
+    fn freeze(&self, cell: &CellName, frozen: bool) -> Result<(), CgroupError> {
+        self.write(cell, "cgroup.freeze", if frozen { "1" } else { "0" })
+    }
+
+    fn remove(&self, cell: &CellName) -> Result<(), CgroupError> {
+        let dir = self.path(cell);
+        let leaf = dir.join(LEAF);
+        if leaf.exists() {
+            fs::remove_dir(&leaf).map_err(io_err(&leaf))?;
+        }
+        fs::remove_dir(&dir).map_err(io_err(&dir))
+    }
+
+    fn path(&self, cell: &CellName) -> PathBuf {
+        self.root.join(cell.as_str())
+    }
+}
+
+/// In-memory stand-in for unit tests: records directories and writes, simulates
+/// `populated` through [`FakeTree::set_populated`].
+#[derive(Debug, Default)]
+pub struct FakeTree {
+    pub controllers: Vec<String>,
+    state: Mutex<FakeState>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    dirs: BTreeMap<String, BTreeMap<String, String>>,
+    populated: BTreeMap<String, bool>,
+}
+
+impl FakeTree {
+    pub fn with_controllers(c: &[&str]) -> Self {
+        Self {
+            controllers: c.iter().map(|s| (*s).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
+
+    pub fn files(&self, cell: &str) -> Option<BTreeMap<String, String>> {
+        self.state.lock().ok()?.dirs.get(cell).cloned()
+    }
+
+    pub fn exists(&self, cell: &str) -> bool {
+        self.state.lock().is_ok_and(|s| s.dirs.contains_key(cell))
+    }
+
+    pub fn set_populated(&self, cell: &str, p: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            s.populated.insert(cell.to_owned(), p);
+        }
+    }
+}
+
+fn fake_err(cell: &CellName, what: &str) -> CgroupError {
+    CgroupError::Io {
+        path: PathBuf::from(cell.as_str()),
+        source: io::Error::new(io::ErrorKind::NotFound, what.to_owned()),
+    }
+}
+
+impl CgroupTree for FakeTree {
+    fn controllers(&self) -> Vec<String> {
+        self.controllers.clone()
+    }
+
+    fn create(&self, cell: &CellName) -> Result<(), CgroupError> {
+        let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
+        if let Some(p) = cell.parent()
+            && !s.dirs.contains_key(p.as_str())
+        {
+            return Err(fake_err(cell, "parent missing"));
+        }
+        if s.dirs.contains_key(cell.as_str()) {
+            return Err(CgroupError::Io {
+                path: PathBuf::from(cell.as_str()),
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            });
+        }
+        s.dirs.insert(cell.as_str().to_owned(), BTreeMap::new());
+        Ok(())
+    }
+
+    fn write(&self, cell: &CellName, file: &str, value: &str) -> Result<(), CgroupError> {
+        let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
+        let d = s
+            .dirs
+            .get_mut(cell.as_str())
+            .ok_or_else(|| fake_err(cell, "no such cell"))?;
+        d.insert(file.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    fn read(&self, cell: &CellName, file: &str) -> Result<String, CgroupError> {
+        let s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
+        s.dirs
+            .get(cell.as_str())
+            .and_then(|d| d.get(file).cloned())
+            .ok_or_else(|| fake_err(cell, file))
+    }
+
+    fn leaf_fd(&self, cell: &CellName) -> Result<OwnedFd, CgroupError> {
+        Err(fake_err(cell, "the fake tree has no real directories"))
+    }
+
+    fn populated(&self, cell: &CellName) -> Result<bool, CgroupError> {
+        let s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
+        Ok(s.populated.get(cell.as_str()).copied().unwrap_or(false))
+    }
+
+    fn kill(&self, cell: &CellName) -> Result<(), CgroupError> {
+        self.set_populated(cell.as_str(), false);
+        self.write(cell, "cgroup.kill", "1")
+    }
+
+    fn freeze(&self, cell: &CellName, frozen: bool) -> Result<(), CgroupError> {
+        self.write(cell, "cgroup.freeze", if frozen { "1" } else { "0" })
+    }
+
+    fn remove(&self, cell: &CellName) -> Result<(), CgroupError> {
+        let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
+        let prefix = format!("{}/", cell.as_str());
+        if s.dirs.keys().any(|k| k.starts_with(&prefix)) {
+            return Err(fake_err(cell, "has child cells"));
+        }
+        s.dirs
+            .remove(cell.as_str())
+            .map(|_| ())
+            .ok_or_else(|| fake_err(cell, "no such cell"))
+    }
+
+    fn path(&self, cell: &CellName) -> PathBuf {
+        PathBuf::from("/fake").join(cell.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aurae_proto::runtime::v0 as pb;
+
+    use super::*;
+
+    #[test]
+    fn limits_become_cgroup_files_in_their_units() {
+        let l = Limits::parse(
+            "limits",
+            Some(pb::CellLimits {
+                cpu_weight: Some(100),
+                cpu_max: Some(pb::CpuMax {
+                    quota_us: 50_000,
+                    period_us: 100_000,
+                }),
+                memory_max_bytes: Some(64 << 20),
+                memory_min_bytes: Some(1 << 20),
+                pids_max: Some(32),
+                io_weight: Some(200),
+                io_max: vec![pb::IoMax {
+                    device: "8:0".into(),
+                    rbps: 1_000_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            2,
+        )
+        .unwrap();
+        let w: Vec<(&str, String)> = limit_writes(&l)
+            .into_iter()
+            .map(|w| (w.file, w.value))
+            .collect();
+        assert_eq!(
+            w,
+            vec![
+                ("cpu.weight", "100".to_owned()),
+                ("cpu.max", "50000 100000".to_owned()),
+                ("memory.min", "1048576".to_owned()),
+                ("memory.max", "67108864".to_owned()),
+                ("pids.max", "32".to_owned()),
+                ("io.weight", "default 200".to_owned()),
+                (
+                    "io.max",
+                    "8:0 rbps=1000000 wbps=max riops=max wiops=max".to_owned()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_controller_is_named() {
+        let l = Limits::parse(
+            "limits",
+            Some(pb::CellLimits {
+                memory_max_bytes: Some(64 << 20),
+                ..Default::default()
+            }),
+            2,
+        )
+        .unwrap();
+        let err = check_controllers(&limit_writes(&l), &["hugetlb".to_owned()]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("limits.memory_max_bytes") && msg.contains("memory controller"),
+            "{msg}"
+        );
+        assert!(check_controllers(&limit_writes(&l), &["memory".to_owned()]).is_ok());
+    }
+
+    #[test]
+    fn fake_tree_enforces_parents_and_children() {
+        let t = FakeTree::with_controllers(&["memory"]);
+        let web = CellName::parse("n", "web").unwrap();
+        let api = CellName::parse("n", "web/api").unwrap();
+        assert!(t.create(&api).is_err(), "parent first");
+        t.create(&web).unwrap();
+        t.create(&api).unwrap();
+        assert!(t.remove(&web).is_err(), "children first");
+        t.remove(&api).unwrap();
+        t.remove(&web).unwrap();
+    }
+}

@@ -1,0 +1,139 @@
+//! One reaper owns every wait of this process.
+//!
+//! auraed is a child subreaper (or PID 1), so besides the processes it starts it also
+//! inherits orphans. On each SIGCHLD the reaper peeks at exited children without reaping
+//! (`waitid(P_ALL, WNOWAIT)`): a child it tracks is reaped through its pidfd and its status
+//! delivered to whoever waits; any other child is an orphan and is reaped at once, so no
+//! zombie is ever left. Spawns hold a shared gate while they clone and register, and the
+//! reaper takes it exclusively, so a child that exits instantly is never mistaken for an
+//! orphan.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use aurae_sys::{ExitStatus, Pidfd, SpawnError, pidfd};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+/// A started child: its pid (in our namespace), pidfd, and the exit status when it comes.
+#[derive(Debug)]
+pub struct Child {
+    pub pid: i32,
+    pub pidfd: Arc<Pidfd>,
+    pub exit: oneshot::Receiver<ExitStatus>,
+}
+
+/// A tracked child: its pidfd and where its exit status goes.
+type Tracked = (Arc<Pidfd>, oneshot::Sender<ExitStatus>);
+
+#[derive(Debug, Default)]
+pub struct Reaper {
+    gate: RwLock<()>,
+    tracked: Mutex<HashMap<i32, Tracked>>,
+    orphans: std::sync::atomic::AtomicU64,
+}
+
+impl Reaper {
+    /// Runs `spawn` (which clones a child of this process) and tracks the child.
+    pub fn spawn(
+        &self,
+        spawn: impl FnOnce() -> Result<(i32, Pidfd), SpawnError>,
+    ) -> Result<Child, SpawnError> {
+        let _gate = self
+            .gate
+            .read()
+            .map_err(|_| SpawnError::Setup(std::io::Error::other("reaper gate poisoned")))?;
+        let (pid, pidfd) = spawn()?;
+        let pidfd = Arc::new(pidfd);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut t) = self.tracked.lock() {
+            t.insert(pid, (pidfd.clone(), tx));
+        }
+        Ok(Child {
+            pid,
+            pidfd,
+            exit: rx,
+        })
+    }
+
+    /// Reaps every exited child; returns how many were orphans.
+    pub fn reap(&self) -> u64 {
+        let Ok(_gate) = self.gate.write() else {
+            return 0;
+        };
+        let mut orphans = 0;
+        loop {
+            let child = match pidfd::peek_exited_child() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("waitid: {e}");
+                    break;
+                }
+            };
+            let tracked = self
+                .tracked
+                .lock()
+                .ok()
+                .and_then(|mut t| t.remove(&child.pid));
+            match tracked {
+                Some((pidfd, tx)) => match pidfd.try_wait() {
+                    Ok(Some(status)) => {
+                        let _ = tx.send(status);
+                    }
+                    other => {
+                        warn!(
+                            pid = child.pid,
+                            "tracked child could not be reaped through its pidfd: {other:?}"
+                        );
+                        let _ = pidfd::reap_zombie(child.pid);
+                        if let Some(s) = child.status {
+                            let _ = tx.send(s);
+                        }
+                    }
+                },
+                None => {
+                    debug!(pid = child.pid, status = ?child.status, "reaped an orphan");
+                    if let Err(e) = pidfd::reap_zombie(child.pid) {
+                        warn!(pid = child.pid, "reaping orphan: {e}");
+                        break;
+                    }
+                    orphans += 1;
+                }
+            }
+        }
+        self.orphans
+            .fetch_add(orphans, std::sync::atomic::Ordering::Relaxed);
+        orphans
+    }
+
+    /// Orphans reaped so far.
+    pub fn orphans_reaped(&self) -> u64 {
+        self.orphans.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reaps on every SIGCHLD, and once a second in case signals were coalesced away.
+    pub async fn run(self: Arc<Self>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigchld = match signal(SignalKind::child()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("no SIGCHLD handler ({e}); reaping by polling every second");
+                None
+            }
+        };
+        loop {
+            match sigchld.as_mut() {
+                Some(s) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), s.recv()).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.reap()).await;
+        }
+    }
+}
