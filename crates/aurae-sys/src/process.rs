@@ -29,8 +29,16 @@ pub fn thread_count() -> Option<usize> {
 /// itself (`kill(-1, sig)`). Only the cell init uses it, as PID 1 of its cell's namespace,
 /// where "every process" is exactly the cell.
 pub fn signal_all_in_namespace(signal: i32) -> io::Result<()> {
+    // Outside PID 1 of a namespace, -1 would reach every process of that namespace, e.g.
+    // the whole host: refuse.
+    if std::process::id() != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "only PID 1 of a PID namespace may signal all of it",
+        ));
+    }
     // SAFETY: kill takes integers; -1 addresses every process we may signal in our PID
-    // namespace, which for a namespace's PID 1 is that namespace.
+    // namespace, which for a namespace's PID 1 is exactly that namespace.
     let r = unsafe { libc::kill(-1, signal) };
     if r < 0 {
         Err(io::Error::last_os_error())

@@ -327,16 +327,21 @@ unsafe fn child(
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
-        if (req.uid.is_some() || req.gid.is_some()) && libc::setgroups(0, ptr::null()) < 0 {
+        // Raw syscalls, not glibc's set*id wrappers: those synchronize every thread glibc
+        // believes exists (nptl setxid), and after a raw clone3 it still believes in the
+        // parent's threads, so the child would wait forever.
+        if (req.uid.is_some() || req.gid.is_some())
+            && libc::syscall(libc::SYS_setgroups, 0, ptr::null::<libc::gid_t>()) < 0
+        {
             fail(err_w, 5);
         }
         if let Some(g) = req.gid
-            && libc::setresgid(g, g, g) < 0
+            && libc::syscall(libc::SYS_setresgid, g, g, g) < 0
         {
             fail(err_w, 6);
         }
         if let Some(u) = req.uid
-            && libc::setresuid(u, u, u) < 0
+            && libc::syscall(libc::SYS_setresuid, u, u, u) < 0
         {
             fail(err_w, 7);
         }

@@ -43,6 +43,9 @@ pub struct DaemonOptions {
 /// A running auraed. Dropping it kills the process (by its handle) and removes its files.
 #[derive(Debug)]
 pub struct Daemon {
+    /// The cgroup v2 directory this daemon's cells live under (unique per daemon), if
+    /// this machine lets us make one.
+    pub cgroup: Option<PathBuf>,
     pub dir: TempDir,
     pub pki: PkiPaths,
     pub socket: PathBuf,
@@ -71,6 +74,24 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.path().join("state"));
+        let cgroup = tier::cgroup_parent().ok().map(|parent| {
+            parent.join(format!(
+                "aurae-test-{}-{}",
+                std::process::id(),
+                dir.path()
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("x")
+                    .trim_start_matches("aurae-test-")
+            ))
+        });
+        // Without a usable hierarchy, point at a path that is not one: cells then answer
+        // FAILED_PRECONDITION instead of sharing a real root with other daemons.
+        cmd.arg("--cgroup-root").arg(
+            cgroup
+                .clone()
+                .unwrap_or_else(|| dir.path().join("no-cgroup/aurae")),
+        );
         let tcp = if opts.tcp { Some(free_port()?) } else { None };
         if let Some(addr) = tcp {
             cmd.arg("--listen").arg(addr.to_string());
@@ -89,6 +110,7 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut d = Self {
+            cgroup,
             dir,
             pki,
             socket,
@@ -233,5 +255,39 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(cg) = &self.cgroup {
+            remove_cgroup_tree(cg);
+        }
+    }
+}
+
+/// Kills every process below our own test cgroup and removes its directories, deepest
+/// first. Only ever called on a directory this harness created.
+pub fn remove_cgroup_tree(root: &Path) {
+    if !root.exists() {
+        return;
+    }
+    let _ = fs::write(root.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_to_string(root.join("cgroup.events")).is_ok_and(|e| e.contains("populated 1"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut dirs = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        dirs.push(d);
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let _ = fs::remove_dir(&d);
     }
 }

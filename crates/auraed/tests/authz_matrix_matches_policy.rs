@@ -129,6 +129,7 @@ fn request(input: &str, name: &str) -> (Vec<u8>, bool) {
             pb::Executable {
                 cell: name.into(),
                 argv: vec!["/bin/true".into()],
+                uid: Some(1000),
                 ..Default::default()
             }
             .encode_to_vec(),

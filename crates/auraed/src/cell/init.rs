@@ -35,15 +35,33 @@ fn setup(hostname: &str, flags: &str) -> Result<(), String> {
             None::<&str>,
         )
         .map_err(|e| format!("making / private: {e}"))?;
+        let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         if has("pid") {
+            mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>)
+                .map_err(|e| format!("mounting /proc: {e}"))?;
+        }
+        if has("net") {
+            // A fresh sysfs shows the cell's own network devices; read-only.
             mount(
-                Some("proc"),
-                "/proc",
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("sysfs"),
+                "/sys",
+                Some("sysfs"),
+                nosuid | MsFlags::MS_RDONLY,
                 None::<&str>,
             )
-            .map_err(|e| format!("mounting /proc: {e}"))?;
+            .map_err(|e| format!("mounting /sys: {e}"))?;
+            if has("cgroup") {
+                // The cell's own cgroup tree (rooted at the cell by its cgroup namespace),
+                // read-only (CVE-2023-25809).
+                mount(
+                    Some("cgroup2"),
+                    "/sys/fs/cgroup",
+                    Some("cgroup2"),
+                    nosuid | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .map_err(|e| format!("mounting /sys/fs/cgroup: {e}"))?;
+            }
         }
     }
     if has("uts") {

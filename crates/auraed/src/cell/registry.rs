@@ -83,7 +83,9 @@ struct NsSet {
 }
 
 impl NsSet {
-    fn of(spec: &CellSpec) -> Self {
+    /// A nested cell shares its parent's PID namespace (so the parent sees and reaps
+    /// below it) and gets its own others.
+    fn of(spec: &CellSpec, nested: bool) -> Self {
         let n = &spec.namespaces;
         let mut others = 0;
         for (shared, flag) in [
@@ -99,7 +101,7 @@ impl NsSet {
         }
         Self {
             others,
-            pid: !n.share_host_pid,
+            pid: !n.share_host_pid && !nested,
         }
     }
 
@@ -148,6 +150,9 @@ pub struct Cell {
     pub created_at: SystemTime,
     ns: NsSet,
     init: Option<Init>,
+    /// The process whose PID namespace the cell's processes are born in: its own init
+    /// (top-level cell), its parent's holder (nested cell), none (host PID namespace).
+    pid_holder: Option<Arc<Pidfd>>,
     inner: Mutex<Inner>,
     oom_kills: AtomicU64,
 }
@@ -426,7 +431,7 @@ impl Cells {
             let _ = tree.remove(&spec.name);
             return Err(e);
         }
-        let ns = NsSet::of(&spec);
+        let ns = NsSet::of(&spec, parent.is_some());
         let init = if ns.any() {
             let me = self.clone();
             let spec2 = spec.clone();
@@ -449,10 +454,16 @@ impl Cells {
         } else {
             None
         };
+        let pid_holder = match (&parent, &init) {
+            (Some(p), _) if !spec.namespaces.share_host_pid => p.pid_holder.clone(),
+            (None, Some(i)) if ns.pid => Some(i.pidfd.clone()),
+            _ => None,
+        };
         let cell = Arc::new(Cell {
             created_at: SystemTime::now(),
             ns,
             init,
+            pid_holder,
             inner: Mutex::new(Inner {
                 phase: pb::Phase::Running,
                 message: String::new(),
@@ -502,19 +513,26 @@ impl Cells {
             .filter_map(|s| std::ffi::CString::new(*s).ok())
             .collect();
         let null = devnull.as_raw_fd();
-        let parent_init = parent.and_then(|p| p.init.as_ref().map(|i| (i.pidfd.clone(), p.ns)));
-        let pid_ns_of = parent_init
-            .as_ref()
-            .filter(|(_, pns)| pns.pid && ns.pid)
-            .map(|(fd, _)| fd.as_raw_fd());
-        let (new_namespaces, join, unshare) = match &parent_init {
-            // Born inside the parent's namespaces, then new ones of our own below them.
-            Some((fd, pns)) if pns.others != 0 => (
-                Ns(if ns.pid { Ns::PID } else { 0 }),
-                Some((fd.as_raw_fd(), Ns(pns.others))),
+        // A top-level cell's init is born with all its new namespaces. A nested cell's init
+        // is born in its parent's PID namespace, joins the parent's other namespaces and
+        // unshares its own below them (PID namespaces cannot be nested from a thread that
+        // entered one: clone(CLONE_NEWPID) there is EINVAL).
+        let (pid_ns_of, new_namespaces, join, unshare) = match parent {
+            Some(p) => (
+                if spec.namespaces.share_host_pid {
+                    None
+                } else {
+                    p.pid_holder.as_ref().map(|h| h.as_raw_fd())
+                },
+                Ns(0),
+                p.init
+                    .as_ref()
+                    .filter(|_| p.ns.others != 0)
+                    .map(|i| (i.pidfd.as_raw_fd(), Ns(p.ns.others))),
                 Ns(ns.others),
             ),
-            _ => (
+            None => (
+                None,
                 Ns(ns.others | if ns.pid { Ns::PID } else { 0 }),
                 None,
                 Ns(0),
@@ -648,7 +666,7 @@ impl Cells {
                     pass_fd: None,
                     cgroup: Some(leaf.as_raw_fd()),
                     new_namespaces: Ns(0),
-                    pid_namespace_of: init.filter(|_| cell2.ns.pid).map(|i| i.pidfd.as_raw_fd()),
+                    pid_namespace_of: cell2.pid_holder.as_ref().map(|h| h.as_raw_fd()),
                     join: init
                         .filter(|_| cell2.ns.others != 0)
                         .map(|i| (i.pidfd.as_raw_fd(), Ns(cell2.ns.others))),

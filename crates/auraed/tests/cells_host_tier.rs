@@ -1,0 +1,941 @@
+//! Host tier (T1: root and a cgroup v2 hierarchy, even the hybrid one): cells really get
+//! new namespaces, processes land in their cgroup, exit codes and signals are right, stop
+//! is graceful, logs replay and follow, nothing leaks (zombies, fds, threads, cgroups).
+//! Each test runs its own auraed with its own uniquely named cgroup, removed afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    Daemon, DaemonOptions,
+    tier::{self, Tier},
+};
+use tonic::Code;
+
+async fn daemon(test: &str, opts: DaemonOptions) -> Option<(Daemon, Client)> {
+    if !tier::check(test, Tier::Host, tier::needs_cells()) {
+        return None;
+    }
+    let d = Daemon::start(Path::new(env!("CARGO_BIN_EXE_auraed")), opts)
+        .await
+        .unwrap();
+    let c = d.client("admin").await.unwrap();
+    Some((d, c))
+}
+
+async fn allocate(c: &Client, name: &str) -> pb::CellStatus {
+    c.cells()
+        .allocate(pb::Cell {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("allocate {name}: {e:?}"))
+        .into_inner()
+}
+
+fn exe(cell: &str, name: &str, argv: &[&str]) -> pb::Executable {
+    pb::Executable {
+        cell: cell.into(),
+        name: name.into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: [(
+            "PATH".to_string(),
+            "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn sh(cell: &str, name: &str, script: &str) -> pb::Executable {
+    exe(cell, name, &["/bin/sh", "-c", script])
+}
+
+fn r(cell: &str, name: &str) -> pb::ExecutableRef {
+    pb::ExecutableRef {
+        cell: cell.into(),
+        name: name.into(),
+    }
+}
+
+async fn run(c: &Client, e: pb::Executable) -> pb::ExecutableStatus {
+    let id = format!("{}/{}", e.cell, e.name);
+    c.runtime()
+        .run_executable(e)
+        .await
+        .unwrap_or_else(|s| panic!("run {id}: {s:?}"))
+        .into_inner()
+}
+
+async fn wait(c: &Client, cell: &str, name: &str) -> pb::ExecutableStatus {
+    c.executables()
+        .wait(pb::WaitExecutableRequest {
+            executable: Some(r(cell, name)),
+            timeout: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn output(c: &Client, cell: &str, name: &str) -> String {
+    let mut s = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(r(cell, name)),
+            follow: true,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await.unwrap() {
+        out.extend(chunk.data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn code(s: &pb::ExecutableStatus) -> Option<i32> {
+    match s.exit.as_ref()?.how? {
+        pb::exit_status::How::Code(c) => Some(c),
+        pb::exit_status::How::Signal(_) => None,
+    }
+}
+
+fn signal(s: &pb::ExecutableStatus) -> Option<i32> {
+    match s.exit.as_ref()?.how? {
+        pb::exit_status::How::Signal(c) => Some(c),
+        pb::exit_status::How::Code(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_has_its_own_namespaces_with_lo_up_and_only_stdio() {
+    let Some((d, c)) = daemon(
+        "a_cell_has_its_own_namespaces_with_lo_up_and_only_stdio",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "probe").await;
+    let script = "echo pid=$$; echo host=$(hostname); grep '^0::' /proc/self/cgroup; echo net=$(ls /sys/class/net); \
+                  echo loflags=$(cat /sys/class/net/lo/flags); echo init=$(cat /proc/1/comm); \
+                  echo netns=$(readlink /proc/self/ns/net); echo maxpid=$(ls /proc | grep '^[0-9]' | sort -n | tail -1);";
+    run(&c, sh("probe", "p", script)).await;
+    let st = wait(&c, "probe", "p").await;
+    let out = output(&c, "probe", "p").await;
+    println!("probe output:\n{out}");
+    assert_eq!(code(&st), Some(0), "{out}");
+    assert!(
+        out.contains("pid=2\n"),
+        "first process is pid 2 after the cell init: {out}"
+    );
+    assert!(out.contains("host=probe\n"), "own hostname: {out}");
+    assert!(
+        out.contains("0::/\n"),
+        "own cgroup namespace rooted at the cell: {out}"
+    );
+    assert!(out.contains("net=lo\n"), "only lo: {out}");
+    assert!(out.contains("loflags=0x9\n"), "lo is up: {out}");
+    assert!(
+        out.contains("init=aurae-init\n"),
+        "pid 1 is the cell init: {out}"
+    );
+    // The shell's own descriptors, listed by a child so no directory fd of the lister counts.
+    run(&c, sh("probe", "fds", "ls /proc/$$/fd")).await;
+    wait(&c, "probe", "fds").await;
+    assert_eq!(
+        output(&c, "probe", "fds").await,
+        "0\n1\n2\n",
+        "only stdio crosses into a workload"
+    );
+    let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert!(
+        !out.contains(&format!("netns={}", host_net.display())),
+        "a new network namespace: {out}"
+    );
+    let maxpid: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("maxpid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        maxpid < 100,
+        "only the cell's own few pids are visible: {out}"
+    );
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_of_a_cell_talk_over_localhost() {
+    let Some((_d, c)) = daemon(
+        "two_processes_of_a_cell_talk_over_localhost",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "pair").await;
+    let server = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  s.bind(('127.0.0.1', 7001))\ns.listen()\nc,_=s.accept()\nprint(c.recv(100).decode(), flush=True)\nc.sendall(b'pong')";
+    let client = "import socket,time\nfor i in range(200):\n    try:\n        s=socket.create_connection(('127.0.0.1', 7001))\n        break\n    except OSError:\n        time.sleep(0.05)\n\
+                  s.sendall(b'ping')\nprint(s.recv(100).decode(), flush=True)";
+    run(
+        &c,
+        exe("pair", "server", &["/usr/bin/python3", "-c", server]),
+    )
+    .await;
+    run(
+        &c,
+        exe("pair", "client", &["/usr/bin/python3", "-c", client]),
+    )
+    .await;
+    let (s, cl) = (
+        wait(&c, "pair", "server").await,
+        wait(&c, "pair", "client").await,
+    );
+    let (so, co) = (
+        output(&c, "pair", "server").await,
+        output(&c, "pair", "client").await,
+    );
+    assert_eq!(
+        (code(&s), code(&cl)),
+        (Some(0), Some(0)),
+        "server: {so} client: {co}"
+    );
+    assert_eq!((so.trim(), co.trim()), ("ping", "pong"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_are_placed_frozen_and_killed_with_their_cell() {
+    let Some((d, c)) = daemon(
+        "processes_are_placed_frozen_and_killed_with_their_cell",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "place").await;
+    let st = run(&c, exe("place", "sleeper", &["/bin/sleep", "100"])).await;
+    let cg = d.cgroup.clone().unwrap().join("place");
+    let procs = std::fs::read_to_string(format!("/proc/{}/cgroup", st.pid)).unwrap();
+    let rel = cg.strip_prefix(tier::cgroup_parent().unwrap()).unwrap();
+    assert!(
+        procs.contains(&format!("0::/{}/_procs", rel.display())),
+        "{procs}"
+    );
+    std::fs::write(cg.join("cgroup.freeze"), "1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(cg.join("cgroup.events"))
+        .unwrap()
+        .contains("frozen 1")
+    {
+        assert!(Instant::now() < deadline, "cell did not freeze");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::write(cg.join("cgroup.freeze"), "0").unwrap();
+    let stopped = c
+        .cells()
+        .stop(pb::StopRequest {
+            name: "place".into(),
+            grace_period: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.phase, pb::Phase::Exited as i32);
+    let s = wait(&c, "place", "sleeper").await;
+    assert_eq!(signal(&s), Some(15), "sleep ends by SIGTERM: {s:?}");
+    assert!(
+        !std::fs::read_to_string(cg.join("cgroup.events"))
+            .unwrap()
+            .contains("populated 1")
+    );
+    c.cells()
+        .free(pb::NameRef {
+            name: "place".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!cg.exists(), "free removes the cgroup");
+    let e = c
+        .cells()
+        .get(pb::NameRef {
+            name: "place".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_signals_and_graceful_stop() {
+    let Some((_d, c)) = daemon(
+        "exit_codes_signals_and_graceful_stop",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "codes").await;
+    for (name, script, want_code, want_sig) in [
+        ("zero", "exit 0", Some(0), None),
+        ("three", "exit 3", Some(3), None),
+        ("max", "exit 255", Some(255), None),
+        ("killed", "kill -KILL $$", None, Some(9)),
+        ("termed", "kill -TERM $$", None, Some(15)),
+    ] {
+        run(&c, sh("codes", name, script)).await;
+        let s = wait(&c, "codes", name).await;
+        assert_eq!(
+            (code(&s), signal(&s)),
+            (want_code, want_sig),
+            "{name}: {s:?}"
+        );
+        assert_eq!(s.pid, 0, "an exited executable has no pid");
+    }
+    // Graceful: the process handles SIGTERM and exits 0 within the grace period.
+    run(
+        &c,
+        sh(
+            "codes",
+            "polite",
+            "trap 'echo bye; exit 0' TERM; while true; do sleep 0.05; done",
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = c
+        .executables()
+        .stop(pb::StopExecutableRequest {
+            executable: Some(r("codes", "polite")),
+            grace_period: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&s), Some(0), "{s:?}");
+    assert!(output(&c, "codes", "polite").await.contains("bye"));
+    // Stubborn: SIGTERM ignored, SIGKILL after the grace period.
+    run(
+        &c,
+        sh(
+            "codes",
+            "stubborn",
+            "trap '' TERM; while true; do sleep 0.05; done",
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let s = c
+        .executables()
+        .stop(pb::StopExecutableRequest {
+            executable: Some(r("codes", "stubborn")),
+            grace_period: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signal(&s), Some(9), "{s:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "waited the grace period"
+    );
+    // Signalling an exited process signals nobody.
+    let e = c
+        .executables()
+        .signal(pb::SignalExecutableRequest {
+            executable: Some(r("codes", "zero")),
+            signal: 15,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_replay_and_follow() {
+    let Some((_d, c)) = daemon("logs_replay_and_follow", DaemonOptions::default()).await else {
+        return;
+    };
+    allocate(&c, "logs").await;
+    run(
+        &c,
+        sh(
+            "logs",
+            "talker",
+            "for i in 1 2 3 4 5; do echo line$i; sleep 0.1; done; echo oops >&2",
+        ),
+    )
+    .await;
+    // Follow from the start while it runs: every line arrives, then the stream ends.
+    let mut s = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(r("logs", "talker")),
+            follow: true,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    let mut chunks = 0;
+    while let Some(ch) = tokio::time::timeout(Duration::from_secs(20), s.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        chunks += 1;
+        let text = String::from_utf8_lossy(&ch.data).into_owned();
+        if ch.stream == pb::LogStream::Stderr as i32 {
+            stderr += &text
+        } else {
+            stdout += &text
+        }
+    }
+    assert_eq!(stdout, "line1\nline2\nline3\nline4\nline5\n");
+    assert_eq!(stderr, "oops\n");
+    assert!(chunks >= 5, "followed live, chunk by chunk ({chunks})");
+    // Replay from an offset after the fact.
+    let mut s = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(r("logs", "talker")),
+            follow: false,
+            from_offset: 6,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    assert_eq!(first.offset, 6);
+    assert!(String::from_utf8_lossy(&first.data).starts_with("line2"));
+}
+
+fn zombies_of(parents: &[i32]) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() == Some(&"Z")
+            && f.get(1)
+                .and_then(|p| p.parse::<i32>().ok())
+                .is_some_and(|p| parents.contains(&p))
+        {
+            out.push(stat);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_short_executables_with_double_forks_leave_no_zombies() {
+    let Some((d, c)) = daemon(
+        "a_thousand_short_executables_with_double_forks_leave_no_zombies",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let cell = allocate(&c, "many").await;
+    let init = cell.executables.len(); // 0; the init pid comes from the host view below
+    assert_eq!(init, 0);
+    let auraed = i32::try_from(d.pid().unwrap()).unwrap();
+    // Also a cell sharing auraed's PID namespace: its orphans come to auraed, the subreaper.
+    c.cells()
+        .allocate(pb::Cell {
+            name: "hostpid".into(),
+            namespaces: Some(pb::CellNamespaces {
+                share_host_pid: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let n = 1000usize;
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut wrong = Vec::new();
+            for i in (worker..n).step_by(8) {
+                let cell = if i % 2 == 0 { "many" } else { "hostpid" };
+                let code = i32::try_from(i % 256).unwrap();
+                let script = if i % 10 == 0 {
+                    format!("(sleep 0.01 &) ; exit {code}")
+                } else {
+                    format!("exit {code}")
+                };
+                let name = format!("e{i}");
+                run(&c, sh(cell, &name, &script)).await;
+                let s = wait(&c, cell, &name).await;
+                if super_code(&s) != Some(code) {
+                    wrong.push(format!("{name}: {s:?}"));
+                }
+                c.executables().free(r(cell, &name)).await.unwrap();
+            }
+            wrong
+        }));
+    }
+    let mut wrong = Vec::new();
+    for t in tasks {
+        wrong.extend(t.await.unwrap());
+    }
+    // Let the orphaned sleeps finish and be reaped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let zombies = zombies_of(&[auraed]);
+    println!(
+        "{n} executables (every 10th double-forking, half sharing auraed's pid namespace) in {:.2} s: {} wrong exit codes, {} zombies",
+        start.elapsed().as_secs_f64(),
+        wrong.len(),
+        zombies.len()
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+}
+
+fn super_code(s: &pb::ExecutableStatus) -> Option<i32> {
+    code(s)
+}
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_lifecycles_leak_no_fds_or_threads() {
+    let Some((d, c)) = daemon(
+        "five_hundred_lifecycles_leak_no_fds_or_threads",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let cycle = |i: usize| {
+        let c = c.clone();
+        async move {
+            let name = format!("cycle{i}");
+            c.cells()
+                .allocate(pb::Cell {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            run(&c, exe(&name, "t", &["/bin/true"])).await;
+            assert_eq!(code(&wait(&c, &name, "t").await), Some(0));
+            output(&c, &name, "t").await;
+            c.cells().free(pb::NameRef { name }).await.unwrap();
+        }
+    };
+    for i in 0..20 {
+        cycle(i).await; // warm up pools and lazily made state
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = d.pid().unwrap();
+    let (fds0, threads0) = (d.fd_count().unwrap(), threads_of(pid));
+    let start = Instant::now();
+    for i in 20..520 {
+        cycle(i).await;
+    }
+    let took = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (fds1, threads1) = (d.fd_count().unwrap(), threads_of(pid));
+    println!(
+        "500 cell+executable lifecycles in {:.2} s ({:.1} ms each): fds {fds0} -> {fds1}, threads {threads0} -> {threads1}",
+        took.as_secs_f64(),
+        took.as_secs_f64() * 1e3 / 500.0
+    );
+    assert_eq!(fds1, fds0, "fd leak");
+    assert!(
+        threads1 <= threads0 + 1,
+        "thread leak: {threads0} -> {threads1}"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.cgroup.as_ref().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeing_a_forking_cell_empties_it_quickly() {
+    let Some((d, c)) = daemon(
+        "freeing_a_forking_cell_empties_it_quickly",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "forker").await;
+    run(&c, sh("forker", "loop", "while true; do sleep 30 & done")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cg = d.cgroup.clone().unwrap().join("forker");
+    let procs = std::fs::read_to_string(cg.join("_procs/cgroup.procs"))
+        .unwrap()
+        .lines()
+        .count();
+    let t = Instant::now();
+    c.cells()
+        .free(pb::NameRef {
+            name: "forker".into(),
+        })
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    println!(
+        "freed a forking cell with {procs} processes in {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(procs > 10, "the loop forked ({procs})");
+    assert!(!cg.exists(), "directory removed");
+    assert!(took < Duration::from_secs(5), "free took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_cells_live_inside_their_parent_and_are_freed_with_it() {
+    let Some((d, c)) = daemon(
+        "nested_cells_live_inside_their_parent_and_are_freed_with_it",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let e = c
+        .cells()
+        .allocate(pb::Cell {
+            name: "web/api".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    allocate(&c, "web").await;
+    allocate(&c, "web/api").await;
+    let inner = run(&c, exe("web/api", "sleeper", &["/bin/sleep", "30"])).await;
+    let host_view = std::fs::read_to_string(format!("/proc/{}/cgroup", inner.pid)).unwrap();
+    assert!(host_view.contains("/web/api/_procs"), "{host_view}");
+    run(
+        &c,
+        sh(
+            "web/api",
+            "me",
+            "grep '^0::' /proc/self/cgroup; echo pid=$$; hostname",
+        ),
+    )
+    .await;
+    wait(&c, "web/api", "me").await;
+    let me = output(&c, "web/api", "me").await;
+    assert!(me.contains("0::/\n") && me.contains("\napi\n"), "{me}");
+    // The parent's processes see the child's: its PID namespace is nested inside.
+    run(&c, sh("web", "look", "ls /proc | grep -c '^[0-9]'")).await;
+    wait(&c, "web", "look").await;
+    let seen: usize = output(&c, "web", "look").await.trim().parse().unwrap();
+    assert!(
+        seen >= 4,
+        "parent sees its init, the child's init and sleeper, and itself: {seen}"
+    );
+    c.cells()
+        .free(pb::NameRef { name: "web".into() })
+        .await
+        .unwrap();
+    assert!(!d.cgroup.as_ref().unwrap().join("web").exists());
+    let e = c
+        .cells()
+        .get(pb::NameRef {
+            name: "web/api".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cell_requests_get_precise_errors() {
+    let policy = format!(
+        "[[grant]]\nid = \"spiffe://{td}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\nallow_uid_zero = true\nallow_host_namespaces = true\n\n\
+         [[grant]]\nid = \"spiffe://{td}/operator/alice\"\nmethods = [\"*\"]\nnames = [\"team-a\"]\n",
+        td = aurae_testkit::TRUST_DOMAIN
+    );
+    let Some((d, c)) = daemon(
+        "bad_cell_requests_get_precise_errors",
+        DaemonOptions {
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let code_of = |r: Result<tonic::Response<pb::ExecutableStatus>, tonic::Status>| r.unwrap_err();
+    let e = code_of(
+        c.runtime()
+            .run_executable(exe("nope", "x", &["/bin/true"]))
+            .await,
+    );
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("allocate it first"), "{}", e.message());
+    allocate(&c, "team-a").await;
+    let e = c
+        .cells()
+        .allocate(pb::Cell {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let e = code_of(
+        c.runtime()
+            .run_executable(exe("team-a", "x", &["/no/such/binary"]))
+            .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("argv[0]"), "{}", e.message());
+    let e = code_of(
+        c.runtime()
+            .run_executable(pb::Executable {
+                working_dir: "/no/such/dir".into(),
+                ..exe("team-a", "y", &["/bin/true"])
+            })
+            .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("working_dir"), "{}", e.message());
+    run(&c, exe("team-a", "dup", &["/bin/sleep", "5"])).await;
+    let e = code_of(
+        c.runtime()
+            .run_executable(exe("team-a", "dup", &["/bin/true"]))
+            .await,
+    );
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let e = c.executables().free(r("team-a", "dup")).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "running executables are not freed"
+    );
+    // A missing controller is named, never silently ignored.
+    if tier::needs_controller("memory").is_some() {
+        let e = c
+            .cells()
+            .allocate(pb::Cell {
+                name: "limited".into(),
+                limits: Some(pb::CellLimits {
+                    memory_max_bytes: Some(64 << 20),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("memory controller"), "{}", e.message());
+    }
+    // alice: her own prefix only; no uid 0; no host namespaces.
+    let alice = d.client("alice").await.unwrap();
+    let e = alice
+        .runtime()
+        .run_executable(exe("team-a", "root", &["/bin/true"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "no uid means root: {e:?}");
+    let ok = alice
+        .runtime()
+        .run_executable(pb::Executable {
+            uid: Some(65534),
+            ..exe("team-a", "nobody", &["/usr/bin/id", "-u"])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.phase, pb::Phase::Running as i32);
+    assert_eq!(code(&wait(&c, "team-a", "nobody").await), Some(0));
+    assert_eq!(output(&c, "team-a", "nobody").await.trim(), "65534");
+    let e = alice
+        .cells()
+        .allocate(pb::Cell {
+            name: "team-a/net".into(),
+            namespaces: Some(pb::CellNamespaces {
+                share_host_net: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = alice
+        .cells()
+        .allocate(pb::Cell {
+            name: "team-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Nothing else was disturbed.
+    assert_eq!(
+        c.cells()
+            .get(pb::NameRef {
+                name: "team-a".into()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .phase,
+        pb::Phase::Running as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_cannot_write_the_binary_its_init_runs_from() {
+    let Some((d, c)) = daemon(
+        "a_workload_cannot_write_the_binary_its_init_runs_from",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let bin = Path::new(env!("CARGO_BIN_EXE_auraed"));
+    let before = std::fs::read(bin).unwrap();
+    allocate(&c, "evil").await;
+    run(
+        &c,
+        sh(
+            "evil",
+            "w",
+            "echo overwritten > /proc/1/exe && echo WROTE; readlink /proc/1/exe",
+        ),
+    )
+    .await;
+    let s = wait(&c, "evil", "w").await;
+    let out = output(&c, "evil", "w").await;
+    assert!(!out.contains("WROTE"), "{out}");
+    assert!(
+        out.contains("memfd:auraed-sealed"),
+        "the init runs from the sealed memfd: {out}"
+    );
+    assert_eq!(code(&s), Some(0));
+    assert!(
+        std::fs::read(bin).unwrap() == before,
+        "auraed's binary is unchanged"
+    );
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_report_starts_and_exits() {
+    let Some((_d, c)) = daemon("events_report_starts_and_exits", DaemonOptions::default()).await
+    else {
+        return;
+    };
+    let mut watch = c
+        .events()
+        .watch(pb::WatchEventsRequest {
+            kinds: vec![],
+            name_prefix: "ev".into(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    allocate(&c, "ev").await;
+    run(&c, sh("ev", "x", "exit 4")).await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push((e.name.clone(), e.r#type, e.exit.and_then(|x| x.how)));
+    }
+    assert_eq!(seen[0], ("ev".into(), pb::EventType::Created as i32, None));
+    assert_eq!(seen[1].1, pb::EventType::Started as i32);
+    assert_eq!(
+        seen[2],
+        (
+            "ev/x".into(),
+            pb::EventType::Exited as i32,
+            Some(pb::exit_status::How::Code(4))
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_cell_and_leaves_nothing() {
+    let Some((mut d, c)) = daemon(
+        "shutdown_stops_every_cell_and_leaves_nothing",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "a").await;
+    allocate(&c, "a/b").await;
+    let s = run(&c, exe("a/b", "s", &["/bin/sleep", "60"])).await;
+    let status = d
+        .terminate(Duration::from_secs(20))
+        .unwrap()
+        .expect("exited");
+    assert!(status.success());
+    assert!(!Path::new(&format!("/proc/{}", s.pid)).exists() || zombies_of(&[s.pid]).is_empty());
+    let left: Vec<_> = std::fs::read_dir(d.cgroup.as_ref().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert!(left.is_empty(), "cells left after shutdown: {left:?}");
+}
