@@ -220,14 +220,26 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
     // Not built yet: UNIMPLEMENTED naming the capability, never a panic.
     let s = c
         .runtime()
-        .run_executable(exe("web", &["/bin/true"]))
+        .run_virtual_machine(pb::VirtualMachine {
+            name: "vm1".into(),
+            kernel_path: "/boot/vmlinuz".into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unimplemented);
+    assert!(s.message().contains("microVM monitor"), "{}", s.message());
+    // An executable in a cell that does not exist: NOT_FOUND saying what to do.
+    let s = c
+        .runtime()
+        .run_executable(exe("web", &["/bin/true"]))
+        .await
+        .unwrap_err();
     assert!(
-        s.message().contains("cells and executables"),
-        "{}",
-        s.message()
+        matches!(s.code(), Code::NotFound | Code::FailedPrecondition),
+        "{s:?}"
     );
     // Still serving, on a fresh connection too.
     assert!(d.alive());
