@@ -51,9 +51,10 @@ const BANNED: &[(&str, &str)] = &[
 /// Our crates, and which of our crates each may depend on (normal dependencies).
 const ALLOWED_DEPS: &[(&str, &[&str])] = &[
     ("aurae-proto", &[]),
+    ("aurae-sys", &[]),
     ("aurae-identity", &[]),
     ("aurae-client", &["aurae-proto", "aurae-identity"]),
-    ("auraed", &["aurae-proto", "aurae-identity"]),
+    ("auraed", &["aurae-proto", "aurae-identity", "aurae-sys"]),
     ("aer", &["aurae-proto", "aurae-identity", "aurae-client"]),
     ("aurae-testkit", &["aurae-client", "aurae-identity"]),
     ("xtask", &[]),
@@ -108,6 +109,21 @@ fn check_deps() -> anyhow::Result<()> {
         let text = std::fs::read_to_string(manifest).unwrap_or_default();
         if !text.contains("[lints]\nworkspace = true") {
             problems.push(format!("{manifest}: missing `[lints] workspace = true`"));
+        }
+        // Unsafe code lives in aurae-sys alone: every other crate root forbids it.
+        let dir = Path::new(manifest)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        for root in ["src/lib.rs", "src/main.rs"] {
+            let f = dir.join(root);
+            let Ok(src) = std::fs::read_to_string(&f) else {
+                continue;
+            };
+            let forbids = src.contains("#![forbid(unsafe_code)]");
+            if name != "aurae-sys" && !forbids {
+                problems.push(format!("{}: missing #![forbid(unsafe_code)]", f.display()));
+            }
         }
     }
     if problems.is_empty() {

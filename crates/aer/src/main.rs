@@ -3,6 +3,7 @@
 //! Subcommands mirror the API: `aer run` (RunExecutable), `aer cell …` (Cells),
 //! `aer executable …`, `aer vm …`, `aer instance …`, `aer pod …`, `aer events`, plus
 //! `aer pki …` for the development PKI and `aer health` / `aer info` / `aer shutdown`.
+#![forbid(unsafe_code)]
 
 mod cli;
 mod output;

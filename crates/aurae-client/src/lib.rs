@@ -3,6 +3,7 @@
 //! Used by `aer`, by tests, and later by auraed itself to drive spawned instances.
 //! TLS is always on: the connector does the rustls handshake itself (TLS 1.3, ring), so the
 //! same code path serves both transports and tests can present any certificate they like.
+#![forbid(unsafe_code)]
 
 pub mod config;
 

@@ -3,6 +3,7 @@
 //!
 //! Used by `auraed` (server side), `aurae-client` and `aer` (client side, `aer pki init`)
 //! and by tests. It depends on none of our other crates.
+#![forbid(unsafe_code)]
 
 pub mod pki;
 pub mod spiffe;

@@ -2,6 +2,7 @@
 //!
 //! The tonic clients and servers are behind the `client` and `server` features so that
 //! crates needing only the messages (the VMM's control channel, later) stay free of tonic.
+#![forbid(unsafe_code)]
 #![allow(
     missing_docs,
     missing_debug_implementations,

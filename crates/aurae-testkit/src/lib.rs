@@ -5,6 +5,7 @@
 //!   socket and state, ready when gRPC health answers SERVING; stopped and cleaned on drop.
 //! - [`identities`]: good and deliberately broken client certificates.
 //! - [`tier`]: visible `SKIP` lines for tests whose machine lacks a precondition.
+#![forbid(unsafe_code)]
 
 pub mod identities;
 pub mod tier;

@@ -9,6 +9,7 @@
 //! - [`executable`], [`cell`], [`vm`], [`instance`], [`pod`]: the nouns, each with its
 //!   validated request types in `spec.rs`.
 //! - [`store`]: the durable record of what auraed runs.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cell;

@@ -1,4 +1,5 @@
 //! `auraed`: mode selection and wiring only.
+#![forbid(unsafe_code)]
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 

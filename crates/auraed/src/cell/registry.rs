@@ -992,7 +992,9 @@ async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -
         if Instant::now() > deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // cgroup.kill is synchronous for signal delivery; exits follow within a few
+        // hundred microseconds, so poll finely.
+        tokio::time::sleep(Duration::from_micros(500)).await;
     }
 }
 

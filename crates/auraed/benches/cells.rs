@@ -1,0 +1,295 @@
+//! Cell benchmarks, interleaved round by round so load drifts hit every contender alike
+//! (see shared performance guide). Prints median / p10 / p90 per contender and the ratios
+//! the issues set targets for:
+//!
+//! - B1 `RunExecutable(/bin/true)` + `Wait` in an existing cell, client reused, vs a plain
+//!   fork+exec+wait of `/bin/true` (target ≤ 2×).
+//! - B2 new cell + `/bin/true` + exit + free vs `crun run` and `runc run` of a busybox
+//!   bundle running `/bin/true` (target ≤ 0.3× crun).
+//!
+//! Needs root and cgroup v2 (prints SKIP otherwise). crun/runc run in a private mount
+//! namespace where /sys/fs/cgroup is the cgroup2 hierarchy, as on a pure v2 host.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{Daemon, DaemonOptions, tier};
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    (at(0.5), at(0.1), at(0.9))
+}
+
+fn report(name: &str, v: &[Duration], fails: usize) -> f64 {
+    let (m, p10, p90) = stats(v.to_vec());
+    println!(
+        "{name:<34} median {m:8.3} ms  p10 {p10:8.3}  p90 {p90:8.3}  fails {fails}  n {}",
+        v.len()
+    );
+    m
+}
+
+/// Private mount namespace with cgroup2 at /sys/fs/cgroup (before any thread exists).
+fn enter_cgroup2_view() -> Result<(), String> {
+    use nix::{
+        mount::{MsFlags, mount},
+        sched::{CloneFlags, unshare},
+    };
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| e.to_string())?;
+    let is_v2 = nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .is_ok_and(|s| s.filesystem_type().0 == 0x6367_7270);
+    if !is_v2 {
+        mount(
+            Some("cgroup2"),
+            "/sys/fs/cgroup",
+            Some("cgroup2"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A busybox bundle running /bin/true with a read-only root, for crun and runc.
+fn bundle(dir: &Path) -> Option<PathBuf> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())?;
+    let rootfs = dir.join("rootfs/bin");
+    std::fs::create_dir_all(&rootfs).ok()?;
+    std::fs::copy(busybox, rootfs.join("busybox")).ok()?;
+    std::os::unix::fs::symlink("busybox", rootfs.join("true")).ok()?;
+    let ok = Command::new("runc")
+        .arg("spec")
+        .current_dir(dir)
+        .status()
+        .ok()?
+        .success();
+    if !ok {
+        return None;
+    }
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    cfg["process"]["args"] = serde_json::json!(["/bin/true"]);
+    cfg["process"]["terminal"] = serde_json::json!(false);
+    cfg["root"]["readonly"] = serde_json::json!(true);
+    if let Some(l) = cfg["linux"].as_object_mut() {
+        l.remove("resources");
+    }
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&cfg).ok()?,
+    )
+    .ok()?;
+    Some(dir.to_owned())
+}
+
+fn time_cmd(cmd: &mut Command) -> (Duration, bool) {
+    let t = Instant::now();
+    let ok = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (t.elapsed(), ok)
+}
+
+fn main() {
+    if let Some(reason) = tier::needs_cells() {
+        println!("SKIP cells bench: {reason}");
+        return;
+    }
+    if let Err(e) = enter_cgroup2_view() {
+        println!("SKIP cells bench: cannot make a cgroup2-only mount namespace: {e}");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_auraed"));
+    let d = Daemon::start(bin, DaemonOptions::default()).await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let warm = rounds / 10;
+    println!(
+        "cells bench: {rounds} interleaved rounds after {warm} warm-up; load {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+
+    // B1: RunExecutable in an existing cell vs fork+exec+wait.
+    c.cells()
+        .allocate(pb::Cell {
+            name: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (mut aurae, mut fork) = (Vec::new(), Vec::new());
+    let mut fails = (0, 0);
+    for i in 0..rounds + warm {
+        let name = format!("t{i}");
+        let t = Instant::now();
+        let ok = async {
+            c.runtime()
+                .run_executable(pb::Executable {
+                    cell: "bench".into(),
+                    name: name.clone(),
+                    argv: vec!["/bin/true".into()],
+                    ..Default::default()
+                })
+                .await?;
+            c.executables()
+                .wait(pb::WaitExecutableRequest {
+                    executable: Some(pb::ExecutableRef {
+                        cell: "bench".into(),
+                        name: name.clone(),
+                    }),
+                    timeout: None,
+                })
+                .await
+        }
+        .await
+        .is_ok();
+        let dt = t.elapsed();
+        let (df, okf) = time_cmd(&mut Command::new("/bin/true"));
+        let _ = c
+            .executables()
+            .free(pb::ExecutableRef {
+                cell: "bench".into(),
+                name,
+            })
+            .await;
+        if i >= warm {
+            aurae.push(dt);
+            fork.push(df);
+            fails.0 += usize::from(!ok);
+            fails.1 += usize::from(!okf);
+        }
+    }
+    println!("B1: run /bin/true in an existing cell");
+    let a = report("  aurae RunExecutable+Wait", &aurae, fails.0);
+    let f = report("  fork+exec+wait (harness floor)", &fork, fails.1);
+    println!("  ratio aurae/fork = {:.2} (target <= 2)", a / f);
+
+    // B2: new cell + /bin/true + exit (+ free) vs crun/runc run.
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = bundle(tmp.path());
+    let have = |t: &str| {
+        Command::new(t)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let tools: Vec<&str> = ["crun", "runc"]
+        .into_iter()
+        .filter(|t| bundle.is_some() && have(t))
+        .collect();
+    if tools.len() < 2 {
+        println!(
+            "SKIP B2 peers: crun/runc or busybox-static missing (apt-get install crun runc busybox-static)"
+        );
+    }
+    let rounds2 = rounds / 4;
+    let warm2 = warm / 4 + 1;
+    let mut cell_t = Vec::new();
+    let mut peer_t: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
+    let mut cell_fails = 0;
+    let mut peer_fails = vec![0; tools.len()];
+    for i in 0..rounds2 + warm2 {
+        let name = format!("c{i}");
+        let t = Instant::now();
+        let ok = async {
+            c.cells()
+                .allocate(pb::Cell {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            c.runtime()
+                .run_executable(pb::Executable {
+                    cell: name.clone(),
+                    name: "t".into(),
+                    argv: vec!["/bin/true".into()],
+                    ..Default::default()
+                })
+                .await?;
+            c.executables()
+                .wait(pb::WaitExecutableRequest {
+                    executable: Some(pb::ExecutableRef {
+                        cell: name.clone(),
+                        name: "t".into(),
+                    }),
+                    timeout: None,
+                })
+                .await?;
+            c.cells().free(pb::NameRef { name: name.clone() }).await
+        }
+        .await
+        .is_ok();
+        let dt = t.elapsed();
+        if i >= warm2 {
+            cell_t.push(dt);
+            cell_fails += usize::from(!ok);
+        }
+        for (k, tool) in tools.iter().enumerate() {
+            let state = tmp.path().join(format!("state-{tool}"));
+            let id = format!("aurae-bench-{}-{i}", std::process::id());
+            let (dt, ok) = time_cmd(
+                Command::new(tool)
+                    .arg("--root")
+                    .arg(&state)
+                    .args(["run", "-b"])
+                    .arg(bundle.as_ref().unwrap())
+                    .arg(&id),
+            );
+            if i >= warm2 {
+                peer_t[k].push(dt);
+                peer_fails[k] += usize::from(!ok);
+            }
+        }
+    }
+    println!("B2: new cell + /bin/true + exit (+ free)");
+    let m = report("  aurae allocate+run+wait+free", &cell_t, cell_fails);
+    for (k, tool) in tools.iter().enumerate() {
+        let p = report(&format!("  {tool} run"), &peer_t[k], peer_fails[k]);
+        println!(
+            "  ratio aurae/{tool} = {:.2}{}",
+            m / p,
+            if *tool == "crun" {
+                " (target <= 0.3)"
+            } else {
+                ""
+            }
+        );
+    }
+    drop(d);
+}
