@@ -99,6 +99,46 @@ impl Client {
         Ok(Self { channel })
     }
 
+    /// Connects over TCP through `dial`, which makes the connected socket (run on a
+    /// blocking thread): e.g. a socket made inside another network namespace.
+    pub async fn connect_tcp_with<D>(
+        dial: D,
+        server_name: &str,
+        tls: rustls::ClientConfig,
+    ) -> Result<Self, ClientError>
+    where
+        D: Fn() -> std::io::Result<std::net::TcpStream> + Send + Sync + Clone + 'static,
+    {
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| ClientError::ServerName(server_name.to_owned()))?;
+        let connector = TlsConnector::from(Arc::new(tls));
+        let service = tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            let name = name.clone();
+            let dial = dial.clone();
+            async move {
+                let std_stream = tokio::task::spawn_blocking(dial)
+                    .await
+                    .map_err(std::io::Error::other)??;
+                std_stream.set_nonblocking(true)?;
+                let s = TcpStream::from_std(std_stream)?;
+                s.set_nodelay(true)?;
+                connector
+                    .connect(name, s)
+                    .await
+                    .map(|t| TokioIo::new(Stream::Tcp(t)))
+            }
+        });
+        let channel = TonicEndpoint::from_static("http://auraed.invalid")
+            .connect_with_connector(service)
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: "custom dialer".into(),
+                source,
+            })?;
+        Ok(Self { channel })
+    }
+
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }

@@ -46,3 +46,29 @@ pub fn signal_all_in_namespace(signal: i32) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// Loads a kernel module from a file (`finit_module`), with no parameters.
+pub fn load_module(path: &std::path::Path) -> io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    let params = c"";
+    // SAFETY: finit_module takes an open fd we own, a NUL-terminated parameter string and
+    // flags 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            params.as_ptr(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        // Already loaded (or built in) is fine.
+        return if e.raw_os_error() == Some(libc::EEXIST) {
+            Ok(())
+        } else {
+            Err(e)
+        };
+    }
+    Ok(())
+}

@@ -7,6 +7,8 @@
 //! - [`tier`]: visible `SKIP` lines for tests whose machine lacks a precondition.
 #![forbid(unsafe_code)]
 
+pub mod cpio;
+pub mod guest;
 pub mod identities;
 pub mod tier;
 

@@ -17,6 +17,7 @@ pub mod events;
 pub mod executable;
 pub mod identity;
 pub mod instance;
+pub mod pid1;
 pub mod pod;
 pub mod reaper;
 pub mod server;

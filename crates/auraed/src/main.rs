@@ -40,6 +40,9 @@ struct Args {
     /// /sys/fs/cgroup/unified, whichever is cgroup2].
     #[arg(long, env = "AURAED_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Run as a plain daemon even when started as PID 1 (e.g. in a container).
+    #[arg(long)]
+    no_pid1: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -53,6 +56,11 @@ fn main() -> ExitCode {
         .is_some_and(|a| a == auraed::cell::init::INIT_ARG)
     {
         return auraed::cell::init::main(&raw[2..]);
+    }
+    // As PID 1 of a machine, the kernel's command line configures us, not flags (the
+    // kernel may hand init arguments we do not know): never exit, never panic.
+    if std::process::id() == 1 && !raw.iter().any(|a| a == "--no-pid1") {
+        run_pid1();
     }
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("AURAED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -81,6 +89,7 @@ fn main() -> ExitCode {
         max_connections: args.max_connections.max(1),
         max_streams_per_connection: args.max_streams_per_connection.max(1),
         cgroup_root: args.cgroup_root,
+        warnings: Vec::new(),
         mode: "daemon",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -94,11 +103,48 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("auraed: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// PID 1: set the machine up, serve until shutdown, then power off. Never returns.
+fn run_pid1() -> ! {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let boot = auraed::pid1::prepare();
+    tracing::info!(hostname = %boot.hostname, listen = ?boot.listen, warnings = boot.warnings.len(), "pid1: machine ready");
+    let policy = PathBuf::from("/etc/aurae/policy.toml");
+    let cfg = ServerConfig {
+        pki_dir: PathBuf::from("/etc/aurae/pki"),
+        socket: PathBuf::from("/run/aurae/auraed.sock"),
+        listen: boot.listen,
+        state_dir: PathBuf::from("/var/lib/aurae"),
+        policy: policy.exists().then_some(policy),
+        handshake_timeout: Duration::from_secs(10),
+        max_connections: 1024,
+        max_streams_per_connection: 128,
+        cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
+        mode: "pid1",
+        warnings: boot.warnings,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => auraed::pid1::power_off(false, &format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(reboot) => auraed::pid1::power_off(reboot, "shutdown requested"),
+        Err(e) => auraed::pid1::power_off(false, &format!("auraed failed: {e:#}")),
     }
 }

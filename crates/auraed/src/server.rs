@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub cgroup_root: Option<PathBuf>,
     /// "daemon" or "pid1".
     pub mode: &'static str,
+    /// Problems found before the API started (PID 1 set-up), reported by `Daemon/Info`.
+    pub warnings: Vec<String>,
 }
 
 enum Io {
@@ -230,7 +232,8 @@ fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::cell::cgroup::FsTree>,
 }
 
 /// Runs auraed's API until SIGTERM/SIGINT or a Shutdown RPC, then shuts down in order.
-pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+/// Returns whether a reboot (rather than a power-off) was asked for.
+pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let pki = PkiPaths::new(&cfg.pki_dir);
     for f in [&pki.ca_cert, &pki.server_cert, &pki.server_key] {
         if !f.exists() {
@@ -313,7 +316,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         shutdown: Arc::new(shutdown_tx),
         cells: cells.clone(),
         events,
+        reboot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        warnings: cfg.warnings.clone(),
     };
+    let reboot = ctx.reboot.clone();
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let routes = api::routes(ctx.clone(), health)?;
     for svc in [""].into_iter().chain(SERVICES) {
@@ -406,7 +412,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     match outcome {
         Ok(Ok(())) => {
             info!("auraed stopped");
-            Ok(())
+            Ok(reboot.load(std::sync::atomic::Ordering::SeqCst))
         }
         Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),

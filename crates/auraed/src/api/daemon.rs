@@ -34,6 +34,7 @@ impl Daemon for DaemonApi {
             cgroup_controllers: self.ctx.cgroup_controllers.clone(),
             granted_methods,
             granted_prefixes,
+            warnings: self.ctx.warnings.clone(),
         }))
     }
 
@@ -56,6 +57,9 @@ impl Daemon for DaemonApi {
             ));
         }
         tracing::warn!(peer_id = %caller.id, grace_s = grace.as_secs_f64(), "shutdown requested over the API");
+        self.ctx
+            .reboot
+            .store(m.reboot, std::sync::atomic::Ordering::SeqCst);
         // Answer first; the server stops accepting and drains once this response is sent.
         let _ = self.ctx.shutdown.send(Some(grace));
         Ok(Response::new(pb::ShutdownResponse {}))

@@ -36,6 +36,10 @@ pub struct Context {
     /// Send `Some(grace)` to start the ordered shutdown.
     pub shutdown: Arc<watch::Sender<Option<std::time::Duration>>>,
     pub cells: Arc<crate::cell::Cells>,
+    /// Set by a Shutdown RPC asking PID 1 to reboot instead of powering off.
+    pub reboot: Arc<std::sync::atomic::AtomicBool>,
+    /// What could not be set up at start (reported by `Daemon/Info`).
+    pub warnings: Vec<String>,
     pub events: Arc<crate::events::EventBus>,
 }
 

@@ -1,0 +1,413 @@
+//! The guest tier: auraed as PID 1 of a QEMU guest (TCG with `-cpu max` here; KVM where
+//! the host has real KVM), reached over mTLS through a TAP device on a bridge inside a
+//! network namespace this harness creates, so no traffic leaves it.
+//!
+//! Artifacts come from `cargo xtask guest` (kernel and modules from Debian's kernel
+//! package, busybox-static, a static auraed) in `target/guest` or `$AURAE_GUEST_DIR`.
+//! Each boot gets a fresh PKI whose server certificate names the guest's address; the CA
+//! key stays on the host. Readiness is health answering SERVING, never a sleep.
+
+use std::{
+    fs,
+    io::Write,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use aurae_client::Client;
+use aurae_identity::{Pki, PkiPaths};
+use tempfile::TempDir;
+
+use crate::{TRUST_DOMAIN, cpio};
+
+/// Busybox applets linked into the guest's /bin for test workloads.
+const APPLETS: &[&str] = &[
+    "sh", "sleep", "dd", "cat", "ls", "true", "false", "echo", "ps", "timeout", "head", "tr",
+    "grep", "kill", "mkdir", "id", "hostname", "sync", "uname", "wc", "seq", "yes", "env",
+];
+
+/// Where the guest artifacts are.
+pub fn artifacts() -> PathBuf {
+    std::env::var_os("AURAE_GUEST_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"),
+        PathBuf::from,
+    )
+}
+
+/// `Some(reason)` unless this machine can boot the guest tier.
+pub fn needs_guest() -> Option<String> {
+    if let Some(r) = crate::tier::needs_root() {
+        return Some(r);
+    }
+    let dir = artifacts();
+    for f in ["vmlinuz", "auraed", "busybox", "modules/order"] {
+        if !dir.join(f).exists() {
+            return Some(format!(
+                "{} is missing: run `cargo xtask guest` first",
+                dir.join(f).display()
+            ));
+        }
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    None
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A booted guest. Dropping it kills QEMU (by its handle) and deletes the namespace.
+#[derive(Debug)]
+pub struct Guest {
+    pub dir: TempDir,
+    pub pki: PkiPaths,
+    pub netns: String,
+    pub addr: SocketAddr,
+    pub serial: PathBuf,
+    /// Time from QEMU start to health answering SERVING.
+    pub boot_time: Duration,
+    qemu: Option<Child>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Options of a boot.
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Replace /init with a busybox script that prints a marker and powers off (the
+    /// boot-time peer).
+    pub busybox_init: bool,
+    pub timeout: Duration,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: 1024,
+            cpus: 2,
+            busybox_init: false,
+            timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// The marker the busybox peer init prints.
+pub const MARKER: &str = "AURAE_BUSYBOX_INIT_MARKER";
+
+impl Guest {
+    /// Builds an initramfs and boots it; returns once auraed answers health (or, for the
+    /// busybox peer, once the marker is on the serial console).
+    pub async fn boot(opts: GuestOptions) -> anyhow::Result<Self> {
+        crate::init_crypto();
+        let art = artifacts();
+        let dir = tempfile::Builder::new().prefix("aurae-guest-").tempdir()?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let subnet = 100 + (std::process::id() + n) % 100;
+        let (host_ip, guest_ip) = (format!("10.99.{subnet}.1"), format!("10.99.{subnet}.2"));
+        let pki = Pki::init(
+            &dir.path().join("pki"),
+            TRUST_DOMAIN,
+            std::slice::from_ref(&guest_ip),
+        )?;
+        let initrd = dir.path().join("initramfs.cpio");
+        build_initramfs(&art, &pki, &initrd, opts.busybox_init)?;
+
+        let netns = format!("aurae-g{}-{n}", std::process::id());
+        ip(&["netns", "add", &netns])?;
+        let mut g = Self {
+            addr: SocketAddr::new(guest_ip.parse()?, 8443),
+            serial: dir.path().join("serial.log"),
+            dir,
+            pki,
+            netns: netns.clone(),
+            boot_time: Duration::ZERO,
+            qemu: None,
+        };
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        ip(&["-n", &netns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+        ip(&["-n", &netns, "link", "set", "tap0", "master", "br0"])?;
+        ip(&["-n", &netns, "link", "set", "tap0", "up"])?;
+
+        let append = format!(
+            "console=ttyS0 panic=-1 quiet loglevel=4 ip={guest_ip}::{host_ip}:255.255.255.0:guest:eth0:off aurae.hostname=guest"
+        );
+        let kvm = Path::new("/dev/kvm").exists() && std::env::var_os("AURAE_GUEST_KVM").is_some();
+        let log = fs::File::create(g.dir.path().join("qemu.log"))?;
+        let start = Instant::now();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns, "qemu-system-x86_64"])
+            .args(if kvm {
+                ["-accel", "kvm", "-cpu", "host"]
+            } else {
+                ["-accel", "tcg", "-cpu", "max"]
+            })
+            .args([
+                "-m",
+                &opts.memory_mib.to_string(),
+                "-smp",
+                &opts.cpus.to_string(),
+            ])
+            .args(["-display", "none", "-no-reboot", "-nodefaults"])
+            .arg("-serial")
+            .arg(format!("file:{}", g.serial.display()))
+            .arg("-kernel")
+            .arg(art.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", &append])
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting qemu")?;
+        g.qemu = Some(child);
+
+        let deadline = start + opts.timeout;
+        loop {
+            if let Some(q) = g.qemu.as_mut()
+                && let Some(st) = q.try_wait()?
+            {
+                if opts.busybox_init && g.serial_text().contains(MARKER) {
+                    g.boot_time = start.elapsed();
+                    g.qemu = None;
+                    return Ok(g);
+                }
+                bail!(
+                    "qemu exited during boot ({st}); serial:\n{}\nqemu:\n{}",
+                    g.serial_text(),
+                    g.qemu_text()
+                );
+            }
+            if opts.busybox_init {
+                if g.serial_text().contains(MARKER) {
+                    g.boot_time = start.elapsed();
+                    return Ok(g);
+                }
+            } else if let Ok(c) = g.client("admin").await
+                && c.health()
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == 1)
+            {
+                g.boot_time = start.elapsed();
+                return Ok(g);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "guest not ready after {:?}; serial:\n{}",
+                    opts.timeout,
+                    g.serial_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn serial_text(&self) -> String {
+        fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn qemu_text(&self) -> String {
+        fs::read_to_string(self.dir.path().join("qemu.log")).unwrap_or_default()
+    }
+
+    /// A client presenting identity `name`, connected from inside the namespace.
+    pub async fn client(&self, name: &str) -> anyhow::Result<Client> {
+        let (cert, key) = self.pki.identity(name);
+        if !cert.exists() {
+            let id = aurae_identity::SpiffeId::new(TRUST_DOMAIN, &format!("/operator/{name}"))?;
+            Pki::issue_client(&self.pki.dir, name, &id, 1)?;
+        }
+        let tls = aurae_identity::tls::client_config(&self.pki.ca_cert, &cert, &key)?;
+        let ns = PathBuf::from("/run/netns").join(&self.netns);
+        let addr = self.addr;
+        let dial = move || dial_in(&ns, addr);
+        Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
+    }
+
+    /// Waits for QEMU to exit (the guest powered off); `false` on timeout.
+    pub fn wait_poweroff(&mut self, timeout: Duration) -> bool {
+        let Some(q) = self.qemu.as_mut() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(q.try_wait(), Ok(Some(_))) {
+                self.qemu = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+/// Connects to `addr` with a socket made inside the network namespace `ns` (on a fresh
+/// thread, so no other thread changes namespace).
+fn dial_in(ns: &Path, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        let f = fs::File::open(&ns)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("dial thread panicked"))?
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut q) = self.qemu.take() {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// Writes the initramfs: auraed as /init (or the busybox peer), busybox, modules, PKI.
+fn build_initramfs(
+    art: &Path,
+    pki: &PkiPaths,
+    out: &Path,
+    busybox_init: bool,
+) -> anyhow::Result<()> {
+    use cpio::Entry::{CharDev, Dir, File, Symlink};
+    let mut e = Vec::new();
+    for d in [
+        "bin",
+        "dev",
+        "etc",
+        "etc/aurae",
+        "etc/aurae/pki",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "var",
+        "var/lib",
+        "sbin",
+        "usr",
+        "usr/bin",
+    ] {
+        e.push(Dir {
+            path: d.into(),
+            mode: 0o755,
+        });
+    }
+    e.push(CharDev {
+        path: "dev/console".into(),
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    });
+    e.push(CharDev {
+        path: "dev/null".into(),
+        mode: 0o666,
+        major: 1,
+        minor: 3,
+    });
+    e.push(File {
+        path: "bin/busybox".into(),
+        mode: 0o755,
+        data: fs::read(art.join("busybox"))?,
+    });
+    for a in APPLETS {
+        e.push(Symlink {
+            path: format!("bin/{a}"),
+            target: "busybox".into(),
+        });
+    }
+    let order = fs::read_to_string(art.join("modules/order"))?;
+    for m in order.split_whitespace() {
+        e.push(File {
+            path: format!("lib/modules/{m}.ko"),
+            mode: 0o644,
+            data: fs::read(art.join(format!("modules/{m}.ko")))?,
+        });
+    }
+    e.push(File {
+        path: "lib/modules/order".into(),
+        mode: 0o644,
+        data: order.into_bytes(),
+    });
+    for (src, name, mode) in [
+        (&pki.ca_cert, "ca.pem", 0o644),
+        (&pki.server_cert, "auraed.pem", 0o644),
+        (&pki.server_key, "auraed.key", 0o600),
+    ] {
+        e.push(File {
+            path: format!("etc/aurae/pki/{name}"),
+            mode,
+            data: fs::read(src)?,
+        });
+    }
+    if busybox_init {
+        let script = format!(
+            "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho {MARKER} uptime=$(/bin/busybox cat /proc/uptime)\n/bin/busybox poweroff -f\n"
+        );
+        e.push(File {
+            path: "init".into(),
+            mode: 0o755,
+            data: script.into_bytes(),
+        });
+    } else {
+        e.push(File {
+            path: "init".into(),
+            mode: 0o755,
+            data: fs::read(art.join("auraed"))?,
+        });
+    }
+    let mut f = std::io::BufWriter::new(fs::File::create(out)?);
+    cpio::write(&mut f, &e)?;
+    f.flush()?;
+    Ok(())
+}

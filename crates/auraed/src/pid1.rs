@@ -1,0 +1,324 @@
+//! auraed as PID 1 of a machine or microVM: mounts, cgroup v2 with every controller,
+//! hostname, kernel modules, network from the kernel command line, and an orderly power
+//! off. Nothing here panics or exits: a failed step becomes a warning that `Daemon/Info`
+//! reports, and auraed comes up with what it has.
+//!
+//! Kernel command line (all optional):
+//! - `ip=<addr>::<gateway>:<netmask>:<hostname>:<device>:off` (the kernel's own format;
+//!   the gateway is not used yet), or `aurae.ip=<addr>/<prefix>@<device>`
+//! - `aurae.ip6=<addr>/<prefix>@<device>` (static IPv6; link-local comes with the link)
+//! - `aurae.hostname=<name>`, `aurae.listen=<host:port>` (default `[::]:8443`)
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use nix::mount::{MsFlags, mount};
+
+/// What PID 1 set up, and what it could not.
+#[derive(Debug, Default, Clone)]
+pub struct Boot {
+    pub hostname: String,
+    pub listen: Option<std::net::SocketAddr>,
+    pub warnings: Vec<String>,
+}
+
+/// Parameters of the kernel command line, `key=value` or bare `key`.
+pub fn cmdline_params(text: &str) -> Vec<(String, String)> {
+    text.split_whitespace()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (w.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+/// A static address for a device, from `ip=`, `aurae.ip=` or `aurae.ip6=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticAddr {
+    pub device: String,
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+fn prefix_of(mask: Ipv4Addr) -> Option<u8> {
+    let m = u32::from(mask);
+    let ones = m.leading_ones();
+    (m.checked_shl(ones).unwrap_or(0) == 0).then(|| u8::try_from(ones).unwrap_or(32))
+}
+
+/// Parses the network parameters; malformed ones become warnings, never a failed boot.
+pub fn network_config(params: &[(String, String)]) -> (Vec<StaticAddr>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    for (k, v) in params {
+        let parsed = match k.as_str() {
+            "ip" if v.contains(':') => {
+                let f: Vec<&str> = v.split(':').collect();
+                let addr = f.first().and_then(|a| a.parse::<Ipv4Addr>().ok());
+                let prefix = f
+                    .get(3)
+                    .and_then(|m| m.parse::<Ipv4Addr>().ok())
+                    .and_then(prefix_of);
+                let device = f.get(5).filter(|d| !d.is_empty()).map_or("eth0", |d| d);
+                match (addr, prefix) {
+                    (Some(a), Some(p)) => Ok(StaticAddr {
+                        device: device.to_owned(),
+                        addr: IpAddr::V4(a),
+                        prefix: p,
+                    }),
+                    _ => Err(format!(
+                        "ip={v}: expected <addr>::<gateway>:<netmask>:<host>:<device>:off"
+                    )),
+                }
+            }
+            "aurae.ip" | "aurae.ip6" => {
+                let parse = || -> Option<StaticAddr> {
+                    let (cidr, device) = v.split_once('@')?;
+                    let (a, p) = cidr.split_once('/')?;
+                    let addr: IpAddr = a.parse().ok()?;
+                    let prefix: u8 = p.parse().ok()?;
+                    let max = if addr.is_ipv4() { 32 } else { 128 };
+                    (prefix <= max && !device.is_empty()).then(|| StaticAddr {
+                        device: device.to_owned(),
+                        addr,
+                        prefix,
+                    })
+                };
+                parse().ok_or_else(|| format!("{k}={v}: expected <addr>/<prefix>@<device>"))
+            }
+            _ => continue,
+        };
+        match parsed {
+            Ok(a) => out.push(a),
+            Err(w) => warnings.push(w),
+        }
+    }
+    (out, warnings)
+}
+
+fn try_mount(
+    w: &mut Vec<String>,
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) {
+    let _ = fs::create_dir_all(target);
+    if let Err(e) = mount(Some(src), target, Some(fstype), flags, data)
+        && e != nix::errno::Errno::EBUSY
+    {
+        w.push(format!("mount {fstype} on {target}: {e}"));
+    }
+}
+
+/// Reattaches stdio to the console (the kernel gives init none without /dev/console).
+fn console_stdio() {
+    use std::os::fd::AsFd;
+    if let Ok(c) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        let _ = nix::unistd::dup2_stdin(c.as_fd());
+        let _ = nix::unistd::dup2_stdout(c.as_fd());
+        let _ = nix::unistd::dup2_stderr(c.as_fd());
+    }
+}
+
+/// Everything PID 1 does before the API starts. Synchronous: runs before the async
+/// runtime exists.
+pub fn prepare() -> Boot {
+    let mut w = Vec::new();
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    try_mount(
+        &mut w,
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    console_stdio();
+    try_mount(&mut w, "proc", "/proc", "proc", nosuid, None);
+    try_mount(&mut w, "sysfs", "/sys", "sysfs", nosuid, None);
+    try_mount(
+        &mut w,
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    );
+    try_mount(
+        &mut w,
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        nosuid,
+        Some("mode=1777"),
+    );
+    try_mount(
+        &mut w,
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    try_mount(
+        &mut w,
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    try_mount(
+        &mut w,
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid,
+        Some("nsdelegate"),
+    );
+
+    let params = cmdline_params(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(pk, _)| pk == k)
+            .map(|(_, v)| v.clone())
+    };
+
+    // Kernel modules the image carries, in the order listed.
+    if let Ok(order) = fs::read_to_string("/lib/modules/order") {
+        for m in order.split_whitespace() {
+            let path = Path::new("/lib/modules").join(format!("{m}.ko"));
+            if let Err(e) = aurae_sys::process::load_module(&path) {
+                w.push(format!("module {m}: {e}"));
+            }
+        }
+    }
+
+    // cgroup v2: every controller for the children of the root; auraed in its own leaf.
+    if let Ok(avail) = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
+        let all: Vec<String> = avail.split_whitespace().map(|c| format!("+{c}")).collect();
+        if let Err(e) = fs::write("/sys/fs/cgroup/cgroup.subtree_control", all.join(" ")) {
+            w.push(format!("enabling cgroup controllers: {e}"));
+        }
+        let own = Path::new("/sys/fs/cgroup/auraed");
+        let _ = fs::create_dir_all(own);
+        if let Err(e) = fs::write(own.join("cgroup.procs"), std::process::id().to_string()) {
+            w.push(format!("moving auraed into {}: {e}", own.display()));
+        }
+    } else {
+        w.push("no cgroup v2 at /sys/fs/cgroup: cells are unavailable".into());
+    }
+
+    let hostname = get("aurae.hostname").unwrap_or_else(|| "aurae".into());
+    if let Err(e) = nix::unistd::sethostname(&hostname) {
+        w.push(format!("hostname {hostname:?}: {e}"));
+    }
+
+    if let Err(e) = aurae_sys::net::set_link_up("lo") {
+        w.push(format!("lo: {e}"));
+    }
+    let (addrs, mut net_warnings) = network_config(&params);
+    w.append(&mut net_warnings);
+    for a in addrs {
+        if let Err(e) = configure(&a) {
+            w.push(format!("{}: {} /{}: {e}", a.device, a.addr, a.prefix));
+        }
+    }
+    let listen = get("aurae.listen")
+        .map(|l| {
+            l.parse()
+                .map_err(|_| w.push(format!("aurae.listen={l}: not host:port")))
+                .ok()
+        })
+        .unwrap_or_else(|| Some(std::net::SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8443))));
+    for warning in &w {
+        tracing::warn!("pid1: {warning}");
+    }
+    Boot {
+        hostname,
+        listen,
+        warnings: w,
+    }
+}
+
+/// Waits (by short polling, with a deadline) for the device, then sets the address.
+fn configure(a: &StaticAddr) -> std::io::Result<()> {
+    let dev = Path::new("/sys/class/net").join(&a.device);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dev.exists() {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "device did not appear within 5 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    aurae_sys::net::set_link_up(&a.device)?;
+    match a.addr {
+        IpAddr::V4(v4) => aurae_sys::net::set_ipv4(&a.device, v4, a.prefix)?,
+        IpAddr::V6(v6) => aurae_sys::net::add_ipv6(&a.device, v6, a.prefix)?,
+    }
+    aurae_sys::net::set_link_up(&a.device)
+}
+
+/// Syncs and powers off (or reboots). Never returns: if the kernel refuses, it waits.
+pub fn power_off(reboot: bool, reason: &str) -> ! {
+    tracing::warn!(reboot, "pid1: {reason}: syncing and powering off");
+    nix::unistd::sync();
+    let mode = if reboot {
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    } else {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    };
+    let err = nix::sys::reboot::reboot(mode);
+    tracing::error!("pid1: reboot({mode:?}) failed: {err:?}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_parameters_parse_or_warn() {
+        let p = cmdline_params(
+            "console=ttyS0 ip=10.99.0.2::10.99.0.1:255.255.255.0:guest:eth0:off aurae.ip6=fd00::2/64@eth0 aurae.ip=bad quiet",
+        );
+        let (addrs, warnings) = network_config(&p);
+        assert_eq!(
+            addrs,
+            vec![
+                StaticAddr {
+                    device: "eth0".into(),
+                    addr: "10.99.0.2".parse().unwrap(),
+                    prefix: 24
+                },
+                StaticAddr {
+                    device: "eth0".into(),
+                    addr: "fd00::2".parse().unwrap(),
+                    prefix: 64
+                },
+            ]
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("aurae.ip=bad"));
+        let (_, w) = network_config(&cmdline_params(
+            "ip=10.0.0.1::1.1.1.1:255.0.255.0:h:eth0:off",
+        ));
+        assert_eq!(w.len(), 1, "a non-contiguous netmask is refused");
+    }
+}

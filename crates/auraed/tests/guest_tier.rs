@@ -1,0 +1,388 @@
+//! Guest tier (T2): auraed as PID 1 of a QEMU guest with a full cgroup v2 hierarchy. One
+//! boot serves every check: the limit tests of the cells issue (memory.max OOM with the
+//! event and victim, pids.max, cpu.max throttling, cpuset, narrowing), PID 1 duties (no
+//! zombies from orphaned double-forks, a crashing workload does not take auraed down,
+//! clean power-off on the Shutdown RPC).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::time::Duration;
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    guest::{Guest, GuestOptions, needs_guest},
+    tier::{self, Tier},
+};
+use tonic::Code;
+
+fn sh(cell: &str, name: &str, script: &str) -> pb::Executable {
+    pb::Executable {
+        cell: cell.into(),
+        name: name.into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: [("PATH".to_string(), "/bin".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+fn r(cell: &str, name: &str) -> pb::ExecutableRef {
+    pb::ExecutableRef {
+        cell: cell.into(),
+        name: name.into(),
+    }
+}
+
+async fn cell(
+    c: &Client,
+    name: &str,
+    limits: pb::CellLimits,
+) -> Result<pb::CellStatus, tonic::Status> {
+    c.cells()
+        .allocate(pb::Cell {
+            name: name.into(),
+            limits: Some(limits),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn run_wait(c: &Client, e: pb::Executable) -> (pb::ExecutableStatus, String) {
+    let (cell, name) = (e.cell.clone(), e.name.clone());
+    c.runtime()
+        .run_executable(e)
+        .await
+        .unwrap_or_else(|s| panic!("run {cell}/{name}: {s:?}"));
+    let st = c
+        .executables()
+        .wait(pb::WaitExecutableRequest {
+            executable: Some(r(&cell, &name)),
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(r(&cell, &name)),
+            follow: true,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(ch) = s.message().await.unwrap() {
+        out.extend(ch.data);
+    }
+    (st, String::from_utf8_lossy(&out).into_owned())
+}
+
+fn how(s: &pb::ExecutableStatus) -> Option<pb::exit_status::How> {
+    s.exit.as_ref().and_then(|e| e.how)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_limits_and_pid1_duties() {
+    if !tier::check(
+        "guest_tier_limits_and_pid1_duties",
+        Tier::Guest,
+        needs_guest(),
+    ) {
+        return;
+    }
+    let mut g = Guest::boot(GuestOptions::default()).await.unwrap();
+    println!(
+        "guest: auraed answered health {:.2} s after qemu started",
+        g.boot_time.as_secs_f64()
+    );
+    let c = g.client("admin").await.unwrap();
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.mode, "pid1");
+    assert!(
+        info.warnings.is_empty(),
+        "PID 1 set-up warnings: {:?}\n{}",
+        info.warnings,
+        g.serial_text()
+    );
+    for ctl in ["cpu", "memory", "pids", "cpuset", "io"] {
+        assert!(
+            info.cgroup_controllers.iter().any(|c| c == ctl),
+            "{ctl} missing: {:?}",
+            info.cgroup_controllers
+        );
+    }
+    let mut events = c
+        .events()
+        .watch(pb::WatchEventsRequest {
+            kinds: vec![pb::Kind::Executable as i32],
+            name_prefix: "oom".into(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // memory.max: the hog is OOM-killed, reported with the victim.
+    cell(
+        &c,
+        "oom",
+        pb::CellLimits {
+            memory_max_bytes: Some(32 << 20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (st, _) = run_wait(
+        &c,
+        pb::Executable {
+            argv: vec![
+                "/bin/dd".into(),
+                "if=/dev/zero".into(),
+                "of=/dev/null".into(),
+                "bs=64M".into(),
+                "count=1".into(),
+            ],
+            ..sh("oom", "hog", "")
+        },
+    )
+    .await;
+    assert_eq!(how(&st), Some(pb::exit_status::How::Signal(9)), "{st:?}");
+    assert!(
+        st.exit.as_ref().unwrap().oom_killed,
+        "exit marked as OOM kill: {st:?}"
+    );
+    let stats = c
+        .cells()
+        .stats(pb::NameRef { name: "oom".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.oom_kills >= 1, "{stats:?}");
+    assert!(
+        stats.memory_peak_bytes <= (32 << 20) + (1 << 20),
+        "peak {} over the limit",
+        stats.memory_peak_bytes
+    );
+    let mut oom_event = None;
+    while oom_event.is_none() {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if e.r#type == pb::EventType::OomKilled as i32 {
+            oom_event = Some(e);
+        }
+    }
+    let e = oom_event.unwrap();
+    assert!(
+        e.victim_pid > 0 && e.victim_command.contains("/bin/dd"),
+        "{e:?}"
+    );
+    println!(
+        "memory.max 32 MiB: dd bs=64M OOM-killed, event victim pid {} {:?}, peak {} bytes",
+        e.victim_pid, e.victim_command, stats.memory_peak_bytes
+    );
+
+    // pids.max: fork fails past the limit.
+    cell(
+        &c,
+        "pids",
+        pb::CellLimits {
+            pids_max: Some(5),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (st, out) = run_wait(
+        &c,
+        sh(
+            "pids",
+            "bomb",
+            "n=0; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & n=$((n+1)); done; wait; echo started",
+        ),
+    )
+    .await;
+    println!("pids.max 5: {out:?} {st:?}");
+    assert!(
+        out.contains("can't fork")
+            || out.contains("Resource temporarily unavailable")
+            || out.contains("fork"),
+        "{out}"
+    );
+
+    // cpu.max: a busy loop is throttled to ~10 %.
+    cell(
+        &c,
+        "cpu",
+        pb::CellLimits {
+            cpu_max: Some(pb::CpuMax {
+                quota_us: 10_000,
+                period_us: 100_000,
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (st, _) = run_wait(
+        &c,
+        sh("cpu", "spin", "timeout 2 sh -c 'while :; do :; done'; true"),
+    )
+    .await;
+    assert_eq!(how(&st), Some(pb::exit_status::How::Code(0)), "{st:?}");
+    let stats = c
+        .cells()
+        .stats(pb::NameRef { name: "cpu".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    println!(
+        "cpu.max 10000/100000 for 2 s: usage {} us, throttled {} periods / {} us",
+        stats.cpu_usage_usec, stats.cpu_nr_throttled, stats.cpu_throttled_usec
+    );
+    assert!(
+        stats.cpu_nr_throttled > 0 && stats.cpu_throttled_usec > 0,
+        "{stats:?}"
+    );
+    assert!(
+        stats.cpu_usage_usec < 600_000,
+        "2 s at 10 % should use ~0.2 s of CPU: {stats:?}"
+    );
+
+    // cpuset.
+    cell(
+        &c,
+        "pin",
+        pb::CellLimits {
+            cpuset_cpus: "0".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_, out) = run_wait(
+        &c,
+        sh("pin", "where", "grep Cpus_allowed_list /proc/self/status"),
+    )
+    .await;
+    assert!(
+        out.trim().ends_with("\t0") || out.trim().ends_with(" 0"),
+        "{out:?}"
+    );
+
+    // A child may only narrow its parent's limits.
+    cell(
+        &c,
+        "parent",
+        pb::CellLimits {
+            memory_max_bytes: Some(64 << 20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let e = cell(
+        &c,
+        "parent/child",
+        pb::CellLimits {
+            memory_max_bytes: Some(128 << 20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("limits.memory_max_bytes"),
+        "{}",
+        e.message()
+    );
+    cell(
+        &c,
+        "parent/child",
+        pb::CellLimits {
+            memory_max_bytes: Some(32 << 20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    // PID 1 reaps orphans: double-forks in a cell sharing its PID namespace leave no zombie.
+    c.cells()
+        .allocate(pb::Cell {
+            name: "host".into(),
+            namespaces: Some(pb::CellNamespaces {
+                share_host_pid: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let (st, _) = run_wait(
+            &c,
+            sh("host", &format!("orphan{i}"), "(sleep 0.2 &) ; exit 0"),
+        )
+        .await;
+        assert_eq!(how(&st), Some(pb::exit_status::How::Code(0)));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, out) = run_wait(
+        &c,
+        sh(
+            "host",
+            "zombies",
+            "cat /proc/[0-9]*/stat 2>/dev/null | grep -c ') Z ' || true",
+        ),
+    )
+    .await;
+    assert_eq!(out.trim(), "0", "zombies in the guest");
+    let (_, rss) = run_wait(&c, sh("host", "rss", "grep VmRSS /proc/1/status")).await;
+    println!("guest auraed (PID 1) after the tests: {}", rss.trim());
+
+    // A crashing workload does not take auraed down.
+    let (st, _) = run_wait(&c, sh("host", "crash", "kill -SEGV $$")).await;
+    assert_eq!(how(&st), Some(pb::exit_status::How::Signal(11)));
+    assert!(
+        c.health()
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok()
+    );
+
+    // Orderly power-off on the Shutdown RPC.
+    c.daemon()
+        .shutdown(pb::ShutdownRequest {
+            grace_period: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            reboot: false,
+        })
+        .await
+        .unwrap();
+    assert!(
+        g.wait_poweroff(Duration::from_secs(60)),
+        "guest did not power off:\n{}",
+        g.serial_text()
+    );
+    let serial = g.serial_text();
+    assert!(serial.contains("powering off"), "{serial}");
+    assert!(!serial.contains("Kernel panic"), "{serial}");
+}
