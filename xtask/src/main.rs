@@ -319,6 +319,43 @@ fn demo() -> anyhow::Result<ExitCode> {
     eprintln!("==> auraed answered health after {:?}", start.elapsed());
     run("aer health", &mut aer(&["health"]))?;
     run("aer info", &mut aer(&["info"]))?;
+    // A real workload: a cell with its own namespaces, a process in it, its output and
+    // exit status. Cells need root and a cgroup v2 hierarchy.
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if is_root {
+        run(
+            "aer cell allocate demo",
+            &mut aer(&["cell", "allocate", "demo"]),
+        )?;
+        run(
+            "aer run --cell demo -- /bin/sh -c ...",
+            &mut aer(&[
+                "run",
+                "--cell",
+                "demo",
+                "--name",
+                "hello",
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo hello from $(hostname), pid $$ in a cell; exit 3",
+            ]),
+        )?;
+        run(
+            "aer executable wait demo/hello",
+            &mut aer(&["executable", "wait", "demo/hello"]),
+        )?;
+        run(
+            "aer executable logs demo/hello",
+            &mut aer(&["executable", "logs", "demo/hello"]),
+        )?;
+        run("aer cell free demo", &mut aer(&["cell", "free", "demo"]))?;
+    } else {
+        eprintln!("==> skipping the cell workload: cells need root");
+    }
     run("aer shutdown", &mut aer(&["shutdown"]))?;
     if let Some(mut c) = guard.0.take() {
         let status = c.wait()?;

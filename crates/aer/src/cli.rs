@@ -327,6 +327,21 @@ enum CellCmd {
     Stats {
         name: String,
     },
+    /// Cells as a tree, with their limits and usage.
+    Tree {
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+}
+
+fn size(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b >= 1 << 30 => format!("{:.1}G", b as f64 / f64::from(1u32 << 30)),
+        Some(b) if b >= 1 << 20 => format!("{:.1}M", b as f64 / f64::from(1u32 << 20)),
+        Some(b) if b >= 1 << 10 => format!("{:.1}K", b as f64 / 1024.0),
+        Some(b) => format!("{b}"),
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -697,6 +712,7 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                     ("cgroup_controllers", json!(i.cgroup_controllers)),
                     ("granted_methods", json!(i.granted_methods)),
                     ("granted_names", json!(i.granted_prefixes)),
+                    ("warnings", json!(i.warnings)),
                 ]);
             }
             print(fmt, &[row], true);
@@ -1107,6 +1123,65 @@ async fn cell(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), tonic::Status
             &[stats_row(&x.stats(name(&n)).await?.into_inner())],
             true,
         ),
+        CellCmd::Tree { prefix } => {
+            let mut cells = x
+                .list(pb::ListRequest {
+                    name_prefix: prefix,
+                })
+                .await?
+                .into_inner()
+                .cells;
+            cells.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut rows = Vec::new();
+            for cell in &cells {
+                let st = x
+                    .stats(name(&cell.name))
+                    .await
+                    .map(|r| r.into_inner())
+                    .unwrap_or_default();
+                let l = cell.limits.clone().unwrap_or_default();
+                let depth = cell.name.matches('/').count();
+                let label = cell.name.rsplit('/').next().unwrap_or(&cell.name);
+                let cpu = l.cpu_max.map_or("-".to_owned(), |c| {
+                    if c.quota_us == 0 {
+                        "max".to_owned()
+                    } else {
+                        format!("{}/{}", c.quota_us, c.period_us)
+                    }
+                });
+                rows.push(vec![
+                    (
+                        "cell",
+                        json!(if fmt == Format::Json {
+                            cell.name.clone()
+                        } else {
+                            format!("{}{label}", "  ".repeat(depth))
+                        }),
+                    ),
+                    ("phase", phase(cell.phase)),
+                    ("executables", json!(cell.executables.len())),
+                    (
+                        "memory",
+                        json!(format!(
+                            "{} / {}",
+                            size(Some(st.memory_current_bytes)),
+                            size(l.memory_max_bytes)
+                        )),
+                    ),
+                    (
+                        "pids",
+                        json!(format!(
+                            "{} / {}",
+                            st.pids_current,
+                            l.pids_max.map_or("-".into(), |p| p.to_string())
+                        )),
+                    ),
+                    ("cpu_max", json!(cpu)),
+                    ("cpu_usage_ms", json!(st.cpu_usage_usec / 1000)),
+                ]);
+            }
+            print(fmt, &rows, false);
+        }
     }
     Ok(())
 }

@@ -69,6 +69,8 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Where the cell's directory is, for messages and probes.
     fn path(&self, cell: &CellName) -> PathBuf;
+    /// At shutdown, once every cell is gone: removes the root if auraed created it.
+    fn release(&self) {}
 }
 
 /// One limit as a cgroup file write.
@@ -187,6 +189,8 @@ pub fn check_controllers(writes: &[LimitWrite], available: &[String]) -> Result<
 pub struct FsTree {
     root: PathBuf,
     controllers: Vec<String>,
+    /// Whether `open` created the root (then shutdown removes it again).
+    created: bool,
 }
 
 /// Controllers auraed enables for cells when available.
@@ -196,7 +200,8 @@ impl FsTree {
     /// Opens (creating) the subtree at `root`, which must be on a cgroup2 filesystem, and
     /// enables the wanted controllers available there for its children.
     pub fn open(root: &Path) -> Result<Self, CgroupError> {
-        if !root.exists() {
+        let created = !root.exists();
+        if created {
             fs::create_dir(root).map_err(io_err(root))?;
         }
         let avail = fs::read_to_string(root.join("cgroup.controllers")).map_err(io_err(root))?;
@@ -208,6 +213,7 @@ impl FsTree {
         let tree = Self {
             root: root.to_owned(),
             controllers,
+            created,
         };
         tree.enable_for_children(root)?;
         Ok(tree)
@@ -224,11 +230,6 @@ impl FsTree {
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    /// Removes the root itself (only once every cell is gone).
-    pub fn remove_root(&self) -> Result<(), CgroupError> {
-        fs::remove_dir(&self.root).map_err(io_err(&self.root))
     }
 }
 
@@ -299,6 +300,12 @@ impl CgroupTree for FsTree {
 
     fn path(&self, cell: &CellName) -> PathBuf {
         self.root.join(cell.as_str())
+    }
+
+    fn release(&self) {
+        if self.created {
+            let _ = fs::remove_dir(&self.root);
+        }
     }
 }
 

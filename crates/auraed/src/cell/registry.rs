@@ -962,6 +962,9 @@ impl Cells {
                 warn!(cell = %n, "freeing on shutdown: {e}");
             }
         }
+        if let Ok(t) = &self.tree {
+            t.release();
+        }
     }
 }
 
