@@ -107,6 +107,10 @@ pub struct GuestOptions {
     /// boot-time peer).
     pub busybox_init: bool,
     pub timeout: Duration,
+    /// Appended to the kernel command line.
+    pub extra_cmdline: String,
+    /// Module names added to /lib/modules/order without a file (a missing module).
+    pub missing_modules: Vec<String>,
 }
 
 impl Default for GuestOptions {
@@ -116,6 +120,8 @@ impl Default for GuestOptions {
             cpus: 2,
             busybox_init: false,
             timeout: Duration::from_secs(180),
+            extra_cmdline: String::new(),
+            missing_modules: Vec::new(),
         }
     }
 }
@@ -139,7 +145,7 @@ impl Guest {
             std::slice::from_ref(&guest_ip),
         )?;
         let initrd = dir.path().join("initramfs.cpio");
-        build_initramfs(&art, &pki, &initrd, opts.busybox_init)?;
+        build_initramfs(&art, &pki, &initrd, &opts)?;
 
         let netns = format!("aurae-g{}-{n}", std::process::id());
         ip(&["netns", "add", &netns])?;
@@ -167,9 +173,28 @@ impl Guest {
         ip(&["-n", &netns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
         ip(&["-n", &netns, "link", "set", "tap0", "master", "br0"])?;
         ip(&["-n", &netns, "link", "set", "tap0", "up"])?;
+        // IPv6 drops addresses while the bridge has no carrier (before QEMU opens the TAP)
+        // unless told to keep them.
+        let keep = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/br0/keep_addr_on_down",
+            ])
+            .status()?;
+        if !keep.success() {
+            bail!("setting keep_addr_on_down on br0 failed");
+        }
+        let v6 = format!("fd00:99:{subnet}::1/64");
+        ip(&["-n", &netns, "addr", "add", &v6, "dev", "br0", "nodad"])?;
 
         let append = format!(
-            "console=ttyS0 panic=-1 quiet loglevel=4 ip={guest_ip}::{host_ip}:255.255.255.0:guest:eth0:off aurae.hostname=guest"
+            "console=ttyS0 panic=-1 quiet loglevel=4 ip={guest_ip}::{host_ip}:255.255.255.0:guest:eth0:off \
+             aurae.ip6=fd00:99:{subnet}::2/64@eth0 aurae.hostname=guest {}",
+            opts.extra_cmdline
         );
         let kvm = Path::new("/dev/kvm").exists() && std::env::var_os("AURAE_GUEST_KVM").is_some();
         let log = fs::File::create(g.dir.path().join("qemu.log"))?;
@@ -255,8 +280,27 @@ impl Guest {
         fs::read_to_string(self.dir.path().join("qemu.log")).unwrap_or_default()
     }
 
+    /// The guest's static IPv6 address (`aurae.ip6=` on its command line).
+    pub fn addr6(&self) -> SocketAddr {
+        let subnet = match self.addr.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets()[2],
+            std::net::IpAddr::V6(_) => 0,
+        };
+        SocketAddr::new(
+            format!("fd00:99:{subnet}::2")
+                .parse()
+                .unwrap_or(std::net::Ipv6Addr::LOCALHOST.into()),
+            8443,
+        )
+    }
+
     /// A client presenting identity `name`, connected from inside the namespace.
     pub async fn client(&self, name: &str) -> anyhow::Result<Client> {
+        self.client_at(name, self.addr).await
+    }
+
+    /// Like [`Guest::client`], to another of the guest's addresses.
+    pub async fn client_at(&self, name: &str, addr: SocketAddr) -> anyhow::Result<Client> {
         let (cert, key) = self.pki.identity(name);
         if !cert.exists() {
             let id = aurae_identity::SpiffeId::new(TRUST_DOMAIN, &format!("/operator/{name}"))?;
@@ -264,9 +308,9 @@ impl Guest {
         }
         let tls = aurae_identity::tls::client_config(&self.pki.ca_cert, &cert, &key)?;
         let ns = PathBuf::from("/run/netns").join(&self.netns);
-        let addr = self.addr;
         let dial = move || dial_in(&ns, addr);
-        Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
+        // The server certificate names the IPv4 address; check the same name over IPv6.
+        Ok(Client::connect_tcp_with(dial, &self.addr.ip().to_string(), tls).await?)
     }
 
     /// Waits for QEMU to exit (the guest powered off); `false` on timeout.
@@ -316,8 +360,9 @@ fn build_initramfs(
     art: &Path,
     pki: &PkiPaths,
     out: &Path,
-    busybox_init: bool,
+    opts: &GuestOptions,
 ) -> anyhow::Result<()> {
+    let busybox_init = opts.busybox_init;
     use cpio::Entry::{CharDev, Dir, File, Symlink};
     let mut e = Vec::new();
     for d in [
@@ -373,6 +418,11 @@ fn build_initramfs(
             mode: 0o644,
             data: fs::read(art.join(format!("modules/{m}.ko")))?,
         });
+    }
+    let mut order = order;
+    for m in &opts.missing_modules {
+        order.push_str(m);
+        order.push('\n');
     }
     e.push(File {
         path: "lib/modules/order".into(),

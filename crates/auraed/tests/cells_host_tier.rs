@@ -939,3 +939,41 @@ async fn shutdown_stops_every_cell_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "cells left after shutdown: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_environment_and_process_stats() {
+    let Some((_d, c)) = daemon(
+        "stdin_environment_and_process_stats",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    allocate(&c, "io").await;
+    let mut e = sh(
+        "io",
+        "reader",
+        "read x; echo got=$x; echo env=$FOO; echo home=${HOME:-unset}; sleep 1",
+    );
+    e.stdin = b"hello\n".to_vec();
+    e.env.insert("FOO".into(), "bar".into());
+    run(&c, e).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = c
+        .executables()
+        .stats(r("io", "reader"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stats.memory_current_bytes > 0,
+        "RSS of a running process: {stats:?}"
+    );
+    wait(&c, "io", "reader").await;
+    assert_eq!(
+        output(&c, "io", "reader").await,
+        "got=hello\nenv=bar\nhome=unset\n",
+        "stdin given, environment exactly as asked"
+    );
+}

@@ -366,6 +366,18 @@ async fn guest_tier_limits_and_pid1_duties() {
             .is_ok()
     );
 
+    // The static IPv6 address from the command line serves the same API.
+    let c6 = g.client_at("admin", g.addr6()).await.unwrap();
+    assert_eq!(
+        c6.daemon()
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .mode,
+        "pid1"
+    );
+
     // Orderly power-off on the Shutdown RPC.
     c.daemon()
         .shutdown(pb::ShutdownRequest {
@@ -385,4 +397,56 @@ async fn guest_tier_limits_and_pid1_duties() {
     let serial = g.serial_text();
     assert!(serial.contains("powering off"), "{serial}");
     assert!(!serial.contains("Kernel panic"), "{serial}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_pid1_comes_up_with_what_it_has_and_reports_the_rest() {
+    if !tier::check(
+        "guest_pid1_comes_up_with_what_it_has_and_reports_the_rest",
+        Tier::Guest,
+        needs_guest(),
+    ) {
+        return;
+    }
+    let g = Guest::boot(GuestOptions {
+        extra_cmdline: "aurae.ip=not-an-address".into(),
+        missing_modules: vec!["no_such_module".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = g.client("admin").await.unwrap();
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    println!("PID 1 warnings: {:?}", info.warnings);
+    assert!(
+        info.warnings
+            .iter()
+            .any(|w| w.contains("aurae.ip=not-an-address")),
+        "{:?}",
+        info.warnings
+    );
+    assert!(
+        info.warnings.iter().any(|w| w.contains("no_such_module")),
+        "{:?}",
+        info.warnings
+    );
+    let serial = g.serial_text();
+    assert!(
+        serial.contains("no_such_module"),
+        "PID 1 says it on the console too:\n{serial}"
+    );
+    assert_eq!(
+        c.health()
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        1
+    );
 }

@@ -13,7 +13,10 @@ fn main() -> ExitCode {
         eprintln!("aurae-guest: cannot boot: {reason}");
         return ExitCode::FAILURE;
     }
-    let Ok(rt) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    else {
         eprintln!("aurae-guest: cannot start the async runtime");
         return ExitCode::FAILURE;
     };
@@ -25,7 +28,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        println!("guest auraed (PID 1) answered health {:.2} s after qemu started", g.boot_time.as_secs_f64());
+        println!(
+            "guest auraed (PID 1) answered health {:.2} s after qemu started",
+            g.boot_time.as_secs_f64()
+        );
         println!("serial console: {}", g.serial.display());
         println!("talk to it:");
         println!(
