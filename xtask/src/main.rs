@@ -56,7 +56,10 @@ const ALLOWED_DEPS: &[(&str, &[&str])] = &[
     ("aurae-client", &["aurae-proto", "aurae-identity"]),
     ("auraed", &["aurae-proto", "aurae-identity", "aurae-sys"]),
     ("aer", &["aurae-proto", "aurae-identity", "aurae-client"]),
-    ("aurae-testkit", &["aurae-client", "aurae-identity"]),
+    (
+        "aurae-testkit",
+        &["aurae-client", "aurae-identity", "aurae-proto"],
+    ),
     ("xtask", &[]),
 ];
 

@@ -22,7 +22,7 @@ impl Pidfd {
         Self(fd)
     }
 
-    /// `pidfd_open(pid)`: for a process we did not create through [`crate::spawn`] (a
+    /// `pidfd_open(pid)`: for a process we did not create through [`crate::spawn()`] (a
     /// re-adopted cell, or our own pid for a test).
     pub fn open(pid: i32) -> io::Result<Self> {
         // SAFETY: pidfd_open takes a pid and flags (0) and returns a new fd or -1; no

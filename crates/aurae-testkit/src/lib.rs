@@ -11,6 +11,7 @@ pub mod cpio;
 pub mod guest;
 pub mod identities;
 pub mod tier;
+pub mod workload;
 
 use std::{
     fs,

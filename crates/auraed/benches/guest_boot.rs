@@ -6,7 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
 
 use aurae_proto::runtime::v0 as pb;
-use aurae_testkit::guest::{Guest, GuestOptions, needs_guest};
+use aurae_testkit::{
+    guest::{Guest, GuestOptions, needs_guest},
+    workload,
+};
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
@@ -38,29 +41,18 @@ fn main() {
                 })
                 .await
                 .unwrap();
-            c.runtime()
-                .run_executable(pb::Executable {
+            let (_, out) = workload::run_to_end(
+                &c,
+                pb::Executable {
                     cell: "m".into(),
                     name: "rss".into(),
                     argv: vec!["/bin/grep".into(), "VmRSS".into(), "/proc/1/status".into()],
                     ..Default::default()
-                })
-                .await
-                .unwrap();
-            c.executables()
-                .wait(pb::WaitExecutableRequest { executable: Some(pb::ExecutableRef { cell: "m".into(), name: "rss".into() }), timeout: None })
-                .await
-                .unwrap();
-            let mut s = c
-                .executables()
-                .logs(pb::ExecutableLogsRequest { executable: Some(pb::ExecutableRef { cell: "m".into(), name: "rss".into() }), follow: true, from_offset: 0 })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut out = Vec::new();
-            while let Some(ch) = s.message().await.unwrap() {
-                out.extend(ch.data);
-            }
+                },
+            )
+            .await
+            .unwrap();
+            let out = out.into_bytes();
             let kb: f64 = String::from_utf8_lossy(&out).split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
             rss.push(kb / 1024.0);
             drop(g);

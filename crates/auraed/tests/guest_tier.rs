@@ -13,6 +13,7 @@ use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     guest::{Guest, GuestOptions, needs_guest},
     tier::{self, Tier},
+    workload,
 };
 use tonic::Code;
 
@@ -23,13 +24,6 @@ fn sh(cell: &str, name: &str, script: &str) -> pb::Executable {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: [("PATH".to_string(), "/bin".to_string())].into(),
         ..Default::default()
-    }
-}
-
-fn r(cell: &str, name: &str) -> pb::ExecutableRef {
-    pb::ExecutableRef {
-        cell: cell.into(),
-        name: name.into(),
     }
 }
 
@@ -49,38 +43,10 @@ async fn cell(
 }
 
 async fn run_wait(c: &Client, e: pb::Executable) -> (pb::ExecutableStatus, String) {
-    let (cell, name) = (e.cell.clone(), e.name.clone());
-    c.runtime()
-        .run_executable(e)
+    let id = format!("{}/{}", e.cell, e.name);
+    workload::run_to_end(c, e)
         .await
-        .unwrap_or_else(|s| panic!("run {cell}/{name}: {s:?}"));
-    let st = c
-        .executables()
-        .wait(pb::WaitExecutableRequest {
-            executable: Some(r(&cell, &name)),
-            timeout: Some(prost_types::Duration {
-                seconds: 120,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s = c
-        .executables()
-        .logs(pb::ExecutableLogsRequest {
-            executable: Some(r(&cell, &name)),
-            follow: true,
-            from_offset: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(ch) = s.message().await.unwrap() {
-        out.extend(ch.data);
-    }
-    (st, String::from_utf8_lossy(&out).into_owned())
+        .unwrap_or_else(|s| panic!("run {id}: {s:?}"))
 }
 
 fn how(s: &pb::ExecutableStatus) -> Option<pb::exit_status::How> {

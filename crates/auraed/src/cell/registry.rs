@@ -355,17 +355,30 @@ impl Cells {
         Ok(fd)
     }
 
+    /// Every cell, in name order, without holding the lock afterwards.
+    fn snapshot(&self) -> Vec<Arc<Cell>> {
+        self.cells
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A cell and every cell below it.
+    fn family(&self, name: &CellName) -> Vec<Arc<Cell>> {
+        let below = format!("{name}/");
+        self.snapshot()
+            .into_iter()
+            .filter(|c| c.spec.name == *name || c.spec.name.as_str().starts_with(&below))
+            .collect()
+    }
+
     pub fn get(&self, name: &CellName) -> Result<pb::CellStatus, CellError> {
         Ok(self.find(name)?.status())
     }
 
     /// Cells whose names pass `visible`, in name order.
     pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::CellStatus> {
-        let cells: Vec<Arc<Cell>> = self
-            .cells
-            .lock()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default();
+        let cells = self.snapshot();
         cells
             .iter()
             .filter(|c| visible(c.spec.name.as_str()))
@@ -786,11 +799,7 @@ impl Cells {
     }
 
     pub fn executables(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::ExecutableStatus> {
-        let cells: Vec<Arc<Cell>> = self
-            .cells
-            .lock()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default();
+        let cells = self.snapshot();
         cells
             .iter()
             .filter(|c| visible(c.spec.name.as_str()))
@@ -842,19 +851,7 @@ impl Cells {
             return Ok(cell.status());
         }
         cell.set_phase(pb::Phase::Stopping, "");
-        let family: Vec<Arc<Cell>> = self
-            .cells
-            .lock()
-            .map(|c| {
-                c.values()
-                    .filter(|x| {
-                        x.spec.name == *name
-                            || x.spec.name.as_str().starts_with(&format!("{name}/"))
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let family = self.family(name);
         let exes: Vec<Arc<Executable>> = family.iter().flat_map(|c| c.executables()).collect();
         for e in &exes {
             let _ = e.signal(nix::libc::SIGTERM);
@@ -892,15 +889,10 @@ impl Cells {
         self.find(name)?;
         self.stop_locked(name, Duration::ZERO).await?;
         let mut family: Vec<CellName> = self
-            .cells
-            .lock()
-            .map(|c| {
-                c.keys()
-                    .filter(|x| *x == name || x.as_str().starts_with(&format!("{name}/")))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+            .family(name)
+            .iter()
+            .map(|c| c.spec.name.clone())
+            .collect();
         // Deepest first.
         family.sort_by_key(|n| std::cmp::Reverse(n.as_str().matches('/').count()));
         for n in family {

@@ -1,0 +1,59 @@
+//! Small helpers over the API that tests and benches repeat: wait for an executable, read
+//! its whole log.
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+
+pub fn exe_ref(cell: &str, name: &str) -> pb::ExecutableRef {
+    pb::ExecutableRef {
+        cell: cell.into(),
+        name: name.into(),
+    }
+}
+
+/// Waits (up to two minutes) for an executable to exit and returns its status.
+pub async fn wait(
+    c: &Client,
+    cell: &str,
+    name: &str,
+) -> Result<pb::ExecutableStatus, tonic::Status> {
+    c.executables()
+        .wait(pb::WaitExecutableRequest {
+            executable: Some(exe_ref(cell, name)),
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The executable's whole output (stdout and stderr interleaved), once its output ends.
+pub async fn output(c: &Client, cell: &str, name: &str) -> Result<String, tonic::Status> {
+    let mut s = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(exe_ref(cell, name)),
+            follow: true,
+            from_offset: 0,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await? {
+        out.extend(chunk.data);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs `e`, waits for it, and returns its status and output.
+pub async fn run_to_end(
+    c: &Client,
+    e: pb::Executable,
+) -> Result<(pb::ExecutableStatus, String), tonic::Status> {
+    let (cell, name) = (e.cell.clone(), e.name.clone());
+    c.runtime().run_executable(e).await?;
+    let st = wait(c, &cell, &name).await?;
+    Ok((st, output(c, &cell, &name).await?))
+}
