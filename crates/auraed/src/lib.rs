@@ -16,6 +16,7 @@ pub mod cell;
 pub mod events;
 pub mod executable;
 pub mod identity;
+pub mod image;
 pub mod instance;
 pub mod pid1;
 pub mod pod;
