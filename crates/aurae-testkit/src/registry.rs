@@ -1,0 +1,87 @@
+//! A loopback OCI registry for tests: Debian's `docker-registry` (distribution 2.8) bound
+//! to 127.0.0.1 on a free port, storing in a temp dir, no auth. Stopped (by its handle)
+//! and removed on drop.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+#[derive(Debug)]
+pub struct LocalRegistry {
+    pub addr: std::net::SocketAddr,
+    pub dir: TempDir,
+    child: Option<Child>,
+}
+
+/// `Some(reason)` unless `docker-registry` is installed.
+pub fn needs_registry() -> Option<String> {
+    (!Path::new("/usr/bin/docker-registry").exists())
+        .then(|| "docker-registry is not installed (apt-get install docker-registry)".into())
+}
+
+impl LocalRegistry {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("aurae-registry-")
+            .tempdir()?;
+        let addr = crate::free_port()?;
+        let cfg = dir.path().join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log"))?)
+            .spawn()
+            .context("starting docker-registry")?;
+        let r = Self {
+            addr,
+            dir,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(mut s) = TcpStream::connect(addr) {
+                let _ =
+                    s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
+                    return Ok(r);
+                }
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("docker-registry did not answer /v2/ within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `127.0.0.1:<port>`, as image references write it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The content-addressed image store under `<state>/images`:
+//! `blobs/sha256/<hex>` (verified before they are renamed into place),
+//! `layers/sha256/<diff-id hex>` (unpacked, shared between images), `refs/` (what a
+//! reference resolved to). Temporary files and half-unpacked layers from an interrupted
+//! pull are removed on open: the store is never left corrupt.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("image store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("blob {expected}: the registry sent {got} ({size} bytes)")]
+    DigestMismatch {
+        expected: String,
+        got: String,
+        size: u64,
+    },
+    #[error("blob {digest}: {got} bytes, the manifest says {want}")]
+    SizeMismatch { digest: String, got: u64, want: u64 },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+#[derive(Debug)]
+pub struct ImageStore {
+    root: PathBuf,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A blob being written: hashed as it goes, renamed into place only when verified.
+#[derive(Debug)]
+pub struct Ingest {
+    tmp: PathBuf,
+    file: fs::File,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl Ingest {
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        self.file.write_all(data).map_err(io(&self.tmp))
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+impl ImageStore {
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let root = state_dir.join("images");
+        for d in ["blobs/sha256", "layers/sha256", "ingest", "refs"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io(&p))?;
+        }
+        // Leftovers of an interrupted pull.
+        let ingest = root.join("ingest");
+        for e in fs::read_dir(&ingest).map_err(io(&ingest))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let layers = root.join("layers/sha256");
+        for e in fs::read_dir(&layers).map_err(io(&layers))?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".partial") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(Self {
+            root,
+            locks: Mutex::default(),
+        })
+    }
+
+    /// One lock per digest: concurrent pulls of the same blob or layer share the work.
+    pub fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut g = match self.locks.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.entry(key.to_owned()).or_default().clone()
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(hex_of(digest))
+    }
+
+    /// Whether the blob is present with the expected size.
+    pub fn has_blob(&self, digest: &str, size: u64) -> bool {
+        fs::metadata(self.blob_path(digest)).is_ok_and(|m| m.len() == size)
+    }
+
+    pub fn begin(&self, digest: &str) -> Result<Ingest, StoreError> {
+        let tmp =
+            self.root
+                .join("ingest")
+                .join(format!("{}.{}", hex_of(digest), uuid::Uuid::new_v4()));
+        let file = fs::File::create(&tmp).map_err(io(&tmp))?;
+        Ok(Ingest {
+            tmp,
+            file,
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Verifies digest and size, then moves the blob into place.
+    pub fn commit(&self, ing: Ingest, digest: &str, size: u64) -> Result<PathBuf, StoreError> {
+        let got = format!("sha256:{:x}", ing.hasher.finalize());
+        let fail = |e| {
+            let _ = fs::remove_file(&ing.tmp);
+            e
+        };
+        if ing.written != size {
+            return Err(fail(StoreError::SizeMismatch {
+                digest: digest.to_owned(),
+                got: ing.written,
+                want: size,
+            }));
+        }
+        if got != digest {
+            return Err(fail(StoreError::DigestMismatch {
+                expected: digest.to_owned(),
+                got,
+                size,
+            }));
+        }
+        ing.file.sync_all().map_err(io(&ing.tmp))?;
+        let dst = self.blob_path(digest);
+        fs::rename(&ing.tmp, &dst).map_err(io(&dst))?;
+        Ok(dst)
+    }
+
+    pub fn abort(&self, ing: Ingest) {
+        let _ = fs::remove_file(&ing.tmp);
+    }
+
+    /// Writes a small verified blob (a manifest or config) held in memory.
+    pub fn put_small(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut ing = self.begin(digest)?;
+        ing.write(bytes)?;
+        self.commit(ing, digest, bytes.len() as u64).map(|_| ())
+    }
+
+    pub fn layer_path(&self, diff_id: &str) -> PathBuf {
+        self.root.join("layers/sha256").join(hex_of(diff_id))
+    }
+
+    pub fn partial_layer_path(&self, diff_id: &str) -> PathBuf {
+        self.root
+            .join("layers/sha256")
+            .join(format!("{}.partial", hex_of(diff_id)))
+    }
+
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(format!("{}.json", hex_of(&sha256(reference.as_bytes()))))
+    }
+
+    pub fn put_ref(&self, reference: &str, record: &serde_json::Value) -> Result<(), StoreError> {
+        let p = self.ref_path(reference);
+        let tmp = p.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(record).unwrap_or_default()).map_err(io(&tmp))?;
+        fs::rename(&tmp, &p).map_err(io(&p))
+    }
+
+    pub fn refs(&self) -> Vec<serde_json::Value> {
+        let dir = self.root.join("refs");
+        let mut out: Vec<serde_json::Value> = fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a["reference"].as_str().cmp(&b["reference"].as_str()));
+        out
+    }
+
+    pub fn remove_ref(&self, reference: &str) -> bool {
+        fs::remove_file(self.ref_path(reference)).is_ok()
+    }
+}
