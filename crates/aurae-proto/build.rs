@@ -13,6 +13,7 @@ const FILES: &[&str] = &[
     "aurae/runtime/v0/instance.proto",
     "aurae/runtime/v0/pod.proto",
     "aurae/runtime/v0/events.proto",
+    "aurae/runtime/v0/image.proto",
     "aurae/runtime/v0/daemon.proto",
     "aurae/runtime/v0/runtime.proto",
 ];

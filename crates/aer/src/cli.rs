@@ -75,6 +75,9 @@ enum Command {
     /// Cells: allocate, get, list, stop, free, stats.
     #[command(subcommand)]
     Cell(CellCmd),
+    /// Images: pull, ls, rm.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Run a container image in a new cell (RunCell).
     RunCell(RunCellArgs),
     /// Virtual machines.
@@ -361,6 +364,16 @@ struct RunCellArgs {
     /// Arguments overriding the image's cmd, after `--`.
     #[arg(last = true)]
     args: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Pull an image into auraed's store, with progress per layer.
+    Pull { image: String },
+    /// Images in the store.
+    Ls,
+    /// Forget an image reference.
+    Rm { image: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -737,6 +750,7 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
             print(fmt, &[exe_row(&s)], true);
         }
         Command::Executable(e) => executable(c, e, fmt).await?,
+        Command::Image(cmd) => image(c, cmd, fmt).await?,
         Command::Cell(cmd) => cell(c, cmd, fmt).await?,
         Command::RunCell(a) => {
             let bad = |e: anyhow::Error| tonic::Status::invalid_argument(e.to_string());
@@ -1181,6 +1195,70 @@ async fn cell(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), tonic::Status
                 ]);
             }
             print(fmt, &rows, false);
+        }
+    }
+    Ok(())
+}
+
+async fn image(c: &Client, cmd: ImageCmd, fmt: Format) -> Result<(), tonic::Status> {
+    let mut x = c.images();
+    match cmd {
+        ImageCmd::Pull { image } => {
+            let mut s = x.pull(pb::PullImageRequest { image }).await?.into_inner();
+            let mut last_pct = std::collections::HashMap::new();
+            while let Some(p) = s.message().await? {
+                if let Some(i) = p.image {
+                    print(
+                        fmt,
+                        &[vec![
+                            ("reference", json!(i.reference)),
+                            ("digest", json!(i.digest)),
+                            ("layers", json!(i.layers)),
+                            ("fetched_bytes", json!(i.fetched_bytes)),
+                        ]],
+                        true,
+                    );
+                    continue;
+                }
+                // One line per layer and phase, and every 25 % while downloading.
+                let pct = (p.done_bytes * 100)
+                    .checked_div(p.total_bytes)
+                    .unwrap_or(100)
+                    / 25;
+                let key = (p.layer.clone(), p.phase.clone());
+                if fmt == Format::Table && last_pct.insert(key, pct) != Some(pct) {
+                    let short = p.layer.get(7..19).unwrap_or(&p.layer);
+                    eprintln!(
+                        "{short}  {:<11} {:>10} / {}",
+                        p.phase,
+                        size(Some(p.done_bytes)),
+                        size(Some(p.total_bytes))
+                    );
+                }
+            }
+        }
+        ImageCmd::Ls => {
+            let l = x.list(pb::ListImagesRequest {}).await?.into_inner();
+            let rows: Vec<Row> = l
+                .images
+                .iter()
+                .map(|i| {
+                    vec![
+                        ("reference", json!(i.reference)),
+                        ("digest", json!(i.digest)),
+                        ("layers", json!(i.layers)),
+                        ("size", json!(size(Some(i.size_bytes)))),
+                    ]
+                })
+                .collect();
+            print(fmt, &rows, false);
+        }
+        ImageCmd::Rm { image } => {
+            let r = x
+                .remove(pb::RemoveImageRequest { image })
+                .await?
+                .into_inner();
+            println!("removed {}", r.reference);
         }
     }
     Ok(())

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use aurae_proto::runtime::v0::{
     cells_client::CellsClient, daemon_client::DaemonClient, events_client::EventsClient,
-    executables_client::ExecutablesClient, instances_client::InstancesClient,
-    pods_client::PodsClient, runtime_client::RuntimeClient,
+    executables_client::ExecutablesClient, images_client::ImagesClient,
+    instances_client::InstancesClient, pods_client::PodsClient, runtime_client::RuntimeClient,
     virtual_machines_client::VirtualMachinesClient,
 };
 use hyper_util::rt::TokioIo;
@@ -163,6 +163,9 @@ impl Client {
     }
     pub fn events(&self) -> EventsClient<Channel> {
         EventsClient::new(self.channel.clone())
+    }
+    pub fn images(&self) -> ImagesClient<Channel> {
+        ImagesClient::new(self.channel.clone())
     }
     pub fn daemon(&self) -> DaemonClient<Channel> {
         DaemonClient::new(self.channel.clone())

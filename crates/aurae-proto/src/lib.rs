@@ -37,4 +37,5 @@ pub mod service_names {
     pub const PODS: &str = "aurae.runtime.v0.Pods";
     pub const EVENTS: &str = "aurae.runtime.v0.Events";
     pub const DAEMON: &str = "aurae.runtime.v0.Daemon";
+    pub const IMAGES: &str = "aurae.runtime.v0.Images";
 }

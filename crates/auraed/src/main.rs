@@ -40,6 +40,12 @@ struct Args {
     /// /sys/fs/cgroup/unified, whichever is cgroup2].
     #[arg(long, env = "AURAED_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// A registry (host[:port]) to reach over plain HTTP instead of HTTPS (repeatable).
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// An extra CA bundle (PEM) for registries, besides the system roots.
+    #[arg(long)]
+    registry_ca: Option<PathBuf>,
     /// Run as a plain daemon even when started as PID 1 (e.g. in a container).
     #[arg(long)]
     no_pid1: bool,
@@ -90,6 +96,12 @@ fn main() -> ExitCode {
         max_streams_per_connection: args.max_streams_per_connection.max(1),
         cgroup_root: args.cgroup_root,
         warnings: Vec::new(),
+        registry: auraed::image::registry::RegistryConfig {
+            insecure: args.insecure_registries,
+            extra_ca: args.registry_ca,
+            credentials: Default::default(),
+            timeout: Duration::from_secs(30),
+        },
         mode: "daemon",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -135,6 +147,10 @@ fn run_pid1() -> ! {
         cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
         mode: "pid1",
         warnings: boot.warnings,
+        registry: auraed::image::registry::RegistryConfig {
+            timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

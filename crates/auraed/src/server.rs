@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub mode: &'static str,
     /// Problems found before the API started (PID 1 set-up), reported by `Daemon/Info`.
     pub warnings: Vec<String>,
+    /// How image pulls reach registries.
+    pub registry: crate::image::registry::RegistryConfig,
 }
 
 enum Io {
@@ -304,6 +306,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         cfg.state_dir.join("logs"),
     ));
 
+    let image_store = Arc::new(crate::image::store::ImageStore::open(&cfg.state_dir)?);
+    let puller = Arc::new(crate::image::pull::Puller {
+        store: image_store,
+        registry: crate::image::registry::Registry::new(cfg.registry.clone()),
+        limits: crate::image::unpack::Limits::default(),
+        timeout: cfg.registry.timeout,
+    });
+
     let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
     let ctx = ApiContext {
         mode: cfg.mode,
@@ -318,6 +328,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         events,
         reboot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         warnings: cfg.warnings.clone(),
+        puller,
     };
     let reboot = ctx.reboot.clone();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -420,7 +431,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
 }
 
 /// Health service names, besides the overall "".
-const SERVICES: [&str; 8] = [
+const SERVICES: [&str; 9] = [
+    aurae_proto::service_names::IMAGES,
     aurae_proto::service_names::RUNTIME,
     aurae_proto::service_names::EXECUTABLES,
     aurae_proto::service_names::CELLS,

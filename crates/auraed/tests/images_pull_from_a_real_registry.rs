@@ -423,3 +423,122 @@ async fn bad_images_and_registries_fail_precisely_and_leave_nothing() {
     }
     assert!(ingest_is_empty(state.path()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_api_pulls_with_progress_lists_and_removes() {
+    if !tier::check(
+        "images_api_pulls_with_progress_lists_and_removes",
+        Tier::Host,
+        needs_registry().or_else(tier::needs_root),
+    ) {
+        return;
+    }
+    aurae_testkit::init_crypto();
+    let r = LocalRegistry::start().unwrap();
+    let host = r.host();
+    let pusher = Registry::new(RegistryConfig {
+        insecure: vec![host.clone()],
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let layer = tar_layer(&[("hello", b"world")]);
+    let pushed = push(
+        &pusher,
+        &host,
+        "aurae/api",
+        "v1",
+        &[layer],
+        ("linux", "amd64"),
+        None,
+    )
+    .await;
+    let d = aurae_testkit::Daemon::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_auraed")),
+        aurae_testkit::DaemonOptions {
+            extra_args: vec!["--insecure-registry".into(), host.clone()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = d.client("admin").await.unwrap();
+    use aurae_proto::runtime::v0 as pb;
+    let image = format!("{host}/aurae/api:v1");
+    let mut s = c
+        .images()
+        .pull(pb::PullImageRequest {
+            image: image.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut phases = Vec::new();
+    let mut last = None;
+    while let Some(p) = s.message().await.unwrap() {
+        phases.push(p.phase.clone());
+        if p.image.is_some() {
+            last = p.image;
+        }
+    }
+    let info = last.expect("the final message describes the image");
+    assert_eq!(info.digest, pushed.manifest_digest);
+    assert_eq!(info.fetched_bytes, pushed.layer_bytes);
+    assert!(
+        phases.iter().any(|p| p == "downloading") && phases.iter().any(|p| p == "unpacking"),
+        "{phases:?}"
+    );
+    let list = c
+        .images()
+        .list(pb::ListImagesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.images.len(), 1);
+    assert_eq!(list.images[0].reference, image);
+    // Bad input: a malformed reference, an unknown image.
+    let e = c
+        .images()
+        .pull(pb::PullImageRequest {
+            image: "UPPER/x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let mut s = c
+        .images()
+        .pull(pb::PullImageRequest {
+            image: format!("{host}/aurae/none:v1"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = loop {
+        match s.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("pull of a missing image ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    c.images()
+        .remove(pb::RemoveImageRequest {
+            image: image.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        c.images()
+            .list(pb::ListImagesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+            .is_empty()
+    );
+    let e = c
+        .images()
+        .remove(pb::RemoveImageRequest { image })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+}

@@ -7,6 +7,7 @@
 
 pub mod authz;
 pub mod daemon;
+pub mod image;
 pub mod lifecycle;
 pub mod runtime;
 pub mod status;
@@ -41,6 +42,7 @@ pub struct Context {
     /// What could not be set up at start (reported by `Daemon/Info`).
     pub warnings: Vec<String>,
     pub events: Arc<crate::events::EventBus>,
+    pub puller: Arc<crate::image::pull::Puller>,
 }
 
 /// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
@@ -76,8 +78,8 @@ pub fn routes(
 ) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     use pb::{
         cells_server::CellsServer, daemon_server::DaemonServer, events_server::EventsServer,
-        executables_server::ExecutablesServer, instances_server::InstancesServer,
-        pods_server::PodsServer, runtime_server::RuntimeServer,
+        executables_server::ExecutablesServer, images_server::ImagesServer,
+        instances_server::InstancesServer, pods_server::PodsServer, runtime_server::RuntimeServer,
         virtual_machines_server::VirtualMachinesServer,
     };
     macro_rules! limited {
@@ -110,6 +112,9 @@ pub fn routes(
         .add_service(limited!(PodsServer::new(lifecycle::PodsApi)))
         .add_service(limited!(EventsServer::new(lifecycle::EventsApi::new(
             ctx.events.clone()
+        ))))
+        .add_service(limited!(ImagesServer::new(image::ImagesApi::new(
+            ctx.puller.clone()
         ))))
         .add_service(limited!(DaemonServer::new(daemon::DaemonApi::new(ctx))))
         .add_service(health)

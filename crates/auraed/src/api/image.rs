@@ -1,0 +1,130 @@
+//! `Images`: pull (streaming progress), list, remove. Authorization is per method: image
+//! references are not cell names, so the policy's name prefixes do not apply here.
+
+use std::sync::Arc;
+
+use aurae_proto::runtime::v0::{self as pb, images_server::Images};
+use tonic::{Request, Response, Status};
+
+use super::{authz::Caller, lifecycle::ResponseStream, status::internal};
+use crate::image::{
+    pull::{PullError, Puller},
+    reference::ImageRef,
+    registry::RegistryError,
+    store::StoreError,
+};
+
+#[derive(Debug, Clone)]
+pub struct ImagesApi {
+    puller: Arc<Puller>,
+}
+
+impl ImagesApi {
+    pub fn new(puller: Arc<Puller>) -> Self {
+        Self { puller }
+    }
+}
+
+impl From<PullError> for Status {
+    fn from(e: PullError) -> Self {
+        match &e {
+            PullError::NotFound { .. } => Status::not_found(e.to_string()),
+            PullError::Registry(
+                RegistryError::Timeout { .. } | RegistryError::Transport { .. },
+            ) => Status::unavailable(e.to_string()),
+            PullError::Registry(_) | PullError::Manifest { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            PullError::Store(
+                StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. },
+            ) => Status::data_loss(e.to_string()),
+            PullError::Unpack(_) => Status::failed_precondition(e.to_string()),
+            PullError::Store(_) => internal(e),
+        }
+    }
+}
+
+fn info(v: &serde_json::Value) -> pb::ImageInfo {
+    pb::ImageInfo {
+        reference: v["reference"].as_str().unwrap_or_default().to_owned(),
+        digest: v["digest"].as_str().unwrap_or_default().to_owned(),
+        size_bytes: v["size"].as_u64().unwrap_or(0),
+        layers: v["layers"]
+            .as_array()
+            .map_or(0, |l| u32::try_from(l.len()).unwrap_or(u32::MAX)),
+        fetched_bytes: 0,
+    }
+}
+
+fn parse(field: &str, s: &str) -> Result<ImageRef, Status> {
+    ImageRef::parse(s).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+#[tonic::async_trait]
+impl Images for ImagesApi {
+    type PullStream = ResponseStream<pb::PullImageProgress>;
+
+    async fn pull(
+        &self,
+        r: Request<pb::PullImageRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let caller = Caller::of(&r)?;
+        let image = parse("image", &r.get_ref().image)?;
+        tracing::info!(peer_id = %caller.id, image = %image, "pulling");
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let puller = self.puller.clone();
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            let report = move |p: crate::image::pull::Progress| {
+                let _ = progress_tx.try_send(Ok(pb::PullImageProgress {
+                    layer: p.layer,
+                    done_bytes: p.done,
+                    total_bytes: p.total,
+                    phase: p.phase.to_owned(),
+                    image: None,
+                }));
+            };
+            let last = match puller.pull(&image, report).await {
+                Ok(p) => Ok(pb::PullImageProgress {
+                    phase: "done".into(),
+                    image: Some(pb::ImageInfo {
+                        reference: p.reference,
+                        digest: p.manifest_digest,
+                        size_bytes: 0,
+                        layers: u32::try_from(p.layers.len()).unwrap_or(u32::MAX),
+                        fetched_bytes: p.fetched_bytes,
+                    }),
+                    ..Default::default()
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list(
+        &self,
+        r: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        Caller::of(&r)?;
+        let images = self.puller.store.refs().iter().map(info).collect();
+        Ok(Response::new(pb::ListImagesResponse { images }))
+    }
+
+    async fn remove(
+        &self,
+        r: Request<pb::RemoveImageRequest>,
+    ) -> Result<Response<pb::RemovedImage>, Status> {
+        Caller::of(&r)?;
+        let image = parse("image", &r.get_ref().image)?.to_string();
+        if !self.puller.store.remove_ref(&image) {
+            return Err(Status::not_found(format!(
+                "image {image} is not in the store"
+            )));
+        }
+        Ok(Response::new(pb::RemovedImage { reference: image }))
+    }
+}
