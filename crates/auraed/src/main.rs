@@ -40,7 +40,7 @@ struct Args {
     /// /sys/fs/cgroup/unified, whichever is cgroup2].
     #[arg(long, env = "AURAED_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
-    /// A registry (host[:port]) to reach over plain HTTP instead of HTTPS (repeatable).
+    /// A registry (HOST or HOST:PORT) to reach over plain HTTP instead of HTTPS (repeatable).
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
     /// An extra CA bundle (PEM) for registries, besides the system roots.

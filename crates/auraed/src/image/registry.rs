@@ -46,7 +46,7 @@ pub enum RegistryError {
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryConfig {
-    /// Registries (host[:port]) reached over plain HTTP.
+    /// Registries (`host` or `host:port`) reached over plain HTTP.
     pub insecure: Vec<String>,
     /// An extra CA bundle (PEM) trusted besides the system roots.
     pub extra_ca: Option<PathBuf>,
