@@ -395,12 +395,15 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             let _ = grace_tx.send(grace);
         });
     let mut server = tokio::spawn(server);
+    let mut grace_rx = grace_rx;
+    let mut workloads_stopped = false;
     let outcome = tokio::select! {
         r = &mut server => r,
-        grace = grace_rx => {
+        grace = &mut grace_rx => {
             let grace = grace.unwrap_or(crate::spec::DEFAULT_GRACE);
             info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; stopping workloads; draining calls in flight");
             cells.shutdown(grace).await;
+            workloads_stopped = true;
             accept_unix.abort();
             if let Some(t) = &accept_tcp { t.abort(); }
             match tokio::time::timeout(grace, &mut server).await {
@@ -413,6 +416,13 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             }
         }
     };
+    // The server may finish first (no connection was open when the signal came): the
+    // workloads are stopped in order all the same.
+    if !workloads_stopped {
+        let grace = grace_rx.try_recv().unwrap_or(crate::spec::DEFAULT_GRACE);
+        info!(grace_s = grace.as_secs_f64(), "stopping workloads");
+        cells.shutdown(grace).await;
+    }
     accept_unix.abort();
     if let Some(t) = accept_tcp {
         t.abort();
