@@ -229,7 +229,15 @@ fn test() -> anyhow::Result<ExitCode> {
             "xtask: guest artifacts not prepared ({e:#}); guest-tier tests will SKIP unless required"
         );
     }
-    let t = tests()?;
+    let mut t = tests()?;
+    match fuzz_smoke(30) {
+        Ok(true) => {}
+        Ok(false) => t.failed += 1,
+        Err(e) => {
+            eprintln!("xtask: fuzz smoke: {e:#}");
+            t.failed += 1;
+        }
+    }
     // The plain closing line CI and people read.
     println!(
         "{} passed, {} failed, {} skipped",
@@ -240,6 +248,53 @@ fn test() -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Fuzzes the layer extractor for `secs` seconds (cargo-fuzz, nightly, libFuzzer), from
+/// the committed seeds. Prints SKIP when cargo-fuzz or the nightly toolchain is missing.
+fn fuzz_smoke(secs: u64) -> anyhow::Result<bool> {
+    let have = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        println!(
+            "SKIP fuzz smoke: cargo-fuzz or the nightly toolchain is missing (cargo install cargo-fuzz --locked)"
+        );
+        return Ok(true);
+    }
+    let corpus = root().join("fuzz/corpus/layer_unpack");
+    std::fs::create_dir_all(&corpus)?;
+    for seed in std::fs::read_dir(root().join("fuzz/seeds"))?.flatten() {
+        std::fs::copy(seed.path(), corpus.join(seed.file_name()))?;
+    }
+    eprintln!("==> fuzzing the layer extractor for {secs} s");
+    let status = Command::new("cargo")
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            "layer_unpack",
+        ])
+        .arg(&corpus)
+        .args([
+            "--",
+            &format!("-max_total_time={secs}"),
+            "-rss_limit_mb=2048",
+            "-max_len=65536",
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .current_dir(root())
+        .status()?;
+    if status.success() {
+        println!("fuzz smoke: layer_unpack ran {secs} s without a crash");
+    }
+    Ok(status.success())
 }
 
 /// Kills the demo daemon if the demo fails half-way.
@@ -486,8 +541,21 @@ fn main() -> ExitCode {
         "deps" => check_deps().map(|()| ExitCode::SUCCESS),
         "demo" => demo(),
         "guest" => guest(),
+        "fuzz" => fuzz_smoke(
+            std::env::args()
+                .nth(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(60),
+        )
+        .map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         _ => {
-            eprintln!("usage: cargo xtask <test|lint|deps|demo|guest>");
+            eprintln!("usage: cargo xtask <test|lint|deps|demo|guest|fuzz [SECS]>");
             return ExitCode::from(2);
         }
     };
