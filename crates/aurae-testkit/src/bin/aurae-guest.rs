@@ -40,8 +40,19 @@ fn main() -> ExitCode {
             g.pki.dir.display(),
             g.addr
         );
-        println!("Ctrl-C stops the guest and removes the namespace.");
-        let _ = tokio::signal::ctrl_c().await;
+        println!("Ctrl-C (or SIGTERM) stops the guest and removes the namespace.");
+        // Ctrl-C or SIGTERM: return, so the guest's Drop stops QEMU and deletes the namespace.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
         ExitCode::SUCCESS
     })
 }
