@@ -1,14 +1,28 @@
-//! Taking ownership of file descriptors a parent passed at a known number.
+//! Taking ownership of the one file descriptor a parent passes at a known number: the cell
+//! init's readiness pipe, which `spawn` places at fd 3.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::{
+    os::fd::{FromRawFd, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
-/// Takes ownership of `fd`, which the caller's parent left open for it (e.g. the cell
-/// init's readiness pipe at fd 3).
-///
-/// The caller must be the only user of that fd number in this process: call it once, at
-/// start-up, for a number nothing else opened.
-pub fn take_inherited(fd: RawFd) -> OwnedFd {
-    // SAFETY: by this function's contract the fd was inherited for us alone; owning it
-    // means it is closed exactly once, when the OwnedFd is dropped.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// The number `SpawnRequest::pass_fd` lands on in the child.
+pub const PASSED_FD: i32 = 3;
+
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the fd the parent passed at [`PASSED_FD`]: at most once per process,
+/// and only if that fd is open. Call it first thing in a process started with a
+/// `pass_fd`, before anything else can open a file (the cell init does).
+pub fn take_passed() -> Option<OwnedFd> {
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    // SAFETY: F_GETFD only reads the fd's flags; it fails with EBADF if fd 3 is not open.
+    if unsafe { libc::fcntl(PASSED_FD, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: fd 3 is open, was inherited for this purpose (see the function's contract),
+    // and the TAKEN flag guarantees no second OwnedFd is ever made for it here.
+    Some(unsafe { OwnedFd::from_raw_fd(PASSED_FD) })
 }

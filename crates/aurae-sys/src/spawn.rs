@@ -312,7 +312,7 @@ unsafe fn child(
             }
         }
         if let Some(fd) = req.pass_fd
-            && libc::dup2(fd, 3) < 0
+            && libc::dup2(fd, crate::fd::PASSED_FD) < 0
         {
             fail(err_w, 3);
         }

@@ -94,8 +94,11 @@ pub fn main(args: &[OsString]) -> ExitCode {
     let result = blocked
         .map_err(|e| format!("blocking signals: {e}"))
         .and_then(|()| setup(hostname, flags));
-    // fd 3 is the readiness pipe auraed passed (dup2'd there by aurae_sys::spawn).
-    let mut ready = std::fs::File::from(aurae_sys::fd::take_inherited(3));
+    // The readiness pipe auraed passed (placed at fd 3 by aurae_sys::spawn).
+    let Some(ready) = aurae_sys::fd::take_passed() else {
+        return ExitCode::FAILURE;
+    };
+    let mut ready = std::fs::File::from(ready);
     let report = match &result {
         Ok(()) => "ok\n".to_owned(),
         Err(e) => format!("error: {e}\n"),
