@@ -147,6 +147,27 @@ impl Puller {
                 })?,
             );
         }
+        let resp = self.open_blob(r, d).await?;
+        let bytes = read_small(resp.body, MAX_JSON, self.timeout, &r.registry).await?;
+        let got = sha256(&bytes);
+        if got != d.digest || bytes.len() as u64 != d.size {
+            return Err(StoreError::DigestMismatch {
+                expected: d.digest.clone(),
+                got,
+                size: bytes.len() as u64,
+            }
+            .into());
+        }
+        self.store.put_small(&d.digest, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// GETs a blob; anything but success is an error naming the blob.
+    async fn open_blob(
+        &self,
+        r: &ImageRef,
+        d: &Descriptor,
+    ) -> Result<super::registry::Response, PullError> {
         let resp = self
             .registry
             .get(
@@ -164,18 +185,7 @@ impl Puller {
             }
             .into());
         }
-        let bytes = read_small(resp.body, MAX_JSON, self.timeout, &r.registry).await?;
-        let got = sha256(&bytes);
-        if got != d.digest || bytes.len() as u64 != d.size {
-            return Err(StoreError::DigestMismatch {
-                expected: d.digest.clone(),
-                got,
-                size: bytes.len() as u64,
-            }
-            .into());
-        }
-        self.store.put_small(&d.digest, &bytes)?;
-        Ok(bytes)
+        Ok(resp)
     }
 
     /// Streams a layer blob into the store (verified), unless present.
@@ -196,23 +206,7 @@ impl Puller {
             });
             return Ok(0);
         }
-        let resp = self
-            .registry
-            .get(
-                &r.registry,
-                &r.repository,
-                &format!("blobs/{}", d.digest),
-                None,
-            )
-            .await?;
-        if !resp.status.is_success() {
-            return Err(RegistryError::Status {
-                registry: r.registry.clone(),
-                status: resp.status.as_u16(),
-                what: format!("blob {}", d.digest),
-            }
-            .into());
-        }
+        let resp = self.open_blob(r, d).await?;
         let mut body = resp.body;
         let mut ing = self.store.begin(&d.digest)?;
         loop {
