@@ -7,6 +7,7 @@ use prost::Message;
 
 const FILES: &[&str] = &[
     "aurae/runtime/v0/common.proto",
+    "aurae/runtime/v0/container.proto",
     "aurae/runtime/v0/executable.proto",
     "aurae/runtime/v0/cell.proto",
     "aurae/runtime/v0/vm.proto",

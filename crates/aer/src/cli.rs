@@ -152,9 +152,73 @@ struct RunArgs {
     uid: Option<u32>,
     #[arg(long)]
     gid: Option<u32>,
+    /// Run it as a container from this image, beside the cell's other processes (a
+    /// sidecar); the arguments after `--` then override the image's cmd.
+    #[arg(long)]
+    image: Option<String>,
+    #[command(flatten)]
+    container: ContainerArgs,
     /// Program (absolute path) and arguments, after `--`.
-    #[arg(last = true, required = true)]
+    #[arg(last = true)]
     argv: Vec<String>,
+}
+
+/// Container options shared by `aer run --image` and `aer run-cell`.
+#[derive(Debug, ClapArgs)]
+struct ContainerArgs {
+    /// Override the image's entrypoint (repeat for each word).
+    #[arg(long)]
+    entrypoint: Vec<String>,
+    /// Override the image's working directory.
+    #[arg(long)]
+    workdir: Option<String>,
+    /// Mount the image root read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// `HOST:CONTAINER[:ro]`: a host directory under one of auraed's --volume-root (repeatable).
+    #[arg(long = "volume", short = 'v')]
+    volumes: Vec<String>,
+}
+
+impl ContainerArgs {
+    fn proto(
+        &self,
+        image: String,
+        args: Vec<String>,
+        env: std::collections::HashMap<String, String>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> anyhow::Result<pb::Container> {
+        let volumes = self
+            .volumes
+            .iter()
+            .map(|v| {
+                let parts: Vec<&str> = v.split(':').collect();
+                match parts.as_slice() {
+                    [h, c] => Ok((h, c, false)),
+                    [h, c, "ro"] => Ok((h, c, true)),
+                    [h, c, "rw"] => Ok((h, c, false)),
+                    _ => Err(anyhow::anyhow!("--volume {v}: use HOST:CONTAINER[:ro]")),
+                }
+                .map(|(h, c, ro)| pb::Volume {
+                    host_path: (*h).to_owned(),
+                    container_path: (*c).to_owned(),
+                    read_only: ro,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(pb::Container {
+            image,
+            entrypoint: self.entrypoint.clone(),
+            args,
+            env,
+            working_dir: self.workdir.clone().unwrap_or_default(),
+            uid,
+            gid,
+            read_only_root: self.read_only,
+            volumes,
+        })
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -355,8 +419,13 @@ struct RunCellArgs {
     image: String,
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
+    /// Override the image's user.
     #[arg(long)]
-    read_only: bool,
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    #[command(flatten)]
+    container: ContainerArgs,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -731,11 +800,25 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
             print(fmt, &[row], true);
         }
         Command::Run(a) => {
-            let env =
-                env_pairs(&a.env).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-            let s = c
-                .runtime()
-                .run_executable(pb::Executable {
+            let bad = |e: anyhow::Error| tonic::Status::invalid_argument(e.to_string());
+            let env = env_pairs(&a.env).map_err(bad)?;
+            let exe = match a.image {
+                Some(image) => pb::Executable {
+                    cell: a.cell,
+                    name: a.name,
+                    container: Some(
+                        a.container
+                            .proto(image, a.argv, env, a.uid, a.gid)
+                            .map_err(bad)?,
+                    ),
+                    ..Default::default()
+                },
+                None if a.argv.is_empty() => {
+                    return Err(tonic::Status::invalid_argument(
+                        "give the program after `--` (or --image to run a container)",
+                    ));
+                }
+                None => pb::Executable {
                     cell: a.cell,
                     name: a.name,
                     argv: a.argv,
@@ -744,9 +827,10 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                     uid: a.uid,
                     gid: a.gid,
                     stdin: Vec::new(),
-                })
-                .await?
-                .into_inner();
+                    container: None,
+                },
+            };
+            let s = c.runtime().run_executable(exe).await?.into_inner();
             print(fmt, &[exe_row(&s)], true);
         }
         Command::Executable(e) => executable(c, e, fmt).await?,
@@ -758,13 +842,17 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                 name: a.name,
                 limits: Some(a.limits.proto().map_err(bad)?),
                 namespaces: Some(a.ns.proto().map_err(bad)?),
-                container: Some(pb::Container {
-                    image: a.image,
-                    args: a.args,
-                    env: env_pairs(&a.env).map_err(bad)?,
-                    read_only_root: a.read_only,
-                    ..Default::default()
-                }),
+                container: Some(
+                    a.container
+                        .proto(
+                            a.image,
+                            a.args,
+                            env_pairs(&a.env).map_err(bad)?,
+                            a.uid,
+                            a.gid,
+                        )
+                        .map_err(bad)?,
+                ),
             };
             let s = c.runtime().run_cell(cell).await?.into_inner();
             print(fmt, &[cell_row(&s)], true);

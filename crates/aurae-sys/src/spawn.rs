@@ -20,7 +20,10 @@ use std::{
     ptr,
 };
 
-use crate::pidfd::Pidfd;
+use crate::{
+    container::{self, ContainerSetup},
+    pidfd::Pidfd,
+};
 
 /// `CLONE_NEW*` flags, as the kernel spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,6 +75,10 @@ pub struct SpawnRequest<'a> {
     /// namespaces, then `unshare(unshare)`.
     pub join: Option<(RawFd, Namespaces)>,
     pub unshare: Namespaces,
+    /// Run in a container root (after `join`/`unshare`, which must include a new mount
+    /// namespace): see [`crate::container`]. `program` and `cwd` are then ignored in
+    /// favour of the container's.
+    pub container: Option<&'a ContainerSetup<'a>>,
 }
 
 /// Why a spawn failed.
@@ -80,10 +87,12 @@ pub enum SpawnError {
     /// Before or during the clone, in the parent.
     #[error("spawn: {0}")]
     Setup(#[source] io::Error),
-    /// In the child, at `step`, before the exec completed.
+    /// In the child, at `step` (for a list step, at item `index`), before the exec
+    /// completed.
     #[error("{step}: {error}")]
     Child {
         step: &'static str,
+        index: Option<usize>,
         #[source]
         error: io::Error,
     },
@@ -223,10 +232,13 @@ fn spawn_here(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
     let step = STEPS
         .get(usize::from(report[0]))
         .copied()
+        .or_else(|| container::step_name(report[0]))
         .unwrap_or("unknown step");
+    let index = u16::from_ne_bytes([report[1], report[2]]);
     let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
     Err(SpawnError::Child {
         step,
+        index: (index != u16::MAX).then_some(usize::from(index)),
         error: io::Error::from_raw_os_error(errno),
     })
 }
@@ -263,10 +275,28 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 /// # Safety
 /// Only for the child between clone and exec.
 unsafe fn fail(err_w: RawFd, step: u8) -> ! {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        fail_at(
+            err_w,
+            container::Failure {
+                step,
+                index: u16::MAX,
+            },
+        )
+    }
+}
+
+/// [`fail`] with the index of the failing item of a list step.
+///
+/// # Safety
+/// Only for the child between clone and exec.
+unsafe fn fail_at(err_w: RawFd, f: container::Failure) -> ! {
     // SAFETY: __errno_location returns this thread's errno slot.
     let errno = unsafe { *libc::__errno_location() };
     let e = errno.to_ne_bytes();
-    let msg = [step, 0, 0, 0, e[0], e[1], e[2], e[3]];
+    let i = f.index.to_ne_bytes();
+    let msg = [f.step, i[0], i[1], 0, e[0], e[1], e[2], e[3]];
     // SAFETY: writing 8 bytes from a stack buffer to our pipe; _exit never returns and
     // runs no atexit handlers or destructors.
     unsafe {
@@ -327,6 +357,11 @@ unsafe fn child(
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        if let Some(c) = req.container
+            && let Err(f) = container::setup_root(c)
+        {
+            fail_at(err_w, f);
+        }
         // Raw syscalls, not glibc's set*id wrappers: those synchronize every thread glibc
         // believes exists (nptl setxid), and after a raw clone3 it still believes in the
         // parent's threads, so the child would wait forever.
@@ -345,7 +380,11 @@ unsafe fn child(
         {
             fail(err_w, 7);
         }
-        if let Some(cwd) = req.cwd
+        if let Some(c) = req.container {
+            if let Err(f) = container::finish(c, req.uid.unwrap_or(0) == 0) {
+                fail_at(err_w, f);
+            }
+        } else if let Some(cwd) = req.cwd
             && libc::chdir(cwd.as_ptr()) < 0
         {
             fail(err_w, 8);
@@ -358,6 +397,18 @@ unsafe fn child(
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
         );
+        if let Some(c) = req.container {
+            // A PATH search: try each candidate; stop at the first error other than
+            // "not there".
+            for p in c.program {
+                libc::execve(p.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                let e = *libc::__errno_location();
+                if e != libc::ENOENT && e != libc::ENOTDIR {
+                    break;
+                }
+            }
+            fail(err_w, 9)
+        }
         match req.program {
             Program::Path(p) => {
                 libc::execve(p.as_ptr(), argv.as_ptr(), envp.as_ptr());
@@ -402,6 +453,7 @@ mod tests {
             pid_namespace_of: None,
             join: None,
             unshare: Namespaces::default(),
+            container: None,
         };
         let (_, pidfd) = spawn(&req)?;
         Ok(pidfd.wait_blocking().unwrap())
@@ -419,7 +471,7 @@ mod tests {
             ExitStatus::Signal(9)
         );
         match run(&["/nonexistent/binary"], None) {
-            Err(SpawnError::Child { step, error }) => {
+            Err(SpawnError::Child { step, error, .. }) => {
                 assert_eq!(step, "execute");
                 assert_eq!(error.kind(), io::ErrorKind::NotFound);
             }

@@ -10,6 +10,7 @@
 pub mod cpio;
 pub mod guest;
 pub mod identities;
+pub mod oci;
 pub mod registry;
 pub mod tier;
 pub mod workload;

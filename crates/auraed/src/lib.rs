@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod cell;
+pub mod container;
 pub mod events;
 pub mod executable;
 pub mod identity;

@@ -46,6 +46,10 @@ struct Args {
     /// An extra CA bundle (PEM) for registries, besides the system roots.
     #[arg(long)]
     registry_ca: Option<PathBuf>,
+    /// A host directory under which containers may mount volumes (repeatable). None =
+    /// containers get no volumes.
+    #[arg(long = "volume-root")]
+    volume_roots: Vec<PathBuf>,
     /// Run as a plain daemon even when started as PID 1 (e.g. in a container).
     #[arg(long)]
     no_pid1: bool,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
             credentials: Default::default(),
             timeout: Duration::from_secs(30),
         },
+        volume_roots: args.volume_roots,
         mode: "daemon",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -151,6 +156,7 @@ fn run_pid1() -> ! {
             timeout: Duration::from_secs(30),
             ..Default::default()
         },
+        volume_roots: Vec::new(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub warnings: Vec<String>,
     /// How image pulls reach registries.
     pub registry: crate::image::registry::RegistryConfig,
+    /// Host directories under which containers may have volumes (none = no volumes).
+    pub volume_roots: Vec<PathBuf>,
 }
 
 enum Io {
@@ -304,6 +306,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         reaper,
         events.clone(),
         cfg.state_dir.join("logs"),
+        containers_dir(&cfg.state_dir)?,
     ));
 
     let image_store = Arc::new(crate::image::store::ImageStore::open(&cfg.state_dir)?);
@@ -329,6 +332,17 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         reboot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         warnings: cfg.warnings.clone(),
         puller,
+        volume_roots: cfg
+            .volume_roots
+            .iter()
+            .filter_map(|r| match std::fs::canonicalize(r) {
+                Ok(c) if c.is_dir() => Some(c),
+                _ => {
+                    warn!(root = %r.display(), "volume root is not a directory: ignored");
+                    None
+                }
+            })
+            .collect(),
     };
     let reboot = ctx.reboot.clone();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -574,4 +588,21 @@ enum Pending {
     /// The stream, and whether SO_PEERCRED allowed the peer.
     Unix(UnixStream, bool),
     Tcp(TcpStream),
+}
+
+/// `<state>/containers`, emptied: what a previous run left (its containers died with it)
+/// is removed. 0700: upper directories hold the containers' files.
+fn containers_dir(state: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = state.join("containers");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("cleaning {}: {e}", dir.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
 }

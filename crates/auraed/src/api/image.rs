@@ -56,7 +56,7 @@ fn info(v: &serde_json::Value) -> pb::ImageInfo {
     }
 }
 
-fn parse(field: &str, s: &str) -> Result<ImageRef, Status> {
+pub(super) fn parse(field: &str, s: &str) -> Result<ImageRef, Status> {
     ImageRef::parse(s).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 

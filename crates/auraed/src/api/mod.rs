@@ -43,6 +43,8 @@ pub struct Context {
     pub warnings: Vec<String>,
     pub events: Arc<crate::events::EventBus>,
     pub puller: Arc<crate::image::pull::Puller>,
+    /// Canonical host directories containers may take volumes from.
+    pub volume_roots: Vec<std::path::PathBuf>,
 }
 
 /// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.

@@ -78,6 +78,7 @@ fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
         aurae_sys::SpawnError::Child {
             step: "execute",
             error,
+            ..
         } => match error.kind() {
             K::NotFound
             | K::PermissionDenied
@@ -94,11 +95,24 @@ fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
         aurae_sys::SpawnError::Child {
             step: "change directory",
             error,
+            ..
         } => Status::invalid_argument(format!("working_dir: {error}")),
         aurae_sys::SpawnError::Child {
             step: step @ ("set uid" | "set gid" | "set groups"),
             error,
+            ..
         } => Status::invalid_argument(format!("uid/gid: {step}: {error}")),
+        // The image or the request is wrong (a symlinked /proc, a bad working directory)…
+        aurae_sys::SpawnError::Child { step, error, .. }
+            if step.starts_with("container:")
+                && (step.contains("not a directory") || step.contains("working directory")) =>
+        {
+            Status::invalid_argument(format!("{what}: {step}: {error}"))
+        }
+        // …or the host cannot do it (overlay, a volume's mount).
+        aurae_sys::SpawnError::Child { step, error, .. } if step.starts_with("container:") => {
+            Status::failed_precondition(format!("{what}: {step}: {error}"))
+        }
         other => internal(format!("{what}: {other}")),
     }
 }

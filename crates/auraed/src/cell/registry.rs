@@ -197,7 +197,12 @@ impl Cell {
                 user_namespace: self.spec.namespaces.user_namespace,
             }),
             executables: self.executables().iter().map(|e| e.status()).collect(),
-            image_digest: String::new(),
+            // The cell's first container's image (RunCell starts it with the cell).
+            image_digest: self
+                .executables()
+                .iter()
+                .find_map(|e| e.image_digest.clone())
+                .unwrap_or_default(),
             created_at: Some(self.created_at.into()),
             message,
         }
@@ -294,6 +299,8 @@ pub struct Cells {
     reaper: Arc<Reaper>,
     events: Arc<EventBus>,
     logs_dir: PathBuf,
+    /// Containers' private directories (`<state>/containers`).
+    containers_dir: PathBuf,
     cells: Mutex<BTreeMap<CellName, Arc<Cell>>>,
     /// Serializes allocate/stop/free (executables do not take it).
     ops: tokio::sync::Mutex<()>,
@@ -309,12 +316,14 @@ impl Cells {
         reaper: Arc<Reaper>,
         events: Arc<EventBus>,
         logs_dir: PathBuf,
+        containers_dir: PathBuf,
     ) -> Self {
         Self {
             tree,
             reaper,
             events,
             logs_dir,
+            containers_dir,
             cells: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
             sealed: Mutex::new(None),
@@ -565,6 +574,7 @@ impl Cells {
             pid_namespace_of: pid_ns_of,
             join,
             unshare,
+            container: None,
         };
         let child = self
             .reaper
@@ -609,11 +619,18 @@ impl Cells {
         Ok(Init { pid, pidfd })
     }
 
-    /// Starts an executable in its cell.
+    /// Starts an executable in its cell; with a `container` plan (already applied to
+    /// `spec`), in a container root of its own.
     pub async fn run(
         self: &Arc<Self>,
         spec: ExecutableSpec,
+        container: Option<crate::container::Plan>,
     ) -> Result<pb::ExecutableStatus, CellError> {
+        if spec.container.is_some() != container.is_some() {
+            return Err(CellError::Precondition(
+                "a container executable needs its resolved image".into(),
+            ));
+        }
         let tree = self.tree()?;
         let cell = self.find(&spec.cell).map_err(|_| {
             CellError::NotFound(format!(
@@ -664,10 +681,26 @@ impl Cells {
         let gid = spec.gid.unwrap_or(uid);
         let me = self.clone();
         let cell2 = cell.clone();
-        let (prepared, child) = tokio::task::spawn_blocking(move || {
+        let containers_dir = self.containers_dir.clone();
+        let image_digest = container.as_ref().map(|p| p.image.digest.clone());
+        let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
+            let mut rootfs = None;
             let r = (|| {
                 let leaf = tree.leaf_fd(&cell2.spec.name)?;
                 let init = cell2.init.as_ref();
+                let args = match &container {
+                    Some(plan) => {
+                        let r = crate::container::Rootfs::create(&containers_dir)?;
+                        let a = crate::container::Args::new(plan, &r)?;
+                        rootfs = Some(r);
+                        Some(a)
+                    }
+                    None => None,
+                };
+                let setup = args
+                    .as_ref()
+                    .map(|a| a.setup(cell2.ns.others & Ns::CGROUP != 0))
+                    .transpose()?;
                 let req = SpawnRequest {
                     program: Program::Path(&prepared.argv[0]),
                     argv: &prepared.argv,
@@ -683,19 +716,18 @@ impl Cells {
                     join: init
                         .filter(|_| cell2.ns.others != 0)
                         .map(|i| (i.pidfd.as_raw_fd(), Ns(cell2.ns.others))),
-                    unshare: Ns(0),
+                    unshare: Ns(if setup.is_some() { Ns::MOUNT } else { 0 }),
+                    container: setup.as_ref(),
                 };
                 me.reaper
                     .spawn(|| aurae_sys::spawn(&req))
-                    .map_err(|source| CellError::Spawn {
-                        what: "starting the executable".into(),
-                        source,
-                    })
+                    .map_err(|source| container_error(args.as_ref(), source))
             })();
-            (prepared, r)
+            (prepared, r, rootfs)
         })
         .await
         .map_err(|e| CellError::Precondition(format!("spawn task: {e}")))?;
+        // On failure `rootfs` is dropped here, and its directories with it.
         let child = child?;
         let Prepared {
             stdin,
@@ -734,6 +766,8 @@ impl Cells {
             argv: spec.argv.clone(),
             pid: child.pid,
             pidfd: child.pidfd.clone(),
+            rootfs,
+            image_digest,
             started_at: SystemTime::now(),
             log,
             state: watch::channel(State {
@@ -961,6 +995,26 @@ impl Cells {
 }
 
 /// Reads the init's readiness report, waiting at most `timeout`.
+/// A failed spawn; for a container, the failing item named in the message.
+fn container_error(args: Option<&crate::container::Args>, source: SpawnError) -> CellError {
+    let what = match (&source, args) {
+        (
+            SpawnError::Child {
+                step,
+                index: Some(i),
+                ..
+            },
+            Some(a),
+        ) => match a.describe(step, *i) {
+            Some(item) => format!("starting the container ({item})"),
+            None => "starting the container".into(),
+        },
+        (_, Some(_)) => "starting the container".into(),
+        _ => "starting the executable".into(),
+    };
+    CellError::Spawn { what, source }
+}
+
 fn read_report(fd: OwnedFd, timeout: Duration) -> String {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::io::Read;

@@ -56,6 +56,10 @@ pub struct Executable {
     /// Host pid (auraed's namespace).
     pub pid: i32,
     pub pidfd: Arc<Pidfd>,
+    /// A container's private directories, removed with the executable.
+    pub rootfs: Option<crate::container::Rootfs>,
+    /// A container's image (manifest digest).
+    pub image_digest: Option<String>,
     pub started_at: SystemTime,
     pub log: Arc<Log>,
     pub state: watch::Sender<State>,
@@ -73,6 +77,7 @@ impl Executable {
             started_at: Some(self.started_at.into()),
             argv: self.argv.clone(),
             message: String::new(),
+            image_digest: self.image_digest.clone().unwrap_or_default(),
         }
     }
 

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use aurae_proto::runtime::v0 as pb;
 
-use crate::spec::{CellName, FieldError, Label, abs_path};
+use crate::{
+    cell::ContainerSpec,
+    spec::{CellName, FieldError, Label, abs_path},
+};
 
 /// Most arguments or environment entries.
 pub const MAX_ENTRIES: usize = 4096;
@@ -24,6 +27,9 @@ pub struct ExecutableSpec {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub stdin: Vec<u8>,
+    /// Run as a container from an image: argv, env, working_dir, uid and gid are filled
+    /// in from the image and this spec before the start (see [`crate::container`]).
+    pub container: Option<ContainerSpec>,
 }
 
 impl TryFrom<pb::Executable> for ExecutableSpec {
@@ -36,6 +42,39 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
         } else {
             Some(Label::parse("name", &e.name)?)
         };
+        if e.container.is_some() {
+            for (field, given) in [
+                ("argv", !e.argv.is_empty()),
+                ("env", !e.env.is_empty()),
+                ("working_dir", !e.working_dir.is_empty()),
+                ("uid", e.uid.is_some()),
+                ("gid", e.gid.is_some()),
+            ] {
+                if given {
+                    return Err(FieldError::new(
+                        field,
+                        "must be empty for a container: give it in container (entrypoint, args, env, working_dir, uid, gid)",
+                    ));
+                }
+            }
+            if e.stdin.len() > MAX_STDIN {
+                return Err(FieldError::new(
+                    "stdin",
+                    format!("is larger than {MAX_STDIN} bytes"),
+                ));
+            }
+            return Ok(Self {
+                cell,
+                name,
+                argv: Vec::new(),
+                env: Vec::new(),
+                working_dir: PathBuf::from("/"),
+                uid: None,
+                gid: None,
+                stdin: e.stdin,
+                container: Some(ContainerSpec::parse("container", e.container)?),
+            });
+        }
         let first = e.argv.first().ok_or_else(|| {
             FieldError::new("argv", "is empty: give the program's absolute path first")
         })?;
@@ -96,6 +135,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
             uid: e.uid,
             gid: e.gid,
             stdin: e.stdin,
+            container: None,
         })
     }
 }

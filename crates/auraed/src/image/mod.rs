@@ -1,7 +1,8 @@
 //! OCI images: references, a registry client, the content-addressed store, pulls with
-//! verification, and safe layer extraction. RunCell (running an image in a cell) is not
-//! built yet and answers UNIMPLEMENTED.
+//! verification, safe layer extraction, and [`local`]: an image in the store as a
+//! container needs it.
 
+pub mod local;
 pub mod pull;
 pub mod reference;
 pub mod registry;

@@ -205,6 +205,17 @@ impl ImageStore {
         out
     }
 
+    /// The record of `reference`, if it was pulled.
+    pub fn get_ref(&self, reference: &str) -> Option<serde_json::Value> {
+        serde_json::from_slice(&fs::read(self.ref_path(reference)).ok()?).ok()
+    }
+
+    /// The layer store directory (`layers/sha256`), where unpacked layers are named by
+    /// their diff id's hex.
+    pub fn layers_dir(&self) -> PathBuf {
+        self.root.join("layers/sha256")
+    }
+
     pub fn remove_ref(&self, reference: &str) -> bool {
         fs::remove_file(self.ref_path(reference)).is_ok()
     }

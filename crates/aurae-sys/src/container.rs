@@ -1,0 +1,592 @@
+//! A container's view of the world, set up in the child between `clone3` and `execve`.
+//!
+//! The child has already joined its cell's namespaces and unshared a mount namespace of
+//! its own. `setup_root` then, with raw syscalls on data prepared by auraed:
+//! 1. makes every mount private (nothing propagates back to the cell or host);
+//! 2. clones the host trees of its volumes into detached mounts (`open_tree`), made
+//!    read-only there if asked, while the host is still visible;
+//! 3. mounts the image root: an overlay of the shared, read-only layer directories with a
+//!    private upper directory (lower dirs are named relative to the layer store, so the
+//!    options fit in one page);
+//! 4. `pivot_root` into it and detaches the old root: from here on, absolute symlinks in
+//!    the image resolve inside the container and nothing of the host is reachable;
+//! 5. creates missing mount points and refuses any that is a symlink (runc
+//!    CVE-2019-19921 class: an image whose `/proc` or `/dev` is a link), then mounts a
+//!    fresh `/proc`, a minimal `/dev` (tmpfs with six device nodes, devpts, shm), a
+//!    read-only `/sys` (and the cell's cgroup tree, read-only), attaches the volumes, masks
+//!    and write-protects the usual kernel paths, and optionally makes `/` read-only;
+//! 6. drops every capability outside the kept set from the bounding set and clears the
+//!    ambient set.
+//!
+//! After the uid/gid change `finish` sets the effective/permitted sets (inheritable
+//! empty), `no_new_privs`, enters the working directory without following magic links
+//! and checks it is inside the root (runc CVE-2024-21626: a leaked fd reached through
+//! `/proc/self/fd/N`), and installs the seccomp filters last, just before the exec.
+
+use std::ffi::{CStr, CString};
+
+/// One classic BPF instruction, as `seccomp(2)` takes it.
+pub use libc::sock_filter as BpfInstruction;
+
+/// A host directory bind-mounted into the container.
+#[derive(Debug, Clone)]
+pub struct VolumeMount {
+    /// Absolute host path (a directory), resolved by auraed.
+    pub source: CString,
+    /// Absolute container path; created if missing.
+    pub target: CString,
+    pub read_only: bool,
+}
+
+/// Most volumes per container (their detached mounts are kept in a fixed array: the
+/// child may not allocate).
+pub const MAX_VOLUMES: usize = 32;
+
+/// Everything the child needs to build the container's root, prepared before the clone.
+#[derive(Debug)]
+pub struct ContainerSetup<'a> {
+    /// The layer store directory; the overlay's lower dirs are relative to it.
+    pub layers_dir: &'a CStr,
+    /// Overlay options: `lowerdir=<top>:…:<bottom>,upperdir=<abs>,workdir=<abs>`.
+    pub overlay_options: &'a CStr,
+    /// An empty directory the overlay is mounted on; it becomes `/`.
+    pub rootfs: &'a CStr,
+    pub volumes: &'a [VolumeMount],
+    /// Directories created (0755, when missing) after the pivot, in order: mount points
+    /// and the working directory with their parents.
+    pub mkdirs: &'a [CString],
+    /// Mount the cell's cgroup tree read-only at `/sys/fs/cgroup` (the cell has its own
+    /// cgroup namespace).
+    pub mount_cgroup: bool,
+    /// Paths hidden: `/dev/null` over files, an empty read-only tmpfs over directories.
+    pub masked: &'a [CString],
+    /// Paths made read-only.
+    pub read_only_paths: &'a [CString],
+    pub read_only_root: bool,
+    /// The working directory (absolute, normalised).
+    pub workdir: &'a CStr,
+    /// Capabilities kept (bit n = capability n) in the bounding, permitted and effective
+    /// sets; everything else is dropped. The inheritable and ambient sets are emptied.
+    pub capabilities: u64,
+    /// Seccomp filters, installed in order just before the exec.
+    pub seccomp: &'a [Vec<BpfInstruction>],
+    /// Paths tried in order for the program (a PATH search done without allocating).
+    pub program: &'a [CString],
+}
+
+/// Steps of the container set-up, as reported by a failing child.
+pub const STEPS: [&str; 16] = [
+    "container: make mounts private",
+    "container: open volume source",
+    "container: make volume read-only",
+    "container: mount the image root (overlay)",
+    "container: pivot_root into the image root",
+    "container: create mount point",
+    "container: mount point is not a directory (a symlink in the image?)",
+    "container: mount /proc",
+    "container: mount /dev",
+    "container: mount /sys",
+    "container: attach volume",
+    "container: mask path",
+    "container: make path read-only",
+    "container: make the root read-only",
+    "container: drop capabilities",
+    "container: enter the working directory",
+];
+
+/// First step number of [`STEPS`] in the child's report (spawn's own steps come first).
+pub const FIRST_STEP: u8 = 32;
+/// Steps of `finish`, reported after [`STEPS`].
+pub const FINISH_STEPS: [&str; 4] = [
+    "container: set capabilities",
+    "container: set no_new_privs",
+    "container: working directory is outside the root",
+    "container: install seccomp filter",
+];
+
+const NO_INDEX: u16 = u16::MAX;
+
+/// What failed in the child: a step and, for list steps, which item.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Failure {
+    pub step: u8,
+    pub index: u16,
+}
+
+fn at(step: usize, index: usize) -> Failure {
+    Failure {
+        step: FIRST_STEP + step as u8,
+        index: u16::try_from(index).unwrap_or(NO_INDEX),
+    }
+}
+
+fn step(step: usize) -> Failure {
+    Failure {
+        step: FIRST_STEP + step as u8,
+        index: NO_INDEX,
+    }
+}
+
+/// Resolves a reported step number (and index) to its name, for [`crate::SpawnError`].
+pub(crate) fn step_name(n: u8) -> Option<&'static str> {
+    let i = usize::from(n.checked_sub(FIRST_STEP)?);
+    match i.checked_sub(STEPS.len()) {
+        None => STEPS.get(i).copied(),
+        Some(j) => FINISH_STEPS.get(j).copied(),
+    }
+}
+
+fn errno_is(e: libc::c_int) -> bool {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() == e }
+}
+
+/// `mount(2)` with C strings; null for `None`.
+///
+/// # Safety
+/// Only with valid C strings (they are, being `&CStr`).
+unsafe fn mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> bool {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is a NUL-terminated string or null, as mount(2) expects.
+    unsafe {
+        libc::mount(
+            p(src),
+            target.as_ptr(),
+            p(fstype),
+            flags,
+            p(data).cast::<libc::c_void>(),
+        ) == 0
+    }
+}
+
+/// Opens `path` as a directory without following a final symlink; -1 if it is not one.
+fn open_dir_nofollow(path: &CStr) -> libc::c_int {
+    // SAFETY: open(2) on a NUL-terminated path; the fd is close-on-exec and closed by the
+    // caller.
+    unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    }
+}
+
+/// Refuses a mount point that is not a real directory.
+fn check_dir(path: &CStr) -> bool {
+    let fd = open_dir_nofollow(path);
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: closing the fd we just opened.
+    unsafe { libc::close(fd) };
+    true
+}
+
+const NOSUID: libc::c_ulong = libc::MS_NOSUID;
+const NODEV: libc::c_ulong = libc::MS_NODEV;
+const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
+
+/// Device nodes of the minimal `/dev`: (path, major, minor).
+const DEVICES: [(&CStr, u32, u32); 6] = [
+    (c"/dev/null", 1, 3),
+    (c"/dev/zero", 1, 5),
+    (c"/dev/full", 1, 7),
+    (c"/dev/random", 1, 8),
+    (c"/dev/urandom", 1, 9),
+    (c"/dev/tty", 5, 0),
+];
+
+const DEV_LINKS: [(&CStr, &CStr); 5] = [
+    (c"/proc/self/fd", c"/dev/fd"),
+    (c"/proc/self/fd/0", c"/dev/stdin"),
+    (c"/proc/self/fd/1", c"/dev/stdout"),
+    (c"/proc/self/fd/2", c"/dev/stderr"),
+    (c"pts/ptmx", c"/dev/ptmx"),
+];
+
+/// Builds the container's root (steps 1–6 of the module docs). Runs in the child, as
+/// root, before the uid/gid change.
+///
+/// # Safety
+/// Only in the freshly cloned child (async-signal-safe: raw syscalls on prepared data).
+pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
+    // SAFETY: raw syscalls on integers, stack values and the prepared C strings of `c`.
+    unsafe {
+        libc::umask(0o022);
+        if !mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None) {
+            return Err(step(0));
+        }
+        // Volumes: detached clones of the host trees, taken while the host is visible.
+        let mut trees = [-1 as libc::c_int; MAX_VOLUMES];
+        if c.volumes.len() > MAX_VOLUMES {
+            *libc::__errno_location() = libc::E2BIG;
+            return Err(step(1));
+        }
+        for (i, v) in c.volumes.iter().enumerate() {
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                v.source.as_ptr(),
+                (libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) as libc::c_ulong
+                    | libc::AT_RECURSIVE as libc::c_ulong,
+            );
+            if fd < 0 {
+                return Err(at(1, i));
+            }
+            trees[i] = fd as libc::c_int;
+            let mut attr = libc::mount_attr {
+                attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+                attr_clr: 0,
+                propagation: libc::MS_PRIVATE,
+                userns_fd: 0,
+            };
+            if v.read_only {
+                attr.attr_set |= libc::MOUNT_ATTR_RDONLY;
+            }
+            if libc::syscall(
+                libc::SYS_mount_setattr,
+                trees[i],
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+                std::ptr::addr_of!(attr),
+                std::mem::size_of::<libc::mount_attr>(),
+            ) < 0
+            {
+                return Err(at(2, i));
+            }
+        }
+        // The image root. Relative lower dirs resolve against our working directory.
+        if libc::chdir(c.layers_dir.as_ptr()) < 0
+            || !mount(
+                Some(c"overlay"),
+                c.rootfs,
+                Some(c"overlay"),
+                NODEV,
+                Some(c.overlay_options),
+            )
+        {
+            return Err(step(3));
+        }
+        // pivot_root(".", "."): the old root ends up stacked under the new one; detach it.
+        if libc::chdir(c.rootfs.as_ptr()) < 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) < 0
+            || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) < 0
+            || libc::chdir(c"/".as_ptr()) < 0
+        {
+            return Err(step(4));
+        }
+        for (i, d) in c.mkdirs.iter().enumerate() {
+            if libc::mkdir(d.as_ptr(), 0o755) < 0 && !errno_is(libc::EEXIST) {
+                return Err(at(5, i));
+            }
+        }
+        for (i, d) in [c"/proc", c"/dev", c"/sys"].iter().enumerate() {
+            if !check_dir(d) {
+                return Err(at(6, i));
+            }
+        }
+        if !mount(
+            Some(c"proc"),
+            c"/proc",
+            Some(c"proc"),
+            NOSUID | NODEV | NOEXEC,
+            None,
+        ) {
+            return Err(step(7));
+        }
+        setup_dev().map_err(|()| step(8))?;
+        if !mount(
+            Some(c"sysfs"),
+            c"/sys",
+            Some(c"sysfs"),
+            NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
+            None,
+        ) {
+            return Err(step(9));
+        }
+        if c.mount_cgroup
+            && !mount(
+                Some(c"cgroup2"),
+                c"/sys/fs/cgroup",
+                Some(c"cgroup2"),
+                NOSUID | NODEV | NOEXEC | libc::MS_RDONLY,
+                None,
+            )
+        {
+            return Err(step(9));
+        }
+        for (i, v) in c.volumes.iter().enumerate() {
+            let target = open_dir_nofollow(&v.target);
+            if target < 0 {
+                return Err(at(10, i));
+            }
+            let r = libc::syscall(
+                libc::SYS_move_mount,
+                trees[i],
+                c"".as_ptr(),
+                target,
+                c"".as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+            );
+            libc::close(target);
+            libc::close(trees[i]);
+            if r < 0 {
+                return Err(at(10, i));
+            }
+        }
+        for (i, p) in c.masked.iter().enumerate() {
+            mask(p).map_err(|()| at(11, i))?;
+        }
+        for (i, p) in c.read_only_paths.iter().enumerate() {
+            if !mount(Some(p), p, None, libc::MS_BIND | libc::MS_REC, None) {
+                if errno_is(libc::ENOENT) {
+                    continue;
+                }
+                return Err(at(12, i));
+            }
+            if !mount(
+                None,
+                p,
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | NOSUID | NODEV | NOEXEC,
+                None,
+            ) {
+                return Err(at(12, i));
+            }
+        }
+        if c.read_only_root
+            && !mount(
+                None,
+                c"/",
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | NODEV,
+                None,
+            )
+        {
+            return Err(step(13));
+        }
+        for cap in 0..64u32 {
+            if c.capabilities & (1u64 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
+                && !errno_is(libc::EINVAL)
+            {
+                return Err(step(14));
+            }
+        }
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            return Err(step(14));
+        }
+        Ok(())
+    }
+}
+
+/// The minimal `/dev`: a small tmpfs, six device nodes, devpts, shm and the usual links.
+///
+/// # Safety
+/// Child only (raw syscalls).
+unsafe fn setup_dev() -> Result<(), ()> {
+    // SAFETY: raw syscalls on static C strings.
+    unsafe {
+        if !mount(
+            Some(c"tmpfs"),
+            c"/dev",
+            Some(c"tmpfs"),
+            NOSUID | NOEXEC | libc::MS_STRICTATIME,
+            Some(c"mode=755,size=65536k"),
+        ) {
+            return Err(());
+        }
+        for (path, major, minor) in DEVICES {
+            if libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            ) < 0
+                || libc::chmod(path.as_ptr(), 0o666) < 0
+            {
+                return Err(());
+            }
+        }
+        for d in [c"/dev/pts", c"/dev/shm"] {
+            if libc::mkdir(d.as_ptr(), 0o755) < 0 {
+                return Err(());
+            }
+        }
+        if !mount(
+            Some(c"devpts"),
+            c"/dev/pts",
+            Some(c"devpts"),
+            NOSUID | NOEXEC,
+            Some(c"newinstance,ptmxmode=0666,mode=0620"),
+        ) || !mount(
+            Some(c"shm"),
+            c"/dev/shm",
+            Some(c"tmpfs"),
+            NOSUID | NODEV | NOEXEC,
+            Some(c"mode=1777,size=65536k"),
+        ) {
+            return Err(());
+        }
+        for (target, link) in DEV_LINKS {
+            if libc::symlink(target.as_ptr(), link.as_ptr()) < 0 {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hides `p`: `/dev/null` over a file, an empty read-only tmpfs over a directory; a
+/// missing path is fine.
+///
+/// # Safety
+/// Child only (raw syscalls).
+unsafe fn mask(p: &CStr) -> Result<(), ()> {
+    // SAFETY: raw syscalls on a prepared C string and a stack stat buffer.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::lstat(p.as_ptr(), &mut st) < 0 {
+            return if errno_is(libc::ENOENT) {
+                Ok(())
+            } else {
+                Err(())
+            };
+        }
+        let ok = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            mount(
+                Some(c"tmpfs"),
+                p,
+                Some(c"tmpfs"),
+                libc::MS_RDONLY | NOSUID | NODEV | NOEXEC,
+                Some(c"size=0"),
+            )
+        } else {
+            mount(Some(c"/dev/null"), p, None, libc::MS_BIND, None)
+        };
+        if ok { Ok(()) } else { Err(()) }
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// After the uid/gid change: capabilities, `no_new_privs`, working directory, seccomp.
+/// `root`: the process runs as uid 0 (keeps the kept set; others keep nothing).
+///
+/// # Safety
+/// Child only (raw syscalls).
+pub(crate) unsafe fn finish(c: &ContainerSetup<'_>, root: bool) -> Result<(), Failure> {
+    let fin = |i: usize| Failure {
+        step: FIRST_STEP + (STEPS.len() + i) as u8,
+        index: NO_INDEX,
+    };
+    // SAFETY: raw syscalls on stack values and the prepared data of `c`.
+    unsafe {
+        let keep = if root { c.capabilities } else { 0 };
+        let lo = (keep & 0xffff_ffff) as u32;
+        let hi = (keep >> 32) as u32;
+        let mut hdr = CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: lo,
+                permitted: lo,
+                inheritable: 0,
+            },
+            CapData {
+                effective: hi,
+                permitted: hi,
+                inheritable: 0,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, std::ptr::addr_of_mut!(hdr), data.as_ptr()) < 0 {
+            return Err(fin(0));
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(fin(1));
+        }
+        // Never through a magic link (/proc/self/fd/N would reach a host directory fd we
+        // still hold until exec), never outside the root.
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        };
+        let root_fd = libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+        if root_fd < 0 {
+            return Err(step(15));
+        }
+        let fd = libc::syscall(
+            libc::SYS_openat2,
+            root_fd,
+            c.workdir.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<OpenHow>(),
+        );
+        libc::close(root_fd);
+        if fd < 0 {
+            return Err(step(15));
+        }
+        let r = libc::fchdir(fd as libc::c_int);
+        libc::close(fd as libc::c_int);
+        if r < 0 {
+            return Err(step(15));
+        }
+        let mut buf = [0u8; 256];
+        let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
+        // A path that does not start with '/' ("(unreachable)/…") is outside our root.
+        if n >= 0 && buf[0] != b'/' {
+            *libc::__errno_location() = libc::EPERM;
+            return Err(fin(2));
+        }
+        for f in c.seccomp {
+            let prog = libc::sock_fprog {
+                len: f.len() as libc::c_ushort,
+                filter: f.as_ptr().cast_mut(),
+            };
+            if libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                std::ptr::addr_of!(prog),
+            ) < 0
+            {
+                return Err(fin(3));
+            }
+        }
+        Ok(())
+    }
+}

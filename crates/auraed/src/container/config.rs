@@ -1,0 +1,336 @@
+//! What a container runs: the image config (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`,
+//! `User`) with the request's overrides, resolved before the start. Docker's rules: a
+//! request entrypoint replaces the image's entrypoint *and* cmd; request args replace the
+//! cmd; request env entries override the image's.
+
+use std::{
+    collections::BTreeMap,
+    path::{Component, Path, PathBuf},
+};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::{cell::ContainerSpec, spec::FieldError};
+
+/// PATH when the image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Largest /etc/passwd or /etc/group read from an image.
+const MAX_ACCOUNT_FILE: u64 = 1 << 20;
+
+/// A container's process, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Where `argv[0]` may be, in the order the exec tries them (a PATH search).
+    pub program: Vec<PathBuf>,
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A lexically normalised absolute path without `..` (relative paths are rooted at `/`).
+pub fn normalise(field: &str, p: &str) -> Result<PathBuf, FieldError> {
+    let mut out = PathBuf::from("/");
+    for c in Path::new(p).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(FieldError::new(field, format!("{p:?} contains '..'")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves `spec` against the image `config` (the whole config blob). `layers` are the
+/// image's layer directories, bottom first (for user names in /etc/passwd).
+pub fn resolve(
+    spec: &ContainerSpec,
+    config: &serde_json::Value,
+    layers: &[PathBuf],
+) -> Result<Resolved, FieldError> {
+    let c = &config["config"];
+    let argv: Vec<String> = if !spec.entrypoint.is_empty() {
+        spec.entrypoint.iter().chain(&spec.args).cloned().collect()
+    } else {
+        let cmd = if spec.args.is_empty() {
+            strings(&c["Cmd"])
+        } else {
+            spec.args.clone()
+        };
+        strings(&c["Entrypoint"]).into_iter().chain(cmd).collect()
+    };
+    if argv.first().is_none_or(String::is_empty) {
+        return Err(FieldError::new(
+            "container.entrypoint",
+            "the image has no entrypoint or cmd: give one",
+        ));
+    }
+    let mut env: BTreeMap<String, String> = strings(&c["Env"])
+        .into_iter()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (!k.is_empty() && !kv.contains('\0')).then(|| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
+    let working_dir = match &spec.working_dir {
+        Some(w) => normalise("container.working_dir", &w.to_string_lossy())?,
+        None => normalise(
+            "image config WorkingDir",
+            c["WorkingDir"].as_str().unwrap_or("/"),
+        )?,
+    };
+    let (uid, gid) = user(spec, c["User"].as_str().unwrap_or(""), layers)?;
+    let path = env.get("PATH").cloned().unwrap_or_default();
+    let program = program_candidates(&argv[0], &path, &working_dir);
+    Ok(Resolved {
+        argv,
+        env: env.into_iter().collect(),
+        working_dir,
+        uid,
+        gid,
+        program,
+    })
+}
+
+/// `argv[0]` itself when it has a '/', else each PATH directory joined with it.
+fn program_candidates(argv0: &str, path: &str, cwd: &Path) -> Vec<PathBuf> {
+    if argv0.contains('/') {
+        return vec![cwd.join(argv0)];
+    }
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|d| Path::new(d).join(argv0))
+        .collect()
+}
+
+/// uid and gid: the request's, else the image's `User` (`uid`, `uid:gid`, `name`,
+/// `name:group`; names looked up in the image's /etc/passwd and /etc/group).
+fn user(
+    spec: &ContainerSpec,
+    image_user: &str,
+    layers: &[PathBuf],
+) -> Result<(u32, u32), FieldError> {
+    let field = "image config User";
+    let (u, g) = match image_user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (image_user, None),
+    };
+    let passwd = || read_from_layers(layers, "etc/passwd");
+    let (mut uid, mut gid) = (0, 0);
+    if spec.uid.is_none() && !u.is_empty() {
+        match u.parse::<u32>() {
+            Ok(n) => {
+                uid = n;
+                gid = passwd()
+                    .and_then(|p| {
+                        account(&p, |f| f.get(2) == Some(&u)).and_then(|f| f.get(3)?.parse().ok())
+                    })
+                    .unwrap_or(0);
+            }
+            Err(_) => {
+                let p = passwd().ok_or_else(|| {
+                    FieldError::new(field, format!("user {u:?}: the image has no /etc/passwd"))
+                })?;
+                let f = account(&p, |f| f.first() == Some(&u)).ok_or_else(|| {
+                    FieldError::new(
+                        field,
+                        format!("user {u:?} is not in the image's /etc/passwd"),
+                    )
+                })?;
+                uid = f.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+                gid = f.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+            }
+        }
+    }
+    if let Some(g) = g.filter(|g| !g.is_empty() && spec.gid.is_none()) {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => {
+                let groups = read_from_layers(layers, "etc/group").ok_or_else(|| {
+                    FieldError::new(field, format!("group {g:?}: the image has no /etc/group"))
+                })?;
+                account(&groups, |f| f.first() == Some(&g))
+                    .and_then(|f| f.get(2)?.parse().ok())
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            field,
+                            format!("group {g:?} is not in the image's /etc/group"),
+                        )
+                    })?
+            }
+        };
+    }
+    let uid = spec.uid.unwrap_or(uid);
+    // An explicit uid without gid takes the same number, as for executables.
+    let gid = spec
+        .gid
+        .unwrap_or(if spec.uid.is_some() { uid } else { gid });
+    Ok((uid, gid))
+}
+
+/// The fields of the first line of a colon-separated account file matching `f`.
+fn account<'a>(text: &'a str, f: impl Fn(&Vec<&'a str>) -> bool) -> Option<Vec<&'a str>> {
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|fields| f(fields))
+}
+
+/// A small file of the image (topmost layer that has it), read inside each layer's root
+/// (`openat2(RESOLVE_IN_ROOT)`: a symlink in the image cannot lead to a host file). A
+/// whiteout (or anything but a regular file) in a higher layer hides lower ones.
+pub fn read_from_layers(layers: &[PathBuf], rel: &str) -> Option<String> {
+    use std::io::Read;
+    for dir in layers.iter().rev() {
+        let Ok(root) = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let Ok(st) = rustix::fs::statat(&root, rel, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
+        {
+            return None;
+        }
+        let fd = rustix::fs::openat2(
+            &root,
+            rel,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )
+        .ok()?;
+        let file = std::fs::File::from(fd);
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut s = String::new();
+        file.take(MAX_ACCOUNT_FILE).read_to_string(&mut s).ok()?;
+        return Some(s);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            image: "x".into(),
+            entrypoint: vec![],
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: None,
+            uid: None,
+            gid: None,
+            read_only_root: false,
+            volumes: vec![],
+        }
+    }
+
+    fn config(v: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({ "config": v })
+    }
+
+    #[test]
+    fn docker_override_rules() {
+        let img = config(serde_json::json!({
+            "Entrypoint": ["/bin/ep"], "Cmd": ["a", "b"], "Env": ["PATH=/bin", "X=1"],
+            "WorkingDir": "/srv"
+        }));
+        let r = resolve(&spec(), &img, &[]).unwrap();
+        assert_eq!(r.argv, ["/bin/ep", "a", "b"]);
+        assert_eq!(r.working_dir, Path::new("/srv"));
+        assert_eq!(r.program, [PathBuf::from("/bin/ep")]);
+        let mut s = spec();
+        s.args = vec!["c".into()];
+        assert_eq!(resolve(&s, &img, &[]).unwrap().argv, ["/bin/ep", "c"]);
+        let mut s = spec();
+        s.entrypoint = vec!["sh".into()];
+        s.env.insert("X".into(), "2".into());
+        let r = resolve(&s, &img, &[]).unwrap();
+        assert_eq!(
+            r.argv,
+            ["sh"],
+            "an entrypoint override drops the image's cmd"
+        );
+        assert_eq!(r.program, [PathBuf::from("/bin/sh")]);
+        assert!(r.env.contains(&("X".into(), "2".into())));
+        let none = config(serde_json::json!({}));
+        let e = resolve(&spec(), &none, &[]).unwrap_err();
+        assert_eq!(e.field, "container.entrypoint");
+        let r = resolve(&s, &none, &[]).unwrap();
+        assert_eq!(r.program.len(), 6, "default PATH searched");
+        assert_eq!((r.uid, r.gid), (0, 0));
+    }
+
+    #[test]
+    fn working_dir_never_climbs() {
+        let img = config(serde_json::json!({"Cmd": ["/x"], "WorkingDir": "/a/../../etc"}));
+        assert!(resolve(&spec(), &img, &[]).is_err());
+        let img = config(serde_json::json!({"Cmd": ["/x"], "WorkingDir": "rel/dir"}));
+        assert_eq!(
+            resolve(&spec(), &img, &[]).unwrap().working_dir,
+            Path::new("/rel/dir")
+        );
+    }
+
+    #[test]
+    fn users_from_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let l1 = dir.path().join("l1");
+        std::fs::create_dir_all(l1.join("etc")).unwrap();
+        std::fs::write(
+            l1.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(l1.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let layers = [l1.clone()];
+        let with_user = |u: &str| config(serde_json::json!({"Cmd": ["/x"], "User": u}));
+        let r = |u: &str| resolve(&spec(), &with_user(u), &layers).map(|r| (r.uid, r.gid));
+        assert_eq!(r("web").unwrap(), (1000, 1001));
+        assert_eq!(r("1000").unwrap(), (1000, 1001));
+        assert_eq!(r("7").unwrap(), (7, 0));
+        assert_eq!(r("web:staff").unwrap(), (1000, 50));
+        assert_eq!(r("5:6").unwrap(), (5, 6));
+        assert!(r("nobody").is_err());
+        assert!(r("web:nogroup").is_err());
+        let mut s = spec();
+        s.uid = Some(42);
+        assert_eq!(
+            resolve(&s, &with_user("web"), &layers)
+                .map(|r| (r.uid, r.gid))
+                .unwrap(),
+            (42, 42)
+        );
+        // A symlinked /etc/passwd pointing at the host's is read inside the layer.
+        let l2 = dir.path().join("l2");
+        std::fs::create_dir_all(l2.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", l2.join("etc/passwd")).unwrap();
+        let layers = [l1, l2];
+        assert!(read_from_layers(&layers, "etc/passwd").is_none_or(|p| p.contains("web:x:1000")));
+    }
+}

@@ -1,0 +1,367 @@
+//! Containers: processes of a cell whose root filesystem is an OCI image.
+//!
+//! A container is an executable of its cell (same status, logs, events, stop and free),
+//! started with three more things:
+//! - a root: an overlay of the image's shared, read-only layer directories with a private
+//!   upper directory under `<state>/containers/<id>` (removed when the executable is
+//!   freed), mounted in a mount namespace of the container's own, then `pivot_root`;
+//! - the usual container hardening: fresh `/proc`, minimal `/dev`, read-only `/sys`,
+//!   [`MASKED`] and [`READ_ONLY`] paths, capabilities cut to [`DEFAULT_CAPABILITIES`]
+//!   (inheritable and ambient empty), `no_new_privs`, the [`seccomp`] allowlist;
+//! - its process from the image config and the request ([`config`]).
+//!
+//! Everything is resolved and validated here, in auraed; the child between clone and exec
+//! only runs the prepared syscalls (`aurae_sys::container`). It shares every other
+//! namespace with its cell: several containers and plain executables in one cell talk
+//! over localhost (the sidecar pattern).
+
+pub mod config;
+pub mod seccomp;
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aurae_sys::container::{ContainerSetup, MAX_VOLUMES, VolumeMount};
+
+use crate::{
+    cell::{CellError, ContainerSpec},
+    executable::ExecutableSpec,
+    image::{local::LocalImage, store::ImageStore},
+    spec::FieldError,
+};
+
+/// Capabilities a container keeps (Docker's default set): CHOWN, DAC_OVERRIDE, FOWNER,
+/// FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD,
+/// AUDIT_WRITE, SETFCAP.
+pub const DEFAULT_CAPABILITIES: u64 = {
+    let caps = [0u32, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31];
+    let mut m = 0u64;
+    let mut i = 0;
+    while i < caps.len() {
+        m |= 1 << caps[i];
+        i += 1;
+    }
+    m
+};
+
+/// Hidden from the container (as runc and containerd do).
+pub const MASKED: [&str; 12] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+    "/proc/sysrq-trigger",
+];
+
+/// Read-only in the container.
+pub const READ_ONLY: [&str; 4] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys"];
+
+/// Container paths a volume may not cover.
+const RESERVED: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// A container ready to start: image, process, volumes, all resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub image: LocalImage,
+    pub layers_dir: PathBuf,
+    pub process: config::Resolved,
+    pub read_only_root: bool,
+    /// (canonical host directory, container path, read-only).
+    pub volumes: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+impl Plan {
+    /// Resolves `spec` against `image`; volumes must be directories under `volume_roots`.
+    pub fn new(
+        spec: &ContainerSpec,
+        image: LocalImage,
+        store: &ImageStore,
+        volume_roots: &[PathBuf],
+    ) -> Result<Self, CellError> {
+        let process = config::resolve(spec, &image.config, &image.layer_dirs(store))?;
+        if spec.volumes.len() > MAX_VOLUMES {
+            return Err(FieldError::new(
+                "container.volumes",
+                format!("more than {MAX_VOLUMES} volumes"),
+            )
+            .into());
+        }
+        let mut volumes = Vec::new();
+        for (i, (host, target, ro)) in spec.volumes.iter().enumerate() {
+            let field = |f: &str| format!("container.volumes[{i}].{f}");
+            if volume_roots.is_empty() {
+                return Err(CellError::Precondition(format!(
+                    "{}: this auraed allows no volumes (start it with --volume-root DIR)",
+                    field("host_path")
+                )));
+            }
+            let canon = std::fs::canonicalize(host).map_err(|e| {
+                FieldError::new(field("host_path"), format!("{}: {e}", host.display()))
+            })?;
+            if !canon.is_dir() {
+                return Err(FieldError::new(field("host_path"), "is not a directory").into());
+            }
+            if !volume_roots.iter().any(|r| canon.starts_with(r)) {
+                return Err(CellError::Precondition(format!(
+                    "{}: {} is not under an allowed volume root",
+                    field("host_path"),
+                    canon.display()
+                )));
+            }
+            let target = config::normalise(&field("container_path"), &target.to_string_lossy())?;
+            if target == Path::new("/") || RESERVED.iter().any(|r| target.starts_with(r)) {
+                return Err(FieldError::new(
+                    field("container_path"),
+                    format!("{} is reserved (/, /proc, /sys, /dev)", target.display()),
+                )
+                .into());
+            }
+            volumes.push((canon, target, *ro));
+        }
+        Ok(Self {
+            image,
+            layers_dir: store.layers_dir(),
+            process,
+            read_only_root: spec.read_only_root,
+            volumes,
+        })
+    }
+
+    /// Fills the executable's command, environment, directory and user from the plan.
+    pub fn apply(&self, spec: &mut ExecutableSpec) {
+        spec.argv = self.process.argv.clone();
+        spec.env = self.process.env.clone();
+        spec.working_dir = self.process.working_dir.clone();
+        spec.uid = Some(self.process.uid);
+        spec.gid = Some(self.process.gid);
+    }
+}
+
+/// A container's private directories on the host (`upper`, `work`, `rootfs`), removed
+/// when dropped (the executable is freed only after its process has exited).
+#[derive(Debug)]
+pub struct Rootfs {
+    dir: PathBuf,
+}
+
+impl Rootfs {
+    /// Creates `<containers_dir>/<id>/{upper,work,rootfs}` (0700 at the top: the upper
+    /// directory holds the container's files with the container's owners and modes).
+    pub fn create(containers_dir: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = containers_dir.join(uuid::Uuid::new_v4().simple().to_string());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let me = Self { dir };
+        for d in ["upper", "work", "rootfs"] {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(me.dir.join(d))?;
+        }
+        Ok(me)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a container's directories");
+        }
+    }
+}
+
+fn cstr(p: &Path) -> Result<CString, CellError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| CellError::Precondition(format!("{} contains NUL", p.display())))
+}
+
+/// `p` and its parents below `/`, parents first.
+fn with_parents(p: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = p
+        .ancestors()
+        .filter(|a| *a != Path::new("/") && !a.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect();
+    v.reverse();
+    v
+}
+
+/// The C strings a [`ContainerSetup`] borrows, built before the clone.
+#[derive(Debug)]
+pub struct Args {
+    layers_dir: CString,
+    overlay: CString,
+    rootfs: CString,
+    volumes: Vec<VolumeMount>,
+    mkdirs: Vec<CString>,
+    masked: Vec<CString>,
+    read_only: Vec<CString>,
+    workdir: CString,
+    program: Vec<CString>,
+    read_only_root: bool,
+}
+
+/// Largest overlay option string (one page for mount(2)).
+const MAX_OVERLAY_OPTIONS: usize = 4000;
+
+impl Args {
+    pub fn new(plan: &Plan, rootfs: &Rootfs) -> Result<Self, CellError> {
+        let upper = rootfs.path().join("upper");
+        let work = rootfs.path().join("work");
+        for p in [&upper, &work] {
+            let s = p.to_string_lossy();
+            if s.contains([',', ':']) {
+                return Err(CellError::Precondition(format!(
+                    "the container directory {s} contains ',' or ':' (the overlay cannot take it): choose another --state-dir"
+                )));
+            }
+        }
+        // Top layer first; names relative to the layer store.
+        let lower: Vec<&str> = plan
+            .image
+            .layers
+            .iter()
+            .rev()
+            .map(|d| crate::image::local::layer_name(d))
+            .collect();
+        let overlay = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        if overlay.len() > MAX_OVERLAY_OPTIONS {
+            return Err(CellError::Precondition(format!(
+                "image {}: {} layers do not fit one overlay mount",
+                plan.image.reference,
+                lower.len()
+            )));
+        }
+        let mut mkdirs: Vec<PathBuf> = RESERVED.iter().map(PathBuf::from).collect();
+        for (_, target, _) in &plan.volumes {
+            mkdirs.extend(with_parents(target));
+        }
+        mkdirs.extend(with_parents(&plan.process.working_dir));
+        let mut seen = std::collections::HashSet::new();
+        mkdirs.retain(|p| seen.insert(p.clone()));
+        let volumes = plan
+            .volumes
+            .iter()
+            .map(|(h, t, ro)| {
+                Ok(VolumeMount {
+                    source: cstr(h)?,
+                    target: cstr(t)?,
+                    read_only: *ro,
+                })
+            })
+            .collect::<Result<_, CellError>>()?;
+        let strs = |v: &[&str]| {
+            v.iter()
+                .map(|p| cstr(Path::new(p)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            layers_dir: cstr(&plan.layers_dir)?,
+            overlay: CString::new(overlay)
+                .map_err(|_| CellError::Precondition("overlay options contain NUL".into()))?,
+            rootfs: cstr(&rootfs.path().join("rootfs"))?,
+            volumes,
+            mkdirs: mkdirs.iter().map(|p| cstr(p)).collect::<Result<_, _>>()?,
+            masked: strs(&MASKED)?,
+            read_only: strs(&READ_ONLY)?,
+            workdir: cstr(&plan.process.working_dir)?,
+            program: plan
+                .process
+                .program
+                .iter()
+                .map(|p| cstr(p))
+                .collect::<Result<_, _>>()?,
+            read_only_root: plan.read_only_root,
+        })
+    }
+
+    /// The set-up for the child. `own_cgroup_ns`: the cell has its own cgroup namespace
+    /// (its cgroup tree is then shown read-only at /sys/fs/cgroup).
+    pub fn setup(&self, own_cgroup_ns: bool) -> Result<ContainerSetup<'_>, CellError> {
+        Ok(ContainerSetup {
+            layers_dir: &self.layers_dir,
+            overlay_options: &self.overlay,
+            rootfs: &self.rootfs,
+            volumes: &self.volumes,
+            mkdirs: &self.mkdirs,
+            mount_cgroup: own_cgroup_ns,
+            masked: &self.masked,
+            read_only_paths: &self.read_only,
+            read_only_root: self.read_only_root,
+            workdir: &self.workdir,
+            capabilities: DEFAULT_CAPABILITIES,
+            seccomp: seccomp::default_filters().map_err(CellError::Precondition)?,
+            program: &self.program,
+        })
+    }
+
+    /// Names the item of a failed list step, for the error message.
+    pub fn describe(&self, step: &str, index: usize) -> Option<String> {
+        let s = |v: &[CString]| v.get(index).map(|c| c.to_string_lossy().into_owned());
+        if step.contains("volume") {
+            self.volumes.get(index).map(|v| {
+                format!(
+                    "{} -> {}",
+                    v.source.to_string_lossy(),
+                    v.target.to_string_lossy()
+                )
+            })
+        } else if step.contains("create mount point") {
+            s(&self.mkdirs)
+        } else if step.contains("not a directory") {
+            RESERVED.get(index).map(|p| (*p).to_owned())
+        } else if step.contains("mask") {
+            s(&self.masked)
+        } else if step.contains("read-only") {
+            s(&self.read_only)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_capabilities_are_dockers_fourteen() {
+        assert_eq!(DEFAULT_CAPABILITIES.count_ones(), 14);
+        assert_eq!(DEFAULT_CAPABILITIES & (1 << 21), 0, "no CAP_SYS_ADMIN");
+        assert_eq!(DEFAULT_CAPABILITIES & (1 << 19), 0, "no CAP_SYS_PTRACE");
+    }
+
+    #[test]
+    fn parents_first() {
+        assert_eq!(
+            with_parents(Path::new("/a/b/c")),
+            [
+                PathBuf::from("/a"),
+                PathBuf::from("/a/b"),
+                PathBuf::from("/a/b/c")
+            ]
+        );
+        assert!(with_parents(Path::new("/")).is_empty());
+    }
+}

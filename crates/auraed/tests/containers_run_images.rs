@@ -1,0 +1,632 @@
+//! Containers (host tier: root, cgroup v2, a loopback registry, busybox-static): images the
+//! tests build and push run through RunCell and RunExecutable. A probe checks the
+//! container from inside (capabilities, no_new_privs, seccomp, fds, masked and read-only
+//! paths, PID and network namespaces); runc's CVE classes are replayed (a `/proc/self/fd`
+//! working directory, a symlinked `/proc` or `/dev/null` in the image, writes to the
+//! runtime's binary); sidecars share localhost; volumes only from allowed roots; bad input
+//! fails precisely and leaves nothing (no cell, no container directory).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{collections::BTreeMap, path::Path};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    Daemon, DaemonOptions, oci,
+    registry::{LocalRegistry, needs_registry},
+    tier::{self, Tier},
+    workload,
+};
+use tonic::Code;
+
+struct Env {
+    _registry: LocalRegistry,
+    host: String,
+    d: Daemon,
+    c: Client,
+    /// The busybox image's reference and manifest digest.
+    image: String,
+    digest: String,
+}
+
+async fn env(test: &str, extra: &[&str]) -> Option<Env> {
+    if !tier::check(
+        test,
+        Tier::Host,
+        tier::needs_cells()
+            .or_else(needs_registry)
+            .or_else(oci::needs_busybox),
+    ) {
+        return None;
+    }
+    aurae_testkit::init_crypto();
+    let registry = LocalRegistry::start().unwrap();
+    let host = registry.host();
+    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
+    let digest = oci::push_image(
+        &host,
+        "aurae/busybox",
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin", "FROM_IMAGE=1"]}),
+    )
+    .unwrap();
+    let mut args = vec!["--insecure-registry".to_owned(), host.clone()];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            extra_args: args,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = d.client("admin").await.unwrap();
+    Some(Env {
+        image: format!("{host}/aurae/busybox:v1"),
+        _registry: registry,
+        host,
+        d,
+        c,
+        digest,
+    })
+}
+
+impl Env {
+    fn containers_left(&self) -> usize {
+        std::fs::read_dir(self.d.dir.path().join("state/containers"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    }
+
+    fn container(&self, script: &str) -> pb::Container {
+        pb::Container {
+            image: self.image.clone(),
+            entrypoint: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }
+    }
+
+    /// RunCell, wait for the container, return its status and output; frees the cell.
+    async fn run_cell(
+        &self,
+        cell: &str,
+        container: pb::Container,
+    ) -> Result<(pb::ExecutableStatus, String), tonic::Status> {
+        let container_image = container.image.clone();
+        let st = self
+            .c
+            .runtime()
+            .run_cell(pb::Cell {
+                name: cell.into(),
+                container: Some(container.clone()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert_eq!(st.executables.len(), 1, "{st:?}");
+        let name = st.executables[0].name.clone();
+        if container_image == self.image {
+            assert_eq!(st.image_digest, self.digest);
+        }
+        let exit = workload::wait(&self.c, cell, &name).await?;
+        let out = workload::output(&self.c, cell, &name).await?;
+        self.c
+            .cells()
+            .free(pb::NameRef { name: cell.into() })
+            .await?;
+        Ok((exit, out))
+    }
+}
+
+fn code(st: &pb::ExecutableStatus) -> Option<i32> {
+    match st.exit.as_ref()?.how? {
+        pb::exit_status::How::Code(c) => Some(c),
+        pb::exit_status::How::Signal(_) => None,
+    }
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+}
+
+const PROBE: &str = r#"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status
+echo fds-begin
+ls /proc/$$/fd
+echo fds-end
+echo "timer_list: $(wc -c < /proc/timer_list)"
+echo "keys: $(wc -c < /proc/keys)"
+echo "firmware: $(ls -A /sys/firmware | wc -l)"
+if echo x > /proc/sys/kernel/hostname 2>/dev/null; then echo "procsys: writable"; else echo "procsys: readonly"; fi
+if echo 1 > /proc/sysrq-trigger 2>/dev/null; then echo "sysrq: writable"; else echo "sysrq: blocked"; fi
+echo "pids: $(ls /proc | grep -cE '^[0-9]+$')"
+echo "pid1: $(cat /proc/1/comm)"
+echo "netdevs: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
+if ls /proc/1/root/ >/dev/null 2>&1; then echo "init-root: readable"; else echo "init-root: denied"; fi
+if echo x >> /proc/1/exe 2>/dev/null; then echo "init-exe: written"; else echo "init-exe: refused"; fi
+if mount -t tmpfs none /tmp 2>/dev/null; then echo "mount: allowed"; else echo "mount: denied"; fi
+if unshare -n true 2>/dev/null; then echo "unshare: allowed"; else echo "unshare: denied"; fi
+echo "devnull: $(stat -c %F /dev/null)"
+echo "devs: $(ls /dev | tr '\n' ' ')"
+echo "user: $(id -u):$(id -g)"
+echo "env: $FROM_IMAGE"
+echo "root-image: $(grep -c '^app:' /etc/passwd)"
+echo "cwd: $(pwd)"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_from_inside_a_container() {
+    let Some(e) = env("probe_from_inside_a_container", &[]).await else {
+        return;
+    };
+    let (st, out) = e.run_cell("probe", e.container(PROBE)).await.unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    println!("{out}");
+    // Docker's 14 default capabilities in the bounding, permitted and effective sets;
+    // inheritable and ambient empty.
+    let default = format!("{:016x}", auraed::container::DEFAULT_CAPABILITIES);
+    assert_eq!(field(&out, "CapInh"), "0000000000000000");
+    assert_eq!(field(&out, "CapAmb"), "0000000000000000");
+    assert_eq!(field(&out, "CapBnd"), default);
+    assert_eq!(field(&out, "CapEff"), default);
+    assert_eq!(field(&out, "NoNewPrivs"), "1");
+    assert_eq!(field(&out, "Seccomp"), "2");
+    // Only stdio crosses the exec.
+    let fds: Vec<&str> = out
+        .lines()
+        .skip_while(|l| *l != "fds-begin")
+        .skip(1)
+        .take_while(|l| *l != "fds-end")
+        .collect();
+    assert_eq!(fds, ["0", "1", "2"], "{out}");
+    // The host's is thousands of bytes.
+    assert_eq!(field(&out, "timer_list"), "0", "masked with /dev/null");
+    assert_eq!(field(&out, "keys"), "0");
+    assert_eq!(field(&out, "firmware"), "0", "masked with an empty tmpfs");
+    assert_eq!(field(&out, "procsys"), "readonly");
+    assert_eq!(field(&out, "sysrq"), "blocked");
+    // Own PID namespace: the cell init, the shell and its pipeline, not the host's.
+    let pids: usize = field(&out, "pids").parse().unwrap();
+    assert!(pids < 8, "{pids} pids visible");
+    assert_eq!(field(&out, "pid1"), "aurae-init");
+    assert_eq!(field(&out, "netdevs"), "lo", "own network namespace");
+    assert_eq!(field(&out, "init-root"), "denied");
+    assert_eq!(field(&out, "init-exe"), "refused");
+    assert_eq!(field(&out, "mount"), "denied");
+    assert_eq!(field(&out, "unshare"), "denied");
+    assert_eq!(field(&out, "devnull"), "character special file");
+    for dev in [
+        "null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "fd",
+    ] {
+        assert!(
+            field(&out, "devs").split(' ').any(|d| d == dev),
+            "/dev/{dev}: {out}"
+        );
+    }
+    assert_eq!(field(&out, "user"), "0:0");
+    assert_eq!(field(&out, "env"), "1");
+    assert_eq!(field(&out, "root-image"), "1");
+    assert_eq!(field(&out, "cwd"), "/");
+    assert_eq!(
+        e.containers_left(),
+        0,
+        "the container's directories are removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runc_cve_classes_are_refused() {
+    let Some(e) = env("runc_cve_classes_are_refused", &[]).await else {
+        return;
+    };
+    let passwd_before = std::fs::read("/etc/passwd").unwrap();
+    let auraed = std::fs::read(env!("CARGO_BIN_EXE_auraed")).unwrap();
+    // CVE-2024-21626: a working directory through a leaked fd. Every fd number a child
+    // could hold is tried; none may start.
+    for fd in 3..16 {
+        let mut c = e.container("pwd; ls ..");
+        c.working_dir = format!("/proc/self/fd/{fd}");
+        let err = e.run_cell("cwd", c).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "fd {fd}: {err:?}");
+        assert!(
+            err.message().contains("working directory"),
+            "{}",
+            err.message()
+        );
+    }
+    // CVE-2019-19921 class: /proc in the image is a symlink (to the host's /etc, were it
+    // followed before the pivot).
+    let layer = oci::LayerBuilder::new()
+        .symlink("proc", "/etc")
+        .unwrap()
+        .file("bin/sh", b"", 0o755)
+        .unwrap()
+        .finish()
+        .unwrap();
+    oci::push_image(
+        &e.host,
+        "aurae/evil-proc",
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["/bin/sh"]}),
+    )
+    .unwrap();
+    let err = e
+        .run_cell(
+            "evil-proc",
+            pb::Container {
+                image: format!("{}/aurae/evil-proc:v1", e.host),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("/proc"), "{}", err.message());
+    // /dev/null a symlink to the host's /etc/passwd: /dev is a fresh tmpfs, so writing
+    // to /dev/null writes nowhere.
+    let base = oci::busybox_rootfs().unwrap();
+    let layer = base
+        .symlink("dev/null", "/etc/passwd")
+        .unwrap()
+        .finish()
+        .unwrap();
+    oci::push_image(
+        &e.host,
+        "aurae/evil-null",
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["sh"]}),
+    )
+    .unwrap();
+    let (st, out) = e
+        .run_cell(
+            "evil-null",
+            pb::Container {
+                image: format!("{}/aurae/evil-null:v1", e.host),
+                entrypoint: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo pwned > /dev/null; stat -c %F /dev/null".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    assert_eq!(out.trim(), "character special file");
+    // CVE-2019-5736 class: the runtime's binary. The cell init (pid 1 in the container)
+    // runs from a sealed copy; its /proc entries are closed to the container.
+    let (st, out) = e
+        .run_cell(
+            "exe",
+            e.container(
+                "for f in /proc/1/exe /proc/1/root/proc/self/exe; do if echo x >> $f; then echo wrote $f; fi; done 2>/dev/null; \
+                 echo x > /bin/busybox.new && mv /bin/busybox.new /bin/sh; echo done",
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    assert!(!out.contains("wrote"), "{out}");
+    // A container's writes stay in its upper directory: the next one sees the image.
+    let (_, out) = e
+        .run_cell("after", e.container("ls -l /bin/sh | grep -c busybox"))
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), "1", "the shared layer was not modified");
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd_before);
+    assert_eq!(std::fs::read(env!("CARGO_BIN_EXE_auraed")).unwrap(), auraed);
+    assert_eq!(e.containers_left(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_share_localhost_and_volumes_come_only_from_allowed_roots() {
+    let vols = tempfile::tempdir().unwrap();
+    let root = vols.path().join("allowed");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::create_dir_all(root.join("ro")).unwrap();
+    std::fs::write(root.join("ro/seed"), "seed").unwrap();
+    let root_arg = root.to_string_lossy().into_owned();
+    let Some(e) = env(
+        "sidecars_share_localhost_and_volumes_come_only_from_allowed_roots",
+        &["--volume-root", &root_arg],
+    )
+    .await
+    else {
+        return;
+    };
+    let c = &e.c;
+    c.cells()
+        .allocate(pb::Cell {
+            name: "pod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A server container and two clients: a plain executable (host binary) and a second
+    // container, all in one cell.
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "pod".into(),
+            name: "server".into(),
+            container: Some(e.container("nc -ll -p 9000 -e echo hello-from-container")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut plain = None;
+    for i in 0..50 {
+        let (st, out) = workload::run_to_end(
+            c,
+            pb::Executable {
+                cell: "pod".into(),
+                name: format!("plain-{i}"),
+                argv: vec![
+                    "/bin/busybox".into(),
+                    "nc".into(),
+                    "127.0.0.1".into(),
+                    "9000".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        if out.contains("hello-from-container") {
+            plain = Some(st);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        plain.is_some(),
+        "a plain executable reached the container over localhost"
+    );
+    let (st, out) = workload::run_to_end(
+        c,
+        pb::Executable {
+            cell: "pod".into(),
+            name: "client".into(),
+            container: Some(e.container("nc 127.0.0.1 9000")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    assert!(out.contains("hello-from-container"), "{out}");
+    assert_eq!(st.image_digest, e.digest);
+    // Volumes: read-write and read-only, from under the allowed root.
+    let mut v = e.container("echo written > /data/out; cat /ro/seed; if echo x > /ro/seed; then echo ro-writable; fi 2>/dev/null; true");
+    v.volumes = vec![
+        pb::Volume {
+            host_path: root.join("data").to_string_lossy().into(),
+            container_path: "/data".into(),
+            read_only: false,
+        },
+        pb::Volume {
+            host_path: root.join("ro").to_string_lossy().into(),
+            container_path: "/ro".into(),
+            read_only: true,
+        },
+    ];
+    let (st, out) = workload::run_to_end(
+        c,
+        pb::Executable {
+            cell: "pod".into(),
+            name: "volumes".into(),
+            container: Some(v.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    assert!(
+        out.contains("seed") && !out.contains("ro-writable"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("data/out")).unwrap(),
+        "written\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("ro/seed")).unwrap(),
+        "seed"
+    );
+    // Outside the allowed root (also through a symlink or ..): refused before anything runs.
+    std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+    for (i, host) in [
+        "/etc".to_owned(),
+        root.join("link").to_string_lossy().into(),
+        format!("{root_arg}/../"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut bad = v.clone();
+        bad.volumes.truncate(1);
+        bad.volumes[0].host_path = host.clone();
+        let err = c
+            .runtime()
+            .run_executable(pb::Executable {
+                cell: "pod".into(),
+                name: format!("bad-{i}"),
+                container: Some(bad),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        // A '..' is refused as a malformed path; the others as outside the root.
+        let want = if i == 2 {
+            Code::InvalidArgument
+        } else {
+            Code::FailedPrecondition
+        };
+        assert_eq!(err.code(), want, "{host}: {err:?}");
+    }
+    let mut bad = v.clone();
+    bad.volumes.truncate(1);
+    bad.volumes[0].container_path = "/proc/sys".into();
+    let err = c
+        .runtime()
+        .run_executable(pb::Executable {
+            cell: "pod".into(),
+            name: "bad-target".into(),
+            container: Some(bad),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("container.volumes[0].container_path"),
+        "{}",
+        err.message()
+    );
+    c.cells()
+        .free(pb::NameRef { name: "pod".into() })
+        .await
+        .unwrap();
+    assert_eq!(e.containers_left(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_user_read_only_root_and_bad_input() {
+    let Some(e) = env("image_user_read_only_root_and_bad_input", &[]).await else {
+        return;
+    };
+    // The image's user by name, a read-only root (writable /tmp would need a volume).
+    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
+    oci::push_image(
+        &e.host,
+        "aurae/app",
+        "v1",
+        &[layer],
+        serde_json::json!({"Entrypoint": ["sh", "-c"], "Cmd": ["id -u; id -g; grep CapEff /proc/self/status; touch /x || echo ro"], "User": "app", "WorkingDir": "/tmp"}),
+    )
+    .unwrap();
+    let (st, out) = e
+        .run_cell(
+            "app",
+            pb::Container {
+                image: format!("{}/aurae/app:v1", e.host),
+                read_only_root: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{err:?}"));
+    assert_eq!(code(&st), Some(0), "{out}");
+    // stdout and stderr interleave: look for lines, not positions.
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(
+        lines.iter().filter(|l| **l == "1000").count(),
+        2,
+        "uid and gid 1000: {out}"
+    );
+    assert!(
+        lines.contains(&"CapEff:\t0000000000000000") || out.contains("CapEff:\t0000000000000000"),
+        "no capabilities for a non-root user: {out}"
+    );
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert!(out.contains("ro"), "{out}");
+    // Bad input: each a precise error, no cell left, no container directory left.
+    let cases: Vec<(&str, pb::Container, Code, &str)> = vec![
+        (
+            "unknown image",
+            pb::Container {
+                image: format!("{}/aurae/none:v1", e.host),
+                ..Default::default()
+            },
+            Code::NotFound,
+            "aurae/none",
+        ),
+        (
+            "malformed reference",
+            pb::Container {
+                image: "UPPER/Case".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "container.image",
+        ),
+        (
+            "missing program",
+            pb::Container {
+                image: e.image.clone(),
+                entrypoint: vec!["/no/such/program".into()],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "argv[0]",
+        ),
+        (
+            "climbing working dir",
+            pb::Container {
+                image: e.image.clone(),
+                working_dir: "/a/../../b".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "working_dir",
+        ),
+        (
+            "volume without roots",
+            pb::Container {
+                image: e.image.clone(),
+                volumes: vec![pb::Volume {
+                    host_path: "/tmp".into(),
+                    container_path: "/data".into(),
+                    read_only: true,
+                }],
+                ..Default::default()
+            },
+            Code::FailedPrecondition,
+            "--volume-root",
+        ),
+    ];
+    for (what, container, want, mention) in cases {
+        let err =
+            e.c.runtime()
+                .run_cell(pb::Cell {
+                    name: "bad".into(),
+                    container: Some(container),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+        assert_eq!(err.code(), want, "{what}: {err:?}");
+        assert!(err.message().contains(mention), "{what}: {}", err.message());
+        let left = e.c.cells().get(pb::NameRef { name: "bad".into() }).await;
+        assert_eq!(
+            left.unwrap_err().code(),
+            Code::NotFound,
+            "{what}: the cell is gone"
+        );
+        assert_eq!(e.containers_left(), 0, "{what}");
+    }
+    // argv with a container is a request error.
+    let err =
+        e.c.runtime()
+            .run_executable(pb::Executable {
+                cell: "x".into(),
+                argv: vec!["/bin/sh".into()],
+                container: Some(e.container("true")),
+                env: BTreeMap::new().into_iter().collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("argv"), "{}", err.message());
+}
