@@ -346,11 +346,13 @@ async fn run() {
         .await
         .ok();
     let mut run_cell_t = Vec::new();
+    let mut phases: [Vec<Duration>; 3] = Default::default();
     let mut peer3: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
     let mut fails3 = 0;
     for i in 0..rounds2 + warm2 {
         let name = format!("r{i}");
         let t = Instant::now();
+        let mut marks = [Duration::ZERO; 3];
         let ok = async {
             let st = c
                 .runtime()
@@ -364,6 +366,7 @@ async fn run() {
                 })
                 .await?
                 .into_inner();
+            marks[0] = t.elapsed();
             let exe = st
                 .executables
                 .first()
@@ -380,7 +383,9 @@ async fn run() {
                 })
                 .await?
                 .into_inner();
+            marks[1] = t.elapsed();
             c.cells().free(pb::NameRef { name: name.clone() }).await?;
+            marks[2] = t.elapsed();
             let code0 = matches!(
                 w.exit.and_then(|e| e.how),
                 Some(pb::exit_status::How::Code(0))
@@ -393,6 +398,9 @@ async fn run() {
         if i >= warm2 {
             run_cell_t.push(dt);
             fails3 += usize::from(!ok);
+            phases[0].push(marks[0]);
+            phases[1].push(marks[1].saturating_sub(marks[0]));
+            phases[2].push(marks[2].saturating_sub(marks[1]));
         }
         for (k, tool) in tools.iter().enumerate() {
             let state = tmp.path().join(format!("state-{tool}"));
@@ -413,6 +421,9 @@ async fn run() {
     }
     println!("B3: RunCell (cached busybox image, /bin/true) + wait + free");
     let m3 = report("  aurae RunCell+wait+free", &run_cell_t, fails3);
+    for (p, what) in phases.iter().zip(["RunCell", "Wait", "Free"]) {
+        report(&format!("    of which {what}"), p, 0);
+    }
     for (k, tool) in tools.iter().enumerate() {
         let p = report(&format!("  {tool} run"), &peer3[k], peer_fails[k]);
         println!(

@@ -43,6 +43,9 @@ struct Args {
     /// A registry (HOST or HOST:PORT) to reach over plain HTTP instead of HTTPS (repeatable).
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// Registry credentials (TOML: [[registry]] host, username, password; mode 0600).
+    #[arg(long, env = "AURAED_REGISTRY_AUTH")]
+    registry_auth: Option<PathBuf>,
     /// An extra CA bundle (PEM) for registries, besides the system roots.
     #[arg(long)]
     registry_ca: Option<PathBuf>,
@@ -103,7 +106,18 @@ fn main() -> ExitCode {
         registry: auraed::image::registry::RegistryConfig {
             insecure: args.insecure_registries,
             extra_ca: args.registry_ca,
-            credentials: Default::default(),
+            credentials: match args
+                .registry_auth
+                .as_deref()
+                .map(auraed::image::registry::load_credentials)
+                .transpose()
+            {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("auraed: --registry-auth {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
             timeout: Duration::from_secs(30),
         },
         volume_roots: args.volume_roots,
@@ -140,6 +154,16 @@ fn run_pid1() -> ! {
     let boot = auraed::pid1::prepare();
     tracing::info!(hostname = %boot.hostname, listen = ?boot.listen, warnings = boot.warnings.len(), "pid1: machine ready");
     let policy = PathBuf::from("/etc/aurae/policy.toml");
+    let mut warnings = boot.warnings;
+    let auth = PathBuf::from("/etc/aurae/registries.toml");
+    let credentials = if auth.exists() {
+        auraed::image::registry::load_credentials(&auth).unwrap_or_else(|e| {
+            warnings.push(format!("registry credentials not loaded: {e}"));
+            Default::default()
+        })
+    } else {
+        Default::default()
+    };
     let cfg = ServerConfig {
         pki_dir: PathBuf::from("/etc/aurae/pki"),
         socket: PathBuf::from("/run/aurae/auraed.sock"),
@@ -151,9 +175,10 @@ fn run_pid1() -> ! {
         max_streams_per_connection: 128,
         cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
         mode: "pid1",
-        warnings: boot.warnings,
+        warnings,
         registry: auraed::image::registry::RegistryConfig {
             timeout: Duration::from_secs(30),
+            credentials,
             ..Default::default()
         },
         volume_roots: Vec::new(),

@@ -493,6 +493,20 @@ async fn sidecars_share_localhost_and_volumes_come_only_from_allowed_roots() {
         "{}",
         err.message()
     );
+    // Removing the image while its containers exist frees its blobs but not the layers
+    // they run on.
+    let freed = c
+        .images()
+        .remove(pb::RemoveImageRequest {
+            image: e.image.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(freed.freed_layers, 0, "layers in use are kept");
+    assert!(freed.freed_blobs > 0);
+    let layers = e.d.dir.path().join("state/images/layers/sha256");
+    assert_eq!(std::fs::read_dir(&layers).unwrap().count(), 1);
     c.cells()
         .free(pb::NameRef { name: "pod".into() })
         .await

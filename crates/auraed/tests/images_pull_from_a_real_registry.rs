@@ -520,12 +520,45 @@ async fn images_api_pulls_with_progress_lists_and_removes() {
         }
     };
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-    c.images()
+    // A second reference to the same image keeps its blobs and layer through the first
+    // removal; the last removal collects them all.
+    let mut s = c
+        .images()
+        .pull(pb::PullImageRequest {
+            image: format!("{host}/aurae/api@{}", pushed.manifest_digest),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while s.message().await.unwrap().is_some() {}
+    let images_dir = d.dir.path().join("state/images");
+    let count = |sub: &str| std::fs::read_dir(images_dir.join(sub)).unwrap().count();
+    let freed = c
+        .images()
         .remove(pb::RemoveImageRequest {
             image: image.clone(),
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (freed.freed_blobs, freed.freed_layers),
+        (0, 0),
+        "still referenced"
+    );
+    assert_eq!(count("layers/sha256"), 1);
+    let freed = c
+        .images()
+        .remove(pb::RemoveImageRequest {
+            image: format!("{host}/aurae/api@{}", pushed.manifest_digest),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(freed.freed_layers, 1);
+    assert_eq!(freed.freed_blobs, 3, "manifest, config, layer");
+    assert!(freed.freed_bytes >= pushed.layer_bytes);
+    assert_eq!((count("blobs/sha256"), count("layers/sha256")), (0, 0));
     assert!(
         c.images()
             .list(pb::ListImagesRequest {})

@@ -120,11 +120,23 @@ impl Images for ImagesApi {
     ) -> Result<Response<pb::RemovedImage>, Status> {
         Caller::of(&r)?;
         let image = parse("image", &r.get_ref().image)?.to_string();
-        if !self.puller.store.remove_ref(&image) {
+        let store = self.puller.store.clone();
+        let _gc = store.gc_lock.write().await;
+        if !store.remove_ref(&image) {
             return Err(Status::not_found(format!(
                 "image {image} is not in the store"
             )));
         }
-        Ok(Response::new(pb::RemovedImage { reference: image }))
+        let store2 = store.clone();
+        let freed = tokio::task::spawn_blocking(move || store2.collect_garbage())
+            .await
+            .unwrap_or_default();
+        tracing::info!(image = %image, blobs = freed.blobs, layers = freed.layers, bytes = freed.bytes, "image removed");
+        Ok(Response::new(pb::RemovedImage {
+            reference: image,
+            freed_blobs: freed.blobs,
+            freed_layers: freed.layers,
+            freed_bytes: freed.bytes,
+        }))
     }
 }

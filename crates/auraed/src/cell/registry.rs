@@ -690,7 +690,8 @@ impl Cells {
                 let init = cell2.init.as_ref();
                 let args = match &container {
                     Some(plan) => {
-                        let r = crate::container::Rootfs::create(&containers_dir)?;
+                        let r =
+                            crate::container::Rootfs::create(&containers_dir, plan.pin.clone())?;
                         let a = crate::container::Args::new(plan, &r)?;
                         rootfs = Some(r);
                         Some(a)

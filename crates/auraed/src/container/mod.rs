@@ -22,6 +22,7 @@ use std::{
     ffi::CString,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aurae_sys::container::{ContainerSetup, MAX_VOLUMES, VolumeMount};
@@ -74,6 +75,8 @@ const RESERVED: [&str; 3] = ["/proc", "/sys", "/dev"];
 pub struct Plan {
     pub image: LocalImage,
     pub layers_dir: PathBuf,
+    /// Holds the image's layers against garbage collection from planning on.
+    pub pin: Arc<crate::image::store::Pin>,
     pub process: config::Resolved,
     pub read_only_root: bool,
     /// (canonical host directory, container path, read-only).
@@ -129,6 +132,7 @@ impl Plan {
             volumes.push((canon, target, *ro));
         }
         Ok(Self {
+            pin: Arc::new(store.pin(&image.layers)),
             image,
             layers_dir: store.layers_dir(),
             process,
@@ -152,19 +156,24 @@ impl Plan {
 #[derive(Debug)]
 pub struct Rootfs {
     dir: PathBuf,
+    /// The image's layers stay out of garbage collection while the container exists.
+    _pin: Arc<crate::image::store::Pin>,
 }
 
 impl Rootfs {
     /// Creates `<containers_dir>/<id>/{upper,work,rootfs}` (0700 at the top: the upper
     /// directory holds the container's files with the container's owners and modes).
-    pub fn create(containers_dir: &Path) -> std::io::Result<Self> {
+    pub fn create(
+        containers_dir: &Path,
+        pin: Arc<crate::image::store::Pin>,
+    ) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = containers_dir.join(uuid::Uuid::new_v4().simple().to_string());
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        let me = Self { dir };
+        let me = Self { dir, _pin: pin };
         for d in ["upper", "work", "rootfs"] {
             std::fs::DirBuilder::new()
                 .mode(0o755)

@@ -350,6 +350,8 @@ impl Puller {
         progress: impl Fn(Progress) + Sync,
     ) -> Result<Pulled, PullError> {
         let image = r.to_string();
+        // No garbage collection while this pull has blobs it has not recorded yet.
+        let _gc = self.store.gc_lock.read().await;
         let bad = |reason: String| PullError::Manifest {
             image: image.clone(),
             reason,

@@ -56,6 +56,69 @@ pub struct RegistryConfig {
     pub timeout: Duration,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    #[serde(default)]
+    registry: Vec<CredentialEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialEntry {
+    host: String,
+    username: String,
+    password: String,
+}
+
+/// Registry credentials from a TOML file (`--registry-auth`):
+///
+/// ```toml
+/// [[registry]]
+/// host = "registry.example.com:5000"
+/// username = "puller"
+/// password = "…"
+/// ```
+///
+/// The file holds secrets: it must not be readable or writable by group or others.
+pub fn load_credentials(
+    path: &std::path::Path,
+) -> Result<HashMap<String, (String, String)>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if md.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: mode {:o} lets others read registry passwords; chmod 600 it",
+            path.display(),
+            md.mode() & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f: CredentialsFile =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (i, r) in f.registry.into_iter().enumerate() {
+        if r.host.is_empty() || r.host.contains('/') || r.host.contains(char::is_whitespace) {
+            return Err(format!(
+                "{}: registry[{i}].host {:?} is not HOST[:PORT]",
+                path.display(),
+                r.host
+            ));
+        }
+        if out
+            .insert(r.host.clone(), (r.username, r.password))
+            .is_some()
+        {
+            return Err(format!(
+                "{}: registry {} is listed twice",
+                path.display(),
+                r.host
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// A response: status, content type, body stream.
 pub struct Response {
     pub status: StatusCode,
@@ -377,5 +440,38 @@ pub async fn read_small(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn credentials_file_is_private_and_well_formed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("auth.toml");
+        std::fs::write(
+            &p,
+            "[[registry]]\nhost = \"r.example:5000\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_credentials(&p).unwrap_err().contains("chmod 600"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = load_credentials(&p).unwrap();
+        assert_eq!(c["r.example:5000"], ("u".to_owned(), "p".to_owned()));
+        std::fs::write(
+            &p,
+            "[[registry]]\nhost = \"a/b\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        assert!(load_credentials(&p).unwrap_err().contains("HOST[:PORT]"));
+        std::fs::write(&p, "[[registry]]\nhost = \"a\"\nuser = \"u\"\n").unwrap();
+        assert!(load_credentials(&p).is_err(), "unknown keys are refused");
     }
 }

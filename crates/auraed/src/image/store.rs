@@ -51,6 +51,55 @@ pub fn sha256(bytes: &[u8]) -> String {
 pub struct ImageStore {
     root: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Pulls hold it shared for their whole run, garbage collection exclusively: a
+    /// collection never removes what a pull in flight has fetched but not yet recorded.
+    pub gc_lock: tokio::sync::RwLock<()>,
+    /// Layers in use by containers (diff id → count), never collected.
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Keeps layers from being collected while a container uses them.
+#[derive(Debug)]
+pub struct Pin {
+    layers: Vec<String>,
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut g = match self.pins.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for l in &self.layers {
+            if let Some(n) = g.get_mut(l) {
+                *n -= 1;
+                if *n == 0 {
+                    g.remove(l);
+                }
+            }
+        }
+    }
+}
+
+/// What a collection removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub blobs: u64,
+    pub layers: u64,
+    pub bytes: u64,
+}
+
+fn tree_bytes(p: &Path) -> u64 {
+    let Ok(md) = fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if !md.is_dir() {
+        return md.len();
+    }
+    fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| tree_bytes(&e.path())).sum())
+        .unwrap_or(0)
 }
 
 /// A blob being written: hashed as it goes, renamed into place only when verified.
@@ -95,7 +144,76 @@ impl ImageStore {
         Ok(Self {
             root,
             locks: Mutex::default(),
+            gc_lock: tokio::sync::RwLock::new(()),
+            pins: Arc::default(),
         })
+    }
+
+    /// Pins `layers` (diff ids) until the returned guard is dropped.
+    pub fn pin(&self, layers: &[String]) -> Pin {
+        let mut g = match self.pins.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for l in layers {
+            *g.entry(l.clone()).or_default() += 1;
+        }
+        Pin {
+            layers: layers.to_vec(),
+            pins: self.pins.clone(),
+        }
+    }
+
+    /// Removes every blob and unpacked layer no recorded reference needs and no container
+    /// uses. Call with [`Self::gc_lock`] held exclusively.
+    pub fn collect_garbage(&self) -> Collected {
+        let mut blobs = std::collections::HashSet::new();
+        let mut layers = std::collections::HashSet::new();
+        for r in self.refs() {
+            for k in ["digest", "config"] {
+                if let Some(d) = r[k].as_str() {
+                    blobs.insert(hex_of(d).to_owned());
+                }
+            }
+            for pair in r["layers"].as_array().into_iter().flatten() {
+                if let Some(b) = pair[0].as_str() {
+                    blobs.insert(hex_of(b).to_owned());
+                }
+                if let Some(l) = pair[1].as_str() {
+                    layers.insert(hex_of(l).to_owned());
+                }
+            }
+        }
+        if let Ok(p) = self.pins.lock() {
+            layers.extend(p.keys().map(|d| hex_of(d).to_owned()));
+        }
+        let mut out = Collected::default();
+        for (dir, keep, is_layer) in [
+            (self.root.join("blobs/sha256"), &blobs, false),
+            (self.layers_dir(), &layers, true),
+        ] {
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if keep.contains(&name) {
+                    continue;
+                }
+                let bytes = tree_bytes(&e.path());
+                let removed = if is_layer {
+                    fs::remove_dir_all(e.path())
+                } else {
+                    fs::remove_file(e.path())
+                };
+                if removed.is_ok() {
+                    out.bytes += bytes;
+                    if is_layer {
+                        out.layers += 1;
+                    } else {
+                        out.blobs += 1;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// One lock per digest: concurrent pulls of the same blob or layer share the work.
