@@ -44,6 +44,8 @@ const DEFAULT_KERNEL_ALIGNMENT: u32 = 0x0100_0000;
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
+const X86_CR0_NW: u64 = 1 << 29;
+const X86_CR0_CD: u64 = 1 << 30;
 const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
@@ -418,7 +420,9 @@ pub fn configure_long_mode(sregs: &mut kvm_sregs) {
     sregs.tr = tss;
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+    // The reset value of CR0 has caching disabled (CD, NW): keeping those makes the guest
+    // run uncached until its own CR0 write, which a bzImage decompressor never does.
+    sregs.cr0 = (sregs.cr0 & !(X86_CR0_CD | X86_CR0_NW)) | X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
 }
 
@@ -503,8 +507,13 @@ mod tests {
 
     #[test]
     fn long_mode_sregs() {
-        let mut s = kvm_sregs::default();
+        // CR0 as KVM reports it after reset: CD | NW | ET.
+        let mut s = kvm_sregs {
+            cr0: 0x6000_0010,
+            ..Default::default()
+        };
         configure_long_mode(&mut s);
+        assert_eq!(s.cr0, 0x8000_0011, "PG | ET | PE, caches on");
         assert_eq!(s.cr3, PML4_START);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.cr0 & X86_CR0_PE, 0);

@@ -66,6 +66,7 @@ const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
@@ -73,8 +74,12 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// IA32_MISC_ENABLE bit 0: fast string operations.
 const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRdefType: MTRRs enabled (bit 11), default memory type write-back (6). Without it
+/// all guest memory is uncacheable where KVM honours guest MTRRs, and the guest crawls.
+const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
 
-/// The boot MSRs: syscall/sysenter state cleared, TSC at 0, fast strings on.
+/// The boot MSRs: syscall/sysenter state cleared, TSC at 0, fast strings on, MTRRs on
+/// with write-back as the default memory type.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     let m = |index, data| kvm_msr_entry {
         index,
@@ -92,6 +97,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         m(MSR_LSTAR, 0),
         m(MSR_IA32_TSC, 0),
         m(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        m(MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_ENABLED_WB),
     ]
 }
 
@@ -255,6 +261,8 @@ mod tests {
         assert!(Msrs::from_entries(&m).is_ok());
         let misc = m.iter().find(|e| e.index == MSR_IA32_MISC_ENABLE).unwrap();
         assert_eq!(misc.data, 1);
+        let mtrr = m.iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).unwrap();
+        assert_eq!(mtrr.data, 0x806);
         let f = boot_fpu();
         assert_eq!((f.fcw, f.mxcsr), (0x37f, 0x1f80));
     }
