@@ -82,6 +82,20 @@ impl Vcpu {
         self.fd.run()
     }
 
+    /// After a `KVM_EXIT_INTERNAL_ERROR`: the sub-error (1 = emulation failure) and its
+    /// data words (for an emulation failure, the instruction bytes among them).
+    pub fn internal_error(&mut self) -> (u32, Vec<u64>) {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            return (0, Vec::new());
+        }
+        // SAFETY: `exit_reason` says the kernel filled the `internal` member of the union;
+        // every bit pattern is valid for its plain integer fields.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        (internal.suberror, internal.data[..n].to_vec())
+    }
+
     /// Sets `kvm_run.immediate_exit`: while set, `KVM_RUN` returns `EINTR` at once.
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(on));

@@ -100,10 +100,16 @@ pub enum ExitError {
         reason: u64,
     },
     /// KVM could not emulate an instruction (`KVM_EXIT_INTERNAL_ERROR`).
-    #[error("vCPU {vcpu}: KVM internal error")]
+    #[error("vCPU {vcpu}: KVM internal error {suberror} at rip {rip:#x}, data {data:x?}")]
     Internal {
         /// Which vCPU.
         vcpu: u8,
+        /// `KVM_INTERNAL_ERROR_*` (1: emulation failure).
+        suberror: u32,
+        /// The guest's `rip` then (0 if unreadable).
+        rip: u64,
+        /// The data words KVM gave.
+        data: Vec<u64>,
     },
     /// An exit this VMM does not handle.
     #[error("vCPU {vcpu}: unexpected exit {what}")]
@@ -388,6 +394,8 @@ impl Vm {
 enum Step {
     Continue,
     End(VmExit),
+    /// An internal error, whose details are read once the exit's borrow has ended.
+    Internal,
 }
 
 /// Runs one vCPU until the guest ends the VM (`Some`) or the stop flag is seen (`None`).
@@ -429,9 +437,7 @@ fn vcpu_loop(mut vcpu: Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
             Ok(VcpuExit::FailEntry(reason, _)) => {
                 Step::End(VmExit::Error(ExitError::FailEntry { vcpu: id, reason }))
             }
-            Ok(VcpuExit::InternalError) => {
-                Step::End(VmExit::Error(ExitError::Internal { vcpu: id }))
-            }
+            Ok(VcpuExit::InternalError) => Step::Internal,
             Ok(other) => Step::End(VmExit::Error(ExitError::Unexpected {
                 vcpu: id,
                 what: format!("{other:?}"),
@@ -445,8 +451,19 @@ fn vcpu_loop(mut vcpu: Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
                 errno: e.errno(),
             })),
         };
-        if let Step::End(exit) = step {
-            return Some(exit);
+        match step {
+            Step::Continue => {}
+            Step::End(exit) => return Some(exit),
+            Step::Internal => {
+                let (suberror, data) = vcpu.internal_error();
+                let rip = vcpu.fd().get_regs().map_or(0, |r| r.rip);
+                return Some(VmExit::Error(ExitError::Internal {
+                    vcpu: id,
+                    suberror,
+                    rip,
+                    data,
+                }));
+            }
         }
     }
 }
