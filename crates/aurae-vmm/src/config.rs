@@ -1,0 +1,202 @@
+//! What a VM is made of, and the range checks applied before anything is allocated.
+
+use std::{fmt, io::Write, path::PathBuf};
+
+/// Fewest vCPUs.
+pub const MIN_VCPUS: u8 = 1;
+/// Most vCPUs (the e820/MP limits of this phase; the APIC ids fit in 8 bits).
+pub const MAX_VCPUS: u8 = 32;
+/// Least guest memory: 16 MiB.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+/// Most guest memory, whatever the host has: 256 GiB. [`crate::Vm::new`] also refuses more
+/// than the host's physical memory.
+pub const MAX_MEM_BYTES: u64 = 256 << 30;
+
+/// Where the guest's serial console output goes.
+pub type SerialSink = Box<dyn Write + Send>;
+
+/// A VM's configuration.
+pub struct VmConfig {
+    /// The guest kernel: a bzImage or an uncompressed ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// An optional initramfs (cpio, possibly compressed), loaded at the top of low memory.
+    pub initramfs: Option<PathBuf>,
+    /// The kernel command line (at most [`crate::layout::CMDLINE_MAX_SIZE`] − 1 bytes).
+    /// Typical: `console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux
+    /// i8042.nopnp i8042.dumbkbd`.
+    pub cmdline: String,
+    /// Number of vCPUs, [`MIN_VCPUS`]..=[`MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest RAM in bytes, [`MIN_MEM_BYTES`]..=[`MAX_MEM_BYTES`], a multiple of 4 KiB.
+    pub mem_bytes: u64,
+    /// Where the serial console (COM1, port 0x3f8) output is written.
+    pub serial_out: SerialSink,
+}
+
+impl fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("kernel", &self.kernel)
+            .field("initramfs", &self.initramfs)
+            .field("cmdline", &self.cmdline)
+            .field("vcpus", &self.vcpus)
+            .field("mem_bytes", &self.mem_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration value out of range.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `vcpus` outside 1..=32.
+    #[error("vcpus must be {MIN_VCPUS}..={MAX_VCPUS}, got {0}")]
+    Vcpus(u8),
+    /// `mem_bytes` outside the allowed range.
+    #[error("mem_bytes must be {min}..={max}, got {got}")]
+    Memory {
+        /// What was asked.
+        got: u64,
+        /// The least allowed.
+        min: u64,
+        /// The most allowed (the fixed cap, or the host's memory if less).
+        max: u64,
+    },
+    /// `mem_bytes` not a multiple of the page size.
+    #[error("mem_bytes must be a multiple of 4096, got {0}")]
+    MemoryAlignment(u64),
+    /// The command line does not fit (with its NUL) in the space the boot protocol allows.
+    #[error("kernel command line is {len} bytes; at most {max} fit")]
+    CmdlineTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The most bytes allowed (NUL excluded).
+        max: usize,
+    },
+    /// The command line holds a NUL byte or a non-printable character.
+    #[error("kernel command line holds a NUL or control character")]
+    CmdlineInvalid,
+}
+
+impl VmConfig {
+    /// Checks every range that does not depend on the host; `max_mem` is the memory cap
+    /// in force ([`MAX_MEM_BYTES`], or less where the host has less).
+    pub fn validate_with_cap(&self, max_mem: u64) -> Result<(), ConfigError> {
+        if !(MIN_VCPUS..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        let max = max_mem.min(MAX_MEM_BYTES);
+        if !(MIN_MEM_BYTES..=max).contains(&self.mem_bytes) {
+            return Err(ConfigError::Memory {
+                got: self.mem_bytes,
+                min: MIN_MEM_BYTES,
+                max,
+            });
+        }
+        if !self.mem_bytes.is_multiple_of(crate::layout::PAGE_SIZE) {
+            return Err(ConfigError::MemoryAlignment(self.mem_bytes));
+        }
+        check_cmdline(&self.cmdline)
+    }
+
+    /// [`Self::validate_with_cap`] with the fixed cap only.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with_cap(MAX_MEM_BYTES)
+    }
+}
+
+/// Checks a kernel command line's length and characters.
+pub fn check_cmdline(cmdline: &str) -> Result<(), ConfigError> {
+    let max = crate::layout::CMDLINE_MAX_SIZE - 1;
+    if cmdline.len() > max {
+        return Err(ConfigError::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+        });
+    }
+    if cmdline.bytes().any(|b| b.is_ascii_control()) {
+        return Err(ConfigError::CmdlineInvalid);
+    }
+    Ok(())
+}
+
+/// The host's physical memory in bytes, from `/proc/meminfo` (`None` if unreadable).
+pub fn host_mem_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vcpus: u8, mem_bytes: u64, cmdline: &str) -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/nonexistent"),
+            initramfs: None,
+            cmdline: cmdline.into(),
+            vcpus,
+            mem_bytes,
+            serial_out: Box::new(std::io::sink()),
+        }
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        assert_eq!(cfg(1, 128 << 20, "").validate(), Ok(()));
+        assert_eq!(cfg(32, 5 << 30, "").validate(), Ok(()));
+        assert_eq!(cfg(0, 128 << 20, "").validate(), Err(ConfigError::Vcpus(0)));
+        assert_eq!(
+            cfg(33, 128 << 20, "").validate(),
+            Err(ConfigError::Vcpus(33))
+        );
+        assert!(matches!(
+            cfg(1, (16 << 20) - 4096, "").validate(),
+            Err(ConfigError::Memory { .. })
+        ));
+        assert!(matches!(
+            cfg(1, MAX_MEM_BYTES + 4096, "").validate(),
+            Err(ConfigError::Memory { .. })
+        ));
+        assert_eq!(
+            cfg(1, (128 << 20) + 1, "").validate(),
+            Err(ConfigError::MemoryAlignment((128 << 20) + 1))
+        );
+        // A host cap below the fixed cap wins.
+        assert_eq!(
+            cfg(1, 2 << 30, "").validate_with_cap(1 << 30),
+            Err(ConfigError::Memory {
+                got: 2 << 30,
+                min: MIN_MEM_BYTES,
+                max: 1 << 30
+            })
+        );
+    }
+
+    #[test]
+    fn cmdline_too_long_is_an_error() {
+        let long = "a".repeat(crate::layout::CMDLINE_MAX_SIZE);
+        assert_eq!(
+            cfg(1, 128 << 20, &long).validate(),
+            Err(ConfigError::CmdlineTooLong {
+                len: crate::layout::CMDLINE_MAX_SIZE,
+                max: crate::layout::CMDLINE_MAX_SIZE - 1
+            })
+        );
+        let fits = "a".repeat(crate::layout::CMDLINE_MAX_SIZE - 1);
+        assert_eq!(check_cmdline(&fits), Ok(()));
+        assert_eq!(check_cmdline("a\nb"), Err(ConfigError::CmdlineInvalid));
+    }
+
+    #[test]
+    fn host_memory_is_read() {
+        assert!(host_mem_bytes().is_some_and(|m| m > 0));
+    }
+
+    #[test]
+    fn debug_does_not_need_the_sink() {
+        let s = format!("{:?}", cfg(2, 64 << 20, "console=ttyS0"));
+        assert!(s.contains("console=ttyS0") && s.contains("vcpus: 2"));
+    }
+}

@@ -1,0 +1,103 @@
+//! The crate's only unsafe code: handing guest memory to KVM.
+//!
+//! `KVM_SET_USER_MEMORY_REGION` tells the kernel to let the guest read and write a range of
+//! our address space. That is sound only while the range stays mapped for as long as any
+//! fd of that VM (the VM fd and every vCPU fd, which keep the kernel's VM alive) exists.
+//! [`GuestVm`] and [`Vcpu`] enforce it by ownership: both hold an `Arc` of the guest
+//! memory, and neither hands out its KVM fd by value or by `&mut` (so no fd can be moved
+//! out and outlive the mapping).
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// A KVM VM with its guest memory registered.
+#[derive(Debug)]
+pub struct GuestVm {
+    // Field order is drop order: the VM fd is closed before the memory is unmapped.
+    vm: VmFd,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl GuestVm {
+    /// Creates a VM and registers every region of `mem` as a KVM memory slot (slot `i` for
+    /// the `i`th region).
+    pub fn new(kvm: &Kvm, mem: Arc<GuestMemoryMmap>) -> Result<Self, kvm_ioctls::Error> {
+        let vm = kvm.create_vm()?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: `region` is a live anonymous mapping of `region.len()` bytes owned by
+            // `mem`. `mem` is an `Arc` held by this `GuestVm` and by every `Vcpu` it
+            // creates, and the VM fd is dropped before `mem` (field order), so the mapping
+            // outlives every fd through which the guest can reach it.
+            unsafe { vm.set_user_memory_region(r)? };
+        }
+        Ok(Self { vm, mem })
+    }
+
+    /// The VM fd, for the ioctls that do not change memory (irqchip, PIT, irqfd).
+    pub(crate) fn fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Creates vCPU `id`.
+    pub fn create_vcpu(&self, id: u8) -> Result<Vcpu, kvm_ioctls::Error> {
+        Ok(Vcpu {
+            fd: self.vm.create_vcpu(u64::from(id))?,
+            _mem: Arc::clone(&self.mem),
+        })
+    }
+}
+
+/// A vCPU that keeps its VM's guest memory mapped while it exists.
+#[derive(Debug)]
+pub struct Vcpu {
+    // Field order is drop order: the vCPU fd is closed before the memory is released.
+    fd: VcpuFd,
+    _mem: Arc<GuestMemoryMmap>,
+}
+
+impl Vcpu {
+    /// The vCPU fd, for register and state ioctls.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs the vCPU until its next exit to user space (`KVM_RUN`).
+    pub fn run(&mut self) -> Result<VcpuExit<'_>, kvm_ioctls::Error> {
+        self.fd.run()
+    }
+
+    /// After a `KVM_EXIT_INTERNAL_ERROR`: the sub-error (1 = emulation failure) and its
+    /// data words (for an emulation failure, the instruction bytes among them).
+    pub fn internal_error(&mut self) -> (u32, Vec<u64>) {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            return (0, Vec::new());
+        }
+        // SAFETY: `exit_reason` says the kernel filled the `internal` member of the union;
+        // every bit pattern is valid for its plain integer fields.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        (internal.suberror, internal.data[..n].to_vec())
+    }
+
+    /// Sets `kvm_run.immediate_exit`: while set, `KVM_RUN` returns `EINTR` at once.
+    pub fn set_immediate_exit(&mut self, on: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+}

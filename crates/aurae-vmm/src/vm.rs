@@ -1,0 +1,469 @@
+//! A VM: built by [`Vm::new`] from a [`VmConfig`], run to its end by [`Vm::run`], stopped
+//! from any thread through a [`VmHandle`].
+//!
+//! Threads: [`Vm::run`] runs on the caller's thread as the VM's controller; it starts one
+//! thread per vCPU (`vcpu0`, `vcpu1`, …), waits for the first vCPU to end or for a stop
+//! request, then stops the others: it sets a shared flag and sends each vCPU thread
+//! [`vcpu_kick_signal`] (SIGRTMIN) until it has ended. The signal's handler does nothing;
+//! its only effect is that `KVM_RUN` returns `EINTR` so the thread sees the flag. The kick
+//! is repeated every millisecond, so a signal that lands between the flag check and
+//! `KVM_RUN` is never lost.
+
+use std::{
+    sync::{
+        Arc, Once,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use kvm_bindings::{
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_pit_config,
+};
+use kvm_ioctls::{Kvm, VcpuExit};
+use vm_memory::GuestMemoryMmap;
+use vm_superio::Serial;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::{
+    boot::{self, BootError},
+    config::{self, ConfigError, VmConfig},
+    cpu::{self, CpuError},
+    devices::{EventFdTrigger, IoAction, PortIo, SERIAL_IRQ},
+    layout::{self, MemoryLayout},
+    sys::{GuestVm, Vcpu},
+};
+
+/// Why [`Vm::new`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `/dev/kvm` could not be opened.
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("allocating {bytes} bytes of guest memory: {source}")]
+    Memory {
+        /// How much was asked.
+        bytes: u64,
+        /// The cause.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The kernel, initramfs or boot structures could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be configured.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// A device could not be created (an eventfd).
+    #[error("creating {what}: {source}")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A vCPU thread could not be started.
+    #[error("starting vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why a vCPU ended the VM with an error.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExitError {
+    /// `KVM_RUN` failed.
+    #[error("vCPU {vcpu}: KVM_RUN failed: errno {errno}")]
+    KvmRun {
+        /// Which vCPU.
+        vcpu: u8,
+        /// The errno.
+        errno: i32,
+    },
+    /// The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`).
+    #[error("vCPU {vcpu}: VM entry failed, hardware reason {reason:#x}")]
+    FailEntry {
+        /// Which vCPU.
+        vcpu: u8,
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+    },
+    /// KVM could not emulate an instruction (`KVM_EXIT_INTERNAL_ERROR`).
+    #[error("vCPU {vcpu}: KVM internal error {suberror} at rip {rip:#x}, data {data:x?}")]
+    Internal {
+        /// Which vCPU.
+        vcpu: u8,
+        /// `KVM_INTERNAL_ERROR_*` (1: emulation failure).
+        suberror: u32,
+        /// The guest's `rip` then (0 if unreadable).
+        rip: u64,
+        /// The data words KVM gave.
+        data: Vec<u64>,
+    },
+    /// An exit this VMM does not handle.
+    #[error("vCPU {vcpu}: unexpected exit {what}")]
+    Unexpected {
+        /// Which vCPU.
+        vcpu: u8,
+        /// The exit, as text.
+        what: String,
+    },
+    /// A vCPU thread panicked.
+    #[error("vCPU {vcpu}: thread panicked")]
+    Panicked {
+        /// Which vCPU.
+        vcpu: u8,
+    },
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (`KVM_SYSTEM_EVENT_SHUTDOWN`).
+    PowerOff,
+    /// The guest asked for a reset: i8042 command 0xfe (Linux `reboot`, `poweroff` without
+    /// ACPI, with `reboot=k`) or `KVM_SYSTEM_EVENT_RESET`.
+    Reset,
+    /// A vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`): the guest crashed beyond its own
+    /// exception handling.
+    TripleFault {
+        /// The vCPU that faulted.
+        vcpu: u8,
+    },
+    /// [`VmHandle::stop`] was called.
+    Stopped,
+    /// A vCPU failed.
+    Error(ExitError),
+}
+
+/// State shared by the controller, the vCPU threads and the handles.
+#[derive(Debug)]
+struct Shared {
+    stop: AtomicBool,
+    io_exits: AtomicU64,
+    devices: PortIo,
+}
+
+enum Event {
+    Stop,
+    VcpuEnded(u8, Option<VmExit>),
+}
+
+/// A cheap, cloneable handle on a VM, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct VmHandle {
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Stop => f.write_str("Stop"),
+            Event::VcpuEnded(i, e) => write!(f, "VcpuEnded({i}, {e:?})"),
+        }
+    }
+}
+
+impl VmHandle {
+    /// Asks the VM to stop; [`Vm::run`] then returns [`VmExit::Stopped`] (unless the guest
+    /// ended first). Returns at once; idempotent.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = self.events.send(Event::Stop);
+    }
+
+    /// Time from the VM's start to the guest's first boot-timer write
+    /// ([`crate::devices::BOOT_TIMER_MAGIC`] to port [`crate::devices::BOOT_TIMER_PORT`]).
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.shared.devices.boot_timer().elapsed()
+    }
+
+    /// Port-I/O exits handled so far (all vCPUs): a sign of life of guest code.
+    pub fn io_exits(&self) -> u64 {
+        self.shared.io_exits.load(Ordering::Relaxed)
+    }
+}
+
+/// A VM ready to run.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: vCPUs, then the VM (and the irqfd), then the memory.
+    vcpus: Vec<Vcpu>,
+    guest: GuestVm,
+    _serial_irq: EventFdTrigger,
+    handle: VmHandle,
+    events: mpsc::Receiver<Event>,
+    layout: MemoryLayout,
+}
+
+/// The signal that interrupts a vCPU's `KVM_RUN` (SIGRTMIN). Its handler, installed for
+/// the whole process by the first [`Vm::run`], does nothing.
+pub fn vcpu_kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), VmmError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(vcpu_kick_signal(), on_kick)
+            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())));
+    });
+    result
+}
+
+impl Vm {
+    /// Builds the VM: checks the configuration (memory capped at the host's), opens
+    /// `/dev/kvm`, allocates and registers guest memory, creates the in-kernel irqchip and
+    /// PIT, loads the kernel, initramfs and boot structures, wires COM1 to IRQ 4 and creates
+    /// and configures the vCPUs. Nothing runs until [`Vm::run`].
+    pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
+        let host = config::host_mem_bytes().unwrap_or(config::MAX_MEM_BYTES);
+        cfg.validate_with_cap(host)?;
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+
+        let layout = MemoryLayout::new(cfg.mem_bytes);
+        let ranges = layout
+            .ranges()
+            .ok_or(VmmError::Config(ConfigError::Memory {
+                got: cfg.mem_bytes,
+                min: config::MIN_MEM_BYTES,
+                max: usize::MAX as u64,
+            }))?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::Memory {
+            bytes: cfg.mem_bytes,
+            source,
+        })?;
+        let guest = GuestVm::new(&kvm, Arc::new(mem))
+            .map_err(kvm_err("KVM_CREATE_VM / KVM_SET_USER_MEMORY_REGION"))?;
+        let vm = guest.fd();
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = guest.memory();
+        let kernel = boot::load_kernel(mem, &cfg.kernel)?;
+        let initramfs = match &cfg.initramfs {
+            Some(p) => Some(boot::load_initramfs(mem, &layout, p, &kernel)?),
+            None => None,
+        };
+        boot::write_cmdline(mem, &cfg.cmdline)?;
+        let params = boot::build_boot_params(kernel.header, &layout, cfg.cmdline.len(), initramfs);
+        boot::write_boot_params(mem, &params)?;
+        boot::write_gdt(mem)?;
+        boot::write_page_tables(mem)?;
+
+        let dev_err = |what| move |source| VmmError::Device { what, source };
+        let serial_irq = EventFdTrigger::new().map_err(dev_err("serial eventfd"))?;
+        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Serial::new(
+            serial_irq.try_clone().map_err(dev_err("serial eventfd"))?,
+            cfg.serial_out,
+        );
+
+        let supported = cpu::supported_cpuid(&kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let v = guest.create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            cpu::configure_vcpu(v.fd(), id, cfg.vcpus, &supported, kernel.entry)?;
+            vcpus.push(v);
+        }
+
+        let (tx, rx) = mpsc::channel();
+        let handle = VmHandle {
+            shared: Arc::new(Shared {
+                stop: AtomicBool::new(false),
+                io_exits: AtomicU64::new(0),
+                devices: PortIo::new(serial),
+            }),
+            events: tx,
+        };
+        Ok(Self {
+            vcpus,
+            guest,
+            _serial_irq: serial_irq,
+            handle,
+            events: rx,
+            layout,
+        })
+    }
+
+    /// A handle to stop the VM or read its boot time from another thread.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// The guest's memory layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// Runs the VM on one thread per vCPU until the guest ends it or
+    /// [`VmHandle::stop`] is called; every vCPU thread has ended when this returns.
+    /// Fails only where a vCPU thread cannot be started (the VM is then stopped).
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        install_kick_handler()?;
+        let Self {
+            vcpus,
+            guest,
+            _serial_irq,
+            handle,
+            events,
+            layout: _,
+        } = self;
+        let shared = Arc::clone(&handle.shared);
+        shared.devices.boot_timer().start();
+
+        let mut threads: Vec<(u8, JoinHandle<()>)> = Vec::with_capacity(vcpus.len());
+        let mut spawn_error = None;
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let id = id as u8;
+            let shared = Arc::clone(&shared);
+            let tx = handle.events.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let exit = vcpu_loop(vcpu, id, &shared);
+                    let _ = tx.send(Event::VcpuEnded(id, exit));
+                });
+            match spawned {
+                Ok(t) => threads.push((id, t)),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+
+        let exit = if spawn_error.is_some() {
+            VmExit::Stopped
+        } else {
+            match events.recv() {
+                Ok(Event::VcpuEnded(_, Some(exit))) => exit,
+                Ok(Event::VcpuEnded(_, None) | Event::Stop) | Err(_) => VmExit::Stopped,
+            }
+        };
+
+        // Stop every vCPU: set the flag, kick until each thread has ended.
+        shared.stop.store(true, Ordering::SeqCst);
+        let signal = vcpu_kick_signal();
+        while threads.iter().any(|(_, t)| !t.is_finished()) {
+            for (_, t) in threads.iter().filter(|(_, t)| !t.is_finished()) {
+                let _ = t.kill(signal);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut exit = exit;
+        for (id, t) in threads {
+            if t.join().is_err() && !matches!(exit, VmExit::Error(_)) {
+                exit = VmExit::Error(ExitError::Panicked { vcpu: id });
+            }
+        }
+        shared.devices.flush_serial();
+        drop(guest);
+        match spawn_error {
+            Some(e) => Err(VmmError::Thread(e)),
+            None => Ok(exit),
+        }
+    }
+}
+
+/// What one exit means for the vCPU loop.
+enum Step {
+    Continue,
+    End(VmExit),
+    /// An internal error, whose details are read once the exit's borrow has ended.
+    Internal,
+}
+
+/// Runs one vCPU until the guest ends the VM (`Some`) or the stop flag is seen (`None`).
+fn vcpu_loop(mut vcpu: Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let step = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.io_exits.fetch_add(1, Ordering::Relaxed);
+                match shared.devices.write(port, data) {
+                    IoAction::None => Step::Continue,
+                    IoAction::Reset => Step::End(VmExit::Reset),
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                shared.io_exits.fetch_add(1, Ordering::Relaxed);
+                shared.devices.read(port, data);
+                Step::Continue
+            }
+            // No MMIO devices yet: reads float high, writes are dropped.
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => {
+                Step::Continue
+            }
+            Ok(VcpuExit::Shutdown) => Step::End(VmExit::TripleFault { vcpu: id }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Step::End(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                other => VmExit::Error(ExitError::Unexpected {
+                    vcpu: id,
+                    what: format!("system event {other}"),
+                }),
+            }),
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                Step::End(VmExit::Error(ExitError::FailEntry { vcpu: id, reason }))
+            }
+            Ok(VcpuExit::InternalError) => Step::Internal,
+            Ok(other) => Step::End(VmExit::Error(ExitError::Unexpected {
+                vcpu: id,
+                what: format!("{other:?}"),
+            })),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_immediate_exit(false);
+                Step::Continue
+            }
+            Err(e) => Step::End(VmExit::Error(ExitError::KvmRun {
+                vcpu: id,
+                errno: e.errno(),
+            })),
+        };
+        match step {
+            Step::Continue => {}
+            Step::End(exit) => return Some(exit),
+            Step::Internal => {
+                let (suberror, data) = vcpu.internal_error();
+                let rip = vcpu.fd().get_regs().map_or(0, |r| r.rip);
+                return Some(VmExit::Error(ExitError::Internal {
+                    vcpu: id,
+                    suberror,
+                    rip,
+                    data,
+                }));
+            }
+        }
+    }
+}
