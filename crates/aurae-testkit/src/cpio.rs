@@ -105,3 +105,45 @@ mod tests {
         assert!(text.contains("init\0") && text.contains("abc") && text.contains("TRAILER!!!"));
     }
 }
+
+/// The entries of the directory tree at `src`, named under `prefix` (parents before
+/// children): directories, regular files, symlinks, and character devices (overlay
+/// whiteouts). Modes are kept; owners become root.
+pub fn tree(src: &std::path::Path, prefix: &str) -> io::Result<Vec<Entry>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = vec![Entry::Dir {
+        path: prefix.to_owned(),
+        mode: std::fs::metadata(src)?.mode() & 0o7777,
+    }];
+    let mut names: Vec<_> = std::fs::read_dir(src)?.collect::<Result<_, _>>()?;
+    names.sort_by_key(std::fs::DirEntry::file_name);
+    for e in names {
+        let path = format!("{prefix}/{}", e.file_name().to_string_lossy());
+        let md = std::fs::symlink_metadata(e.path())?;
+        let mode = md.mode() & 0o7777;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            out.extend(tree(&e.path(), &path)?);
+        } else if ft.is_symlink() {
+            out.push(Entry::Symlink {
+                path,
+                target: std::fs::read_link(e.path())?.to_string_lossy().into_owned(),
+            });
+        } else if ft.is_file() {
+            out.push(Entry::File {
+                path,
+                mode,
+                data: std::fs::read(e.path())?,
+            });
+        } else if ft.is_char_device() {
+            let dev = md.rdev();
+            out.push(Entry::CharDev {
+                path,
+                mode,
+                major: nix::sys::stat::major(dev) as u32,
+                minor: nix::sys::stat::minor(dev) as u32,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -111,6 +111,9 @@ pub struct GuestOptions {
     pub extra_cmdline: String,
     /// Module names added to /lib/modules/order without a file (a missing module).
     pub missing_modules: Vec<String>,
+    /// More entries for the initramfs (parents before children), e.g. a seeded image
+    /// store under var/lib/aurae.
+    pub extra_files: Vec<cpio::Entry>,
 }
 
 impl Default for GuestOptions {
@@ -122,6 +125,7 @@ impl Default for GuestOptions {
             timeout: Duration::from_secs(180),
             extra_cmdline: String::new(),
             missing_modules: Vec::new(),
+            extra_files: Vec::new(),
         }
     }
 }
@@ -456,6 +460,7 @@ fn build_initramfs(
             data: fs::read(art.join("auraed"))?,
         });
     }
+    e.extend(opts.extra_files.iter().cloned());
     let mut f = std::io::BufWriter::new(fs::File::create(out)?);
     cpio::write(&mut f, &e)?;
     f.flush()?;

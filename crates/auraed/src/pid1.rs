@@ -130,10 +130,110 @@ fn console_stdio() {
     }
 }
 
+/// Where the initramfs contents move to.
+const NEW_ROOT: &str = "/.aurae-root";
+
+/// Moves the system off the initramfs onto a tmpfs root, as `switch_root` does, when `/` is
+/// the kernel's rootfs (ramfs or tmpfs): rootfs can never be unmounted, so `pivot_root`
+/// (which every container needs) refuses to work on it, and a chroot escape would reach
+/// it. The contents are copied to a fresh tmpfs, deleted from rootfs (which stays empty
+/// underneath), and the tmpfs is moved over `/`. Anything that fails becomes a warning;
+/// the system stays on the initramfs then.
+fn leave_initramfs(w: &mut Vec<String>) {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(st) = nix::sys::statfs::statfs("/") else {
+        return;
+    };
+    let magic = st.filesystem_type().0;
+    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+        return;
+    }
+    let r = (|| -> Result<(), String> {
+        fs::create_dir(NEW_ROOT).map_err(|e| format!("creating {NEW_ROOT}: {e}"))?;
+        mount(
+            Some("tmpfs"),
+            NEW_ROOT,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )
+        .map_err(|e| format!("mounting a tmpfs on {NEW_ROOT}: {e}"))?;
+        let mut names: Vec<_> = fs::read_dir("/")
+            .map_err(|e| format!("reading /: {e}"))?
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".aurae-root")
+            .collect();
+        names.sort();
+        for n in &names {
+            let from = Path::new("/").join(n);
+            let to = Path::new(NEW_ROOT).join(n);
+            copy_tree(&from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+        }
+        for n in &names {
+            let p = Path::new("/").join(n);
+            let _ = if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+        std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("chdir: {e}"))?;
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .map_err(|e| format!("moving the new root over /: {e}"))?;
+        nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+        std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+    })();
+    if let Err(e) = r {
+        w.push(format!(
+            "leaving the initramfs: {e} (containers cannot pivot_root)"
+        ));
+    }
+}
+
+/// Copies a tree keeping modes, owners, symlinks and device nodes.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let md = fs::symlink_metadata(from)?;
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
+        return std::os::unix::fs::lchown(to, Some(md.uid()), Some(md.gid()));
+    }
+    if ft.is_dir() {
+        fs::create_dir(to)?;
+        for e in fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+    } else if ft.is_file() {
+        fs::copy(from, to)?;
+    } else if ft.is_char_device() || ft.is_block_device() {
+        let kind = if ft.is_char_device() {
+            nix::sys::stat::SFlag::S_IFCHR
+        } else {
+            nix::sys::stat::SFlag::S_IFBLK
+        };
+        nix::sys::stat::mknod(
+            to,
+            kind,
+            nix::sys::stat::Mode::from_bits_truncate(md.mode()),
+            md.rdev(),
+        )?;
+    } else {
+        // Sockets and fifos are not carried.
+        return Ok(());
+    }
+    std::os::unix::fs::chown(to, Some(md.uid()), Some(md.gid()))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))
+}
+
 /// Everything PID 1 does before the API starts. Synchronous: runs before the async
 /// runtime exists.
 pub fn prepare() -> Boot {
     let mut w = Vec::new();
+    leave_initramfs(&mut w);
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     try_mount(
         &mut w,

@@ -2,16 +2,20 @@
 //! boot serves every check: the limit tests of the cells issue (memory.max OOM with the
 //! event and victim, pids.max, cpu.max throttling, cpuset, narrowing), PID 1 duties (no
 //! zombies from orphaned double-forks, a crashing workload does not take auraed down,
-//! clean power-off on the Shutdown RPC).
+//! clean power-off on the Shutdown RPC), and containers under limits (RunCell of an image
+//! seeded into the guest's store: hardening on the guest's kernel, OOM kill by memory.max).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
+    cpio,
     guest::{Guest, GuestOptions, needs_guest},
+    oci,
+    registry::{LocalRegistry, needs_registry},
     tier::{self, Tier},
     workload,
 };
@@ -49,6 +53,51 @@ async fn run_wait(c: &Client, e: pb::Executable) -> (pb::ExecutableStatus, Strin
         .unwrap_or_else(|s| panic!("run {id}: {s:?}"))
 }
 
+/// A busybox image pulled (from a loopback registry) into a store that the initramfs
+/// carries to the guest's /var/lib/aurae: the guest runs it without a registry.
+async fn seeded_image_store() -> (String, Vec<cpio::Entry>) {
+    use auraed::image::{
+        pull::Puller,
+        reference::ImageRef,
+        registry::{Registry, RegistryConfig},
+        store::ImageStore,
+        unpack::Limits,
+    };
+    let reg = LocalRegistry::start().unwrap();
+    let host = reg.host();
+    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
+    oci::push_image(
+        &host,
+        "aurae/busybox",
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let puller = Puller {
+        store: Arc::new(ImageStore::open(dir.path()).unwrap()),
+        registry: Registry::new(RegistryConfig {
+            insecure: vec![host.clone()],
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        }),
+        limits: Limits::default(),
+        timeout: Duration::from_secs(5),
+    };
+    let image = format!("{host}/aurae/busybox:v1");
+    puller
+        .pull(&ImageRef::parse(&image).unwrap(), |_| {})
+        .await
+        .unwrap();
+    let mut e = vec![cpio::Entry::Dir {
+        path: "var/lib/aurae".into(),
+        mode: 0o700,
+    }];
+    e.extend(cpio::tree(&dir.path().join("images"), "var/lib/aurae/images").unwrap());
+    (image, e)
+}
+
 fn how(s: &pb::ExecutableStatus) -> Option<pb::exit_status::How> {
     s.exit.as_ref().and_then(|e| e.how)
 }
@@ -58,11 +107,19 @@ async fn guest_tier_limits_and_pid1_duties() {
     if !tier::check(
         "guest_tier_limits_and_pid1_duties",
         Tier::Guest,
-        needs_guest(),
+        needs_guest()
+            .or_else(needs_registry)
+            .or_else(oci::needs_busybox),
     ) {
         return;
     }
-    let mut g = Guest::boot(GuestOptions::default()).await.unwrap();
+    let (image, store) = seeded_image_store().await;
+    let mut g = Guest::boot(GuestOptions {
+        extra_files: store,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     println!(
         "guest: auraed answered health {:.2} s after qemu started",
         g.boot_time.as_secs_f64()
@@ -331,6 +388,52 @@ async fn guest_tier_limits_and_pid1_duties() {
             .await
             .is_ok()
     );
+
+    // Containers under limits, on the guest's own kernel: the hardening holds, and a
+    // container's memory hog is OOM-killed by its cell's memory.max.
+    let st = c
+        .runtime()
+        .run_cell(pb::Cell {
+            name: "ctr".into(),
+            limits: Some(pb::CellLimits {
+                memory_max_bytes: Some(32 << 20),
+                pids_max: Some(16),
+                ..Default::default()
+            }),
+            container: Some(pb::Container {
+                image: image.clone(),
+                entrypoint: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "grep -E '^(NoNewPrivs|Seccomp|CapAmb):' /proc/self/status; ls /proc | grep -cE '^[0-9]+$'; \
+                     head -c 200000000 /dev/zero | tail"
+                        .into(),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunCell in the guest: {e:?}\n{}", g.serial_text()))
+        .into_inner();
+    let exe = st.executables[0].name.clone();
+    let done = workload::wait(&c, "ctr", &exe).await.unwrap();
+    let out = workload::output(&c, "ctr", &exe).await.unwrap();
+    assert!(
+        out.contains("NoNewPrivs:\t1") && out.contains("Seccomp:\t2"),
+        "{out}"
+    );
+    assert!(out.contains("CapAmb:\t0000000000000000"), "{out}");
+    assert_eq!(
+        how(&done),
+        Some(pb::exit_status::How::Signal(9)),
+        "{done:?} {out}"
+    );
+    assert!(done.exit.as_ref().unwrap().oom_killed, "{done:?}");
+    c.cells()
+        .free(pb::NameRef { name: "ctr".into() })
+        .await
+        .unwrap();
 
     // The static IPv6 address from the command line serves the same API.
     let c6 = g.client_at("admin", g.addr6()).await.unwrap();
