@@ -104,6 +104,12 @@ pub enum BootError {
         /// The cause.
         source: vm_memory::GuestMemoryError,
     },
+    /// The ACPI tables do not fit in the BIOS area.
+    #[error("ACPI tables would end at {end:#x}, past the BIOS area")]
+    AcpiTooLarge {
+        /// Where they would end.
+        end: u64,
+    },
     /// The zero page could not be written.
     #[error("writing boot_params: {0}")]
     BootParams(linux_loader::configurator::Error),

@@ -130,6 +130,7 @@ fn config(kernel: PathBuf, vcpus: u8, sink: &Captured) -> VmConfig {
         vcpus,
         mem_bytes: 64 << 20,
         serial_out: Box::new(sink.clone()),
+        ..Default::default()
     }
 }
 
@@ -246,6 +247,7 @@ fn a_real_kernel_reaches_guest_code() {
         vcpus: 1,
         mem_bytes: 256 << 20,
         serial_out: Box::new(sink.clone()),
+        ..Default::default()
     };
     let vm = Vm::new(cfg).unwrap();
     let handle = vm.handle();
