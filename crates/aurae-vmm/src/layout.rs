@@ -6,7 +6,7 @@
 //! 0x0000_0520                  IDT (empty, limit 7)       BOOT_IDT_START
 //! 0x0000_7000                  zero page (boot_params)    ZERO_PAGE_START
 //! 0x0000_8ff0                  initial stack pointer      BOOT_STACK_POINTER
-//! 0x0000_9000 .. 0x0000_c000   PML4, PDPT, PD (identity map of the first 1 GiB)
+//! 0x0000_9000 .. 0x0000_f000   PML4, PDPT, 4 PDs (identity map of the first 4 GiB)
 //! 0x0002_0000                  kernel command line        CMDLINE_START
 //! 0x0009_fc00 .. 0x0010_0000   EBDA, VGA, ROM: reserved (no e820 RAM entry)
 //! 0x000e_0000 .. 0x0010_0000   ACPI: RSDP at 0xe0000, then XSDT, FADT, MADT, DSDT
@@ -37,8 +37,11 @@ pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
 /// The PDPT of the identity page tables.
 pub const PDPTE_START: u64 = 0xa000;
-/// The page directory (512 × 2 MiB pages = 1 GiB) of the identity page tables.
+/// The first of the page directories (512 × 2 MiB pages = 1 GiB each) of the identity
+/// page tables; [`IDENTITY_MAP_GIB`] of them follow each other.
 pub const PDE_START: u64 = 0xb000;
+/// GiB identity-mapped at boot: all of the 32-bit space, MMIO hole included.
+pub const IDENTITY_MAP_GIB: u64 = 4;
 /// Where the kernel command line is written.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line, terminating NUL included (x86 `COMMAND_LINE_SIZE`).
@@ -212,7 +215,7 @@ const _: () = {
     assert!(BOOT_GDT_START + 4 * 8 <= BOOT_IDT_START);
     assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER);
     assert!(BOOT_STACK_POINTER < PML4_START);
-    assert!(PDE_START + PAGE_SIZE <= CMDLINE_START);
+    assert!(PDE_START + IDENTITY_MAP_GIB * PAGE_SIZE <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(EBDA_START <= ACPI_START && ACPI_END <= HIMEM_START);
     assert!(mmio_device_addr(MAX_MMIO_DEVICES) <= IOAPIC_ADDR);

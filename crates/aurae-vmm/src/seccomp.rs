@@ -7,6 +7,7 @@
 //!
 //! | thread   | allowed                                                            |
 //! |----------|--------------------------------------------------------------------|
+//! | all      | `fcntl(F_GETFD)` only (std's debug check when an fd is dropped), plus:  |
 //! | `vcpuN`  | `ioctl` (`KVM_RUN`, `KVM_GET_REGS` only), `read`, `write`, `pread64`, `pwrite64`, `fsync`, `fdatasync` (disk, TAP, eventfds, serial sink), `futex`, memory (`mmap`, `munmap`, `mremap`, `madvise`, `brk`), signals (`rt_sigreturn` for the kick, `rt_sigprocmask`, `sigaltstack`), `sched_yield`, `clock_gettime`, `close`, `exit` |
 //! | `vmm`    | the controller: `futex`, `tgkill`/`getpid` (kicks), `clock_nanosleep`/`nanosleep`, `write`/`fsync` (serial flush, RX stop), `close`, memory, signals, `exit` |
 //! | `net-rx` | `epoll_wait`/`epoll_pwait`, `read`, `write`, `futex`, `close`, memory, signals, `exit` |
@@ -105,14 +106,16 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .into_iter()
         .map(|nr| (nr, Vec::new()))
         .collect();
+    let arg1_is = |v| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+            .and_then(|c| SeccompRule::new(vec![c]))
+    };
+    // std's `OwnedFd` drop checks the fd with `fcntl(F_GETFD)` in debug builds.
+    rules.insert(libc::SYS_fcntl, vec![arg1_is(libc::F_GETFD as u64)?]);
     if kind == ThreadKind::Vcpu {
-        let ioctl = |cmd| {
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)
-                .and_then(|c| SeccompRule::new(vec![c]))
-        };
         rules.insert(
             libc::SYS_ioctl,
-            vec![ioctl(KVM_RUN)?, ioctl(KVM_GET_REGS)?],
+            vec![arg1_is(KVM_RUN)?, arg1_is(KVM_GET_REGS)?],
         );
     }
     let f = SeccompFilter::new(

@@ -500,10 +500,13 @@ impl Vm {
                 std::thread::Builder::new()
                     .name("net-rx".into())
                     .spawn(move || {
+                        let Ok(epoll) = crate::virtio::net::rx_epoll(&tap, &stop) else {
+                            return;
+                        };
                         if let Some(Err(_)) = filter.as_ref().map(seccomp::install) {
                             return;
                         }
-                        let _ = crate::virtio::net::rx_loop(&transport, &tap, &stop);
+                        let _ = crate::virtio::net::rx_loop(&transport, &epoll);
                     })
                     .map(|t| (t, stop_here))
             });

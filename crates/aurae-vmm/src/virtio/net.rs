@@ -196,26 +196,29 @@ impl VirtioDevice for Net {
     }
 }
 
-/// The RX thread's loop: waits (epoll, edge-triggered) for frames on `tap_fd` and
-/// processes the RX queue; returns when `stop` is written (or epoll fails).
-pub fn rx_loop(
-    transport: &Arc<Mutex<MmioTransport>>,
-    tap: &impl AsRawFd,
-    stop: &EventFd,
-) -> io::Result<()> {
-    const TAP: u64 = 0;
-    const STOP: u64 = 1;
+const RX_TAP: u64 = 0;
+const RX_STOP: u64 = 1;
+
+/// The RX thread's epoll set: `tap` (edge-triggered input) and `stop`. Made before the
+/// thread's seccomp filter is installed (which does not allow creating epoll sets).
+pub fn rx_epoll(tap: &impl AsRawFd, stop: &EventFd) -> io::Result<Epoll> {
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
         tap.as_raw_fd(),
-        EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TAP),
+        EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, RX_TAP),
     )?;
     epoll.ctl(
         ControlOperation::Add,
         stop.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, STOP),
+        EpollEvent::new(EventSet::IN, RX_STOP),
     )?;
+    Ok(epoll)
+}
+
+/// The RX thread's loop: waits on `epoll` (from [`rx_epoll`]) for frames and processes
+/// the RX queue; returns when the stop eventfd is written (or epoll fails).
+pub fn rx_loop(transport: &Arc<Mutex<MmioTransport>>, epoll: &Epoll) -> io::Result<()> {
     let mut events = [EpollEvent::default(); 2];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -225,7 +228,7 @@ pub fn rx_loop(
         };
         for ev in &events[..n] {
             match ev.data() {
-                STOP => return Ok(()),
+                RX_STOP => return Ok(()),
                 _ => {
                     if let Ok(mut t) = transport.lock() {
                         t.notify(RX_QUEUE);
@@ -376,7 +379,8 @@ mod tests {
         ));
         let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let stop2 = stop.try_clone().unwrap();
-        let t = std::thread::spawn(move || rx_loop(&transport, &tap, &stop2));
+        let epoll = rx_epoll(&tap, &stop2).unwrap();
+        let t = std::thread::spawn(move || rx_loop(&transport, &epoll));
         std::thread::sleep(std::time::Duration::from_millis(20));
         stop.write(1).unwrap();
         t.join().unwrap().unwrap();
