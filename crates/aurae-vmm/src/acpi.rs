@@ -77,7 +77,9 @@ impl AcpiTables {
 
     /// The table with this signature (`b"RSD "` for the RSDP).
     pub fn find(&self, sig: &[u8; 4]) -> Option<&(u64, Vec<u8>)> {
-        self.tables.iter().find(|(_, b)| b.get(..4) == Some(&sig[..]))
+        self.tables
+            .iter()
+            .find(|(_, b)| b.get(..4) == Some(&sig[..]))
     }
 }
 
@@ -171,7 +173,15 @@ pub fn build(vcpus: u8, devices: &[MmioDeviceInfo]) -> Result<AcpiTables, BootEr
     dsdt.append_slice(&dsdt_aml(devices));
     let dsdt = dsdt.as_slice().to_vec();
 
-    let pm = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into());
+    let pm = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
     let mut fadt = FADTBuilder::new(OEM_ID, *b"AURAEFAC", 1)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)

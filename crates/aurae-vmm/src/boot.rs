@@ -409,7 +409,11 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for i in 0..512 * layout::IDENTITY_MAP_GIB {
         let addr = i << 21;
         // Present | writable | page size (2 MiB); + PWT | PCD in the MMIO hole.
-        let flags = if addr >= layout::MMIO_HOLE_START { 0x9b } else { 0x83 };
+        let flags = if addr >= layout::MMIO_HOLE_START {
+            0x9b
+        } else {
+            0x83
+        };
         mem.write_obj(addr | flags, GuestAddress(PDE_START + i * 8))
             .map_err(err)?;
     }

@@ -160,7 +160,8 @@ impl VmConfig {
             let t = &net.tap;
             if t.is_empty()
                 || t.len() >= crate::sys::IFNAMSIZ
-                || t.bytes().any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+                || t.bytes()
+                    .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
             {
                 return Err(ConfigError::TapName(t.clone()));
             }

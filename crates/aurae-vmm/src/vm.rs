@@ -316,12 +316,13 @@ impl Vm {
         // registers at mmio_device_addr(n) and interrupts on GSI mmio_device_gsi(n).
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in cfg.drives.iter().enumerate() {
-            let blk = Block::open(&d.path, d.read_only, &format!("aurae-vd{i}")).map_err(
-                |source| VmmError::Drive {
-                    path: d.path.clone(),
-                    source,
-                },
-            )?;
+            let blk =
+                Block::open(&d.path, d.read_only, &format!("aurae-vd{i}")).map_err(|source| {
+                    VmmError::Drive {
+                        path: d.path.clone(),
+                        source,
+                    }
+                })?;
             virtio.push(Box::new(blk));
         }
         let mut net_tap = None;

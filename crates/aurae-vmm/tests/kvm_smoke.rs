@@ -14,6 +14,8 @@
 //!    `AURAE_VMM_TEST_DEADLINE_SECS`). Only that is asserted: a software hypervisor (PVM)
 //!    boots stock kernels far too slowly for more.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::{
     io::{self, Write},
     path::PathBuf,

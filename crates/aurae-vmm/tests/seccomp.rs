@@ -89,10 +89,23 @@ fn own_mode() -> u8 {
         .unwrap()
 }
 
+/// Whether `seen` has every VMM thread expected (`vcpu0..vcpus`, `vmm`, and `net-rx` if
+/// `net`), each once and filtered.
+fn all_filtered(seen: &[(String, u8)], vcpus: u8, net: bool) -> bool {
+    let mut want: Vec<String> = (0..vcpus).map(|i| format!("vcpu{i}")).collect();
+    want.push("vmm".into());
+    if net {
+        want.push("net-rx".into());
+    }
+    want.iter()
+        .all(|w| seen.iter().filter(|(n, m)| n == w && *m == 2).count() == 1)
+}
+
 /// Runs a guest that writes '.' to COM1 forever on `vcpus` vCPUs (only the boot vCPU
 /// runs; the others wait for SIPI inside KVM_RUN), with seccomp on; returns the threads
-/// seen while it ran and how it ended.
+/// seen once every VMM thread was up (or after 10 s) and how the VM ended.
 fn run_filtered(vcpus: u8, net: Option<NetConfig>) -> (Vec<(String, u8)>, VmExit, usize) {
+    let with_net = net.is_some();
     // mov dx, 0x3f8 ; mov al, '.' ; out dx, al ; jmp $-3
     let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'.', 0xee, 0xeb, 0xfd];
     let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -116,7 +129,12 @@ fn run_filtered(vcpus: u8, net: Option<NetConfig>) -> (Vec<(String, u8)>, VmExit
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(handle.io_exits() >= 100, "the guest never ran");
-    let seen = threads();
+    // Threads name themselves and install their filter as they start: wait for all.
+    let mut seen = threads();
+    while !all_filtered(&seen, vcpus, with_net) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+        seen = threads();
+    }
     handle.stop();
     let exit = runner.join().unwrap().unwrap();
     let bytes = sink.0.lock().unwrap().len();
@@ -130,14 +148,7 @@ fn every_vmm_thread_is_filtered() {
         return;
     }
     let (seen, exit, bytes) = run_filtered(2, None);
-    let vmm: Vec<_> = seen
-        .iter()
-        .filter(|(n, _)| n.starts_with("vcpu") || n == "vmm")
-        .collect();
-    let mut names: Vec<_> = vmm.iter().map(|(n, _)| n.as_str()).collect();
-    names.sort_unstable();
-    assert_eq!(names, ["vcpu0", "vcpu1", "vmm"], "{seen:?}");
-    assert!(vmm.iter().all(|(_, m)| *m == 2), "{seen:?}");
+    assert!(all_filtered(&seen, 2, false), "{seen:?}");
     assert_eq!(own_mode(), 0, "the caller's thread is not filtered");
     assert_eq!(exit, VmExit::Stopped);
     assert!(bytes >= 100);
@@ -154,8 +165,6 @@ fn every_vmm_thread_is_filtered() {
     })
     .join()
     .unwrap();
-    let rx: Vec<_> = seen.iter().filter(|(n, _)| n == "net-rx").collect();
-    assert_eq!(rx.len(), 1, "{seen:?}");
-    assert_eq!(rx[0].1, 2);
+    assert!(all_filtered(&seen, 1, true), "{seen:?}");
     assert_eq!(exit, VmExit::Stopped);
 }

@@ -76,10 +76,7 @@ impl Block {
     /// Opens `path` (read-only or read-write). The disk is the file's length rounded down
     /// to whole sectors; `id` (at most 20 bytes are used) answers `GET_ID`.
     pub fn open(path: &Path, read_only: bool, id: &str) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         Self::new(file, read_only, id)
     }
 
@@ -110,7 +107,11 @@ impl Block {
 
     /// Handles one request; returns the number of bytes written to guest memory (data and
     /// status), the used length.
-    pub fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    pub fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
         let Ok(mut reader) = chain.clone().reader::<()>(mem) else {
             return 0;
         };
@@ -191,7 +192,7 @@ impl Block {
     /// The byte offset of a transfer of `len` bytes at `sector`, if it is whole sectors,
     /// not too large, and inside the disk.
     fn check_range(&self, sector: u64, len: usize) -> Option<u64> {
-        if len > MAX_REQUEST_BYTES || len as u64 % SECTOR_SIZE != 0 {
+        if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len as u64 / SECTOR_SIZE)?;
@@ -359,16 +360,28 @@ mod tests {
         let mut blk = Block::new(disk(8), false, "d").unwrap();
         // Last sector + one more.
         header(&mem, VIRTIO_BLK_T_IN, 7);
-        assert_eq!(run(&mut blk, &mem, &request(1024, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            run(&mut blk, &mem, &request(1024, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
         // A sector number that overflows.
         header(&mem, VIRTIO_BLK_T_IN, u64::MAX);
-        assert_eq!(run(&mut blk, &mem, &request(512, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            run(&mut blk, &mem, &request(512, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
         // Not a whole sector.
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(run(&mut blk, &mem, &request(100, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            run(&mut blk, &mem, &request(100, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
         // Exactly the last sector is fine.
         header(&mem, VIRTIO_BLK_T_IN, 7);
-        assert_eq!(run(&mut blk, &mem, &request(512, F_WRITE)).1, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            run(&mut blk, &mem, &request(512, F_WRITE)).1,
+            VIRTIO_BLK_S_OK
+        );
     }
 
     #[test]

@@ -231,16 +231,19 @@ impl MmioTransport {
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_select = v,
             reg::DRIVER_FEATURES_SEL => self.driver_features_select = v,
-            reg::DRIVER_FEATURES => {
-                if self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_select {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
+            // Features may be written between DRIVER and FEATURES_OK only.
+            reg::DRIVER_FEATURES
+                if self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0 =>
+            {
+                match self.driver_features_select {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
                     }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
                 }
             }
             reg::QUEUE_SEL => self.queue_select = v,
@@ -357,7 +360,9 @@ impl MmioBus {
 
     fn find(&self, addr: u64) -> Option<(&Arc<Mutex<MmioTransport>>, u64)> {
         let rel = addr.checked_sub(MMIO_DEVICES_START)?;
-        let dev = self.devices.get(usize::try_from(rel / MMIO_DEVICE_SIZE).ok()?)?;
+        let dev = self
+            .devices
+            .get(usize::try_from(rel / MMIO_DEVICE_SIZE).ok()?)?;
         Some((dev, rel % MMIO_DEVICE_SIZE))
     }
 
@@ -438,8 +443,12 @@ pub(crate) mod tests {
             sizes: [16],
             resets: 0,
         };
-        MmioTransport::new(Box::new(dev), mem(), EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .unwrap()
+        MmioTransport::new(
+            Box::new(dev),
+            mem(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap()
     }
 
     /// Drives the transport as Linux's virtio_mmio does, with the rings at 0x1000..
@@ -512,7 +521,11 @@ pub(crate) mod tests {
         mem.write_obj(0u16, GuestAddress(0x2004)).unwrap(); // ring[0] = 0
         mem.write_obj(1u16, GuestAddress(0x2002)).unwrap(); // avail idx = 1
         w32(&mut t, reg::QUEUE_NOTIFY, 0);
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1, "used idx");
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(),
+            1,
+            "used idx"
+        );
         assert_eq!(r32(&t, reg::INTERRUPT_STATUS), INT_USED_RING);
         assert_eq!(t.irq().read().unwrap(), 1);
         w32(&mut t, reg::INTERRUPT_ACK, INT_USED_RING);

@@ -291,7 +291,8 @@ mod tests {
         let (dev, mut host) = fake_tap();
         let mut net = Net::new(dev, MAC);
         let frame: Vec<u8> = (0..60u8).collect();
-        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x10_0000))
+            .unwrap();
         mem.write_slice(&frame, GuestAddress(0x20_0000)).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
         // Header and frame in separate descriptors.
@@ -357,11 +358,14 @@ mod tests {
             .unwrap();
         assert!(net.process_queue(RX_QUEUE, &mut q, &mem));
         assert_eq!(vq.used().ring().ref_at(1).unwrap().load().len(), 0);
-        assert_eq!(net.counters(), NetCounters {
-            rx_frames: 1,
-            tx_frames: 0,
-            dropped: 1
-        });
+        assert_eq!(
+            net.counters(),
+            NetCounters {
+                rx_frames: 1,
+                tx_frames: 0,
+                dropped: 1
+            }
+        );
         assert_eq!(net.pending, None);
     }
 
