@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vcpus,
         mem_bytes: mem_mib << 20,
         serial_out: Box::new(std::io::stdout()),
+        ..Default::default()
     })?;
     let handle = vm.handle();
     let stopper = handle.clone();

@@ -104,6 +104,12 @@ pub enum BootError {
         /// The cause.
         source: vm_memory::GuestMemoryError,
     },
+    /// The ACPI tables do not fit in the BIOS area.
+    #[error("ACPI tables would end at {end:#x}, past the BIOS area")]
+    AcpiTooLarge {
+        /// Where they would end.
+        end: u64,
+    },
     /// The zero page could not be written.
     #[error("writing boot_params: {0}")]
     BootParams(linux_loader::configurator::Error),
@@ -382,7 +388,9 @@ pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
         })
 }
 
-/// Writes identity page tables for the first 1 GiB (2 MiB pages): PML4 → PDPT → PD.
+/// Writes identity page tables for the first 4 GiB (2 MiB pages): PML4 → PDPT → four PDs.
+/// The MMIO hole (3–4 GiB: virtio-mmio, IOAPIC, LAPIC) is mapped uncached (PCD|PWT), so
+/// that boot code can reach the devices before the kernel builds its own tables.
 pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     let err = |source| BootError::Memory {
         what: "page tables",
@@ -391,11 +399,22 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     // Present | writable.
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
         .map_err(err)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
+    for pd in 0..layout::IDENTITY_MAP_GIB {
+        mem.write_obj(
+            (PDE_START + pd * PAGE_SIZE) | 0x03,
+            GuestAddress(PDPTE_START + pd * 8),
+        )
         .map_err(err)?;
-    for i in 0..512u64 {
-        // Present | writable | page size (2 MiB).
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
+    }
+    for i in 0..512 * layout::IDENTITY_MAP_GIB {
+        let addr = i << 21;
+        // Present | writable | page size (2 MiB); + PWT | PCD in the MMIO hole.
+        let flags = if addr >= layout::MMIO_HOLE_START {
+            0x9b
+        } else {
+            0x83
+        };
+        mem.write_obj(addr | flags, GuestAddress(PDE_START + i * 8))
             .map_err(err)?;
     }
     Ok(())
@@ -478,18 +497,27 @@ mod tests {
     }
 
     #[test]
-    fn page_tables_identity_map_the_first_gib() {
+    fn page_tables_identity_map_the_first_4_gib() {
         let layout = MemoryLayout::new(64 * MIB);
         let m = mem(&layout);
         write_page_tables(&m).unwrap();
         let pml4: u64 = m.read_obj(GuestAddress(PML4_START)).unwrap();
-        let pdpt: u64 = m.read_obj(GuestAddress(PDPTE_START)).unwrap();
         assert_eq!(pml4, PDPTE_START | 3);
-        assert_eq!(pdpt, PDE_START | 3);
-        for i in [0u64, 1, 8, 511] {
+        for pd in 0..4u64 {
+            let pdpt: u64 = m.read_obj(GuestAddress(PDPTE_START + 8 * pd)).unwrap();
+            assert_eq!(pdpt, (PDE_START + pd * 0x1000) | 3);
+        }
+        for i in [0u64, 1, 8, 511, 512, 1535] {
             let pde: u64 = m.read_obj(GuestAddress(PDE_START + 8 * i)).unwrap();
             assert_eq!(pde, (i * 2 * MIB) | 0x83);
         }
+        // The MMIO hole (3 GiB..4 GiB) is uncached.
+        for i in [1536u64, 2047] {
+            let pde: u64 = m.read_obj(GuestAddress(PDE_START + 8 * i)).unwrap();
+            assert_eq!(pde, (i * 2 * MIB) | 0x9b);
+        }
+        let pdpt4: u64 = m.read_obj(GuestAddress(PDPTE_START + 32)).unwrap();
+        assert_eq!(pdpt4, 0, "nothing above 4 GiB");
     }
 
     #[test]

@@ -15,7 +15,29 @@ pub const MAX_MEM_BYTES: u64 = 256 << 30;
 /// Where the guest's serial console output goes.
 pub type SerialSink = Box<dyn Write + Send>;
 
-/// A VM's configuration.
+/// A virtio-blk drive backed by a host file (a raw image).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// The image file; its length, rounded down to 512-byte sectors, is the disk size.
+    pub path: PathBuf,
+    /// Refuse guest writes (`VIRTIO_BLK_F_RO`; the file is opened read-only).
+    pub read_only: bool,
+}
+
+/// A virtio-net device on a host TAP interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface's name (at most 15 bytes). It is opened with `TUNSETIFF`, which
+    /// creates it if it does not exist (that needs CAP_NET_ADMIN); a persistent TAP made
+    /// beforehand (`ip tuntap add NAME mode tap user UID`) needs nothing.
+    pub tap: String,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+}
+
+/// A VM's configuration. Build it with struct-update syntax over [`Default`]:
+/// `VmConfig { kernel, cmdline, ..Default::default() }` (1 vCPU, 128 MiB, no devices,
+/// serial output discarded, no seccomp).
 pub struct VmConfig {
     /// The guest kernel: a bzImage or an uncompressed ELF `vmlinux`.
     pub kernel: PathBuf,
@@ -31,6 +53,29 @@ pub struct VmConfig {
     pub mem_bytes: u64,
     /// Where the serial console (COM1, port 0x3f8) output is written.
     pub serial_out: SerialSink,
+    /// virtio-blk drives, in order: the first is `/dev/vda` in a Linux guest. They get
+    /// virtio-mmio slots 0.. (see [`crate::layout::mmio_device_addr`]).
+    pub drives: Vec<DriveConfig>,
+    /// An optional virtio-net device (the virtio-mmio slot after the drives).
+    pub net: Option<NetConfig>,
+    /// Install per-thread seccomp filters ([`crate::seccomp`]) on the VMM's threads.
+    pub seccomp: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_bytes: 128 << 20,
+            serial_out: Box::new(std::io::sink()),
+            drives: Vec::new(),
+            net: None,
+            seccomp: false,
+        }
+    }
 }
 
 impl fmt::Debug for VmConfig {
@@ -41,6 +86,9 @@ impl fmt::Debug for VmConfig {
             .field("cmdline", &self.cmdline)
             .field("vcpus", &self.vcpus)
             .field("mem_bytes", &self.mem_bytes)
+            .field("drives", &self.drives)
+            .field("net", &self.net)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -75,6 +123,15 @@ pub enum ConfigError {
     /// The command line holds a NUL byte or a non-printable character.
     #[error("kernel command line holds a NUL or control character")]
     CmdlineInvalid,
+    /// More virtio devices than GSIs for them.
+    #[error("{0} virtio devices asked; at most {max} fit", max = crate::layout::MAX_MMIO_DEVICES)]
+    TooManyDevices(usize),
+    /// The TAP name is empty, too long or holds a NUL or `/`.
+    #[error("invalid TAP interface name {0:?}")]
+    TapName(String),
+    /// The MAC address is a multicast (or broadcast) address.
+    #[error("MAC address {0:02x?} is not unicast")]
+    Mac([u8; 6]),
 }
 
 impl VmConfig {
@@ -94,6 +151,23 @@ impl VmConfig {
         }
         if !self.mem_bytes.is_multiple_of(crate::layout::PAGE_SIZE) {
             return Err(ConfigError::MemoryAlignment(self.mem_bytes));
+        }
+        let devices = self.drives.len() + usize::from(self.net.is_some());
+        if devices > crate::layout::MAX_MMIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        if let Some(net) = &self.net {
+            let t = &net.tap;
+            if t.is_empty()
+                || t.len() >= crate::sys::IFNAMSIZ
+                || t.bytes()
+                    .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+            {
+                return Err(ConfigError::TapName(t.clone()));
+            }
+            if net.mac[0] & 1 != 0 {
+                return Err(ConfigError::Mac(net.mac));
+            }
         }
         check_cmdline(&self.cmdline)
     }
@@ -138,8 +212,42 @@ mod tests {
             cmdline: cmdline.into(),
             vcpus,
             mem_bytes,
-            serial_out: Box::new(std::io::sink()),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn devices_are_checked() {
+        let mut c = cfg(1, 128 << 20, "");
+        c.drives = vec![DriveConfig::default(); 19];
+        assert_eq!(c.validate(), Ok(()));
+        c.net = Some(NetConfig {
+            tap: "tap0".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+        });
+        assert_eq!(c.validate(), Err(ConfigError::TooManyDevices(20)));
+        c.drives.clear();
+        assert_eq!(c.validate(), Ok(()));
+        for bad in ["", "a-name-of-16-chr", "a/b", "a b"] {
+            c.net = Some(NetConfig {
+                tap: bad.into(),
+                mac: [2, 0, 0, 0, 0, 1],
+            });
+            assert_eq!(c.validate(), Err(ConfigError::TapName(bad.into())));
+        }
+        c.net = Some(NetConfig {
+            tap: "tap0".into(),
+            mac: [1, 0, 0, 0, 0, 1],
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
+    }
+
+    #[test]
+    fn default_is_a_valid_shape() {
+        let c = VmConfig::default();
+        assert_eq!((c.vcpus, c.mem_bytes, c.seccomp), (1, 128 << 20, false));
+        assert!(c.drives.is_empty() && c.net.is_none());
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

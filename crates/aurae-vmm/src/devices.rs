@@ -8,6 +8,8 @@
 //! | 0x60, 0x64     | i8042; `0xfe` written to 0x64 = CPU reset ([`IoAction::Reset`]) |
 //! | 0x440          | boot timer: the first byte [`BOOT_TIMER_MAGIC`] written stamps  |
 //! |                | the time since the VM started                                  |
+//! | 0x600, 0x601   | ACPI sleep control / reset register and sleep status (FADT):   |
+//! |                | S5 = [`IoAction::PowerOff`], reset value = [`IoAction::Reset`] |
 //! | anything else  | reads return all ones (no device), writes are dropped          |
 
 use std::{
@@ -43,8 +45,29 @@ pub const BOOT_TIMER_MAGIC: u8 = 123;
 pub enum IoAction {
     /// Nothing beyond the device's own state.
     None,
-    /// The guest asked for a CPU reset (i8042 command 0xfe).
+    /// The guest asked for a CPU reset (i8042 command 0xfe, or the ACPI reset register).
     Reset,
+    /// The guest entered ACPI S5 (soft off) through the sleep control register.
+    PowerOff,
+}
+
+/// The hardware-reduced ACPI power-management registers the FADT points at: sleep
+/// control and reset share [`crate::acpi::ACPI_PM_PORT`], sleep status is the next port.
+#[derive(Debug, Default)]
+pub struct AcpiPm;
+
+impl AcpiPm {
+    /// A byte written to the sleep control / reset register.
+    pub fn write(value: u8) -> IoAction {
+        use crate::acpi::{ACPI_RESET_VALUE, S5_SLEEP_TYPE, SLEEP_ENABLE};
+        if value == ACPI_RESET_VALUE {
+            IoAction::Reset
+        } else if value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE {
+            IoAction::PowerOff
+        } else {
+            IoAction::None
+        }
+    }
 }
 
 /// A vm-superio interrupt trigger backed by an eventfd (KVM injects the IRQ when written).
@@ -225,6 +248,7 @@ impl PortIo {
                 self.boot_timer.write(value);
                 IoAction::None
             }
+            crate::acpi::ACPI_PM_PORT => AcpiPm::write(value),
             _ => IoAction::None,
         }
     }
@@ -239,6 +263,8 @@ impl PortIo {
             I8042_DATA_PORT | I8042_COMMAND_PORT => {
                 self.i8042.lock().map_or(0xff, |mut k| k.read(port))
             }
+            // Sleep control and status: nothing pending.
+            crate::acpi::ACPI_PM_PORT | 0x601 => 0,
             _ => 0xff,
         };
         data.fill(0xff);
@@ -351,6 +377,21 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         io.write(BOOT_TIMER_PORT, &[BOOT_TIMER_MAGIC]);
         assert_eq!(io.boot_timer().elapsed(), Some(first));
+    }
+
+    #[test]
+    fn acpi_sleep_and_reset_registers() {
+        let (io, _, _) = port_io();
+        // Linux's acpi_hw_extended_sleep(S5): SLP_TYP 5 << 2 | SLP_EN.
+        assert_eq!(io.write(0x600, &[(5 << 2) | (1 << 5)]), IoAction::PowerOff);
+        // SLP_TYP 5 without SLP_EN, or another sleep state: nothing.
+        assert_eq!(io.write(0x600, &[5 << 2]), IoAction::None);
+        assert_eq!(io.write(0x600, &[(3 << 2) | (1 << 5)]), IoAction::None);
+        // acpi_reset(): the FADT reset value.
+        assert_eq!(io.write(0x600, &[1]), IoAction::Reset);
+        let mut d = [0xaa];
+        io.read(0x601, &mut d);
+        assert_eq!(d, [0]);
     }
 
     #[test]

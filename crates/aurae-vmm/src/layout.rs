@@ -6,13 +6,18 @@
 //! 0x0000_0520                  IDT (empty, limit 7)       BOOT_IDT_START
 //! 0x0000_7000                  zero page (boot_params)    ZERO_PAGE_START
 //! 0x0000_8ff0                  initial stack pointer      BOOT_STACK_POINTER
-//! 0x0000_9000 .. 0x0000_c000   PML4, PDPT, PD (identity map of the first 1 GiB)
+//! 0x0000_9000 .. 0x0000_f000   PML4, PDPT, 4 PDs (identity map of the first 4 GiB)
 //! 0x0002_0000                  kernel command line        CMDLINE_START
 //! 0x0009_fc00 .. 0x0010_0000   EBDA, VGA, ROM: reserved (no e820 RAM entry)
+//! 0x000e_0000 .. 0x0010_0000   ACPI: RSDP at 0xe0000, then XSDT, FADT, MADT, DSDT
 //! 0x0010_0000 ..               bzImage protected-mode code (vmlinux: its own p_paddr,
 //!                              usually 16 MiB)
 //! top of low RAM (≤ 3 GiB)     initramfs, page aligned, below initrd_addr_max
-//! 0xc000_0000 .. 0x1_0000_0000 32-bit MMIO hole (LAPIC, IOAPIC, future virtio-mmio)
+//! 0xc000_0000 .. 0x1_0000_0000 32-bit MMIO hole:
+//!   0xd000_0000 + n * 0x1000     virtio-mmio device n (GSI 5 + n)
+//!   0xfec0_0000                  IOAPIC
+//!   0xfee0_0000                  local APICs
+//!   0xfffb_d000                  KVM's TSS
 //! 0x1_0000_0000 ..             RAM above 3 GiB is placed here
 //! ```
 //!
@@ -32,8 +37,11 @@ pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
 /// The PDPT of the identity page tables.
 pub const PDPTE_START: u64 = 0xa000;
-/// The page directory (512 × 2 MiB pages = 1 GiB) of the identity page tables.
+/// The first of the page directories (512 × 2 MiB pages = 1 GiB each) of the identity
+/// page tables; [`IDENTITY_MAP_GIB`] of them follow each other.
 pub const PDE_START: u64 = 0xb000;
+/// GiB identity-mapped at boot: all of the 32-bit space, MMIO hole included.
+pub const IDENTITY_MAP_GIB: u64 = 4;
 /// Where the kernel command line is written.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line, terminating NUL included (x86 `COMMAND_LINE_SIZE`).
@@ -46,6 +54,34 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole (4 GiB): RAM above the hole starts here.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Start of the ACPI tables (the RSDP is the first; the BIOS area Linux scans for it is
+/// 0xe0000..0x100000).
+pub const ACPI_START: u64 = 0x000e_0000;
+/// End of the ACPI area (one past the last byte).
+pub const ACPI_END: u64 = HIMEM_START;
+/// The first virtio-mmio device's registers; device `n` is at `+ n * MMIO_DEVICE_SIZE`.
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// Each virtio-mmio device's register window (4 KiB).
+pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+/// Most virtio-mmio devices: GSIs 5..=23 of the IOAPIC's 24 pins.
+pub const MAX_MMIO_DEVICES: usize = 19;
+/// The GSI of virtio-mmio device 0; device `n` has `FIRST_DEVICE_GSI + n`.
+pub const FIRST_DEVICE_GSI: u32 = 5;
+/// The IOAPIC's registers (KVM's in-kernel IOAPIC, 24 pins).
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' registers.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+/// The register window of virtio-mmio device `n`.
+pub const fn mmio_device_addr(n: usize) -> u64 {
+    MMIO_DEVICES_START + n as u64 * MMIO_DEVICE_SIZE
+}
+
+/// The GSI (IOAPIC pin) of virtio-mmio device `n`.
+pub const fn mmio_device_gsi(n: usize) -> u32 {
+    FIRST_DEVICE_GSI + n as u32
+}
+
 /// KVM's TSS (3 pages) for Intel real-mode emulation, inside the MMIO hole.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// The guest page size.
@@ -179,8 +215,11 @@ const _: () = {
     assert!(BOOT_GDT_START + 4 * 8 <= BOOT_IDT_START);
     assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER);
     assert!(BOOT_STACK_POINTER < PML4_START);
-    assert!(PDE_START + PAGE_SIZE <= CMDLINE_START);
+    assert!(PDE_START + IDENTITY_MAP_GIB * PAGE_SIZE <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(EBDA_START <= ACPI_START && ACPI_END <= HIMEM_START);
+    assert!(mmio_device_addr(MAX_MMIO_DEVICES) <= IOAPIC_ADDR);
+    assert!(mmio_device_gsi(MAX_MMIO_DEVICES - 1) == 23);
     assert!(KVM_TSS_ADDRESS >= MMIO_HOLE_START && KVM_TSS_ADDRESS + 3 * PAGE_SIZE <= MMIO_HOLE_END);
 };
 

@@ -7,20 +7,25 @@
 //! ([`vm::vcpu_kick_signal`]).
 //!
 //! Modules: [`layout`] (guest memory map and e820), [`boot`] (64-bit Linux boot protocol),
-//! [`cpu`] (CPUID, MSRs, LAPIC), [`devices`] (serial, i8042, boot timer), [`vm`] (threads,
-//! exits), [`sys`] (the only unsafe code: guest memory handed to KVM). See the crate's
+//! [`acpi`] (RSDP, XSDT, FADT, MADT, DSDT), [`cpu`] (CPUID, MSRs, LAPIC), [`devices`]
+//! (serial, i8042, boot timer, ACPI power management), [`virtio`] (virtio-mmio transport,
+//! block, net on TAP), [`seccomp`] (per-thread filters), [`vm`] (threads, exits), [`sys`]
+//! (the only unsafe code: guest memory handed to KVM, TAP setup). See the crate's
 //! README.md for the memory map, the ports and what is not built yet.
 //!
 //! Unsafe code is denied everywhere except [`sys`].
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod layout;
+pub mod seccomp;
 pub mod sys;
+pub mod virtio;
 pub mod vm;
 
 pub use boot::BootError;
-pub use config::{ConfigError, SerialSink, VmConfig};
+pub use config::{ConfigError, DriveConfig, NetConfig, SerialSink, VmConfig};
 pub use vm::{ExitError, Vm, VmExit, VmHandle, VmmError};

@@ -1,4 +1,5 @@
-//! The crate's only unsafe code: handing guest memory to KVM.
+//! The crate's only unsafe code: handing guest memory to KVM, reading KVM's internal-error
+//! data, and opening a TAP device (`TUNSETIFF`).
 //!
 //! `KVM_SET_USER_MEMORY_REGION` tells the kernel to let the guest read and write a range of
 //! our address space. That is sound only while the range stays mapped for as long as any
@@ -8,7 +9,12 @@
 //! out and outlive the mapping).
 #![allow(unsafe_code)]
 
-use std::sync::Arc;
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    sync::Arc,
+};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -52,6 +58,12 @@ impl GuestVm {
     /// The guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// A shared handle on the guest memory, for devices (holding it only keeps the
+    /// mapping alive longer).
+    pub fn memory_arc(&self) -> Arc<GuestMemoryMmap> {
+        Arc::clone(&self.mem)
     }
 
     /// Creates vCPU `id`.
@@ -100,4 +112,43 @@ impl Vcpu {
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(on));
     }
+}
+
+/// `TUNSETIFF`: `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// A TAP (Ethernet) device.
+const IFF_TAP: libc::c_short = 0x0002;
+/// No packet-information prefix on frames.
+const IFF_NO_PI: libc::c_short = 0x1000;
+/// `IFNAMSIZ`, the terminating NUL included.
+pub const IFNAMSIZ: usize = 16;
+
+/// Opens (creating it if it does not exist, which needs CAP_NET_ADMIN) the TAP device
+/// `name` as `IFF_TAP | IFF_NO_PI` (no `IFF_VNET_HDR`), non-blocking and close-on-exec:
+/// each `read` returns one Ethernet frame, each `write` sends one.
+pub fn open_tap(name: &str) -> io::Result<File> {
+    if name.is_empty() || name.len() >= IFNAMSIZ || name.bytes().any(|b| b == 0 || b == b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?}"),
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    // struct ifreq: the name (IFNAMSIZ bytes), then a union whose first member used here
+    // is `short ifr_flags`; 40 bytes in all on x86_64.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[IFNAMSIZ..IFNAMSIZ + 2].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: `file` is an open fd of /dev/net/tun; TUNSETIFF reads and writes a
+    // `struct ifreq`, and `ifr` is a live, writable buffer of its full size (40 bytes on
+    // x86_64) for the duration of the call; no pointer is kept by the kernel.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }

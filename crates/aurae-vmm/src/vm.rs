@@ -10,8 +10,9 @@
 //! `KVM_RUN` is never lost.
 
 use std::{
+    fs::File,
     sync::{
-        Arc, Once,
+        Arc, Mutex, Once,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
@@ -27,13 +28,18 @@ use vm_memory::GuestMemoryMmap;
 use vm_superio::Serial;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::{
+    acpi::{self, MmioDeviceInfo},
     boot::{self, BootError},
     config::{self, ConfigError, VmConfig},
     cpu::{self, CpuError},
     devices::{EventFdTrigger, IoAction, PortIo, SERIAL_IRQ},
     layout::{self, MemoryLayout},
-    sys::{GuestVm, Vcpu},
+    seccomp::{self, Filters, SeccompError},
+    sys::{self, GuestVm, Vcpu},
+    virtio::{MmioBus, MmioTransport, VirtioDevice, block::Block, net::Net},
 };
 
 /// Why [`Vm::new`] failed.
@@ -78,6 +84,28 @@ pub enum VmmError {
     /// A vCPU thread could not be started.
     #[error("starting vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// A drive's image could not be opened.
+    #[error("opening drive {path}: {source}")]
+    Drive {
+        /// The image.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TAP device could not be opened.
+    #[error("opening TAP {name}: {source}")]
+    Tap {
+        /// Its name.
+        name: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A virtio transport could not be built (a queue size out of range).
+    #[error("virtio device: {0}")]
+    Virtio(virtio_queue::Error),
+    /// The seccomp filters could not be compiled.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Why a vCPU ended the VM with an error.
@@ -125,12 +153,21 @@ pub enum ExitError {
         /// Which vCPU.
         vcpu: u8,
     },
+    /// A VMM thread could not install its seccomp filter (it then runs no guest code).
+    #[error("{thread}: {error}")]
+    Seccomp {
+        /// The thread's name.
+        thread: String,
+        /// What failed.
+        error: String,
+    },
 }
 
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest powered off (`KVM_SYSTEM_EVENT_SHUTDOWN`).
+    /// The guest powered off: ACPI S5 through the FADT's sleep control register (Linux
+    /// `poweroff`), or `KVM_SYSTEM_EVENT_SHUTDOWN`.
     PowerOff,
     /// The guest asked for a reset: i8042 command 0xfe (Linux `reboot`, `poweroff` without
     /// ACPI, with `reboot=k`) or `KVM_SYSTEM_EVENT_RESET`.
@@ -152,7 +189,9 @@ pub enum VmExit {
 struct Shared {
     stop: AtomicBool,
     io_exits: AtomicU64,
+    mmio_exits: AtomicU64,
     devices: PortIo,
+    mmio: MmioBus,
 }
 
 enum Event {
@@ -194,6 +233,11 @@ impl VmHandle {
     pub fn io_exits(&self) -> u64 {
         self.shared.io_exits.load(Ordering::Relaxed)
     }
+
+    /// MMIO exits handled so far (all vCPUs; virtio-mmio register accesses among them).
+    pub fn mmio_exits(&self) -> u64 {
+        self.shared.mmio_exits.load(Ordering::Relaxed)
+    }
 }
 
 /// A VM ready to run.
@@ -206,6 +250,10 @@ pub struct Vm {
     handle: VmHandle,
     events: mpsc::Receiver<Event>,
     layout: MemoryLayout,
+    /// The network device and a handle on its TAP, for the RX thread.
+    net: Option<(Arc<Mutex<MmioTransport>>, File)>,
+    /// The seccomp programs, when asked for.
+    filters: Option<Filters>,
 }
 
 /// The signal that interrupts a vCPU's `KVM_RUN` (SIGRTMIN). Its handler, installed for
@@ -262,6 +310,51 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
+        let dev_err = |what| move |source| VmmError::Device { what, source };
+
+        // virtio-mmio devices: drives first, then the network device; slot n has its
+        // registers at mmio_device_addr(n) and interrupts on GSI mmio_device_gsi(n).
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, d) in cfg.drives.iter().enumerate() {
+            let blk =
+                Block::open(&d.path, d.read_only, &format!("aurae-vd{i}")).map_err(|source| {
+                    VmmError::Drive {
+                        path: d.path.clone(),
+                        source,
+                    }
+                })?;
+            virtio.push(Box::new(blk));
+        }
+        let mut net_tap = None;
+        if let Some(n) = &cfg.net {
+            let tap_err = |source| VmmError::Tap {
+                name: n.tap.clone(),
+                source,
+            };
+            let tap = sys::open_tap(&n.tap).map_err(tap_err)?;
+            net_tap = Some(tap.try_clone().map_err(tap_err)?);
+            virtio.push(Box::new(Net::new(tap, n.mac)));
+        }
+        let mut transports = Vec::with_capacity(virtio.len());
+        let mut infos = Vec::with_capacity(virtio.len());
+        for (i, dev) in virtio.into_iter().enumerate() {
+            let gsi = layout::mmio_device_gsi(i);
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio eventfd"))?;
+            vm.register_irqfd(&irq, gsi)
+                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let t = MmioTransport::new(dev, guest.memory_arc(), irq).map_err(VmmError::Virtio)?;
+            transports.push(Arc::new(Mutex::new(t)));
+            infos.push(MmioDeviceInfo {
+                addr: layout::mmio_device_addr(i),
+                len: layout::MMIO_DEVICE_SIZE as u32,
+                gsi,
+            });
+        }
+        let net = match net_tap {
+            Some(tap) => transports.last().map(|t| (Arc::clone(t), tap)),
+            None => None,
+        };
+
         let mem = guest.memory();
         let kernel = boot::load_kernel(mem, &cfg.kernel)?;
         let initramfs = match &cfg.initramfs {
@@ -269,12 +362,20 @@ impl Vm {
             None => None,
         };
         boot::write_cmdline(mem, &cfg.cmdline)?;
-        let params = boot::build_boot_params(kernel.header, &layout, cfg.cmdline.len(), initramfs);
+        let tables = acpi::build(cfg.vcpus, &infos)?;
+        acpi::write(mem, &tables)?;
+        let mut params =
+            boot::build_boot_params(kernel.header, &layout, cfg.cmdline.len(), initramfs);
+        params.acpi_rsdp_addr = tables.rsdp_addr();
         boot::write_boot_params(mem, &params)?;
         boot::write_gdt(mem)?;
         boot::write_page_tables(mem)?;
+        let filters = if cfg.seccomp {
+            Some(Filters::new()?)
+        } else {
+            None
+        };
 
-        let dev_err = |what| move |source| VmmError::Device { what, source };
         let serial_irq = EventFdTrigger::new().map_err(dev_err("serial eventfd"))?;
         vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
@@ -296,7 +397,9 @@ impl Vm {
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 io_exits: AtomicU64::new(0),
+                mmio_exits: AtomicU64::new(0),
                 devices: PortIo::new(serial),
+                mmio: MmioBus::new(transports),
             }),
             events: tx,
         };
@@ -307,6 +410,8 @@ impl Vm {
             handle,
             events: rx,
             layout,
+            net,
+            filters,
         })
     }
 
@@ -321,10 +426,29 @@ impl Vm {
     }
 
     /// Runs the VM on one thread per vCPU until the guest ends it or
-    /// [`VmHandle::stop`] is called; every vCPU thread has ended when this returns.
-    /// Fails only where a vCPU thread cannot be started (the VM is then stopped).
+    /// [`VmHandle::stop`] is called; every VMM thread has ended when this returns.
+    /// Fails only where a thread cannot be started (the VM is then stopped).
+    ///
+    /// With [`VmConfig::seccomp`], the controller runs on a thread of its own (`vmm`), so
+    /// that the caller's thread is never filtered; each thread installs its filter before
+    /// it handles guest input.
     pub fn run(self) -> Result<VmExit, VmmError> {
         install_kick_handler()?;
+        if self.filters.is_none() {
+            return self.run_controller();
+        }
+        let t = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || self.run_controller())
+            .map_err(VmmError::Thread)?;
+        t.join().unwrap_or_else(|_| {
+            Err(VmmError::Thread(std::io::Error::other(
+                "the vmm thread panicked",
+            )))
+        })
+    }
+
+    fn run_controller(self) -> Result<VmExit, VmmError> {
         let Self {
             vcpus,
             guest,
@@ -332,6 +456,8 @@ impl Vm {
             handle,
             events,
             layout: _,
+            net,
+            filters,
         } = self;
         let shared = Arc::clone(&handle.shared);
         shared.devices.boot_timer().start();
@@ -342,10 +468,17 @@ impl Vm {
             let id = id as u8;
             let shared = Arc::clone(&shared);
             let tx = handle.events.clone();
+            let filter = filters.as_ref().map(|f| f.vcpu.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let exit = vcpu_loop(vcpu, id, &shared);
+                    let exit = match filter.as_ref().map(seccomp::install) {
+                        Some(Err(e)) => Some(VmExit::Error(ExitError::Seccomp {
+                            thread: format!("vcpu{id}"),
+                            error: e.to_string(),
+                        })),
+                        _ => vcpu_loop(vcpu, id, &shared),
+                    };
                     let _ = tx.send(Event::VcpuEnded(id, exit));
                 });
             match spawned {
@@ -357,13 +490,51 @@ impl Vm {
             }
         }
 
-        let exit = if spawn_error.is_some() {
+        // The network RX thread: frames from the TAP into the RX queue.
+        let mut rx_thread = None;
+        if spawn_error.is_none()
+            && let Some((transport, tap)) = net
+        {
+            let stop = EventFd::new(libc::EFD_NONBLOCK).and_then(|e| Ok((e.try_clone()?, e)));
+            let filter = filters.as_ref().map(|f| f.net_rx.clone());
+            let spawned = stop.and_then(|(stop, stop_here)| {
+                std::thread::Builder::new()
+                    .name("net-rx".into())
+                    .spawn(move || {
+                        let Ok(epoll) = crate::virtio::net::rx_epoll(&tap, &stop) else {
+                            return;
+                        };
+                        if let Some(Err(_)) = filter.as_ref().map(seccomp::install) {
+                            return;
+                        }
+                        let _ = crate::virtio::net::rx_loop(&transport, &epoll);
+                    })
+                    .map(|t| (t, stop_here))
+            });
+            match spawned {
+                Ok(t) => rx_thread = Some(t),
+                Err(e) => spawn_error = Some(e),
+            }
+        }
+
+        let mut exit = if spawn_error.is_some() {
             VmExit::Stopped
         } else {
-            match events.recv() {
+            if let Some(f) = &filters
+                && let Err(e) = seccomp::install(&f.vmm)
+            {
+                shared.stop.store(true, Ordering::SeqCst);
+                Some(VmExit::Error(ExitError::Seccomp {
+                    thread: "vmm".into(),
+                    error: e.to_string(),
+                }))
+            } else {
+                None
+            }
+            .unwrap_or_else(|| match events.recv() {
                 Ok(Event::VcpuEnded(_, Some(exit))) => exit,
                 Ok(Event::VcpuEnded(_, None) | Event::Stop) | Err(_) => VmExit::Stopped,
-            }
+            })
         };
 
         // Stop every vCPU: set the flag, kick until each thread has ended.
@@ -375,11 +546,14 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let mut exit = exit;
         for (id, t) in threads {
             if t.join().is_err() && !matches!(exit, VmExit::Error(_)) {
                 exit = VmExit::Error(ExitError::Panicked { vcpu: id });
             }
+        }
+        if let Some((t, stop)) = rx_thread {
+            let _ = stop.write(1);
+            let _ = t.join();
         }
         shared.devices.flush_serial();
         drop(guest);
@@ -410,6 +584,7 @@ fn vcpu_loop(mut vcpu: Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
                 match shared.devices.write(port, data) {
                     IoAction::None => Step::Continue,
                     IoAction::Reset => Step::End(VmExit::Reset),
+                    IoAction::PowerOff => Step::End(VmExit::PowerOff),
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -417,14 +592,18 @@ fn vcpu_loop(mut vcpu: Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
                 shared.devices.read(port, data);
                 Step::Continue
             }
-            // No MMIO devices yet: reads float high, writes are dropped.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            // virtio-mmio windows; anything else reads all ones and drops writes.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                shared.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                shared.mmio.read(addr, data);
                 Step::Continue
             }
-            Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                shared.mmio.write(addr, data);
                 Step::Continue
             }
+            Ok(VcpuExit::Intr | VcpuExit::IrqWindowOpen) => Step::Continue,
             Ok(VcpuExit::Shutdown) => Step::End(VmExit::TripleFault { vcpu: id }),
             Ok(VcpuExit::SystemEvent(kind, _)) => Step::End(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,

@@ -5,10 +5,16 @@
 //! 2. The whole boot path with a tiny ELF "kernel" (64-bit code written here): long mode,
 //!    GDT, page tables, boot timer, serial sink and the i8042 reset exit.
 //! 3. Stopping a spinning 2-vCPU guest from another thread.
-//! 4. A real kernel (env `AURAE_VMM_TEST_KERNEL`, `target/guest/vmlinuz`, or
+//! 4. virtio-mmio and ACPI seen from guest code: the RSDP's signature in memory, the
+//!    magic and device id of a virtio-blk device's registers through MMIO exits.
+//! 5. SMP: the boot vCPU starts vCPU 1 with INIT + SIPI through its local APIC (the
+//!    application processor waits in KVM until then) and vCPU 1 runs real-mode code.
+//! 6. A real kernel (env `AURAE_VMM_TEST_KERNEL`, `target/guest/vmlinuz`, or
 //!    `/boot/vmlinuz-*`) runs until its first port I/O within 10 s (or
 //!    `AURAE_VMM_TEST_DEADLINE_SECS`). Only that is asserted: a software hypervisor (PVM)
 //!    boots stock kernels far too slowly for more.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
     io::{self, Write},
@@ -130,6 +136,7 @@ fn config(kernel: PathBuf, vcpus: u8, sink: &Captured) -> VmConfig {
         vcpus,
         mem_bytes: 64 << 20,
         serial_out: Box::new(sink.clone()),
+        ..Default::default()
     }
 }
 
@@ -163,6 +170,97 @@ fn long_mode_guest_reports_boot_writes_serial_and_resets() {
     let boot = handle.boot_time().expect("the boot timer was written");
     assert!(boot < Duration::from_secs(10), "{boot:?}");
     assert!(handle.io_exits() >= 4, "{}", handle.io_exits());
+}
+
+/// Runs a tiny ELF guest made of `code` (at 2 MiB) to its end; returns the exit and the
+/// serial output.
+fn run_tiny(code: &[u8], vcpus: u8, drives: Vec<aurae_vmm::DriveConfig>) -> (VmExit, Vec<u8>) {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(&tiny_elf(0x20_0000, code)).unwrap();
+    let sink = Captured::default();
+    let mut cfg = config(f.path().to_owned(), vcpus, &sink);
+    cfg.drives = drives;
+    let vm = Vm::new(cfg).unwrap();
+    let handle = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    let t = Instant::now();
+    while !runner.is_finished() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handle.stop();
+    let exit = runner.join().unwrap().unwrap();
+    (exit, sink.bytes())
+}
+
+#[test]
+fn guest_code_sees_acpi_and_virtio_mmio() {
+    if kvm_or_skip("guest_code_sees_acpi_and_virtio_mmio").is_none() {
+        return;
+    }
+    let mut disk = tempfile::NamedTempFile::new().unwrap();
+    disk.write_all(&[0u8; 4096]).unwrap();
+    let [s0, s1] = SERIAL_PORT_BASE.to_le_bytes();
+    let out4: [u8; 12] = [
+        0xee, 0xc1, 0xe8, 0x08, // out dx, al ; shr eax, 8
+        0xee, 0xc1, 0xe8, 0x08, 0xee, 0xc1, 0xe8, 0x08,
+    ];
+    let mut code = vec![0x66, 0xba, s0, s1]; // mov dx, COM1
+    code.extend([0xbb, 0x00, 0x00, 0x0e, 0x00]); // mov ebx, 0xe0000 (the RSDP)
+    code.extend([0x8b, 0x03]); // mov eax, [rbx]
+    code.extend(out4);
+    code.push(0xee); // 4th byte
+    code.extend([0xbb, 0x00, 0x00, 0x00, 0xd0]); // mov ebx, 0xd0000000 (virtio-mmio 0)
+    code.extend([0x8b, 0x03]); // mov eax, [rbx]      MagicValue
+    code.extend(out4);
+    code.push(0xee);
+    code.extend([0x8b, 0x43, 0x08]); // mov eax, [rbx+8]  DeviceID
+    code.extend([0x04, b'0', 0xee]); // add al, '0' ; out dx, al
+    code.extend([0xbb, 0x00, 0x00, 0x00, 0xd1]); // mov ebx, 0xd1000000 (no device)
+    code.extend([0x8b, 0x03, 0xee]); // mov eax, [rbx] ; out dx, al (0xff)
+    code.extend([0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // i8042 reset ; hlt
+    let drives = vec![aurae_vmm::DriveConfig {
+        path: disk.path().to_owned(),
+        read_only: true,
+    }];
+    let (exit, out) = run_tiny(&code, 1, drives);
+    assert_eq!(exit, VmExit::Reset);
+    assert_eq!(out, b"RSD virt2\xff");
+}
+
+#[test]
+fn the_boot_vcpu_starts_an_application_processor_with_init_sipi() {
+    if kvm_or_skip("the_boot_vcpu_starts_an_application_processor_with_init_sipi").is_none() {
+        return;
+    }
+    // Real-mode code for vCPU 1, copied to 0x10000 (SIPI vector 0x10).
+    #[rustfmt::skip]
+    let ap: [u8; 10] = [
+        0xba, 0xf8, 0x03,             // mov dx, 0x3f8
+        0xb0, b'A', 0xee,             // mov al, 'A' ; out dx, al
+        0xb0, 0xfe, 0xe6, 0x64,       // mov al, 0xfe ; out 0x64, al  (reset)
+    ];
+    #[rustfmt::skip]
+    let mut code = vec![
+        0xbf, 0x00, 0x00, 0x01, 0x00,                   // mov edi, 0x10000
+        0x48, 0x8d, 0x35, 0x00, 0x00, 0x00, 0x00,       // lea rsi, [rip + ap] (patched)
+        0xb9, ap.len() as u8, 0x00, 0x00, 0x00,         // mov ecx, len
+        0xf3, 0xa4,                                     // rep movsb
+        0x66, 0xba, 0xf8, 0x03, 0xb0, b'B', 0xee,       // 'B' to COM1
+        0xbb, 0x00, 0x00, 0xe0, 0xfe,                   // mov ebx, 0xfee00000 (LAPIC)
+        0xc7, 0x83, 0x10, 0x03, 0x00, 0x00,             // ICR high: destination APIC id 1
+        0x00, 0x00, 0x00, 0x01,
+        0xc7, 0x83, 0x00, 0x03, 0x00, 0x00,             // ICR low: INIT, assert
+        0x00, 0x45, 0x00, 0x00,
+        0xc7, 0x83, 0x00, 0x03, 0x00, 0x00,             // ICR low: SIPI, vector 0x10
+        0x10, 0x46, 0x00, 0x00,
+        0xf3, 0x90, 0xeb, 0xfc,                         // pause ; jmp $-4
+    ];
+    let rel = (code.len() - 12) as u32; // from the end of the lea to the AP code
+    code[8..12].copy_from_slice(&rel.to_le_bytes());
+    code.extend(ap);
+    let (exit, out) = run_tiny(&code, 2, Vec::new());
+    assert_eq!(exit, VmExit::Reset, "serial: {out:?}");
+    assert_eq!(out, b"BA");
 }
 
 #[test]
@@ -246,6 +344,7 @@ fn a_real_kernel_reaches_guest_code() {
         vcpus: 1,
         mem_bytes: 256 << 20,
         serial_out: Box::new(sink.clone()),
+        ..Default::default()
     };
     let vm = Vm::new(cfg).unwrap();
     let handle = vm.handle();

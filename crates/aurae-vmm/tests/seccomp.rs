@@ -1,0 +1,170 @@
+//! Per-thread seccomp with KVM: every VMM thread (`vcpuN`, `vmm`, `net-rx`) shows
+//! `Seccomp: 2` in `/proc/self/task/<tid>/status` while the guest runs, the caller's
+//! thread does not, and the VM still stops cleanly (the stop path's syscalls are allowed;
+//! a missing one would kill this test process). The network case makes its own network
+//! namespace, so the TAP it creates is gone with it.
+//!
+//! A test binary of its own: the checks scan every thread of the process by name.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aurae_vmm::{NetConfig, Vm, VmConfig, VmExit};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A minimal ELF64 executable with one PT_LOAD segment at `paddr`, entry at `paddr`.
+fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; 0x1000];
+    v[..4].copy_from_slice(b"\x7fELF");
+    v[4] = 2;
+    v[5] = 1;
+    v[6] = 1;
+    v[16..18].copy_from_slice(&2u16.to_le_bytes());
+    v[18..20].copy_from_slice(&62u16.to_le_bytes());
+    v[20..24].copy_from_slice(&1u32.to_le_bytes());
+    v[24..32].copy_from_slice(&paddr.to_le_bytes());
+    v[32..40].copy_from_slice(&64u64.to_le_bytes());
+    v[52..54].copy_from_slice(&64u16.to_le_bytes());
+    v[54..56].copy_from_slice(&56u16.to_le_bytes());
+    v[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    v[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    v[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
+    v[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
+    v[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+    v[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+    v[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    v[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes());
+    v[0x800..0x800 + code.len()].copy_from_slice(code);
+    v
+}
+
+/// `(name, seccomp mode)` of every thread of this process.
+fn threads() -> Vec<(String, u8)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let p = e.path();
+        let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(p.join("status")) else {
+            continue;
+        };
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(255);
+        out.push((comm.trim().to_owned(), mode));
+    }
+    out
+}
+
+fn own_mode() -> u8 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Whether `seen` has every VMM thread expected (`vcpu0..vcpus`, `vmm`, and `net-rx` if
+/// `net`), each once and filtered.
+fn all_filtered(seen: &[(String, u8)], vcpus: u8, net: bool) -> bool {
+    let mut want: Vec<String> = (0..vcpus).map(|i| format!("vcpu{i}")).collect();
+    want.push("vmm".into());
+    if net {
+        want.push("net-rx".into());
+    }
+    want.iter()
+        .all(|w| seen.iter().filter(|(n, m)| n == w && *m == 2).count() == 1)
+}
+
+/// Runs a guest that writes '.' to COM1 forever on `vcpus` vCPUs (only the boot vCPU
+/// runs; the others wait for SIPI inside KVM_RUN), with seccomp on; returns the threads
+/// seen once every VMM thread was up (or after 10 s) and how the VM ended.
+fn run_filtered(vcpus: u8, net: Option<NetConfig>) -> (Vec<(String, u8)>, VmExit, usize) {
+    let with_net = net.is_some();
+    // mov dx, 0x3f8 ; mov al, '.' ; out dx, al ; jmp $-3
+    let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'.', 0xee, 0xeb, 0xfd];
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(&tiny_elf(0x20_0000, &code)).unwrap();
+    let sink = Captured::default();
+    let vm = Vm::new(VmConfig {
+        kernel: PathBuf::from(f.path()),
+        cmdline: "console=ttyS0".into(),
+        vcpus,
+        mem_bytes: 64 << 20,
+        serial_out: Box::new(sink.clone()),
+        net,
+        seccomp: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let handle = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    let t = Instant::now();
+    while handle.io_exits() < 100 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(handle.io_exits() >= 100, "the guest never ran");
+    // Threads name themselves and install their filter as they start: wait for all.
+    let mut seen = threads();
+    while !all_filtered(&seen, vcpus, with_net) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+        seen = threads();
+    }
+    handle.stop();
+    let exit = runner.join().unwrap().unwrap();
+    let bytes = sink.0.lock().unwrap().len();
+    (seen, exit, bytes)
+}
+
+#[test]
+fn every_vmm_thread_is_filtered() {
+    if std::fs::File::open("/dev/kvm").is_err() {
+        println!("SKIP seccomp: cannot open /dev/kvm");
+        return;
+    }
+    let (seen, exit, bytes) = run_filtered(2, None);
+    assert!(all_filtered(&seen, 2, false), "{seen:?}");
+    assert_eq!(own_mode(), 0, "the caller's thread is not filtered");
+    assert_eq!(exit, VmExit::Stopped);
+    assert!(bytes >= 100);
+
+    // The network RX thread too, on a TAP in a network namespace of this test's own.
+    let (seen, exit) = std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let net = NetConfig {
+            tap: "aurae-t0".into(),
+            mac: [0x02, 0, 0, 0, 0, 1],
+        };
+        let (seen, exit, _) = run_filtered(1, Some(net));
+        (seen, exit)
+    })
+    .join()
+    .unwrap();
+    assert!(all_filtered(&seen, 1, true), "{seen:?}");
+    assert_eq!(exit, VmExit::Stopped);
+}
