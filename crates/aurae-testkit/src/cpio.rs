@@ -83,29 +83,6 @@ pub fn write(out: &mut impl Write, entries: &[Entry]) -> io::Result<()> {
     put(out, "TRAILER!!!", 0, &[], 0, 0, 1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_layout_and_alignment() {
-        let mut buf = Vec::new();
-        write(
-            &mut buf,
-            &[Entry::File {
-                path: "init".into(),
-                mode: 0o755,
-                data: b"abc".to_vec(),
-            }],
-        )
-        .unwrap();
-        assert!(buf.starts_with(b"070701"));
-        assert_eq!(buf.len() % 4, 0);
-        let text = String::from_utf8_lossy(&buf);
-        assert!(text.contains("init\0") && text.contains("abc") && text.contains("TRAILER!!!"));
-    }
-}
-
 /// The entries of the directory tree at `src`, named under `prefix` (parents before
 /// children): directories, regular files, symlinks, and character devices (overlay
 /// whiteouts). Modes are kept; owners become root.
@@ -146,4 +123,27 @@ pub fn tree(src: &std::path::Path, prefix: &str) -> io::Result<Vec<Entry>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_layout_and_alignment() {
+        let mut buf = Vec::new();
+        write(
+            &mut buf,
+            &[Entry::File {
+                path: "init".into(),
+                mode: 0o755,
+                data: b"abc".to_vec(),
+            }],
+        )
+        .unwrap();
+        assert!(buf.starts_with(b"070701"));
+        assert_eq!(buf.len() % 4, 0);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.contains("init\0") && text.contains("abc") && text.contains("TRAILER!!!"));
+    }
 }
