@@ -55,7 +55,10 @@ const ALLOWED_DEPS: &[(&str, &[&str])] = &[
     ("aurae-vmm", &[]),
     ("aurae-identity", &[]),
     ("aurae-client", &["aurae-proto", "aurae-identity"]),
-    ("auraed", &["aurae-proto", "aurae-identity", "aurae-sys"]),
+    (
+        "auraed",
+        &["aurae-proto", "aurae-identity", "aurae-sys", "aurae-vmm"],
+    ),
     ("aer", &["aurae-proto", "aurae-identity", "aurae-client"]),
     (
         "aurae-testkit",

@@ -137,3 +137,107 @@ pub fn add_ipv6(name: &str, addr: std::net::Ipv6Addr, prefix: u8) -> io::Result<
     }
     Ok(())
 }
+
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes integer arguments; the result is checked below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new fd we own exclusively.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+const SIOCBRADDBR: libc::c_ulong = 0x89a0;
+const SIOCBRDELBR: libc::c_ulong = 0x89a1;
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+
+/// Creates bridge `name`; `Ok(false)` if it already exists.
+pub fn create_bridge(name: &str) -> io::Result<bool> {
+    let req = ifreq_for(name)?;
+    let sock = inet_socket()?;
+    // SAFETY: SIOCBRADDBR reads a NUL-terminated interface name; `req.ifr_name` is one.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDBR, req.ifr_name.as_ptr()) } < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EEXIST) {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(true)
+}
+
+/// Deletes bridge `name` (it must be down).
+pub fn delete_bridge(name: &str) -> io::Result<()> {
+    let req = ifreq_for(name)?;
+    let sock = inet_socket()?;
+    // SAFETY: SIOCBRDELBR reads a NUL-terminated interface name.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRDELBR, req.ifr_name.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches `iface` to `bridge`.
+pub fn add_to_bridge(bridge: &str, iface: &str) -> io::Result<()> {
+    let cname = std::ffi::CString::new(iface).map_err(io::Error::other)?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut req = ifreq_for(bridge)?;
+    req.ifr_ifru.ifru_ifindex = libc::c_int::try_from(index).map_err(io::Error::other)?;
+    let sock = inet_socket()?;
+    // SAFETY: SIOCBRADDIF reads the bridge name and the port's ifindex from `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDIF, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens /dev/net/tun bound to TAP `name` (created if missing).
+fn tun_fd(name: &str) -> io::Result<OwnedFd> {
+    // SAFETY: open() with a static NUL-terminated path; the result is checked below.
+    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new fd we own exclusively.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_flags = i16::try_from(libc::IFF_TAP | libc::IFF_NO_PI).unwrap_or(0x1002);
+    // SAFETY: TUNSETIFF reads and writes a full ifreq, which `req` is.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Creates a persistent TAP device `name` owned by `owner` (that uid may attach to it
+/// without CAP_NET_ADMIN, as a jailed VMM does).
+pub fn create_tap(name: &str, owner: u32) -> io::Result<()> {
+    let fd = tun_fd(name)?;
+    // SAFETY: TUNSETOWNER and TUNSETPERSIST take an integer argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, libc::c_ulong::from(owner)) } < 0
+        // SAFETY: as above.
+        || unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes the persistent TAP device `name`.
+pub fn delete_tap(name: &str) -> io::Result<()> {
+    let fd = tun_fd(name)?;
+    // SAFETY: TUNSETPERSIST takes an integer argument; closing the last fd removes it.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

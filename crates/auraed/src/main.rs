@@ -53,6 +53,10 @@ struct Args {
     /// containers get no volumes.
     #[arg(long = "volume-root")]
     volume_roots: Vec<PathBuf>,
+    /// A host directory VM kernels, initramfs images and drives may come from
+    /// (repeatable). None = no virtual machines.
+    #[arg(long = "vm-image-root")]
+    vm_image_roots: Vec<PathBuf>,
     /// Run as a plain daemon even when started as PID 1 (e.g. in a container).
     #[arg(long)]
     no_pid1: bool,
@@ -69,6 +73,10 @@ fn main() -> ExitCode {
         .is_some_and(|a| a == auraed::cell::init::INIT_ARG)
     {
         return auraed::cell::init::main(&raw[2..]);
+    }
+    // So is the VMM process of each virtual machine.
+    if raw.get(1).is_some_and(|a| a == auraed::vm::vmm::VMM_ARG) {
+        return auraed::vm::vmm::main();
     }
     // As PID 1 of a machine, the kernel's command line configures us, not flags (the
     // kernel may hand init arguments we do not know): never exit, never panic.
@@ -121,6 +129,7 @@ fn main() -> ExitCode {
             timeout: Duration::from_secs(30),
         },
         volume_roots: args.volume_roots,
+        vm_image_roots: args.vm_image_roots,
         mode: "daemon",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -182,6 +191,8 @@ fn run_pid1() -> ! {
             ..Default::default()
         },
         volume_roots: Vec::new(),
+        // The guest's own files: VMs nested in a PID 1 machine boot what it carries.
+        vm_image_roots: vec![PathBuf::from("/var/lib/aurae/vm-images")],
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

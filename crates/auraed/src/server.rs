@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub registry: crate::image::registry::RegistryConfig,
     /// Host directories under which containers may have volumes (none = no volumes).
     pub volume_roots: Vec<PathBuf>,
+    /// Host directories VM kernels, initramfs images and drives may come from.
+    pub vm_image_roots: Vec<PathBuf>,
 }
 
 enum Io {
@@ -301,8 +303,16 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         }
         Err(reason) => warn!("cells are unavailable: {reason}"),
     }
+    let tree = tree.map(|t| t as Arc<dyn crate::cell::cgroup::CgroupTree>);
+    let vms = Arc::new(crate::vm::Vms::new(
+        tree.clone(),
+        reaper.clone(),
+        events.clone(),
+        cfg.state_dir.join("logs"),
+        canonical_dirs(&cfg.vm_image_roots, "VM image root"),
+    ));
     let cells = Arc::new(crate::cell::Cells::new(
-        tree.map(|t| t as Arc<dyn crate::cell::cgroup::CgroupTree>),
+        tree,
         reaper,
         events.clone(),
         cfg.state_dir.join("logs"),
@@ -332,17 +342,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         reboot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         warnings: cfg.warnings.clone(),
         puller,
-        volume_roots: cfg
-            .volume_roots
-            .iter()
-            .filter_map(|r| match std::fs::canonicalize(r) {
-                Ok(c) if c.is_dir() => Some(c),
-                _ => {
-                    warn!(root = %r.display(), "volume root is not a directory: ignored");
-                    None
-                }
-            })
-            .collect(),
+        volume_roots: canonical_dirs(&cfg.volume_roots, "volume root"),
+        vms: vms.clone(),
     };
     let reboot = ctx.reboot.clone();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -416,6 +417,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         grace = &mut grace_rx => {
             let grace = grace.unwrap_or(crate::spec::DEFAULT_GRACE);
             info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; stopping workloads; draining calls in flight");
+            vms.shutdown(grace).await;
             cells.shutdown(grace).await;
             workloads_stopped = true;
             accept_unix.abort();
@@ -435,6 +437,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     if !workloads_stopped {
         let grace = grace_rx.try_recv().unwrap_or(crate::spec::DEFAULT_GRACE);
         info!(grace_s = grace.as_secs_f64(), "stopping workloads");
+        vms.shutdown(grace).await;
         cells.shutdown(grace).await;
     }
     accept_unix.abort();
@@ -605,4 +608,17 @@ fn containers_dir(state: &std::path::Path) -> anyhow::Result<PathBuf> {
         .create(&dir)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     Ok(dir)
+}
+
+/// The canonical forms of `dirs` that are directories; the others are logged and skipped.
+fn canonical_dirs(dirs: &[PathBuf], what: &str) -> Vec<PathBuf> {
+    dirs.iter()
+        .filter_map(|r| match std::fs::canonicalize(r) {
+            Ok(c) if c.is_dir() => Some(c),
+            _ => {
+                warn!(root = %r.display(), "{what} is not a directory: ignored");
+                None
+            }
+        })
+        .collect()
 }

@@ -220,6 +220,20 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
     // Not built yet: UNIMPLEMENTED naming the capability, never a panic.
     let s = c
         .runtime()
+        .spawn(pb::Instance {
+            name: "i1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(s.code(), Code::Unimplemented | Code::InvalidArgument),
+        "{s:?}"
+    );
+    // A VM from a kernel this auraed does not allow: FAILED_PRECONDITION with the flag to
+    // use (no --vm-image-root here), or no KVM at all.
+    let s = c
+        .runtime()
         .run_virtual_machine(pb::VirtualMachine {
             name: "vm1".into(),
             kernel_path: "/boot/vmlinuz".into(),
@@ -229,8 +243,12 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
         })
         .await
         .unwrap_err();
-    assert_eq!(s.code(), Code::Unimplemented);
-    assert!(s.message().contains("microVM monitor"), "{}", s.message());
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("--vm-image-root") || s.message().contains("/dev/kvm"),
+        "{}",
+        s.message()
+    );
     // An executable in a cell that does not exist: NOT_FOUND saying what to do.
     let s = c
         .runtime()

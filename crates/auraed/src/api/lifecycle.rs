@@ -393,22 +393,108 @@ macro_rules! named_lifecycle {
     };
 }
 
-named_lifecycle!(
-    VirtualMachinesApi,
-    VirtualMachines,
-    pb::VirtualMachineStatus,
-    pb::ListVirtualMachinesResponse,
-    Capability::VirtualMachines,
-    {
-        type ConsoleStream = ResponseStream<pb::LogChunk>;
-        async fn console(
-            &self,
-            r: Request<pb::LogsRequest>,
-        ) -> Result<Response<Self::ConsoleStream>, Status> {
-            Err(Self::named(&r, &r.get_ref().name))
+/// `VirtualMachines`: lifecycle of the VMs `RunVirtualMachine` started.
+#[derive(Debug, Clone)]
+pub struct VirtualMachinesApi {
+    vms: Arc<crate::vm::Vms>,
+}
+
+impl VirtualMachinesApi {
+    pub fn new(vms: Arc<crate::vm::Vms>) -> Self {
+        Self { vms }
+    }
+
+    fn find<T>(&self, r: &Request<T>, name: &str) -> Result<Arc<crate::vm::Vm>, Status> {
+        let caller = Caller::of(r)?;
+        let name = Label::parse("name", name).map_err(invalid)?;
+        caller.authorize_name(name.as_str())?;
+        Ok(self.vms.find(&name)?)
+    }
+}
+
+#[tonic::async_trait]
+impl VirtualMachines for VirtualMachinesApi {
+    async fn get(
+        &self,
+        r: Request<pb::NameRef>,
+    ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
+        Ok(Response::new(self.find(&r, &r.get_ref().name)?.status()))
+    }
+    async fn list(
+        &self,
+        r: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListVirtualMachinesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let prefix = name_prefix("name_prefix", &r.get_ref().name_prefix).map_err(invalid)?;
+        let virtual_machines = self
+            .vms
+            .list(|n| n.starts_with(&prefix) && caller.grant.allows_name(n));
+        Ok(Response::new(pb::ListVirtualMachinesResponse {
+            virtual_machines,
+        }))
+    }
+    async fn stop(
+        &self,
+        r: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        let grace = duration(
+            "grace_period",
+            r.get_ref().grace_period.as_ref(),
+            DEFAULT_GRACE,
+            MAX_GRACE,
+        )
+        .map_err(invalid)?;
+        Ok(Response::new(self.vms.stop(&vm.spec.name, grace).await?))
+    }
+    async fn wait(
+        &self,
+        r: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        let timeout = match r.get_ref().timeout.as_ref() {
+            None => None,
+            Some(_) => Some(
+                duration(
+                    "timeout",
+                    r.get_ref().timeout.as_ref(),
+                    MAX_GRACE,
+                    MAX_GRACE,
+                )
+                .map_err(invalid)?,
+            ),
+        };
+        if vm.wait(timeout).await {
+            Ok(Response::new(vm.status()))
+        } else {
+            Err(Status::deadline_exceeded(format!(
+                "virtual machine {} is still running",
+                vm.spec.name
+            )))
         }
     }
-);
+    async fn free(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        self.vms.free(&vm.spec.name).await?;
+        Ok(Response::new(pb::Freed {
+            name: vm.spec.name.to_string(),
+        }))
+    }
+    type ConsoleStream = ResponseStream<pb::LogChunk>;
+    async fn console(
+        &self,
+        r: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        let m = r.get_ref();
+        let vm = self.find(&r, &m.name)?;
+        Ok(Response::new(log_stream(
+            vm.log.clone(),
+            m.from_offset,
+            m.follow,
+        )))
+    }
+}
+
 named_lifecycle!(
     InstancesApi,
     Instances,

@@ -45,6 +45,7 @@ pub struct Context {
     pub puller: Arc<crate::image::pull::Puller>,
     /// Canonical host directories containers may take volumes from.
     pub volume_roots: Vec<std::path::PathBuf>,
+    pub vms: Arc<crate::vm::Vms>,
 }
 
 /// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
@@ -108,7 +109,7 @@ pub fn routes(
             ctx.cells.clone()
         ))))
         .add_service(limited!(VirtualMachinesServer::new(
-            lifecycle::VirtualMachinesApi
+            lifecycle::VirtualMachinesApi::new(ctx.vms.clone())
         )))
         .add_service(limited!(InstancesServer::new(lifecycle::InstancesApi)))
         .add_service(limited!(PodsServer::new(lifecycle::PodsApi)))

@@ -158,7 +158,7 @@ impl Runtime for RuntimeApi {
         let caller = Caller::of(&req)?;
         let spec = VmSpec::try_from(req.into_inner()).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
-        Err(not_built(&caller.method, Capability::VirtualMachines))
+        Ok(Response::new(self.ctx.vms.run(spec).await?))
     }
 
     async fn spawn(

@@ -403,6 +403,12 @@ impl Cells {
                 "namespaces.user_namespace: user namespaces for cells are not supported by this auraed yet".into(),
             ));
         }
+        if spec.name.as_str().split('/').next() == Some(crate::vm::CGROUP_GROUP) {
+            return Err(CellError::Exists(format!(
+                "name: {:?} is reserved for the cgroups of virtual machines",
+                crate::vm::CGROUP_GROUP
+            )));
+        }
         let writes = limit_writes(&spec.limits);
         check_controllers(&writes, &tree.controllers())?;
         let _ops = self.ops.lock().await;
@@ -1033,7 +1039,7 @@ fn read_report(fd: OwnedFd, timeout: Duration) -> String {
 }
 
 /// Polls `populated` until the cell is empty; `false` on timeout.
-async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -> bool {
+pub async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if !tree.populated(name).unwrap_or(false) {

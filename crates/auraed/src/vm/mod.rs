@@ -1,5 +1,570 @@
-//! Virtual machines on the embedded VMM (its own crate and process; not built yet).
+//! Virtual machines: one jailed VMM process per VM ([`vmm`], on the aurae-vmm crate), in
+//! its own cgroup under `vms/`, with its serial console logged like an executable's output
+//! and a control socket through which auraed always knows the VM's true state.
 
+pub mod network;
 pub mod spec;
+pub mod vmm;
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use aurae_proto::runtime::v0 as pb;
+use aurae_sys::{ExitStatus, Namespaces as Ns, Pidfd, SpawnRequest, spawn::Program};
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 pub use spec::VmSpec;
+
+use self::{
+    network::{Lease, Network},
+    vmm::{Report, VmmConfig},
+};
+use crate::{
+    cell::{CellError, cgroup::CgroupTree, registry::wait_empty},
+    events::EventBus,
+    executable::logs::{Log, Stream},
+    reaper::Reaper,
+    spec::{CellName, FieldError, Label},
+};
+
+/// The cgroup group every VMM lives under (a name cells may not take).
+pub const CGROUP_GROUP: &str = "vms";
+/// How long a VMM has to report that the VM started.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where a VM is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmState {
+    pub phase: pb::Phase,
+    pub boot_time: Option<Duration>,
+    /// How the guest ended (the VMM's report), and whether that was clean.
+    pub ended: Option<(String, bool)>,
+    /// The VMM process's own end.
+    pub process: Option<(ExitStatus, SystemTime)>,
+    pub message: String,
+}
+
+/// One VM and its VMM process.
+#[derive(Debug)]
+pub struct Vm {
+    pub spec: VmSpec,
+    pub pid: i32,
+    pub pidfd: Arc<Pidfd>,
+    pub started_at: SystemTime,
+    pub log: Arc<Log>,
+    pub state: watch::Sender<VmState>,
+    ctl: Arc<OwnedFd>,
+    lease: Option<Lease>,
+    cgroup: CellName,
+}
+
+impl Vm {
+    pub fn status(&self) -> pb::VirtualMachineStatus {
+        let s = self.state.borrow().clone();
+        pb::VirtualMachineStatus {
+            name: self.spec.name.to_string(),
+            phase: s.phase as i32,
+            vmm_pid: if s.process.is_some() { 0 } else { self.pid },
+            boot_time: s
+                .boot_time
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            addresses: self.lease.iter().map(|l| l.addr.to_string()).collect(),
+            exit: s.process.map(|(st, at)| pb::ExitStatus {
+                how: Some(match st {
+                    ExitStatus::Code(c) => pb::exit_status::How::Code(c),
+                    ExitStatus::Signal(n) => pb::exit_status::How::Signal(n),
+                }),
+                oom_killed: false,
+                exited_at: Some(at.into()),
+            }),
+            started_at: Some(self.started_at.into()),
+            message: s.message,
+        }
+    }
+
+    fn gone(&self) -> bool {
+        self.state.borrow().process.is_some()
+    }
+
+    /// Waits for the VMM process to end, at most `timeout`.
+    pub async fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut rx = self.state.subscribe();
+        let w = rx.wait_for(|s| s.process.is_some());
+        match timeout {
+            Some(t) => tokio::time::timeout(t, w).await.is_ok_and(|r| r.is_ok()),
+            None => w.await.is_ok(),
+        }
+    }
+}
+
+/// The domain service behind `RunVirtualMachine` and the `VirtualMachines` API.
+#[derive(Debug)]
+pub struct Vms {
+    tree: Result<Arc<dyn CgroupTree>, String>,
+    reaper: Arc<Reaper>,
+    events: Arc<EventBus>,
+    logs_dir: PathBuf,
+    /// Canonical host directories kernels, initramfs images and drives may come from.
+    image_roots: Vec<PathBuf>,
+    vms: Mutex<BTreeMap<Label, Arc<Vm>>>,
+    ops: tokio::sync::Mutex<()>,
+    sealed: Mutex<Option<Arc<OwnedFd>>>,
+    network: Mutex<Network>,
+}
+
+fn precondition(m: impl Into<String>) -> CellError {
+    CellError::Precondition(m.into())
+}
+
+/// `p` canonicalised, a regular file under one of `roots`.
+fn allowed_file(field: &str, p: &Path, roots: &[PathBuf]) -> Result<PathBuf, CellError> {
+    if roots.is_empty() {
+        return Err(precondition(format!(
+            "{field}: this auraed allows no VM images (start it with --vm-image-root DIR)"
+        )));
+    }
+    let c = std::fs::canonicalize(p)
+        .map_err(|e| FieldError::new(field, format!("{}: {e}", p.display())))?;
+    if !c.is_file() {
+        return Err(
+            FieldError::new(field, format!("{} is not a regular file", c.display())).into(),
+        );
+    }
+    if !roots.iter().any(|r| c.starts_with(r)) {
+        return Err(precondition(format!(
+            "{field}: {} is not under an allowed --vm-image-root",
+            c.display()
+        )));
+    }
+    Ok(c)
+}
+
+fn host_memory() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+impl Vms {
+    pub fn new(
+        tree: Result<Arc<dyn CgroupTree>, String>,
+        reaper: Arc<Reaper>,
+        events: Arc<EventBus>,
+        logs_dir: PathBuf,
+        image_roots: Vec<PathBuf>,
+    ) -> Self {
+        Self {
+            tree,
+            reaper,
+            events,
+            logs_dir,
+            image_roots,
+            vms: Mutex::new(BTreeMap::new()),
+            ops: tokio::sync::Mutex::new(()),
+            sealed: Mutex::new(None),
+            network: Mutex::new(Network::new(
+                "aurae0",
+                std::net::Ipv4Addr::new(10, 200, 0, 1),
+            )),
+        }
+    }
+
+    fn tree(&self) -> Result<Arc<dyn CgroupTree>, CellError> {
+        self.tree.clone().map_err(CellError::Precondition)
+    }
+
+    fn sealed(&self) -> Result<Arc<OwnedFd>, CellError> {
+        let mut g = self
+            .sealed
+            .lock()
+            .map_err(|_| precondition("sealed binary lock poisoned"))?;
+        if let Some(fd) = g.as_ref() {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(aurae_sys::memfd::sealed_copy_of_self()?);
+        *g = Some(fd.clone());
+        Ok(fd)
+    }
+
+    pub fn find(&self, name: &Label) -> Result<Arc<Vm>, CellError> {
+        self.vms
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .ok_or_else(|| {
+                CellError::NotFound(format!(
+                    "virtual machine {:?} does not exist",
+                    name.as_str()
+                ))
+            })
+    }
+
+    pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::VirtualMachineStatus> {
+        self.vms
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|v| visible(v.spec.name.as_str()))
+                    .map(|v| v.status())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Starts a VM: checks, cgroup, network, the VMM process, and its start report.
+    pub async fn run(
+        self: &Arc<Self>,
+        spec: VmSpec,
+    ) -> Result<pb::VirtualMachineStatus, CellError> {
+        let tree = self.tree()?;
+        if !Path::new("/dev/kvm").exists() {
+            return Err(precondition(
+                "this machine has no /dev/kvm: virtual machines need KVM",
+            ));
+        }
+        if spec.macs.len() > 1 {
+            return Err(FieldError::new("interfaces", "at most one interface per VM").into());
+        }
+        if let Some(total) = host_memory()
+            && spec.memory_bytes > total
+        {
+            return Err(FieldError::new(
+                "memory_bytes",
+                format!(
+                    "{} is more than this host's {total} bytes",
+                    spec.memory_bytes
+                ),
+            )
+            .into());
+        }
+        let roots = &self.image_roots;
+        let kernel = allowed_file("kernel_path", &spec.kernel, roots)?;
+        let initramfs = spec
+            .initramfs
+            .as_ref()
+            .map(|p| allowed_file("initramfs_path", p, roots))
+            .transpose()?;
+        let drives = spec
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(i, (p, ro))| Ok((allowed_file(&format!("drives[{i}].path"), p, roots)?, *ro)))
+            .collect::<Result<Vec<_>, CellError>>()?;
+        let _ops = self.ops.lock().await;
+        if self.vms.lock().is_ok_and(|m| m.contains_key(&spec.name)) {
+            return Err(CellError::Exists(format!(
+                "virtual machine {:?} already exists",
+                spec.name.as_str()
+            )));
+        }
+        let group = CellName::parse("name", CGROUP_GROUP)?;
+        if !tree.path(&group).exists() {
+            tree.create(&group)?;
+        }
+        let cgroup = CellName::parse("name", &format!("{CGROUP_GROUP}/{}", spec.name))?;
+        tree.create(&cgroup)?;
+        let lease = match spec.macs.first() {
+            Some(mac) => match self.network.lock().map(|mut n| n.lease(*mac)) {
+                Ok(Ok(l)) => Some(l),
+                Ok(Err(e)) => {
+                    let _ = tree.remove(&cgroup);
+                    return Err(precondition(format!("interfaces[0]: {e}")));
+                }
+                Err(_) => return Err(precondition("network lock poisoned")),
+            },
+            None => None,
+        };
+        let mut cmdline = spec.cmdline.clone();
+        if let (Some(l), Ok(n)) = (&lease, self.network.lock()) {
+            cmdline = format!("{} {}", cmdline.trim(), n.cmdline(l))
+                .trim()
+                .to_owned();
+        }
+        let cfg = VmmConfig {
+            kernel,
+            initramfs,
+            cmdline,
+            vcpus: u8::try_from(spec.vcpus).unwrap_or(1),
+            memory_bytes: spec.memory_bytes,
+            drives,
+            net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
+        };
+        let started = self
+            .start_vmm(&tree, &spec, &cgroup, cfg, lease.clone())
+            .await;
+        match started {
+            Ok(vm) => {
+                info!(vm = %spec.name, pid = vm.pid, "virtual machine started");
+                Ok(vm.status())
+            }
+            Err(e) => {
+                if let (Some(l), Ok(mut n)) = (&lease, self.network.lock()) {
+                    n.release(l);
+                }
+                let _ = tree.kill(&cgroup);
+                wait_empty(tree.as_ref(), &cgroup, Duration::from_secs(5)).await;
+                let _ = tree.remove(&cgroup);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_vmm(
+        self: &Arc<Self>,
+        tree: &Arc<dyn CgroupTree>,
+        spec: &VmSpec,
+        cgroup: &CellName,
+        cfg: VmmConfig,
+        lease: Option<Lease>,
+    ) -> Result<Arc<Vm>, CellError> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (ctl, ctl_child) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let (out_r, out_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        let leaf = tree.leaf_fd(cgroup)?;
+        let sealed = self.sealed()?;
+        let me = self.clone();
+        let child = tokio::task::spawn_blocking(move || {
+            let devnull = std::fs::File::open("/dev/null")?;
+            let argv: Vec<std::ffi::CString> = ["aurae-vmm", vmm::VMM_ARG]
+                .iter()
+                .filter_map(|s| std::ffi::CString::new(*s).ok())
+                .collect();
+            let req = SpawnRequest {
+                program: Program::Fd(sealed.as_raw_fd()),
+                argv: &argv,
+                envp: &[],
+                cwd: Some(c"/"),
+                uid: None,
+                gid: None,
+                stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()],
+                pass_fd: Some(ctl_child.as_raw_fd()),
+                cgroup: Some(leaf.as_raw_fd()),
+                new_namespaces: Ns(Ns::MOUNT | Ns::PID | Ns::IPC | Ns::UTS | Ns::CGROUP),
+                pid_namespace_of: None,
+                join: None,
+                unshare: Ns(0),
+                container: None,
+            };
+            me.reaper
+                .spawn(|| aurae_sys::spawn(&req))
+                .map_err(|source| CellError::Spawn {
+                    what: "starting the VMM".into(),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| precondition(format!("VMM spawn task: {e}")))??;
+        let ctl = Arc::new(ctl);
+        vmm::send_msg(ctl.as_ref(), &cfg)?;
+        let log = Arc::new(Log::new(Some(
+            self.logs_dir.join("vms").join(format!("{}.log", spec.name)),
+        )));
+        let (state, mut rx) = watch::channel(VmState {
+            phase: pb::Phase::Starting,
+            boot_time: None,
+            ended: None,
+            process: None,
+            message: String::new(),
+        });
+        let vm = Arc::new(Vm {
+            spec: spec.clone(),
+            pid: child.pid,
+            pidfd: child.pidfd.clone(),
+            started_at: SystemTime::now(),
+            log: log.clone(),
+            state,
+            ctl: ctl.clone(),
+            lease,
+            cgroup: cgroup.clone(),
+        });
+        // The serial console.
+        {
+            let log = log.clone();
+            tokio::spawn(async move {
+                crate::executable::pump(out_r, log.clone(), Stream::Stdout).await;
+                log.close();
+            });
+        }
+        // Reports, on a thread of their own (blocking reads of a seqpacket socket).
+        {
+            let vm2 = vm.clone();
+            let reader = ctl.try_clone().map_err(CellError::io)?;
+            std::thread::Builder::new()
+                .name("vm-reports".into())
+                .spawn(move || {
+                    while let Ok(Some(r)) = vmm::recv_msg::<Report>(&reader) {
+                        vm2.state.send_modify(|s| match r {
+                            Report::Started => s.phase = pb::Phase::Running,
+                            Report::Booted { boot_ns } => {
+                                s.boot_time = Some(Duration::from_nanos(boot_ns));
+                            }
+                            Report::Exited { reason, clean } => {
+                                s.phase = if clean {
+                                    pb::Phase::Exited
+                                } else {
+                                    pb::Phase::Failed
+                                };
+                                s.message = format!("guest ended: {reason}");
+                                s.ended = Some((reason, clean));
+                            }
+                            Report::Failed { message } => {
+                                s.phase = pb::Phase::Failed;
+                                s.message = message;
+                            }
+                        });
+                    }
+                })
+                .map_err(CellError::io)?;
+        }
+        // The VMM process's end: the truth when it died without a report.
+        {
+            let vm2 = vm.clone();
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let st = child.exit.await.unwrap_or(ExitStatus::Signal(9));
+                // Let the report reader drain what the VMM sent before it exited.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                vm2.state.send_modify(|s| {
+                    if s.ended.is_none() && s.phase != pb::Phase::Failed {
+                        s.phase = pb::Phase::Failed;
+                        s.message = format!("the VMM process ended without a report: {st:?}");
+                    } else if s.ended.is_none() && s.message.is_empty() {
+                        s.message = format!("the VMM process ended: {st:?}");
+                    }
+                    s.process = Some((st, SystemTime::now()));
+                });
+                events.emit(
+                    pb::Kind::VirtualMachine,
+                    vm2.spec.name.as_str(),
+                    pb::EventType::Stopped,
+                    vm2.state.borrow().message.clone(),
+                );
+            });
+        }
+        // Started, failed, or gone.
+        let ready = tokio::time::timeout(
+            START_TIMEOUT,
+            rx.wait_for(|s| s.phase != pb::Phase::Starting || s.process.is_some()),
+        )
+        .await
+        .is_ok();
+        let phase = vm.state.borrow().phase;
+        if !ready || phase != pb::Phase::Running {
+            let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
+            vm.wait(Some(Duration::from_secs(5))).await;
+            let why = if !ready {
+                format!("the VMM did not start the VM within {START_TIMEOUT:?}")
+            } else {
+                vm.state.borrow().message.clone()
+            };
+            let _ =
+                std::fs::remove_file(self.logs_dir.join("vms").join(format!("{}.log", spec.name)));
+            return Err(precondition(format!(
+                "virtual machine {:?} could not start: {why}",
+                spec.name.as_str()
+            )));
+        }
+        if let Ok(mut m) = self.vms.lock() {
+            m.insert(spec.name.clone(), vm.clone());
+        }
+        self.events.emit(
+            pb::Kind::VirtualMachine,
+            spec.name.as_str(),
+            pb::EventType::Started,
+            format!("vmm pid {}", vm.pid),
+        );
+        Ok(vm)
+    }
+
+    /// Stops the guest: asks the VMM, then kills it after `grace`.
+    pub async fn stop(
+        &self,
+        name: &Label,
+        grace: Duration,
+    ) -> Result<pb::VirtualMachineStatus, CellError> {
+        let vm = self.find(name)?;
+        if !vm.gone() {
+            let _ = vmm::send_msg(vm.ctl.as_ref(), &vmm::Command::Stop);
+            if !vm.wait(Some(grace)).await {
+                warn!(vm = %name, "VMM did not stop within the grace period: killing it");
+                let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
+                vm.wait(Some(Duration::from_secs(10))).await;
+            }
+        }
+        Ok(vm.status())
+    }
+
+    /// Stops (at once) and removes the VM, its TAP device, address and cgroup.
+    pub async fn free(&self, name: &Label) -> Result<(), CellError> {
+        let _ops = self.ops.lock().await;
+        let vm = self.find(name)?;
+        if !vm.gone() {
+            let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
+            vm.wait(Some(Duration::from_secs(10))).await;
+        }
+        let tree = self.tree()?;
+        let _ = tree.kill(&vm.cgroup);
+        if !wait_empty(tree.as_ref(), &vm.cgroup, Duration::from_secs(10)).await {
+            return Err(precondition(format!(
+                "the VMM of {:?} is still running after a kill",
+                name.as_str()
+            )));
+        }
+        tree.remove(&vm.cgroup)?;
+        if let (Some(l), Ok(mut n)) = (&vm.lease, self.network.lock()) {
+            n.release(l);
+        }
+        if let Ok(mut m) = self.vms.lock() {
+            m.remove(name);
+        }
+        let _ = std::fs::remove_file(self.logs_dir.join("vms").join(format!("{name}.log")));
+        self.events.emit(
+            pb::Kind::VirtualMachine,
+            name.as_str(),
+            pb::EventType::Freed,
+            "",
+        );
+        Ok(())
+    }
+
+    /// Ordered shutdown: every VM stopped (with `grace`) and freed; the bridge removed.
+    pub async fn shutdown(&self, grace: Duration) {
+        let names: Vec<Label> = self
+            .vms
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for n in names {
+            let _ = self.stop(&n, grace).await;
+            if let Err(e) = self.free(&n).await {
+                warn!(vm = %n, "freeing on shutdown: {e}");
+            }
+        }
+        if let Ok(t) = &self.tree {
+            let _ = CellName::parse("name", CGROUP_GROUP).map(|g| t.remove(&g));
+        }
+        if let Ok(mut n) = self.network.lock() {
+            n.shutdown();
+        }
+    }
+}

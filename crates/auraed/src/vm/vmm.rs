@@ -1,0 +1,416 @@
+//! The VMM process: auraed re-executed from its sealed copy with the hidden first argument
+//! [`VMM_ARG`], one process per VM, never inside auraed itself.
+//!
+//! auraed starts it with `clone3` into the VM's own cgroup and new mount, PID, IPC, UTS and
+//! cgroup namespaces (it shares the host network namespace, where its TAP device is), with
+//! its serial console on stdout (a pipe auraed logs) and a `SOCK_SEQPACKET` control socket
+//! on fd 3. The protocol is one JSON message per packet: auraed sends the [`VmmConfig`],
+//! then at any time [`Command`]s; the VMM sends [`Report`]s.
+//!
+//! The jail, before any guest code runs: every mount private; a tmpfs root holding only the
+//! kernel, initramfs and drives (read-only unless a drive is writable), `/dev/kvm` and
+//! `/dev/net/tun`, bound from fds opened before; `pivot_root` into it, old root detached;
+//! every capability dropped, `no_new_privs`; and each of the VMM's own threads (vCPUs,
+//! controller, network RX) installs its seccomp allowlist on itself (aurae-vmm).
+
+use std::{
+    io::Write,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sys::socket::{MsgFlags, recv, send},
+};
+use serde::{Deserialize, Serialize};
+
+/// The hidden first argument that selects this mode.
+pub const VMM_ARG: &str = "__aurae-vmm";
+/// Largest control message.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// What auraed asks the VMM to run (paths are host paths, checked by auraed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    /// (host path, read-only), in order.
+    pub drives: Vec<(PathBuf, bool)>,
+    /// TAP device name and guest MAC.
+    pub net: Option<(String, [u8; 6])>,
+}
+
+/// auraed → VMM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Stop the guest now (its vCPUs are halted; the VMM then exits).
+    Stop,
+}
+
+/// VMM → auraed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Report {
+    /// The jail is up and the guest's vCPUs are about to run.
+    Started,
+    /// The guest wrote the boot-timer port this long after the VMM started it.
+    Booted { boot_ns: u64 },
+    /// The guest ended: `poweroff`, `reset`, `stopped`, `triple_fault`, or an error.
+    Exited { reason: String, clean: bool },
+    /// The VM could not be set up (bad kernel, no /dev/kvm, …).
+    Failed { message: String },
+}
+
+pub fn send_msg<T: Serialize>(fd: &impl AsRawFd, msg: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL)?;
+    Ok(())
+}
+
+/// One message, or `None` at end of stream.
+pub fn recv_msg<T: for<'de> Deserialize<'de>>(fd: &impl AsRawFd) -> std::io::Result<Option<T>> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let n = loop {
+        match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => {}
+            r => break r?,
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    serde_json::from_slice(&buf[..n])
+        .map(Some)
+        .map_err(std::io::Error::other)
+}
+
+/// Entry point of the VMM process.
+pub fn main() -> ExitCode {
+    let _ = nix::sys::prctl::set_name(c"aurae-vmm");
+    let Some(ctl) = aurae_sys::fd::take_passed() else {
+        let _ = writeln!(std::io::stderr(), "aurae-vmm: no control socket on fd 3");
+        return ExitCode::FAILURE;
+    };
+    let cfg: VmmConfig = match recv_msg(&ctl) {
+        Ok(Some(c)) => c,
+        other => {
+            let _ = send_msg(
+                &ctl,
+                &Report::Failed {
+                    message: format!("no configuration from auraed: {other:?}"),
+                },
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cfg, ctl.try_clone().ok().map(Arc::new), &ctl) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            let _ = send_msg(&ctl, &Report::Failed { message });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where things are inside the jail.
+const JAIL: &str = "/tmp";
+
+fn jail(cfg: &VmmConfig) -> Result<VmmConfig, String> {
+    use std::fs::{File, OpenOptions};
+    fn e(what: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
+        move |err| format!("jail: {what}: {err}")
+    }
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(e("making mounts private"))?;
+    // Open everything first (by the host's paths), then bind the open files into the new
+    // root through /proc/self/fd: nothing is resolved twice.
+    let open = |p: &Path, write: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(p)
+            .map_err(|err| format!("{}: {err}", p.display()))
+    };
+    let mut binds: Vec<(File, String, bool)> = Vec::new();
+    binds.push((open(&cfg.kernel, false)?, "kernel".into(), true));
+    if let Some(i) = &cfg.initramfs {
+        binds.push((open(i, false)?, "initramfs".into(), true));
+    }
+    for (i, (p, ro)) in cfg.drives.iter().enumerate() {
+        binds.push((open(p, !ro)?, format!("drive{i}"), *ro));
+    }
+    binds.push((
+        open(Path::new("/dev/kvm"), true).map_err(|m| format!("{m} (is KVM available?)"))?,
+        "dev/kvm".into(),
+        false,
+    ));
+    if cfg.net.is_some() {
+        binds.push((
+            open(Path::new("/dev/net/tun"), true)?,
+            "dev/net/tun".into(),
+            false,
+        ));
+    }
+    mount(
+        Some("tmpfs"),
+        JAIL,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0700,size=64k"),
+    )
+    .map_err(e("mounting the jail's tmpfs"))?;
+    std::fs::create_dir_all(format!("{JAIL}/dev/net")).map_err(|err| format!("jail: {err}"))?;
+    for (file, name, ro) in &binds {
+        let target = format!("{JAIL}/{name}");
+        File::create(&target).map_err(|err| format!("jail: {target}: {err}"))?;
+        let src = format!("/proc/self/fd/{}", file.as_fd().as_raw_fd());
+        mount(
+            Some(src.as_str()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(e(&format!("binding {name}")))?;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
+        if *ro {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        if !name.starts_with("dev/") {
+            flags |= MsFlags::MS_NODEV;
+        }
+        mount(
+            None::<&str>,
+            target.as_str(),
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .map_err(e(&format!("restricting {name}")))?;
+    }
+    drop(binds);
+    std::env::set_current_dir(JAIL).map_err(|err| format!("jail: chdir: {err}"))?;
+    nix::unistd::pivot_root(".", ".").map_err(e("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(e("detaching the old root"))?;
+    std::env::set_current_dir("/").map_err(|err| format!("jail: chdir /: {err}"))?;
+    aurae_sys::process::drop_all_capabilities()
+        .map_err(|err| format!("jail: dropping capabilities: {err}"))?;
+    Ok(VmmConfig {
+        kernel: "/kernel".into(),
+        initramfs: cfg.initramfs.as_ref().map(|_| "/initramfs".into()),
+        drives: (0..cfg.drives.len())
+            .map(|i| (PathBuf::from(format!("/drive{i}")), cfg.drives[i].1))
+            .collect(),
+        ..cfg.clone()
+    })
+}
+
+/// Syscalls no thread of the VMM ever needs, refused process-wide (inherited by every
+/// thread; the vCPU, controller and network threads stack their own allowlists on top).
+#[rustfmt::skip]
+const DENIED: &[nix::libc::c_long] = {
+    use nix::libc::*;
+    &[
+        SYS_execve, SYS_execveat, SYS_ptrace, SYS_mount, SYS_umount2, SYS_pivot_root,
+        SYS_chroot, SYS_setns, SYS_unshare, SYS_open_by_handle_at, SYS_name_to_handle_at,
+        SYS_kexec_load, SYS_kexec_file_load, SYS_init_module, SYS_finit_module,
+        SYS_delete_module, SYS_bpf, SYS_perf_event_open, SYS_keyctl, SYS_add_key,
+        SYS_request_key, SYS_userfaultfd, SYS_process_vm_readv, SYS_process_vm_writev,
+        SYS_socket, SYS_connect, SYS_bind, SYS_listen, SYS_accept, SYS_accept4, SYS_setuid,
+        SYS_setgid, SYS_setreuid, SYS_setregid, SYS_setresuid, SYS_setresgid, SYS_setgroups,
+        SYS_capset, SYS_fsopen, SYS_fsmount, SYS_move_mount, SYS_open_tree, SYS_fspick,
+        SYS_mount_setattr, SYS_reboot, SYS_swapon, SYS_swapoff, SYS_syslog, SYS_acct,
+        SYS_iopl, SYS_ioperm, SYS_quotactl, SYS_settimeofday, SYS_clock_settime,
+        SYS_adjtimex, SYS_clock_adjtime, SYS_sethostname, SYS_setdomainname,
+        SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_pidfd_getfd,
+        SYS_kcmp, SYS_fanotify_init, SYS_vhangup, SYS_personality,
+    ]
+};
+
+/// What the control and boot-timer threads may do: talk on the control socket, sleep,
+/// kick vCPU threads, allocate, exit.
+#[rustfmt::skip]
+const CONTROL_ALLOWED: &[nix::libc::c_long] = {
+    use nix::libc::*;
+    &[
+        SYS_recvfrom, SYS_recvmsg, SYS_sendto, SYS_sendmsg, SYS_futex, SYS_nanosleep,
+        SYS_clock_nanosleep, SYS_clock_gettime, SYS_tgkill, SYS_getpid, SYS_gettid,
+        SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sigaltstack, SYS_mmap, SYS_munmap,
+        SYS_mprotect, SYS_madvise, SYS_brk, SYS_write, SYS_close, SYS_sched_yield,
+        SYS_exit, SYS_exit_group, SYS_rseq, SYS_set_robust_list,
+    ]
+};
+
+fn compile(
+    list: &[nix::libc::c_long],
+    mismatch: seccompiler::SeccompAction,
+    matched: seccompiler::SeccompAction,
+) -> Result<seccompiler::BpfProgram, String> {
+    let rules = list.iter().map(|&nr| (nr, Vec::new())).collect();
+    let f =
+        seccompiler::SeccompFilter::new(rules, mismatch, matched, seccompiler::TargetArch::x86_64)
+            .map_err(|e| format!("seccomp: {e}"))?;
+    seccompiler::BpfProgram::try_from(f).map_err(|e| format!("seccomp: {e}"))
+}
+
+fn install_control_filter() -> Result<(), String> {
+    use seccompiler::SeccompAction as A;
+    let eperm = A::Errno(nix::libc::EPERM as u32);
+    let prog = compile(CONTROL_ALLOWED, eperm, A::Allow)?;
+    seccompiler::apply_filter(&prog).map_err(|e| format!("seccomp: {e}"))
+}
+
+fn run(cfg: VmmConfig, ctl2: Option<Arc<OwnedFd>>, ctl: &OwnedFd) -> Result<(), String> {
+    let inside = jail(&cfg)?;
+    {
+        use seccompiler::SeccompAction as A;
+        let eperm = A::Errno(nix::libc::EPERM as u32);
+        let deny = compile(DENIED, A::Allow, eperm)?;
+        seccompiler::apply_filter(&deny).map_err(|e| format!("seccomp: {e}"))?;
+    }
+    // The serial console: our stdout (a pipe to auraed), written with write(2) only.
+    let serial = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("serial: {e}"))?;
+    let vm = aurae_vmm::Vm::new(aurae_vmm::VmConfig {
+        kernel: inside.kernel,
+        initramfs: inside.initramfs,
+        cmdline: inside.cmdline,
+        vcpus: inside.vcpus,
+        mem_bytes: inside.memory_bytes,
+        serial_out: Box::new(std::fs::File::from(serial)),
+        drives: inside
+            .drives
+            .into_iter()
+            .map(|(path, read_only)| aurae_vmm::DriveConfig { path, read_only })
+            .collect(),
+        net: inside
+            .net
+            .map(|(tap, mac)| aurae_vmm::NetConfig { tap, mac }),
+        seccomp: true,
+    })
+    .map_err(|e| e.to_string())?;
+    let handle = vm.handle();
+    send_msg(ctl, &Report::Started).map_err(|e| format!("control socket: {e}"))?;
+    let done = Arc::new(AtomicBool::new(false));
+    if let Some(ctl2) = ctl2 {
+        // Commands; auraed going away (end of stream) stops the guest too.
+        let h = handle.clone();
+        std::thread::Builder::new()
+            .name("vmm-control".into())
+            .spawn(move || {
+                if let Err(e) = install_control_filter() {
+                    let _ = writeln!(std::io::stderr(), "aurae-vmm: {e}");
+                    h.stop();
+                    return;
+                }
+                // The only command is Stop; the end of the stream (auraed gone) or an
+                // unreadable message stops the guest as well.
+                let _ = recv_msg::<Command>(ctl2.as_ref());
+                h.stop();
+            })
+            .map_err(|e| format!("control thread: {e}"))?;
+        let h = handle.clone();
+        let d = done.clone();
+        let ctl3 = ctl
+            .try_clone()
+            .map_err(|e| format!("control socket: {e}"))?;
+        std::thread::Builder::new()
+            .name("vmm-boot-timer".into())
+            .spawn(move || {
+                if install_control_filter().is_err() {
+                    return;
+                }
+                while !d.load(Ordering::Relaxed) {
+                    if let Some(t) = h.boot_time() {
+                        let _ = send_msg(
+                            &ctl3,
+                            &Report::Booted {
+                                boot_ns: u64::try_from(t.as_nanos()).unwrap_or(u64::MAX),
+                            },
+                        );
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+            .map_err(|e| format!("boot-timer thread: {e}"))?;
+    }
+    let exit = vm.run();
+    done.store(true, Ordering::Relaxed);
+    // A last boot-timer look, in case the guest booted and ended within one poll.
+    if let Some(t) = handle.boot_time() {
+        let _ = send_msg(
+            ctl,
+            &Report::Booted {
+                boot_ns: u64::try_from(t.as_nanos()).unwrap_or(u64::MAX),
+            },
+        );
+    }
+    let (reason, clean) = match exit {
+        Ok(aurae_vmm::VmExit::PowerOff) => ("poweroff".to_owned(), true),
+        Ok(aurae_vmm::VmExit::Reset) => ("reset".to_owned(), true),
+        Ok(aurae_vmm::VmExit::Stopped) => ("stopped".to_owned(), true),
+        Ok(aurae_vmm::VmExit::TripleFault { vcpu }) => {
+            (format!("triple fault on vcpu {vcpu}"), false)
+        }
+        Ok(aurae_vmm::VmExit::Error(e)) => (format!("vcpu error: {e}"), false),
+        Err(e) => (format!("vmm error: {e}"), false),
+    };
+    send_msg(ctl, &Report::Exited { reason, clean }).map_err(|e| format!("control socket: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn protocol_round_trips_over_seqpacket() {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let cfg = VmmConfig {
+            kernel: "/k".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_bytes: 5 << 30,
+            drives: vec![("/d".into(), true)],
+            net: Some(("aurae-t1".into(), [2, 0, 0, 0, 0, 1])),
+        };
+        send_msg(&a, &cfg).unwrap();
+        assert_eq!(recv_msg::<VmmConfig>(&b).unwrap(), Some(cfg));
+        send_msg(&b, &Report::Booted { boot_ns: 7 }).unwrap();
+        assert_eq!(
+            recv_msg::<Report>(&a).unwrap(),
+            Some(Report::Booted { boot_ns: 7 })
+        );
+        drop(b);
+        assert_eq!(recv_msg::<Report>(&a).unwrap(), None);
+    }
+}

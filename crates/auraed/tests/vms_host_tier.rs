@@ -1,0 +1,473 @@
+//! Virtual machines through the API on the host tier (root, cgroup v2, /dev/kvm): tiny
+//! hand-assembled 64-bit guests (this host's KVM boots no stock kernel in usable time; the
+//! real boot is in the guest tier). One VMM process per VM, jailed: its own cgroup, mount
+//! namespace with only its files, no capabilities, and a seccomp filter on every thread.
+//! The console streams through the API, the boot timer is reported, stop and free clean
+//! up, a triple fault and a killed VMM are reported as such, and bad input fails precisely.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    Daemon, DaemonOptions,
+    tier::{self, Tier},
+};
+use tonic::Code;
+
+/// A minimal ELF64 executable with one PT_LOAD segment at `paddr`, entry at `paddr`.
+fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; 0x1000];
+    v[..4].copy_from_slice(b"\x7fELF");
+    v[4] = 2; // ELFCLASS64
+    v[5] = 1; // little endian
+    v[6] = 1; // EV_CURRENT
+    v[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    v[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    v[20..24].copy_from_slice(&1u32.to_le_bytes());
+    v[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+    v[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    v[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    v[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    v[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = 64;
+    v[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    v[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    v[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes()); // p_offset
+    v[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+    v[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+    v[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+    v[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes()); // p_memsz
+    v[0x800..0x800 + code.len()].copy_from_slice(code);
+    v
+}
+
+/// Writes the boot-timer port, prints "OK\n" on COM1, then spins on port 0x80.
+#[rustfmt::skip]
+const HELLO_THEN_SPIN: [u8; 27] = [
+    0x66, 0xba, 0x40, 0x04,       // mov dx, 0x440 (boot timer)
+    0xb0, 123,                    // mov al, 123
+    0xee,                         // out dx, al
+    0x66, 0xba, 0xf8, 0x03,       // mov dx, 0x3f8 (COM1)
+    0xb0, b'O', 0xee,             // mov al, 'O' ; out dx, al
+    0xb0, b'K', 0xee,             // mov al, 'K' ; out dx, al
+    0xb0, b'\n', 0xee,            // mov al, '\n' ; out dx, al
+    0xe6, 0x80,                   // spin: out 0x80, al
+    0xeb, 0xfc,                   //       jmp spin
+    0x90, 0x90, 0x90,
+];
+
+/// Prints "bye" and resets through the i8042 (a guest that ends by itself).
+#[rustfmt::skip]
+const BYE_THEN_RESET: [u8; 18] = [
+    0x66, 0xba, 0xf8, 0x03,       // mov dx, 0x3f8
+    0xb0, b'b', 0xee,
+    0xb0, b'y', 0xee,
+    0xb0, b'e', 0xee,
+    0xb0, 0xfe, 0xe6, 0x64,       // i8042 reset
+    0xf4,                         // hlt
+];
+
+/// `ud2` with no IDT: #UD, double fault, triple fault.
+const TRIPLE_FAULT: [u8; 2] = [0x0f, 0x0b];
+
+struct Env {
+    d: Daemon,
+    c: Client,
+    images: tempfile::TempDir,
+}
+
+async fn env(test: &str) -> Option<Env> {
+    let kvm = (!Path::new("/dev/kvm").exists()).then(|| "no /dev/kvm".to_owned());
+    if !tier::check(test, Tier::Host, tier::needs_cells().or(kvm)) {
+        return None;
+    }
+    let images = tempfile::tempdir().unwrap();
+    for (name, code) in [
+        ("hello", &HELLO_THEN_SPIN[..]),
+        ("bye", &BYE_THEN_RESET[..]),
+        ("fault", &TRIPLE_FAULT[..]),
+    ] {
+        std::fs::write(images.path().join(name), tiny_elf(0x20_0000, code)).unwrap();
+    }
+    std::fs::write(images.path().join("garbage"), vec![0x5a; 8192]).unwrap();
+    std::fs::write(images.path().join("disk"), vec![0; 1 << 20]).unwrap();
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            extra_args: vec![
+                "--vm-image-root".into(),
+                images.path().to_string_lossy().into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = d.client("admin").await.unwrap();
+    Some(Env { d, c, images })
+}
+
+impl Env {
+    fn image(&self, name: &str) -> String {
+        self.images.path().join(name).to_string_lossy().into_owned()
+    }
+
+    fn vm(&self, name: &str, kernel: &str) -> pb::VirtualMachine {
+        pb::VirtualMachine {
+            name: name.into(),
+            kernel_path: self.image(kernel),
+            cmdline: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        }
+    }
+
+    async fn console(&self, name: &str) -> String {
+        let mut s = self
+            .c
+            .virtual_machines()
+            .console(pb::LogsRequest {
+                name: name.into(),
+                follow: false,
+                from_offset: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(c) = s.message().await.unwrap() {
+            out.extend(c.data);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn get(&self, name: &str) -> pb::VirtualMachineStatus {
+        self.c
+            .virtual_machines()
+            .get(pb::NameRef { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn wait(&self, name: &str) -> pb::VirtualMachineStatus {
+        self.c
+            .virtual_machines()
+            .wait(pb::WaitRequest {
+                name: name.into(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn free(&self, name: &str) {
+        self.c
+            .virtual_machines()
+            .free(pb::NameRef { name: name.into() })
+            .await
+            .unwrap();
+    }
+}
+
+fn threads(pid: i32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let get = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        };
+        out.push((get("Name:"), get("Seccomp:")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_runs_jailed_reports_and_stops() {
+    let Some(e) = env("a_vm_runs_jailed_reports_and_stops").await else {
+        return;
+    };
+    let mut vm = e.vm("hello", "hello");
+    vm.vcpus = 2;
+    let st =
+        e.c.runtime()
+            .run_virtual_machine(vm)
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(st.phase, pb::Phase::Running as i32, "{st:?}");
+    let pid = st.vmm_pid;
+    assert!(pid > 0);
+    // Console and boot timer through the API.
+    let t = Instant::now();
+    let mut console = String::new();
+    while !console.contains("OK") && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        console = e.console("hello").await;
+    }
+    assert_eq!(console, "OK\n");
+    let st = e.get("hello").await;
+    let boot = st.boot_time.expect("boot time reported");
+    assert!(boot.seconds < 20, "{boot:?}");
+    // The jail, seen from the host: its own cgroup under vms/, its own mount namespace
+    // whose root holds only its files, no capabilities, and every thread filtered.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.trim_end().ends_with("/vms/hello/_procs"), "{cgroup}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for cap in ["CapPrm", "CapEff", "CapBnd", "CapInh", "CapAmb"] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{cap}:")))
+            .unwrap()
+            .trim();
+        assert_eq!(v, "0000000000000000", "{cap}");
+    }
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(
+        root,
+        ["dev", "kernel"],
+        "the jail holds only the VM's files"
+    );
+    let mine = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        mine
+    );
+    let ts = threads(pid);
+    println!("VMM threads: {ts:?}");
+    assert!(
+        ts.iter().filter(|(n, _)| n.starts_with("vcpu")).count() == 2,
+        "{ts:?}"
+    );
+    assert!(
+        ts.iter().all(|(_, s)| s == "2"),
+        "every VMM thread is filtered: {ts:?}"
+    );
+    // Stop: the guest halts, the VMM exits cleanly, the status says so.
+    let st =
+        e.c.virtual_machines()
+            .stop(pb::StopRequest {
+                name: "hello".into(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(st.phase, pb::Phase::Exited as i32, "{st:?}");
+    assert!(st.message.contains("stopped"), "{st:?}");
+    assert_eq!(st.vmm_pid, 0);
+    e.free("hello").await;
+    let cg = e.d.cgroup.clone().unwrap();
+    assert!(!cg.join("vms/hello").exists(), "the VM's cgroup is removed");
+    let err =
+        e.c.virtual_machines()
+            .get(pb::NameRef {
+                name: "hello".into(),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_that_end_crash_or_lose_their_vmm_are_reported() {
+    let Some(e) = env("guests_that_end_crash_or_lose_their_vmm_are_reported").await else {
+        return;
+    };
+    // A guest that resets by itself: EXITED, its console kept for replay.
+    e.c.runtime()
+        .run_virtual_machine(e.vm("bye", "bye"))
+        .await
+        .unwrap();
+    let st = e.wait("bye").await;
+    assert_eq!(st.phase, pb::Phase::Exited as i32, "{st:?}");
+    assert!(st.message.contains("reset"), "{st:?}");
+    assert_eq!(e.console("bye").await, "bye");
+    // A triple fault: FAILED with the cause.
+    e.c.runtime()
+        .run_virtual_machine(e.vm("fault", "fault"))
+        .await
+        .unwrap();
+    let st = e.wait("fault").await;
+    assert_eq!(st.phase, pb::Phase::Failed as i32, "{st:?}");
+    assert!(st.message.contains("triple fault"), "{st:?}");
+    // The VMM killed behind auraed's back: FAILED, and auraed knows.
+    let st =
+        e.c.runtime()
+            .run_virtual_machine(e.vm("victim", "hello"))
+            .await
+            .unwrap()
+            .into_inner();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.vmm_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let st = e.wait("victim").await;
+    assert_eq!(st.phase, pb::Phase::Failed as i32, "{st:?}");
+    assert!(st.message.contains("without a report"), "{st:?}");
+    for n in ["bye", "fault", "victim"] {
+        e.free(n).await;
+    }
+    // The daemon is unaffected.
+    assert!(
+        e.c.health()
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_vm_requests_fail_precisely_and_leave_nothing() {
+    let Some(e) = env("bad_vm_requests_fail_precisely_and_leave_nothing").await else {
+        return;
+    };
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    let huge = 1u64 << 40;
+    let cases: Vec<(&str, pb::VirtualMachine, Code, &str)> = vec![
+        (
+            "not a kernel",
+            e.vm("a", "garbage"),
+            Code::FailedPrecondition,
+            "kernel",
+        ),
+        (
+            "missing kernel",
+            e.vm("a", "nope"),
+            Code::InvalidArgument,
+            "kernel_path",
+        ),
+        (
+            "kernel outside the image roots",
+            pb::VirtualMachine {
+                kernel_path: outside.path().to_string_lossy().into(),
+                ..e.vm("a", "hello")
+            },
+            Code::FailedPrecondition,
+            "--vm-image-root",
+        ),
+        (
+            "drive outside the image roots",
+            pb::VirtualMachine {
+                drives: vec![pb::Drive {
+                    path: "/etc/passwd".into(),
+                    read_only: true,
+                }],
+                ..e.vm("a", "hello")
+            },
+            Code::FailedPrecondition,
+            "drives[0].path",
+        ),
+        (
+            "zero vcpus",
+            pb::VirtualMachine {
+                vcpus: 0,
+                ..e.vm("a", "hello")
+            },
+            Code::InvalidArgument,
+            "vcpus",
+        ),
+        (
+            "33 vcpus",
+            pb::VirtualMachine {
+                vcpus: 33,
+                ..e.vm("a", "hello")
+            },
+            Code::InvalidArgument,
+            "vcpus",
+        ),
+        (
+            "1 MiB of memory",
+            pb::VirtualMachine {
+                memory_bytes: 1 << 20,
+                ..e.vm("a", "hello")
+            },
+            Code::InvalidArgument,
+            "memory_bytes",
+        ),
+        (
+            "more memory than the host",
+            pb::VirtualMachine {
+                memory_bytes: huge,
+                ..e.vm("a", "hello")
+            },
+            Code::InvalidArgument,
+            "memory_bytes",
+        ),
+        (
+            "two interfaces",
+            pb::VirtualMachine {
+                interfaces: vec![pb::NetworkInterface::default(); 2],
+                ..e.vm("a", "hello")
+            },
+            Code::InvalidArgument,
+            "interfaces",
+        ),
+    ];
+    for (what, vm, want, mention) in cases {
+        let err = e.c.runtime().run_virtual_machine(vm).await.unwrap_err();
+        assert_eq!(err.code(), want, "{what}: {err:?}");
+        assert!(err.message().contains(mention), "{what}: {}", err.message());
+        let left =
+            e.c.virtual_machines()
+                .list(pb::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+        assert!(left.virtual_machines.is_empty(), "{what}: {left:?}");
+        let cg = e.d.cgroup.clone().unwrap();
+        assert!(!cg.join("vms/a").exists(), "{what}: no cgroup left");
+    }
+    // A name in use.
+    e.c.runtime()
+        .run_virtual_machine(e.vm("dup", "hello"))
+        .await
+        .unwrap();
+    let err =
+        e.c.runtime()
+            .run_virtual_machine(e.vm("dup", "hello"))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    e.free("dup").await;
+    // Cells cannot take the VMs' cgroup group.
+    let err =
+        e.c.cells()
+            .allocate(pb::Cell {
+                name: "vms".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let _ = PathBuf::new();
+}
