@@ -450,6 +450,16 @@ const GUEST_MODULES: &[&str] = &[
     "drivers/net/virtio_net",
     // Containers' roots.
     "fs/overlayfs/overlay",
+    // Nested KVM for microVMs (QEMU TCG `-cpu max` emulates AMD SVM).
+    "virt/lib/irqbypass",
+    "arch/x86/kvm/kvm",
+    "drivers/crypto/ccp/ccp",
+    "arch/x86/kvm/kvm-amd",
+    // The microVMs' network: a bridge and TAP devices.
+    "net/llc/llc",
+    "net/802/stp",
+    "net/bridge/bridge",
+    "drivers/net/tun",
 ];
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

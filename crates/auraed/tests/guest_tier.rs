@@ -519,3 +519,203 @@ async fn guest_pid1_comes_up_with_what_it_has_and_reports_the_rest() {
         1
     );
 }
+
+/// The microVM's initramfs: busybox, the virtio modules of the same kernel, and an init
+/// that writes the boot-timer port, prints a marker, brings eth0 up with the address
+/// auraed put on its command line, pings the gateway over the TAP, and powers off.
+fn microvm_initramfs() -> Vec<u8> {
+    use cpio::Entry::{CharDev, Dir, File, Symlink};
+    let art = aurae_testkit::guest::artifacts();
+    let modroot = std::fs::read_dir(art.join("kernel-pkg/lib/modules"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path()
+        .join("kernel");
+    let mut e = Vec::new();
+    for d in ["bin", "dev", "proc", "sys", "lib", "tmp"] {
+        e.push(Dir {
+            path: d.into(),
+            mode: 0o755,
+        });
+    }
+    e.push(CharDev {
+        path: "dev/console".into(),
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    });
+    e.push(File {
+        path: "bin/busybox".into(),
+        mode: 0o755,
+        data: std::fs::read(art.join("busybox")).unwrap(),
+    });
+    for a in [
+        "sh", "mount", "dd", "printf", "ip", "ping", "insmod", "cat", "sed", "echo", "poweroff",
+        "sleep",
+    ] {
+        e.push(Symlink {
+            path: format!("bin/{a}"),
+            target: "busybox".into(),
+        });
+    }
+    let mods = [
+        "drivers/virtio/virtio",
+        "drivers/virtio/virtio_ring",
+        "drivers/virtio/virtio_mmio",
+        "net/core/failover",
+        "drivers/net/net_failover",
+        "drivers/net/virtio_net",
+    ];
+    for m in mods {
+        let name = m.rsplit('/').next().unwrap();
+        e.push(File {
+            path: format!("lib/{name}.ko"),
+            mode: 0o644,
+            data: std::fs::read(modroot.join(format!("{m}.ko"))).unwrap(),
+        });
+    }
+    let script = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+printf '\173' | dd of=/dev/port bs=1 seek=1088 count=1 2>/dev/null
+echo AURAE_MICROVM_MARKER
+for m in virtio_ring virtio virtio_mmio failover net_failover virtio_net; do insmod /lib/$m.ko; done
+ADDR=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\1/p' /proc/cmdline)
+GW=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\2/p' /proc/cmdline)
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 1; done
+ip addr add $ADDR/24 dev eth0
+ip link set eth0 up
+if ping -c 1 -W 10 $GW >/dev/null; then echo AURAE_MICROVM_PING_OK; else echo AURAE_MICROVM_PING_FAILED; fi
+poweroff -f
+"#;
+    e.push(File {
+        path: "init".into(),
+        mode: 0o755,
+        data: script.as_bytes().to_vec(),
+    });
+    let mut out = Vec::new();
+    cpio::write(&mut out, &e).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_boots_a_microvm_through_the_api() {
+    if !tier::check(
+        "guest_tier_boots_a_microvm_through_the_api",
+        Tier::Guest,
+        needs_guest(),
+    ) {
+        return;
+    }
+    use cpio::Entry::{Dir, File};
+    let art = aurae_testkit::guest::artifacts();
+    let mut files = vec![
+        Dir {
+            path: "var/lib/aurae".into(),
+            mode: 0o700,
+        },
+        Dir {
+            path: "var/lib/aurae/vm-images".into(),
+            mode: 0o755,
+        },
+    ];
+    files.push(File {
+        path: "var/lib/aurae/vm-images/vmlinuz".into(),
+        mode: 0o644,
+        data: std::fs::read(art.join("vmlinuz")).unwrap(),
+    });
+    files.push(File {
+        path: "var/lib/aurae/vm-images/initrd".into(),
+        mode: 0o644,
+        data: microvm_initramfs(),
+    });
+    let g = Guest::boot(GuestOptions {
+        extra_files: files,
+        memory_mib: 1536,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = g.client("admin").await.unwrap();
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.warnings.is_empty(), "{:?}", info.warnings);
+    let t = std::time::Instant::now();
+    let st = c
+        .runtime()
+        .run_virtual_machine(pb::VirtualMachine {
+            name: "micro".into(),
+            kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+            initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
+            cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            interfaces: vec![pb::NetworkInterface::default()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunVirtualMachine in the guest: {e:?}\n{}", g.serial_text()))
+        .into_inner();
+    assert_eq!(st.addresses, ["10.200.0.2"], "{st:?}");
+    let done = c
+        .virtual_machines()
+        .wait(pb::WaitRequest {
+            name: "micro".into(),
+            timeout: Some(prost_types::Duration {
+                seconds: 300,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let wall = t.elapsed();
+    let mut s = c
+        .virtual_machines()
+        .console(pb::LogsRequest {
+            name: "micro".into(),
+            follow: false,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut console = Vec::new();
+    while let Some(chunk) = s.message().await.unwrap() {
+        console.extend(chunk.data);
+    }
+    let console = String::from_utf8_lossy(&console);
+    println!(
+        "microVM: boot timer {:?}, whole run {:.1} s; console tail:\n{}",
+        done.boot_time,
+        wall.as_secs_f64(),
+        console
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(console.contains("AURAE_MICROVM_MARKER"), "{console}");
+    assert!(done.boot_time.is_some(), "boot timer reported: {done:?}");
+    assert!(console.contains("AURAE_MICROVM_PING_OK"), "{console}");
+    assert_eq!(done.phase, pb::Phase::Exited as i32, "{done:?}");
+    assert!(done.message.contains("poweroff"), "{done:?}");
+    c.virtual_machines()
+        .free(pb::NameRef {
+            name: "micro".into(),
+        })
+        .await
+        .unwrap();
+}
