@@ -459,6 +459,13 @@ enum VmCmd {
         vcpus: u32,
         #[arg(long, value_parser = parse_size, default_value = "256M")]
         memory: u64,
+        /// A block device `PATH[:ro]` under one of auraed's --vm-image-root (repeatable;
+        /// the first is /dev/vda).
+        #[arg(long = "drive")]
+        drives: Vec<String>,
+        /// Attach a network interface (a TAP on auraed's bridge; the address is leased).
+        #[arg(long)]
+        net: bool,
     },
     Get {
         name: String,
@@ -867,7 +874,22 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                     cmdline,
                     vcpus,
                     memory,
+                    drives,
+                    net,
                 } => {
+                    let drives = drives
+                        .iter()
+                        .map(|d| match d.strip_suffix(":ro") {
+                            Some(p) => pb::Drive {
+                                path: p.to_owned(),
+                                read_only: true,
+                            },
+                            None => pb::Drive {
+                                path: d.clone(),
+                                read_only: false,
+                            },
+                        })
+                        .collect();
                     let s = c
                         .runtime()
                         .run_virtual_machine(pb::VirtualMachine {
@@ -877,7 +899,12 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                             cmdline,
                             vcpus,
                             memory_bytes: memory,
-                            ..Default::default()
+                            drives,
+                            interfaces: if net {
+                                vec![pb::NetworkInterface::default()]
+                            } else {
+                                Vec::new()
+                            },
                         })
                         .await?
                         .into_inner();

@@ -466,3 +466,101 @@ fn build_initramfs(
     f.flush()?;
     Ok(())
 }
+
+/// The microVM's initramfs: busybox, the virtio modules of the same kernel, and an init
+/// that writes the boot-timer port (0x440), prints [`MICROVM_MARKER`], with `network` brings
+/// eth0 up with the address auraed put on its command line and pings the gateway over the
+/// TAP, and powers off.
+pub fn microvm_initramfs(network: bool) -> anyhow::Result<Vec<u8>> {
+    use crate::cpio::Entry::{CharDev, Dir, File, Symlink};
+    let art = artifacts();
+    let modroot = std::fs::read_dir(art.join("kernel-pkg/lib/modules"))?
+        .flatten()
+        .next()
+        .context("no kernel modules in the guest artifacts")?
+        .path()
+        .join("kernel");
+    let mut e = Vec::new();
+    for d in ["bin", "dev", "proc", "sys", "lib", "tmp"] {
+        e.push(Dir {
+            path: d.into(),
+            mode: 0o755,
+        });
+    }
+    e.push(CharDev {
+        path: "dev/console".into(),
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    });
+    e.push(File {
+        path: "bin/busybox".into(),
+        mode: 0o755,
+        data: std::fs::read(art.join("busybox"))?,
+    });
+    for a in [
+        "sh", "mount", "dd", "printf", "ip", "ping", "insmod", "cat", "sed", "echo", "poweroff",
+        "grep", "mknod", "sleep",
+    ] {
+        e.push(Symlink {
+            path: format!("bin/{a}"),
+            target: "busybox".into(),
+        });
+    }
+    let mods = [
+        "drivers/virtio/virtio",
+        "drivers/virtio/virtio_ring",
+        "drivers/virtio/virtio_mmio",
+        "net/core/failover",
+        "drivers/net/net_failover",
+        "drivers/net/virtio_net",
+        "drivers/block/virtio_blk",
+    ];
+    for m in mods {
+        let name = m.rsplit('/').next().unwrap_or(m);
+        e.push(File {
+            path: format!("lib/{name}.ko"),
+            mode: 0o644,
+            data: std::fs::read(modroot.join(format!("{m}.ko")))?,
+        });
+    }
+    let net = if network { NET_SCRIPT } else { "" };
+    let script = format!(
+        r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+printf '\173' | dd of=/dev/port bs=1 seek=1088 count=1 2>/dev/null
+echo AURAE_MICROVM_MARKER
+{net}poweroff -f
+"#
+    );
+    e.push(File {
+        path: "init".into(),
+        mode: 0o755,
+        data: script.as_bytes().to_vec(),
+    });
+    let mut out = Vec::new();
+    crate::cpio::write(&mut out, &e)?;
+    Ok(out)
+}
+
+/// The marker the microVM's init prints once it runs.
+pub const MICROVM_MARKER: &str = "AURAE_MICROVM_MARKER";
+
+/// What the first drive of the network-enabled microVM starts with (the test writes it).
+pub const MICROVM_DISK_MARKER: &str = "AURAE_DISK_CONTENT";
+
+const NET_SCRIPT: &str = r#"for m in virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_blk; do insmod /lib/$m.ko; done
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vda ] && break; sleep 1; done
+[ -e /dev/vda ] || mknod /dev/vda b $(sed 's/:/ /' /sys/block/vda/dev)
+if dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -q AURAE_DISK_CONTENT; then echo AURAE_MICROVM_DISK_OK; else echo AURAE_MICROVM_DISK_FAILED; fi
+if echo x | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then echo AURAE_MICROVM_DISK_WRITABLE; else echo AURAE_MICROVM_DISK_READONLY; fi
+ADDR=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\1/p' /proc/cmdline)
+GW=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\2/p' /proc/cmdline)
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 1; done
+ip addr add $ADDR/24 dev eth0
+ip link set eth0 up
+if ping -c 1 -W 10 $GW >/dev/null; then echo AURAE_MICROVM_PING_OK; else echo AURAE_MICROVM_PING_FAILED; fi
+"#;

@@ -520,88 +520,6 @@ async fn guest_pid1_comes_up_with_what_it_has_and_reports_the_rest() {
     );
 }
 
-/// The microVM's initramfs: busybox, the virtio modules of the same kernel, and an init
-/// that writes the boot-timer port, prints a marker, brings eth0 up with the address
-/// auraed put on its command line, pings the gateway over the TAP, and powers off.
-fn microvm_initramfs() -> Vec<u8> {
-    use cpio::Entry::{CharDev, Dir, File, Symlink};
-    let art = aurae_testkit::guest::artifacts();
-    let modroot = std::fs::read_dir(art.join("kernel-pkg/lib/modules"))
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path()
-        .join("kernel");
-    let mut e = Vec::new();
-    for d in ["bin", "dev", "proc", "sys", "lib", "tmp"] {
-        e.push(Dir {
-            path: d.into(),
-            mode: 0o755,
-        });
-    }
-    e.push(CharDev {
-        path: "dev/console".into(),
-        mode: 0o600,
-        major: 5,
-        minor: 1,
-    });
-    e.push(File {
-        path: "bin/busybox".into(),
-        mode: 0o755,
-        data: std::fs::read(art.join("busybox")).unwrap(),
-    });
-    for a in [
-        "sh", "mount", "dd", "printf", "ip", "ping", "insmod", "cat", "sed", "echo", "poweroff",
-        "sleep",
-    ] {
-        e.push(Symlink {
-            path: format!("bin/{a}"),
-            target: "busybox".into(),
-        });
-    }
-    let mods = [
-        "drivers/virtio/virtio",
-        "drivers/virtio/virtio_ring",
-        "drivers/virtio/virtio_mmio",
-        "net/core/failover",
-        "drivers/net/net_failover",
-        "drivers/net/virtio_net",
-    ];
-    for m in mods {
-        let name = m.rsplit('/').next().unwrap();
-        e.push(File {
-            path: format!("lib/{name}.ko"),
-            mode: 0o644,
-            data: std::fs::read(modroot.join(format!("{m}.ko"))).unwrap(),
-        });
-    }
-    let script = r#"#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-printf '\173' | dd of=/dev/port bs=1 seek=1088 count=1 2>/dev/null
-echo AURAE_MICROVM_MARKER
-for m in virtio_ring virtio virtio_mmio failover net_failover virtio_net; do insmod /lib/$m.ko; done
-ADDR=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\1/p' /proc/cmdline)
-GW=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\2/p' /proc/cmdline)
-for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 1; done
-ip addr add $ADDR/24 dev eth0
-ip link set eth0 up
-if ping -c 1 -W 10 $GW >/dev/null; then echo AURAE_MICROVM_PING_OK; else echo AURAE_MICROVM_PING_FAILED; fi
-poweroff -f
-"#;
-    e.push(File {
-        path: "init".into(),
-        mode: 0o755,
-        data: script.as_bytes().to_vec(),
-    });
-    let mut out = Vec::new();
-    cpio::write(&mut out, &e).unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_tier_boots_a_microvm_through_the_api() {
     if !tier::check(
@@ -628,10 +546,19 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
         mode: 0o644,
         data: std::fs::read(art.join("vmlinuz")).unwrap(),
     });
+    let mut disk = aurae_testkit::guest::MICROVM_DISK_MARKER
+        .as_bytes()
+        .to_vec();
+    disk.resize(1 << 20, 0);
+    files.push(File {
+        path: "var/lib/aurae/vm-images/disk".into(),
+        mode: 0o644,
+        data: disk,
+    });
     files.push(File {
         path: "var/lib/aurae/vm-images/initrd".into(),
         mode: 0o644,
-        data: microvm_initramfs(),
+        data: aurae_testkit::guest::microvm_initramfs(true).unwrap(),
     });
     let g = Guest::boot(GuestOptions {
         extra_files: files,
@@ -659,6 +586,10 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
             vcpus: 1,
             memory_bytes: 256 << 20,
             interfaces: vec![pb::NetworkInterface::default()],
+            drives: vec![pb::Drive {
+                path: "/var/lib/aurae/vm-images/disk".into(),
+                read_only: true,
+            }],
             ..Default::default()
         })
         .await
@@ -710,6 +641,8 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
     assert!(console.contains("AURAE_MICROVM_MARKER"), "{console}");
     assert!(done.boot_time.is_some(), "boot timer reported: {done:?}");
     assert!(console.contains("AURAE_MICROVM_PING_OK"), "{console}");
+    assert!(console.contains("AURAE_MICROVM_DISK_OK"), "{console}");
+    assert!(console.contains("AURAE_MICROVM_DISK_READONLY"), "{console}");
     assert_eq!(done.phase, pb::Phase::Exited as i32, "{done:?}");
     assert!(done.message.contains("poweroff"), "{done:?}");
     c.virtual_machines()

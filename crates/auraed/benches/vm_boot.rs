@@ -1,0 +1,359 @@
+//! microVM boot benchmark, inside one guest-tier machine (QEMU TCG `-cpu max`, nested KVM):
+//! the same Debian kernel and initramfs (an init that prints a marker and powers off) booted
+//! through `RunVirtualMachine` (our VMM) and by `qemu-system-x86_64 -M microvm -enable-kvm`
+//! started as an executable of a cell, interleaved round by round. Time = request sent →
+//! marker in the console (for both: read through the API). Also the VMM's memory overhead:
+//! its RSS minus the guest memory it has touched (Firecracker promises ≤ 5 MiB).
+//!
+//! Needs the guest tier (root, qemu, `cargo xtask guest`); prints SKIP otherwise.
+//! `AURAE_BENCH_ROUNDS` (default 3).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    cpio::Entry,
+    guest::{Guest, GuestOptions, MICROVM_MARKER, artifacts, microvm_initramfs, needs_guest},
+    workload,
+};
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const FIRMWARE: [&str; 4] = [
+    "/usr/share/seabios/bios-microvm.bin",
+    "/usr/share/qemu/qboot.rom",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/linuxboot.bin",
+];
+
+/// `path` (and its parent directories) as initramfs entries, symlinks followed.
+fn host_file(path: &Path, seen: &mut std::collections::BTreeSet<String>, out: &mut Vec<Entry>) {
+    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+    let mut acc = String::new();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for p in &parts[..parts.len() - 1] {
+        if !acc.is_empty() {
+            acc.push('/');
+        }
+        acc.push_str(p);
+        if seen.insert(acc.clone()) {
+            out.push(Entry::Dir {
+                path: acc.clone(),
+                mode: 0o755,
+            });
+        }
+    }
+    if seen.insert(rel.clone())
+        && let Ok(data) = std::fs::read(path)
+    {
+        out.push(Entry::File {
+            path: rel,
+            mode: 0o755,
+            data,
+        });
+    }
+}
+
+/// QEMU, the shared libraries `ldd` names, and the microvm firmware.
+fn qemu_files() -> Option<Vec<Entry>> {
+    let ldd = std::process::Command::new("ldd").arg(QEMU).output().ok()?;
+    let mut seen = std::collections::BTreeSet::new();
+    // The initramfs of the guest already has these directories.
+    for d in [
+        "bin", "dev", "etc", "lib", "proc", "sys", "run", "tmp", "var", "var/lib", "sbin", "usr",
+        "usr/bin",
+    ] {
+        seen.insert(d.to_owned());
+    }
+    let mut out = Vec::new();
+    host_file(Path::new(QEMU), &mut seen, &mut out);
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(str::to_owned);
+        if let Some(p) = path {
+            host_file(Path::new(&p), &mut seen, &mut out);
+        }
+    }
+    for f in FIRMWARE {
+        host_file(Path::new(f), &mut seen, &mut out);
+    }
+    Some(out)
+}
+
+async fn console_has_marker(c: &Client, vm: &str) -> bool {
+    let Ok(s) = c
+        .virtual_machines()
+        .console(pb::LogsRequest {
+            name: vm.into(),
+            follow: false,
+            from_offset: 0,
+        })
+        .await
+    else {
+        return false;
+    };
+    let mut s = s.into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = s.message().await {
+        out.extend(chunk.data);
+    }
+    String::from_utf8_lossy(&out).contains(MICROVM_MARKER)
+}
+
+async fn exe_has_marker(c: &Client, cell: &str, name: &str) -> bool {
+    let Ok(s) = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(workload::exe_ref(cell, name)),
+            follow: false,
+            from_offset: 0,
+        })
+        .await
+    else {
+        return false;
+    };
+    let mut s = s.into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = s.message().await {
+        out.extend(chunk.data);
+    }
+    String::from_utf8_lossy(&out).contains(MICROVM_MARKER)
+}
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+const MEMORY: u64 = 256 << 20;
+
+/// The VMM's VmRSS and the RSS of its guest-memory mapping, in KiB, read by an
+/// executable of a cell that shares the machine's PID namespace.
+async fn vmm_memory(c: &Client, pid: i32, round: usize) -> Option<(u64, u64)> {
+    let (_, out) = workload::run_to_end(
+        c,
+        pb::Executable {
+            cell: "probe".into(),
+            name: format!("smaps-{round}"),
+            argv: vec![
+                "/bin/cat".into(),
+                format!("/proc/{pid}/status"),
+                format!("/proc/{pid}/smaps"),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .ok()?;
+    let rss = out
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    // The mapping of exactly the guest's memory size: its Rss is guest memory touched.
+    let lines: Vec<&str> = out.lines().collect();
+    let want = format!("{}", MEMORY / 1024);
+    let mut guest = 0;
+    for (i, l) in lines.iter().enumerate() {
+        if l.starts_with("Size:") && l.split_whitespace().nth(1) == Some(want.as_str()) {
+            guest += lines[i..]
+                .iter()
+                .find_map(|l| l.strip_prefix("Rss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Some((rss, guest))
+}
+
+fn main() {
+    if let Some(reason) = needs_guest() {
+        println!("SKIP vm boot bench: {reason}");
+        return;
+    }
+    let Some(qemu) = qemu_files() else {
+        println!("SKIP vm boot bench: ldd {QEMU} failed");
+        return;
+    };
+    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let art = artifacts();
+    let mut files = vec![
+        Entry::Dir {
+            path: "var/lib/aurae".into(),
+            mode: 0o700,
+        },
+        Entry::Dir {
+            path: "var/lib/aurae/vm-images".into(),
+            mode: 0o755,
+        },
+        Entry::File {
+            path: "var/lib/aurae/vm-images/vmlinuz".into(),
+            mode: 0o644,
+            data: std::fs::read(art.join("vmlinuz")).unwrap(),
+        },
+        Entry::File {
+            path: "var/lib/aurae/vm-images/initrd".into(),
+            mode: 0o644,
+            data: microvm_initramfs(false).unwrap(),
+        },
+    ];
+    files.extend(qemu);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let g = Guest::boot(GuestOptions {
+            extra_files: files,
+            memory_mib: 2048,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let c = g.client("admin").await.unwrap();
+        for (cell, share_pid) in [("qemu", false), ("probe", true)] {
+            c.cells()
+                .allocate(pb::Cell {
+                    name: cell.into(),
+                    namespaces: Some(pb::CellNamespaces {
+                        share_host_pid: share_pid,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        println!("vm boot bench: {rounds} interleaved rounds in one TCG guest with nested KVM");
+        let (mut ours, mut theirs, mut boot_timer, mut overhead) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..rounds {
+            let name = format!("b{i}");
+            let t = Instant::now();
+            let st = c
+                .runtime()
+                .run_virtual_machine(pb::VirtualMachine {
+                    name: name.clone(),
+                    kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+                    initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
+                    cmdline: CMDLINE.into(),
+                    vcpus: 1,
+                    memory_bytes: MEMORY,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut mem = None;
+            while !console_has_marker(&c, &name).await && t.elapsed() < Duration::from_secs(300) {
+                if mem.is_none() && t.elapsed() > Duration::from_secs(2) {
+                    mem = vmm_memory(&c, st.vmm_pid, i).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ours.push(t.elapsed().as_secs_f64());
+            let done = c
+                .virtual_machines()
+                .wait(pb::WaitRequest {
+                    name: name.clone(),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 300,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(b) = done.boot_time {
+                boot_timer.push(b.seconds as f64 + f64::from(b.nanos) / 1e9);
+            }
+            if let Some((rss, guest)) = mem {
+                overhead.push((rss, guest));
+            }
+            c.virtual_machines()
+                .free(pb::NameRef { name })
+                .await
+                .unwrap();
+
+            let qn = format!("q{i}");
+            let t = Instant::now();
+            c.runtime()
+                .run_executable(pb::Executable {
+                    cell: "qemu".into(),
+                    name: qn.clone(),
+                    argv: [
+                        QEMU,
+                        "-M",
+                        "microvm",
+                        "-enable-kvm",
+                        "-cpu",
+                        "host",
+                        "-m",
+                        "256",
+                        "-smp",
+                        "1",
+                        "-nodefaults",
+                        "-no-user-config",
+                        "-display",
+                        "none",
+                        "-serial",
+                        "stdio",
+                        "-no-reboot",
+                        "-bios",
+                        "/usr/share/seabios/bios-microvm.bin",
+                        "-kernel",
+                        "/var/lib/aurae/vm-images/vmlinuz",
+                        "-initrd",
+                        "/var/lib/aurae/vm-images/initrd",
+                        "-append",
+                        CMDLINE,
+                    ]
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            while !exe_has_marker(&c, "qemu", &qn).await && t.elapsed() < Duration::from_secs(300)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            theirs.push(t.elapsed().as_secs_f64());
+            let st = workload::wait(&c, "qemu", &qn).await.unwrap();
+            if st.exit.is_none() {
+                println!("qemu did not exit: {st:?}");
+            }
+        }
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        println!("  aurae RunVirtualMachine → marker  {ours:.2?} s, median {:.2} s", med(ours.clone()));
+        println!("  qemu -M microvm → marker          {theirs:.2?} s, median {:.2} s", med(theirs.clone()));
+        println!(
+            "  ratio aurae/qemu-microvm = {:.2} (target <= 0.5); boot timer medians {:.2} s",
+            med(ours) / med(theirs),
+            med(boot_timer)
+        );
+        for (rss, guest) in &overhead {
+            println!(
+                "  VMM memory: VmRSS {:.1} MiB, guest memory touched {:.1} MiB, overhead {:.1} MiB (target <= 5)",
+                *rss as f64 / 1024.0,
+                *guest as f64 / 1024.0,
+                (*rss as f64 - *guest as f64) / 1024.0
+            );
+        }
+        drop(g);
+    });
+}
