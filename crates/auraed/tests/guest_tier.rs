@@ -590,7 +590,6 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
                 path: "/var/lib/aurae/vm-images/disk".into(),
                 read_only: true,
             }],
-            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("RunVirtualMachine in the guest: {e:?}\n{}", g.serial_text()))
