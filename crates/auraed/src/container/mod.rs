@@ -91,6 +91,16 @@ impl Plan {
         store: &ImageStore,
         volume_roots: &[PathBuf],
     ) -> Result<Self, CellError> {
+        // Pin first, then check: a removal that ran before the pin is seen here, none can
+        // run after it.
+        let pin = Arc::new(store.pin(&image.layers));
+        if let Some(gone) = image.layer_dirs(store).iter().find(|d| !d.is_dir()) {
+            return Err(CellError::Precondition(format!(
+                "image {} was removed while it was being prepared ({} is gone): try again",
+                image.reference,
+                gone.display()
+            )));
+        }
         let process = config::resolve(spec, &image.config, &image.layer_dirs(store))?;
         if spec.volumes.len() > MAX_VOLUMES {
             return Err(FieldError::new(
@@ -132,7 +142,7 @@ impl Plan {
             volumes.push((canon, target, *ro));
         }
         Ok(Self {
-            pin: Arc::new(store.pin(&image.layers)),
+            pin,
             image,
             layers_dir: store.layers_dir(),
             process,
