@@ -13,6 +13,7 @@ pub mod identities;
 pub mod oci;
 pub mod registry;
 pub mod tier;
+pub mod vm;
 pub mod workload;
 
 use std::{

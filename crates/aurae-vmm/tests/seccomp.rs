@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aurae_testkit::vm::tiny_elf;
 use aurae_vmm::{NetConfig, Vm, VmConfig, VmExit};
 
 #[derive(Clone, Default)]
@@ -30,33 +31,6 @@ impl Write for Captured {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// A minimal ELF64 executable with one PT_LOAD segment at `paddr`, entry at `paddr`.
-fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8; 0x1000];
-    v[..4].copy_from_slice(b"\x7fELF");
-    v[4] = 2;
-    v[5] = 1;
-    v[6] = 1;
-    v[16..18].copy_from_slice(&2u16.to_le_bytes());
-    v[18..20].copy_from_slice(&62u16.to_le_bytes());
-    v[20..24].copy_from_slice(&1u32.to_le_bytes());
-    v[24..32].copy_from_slice(&paddr.to_le_bytes());
-    v[32..40].copy_from_slice(&64u64.to_le_bytes());
-    v[52..54].copy_from_slice(&64u16.to_le_bytes());
-    v[54..56].copy_from_slice(&56u16.to_le_bytes());
-    v[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 64;
-    v[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-    v[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
-    v[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
-    v[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-    v[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-    v[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    v[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes());
-    v[0x800..0x800 + code.len()].copy_from_slice(code);
-    v
 }
 
 /// `(name, seccomp mode)` of every thread of this process.
@@ -143,8 +117,11 @@ fn run_filtered(vcpus: u8, net: Option<NetConfig>) -> (Vec<(String, u8)>, VmExit
 
 #[test]
 fn every_vmm_thread_is_filtered() {
-    if std::fs::File::open("/dev/kvm").is_err() {
-        println!("SKIP seccomp: cannot open /dev/kvm");
+    if !aurae_testkit::tier::check(
+        "every_vmm_thread_is_filtered",
+        aurae_testkit::tier::Tier::Host,
+        aurae_testkit::vm::needs_kvm(),
+    ) {
         return;
     }
     let (seen, exit, bytes) = run_filtered(2, None);
