@@ -109,7 +109,10 @@ impl Daemon {
             cmd.arg("--policy").arg(path);
         }
         cmd.args(&opts.extra_args)
-            .env("AURAED_LOG", "info")
+            .env(
+                "AURAED_LOG",
+                std::env::var("AURAE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);

@@ -437,6 +437,39 @@ async fn run() {
             peer_medians[k]
         );
     }
+    if std::env::var_os("AURAE_BENCH_TIMINGS").is_some() {
+        // With AURAE_TEST_DAEMON_LOG=auraed=debug: the daemon's own phase timings, medians.
+        let log = d.log_text();
+        for what in [
+            "RunCell timings",
+            "spawn timings",
+            "run timings",
+            "Free timings",
+        ] {
+            let mut fields: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+            for l in log.lines().filter(|l| l.contains(what)) {
+                for w in l.split_whitespace() {
+                    if let Some((k, v)) = w.split_once('=')
+                        && k.ends_with("_us")
+                        && let Ok(n) = v.parse::<u64>()
+                    {
+                        fields.entry(k.to_owned()).or_default().push(n);
+                    }
+                }
+            }
+            let med: Vec<String> = fields
+                .iter_mut()
+                .map(|(k, v)| {
+                    // The last rounds are B3's (the others are B1's and B2's).
+                    let n = v.len().saturating_sub(rounds2);
+                    v.drain(..n);
+                    v.sort_unstable();
+                    format!("{k} {}", v[v.len() / 2])
+                })
+                .collect();
+            println!("  {what}: {}", med.join(", "));
+        }
+    }
     drop(d);
     drop(reg);
 }

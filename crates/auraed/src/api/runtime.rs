@@ -125,7 +125,9 @@ impl Runtime for RuntimeApi {
         let Some(container) = spec.container.clone() else {
             return Err(Status::invalid_argument("container: is missing"));
         };
+        let t0 = std::time::Instant::now();
         let plan = self.plan(&container).await?;
+        let t_plan = t0.elapsed();
         authorize_uid(&caller, Some(plan.process.uid), spec.name.as_str())?;
         let name = spec.name.clone();
         let mut exe = ExecutableSpec {
@@ -141,6 +143,7 @@ impl Runtime for RuntimeApi {
         };
         plan.apply(&mut exe);
         self.ctx.cells.allocate(spec).await?;
+        let t_alloc = t0.elapsed();
         if let Err(e) = self.ctx.cells.run(exe, Some(plan)).await {
             // Nothing stays behind from a container that could not start.
             if let Err(free) = self.ctx.cells.free(&name).await {
@@ -148,6 +151,13 @@ impl Runtime for RuntimeApi {
             }
             return Err(e.into());
         }
+        tracing::debug!(
+            cell = %name,
+            plan_us = t_plan.as_micros() as u64,
+            allocate_us = (t_alloc - t_plan).as_micros() as u64,
+            start_us = (t0.elapsed() - t_alloc).as_micros() as u64,
+            "RunCell timings"
+        );
         Ok(Response::new(self.ctx.cells.get(&name)?))
     }
 

@@ -689,9 +689,11 @@ impl Cells {
         let cell2 = cell.clone();
         let containers_dir = self.containers_dir.clone();
         let image_digest = container.as_ref().map(|p| p.image.digest.clone());
+        let t_spawn = Instant::now();
         let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
             let mut rootfs = None;
             let r = (|| {
+                let t = Instant::now();
                 let leaf = tree.leaf_fd(&cell2.spec.name)?;
                 let init = cell2.init.as_ref();
                 let args = match &container {
@@ -726,9 +728,17 @@ impl Cells {
                     unshare: Ns(if setup.is_some() { Ns::MOUNT } else { 0 }),
                     container: setup.as_ref(),
                 };
-                me.reaper
+                let t_prep = t.elapsed();
+                let r = me
+                    .reaper
                     .spawn(|| aurae_sys::spawn(&req))
-                    .map_err(|source| container_error(args.as_ref(), source))
+                    .map_err(|source| container_error(args.as_ref(), source));
+                tracing::debug!(
+                    prepare_us = t_prep.as_micros() as u64,
+                    clone_to_exec_us = (t.elapsed() - t_prep).as_micros() as u64,
+                    "spawn timings"
+                );
+                r
             })();
             (prepared, r, rootfs)
         })
@@ -736,6 +746,10 @@ impl Cells {
         .map_err(|e| CellError::Precondition(format!("spawn task: {e}")))?;
         // On failure `rootfs` is dropped here, and its directories with it.
         let child = child?;
+        tracing::debug!(
+            total_us = t_spawn.elapsed().as_micros() as u64,
+            "run timings"
+        );
         let Prepared {
             stdin,
             stdin_data,
@@ -928,7 +942,9 @@ impl Cells {
         let _ops = self.ops.lock().await;
         let tree = self.tree()?;
         self.find(name)?;
+        let t0 = Instant::now();
         self.stop_locked(name, Duration::ZERO).await?;
+        let t_stop = t0.elapsed();
         let mut family: Vec<CellName> = self
             .family(name)
             .iter()
@@ -954,6 +970,12 @@ impl Cells {
                 .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
             info!(cell = %n, "cell freed");
         }
+        tracing::debug!(
+            cell = %name,
+            stop_us = t_stop.as_micros() as u64,
+            remove_us = (t0.elapsed() - t_stop).as_micros() as u64,
+            "Free timings"
+        );
         Ok(())
     }
 
