@@ -1,5 +1,5 @@
 //! The default seccomp filter of a container: an allowlist (everything else fails with
-//! EPERM), written out as classic BPF here (pure Rust, once per daemon; see [`compile`]
+//! EPERM), written out as classic BPF here (pure Rust, once per daemon; see `compile`
 //! for why not a general rule compiler).
 //!
 //! Modelled on the default profiles of Docker and containerd, tighter where they allow
