@@ -8,6 +8,26 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+/// The sealed copy of our binary, made on first use and shared (the cell inits and the
+/// VMM processes are all executed from it).
+#[derive(Debug, Default)]
+pub struct SealedSelf(std::sync::Mutex<Option<std::sync::Arc<OwnedFd>>>);
+
+impl SealedSelf {
+    pub fn get(&self) -> io::Result<std::sync::Arc<OwnedFd>> {
+        let mut g = self
+            .0
+            .lock()
+            .map_err(|_| io::Error::other("sealed binary lock poisoned"))?;
+        if let Some(fd) = g.as_ref() {
+            return Ok(fd.clone());
+        }
+        let fd = std::sync::Arc::new(sealed_copy_of_self()?);
+        *g = Some(fd.clone());
+        Ok(fd)
+    }
+}
+
 /// Copies `/proc/self/exe` into a memfd and seals it against every change.
 pub fn sealed_copy_of_self() -> io::Result<OwnedFd> {
     let name = CString::new("auraed-sealed").map_err(io::Error::other)?;

@@ -114,6 +114,65 @@ fn time_cmd(cmd: &mut Command) -> (Duration, bool) {
     (t.elapsed(), ok)
 }
 
+/// crun and runc running the same bundle, timed round by round beside aurae.
+struct Peers<'a> {
+    tools: Vec<&'a str>,
+    state: &'a Path,
+    bundle: Option<PathBuf>,
+    times: Vec<Vec<Duration>>,
+    fails: Vec<usize>,
+}
+
+impl<'a> Peers<'a> {
+    fn new(tools: &[&'a str], state: &'a Path, bundle: Option<PathBuf>) -> Self {
+        Self {
+            tools: tools.to_vec(),
+            state,
+            bundle,
+            times: vec![Vec::new(); tools.len()],
+            fails: vec![0; tools.len()],
+        }
+    }
+
+    /// One `run` of each peer; recorded unless it is a warm-up round.
+    fn round(&mut self, tag: &str, i: usize, record: bool) {
+        let Some(bundle) = &self.bundle else { return };
+        for (k, tool) in self.tools.iter().enumerate() {
+            let id = format!("aurae-{tag}-{}-{i}", std::process::id());
+            let (dt, ok) = time_cmd(
+                Command::new(tool)
+                    .arg("--root")
+                    .arg(self.state.join(format!("state-{tool}")))
+                    .args(["run", "-b"])
+                    .arg(bundle)
+                    .arg(&id),
+            );
+            if record {
+                self.times[k].push(dt);
+                self.fails[k] += usize::from(!ok);
+            }
+        }
+    }
+
+    /// Prints each peer's figures and aurae's ratio to it; returns the peers' medians.
+    fn report(&self, ours: f64, crun_target: f64) -> Vec<f64> {
+        self.tools
+            .iter()
+            .enumerate()
+            .map(|(k, tool)| {
+                let p = report(&format!("  {tool} run"), &self.times[k], self.fails[k]);
+                let target = if *tool == "crun" {
+                    format!(" (target <= {crun_target})")
+                } else {
+                    String::new()
+                };
+                println!("  ratio aurae/{tool} = {:.2}{target}", ours / p);
+                p
+            })
+            .collect()
+    }
+}
+
 fn main() {
     if let Some(reason) = tier::needs_cells() {
         println!("SKIP cells bench: {reason}");
@@ -240,9 +299,8 @@ async fn run() {
     let rounds2 = rounds / 4;
     let warm2 = warm / 4 + 1;
     let mut cell_t = Vec::new();
-    let mut peer_t: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
+    let mut b2_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut cell_fails = 0;
-    let mut peer_fails = vec![0; tools.len()];
     for i in 0..rounds2 + warm2 {
         let name = format!("c{i}");
         let t = Instant::now();
@@ -279,42 +337,11 @@ async fn run() {
             cell_t.push(dt);
             cell_fails += usize::from(!ok);
         }
-        for (k, tool) in tools.iter().enumerate() {
-            let state = tmp.path().join(format!("state-{tool}"));
-            let id = format!("aurae-bench-{}-{i}", std::process::id());
-            let (dt, ok) = time_cmd(
-                Command::new(tool)
-                    .arg("--root")
-                    .arg(&state)
-                    .args(["run", "-b"])
-                    .arg(bundle.as_ref().unwrap())
-                    .arg(&id),
-            );
-            if i >= warm2 {
-                peer_t[k].push(dt);
-                peer_fails[k] += usize::from(!ok);
-            }
-        }
+        b2_peers.round("b2", i, i >= warm2);
     }
     println!("B2: new cell + /bin/true + exit (+ free)");
     let m = report("  aurae allocate+run+wait+free", &cell_t, cell_fails);
-    let peer_medians: Vec<f64> = tools
-        .iter()
-        .enumerate()
-        .map(|(k, tool)| {
-            let p = report(&format!("  {tool} run"), &peer_t[k], peer_fails[k]);
-            println!(
-                "  ratio aurae/{tool} = {:.2}{}",
-                m / p,
-                if *tool == "crun" {
-                    " (target <= 0.3)"
-                } else {
-                    ""
-                }
-            );
-            p
-        })
-        .collect();
+    let peer_medians = b2_peers.report(m, 0.3);
 
     // B3: RunCell of a cached image vs the same peers (interleaved with a fresh peer run
     // per round, so drift hits both).
@@ -347,7 +374,7 @@ async fn run() {
         .ok();
     let mut run_cell_t = Vec::new();
     let mut phases: [Vec<Duration>; 3] = Default::default();
-    let mut peer3: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
+    let mut b3_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut fails3 = 0;
     for i in 0..rounds2 + warm2 {
         let name = format!("r{i}");
@@ -402,40 +429,19 @@ async fn run() {
             phases[1].push(marks[1].saturating_sub(marks[0]));
             phases[2].push(marks[2].saturating_sub(marks[1]));
         }
-        for (k, tool) in tools.iter().enumerate() {
-            let state = tmp.path().join(format!("state-{tool}"));
-            let id = format!("aurae-bench3-{}-{i}", std::process::id());
-            let (dt, ok) = time_cmd(
-                Command::new(tool)
-                    .arg("--root")
-                    .arg(&state)
-                    .args(["run", "-b"])
-                    .arg(bundle.as_ref().unwrap())
-                    .arg(&id),
-            );
-            if i >= warm2 {
-                peer3[k].push(dt);
-                peer_fails[k] += usize::from(!ok);
-            }
-        }
+        b3_peers.round("b3", i, i >= warm2);
     }
     println!("B3: RunCell (cached busybox image, /bin/true) + wait + free");
     let m3 = report("  aurae RunCell+wait+free", &run_cell_t, fails3);
     for (p, what) in phases.iter().zip(["RunCell", "Wait", "Free"]) {
         report(&format!("    of which {what}"), p, 0);
     }
-    for (k, tool) in tools.iter().enumerate() {
-        let p = report(&format!("  {tool} run"), &peer3[k], peer_fails[k]);
-        println!(
-            "  ratio aurae/{tool} = {:.2}{} (B2 {tool} median was {:.3} ms)",
-            m3 / p,
-            if *tool == "crun" {
-                " (target <= 0.7)"
-            } else {
-                ""
-            },
-            peer_medians[k]
-        );
+    for (p, (tool, b2)) in b3_peers
+        .report(m3, 0.7)
+        .iter()
+        .zip(tools.iter().zip(&peer_medians))
+    {
+        println!("  (B3 {tool} median {p:.3} ms; in B2 it was {b2:.3} ms)");
     }
     if std::env::var_os("AURAE_BENCH_TIMINGS").is_some() {
         // With AURAE_TEST_DAEMON_LOG=auraed=debug: the daemon's own phase timings, medians.

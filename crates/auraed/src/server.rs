@@ -304,12 +304,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         Err(reason) => warn!("cells are unavailable: {reason}"),
     }
     let tree = tree.map(|t| t as Arc<dyn crate::cell::cgroup::CgroupTree>);
+    let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
     let vms = Arc::new(crate::vm::Vms::new(
         tree.clone(),
         reaper.clone(),
         events.clone(),
         cfg.state_dir.join("logs"),
         canonical_dirs(&cfg.vm_image_roots, "VM image root"),
+        sealed.clone(),
     ));
     let cells = Arc::new(crate::cell::Cells::new(
         tree,
@@ -317,6 +319,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         events.clone(),
         cfg.state_dir.join("logs"),
         containers_dir(&cfg.state_dir)?,
+        sealed,
     ));
 
     let image_store = Arc::new(crate::image::store::ImageStore::open(&cfg.state_dir)?);

@@ -135,7 +135,11 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
 }
 
+// stderr is closed for the whole probe: the shell reports a failed redirection before any
+// `2>/dev/null` on the same command applies, and stderr lines would interleave with the
+// stdout lines the test parses.
 const PROBE: &str = r#"
+exec 2>/dev/null
 grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status
 echo fds-begin
 ls /proc/$$/fd

@@ -304,7 +304,7 @@ pub struct Cells {
     cells: Mutex<BTreeMap<CellName, Arc<Cell>>>,
     /// Serializes allocate/stop/free (executables do not take it).
     ops: tokio::sync::Mutex<()>,
-    sealed: Mutex<Option<Arc<OwnedFd>>>,
+    sealed: Arc<aurae_sys::memfd::SealedSelf>,
     counter: AtomicU64,
 }
 
@@ -317,6 +317,7 @@ impl Cells {
         events: Arc<EventBus>,
         logs_dir: PathBuf,
         containers_dir: PathBuf,
+        sealed: Arc<aurae_sys::memfd::SealedSelf>,
     ) -> Self {
         Self {
             tree,
@@ -326,7 +327,7 @@ impl Cells {
             containers_dir,
             cells: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
-            sealed: Mutex::new(None),
+            sealed,
             counter: AtomicU64::new(0),
         }
     }
@@ -352,16 +353,7 @@ impl Cells {
 
     /// The sealed copy of our binary the cell init is executed from (made once).
     fn sealed(&self) -> Result<Arc<OwnedFd>, CellError> {
-        let mut g = self
-            .sealed
-            .lock()
-            .map_err(|_| CellError::Precondition("sealed binary lock poisoned".into()))?;
-        if let Some(fd) = g.as_ref() {
-            return Ok(fd.clone());
-        }
-        let fd = Arc::new(aurae_sys::memfd::sealed_copy_of_self()?);
-        *g = Some(fd.clone());
-        Ok(fd)
+        Ok(self.sealed.get()?)
     }
 
     /// Every cell, in name order, without holding the lock afterwards.

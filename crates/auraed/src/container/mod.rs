@@ -112,25 +112,13 @@ impl Plan {
         let mut volumes = Vec::new();
         for (i, (host, target, ro)) in spec.volumes.iter().enumerate() {
             let field = |f: &str| format!("container.volumes[{i}].{f}");
-            if volume_roots.is_empty() {
-                return Err(CellError::Precondition(format!(
-                    "{}: this auraed allows no volumes (start it with --volume-root DIR)",
-                    field("host_path")
-                )));
-            }
-            let canon = std::fs::canonicalize(host).map_err(|e| {
-                FieldError::new(field("host_path"), format!("{}: {e}", host.display()))
-            })?;
-            if !canon.is_dir() {
-                return Err(FieldError::new(field("host_path"), "is not a directory").into());
-            }
-            if !volume_roots.iter().any(|r| canon.starts_with(r)) {
-                return Err(CellError::Precondition(format!(
-                    "{}: {} is not under an allowed volume root",
-                    field("host_path"),
-                    canon.display()
-                )));
-            }
+            let canon = crate::cell::allowed_host_path(
+                &field("host_path"),
+                host,
+                crate::cell::HostPath::Dir,
+                volume_roots,
+                "--volume-root",
+            )?;
             let target = config::normalise(&field("container_path"), &target.to_string_lossy())?;
             if target == Path::new("/") || RESERVED.iter().any(|r| target.starts_with(r)) {
                 return Err(FieldError::new(

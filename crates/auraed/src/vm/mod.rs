@@ -26,7 +26,7 @@ use self::{
     vmm::{Report, VmmConfig},
 };
 use crate::{
-    cell::{CellError, cgroup::CgroupTree, registry::wait_empty},
+    cell::{CellError, HostPath, cgroup::CgroupTree, registry::wait_empty},
     events::EventBus,
     executable::logs::{Log, Stream},
     reaper::Reaper,
@@ -114,7 +114,7 @@ pub struct Vms {
     image_roots: Vec<PathBuf>,
     vms: Mutex<BTreeMap<Label, Arc<Vm>>>,
     ops: tokio::sync::Mutex<()>,
-    sealed: Mutex<Option<Arc<OwnedFd>>>,
+    sealed: Arc<aurae_sys::memfd::SealedSelf>,
     network: Mutex<Network>,
 }
 
@@ -122,27 +122,8 @@ fn precondition(m: impl Into<String>) -> CellError {
     CellError::Precondition(m.into())
 }
 
-/// `p` canonicalised, a regular file under one of `roots`.
 fn allowed_file(field: &str, p: &Path, roots: &[PathBuf]) -> Result<PathBuf, CellError> {
-    if roots.is_empty() {
-        return Err(precondition(format!(
-            "{field}: this auraed allows no VM images (start it with --vm-image-root DIR)"
-        )));
-    }
-    let c = std::fs::canonicalize(p)
-        .map_err(|e| FieldError::new(field, format!("{}: {e}", p.display())))?;
-    if !c.is_file() {
-        return Err(
-            FieldError::new(field, format!("{} is not a regular file", c.display())).into(),
-        );
-    }
-    if !roots.iter().any(|r| c.starts_with(r)) {
-        return Err(precondition(format!(
-            "{field}: {} is not under an allowed --vm-image-root",
-            c.display()
-        )));
-    }
-    Ok(c)
+    crate::cell::allowed_host_path(field, p, HostPath::File, roots, "--vm-image-root")
 }
 
 fn host_memory() -> Option<u64> {
@@ -165,6 +146,7 @@ impl Vms {
         events: Arc<EventBus>,
         logs_dir: PathBuf,
         image_roots: Vec<PathBuf>,
+        sealed: Arc<aurae_sys::memfd::SealedSelf>,
     ) -> Self {
         Self {
             tree,
@@ -174,7 +156,7 @@ impl Vms {
             image_roots,
             vms: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
-            sealed: Mutex::new(None),
+            sealed,
             network: Mutex::new(Network::new(
                 "aurae0",
                 std::net::Ipv4Addr::new(10, 200, 0, 1),
@@ -187,16 +169,7 @@ impl Vms {
     }
 
     fn sealed(&self) -> Result<Arc<OwnedFd>, CellError> {
-        let mut g = self
-            .sealed
-            .lock()
-            .map_err(|_| precondition("sealed binary lock poisoned"))?;
-        if let Some(fd) = g.as_ref() {
-            return Ok(fd.clone());
-        }
-        let fd = Arc::new(aurae_sys::memfd::sealed_copy_of_self()?);
-        *g = Some(fd.clone());
-        Ok(fd)
+        Ok(self.sealed.get()?)
     }
 
     pub fn find(&self, name: &Label) -> Result<Arc<Vm>, CellError> {
