@@ -5,7 +5,7 @@
 //! | ports          | device                                                         |
 //! |----------------|----------------------------------------------------------------|
 //! | 0x3f8..=0x3ff  | COM1, IRQ 4 (an eventfd registered with KVM as an irqfd)        |
-//! | 0x60, 0x64     | i8042; `0xfe` written to 0x64 = CPU reset ([`IoAction::Reset`]) |
+//! | 0x60, 0x64     | i8042 as a reset line: `0xfe` written to 0x64 = CPU reset ([`IoAction::Reset`]); reads as absent |
 //! | 0x440          | boot timer: the first byte [`BOOT_TIMER_MAGIC`] written stamps  |
 //! |                | the time since the VM started                                  |
 //! | 0x600, 0x601   | ACPI sleep control / reset register and sleep status (FADT):   |
@@ -106,55 +106,34 @@ pub type SerialDevice = Serial<EventFdTrigger, NoEvents, SerialSink>;
 const I8042_STATUS_OBF: u8 = 0x01;
 /// i8042 status bit 2: system flag (self-test passed).
 const I8042_STATUS_SYS: u8 = 0x04;
-/// i8042 command: read the controller configuration byte.
-const I8042_CMD_READ_CTR: u8 = 0x20;
-/// i8042 command: write the controller configuration byte (next byte at 0x60).
-const I8042_CMD_WRITE_CTR: u8 = 0x60;
 /// i8042 command: pulse the CPU reset line.
 const I8042_CMD_RESET_CPU: u8 = 0xfe;
 
-/// A minimal i8042: enough for Linux's probe and reboot paths (`reboot=k`). It has no
-/// keyboard: the configuration byte can be read and written, and command 0xfe resets.
+/// The i8042 as a reset line only: command 0xfe resets the CPU (Linux `reboot=k`), and
+/// the controller otherwise reads as absent. Its status always shows a full output buffer
+/// that never drains, so Linux's probe (`i8042_controller_check` flushes at most 16 bytes)
+/// concludes "no controller" at once instead of timing out on every command — 2.3 s of a
+/// nested 9.3 s boot when the controller half-answered. The input-buffer-full bit stays
+/// clear, so the kernel's reset path (`kb_wait`, then 0xfe) does not wait either.
 #[derive(Debug, Default)]
-pub struct I8042 {
-    ctr: u8,
-    out: Option<u8>,
-    writing_ctr: bool,
-}
+pub struct I8042;
 
 impl I8042 {
     /// A port read at offset 0 (data) or 4 (status).
     pub fn read(&mut self, port: u16) -> u8 {
         match port {
-            I8042_DATA_PORT => self.out.take().unwrap_or(0),
-            I8042_COMMAND_PORT => {
-                I8042_STATUS_SYS
-                    | if self.out.is_some() {
-                        I8042_STATUS_OBF
-                    } else {
-                        0
-                    }
-            }
+            I8042_COMMAND_PORT => I8042_STATUS_SYS | I8042_STATUS_OBF,
             _ => 0xff,
         }
     }
 
     /// A port write; [`IoAction::Reset`] for the reset command.
     pub fn write(&mut self, port: u16, value: u8) -> IoAction {
-        match port {
-            I8042_COMMAND_PORT => match value {
-                I8042_CMD_RESET_CPU => return IoAction::Reset,
-                I8042_CMD_READ_CTR => self.out = Some(self.ctr),
-                I8042_CMD_WRITE_CTR => self.writing_ctr = true,
-                _ => {}
-            },
-            I8042_DATA_PORT if self.writing_ctr => {
-                self.ctr = value;
-                self.writing_ctr = false;
-            }
-            _ => {}
+        if port == I8042_COMMAND_PORT && value == I8042_CMD_RESET_CPU {
+            IoAction::Reset
+        } else {
+            IoAction::None
         }
-        IoAction::None
     }
 }
 
@@ -217,7 +196,7 @@ impl PortIo {
     pub fn new(serial: SerialDevice) -> Self {
         Self {
             serial: Mutex::new(serial),
-            i8042: Mutex::new(I8042::default()),
+            i8042: Mutex::new(I8042),
             boot_timer: BootTimer::default(),
         }
     }
@@ -340,7 +319,7 @@ mod tests {
 
     #[test]
     fn i8042_reset_is_0xfe_on_the_command_port() {
-        let mut k = I8042::default();
+        let mut k = I8042;
         assert_eq!(k.write(I8042_COMMAND_PORT, 0xfe), IoAction::Reset);
         assert_eq!(k.write(I8042_DATA_PORT, 0xfe), IoAction::None);
         assert_eq!(k.write(I8042_COMMAND_PORT, 0xaa), IoAction::None);
@@ -350,15 +329,18 @@ mod tests {
     }
 
     #[test]
-    fn i8042_configuration_byte_round_trips() {
-        let mut k = I8042::default();
-        assert_eq!(k.read(I8042_COMMAND_PORT) & I8042_STATUS_OBF, 0);
-        k.write(I8042_COMMAND_PORT, I8042_CMD_WRITE_CTR);
-        k.write(I8042_DATA_PORT, 0x47);
-        k.write(I8042_COMMAND_PORT, I8042_CMD_READ_CTR);
-        assert_ne!(k.read(I8042_COMMAND_PORT) & I8042_STATUS_OBF, 0);
-        assert_eq!(k.read(I8042_DATA_PORT), 0x47);
-        assert_eq!(k.read(I8042_COMMAND_PORT) & I8042_STATUS_OBF, 0);
+    fn i8042_reads_as_absent_to_a_probe_but_not_busy_to_a_reset() {
+        let mut k = I8042;
+        // Linux's flush: the output buffer never drains → "no controller".
+        for _ in 0..32 {
+            assert_ne!(k.read(I8042_COMMAND_PORT) & I8042_STATUS_OBF, 0);
+            assert_eq!(k.read(I8042_DATA_PORT), 0xff);
+        }
+        // kb_wait before a reset: the input buffer is never full.
+        assert_eq!(k.read(I8042_COMMAND_PORT) & 0x02, 0);
+        // Commands other than the reset are ignored.
+        assert_eq!(k.write(I8042_COMMAND_PORT, 0xaa), IoAction::None);
+        assert_eq!(k.write(I8042_COMMAND_PORT, 0x20), IoAction::None);
     }
 
     #[test]
