@@ -644,10 +644,37 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
     assert!(console.contains("AURAE_MICROVM_DISK_READONLY"), "{console}");
     assert_eq!(done.phase, pb::Phase::Exited as i32, "{done:?}");
     assert!(done.message.contains("poweroff"), "{done:?}");
+    // Seen from the machine's network namespace: the bridge and the VM's TAP device, and
+    // after free the TAP is gone (the bridge stays for the next VM).
+    c.cells()
+        .allocate(pb::Cell {
+            name: "netview".into(),
+            namespaces: Some(pb::CellNamespaces {
+                share_host_net: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let links = |n: &str| pb::Executable {
+        argv: vec!["/bin/ls".into(), "/sys/class/net".into()],
+        ..sh("netview", n, "")
+    };
+    let (_, before) = run_wait(&c, links("before")).await;
+    assert!(
+        before.contains("aurae0") && before.contains("aurae-t1"),
+        "{before}"
+    );
     c.virtual_machines()
         .free(pb::NameRef {
             name: "micro".into(),
         })
         .await
         .unwrap();
+    let (_, after) = run_wait(&c, links("after")).await;
+    assert!(
+        after.contains("aurae0") && !after.contains("aurae-t"),
+        "{after}"
+    );
 }
