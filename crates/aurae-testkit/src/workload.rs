@@ -29,22 +29,50 @@ pub async fn wait(
         .map(tonic::Response::into_inner)
 }
 
-/// The executable's whole output (stdout and stderr interleaved), once its output ends.
-pub async fn output(c: &Client, cell: &str, name: &str) -> Result<String, tonic::Status> {
-    let mut s = c
-        .executables()
-        .logs(pb::ExecutableLogsRequest {
-            executable: Some(exe_ref(cell, name)),
-            follow: true,
-            from_offset: 0,
-        })
-        .await?
-        .into_inner();
+/// A log stream (executable output, VM console) read to its end, as text.
+pub async fn collect(mut s: tonic::Streaming<pb::LogChunk>) -> Result<String, tonic::Status> {
     let mut out = Vec::new();
     while let Some(chunk) = s.message().await? {
         out.extend(chunk.data);
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The executable's output (stdout and stderr interleaved): with `follow`, all of it once
+/// it ends; without, what it has written so far.
+pub async fn logs(
+    c: &Client,
+    cell: &str,
+    name: &str,
+    follow: bool,
+) -> Result<String, tonic::Status> {
+    let s = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(exe_ref(cell, name)),
+            follow,
+            from_offset: 0,
+        })
+        .await?;
+    collect(s.into_inner()).await
+}
+
+/// The executable's whole output (stdout and stderr interleaved), once its output ends.
+pub async fn output(c: &Client, cell: &str, name: &str) -> Result<String, tonic::Status> {
+    logs(c, cell, name, true).await
+}
+
+/// A VM's serial console so far.
+pub async fn console(c: &Client, vm: &str) -> Result<String, tonic::Status> {
+    let s = c
+        .virtual_machines()
+        .console(pb::LogsRequest {
+            name: vm.into(),
+            follow: false,
+            from_offset: 0,
+        })
+        .await?;
+    collect(s.into_inner()).await
 }
 
 /// Runs `e`, waits for it, and returns its status and output.

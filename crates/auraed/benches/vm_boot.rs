@@ -88,43 +88,15 @@ fn qemu_files() -> Option<Vec<Entry>> {
 }
 
 async fn console_has_marker(c: &Client, vm: &str) -> bool {
-    let Ok(s) = c
-        .virtual_machines()
-        .console(pb::LogsRequest {
-            name: vm.into(),
-            follow: false,
-            from_offset: 0,
-        })
+    workload::console(c, vm)
         .await
-    else {
-        return false;
-    };
-    let mut s = s.into_inner();
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = s.message().await {
-        out.extend(chunk.data);
-    }
-    String::from_utf8_lossy(&out).contains(MICROVM_MARKER)
+        .is_ok_and(|t| t.contains(MICROVM_MARKER))
 }
 
 async fn exe_has_marker(c: &Client, cell: &str, name: &str) -> bool {
-    let Ok(s) = c
-        .executables()
-        .logs(pb::ExecutableLogsRequest {
-            executable: Some(workload::exe_ref(cell, name)),
-            follow: false,
-            from_offset: 0,
-        })
+    workload::logs(c, cell, name, false)
         .await
-    else {
-        return false;
-    };
-    let mut s = s.into_inner();
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = s.message().await {
-        out.extend(chunk.data);
-    }
-    String::from_utf8_lossy(&out).contains(MICROVM_MARKER)
+        .is_ok_and(|t| t.contains(MICROVM_MARKER))
 }
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";

@@ -608,21 +608,7 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
         .unwrap()
         .into_inner();
     let wall = t.elapsed();
-    let mut s = c
-        .virtual_machines()
-        .console(pb::LogsRequest {
-            name: "micro".into(),
-            follow: false,
-            from_offset: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut console = Vec::new();
-    while let Some(chunk) = s.message().await.unwrap() {
-        console.extend(chunk.data);
-    }
-    let console = String::from_utf8_lossy(&console);
+    let console = workload::console(&c, "micro").await.unwrap();
     println!(
         "microVM: boot timer {:?}, whole run {:.1} s; console tail:\n{}",
         done.boot_time,

@@ -18,6 +18,7 @@ use aurae_testkit::{
     Daemon, DaemonOptions,
     tier::{self, Tier},
     vm::{needs_kvm, tiny_elf},
+    workload,
 };
 use tonic::Code;
 
@@ -103,22 +104,7 @@ impl Env {
     }
 
     async fn console(&self, name: &str) -> String {
-        let mut s = self
-            .c
-            .virtual_machines()
-            .console(pb::LogsRequest {
-                name: name.into(),
-                follow: false,
-                from_offset: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(c) = s.message().await.unwrap() {
-            out.extend(c.data);
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        workload::console(&self.c, name).await.unwrap()
     }
 
     async fn get(&self, name: &str) -> pb::VirtualMachineStatus {
