@@ -110,20 +110,27 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PkiCmd {
-    /// Create a CA, auraed's identity and the admin identity in DIR.
+    /// Create a CA, auraed's identity and the admin identity in DIR; the CA key goes to
+    /// its own directory outside DIR (auraed refuses to start next to it).
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// Where the CA key ca.key goes; never inside DIR [default: DIR-ca, beside DIR].
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// Extra DNS name or IP address for auraed's certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
     },
-    /// Issue a client identity NAME.pem/NAME.key in DIR, signed by the CA kept there.
+    /// Issue a client identity NAME.pem/NAME.key in DIR, signed by the CA of DIR.
     Issue {
         #[arg(long)]
         dir: PathBuf,
+        /// Where the CA key ca.key is [default: DIR-ca, beside DIR].
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
         #[arg(long)]
         name: String,
         /// Its SPIFFE ID path, e.g. /operator/alice [default: /operator/NAME].
@@ -459,8 +466,9 @@ enum VmCmd {
         vcpus: u32,
         #[arg(long, value_parser = parse_size, default_value = "256M")]
         memory: u64,
-        /// A block device `PATH[:ro]` under one of auraed's --vm-image-root (repeatable;
-        /// the first is /dev/vda).
+        /// A block device `PATH[:rw]` under one of auraed's --vm-image-root (repeatable;
+        /// the first is /dev/vda). Read-only unless `:rw` (which needs a grant with
+        /// allow_writable_drives and the path in its volumes); `:ro` is accepted.
         #[arg(long = "drive")]
         drives: Vec<String>,
         /// Attach a network interface (a TAP on auraed's bridge; the address is leased).
@@ -705,19 +713,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn pki_paths(
+    dir: &std::path::Path,
+    ca_key_dir: Option<&std::path::Path>,
+) -> aurae_identity::PkiPaths {
+    match ca_key_dir {
+        Some(k) => aurae_identity::PkiPaths::with_ca_key_dir(dir, k),
+        None => aurae_identity::PkiPaths::new(dir),
+    }
+}
+
 fn pki(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
     match cmd {
         PkiCmd::Init {
             dir,
+            ca_key_dir,
             trust_domain,
             sans,
         } => {
-            let p = Pki::init(dir, trust_domain, sans)?;
+            let p = Pki::init_paths(&pki_paths(dir, ca_key_dir.as_deref()), trust_domain, sans)?;
             print(
                 fmt,
                 &[vec![
                     ("dir", json!(p.dir)),
                     ("ca", json!(p.ca_cert)),
+                    ("ca_key", json!(p.ca_key)),
                     ("server", json!(p.server_cert)),
                     (
                         "server_id",
@@ -734,6 +754,7 @@ fn pki(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
         }
         PkiCmd::Issue {
             dir,
+            ca_key_dir,
             name,
             path,
             days,
@@ -741,8 +762,7 @@ fn pki(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
             let ca = aurae_identity::tls::load_certs(&dir.join("ca.pem"))?;
             let td = ca
                 .first()
-                .and_then(|c| aurae_identity::peer_spiffe_id(c).ok())
-                .map(|id| id.trust_domain().to_owned())
+                .and_then(aurae_identity::tls::ca_trust_domain)
                 .ok_or_else(|| {
                     anyhow!(
                         "{}: the CA certificate names no trust domain",
@@ -751,7 +771,8 @@ fn pki(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
                 })?;
             let path = path.clone().unwrap_or_else(|| format!("/operator/{name}"));
             let id = SpiffeId::new(&td, &path)?;
-            let (cert, key) = Pki::issue_client(dir, name, &id, *days)?;
+            let (cert, key) =
+                Pki::issue_client_paths(&pki_paths(dir, ca_key_dir.as_deref()), name, &id, *days)?;
             print(
                 fmt,
                 &[vec![
@@ -801,6 +822,7 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                     ("cgroup_controllers", json!(i.cgroup_controllers)),
                     ("granted_methods", json!(i.granted_methods)),
                     ("granted_names", json!(i.granted_prefixes)),
+                    ("granted_extras", json!(i.granted_extras)),
                     ("warnings", json!(i.warnings)),
                 ]);
             }
@@ -879,14 +901,16 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
                 } => {
                     let drives = drives
                         .iter()
-                        .map(|d| match d.strip_suffix(":ro") {
-                            Some(p) => pb::Drive {
+                        .map(|d| match (d.strip_suffix(":rw"), d.strip_suffix(":ro")) {
+                            (Some(p), _) => pb::Drive {
                                 path: p.to_owned(),
-                                read_only: true,
-                            },
-                            None => pb::Drive {
-                                path: d.clone(),
                                 read_only: false,
+                                writable: true,
+                            },
+                            (None, p) => pb::Drive {
+                                path: p.unwrap_or(d).to_owned(),
+                                read_only: false,
+                                writable: false,
                             },
                         })
                         .collect();

@@ -1,15 +1,22 @@
-//! The development PKI: one CA, a server identity for auraed, client identities.
+//! The development PKI: one CA, a server identity for auraed, client identities, and
+//! intermediate CAs with their own SPIFFE ID (for spawned instances, which may sign only
+//! identities below their own).
 //!
-//! Layout of a PKI directory (mode 0700):
-//! `ca.pem` (0644), `ca.key` (0600, never copied anywhere by any command),
-//! `auraed.pem`/`auraed.key`, `admin.pem`/`admin.key` (keys 0600).
+//! Layout of a PKI directory `D` (mode 0700), the one auraed is pointed at:
+//! `ca.pem` (0644), `auraed.pem`/`auraed.key`, `admin.pem`/`admin.key` (keys 0600).
+//!
+//! The CA's private key is *not* there: auraed never needs it, and a daemon compromise
+//! must not hand out the power to mint identities. It lives in its own directory, by
+//! default the sibling `D-ca/ca.key` (directory 0700, key 0600; see
+//! [`default_ca_key_dir`]), where `aer pki issue` finds it. auraed refuses to start while
+//! `D/ca.key` exists ([`PkiPaths::refuse_ca_key`]).
 
 use std::{
     fs,
     io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
 
 use rcgen::{
@@ -26,6 +33,8 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "aurae.local";
 pub const SERVER_PATH: &str = "/auraed";
 /// Path of the local administrator identity.
 pub const ADMIN_PATH: &str = "/operator/admin";
+/// File name of the CA's private key (in the CA key directory, never the PKI directory).
+pub const CA_KEY_FILE: &str = "ca.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -45,6 +54,12 @@ pub enum PkiError {
     Spiffe(#[from] SpiffeIdError),
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error(
+        "{key} holds the CA's private key in the PKI directory auraed reads; auraed never \
+         needs it and will not run next to it. Move it out, to where `aer pki issue` looks \
+         for it: mkdir -p -m 700 {move_to} && mv {key} {move_to}/"
+    )]
+    CaKeyInPkiDir { key: PathBuf, move_to: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -101,6 +116,9 @@ impl IssueSpec {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// For an intermediate: its certificate and those of the intermediates above it (not
+    /// the root), PEM, appended to every certificate it issues so peers get the chain.
+    chain_pem: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -132,6 +150,7 @@ impl Ca {
         Ok(Self {
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
+            chain_pem: String::new(),
         })
     }
 
@@ -147,7 +166,11 @@ impl Ca {
             path: cert.to_owned(),
             reason: e.to_string(),
         })?;
-        Ok(Self { issuer, cert_pem })
+        Ok(Self {
+            issuer,
+            cert_pem,
+            chain_pem: String::new(),
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -159,7 +182,49 @@ impl Ca {
         self.issuer.key().serialize_pem()
     }
 
-    /// Issues a leaf certificate with a fresh key; returns `(cert_pem, key_pem)`.
+    /// The certificates a peer needs between a certificate this CA issues and the root:
+    /// empty for the root, else this intermediate's own and those above it (PEM).
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
+    }
+
+    /// Issues an intermediate CA with a fresh key, valid from now for `days`, that carries
+    /// `id` as its one URI SAN. Peers accept what it signs only for SPIFFE IDs strictly
+    /// below `id`'s path (see [`crate::tls::check_chain_ids`]); this signer does not check
+    /// that itself. `id = None` only to build deliberately broken chains in tests.
+    /// Certificates the new CA issues come with the whole chain up to (not including) the
+    /// root.
+    pub fn issue_intermediate(&self, id: Option<&SpiffeId>, days: i64) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Aurae");
+        match id {
+            Some(id) => {
+                dn.push(DnType::CommonName, format!("Aurae CA {id}"));
+                params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+            }
+            None => dn.push(DnType::CommonName, "Aurae CA no-spiffe-id"),
+        }
+        params.distinguished_name = dn;
+        // No pathLen: how deep a chain may go is bounded by the path rule (each signer's
+        // identities lie strictly below its own) and webpki's own depth limit.
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(days);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Ca {
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Issues a leaf certificate with a fresh key; returns `(cert_pem, key_pem)`, where
+    /// `cert_pem` is the leaf followed by [`Ca::chain_pem`] (nothing more for the root).
     pub fn issue(&self, spec: &IssueSpec) -> Result<(String, String), PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -201,15 +266,53 @@ impl Ca {
         params.not_after = spec.not_after;
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Ok((
+            format!("{}{}", cert.pem(), self.chain_pem),
+            key.serialize_pem(),
+        ))
     }
 }
 
-/// The files of a PKI directory.
+/// Where the CA key of PKI directory `dir` lives unless told otherwise: the sibling
+/// directory `<dir>-ca` (`/tmp/aurae/pki` → `/tmp/aurae/pki-ca`), outside `dir`.
+pub fn default_ca_key_dir(dir: &Path) -> PathBuf {
+    let named = if dir.file_name().is_some() {
+        dir.to_path_buf()
+    } else {
+        // Ends in "." or "..": name it by where it leads (lexically if it does not exist).
+        fs::canonicalize(dir).unwrap_or_else(|_| {
+            let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+            let mut out = PathBuf::new();
+            for c in abs.components() {
+                match c {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::CurDir => {}
+                    c => out.push(c),
+                }
+            }
+            out
+        })
+    };
+    match named.file_name() {
+        Some(n) => {
+            let mut n = n.to_os_string();
+            n.push("-ca");
+            named.with_file_name(n)
+        }
+        None => named.join("aurae-ca"),
+    }
+}
+
+/// The files of a PKI directory, and where its CA key is kept.
 #[derive(Debug, Clone)]
 pub struct PkiPaths {
     pub dir: PathBuf,
     pub ca_cert: PathBuf,
+    /// The directory holding the CA key, never `dir` or inside it.
+    pub ca_key_dir: PathBuf,
+    /// `ca_key_dir/ca.key`.
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -218,11 +321,21 @@ pub struct PkiPaths {
 }
 
 impl PkiPaths {
+    /// The PKI directory `dir` with its CA key in [`default_ca_key_dir`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();
+        let ca_key_dir = default_ca_key_dir(&dir);
+        Self::with_ca_key_dir(dir, ca_key_dir)
+    }
+
+    /// The PKI directory `dir` with its CA key in `ca_key_dir/ca.key`.
+    pub fn with_ca_key_dir(dir: impl Into<PathBuf>, ca_key_dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        let ca_key_dir = ca_key_dir.into();
         Self {
             ca_cert: dir.join("ca.pem"),
-            ca_key: dir.join("ca.key"),
+            ca_key: ca_key_dir.join(CA_KEY_FILE),
+            ca_key_dir,
             server_cert: dir.join("auraed.pem"),
             server_key: dir.join("auraed.key"),
             admin_cert: dir.join("admin.pem"),
@@ -237,6 +350,40 @@ impl PkiPaths {
             self.dir.join(format!("{name}.pem")),
             self.dir.join(format!("{name}.key")),
         )
+    }
+
+    /// Where older layouts kept the CA key: `dir/ca.key`, next to what auraed reads.
+    pub fn key_in_pki_dir(&self) -> PathBuf {
+        self.dir.join(CA_KEY_FILE)
+    }
+
+    /// Fails when the PKI directory holds a CA key (`dir/ca.key`, also as a symlink,
+    /// dangling or not), naming it and where to move it. auraed calls this before
+    /// anything else it reads there.
+    pub fn refuse_ca_key(&self) -> Result<(), PkiError> {
+        let key = self.key_in_pki_dir();
+        if fs::symlink_metadata(&key).is_ok() {
+            return Err(PkiError::CaKeyInPkiDir {
+                key,
+                move_to: self.ca_key_dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the CA key directory is the PKI directory or lies inside it (compared
+    /// lexically on absolute paths, and on canonical ones where both exist).
+    fn ca_key_dir_inside_pki_dir(&self) -> bool {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let lexical = abs(&self.ca_key_dir).starts_with(abs(&self.dir));
+        let canonical = match (
+            fs::canonicalize(&self.ca_key_dir),
+            fs::canonicalize(&self.dir),
+        ) {
+            (Ok(k), Ok(d)) => k.starts_with(d),
+            _ => false,
+        };
+        lexical || canonical
     }
 }
 
@@ -266,18 +413,40 @@ pub fn default_server_sans() -> (Vec<String>, Vec<IpAddr>) {
 }
 
 impl Pki {
-    /// Creates a CA, auraed's server identity and the admin client identity in `dir`.
-    /// `extra_sans` are further DNS names or IP addresses for the server certificate.
-    /// Refuses to touch a directory that already holds any of the files.
+    /// Creates a CA, auraed's server identity and the admin client identity in `dir`, the
+    /// CA key in [`default_ca_key_dir`]`(dir)`; see [`Pki::init_paths`].
     pub fn init(
         dir: &Path,
         trust_domain: &str,
         extra_sans: &[String],
     ) -> Result<PkiPaths, PkiError> {
-        let paths = PkiPaths::new(dir);
+        Self::init_paths(&PkiPaths::new(dir), trust_domain, extra_sans)
+    }
+
+    /// Creates a CA, auraed's server identity and the admin client identity in
+    /// `paths.dir`, and the CA key in `paths.ca_key` (never inside `paths.dir`).
+    /// `extra_sans` are further DNS names or IP addresses for the server certificate.
+    /// Refuses to touch directories that already hold any of the files.
+    pub fn init_paths(
+        paths: &PkiPaths,
+        trust_domain: &str,
+        extra_sans: &[String],
+    ) -> Result<PkiPaths, PkiError> {
+        let paths = paths.clone();
+        let dir = paths.dir.as_path();
+        if paths.ca_key_dir_inside_pki_dir() {
+            return Err(PkiError::Invalid {
+                path: paths.ca_key_dir.clone(),
+                reason: format!(
+                    "the CA key directory must lie outside the PKI directory {} that auraed reads",
+                    dir.display()
+                ),
+            });
+        }
         for p in [
             &paths.ca_cert,
             &paths.ca_key,
+            &paths.key_in_pki_dir(),
             &paths.server_cert,
             &paths.server_key,
             &paths.admin_cert,
@@ -293,6 +462,16 @@ impl Pki {
             .create(dir)
             .map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        let key_dir = paths.ca_key_dir.as_path();
+        if !key_dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(key_dir)
+                .map_err(io_err(key_dir))?;
+            fs::set_permissions(key_dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(key_dir))?;
+        }
 
         let ca = Ca::generate(trust_domain)?;
         let (mut dns, mut ips) = default_server_sans();
@@ -321,13 +500,27 @@ impl Pki {
         Ok(paths)
     }
 
-    /// Issues a client identity `<name>.pem`/`<name>.key` in `dir` with the CA kept there.
+    /// Issues a client identity `<name>.pem`/`<name>.key` in `dir` with the CA whose key
+    /// is in [`default_ca_key_dir`]`(dir)`; see [`Pki::issue_client_paths`].
     pub fn issue_client(
         dir: &Path,
         name: &str,
         id: &SpiffeId,
         days: i64,
     ) -> Result<(PathBuf, PathBuf), PkiError> {
+        Self::issue_client_paths(&PkiPaths::new(dir), name, id, days)
+    }
+
+    /// Issues a client identity `<name>.pem`/`<name>.key` in `paths.dir`, signed with the
+    /// CA key at `paths.ca_key`. A CA key still in `paths.dir` is not used: the error says
+    /// where to move it.
+    pub fn issue_client_paths(
+        paths: &PkiPaths,
+        name: &str,
+        id: &SpiffeId,
+        days: i64,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
+        let dir = paths.dir.as_path();
         if name.is_empty()
             || !name
                 .bytes()
@@ -339,12 +532,22 @@ impl Pki {
                     .into(),
             });
         }
-        let paths = PkiPaths::new(dir);
         let (cert, key) = paths.identity(name);
         for p in [&cert, &key] {
             if p.exists() {
                 return Err(PkiError::Exists(p.clone()));
             }
+        }
+        if !paths.ca_key.exists() {
+            paths.refuse_ca_key()?;
+            return Err(PkiError::Invalid {
+                path: paths.ca_key.clone(),
+                reason: format!(
+                    "no CA key here: `aer pki init --dir {}` puts it there; if it is elsewhere, \
+                     say where (aer: --ca-key-dir)",
+                    dir.display()
+                ),
+            });
         }
         let ca = Ca::load(&paths.ca_cert, &paths.ca_key)?;
         let (cert_pem, key_pem) = ca.issue(&IssueSpec::client(id.clone(), days))?;
@@ -388,6 +591,26 @@ mod tests {
         .unwrap();
         assert_eq!(mode(&p.dir), 0o700);
         assert_eq!(mode(&p.ca_key), 0o600);
+        // The CA key is outside the directory auraed reads, in its own 0700 directory.
+        assert_eq!(p.ca_key, tmp.path().join("pki-ca/ca.key"));
+        assert_eq!(mode(&p.ca_key_dir), 0o700);
+        assert!(!p.dir.join("ca.key").exists());
+        let mut names: Vec<_> = fs::read_dir(&p.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "admin.key",
+                "admin.pem",
+                "auraed.key",
+                "auraed.pem",
+                "ca.pem"
+            ]
+        );
+        p.refuse_ca_key().unwrap();
         assert_eq!(mode(&p.server_key), 0o600);
         assert_eq!(mode(&p.admin_key), 0o600);
         assert_eq!(mode(&p.ca_cert), 0o644);
@@ -436,6 +659,113 @@ mod tests {
             Pki::issue_client(&p.dir, "alice", &id, 1),
             Err(PkiError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn the_ca_key_lives_beside_the_pki_dir_never_in_it() {
+        assert_eq!(
+            default_ca_key_dir(Path::new("/tmp/aurae/pki")),
+            Path::new("/tmp/aurae/pki-ca")
+        );
+        assert_eq!(
+            default_ca_key_dir(Path::new("/tmp/aurae/pki/")),
+            Path::new("/tmp/aurae/pki-ca")
+        );
+        assert_eq!(default_ca_key_dir(Path::new("pki")), Path::new("pki-ca"));
+        let tmp = tempfile::tempdir().unwrap();
+        let dot = default_ca_key_dir(&tmp.path().join("pki/.."));
+        assert_eq!(dot.parent(), tmp.path().parent());
+        assert!(!dot.starts_with(tmp.path()), "{}", dot.display());
+
+        // An explicit key directory, but not inside the PKI directory.
+        let dir = tmp.path().join("pki");
+        for inside in [dir.clone(), dir.join("keys"), tmp.path().join("pki/./x/..")] {
+            let err = Pki::init_paths(&PkiPaths::with_ca_key_dir(&dir, &inside), "td.test", &[])
+                .unwrap_err();
+            assert!(err.to_string().contains("outside"), "{err}");
+        }
+        let keys = tmp.path().join("elsewhere/keys");
+        let p = Pki::init_paths(&PkiPaths::with_ca_key_dir(&dir, &keys), "td.test", &[]).unwrap();
+        assert_eq!(p.ca_key, keys.join("ca.key"));
+        let id = SpiffeId::new("td.test", "/operator/bob").unwrap();
+        // The default key directory is empty: issuing there fails; with the right one, not.
+        assert!(Pki::issue_client(&dir, "bob", &id, 1).is_err());
+        Pki::issue_client_paths(&p, "bob", &id, 1).unwrap();
+    }
+
+    #[test]
+    fn a_ca_key_in_the_pki_dir_is_refused_with_where_to_move_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = Pki::init(&tmp.path().join("pki"), "td.test", &[]).unwrap();
+        // An older layout: the key next to what auraed reads.
+        fs::rename(&p.ca_key, p.dir.join("ca.key")).unwrap();
+        let err = p.refuse_ca_key().unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&p.dir.join("ca.key").display().to_string()),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!(
+                "mkdir -p -m 700 {} && mv {} {}/",
+                p.ca_key_dir.display(),
+                p.dir.join("ca.key").display(),
+                p.ca_key_dir.display()
+            )),
+            "{msg}"
+        );
+        // aer pki issue does not use it where it is, and says the same.
+        let id = SpiffeId::new("td.test", "/operator/bob").unwrap();
+        let err = Pki::issue_client(&p.dir, "bob", &id, 1).unwrap_err();
+        assert!(matches!(err, PkiError::CaKeyInPkiDir { .. }), "{err}");
+        // Moved as told, all is well again.
+        fs::rename(p.dir.join("ca.key"), &p.ca_key).unwrap();
+        p.refuse_ca_key().unwrap();
+        Pki::issue_client(&p.dir, "bob", &id, 1).unwrap();
+        // A symlink counts too, dangling or not.
+        std::os::unix::fs::symlink("/nonexistent", p.dir.join("ca.key")).unwrap();
+        assert!(p.refuse_ca_key().is_err());
+        // And init refuses a directory with a key in it.
+        fs::remove_file(p.dir.join("ca.key")).unwrap();
+        let dir2 = tmp.path().join("pki2");
+        fs::create_dir(&dir2).unwrap();
+        fs::write(dir2.join("ca.key"), "x").unwrap();
+        assert!(matches!(
+            Pki::init(&dir2, "td.test", &[]),
+            Err(PkiError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn intermediates_carry_their_id_and_hand_their_chain_on() {
+        let ca = Ca::generate("td.test").unwrap();
+        assert!(ca.chain_pem().is_empty());
+        let a_id = SpiffeId::new("td.test", "/instance/a").unwrap();
+        let a = ca.issue_intermediate(Some(&a_id), 1).unwrap();
+        let der = |pem: &str| {
+            rustls_pki_types::CertificateDer::from(
+                x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                    .unwrap()
+                    .1
+                    .contents,
+            )
+        };
+        assert_eq!(
+            crate::tls::peer_spiffe_id(&der(a.cert_pem())).unwrap(),
+            a_id
+        );
+        let a_der = der(a.cert_pem());
+        let (_, cert) = x509_parser::parse_x509_certificate(&a_der).unwrap();
+        assert!(cert.is_ca());
+        let leaf_id = SpiffeId::new("td.test", "/instance/a/x").unwrap();
+        let (pem, _) = a.issue(&IssueSpec::client(leaf_id.clone(), 1)).unwrap();
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(pem.ends_with(a.cert_pem()));
+        assert_eq!(crate::tls::peer_spiffe_id(&der(&pem)).unwrap(), leaf_id);
+        let b = a
+            .issue_intermediate(Some(&SpiffeId::new("td.test", "/instance/a/b").unwrap()), 1)
+            .unwrap();
+        assert_eq!(b.chain_pem(), format!("{}{}", b.cert_pem(), a.cert_pem()));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! The child has already joined its cell's namespaces and unshared a mount namespace of
 //! its own. `setup_root` then, with raw syscalls on data prepared by auraed:
 //! 1. makes every mount private (nothing propagates back to the cell or host);
-//! 2. clones the host trees of its volumes into detached mounts (`open_tree`), made
-//!    read-only there if asked, while the host is still visible;
+//! 2. clones the host's six device nodes (null, zero, full, random, urandom, tty) into
+//!    detached mounts (`open_tree`), checking each is the character device it should be,
+//!    while the host is still visible (the volumes come as detached trees auraed cloned
+//!    from the directories it checked: [`clone_mount`]);
 //! 3. mounts the image root: an overlay of the shared, read-only layer directories with a
 //!    private upper directory (lower dirs are named relative to the layer store, so the
 //!    options fit in one page);
@@ -12,7 +14,8 @@
 //!    the image resolve inside the container and nothing of the host is reachable;
 //! 5. creates missing mount points and refuses any that is a symlink (runc
 //!    CVE-2019-19921 class: an image whose `/proc` or `/dev` is a link), then mounts a
-//!    fresh `/proc`, a minimal `/dev` (tmpfs with six device nodes, devpts, shm), a
+//!    fresh `/proc`, a minimal `/dev` (a `nodev` tmpfs with the host's six device nodes
+//!    bind-mounted read-only onto empty files, devpts, shm), a
 //!    read-only `/sys` (and the cell's cgroup tree, read-only), attaches the volumes, masks
 //!    and write-protects the usual kernel paths, and optionally makes `/` read-only;
 //! 6. drops every capability outside the kept set from the bounding set and clears the
@@ -31,11 +34,69 @@ pub use libc::sock_filter as BpfInstruction;
 /// A host directory bind-mounted into the container.
 #[derive(Debug, Clone)]
 pub struct VolumeMount {
-    /// Absolute host path (a directory), resolved by auraed.
-    pub source: CString,
+    /// A detached mount of the host directory made by [`clone_mount`] from the fd auraed
+    /// opened and checked, kept open by auraed until the spawn returns. The child only
+    /// attaches it: no host path is resolved after the check, so what auraed checked is
+    /// what gets mounted. One fd per volume (the child closes its copy once attached).
+    pub source: std::os::fd::RawFd,
     /// Absolute container path; created if missing.
     pub target: CString,
-    pub read_only: bool,
+}
+
+/// Clones what `src` is open on (auraed's fd of a volume directory or a VM's file, resolved
+/// once and checked), with the mounts below it, into a detached mount tree
+/// (`open_tree(src, "", AT_EMPTY_PATH | OPEN_TREE_CLONE | AT_RECURSIVE)`), made nosuid,
+/// nodev, private, and read-only with `read_only`. Runs in auraed: a mount can only be
+/// cloned or bound from its own mount namespace (a container's child or a VMM has one of
+/// its own by the time it mounts), while a detached tree can be attached in any
+/// (`move_mount`, or `MS_MOVE` from its `/proc/self/fd` link).
+pub fn clone_mount(
+    src: std::os::fd::BorrowedFd<'_>,
+    read_only: bool,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: open_tree on a borrowed, open fd with an empty NUL-terminated path; it
+    // returns a new fd or -1 and touches no memory of ours.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            src.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) as libc::c_ulong
+                | (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_ulong,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: open_tree just returned this fd; nothing else owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    if read_only {
+        attr.attr_set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    // SAFETY: mount_setattr on the tree we own, an empty path, and a mount_attr on our
+    // stack of the size we pass.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            std::ptr::addr_of!(attr),
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tree)
 }
 
 /// Most volumes per container (their detached mounts are kept in a fixed array: the
@@ -75,7 +136,7 @@ pub struct ContainerSetup<'a> {
 }
 
 /// Steps of the container set-up, as reported by a failing child.
-pub const STEPS: [&str; 16] = [
+pub const STEPS: [&str; 19] = [
     "container: make mounts private",
     "container: open volume source",
     "container: make volume read-only",
@@ -92,6 +153,9 @@ pub const STEPS: [&str; 16] = [
     "container: make the root read-only",
     "container: drop capabilities",
     "container: enter the working directory",
+    "container: clone host device node",
+    "container: host device node is not the expected character device",
+    "container: attach device node",
 ];
 
 /// First step number of [`STEPS`] in the child's report (spawn's own steps come first).
@@ -192,7 +256,9 @@ const NOSUID: libc::c_ulong = libc::MS_NOSUID;
 const NODEV: libc::c_ulong = libc::MS_NODEV;
 const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
 
-/// Device nodes of the minimal `/dev`: (path, major, minor).
+/// Device nodes of the minimal `/dev`: (path, major, minor). The same path on the host
+/// is the source of each (see [`clone_devices`]); the cell's device filter
+/// (`crate::bpf::DEFAULT_DEVICES`) allows exactly these, plus the pseudo-terminals.
 const DEVICES: [(&CStr, u32, u32); 6] = [
     (c"/dev/null", 1, 3),
     (c"/dev/zero", 1, 5),
@@ -222,44 +288,14 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
         if !mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None) {
             return Err(step(0));
         }
-        // Volumes: detached clones of the host trees, taken while the host is visible.
-        let mut trees = [-1 as libc::c_int; MAX_VOLUMES];
+        // The host's device nodes, taken while the host is visible (attached in `setup_dev`).
+        let mut devices = [-1 as libc::c_int; DEVICES.len()];
+        clone_devices(&mut devices)?;
+        // Volumes: detached trees auraed cloned (`clone_mount`) from the directories it
+        // checked; attached after the pivot. Nothing is resolved by a host path here.
         if c.volumes.len() > MAX_VOLUMES {
             *libc::__errno_location() = libc::E2BIG;
             return Err(step(1));
-        }
-        for (i, v) in c.volumes.iter().enumerate() {
-            let fd = libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                v.source.as_ptr(),
-                (libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) as libc::c_ulong
-                    | libc::AT_RECURSIVE as libc::c_ulong,
-            );
-            if fd < 0 {
-                return Err(at(1, i));
-            }
-            trees[i] = fd as libc::c_int;
-            let mut attr = libc::mount_attr {
-                attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
-                attr_clr: 0,
-                propagation: libc::MS_PRIVATE,
-                userns_fd: 0,
-            };
-            if v.read_only {
-                attr.attr_set |= libc::MOUNT_ATTR_RDONLY;
-            }
-            if libc::syscall(
-                libc::SYS_mount_setattr,
-                trees[i],
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-                std::ptr::addr_of!(attr),
-                std::mem::size_of::<libc::mount_attr>(),
-            ) < 0
-            {
-                return Err(at(2, i));
-            }
         }
         // The image root. Relative lower dirs resolve against our working directory.
         if libc::chdir(c.layers_dir.as_ptr()) < 0
@@ -300,7 +336,7 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
         ) {
             return Err(step(7));
         }
-        setup_dev().map_err(|()| step(8))?;
+        setup_dev(&devices)?;
         if !mount(
             Some(c"sysfs"),
             c"/sys",
@@ -328,14 +364,15 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
             }
             let r = libc::syscall(
                 libc::SYS_move_mount,
-                trees[i],
+                v.source,
                 c"".as_ptr(),
                 target,
                 c"".as_ptr(),
                 libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
             );
             libc::close(target);
-            libc::close(trees[i]);
+            // Our copy of the fd table (no CLONE_FILES): auraed's stays open.
+            libc::close(v.source);
             if r < 0 {
                 return Err(at(10, i));
             }
@@ -393,36 +430,113 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
     }
 }
 
-/// The minimal `/dev`: a small tmpfs, six device nodes, devpts, shm and the usual links.
+/// Whether `st` is the character device `major:minor`.
+fn is_char_device(st: &libc::stat, major: u32, minor: u32) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(major, minor)
+}
+
+/// Clones the host's [`DEVICES`] into detached mounts, one per node (`open_tree`, a final
+/// symlink not followed), and refuses any that is not the character device it should be:
+/// a host `/dev/null` that is a regular file, a symlink or another device would otherwise
+/// be mounted writable into the container (the runc CVE-2025-31133 class). Each clone is
+/// made read-only, nosuid and noexec: a container root cannot chmod or chown the host's
+/// node through it, and reads and writes of a character device do not need a writable
+/// mount.
 ///
 /// # Safety
-/// Child only (raw syscalls).
-unsafe fn setup_dev() -> Result<(), ()> {
-    // SAFETY: raw syscalls on static C strings.
+/// Child only (raw syscalls, before the pivot).
+unsafe fn clone_devices(trees: &mut [libc::c_int; DEVICES.len()]) -> Result<(), Failure> {
+    // SAFETY: raw syscalls on static C strings, stack values and fds we own.
+    unsafe {
+        for (i, (path, major, minor)) in DEVICES.iter().enumerate() {
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                (libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) as libc::c_ulong
+                    | libc::AT_SYMLINK_NOFOLLOW as libc::c_ulong,
+            );
+            if fd < 0 {
+                return Err(at(16, i));
+            }
+            trees[i] = fd as libc::c_int;
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(trees[i], &mut st) < 0 {
+                return Err(at(16, i));
+            }
+            if !is_char_device(&st, *major, *minor) {
+                *libc::__errno_location() = libc::ENODEV;
+                return Err(at(17, i));
+            }
+            let attr = libc::mount_attr {
+                attr_set: libc::MOUNT_ATTR_RDONLY
+                    | libc::MOUNT_ATTR_NOSUID
+                    | libc::MOUNT_ATTR_NOEXEC,
+                attr_clr: 0,
+                propagation: libc::MS_PRIVATE,
+                userns_fd: 0,
+            };
+            if libc::syscall(
+                libc::SYS_mount_setattr,
+                trees[i],
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                std::ptr::addr_of!(attr),
+                std::mem::size_of::<libc::mount_attr>(),
+            ) < 0
+            {
+                return Err(at(16, i));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The minimal `/dev`: a small `nodev` tmpfs (no node made in it could ever be opened),
+/// the host's [`DEVICES`] cloned by [`clone_devices`] attached onto empty files, devpts,
+/// shm and the usual links.
+///
+/// # Safety
+/// Child only (raw syscalls); `devices` holds the detached mounts of [`clone_devices`].
+unsafe fn setup_dev(devices: &[libc::c_int; DEVICES.len()]) -> Result<(), Failure> {
+    // SAFETY: raw syscalls on static C strings and the fds of `devices`, which we own.
     unsafe {
         if !mount(
             Some(c"tmpfs"),
             c"/dev",
             Some(c"tmpfs"),
-            NOSUID | NOEXEC | libc::MS_STRICTATIME,
+            NOSUID | NODEV | NOEXEC | libc::MS_STRICTATIME,
             Some(c"mode=755,size=65536k"),
         ) {
-            return Err(());
+            return Err(step(8));
         }
-        for (path, major, minor) in DEVICES {
-            if libc::mknod(
+        for (i, (path, _, _)) in DEVICES.iter().enumerate() {
+            // A fresh, empty file of the fresh tmpfs: nothing to follow, nothing to race.
+            let target = libc::open(
                 path.as_ptr(),
-                libc::S_IFCHR | 0o666,
-                libc::makedev(major, minor),
-            ) < 0
-                || libc::chmod(path.as_ptr(), 0o666) < 0
-            {
-                return Err(());
+                libc::O_RDONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o666 as libc::c_uint,
+            );
+            if target < 0 {
+                return Err(at(18, i));
+            }
+            let r = libc::syscall(
+                libc::SYS_move_mount,
+                devices[i],
+                c"".as_ptr(),
+                target,
+                c"".as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+            );
+            libc::close(target);
+            libc::close(devices[i]);
+            if r < 0 {
+                return Err(at(18, i));
             }
         }
         for d in [c"/dev/pts", c"/dev/shm"] {
             if libc::mkdir(d.as_ptr(), 0o755) < 0 {
-                return Err(());
+                return Err(step(8));
             }
         }
         if !mount(
@@ -438,11 +552,11 @@ unsafe fn setup_dev() -> Result<(), ()> {
             NOSUID | NODEV | NOEXEC,
             Some(c"mode=1777,size=65536k"),
         ) {
-            return Err(());
+            return Err(step(8));
         }
         for (target, link) in DEV_LINKS {
             if libc::symlink(target.as_ptr(), link.as_ptr()) < 0 {
-                return Err(());
+                return Err(step(8));
             }
         }
         Ok(())
@@ -588,5 +702,62 @@ pub(crate) unsafe fn finish(c: &ContainerSetup<'_>, root: bool) -> Result<(), Fa
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+    use std::ffi::CString;
+
+    use super::*;
+
+    fn lstat(p: &std::path::Path) -> libc::stat {
+        let c = CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: lstat on a NUL-terminated path into a zeroed stat buffer.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::lstat(c.as_ptr(), &mut st), 0, "{}", p.display());
+            st
+        }
+    }
+
+    #[test]
+    fn only_the_expected_character_device_is_accepted_as_a_host_node() {
+        for (path, major, minor) in DEVICES {
+            let p = std::path::Path::new(path.to_str().unwrap());
+            if p.exists() {
+                assert!(is_char_device(&lstat(p), major, minor), "{}", p.display());
+            }
+        }
+        let null = lstat("/dev/null".as_ref());
+        assert!(!is_char_device(&null, 1, 5), "/dev/null is not /dev/zero");
+        // A regular file or a symlink standing in for /dev/null (CVE-2025-31133 class).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        std::os::unix::fs::symlink("/dev/null", dir.path().join("link")).unwrap();
+        assert!(!is_char_device(&lstat(&dir.path().join("file")), 1, 3));
+        assert!(!is_char_device(&lstat(&dir.path().join("link")), 1, 3));
+        assert!(!is_char_device(&lstat(dir.path()), 1, 3));
+    }
+
+    #[test]
+    fn every_step_has_a_name() {
+        for i in 0..STEPS.len() + FINISH_STEPS.len() {
+            assert!(step_name(FIRST_STEP + i as u8).is_some(), "step {i}");
+        }
+        assert_eq!(
+            step_name(FIRST_STEP + 16),
+            Some("container: clone host device node")
+        );
+        assert_eq!(
+            step_name(FIRST_STEP + STEPS.len() as u8),
+            Some(FINISH_STEPS[0])
+        );
+        assert_eq!(
+            step_name(FIRST_STEP + (STEPS.len() + FINISH_STEPS.len()) as u8),
+            None
+        );
     }
 }

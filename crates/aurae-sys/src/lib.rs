@@ -1,7 +1,7 @@
 //! The daemon's only unsafe code: thin, documented wrappers over the Linux calls the
 //! standard library and nix do not offer (clone3 into a cgroup and namespaces, pidfds,
 //! `waitid(P_PIDFD)`, sealed self-exec, an interface-flags ioctl, a container's root and
-//! privileges set up between clone and exec).
+//! privileges set up between clone and exec, the cgroup device filter loaded with `bpf(2)`).
 //!
 //! Rules here: every `unsafe` block states its invariant in a `SAFETY:` comment; code that
 //! runs between `clone3` and `execve` is async-signal-safe (no allocation, no locks, only
@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bpf;
 pub mod container;
 pub mod fd;
 pub mod memfd;

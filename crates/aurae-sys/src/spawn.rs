@@ -59,8 +59,15 @@ pub struct SpawnRequest<'a> {
     pub argv: &'a [CString],
     pub envp: &'a [CString],
     pub cwd: Option<&'a CStr>,
+    /// Run as this uid/gid (real, effective and saved). Must be a real id (not
+    /// `u32::MAX`, which set*id reads as "unchanged"): [`spawn`] refuses anything above
+    /// `i32::MAX`. After the change the child checks the result and aborts the exec
+    /// unless it holds exactly these ids and no supplementary groups.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// `PR_SET_NO_NEW_PRIVS` before the exec: setuid/setgid bits and file capabilities
+    /// of the program grant nothing.
+    pub no_new_privs: bool,
     /// Become fds 0, 1, 2 of the child.
     pub stdio: [RawFd; 3],
     /// Becomes fd 3 of the child (e.g. a readiness pipe).
@@ -98,10 +105,21 @@ pub enum SpawnError {
     },
 }
 
+/// The soft `RLIMIT_NOFILE` children get (0: the parent's). Set once at start by a
+/// daemon that raised its own limit; read by the child between clone and exec (a plain
+/// load of a static is async-signal-safe).
+static CHILD_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Children started from now on get `soft` as their soft open-file limit (capped at the
+/// hard limit), whatever the parent's is.
+pub fn set_child_nofile_limit(soft: u64) {
+    CHILD_NOFILE.store(soft, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 13] = [
     "join namespaces (setns)",
     "unshare namespaces",
     "set up stdio",
@@ -112,6 +130,9 @@ const STEPS: [&str; 10] = [
     "set uid",
     "change directory",
     "execute",
+    "verify credentials",
+    "set no_new_privs",
+    "set the open-file limit",
 ];
 
 /// Layout of `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
@@ -134,6 +155,14 @@ struct CloneArgs {
 /// Starts the process described by `req`; returns its pid (in our namespace) and pidfd.
 /// The child is ours: reap it through the pidfd (or a reaper that knows it).
 pub fn spawn(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
+    for id in [req.uid, req.gid].into_iter().flatten() {
+        if i32::try_from(id).is_err() {
+            return Err(SpawnError::Setup(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{id} is not a real uid/gid (set*id would read it as \"unchanged\")"),
+            )));
+        }
+    }
     let Some(ns) = req.pid_namespace_of else {
         return spawn_here(req);
     };
@@ -305,6 +334,36 @@ unsafe fn fail_at(err_w: RawFd, f: container::Failure) -> ! {
     }
 }
 
+/// Whether the calling thread's real, effective and saved uid and gid are `uid` and `gid`
+/// (when given) and it has no supplementary groups. Async-signal-safe.
+///
+/// # Safety
+/// Raw syscalls only; callable in the child between clone and exec.
+unsafe fn credentials_are(uid: Option<u32>, gid: Option<u32>) -> bool {
+    let (mut r, mut e, mut s) = (0u32, 0u32, 0u32);
+    // SAFETY: getresuid/getresgid write three ids into the stack variables we pass;
+    // getgroups(0, NULL) only returns the count.
+    unsafe {
+        if let Some(u) = uid
+            && (libc::syscall(libc::SYS_getresuid, &mut r, &mut e, &mut s) < 0
+                || r != u
+                || e != u
+                || s != u)
+        {
+            return false;
+        }
+        if let Some(g) = gid
+            && (libc::syscall(libc::SYS_getresgid, &mut r, &mut e, &mut s) < 0
+                || r != g
+                || e != g
+                || s != g)
+        {
+            return false;
+        }
+        libc::syscall(libc::SYS_getgroups, 0, ptr::null_mut::<libc::gid_t>()) == 0
+    }
+}
+
 /// The child between clone3 and exec. Async-signal-safe: raw syscalls only.
 ///
 /// # Safety
@@ -364,10 +423,9 @@ unsafe fn child(
         }
         // Raw syscalls, not glibc's set*id wrappers: those synchronize every thread glibc
         // believes exists (nptl setxid), and after a raw clone3 it still believes in the
-        // parent's threads, so the child would wait forever.
-        if (req.uid.is_some() || req.gid.is_some())
-            && libc::syscall(libc::SYS_setgroups, 0, ptr::null::<libc::gid_t>()) < 0
-        {
+        // parent's threads, so the child would wait forever. Supplementary groups are
+        // always set explicitly (to none): never inherited from auraed.
+        if libc::syscall(libc::SYS_setgroups, 0, ptr::null::<libc::gid_t>()) < 0 {
             fail(err_w, 5);
         }
         if let Some(g) = req.gid
@@ -379,6 +437,26 @@ unsafe fn child(
             && libc::syscall(libc::SYS_setresuid, u, u, u) < 0
         {
             fail(err_w, 7);
+        }
+        // Trust nothing: the kernel must report exactly the requested ids.
+        if !credentials_are(req.uid, req.gid) {
+            *libc::__errno_location() = libc::EPERM;
+            fail(err_w, 10);
+        }
+        if req.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            fail(err_w, 11);
+        }
+        let nofile = CHILD_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+        if nofile != 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            if libc::syscall(libc::SYS_getrlimit, libc::RLIMIT_NOFILE, &mut lim) == 0
+                && lim.rlim_cur > nofile
+            {
+                lim.rlim_cur = nofile.min(lim.rlim_max);
+                if libc::syscall(libc::SYS_setrlimit, libc::RLIMIT_NOFILE, &lim) < 0 {
+                    fail(err_w, 12);
+                }
+            }
         }
         if let Some(c) = req.container {
             if let Err(f) = container::finish(c, req.uid.unwrap_or(0) == 0) {
@@ -446,6 +524,7 @@ mod tests {
             cwd,
             uid: None,
             gid: None,
+            no_new_privs: false,
             stdio: [fd, fd, fd],
             pass_fd: None,
             cgroup: None,
@@ -457,6 +536,92 @@ mod tests {
         };
         let (_, pidfd) = spawn(&req)?;
         Ok(pidfd.wait_blocking().unwrap())
+    }
+
+    fn run_as(
+        script: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        no_new_privs: bool,
+    ) -> Result<ExitStatus, SpawnError> {
+        let argv: Vec<CString> = ["/bin/sh", "-c", script]
+            .iter()
+            .map(|a| CString::new(*a).unwrap())
+            .collect();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let fd = devnull.as_raw_fd();
+        let req = SpawnRequest {
+            program: Program::Path(&argv[0]),
+            argv: &argv,
+            envp: &[],
+            cwd: None,
+            uid,
+            gid,
+            no_new_privs,
+            stdio: [fd, fd, fd],
+            pass_fd: None,
+            cgroup: None,
+            new_namespaces: Namespaces::default(),
+            pid_namespace_of: None,
+            join: None,
+            unshare: Namespaces::default(),
+            container: None,
+        };
+        let (_, pidfd) = spawn(&req)?;
+        Ok(pidfd.wait_blocking().unwrap())
+    }
+
+    /// uid/gid 4294967295 is "-1" to set*id: the child would keep our uid 0.
+    #[test]
+    fn ids_that_mean_unchanged_are_refused() {
+        for (uid, gid) in [
+            (Some(u32::MAX), None),
+            (None, Some(u32::MAX)),
+            (Some(1 << 31), Some(1000)),
+            (Some(1000), Some(u32::MAX)),
+        ] {
+            match run_as("exit 0", uid, gid, false) {
+                Err(SpawnError::Setup(e)) => {
+                    assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{uid:?} {gid:?}")
+                }
+                other => panic!("{uid:?}/{gid:?} must be refused, got {other:?}"),
+            }
+        }
+    }
+
+    /// The child runs with exactly the ids asked for, no supplementary groups, and
+    /// no_new_privs when asked.
+    #[test]
+    fn credentials_groups_and_no_new_privs() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP credentials_groups_and_no_new_privs: needs root to change uid");
+            return;
+        }
+        let check = "[ \"$(id -u)\" = 65534 ] && [ \"$(id -g)\" = 65533 ] \
+            && grep -q '^Uid:\t65534\t65534\t65534' /proc/self/status \
+            && grep -q '^Gid:\t65533\t65533\t65533' /proc/self/status \
+            && grep -qx 'Groups:[[:space:]]*' /proc/self/status";
+        assert_eq!(
+            run_as(
+                &format!("{check} && grep -q '^NoNewPrivs:\t1' /proc/self/status"),
+                Some(65534),
+                Some(65533),
+                true
+            )
+            .unwrap(),
+            ExitStatus::Code(0)
+        );
+        assert_eq!(
+            run_as(
+                &format!("{check} && grep -q '^NoNewPrivs:\t0' /proc/self/status"),
+                Some(65534),
+                Some(65533),
+                false
+            )
+            .unwrap(),
+            ExitStatus::Code(0)
+        );
     }
 
     #[test]

@@ -34,10 +34,18 @@ pub enum BadClient {
     NoSpiffeId,
     ForeignTrustDomain,
     ServerCertAsClient,
+    /// `/operator/admin`, signed by an intermediate CA (signed by the real CA) that has
+    /// no SPIFFE ID: the attack webpki alone lets through (it ignores the root's pathLen).
+    IntermediateWithoutSpiffeId,
+    /// `/operator/admin`, signed by the intermediate `/instance/a`: outside its path.
+    OutsideIntermediatePath,
+    /// `/instance/ab`, signed by the intermediate `/instance/a`: a string prefix, not a
+    /// path below it.
+    IntermediateStringPrefix,
 }
 
 impl BadClient {
-    pub const ALL: [BadClient; 7] = [
+    pub const ALL: [BadClient; 10] = [
         Self::NoCertificate,
         Self::OtherCa,
         Self::Expired,
@@ -45,6 +53,9 @@ impl BadClient {
         Self::NoSpiffeId,
         Self::ForeignTrustDomain,
         Self::ServerCertAsClient,
+        Self::IntermediateWithoutSpiffeId,
+        Self::OutsideIntermediatePath,
+        Self::IntermediateStringPrefix,
     ];
 
     /// A client configuration for this kind, against the PKI in `pki_dir`.
@@ -86,7 +97,43 @@ impl BadClient {
                 let key = std::fs::read_to_string(&paths.server_key)?;
                 (cert, key)
             }
+            Self::IntermediateWithoutSpiffeId => {
+                return delegated(pki_dir, trust_domain, None, "/operator/admin");
+            }
+            Self::OutsideIntermediatePath => {
+                return delegated(
+                    pki_dir,
+                    trust_domain,
+                    Some("/instance/a"),
+                    "/operator/admin",
+                );
+            }
+            Self::IntermediateStringPrefix => {
+                return delegated(pki_dir, trust_domain, Some("/instance/a"), "/instance/ab");
+            }
         };
         with_identity(&paths.ca_cert, &cert, &key)
     }
+}
+
+/// A client presenting `leaf_path`, signed by an intermediate CA with SPIFFE path
+/// `intermediate` (`None`: no SPIFFE ID) that the PKI's CA signed; the client sends the
+/// leaf and the intermediate. Good when `leaf_path` lies below `intermediate`.
+pub fn delegated(
+    pki_dir: &Path,
+    trust_domain: &str,
+    intermediate: Option<&str>,
+    leaf_path: &str,
+) -> anyhow::Result<ClientConfig> {
+    let paths = aurae_identity::PkiPaths::new(pki_dir);
+    let ca = Ca::load(&paths.ca_cert, &paths.ca_key)?;
+    let ca_id = intermediate
+        .map(|p| SpiffeId::new(trust_domain, p))
+        .transpose()?;
+    let sub = ca.issue_intermediate(ca_id.as_ref(), 1)?;
+    let (cert, key) = sub.issue(&IssueSpec::client(
+        SpiffeId::new(trust_domain, leaf_path)?,
+        1,
+    ))?;
+    with_identity(&paths.ca_cert, &cert, &key)
 }

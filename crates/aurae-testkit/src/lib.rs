@@ -59,6 +59,24 @@ pub struct Daemon {
     pub tcp: Option<SocketAddr>,
     pub log: PathBuf,
     child: Option<Child>,
+    /// How it was started, for [`Daemon::crash_and_restart`].
+    bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
+}
+
+/// Starts auraed with `args`, its log appended to `log`.
+fn spawn_daemon(bin: &Path, args: &[std::ffi::OsString], log: &Path) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .args(args)
+        .env(
+            "AURAED_LOG",
+            std::env::var("AURAE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::OpenOptions::new().create(true).append(true).open(log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 /// A free loopback port (bound then released; the daemon binds it right after).
@@ -108,17 +126,9 @@ impl Daemon {
             fs::write(&path, p)?;
             cmd.arg("--policy").arg(path);
         }
-        cmd.args(&opts.extra_args)
-            .env(
-                "AURAED_LOG",
-                std::env::var("AURAE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        cmd.args(&opts.extra_args);
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let child = spawn_daemon(bin, &args, &log)?;
         let mut d = Self {
             cgroup,
             dir,
@@ -127,9 +137,51 @@ impl Daemon {
             tcp,
             log,
             child: Some(child),
+            bin: bin.to_owned(),
+            args,
         };
         d.wait_ready(Duration::from_secs(30)).await?;
         Ok(d)
+    }
+
+    /// `kill -9` auraed (its workloads are not told), then starts it again with the same
+    /// arguments (state directory, cgroup root, socket, PKI) and waits until it serves.
+    pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?; // SIGKILL
+            c.wait()?;
+        }
+        self.start_again().await
+    }
+
+    /// Starts auraed again with the same arguments (after it exited or was killed).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("auraed is still running");
+        }
+        self.child = Some(spawn_daemon(&self.bin, &self.args, &self.log)?);
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// Starts a second auraed with the same arguments, without waiting for it: for
+    /// tests that it is refused. Returns its exit status (or None if it kept running
+    /// for `wait`, in which case it is killed) and its log.
+    pub fn start_second(
+        &self,
+        wait: Duration,
+    ) -> anyhow::Result<(Option<std::process::ExitStatus>, String)> {
+        let log = self.dir.path().join("second.log");
+        let mut c = spawn_daemon(&self.bin, &self.args, &log)?;
+        let start = Instant::now();
+        while start.elapsed() < wait {
+            if let Some(s) = c.try_wait()? {
+                return Ok((Some(s), fs::read_to_string(&log).unwrap_or_default()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.kill()?;
+        c.wait()?;
+        Ok((None, fs::read_to_string(&log).unwrap_or_default()))
     }
 
     /// Waits until health answers SERVING over the socket (and TCP, if enabled).

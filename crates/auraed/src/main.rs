@@ -30,9 +30,17 @@ struct Args {
     /// Seconds a client has to finish the TLS handshake.
     #[arg(long, default_value_t = 10)]
     handshake_timeout_s: u64,
-    /// Most connections at once (more wait in the listen backlog).
+    /// Most connections at once per listener (the Unix socket and TCP each get this
+    /// many; pending handshakes count); one more is closed at once.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Most TLS handshakes in progress from one TCP peer address.
+    #[arg(long, default_value_t = auraed::server::limits::MAX_HANDSHAKES_PER_PEER)]
+    max_handshakes_per_peer: usize,
+    /// Most established connections of one client identity (SPIFFE ID), both listeners
+    /// together.
+    #[arg(long, default_value_t = auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY)]
+    max_connections_per_identity: usize,
     /// Most concurrent calls (HTTP/2 streams) per connection.
     #[arg(long, default_value_t = 128)]
     max_streams_per_connection: u32,
@@ -108,6 +116,8 @@ fn main() -> ExitCode {
         policy: args.policy,
         handshake_timeout: Duration::from_secs(args.handshake_timeout_s.max(1)),
         max_connections: args.max_connections.max(1),
+        max_handshakes_per_peer: args.max_handshakes_per_peer.max(1),
+        max_connections_per_identity: args.max_connections_per_identity.max(1),
         max_streams_per_connection: args.max_streams_per_connection.max(1),
         cgroup_root: args.cgroup_root,
         warnings: Vec::new(),
@@ -181,6 +191,8 @@ fn run_pid1() -> ! {
         policy: policy.exists().then_some(policy),
         handshake_timeout: Duration::from_secs(10),
         max_connections: 1024,
+        max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
+        max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
         max_streams_per_connection: 128,
         cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
         mode: "pid1",

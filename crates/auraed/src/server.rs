@@ -4,6 +4,12 @@
 //! Each accepted connection is handshaken in its own task under a deadline; only a
 //! connection whose client presented a CA-signed certificate with exactly one SPIFFE ID of
 //! our trust domain reaches tonic, carrying that ID as its [`PeerInfo`].
+//!
+//! Budgets (see [`limits`]): each listener has its own slots, a TCP peer address has a cap
+//! on handshakes in progress, a SPIFFE identity a cap on established connections; a
+//! connection over any of them is closed at once.
+
+pub mod limits;
 
 use std::{
     fs, io,
@@ -46,7 +52,13 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     pub policy: Option<PathBuf>,
     pub handshake_timeout: Duration,
+    /// Most connections at once, per listener (the Unix socket and TCP each have this
+    /// many); pending handshakes count.
     pub max_connections: usize,
+    /// Most TLS handshakes in progress from one TCP peer address.
+    pub max_handshakes_per_peer: usize,
+    /// Most established connections of one SPIFFE identity, both listeners together.
+    pub max_connections_per_identity: usize,
     pub max_streams_per_connection: u32,
     /// cgroup v2 directory under which cells are created; `None` = detect.
     pub cgroup_root: Option<PathBuf>,
@@ -67,11 +79,13 @@ enum Io {
     Tcp(TlsStream<TcpStream>),
 }
 
-/// A verified connection: TLS stream, peer identity, and its slot under the connection cap.
+/// A verified connection: TLS stream, peer identity, its slot in its listener's budget and
+/// its identity's.
 pub struct Conn {
     io: Io,
     peer: PeerInfo,
     _permit: OwnedSemaphorePermit,
+    _identity_slot: limits::Held<SpiffeId>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -240,7 +254,21 @@ fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::cell::cgroup::FsTree>,
 /// Runs auraed's API until SIGTERM/SIGINT or a Shutdown RPC, then shuts down in order.
 /// Returns whether a reboot (rather than a power-off) was asked for.
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
+    let fd_limit = limits::raise_fd_limit();
+    let listeners = if cfg.listen.is_some() { 2 } else { 1 };
+    let per_listener = limits::budget_per_listener(cfg.max_connections, listeners, fd_limit);
+    if per_listener < cfg.max_connections {
+        warn!(
+            fd_limit = ?fd_limit,
+            max_connections = cfg.max_connections,
+            per_listener,
+            "the open-file limit cannot hold --max-connections per listener plus a reserve for \
+             workloads: each listener gets {per_listener} connections (raise the hard \
+             RLIMIT_NOFILE to allow more)"
+        );
+    }
     let pki = PkiPaths::new(&cfg.pki_dir);
+    pki.refuse_ca_key()?; // auraed never needs the CA key: not next to it, ever
     for f in [&pki.ca_cert, &pki.server_cert, &pki.server_key] {
         if !f.exists() {
             bail!(
@@ -303,6 +331,21 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         }
         Err(reason) => warn!("cells are unavailable: {reason}"),
     }
+    // What a previous auraed left running is killed and removed, each one reported
+    // (Daemon/Info warnings and a FREED event); nothing records it, so nothing can be
+    // re-adopted yet.
+    let mut warnings = cfg.warnings.clone();
+    if let Ok(t) = &tree {
+        for w in t.sweep_leftovers() {
+            events.emit(
+                aurae_proto::runtime::v0::Kind::Cell,
+                "",
+                aurae_proto::runtime::v0::EventType::Freed,
+                w.clone(),
+            );
+            warnings.push(w);
+        }
+    }
     let tree = tree.map(|t| t as Arc<dyn crate::cell::cgroup::CgroupTree>);
     let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
     let vms = Arc::new(crate::vm::Vms::new(
@@ -323,6 +366,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     ));
 
     let image_store = Arc::new(crate::image::store::ImageStore::open(&cfg.state_dir)?);
+    for q in image_store.checked_refs().1 {
+        warnings.push(format!(
+            "image reference record {q} is unreadable and quarantined in {}: image garbage collection is off until it is removed",
+            image_store.quarantine_dir().display()
+        ));
+    }
     let puller = Arc::new(crate::image::pull::Puller {
         store: image_store,
         registry: crate::image::registry::Registry::new(cfg.registry.clone()),
@@ -343,10 +392,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         cells: cells.clone(),
         events,
         reboot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        warnings: cfg.warnings.clone(),
+        warnings,
         puller,
         volume_roots: canonical_dirs(&cfg.volume_roots, "volume root"),
         vms: vms.clone(),
+        quotas: Arc::new(api::quota::Quotas::new(cells.clone(), vms.clone())),
     };
     let reboot = ctx.reboot.clone();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -358,25 +408,30 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     }
 
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
     let own_uid = nix::unistd::geteuid().as_raw();
+    let shared = Shared {
+        acceptor,
+        handshake_timeout: cfg.handshake_timeout,
+        per_identity: limits::PerKey::new(cfg.max_connections_per_identity),
+        refusals: Arc::new(limits::Refusals::default()),
+        out: conn_tx.clone(),
+    };
     let accept_unix = tokio::spawn(accept_loop(
         Listener::Unix(unix, own_uid),
-        acceptor.clone(),
-        slots.clone(),
-        cfg.handshake_timeout,
-        conn_tx.clone(),
+        Arc::new(Semaphore::new(per_listener)),
+        None,
+        shared.clone(),
     ));
     let accept_tcp = tcp.map(|l| {
         tokio::spawn(accept_loop(
             Listener::Tcp(l),
-            acceptor.clone(),
-            slots.clone(),
-            cfg.handshake_timeout,
-            conn_tx.clone(),
+            Arc::new(Semaphore::new(per_listener)),
+            Some(limits::PerKey::new(cfg.max_handshakes_per_peer)),
+            shared.clone(),
         ))
     });
+    drop(shared);
     drop(conn_tx);
 
     info!(
@@ -385,6 +440,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         id = %server_id,
         socket = %cfg.socket.display(),
         listen = ?cfg.listen,
+        max_connections_per_listener = per_listener,
+        max_handshakes_per_peer = cfg.max_handshakes_per_peer,
+        max_connections_per_identity = cfg.max_connections_per_identity,
+        fd_limit = ?fd_limit,
         boots = boot.boots,
         "auraed is serving"
     );
@@ -511,18 +570,28 @@ enum Listener {
     Tcp(TcpListener),
 }
 
+/// What every accept loop shares.
+#[derive(Clone)]
+struct Shared {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    /// Established connections per verified identity, both listeners together.
+    per_identity: Arc<limits::PerKey<SpiffeId>>,
+    refusals: Arc<limits::Refusals>,
+    out: mpsc::Sender<Result<Conn, io::Error>>,
+}
+
+/// Accepts forever: a connection gets a slot of `budget` (its listener's) at once or is
+/// closed at once; a TCP one also needs a handshake slot of its peer address. Failed
+/// accepts (EMFILE included) pause briefly and never end the loop.
 async fn accept_loop(
     listener: Listener,
-    acceptor: TlsAcceptor,
-    slots: Arc<Semaphore>,
-    handshake_timeout: Duration,
-    out: mpsc::Sender<Result<Conn, io::Error>>,
+    budget: Arc<Semaphore>,
+    per_peer: Option<Arc<limits::PerKey<std::net::IpAddr>>>,
+    shared: Shared,
 ) {
+    let refusals = shared.refusals.clone();
     loop {
-        // Take a slot before accepting: at the cap, new clients wait in the backlog.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = match &listener {
             Listener::Unix(l, own_uid) => l.accept().await.map(|(s, _)| {
                 let cred = s.peer_cred().ok();
@@ -541,53 +610,131 @@ async fn accept_loop(
         let (pending, transport) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                match limits::classify_accept_error(&e) {
+                    limits::AcceptError::Transient => debug!("accept: {e}"),
+                    limits::AcceptError::BackOff(pause) => {
+                        if let Some(n) = refusals.accept_failed.admit() {
+                            if limits::out_of_fds(&e) {
+                                warn!(
+                                    similar_not_logged = n,
+                                    "accept failed: {e}: out of file descriptors; pausing {} ms and serving on \
+                                     (raise RLIMIT_NOFILE or lower --max-connections)",
+                                    pause.as_millis()
+                                );
+                            } else {
+                                warn!(
+                                    similar_not_logged = n,
+                                    "accept failed: {e}; pausing {} ms",
+                                    pause.as_millis()
+                                );
+                            }
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let out = out.clone();
-        tokio::spawn(async move {
-            let handshake = async {
-                match pending {
-                    Pending::Unix(_, false) => Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        "peer uid is neither root nor auraed's own",
-                    )),
-                    Pending::Unix(s, true) => acceptor.accept(s).await.map(Io::Unix),
-                    Pending::Tcp(s) => acceptor.accept(s).await.map(Io::Tcp),
+        // Over budget: closed at once (dropping the stream), never queued.
+        let Ok(permit) = budget.clone().try_acquire_owned() else {
+            drop(pending);
+            refusals.refuse(
+                &refusals.listener_full,
+                &transport,
+                "this listener's connection budget (--max-connections) is used up",
+            );
+            continue;
+        };
+        let peer_slot = match (&per_peer, &transport) {
+            (Some(per_peer), Transport::Tcp(addr)) => match per_peer.try_take(addr.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    drop(pending);
+                    refusals.refuse(
+                        &refusals.peer_handshakes,
+                        &transport,
+                        &format!(
+                            "this address already has {} TLS handshakes in progress (--max-handshakes-per-peer)",
+                            per_peer.cap()
+                        ),
+                    );
+                    continue;
                 }
-            };
-            let io = match tokio::time::timeout(handshake_timeout, handshake).await {
-                Ok(Ok(io)) => io,
-                Ok(Err(e)) => {
-                    warn!(target: "aurae::audit", via = %transport, decision = "reject", "TLS handshake rejected: {e}");
-                    return;
-                }
-                Err(_) => {
-                    warn!(target: "aurae::audit", via = %transport, decision = "reject", "TLS handshake timed out");
-                    return;
-                }
-            };
-            let id = match &io {
-                Io::Unix(s) => verified_peer(s),
-                Io::Tcp(s) => verified_peer(s),
-            };
-            let Some(id) = id else {
-                warn!(via = %transport, "handshake finished without a verified SPIFFE ID; closing");
-                return;
-            };
-            debug!(peer_id = %id, via = %transport, "connection verified");
-            let conn = Conn {
-                io,
-                peer: PeerInfo { id, transport },
-                _permit: permit,
-            };
-            let _ = out.send(Ok(conn)).await;
-        });
+            },
+            _ => None,
+        };
+        tokio::spawn(handshake(
+            pending,
+            transport,
+            permit,
+            peer_slot,
+            shared.clone(),
+        ));
     }
+}
+
+/// Handshakes one connection under the deadline; a verified one within its identity's cap
+/// goes to tonic.
+async fn handshake(
+    pending: Pending,
+    transport: Transport,
+    permit: OwnedSemaphorePermit,
+    peer_slot: Option<limits::Held<std::net::IpAddr>>,
+    shared: Shared,
+) {
+    let acceptor = shared.acceptor.clone();
+    let handshake = async {
+        match pending {
+            Pending::Unix(_, false) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "peer uid is neither root nor auraed's own",
+            )),
+            Pending::Unix(s, true) => acceptor.accept(s).await.map(Io::Unix),
+            Pending::Tcp(s) => acceptor.accept(s).await.map(Io::Tcp),
+        }
+    };
+    let io = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => {
+            warn!(target: "aurae::audit", via = %transport, decision = "reject", "TLS handshake rejected: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(target: "aurae::audit", via = %transport, decision = "reject", "TLS handshake timed out");
+            return;
+        }
+    };
+    // The handshake is over: the peer address's slot is free for the next one.
+    drop(peer_slot);
+    let id = match &io {
+        Io::Unix(s) => verified_peer(s),
+        Io::Tcp(s) => verified_peer(s),
+    };
+    let Some(id) = id else {
+        warn!(via = %transport, "handshake finished without a verified SPIFFE ID; closing");
+        return;
+    };
+    let Some(identity_slot) = shared.per_identity.try_take(id.clone()) else {
+        drop(io);
+        let refusals = &shared.refusals;
+        refusals.refuse(
+            &refusals.identity_full,
+            &format_args!("{transport} peer_id={id}"),
+            &format!(
+                "this identity already has {} connections open (--max-connections-per-identity)",
+                shared.per_identity.cap()
+            ),
+        );
+        return;
+    };
+    debug!(peer_id = %id, via = %transport, "connection verified");
+    let conn = Conn {
+        io,
+        peer: PeerInfo { id, transport },
+        _permit: permit,
+        _identity_slot: identity_slot,
+    };
+    let _ = shared.out.send(Ok(conn)).await;
 }
 
 enum Pending {

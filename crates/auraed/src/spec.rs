@@ -169,6 +169,25 @@ pub fn known_enum<E: TryFrom<i32>>(field: &str, v: i32, allow_zero: bool) -> Res
 }
 
 /// An absolute host or guest path from a request: no NUL, no `..` component.
+/// The largest uid or gid a workload may run as: no user namespace maps ids, so ids from
+/// 2³¹ on are refused (negative to many kernel and libc paths), and `4294967295` is the
+/// "-1" that set*id reads as "leave unchanged" (it would keep auraed's uid 0).
+pub const MAX_ID: u32 = (1 << 31) - 1;
+
+/// A uid or gid as the kernel will use it: 0 to [`MAX_ID`].
+pub fn id(field: &str, v: u32) -> Result<u32, FieldError> {
+    if v > MAX_ID {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{v} is not a valid id: ids run from 0 to {MAX_ID} ({} is \"-1\", which set*id reads as \"unchanged\")",
+                u32::MAX
+            ),
+        ));
+    }
+    Ok(v)
+}
+
 pub fn abs_path(field: &str, s: &str) -> Result<std::path::PathBuf, FieldError> {
     if s.is_empty() {
         return Err(FieldError::new(field, "is empty: give an absolute path"));

@@ -79,12 +79,25 @@ const GRANTS: &[(&str, &[&str], &[&str])] = &[
 /// Has a certificate from the right CA, but no grant.
 const NOBODY: &str = "eve";
 
+/// What each identity may run as and pull from (the matrix's requests use uid 1000 and
+/// an image on a closed loopback port).
+fn extras(who: &str) -> &'static str {
+    match who {
+        "admin" => {
+            "allow_uid_zero = true\nuids = [\"1-2147483647\"]\ngids = [\"1-2147483647\"]\nregistries = [\"*\"]\nvolumes = [\"*\"]\n"
+        }
+        "alice" => "uids = [\"1000\"]\ngids = [\"1000\"]\nregistries = [\"127.0.0.1:1\"]\n",
+        _ => "",
+    }
+}
+
 fn policy_toml() -> String {
     GRANTS
         .iter()
         .map(|(who, methods, names)| {
             format!(
-                "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/{who}\"\nmethods = {methods:?}\nnames = {names:?}\n\n"
+                "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/{who}\"\nmethods = {methods:?}\nnames = {names:?}\n{}\n",
+                extras(who)
             )
         })
         .collect()
@@ -118,9 +131,10 @@ fn request(input: &str, name: &str) -> (Vec<u8>, bool) {
         cell: name.into(),
         name: "x".into(),
     };
+    // A registry on a closed loopback port: an allowed pull fails fast (UNAVAILABLE).
     let container = || {
         Some(pb::Container {
-            image: "busybox".into(),
+            image: "127.0.0.1:1/busybox".into(),
             ..Default::default()
         })
     };
@@ -371,4 +385,173 @@ async fn authorization_matrix_matches_the_policy_exactly() {
         allowed > 50 && denied > 100,
         "matrix too one-sided: {allowed} allow, {denied} deny"
     );
+}
+
+/// The privilege half of the matrix: identities × uid/gid/registry/quota choices. The
+/// expected decision is computed here from the table, independently of auraed's code;
+/// requests name a cell that does not exist, so an allowed one ends in NOT_FOUND (ids,
+/// quotas) or UNAVAILABLE (a pull from a closed port), a denied one in
+/// PERMISSION_DENIED, RESOURCE_EXHAUSTED or INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privilege_matrix_matches_the_policy_exactly() {
+    struct Who {
+        name: &'static str,
+        uid_zero: bool,
+        ids: &'static [(u32, u32)],
+        registries: &'static [&'static str],
+        exe_quota: Option<u32>,
+    }
+    const WHO: &[Who] = &[
+        Who {
+            name: "admin",
+            uid_zero: true,
+            ids: &[(1, 2147483647)],
+            registries: &["*"],
+            exe_quota: None,
+        },
+        Who {
+            name: "alice",
+            uid_zero: false,
+            ids: &[(1000, 1999)],
+            registries: &["127.0.0.1:1/team-a"],
+            exe_quota: None,
+        },
+        Who {
+            name: "carol",
+            uid_zero: true,
+            ids: &[(5, 5), (70000, 70010)],
+            registries: &[],
+            exe_quota: Some(0),
+        },
+        Who {
+            name: "dave",
+            uid_zero: false,
+            ids: &[],
+            registries: &["127.0.0.1:1"],
+            exe_quota: None,
+        },
+    ];
+    let mut policy = String::new();
+    for w in WHO {
+        let ids: Vec<String> = w.ids.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+        policy += &format!(
+            "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/{}\"\nmethods = [\"*\"]\nnames = [\"team-a\"]\nallow_uid_zero = {}\nuids = {ids:?}\ngids = {ids:?}\nregistries = {:?}\n",
+            w.name, w.uid_zero, w.registries
+        );
+        if let Some(q) = w.exe_quota {
+            policy += &format!("[grant.quota]\nexecutables = {q}\n");
+        }
+        policy += "\n";
+    }
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let id_ok = |w: &Who, id: u32| {
+        if id > i32::MAX as u32 {
+            None // not an id at all: INVALID_ARGUMENT for everyone
+        } else if id == 0 {
+            Some(w.uid_zero)
+        } else {
+            Some(w.ids.iter().any(|&(a, b)| a <= id && id <= b))
+        }
+    };
+    let ids: [(Option<u32>, Option<u32>); 12] = [
+        (None, None),
+        (Some(0), None),
+        (Some(1000), None),
+        (Some(1000), Some(0)),
+        (Some(1000), Some(42)),
+        (Some(1500), Some(1999)),
+        (Some(2000), Some(1000)),
+        (Some(5), Some(5)),
+        (Some(70005), None),
+        (Some(u32::MAX), None),
+        (Some(1000), Some(u32::MAX)),
+        (Some(1 << 31), Some(1000)),
+    ];
+    let mut mismatches = Vec::new();
+    let mut cases = 0;
+    for w in WHO {
+        let c = d.client(w.name).await.unwrap();
+        for (uid, gid) in ids {
+            let u = uid.unwrap_or(0);
+            let g = gid.unwrap_or(u);
+            let expect = match (id_ok(w, u), id_ok(w, g)) {
+                (None, _) | (_, None) => Code::InvalidArgument,
+                (Some(true), Some(true)) => Code::NotFound,
+                _ => Code::PermissionDenied,
+            };
+            let got = c
+                .runtime()
+                .run_executable(pb::Executable {
+                    cell: "team-a/none".into(),
+                    argv: vec!["/bin/true".into()],
+                    uid,
+                    gid,
+                    ..Default::default()
+                })
+                .await;
+            let code = got.as_ref().err().map_or(Code::Ok, |s| s.code());
+            cases += 1;
+            if code != expect {
+                mismatches.push(format!(
+                    "{} uid {uid:?} gid {gid:?}: expected {expect:?}, got {got:?}",
+                    w.name
+                ));
+            }
+        }
+        for image in [
+            "127.0.0.1:1/team-a/app",
+            "127.0.0.1:1/team-b/app",
+            "127.0.0.1:1/team-ab/app",
+            "127.0.0.2:1/team-a/app",
+            "127.0.0.3:1/library/busybox",
+        ] {
+            let (host, repo) = image.split_once('/').unwrap();
+            let allowed = w.registries.iter().any(|r| {
+                *r == "*"
+                    || *r == host
+                    || r.split_once('/').is_some_and(|(h, p)| {
+                        h == host && (repo == p || repo.starts_with(&format!("{p}/")))
+                    })
+            });
+            let expect = if allowed {
+                Code::Unavailable
+            } else {
+                Code::PermissionDenied
+            };
+            let got = c
+                .runtime()
+                .run_cell(pb::Cell {
+                    name: "team-a/pulled".into(),
+                    container: Some(pb::Container {
+                        image: image.into(),
+                        uid: Some(1000).filter(|_| !w.ids.is_empty()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await;
+            let code = got.as_ref().err().map_or(Code::Ok, |s| s.code());
+            cases += 1;
+            if code != expect {
+                mismatches.push(format!(
+                    "{} image {image}: expected {expect:?}, got {got:?}",
+                    w.name
+                ));
+            }
+        }
+    }
+    println!(
+        "privilege matrix: {cases} cases ({} identities x (12 uid/gid pairs + 5 images)), {} mismatches",
+        WHO.len(),
+        mismatches.len()
+    );
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }

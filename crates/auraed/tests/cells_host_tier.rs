@@ -679,7 +679,7 @@ async fn nested_cells_live_inside_their_parent_and_are_freed_with_it() {
 async fn bad_cell_requests_get_precise_errors() {
     let policy = format!(
         "[[grant]]\nid = \"spiffe://{td}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\nallow_uid_zero = true\nallow_host_namespaces = true\n\n\
-         [[grant]]\nid = \"spiffe://{td}/operator/alice\"\nmethods = [\"*\"]\nnames = [\"team-a\"]\n",
+         [[grant]]\nid = \"spiffe://{td}/operator/alice\"\nmethods = [\"*\"]\nnames = [\"team-a\"]\nuids = [\"65534\"]\ngids = [\"65534\"]\n",
         td = aurae_testkit::TRUST_DOMAIN
     );
     let Some((d, c)) = daemon(

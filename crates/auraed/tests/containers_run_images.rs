@@ -1,7 +1,8 @@
 //! Containers (host tier: root, cgroup v2, a loopback registry, busybox-static): images the
 //! tests build and push run through RunCell and RunExecutable. A probe checks the
 //! container from inside (capabilities, no_new_privs, seccomp, fds, masked and read-only
-//! paths, PID and network namespaces); runc's CVE classes are replayed (a `/proc/self/fd`
+//! paths, PID and network namespaces, device nodes: no mknod, a nodev `/dev` with the
+//! host's nodes read-only); runc's CVE classes are replayed (a `/proc/self/fd`
 //! working directory, a symlinked `/proc` or `/dev/null` in the image, writes to the
 //! runtime's binary); sidecars share localhost; volumes only from allowed roots; bad input
 //! fails precisely and leaves nothing (no cell, no container directory).
@@ -157,6 +158,13 @@ if echo x >> /proc/1/exe 2>/dev/null; then echo "init-exe: written"; else echo "
 if mount -t tmpfs none /tmp 2>/dev/null; then echo "mount: allowed"; else echo "mount: denied"; fi
 if unshare -n true 2>/dev/null; then echo "unshare: allowed"; else echo "unshare: denied"; fi
 echo "devnull: $(stat -c %F /dev/null)"
+echo "mknod-dev: $(mknod /dev/x b 7 0 2>&1 && echo made)"
+echo "mknod-tmp: $(mknod /tmp/x c 1 3 2>&1 && echo made)"
+echo "dev-opts: $(awk '$5 == "/dev" {print $6}' /proc/self/mountinfo)"
+echo "devnull-opts: $(awk '$5 == "/dev/null" {print $6}' /proc/self/mountinfo)"
+if echo hi > /dev/null; then echo "devnull-write: ok"; else echo "devnull-write: failed"; fi
+echo "zero: $(head -c 5 /dev/zero | wc -c) urandom: $(head -c 5 /dev/urandom | wc -c)"
+if chmod 666 /dev/null; then echo "devnull-chmod: allowed"; else echo "devnull-chmod: refused"; fi
 echo "devs: $(ls /dev | tr '\n' ' ')"
 echo "user: $(id -u):$(id -g)"
 echo "env: $FROM_IMAGE"
@@ -172,9 +180,10 @@ async fn probe_from_inside_a_container() {
     let (st, out) = e.run_cell("probe", e.container(PROBE)).await.unwrap();
     assert_eq!(code(&st), Some(0), "{out}");
     println!("{out}");
-    // Docker's 14 default capabilities in the bounding, permitted and effective sets;
-    // inheritable and ambient empty.
+    // Docker's 14 default capabilities less CAP_MKNOD in the bounding, permitted and
+    // effective sets; inheritable and ambient empty.
     let default = format!("{:016x}", auraed::container::DEFAULT_CAPABILITIES);
+    assert_eq!(default, "00000000a00425fb", "no CAP_MKNOD (bit 27)");
     assert_eq!(field(&out, "CapInh"), "0000000000000000");
     assert_eq!(field(&out, "CapAmb"), "0000000000000000");
     assert_eq!(field(&out, "CapBnd"), default);
@@ -205,6 +214,29 @@ async fn probe_from_inside_a_container() {
     assert_eq!(field(&out, "mount"), "denied");
     assert_eq!(field(&out, "unshare"), "denied");
     assert_eq!(field(&out, "devnull"), "character special file");
+    // No device node can be made (no CAP_MKNOD), not even an allowed one, and none would
+    // open: /dev is nodev. The six nodes are the host's, bind-mounted read-only (their
+    // owner and mode cannot be changed from inside), and they work.
+    assert_eq!(
+        field(&out, "mknod-dev"),
+        "mknod: /dev/x: Operation not permitted"
+    );
+    assert_eq!(
+        field(&out, "mknod-tmp"),
+        "mknod: /tmp/x: Operation not permitted"
+    );
+    let opts = |k| field(&out, k).split(',').collect::<Vec<_>>();
+    assert!(
+        opts("dev-opts").contains(&"nodev") && opts("dev-opts").contains(&"nosuid"),
+        "{out}"
+    );
+    assert!(
+        opts("devnull-opts").contains(&"ro") && opts("devnull-opts").contains(&"nosuid"),
+        "{out}"
+    );
+    assert_eq!(field(&out, "devnull-write"), "ok");
+    assert_eq!(field(&out, "zero"), "5 urandom: 5");
+    assert_eq!(field(&out, "devnull-chmod"), "refused");
     for dev in [
         "null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "fd",
     ] {

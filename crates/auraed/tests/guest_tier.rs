@@ -3,7 +3,8 @@
 //! event and victim, pids.max, cpu.max throttling, cpuset, narrowing), PID 1 duties (no
 //! zombies from orphaned double-forks, a crashing workload does not take auraed down,
 //! clean power-off on the Shutdown RPC), and containers under limits (RunCell of an image
-//! seeded into the guest's store: hardening on the guest's kernel, OOM kill by memory.max).
+//! seeded into the guest's store: hardening on the guest's kernel, OOM kill by memory.max),
+//! and the cells' device filter on the guest's kernel (no block device node for root).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -379,6 +380,28 @@ async fn guest_tier_limits_and_pid1_duties() {
     let (_, rss) = run_wait(&c, sh("host", "rss", "grep VmRSS /proc/1/status")).await;
     println!("guest auraed (PID 1) after the tests: {}", rss.trim());
 
+    // The device filter on the guest's kernel (Debian's, CONFIG_CGROUP_BPF; every
+    // allocate above already needed it attached): root with CAP_MKNOD in a cell may make
+    // a node with /dev/null's numbers but not a block device (loop 7:0).
+    let (st, out) = run_wait(
+        &c,
+        sh(
+            "host",
+            "devices",
+            "bb=/bin/busybox; d=/tmp/aurae-devices; $bb mkdir -p $d; \
+             $bb mknod $d/blk b 7 0 2>&1; echo blk=$?; $bb mknod $d/null c 1 3 2>&1; echo null=$?; \
+             $bb rm -rf $d",
+        ),
+    )
+    .await;
+    println!("device filter in the guest: {out:?}");
+    assert_eq!(how(&st), Some(pb::exit_status::How::Code(0)), "{out}");
+    assert!(
+        out.contains("blk: Operation not permitted") && out.contains("blk=1\n"),
+        "{out}"
+    );
+    assert!(out.contains("null=0\n"), "{out}");
+
     // A crashing workload does not take auraed down.
     let (st, _) = run_wait(&c, sh("host", "crash", "kill -SEGV $$")).await;
     assert_eq!(how(&st), Some(pb::exit_status::How::Signal(11)));
@@ -589,6 +612,7 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
             drives: vec![pb::Drive {
                 path: "/var/lib/aurae/vm-images/disk".into(),
                 read_only: true,
+                writable: false,
             }],
         })
         .await

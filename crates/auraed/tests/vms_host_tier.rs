@@ -4,6 +4,10 @@
 //! namespace with only its files, no capabilities, and a seccomp filter on every thread.
 //! The console streams through the API, the boot timer is reported, stop and free clean
 //! up, a triple fault and a killed VMM are reported as such, and bad input fails precisely.
+//! Kernels and drives are opened once by auraed, below the image root without following
+//! symlinks, and the VMM attaches those very files (a racer swapping them for symlinks to
+//! host files never gets one booted or attached); drives are read-only unless writable is
+//! asked for and granted; errors name only the paths sent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -58,6 +62,10 @@ struct Env {
 }
 
 async fn env(test: &str) -> Option<Env> {
+    env_with(test, None).await
+}
+
+async fn env_with(test: &str, policy: Option<String>) -> Option<Env> {
     if !tier::check(test, Tier::Host, tier::needs_cells().or_else(needs_kvm)) {
         return None;
     }
@@ -78,6 +86,7 @@ async fn env(test: &str) -> Option<Env> {
                 "--vm-image-root".into(),
                 images.path().to_string_lossy().into(),
             ],
+            policy,
             ..Default::default()
         },
     )
@@ -340,6 +349,7 @@ async fn bad_vm_requests_fail_precisely_and_leave_nothing() {
                 drives: vec![pb::Drive {
                     path: "/etc/passwd".into(),
                     read_only: true,
+                    writable: false,
                 }],
                 ..e.vm("a", "hello")
             },
@@ -429,4 +439,348 @@ async fn bad_vm_requests_fail_precisely_and_leave_nothing() {
             .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
     let _ = PathBuf::new();
+}
+
+fn tenants_policy() -> String {
+    let td = aurae_testkit::TRUST_DOMAIN;
+    format!(
+        "[[grant]]\nid = \"spiffe://{td}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
+         allow_uid_zero = true\nallow_writable_drives = true\nvolumes = [\"*\"]\nregistries = [\"*\"]\n\n\
+         [[grant]]\nid = \"spiffe://{td}/operator/a\"\nmethods = [\"*\"]\nnames = [\"a-*\"]\n\
+         allow_writable_drives = true\nvolumes = [\"tenant-a\"]\n\n\
+         [[grant]]\nid = \"spiffe://{td}/operator/n\"\nmethods = [\"*\"]\nnames = [\"n-*\"]\n\
+         volumes = [\"tenant-a\"]\n"
+    )
+}
+
+fn drive(path: String, read_only: bool, writable: bool) -> pb::Drive {
+    pb::Drive {
+        path,
+        read_only,
+        writable,
+    }
+}
+
+/// The access mode (`O_RDONLY` 0, `O_RDWR` 2) of the VMM's open file of its jail's
+/// `/drive0`.
+fn vmm_drive_access(pid: i32) -> Option<u32> {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(fd.path()).is_ok_and(|l| l == Path::new("/drive0")) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim();
+            return Some(u32::from_str_radix(flags, 8).unwrap() & 3);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
+    let Some(e) = env_with(
+        "drives_are_read_only_unless_writable_is_granted_for_the_path",
+        Some(tenants_policy()),
+    )
+    .await
+    else {
+        return;
+    };
+    std::fs::create_dir(e.images.path().join("tenant-a")).unwrap();
+    std::fs::write(e.images.path().join("tenant-a/disk"), vec![0; 1 << 20]).unwrap();
+    let a = e.d.client("a").await.unwrap();
+    let n = e.d.client("n").await.unwrap();
+    let with = |name: &str, d: pb::Drive| pb::VirtualMachine {
+        drives: vec![d],
+        ..e.vm(name, "hello")
+    };
+    // Writable without allow_writable_drives, or outside the grant's volumes (a shared
+    // image others boot): PERMISSION_DENIED naming the field, nothing started.
+    for (who, c, d) in [
+        ("n", &n, drive(e.image("tenant-a/disk"), false, true)),
+        ("a", &a, drive(e.image("disk"), false, true)),
+        ("a", &a, drive(e.image("tenant-a/../disk"), false, true)),
+        (
+            "a",
+            &a,
+            drive(format!("{}/./disk", e.images.path().display()), false, true),
+        ),
+    ] {
+        let err = c
+            .runtime()
+            .run_virtual_machine(with(&format!("{who}-w"), d.clone()))
+            .await
+            .unwrap_err();
+        let want = if d.path.contains("..") {
+            Code::InvalidArgument
+        } else {
+            Code::PermissionDenied
+        };
+        assert_eq!(err.code(), want, "{who} {}: {err:?}", d.path);
+        assert!(err.message().contains("drives[0]"), "{}", err.message());
+    }
+    assert!(
+        e.c.virtual_machines()
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .virtual_machines
+            .is_empty()
+    );
+    // Both flags: a contradiction.
+    let err = a
+        .runtime()
+        .run_virtual_machine(with("a-both", drive(e.image("tenant-a/disk"), true, true)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // The default (and read_only, as old clients send it): read-only for anyone, even
+    // a shared image outside the grant's volumes. The jail's mount refuses writes and the
+    // VMM's file is O_RDONLY.
+    for (name, c, d) in [
+        ("n-ro", &n, drive(e.image("disk"), false, false)),
+        ("a-ro", &a, drive(e.image("disk"), true, false)),
+    ] {
+        let st = c
+            .runtime()
+            .run_virtual_machine(with(name, d))
+            .await
+            .unwrap()
+            .into_inner();
+        let pid = st.vmm_pid;
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/root/drive0"))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{name}: {err}");
+        assert_eq!(vmm_drive_access(pid), Some(0), "{name}: O_RDONLY");
+        e.c.virtual_machines()
+            .stop(pb::StopRequest {
+                name: name.into(),
+                grace_period: None,
+            })
+            .await
+            .unwrap();
+        e.free(name).await;
+    }
+    // Granted, and the path is the caller's: writable, the very file under the root.
+    let st = a
+        .runtime()
+        .run_virtual_machine(with("a-rw", drive(e.image("tenant-a/disk"), false, true)))
+        .await
+        .unwrap()
+        .into_inner();
+    let pid = st.vmm_pid;
+    assert_eq!(vmm_drive_access(pid), Some(2), "O_RDWR");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/root/drive0"))
+            .unwrap();
+        f.write_all(b"written").unwrap();
+    }
+    assert!(
+        std::fs::read(e.images.path().join("tenant-a/disk"))
+            .unwrap()
+            .starts_with(b"written")
+    );
+    assert_eq!(
+        std::fs::read(e.images.path().join("disk")).unwrap(),
+        vec![0; 1 << 20]
+    );
+    e.c.virtual_machines()
+        .stop(pb::StopRequest {
+            name: "a-rw".into(),
+            grace_period: None,
+        })
+        .await
+        .unwrap();
+    e.free("a-rw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_or_drive_swapped_for_a_symlink_is_never_booted_or_attached() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let Some(e) = env("a_kernel_or_drive_swapped_for_a_symlink_is_never_booted_or_attached").await
+    else {
+        return;
+    };
+    // Host files outside the image root: a kernel that prints "bye" and a "drive" whose
+    // contents no VM may see.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(
+        outside.path().join("bye"),
+        tiny_elf(0x20_0000, &BYE_THEN_RESET),
+    )
+    .unwrap();
+    std::fs::write(outside.path().join("secret"), b"host-secret").unwrap();
+    let root = e.images.path();
+    std::fs::copy(root.join("hello"), root.join("kflip")).unwrap();
+    std::fs::write(root.join("dflip"), b"real-disk").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("bye"), root.join("kother")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), root.join("dother")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flips = Arc::new(AtomicU64::new(0));
+    let racer = {
+        let (stop, flips, root) = (stop.clone(), flips.clone(), root.to_path_buf());
+        std::thread::spawn(move || {
+            let swap = |a: &str, b: &str| {
+                nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &root.join(a),
+                    nix::fcntl::AT_FDCWD,
+                    &root.join(b),
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                )
+                .is_ok()
+            };
+            while !stop.load(Ordering::Relaxed)
+                && swap("kflip", "kother")
+                && swap("dflip", "dother")
+            {
+                flips.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let tries = 30;
+    let (mut refused, mut succeeded, mut escaped) = (0, 0, 0);
+    // Judged after the race (escapes first): what a successful or refused try got wrong.
+    let mut wrong = Vec::new();
+    for i in 0..tries {
+        let name = format!("race{i}");
+        let vm = pb::VirtualMachine {
+            drives: vec![drive(e.image("dflip"), false, false)],
+            ..e.vm(&name, "kflip")
+        };
+        match e.c.runtime().run_virtual_machine(vm).await {
+            Err(s) => {
+                let m = s.message();
+                let sent = [e.image("kflip"), e.image("dflip")];
+                let rest = sent
+                    .iter()
+                    .fold(m.to_owned(), |m, s| m.replace(s.as_str(), ""));
+                // A clear error naming the field and only the path sent.
+                if s.code() != Code::FailedPrecondition
+                    || !(m.contains("kernel_path") || m.contains("drives[0].path"))
+                    || rest.contains('/')
+                {
+                    wrong.push(format!("try {i}: {s:?}"));
+                }
+                refused += 1;
+            }
+            Ok(st) => {
+                let pid = st.into_inner().vmm_pid;
+                let drive = std::fs::read(format!("/proc/{pid}/root/drive0")).unwrap();
+                let t = Instant::now();
+                let mut console = String::new();
+                while console.is_empty() && t.elapsed() < Duration::from_secs(20) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    console = e.console(&name).await;
+                }
+                if drive != b"real-disk" || console.contains("bye") {
+                    println!("try {i}: ESCAPED: drive {drive:?}, console {console:?}");
+                    escaped += 1;
+                } else {
+                    if !console.starts_with("OK") {
+                        wrong.push(format!("try {i}: console {console:?}"));
+                    }
+                    succeeded += 1;
+                }
+                let _ =
+                    e.c.virtual_machines()
+                        .stop(pb::StopRequest {
+                            name: name.clone(),
+                            grace_period: None,
+                        })
+                        .await;
+                e.wait(&name).await;
+                e.free(&name).await;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    racer.join().unwrap();
+    println!(
+        "vm race: tried {tries}, refused {refused}, succeeded {succeeded}, escaped {escaped} \
+         ({} flips)",
+        flips.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        escaped, 0,
+        "a host file outside the image root was booted or attached"
+    );
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert_eq!(refused + succeeded, tries);
+    assert!(refused > 0, "the racer did race");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_path_errors_name_only_the_path_sent() {
+    let Some(e) = env("vm_path_errors_name_only_the_path_sent").await else {
+        return;
+    };
+    let root = e.images.path();
+    std::os::unix::fs::symlink("/proc/self/fd/2", root.join("fd2")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/cwd", root.join("cwd")).unwrap();
+    std::os::unix::fs::symlink(root.join("hello"), root.join("alias")).unwrap();
+    let secrets = [
+        e.d.dir.path().display().to_string(),
+        e.d.log.display().to_string(),
+        std::env::current_dir().unwrap().display().to_string(),
+    ];
+    for sent in [
+        "/proc/self/fd/2".to_owned(),
+        "/proc/self/cwd".to_owned(),
+        e.image("fd2"),
+        e.image("cwd"),
+        e.image("alias"),
+    ] {
+        for as_drive in [false, true] {
+            let vm = if as_drive {
+                pb::VirtualMachine {
+                    drives: vec![drive(sent.clone(), false, false)],
+                    ..e.vm("x", "hello")
+                }
+            } else {
+                pb::VirtualMachine {
+                    kernel_path: sent.clone(),
+                    ..e.vm("x", "hello")
+                }
+            };
+            let err = e.c.runtime().run_virtual_machine(vm).await.unwrap_err();
+            let m = err.message();
+            println!("{sent} (drive: {as_drive}): {:?}: {m}", err.code());
+            assert_eq!(err.code(), Code::FailedPrecondition, "{sent}: {m}");
+            assert!(
+                m.contains(if as_drive {
+                    "drives[0].path"
+                } else {
+                    "kernel_path"
+                }),
+                "{m}"
+            );
+            assert!(m.contains(&sent), "{m}");
+            assert!(
+                !m.replace(&sent, "").contains('/'),
+                "{sent}: names another path: {m}"
+            );
+            for s in &secrets {
+                assert!(!m.contains(s.as_str()), "{sent}: reveals {s}: {m}");
+            }
+        }
+    }
 }

@@ -34,6 +34,7 @@ impl Daemon for DaemonApi {
             cgroup_controllers: self.ctx.cgroup_controllers.clone(),
             granted_methods,
             granted_prefixes,
+            granted_extras: caller.grant.describe_extra(),
             warnings: self.ctx.warnings.clone(),
         }))
     }

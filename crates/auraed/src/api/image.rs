@@ -70,6 +70,7 @@ impl Images for ImagesApi {
     ) -> Result<Response<Self::PullStream>, Status> {
         let caller = Caller::of(&r)?;
         let image = parse("image", &r.get_ref().image)?;
+        super::runtime::authorize_image(&caller, &image)?;
         tracing::info!(peer_id = %caller.id, image = %image, "pulling");
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let puller = self.puller.clone();
@@ -131,7 +132,7 @@ impl Images for ImagesApi {
         let freed = tokio::task::spawn_blocking(move || store2.collect_garbage())
             .await
             .unwrap_or_default();
-        tracing::info!(image = %image, blobs = freed.blobs, layers = freed.layers, bytes = freed.bytes, "image removed");
+        tracing::info!(image = %image, blobs = freed.blobs, layers = freed.layers, bytes = freed.bytes, skipped = ?freed.skipped, "image removed");
         Ok(Response::new(pb::RemovedImage {
             reference: image,
             freed_blobs: freed.blobs,

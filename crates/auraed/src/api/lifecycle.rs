@@ -287,11 +287,16 @@ fn process_stats(e: &Executable) -> pb::ResourceStats {
 pub struct CellsApi {
     cpus: u64,
     cells: Arc<CellRegistry>,
+    quotas: Arc<super::quota::Quotas>,
 }
 
 impl CellsApi {
-    pub fn new(cpus: u64, cells: Arc<CellRegistry>) -> Self {
-        Self { cpus, cells }
+    pub fn new(cpus: u64, cells: Arc<CellRegistry>, quotas: Arc<super::quota::Quotas>) -> Self {
+        Self {
+            cpus,
+            cells,
+            quotas,
+        }
     }
 
     fn named<T>(r: &Request<T>, name: &str) -> Result<CellName, Status> {
@@ -314,6 +319,10 @@ impl Cells for CellsApi {
             "share a host namespace",
             spec.name.as_str(),
         )?;
+        let _admitted = self
+            .quotas
+            .admit(&caller, super::quota::Demand::cell(&caller, &spec))
+            .await?;
         Ok(Response::new(self.cells.allocate(spec).await?))
     }
     async fn get(&self, r: Request<pb::NameRef>) -> Result<Response<pb::CellStatus>, Status> {
@@ -531,6 +540,16 @@ impl EventsApi {
     }
 }
 
+/// The name the grant is checked against: an executable's event is about its cell
+/// (`team-a/api` of cell `team-a` is not cell `team-a/api`).
+fn event_resource(e: &pb::Event) -> &str {
+    if e.kind == pb::Kind::Executable as i32 {
+        e.name.rsplit_once('/').map_or("", |(cell, _)| cell)
+    } else {
+        &e.name
+    }
+}
+
 #[tonic::async_trait]
 impl Events for EventsApi {
     type WatchStream = ResponseStream<pb::Event>;
@@ -548,7 +567,7 @@ impl Events for EventsApi {
         let wanted = move |e: &pb::Event| {
             (kinds.is_empty() || kinds.contains(&e.kind))
                 && e.name.starts_with(&prefix)
-                && caller.grant.allows_name(&e.name)
+                && caller.grant.allows_name(event_resource(e))
         };
         let (replay, mut rx) = self.events.subscribe(m.after_sequence);
         let (tx, out) = tokio::sync::mpsc::channel(64);
@@ -584,5 +603,32 @@ impl Events for EventsApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executable_events_are_about_their_cell() {
+        let ev = |kind: pb::Kind, name: &str| pb::Event {
+            kind: kind as i32,
+            name: name.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_resource(&ev(pb::Kind::Executable, "team-a/api")),
+            "team-a"
+        );
+        assert_eq!(
+            event_resource(&ev(pb::Kind::Executable, "team-a/api/web")),
+            "team-a/api"
+        );
+        assert_eq!(event_resource(&ev(pb::Kind::Executable, "noslash")), "");
+        assert_eq!(
+            event_resource(&ev(pb::Kind::Cell, "team-a/api")),
+            "team-a/api"
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod authz;
 pub mod daemon;
 pub mod image;
 pub mod lifecycle;
+pub mod quota;
 pub mod runtime;
 pub mod status;
 
@@ -46,6 +47,8 @@ pub struct Context {
     /// Canonical host directories containers may take volumes from.
     pub volume_roots: Vec<std::path::PathBuf>,
     pub vms: Arc<crate::vm::Vms>,
+    /// Per-grant quotas.
+    pub quotas: Arc<quota::Quotas>,
 }
 
 /// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
@@ -106,7 +109,8 @@ pub fn routes(
         )))
         .add_service(limited!(CellsServer::new(lifecycle::CellsApi::new(
             ctx.cpus,
-            ctx.cells.clone()
+            ctx.cells.clone(),
+            ctx.quotas.clone()
         ))))
         .add_service(limited!(VirtualMachinesServer::new(
             lifecycle::VirtualMachinesApi::new(ctx.vms.clone())

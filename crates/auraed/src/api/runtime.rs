@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use super::{
     Context,
     authz::Caller,
+    quota::Demand,
     status::{Capability, invalid, not_built},
 };
 use crate::{
@@ -29,11 +30,28 @@ impl RuntimeApi {
     }
 
     /// The image (pulled if the store lacks it) and the container's process and volumes.
-    async fn plan(&self, c: &ContainerSpec) -> Result<Plan, Status> {
+    /// Every cheap check is done before this: it may reach a registry.
+    async fn plan(&self, caller: &Caller, c: &ContainerSpec) -> Result<Plan, Status> {
+        // Volumes against the grant, by their names alone: before anything is opened
+        // (a caller learns nothing of paths it may not use) or pulled.
+        for (i, (host, _, _)) in c.volumes.iter().enumerate() {
+            let field = format!("container.volumes[{i}].host_path");
+            let u = crate::cell::under_root(&field, host, &self.ctx.volume_roots, "--volume-root")
+                .map_err(Status::from)?;
+            caller.authorize_privilege(
+                u.rels.iter().all(|rel| caller.grant.allows_volume(rel)),
+                &format!(
+                    "mount {field} {} (outside the volumes its grant allows)",
+                    host.display()
+                ),
+                &host.display().to_string(),
+            )?;
+        }
         let r = super::image::parse("container.image", &c.image)?;
+        authorize_image(caller, &r)?;
         let (image, pulled) = crate::image::local::ensure(&self.ctx.puller, &r).await?;
         if pulled {
-            tracing::info!(image = %r, digest = %image.digest, "pulled for a container");
+            tracing::info!(peer_id = %caller.id, image = %r, digest = %image.digest, "pulled for a container");
         }
         let store = self.ctx.puller.store.clone();
         let roots = self.ctx.volume_roots.clone();
@@ -46,13 +64,52 @@ impl RuntimeApi {
     }
 }
 
-/// No uid means root: it needs the same grant as asking for uid 0.
-fn authorize_uid(caller: &Caller, uid: Option<u32>, name: &str) -> Result<(), Status> {
+/// The ids a workload will actually run as, against the grant: no uid means root, no
+/// gid means the uid's number (as the spawn does).
+pub(super) fn authorize_ids(
+    caller: &Caller,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    name: &str,
+) -> Result<(), Status> {
+    let uid = uid.unwrap_or(0);
+    let gid = gid.unwrap_or(uid);
     caller.authorize_privilege(
-        uid.unwrap_or(0) != 0 || caller.grant.allow_uid_zero,
-        "run as uid 0 (pass a non-zero uid)",
+        caller.grant.allows_uid(uid),
+        &format!(
+            "run as uid {uid} (outside the uids its grant allows; uid 0 needs allow_uid_zero)"
+        ),
+        name,
+    )?;
+    caller.authorize_privilege(
+        caller.grant.allows_gid(gid),
+        &format!(
+            "run as gid {gid} (outside the gids its grant allows; gid 0 needs allow_uid_zero)"
+        ),
         name,
     )
+}
+
+/// Images come only from the registries (and repositories) the grant lists; checked
+/// before any network I/O, and for images already in the store too.
+pub(super) fn authorize_image(
+    caller: &Caller,
+    r: &crate::image::reference::ImageRef,
+) -> Result<(), Status> {
+    caller.authorize_privilege(
+        caller.grant.allows_registry(&r.registry, &r.repository),
+        &format!(
+            "use images from {}/{} (outside the registries its grant allows)",
+            r.registry, r.repository
+        ),
+        &r.to_string(),
+    )
+}
+
+/// Options of an executable that come from the grant, never from the request.
+fn grant_options(caller: &Caller, spec: &mut ExecutableSpec) {
+    spec.allow_new_privileges = caller.grant.allow_new_privileges;
+    spec.allow_mixed_cell = caller.grant.allow_host_namespaces;
 }
 
 /// The container's executable name in a RunCell cell: the image's last path component.
@@ -85,7 +142,7 @@ fn unreachable_label() -> Label {
     panic!("\"container\" is not a label")
 }
 
-/// Privileged options of a cell: sharing host namespaces, running as uid 0.
+/// Privileged options of a cell: sharing host namespaces, the container's explicit ids.
 fn authorize_cell(caller: &Caller, spec: &CellSpec) -> Result<(), Status> {
     let name = spec.name.as_str();
     caller.authorize_name(name)?;
@@ -94,8 +151,12 @@ fn authorize_cell(caller: &Caller, spec: &CellSpec) -> Result<(), Status> {
         "share a host namespace",
         name,
     )?;
-    let uid0 = spec.container.as_ref().is_some_and(|c| c.uid == Some(0));
-    caller.authorize_privilege(!uid0 || caller.grant.allow_uid_zero, "run as uid 0", name)
+    if let Some(c) = &spec.container
+        && (c.uid.is_some() || c.gid.is_some())
+    {
+        authorize_ids(caller, c.uid, c.gid.or(c.uid), name)?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -107,15 +168,38 @@ impl Runtime for RuntimeApi {
         let caller = Caller::of(&req)?;
         let mut spec = ExecutableSpec::try_from(req.into_inner()).map_err(invalid)?;
         caller.authorize_name(spec.cell.as_str())?;
+        grant_options(&caller, &mut spec);
+        // Cheap checks first: ids asked for explicitly, the cell, the quota; only then
+        // the image (which may reach a registry).
+        if let Some(c) = &spec.container
+            && (c.uid.is_some() || c.gid.is_some())
+        {
+            authorize_ids(&caller, c.uid, c.gid.or(c.uid), spec.cell.as_str())?;
+        }
+        if spec.container.is_none() {
+            authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
+        }
+        self.ctx.cells.get(&spec.cell).map_err(|_| {
+            Status::not_found(format!(
+                "cell {:?} does not exist: allocate it first",
+                spec.cell.as_str()
+            ))
+        })?;
+        // Checked before the pull (cheap) and again, held, until the start.
+        drop(self.ctx.quotas.admit(&caller, Demand::executable()).await?);
         let plan = match &spec.container {
-            Some(c) => Some(self.plan(c).await?),
+            Some(c) => Some(self.plan(&caller, c).await?),
             None => None,
         };
+        let admitted = self.ctx.quotas.admit(&caller, Demand::executable()).await?;
         if let Some(p) = &plan {
             p.apply(&mut spec);
         }
-        authorize_uid(&caller, spec.uid, spec.cell.as_str())?;
-        Ok(Response::new(self.ctx.cells.run(spec, plan).await?))
+        // What the process will really run as (the image's user included).
+        authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
+        let status = self.ctx.cells.run(spec, plan).await?;
+        drop(admitted);
+        Ok(Response::new(status))
     }
 
     async fn run_cell(&self, req: Request<pb::Cell>) -> Result<Response<pb::CellStatus>, Status> {
@@ -125,10 +209,26 @@ impl Runtime for RuntimeApi {
         let Some(container) = spec.container.clone() else {
             return Err(Status::invalid_argument("container: is missing"));
         };
+        if self.ctx.cells.get(&spec.name).is_ok() {
+            return Err(Status::already_exists(format!(
+                "cell {:?} already exists",
+                spec.name.as_str()
+            )));
+        }
+        let mut demand = Demand::cell(&caller, &spec);
+        demand.executables = 1;
+        // Checked before the pull (cheap) and again, held, until the start.
+        drop(self.ctx.quotas.admit(&caller, demand).await?);
         let t0 = std::time::Instant::now();
-        let plan = self.plan(&container).await?;
+        let plan = self.plan(&caller, &container).await?;
         let t_plan = t0.elapsed();
-        authorize_uid(&caller, Some(plan.process.uid), spec.name.as_str())?;
+        let admitted = self.ctx.quotas.admit(&caller, demand).await?;
+        authorize_ids(
+            &caller,
+            Some(plan.process.uid),
+            Some(plan.process.gid),
+            spec.name.as_str(),
+        )?;
         let name = spec.name.clone();
         let mut exe = ExecutableSpec {
             cell: name.clone(),
@@ -139,8 +239,11 @@ impl Runtime for RuntimeApi {
             uid: None,
             gid: None,
             stdin: Vec::new(),
+            allow_new_privileges: false,
+            allow_mixed_cell: false,
             container: Some(container),
         };
+        grant_options(&caller, &mut exe);
         plan.apply(&mut exe);
         self.ctx.cells.allocate(spec).await?;
         let t_alloc = t0.elapsed();
@@ -151,6 +254,7 @@ impl Runtime for RuntimeApi {
             }
             return Err(e.into());
         }
+        drop(admitted);
         tracing::debug!(
             cell = %name,
             plan_us = t_plan.as_micros() as u64,
@@ -168,7 +272,44 @@ impl Runtime for RuntimeApi {
         let caller = Caller::of(&req)?;
         let spec = VmSpec::try_from(req.into_inner()).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
-        Ok(Response::new(self.ctx.vms.run(spec).await?))
+        // Kernels, initramfs images and read-only drives are shared images; a writable
+        // drive needs the grant's allow_writable_drives and a path its volumes cover
+        // (relative to the image root), checked by name before anything is opened.
+        for (i, d) in spec.drives.iter().enumerate().filter(|(_, d)| d.writable) {
+            let field = format!("drives[{i}].path");
+            caller.authorize_privilege(
+                caller.grant.allow_writable_drives,
+                &format!(
+                    "attach {field} {} writable (needs allow_writable_drives)",
+                    d.path.display()
+                ),
+                spec.name.as_str(),
+            )?;
+            let u = crate::cell::under_root(
+                &field,
+                &d.path,
+                self.ctx.vms.image_roots(),
+                crate::vm::IMAGE_ROOT_FLAG,
+            )
+            .map_err(Status::from)?;
+            caller.authorize_privilege(
+                u.rels.iter().all(|rel| caller.grant.allows_volume(rel)),
+                &format!(
+                    "attach {field} {} writable (outside the volumes its grant allows)",
+                    d.path.display()
+                ),
+                spec.name.as_str(),
+            )?;
+        }
+        let demand = Demand {
+            vms: 1,
+            memory_bytes: Some(spec.memory_bytes),
+            ..Demand::default()
+        };
+        let admitted = self.ctx.quotas.admit(&caller, demand).await?;
+        let status = self.ctx.vms.run(spec).await?;
+        drop(admitted);
+        Ok(Response::new(status))
     }
 
     async fn spawn(
@@ -185,11 +326,14 @@ impl Runtime for RuntimeApi {
         let caller = Caller::of(&req)?;
         let spec = PodSpec::parse(req.into_inner(), self.ctx.cpus).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
-        caller.authorize_privilege(
-            spec.container.uid != Some(0) || caller.grant.allow_uid_zero,
-            "run as uid 0",
-            spec.name.as_str(),
-        )?;
+        if spec.container.uid.is_some() || spec.container.gid.is_some() {
+            authorize_ids(
+                &caller,
+                spec.container.uid,
+                spec.container.gid.or(spec.container.uid),
+                spec.name.as_str(),
+            )?;
+        }
         Err(not_built(&caller.method, Capability::Pods))
     }
 }

@@ -44,8 +44,39 @@ pub fn not_built(method: &str, cap: Capability) -> Status {
     ))
 }
 
-/// `INTERNAL` with a correlation id; the details go to auraed's log only.
+/// `UNAVAILABLE` (retry-able) for auraed running out of file descriptors: a load
+/// condition, not a bug, and the call may well succeed a moment later.
+pub fn out_of_fds(what: impl Display) -> Status {
+    tracing::warn!("out of file descriptors: {what}");
+    Status::unavailable(
+        "auraed is out of file descriptors (too many open files); retry shortly: \
+         the condition is temporary",
+    )
+}
+
+/// Whether `e` or any error below it is EMFILE/ENFILE.
+fn fd_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(crate::server::limits::out_of_fds)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// `INTERNAL` with a correlation id; the details go to auraed's log only. An error that
+/// is EMFILE/ENFILE underneath (its text ends in `(os error 24)` or `(os error 23)`, as every
+/// `io::Error` does) answers [`out_of_fds`] instead.
 pub fn internal(err: impl Display) -> Status {
+    let text = err.to_string();
+    if text.contains("(os error 24)") || text.contains("(os error 23)") {
+        return out_of_fds(text);
+    }
     let id = Uuid::new_v4();
     tracing::error!(correlation_id = %id, "internal error: {err}");
     Status::internal(format!(
@@ -56,6 +87,9 @@ pub fn internal(err: impl Display) -> Status {
 impl From<crate::cell::CellError> for Status {
     fn from(e: crate::cell::CellError) -> Self {
         use crate::cell::{CellError as E, cgroup::CgroupError};
+        if fd_exhaustion(&e) {
+            return out_of_fds(&e);
+        }
         match e {
             E::Invalid(f) => invalid(f),
             E::NotFound(m) => Status::not_found(m),
@@ -64,6 +98,14 @@ impl From<crate::cell::CellError> for Status {
             E::Exhausted(m) => Status::resource_exhausted(m),
             E::Cgroup(c @ CgroupError::MissingController { .. }) => {
                 Status::failed_precondition(c.to_string())
+            }
+            // A cgroup of that name is there though no cell is (never INTERNAL).
+            E::Cgroup(CgroupError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                Status::already_exists(
+                    "name: a cgroup of that name exists that no cell of this auraed owns",
+                )
             }
             E::Spawn { what, source } => spawn_status(&what, source),
             other => internal(other),
@@ -114,5 +156,34 @@ fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
             Status::failed_precondition(format!("{what}: {step}: {error}"))
         }
         other => internal(format!("{what}: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_exhaustion_is_unavailable_not_internal() {
+        let emfile = || std::io::Error::from_raw_os_error(nix::libc::EMFILE);
+        let s = Status::from(crate::cell::CellError::Io(emfile()));
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        assert!(s.message().contains("file descriptors"), "{s:?}");
+        let s = Status::from(crate::cell::CellError::Spawn {
+            what: "run".into(),
+            source: aurae_sys::SpawnError::Setup(emfile()),
+        });
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        let s = internal(format!(
+            "opening a log: {}",
+            std::io::Error::from_raw_os_error(nix::libc::ENFILE)
+        ));
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        let s = Status::from(crate::cell::CellError::Io(std::io::Error::other("boom")));
+        assert_eq!(
+            s.code(),
+            tonic::Code::Internal,
+            "other errors stay INTERNAL"
+        );
     }
 }

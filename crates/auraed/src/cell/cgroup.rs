@@ -37,6 +37,14 @@ pub enum CgroupError {
         controller: &'static str,
         available: String,
     },
+    /// The device filter could not be loaded or attached (a kernel without
+    /// CONFIG_CGROUP_BPF, or without the privilege to use it).
+    #[error("cgroup {path}: {source}")]
+    DeviceFilter {
+        path: PathBuf,
+        #[source]
+        source: aurae_sys::bpf::DeviceFilterError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
@@ -65,6 +73,10 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     fn kill(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Freezes or thaws the subtree.
     fn freeze(&self, cell: &CellName, frozen: bool) -> Result<(), CgroupError>;
+    /// Attaches the device filter ([`aurae_sys::bpf::DEFAULT_DEVICES`]) to the cell's
+    /// directory: every process of the subtree may create and open only those few
+    /// character devices, whatever its uid and capabilities.
+    fn attach_device_filter(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Removes the cell's leaf and directory; child cells must be removed first.
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Where the cell's directory is, for messages and probes.
@@ -219,6 +231,47 @@ impl FsTree {
         Ok(tree)
     }
 
+    /// Kills and removes every cgroup a previous auraed left under the root: it ended
+    /// without freeing them (a crash, `kill -9`), and nothing records what they ran, so
+    /// nothing can be served again; left alone they would run on unsupervised, their
+    /// names unusable. Each is reported (returned, and logged as a warning) — never
+    /// silently dropped. Runs at start, before anything is created.
+    pub fn sweep_leftovers(&self) -> Vec<String> {
+        let mut swept = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return swept;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let procs = count_procs(&dir);
+            // cgroup.kill takes the whole subtree, nested cells included.
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while fs::read_to_string(dir.join("cgroup.events"))
+                .is_ok_and(|ev| ev.lines().any(|l| l.trim() == "populated 1"))
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let outcome = remove_tree(&dir);
+            let what = match &outcome {
+                Ok(()) => format!(
+                    "cgroup {name:?} left by a previous auraed: {procs} processes killed, removed"
+                ),
+                Err(err) => format!(
+                    "cgroup {name:?} left by a previous auraed: {procs} processes killed, NOT removed: {err}"
+                ),
+            };
+            tracing::warn!("{what}");
+            swept.push(what);
+        }
+        swept
+    }
+
     fn enable_for_children(&self, dir: &Path) -> Result<(), CgroupError> {
         if self.controllers.is_empty() {
             return Ok(());
@@ -231,6 +284,44 @@ impl FsTree {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// Processes in `dir` and below.
+fn count_procs(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        n += fs::read_to_string(d.join("cgroup.procs"))
+            .map(|p| p.lines().count())
+            .unwrap_or(0);
+        if let Ok(rd) = fs::read_dir(&d) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    n
+}
+
+/// Removes `dir` and the cgroups below it, deepest first.
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    let mut dirs = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+        dirs.push(d);
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        fs::remove_dir(&d)?;
+    }
+    Ok(())
 }
 
 impl CgroupTree for FsTree {
@@ -289,6 +380,14 @@ impl CgroupTree for FsTree {
         self.write(cell, "cgroup.freeze", if frozen { "1" } else { "0" })
     }
 
+    fn attach_device_filter(&self, cell: &CellName) -> Result<(), CgroupError> {
+        use std::os::fd::AsFd;
+        let dir = self.path(cell);
+        let f = fs::File::open(&dir).map_err(io_err(&dir))?;
+        aurae_sys::bpf::attach_device_filter(f.as_fd())
+            .map_err(|source| CgroupError::DeviceFilter { path: dir, source })
+    }
+
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError> {
         let dir = self.path(cell);
         let leaf = dir.join(LEAF);
@@ -321,6 +420,10 @@ pub struct FakeTree {
 struct FakeState {
     dirs: BTreeMap<String, BTreeMap<String, String>>,
     populated: BTreeMap<String, bool>,
+    /// Cells with the device filter attached.
+    filtered: std::collections::BTreeSet<String>,
+    /// Make `attach_device_filter` fail, as on a kernel without CONFIG_CGROUP_BPF.
+    no_device_filter: bool,
 }
 
 impl FakeTree {
@@ -337,6 +440,18 @@ impl FakeTree {
 
     pub fn exists(&self, cell: &str) -> bool {
         self.state.lock().is_ok_and(|s| s.dirs.contains_key(cell))
+    }
+
+    /// Whether the cell's device filter is attached.
+    pub fn has_device_filter(&self, cell: &str) -> bool {
+        self.state.lock().is_ok_and(|s| s.filtered.contains(cell))
+    }
+
+    /// Makes every later `attach_device_filter` fail (a kernel without cgroup BPF).
+    pub fn refuse_device_filter(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.no_device_filter = true;
+        }
     }
 
     pub fn set_populated(&self, cell: &str, p: bool) {
@@ -411,12 +526,31 @@ impl CgroupTree for FakeTree {
         self.write(cell, "cgroup.freeze", if frozen { "1" } else { "0" })
     }
 
+    fn attach_device_filter(&self, cell: &CellName) -> Result<(), CgroupError> {
+        let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
+        if !s.dirs.contains_key(cell.as_str()) {
+            return Err(fake_err(cell, "no such cell"));
+        }
+        if s.no_device_filter {
+            return Err(CgroupError::DeviceFilter {
+                path: self.path(cell),
+                source: aurae_sys::bpf::DeviceFilterError::Load {
+                    source: io::Error::from_raw_os_error(nix::libc::EINVAL),
+                    log: String::new(),
+                },
+            });
+        }
+        s.filtered.insert(cell.as_str().to_owned());
+        Ok(())
+    }
+
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError> {
         let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
         let prefix = format!("{}/", cell.as_str());
         if s.dirs.keys().any(|k| k.starts_with(&prefix)) {
             return Err(fake_err(cell, "has child cells"));
         }
+        s.filtered.remove(cell.as_str());
         s.dirs
             .remove(cell.as_str())
             .map(|_| ())
@@ -510,5 +644,60 @@ mod tests {
         assert!(t.remove(&web).is_err(), "children first");
         t.remove(&api).unwrap();
         t.remove(&web).unwrap();
+    }
+
+    #[test]
+    fn fake_tree_records_the_device_filter_and_can_refuse_it() {
+        let t = FakeTree::default();
+        let web = CellName::parse("n", "web").unwrap();
+        assert!(t.attach_device_filter(&web).is_err(), "no such cell");
+        t.create(&web).unwrap();
+        t.attach_device_filter(&web).unwrap();
+        assert!(t.has_device_filter("web"));
+        assert_eq!(
+            t.files("web").unwrap().len(),
+            0,
+            "no interface file written"
+        );
+        t.remove(&web).unwrap();
+        assert!(!t.has_device_filter("web"));
+        t.refuse_device_filter();
+        t.create(&web).unwrap();
+        let err = t.attach_device_filter(&web).unwrap_err();
+        assert!(matches!(err, CgroupError::DeviceFilter { .. }), "{err:?}");
+        assert!(err.to_string().contains("CONFIG_CGROUP_BPF"), "{err}");
+    }
+
+    /// The real tree (root and cgroup v2): the filter is on the cell's directory, once.
+    #[test]
+    fn fs_tree_attaches_the_device_filter_to_the_cells_directory() {
+        use std::os::fd::AsFd;
+        let test = "fs_tree_attaches_the_device_filter_to_the_cells_directory";
+        let parent = match aurae_testkit::tier::cgroup_parent() {
+            Ok(p) => p,
+            Err(reason) => {
+                aurae_testkit::tier::check(test, aurae_testkit::tier::Tier::Host, Some(reason));
+                return;
+            }
+        };
+        let root = parent.join(format!("aurae-unit-devfilter-{}", std::process::id()));
+        let t = FsTree::open(&root).unwrap();
+        let web = CellName::parse("n", "web").unwrap();
+        t.create(&web).unwrap();
+        let attached = t.attach_device_filter(&web);
+        let count = |p: &Path| {
+            let f = fs::File::open(p).unwrap();
+            aurae_sys::bpf::device_programs_attached(f.as_fd()).unwrap()
+        };
+        let counts = (count(&t.path(&web)), count(&t.path(&web).join(LEAF)));
+        t.remove(&web).unwrap();
+        t.release();
+        attached.unwrap();
+        assert_eq!(
+            counts,
+            (1, 0),
+            "on the cell's directory, inherited by its leaf"
+        );
+        assert!(!root.exists());
     }
 }

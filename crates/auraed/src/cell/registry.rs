@@ -141,6 +141,11 @@ struct Inner {
     phase: pb::Phase,
     message: String,
     executables: BTreeMap<Label, Arc<Executable>>,
+    /// Of a top-level cell: whether its tree (one PID namespace) runs containers
+    /// (`Some(true)`) or plain executables (`Some(false)`); fixed by the first start.
+    /// A container must never share a PID namespace with a plain executable of the same
+    /// uid: its `/proc/<pid>/root` would lead out of the container to the host's files.
+    runs_containers: Option<bool>,
 }
 
 /// One cell.
@@ -292,6 +297,16 @@ fn check_narrowing(child: &Limits, parent: &Limits, parent_name: &str) -> Result
     Ok(())
 }
 
+/// What a set of cells holds (see [`Cells::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cells: usize,
+    pub executables: usize,
+    pub memory_bytes: u64,
+    /// Outermost cells without a memory.max.
+    pub unbounded_memory: usize,
+}
+
 /// The domain service behind the `Cells` and `Executables` APIs and `RunExecutable`.
 #[derive(Debug)]
 pub struct Cells {
@@ -387,6 +402,30 @@ impl Cells {
             .collect()
     }
 
+    /// What lives under the names `within` accepts, for quotas: cells, executables not
+    /// yet freed (exited ones still hold their logs), and the memory.max of the outermost
+    /// of those cells (a nested cell is bounded by its parent's), `None` where one has no
+    /// memory.max.
+    pub fn usage(&self, within: impl Fn(&str) -> bool) -> Usage {
+        let mut u = Usage::default();
+        for c in self.snapshot() {
+            let name = c.spec.name.as_str();
+            if !within(name) {
+                continue;
+            }
+            u.cells += 1;
+            u.executables += c.executables().len();
+            let outermost = c.spec.name.parent().is_none_or(|p| !within(p.as_str()));
+            if outermost {
+                match c.spec.limits.memory_max {
+                    Some(m) => u.memory_bytes = u.memory_bytes.saturating_add(m),
+                    None => u.unbounded_memory += 1,
+                }
+            }
+        }
+        u
+    }
+
     /// Creates a cell: cgroup, limits, namespaces (its init).
     pub async fn allocate(self: &Arc<Self>, spec: CellSpec) -> Result<pb::CellStatus, CellError> {
         let tree = self.tree()?;
@@ -445,6 +484,16 @@ impl Cells {
                     },
                 )?;
             }
+            // Every cell, containers or plain executables, own or host namespaces: no
+            // block device and no character device beyond null, zero, full, random,
+            // urandom, tty, ptmx and ptys, even for uid 0 with CAP_MKNOD. Host devices
+            // for a cell would be a future, explicit grant. Never skipped: a kernel that
+            // cannot attach it refuses the cell.
+            tree.attach_device_filter(&spec.name).map_err(|e| {
+                CellError::Precondition(format!(
+                    "the cell's device filter (cgroup BPF) is not available here: {e}"
+                ))
+            })?;
             Ok(())
         })();
         if let Err(e) = setup {
@@ -488,6 +537,7 @@ impl Cells {
                 phase: pb::Phase::Running,
                 message: String::new(),
                 executables: BTreeMap::new(),
+                runs_containers: None,
             }),
             oom_kills: AtomicU64::new(0),
             spec,
@@ -565,6 +615,7 @@ impl Cells {
             cwd: Some(c"/"),
             uid: None,
             gid: None,
+            no_new_privs: true,
             stdio: [null, null, null],
             pass_fd: Some(ready_w.as_raw_fd()),
             cgroup: Some(leaf.as_raw_fd()),
@@ -666,6 +717,7 @@ impl Cells {
                 )));
             }
         }
+        self.claim_kind(&spec)?;
         let prepared = Prepared::new(&spec)?;
         let has_memory = tree.controllers().iter().any(|c| c == "memory");
         let oom = has_memory.then(|| {
@@ -677,6 +729,7 @@ impl Cells {
         });
         let uid = spec.uid.unwrap_or(0);
         let gid = spec.gid.unwrap_or(uid);
+        let allow_new_privileges = spec.allow_new_privileges;
         let me = self.clone();
         let cell2 = cell.clone();
         let containers_dir = self.containers_dir.clone();
@@ -709,6 +762,7 @@ impl Cells {
                     cwd: Some(&prepared.cwd),
                     uid: Some(uid),
                     gid: Some(gid),
+                    no_new_privs: !allow_new_privileges,
                     stdio: prepared.stdio(),
                     pass_fd: None,
                     cgroup: Some(leaf.as_raw_fd()),
@@ -758,8 +812,18 @@ impl Cells {
                 .join(format!("{name}.log")),
         )));
         let pumps = [
-            tokio::spawn(executable::pump(stdout.0, log.clone(), Stream::Stdout)),
-            tokio::spawn(executable::pump(stderr.0, log.clone(), Stream::Stderr)),
+            tokio::spawn(executable::pump(
+                stdout.0,
+                log.clone(),
+                Stream::Stdout,
+                log_failure(&self.events, &spec.cell, &name),
+            )),
+            tokio::spawn(executable::pump(
+                stderr.0,
+                log.clone(),
+                Stream::Stderr,
+                log_failure(&self.events, &spec.cell, &name),
+            )),
         ];
         if let Some((w, data)) = stdin_data {
             tokio::spawn(executable::feed(w, data));
@@ -807,6 +871,38 @@ impl Cells {
             id,
         ));
         Ok(exe.status())
+    }
+
+    /// Fixes (or checks) whether the cell's tree runs containers or plain executables;
+    /// see `Inner::runs_containers`. `spec.allow_mixed_cell` skips the check.
+    fn claim_kind(&self, spec: &ExecutableSpec) -> Result<(), CellError> {
+        if spec.allow_mixed_cell {
+            return Ok(());
+        }
+        let top = spec.cell.as_str().split('/').next().unwrap_or_default();
+        let top = CellName::parse("cell", top)?;
+        let root = self.find(&top)?;
+        let container = spec.container.is_some();
+        let mut inner = root
+            .inner
+            .lock()
+            .map_err(|_| CellError::Precondition("cell lock poisoned".into()))?;
+        match inner.runs_containers {
+            None => inner.runs_containers = Some(container),
+            Some(c) if c != container => {
+                let (has, wants) = if c {
+                    ("containers", "a plain executable")
+                } else {
+                    ("plain executables", "a container")
+                };
+                return Err(CellError::Precondition(format!(
+                    "cell {:?} runs {has}: {wants} in the same PID namespace would let a container reach the host's files through /proc/<pid>/root; use another cell (mixing needs a grant that allows host namespaces)",
+                    top.as_str()
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(())
     }
 
     fn generated_name(&self, argv0: &str) -> Result<Label, CellError> {
@@ -869,11 +965,7 @@ impl Cells {
         if let Ok(mut inner) = cell.inner.lock() {
             inner.executables.remove(&r.name);
         }
-        let _ = std::fs::remove_file(
-            self.logs_dir
-                .join(r.cell.as_str())
-                .join(format!("{}.log", r.name)),
-        );
+        let _ = exe.log.remove_files();
         Ok(())
     }
 
@@ -1003,8 +1095,22 @@ impl Cells {
             .lock()
             .map(|c| c.keys().filter(|n| n.parent().is_none()).cloned().collect())
             .unwrap_or_default();
+        // Every cell at once: one grace period in all (plus the kill), not one per cell.
+        // Each top-level stop covers its whole family; free removes children first.
+        {
+            let _ops = self.ops.lock().await;
+            let mut stops = tokio::task::JoinSet::new();
+            for n in tops.clone() {
+                let me = self.clone();
+                stops.spawn(async move {
+                    if let Err(e) = me.stop_locked(&n, grace).await {
+                        warn!(cell = %n, "stopping on shutdown: {e}");
+                    }
+                });
+            }
+            while stops.join_next().await.is_some() {}
+        }
         for n in tops {
-            let _ = self.stop(&n, grace).await;
             if let Err(e) = self.free(&n).await {
                 warn!(cell = %n, "freeing on shutdown: {e}");
             }
@@ -1012,6 +1118,26 @@ impl Cells {
         if let Ok(t) = &self.tree {
             t.release();
         }
+    }
+}
+
+/// Reports a failed log write of executable `cell/name` as a FAILED event (the process
+/// keeps running; its status message says so too).
+fn log_failure(
+    events: &Arc<EventBus>,
+    cell: &CellName,
+    name: &Label,
+) -> impl Fn(String) + Send + 'static {
+    let events = events.clone();
+    let id = format!("{cell}/{name}");
+    move |e| {
+        warn!(executable = %id, "log write failed: {e}");
+        events.emit(
+            pb::Kind::Executable,
+            &id,
+            pb::EventType::Failed,
+            format!("output is not reaching the log file: {e}"),
+        );
     }
 }
 

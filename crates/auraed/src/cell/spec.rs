@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use aurae_proto::runtime::v0 as pb;
 
-use crate::spec::{CellName, FieldError, abs_path};
+use crate::spec::{CellName, FieldError, abs_path, id};
 
 /// `cpu.max`: `quota_us` per `period_us`; `quota_us = None` is "max".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,8 +287,8 @@ impl ContainerSpec {
             args: c.args,
             env: c.env.into_iter().collect(),
             working_dir,
-            uid: c.uid,
-            gid: c.gid,
+            uid: c.uid.map(|v| id(&format!("{field}.uid"), v)).transpose()?,
+            gid: c.gid.map(|v| id(&format!("{field}.gid"), v)).transpose()?,
             read_only_root: c.read_only_root,
             volumes,
         })

@@ -120,7 +120,10 @@ fn program_candidates(argv0: &str, path: &str, cwd: &Path) -> Vec<PathBuf> {
 }
 
 /// uid and gid: the request's, else the image's `User` (`uid`, `uid:gid`, `name`,
-/// `name:group`; names looked up in the image's /etc/passwd and /etc/group).
+/// `name:group`; names looked up in the image's /etc/passwd and /etc/group). Every id is
+/// checked as the kernel will use it ([`crate::spec::id`]): an image `User` of
+/// `4294967295` is "-1" to set*id and would keep auraed's uid 0. A passwd or group line
+/// whose id field is not a number is an error, never uid/gid 0.
 fn user(
     spec: &ContainerSpec,
     image_user: &str,
@@ -132,16 +135,30 @@ fn user(
         None => (image_user, None),
     };
     let passwd = || read_from_layers(layers, "etc/passwd");
+    let number = |what: &str, s: Option<&&str>| -> Result<u32, FieldError> {
+        let s = s.copied().unwrap_or("");
+        let n: u32 = s
+            .parse()
+            .map_err(|_| FieldError::new(field, format!("{what}: {s:?} is not a numeric id")))?;
+        crate::spec::id(field, n)
+    };
     let (mut uid, mut gid) = (0, 0);
     if spec.uid.is_none() && !u.is_empty() {
         match u.parse::<u32>() {
             Ok(n) => {
-                uid = n;
-                gid = passwd()
-                    .and_then(|p| {
-                        account(&p, |f| f.get(2) == Some(&u)).and_then(|f| f.get(3)?.parse().ok())
-                    })
-                    .unwrap_or(0);
+                uid = crate::spec::id(field, n)?;
+                // The primary group of the passwd line with this uid, if there is one.
+                let line_gid: Option<String> = passwd().and_then(|p| {
+                    account(&p, |f| f.get(2) == Some(&u))
+                        .map(|f| f.get(3).copied().unwrap_or("").to_owned())
+                });
+                gid = match line_gid {
+                    Some(g) => number(
+                        &format!("the gid of uid {n} in the image's /etc/passwd"),
+                        Some(&g.as_str()),
+                    )?,
+                    None => 0,
+                };
             }
             Err(_) => {
                 let p = passwd().ok_or_else(|| {
@@ -153,26 +170,25 @@ fn user(
                         format!("user {u:?} is not in the image's /etc/passwd"),
                     )
                 })?;
-                uid = f.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
-                gid = f.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+                uid = number(&format!("the uid of user {u:?}"), f.get(2))?;
+                gid = number(&format!("the gid of user {u:?}"), f.get(3))?;
             }
         }
     }
     if let Some(g) = g.filter(|g| !g.is_empty() && spec.gid.is_none()) {
         gid = match g.parse::<u32>() {
-            Ok(n) => n,
+            Ok(n) => crate::spec::id(field, n)?,
             Err(_) => {
                 let groups = read_from_layers(layers, "etc/group").ok_or_else(|| {
                     FieldError::new(field, format!("group {g:?}: the image has no /etc/group"))
                 })?;
-                account(&groups, |f| f.first() == Some(&g))
-                    .and_then(|f| f.get(2)?.parse().ok())
-                    .ok_or_else(|| {
-                        FieldError::new(
-                            field,
-                            format!("group {g:?} is not in the image's /etc/group"),
-                        )
-                    })?
+                let f = account(&groups, |f| f.first() == Some(&g)).ok_or_else(|| {
+                    FieldError::new(
+                        field,
+                        format!("group {g:?} is not in the image's /etc/group"),
+                    )
+                })?;
+                number(&format!("the gid of group {g:?}"), f.get(2))?
             }
         };
     }
@@ -181,7 +197,7 @@ fn user(
     let gid = spec
         .gid
         .unwrap_or(if spec.uid.is_some() { uid } else { gid });
-    Ok((uid, gid))
+    Ok((crate::spec::id("uid", uid)?, crate::spec::id("gid", gid)?))
 }
 
 /// The fields of the first line of a colon-separated account file matching `f`.
@@ -318,6 +334,25 @@ mod tests {
         assert_eq!(r("5:6").unwrap(), (5, 6));
         assert!(r("nobody").is_err());
         assert!(r("web:nogroup").is_err());
+        // The attack: "-1" to set*id keeps auraed's uid 0.
+        for evil in ["4294967295", "2147483648", "0:4294967295", "5:2147483648"] {
+            let e = r(evil).unwrap_err();
+            assert_eq!(e.field, "image config User", "{evil}: {e}");
+            assert!(e.to_string().contains("not a valid id"), "{evil}: {e}");
+        }
+        // A passwd line with a broken id field is an error, never uid 0.
+        let l2 = dir.path().join("broken");
+        std::fs::create_dir_all(l2.join("etc")).unwrap();
+        std::fs::write(
+            l2.join("etc/passwd"),
+            "evil:x:notanumber:1::/:/bin/sh\nhuge:x:4294967295:1::/:/bin/sh\nbadgid:x:9:-1::/:/bin/sh\n",
+        )
+        .unwrap();
+        let layers2 = [l2];
+        let r2 = |u: &str| resolve(&spec(), &with_user(u), &layers2).map(|r| (r.uid, r.gid));
+        for evil in ["evil", "huge", "badgid"] {
+            assert!(r2(evil).is_err(), "{evil}: {:?}", r2(evil));
+        }
         let mut s = spec();
         s.uid = Some(42);
         assert_eq!(

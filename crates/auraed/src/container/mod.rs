@@ -20,7 +20,10 @@ pub mod seccomp;
 
 use std::{
     ffi::CString,
-    os::unix::ffi::OsStrExt,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -34,11 +37,18 @@ use crate::{
     spec::FieldError,
 };
 
-/// Capabilities a container keeps (Docker's default set): CHOWN, DAC_OVERRIDE, FOWNER,
-/// FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD,
+/// Capabilities a container keeps (Docker's default set less MKNOD): CHOWN, DAC_OVERRIDE,
+/// FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT,
 /// AUDIT_WRITE, SETFCAP.
+///
+/// No CAP_MKNOD (27): every writable mount a container has (the overlay root, the `/dev`
+/// tmpfs, `/dev/shm`, volumes) is `nodev`, so a node it made could never be opened, and
+/// the cell's device filter refuses mknod and open of anything but the container's own
+/// few character devices anyway. Kept, the capability would only serve an attack on some
+/// future mount without `nodev`; an image that really needs device nodes needs a device
+/// grant, not mknod.
 pub const DEFAULT_CAPABILITIES: u64 = {
-    let caps = [0u32, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31];
+    let caps = [0u32, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31];
     let mut m = 0u64;
     let mut i = 0;
     while i < caps.len() {
@@ -79,12 +89,28 @@ pub struct Plan {
     pub pin: Arc<crate::image::store::Pin>,
     pub process: config::Resolved,
     pub read_only_root: bool,
-    /// (canonical host directory, container path, read-only).
-    pub volumes: Vec<(PathBuf, PathBuf, bool)>,
+    pub volumes: Vec<Volume>,
+}
+
+/// A volume, its host directory already open: resolved once, below its root, when the
+/// plan was made; its mount is cloned from this fd (`open_tree`, see [`Args::new`]) and
+/// attached by the child, so nothing can be swapped in between.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    /// `O_PATH | O_DIRECTORY | O_CLOEXEC`, held until the spawn is done.
+    pub source: Arc<OwnedFd>,
+    /// The host path as the caller sent it (for messages only).
+    pub sent: PathBuf,
+    /// The container path (absolute, normalised).
+    pub target: PathBuf,
+    pub read_only: bool,
 }
 
 impl Plan {
-    /// Resolves `spec` against `image`; volumes must be directories under `volume_roots`.
+    /// Resolves `spec` against `image`; volumes must be directories under `volume_roots`,
+    /// named by their real path (no symlink is followed below a root), and are opened
+    /// here, once. The caller has checked the grant allows each (see
+    /// [`crate::cell::under_root`]).
     pub fn new(
         spec: &ContainerSpec,
         image: LocalImage,
@@ -112,13 +138,7 @@ impl Plan {
         let mut volumes = Vec::new();
         for (i, (host, target, ro)) in spec.volumes.iter().enumerate() {
             let field = |f: &str| format!("container.volumes[{i}].{f}");
-            let canon = crate::cell::allowed_host_path(
-                &field("host_path"),
-                host,
-                crate::cell::HostPath::Dir,
-                volume_roots,
-                "--volume-root",
-            )?;
+            // The container path first: a bad request never opens anything.
             let target = config::normalise(&field("container_path"), &target.to_string_lossy())?;
             if target == Path::new("/") || RESERVED.iter().any(|r| target.starts_with(r)) {
                 return Err(FieldError::new(
@@ -127,7 +147,19 @@ impl Plan {
                 )
                 .into());
             }
-            volumes.push((canon, target, *ro));
+            let (source, _) = crate::cell::open_host_path(
+                &field("host_path"),
+                host,
+                crate::cell::HostPath::Dir,
+                volume_roots,
+                "--volume-root",
+            )?;
+            volumes.push(Volume {
+                source: Arc::new(source),
+                sent: host.clone(),
+                target,
+                read_only: *ro,
+            });
         }
         Ok(Self {
             pin,
@@ -216,6 +248,12 @@ pub struct Args {
     overlay: CString,
     rootfs: CString,
     volumes: Vec<VolumeMount>,
+    /// The volumes' detached mount trees, cloned from the checked directories (their fds
+    /// are in `volumes`): kept open until the child has attached them, i.e. as long as
+    /// these arguments live.
+    _volume_trees: Vec<OwnedFd>,
+    /// The host paths as sent, for messages.
+    volume_names: Vec<String>,
     mkdirs: Vec<CString>,
     masked: Vec<CString>,
     read_only: Vec<CString>,
@@ -261,23 +299,35 @@ impl Args {
             )));
         }
         let mut mkdirs: Vec<PathBuf> = RESERVED.iter().map(PathBuf::from).collect();
-        for (_, target, _) in &plan.volumes {
-            mkdirs.extend(with_parents(target));
+        for v in &plan.volumes {
+            mkdirs.extend(with_parents(&v.target));
         }
         mkdirs.extend(with_parents(&plan.process.working_dir));
         let mut seen = std::collections::HashSet::new();
         mkdirs.retain(|p| seen.insert(p.clone()));
-        let volumes = plan
+        // Cloned here, in auraed's mount namespace, from the fds opened when the plan was
+        // checked; the child, in a namespace of its own, can only attach them.
+        let mut volume_trees = Vec::new();
+        let mut volumes = Vec::new();
+        for (i, v) in plan.volumes.iter().enumerate() {
+            let tree =
+                aurae_sys::container::clone_mount(v.source.as_fd(), v.read_only).map_err(|e| {
+                    CellError::Precondition(format!(
+                        "container.volumes[{i}].host_path: {}: cannot clone its mount: {e}",
+                        v.sent.display()
+                    ))
+                })?;
+            volumes.push(VolumeMount {
+                source: tree.as_raw_fd(),
+                target: cstr(&v.target)?,
+            });
+            volume_trees.push(tree);
+        }
+        let volume_names = plan
             .volumes
             .iter()
-            .map(|(h, t, ro)| {
-                Ok(VolumeMount {
-                    source: cstr(h)?,
-                    target: cstr(t)?,
-                    read_only: *ro,
-                })
-            })
-            .collect::<Result<_, CellError>>()?;
+            .map(|v| format!("{} -> {}", v.sent.display(), v.target.display()))
+            .collect();
         let strs = |v: &[&str]| {
             v.iter()
                 .map(|p| cstr(Path::new(p)))
@@ -289,6 +339,8 @@ impl Args {
                 .map_err(|_| CellError::Precondition("overlay options contain NUL".into()))?,
             rootfs: cstr(&rootfs.path().join("rootfs"))?,
             volumes,
+            _volume_trees: volume_trees,
+            volume_names,
             mkdirs: mkdirs.iter().map(|p| cstr(p)).collect::<Result<_, _>>()?,
             masked: strs(&MASKED)?,
             read_only: strs(&READ_ONLY)?,
@@ -327,13 +379,7 @@ impl Args {
     pub fn describe(&self, step: &str, index: usize) -> Option<String> {
         let s = |v: &[CString]| v.get(index).map(|c| c.to_string_lossy().into_owned());
         if step.contains("volume") {
-            self.volumes.get(index).map(|v| {
-                format!(
-                    "{} -> {}",
-                    v.source.to_string_lossy(),
-                    v.target.to_string_lossy()
-                )
-            })
+            self.volume_names.get(index).cloned()
         } else if step.contains("create mount point") {
             s(&self.mkdirs)
         } else if step.contains("not a directory") {
@@ -353,8 +399,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_capabilities_are_dockers_fourteen() {
-        assert_eq!(DEFAULT_CAPABILITIES.count_ones(), 14);
+    fn default_capabilities_are_dockers_less_mknod() {
+        assert_eq!(DEFAULT_CAPABILITIES.count_ones(), 13);
+        assert_eq!(DEFAULT_CAPABILITIES, 0x0000_0000_a004_25fb);
+        assert_eq!(DEFAULT_CAPABILITIES & (1 << 27), 0, "no CAP_MKNOD");
         assert_eq!(DEFAULT_CAPABILITIES & (1 << 21), 0, "no CAP_SYS_ADMIN");
         assert_eq!(DEFAULT_CAPABILITIES & (1 << 19), 0, "no CAP_SYS_PTRACE");
     }

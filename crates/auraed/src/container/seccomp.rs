@@ -7,8 +7,11 @@
 //! `setns`, `clone` with `CLONE_NEW*`), no mounts, no `ptrace`, no keyrings, no BPF or
 //! perf, no kernel modules, no `open_by_handle_at` (the "shocker" escape), no
 //! `userfaultfd`, no `io_uring`, no clock or host changes. `personality` only with the
-//! values Docker allows. `clone3` gets ENOSYS so that glibc falls back to `clone`, whose
-//! flags the filter can inspect (clone3 passes them in memory, out of a filter's reach).
+//! values Docker allows. Sockets only of the families a workload needs (Unix, IPv4, IPv6,
+//! netlink, packet): no `AF_VSOCK`, which Docker also refuses, and none of the exotic
+//! families (see `SOCKET_FAMILIES`). `clone3` gets ENOSYS so that glibc falls back to
+//! `clone`, whose flags the filter can inspect (clone3 passes them in memory, out of a
+//! filter's reach).
 
 use std::sync::OnceLock;
 
@@ -27,10 +30,10 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_mincore, libc::SYS_madvise, libc::SYS_shmget, libc::SYS_shmat, libc::SYS_shmctl,
     libc::SYS_dup, libc::SYS_dup2, libc::SYS_pause, libc::SYS_nanosleep, libc::SYS_getitimer,
     libc::SYS_alarm, libc::SYS_setitimer, libc::SYS_getpid, libc::SYS_sendfile,
-    libc::SYS_socket, libc::SYS_connect, libc::SYS_accept, libc::SYS_sendto,
+    libc::SYS_connect, libc::SYS_accept, libc::SYS_sendto,
     libc::SYS_recvfrom, libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown,
     libc::SYS_bind, libc::SYS_listen, libc::SYS_getsockname, libc::SYS_getpeername,
-    libc::SYS_socketpair, libc::SYS_setsockopt, libc::SYS_getsockopt, libc::SYS_fork,
+    libc::SYS_setsockopt, libc::SYS_getsockopt, libc::SYS_fork,
     libc::SYS_vfork, libc::SYS_execve, libc::SYS_exit, libc::SYS_wait4, libc::SYS_kill,
     libc::SYS_uname, libc::SYS_semget, libc::SYS_semop, libc::SYS_semctl, libc::SYS_shmdt,
     libc::SYS_msgget, libc::SYS_msgsnd, libc::SYS_msgrcv, libc::SYS_msgctl, libc::SYS_fcntl,
@@ -94,6 +97,22 @@ const ALLOWED: &[libc::c_long] = &[
 /// Missing from libc's x86_64 table.
 const SYS_IO_PGETEVENTS: libc::c_long = 333;
 
+/// Address families `socket` and `socketpair` may create: Unix, IPv4, IPv6, netlink (`ip`,
+/// `ss`, glibc's interface queries) and packet (raw L2 for DHCP clients and tcpdump, as
+/// Docker's default `CAP_NET_RAW` intends). Every other family, `AF_VSOCK` first of all
+/// (between a VM and its host: from a container on the host it reaches guests' vsock
+/// services, from one inside a guest the host's), fails with EAFNOSUPPORT,
+/// as if the kernel had been built without it: the rarely used families (AF_ALG, AF_RDS,
+/// AF_TIPC, AF_CAN, AF_KCM, AF_LLC, AF_X25, AF_AX25, AF_PPPOX, AF_BLUETOOTH, AF_XDP, …) are
+/// where kernel socket bugs cluster, and creating one would also autoload its module.
+const SOCKET_FAMILIES: [u32; 5] = [
+    libc::AF_UNIX as u32,
+    libc::AF_INET as u32,
+    libc::AF_INET6 as u32,
+    libc::AF_NETLINK as u32,
+    libc::AF_PACKET as u32,
+];
+
 /// `CLONE_NEW*` flags a container's `clone` may not pass.
 const CLONE_NAMESPACES: u64 = 0x7E02_0000;
 /// `personality` values Docker allows (Linux, with and without UNAME26, 32-bit, query).
@@ -131,6 +150,7 @@ fn nr(n: libc::c_long) -> Result<u32, String> {
 /// emits for this list, so it installs faster and each syscall runs fewer instructions):
 /// wrong architecture → kill; x32 numbers → EPERM; `clone3` → ENOSYS (libc then uses
 /// `clone`, whose flags a filter can read); `clone` with any `CLONE_NEW*` → EPERM;
+/// `socket`/`socketpair` only in [`SOCKET_FAMILIES`], else EAFNOSUPPORT;
 /// `personality` only with Docker's values; then the allowlist in blocks that jump to
 /// their own `RET ALLOW`; anything else → EPERM.
 fn compile() -> Result<Vec<Vec<BpfInstruction>>, String> {
@@ -152,6 +172,23 @@ fn compile() -> Result<Vec<Vec<BpfInstruction>>, String> {
         ins(RET_K, 0, 0, RET_ALLOW),
         ins(RET_K, 0, 0, eperm),
     ];
+    // socket, socketpair: the domain (an int: the kernel reads only the low word) must be
+    // one of SOCKET_FAMILIES.
+    let n = SOCKET_FAMILIES.len();
+    p.push(ins(JEQ_K, 1, 0, nr(libc::SYS_socket)?));
+    p.push(ins(
+        JEQ_K,
+        0,
+        u8::try_from(n + 3).unwrap_or(0),
+        nr(libc::SYS_socketpair)?,
+    ));
+    p.push(ins(LD_W_ABS, 0, 0, OFF_ARG0_LO));
+    for (i, f) in SOCKET_FAMILIES.iter().enumerate() {
+        // Jump to the RET ALLOW after the list.
+        p.push(ins(JEQ_K, u8::try_from(n - i).unwrap_or(0), 0, *f));
+    }
+    p.push(ins(RET_K, 0, 0, RET_ERRNO | libc::EAFNOSUPPORT as u32));
+    p.push(ins(RET_K, 0, 0, RET_ALLOW));
     // personality: one of Docker's values, compared on the low word.
     let n = PERSONALITIES.len();
     p.push(ins(
@@ -281,6 +318,48 @@ mod tests {
         ] {
             assert_eq!(run(p, x86, libc::SYS_clone, sigchld | ns as u64), eperm);
         }
+        // Sockets: the families a workload needs, never AF_VSOCK or the exotic ones.
+        let eafnosupport = RET_ERRNO | libc::EAFNOSUPPORT as u32;
+        for call in [libc::SYS_socket, libc::SYS_socketpair] {
+            for ok in [
+                libc::AF_UNIX,
+                libc::AF_INET,
+                libc::AF_INET6,
+                libc::AF_NETLINK,
+                libc::AF_PACKET,
+            ] {
+                assert_eq!(run(p, x86, call, ok as u64), RET_ALLOW, "{call}({ok})");
+            }
+            for refused in [
+                libc::AF_VSOCK,
+                libc::AF_UNSPEC,
+                libc::AF_ALG,
+                libc::AF_RDS,
+                libc::AF_TIPC,
+                libc::AF_CAN,
+                41, // AF_KCM (not in libc for gnu)
+                libc::AF_XDP,
+                libc::AF_BLUETOOTH,
+                libc::AF_KEY,
+                libc::AF_PPPOX,
+                libc::AF_LLC,
+                libc::AF_X25,
+                libc::AF_AX25,
+                255,
+            ] {
+                assert_eq!(
+                    run(p, x86, call, refused as u64),
+                    eafnosupport,
+                    "{call}({refused})"
+                );
+            }
+            // The kernel reads the domain as an int: only the low word counts, both ways.
+            assert_eq!(run(p, x86, call, 40 | (2 << 32)), eafnosupport);
+            assert_eq!(run(p, x86, call, 2 | (40 << 32)), RET_ALLOW);
+        }
+        assert_eq!(libc::AF_VSOCK, 40);
+        assert!(!ALLOWED.contains(&libc::SYS_socket));
+        assert!(!ALLOWED.contains(&libc::SYS_socketpair));
         assert_eq!(run(p, x86, libc::SYS_personality, 0), RET_ALLOW);
         assert_eq!(run(p, x86, libc::SYS_personality, 0xffff_ffff), RET_ALLOW);
         assert_eq!(run(p, x86, libc::SYS_personality, 0x0040_0000), eperm);

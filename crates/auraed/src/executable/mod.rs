@@ -76,7 +76,11 @@ impl Executable {
             exit: s.exit.map(|e| e.to_proto()),
             started_at: Some(self.started_at.into()),
             argv: self.argv.clone(),
-            message: String::new(),
+            message: self
+                .log
+                .write_error()
+                .map(|e| format!("output is not reaching the log file: {e}"))
+                .unwrap_or_default(),
             image_digest: self.image_digest.clone().unwrap_or_default(),
         }
     }
@@ -186,8 +190,15 @@ impl Prepared {
     }
 }
 
-/// Copies a pipe into the log until EOF.
-pub async fn pump(read: OwnedFd, log: Arc<Log>, stream: Stream) {
+/// Copies a pipe into the log until EOF. A failed write to the log file (disk full, …)
+/// is reported once per failure through `on_write_error` (an event, by the caller); the
+/// output still reaches the in-memory log.
+pub async fn pump(
+    read: OwnedFd,
+    log: Arc<Log>,
+    stream: Stream,
+    on_write_error: impl Fn(String) + Send + 'static,
+) {
     use tokio::io::AsyncReadExt;
     let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
         return;
@@ -196,7 +207,12 @@ pub async fn pump(read: OwnedFd, log: Arc<Log>, stream: Stream) {
     loop {
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => log.append(stream, &buf[..n]),
+            Ok(n) => {
+                log.append(stream, &buf[..n]);
+                if let Some(e) = log.take_unreported_write_error() {
+                    on_write_error(e);
+                }
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ use aurae_proto::runtime::v0 as pb;
 
 use crate::{
     cell::ContainerSpec,
-    spec::{CellName, FieldError, Label, abs_path},
+    spec::{CellName, FieldError, Label, abs_path, id},
 };
 
 /// Most arguments or environment entries.
@@ -27,6 +27,13 @@ pub struct ExecutableSpec {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub stdin: Vec<u8>,
+    /// Run without `no_new_privs` (setuid programs and file capabilities work). Never
+    /// from the request: set from the caller's grant (`allow_new_privileges`).
+    pub allow_new_privileges: bool,
+    /// May start in a cell tree that already runs the other kind (container vs plain
+    /// executable). Never from the request: set from the caller's grant
+    /// (`allow_host_namespaces`, since a plain executable sees the host's files).
+    pub allow_mixed_cell: bool,
     /// Run as a container from an image: argv, env, working_dir, uid and gid are filled
     /// in from the image and this spec before the start (see [`crate::container`]).
     pub container: Option<ContainerSpec>,
@@ -72,6 +79,8 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                 uid: None,
                 gid: None,
                 stdin: e.stdin,
+                allow_new_privileges: false,
+                allow_mixed_cell: false,
                 container: Some(ContainerSpec::parse("container", e.container)?),
             });
         }
@@ -132,9 +141,11 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
             argv: e.argv,
             env,
             working_dir,
-            uid: e.uid,
-            gid: e.gid,
+            uid: e.uid.map(|v| id("uid", v)).transpose()?,
+            gid: e.gid.map(|v| id("gid", v)).transpose()?,
             stdin: e.stdin,
+            allow_new_privileges: false,
+            allow_mixed_cell: false,
             container: None,
         })
     }

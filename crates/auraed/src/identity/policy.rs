@@ -6,11 +6,28 @@
 //! methods = ["aurae.runtime.v0.Runtime/RunExecutable", "aurae.runtime.v0.Executables/*"]
 //! names = ["team-a", "scratch-*"]
 //! allow_host_namespaces = false   # may a cell share a host namespace?
-//! allow_uid_zero = false          # may a workload run as uid 0?
+//! allow_uid_zero = false          # may a workload run as uid 0 (or gid 0)?
+//! allow_new_privileges = false    # may plain executables run without no_new_privs?
+//! allow_writable_drives = false   # may a VM write to a drive (under `volumes`)?
+//! uids = ["1000-1999"]            # the uids its workloads may run as (besides 0)
+//! gids = ["1000-1999"]            # the gids likewise
+//! volumes = ["team-a"]            # host paths, relative to a --volume-root or --vm-image-root
+//! registries = ["127.0.0.1:5000/team-a"]  # where its images may be pulled from
+//! [grant.quota]                   # everything under its names, together
+//! cells = 20
+//! executables = 200
+//! vms = 2
+//! memory_bytes = 8589934592       # sum of the cells' memory.max and the VMs' memory
 //! ```
 //!
 //! Deny by default: an identity without a grant, a method not listed, a name outside the
-//! prefixes: each is `PERMISSION_DENIED`.
+//! prefixes, a uid, gid, volume or registry not listed: each is `PERMISSION_DENIED`. A
+//! quota that would be exceeded is `RESOURCE_EXHAUSTED` naming the quota. Quotas count
+//! what lives under the grant's names (like a Kubernetes namespace's ResourceQuota),
+//! whoever created it.
+//!
+//! Ids are real ids: 1 to 2³¹−1 (uid 0 only with `allow_uid_zero`); `4294967295` is "-1",
+//! which set*id reads as "unchanged", and is never valid.
 //!
 //! Method patterns: `"*"` (every method), `"<package>.<Service>/*"` (every method of a
 //! service) or a full method name `"<package>.<Service>/<Method>"`. Each must name a
@@ -54,6 +71,14 @@ pub enum PolicyError {
         pattern: String,
         reason: String,
     },
+    #[error("policy grant #{index} ({id}): {field} {pattern:?} {reason}")]
+    Field {
+        index: usize,
+        id: String,
+        field: &'static str,
+        pattern: String,
+        reason: String,
+    },
     #[error("policy: {0} has more than one grant; merge them into one")]
     Duplicate(String),
 }
@@ -75,6 +100,96 @@ struct GrantFile {
     allow_host_namespaces: bool,
     #[serde(default)]
     allow_uid_zero: bool,
+    #[serde(default)]
+    allow_new_privileges: bool,
+    #[serde(default)]
+    allow_writable_drives: bool,
+    #[serde(default)]
+    uids: Vec<String>,
+    #[serde(default)]
+    gids: Vec<String>,
+    #[serde(default)]
+    volumes: Vec<String>,
+    #[serde(default)]
+    registries: Vec<String>,
+    #[serde(default)]
+    quota: Quota,
+}
+
+/// Most of each kind of resource under a grant's names; `None` is unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub cells: Option<u32>,
+    pub executables: Option<u32>,
+    pub vms: Option<u32>,
+    pub memory_bytes: Option<u64>,
+}
+
+use crate::spec::MAX_ID;
+
+/// Inclusive id ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdRanges(Vec<(u32, u32)>);
+
+impl IdRanges {
+    pub fn all() -> Self {
+        Self(vec![(1, MAX_ID)])
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.0.iter().any(|&(lo, hi)| lo <= id && id <= hi)
+    }
+
+    fn parse(list: &[String]) -> Result<Self, (String, String)> {
+        let mut v = Vec::new();
+        for r in list {
+            let bad = |why: &str| (r.clone(), why.to_owned());
+            let (lo, hi) = match r.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (r.trim(), r.trim()),
+            };
+            let lo: u32 = lo
+                .parse()
+                .map_err(|_| bad("must be an id or a range \"lo-hi\""))?;
+            let hi: u32 = hi
+                .parse()
+                .map_err(|_| bad("must be an id or a range \"lo-hi\""))?;
+            if lo > hi {
+                return Err(bad("is an empty range"));
+            }
+            if lo == 0 {
+                return Err(bad("includes 0: grant id 0 with allow_uid_zero instead"));
+            }
+            if hi > MAX_ID {
+                return Err(bad(&format!(
+                    "goes beyond {MAX_ID}: larger ids are not real ids without a user namespace"
+                )));
+            }
+            v.push((lo, hi));
+        }
+        Ok(Self(v))
+    }
+
+    fn describe(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|&(lo, hi)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            })
+            .collect()
+    }
+}
+
+/// A registry (`host[:port]`) and optionally a repository path prefix below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RegistryPattern {
+    All,
+    Repos { registry: String, path: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +216,14 @@ pub struct Grant {
     names: Vec<NamePattern>,
     pub allow_host_namespaces: bool,
     pub allow_uid_zero: bool,
+    pub allow_new_privileges: bool,
+    pub allow_writable_drives: bool,
+    pub uids: IdRanges,
+    pub gids: IdRanges,
+    /// Relative host paths (subtrees) below a volume or VM image root; `None`: all.
+    volumes: Option<Vec<std::path::PathBuf>>,
+    registries: Vec<RegistryPattern>,
+    pub quota: Quota,
 }
 
 impl Grant {
@@ -112,7 +235,107 @@ impl Grant {
             names: vec![NamePattern::All],
             allow_host_namespaces: true,
             allow_uid_zero: true,
+            allow_new_privileges: true,
+            allow_writable_drives: true,
+            uids: IdRanges::all(),
+            gids: IdRanges::all(),
+            volumes: None,
+            registries: vec![RegistryPattern::All],
+            quota: Quota::default(),
         }
+    }
+
+    /// Whether a workload may run as `uid` (0 needs `allow_uid_zero`).
+    pub fn allows_uid(&self, uid: u32) -> bool {
+        if uid == 0 {
+            self.allow_uid_zero
+        } else {
+            self.uids.contains(uid)
+        }
+    }
+
+    /// Whether a workload may run as `gid` (0 needs `allow_uid_zero`).
+    pub fn allows_gid(&self, gid: u32) -> bool {
+        if gid == 0 {
+            self.allow_uid_zero
+        } else {
+            self.gids.contains(gid)
+        }
+    }
+
+    /// Whether the host path `rel` (relative to a volume or VM image root, already
+    /// normalised: no `..`, no leading `/`) is one of the grant's volumes.
+    pub fn allows_volume(&self, rel: &std::path::Path) -> bool {
+        match &self.volumes {
+            None => true,
+            Some(v) => v.iter().any(|p| rel.starts_with(p)),
+        }
+    }
+
+    /// Whether images may be pulled from `registry` (`host[:port]`) repository `repo`.
+    pub fn allows_registry(&self, registry: &str, repo: &str) -> bool {
+        self.registries.iter().any(|p| match p {
+            RegistryPattern::All => true,
+            RegistryPattern::Repos { registry: r, path } => {
+                r == registry
+                    && (path.is_empty()
+                        || repo
+                            .strip_prefix(path.as_str())
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
+            }
+        })
+    }
+
+    /// Everything the grant allows beyond methods and names (for `Daemon/Info`).
+    pub fn describe_extra(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (on, what) in [
+            (self.allow_host_namespaces, "allow_host_namespaces"),
+            (self.allow_uid_zero, "allow_uid_zero"),
+            (self.allow_new_privileges, "allow_new_privileges"),
+            (self.allow_writable_drives, "allow_writable_drives"),
+        ] {
+            if on {
+                v.push(what.to_owned());
+            }
+        }
+        v.push(format!("uids={}", self.uids.describe().join(",")));
+        v.push(format!("gids={}", self.gids.describe().join(",")));
+        v.push(match &self.volumes {
+            None => "volumes=*".to_owned(),
+            Some(p) => format!(
+                "volumes={}",
+                p.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        });
+        v.push(format!(
+            "registries={}",
+            self.registries
+                .iter()
+                .map(|r| match r {
+                    RegistryPattern::All => "*".to_owned(),
+                    RegistryPattern::Repos { registry, path } if path.is_empty() =>
+                        registry.clone(),
+                    RegistryPattern::Repos { registry, path } => format!("{registry}/{path}"),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+        let q = self.quota;
+        for (n, what) in [
+            (q.cells.map(u64::from), "quota.cells"),
+            (q.executables.map(u64::from), "quota.executables"),
+            (q.vms.map(u64::from), "quota.vms"),
+            (q.memory_bytes, "quota.memory_bytes"),
+        ] {
+            if let Some(n) = n {
+                v.push(format!("{what}={n}"));
+            }
+        }
+        v
     }
 
     /// Whether `method` (`package.Service/Method`, no leading '/') is granted.
@@ -173,6 +396,66 @@ fn name_pattern_ok(p: &str) -> bool {
         && !p.starts_with('/')
         && !p.ends_with('/')
         && !p.contains("//")
+}
+
+/// `"*"` (every path) or relative paths without `..`.
+fn parse_volumes(list: &[String]) -> Result<Option<Vec<std::path::PathBuf>>, (String, String)> {
+    use std::path::{Component, Path};
+    if list.iter().any(|v| v == "*") {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for v in list {
+        let p = Path::new(v);
+        if v.is_empty()
+            || !p
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err((
+                v.clone(),
+                "must be a path relative to a volume root, without '..' (or \"*\")".into(),
+            ));
+        }
+        out.push(p.components().collect());
+    }
+    Ok(Some(out))
+}
+
+/// `"*"`, `host[:port]` or `host[:port]/repository/prefix`.
+fn parse_registries(list: &[String]) -> Result<Vec<RegistryPattern>, (String, String)> {
+    let mut out = Vec::new();
+    for r in list {
+        if r == "*" {
+            out.push(RegistryPattern::All);
+            continue;
+        }
+        let (registry, path) = r.split_once('/').unwrap_or((r.as_str(), ""));
+        let ok_host = !registry.is_empty()
+            && registry.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
+        let ok_path = path.is_empty()
+            || (path.split('/').all(|s| {
+                !s.is_empty()
+                    && s.bytes().all(|b| {
+                        b.is_ascii_lowercase()
+                            || b.is_ascii_digit()
+                            || matches!(b, b'.' | b'_' | b'-')
+                    })
+            }));
+        if !ok_host || !ok_path {
+            return Err((
+                r.clone(),
+                "must be \"*\", a registry host[:port], or host[:port]/repository/prefix".into(),
+            ));
+        }
+        out.push(RegistryPattern::Repos {
+            registry: registry.to_ascii_lowercase(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(out)
 }
 
 impl Policy {
@@ -288,12 +571,32 @@ impl Policy {
                 };
                 np.push(pat);
             }
+            let field_err =
+                |field: &'static str, (pattern, reason): (String, String)| PolicyError::Field {
+                    index,
+                    id: id.to_string(),
+                    field,
+                    pattern,
+                    reason,
+                };
+            let uids = IdRanges::parse(&g.uids).map_err(|e| field_err("uids", e))?;
+            let gids = IdRanges::parse(&g.gids).map_err(|e| field_err("gids", e))?;
+            let volumes = parse_volumes(&g.volumes).map_err(|e| field_err("volumes", e))?;
+            let registries =
+                parse_registries(&g.registries).map_err(|e| field_err("registries", e))?;
             grants.push(Grant {
                 id,
                 methods: mp,
                 names: np,
                 allow_host_namespaces: g.allow_host_namespaces,
                 allow_uid_zero: g.allow_uid_zero,
+                allow_new_privileges: g.allow_new_privileges,
+                allow_writable_drives: g.allow_writable_drives,
+                uids,
+                gids,
+                volumes,
+                registries,
+                quota: g.quota,
             });
         }
         Ok(Self { grants })
@@ -314,6 +617,8 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn methods() -> BTreeSet<String> {
@@ -416,6 +721,94 @@ mod tests {
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn ids_volumes_registries_and_quotas() {
+        let p = parse(
+            r#"
+            [[grant]]
+            id = "spiffe://aurae.local/operator/alice"
+            methods = ["*"]
+            names = ["team-a"]
+            uids = ["1000-1999", "5"]
+            gids = ["100"]
+            volumes = ["team-a", "shared/ro"]
+            registries = ["127.0.0.1:5000/team-a", "ghcr.io"]
+            [grant.quota]
+            cells = 3
+            memory_bytes = 1073741824
+
+            [[grant]]
+            id = "spiffe://aurae.local/operator/bob"
+            methods = ["*"]
+            names = ["team-b"]
+            "#,
+        )
+        .unwrap();
+        let a = &p.grants()[0];
+        assert!(a.allows_uid(1000) && a.allows_uid(1999) && a.allows_uid(5));
+        assert!(!a.allows_uid(0) && !a.allows_uid(999) && !a.allows_uid(2000));
+        assert!(!a.allows_uid(u32::MAX) && !a.allows_uid(1 << 31));
+        assert!(a.allows_gid(100) && !a.allows_gid(0) && !a.allows_gid(42));
+        assert!(a.allows_volume(Path::new("team-a")));
+        assert!(a.allows_volume(Path::new("team-a/db")));
+        assert!(!a.allows_volume(Path::new("team-ab")));
+        assert!(!a.allows_volume(Path::new("team-b/db")));
+        assert!(a.allows_volume(Path::new("shared/ro/x")));
+        assert!(!a.allows_volume(Path::new("shared")));
+        assert!(a.allows_registry("127.0.0.1:5000", "team-a"));
+        assert!(a.allows_registry("127.0.0.1:5000", "team-a/app"));
+        assert!(!a.allows_registry("127.0.0.1:5000", "team-ab/app"));
+        assert!(!a.allows_registry("127.0.0.1:5001", "team-a/app"));
+        assert!(a.allows_registry("ghcr.io", "anything/at/all"));
+        assert!(!a.allows_registry("docker.io", "library/busybox"));
+        assert_eq!(a.quota.cells, Some(3));
+        assert_eq!(a.quota.memory_bytes, Some(1 << 30));
+        assert_eq!(a.quota.executables, None);
+        // Deny by default: no uids, gids, volumes, registries, privileges.
+        let b = &p.grants()[1];
+        assert!(!b.allows_uid(0) && !b.allows_uid(1000) && !b.allows_gid(1000));
+        assert!(!b.allows_volume(Path::new("team-b")));
+        assert!(!b.allows_registry("127.0.0.1:5000", "team-b"));
+        assert!(!b.allow_new_privileges && !b.allow_writable_drives);
+        assert_eq!(b.quota, Quota::default());
+        // The admin grant of the default policy may do all of it.
+        let admin = Grant::everything(id("spiffe://aurae.local/operator/admin"));
+        assert!(admin.allows_uid(0) && admin.allows_uid(super::MAX_ID));
+        assert!(
+            !admin.allows_uid(u32::MAX),
+            "-1 is never an id, not even for admin"
+        );
+        assert!(admin.allows_volume(Path::new("x")) && admin.allows_registry("a", "b"));
+    }
+
+    #[test]
+    fn bad_ids_volumes_and_registries_are_refused() {
+        let g = |extra: &str| {
+            format!("[[grant]]\nid = \"spiffe://aurae.local/x\"\nmethods=[]\nnames=[]\n{extra}")
+        };
+        for (extra, want) in [
+            ("uids = [\"0-10\"]", "allow_uid_zero"),
+            ("uids = [\"0\"]", "allow_uid_zero"),
+            ("gids = [\"1-4294967295\"]", "beyond"),
+            ("uids = [\"2147483648\"]", "beyond"),
+            ("uids = [\"10-5\"]", "empty range"),
+            ("uids = [\"-1\"]", "an id or a range"),
+            ("uids = [\"abc\"]", "an id or a range"),
+            ("volumes = [\"../etc\"]", "without '..'"),
+            ("volumes = [\"/etc\"]", "without '..'"),
+            ("volumes = [\"\"]", "without '..'"),
+            ("registries = [\"\"]", "host[:port]"),
+            ("registries = [\"evil host\"]", "host[:port]"),
+            ("registries = [\"r.io/Up\"]", "host[:port]"),
+            ("registries = [\"r.io//x\"]", "host[:port]"),
+            ("[grant.quota]\ncells = -1", "does not parse"),
+            ("[grant.quota]\nthreads = 1", "does not parse"),
+        ] {
+            let err = parse(&g(extra)).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra:?}: {err}");
         }
     }
 

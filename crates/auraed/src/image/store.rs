@@ -83,11 +83,13 @@ impl Drop for Pin {
 }
 
 /// What a collection removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Collected {
     pub blobs: u64,
     pub layers: u64,
     pub bytes: u64,
+    /// Why nothing was collected (an unreadable reference record may name any blob).
+    pub skipped: Option<String>,
 }
 
 fn tree_bytes(p: &Path) -> u64 {
@@ -169,7 +171,20 @@ impl ImageStore {
     pub fn collect_garbage(&self) -> Collected {
         let mut blobs = std::collections::HashSet::new();
         let mut layers = std::collections::HashSet::new();
-        for r in self.refs() {
+        let (refs, quarantined) = self.checked_refs();
+        if !quarantined.is_empty() {
+            let why = format!(
+                "garbage collection skipped: {} unreadable image reference record(s) in {} may name any blob; inspect and remove them",
+                quarantined.len(),
+                self.quarantine_dir().display()
+            );
+            tracing::warn!("{why}");
+            return Collected {
+                skipped: Some(why),
+                ..Collected::default()
+            };
+        }
+        for r in refs {
             for k in ["digest", "config"] {
                 if let Some(d) = r[k].as_str() {
                     blobs.insert(hex_of(d).to_owned());
@@ -302,25 +317,84 @@ impl ImageStore {
             .join(format!("{}.json", hex_of(&sha256(reference.as_bytes()))))
     }
 
+    /// Writes a reference record atomically and durably (temporary file, fsync, rename,
+    /// fsync of the directory): a crash leaves the old record or the new one.
     pub fn put_ref(&self, reference: &str, record: &serde_json::Value) -> Result<(), StoreError> {
+        use std::io::Write;
         let p = self.ref_path(reference);
         let tmp = p.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(record).unwrap_or_default()).map_err(io(&tmp))?;
-        fs::rename(&tmp, &p).map_err(io(&p))
+        let data =
+            serde_json::to_vec_pretty(record).map_err(|e| io(&tmp)(std::io::Error::other(e)))?;
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&data).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &p).map_err(io(&p))?;
+        let dir = self.root.join("refs");
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))
     }
 
-    pub fn refs(&self) -> Vec<serde_json::Value> {
+    /// Where unreadable reference records are moved (never deleted, never ignored).
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+
+    /// The readable reference records, and the unreadable ones: each of those is moved to
+    /// [`Self::quarantine_dir`] and reported (a warning now; [`Self::quarantined`] later).
+    pub fn checked_refs(&self) -> (Vec<serde_json::Value>, Vec<String>) {
         let dir = self.root.join("refs");
-        let mut out: Vec<serde_json::Value> = fs::read_dir(&dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                    .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let parsed = fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+            });
+            match parsed {
+                Ok(v) if v["reference"].is_string() && v["digest"].is_string() => out.push(v),
+                other => {
+                    let why = match other {
+                        Err(e) => e,
+                        Ok(_) => "no reference or digest".into(),
+                    };
+                    let q = self.quarantine_dir();
+                    let _ = fs::create_dir_all(&q);
+                    let to = q.join(e.file_name());
+                    match fs::rename(&path, &to) {
+                        Ok(()) => tracing::warn!(
+                            record = %path.display(), moved_to = %to.display(),
+                            "image reference record is unreadable ({why}): quarantined"
+                        ),
+                        Err(err) => tracing::warn!(
+                            record = %path.display(),
+                            "image reference record is unreadable ({why}) and could not be quarantined: {err}"
+                        ),
+                    }
+                }
+            }
+        }
         out.sort_by(|a, b| a["reference"].as_str().cmp(&b["reference"].as_str()));
-        out
+        (out, self.quarantined())
+    }
+
+    /// Quarantined reference records (file names), for warnings.
+    pub fn quarantined(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.quarantine_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The readable reference records (unreadable ones are quarantined).
+    pub fn refs(&self) -> Vec<serde_json::Value> {
+        self.checked_refs().0
     }
 
     /// The record of `reference`, if it was pulled.
@@ -336,5 +410,43 @@ impl ImageStore {
 
     pub fn remove_ref(&self, reference: &str) -> bool {
         fs::remove_file(self.ref_path(reference)).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::*;
+
+    /// A truncated reference record was skipped silently and the next GC removed the
+    /// blobs of the image it named. Now it is quarantined and GC stops until it is gone.
+    #[test]
+    fn an_unreadable_ref_is_quarantined_and_stops_gc() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path()).unwrap();
+        let blob = b"blob the truncated record named";
+        let digest = format!("sha256:{:x}", Sha256::digest(blob));
+        store.put_small(&digest, blob).unwrap();
+        store
+            .put_ref(
+                "r/good:1",
+                &serde_json::json!({"reference": "r/good:1", "digest": digest, "layers": []}),
+            )
+            .unwrap();
+        let full = fs::read(store.ref_path("r/good:1")).unwrap();
+        fs::write(store.ref_path("r/good:1"), &full[..full.len() / 2]).unwrap();
+        let c = store.collect_garbage();
+        assert!(c.skipped.is_some(), "{c:?}");
+        assert_eq!((c.blobs, c.layers), (0, 0));
+        assert!(
+            store.blob_path(&digest).exists(),
+            "GC deleted a blob a quarantined record may name"
+        );
+        assert_eq!(store.quarantined().len(), 1);
+        assert!(store.refs().is_empty());
+        // Once the operator removes the quarantined record, GC runs again.
+        fs::remove_dir_all(store.quarantine_dir()).unwrap();
+        let c = store.collect_garbage();
+        assert!(c.skipped.is_none());
+        assert_eq!(c.blobs, 1);
     }
 }

@@ -31,6 +31,10 @@ pub enum StoreError {
     },
     #[error("state store key {0:?} is not a resource name")]
     Key(String),
+    #[error(
+        "state directory {dir} is in use by another auraed ({holder}): one auraed per state directory; stop it or pass another --state-dir"
+    )]
+    Locked { dir: PathBuf, holder: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -53,6 +57,43 @@ pub mod kinds {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// `<state>/lock`, held with an exclusive `flock` for the life of the daemon (the
+    /// kernel drops it when the process dies, even by SIGKILL).
+    _lock: std::sync::Arc<fs::File>,
+}
+
+/// Takes `<state_dir>/lock` exclusively (without waiting) and writes our pid into it.
+fn lock_state_dir(state_dir: &Path) -> Result<fs::File, StoreError> {
+    use std::io::{Read, Seek};
+    let path = state_dir.join("lock");
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    if let Err(e) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_owned(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(StoreError::Locked {
+                dir: state_dir.to_owned(),
+                holder,
+            });
+        }
+        return Err(io(&path)(e.into()));
+    }
+    f.set_len(0).map_err(io(&path))?;
+    f.rewind().map_err(io(&path))?;
+    writeln!(f, "{}", std::process::id()).map_err(io(&path))?;
+    f.sync_all().map_err(io(&path))?;
+    Ok(f)
 }
 
 /// Resource names are `[a-z0-9-]` labels joined by '/'; '/' becomes '.', which no label
@@ -73,8 +114,16 @@ fn file_name(key: &str) -> Result<String, StoreError> {
 }
 
 impl Store {
-    /// Opens (creating, mode 0700) the store under `state_dir`.
+    /// Opens (creating, mode 0700) the store under `state_dir`, after taking the state
+    /// directory's lock: a second auraed on the same directory is refused here, before it
+    /// touches anything (the first one's containers, logs and records).
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io(state_dir))?;
+        let lock = std::sync::Arc::new(lock_state_dir(state_dir)?);
         let root = state_dir.join("store");
         fs::DirBuilder::new()
             .recursive(true)
@@ -102,7 +151,7 @@ impl Store {
                 }
             }
         }
-        Ok(Self { root })
+        Ok(Self { root, _lock: lock })
     }
 
     fn path(&self, kind: &str, key: &str) -> Result<PathBuf, StoreError> {
@@ -233,8 +282,25 @@ mod tests {
         }
         let leftover = tmp.path().join("store/cell/x.tmp");
         fs::write(&leftover, b"torn").unwrap();
+        drop(s);
         Store::open(tmp.path()).unwrap();
         assert!(!leftover.exists());
+    }
+
+    /// A second auraed on the same state directory is refused, naming the holder; the
+    /// lock goes with the holder.
+    #[test]
+    fn one_store_per_state_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Store::open(tmp.path()).unwrap();
+        let err = Store::open(tmp.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("in use by another auraed")
+                && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        Store::open(tmp.path()).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod vmm;
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -122,8 +122,27 @@ fn precondition(m: impl Into<String>) -> CellError {
     CellError::Precondition(m.into())
 }
 
-fn allowed_file(field: &str, p: &Path, roots: &[PathBuf]) -> Result<PathBuf, CellError> {
-    crate::cell::allowed_host_path(field, p, HostPath::File, roots, "--vm-image-root")
+/// The flag VM image roots come from.
+pub const IMAGE_ROOT_FLAG: &str = "--vm-image-root";
+
+/// Opens `p` once, a regular file below one of `roots` named by its real path (see
+/// [`crate::cell::UnderRoot::open`]), and clones that file's mount into a detached one
+/// (read-only unless `write`): the VMM, in a mount namespace of its own, attaches this
+/// very file in its jail and boots or serves it from there.
+fn allowed_file(
+    field: &str,
+    p: &Path,
+    roots: &[PathBuf],
+    write: bool,
+) -> Result<OwnedFd, CellError> {
+    let (fd, _) =
+        crate::cell::open_host_path(field, p, HostPath::File { write }, roots, IMAGE_ROOT_FLAG)?;
+    aurae_sys::container::clone_mount(fd.as_fd(), !write).map_err(|e| {
+        precondition(format!(
+            "{field}: {}: cannot clone its mount: {e}",
+            p.display()
+        ))
+    })
 }
 
 fn host_memory() -> Option<u64> {
@@ -197,6 +216,25 @@ impl Vms {
             .unwrap_or_default()
     }
 
+    /// The directories kernels, initramfs images and drives may come from (canonical).
+    pub fn image_roots(&self) -> &[PathBuf] {
+        &self.image_roots
+    }
+
+    /// VMs under the names `within` accepts, and their memory together (for quotas).
+    pub fn usage(&self, within: impl Fn(&str) -> bool) -> (usize, u64) {
+        self.vms
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|v| within(v.spec.name.as_str()))
+                    .fold((0, 0u64), |(n, mem), v| {
+                        (n + 1, mem.saturating_add(v.spec.memory_bytes))
+                    })
+            })
+            .unwrap_or_default()
+    }
+
     /// Starts a VM: checks, cgroup, network, the VMM process, and its start report.
     pub async fn run(
         self: &Arc<Self>,
@@ -223,19 +261,21 @@ impl Vms {
             )
             .into());
         }
+        // Each file opened once, here; the VMM gets these fds, never a path to open. A
+        // writable drive has been authorized by the caller (see RunVirtualMachine).
         let roots = &self.image_roots;
-        let kernel = allowed_file("kernel_path", &spec.kernel, roots)?;
-        let initramfs = spec
-            .initramfs
-            .as_ref()
-            .map(|p| allowed_file("initramfs_path", p, roots))
-            .transpose()?;
-        let drives = spec
-            .drives
-            .iter()
-            .enumerate()
-            .map(|(i, (p, ro))| Ok((allowed_file(&format!("drives[{i}].path"), p, roots)?, *ro)))
-            .collect::<Result<Vec<_>, CellError>>()?;
+        let mut files = vec![allowed_file("kernel_path", &spec.kernel, roots, false)?];
+        if let Some(p) = &spec.initramfs {
+            files.push(allowed_file("initramfs_path", p, roots, false)?);
+        }
+        for (i, d) in spec.drives.iter().enumerate() {
+            files.push(allowed_file(
+                &format!("drives[{i}].path"),
+                &d.path,
+                roots,
+                d.writable,
+            )?);
+        }
         let _ops = self.ops.lock().await;
         if self.vms.lock().is_ok_and(|m| m.contains_key(&spec.name)) {
             return Err(CellError::Exists(format!(
@@ -267,17 +307,22 @@ impl Vms {
                 .to_owned();
         }
         let cfg = VmmConfig {
-            kernel,
-            initramfs,
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
             cmdline,
             vcpus: u8::try_from(spec.vcpus).unwrap_or(1),
             memory_bytes: spec.memory_bytes,
-            drives,
+            drives: spec
+                .drives
+                .iter()
+                .map(|d| (d.path.clone(), !d.writable))
+                .collect(),
             net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
         };
         let started = self
-            .start_vmm(&tree, &spec, &cgroup, cfg, lease.clone())
+            .start_vmm(&tree, &spec, &cgroup, cfg, &files, lease.clone())
             .await;
+        drop(files);
         match started {
             Ok(vm) => {
                 info!(vm = %spec.name, pid = vm.pid, "virtual machine started");
@@ -301,6 +346,7 @@ impl Vms {
         spec: &VmSpec,
         cgroup: &CellName,
         cfg: VmmConfig,
+        files: &[OwnedFd],
         lease: Option<Lease>,
     ) -> Result<Arc<Vm>, CellError> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
@@ -329,6 +375,7 @@ impl Vms {
                 cwd: Some(c"/"),
                 uid: None,
                 gid: None,
+                no_new_privs: true,
                 stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()],
                 pass_fd: Some(ctl_child.as_raw_fd()),
                 cgroup: Some(leaf.as_raw_fd()),
@@ -348,7 +395,8 @@ impl Vms {
         .await
         .map_err(|e| precondition(format!("VMM spawn task: {e}")))??;
         let ctl = Arc::new(ctl);
-        vmm::send_msg(ctl.as_ref(), &cfg)?;
+        let raw: Vec<_> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        vmm::send_with_fds(ctl.as_ref(), &cfg, &raw)?;
         let log = Arc::new(Log::new(Some(
             self.logs_dir.join("vms").join(format!("{}.log", spec.name)),
         )));
@@ -373,8 +421,19 @@ impl Vms {
         // The serial console.
         {
             let log = log.clone();
+            let events = self.events.clone();
+            let id = spec.name.to_string();
             tokio::spawn(async move {
-                crate::executable::pump(out_r, log.clone(), Stream::Stdout).await;
+                let report = move |e: String| {
+                    tracing::warn!(vm = %id, "console log write failed: {e}");
+                    events.emit(
+                        pb::Kind::VirtualMachine,
+                        &id,
+                        pb::EventType::Failed,
+                        format!("the console is not reaching its log file: {e}"),
+                    );
+                };
+                crate::executable::pump(out_r, log.clone(), Stream::Stdout, report).await;
                 log.close();
             });
         }
@@ -450,8 +509,7 @@ impl Vms {
             } else {
                 vm.state.borrow().message.clone()
             };
-            let _ =
-                std::fs::remove_file(self.logs_dir.join("vms").join(format!("{}.log", spec.name)));
+            let _ = vm.log.remove_files();
             return Err(precondition(format!(
                 "virtual machine {:?} could not start: {why}",
                 spec.name.as_str()
@@ -510,7 +568,7 @@ impl Vms {
         if let Ok(mut m) = self.vms.lock() {
             m.remove(name);
         }
-        let _ = std::fs::remove_file(self.logs_dir.join("vms").join(format!("{name}.log")));
+        let _ = vm.log.remove_files();
         self.events.emit(
             pb::Kind::VirtualMachine,
             name.as_str(),

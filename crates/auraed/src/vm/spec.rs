@@ -63,6 +63,36 @@ fn mac(field: &str, s: &str) -> Result<Option<[u8; 6]>, FieldError> {
     Ok(Some(out))
 }
 
+/// Most drives a VM may have (each is a virtio-mmio device of the VMM).
+pub const MAX_DRIVES: usize = aurae_vmm::layout::MAX_MMIO_DEVICES;
+
+/// A block device of a VM: read-only unless asked (and granted) otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drive {
+    /// The host path as sent (absolute, no `..`); resolved below a VM image root when the
+    /// VM starts.
+    pub path: PathBuf,
+    /// `Drive.writable` was set: the guest may write to it (needs the grant's
+    /// `allow_writable_drives` and its `volumes` to cover the path).
+    pub writable: bool,
+}
+
+/// `Drive.read_only` is the old way to ask for what is now the default, and stays accepted;
+/// asking for both is a contradiction.
+fn drive(i: usize, d: &pb::Drive) -> Result<Drive, FieldError> {
+    let field = format!("drives[{i}]");
+    if d.writable && d.read_only {
+        return Err(FieldError::new(
+            field,
+            "read_only and writable are both set: drives are read-only unless writable is set",
+        ));
+    }
+    Ok(Drive {
+        path: abs_path(&format!("{field}.path"), &d.path)?,
+        writable: d.writable,
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
     pub name: Label,
@@ -71,7 +101,7 @@ pub struct VmSpec {
     pub cmdline: String,
     pub vcpus: u32,
     pub memory_bytes: u64,
-    pub drives: Vec<(PathBuf, bool)>,
+    pub drives: Vec<Drive>,
     pub macs: Vec<Option<[u8; 6]>>,
 }
 
@@ -79,6 +109,12 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
     type Error = FieldError;
 
     fn try_from(v: pb::VirtualMachine) -> Result<Self, FieldError> {
+        if v.drives.len() > MAX_DRIVES {
+            return Err(FieldError::new(
+                "drives",
+                format!("{} drives: at most {MAX_DRIVES}", v.drives.len()),
+            ));
+        }
         if v.cmdline.len() > MAX_CMDLINE || v.cmdline.contains('\0') {
             return Err(FieldError::new(
                 "cmdline",
@@ -100,12 +136,7 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
                 .drives
                 .iter()
                 .enumerate()
-                .map(|(i, d)| {
-                    Ok((
-                        abs_path(&format!("drives[{i}].path"), &d.path)?,
-                        d.read_only,
-                    ))
-                })
+                .map(|(i, d)| drive(i, d))
                 .collect::<Result<_, FieldError>>()?,
             macs: v
                 .interfaces
@@ -134,6 +165,34 @@ mod tests {
     #[test]
     fn memory_above_4_gib_does_not_wrap() {
         assert_eq!(VmSpec::try_from(vm()).unwrap().memory_bytes, 5 << 30);
+    }
+
+    #[test]
+    fn drives_are_read_only_unless_writable_is_set() {
+        let d = |read_only, writable| pb::VirtualMachine {
+            drives: vec![pb::Drive {
+                path: "/k/disk".into(),
+                read_only,
+                writable,
+            }],
+            ..vm()
+        };
+        let w = |v| VmSpec::try_from(v).map(|s| s.drives[0].writable);
+        assert!(!w(d(false, false)).unwrap(), "the default");
+        assert!(!w(d(true, false)).unwrap(), "read_only still accepted");
+        assert!(w(d(false, true)).unwrap());
+        assert_eq!(w(d(true, true)).unwrap_err().field, "drives[0]");
+        let many = pb::VirtualMachine {
+            drives: vec![
+                pb::Drive {
+                    path: "/k/disk".into(),
+                    ..Default::default()
+                };
+                MAX_DRIVES + 1
+            ],
+            ..vm()
+        };
+        assert_eq!(VmSpec::try_from(many).unwrap_err().field, "drives");
     }
 
     #[test]

@@ -5,11 +5,17 @@
 //! cgroup namespaces (it shares the host network namespace, where its TAP device is), with
 //! its serial console on stdout (a pipe auraed logs) and a `SOCK_SEQPACKET` control socket
 //! on fd 3. The protocol is one JSON message per packet: auraed sends the [`VmmConfig`],
-//! then at any time [`Command`]s; the VMM sends [`Report`]s.
+//! with the open kernel, initramfs and drives attached (`SCM_RIGHTS`), then at any time
+//! [`Command`]s; the VMM sends [`Report`]s.
+//!
+//! The VMM never opens a kernel, initramfs or drive by a host path: auraed resolved each
+//! once, below its image root without following symlinks, and the file it checked is the
+//! file the jail holds.
 //!
 //! The jail, before any guest code runs: every mount private; a tmpfs root holding only the
 //! kernel, initramfs and drives (read-only unless a drive is writable), `/dev/kvm` and
-//! `/dev/net/tun`, bound from fds opened before; `pivot_root` into it, old root detached;
+//! `/dev/net/tun`, bound from fds (auraed's, and `/dev`'s opened before); `pivot_root`
+//! into it, old root detached;
 //! every capability dropped, `no_new_privs`; and each of the VMM's own threads (vCPUs,
 //! controller, network RX) installs its seccomp allowlist on itself (aurae-vmm).
 
@@ -36,7 +42,10 @@ pub const VMM_ARG: &str = "__aurae-vmm";
 /// Largest control message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
-/// What auraed asks the VMM to run (paths are host paths, checked by auraed).
+/// What auraed asks the VMM to run. The paths are the host paths as the caller sent them,
+/// for messages only: the files come as fds with the message ([`send_with_fds`]: kernel,
+/// initramfs if any, then the drives), each a detached mount of the one file auraed
+/// opened and checked (read-only unless a drive is writable).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmmConfig {
     pub kernel: PathBuf,
@@ -78,6 +87,72 @@ pub fn send_msg<T: Serialize>(fd: &impl AsRawFd, msg: &T) -> std::io::Result<()>
     Ok(())
 }
 
+impl VmmConfig {
+    /// How many fds come with the configuration.
+    pub fn fds(&self) -> usize {
+        1 + usize::from(self.initramfs.is_some()) + self.drives.len()
+    }
+}
+
+/// Most fds one message carries (kernel, initramfs, drives).
+const MAX_FDS: usize = 2 + super::spec::MAX_DRIVES;
+
+/// `msg` with `fds` attached (`SCM_RIGHTS`: the receiver gets its own copies).
+pub fn send_with_fds<T: Serialize>(
+    fd: &impl AsRawFd,
+    msg: &T,
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, sendmsg};
+    if fds.len() > MAX_FDS {
+        return Err(std::io::Error::other(format!("more than {MAX_FDS} fds")));
+    }
+    let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let cmsgs = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
+    sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// One message and the fds that came with it (close-on-exec), or `None` at end of stream.
+/// The fds are raw: this process owns them and uses them only through `/proc/self/fd`
+/// before closing them.
+pub fn recv_with_fds<T: for<'de> Deserialize<'de>>(
+    fd: &impl AsRawFd,
+) -> std::io::Result<Option<(T, Vec<std::os::fd::RawFd>)>> {
+    use nix::sys::socket::{ControlMessageOwned, recvmsg};
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let (n, fds) = loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+            Ok(m) => {
+                let mut fds = Vec::new();
+                for c in m.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(v) = c {
+                        fds.extend(v);
+                    }
+                }
+                break (m.bytes, fds);
+            }
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    serde_json::from_slice(&buf[..n])
+        .map(|m| Some((m, fds)))
+        .map_err(std::io::Error::other)
+}
+
 /// One message, or `None` at end of stream.
 pub fn recv_msg<T: for<'de> Deserialize<'de>>(fd: &impl AsRawFd) -> std::io::Result<Option<T>> {
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -102,8 +177,21 @@ pub fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "aurae-vmm: no control socket on fd 3");
         return ExitCode::FAILURE;
     };
-    let cfg: VmmConfig = match recv_msg(&ctl) {
-        Ok(Some(c)) => c,
+    let (cfg, fds) = match recv_with_fds::<VmmConfig>(&ctl) {
+        Ok(Some((c, fds))) if fds.len() == c.fds() => (c, fds),
+        Ok(Some((c, fds))) => {
+            let _ = send_msg(
+                &ctl,
+                &Report::Failed {
+                    message: format!(
+                        "auraed sent {} files for a VM that needs {}",
+                        fds.len(),
+                        c.fds()
+                    ),
+                },
+            );
+            return ExitCode::FAILURE;
+        }
         other => {
             let _ = send_msg(
                 &ctl,
@@ -114,7 +202,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(cfg, ctl.try_clone().ok().map(Arc::new), &ctl) {
+    match run(cfg, &fds, ctl.try_clone().ok().map(Arc::new), &ctl) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             let _ = send_msg(&ctl, &Report::Failed { message });
@@ -126,7 +214,8 @@ pub fn main() -> ExitCode {
 /// Where things are inside the jail.
 const JAIL: &str = "/tmp";
 
-fn jail(cfg: &VmmConfig) -> Result<VmmConfig, String> {
+/// `files`: auraed's fds of the kernel, initramfs (if any) and drives, in that order.
+fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, String> {
     use std::fs::{File, OpenOptions};
     fn e(what: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
         move |err| format!("jail: {what}: {err}")
@@ -139,8 +228,9 @@ fn jail(cfg: &VmmConfig) -> Result<VmmConfig, String> {
         None::<&str>,
     )
     .map_err(e("making mounts private"))?;
-    // Open everything first (by the host's paths), then bind the open files into the new
-    // root through /proc/self/fd: nothing is resolved twice.
+    // The VM's files are detached mounts auraed cloned from the files it checked, moved
+    // into place (a mount of auraed's namespace could not be bound here); the devices are
+    // opened here and bound. Both through /proc/self/fd: nothing is resolved twice.
     let open = |p: &Path, write: bool| {
         OpenOptions::new()
             .read(true)
@@ -148,25 +238,34 @@ fn jail(cfg: &VmmConfig) -> Result<VmmConfig, String> {
             .open(p)
             .map_err(|err| format!("{}: {err}", p.display()))
     };
-    let mut binds: Vec<(File, String, bool)> = Vec::new();
-    binds.push((open(&cfg.kernel, false)?, "kernel".into(), true));
-    if let Some(i) = &cfg.initramfs {
-        binds.push((open(i, false)?, "initramfs".into(), true));
-    }
-    for (i, (p, ro)) in cfg.drives.iter().enumerate() {
-        binds.push((open(p, !ro)?, format!("drive{i}"), *ro));
-    }
-    binds.push((
-        open(Path::new("/dev/kvm"), true).map_err(|m| format!("{m} (is KVM available?)"))?,
-        "dev/kvm".into(),
-        false,
-    ));
-    if cfg.net.is_some() {
-        binds.push((
-            open(Path::new("/dev/net/tun"), true)?,
-            "dev/net/tun".into(),
-            false,
+    if files.len() != cfg.fds() {
+        return Err(format!(
+            "jail: {} files for a VM that needs {}",
+            files.len(),
+            cfg.fds()
         ));
+    }
+    let mut names = vec![("kernel".to_owned(), true)];
+    if cfg.initramfs.is_some() {
+        names.push(("initramfs".into(), true));
+    }
+    for (i, (_, ro)) in cfg.drives.iter().enumerate() {
+        names.push((format!("drive{i}"), *ro));
+    }
+    // (fd, name in the jail, read-only, a detached mount to move rather than bind)
+    let mut binds: Vec<(std::os::fd::RawFd, String, bool, bool)> = files
+        .iter()
+        .zip(names)
+        .map(|(fd, (name, ro))| (*fd, name, ro, true))
+        .collect();
+    let kvm = open(Path::new("/dev/kvm"), true).map_err(|m| format!("{m} (is KVM available?)"))?;
+    binds.push((kvm.as_raw_fd(), "dev/kvm".into(), false, false));
+    let tun = match cfg.net {
+        Some(_) => Some(open(Path::new("/dev/net/tun"), true)?),
+        None => None,
+    };
+    if let Some(t) = &tun {
+        binds.push((t.as_raw_fd(), "dev/net/tun".into(), false, false));
     }
     mount(
         Some("tmpfs"),
@@ -177,15 +276,19 @@ fn jail(cfg: &VmmConfig) -> Result<VmmConfig, String> {
     )
     .map_err(e("mounting the jail's tmpfs"))?;
     std::fs::create_dir_all(format!("{JAIL}/dev/net")).map_err(|err| format!("jail: {err}"))?;
-    for (file, name, ro) in &binds {
+    for (fd, name, ro, detached) in &binds {
         let target = format!("{JAIL}/{name}");
         File::create(&target).map_err(|err| format!("jail: {target}: {err}"))?;
-        let src = format!("/proc/self/fd/{}", file.as_fd().as_raw_fd());
+        let src = format!("/proc/self/fd/{fd}");
         mount(
             Some(src.as_str()),
             target.as_str(),
             None::<&str>,
-            MsFlags::MS_BIND,
+            if *detached {
+                MsFlags::MS_MOVE
+            } else {
+                MsFlags::MS_BIND
+            },
             None::<&str>,
         )
         .map_err(e(&format!("binding {name}")))?;
@@ -205,7 +308,11 @@ fn jail(cfg: &VmmConfig) -> Result<VmmConfig, String> {
         )
         .map_err(e(&format!("restricting {name}")))?;
     }
-    drop(binds);
+    // Nothing of the host stays open across the pivot but what is bound.
+    drop((kvm, tun));
+    for fd in files {
+        let _ = nix::unistd::close(*fd);
+    }
     std::env::set_current_dir(JAIL).map_err(|err| format!("jail: chdir: {err}"))?;
     nix::unistd::pivot_root(".", ".").map_err(e("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(e("detaching the old root"))?;
@@ -277,8 +384,13 @@ fn install_control_filter() -> Result<(), String> {
     seccompiler::apply_filter(&prog).map_err(|e| format!("seccomp: {e}"))
 }
 
-fn run(cfg: VmmConfig, ctl2: Option<Arc<OwnedFd>>, ctl: &OwnedFd) -> Result<(), String> {
-    let inside = jail(&cfg)?;
+fn run(
+    cfg: VmmConfig,
+    files: &[std::os::fd::RawFd],
+    ctl2: Option<Arc<OwnedFd>>,
+    ctl: &OwnedFd,
+) -> Result<(), String> {
+    let inside = jail(&cfg, files)?;
     {
         use seccompiler::SeccompAction as A;
         let eperm = A::Errno(nix::libc::EPERM as u32);
@@ -412,5 +524,45 @@ mod tests {
         );
         drop(b);
         assert_eq!(recv_msg::<Report>(&a).unwrap(), None);
+    }
+
+    #[test]
+    fn files_travel_with_the_configuration() {
+        use std::io::{Read, Seek, Write};
+
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"kernel").unwrap();
+        f.rewind().unwrap();
+        let cfg = VmmConfig {
+            kernel: "/k".into(),
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            drives: vec![],
+            net: None,
+        };
+        send_with_fds(&a, &cfg, &[f.as_raw_fd()]).unwrap();
+        let (got, fds) = recv_with_fds::<VmmConfig>(&b).unwrap().unwrap();
+        assert_eq!(got, cfg);
+        assert_eq!(fds.len(), cfg.fds());
+        assert_ne!(fds[0], f.as_raw_fd(), "a copy of its own");
+        let mut s = String::new();
+        std::fs::File::open(format!("/proc/self/fd/{}", fds[0]))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "kernel");
+        nix::unistd::close(fds[0]).unwrap();
+        drop(a);
+        assert!(recv_with_fds::<VmmConfig>(&b).unwrap().is_none());
     }
 }
