@@ -2,15 +2,20 @@
 
 use std::time::Duration;
 
+/// Splits `s` (trimmed) into its leading whole number and the rest; `what` names the
+/// expected form when there is no number.
+fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(u64, &'a str), String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n = num.parse().map_err(|_| format!("{s:?} is not {what}"))?;
+    Ok((n, unit))
+}
+
 /// Parses a size in bytes: a number with an optional binary suffix K, M, G, T (also
 /// written Ki/KiB/KB…, all powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64M or 1G"))?;
+    let (n, suffix) = number_and_unit(s, "a size like 64M or 1G")?;
     let shift = match suffix
         .trim()
         .to_ascii_uppercase()
@@ -30,12 +35,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses a duration: a number with ms, s, m or h (plain numbers are seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s"))?;
+    let (n, unit) = number_and_unit(s, "a duration like 10s")?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
@@ -73,5 +73,14 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("1d").is_err());
+        assert_eq!(parse_duration(" 7 ").unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            parse_duration("s").unwrap_err(),
+            r#""s" is not a duration like 10s"#
+        );
+        assert_eq!(
+            parse_size("x").unwrap_err(),
+            r#""x" is not a size like 64M or 1G"#
+        );
     }
 }

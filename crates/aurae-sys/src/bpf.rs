@@ -302,7 +302,7 @@ pub fn load_device_program(prog: &[Insn]) -> Result<OwnedFd, DeviceFilterError> 
 /// cgroups may add their own, every program must allow) to the cgroup v2 directory
 /// `cgroup`. The attachment holds the program: it lives until the cgroup is removed.
 pub fn attach_device_filter(cgroup: BorrowedFd<'_>) -> Result<(), DeviceFilterError> {
-    let prog = load_device_program(&device_program(&DEFAULT_DEVICES))?;
+    let prog = default_program()?;
     let mut attr = ProgAttachAttr {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
@@ -314,6 +314,20 @@ pub fn attach_device_filter(cgroup: BorrowedFd<'_>) -> Result<(), DeviceFilterEr
     unsafe { bpf(BPF_PROG_ATTACH, &mut attr) }
         .map(drop)
         .map_err(DeviceFilterError::Attach)
+}
+
+/// The default device program, loaded (and verified by the kernel) once per process and
+/// attached to every cell: one program serves any number of cgroups.
+static DEFAULT_PROGRAM: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+fn default_program() -> Result<BorrowedFd<'static>, DeviceFilterError> {
+    use std::os::fd::AsFd;
+    if let Some(fd) = DEFAULT_PROGRAM.get() {
+        return Ok(fd.as_fd());
+    }
+    let fd = load_device_program(&device_program(&DEFAULT_DEVICES))?;
+    // Two first callers may both load it: one copy is kept, the other closed.
+    Ok(DEFAULT_PROGRAM.get_or_init(|| fd).as_fd())
 }
 
 /// How many device programs are attached to the cgroup directory `cgroup` itself (not

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use aurae_proto::runtime::v0::{self as pb, images_server::Images};
 use tonic::{Request, Response, Status};
 
-use super::{authz::Caller, lifecycle::ResponseStream, status::internal};
+use super::{authz::Caller, shared::ResponseStream, status::internal};
 use crate::image::{
     pull::{PullError, Puller},
     reference::ImageRef,

@@ -6,12 +6,18 @@
 //! grant a whole kind with one pattern (`aurae.runtime.v0.Cells/*`).
 
 pub mod authz;
+pub mod cell;
 pub mod daemon;
+pub mod events;
+pub mod executable;
 pub mod image;
-pub mod lifecycle;
+pub mod instance;
+pub mod pod;
 pub mod quota;
 pub mod runtime;
+mod shared;
 pub mod status;
+pub mod vm;
 
 use std::{collections::BTreeSet, sync::Arc, time::SystemTime};
 
@@ -105,19 +111,19 @@ pub fn routes(
     )));
     routes = routes
         .add_service(limited!(ExecutablesServer::new(
-            lifecycle::ExecutablesApi::new(ctx.cells.clone())
+            executable::ExecutablesApi::new(ctx.cells.clone())
         )))
-        .add_service(limited!(CellsServer::new(lifecycle::CellsApi::new(
+        .add_service(limited!(CellsServer::new(cell::CellsApi::new(
             ctx.cpus,
             ctx.cells.clone(),
             ctx.quotas.clone()
         ))))
         .add_service(limited!(VirtualMachinesServer::new(
-            lifecycle::VirtualMachinesApi::new(ctx.vms.clone())
+            vm::VirtualMachinesApi::new(ctx.vms.clone())
         )))
-        .add_service(limited!(InstancesServer::new(lifecycle::InstancesApi)))
-        .add_service(limited!(PodsServer::new(lifecycle::PodsApi)))
-        .add_service(limited!(EventsServer::new(lifecycle::EventsApi::new(
+        .add_service(limited!(InstancesServer::new(instance::InstancesApi)))
+        .add_service(limited!(PodsServer::new(pod::PodsApi)))
+        .add_service(limited!(EventsServer::new(events::EventsApi::new(
             ctx.events.clone()
         ))))
         .add_service(limited!(ImagesServer::new(image::ImagesApi::new(

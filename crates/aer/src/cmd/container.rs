@@ -1,0 +1,181 @@
+//! Containers: `aer run-cell` (RunCell: an image in a new cell) and the container options
+//! it shares with `aer run --image` (a sidecar in an existing cell).
+
+use std::collections::HashMap;
+
+use anyhow::anyhow;
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use clap::Args;
+use tonic::Status;
+
+use super::{
+    cell::{LimitArgs, NsArgs, cell_row},
+    env_pairs, invalid,
+};
+use crate::output::{Format, print};
+
+/// Container options shared by `aer run --image` and `aer run-cell`.
+#[derive(Debug, Args)]
+pub struct ContainerArgs {
+    /// Override the image's entrypoint (repeat for each word).
+    #[arg(long)]
+    entrypoint: Vec<String>,
+    /// Override the image's working directory.
+    #[arg(long)]
+    workdir: Option<String>,
+    /// Mount the image root read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// `HOST:CONTAINER[:ro]`: a host directory under one of auraed's --volume-root (repeatable).
+    #[arg(long = "volume", short = 'v')]
+    volumes: Vec<String>,
+}
+
+impl ContainerArgs {
+    /// The container to run: `image` with these overrides, `args` replacing its cmd.
+    pub fn proto(
+        &self,
+        image: String,
+        args: Vec<String>,
+        env: HashMap<String, String>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> anyhow::Result<pb::Container> {
+        Ok(pb::Container {
+            image,
+            entrypoint: self.entrypoint.clone(),
+            args,
+            env,
+            working_dir: self.workdir.clone().unwrap_or_default(),
+            uid,
+            gid,
+            read_only_root: self.read_only,
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| volume(v))
+                .collect::<anyhow::Result<_>>()?,
+        })
+    }
+}
+
+/// `HOST:CONTAINER`, `HOST:CONTAINER:ro` or `HOST:CONTAINER:rw`.
+fn volume(v: &str) -> anyhow::Result<pb::Volume> {
+    let (host, container, read_only) = match v.split(':').collect::<Vec<_>>().as_slice() {
+        [h, c] | [h, c, "rw"] => (*h, *c, false),
+        [h, c, "ro"] => (*h, *c, true),
+        _ => return Err(anyhow!("--volume {v}: use HOST:CONTAINER[:ro]")),
+    };
+    Ok(pb::Volume {
+        host_path: host.to_owned(),
+        container_path: container.to_owned(),
+        read_only,
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct RunCellArgs {
+    /// The new cell's name.
+    name: String,
+    #[arg(long)]
+    image: String,
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Override the image's user.
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    #[command(flatten)]
+    container: ContainerArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    ns: NsArgs,
+    /// Arguments overriding the image's cmd, after `--`.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+impl RunCellArgs {
+    fn proto(self) -> anyhow::Result<pb::Cell> {
+        let limits = self.limits.proto()?;
+        let namespaces = self.ns.proto()?;
+        let env = env_pairs(&self.env)?;
+        let container = self
+            .container
+            .proto(self.image, self.args, env, self.uid, self.gid)?;
+        Ok(pb::Cell {
+            name: self.name,
+            limits: Some(limits),
+            namespaces: Some(namespaces),
+            container: Some(container),
+        })
+    }
+}
+
+/// `aer run-cell`: a new cell running one container.
+pub async fn run(c: &Client, a: RunCellArgs, fmt: Format) -> Result<(), Status> {
+    let cell = a.proto().map_err(invalid)?;
+    let s = c.runtime().run_cell(cell).await?.into_inner();
+    print(fmt, &[cell_row(&s)], true);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Command, parse};
+
+    fn run_cell(line: &str) -> anyhow::Result<pb::Cell> {
+        let Command::RunCell(a) = parse(line).unwrap() else {
+            panic!("not aer run-cell")
+        };
+        a.proto()
+    }
+
+    #[test]
+    fn run_cell_builds_the_container() {
+        let cell = run_cell(
+            "run-cell job --image reg/busybox:1 --read-only -v /srv/a:/a --volume /srv/b:/b:ro \
+             -v /srv/c:/c:rw --uid 1000 --entrypoint sh --entrypoint -c --workdir /w -e K=V \
+             --memory-max 64M -- 'date > /a/x'",
+        )
+        .unwrap();
+        assert_eq!(cell.name, "job");
+        assert_eq!(cell.limits.unwrap().memory_max_bytes, Some(64 << 20));
+        let c = cell.container.unwrap();
+        assert_eq!(c.image, "reg/busybox:1");
+        assert_eq!(c.entrypoint, ["sh", "-c"]);
+        assert_eq!(c.args, ["date > /a/x"]);
+        assert_eq!(
+            (c.working_dir.as_str(), c.uid, c.gid),
+            ("/w", Some(1000), None)
+        );
+        assert!(c.read_only_root);
+        assert_eq!(c.env["K"], "V");
+        let v: Vec<_> = c
+            .volumes
+            .iter()
+            .map(|v| (v.host_path.as_str(), v.container_path.as_str(), v.read_only))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("/srv/a", "/a", false),
+                ("/srv/b", "/b", true),
+                ("/srv/c", "/c", false)
+            ]
+        );
+    }
+
+    #[test]
+    fn run_cell_refuses_bad_volumes_and_env() {
+        let e = run_cell("run-cell j --image i -v /a").unwrap_err();
+        assert_eq!(e.to_string(), "--volume /a: use HOST:CONTAINER[:ro]");
+        assert!(run_cell("run-cell j --image i -v /a:/b:x").is_err());
+        assert!(run_cell("run-cell j --image i -e NOEQ").is_err());
+        assert!(parse("run-cell j").is_err(), "--image is required");
+    }
+}

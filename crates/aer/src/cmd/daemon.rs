@@ -1,0 +1,112 @@
+//! auraed itself: `aer health` (gRPC health), `aer info` and `aer version` (Daemon/Info),
+//! `aer shutdown` (Daemon/Shutdown).
+
+use std::time::Duration;
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use clap::Args;
+use serde_json::json;
+use tonic::Status;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+use super::ts;
+use crate::{
+    output::{Format, Row, print},
+    units::{parse_duration, proto_duration},
+};
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// A service name, e.g. aurae.runtime.v0.Runtime ("" = the whole server).
+    #[arg(long, default_value = "")]
+    service: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// Time workloads get to stop, e.g. 10s.
+    #[arg(long, value_parser = parse_duration)]
+    grace: Option<Duration>,
+}
+
+/// How much of Daemon/Info to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// `aer version`: the two versions.
+    Versions,
+    /// `aer info`: also who auraed is, who the caller is and what it is granted.
+    Everything,
+}
+
+pub async fn health(c: &Client, a: HealthArgs, fmt: Format) -> Result<(), Status> {
+    let req = HealthCheckRequest {
+        service: a.service.clone(),
+    };
+    let r = c.health().check(req).await?.into_inner();
+    let status = ServingStatus::try_from(r.status).map_or("UNKNOWN", |s| s.as_str_name());
+    let row = vec![("service", json!(a.service)), ("status", json!(status))];
+    print(fmt, &[row], true);
+    Ok(())
+}
+
+pub async fn info(c: &Client, detail: Detail, fmt: Format) -> Result<(), Status> {
+    let i = c.daemon().info(pb::InfoRequest {}).await?.into_inner();
+    let mut row: Row = vec![
+        ("aer_version", json!(env!("CARGO_PKG_VERSION"))),
+        ("auraed_version", json!(i.version)),
+    ];
+    if detail == Detail::Everything {
+        row.extend([
+            ("mode", json!(i.mode)),
+            ("server_id", json!(i.server_id)),
+            ("you", json!(i.peer_id)),
+            ("started_at", ts(i.started_at.as_ref())),
+            ("cgroup_controllers", json!(i.cgroup_controllers)),
+            ("granted_methods", json!(i.granted_methods)),
+            ("granted_names", json!(i.granted_prefixes)),
+            ("granted_extras", json!(i.granted_extras)),
+            ("warnings", json!(i.warnings)),
+        ]);
+    }
+    print(fmt, &[row], true);
+    Ok(())
+}
+
+pub async fn shutdown(c: &Client, a: ShutdownArgs) -> Result<(), Status> {
+    let req = pb::ShutdownRequest {
+        grace_period: a.grace.map(proto_duration),
+        reboot: false,
+    };
+    c.daemon().shutdown(req).await?;
+    println!("auraed is shutting down");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Command, parse};
+
+    #[test]
+    fn daemon_commands_parse() {
+        let Command::Health(h) = parse("health").unwrap() else {
+            panic!("not aer health")
+        };
+        assert_eq!(h.service, "");
+        let Command::Health(h) = parse("health --service aurae.runtime.v0.Runtime").unwrap() else {
+            panic!("not aer health")
+        };
+        assert_eq!(h.service, "aurae.runtime.v0.Runtime");
+        let Command::Shutdown(s) = parse("shutdown --grace 10s").unwrap() else {
+            panic!("not aer shutdown")
+        };
+        assert_eq!(s.grace, Some(Duration::from_secs(10)));
+        assert!(parse("shutdown --grace 1d").is_err());
+        assert!(matches!(parse("info").unwrap(), Command::Info));
+        assert!(matches!(
+            parse("-o json version").unwrap(),
+            Command::Version
+        ));
+    }
+}

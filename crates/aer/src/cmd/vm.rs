@@ -1,0 +1,166 @@
+//! `aer vm …`: RunVirtualMachine and the VirtualMachines service.
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0::{self as pb, virtual_machines_client::VirtualMachinesClient};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tonic::{Status, transport::Channel};
+
+use super::{
+    exit,
+    lifecycle::{self, Lifecycle, kind},
+    logs_from_start, phase, stream_logs,
+};
+use crate::{
+    output::{Format, Row, print},
+    units::parse_size,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    Run(RunArgs),
+    #[command(flatten)]
+    Lifecycle(Lifecycle),
+    Console {
+        name: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    name: String,
+    #[arg(long)]
+    kernel: String,
+    #[arg(long, default_value = "")]
+    initramfs: String,
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    memory: u64,
+    /// A block device `PATH[:rw]` under one of auraed's --vm-image-root (repeatable;
+    /// the first is /dev/vda). Read-only unless `:rw` (which needs a grant with
+    /// allow_writable_drives and the path in its volumes); `:ro` is accepted.
+    #[arg(long = "drive")]
+    drives: Vec<String>,
+    /// Attach a network interface (a TAP on auraed's bridge; the address is leased).
+    #[arg(long)]
+    net: bool,
+}
+
+impl RunArgs {
+    fn proto(self) -> pb::VirtualMachine {
+        pb::VirtualMachine {
+            name: self.name,
+            kernel_path: self.kernel,
+            initramfs_path: self.initramfs,
+            cmdline: self.cmdline,
+            vcpus: self.vcpus,
+            memory_bytes: self.memory,
+            drives: self.drives.iter().map(|d| drive(d)).collect(),
+            interfaces: if self.net {
+                vec![pb::NetworkInterface::default()]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// `PATH`, `PATH:ro` (read-only either way) or `PATH:rw` (writable).
+fn drive(d: &str) -> pb::Drive {
+    match (d.strip_suffix(":rw"), d.strip_suffix(":ro")) {
+        (Some(p), _) => pb::Drive {
+            path: p.to_owned(),
+            read_only: false,
+            writable: true,
+        },
+        (None, p) => pb::Drive {
+            path: p.unwrap_or(d).to_owned(),
+            read_only: false,
+            writable: false,
+        },
+    }
+}
+
+fn vm_row(s: &pb::VirtualMachineStatus) -> Row {
+    vec![
+        ("name", json!(s.name)),
+        ("phase", phase(s.phase)),
+        ("vmm_pid", json!(s.vmm_pid)),
+        ("addresses", json!(s.addresses)),
+        ("exit", exit(s.exit.as_ref())),
+        ("message", json!(s.message)),
+    ]
+}
+
+kind!(
+    VirtualMachinesClient<Channel>,
+    pb::VirtualMachineStatus,
+    virtual_machines,
+    vm_row
+);
+
+pub async fn run(c: &Client, cmd: VmCmd, fmt: Format) -> Result<(), Status> {
+    match cmd {
+        VmCmd::Run(a) => {
+            let s = c.runtime().run_virtual_machine(a.proto()).await?;
+            print(fmt, &[vm_row(&s.into_inner())], true);
+        }
+        VmCmd::Lifecycle(cmd) => lifecycle::run(c.virtual_machines(), cmd, fmt).await?,
+        VmCmd::Console { name, follow } => {
+            let logs = c
+                .virtual_machines()
+                .console(logs_from_start(name, follow))
+                .await?;
+            stream_logs(logs.into_inner()).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Command, parse};
+
+    #[test]
+    fn vm_run_reads_drives_memory_and_net() {
+        let line = "vm run web --kernel /k --drive /a:rw --drive /b:ro --drive /c --net";
+        let Command::Vm(VmCmd::Run(a)) = parse(line).unwrap() else {
+            panic!("not vm run")
+        };
+        let vm = a.proto();
+        assert_eq!((vm.name.as_str(), vm.kernel_path.as_str()), ("web", "/k"));
+        assert_eq!(vm.cmdline, "console=ttyS0");
+        assert_eq!((vm.vcpus, vm.memory_bytes), (1, 256 << 20));
+        let drives: Vec<_> = vm
+            .drives
+            .iter()
+            .map(|d| (d.path.as_str(), d.writable))
+            .collect();
+        assert_eq!(drives, [("/a", true), ("/b", false), ("/c", false)]);
+        assert!(vm.drives.iter().all(|d| !d.read_only));
+        assert_eq!(vm.interfaces.len(), 1);
+    }
+
+    #[test]
+    fn vm_lifecycle_and_console_parse() {
+        assert!(matches!(
+            parse("vm stop web").unwrap(),
+            Command::Vm(VmCmd::Lifecycle(Lifecycle::Stop { name })) if name == "web"
+        ));
+        assert!(matches!(
+            parse("vm list").unwrap(),
+            Command::Vm(VmCmd::Lifecycle(Lifecycle::List))
+        ));
+        assert!(matches!(
+            parse("vm console web -f").unwrap(),
+            Command::Vm(VmCmd::Console { follow: true, .. })
+        ));
+        assert!(parse("vm run web").is_err(), "--kernel is required");
+    }
+}

@@ -1,0 +1,310 @@
+//! What several adapters use: the response stream type, the authorized name, durations,
+//! the listing filter, log streaming, and the gates of kinds not built yet.
+//!
+//! A not-built kind validates the request and checks its name against the caller's grant,
+//! then answers `UNIMPLEMENTED` naming the capability, so clients learn all they can.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use aurae_proto::runtime::v0 as pb;
+use tokio_stream::Stream;
+use tonic::{Request, Status};
+
+use super::{
+    authz::Caller,
+    status::{Capability, invalid, not_built},
+};
+use crate::{
+    executable::logs::{self, Log},
+    spec::{DEFAULT_GRACE, FieldError, Label, MAX_GRACE, duration, name_prefix},
+};
+
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The caller, and the parsed name once the grant covers its `resource`.
+pub(super) fn authorized<T, N>(
+    r: &Request<T>,
+    parsed: Result<N, FieldError>,
+    resource: impl FnOnce(&N) -> &str,
+) -> Result<(Caller, N), Status> {
+    let caller = Caller::of(r)?;
+    let name = parsed.map_err(invalid)?;
+    caller.authorize_name(resource(&name))?;
+    Ok((caller, name))
+}
+
+/// Which names a list shows: those under the request's prefix that the grant covers.
+pub(super) fn visible<T>(
+    r: &Request<T>,
+    field: &str,
+    prefix: &str,
+) -> Result<impl Fn(&str) -> bool + use<T>, Status> {
+    let caller = Caller::of(r)?;
+    let prefix = name_prefix(field, prefix).map_err(invalid)?;
+    Ok(move |n: &str| n.starts_with(&prefix) && caller.grant.allows_name(n))
+}
+
+/// A grace period (or any bounded wait): the default when absent.
+pub(super) fn grace(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<Duration, FieldError> {
+    duration(field, d, DEFAULT_GRACE, MAX_GRACE)
+}
+
+/// A `timeout`: none (wait as long as it takes) when absent.
+pub(super) fn timeout(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    d.map(|t| grace("timeout", Some(t)))
+        .transpose()
+        .map_err(invalid)
+}
+
+pub(super) fn label(field: &str, s: &str) -> Result<String, FieldError> {
+    Label::parse(field, s).map(|n| n.as_str().to_owned())
+}
+
+/// Streams a log: replay from `from`, then (if `follow`) new output until the process's
+/// output ends.
+pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStream<pb::LogChunk> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut next = from;
+        let mut updates = log.subscribe();
+        loop {
+            let (chunks, dropped) = log.read_from(next);
+            for c in chunks {
+                next = c.offset + c.data.len() as u64;
+                let chunk = pb::LogChunk {
+                    offset: c.offset,
+                    stream: match c.stream {
+                        logs::Stream::Stdout => pb::LogStream::Stdout,
+                        logs::Stream::Stderr => pb::LogStream::Stderr,
+                    } as i32,
+                    data: c.data,
+                    at: Some(c.at.into()),
+                    dropped,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            let closed = updates.borrow_and_update().1;
+            if !follow || (closed && log.read_from(next).0.is_empty()) {
+                return;
+            }
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Validates a name of a given shape, checks it against the grant, answers not-built.
+pub(super) fn gate<T>(r: &Request<T>, name: Result<String, FieldError>, cap: Capability) -> Status {
+    match authorized(r, name, String::as_str) {
+        Ok((caller, _)) => not_built(&caller.method, cap),
+        Err(status) => status,
+    }
+}
+
+/// A not-built verb on a named resource.
+pub(super) fn named<T>(r: &Request<T>, name: &str, cap: Capability) -> Status {
+    gate(r, label("name", name), cap)
+}
+
+/// A not-built verb on a named resource with a bounded wait in `field`.
+pub(super) fn timed<T>(
+    r: &Request<T>,
+    name: &str,
+    d: Option<&prost_types::Duration>,
+    field: &str,
+    cap: Capability,
+) -> Status {
+    gate(r, grace(field, d).and_then(|_| label("name", name)), cap)
+}
+
+/// Lists answer `UNIMPLEMENTED` too until their kind exists (an empty list would pretend);
+/// the prefix is still validated.
+pub(super) fn gate_list<T>(r: &Request<T>, prefix: &str, cap: Capability) -> Status {
+    match Caller::of(r).and_then(|c| {
+        name_prefix("name_prefix", prefix)
+            .map_err(invalid)
+            .map(|_| c)
+    }) {
+        Ok(caller) => not_built(&caller.method, cap),
+        Err(status) => status,
+    }
+}
+
+/// The lifecycle service of a kind not built yet: every verb takes a label name (the
+/// shape instances and pods share) and answers through the gates above. The last argument
+/// holds the kind's own extra handlers (its output stream), pasted as written.
+macro_rules! not_built_lifecycle {
+    ($api:ident, $trait:ident, $status:ty, $list:ty, $cap:expr, { $($extra:tt)* }) => {
+        #[::tonic::async_trait]
+        impl $trait for $api {
+            async fn get(
+                &self,
+                r: ::tonic::Request<::aurae_proto::runtime::v0::NameRef>,
+            ) -> Result<::tonic::Response<$status>, ::tonic::Status> {
+                Err($crate::api::shared::named(&r, &r.get_ref().name, $cap))
+            }
+            async fn list(
+                &self,
+                r: ::tonic::Request<::aurae_proto::runtime::v0::ListRequest>,
+            ) -> Result<::tonic::Response<$list>, ::tonic::Status> {
+                Err($crate::api::shared::gate_list(&r, &r.get_ref().name_prefix, $cap))
+            }
+            async fn stop(
+                &self,
+                r: ::tonic::Request<::aurae_proto::runtime::v0::StopRequest>,
+            ) -> Result<::tonic::Response<$status>, ::tonic::Status> {
+                let m = r.get_ref();
+                Err($crate::api::shared::timed(
+                    &r, &m.name, m.grace_period.as_ref(), "grace_period", $cap,
+                ))
+            }
+            async fn wait(
+                &self,
+                r: ::tonic::Request<::aurae_proto::runtime::v0::WaitRequest>,
+            ) -> Result<::tonic::Response<$status>, ::tonic::Status> {
+                let m = r.get_ref();
+                Err($crate::api::shared::timed(&r, &m.name, m.timeout.as_ref(), "timeout", $cap))
+            }
+            async fn free(
+                &self,
+                r: ::tonic::Request<::aurae_proto::runtime::v0::NameRef>,
+            ) -> Result<::tonic::Response<::aurae_proto::runtime::v0::Freed>, ::tonic::Status> {
+                Err($crate::api::shared::named(&r, &r.get_ref().name, $cap))
+            }
+            $($extra)*
+        }
+    };
+}
+pub(super) use not_built_lifecycle;
+
+#[cfg(test)]
+pub(super) mod test_support {
+    //! Requests as they leave the authorization layer.
+
+    use aurae_identity::SpiffeId;
+    use tonic::Request;
+
+    use crate::{api::authz::Caller, identity::Policy};
+
+    /// `msg` sent to `method` by an identity whose grant covers the names `names`.
+    pub fn request_as<T>(method: &str, names: &[&str], msg: T) -> Request<T> {
+        let id: SpiffeId = "spiffe://aurae.local/test/client".parse().unwrap();
+        let policy = Policy::parse(
+            &format!("[[grant]]\nid = \"{id}\"\nmethods = [\"{method}\"]\nnames = {names:?}\n"),
+            "test.toml",
+            "aurae.local",
+            &crate::api::served_methods(),
+        )
+        .unwrap();
+        let mut r = Request::new(msg);
+        r.extensions_mut().insert(Caller {
+            id: id.clone(),
+            grant: policy.authorize(&id, method).unwrap().clone(),
+            method: method.into(),
+            request_id: uuid::Uuid::nil(),
+        });
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+    use tonic::Code;
+
+    use super::{test_support::request_as, *};
+
+    const LIST: &str = "aurae.runtime.v0.Cells/List";
+
+    #[test]
+    fn a_list_shows_what_its_prefix_and_the_grant_both_cover() {
+        let show = visible(&request_as(LIST, &["team-a"], ()), "name_prefix", "team-").unwrap();
+        assert!(show("team-a") && show("team-a/api"));
+        assert!(!show("team-b") && !show("other"));
+        let bad = visible(&request_as(LIST, &["team-a"], ()), "name_prefix", "/x").err();
+        assert_eq!(bad.map(|s| s.code()), Some(Code::InvalidArgument));
+        let unauthorized = visible(&Request::new(()), "name_prefix", "team-").err();
+        assert_eq!(unauthorized.map(|s| s.code()), Some(Code::Internal));
+    }
+
+    #[test]
+    fn durations_default_or_are_bounded() {
+        assert_eq!(grace("grace_period", None).unwrap(), DEFAULT_GRACE);
+        let too_long = prost_types::Duration {
+            seconds: i64::try_from(MAX_GRACE.as_secs()).unwrap() + 1,
+            nanos: 0,
+        };
+        let e = grace("grace_period", Some(&too_long)).unwrap_err();
+        assert!(e.to_string().contains("grace_period"), "{e}");
+        assert_eq!(timeout(None).unwrap(), None);
+        let second = prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        };
+        assert_eq!(
+            timeout(Some(&second)).unwrap(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            timeout(Some(&too_long)).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn the_gates_answer_unimplemented_only_after_validation_and_the_grant() {
+        const GET: &str = "aurae.runtime.v0.Pods/Get";
+        let r = request_as(GET, &["team-a"], ());
+        let cap = Capability::Pods;
+        assert_eq!(named(&r, "Not A Label", cap).code(), Code::InvalidArgument);
+        assert_eq!(named(&r, "team-b", cap).code(), Code::PermissionDenied);
+        let built = named(&r, "team-a", cap);
+        assert_eq!(built.code(), Code::Unimplemented);
+        assert!(built.message().starts_with(GET), "{}", built.message());
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
+        let e = timed(&r, "team-b", Some(&negative), "timeout", cap);
+        assert_eq!(e.code(), Code::InvalidArgument, "the duration comes first");
+        assert!(e.message().contains("timeout"), "{}", e.message());
+        assert_eq!(gate_list(&r, "/x", cap).code(), Code::InvalidArgument);
+        assert_eq!(gate_list(&r, "", cap).code(), Code::Unimplemented);
+        assert_eq!(
+            named(&Request::new(()), "team-a", cap).code(),
+            Code::Internal
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_streams_from_an_offset_and_ends_with_the_output() {
+        let log = Arc::new(Log::new(None));
+        log.append(logs::Stream::Stdout, b"hello ");
+        log.append(logs::Stream::Stderr, b"world");
+        log.close();
+        let chunks: Vec<pb::LogChunk> = log_stream(log.clone(), 3, true)
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        let got: Vec<(u64, i32, &[u8])> = chunks
+            .iter()
+            .map(|c| (c.offset, c.stream, c.data.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, pb::LogStream::Stdout as i32, &b"lo "[..]),
+                (6, pb::LogStream::Stderr as i32, &b"world"[..]),
+            ]
+        );
+        let past_the_end: Vec<_> = log_stream(log, 11, false).collect().await;
+        assert!(past_the_end.is_empty());
+    }
+}

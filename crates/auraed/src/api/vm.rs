@@ -1,0 +1,90 @@
+//! `VirtualMachines`: lifecycle of the VMs `RunVirtualMachine` started, and their console.
+
+use std::sync::Arc;
+
+use aurae_proto::runtime::v0::{self as pb, virtual_machines_server::VirtualMachines};
+use tonic::{Request, Response, Status};
+
+use super::{
+    shared::{ResponseStream, authorized, grace, log_stream, timeout, visible},
+    status::invalid,
+};
+use crate::{
+    spec::Label,
+    vm::{Vm, Vms},
+};
+
+#[derive(Debug, Clone)]
+pub struct VirtualMachinesApi {
+    vms: Arc<Vms>,
+}
+
+impl VirtualMachinesApi {
+    pub fn new(vms: Arc<Vms>) -> Self {
+        Self { vms }
+    }
+
+    /// Validates and authorizes a VM's name, and finds it.
+    fn find<T>(&self, r: &Request<T>, name: &str) -> Result<Arc<Vm>, Status> {
+        let (_, name) = authorized(r, Label::parse("name", name), Label::as_str)?;
+        Ok(self.vms.find(&name)?)
+    }
+}
+
+#[tonic::async_trait]
+impl VirtualMachines for VirtualMachinesApi {
+    async fn get(
+        &self,
+        r: Request<pb::NameRef>,
+    ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
+        Ok(Response::new(self.find(&r, &r.get_ref().name)?.status()))
+    }
+    async fn list(
+        &self,
+        r: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListVirtualMachinesResponse>, Status> {
+        let show = visible(&r, "name_prefix", &r.get_ref().name_prefix)?;
+        let virtual_machines = self.vms.list(show);
+        Ok(Response::new(pb::ListVirtualMachinesResponse {
+            virtual_machines,
+        }))
+    }
+    async fn stop(
+        &self,
+        r: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        let g = grace("grace_period", r.get_ref().grace_period.as_ref()).map_err(invalid)?;
+        Ok(Response::new(self.vms.stop(&vm.spec.name, g).await?))
+    }
+    async fn wait(
+        &self,
+        r: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        if vm.wait(timeout(r.get_ref().timeout.as_ref())?).await {
+            Ok(Response::new(vm.status()))
+        } else {
+            Err(Status::deadline_exceeded(format!(
+                "virtual machine {} is still running",
+                vm.spec.name
+            )))
+        }
+    }
+    async fn free(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        self.vms.free(&vm.spec.name).await?;
+        let name = vm.spec.name.to_string();
+        Ok(Response::new(pb::Freed { name }))
+    }
+    type ConsoleStream = ResponseStream<pb::LogChunk>;
+    async fn console(
+        &self,
+        r: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        let m = r.get_ref();
+        let vm = self.find(&r, &m.name)?;
+        let stream = log_stream(vm.log.clone(), m.from_offset, m.follow);
+        Ok(Response::new(stream))
+    }
+}
