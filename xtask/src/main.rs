@@ -145,9 +145,10 @@ fn check_deps() -> anyhow::Result<()> {
             }
         }
     }
+    problems.extend(module_order_problems(&root().join("crates/auraed/src")));
     if problems.is_empty() {
         eprintln!(
-            "    {} packages, {} of ours: ok",
+            "    {} packages, {} of ours, auraed's module order: ok",
             packages.len(),
             members.len()
         );
@@ -155,6 +156,100 @@ fn check_deps() -> anyhow::Result<()> {
     } else {
         bail!("dependency rules:\n  {}", problems.join("\n  "))
     }
+}
+
+/// auraed's modules, bottom layer first: a module may import (`crate::…`) only modules of
+/// its own layer or below, so the import circle between cells, containers, executables
+/// and VMs cannot come back. Modules not listed (main.rs wiring) are not checked.
+const MODULE_LAYERS: &[&[&str]] = &[
+    &["spec", "events", "reaper", "store"],
+    &["identity"],
+    &["workload"],
+    &["image"],
+    &["container"],
+    &["executable"],
+    &["cell"],
+    &["vm"],
+    &["instance", "pod"],
+    &["compose"],
+    &["api"],
+    &["server", "pid1"],
+];
+
+fn layer_of(module: &str) -> Option<usize> {
+    MODULE_LAYERS.iter().position(|l| l.contains(&module))
+}
+
+/// The top-level modules `src` (one file) imports as `crate::<module>`, including the
+/// items of `use crate::{a::…, b, …}` groups.
+fn crate_imports(src: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("crate::") {
+        rest = &rest[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // Top-level names of the group: split on commas at brace depth 0.
+            let mut depth = 0;
+            let mut item = String::new();
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.extend(first_ident(&item));
+                        item.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                if depth == 0 || !item.contains("::") {
+                    item.push(c);
+                }
+            }
+            out.extend(first_ident(&item));
+        } else {
+            out.extend(first_ident(rest));
+        }
+    }
+    out
+}
+
+fn first_ident(s: &str) -> Option<String> {
+    let id: String = s
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (!id.is_empty() && id != "self").then_some(id)
+}
+
+/// Every `crate::<module>` import that goes up a layer in `src_dir` (auraed's src).
+fn module_order_problems(src_dir: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    for f in rust_files(src_dir) {
+        let rel = f.strip_prefix(src_dir).unwrap_or(&f);
+        let module = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned())
+            .unwrap_or_default();
+        let Some(mine) = layer_of(&module) else {
+            continue;
+        };
+        let src = std::fs::read_to_string(&f).unwrap_or_default();
+        for m in crate_imports(&src) {
+            if let Some(theirs) = layer_of(&m)
+                && theirs > mine
+            {
+                problems.push(format!(
+                    "{}: module {module} imports crate::{m}, a layer above it (see MODULE_LAYERS in xtask)",
+                    f.display()
+                ));
+            }
+        }
+    }
+    problems
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -608,4 +703,35 @@ fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crate_imports_reads_paths_and_groups() {
+        let src = "use crate::{\n    events::EventBus,\n    workload::{WorkloadError, cgroup::{A, B}},\n    spec,\n};\nuse crate::vm::Vms;\nfn f() { crate::cell::x(); let _ = crate::{self}; }\n";
+        let got: Vec<String> = crate_imports(src).into_iter().collect();
+        assert_eq!(got, ["cell", "events", "spec", "vm", "workload"]);
+    }
+
+    #[test]
+    fn an_import_up_a_layer_is_a_problem() {
+        let dir = tempdir_for_test();
+        std::fs::create_dir_all(dir.join("cell")).unwrap();
+        std::fs::write(dir.join("cell/run.rs"), "use crate::{vm::Vms, workload::X};").unwrap();
+        std::fs::write(dir.join("vm.rs"), "use crate::cell::Cells;").unwrap();
+        let p = module_order_problems(&dir);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("module cell imports crate::vm"), "{p:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempdir_for_test() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-layers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }

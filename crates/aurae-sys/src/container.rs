@@ -191,6 +191,16 @@ fn step(step: usize) -> Failure {
     }
 }
 
+/// The step code of [`STEPS`]`[i]`.
+pub(crate) const fn step_code(i: u8) -> crate::spawn::Step {
+    crate::spawn::Step::from_code(FIRST_STEP + i)
+}
+
+/// The step code of [`FINISH_STEPS`]`[i]`.
+pub(crate) const fn finish_code(i: u8) -> crate::spawn::Step {
+    crate::spawn::Step::from_code(FIRST_STEP + STEPS.len() as u8 + i)
+}
+
 /// Resolves a reported step number (and index) to its name, for [`crate::SpawnError`].
 pub(crate) fn step_name(n: u8) -> Option<&'static str> {
     let i = usize::from(n.checked_sub(FIRST_STEP)?);

@@ -19,4 +19,4 @@ pub mod process;
 pub mod spawn;
 
 pub use pidfd::{ExitStatus, Pidfd};
-pub use spawn::{Namespaces, SpawnError, SpawnRequest, spawn};
+pub use spawn::{Blame, Namespaces, SpawnError, SpawnRequest, Step, spawn};

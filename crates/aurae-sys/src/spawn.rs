@@ -98,7 +98,7 @@ pub enum SpawnError {
     /// completed.
     #[error("{step}: {error}")]
     Child {
-        step: &'static str,
+        step: Step,
         index: Option<usize>,
         #[source]
         error: io::Error,
@@ -114,6 +114,85 @@ static CHILD_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// hard limit), whatever the parent's is.
 pub fn set_child_nofile_limit(soft: u64) {
     CHILD_NOFILE.store(soft, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Who is at fault when a step of the child fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The request (or the image it names) asks for something that cannot be done: a
+    /// program that is not there, a working directory that is a file, an id the kernel
+    /// refuses, a symlinked `/proc` in the image.
+    Request,
+    /// The host cannot do it (a mount, an overlay, a capability the kernel lacks).
+    Host,
+    /// Neither: a bug or an unexpected kernel answer.
+    Internal,
+}
+
+/// A step of the child between clone3 and execve, as a failing child reports it (one
+/// byte on the error pipe). Typed so callers decide by step and blame, never by text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Step(u8);
+
+impl Step {
+    pub const SET_GROUPS: Step = Step(5);
+    pub const SET_GID: Step = Step(6);
+    pub const SET_UID: Step = Step(7);
+    pub const CHANGE_DIRECTORY: Step = Step(8);
+    pub const EXECUTE: Step = Step(9);
+    pub const VERIFY_CREDENTIALS: Step = Step(10);
+    pub const CONTAINER_OPEN_VOLUME: Step = container::step_code(1);
+    pub const CONTAINER_VOLUME_READ_ONLY: Step = container::step_code(2);
+    pub const CONTAINER_CREATE_MOUNT_POINT: Step = container::step_code(5);
+    pub const CONTAINER_MOUNT_POINT_NOT_A_DIRECTORY: Step = container::step_code(6);
+    pub const CONTAINER_ATTACH_VOLUME: Step = container::step_code(10);
+    pub const CONTAINER_MASK_PATH: Step = container::step_code(11);
+    pub const CONTAINER_PATH_READ_ONLY: Step = container::step_code(12);
+    pub const CONTAINER_ENTER_WORKING_DIRECTORY: Step = container::step_code(15);
+    pub const CONTAINER_WORKDIR_OUTSIDE_ROOT: Step = container::finish_code(2);
+
+    pub(crate) const fn from_code(code: u8) -> Self {
+        Self(code)
+    }
+
+    /// The code the child reports.
+    pub fn code(self) -> u8 {
+        self.0
+    }
+
+    pub fn name(self) -> &'static str {
+        STEPS
+            .get(usize::from(self.0))
+            .copied()
+            .or_else(|| container::step_name(self.0))
+            .unwrap_or("unknown step")
+    }
+
+    /// A step of the container set-up (`aurae_sys::container`).
+    pub fn is_container(self) -> bool {
+        self.0 >= container::FIRST_STEP
+    }
+
+    pub fn blame(self) -> Blame {
+        match self {
+            Self::SET_GROUPS
+            | Self::SET_GID
+            | Self::SET_UID
+            | Self::CHANGE_DIRECTORY
+            | Self::EXECUTE
+            | Self::CONTAINER_MOUNT_POINT_NOT_A_DIRECTORY
+            | Self::CONTAINER_ENTER_WORKING_DIRECTORY
+            | Self::CONTAINER_WORKDIR_OUTSIDE_ROOT => Blame::Request,
+            s if s.is_container() => Blame::Host,
+            _ => Blame::Internal,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
@@ -258,11 +337,7 @@ fn spawn_here(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
     }
     // The child failed before exec and exits 127 right away: reap it here.
     let _ = pidfd.wait_blocking();
-    let step = STEPS
-        .get(usize::from(report[0]))
-        .copied()
-        .or_else(|| container::step_name(report[0]))
-        .unwrap_or("unknown step");
+    let step = Step::from_code(report[0]);
     let index = u16::from_ne_bytes([report[1], report[2]]);
     let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
     Err(SpawnError::Child {
@@ -637,13 +712,17 @@ mod tests {
         );
         match run(&["/nonexistent/binary"], None) {
             Err(SpawnError::Child { step, error, .. }) => {
-                assert_eq!(step, "execute");
+                assert_eq!(step, Step::EXECUTE);
+                assert_eq!(step.blame(), Blame::Request);
                 assert_eq!(error.kind(), io::ErrorKind::NotFound);
             }
             other => panic!("expected an exec error, got {other:?}"),
         }
         match run(&["/bin/true"], Some(c"/nonexistent-dir")) {
-            Err(SpawnError::Child { step, .. }) => assert_eq!(step, "change directory"),
+            Err(SpawnError::Child { step, .. }) => {
+                assert_eq!(step, Step::CHANGE_DIRECTORY);
+                assert_eq!(step.name(), "change directory");
+            }
             other => panic!("expected a chdir error, got {other:?}"),
         }
     }

@@ -8,11 +8,15 @@
 //! - [`spec`]: validated newtypes shared by the nouns.
 //! - [`executable`], [`cell`], [`vm`], [`instance`], [`pod`]: the nouns, each with its
 //!   validated request types in `spec.rs`.
+//! - [`workload`]: the seam below cells, containers and VMs (cgroup tree, errors, host
+//!   paths, output capture, supervision).
+//! - [`container`]: an image as a process's root.
 //! - [`store`]: the durable record of what auraed runs.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cell;
+pub mod compose;
 pub mod container;
 pub mod events;
 pub mod executable;
@@ -26,3 +30,4 @@ pub mod server;
 pub mod spec;
 pub mod store;
 pub mod vm;
+pub mod workload;

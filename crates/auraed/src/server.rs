@@ -226,7 +226,7 @@ fn is_cgroup2(p: &Path) -> bool {
 
 /// The cgroup v2 subtree for cells: `--cgroup-root`, else `aurae` below the first cgroup2
 /// mount of `/sys/fs/cgroup` (pure v2) or `/sys/fs/cgroup/unified` (hybrid hosts).
-fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::cell::cgroup::FsTree>, String> {
+fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::workload::cgroup::FsTree>, String> {
     let root = match root {
         Some(r) => r.to_owned(),
         None => ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
@@ -246,7 +246,7 @@ fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::cell::cgroup::FsTree>,
             root.display()
         ));
     }
-    crate::cell::cgroup::FsTree::open(&root)
+    crate::workload::cgroup::FsTree::open(&root)
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }
@@ -327,7 +327,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let tree = open_cgroups(cfg.cgroup_root.as_deref());
     match &tree {
         Ok(t) => {
-            info!(root = %t.root().display(), controllers = ?crate::cell::cgroup::CgroupTree::controllers(t.as_ref()), "cells use cgroup v2")
+            info!(root = %t.root().display(), controllers = ?crate::workload::cgroup::CgroupTree::controllers(t.as_ref()), "cells use cgroup v2")
         }
         Err(reason) => warn!("cells are unavailable: {reason}"),
     }
@@ -346,7 +346,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             warnings.push(w);
         }
     }
-    let tree = tree.map(|t| t as Arc<dyn crate::cell::cgroup::CgroupTree>);
+    let tree = tree.map(|t| t as Arc<dyn crate::workload::cgroup::CgroupTree>);
     let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
     let vms = Arc::new(crate::vm::Vms::new(
         tree.clone(),
@@ -614,7 +614,7 @@ async fn accept_loop(
                     limits::AcceptError::Transient => debug!("accept: {e}"),
                     limits::AcceptError::BackOff(pause) => {
                         if let Some(n) = refusals.accept_failed.admit() {
-                            if limits::out_of_fds(&e) {
+                            if crate::api::status::is_out_of_fds(&e) {
                                 warn!(
                                     similar_not_logged = n,
                                     "accept failed: {e}: out of file descriptors; pausing {} ms and serving on \

@@ -180,11 +180,8 @@ pub async fn run(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), Status> {
             println!("freed {n}");
         }
         CellCmd::Stats { name: n } => {
-            print(
-                fmt,
-                &[stats_row(&x.stats(name(&n)).await?.into_inner())],
-                true,
-            );
+            let s = x.stats(name(&n)).await?.into_inner();
+            print(fmt, &[stats_row(&s)], true);
         }
         CellCmd::Tree { prefix } => tree(&mut x, prefix, fmt).await?,
     }

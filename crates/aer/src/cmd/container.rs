@@ -139,7 +139,7 @@ mod tests {
     fn run_cell_builds_the_container() {
         let cell = run_cell(
             "run-cell job --image reg/busybox:1 --read-only -v /srv/a:/a --volume /srv/b:/b:ro \
-             -v /srv/c:/c:rw --uid 1000 --entrypoint sh --entrypoint -c --workdir /w -e K=V \
+             -v /srv/c:/c:rw --uid 1000 --entrypoint sh --entrypoint=-c --workdir /w -e K=V \
              --memory-max 64M -- 'date > /a/x'",
         )
         .unwrap();

@@ -167,24 +167,25 @@ pub async fn run(c: &Client, cmd: ExeCmd, fmt: Format) -> Result<(), Status> {
             let rows: Vec<Row> = l.into_inner().executables.iter().map(exe_row).collect();
             print(fmt, &rows, false);
         }
-        ExeCmd::Stop { r, grace } => one(x
-            .stop(pb::StopExecutableRequest {
+        ExeCmd::Stop { r, grace } => {
+            let req = pb::StopExecutableRequest {
                 executable: Some(r.proto()?),
                 grace_period: grace.map(proto_duration),
-            })
-            .await?),
-        ExeCmd::Signal { r, signal } => one(x
-            .signal(pb::SignalExecutableRequest {
-                executable: Some(r.proto()?),
-                signal,
-            })
-            .await?),
-        ExeCmd::Wait { r, timeout } => one(x
-            .wait(pb::WaitExecutableRequest {
+            };
+            one(x.stop(req).await?);
+        }
+        ExeCmd::Signal { r, signal } => {
+            let executable = Some(r.proto()?);
+            let req = pb::SignalExecutableRequest { executable, signal };
+            one(x.signal(req).await?);
+        }
+        ExeCmd::Wait { r, timeout } => {
+            let req = pb::WaitExecutableRequest {
                 executable: Some(r.proto()?),
                 timeout: timeout.map(proto_duration),
-            })
-            .await?),
+            };
+            one(x.wait(req).await?);
+        }
         ExeCmd::Free(r) => {
             x.free(r.proto()?).await?;
         }
@@ -196,11 +197,10 @@ pub async fn run(c: &Client, cmd: ExeCmd, fmt: Format) -> Result<(), Status> {
             };
             stream_logs(x.logs(req).await?.into_inner()).await?;
         }
-        ExeCmd::Stats(r) => print(
-            fmt,
-            &[stats_row(&x.stats(r.proto()?).await?.into_inner())],
-            true,
-        ),
+        ExeCmd::Stats(r) => {
+            let s = x.stats(r.proto()?).await?.into_inner();
+            print(fmt, &[stats_row(&s)], true);
+        }
     }
     Ok(())
 }
@@ -233,13 +233,17 @@ mod tests {
     fn run_needs_a_program_or_an_image() {
         let e = run_args("run --cell web").unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "give the program after `--` (or --image to run a container)"
+        );
         let e = run_args("run --cell web -e NOEQ -- /bin/true").unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         let e = run_args("run --cell web --image img -- -c true").unwrap();
         let c = e.container.unwrap();
         assert_eq!(
-            (c.image.as_str(), c.args.as_slice()),
-            ("img", ["-c", "true"].as_slice())
+            (c.image.as_str(), c.args.join(" ")),
+            ("img", "-c true".into())
         );
         assert!(e.argv.is_empty());
     }

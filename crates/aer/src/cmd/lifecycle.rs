@@ -78,12 +78,8 @@ pub async fn run<K: Kind>(mut k: K, cmd: Lifecycle, fmt: Format) -> Result<(), S
             print(fmt, &[K::row(&s)], true);
         }
         Lifecycle::Wait { name } => {
-            let s = k
-                .wait(pb::WaitRequest {
-                    name,
-                    timeout: None,
-                })
-                .await?;
+            let timeout = None;
+            let s = k.wait(pb::WaitRequest { name, timeout }).await?;
             print(fmt, &[K::row(&s)], true);
         }
         Lifecycle::Free { name: n } => k.free(name(&n)).await?,

@@ -10,12 +10,11 @@ use super::{
     status::{Capability, invalid, not_built},
 };
 use crate::{
-    cell::{CellSpec, ContainerSpec},
-    container::Plan,
+    cell::CellSpec,
+    container::{ContainerSpec, Plan},
     executable::ExecutableSpec,
     instance::InstanceSpec,
     pod::PodSpec,
-    spec::Label,
     vm::VmSpec,
 };
 
@@ -36,7 +35,7 @@ impl RuntimeApi {
         // (a caller learns nothing of paths it may not use) or pulled.
         for (i, (host, _, _)) in c.volumes.iter().enumerate() {
             let field = format!("container.volumes[{i}].host_path");
-            let u = crate::cell::under_root(&field, host, &self.ctx.volume_roots, "--volume-root")
+            let u = crate::workload::host_path::under_root(&field, host, &self.ctx.volume_roots, "--volume-root")
                 .map_err(Status::from)?;
             caller.authorize_privilege(
                 u.rels.iter().all(|rel| caller.grant.allows_volume(rel)),
@@ -112,36 +111,6 @@ fn grant_options(caller: &Caller, spec: &mut ExecutableSpec) {
     spec.allow_mixed_cell = caller.grant.allow_host_namespaces;
 }
 
-/// The container's executable name in a RunCell cell: the image's last path component.
-fn container_name(image: &str) -> Label {
-    let base: String = image
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .split([':', '@'])
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    Label::parse("name", base.trim_matches('-'))
-        .or_else(|_| Label::parse("name", "container"))
-        .unwrap_or_else(|_| unreachable_label())
-}
-
-#[allow(clippy::panic)]
-fn unreachable_label() -> Label {
-    // "container" is a valid label; this is never reached.
-    panic!("\"container\" is not a label")
-}
-
 /// Privileged options of a cell: sharing host namespaces, the container's explicit ids.
 fn authorize_cell(caller: &Caller, spec: &CellSpec) -> Result<(), Status> {
     let name = spec.name.as_str();
@@ -193,7 +162,7 @@ impl Runtime for RuntimeApi {
         };
         let admitted = self.ctx.quotas.admit(&caller, Demand::executable()).await?;
         if let Some(p) = &plan {
-            p.apply(&mut spec);
+            spec.apply_plan(p);
         }
         // What the process will really run as (the image's user included).
         authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
@@ -229,40 +198,16 @@ impl Runtime for RuntimeApi {
             Some(plan.process.gid),
             spec.name.as_str(),
         )?;
-        let name = spec.name.clone();
-        let mut exe = ExecutableSpec {
-            cell: name.clone(),
-            name: Some(container_name(&container.image)),
-            argv: Vec::new(),
-            env: Vec::new(),
-            working_dir: "/".into(),
-            uid: None,
-            gid: None,
-            stdin: Vec::new(),
-            allow_new_privileges: false,
-            allow_mixed_cell: false,
-            container: Some(container),
+        let options = crate::compose::run_cell::Options {
+            allow_new_privileges: caller.grant.allow_new_privileges,
+            allow_mixed_cell: caller.grant.allow_host_namespaces,
         };
-        grant_options(&caller, &mut exe);
-        plan.apply(&mut exe);
-        self.ctx.cells.allocate(spec).await?;
-        let t_alloc = t0.elapsed();
-        if let Err(e) = self.ctx.cells.run(exe, Some(plan)).await {
-            // Nothing stays behind from a container that could not start.
-            if let Err(free) = self.ctx.cells.free(&name).await {
-                tracing::warn!(cell = %name, "freeing after a failed RunCell: {free}");
-            }
-            return Err(e.into());
-        }
+        let status =
+            crate::compose::run_cell::run_cell(&self.ctx.cells, spec, container, plan, options)
+                .await?;
         drop(admitted);
-        tracing::debug!(
-            cell = %name,
-            plan_us = t_plan.as_micros() as u64,
-            allocate_us = (t_alloc - t_plan).as_micros() as u64,
-            start_us = (t0.elapsed() - t_alloc).as_micros() as u64,
-            "RunCell timings"
-        );
-        Ok(Response::new(self.ctx.cells.get(&name)?))
+        tracing::debug!(plan_us = t_plan.as_micros() as u64, "RunCell plan timing");
+        Ok(Response::new(status))
     }
 
     async fn run_virtual_machine(
@@ -285,7 +230,7 @@ impl Runtime for RuntimeApi {
                 ),
                 spec.name.as_str(),
             )?;
-            let u = crate::cell::under_root(
+            let u = crate::workload::host_path::under_root(
                 &field,
                 &d.path,
                 self.ctx.vms.image_roots(),

@@ -54,13 +54,21 @@ pub fn out_of_fds(what: impl Display) -> Status {
     )
 }
 
+/// Whether an I/O error means the process or the system ran out of file descriptors.
+pub fn is_out_of_fds(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    )
+}
+
 /// Whether `e` or any error below it is EMFILE/ENFILE.
 fn fd_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if err
             .downcast_ref::<std::io::Error>()
-            .is_some_and(crate::server::limits::out_of_fds)
+            .is_some_and(is_out_of_fds)
         {
             return true;
         }
@@ -84,9 +92,9 @@ pub fn internal(err: impl Display) -> Status {
     ))
 }
 
-impl From<crate::cell::CellError> for Status {
-    fn from(e: crate::cell::CellError) -> Self {
-        use crate::cell::{CellError as E, cgroup::CgroupError};
+impl From<crate::workload::WorkloadError> for Status {
+    fn from(e: crate::workload::WorkloadError) -> Self {
+        use crate::workload::{WorkloadError as E, cgroup::CgroupError};
         if fd_exhaustion(&e) {
             return out_of_fds(&e);
         }
@@ -113,15 +121,17 @@ impl From<crate::cell::CellError> for Status {
     }
 }
 
-/// A failed spawn: the child's failing step says which field was wrong.
+/// A failed spawn: the child's failing step (typed, with its blame) says what was wrong;
+/// for `execute`, the errno says whether the program is the request's fault.
 fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
     use std::io::ErrorKind as K;
-    match e {
-        aurae_sys::SpawnError::Child {
-            step: "execute",
-            error,
-            ..
-        } => match error.kind() {
+
+    use aurae_sys::{Blame, SpawnError, Step};
+    let SpawnError::Child { step, error, .. } = e else {
+        return internal(format!("{what}: {e}"));
+    };
+    match (step, step.blame()) {
+        (Step::EXECUTE, _) => match error.kind() {
             K::NotFound
             | K::PermissionDenied
             | K::NotADirectory
@@ -134,28 +144,15 @@ fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
             }
             _ => internal(format!("{what}: execute: {error}")),
         },
-        aurae_sys::SpawnError::Child {
-            step: "change directory",
-            error,
-            ..
-        } => Status::invalid_argument(format!("working_dir: {error}")),
-        aurae_sys::SpawnError::Child {
-            step: step @ ("set uid" | "set gid" | "set groups"),
-            error,
-            ..
-        } => Status::invalid_argument(format!("uid/gid: {step}: {error}")),
+        (Step::CHANGE_DIRECTORY, _) => Status::invalid_argument(format!("working_dir: {error}")),
+        (Step::SET_UID | Step::SET_GID | Step::SET_GROUPS, _) => {
+            Status::invalid_argument(format!("uid/gid: {step}: {error}"))
+        }
         // The image or the request is wrong (a symlinked /proc, a bad working directory)…
-        aurae_sys::SpawnError::Child { step, error, .. }
-            if step.starts_with("container:")
-                && (step.contains("not a directory") || step.contains("working directory")) =>
-        {
-            Status::invalid_argument(format!("{what}: {step}: {error}"))
-        }
+        (_, Blame::Request) => Status::invalid_argument(format!("{what}: {step}: {error}")),
         // …or the host cannot do it (overlay, a volume's mount).
-        aurae_sys::SpawnError::Child { step, error, .. } if step.starts_with("container:") => {
-            Status::failed_precondition(format!("{what}: {step}: {error}"))
-        }
-        other => internal(format!("{what}: {other}")),
+        (_, Blame::Host) => Status::failed_precondition(format!("{what}: {step}: {error}")),
+        (_, Blame::Internal) => internal(format!("{what}: {step}: {error}")),
     }
 }
 
@@ -166,10 +163,10 @@ mod tests {
     #[test]
     fn fd_exhaustion_is_unavailable_not_internal() {
         let emfile = || std::io::Error::from_raw_os_error(nix::libc::EMFILE);
-        let s = Status::from(crate::cell::CellError::Io(emfile()));
+        let s = Status::from(crate::workload::WorkloadError::Io(emfile()));
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
         assert!(s.message().contains("file descriptors"), "{s:?}");
-        let s = Status::from(crate::cell::CellError::Spawn {
+        let s = Status::from(crate::workload::WorkloadError::Spawn {
             what: "run".into(),
             source: aurae_sys::SpawnError::Setup(emfile()),
         });
@@ -179,7 +176,7 @@ mod tests {
             std::io::Error::from_raw_os_error(nix::libc::ENFILE)
         ));
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
-        let s = Status::from(crate::cell::CellError::Io(std::io::Error::other("boom")));
+        let s = Status::from(crate::workload::WorkloadError::Io(std::io::Error::other("boom")));
         assert_eq!(
             s.code(),
             tonic::Code::Internal,

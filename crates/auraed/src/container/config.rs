@@ -10,7 +10,8 @@ use std::{
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
-use crate::{cell::ContainerSpec, spec::FieldError};
+use super::ContainerSpec;
+use crate::spec::FieldError;
 
 /// PATH when the image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

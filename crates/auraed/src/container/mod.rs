@@ -17,6 +17,9 @@
 
 pub mod config;
 pub mod seccomp;
+pub mod spec;
+
+pub use spec::ContainerSpec;
 
 use std::{
     ffi::CString,
@@ -31,8 +34,7 @@ use std::{
 use aurae_sys::container::{ContainerSetup, MAX_VOLUMES, VolumeMount};
 
 use crate::{
-    cell::{CellError, ContainerSpec},
-    executable::ExecutableSpec,
+    workload::WorkloadError,
     image::{local::LocalImage, store::ImageStore},
     spec::FieldError,
 };
@@ -110,18 +112,18 @@ impl Plan {
     /// Resolves `spec` against `image`; volumes must be directories under `volume_roots`,
     /// named by their real path (no symlink is followed below a root), and are opened
     /// here, once. The caller has checked the grant allows each (see
-    /// [`crate::cell::under_root`]).
+    /// [`crate::workload::host_path::under_root`]).
     pub fn new(
         spec: &ContainerSpec,
         image: LocalImage,
         store: &ImageStore,
         volume_roots: &[PathBuf],
-    ) -> Result<Self, CellError> {
+    ) -> Result<Self, WorkloadError> {
         // Pin first, then check: a removal that ran before the pin is seen here, none can
         // run after it.
         let pin = Arc::new(store.pin(&image.layers));
         if let Some(gone) = image.layer_dirs(store).iter().find(|d| !d.is_dir()) {
-            return Err(CellError::Precondition(format!(
+            return Err(WorkloadError::Precondition(format!(
                 "image {} was removed while it was being prepared ({} is gone): try again",
                 image.reference,
                 gone.display()
@@ -147,10 +149,10 @@ impl Plan {
                 )
                 .into());
             }
-            let (source, _) = crate::cell::open_host_path(
+            let (source, _) = crate::workload::host_path::open_host_path(
                 &field("host_path"),
                 host,
-                crate::cell::HostPath::Dir,
+                crate::workload::host_path::HostPath::Dir,
                 volume_roots,
                 "--volume-root",
             )?;
@@ -169,15 +171,6 @@ impl Plan {
             read_only_root: spec.read_only_root,
             volumes,
         })
-    }
-
-    /// Fills the executable's command, environment, directory and user from the plan.
-    pub fn apply(&self, spec: &mut ExecutableSpec) {
-        spec.argv = self.process.argv.clone();
-        spec.env = self.process.env.clone();
-        spec.working_dir = self.process.working_dir.clone();
-        spec.uid = Some(self.process.uid);
-        spec.gid = Some(self.process.gid);
     }
 }
 
@@ -225,9 +218,9 @@ impl Drop for Rootfs {
     }
 }
 
-fn cstr(p: &Path) -> Result<CString, CellError> {
+fn cstr(p: &Path) -> Result<CString, WorkloadError> {
     CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| CellError::Precondition(format!("{} contains NUL", p.display())))
+        .map_err(|_| WorkloadError::Precondition(format!("{} contains NUL", p.display())))
 }
 
 /// `p` and its parents below `/`, parents first.
@@ -266,13 +259,13 @@ pub struct Args {
 const MAX_OVERLAY_OPTIONS: usize = 4000;
 
 impl Args {
-    pub fn new(plan: &Plan, rootfs: &Rootfs) -> Result<Self, CellError> {
+    pub fn new(plan: &Plan, rootfs: &Rootfs) -> Result<Self, WorkloadError> {
         let upper = rootfs.path().join("upper");
         let work = rootfs.path().join("work");
         for p in [&upper, &work] {
             let s = p.to_string_lossy();
             if s.contains([',', ':']) {
-                return Err(CellError::Precondition(format!(
+                return Err(WorkloadError::Precondition(format!(
                     "the container directory {s} contains ',' or ':' (the overlay cannot take it): choose another --state-dir"
                 )));
             }
@@ -292,7 +285,7 @@ impl Args {
             work.display()
         );
         if overlay.len() > MAX_OVERLAY_OPTIONS {
-            return Err(CellError::Precondition(format!(
+            return Err(WorkloadError::Precondition(format!(
                 "image {}: {} layers do not fit one overlay mount",
                 plan.image.reference,
                 lower.len()
@@ -312,7 +305,7 @@ impl Args {
         for (i, v) in plan.volumes.iter().enumerate() {
             let tree =
                 aurae_sys::container::clone_mount(v.source.as_fd(), v.read_only).map_err(|e| {
-                    CellError::Precondition(format!(
+                    WorkloadError::Precondition(format!(
                         "container.volumes[{i}].host_path: {}: cannot clone its mount: {e}",
                         v.sent.display()
                     ))
@@ -336,7 +329,7 @@ impl Args {
         Ok(Self {
             layers_dir: cstr(&plan.layers_dir)?,
             overlay: CString::new(overlay)
-                .map_err(|_| CellError::Precondition("overlay options contain NUL".into()))?,
+                .map_err(|_| WorkloadError::Precondition("overlay options contain NUL".into()))?,
             rootfs: cstr(&rootfs.path().join("rootfs"))?,
             volumes,
             _volume_trees: volume_trees,
@@ -357,7 +350,7 @@ impl Args {
 
     /// The set-up for the child. `own_cgroup_ns`: the cell has its own cgroup namespace
     /// (its cgroup tree is then shown read-only at /sys/fs/cgroup).
-    pub fn setup(&self, own_cgroup_ns: bool) -> Result<ContainerSetup<'_>, CellError> {
+    pub fn setup(&self, own_cgroup_ns: bool) -> Result<ContainerSetup<'_>, WorkloadError> {
         Ok(ContainerSetup {
             layers_dir: &self.layers_dir,
             overlay_options: &self.overlay,
@@ -370,26 +363,24 @@ impl Args {
             read_only_root: self.read_only_root,
             workdir: &self.workdir,
             capabilities: DEFAULT_CAPABILITIES,
-            seccomp: seccomp::default_filters().map_err(CellError::Precondition)?,
+            seccomp: seccomp::default_filters().map_err(WorkloadError::Precondition)?,
             program: &self.program,
         })
     }
 
     /// Names the item of a failed list step, for the error message.
-    pub fn describe(&self, step: &str, index: usize) -> Option<String> {
+    pub fn describe(&self, step: aurae_sys::Step, index: usize) -> Option<String> {
+        use aurae_sys::Step as S;
         let s = |v: &[CString]| v.get(index).map(|c| c.to_string_lossy().into_owned());
-        if step.contains("volume") {
-            self.volume_names.get(index).cloned()
-        } else if step.contains("create mount point") {
-            s(&self.mkdirs)
-        } else if step.contains("not a directory") {
-            RESERVED.get(index).map(|p| (*p).to_owned())
-        } else if step.contains("mask") {
-            s(&self.masked)
-        } else if step.contains("read-only") {
-            s(&self.read_only)
-        } else {
-            None
+        match step {
+            S::CONTAINER_OPEN_VOLUME | S::CONTAINER_VOLUME_READ_ONLY | S::CONTAINER_ATTACH_VOLUME => {
+                self.volume_names.get(index).cloned()
+            }
+            S::CONTAINER_CREATE_MOUNT_POINT => s(&self.mkdirs),
+            S::CONTAINER_MOUNT_POINT_NOT_A_DIRECTORY => RESERVED.get(index).map(|p| (*p).to_owned()),
+            S::CONTAINER_MASK_PATH => s(&self.masked),
+            S::CONTAINER_PATH_READ_ONLY => s(&self.read_only),
+            _ => None,
         }
     }
 }

@@ -1,6 +1,5 @@
 //! Executables: plain processes started in a cell, supervised through their pidfd.
 
-pub mod logs;
 pub mod spec;
 
 use std::{
@@ -16,8 +15,10 @@ use tokio::sync::watch;
 
 pub use spec::{ExecutableRef, ExecutableSpec};
 
-use self::logs::{Log, Stream};
-use crate::spec::{CellName, Label};
+use crate::{
+    spec::{CellName, Label},
+    workload::log::Log,
+};
 
 /// How an executable ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +150,7 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 impl Prepared {
     /// Builds the C strings and pipes for `spec` (read ends are ours, write ends go to the
     /// child).
-    pub fn new(spec: &ExecutableSpec) -> Result<Self, crate::cell::CellError> {
+    pub fn new(spec: &ExecutableSpec) -> Result<Self, crate::workload::WorkloadError> {
         let argv = spec
             .argv
             .iter()
@@ -162,7 +163,7 @@ impl Prepared {
             .map(|(k, v)| cstring("env", &format!("{k}={v}")))
             .collect::<Result<Vec<_>, _>>()?;
         let cwd = cstring("working_dir", &spec.working_dir.to_string_lossy())?;
-        let io = crate::cell::CellError::io;
+        let io = crate::workload::WorkloadError::io;
         let (stdin, stdin_data) = if spec.stdin.is_empty() {
             let null = std::fs::File::open("/dev/null").map_err(io)?;
             (OwnedFd::from(null), None)
@@ -190,37 +191,3 @@ impl Prepared {
     }
 }
 
-/// Copies a pipe into the log until EOF. A failed write to the log file (disk full, …)
-/// is reported once per failure through `on_write_error` (an event, by the caller); the
-/// output still reaches the in-memory log.
-pub async fn pump(
-    read: OwnedFd,
-    log: Arc<Log>,
-    stream: Stream,
-    on_write_error: impl Fn(String) + Send + 'static,
-) {
-    use tokio::io::AsyncReadExt;
-    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
-        return;
-    };
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match rx.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                log.append(stream, &buf[..n]);
-                if let Some(e) = log.take_unreported_write_error() {
-                    on_write_error(e);
-                }
-            }
-        }
-    }
-}
-
-/// Writes `data` to the child's stdin, then closes it.
-pub async fn feed(write: OwnedFd, data: Vec<u8>) {
-    use tokio::io::AsyncWriteExt;
-    if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(write) {
-        let _ = tx.write_all(&data).await;
-    }
-}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use aurae_proto::runtime::v0 as pb;
 
 use crate::{
-    cell::ContainerSpec,
+    container::ContainerSpec,
     spec::{CellName, FieldError, Label, abs_path, id},
 };
 
@@ -148,6 +148,17 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
             allow_mixed_cell: false,
             container: None,
         })
+    }
+}
+
+impl ExecutableSpec {
+    /// Fills the command, environment, directory and user from a container's plan.
+    pub fn apply_plan(&mut self, plan: &crate::container::Plan) {
+        self.argv = plan.process.argv.clone();
+        self.env = plan.process.env.clone();
+        self.working_dir = plan.process.working_dir.clone();
+        self.uid = Some(plan.process.uid);
+        self.gid = Some(plan.process.gid);
     }
 }
 

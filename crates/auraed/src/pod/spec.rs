@@ -3,7 +3,8 @@
 use aurae_proto::runtime::v0 as pb;
 
 use crate::{
-    cell::spec::{ContainerSpec, Limits},
+    cell::spec::Limits,
+    container::ContainerSpec,
     instance::spec::InstanceSpec,
     spec::{FieldError, Label},
 };

@@ -180,13 +180,7 @@ impl Refusals {
     }
 }
 
-/// Whether an I/O error means the process or the system ran out of file descriptors.
-pub fn out_of_fds(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE)
-    )
-}
+use crate::api::status::is_out_of_fds as out_of_fds;
 
 /// What an accept loop does with a failed `accept`.
 #[derive(Debug, PartialEq, Eq)]

@@ -26,15 +26,18 @@ use self::{
     vmm::{Report, VmmConfig},
 };
 use crate::{
-    cell::{CellError, HostPath, cgroup::CgroupTree, registry::wait_empty},
     events::EventBus,
-    executable::logs::{Log, Stream},
     reaper::Reaper,
     spec::{CellName, FieldError, Label},
+    workload::{
+        WorkloadError,
+        cgroup::CgroupTree,
+        host_path::HostPath,
+        layout::VM_GROUP,
+        log::{Log, Stream},
+        supervise::wait_empty,
+    },
 };
-
-/// The cgroup group every VMM lives under (a name cells may not take).
-pub const CGROUP_GROUP: &str = "vms";
 /// How long a VMM has to report that the VM started.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -118,15 +121,15 @@ pub struct Vms {
     network: Mutex<Network>,
 }
 
-fn precondition(m: impl Into<String>) -> CellError {
-    CellError::Precondition(m.into())
+fn precondition(m: impl Into<String>) -> WorkloadError {
+    WorkloadError::Precondition(m.into())
 }
 
 /// The flag VM image roots come from.
 pub const IMAGE_ROOT_FLAG: &str = "--vm-image-root";
 
 /// Opens `p` once, a regular file below one of `roots` named by its real path (see
-/// [`crate::cell::UnderRoot::open`]), and clones that file's mount into a detached one
+/// [`crate::workload::host_path::UnderRoot::open`]), and clones that file's mount into a detached one
 /// (read-only unless `write`): the VMM, in a mount namespace of its own, attaches this
 /// very file in its jail and boots or serves it from there.
 fn allowed_file(
@@ -134,9 +137,9 @@ fn allowed_file(
     p: &Path,
     roots: &[PathBuf],
     write: bool,
-) -> Result<OwnedFd, CellError> {
+) -> Result<OwnedFd, WorkloadError> {
     let (fd, _) =
-        crate::cell::open_host_path(field, p, HostPath::File { write }, roots, IMAGE_ROOT_FLAG)?;
+        crate::workload::host_path::open_host_path(field, p, HostPath::File { write }, roots, IMAGE_ROOT_FLAG)?;
     aurae_sys::container::clone_mount(fd.as_fd(), !write).map_err(|e| {
         precondition(format!(
             "{field}: {}: cannot clone its mount: {e}",
@@ -183,21 +186,21 @@ impl Vms {
         }
     }
 
-    fn tree(&self) -> Result<Arc<dyn CgroupTree>, CellError> {
-        self.tree.clone().map_err(CellError::Precondition)
+    fn tree(&self) -> Result<Arc<dyn CgroupTree>, WorkloadError> {
+        self.tree.clone().map_err(WorkloadError::Precondition)
     }
 
-    fn sealed(&self) -> Result<Arc<OwnedFd>, CellError> {
+    fn sealed(&self) -> Result<Arc<OwnedFd>, WorkloadError> {
         Ok(self.sealed.get()?)
     }
 
-    pub fn find(&self, name: &Label) -> Result<Arc<Vm>, CellError> {
+    pub fn find(&self, name: &Label) -> Result<Arc<Vm>, WorkloadError> {
         self.vms
             .lock()
             .ok()
             .and_then(|m| m.get(name).cloned())
             .ok_or_else(|| {
-                CellError::NotFound(format!(
+                WorkloadError::NotFound(format!(
                     "virtual machine {:?} does not exist",
                     name.as_str()
                 ))
@@ -239,7 +242,7 @@ impl Vms {
     pub async fn run(
         self: &Arc<Self>,
         spec: VmSpec,
-    ) -> Result<pb::VirtualMachineStatus, CellError> {
+    ) -> Result<pb::VirtualMachineStatus, WorkloadError> {
         let tree = self.tree()?;
         if !Path::new("/dev/kvm").exists() {
             return Err(precondition(
@@ -278,16 +281,16 @@ impl Vms {
         }
         let _ops = self.ops.lock().await;
         if self.vms.lock().is_ok_and(|m| m.contains_key(&spec.name)) {
-            return Err(CellError::Exists(format!(
+            return Err(WorkloadError::Exists(format!(
                 "virtual machine {:?} already exists",
                 spec.name.as_str()
             )));
         }
-        let group = CellName::parse("name", CGROUP_GROUP)?;
+        let group = CellName::parse("name", VM_GROUP)?;
         if !tree.path(&group).exists() {
             tree.create(&group)?;
         }
-        let cgroup = CellName::parse("name", &format!("{CGROUP_GROUP}/{}", spec.name))?;
+        let cgroup = CellName::parse("name", &format!("{VM_GROUP}/{}", spec.name))?;
         tree.create(&cgroup)?;
         let lease = match spec.macs.first() {
             Some(mac) => match self.network.lock().map(|mut n| n.lease(*mac)) {
@@ -348,7 +351,7 @@ impl Vms {
         cfg: VmmConfig,
         files: &[OwnedFd],
         lease: Option<Lease>,
-    ) -> Result<Arc<Vm>, CellError> {
+    ) -> Result<Arc<Vm>, WorkloadError> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
         let (ctl, ctl_child) = socketpair(
             AddressFamily::Unix,
@@ -387,7 +390,7 @@ impl Vms {
             };
             me.reaper
                 .spawn(|| aurae_sys::spawn(&req))
-                .map_err(|source| CellError::Spawn {
+                .map_err(|source| WorkloadError::Spawn {
                     what: "starting the VMM".into(),
                     source,
                 })
@@ -433,14 +436,14 @@ impl Vms {
                         format!("the console is not reaching its log file: {e}"),
                     );
                 };
-                crate::executable::pump(out_r, log.clone(), Stream::Stdout, report).await;
+                crate::workload::output::pump(out_r, log.clone(), Stream::Stdout, report).await;
                 log.close();
             });
         }
         // Reports, on a thread of their own (blocking reads of a seqpacket socket).
         {
             let vm2 = vm.clone();
-            let reader = ctl.try_clone().map_err(CellError::io)?;
+            let reader = ctl.try_clone().map_err(WorkloadError::io)?;
             std::thread::Builder::new()
                 .name("vm-reports".into())
                 .spawn(move || {
@@ -466,7 +469,7 @@ impl Vms {
                         });
                     }
                 })
-                .map_err(CellError::io)?;
+                .map_err(WorkloadError::io)?;
         }
         // The VMM process's end: the truth when it died without a report.
         {
@@ -532,7 +535,7 @@ impl Vms {
         &self,
         name: &Label,
         grace: Duration,
-    ) -> Result<pb::VirtualMachineStatus, CellError> {
+    ) -> Result<pb::VirtualMachineStatus, WorkloadError> {
         let vm = self.find(name)?;
         if !vm.gone() {
             let _ = vmm::send_msg(vm.ctl.as_ref(), &vmm::Command::Stop);
@@ -546,7 +549,7 @@ impl Vms {
     }
 
     /// Stops (at once) and removes the VM, its TAP device, address and cgroup.
-    pub async fn free(&self, name: &Label) -> Result<(), CellError> {
+    pub async fn free(&self, name: &Label) -> Result<(), WorkloadError> {
         let _ops = self.ops.lock().await;
         let vm = self.find(name)?;
         if !vm.gone() {
@@ -592,7 +595,7 @@ impl Vms {
             }
         }
         if let Ok(t) = &self.tree {
-            let _ = CellName::parse("name", CGROUP_GROUP).map(|g| t.remove(&g));
+            let _ = CellName::parse("name", VM_GROUP).map(|g| t.remove(&g));
         }
         if let Ok(mut n) = self.network.lock() {
             n.shutdown();

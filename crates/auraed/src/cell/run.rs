@@ -1,0 +1,416 @@
+//! Starting executables in a cell (plain or as a container), and supervising them until
+//! they exit.
+
+use std::{
+    os::fd::AsRawFd,
+    sync::{Arc, atomic::Ordering},
+    time::{Instant, SystemTime},
+};
+
+use aurae_proto::runtime::v0 as pb;
+use aurae_sys::{ExitStatus, Namespaces as Ns, SpawnError, SpawnRequest, spawn::Program};
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::registry::{Cells, MAX_EXECUTABLES};
+use crate::{
+    events::EventBus,
+    executable::{self, Executable, ExecutableSpec, Exit, Prepared, State},
+    spec::{CellName, Label},
+    workload::{
+        WorkloadError,
+        cgroup::CgroupTree,
+        log::{Log, Stream},
+        output,
+        supervise::oom_kills,
+    },
+};
+
+impl Cells {
+    /// Starts an executable in its cell; with a `container` plan (already applied to
+    /// `spec`), in a container root of its own.
+    pub async fn run(
+        self: &Arc<Self>,
+        spec: ExecutableSpec,
+        container: Option<crate::container::Plan>,
+    ) -> Result<pb::ExecutableStatus, WorkloadError> {
+        if spec.container.is_some() != container.is_some() {
+            return Err(WorkloadError::Precondition(
+                "a container executable needs its resolved image".into(),
+            ));
+        }
+        let tree = self.tree()?;
+        let cell = self.find(&spec.cell).map_err(|_| {
+            WorkloadError::NotFound(format!(
+                "cell {:?} does not exist: allocate it first (aer cell allocate {})",
+                spec.cell.as_str(),
+                spec.cell.as_str()
+            ))
+        })?;
+        if cell.phase() != pb::Phase::Running {
+            return Err(WorkloadError::Precondition(format!(
+                "cell {:?} is not running; free it and allocate it again",
+                spec.cell.as_str()
+            )));
+        }
+        let name = match &spec.name {
+            Some(n) => n.clone(),
+            None => self.generated_name(&spec.argv[0])?,
+        };
+        {
+            let inner = cell
+                .inner
+                .lock()
+                .map_err(|_| WorkloadError::Precondition("cell lock poisoned".into()))?;
+            if inner.executables.contains_key(&name) {
+                return Err(WorkloadError::Exists(format!(
+                    "executable {:?} already exists in cell {:?}",
+                    name.as_str(),
+                    spec.cell.as_str()
+                )));
+            }
+            if inner.executables.len() >= MAX_EXECUTABLES {
+                return Err(WorkloadError::Exhausted(format!(
+                    "cell {:?} holds {MAX_EXECUTABLES} executables: free exited ones first",
+                    spec.cell.as_str()
+                )));
+            }
+        }
+        self.claim_kind(&spec)?;
+        let prepared = Prepared::new(&spec)?;
+        let has_memory = tree.controllers().iter().any(|c| c == "memory");
+        let oom = has_memory.then(|| {
+            (
+                tree.clone(),
+                spec.cell.clone(),
+                oom_kills(tree.as_ref(), &spec.cell),
+            )
+        });
+        let uid = spec.uid.unwrap_or(0);
+        let gid = spec.gid.unwrap_or(uid);
+        let allow_new_privileges = spec.allow_new_privileges;
+        let me = self.clone();
+        let cell2 = cell.clone();
+        let containers_dir = self.containers_dir.clone();
+        let image_digest = container.as_ref().map(|p| p.image.digest.clone());
+        let t_spawn = Instant::now();
+        let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
+            let mut rootfs = None;
+            let r = (|| {
+                let t = Instant::now();
+                let leaf = tree.leaf_fd(&cell2.spec.name)?;
+                let init = cell2.init.as_ref();
+                let args = match &container {
+                    Some(plan) => {
+                        let r =
+                            crate::container::Rootfs::create(&containers_dir, plan.pin.clone())?;
+                        let a = crate::container::Args::new(plan, &r)?;
+                        rootfs = Some(r);
+                        Some(a)
+                    }
+                    None => None,
+                };
+                let setup = args
+                    .as_ref()
+                    .map(|a| a.setup(cell2.ns.others & Ns::CGROUP != 0))
+                    .transpose()?;
+                let req = SpawnRequest {
+                    program: Program::Path(&prepared.argv[0]),
+                    argv: &prepared.argv,
+                    envp: &prepared.envp,
+                    cwd: Some(&prepared.cwd),
+                    uid: Some(uid),
+                    gid: Some(gid),
+                    no_new_privs: !allow_new_privileges,
+                    stdio: prepared.stdio(),
+                    pass_fd: None,
+                    cgroup: Some(leaf.as_raw_fd()),
+                    new_namespaces: Ns(0),
+                    pid_namespace_of: cell2.pid_holder.as_ref().map(|h| h.as_raw_fd()),
+                    join: init
+                        .filter(|_| cell2.ns.others != 0)
+                        .map(|i| (i.pidfd.as_raw_fd(), Ns(cell2.ns.others))),
+                    unshare: Ns(if setup.is_some() { Ns::MOUNT } else { 0 }),
+                    container: setup.as_ref(),
+                };
+                let t_prep = t.elapsed();
+                let r = me
+                    .reaper
+                    .spawn(|| aurae_sys::spawn(&req))
+                    .map_err(|source| container_error(args.as_ref(), source));
+                tracing::debug!(
+                    prepare_us = t_prep.as_micros() as u64,
+                    clone_to_exec_us = (t.elapsed() - t_prep).as_micros() as u64,
+                    "spawn timings"
+                );
+                r
+            })();
+            (prepared, r, rootfs)
+        })
+        .await
+        .map_err(|e| WorkloadError::Precondition(format!("spawn task: {e}")))?;
+        // On failure `rootfs` is dropped here, and its directories with it.
+        let child = child?;
+        tracing::debug!(
+            total_us = t_spawn.elapsed().as_micros() as u64,
+            "run timings"
+        );
+        let Prepared {
+            stdin,
+            stdin_data,
+            stdout,
+            stderr,
+            argv,
+            ..
+        } = prepared;
+        drop((stdin, stdout.1, stderr.1));
+        let _ = argv;
+        let log = Arc::new(Log::new(Some(
+            self.logs_dir
+                .join(spec.cell.as_str())
+                .join(format!("{name}.log")),
+        )));
+        let pumps = [
+            tokio::spawn(output::pump(
+                stdout.0,
+                log.clone(),
+                Stream::Stdout,
+                log_failure(&self.events, &spec.cell, &name),
+            )),
+            tokio::spawn(output::pump(
+                stderr.0,
+                log.clone(),
+                Stream::Stderr,
+                log_failure(&self.events, &spec.cell, &name),
+            )),
+        ];
+        if let Some((w, data)) = stdin_data {
+            tokio::spawn(output::feed(w, data));
+        }
+        {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for p in pumps {
+                    let _ = p.await;
+                }
+                log.close();
+            });
+        }
+        let exe = Arc::new(Executable {
+            cell: spec.cell.clone(),
+            name: name.clone(),
+            argv: spec.argv.clone(),
+            pid: child.pid,
+            pidfd: child.pidfd.clone(),
+            rootfs,
+            image_digest,
+            started_at: SystemTime::now(),
+            log,
+            state: watch::channel(State {
+                phase: pb::Phase::Running,
+                exit: None,
+            })
+            .0,
+        });
+        if let Ok(mut inner) = cell.inner.lock() {
+            inner.executables.insert(name.clone(), exe.clone());
+        }
+        let id = format!("{}/{}", spec.cell, name);
+        self.events.emit(
+            pb::Kind::Executable,
+            &id,
+            pb::EventType::Started,
+            format!("pid {}", child.pid),
+        );
+        tokio::spawn(supervise(
+            self.events.clone(),
+            oom,
+            exe.clone(),
+            child.exit,
+            id,
+        ));
+        Ok(exe.status())
+    }
+
+    /// Fixes (or checks) whether the cell's tree runs containers or plain executables;
+    /// see `Inner::runs_containers`. `spec.allow_mixed_cell` skips the check.
+    fn claim_kind(&self, spec: &ExecutableSpec) -> Result<(), WorkloadError> {
+        if spec.allow_mixed_cell {
+            return Ok(());
+        }
+        let top = spec.cell.as_str().split('/').next().unwrap_or_default();
+        let top = CellName::parse("cell", top)?;
+        let root = self.find(&top)?;
+        let container = spec.container.is_some();
+        let mut inner = root
+            .inner
+            .lock()
+            .map_err(|_| WorkloadError::Precondition("cell lock poisoned".into()))?;
+        match inner.runs_containers {
+            None => inner.runs_containers = Some(container),
+            Some(c) if c != container => {
+                let (has, wants) = if c {
+                    ("containers", "a plain executable")
+                } else {
+                    ("plain executables", "a container")
+                };
+                return Err(WorkloadError::Precondition(format!(
+                    "cell {:?} runs {has}: {wants} in the same PID namespace would let a container reach the host's files through /proc/<pid>/root; use another cell (mixing needs a grant that allows host namespaces)",
+                    top.as_str()
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn generated_name(&self, argv0: &str) -> Result<Label, WorkloadError> {
+        let base: String = argv0
+            .rsplit('/')
+            .next()
+            .unwrap_or("exe")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(40)
+            .collect();
+        let base = base.trim_matches('-');
+        let base = if base.is_empty() { "exe" } else { base };
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Label::parse("name", &format!("{base}-{n}"))?)
+    }
+
+    pub fn executable(&self, r: &executable::ExecutableRef) -> Result<Arc<Executable>, WorkloadError> {
+        let cell = self.find(&r.cell)?;
+        let inner = cell
+            .inner
+            .lock()
+            .map_err(|_| WorkloadError::Precondition("cell lock poisoned".into()))?;
+        inner.executables.get(&r.name).cloned().ok_or_else(|| {
+            WorkloadError::NotFound(format!(
+                "executable {:?} does not exist in cell {:?}",
+                r.name.as_str(),
+                r.cell.as_str()
+            ))
+        })
+    }
+
+    pub fn executables(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::ExecutableStatus> {
+        let cells = self.snapshot();
+        cells
+            .iter()
+            .filter(|c| visible(c.spec.name.as_str()))
+            .flat_map(|c| c.executables())
+            .map(|e| e.status())
+            .collect()
+    }
+
+    /// Forgets an exited executable.
+    pub fn free_executable(&self, r: &executable::ExecutableRef) -> Result<(), WorkloadError> {
+        let exe = self.executable(r)?;
+        if !exe.exited() {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} is still running: stop it first",
+                r.cell.as_str(),
+                r.name.as_str()
+            )));
+        }
+        let cell = self.find(&r.cell)?;
+        if let Ok(mut inner) = cell.inner.lock() {
+            inner.executables.remove(&r.name);
+        }
+        let _ = exe.log.remove_files();
+        Ok(())
+    }
+}
+
+/// Reports a failed log write of executable `cell/name` as a FAILED event (the process
+/// keeps running; its status message says so too).
+fn log_failure(
+    events: &Arc<EventBus>,
+    cell: &CellName,
+    name: &Label,
+) -> impl Fn(String) + Send + 'static {
+    let events = events.clone();
+    let id = format!("{cell}/{name}");
+    move |e| {
+        warn!(executable = %id, "log write failed: {e}");
+        events.emit(
+            pb::Kind::Executable,
+            &id,
+            pb::EventType::Failed,
+            format!("output is not reaching the log file: {e}"),
+        );
+    }
+}
+
+/// A failed spawn; for a container, the failing item named in the message.
+fn container_error(args: Option<&crate::container::Args>, source: SpawnError) -> WorkloadError {
+    let what = match (&source, args) {
+        (
+            SpawnError::Child {
+                step,
+                index: Some(i),
+                ..
+            },
+            Some(a),
+        ) => match a.describe(*step, *i) {
+            Some(item) => format!("starting the container ({item})"),
+            None => "starting the container".into(),
+        },
+        (_, Some(_)) => "starting the container".into(),
+        _ => "starting the executable".into(),
+    };
+    WorkloadError::Spawn { what, source }
+}
+
+/// Waits for an executable's exit and records it. A SIGKILL while the cell's OOM-kill
+/// counter (memory.events) moved since the executable started is attributed to the OOM
+/// killer, and the event names the victim.
+async fn supervise(
+    events: Arc<EventBus>,
+    oom: Option<(Arc<dyn CgroupTree>, CellName, u64)>,
+    exe: Arc<Executable>,
+    exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+    id: String,
+) {
+    let status = exit.await.unwrap_or(ExitStatus::Signal(nix::libc::SIGKILL));
+    let oom_killed = status == ExitStatus::Signal(nix::libc::SIGKILL)
+        && oom.is_some_and(|(tree, cell, before)| oom_kills(tree.as_ref(), &cell) > before);
+    let e = Exit {
+        status,
+        oom_killed,
+        at: SystemTime::now(),
+    };
+    exe.state.send_replace(State {
+        phase: pb::Phase::Exited,
+        exit: Some(e),
+    });
+    let (ty, msg) = if oom_killed {
+        (
+            pb::EventType::OomKilled,
+            format!("OOM-killed: pid {} {:?}", exe.pid, exe.argv),
+        )
+    } else {
+        (pb::EventType::Exited, format!("{status:?}"))
+    };
+    events.publish(pb::Event {
+        kind: pb::Kind::Executable as i32,
+        name: id,
+        r#type: ty as i32,
+        exit: Some(e.to_proto()),
+        victim_pid: if oom_killed { exe.pid } else { 0 },
+        victim_command: if oom_killed {
+            exe.argv.join(" ")
+        } else {
+            String::new()
+        },
+        message: msg,
+        ..Default::default()
+    });
+}

@@ -1,0 +1,111 @@
+//! RunCell: allocate a cell, start its container, free the cell if the container cannot
+//! start. The caller has authorized everything and resolved the container's plan.
+
+use std::{sync::Arc, time::Instant};
+
+use aurae_proto::runtime::v0 as pb;
+
+use crate::{
+    cell::{CellSpec, Cells},
+    container::{ContainerSpec, Plan},
+    executable::ExecutableSpec,
+    spec::Label,
+    workload::WorkloadError,
+};
+
+/// What the caller's grant allows the container (never from the request).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub allow_new_privileges: bool,
+    pub allow_mixed_cell: bool,
+}
+
+/// A new cell `cell` running `container` (resolved as `plan`); the cell's status.
+pub async fn run_cell(
+    cells: &Arc<Cells>,
+    cell: CellSpec,
+    container: ContainerSpec,
+    plan: Plan,
+    options: Options,
+) -> Result<pb::CellStatus, WorkloadError> {
+    let name = cell.name.clone();
+    let mut exe = ExecutableSpec {
+        cell: name.clone(),
+        name: Some(container_name(&container.image)),
+        argv: Vec::new(),
+        env: Vec::new(),
+        working_dir: "/".into(),
+        uid: None,
+        gid: None,
+        stdin: Vec::new(),
+        allow_new_privileges: options.allow_new_privileges,
+        allow_mixed_cell: options.allow_mixed_cell,
+        container: Some(container),
+    };
+    exe.apply_plan(&plan);
+    let t0 = Instant::now();
+    cells.allocate(cell).await?;
+    let t_alloc = t0.elapsed();
+    if let Err(e) = cells.run(exe, Some(plan)).await {
+        // Nothing stays behind from a container that could not start.
+        if let Err(free) = cells.free(&name).await {
+            tracing::warn!(cell = %name, "freeing after a failed RunCell: {free}");
+        }
+        return Err(e);
+    }
+    tracing::debug!(
+        cell = %name,
+        allocate_us = t_alloc.as_micros() as u64,
+        start_us = (t0.elapsed() - t_alloc).as_micros() as u64,
+        "RunCell timings"
+    );
+    cells.get(&name)
+}
+
+/// The container's executable name in a RunCell cell: the image's last path component.
+fn container_name(image: &str) -> Label {
+    let base: String = image
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .split([':', '@'])
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    Label::parse("name", base.trim_matches('-'))
+        .or_else(|_| Label::parse("name", "container"))
+        .unwrap_or_else(|_| unreachable_label())
+}
+
+#[allow(clippy::panic)]
+fn unreachable_label() -> Label {
+    // "container" is a valid label; this is never reached.
+    panic!("\"container\" is not a label")
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_names_come_from_the_image() {
+        for (image, want) in [
+            ("127.0.0.1:5000/aurae/busybox:v1", "busybox"),
+            ("ghcr.io/x/My_App@sha256:abc", "my-app"),
+            ("reg/---", "container"),
+            ("reg/a.b.c:1", "a-b-c"),
+        ] {
+            assert_eq!(container_name(image).as_str(), want, "{image}");
+        }
+    }
+}

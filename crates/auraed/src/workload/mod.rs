@@ -1,0 +1,24 @@
+//! The workload seam: what cells, containers and VMs share below them, and nothing of
+//! theirs. The cgroup tree ([`cgroup`]), the one error type ([`WorkloadError`]), host
+//! paths resolved once ([`host_path`]), a child's output captured into a bounded log
+//! ([`log`], [`output`]), watching what runs ([`supervise`]) and the layout of auraed's
+//! cgroup root ([`layout`]).
+//!
+//! Layers, bottom to top (checked by `cargo xtask deps`): `workload` → `image` →
+//! `container` → `executable` → `cell` → `vm` → `instance`/`pod` → `compose` → `api` →
+//! `server`. A module imports only from modules below it.
+
+pub mod cgroup;
+pub mod error;
+pub mod host_path;
+pub mod log;
+pub mod output;
+pub mod supervise;
+
+pub use error::WorkloadError;
+
+/// Names in auraed's cgroup root.
+pub mod layout {
+    /// The cgroup group every VMM lives under (a name cells may not take).
+    pub const VM_GROUP: &str = "vms";
+}

@@ -1,0 +1,54 @@
+//! Watching what runs: a cgroup draining after a kill, its OOM-kill counter, a child's
+//! readiness report.
+
+use std::{os::fd::OwnedFd, time::{Duration, Instant}};
+
+use super::cgroup::CgroupTree;
+use crate::spec::CellName;
+
+/// Reads a child's readiness report from `fd`, waiting at most `timeout` (empty if
+/// none came).
+pub fn read_report(fd: OwnedFd, timeout: Duration) -> String {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::Read;
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(&fd),
+        PollFlags::POLLIN,
+    )];
+    if !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = std::fs::File::from(fd).read_to_string(&mut s);
+    s
+}
+
+/// Polls `populated` until the cell is empty; `false` on timeout.
+pub async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !tree.populated(name).unwrap_or(false) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        // cgroup.kill is synchronous for signal delivery; exits follow within a few
+        // hundred microseconds, so poll finely.
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// The cgroup's OOM-kill count (`memory.events oom_kill`); 0 without the memory
+/// controller.
+pub fn oom_kills(tree: &dyn CgroupTree, name: &CellName) -> u64 {
+    tree.read(name, "memory.events")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
