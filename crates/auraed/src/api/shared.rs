@@ -15,8 +15,8 @@ use super::{
     status::{Capability, invalid, not_built},
 };
 use crate::{
-    executable::logs::{self, Log},
     spec::{DEFAULT_GRACE, FieldError, Label, MAX_GRACE, duration, name_prefix},
+    workload::log::{self, Log},
 };
 
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -77,8 +77,8 @@ pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStre
                 let chunk = pb::LogChunk {
                     offset: c.offset,
                     stream: match c.stream {
-                        logs::Stream::Stdout => pb::LogStream::Stdout,
-                        logs::Stream::Stderr => pb::LogStream::Stderr,
+                        log::Stream::Stdout => pb::LogStream::Stdout,
+                        log::Stream::Stderr => pb::LogStream::Stderr,
                     } as i32,
                     data: c.data,
                     at: Some(c.at.into()),
@@ -285,11 +285,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_streams_from_an_offset_and_ends_with_the_output() {
-        let log = Arc::new(Log::new(None));
-        log.append(logs::Stream::Stdout, b"hello ");
-        log.append(logs::Stream::Stderr, b"world");
-        log.close();
-        let chunks: Vec<pb::LogChunk> = log_stream(log.clone(), 3, true)
+        let out = Arc::new(Log::new(None));
+        out.append(log::Stream::Stdout, b"hello ");
+        out.append(log::Stream::Stderr, b"world");
+        out.close();
+        let chunks: Vec<pb::LogChunk> = log_stream(out.clone(), 3, true)
             .map(|c| c.unwrap())
             .collect()
             .await;
@@ -304,7 +304,7 @@ mod tests {
                 (6, pb::LogStream::Stderr as i32, &b"world"[..]),
             ]
         );
-        let past_the_end: Vec<_> = log_stream(log, 11, false).collect().await;
+        let past_the_end: Vec<_> = log_stream(out, 11, false).collect().await;
         assert!(past_the_end.is_empty());
     }
 }
