@@ -57,6 +57,25 @@ impl Pidfd {
         }
     }
 
+    /// `pidfd_getfd(pidfd, target_fd, 0)`: a duplicate of the process's fd `target_fd`
+    /// (the same open file description, like `dup`), close-on-exec. Needs ptrace access to
+    /// the process (`PTRACE_MODE_ATTACH_REALCREDS`: root, or our own uid under Yama's
+    /// default scope for a descendant); `EBADF` when `target_fd` is not open there, `ESRCH`
+    /// once it has exited (Linux 5.6).
+    pub fn get_fd(&self, target_fd: RawFd) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd takes a live pidfd we own, an fd number that the kernel
+        // looks up in the target's table (any value is safe to pass), and flags 0; it
+        // returns a new fd or -1. No memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), target_fd, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+        // SAFETY: the kernel just installed this fd in our table for us (close-on-exec,
+        // as pidfd_getfd always does); nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
     /// Reaps the process if it has exited (`waitid(P_PIDFD, WEXITED|WNOHANG)`); `None`
     /// while it runs. Only for our own children.
     pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
@@ -179,5 +198,32 @@ mod tests {
     fn pidfd_of_self_signals_zero() {
         let me = Pidfd::open(i32::try_from(std::process::id()).unwrap()).unwrap();
         me.send_signal(0).unwrap();
+    }
+
+    /// A duplicate of one of our own fds through our own pidfd: the same pipe,
+    /// close-on-exec; a number that is not open is EBADF.
+    #[test]
+    fn get_fd_duplicates_an_fd_of_the_process() {
+        use std::io::{Read, Write};
+        let me = Pidfd::open(i32::try_from(std::process::id()).unwrap()).unwrap();
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: pipe2 just returned these two fds to us; each is owned once.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let dup = me.get_fd(w.as_raw_fd()).unwrap();
+        assert_ne!(dup.as_raw_fd(), w.as_raw_fd());
+        // SAFETY: F_GETFD only reads the flags of an fd we own.
+        let flags = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETFD) };
+        assert!(flags >= 0 && flags & libc::FD_CLOEXEC != 0, "{flags}");
+        drop(w);
+        std::fs::File::from(dup)
+            .write_all(b"through the dup")
+            .unwrap();
+        let mut got = String::new();
+        std::fs::File::from(r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "through the dup");
+        let err = me.get_fd(0x3fff_0000).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
     }
 }

@@ -147,10 +147,16 @@ impl Daemon {
     /// `kill -9` auraed (its workloads are not told), then starts it again with the same
     /// arguments (state directory, cgroup root, socket, PKI) and waits until it serves.
     pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        self.crash_and_restart_after(Duration::ZERO).await
+    }
+
+    /// [`Daemon::crash_and_restart`], with auraed down for `down` in between.
+    pub async fn crash_and_restart_after(&mut self, down: Duration) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
             c.kill()?; // SIGKILL
             c.wait()?;
         }
+        tokio::time::sleep(down).await;
         self.start_again().await
     }
 

@@ -86,6 +86,13 @@ fn main() -> ExitCode {
     if raw.get(1).is_some_and(|a| a == auraed::vm::vmm::VMM_ARG) {
         return auraed::vm::vmm::main();
     }
+    // And the holder of the executables' output pipes (one per daemon, outlives a crash).
+    if raw
+        .get(1)
+        .is_some_and(|a| a == auraed::workload::holder::HOLDER_ARG)
+    {
+        return auraed::workload::holder::holder_main();
+    }
     // As PID 1 of a machine, the kernel's command line configures us, not flags (the
     // kernel may hand init arguments we do not know): never exit, never panic.
     if std::process::id() == 1 && !raw.iter().any(|a| a == "--no-pid1") {

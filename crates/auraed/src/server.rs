@@ -324,60 +324,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let reaper = Arc::new(crate::reaper::Reaper::default());
     tokio::spawn(reaper.clone().run());
     let events = Arc::new(crate::events::EventBus::default());
-    let tree = open_cgroups(cfg.cgroup_root.as_deref());
-    match &tree {
-        Ok(t) => {
-            info!(root = %t.root().display(), controllers = ?crate::workload::cgroup::CgroupTree::controllers(t.as_ref()), "cells use cgroup v2")
-        }
-        Err(reason) => warn!("cells are unavailable: {reason}"),
-    }
-    // What a previous auraed left running is killed and removed, each one reported
-    // (Daemon/Info warnings and a FREED event); nothing records it, so nothing can be
-    // re-adopted yet.
     let mut warnings = cfg.warnings.clone();
-    if let Ok(t) = &tree {
-        for w in t.sweep_leftovers() {
-            events.emit(
-                aurae_proto::runtime::v0::Kind::Cell,
-                "",
-                aurae_proto::runtime::v0::EventType::Freed,
-                w.clone(),
-            );
-            warnings.push(w);
-        }
-    }
-    let tree = tree.map(|t| t as Arc<dyn crate::workload::cgroup::CgroupTree>);
-    let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
-    let vms = Arc::new(crate::vm::Vms::new(
-        tree.clone(),
-        reaper.clone(),
-        events.clone(),
-        cfg.state_dir.join("logs"),
-        canonical_dirs(&cfg.vm_image_roots, "VM image root"),
-        sealed.clone(),
-    ));
-    let cells = Arc::new(crate::cell::Cells::new(
-        tree,
-        reaper,
-        events.clone(),
-        cfg.state_dir.join("logs"),
-        containers_dir(&cfg.state_dir)?,
-        sealed,
-    ));
-
-    let image_store = Arc::new(crate::image::store::ImageStore::open(&cfg.state_dir)?);
-    for q in image_store.checked_refs().1 {
-        warnings.push(format!(
-            "image reference record {q} is unreadable and quarantined in {}: image garbage collection is off until it is removed",
-            image_store.quarantine_dir().display()
-        ));
-    }
-    let puller = Arc::new(crate::image::pull::Puller {
-        store: image_store,
-        registry: crate::image::registry::Registry::new(cfg.registry.clone()),
-        limits: crate::image::unpack::Limits::default(),
-        timeout: cfg.registry.timeout,
-    });
+    let (cells, vms, puller) =
+        wire_workloads(&cfg, &events, reaper, &store, &mut warnings).await?;
 
     let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
     let ctx = ApiContext {
@@ -743,15 +692,137 @@ enum Pending {
     Tcp(TcpStream),
 }
 
-/// `<state>/containers`, emptied: what a previous run left (its containers died with it)
-/// is removed. 0700: upper directories hold the containers' files.
+/// The workload services: the cgroup tree, VMs, cells (with what a previous auraed left
+/// re-adopted from its records, and the rest swept), the image store and puller. What
+/// could not be kept or read is added to `warnings` (Daemon/Info) and emitted as events.
+async fn wire_workloads(
+    cfg: &ServerConfig,
+    events: &Arc<crate::events::EventBus>,
+    reaper: Arc<crate::reaper::Reaper>,
+    store: &Store,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<(
+    Arc<crate::cell::Cells>,
+    Arc<crate::vm::Vms>,
+    Arc<crate::image::pull::Puller>,
+)> {
+    use aurae_proto::runtime::v0::{EventType, Kind};
+    let tree = open_cgroups(cfg.cgroup_root.as_deref());
+    match &tree {
+        Ok(t) => {
+            info!(root = %t.root().display(), controllers = ?crate::workload::cgroup::CgroupTree::controllers(t.as_ref()), "cells use cgroup v2")
+        }
+        Err(reason) => warn!("cells are unavailable: {reason}"),
+    }
+    let fs_tree = tree.as_ref().ok().cloned();
+    let tree = tree.map(|t| t as Arc<dyn crate::workload::cgroup::CgroupTree>);
+    let image_store = Arc::new(crate::image::store::ImageStore::open(&cfg.state_dir)?);
+    for q in image_store.checked_refs().1 {
+        warnings.push(format!(
+            "image reference record {q} is unreadable and quarantined in {}: image garbage collection is off until it is removed",
+            image_store.quarantine_dir().display()
+        ));
+    }
+    let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
+    let vms = Arc::new(crate::vm::Vms::new(
+        tree.clone(),
+        reaper.clone(),
+        events.clone(),
+        cfg.state_dir.join("logs"),
+        canonical_dirs(&cfg.vm_image_roots, "VM image root"),
+        sealed.clone(),
+    ));
+    let containers = containers_dir(&cfg.state_dir)?;
+    // The output holder: keeps copies of executables' pipes so a crash of auraed never
+    // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
+    let holder = {
+        let (sealed, reaper) = (sealed.clone(), reaper.clone());
+        match tokio::task::spawn_blocking(move || {
+            crate::workload::holder::Holder::start(&sealed, &reaper)
+        })
+        .await
+        {
+            Ok(Ok(h)) => Some(Arc::new(h)),
+            Ok(Err(e)) => {
+                warnings.push(format!(
+                    "the output holder did not start ({e}): executables' output will not survive a crash of auraed"
+                ));
+                None
+            }
+            Err(e) => {
+                warnings.push(format!("the output holder did not start: {e}"));
+                None
+            }
+        }
+    };
+    let cells = Arc::new(crate::cell::Cells::new(
+        tree,
+        reaper,
+        events.clone(),
+        cfg.state_dir.join("logs"),
+        containers.clone(),
+        sealed,
+        Some(store.clone()),
+        Some(image_store.clone()),
+        holder,
+    ));
+    // A previous auraed's cells are served again where their records say how; whatever
+    // else it left under the cgroup root is killed and removed, each one reported.
+    let found = cells.readopt().await;
+    if !found.cells.is_empty() || found.executables > 0 {
+        info!(
+            cells = found.cells.len(),
+            executables = found.executables,
+            ended_while_down = found.ended,
+            "re-adopted what the previous auraed ran"
+        );
+    }
+    for w in found.warnings {
+        events.emit(Kind::Cell, "", EventType::Failed, w.clone());
+        warnings.push(w);
+    }
+    if let Some(t) = &fs_tree {
+        for w in t.sweep_leftovers(&|name| found.cells.contains(name)) {
+            events.emit(Kind::Cell, "", EventType::Freed, w.clone());
+            warnings.push(w);
+        }
+    }
+    for w in remove_stray_containers(&containers, &cells.container_dirs()) {
+        warnings.push(w);
+    }
+    let puller = Arc::new(crate::image::pull::Puller {
+        store: image_store,
+        registry: crate::image::registry::Registry::new(cfg.registry.clone()),
+        limits: crate::image::unpack::Limits::default(),
+        timeout: cfg.registry.timeout,
+    });
+    Ok((cells, vms, puller))
+}
+
+/// Removes every container directory no re-adopted container uses (their containers
+/// died with a previous auraed); one warning per directory that cannot be removed.
+fn remove_stray_containers(dir: &std::path::Path, used: &[PathBuf]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if used.iter().any(|u| u == &p) {
+            continue;
+        }
+        if let Err(err) = std::fs::remove_dir_all(&p) {
+            warnings.push(format!(
+                "container directory {} left by a previous auraed could not be removed: {err}",
+                p.display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// `<state>/containers` (0700: upper directories hold the containers' files); what no
+/// re-adopted container uses is removed after re-adoption ([`remove_stray_containers`]).
 fn containers_dir(state: &std::path::Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = state.join("containers");
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .map_err(|e| anyhow::anyhow!("cleaning {}: {e}", dir.display()))?;
-    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

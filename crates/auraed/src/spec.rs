@@ -28,7 +28,8 @@ pub const MAX_LABEL: usize = 63;
 pub const MAX_DEPTH: usize = 8;
 
 /// One DNS label: `a-z0-9-`, 1..=63, not starting or ending with '-'.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct Label(String);
 
 fn label_reason(s: &str) -> Option<&'static str> {
@@ -68,7 +69,8 @@ impl fmt::Display for Label {
 }
 
 /// A cell's path: labels joined by '/', e.g. `web` or `web/api`; at most 8 deep.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct CellName(String);
 
 impl CellName {
@@ -213,6 +215,21 @@ pub fn abs_path(field: &str, s: &str) -> Result<std::path::PathBuf, FieldError> 
     Ok(std::path::PathBuf::from(s))
 }
 
+/// Names read back from a record are validated again, as if a client had sent them.
+impl<'de> serde::Deserialize<'de> for Label {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Label::parse("label", &s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CellName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        CellName::parse("cell name", &s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,3 +277,4 @@ mod tests {
         assert!(name_prefix("p", "../x").is_err());
     }
 }
+

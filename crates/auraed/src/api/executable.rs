@@ -138,7 +138,7 @@ fn process_stats(e: &Executable) -> pb::ResourceStats {
     }
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", e.pid)).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{}/status", e.pid)).unwrap_or_default();
-    if e.pidfd.send_signal(0).is_err() {
+    if e.pidfd.as_ref().is_none_or(|p| p.send_signal(0).is_err()) {
         return pb::ResourceStats::default();
     }
     proc_stats(&stat, &status)

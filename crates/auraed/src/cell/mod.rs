@@ -2,6 +2,7 @@
 
 pub mod init;
 pub mod limits;
+pub mod record;
 pub mod registry;
 mod state;
 mod run;

@@ -71,6 +71,12 @@ pub struct Cells {
     ops: tokio::sync::Mutex<()>,
     sealed: Arc<aurae_sys::memfd::SealedSelf>,
     pub(super) counter: AtomicU64,
+    /// Durable records of cells and executables (see [`super::record`]).
+    pub(super) recorder: super::record::Recorder,
+    /// The image store, for re-pinning the layers of containers found after a restart.
+    pub(super) images: Option<Arc<crate::image::store::ImageStore>>,
+    /// Keeps copies of executables' output read ends (see [`crate::workload::holder`]).
+    pub(super) holder: Option<Arc<crate::workload::holder::Holder>>,
 }
 
 impl Cells {
@@ -83,10 +89,14 @@ impl Cells {
         logs_dir: PathBuf,
         containers_dir: PathBuf,
         sealed: Arc<aurae_sys::memfd::SealedSelf>,
+        store: Option<crate::store::Store>,
+        images: Option<Arc<crate::image::store::ImageStore>>,
+        holder: Option<Arc<crate::workload::holder::Holder>>,
     ) -> Self {
         Self {
             tree,
             reaper,
+            recorder: super::record::Recorder::new(store, events.clone()),
             events,
             logs_dir,
             containers_dir,
@@ -94,6 +104,26 @@ impl Cells {
             ops: tokio::sync::Mutex::new(()),
             sealed,
             counter: AtomicU64::new(0),
+            images,
+            holder,
+        }
+    }
+
+    /// The directories of the containers this registry holds (for the start-up cleanup).
+    pub fn container_dirs(&self) -> Vec<PathBuf> {
+        self.snapshot()
+            .iter()
+            .flat_map(|c| c.executables())
+            .filter_map(|e| e.rootfs.as_ref().map(|r| r.path().to_owned()))
+            .collect()
+    }
+
+    /// Pins `layers` against image garbage collection (a container found again after a
+    /// restart); a no-op pin without an image store.
+    pub(super) fn pin_layers(&self, layers: &[String]) -> crate::image::store::Pin {
+        match &self.images {
+            Some(s) => s.pin(layers),
+            None => crate::image::store::Pin::none(),
         }
     }
 
@@ -295,6 +325,7 @@ impl Cells {
         if let Ok(mut c) = self.cells.lock() {
             c.insert(cell.spec.name.clone(), cell.clone());
         }
+        self.recorder.cell(&cell.record());
         info!(cell = %cell.spec.name, init_pid = ?cell.init_pid(), namespaces = %ns.describe(), "cell allocated");
         self.events.emit(
             pb::Kind::Cell,
@@ -464,6 +495,7 @@ impl Cells {
         }
         for c in &family {
             c.set_phase(pb::Phase::Exited, "stopped");
+            self.recorder.cell(&c.record());
         }
         self.events
             .emit(pb::Kind::Cell, name.as_str(), pb::EventType::Stopped, "");
@@ -495,9 +527,11 @@ impl Cells {
                 )));
             }
             tree.remove(&n)?;
-            if let Ok(mut c) = self.cells.lock() {
-                c.remove(&n);
+            let removed = self.cells.lock().ok().and_then(|mut c| c.remove(&n));
+            for e in removed.iter().flat_map(|c| c.executables()) {
+                self.recorder.forget_executable(&e.cell, &e.name);
             }
+            self.recorder.forget_cell(&n);
             let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
             self.events
                 .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
@@ -567,12 +601,18 @@ impl Cells {
         if let Ok(t) = &self.tree {
             t.release();
         }
+        // Nothing is left to hold: a clean stop leaves no holder behind.
+        if let Some(h) = &self.holder
+            && let Err(e) = h.kill()
+        {
+            warn!("stopping the output holder: {e}");
+        }
     }
 }
 
 
 /// Reports OOM kills in a cell (memory.events), while it exists.
-async fn watch_oom(cells: Arc<Cells>, cell: Arc<Cell>, tree: Arc<dyn CgroupTree>) {
+pub(super) async fn watch_oom(cells: Arc<Cells>, cell: Arc<Cell>, tree: Arc<dyn CgroupTree>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if cells.find(&cell.spec.name).is_err() {

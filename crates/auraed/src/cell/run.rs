@@ -93,6 +93,7 @@ impl Cells {
         let cell2 = cell.clone();
         let containers_dir = self.containers_dir.clone();
         let image_digest = container.as_ref().map(|p| p.image.digest.clone());
+        let image_layers = container.as_ref().map(|p| p.image.layers.clone());
         let t_spawn = Instant::now();
         let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
             let mut rootfs = None;
@@ -165,6 +166,10 @@ impl Cells {
         } = prepared;
         drop((stdin, stdout.1, stderr.1));
         let _ = argv;
+        // The holder keeps copies of the read ends: a crash of auraed never leaves the
+        // workload writing into a pipe nobody can read (SIGPIPE), and a restarted auraed
+        // takes them back.
+        let held = self.hold_output(&spec.cell, &name, [&stdout.0, &stderr.0]);
         let log = Arc::new(Log::new(Some(
             self.logs_dir
                 .join(spec.cell.as_str())
@@ -187,21 +192,22 @@ impl Cells {
         if let Some((w, data)) = stdin_data {
             tokio::spawn(output::feed(w, data));
         }
-        {
-            let log = log.clone();
-            tokio::spawn(async move {
-                for p in pumps {
-                    let _ = p.await;
-                }
-                log.close();
-            });
-        }
+        tokio::spawn(self.close_after(pumps.into(), log.clone(), held.clone()));
         let exe = Arc::new(Executable {
             cell: spec.cell.clone(),
             name: name.clone(),
             argv: spec.argv.clone(),
             pid: child.pid,
-            pidfd: child.pidfd.clone(),
+            pidfd: Some(child.pidfd.clone()),
+            held,
+            container_record: match (&rootfs, &image_digest, image_layers) {
+                (Some(r), Some(d), Some(layers)) => Some(super::record::ContainerRecord {
+                    dir: r.path().to_owned(),
+                    image_digest: d.clone(),
+                    layers,
+                }),
+                _ => None,
+            },
             rootfs,
             image_digest,
             started_at: SystemTime::now(),
@@ -215,6 +221,8 @@ impl Cells {
         if let Ok(mut inner) = cell.inner.lock() {
             inner.executables.insert(name.clone(), exe.clone());
         }
+        let process = crate::workload::process::ProcRef::of(child.pid).ok();
+        self.recorder.executable(&exe.record(process));
         let id = format!("{}/{}", spec.cell, name);
         self.events.emit(
             pb::Kind::Executable,
@@ -224,12 +232,66 @@ impl Cells {
         );
         tokio::spawn(supervise(
             self.events.clone(),
+            self.recorder.clone(),
+            process,
             oom,
             exe.clone(),
             child.exit,
             id,
         ));
         Ok(exe.status())
+    }
+
+    /// Gives the holder copies of an executable's output read ends; `None` (reported)
+    /// when there is no holder or it does not answer: the executable still runs, but its
+    /// output would not survive a crash of auraed.
+    pub(super) fn hold_output(
+        &self,
+        cell: &CellName,
+        name: &Label,
+        fds: [&std::os::fd::OwnedFd; 2],
+    ) -> Option<super::record::HeldOutput> {
+        use std::os::fd::AsFd;
+        let h = self.holder.as_ref()?;
+        match h.hold(&[fds[0].as_fd(), fds[1].as_fd()]) {
+            Ok(numbers) => Some(super::record::HeldOutput {
+                holder: h.proc(),
+                fds: numbers,
+            }),
+            Err(e) => {
+                let id = super::record::executable_key(cell, name);
+                warn!(executable = %id, "the output holder did not take its pipes: {e}");
+                self.events.emit(
+                    pb::Kind::Executable,
+                    &id,
+                    pb::EventType::Failed,
+                    format!("its output would not survive an auraed crash: the holder did not take it ({e})"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Once the pumps reach EOF: the log is complete, and the holder lets go of its
+    /// copies of the pipes.
+    pub(super) fn close_after(
+        &self,
+        pumps: Vec<tokio::task::JoinHandle<()>>,
+        log: Arc<Log>,
+        held: Option<super::record::HeldOutput>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let holder = self.holder.clone();
+        async move {
+            for p in pumps {
+                let _ = p.await;
+            }
+            log.close();
+            if let (Some(h), Some(held)) = (holder, held)
+                && held.holder == h.proc()
+            {
+                let _ = tokio::task::spawn_blocking(move || h.release(&held.fds)).await;
+            }
+        }
     }
 
     /// Fixes (or checks) whether the cell's tree runs containers or plain executables;
@@ -247,7 +309,11 @@ impl Cells {
             .lock()
             .map_err(|_| WorkloadError::Precondition("cell lock poisoned".into()))?;
         match inner.runs_containers {
-            None => inner.runs_containers = Some(container),
+            None => {
+                inner.runs_containers = Some(container);
+                drop(inner);
+                self.recorder.cell(&root.record());
+            }
             Some(c) if c != container => {
                 let (has, wants) = if c {
                     ("containers", "a plain executable")
@@ -325,13 +391,14 @@ impl Cells {
             inner.executables.remove(&r.name);
         }
         let _ = exe.log.remove_files();
+        self.recorder.forget_executable(&r.cell, &r.name);
         Ok(())
     }
 }
 
 /// Reports a failed log write of executable `cell/name` as a FAILED event (the process
 /// keeps running; its status message says so too).
-fn log_failure(
+pub(super) fn log_failure(
     events: &Arc<EventBus>,
     cell: &CellName,
     name: &Label,
@@ -374,6 +441,8 @@ fn container_error(args: Option<&crate::container::Args>, source: SpawnError) ->
 /// killer, and the event names the victim.
 async fn supervise(
     events: Arc<EventBus>,
+    recorder: super::record::Recorder,
+    process: Option<crate::workload::process::ProcRef>,
     oom: Option<(Arc<dyn CgroupTree>, CellName, u64)>,
     exe: Arc<Executable>,
     exit: tokio::sync::oneshot::Receiver<ExitStatus>,
@@ -383,7 +452,7 @@ async fn supervise(
     let oom_killed = status == ExitStatus::Signal(nix::libc::SIGKILL)
         && oom.is_some_and(|(tree, cell, before)| oom_kills(tree.as_ref(), &cell) > before);
     let e = Exit {
-        status,
+        status: Some(status),
         oom_killed,
         at: SystemTime::now(),
     };
@@ -391,6 +460,7 @@ async fn supervise(
         phase: pb::Phase::Exited,
         exit: Some(e),
     });
+    recorder.executable(&exe.record(process));
     let (ty, msg) = if oom_killed {
         (
             pb::EventType::OomKilled,

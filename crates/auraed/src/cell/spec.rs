@@ -9,14 +9,14 @@ use crate::{
 };
 
 /// `cpu.max`: `quota_us` per `period_us`; `quota_us = None` is "max".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuMax {
     pub quota_us: Option<u64>,
     pub period_us: u64,
 }
 
 /// `io.max` for one device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoMax {
     pub major: u32,
     pub minor: u32,
@@ -27,7 +27,7 @@ pub struct IoMax {
 }
 
 /// cgroup v2 limits, each already in the unit and range of its file.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     pub cpu_weight: Option<u64>,
     pub cpu_max: Option<CpuMax>,
@@ -189,7 +189,7 @@ impl Limits {
 }
 
 /// Which host namespaces a cell shares (all `false` = fully isolated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Namespaces {
     pub share_host_pid: bool,
     pub share_host_net: bool,
@@ -228,7 +228,7 @@ impl From<Option<pb::CellNamespaces>> for Namespaces {
 }
 
 /// A validated `Cell` request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CellSpec {
     pub name: CellName,
     pub limits: Limits,

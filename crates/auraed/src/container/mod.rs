@@ -184,6 +184,11 @@ pub struct Rootfs {
 }
 
 impl Rootfs {
+    /// The directory of a container found again after an auraed restart.
+    pub fn adopt(dir: PathBuf, pin: Arc<crate::image::store::Pin>) -> Self {
+        Self { dir, _pin: pin }
+    }
+
     /// Creates `<containers_dir>/<id>/{upper,work,rootfs}` (0700 at the top: the upper
     /// directory holds the container's files with the container's owners and modes).
     pub fn create(

@@ -7,7 +7,7 @@ use aurae_proto::runtime::v0 as pb;
 use crate::spec::{FieldError, abs_path, id};
 
 /// A container to run in a cell (RunCell, RunPod).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContainerSpec {
     pub image: String,
     pub entrypoint: Vec<String>,

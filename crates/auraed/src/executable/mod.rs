@@ -23,7 +23,9 @@ use crate::{
 /// How an executable ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exit {
-    pub status: ExitStatus,
+    /// `None`: the process exited while it was not auraed's child (after an auraed
+    /// restart), so its status went to its new parent.
+    pub status: Option<ExitStatus>,
     pub oom_killed: bool,
     pub at: SystemTime,
 }
@@ -31,7 +33,7 @@ pub struct Exit {
 impl Exit {
     pub fn to_proto(&self) -> pb::ExitStatus {
         pb::ExitStatus {
-            how: Some(match self.status {
+            how: self.status.map(|s| match s {
                 ExitStatus::Code(c) => pb::exit_status::How::Code(c),
                 ExitStatus::Signal(s) => pb::exit_status::How::Signal(s),
             }),
@@ -56,11 +58,17 @@ pub struct Executable {
     pub argv: Vec<String>,
     /// Host pid (auraed's namespace).
     pub pid: i32,
-    pub pidfd: Arc<Pidfd>,
+    /// `None` for a process that was already gone when a restarted auraed looked.
+    pub pidfd: Option<Arc<Pidfd>>,
     /// A container's private directories, removed with the executable.
     pub rootfs: Option<crate::container::Rootfs>,
     /// A container's image (manifest digest).
     pub image_digest: Option<String>,
+    /// Where the holder keeps copies of its output pipes' read ends (see
+    /// [`crate::workload::holder`]).
+    pub held: Option<crate::cell::record::HeldOutput>,
+    /// A container's directory and layers, for its record.
+    pub container_record: Option<crate::cell::record::ContainerRecord>,
     pub started_at: SystemTime,
     pub log: Arc<Log>,
     pub state: watch::Sender<State>,
@@ -106,7 +114,10 @@ impl Executable {
         if self.exited() {
             return Ok(false);
         }
-        match self.pidfd.send_signal(signal) {
+        let Some(pidfd) = &self.pidfd else {
+            return Ok(false);
+        };
+        match pidfd.send_signal(signal) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(false),
             Err(e) => Err(e),

@@ -65,6 +65,16 @@ pub struct Pin {
     pins: Arc<Mutex<HashMap<String, usize>>>,
 }
 
+impl Pin {
+    /// A pin of nothing (no image store to pin in).
+    pub fn none() -> Self {
+        Self {
+            layers: Vec::new(),
+            pins: Arc::default(),
+        }
+    }
+}
+
 impl Drop for Pin {
     fn drop(&mut self) {
         let mut g = match self.pins.lock() {

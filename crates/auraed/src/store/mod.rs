@@ -224,6 +224,72 @@ impl Store {
     }
 }
 
+/// The readable records of a kind, and what was wrong with the others.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub records: Vec<(String, T)>,
+    /// One line per record that could not be read: it was moved to `quarantine/<kind>/`
+    /// (never deleted, never ignored in silence).
+    pub quarantined: Vec<String>,
+}
+
+impl Store {
+    /// Every record of `kind`; an unreadable one is moved to `<store>/quarantine/<kind>/`
+    /// and reported, and the others still load.
+    pub fn load<T: DeserializeOwned>(&self, kind: &str) -> Loaded<T> {
+        let dir = self.root.join(kind);
+        let mut loaded = Loaded {
+            records: Vec::new(),
+            quarantined: Vec::new(),
+        };
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                loaded
+                    .quarantined
+                    .push(format!("{}: cannot be listed: {e}", dir.display()));
+                return loaded;
+            }
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let key = stem.replace('.', "/");
+            let why = match self.get::<T>(kind, &key) {
+                Ok(Some(v)) => {
+                    loaded.records.push((key, v));
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(e) => e.to_string(),
+            };
+            let q = self.root.join("quarantine").join(kind);
+            let moved = fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&q)
+                .and_then(|()| fs::rename(&p, q.join(entry.file_name())));
+            loaded.quarantined.push(match moved {
+                Ok(()) => format!(
+                    "record {kind}/{key} is unreadable ({why}): moved to {}",
+                    q.display()
+                ),
+                Err(e) => format!(
+                    "record {kind}/{key} is unreadable ({why}) and could not be quarantined: {e}"
+                ),
+            });
+        }
+        loaded.records.sort_by(|a, b| a.0.cmp(&b.0));
+        loaded
+    }
+}
+
 /// What the store records about each start of auraed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootRecord {
@@ -312,6 +378,21 @@ mod tests {
             s.get::<u32>(kinds::CELL, "web"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn an_unreadable_record_is_quarantined_and_the_rest_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path()).unwrap();
+        s.put(kinds::CELL, "a", &1u32).unwrap();
+        s.put(kinds::CELL, "b", &2u32).unwrap();
+        fs::write(tmp.path().join("store/cell/c.json"), b"{trunc").unwrap();
+        let l = s.load::<u32>(kinds::CELL);
+        assert_eq!(l.records, vec![("a".into(), 1), ("b".into(), 2)]);
+        assert_eq!(l.quarantined.len(), 1, "{:?}", l.quarantined);
+        assert!(l.quarantined[0].contains("cell/c"), "{:?}", l.quarantined);
+        assert!(tmp.path().join("store/quarantine/cell/c.json").exists());
+        assert!(!tmp.path().join("store/cell/c.json").exists());
     }
 
     #[test]

@@ -118,22 +118,47 @@ impl FsTree {
         Ok(tree)
     }
 
-    /// Kills and removes every cgroup a previous auraed left under the root: it ended
-    /// without freeing them (a crash, `kill -9`), and nothing records what they ran, so
-    /// nothing can be served again; left alone they would run on unsupervised, their
-    /// names unusable. Each is reported (returned, and logged as a warning) — never
-    /// silently dropped. Runs at start, before anything is created.
-    pub fn sweep_leftovers(&self) -> Vec<String> {
+    /// Kills and removes every cgroup a previous auraed left under the root that
+    /// `explained` (the cells re-adopted from their records) does not explain: left alone
+    /// they would run on unsupervised, their names unusable. Each is reported (returned,
+    /// and logged as a warning), never dropped in silence. Runs at start, after
+    /// re-adoption and before anything new is created.
+    pub fn sweep_leftovers(&self, explained: &dyn Fn(&str) -> bool) -> Vec<String> {
         let mut swept = Vec::new();
-        let Ok(entries) = fs::read_dir(&self.root) else {
-            return swept;
+        self.sweep_below(&self.root, "", explained, &mut swept);
+        swept
+    }
+
+    /// Sweeps the directories below `dir` (named `prefix`/…) that `explained` does not
+    /// explain; goes down into the ones it does (a cell's leaf is its own).
+    fn sweep_below(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        explained: &dyn Fn(&str) -> bool,
+        swept: &mut Vec<String>,
+    ) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
         };
         for e in entries.flatten() {
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
+            let base = e.file_name().to_string_lossy().into_owned();
+            if base == LEAF {
+                continue;
+            }
+            let name = if prefix.is_empty() {
+                base
+            } else {
+                format!("{prefix}/{base}")
+            };
             let dir = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
+            if explained(&name) {
+                self.sweep_below(&dir, &name, explained, swept);
+                continue;
+            }
             let procs = count_procs(&dir);
             // cgroup.kill takes the whole subtree, nested cells included.
             let _ = fs::write(dir.join("cgroup.kill"), "1");
@@ -144,19 +169,17 @@ impl FsTree {
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            let outcome = remove_tree(&dir);
-            let what = match &outcome {
+            let what = match remove_tree(&dir) {
                 Ok(()) => format!(
-                    "cgroup {name:?} left by a previous auraed: {procs} processes killed, removed"
+                    "cgroup {name:?} left by a previous auraed, explained by no record: {procs} processes killed, removed"
                 ),
                 Err(err) => format!(
-                    "cgroup {name:?} left by a previous auraed: {procs} processes killed, NOT removed: {err}"
+                    "cgroup {name:?} left by a previous auraed, explained by no record: {procs} processes killed, NOT removed: {err}"
                 ),
             };
             tracing::warn!("{what}");
             swept.push(what);
         }
-        swept
     }
 
     fn enable_for_children(&self, dir: &Path) -> Result<(), CgroupError> {

@@ -97,6 +97,18 @@ struct Inner {
     write_error_reported: bool,
 }
 
+/// The file's length and its last `max` bytes.
+fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<(u64, Vec<u8>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let from = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(from))?;
+    let mut tail = Vec::new();
+    f.take(len - from).read_to_end(&mut tail)?;
+    Ok((from + tail.len() as u64, tail))
+}
+
 impl Inner {
     /// Everything the kept chunks cost: buffers plus the queue's slots.
     fn memory(&self) -> usize {
@@ -322,6 +334,33 @@ impl Log {
         }
     }
 
+    /// The log of a process found again after an auraed restart: the newest bytes of its
+    /// file (at most a quarter of the memory bound) are kept for replay at the offsets
+    /// they have in the file, and new output appends after them. The file does not say
+    /// which stream a byte came from: the replayed tail reads as stdout.
+    pub fn resume(path: PathBuf) -> Self {
+        let log = Self::new(Some(path.clone()));
+        match read_tail(&path, (MEMORY_BYTES / 4) as u64) {
+            Ok((len, tail)) => {
+                let mut g = log.lock();
+                let start = len - tail.len() as u64;
+                g.start = start;
+                g.end = len;
+                g.keep(Stream::Stdout, &tail, start);
+                drop(g);
+                log.tx.send_modify(|s| s.0 = len);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log.lock().fail(format!("reading {} back: {e}", path.display())),
+        }
+        log
+    }
+
+    /// The log's file, if it has one.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.lock().file.as_ref().map(|f| f.path.clone())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -447,6 +486,33 @@ impl Log {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_log_replays_the_file_tail_at_its_offsets_and_appends_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let first = Log::new(Some(path.clone()));
+        first.append(Stream::Stdout, b"before the crash\n");
+        drop(first);
+        let log = Log::resume(path.clone());
+        let (chunks, dropped) = log.read_from(0);
+        assert_eq!(dropped, 0);
+        let text: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(text, b"before the crash\n");
+        log.append(Stream::Stderr, b"after\n");
+        let (chunks, _) = log.read_from(17);
+        assert_eq!(chunks[0].offset, 17);
+        assert_eq!(chunks[0].data, b"after\n");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"before the crash\nafter\n".to_vec()
+        );
     }
 }
 

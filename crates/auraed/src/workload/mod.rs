@@ -10,9 +10,11 @@
 
 pub mod cgroup;
 pub mod error;
+pub mod holder;
 pub mod host_path;
 pub mod log;
 pub mod output;
+pub mod process;
 pub mod supervise;
 
 pub use error::WorkloadError;

@@ -24,6 +24,25 @@ pub fn read_report(fd: OwnedFd, timeout: Duration) -> String {
     s
 }
 
+/// Resolves once the process behind `pidfd` has exited (the pidfd polls readable; it
+/// need not be our child), checking ten times a second: only processes found again after
+/// a restart are watched this way (our children's exits come from the reaper).
+pub async fn exited(pidfd: std::sync::Arc<aurae_sys::Pidfd>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(pidfd.as_ref()),
+            PollFlags::POLLIN,
+        )];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => return,
+            Err(nix::errno::Errno::EINTR) | Ok(_) => {}
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls `populated` until the cell is empty; `false` on timeout.
 pub async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -1,0 +1,555 @@
+//! Durable records of cells and executables, and finding them again after a restart.
+//!
+//! Every cell is recorded when it is allocated (and when its tree's kind or its phase
+//! changes), every executable when it starts and when it exits; both are deleted when
+//! freed. A record holds what is needed to find the thing again: the cell's spec and its
+//! init ([`ProcRef`]: pid + start time, so a reused pid is never taken for it), the
+//! executable's process, log file and container directory. Records are written
+//! atomically ([`crate::store::Store`]); a failed write is reported (a FAILED event and a
+//! warning) and the workload runs on: it just would not survive a restart.
+//!
+//! At start, [`Cells::readopt`] reads them back: a cell whose cgroup is still there and
+//! whose init is still the same process is served again with its executables (running
+//! ones re-opened through `pidfd_open`; their later exit is seen through the pidfd, but its
+//! status belongs to their new parent); an executable that ended while auraed was down is
+//! shown as exited. What a record cannot explain is left for the sweep of the cgroup root.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::SystemTime,
+};
+
+use aurae_proto::runtime::v0 as pb;
+use aurae_sys::ExitStatus;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    registry::Cells,
+    spec::CellSpec,
+    state::{Cell, Init, Inner, NsSet},
+};
+use crate::{
+    events::EventBus,
+    executable::{Executable, Exit, State},
+    spec::{CellName, Label},
+    store::{Store, kinds},
+    workload::{log::Log, process::ProcRef},
+};
+
+/// What is recorded of a cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellRecord {
+    pub spec: CellSpec,
+    pub created_at: SystemTime,
+    /// The cell's init (none for a cell that shares every host namespace).
+    pub init: Option<ProcRef>,
+    pub runs_containers: Option<bool>,
+    /// Set once the cell was stopped: its message.
+    pub stopped: Option<String>,
+}
+
+/// How an executable ended, as recorded.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub at: SystemTime,
+}
+
+impl From<&Exit> for ExitRecord {
+    fn from(e: &Exit) -> Self {
+        Self {
+            code: match e.status {
+                Some(ExitStatus::Code(c)) => Some(c),
+                _ => None,
+            },
+            signal: match e.status {
+                Some(ExitStatus::Signal(s)) => Some(s),
+                _ => None,
+            },
+            oom_killed: e.oom_killed,
+            at: e.at,
+        }
+    }
+}
+
+impl From<&ExitRecord> for Exit {
+    fn from(r: &ExitRecord) -> Self {
+        Self {
+            status: match (r.code, r.signal) {
+                (Some(c), _) => Some(ExitStatus::Code(c)),
+                (None, Some(s)) => Some(ExitStatus::Signal(s)),
+                (None, None) => None,
+            },
+            oom_killed: r.oom_killed,
+            at: r.at,
+        }
+    }
+}
+
+/// A container's private directory and the image layers it pins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub dir: PathBuf,
+    pub image_digest: String,
+    pub layers: Vec<String>,
+}
+
+/// The holder that keeps copies of an executable's output read ends, and their numbers
+/// there (stdout, stderr).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldOutput {
+    pub holder: crate::workload::holder::ProcRef,
+    pub fds: Vec<i32>,
+}
+
+/// What is recorded of an executable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutableRecord {
+    pub cell: CellName,
+    pub name: Label,
+    pub argv: Vec<String>,
+    /// `None` when the process was gone before it could be looked at.
+    pub process: Option<ProcRef>,
+    pub started_at: SystemTime,
+    pub log: PathBuf,
+    pub container: Option<ContainerRecord>,
+    pub exit: Option<ExitRecord>,
+    /// Where its output pipes are held (none: they did not survive the crash).
+    #[serde(default)]
+    pub output: Option<HeldOutput>,
+}
+
+/// The store key of an executable: `cell/name` (its own kind directory, so it never
+/// meets a cell's key).
+pub fn executable_key(cell: &CellName, name: &Label) -> String {
+    format!("{cell}/{name}")
+}
+
+/// Writes and deletes records; a failure is reported, never fatal.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    store: Option<Store>,
+    events: Arc<EventBus>,
+}
+
+impl Recorder {
+    /// `store: None` records nothing (unit tests, or a daemon without a state store).
+    pub fn new(store: Option<Store>, events: Arc<EventBus>) -> Self {
+        Self { store, events }
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    fn report(&self, kind: pb::Kind, name: &str, what: &str, e: &dyn std::fmt::Display) {
+        warn!(resource = name, "{what}: {e}");
+        self.events.emit(
+            kind,
+            name,
+            pb::EventType::Failed,
+            format!("{what} ({e}): it would not be found again after an auraed restart"),
+        );
+    }
+
+    pub fn cell(&self, r: &CellRecord) {
+        let Some(s) = &self.store else { return };
+        let name = r.spec.name.as_str();
+        if let Err(e) = s.put(kinds::CELL, name, r) {
+            self.report(pb::Kind::Cell, name, "the cell's record could not be written", &e);
+        }
+    }
+
+    pub fn forget_cell(&self, name: &CellName) {
+        let Some(s) = &self.store else { return };
+        if let Err(e) = s.delete(kinds::CELL, name.as_str()) {
+            self.report(pb::Kind::Cell, name.as_str(), "the cell's record could not be deleted", &e);
+        }
+    }
+
+    pub fn executable(&self, r: &ExecutableRecord) {
+        let Some(s) = &self.store else { return };
+        let key = executable_key(&r.cell, &r.name);
+        if let Err(e) = s.put(kinds::EXECUTABLE, &key, r) {
+            self.report(
+                pb::Kind::Executable,
+                &key,
+                "the executable's record could not be written",
+                &e,
+            );
+        }
+    }
+
+    pub fn forget_executable(&self, cell: &CellName, name: &Label) {
+        let Some(s) = &self.store else { return };
+        let key = executable_key(cell, name);
+        if let Err(e) = s.delete(kinds::EXECUTABLE, &key) {
+            self.report(
+                pb::Kind::Executable,
+                &key,
+                "the executable's record could not be deleted",
+                &e,
+            );
+        }
+    }
+}
+
+impl Cell {
+    /// This cell's record as it stands.
+    pub fn record(&self) -> CellRecord {
+        let (runs_containers, stopped) = self
+            .inner
+            .lock()
+            .map(|i| {
+                (
+                    i.runs_containers,
+                    (i.phase != pb::Phase::Running).then(|| i.message.clone()),
+                )
+            })
+            .unwrap_or_default();
+        CellRecord {
+            spec: self.spec.clone(),
+            created_at: self.created_at,
+            init: self.init.as_ref().and_then(|i| ProcRef::of(i.pid).ok()),
+            runs_containers,
+            stopped,
+        }
+    }
+}
+
+impl Executable {
+    /// This executable's record as it stands.
+    pub fn record(&self, process: Option<ProcRef>) -> ExecutableRecord {
+        ExecutableRecord {
+            cell: self.cell.clone(),
+            name: self.name.clone(),
+            argv: self.argv.clone(),
+            process,
+            started_at: self.started_at,
+            log: self.log.path().unwrap_or_default(),
+            container: self.container_record.clone(),
+            exit: self.state.borrow().exit.as_ref().map(ExitRecord::from),
+            output: self.held.clone(),
+        }
+    }
+}
+
+/// What a restart found.
+#[derive(Debug, Default)]
+pub struct Readopted {
+    /// Cells served again (their names: the sweep leaves them alone).
+    pub cells: BTreeSet<String>,
+    pub executables: usize,
+    /// Executables that ended while auraed was down.
+    pub ended: usize,
+    /// What could not be served again, and unreadable records: for Daemon/Info.
+    pub warnings: Vec<String>,
+    /// Holders of a previous auraed whose pipes were taken back: retired at the end.
+    old_holders: Vec<crate::workload::holder::ProcRef>,
+}
+
+impl Cells {
+    /// Serves again what the records of a previous auraed describe (see the module
+    /// documentation). Call once, at start, before the sweep and before serving.
+    pub async fn readopt(self: &Arc<Self>) -> Readopted {
+        let mut out = Readopted::default();
+        let (Some(store), Ok(tree)) = (self.recorder.store().cloned(), self.tree()) else {
+            return out;
+        };
+        let cells = store.load::<CellRecord>(kinds::CELL);
+        let exes = store.load::<ExecutableRecord>(kinds::EXECUTABLE);
+        out.warnings.extend(cells.quarantined);
+        out.warnings.extend(exes.quarantined);
+        let mut by_cell: BTreeMap<String, Vec<ExecutableRecord>> = BTreeMap::new();
+        for (_, r) in exes.records {
+            by_cell.entry(r.cell.to_string()).or_default().push(r);
+        }
+        // Parents sort before their children ("a" < "a/b").
+        for (_, rec) in cells.records {
+            let name = rec.spec.name.clone();
+            let parent = match name.parent() {
+                None => None,
+                Some(p) => match self.find(&p) {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        out.warnings.push(format!(
+                            "cell {name:?}: its parent was not found again; removed"
+                        ));
+                        self.recorder.forget_cell(&name);
+                        continue;
+                    }
+                },
+            };
+            if !tree.path(&name).exists() {
+                out.warnings.push(format!(
+                    "cell {name:?}: its cgroup is gone; its record is removed"
+                ));
+                self.recorder.forget_cell(&name);
+                continue;
+            }
+            let ns = NsSet::of(&rec.spec, parent.is_some());
+            let init = match (&rec.init, ns.any()) {
+                (Some(p), true) => match p.open() {
+                    Ok(Some(pidfd)) => Some(Init {
+                        pid: p.pid,
+                        pidfd: Arc::new(pidfd),
+                    }),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let init_lost = ns.any() && init.is_none();
+            if init_lost && rec.stopped.is_none() {
+                // Its namespaces are gone with the init: what is left cannot be served.
+                let _ = tree.kill(&name);
+                out.warnings.push(format!(
+                    "cell {name:?}: its init exited while auraed was down; its processes were killed"
+                ));
+            }
+            let pid_holder = match (&parent, &init) {
+                (Some(p), _) if !rec.spec.namespaces.share_host_pid => p.pid_holder.clone(),
+                (None, Some(i)) if ns.pid => Some(i.pidfd.clone()),
+                _ => None,
+            };
+            let (phase, message) = match (&rec.stopped, init_lost) {
+                (Some(m), _) => (pb::Phase::Exited, m.clone()),
+                (None, true) => (
+                    pb::Phase::Exited,
+                    "its init exited while auraed was down".to_owned(),
+                ),
+                (None, false) => (pb::Phase::Running, String::new()),
+            };
+            let cell = Arc::new(Cell {
+                created_at: rec.created_at,
+                ns,
+                init,
+                pid_holder,
+                inner: Mutex::new(Inner {
+                    phase,
+                    message,
+                    executables: BTreeMap::new(),
+                    runs_containers: rec.runs_containers,
+                }),
+                oom_kills: AtomicU64::new(crate::workload::supervise::oom_kills(
+                    tree.as_ref(),
+                    &name,
+                )),
+                spec: rec.spec,
+            });
+            for r in by_cell.remove(name.as_str()).unwrap_or_default() {
+                let (exe, ended) = self.readopt_executable(&r, init_lost, &mut out);
+                if ended {
+                    out.ended += 1;
+                }
+                out.executables += 1;
+                if let Ok(mut i) = cell.inner.lock() {
+                    i.executables.insert(exe.name.clone(), exe);
+                }
+            }
+            if let Some(i) = &cell.init {
+                self.watch_readopted_init(&name, i.pidfd.clone());
+            }
+            self.recorder.cell(&cell.record());
+            if let Ok(mut c) = self.cells.lock() {
+                c.insert(name.clone(), cell.clone());
+            }
+            if tree.controllers().iter().any(|c| c == "memory") {
+                tokio::spawn(super::registry::watch_oom(
+                    self.clone(),
+                    cell.clone(),
+                    tree.clone(),
+                ));
+            }
+            info!(cell = %name, "cell re-adopted after a restart");
+            out.cells.insert(name.to_string());
+        }
+        // Every pipe was taken back (and is held by our own holder now): the old holders
+        // can go.
+        out.old_holders.dedup();
+        for h in std::mem::take(&mut out.old_holders) {
+            if let Err(e) = crate::workload::holder::retire(&h) {
+                out.warnings.push(format!(
+                    "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
+                    h.pid
+                ));
+            }
+        }
+        for (cell, rs) in by_cell {
+            for r in rs {
+                out.warnings.push(format!(
+                    "executable {cell}/{}: its cell was not found again; removed",
+                    r.name
+                ));
+                self.recorder.forget_executable(&r.cell, &r.name);
+            }
+        }
+        out
+    }
+
+    /// One executable of a re-adopted cell; whether it ended while auraed was down.
+    fn readopt_executable(
+        &self,
+        r: &ExecutableRecord,
+        cell_killed: bool,
+        out: &mut Readopted,
+    ) -> (Arc<Executable>, bool) {
+        let pidfd = match (&r.exit, &r.process, cell_killed) {
+            (None, Some(p), false) => p.open().ok().flatten().map(Arc::new),
+            _ => None,
+        };
+        let exit = r.exit.as_ref().map(Exit::from).or_else(|| {
+            pidfd.is_none().then(|| Exit {
+                status: None,
+                oom_killed: false,
+                at: SystemTime::now(),
+            })
+        });
+        let ended = r.exit.is_none() && exit.is_some();
+        let rootfs = r.container.as_ref().map(|c| {
+            let pin = Arc::new(self.pin_layers(&c.layers));
+            crate::container::Rootfs::adopt(c.dir.clone(), pin)
+        });
+        let log = Arc::new(Log::resume(r.log.clone()));
+        // Its pipes, taken back from the holder that kept them: what was written while
+        // auraed was down is still in them.
+        let pipes = r.output.as_ref().and_then(|h| {
+            match crate::workload::holder::reclaim(&h.holder, &h.fds) {
+                Ok(fds) => match <[Option<std::os::fd::OwnedFd>; 2]>::try_from(fds) {
+                    Ok([Some(o), Some(e)]) => {
+                        out.old_holders.push(h.holder);
+                        Some((o, e))
+                    }
+                    _ => None,
+                },
+                Err(e) => {
+                    out.warnings.push(format!(
+                        "executable {}/{}: its output pipes could not be taken back ({e})",
+                        r.cell, r.name
+                    ));
+                    None
+                }
+            }
+        });
+        let held = pipes
+            .as_ref()
+            .and_then(|(o, e)| self.hold_output(&r.cell, &r.name, [o, e]));
+        let exe = Arc::new(Executable {
+            cell: r.cell.clone(),
+            name: r.name.clone(),
+            argv: r.argv.clone(),
+            pid: r.process.map_or(0, |p| p.pid),
+            pidfd: pidfd.clone(),
+            held: held.clone(),
+            rootfs,
+            image_digest: r.container.as_ref().map(|c| c.image_digest.clone()),
+            container_record: r.container.clone(),
+            started_at: r.started_at,
+            log: log.clone(),
+            state: watch::channel(State {
+                phase: if exit.is_some() {
+                    pb::Phase::Exited
+                } else {
+                    pb::Phase::Running
+                },
+                exit,
+            })
+            .0,
+        });
+        let id = executable_key(&r.cell, &r.name);
+        if ended {
+            self.events.emit(
+                pb::Kind::Executable,
+                &id,
+                pb::EventType::Exited,
+                "ended while auraed was down (its exit status went to its new parent)",
+            );
+            self.recorder.executable(&exe.record(r.process));
+        }
+        let pumped = pipes.is_some();
+        if let Some((o, e)) = pipes {
+            use crate::workload::{log::Stream, output::pump};
+            let pumps = vec![
+                tokio::spawn(pump(
+                    o,
+                    log.clone(),
+                    Stream::Stdout,
+                    super::run::log_failure(&self.events, &r.cell, &r.name),
+                )),
+                tokio::spawn(pump(
+                    e,
+                    log.clone(),
+                    Stream::Stderr,
+                    super::run::log_failure(&self.events, &r.cell, &r.name),
+                )),
+            ];
+            tokio::spawn(self.close_after(pumps, log.clone(), held));
+        } else if exit.is_some() {
+            log.close();
+        }
+        self.recorder.executable(&exe.record(r.process));
+        if let Some(pidfd) = pidfd {
+            tokio::spawn(watch_readopted_executable(
+                self.events.clone(),
+                self.recorder.clone(),
+                exe.clone(),
+                pidfd,
+                r.process,
+                !pumped,
+            ));
+        }
+        (exe, ended)
+    }
+
+    /// An init that is not our child any more: its exit is seen through its pidfd.
+    fn watch_readopted_init(&self, name: &CellName, pidfd: Arc<aurae_sys::Pidfd>) {
+        let events = self.events.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            crate::workload::supervise::exited(pidfd).await;
+            events.emit(
+                pb::Kind::Cell,
+                name.as_str(),
+                pb::EventType::Stopped,
+                "cell init exited",
+            );
+        });
+    }
+}
+
+/// A re-adopted executable's end: seen through its pidfd, status unknown (it is not our
+/// child any more), recorded.
+async fn watch_readopted_executable(
+    events: Arc<EventBus>,
+    recorder: Recorder,
+    exe: Arc<Executable>,
+    pidfd: Arc<aurae_sys::Pidfd>,
+    process: Option<ProcRef>,
+    close_log: bool,
+) {
+    crate::workload::supervise::exited(pidfd).await;
+    if close_log {
+        exe.log.close();
+    }
+    let e = Exit {
+        status: None,
+        oom_killed: false,
+        at: SystemTime::now(),
+    };
+    exe.state.send_replace(State {
+        phase: pb::Phase::Exited,
+        exit: Some(e),
+    });
+    recorder.executable(&exe.record(process));
+    events.emit(
+        pb::Kind::Executable,
+        &executable_key(&exe.cell, &exe.name),
+        pb::EventType::Exited,
+        "exited after auraed re-adopted it (its exit status went to its new parent)",
+    );
+}

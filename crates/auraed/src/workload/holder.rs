@@ -1,0 +1,811 @@
+//! The holder: a tiny per-daemon process that keeps duplicates of the read ends of the
+//! executables' output pipes, so that
+//! 1. a crash of auraed (even `kill -9`) never closes the last read end of a pipe: a
+//!    workload that writes blocks once the pipe buffer is full instead of dying of
+//!    SIGPIPE, and nothing it wrote is lost;
+//! 2. a restarted auraed takes the read ends back ([`reclaim`], `pidfd_getfd`) and keeps
+//!    pumping, including what was written while it was down.
+//!
+//! The holder is auraed's own binary re-executed from its sealed copy with the hidden first
+//! argument [`HOLDER_ARG`] ([`holder_main`]), in auraed's own cgroup and namespaces, with
+//! `no_new_privs`, stdio on `/dev/null`, and a `SOCK_SEQPACKET` control socket on fd 3. It
+//! never reads or writes a held pipe, and it outlives auraed on purpose (no parent-death
+//! signal, its own session so a terminal's SIGINT/SIGHUP does not reach it); auraed kills
+//! it through its pidfd when it is no longer needed ([`Holder::kill`], [`retire`]).
+//!
+//! The protocol is one JSON message per packet, each request answered by one [`Reply`]
+//! with the same sequence number (a reply that arrives after its caller gave up is
+//! recognised as stale and dropped):
+//! - `{"op":"ping","seq":1}` → `{"seq":1,"fds":[]}` (the start-up check);
+//! - `{"op":"hold","seq":2}` with N fds (`SCM_RIGHTS`) → `{"seq":2,"fds":[7,8]}`: the
+//!   numbers the fds have in the holder, in the order sent;
+//! - `{"op":"release","seq":3,"fds":[7,8]}` → `{"seq":3,"fds":[7,8]}`: the ones it held,
+//!   now closed (numbers it does not hold are ignored).
+//!
+//! On end of stream (auraed died) the holder keeps everything it holds and sleeps until it
+//! is killed; holding nothing, it exits.
+
+use std::{
+    collections::BTreeSet,
+    io::{self, Write},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aurae_sys::{ExitStatus, Pidfd, memfd::SealedSelf};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recv,
+    recvmsg, sendmsg, socketpair,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::reaper::Reaper;
+
+/// The hidden first argument that selects the holder mode.
+pub const HOLDER_ARG: &str = "__aurae-holder";
+/// The holder's `argv[0]` (and its thread name).
+const HOLDER_NAME: &str = "aurae-holder";
+/// How long auraed waits for one reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most fds one `hold` carries (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS_PER_HOLD: usize = 253;
+/// Largest control message.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// auraed → holder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Ping { seq: u64 },
+    Hold { seq: u64 },
+    Release { seq: u64, fds: Vec<i32> },
+}
+
+impl Request {
+    fn seq(&self) -> u64 {
+        match self {
+            Self::Ping { seq } | Self::Hold { seq } | Self::Release { seq, .. } => *seq,
+        }
+    }
+}
+
+/// holder → auraed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Reply {
+    seq: u64,
+    #[serde(default)]
+    fds: Vec<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// A process named so that a recorded reference survives an auraed restart: its pid and
+/// its start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot), which together
+/// tell the process from a later one that got the same pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcRef {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// What `/proc/<pid>/stat` says that [`ProcRef`] needs: the state letter and start time.
+fn parse_stat(stat: &str) -> io::Result<(char, u64)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
+    // `pid (comm) state …`: comm may contain anything, `)` and spaces included, but the
+    // kernel writes it between the first `(` and the *last* `)`.
+    let (_, rest) = stat.rsplit_once(')').ok_or_else(bad)?;
+    let mut fields = rest.split_ascii_whitespace();
+    // Field 3 (state) is the first after the comm; field 22 (starttime) the twentieth.
+    let state = fields
+        .next()
+        .and_then(|s| s.chars().next())
+        .ok_or_else(bad)?;
+    let start = fields
+        .nth(18)
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    Ok((state, start))
+}
+
+/// `Ok(None)` when the process is gone (no `/proc/<pid>`, or a zombie).
+fn read_stat(pid: i32) -> io::Result<Option<(char, u64)>> {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let (state, start) = parse_stat(&s)?;
+            Ok((!matches!(state, 'Z' | 'X' | 'x')).then_some((state, start)))
+        }
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(nix::libc::ESRCH) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl ProcRef {
+    /// The reference of the live process `pid` (in our PID namespace).
+    pub fn of(pid: i32) -> io::Result<ProcRef> {
+        match read_stat(pid)? {
+            Some((_, start_time)) => Ok(ProcRef { pid, start_time }),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} does not exist"),
+            )),
+        }
+    }
+
+    /// A pidfd of this very process, or `None` when it is gone (exited, a zombie, or its
+    /// pid now names another process).
+    pub fn open(&self) -> io::Result<Option<Pidfd>> {
+        if self.pid <= 0 {
+            return Ok(None);
+        }
+        let pidfd = match Pidfd::open(self.pid) {
+            Ok(p) => p,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match read_stat(self.pid)? {
+            Some((_, start)) if start == self.start_time => {}
+            _ => return Ok(None),
+        }
+        // Still alive after the read: the stat we read was this pidfd's process (a pid is
+        // not reused while its process lives).
+        match pidfd.send_signal(0) {
+            Ok(()) => Ok(Some(pidfd)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => Ok(Some(pidfd)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Opens the old holder named by `old`, checking that it is still that process and still
+/// a holder (its `argv[1]` is [`HOLDER_ARG`]). `Err(NotFound)` otherwise.
+fn open_holder(old: &ProcRef) -> io::Result<Pidfd> {
+    let gone = || {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("holder process {} is gone", old.pid),
+        )
+    };
+    let pidfd = old.open()?.ok_or_else(gone)?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", old.pid)).map_err(|_| gone())?;
+    if cmdline.split(|b| *b == 0).nth(1) != Some(HOLDER_ARG.as_bytes()) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {} is not an aurae holder", old.pid),
+        ));
+    }
+    Ok(pidfd)
+}
+
+/// After a restart: duplicates of the fds the old holder holds at `numbers`
+/// (`pidfd_getfd`, close-on-exec), `None` for a number not open there. `Err(NotFound)`
+/// when the old holder is gone. The old holder keeps its copies: kill it ([`retire`])
+/// once everything it held has been taken back (and is held again by the new holder).
+pub fn reclaim(old: &ProcRef, numbers: &[i32]) -> io::Result<Vec<Option<OwnedFd>>> {
+    let pidfd = open_holder(old)?;
+    numbers
+        .iter()
+        .map(|&n| match pidfd.get_fd(n) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBADF) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+/// Kills the old holder named by `old` (SIGKILL through its pidfd) if it is still that
+/// holder; `Ok(false)` when it is already gone. It is not our child after a restart: its
+/// new parent reaps it.
+pub fn retire(old: &ProcRef) -> io::Result<bool> {
+    let pidfd = match open_holder(old) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match pidfd.send_signal(nix::libc::SIGKILL) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The control channel: the socket and the next sequence number.
+#[derive(Debug)]
+struct Ctl {
+    sock: OwnedFd,
+    seq: u64,
+}
+
+/// auraed's handle on its holder. Dropping it closes the control socket but does not kill
+/// the holder (it keeps what it holds, as after a crash): call [`Holder::kill`] when it is
+/// no longer needed.
+#[derive(Debug)]
+pub struct Holder {
+    ctl: Mutex<Ctl>,
+    pidfd: Arc<Pidfd>,
+    proc: ProcRef,
+    exit: Mutex<Option<oneshot::Receiver<ExitStatus>>>,
+}
+
+impl Holder {
+    /// Starts the holder from auraed's sealed binary, as a child tracked by `reaper`
+    /// (blocking: clone, exec, and one round trip to check it answers).
+    pub fn start(sealed: &SealedSelf, reaper: &Reaper) -> io::Result<Holder> {
+        let program = sealed.get()?;
+        Self::start_from(program.as_fd(), reaper)
+    }
+
+    /// Like [`Holder::start`] with the program given as an open executable (an auraed
+    /// binary: tests, whose own executable is not auraed, pass it this way).
+    pub fn start_from(program: BorrowedFd<'_>, reaper: &Reaper) -> io::Result<Holder> {
+        let (sock, child_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let devnull = std::fs::File::open("/dev/null")?;
+        let null = devnull.as_raw_fd();
+        let argv: Vec<std::ffi::CString> = [HOLDER_NAME, HOLDER_ARG]
+            .iter()
+            .filter_map(|s| std::ffi::CString::new(*s).ok())
+            .collect();
+        let req = aurae_sys::SpawnRequest {
+            program: aurae_sys::spawn::Program::Fd(program.as_raw_fd()),
+            argv: &argv,
+            envp: &[],
+            cwd: Some(c"/"),
+            uid: None,
+            gid: None,
+            no_new_privs: true,
+            stdio: [null, null, null],
+            pass_fd: Some(child_end.as_raw_fd()),
+            // auraed's own cgroup and namespaces: the holder belongs to no cell.
+            cgroup: None,
+            new_namespaces: aurae_sys::Namespaces::default(),
+            pid_namespace_of: None,
+            join: None,
+            unshare: aurae_sys::Namespaces::default(),
+            container: None,
+        };
+        let child = reaper
+            .spawn(|| aurae_sys::spawn(&req))
+            .map_err(|e| match e {
+                aurae_sys::SpawnError::Setup(e) => e,
+                other => io::Error::other(format!("starting the holder: {other}")),
+            })?;
+        drop(child_end);
+        let holder = Holder {
+            ctl: Mutex::new(Ctl { sock, seq: 0 }),
+            pidfd: child.pidfd,
+            // Our child, not reaped yet: its pid cannot name another process.
+            proc: ProcRef::of(child.pid).unwrap_or(ProcRef {
+                pid: child.pid,
+                start_time: 0,
+            }),
+            exit: Mutex::new(Some(child.exit)),
+        };
+        let ready = holder.call(|seq| Request::Ping { seq }, &[]).and_then(|_| {
+            if holder.proc.start_time == 0 {
+                Err(io::Error::other("the holder's start time is unreadable"))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = ready {
+            let _ = holder.kill();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("the holder did not start: {e}"),
+            ));
+        }
+        Ok(holder)
+    }
+
+    /// Hands duplicates of `fds` to the holder; returns their numbers there, in order.
+    pub fn hold(&self, fds: &[BorrowedFd<'_>]) -> io::Result<Vec<i32>> {
+        if fds.is_empty() {
+            return Ok(Vec::new());
+        }
+        if fds.len() > MAX_FDS_PER_HOLD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {MAX_FDS_PER_HOLD} fds per hold"),
+            ));
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let numbers = self.call(|seq| Request::Hold { seq }, &raw)?;
+        if numbers.len() != fds.len() {
+            return Err(io::Error::other(format!(
+                "the holder holds {} of the {} fds sent",
+                numbers.len(),
+                fds.len()
+            )));
+        }
+        Ok(numbers)
+    }
+
+    /// Closes the holder's copies at `numbers` (numbers it does not hold are ignored).
+    pub fn release(&self, numbers: &[i32]) -> io::Result<()> {
+        if numbers.is_empty() {
+            return Ok(());
+        }
+        let fds = numbers.to_vec();
+        self.call(|seq| Request::Release { seq, fds }, &[])?;
+        Ok(())
+    }
+
+    /// The holder process, as recorded for the next auraed.
+    pub fn proc(&self) -> ProcRef {
+        self.proc
+    }
+
+    /// The holder's pidfd.
+    pub fn pidfd(&self) -> &Pidfd {
+        &self.pidfd
+    }
+
+    /// SIGKILL through the pidfd (the reaper reaps it); `Ok` when it already exited.
+    pub fn kill(&self) -> io::Result<()> {
+        match self.pidfd.send_signal(nix::libc::SIGKILL) {
+            Err(e) if e.raw_os_error() != Some(nix::libc::ESRCH) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where the holder's exit status comes (from the reaper); only once.
+    pub fn take_exit(&self) -> Option<oneshot::Receiver<ExitStatus>> {
+        self.exit.lock().ok().and_then(|mut e| e.take())
+    }
+
+    /// One request and its reply (blocking, at most [`REPLY_TIMEOUT`]).
+    fn call(&self, request: impl FnOnce(u64) -> Request, fds: &[RawFd]) -> io::Result<Vec<i32>> {
+        let mut ctl = self
+            .ctl
+            .lock()
+            .map_err(|_| io::Error::other("holder channel lock poisoned"))?;
+        ctl.seq += 1;
+        let req = request(ctl.seq);
+        let bytes = serde_json::to_vec(&req).map_err(io::Error::other)?;
+        let iov = [io::IoSlice::new(&bytes)];
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+        loop {
+            match sendmsg::<()>(
+                ctl.sock.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(holder_io(e.into())),
+                Ok(_) => break,
+            }
+        }
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the holder did not answer in time",
+                ));
+            }
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            let mut pfd = [nix::poll::PollFd::new(
+                ctl.sock.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut pfd, ms) {
+                Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            let n = match recv(ctl.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(holder_io(e.into())),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the holder exited",
+                    ));
+                }
+                Ok(n) => n,
+            };
+            let reply: Reply = serde_json::from_slice(&buf[..n]).map_err(io::Error::other)?;
+            if reply.seq != req.seq() {
+                // The late answer to a call that timed out.
+                continue;
+            }
+            return match reply.error {
+                Some(e) => Err(io::Error::other(format!("the holder refused: {e}"))),
+                None => Ok(reply.fds),
+            };
+        }
+    }
+}
+
+fn holder_io(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("holder channel: {e}"))
+}
+
+/// The holder program (auraed re-executed with [`HOLDER_ARG`]). Single-threaded; never
+/// touches a held pipe.
+pub fn holder_main() -> ExitCode {
+    let Some(ctl) = aurae_sys::fd::take_passed() else {
+        let _ = writeln!(io::stderr(), "{HOLDER_NAME}: no control socket on fd 3");
+        return ExitCode::FAILURE;
+    };
+    let _ = nix::sys::prctl::set_name(c"aurae-holder");
+    // Its own session: a terminal's SIGINT or SIGHUP aimed at auraed does not end it.
+    let _ = nix::unistd::setsid();
+    // Two fds per executable: take the whole open-file allowance.
+    raise_nofile();
+    let mut held = BTreeSet::new();
+    loop {
+        match serve_one(&ctl, &mut held) {
+            Ok(true) => {}
+            // End of stream (auraed died) or a broken channel: nothing more will be asked.
+            Ok(false) | Err(_) => break,
+        }
+    }
+    if held.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    // Keep the read ends open for the next auraed, which reclaims them and kills us.
+    loop {
+        nix::unistd::pause();
+    }
+}
+
+fn raise_nofile() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current != now.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: now.maximum,
+                maximum: now.maximum,
+            },
+        );
+    }
+}
+
+/// Serves one request; `Ok(false)` at end of stream.
+fn serve_one(ctl: &OwnedFd, held: &mut BTreeSet<RawFd>) -> io::Result<bool> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_HOLD]);
+    let (n, fds, truncated) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            ctl.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+            Ok(m) => {
+                let mut fds = Vec::new();
+                // Room for SCM_MAX_FD rights: the control data is never cut short.
+                if let Ok(cmsgs) = m.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(v) = c {
+                            fds.extend(v);
+                        }
+                    }
+                }
+                let truncated = m
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                break (m.bytes, fds, truncated);
+            }
+        }
+    };
+    if n == 0 && fds.is_empty() {
+        return Ok(false);
+    }
+    let request: Result<Request, String> = if truncated {
+        Err("message truncated".to_owned())
+    } else {
+        serde_json::from_slice(&buf[..n]).map_err(|e| format!("bad request: {e}"))
+    };
+    if !matches!(request, Ok(Request::Hold { .. })) {
+        // Only `hold` keeps what comes with a message.
+        for &fd in &fds {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+    let reply = match request {
+        Ok(Request::Hold { seq }) => {
+            held.extend(fds.iter().copied());
+            Reply {
+                seq,
+                fds,
+                error: None,
+            }
+        }
+        Ok(Request::Ping { seq }) => Reply {
+            seq,
+            fds: Vec::new(),
+            error: None,
+        },
+        Ok(Request::Release { seq, fds: numbers }) => {
+            let mut released = Vec::new();
+            for n in numbers {
+                if held.remove(&n) {
+                    let _ = nix::unistd::close(n);
+                    released.push(n);
+                }
+            }
+            Reply {
+                seq,
+                fds: released,
+                error: None,
+            }
+        }
+        Err(e) => Reply {
+            // Answer the caller's number if it can be read, so it fails at once.
+            seq: seq_of(&buf[..n]),
+            fds: Vec::new(),
+            error: Some(e),
+        },
+    };
+    let bytes = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+    loop {
+        match nix::sys::socket::send(ctl.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(true),
+        }
+    }
+}
+
+/// The `seq` of a request that did not parse (0 when there is none).
+fn seq_of(bytes: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    serde_json::from_slice::<Seq>(bytes).map_or(0, |s| s.seq)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// A `/proc/<pid>/stat` line with `comm` and start time `start`.
+    fn stat(comm: &str, state: char, start: u64) -> String {
+        format!(
+            "4242 ({comm}) {state} 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+             {start} 12345678 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0 0 0 0"
+        )
+    }
+
+    #[test]
+    fn stat_parsing_survives_any_comm() {
+        for comm in [
+            "sleep",
+            "a b",
+            ") (",
+            "x) S 1 2 3 (y",
+            "))",
+            "(",
+            "",
+            "9 9 9 9 9 9 9 9 9 9",
+        ] {
+            assert_eq!(
+                parse_stat(&stat(comm, 'S', 987_654)).unwrap(),
+                ('S', 987_654),
+                "{comm:?}"
+            );
+        }
+        assert_eq!(parse_stat(&stat(") (", 'Z', 7)).unwrap(), ('Z', 7));
+        for bad in [
+            "",
+            "4242 (x",
+            "4242 (x) S 1 2",
+            "4242 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 nope",
+        ] {
+            assert!(parse_stat(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_live_process_is_found_by_its_reference() {
+        let me = ProcRef::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert!(me.start_time > 0);
+        let pidfd = me.open().unwrap().expect("we are alive");
+        pidfd.send_signal(0).unwrap();
+        // Round trip through what auraed records.
+        let json = serde_json::to_string(&me).unwrap();
+        assert_eq!(serde_json::from_str::<ProcRef>(&json).unwrap(), me);
+    }
+
+    #[test]
+    fn another_start_time_or_pid_is_not_the_process() {
+        let me = ProcRef::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        for other in [
+            ProcRef {
+                start_time: me.start_time + 1,
+                ..me
+            },
+            ProcRef {
+                start_time: me.start_time - 1,
+                ..me
+            },
+            ProcRef {
+                pid: 0x3fff_fff0,
+                ..me
+            },
+            ProcRef { pid: 0, ..me },
+            ProcRef { pid: -1, ..me },
+        ] {
+            assert!(other.open().unwrap().is_none(), "{other:?}");
+        }
+        assert_eq!(
+            ProcRef::of(0x3fff_fff0).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    /// An exited child that is not reaped yet (a zombie) is gone for a reference.
+    #[test]
+    fn a_zombie_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while read_stat(pid).unwrap().is_some() {
+            assert!(Instant::now() < deadline, "true never exited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let (state, start_time) = parse_stat(&r).unwrap();
+        assert_eq!(state, 'Z');
+        assert!(ProcRef { pid, start_time }.open().unwrap().is_none());
+        child.wait().unwrap();
+    }
+
+    /// Our own process is not a holder: nothing is reclaimed from it, and it is not killed.
+    #[test]
+    fn reclaim_and_retire_refuse_a_process_that_is_not_a_holder() {
+        let me = ProcRef::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert_eq!(
+            reclaim(&me, &[0]).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        assert!(!retire(&me).unwrap());
+        let gone = ProcRef {
+            pid: 0x3fff_fff0,
+            start_time: 1,
+        };
+        assert_eq!(
+            reclaim(&gone, &[0]).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        assert!(!retire(&gone).unwrap());
+    }
+
+    #[test]
+    fn protocol_messages_are_what_the_docs_say() {
+        assert_eq!(
+            serde_json::to_string(&Request::Hold { seq: 2 }).unwrap(),
+            r#"{"op":"hold","seq":2}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Release {
+                seq: 3,
+                fds: vec![7, 8]
+            })
+            .unwrap(),
+            r#"{"op":"release","seq":3,"fds":[7,8]}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply {
+                seq: 2,
+                fds: vec![7, 8],
+                error: None
+            })
+            .unwrap(),
+            r#"{"seq":2,"fds":[7,8]}"#
+        );
+        assert_eq!(seq_of(br#"{"op":"frobnicate","seq":9}"#), 9);
+        assert_eq!(seq_of(b"garbage"), 0);
+    }
+
+    /// The `flags:` of an fd of ours (`/proc/self/fdinfo`), `None` when it is not open.
+    fn open_flags(fd: RawFd) -> Option<u32> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+    }
+
+    /// The holder's side of the protocol, in-process over a socketpair: hold keeps the
+    /// fds (their numbers come back), release closes only held ones, anything sent with
+    /// another request is closed, EOF ends serving.
+    #[test]
+    fn serve_one_holds_releases_and_stops_at_eof() {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut held = BTreeSet::new();
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let send = |req: &Request, fds: &[RawFd]| {
+            let bytes = serde_json::to_vec(req).unwrap();
+            let iov = [io::IoSlice::new(&bytes)];
+            let rights = [ControlMessage::ScmRights(fds)];
+            let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+            sendmsg::<()>(ours.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+        };
+        let answer = |held: &mut BTreeSet<RawFd>| {
+            assert!(serve_one(&theirs, held).unwrap());
+            let mut buf = vec![0u8; 1024];
+            let n = recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            serde_json::from_slice::<Reply>(&buf[..n]).unwrap()
+        };
+        send(&Request::Hold { seq: 1 }, &[r.as_raw_fd(), w.as_raw_fd()]);
+        let got = answer(&mut held);
+        assert_eq!((got.seq, got.fds.len(), got.error), (1, 2, None));
+        assert_eq!(held, got.fds.iter().copied().collect());
+        for n in &got.fds {
+            // Close-on-exec, and a pipe end.
+            let flags = open_flags(*n).expect("held fds are open");
+            assert_ne!(flags & 0o2_000_000, 0, "O_CLOEXEC");
+            let link = std::fs::read_link(format!("/proc/self/fd/{n}")).unwrap();
+            assert!(link.to_string_lossy().starts_with("pipe:"), "{link:?}");
+        }
+        // Release one held number and one that is not held (our own socket).
+        send(
+            &Request::Release {
+                seq: 2,
+                fds: vec![got.fds[0], ours.as_raw_fd()],
+            },
+            &[],
+        );
+        let rel = answer(&mut held);
+        assert_eq!((rel.seq, rel.fds.clone()), (2, vec![got.fds[0]]));
+        assert!(open_flags(got.fds[0]).is_none(), "released: closed");
+        assert!(open_flags(got.fds[1]).is_some(), "still held");
+        assert!(
+            open_flags(ours.as_raw_fd()).is_some(),
+            "not held: untouched"
+        );
+        // Fds sent with a ping are not kept.
+        send(&Request::Ping { seq: 3 }, &[r.as_raw_fd()]);
+        let ping = answer(&mut held);
+        assert_eq!((ping.seq, ping.fds.len()), (3, 0));
+        assert_eq!(held.len(), 1);
+        // A request that does not parse is refused under its own number.
+        nix::sys::socket::send(
+            ours.as_raw_fd(),
+            br#"{"op":"x","seq":4}"#,
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let bad = answer(&mut held);
+        assert_eq!(bad.seq, 4);
+        assert!(bad.error.is_some());
+        drop(ours);
+        assert!(!serve_one(&theirs, &mut held).unwrap());
+        for n in held {
+            nix::unistd::close(n).unwrap();
+        }
+    }
+}
