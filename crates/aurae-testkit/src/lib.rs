@@ -303,9 +303,16 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let holder = holder_of(child.id());
         child.kill()?;
         child.wait()?;
         self.child = None;
+        if let Some(h) = holder {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(h),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         Ok(None)
     }
 
@@ -317,11 +324,37 @@ impl Daemon {
     }
 }
 
+/// The output holder the auraed `pid` started (its child `aurae-holder`), if any.
+pub fn holder_of(pid: u32) -> Option<i32> {
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let p: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmd = fs::read(e.path().join("cmdline")).ok()?;
+        (ppid == pid && cmd.starts_with(b"aurae-holder\0")).then_some(p)
+    })
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // Its output holder outlives a SIGKILL of auraed by design: found (as the
+            // daemon's child, by pid) before the kill, killed after it.
+            let holder = holder_of(c.id());
             let _ = c.kill();
             let _ = c.wait();
+            if let Some(h) = holder {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(h),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         if let Some(cg) = &self.cgroup {
             remove_cgroup_tree(cg);

@@ -764,7 +764,7 @@ async fn wire_workloads(
         sealed,
         Some(store.clone()),
         Some(image_store.clone()),
-        holder,
+        holder.clone(),
     ));
     // A previous auraed's cells are served again where their records say how; whatever
     // else it left under the cgroup root is killed and removed, each one reported.
@@ -786,6 +786,23 @@ async fn wire_workloads(
             events.emit(Kind::Cell, "", EventType::Freed, w.clone());
             warnings.push(w);
         }
+    }
+    // The previous auraed's holder may hold nothing that was taken back (it had no
+    // running executables): retire it by its record, then record ours.
+    if let Ok(Some(old)) =
+        store.get::<crate::workload::holder::ProcRef>(crate::store::kinds::DAEMON, "holder")
+        && holder.as_ref().is_none_or(|h| h.proc() != old)
+        && let Err(e) = crate::workload::holder::retire(&old)
+    {
+        warnings.push(format!(
+            "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
+            old.pid
+        ));
+    }
+    if let Some(h) = &holder
+        && let Err(e) = store.put(crate::store::kinds::DAEMON, "holder", &h.proc())
+    {
+        warnings.push(format!("recording the output holder: {e}"));
     }
     for w in remove_stray_containers(&containers, &cells.container_dirs()) {
         warnings.push(w);

@@ -11,7 +11,7 @@ use std::{path::Path, time::Duration};
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
-    Daemon, DaemonOptions,
+    Daemon, DaemonOptions, holder_of,
     tier::{self, Tier},
     workload,
 };
@@ -241,7 +241,16 @@ async fn unexplained_cgroups_are_swept_and_reported() {
         .await
         .unwrap();
     std::fs::remove_file(d.dir.path().join("state/store/cell/lost.json")).unwrap();
+    // No executable runs: the old holder holds nothing, and must still go.
+    let old_holder = holder_of(d.pid().unwrap()).expect("auraed runs an output holder");
     d.crash_and_restart_after(Duration::ZERO).await.unwrap();
+    for _ in 0..50 {
+        if !alive(old_holder) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(old_holder), "the crashed auraed's holder {old_holder} was not retired");
     let c = d.client("admin").await.unwrap();
     let info = c.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner();
     let swept: Vec<&String> = info
@@ -263,4 +272,179 @@ async fn unexplained_cgroups_are_swept_and_reported() {
         })
         .await
         .unwrap();
+}
+
+/// Every cgroup under `root` as a cell path (leaves and the VM group excluded).
+fn cgroup_cells(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let base = e.file_name().to_string_lossy().into_owned();
+            if base == "_procs" {
+                continue;
+            }
+            let name = if prefix.is_empty() {
+                base
+            } else {
+                format!("{prefix}/{base}")
+            };
+            stack.push((e.path(), name.clone()));
+            out.push(name);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// 20 crash/restart cycles while two clients allocate, run and free: after each restart
+/// what auraed serves is exactly what its cgroups, records and logs hold; at the end
+/// nothing is left (processes, cgroups, records, log files, container directories, old
+/// holders).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_crashes_under_churn_leak_nothing() {
+    let Some(mut d) = daemon("twenty_crashes_under_churn_leak_nothing").await else {
+        return;
+    };
+    let root = d.cgroup.clone().unwrap();
+    let state = d.dir.path().join("state");
+    let mut all_pids = Vec::new();
+    let mut worst_fds = 0;
+    let mut holders: Vec<i32> = holder_of(d.pid().unwrap()).into_iter().collect();
+    for cycle in 0..20u32 {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for k in 0..2u32 {
+            let c = d.client("admin").await.unwrap();
+            let stop = stop.clone();
+            clients.push(tokio::spawn(async move {
+                let mut pids = Vec::new();
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 40 {
+                    let cell = format!("k{k}-{}", i % 4);
+                    i += 1;
+                    if c.cells()
+                        .allocate(pb::Cell {
+                            name: cell.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_err()
+                    {
+                        let _ = c.cells().free(pb::NameRef { name: cell }).await;
+                        continue;
+                    }
+                    if let Ok(s) = c
+                        .runtime()
+                        .run_executable(sh(&cell, "w", "echo hi; sleep 30"))
+                        .await
+                    {
+                        pids.push(s.into_inner().pid);
+                    }
+                }
+                pids
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(150 + u64::from(cycle % 5) * 60)).await;
+        d.crash_and_restart().await.unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in clients {
+            all_pids.extend(t.await.unwrap());
+        }
+        // Invariants after this restart: served == cgroups == records.
+        let c = d.client("admin").await.unwrap();
+        let mut served: Vec<String> = c
+            .cells()
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cells
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        served.sort();
+        let records: Vec<String> = files_in(&state.join("store/cell"))
+            .into_iter()
+            .map(|f| f.trim_end_matches(".json").replace('.', "/"))
+            .collect();
+        assert_eq!(cgroup_cells(&root), served, "cycle {cycle}: cgroups vs served");
+        assert_eq!(records, served, "cycle {cycle}: records vs served");
+        let exes = c
+            .executables()
+            .list(pb::ListExecutablesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .executables
+            .len();
+        assert_eq!(
+            files_in(&state.join("store/executable")).len(),
+            exes,
+            "cycle {cycle}: executable records vs served"
+        );
+        worst_fds = worst_fds.max(d.fd_count().unwrap_or(0));
+        holders.extend(holder_of(d.pid().unwrap()));
+    }
+    // Free everything: nothing may be left.
+    let c = d.client("admin").await.unwrap();
+    for cell in c
+        .cells()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+        .into_iter()
+        .filter(|c| !c.name.contains('/'))
+    {
+        c.cells()
+            .free(pb::NameRef { name: cell.name.clone() })
+            .await
+            .unwrap();
+    }
+    let fds = d.fd_count().unwrap_or(0);
+    let leaked: Vec<&i32> = all_pids.iter().filter(|p| alive(**p)).collect();
+    // Every holder but the running daemon's was retired after its pipes were taken back.
+    let current = holder_of(d.pid().unwrap());
+    let old_alive: Vec<&i32> = holders
+        .iter()
+        .filter(|h| Some(**h) != current && alive(**h))
+        .collect();
+    println!(
+        "20 crash/restart cycles under churn: {} workload processes started, {} leaked; cgroups left {:?}; records left {} + {}; log dirs left {:?}; container dirs left {:?}; auraed fds worst {worst_fds}, after freeing {fds}; holders {} seen, {} old ones alive",
+        all_pids.len(),
+        leaked.len(),
+        cgroup_cells(&root),
+        files_in(&state.join("store/cell")).len(),
+        files_in(&state.join("store/executable")).len(),
+        files_in(&state.join("logs")),
+        files_in(&state.join("containers")),
+        holders.len(),
+        old_alive.len(),
+    );
+    assert!(leaked.is_empty(), "{leaked:?}");
+    assert_eq!(holders.len(), 21, "one holder per start: {holders:?}");
+    assert!(old_alive.is_empty(), "old holders alive: {old_alive:?}");
+    assert!(cgroup_cells(&root).is_empty());
+    assert!(files_in(&state.join("store/cell")).is_empty());
+    assert!(files_in(&state.join("store/executable")).is_empty());
+    assert!(files_in(&state.join("logs")).is_empty(), "{:?}", files_in(&state.join("logs")));
+    assert!(files_in(&state.join("containers")).is_empty());
+    assert!(fds < 64, "auraed holds {fds} fds with nothing running");
 }

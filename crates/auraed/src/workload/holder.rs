@@ -452,13 +452,8 @@ pub fn holder_main() -> ExitCode {
     // Two fds per executable: take the whole open-file allowance.
     raise_nofile();
     let mut held = BTreeSet::new();
-    loop {
-        match serve_one(&ctl, &mut held) {
-            Ok(true) => {}
-            // End of stream (auraed died) or a broken channel: nothing more will be asked.
-            Ok(false) | Err(_) => break,
-        }
-    }
+    // Until end of stream (auraed died) or a broken channel: nothing more will be asked.
+    while let Ok(true) = serve_one(&ctl, &mut held) {}
     if held.is_empty() {
         return ExitCode::SUCCESS;
     }
