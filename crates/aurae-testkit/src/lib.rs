@@ -45,6 +45,8 @@ pub struct DaemonOptions {
     /// Also listen on a loopback TCP port.
     pub tcp: bool,
     pub extra_args: Vec<String>,
+    /// Where the state lives (default: `state` in the daemon's temp directory).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A running auraed. Dropping it kills the process (by its handle) and removes its files.
@@ -98,7 +100,11 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
-            .arg(dir.path().join("state"));
+            .arg(
+                opts.state_dir
+                    .clone()
+                    .unwrap_or_else(|| dir.path().join("state")),
+            );
         let cgroup = tier::cgroup_parent().ok().map(|parent| {
             parent.join(format!(
                 "aurae-test-{}-{}",

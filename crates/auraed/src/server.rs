@@ -298,7 +298,21 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let boot = store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch)?;
+    // A state disk that takes no writes (full) still lets auraed start: it serves what
+    // runs, takes no new work, and says why.
+    let mut read_only = None;
+    let boot = match store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch) {
+        Ok(b) => b,
+        Err(e) => {
+            let why = format!(
+                "the state directory {} takes no writes ({e}): auraed serves what runs but takes no new work until there is room (then restart it)",
+                cfg.state_dir.display()
+            );
+            warn!("{why}");
+            read_only = Some(why);
+            crate::store::BootRecord::default()
+        }
+    };
 
     prepare_socket(&cfg.socket)?;
     let unix = UnixListener::bind(&cfg.socket)
@@ -325,8 +339,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     tokio::spawn(reaper.clone().run());
     let events = Arc::new(crate::events::EventBus::default());
     let mut warnings = cfg.warnings.clone();
+    warnings.extend(read_only.clone());
     let (cells, vms, puller) =
         wire_workloads(&cfg, &events, reaper, &store, &mut warnings).await?;
+    cells.set_read_only(read_only);
 
     let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
     let ctx = ApiContext {

@@ -448,3 +448,265 @@ async fn twenty_crashes_under_churn_leak_nothing() {
     assert!(files_in(&state.join("containers")).is_empty());
     assert!(fds < 64, "auraed holds {fds} fds with nothing running");
 }
+
+/// A container (RunCell) and a sidecar container keep running across `kill -9`: served
+/// again with their root (overlay upper directory kept), their image pinned, their logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_is_readopted_after_a_crash() {
+    use aurae_testkit::{
+        oci,
+        registry::{LocalRegistry, needs_registry},
+    };
+    if !tier::check(
+        "a_container_is_readopted_after_a_crash",
+        Tier::Host,
+        tier::needs_cells()
+            .or_else(needs_registry)
+            .or_else(oci::needs_busybox),
+    ) {
+        return;
+    }
+    aurae_testkit::init_crypto();
+    let registry = LocalRegistry::start().unwrap();
+    let host = registry.host();
+    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
+    oci::push_image(
+        &host,
+        "aurae/busybox",
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let mut d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            extra_args: vec!["--insecure-registry".to_owned(), host.clone()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let state = d.dir.path().join("state");
+    let c = d.client("admin").await.unwrap();
+    let image = format!("{host}/aurae/busybox:v1");
+    let st = c
+        .runtime()
+        .run_cell(pb::Cell {
+            name: "web".into(),
+            container: Some(pb::Container {
+                image: image.clone(),
+                entrypoint: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo kept > /tmp/mark; n=0; while :; do n=$((n+1)); echo tick $n; sleep 0.05; done".into(),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let name = st.executables[0].name.clone();
+    let pid = st.executables[0].pid;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(files_in(&state.join("containers")).len(), 1);
+    d.crash_and_restart_after(Duration::from_secs(1)).await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let s = status(&c, "web", &name).await;
+    assert_eq!(s.phase, pb::Phase::Running as i32, "{s:?}");
+    assert!(alive(pid));
+    assert_eq!(files_in(&state.join("containers")).len(), 1, "its root was kept");
+    // Its files are its own still (the upper directory survived), and a sidecar starts
+    // in the re-adopted cell.
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "web".into(),
+            name: "side".into(),
+            container: Some(pb::Container {
+                image: image.clone(),
+                entrypoint: vec!["sh".into(), "-c".into(), "echo sidecar".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    workload::wait(&c, "web", "side").await.unwrap();
+    let out = workload::logs(&c, "web", &name, false).await.unwrap();
+    let ticks = out.lines().filter(|l| l.starts_with("tick ")).count();
+    println!("container across a crash: running, {ticks} ticks in its log");
+    assert!(ticks > 15, "{out}");
+    // Removing the image while the container runs keeps its layers (pinned again).
+    c.images()
+        .remove(pb::RemoveImageRequest {
+            image: image.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        files_in(&state.join("images/layers/sha256")).len(),
+        1,
+        "the running container's layer was garbage-collected"
+    );
+    c.cells()
+        .free(pb::NameRef { name: "web".into() })
+        .await
+        .unwrap();
+    assert!(!alive(pid));
+    assert!(files_in(&state.join("containers")).is_empty());
+}
+
+/// A tmpfs of `size`, mounted on a new temporary directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("aurae-fulldisk-")
+            .tempdir()
+            .unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    /// Writes a file until the disk refuses more.
+    fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join("filler")).unwrap();
+        let block = vec![0u8; 64 << 10];
+        let mut n = 0;
+        while f.write(&block).is_ok_and(|w| w > 0) {
+            n += block.len() as u64;
+        }
+        let _ = f.write_all(&[0u8; 1]);
+        n
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A full state disk: log writes fail and are reported while the workload runs on; a
+/// restart on the full disk still serves (what runs, re-adopted) and takes no new work,
+/// saying why; with room again, new work is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
+    if !tier::check(
+        "a_full_state_disk_is_reported_and_auraed_still_starts",
+        Tier::Host,
+        tier::needs_cells(),
+    ) {
+        return;
+    }
+    let disk = SmallDisk::mount("8M");
+    let mut d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            state_dir: Some(disk.dir.path().join("state")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = d.client("admin").await.unwrap();
+    c.cells()
+        .allocate(pb::Cell {
+            name: "busy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pid = c
+        .runtime()
+        .run_executable(sh(
+            "busy",
+            "w",
+            "while :; do echo a line of output that goes to the log file; sleep 0.005; done",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .pid;
+    let mut events = c
+        .events()
+        .watch(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let filled = disk.fill();
+    // The log write failure shows as an event and in the executable's status.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut reported = None;
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        if e.r#type == pb::EventType::Failed as i32 && e.message.contains("log file") {
+            reported = Some(e.message);
+            break;
+        }
+    }
+    let st = status(&c, "busy", "w").await;
+    println!(
+        "full disk ({filled} bytes filled): event {reported:?}; status message {:?}",
+        st.message
+    );
+    assert!(reported.is_some(), "no FAILED event for the log write");
+    assert!(st.message.contains("not reaching the log file"), "{st:?}");
+    assert_eq!(st.phase, pb::Phase::Running as i32, "the workload runs on");
+    // Restart on the full disk.
+    d.crash_and_restart().await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let info = c.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert!(
+        info.warnings.iter().any(|w| w.contains("takes no writes")),
+        "{:?}",
+        info.warnings
+    );
+    assert_eq!(
+        status(&c, "busy", "w").await.phase,
+        pb::Phase::Running as i32
+    );
+    assert!(alive(pid));
+    let e = c
+        .cells()
+        .allocate(pb::Cell {
+            name: "new".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("no new work"), "{}", e.message());
+    // Room again, restart: new work is taken.
+    std::fs::remove_file(disk.dir.path().join("filler")).unwrap();
+    d.crash_and_restart().await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    c.cells()
+        .allocate(pb::Cell {
+            name: "new".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for cell in ["busy", "new"] {
+        c.cells()
+            .free(pb::NameRef { name: cell.into() })
+            .await
+            .unwrap();
+    }
+    assert!(!alive(pid));
+    drop(d);
+    drop(disk);
+}

@@ -77,6 +77,8 @@ pub struct Cells {
     pub(super) images: Option<Arc<crate::image::store::ImageStore>>,
     /// Keeps copies of executables' output read ends (see [`crate::workload::holder`]).
     pub(super) holder: Option<Arc<crate::workload::holder::Holder>>,
+    /// Why no new work is taken (the state disk takes no writes), if so.
+    read_only: Mutex<Option<String>>,
 }
 
 impl Cells {
@@ -106,6 +108,22 @@ impl Cells {
             counter: AtomicU64::new(0),
             images,
             holder,
+            read_only: Mutex::new(None),
+        }
+    }
+
+    /// Takes no new work (allocate, run) while `why` is set: what runs keeps running.
+    pub fn set_read_only(&self, why: Option<String>) {
+        if let Ok(mut r) = self.read_only.lock() {
+            *r = why;
+        }
+    }
+
+    /// FAILED_PRECONDITION with the reason while no new work is taken.
+    pub(super) fn check_writable(&self) -> Result<(), WorkloadError> {
+        match self.read_only.lock().ok().and_then(|r| r.clone()) {
+            Some(why) => Err(WorkloadError::Precondition(why)),
+            None => Ok(()),
         }
     }
 
@@ -220,6 +238,7 @@ impl Cells {
                 VM_GROUP
             )));
         }
+        self.check_writable()?;
         let writes = limit_writes(&spec.limits);
         check_controllers(&writes, &tree.controllers())?;
         let _ops = self.ops.lock().await;

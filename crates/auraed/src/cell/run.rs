@@ -39,6 +39,7 @@ impl Cells {
                 "a container executable needs its resolved image".into(),
             ));
         }
+        self.check_writable()?;
         let tree = self.tree()?;
         let cell = self.find(&spec.cell).map_err(|_| {
             WorkloadError::NotFound(format!(
@@ -407,11 +408,12 @@ pub(super) fn log_failure(
     let id = format!("{cell}/{name}");
     move |e| {
         warn!(executable = %id, "log write failed: {e}");
+        // The cause names host paths: it stays in auraed's log.
         events.emit(
             pb::Kind::Executable,
             &id,
             pb::EventType::Failed,
-            format!("output is not reaching the log file: {e}"),
+            "output is not reaching the log file (the cause is in auraed's log); it still reaches the in-memory log",
         );
     }
 }

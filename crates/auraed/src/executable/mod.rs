@@ -85,11 +85,13 @@ impl Executable {
             exit: s.exit.map(|e| e.to_proto()),
             started_at: Some(self.started_at.into()),
             argv: self.argv.clone(),
-            message: self
-                .log
-                .write_error()
-                .map(|e| format!("output is not reaching the log file: {e}"))
-                .unwrap_or_default(),
+            // Only the fact and the count: the error names host paths (in auraed's log).
+            message: match self.log.write_failures() {
+                0 => String::new(),
+                n => format!(
+                    "output is not reaching the log file ({n} failed writes; the cause is in auraed's log)"
+                ),
+            },
             image_digest: self.image_digest.clone().unwrap_or_default(),
         }
     }

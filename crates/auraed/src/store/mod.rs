@@ -89,10 +89,16 @@ fn lock_state_dir(state_dir: &Path) -> Result<fs::File, StoreError> {
         }
         return Err(io(&path)(e.into()));
     }
-    f.set_len(0).map_err(io(&path))?;
-    f.rewind().map_err(io(&path))?;
-    writeln!(f, "{}", std::process::id()).map_err(io(&path))?;
-    f.sync_all().map_err(io(&path))?;
+    // The pid is for the message a second auraed gives; on a full disk the lock still
+    // holds without it.
+    let wrote = f
+        .set_len(0)
+        .and_then(|()| f.rewind())
+        .and_then(|()| writeln!(f, "{}", std::process::id()))
+        .and_then(|()| f.sync_all());
+    if let Err(e) = wrote {
+        tracing::warn!(lock = %path.display(), "writing auraed's pid into the lock file: {e}");
+    }
     Ok(f)
 }
 
@@ -291,7 +297,7 @@ impl Store {
 }
 
 /// What the store records about each start of auraed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootRecord {
     /// How many times auraed has started with this state directory.
     pub boots: u64,

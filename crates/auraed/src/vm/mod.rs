@@ -433,7 +433,7 @@ impl Vms {
                         pb::Kind::VirtualMachine,
                         &id,
                         pb::EventType::Failed,
-                        format!("the console is not reaching its log file: {e}"),
+                        "the console is not reaching its log file (the cause is in auraed's log)",
                     );
                 };
                 crate::workload::output::pump(out_r, log.clone(), Stream::Stdout, report).await;
