@@ -340,8 +340,15 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let events = Arc::new(crate::events::EventBus::default());
     let mut warnings = cfg.warnings.clone();
     warnings.extend(read_only.clone());
-    let (cells, vms, puller) =
-        wire_workloads(&cfg, &events, reaper, &store, &mut warnings).await?;
+    let (cells, vms, puller) = wire_workloads(
+        &cfg,
+        &events,
+        reaper,
+        &store,
+        read_only.is_some(),
+        &mut warnings,
+    )
+    .await?;
     cells.set_read_only(read_only);
 
     let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
@@ -716,6 +723,7 @@ async fn wire_workloads(
     events: &Arc<crate::events::EventBus>,
     reaper: Arc<crate::reaper::Reaper>,
     store: &Store,
+    read_only: bool,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<(
     Arc<crate::cell::Cells>,
@@ -751,7 +759,11 @@ async fn wire_workloads(
     let containers = containers_dir(&cfg.state_dir)?;
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
-    let holder = {
+    // On a state disk that takes no writes no holder is started: whatever a previous
+    // holder keeps stays with it (its records cannot be rewritten to name another).
+    let holder = if read_only {
+        None
+    } else {
         let (sealed, reaper) = (sealed.clone(), reaper.clone());
         match tokio::task::spawn_blocking(move || {
             crate::workload::holder::Holder::start(&sealed, &reaper)
@@ -807,7 +819,9 @@ async fn wire_workloads(
     // running executables): retire it by its record, then record ours.
     if let Ok(Some(old)) =
         store.get::<crate::workload::holder::ProcRef>(crate::store::kinds::DAEMON, "holder")
-        && holder.as_ref().is_none_or(|h| h.proc() != old)
+        && let Some(h) = &holder
+        && h.proc() != old
+        && !cells.holds_with(&old)
         && let Err(e) = crate::workload::holder::retire(&old)
     {
         warnings.push(format!(

@@ -623,6 +623,7 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     .await
     .unwrap();
     let c = d.client("admin").await.unwrap();
+    let mut holders: Vec<i32> = holder_of(d.pid().unwrap()).into_iter().collect();
     c.cells()
         .allocate(pb::Cell {
             name: "busy".into(),
@@ -667,6 +668,7 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     assert_eq!(st.phase, pb::Phase::Running as i32, "the workload runs on");
     // Restart on the full disk.
     d.crash_and_restart().await.unwrap();
+    holders.extend(holder_of(d.pid().unwrap()));
     let c = d.client("admin").await.unwrap();
     let info = c.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert!(
@@ -692,7 +694,12 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     // Room again, restart: new work is taken.
     std::fs::remove_file(disk.dir.path().join("filler")).unwrap();
     d.crash_and_restart().await.unwrap();
+    holders.extend(holder_of(d.pid().unwrap()));
     let c = d.client("admin").await.unwrap();
+    // The output written across both crashes is still served (the first holder kept the
+    // pipes while the disk was full).
+    let out = workload::logs(&c, "busy", "w", false).await.unwrap();
+    assert!(out.contains("a line of output"), "{out}");
     c.cells()
         .allocate(pb::Cell {
             name: "new".into(),
@@ -709,4 +716,7 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     assert!(!alive(pid));
     drop(d);
     drop(disk);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let alive_holders: Vec<&i32> = holders.iter().filter(|h| alive(**h)).collect();
+    assert!(alive_holders.is_empty(), "holders left: {alive_holders:?} of {holders:?}");
 }

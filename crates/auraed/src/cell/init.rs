@@ -19,7 +19,7 @@ use nix::{
 };
 
 /// The hidden first argument that selects this mode.
-pub const INIT_ARG: &str = "__aurae-cell-init";
+pub const INIT_ARG: &str = crate::workload::layout::CELL_INIT_ARG;
 
 /// What the init sets up, passed as arguments: `<hostname> <flags>`, where flags is a
 /// comma list of the new namespaces ("mnt,uts,net").

@@ -32,6 +32,7 @@ use super::{
     spec::CellSpec,
     state::{Cell, Init, Inner, NsSet},
 };
+pub use crate::executable::{ContainerRecord, HeldOutput};
 use crate::{
     events::EventBus,
     executable::{Executable, Exit, State},
@@ -90,22 +91,6 @@ impl From<&ExitRecord> for Exit {
             at: r.at,
         }
     }
-}
-
-/// A container's private directory and the image layers it pins.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContainerRecord {
-    pub dir: PathBuf,
-    pub image_digest: String,
-    pub layers: Vec<String>,
-}
-
-/// The holder that keeps copies of an executable's output read ends, and their numbers
-/// there (stdout, stderr).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldOutput {
-    pub holder: crate::workload::holder::ProcRef,
-    pub fds: Vec<i32>,
 }
 
 /// What is recorded of an executable.
@@ -286,7 +271,7 @@ impl Cells {
                     }
                 },
             };
-            if !tree.path(&name).exists() {
+            if !tree.exists(&name) {
                 out.warnings.push(format!(
                     "cell {name:?}: its cgroup is gone; its record is removed"
                 ));
@@ -372,7 +357,8 @@ impl Cells {
         // Every pipe was taken back (and is held by our own holder now): the old holders
         // can go.
         out.old_holders.dedup();
-        for h in std::mem::take(&mut out.old_holders) {
+        let old_holders = std::mem::take(&mut out.old_holders);
+        for h in old_holders.into_iter().filter(|h| !self.holds_with(h)) {
             if let Err(e) = crate::workload::holder::retire(&h) {
                 out.warnings.push(format!(
                     "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
@@ -421,10 +407,7 @@ impl Cells {
         let pipes = r.output.as_ref().and_then(|h| {
             match crate::workload::holder::reclaim(&h.holder, &h.fds) {
                 Ok(fds) => match <[Option<std::os::fd::OwnedFd>; 2]>::try_from(fds) {
-                    Ok([Some(o), Some(e)]) => {
-                        out.old_holders.push(h.holder);
-                        Some((o, e))
-                    }
+                    Ok([Some(o), Some(e)]) => Some((o, e)),
                     _ => None,
                 },
                 Err(e) => {
@@ -439,6 +422,20 @@ impl Cells {
         let held = pipes
             .as_ref()
             .and_then(|(o, e)| self.hold_output(&r.cell, &r.name, [o, e]));
+        // The old holder goes only once our holder holds the pipes; until then (no holder
+        // of ours, a state disk that takes no writes) it keeps them, and the record keeps
+        // naming it.
+        let held = match (held, &r.output) {
+            (Some(new), Some(old)) => {
+                out.old_holders.push(old.holder);
+                Some(new)
+            }
+            // Taken back but not held by ours: the old holder keeps them.
+            (None, Some(old)) if pipes.is_some() => Some(old.clone()),
+            // Not there any more (released at the end of the output, or the holder is
+            // gone): nothing is held.
+            _ => None,
+        };
         let exe = Arc::new(Executable {
             cell: r.cell.clone(),
             name: r.name.clone(),

@@ -30,7 +30,6 @@ use super::{
 use crate::{
     events::EventBus,
     executable::Executable,
-    reaper::Reaper,
     spec::CellName,
     workload::{
         WorkloadError,
@@ -61,7 +60,8 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct Cells {
     pub(super) tree: Result<Arc<dyn CgroupTree>, String>,
-    pub(super) reaper: Arc<Reaper>,
+    /// Starts cell inits and executables (the reaper; a fake in unit tests).
+    pub(super) spawner: Arc<dyn crate::workload::spawner::Spawner>,
     pub(super) events: Arc<EventBus>,
     pub(super) logs_dir: PathBuf,
     /// Containers' private directories (`<state>/containers`).
@@ -86,7 +86,7 @@ impl Cells {
     /// cell call then fails with that reason.
     pub fn new(
         tree: Result<Arc<dyn CgroupTree>, String>,
-        reaper: Arc<Reaper>,
+        spawner: Arc<dyn crate::workload::spawner::Spawner>,
         events: Arc<EventBus>,
         logs_dir: PathBuf,
         containers_dir: PathBuf,
@@ -97,7 +97,7 @@ impl Cells {
     ) -> Self {
         Self {
             tree,
-            reaper,
+            spawner,
             recorder: super::record::Recorder::new(store, events.clone()),
             events,
             logs_dir,
@@ -125,6 +125,15 @@ impl Cells {
             Some(why) => Err(WorkloadError::Precondition(why)),
             None => Ok(()),
         }
+    }
+
+    /// Whether an executable's output is still held by the holder `h` (a previous one
+    /// that must then not be retired).
+    pub fn holds_with(&self, h: &crate::workload::holder::ProcRef) -> bool {
+        self.snapshot()
+            .iter()
+            .flat_map(|c| c.executables())
+            .any(|e| e.held.as_ref().is_some_and(|held| &held.holder == h))
     }
 
     /// The directories of the containers this registry holds (for the start-up cleanup).
@@ -426,8 +435,8 @@ impl Cells {
             container: None,
         };
         let child = self
-            .reaper
-            .spawn(|| aurae_sys::spawn(&req))
+            .spawner
+            .spawn(&req)
             .map_err(|source| WorkloadError::Spawn {
                 what: format!("starting the init of cell {:?}", spec.name.as_str()),
                 source,

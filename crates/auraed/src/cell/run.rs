@@ -137,8 +137,8 @@ impl Cells {
                 };
                 let t_prep = t.elapsed();
                 let r = me
-                    .reaper
-                    .spawn(|| aurae_sys::spawn(&req))
+                    .spawner
+                    .spawn(&req)
                     .map_err(|source| container_error(args.as_ref(), source));
                 tracing::debug!(
                     prepare_us = t_prep.as_micros() as u64,

@@ -50,6 +50,22 @@ pub struct State {
     pub exit: Option<Exit>,
 }
 
+/// A container's private directory and the image layers it pins.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ContainerRecord {
+    pub dir: std::path::PathBuf,
+    pub image_digest: String,
+    pub layers: Vec<String>,
+}
+
+/// The holder that keeps copies of an executable's output read ends, and their numbers
+/// there (stdout, stderr).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldOutput {
+    pub holder: crate::workload::holder::ProcRef,
+    pub fds: Vec<i32>,
+}
+
 /// A started process of a cell.
 #[derive(Debug)]
 pub struct Executable {
@@ -66,9 +82,9 @@ pub struct Executable {
     pub image_digest: Option<String>,
     /// Where the holder keeps copies of its output pipes' read ends (see
     /// [`crate::workload::holder`]).
-    pub held: Option<crate::cell::record::HeldOutput>,
+    pub held: Option<HeldOutput>,
     /// A container's directory and layers, for its record.
-    pub container_record: Option<crate::cell::record::ContainerRecord>,
+    pub container_record: Option<ContainerRecord>,
     pub started_at: SystemTime,
     pub log: Arc<Log>,
     pub state: watch::Sender<State>,

@@ -287,7 +287,7 @@ impl Vms {
             )));
         }
         let group = CellName::parse("name", VM_GROUP)?;
-        if !tree.path(&group).exists() {
+        if !tree.exists(&group) {
             tree.create(&group)?;
         }
         let cgroup = CellName::parse("name", &format!("{VM_GROUP}/{}", spec.name))?;

@@ -80,6 +80,8 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Where the cell's directory is, for messages and probes.
     fn path(&self, cell: &CellName) -> PathBuf;
+    /// Whether the cell's directory exists.
+    fn exists(&self, cell: &CellName) -> bool;
     /// At shutdown, once every cell is gone: removes the root if auraed created it.
     fn release(&self) {}
 }
@@ -311,6 +313,10 @@ impl CgroupTree for FsTree {
         self.root.join(cell.as_str())
     }
 
+    fn exists(&self, cell: &CellName) -> bool {
+        self.path(cell).is_dir()
+    }
+
     fn release(&self) {
         if self.created {
             let _ = fs::remove_dir(&self.root);
@@ -348,7 +354,7 @@ impl FakeTree {
         self.state.lock().ok()?.dirs.get(cell).cloned()
     }
 
-    pub fn exists(&self, cell: &str) -> bool {
+    pub fn has(&self, cell: &str) -> bool {
         self.state.lock().is_ok_and(|s| s.dirs.contains_key(cell))
     }
 
@@ -418,8 +424,14 @@ impl CgroupTree for FakeTree {
             .ok_or_else(|| fake_err(cell, file))
     }
 
+    /// A stand-in fd (`/`, read-only): the fake spawner never uses it.
     fn leaf_fd(&self, cell: &CellName) -> Result<OwnedFd, CgroupError> {
-        Err(fake_err(cell, "the fake tree has no real directories"))
+        if !self.has(cell.as_str()) {
+            return Err(fake_err(cell, "no such cgroup"));
+        }
+        fs::File::open("/")
+            .map(OwnedFd::from)
+            .map_err(|e| fake_err(cell, &e.to_string()))
     }
 
     fn populated(&self, cell: &CellName) -> Result<bool, CgroupError> {
@@ -469,6 +481,10 @@ impl CgroupTree for FakeTree {
 
     fn path(&self, cell: &CellName) -> PathBuf {
         PathBuf::from("/fake").join(cell.as_str())
+    }
+
+    fn exists(&self, cell: &CellName) -> bool {
+        self.has(cell.as_str())
     }
 }
 

@@ -15,6 +15,7 @@ pub mod host_path;
 pub mod log;
 pub mod output;
 pub mod process;
+pub mod spawner;
 pub mod supervise;
 
 pub use error::WorkloadError;
@@ -23,4 +24,6 @@ pub use error::WorkloadError;
 pub mod layout {
     /// The cgroup group every VMM lives under (a name cells may not take).
     pub const VM_GROUP: &str = "vms";
+    /// The hidden first argument of auraed's binary when it runs as a cell init.
+    pub const CELL_INIT_ARG: &str = "__aurae-cell-init";
 }

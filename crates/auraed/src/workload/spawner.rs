@@ -1,0 +1,130 @@
+//! The process seam: how cells and VMs start a child. The real [`Spawner`] is the
+//! [`Reaper`] running `aurae_sys::spawn` (clone3 into the cgroup and namespaces the
+//! request names); [`FakeSpawner`] records each request and runs its program as a plain
+//! child of the test, so cell logic is unit-tested without root.
+
+use aurae_sys::{SpawnError, SpawnRequest};
+
+use crate::reaper::{Child, Reaper};
+
+/// Starts a prepared child and tracks it (its exit arrives on [`Child::exit`]).
+pub trait Spawner: Send + Sync + std::fmt::Debug {
+    fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Child, SpawnError>;
+}
+
+impl Spawner for Reaper {
+    fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Child, SpawnError> {
+        Reaper::spawn(self, || aurae_sys::spawn(req))
+    }
+}
+
+/// What a [`FakeSpawner`] was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub argv: Vec<String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub no_new_privs: bool,
+    pub into_cgroup: bool,
+    pub new_namespaces: i32,
+    pub joins: Option<i32>,
+    pub container: bool,
+}
+
+/// A spawner for unit tests: records every request; a cell init (`argv[1]` is the init
+/// argument) reports ready on its passed fd and is stood in for by `sleep`; anything
+/// else runs its argv as a plain child with the request's stdio. No cgroup, namespace,
+/// id change or container is applied.
+#[derive(Debug, Default)]
+pub struct FakeSpawner {
+    pub requests: std::sync::Mutex<Vec<Recorded>>,
+    /// Refuse every spawn with this errno (a failing kernel).
+    pub fail_with: std::sync::Mutex<Option<i32>>,
+}
+
+impl FakeSpawner {
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Spawner for FakeSpawner {
+    fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Child, SpawnError> {
+        use std::process::{Command, Stdio};
+        let argv: Vec<String> = req
+            .argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if let Ok(mut r) = self.requests.lock() {
+            r.push(Recorded {
+                argv: argv.clone(),
+                uid: req.uid,
+                gid: req.gid,
+                no_new_privs: req.no_new_privs,
+                into_cgroup: req.cgroup.is_some(),
+                new_namespaces: req.new_namespaces.0,
+                joins: req.join.map(|(_, ns)| ns.0),
+                container: req.container.is_some(),
+            });
+        }
+        if let Some(errno) = self.fail_with.lock().ok().and_then(|f| *f) {
+            return Err(SpawnError::Setup(std::io::Error::from_raw_os_error(errno)));
+        }
+        let is_init = argv.get(1).is_some_and(|a| a == super::layout::CELL_INIT_ARG);
+        // The request's fds are raw numbers of ours: reopened through /proc/self/fd (a
+        // pipe end opens as the same pipe), without any unsafe borrowing.
+        let reopen = |fd: i32, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(format!("/proc/self/fd/{fd}"))
+                .map_err(SpawnError::Setup)
+        };
+        let dup = |fd: i32, write: bool| reopen(fd, write).map(Stdio::from);
+        let mut cmd = if is_init {
+            if let Some(fd) = req.pass_fd {
+                use std::io::Write;
+                let _ = reopen(fd, true)?.write_all(b"ok\n");
+            }
+            let mut c = Command::new("/bin/sleep");
+            c.arg("3600");
+            c
+        } else {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        };
+        cmd.env_clear()
+            .stdin(dup(req.stdio[0], false)?)
+            .stdout(dup(req.stdio[1], true)?)
+            .stderr(dup(req.stdio[2], true)?);
+        let mut child = cmd.spawn().map_err(|e| SpawnError::Child {
+            step: aurae_sys::Step::EXECUTE,
+            index: None,
+            error: e,
+        })?;
+        let pid = i32::try_from(child.id()).map_err(|_| {
+            SpawnError::Setup(std::io::Error::other("pid out of range"))
+        })?;
+        let pidfd = aurae_sys::Pidfd::open(pid).map_err(SpawnError::Setup)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::os::unix::process::ExitStatusExt;
+            let status = match child.wait() {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(c), _) => aurae_sys::ExitStatus::Code(c),
+                    (None, Some(sig)) => aurae_sys::ExitStatus::Signal(sig),
+                    (None, None) => aurae_sys::ExitStatus::Code(-1),
+                },
+                Err(_) => aurae_sys::ExitStatus::Code(-1),
+            };
+            let _ = tx.send(status);
+        });
+        Ok(Child {
+            pid,
+            pidfd: std::sync::Arc::new(pidfd),
+            exit: rx,
+        })
+    }
+}
