@@ -783,17 +783,17 @@ async fn wire_workloads(
             }
         }
     };
-    let cells = Arc::new(crate::cell::Cells::new(
+    let cells = Arc::new(crate::cell::Cells::new(crate::cell::registry::CellsDeps {
         tree,
-        reaper,
-        events.clone(),
-        cfg.state_dir.join("logs"),
-        containers.clone(),
+        spawner: reaper,
+        events: events.clone(),
+        logs_dir: cfg.state_dir.join("logs"),
+        containers_dir: containers.clone(),
         sealed,
-        Some(store.clone()),
-        Some(image_store.clone()),
-        holder.clone(),
-    ));
+        store: Some(store.clone()),
+        images: Some(image_store.clone()),
+        holder: holder.clone(),
+    }));
     // A previous auraed's cells are served again where their records say how; whatever
     // else it left under the cgroup root is killed and removed, each one reported.
     let found = cells.readopt().await;

@@ -277,4 +277,3 @@ mod tests {
         assert!(name_prefix("p", "../x").is_err());
     }
 }
-

@@ -35,8 +35,13 @@ impl RuntimeApi {
         // (a caller learns nothing of paths it may not use) or pulled.
         for (i, (host, _, _)) in c.volumes.iter().enumerate() {
             let field = format!("container.volumes[{i}].host_path");
-            let u = crate::workload::host_path::under_root(&field, host, &self.ctx.volume_roots, "--volume-root")
-                .map_err(Status::from)?;
+            let u = crate::workload::host_path::under_root(
+                &field,
+                host,
+                &self.ctx.volume_roots,
+                "--volume-root",
+            )
+            .map_err(Status::from)?;
             caller.authorize_privilege(
                 u.rels.iter().all(|rel| caller.grant.allows_volume(rel)),
                 &format!(

@@ -176,7 +176,9 @@ mod tests {
             std::io::Error::from_raw_os_error(nix::libc::ENFILE)
         ));
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
-        let s = Status::from(crate::workload::WorkloadError::Io(std::io::Error::other("boom")));
+        let s = Status::from(crate::workload::WorkloadError::Io(std::io::Error::other(
+            "boom",
+        )));
         assert_eq!(
             s.code(),
             tonic::Code::Internal,

@@ -115,8 +115,6 @@ pub fn check_controllers(writes: &[LimitWrite], available: &[String]) -> Result<
     Ok(())
 }
 
-
-
 #[cfg(test)]
 mod tests {
     use aurae_proto::runtime::v0 as pb;
@@ -187,5 +185,4 @@ mod tests {
         );
         assert!(check_controllers(&limit_writes(&l), &["memory".to_owned()]).is_ok());
     }
-
 }

@@ -4,10 +4,13 @@ pub mod init;
 pub mod limits;
 pub mod record;
 pub mod registry;
-mod state;
 mod run;
 pub mod spec;
+mod state;
 
 pub use registry::{Cells, Usage};
-pub use state::Cell;
 pub use spec::{CellSpec, Limits, Namespaces};
+pub use state::Cell;
+
+#[cfg(test)]
+mod tests;

@@ -147,14 +147,24 @@ impl Recorder {
         let Some(s) = &self.store else { return };
         let name = r.spec.name.as_str();
         if let Err(e) = s.put(kinds::CELL, name, r) {
-            self.report(pb::Kind::Cell, name, "the cell's record could not be written", &e);
+            self.report(
+                pb::Kind::Cell,
+                name,
+                "the cell's record could not be written",
+                &e,
+            );
         }
     }
 
     pub fn forget_cell(&self, name: &CellName) {
         let Some(s) = &self.store else { return };
         if let Err(e) = s.delete(kinds::CELL, name.as_str()) {
-            self.report(pb::Kind::Cell, name.as_str(), "the cell's record could not be deleted", &e);
+            self.report(
+                pb::Kind::Cell,
+                name.as_str(),
+                "the cell's record could not be deleted",
+                &e,
+            );
         }
     }
 

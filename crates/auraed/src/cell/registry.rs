@@ -23,9 +23,9 @@ use tracing::{info, warn};
 
 use super::{
     init::INIT_ARG,
-    state::{Cell, Init, Inner, NsSet, check_narrowing},
     limits::{check_controllers, limit_writes},
     spec::CellSpec,
+    state::{Cell, Init, Inner, NsSet, check_narrowing},
 };
 use crate::{
     events::EventBus,
@@ -56,6 +56,24 @@ pub struct Usage {
     pub unbounded_memory: usize,
 }
 
+/// What [`Cells`] is built from.
+#[derive(Debug)]
+pub struct CellsDeps {
+    /// `Err(reason)` when this auraed has no usable cgroup v2 hierarchy; every cell call
+    /// then fails with that reason.
+    pub tree: Result<Arc<dyn CgroupTree>, String>,
+    pub spawner: Arc<dyn crate::workload::spawner::Spawner>,
+    pub events: Arc<EventBus>,
+    pub logs_dir: PathBuf,
+    /// Containers' private directories (`<state>/containers`).
+    pub containers_dir: PathBuf,
+    pub sealed: Arc<aurae_sys::memfd::SealedSelf>,
+    /// Where records go (`None`: nothing is recorded).
+    pub store: Option<crate::store::Store>,
+    pub images: Option<Arc<crate::image::store::ImageStore>>,
+    pub holder: Option<Arc<crate::workload::holder::Holder>>,
+}
+
 /// The domain service behind the `Cells` and `Executables` APIs and `RunExecutable`.
 #[derive(Debug)]
 pub struct Cells {
@@ -82,32 +100,20 @@ pub struct Cells {
 }
 
 impl Cells {
-    /// `tree` is `Err(reason)` when this auraed has no usable cgroup v2 hierarchy; every
-    /// cell call then fails with that reason.
-    pub fn new(
-        tree: Result<Arc<dyn CgroupTree>, String>,
-        spawner: Arc<dyn crate::workload::spawner::Spawner>,
-        events: Arc<EventBus>,
-        logs_dir: PathBuf,
-        containers_dir: PathBuf,
-        sealed: Arc<aurae_sys::memfd::SealedSelf>,
-        store: Option<crate::store::Store>,
-        images: Option<Arc<crate::image::store::ImageStore>>,
-        holder: Option<Arc<crate::workload::holder::Holder>>,
-    ) -> Self {
+    pub fn new(d: CellsDeps) -> Self {
         Self {
-            tree,
-            spawner,
-            recorder: super::record::Recorder::new(store, events.clone()),
-            events,
-            logs_dir,
-            containers_dir,
+            tree: d.tree,
+            spawner: d.spawner,
+            recorder: super::record::Recorder::new(d.store, d.events.clone()),
+            events: d.events,
+            logs_dir: d.logs_dir,
+            containers_dir: d.containers_dir,
             cells: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
-            sealed,
+            sealed: d.sealed,
             counter: AtomicU64::new(0),
-            images,
-            holder,
+            images: d.images,
+            holder: d.holder,
             read_only: Mutex::new(None),
         }
     }
@@ -234,7 +240,10 @@ impl Cells {
     }
 
     /// Creates a cell: cgroup, limits, namespaces (its init).
-    pub async fn allocate(self: &Arc<Self>, spec: CellSpec) -> Result<pb::CellStatus, WorkloadError> {
+    pub async fn allocate(
+        self: &Arc<Self>,
+        spec: CellSpec,
+    ) -> Result<pb::CellStatus, WorkloadError> {
         let tree = self.tree()?;
         if spec.namespaces.user_namespace {
             return Err(WorkloadError::Precondition(
@@ -637,7 +646,6 @@ impl Cells {
         }
     }
 }
-
 
 /// Reports OOM kills in a cell (memory.events), while it exists.
 pub(super) async fn watch_oom(cells: Arc<Cells>, cell: Arc<Cell>, tree: Arc<dyn CgroupTree>) {

@@ -297,7 +297,7 @@ impl Cells {
 
     /// Fixes (or checks) whether the cell's tree runs containers or plain executables;
     /// see `Inner::runs_containers`. `spec.allow_mixed_cell` skips the check.
-    fn claim_kind(&self, spec: &ExecutableSpec) -> Result<(), WorkloadError> {
+    pub(super) fn claim_kind(&self, spec: &ExecutableSpec) -> Result<(), WorkloadError> {
         if spec.allow_mixed_cell {
             return Ok(());
         }
@@ -352,7 +352,10 @@ impl Cells {
         Ok(Label::parse("name", &format!("{base}-{n}"))?)
     }
 
-    pub fn executable(&self, r: &executable::ExecutableRef) -> Result<Arc<Executable>, WorkloadError> {
+    pub fn executable(
+        &self,
+        r: &executable::ExecutableRef,
+    ) -> Result<Arc<Executable>, WorkloadError> {
         let cell = self.find(&r.cell)?;
         let inner = cell
             .inner

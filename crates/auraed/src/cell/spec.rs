@@ -1,6 +1,5 @@
 //! Validated cell requests: names, cgroup v2 limits in their real units, namespaces.
 
-
 use aurae_proto::runtime::v0 as pb;
 
 use crate::{

@@ -193,7 +193,11 @@ pub(super) fn limits_to_proto(l: &Limits) -> pb::CellLimits {
 }
 
 /// A child may only narrow its parent's limits.
-pub(super) fn check_narrowing(child: &Limits, parent: &Limits, parent_name: &str) -> Result<(), FieldError> {
+pub(super) fn check_narrowing(
+    child: &Limits,
+    parent: &Limits,
+    parent_name: &str,
+) -> Result<(), FieldError> {
     let pairs = [
         (
             "limits.memory_max_bytes",
@@ -238,4 +242,3 @@ pub(super) fn check_narrowing(child: &Limits, parent: &Limits, parent_name: &str
     }
     Ok(())
 }
-

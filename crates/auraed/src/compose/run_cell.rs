@@ -92,7 +92,6 @@ fn unreachable_label() -> Label {
     panic!("\"container\" is not a label")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

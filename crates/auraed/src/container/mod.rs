@@ -34,9 +34,9 @@ use std::{
 use aurae_sys::container::{ContainerSetup, MAX_VOLUMES, VolumeMount};
 
 use crate::{
-    workload::WorkloadError,
     image::{local::LocalImage, store::ImageStore},
     spec::FieldError,
+    workload::WorkloadError,
 };
 
 /// Capabilities a container keeps (Docker's default set less MKNOD): CHOWN, DAC_OVERRIDE,
@@ -378,11 +378,13 @@ impl Args {
         use aurae_sys::Step as S;
         let s = |v: &[CString]| v.get(index).map(|c| c.to_string_lossy().into_owned());
         match step {
-            S::CONTAINER_OPEN_VOLUME | S::CONTAINER_VOLUME_READ_ONLY | S::CONTAINER_ATTACH_VOLUME => {
-                self.volume_names.get(index).cloned()
-            }
+            S::CONTAINER_OPEN_VOLUME
+            | S::CONTAINER_VOLUME_READ_ONLY
+            | S::CONTAINER_ATTACH_VOLUME => self.volume_names.get(index).cloned(),
             S::CONTAINER_CREATE_MOUNT_POINT => s(&self.mkdirs),
-            S::CONTAINER_MOUNT_POINT_NOT_A_DIRECTORY => RESERVED.get(index).map(|p| (*p).to_owned()),
+            S::CONTAINER_MOUNT_POINT_NOT_A_DIRECTORY => {
+                RESERVED.get(index).map(|p| (*p).to_owned())
+            }
             S::CONTAINER_MASK_PATH => s(&self.masked),
             S::CONTAINER_PATH_READ_ONLY => s(&self.read_only),
             _ => None,

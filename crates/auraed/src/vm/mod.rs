@@ -138,8 +138,13 @@ fn allowed_file(
     roots: &[PathBuf],
     write: bool,
 ) -> Result<OwnedFd, WorkloadError> {
-    let (fd, _) =
-        crate::workload::host_path::open_host_path(field, p, HostPath::File { write }, roots, IMAGE_ROOT_FLAG)?;
+    let (fd, _) = crate::workload::host_path::open_host_path(
+        field,
+        p,
+        HostPath::File { write },
+        roots,
+        IMAGE_ROOT_FLAG,
+    )?;
     aurae_sys::container::clone_mount(fd.as_fd(), !write).map_err(|e| {
         precondition(format!(
             "{field}: {}: cannot clone its mount: {e}",

@@ -35,4 +35,3 @@ impl WorkloadError {
         Self::Io(e)
     }
 }
-

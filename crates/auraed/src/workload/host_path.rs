@@ -146,7 +146,9 @@ impl UnderRoot {
             Errno::LOOP => WorkloadError::Precondition(format!(
                 "{field}: {sent}: symlinks under {flag} are not followed (name the real path)"
             )),
-            Errno::XDEV => WorkloadError::Precondition(format!("{field}: {sent} leaves its {flag}")),
+            Errno::XDEV => {
+                WorkloadError::Precondition(format!("{field}: {sent} leaves its {flag}"))
+            }
             e => WorkloadError::Precondition(format!("{field}: {sent}: {e}")),
         })?;
         let HostPath::File { write } = kind else {

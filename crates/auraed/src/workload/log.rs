@@ -351,7 +351,9 @@ impl Log {
                 log.tx.send_modify(|s| s.0 = len);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => log.lock().fail(format!("reading {} back: {e}", path.display())),
+            Err(e) => log
+                .lock()
+                .fail(format!("reading {} back: {e}", path.display())),
         }
         log
     }

@@ -40,6 +40,23 @@ pub struct FakeSpawner {
     pub requests: std::sync::Mutex<Vec<Recorded>>,
     /// Refuse every spawn with this errno (a failing kernel).
     pub fail_with: std::sync::Mutex<Option<i32>>,
+    /// Every child it started: killed when the fake goes.
+    children: std::sync::Mutex<Vec<std::sync::Arc<aurae_sys::Pidfd>>>,
+}
+
+impl FakeSpawner {
+    /// SIGKILLs every child it started (by pidfd).
+    pub fn kill_all(&self) {
+        for c in self.children.lock().map(|c| c.clone()).unwrap_or_default() {
+            let _ = c.send_signal(nix::libc::SIGKILL);
+        }
+    }
+}
+
+impl Drop for FakeSpawner {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
 }
 
 impl FakeSpawner {
@@ -71,7 +88,9 @@ impl Spawner for FakeSpawner {
         if let Some(errno) = self.fail_with.lock().ok().and_then(|f| *f) {
             return Err(SpawnError::Setup(std::io::Error::from_raw_os_error(errno)));
         }
-        let is_init = argv.get(1).is_some_and(|a| a == super::layout::CELL_INIT_ARG);
+        let is_init = argv
+            .get(1)
+            .is_some_and(|a| a == super::layout::CELL_INIT_ARG);
         // The request's fds are raw numbers of ours: reopened through /proc/self/fd (a
         // pipe end opens as the same pipe), without any unsafe borrowing.
         let reopen = |fd: i32, write: bool| {
@@ -104,9 +123,8 @@ impl Spawner for FakeSpawner {
             index: None,
             error: e,
         })?;
-        let pid = i32::try_from(child.id()).map_err(|_| {
-            SpawnError::Setup(std::io::Error::other("pid out of range"))
-        })?;
+        let pid = i32::try_from(child.id())
+            .map_err(|_| SpawnError::Setup(std::io::Error::other("pid out of range")))?;
         let pidfd = aurae_sys::Pidfd::open(pid).map_err(SpawnError::Setup)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
@@ -121,9 +139,13 @@ impl Spawner for FakeSpawner {
             };
             let _ = tx.send(status);
         });
+        let pidfd = std::sync::Arc::new(pidfd);
+        if let Ok(mut c) = self.children.lock() {
+            c.push(pidfd.clone());
+        }
         Ok(Child {
             pid,
-            pidfd: std::sync::Arc::new(pidfd),
+            pidfd,
             exit: rx,
         })
     }

@@ -1,7 +1,10 @@
 //! Watching what runs: a cgroup draining after a kill, its OOM-kill counter, a child's
 //! readiness report.
 
-use std::{os::fd::OwnedFd, time::{Duration, Instant}};
+use std::{
+    os::fd::OwnedFd,
+    time::{Duration, Instant},
+};
 
 use super::cgroup::CgroupTree;
 use crate::spec::CellName;
@@ -70,4 +73,3 @@ pub fn oom_kills(tree: &dyn CgroupTree, name: &CellName) -> u64 {
         })
         .unwrap_or(0)
 }
-

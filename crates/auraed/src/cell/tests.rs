@@ -1,0 +1,348 @@
+//! Cells and executables against the fakes (an in-memory cgroup tree, a spawner that
+//! records requests and runs programs as plain children): no root, no cgroups.
+
+use std::{sync::Arc, time::Duration};
+
+use aurae_proto::runtime::v0 as pb;
+
+use super::{
+    CellSpec, Cells,
+    record::{CellRecord, ExecutableRecord},
+    registry::CellsDeps,
+};
+use crate::{
+    events::EventBus,
+    executable::ExecutableSpec,
+    spec::{CellName, Label},
+    store::{Store, kinds},
+    workload::{
+        WorkloadError,
+        cgroup::{CgroupTree, FakeTree},
+        spawner::FakeSpawner,
+    },
+};
+
+struct Fixture {
+    cells: Arc<Cells>,
+    tree: Arc<FakeTree>,
+    spawner: Arc<FakeSpawner>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.spawner.kill_all();
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = Arc::new(FakeTree::with_controllers(&["memory", "pids"]));
+    let spawner = Arc::new(FakeSpawner::default());
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let cells = Arc::new(Cells::new(CellsDeps {
+        tree: Ok(tree.clone() as Arc<dyn CgroupTree>),
+        spawner: spawner.clone(),
+        events: Arc::new(EventBus::default()),
+        logs_dir: dir.path().join("logs"),
+        containers_dir: dir.path().join("containers"),
+        sealed: Arc::new(aurae_sys::memfd::SealedSelf::default()),
+        store: Some(store.clone()),
+        images: None,
+        holder: None,
+    }));
+    Fixture {
+        cells,
+        tree,
+        spawner,
+        store,
+        _dir: dir,
+    }
+}
+
+fn cell(name: &str) -> CellSpec {
+    CellSpec::parse(
+        pb::Cell {
+            name: name.into(),
+            ..Default::default()
+        },
+        false,
+        2,
+    )
+    .unwrap()
+}
+
+fn exe(cell: &str, name: &str, argv: &[&str], uid: Option<u32>) -> ExecutableSpec {
+    ExecutableSpec {
+        cell: CellName::parse("cell", cell).unwrap(),
+        name: Some(Label::parse("name", name).unwrap()),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
+        working_dir: "/".into(),
+        uid,
+        gid: uid,
+        stdin: Vec::new(),
+        allow_new_privileges: false,
+        allow_mixed_cell: false,
+        container: None,
+    }
+}
+
+#[tokio::test]
+async fn allocate_makes_the_cgroup_attaches_the_filter_starts_the_init_and_records_it() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    assert!(f.tree.has("web"));
+    assert!(f.tree.has_device_filter("web"));
+    let init = &f.spawner.requests()[0];
+    assert_eq!(init.argv[1], crate::workload::layout::CELL_INIT_ARG);
+    assert!(init.into_cgroup, "the init is born in the cell's cgroup");
+    let new = init.new_namespaces;
+    for ns in [
+        libc_ns::PID,
+        libc_ns::MOUNT,
+        libc_ns::NET,
+        libc_ns::IPC,
+        libc_ns::UTS,
+        libc_ns::CGROUP,
+    ] {
+        assert_ne!(new & ns, 0, "namespace {ns:#x} missing from {new:#x}");
+    }
+    assert!(init.no_new_privs);
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert_eq!(rec.spec.name.as_str(), "web");
+    assert!(rec.init.is_some());
+    // Again: ALREADY_EXISTS, nothing new spawned.
+    let before = f.spawner.requests().len();
+    assert!(matches!(
+        f.cells.allocate(cell("web")).await,
+        Err(WorkloadError::Exists(_))
+    ));
+    assert_eq!(f.spawner.requests().len(), before);
+    // The VM group's name is not a cell's.
+    assert!(f.cells.allocate(cell("vms")).await.is_err());
+    // A parent must exist first.
+    assert!(matches!(
+        f.cells.allocate(cell("nope/child")).await,
+        Err(WorkloadError::NotFound(_))
+    ));
+    f.cells
+        .free(&CellName::parse("n", "web").unwrap())
+        .await
+        .unwrap();
+    assert!(!f.tree.has("web"));
+    assert_eq!(
+        f.store
+            .get::<CellRecord>(kinds::CELL, "web")
+            .unwrap()
+            .map(|_| ()),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_cell_whose_filter_cannot_attach_is_refused_and_leaves_nothing() {
+    let f = fixture();
+    f.tree.refuse_device_filter();
+    let e = f.cells.allocate(cell("web")).await.unwrap_err();
+    assert!(e.to_string().contains("device filter"), "{e}");
+    assert!(!f.tree.has("web"));
+    assert!(f.spawner.requests().is_empty(), "no init was started");
+}
+
+#[tokio::test]
+async fn run_asks_for_the_ids_and_no_new_privs_and_captures_output_and_exit() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    let st = f
+        .cells
+        .run(
+            exe(
+                "web",
+                "hello",
+                &["/bin/sh", "-c", "echo out; echo err >&2; exit 7"],
+                Some(1000),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.phase, pb::Phase::Running as i32);
+    let req = f.spawner.requests().last().cloned().unwrap();
+    assert_eq!((req.uid, req.gid), (Some(1000), Some(1000)));
+    assert!(
+        req.no_new_privs,
+        "a tenant's plain executable gets no_new_privs"
+    );
+    assert!(req.into_cgroup);
+    assert!(req.joins.is_some(), "it joins the init's namespaces");
+    let r = crate::executable::ExecutableRef {
+        cell: CellName::parse("c", "web").unwrap(),
+        name: Label::parse("n", "hello").unwrap(),
+    };
+    let e = f.cells.executable(&r).unwrap();
+    let exit = e.wait(Some(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(exit.status, Some(aurae_sys::ExitStatus::Code(7)));
+    // The output reaches the log (both streams).
+    let mut rx = e.log.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.1)).await;
+    let text: Vec<u8> = e
+        .log
+        .read_from(0)
+        .0
+        .into_iter()
+        .flat_map(|c| c.data)
+        .collect();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("out") && text.contains("err"), "{text:?}");
+    // Recorded with its exit; forgotten when freed.
+    let rec: ExecutableRecord = f
+        .store
+        .get(kinds::EXECUTABLE, "web/hello")
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.exit.map(|x| x.code), Some(Some(7)));
+    f.cells.free_executable(&r).unwrap();
+    assert!(
+        f.store
+            .get::<ExecutableRecord>(kinds::EXECUTABLE, "web/hello")
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_container_never_joins_a_tree_of_plain_executables() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    f.cells.allocate(cell("web/side")).await.unwrap();
+    f.cells
+        .run(exe("web", "plain", &["/bin/sleep", "5"], Some(1000)), None)
+        .await
+        .unwrap();
+    // The first start fixed the tree's kind (recorded); it covers the nested cell.
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert_eq!(rec.runs_containers, Some(false));
+    let container = || {
+        let mut s = exe("web/side", "c", &[], None);
+        s.container = Some(
+            crate::container::ContainerSpec::parse(
+                "container",
+                Some(pb::Container {
+                    image: "reg/x:1".into(),
+                    ..Default::default()
+                }),
+            )
+            .unwrap(),
+        );
+        s
+    };
+    let e = f.cells.claim_kind(&container()).unwrap_err();
+    assert!(e.to_string().contains("/proc/<pid>/root"), "{e}");
+    // With a grant that allows host namespaces, mixing is allowed.
+    let mut allowed = container();
+    allowed.allow_mixed_cell = true;
+    f.cells.claim_kind(&allowed).unwrap();
+    // Another plain executable is fine.
+    f.cells
+        .run(exe("web/side", "p2", &["/bin/true"], Some(1000)), None)
+        .await
+        .unwrap();
+    f.cells
+        .stop(
+            &CellName::parse("n", "web").unwrap(),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_spawn_is_reported_and_leaves_no_executable() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    *f.spawner.fail_with.lock().unwrap() = Some(libc_errno::EAGAIN);
+    let e = f
+        .cells
+        .run(exe("web", "x", &["/bin/true"], Some(1000)), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WorkloadError::Spawn { .. }), "{e:?}");
+    assert!(f.cells.executables(|_| true).is_empty());
+    assert!(
+        f.store
+            .get::<ExecutableRecord>(kinds::EXECUTABLE, "web/x")
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn stop_signals_every_executable_then_kills_the_cgroup() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    f.cells
+        .run(exe("web", "a", &["/bin/sleep", "30"], Some(1000)), None)
+        .await
+        .unwrap();
+    f.cells
+        .run(
+            exe(
+                "web",
+                "b",
+                &["/bin/sh", "-c", "trap '' TERM; sleep 30"],
+                Some(1000),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let st = f
+        .cells
+        .stop(
+            &CellName::parse("n", "web").unwrap(),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.phase, pb::Phase::Exited as i32);
+    assert_eq!(
+        f.tree
+            .files("web")
+            .unwrap()
+            .get("cgroup.kill")
+            .map(String::as_str),
+        Some("1"),
+        "the grace period ended with cgroup.kill"
+    );
+    let a = f
+        .cells
+        .executable(&crate::executable::ExecutableRef {
+            cell: CellName::parse("c", "web").unwrap(),
+            name: Label::parse("n", "a").unwrap(),
+        })
+        .unwrap();
+    assert_eq!(
+        a.wait(Some(Duration::from_secs(5))).await.unwrap().status,
+        Some(aurae_sys::ExitStatus::Signal(15))
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert!(rec.stopped.is_some(), "the stop is recorded");
+}
+
+/// Namespace flags as the kernel spells them (the fake records them raw).
+mod libc_ns {
+    pub const PID: i32 = nix::libc::CLONE_NEWPID;
+    pub const MOUNT: i32 = nix::libc::CLONE_NEWNS;
+    pub const NET: i32 = nix::libc::CLONE_NEWNET;
+    pub const IPC: i32 = nix::libc::CLONE_NEWIPC;
+    pub const UTS: i32 = nix::libc::CLONE_NEWUTS;
+    pub const CGROUP: i32 = nix::libc::CLONE_NEWCGROUP;
+}
+
+mod libc_errno {
+    pub const EAGAIN: i32 = nix::libc::EAGAIN;
+}
