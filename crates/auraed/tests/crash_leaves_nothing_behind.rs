@@ -17,8 +17,11 @@ use aurae_testkit::{
 };
 
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
 }
 
 fn sh(cell: &str, name: &str, script: &str) -> pb::Executable {
@@ -67,8 +70,7 @@ async fn status(c: &Client, cell: &str, name: &str) -> pb::ExecutableStatus {
 /// `kill -9`, restart → every one served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
-    let Some(mut d) = daemon("kill_9_with_50_cells_then_restart_readopts_all_of_them").await
-    else {
+    let Some(mut d) = daemon("kill_9_with_50_cells_then_restart_readopts_all_of_them").await else {
         return;
     };
     let root = d.cgroup.clone().unwrap();
@@ -134,7 +136,9 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
         "{log}"
     );
 
-    d.crash_and_restart_after(Duration::from_secs(2)).await.unwrap();
+    d.crash_and_restart_after(Duration::from_secs(2))
+        .await
+        .unwrap();
     let c = d.client("admin").await.unwrap();
     let listed: Vec<String> = c
         .cells()
@@ -159,7 +163,13 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
         } else {
             ended += 1;
         }
-        let top: usize = cell.trim_start_matches('c').split('/').next().unwrap().parse().unwrap();
+        let top: usize = cell
+            .trim_start_matches('c')
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         if !cell.contains('/') && top % 3 == 1 {
             // Its log holds lines written while auraed was down: more ticks than the
             // ~0.2 s it ran before the crash could give, numbered without a gap.
@@ -250,9 +260,17 @@ async fn unexplained_cgroups_are_swept_and_reported() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!alive(old_holder), "the crashed auraed's holder {old_holder} was not retired");
+    assert!(
+        !alive(old_holder),
+        "the crashed auraed's holder {old_holder} was not retired"
+    );
     let c = d.client("admin").await.unwrap();
-    let info = c.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner();
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let swept: Vec<&String> = info
         .warnings
         .iter()
@@ -260,7 +278,10 @@ async fn unexplained_cgroups_are_swept_and_reported() {
         .collect();
     println!("swept: {swept:?}");
     assert_eq!(swept.len(), 2, "{:?}", info.warnings);
-    assert!(child.wait().is_ok_and(|s| !s.success()), "the stray process was killed");
+    assert!(
+        child.wait().is_ok_and(|s| !s.success()),
+        "the stray process was killed"
+    );
     let mut left = cgroups_left(&root);
     left.sort();
     assert_eq!(left, ["kept"]);
@@ -383,7 +404,11 @@ async fn twenty_crashes_under_churn_leak_nothing() {
             .into_iter()
             .map(|f| f.trim_end_matches(".json").replace('.', "/"))
             .collect();
-        assert_eq!(cgroup_cells(&root), served, "cycle {cycle}: cgroups vs served");
+        assert_eq!(
+            cgroup_cells(&root),
+            served,
+            "cycle {cycle}: cgroups vs served"
+        );
         assert_eq!(records, served, "cycle {cycle}: records vs served");
         let exes = c
             .executables()
@@ -414,7 +439,9 @@ async fn twenty_crashes_under_churn_leak_nothing() {
         .filter(|c| !c.name.contains('/'))
     {
         c.cells()
-            .free(pb::NameRef { name: cell.name.clone() })
+            .free(pb::NameRef {
+                name: cell.name.clone(),
+            })
             .await
             .unwrap();
     }
@@ -444,7 +471,11 @@ async fn twenty_crashes_under_churn_leak_nothing() {
     assert!(cgroup_cells(&root).is_empty());
     assert!(files_in(&state.join("store/cell")).is_empty());
     assert!(files_in(&state.join("store/executable")).is_empty());
-    assert!(files_in(&state.join("logs")).is_empty(), "{:?}", files_in(&state.join("logs")));
+    assert!(
+        files_in(&state.join("logs")).is_empty(),
+        "{:?}",
+        files_in(&state.join("logs"))
+    );
     assert!(files_in(&state.join("containers")).is_empty());
     assert!(fds < 64, "auraed holds {fds} fds with nothing running");
 }
@@ -512,12 +543,18 @@ async fn a_container_is_readopted_after_a_crash() {
     let pid = st.executables[0].pid;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(files_in(&state.join("containers")).len(), 1);
-    d.crash_and_restart_after(Duration::from_secs(1)).await.unwrap();
+    d.crash_and_restart_after(Duration::from_secs(1))
+        .await
+        .unwrap();
     let c = d.client("admin").await.unwrap();
     let s = status(&c, "web", &name).await;
     assert_eq!(s.phase, pb::Phase::Running as i32, "{s:?}");
     assert!(alive(pid));
-    assert_eq!(files_in(&state.join("containers")).len(), 1, "its root was kept");
+    assert_eq!(
+        files_in(&state.join("containers")).len(),
+        1,
+        "its root was kept"
+    );
     // Its files are its own still (the upper directory survived), and a sidecar starts
     // in the re-adopted cell.
     c.runtime()
@@ -670,7 +707,12 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     d.crash_and_restart().await.unwrap();
     holders.extend(holder_of(d.pid().unwrap()));
     let c = d.client("admin").await.unwrap();
-    let info = c.daemon().info(pb::InfoRequest {}).await.unwrap().into_inner();
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
         info.warnings.iter().any(|w| w.contains("takes no writes")),
         "{:?}",
@@ -718,5 +760,8 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     drop(disk);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let alive_holders: Vec<&i32> = holders.iter().filter(|h| alive(**h)).collect();
-    assert!(alive_holders.is_empty(), "holders left: {alive_holders:?} of {holders:?}");
+    assert!(
+        alive_holders.is_empty(),
+        "holders left: {alive_holders:?} of {holders:?}"
+    );
 }

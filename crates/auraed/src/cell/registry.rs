@@ -1,6 +1,6 @@
 //! The cells auraed runs, and the executables in them.
 //!
-//! A cell is a cgroup (see [`super::cgroup`]) plus namespaces held by its init process
+//! A cell is a cgroup (see [`crate::workload::cgroup`]) plus namespaces held by its init process
 //! (see [`super::init`]). Executables are started by auraed itself with `clone3` straight
 //! into the cell's leaf cgroup and PID namespace, joining the init's other namespaces, so
 //! they are auraed's children: their exit status comes through their pidfd, and every

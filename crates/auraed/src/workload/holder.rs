@@ -13,7 +13,7 @@
 //! signal, its own session so a terminal's SIGINT/SIGHUP does not reach it); auraed kills
 //! it through its pidfd when it is no longer needed ([`Holder::kill`], [`retire`]).
 //!
-//! The protocol is one JSON message per packet, each request answered by one [`Reply`]
+//! The protocol is one JSON message per packet, each request answered by one `Reply`
 //! with the same sequence number (a reply that arrives after its caller gave up is
 //! recognised as stale and dropped):
 //! - `{"op":"ping","seq":1}` → `{"seq":1,"fds":[]}` (the start-up check);
