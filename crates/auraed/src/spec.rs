@@ -60,6 +60,28 @@ impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A label made from free text (a program's or an image's name): lowercase letters
+    /// and digits kept, everything else '-', at most `max` characters (≤ 63), trimmed of
+    /// '-'; `fallback` (a valid label) when nothing is left.
+    pub fn sanitized(raw: &str, max: usize, fallback: &'static str) -> Self {
+        let s: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(max.min(MAX_LABEL))
+            .collect();
+        let s = s.trim_matches('-');
+        match label_reason(s) {
+            None => Self(s.to_owned()),
+            Some(_) => Self(fallback.to_owned()),
+        }
+    }
 }
 
 impl fmt::Display for Label {

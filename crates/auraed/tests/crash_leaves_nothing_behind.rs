@@ -58,6 +58,40 @@ fn cgroups_left(root: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Allocates a cell with no options.
+async fn allocate(c: &Client, name: &str) -> Result<pb::CellStatus, tonic::Status> {
+    c.cells()
+        .allocate(pb::Cell {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The names of every cell auraed serves, sorted.
+async fn cell_names(c: &Client) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .cells()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    v.sort();
+    v
+}
+
+async fn free(c: &Client, name: &str) {
+    c.cells()
+        .free(pb::NameRef { name: name.into() })
+        .await
+        .unwrap_or_else(|e| panic!("free {name}: {e:?}"));
+}
+
 async fn status(c: &Client, cell: &str, name: &str) -> pb::ExecutableStatus {
     c.executables()
         .get(workload::exe_ref(cell, name))
@@ -79,23 +113,11 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
     let mut cells = Vec::new();
     for i in 0..TOP {
         let cell = format!("c{i}");
-        c.cells()
-            .allocate(pb::Cell {
-                name: cell.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        allocate(&c, &cell).await.unwrap();
         cells.push(cell.clone());
         if i % 4 == 0 {
             let nested = format!("{cell}/nested");
-            c.cells()
-                .allocate(pb::Cell {
-                    name: nested.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            allocate(&c, &nested).await.unwrap();
             c.runtime()
                 .run_executable(sh(&nested, "w", "while :; do sleep 1; done"))
                 .await
@@ -140,16 +162,7 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
         .await
         .unwrap();
     let c = d.client("admin").await.unwrap();
-    let listed: Vec<String> = c
-        .cells()
-        .list(pb::ListRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .cells
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
+    let listed = cell_names(&c).await;
     let readopted = cells.iter().filter(|n| listed.contains(n)).count();
     let mut running = 0;
     let mut ended = 0;
@@ -209,10 +222,7 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
             })
             .await
             .unwrap();
-        c.cells()
-            .free(pb::NameRef { name: cell.clone() })
-            .await
-            .unwrap();
+        free(&c, cell).await;
     }
     let leaked: Vec<&(String, i32)> = pids.iter().filter(|(_, p)| alive(*p)).collect();
     assert!(leaked.is_empty(), "processes leaked: {leaked:?}");
@@ -228,13 +238,7 @@ async fn unexplained_cgroups_are_swept_and_reported() {
     };
     let root = d.cgroup.clone().unwrap();
     let c = d.client("admin").await.unwrap();
-    c.cells()
-        .allocate(pb::Cell {
-            name: "kept".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "kept").await.unwrap();
     // A stray cgroup with a process in it, and a cell whose record is lost.
     let stray = root.join("stray");
     std::fs::create_dir(&stray).unwrap();
@@ -243,13 +247,7 @@ async fn unexplained_cgroups_are_swept_and_reported() {
         .spawn()
         .unwrap();
     std::fs::write(stray.join("cgroup.procs"), child.id().to_string()).unwrap();
-    c.cells()
-        .allocate(pb::Cell {
-            name: "lost".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "lost").await.unwrap();
     std::fs::remove_file(d.dir.path().join("state/store/cell/lost.json")).unwrap();
     // No executable runs: the old holder holds nothing, and must still go.
     let old_holder = holder_of(d.pid().unwrap()).expect("auraed runs an output holder");
@@ -286,13 +284,7 @@ async fn unexplained_cgroups_are_swept_and_reported() {
     left.sort();
     assert_eq!(left, ["kept"]);
     // A name left by a lost record is usable again.
-    c.cells()
-        .allocate(pb::Cell {
-            name: "lost".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "lost").await.unwrap();
 }
 
 /// Every cgroup under `root` as a cell path (leaves and the VM group excluded).
@@ -389,17 +381,7 @@ async fn twenty_crashes_under_churn_leak_nothing() {
         }
         // Invariants after this restart: served == cgroups == records.
         let c = d.client("admin").await.unwrap();
-        let mut served: Vec<String> = c
-            .cells()
-            .list(pb::ListRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .cells
-            .into_iter()
-            .map(|c| c.name)
-            .collect();
-        served.sort();
+        let served = cell_names(&c).await;
         let records: Vec<String> = files_in(&state.join("store/cell"))
             .into_iter()
             .map(|f| f.trim_end_matches(".json").replace('.', "/"))
@@ -587,10 +569,7 @@ async fn a_container_is_readopted_after_a_crash() {
         1,
         "the running container's layer was garbage-collected"
     );
-    c.cells()
-        .free(pb::NameRef { name: "web".into() })
-        .await
-        .unwrap();
+    free(&c, "web").await;
     assert!(!alive(pid));
     assert!(files_in(&state.join("containers")).is_empty());
 }
@@ -661,13 +640,7 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     .unwrap();
     let c = d.client("admin").await.unwrap();
     let mut holders: Vec<i32> = holder_of(d.pid().unwrap()).into_iter().collect();
-    c.cells()
-        .allocate(pb::Cell {
-            name: "busy".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "busy").await.unwrap();
     let pid = c
         .runtime()
         .run_executable(sh(
@@ -742,18 +715,9 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
     // pipes while the disk was full).
     let out = workload::logs(&c, "busy", "w", false).await.unwrap();
     assert!(out.contains("a line of output"), "{out}");
-    c.cells()
-        .allocate(pb::Cell {
-            name: "new".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "new").await.unwrap();
     for cell in ["busy", "new"] {
-        c.cells()
-            .free(pb::NameRef { name: cell.into() })
-            .await
-            .unwrap();
+        free(&c, cell).await;
     }
     assert!(!alive(pid));
     drop(d);

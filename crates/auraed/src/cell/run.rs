@@ -332,22 +332,7 @@ impl Cells {
     }
 
     fn generated_name(&self, argv0: &str) -> Result<Label, WorkloadError> {
-        let base: String = argv0
-            .rsplit('/')
-            .next()
-            .unwrap_or("exe")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .take(40)
-            .collect();
-        let base = base.trim_matches('-');
-        let base = if base.is_empty() { "exe" } else { base };
+        let base = Label::sanitized(argv0.rsplit('/').next().unwrap_or(""), 40, "exe");
         let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Label::parse("name", &format!("{base}-{n}"))?)
     }

@@ -64,32 +64,12 @@ pub async fn run_cell(
 
 /// The container's executable name in a RunCell cell: the image's last path component.
 fn container_name(image: &str) -> Label {
-    let base: String = image
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .split([':', '@'])
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    Label::parse("name", base.trim_matches('-'))
-        .or_else(|_| Label::parse("name", "container"))
-        .unwrap_or_else(|_| unreachable_label())
-}
-
-#[allow(clippy::panic)]
-fn unreachable_label() -> Label {
-    // "container" is a valid label; this is never reached.
-    panic!("\"container\" is not a label")
+    let last = image.rsplit('/').next().unwrap_or_default();
+    Label::sanitized(
+        last.split([':', '@']).next().unwrap_or_default(),
+        63,
+        "container",
+    )
 }
 
 #[cfg(test)]

@@ -206,28 +206,6 @@ impl Store {
             _ => Ok(()),
         }
     }
-
-    /// Every record of a kind, with its key, in key order.
-    pub fn list<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<(String, T)>, StoreError> {
-        let dir = self.root.join(kind);
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
-            let p = entry.map_err(io(&dir))?.path();
-            let Some(stem) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            let key = stem.replace('.', "/");
-            if let Some(v) = self.get(kind, &key)? {
-                out.push((key, v));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
-    }
 }
 
 /// The readable records of a kind, and what was wrong with the others.
@@ -338,7 +316,7 @@ mod tests {
         s.put(kinds::CELL, "web/api", &42u32).unwrap();
         s.put(kinds::CELL, "web", &7u32).unwrap();
         assert_eq!(s.get::<u32>(kinds::CELL, "web/api").unwrap(), Some(42));
-        let all: Vec<(String, u32)> = s.list(kinds::CELL).unwrap();
+        let all: Vec<(String, u32)> = s.load(kinds::CELL).records;
         assert_eq!(all, vec![("web".into(), 7), ("web/api".into(), 42)]);
         s.delete(kinds::CELL, "web").unwrap();
         s.delete(kinds::CELL, "web").unwrap();

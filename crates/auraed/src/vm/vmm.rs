@@ -103,16 +103,11 @@ pub fn send_with_fds<T: Serialize>(
     msg: &T,
     fds: &[std::os::fd::RawFd],
 ) -> std::io::Result<()> {
-    use nix::sys::socket::{ControlMessage, sendmsg};
     if fds.len() > MAX_FDS {
         return Err(std::io::Error::other(format!("more than {MAX_FDS} fds")));
     }
     let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    let iov = [std::io::IoSlice::new(&bytes)];
-    let cmsgs = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
-    sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
-    Ok(())
+    crate::workload::fdpass::send(fd, &bytes, fds)
 }
 
 /// One message and the fds that came with it (close-on-exec), or `None` at end of stream.
@@ -121,35 +116,13 @@ pub fn send_with_fds<T: Serialize>(
 pub fn recv_with_fds<T: for<'de> Deserialize<'de>>(
     fd: &impl AsRawFd,
 ) -> std::io::Result<Option<(T, Vec<std::os::fd::RawFd>)>> {
-    use nix::sys::socket::{ControlMessageOwned, recvmsg};
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
-    let (n, fds) = loop {
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(
-            fd.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-            Ok(m) => {
-                let mut fds = Vec::new();
-                for c in m.cmsgs()? {
-                    if let ControlMessageOwned::ScmRights(v) = c {
-                        fds.extend(v);
-                    }
-                }
-                break (m.bytes, fds);
-            }
-        }
-    };
-    if n == 0 {
+    let r = crate::workload::fdpass::recv(fd, &mut buf)?;
+    if r.len == 0 {
         return Ok(None);
     }
-    serde_json::from_slice(&buf[..n])
-        .map(|m| Some((m, fds)))
+    serde_json::from_slice(&buf[..r.len])
+        .map(|m| Some((m, r.fds)))
         .map_err(std::io::Error::other)
 }
 

@@ -35,10 +35,7 @@ use std::{
 };
 
 use aurae_sys::{ExitStatus, Pidfd, memfd::SealedSelf};
-use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recv,
-    recvmsg, sendmsg, socketpair,
-};
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, socketpair};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -82,88 +79,7 @@ struct Reply {
     error: Option<String>,
 }
 
-/// A process named so that a recorded reference survives an auraed restart: its pid and
-/// its start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot), which together
-/// tell the process from a later one that got the same pid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ProcRef {
-    pub pid: i32,
-    pub start_time: u64,
-}
-
-/// What `/proc/<pid>/stat` says that [`ProcRef`] needs: the state letter and start time.
-fn parse_stat(stat: &str) -> io::Result<(char, u64)> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
-    // `pid (comm) state …`: comm may contain anything, `)` and spaces included, but the
-    // kernel writes it between the first `(` and the *last* `)`.
-    let (_, rest) = stat.rsplit_once(')').ok_or_else(bad)?;
-    let mut fields = rest.split_ascii_whitespace();
-    // Field 3 (state) is the first after the comm; field 22 (starttime) the twentieth.
-    let state = fields
-        .next()
-        .and_then(|s| s.chars().next())
-        .ok_or_else(bad)?;
-    let start = fields
-        .nth(18)
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or_else(bad)?;
-    Ok((state, start))
-}
-
-/// `Ok(None)` when the process is gone (no `/proc/<pid>`, or a zombie).
-fn read_stat(pid: i32) -> io::Result<Option<(char, u64)>> {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let (state, start) = parse_stat(&s)?;
-            Ok((!matches!(state, 'Z' | 'X' | 'x')).then_some((state, start)))
-        }
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound
-                || e.raw_os_error() == Some(nix::libc::ESRCH) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-impl ProcRef {
-    /// The reference of the live process `pid` (in our PID namespace).
-    pub fn of(pid: i32) -> io::Result<ProcRef> {
-        match read_stat(pid)? {
-            Some((_, start_time)) => Ok(ProcRef { pid, start_time }),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("process {pid} does not exist"),
-            )),
-        }
-    }
-
-    /// A pidfd of this very process, or `None` when it is gone (exited, a zombie, or its
-    /// pid now names another process).
-    pub fn open(&self) -> io::Result<Option<Pidfd>> {
-        if self.pid <= 0 {
-            return Ok(None);
-        }
-        let pidfd = match Pidfd::open(self.pid) {
-            Ok(p) => p,
-            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        match read_stat(self.pid)? {
-            Some((_, start)) if start == self.start_time => {}
-            _ => return Ok(None),
-        }
-        // Still alive after the read: the stat we read was this pidfd's process (a pid is
-        // not reused while its process lives).
-        match pidfd.send_signal(0) {
-            Ok(()) => Ok(Some(pidfd)),
-            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => Ok(Some(pidfd)),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
+pub use super::process::ProcRef;
 
 /// Opens the old holder named by `old`, checking that it is still that process and still
 /// a holder (its `argv[1]` is [`HOLDER_ARG`]). `Err(NotFound)` otherwise.
@@ -290,6 +206,7 @@ impl Holder {
             proc: ProcRef::of(child.pid).unwrap_or(ProcRef {
                 pid: child.pid,
                 start_time: 0,
+                boot: crate::workload::process::boot_id(),
             }),
             exit: Mutex::new(Some(child.exit)),
         };
@@ -375,22 +292,7 @@ impl Holder {
         ctl.seq += 1;
         let req = request(ctl.seq);
         let bytes = serde_json::to_vec(&req).map_err(io::Error::other)?;
-        let iov = [io::IoSlice::new(&bytes)];
-        let rights = [ControlMessage::ScmRights(fds)];
-        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-        loop {
-            match sendmsg::<()>(
-                ctl.sock.as_raw_fd(),
-                &iov,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(holder_io(e.into())),
-                Ok(_) => break,
-            }
-        }
+        super::fdpass::send(&ctl.sock, &bytes, fds).map_err(holder_io)?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
@@ -480,34 +382,11 @@ fn raise_nofile() {
 /// Serves one request; `Ok(false)` at end of stream.
 fn serve_one(ctl: &OwnedFd, held: &mut BTreeSet<RawFd>) -> io::Result<bool> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_HOLD]);
-    let (n, fds, truncated) = loop {
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(
-            ctl.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-            Ok(m) => {
-                let mut fds = Vec::new();
-                // Room for SCM_MAX_FD rights: the control data is never cut short.
-                if let Ok(cmsgs) = m.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(v) = c {
-                            fds.extend(v);
-                        }
-                    }
-                }
-                let truncated = m
-                    .flags
-                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                break (m.bytes, fds, truncated);
-            }
-        }
-    };
+    let super::fdpass::Received {
+        len: n,
+        fds,
+        truncated,
+    } = super::fdpass::recv(ctl, &mut buf)?;
     if n == 0 && fds.is_empty() {
         return Ok(false);
     }
@@ -580,6 +459,7 @@ fn seq_of(bytes: &[u8]) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::workload::process::parse_stat;
 
     /// A `/proc/<pid>/stat` line with `comm` and start time `start`.
     fn stat(comm: &str, state: char, start: u64) -> String {
@@ -662,14 +542,23 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = i32::try_from(child.id()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while read_stat(pid).unwrap().is_some() {
+        while crate::workload::process::read_stat(pid).unwrap().is_some() {
             assert!(Instant::now() < deadline, "true never exited");
             std::thread::sleep(Duration::from_millis(10));
         }
         let r = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let (state, start_time) = parse_stat(&r).unwrap();
         assert_eq!(state, 'Z');
-        assert!(ProcRef { pid, start_time }.open().unwrap().is_none());
+        assert!(
+            ProcRef {
+                pid,
+                start_time,
+                boot: 0
+            }
+            .open()
+            .unwrap()
+            .is_none()
+        );
         child.wait().unwrap();
     }
 
@@ -685,6 +574,7 @@ mod tests {
         let gone = ProcRef {
             pid: 0x3fff_fff0,
             start_time: 1,
+            boot: 0,
         };
         assert_eq!(
             reclaim(&gone, &[0]).unwrap_err().kind(),
@@ -744,10 +634,7 @@ mod tests {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let send = |req: &Request, fds: &[RawFd]| {
             let bytes = serde_json::to_vec(req).unwrap();
-            let iov = [io::IoSlice::new(&bytes)];
-            let rights = [ControlMessage::ScmRights(fds)];
-            let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-            sendmsg::<()>(ours.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+            super::super::fdpass::send(&ours, &bytes, fds).unwrap();
         };
         let answer = |held: &mut BTreeSet<RawFd>| {
             assert!(serve_one(&theirs, held).unwrap());

@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 pub mod error;
+pub mod fdpass;
 pub mod holder;
 pub mod host_path;
 pub mod log;

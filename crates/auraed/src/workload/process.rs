@@ -1,59 +1,108 @@
-//! A process found again after a restart: its pid plus its start time, so a reused pid is
-//! never mistaken for it.
+//! A process found again after a restart: its pid, its start time and the boot it ran in,
+//! so neither a reused pid nor a reboot makes another process pass for it.
 
 use std::io;
 
 use aurae_sys::Pidfd;
+use serde::{Deserialize, Serialize};
 
-/// A pid and the process's start time (clock ticks after boot, `/proc/<pid>/stat` field
-/// 22): together they name one process for the life of the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// This boot's id (`/proc/sys/kernel/random/boot_id`) as a number; 0 if unreadable.
+pub fn boot_id() -> u128 {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
+        .unwrap_or(0)
+}
+
+/// A process named so that a recorded reference survives an auraed restart: its pid and
+/// its start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot), which together
+/// tell the process from a later one that got the same pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProcRef {
     pub pid: i32,
     pub start_time: u64,
+    /// The boot it ran in ([`boot_id`]); 0 when unknown (then only pid and start time
+    /// are compared).
+    #[serde(default)]
+    pub boot: u128,
 }
 
-/// Field 22 of a `/proc/<pid>/stat` line. The command (field 2) may hold spaces and
-/// parentheses, so fields are counted after the last ')'.
-pub fn start_time_of(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After ')': field 3 (state) is the first; field 22 is the 20th.
-    rest.split_whitespace().nth(19)?.parse().ok()
+/// What `/proc/<pid>/stat` says that [`ProcRef`] needs: the state letter and start time.
+pub(crate) fn parse_stat(stat: &str) -> io::Result<(char, u64)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
+    // `pid (comm) state …`: comm may contain anything, `)` and spaces included, but the
+    // kernel writes it between the first `(` and the *last* `)`.
+    let (_, rest) = stat.rsplit_once(')').ok_or_else(bad)?;
+    let mut fields = rest.split_ascii_whitespace();
+    // Field 3 (state) is the first after the comm; field 22 (starttime) the twentieth.
+    let state = fields
+        .next()
+        .and_then(|s| s.chars().next())
+        .ok_or_else(bad)?;
+    let start = fields
+        .nth(18)
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    Ok((state, start))
+}
+
+/// `Ok(None)` when the process is gone (no `/proc/<pid>`, or a zombie).
+pub(crate) fn read_stat(pid: i32) -> io::Result<Option<(char, u64)>> {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let (state, start) = parse_stat(&s)?;
+            Ok((!matches!(state, 'Z' | 'X' | 'x')).then_some((state, start)))
+        }
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(nix::libc::ESRCH) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl ProcRef {
-    /// The process `pid` as it is now.
-    pub fn of(pid: i32) -> io::Result<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let start_time = start_time_of(&stat)
-            .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat: no start time")))?;
-        Ok(Self { pid, start_time })
+    /// The reference of the live process `pid` (in our PID namespace).
+    pub fn of(pid: i32) -> io::Result<ProcRef> {
+        match read_stat(pid)? {
+            Some((_, start_time)) => Ok(ProcRef {
+                pid,
+                start_time,
+                boot: boot_id(),
+            }),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} does not exist"),
+            )),
+        }
     }
 
-    /// A pidfd of this very process, or `None` if it has exited (or its pid now names
-    /// another process). The pidfd is taken first and the start time checked after, so
-    /// the pidfd cannot refer to a successor.
+    /// A pidfd of this very process, or `None` when it is gone (exited, a zombie, or its
+    /// pid now names another process).
     pub fn open(&self) -> io::Result<Option<Pidfd>> {
+        if self.pid <= 0 || (self.boot != 0 && self.boot != boot_id()) {
+            return Ok(None);
+        }
         let pidfd = match Pidfd::open(self.pid) {
             Ok(p) => p,
             Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => return Ok(None),
             Err(e) => return Err(e),
         };
-        match Self::of(self.pid) {
-            Ok(now) if now == *self && !zombie(self.pid) => Ok(Some(pidfd)),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        match read_stat(self.pid)? {
+            Some((_, start)) if start == self.start_time => {}
+            _ => return Ok(None),
+        }
+        // Still alive after the read: the stat we read was this pidfd's process (a pid is
+        // not reused while its process lives).
+        match pidfd.send_signal(0) {
+            Ok(()) => Ok(Some(pidfd)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => Ok(Some(pidfd)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(None),
             Err(e) => Err(e),
         }
     }
-}
-
-/// An exited process not reaped yet counts as gone.
-fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rfind(')')
-            .is_some_and(|i| s[i + 1..].trim_start().starts_with(['Z', 'X']))
-    })
 }
 
 #[cfg(test)]
@@ -61,25 +110,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn start_time_is_read_after_the_command() {
+    fn the_start_time_is_read_after_the_command() {
         let stat = "1234 (evil) (x 1 2) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(start_time_of(stat), Some(987654));
-        assert_eq!(start_time_of("garbage"), None);
+        assert_eq!(parse_stat(stat).unwrap(), ('S', 987654));
+        assert!(parse_stat("garbage").is_err());
     }
 
     #[test]
-    fn our_own_process_is_found_and_a_wrong_start_time_is_not() {
+    fn our_own_process_is_found_and_a_wrong_start_time_or_boot_is_not() {
         let me = ProcRef::of(std::process::id() as i32).unwrap();
+        assert_ne!(me.boot, 0, "boot id readable");
         assert!(me.open().unwrap().is_some());
-        let reused = ProcRef {
-            start_time: me.start_time + 1,
-            ..me
-        };
-        assert!(reused.open().unwrap().is_none());
-        let gone = ProcRef {
-            pid: i32::MAX - 1,
-            start_time: 1,
-        };
-        assert!(gone.open().unwrap().is_none());
+        for other in [
+            ProcRef {
+                start_time: me.start_time + 1,
+                ..me
+            },
+            ProcRef {
+                boot: me.boot ^ 1,
+                ..me
+            },
+            ProcRef {
+                pid: i32::MAX - 1,
+                start_time: 1,
+                boot: 0,
+            },
+        ] {
+            assert!(other.open().unwrap().is_none(), "{other:?}");
+        }
+        // A record from before boot ids were kept still matches.
+        assert!(ProcRef { boot: 0, ..me }.open().unwrap().is_some());
     }
 }
