@@ -748,14 +748,8 @@ async fn wire_workloads(
         ));
     }
     let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
-    let vms = Arc::new(crate::vm::Vms::new(
-        tree.clone(),
-        reaper.clone(),
-        events.clone(),
-        cfg.state_dir.join("logs"),
-        canonical_dirs(&cfg.vm_image_roots, "VM image root"),
-        sealed.clone(),
-    ));
+    let (tree_for_vms, reaper_for_vms, sealed_for_vms) =
+        (tree.clone(), reaper.clone(), sealed.clone());
     let containers = containers_dir(&cfg.state_dir)?;
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
@@ -796,7 +790,39 @@ async fn wire_workloads(
     }));
     // A previous auraed's cells are served again where their records say how; whatever
     // else it left under the cgroup root is killed and removed, each one reported.
+    let vms = Arc::new(
+        crate::vm::Vms::new(
+            tree_for_vms,
+            reaper_for_vms,
+            events.clone(),
+            cfg.state_dir.join("logs"),
+            canonical_dirs(&cfg.vm_image_roots, "VM image root"),
+            sealed_for_vms,
+        )
+        .with_records(Some(store.clone()), holder.clone()),
+    );
+    let found_vms = vms.readopt().await;
     let found = cells.readopt().await;
+    for w in found_vms.warnings {
+        events.emit(Kind::VirtualMachine, "", EventType::Failed, w.clone());
+        warnings.push(w);
+    }
+    // Old holders go once nothing of ours needs what they keep.
+    let mut old_holders = found.old_holders.clone();
+    old_holders.extend(found_vms.old_holders);
+    old_holders.sort_by_key(|h| (h.pid, h.start_time));
+    old_holders.dedup();
+    for h in old_holders
+        .iter()
+        .filter(|h| !cells.holds_with(h) && !vms.holds_with(h))
+    {
+        if let Err(e) = crate::workload::holder::retire(h) {
+            warnings.push(format!(
+                "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
+                h.pid
+            ));
+        }
+    }
     if !found.cells.is_empty() || found.executables > 0 {
         info!(
             cells = found.cells.len(),
@@ -810,7 +836,9 @@ async fn wire_workloads(
         warnings.push(w);
     }
     if let Some(t) = &fs_tree {
-        for w in t.sweep_leftovers(&|name| found.cells.contains(name)) {
+        for w in t
+            .sweep_leftovers(&|name| found.cells.contains(name) || found_vms.cgroups.contains(name))
+        {
             events.emit(Kind::Cell, "", EventType::Freed, w.clone());
             warnings.push(w);
         }
@@ -822,6 +850,7 @@ async fn wire_workloads(
         && let Some(h) = &holder
         && h.proc() != old
         && !cells.holds_with(&old)
+        && !vms.holds_with(&old)
         && let Err(e) = crate::workload::holder::retire(&old)
     {
         warnings.push(format!(

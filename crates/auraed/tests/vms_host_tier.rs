@@ -784,3 +784,63 @@ async fn vm_path_errors_name_only_the_path_sent() {
         }
     }
 }
+
+/// `kill -9` of auraed with a VM running: the guest keeps running (the holder keeps the
+/// VMM's control socket, so the VMM never sees it close); the next auraed serves it
+/// again: status, console (what it printed before included), stop through the
+/// re-attached control socket, free; nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_is_readopted_after_a_crash() {
+    let Some(mut e) = env("a_vm_is_readopted_after_a_crash").await else {
+        return;
+    };
+    let st =
+        e.c.runtime()
+            .run_virtual_machine(e.vm("survivor", "hello"))
+            .await
+            .unwrap()
+            .into_inner();
+    let vmm = st.vmm_pid;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !e.console("survivor").await.contains("OK") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    e.d.crash_and_restart_after(std::time::Duration::from_millis(500))
+        .await
+        .unwrap();
+    e.c = e.d.client("admin").await.unwrap();
+    let st = e.get("survivor").await;
+    println!("re-adopted VM: {st:?}");
+    assert_eq!(st.phase, pb::Phase::Running as i32, "{st:?}");
+    assert_eq!(st.vmm_pid, vmm, "the same VMM");
+    assert!(
+        std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+        "the VMM lived through the crash"
+    );
+    assert!(e.console("survivor").await.contains("OK"));
+    // Stop goes through the re-attached control socket: the VMM stops the guest.
+    let stopped =
+        e.c.virtual_machines()
+            .stop(pb::StopRequest {
+                name: "survivor".into(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    println!("stopped: {stopped:?}");
+    assert!(stopped.exit.is_some(), "{stopped:?}");
+    e.free("survivor").await;
+    let cg = e.d.cgroup.clone().unwrap();
+    assert!(!cg.join("vms/survivor").exists());
+    let listed =
+        e.c.virtual_machines()
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(listed.virtual_machines.is_empty(), "{listed:?}");
+}

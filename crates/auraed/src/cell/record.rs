@@ -25,21 +25,21 @@ use aurae_proto::runtime::v0 as pb;
 use aurae_sys::ExitStatus;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{
     registry::Cells,
     spec::CellSpec,
     state::{Cell, Init, Inner, NsSet},
 };
-pub use crate::executable::{ContainerRecord, HeldOutput};
 use crate::{
     events::EventBus,
     executable::{Executable, Exit, State},
     spec::{CellName, Label},
-    store::{Store, kinds},
+    store::kinds,
     workload::{log::Log, process::ProcRef},
 };
+pub use crate::{executable::ContainerRecord, workload::holder::HeldOutput};
 
 /// What is recorded of a cell.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,82 +116,25 @@ pub fn executable_key(cell: &CellName, name: &Label) -> String {
     format!("{cell}/{name}")
 }
 
-/// Writes and deletes records; a failure is reported, never fatal.
-#[derive(Debug, Clone)]
-pub struct Recorder {
-    store: Option<Store>,
-    events: Arc<EventBus>,
-}
+pub use crate::workload::record::Recorder;
 
 impl Recorder {
-    /// `store: None` records nothing (unit tests, or a daemon without a state store).
-    pub fn new(store: Option<Store>, events: Arc<EventBus>) -> Self {
-        Self { store, events }
-    }
-
-    pub fn store(&self) -> Option<&Store> {
-        self.store.as_ref()
-    }
-
-    fn report(&self, kind: pb::Kind, name: &str, what: &str, e: &dyn std::fmt::Display) {
-        warn!(resource = name, "{what}: {e}");
-        self.events.emit(
-            kind,
-            name,
-            pb::EventType::Failed,
-            format!("{what} ({e}): it would not be found again after an auraed restart"),
-        );
-    }
-
     pub fn cell(&self, r: &CellRecord) {
-        let Some(s) = &self.store else { return };
-        let name = r.spec.name.as_str();
-        if let Err(e) = s.put(kinds::CELL, name, r) {
-            self.report(
-                pb::Kind::Cell,
-                name,
-                "the cell's record could not be written",
-                &e,
-            );
-        }
+        self.put(pb::Kind::Cell, kinds::CELL, r.spec.name.as_str(), r);
     }
 
     pub fn forget_cell(&self, name: &CellName) {
-        let Some(s) = &self.store else { return };
-        if let Err(e) = s.delete(kinds::CELL, name.as_str()) {
-            self.report(
-                pb::Kind::Cell,
-                name.as_str(),
-                "the cell's record could not be deleted",
-                &e,
-            );
-        }
+        self.delete(pb::Kind::Cell, kinds::CELL, name.as_str());
     }
 
     pub fn executable(&self, r: &ExecutableRecord) {
-        let Some(s) = &self.store else { return };
         let key = executable_key(&r.cell, &r.name);
-        if let Err(e) = s.put(kinds::EXECUTABLE, &key, r) {
-            self.report(
-                pb::Kind::Executable,
-                &key,
-                "the executable's record could not be written",
-                &e,
-            );
-        }
+        self.put(pb::Kind::Executable, kinds::EXECUTABLE, &key, r);
     }
 
     pub fn forget_executable(&self, cell: &CellName, name: &Label) {
-        let Some(s) = &self.store else { return };
         let key = executable_key(cell, name);
-        if let Err(e) = s.delete(kinds::EXECUTABLE, &key) {
-            self.report(
-                pb::Kind::Executable,
-                &key,
-                "the executable's record could not be deleted",
-                &e,
-            );
-        }
+        self.delete(pb::Kind::Executable, kinds::EXECUTABLE, &key);
     }
 }
 
@@ -245,8 +188,9 @@ pub struct Readopted {
     pub ended: usize,
     /// What could not be served again, and unreadable records: for Daemon/Info.
     pub warnings: Vec<String>,
-    /// Holders of a previous auraed whose pipes were taken back: retired at the end.
-    old_holders: Vec<crate::workload::holder::ProcRef>,
+    /// Holders of a previous auraed whose pipes were taken back: the caller retires
+    /// those nothing of ours still needs (VMs may use the same holder).
+    pub old_holders: Vec<crate::workload::holder::ProcRef>,
 }
 
 impl Cells {
@@ -363,18 +307,6 @@ impl Cells {
             }
             info!(cell = %name, "cell re-adopted after a restart");
             out.cells.insert(name.to_string());
-        }
-        // Every pipe was taken back (and is held by our own holder now): the old holders
-        // can go.
-        out.old_holders.dedup();
-        let old_holders = std::mem::take(&mut out.old_holders);
-        for h in old_holders.into_iter().filter(|h| !self.holds_with(h)) {
-            if let Err(e) = crate::workload::holder::retire(&h) {
-                out.warnings.push(format!(
-                    "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
-                    h.pid
-                ));
-            }
         }
         for (cell, rs) in by_cell {
             for r in rs {

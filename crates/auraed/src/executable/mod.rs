@@ -58,14 +58,6 @@ pub struct ContainerRecord {
     pub layers: Vec<String>,
 }
 
-/// The holder that keeps copies of an executable's output read ends, and their numbers
-/// there (stdout, stderr).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HeldOutput {
-    pub holder: crate::workload::holder::ProcRef,
-    pub fds: Vec<i32>,
-}
-
 /// A started process of a cell.
 #[derive(Debug)]
 pub struct Executable {
@@ -82,7 +74,7 @@ pub struct Executable {
     pub image_digest: Option<String>,
     /// Where the holder keeps copies of its output pipes' read ends (see
     /// [`crate::workload::holder`]).
-    pub held: Option<HeldOutput>,
+    pub held: Option<crate::workload::holder::HeldOutput>,
     /// A container's directory and layers, for its record.
     pub container_record: Option<ContainerRecord>,
     pub started_at: SystemTime,

@@ -3,6 +3,7 @@
 //! and a control socket through which auraed always knows the VM's true state.
 
 pub mod network;
+pub mod record;
 pub mod spec;
 pub mod vmm;
 
@@ -48,8 +49,9 @@ pub struct VmState {
     pub boot_time: Option<Duration>,
     /// How the guest ended (the VMM's report), and whether that was clean.
     pub ended: Option<(String, bool)>,
-    /// The VMM process's own end.
-    pub process: Option<(ExitStatus, SystemTime)>,
+    /// The VMM process's own end (`None` status: it ended after a restart of auraed,
+    /// when it was not auraed's child any more).
+    pub process: Option<(Option<ExitStatus>, SystemTime)>,
     pub message: String,
 }
 
@@ -65,6 +67,10 @@ pub struct Vm {
     ctl: Arc<OwnedFd>,
     lease: Option<Lease>,
     cgroup: CellName,
+    /// Where the holder keeps copies of its control socket and console (see
+    /// [`crate::workload::holder`]): a crash of auraed neither stops the guest nor loses
+    /// its console.
+    held: Option<crate::workload::holder::HeldOutput>,
 }
 
 impl Vm {
@@ -79,7 +85,7 @@ impl Vm {
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
             addresses: self.lease.iter().map(|l| l.addr.to_string()).collect(),
             exit: s.process.map(|(st, at)| pb::ExitStatus {
-                how: Some(match st {
+                how: st.map(|st| match st {
                     ExitStatus::Code(c) => pb::exit_status::How::Code(c),
                     ExitStatus::Signal(n) => pb::exit_status::How::Signal(n),
                 }),
@@ -119,6 +125,8 @@ pub struct Vms {
     ops: tokio::sync::Mutex<()>,
     sealed: Arc<aurae_sys::memfd::SealedSelf>,
     network: Mutex<Network>,
+    recorder: crate::workload::record::Recorder,
+    holder: Option<Arc<crate::workload::holder::Holder>>,
 }
 
 fn precondition(m: impl Into<String>) -> WorkloadError {
@@ -178,7 +186,6 @@ impl Vms {
         Self {
             tree,
             reaper,
-            events,
             logs_dir,
             image_roots,
             vms: Mutex::new(BTreeMap::new()),
@@ -188,7 +195,22 @@ impl Vms {
                 "aurae0",
                 std::net::Ipv4Addr::new(10, 200, 0, 1),
             )),
+            recorder: crate::workload::record::Recorder::new(None, events.clone()),
+            events,
+            holder: None,
         }
+    }
+
+    /// Records every VM in `store` and hands its control socket and console to
+    /// `holder`, so a crash of auraed neither stops nor loses it (see [`record`]).
+    pub fn with_records(
+        mut self,
+        store: Option<crate::store::Store>,
+        holder: Option<Arc<crate::workload::holder::Holder>>,
+    ) -> Self {
+        self.recorder = crate::workload::record::Recorder::new(store, self.events.clone());
+        self.holder = holder;
+        self
     }
 
     fn tree(&self) -> Result<Arc<dyn CgroupTree>, WorkloadError> {
@@ -402,6 +424,7 @@ impl Vms {
         })
         .await
         .map_err(|e| precondition(format!("VMM spawn task: {e}")))??;
+        let held = self.hold(spec.name.as_str(), [&ctl, &out_r]);
         let ctl = Arc::new(ctl);
         let raw: Vec<_> = files.iter().map(AsRawFd::as_raw_fd).collect();
         vmm::send_with_fds(ctl.as_ref(), &cfg, &raw)?;
@@ -425,57 +448,10 @@ impl Vms {
             ctl: ctl.clone(),
             lease,
             cgroup: cgroup.clone(),
+            held,
         });
-        // The serial console.
-        {
-            let log = log.clone();
-            let events = self.events.clone();
-            let id = spec.name.to_string();
-            tokio::spawn(async move {
-                let report = move |e: String| {
-                    tracing::warn!(vm = %id, "console log write failed: {e}");
-                    events.emit(
-                        pb::Kind::VirtualMachine,
-                        &id,
-                        pb::EventType::Failed,
-                        "the console is not reaching its log file (the cause is in auraed's log)",
-                    );
-                };
-                crate::workload::output::pump(out_r, log.clone(), Stream::Stdout, report).await;
-                log.close();
-            });
-        }
-        // Reports, on a thread of their own (blocking reads of a seqpacket socket).
-        {
-            let vm2 = vm.clone();
-            let reader = ctl.try_clone().map_err(WorkloadError::io)?;
-            std::thread::Builder::new()
-                .name("vm-reports".into())
-                .spawn(move || {
-                    while let Ok(Some(r)) = vmm::recv_msg::<Report>(&reader) {
-                        vm2.state.send_modify(|s| match r {
-                            Report::Started => s.phase = pb::Phase::Running,
-                            Report::Booted { boot_ns } => {
-                                s.boot_time = Some(Duration::from_nanos(boot_ns));
-                            }
-                            Report::Exited { reason, clean } => {
-                                s.phase = if clean {
-                                    pb::Phase::Exited
-                                } else {
-                                    pb::Phase::Failed
-                                };
-                                s.message = format!("guest ended: {reason}");
-                                s.ended = Some((reason, clean));
-                            }
-                            Report::Failed { message } => {
-                                s.phase = pb::Phase::Failed;
-                                s.message = message;
-                            }
-                        });
-                    }
-                })
-                .map_err(WorkloadError::io)?;
-        }
+        self.pump_console(&vm, out_r);
+        self.read_reports(&vm, &ctl)?;
         // The VMM process's end: the truth when it died without a report.
         {
             let vm2 = vm.clone();
@@ -491,7 +467,7 @@ impl Vms {
                     } else if s.ended.is_none() && s.message.is_empty() {
                         s.message = format!("the VMM process ended: {st:?}");
                     }
-                    s.process = Some((st, SystemTime::now()));
+                    s.process = Some((Some(st), SystemTime::now()));
                 });
                 events.emit(
                     pb::Kind::VirtualMachine,
@@ -518,6 +494,7 @@ impl Vms {
                 vm.state.borrow().message.clone()
             };
             let _ = vm.log.remove_files();
+            self.release(&vm);
             return Err(precondition(format!(
                 "virtual machine {:?} could not start: {why}",
                 spec.name.as_str()
@@ -526,6 +503,12 @@ impl Vms {
         if let Ok(mut m) = self.vms.lock() {
             m.insert(spec.name.clone(), vm.clone());
         }
+        self.recorder.put(
+            pb::Kind::VirtualMachine,
+            crate::store::kinds::VIRTUAL_MACHINE,
+            spec.name.as_str(),
+            &vm.record(),
+        );
         self.events.emit(
             pb::Kind::VirtualMachine,
             spec.name.as_str(),
@@ -533,6 +516,93 @@ impl Vms {
             format!("vmm pid {}", vm.pid),
         );
         Ok(vm)
+    }
+
+    /// Gives the holder copies of a VMM's control socket and console read end; `None`
+    /// (reported) without a holder or an answer: the VM runs, but a crash of auraed
+    /// would stop it.
+    fn hold(&self, name: &str, fds: [&OwnedFd; 2]) -> Option<crate::workload::holder::HeldOutput> {
+        use std::os::fd::AsFd;
+        let h = self.holder.as_ref()?;
+        match h.hold(&[fds[0].as_fd(), fds[1].as_fd()]) {
+            Ok(fds) => Some(crate::workload::holder::HeldOutput {
+                holder: h.proc(),
+                fds,
+            }),
+            Err(e) => {
+                warn!(vm = name, "the holder did not take the VMM's channels: {e}");
+                self.events.emit(
+                    pb::Kind::VirtualMachine,
+                    name,
+                    pb::EventType::Failed,
+                    format!("the VM would not survive an auraed crash: the holder did not take its channels ({e})"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The holder lets go of a VM's channels (it is gone).
+    fn release(&self, vm: &Vm) {
+        if let (Some(h), Some(held)) = (&self.holder, &vm.held)
+            && held.holder == h.proc()
+            && let Err(e) = h.release(&held.fds)
+        {
+            warn!(vm = %vm.spec.name, "releasing the VMM's channels in the holder: {e}");
+        }
+    }
+
+    /// The serial console into the VM's log.
+    fn pump_console(&self, vm: &Arc<Vm>, out_r: OwnedFd) {
+        let log = vm.log.clone();
+        let events = self.events.clone();
+        let id = vm.spec.name.to_string();
+        tokio::spawn(async move {
+            let report = move |e: String| {
+                tracing::warn!(vm = %id, "console log write failed: {e}");
+                events.emit(
+                    pb::Kind::VirtualMachine,
+                    &id,
+                    pb::EventType::Failed,
+                    "the console is not reaching its log file (the cause is in auraed's log)",
+                );
+            };
+            crate::workload::output::pump(out_r, log.clone(), Stream::Stdout, report).await;
+            log.close();
+        });
+    }
+
+    /// The VMM's reports, on a thread of their own (blocking reads of a seqpacket socket).
+    fn read_reports(&self, vm: &Arc<Vm>, ctl: &OwnedFd) -> Result<(), WorkloadError> {
+        let vm2 = vm.clone();
+        let reader = ctl.try_clone().map_err(WorkloadError::io)?;
+        std::thread::Builder::new()
+            .name("vm-reports".into())
+            .spawn(move || {
+                while let Ok(Some(r)) = vmm::recv_msg::<Report>(&reader) {
+                    vm2.state.send_modify(|s| match r {
+                        Report::Started => s.phase = pb::Phase::Running,
+                        Report::Booted { boot_ns } => {
+                            s.boot_time = Some(Duration::from_nanos(boot_ns));
+                        }
+                        Report::Exited { reason, clean } => {
+                            s.phase = if clean {
+                                pb::Phase::Exited
+                            } else {
+                                pb::Phase::Failed
+                            };
+                            s.message = format!("guest ended: {reason}");
+                            s.ended = Some((reason, clean));
+                        }
+                        Report::Failed { message } => {
+                            s.phase = pb::Phase::Failed;
+                            s.message = message;
+                        }
+                    });
+                }
+            })
+            .map_err(WorkloadError::io)?;
+        Ok(())
     }
 
     /// Stops the guest: asks the VMM, then kills it after `grace`.
@@ -577,6 +647,12 @@ impl Vms {
             m.remove(name);
         }
         let _ = vm.log.remove_files();
+        self.release(&vm);
+        self.recorder.delete(
+            pb::Kind::VirtualMachine,
+            crate::store::kinds::VIRTUAL_MACHINE,
+            name.as_str(),
+        );
         self.events.emit(
             pb::Kind::VirtualMachine,
             name.as_str(),

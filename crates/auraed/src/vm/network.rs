@@ -16,7 +16,7 @@ pub struct Network {
 }
 
 /// One guest interface: its TAP device and address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lease {
     pub tap: String,
     pub addr: Ipv4Addr,
@@ -75,6 +75,20 @@ impl Network {
 
     fn release_addr(&mut self, addr: Ipv4Addr) {
         self.used.remove(&addr.octets()[3]);
+    }
+
+    /// Takes back a lease a previous auraed handed out (its VM was re-adopted): the
+    /// address is used, the TAP name is not handed out again, the bridge is there.
+    pub fn adopt(&mut self, lease: &Lease) {
+        self.used.insert(lease.addr.octets()[3]);
+        if let Some(n) = lease
+            .tap
+            .strip_prefix("aurae-t")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            self.next_tap = self.next_tap.max(n);
+        }
+        self.up = true;
     }
 
     /// Deletes the TAP device and returns the address to the pool.

@@ -67,7 +67,7 @@ fn mac(field: &str, s: &str) -> Result<Option<[u8; 6]>, FieldError> {
 pub const MAX_DRIVES: usize = aurae_vmm::layout::MAX_MMIO_DEVICES;
 
 /// A block device of a VM: read-only unless asked (and granted) otherwise.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Drive {
     /// The host path as sent (absolute, no `..`); resolved below a VM image root when the
     /// VM starts.
@@ -93,7 +93,7 @@ fn drive(i: usize, d: &pb::Drive) -> Result<Drive, FieldError> {
     })
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     pub name: Label,
     pub kernel: PathBuf,

@@ -81,6 +81,14 @@ struct Reply {
 
 pub use super::process::ProcRef;
 
+/// The holder that keeps copies of a workload's pipe or socket ends, and their numbers
+/// there: an executable's stdout and stderr, a VMM's control socket and console.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldOutput {
+    pub holder: ProcRef,
+    pub fds: Vec<i32>,
+}
+
 /// Opens the old holder named by `old`, checking that it is still that process and still
 /// a holder (its `argv[1]` is [`HOLDER_ARG`]). `Err(NotFound)` otherwise.
 fn open_holder(old: &ProcRef) -> io::Result<Pidfd> {

@@ -16,6 +16,7 @@ pub mod host_path;
 pub mod log;
 pub mod output;
 pub mod process;
+pub mod record;
 pub mod spawner;
 pub mod supervise;
 
