@@ -66,6 +66,23 @@ impl EventBus {
     }
 }
 
+/// How a process ended, as events and statuses carry it (`None`: the status is not known —
+/// the process was not auraed's child when it ended).
+pub fn exit_status(
+    status: Option<aurae_sys::ExitStatus>,
+    oom_killed: bool,
+    at: std::time::SystemTime,
+) -> pb::ExitStatus {
+    pb::ExitStatus {
+        how: status.map(|s| match s {
+            aurae_sys::ExitStatus::Code(c) => pb::exit_status::How::Code(c),
+            aurae_sys::ExitStatus::Signal(s) => pb::exit_status::How::Signal(s),
+        }),
+        oom_killed,
+        exited_at: Some(at.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     authz::Caller,
+    convert,
     quota::{Demand, Quotas},
     shared::{authorized, grace, visible},
     status::invalid,
@@ -51,11 +52,15 @@ impl Cells for CellsApi {
         )?;
         let demand = Demand::cell(&caller, &spec);
         let _admitted = self.quotas.admit(&caller, demand).await?;
-        Ok(Response::new(self.cells.allocate(spec).await?))
+        Ok(Response::new(convert::cell(
+            self.cells.allocate(spec).await?.as_ref(),
+        )))
     }
     async fn get(&self, r: Request<pb::NameRef>) -> Result<Response<pb::CellStatus>, Status> {
         let name = Self::named(&r, &r.get_ref().name)?;
-        Ok(Response::new(self.cells.get(&name)?))
+        Ok(Response::new(convert::cell(
+            self.cells.get(&name)?.as_ref(),
+        )))
     }
     async fn list(
         &self,
@@ -63,12 +68,16 @@ impl Cells for CellsApi {
     ) -> Result<Response<pb::ListCellsResponse>, Status> {
         let show = visible(&r, "name_prefix", &r.get_ref().name_prefix)?;
         let cells = self.cells.list(show);
-        Ok(Response::new(pb::ListCellsResponse { cells }))
+        Ok(Response::new(pb::ListCellsResponse {
+            cells: cells.iter().map(|c| convert::cell(c)).collect(),
+        }))
     }
     async fn stop(&self, r: Request<pb::StopRequest>) -> Result<Response<pb::CellStatus>, Status> {
         let g = grace("grace_period", r.get_ref().grace_period.as_ref()).map_err(invalid)?;
         let name = Self::named(&r, &r.get_ref().name)?;
-        Ok(Response::new(self.cells.stop(&name, g).await?))
+        Ok(Response::new(convert::cell(
+            self.cells.stop(&name, g).await?.as_ref(),
+        )))
     }
     async fn free(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
         let name = Self::named(&r, &r.get_ref().name)?;
@@ -78,6 +87,6 @@ impl Cells for CellsApi {
     }
     async fn stats(&self, r: Request<pb::NameRef>) -> Result<Response<pb::ResourceStats>, Status> {
         let name = Self::named(&r, &r.get_ref().name)?;
-        Ok(Response::new(self.cells.stats(&name)?))
+        Ok(Response::new(convert::stats(&self.cells.stats(&name)?)))
     }
 }

@@ -7,6 +7,7 @@ use aurae_proto::runtime::v0::{self as pb, executables_server::Executables};
 use tonic::{Request, Response, Status};
 
 use super::{
+    convert,
     shared::{ResponseStream, authorized, grace, log_stream, timeout, visible},
     status::{internal, invalid},
 };
@@ -52,7 +53,7 @@ impl Executables for ExecutablesApi {
         r: Request<pb::ExecutableRef>,
     ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let e = self.find(&r, Some(r.get_ref()))?;
-        Ok(Response::new(e.status()))
+        Ok(Response::new(convert::executable(&e)))
     }
     async fn list(
         &self,
@@ -60,7 +61,9 @@ impl Executables for ExecutablesApi {
     ) -> Result<Response<pb::ListExecutablesResponse>, Status> {
         let show = visible(&r, "cell_prefix", &r.get_ref().cell_prefix)?;
         let executables = self.cells.executables(show);
-        Ok(Response::new(pb::ListExecutablesResponse { executables }))
+        Ok(Response::new(pb::ListExecutablesResponse {
+            executables: executables.iter().map(|e| convert::executable(e)).collect(),
+        }))
     }
     async fn stop(
         &self,
@@ -70,7 +73,7 @@ impl Executables for ExecutablesApi {
         let g = grace("grace_period", m.grace_period.as_ref()).map_err(invalid)?;
         let e = self.find(&r, m.executable.as_ref())?;
         e.stop(g).await.map_err(internal)?;
-        Ok(Response::new(e.status()))
+        Ok(Response::new(convert::executable(&e)))
     }
     async fn signal(
         &self,
@@ -88,7 +91,7 @@ impl Executables for ExecutablesApi {
                 e.cell, e.name
             )));
         }
-        Ok(Response::new(e.status()))
+        Ok(Response::new(convert::executable(&e)))
     }
     async fn wait(
         &self,
@@ -98,7 +101,7 @@ impl Executables for ExecutablesApi {
         let timeout = timeout(m.timeout.as_ref())?;
         let e = self.find(&r, m.executable.as_ref())?;
         match e.wait(timeout).await {
-            Some(_) => Ok(Response::new(e.status())),
+            Some(_) => Ok(Response::new(convert::executable(&e))),
             None => Err(Status::deadline_exceeded(format!(
                 "executable {}/{} is still running",
                 e.cell, e.name

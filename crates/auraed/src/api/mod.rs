@@ -7,6 +7,7 @@
 
 pub mod authz;
 pub mod cell;
+pub mod convert;
 pub mod daemon;
 pub mod events;
 pub mod executable;

@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use super::{
     Context,
     authz::Caller,
+    convert,
     quota::Demand,
     status::{Capability, invalid, not_built},
 };
@@ -173,7 +174,7 @@ impl Runtime for RuntimeApi {
         authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
         let status = self.ctx.cells.run(spec, plan).await?;
         drop(admitted);
-        Ok(Response::new(status))
+        Ok(Response::new(convert::executable(&status)))
     }
 
     async fn run_cell(&self, req: Request<pb::Cell>) -> Result<Response<pb::CellStatus>, Status> {
@@ -212,7 +213,7 @@ impl Runtime for RuntimeApi {
                 .await?;
         drop(admitted);
         tracing::debug!(plan_us = t_plan.as_micros() as u64, "RunCell plan timing");
-        Ok(Response::new(status))
+        Ok(Response::new(convert::cell(&status)))
     }
 
     async fn run_virtual_machine(
@@ -259,7 +260,7 @@ impl Runtime for RuntimeApi {
         let admitted = self.ctx.quotas.admit(&caller, demand).await?;
         let status = self.ctx.vms.run(spec).await?;
         drop(admitted);
-        Ok(Response::new(status))
+        Ok(Response::new(convert::vm(&status)))
     }
 
     async fn spawn(

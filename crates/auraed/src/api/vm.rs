@@ -6,6 +6,7 @@ use aurae_proto::runtime::v0::{self as pb, virtual_machines_server::VirtualMachi
 use tonic::{Request, Response, Status};
 
 use super::{
+    convert,
     shared::{ResponseStream, authorized, grace, log_stream, timeout, visible},
     status::invalid,
 };
@@ -37,7 +38,9 @@ impl VirtualMachines for VirtualMachinesApi {
         &self,
         r: Request<pb::NameRef>,
     ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
-        Ok(Response::new(self.find(&r, &r.get_ref().name)?.status()))
+        Ok(Response::new(convert::vm(
+            self.find(&r, &r.get_ref().name)?.as_ref(),
+        )))
     }
     async fn list(
         &self,
@@ -46,7 +49,7 @@ impl VirtualMachines for VirtualMachinesApi {
         let show = visible(&r, "name_prefix", &r.get_ref().name_prefix)?;
         let virtual_machines = self.vms.list(show);
         Ok(Response::new(pb::ListVirtualMachinesResponse {
-            virtual_machines,
+            virtual_machines: virtual_machines.iter().map(|v| convert::vm(v)).collect(),
         }))
     }
     async fn stop(
@@ -55,7 +58,9 @@ impl VirtualMachines for VirtualMachinesApi {
     ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
         let vm = self.find(&r, &r.get_ref().name)?;
         let g = grace("grace_period", r.get_ref().grace_period.as_ref()).map_err(invalid)?;
-        Ok(Response::new(self.vms.stop(&vm.spec.name, g).await?))
+        Ok(Response::new(convert::vm(
+            self.vms.stop(&vm.spec.name, g).await?.as_ref(),
+        )))
     }
     async fn wait(
         &self,
@@ -63,7 +68,7 @@ impl VirtualMachines for VirtualMachinesApi {
     ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
         let vm = self.find(&r, &r.get_ref().name)?;
         if vm.wait(timeout(r.get_ref().timeout.as_ref())?).await {
-            Ok(Response::new(vm.status()))
+            Ok(Response::new(convert::vm(&vm)))
         } else {
             Err(Status::deadline_exceeded(format!(
                 "virtual machine {} is still running",

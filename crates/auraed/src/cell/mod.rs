@@ -8,7 +8,7 @@ mod run;
 pub mod spec;
 mod state;
 
-pub use registry::{Cells, Usage};
+pub use registry::{CellStats, Cells, Usage};
 pub use spec::{CellSpec, Limits, Namespaces};
 pub use state::Cell;
 

@@ -22,6 +22,8 @@ use std::{
 };
 
 use aurae_proto::runtime::v0 as pb;
+
+use crate::workload::Phase;
 use aurae_sys::ExitStatus;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -147,7 +149,7 @@ impl Cell {
             .map(|i| {
                 (
                     i.runs_containers,
-                    (i.phase != pb::Phase::Running).then(|| i.message.clone()),
+                    (i.phase != Phase::Running).then(|| i.message.clone()),
                 )
             })
             .unwrap_or_default();
@@ -257,12 +259,12 @@ impl Cells {
                 _ => None,
             };
             let (phase, message) = match (&rec.stopped, init_lost) {
-                (Some(m), _) => (pb::Phase::Exited, m.clone()),
+                (Some(m), _) => (Phase::Exited, m.clone()),
                 (None, true) => (
-                    pb::Phase::Exited,
+                    Phase::Exited,
                     "its init exited while auraed was down".to_owned(),
                 ),
-                (None, false) => (pb::Phase::Running, String::new()),
+                (None, false) => (Phase::Running, String::new()),
             };
             let cell = Arc::new(Cell {
                 created_at: rec.created_at,
@@ -392,9 +394,9 @@ impl Cells {
             log: log.clone(),
             state: watch::channel(State {
                 phase: if exit.is_some() {
-                    pb::Phase::Exited
+                    Phase::Exited
                 } else {
-                    pb::Phase::Running
+                    Phase::Running
                 },
                 exit,
             })
@@ -481,7 +483,7 @@ async fn watch_readopted_executable(
         at: SystemTime::now(),
     };
     exe.state.send_replace(State {
-        phase: pb::Phase::Exited,
+        phase: Phase::Exited,
         exit: Some(e),
     });
     recorder.executable(&exe.record(process));

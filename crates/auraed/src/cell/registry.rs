@@ -18,6 +18,8 @@ use std::{
 };
 
 use aurae_proto::runtime::v0 as pb;
+
+use crate::workload::Phase;
 use aurae_sys::{Namespaces as Ns, SpawnRequest, spawn::Program};
 use tracing::{info, warn};
 
@@ -54,6 +56,20 @@ pub struct Usage {
     pub memory_bytes: u64,
     /// Outermost cells without a memory.max.
     pub unbounded_memory: usize,
+}
+
+/// A cell's whole-subtree usage, from its cgroup files (0 where a controller is missing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CellStats {
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub cpu_nr_throttled: u64,
+    pub cpu_throttled_usec: u64,
+    pub memory_current_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub pids_current: u64,
+    pub oom_kills: u64,
 }
 
 /// What [`Cells`] is built from.
@@ -201,17 +217,15 @@ impl Cells {
             .collect()
     }
 
-    pub fn get(&self, name: &CellName) -> Result<pb::CellStatus, WorkloadError> {
-        Ok(self.find(name)?.status())
+    pub fn get(&self, name: &CellName) -> Result<Arc<Cell>, WorkloadError> {
+        self.find(name)
     }
 
     /// Cells whose names pass `visible`, in name order.
-    pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::CellStatus> {
-        let cells = self.snapshot();
-        cells
-            .iter()
+    pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<Arc<Cell>> {
+        self.snapshot()
+            .into_iter()
             .filter(|c| visible(c.spec.name.as_str()))
-            .map(|c| c.status())
             .collect()
     }
 
@@ -240,10 +254,7 @@ impl Cells {
     }
 
     /// Creates a cell: cgroup, limits, namespaces (its init).
-    pub async fn allocate(
-        self: &Arc<Self>,
-        spec: CellSpec,
-    ) -> Result<pb::CellStatus, WorkloadError> {
+    pub async fn allocate(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
         let tree = self.tree()?;
         if spec.namespaces.user_namespace {
             return Err(WorkloadError::Precondition(
@@ -275,7 +286,7 @@ impl Cells {
                         p.as_str()
                     ))
                 })?;
-                if parent.phase() != pb::Phase::Running {
+                if parent.phase() != Phase::Running {
                     return Err(WorkloadError::Precondition(format!(
                         "parent cell {:?} is not running",
                         p.as_str()
@@ -351,7 +362,7 @@ impl Cells {
             init,
             pid_holder,
             inner: Mutex::new(Inner {
-                phase: pb::Phase::Running,
+                phase: Phase::Running,
                 message: String::new(),
                 executables: BTreeMap::new(),
                 runs_containers: None,
@@ -373,7 +384,7 @@ impl Cells {
         if tree.controllers().iter().any(|c| c == "memory") {
             tokio::spawn(watch_oom(self.clone(), cell.clone(), tree.clone()));
         }
-        Ok(cell.status())
+        Ok(cell)
     }
 
     /// Starts the cell init (blocking: clone, exec, wait for its readiness report).
@@ -491,7 +502,7 @@ impl Cells {
         self: &Arc<Self>,
         name: &CellName,
         grace: Duration,
-    ) -> Result<pb::CellStatus, WorkloadError> {
+    ) -> Result<Arc<Cell>, WorkloadError> {
         let _ops = self.ops.lock().await;
         self.stop_locked(name, grace).await
     }
@@ -500,13 +511,13 @@ impl Cells {
         &self,
         name: &CellName,
         grace: Duration,
-    ) -> Result<pb::CellStatus, WorkloadError> {
+    ) -> Result<Arc<Cell>, WorkloadError> {
         let tree = self.tree()?;
         let cell = self.find(name)?;
-        if cell.phase() == pb::Phase::Exited {
-            return Ok(cell.status());
+        if cell.phase() == Phase::Exited {
+            return Ok(cell);
         }
-        cell.set_phase(pb::Phase::Stopping, "");
+        cell.set_phase(Phase::Stopping, "");
         let family = self.family(name);
         let exes: Vec<Arc<Executable>> = family.iter().flat_map(|c| c.executables()).collect();
         for e in &exes {
@@ -531,12 +542,12 @@ impl Cells {
             e.wait(Some(Duration::from_secs(5))).await;
         }
         for c in &family {
-            c.set_phase(pb::Phase::Exited, "stopped");
+            c.set_phase(Phase::Exited, "stopped");
             self.recorder.cell(&c.record());
         }
         self.events
             .emit(pb::Kind::Cell, name.as_str(), pb::EventType::Stopped, "");
-        Ok(cell.status())
+        Ok(cell)
     }
 
     /// Kills what is left of the cell and its children and removes them.
@@ -584,7 +595,7 @@ impl Cells {
     }
 
     /// Usage of a cell's whole subtree, from its cgroup files.
-    pub fn stats(&self, name: &CellName) -> Result<pb::ResourceStats, WorkloadError> {
+    pub fn stats(&self, name: &CellName) -> Result<CellStats, WorkloadError> {
         let tree = self.tree()?;
         self.find(name)?;
         let read = |f: &str| tree.read(name, f).unwrap_or_default();
@@ -595,7 +606,7 @@ impl Cells {
         };
         let one = |f: &str| read(f).trim().parse::<u64>().unwrap_or(0);
         let cpu = read("cpu.stat");
-        Ok(pb::ResourceStats {
+        Ok(CellStats {
             cpu_usage_usec: kv(&cpu, "usage_usec "),
             cpu_user_usec: kv(&cpu, "user_usec "),
             cpu_system_usec: kv(&cpu, "system_usec "),

@@ -8,6 +8,8 @@ use std::{
 };
 
 use aurae_proto::runtime::v0 as pb;
+
+use crate::workload::Phase;
 use aurae_sys::{ExitStatus, Namespaces as Ns, SpawnError, SpawnRequest, spawn::Program};
 use tokio::sync::watch;
 use tracing::warn;
@@ -33,7 +35,7 @@ impl Cells {
         self: &Arc<Self>,
         spec: ExecutableSpec,
         container: Option<crate::container::Plan>,
-    ) -> Result<pb::ExecutableStatus, WorkloadError> {
+    ) -> Result<Arc<Executable>, WorkloadError> {
         if spec.container.is_some() != container.is_some() {
             return Err(WorkloadError::Precondition(
                 "a container executable needs its resolved image".into(),
@@ -48,7 +50,7 @@ impl Cells {
                 spec.cell.as_str()
             ))
         })?;
-        if cell.phase() != pb::Phase::Running {
+        if cell.phase() != Phase::Running {
             return Err(WorkloadError::Precondition(format!(
                 "cell {:?} is not running; free it and allocate it again",
                 spec.cell.as_str()
@@ -214,7 +216,7 @@ impl Cells {
             started_at: SystemTime::now(),
             log,
             state: watch::channel(State {
-                phase: pb::Phase::Running,
+                phase: Phase::Running,
                 exit: None,
             })
             .0,
@@ -240,7 +242,7 @@ impl Cells {
             child.exit,
             id,
         ));
-        Ok(exe.status())
+        Ok(exe)
     }
 
     /// Gives the holder copies of an executable's output read ends; `None` (reported)
@@ -355,13 +357,11 @@ impl Cells {
         })
     }
 
-    pub fn executables(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::ExecutableStatus> {
-        let cells = self.snapshot();
-        cells
+    pub fn executables(&self, visible: impl Fn(&str) -> bool) -> Vec<Arc<Executable>> {
+        self.snapshot()
             .iter()
             .filter(|c| visible(c.spec.name.as_str()))
             .flat_map(|c| c.executables())
-            .map(|e| e.status())
             .collect()
     }
 
@@ -447,7 +447,7 @@ async fn supervise(
         at: SystemTime::now(),
     };
     exe.state.send_replace(State {
-        phase: pb::Phase::Exited,
+        phase: Phase::Exited,
         exit: Some(e),
     });
     recorder.executable(&exe.record(process));
@@ -463,7 +463,7 @@ async fn supervise(
         kind: pb::Kind::Executable as i32,
         name: id,
         r#type: ty as i32,
-        exit: Some(e.to_proto()),
+        exit: Some(crate::events::exit_status(e.status, e.oom_killed, e.at)),
         victim_pid: if oom_killed { exe.pid } else { 0 },
         victim_command: if oom_killed {
             exe.argv.join(" ")

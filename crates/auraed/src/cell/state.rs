@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use aurae_proto::runtime::v0 as pb;
+use crate::workload::Phase;
 use aurae_sys::{Namespaces as Ns, Pidfd};
 
 use super::spec::{CellSpec, Limits};
@@ -80,7 +80,7 @@ pub(super) struct Init {
 
 #[derive(Debug)]
 pub(super) struct Inner {
-    pub(super) phase: pb::Phase,
+    pub(super) phase: Phase,
     pub(super) message: String,
     pub(super) executables: BTreeMap<Label, Arc<Executable>>,
     /// Of a top-level cell: whether its tree (one PID namespace) runs containers
@@ -105,90 +105,36 @@ pub struct Cell {
 }
 
 impl Cell {
-    pub(super) fn phase(&self) -> pb::Phase {
-        self.inner.lock().map_or(pb::Phase::Failed, |i| i.phase)
+    pub(super) fn phase(&self) -> Phase {
+        self.inner.lock().map_or(Phase::Failed, |i| i.phase)
     }
 
-    pub(super) fn set_phase(&self, phase: pb::Phase, message: &str) {
+    pub(super) fn set_phase(&self, phase: Phase, message: &str) {
         if let Ok(mut i) = self.inner.lock() {
             i.phase = phase;
             message.clone_into(&mut i.message);
         }
     }
 
-    pub(super) fn executables(&self) -> Vec<Arc<Executable>> {
+    pub fn executables(&self) -> Vec<Arc<Executable>> {
         self.inner
             .lock()
             .map(|i| i.executables.values().cloned().collect())
             .unwrap_or_default()
     }
 
-    pub fn status(&self) -> pb::CellStatus {
-        let (phase, message) = self
-            .inner
+    /// Its phase and the message that goes with it.
+    pub fn phase_and_message(&self) -> (Phase, String) {
+        self.inner
             .lock()
-            .map_or((pb::Phase::Failed, String::new()), |i| {
+            .map_or((Phase::Failed, String::new()), |i| {
                 (i.phase, i.message.clone())
-            });
-        pb::CellStatus {
-            name: self.spec.name.to_string(),
-            phase: phase as i32,
-            limits: Some(limits_to_proto(&self.spec.limits)),
-            namespaces: Some(pb::CellNamespaces {
-                share_host_pid: self.spec.namespaces.share_host_pid,
-                share_host_net: self.spec.namespaces.share_host_net,
-                share_host_ipc: self.spec.namespaces.share_host_ipc,
-                share_host_uts: self.spec.namespaces.share_host_uts,
-                share_host_mount: self.spec.namespaces.share_host_mount,
-                share_host_cgroup: self.spec.namespaces.share_host_cgroup,
-                user_namespace: self.spec.namespaces.user_namespace,
-            }),
-            executables: self.executables().iter().map(|e| e.status()).collect(),
-            // The cell's first container's image (RunCell starts it with the cell).
-            image_digest: self
-                .executables()
-                .iter()
-                .find_map(|e| e.image_digest.clone())
-                .unwrap_or_default(),
-            created_at: Some(self.created_at.into()),
-            message,
-        }
+            })
     }
 
     /// The init's pid (host namespace), if the cell has one.
     pub fn init_pid(&self) -> Option<i32> {
         self.init.as_ref().map(|i| i.pid)
-    }
-}
-
-pub(super) fn limits_to_proto(l: &Limits) -> pb::CellLimits {
-    pb::CellLimits {
-        cpu_weight: l.cpu_weight,
-        cpu_max: l.cpu_max.map(|c| pb::CpuMax {
-            quota_us: c.quota_us.unwrap_or(0),
-            period_us: c.period_us,
-        }),
-        cpuset_cpus: l.cpuset_cpus.clone().unwrap_or_default(),
-        cpuset_mems: l.cpuset_mems.clone().unwrap_or_default(),
-        memory_min_bytes: l.memory_min,
-        memory_low_bytes: l.memory_low,
-        memory_high_bytes: l.memory_high,
-        memory_max_bytes: l.memory_max,
-        memory_swap_max_bytes: l.memory_swap_max,
-        pids_max: l.pids_max,
-        io_weight: l.io_weight,
-        io_max: l
-            .io_max
-            .iter()
-            .map(|m| pb::IoMax {
-                device: format!("{}:{}", m.major, m.minor),
-                rbps: m.rbps.unwrap_or(0),
-                wbps: m.wbps.unwrap_or(0),
-                riops: m.riops.unwrap_or(0),
-                wiops: m.wiops.unwrap_or(0),
-            })
-            .collect(),
-        memory_oom_group: Some(l.memory_oom_group),
     }
 }
 

@@ -5,6 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use aurae_proto::runtime::v0 as pb;
 
+use crate::workload::Phase;
+
 use super::{
     CellSpec, Cells,
     record::{CellRecord, ExecutableRecord},
@@ -168,7 +170,7 @@ async fn run_asks_for_the_ids_and_no_new_privs_and_captures_output_and_exit() {
         )
         .await
         .unwrap();
-    assert_eq!(st.phase, pb::Phase::Running as i32);
+    assert_eq!(st.state.borrow().phase, Phase::Running);
     let req = f.spawner.requests().last().cloned().unwrap();
     assert_eq!((req.uid, req.gid), (Some(1000), Some(1000)));
     assert!(
@@ -307,7 +309,7 @@ async fn stop_signals_every_executable_then_kills_the_cgroup() {
         )
         .await
         .unwrap();
-    assert_eq!(st.phase, pb::Phase::Exited as i32);
+    assert_eq!(st.phase_and_message().0, Phase::Exited);
     assert_eq!(
         f.tree
             .files("web")

@@ -3,10 +3,8 @@
 
 use std::{sync::Arc, time::Instant};
 
-use aurae_proto::runtime::v0 as pb;
-
 use crate::{
-    cell::{CellSpec, Cells},
+    cell::{Cell, CellSpec, Cells},
     container::{ContainerSpec, Plan},
     executable::ExecutableSpec,
     spec::Label,
@@ -27,7 +25,7 @@ pub async fn run_cell(
     container: ContainerSpec,
     plan: Plan,
     options: Options,
-) -> Result<pb::CellStatus, WorkloadError> {
+) -> Result<Arc<Cell>, WorkloadError> {
     let name = cell.name.clone();
     let mut exe = ExecutableSpec {
         cell: name.clone(),

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aurae_proto::runtime::v0 as pb;
+use crate::workload::Phase;
 use aurae_sys::{ExitStatus, Pidfd};
 use tokio::sync::watch;
 
@@ -30,23 +30,10 @@ pub struct Exit {
     pub at: SystemTime,
 }
 
-impl Exit {
-    pub fn to_proto(&self) -> pb::ExitStatus {
-        pb::ExitStatus {
-            how: self.status.map(|s| match s {
-                ExitStatus::Code(c) => pb::exit_status::How::Code(c),
-                ExitStatus::Signal(s) => pb::exit_status::How::Signal(s),
-            }),
-            oom_killed: self.oom_killed,
-            exited_at: Some(self.at.into()),
-        }
-    }
-}
-
 /// Where an executable is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
-    pub phase: pb::Phase,
+    pub phase: Phase,
     pub exit: Option<Exit>,
 }
 
@@ -83,27 +70,6 @@ pub struct Executable {
 }
 
 impl Executable {
-    pub fn status(&self) -> pb::ExecutableStatus {
-        let s = self.state.borrow().clone();
-        pb::ExecutableStatus {
-            cell: self.cell.to_string(),
-            name: self.name.to_string(),
-            phase: s.phase as i32,
-            pid: if s.exit.is_some() { 0 } else { self.pid },
-            exit: s.exit.map(|e| e.to_proto()),
-            started_at: Some(self.started_at.into()),
-            argv: self.argv.clone(),
-            // Only the fact and the count: the error names host paths (in auraed's log).
-            message: match self.log.write_failures() {
-                0 => String::new(),
-                n => format!(
-                    "output is not reaching the log file ({n} failed writes; the cause is in auraed's log)"
-                ),
-            },
-            image_digest: self.image_digest.clone().unwrap_or_default(),
-        }
-    }
-
     pub fn exited(&self) -> bool {
         self.state.borrow().exit.is_some()
     }

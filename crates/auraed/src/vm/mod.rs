@@ -16,6 +16,8 @@ use std::{
 };
 
 use aurae_proto::runtime::v0 as pb;
+
+use crate::workload::Phase;
 use aurae_sys::{ExitStatus, Namespaces as Ns, Pidfd, SpawnRequest, spawn::Program};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -45,7 +47,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Where a VM is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmState {
-    pub phase: pb::Phase,
+    pub phase: Phase,
     pub boot_time: Option<Duration>,
     /// How the guest ended (the VMM's report), and whether that was clean.
     pub ended: Option<(String, bool)>,
@@ -74,27 +76,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn status(&self) -> pb::VirtualMachineStatus {
-        let s = self.state.borrow().clone();
-        pb::VirtualMachineStatus {
-            name: self.spec.name.to_string(),
-            phase: s.phase as i32,
-            vmm_pid: if s.process.is_some() { 0 } else { self.pid },
-            boot_time: s
-                .boot_time
-                .and_then(|d| prost_types::Duration::try_from(d).ok()),
-            addresses: self.lease.iter().map(|l| l.addr.to_string()).collect(),
-            exit: s.process.map(|(st, at)| pb::ExitStatus {
-                how: st.map(|st| match st {
-                    ExitStatus::Code(c) => pb::exit_status::How::Code(c),
-                    ExitStatus::Signal(n) => pb::exit_status::How::Signal(n),
-                }),
-                oom_killed: false,
-                exited_at: Some(at.into()),
-            }),
-            started_at: Some(self.started_at.into()),
-            message: s.message,
-        }
+    /// The guest's addresses (its lease).
+    pub fn addresses(&self) -> Vec<String> {
+        self.lease.iter().map(|l| l.addr.to_string()).collect()
     }
 
     fn gone(&self) -> bool {
@@ -234,13 +218,13 @@ impl Vms {
             })
     }
 
-    pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<pb::VirtualMachineStatus> {
+    pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<Arc<Vm>> {
         self.vms
             .lock()
             .map(|m| {
                 m.values()
                     .filter(|v| visible(v.spec.name.as_str()))
-                    .map(|v| v.status())
+                    .cloned()
                     .collect()
             })
             .unwrap_or_default()
@@ -266,10 +250,7 @@ impl Vms {
     }
 
     /// Starts a VM: checks, cgroup, network, the VMM process, and its start report.
-    pub async fn run(
-        self: &Arc<Self>,
-        spec: VmSpec,
-    ) -> Result<pb::VirtualMachineStatus, WorkloadError> {
+    pub async fn run(self: &Arc<Self>, spec: VmSpec) -> Result<Arc<Vm>, WorkloadError> {
         let tree = self.tree()?;
         if !Path::new("/dev/kvm").exists() {
             return Err(precondition(
@@ -356,7 +337,7 @@ impl Vms {
         match started {
             Ok(vm) => {
                 info!(vm = %spec.name, pid = vm.pid, "virtual machine started");
-                Ok(vm.status())
+                Ok(vm)
             }
             Err(e) => {
                 if let (Some(l), Ok(mut n)) = (&lease, self.network.lock()) {
@@ -432,7 +413,7 @@ impl Vms {
             self.logs_dir.join("vms").join(format!("{}.log", spec.name)),
         )));
         let (state, mut rx) = watch::channel(VmState {
-            phase: pb::Phase::Starting,
+            phase: Phase::Starting,
             boot_time: None,
             ended: None,
             process: None,
@@ -461,8 +442,8 @@ impl Vms {
                 // Let the report reader drain what the VMM sent before it exited.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 vm2.state.send_modify(|s| {
-                    if s.ended.is_none() && s.phase != pb::Phase::Failed {
-                        s.phase = pb::Phase::Failed;
+                    if s.ended.is_none() && s.phase != Phase::Failed {
+                        s.phase = Phase::Failed;
                         s.message = format!("the VMM process ended without a report: {st:?}");
                     } else if s.ended.is_none() && s.message.is_empty() {
                         s.message = format!("the VMM process ended: {st:?}");
@@ -480,12 +461,12 @@ impl Vms {
         // Started, failed, or gone.
         let ready = tokio::time::timeout(
             START_TIMEOUT,
-            rx.wait_for(|s| s.phase != pb::Phase::Starting || s.process.is_some()),
+            rx.wait_for(|s| s.phase != Phase::Starting || s.process.is_some()),
         )
         .await
         .is_ok();
         let phase = vm.state.borrow().phase;
-        if !ready || phase != pb::Phase::Running {
+        if !ready || phase != Phase::Running {
             let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
             vm.wait(Some(Duration::from_secs(5))).await;
             let why = if !ready {
@@ -581,21 +562,17 @@ impl Vms {
             .spawn(move || {
                 while let Ok(Some(r)) = vmm::recv_msg::<Report>(&reader) {
                     vm2.state.send_modify(|s| match r {
-                        Report::Started => s.phase = pb::Phase::Running,
+                        Report::Started => s.phase = Phase::Running,
                         Report::Booted { boot_ns } => {
                             s.boot_time = Some(Duration::from_nanos(boot_ns));
                         }
                         Report::Exited { reason, clean } => {
-                            s.phase = if clean {
-                                pb::Phase::Exited
-                            } else {
-                                pb::Phase::Failed
-                            };
+                            s.phase = if clean { Phase::Exited } else { Phase::Failed };
                             s.message = format!("guest ended: {reason}");
                             s.ended = Some((reason, clean));
                         }
                         Report::Failed { message } => {
-                            s.phase = pb::Phase::Failed;
+                            s.phase = Phase::Failed;
                             s.message = message;
                         }
                     });
@@ -606,11 +583,7 @@ impl Vms {
     }
 
     /// Stops the guest: asks the VMM, then kills it after `grace`.
-    pub async fn stop(
-        &self,
-        name: &Label,
-        grace: Duration,
-    ) -> Result<pb::VirtualMachineStatus, WorkloadError> {
+    pub async fn stop(&self, name: &Label, grace: Duration) -> Result<Arc<Vm>, WorkloadError> {
         let vm = self.find(name)?;
         if !vm.gone() {
             let _ = vmm::send_msg(vm.ctl.as_ref(), &vmm::Command::Stop);
@@ -620,7 +593,7 @@ impl Vms {
                 vm.wait(Some(Duration::from_secs(10))).await;
             }
         }
-        Ok(vm.status())
+        Ok(vm)
     }
 
     /// Stops (at once) and removes the VM, its TAP device, address and cgroup.

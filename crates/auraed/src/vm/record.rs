@@ -12,6 +12,8 @@
 use std::{collections::BTreeSet, os::fd::OwnedFd, path::PathBuf, sync::Arc, time::SystemTime};
 
 use aurae_proto::runtime::v0 as pb;
+
+use crate::workload::Phase;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::info;
@@ -114,7 +116,7 @@ impl Vms {
                 started_at: r.started_at,
                 log: Arc::new(Log::resume(r.log.clone())),
                 state: watch::channel(VmState {
-                    phase: pb::Phase::Running,
+                    phase: Phase::Running,
                     boot_time: r.boot_ns.map(std::time::Duration::from_nanos),
                     ended: None,
                     process: None,
@@ -184,8 +186,8 @@ impl Vms {
             crate::workload::supervise::exited(pidfd).await;
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             vm.state.send_modify(|s| {
-                if s.ended.is_none() && s.phase != pb::Phase::Failed {
-                    s.phase = pb::Phase::Failed;
+                if s.ended.is_none() && s.phase != Phase::Failed {
+                    s.phase = Phase::Failed;
                     s.message = "the VMM process ended without a report".into();
                 }
                 s.process = Some((None, SystemTime::now()));

@@ -22,6 +22,18 @@ pub mod supervise;
 
 pub use error::WorkloadError;
 
+/// Where a workload (cell, executable, VM) is in its life. The API's `Phase` is made from
+/// it at the edge (`api::convert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Phase {
+    /// Being started (a VM before its VMM reports).
+    Starting,
+    Running,
+    Stopping,
+    Exited,
+    Failed,
+}
+
 /// Names in auraed's cgroup root.
 pub mod layout {
     /// The cgroup group every VMM lives under (a name cells may not take).

@@ -1,0 +1,150 @@
+//! Domain state → the API's messages: the one place workload state becomes protobuf.
+
+use aurae_proto::runtime::v0 as pb;
+
+use crate::{
+    cell::{Cell, CellStats, Limits},
+    executable::{Executable, Exit},
+    vm::Vm,
+    workload::Phase,
+};
+
+pub fn phase(p: Phase) -> i32 {
+    (match p {
+        Phase::Starting => pb::Phase::Starting,
+        Phase::Running => pb::Phase::Running,
+        Phase::Stopping => pb::Phase::Stopping,
+        Phase::Exited => pb::Phase::Exited,
+        Phase::Failed => pb::Phase::Failed,
+    }) as i32
+}
+
+pub fn exit(e: &Exit) -> pb::ExitStatus {
+    crate::events::exit_status(e.status, e.oom_killed, e.at)
+}
+
+pub fn executable(e: &Executable) -> pb::ExecutableStatus {
+    let s = e.state.borrow().clone();
+    pb::ExecutableStatus {
+        cell: e.cell.to_string(),
+        name: e.name.to_string(),
+        phase: phase(s.phase),
+        pid: if s.exit.is_some() { 0 } else { e.pid },
+        exit: s.exit.as_ref().map(exit),
+        started_at: Some(e.started_at.into()),
+        argv: e.argv.clone(),
+        // Only the fact and the count: the error names host paths (in auraed's log).
+        message: match e.log.write_failures() {
+            0 => String::new(),
+            n => format!(
+                "output is not reaching the log file ({n} failed writes; the cause is in auraed's log)"
+            ),
+        },
+        image_digest: e.image_digest.clone().unwrap_or_default(),
+    }
+}
+
+pub fn cell(c: &Cell) -> pb::CellStatus {
+    let (p, message) = c.phase_and_message();
+    let exes = c.executables();
+    let n = &c.spec.namespaces;
+    pb::CellStatus {
+        name: c.spec.name.to_string(),
+        phase: phase(p),
+        limits: Some(limits(&c.spec.limits)),
+        namespaces: Some(pb::CellNamespaces {
+            share_host_pid: n.share_host_pid,
+            share_host_net: n.share_host_net,
+            share_host_ipc: n.share_host_ipc,
+            share_host_uts: n.share_host_uts,
+            share_host_mount: n.share_host_mount,
+            share_host_cgroup: n.share_host_cgroup,
+            user_namespace: n.user_namespace,
+        }),
+        executables: exes.iter().map(|e| executable(e)).collect(),
+        // The cell's first container's image (RunCell starts it with the cell).
+        image_digest: exes
+            .iter()
+            .find_map(|e| e.image_digest.clone())
+            .unwrap_or_default(),
+        created_at: Some(c.created_at.into()),
+        message,
+    }
+}
+
+pub fn stats(s: &CellStats) -> pb::ResourceStats {
+    pb::ResourceStats {
+        cpu_usage_usec: s.cpu_usage_usec,
+        cpu_user_usec: s.cpu_user_usec,
+        cpu_system_usec: s.cpu_system_usec,
+        cpu_nr_throttled: s.cpu_nr_throttled,
+        cpu_throttled_usec: s.cpu_throttled_usec,
+        memory_current_bytes: s.memory_current_bytes,
+        memory_peak_bytes: s.memory_peak_bytes,
+        pids_current: s.pids_current,
+        oom_kills: s.oom_kills,
+    }
+}
+
+pub fn vm(v: &Vm) -> pb::VirtualMachineStatus {
+    let s = v.state.borrow().clone();
+    pb::VirtualMachineStatus {
+        name: v.spec.name.to_string(),
+        phase: phase(s.phase),
+        vmm_pid: if s.process.is_some() { 0 } else { v.pid },
+        boot_time: s
+            .boot_time
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        addresses: v.addresses(),
+        exit: s
+            .process
+            .map(|(st, at)| crate::events::exit_status(st, false, at)),
+        started_at: Some(v.started_at.into()),
+        message: s.message,
+    }
+}
+
+pub fn limits(l: &Limits) -> pb::CellLimits {
+    pb::CellLimits {
+        cpu_weight: l.cpu_weight,
+        cpu_max: l.cpu_max.map(|c| pb::CpuMax {
+            quota_us: c.quota_us.unwrap_or(0),
+            period_us: c.period_us,
+        }),
+        cpuset_cpus: l.cpuset_cpus.clone().unwrap_or_default(),
+        cpuset_mems: l.cpuset_mems.clone().unwrap_or_default(),
+        memory_min_bytes: l.memory_min,
+        memory_low_bytes: l.memory_low,
+        memory_high_bytes: l.memory_high,
+        memory_max_bytes: l.memory_max,
+        memory_swap_max_bytes: l.memory_swap_max,
+        pids_max: l.pids_max,
+        io_weight: l.io_weight,
+        io_max: l
+            .io_max
+            .iter()
+            .map(|m| pb::IoMax {
+                device: format!("{}:{}", m.major, m.minor),
+                rbps: m.rbps.unwrap_or(0),
+                wbps: m.wbps.unwrap_or(0),
+                riops: m.riops.unwrap_or(0),
+                wiops: m.wiops.unwrap_or(0),
+            })
+            .collect(),
+        memory_oom_group: Some(l.memory_oom_group),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_phase_has_its_wire_value() {
+        assert_eq!(phase(Phase::Starting), pb::Phase::Starting as i32);
+        assert_eq!(phase(Phase::Running), pb::Phase::Running as i32);
+        assert_eq!(phase(Phase::Stopping), pb::Phase::Stopping as i32);
+        assert_eq!(phase(Phase::Exited), pb::Phase::Exited as i32);
+        assert_eq!(phase(Phase::Failed), pb::Phase::Failed as i32);
+    }
+}
