@@ -100,9 +100,8 @@ impl Vms {
                 continue;
             };
             let held = self.hold(name.as_str(), [&ctl, &console]);
-            match (&held, &r.channels) {
-                (Some(_), Some(old)) => out.old_holders.push(old.holder),
-                _ => {}
+            if let (Some(_), Some(old)) = (&held, &r.channels) {
+                out.old_holders.push(old.holder);
             }
             let held = held.or(r.channels.clone());
             if let (Some(l), Ok(mut n)) = (&r.lease, self.network.lock()) {
