@@ -267,52 +267,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
              RLIMIT_NOFILE to allow more)"
         );
     }
-    let pki = PkiPaths::new(&cfg.pki_dir);
-    pki.refuse_ca_key()?; // auraed never needs the CA key: not next to it, ever
-    for f in [&pki.ca_cert, &pki.server_cert, &pki.server_key] {
-        if !f.exists() {
-            bail!(
-                "{} is missing: auraed needs the CA certificate and its own identity in --pki-dir. \
-                 Create a development PKI with `aer pki init --dir {}`",
-                f.display(),
-                cfg.pki_dir.display()
-            );
-        }
-    }
-    let (tls_config, server_id) =
-        tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
-    let trust_domain = server_id.trust_domain().to_owned();
-    let methods = api::served_methods();
-    let policy = match &cfg.policy {
-        Some(p) => Policy::load(p, &trust_domain, &methods)?,
-        None => Policy::default_for(SpiffeId::new(&trust_domain, ADMIN_PATH)?),
-    };
-    for g in policy.grants() {
-        let (m, n) = g.describe();
-        info!(id = %g.id, methods = ?m, names = ?n, "policy grant");
-    }
-
-    let store = Store::open(&cfg.state_dir)?;
+    let (tls_config, server_id, policy) = load_identity(&cfg)?;
     let started_at = SystemTime::now();
-    let epoch = started_at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // A state disk that takes no writes (full) still lets auraed start: it serves what
-    // runs, takes no new work, and says why.
-    let mut read_only = None;
-    let boot = match store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch) {
-        Ok(b) => b,
-        Err(e) => {
-            let why = format!(
-                "the state directory {} takes no writes ({e}): auraed serves what runs but takes no new work until there is room (then restart it)",
-                cfg.state_dir.display()
-            );
-            warn!("{why}");
-            read_only = Some(why);
-            crate::store::BootRecord::default()
-        }
-    };
+    let (store, boot, read_only) = open_state(&cfg, started_at)?;
 
     prepare_socket(&cfg.socket)?;
     let unix = UnixListener::bind(&cfg.socket)
@@ -351,7 +308,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     .await?;
     cells.set_read_only(read_only);
 
-    let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
+    let (shutdown_tx, shutdown_rx) = watch::channel(None);
     let ctx = ApiContext {
         mode: cfg.mode,
         server_id: server_id.clone(),
@@ -379,6 +336,56 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             .await;
     }
 
+    let (conn_rx, accept_unix, accept_tcp) =
+        start_acceptors(&cfg, tls_config, unix, tcp, per_listener);
+
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode = cfg.mode,
+        id = %server_id,
+        socket = %cfg.socket.display(),
+        listen = ?cfg.listen,
+        max_connections_per_listener = per_listener,
+        max_handshakes_per_peer = cfg.max_handshakes_per_peer,
+        max_connections_per_identity = cfg.max_connections_per_identity,
+        fd_limit = ?fd_limit,
+        boots = boot.boots,
+        "auraed is serving"
+    );
+
+    serve(
+        &cfg,
+        Api { policy, routes },
+        Running {
+            conn_rx,
+            health_reporter,
+            shutdown_rx,
+            accept_unix,
+            accept_tcp,
+            cells,
+            vms,
+            reboot,
+        },
+    )
+    .await
+}
+
+/// Verified connections, and the accept loops (Unix socket, TCP) that make them.
+type Acceptors = (
+    mpsc::Receiver<Result<Conn, io::Error>>,
+    tokio::task::JoinHandle<()>,
+    Option<tokio::task::JoinHandle<()>>,
+);
+
+/// One accept loop per listener, each with its own connection budget; verified
+/// connections come out of the returned channel.
+fn start_acceptors(
+    cfg: &ServerConfig,
+    tls_config: rustls::ServerConfig,
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+    per_listener: usize,
+) -> Acceptors {
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
     let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
     let own_uid = nix::unistd::geteuid().as_raw();
@@ -405,21 +412,96 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     });
     drop(shared);
     drop(conn_tx);
+    (conn_rx, accept_unix, accept_tcp)
+}
 
-    info!(
-        version = env!("CARGO_PKG_VERSION"),
-        mode = cfg.mode,
-        id = %server_id,
-        socket = %cfg.socket.display(),
-        listen = ?cfg.listen,
-        max_connections_per_listener = per_listener,
-        max_handshakes_per_peer = cfg.max_handshakes_per_peer,
-        max_connections_per_identity = cfg.max_connections_per_identity,
-        fd_limit = ?fd_limit,
-        boots = boot.boots,
-        "auraed is serving"
-    );
+/// The TLS configuration, auraed's own SPIFFE ID and the policy. auraed never needs the
+/// CA key: it refuses to start next to it.
+fn load_identity(cfg: &ServerConfig) -> anyhow::Result<(rustls::ServerConfig, SpiffeId, Policy)> {
+    let pki = PkiPaths::new(&cfg.pki_dir);
+    pki.refuse_ca_key()?;
+    for f in [&pki.ca_cert, &pki.server_cert, &pki.server_key] {
+        if !f.exists() {
+            bail!(
+                "{} is missing: auraed needs the CA certificate and its own identity in --pki-dir. \
+                 Create a development PKI with `aer pki init --dir {}`",
+                f.display(),
+                cfg.pki_dir.display()
+            );
+        }
+    }
+    let (tls_config, server_id) =
+        tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
+    let trust_domain = server_id.trust_domain().to_owned();
+    let methods = api::served_methods();
+    let policy = match &cfg.policy {
+        Some(p) => Policy::load(p, &trust_domain, &methods)?,
+        None => Policy::default_for(SpiffeId::new(&trust_domain, ADMIN_PATH)?),
+    };
+    for g in policy.grants() {
+        let (m, n) = g.describe();
+        info!(id = %g.id, methods = ?m, names = ?n, "policy grant");
+    }
+    Ok((tls_config, server_id, policy))
+}
 
+/// The state store (locked: one auraed per state directory) and this start's boot
+/// record. A state disk that takes no writes (full) still lets auraed start: it serves
+/// what runs, takes no new work, and says why (the third value).
+fn open_state(
+    cfg: &ServerConfig,
+    started_at: SystemTime,
+) -> anyhow::Result<(Store, crate::store::BootRecord, Option<String>)> {
+    let store = Store::open(&cfg.state_dir)?;
+    let epoch = started_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch) {
+        Ok(b) => Ok((store, b, None)),
+        Err(e) => {
+            let why = format!(
+                "the state directory {} takes no writes ({e}): auraed serves what runs but takes no new work until there is room (then restart it)",
+                cfg.state_dir.display()
+            );
+            warn!("{why}");
+            Ok((store, crate::store::BootRecord::default(), Some(why)))
+        }
+    }
+}
+
+/// What the API is: who may call what, and the services.
+struct Api {
+    policy: Policy,
+    routes: tonic::service::Routes,
+}
+
+/// What is running once auraed serves.
+struct Running {
+    conn_rx: mpsc::Receiver<Result<Conn, io::Error>>,
+    health_reporter: tonic_health::server::HealthReporter,
+    shutdown_rx: watch::Receiver<Option<Duration>>,
+    accept_unix: tokio::task::JoinHandle<()>,
+    accept_tcp: Option<tokio::task::JoinHandle<()>>,
+    cells: Arc<crate::cell::Cells>,
+    vms: Arc<crate::vm::Vms>,
+    reboot: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Serves until a signal or a Shutdown RPC, then stops workloads (VMs, then cells: every
+/// cell at once), drains calls in flight for the grace period and removes the socket.
+async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<bool> {
+    let Running {
+        conn_rx,
+        health_reporter,
+        mut shutdown_rx,
+        accept_unix,
+        accept_tcp,
+        cells,
+        vms,
+        reboot,
+    } = run;
+    let Api { policy, routes } = api;
     let signal = async move {
         let grace = wait_for_shutdown(&mut shutdown_rx).await;
         for svc in [""].into_iter().chain(SERVICES) {
