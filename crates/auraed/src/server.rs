@@ -948,6 +948,15 @@ async fn wire_workloads(
     for w in remove_stray_containers(&containers, &cells.container_dirs()) {
         warnings.push(w);
     }
+    // Logs of cells and VMs that were not found again (a crash between a free's steps,
+    // or a start that never got its record) go too.
+    let logs = cfg.state_dir.join("logs");
+    warnings.extend(remove_stray_logs(&logs, &|rel| match rel
+        .strip_prefix(&format!("{}/", crate::workload::layout::VM_GROUP))
+    {
+        Some(vm) => vms.holds_log(vm),
+        None => rel == crate::workload::layout::VM_GROUP || found.cells.contains(rel),
+    }));
     let puller = Arc::new(crate::image::pull::Puller {
         store: image_store,
         registry: crate::image::registry::Registry::new(cfg.registry.clone()),
@@ -971,6 +980,47 @@ fn remove_stray_containers(dir: &std::path::Path, used: &[PathBuf]) -> Vec<Strin
                 "container directory {} left by a previous auraed could not be removed: {err}",
                 p.display()
             ));
+        }
+    }
+    warnings
+}
+
+/// Removes what under `dir` (auraed's logs) `kept` does not keep, by path relative to
+/// `dir` (a cell's directory `a/b`, a VM's log `vms/<name>.log`); it goes into the
+/// directories it keeps. One warning per entry that cannot be removed.
+fn remove_stray_logs(dir: &std::path::Path, kept: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, prefix)) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let base = e.file_name().to_string_lossy().into_owned();
+            let rel = if prefix.is_empty() {
+                base
+            } else {
+                format!("{prefix}/{base}")
+            };
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            // Inside a kept cell, its executables' files stay (freed with the cell).
+            if !is_dir && !prefix.is_empty() && prefix != crate::workload::layout::VM_GROUP {
+                continue;
+            }
+            if kept(&rel) {
+                if is_dir {
+                    stack.push((e.path(), rel));
+                }
+                continue;
+            }
+            let removed = if is_dir {
+                std::fs::remove_dir_all(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
+            if let Err(err) = removed {
+                warnings.push(format!(
+                    "log {} left by a previous auraed could not be removed: {err}",
+                    e.path().display()
+                ));
+            }
         }
     }
     warnings

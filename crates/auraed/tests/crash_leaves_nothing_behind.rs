@@ -164,6 +164,27 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
     let c = d.client("admin").await.unwrap();
     let listed = cell_names(&c).await;
     let readopted = cells.iter().filter(|n| listed.contains(n)).count();
+    // The ones that exit by themselves ("sleep 1.5; exit 3") have ended by now, while
+    // auraed was down or just after (a re-adopted process's end is seen within ~0.1 s):
+    // wait for that before counting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for (id, _) in &pids {
+        let (cell, name) = id.rsplit_once('/').unwrap();
+        let top: usize = cell
+            .trim_start_matches('c')
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        while !cell.contains('/')
+            && top % 3 == 2
+            && status(&c, cell, name).await.phase == pb::Phase::Running as i32
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let mut running = 0;
     let mut ended = 0;
     let mut chatty_ok = 0;
@@ -171,10 +192,19 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
         let (cell, name) = id.rsplit_once('/').unwrap();
         let s = status(&c, cell, name).await;
         if s.phase == pb::Phase::Running as i32 {
+            if cell
+                .trim_start_matches('c')
+                .parse::<usize>()
+                .is_ok_and(|t| t % 3 == 2)
+            {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                println!("{id} (pid {pid}) still running after its end: {s:?}; stat {stat}");
+            }
             running += 1;
             assert!(alive(*pid), "{id}: running but pid {pid} is gone");
         } else {
             ended += 1;
+            println!("ended: {id}: {:?} {:?}", s.phase, s.exit);
         }
         let top: usize = cell
             .trim_start_matches('c')
@@ -195,7 +225,10 @@ async fn kill_9_with_50_cells_then_restart_readopts_all_of_them() {
             if ticks.len() > 50 && contiguous {
                 chatty_ok += 1;
             } else {
-                println!("{id}: {} ticks, contiguous {contiguous}", ticks.len());
+                println!(
+                    "{id}: {} ticks, contiguous {contiguous}: {ticks:?}",
+                    ticks.len()
+                );
             }
         }
     }

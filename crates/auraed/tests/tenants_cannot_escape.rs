@@ -451,7 +451,16 @@ async fn no_pull_without_a_registry_grant() {
             .map(|_| ())
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{image}: {e:?}");
-        refused += 3;
+        // Removing (another tenant's) image of a registry outside the grant: refused too.
+        let e = alice
+            .images()
+            .remove(pb::RemoveImageRequest {
+                image: image.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{image}: {e:?}");
+        refused += 4;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let connections = std::iter::from_fn(|| listener.accept().ok()).count();

@@ -447,9 +447,9 @@ fn tenants_policy() -> String {
         "[[grant]]\nid = \"spiffe://{td}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
          allow_uid_zero = true\nallow_writable_drives = true\nvolumes = [\"*\"]\nregistries = [\"*\"]\n\n\
          [[grant]]\nid = \"spiffe://{td}/operator/a\"\nmethods = [\"*\"]\nnames = [\"a-*\"]\n\
-         allow_writable_drives = true\nvolumes = [\"tenant-a\"]\n\n\
+         allow_writable_drives = true\nvolumes = [\"tenant-a\", \"hello\"]\n\n\
          [[grant]]\nid = \"spiffe://{td}/operator/n\"\nmethods = [\"*\"]\nnames = [\"n-*\"]\n\
-         volumes = [\"tenant-a\"]\n"
+         volumes = [\"tenant-a\", \"hello\"]\n"
     )
 }
 
@@ -495,8 +495,10 @@ async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
     else {
         return;
     };
-    std::fs::create_dir(e.images.path().join("tenant-a")).unwrap();
-    std::fs::write(e.images.path().join("tenant-a/disk"), vec![0; 1 << 20]).unwrap();
+    for t in ["tenant-a", "tenant-b"] {
+        std::fs::create_dir(e.images.path().join(t)).unwrap();
+        std::fs::write(e.images.path().join(t).join("disk"), vec![0; 1 << 20]).unwrap();
+    }
     let a = e.d.client("a").await.unwrap();
     let n = e.d.client("n").await.unwrap();
     let with = |name: &str, d: pb::Drive| pb::VirtualMachine {
@@ -544,12 +546,29 @@ async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    // The default (and read_only, as old clients send it): read-only for anyone, even
-    // a shared image outside the grant's volumes. The jail's mount refuses writes and the
-    // VMM's file is O_RDONLY.
+    // Read-only is no way around the grant: another tenant's disk, or a kernel outside
+    // the grant's volumes, is PERMISSION_DENIED too (it could be read from the guest).
+    for (who, c, vm) in [
+        (
+            "n",
+            &n,
+            with("n-peek", drive(e.image("tenant-b/disk"), false, false)),
+        ),
+        (
+            "a",
+            &a,
+            with("a-peek", drive(e.image("tenant-b/disk"), true, false)),
+        ),
+        ("a", &a, e.vm("a-kernel", "bye")),
+    ] {
+        let err = c.runtime().run_virtual_machine(vm).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{who}: {err:?}");
+    }
+    // The default (and read_only, as old clients send it): read-only. The jail's mount
+    // refuses writes and the VMM's file is O_RDONLY.
     for (name, c, d) in [
-        ("n-ro", &n, drive(e.image("disk"), false, false)),
-        ("a-ro", &a, drive(e.image("disk"), true, false)),
+        ("n-ro", &n, drive(e.image("tenant-a/disk"), false, false)),
+        ("a-ro", &a, drive(e.image("tenant-a/disk"), true, false)),
     ] {
         let st = c
             .runtime()
@@ -596,7 +615,7 @@ async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
             .starts_with(b"written")
     );
     assert_eq!(
-        std::fs::read(e.images.path().join("disk")).unwrap(),
+        std::fs::read(e.images.path().join("tenant-b/disk")).unwrap(),
         vec![0; 1 << 20]
     );
     e.c.virtual_machines()

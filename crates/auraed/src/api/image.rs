@@ -110,8 +110,21 @@ impl Images for ImagesApi {
         &self,
         r: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        Caller::of(&r)?;
-        let images = self.puller.store.refs().iter().map(info).collect();
+        let caller = Caller::of(&r)?;
+        // Only the images of the registries (and repositories) the grant covers.
+        let images = self
+            .puller
+            .store
+            .refs()
+            .iter()
+            .filter(|v| {
+                v["reference"]
+                    .as_str()
+                    .and_then(|s| ImageRef::parse(s).ok())
+                    .is_some_and(|r| caller.grant.allows_registry(&r.registry, &r.repository))
+            })
+            .map(info)
+            .collect();
         Ok(Response::new(pb::ListImagesResponse { images }))
     }
 
@@ -119,8 +132,11 @@ impl Images for ImagesApi {
         &self,
         r: Request<pb::RemoveImageRequest>,
     ) -> Result<Response<pb::RemovedImage>, Status> {
-        Caller::of(&r)?;
-        let image = parse("image", &r.get_ref().image)?.to_string();
+        let caller = Caller::of(&r)?;
+        let image = parse("image", &r.get_ref().image)?;
+        // Removing is for the images of the registries the grant covers.
+        super::runtime::authorize_image(&caller, &image)?;
+        let image = image.to_string();
         let store = self.puller.store.clone();
         let _gc = store.gc_lock.write().await;
         if !store.remove_ref(&image) {

@@ -223,22 +223,36 @@ impl Runtime for RuntimeApi {
         let caller = Caller::of(&req)?;
         let spec = VmSpec::try_from(req.into_inner()).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
-        // Kernels, initramfs images and read-only drives are shared images; a writable
-        // drive needs the grant's allow_writable_drives and a path its volumes cover
-        // (relative to the image root), checked by name before anything is opened.
-        for (i, d) in spec.drives.iter().enumerate().filter(|(_, d)| d.writable) {
-            let field = format!("drives[{i}].path");
-            caller.authorize_privilege(
-                caller.grant.allow_writable_drives,
-                &format!(
-                    "attach {field} {} writable (needs allow_writable_drives)",
-                    d.path.display()
-                ),
-                spec.name.as_str(),
-            )?;
+        // Every host file a VM uses (kernel, initramfs, drives) must lie under the grant's
+        // volumes (relative to its image root): another tenant's disk is not readable
+        // through a read-only drive. A writable drive also needs allow_writable_drives.
+        // Checked by name before anything is opened.
+        let files = std::iter::once(("kernel_path".to_owned(), &spec.kernel, false))
+            .chain(
+                spec.initramfs
+                    .iter()
+                    .map(|p| ("initramfs_path".to_owned(), p, false)),
+            )
+            .chain(
+                spec.drives
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (format!("drives[{i}].path"), &d.path, d.writable)),
+            );
+        for (field, path, writable) in files {
+            if writable {
+                caller.authorize_privilege(
+                    caller.grant.allow_writable_drives,
+                    &format!(
+                        "attach {field} {} writable (needs allow_writable_drives)",
+                        path.display()
+                    ),
+                    spec.name.as_str(),
+                )?;
+            }
             let u = crate::workload::host_path::under_root(
                 &field,
-                &d.path,
+                path,
                 self.ctx.vms.image_roots(),
                 crate::vm::IMAGE_ROOT_FLAG,
             )
@@ -246,8 +260,8 @@ impl Runtime for RuntimeApi {
             caller.authorize_privilege(
                 u.rels.iter().all(|rel| caller.grant.allows_volume(rel)),
                 &format!(
-                    "attach {field} {} writable (outside the volumes its grant allows)",
-                    d.path.display()
+                    "use {field} {} (outside the volumes its grant allows)",
+                    path.display()
                 ),
                 spec.name.as_str(),
             )?;

@@ -116,6 +116,10 @@ impl From<crate::workload::WorkloadError> for Status {
                 )
             }
             E::Spawn { what, source } => spawn_status(&what, source),
+            // The state disk is full: nothing more can be made there now.
+            E::Io(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => Status::resource_exhausted(
+                "the state directory's disk is full: nothing new can be started until there is room",
+            ),
             other => internal(other),
         }
     }

@@ -51,6 +51,9 @@ pub struct CellRecord {
     /// The cell's init (none for a cell that shares every host namespace).
     pub init: Option<ProcRef>,
     pub runs_containers: Option<bool>,
+    /// Both kinds were started by a privileged caller (see `Inner::mixed`).
+    #[serde(default)]
+    pub mixed: bool,
     /// Set once the cell was stopped: its message.
     pub stopped: Option<String>,
 }
@@ -143,12 +146,13 @@ impl Recorder {
 impl Cell {
     /// This cell's record as it stands.
     pub fn record(&self) -> CellRecord {
-        let (runs_containers, stopped) = self
+        let (runs_containers, mixed, stopped) = self
             .inner
             .lock()
             .map(|i| {
                 (
                     i.runs_containers,
+                    i.mixed,
                     (i.phase != Phase::Running).then(|| i.message.clone()),
                 )
             })
@@ -156,8 +160,9 @@ impl Cell {
         CellRecord {
             spec: self.spec.clone(),
             created_at: self.created_at,
-            init: self.init.as_ref().and_then(|i| ProcRef::of(i.pid).ok()),
+            init: self.init.as_ref().and_then(|i| i.proc),
             runs_containers,
+            mixed,
             stopped,
         }
     }
@@ -239,6 +244,7 @@ impl Cells {
                 (Some(p), true) => match p.open() {
                     Ok(Some(pidfd)) => Some(Init {
                         pid: p.pid,
+                        proc: Some(*p),
                         pidfd: Arc::new(pidfd),
                     }),
                     _ => None,
@@ -276,6 +282,8 @@ impl Cells {
                     message,
                     executables: BTreeMap::new(),
                     runs_containers: rec.runs_containers,
+                    mixed: rec.mixed,
+                    starting: Default::default(),
                 }),
                 oom_kills: AtomicU64::new(crate::workload::supervise::oom_kills(
                     tree.as_ref(),
@@ -482,11 +490,14 @@ async fn watch_readopted_executable(
         oom_killed: false,
         at: SystemTime::now(),
     };
+    // Recorded before anyone waiting learns of it (see `supervise`).
+    let mut rec = exe.record(process);
+    rec.exit = Some(ExitRecord::from(&e));
+    recorder.executable(&rec);
     exe.state.send_replace(State {
         phase: Phase::Exited,
         exit: Some(e),
     });
-    recorder.executable(&exe.record(process));
     events.emit(
         pb::Kind::Executable,
         &executable_key(&exe.cell, &exe.name),

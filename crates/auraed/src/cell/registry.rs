@@ -32,10 +32,10 @@ use super::{
 use crate::{
     events::EventBus,
     executable::Executable,
-    spec::CellName,
+    spec::{CellName, FieldError},
     workload::{
         WorkloadError,
-        cgroup::CgroupTree,
+        cgroup::{CgroupError, CgroupTree},
         layout::VM_GROUP,
         supervise::{oom_kills, read_report, wait_empty},
     },
@@ -70,6 +70,32 @@ pub struct CellStats {
     pub memory_peak_bytes: u64,
     pub pids_current: u64,
     pub oom_kills: u64,
+}
+
+/// A limit the kernel refuses (a cpuset it cannot give, an io.max device that is not
+/// there, a value out of range) is the request's fault: INVALID_ARGUMENT naming the field.
+fn refused_limit(w: &super::limits::LimitWrite, e: CgroupError) -> WorkloadError {
+    match &e {
+        CgroupError::Io { source, .. }
+            if matches!(
+                source.raw_os_error(),
+                Some(
+                    nix::libc::EINVAL
+                        | nix::libc::ERANGE
+                        | nix::libc::ENODEV
+                        | nix::libc::EOVERFLOW
+                        | nix::libc::ENOENT
+                )
+            ) =>
+        {
+            FieldError::new(
+                w.field,
+                format!("the kernel refused {} = {:?}: {source}", w.file, w.value),
+            )
+            .into()
+        }
+        _ => e.into(),
+    }
 }
 
 /// What [`Cells`] is built from.
@@ -299,7 +325,8 @@ impl Cells {
         tree.create(&spec.name)?;
         let setup = (|| -> Result<(), WorkloadError> {
             for w in &writes {
-                tree.write(&spec.name, w.file, &w.value)?;
+                tree.write(&spec.name, w.file, &w.value)
+                    .map_err(|e| refused_limit(w, e))?;
             }
             if tree.controllers().iter().any(|c| c == "memory") {
                 tree.write(
@@ -366,6 +393,8 @@ impl Cells {
                 message: String::new(),
                 executables: BTreeMap::new(),
                 runs_containers: None,
+                mixed: false,
+                starting: Default::default(),
             }),
             oom_kills: AtomicU64::new(0),
             spec,
@@ -494,7 +523,11 @@ impl Cells {
                 })
             })
             .ok();
-        Ok(Init { pid, pidfd })
+        Ok(Init {
+            pid,
+            pidfd,
+            proc: crate::workload::process::ProcRef::of(pid).ok(),
+        })
     }
 
     /// Stops every process of the cell and its children: SIGTERM, grace, cgroup.kill.

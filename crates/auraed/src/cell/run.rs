@@ -61,24 +61,30 @@ impl Cells {
             None => self.generated_name(&spec.argv[0])?,
         };
         {
-            let inner = cell
+            let mut inner = cell
                 .inner
                 .lock()
                 .map_err(|_| WorkloadError::Precondition("cell lock poisoned".into()))?;
-            if inner.executables.contains_key(&name) {
+            if inner.executables.contains_key(&name) || inner.starting.contains(&name) {
                 return Err(WorkloadError::Exists(format!(
                     "executable {:?} already exists in cell {:?}",
                     name.as_str(),
                     spec.cell.as_str()
                 )));
             }
-            if inner.executables.len() >= MAX_EXECUTABLES {
+            if inner.executables.len() + inner.starting.len() >= MAX_EXECUTABLES {
                 return Err(WorkloadError::Exhausted(format!(
                     "cell {:?} holds {MAX_EXECUTABLES} executables: free exited ones first",
                     spec.cell.as_str()
                 )));
             }
+            inner.starting.insert(name.clone());
         }
+        // The reservation ends however the start ends.
+        let _reserved = Reservation {
+            cell: cell.clone(),
+            name: name.clone(),
+        };
         self.claim_kind(&spec)?;
         let prepared = Prepared::new(&spec)?;
         let has_memory = tree.controllers().iter().any(|c| c == "memory");
@@ -221,8 +227,23 @@ impl Cells {
             })
             .0,
         });
-        if let Ok(mut inner) = cell.inner.lock() {
-            inner.executables.insert(name.clone(), exe.clone());
+        // The cell may have been stopped or freed while the child started: then the child
+        // goes (it was born in a cgroup being killed) and the start fails.
+        let still_here = self
+            .find(&spec.cell)
+            .is_ok_and(|c| Arc::ptr_eq(&c, &cell) && c.phase() == Phase::Running);
+        let inserted = still_here
+            && cell.inner.lock().is_ok_and(|mut inner| {
+                inner.executables.insert(name.clone(), exe.clone());
+                true
+            });
+        if !inserted {
+            let _ = exe.signal(nix::libc::SIGKILL);
+            let _ = exe.log.remove_files();
+            return Err(WorkloadError::Precondition(format!(
+                "cell {:?} was stopped or freed while the executable started",
+                spec.cell.as_str()
+            )));
         }
         let process = crate::workload::process::ProcRef::of(child.pid).ok();
         self.recorder.executable(&exe.record(process));
@@ -256,7 +277,7 @@ impl Cells {
     ) -> Option<super::record::HeldOutput> {
         use std::os::fd::AsFd;
         let h = self.holder.as_ref()?;
-        match h.hold(&[fds[0].as_fd(), fds[1].as_fd()]) {
+        match crate::workload::holder::off_runtime(|| h.hold(&[fds[0].as_fd(), fds[1].as_fd()])) {
             Ok(numbers) => Some(super::record::HeldOutput {
                 holder: h.proc(),
                 fds: numbers,
@@ -300,9 +321,6 @@ impl Cells {
     /// Fixes (or checks) whether the cell's tree runs containers or plain executables;
     /// see `Inner::runs_containers`. `spec.allow_mixed_cell` skips the check.
     pub(super) fn claim_kind(&self, spec: &ExecutableSpec) -> Result<(), WorkloadError> {
-        if spec.allow_mixed_cell {
-            return Ok(());
-        }
         let top = spec.cell.as_str().split('/').next().unwrap_or_default();
         let top = CellName::parse("cell", top)?;
         let root = self.find(&top)?;
@@ -311,9 +329,21 @@ impl Cells {
             .inner
             .lock()
             .map_err(|_| WorkloadError::Precondition("cell lock poisoned".into()))?;
+        if inner.mixed && !spec.allow_mixed_cell {
+            return Err(WorkloadError::Precondition(format!(
+                "cell {:?} runs containers beside plain executables (a privileged caller mixed them): nothing more starts there without a grant that allows host namespaces",
+                top.as_str()
+            )));
+        }
         match inner.runs_containers {
             None => {
+                // Recorded even for a privileged start: who comes next is checked.
                 inner.runs_containers = Some(container);
+                drop(inner);
+                self.recorder.cell(&root.record());
+            }
+            Some(c) if c != container && spec.allow_mixed_cell => {
+                inner.mixed = true;
                 drop(inner);
                 self.recorder.cell(&root.record());
             }
@@ -426,6 +456,20 @@ fn container_error(args: Option<&crate::container::Args>, source: SpawnError) ->
     WorkloadError::Spawn { what, source }
 }
 
+/// A name reserved while an executable starts; released when dropped.
+struct Reservation {
+    cell: Arc<super::Cell>,
+    name: Label,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.cell.inner.lock() {
+            inner.starting.remove(&self.name);
+        }
+    }
+}
+
 /// Waits for an executable's exit and records it. A SIGKILL while the cell's OOM-kill
 /// counter (memory.events) moved since the executable started is attributed to the OOM
 /// killer, and the event names the victim.
@@ -446,11 +490,15 @@ async fn supervise(
         oom_killed,
         at: SystemTime::now(),
     };
+    // Recorded before anyone waiting learns of it: a Free right after the Wait must
+    // find the record to delete, not have it written back after.
+    let mut rec = exe.record(process);
+    rec.exit = Some(super::record::ExitRecord::from(&e));
+    recorder.executable(&rec);
     exe.state.send_replace(State {
         phase: Phase::Exited,
         exit: Some(e),
     });
-    recorder.executable(&exe.record(process));
     let (ty, msg) = if oom_killed {
         (
             pb::EventType::OomKilled,

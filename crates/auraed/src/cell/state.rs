@@ -76,6 +76,8 @@ impl NsSet {
 pub(super) struct Init {
     pub(super) pid: i32,
     pub(super) pidfd: Arc<Pidfd>,
+    /// Taken when it started (or was found again): a record never names a successor.
+    pub(super) proc: Option<crate::workload::process::ProcRef>,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,12 @@ pub(super) struct Inner {
     /// A container must never share a PID namespace with a plain executable of the same
     /// uid: its `/proc/<pid>/root` would lead out of the container to the host's files.
     pub(super) runs_containers: Option<bool>,
+    /// Of a top-level cell: a privileged caller mixed both kinds in its tree; nobody
+    /// else may start anything there any more.
+    pub(super) mixed: bool,
+    /// Names reserved by starts in progress (checked with `executables`, so two starts
+    /// of one name cannot both pass).
+    pub(super) starting: std::collections::BTreeSet<Label>,
 }
 
 /// One cell.

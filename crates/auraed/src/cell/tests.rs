@@ -242,15 +242,15 @@ async fn a_container_never_joins_a_tree_of_plain_executables() {
     };
     let e = f.cells.claim_kind(&container()).unwrap_err();
     assert!(e.to_string().contains("/proc/<pid>/root"), "{e}");
-    // With a grant that allows host namespaces, mixing is allowed.
-    let mut allowed = container();
-    allowed.allow_mixed_cell = true;
-    f.cells.claim_kind(&allowed).unwrap();
     // Another plain executable is fine.
     f.cells
         .run(exe("web/side", "p2", &["/bin/true"], Some(1000)), None)
         .await
         .unwrap();
+    // With a grant that allows host namespaces, mixing is allowed.
+    let mut allowed = container();
+    allowed.allow_mixed_cell = true;
+    f.cells.claim_kind(&allowed).unwrap();
     f.cells
         .stop(
             &CellName::parse("n", "web").unwrap(),
@@ -347,4 +347,102 @@ mod libc_ns {
 
 mod libc_errno {
     pub const EAGAIN: i32 = nix::libc::EAGAIN;
+}
+
+/// A privileged start of the other kind marks the tree mixed: nobody unprivileged starts
+/// anything there after it (a container would sit beside the privileged plain process).
+#[tokio::test]
+async fn after_a_privileged_mix_nothing_unprivileged_starts() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    let mut privileged = exe("web", "admin", &["/bin/sleep", "5"], Some(1000));
+    privileged.allow_mixed_cell = true;
+    f.cells.run(privileged, None).await.unwrap();
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert_eq!(
+        rec.runs_containers,
+        Some(false),
+        "a privileged start fixes the kind too"
+    );
+    let mut container = exe("web", "c", &[], None);
+    container.container = Some(
+        crate::container::ContainerSpec::parse(
+            "container",
+            Some(pb::Container {
+                image: "reg/x:1".into(),
+                ..Default::default()
+            }),
+        )
+        .unwrap(),
+    );
+    assert!(f.cells.claim_kind(&container).is_err());
+    container.allow_mixed_cell = true;
+    f.cells.claim_kind(&container).unwrap();
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert!(rec.mixed);
+    let e = f
+        .cells
+        .run(exe("web", "tenant", &["/bin/true"], Some(1000)), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("mixed"), "{e}");
+}
+
+/// Two starts of one name at once: one wins, the other is ALREADY_EXISTS (both used to
+/// pass the check, and one process got lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_starts_of_one_name_never_both_succeed() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    for round in 0..20 {
+        let name = format!("twin{round}");
+        let (a, b) = tokio::join!(
+            f.cells
+                .run(exe("web", &name, &["/bin/sleep", "5"], Some(1000)), None),
+            f.cells
+                .run(exe("web", &name, &["/bin/sleep", "5"], Some(1000)), None),
+        );
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "round {round}: {:?} / {:?}",
+            a.as_ref().map(|_| ()),
+            b.as_ref().map(|_| ())
+        );
+        let e = a.err().or(b.err()).unwrap();
+        assert!(matches!(e, WorkloadError::Exists(_)), "{e:?}");
+    }
+}
+
+/// Free right after Wait: the exit record was written before Wait returned, so Free's
+/// delete is the last word (a late write used to bring freed executables back after a
+/// restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_executable_leaves_no_record_behind() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    for i in 0..20 {
+        let name = format!("e{i}");
+        f.cells
+            .run(exe("web", &name, &["/bin/true"], Some(1000)), None)
+            .await
+            .unwrap();
+        let r = crate::executable::ExecutableRef {
+            cell: CellName::parse("c", "web").unwrap(),
+            name: Label::parse("n", &name).unwrap(),
+        };
+        f.cells
+            .executable(&r)
+            .unwrap()
+            .wait(Some(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        f.cells.free_executable(&r).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        f.store
+            .load::<ExecutableRecord>(kinds::EXECUTABLE)
+            .records
+            .is_empty()
+    );
 }

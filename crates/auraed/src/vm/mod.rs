@@ -505,7 +505,7 @@ impl Vms {
     fn hold(&self, name: &str, fds: [&OwnedFd; 2]) -> Option<crate::workload::holder::HeldOutput> {
         use std::os::fd::AsFd;
         let h = self.holder.as_ref()?;
-        match h.hold(&[fds[0].as_fd(), fds[1].as_fd()]) {
+        match crate::workload::holder::off_runtime(|| h.hold(&[fds[0].as_fd(), fds[1].as_fd()])) {
             Ok(fds) => Some(crate::workload::holder::HeldOutput {
                 holder: h.proc(),
                 fds,
@@ -527,7 +527,7 @@ impl Vms {
     fn release(&self, vm: &Vm) {
         if let (Some(h), Some(held)) = (&self.holder, &vm.held)
             && held.holder == h.proc()
-            && let Err(e) = h.release(&held.fds)
+            && let Err(e) = crate::workload::holder::off_runtime(|| h.release(&held.fds))
         {
             warn!(vm = %vm.spec.name, "releasing the VMM's channels in the holder: {e}");
         }

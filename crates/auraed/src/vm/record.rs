@@ -200,6 +200,18 @@ impl Vms {
         });
     }
 
+    /// Whether `file` (`<name>.log` or `<name>.log.1` under the VMs' logs) belongs to a
+    /// VM this auraed serves.
+    pub fn holds_log(&self, file: &str) -> bool {
+        let name = file
+            .strip_suffix(".log")
+            .or_else(|| file.strip_suffix(".log.1"))
+            .unwrap_or(file);
+        self.vms
+            .lock()
+            .is_ok_and(|m| m.keys().any(|k| k.as_str() == name))
+    }
+
     /// Whether a VM's channels are still kept by the holder `h`.
     pub fn holds_with(&self, h: &ProcRef) -> bool {
         self.vms

@@ -81,6 +81,15 @@ struct Reply {
 
 pub use super::process::ProcRef;
 
+/// Runs a blocking holder call from async code without stalling the runtime's other
+/// tasks (`block_in_place` on a multi-threaded runtime; directly elsewhere).
+pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The holder that keeps copies of a workload's pipe or socket ends, and their numbers
 /// there: an executable's stdout and stderr, a VMM's control socket and console.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
