@@ -588,7 +588,14 @@ mod tests {
     use super::*;
     use crate::pidfd::ExitStatus;
 
-    fn run(argv: &[&str], cwd: Option<&CStr>) -> Result<ExitStatus, SpawnError> {
+    /// Runs `argv` (stdio on /dev/null) as `uid`/`gid`, and waits.
+    fn spawn_wait(
+        argv: &[&str],
+        cwd: Option<&CStr>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        no_new_privs: bool,
+    ) -> Result<ExitStatus, SpawnError> {
         let argv: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
         let devnull = std::fs::File::open("/dev/null").unwrap();
         let fd = devnull.as_raw_fd();
@@ -597,39 +604,6 @@ mod tests {
             argv: &argv,
             envp: &[],
             cwd,
-            uid: None,
-            gid: None,
-            no_new_privs: false,
-            stdio: [fd, fd, fd],
-            pass_fd: None,
-            cgroup: None,
-            new_namespaces: Namespaces::default(),
-            pid_namespace_of: None,
-            join: None,
-            unshare: Namespaces::default(),
-            container: None,
-        };
-        let (_, pidfd) = spawn(&req)?;
-        Ok(pidfd.wait_blocking().unwrap())
-    }
-
-    fn run_as(
-        script: &str,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        no_new_privs: bool,
-    ) -> Result<ExitStatus, SpawnError> {
-        let argv: Vec<CString> = ["/bin/sh", "-c", script]
-            .iter()
-            .map(|a| CString::new(*a).unwrap())
-            .collect();
-        let devnull = std::fs::File::open("/dev/null").unwrap();
-        let fd = devnull.as_raw_fd();
-        let req = SpawnRequest {
-            program: Program::Path(&argv[0]),
-            argv: &argv,
-            envp: &[],
-            cwd: None,
             uid,
             gid,
             no_new_privs,
@@ -644,6 +618,19 @@ mod tests {
         };
         let (_, pidfd) = spawn(&req)?;
         Ok(pidfd.wait_blocking().unwrap())
+    }
+
+    fn run(argv: &[&str], cwd: Option<&CStr>) -> Result<ExitStatus, SpawnError> {
+        spawn_wait(argv, cwd, None, None, false)
+    }
+
+    fn run_as(
+        script: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        no_new_privs: bool,
+    ) -> Result<ExitStatus, SpawnError> {
+        spawn_wait(&["/bin/sh", "-c", script], None, uid, gid, no_new_privs)
     }
 
     /// uid/gid 4294967295 is "-1" to set*id: the child would keep our uid 0.

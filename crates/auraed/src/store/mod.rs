@@ -171,8 +171,32 @@ impl Store {
         Ok(self.root.join(kind).join(file_name(key)?))
     }
 
-    /// Writes a record atomically and durably.
+    /// Writes a record atomically and durably (the file and its directory are synced: it
+    /// survives a power loss).
     pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> Result<(), StoreError> {
+        self.write(kind, key, value, true)
+    }
+
+    /// Writes a record atomically (temporary file, rename): a crash of auraed leaves the
+    /// old record or the new one, never a torn one. Not synced: for records of running
+    /// processes, which do not outlive the machine either (after a reboot their records
+    /// name nothing: boot ids differ). Two fewer fsyncs on every start and exit.
+    pub fn put_atomic<T: Serialize>(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.write(kind, key, value, false)
+    }
+
+    fn write<T: Serialize>(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &T,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let path = self.path(kind, key)?;
         // One temporary file per write: two writes of one key never share one.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -189,9 +213,20 @@ impl Store {
             .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
-        f.write_all(&data).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+        let written = f
+            .write_all(&data)
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&tmp)(e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&path)(e));
+        }
+        if !durable {
+            return Ok(());
+        }
         let dir = self.root.join(kind);
         fs::File::open(&dir)
             .and_then(|d| d.sync_all())

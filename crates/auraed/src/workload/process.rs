@@ -8,10 +8,13 @@ use serde::{Deserialize, Serialize};
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`) as a number; 0 if unreadable.
 pub fn boot_id() -> u128 {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
-        .unwrap_or(0)
+    static BOOT: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
+            .unwrap_or(0)
+    })
 }
 
 /// A process named so that a recorded reference survives an auraed restart: its pid and

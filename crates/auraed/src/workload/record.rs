@@ -40,7 +40,7 @@ impl Recorder {
     /// Writes the record `key` of `store_kind` (an event of `kind` if it fails).
     pub fn put<T: Serialize>(&self, kind: pb::Kind, store_kind: &str, key: &str, value: &T) {
         let Some(s) = &self.store else { return };
-        if let Err(e) = s.put(store_kind, key, value) {
+        if let Err(e) = s.put_atomic(store_kind, key, value) {
             self.report(kind, key, "its record could not be written", &e);
         }
     }
