@@ -232,7 +232,12 @@ fn module_order_problems(src_dir: &Path) -> Vec<String> {
         let module = rel
             .components()
             .next()
-            .map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned())
+            .map(|c| {
+                c.as_os_str()
+                    .to_string_lossy()
+                    .trim_end_matches(".rs")
+                    .to_owned()
+            })
             .unwrap_or_default();
         let Some(mine) = layer_of(&module) else {
             continue;
@@ -720,7 +725,11 @@ mod tests {
     fn an_import_up_a_layer_is_a_problem() {
         let dir = tempdir_for_test();
         std::fs::create_dir_all(dir.join("cell")).unwrap();
-        std::fs::write(dir.join("cell/run.rs"), "use crate::{vm::Vms, workload::X};").unwrap();
+        std::fs::write(
+            dir.join("cell/run.rs"),
+            "use crate::{vm::Vms, workload::X};",
+        )
+        .unwrap();
         std::fs::write(dir.join("vm.rs"), "use crate::cell::Cells;").unwrap();
         let p = module_order_problems(&dir);
         assert_eq!(p.len(), 1, "{p:?}");
