@@ -170,12 +170,12 @@ impl Cell {
 
 impl Executable {
     /// This executable's record as it stands.
-    pub fn record(&self, process: Option<ProcRef>) -> ExecutableRecord {
+    pub fn record(&self) -> ExecutableRecord {
         ExecutableRecord {
             cell: self.cell.clone(),
             name: self.name.clone(),
             argv: self.argv.clone(),
-            process,
+            process: self.process,
             started_at: self.started_at,
             log: self.log.path().unwrap_or_default(),
             container: self.container_record.clone(),
@@ -356,19 +356,14 @@ impl Cells {
         let log = Arc::new(Log::resume(r.log.clone()));
         // Its pipes, taken back from the holder that kept them: what was written while
         // auraed was down is still in them.
-        let pipes = r.output.as_ref().and_then(|h| {
-            match crate::workload::holder::reclaim(&h.holder, &h.fds) {
-                Ok(fds) => match <[Option<std::os::fd::OwnedFd>; 2]>::try_from(fds) {
-                    Ok([Some(o), Some(e)]) => Some((o, e)),
-                    _ => None,
-                },
-                Err(e) => {
-                    out.warnings.push(format!(
-                        "executable {}/{}: its output pipes could not be taken back ({e})",
-                        r.cell, r.name
-                    ));
-                    None
-                }
+        let pipes = r.output.as_ref().and_then(|h| match h.reclaim_pair() {
+            Ok(pipes) => pipes,
+            Err(e) => {
+                out.warnings.push(format!(
+                    "executable {}/{}: its output pipes could not be taken back ({e})",
+                    r.cell, r.name
+                ));
+                None
             }
         });
         let held = pipes
@@ -394,6 +389,7 @@ impl Cells {
             argv: r.argv.clone(),
             pid: r.process.map_or(0, |p| p.pid),
             pidfd: pidfd.clone(),
+            process: r.process,
             held: held.clone(),
             rootfs,
             image_digest: r.container.as_ref().map(|c| c.image_digest.clone()),
@@ -418,37 +414,20 @@ impl Cells {
                 pb::EventType::Exited,
                 "ended while auraed was down (its exit status went to its new parent)",
             );
-            self.recorder.executable(&exe.record(r.process));
         }
         let pumped = pipes.is_some();
         if let Some((o, e)) = pipes {
-            use crate::workload::{log::Stream, output::pump};
-            let pumps = vec![
-                tokio::spawn(pump(
-                    o,
-                    log.clone(),
-                    Stream::Stdout,
-                    super::run::log_failure(&self.events, &r.cell, &r.name),
-                )),
-                tokio::spawn(pump(
-                    e,
-                    log.clone(),
-                    Stream::Stderr,
-                    super::run::log_failure(&self.events, &r.cell, &r.name),
-                )),
-            ];
-            tokio::spawn(self.close_after(pumps, log.clone(), held));
+            self.pump_output(&r.cell, &r.name, [o, e], log.clone(), held);
         } else if exit.is_some() {
             log.close();
         }
-        self.recorder.executable(&exe.record(r.process));
+        self.recorder.executable(&exe.record());
         if let Some(pidfd) = pidfd {
             tokio::spawn(watch_readopted_executable(
                 self.events.clone(),
                 self.recorder.clone(),
                 exe.clone(),
                 pidfd,
-                r.process,
                 !pumped,
             ));
         }
@@ -478,7 +457,6 @@ async fn watch_readopted_executable(
     recorder: Recorder,
     exe: Arc<Executable>,
     pidfd: Arc<aurae_sys::Pidfd>,
-    process: Option<ProcRef>,
     close_log: bool,
 ) {
     crate::workload::supervise::exited(pidfd).await;
@@ -491,7 +469,7 @@ async fn watch_readopted_executable(
         at: SystemTime::now(),
     };
     // Recorded before anyone waiting learns of it (see `supervise`).
-    let mut rec = exe.record(process);
+    let mut rec = exe.record();
     rec.exit = Some(ExitRecord::from(&e));
     recorder.executable(&rec);
     exe.state.send_replace(State {

@@ -184,30 +184,23 @@ impl Cells {
                 .join(spec.cell.as_str())
                 .join(format!("{name}.log")),
         )));
-        let pumps = [
-            tokio::spawn(output::pump(
-                stdout.0,
-                log.clone(),
-                Stream::Stdout,
-                log_failure(&self.events, &spec.cell, &name),
-            )),
-            tokio::spawn(output::pump(
-                stderr.0,
-                log.clone(),
-                Stream::Stderr,
-                log_failure(&self.events, &spec.cell, &name),
-            )),
-        ];
+        self.pump_output(
+            &spec.cell,
+            &name,
+            [stdout.0, stderr.0],
+            log.clone(),
+            held.clone(),
+        );
         if let Some((w, data)) = stdin_data {
             tokio::spawn(output::feed(w, data));
         }
-        tokio::spawn(self.close_after(pumps.into(), log.clone(), held.clone()));
         let exe = Arc::new(Executable {
             cell: spec.cell.clone(),
             name: name.clone(),
             argv: spec.argv.clone(),
             pid: child.pid,
             pidfd: Some(child.pidfd.clone()),
+            process: crate::workload::process::ProcRef::of(child.pid).ok(),
             held,
             container_record: match (&rootfs, &image_digest, image_layers) {
                 (Some(r), Some(d), Some(layers)) => Some(super::record::ContainerRecord {
@@ -245,8 +238,7 @@ impl Cells {
                 spec.cell.as_str()
             )));
         }
-        let process = crate::workload::process::ProcRef::of(child.pid).ok();
-        self.recorder.executable(&exe.record(process));
+        self.recorder.executable(&exe.record());
         let id = format!("{}/{}", spec.cell, name);
         self.events.emit(
             pb::Kind::Executable,
@@ -257,7 +249,6 @@ impl Cells {
         tokio::spawn(supervise(
             self.events.clone(),
             self.recorder.clone(),
-            process,
             oom,
             exe.clone(),
             child.exit,
@@ -275,13 +266,8 @@ impl Cells {
         name: &Label,
         fds: [&std::os::fd::OwnedFd; 2],
     ) -> Option<super::record::HeldOutput> {
-        use std::os::fd::AsFd;
-        let h = self.holder.as_ref()?;
-        match crate::workload::holder::off_runtime(|| h.hold(&[fds[0].as_fd(), fds[1].as_fd()])) {
-            Ok(numbers) => Some(super::record::HeldOutput {
-                holder: h.proc(),
-                fds: numbers,
-            }),
+        match self.holder.as_ref()?.hold_pair(fds) {
+            Ok(held) => Some(held),
             Err(e) => {
                 let id = super::record::executable_key(cell, name);
                 warn!(executable = %id, "the output holder did not take its pipes: {e}");
@@ -296,30 +282,39 @@ impl Cells {
         }
     }
 
-    /// Once the pumps reach EOF: the log is complete, and the holder lets go of its
-    /// copies of the pipes.
-    pub(super) fn close_after(
+    /// Pumps an executable's stdout and stderr into its log; once both reach EOF the log
+    /// is complete and the holder lets go of its copies of the pipes.
+    pub(super) fn pump_output(
         &self,
-        pumps: Vec<tokio::task::JoinHandle<()>>,
+        cell: &CellName,
+        name: &Label,
+        [stdout, stderr]: [std::os::fd::OwnedFd; 2],
         log: Arc<Log>,
         held: Option<super::record::HeldOutput>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    ) {
+        let pumps = [(stdout, Stream::Stdout), (stderr, Stream::Stderr)].map(|(fd, stream)| {
+            tokio::spawn(output::pump(
+                fd,
+                log.clone(),
+                stream,
+                log_failure(&self.events, cell, name),
+            ))
+        });
         let holder = self.holder.clone();
-        async move {
+        tokio::spawn(async move {
             for p in pumps {
                 let _ = p.await;
             }
             log.close();
-            if let (Some(h), Some(held)) = (holder, held)
-                && held.holder == h.proc()
-            {
-                let _ = tokio::task::spawn_blocking(move || h.release(&held.fds)).await;
+            if let (Some(h), Some(held)) = (holder, held) {
+                let _ = h.release_held(&held);
             }
-        }
+        });
     }
 
     /// Fixes (or checks) whether the cell's tree runs containers or plain executables;
-    /// see `Inner::runs_containers`. `spec.allow_mixed_cell` skips the check.
+    /// see `Inner::runs_containers`. `spec.allow_mixed_cell` lets a start of the other
+    /// kind through and marks the tree mixed (`Inner::mixed`).
     pub(super) fn claim_kind(&self, spec: &ExecutableSpec) -> Result<(), WorkloadError> {
         let top = spec.cell.as_str().split('/').next().unwrap_or_default();
         let top = CellName::parse("cell", top)?;
@@ -417,7 +412,7 @@ impl Cells {
 
 /// Reports a failed log write of executable `cell/name` as a FAILED event (the process
 /// keeps running; its status message says so too).
-pub(super) fn log_failure(
+fn log_failure(
     events: &Arc<EventBus>,
     cell: &CellName,
     name: &Label,
@@ -476,7 +471,6 @@ impl Drop for Reservation {
 async fn supervise(
     events: Arc<EventBus>,
     recorder: super::record::Recorder,
-    process: Option<crate::workload::process::ProcRef>,
     oom: Option<(Arc<dyn CgroupTree>, CellName, u64)>,
     exe: Arc<Executable>,
     exit: tokio::sync::oneshot::Receiver<ExitStatus>,
@@ -492,7 +486,7 @@ async fn supervise(
     };
     // Recorded before anyone waiting learns of it: a Free right after the Wait must
     // find the record to delete, not have it written back after.
-    let mut rec = exe.record(process);
+    let mut rec = exe.record();
     rec.exit = Some(super::record::ExitRecord::from(&e));
     recorder.executable(&rec);
     exe.state.send_replace(State {

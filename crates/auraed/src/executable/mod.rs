@@ -55,6 +55,8 @@ pub struct Executable {
     pub pid: i32,
     /// `None` for a process that was already gone when a restarted auraed looked.
     pub pidfd: Option<Arc<Pidfd>>,
+    /// The process as its record names it (pid + start time + boot).
+    pub process: Option<crate::workload::process::ProcRef>,
     /// A container's private directories, removed with the executable.
     pub rootfs: Option<crate::container::Rootfs>,
     /// A container's image (manifest digest).

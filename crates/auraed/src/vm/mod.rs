@@ -503,13 +503,8 @@ impl Vms {
     /// (reported) without a holder or an answer: the VM runs, but a crash of auraed
     /// would stop it.
     fn hold(&self, name: &str, fds: [&OwnedFd; 2]) -> Option<crate::workload::holder::HeldOutput> {
-        use std::os::fd::AsFd;
-        let h = self.holder.as_ref()?;
-        match crate::workload::holder::off_runtime(|| h.hold(&[fds[0].as_fd(), fds[1].as_fd()])) {
-            Ok(fds) => Some(crate::workload::holder::HeldOutput {
-                holder: h.proc(),
-                fds,
-            }),
+        match self.holder.as_ref()?.hold_pair(fds) {
+            Ok(held) => Some(held),
             Err(e) => {
                 warn!(vm = name, "the holder did not take the VMM's channels: {e}");
                 self.events.emit(
@@ -526,8 +521,7 @@ impl Vms {
     /// The holder lets go of a VM's channels (it is gone).
     fn release(&self, vm: &Vm) {
         if let (Some(h), Some(held)) = (&self.holder, &vm.held)
-            && held.holder == h.proc()
-            && let Err(e) = crate::workload::holder::off_runtime(|| h.release(&held.fds))
+            && let Err(e) = h.release_held(held)
         {
             warn!(vm = %vm.spec.name, "releasing the VMM's channels in the holder: {e}");
         }

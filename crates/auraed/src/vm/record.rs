@@ -9,7 +9,7 @@
 //! included), and takes back the lease; a VM whose VMM is gone is cleaned up (its TAP
 //! device deleted, its record removed; its cgroup is swept).
 
-use std::{collections::BTreeSet, os::fd::OwnedFd, path::PathBuf, sync::Arc, time::SystemTime};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::SystemTime};
 
 use aurae_proto::runtime::v0 as pb;
 
@@ -85,16 +85,10 @@ impl Vms {
         for (_, r) in loaded.records {
             let name = r.spec.name.clone();
             let vmm = r.vmm.and_then(|p| p.open().ok().flatten());
-            let channels =
-                r.channels.as_ref().and_then(|h| {
-                    match crate::workload::holder::reclaim(&h.holder, &h.fds) {
-                        Ok(fds) => match <[Option<OwnedFd>; 2]>::try_from(fds) {
-                            Ok([Some(ctl), Some(console)]) => Some((ctl, console)),
-                            _ => None,
-                        },
-                        Err(_) => None,
-                    }
-                });
+            let channels = r
+                .channels
+                .as_ref()
+                .and_then(|h| h.reclaim_pair().ok().flatten());
             let (Some(pidfd), Some((ctl, console))) = (vmm, channels) else {
                 self.forget_lost(&r, &mut out);
                 continue;

@@ -81,6 +81,19 @@ struct Reply {
 
 pub use super::process::ProcRef;
 
+impl HeldOutput {
+    /// Takes back the two ends a previous holder keeps (see [`reclaim`]); `Ok(None)` when
+    /// it no longer holds both (released at the end of the output).
+    pub fn reclaim_pair(&self) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
+        Ok(
+            match <[Option<OwnedFd>; 2]>::try_from(reclaim(&self.holder, &self.fds)?) {
+                Ok([Some(a), Some(b)]) => Some((a, b)),
+                _ => None,
+            },
+        )
+    }
+}
+
 /// Runs a blocking holder call from async code without stalling the runtime's other
 /// tasks (`block_in_place` on a multi-threaded runtime; directly elsewhere).
 pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
@@ -265,6 +278,25 @@ impl Holder {
             )));
         }
         Ok(numbers)
+    }
+
+    /// Hands copies of two ends (an executable's stdout and stderr, a VMM's control socket
+    /// and console) to the holder, off the async runtime; where it keeps them.
+    pub fn hold_pair(&self, fds: [&OwnedFd; 2]) -> io::Result<HeldOutput> {
+        let numbers = off_runtime(|| self.hold(&[fds[0].as_fd(), fds[1].as_fd()]))?;
+        Ok(HeldOutput {
+            holder: self.proc,
+            fds: numbers,
+        })
+    }
+
+    /// Lets go of what `held` names, if this holder is the one keeping it (a previous
+    /// holder's are left to its retirement); off the async runtime.
+    pub fn release_held(&self, held: &HeldOutput) -> io::Result<()> {
+        if held.holder != self.proc {
+            return Ok(());
+        }
+        off_runtime(|| self.release(&held.fds))
     }
 
     /// Closes the holder's copies at `numbers` (numbers it does not hold are ignored).
