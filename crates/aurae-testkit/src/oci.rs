@@ -116,6 +116,13 @@ pub fn busybox_rootfs() -> anyhow::Result<LayerBuilder> {
     Ok(l)
 }
 
+/// Pushes [`busybox_rootfs`] as one layer to `host` as `<repo>:v1` with image config
+/// `config`; its manifest digest.
+pub fn push_busybox(host: &str, repo: &str, config: serde_json::Value) -> anyhow::Result<String> {
+    let layer = busybox_rootfs()?.finish()?;
+    push_image(host, repo, "v1", &[layer], config)
+}
+
 struct Reply {
     status: u16,
     location: Option<String>,

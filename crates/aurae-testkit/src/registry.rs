@@ -26,6 +26,23 @@ pub fn needs_registry() -> Option<String> {
         .then(|| "docker-registry is not installed (apt-get install docker-registry)".into())
 }
 
+/// For a host-tier container test: `None` (with a visible SKIP) unless cells, the
+/// registry and busybox are there; else a started registry (and the crypto provider).
+pub fn for_containers(test: &str) -> anyhow::Result<Option<LocalRegistry>> {
+    use crate::tier::{self, Tier};
+    if !tier::check(
+        test,
+        Tier::Host,
+        tier::needs_cells()
+            .or_else(needs_registry)
+            .or_else(crate::oci::needs_busybox),
+    ) {
+        return Ok(None);
+    }
+    crate::init_crypto();
+    LocalRegistry::start().map(Some)
+}
+
 impl LocalRegistry {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()

@@ -15,8 +15,7 @@ use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     Daemon, DaemonOptions, oci,
-    registry::{LocalRegistry, needs_registry},
-    tier::{self, Tier},
+    registry::{LocalRegistry, for_containers},
     workload,
 };
 use tonic::Code;
@@ -32,24 +31,11 @@ struct Env {
 }
 
 async fn env(test: &str, extra: &[&str]) -> Option<Env> {
-    if !tier::check(
-        test,
-        Tier::Host,
-        tier::needs_cells()
-            .or_else(needs_registry)
-            .or_else(oci::needs_busybox),
-    ) {
-        return None;
-    }
-    aurae_testkit::init_crypto();
-    let registry = LocalRegistry::start().unwrap();
+    let registry = for_containers(test).unwrap()?;
     let host = registry.host();
-    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
-    let digest = oci::push_image(
+    let digest = oci::push_busybox(
         &host,
         "aurae/busybox",
-        "v1",
-        &[layer],
         serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin", "FROM_IMAGE=1"]}),
     )
     .unwrap();
@@ -556,15 +542,7 @@ async fn image_user_read_only_root_and_bad_input() {
         return;
     };
     // The image's user by name, a read-only root (writable /tmp would need a volume).
-    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
-    oci::push_image(
-        &e.host,
-        "aurae/app",
-        "v1",
-        &[layer],
-        serde_json::json!({"Entrypoint": ["sh", "-c"], "Cmd": ["id -u; id -g; grep CapEff /proc/self/status; touch /x || echo ro"], "User": "app", "WorkingDir": "/tmp"}),
-    )
-    .unwrap();
+    oci::push_busybox(&e.host, "aurae/app", serde_json::json!({"Entrypoint": ["sh", "-c"], "Cmd": ["id -u; id -g; grep CapEff /proc/self/status; touch /x || echo ro"], "User": "app", "WorkingDir": "/tmp"})).unwrap();
     let (st, out) = e
         .run_cell(
             "app",

@@ -499,28 +499,14 @@ async fn twenty_crashes_under_churn_leak_nothing() {
 /// again with their root (overlay upper directory kept), their image pinned, their logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_is_readopted_after_a_crash() {
-    use aurae_testkit::{
-        oci,
-        registry::{LocalRegistry, needs_registry},
-    };
-    if !tier::check(
-        "a_container_is_readopted_after_a_crash",
-        Tier::Host,
-        tier::needs_cells()
-            .or_else(needs_registry)
-            .or_else(oci::needs_busybox),
-    ) {
+    use aurae_testkit::{oci, registry::for_containers};
+    let Some(registry) = for_containers("a_container_is_readopted_after_a_crash").unwrap() else {
         return;
-    }
-    aurae_testkit::init_crypto();
-    let registry = LocalRegistry::start().unwrap();
+    };
     let host = registry.host();
-    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
-    oci::push_image(
+    oci::push_busybox(
         &host,
         "aurae/busybox",
-        "v1",
-        &[layer],
         serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
     )
     .unwrap();

@@ -66,12 +66,9 @@ async fn seeded_image_store() -> (String, Vec<cpio::Entry>) {
     };
     let reg = LocalRegistry::start().unwrap();
     let host = reg.host();
-    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
-    oci::push_image(
+    oci::push_busybox(
         &host,
         "aurae/busybox",
-        "v1",
-        &[layer],
         serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
     )
     .unwrap();

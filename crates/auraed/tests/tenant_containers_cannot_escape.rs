@@ -10,8 +10,7 @@ use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     Daemon, DaemonOptions, TRUST_DOMAIN, oci,
-    registry::{LocalRegistry, needs_registry},
-    tier::{self, Tier},
+    registry::{LocalRegistry, for_containers},
     workload,
 };
 use tonic::Code;
@@ -25,17 +24,7 @@ struct Env {
 /// A daemon whose tenant `alice` may use `team-a`, uids/gids 1000-1999 and the loopback
 /// registry; the admin may do everything.
 async fn env(test: &str) -> Option<Env> {
-    if !tier::check(
-        test,
-        Tier::Host,
-        tier::needs_cells()
-            .or_else(needs_registry)
-            .or_else(oci::needs_busybox),
-    ) {
-        return None;
-    }
-    aurae_testkit::init_crypto();
-    let registry = LocalRegistry::start().unwrap();
+    let registry = for_containers(test).unwrap()?;
     let host = registry.host();
     let policy = format!(
         "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
@@ -64,8 +53,7 @@ async fn env(test: &str) -> Option<Env> {
 impl Env {
     /// Pushes busybox with image config `config` as `aurae/<repo>:v1`; its reference.
     fn push(&self, repo: &str, config: serde_json::Value) -> String {
-        let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
-        oci::push_image(&self.host, &format!("aurae/{repo}"), "v1", &[layer], config).unwrap();
+        oci::push_busybox(&self.host, &format!("aurae/{repo}"), config).unwrap();
         format!("{}/aurae/{repo}:v1", self.host)
     }
 

@@ -24,8 +24,7 @@ use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     Daemon, DaemonOptions, oci,
-    registry::{LocalRegistry, needs_registry},
-    tier::{self, Tier},
+    registry::{LocalRegistry, for_containers},
     workload,
 };
 use tonic::Code;
@@ -40,24 +39,11 @@ struct Env {
 }
 
 async fn env(test: &str, policy: Option<String>) -> Option<Env> {
-    if !tier::check(
-        test,
-        Tier::Host,
-        tier::needs_cells()
-            .or_else(needs_registry)
-            .or_else(oci::needs_busybox),
-    ) {
-        return None;
-    }
-    aurae_testkit::init_crypto();
-    let registry = LocalRegistry::start().unwrap();
+    let registry = for_containers(test).unwrap()?;
     let host = registry.host();
-    let layer = oci::busybox_rootfs().unwrap().finish().unwrap();
-    oci::push_image(
+    oci::push_busybox(
         &host,
         "aurae/busybox",
-        "v1",
-        &[layer],
         serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
     )
     .unwrap();
