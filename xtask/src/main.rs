@@ -57,7 +57,13 @@ const ALLOWED_DEPS: &[(&str, &[&str])] = &[
     ("aurae-client", &["aurae-proto", "aurae-identity"]),
     (
         "auraed",
-        &["aurae-proto", "aurae-identity", "aurae-sys", "aurae-vmm"],
+        &[
+            "aurae-proto",
+            "aurae-identity",
+            "aurae-sys",
+            "aurae-vmm",
+            "aurae-client",
+        ],
     ),
     ("aer", &["aurae-proto", "aurae-identity", "aurae-client"]),
     (

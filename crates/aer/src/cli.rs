@@ -1,7 +1,7 @@
 //! The command tree: global flags, one subcommand per noun, and the dispatcher that hands
 //! each to its module under `cmd/` (where its arguments live beside what it calls).
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, str::FromStr};
 
 use aurae_client::{Client, ClientConfig, config::Overrides};
 use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand};
@@ -20,6 +20,7 @@ use crate::{
         pod::{self, PodCmd},
         vm::{self, VmCmd},
     },
+    instance_path::{self, InstancePath},
     output::Format,
 };
 
@@ -58,6 +59,13 @@ struct Conn {
     /// Name to check auraed's certificate against [default: localhost, or the endpoint's host].
     #[arg(long, global = true)]
     server_name: Option<String>,
+    /// Run the command in a spawned instance instead: NAME (an instance of the auraed
+    /// above), or a/b/c (instance c of instance b of instance a), reached one daemon after
+    /// the other with the same CA and identity, each checked against the SPIFFE ID its
+    /// parent reports.
+    #[arg(long, global = true, env = "AER_INSTANCE", value_name = "PATH",
+          value_parser = InstancePath::from_str)]
+    instance: Option<InstancePath>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,7 +120,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         command => command,
     };
-    let client = Client::connect(&config(args.conn)?).await?;
+    let instance = args.conn.instance.clone();
+    let cfg = config(args.conn)?;
+    let mut client = Client::connect(&cfg).await?;
+    if let Some(path) = &instance {
+        client = match instance_path::resolve(&cfg, client, path).await {
+            Ok(c) => c,
+            // auraed's answers (not found, denied, not running) keep their exit codes.
+            Err(e) => {
+                return match e.downcast::<tonic::Status>() {
+                    Ok(status) => Ok(status_exit(&status)),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+    }
     Ok(match call(&client, command, fmt).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(status) => status_exit(&status),
@@ -252,6 +274,23 @@ mod tests {
             Args::try_parse_from(["aer", "--socket", "/a", "--endpoint", "b", "info"]).is_err()
         );
         assert!(parse("bogus").is_err());
+        let a = Args::try_parse_from(["aer", "vm", "list", "--instance", "a/b-1/c"]).unwrap();
+        let path = a.conn.instance.expect("--instance");
+        assert_eq!(path.segments(), ["a", "b-1", "c"]);
+        let a = Args::try_parse_from(["aer", "--instance", "web", "instance", "list"]).unwrap();
+        assert_eq!(a.conn.instance.unwrap().to_string(), "web");
+        for bad in ["", "/a", "a/", "a//b", "A", "a_b"] {
+            assert!(
+                Args::try_parse_from(["aer", "--instance", bad, "info"]).is_err(),
+                "--instance {bad:?}"
+            );
+        }
+        let cmd = Args::command();
+        let flag = cmd.get_arguments().find(|a| a.get_id() == "instance");
+        assert_eq!(
+            flag.and_then(|a| a.get_env()),
+            Some(std::ffi::OsStr::new("AER_INSTANCE"))
+        );
         assert!(parse("").is_err(), "a command is required");
     }
 

@@ -3,10 +3,12 @@
 //! Subcommands mirror the API: `aer run` (RunExecutable), `aer cell …` (Cells),
 //! `aer executable …`, `aer vm …`, `aer instance …`, `aer pod …`, `aer events`, plus
 //! `aer pki …` for the development PKI and `aer health` / `aer info` / `aer shutdown`.
+//! `--instance a/b` runs any of them in a spawned instance, through the daemons above it.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod cmd;
+mod instance_path;
 mod output;
 mod units;
 

@@ -40,6 +40,14 @@ pub enum ClientError {
     },
 }
 
+/// The host part of `host:port` / `[v6]:port`, as a TLS server name.
+pub fn server_name_of(endpoint: &str) -> String {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+}
+
 /// A connected client. Cloning is cheap and shares the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -97,6 +105,31 @@ impl Client {
                 source,
             })?;
         Ok(Self { channel })
+    }
+
+    /// Connects to a spawned instance at `endpoint` (`host:port`, as its parent's
+    /// `InstanceStatus.endpoint` says) with `cfg`'s CA and identity, requiring the server
+    /// to present exactly `expected` (the SPIFFE ID the parent minted for it).
+    pub async fn connect_instance(
+        cfg: &ClientConfig,
+        endpoint: &str,
+        expected: &aurae_identity::SpiffeId,
+    ) -> Result<Self, ClientError> {
+        cfg.check_files()?;
+        let tls = aurae_identity::tls::client_config_expecting(
+            aurae_identity::tls::load_certs(&cfg.ca)?,
+            Some((
+                aurae_identity::tls::load_certs(&cfg.cert)?,
+                aurae_identity::tls::load_key(&cfg.key)?,
+            )),
+            Some(expected.clone()),
+        )?;
+        Self::connect_with(
+            &Endpoint::Tcp(endpoint.to_owned()),
+            &server_name_of(endpoint),
+            tls,
+        )
+        .await
     }
 
     /// Connects over TCP through `dial`, which makes the connected socket (run on a

@@ -3,7 +3,11 @@
 //! identities below their own).
 //!
 //! Layout of a PKI directory `D` (mode 0700), the one auraed is pointed at:
-//! `ca.pem` (0644), `auraed.pem`/`auraed.key`, `admin.pem`/`admin.key` (keys 0600).
+//! `ca.pem` (0644), `auraed.pem`/`auraed.key`, `admin.pem`/`admin.key` (keys 0600), and
+//! `signer.pem`/`signer.key`: the daemon's signing certificate, an intermediate CA with the
+//! SPIFFE ID `/instance/<node>` with which auraed mints its spawned instances' identities
+//! (`/instance/<node>/<name>`), and nothing outside that subtree (verifiers enforce it at
+//! every link, see [`crate::tls::check_chain_ids`]).
 //!
 //! The CA's private key is *not* there: auraed never needs it, and a daemon compromise
 //! must not hand out the power to mint identities. It lives in its own directory, by
@@ -33,6 +37,11 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "aurae.local";
 pub const SERVER_PATH: &str = "/auraed";
 /// Path of the local administrator identity.
 pub const ADMIN_PATH: &str = "/operator/admin";
+/// The first segment of every spawned instance's SPIFFE path.
+pub const INSTANCE_PATH: &str = "/instance";
+/// The node name `aer pki init` gives the daemon's signing certificate unless told
+/// otherwise: its signer is `/instance/node`.
+pub const DEFAULT_NODE: &str = "node";
 /// File name of the CA's private key (in the CA key directory, never the PKI directory).
 pub const CA_KEY_FILE: &str = "ca.key";
 
@@ -107,6 +116,23 @@ impl IssueSpec {
             server: true,
             client: false,
             ..Self::client(id, days)
+        }
+    }
+}
+
+impl IssueSpec {
+    /// A spawned instance's SVID: server and client, reachable at `ips` (and
+    /// `localhost`), valid from a minute ago for `ttl`.
+    pub fn instance(id: SpiffeId, ips: Vec<IpAddr>, ttl: std::time::Duration) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            spiffe_id: Some(id),
+            dns_names: vec!["localhost".to_owned()],
+            ips,
+            server: true,
+            client: true,
+            not_before: now - Duration::minutes(1),
+            not_after: now + ttl,
         }
     }
 }
@@ -195,26 +221,26 @@ impl Ca {
     /// Certificates the new CA issues come with the whole chain up to (not including) the
     /// root.
     pub fn issue_intermediate(&self, id: Option<&SpiffeId>, days: i64) -> Result<Ca, PkiError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Aurae");
-        match id {
-            Some(id) => {
-                dn.push(DnType::CommonName, format!("Aurae CA {id}"));
-                params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
-            }
-            None => dn.push(DnType::CommonName, "Aurae CA no-spiffe-id"),
-        }
-        params.distinguished_name = dn;
-        // No pathLen: how deep a chain may go is bounded by the path rule (each signer's
-        // identities lie strictly below its own) and webpki's own depth limit.
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(days);
-        params.use_authority_key_identifier_extension = true;
+        self.issue_intermediate_until(id, now + Duration::days(days))
+    }
+
+    /// [`Ca::issue_intermediate`] valid for `ttl` from now.
+    pub fn issue_intermediate_for(
+        &self,
+        id: Option<&SpiffeId>,
+        ttl: std::time::Duration,
+    ) -> Result<Ca, PkiError> {
+        self.issue_intermediate_until(id, OffsetDateTime::now_utc() + ttl)
+    }
+
+    fn issue_intermediate_until(
+        &self,
+        id: Option<&SpiffeId>,
+        not_after: OffsetDateTime,
+    ) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate()?;
+        let params = intermediate_params(id, not_after)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Ca {
             chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
@@ -223,54 +249,173 @@ impl Ca {
         })
     }
 
+    /// Signs an intermediate CA for the public key of a certificate signing request
+    /// (whose signature is checked): the certificate carries `id` and our validity rules,
+    /// never what the request asks for. Returns the new CA's chain (its certificate, then
+    /// ours up to the root, PEM).
+    pub fn sign_intermediate_request(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = intermediate_params(Some(id), OffsetDateTime::now_utc() + ttl)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(format!("{}{}", cert.pem(), self.chain_pem))
+    }
+
+    /// Signs a leaf for the public key of a certificate signing request (whose signature
+    /// is checked), with `spec`'s names and validity only. Returns the leaf and our chain.
+    pub fn sign_request(&self, csr_pem: &str, spec: &IssueSpec) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = leaf_params(spec)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(format!("{}{}", cert.pem(), self.chain_pem))
+    }
+
+    /// A signing CA from its chain (its own certificate first, then the intermediates
+    /// above it, not the root) and key, both PEM: a daemon's `signer.pem`/`signer.key`, or
+    /// what a parent handed a spawned instance.
+    pub fn from_pem(chain_pem: &str, key_pem: &str, what: &Path) -> Result<Ca, PkiError> {
+        let invalid = |reason: String| PkiError::Invalid {
+            path: what.to_owned(),
+            reason,
+        };
+        let key = KeyPair::from_pem(key_pem).map_err(|e| invalid(e.to_string()))?;
+        let first = pem_blocks(chain_pem)
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("no certificate".into()))?;
+        let issuer = Issuer::from_ca_cert_pem(&first, key).map_err(|e| invalid(e.to_string()))?;
+        Ok(Ca {
+            issuer,
+            cert_pem: first,
+            chain_pem: chain_pem.to_owned(),
+        })
+    }
+
+    /// Loads a signing CA (an intermediate) from its chain and key files.
+    pub fn load_signer(cert: &Path, key: &Path) -> Result<Ca, PkiError> {
+        let chain = fs::read_to_string(cert).map_err(io_err(cert))?;
+        let key_pem = fs::read_to_string(key).map_err(io_err(key))?;
+        Self::from_pem(&chain, &key_pem, cert)
+    }
+
+    /// This CA's chain and private key, PEM: only to hand a freshly minted signer to the
+    /// spawned instance it belongs to.
+    pub fn into_pem(self) -> (String, String) {
+        let key = self.key_pem();
+        (self.chain_pem, key)
+    }
+
     /// Issues a leaf certificate with a fresh key; returns `(cert_pem, key_pem)`, where
     /// `cert_pem` is the leaf followed by [`Ca::chain_pem`] (nothing more for the root).
     pub fn issue(&self, spec: &IssueSpec) -> Result<(String, String), PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Aurae");
-        if let Some(id) = &spec.spiffe_id {
-            dn.push(DnType::CommonName, id.path().trim_start_matches('/'));
-            params
-                .subject_alt_names
-                .push(SanType::URI(id.as_str().try_into()?));
-        } else {
-            dn.push(DnType::CommonName, "no-spiffe-id");
-        }
-        params.distinguished_name = dn;
-        for name in &spec.dns_names {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(name.as_str().try_into()?));
-        }
-        for ip in &spec.ips {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
-        }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        if spec.server {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ServerAuth);
-        }
-        if spec.client {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ClientAuth);
-        }
-        params.not_before = spec.not_before;
-        params.not_after = spec.not_after;
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(spec)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((
             format!("{}{}", cert.pem(), self.chain_pem),
             key.serialize_pem(),
         ))
     }
+}
+
+/// The PEM blocks of a bundle, each with its BEGIN/END lines.
+fn pem_blocks(pem: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in pem.lines() {
+        if line.starts_with("-----BEGIN ") {
+            cur = Some(String::new());
+        }
+        if let Some(c) = cur.as_mut() {
+            c.push_str(line);
+            c.push('\n');
+        }
+        if line.starts_with("-----END ") {
+            out.extend(cur.take());
+        }
+    }
+    out
+}
+
+fn intermediate_params(
+    id: Option<&SpiffeId>,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Aurae");
+    match id {
+        Some(id) => {
+            dn.push(DnType::CommonName, format!("Aurae CA {id}"));
+            params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        }
+        None => dn.push(DnType::CommonName, "Aurae CA no-spiffe-id"),
+    }
+    params.distinguished_name = dn;
+    // No pathLen: how deep a chain may go is bounded by the path rule (each signer's
+    // identities lie strictly below its own) and webpki's own depth limit.
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
+    params.not_after = not_after;
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+fn leaf_params(spec: &IssueSpec) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Aurae");
+    if let Some(id) = &spec.spiffe_id {
+        dn.push(DnType::CommonName, id.path().trim_start_matches('/'));
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.as_str().try_into()?));
+    } else {
+        dn.push(DnType::CommonName, "no-spiffe-id");
+    }
+    params.distinguished_name = dn;
+    for name in &spec.dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.as_str().try_into()?));
+    }
+    for ip in &spec.ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    if spec.server {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if spec.client {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    params.not_before = spec.not_before;
+    params.not_after = spec.not_after;
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A fresh key pair and a certificate signing request for it (PEM each): what a spawned
+/// instance sends its parent to renew its identity, so the new key never leaves it.
+pub fn key_and_request() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    Ok((key.serialize_pem(), csr))
 }
 
 /// Where the CA key of PKI directory `dir` lives unless told otherwise: the sibling
@@ -318,6 +463,9 @@ pub struct PkiPaths {
     pub server_key: PathBuf,
     pub admin_cert: PathBuf,
     pub admin_key: PathBuf,
+    /// The daemon's signing certificate (chain) and key: see the module docs.
+    pub signer_cert: PathBuf,
+    pub signer_key: PathBuf,
 }
 
 impl PkiPaths {
@@ -340,6 +488,8 @@ impl PkiPaths {
             server_key: dir.join("auraed.key"),
             admin_cert: dir.join("admin.pem"),
             admin_key: dir.join("admin.key"),
+            signer_cert: dir.join("signer.pem"),
+            signer_key: dir.join("signer.key"),
             dir,
         }
     }
@@ -451,6 +601,8 @@ impl Pki {
             &paths.server_key,
             &paths.admin_cert,
             &paths.admin_key,
+            &paths.signer_cert,
+            &paths.signer_key,
         ] {
             if p.exists() {
                 return Err(PkiError::Exists(p.clone()));
@@ -481,12 +633,15 @@ impl Pki {
                 Err(_) => dns.push(s.clone()),
             }
         }
-        let server = ca.issue(&IssueSpec::server(
-            SpiffeId::new(trust_domain, SERVER_PATH)?,
-            dns,
-            ips,
-            365,
-        ))?;
+        // auraed's identity is also a client one: it is how a parent daemon presents
+        // itself to the instances it spawned.
+        let server = ca.issue(&IssueSpec {
+            client: true,
+            ..IssueSpec::server(SpiffeId::new(trust_domain, SERVER_PATH)?, dns, ips, 365)
+        })?;
+        let signer = ca
+            .issue_intermediate(Some(&signer_id(trust_domain, DEFAULT_NODE)?), 365)?
+            .into_pem();
         let admin = ca.issue(&IssueSpec::client(
             SpiffeId::new(trust_domain, ADMIN_PATH)?,
             365,
@@ -497,6 +652,8 @@ impl Pki {
         write_new(&paths.server_cert, server.0.as_bytes(), 0o644)?;
         write_new(&paths.admin_key, admin.1.as_bytes(), 0o600)?;
         write_new(&paths.admin_cert, admin.0.as_bytes(), 0o644)?;
+        write_new(&paths.signer_key, signer.1.as_bytes(), 0o600)?;
+        write_new(&paths.signer_cert, signer.0.as_bytes(), 0o644)?;
         Ok(paths)
     }
 
@@ -557,6 +714,51 @@ impl Pki {
     }
 }
 
+/// The SPIFFE ID of node `node`'s signing certificate: `/instance/<node>`.
+pub fn signer_id(trust_domain: &str, node: &str) -> Result<SpiffeId, PkiError> {
+    Ok(SpiffeId::new(
+        trust_domain,
+        &format!("{INSTANCE_PATH}/{node}"),
+    )?)
+}
+
+impl Pki {
+    /// Issues (or replaces) the daemon's signing certificate in `paths.dir` for node
+    /// `node` (`/instance/<node>`), signed with the CA key at `paths.ca_key`: one per
+    /// daemon that spawns instances, so two daemons never mint the same identities.
+    pub fn issue_signer_paths(
+        paths: &PkiPaths,
+        trust_domain: &str,
+        node: &str,
+        days: i64,
+    ) -> Result<SpiffeId, PkiError> {
+        let id = signer_id(trust_domain, node)?;
+        if id.path().matches('/').count() != 2 {
+            return Err(PkiError::Invalid {
+                path: paths.signer_cert.clone(),
+                reason: format!("a node name is one path segment, not {node:?}"),
+            });
+        }
+        if !paths.ca_key.exists() {
+            paths.refuse_ca_key()?;
+            return Err(PkiError::Invalid {
+                path: paths.ca_key.clone(),
+                reason: "no CA key here (aer: --ca-key-dir)".into(),
+            });
+        }
+        let ca = Ca::load(&paths.ca_cert, &paths.ca_key)?;
+        let (chain, key) = ca.issue_intermediate(Some(&id), days)?.into_pem();
+        for p in [&paths.signer_cert, &paths.signer_key] {
+            if p.exists() {
+                fs::remove_file(p).map_err(io_err(p))?;
+            }
+        }
+        write_new(&paths.signer_key, key.as_bytes(), 0o600)?;
+        write_new(&paths.signer_cert, chain.as_bytes(), 0o644)?;
+        Ok(id)
+    }
+}
+
 /// Writes a new file with `mode` from the start (no window with wider permissions).
 pub fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut f = fs::OpenOptions::new()
@@ -607,11 +809,23 @@ mod tests {
                 "admin.pem",
                 "auraed.key",
                 "auraed.pem",
-                "ca.pem"
+                "ca.pem",
+                "signer.key",
+                "signer.pem"
             ]
         );
         p.refuse_ca_key().unwrap();
         assert_eq!(mode(&p.server_key), 0o600);
+        assert_eq!(mode(&p.signer_key), 0o600);
+        // The daemon's signer is an intermediate limited to /instance/node.
+        let signer = Ca::load_signer(&p.signer_cert, &p.signer_key).unwrap();
+        let (leaf, _) = signer
+            .issue(&IssueSpec::client(
+                SpiffeId::new("aurae.local", "/instance/node/x").unwrap(),
+                1,
+            ))
+            .unwrap();
+        assert_eq!(leaf.matches("BEGIN CERTIFICATE").count(), 2);
         assert_eq!(mode(&p.admin_key), 0o600);
         assert_eq!(mode(&p.ca_cert), 0o644);
         let err = Pki::init(&dir, "aurae.local", &[]).unwrap_err();

@@ -20,6 +20,7 @@ use rustls::{
         WebPkiClientVerifier,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
+    sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
 use x509_parser::extensions::GeneralName;
@@ -49,6 +50,8 @@ pub enum TlsError {
          (an intermediate needs exactly one SPIFFE ID of the trust domain)"
     )]
     IntermediateWithoutSpiffeId { index: usize, reason: String },
+    #[error("the peer presented SPIFFE ID {id}, not {expected}")]
+    UnexpectedId { id: String, expected: String },
     #[error(
         "SPIFFE ID {id} is not below {intermediate}, the ID of an intermediate CA in its chain"
     )]
@@ -260,22 +263,87 @@ pub fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
-) -> Result<(ServerConfig, SpiffeId), TlsError> {
+) -> Result<(ServerConfig, SpiffeId, Arc<ServerCert>), TlsError> {
     let ca_certs = load_certs(ca)?;
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
     let first = chain.first().ok_or(TlsError::NoSpiffeId)?;
     let own_id = peer_spiffe_id(first).map_err(|e| file_err(cert, e))?;
+    let resolver = Arc::new(ServerCert::new(chain, key)?);
     let verifier = client_verifier(ca_certs, own_id.trust_domain())?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     // No session tickets or resumption: each connection proves its identity afresh.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok((config, own_id))
+    Ok((config, own_id, resolver))
+}
+
+/// auraed's own certificate, replaceable while it serves (a spawned instance renews its
+/// short-lived SVID): new handshakes present the new one.
+#[derive(Debug)]
+pub struct ServerCert(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl ServerCert {
+    fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        Ok(Self(std::sync::RwLock::new(Arc::new(certified(
+            chain, key,
+        )?))))
+    }
+
+    /// Replaces the certificate with `chain_pem` (leaf first) and `key_pem`; the new
+    /// leaf must carry the same SPIFFE ID as the old one.
+    pub fn replace(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let chain = certs_from_pem(chain_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::X509(format!("private key: {e}")))?;
+        let new = certified(chain, key)?;
+        let mut cur = self
+            .0
+            .write()
+            .map_err(|_| TlsError::Verifier("certificate lock poisoned".into()))?;
+        let old_id = cur.cert.first().map(peer_spiffe_id).transpose()?;
+        let new_id = new.cert.first().map(peer_spiffe_id).transpose()?;
+        if old_id != new_id {
+            return Err(TlsError::X509(format!(
+                "the new certificate names {new_id:?}, not {old_id:?}"
+            )));
+        }
+        *cur = Arc::new(new);
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.read().ok().map(|c| c.clone())
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, TlsError> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(TlsError::Rustls)?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(TlsError::Rustls)?;
+    Ok(ck)
+}
+
+/// Every certificate in a PEM string.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::X509(e.to_string()))
 }
 
 /// Client configuration from files: trust `ca`, present `cert`/`key`.
@@ -307,6 +375,8 @@ struct SpiffeServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     anchors: Vec<CertificateDer<'static>>,
     trust_domain: Option<String>,
+    /// The exact SPIFFE ID the server must present (a spawned instance), if any.
+    expected: Option<SpiffeId>,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -328,14 +398,22 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let delegated = intermediates
             .iter()
             .any(|c| !self.anchors.iter().any(|a| a.as_ref() == c.as_ref()));
-        if delegated {
-            check_chain_ids(
+        if delegated || self.expected.is_some() {
+            let id = check_chain_ids(
                 end_entity,
                 intermediates,
                 &self.anchors,
                 self.trust_domain.as_deref(),
             )
             .map_err(rejected)?;
+            if let Some(want) = &self.expected
+                && id != *want
+            {
+                return Err(rejected(TlsError::UnexpectedId {
+                    id: id.to_string(),
+                    expected: want.to_string(),
+                }));
+            }
         }
         Ok(verified)
     }
@@ -363,7 +441,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-fn server_verifier(ca: Vec<CertificateDer<'static>>) -> Result<SpiffeServerVerifier, TlsError> {
+fn server_verifier(
+    ca: Vec<CertificateDer<'static>>,
+    expected: Option<SpiffeId>,
+) -> Result<SpiffeServerVerifier, TlsError> {
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&ca)?), provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -371,6 +452,7 @@ fn server_verifier(ca: Vec<CertificateDer<'static>>) -> Result<SpiffeServerVerif
         inner,
         trust_domain: ca.iter().find_map(ca_trust_domain),
         anchors: ca,
+        expected,
     })
 }
 
@@ -379,7 +461,17 @@ pub fn client_config_from(
     ca: Vec<CertificateDer<'static>>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<ClientConfig, TlsError> {
-    let verifier = server_verifier(ca)?;
+    client_config_expecting(ca, identity, None)
+}
+
+/// Client configuration that also requires the server to present exactly `expected`
+/// (a spawned instance's SPIFFE ID), checked by the chain rule of [`check_chain_ids`].
+pub fn client_config_expecting(
+    ca: Vec<CertificateDer<'static>>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    expected: Option<SpiffeId>,
+) -> Result<ClientConfig, TlsError> {
+    let verifier = server_verifier(ca, expected)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -538,7 +630,7 @@ mod tests {
     #[test]
     fn clients_check_auraed_chains_by_the_same_rule() {
         let ca = Ca::generate(TD).unwrap();
-        let v = server_verifier(anchors(&ca)).unwrap();
+        let v = server_verifier(anchors(&ca), None).unwrap();
         assert_eq!(v.trust_domain.as_deref(), Some(TD));
         let name = ServerName::try_from("localhost").unwrap();
         let verdict = |issuer: &Ca, path: &str| {
@@ -560,5 +652,120 @@ mod tests {
         let a = ca.issue_intermediate(Some(&id("/instance/a")), 1).unwrap();
         verdict(&a, "/instance/a/auraed").unwrap();
         assert!(verdict(&a, "/auraed").is_err());
+    }
+
+    #[test]
+    fn a_client_expecting_an_id_refuses_any_other() {
+        let ca = Ca::generate(TD).unwrap();
+        let node = ca
+            .issue_intermediate(Some(&id("/instance/node")), 1)
+            .unwrap();
+        let name = ServerName::try_from("10.200.0.2").unwrap();
+        let verdict = |issuer: &Ca, path: &str, want: &str| {
+            let v = server_verifier(anchors(&ca), Some(id(want))).unwrap();
+            let (pem, _) = issuer
+                .issue(&IssueSpec::instance(
+                    id(path),
+                    vec!["10.200.0.2".parse().unwrap()],
+                    std::time::Duration::from_secs(60),
+                ))
+                .unwrap();
+            let chain = ders(&pem);
+            v.verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+                .map(|_| ())
+        };
+        verdict(&node, "/instance/node/a", "/instance/node/a").unwrap();
+        // A sibling's certificate (a compromised child presenting another's SVID).
+        let e = verdict(&node, "/instance/node/b", "/instance/node/a").unwrap_err();
+        assert!(format!("{e:?}").contains("UnexpectedId"), "{e:?}");
+        // Even the root-issued daemon identity is not the instance.
+        let e = verdict(&ca, "/auraed", "/instance/node/a").unwrap_err();
+        assert!(format!("{e:?}").contains("UnexpectedId"), "{e:?}");
+    }
+
+    #[test]
+    fn a_signed_request_gets_our_names_not_its_own() {
+        let ca = Ca::generate(TD).unwrap();
+        let node = ca
+            .issue_intermediate(Some(&id("/instance/node")), 1)
+            .unwrap();
+        let (key, csr) = crate::pki::key_and_request().unwrap();
+        let leaf = node
+            .sign_request(
+                &csr,
+                &IssueSpec::instance(
+                    id("/instance/node/a"),
+                    Vec::new(),
+                    std::time::Duration::from_secs(60),
+                ),
+            )
+            .unwrap();
+        let chain = ders(&leaf);
+        assert_eq!(peer_spiffe_id(&chain[0]).unwrap(), id("/instance/node/a"));
+        client_verdict(&ca, &leaf).unwrap();
+        // The key in the request is the one certified: a server config takes the pair.
+        let cert = ServerCert::new(
+            chain,
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        // A replacement must keep the SPIFFE ID.
+        let (k2, c2) = crate::pki::key_and_request().unwrap();
+        let other = node
+            .sign_request(
+                &c2,
+                &IssueSpec::instance(
+                    id("/instance/node/b"),
+                    Vec::new(),
+                    std::time::Duration::from_secs(60),
+                ),
+            )
+            .unwrap();
+        assert!(cert.replace(&other, &k2).is_err());
+        let same = node
+            .sign_request(
+                &c2,
+                &IssueSpec::instance(
+                    id("/instance/node/a"),
+                    Vec::new(),
+                    std::time::Duration::from_secs(60),
+                ),
+            )
+            .unwrap();
+        cert.replace(&same, &k2).unwrap();
+        // A tampered request is refused.
+        let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
+        let mid = lines.len() / 2;
+        let flipped: String = lines[mid]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 10 {
+                    if c == 'A' { 'B' } else { 'A' }
+                } else {
+                    c
+                }
+            })
+            .collect();
+        lines[mid] = flipped;
+        let bad = lines.join("\n");
+        assert!(
+            node.sign_request(&bad, &IssueSpec::client(id("/instance/node/a"), 1))
+                .is_err()
+        );
+        // A child's signer signs below itself only, wherever the request says.
+        let (_k, creq) = crate::pki::key_and_request().unwrap();
+        let child_chain = node
+            .sign_intermediate_request(
+                &creq,
+                &id("/instance/node/a"),
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        assert_eq!(
+            ders(&child_chain).len(),
+            2,
+            "the child's signer, then the node's"
+        );
     }
 }

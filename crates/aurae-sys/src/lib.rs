@@ -14,6 +14,7 @@ pub mod container;
 pub mod fd;
 pub mod memfd;
 pub mod net;
+pub mod netlink;
 pub mod pidfd;
 pub mod process;
 pub mod spawn;

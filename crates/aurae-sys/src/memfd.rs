@@ -30,7 +30,17 @@ impl SealedSelf {
 
 /// Copies `/proc/self/exe` into a memfd and seals it against every change.
 pub fn sealed_copy_of_self() -> io::Result<OwnedFd> {
-    let name = CString::new("auraed-sealed").map_err(io::Error::other)?;
+    sealed_from(&mut File::open("/proc/self/exe")?, "auraed-sealed")
+}
+
+/// A memfd holding `data`, sealed against every change: what a parent hands a spawned
+/// instance (its identity and policy), in memory only, never on a disk.
+pub fn sealed_bytes(data: &[u8], name: &str) -> io::Result<OwnedFd> {
+    sealed_from(&mut io::Cursor::new(data), name)
+}
+
+fn sealed_from(src: &mut impl io::Read, name: &str) -> io::Result<OwnedFd> {
+    let name = CString::new(name).map_err(io::Error::other)?;
     // SAFETY: `name` is a valid NUL-terminated string; flags are constants.
     let raw =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -40,8 +50,7 @@ pub fn sealed_copy_of_self() -> io::Result<OwnedFd> {
     // SAFETY: `raw` is a new fd we own exclusively.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut dst = File::from(fd);
-    let mut src = File::open("/proc/self/exe")?;
-    io::copy(&mut src, &mut dst)?;
+    io::copy(src, &mut dst)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl(F_ADD_SEALS) on a memfd we own, with an integer argument.
     if unsafe { libc::fcntl(dst.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {

@@ -47,6 +47,9 @@ pub struct DaemonOptions {
     pub extra_args: Vec<String>,
     /// Where the state lives (default: `state` in the daemon's temp directory).
     pub state_dir: Option<PathBuf>,
+    /// Run auraed in a network namespace of its own (made with `ip netns add`, removed
+    /// on drop): what it does to the network (its bridge, veths) never touches the host's.
+    pub own_netns: bool,
 }
 
 /// A running auraed. Dropping it kills the process (by its handle) and removes its files.
@@ -61,6 +64,8 @@ pub struct Daemon {
     pub tcp: Option<SocketAddr>,
     pub log: PathBuf,
     child: Option<Child>,
+    /// Its network namespace (a name under /run/netns), if it has its own.
+    pub netns: Option<String>,
     /// How it was started, for [`Daemon::crash_and_restart`].
     bin: PathBuf,
     args: Vec<std::ffi::OsString>,
@@ -133,8 +138,32 @@ impl Daemon {
             cmd.arg("--policy").arg(path);
         }
         cmd.args(&opts.extra_args);
-        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let child = spawn_daemon(bin, &args, &log)?;
+        let mut args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut program = bin.to_owned();
+        let netns = if opts.own_netns {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let ns = format!(
+                "aurae-d{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            );
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            // nsenter joins only the network namespace (`ip netns exec` would also
+            // remount /sys, hiding the cgroup hierarchy) and execs auraed in place.
+            let mut wrapped: Vec<std::ffi::OsString> = vec![
+                format!("--net=/run/netns/{ns}").into(),
+                "--".into(),
+                bin.into(),
+            ];
+            wrapped.append(&mut args);
+            args = wrapped;
+            program = PathBuf::from("nsenter");
+            Some(ns)
+        } else {
+            None
+        };
+        let child = spawn_daemon(&program, &args, &log)?;
         let mut d = Self {
             cgroup,
             dir,
@@ -143,7 +172,8 @@ impl Daemon {
             tcp,
             log,
             child: Some(child),
-            bin: bin.to_owned(),
+            netns,
+            bin: program,
             args,
         };
         d.wait_ready(Duration::from_secs(30)).await?;
@@ -261,6 +291,47 @@ impl Daemon {
         Ok(Client::connect_with(&Endpoint::Tcp(addr.to_string()), "127.0.0.1", tls).await?)
     }
 
+    /// A client presenting identity `name` to a spawned instance at its `endpoint`,
+    /// requiring exactly `spiffe_id` (as the parent's `InstanceStatus` says), connected
+    /// from inside the daemon's network namespace.
+    pub async fn instance_client(
+        &self,
+        name: &str,
+        endpoint: &str,
+        spiffe_id: &str,
+    ) -> anyhow::Result<Client> {
+        let (cert, key) = self.identity(name)?;
+        let tls = aurae_identity::tls::client_config_expecting(
+            aurae_identity::tls::load_certs(&self.pki.ca_cert)?,
+            Some((
+                aurae_identity::tls::load_certs(&cert)?,
+                aurae_identity::tls::load_key(&key)?,
+            )),
+            Some(spiffe_id.parse()?),
+        )?;
+        let addr: SocketAddr = endpoint.parse()?;
+        let ns = self.netns.clone();
+        let dial = move || dial_in(ns.as_deref(), addr);
+        Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
+    }
+
+    /// Runs `f` on a fresh thread inside the daemon's network namespace (or here).
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let ns = self.netns.clone();
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            if let Some(ns) = ns {
+                let file = fs::File::open(PathBuf::from("/run/netns").join(ns))?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+
     /// Resident set size of the daemon, in KiB (VmRSS).
     pub fn rss_kib(&self) -> Option<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
@@ -365,7 +436,42 @@ impl Drop for Daemon {
         if let Some(cg) = &self.cgroup {
             remove_cgroup_tree(cg);
         }
+        if let Some(ns) = &self.netns {
+            let _ = ip(&["netns", "del", ns]);
+        }
     }
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Connects to `addr` with a socket made inside network namespace `ns` (a name under
+/// /run/netns; `None`: here), on a fresh thread so no other thread changes namespace.
+pub fn dial_in(ns: Option<&str>, addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let ns = ns.map(|n| PathBuf::from("/run/netns").join(n));
+    std::thread::spawn(move || {
+        if let Some(ns) = ns {
+            let f = fs::File::open(&ns)?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+        }
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("dial thread panicked"))?
 }
 
 /// Kills every process below our own test cgroup and removes its directories, deepest

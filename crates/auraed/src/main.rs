@@ -93,6 +93,13 @@ fn main() -> ExitCode {
     {
         return auraed::workload::holder::holder_main();
     }
+    // A spawned instance (cell-isolated): its parent hands it everything on fd 3.
+    if raw
+        .get(1)
+        .is_some_and(|a| a == auraed::instance::handover::INSTANCE_ARG)
+    {
+        return run_instance();
+    }
     // As PID 1 of a machine, the kernel's command line configures us, not flags (the
     // kernel may hand init arguments we do not know): never exit, never panic.
     if std::process::id() == 1 && !raw.iter().any(|a| a == "--no-pid1") {
@@ -148,6 +155,8 @@ fn main() -> ExitCode {
         volume_roots: args.volume_roots,
         vm_image_roots: args.vm_image_roots,
         mode: "daemon",
+        lineage: None,
+        bridge_gateway: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -164,6 +173,63 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("auraed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A cell-isolated spawned instance: take the handover, set the cell up, serve.
+fn run_instance() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let boot = match auraed::instance::child::prepare() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("auraed (instance): {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = ServerConfig {
+        pki_dir: boot.pki_dir,
+        socket: boot.socket,
+        listen: Some(boot.listen),
+        state_dir: boot.state_dir,
+        policy: Some(boot.policy),
+        handshake_timeout: Duration::from_secs(10),
+        max_connections: 1024,
+        max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
+        max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
+        max_streams_per_connection: 128,
+        cgroup_root: Some(boot.cgroup_root),
+        mode: "instance",
+        warnings: boot.warnings,
+        registry: auraed::image::registry::RegistryConfig {
+            timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+        volume_roots: Vec::new(),
+        vm_image_roots: Vec::new(),
+        lineage: Some(boot.lineage),
+        bridge_gateway: Some(boot.bridge_gateway),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("auraed (instance): cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("auraed (instance): {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -212,6 +278,8 @@ fn run_pid1() -> ! {
         volume_roots: Vec::new(),
         // The guest's own files: VMs nested in a PID 1 machine boot what it carries.
         vm_image_roots: vec![PathBuf::from("/var/lib/aurae/vm-images")],
+        lineage: None,
+        bridge_gateway: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -72,6 +72,10 @@ pub struct ServerConfig {
     pub volume_roots: Vec<PathBuf>,
     /// Host directories VM kernels, initramfs images and drives may come from.
     pub vm_image_roots: Vec<PathBuf>,
+    /// Set when a parent spawned this auraed (see [`crate::instance`]).
+    pub lineage: Option<crate::instance::handover::Lineage>,
+    /// The gateway of the bridge for VMs and spawned instances (default 10.200.0.1).
+    pub bridge_gateway: Option<std::net::Ipv4Addr>,
 }
 
 enum Io {
@@ -267,7 +271,13 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
              RLIMIT_NOFILE to allow more)"
         );
     }
-    let (tls_config, server_id, policy) = load_identity(&cfg)?;
+    let (tls_config, server_id, policy, server_cert) = load_identity(&cfg)?;
+    let identity = Arc::new(crate::instance::identity::SelfIdentity::load(
+        &cfg.pki_dir,
+        server_id.clone(),
+        Some(server_cert),
+    ));
+    let policy = policy.with_instance_signer(identity.signer_id.clone());
     let started_at = SystemTime::now();
     let (store, boot, read_only) = open_state(&cfg, started_at)?;
 
@@ -297,15 +307,19 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let events = Arc::new(crate::events::EventBus::default());
     let mut warnings = cfg.warnings.clone();
     warnings.extend(read_only.clone());
-    let (cells, vms, puller) = wire_workloads(
+    let (cells, vms, puller, instances) = wire_workloads(
         &cfg,
         &events,
         reaper,
         &store,
         read_only.is_some(),
         &mut warnings,
+        identity.clone(),
     )
     .await?;
+    if let Some(l) = cfg.lineage.clone() {
+        tokio::spawn(crate::instance::renew::renew_loop(identity.clone(), l));
+    }
     cells.set_read_only(read_only);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(None);
@@ -326,6 +340,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         volume_roots: canonical_dirs(&cfg.volume_roots, "volume root"),
         vms: vms.clone(),
         quotas: Arc::new(api::quota::Quotas::new(cells.clone(), vms.clone())),
+        instances: instances.clone(),
+        lineage: cfg.lineage.clone(),
     };
     let reboot = ctx.reboot.clone();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -336,8 +352,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             .await;
     }
 
-    let (conn_rx, accept_unix, accept_tcp) =
+    let (conn_rx, accept_unix, accept_tcp, serve_on) =
         start_acceptors(&cfg, tls_config, unix, tcp, per_listener);
+    instances.set_serve_on(serve_on);
 
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -364,17 +381,20 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             accept_tcp,
             cells,
             vms,
+            instances,
             reboot,
         },
     )
     .await
 }
 
-/// Verified connections, and the accept loops (Unix socket, TCP) that make them.
+/// Verified connections, the accept loops (Unix socket, TCP) that make them, and a hook
+/// that adds one more TCP listener (the bridge, for spawned instances).
 type Acceptors = (
     mpsc::Receiver<Result<Conn, io::Error>>,
     tokio::task::JoinHandle<()>,
     Option<tokio::task::JoinHandle<()>>,
+    crate::instance::ServeOn,
 );
 
 /// One accept loop per listener, each with its own connection budget; verified
@@ -410,14 +430,39 @@ fn start_acceptors(
             shared.clone(),
         ))
     });
-    drop(shared);
+    let (budget, per_peer) = (per_listener, cfg.max_handshakes_per_peer);
+    let serve_on: crate::instance::ServeOn = Arc::new(move |l: std::net::TcpListener| {
+        let listener = match l
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(l))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("an extra listener could not be served: {e}");
+                return;
+            }
+        };
+        tokio::spawn(accept_loop(
+            Listener::Tcp(listener),
+            Arc::new(Semaphore::new(budget)),
+            Some(limits::PerKey::new(per_peer)),
+            shared.clone(),
+        ));
+    });
     drop(conn_tx);
-    (conn_rx, accept_unix, accept_tcp)
+    (conn_rx, accept_unix, accept_tcp, serve_on)
 }
 
 /// The TLS configuration, auraed's own SPIFFE ID and the policy. auraed never needs the
 /// CA key: it refuses to start next to it.
-fn load_identity(cfg: &ServerConfig) -> anyhow::Result<(rustls::ServerConfig, SpiffeId, Policy)> {
+type Identity = (
+    rustls::ServerConfig,
+    SpiffeId,
+    Policy,
+    Arc<aurae_identity::tls::ServerCert>,
+);
+
+fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
     let pki = PkiPaths::new(&cfg.pki_dir);
     pki.refuse_ca_key()?;
     for f in [&pki.ca_cert, &pki.server_cert, &pki.server_key] {
@@ -430,7 +475,7 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<(rustls::ServerConfig, Sp
             );
         }
     }
-    let (tls_config, server_id) =
+    let (tls_config, server_id, server_cert) =
         tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
     let trust_domain = server_id.trust_domain().to_owned();
     let methods = api::served_methods();
@@ -442,7 +487,7 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<(rustls::ServerConfig, Sp
         let (m, n) = g.describe();
         info!(id = %g.id, methods = ?m, names = ?n, "policy grant");
     }
-    Ok((tls_config, server_id, policy))
+    Ok((tls_config, server_id, policy, server_cert))
 }
 
 /// The state store (locked: one auraed per state directory) and this start's boot
@@ -485,6 +530,7 @@ struct Running {
     accept_tcp: Option<tokio::task::JoinHandle<()>>,
     cells: Arc<crate::cell::Cells>,
     vms: Arc<crate::vm::Vms>,
+    instances: Arc<crate::instance::Instances>,
     reboot: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -499,6 +545,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         accept_tcp,
         cells,
         vms,
+        instances,
         reboot,
     } = run;
     let Api { policy, routes } = api;
@@ -533,6 +580,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         grace = &mut grace_rx => {
             let grace = grace.unwrap_or(crate::spec::DEFAULT_GRACE);
             info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; stopping workloads; draining calls in flight");
+            instances.shutdown(grace).await;
             vms.shutdown(grace).await;
             cells.shutdown(grace).await;
             workloads_stopped = true;
@@ -553,6 +601,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
     if !workloads_stopped {
         let grace = grace_rx.try_recv().unwrap_or(crate::spec::DEFAULT_GRACE);
         info!(grace_s = grace.as_secs_f64(), "stopping workloads");
+        instances.shutdown(grace).await;
         vms.shutdown(grace).await;
         cells.shutdown(grace).await;
     }
@@ -807,10 +856,12 @@ async fn wire_workloads(
     store: &Store,
     read_only: bool,
     warnings: &mut Vec<String>,
+    identity: Arc<crate::instance::identity::SelfIdentity>,
 ) -> anyhow::Result<(
     Arc<crate::cell::Cells>,
     Arc<crate::vm::Vms>,
     Arc<crate::image::pull::Puller>,
+    Arc<crate::instance::Instances>,
 )> {
     use aurae_proto::runtime::v0::{EventType, Kind};
     let tree = open_cgroups(cfg.cgroup_root.as_deref());
@@ -831,6 +882,8 @@ async fn wire_workloads(
     }
     let sealed = Arc::new(aurae_sys::memfd::SealedSelf::default());
     let (tree_for_vms, reaper_for_vms, sealed_for_vms) =
+        (tree.clone(), reaper.clone(), sealed.clone());
+    let (tree_for_instances, reaper_for_instances, sealed_for_instances) =
         (tree.clone(), reaper.clone(), sealed.clone());
     let containers = containers_dir(&cfg.state_dir)?;
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
@@ -881,8 +934,24 @@ async fn wire_workloads(
             canonical_dirs(&cfg.vm_image_roots, "VM image root"),
             sealed_for_vms,
         )
+        .with_bridge_gateway(
+            cfg.bridge_gateway
+                .unwrap_or(std::net::Ipv4Addr::new(10, 200, 0, 1)),
+        )
         .with_records(Some(store.clone()), holder.clone()),
     );
+    let instances = Arc::new(crate::instance::Instances::new(
+        crate::instance::InstancesDeps {
+            tree: tree_for_instances,
+            reaper: reaper_for_instances,
+            events: events.clone(),
+            vms: vms.clone(),
+            sealed: sealed_for_instances,
+            identity,
+            logs_dir: cfg.state_dir.join("logs"),
+            lineage: cfg.lineage.clone(),
+        },
+    ));
     let found_vms = vms.readopt().await;
     let found = cells.readopt().await;
     for w in found_vms.warnings {
@@ -963,7 +1032,7 @@ async fn wire_workloads(
         limits: crate::image::unpack::Limits::default(),
         timeout: cfg.registry.timeout,
     });
-    Ok((cells, vms, puller))
+    Ok((cells, vms, puller, instances))
 }
 
 /// Removes every container directory no re-adopted container uses (their containers

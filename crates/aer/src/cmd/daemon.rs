@@ -52,6 +52,11 @@ pub async fn health(c: &Client, a: HealthArgs, fmt: Format) -> Result<(), Status
 
 pub async fn info(c: &Client, detail: Detail, fmt: Format) -> Result<(), Status> {
     let i = c.daemon().info(pb::InfoRequest {}).await?.into_inner();
+    print(fmt, &[info_row(&i, detail, fmt)], true);
+    Ok(())
+}
+
+fn info_row(i: &pb::DaemonInfo, detail: Detail, fmt: Format) -> Row {
     let mut row: Row = vec![
         ("aer_version", json!(env!("CARGO_PKG_VERSION"))),
         ("auraed_version", json!(i.version)),
@@ -67,10 +72,16 @@ pub async fn info(c: &Client, detail: Detail, fmt: Format) -> Result<(), Status>
             ("granted_names", json!(i.granted_prefixes)),
             ("granted_extras", json!(i.granted_extras)),
             ("warnings", json!(i.warnings)),
+            ("parent_id", json!(i.parent_id)),
+            ("depth", json!(i.depth)),
         ]);
+        // A spawned instance's generated policy (TOML) is long: tables show it only when
+        // there is one.
+        if fmt == Format::Json || !i.policy.is_empty() {
+            row.push(("policy", json!(i.policy)));
+        }
     }
-    print(fmt, &[row], true);
-    Ok(())
+    row
 }
 
 pub async fn shutdown(c: &Client, a: ShutdownArgs) -> Result<(), Status> {
@@ -105,8 +116,35 @@ mod tests {
         assert!(parse("shutdown --grace 1d").is_err());
         assert!(matches!(parse("info").unwrap(), Command::Info));
         assert!(matches!(
+            parse("--instance a/b info").unwrap(),
+            Command::Info
+        ));
+        assert!(matches!(
             parse("-o json version").unwrap(),
             Command::Version
         ));
+    }
+
+    #[test]
+    fn info_shows_the_instance_fields() {
+        let keys = |r: &Row| r.iter().map(|(k, _)| *k).collect::<Vec<_>>();
+        let top = pb::DaemonInfo::default();
+        let child = pb::DaemonInfo {
+            policy: "[[grant]]\n".into(),
+            parent_id: "spiffe://aurae.local/auraed".into(),
+            depth: 1,
+            ..Default::default()
+        };
+        let table = info_row(&top, Detail::Everything, Format::Table);
+        assert!(keys(&table).contains(&"parent_id") && keys(&table).contains(&"depth"));
+        assert!(!keys(&table).contains(&"policy"), "no policy, no row");
+        assert!(keys(&info_row(&top, Detail::Everything, Format::Json)).contains(&"policy"));
+        let row = info_row(&child, Detail::Everything, Format::Table);
+        let get = |k| row.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("policy"), Some(json!("[[grant]]\n")));
+        assert_eq!(get("depth"), Some(json!(1)));
+        assert_eq!(get("parent_id"), Some(json!("spiffe://aurae.local/auraed")));
+        let versions = info_row(&child, Detail::Versions, Format::Json);
+        assert_eq!(keys(&versions), ["aer_version", "auraed_version"]);
     }
 }

@@ -11,11 +11,20 @@ use crate::output::{Format, Row, print};
 /// Flattened into each kind's subcommands, so `aer vm get NAME` reads as before.
 #[derive(Debug, Subcommand)]
 pub enum Lifecycle {
-    Get { name: String },
+    Get {
+        name: String,
+    },
+    #[command(visible_alias = "ls")]
     List,
-    Stop { name: String },
-    Wait { name: String },
-    Free { name: String },
+    Stop {
+        name: String,
+    },
+    Wait {
+        name: String,
+    },
+    Free {
+        name: String,
+    },
 }
 
 /// A kind's client seen through the verbs it shares with the other kinds; implemented for
@@ -23,6 +32,10 @@ pub enum Lifecycle {
 pub trait Kind {
     type Status;
     fn row(s: &Self::Status) -> Row;
+    /// Fields only `-o json` shows, after [`Kind::row`]'s (none unless the kind has some).
+    fn detail(_s: &Self::Status) -> Row {
+        Vec::new()
+    }
     async fn get(&mut self, r: pb::NameRef) -> Result<Self::Status, Status>;
     async fn list(&mut self, r: pb::ListRequest) -> Result<Vec<Self::Status>, Status>;
     async fn stop(&mut self, r: pb::StopRequest) -> Result<Self::Status, Status>;
@@ -30,10 +43,11 @@ pub trait Kind {
     async fn free(&mut self, r: pb::NameRef) -> Result<(), Status>;
 }
 
-/// `kind!(Client, Status, list_field, row_fn)`: [`Kind`] for a generated tonic client whose
-/// List answer holds its statuses in `list_field`, printed with `row_fn`.
+/// `kind!(Client, Status, list_field, row_fn[, detail_fn])`: [`Kind`] for a generated tonic
+/// client whose List answer holds its statuses in `list_field`, printed with `row_fn` (and
+/// in JSON also `detail_fn`'s fields).
 macro_rules! kind {
-    ($client:ty, $status:ty, $list:ident, $row:path) => {
+    ($client:ty, $status:ty, $list:ident, $row:path $(, $detail:path)?) => {
         const _: () = {
             use ::aurae_proto::runtime::v0 as pb;
             use ::tonic::Status;
@@ -43,6 +57,11 @@ macro_rules! kind {
                 fn row(s: &$status) -> $crate::output::Row {
                     $row(s)
                 }
+                $(
+                    fn detail(s: &$status) -> $crate::output::Row {
+                        $detail(s)
+                    }
+                )?
                 async fn get(&mut self, r: pb::NameRef) -> Result<$status, Status> {
                     Ok(<$client>::get(self, r).await?.into_inner())
                 }
@@ -64,23 +83,36 @@ macro_rules! kind {
 }
 pub(crate) use kind;
 
+/// A status as `fmt` shows it: the kind's row, plus its detail in JSON.
+pub fn shown<K: Kind>(fmt: Format, s: &K::Status) -> Row {
+    let mut row = K::row(s);
+    if fmt == Format::Json {
+        row.extend(K::detail(s));
+    }
+    row
+}
+
 /// Runs one shared verb against a kind's client; stop and wait take auraed's defaults.
 pub async fn run<K: Kind>(mut k: K, cmd: Lifecycle, fmt: Format) -> Result<(), Status> {
     match cmd {
-        Lifecycle::Get { name: n } => print(fmt, &[K::row(&k.get(name(&n)).await?)], true),
+        Lifecycle::Get { name: n } => {
+            let s = k.get(name(&n)).await?;
+            print(fmt, &[shown::<K>(fmt, &s)], true);
+        }
         Lifecycle::List => {
             let all = k.list(pb::ListRequest::default()).await?;
-            print(fmt, &all.iter().map(K::row).collect::<Vec<_>>(), false);
+            let rows: Vec<Row> = all.iter().map(|s| shown::<K>(fmt, s)).collect();
+            print(fmt, &rows, false);
         }
         Lifecycle::Stop { name } => {
             let grace_period = None;
             let s = k.stop(pb::StopRequest { name, grace_period }).await?;
-            print(fmt, &[K::row(&s)], true);
+            print(fmt, &[shown::<K>(fmt, &s)], true);
         }
         Lifecycle::Wait { name } => {
             let timeout = None;
             let s = k.wait(pb::WaitRequest { name, timeout }).await?;
-            print(fmt, &[K::row(&s)], true);
+            print(fmt, &[shown::<K>(fmt, &s)], true);
         }
         Lifecycle::Free { name: n } => k.free(name(&n)).await?,
     }

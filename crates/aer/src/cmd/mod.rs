@@ -49,6 +49,13 @@ pub fn ts(t: Option<&prost_types::Timestamp>) -> Value {
     })
 }
 
+/// A duration as `seconds.millis` followed by `s`.
+pub fn dur(d: Option<&prost_types::Duration>) -> Value {
+    d.map_or(Value::Null, |d| {
+        json!(format!("{}.{:03}s", d.seconds, d.nanos / 1_000_000))
+    })
+}
+
 pub fn phase(p: i32) -> Value {
     json!(pb::Phase::try_from(p).map_or_else(
         |_| format!("unknown({p})"),
@@ -139,6 +146,12 @@ mod tests {
         };
         assert_eq!(ts(Some(&t)), json!("12.005"));
         assert_eq!(ts(None), Value::Null);
+        let d = prost_types::Duration {
+            seconds: 1,
+            nanos: 234_000_000,
+        };
+        assert_eq!(dur(Some(&d)), json!("1.234s"));
+        assert_eq!(dur(None), Value::Null);
         assert_eq!(phase(pb::Phase::Running as i32), json!("running"));
         assert_eq!(phase(999), json!("unknown(999)"));
         assert_eq!(size(None), "-");

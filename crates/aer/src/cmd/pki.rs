@@ -40,6 +40,24 @@ pub enum PkiCmd {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// (Re)issue the daemon's signing certificate signer.pem/signer.key in DIR for node
+    /// NAME (SPIFFE ID /instance/NAME), signed by the CA of DIR: the intermediate CA with
+    /// which that auraed mints its spawned instances' identities. Give each daemon that
+    /// spawns instances its own node name.
+    Signer {
+        /// The PKI directory of the daemon, e.g. /etc/aurae/pki.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node name, one SPIFFE path segment, e.g. node-2 (`aer pki init` uses node).
+        #[arg(long)]
+        node: String,
+        /// Where the CA key ca.key is [default: DIR-ca, beside DIR].
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
+        /// How long the signing certificate is valid, in days, e.g. 365.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 pub fn run(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
@@ -67,6 +85,12 @@ pub fn run(cmd: &PkiCmd, fmt: Format) -> anyhow::Result<()> {
                 fmt,
             )
         }
+        PkiCmd::Signer {
+            dir,
+            node,
+            ca_key_dir,
+            days,
+        } => signer(dir, &paths(dir, ca_key_dir.as_deref()), node, *days, fmt),
     }
 }
 
@@ -98,6 +122,17 @@ fn init(paths: &PkiPaths, trust_domain: &str, sans: &[String], fmt: Format) -> a
     Ok(())
 }
 
+/// The trust domain of the CA of the PKI directory `dir` (its ca.pem's SPIFFE ID).
+fn trust_domain(dir: &Path) -> anyhow::Result<String> {
+    let ca = tls::load_certs(&dir.join("ca.pem"))?;
+    ca.first().and_then(tls::ca_trust_domain).ok_or_else(|| {
+        anyhow!(
+            "{}: the CA certificate names no trust domain",
+            dir.display()
+        )
+    })
+}
+
 /// Issues NAME with the SPIFFE ID `spiffe://<the CA's trust domain><path>`.
 fn issue(
     dir: &Path,
@@ -107,19 +142,26 @@ fn issue(
     days: i64,
     fmt: Format,
 ) -> anyhow::Result<()> {
-    let ca = tls::load_certs(&dir.join("ca.pem"))?;
-    let td = ca.first().and_then(tls::ca_trust_domain).ok_or_else(|| {
-        anyhow!(
-            "{}: the CA certificate names no trust domain",
-            dir.display()
-        )
-    })?;
+    let td = trust_domain(dir)?;
     let id = SpiffeId::new(&td, path)?;
     let (cert, key) = Pki::issue_client_paths(paths, name, &id, days)?;
     let row = vec![
         ("id", json!(id.to_string())),
         ("cert", json!(cert)),
         ("key", json!(key)),
+    ];
+    print(fmt, &[row], true);
+    Ok(())
+}
+
+/// (Re)issues node NODE's signing certificate in `dir`, in the trust domain of its CA.
+fn signer(dir: &Path, paths: &PkiPaths, node: &str, days: i64, fmt: Format) -> anyhow::Result<()> {
+    let td = trust_domain(dir)?;
+    let id = Pki::issue_signer_paths(paths, &td, node, days)?;
+    let row = vec![
+        ("id", json!(id.to_string())),
+        ("cert", json!(paths.signer_cert)),
+        ("key", json!(paths.signer_key)),
     ];
     print(fmt, &[row], true);
     Ok(())
@@ -158,5 +200,57 @@ mod tests {
             parse("pki issue --dir /tmp/p").is_err(),
             "--name is required"
         );
+    }
+
+    #[test]
+    fn pki_signer_parses_with_defaults() {
+        let Command::Pki(PkiCmd::Signer {
+            dir,
+            node,
+            ca_key_dir,
+            days,
+        }) = parse("pki signer --dir /tmp/p --node node-2").unwrap()
+        else {
+            panic!("not pki signer")
+        };
+        assert_eq!(dir, Path::new("/tmp/p"));
+        assert_eq!((node.as_str(), ca_key_dir, days), ("node-2", None, 365));
+        let Command::Pki(PkiCmd::Signer {
+            ca_key_dir, days, ..
+        }) = parse("pki signer --dir /tmp/p --node n --ca-key-dir /k --days 30").unwrap()
+        else {
+            panic!("not pki signer")
+        };
+        assert_eq!((ca_key_dir.as_deref(), days), (Some(Path::new("/k")), 30));
+        assert!(
+            parse("pki signer --dir /tmp/p").is_err(),
+            "--node is required"
+        );
+        assert!(parse("pki signer --node n").is_err(), "--dir is required");
+    }
+
+    /// `aer pki signer` replaces the signing certificate `aer pki init` wrote, for the new
+    /// node name, in the CA's trust domain.
+    #[test]
+    fn pki_signer_reissues_for_the_node() {
+        let base = std::env::temp_dir().join(format!("aer-pki-signer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("pki");
+        let p = paths(&dir, Some(&base.join("ca")));
+        Pki::init_paths(&p, "example.org", &[]).unwrap();
+        let before = std::fs::read(&p.signer_cert).unwrap();
+        signer(&dir, &p, "node-2", 30, Format::Json).unwrap();
+        let after = std::fs::read(&p.signer_cert).unwrap();
+        assert_ne!(before, after);
+        let chain = tls::load_certs(&p.signer_cert).unwrap();
+        let id = tls::peer_spiffe_id(&chain[0]).unwrap();
+        assert_eq!(id.to_string(), "spiffe://example.org/instance/node-2");
+        assert!(
+            signer(&dir, &p, "a/b", 30, Format::Json).is_err(),
+            "a node is one segment"
+        );
+        let no_key = paths(&dir, Some(&base.join("elsewhere")));
+        assert!(signer(&dir, &no_key, "n", 30, Format::Json).is_err());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -159,7 +159,7 @@ where
         info!(target: "aurae::audit", parent: &span, peer_id = %peer.id, method = %method, resource = "-", decision = "allow");
         req.extensions_mut().insert(Caller {
             id: peer.id,
-            grant: grant.clone(),
+            grant,
             method,
             request_id,
         });

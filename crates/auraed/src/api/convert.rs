@@ -104,6 +104,33 @@ pub fn vm(v: &Vm) -> pb::VirtualMachineStatus {
     }
 }
 
+pub fn instance(i: &crate::instance::Instance) -> pb::InstanceStatus {
+    let s = i.state.borrow().clone();
+    let dur =
+        |d: Option<std::time::Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
+    pb::InstanceStatus {
+        name: i.spec.name.to_string(),
+        phase: phase(s.phase),
+        isolation: match i.isolation {
+            crate::instance::Isolation::VirtualMachine => pb::Isolation::VirtualMachine,
+            crate::instance::Isolation::Cell => pb::Isolation::Cell,
+        } as i32,
+        spiffe_id: i.spiffe_id.to_string(),
+        endpoint: i.endpoint().to_string(),
+        started_at: Some(i.started_at.into()),
+        exit: s
+            .exited
+            .map(|(st, at)| crate::events::exit_status(st, false, at)),
+        message: s.message,
+        isolation_reason: i.isolation_reason.clone(),
+        boot_time: dur(s.boot_time),
+        ready_time: dur(s.ready_time),
+        svid_expires_at: s.svid_expires_at.map(Into::into),
+        addresses: vec![i.addr.to_string(), i.addr6.to_string()],
+        depth: i.depth,
+    }
+}
+
 pub fn limits(l: &Limits) -> pb::CellLimits {
     pb::CellLimits {
         cpu_weight: l.cpu_weight,

@@ -36,6 +36,19 @@ impl Daemon for DaemonApi {
             granted_prefixes,
             granted_extras: caller.grant.describe_extra(),
             warnings: self.ctx.warnings.clone(),
+            policy: self
+                .ctx
+                .lineage
+                .as_ref()
+                .map(|l| l.policy_toml.clone())
+                .unwrap_or_default(),
+            parent_id: self
+                .ctx
+                .lineage
+                .as_ref()
+                .map(|l| l.parent_id.clone())
+                .unwrap_or_default(),
+            depth: self.ctx.lineage.as_ref().map_or(0, |l| l.depth),
         }))
     }
 

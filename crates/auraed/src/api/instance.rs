@@ -1,45 +1,105 @@
-//! `Instances`: lifecycle of spawned instances. Not built yet: every verb validates its
-//! request and checks the name against the grant, then answers `UNIMPLEMENTED`.
+//! `Instances`: lifecycle of the instances `Spawn` started, and their SVID renewals.
 
-use aurae_proto::runtime::v0::{self as pb, instances_server::Instances};
+use std::sync::Arc;
 
-use super::{shared::not_built_lifecycle, status::Capability};
+use aurae_proto::runtime::v0::{self as pb, instances_server::Instances as InstancesService};
+use tonic::{Request, Response, Status};
 
-#[derive(Debug, Clone, Default)]
-pub struct InstancesApi;
+use super::{
+    authz::Caller,
+    convert,
+    shared::{authorized, grace, timeout, visible},
+    status::invalid,
+};
+use crate::{
+    instance::{Instance, Instances},
+    spec::Label,
+};
 
-not_built_lifecycle!(
-    InstancesApi,
-    Instances,
-    pb::InstanceStatus,
-    pb::ListInstancesResponse,
-    Capability::Instances,
-    {}
-);
+#[derive(Debug, Clone)]
+pub struct InstancesApi {
+    instances: Arc<Instances>,
+}
 
-#[cfg(test)]
-mod tests {
-    use tonic::Code;
-
-    use super::{super::shared::test_support::request_as, *};
-
-    async fn stop(name: &str, seconds: Option<i64>) -> tonic::Status {
-        let grace_period = seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 });
-        let m = pb::StopRequest {
-            name: name.into(),
-            grace_period,
-        };
-        let r = request_as("aurae.runtime.v0.Instances/Stop", &["team-a"], m);
-        InstancesApi.stop(r).await.err().unwrap()
+impl InstancesApi {
+    pub fn new(instances: Arc<Instances>) -> Self {
+        Self { instances }
     }
 
-    #[tokio::test]
-    async fn a_verb_checks_first_then_answers_unimplemented() {
-        assert_eq!(stop("team-a", Some(-1)).await.code(), Code::InvalidArgument);
-        assert_eq!(stop("team-b", Some(1)).await.code(), Code::PermissionDenied);
-        let e = stop("team-a", None).await;
-        assert_eq!(e.code(), Code::Unimplemented);
-        assert!(e.message().contains("Instances/Stop"), "{}", e.message());
-        assert!(e.message().contains("(Spawn)"), "{}", e.message());
+    /// Validates and authorizes an instance's name, and finds it.
+    fn find<T>(&self, r: &Request<T>, name: &str) -> Result<Arc<Instance>, Status> {
+        let (_, name) = authorized(r, Label::parse("name", name), Label::as_str)?;
+        Ok(self.instances.find(&name)?)
+    }
+}
+
+#[tonic::async_trait]
+impl InstancesService for InstancesApi {
+    async fn get(&self, r: Request<pb::NameRef>) -> Result<Response<pb::InstanceStatus>, Status> {
+        Ok(Response::new(convert::instance(
+            self.find(&r, &r.get_ref().name)?.as_ref(),
+        )))
+    }
+    async fn list(
+        &self,
+        r: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let show = visible(&r, "name_prefix", &r.get_ref().name_prefix)?;
+        let instances = self.instances.list(show);
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances: instances.iter().map(|i| convert::instance(i)).collect(),
+        }))
+    }
+    async fn stop(
+        &self,
+        r: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::InstanceStatus>, Status> {
+        let g = grace("grace_period", r.get_ref().grace_period.as_ref()).map_err(invalid)?;
+        let inst = self.find(&r, &r.get_ref().name)?;
+        Ok(Response::new(convert::instance(
+            self.instances.stop(&inst.spec.name, g).await?.as_ref(),
+        )))
+    }
+    async fn wait(
+        &self,
+        r: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::InstanceStatus>, Status> {
+        let inst = self.find(&r, &r.get_ref().name)?;
+        if inst.wait(timeout(r.get_ref().timeout.as_ref())?).await {
+            Ok(Response::new(convert::instance(&inst)))
+        } else {
+            Err(Status::deadline_exceeded(format!(
+                "instance {} is still running",
+                inst.spec.name
+            )))
+        }
+    }
+    async fn free(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
+        let inst = self.find(&r, &r.get_ref().name)?;
+        self.instances.free(&inst.spec.name).await?;
+        Ok(Response::new(pb::Freed {
+            name: inst.spec.name.to_string(),
+        }))
+    }
+    async fn renew(
+        &self,
+        r: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let m = r.into_inner();
+        if m.csr_pem.is_empty() {
+            return Err(Status::invalid_argument("csr_pem: is missing"));
+        }
+        if m.signer_csr_pem.is_empty() {
+            return Err(Status::invalid_argument("signer_csr_pem: is missing"));
+        }
+        let (cert, signer, expires) =
+            self.instances
+                .renew(&caller.id, &m.csr_pem, &m.signer_csr_pem)?;
+        Ok(Response::new(pb::RenewResponse {
+            cert_chain_pem: cert,
+            signer_chain_pem: signer,
+            expires_at: Some(expires.into()),
+        }))
     }
 }

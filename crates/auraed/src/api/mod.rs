@@ -56,6 +56,9 @@ pub struct Context {
     pub vms: Arc<crate::vm::Vms>,
     /// Per-grant quotas.
     pub quotas: Arc<quota::Quotas>,
+    pub instances: Arc<crate::instance::Instances>,
+    /// Where this auraed stands if a parent spawned it.
+    pub lineage: Option<crate::instance::handover::Lineage>,
 }
 
 /// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
@@ -122,7 +125,9 @@ pub fn routes(
         .add_service(limited!(VirtualMachinesServer::new(
             vm::VirtualMachinesApi::new(ctx.vms.clone())
         )))
-        .add_service(limited!(InstancesServer::new(instance::InstancesApi)))
+        .add_service(limited!(InstancesServer::new(instance::InstancesApi::new(
+            ctx.instances.clone()
+        ))))
         .add_service(limited!(PodsServer::new(pod::PodsApi)))
         .add_service(limited!(EventsServer::new(events::EventsApi::new(
             ctx.events.clone()

@@ -206,7 +206,7 @@ pub(super) mod test_support {
         let mut r = Request::new(msg);
         r.extensions_mut().insert(Caller {
             id: id.clone(),
-            grant: policy.authorize(&id, method).unwrap().clone(),
+            grant: policy.authorize(&id, method).unwrap(),
             method: method.into(),
             request_id: uuid::Uuid::nil(),
         });

@@ -293,6 +293,12 @@ impl Cells {
                 VM_GROUP
             )));
         }
+        if spec.name.as_str().split('/').next() == Some(crate::workload::layout::INSTANCE_GROUP) {
+            return Err(WorkloadError::Exists(format!(
+                "name: {:?} is reserved for the cgroups of spawned instances",
+                crate::workload::layout::INSTANCE_GROUP
+            )));
+        }
         self.check_writable()?;
         let writes = limit_writes(&spec.limits);
         check_controllers(&writes, &tree.controllers())?;

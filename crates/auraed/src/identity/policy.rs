@@ -39,7 +39,7 @@
 use std::{collections::BTreeSet, fs, path::Path};
 
 use aurae_identity::SpiffeId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -83,14 +83,14 @@ pub enum PolicyError {
     Duplicate(String),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     #[serde(default)]
     grant: Vec<GrantFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct GrantFile {
     id: String,
@@ -117,7 +117,7 @@ struct GrantFile {
 }
 
 /// Most of each kind of resource under a grant's names; `None` is unbounded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     pub cells: Option<u32>,
@@ -338,6 +338,39 @@ impl Grant {
         v
     }
 
+    /// This grant as a policy file writes it, for identity `id` (a spawned instance's
+    /// policy copies its spawner's grant).
+    fn file(&self, id: &SpiffeId) -> GrantFile {
+        let (methods, names) = self.describe();
+        GrantFile {
+            id: id.to_string(),
+            methods,
+            names,
+            allow_host_namespaces: self.allow_host_namespaces,
+            allow_uid_zero: self.allow_uid_zero,
+            allow_new_privileges: self.allow_new_privileges,
+            allow_writable_drives: self.allow_writable_drives,
+            uids: self.uids.describe(),
+            gids: self.gids.describe(),
+            volumes: match &self.volumes {
+                None => vec!["*".to_owned()],
+                Some(v) => v.iter().map(|p| p.display().to_string()).collect(),
+            },
+            registries: self
+                .registries
+                .iter()
+                .map(|r| match r {
+                    RegistryPattern::All => "*".to_owned(),
+                    RegistryPattern::Repos { registry, path } if path.is_empty() => {
+                        registry.clone()
+                    }
+                    RegistryPattern::Repos { registry, path } => format!("{registry}/{path}"),
+                })
+                .collect(),
+            quota: self.quota,
+        }
+    }
+
     /// Whether `method` (`package.Service/Method`, no leading '/') is granted.
     pub fn allows_method(&self, method: &str) -> bool {
         self.methods.iter().any(|p| match p {
@@ -388,7 +421,15 @@ impl Grant {
 #[derive(Debug, Clone)]
 pub struct Policy {
     grants: Vec<Grant>,
+    /// This daemon's signing identity (`/instance/<node>` or, in a spawned instance, its
+    /// own): an identity exactly one segment below it is one of our spawned instances and
+    /// may call [`RENEW_METHOD`] (and only that) without a grant; the handler then checks
+    /// that such an instance is running.
+    instance_signer: Option<SpiffeId>,
 }
+
+/// The one method our own spawned instances may call without a grant: renewing their SVID.
+pub const RENEW_METHOD: &str = "aurae.runtime.v0.Instances/Renew";
 
 fn name_pattern_ok(p: &str) -> bool {
     p.bytes()
@@ -463,6 +504,7 @@ impl Policy {
     pub fn default_for(admin: SpiffeId) -> Self {
         Self {
             grants: vec![Grant::everything(admin)],
+            instance_signer: None,
         }
     }
 
@@ -599,19 +641,61 @@ impl Policy {
                 quota: g.quota,
             });
         }
-        Ok(Self { grants })
+        Ok(Self {
+            grants,
+            instance_signer: None,
+        })
+    }
+
+    /// Lets the instances signed by `signer` (one segment below it) renew their SVID.
+    pub fn with_instance_signer(mut self, signer: Option<SpiffeId>) -> Self {
+        self.instance_signer = signer;
+        self
     }
 
     /// The grant of `id`, if it may call `method`.
-    pub fn authorize(&self, id: &SpiffeId, method: &str) -> Option<&Grant> {
-        self.grants
+    pub fn authorize(&self, id: &SpiffeId, method: &str) -> Option<Grant> {
+        if let Some(g) = self
+            .grants
             .iter()
             .find(|g| &g.id == id)
             .filter(|g| g.allows_method(method))
+        {
+            return Some(g.clone());
+        }
+        let signer = self.instance_signer.as_ref()?;
+        let below = id.path().strip_prefix(signer.path())?.strip_prefix('/')?;
+        (method == RENEW_METHOD
+            && id.trust_domain() == signer.trust_domain()
+            && !below.is_empty()
+            && !below.contains('/'))
+        .then(|| Grant {
+            methods: vec![MethodPattern::Exact(RENEW_METHOD.to_owned())],
+            names: Vec::new(),
+            uids: IdRanges::default(),
+            gids: IdRanges::default(),
+            volumes: Some(Vec::new()),
+            registries: Vec::new(),
+            allow_host_namespaces: false,
+            allow_uid_zero: false,
+            allow_new_privileges: false,
+            allow_writable_drives: false,
+            quota: Quota::default(),
+            id: id.clone(),
+        })
     }
 
     pub fn grants(&self) -> &[Grant] {
         &self.grants
+    }
+
+    /// A policy file (TOML) with these grants, each for the identity given beside it:
+    /// what a parent writes for the instance it spawns. It parses back to the same grants.
+    pub fn render(grants: &[(&SpiffeId, &Grant)]) -> String {
+        let file = PolicyFile {
+            grant: grants.iter().map(|(id, g)| g.file(id)).collect(),
+        };
+        toml::to_string(&file).unwrap_or_default()
     }
 }
 

@@ -1,5 +1,901 @@
-//! Instances: auraed spawning a new auraed (microVM, or isolated cell without KVM).
+//! Spawned instances: a new auraed started by this one, with its own short-lived SPIFFE
+//! identity, reached with the same mTLS API.
+//!
+//! `Spawn` is synchronous: it returns when the child answers health over mTLS *and*
+//! presents exactly the SPIFFE ID minted for it (`/instance/<our signer's path>/<name>`).
+//! A cell-isolated instance is auraed re-executed from our sealed copy as the init of a
+//! new cell (see [`child`]): every namespace new, its own cgroup subtree under
+//! `instances/<name>` (delegated: it makes its own cells there), a veth pair to our bridge
+//! with an address leased from it, its identity and policy handed over in a sealed memfd
+//! ([`handover`]). Its SVID is renewed by the child through `Instances/Renew` before it
+//! expires ([`renew`]).
 
+pub mod child;
+pub mod handover;
+pub mod identity;
+pub mod renew;
 pub mod spec;
 
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use aurae_identity::SpiffeId;
+use aurae_proto::runtime::v0 as pb;
+use aurae_sys::{ExitStatus, Namespaces as Ns, Pidfd, SpawnRequest, spawn::Program};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
 pub use spec::InstanceSpec;
+
+use self::{
+    handover::{Handover, INSTANCE_ARG, INSTANCE_PORT, Lineage},
+    identity::SelfIdentity,
+};
+use crate::{
+    events::EventBus,
+    identity::{Grant, Policy},
+    reaper::Reaper,
+    spec::{CellName, Label},
+    vm::Vms,
+    workload::{
+        Phase, WorkloadError,
+        cgroup::CgroupTree,
+        layout::INSTANCE_GROUP,
+        log::{Log, Stream},
+        supervise::wait_empty,
+    },
+};
+
+/// How long a child has to become ready unless the request says.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a child's SVID is valid unless the request says.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+
+/// How an instance is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    VirtualMachine,
+    Cell,
+}
+
+/// Where an instance is.
+#[derive(Debug, Clone)]
+pub struct InstanceState {
+    pub phase: Phase,
+    pub message: String,
+    pub boot_time: Option<Duration>,
+    pub ready_time: Option<Duration>,
+    pub svid_expires_at: Option<SystemTime>,
+    /// The child process's end.
+    pub exited: Option<(Option<ExitStatus>, SystemTime)>,
+}
+
+/// One spawned instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub spec: InstanceSpec,
+    pub spiffe_id: SpiffeId,
+    pub isolation: Isolation,
+    pub isolation_reason: String,
+    pub started_at: SystemTime,
+    pub depth: u32,
+    pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    pub log: Arc<Log>,
+    pub state: watch::Sender<InstanceState>,
+    /// The child auraed's pid (in our PID namespace).
+    pub pid: i32,
+    pidfd: Arc<Pidfd>,
+    veth: String,
+    cgroup: CellName,
+    /// The route to its own bridge's subnet, through it: (bridge, subnet).
+    route: (String, Ipv4Addr),
+}
+
+impl Instance {
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from((self.addr, INSTANCE_PORT))
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.state.borrow().phase
+    }
+
+    fn gone(&self) -> bool {
+        self.state.borrow().exited.is_some()
+    }
+
+    /// Waits for the child to end, at most `timeout`.
+    pub async fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut rx = self.state.subscribe();
+        let w = rx.wait_for(|s| s.exited.is_some());
+        match timeout {
+            Some(t) => tokio::time::timeout(t, w).await.is_ok_and(|r| r.is_ok()),
+            None => w.await.is_ok(),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut InstanceState)) {
+        self.state.send_modify(f);
+    }
+}
+
+/// A hook that serves our API on one more listener (the bridge address, where our
+/// children renew); set by the server once it serves.
+pub type ServeOn = Arc<dyn Fn(std::net::TcpListener) + Send + Sync>;
+
+/// The domain service behind `Spawn` and the `Instances` API.
+pub struct Instances {
+    tree: Result<Arc<dyn CgroupTree>, String>,
+    reaper: Arc<Reaper>,
+    events: Arc<EventBus>,
+    vms: Arc<Vms>,
+    sealed: Arc<aurae_sys::memfd::SealedSelf>,
+    identity: Arc<SelfIdentity>,
+    logs_dir: PathBuf,
+    /// Our own depth (0 for a daemon an operator started) and the deepest allowed.
+    depth: u32,
+    max_depth: u32,
+    /// Why a microVM cannot be used here (`None`: it can).
+    no_vm: String,
+    instances: Mutex<BTreeMap<Label, Arc<Instance>>>,
+    ops: tokio::sync::Mutex<()>,
+    serve_on: OnceLock<ServeOn>,
+    bridge_served: Mutex<bool>,
+    next_veth: AtomicU64,
+}
+
+impl std::fmt::Debug for Instances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instances")
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+fn precondition(m: impl Into<String>) -> WorkloadError {
+    WorkloadError::Precondition(m.into())
+}
+
+/// What [`Instances::new`] needs.
+#[derive(Debug)]
+pub struct InstancesDeps {
+    pub tree: Result<Arc<dyn CgroupTree>, String>,
+    pub reaper: Arc<Reaper>,
+    pub events: Arc<EventBus>,
+    pub vms: Arc<Vms>,
+    pub sealed: Arc<aurae_sys::memfd::SealedSelf>,
+    pub identity: Arc<SelfIdentity>,
+    pub logs_dir: PathBuf,
+    pub lineage: Option<Lineage>,
+}
+
+impl Instances {
+    pub fn new(d: InstancesDeps) -> Self {
+        let (depth, max_depth) = d
+            .lineage
+            .as_ref()
+            .map_or((0, handover::DEFAULT_MAX_DEPTH), |l| (l.depth, l.max_depth));
+        Self {
+            tree: d.tree,
+            reaper: d.reaper,
+            events: d.events,
+            vms: d.vms,
+            sealed: d.sealed,
+            identity: d.identity,
+            logs_dir: d.logs_dir,
+            depth,
+            max_depth,
+            no_vm: "microVM isolation of spawned instances is not built yet in this auraed \
+                    (the cell fallback is used)"
+                .into(),
+            instances: Mutex::new(BTreeMap::new()),
+            ops: tokio::sync::Mutex::new(()),
+            serve_on: OnceLock::new(),
+            bridge_served: Mutex::new(false),
+            next_veth: AtomicU64::new(0),
+        }
+    }
+
+    /// The server's hook for serving on the bridge address (see [`ServeOn`]).
+    pub fn set_serve_on(&self, f: ServeOn) {
+        let _ = self.serve_on.set(f);
+    }
+
+    pub fn identity(&self) -> &Arc<SelfIdentity> {
+        &self.identity
+    }
+
+    fn tree(&self) -> Result<Arc<dyn CgroupTree>, WorkloadError> {
+        self.tree.clone().map_err(WorkloadError::Precondition)
+    }
+
+    pub fn find(&self, name: &Label) -> Result<Arc<Instance>, WorkloadError> {
+        self.instances
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .ok_or_else(|| WorkloadError::NotFound(format!("instance {name:?} does not exist")))
+    }
+
+    /// Instances whose names pass `visible`, in name order.
+    pub fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<Arc<Instance>> {
+        self.instances
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|i| visible(i.spec.name.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Instances and their memory under the names `within` accepts (quotas).
+    pub fn usage(&self, within: impl Fn(&str) -> bool) -> (usize, u64) {
+        self.list(within).iter().fold((0, 0u64), |(n, m), i| {
+            (n + 1, m.saturating_add(i.spec.memory_bytes))
+        })
+    }
+
+    /// Which isolation a request gets, and why.
+    fn choose(&self, spec: &InstanceSpec) -> Result<(Isolation, String), WorkloadError> {
+        match spec.isolation {
+            pb::Isolation::Auto => Ok((Isolation::Cell, format!("auto: {}", self.no_vm))),
+            pb::Isolation::Cell => Ok((Isolation::Cell, "requested".into())),
+            pb::Isolation::VirtualMachine => Err(precondition(format!(
+                "isolation: ISOLATION_VIRTUAL_MACHINE is not available here: {}",
+                self.no_vm
+            ))),
+        }
+    }
+
+    /// Serves our API on the bridge's address (once), where children renew.
+    fn serve_on_bridge(&self, gateway: Ipv4Addr) {
+        let Ok(mut served) = self.bridge_served.lock() else {
+            return;
+        };
+        if *served {
+            return;
+        }
+        let Some(serve) = self.serve_on.get() else {
+            warn!("no listener hook: spawned instances cannot renew their SVIDs");
+            return;
+        };
+        match std::net::TcpListener::bind((gateway, INSTANCE_PORT)) {
+            Ok(l) => {
+                serve(l);
+                *served = true;
+                info!(addr = %gateway, port = INSTANCE_PORT, "serving on the bridge for spawned instances");
+            }
+            // Already served (e.g. a wildcard listener on that port).
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => *served = true,
+            Err(e) => warn!(
+                "cannot serve on {gateway}:{INSTANCE_PORT} for spawned instances to renew: {e}"
+            ),
+        }
+    }
+
+    /// Spawns an instance for `caller` (whose grant the child copies for it) and waits
+    /// until it is ready; on any failure everything made for it is removed.
+    pub async fn spawn(
+        self: &Arc<Self>,
+        spec: InstanceSpec,
+        caller: (&SpiffeId, &Grant),
+    ) -> Result<Arc<Instance>, WorkloadError> {
+        let (ready_timeout, svid_ttl) = (spec.ready_timeout, spec.svid_ttl);
+        let t0 = Instant::now();
+        let tree = self.tree()?;
+        let _ops = self.ops.lock().await;
+        if self
+            .instances
+            .lock()
+            .is_ok_and(|m| m.contains_key(&spec.name))
+        {
+            return Err(WorkloadError::Exists(format!(
+                "instance {:?} already exists",
+                spec.name.as_str()
+            )));
+        }
+        if self.depth + 1 > self.max_depth {
+            return Err(precondition(format!(
+                "this auraed is at depth {} of at most {}: it may not spawn deeper",
+                self.depth, self.max_depth
+            )));
+        }
+        let (isolation, isolation_reason) = self.choose(&spec)?;
+        let id = self
+            .identity
+            .child_id(spec.name.as_str())
+            .map_err(precondition)?;
+
+        // cgroup: instances/<name>, bounded as a whole, no block devices.
+        let group = CellName::parse("name", INSTANCE_GROUP)?;
+        if !tree.exists(&group) {
+            tree.create(&group)?;
+        }
+        let cgroup = CellName::parse("name", &format!("{INSTANCE_GROUP}/{}", spec.name))?;
+        tree.create(&cgroup)?;
+        let mut undo = Undo {
+            tree: tree.clone(),
+            cgroup: Some(cgroup.clone()),
+            vms: self.vms.clone(),
+            addr: None,
+            veth: None,
+            child: None,
+            route: None,
+        };
+        if tree.controllers().iter().any(|c| c == "memory") {
+            tree.write(&cgroup, "memory.max", &spec.memory_bytes.to_string())?;
+        }
+        tree.attach_device_filter(&cgroup).map_err(|e| {
+            precondition(format!(
+                "the instance's device filter (cgroup BPF) is not available here: {e}"
+            ))
+        })?;
+
+        // Network: an address on our bridge; the child's own bridge gets another /24.
+        let (addr, gateway, bridge, addr6, gateway6) = {
+            let mut n = self
+                .vms
+                .network()
+                .lock()
+                .map_err(|_| precondition("network lock poisoned"))?;
+            let addr = n.lease_addr().map_err(precondition)?;
+            (
+                addr,
+                n.gateway,
+                n.bridge.clone(),
+                n.ipv6_of(addr),
+                n.gateway6(),
+            )
+        };
+        undo.addr = Some(addr);
+        self.serve_on_bridge(gateway);
+        let depth = self.depth + 1;
+        let bridge_gateway =
+            Ipv4Addr::new(10, 200u8.saturating_add(depth as u8), addr.octets()[3], 1);
+
+        // Identity and policy: minted now, handed over once, in memory.
+        let minted = self
+            .identity
+            .mint(&id, vec![IpAddr::V4(addr), IpAddr::V6(addr6)], svid_ttl)
+            .map_err(precondition)?;
+        let parent_grant = Grant::everything(self.identity.id.clone());
+        let mut grants: Vec<(&SpiffeId, &Grant)> = vec![(&self.identity.id, &parent_grant)];
+        if caller.0 != &self.identity.id {
+            grants.push(caller);
+        }
+        let policy_toml = Policy::render(&grants);
+        let creds = self.identity.creds();
+        let h = Handover {
+            name: spec.name.to_string(),
+            spiffe_id: id.to_string(),
+            ca_pem: creds.ca_pem,
+            cert_pem: minted.cert_pem,
+            key_pem: minted.key_pem,
+            signer_chain_pem: minted.signer_chain_pem,
+            signer_key_pem: minted.signer_key_pem,
+            policy_toml,
+            interface: "eth0".into(),
+            addr,
+            gateway,
+            addr6,
+            gateway6,
+            bridge_gateway,
+            parent_endpoint: SocketAddr::from((gateway, INSTANCE_PORT)).to_string(),
+            parent_id: self.identity.id.to_string(),
+            depth,
+            max_depth: self.max_depth,
+            svid_ttl_s: svid_ttl.as_secs(),
+        };
+        let memfd = serde_json::to_vec(&h)
+            .map_err(|e| precondition(format!("handover: {e}")))
+            .and_then(|bytes| {
+                aurae_sys::memfd::sealed_bytes(&bytes, "aurae-handover").map_err(WorkloadError::Io)
+            });
+        drop(h);
+        let memfd = memfd?;
+
+        // The child: auraed from our sealed copy, init of a new cell.
+        let log = Arc::new(Log::new(Some(
+            self.logs_dir
+                .join("instances")
+                .join(format!("{}.log", spec.name)),
+        )));
+        let (out_r, out_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        let leaf = tree.leaf_fd(&cgroup)?;
+        let sealed = self.sealed.get()?;
+        let reaper = self.reaper.clone();
+        let child = tokio::task::spawn_blocking(move || {
+            let argv: Vec<std::ffi::CString> = ["auraed-instance", INSTANCE_ARG]
+                .iter()
+                .filter_map(|s| std::ffi::CString::new(*s).ok())
+                .collect();
+            let envp: Vec<std::ffi::CString> =
+                ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "AURAED_LOG=info"]
+                    .iter()
+                    .filter_map(|s| std::ffi::CString::new(*s).ok())
+                    .collect();
+            let devnull = std::fs::File::open("/dev/null")?;
+            let req = SpawnRequest {
+                program: Program::Fd(sealed.as_raw_fd()),
+                argv: &argv,
+                envp: &envp,
+                cwd: Some(c"/"),
+                uid: None,
+                gid: None,
+                no_new_privs: true,
+                stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()],
+                pass_fd: Some(memfd.as_raw_fd()),
+                cgroup: Some(leaf.as_raw_fd()),
+                new_namespaces: Ns(Ns::PID | Ns::MOUNT | Ns::NET | Ns::UTS | Ns::IPC | Ns::CGROUP),
+                pid_namespace_of: None,
+                join: None,
+                unshare: Ns(0),
+                container: None,
+            };
+            crate::workload::spawner::Spawner::spawn(reaper.as_ref(), &req).map_err(|source| {
+                WorkloadError::Spawn {
+                    what: "starting the instance's auraed".into(),
+                    source,
+                }
+            })
+        })
+        .await
+        .map_err(|e| precondition(format!("spawn task: {e}")))??;
+        let pid = child.pid;
+        let pidfd = child.pidfd.clone();
+        undo.child = Some(pidfd.clone());
+        tokio::spawn(crate::workload::output::pump(
+            out_r,
+            log.clone(),
+            Stream::Stdout,
+            |_| {},
+        ));
+
+        // Its veth: our end on the bridge, its end (eth0) born in its network namespace.
+        let veth = format!(
+            "aurae-i{}",
+            self.next_veth.fetch_add(1, Ordering::SeqCst) + 1
+        );
+        let made = aurae_sys::netlink::create_veth(&veth, "eth0", pid)
+            .and_then(|()| {
+                undo.veth = Some(veth.clone());
+                aurae_sys::net::add_to_bridge(&bridge, &veth)
+            })
+            .and_then(|()| aurae_sys::net::set_link_up(&veth));
+        if let Err(e) = made {
+            return Err(undo.fail(format!("the instance's veth {veth}: {e}")).await);
+        }
+        // Its own bridge's subnet (its children) is reached through it.
+        let child_net = Ipv4Addr::new(
+            bridge_gateway.octets()[0],
+            bridge_gateway.octets()[1],
+            bridge_gateway.octets()[2],
+            0,
+        );
+        match aurae_sys::netlink::add_route_v4(&bridge, child_net, 24, addr) {
+            Ok(()) => undo.route = Some((bridge.clone(), child_net)),
+            Err(e) => {
+                warn!(instance = %spec.name, "no route to its children's subnet {child_net}/24: {e}")
+            }
+        }
+        let boot_time = t0.elapsed();
+
+        let (state, _) = watch::channel(InstanceState {
+            phase: Phase::Starting,
+            message: String::new(),
+            boot_time: Some(boot_time),
+            ready_time: None,
+            svid_expires_at: Some(minted.expires_at),
+            exited: None,
+        });
+        let inst = Arc::new(Instance {
+            spec,
+            spiffe_id: id,
+            isolation,
+            isolation_reason,
+            started_at: SystemTime::now(),
+            depth,
+            addr,
+            addr6,
+            log,
+            state,
+            pid,
+            pidfd,
+            veth,
+            cgroup,
+            route: (bridge.clone(), child_net),
+        });
+        self.supervise(&inst, child.exit);
+
+        // Ready: health SERVING over mTLS from exactly the SPIFFE ID we minted.
+        match self.wait_ready(&inst, t0 + ready_timeout).await {
+            Ok(()) => {}
+            Err(e) => {
+                let tail = tail(&inst.log.text(), 6);
+                let msg = if tail.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}; its last output: {tail}")
+                };
+                let failed = match e {
+                    WorkloadError::Deadline(_) => WorkloadError::Deadline(msg.clone()),
+                    _ => precondition(msg.clone()),
+                };
+                inst.log.close();
+                let _ = undo.fail(msg).await;
+                let _ = inst.log.remove_files();
+                return Err(failed);
+            }
+        }
+        undo.disarm();
+        inst.set(|s| {
+            s.phase = Phase::Running;
+            s.ready_time = Some(t0.elapsed());
+        });
+        if let Ok(mut m) = self.instances.lock() {
+            m.insert(inst.spec.name.clone(), inst.clone());
+        }
+        info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, "instance ready");
+        self.events.emit(
+            pb::Kind::Instance,
+            inst.spec.name.as_str(),
+            pb::EventType::Started,
+            format!("{} at {}", inst.spiffe_id, inst.endpoint()),
+        );
+        Ok(inst)
+    }
+
+    /// Notices the child's end: phase, cause, event.
+    fn supervise(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+    ) {
+        let inst = inst.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let status = exit.await.ok();
+            let stopping = inst.phase() == Phase::Stopping;
+            let clean = stopping || matches!(status, Some(ExitStatus::Code(0)));
+            let cause = match status {
+                Some(ExitStatus::Code(c)) => format!("its auraed exited with code {c}"),
+                Some(ExitStatus::Signal(s)) => format!("its auraed was killed by signal {s}"),
+                None => "its auraed ended".into(),
+            };
+            let tail = tail(&inst.log.text(), 4);
+            let message = if clean || tail.is_empty() {
+                cause.clone()
+            } else {
+                format!("{cause}; its last output: {tail}")
+            };
+            inst.set(|s| {
+                if s.phase != Phase::Starting || !clean {
+                    s.phase = if clean { Phase::Exited } else { Phase::Failed };
+                }
+                s.message = message.clone();
+                s.exited = Some((status, SystemTime::now()));
+            });
+            events.emit(
+                pb::Kind::Instance,
+                inst.spec.name.as_str(),
+                if clean {
+                    pb::EventType::Exited
+                } else {
+                    pb::EventType::Failed
+                },
+                message,
+            );
+        });
+    }
+
+    /// A client of the child, requiring its SPIFFE ID.
+    pub async fn connect(&self, inst: &Instance) -> Result<aurae_client::Client, WorkloadError> {
+        let tls = self
+            .identity
+            .client_tls(&inst.spiffe_id)
+            .map_err(precondition)?;
+        let endpoint = aurae_client::Endpoint::Tcp(inst.endpoint().to_string());
+        aurae_client::Client::connect_with(&endpoint, &inst.addr.to_string(), tls)
+            .await
+            .map_err(|e| precondition(format!("{}: {}", inst.endpoint(), error_chain(&e))))
+    }
+
+    async fn wait_ready(&self, inst: &Instance, deadline: Instant) -> Result<(), WorkloadError> {
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some((status, _)) = inst.state.borrow().exited {
+                return Err(precondition(format!(
+                    "instance {:?} ended before it was ready ({status:?})",
+                    inst.spec.name.as_str()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(WorkloadError::Deadline(format!(
+                    "instance {:?} was not ready in time (last: {last}); everything made for it was removed",
+                    inst.spec.name.as_str()
+                )));
+            }
+            match tokio::time::timeout(Duration::from_secs(5), self.connect(inst)).await {
+                Ok(Ok(c)) => {
+                    let req = tonic_health::pb::HealthCheckRequest::default();
+                    match c.health().check(req).await {
+                        Ok(r) if r.get_ref().status == 1 => return Ok(()),
+                        Ok(r) => last = format!("health {}", r.get_ref().status),
+                        Err(e) => last = e.message().to_owned(),
+                    }
+                }
+                Ok(Err(e)) => {
+                    let text = e.to_string();
+                    // A certificate that is not the one minted for it: refused at once.
+                    if text.contains("the peer presented SPIFFE ID") {
+                        return Err(precondition(format!(
+                            "instance {:?} presented the wrong identity and was refused: {text}",
+                            inst.spec.name.as_str()
+                        )));
+                    }
+                    last = text;
+                }
+                Err(_) => last = "connect timed out".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Asks the child to shut down in order (`Daemon/Shutdown` with `grace`), waits for
+    /// it, and kills what is left after the grace period.
+    pub async fn stop(
+        &self,
+        name: &Label,
+        grace: Duration,
+    ) -> Result<Arc<Instance>, WorkloadError> {
+        let _ops = self.ops.lock().await;
+        let inst = self.find(name)?;
+        self.stop_one(&inst, grace).await;
+        Ok(inst)
+    }
+
+    async fn stop_one(&self, inst: &Arc<Instance>, grace: Duration) {
+        if inst.gone() {
+            return;
+        }
+        inst.set(|s| s.phase = Phase::Stopping);
+        let asked = match self.connect(inst).await {
+            Ok(c) => {
+                let req = pb::ShutdownRequest {
+                    grace_period: prost_types::Duration::try_from(grace).ok(),
+                    reboot: false,
+                };
+                c.daemon()
+                    .shutdown(req)
+                    .await
+                    .map_err(|e| e.message().to_owned())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = &asked {
+            warn!(instance = %inst.spec.name, "asking the instance to shut down: {e}; killing it");
+        }
+        let wait = if asked.is_ok() {
+            grace + Duration::from_secs(10)
+        } else {
+            Duration::ZERO
+        };
+        if !inst.wait(Some(wait)).await {
+            let _ = inst.pidfd.send_signal(nix::libc::SIGKILL);
+            if let Ok(t) = self.tree() {
+                let _ = t.kill(&inst.cgroup);
+            }
+            inst.wait(Some(Duration::from_secs(10))).await;
+        }
+        self.events.emit(
+            pb::Kind::Instance,
+            inst.spec.name.as_str(),
+            pb::EventType::Stopped,
+            "",
+        );
+    }
+
+    /// Removes an instance: its process (killed if it still runs), veth, address, cgroup
+    /// subtree and log. Its secrets lived only in its own memory and tmpfs.
+    pub async fn free(&self, name: &Label) -> Result<(), WorkloadError> {
+        let _ops = self.ops.lock().await;
+        let inst = self.find(name)?;
+        if !inst.gone() {
+            let _ = inst.pidfd.send_signal(nix::libc::SIGKILL);
+            inst.wait(Some(Duration::from_secs(10))).await;
+        }
+        let undo = Undo {
+            tree: self.tree()?,
+            cgroup: Some(inst.cgroup.clone()),
+            vms: self.vms.clone(),
+            addr: Some(inst.addr),
+            veth: Some(inst.veth.clone()),
+            child: None,
+            route: Some(inst.route.clone()),
+        };
+        undo.run().await?;
+        if let Ok(mut m) = self.instances.lock() {
+            m.remove(name);
+        }
+        let _ = inst.log.remove_files();
+        self.events
+            .emit(pb::Kind::Instance, name.as_str(), pb::EventType::Freed, "");
+        Ok(())
+    }
+
+    /// Signs a renewal for the caller, which must be one of our running instances.
+    pub fn renew(
+        &self,
+        caller: &SpiffeId,
+        csr_pem: &str,
+        signer_csr_pem: &str,
+    ) -> Result<(String, String, SystemTime), WorkloadError> {
+        let inst = caller
+            .path()
+            .rsplit('/')
+            .next()
+            .and_then(|n| Label::parse("name", n).ok())
+            .and_then(|n| self.find(&n).ok())
+            .filter(|i| i.spiffe_id == *caller)
+            .ok_or_else(|| {
+                WorkloadError::NotFound(format!("{caller} is not an instance this auraed spawned"))
+            })?;
+        if inst.gone() {
+            return Err(precondition(format!(
+                "instance {:?} has ended",
+                inst.spec.name.as_str()
+            )));
+        }
+        let ttl = inst.spec.svid_ttl;
+        let (cert, signer) = self
+            .identity
+            .renew(
+                caller,
+                vec![IpAddr::V4(inst.addr), IpAddr::V6(inst.addr6)],
+                ttl,
+                csr_pem,
+                signer_csr_pem,
+            )
+            .map_err(|e| WorkloadError::Invalid(crate::spec::FieldError::new("csr_pem", e)))?;
+        let expires = SystemTime::now() + ttl;
+        inst.set(|s| s.svid_expires_at = Some(expires));
+        info!(instance = %inst.spec.name, "renewed its SVID");
+        Ok((cert, signer, expires))
+    }
+
+    /// Ordered shutdown: every instance stopped (with `grace`) and freed.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all = self.list(|_| true);
+        futures_join_all(all.iter().map(|i| self.stop_one(i, grace))).await;
+        for i in all {
+            if let Err(e) = self.free(&i.spec.name).await {
+                warn!(instance = %i.spec.name, "freeing on shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// Runs every future to completion, concurrently.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for f in fs {
+        set.push(Box::pin(f));
+    }
+    for f in set {
+        f.await;
+    }
+}
+
+/// What a failed spawn (or a free) removes, in order: the child, its veth, its address,
+/// its cgroup subtree.
+struct Undo {
+    tree: Arc<dyn CgroupTree>,
+    cgroup: Option<CellName>,
+    vms: Arc<Vms>,
+    addr: Option<Ipv4Addr>,
+    veth: Option<String>,
+    child: Option<Arc<Pidfd>>,
+    /// (bridge, subnet) of a route to the instance's children.
+    route: Option<(String, Ipv4Addr)>,
+}
+
+impl Undo {
+    fn disarm(&mut self) {
+        self.cgroup = None;
+        self.addr = None;
+        self.veth = None;
+        self.child = None;
+        self.route = None;
+    }
+
+    async fn fail(self, why: String) -> WorkloadError {
+        if let Err(e) = self.run().await {
+            warn!("cleaning up a failed spawn: {e}");
+        }
+        precondition(why)
+    }
+
+    async fn run(self) -> Result<(), WorkloadError> {
+        if let Some(c) = &self.child {
+            let _ = c.send_signal(nix::libc::SIGKILL);
+        }
+        if let (Some((bridge, net)), Some(addr)) = (&self.route, self.addr)
+            && let Err(e) = aurae_sys::netlink::delete_route_v4(bridge, *net, 24, addr)
+        {
+            warn!("deleting the route to {net}/24: {e}");
+        }
+        if let Some(v) = &self.veth {
+            // Gone already when its peer's namespace died with the child.
+            if let Err(e) = aurae_sys::netlink::delete_link(v) {
+                warn!(veth = %v, "deleting the instance's veth: {e}");
+            }
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = self.tree.kill(cg);
+            if !wait_empty(self.tree.as_ref(), cg, Duration::from_secs(10)).await {
+                return Err(precondition(format!(
+                    "the processes of {cg} still run after a kill"
+                )));
+            }
+            remove_subtree(self.tree.as_ref(), cg)?;
+        }
+        if let (Some(a), Ok(mut n)) = (self.addr, self.vms.network().lock()) {
+            n.release_addr(a);
+        }
+        Ok(())
+    }
+}
+
+/// Removes an instance's cgroup and what its auraed made below its leaf, deepest first.
+fn remove_subtree(tree: &dyn CgroupTree, cg: &CellName) -> Result<(), WorkloadError> {
+    let leaf = tree.path(cg).join("_procs");
+    let mut dirs = Vec::new();
+    let mut stack = vec![leaf.clone()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                    dirs.push(e.path());
+                }
+            }
+        }
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        std::fs::remove_dir(&d).map_err(WorkloadError::Io)?;
+    }
+    tree.remove(cg)?;
+    Ok(())
+}
+
+/// The last `n` non-empty lines of `text`, joined with " | ".
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// An error and its sources, joined.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,6 +1,6 @@
 //! Validated Spawn requests.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use aurae_proto::runtime::v0 as pb;
 
@@ -20,6 +20,28 @@ pub struct InstanceSpec {
     pub memory_bytes: u64,
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
+    /// How long the child may take to become ready.
+    pub ready_timeout: Duration,
+    /// How long each SVID of the child is valid.
+    pub svid_ttl: Duration,
+}
+
+/// The shortest SVID lifetime a request may ask for (renewal runs at two thirds).
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(120);
+/// The longest.
+pub const MAX_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The longest readiness deadline.
+pub const MAX_READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn duration(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<Option<Duration>, FieldError> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(FieldError::new(field, "must be a positive duration"));
+    }
+    Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
 }
 
 impl InstanceSpec {
@@ -33,7 +55,30 @@ impl InstanceSpec {
                 abs_path(&format!("{field}{f}"), s).map(Some)
             }
         };
+        let ready_timeout =
+            match duration(&format!("{field}ready_timeout"), i.ready_timeout.as_ref())? {
+                None => super::DEFAULT_READY_TIMEOUT,
+                Some(d) if d.is_zero() || d > MAX_READY_TIMEOUT => {
+                    return Err(FieldError::new(
+                        format!("{field}ready_timeout"),
+                        "must be more than 0 and at most 10 min",
+                    ));
+                }
+                Some(d) => d,
+            };
+        let svid_ttl = match duration(&format!("{field}svid_ttl"), i.svid_ttl.as_ref())? {
+            None => super::DEFAULT_SVID_TTL,
+            Some(d) if d < MIN_SVID_TTL || d > MAX_SVID_TTL => {
+                return Err(FieldError::new(
+                    format!("{field}svid_ttl"),
+                    "must be from 2 min to 24 h",
+                ));
+            }
+            Some(d) => d,
+        };
         Ok(Self {
+            ready_timeout,
+            svid_ttl,
             name: match name {
                 Some(n) => n,
                 None => Label::parse(&format!("{field}name"), &i.name)?,
@@ -80,5 +125,37 @@ mod tests {
         .unwrap();
         assert_eq!(ok.memory_bytes, DEFAULT_MEMORY);
         assert_eq!(ok.vcpus, 1);
+        assert_eq!(ok.svid_ttl, crate::instance::DEFAULT_SVID_TTL);
+        for (ttl, ok) in [(60, false), (120, true), (86_400, true), (86_401, false)] {
+            let r = InstanceSpec::parse(
+                "",
+                pb::Instance {
+                    name: "i1".into(),
+                    svid_ttl: Some(prost_types::Duration {
+                        seconds: ttl,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+                None,
+            );
+            assert_eq!(r.is_ok(), ok, "svid_ttl {ttl}");
+            if let Err(e) = r {
+                assert_eq!(e.field, "svid_ttl");
+            }
+        }
+        let r = InstanceSpec::parse(
+            "",
+            pb::Instance {
+                name: "i1".into(),
+                ready_timeout: Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+            None,
+        );
+        assert_eq!(r.unwrap_err().field, "ready_timeout");
     }
 }

@@ -197,6 +197,20 @@ impl Vms {
         self
     }
 
+    /// Uses another bridge subnet than 10.200.0.1/24 (a spawned instance gets its own,
+    /// so its children's addresses never collide with its parent's).
+    pub fn with_bridge_gateway(self, gateway: std::net::Ipv4Addr) -> Self {
+        if let Ok(mut n) = self.network.lock() {
+            *n = Network::new("aurae0", gateway);
+        }
+        self
+    }
+
+    /// The bridge VMs and spawned instances share.
+    pub fn network(&self) -> &Mutex<Network> {
+        &self.network
+    }
+
     fn tree(&self) -> Result<Arc<dyn CgroupTree>, WorkloadError> {
         self.tree.clone().map_err(WorkloadError::Precondition)
     }

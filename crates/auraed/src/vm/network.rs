@@ -42,16 +42,62 @@ impl Network {
         Some(Ipv4Addr::new(o[0], o[1], o[2], n))
     }
 
-    /// A TAP device on the bridge with an address for the guest; `mac` or one derived
-    /// from the address (locally administered).
-    pub fn lease(&mut self, mac: Option<[u8; 6]>) -> Result<Lease, String> {
+    /// The bridge, created (with its IPv4 and IPv6 gateway addresses) on first use.
+    pub fn ensure_bridge(&mut self) -> Result<(), String> {
         if !self.up {
             aurae_sys::net::create_bridge(&self.bridge)
                 .and_then(|_| aurae_sys::net::set_ipv4(&self.bridge, self.gateway, 24))
                 .and_then(|()| aurae_sys::net::set_link_up(&self.bridge))
                 .map_err(|e| format!("bridge {}: {e}", self.bridge))?;
+            if let Err(e) = aurae_sys::net::add_ipv6(&self.bridge, self.gateway6(), 64)
+                && e.kind() != std::io::ErrorKind::AlreadyExists
+            {
+                tracing::warn!(bridge = %self.bridge, "no IPv6 on the bridge: {e}");
+            }
             self.up = true;
         }
+        Ok(())
+    }
+
+    /// The bridge's IPv6 gateway: a unique local address derived from the IPv4 subnet
+    /// (`10.200.0.1` → `fd61:7572:ac8:0::1`), so nested bridges never share a /64.
+    pub fn gateway6(&self) -> std::net::Ipv6Addr {
+        self.ipv6_of(self.gateway)
+    }
+
+    /// The IPv6 address that goes with an IPv4 address of the bridge's /24.
+    pub fn ipv6_of(&self, v4: Ipv4Addr) -> std::net::Ipv6Addr {
+        let o = v4.octets();
+        std::net::Ipv6Addr::new(
+            0xfd61,
+            0x7572,
+            u16::from_be_bytes([o[0], o[1]]),
+            u16::from(o[2]),
+            0,
+            0,
+            0,
+            u16::from(o[3]),
+        )
+    }
+
+    /// An address of the bridge's /24 for something that brings its own link (a spawned
+    /// instance's veth); give it back with [`Network::release_addr`].
+    pub fn lease_addr(&mut self) -> Result<Ipv4Addr, String> {
+        self.ensure_bridge()?;
+        self.allocate()
+            .ok_or_else(|| format!("no free address left on {}", self.bridge))
+    }
+
+    /// Takes back an address a previous auraed leased (its instance was re-adopted).
+    pub fn adopt_addr(&mut self, addr: Ipv4Addr) {
+        self.used.insert(addr.octets()[3]);
+        self.up = true;
+    }
+
+    /// A TAP device on the bridge with an address for the guest; `mac` or one derived
+    /// from the address (locally administered).
+    pub fn lease(&mut self, mac: Option<[u8; 6]>) -> Result<Lease, String> {
+        self.ensure_bridge()?;
         let addr = self
             .allocate()
             .ok_or_else(|| format!("no free address left on {}", self.bridge))?;
@@ -73,7 +119,8 @@ impl Network {
         })
     }
 
-    fn release_addr(&mut self, addr: Ipv4Addr) {
+    /// Returns an address to the pool.
+    pub fn release_addr(&mut self, addr: Ipv4Addr) {
         self.used.remove(&addr.octets()[3]);
     }
 

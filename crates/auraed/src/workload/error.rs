@@ -18,6 +18,9 @@ pub enum WorkloadError {
     Precondition(String),
     #[error("{0}")]
     Exhausted(String),
+    /// Something did not happen in time (a spawned instance never became ready).
+    #[error("{0}")]
+    Deadline(String),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error("{what}: {source}")]

@@ -38,6 +38,8 @@ pub enum Phase {
 pub mod layout {
     /// The cgroup group every VMM lives under (a name cells may not take).
     pub const VM_GROUP: &str = "vms";
+    /// The cgroup group of spawned instances (a name cells may not take either).
+    pub const INSTANCE_GROUP: &str = "instances";
     /// The hidden first argument of auraed's binary when it runs as a cell init.
     pub const CELL_INIT_ARG: &str = "__aurae-cell-init";
 }
