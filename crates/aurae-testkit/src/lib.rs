@@ -196,6 +196,16 @@ impl Daemon {
         self.start_again().await
     }
 
+    /// `kill -9` auraed (its workloads are not told) and reap it; [`Daemon::start_again`]
+    /// brings it back.
+    pub fn crash(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
     /// Starts auraed again with the same arguments (after it exited or was killed).
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {

@@ -950,9 +950,15 @@ async fn wire_workloads(
             identity,
             logs_dir: cfg.state_dir.join("logs"),
             lineage: cfg.lineage.clone(),
+            store: Some(store.clone()),
         },
     ));
     let found_vms = vms.readopt().await;
+    let found_instances = instances.readopt();
+    for w in found_instances.warnings {
+        events.emit(Kind::Instance, "", EventType::Failed, w.clone());
+        warnings.push(w);
+    }
     let found = cells.readopt().await;
     for w in found_vms.warnings {
         events.emit(Kind::VirtualMachine, "", EventType::Failed, w.clone());
@@ -987,9 +993,11 @@ async fn wire_workloads(
         warnings.push(w);
     }
     if let Some(t) = &fs_tree {
-        for w in t
-            .sweep_leftovers(&|name| found.cells.contains(name) || found_vms.cgroups.contains(name))
-        {
+        for w in t.sweep_leftovers(&|name| {
+            found.cells.contains(name)
+                || found_vms.cgroups.contains(name)
+                || found_instances.cgroups.contains(name)
+        }) {
             events.emit(Kind::Cell, "", EventType::Freed, w.clone());
             warnings.push(w);
         }
@@ -1020,11 +1028,19 @@ async fn wire_workloads(
     // Logs of cells and VMs that were not found again (a crash between a free's steps,
     // or a start that never got its record) go too.
     let logs = cfg.state_dir.join("logs");
-    warnings.extend(remove_stray_logs(&logs, &|rel| match rel
-        .strip_prefix(&format!("{}/", crate::workload::layout::VM_GROUP))
-    {
-        Some(vm) => vms.holds_log(vm),
-        None => rel == crate::workload::layout::VM_GROUP || found.cells.contains(rel),
+    let instances_dir = format!("{}/", crate::workload::layout::INSTANCE_GROUP);
+    warnings.extend(remove_stray_logs(&logs, &|rel| {
+        if let Some(i) = rel.strip_prefix(&instances_dir) {
+            return instances.holds_log(i);
+        }
+        match rel.strip_prefix(&format!("{}/", crate::workload::layout::VM_GROUP)) {
+            Some(vm) => vms.holds_log(vm),
+            None => {
+                rel == crate::workload::layout::VM_GROUP
+                    || rel == crate::workload::layout::INSTANCE_GROUP
+                    || found.cells.contains(rel)
+            }
+        }
     }));
     let puller = Arc::new(crate::image::pull::Puller {
         store: image_store,

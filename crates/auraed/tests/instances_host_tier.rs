@@ -466,3 +466,111 @@ async fn a_child_spawns_its_own_child_to_the_depth_limit() {
         .unwrap();
     assert!(!d.cgroup.clone().unwrap().join("instances/l1").exists());
 }
+
+/// The pid of instance `name`'s auraed (from its cgroup).
+fn child_pid(d: &Daemon, name: &str) -> i32 {
+    let p = d
+        .cgroup
+        .clone()
+        .unwrap()
+        .join("instances")
+        .join(name)
+        .join("_procs/auraed/cgroup.procs");
+    std::fs::read_to_string(&p)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `kill -9` of the parent: the children keep serving and are re-adopted by the
+/// restarted parent (the same processes); one that died while the parent was down is
+/// reported, its record removed and its cgroup swept; free still leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_of_the_parent_costs_its_children_nothing() {
+    let Some((mut d, c)) = daemon("instances: crash of the parent").await else {
+        return;
+    };
+    let s = spawn(&c, "keep").await;
+    let lost = spawn(&c, "lost").await;
+    let (keep_pid, lost_pid) = (child_pid(&d, "keep"), child_pid(&d, "lost"));
+    drop(c);
+    d.crash().unwrap();
+    // While the parent is down, one child dies (killed by its pid, which is still its).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lost_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.start_again().await.unwrap_or_else(|e| panic!("{e}"));
+    let c = d.client("admin").await.unwrap();
+    let got = c
+        .instances()
+        .get(pb::NameRef {
+            name: "keep".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.phase, pb::Phase::Running as i32, "{got:?}");
+    assert_eq!(got.spiffe_id, s.spiffe_id);
+    assert_eq!(
+        child_pid(&d, "keep"),
+        keep_pid,
+        "the same process serves on"
+    );
+    let child = d
+        .instance_client("admin", &got.endpoint, &got.spiffe_id)
+        .await
+        .unwrap();
+    child.daemon().info(pb::InfoRequest {}).await.unwrap();
+    // The lost one: reported, gone, its cgroup swept.
+    let e = c
+        .instances()
+        .get(pb::NameRef {
+            name: "lost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.warnings.iter().any(|w| w.contains("\"lost\"")),
+        "{:?}",
+        info.warnings
+    );
+    let cg = d.cgroup.clone().unwrap().join("instances");
+    assert!(!cg.join("lost").exists(), "the lost one's cgroup is swept");
+    // A new spawn after the restart gets a fresh veth; the lost one's address is free.
+    let fresh = spawn(&c, "fresh").await;
+    assert_ne!(fresh.endpoint, s.endpoint);
+    assert_eq!(
+        fresh.endpoint, lost.endpoint,
+        "the lost one's address is reused"
+    );
+    for name in ["keep", "fresh"] {
+        c.instances()
+            .free(pb::NameRef { name: name.into() })
+            .await
+            .unwrap_or_else(|e| panic!("free {name}: {e:?}"));
+    }
+    let left: Vec<String> = std::fs::read_dir(&cg)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["_procs"], "no instance cgroup is left: {left:?}");
+    let veths = d.in_netns(links).unwrap();
+    assert!(
+        !veths.iter().any(|l| l.starts_with("aurae-i")),
+        "no veth is left: {veths:?}"
+    );
+}

@@ -13,13 +13,14 @@
 pub mod child;
 pub mod handover;
 pub mod identity;
+pub mod record;
 pub mod renew;
 pub mod spec;
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         Arc, Mutex, OnceLock,
@@ -47,11 +48,7 @@ use crate::{
     spec::{CellName, Label},
     vm::Vms,
     workload::{
-        Phase, WorkloadError,
-        cgroup::CgroupTree,
-        layout::INSTANCE_GROUP,
-        log::{Log, Stream},
-        supervise::wait_empty,
+        Phase, WorkloadError, cgroup::CgroupTree, layout::INSTANCE_GROUP, supervise::wait_empty,
     },
 };
 
@@ -90,7 +87,9 @@ pub struct Instance {
     pub depth: u32,
     pub addr: Ipv4Addr,
     pub addr6: Ipv6Addr,
-    pub log: Arc<Log>,
+    /// The child auraed's own log (its stdout and stderr, written by it straight to this
+    /// file: nothing of ours sits in between, so a crash of auraed costs it nothing).
+    pub log: PathBuf,
     pub state: watch::Sender<InstanceState>,
     /// The child auraed's pid (in our PID namespace).
     pub pid: i32,
@@ -152,6 +151,7 @@ pub struct Instances {
     serve_on: OnceLock<ServeOn>,
     bridge_served: Mutex<bool>,
     next_veth: AtomicU64,
+    recorder: crate::workload::record::Recorder,
 }
 
 impl std::fmt::Debug for Instances {
@@ -177,6 +177,7 @@ pub struct InstancesDeps {
     pub identity: Arc<SelfIdentity>,
     pub logs_dir: PathBuf,
     pub lineage: Option<Lineage>,
+    pub store: Option<crate::store::Store>,
 }
 
 impl Instances {
@@ -188,7 +189,7 @@ impl Instances {
         Self {
             tree: d.tree,
             reaper: d.reaper,
-            events: d.events,
+            events: d.events.clone(),
             vms: d.vms,
             sealed: d.sealed,
             identity: d.identity,
@@ -203,6 +204,7 @@ impl Instances {
             serve_on: OnceLock::new(),
             bridge_served: Mutex::new(false),
             next_veth: AtomicU64::new(0),
+            recorder: crate::workload::record::Recorder::new(d.store, d.events.clone()),
         }
     }
 
@@ -407,13 +409,11 @@ impl Instances {
         let memfd = memfd?;
 
         // The child: auraed from our sealed copy, init of a new cell.
-        let log = Arc::new(Log::new(Some(
-            self.logs_dir
-                .join("instances")
-                .join(format!("{}.log", spec.name)),
-        )));
-        let (out_r, out_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        let log = self
+            .logs_dir
+            .join("instances")
+            .join(format!("{}.log", spec.name));
+        let out_w = open_log(&log)?;
         let leaf = tree.leaf_fd(&cgroup)?;
         let sealed = self.sealed.get()?;
         let reaper = self.reaper.clone();
@@ -457,12 +457,6 @@ impl Instances {
         let pid = child.pid;
         let pidfd = child.pidfd.clone();
         undo.child = Some(pidfd.clone());
-        tokio::spawn(crate::workload::output::pump(
-            out_r,
-            log.clone(),
-            Stream::Stdout,
-            |_| {},
-        ));
 
         // Its veth: our end on the bridge, its end (eth0) born in its network namespace.
         let veth = format!(
@@ -524,7 +518,7 @@ impl Instances {
         match self.wait_ready(&inst, t0 + ready_timeout).await {
             Ok(()) => {}
             Err(e) => {
-                let tail = tail(&inst.log.text(), 6);
+                let tail = tail(&inst.log, 6);
                 let msg = if tail.is_empty() {
                     e.to_string()
                 } else {
@@ -534,9 +528,8 @@ impl Instances {
                     WorkloadError::Deadline(_) => WorkloadError::Deadline(msg.clone()),
                     _ => precondition(msg.clone()),
                 };
-                inst.log.close();
                 let _ = undo.fail(msg).await;
-                let _ = inst.log.remove_files();
+                let _ = std::fs::remove_file(&inst.log);
                 return Err(failed);
             }
         }
@@ -548,6 +541,7 @@ impl Instances {
         if let Ok(mut m) = self.instances.lock() {
             m.insert(inst.spec.name.clone(), inst.clone());
         }
+        self.record(&inst);
         info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, "instance ready");
         self.events.emit(
             pb::Kind::Instance,
@@ -575,7 +569,7 @@ impl Instances {
                 Some(ExitStatus::Signal(s)) => format!("its auraed was killed by signal {s}"),
                 None => "its auraed ended".into(),
             };
-            let tail = tail(&inst.log.text(), 4);
+            let tail = tail(&inst.log, 4);
             let message = if clean || tail.is_empty() {
                 cause.clone()
             } else {
@@ -730,7 +724,12 @@ impl Instances {
         if let Ok(mut m) = self.instances.lock() {
             m.remove(name);
         }
-        let _ = inst.log.remove_files();
+        let _ = std::fs::remove_file(&inst.log);
+        self.recorder.delete(
+            pb::Kind::Instance,
+            crate::store::kinds::INSTANCE,
+            name.as_str(),
+        );
         self.events
             .emit(pb::Kind::Instance, name.as_str(), pb::EventType::Freed, "");
         Ok(())
@@ -772,6 +771,7 @@ impl Instances {
             .map_err(|e| WorkloadError::Invalid(crate::spec::FieldError::new("csr_pem", e)))?;
         let expires = SystemTime::now() + ttl;
         inst.set(|s| s.svid_expires_at = Some(expires));
+        self.record(&inst);
         info!(instance = %inst.spec.name, "renewed its SVID");
         Ok((cert, signer, expires))
     }
@@ -882,10 +882,37 @@ fn remove_subtree(tree: &dyn CgroupTree, cg: &CellName) -> Result<(), WorkloadEr
     Ok(())
 }
 
-/// The last `n` non-empty lines of `text`, joined with " | ".
-fn tail(text: &str, n: usize) -> String {
+/// The last `n` non-empty lines of the log file (its last 8 KiB), joined with " | ".
+fn tail(log: &std::path::Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        text = String::from_utf8_lossy(&buf).into_owned();
+    }
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Opens (creating, 0600, appending) an instance's log file for its auraed to write to.
+fn open_log(path: &std::path::Path) -> Result<OwnedFd, WorkloadError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(path)?;
+    Ok(OwnedFd::from(f))
 }
 
 /// An error and its sources, joined.
