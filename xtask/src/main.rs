@@ -566,7 +566,42 @@ const GUEST_MODULES: &[&str] = &[
     "net/802/stp",
     "net/bridge/bridge",
     "drivers/net/tun",
+    // Cell-isolated instances: a veth pair each.
+    "drivers/net/veth",
 ];
+
+/// The modules a microVM instance's kernel needs (`auraed --instance-modules`): its
+/// network over virtio-mmio, and a bridge and veths for its own cell-isolated instances.
+const INSTANCE_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_mmio",
+    "net/core/failover",
+    "drivers/net/net_failover",
+    "drivers/net/virtio_net",
+    "fs/overlayfs/overlay",
+    "net/llc/llc",
+    "net/802/stp",
+    "net/bridge/bridge",
+    "drivers/net/veth",
+];
+
+/// Copies `list` (paths below the package's `kernel/`, without `.ko`) into `dir` with an
+/// `order` file, as auraed's PID 1 and `--instance-modules` read them.
+fn copy_modules(modroot: &Path, list: &[&str], dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut order = String::new();
+    for m in list {
+        let src = modroot.join(format!("{m}.ko"));
+        let name = m.rsplit('/').next().unwrap_or(m);
+        std::fs::copy(&src, dir.join(format!("{name}.ko")))
+            .with_context(|| format!("module {}", src.display()))?;
+        order.push_str(name);
+        order.push('\n');
+    }
+    std::fs::write(dir.join("order"), order)?;
+    Ok(())
+}
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -630,16 +665,8 @@ fn guest() -> anyhow::Result<ExitCode> {
         .map(|e| e.path().join("kernel"))
         .next()
         .context("no lib/modules/<version> in the kernel package")?;
-    let mut order = String::new();
-    for m in GUEST_MODULES {
-        let src = modroot.join(format!("{m}.ko"));
-        let name = m.rsplit('/').next().unwrap_or(m);
-        std::fs::copy(&src, out.join(format!("modules/{name}.ko")))
-            .with_context(|| format!("module {}", src.display()))?;
-        order.push_str(name);
-        order.push('\n');
-    }
-    std::fs::write(out.join("modules/order"), order)?;
+    copy_modules(&modroot, GUEST_MODULES, &out.join("modules"))?;
+    copy_modules(&modroot, INSTANCE_MODULES, &out.join("instance-modules"))?;
     let busybox = Path::new("/bin/busybox");
     if !busybox.exists() {
         bail!("/bin/busybox is missing: apt-get install busybox-static");

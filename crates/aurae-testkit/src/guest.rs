@@ -44,7 +44,13 @@ pub fn needs_guest() -> Option<String> {
         return Some(r);
     }
     let dir = artifacts();
-    for f in ["vmlinuz", "auraed", "busybox", "modules/order"] {
+    for f in [
+        "vmlinuz",
+        "auraed",
+        "busybox",
+        "modules/order",
+        "instance-modules/order",
+    ] {
         if !dir.join(f).exists() {
             return Some(format!(
                 "{} is missing: run `cargo xtask guest` first",
@@ -437,6 +443,8 @@ fn build_initramfs(
         (&pki.ca_cert, "ca.pem", 0o644),
         (&pki.server_cert, "auraed.pem", 0o644),
         (&pki.server_key, "auraed.key", 0o600),
+        (&pki.signer_cert, "signer.pem", 0o644),
+        (&pki.signer_key, "signer.key", 0o600),
     ] {
         e.push(File {
             path: format!("etc/aurae/pki/{name}"),
@@ -544,6 +552,48 @@ echo AURAE_MICROVM_MARKER
     let mut out = Vec::new();
     crate::cpio::write(&mut out, &e)?;
     Ok(out)
+}
+
+/// What a guest needs to spawn microVM instances of its own: the same kernel at
+/// `var/lib/aurae/instance/vmlinuz` and the modules a nested instance needs (virtio-mmio
+/// network; bridge and veth for its own cell-isolated instances) in
+/// `var/lib/aurae/instance/modules` (see `auraed --instance-kernel/--instance-modules`).
+pub fn instance_files() -> anyhow::Result<Vec<cpio::Entry>> {
+    use crate::cpio::Entry::{Dir, File};
+    let art = artifacts();
+    let mut e = Vec::new();
+    for d in [
+        "var/lib/aurae",
+        "var/lib/aurae/instance",
+        "var/lib/aurae/instance/modules",
+    ] {
+        e.push(Dir {
+            path: d.into(),
+            mode: 0o755,
+        });
+    }
+    e.push(File {
+        path: "var/lib/aurae/instance/vmlinuz".into(),
+        mode: 0o644,
+        data: std::fs::read(art.join("vmlinuz"))?,
+    });
+    // `cargo xtask guest` puts the instance kernel's modules there.
+    let dir = art.join("instance-modules");
+    let order = std::fs::read_to_string(dir.join("order"))
+        .with_context(|| format!("{}/order (run cargo xtask guest)", dir.display()))?;
+    for name in order.split_whitespace() {
+        e.push(File {
+            path: format!("var/lib/aurae/instance/modules/{name}.ko"),
+            mode: 0o644,
+            data: std::fs::read(dir.join(format!("{name}.ko")))?,
+        });
+    }
+    e.push(File {
+        path: "var/lib/aurae/instance/modules/order".into(),
+        mode: 0o644,
+        data: order.into_bytes(),
+    });
+    Ok(e)
 }
 
 /// The marker the microVM's init prints once it runs.

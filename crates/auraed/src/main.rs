@@ -65,6 +65,14 @@ struct Args {
     /// (repeatable). None = no virtual machines.
     #[arg(long = "vm-image-root")]
     vm_image_roots: Vec<PathBuf>,
+    /// The kernel (bzImage or vmlinux) microVM instances boot (Spawn with VM isolation;
+    /// probed once at start). Without it, instances are cell-isolated.
+    #[arg(long, env = "AURAED_INSTANCE_KERNEL")]
+    instance_kernel: Option<PathBuf>,
+    /// A directory with the kernel modules the instance kernel needs (`order`, one module
+    /// name per line, and `<name>.ko` files: virtio_mmio, virtio_net, bridge, veth, …).
+    #[arg(long, env = "AURAED_INSTANCE_MODULES")]
+    instance_modules: Option<PathBuf>,
     /// Run as a plain daemon even when started as PID 1 (e.g. in a container).
     #[arg(long)]
     no_pid1: bool,
@@ -157,6 +165,8 @@ fn main() -> ExitCode {
         mode: "daemon",
         lineage: None,
         bridge_gateway: None,
+        instance_kernel: args.instance_kernel,
+        instance_modules: args.instance_modules,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -215,6 +225,8 @@ fn run_instance() -> ExitCode {
         vm_image_roots: Vec::new(),
         lineage: Some(boot.lineage),
         bridge_gateway: Some(boot.bridge_gateway),
+        instance_kernel: None,
+        instance_modules: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -244,6 +256,10 @@ fn run_pid1() -> ! {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let boot = auraed::pid1::prepare();
+    if boot.probe {
+        eprintln!("{}", auraed::instance::handover::PROBE_MARKER);
+        auraed::pid1::power_off(false, "KVM probe");
+    }
     tracing::info!(hostname = %boot.hostname, listen = ?boot.listen, warnings = boot.warnings.len(), "pid1: machine ready");
     let policy = PathBuf::from("/etc/aurae/policy.toml");
     let mut warnings = boot.warnings;
@@ -278,8 +294,12 @@ fn run_pid1() -> ! {
         volume_roots: Vec::new(),
         // The guest's own files: VMs nested in a PID 1 machine boot what it carries.
         vm_image_roots: vec![PathBuf::from("/var/lib/aurae/vm-images")],
-        lineage: None,
-        bridge_gateway: None,
+        lineage: boot.lineage,
+        bridge_gateway: boot.bridge_gateway,
+        // What a PID 1 machine carries for its own microVM instances.
+        instance_kernel: Some(PathBuf::from(auraed::pid1::INSTANCE_KERNEL)).filter(|p| p.exists()),
+        instance_modules: Some(PathBuf::from(auraed::pid1::INSTANCE_MODULES))
+            .filter(|p| p.exists()),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -24,7 +24,18 @@ pub struct Boot {
     pub hostname: String,
     pub listen: Option<std::net::SocketAddr>,
     pub warnings: Vec<String>,
+    /// Set when a parent spawned this machine as a microVM instance
+    /// ([`crate::instance::handover::PLACE_FILE`]).
+    pub lineage: Option<crate::instance::handover::Lineage>,
+    pub bridge_gateway: Option<Ipv4Addr>,
+    /// `aurae.probe` on the command line: a parent's KVM probe (print the marker, power
+    /// off).
+    pub probe: bool,
 }
+
+/// Where a PID 1 machine keeps the kernel and modules of its own microVM instances.
+pub const INSTANCE_KERNEL: &str = "/var/lib/aurae/instance/vmlinuz";
+pub const INSTANCE_MODULES: &str = "/var/lib/aurae/instance/modules";
 
 /// Parameters of the kernel command line, `key=value` or bare `key`.
 pub fn cmdline_params(text: &str) -> Vec<(String, String)> {
@@ -335,6 +346,66 @@ pub fn prepare() -> Boot {
             w.push(format!("{}: {} /{}: {e}", a.device, a.addr, a.prefix));
         }
     }
+    // Default routes: the gateway of `ip=` and `aurae.gw6=`.
+    if let Some(gw) = params
+        .iter()
+        .find(|(k, v)| k == "ip" && v.contains(':'))
+        .and_then(|(_, v)| v.split(':').nth(2).and_then(|g| g.parse::<Ipv4Addr>().ok()))
+    {
+        let dev = params
+            .iter()
+            .find(|(k, _)| k == "ip")
+            .and_then(|(_, v)| {
+                v.split(':')
+                    .nth(5)
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "eth0".into());
+        if let Err(e) = aurae_sys::netlink::add_default_route_v4(&dev, gw) {
+            w.push(format!("default route via {gw}: {e}"));
+        }
+    }
+    if let Some(gw6) = get("aurae.gw6") {
+        match gw6.parse::<Ipv6Addr>() {
+            Ok(g) => {
+                if let Err(e) = aurae_sys::netlink::add_default_route_v6("eth0", g) {
+                    w.push(format!("IPv6 default route via {g}: {e}"));
+                }
+            }
+            Err(_) => w.push(format!("aurae.gw6={gw6}: not an IPv6 address")),
+        }
+    }
+    // This machine routes for its VMs and instances (they sit behind its bridge).
+    for (path, what) in [
+        ("/proc/sys/net/ipv4/ip_forward", "IPv4 forwarding"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6 forwarding"),
+    ] {
+        if let Err(e) = fs::write(path, "1") {
+            w.push(format!("{what}: {e}"));
+        }
+    }
+    // A spawned instance: its place (parent, depth, renewal endpoint) and policy.
+    let place = Path::new(crate::instance::handover::PLACE_FILE);
+    let (lineage, bridge_gateway) = if place.exists() {
+        match fs::read_to_string(place)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                serde_json::from_str::<crate::instance::handover::Place>(&t)
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(p) => {
+                let policy = fs::read_to_string("/etc/aurae/policy.toml").unwrap_or_default();
+                (Some(p.lineage(policy)), Some(p.bridge_gateway))
+            }
+            Err(e) => {
+                w.push(format!("{}: {e}", place.display()));
+                (None, None)
+            }
+        }
+    } else {
+        (None, None)
+    };
     let listen = get("aurae.listen")
         .map(|l| {
             l.parse()
@@ -349,6 +420,9 @@ pub fn prepare() -> Boot {
         hostname,
         listen,
         warnings: w,
+        lineage,
+        bridge_gateway,
+        probe: params.iter().any(|(k, _)| k == "aurae.probe"),
     }
 }
 

@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub lineage: Option<crate::instance::handover::Lineage>,
     /// The gateway of the bridge for VMs and spawned instances (default 10.200.0.1).
     pub bridge_gateway: Option<std::net::Ipv4Addr>,
+    /// The kernel microVM instances boot, and the modules it needs (`order` + `*.ko`).
+    pub instance_kernel: Option<PathBuf>,
+    pub instance_modules: Option<PathBuf>,
 }
 
 enum Io {
@@ -319,6 +322,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     .await?;
     if let Some(l) = cfg.lineage.clone() {
         tokio::spawn(crate::instance::renew::renew_loop(identity.clone(), l));
+    }
+    if read_only.is_none() {
+        tokio::spawn(instances.clone().probe_kvm());
     }
     cells.set_read_only(read_only);
 
@@ -951,6 +957,8 @@ async fn wire_workloads(
             logs_dir: cfg.state_dir.join("logs"),
             lineage: cfg.lineage.clone(),
             store: Some(store.clone()),
+            kernel: cfg.instance_kernel.clone(),
+            modules: cfg.instance_modules.clone(),
         },
     ));
     let found_vms = vms.readopt().await;

@@ -286,8 +286,8 @@ impl Runtime for RuntimeApi {
         caller.authorize_name(spec.name.as_str())?;
         if spec.kernel.is_some() || spec.initramfs.is_some() {
             return Err(Status::invalid_argument(
-                "kernel_path: a cell-isolated instance boots no kernel, and microVM isolation \
-                 of instances is not built yet",
+                "kernel_path: an instance boots the kernel its parent was configured with \
+                 (--instance-kernel); a request cannot choose another",
             ));
         }
         let inst = self

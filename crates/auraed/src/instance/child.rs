@@ -209,6 +209,12 @@ fn network(h: &Handover, w: &mut Vec<String>) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let dev = h.interface.as_str();
+    // Announce the address when the link comes up (gratuitous ARP): the address may have
+    // been another instance's a moment ago, and the parent's neighbour entry must not keep
+    // pointing at that one's link for seconds.
+    if let Err(e) = fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/arp_notify"), "1") {
+        w.push(format!("{dev} arp_notify: {e}"));
+    }
     aurae_sys::net::set_ipv4(dev, h.addr, 24)
         .and_then(|()| aurae_sys::net::set_link_up(dev))
         .map_err(|e| format!("{dev} {}/24: {e}", h.addr))?;

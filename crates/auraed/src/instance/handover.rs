@@ -72,3 +72,53 @@ pub struct Lineage {
 
 /// The depth a daemon an operator started allows below it unless told otherwise.
 pub const DEFAULT_MAX_DEPTH: u32 = 2;
+
+/// Where a microVM instance's PID 1 finds its place (no secrets: those are the PKI files
+/// beside it).
+pub const PLACE_FILE: &str = "/etc/aurae/instance.json";
+
+/// What a microVM instance's PID 1 prints when its command line says `aurae.probe`.
+pub const PROBE_MARKER: &str = "AURAE_KVM_PROBE_OK";
+
+/// A spawned instance's place, without its secrets: what its PID 1 reads from
+/// [`PLACE_FILE`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Place {
+    pub parent_id: String,
+    pub parent_endpoint: String,
+    pub depth: u32,
+    pub max_depth: u32,
+    pub svid_ttl_s: u64,
+    pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    pub bridge_gateway: Ipv4Addr,
+}
+
+impl Place {
+    pub fn of(h: &Handover) -> Self {
+        Self {
+            parent_id: h.parent_id.clone(),
+            parent_endpoint: h.parent_endpoint.clone(),
+            depth: h.depth,
+            max_depth: h.max_depth,
+            svid_ttl_s: h.svid_ttl_s,
+            addr: h.addr,
+            addr6: h.addr6,
+            bridge_gateway: h.bridge_gateway,
+        }
+    }
+
+    /// Its lineage, with the policy it serves.
+    pub fn lineage(&self, policy_toml: String) -> Lineage {
+        Lineage {
+            parent_id: self.parent_id.clone(),
+            parent_endpoint: self.parent_endpoint.clone(),
+            policy_toml,
+            depth: self.depth,
+            max_depth: self.max_depth,
+            svid_ttl: std::time::Duration::from_secs(self.svid_ttl_s),
+            addr: self.addr,
+            addr6: self.addr6,
+        }
+    }
+}

@@ -13,6 +13,7 @@
 pub mod child;
 pub mod handover;
 pub mod identity;
+pub mod initramfs;
 pub mod record;
 pub mod renew;
 pub mod spec;
@@ -54,6 +55,22 @@ use crate::{
 
 /// How long a child has to become ready unless the request says.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a microVM instance's VMM may use beyond its guest's memory (cgroup memory.max).
+pub const VMM_OVERHEAD: u64 = 64 << 20;
+
+/// A started child: its process (the child auraed, or the VMM of its microVM), how its
+/// end arrives, its link on our bridge (veth or TAP), its VM.
+struct Started {
+    pid: i32,
+    pidfd: Arc<Pidfd>,
+    exit: std::pin::Pin<Box<dyn std::future::Future<Output = Option<ExitStatus>> + Send>>,
+    link: String,
+    vm: Option<Arc<crate::vm::Vm>>,
+}
+
+/// How long one TCP connect to a child may take before it is tried again.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// How long a child's SVID is valid unless the request says.
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 
@@ -98,6 +115,9 @@ pub struct Instance {
     cgroup: CellName,
     /// The route to its own bridge's subnet, through it: (bridge, subnet).
     route: (String, Ipv4Addr),
+    /// A microVM instance's VM and TAP lease.
+    vm: Option<Arc<crate::vm::Vm>>,
+    lease: Option<crate::vm::network::Lease>,
 }
 
 impl Instance {
@@ -144,8 +164,11 @@ pub struct Instances {
     /// Our own depth (0 for a daemon an operator started) and the deepest allowed.
     depth: u32,
     max_depth: u32,
-    /// Why a microVM cannot be used here (`None`: it can).
-    no_vm: String,
+    /// The kernel and modules microVM instances boot (`--instance-kernel`,
+    /// `--instance-modules`), and whether KVM really boots it here (probed once).
+    vm_kernel: Option<PathBuf>,
+    vm_modules: Option<PathBuf>,
+    probe: watch::Sender<Probe>,
     instances: Mutex<BTreeMap<Label, Arc<Instance>>>,
     ops: tokio::sync::Mutex<()>,
     serve_on: OnceLock<ServeOn>,
@@ -178,6 +201,17 @@ pub struct InstancesDeps {
     pub logs_dir: PathBuf,
     pub lineage: Option<Lineage>,
     pub store: Option<crate::store::Store>,
+    /// The kernel (and its modules) microVM instances boot.
+    pub kernel: Option<PathBuf>,
+    pub modules: Option<PathBuf>,
+}
+
+/// Whether KVM boots a guest here (see [`Instances::probe_kvm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Pending,
+    Ok(Duration),
+    No(String),
 }
 
 impl Instances {
@@ -196,9 +230,15 @@ impl Instances {
             logs_dir: d.logs_dir,
             depth,
             max_depth,
-            no_vm: "microVM isolation of spawned instances is not built yet in this auraed \
-                    (the cell fallback is used)"
-                .into(),
+            probe: watch::channel(match &d.kernel {
+                Some(_) => Probe::Pending,
+                None => Probe::No(
+                    "no --instance-kernel is configured: microVMs cannot be booted".into(),
+                ),
+            })
+            .0,
+            vm_kernel: d.kernel.clone(),
+            vm_modules: d.modules.clone(),
             instances: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
             serve_on: OnceLock::new(),
@@ -249,16 +289,108 @@ impl Instances {
         })
     }
 
-    /// Which isolation a request gets, and why.
-    fn choose(&self, spec: &InstanceSpec) -> Result<(Isolation, String), WorkloadError> {
-        match spec.isolation {
-            pb::Isolation::Auto => Ok((Isolation::Cell, format!("auto: {}", self.no_vm))),
-            pb::Isolation::Cell => Ok((Isolation::Cell, "requested".into())),
-            pb::Isolation::VirtualMachine => Err(precondition(format!(
-                "isolation: ISOLATION_VIRTUAL_MACHINE is not available here: {}",
-                self.no_vm
-            ))),
+    /// Which isolation a request gets, and why (AUTO and VIRTUAL_MACHINE wait for the
+    /// KVM probe if it is still running).
+    async fn choose(&self, spec: &InstanceSpec) -> Result<(Isolation, String), WorkloadError> {
+        if spec.isolation == pb::Isolation::Cell {
+            return Ok((Isolation::Cell, "requested".into()));
         }
+        let mut rx = self.probe.subscribe();
+        let probe = rx
+            .wait_for(|p| *p != Probe::Pending)
+            .await
+            .map(|p| p.clone())
+            .unwrap_or(Probe::No("the KVM probe did not finish".into()));
+        match (spec.isolation, probe) {
+            (pb::Isolation::VirtualMachine, Probe::Ok(_)) => {
+                Ok((Isolation::VirtualMachine, "requested".into()))
+            }
+            (pb::Isolation::VirtualMachine, Probe::No(why)) => Err(precondition(format!(
+                "isolation: ISOLATION_VIRTUAL_MACHINE is not available here: {why}"
+            ))),
+            (_, Probe::Ok(t)) => Ok((
+                Isolation::VirtualMachine,
+                format!(
+                    "auto: KVM booted the instance kernel here (probe: {:.1} s)",
+                    t.as_secs_f64()
+                ),
+            )),
+            (_, Probe::No(why)) => Ok((Isolation::Cell, format!("auto: {why}"))),
+            (_, Probe::Pending) => Ok((Isolation::Cell, "auto: no KVM probe result".into())),
+        }
+    }
+
+    /// Boots the instance kernel once with our own binary as its init and `aurae.probe`
+    /// on its command line (its PID 1 prints a marker and powers off at once): only a
+    /// guest that really boots and powers off cleanly makes microVM isolation available
+    /// (a `/dev/kvm` that exists but boots no stock kernel does not).
+    pub async fn probe_kvm(self: Arc<Self>) {
+        let Some(kernel) = self.vm_kernel.clone() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let result = self.probe_once(&kernel).await;
+        let p = match result {
+            Ok(()) => Probe::Ok(t0.elapsed()),
+            Err(why) => Probe::No(format!("KVM did not boot {} here: {why}", kernel.display())),
+        };
+        info!(probe = ?p, "KVM probe for microVM instances");
+        self.probe.send_replace(p);
+    }
+
+    async fn probe_once(&self, kernel: &std::path::Path) -> Result<(), String> {
+        let tree = self.tree().map_err(|e| e.to_string())?;
+        let group = CellName::parse("name", INSTANCE_GROUP).map_err(|e| e.to_string())?;
+        if !tree.exists(&group) {
+            tree.create(&group).map_err(|e| e.to_string())?;
+        }
+        let sealed = self.sealed.get().map_err(|e| e.to_string())?;
+        let entries = initramfs::base(&sealed, self.vm_modules.as_deref())?;
+        let fd = initramfs::sealed(&entries)?;
+        let lease = self
+            .vms
+            .network()
+            .lock()
+            .map_err(|_| "network lock poisoned".to_owned())?
+            .lease(None)?;
+        let name = Label::parse("name", "kvm-probe").map_err(|e| e.to_string())?;
+        let console = self.logs_dir.join("instances").join("kvm-probe.console");
+        let vm = self
+            .vms
+            .run_for_instance(
+                &name,
+                &group,
+                kernel,
+                fd,
+                1,
+                256 << 20,
+                "console=ttyS0 reboot=k panic=-1 quiet aurae.probe=1".into(),
+                &lease,
+                console.clone(),
+            )
+            .await;
+        let result = match vm {
+            Ok(vm) => {
+                let done = vm.wait(Some(Duration::from_secs(120))).await;
+                let ended = vm.state.borrow().ended.clone();
+                let text = vm.log.text();
+                self.vms.kill_for_instance(&vm).await;
+                match (done, ended) {
+                    _ if text.contains(handover::PROBE_MARKER) => Ok(()),
+                    (false, _) => Err("the guest did not power off within 120 s".into()),
+                    (true, e) => Err(format!(
+                        "the guest ended without the marker ({e:?}); console: {}",
+                        text.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+                    )),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Ok(mut n) = self.vms.network().lock() {
+            n.release(&lease);
+        }
+        let _ = std::fs::remove_file(&console);
+        result
     }
 
     /// Serves our API on the bridge's address (once), where children renew.
@@ -297,6 +429,8 @@ impl Instances {
         let (ready_timeout, svid_ttl) = (spec.ready_timeout, spec.svid_ttl);
         let t0 = Instant::now();
         let tree = self.tree()?;
+        let (isolation, isolation_reason) = self.choose(&spec).await?;
+        let is_vm = isolation == Isolation::VirtualMachine;
         let _ops = self.ops.lock().await;
         if self
             .instances
@@ -314,7 +448,6 @@ impl Instances {
                 self.depth, self.max_depth
             )));
         }
-        let (isolation, isolation_reason) = self.choose(&spec)?;
         let id = self
             .identity
             .child_id(spec.name.as_str())
@@ -335,15 +468,23 @@ impl Instances {
             veth: None,
             child: None,
             route: None,
+            lease: None,
+            vm: None,
         };
         if tree.controllers().iter().any(|c| c == "memory") {
-            tree.write(&cgroup, "memory.max", &spec.memory_bytes.to_string())?;
+            // A microVM's VMM needs its guest's memory and a little of its own.
+            let max = spec.memory_bytes + if is_vm { VMM_OVERHEAD } else { 0 };
+            tree.write(&cgroup, "memory.max", &max.to_string())?;
         }
-        tree.attach_device_filter(&cgroup).map_err(|e| {
-            precondition(format!(
-                "the instance's device filter (cgroup BPF) is not available here: {e}"
-            ))
-        })?;
+        // A cell child gets the cells' device filter (no block devices). A microVM's VMM
+        // needs /dev/kvm and /dev/net/tun, and its jail holds nothing else (as any VM's).
+        if !is_vm {
+            tree.attach_device_filter(&cgroup).map_err(|e| {
+                precondition(format!(
+                    "the instance's device filter (cgroup BPF) is not available here: {e}"
+                ))
+            })?;
+        }
 
         // Network: an address on our bridge; the child's own bridge gets another /24.
         let (addr, gateway, bridge, addr6, gateway6) = {
@@ -352,7 +493,16 @@ impl Instances {
                 .network()
                 .lock()
                 .map_err(|_| precondition("network lock poisoned"))?;
-            let addr = n.lease_addr().map_err(precondition)?;
+            let addr = if is_vm {
+                let lease = n.lease(None).map_err(precondition)?;
+                let addr = lease.addr;
+                undo.lease = Some(lease);
+                addr
+            } else {
+                let addr = n.lease_addr().map_err(precondition)?;
+                undo.addr = Some(addr);
+                addr
+            };
             (
                 addr,
                 n.gateway,
@@ -361,7 +511,6 @@ impl Instances {
                 n.gateway6(),
             )
         };
-        undo.addr = Some(addr);
         self.serve_on_bridge(gateway);
         let depth = self.depth + 1;
         let bridge_gateway =
@@ -400,6 +549,120 @@ impl Instances {
             max_depth: self.max_depth,
             svid_ttl_s: svid_ttl.as_secs(),
         };
+        let log = self
+            .logs_dir
+            .join("instances")
+            .join(format!("{}.log", spec.name));
+        let started = if is_vm {
+            self.start_vm(&spec, &cgroup, h, &log, &mut undo).await
+        } else {
+            self.start_cell(&tree, &cgroup, h, &log, &bridge, &mut undo)
+                .await
+        };
+        let Started {
+            pid,
+            pidfd,
+            exit,
+            link,
+            vm,
+        } = match started {
+            Ok(s) => s,
+            Err(e) => return Err(undo.fail(e.to_string()).await),
+        };
+        // Its own bridge's subnet (its children) is reached through it.
+        let child_net = Ipv4Addr::new(
+            bridge_gateway.octets()[0],
+            bridge_gateway.octets()[1],
+            bridge_gateway.octets()[2],
+            0,
+        );
+        match aurae_sys::netlink::add_route_v4(&bridge, child_net, 24, addr) {
+            Ok(()) => undo.route = Some((bridge.clone(), child_net)),
+            Err(e) => {
+                warn!(instance = %spec.name, "no route to its children's subnet {child_net}/24: {e}")
+            }
+        }
+        let boot_time = t0.elapsed();
+
+        let (state, _) = watch::channel(InstanceState {
+            phase: Phase::Starting,
+            message: String::new(),
+            boot_time: Some(boot_time),
+            ready_time: None,
+            svid_expires_at: Some(minted.expires_at),
+            exited: None,
+        });
+        let inst = Arc::new(Instance {
+            spec,
+            spiffe_id: id,
+            isolation,
+            isolation_reason,
+            started_at: SystemTime::now(),
+            depth,
+            addr,
+            addr6,
+            log,
+            state,
+            pid,
+            pidfd,
+            veth: link,
+            cgroup,
+            route: (bridge.clone(), child_net),
+            vm,
+            lease: undo.lease.clone(),
+        });
+        self.supervise(&inst, exit);
+
+        // Ready: health SERVING over mTLS from exactly the SPIFFE ID we minted.
+        match self.wait_ready(&inst, t0 + ready_timeout).await {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(instance = %inst.spec.name, output = %tail(&inst.log, 40), "spawn failed: {e}");
+                let tail = tail(&inst.log, 6);
+                let msg = if tail.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}; its last output: {tail}")
+                };
+                let failed = match e {
+                    WorkloadError::Deadline(_) => WorkloadError::Deadline(msg.clone()),
+                    _ => precondition(msg.clone()),
+                };
+                let _ = undo.fail(msg).await;
+                let _ = std::fs::remove_file(&inst.log);
+                return Err(failed);
+            }
+        }
+        undo.disarm();
+        inst.set(|s| {
+            s.phase = Phase::Running;
+            s.ready_time = Some(t0.elapsed());
+        });
+        if let Ok(mut m) = self.instances.lock() {
+            m.insert(inst.spec.name.clone(), inst.clone());
+        }
+        self.record(&inst);
+        info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, "instance ready");
+        self.events.emit(
+            pb::Kind::Instance,
+            inst.spec.name.as_str(),
+            pb::EventType::Started,
+            format!("{} at {}", inst.spiffe_id, inst.endpoint()),
+        );
+        Ok(inst)
+    }
+
+    /// A cell-isolated child: the handover in a sealed memfd on fd 3, auraed from our
+    /// sealed copy as the init of a new cell, its veth.
+    async fn start_cell(
+        &self,
+        tree: &Arc<dyn CgroupTree>,
+        cgroup: &CellName,
+        h: Handover,
+        log: &std::path::Path,
+        bridge: &str,
+        undo: &mut Undo,
+    ) -> Result<Started, WorkloadError> {
         let memfd = serde_json::to_vec(&h)
             .map_err(|e| precondition(format!("handover: {e}")))
             .and_then(|bytes| {
@@ -409,12 +672,8 @@ impl Instances {
         let memfd = memfd?;
 
         // The child: auraed from our sealed copy, init of a new cell.
-        let log = self
-            .logs_dir
-            .join("instances")
-            .join(format!("{}.log", spec.name));
-        let out_w = open_log(&log)?;
-        let leaf = tree.leaf_fd(&cgroup)?;
+        let out_w = open_log(log)?;
+        let leaf = tree.leaf_fd(cgroup)?;
         let sealed = self.sealed.get()?;
         let reaper = self.reaper.clone();
         let child = tokio::task::spawn_blocking(move || {
@@ -466,102 +725,131 @@ impl Instances {
         let made = aurae_sys::netlink::create_veth(&veth, "eth0", pid)
             .and_then(|()| {
                 undo.veth = Some(veth.clone());
-                aurae_sys::net::add_to_bridge(&bridge, &veth)
+                aurae_sys::net::add_to_bridge(bridge, &veth)
             })
             .and_then(|()| aurae_sys::net::set_link_up(&veth));
         if let Err(e) = made {
-            return Err(undo.fail(format!("the instance's veth {veth}: {e}")).await);
+            return Err(precondition(format!("the instance's veth {veth}: {e}")));
         }
-        // Its own bridge's subnet (its children) is reached through it.
-        let child_net = Ipv4Addr::new(
-            bridge_gateway.octets()[0],
-            bridge_gateway.octets()[1],
-            bridge_gateway.octets()[2],
-            0,
-        );
-        match aurae_sys::netlink::add_route_v4(&bridge, child_net, 24, addr) {
-            Ok(()) => undo.route = Some((bridge.clone(), child_net)),
-            Err(e) => {
-                warn!(instance = %spec.name, "no route to its children's subnet {child_net}/24: {e}")
-            }
-        }
-        let boot_time = t0.elapsed();
-
-        let (state, _) = watch::channel(InstanceState {
-            phase: Phase::Starting,
-            message: String::new(),
-            boot_time: Some(boot_time),
-            ready_time: None,
-            svid_expires_at: Some(minted.expires_at),
-            exited: None,
-        });
-        let inst = Arc::new(Instance {
-            spec,
-            spiffe_id: id,
-            isolation,
-            isolation_reason,
-            started_at: SystemTime::now(),
-            depth,
-            addr,
-            addr6,
-            log,
-            state,
+        let exit = child.exit;
+        Ok(Started {
             pid,
             pidfd,
-            veth,
-            cgroup,
-            route: (bridge.clone(), child_net),
-        });
-        self.supervise(&inst, child.exit);
+            exit: Box::pin(async move { exit.await.ok() }),
+            link: veth,
+            vm: None,
+        })
+    }
 
-        // Ready: health SERVING over mTLS from exactly the SPIFFE ID we minted.
-        match self.wait_ready(&inst, t0 + ready_timeout).await {
-            Ok(()) => {}
-            Err(e) => {
-                let tail = tail(&inst.log, 6);
-                let msg = if tail.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{e}; its last output: {tail}")
+    /// A microVM child: the instance kernel, an initramfs built here in memory with our
+    /// binary as `/init` and the handover as files, a TAP on our bridge.
+    async fn start_vm(
+        &self,
+        spec: &InstanceSpec,
+        cgroup: &CellName,
+        h: Handover,
+        log: &std::path::Path,
+        undo: &mut Undo,
+    ) -> Result<Started, WorkloadError> {
+        let kernel = self
+            .vm_kernel
+            .clone()
+            .ok_or_else(|| precondition("no --instance-kernel is configured"))?;
+        let lease = undo
+            .lease
+            .clone()
+            .ok_or_else(|| precondition("no TAP lease"))?;
+        let sealed = self.sealed.get()?;
+        let modules = self.vm_modules.clone();
+        let entries =
+            tokio::task::spawn_blocking(move || -> Result<Vec<initramfs::Entry>, String> {
+                let mut e = initramfs::base(&sealed, modules.as_deref())?;
+                let file = |path: &str, mode: u32, data: &str| initramfs::Entry::File {
+                    path: path.into(),
+                    mode,
+                    data: data.as_bytes().to_vec(),
                 };
-                let failed = match e {
-                    WorkloadError::Deadline(_) => WorkloadError::Deadline(msg.clone()),
-                    _ => precondition(msg.clone()),
-                };
-                let _ = undo.fail(msg).await;
-                let _ = std::fs::remove_file(&inst.log);
-                return Err(failed);
-            }
-        }
-        undo.disarm();
-        inst.set(|s| {
-            s.phase = Phase::Running;
-            s.ready_time = Some(t0.elapsed());
-        });
-        if let Ok(mut m) = self.instances.lock() {
-            m.insert(inst.spec.name.clone(), inst.clone());
-        }
-        self.record(&inst);
-        info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, "instance ready");
-        self.events.emit(
-            pb::Kind::Instance,
-            inst.spec.name.as_str(),
-            pb::EventType::Started,
-            format!("{} at {}", inst.spiffe_id, inst.endpoint()),
+                e.push(file("etc/aurae/pki/ca.pem", 0o644, &h.ca_pem));
+                e.push(file("etc/aurae/pki/auraed.pem", 0o644, &h.cert_pem));
+                e.push(file("etc/aurae/pki/auraed.key", 0o600, &h.key_pem));
+                e.push(file("etc/aurae/pki/signer.pem", 0o644, &h.signer_chain_pem));
+                e.push(file("etc/aurae/pki/signer.key", 0o600, &h.signer_key_pem));
+                e.push(file("etc/aurae/policy.toml", 0o600, &h.policy_toml));
+                let place = handover::Place::of(&h);
+                let json = serde_json::to_string(&place).map_err(|e| e.to_string())?;
+                e.push(file(
+                    handover::PLACE_FILE.trim_start_matches('/'),
+                    0o644,
+                    &json,
+                ));
+                Ok(e)
+            })
+            .await
+            .map_err(|e| precondition(format!("initramfs task: {e}")))?
+            .map_err(precondition)?;
+        let fd = initramfs::sealed(&entries).map_err(precondition)?;
+        drop(entries);
+        let n = self
+            .vms
+            .network()
+            .lock()
+            .map(|n| n.cmdline(&lease))
+            .map_err(|_| precondition("network lock poisoned"))?;
+        let gw6 = self
+            .vms
+            .network()
+            .lock()
+            .map(|n| n.gateway6())
+            .map_err(|_| precondition("network lock poisoned"))?;
+        let addr6 = self
+            .vms
+            .network()
+            .lock()
+            .map(|n| n.ipv6_of(lease.addr))
+            .map_err(|_| precondition("network lock poisoned"))?;
+        let cmdline = format!(
+            "console=ttyS0 reboot=k panic=-1 quiet {n} aurae.ip6={addr6}/64@eth0 aurae.gw6={gw6} aurae.hostname={}",
+            spec.name
         );
-        Ok(inst)
+        let vm = self
+            .vms
+            .run_for_instance(
+                &spec.name,
+                cgroup,
+                &kernel,
+                fd,
+                spec.vcpus,
+                spec.memory_bytes,
+                cmdline,
+                &lease,
+                log.to_owned(),
+            )
+            .await?;
+        undo.vm = Some(vm.clone());
+        let vm2 = vm.clone();
+        Ok(Started {
+            pid: vm.pid,
+            pidfd: vm.pidfd.clone(),
+            exit: Box::pin(async move {
+                vm2.wait(None).await;
+                let p = vm2.state.borrow().process;
+                p.and_then(|(st, _)| st)
+            }),
+            link: lease.tap.clone(),
+            vm: Some(vm),
+        })
     }
 
     /// Notices the child's end: phase, cause, event.
     fn supervise(
         self: &Arc<Self>,
         inst: &Arc<Instance>,
-        exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+        exit: std::pin::Pin<Box<dyn std::future::Future<Output = Option<ExitStatus>> + Send>>,
     ) {
         let inst = inst.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
-            let status = exit.await.ok();
+            let status = exit.await;
             let stopping = inst.phase() == Phase::Stopping;
             let clean = stopping || matches!(status, Some(ExitStatus::Code(0)));
             let cause = match status {
@@ -601,8 +889,11 @@ impl Instances {
             .identity
             .client_tls(&inst.spiffe_id)
             .map_err(precondition)?;
-        let endpoint = aurae_client::Endpoint::Tcp(inst.endpoint().to_string());
-        aurae_client::Client::connect_with(&endpoint, &inst.addr.to_string(), tls)
+        // TCP connects get a short deadline of their own: a SYN sent before the child's
+        // address is up is lost, and the kernel would resend it only after a second.
+        let addr = inst.endpoint();
+        let dial = move || std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT);
+        aurae_client::Client::connect_tcp_with(dial, &inst.addr.to_string(), tls)
             .await
             .map_err(|e| precondition(format!("{}: {}", inst.endpoint(), error_chain(&e))))
     }
@@ -715,10 +1006,12 @@ impl Instances {
             tree: self.tree()?,
             cgroup: Some(inst.cgroup.clone()),
             vms: self.vms.clone(),
-            addr: Some(inst.addr),
-            veth: Some(inst.veth.clone()),
+            addr: inst.lease.is_none().then_some(inst.addr),
+            veth: inst.lease.is_none().then(|| inst.veth.clone()),
             child: None,
             route: Some(inst.route.clone()),
+            lease: inst.lease.clone(),
+            vm: inst.vm.clone(),
         };
         undo.run().await?;
         if let Ok(mut m) = self.instances.lock() {
@@ -810,6 +1103,9 @@ struct Undo {
     child: Option<Arc<Pidfd>>,
     /// (bridge, subnet) of a route to the instance's children.
     route: Option<(String, Ipv4Addr)>,
+    /// A microVM instance's TAP lease (deleted, address returned) and VM (killed).
+    lease: Option<crate::vm::network::Lease>,
+    vm: Option<Arc<crate::vm::Vm>>,
 }
 
 impl Undo {
@@ -819,6 +1115,8 @@ impl Undo {
         self.veth = None;
         self.child = None;
         self.route = None;
+        self.lease = None;
+        self.vm = None;
     }
 
     async fn fail(self, why: String) -> WorkloadError {
@@ -832,8 +1130,13 @@ impl Undo {
         if let Some(c) = &self.child {
             let _ = c.send_signal(nix::libc::SIGKILL);
         }
-        if let (Some((bridge, net)), Some(addr)) = (&self.route, self.addr)
-            && let Err(e) = aurae_sys::netlink::delete_route_v4(bridge, *net, 24, addr)
+        if let Some(vm) = &self.vm {
+            self.vms.kill_for_instance(vm).await;
+        }
+        if let (Some((bridge, net)), Some(addr)) = (
+            &self.route,
+            self.addr.or(self.lease.as_ref().map(|l| l.addr)),
+        ) && let Err(e) = aurae_sys::netlink::delete_route_v4(bridge, *net, 24, addr)
         {
             warn!("deleting the route to {net}/24: {e}");
         }
@@ -852,8 +1155,13 @@ impl Undo {
             }
             remove_subtree(self.tree.as_ref(), cg)?;
         }
-        if let (Some(a), Ok(mut n)) = (self.addr, self.vms.network().lock()) {
-            n.release_addr(a);
+        if let Ok(mut n) = self.vms.network().lock() {
+            if let Some(a) = self.addr {
+                n.release_addr(a);
+            }
+            if let Some(l) = &self.lease {
+                n.release(l);
+            }
         }
         Ok(())
     }

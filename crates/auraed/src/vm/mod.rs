@@ -343,6 +343,7 @@ impl Vms {
                 .map(|d| (d.path.clone(), !d.writable))
                 .collect(),
             net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
+            initramfs_in_memory: false,
         };
         let started = self
             .start_vmm(&tree, &spec, &cgroup, cfg, &files, lease.clone())
@@ -365,6 +366,77 @@ impl Vms {
         }
     }
 
+    /// Boots the VM of a spawned instance: like any VM (its own jailed VMM process in
+    /// `cgroup`), from the operator's `kernel` and an `initramfs` auraed built in memory,
+    /// on `lease`'s TAP device; neither listed nor recorded as a VM (the instance is what
+    /// the API shows). Its console goes to `console_log`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_for_instance(
+        self: &Arc<Self>,
+        name: &Label,
+        cgroup: &CellName,
+        kernel: &Path,
+        initramfs: OwnedFd,
+        vcpus: u32,
+        memory_bytes: u64,
+        cmdline: String,
+        lease: &Lease,
+        console_log: PathBuf,
+    ) -> Result<Arc<Vm>, WorkloadError> {
+        let tree = self.tree()?;
+        if !Path::new("/dev/kvm").exists() {
+            return Err(precondition(
+                "this machine has no /dev/kvm: microVM instances need KVM",
+            ));
+        }
+        let kernel_fd = std::fs::File::open(kernel)
+            .map_err(|e| precondition(format!("--instance-kernel {}: {e}", kernel.display())))
+            .and_then(|f| {
+                aurae_sys::container::clone_mount(f.as_fd(), true).map_err(|e| {
+                    precondition(format!("--instance-kernel {}: {e}", kernel.display()))
+                })
+            })?;
+        let spec = VmSpec {
+            name: name.clone(),
+            kernel: kernel.to_owned(),
+            initramfs: Some(PathBuf::from("(in memory)")),
+            cmdline: cmdline.clone(),
+            vcpus,
+            memory_bytes,
+            drives: Vec::new(),
+            macs: vec![Some(lease.mac)],
+        };
+        let cfg = VmmConfig {
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+            cmdline,
+            vcpus: u8::try_from(vcpus).unwrap_or(1),
+            memory_bytes,
+            drives: Vec::new(),
+            net: Some((lease.tap.clone(), lease.mac)),
+            initramfs_in_memory: true,
+        };
+        self.start_vmm_as(
+            &tree,
+            &spec,
+            cgroup,
+            cfg,
+            &[kernel_fd, initramfs],
+            Some(lease.clone()),
+            Some(console_log),
+        )
+        .await
+    }
+
+    /// Kills the VM of a spawned instance (its VMM process) and waits for it.
+    pub async fn kill_for_instance(&self, vm: &Vm) {
+        if !vm.gone() {
+            let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
+            vm.wait(Some(Duration::from_secs(10))).await;
+        }
+        self.release(vm);
+    }
+
     async fn start_vmm(
         self: &Arc<Self>,
         tree: &Arc<dyn CgroupTree>,
@@ -374,6 +446,23 @@ impl Vms {
         files: &[OwnedFd],
         lease: Option<Lease>,
     ) -> Result<Arc<Vm>, WorkloadError> {
+        self.start_vmm_as(tree, spec, cgroup, cfg, files, lease, None)
+            .await
+    }
+
+    /// `hidden_log`: a VM of a spawned instance, logged there, not listed or recorded.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_vmm_as(
+        self: &Arc<Self>,
+        tree: &Arc<dyn CgroupTree>,
+        spec: &VmSpec,
+        cgroup: &CellName,
+        cfg: VmmConfig,
+        files: &[OwnedFd],
+        lease: Option<Lease>,
+        hidden_log: Option<PathBuf>,
+    ) -> Result<Arc<Vm>, WorkloadError> {
+        let hidden = hidden_log.is_some();
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
         let (ctl, ctl_child) = socketpair(
             AddressFamily::Unix,
@@ -423,9 +512,9 @@ impl Vms {
         let ctl = Arc::new(ctl);
         let raw: Vec<_> = files.iter().map(AsRawFd::as_raw_fd).collect();
         vmm::send_with_fds(ctl.as_ref(), &cfg, &raw)?;
-        let log = Arc::new(Log::new(Some(
-            self.logs_dir.join("vms").join(format!("{}.log", spec.name)),
-        )));
+        let log = Arc::new(Log::new(Some(hidden_log.unwrap_or_else(|| {
+            self.logs_dir.join("vms").join(format!("{}.log", spec.name))
+        }))));
         let (state, mut rx) = watch::channel(VmState {
             phase: Phase::Starting,
             boot_time: None,
@@ -494,6 +583,9 @@ impl Vms {
                 "virtual machine {:?} could not start: {why}",
                 spec.name.as_str()
             )));
+        }
+        if hidden {
+            return Ok(vm);
         }
         if let Ok(mut m) = self.vms.lock() {
             m.insert(spec.name.clone(), vm.clone());

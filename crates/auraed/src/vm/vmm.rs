@@ -57,6 +57,10 @@ pub struct VmmConfig {
     pub drives: Vec<(PathBuf, bool)>,
     /// TAP device name and guest MAC.
     pub net: Option<(String, [u8; 6])>,
+    /// The initramfs fd is a sealed memfd auraed built (a spawned instance's), not a
+    /// detached mount: the jail copies it into a tmpfs of its own size.
+    #[serde(default)]
+    pub initramfs_in_memory: bool,
 }
 
 /// auraed → VMM.
@@ -229,8 +233,14 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
     let mut binds: Vec<(std::os::fd::RawFd, String, bool, bool)> = files
         .iter()
         .zip(names)
+        .filter(|(_, (name, _))| !(cfg.initramfs_in_memory && name == "initramfs"))
         .map(|(fd, (name, ro))| (*fd, name, ro, true))
         .collect();
+    let in_memory = if cfg.initramfs_in_memory {
+        files.get(1).copied()
+    } else {
+        None
+    };
     let kvm = open(Path::new("/dev/kvm"), true).map_err(|m| format!("{m} (is KVM available?)"))?;
     binds.push((kvm.as_raw_fd(), "dev/kvm".into(), false, false));
     let tun = match cfg.net {
@@ -281,6 +291,42 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
         )
         .map_err(e(&format!("restricting {name}")))?;
     }
+    // An initramfs auraed built in memory: copied into a tmpfs of its size, read-only.
+    if let Some(fd) = in_memory {
+        let src = format!("/proc/self/fd/{fd}");
+        let size = std::fs::metadata(&src)
+            .map_err(|err| format!("jail: initramfs: {err}"))?
+            .len();
+        let dir = format!("{JAIL}/boot");
+        std::fs::create_dir(&dir).map_err(|err| format!("jail: {dir}: {err}"))?;
+        mount(
+            Some("tmpfs"),
+            dir.as_str(),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
+            Some(format!("mode=0500,size={}", size + (64 << 10)).as_str()),
+        )
+        .map_err(e("mounting the initramfs tmpfs"))?;
+        {
+            // Closed before the remount (a file open for writing keeps it busy).
+            let mut from = File::open(&src).map_err(|err| format!("jail: initramfs: {err}"))?;
+            let mut to = File::create(format!("{dir}/initramfs"))
+                .map_err(|err| format!("jail: initramfs: {err}"))?;
+            std::io::copy(&mut from, &mut to).map_err(|err| format!("jail: initramfs: {err}"))?;
+        }
+        mount(
+            None::<&str>,
+            dir.as_str(),
+            None::<&str>,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NOEXEC
+                | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(e("making the initramfs read-only"))?;
+    }
     // Nothing of the host stays open across the pivot but what is bound.
     drop((kvm, tun));
     for fd in files {
@@ -294,7 +340,13 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
         .map_err(|err| format!("jail: dropping capabilities: {err}"))?;
     Ok(VmmConfig {
         kernel: "/kernel".into(),
-        initramfs: cfg.initramfs.as_ref().map(|_| "/initramfs".into()),
+        initramfs: cfg.initramfs.as_ref().map(|_| {
+            if cfg.initramfs_in_memory {
+                "/boot/initramfs".into()
+            } else {
+                "/initramfs".into()
+            }
+        }),
         drives: (0..cfg.drives.len())
             .map(|i| (PathBuf::from(format!("/drive{i}")), cfg.drives[i].1))
             .collect(),
@@ -487,6 +539,7 @@ mod tests {
             memory_bytes: 5 << 30,
             drives: vec![("/d".into(), true)],
             net: Some(("aurae-t1".into(), [2, 0, 0, 0, 0, 1])),
+            initramfs_in_memory: false,
         };
         send_msg(&a, &cfg).unwrap();
         assert_eq!(recv_msg::<VmmConfig>(&b).unwrap(), Some(cfg));
@@ -522,6 +575,7 @@ mod tests {
             memory_bytes: 64 << 20,
             drives: vec![],
             net: None,
+            initramfs_in_memory: false,
         };
         send_with_fds(&a, &cfg, &[f.as_raw_fd()]).unwrap();
         let (got, fds) = recv_with_fds::<VmmConfig>(&b).unwrap().unwrap();

@@ -1,0 +1,196 @@
+//! Guest tier (QEMU TCG guest with nested KVM): `Spawn` through a microVM. L1 is the TCG
+//! guest (auraed as PID 1, carrying the instance kernel and modules); it probes KVM at
+//! start, so AUTO picks a microVM: L2 is auraed as PID 1 of a microVM on our own VMM, its
+//! initramfs built by L1 in memory; L3 is a cell-isolated instance inside L2. The test
+//! reaches L2 and L3 through routes: the harness → L1 (which forwards) → L2 → L3.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{net::SocketAddr, time::Duration};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    TRUST_DOMAIN,
+    guest::{Guest, GuestOptions, needs_guest},
+    tier::{self, Tier},
+};
+
+/// A client of an instance at `endpoint` presenting `admin`, requiring exactly `id`,
+/// dialled from inside the guest's network namespace.
+async fn instance_client(g: &Guest, endpoint: &str, id: &str) -> anyhow::Result<Client> {
+    let (cert, key) = g.pki.identity("admin");
+    let tls = aurae_identity::tls::client_config_expecting(
+        aurae_identity::tls::load_certs(&g.pki.ca_cert)?,
+        Some((
+            aurae_identity::tls::load_certs(&cert)?,
+            aurae_identity::tls::load_key(&key)?,
+        )),
+        Some(id.parse()?),
+    )?;
+    let addr: SocketAddr = endpoint.parse()?;
+    let ns = g.netns.clone();
+    let dial = move || aurae_testkit::dial_in(Some(&ns), addr);
+    Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
+    if !tier::check(
+        "guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell",
+        Tier::Guest,
+        needs_guest(),
+    ) {
+        return;
+    }
+    let g = Guest::boot(GuestOptions {
+        extra_files: aurae_testkit::guest::instance_files().unwrap(),
+        memory_mib: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = g.client("admin").await.unwrap();
+    // The harness reaches the guest's instances through the guest.
+    let via = g.addr.ip().to_string();
+    ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
+    ip(&["-n", &g.netns, "route", "add", "10.201.0.0/16", "via", &via]);
+
+    let t = std::time::Instant::now();
+    let s = c
+        .runtime()
+        .spawn(pb::Instance {
+            name: "vm1".into(),
+            ready_timeout: Some(prost_types::Duration {
+                seconds: 240,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("Spawn in the guest: {e:?}\n{}", g.serial_text()))
+        .into_inner();
+    println!(
+        "L2 microVM instance ready in {:.1} s (status: boot {:?}, ready {:?}); {}",
+        t.elapsed().as_secs_f64(),
+        s.boot_time,
+        s.ready_time,
+        s.isolation_reason
+    );
+    assert_eq!(s.phase, pb::Phase::Running as i32, "{s:?}");
+    assert_eq!(
+        s.isolation,
+        pb::Isolation::VirtualMachine as i32,
+        "AUTO picks a microVM where KVM boots: {s:?}"
+    );
+    assert!(s.isolation_reason.contains("KVM booted"), "{s:?}");
+    assert_eq!(
+        s.spiffe_id,
+        format!("spiffe://{TRUST_DOMAIN}/instance/node/vm1")
+    );
+
+    let l2 = instance_client(&g, &s.endpoint, &s.spiffe_id)
+        .await
+        .unwrap();
+    let info = l2
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.mode, "pid1");
+    assert_eq!(info.server_id, s.spiffe_id);
+    assert_eq!(info.depth, 1);
+    assert_eq!(info.parent_id, format!("spiffe://{TRUST_DOMAIN}/auraed"));
+    // Expecting another ID (a sibling's) fails: the harness never talks to the wrong child.
+    assert!(
+        instance_client(
+            &g,
+            &s.endpoint,
+            &format!("spiffe://{TRUST_DOMAIN}/instance/node/vm2")
+        )
+        .await
+        .is_err()
+    );
+
+    // L3: a cell-isolated instance inside the microVM.
+    let s3 = l2
+        .runtime()
+        .spawn(pb::Instance {
+            name: "l3".into(),
+            isolation: pb::Isolation::Cell as i32,
+            ready_timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("Spawn in L2: {e:?}"))
+        .into_inner();
+    assert_eq!(s3.phase, pb::Phase::Running as i32, "{s3:?}");
+    assert_eq!(
+        s3.spiffe_id,
+        format!("spiffe://{TRUST_DOMAIN}/instance/node/vm1/l3")
+    );
+    assert_eq!(s3.depth, 2);
+    let l3 = instance_client(&g, &s3.endpoint, &s3.spiffe_id)
+        .await
+        .unwrap();
+    let info3 = l3
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info3.parent_id, s.spiffe_id);
+    assert_eq!(info3.mode, "instance");
+
+    // Stop in order: L2 shuts down (stopping L3) and powers off; free leaves nothing.
+    let stopped = c
+        .instances()
+        .stop(pb::StopRequest {
+            name: "vm1".into(),
+            grace_period: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.phase, pb::Phase::Exited as i32, "{stopped:?}");
+    c.instances()
+        .free(pb::NameRef { name: "vm1".into() })
+        .await
+        .unwrap();
+    let list = c
+        .instances()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.instances.is_empty());
+    // The microVM was never a VM of the API.
+    let vms = c
+        .virtual_machines()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(vms.virtual_machines.is_empty(), "{vms:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
