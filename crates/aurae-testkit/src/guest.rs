@@ -10,7 +10,7 @@
 use std::{
     fs,
     io::Write,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -317,8 +317,8 @@ impl Guest {
             Pki::issue_client(&self.pki.dir, name, &id, 1)?;
         }
         let tls = aurae_identity::tls::client_config(&self.pki.ca_cert, &cert, &key)?;
-        let ns = PathBuf::from("/run/netns").join(&self.netns);
-        let dial = move || dial_in(&ns, addr);
+        let ns = self.netns.clone();
+        let dial = move || crate::dial_in(Some(&ns), addr);
         // The server certificate names the IPv4 address; check the same name over IPv6.
         Ok(Client::connect_tcp_with(dial, &self.addr.ip().to_string(), tls).await?)
     }
@@ -338,19 +338,6 @@ impl Guest {
         }
         false
     }
-}
-
-/// Connects to `addr` with a socket made inside the network namespace `ns` (on a fresh
-/// thread, so no other thread changes namespace).
-fn dial_in(ns: &Path, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        let f = fs::File::open(&ns)?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("dial thread panicked"))?
 }
 
 impl Drop for Guest {

@@ -310,19 +310,15 @@ impl Daemon {
         endpoint: &str,
         spiffe_id: &str,
     ) -> anyhow::Result<Client> {
-        let (cert, key) = self.identity(name)?;
-        let tls = aurae_identity::tls::client_config_expecting(
-            aurae_identity::tls::load_certs(&self.pki.ca_cert)?,
-            Some((
-                aurae_identity::tls::load_certs(&cert)?,
-                aurae_identity::tls::load_key(&key)?,
-            )),
-            Some(spiffe_id.parse()?),
-        )?;
-        let addr: SocketAddr = endpoint.parse()?;
-        let ns = self.netns.clone();
-        let dial = move || dial_in(ns.as_deref(), addr);
-        Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
+        let identity = self.identity(name)?;
+        instance_client(
+            &self.pki,
+            identity,
+            self.netns.as_deref(),
+            endpoint,
+            spiffe_id,
+        )
+        .await
     }
 
     /// Runs `f` on a fresh thread inside the daemon's network namespace (or here).
@@ -450,6 +446,30 @@ impl Drop for Daemon {
             let _ = ip(&["netns", "del", ns]);
         }
     }
+}
+
+/// A client of a spawned instance at `endpoint` presenting `identity` (cert, key) of the
+/// PKI `pki`, requiring exactly `spiffe_id` (as the parent's `InstanceStatus` says),
+/// dialled from inside network namespace `netns` (a name under /run/netns; `None`: here).
+pub async fn instance_client(
+    pki: &PkiPaths,
+    identity: (PathBuf, PathBuf),
+    netns: Option<&str>,
+    endpoint: &str,
+    spiffe_id: &str,
+) -> anyhow::Result<Client> {
+    let tls = aurae_identity::tls::client_config_expecting(
+        aurae_identity::tls::load_certs(&pki.ca_cert)?,
+        Some((
+            aurae_identity::tls::load_certs(&identity.0)?,
+            aurae_identity::tls::load_key(&identity.1)?,
+        )),
+        Some(spiffe_id.parse()?),
+    )?;
+    let addr: SocketAddr = endpoint.parse()?;
+    let ns = netns.map(str::to_owned);
+    let dial = move || dial_in(ns.as_deref(), addr);
+    Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
 }
 
 /// Runs `ip ARGS`, failing with its stderr.

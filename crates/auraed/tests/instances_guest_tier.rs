@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
@@ -19,19 +19,14 @@ use aurae_testkit::{
 /// A client of an instance at `endpoint` presenting `admin`, requiring exactly `id`,
 /// dialled from inside the guest's network namespace.
 async fn instance_client(g: &Guest, endpoint: &str, id: &str) -> anyhow::Result<Client> {
-    let (cert, key) = g.pki.identity("admin");
-    let tls = aurae_identity::tls::client_config_expecting(
-        aurae_identity::tls::load_certs(&g.pki.ca_cert)?,
-        Some((
-            aurae_identity::tls::load_certs(&cert)?,
-            aurae_identity::tls::load_key(&key)?,
-        )),
-        Some(id.parse()?),
-    )?;
-    let addr: SocketAddr = endpoint.parse()?;
-    let ns = g.netns.clone();
-    let dial = move || aurae_testkit::dial_in(Some(&ns), addr);
-    Ok(Client::connect_tcp_with(dial, &addr.ip().to_string(), tls).await?)
+    aurae_testkit::instance_client(
+        &g.pki,
+        g.pki.identity("admin"),
+        Some(&g.netns),
+        endpoint,
+        id,
+    )
+    .await
 }
 
 fn ip(args: &[&str]) {

@@ -574,3 +574,65 @@ async fn a_crash_of_the_parent_costs_its_children_nothing() {
         "no veth is left: {veths:?}"
     );
 }
+
+/// The child renews its SVID through its parent at two thirds of its lifetime (here 2 min,
+/// the shortest allowed): the parent's status shows the new expiry, and the child still
+/// answers new handshakes with the same SPIFFE ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_renews_its_svid_before_it_expires() {
+    let Some((d, c)) = daemon("instances: renewal").await else {
+        return;
+    };
+    let s = c
+        .runtime()
+        .spawn(pb::Instance {
+            svid_ttl: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+            ..instance("short")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.svid_expires_at.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(110);
+    let renewed = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = c
+            .instances()
+            .get(pb::NameRef {
+                name: "short".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let at = now.svid_expires_at.unwrap();
+        if at.seconds > first.seconds {
+            break at;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewal within 110 s of a 120 s SVID"
+        );
+    };
+    assert!(
+        renewed.seconds >= first.seconds + 60,
+        "{first:?} -> {renewed:?}"
+    );
+    // A new connection: the child presents its renewed certificate, same SPIFFE ID.
+    let child = d
+        .instance_client("admin", &s.endpoint, &s.spiffe_id)
+        .await
+        .unwrap();
+    let info = child
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.server_id, s.spiffe_id);
+    let log = std::fs::read_to_string(d.dir.path().join("state/logs/instances/short.log"))
+        .unwrap_or_default();
+    assert!(log.contains("renewed this instance's SVID"), "{log}");
+}
