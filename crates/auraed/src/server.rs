@@ -345,7 +345,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         puller,
         volume_roots: canonical_dirs(&cfg.volume_roots, "volume root"),
         vms: vms.clone(),
-        quotas: Arc::new(api::quota::Quotas::new(cells.clone(), vms.clone())),
+        quotas: Arc::new(api::quota::Quotas::new(
+            cells.clone(),
+            vms.clone(),
+            instances.clone(),
+        )),
         instances: instances.clone(),
         lineage: cfg.lineage.clone(),
     };

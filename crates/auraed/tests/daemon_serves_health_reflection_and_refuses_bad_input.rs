@@ -217,11 +217,17 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
     // tonic answers OUT_OF_RANGE from the length prefix, before allocating the body.
     assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
     assert!(s.message().contains("limit is: 1048576"), "{}", s.message());
-    // Not built yet: UNIMPLEMENTED naming the capability, never a panic.
+    // Not built yet: UNIMPLEMENTED naming the capability, never a panic. (This daemon
+    // shares the host's network namespace: nothing here may spawn an instance, whose
+    // bridge would land on the host.)
     let s = c
         .runtime()
-        .spawn(pb::Instance {
-            name: "i1".into(),
+        .run_pod(pb::Pod {
+            name: "p1".into(),
+            container: Some(pb::Container {
+                image: "127.0.0.1:5000/aurae/busybox:latest".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await

@@ -636,3 +636,94 @@ async fn a_child_renews_its_svid_before_it_expires() {
         .unwrap_or_default();
     assert!(log.contains("renewed this instance's SVID"), "{log}");
 }
+
+/// A tenant may spawn only under its names and within its quota; the child serves it with
+/// its own grant (not the parent's), so what it could not do on the parent it cannot do in
+/// the child either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_spawns_within_its_names_and_quota() {
+    if !tier::check("instances: tenant quota", Tier::Host, tier::needs_cells()) {
+        return;
+    }
+    let policy = format!(
+        r#"
+[[grant]]
+id = "{admin}"
+methods = ["*"]
+names = ["*"]
+
+[[grant]]
+id = "{bob}"
+methods = ["aurae.runtime.v0.Runtime/Spawn", "aurae.runtime.v0.Instances/*",
+           "aurae.runtime.v0.Daemon/Info", "aurae.runtime.v0.Cells/*"]
+names = ["bob-*"]
+[grant.quota]
+instances = 1
+memory_bytes = 1073741824
+"#,
+        admin = id("/operator/admin"),
+        bob = id("/operator/bob"),
+    );
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            own_netns: true,
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bob = d.client("bob").await.unwrap();
+    let e = bob.runtime().spawn(instance("alice-1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let big = bob
+        .runtime()
+        .spawn(pb::Instance {
+            memory_bytes: 2 << 30,
+            ..instance("bob-big")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(big.code(), Code::ResourceExhausted, "{big:?}");
+    assert!(big.message().contains("quota.memory_bytes"), "{big:?}");
+    let s = spawn(&bob, "bob-1").await;
+    let e = bob.runtime().spawn(instance("bob-2")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("quota.instances"), "{e:?}");
+    // In the child, bob has bob's grant: its names, its methods.
+    let child = d
+        .instance_client("bob", &s.endpoint, &s.spiffe_id)
+        .await
+        .unwrap();
+    let info = child
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.granted_prefixes, ["bob-*"]);
+    let e = child
+        .cells()
+        .allocate(pb::Cell {
+            name: "other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = child
+        .runtime()
+        .run_executable(exe("bob-c", "x", &["/bin/true"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Freed, the quota is free again.
+    bob.instances()
+        .free(pb::NameRef {
+            name: "bob-1".into(),
+        })
+        .await
+        .unwrap();
+    spawn(&bob, "bob-2").await;
+}

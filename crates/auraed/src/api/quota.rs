@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use tonic::Status;
 
 use super::authz::Caller;
-use crate::{cell::Cells, vm::Vms};
+use crate::{cell::Cells, instance::Instances, vm::Vms};
 
 /// What a request would add.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,6 +19,7 @@ pub struct Demand {
     pub cells: usize,
     pub executables: usize,
     pub vms: usize,
+    pub instances: usize,
     /// Memory the request adds; `None`: a new outermost cell without memory.max.
     pub memory_bytes: Option<u64>,
 }
@@ -59,6 +60,7 @@ pub struct Admission(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
 pub struct Quotas {
     cells: Arc<Cells>,
     vms: Arc<Vms>,
+    instances: Arc<Instances>,
     lock: Arc<Mutex<()>>,
 }
 
@@ -71,10 +73,11 @@ fn exhausted(caller: &Caller, quota: &str, limit: u64, used: u64, adds: u64) -> 
 }
 
 impl Quotas {
-    pub fn new(cells: Arc<Cells>, vms: Arc<Vms>) -> Self {
+    pub fn new(cells: Arc<Cells>, vms: Arc<Vms>, instances: Arc<Instances>) -> Self {
         Self {
             cells,
             vms,
+            instances,
             lock: Arc::default(),
         }
     }
@@ -91,6 +94,7 @@ impl Quotas {
         let within = |n: &str| caller.grant.allows_name(n);
         let cells = self.cells.usage(within);
         let (vms, vm_memory) = self.vms.usage(within);
+        let (instances, instance_memory) = self.instances.usage(within);
         let check = |quota: &str, limit: Option<u32>, used: usize, adds: usize| match limit {
             Some(l) if adds > 0 && used + adds > l as usize => Err(exhausted(
                 caller,
@@ -109,8 +113,9 @@ impl Quotas {
             demand.executables,
         )?;
         check("vms", q.vms, vms, demand.vms)?;
+        check("instances", q.instances, instances, demand.instances)?;
         if let Some(limit) = q.memory_bytes
-            && (demand.cells > 0 || demand.vms > 0)
+            && (demand.cells > 0 || demand.vms > 0 || demand.instances > 0)
         {
             let Some(adds) = demand.memory_bytes else {
                 return Err(Status::invalid_argument(format!(
@@ -118,7 +123,10 @@ impl Quotas {
                     caller.id
                 )));
             };
-            let used = cells.memory_bytes.saturating_add(vm_memory);
+            let used = cells
+                .memory_bytes
+                .saturating_add(vm_memory)
+                .saturating_add(instance_memory);
             if cells.unbounded_memory > 0 || used.saturating_add(adds) > limit {
                 return Err(exhausted(caller, "memory_bytes", limit, used, adds));
             }

@@ -290,11 +290,18 @@ impl Runtime for RuntimeApi {
                  (--instance-kernel); a request cannot choose another",
             ));
         }
+        let demand = Demand {
+            instances: 1,
+            memory_bytes: Some(spec.memory_bytes),
+            ..Demand::default()
+        };
+        let admitted = self.ctx.quotas.admit(&caller, demand).await?;
         let inst = self
             .ctx
             .instances
             .spawn(spec, (&caller.id, &caller.grant))
             .await?;
+        drop(admitted);
         Ok(Response::new(convert::instance(&inst)))
     }
 

@@ -17,7 +17,8 @@
 //! cells = 20
 //! executables = 200
 //! vms = 2
-//! memory_bytes = 8589934592       # sum of the cells' memory.max and the VMs' memory
+//! instances = 2                   # spawned instances
+//! memory_bytes = 8589934592       # sum of the cells' memory.max, the VMs' and instances' memory
 //! ```
 //!
 //! Deny by default: an identity without a grant, a method not listed, a name outside the
@@ -123,6 +124,9 @@ pub struct Quota {
     pub cells: Option<u32>,
     pub executables: Option<u32>,
     pub vms: Option<u32>,
+    /// Spawned instances.
+    #[serde(default)]
+    pub instances: Option<u32>,
     pub memory_bytes: Option<u64>,
 }
 
@@ -329,6 +333,7 @@ impl Grant {
             (q.cells.map(u64::from), "quota.cells"),
             (q.executables.map(u64::from), "quota.executables"),
             (q.vms.map(u64::from), "quota.vms"),
+            (q.instances.map(u64::from), "quota.instances"),
             (q.memory_bytes, "quota.memory_bytes"),
         ] {
             if let Some(n) = n {
