@@ -91,12 +91,14 @@ impl BadClient {
                 SpiffeId::new("evil.test", "/operator/mallory")?,
                 1,
             ))?,
-            Self::ServerCertAsClient => {
-                // auraed's own certificate lacks the clientAuth usage.
-                let cert = std::fs::read_to_string(&paths.server_cert)?;
-                let key = std::fs::read_to_string(&paths.server_key)?;
-                (cert, key)
-            }
+            // A server-only certificate (serverAuth, no clientAuth). auraed's own is both
+            // now: it is how a parent presents itself to the instances it spawned.
+            Self::ServerCertAsClient => ca.issue(&IssueSpec::server(
+                good.clone(),
+                vec!["localhost".into()],
+                Vec::new(),
+                1,
+            ))?,
             Self::IntermediateWithoutSpiffeId => {
                 return delegated(pki_dir, trust_domain, None, "/operator/admin");
             }

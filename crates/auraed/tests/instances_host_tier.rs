@@ -727,3 +727,91 @@ memory_bytes = 1073741824
         .unwrap();
     spawn(&bob, "bob-2").await;
 }
+
+/// A child that presents another instance's certificate (a compromised or impostor
+/// child) is refused at once: Spawn fails naming the identity it presented, and
+/// everything made for it is removed. The impostor: a TLS server on the address the
+/// child will get, bound inside the parent's network namespace (so the parent reaches it
+/// instead of the child), presenting a sibling's SVID minted with the node's signer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_presenting_a_foreign_svid_is_refused() {
+    let Some((d, c)) = daemon("instances: foreign SVID").await else {
+        return;
+    };
+    // The first spawn makes the bridge; the next address handed out is the one freed.
+    spawn(&c, "first").await;
+    c.instances()
+        .free(pb::NameRef {
+            name: "first".into(),
+        })
+        .await
+        .unwrap();
+    let node = Ca::load_signer(&d.pki.signer_cert, &d.pki.signer_key).unwrap();
+    let (cert, key) = node
+        .issue(&IssueSpec::instance(
+            SpiffeId::new(TRUST_DOMAIN, "/instance/node/sibling").unwrap(),
+            vec!["10.200.0.2".parse().unwrap()],
+            Duration::from_secs(600),
+        ))
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("c.pem"), cert).unwrap();
+    std::fs::write(tmp.path().join("k.pem"), key).unwrap();
+    let (server, _, _) = aurae_identity::tls::server_config(
+        &d.pki.ca_cert,
+        &tmp.path().join("c.pem"),
+        &tmp.path().join("k.pem"),
+    )
+    .unwrap();
+    // The impostor's address on lo in the parent's namespace, and its listener there.
+    let ns = d.netns.clone().unwrap();
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["-n", &ns, "addr", "add", "10.200.0.2/32", "dev", "lo"]);
+    let listener = d
+        .in_netns(|| std::net::TcpListener::bind("10.200.0.2:8443"))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let impostor = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = acceptor.accept(s).await;
+        }
+    });
+    let e = c.runtime().spawn(instance("victim")).await.unwrap_err();
+    impostor.abort();
+    ip(&["-n", &ns, "addr", "del", "10.200.0.2/32", "dev", "lo"]);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("presented the wrong identity")
+            && e.message().contains("/instance/node/sibling"),
+        "{e:?}"
+    );
+    let list = c
+        .instances()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.instances.is_empty(), "{list:?}");
+    assert!(
+        !d.cgroup.clone().unwrap().join("instances/victim").exists(),
+        "its cgroup is removed"
+    );
+    let veths = d.in_netns(links).unwrap();
+    assert!(!veths.iter().any(|l| l.starts_with("aurae-i")), "{veths:?}");
+}

@@ -925,7 +925,10 @@ impl Instances {
                 Ok(Err(e)) => {
                     let text = e.to_string();
                     // A certificate that is not the one minted for it: refused at once.
-                    if text.contains("the peer presented SPIFFE ID") {
+                    // (Our verifier's TlsError::UnexpectedId, as rustls shows it.)
+                    if text.contains("UnexpectedId")
+                        || text.contains("the peer presented SPIFFE ID")
+                    {
                         return Err(precondition(format!(
                             "instance {:?} presented the wrong identity and was refused: {text}",
                             inst.spec.name.as_str()
