@@ -69,7 +69,16 @@ async fn every_bad_client_is_rejected_at_the_handshake() {
     assert_eq!(rejected, total);
 
     // The rejections happened at the handshake: auraed logged each, and no RPC ran.
-    let log = d.log_text();
+    // The client sees the refusal before auraed's log line is written: give the log a
+    // moment to catch up.
+    let mut log = d.log_text();
+    for _ in 0..40 {
+        if log.matches("TLS handshake rejected").count() >= total {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        log = d.log_text();
+    }
     let handshake_rejections = log.matches("TLS handshake rejected").count();
     assert!(
         handshake_rejections >= total,
@@ -231,7 +240,18 @@ names = []
             }
         }
     }
-    let log = d.log_text();
+    // The client sees the refusal before auraed's log line is written: give the log a
+    // moment to catch up.
+    let mut log = d.log_text();
+    for _ in 0..40 {
+        if log.matches("NotBelowIntermediate").count() >= 8
+            && log.matches("IntermediateWithoutSpiffeId").count() >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        log = d.log_text();
+    }
     // At least one logged rejection per attempt (a client may retry its handshake).
     assert!(
         log.matches("IntermediateWithoutSpiffeId").count() >= 2,
