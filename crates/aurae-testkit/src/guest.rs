@@ -565,18 +565,93 @@ pub fn instance_files() -> anyhow::Result<Vec<cpio::Entry>> {
         data: std::fs::read(art.join("vmlinuz"))?,
     });
     // `cargo xtask guest` puts the instance kernel's modules there.
-    let dir = art.join("instance-modules");
-    let order = std::fs::read_to_string(dir.join("order"))
-        .with_context(|| format!("{}/order (run cargo xtask guest)", dir.display()))?;
-    for name in order.split_whitespace() {
-        e.push(File {
-            path: format!("var/lib/aurae/instance/modules/{name}.ko"),
-            mode: 0o644,
-            data: std::fs::read(dir.join(format!("{name}.ko")))?,
+    e.extend(module_entries(
+        &art.join("instance-modules"),
+        "var/lib/aurae/instance/modules",
+    )?);
+    Ok(e)
+}
+
+/// QEMU as the benches run it inside a guest (`-M microvm`).
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const QEMU_FIRMWARE: [&str; 4] = [
+    "/usr/share/seabios/bios-microvm.bin",
+    "/usr/share/qemu/qboot.rom",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/linuxboot.bin",
+];
+
+/// `path` (and its parent directories) as initramfs entries, symlinks followed.
+fn host_file(
+    path: &Path,
+    seen: &mut std::collections::BTreeSet<String>,
+    out: &mut Vec<cpio::Entry>,
+) {
+    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+    let mut acc = String::new();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for p in &parts[..parts.len() - 1] {
+        if !acc.is_empty() {
+            acc.push('/');
+        }
+        acc.push_str(p);
+        if seen.insert(acc.clone()) {
+            out.push(cpio::Entry::Dir {
+                path: acc.clone(),
+                mode: 0o755,
+            });
+        }
+    }
+    if seen.insert(rel.clone())
+        && let Ok(data) = fs::read(path)
+    {
+        out.push(cpio::Entry::File {
+            path: rel,
+            mode: 0o755,
+            data,
         });
     }
-    e.push(File {
-        path: "var/lib/aurae/instance/modules/order".into(),
+}
+
+/// [`QEMU`], the shared libraries `ldd` names, and the microvm firmware, as entries for
+/// a guest's initramfs (beside the directories it already has); `None` if `ldd` fails.
+pub fn qemu_files() -> Option<Vec<cpio::Entry>> {
+    let ldd = Command::new("ldd").arg(QEMU).output().ok()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for d in [
+        "bin", "dev", "etc", "lib", "proc", "sys", "run", "tmp", "var", "var/lib", "sbin", "usr",
+        "usr/bin",
+    ] {
+        seen.insert(d.to_owned());
+    }
+    let mut out = Vec::new();
+    host_file(Path::new(QEMU), &mut seen, &mut out);
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            host_file(Path::new(p), &mut seen, &mut out);
+        }
+    }
+    for f in QEMU_FIRMWARE {
+        host_file(Path::new(f), &mut seen, &mut out);
+    }
+    Some(out)
+}
+
+/// The modules a directory lists in `order` (`<name>.ko` beside it), as initramfs entries
+/// `<into>/<name>.ko` and `<into>/order`.
+pub fn module_entries(dir: &Path, into: &str) -> anyhow::Result<Vec<cpio::Entry>> {
+    let order = fs::read_to_string(dir.join("order"))
+        .with_context(|| format!("{}/order (run cargo xtask guest)", dir.display()))?;
+    let mut e = Vec::new();
+    for name in order.split_whitespace() {
+        e.push(cpio::Entry::File {
+            path: format!("{into}/{name}.ko"),
+            mode: 0o644,
+            data: fs::read(dir.join(format!("{name}.ko")))?,
+        });
+    }
+    e.push(cpio::Entry::File {
+        path: format!("{into}/order"),
         mode: 0o644,
         data: order.into_bytes(),
     });

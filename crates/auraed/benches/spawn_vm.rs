@@ -24,28 +24,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
 
-use std::{
-    collections::BTreeSet,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     TRUST_DOMAIN,
     cpio::{self, Entry},
-    guest::{Guest, GuestOptions, artifacts, instance_files, needs_guest},
+    guest::{
+        Guest, GuestOptions, QEMU, artifacts, instance_files, module_entries, needs_guest,
+        qemu_files,
+    },
     workload,
 };
 
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-const FIRMWARE: [&str; 4] = [
-    "/usr/share/seabios/bios-microvm.bin",
-    "/usr/share/qemu/qboot.rom",
-    "/usr/share/qemu/linuxboot_dma.bin",
-    "/usr/share/qemu/linuxboot.bin",
-];
 /// The line auraed logs once it serves (on the console, as PID 1).
 const SERVING: &str = "auraed is serving";
 /// What the watcher loop prints once the line is in the file it watches.
@@ -58,63 +50,6 @@ const PEER_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet aurae.hostname
 const MEMORY_MIB: u64 = 512;
 const POLL: Duration = Duration::from_millis(100);
 const LIMIT: Duration = Duration::from_secs(240);
-
-/// `path` (and its parent directories) as initramfs entries, symlinks followed.
-fn host_file(path: &Path, seen: &mut BTreeSet<String>, out: &mut Vec<Entry>) {
-    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
-    let mut acc = String::new();
-    let parts: Vec<&str> = rel.split('/').collect();
-    for p in &parts[..parts.len() - 1] {
-        if !acc.is_empty() {
-            acc.push('/');
-        }
-        acc.push_str(p);
-        if seen.insert(acc.clone()) {
-            out.push(Entry::Dir {
-                path: acc.clone(),
-                mode: 0o755,
-            });
-        }
-    }
-    if seen.insert(rel.clone())
-        && let Ok(data) = std::fs::read(path)
-    {
-        out.push(Entry::File {
-            path: rel,
-            mode: 0o755,
-            data,
-        });
-    }
-}
-
-/// QEMU, the shared libraries `ldd` names, and the microvm firmware.
-fn qemu_files() -> Option<Vec<Entry>> {
-    let ldd = std::process::Command::new("ldd").arg(QEMU).output().ok()?;
-    let mut seen = BTreeSet::new();
-    // The initramfs of the guest already has these directories (instance_files adds the
-    // ones under var/lib/aurae).
-    for d in [
-        "bin", "dev", "etc", "lib", "proc", "sys", "run", "tmp", "var", "var/lib", "sbin", "usr",
-        "usr/bin",
-    ] {
-        seen.insert(d.to_owned());
-    }
-    let mut out = Vec::new();
-    host_file(Path::new(QEMU), &mut seen, &mut out);
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(str::to_owned);
-        if let Some(p) = path {
-            host_file(Path::new(&p), &mut seen, &mut out);
-        }
-    }
-    for f in FIRMWARE {
-        host_file(Path::new(f), &mut seen, &mut out);
-    }
-    Some(out)
-}
 
 /// The peer's initramfs, laid out as auraed lays out an instance's (`instance::initramfs`):
 /// the same directories and console, the same static auraed as /init, the same modules, and
@@ -154,20 +89,10 @@ fn peer_initramfs() -> anyhow::Result<Vec<u8>> {
         mode: 0o755,
         data: std::fs::read(art.join("auraed"))?,
     });
-    let mods = art.join("instance-modules");
-    let order = std::fs::read_to_string(mods.join("order"))?;
-    for m in order.split_whitespace() {
-        e.push(Entry::File {
-            path: format!("lib/modules/{m}.ko"),
-            mode: 0o644,
-            data: std::fs::read(mods.join(format!("{m}.ko")))?,
-        });
-    }
-    e.push(Entry::File {
-        path: "lib/modules/order".into(),
-        mode: 0o644,
-        data: order.into_bytes(),
-    });
+    e.extend(module_entries(
+        &art.join("instance-modules"),
+        "lib/modules",
+    )?);
     for (src, name, mode) in [
         (&pki.ca_cert, "ca.pem", 0o644),
         (&pki.server_cert, "auraed.pem", 0o644),

@@ -10,82 +10,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     cpio::Entry,
-    guest::{Guest, GuestOptions, MICROVM_MARKER, artifacts, microvm_initramfs, needs_guest},
+    guest::{
+        Guest, GuestOptions, MICROVM_MARKER, QEMU, artifacts, microvm_initramfs, needs_guest,
+        qemu_files,
+    },
     workload,
 };
-
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-const FIRMWARE: [&str; 4] = [
-    "/usr/share/seabios/bios-microvm.bin",
-    "/usr/share/qemu/qboot.rom",
-    "/usr/share/qemu/linuxboot_dma.bin",
-    "/usr/share/qemu/linuxboot.bin",
-];
-
-/// `path` (and its parent directories) as initramfs entries, symlinks followed.
-fn host_file(path: &Path, seen: &mut std::collections::BTreeSet<String>, out: &mut Vec<Entry>) {
-    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
-    let mut acc = String::new();
-    let parts: Vec<&str> = rel.split('/').collect();
-    for p in &parts[..parts.len() - 1] {
-        if !acc.is_empty() {
-            acc.push('/');
-        }
-        acc.push_str(p);
-        if seen.insert(acc.clone()) {
-            out.push(Entry::Dir {
-                path: acc.clone(),
-                mode: 0o755,
-            });
-        }
-    }
-    if seen.insert(rel.clone())
-        && let Ok(data) = std::fs::read(path)
-    {
-        out.push(Entry::File {
-            path: rel,
-            mode: 0o755,
-            data,
-        });
-    }
-}
-
-/// QEMU, the shared libraries `ldd` names, and the microvm firmware.
-fn qemu_files() -> Option<Vec<Entry>> {
-    let ldd = std::process::Command::new("ldd").arg(QEMU).output().ok()?;
-    let mut seen = std::collections::BTreeSet::new();
-    // The initramfs of the guest already has these directories.
-    for d in [
-        "bin", "dev", "etc", "lib", "proc", "sys", "run", "tmp", "var", "var/lib", "sbin", "usr",
-        "usr/bin",
-    ] {
-        seen.insert(d.to_owned());
-    }
-    let mut out = Vec::new();
-    host_file(Path::new(QEMU), &mut seen, &mut out);
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(str::to_owned);
-        if let Some(p) = path {
-            host_file(Path::new(&p), &mut seen, &mut out);
-        }
-    }
-    for f in FIRMWARE {
-        host_file(Path::new(f), &mut seen, &mut out);
-    }
-    Some(out)
-}
 
 async fn console_has_marker(c: &Client, vm: &str) -> bool {
     workload::console(c, vm)

@@ -317,18 +317,9 @@ pub fn prepare() -> Boot {
     }
 
     // cgroup v2: every controller for the children of the root; auraed in its own leaf.
-    if let Ok(avail) = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
-        let all: Vec<String> = avail.split_whitespace().map(|c| format!("+{c}")).collect();
-        if let Err(e) = fs::write("/sys/fs/cgroup/cgroup.subtree_control", all.join(" ")) {
-            w.push(format!("enabling cgroup controllers: {e}"));
-        }
-        let own = Path::new("/sys/fs/cgroup/auraed");
-        let _ = fs::create_dir_all(own);
-        if let Err(e) = fs::write(own.join("cgroup.procs"), std::process::id().to_string()) {
-            w.push(format!("moving auraed into {}: {e}", own.display()));
-        }
-    } else {
-        w.push("no cgroup v2 at /sys/fs/cgroup: cells are unavailable".into());
+    match crate::workload::cgroup::settle_in(Path::new("/sys/fs/cgroup")) {
+        Ok(mut warnings) => w.append(&mut warnings),
+        Err(_) => w.push("no cgroup v2 at /sys/fs/cgroup: cells are unavailable".into()),
     }
 
     let hostname = get("aurae.hostname").unwrap_or_else(|| "aurae".into());

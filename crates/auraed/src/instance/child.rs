@@ -26,7 +26,7 @@ use std::{
 
 use nix::mount::{MsFlags, mount};
 
-use super::handover::{Handover, Lineage};
+use super::handover::{Handover, Lineage, Place};
 
 /// Where a cell-isolated instance keeps what it was handed and its state (tmpfs).
 pub const RUN_DIR: &str = "/run/aurae";
@@ -138,28 +138,9 @@ pub fn prepare() -> Result<ChildBoot, String> {
 
     // cgroup: a delegated subtree; auraed in a leaf, cells beside it.
     let cg = Path::new("/sys/fs/cgroup");
-    let own = cg.join("auraed");
-    match fs::create_dir(&own)
-        .or_else(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .and_then(|()| fs::write(own.join("cgroup.procs"), std::process::id().to_string()))
-    {
-        Ok(()) => {
-            if let Ok(avail) = fs::read_to_string(cg.join("cgroup.controllers")) {
-                let all: Vec<String> = avail.split_whitespace().map(|c| format!("+{c}")).collect();
-                if !all.is_empty()
-                    && let Err(e) = fs::write(cg.join("cgroup.subtree_control"), all.join(" "))
-                {
-                    w.push(format!("enabling cgroup controllers: {e}"));
-                }
-            }
-        }
-        Err(e) => w.push(format!("moving auraed into {}: {e}", own.display())),
+    match crate::workload::cgroup::settle_in(cg) {
+        Ok(mut warnings) => w.append(&mut warnings),
+        Err(e) => w.push(e),
     }
 
     if let Err(e) = nix::unistd::sethostname(&h.name) {
@@ -178,16 +159,7 @@ pub fn prepare() -> Result<ChildBoot, String> {
         cgroup_root: cg.join("cells"),
         listen: std::net::SocketAddr::from((h.addr, super::handover::INSTANCE_PORT)),
         bridge_gateway: h.bridge_gateway,
-        lineage: Lineage {
-            parent_id: h.parent_id,
-            parent_endpoint: h.parent_endpoint,
-            policy_toml: h.policy_toml,
-            depth: h.depth,
-            max_depth: h.max_depth,
-            svid_ttl: Duration::from_secs(h.svid_ttl_s),
-            addr: h.addr,
-            addr6: h.addr6,
-        },
+        lineage: Place::of(&h).lineage(h.policy_toml.clone()),
         warnings: w,
     })
 }

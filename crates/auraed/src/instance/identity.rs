@@ -15,6 +15,8 @@ use std::{
 };
 
 use aurae_identity::{Ca, IssueSpec, SpiffeId, tls::ServerCert};
+
+use crate::{spec::FieldError, workload::WorkloadError};
 use rustls::pki_types::pem::PemObject;
 
 /// The PEM material of one identity.
@@ -161,7 +163,7 @@ impl SelfIdentity {
     }
 
     /// Signs a child's renewal: its new SVID and signer for exactly `id`, whatever the
-    /// requests ask for.
+    /// requests ask for. A request that does not verify is an error naming its field.
     pub fn renew(
         &self,
         id: &SpiffeId,
@@ -169,14 +171,17 @@ impl SelfIdentity {
         ttl: Duration,
         csr_pem: &str,
         signer_csr_pem: &str,
-    ) -> Result<(String, String), String> {
-        let signer = self.signer()?;
+    ) -> Result<(String, String), WorkloadError> {
+        let signer = self.signer().map_err(WorkloadError::Precondition)?;
+        let invalid = |field: &str, e: aurae_identity::PkiError| {
+            WorkloadError::Invalid(FieldError::new(field, e.to_string()))
+        };
         let cert = signer
             .sign_request(csr_pem, &IssueSpec::instance(id.clone(), ips, ttl))
-            .map_err(|e| format!("csr_pem: {e}"))?;
+            .map_err(|e| invalid("csr_pem", e))?;
         let sig = signer
             .sign_intermediate_request(signer_csr_pem, id, ttl)
-            .map_err(|e| format!("signer_csr_pem: {e}"))?;
+            .map_err(|e| invalid("signer_csr_pem", e))?;
         Ok((cert, sig))
     }
 

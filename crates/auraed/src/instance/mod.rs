@@ -340,10 +340,7 @@ impl Instances {
 
     async fn probe_once(&self, kernel: &std::path::Path) -> Result<(), String> {
         let tree = self.tree().map_err(|e| e.to_string())?;
-        let group = CellName::parse("name", INSTANCE_GROUP).map_err(|e| e.to_string())?;
-        if !tree.exists(&group) {
-            tree.create(&group).map_err(|e| e.to_string())?;
-        }
+        let group = instance_group(tree.as_ref()).map_err(|e| e.to_string())?;
         let sealed = self.sealed.get().map_err(|e| e.to_string())?;
         let entries = initramfs::base(&sealed, self.vm_modules.as_deref())?;
         let fd = initramfs::sealed(&entries)?;
@@ -454,10 +451,7 @@ impl Instances {
             .map_err(precondition)?;
 
         // cgroup: instances/<name>, bounded as a whole, no block devices.
-        let group = CellName::parse("name", INSTANCE_GROUP)?;
-        if !tree.exists(&group) {
-            tree.create(&group)?;
-        }
+        instance_group(tree.as_ref())?;
         let cgroup = CellName::parse("name", &format!("{INSTANCE_GROUP}/{}", spec.name))?;
         tree.create(&cgroup)?;
         let mut undo = Undo {
@@ -789,28 +783,20 @@ impl Instances {
             .map_err(precondition)?;
         let fd = initramfs::sealed(&entries).map_err(precondition)?;
         drop(entries);
-        let n = self
+        let cmdline = self
             .vms
             .network()
             .lock()
-            .map(|n| n.cmdline(&lease))
+            .map(|n| {
+                format!(
+                    "console=ttyS0 reboot=k panic=-1 quiet {} aurae.ip6={}/64@eth0 aurae.gw6={} aurae.hostname={}",
+                    n.cmdline(&lease),
+                    n.ipv6_of(lease.addr),
+                    n.gateway6(),
+                    spec.name
+                )
+            })
             .map_err(|_| precondition("network lock poisoned"))?;
-        let gw6 = self
-            .vms
-            .network()
-            .lock()
-            .map(|n| n.gateway6())
-            .map_err(|_| precondition("network lock poisoned"))?;
-        let addr6 = self
-            .vms
-            .network()
-            .lock()
-            .map(|n| n.ipv6_of(lease.addr))
-            .map_err(|_| precondition("network lock poisoned"))?;
-        let cmdline = format!(
-            "console=ttyS0 reboot=k panic=-1 quiet {n} aurae.ip6={addr6}/64@eth0 aurae.gw6={gw6} aurae.hostname={}",
-            spec.name
-        );
         let vm = self
             .vms
             .run_for_instance(
@@ -1055,16 +1041,13 @@ impl Instances {
             )));
         }
         let ttl = inst.spec.svid_ttl;
-        let (cert, signer) = self
-            .identity
-            .renew(
-                caller,
-                vec![IpAddr::V4(inst.addr), IpAddr::V6(inst.addr6)],
-                ttl,
-                csr_pem,
-                signer_csr_pem,
-            )
-            .map_err(|e| WorkloadError::Invalid(crate::spec::FieldError::new("csr_pem", e)))?;
+        let (cert, signer) = self.identity.renew(
+            caller,
+            vec![IpAddr::V4(inst.addr), IpAddr::V6(inst.addr6)],
+            ttl,
+            csr_pem,
+            signer_csr_pem,
+        )?;
         let expires = SystemTime::now() + ttl;
         inst.set(|s| s.svid_expires_at = Some(expires));
         self.record(&inst);
@@ -1072,26 +1055,21 @@ impl Instances {
         Ok((cert, signer, expires))
     }
 
-    /// Ordered shutdown: every instance stopped (with `grace`) and freed.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Ordered shutdown: every instance stopped at once (one `grace` in all, not one per
+    /// instance), then freed.
+    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
         let all = self.list(|_| true);
-        futures_join_all(all.iter().map(|i| self.stop_one(i, grace))).await;
+        let mut stops = tokio::task::JoinSet::new();
+        for i in all.clone() {
+            let me = self.clone();
+            stops.spawn(async move { me.stop_one(&i, grace).await });
+        }
+        while stops.join_next().await.is_some() {}
         for i in all {
             if let Err(e) = self.free(&i.spec.name).await {
                 warn!(instance = %i.spec.name, "freeing on shutdown: {e}");
             }
         }
-    }
-}
-
-/// Runs every future to completion, concurrently.
-async fn futures_join_all<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
-    let mut set = Vec::new();
-    for f in fs {
-        set.push(Box::pin(f));
-    }
-    for f in set {
-        f.await;
     }
 }
 
@@ -1156,7 +1134,8 @@ impl Undo {
                     "the processes of {cg} still run after a kill"
                 )));
             }
-            remove_subtree(self.tree.as_ref(), cg)?;
+            // With what its auraed made below its leaf, deepest first.
+            crate::workload::cgroup::remove_tree(&self.tree.path(cg)).map_err(WorkloadError::Io)?;
         }
         if let Ok(mut n) = self.vms.network().lock() {
             if let Some(a) = self.addr {
@@ -1170,27 +1149,13 @@ impl Undo {
     }
 }
 
-/// Removes an instance's cgroup and what its auraed made below its leaf, deepest first.
-fn remove_subtree(tree: &dyn CgroupTree, cg: &CellName) -> Result<(), WorkloadError> {
-    let leaf = tree.path(cg).join("_procs");
-    let mut dirs = Vec::new();
-    let mut stack = vec![leaf.clone()];
-    while let Some(d) = stack.pop() {
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                    dirs.push(e.path());
-                }
-            }
-        }
+/// The instances' cgroup group (`instances`), made on first use.
+fn instance_group(tree: &dyn CgroupTree) -> Result<CellName, WorkloadError> {
+    let group = CellName::parse("name", INSTANCE_GROUP)?;
+    if !tree.exists(&group) {
+        tree.create(&group)?;
     }
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-    for d in dirs {
-        std::fs::remove_dir(&d).map_err(WorkloadError::Io)?;
-    }
-    tree.remove(cg)?;
-    Ok(())
+    Ok(group)
 }
 
 /// The last `n` non-empty lines of the log file (its last 8 KiB), joined with " | ".

@@ -106,18 +106,15 @@ impl Instances {
         let loaded = store.load::<InstanceRecord>(kinds::INSTANCE);
         out.warnings.extend(loaded.quarantined);
         for (_, r) in loaded.records {
+            let pidfd = r.process.and_then(|p| p.open().ok().flatten());
             // A microVM instance's VMM is not taken back (its console and control socket
             // are not kept across a crash yet): it is stopped and forgotten.
-            let pidfd = r
-                .process
-                .filter(|_| !r.vm)
-                .and_then(|p| p.open().ok().flatten());
             if r.vm
-                && let Some(Ok(Some(p))) = r.process.map(|p| p.open())
+                && let Some(p) = &pidfd
             {
                 let _ = p.send_signal(nix::libc::SIGKILL);
             }
-            let (Some(pidfd), Ok(spiffe_id)) = (pidfd, r.spiffe_id.parse()) else {
+            let (Some(pidfd), Ok(spiffe_id), false) = (pidfd, r.spiffe_id.parse(), r.vm) else {
                 self.forget_lost(&r, &mut out);
                 continue;
             };

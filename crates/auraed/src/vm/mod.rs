@@ -346,7 +346,7 @@ impl Vms {
             initramfs_in_memory: false,
         };
         let started = self
-            .start_vmm(&tree, &spec, &cgroup, cfg, &files, lease.clone())
+            .start_vmm(&tree, &spec, &cgroup, cfg, &files, lease.clone(), None)
             .await;
         drop(files);
         match started {
@@ -416,7 +416,7 @@ impl Vms {
             net: Some((lease.tap.clone(), lease.mac)),
             initramfs_in_memory: true,
         };
-        self.start_vmm_as(
+        self.start_vmm(
             &tree,
             &spec,
             cgroup,
@@ -437,22 +437,9 @@ impl Vms {
         self.release(vm);
     }
 
-    async fn start_vmm(
-        self: &Arc<Self>,
-        tree: &Arc<dyn CgroupTree>,
-        spec: &VmSpec,
-        cgroup: &CellName,
-        cfg: VmmConfig,
-        files: &[OwnedFd],
-        lease: Option<Lease>,
-    ) -> Result<Arc<Vm>, WorkloadError> {
-        self.start_vmm_as(tree, spec, cgroup, cfg, files, lease, None)
-            .await
-    }
-
     /// `hidden_log`: a VM of a spawned instance, logged there, not listed or recorded.
     #[allow(clippy::too_many_arguments)]
-    async fn start_vmm_as(
+    async fn start_vmm(
         self: &Arc<Self>,
         tree: &Arc<dyn CgroupTree>,
         spec: &VmSpec,

@@ -217,8 +217,34 @@ fn count_procs(dir: &Path) -> usize {
     n
 }
 
+/// Settles the calling process in the cgroup2 hierarchy rooted at `root` as auraed does
+/// when it owns that hierarchy (PID 1 of a machine, a spawned instance): itself in the
+/// leaf `auraed/`, then every controller `root` has enabled for its children (in that
+/// order: a cgroup with processes of its own cannot hand controllers down, the root
+/// excepted). `Err` when `root` is no cgroup2; else what could not be done.
+pub fn settle_in(root: &Path) -> Result<Vec<String>, String> {
+    let avail = fs::read_to_string(root.join("cgroup.controllers"))
+        .map_err(|e| format!("no cgroup v2 at {}: {e}", root.display()))?;
+    let mut warnings = Vec::new();
+    let own = root.join("auraed");
+    let moved = match fs::create_dir(&own) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => fs::write(own.join("cgroup.procs"), std::process::id().to_string()),
+    };
+    if let Err(e) = moved {
+        warnings.push(format!("moving auraed into {}: {e}", own.display()));
+    }
+    let all: Vec<String> = avail.split_whitespace().map(|c| format!("+{c}")).collect();
+    if !all.is_empty()
+        && let Err(e) = fs::write(root.join("cgroup.subtree_control"), all.join(" "))
+    {
+        warnings.push(format!("enabling cgroup controllers: {e}"));
+    }
+    Ok(warnings)
+}
+
 /// Removes `dir` and the cgroups below it, deepest first.
-fn remove_tree(dir: &Path) -> io::Result<()> {
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
     let mut dirs = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
