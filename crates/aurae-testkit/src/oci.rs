@@ -123,6 +123,27 @@ pub fn push_busybox(host: &str, repo: &str, config: serde_json::Value) -> anyhow
     push_image(host, repo, "v1", &[layer], config)
 }
 
+/// Pushes an HTTP server image to `host` as `<repo>:v1`: busybox (one layer) and a page
+/// (a second layer, `/www/index.html` = `page`), served by `httpd -f -vv -p <port>`
+/// (each request logged on stderr). Its manifest digest.
+pub fn push_http_server(host: &str, repo: &str, port: u16, page: &str) -> anyhow::Result<String> {
+    let base = busybox_rootfs()?.finish()?;
+    let www = LayerBuilder::new()
+        .dir("www", 0o755)?
+        .file("www/index.html", page.as_bytes(), 0o644)?
+        .finish()?;
+    push_image(
+        host,
+        repo,
+        "v1",
+        &[base, www],
+        serde_json::json!({
+            "Entrypoint": ["/bin/httpd", "-f", "-vv", "-p", port.to_string(), "-h", "/www"],
+            "Env": ["PATH=/bin"],
+        }),
+    )
+}
+
 struct Reply {
     status: u16,
     location: Option<String>,

@@ -4,7 +4,6 @@
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -45,10 +44,15 @@ pub fn for_containers(test: &str) -> anyhow::Result<Option<LocalRegistry>> {
 
 impl LocalRegistry {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_in(None, crate::free_port()?)
+    }
+
+    /// A registry on `addr` inside the network namespace `netns` (`ip netns` name), for
+    /// a daemon that runs in one of its own; killed by pid when dropped.
+    pub fn start_in(netns: Option<&str>, addr: std::net::SocketAddr) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("aurae-registry-")
             .tempdir()?;
-        let addr = crate::free_port()?;
         let cfg = dir.path().join("registry.yml");
         std::fs::write(
             &cfg,
@@ -57,7 +61,16 @@ impl LocalRegistry {
                 dir.path().join("data").display()
             ),
         )?;
-        let child = Command::new("/usr/bin/docker-registry")
+        // `ip netns exec` enters the namespace and execs the registry: the pid is its own.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "/usr/bin/docker-registry"]);
+                c
+            }
+            None => Command::new("/usr/bin/docker-registry"),
+        };
+        let child = cmd
             .arg("serve")
             .arg(&cfg)
             .stdin(Stdio::null())
@@ -72,7 +85,7 @@ impl LocalRegistry {
         };
         let start = Instant::now();
         loop {
-            if let Ok(mut s) = TcpStream::connect(addr) {
+            if let Ok(mut s) = crate::dial_in(netns, addr) {
                 let _ =
                     s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
                 let mut buf = String::new();

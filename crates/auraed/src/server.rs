@@ -327,6 +327,13 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         tokio::spawn(instances.clone().probe_kvm());
     }
     cells.set_read_only(read_only);
+    // Pods after their instances: a pod comes back only if its instance did.
+    let pods = Arc::new(crate::pod::Pods::new(
+        instances.clone(),
+        events.clone(),
+        Some(store.clone()),
+    ));
+    warnings.extend(pods.readopt());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(None);
     let ctx = ApiContext {
@@ -351,6 +358,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             instances.clone(),
         )),
         instances: instances.clone(),
+        pods: pods.clone(),
         lineage: cfg.lineage.clone(),
     };
     let reboot = ctx.reboot.clone();
@@ -392,6 +400,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             cells,
             vms,
             instances,
+            pods,
             reboot,
         },
     )
@@ -541,6 +550,7 @@ struct Running {
     cells: Arc<crate::cell::Cells>,
     vms: Arc<crate::vm::Vms>,
     instances: Arc<crate::instance::Instances>,
+    pods: Arc<crate::pod::Pods>,
     reboot: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -556,6 +566,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         cells,
         vms,
         instances,
+        pods,
         reboot,
     } = run;
     let Api { policy, routes } = api;
@@ -591,6 +602,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
             let grace = grace.unwrap_or(crate::spec::DEFAULT_GRACE);
             info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; stopping workloads; draining calls in flight");
             instances.shutdown(grace).await;
+            pods.forget_all();
             vms.shutdown(grace).await;
             cells.shutdown(grace).await;
             workloads_stopped = true;
@@ -612,6 +624,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         let grace = grace_rx.try_recv().unwrap_or(crate::spec::DEFAULT_GRACE);
         info!(grace_s = grace.as_secs_f64(), "stopping workloads");
         instances.shutdown(grace).await;
+        pods.forget_all();
         vms.shutdown(grace).await;
         cells.shutdown(grace).await;
     }

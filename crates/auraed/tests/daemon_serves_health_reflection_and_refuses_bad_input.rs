@@ -217,25 +217,32 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
     // tonic answers OUT_OF_RANGE from the length prefix, before allocating the body.
     assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
     assert!(s.message().contains("limit is: 1048576"), "{}", s.message());
-    // Not built yet: UNIMPLEMENTED naming the capability, never a panic. (This daemon
-    // shares the host's network namespace: nothing here may spawn an instance, whose
-    // bridge would land on the host.)
-    let s = c
-        .runtime()
-        .run_pod(pb::Pod {
-            name: "p1".into(),
-            container: Some(pb::Container {
-                image: "127.0.0.1:5000/aurae/busybox:latest".into(),
-                ..Default::default()
-            }),
+    // A pod with a bad port is refused naming the field; one whose image cannot be
+    // pulled fails at the pull, before any instance exists. (This daemon shares the
+    // host's network namespace: nothing here may spawn an instance, whose bridge would
+    // land on the host.)
+    let pod = |port: u32| pb::Pod {
+        name: "p1".into(),
+        container: Some(pb::Container {
+            image: "127.0.0.1:9/aurae/busybox:latest".into(),
             ..Default::default()
-        })
+        }),
+        listen_port: port,
+        ..Default::default()
+    };
+    let s = c.runtime().run_pod(pod(70_000)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with("listen_port"), "{}", s.message());
+    let s = c.runtime().run_pod(pod(8080)).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(s.message().contains("127.0.0.1:9"), "{}", s.message());
+    let none = c
+        .instances()
+        .list(pb::ListRequest::default())
         .await
-        .unwrap_err();
-    assert!(
-        matches!(s.code(), Code::Unimplemented | Code::InvalidArgument),
-        "{s:?}"
-    );
+        .unwrap()
+        .into_inner();
+    assert!(none.instances.is_empty(), "{none:?}");
     // A VM from a kernel this auraed does not allow: FAILED_PRECONDITION with the flag to
     // use (no --vm-image-root here), or no KVM at all.
     let s = c

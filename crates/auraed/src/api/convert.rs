@@ -131,6 +131,32 @@ pub fn instance(i: &crate::instance::Instance) -> pb::InstanceStatus {
     }
 }
 
+/// A pod's status; its usage when the caller asked for it (Get) and got it.
+pub fn pod(p: &crate::pod::Pod, usage: Option<&crate::pod::PodUsage>) -> pb::PodStatus {
+    let s = p.state.borrow().clone();
+    let mut message = s.message;
+    if let Some(why) = usage.and_then(|u| u.cell_error.as_ref())
+        && !matches!(s.phase, Phase::Exited | Phase::Failed)
+    {
+        message = format!("usage in the instance: {why}");
+    }
+    pb::PodStatus {
+        name: p.name.to_string(),
+        phase: phase(s.phase),
+        instance: Some(instance(&p.instance)),
+        cell: usage.and_then(|u| u.cell_status.clone()),
+        endpoint: p.endpoint().map(|e| e.to_string()).unwrap_or_default(),
+        message,
+        image: p.image.clone(),
+        container: p.container.to_string(),
+        exit: s.exit,
+        created_at: Some(p.created_at.into()),
+        host_stats: usage.and_then(|u| u.host.as_ref()).map(stats),
+        host_memory_max_bytes: usage.and_then(|u| u.host_memory_max).unwrap_or(0),
+        cell_stats: usage.and_then(|u| u.cell.clone()),
+    }
+}
+
 pub fn limits(l: &Limits) -> pb::CellLimits {
     pb::CellLimits {
         cpu_weight: l.cpu_weight,

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{authz::Caller, shared::ResponseStream, status::internal};
 use crate::image::{
+    load::{CHUNK, Load},
     pull::{PullError, Puller},
     reference::ImageRef,
     registry::RegistryError,
@@ -104,6 +105,56 @@ impl Images for ImagesApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn load(
+        &self,
+        r: Request<tonic::Streaming<pb::ImageBlob>>,
+    ) -> Result<Response<pb::ImageInfo>, Status> {
+        use tokio_stream::StreamExt;
+        let caller = Caller::of(&r)?;
+        let mut stream = r.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("image: the stream is empty"))??;
+        let image = parse("image", &first.image)?;
+        if !image.reference().starts_with("sha256:") {
+            return Err(Status::invalid_argument(format!(
+                "image: {image} is not a digest reference (<repository>@sha256:<hex>): \
+                 a loaded image never answers for a tag"
+            )));
+        }
+        super::runtime::authorize_image(&caller, &image)?;
+        let mut load = Load::new(self.puller.store.clone(), image.clone())?;
+        let named = first.image.clone();
+        let mut next = Some(first);
+        let mut sent = 0u64;
+        while let Some(m) = next {
+            if m.data.len() > CHUNK {
+                return Err(Status::invalid_argument(format!(
+                    "data: {} bytes in one chunk, more than {CHUNK}",
+                    m.data.len()
+                )));
+            }
+            if !m.image.is_empty() && m.image != named {
+                return Err(Status::invalid_argument(
+                    "image: only the first message names the image",
+                ));
+            }
+            sent += m.data.len() as u64;
+            load.chunk(&m.digest, m.size, &m.data)?;
+            next = stream.next().await.transpose()?;
+        }
+        let pulled = load.finish(&self.puller).await?;
+        tracing::info!(peer_id = %caller.id, image = %image, bytes = sent, "image loaded");
+        Ok(Response::new(pb::ImageInfo {
+            reference: pulled.reference,
+            digest: pulled.manifest_digest,
+            size_bytes: sent,
+            layers: u32::try_from(pulled.layers.len()).unwrap_or(u32::MAX),
+            fetched_bytes: 0,
+        }))
     }
 
     async fn list(

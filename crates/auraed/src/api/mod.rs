@@ -57,6 +57,7 @@ pub struct Context {
     /// Per-grant quotas.
     pub quotas: Arc<quota::Quotas>,
     pub instances: Arc<crate::instance::Instances>,
+    pub pods: Arc<crate::pod::Pods>,
     /// Where this auraed stands if a parent spawned it.
     pub lineage: Option<crate::instance::handover::Lineage>,
 }
@@ -128,7 +129,9 @@ pub fn routes(
         .add_service(limited!(InstancesServer::new(instance::InstancesApi::new(
             ctx.instances.clone()
         ))))
-        .add_service(limited!(PodsServer::new(pod::PodsApi)))
+        .add_service(limited!(PodsServer::new(pod::PodsApi::new(
+            ctx.pods.clone()
+        ))))
         .add_service(limited!(EventsServer::new(events::EventsApi::new(
             ctx.events.clone()
         ))))

@@ -3,13 +3,7 @@
 use aurae_proto::runtime::v0::{self as pb, runtime_server::Runtime};
 use tonic::{Request, Response, Status};
 
-use super::{
-    Context,
-    authz::Caller,
-    convert,
-    quota::Demand,
-    status::{Capability, invalid, not_built},
-};
+use super::{Context, authz::Caller, convert, quota::Demand, status::invalid};
 use crate::{
     cell::CellSpec,
     container::{ContainerSpec, Plan},
@@ -113,7 +107,8 @@ pub(super) fn authorize_image(
 
 /// Options of an executable that come from the grant, never from the request.
 fn grant_options(caller: &Caller, spec: &mut ExecutableSpec) {
-    spec.allow_new_privileges = caller.grant.allow_new_privileges;
+    spec.allow_new_privileges = caller.grant.allow_new_privileges
+        && !spec.container.as_ref().is_some_and(|c| c.no_new_privileges);
     spec.allow_mixed_cell = caller.grant.allow_host_namespaces;
 }
 
@@ -317,6 +312,40 @@ impl Runtime for RuntimeApi {
                 spec.name.as_str(),
             )?;
         }
-        Err(not_built(&caller.method, Capability::Pods))
+        // A pod is an instance here: counted and sized as one.
+        let demand = Demand {
+            instances: 1,
+            memory_bytes: Some(spec.instance.memory_bytes),
+            ..Demand::default()
+        };
+        // Checked before the pull (cheap) and again, held, until the pod runs.
+        drop(self.ctx.quotas.admit(&caller, demand).await?);
+        self.ctx.pods.reserve(&spec.name)?;
+        // The image is pulled here, with this auraed's registries and credentials, and
+        // verified; the instance gets it by digest (see compose::run_pod).
+        let image = super::image::parse("container.image", &spec.container.image)?;
+        let plan = self.plan(&caller, &spec.container).await?;
+        // What the container will really run as (the image's user included).
+        authorize_ids(
+            &caller,
+            Some(plan.process.uid),
+            Some(plan.process.gid),
+            spec.name.as_str(),
+        )?;
+        let admitted = self.ctx.quotas.admit(&caller, demand).await?;
+        let pod = crate::compose::run_pod::run_pod(
+            &self.ctx.pods,
+            crate::compose::run_pod::PodRun {
+                spec,
+                image: &image,
+                store: &self.ctx.puller.store,
+                spawner: (&caller.id, &caller.grant),
+                no_new_privileges: !caller.grant.allow_new_privileges,
+            },
+        )
+        .await?;
+        drop(admitted);
+        let usage = self.ctx.pods.usage(&pod).await;
+        Ok(Response::new(convert::pod(&pod, Some(&usage))))
     }
 }

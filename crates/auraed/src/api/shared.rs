@@ -1,8 +1,5 @@
 //! What several adapters use: the response stream type, the authorized name, durations,
-//! the listing filter, log streaming, and the gates of kinds not built yet.
-//!
-//! A not-built kind validates the request and checks its name against the caller's grant,
-//! then answers `UNIMPLEMENTED` naming the capability, so clients learn all they can.
+//! the listing filter and log streaming.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -10,12 +7,9 @@ use aurae_proto::runtime::v0 as pb;
 use tokio_stream::Stream;
 use tonic::{Request, Status};
 
-use super::{
-    authz::Caller,
-    status::{Capability, invalid, not_built},
-};
+use super::{authz::Caller, status::invalid};
 use crate::{
-    spec::{DEFAULT_GRACE, FieldError, Label, MAX_GRACE, duration, name_prefix},
+    spec::{DEFAULT_GRACE, FieldError, MAX_GRACE, duration, name_prefix},
     workload::log::{self, Log},
 };
 
@@ -59,10 +53,6 @@ pub(super) fn timeout(d: Option<&prost_types::Duration>) -> Result<Option<Durati
         .map_err(invalid)
 }
 
-pub(super) fn label(field: &str, s: &str) -> Result<String, FieldError> {
-    Label::parse(field, s).map(|n| n.as_str().to_owned())
-}
-
 /// Streams a log: replay from `from`, then (if `follow`) new output until the process's
 /// output ends.
 pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStream<pb::LogChunk> {
@@ -99,90 +89,6 @@ pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStre
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
-
-/// Validates a name of a given shape, checks it against the grant, answers not-built.
-pub(super) fn gate<T>(r: &Request<T>, name: Result<String, FieldError>, cap: Capability) -> Status {
-    match authorized(r, name, String::as_str) {
-        Ok((caller, _)) => not_built(&caller.method, cap),
-        Err(status) => status,
-    }
-}
-
-/// A not-built verb on a named resource.
-pub(super) fn named<T>(r: &Request<T>, name: &str, cap: Capability) -> Status {
-    gate(r, label("name", name), cap)
-}
-
-/// A not-built verb on a named resource with a bounded wait in `field`.
-pub(super) fn timed<T>(
-    r: &Request<T>,
-    name: &str,
-    d: Option<&prost_types::Duration>,
-    field: &str,
-    cap: Capability,
-) -> Status {
-    gate(r, grace(field, d).and_then(|_| label("name", name)), cap)
-}
-
-/// Lists answer `UNIMPLEMENTED` too until their kind exists (an empty list would pretend);
-/// the prefix is still validated.
-pub(super) fn gate_list<T>(r: &Request<T>, prefix: &str, cap: Capability) -> Status {
-    match Caller::of(r).and_then(|c| {
-        name_prefix("name_prefix", prefix)
-            .map_err(invalid)
-            .map(|_| c)
-    }) {
-        Ok(caller) => not_built(&caller.method, cap),
-        Err(status) => status,
-    }
-}
-
-/// The lifecycle service of a kind not built yet: every verb takes a label name (the
-/// shape instances and pods share) and answers through the gates above. The last argument
-/// holds the kind's own extra handlers (its output stream), pasted as written.
-macro_rules! not_built_lifecycle {
-    ($api:ident, $trait:ident, $status:ty, $list:ty, $cap:expr, { $($extra:tt)* }) => {
-        #[::tonic::async_trait]
-        impl $trait for $api {
-            async fn get(
-                &self,
-                r: ::tonic::Request<::aurae_proto::runtime::v0::NameRef>,
-            ) -> Result<::tonic::Response<$status>, ::tonic::Status> {
-                Err($crate::api::shared::named(&r, &r.get_ref().name, $cap))
-            }
-            async fn list(
-                &self,
-                r: ::tonic::Request<::aurae_proto::runtime::v0::ListRequest>,
-            ) -> Result<::tonic::Response<$list>, ::tonic::Status> {
-                Err($crate::api::shared::gate_list(&r, &r.get_ref().name_prefix, $cap))
-            }
-            async fn stop(
-                &self,
-                r: ::tonic::Request<::aurae_proto::runtime::v0::StopRequest>,
-            ) -> Result<::tonic::Response<$status>, ::tonic::Status> {
-                let m = r.get_ref();
-                Err($crate::api::shared::timed(
-                    &r, &m.name, m.grace_period.as_ref(), "grace_period", $cap,
-                ))
-            }
-            async fn wait(
-                &self,
-                r: ::tonic::Request<::aurae_proto::runtime::v0::WaitRequest>,
-            ) -> Result<::tonic::Response<$status>, ::tonic::Status> {
-                let m = r.get_ref();
-                Err($crate::api::shared::timed(&r, &m.name, m.timeout.as_ref(), "timeout", $cap))
-            }
-            async fn free(
-                &self,
-                r: ::tonic::Request<::aurae_proto::runtime::v0::NameRef>,
-            ) -> Result<::tonic::Response<::aurae_proto::runtime::v0::Freed>, ::tonic::Status> {
-                Err($crate::api::shared::named(&r, &r.get_ref().name, $cap))
-            }
-            $($extra)*
-        }
-    };
-}
-pub(super) use not_built_lifecycle;
 
 #[cfg(test)]
 pub(super) mod test_support {
@@ -255,31 +161,6 @@ mod tests {
         assert_eq!(
             timeout(Some(&too_long)).unwrap_err().code(),
             Code::InvalidArgument
-        );
-    }
-
-    #[test]
-    fn the_gates_answer_unimplemented_only_after_validation_and_the_grant() {
-        const GET: &str = "aurae.runtime.v0.Pods/Get";
-        let r = request_as(GET, &["team-a"], ());
-        let cap = Capability::Pods;
-        assert_eq!(named(&r, "Not A Label", cap).code(), Code::InvalidArgument);
-        assert_eq!(named(&r, "team-b", cap).code(), Code::PermissionDenied);
-        let built = named(&r, "team-a", cap);
-        assert_eq!(built.code(), Code::Unimplemented);
-        assert!(built.message().starts_with(GET), "{}", built.message());
-        let negative = prost_types::Duration {
-            seconds: -1,
-            nanos: 0,
-        };
-        let e = timed(&r, "team-b", Some(&negative), "timeout", cap);
-        assert_eq!(e.code(), Code::InvalidArgument, "the duration comes first");
-        assert!(e.message().contains("timeout"), "{}", e.message());
-        assert_eq!(gate_list(&r, "/x", cap).code(), Code::InvalidArgument);
-        assert_eq!(gate_list(&r, "", cap).code(), Code::Unimplemented);
-        assert_eq!(
-            named(&Request::new(()), "team-a", cap).code(),
-            Code::Internal
         );
     }
 

@@ -12,38 +12,6 @@ pub fn invalid(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-/// Capabilities still to be built, named in UNIMPLEMENTED answers.
-#[derive(Debug, Clone, Copy)]
-pub enum Capability {
-    Cells,
-    Images,
-    VirtualMachines,
-    Instances,
-    Pods,
-}
-
-impl Capability {
-    fn describe(self) -> &'static str {
-        match self {
-            Self::Cells => "cells and executables (cgroup v2 cells, RunExecutable)",
-            Self::Images => "OCI images and RunCell",
-            Self::VirtualMachines => "the embedded microVM monitor (RunVirtualMachine)",
-            Self::Instances => "spawned instances (Spawn)",
-            Self::Pods => "pods (RunPod)",
-        }
-    }
-}
-
-/// `UNIMPLEMENTED` for an RPC whose capability is not built yet. The request was
-/// authenticated, authorized and validated first, so callers learn all they can.
-pub fn not_built(method: &str, cap: Capability) -> Status {
-    Status::unimplemented(format!(
-        "{method} is not built in auraed {}: it arrives with {}",
-        env!("CARGO_PKG_VERSION"),
-        cap.describe()
-    ))
-}
-
 /// `UNAVAILABLE` (retry-able) for auraed running out of file descriptors: a load
 /// condition, not a bug, and the call may well succeed a moment later.
 pub fn out_of_fds(what: impl Display) -> Status {

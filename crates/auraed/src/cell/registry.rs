@@ -58,6 +58,30 @@ pub struct Usage {
     pub unbounded_memory: usize,
 }
 
+/// The usage of the cgroup `name` (its whole subtree), from its files; 0 where a
+/// controller is missing or a file cannot be read.
+pub fn read_stats(tree: &dyn CgroupTree, name: &CellName) -> CellStats {
+    let read = |f: &str| tree.read(name, f).unwrap_or_default();
+    let kv = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let one = |f: &str| read(f).trim().parse::<u64>().unwrap_or(0);
+    let cpu = read("cpu.stat");
+    CellStats {
+        cpu_usage_usec: kv(&cpu, "usage_usec "),
+        cpu_user_usec: kv(&cpu, "user_usec "),
+        cpu_system_usec: kv(&cpu, "system_usec "),
+        cpu_nr_throttled: kv(&cpu, "nr_throttled "),
+        cpu_throttled_usec: kv(&cpu, "throttled_usec "),
+        memory_current_bytes: one("memory.current"),
+        memory_peak_bytes: one("memory.peak"),
+        pids_current: one("pids.current"),
+        oom_kills: kv(&read("memory.events"), "oom_kill "),
+    }
+}
+
 /// A cell's whole-subtree usage, from its cgroup files (0 where a controller is missing).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CellStats {
@@ -637,25 +661,7 @@ impl Cells {
     pub fn stats(&self, name: &CellName) -> Result<CellStats, WorkloadError> {
         let tree = self.tree()?;
         self.find(name)?;
-        let read = |f: &str| tree.read(name, f).unwrap_or_default();
-        let kv = |text: &str, key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let one = |f: &str| read(f).trim().parse::<u64>().unwrap_or(0);
-        let cpu = read("cpu.stat");
-        Ok(CellStats {
-            cpu_usage_usec: kv(&cpu, "usage_usec "),
-            cpu_user_usec: kv(&cpu, "user_usec "),
-            cpu_system_usec: kv(&cpu, "system_usec "),
-            cpu_nr_throttled: kv(&cpu, "nr_throttled "),
-            cpu_throttled_usec: kv(&cpu, "throttled_usec "),
-            memory_current_bytes: one("memory.current"),
-            memory_peak_bytes: one("memory.peak"),
-            pids_current: one("pids.current"),
-            oom_kills: kv(&read("memory.events"), "oom_kill "),
-        })
+        Ok(read_stats(tree.as_ref(), name))
     }
 
     /// Ordered shutdown: every top-level cell stopped (with `grace`) and freed.

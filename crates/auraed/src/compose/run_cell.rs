@@ -36,7 +36,7 @@ pub async fn run_cell(
         uid: None,
         gid: None,
         stdin: Vec::new(),
-        allow_new_privileges: options.allow_new_privileges,
+        allow_new_privileges: options.allow_new_privileges && !container.no_new_privileges,
         allow_mixed_cell: options.allow_mixed_cell,
         container: Some(container),
     };

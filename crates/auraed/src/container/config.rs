@@ -264,6 +264,7 @@ mod tests {
             gid: None,
             read_only_root: false,
             volumes: vec![],
+            no_new_privileges: false,
         }
     }
 

@@ -18,6 +18,8 @@ pub struct ContainerSpec {
     pub gid: Option<u32>,
     pub read_only_root: bool,
     pub volumes: Vec<(std::path::PathBuf, std::path::PathBuf, bool)>,
+    /// Asked for no_new_privs whatever the grant allows.
+    pub no_new_privileges: bool,
 }
 
 impl ContainerSpec {
@@ -72,6 +74,7 @@ impl ContainerSpec {
             gid: c.gid.map(|v| id(&format!("{field}.gid"), v)).transpose()?,
             read_only_root: c.read_only_root,
             volumes,
+            no_new_privileges: c.no_new_privileges,
         })
     }
 }

@@ -99,6 +99,15 @@ impl Puller {
         r: &ImageRef,
         reference: &str,
     ) -> Result<(Vec<u8>, String, Option<String>), PullError> {
+        // A manifest asked for by digest that the store holds needs no registry (a loaded
+        // image, or a platform manifest pulled before); checked again as it is read.
+        if reference.starts_with("sha256:")
+            && let Ok(bytes) = std::fs::read(self.store.blob_path(reference))
+            && bytes.len() <= MAX_JSON
+            && sha256(&bytes) == reference
+        {
+            return Ok((bytes, reference.to_owned(), None));
+        }
         let resp = self
             .registry
             .get(
@@ -349,9 +358,18 @@ impl Puller {
         r: &ImageRef,
         progress: impl Fn(Progress) + Sync,
     ) -> Result<Pulled, PullError> {
-        let image = r.to_string();
         // No garbage collection while this pull has blobs it has not recorded yet.
         let _gc = self.store.gc_lock.read().await;
+        self.pull_holding_gc(r, progress).await
+    }
+
+    /// [`Puller::pull`] for a caller that already holds the store's `gc_lock` (read).
+    pub(super) async fn pull_holding_gc(
+        &self,
+        r: &ImageRef,
+        progress: impl Fn(Progress) + Sync,
+    ) -> Result<Pulled, PullError> {
+        let image = r.to_string();
         let bad = |reason: String| PullError::Manifest {
             image: image.clone(),
             reason,

@@ -129,7 +129,7 @@ impl Instance {
         self.state.borrow().phase
     }
 
-    fn gone(&self) -> bool {
+    pub fn gone(&self) -> bool {
         self.state.borrow().exited.is_some()
     }
 
@@ -867,6 +867,19 @@ impl Instances {
                 message,
             );
         });
+    }
+
+    /// What an instance costs this machine: the usage of its cgroup here (the child
+    /// auraed and all it runs, or the VMM and the whole guest) and its memory.max (None
+    /// without a memory controller).
+    pub fn host_stats(&self, inst: &Instance) -> Option<(crate::cell::CellStats, Option<u64>)> {
+        let tree = self.tree().ok()?;
+        let stats = crate::cell::registry::read_stats(tree.as_ref(), &inst.cgroup);
+        let max = tree
+            .read(&inst.cgroup, "memory.max")
+            .ok()
+            .and_then(|m| m.trim().parse::<u64>().ok());
+        Some((stats, max))
     }
 
     /// A client of the child, requiring its SPIFFE ID.

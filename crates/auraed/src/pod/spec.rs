@@ -9,13 +9,20 @@ use crate::{
     spec::{FieldError, Label},
 };
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an instance needs of its own memory beside a pod's container: its auraed (and,
+/// in a microVM, the guest kernel) and the image unpacked in its memory.
+pub const POD_OVERHEAD: u64 = 128 << 20;
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodSpec {
     pub name: Label,
     pub container: ContainerSpec,
     pub listen_port: Option<u16>,
     pub limits: Limits,
     pub instance: InstanceSpec,
+    /// The container and limits as the request gave them, for the instance's RunCell
+    /// (validated above; the image is replaced by its digest reference).
+    pub forward: (pb::Container, Option<pb::CellLimits>),
 }
 
 impl PodSpec {
@@ -27,16 +34,42 @@ impl PodSpec {
                 FieldError::new("listen_port", format!("{n} is outside 1..=65535"))
             })?),
         };
+        let forward = (p.container.clone().unwrap_or_default(), p.limits.clone());
+        let container = ContainerSpec::parse("container", p.container)?;
+        if !container.volumes.is_empty() {
+            return Err(FieldError::new(
+                "container.volumes",
+                "a pod's container takes no host volumes (its instance has no host paths)",
+            ));
+        }
+        let limits = Limits::parse("limits", p.limits, cpus)?;
+        let mut i = p.instance.unwrap_or_default();
+        let memory_given = i.memory_bytes != 0;
+        if !memory_given && let Some(max) = limits.memory_max {
+            // The whole pod's bound on this machine: the container's and the instance's own.
+            i.memory_bytes = (max + POD_OVERHEAD).next_multiple_of(2 << 20);
+        }
+        let instance = InstanceSpec::parse("instance.", i, Some(name.clone()))?;
+        if let Some(max) = limits.memory_max
+            && max.saturating_add(POD_OVERHEAD) > instance.memory_bytes
+        {
+            return Err(FieldError::new(
+                "limits.memory_max_bytes",
+                format!(
+                    "{max} does not fit in instance.memory_bytes {} with the instance's own {} MiB \
+                     (its auraed, kernel and image): raise instance.memory_bytes or leave it unset",
+                    instance.memory_bytes,
+                    POD_OVERHEAD >> 20
+                ),
+            ));
+        }
         Ok(Self {
-            container: ContainerSpec::parse("container", p.container)?,
+            container,
             listen_port,
-            limits: Limits::parse("limits", p.limits, cpus)?,
-            instance: InstanceSpec::parse(
-                "instance.",
-                p.instance.unwrap_or_default(),
-                Some(name.clone()),
-            )?,
+            limits,
+            instance,
             name,
+            forward,
         })
     }
 }
@@ -69,6 +102,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.instance.name.as_str(), "p1");
+        // The container's memory limit sizes the instance unless the request does; a
+        // limit that leaves the instance nothing of its own is refused.
+        let sized = PodSpec::parse(
+            pb::Pod {
+                limits: Some(pb::CellLimits {
+                    memory_max_bytes: Some(64 << 20),
+                    ..Default::default()
+                }),
+                ..p.clone()
+            },
+            2,
+        )
+        .unwrap();
+        assert_eq!(sized.instance.memory_bytes, (64 << 20) + POD_OVERHEAD);
+        let tight = pb::Pod {
+            limits: Some(pb::CellLimits {
+                memory_max_bytes: Some(500 << 20),
+                ..Default::default()
+            }),
+            instance: Some(pb::Instance {
+                memory_bytes: 512 << 20,
+                ..Default::default()
+            }),
+            ..p.clone()
+        };
+        let e = PodSpec::parse(tight, 2).unwrap_err();
+        assert_eq!(e.field, "limits.memory_max_bytes", "{e:?}");
+        let with_volume = pb::Pod {
+            container: Some(pb::Container {
+                image: "busybox".into(),
+                volumes: vec![pb::Volume {
+                    host_path: "/srv".into(),
+                    container_path: "/srv".into(),
+                    read_only: true,
+                }],
+                ..Default::default()
+            }),
+            ..p.clone()
+        };
+        assert_eq!(
+            PodSpec::parse(with_volume, 2).unwrap_err().field,
+            "container.volumes"
+        );
         assert_eq!(
             PodSpec::parse(
                 pb::Pod {

@@ -1,0 +1,317 @@
+//! RunPod: spawn the pod's instance, hand it the image, run the container in a cell
+//! there, wait for its port. Any step that fails removes everything made so far (the
+//! instance, and with it all it held) and the error names the step. The caller has
+//! authorized the request and pulled the image into this auraed's store.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use aurae_identity::SpiffeId;
+use aurae_proto::runtime::v0 as pb;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+use crate::{
+    identity::Grant,
+    image::{
+        load::{Blob, CHUNK, blobs_of},
+        reference::ImageRef,
+        store::ImageStore,
+    },
+    instance::Instance,
+    pod::{Pod, PodSpec, PodState, Pods, describe_exit},
+    spec::Label,
+    workload::{Phase, WorkloadError},
+};
+
+/// How long one TCP connect to the pod's port may take before it is tried again.
+const PORT_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// How many of the container's last output lines an error carries.
+const LAST_LINES: usize = 10;
+
+/// What a RunPod needs beside the pod's spec.
+#[derive(Debug)]
+pub struct PodRun<'a> {
+    pub spec: PodSpec,
+    /// The image as pulled into `store` (its reference there).
+    pub image: &'a ImageRef,
+    pub store: &'a Arc<ImageStore>,
+    /// Who asks: their grant is copied into the instance's policy.
+    pub spawner: (&'a SpiffeId, &'a Grant),
+    /// The container runs with no_new_privs (the caller's grant does not allow more).
+    pub no_new_privileges: bool,
+}
+
+/// The error of step `what`, of the same kind as `e`.
+fn step(what: &str, e: WorkloadError) -> WorkloadError {
+    let m = |s: String| format!("{what}: {s}");
+    match e {
+        WorkloadError::NotFound(s) => WorkloadError::NotFound(m(s)),
+        WorkloadError::Exists(s) => WorkloadError::Exists(m(s)),
+        WorkloadError::Exhausted(s) => WorkloadError::Exhausted(m(s)),
+        WorkloadError::Deadline(s) => WorkloadError::Deadline(m(s)),
+        WorkloadError::Invalid(f) => WorkloadError::Invalid(crate::spec::FieldError::new(
+            f.field,
+            format!("{what}: {}", f.reason),
+        )),
+        other => WorkloadError::Precondition(m(other.to_string())),
+    }
+}
+
+/// A status from the instance as our error (its code kept where it means the same).
+fn from_status(s: tonic::Status) -> WorkloadError {
+    let m = s.message().to_owned();
+    match s.code() {
+        tonic::Code::NotFound => WorkloadError::NotFound(m),
+        tonic::Code::AlreadyExists => WorkloadError::Exists(m),
+        tonic::Code::ResourceExhausted => WorkloadError::Exhausted(m),
+        tonic::Code::DeadlineExceeded => WorkloadError::Deadline(m),
+        _ => WorkloadError::Precondition(m),
+    }
+}
+
+/// A new pod: see the module documentation.
+pub async fn run_pod(pods: &Arc<Pods>, run: PodRun<'_>) -> Result<Arc<Pod>, WorkloadError> {
+    let name = run.spec.name.clone();
+    let held = pods.reserve(&name)?;
+    let (by_digest, blobs) = blobs_of(run.store, run.image)
+        .map_err(|e| WorkloadError::Precondition(format!("the image: {e}")))?;
+    let t0 = Instant::now();
+    let inst = pods
+        .instances()
+        .spawn(run.spec.instance.clone(), run.spawner)
+        .await
+        .map_err(|e| step("spawning the pod's instance", e))?;
+    let t_spawn = t0.elapsed();
+    match start(pods, &inst, &run, &by_digest, blobs).await {
+        Ok(container) => {
+            let pod = Arc::new(Pod {
+                name: name.clone(),
+                instance: inst,
+                image: by_digest.to_string(),
+                container,
+                listen_port: run.spec.listen_port,
+                created_at: SystemTime::now(),
+                state: watch::channel(PodState {
+                    phase: Phase::Running,
+                    message: String::new(),
+                    exit: None,
+                })
+                .0,
+            });
+            pods.insert(pod.clone(), held);
+            info!(
+                pod = %name,
+                spawn_ms = t_spawn.as_millis() as u64,
+                total_ms = t0.elapsed().as_millis() as u64,
+                "pod running"
+            );
+            Ok(pod)
+        }
+        Err(e) => {
+            // Everything made for the pod lived in its instance: freeing it removes all.
+            if let Err(free) = pods.instances().free(&name).await {
+                warn!(pod = %name, "removing the instance of a pod that did not start: {free}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Image, container, port: the steps in the instance. Returns the container's name there.
+async fn start(
+    pods: &Pods,
+    inst: &Instance,
+    run: &PodRun<'_>,
+    by_digest: &ImageRef,
+    blobs: Vec<Blob>,
+) -> Result<Label, WorkloadError> {
+    let c = pods
+        .instances()
+        .connect(inst)
+        .await
+        .map_err(|e| step("connecting to the pod's instance", e))?;
+    let t0 = Instant::now();
+    load(&c, by_digest, blobs)
+        .await
+        .map_err(|e| step("handing the image to the instance", e))?;
+    let t_load = t0.elapsed();
+    let (mut container, limits) = run.spec.forward.clone();
+    container.image = by_digest.to_string();
+    container.no_new_privileges |= run.no_new_privileges;
+    let cell = pb::Cell {
+        name: run.spec.name.to_string(),
+        limits,
+        // The pod's cell is the instance's workload: it shares the instance's network
+        // namespace (its port is the instance's port), and nothing of this machine's.
+        namespaces: Some(pb::CellNamespaces {
+            share_host_net: true,
+            ..Default::default()
+        }),
+        container: Some(container),
+    };
+    let status = c
+        .runtime()
+        .run_cell(cell)
+        .await
+        .map_err(|e| step("starting the container in the instance", from_status(e)))?
+        .into_inner();
+    let exe = status
+        .executables
+        .first()
+        .map(|e| e.name.clone())
+        .unwrap_or_default();
+    let container = Label::parse("container", &exe).map_err(|e| {
+        WorkloadError::Precondition(format!(
+            "starting the container in the instance: it named its container {exe:?}: {}",
+            e.reason
+        ))
+    })?;
+    let t_run = t0.elapsed() - t_load;
+    if let Some(port) = run.spec.listen_port {
+        let deadline = Instant::now() + run.spec.instance.ready_timeout;
+        wait_port(&c, inst, run.spec.name.as_str(), &container, port, deadline).await?;
+    }
+    tracing::debug!(
+        pod = %run.spec.name,
+        load_ms = t_load.as_millis() as u64,
+        run_ms = t_run.as_millis() as u64,
+        port_ms = (t0.elapsed() - t_load - t_run).as_millis() as u64,
+        "RunPod timings in the instance"
+    );
+    Ok(container)
+}
+
+/// Sends the image's blobs from our store to the instance's `Images/Load`.
+async fn load(
+    c: &aurae_client::Client,
+    image: &ImageRef,
+    blobs: Vec<Blob>,
+) -> Result<(), WorkloadError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ImageBlob>(4);
+    let name = image.to_string();
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), WorkloadError> {
+        use std::io::Read;
+        let mut first = Some(name);
+        for b in blobs {
+            let mut f = std::fs::File::open(&b.path)?;
+            let mut sent = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = f.read(&mut buf)?;
+                buf.truncate(n);
+                // Every blob sends at least one message, an empty one included.
+                if n == 0 && sent > 0 {
+                    break;
+                }
+                sent += n as u64;
+                let m = pb::ImageBlob {
+                    image: first.take().unwrap_or_default(),
+                    digest: b.digest.clone(),
+                    size: b.size,
+                    data: buf,
+                };
+                if tx.blocking_send(m).is_err() {
+                    // The call ended; its status says why.
+                    return Ok(());
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    let answer = c
+        .images()
+        .load(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    reader
+        .await
+        .map_err(|e| WorkloadError::Precondition(format!("reading the image: {e}")))??;
+    answer.map(|_| ()).map_err(from_status)
+}
+
+/// Until `port` of the instance accepts a TCP connection; the container ending first, or
+/// the deadline passing, is an error carrying what the container last wrote.
+async fn wait_port(
+    c: &aurae_client::Client,
+    inst: &Instance,
+    pod: &str,
+    container: &Label,
+    port: u16,
+    deadline: Instant,
+) -> Result<(), WorkloadError> {
+    let addr = std::net::SocketAddr::from((inst.addr, port));
+    let exe = pb::ExecutableRef {
+        cell: pod.to_owned(),
+        name: container.to_string(),
+    };
+    let started = Instant::now();
+    loop {
+        if tokio::time::timeout(PORT_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return Ok(());
+        }
+        if let Ok(st) = c.executables().get(exe.clone()).await {
+            let st = st.into_inner();
+            let phase = pb::Phase::try_from(st.phase).unwrap_or(pb::Phase::Unspecified);
+            if matches!(phase, pb::Phase::Exited | pb::Phase::Failed) {
+                return Err(WorkloadError::Precondition(format!(
+                    "the container ended ({}) before port {port} accepted connections; its last output:\n{}",
+                    describe_exit(st.exit.as_ref()),
+                    last_lines(c, &exe).await
+                )));
+            }
+        }
+        if inst.gone() {
+            return Err(WorkloadError::Precondition(format!(
+                "the pod's instance ended before port {port} accepted connections"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(WorkloadError::Deadline(format!(
+                "waiting for port {port}: nothing accepted connections on {addr} within {} s \
+                 (the instance's ready_timeout); the pod was removed; the container's last output:\n{}",
+                started.elapsed().as_secs(),
+                last_lines(c, &exe).await
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The container's last lines of output (what is kept of them), for an error.
+async fn last_lines(c: &aurae_client::Client, exe: &pb::ExecutableRef) -> String {
+    let req = pb::ExecutableLogsRequest {
+        executable: Some(exe.clone()),
+        follow: false,
+        from_offset: 0,
+    };
+    let mut out = Vec::new();
+    let read = async {
+        if let Ok(s) = c.executables().logs(req).await {
+            let mut s = s.into_inner();
+            while let Some(Ok(chunk)) = s.next().await {
+                out.extend_from_slice(&chunk.data);
+                if out.len() > (256 << 10) {
+                    out.drain(..out.len() - (64 << 10));
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+    let text = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LAST_LINES)..].join("\n");
+    if tail.is_empty() {
+        "(none)".into()
+    } else {
+        tail
+    }
+}
