@@ -27,6 +27,10 @@ pub struct ContainerArgs {
     /// Mount the image root read-only.
     #[arg(long)]
     read_only: bool,
+    /// Run with no_new_privs (setuid and file capabilities grant nothing), even where the
+    /// caller's grant would allow new privileges.
+    #[arg(long)]
+    no_new_privileges: bool,
     /// `HOST:CONTAINER[:ro]`: a host directory under one of auraed's --volume-root (repeatable).
     #[arg(long = "volume", short = 'v')]
     volumes: Vec<String>,
@@ -56,6 +60,7 @@ impl ContainerArgs {
                 .iter()
                 .map(|v| volume(v))
                 .collect::<anyhow::Result<_>>()?,
+            no_new_privileges: self.no_new_privileges,
         })
     }
 }
@@ -153,7 +158,7 @@ mod tests {
             (c.working_dir.as_str(), c.uid, c.gid),
             ("/w", Some(1000), None)
         );
-        assert!(c.read_only_root);
+        assert!(c.read_only_root && !c.no_new_privileges);
         assert_eq!(c.env["K"], "V");
         let v: Vec<_> = c
             .volumes
@@ -168,6 +173,12 @@ mod tests {
                 ("/srv/c", "/c", false)
             ]
         );
+    }
+
+    #[test]
+    fn run_cell_asks_for_no_new_privileges() {
+        let c = run_cell("run-cell j --image i --no-new-privileges").unwrap();
+        assert!(c.container.unwrap().no_new_privileges);
     }
 
     #[test]

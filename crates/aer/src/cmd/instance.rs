@@ -179,7 +179,7 @@ mod tests {
         );
         assert!(matches!(
             parse("instance wait i1").unwrap(),
-            Command::Instance(InstanceCmd::Lifecycle(Lifecycle::Wait { name })) if name == "i1"
+            Command::Instance(InstanceCmd::Lifecycle(Lifecycle::Wait { name, .. })) if name == "i1"
         ));
         for list in ["instance list", "instance ls"] {
             assert!(matches!(

@@ -1,30 +1,44 @@
 //! The verbs `aer vm`, `aer instance` and `aer pod` share: get, list, stop, wait and free
 //! by name, one implementation for the three services.
 
+use std::time::Duration;
+
 use aurae_proto::runtime::v0 as pb;
 use clap::Subcommand;
 use tonic::Status;
 
 use super::name;
-use crate::output::{Format, Row, print};
+use crate::{
+    output::{Format, Row, print},
+    units::{parse_duration, proto_duration},
+};
 
 /// Flattened into each kind's subcommands, so `aer vm get NAME` reads as before.
 #[derive(Debug, Subcommand)]
 pub enum Lifecycle {
-    Get {
-        name: String,
-    },
+    /// Show one by name.
+    Get { name: String },
+    /// Show all of them.
     #[command(visible_alias = "ls")]
     List,
+    /// Ask it to stop, then kill it once the grace period is over.
     Stop {
         name: String,
+        /// How long to wait after the graceful request before killing: a number with ms,
+        /// s, m or h (plain = seconds), at most 10m, e.g. 30s [default: auraed's, 10s].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        grace: Option<Duration>,
     },
+    /// Wait until it has exited, and show how it ended.
     Wait {
         name: String,
+        /// Give up after this long (DEADLINE_EXCEEDED): a number with ms, s, m or h (plain
+        /// = seconds), e.g. 5m [default: wait as long as it takes].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
     },
-    Free {
-        name: String,
-    },
+    /// Remove it (and everything made for it).
+    Free { name: String },
 }
 
 /// A kind's client seen through the verbs it shares with the other kinds; implemented for
@@ -92,7 +106,8 @@ pub fn shown<K: Kind>(fmt: Format, s: &K::Status) -> Row {
     row
 }
 
-/// Runs one shared verb against a kind's client; stop and wait take auraed's defaults.
+/// Runs one shared verb against a kind's client; stop and wait take auraed's defaults
+/// unless `--grace` / `--timeout` say otherwise.
 pub async fn run<K: Kind>(mut k: K, cmd: Lifecycle, fmt: Format) -> Result<(), Status> {
     match cmd {
         Lifecycle::Get { name: n } => {
@@ -104,13 +119,13 @@ pub async fn run<K: Kind>(mut k: K, cmd: Lifecycle, fmt: Format) -> Result<(), S
             let rows: Vec<Row> = all.iter().map(|s| shown::<K>(fmt, s)).collect();
             print(fmt, &rows, false);
         }
-        Lifecycle::Stop { name } => {
-            let grace_period = None;
+        Lifecycle::Stop { name, grace } => {
+            let grace_period = grace.map(proto_duration);
             let s = k.stop(pb::StopRequest { name, grace_period }).await?;
             print(fmt, &[shown::<K>(fmt, &s)], true);
         }
-        Lifecycle::Wait { name } => {
-            let timeout = None;
+        Lifecycle::Wait { name, timeout } => {
+            let timeout = timeout.map(proto_duration);
             let s = k.wait(pb::WaitRequest { name, timeout }).await?;
             print(fmt, &[shown::<K>(fmt, &s)], true);
         }

@@ -151,7 +151,7 @@ mod tests {
     fn vm_lifecycle_and_console_parse() {
         assert!(matches!(
             parse("vm stop web").unwrap(),
-            Command::Vm(VmCmd::Lifecycle(Lifecycle::Stop { name })) if name == "web"
+            Command::Vm(VmCmd::Lifecycle(Lifecycle::Stop { name, .. })) if name == "web"
         ));
         assert!(matches!(
             parse("vm list").unwrap(),

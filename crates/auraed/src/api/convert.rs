@@ -153,7 +153,7 @@ pub fn pod(p: &crate::pod::Pod, usage: Option<&crate::pod::PodUsage>) -> pb::Pod
         created_at: Some(p.created_at.into()),
         host_stats: usage.and_then(|u| u.host.as_ref()).map(stats),
         host_memory_max_bytes: usage.and_then(|u| u.host_memory_max).unwrap_or(0),
-        cell_stats: usage.and_then(|u| u.cell.clone()),
+        cell_stats: usage.and_then(|u| u.cell),
     }
 }
 

@@ -344,7 +344,7 @@ impl Pods {
                     } else {
                         Phase::Failed
                     };
-                    s.exit = e.exit.clone();
+                    s.exit = e.exit;
                     s.message = if e.message.is_empty() {
                         format!("the container ended: {}", describe_exit(e.exit.as_ref()))
                     } else {

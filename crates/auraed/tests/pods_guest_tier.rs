@@ -1,0 +1,306 @@
+//! Guest tier (QEMU TCG guest with nested KVM, cgroup controllers): `RunPod`. L1 is the
+//! TCG guest (auraed as PID 1, its image store seeded with an HTTP server image built and
+//! pushed by this test); a pod's instance is a microVM (AUTO, where KVM boots) or a cell.
+//! The harness reaches the pods through L1, which forwards.
+//!
+//! What must show: the page is served from the pod's endpoint; logs stream; a container
+//! that allocates past the pod's memory limit is OOM-killed inside, while the pod's
+//! cgroup on L1 bounds the whole pod (VMM and guest, or child auraed and container);
+//! free leaves nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    cpio,
+    guest::{Guest, GuestOptions, needs_guest},
+    oci,
+    registry::{LocalRegistry, needs_registry},
+    tier::{self, Tier},
+};
+use tokio_stream::StreamExt;
+
+const PAGE: &str = "<h1>hello from a pod in a microVM</h1>\n";
+
+/// The HTTP server image (and busybox) pulled from a loopback registry into a store the
+/// initramfs carries to L1's /var/lib/aurae: L1 runs them without a registry.
+async fn seeded_store() -> (String, String, Vec<cpio::Entry>) {
+    use auraed::image::{
+        pull::Puller,
+        reference::ImageRef,
+        registry::{Registry, RegistryConfig},
+        store::ImageStore,
+        unpack::Limits,
+    };
+    let reg = LocalRegistry::start().unwrap();
+    let host = reg.host();
+    oci::push_http_server(&host, "aurae/web", 8080, PAGE).unwrap();
+    oci::push_busybox(
+        &host,
+        "aurae/busybox",
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let puller = Puller {
+        store: Arc::new(ImageStore::open(dir.path()).unwrap()),
+        registry: Registry::new(RegistryConfig {
+            insecure: vec![host.clone()],
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        }),
+        limits: Limits::default(),
+        timeout: Duration::from_secs(5),
+    };
+    let web = format!("{host}/aurae/web:v1");
+    let busybox = format!("{host}/aurae/busybox:v1");
+    for i in [&web, &busybox] {
+        puller
+            .pull(&ImageRef::parse(i).unwrap(), |_| {})
+            .await
+            .unwrap();
+    }
+    let mut e = vec![cpio::Entry::Dir {
+        path: "var/lib/aurae".into(),
+        mode: 0o700,
+    }];
+    e.extend(cpio::tree(&dir.path().join("images"), "var/lib/aurae/images").unwrap());
+    (web, busybox, e)
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// GET / from `endpoint`, from the harness's namespace (routed through L1).
+fn fetch(g: &Guest, endpoint: &str) -> std::io::Result<String> {
+    let addr: SocketAddr = endpoint.parse().map_err(std::io::Error::other)?;
+    let mut s = aurae_testkit::dial_in(Some(&g.netns), addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET / HTTP/1.0\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(out))
+}
+
+async fn logs(c: &Client, name: &str) -> String {
+    let mut s = c
+        .pods()
+        .logs(pb::LogsRequest {
+            name: name.into(),
+            follow: false,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        out.extend(c.unwrap().data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A pod whose container is `sh -c <script>` in busybox, under a memory limit.
+fn hog(name: &str, image: &str, isolation: pb::Isolation, limit: u64) -> pb::Pod {
+    pb::Pod {
+        name: name.into(),
+        container: Some(pb::Container {
+            image: image.into(),
+            entrypoint: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo hogging; head -c 400000000 /dev/zero | tail".into(),
+            ],
+            ..Default::default()
+        }),
+        limits: Some(pb::CellLimits {
+            memory_max_bytes: Some(limit),
+            ..Default::default()
+        }),
+        instance: Some(pb::Instance {
+            isolation: isolation as i32,
+            ready_timeout: secs(240),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
+    if !tier::check(
+        "guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole",
+        Tier::Guest,
+        needs_guest()
+            .or_else(needs_registry)
+            .or_else(oci::needs_busybox),
+    ) {
+        return;
+    }
+    let (web, busybox, store) = seeded_store().await;
+    let mut files = aurae_testkit::guest::instance_files().unwrap();
+    files.extend(store);
+    let g = Guest::boot(GuestOptions {
+        extra_files: files,
+        memory_mib: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = g.client("admin").await.unwrap();
+    let via = g.addr.ip().to_string();
+    ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
+
+    // An HTTP server in a microVM pod: the page from its endpoint, its log.
+    let t = std::time::Instant::now();
+    let s = c
+        .runtime()
+        .run_pod(pb::Pod {
+            name: "web".into(),
+            container: Some(pb::Container {
+                image: web.clone(),
+                ..Default::default()
+            }),
+            listen_port: 8080,
+            instance: Some(pb::Instance {
+                ready_timeout: secs(240),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPod in the guest: {e:?}\n{}", g.serial_text()))
+        .into_inner();
+    println!(
+        "microVM pod serving in {:.1} s (instance ready in {:?})",
+        t.elapsed().as_secs_f64(),
+        s.instance.as_ref().and_then(|i| i.ready_time)
+    );
+    let inst = s.instance.clone().unwrap();
+    assert_eq!(
+        inst.isolation,
+        pb::Isolation::VirtualMachine as i32,
+        "AUTO picks a microVM where KVM boots: {s:?}"
+    );
+    assert_eq!(s.phase, pb::Phase::Running as i32, "{s:?}");
+    assert_eq!(fetch(&g, &s.endpoint).unwrap(), PAGE);
+    assert!(logs(&c, "web").await.contains("url:/"));
+    // The whole microVM is accounted on L1: guest memory and the VMM's own, bounded.
+    let got = c
+        .pods()
+        .get(pb::NameRef { name: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let host = got.host_stats.unwrap();
+    assert_eq!(
+        got.host_memory_max_bytes,
+        (512 << 20) + (64 << 20),
+        "guest memory + the VMM's allowance"
+    );
+    assert!(host.memory_current_bytes > 0, "{host:?}");
+    assert!(
+        host.memory_peak_bytes <= got.host_memory_max_bytes,
+        "{host:?}"
+    );
+    println!(
+        "microVM pod on L1: {} MiB now (peak {} MiB, bound {} MiB); its cell in the guest: {} MiB",
+        host.memory_current_bytes >> 20,
+        host.memory_peak_bytes >> 20,
+        got.host_memory_max_bytes >> 20,
+        got.cell_stats
+            .as_ref()
+            .map_or(0, |s| s.memory_current_bytes >> 20)
+    );
+
+    // A memory hog in each isolation: OOM-killed inside by its cell's limit, the pod's
+    // cgroup on L1 sized from the limit (VMM and guest, or child auraed and container).
+    for (name, isolation, overhead) in [
+        ("hog-vm", pb::Isolation::VirtualMachine, 64u64 << 20),
+        ("hog-cell", pb::Isolation::Cell, 0),
+    ] {
+        let p = c
+            .runtime()
+            .run_pod(hog(name, &busybox, isolation, 32 << 20))
+            .await
+            .unwrap_or_else(|e| panic!("RunPod {name}: {e:?}\n{}", g.serial_text()))
+            .into_inner();
+        let done = c
+            .pods()
+            .wait(pb::WaitRequest {
+                name: name.into(),
+                timeout: secs(120),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+            .into_inner();
+        let exit = done.exit.unwrap_or_default();
+        assert!(exit.oom_killed, "{name}: {done:?}");
+        assert_eq!(done.phase, pb::Phase::Failed as i32, "{done:?}");
+        let got = c
+            .pods()
+            .get(pb::NameRef { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.host_memory_max_bytes,
+            (32 << 20) + (128 << 20) + overhead,
+            "{name}: the pod's bound on L1 = its limit + the instance's own share (+ VMM)"
+        );
+        let peak = got.host_stats.map_or(0, |h| h.memory_peak_bytes);
+        assert!(peak <= got.host_memory_max_bytes, "{name}: peak {peak}");
+        println!(
+            "{name}: OOM-killed inside at 32 MiB; pod peak on L1 {} MiB of {} MiB; instance {:?}",
+            peak >> 20,
+            got.host_memory_max_bytes >> 20,
+            p.instance.map(|i| i.isolation)
+        );
+    }
+
+    for name in ["web", "hog-vm", "hog-cell"] {
+        c.pods()
+            .free(pb::NameRef { name: name.into() })
+            .await
+            .unwrap_or_else(|e| panic!("free {name}: {e:?}"));
+    }
+    let left = c
+        .instances()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.instances.is_empty(), "{left:?}");
+    assert!(fetch(&g, &s.endpoint).is_err(), "nothing serves any more");
+}
