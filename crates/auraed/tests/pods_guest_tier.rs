@@ -76,6 +76,19 @@ async fn seeded_store() -> (String, String, Vec<cpio::Entry>) {
     (web, busybox, e)
 }
 
+/// A client of an instance at `endpoint` presenting `admin`, requiring exactly `id`,
+/// dialled from inside the harness's namespace.
+async fn instance_client(g: &Guest, endpoint: &str, id: &str) -> anyhow::Result<Client> {
+    aurae_testkit::instance_client(
+        &g.pki,
+        g.pki.identity("admin"),
+        Some(&g.netns),
+        endpoint,
+        id,
+    )
+    .await
+}
+
 fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
         .args(args)
@@ -184,9 +197,9 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
 
     // An HTTP server in a microVM pod: the page from its endpoint, its log.
     let t = std::time::Instant::now();
-    let s = c
-        .runtime()
-        .run_pod(pb::Pod {
+    let s = tokio::time::timeout(
+        Duration::from_secs(300),
+        c.runtime().run_pod(pb::Pod {
             name: "web".into(),
             container: Some(pb::Container {
                 image: web.clone(),
@@ -198,10 +211,12 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
                 ..Default::default()
             }),
             ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPod in the guest: {e:?}\n{}", g.serial_text()))
-        .into_inner();
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("RunPod: no answer in 300 s\n{}", g.serial_text()))
+    .unwrap_or_else(|e| panic!("RunPod in the guest: {e:?}\n{}", g.serial_text()))
+    .into_inner();
     println!(
         "microVM pod serving in {:.1} s (instance ready in {:?})",
         t.elapsed().as_secs_f64(),
@@ -234,8 +249,21 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         host.memory_peak_bytes <= got.host_memory_max_bytes,
         "{host:?}"
     );
+    let ic = instance_client(&g, &inst.endpoint, &inst.spiffe_id)
+        .await
+        .unwrap();
+    let l2 = ic
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        l2.cgroup_controllers.iter().any(|c| c == "memory"),
+        "the microVM's auraed has the memory controller: {l2:?}"
+    );
     println!(
-        "microVM pod on L1: {} MiB now (peak {} MiB, bound {} MiB); its cell in the guest: {} MiB",
+        "microVM pod on L1: {} MiB now (peak {} MiB, bound {} MiB); its cell in the guest: {} KiB",
         host.memory_current_bytes >> 20,
         host.memory_peak_bytes >> 20,
         got.host_memory_max_bytes >> 20,
@@ -244,27 +272,55 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
             .map_or(0, |s| s.memory_current_bytes >> 20)
     );
 
+    // One nested guest at a time: two running microVMs under TCG's emulated SVM have
+    // panicked L1's kernel on this fleet (a stack guard page hit in a vCPU thread).
+    c.pods()
+        .free(pb::NameRef { name: "web".into() })
+        .await
+        .unwrap();
+    assert!(fetch(&g, &s.endpoint).is_err(), "nothing serves any more");
+
     // A memory hog in each isolation: OOM-killed inside by its cell's limit, the pod's
     // cgroup on L1 sized from the limit (VMM and guest, or child auraed and container).
     for (name, isolation, overhead) in [
-        ("hog-vm", pb::Isolation::VirtualMachine, 64u64 << 20),
-        ("hog-cell", pb::Isolation::Cell, 0),
+        ("hog-cell", pb::Isolation::Cell, 128u64 << 20),
+        ("hog-vm", pb::Isolation::VirtualMachine, (256 + 64) << 20),
     ] {
-        let p = c
-            .runtime()
-            .run_pod(hog(name, &busybox, isolation, 32 << 20))
-            .await
-            .unwrap_or_else(|e| panic!("RunPod {name}: {e:?}\n{}", g.serial_text()))
-            .into_inner();
-        let done = c
+        let p = tokio::time::timeout(
+            Duration::from_secs(300),
+            c.runtime()
+                .run_pod(hog(name, &busybox, isolation, 32 << 20)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("RunPod {name}: no answer in 300 s\n{}", g.serial_text()))
+        .unwrap_or_else(|e| panic!("RunPod {name}: {e:?}\n{}", g.serial_text()))
+        .into_inner();
+        let done = match c
             .pods()
             .wait(pb::WaitRequest {
                 name: name.into(),
                 timeout: secs(120),
             })
             .await
-            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
-            .into_inner();
+        {
+            Ok(d) => d.into_inner(),
+            Err(e) => {
+                let inst = p.instance.clone().unwrap_or_default();
+                let t = Duration::from_secs(10);
+                let info = tokio::time::timeout(t, async {
+                    let ic = instance_client(&g, &inst.endpoint, &inst.spiffe_id).await?;
+                    Ok::<_, anyhow::Error>(ic.daemon().info(pb::InfoRequest {}).await?)
+                })
+                .await;
+                let got =
+                    tokio::time::timeout(t, c.pods().get(pb::NameRef { name: name.into() })).await;
+                let out = tokio::time::timeout(t, logs(&c, name)).await;
+                panic!(
+                    "{name}: {e:?}\nstatus: {got:?}\ninstance info: {info:?}\nlogs: {out:?}\n{}",
+                    g.serial_text()
+                )
+            }
+        };
         let exit = done.exit.unwrap_or_default();
         assert!(exit.oom_killed, "{name}: {done:?}");
         assert_eq!(done.phase, pb::Phase::Failed as i32, "{done:?}");
@@ -276,7 +332,7 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
             .into_inner();
         assert_eq!(
             got.host_memory_max_bytes,
-            (32 << 20) + (128 << 20) + overhead,
+            (32 << 20) + overhead,
             "{name}: the pod's bound on L1 = its limit + the instance's own share (+ VMM)"
         );
         let peak = got.host_stats.map_or(0, |h| h.memory_peak_bytes);
@@ -289,7 +345,7 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         );
     }
 
-    for name in ["web", "hog-vm", "hog-cell"] {
+    for name in ["hog-vm", "hog-cell"] {
         c.pods()
             .free(pb::NameRef { name: name.into() })
             .await
@@ -302,5 +358,4 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         .unwrap()
         .into_inner();
     assert!(left.instances.is_empty(), "{left:?}");
-    assert!(fetch(&g, &s.endpoint).is_err(), "nothing serves any more");
 }

@@ -86,7 +86,24 @@ pub async fn run_pod(pods: &Arc<Pods>, run: PodRun<'_>) -> Result<Arc<Pod>, Work
         .await
         .map_err(|e| step("spawning the pod's instance", e))?;
     let t_spawn = t0.elapsed();
-    match start(pods, &inst, &run, &by_digest, blobs).await {
+    // The steps in the instance get the instance's ready_timeout again, all together: a
+    // child that stops answering halfway never holds RunPod for longer.
+    let budget = run.spec.instance.ready_timeout;
+    // (The port wait ends by itself at the deadline, with the container's last output;
+    // the outer bound leaves it the time to fetch that.)
+    let at = std::sync::Mutex::new("connecting to the pod's instance");
+    let deadline = Instant::now() + budget;
+    let steps = start(pods, &inst, &run, &by_digest, blobs, &at, deadline);
+    let started = tokio::time::timeout(budget + Duration::from_secs(5), steps)
+        .await
+        .unwrap_or_else(|_| {
+            let at = at.lock().map(|s| *s).unwrap_or("a step in the instance");
+            Err(WorkloadError::Deadline(format!(
+                "{at}: not done within {} s (the instance's ready_timeout); the pod was removed",
+                budget.as_secs()
+            )))
+        });
+    match started {
         Ok(container) => {
             let pod = Arc::new(Pod {
                 name: name.clone(),
@@ -128,13 +145,21 @@ async fn start(
     run: &PodRun<'_>,
     by_digest: &ImageRef,
     blobs: Vec<Blob>,
+    at: &std::sync::Mutex<&'static str>,
+    deadline: Instant,
 ) -> Result<Label, WorkloadError> {
+    let step_to = |s: &'static str| {
+        if let Ok(mut g) = at.lock() {
+            *g = s;
+        }
+    };
     let c = pods
         .instances()
         .connect(inst)
         .await
         .map_err(|e| step("connecting to the pod's instance", e))?;
     let t0 = Instant::now();
+    step_to("handing the image to the instance");
     load(&c, by_digest, blobs)
         .await
         .map_err(|e| step("handing the image to the instance", e))?;
@@ -153,6 +178,7 @@ async fn start(
         }),
         container: Some(container),
     };
+    step_to("starting the container in the instance");
     let status = c
         .runtime()
         .run_cell(cell)
@@ -172,7 +198,7 @@ async fn start(
     })?;
     let t_run = t0.elapsed() - t_load;
     if let Some(port) = run.spec.listen_port {
-        let deadline = Instant::now() + run.spec.instance.ready_timeout;
+        step_to("waiting for the container's port");
         wait_port(&c, inst, run.spec.name.as_str(), &container, port, deadline).await?;
     }
     tracing::debug!(

@@ -334,7 +334,12 @@ impl Pods {
         };
         let ty = pb::EventType::try_from(e.r#type).unwrap_or(pb::EventType::Unspecified);
         let ours = e.name == pod.executable();
-        if ours && matches!(ty, pb::EventType::Exited | pb::EventType::Failed) {
+        // The end of the container: EXITED, FAILED, or OOM_KILLED (which replaces EXITED).
+        let end = matches!(
+            ty,
+            pb::EventType::Exited | pb::EventType::Failed | pb::EventType::OomKilled
+        );
+        if ours && end {
             let code = e.exit.as_ref().and_then(|x| x.how);
             let clean = matches!(code, Some(pb::exit_status::How::Code(0)));
             pod.set(|s| {
@@ -345,11 +350,7 @@ impl Pods {
                         Phase::Failed
                     };
                     s.exit = e.exit;
-                    s.message = if e.message.is_empty() {
-                        format!("the container ended: {}", describe_exit(e.exit.as_ref()))
-                    } else {
-                        format!("the container ended: {}", e.message)
-                    };
+                    s.message = format!("the container ended: {}", describe_exit(e.exit.as_ref()));
                 }
             });
             self.recorder.put(

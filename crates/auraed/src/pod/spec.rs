@@ -9,9 +9,20 @@ use crate::{
     spec::{FieldError, Label},
 };
 
-/// What an instance needs of its own memory beside a pod's container: its auraed (and,
-/// in a microVM, the guest kernel) and the image unpacked in its memory.
-pub const POD_OVERHEAD: u64 = 128 << 20;
+/// What a cell-isolated instance needs of its own memory beside a pod's container: its
+/// auraed and the image unpacked in its tmpfs.
+pub const CELL_OVERHEAD: u64 = 128 << 20;
+/// What a microVM instance needs of its own: the guest kernel, the initramfs (auraed, its
+/// modules) unpacked in guest memory, auraed and the image. (A 160 MiB guest did not boot.)
+pub const VM_OVERHEAD: u64 = 256 << 20;
+
+/// The instance's own share for `isolation` (AUTO may become a microVM).
+pub fn overhead(isolation: pb::Isolation) -> u64 {
+    match isolation {
+        pb::Isolation::Cell => CELL_OVERHEAD,
+        _ => VM_OVERHEAD,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodSpec {
@@ -44,14 +55,16 @@ impl PodSpec {
         }
         let limits = Limits::parse("limits", p.limits, cpus)?;
         let mut i = p.instance.unwrap_or_default();
-        let memory_given = i.memory_bytes != 0;
-        if !memory_given && let Some(max) = limits.memory_max {
+        let own = overhead(pb::Isolation::try_from(i.isolation).unwrap_or_default());
+        if i.memory_bytes == 0
+            && let Some(max) = limits.memory_max
+        {
             // The whole pod's bound on this machine: the container's and the instance's own.
-            i.memory_bytes = (max + POD_OVERHEAD).next_multiple_of(2 << 20);
+            i.memory_bytes = max.saturating_add(own).next_multiple_of(2 << 20);
         }
         let instance = InstanceSpec::parse("instance.", i, Some(name.clone()))?;
         if let Some(max) = limits.memory_max
-            && max.saturating_add(POD_OVERHEAD) > instance.memory_bytes
+            && max.saturating_add(own) > instance.memory_bytes
         {
             return Err(FieldError::new(
                 "limits.memory_max_bytes",
@@ -59,7 +72,7 @@ impl PodSpec {
                     "{max} does not fit in instance.memory_bytes {} with the instance's own {} MiB \
                      (its auraed, kernel and image): raise instance.memory_bytes or leave it unset",
                     instance.memory_bytes,
-                    POD_OVERHEAD >> 20
+                    own >> 20
                 ),
             ));
         }
@@ -110,12 +123,13 @@ mod tests {
                     memory_max_bytes: Some(64 << 20),
                     ..Default::default()
                 }),
+                listen_port: 8080,
                 ..p.clone()
             },
             2,
         )
         .unwrap();
-        assert_eq!(sized.instance.memory_bytes, (64 << 20) + POD_OVERHEAD);
+        assert_eq!(sized.instance.memory_bytes, (64 << 20) + VM_OVERHEAD);
         let tight = pb::Pod {
             limits: Some(pb::CellLimits {
                 memory_max_bytes: Some(500 << 20),
@@ -125,6 +139,7 @@ mod tests {
                 memory_bytes: 512 << 20,
                 ..Default::default()
             }),
+            listen_port: 8080,
             ..p.clone()
         };
         let e = PodSpec::parse(tight, 2).unwrap_err();
@@ -139,6 +154,7 @@ mod tests {
                 }],
                 ..Default::default()
             }),
+            listen_port: 8080,
             ..p.clone()
         };
         assert_eq!(
