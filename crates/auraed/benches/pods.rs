@@ -353,6 +353,15 @@ async fn run() {
             }
         }
     }
+    // Where RunPod's time goes (its own log lines: spawn and total, in the instance).
+    for l in std::fs::read_to_string(&d.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("pod running") || l.contains("RunPod timings"))
+        .take(4)
+    {
+        println!("  {}", l.split_once("auraed::").map_or(l, |(_, r)| r));
+    }
     let a = report("P1 RunPod -> first byte", &pods, pod_fails);
     let b = report("P1 by hand (Spawn+Load+RunCell+poll)", &hand, hand_fails);
     if let Some(e) = first_error {

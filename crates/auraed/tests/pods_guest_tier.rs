@@ -272,6 +272,39 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
             .map_or(0, |s| s.memory_current_bytes >> 20)
     );
 
+    // The same container alone (RunCell on L1), for the cost of the pod around it.
+    c.runtime()
+        .run_cell(pb::Cell {
+            name: "alone".into(),
+            container: Some(pb::Container {
+                image: web.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let alone = c
+        .cells()
+        .stats(pb::NameRef {
+            name: "alone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.cells()
+        .free(pb::NameRef {
+            name: "alone".into(),
+        })
+        .await
+        .unwrap();
+    println!(
+        "the same container alone on L1 (RunCell): {} KiB; the microVM pod costs {:.0}x that",
+        alone.memory_current_bytes >> 10,
+        host.memory_current_bytes as f64 / alone.memory_current_bytes.max(1) as f64
+    );
+
     // One nested guest at a time: two running microVMs under TCG's emulated SVM have
     // panicked L1's kernel on this fleet (a stack guard page hit in a vCPU thread).
     c.pods()

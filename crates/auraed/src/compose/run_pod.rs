@@ -277,6 +277,10 @@ async fn wait_port(
         name: container.to_string(),
     };
     let started = Instant::now();
+    // Tried again after 2 ms, doubling to 50 ms: a server is usually listening within a
+    // few milliseconds of its start. The container's state is asked at most every 100 ms.
+    let mut pause = Duration::from_millis(2);
+    let mut asked = Instant::now();
     loop {
         if tokio::time::timeout(PORT_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .await
@@ -284,7 +288,9 @@ async fn wait_port(
         {
             return Ok(());
         }
-        if let Ok(st) = c.executables().get(exe.clone()).await {
+        let ask = asked.elapsed() >= Duration::from_millis(100) || Instant::now() >= deadline;
+        if ask && let Ok(st) = c.executables().get(exe.clone()).await {
+            asked = Instant::now();
             let st = st.into_inner();
             let phase = pb::Phase::try_from(st.phase).unwrap_or(pb::Phase::Unspecified);
             if matches!(phase, pb::Phase::Exited | pb::Phase::Failed) {
@@ -308,7 +314,8 @@ async fn wait_port(
                 last_lines(c, &exe).await
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

@@ -239,3 +239,165 @@ impl Drop for Load {
         self.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::image::{
+        registry::{Registry, RegistryConfig},
+        unpack::Limits,
+    };
+
+    /// A one-layer image (uncompressed tar): (manifest, config, layer) bytes.
+    fn image() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let mut b = tar::Builder::new(Vec::new());
+        let data = b"hello\n";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "hello.txt", &data[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sha256(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": sha256(&layer), "size": layer.len()}],
+        }))
+        .unwrap();
+        (manifest, config, layer)
+    }
+
+    fn puller(dir: &std::path::Path) -> Puller {
+        Puller {
+            store: Arc::new(ImageStore::open(dir).unwrap()),
+            // Nothing listens there: a load that reached a registry would fail.
+            registry: Registry::new(RegistryConfig {
+                timeout: Duration::from_millis(200),
+                ..Default::default()
+            }),
+            limits: Limits::default(),
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn reference(manifest: &[u8]) -> ImageRef {
+        ImageRef::parse(&format!("127.0.0.1:9/aurae/x@{}", sha256(manifest))).unwrap()
+    }
+
+    fn send(l: &mut Load, blob: &[u8]) -> Result<(), PullError> {
+        l.chunk(&sha256(blob), blob.len() as u64, blob)
+    }
+
+    #[tokio::test]
+    async fn a_loaded_image_is_verified_unpacked_and_found_by_digest_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = puller(dir.path());
+        let (m, c, layer) = image();
+        let r = reference(&m);
+        let mut l = Load::new(p.store.clone(), r.clone()).unwrap();
+        send(&mut l, &m).unwrap();
+        send(&mut l, &c).unwrap();
+        // A layer in two chunks.
+        let d = sha256(&layer);
+        let n = layer.len() as u64;
+        l.chunk(&d, n, &layer[..100]).unwrap();
+        l.chunk(&d, n, &layer[100..]).unwrap();
+        let pulled = l.finish(&p).await.unwrap();
+        assert_eq!(pulled.manifest_digest, sha256(&m));
+        assert_eq!(pulled.fetched_bytes, 0, "nothing came from a registry");
+        let local = crate::image::local::lookup(&p.store, &r.to_string()).unwrap();
+        assert!(
+            local.layer_dirs(&p.store)[0].join("hello.txt").exists(),
+            "the layer is unpacked"
+        );
+        // What the parent sends back out of this store is the same image.
+        let (again, blobs) = blobs_of(&p.store, &r).unwrap();
+        assert_eq!(again.to_string(), r.to_string());
+        assert_eq!(
+            blobs.iter().map(|b| b.digest.clone()).collect::<Vec<_>>(),
+            [sha256(&m), sha256(&c), sha256(&layer)]
+        );
+        // Only a digest reference is ever loaded: a tag never answers with loaded content.
+        let tag = ImageRef::parse("127.0.0.1:9/aurae/x:latest").unwrap();
+        assert!(Load::new(p.store.clone(), tag).is_err());
+        assert!(crate::image::local::lookup(&p.store, "127.0.0.1:9/aurae/x:latest").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_load_refuses_what_does_not_verify_or_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = puller(dir.path());
+        let (m, c, layer) = image();
+        let r = reference(&m);
+        let new = || Load::new(p.store.clone(), r.clone()).unwrap();
+        // Bytes that are not the blob they claim to be.
+        let mut l = new();
+        l.chunk(&sha256(&m), c.len() as u64, &c).unwrap();
+        let e = l.finish(&p).await.unwrap_err();
+        assert!(
+            matches!(e, PullError::Store(StoreError::DigestMismatch { .. })),
+            "{e}"
+        );
+        // More bytes than the size said.
+        let mut l = new();
+        let e = l.chunk(&sha256(&c), 3, &c).unwrap_err();
+        assert!(
+            e.to_string().contains("size") || e.to_string().contains("bytes"),
+            "{e}"
+        );
+        // Chunks that disagree on the size.
+        let mut l = new();
+        let d = sha256(&layer);
+        l.chunk(&d, layer.len() as u64, &layer[..10]).unwrap();
+        assert!(l.chunk(&d, 5, &layer[10..]).is_err());
+        // A blob sent twice.
+        let mut l = new();
+        send(&mut l, &c).unwrap();
+        send(&mut l, &m).unwrap();
+        let e = send(&mut l, &c).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        // A bad digest.
+        let mut l = new();
+        assert!(l.chunk("sha256:../../etc", 1, b"x").is_err());
+        // The manifest names a layer that was not sent (and the store lacks).
+        let dir2 = tempfile::tempdir().unwrap();
+        let p2 = puller(dir2.path());
+        let mut l = Load::new(p2.store.clone(), r.clone()).unwrap();
+        send(&mut l, &m).unwrap();
+        send(&mut l, &c).unwrap();
+        let e = l.finish(&p2).await.unwrap_err();
+        assert!(e.to_string().contains("was not sent"), "{e}");
+        // No manifest at all.
+        let dir3 = tempfile::tempdir().unwrap();
+        let p3 = puller(dir3.path());
+        let l = Load::new(p3.store.clone(), r.clone()).unwrap();
+        let e = l.finish(&p3).await.unwrap_err();
+        assert!(e.to_string().contains("was not sent"), "{e}");
+        // An index is refused: the platform's manifest is what a parent sends.
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"digest": sha256(&m), "size": m.len(),
+                           "platform": {"os": "linux", "architecture": "amd64"}}],
+        }))
+        .unwrap();
+        let dir4 = tempfile::tempdir().unwrap();
+        let p4 = puller(dir4.path());
+        let mut l = Load::new(p4.store.clone(), reference(&index)).unwrap();
+        send(&mut l, &index).unwrap();
+        let e = l.finish(&p4).await.unwrap_err();
+        assert!(e.to_string().contains("index"), "{e}");
+        // Nothing half-written stays in the ingest directory.
+        let ingest = dir.path().join("images/ingest");
+        assert_eq!(std::fs::read_dir(ingest).unwrap().count(), 0);
+    }
+}

@@ -22,7 +22,7 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("blob {expected}: the registry sent {got} ({size} bytes)")]
+    #[error("blob {expected}: the content received has digest {got} ({size} bytes)")]
     DigestMismatch {
         expected: String,
         got: String,

@@ -54,6 +54,15 @@ impl Network {
             {
                 tracing::warn!(bridge = %self.bridge, "no IPv6 on the bridge: {e}");
             }
+            // A guest or child comes up moments after its link: the first ARP/ND for it
+            // may go unanswered, and the kernel asks again only after retrans_time (1 s).
+            // On our own bridge, ask again after 100 ms.
+            for v in ["ipv4", "ipv6"] {
+                let f = format!("/proc/sys/net/{v}/neigh/{}/retrans_time_ms", self.bridge);
+                if let Err(e) = std::fs::write(&f, "100") {
+                    tracing::warn!(bridge = %self.bridge, "{f}: {e}");
+                }
+            }
             self.up = true;
         }
         Ok(())
