@@ -5,7 +5,8 @@
 //! - P1 `Runtime/RunPod` of an HTTP server image (busybox httpd, port 8080) until the
 //!   first byte of its page arrives at the pod's endpoint, + `Pods/Free`; vs the same
 //!   steps issued by hand: `Spawn`, `Images/Load` into the child (the blobs read from the
-//!   parent's store, as RunPod does), `RunCell` in the child (sharing its network), polling
+//!   parent's store, as RunPod does; called with the parent's own certificate, the only
+//!   identity a child lets load), `RunCell` in the child (sharing its network), polling
 //!   the port, the first byte, + `Instances/Free`. Target ≤ 1.1×.
 //! - P2 what a running pod costs this machine: the Pss of every process in its cgroup
 //!   (the child auraed, its output holder, the container) plus the child's tmpfs (its
@@ -149,13 +150,23 @@ async fn by_hand_once(
             .await
             .map_err(|e| format!("Spawn: {e:?}"))?
             .into_inner();
-        let child = d
-            .instance_client("admin", &s.endpoint, &s.spiffe_id)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        // As the parent: only it may load images into its instance (as RunPod does).
+        let child = aurae_testkit::instance_client(
+            &d.pki,
+            (d.pki.server_cert.clone(), d.pki.server_key.clone()),
+            d.netns.as_deref(),
+            &s.endpoint,
+            &s.spiffe_id,
+        )
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
         let r = auraed::image::reference::ImageRef::parse(image).map_err(|e| e.to_string())?;
+        let manifest = store
+            .get_ref(&r.to_string())
+            .and_then(|v| v["digest"].as_str().map(str::to_owned))
+            .ok_or("the image is not in the parent's store")?;
         let (by_digest, blobs) =
-            auraed::image::load::blobs_of(store, &r).map_err(|e| e.to_string())?;
+            auraed::image::load::blobs_of(store, &r, &manifest).map_err(|e| e.to_string())?;
         let mut msgs = Vec::new();
         for (i, b) in blobs.iter().enumerate() {
             let data = std::fs::read(&b.path).map_err(|e| e.to_string())?;

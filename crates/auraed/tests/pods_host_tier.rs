@@ -508,6 +508,22 @@ async fn bad_pods_are_refused_and_leave_nothing_behind() {
     assert!(err.message().contains("boom-line"), "{err:?}");
     e.nothing_left().await;
 
+    // Images/Load is for a parent handing a pod's image to its instance: on a daemon no
+    // one spawned, nobody may load (content no registry vouched for), not even the admin.
+    let blob = pb::ImageBlob {
+        image: format!("{}/aurae/x@sha256:{}", e.host, "0".repeat(64)),
+        digest: format!("sha256:{}", "0".repeat(64)),
+        size: 1,
+        data: vec![0],
+    };
+    let err =
+        e.c.images()
+            .load(tokio_stream::iter(vec![blob]))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("only that parent"), "{err:?}");
+
     // Unknown pods: NOT_FOUND on every verb.
     let err =
         e.c.pods()

@@ -18,11 +18,13 @@ use crate::image::{
 #[derive(Debug, Clone)]
 pub struct ImagesApi {
     puller: Arc<Puller>,
+    /// The parent that spawned this auraed, the only caller `Load` answers.
+    parent: Option<String>,
 }
 
 impl ImagesApi {
-    pub fn new(puller: Arc<Puller>) -> Self {
-        Self { puller }
+    pub fn new(puller: Arc<Puller>, parent: Option<String>) -> Self {
+        Self { puller, parent }
     }
 }
 
@@ -113,6 +115,16 @@ impl Images for ImagesApi {
     ) -> Result<Response<pb::ImageInfo>, Status> {
         use tokio_stream::StreamExt;
         let caller = Caller::of(&r)?;
+        // A load brings content no registry vouched for: only the parent that spawned us
+        // (handing a pod its image) may do it. A grant's `registries` still bound a
+        // tenant's images everywhere else.
+        if self.parent.as_deref() != Some(caller.id.to_string().as_str()) {
+            return Err(Status::permission_denied(format!(
+                "{} may not load images: Images/Load is how a parent auraed hands a pod's \
+                 image to its instance, and only that parent may call it",
+                caller.id
+            )));
+        }
         let mut stream = r.into_inner();
         let first = stream
             .next()
@@ -143,7 +155,15 @@ impl Images for ImagesApi {
                 ));
             }
             sent += m.data.len() as u64;
-            load.chunk(&m.digest, m.size, &m.data)?;
+            // What the sender got wrong is bad input, named: the digest, size or bytes.
+            load.chunk(&m.digest, m.size, &m.data)
+                .map_err(|e| match e {
+                    PullError::Manifest { .. }
+                    | PullError::Store(StoreError::SizeMismatch { .. }) => {
+                        Status::invalid_argument(format!("digest/size/data: {e}"))
+                    }
+                    e => Status::from(e),
+                })?;
             next = stream.next().await.transpose()?;
         }
         let pulled = load.finish(&self.puller).await?;

@@ -136,7 +136,8 @@ pub fn routes(
             ctx.events.clone()
         ))))
         .add_service(limited!(ImagesServer::new(image::ImagesApi::new(
-            ctx.puller.clone()
+            ctx.puller.clone(),
+            ctx.lineage.as_ref().map(|l| l.parent_id.clone())
         ))))
         .add_service(limited!(DaemonServer::new(daemon::DaemonApi::new(ctx))))
         .add_service(health)

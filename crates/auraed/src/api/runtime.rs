@@ -285,6 +285,13 @@ impl Runtime for RuntimeApi {
                  (--instance-kernel); a request cannot choose another",
             ));
         }
+        // A pod's instance takes the pod's name: one being made or freed holds it.
+        if self.ctx.pods.holds(&spec.name) {
+            return Err(Status::already_exists(format!(
+                "name: a pod named {:?} exists (its instance takes that name)",
+                spec.name.as_str()
+            )));
+        }
         let demand = Demand {
             instances: 1,
             memory_bytes: Some(spec.memory_bytes),
@@ -302,7 +309,7 @@ impl Runtime for RuntimeApi {
 
     async fn run_pod(&self, req: Request<pb::Pod>) -> Result<Response<pb::PodStatus>, Status> {
         let caller = Caller::of(&req)?;
-        let spec = PodSpec::parse(req.into_inner(), self.ctx.cpus).map_err(invalid)?;
+        let mut spec = PodSpec::parse(req.into_inner(), self.ctx.cpus).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
         if spec.container.uid.is_some() || spec.container.gid.is_some() {
             authorize_ids(
@@ -313,38 +320,69 @@ impl Runtime for RuntimeApi {
             )?;
         }
         // A pod is an instance here: counted and sized as one.
-        let demand = Demand {
+        let demand = |memory| Demand {
             instances: 1,
-            memory_bytes: Some(spec.instance.memory_bytes),
+            memory_bytes: Some(memory),
             ..Demand::default()
         };
-        // Checked before the pull (cheap) and again, held, until the pod runs.
-        drop(self.ctx.quotas.admit(&caller, demand).await?);
+        // Checked before the pull (cheap) and again, held, until the instance exists.
+        drop(
+            self.ctx
+                .quotas
+                .admit(&caller, demand(spec.instance.memory_bytes))
+                .await?,
+        );
         self.ctx.pods.reserve(&spec.name)?;
         // The image is pulled here, with this auraed's registries and credentials, and
-        // verified; the instance gets it by digest (see compose::run_pod).
+        // verified; the instance gets exactly the manifest planned here, by digest (see
+        // compose::run_pod).
         let image = super::image::parse("container.image", &spec.container.image)?;
         let plan = self.plan(&caller, &spec.container).await?;
-        // What the container will really run as (the image's user included).
-        authorize_ids(
-            &caller,
-            Some(plan.process.uid),
-            Some(plan.process.gid),
-            spec.name.as_str(),
-        )?;
-        let admitted = self.ctx.quotas.admit(&caller, demand).await?;
-        let pod = crate::compose::run_pod::run_pod(
-            &self.ctx.pods,
-            crate::compose::run_pod::PodRun {
-                spec,
-                image: &image,
-                store: &self.ctx.puller.store,
-                spawner: (&caller.id, &caller.grant),
-                no_new_privileges: !caller.grant.allow_new_privileges,
-            },
-        )
-        .await?;
-        drop(admitted);
+        // What the container will really run as (the image's user included): checked,
+        // and sent to the instance as such.
+        let ids = (plan.process.uid, plan.process.gid);
+        authorize_ids(&caller, Some(ids.0), Some(ids.1), spec.name.as_str())?;
+        // The image lives in the instance's memory too (its blobs and unpacked layers).
+        let store = self.ctx.puller.store.clone();
+        let (s2, r2, m2, layers) = (
+            store.clone(),
+            image.clone(),
+            plan.image.digest.clone(),
+            plan.image.layers.clone(),
+        );
+        let footprint = tokio::task::spawn_blocking(move || {
+            crate::image::load::blobs_of(&s2, &r2, &m2).map(|(_, blobs)| {
+                blobs.iter().map(|b| b.size).sum::<u64>()
+                    + layers.iter().map(|d| s2.layer_bytes(d)).sum::<u64>()
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("sizing the image: {e}")))??;
+        spec.fit_image(footprint).map_err(invalid)?;
+        let admitted = self
+            .ctx
+            .quotas
+            .admit(&caller, demand(spec.instance.memory_bytes))
+            .await?;
+        let run = crate::compose::run_pod::PodRun {
+            spec,
+            image,
+            manifest: plan.image.digest.clone(),
+            ids,
+            store,
+            spawner: (caller.id.clone(), caller.grant.clone()),
+            no_new_privileges: !caller.grant.allow_new_privileges,
+        };
+        // In a task of its own: a caller that goes away (or a deadline it set) cannot
+        // stop RunPod halfway and leave an instance behind.
+        let pods = self.ctx.pods.clone();
+        let pin = plan.pin.clone();
+        let pod = tokio::spawn(async move {
+            let _layers = pin;
+            crate::compose::run_pod::run_pod(pods, run, admitted).await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("RunPod: {e}")))??;
         let usage = self.ctx.pods.usage(&pod).await;
         Ok(Response::new(convert::pod(&pod, Some(&usage))))
     }

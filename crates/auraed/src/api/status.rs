@@ -68,6 +68,7 @@ impl From<crate::workload::WorkloadError> for Status {
         }
         match e {
             E::Invalid(f) => invalid(f),
+            E::Refused(m) => Status::invalid_argument(m),
             E::NotFound(m) => Status::not_found(m),
             E::Exists(m) => Status::already_exists(m),
             E::Precondition(m) => Status::failed_precondition(m),

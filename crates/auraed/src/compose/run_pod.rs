@@ -32,15 +32,22 @@ const PORT_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// How many of the container's last output lines an error carries.
 const LAST_LINES: usize = 10;
 
-/// What a RunPod needs beside the pod's spec.
+/// What a RunPod needs beside the pod's spec (owned: the work runs in a task of its
+/// own, so a caller that goes away cannot stop it halfway and leave an instance behind).
 #[derive(Debug)]
-pub struct PodRun<'a> {
+pub struct PodRun {
     pub spec: PodSpec,
-    /// The image as pulled into `store` (its reference there).
-    pub image: &'a ImageRef,
-    pub store: &'a Arc<ImageStore>,
+    /// The image as the caller named it (its registry and repository).
+    pub image: ImageRef,
+    /// The manifest digest that was checked: exactly this image is handed over, whatever
+    /// the reference names by the time it is sent.
+    pub manifest: String,
+    /// The uid and gid the caller was authorized to run as (the image's user resolved):
+    /// sent explicitly, so the instance runs exactly those.
+    pub ids: (u32, u32),
+    pub store: Arc<ImageStore>,
     /// Who asks: their grant is copied into the instance's policy.
-    pub spawner: (&'a SpiffeId, &'a Grant),
+    pub spawner: (SpiffeId, Grant),
     /// The container runs with no_new_privs (the caller's grant does not allow more).
     pub no_new_privileges: bool,
 }
@@ -53,6 +60,7 @@ fn step(what: &str, e: WorkloadError) -> WorkloadError {
         WorkloadError::Exists(s) => WorkloadError::Exists(m(s)),
         WorkloadError::Exhausted(s) => WorkloadError::Exhausted(m(s)),
         WorkloadError::Deadline(s) => WorkloadError::Deadline(m(s)),
+        WorkloadError::Refused(s) => WorkloadError::Refused(m(s)),
         WorkloadError::Invalid(f) => WorkloadError::Invalid(crate::spec::FieldError::new(
             f.field,
             format!("{what}: {}", f.reason),
@@ -69,31 +77,37 @@ fn from_status(s: tonic::Status) -> WorkloadError {
         tonic::Code::AlreadyExists => WorkloadError::Exists(m),
         tonic::Code::ResourceExhausted => WorkloadError::Exhausted(m),
         tonic::Code::DeadlineExceeded => WorkloadError::Deadline(m),
+        // The instance names the field; its message says which.
+        tonic::Code::InvalidArgument => WorkloadError::Refused(m),
         _ => WorkloadError::Precondition(m),
     }
 }
 
-/// A new pod: see the module documentation.
-pub async fn run_pod(pods: &Arc<Pods>, run: PodRun<'_>) -> Result<Arc<Pod>, WorkloadError> {
+/// A new pod: see the module documentation. `admitted` (the caller's quota admission) is
+/// held until the instance exists, then released: from then on the instance counts.
+pub async fn run_pod<A: Send>(
+    pods: Arc<Pods>,
+    run: PodRun,
+    admitted: A,
+) -> Result<Arc<Pod>, WorkloadError> {
     let name = run.spec.name.clone();
     let held = pods.reserve(&name)?;
-    let (by_digest, blobs) = blobs_of(run.store, run.image)
-        .map_err(|e| WorkloadError::Precondition(format!("the image: {e}")))?;
     let t0 = Instant::now();
-    let inst = pods
+    let spawned = pods
         .instances()
-        .spawn(run.spec.instance.clone(), run.spawner)
-        .await
-        .map_err(|e| step("spawning the pod's instance", e))?;
+        .spawn(run.spec.instance.clone(), (&run.spawner.0, &run.spawner.1))
+        .await;
+    drop(admitted);
+    let inst = spawned.map_err(|e| step("spawning the pod's instance", e))?;
     let t_spawn = t0.elapsed();
     // The steps in the instance get the instance's ready_timeout again, all together: a
     // child that stops answering halfway never holds RunPod for longer.
-    let budget = run.spec.instance.ready_timeout;
     // (The port wait ends by itself at the deadline, with the container's last output;
     // the outer bound leaves it the time to fetch that.)
+    let budget = run.spec.instance.ready_timeout;
     let at = std::sync::Mutex::new("connecting to the pod's instance");
     let deadline = Instant::now() + budget;
-    let steps = start(pods, &inst, &run, &by_digest, blobs, &at, deadline);
+    let steps = start(&pods, &inst, &run, &at, deadline);
     let started = tokio::time::timeout(budget + Duration::from_secs(5), steps)
         .await
         .unwrap_or_else(|_| {
@@ -104,11 +118,11 @@ pub async fn run_pod(pods: &Arc<Pods>, run: PodRun<'_>) -> Result<Arc<Pod>, Work
             )))
         });
     match started {
-        Ok(container) => {
+        Ok((container, image)) => {
             let pod = Arc::new(Pod {
                 name: name.clone(),
                 instance: inst,
-                image: by_digest.to_string(),
+                image,
                 container,
                 listen_port: run.spec.listen_port,
                 created_at: SystemTime::now(),
@@ -130,7 +144,7 @@ pub async fn run_pod(pods: &Arc<Pods>, run: PodRun<'_>) -> Result<Arc<Pod>, Work
         }
         Err(e) => {
             // Everything made for the pod lived in its instance: freeing it removes all.
-            if let Err(free) = pods.instances().free(&name).await {
+            if let Err(free) = pods.instances().free_exact(&inst).await {
                 warn!(pod = %name, "removing the instance of a pod that did not start: {free}");
             }
             Err(e)
@@ -138,16 +152,15 @@ pub async fn run_pod(pods: &Arc<Pods>, run: PodRun<'_>) -> Result<Arc<Pod>, Work
     }
 }
 
-/// Image, container, port: the steps in the instance. Returns the container's name there.
+/// Image, container, port: the steps in the instance. Returns the container's name there
+/// and the image as run (`<registry>/<repository>@<manifest>`).
 async fn start(
     pods: &Pods,
     inst: &Instance,
-    run: &PodRun<'_>,
-    by_digest: &ImageRef,
-    blobs: Vec<Blob>,
+    run: &PodRun,
     at: &std::sync::Mutex<&'static str>,
     deadline: Instant,
-) -> Result<Label, WorkloadError> {
+) -> Result<(Label, String), WorkloadError> {
     let step_to = |s: &'static str| {
         if let Ok(mut g) = at.lock() {
             *g = s;
@@ -160,13 +173,21 @@ async fn start(
         .map_err(|e| step("connecting to the pod's instance", e))?;
     let t0 = Instant::now();
     step_to("handing the image to the instance");
-    load(&c, by_digest, blobs)
-        .await
-        .map_err(|e| step("handing the image to the instance", e))?;
+    let by_digest = {
+        // No collection of our store while its blobs are read out.
+        let _gc = run.store.gc_lock.read().await;
+        let (by_digest, blobs) = blobs_of(&run.store, &run.image, &run.manifest)
+            .map_err(|e| WorkloadError::Precondition(format!("the image: {e}")))?;
+        load(&c, &by_digest, blobs)
+            .await
+            .map_err(|e| step("handing the image to the instance", e))?;
+        by_digest
+    };
     let t_load = t0.elapsed();
     let (mut container, limits) = run.spec.forward.clone();
     container.image = by_digest.to_string();
     container.no_new_privileges |= run.no_new_privileges;
+    (container.uid, container.gid) = (Some(run.ids.0), Some(run.ids.1));
     let cell = pb::Cell {
         name: run.spec.name.to_string(),
         limits,
@@ -208,7 +229,7 @@ async fn start(
         port_ms = (t0.elapsed() - t_load - t_run).as_millis() as u64,
         "RunPod timings in the instance"
     );
-    Ok(container)
+    Ok((container, by_digest.to_string()))
 }
 
 /// Sends the image's blobs from our store to the instance's `Images/Load`.
@@ -309,7 +330,8 @@ async fn wait_port(
         if Instant::now() >= deadline {
             return Err(WorkloadError::Deadline(format!(
                 "waiting for port {port}: nothing accepted connections on {addr} within {} s \
-                 (the instance's ready_timeout); the pod was removed; the container's last output:\n{}",
+                 (what was left of the instance's ready_timeout); the pod was removed; the \
+                 container's last output:\n{}",
                 started.elapsed().as_secs(),
                 last_lines(c, &exe).await
             )));

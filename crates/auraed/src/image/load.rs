@@ -30,23 +30,34 @@ fn bad(image: &str, reason: impl Into<String>) -> PullError {
     }
 }
 
-/// The blobs of `reference` in `store`, manifest first, then config, then layers; and the
-/// reference to load them under (`<registry>/<repository>@<manifest digest>`).
-pub fn blobs_of(store: &ImageStore, r: &ImageRef) -> Result<(ImageRef, Vec<Blob>), PullError> {
-    let image = r.to_string();
-    let rec = store
-        .get_ref(&image)
-        .ok_or_else(|| bad(&image, "is not in the store"))?;
-    let digest = rec["digest"].as_str().unwrap_or_default();
-    let config = rec["config"].as_str().unwrap_or_default();
-    let mut digests = vec![digest.to_owned(), config.to_owned()];
-    for pair in rec["layers"].as_array().into_iter().flatten() {
-        digests.push(pair[0].as_str().unwrap_or_default().to_owned());
+/// The blobs of the image whose manifest is `manifest` (a digest) in `store`: the
+/// manifest first, then its config and layers, read from the manifest itself (so what is
+/// sent is exactly the image that was checked, whatever a tag names meanwhile); and the
+/// reference to load them under (`<registry>/<repository>@<manifest>`).
+pub fn blobs_of(
+    store: &ImageStore,
+    r: &ImageRef,
+    manifest: &str,
+) -> Result<(ImageRef, Vec<Blob>), PullError> {
+    let image = format!("{}/{}@{manifest}", r.registry, r.repository);
+    if !valid_digest(manifest) {
+        return Err(bad(&image, format!("manifest digest {manifest:?}")));
+    }
+    let bytes = std::fs::read(store.blob_path(manifest))
+        .map_err(|_| bad(&image, "its manifest is not in the store"))?;
+    if bytes.len() > MAX_JSON || sha256(&bytes) != manifest {
+        return Err(bad(&image, "its manifest in the store is not intact"));
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(&image, format!("manifest is not JSON: {e}")))?;
+    let mut digests = vec![manifest.to_owned()];
+    for d in std::iter::once(&doc["config"]).chain(doc["layers"].as_array().into_iter().flatten()) {
+        digests.push(d["digest"].as_str().unwrap_or_default().to_owned());
     }
     let mut blobs = Vec::with_capacity(digests.len());
     for d in digests {
         if !valid_digest(&d) {
-            return Err(bad(&image, format!("its record names blob {d:?}")));
+            return Err(bad(&image, format!("its manifest names blob {d:?}")));
         }
         let path = store.blob_path(&d);
         let size = std::fs::metadata(&path)
@@ -61,8 +72,7 @@ pub fn blobs_of(store: &ImageStore, r: &ImageRef) -> Result<(ImageRef, Vec<Blob>
             path,
         });
     }
-    let by_digest = ImageRef::parse(&format!("{}/{}@{digest}", r.registry, r.repository))
-        .map_err(|e| bad(&image, e.to_string()))?;
+    let by_digest = ImageRef::parse(&image).map_err(|e| bad(&image, e.to_string()))?;
     Ok((by_digest, blobs))
 }
 
@@ -74,6 +84,8 @@ pub struct Load {
     image: ImageRef,
     current: Option<Current>,
     done: Vec<String>,
+    /// What the manifest (the first blob) names: digest → size.
+    named: Option<std::collections::HashMap<String, u64>>,
 }
 
 #[derive(Debug)]
@@ -99,6 +111,7 @@ impl Load {
             image,
             current: None,
             done: Vec::new(),
+            named: None,
         })
     }
 
@@ -118,6 +131,25 @@ impl Load {
             }
             if self.done.len() >= MAX_LAYERS + 2 {
                 return Err(bad(&image, format!("more than {} blobs", MAX_LAYERS + 2)));
+            }
+            // The manifest comes first; after it, only what it names, at its size.
+            match &self.named {
+                None if digest != self.image.reference() => {
+                    return Err(bad(
+                        &image,
+                        format!("blob {digest} came before the manifest (send the manifest first)"),
+                    ));
+                }
+                None if size > MAX_JSON as u64 => {
+                    return Err(bad(&image, format!("a manifest of {size} bytes")));
+                }
+                Some(named) if named.get(digest) != Some(&size) => {
+                    return Err(bad(
+                        &image,
+                        format!("blob {digest} of {size} bytes is not named by the manifest"),
+                    ));
+                }
+                _ => {}
             }
             let ingest = if self.store.has_blob(digest, size) {
                 None
@@ -191,8 +223,30 @@ impl Load {
             }
             None => {}
         }
+        if self.named.is_none() {
+            self.named = Some(self.manifest_names()?);
+        }
         self.done.push(c.digest);
         Ok(())
+    }
+
+    /// The blobs the manifest (now in the store, verified) names; an index is refused.
+    fn manifest_names(&self) -> Result<std::collections::HashMap<String, u64>, PullError> {
+        let image = self.image.to_string();
+        let bytes = std::fs::read(self.store.blob_path(self.image.reference()))
+            .map_err(|e| bad(&image, format!("reading the manifest back: {e}")))?;
+        let doc: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(&image, format!("manifest is not JSON: {e}")))?;
+        if doc["manifests"].is_array() {
+            return Err(bad(
+                &image,
+                "is an index: load the platform's manifest, not the index",
+            ));
+        }
+        Ok(std::iter::once(&doc["config"])
+            .chain(doc["layers"].as_array().into_iter().flatten())
+            .filter_map(|d| Some((d["digest"].as_str()?.to_owned(), d["size"].as_u64()?)))
+            .collect())
     }
 
     /// Ends the load: the manifest must name only blobs that were sent (or were in the
@@ -230,7 +284,7 @@ impl Load {
             }
         }
         // Every blob is here: the pull reads them from the store, reaching no registry.
-        puller.pull_holding_gc(&self.image, |_| {}).await
+        puller.pull_holding_gc(&self.image, |_| {}, true).await
     }
 }
 
@@ -321,7 +375,7 @@ mod tests {
             "the layer is unpacked"
         );
         // What the parent sends back out of this store is the same image.
-        let (again, blobs) = blobs_of(&p.store, &r).unwrap();
+        let (again, blobs) = blobs_of(&p.store, &r, &sha256(&m)).unwrap();
         assert_eq!(again.to_string(), r.to_string());
         assert_eq!(
             blobs.iter().map(|b| b.digest.clone()).collect::<Vec<_>>(),
@@ -348,22 +402,36 @@ mod tests {
             matches!(e, PullError::Store(StoreError::DigestMismatch { .. })),
             "{e}"
         );
+        // Anything before the manifest, or not named by it, or at another size.
+        let mut l = new();
+        let e = send(&mut l, &c).unwrap_err();
+        assert!(e.to_string().contains("before the manifest"), "{e}");
+        let mut l = new();
+        send(&mut l, &m).unwrap();
+        let e = send(&mut l, b"a blob nobody named").unwrap_err();
+        assert!(e.to_string().contains("not named"), "{e}");
+        let e = l.chunk(&sha256(&c), 3, &c[..3]).unwrap_err();
+        assert!(e.to_string().contains("not named"), "{e}");
         // More bytes than the size said.
         let mut l = new();
-        let e = l.chunk(&sha256(&c), 3, &c).unwrap_err();
-        assert!(
-            e.to_string().contains("size") || e.to_string().contains("bytes"),
-            "{e}"
+        send(&mut l, &m).unwrap();
+        let e = l.chunk(
+            &sha256(&c),
+            c.len() as u64,
+            &[c.clone(), c.clone()].concat(),
         );
+        assert!(e.is_err());
         // Chunks that disagree on the size.
         let mut l = new();
+        send(&mut l, &m).unwrap();
         let d = sha256(&layer);
         l.chunk(&d, layer.len() as u64, &layer[..10]).unwrap();
         assert!(l.chunk(&d, 5, &layer[10..]).is_err());
         // A blob sent twice.
         let mut l = new();
-        send(&mut l, &c).unwrap();
         send(&mut l, &m).unwrap();
+        send(&mut l, &c).unwrap();
+        send(&mut l, &layer).unwrap();
         let e = send(&mut l, &c).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
         // A bad digest.

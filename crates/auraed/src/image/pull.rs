@@ -98,10 +98,13 @@ impl Puller {
         &self,
         r: &ImageRef,
         reference: &str,
+        from_store: bool,
     ) -> Result<(Vec<u8>, String, Option<String>), PullError> {
-        // A manifest asked for by digest that the store holds needs no registry (a loaded
-        // image, or a platform manifest pulled before); checked again as it is read.
-        if reference.starts_with("sha256:")
+        // A loaded image's manifest is in the store already (checked again as it is read).
+        // Only for a load: a pull always asks the registry, which decides who may see a
+        // manifest (knowing a digest must not be enough to get another's image).
+        if from_store
+            && reference.starts_with("sha256:")
             && let Ok(bytes) = std::fs::read(self.store.blob_path(reference))
             && bytes.len() <= MAX_JSON
             && sha256(&bytes) == reference
@@ -360,21 +363,23 @@ impl Puller {
     ) -> Result<Pulled, PullError> {
         // No garbage collection while this pull has blobs it has not recorded yet.
         let _gc = self.store.gc_lock.read().await;
-        self.pull_holding_gc(r, progress).await
+        self.pull_holding_gc(r, progress, false).await
     }
 
-    /// [`Puller::pull`] for a caller that already holds the store's `gc_lock` (read).
+    /// [`Puller::pull`] for a caller that already holds the store's `gc_lock` (read);
+    /// `from_store`: a load, whose manifest is in the store already.
     pub(super) async fn pull_holding_gc(
         &self,
         r: &ImageRef,
         progress: impl Fn(Progress) + Sync,
+        from_store: bool,
     ) -> Result<Pulled, PullError> {
         let image = r.to_string();
         let bad = |reason: String| PullError::Manifest {
             image: image.clone(),
             reason,
         };
-        let (mut bytes, mut digest, ct) = self.manifest(r, r.reference()).await?;
+        let (mut bytes, mut digest, ct) = self.manifest(r, r.reference(), from_store).await?;
         let mut doc: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("manifest is not JSON: {e}")))?;
         let media = doc["mediaType"]
@@ -393,7 +398,7 @@ impl Puller {
                 })
                 .ok_or_else(|| bad("the index has no linux/amd64 manifest".into()))?;
             let d = descriptor(entry, &image, "index entry")?;
-            (bytes, digest, _) = self.manifest(r, &d.digest).await?;
+            (bytes, digest, _) = self.manifest(r, &d.digest, from_store).await?;
             doc = serde_json::from_slice(&bytes)
                 .map_err(|e| bad(format!("manifest is not JSON: {e}")))?;
         }

@@ -311,6 +311,11 @@ impl ImageStore {
         self.commit(ing, digest, bytes.len() as u64).map(|_| ())
     }
 
+    /// Bytes of an unpacked layer (its files' sizes).
+    pub fn layer_bytes(&self, diff_id: &str) -> u64 {
+        tree_bytes(&self.layer_path(diff_id))
+    }
+
     pub fn layer_path(&self, diff_id: &str) -> PathBuf {
         self.root.join("layers/sha256").join(hex_of(diff_id))
     }

@@ -998,8 +998,28 @@ impl Instances {
     /// Removes an instance: its process (killed if it still runs), veth, address, cgroup
     /// subtree and log. Its secrets lived only in its own memory and tmpfs.
     pub async fn free(&self, name: &Label) -> Result<(), WorkloadError> {
+        self.free_inner(name, None).await
+    }
+
+    /// [`Instances::free`] of exactly `inst`: nothing when the name is gone or now names
+    /// another instance (freed and spawned again meanwhile).
+    pub async fn free_exact(&self, inst: &Arc<Instance>) -> Result<(), WorkloadError> {
+        match self.free_inner(&inst.spec.name, Some(inst)).await {
+            Err(WorkloadError::NotFound(_)) => Ok(()),
+            r => r,
+        }
+    }
+
+    async fn free_inner(
+        &self,
+        name: &Label,
+        expect: Option<&Arc<Instance>>,
+    ) -> Result<(), WorkloadError> {
         let _ops = self.ops.lock().await;
         let inst = self.find(name)?;
+        if expect.is_some_and(|e| !Arc::ptr_eq(e, &inst)) {
+            return Ok(());
+        }
         if !inst.gone() {
             let _ = inst.pidfd.send_signal(nix::libc::SIGKILL);
             inst.wait(Some(Duration::from_secs(10))).await;

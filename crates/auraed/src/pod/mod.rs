@@ -162,13 +162,14 @@ impl Pods {
 
     /// Holds `name` for a RunPod: refused if a pod, a pod being made or an instance has it.
     pub fn reserve(&self, name: &Label) -> Result<Reservation<'_>, WorkloadError> {
-        let taken = || WorkloadError::Exists(format!("pod {name:?} already exists"));
+        let taken = || WorkloadError::Exists(format!("pod {:?} already exists", name.as_str()));
         if self.find(name).is_ok() {
             return Err(taken());
         }
         if self.instances.find(name).is_ok() {
             return Err(WorkloadError::Exists(format!(
-                "an instance named {name:?} already exists (a pod's instance takes its name)"
+                "an instance named {:?} already exists (a pod's instance takes its name)",
+                name.as_str()
             )));
         }
         let mut m = self
@@ -184,12 +185,19 @@ impl Pods {
         })
     }
 
+    /// Whether a pod has `name`, or a RunPod is making one of that name.
+    pub fn holds(&self, name: &Label) -> bool {
+        self.find(name).is_ok() || self.making.lock().is_ok_and(|m| m.contains(name))
+    }
+
     pub fn find(&self, name: &Label) -> Result<Arc<Pod>, WorkloadError> {
         self.pods
             .lock()
             .ok()
             .and_then(|m| m.get(name).cloned())
-            .ok_or_else(|| WorkloadError::NotFound(format!("pod {name:?} does not exist")))
+            .ok_or_else(|| {
+                WorkloadError::NotFound(format!("pod {:?} does not exist", name.as_str()))
+            })
     }
 
     /// Pods whose names pass `visible`, in name order.
@@ -232,6 +240,7 @@ impl Pods {
         tokio::spawn(async move {
             let mut after = 0u64;
             let mut warned = false;
+            let mut limit = RateLimit::default();
             loop {
                 if Pod::ended(&pod.state.borrow()) {
                     return;
@@ -257,7 +266,11 @@ impl Pods {
                         let e =
                             e.map_err(|e| WorkloadError::Precondition(e.message().to_owned()))?;
                         after = after.max(e.sequence);
-                        pods.forward(&pod, e);
+                        if limit.admit() {
+                            pods.forward(&pod, e);
+                        } else if let Some(n) = limit.report() {
+                            warn!(pod = %pod.name, dropped = n, "the instance sends more than {EVENTS_PER_SECOND} events a second: the rest are dropped");
+                        }
                     }
                     Ok::<(), WorkloadError>(())
                 };
@@ -313,20 +326,41 @@ impl Pods {
                 pod.name.as_str()
             )));
         }
-        let c = self.instances.connect(&pod.instance).await?;
-        c.executables()
-            .logs(pb::ExecutableLogsRequest {
-                executable: Some(pod.executable_ref()),
-                follow,
-                from_offset: from,
-            })
+        let open = async {
+            let c = self.instances.connect(&pod.instance).await?;
+            c.executables()
+                .logs(pb::ExecutableLogsRequest {
+                    executable: Some(pod.executable_ref()),
+                    follow,
+                    from_offset: from,
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| WorkloadError::Precondition(format!("the instance: {}", e.message())))
+        };
+        tokio::time::timeout(Duration::from_secs(10), open)
             .await
-            .map(|r| r.into_inner())
-            .map_err(|e| WorkloadError::Precondition(format!("the instance: {}", e.message())))
+            .unwrap_or_else(|_| {
+                Err(WorkloadError::Deadline(
+                    "the pod's instance did not answer within 10 s".into(),
+                ))
+            })
     }
 
-    /// One event of the instance about the pod's cell, re-emitted as the pod's.
-    fn forward(&self, pod: &Pod, e: pb::Event) {
+    /// One event of the instance about the pod's cell, re-emitted as the pod's. The
+    /// instance is not trusted: only events of the pod's cell and its executables pass
+    /// (whatever the instance's own filter did), their texts cut to [`EVENT_TEXT`] bytes.
+    fn forward(&self, pod: &Pod, mut e: pb::Event) {
+        let cell = pod.name.as_str();
+        let about_pod = e.name == cell
+            || e.name
+                .strip_prefix(cell)
+                .is_some_and(|rest| rest.starts_with('/'));
+        if !about_pod || e.name.len() > 256 {
+            return;
+        }
+        cut(&mut e.message);
+        cut(&mut e.victim_command);
         let kind = match pb::Kind::try_from(e.kind) {
             Ok(pb::Kind::Executable) => "container",
             Ok(pb::Kind::Cell) => "cell",
@@ -342,8 +376,10 @@ impl Pods {
         if ours && end {
             let code = e.exit.as_ref().and_then(|x| x.how);
             let clean = matches!(code, Some(pb::exit_status::How::Code(0)));
+            let mut changed = false;
             pod.set(|s| {
                 if !Pod::ended(s) {
+                    changed = true;
                     s.phase = if clean || s.phase == Phase::Stopping {
                         Phase::Exited
                     } else {
@@ -353,12 +389,15 @@ impl Pods {
                     s.message = format!("the container ended: {}", describe_exit(e.exit.as_ref()));
                 }
             });
-            self.recorder.put(
-                pb::Kind::Pod,
-                kinds::POD,
-                pod.name.as_str(),
-                &record::PodRecord::of(pod),
-            );
+            // Recorded once, and only for a pod still ours (not freed meanwhile).
+            if changed && self.find(&pod.name).is_ok_and(|p| std::ptr::eq(&*p, pod)) {
+                self.recorder.put(
+                    pb::Kind::Pod,
+                    kinds::POD,
+                    pod.name.as_str(),
+                    &record::PodRecord::of(pod),
+                );
+            }
         }
         self.events.publish(pb::Event {
             kind: pb::Kind::Pod as i32,
@@ -470,6 +509,14 @@ impl Pods {
                 s.message = "stopped".into();
             }
         });
+        if self.find(name).is_ok_and(|p| Arc::ptr_eq(&p, &pod)) {
+            self.recorder.put(
+                pb::Kind::Pod,
+                kinds::POD,
+                name.as_str(),
+                &record::PodRecord::of(&pod),
+            );
+        }
         self.events
             .emit(pb::Kind::Pod, name.as_str(), pb::EventType::Stopped, "");
         Ok(pod)
@@ -478,10 +525,9 @@ impl Pods {
     /// Removes the pod and its instance (killed if it still runs).
     pub async fn free(&self, name: &Label) -> Result<(), WorkloadError> {
         let pod = self.find(name)?;
-        match self.instances.free(&pod.instance.spec.name).await {
-            Ok(()) | Err(WorkloadError::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
+        // Exactly the pod's instance: an instance of that name spawned after it was freed
+        // by hand is not the pod's.
+        self.instances.free_exact(&pod.instance).await?;
         pod.set(|s| {
             if !Pod::ended(s) {
                 s.phase = Phase::Exited;
@@ -559,5 +605,87 @@ pub fn describe_exit(e: Option<&pb::ExitStatus>) -> String {
         format!("{how} (OOM-killed)")
     } else {
         how
+    }
+}
+
+/// Longest text of a forwarded event (message, victim command).
+pub const EVENT_TEXT: usize = 1024;
+/// Most events a second forwarded from one pod's instance.
+pub const EVENTS_PER_SECOND: u32 = 100;
+
+/// Cuts `s` to [`EVENT_TEXT`] bytes (at a character boundary).
+fn cut(s: &mut String) {
+    if s.len() > EVENT_TEXT {
+        let mut at = EVENT_TEXT;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push('…');
+    }
+}
+
+/// At most [`EVENTS_PER_SECOND`] a second; what is dropped is counted and reported once
+/// a second.
+#[derive(Debug)]
+struct RateLimit {
+    window: std::time::Instant,
+    passed: u32,
+    dropped: u64,
+    reported: std::time::Instant,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            window: now,
+            passed: 0,
+            dropped: 0,
+            reported: now,
+        }
+    }
+}
+
+impl RateLimit {
+    fn admit(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = std::time::Instant::now();
+            self.passed = 0;
+        }
+        if self.passed < EVENTS_PER_SECOND {
+            self.passed += 1;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+
+    /// Dropped events to report, at most once a second.
+    fn report(&mut self) -> Option<u64> {
+        (self.dropped > 0 && self.reported.elapsed() >= Duration::from_secs(1)).then(|| {
+            self.reported = std::time::Instant::now();
+            std::mem::take(&mut self.dropped)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_texts_are_cut_and_events_rate_limited() {
+        let mut s = "é".repeat(EVENT_TEXT);
+        cut(&mut s);
+        assert!(s.len() <= EVENT_TEXT + '…'.len_utf8(), "{}", s.len());
+        let mut short = "ok".to_owned();
+        cut(&mut short);
+        assert_eq!(short, "ok");
+        let mut l = RateLimit::default();
+        let passed = (0..1000).filter(|_| l.admit()).count();
+        assert_eq!(passed, EVENTS_PER_SECOND as usize);
+        assert_eq!(l.dropped, 1000 - u64::from(EVENTS_PER_SECOND));
     }
 }

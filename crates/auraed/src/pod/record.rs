@@ -20,8 +20,11 @@ pub struct PodRecord {
     pub container: Label,
     pub listen_port: Option<u16>,
     pub created_at: SystemTime,
-    /// Set once the container ended: (code, signal, OOM-killed, message).
+    /// Set once the pod ended: (code, signal, OOM-killed, message).
     pub ended: Option<(Option<i32>, Option<i32>, bool, String)>,
+    /// Whether it ended FAILED (else EXITED: a clean end, or a stop).
+    #[serde(default)]
+    pub failed: bool,
 }
 
 impl PodRecord {
@@ -43,6 +46,7 @@ impl PodRecord {
             listen_port: p.listen_port,
             created_at: p.created_at,
             ended,
+            failed: s.phase == Phase::Failed,
         }
     }
 
@@ -53,13 +57,13 @@ impl PodRecord {
             .map_err(|_| "its instance is gone".to_owned())?;
         let state = match self.ended {
             Some((code, signal, oom, message)) => PodState {
-                phase: if code == Some(0) {
-                    Phase::Exited
-                } else {
+                phase: if self.failed {
                     Phase::Failed
+                } else {
+                    Phase::Exited
                 },
                 message,
-                exit: Some(pb::ExitStatus {
+                exit: (code.is_some() || signal.is_some()).then_some(pb::ExitStatus {
                     how: code
                         .map(pb::exit_status::How::Code)
                         .or(signal.map(pb::exit_status::How::Signal)),

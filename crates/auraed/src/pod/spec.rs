@@ -34,6 +34,9 @@ pub struct PodSpec {
     /// The container and limits as the request gave them, for the instance's RunCell
     /// (validated above; the image is replaced by its digest reference).
     pub forward: (pb::Container, Option<pb::CellLimits>),
+    /// The request left the instance's memory to us (sized from the container's limit
+    /// and, once known, the image).
+    pub memory_derived: bool,
 }
 
 impl PodSpec {
@@ -55,6 +58,14 @@ impl PodSpec {
         }
         let limits = Limits::parse("limits", p.limits, cpus)?;
         let mut i = p.instance.unwrap_or_default();
+        if !i.kernel_path.is_empty() || !i.initramfs_path.is_empty() {
+            return Err(FieldError::new(
+                "instance.kernel_path",
+                "a pod's instance boots the kernel its parent was configured with \
+                 (--instance-kernel); a request cannot choose another",
+            ));
+        }
+        let memory_derived = i.memory_bytes == 0;
         let own = overhead(pb::Isolation::try_from(i.isolation).unwrap_or_default());
         if i.memory_bytes == 0
             && let Some(max) = limits.memory_max
@@ -83,7 +94,46 @@ impl PodSpec {
             instance,
             name,
             forward,
+            memory_derived,
         })
+    }
+
+    /// Takes the image into the instance's memory: its blobs and unpacked layers live in
+    /// the instance (tmpfs, or the guest's memory), `image_bytes` in all. A derived size
+    /// grows by it; a size the request gave must hold it beside the container's limit and
+    /// the instance's own share.
+    pub fn fit_image(&mut self, image_bytes: u64) -> Result<(), FieldError> {
+        let own = overhead(self.instance.isolation);
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        let need = match self.limits.memory_max {
+            Some(max) => max.saturating_add(own).saturating_add(image_bytes),
+            // No limit: the container gets at least 64 MiB beside the rest.
+            None => own.saturating_add(image_bytes).saturating_add(64 << 20),
+        };
+        if self.memory_derived {
+            let floor = if self.limits.memory_max.is_some() {
+                0
+            } else {
+                crate::instance::spec::DEFAULT_MEMORY
+            };
+            self.instance.memory_bytes = need.max(floor).next_multiple_of(2 << 20);
+            return Ok(());
+        }
+        if need > self.instance.memory_bytes {
+            return Err(FieldError::new(
+                "instance.memory_bytes",
+                format!(
+                    "{} MiB cannot hold the image ({} MiB of blobs and layers in the \
+                     instance's memory), the instance's own {} MiB and the container's {} MiB: \
+                     raise it or leave it unset",
+                    mib(self.instance.memory_bytes),
+                    mib(image_bytes),
+                    mib(own),
+                    mib(self.limits.memory_max.unwrap_or(64 << 20)),
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -144,6 +194,48 @@ mod tests {
         };
         let e = PodSpec::parse(tight, 2).unwrap_err();
         assert_eq!(e.field, "limits.memory_max_bytes", "{e:?}");
+        // The image joins the instance's memory: a derived size grows by it; a given one
+        // must hold it.
+        let mut grows = sized.clone();
+        grows.fit_image(100 << 20).unwrap();
+        assert_eq!(
+            grows.instance.memory_bytes,
+            (64 << 20) + VM_OVERHEAD + (100 << 20)
+        );
+        let mut given = PodSpec::parse(
+            pb::Pod {
+                instance: Some(pb::Instance {
+                    memory_bytes: 512 << 20,
+                    isolation: pb::Isolation::Cell as i32,
+                    ..Default::default()
+                }),
+                listen_port: 8080,
+                ..p.clone()
+            },
+            2,
+        )
+        .unwrap();
+        given.fit_image(100 << 20).unwrap();
+        assert_eq!(given.instance.memory_bytes, 512 << 20);
+        let e = given.fit_image(400 << 20).unwrap_err();
+        assert_eq!(e.field, "instance.memory_bytes", "{e:?}");
+        // Unset memory and no limit: at least the default.
+        let mut plain = ok.clone();
+        plain.fit_image(1 << 20).unwrap();
+        assert_eq!(plain.instance.memory_bytes, 512 << 20);
+        // A request cannot choose the instance's kernel.
+        let kernel = pb::Pod {
+            instance: Some(pb::Instance {
+                kernel_path: "/boot/vmlinuz".into(),
+                ..Default::default()
+            }),
+            listen_port: 8080,
+            ..p.clone()
+        };
+        assert_eq!(
+            PodSpec::parse(kernel, 2).unwrap_err().field,
+            "instance.kernel_path"
+        );
         let with_volume = pb::Pod {
             container: Some(pb::Container {
                 image: "busybox".into(),

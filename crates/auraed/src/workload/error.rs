@@ -10,6 +10,10 @@ use crate::spec::FieldError;
 pub enum WorkloadError {
     #[error(transparent)]
     Invalid(#[from] FieldError),
+    /// Bad input found further down (a spawned instance refusing it), its message naming
+    /// the field: INVALID_ARGUMENT as it is.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
