@@ -140,6 +140,24 @@ impl Default for GuestOptions {
 pub const MARKER: &str = "AURAE_BUSYBOX_INIT_MARKER";
 
 impl Guest {
+    /// A client of an instance at `endpoint` presenting `who`, requiring exactly `id`,
+    /// dialled from inside the harness's network namespace (through the guest).
+    pub async fn instance_client(
+        &self,
+        who: &str,
+        endpoint: &str,
+        id: &str,
+    ) -> anyhow::Result<aurae_client::Client> {
+        crate::instance_client(
+            &self.pki,
+            self.pki.identity(who),
+            Some(&self.netns),
+            endpoint,
+            id,
+        )
+        .await
+    }
+
     /// Builds an initramfs and boots it; returns once auraed answers health (or, for the
     /// busybox peer, once the marker is on the serial console).
     pub async fn boot(opts: GuestOptions) -> anyhow::Result<Self> {

@@ -338,6 +338,23 @@ impl Daemon {
         .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
     }
 
+    /// The pid of spawned instance `name`'s auraed (the first process of its cgroup leaf
+    /// `instances/<name>/_procs/auraed`).
+    pub fn instance_pid(&self, name: &str) -> anyhow::Result<i32> {
+        let p = self
+            .cgroup
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the daemon has no cgroup"))?
+            .join("instances")
+            .join(name)
+            .join("_procs/auraed/cgroup.procs");
+        let text = fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no pid in {}", p.display()))
+    }
+
     /// Resident set size of the daemon, in KiB (VmRSS).
     pub fn rss_kib(&self) -> Option<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

@@ -8,26 +8,12 @@
 
 use std::time::Duration;
 
-use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     TRUST_DOMAIN,
     guest::{Guest, GuestOptions, needs_guest},
     tier::{self, Tier},
 };
-
-/// A client of an instance at `endpoint` presenting `admin`, requiring exactly `id`,
-/// dialled from inside the guest's network namespace.
-async fn instance_client(g: &Guest, endpoint: &str, id: &str) -> anyhow::Result<Client> {
-    aurae_testkit::instance_client(
-        &g.pki,
-        g.pki.identity("admin"),
-        Some(&g.netns),
-        endpoint,
-        id,
-    )
-    .await
-}
 
 fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
@@ -97,7 +83,8 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
         format!("spiffe://{TRUST_DOMAIN}/instance/node/vm1")
     );
 
-    let l2 = instance_client(&g, &s.endpoint, &s.spiffe_id)
+    let l2 = g
+        .instance_client("admin", &s.endpoint, &s.spiffe_id)
         .await
         .unwrap();
     let info = l2
@@ -112,8 +99,8 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
     assert_eq!(info.parent_id, format!("spiffe://{TRUST_DOMAIN}/auraed"));
     // Expecting another ID (a sibling's) fails: the harness never talks to the wrong child.
     assert!(
-        instance_client(
-            &g,
+        g.instance_client(
+            "admin",
             &s.endpoint,
             &format!("spiffe://{TRUST_DOMAIN}/instance/node/vm2")
         )
@@ -142,7 +129,8 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
         format!("spiffe://{TRUST_DOMAIN}/instance/node/vm1/l3")
     );
     assert_eq!(s3.depth, 2);
-    let l3 = instance_client(&g, &s3.endpoint, &s3.spiffe_id)
+    let l3 = g
+        .instance_client("admin", &s3.endpoint, &s3.spiffe_id)
         .await
         .unwrap();
     let info3 = l3

@@ -467,24 +467,6 @@ async fn a_child_spawns_its_own_child_to_the_depth_limit() {
     assert!(!d.cgroup.clone().unwrap().join("instances/l1").exists());
 }
 
-/// The pid of instance `name`'s auraed (from its cgroup).
-fn child_pid(d: &Daemon, name: &str) -> i32 {
-    let p = d
-        .cgroup
-        .clone()
-        .unwrap()
-        .join("instances")
-        .join(name)
-        .join("_procs/auraed/cgroup.procs");
-    std::fs::read_to_string(&p)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// `kill -9` of the parent: the children keep serving and are re-adopted by the
 /// restarted parent (the same processes); one that died while the parent was down is
 /// reported, its record removed and its cgroup swept; free still leaves nothing.
@@ -495,7 +477,10 @@ async fn a_crash_of_the_parent_costs_its_children_nothing() {
     };
     let s = spawn(&c, "keep").await;
     let lost = spawn(&c, "lost").await;
-    let (keep_pid, lost_pid) = (child_pid(&d, "keep"), child_pid(&d, "lost"));
+    let (keep_pid, lost_pid) = (
+        d.instance_pid("keep").unwrap(),
+        d.instance_pid("lost").unwrap(),
+    );
     drop(c);
     d.crash().unwrap();
     // While the parent is down, one child dies (killed by its pid, which is still its).
@@ -517,7 +502,7 @@ async fn a_crash_of_the_parent_costs_its_children_nothing() {
     assert_eq!(got.phase, pb::Phase::Running as i32, "{got:?}");
     assert_eq!(got.spiffe_id, s.spiffe_id);
     assert_eq!(
-        child_pid(&d, "keep"),
+        d.instance_pid("keep").unwrap(),
         keep_pid,
         "the same process serves on"
     );

@@ -76,19 +76,6 @@ async fn seeded_store() -> (String, String, Vec<cpio::Entry>) {
     (web, busybox, e)
 }
 
-/// A client of an instance at `endpoint` presenting `admin`, requiring exactly `id`,
-/// dialled from inside the harness's namespace.
-async fn instance_client(g: &Guest, endpoint: &str, id: &str) -> anyhow::Result<Client> {
-    aurae_testkit::instance_client(
-        &g.pki,
-        g.pki.identity("admin"),
-        Some(&g.netns),
-        endpoint,
-        id,
-    )
-    .await
-}
-
 fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
         .args(args)
@@ -249,7 +236,8 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         host.memory_peak_bytes <= got.host_memory_max_bytes,
         "{host:?}"
     );
-    let ic = instance_client(&g, &inst.endpoint, &inst.spiffe_id)
+    let ic = g
+        .instance_client("admin", &inst.endpoint, &inst.spiffe_id)
         .await
         .unwrap();
     let l2 = ic
@@ -341,7 +329,9 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
                 let inst = p.instance.clone().unwrap_or_default();
                 let t = Duration::from_secs(10);
                 let info = tokio::time::timeout(t, async {
-                    let ic = instance_client(&g, &inst.endpoint, &inst.spiffe_id).await?;
+                    let ic = g
+                        .instance_client("admin", &inst.endpoint, &inst.spiffe_id)
+                        .await?;
                     Ok::<_, anyhow::Error>(ic.daemon().info(pb::InfoRequest {}).await?)
                 })
                 .await;

@@ -535,24 +535,6 @@ async fn bad_pods_are_refused_and_leave_nothing_behind() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
-/// The pid of pod `name`'s instance auraed (from its cgroup).
-fn child_pid(d: &Daemon, name: &str) -> i32 {
-    let p = d
-        .cgroup
-        .clone()
-        .unwrap()
-        .join("instances")
-        .join(name)
-        .join("_procs/auraed/cgroup.procs");
-    std::fs::read_to_string(&p)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// A container that ends by itself: the pod EXITED (or FAILED) with its exit; an instance
 /// that dies under a pod: the pod FAILED with the cause; Wait returns for both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,7 +568,7 @@ async fn a_pod_ends_with_its_container_or_fails_with_its_instance() {
         .await
         .unwrap();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child_pid(&e.d, "doomed")),
+        nix::unistd::Pid::from_raw(e.d.instance_pid("doomed").unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
@@ -640,7 +622,7 @@ async fn a_crash_of_the_parent_costs_a_pod_nothing() {
         .run_pod(e.shell_pod("lost", "sleep 1000", 0))
         .await
         .unwrap();
-    let lost_pid = child_pid(&e.d, "lost");
+    let lost_pid = e.d.instance_pid("lost").unwrap();
     e.d.crash().unwrap();
     assert_eq!(
         e.fetch(&s.endpoint).unwrap(),
