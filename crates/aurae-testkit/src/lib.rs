@@ -521,6 +521,25 @@ pub fn dial_in(ns: Option<&str>, addr: SocketAddr) -> std::io::Result<std::net::
     .map_err(|_| std::io::Error::other("dial thread panicked"))?
 }
 
+/// The body of `GET /` from `endpoint` (`host:port`), dialled inside the network
+/// namespace `ns` (or here), each read bounded by `timeout`.
+pub fn http_get(ns: Option<&str>, endpoint: &str, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = endpoint.parse().map_err(std::io::Error::other)?;
+    let mut s = dial_in(ns, addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET / HTTP/1.0\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(out))
+}
+
 /// Kills every process below our own test cgroup and removes its directories, deepest
 /// first. Only ever called on a directory this harness created.
 pub fn remove_cgroup_tree(root: &Path) {

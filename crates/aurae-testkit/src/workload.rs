@@ -75,6 +75,19 @@ pub async fn console(c: &Client, vm: &str) -> Result<String, tonic::Status> {
     collect(s.into_inner()).await
 }
 
+/// A pod's container output so far (from its instance).
+pub async fn pod_output(c: &Client, pod: &str) -> Result<String, tonic::Status> {
+    let s = c
+        .pods()
+        .logs(pb::LogsRequest {
+            name: pod.into(),
+            follow: false,
+            from_offset: 0,
+        })
+        .await?;
+    collect(s.into_inner()).await
+}
+
 /// Runs `e`, waits for it, and returns its status and output.
 pub async fn run_to_end(
     c: &Client,

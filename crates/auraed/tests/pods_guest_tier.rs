@@ -10,12 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::{
-    io::{Read, Write},
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
@@ -26,7 +21,6 @@ use aurae_testkit::{
     registry::{LocalRegistry, needs_registry},
     tier::{self, Tier},
 };
-use tokio_stream::StreamExt;
 
 const PAGE: &str = "<h1>hello from a pod in a microVM</h1>\n";
 
@@ -98,37 +92,11 @@ fn secs(s: i64) -> Option<prost_types::Duration> {
 
 /// GET / from `endpoint`, from the harness's namespace (routed through L1).
 fn fetch(g: &Guest, endpoint: &str) -> std::io::Result<String> {
-    let addr: SocketAddr = endpoint.parse().map_err(std::io::Error::other)?;
-    let mut s = aurae_testkit::dial_in(Some(&g.netns), addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "GET / HTTP/1.0\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or(out))
+    aurae_testkit::http_get(Some(&g.netns), endpoint, Duration::from_secs(20))
 }
 
 async fn logs(c: &Client, name: &str) -> String {
-    let mut s = c
-        .pods()
-        .logs(pb::LogsRequest {
-            name: name.into(),
-            follow: false,
-            from_offset: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(c) = s.next().await {
-        out.extend(c.unwrap().data);
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    aurae_testkit::workload::pod_output(c, name).await.unwrap()
 }
 
 /// A pod whose container is `sh -c <script>` in busybox, under a memory limit.

@@ -11,12 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::{
-    io::{Read, Write},
-    net::SocketAddr,
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
@@ -143,20 +138,7 @@ impl Env {
 
     /// GET / from `endpoint`, inside the daemon's namespace: the body.
     fn fetch(&self, endpoint: &str) -> std::io::Result<String> {
-        let addr: SocketAddr = endpoint.parse().map_err(std::io::Error::other)?;
-        let ns = self.d.netns.clone();
-        let mut s = aurae_testkit::dial_in(ns.as_deref(), addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET / HTTP/1.0\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or(out))
+        aurae_testkit::http_get(self.d.netns.as_deref(), endpoint, Duration::from_secs(5))
     }
 
     async fn instances(&self) -> Vec<String> {
@@ -211,22 +193,9 @@ impl Env {
     }
 
     async fn logs(&self, name: &str) -> String {
-        let mut s = self
-            .c
-            .pods()
-            .logs(pb::LogsRequest {
-                name: name.into(),
-                follow: false,
-                from_offset: 0,
-            })
+        aurae_testkit::workload::pod_output(&self.c, name)
             .await
             .unwrap()
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(c) = s.next().await {
-            out.extend(c.unwrap().data);
-        }
-        String::from_utf8_lossy(&out).into_owned()
     }
 }
 

@@ -342,7 +342,9 @@ impl Runtime for RuntimeApi {
         // and sent to the instance as such.
         let ids = (plan.process.uid, plan.process.gid);
         authorize_ids(&caller, Some(ids.0), Some(ids.1), spec.name.as_str())?;
-        // The image lives in the instance's memory too (its blobs and unpacked layers).
+        // The blobs of exactly the manifest checked here (handed to the instance as they
+        // are listed now); the image lives in the instance's memory too (its blobs and
+        // unpacked layers).
         let store = self.ctx.puller.store.clone();
         let (s2, r2, m2, layers) = (
             store.clone(),
@@ -350,10 +352,11 @@ impl Runtime for RuntimeApi {
             plan.image.digest.clone(),
             plan.image.layers.clone(),
         );
-        let footprint = tokio::task::spawn_blocking(move || {
-            crate::image::load::blobs_of(&s2, &r2, &m2).map(|(_, blobs)| {
-                blobs.iter().map(|b| b.size).sum::<u64>()
-                    + layers.iter().map(|d| s2.layer_bytes(d)).sum::<u64>()
+        let (by_digest, blobs, footprint) = tokio::task::spawn_blocking(move || {
+            crate::image::load::blobs_of(&s2, &r2, &m2).map(|(by_digest, blobs)| {
+                let footprint = blobs.iter().map(|b| b.size).sum::<u64>()
+                    + layers.iter().map(|d| s2.layer_bytes(d)).sum::<u64>();
+                (by_digest, blobs, footprint)
             })
         })
         .await
@@ -366,8 +369,8 @@ impl Runtime for RuntimeApi {
             .await?;
         let run = crate::compose::run_pod::PodRun {
             spec,
-            image,
-            manifest: plan.image.digest.clone(),
+            image: by_digest,
+            blobs,
             ids,
             store,
             spawner: (caller.id.clone(), caller.grant.clone()),

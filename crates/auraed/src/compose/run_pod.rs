@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::{
     identity::Grant,
     image::{
-        load::{Blob, CHUNK, blobs_of},
+        load::{Blob, CHUNK},
         reference::ImageRef,
         store::ImageStore,
     },
@@ -37,11 +37,12 @@ const LAST_LINES: usize = 10;
 #[derive(Debug)]
 pub struct PodRun {
     pub spec: PodSpec,
-    /// The image as the caller named it (its registry and repository).
+    /// The image by the digest of the manifest that was checked
+    /// (`<registry>/<repository>@<manifest>`): exactly this image is handed over, whatever
+    /// the caller's reference names by the time it is sent.
     pub image: ImageRef,
-    /// The manifest digest that was checked: exactly this image is handed over, whatever
-    /// the reference names by the time it is sent.
-    pub manifest: String,
+    /// Its blobs in the store, manifest first (`image::load::blobs_of`).
+    pub blobs: Vec<Blob>,
     /// The uid and gid the caller was authorized to run as (the image's user resolved):
     /// sent explicitly, so the instance runs exactly those.
     pub ids: (u32, u32),
@@ -173,16 +174,14 @@ async fn start(
         .map_err(|e| step("connecting to the pod's instance", e))?;
     let t0 = Instant::now();
     step_to("handing the image to the instance");
-    let by_digest = {
+    let by_digest = &run.image;
+    {
         // No collection of our store while its blobs are read out.
         let _gc = run.store.gc_lock.read().await;
-        let (by_digest, blobs) = blobs_of(&run.store, &run.image, &run.manifest)
-            .map_err(|e| WorkloadError::Precondition(format!("the image: {e}")))?;
-        load(&c, &by_digest, blobs)
+        load(&c, by_digest, run.blobs.clone())
             .await
             .map_err(|e| step("handing the image to the instance", e))?;
-        by_digest
-    };
+    }
     let t_load = t0.elapsed();
     let (mut container, limits) = run.spec.forward.clone();
     container.image = by_digest.to_string();
