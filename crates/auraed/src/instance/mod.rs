@@ -901,8 +901,16 @@ impl Instances {
         let mut last = String::from("no answer yet");
         loop {
             if let Some((status, _)) = inst.state.borrow().exited {
+                // A microVM's VMM says how its guest ended (a reset, a triple fault…).
+                let how = inst
+                    .vm
+                    .as_ref()
+                    .map(|vm| vm.state.borrow().message.clone())
+                    .filter(|m| !m.is_empty())
+                    .map(|m| format!("; the VM: {m}"))
+                    .unwrap_or_default();
                 return Err(precondition(format!(
-                    "instance {:?} ended before it was ready ({status:?})",
+                    "instance {:?} ended before it was ready ({status:?}){how}",
                     inst.spec.name.as_str()
                 )));
             }
