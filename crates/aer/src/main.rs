@@ -10,6 +10,7 @@ mod cli;
 mod cmd;
 mod instance_path;
 mod output;
+mod time;
 mod units;
 
 use std::process::ExitCode;
@@ -37,7 +38,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("aer: {e:#}");
+            eprintln!("aer: {}", aurae_client::errors::chain_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }

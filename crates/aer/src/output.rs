@@ -1,5 +1,6 @@
 //! Output: tables for people, `--output json` for scripts. Every printable answer is a list
-//! of rows of named values, so both forms show the same fields.
+//! of rows of named values, so both forms show the same fields. Times (fields named `at` or
+//! `…_at`) are RFC 3339 in JSON and relative ("3s ago") in tables.
 
 use comfy_table::{Table, presets::NOTHING};
 use serde_json::{Map, Value};
@@ -13,11 +14,22 @@ pub enum Format {
 /// One record: field names and values, in display order.
 pub type Row = Vec<(&'static str, Value)>;
 
-fn cell_text(v: &Value) -> String {
+/// Whether field `key` holds a time (RFC 3339 in JSON, relative in tables).
+fn is_time(key: &str) -> bool {
+    key == "at" || key.ends_with("_at")
+}
+
+fn cell_text(key: &str, v: &Value, now: f64) -> String {
     match v {
+        Value::String(s) if is_time(key) => crate::time::parse_rfc3339(s)
+            .map_or_else(|| s.clone(), |at| crate::time::relative(at, now)),
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
-        Value::Array(a) => a.iter().map(cell_text).collect::<Vec<_>>().join(", "),
+        Value::Array(a) => a
+            .iter()
+            .map(|v| cell_text(key, v, now))
+            .collect::<Vec<_>>()
+            .join(", "),
         other => other.to_string(),
     }
 }
@@ -48,12 +60,13 @@ pub fn print(format: Format, rows: &[Row], single: bool) {
                 println!("(none)");
                 return;
             };
+            let now = crate::time::now();
             let mut t = Table::new();
             t.load_style(NOTHING);
             if single {
                 t.set_header(vec!["FIELD", "VALUE"]);
                 for (k, v) in first {
-                    t.add_row(vec![k.to_uppercase(), cell_text(v)]);
+                    t.add_row(vec![k.to_uppercase(), cell_text(k, v, now)]);
                 }
             } else {
                 t.set_header(
@@ -63,10 +76,33 @@ pub fn print(format: Format, rows: &[Row], single: bool) {
                         .collect::<Vec<_>>(),
                 );
                 for r in rows {
-                    t.add_row(r.iter().map(|(_, v)| cell_text(v)).collect::<Vec<_>>());
+                    t.add_row(
+                        r.iter()
+                            .map(|(k, v)| cell_text(k, v, now))
+                            .collect::<Vec<_>>(),
+                    );
                 }
             }
             println!("{t}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tables_show_times_relative_and_keep_other_strings() {
+        let at = json!(crate::time::rfc3339(100, 0));
+        assert_eq!(cell_text("started_at", &at, 103.5), "3s ago");
+        assert_eq!(cell_text("at", &at, 160.0), "60s ago");
+        assert_eq!(cell_text("svid_expires_at", &at, 40.0), "in 60s");
+        // Not a time field, or not our format: shown as it is.
+        assert_eq!(cell_text("name", &at, 103.5), "1970-01-01T00:01:40.000Z");
+        assert_eq!(cell_text("created_at", &json!("soon"), 0.0), "soon");
+        assert_eq!(cell_text("created_at", &Value::Null, 0.0), "");
     }
 }

@@ -338,6 +338,8 @@ async fn authorization_matrix_matches_the_policy_exactly() {
     ];
     let mut cells = 0;
     let mut mismatches = Vec::new();
+    // Methods that answer UNIMPLEMENTED to a caller allowed to call them.
+    let mut unimplemented = BTreeSet::new();
     let (mut allowed, mut denied) = (0, 0);
     for (id, own, other) in who {
         let channel = d.client(id).await.unwrap().channel();
@@ -355,6 +357,9 @@ async fn authorization_matrix_matches_the_policy_exactly() {
                 cells += 1;
                 let got = call(channel.clone(), m, body).await;
                 let got_denied = matches!(&got, Err(s) if s.code() == Code::PermissionDenied);
+                if matches!(&got, Err(s) if s.code() == Code::Unimplemented) {
+                    unimplemented.insert(m.path.clone());
+                }
                 if let Err(s) = &got {
                     assert!(
                         !matches!(
@@ -390,6 +395,77 @@ async fn authorization_matrix_matches_the_policy_exactly() {
     assert!(
         allowed > 50 && denied > 100,
         "matrix too one-sided: {allowed} allow, {denied} deny"
+    );
+    docs_claim_unimplemented_exactly(&methods, &unimplemented);
+}
+
+/// The docs' `UNIMPLEMENTED` claims match what the daemon answers: every method a
+/// paragraph of README, ARCHITECTURE, SPECIFICATION or docs/ names next to the word
+/// answers it, and every method that answers it is named so somewhere.
+fn docs_claim_unimplemented_exactly(methods: &[Method], unimplemented: &BTreeSet<String>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = vec![
+        root.join("README.md"),
+        root.join("ARCHITECTURE.md"),
+        root.join("SPECIFICATION.md"),
+    ];
+    for e in std::fs::read_dir(root.join("docs")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "md") {
+            files.push(e.path());
+        }
+    }
+    // How a paragraph may name a method: `Service/Method`, or the method's bare name when
+    // no other service has a method of that name.
+    let mut names: Vec<(String, String)> = Vec::new();
+    for m in methods {
+        let (svc, method) = m.path.rsplit_once('/').unwrap();
+        let svc = svc.rsplit('.').next().unwrap();
+        names.push((format!("{svc}/{method}"), m.path.clone()));
+        if methods
+            .iter()
+            .filter(|o| o.path.ends_with(&format!("/{method}")))
+            .count()
+            == 1
+        {
+            names.push((method.to_owned(), m.path.clone()));
+        }
+    }
+    let word_at = |text: &str, i: usize, len: usize| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + len..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '/')
+            && !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '/')
+    };
+    let mut claimed = BTreeSet::new();
+    let mut paragraphs = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for para in text.split("\n\n").filter(|p| p.contains("UNIMPLEMENTED")) {
+            paragraphs += 1;
+            for (name, path) in &names {
+                if para
+                    .match_indices(name.as_str())
+                    .any(|(i, _)| word_at(para, i, name.len()))
+                {
+                    claimed.insert(path.clone());
+                }
+            }
+        }
+    }
+    println!(
+        "docs: {paragraphs} paragraphs mention UNIMPLEMENTED, naming {} methods; the daemon answers it for {}",
+        claimed.len(),
+        unimplemented.len()
+    );
+    let false_claims: Vec<_> = claimed.difference(unimplemented).collect();
+    let unclaimed: Vec<_> = unimplemented.difference(&claimed).collect();
+    assert!(
+        false_claims.is_empty(),
+        "the docs say these answer UNIMPLEMENTED, but they are built: {false_claims:?}"
+    );
+    assert!(
+        unclaimed.is_empty(),
+        "these answer UNIMPLEMENTED but no doc says so: {unclaimed:?}"
     );
 }
 

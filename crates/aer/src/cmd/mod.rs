@@ -42,10 +42,11 @@ pub fn name(n: &str) -> pb::NameRef {
     pb::NameRef { name: n.to_owned() }
 }
 
-/// A timestamp as `seconds.millis`.
+/// A timestamp in RFC 3339 (UTC, milliseconds); tables show it relative to now (fields
+/// named `at` or `…_at`, see [`crate::output`]).
 pub fn ts(t: Option<&prost_types::Timestamp>) -> Value {
     t.map_or(Value::Null, |t| {
-        json!(format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
+        json!(crate::time::rfc3339(t.seconds, t.nanos))
     })
 }
 
@@ -144,7 +145,7 @@ mod tests {
             seconds: 12,
             nanos: 5_000_000,
         };
-        assert_eq!(ts(Some(&t)), json!("12.005"));
+        assert_eq!(ts(Some(&t)), json!("1970-01-01T00:00:12.005Z"));
         assert_eq!(ts(None), Value::Null);
         let d = prost_types::Duration {
             seconds: 1,
