@@ -274,7 +274,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
              RLIMIT_NOFILE to allow more)"
         );
     }
-    let (tls_config, server_id, policy, server_cert) = load_identity(&cfg)?;
+    let (tls_config, server_id, policy, server_cert, identity_warnings) = load_identity(&cfg)?;
     let identity = Arc::new(crate::instance::identity::SelfIdentity::load(
         &cfg.pki_dir,
         server_id.clone(),
@@ -309,6 +309,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     tokio::spawn(reaper.clone().run());
     let events = Arc::new(crate::events::EventBus::default());
     let mut warnings = cfg.warnings.clone();
+    warnings.extend(identity_warnings);
     warnings.extend(read_only.clone());
     let (cells, vms, puller, instances) = wire_workloads(
         &cfg,
@@ -472,13 +473,15 @@ fn start_acceptors(
     (conn_rx, accept_unix, accept_tcp, serve_on)
 }
 
-/// The TLS configuration, auraed's own SPIFFE ID and the policy. auraed never needs the
+/// The TLS configuration, auraed's own SPIFFE ID, the policy, and what to warn about
+/// them (an expired certificate, a policy that grants nothing). auraed never needs the
 /// CA key: it refuses to start next to it.
 type Identity = (
     rustls::ServerConfig,
     SpiffeId,
     Policy,
     Arc<aurae_identity::tls::ServerCert>,
+    Vec<String>,
 );
 
 fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
@@ -494,6 +497,9 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
             );
         }
     }
+    // Chains to ca.pem, one SPIFFE ID of the CA's trust domain, the key matches.
+    let own = crate::identity::own::check(&pki)?;
+    let mut warnings = own.warnings;
     let (tls_config, server_id, server_cert) =
         tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
     let trust_domain = server_id.trust_domain().to_owned();
@@ -506,7 +512,12 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
         let (m, n) = g.describe();
         info!(id = %g.id, methods = ?m, names = ?n, "policy grant");
     }
-    Ok((tls_config, server_id, policy, server_cert))
+    let origin = cfg.policy.as_deref().unwrap_or(Path::new("(default)"));
+    warnings.extend(policy.grants_nothing(&origin.display().to_string()));
+    for w in &warnings {
+        warn!("{w}");
+    }
+    Ok((tls_config, server_id, policy, server_cert, warnings))
 }
 
 /// The state store (locked: one auraed per state directory) and this start's boot

@@ -694,6 +694,25 @@ impl Policy {
         &self.grants
     }
 
+    /// Why this policy lets nobody call anything, if it does (no grant, or no grant with
+    /// a method): a daemon that would refuse every call, worth a warning at start.
+    /// `origin` names the policy (its file).
+    pub fn grants_nothing(&self, origin: &str) -> Option<String> {
+        if self.grants.is_empty() {
+            return Some(format!(
+                "the policy {origin} has no grant: every call is refused (PERMISSION_DENIED); \
+                 add a [[grant]] with an id and methods"
+            ));
+        }
+        self.grants.iter().all(|g| g.methods.is_empty()).then(|| {
+            format!(
+                "the policy {origin} grants no method to any identity (its grants list none): \
+                 every call is refused (PERMISSION_DENIED); list methods in a grant (\"*\" for \
+                 all)"
+            )
+        })
+    }
+
     /// A policy file (TOML) with these grants, each for the identity given beside it:
     /// what a parent writes for the instance it spawns. It parses back to the same grants.
     pub fn render(grants: &[(&SpiffeId, &Grant)]) -> String {
@@ -728,6 +747,45 @@ mod tests {
 
     fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_policy_that_grants_nothing_says_so() {
+        let empty = parse("").unwrap().grants_nothing("p.toml").unwrap();
+        assert!(
+            empty.contains("p.toml") && empty.contains("no grant"),
+            "{empty}"
+        );
+        let no_methods = parse(
+            r#"
+            [[grant]]
+            id = "spiffe://aurae.local/operator/alice"
+            methods = []
+            names = ["*"]
+            "#,
+        )
+        .unwrap()
+        .grants_nothing("p.toml")
+        .unwrap();
+        assert!(no_methods.contains("grants no method"), "{no_methods}");
+        let some = parse(
+            r#"
+            [[grant]]
+            id = "spiffe://aurae.local/operator/alice"
+            methods = []
+            names = ["*"]
+            [[grant]]
+            id = "spiffe://aurae.local/operator/bob"
+            methods = ["aurae.runtime.v0.Cells/Free"]
+            names = []
+            "#,
+        )
+        .unwrap();
+        assert_eq!(some.grants_nothing("p.toml"), None);
+        assert_eq!(
+            Policy::default_for(id("spiffe://aurae.local/operator/admin")).grants_nothing("x"),
+            None
+        );
     }
 
     #[test]
