@@ -19,14 +19,14 @@ use crate::{
 #[derive(Debug, Args)]
 pub struct HealthArgs {
     /// A service name, e.g. aurae.runtime.v0.Runtime ("" = the whole server).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", value_name = "SERVICE")]
     service: String,
 }
 
 #[derive(Debug, Args)]
 pub struct ShutdownArgs {
-    /// Time workloads get to stop, e.g. 10s.
-    #[arg(long, value_parser = parse_duration)]
+    /// Time workloads get to stop before they are killed, e.g. 10s or 500ms.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     grace: Option<Duration>,
 }
 

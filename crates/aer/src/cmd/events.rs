@@ -11,11 +11,12 @@ use crate::output::{Format, Row, print};
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
-    /// Only names under this prefix.
-    #[arg(long, default_value = "")]
+    /// Only events of names under this prefix, e.g. web (web and web/…) [default: all].
+    #[arg(long, default_value = "", value_name = "NAME")]
     prefix: String,
-    /// Replay kept events after this sequence number first.
-    #[arg(long, default_value_t = 0)]
+    /// First replay the kept events after this sequence number (the SEQ column), e.g.
+    /// 0 for all kept; then follow.
+    #[arg(long, default_value_t = 0, value_name = "SEQ")]
     after: u64,
 }
 

@@ -14,30 +14,38 @@ pub enum PkiCmd {
     /// Create a CA, auraed's identity and the admin identity in DIR; the CA key goes to
     /// its own directory outside DIR (auraed refuses to start next to it).
     Init {
-        #[arg(long)]
+        /// The PKI directory to create (it must not hold a PKI yet), e.g. /tmp/aurae/pki.
+        #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// Where the CA key ca.key goes; never inside DIR [default: DIR-ca, beside DIR].
-        #[arg(long)]
+        /// Where the CA key ca.key goes, never inside DIR, e.g. /root/aurae-ca [default:
+        /// DIR-ca, beside DIR].
+        #[arg(long, value_name = "DIR")]
         ca_key_dir: Option<PathBuf>,
-        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        /// The SPIFFE trust domain of every identity this CA issues, e.g. example.org.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
         trust_domain: String,
-        /// Extra DNS name or IP address for auraed's certificate (repeatable).
-        #[arg(long = "san")]
+        /// Extra DNS name or IP address for auraed's certificate (repeatable), e.g.
+        /// --san 10.0.0.5 --san node1.example.org.
+        #[arg(long = "san", value_name = "NAME|IP")]
         sans: Vec<String>,
     },
     /// Issue a client identity NAME.pem/NAME.key in DIR, signed by the CA of DIR.
     Issue {
-        #[arg(long)]
+        /// The PKI directory (made by `aer pki init`), e.g. /tmp/aurae/pki.
+        #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// Where the CA key ca.key is [default: DIR-ca, beside DIR].
-        #[arg(long)]
+        /// Where the CA key ca.key is, e.g. /root/aurae-ca [default: DIR-ca, beside DIR].
+        #[arg(long, value_name = "DIR")]
         ca_key_dir: Option<PathBuf>,
-        #[arg(long)]
+        /// The identity's file name in DIR (NAME.pem, NAME.key), e.g. alice; `aer
+        /// --identity NAME` presents it.
+        #[arg(long, value_name = "NAME")]
         name: String,
         /// Its SPIFFE ID path, e.g. /operator/alice [default: /operator/NAME].
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         path: Option<String>,
-        #[arg(long, default_value_t = 365)]
+        /// How long the certificate is valid, in days, e.g. 30.
+        #[arg(long, default_value_t = 365, value_name = "DAYS")]
         days: i64,
     },
     /// (Re)issue the daemon's signing certificate signer.pem/signer.key in DIR for node
@@ -46,16 +54,16 @@ pub enum PkiCmd {
     /// spawns instances its own node name.
     Signer {
         /// The PKI directory of the daemon, e.g. /etc/aurae/pki.
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// The node name, one SPIFFE path segment, e.g. node-2 (`aer pki init` uses node).
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         node: String,
-        /// Where the CA key ca.key is [default: DIR-ca, beside DIR].
-        #[arg(long)]
+        /// Where the CA key ca.key is, e.g. /root/aurae-ca [default: DIR-ca, beside DIR].
+        #[arg(long, value_name = "DIR")]
         ca_key_dir: Option<PathBuf>,
         /// How long the signing certificate is valid, in days, e.g. 365.
-        #[arg(long, default_value_t = 365)]
+        #[arg(long, default_value_t = 365, value_name = "DAYS")]
         days: i64,
     },
 }

@@ -1,0 +1,184 @@
+//! A registry on loopback for trying images by hand (the README's walkthrough):
+//! `aurae-registry start 127.0.0.1:5000 DIR` starts Debian's `docker-registry` on that
+//! address, storing in DIR, pushes `aurae/busybox:latest` (busybox-static, `sh` by default)
+//! and `aurae/web:latest` (busybox `httpd` serving a page on port 8080), writes the
+//! registry's pid to DIR/pid and returns; `aurae-registry stop DIR` stops it (by that pid,
+//! after checking it is that registry) and removes DIR.
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use aurae_testkit::{oci, registry::needs_registry};
+
+const USAGE: &str = "usage: aurae-registry start ADDR DIR | aurae-registry stop DIR";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["start", addr, dir] => start(addr, Path::new(dir)),
+        ["stop", dir] => stop(Path::new(dir)),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aurae-registry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn answers_v2(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
+
+fn start(addr: &str, dir: &Path) -> anyhow::Result<()> {
+    if let Some(reason) = needs_registry().or_else(oci::needs_busybox) {
+        bail!("{reason}");
+    }
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("ADDR {addr:?}: write IP:PORT, e.g. 127.0.0.1:5000"))?;
+    if !addr.ip().is_loopback() {
+        bail!("ADDR {addr}: this registry has no authentication; use a loopback address");
+    }
+    if answers_v2(addr) {
+        bail!("something already serves a registry on {addr}");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let child = Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("registry.log"))?)
+        .spawn()
+        .context("starting docker-registry")?;
+    std::fs::write(dir.join("pid"), format!("{}\n", child.id()))?;
+    let started = Instant::now();
+    while !answers_v2(addr) {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = stop(&dir);
+            bail!("docker-registry did not answer on {addr} within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let host = addr.to_string();
+    let busybox = oci::busybox_rootfs()?.finish()?;
+    let config = serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]});
+    let d1 = oci::push_image(&host, "aurae/busybox", "latest", &[busybox], config)?;
+    oci::push_http_server(&host, "aurae/web", 8080, "hello from a pod\n")?;
+    // push_http_server tags v1; the walkthrough says latest: tag the same manifest.
+    let d2 = retag(&host, "aurae/web", "v1", "latest")?;
+    println!("{host}/aurae/busybox:latest {d1}");
+    println!("{host}/aurae/web:latest {d2}");
+    println!(
+        "registry pid {} (stop: aurae-registry stop {})",
+        child.id(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Copies the manifest of `repo:from` to `repo:to`; its digest.
+fn retag(host: &str, repo: &str, from: &str, to: &str) -> anyhow::Result<String> {
+    let get = |path: &str| -> anyhow::Result<Vec<u8>> {
+        let mut s = TcpStream::connect(host)?;
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let at = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no HTTP header end")?;
+        Ok(raw[at + 4..].to_vec())
+    };
+    let manifest = get(&format!("/v2/{repo}/manifests/{from}"))?;
+    let mut s = TcpStream::connect(host)?;
+    write!(
+        s,
+        "PUT /v2/{repo}/manifests/{to} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
+        manifest.len()
+    )?;
+    s.write_all(&manifest)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    if !reply.starts_with("HTTP/1.0 201") && !reply.starts_with("HTTP/1.1 201") {
+        bail!(
+            "tagging {repo}:{to}: {}",
+            reply.lines().next().unwrap_or("")
+        );
+    }
+    Ok(oci::sha256(&manifest))
+}
+
+fn stop(dir: &Path) -> anyhow::Result<()> {
+    let pid_file = dir.join("pid");
+    let text = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("{}: no registry started there", pid_file.display()))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{}: not a pid", pid_file.display()))?;
+    // Only that registry: its command line names this directory's config.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cfg: PathBuf = dir.join("registry.yml");
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*cfg.to_string_lossy());
+    if ours {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let started = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+        {
+            if started.elapsed() > Duration::from_secs(5) {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        eprintln!(
+            "aurae-registry: pid {pid} is no longer the registry of {}",
+            dir.display()
+        );
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
