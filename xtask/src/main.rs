@@ -510,27 +510,30 @@ fn demo() -> anyhow::Result<ExitCode> {
             "aer cell allocate demo",
             &mut aer(&["cell", "allocate", "demo"]),
         )?;
+        // In the foreground: its output streams to ours and aer exits with its exit
+        // code, 3 here (125 would be aer's own failure).
+        let what = "aer run --cell demo --name hello -- /bin/sh -c '...; exit 3'";
+        eprintln!("==> {what}");
+        let status = aer(&[
+            "run",
+            "--cell",
+            "demo",
+            "--name",
+            "hello",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo hello from $(hostname), pid $$ in a cell; exit 3",
+        ])
+        .status()
+        .with_context(|| format!("running {what}"))?;
+        if status.code() != Some(3) {
+            bail!("{what}: expected the workload's exit code 3, got {status}");
+        }
+        eprintln!("==> aer exited 3: the workload's own exit code, as expected");
         run(
-            "aer run --cell demo -- /bin/sh -c ...",
-            &mut aer(&[
-                "run",
-                "--cell",
-                "demo",
-                "--name",
-                "hello",
-                "--",
-                "/bin/sh",
-                "-c",
-                "echo hello from $(hostname), pid $$ in a cell; exit 3",
-            ]),
-        )?;
-        run(
-            "aer executable wait demo/hello",
-            &mut aer(&["executable", "wait", "demo/hello"]),
-        )?;
-        run(
-            "aer executable logs demo/hello",
-            &mut aer(&["executable", "logs", "demo/hello"]),
+            "aer executable get demo/hello",
+            &mut aer(&["executable", "get", "demo/hello"]),
         )?;
         run("aer cell free demo", &mut aer(&["cell", "free", "demo"]))?;
     } else {

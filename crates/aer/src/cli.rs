@@ -9,6 +9,7 @@ use tonic::Code;
 
 use crate::{
     cmd::{
+        attach,
         cell::{self, CellCmd},
         container::{self, RunCellArgs},
         daemon::{self, Detail, HealthArgs, ShutdownArgs},
@@ -121,23 +122,37 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         command => command,
     };
     let instance = args.conn.instance.clone();
-    let cfg = config(args.conn)?;
-    let mut client = Client::connect(&cfg).await?;
-    if let Some(path) = &instance {
-        client = match instance_path::resolve(&cfg, client, path).await {
-            Ok(c) => c,
-            // auraed's answers (not found, denied, not running) keep their exit codes.
-            Err(e) => {
-                return match e.downcast::<tonic::Status>() {
-                    Ok(status) => Ok(status_exit(&status)),
-                    Err(e) => Err(e),
-                };
-            }
-        };
-    }
-    Ok(match call(&client, command, fmt).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(status) => status_exit(&status),
+    let connected = async {
+        let cfg = config(args.conn)?;
+        let mut client = Client::connect(&cfg).await?;
+        if let Some(path) = &instance {
+            client = instance_path::resolve(&cfg, client, path).await?;
+        }
+        anyhow::Ok(client)
+    };
+    let client = match connected.await {
+        Ok(c) => c,
+        // `aer run` / `aer run-cell` exit like `podman run`: 125 when aer itself fails.
+        Err(e) if matches!(command, Command::Run(_) | Command::RunCell(_)) => {
+            eprintln!("aer: {}", aurae_client::errors::chain_text(e.as_ref()));
+            return Ok(ExitCode::from(attach::AER_FAILED));
+        }
+        // auraed's answers (not found, denied, not running) keep their exit codes.
+        Err(e) => {
+            return match e.downcast::<tonic::Status>() {
+                Ok(status) => Ok(status_exit(&status)),
+                Err(e) => Err(e),
+            };
+        }
+    };
+    Ok(match command {
+        // The workload's exit code, or 125 (see `cmd::attach`).
+        Command::Run(a) => executable::start(&client, a, fmt).await,
+        Command::RunCell(a) => container::run(&client, a, fmt).await,
+        command => match call(&client, command, fmt).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(status) => status_exit(&status),
+        },
     })
 }
 
@@ -155,16 +170,17 @@ fn config(conn: Conn) -> anyhow::Result<ClientConfig> {
 
 async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status> {
     match cmd {
-        Command::Pki(_) | Command::Completions { .. } => Ok(()),
+        // Handled in `run`.
+        Command::Pki(_) | Command::Completions { .. } | Command::Run(_) | Command::RunCell(_) => {
+            Ok(())
+        }
         Command::Health(a) => daemon::health(c, a, fmt).await,
         Command::Info => daemon::info(c, Detail::Everything, fmt).await,
         Command::Version => daemon::info(c, Detail::Versions, fmt).await,
         Command::Shutdown(a) => daemon::shutdown(c, a).await,
-        Command::Run(a) => executable::start(c, a, fmt).await,
         Command::Executable(cmd) => executable::run(c, cmd, fmt).await,
         Command::Cell(cmd) => cell::run(c, cmd, fmt).await,
         Command::Image(cmd) => image::run(c, cmd, fmt).await,
-        Command::RunCell(a) => container::run(c, a, fmt).await,
         Command::Vm(cmd) => vm::run(c, cmd, fmt).await,
         Command::Instance(cmd) => instance::run(c, cmd, fmt).await,
         Command::Pod(cmd) => pod::run(c, cmd, fmt).await,

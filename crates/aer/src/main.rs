@@ -18,7 +18,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    // `aer run` / `aer run-cell` refuse bad flags with 125, as podman (see `cmd::attach`).
+    let args = match cli::Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => return cmd::attach::refused(&e),
+    };
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()

@@ -7,6 +7,7 @@
 //! - [`tier`]: visible `SKIP` lines for tests whose machine lacks a precondition.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod cpio;
 pub mod guest;
 pub mod identities;

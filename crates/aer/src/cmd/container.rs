@@ -1,7 +1,7 @@
 //! Containers: `aer run-cell` (RunCell: an image in a new cell) and the container options
 //! it shares with `aer run --image` (a sidecar in an existing cell).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, process::ExitCode};
 
 use anyhow::anyhow;
 use aurae_client::Client;
@@ -10,29 +10,33 @@ use clap::Args;
 use tonic::Status;
 
 use super::{
-    cell::{LimitArgs, NsArgs, cell_row},
+    attach::{AttachArgs, Made, Started, launch},
+    cell::{LimitArgs, NsArgs},
     env_pairs, invalid,
 };
-use crate::output::{Format, print};
+use crate::output::Format;
 
 /// Container options shared by `aer run --image` and `aer run-cell`.
 #[derive(Debug, Args)]
 pub struct ContainerArgs {
-    /// Override the image's entrypoint (repeat for each word).
-    #[arg(long)]
+    /// Override the image's entrypoint, one word per flag, e.g. --entrypoint sh
+    /// --entrypoint=-c [default: the image's].
+    #[arg(long, value_name = "WORD")]
     entrypoint: Vec<String>,
-    /// Override the image's working directory.
-    #[arg(long)]
+    /// Override the image's working directory, an absolute path inside the container, e.g.
+    /// /data [default: the image's, else /].
+    #[arg(long, value_name = "DIR")]
     workdir: Option<String>,
-    /// Mount the image root read-only.
+    /// Mount the image's root filesystem read-only (volumes keep their own mode).
     #[arg(long)]
     read_only: bool,
     /// Run with no_new_privs (setuid and file capabilities grant nothing), even where the
     /// caller's grant would allow new privileges.
     #[arg(long)]
     no_new_privileges: bool,
-    /// `HOST:CONTAINER[:ro]`: a host directory under one of auraed's --volume-root (repeatable).
-    #[arg(long = "volume", short = 'v')]
+    /// A host directory to mount, HOST:CONTAINER[:ro|:rw], e.g. -v /srv/volumes/data:/data:ro;
+    /// HOST must lie under one of auraed's --volume-root (repeatable; default rw).
+    #[arg(long = "volume", short = 'v', value_name = "HOST:CONTAINER[:ro]")]
     volumes: Vec<String>,
 }
 
@@ -80,16 +84,25 @@ fn volume(v: &str) -> anyhow::Result<pb::Volume> {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = super::attach::AFTER_HELP)]
 pub struct RunCellArgs {
-    /// The new cell's name.
+    /// The new cell's name, a DNS label, e.g. web; its container's executable is
+    /// NAME/<image name>, e.g. web/busybox.
     name: String,
-    #[arg(long)]
+    /// The image to run, a reference with its registry, e.g.
+    /// 127.0.0.1:5000/aurae/busybox:latest (pulled if auraed does not hold it yet).
+    #[arg(long, value_name = "REF")]
     image: String,
-    #[arg(long = "env", short = 'e')]
+    /// An environment variable, KEY=VALUE, added to the image's (repeatable), e.g. -e
+    /// MODE=test.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Override the image's user.
+    /// The uid the container runs as, e.g. 1000 [default: the image's user; 0 needs a
+    /// policy grant (allow_uid_zero)].
     #[arg(long)]
     uid: Option<u32>,
+    /// The gid the container runs as, e.g. 1000 [default: the image's group; 0 needs a
+    /// policy grant].
     #[arg(long)]
     gid: Option<u32>,
     #[command(flatten)]
@@ -98,8 +111,11 @@ pub struct RunCellArgs {
     limits: LimitArgs,
     #[command(flatten)]
     ns: NsArgs,
-    /// Arguments overriding the image's cmd, after `--`.
-    #[arg(last = true)]
+    #[command(flatten)]
+    attach: AttachArgs,
+    /// Arguments overriding the image's cmd, after `--`, e.g. -- sh -c 'exit 3'
+    /// [default: the image's cmd].
+    #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
 }
 
@@ -120,12 +136,32 @@ impl RunCellArgs {
     }
 }
 
-/// `aer run-cell`: a new cell running one container.
-pub async fn run(c: &Client, a: RunCellArgs, fmt: Format) -> Result<(), Status> {
-    let cell = a.proto().map_err(invalid)?;
-    let s = c.runtime().run_cell(cell).await?.into_inner();
-    print(fmt, &[cell_row(&s)], true);
-    Ok(())
+/// `aer run-cell`: a new cell running one container; then streams its output and exits
+/// with its exit code (see [`super::attach`]), or with `-d` prints its id.
+pub async fn run(c: &Client, mut a: RunCellArgs, fmt: Format) -> ExitCode {
+    let attach = std::mem::take(&mut a.attach);
+    let create = async {
+        let cell = a.proto().map_err(invalid)?;
+        let name = cell.name.clone();
+        let s = c.runtime().run_cell(cell).await?.into_inner();
+        // Its one executable: the container (named after the image).
+        let exe = s
+            .executables
+            .iter()
+            .find(|e| e.cell == s.name)
+            .cloned()
+            .ok_or_else(|| {
+                Status::internal(format!(
+                    "RunCell answered cell {name:?} with no executable in it"
+                ))
+            })?;
+        Ok(Started {
+            exe,
+            made: Made::Cell(s.name),
+            image_digest: s.image_digest,
+        })
+    };
+    launch(c, &attach, fmt, create).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! `aer run` (RunExecutable) and `aer executable …` (the Executables service).
 
-use std::time::Duration;
+use std::{process::ExitCode, time::Duration};
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
@@ -9,7 +9,9 @@ use serde_json::json;
 use tonic::Status;
 
 use super::{
-    container::ContainerArgs, env_pairs, exit, invalid, phase, stats_row, stream_logs, ts,
+    attach::{AttachArgs, Made, Started, launch},
+    container::ContainerArgs,
+    env_pairs, exit, invalid, phase, stats_row, stream_logs, ts,
 };
 use crate::{
     output::{Format, Row, print},
@@ -17,31 +19,46 @@ use crate::{
 };
 
 #[derive(Debug, Args)]
+#[command(after_help = super::attach::AFTER_HELP)]
 pub struct RunArgs {
-    /// The cell to run in.
+    /// The cell to run it in (it must exist: `aer cell allocate`), e.g. web or web/api.
     #[arg(long)]
     cell: String,
-    /// Name of the executable (default: auraed picks one).
-    #[arg(long, default_value = "")]
+    /// Its name in the cell, a DNS label (a-z, 0-9, '-', at most 63), e.g. hello
+    /// [default: auraed picks one].
+    #[arg(long, default_value = "", hide_default_value = true)]
     name: String,
-    /// Environment variable KEY=VALUE (repeatable; nothing is inherited).
-    #[arg(long = "env", short = 'e')]
+    /// An environment variable, KEY=VALUE, e.g. -e PATH=/bin (repeatable; nothing is
+    /// inherited from aer or auraed).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Working directory.
-    #[arg(long, default_value = "")]
+    /// Its working directory, an absolute path, e.g. /srv/app [default: /].
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        value_name = "DIR"
+    )]
     cwd: String,
+    /// The uid it runs as, e.g. 1000 [default: the cell's; 0 needs a policy grant
+    /// (allow_uid_zero)].
     #[arg(long)]
     uid: Option<u32>,
+    /// The gid it runs as, e.g. 1000 [default: the cell's; 0 needs a policy grant].
     #[arg(long)]
     gid: Option<u32>,
-    /// Run it as a container from this image, beside the cell's other processes (a
-    /// sidecar); the arguments after `--` then override the image's cmd.
-    #[arg(long)]
+    /// Run it as a container from this image reference, e.g.
+    /// 127.0.0.1:5000/aurae/busybox:latest, beside the cell's other processes (a sidecar);
+    /// the arguments after `--` then override the image's cmd.
+    #[arg(long, value_name = "REF")]
     image: Option<String>,
     #[command(flatten)]
     container: ContainerArgs,
-    /// Program (absolute path) and arguments, after `--`.
-    #[arg(last = true)]
+    #[command(flatten)]
+    attach: AttachArgs,
+    /// The program (an absolute path, executed directly: no shell) and its arguments,
+    /// after `--`, e.g. -- /bin/sh -c 'echo hi'.
+    #[arg(last = true, value_name = "ARGV")]
     argv: Vec<String>,
 }
 
@@ -52,7 +69,8 @@ impl RunArgs {
         let Some(image) = self.image else {
             if self.argv.is_empty() {
                 return Err(Status::invalid_argument(
-                    "give the program after `--` (or --image to run a container)",
+                    "argv: give the program (an absolute path) after `--`, or --image to run \
+                     a container",
                 ));
             }
             return Ok(pb::Executable {
@@ -82,7 +100,7 @@ impl RunArgs {
 
 #[derive(Debug, Args)]
 pub struct ExeRef {
-    /// cell/name of the executable, e.g. web/echo-1.
+    /// The executable as CELL/NAME, e.g. web/hello (`aer executable list` shows them).
     id: String,
 }
 
@@ -103,36 +121,57 @@ impl ExeRef {
 
 #[derive(Debug, Subcommand)]
 pub enum ExeCmd {
+    /// Show one executable: phase, pid, exit status, argv.
     Get(ExeRef),
+    /// Show the executables of every cell (or of the cells under a prefix).
+    #[command(visible_alias = "ls")]
     List {
-        #[arg(long, default_value = "")]
+        /// Only executables of cells whose name starts with this path prefix, e.g. web
+        /// [default: all the caller may see].
+        #[arg(
+            long,
+            default_value = "",
+            hide_default_value = true,
+            value_name = "CELL"
+        )]
         cell_prefix: String,
     },
+    /// SIGTERM, then SIGKILL once the grace period is over; shows how it ended.
     Stop {
         #[command(flatten)]
         r: ExeRef,
-        #[arg(long, value_parser = parse_duration)]
+        /// How long to wait after SIGTERM before SIGKILL: a number with ms, s, m or h
+        /// (plain = seconds), at most 10m, e.g. 5s [default: auraed's, 10s].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         grace: Option<Duration>,
     },
+    /// Send it a signal.
     Signal {
         #[command(flatten)]
         r: ExeRef,
-        /// Signal number, e.g. 15.
+        /// The signal's number, 1..=64, e.g. 15 (SIGTERM), 9 (SIGKILL), 1 (SIGHUP).
         signal: i32,
     },
+    /// Wait until it has exited, and show how it ended.
     Wait {
         #[command(flatten)]
         r: ExeRef,
-        #[arg(long, value_parser = parse_duration)]
+        /// Give up after this long (DEADLINE_EXCEEDED): a number with ms, s, m or h (plain
+        /// = seconds), at most 10m, e.g. 30s [default: wait until auraed's call limit].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
+    /// Forget an executable that has exited, and its log.
     Free(ExeRef),
+    /// Its stdout and stderr, from the oldest byte auraed still keeps.
     Logs {
         #[command(flatten)]
         r: ExeRef,
+        /// Keep following new output until its stdout and stderr close.
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Its CPU and memory use (from /proc while it runs).
     Stats(ExeRef),
 }
 
@@ -148,11 +187,21 @@ fn exe_row(s: &pb::ExecutableStatus) -> Row {
     ]
 }
 
-/// `aer run`: starts a process (or a sidecar container) in an existing cell.
-pub async fn start(c: &Client, a: RunArgs, fmt: Format) -> Result<(), Status> {
-    let s = c.runtime().run_executable(a.proto()?).await?.into_inner();
-    print(fmt, &[exe_row(&s)], true);
-    Ok(())
+/// `aer run`: starts a process (or a sidecar container) in an existing cell, then streams
+/// its output and exits with its exit code (see [`super::attach`]), or with `-d` prints
+/// its id.
+pub async fn start(c: &Client, mut a: RunArgs, fmt: Format) -> ExitCode {
+    let attach = std::mem::take(&mut a.attach);
+    let create = async {
+        let exe = c.runtime().run_executable(a.proto()?).await?.into_inner();
+        let image_digest = exe.image_digest.clone();
+        Ok(Started {
+            exe,
+            made: Made::Executable,
+            image_digest,
+        })
+    };
+    launch(c, &attach, fmt, create).await
 }
 
 /// `aer executable …`.
@@ -235,7 +284,7 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert_eq!(
             e.message(),
-            "give the program after `--` (or --image to run a container)"
+            "argv: give the program (an absolute path) after `--`, or --image to run a container"
         );
         let e = run_args("run --cell web -e NOEQ -- /bin/true").unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);

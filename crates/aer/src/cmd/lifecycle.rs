@@ -17,12 +17,16 @@ use crate::{
 #[derive(Debug, Subcommand)]
 pub enum Lifecycle {
     /// Show one by name.
-    Get { name: String },
+    Get {
+        /// Its name (`list` shows them), e.g. web.
+        name: String,
+    },
     /// Show all of them.
     #[command(visible_alias = "ls")]
     List,
     /// Ask it to stop, then kill it once the grace period is over.
     Stop {
+        /// Its name (`list` shows them), e.g. web.
         name: String,
         /// How long to wait after the graceful request before killing: a number with ms,
         /// s, m or h (plain = seconds), at most 10m, e.g. 30s [default: auraed's, 10s].
@@ -31,6 +35,7 @@ pub enum Lifecycle {
     },
     /// Wait until it has exited, and show how it ended.
     Wait {
+        /// Its name (`list` shows them), e.g. web.
         name: String,
         /// Give up after this long (DEADLINE_EXCEEDED): a number with ms, s, m or h (plain
         /// = seconds), e.g. 5m [default: wait as long as it takes].
@@ -38,7 +43,10 @@ pub enum Lifecycle {
         timeout: Option<Duration>,
     },
     /// Remove it (and everything made for it).
-    Free { name: String },
+    Free {
+        /// Its name (`list` shows them), e.g. web.
+        name: String,
+    },
 }
 
 /// A kind's client seen through the verbs it shares with the other kinds; implemented for

@@ -1,6 +1,7 @@
 //! One module per noun of the API, each with its arguments next to what it calls, plus the
 //! small helpers they share: request pieces, value formatting and log streaming.
 
+pub mod attach;
 pub mod cell;
 pub mod container;
 pub mod daemon;

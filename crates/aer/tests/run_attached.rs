@@ -1,0 +1,563 @@
+//! `aer run` and `aer run-cell` in the foreground against a real auraed (host tier: root and
+//! a cgroup v2 hierarchy; run-cell also needs the `docker-registry` package and a static
+//! busybox): the workload's output on aer's stdout/stderr, complete and in order; aer's
+//! exit code is the workload's (128+N for signal N, 125 for aer's own failures); Ctrl-C and
+//! SIGTERM stop the workload and a second Ctrl-C kills it; `--rm` leaves nothing; `-d`
+//! prints the id and returns while the workload runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    Daemon, DaemonOptions,
+    cli::{Aer, Ran, auraed_beside},
+    oci,
+    registry::for_containers,
+    tier::{self, Tier},
+    workload::exe_ref,
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tonic::Code;
+
+const AER: &str = env!("CARGO_BIN_EXE_aer");
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Env {
+    d: Daemon,
+    c: Client,
+    aer: Aer,
+}
+
+async fn start(extra_args: Vec<String>) -> Env {
+    let auraed = auraed_beside(Path::new(AER)).unwrap();
+    let d = Daemon::start(
+        &auraed,
+        DaemonOptions {
+            extra_args,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = d.client("admin").await.unwrap();
+    let aer = Aer::new(Path::new(AER), &d).unwrap();
+    Env { d, c, aer }
+}
+
+/// A daemon with cell `c` allocated, or `None` (a visible SKIP) without root and cgroup v2.
+async fn env(test: &str) -> Option<Env> {
+    if !tier::check(test, Tier::Host, tier::needs_cells()) {
+        return None;
+    }
+    let e = start(Vec::new()).await;
+    e.c.cells()
+        .allocate(pb::Cell {
+            name: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    Some(e)
+}
+
+impl Env {
+    fn aer(&self, args: &[&str]) -> Ran {
+        self.aer.run(args, LIMIT).unwrap()
+    }
+
+    async fn get(&self, cell: &str, name: &str) -> Result<pb::ExecutableStatus, tonic::Status> {
+        self.c
+            .executables()
+            .get(exe_ref(cell, name))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until executable `cell/name` runs (aer created it) and returns its status.
+    async fn running(&self, cell: &str, name: &str) -> pb::ExecutableStatus {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = self.get(cell, name).await
+                && s.phase == pb::Phase::Running as i32
+                && s.pid > 0
+            {
+                return s;
+            }
+            assert!(
+                start.elapsed() < LIMIT,
+                "{cell}/{name} never ran:\n{}",
+                self.d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn cells(&self) -> Vec<String> {
+        let l = self.c.cells().list(pb::ListRequest::default()).await;
+        l.unwrap()
+            .into_inner()
+            .cells
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+/// A sleep length (seconds) unique to this test process and `n`: its command line tells
+/// the test's own sleeps from any other's.
+fn marker(n: u32) -> String {
+    format!("{}{n:02}", std::process::id())
+}
+
+/// Processes whose command line is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            (std::fs::read(e.path().join("cmdline")).ok()? == want).then_some(pid)
+        })
+        .collect()
+}
+
+fn sigint(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workloads_output_and_exit_code_are_aers() {
+    let Some(e) = env("the_workloads_output_and_exit_code_are_aers").await else {
+        return;
+    };
+    let r = e.aer(&[
+        "run",
+        "--cell",
+        "c",
+        "--name",
+        "three",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(r.code(), Some(3), "{r}");
+    assert_eq!(r.stdout, "out\n", "{r}");
+    assert!(r.stderr.contains("err\n"), "{r}");
+    // Without --rm it stays for `aer executable …`.
+    let s = e.get("c", "three").await.unwrap();
+    assert_eq!(s.phase, pb::Phase::Exited as i32);
+
+    let r = e.aer(&["run", "--cell", "c", "--", "/bin/true"]);
+    assert_eq!((r.code(), r.stdout.as_str()), (Some(0), ""), "{r}");
+
+    // Killed by a signal: 128+N, and a one-line note naming it.
+    for (sig, code, name) in [("KILL", 137, "SIGKILL"), ("TERM", 143, "SIGTERM")] {
+        let script = format!("echo before; kill -{sig} $$; echo after");
+        let r = e.aer(&["run", "--cell", "c", "--", "/bin/sh", "-c", &script]);
+        assert_eq!(r.code(), Some(code), "{r}");
+        assert_eq!(r.stdout, "before\n", "{r}");
+        let note = format!("killed by signal {} ({name})", code - 128);
+        assert!(r.stderr.contains(&note), "{r}");
+    }
+}
+
+/// Every line, in order, although the workload writes them all at once and exits: what it
+/// wrote before the stream opened and what was still in its pipe at its exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_complete_and_in_order() {
+    let Some(e) = env("output_is_complete_and_in_order").await else {
+        return;
+    };
+    let m2 = marker(2);
+    let script = "i=1; while [ $i -le 2000 ]; do echo \"line $i\"; i=$((i+1)); done; \
+                  echo done >&2";
+    for round in 0..3 {
+        let r = e.aer(&["run", "--cell", "c", "--rm", "--", "/bin/sh", "-c", script]);
+        assert_eq!(r.code(), Some(0), "round {round}: {r}");
+        let want: String = (1..=2000).map(|i| format!("line {i}\n")).collect();
+        assert!(
+            r.stdout == want,
+            "round {round}: {} lines, the last {:?}",
+            r.stdout.lines().count(),
+            r.stdout.lines().last()
+        );
+        assert_eq!(r.stderr, "done\n", "round {round}: {r}");
+    }
+    // More than auraed keeps (1 MiB) written as fast as it can: either all of it arrives,
+    // or aer says how many bytes were lost, and what it printed plus what it lost is all
+    // of it, never a byte twice, ending with the last line.
+    let r = e.aer(&[
+        "run",
+        "--cell",
+        "c",
+        "--rm",
+        "--",
+        "/usr/bin/seq",
+        "1",
+        "300000",
+    ]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let want: String = (1..=300_000).map(|i| format!("{i}\n")).collect();
+    let lost: Option<usize> = r.stderr.lines().find_map(|l| {
+        l.strip_prefix("aer: ")?
+            .split_once(" bytes of c/")?
+            .0
+            .parse()
+            .ok()
+    });
+    match lost {
+        None => assert!(
+            r.stdout == want,
+            "{} bytes, no loss reported",
+            r.stdout.len()
+        ),
+        Some(n) => {
+            assert_eq!(r.stdout.len() + n, want.len(), "{}", r.stderr);
+            assert!(r.stdout.ends_with("299999\n300000\n"));
+        }
+    }
+    assert!(!r.stderr.contains("still open"), "{}", r.stderr);
+
+    // Output still open after the exit (a background child holds the pipes): aer stops
+    // following it soon and says so, with what was written so far.
+    let start = Instant::now();
+    let r = e.aer(&[
+        "run",
+        "--cell",
+        "c",
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("echo hi; (exec /bin/sleep {m2}) & exit 0"),
+    ]);
+    assert_eq!((r.code(), r.stdout.as_str()), (Some(0), "hi\n"), "{r}");
+    assert!(r.stderr.contains("output is still open"), "{r}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    for pid in processes(&["/bin/sleep", &m2]) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_workload_and_a_second_kills_it() {
+    let Some(e) = env("ctrl_c_stops_the_workload_and_a_second_kills_it").await else {
+        return;
+    };
+    let (m3, m4, m5) = (marker(3), marker(4), marker(5));
+    // SIGINT: Executables/Stop (SIGTERM); aer waits and exits with the workload's 143.
+    let run = e
+        .aer
+        .spawn(&[
+            "run",
+            "--cell",
+            "c",
+            "--name",
+            "long",
+            "--",
+            "/bin/sleep",
+            &m3,
+        ])
+        .unwrap();
+    e.running("c", "long").await;
+    sigint(run.pid());
+    let r = run.finish(LIMIT).unwrap();
+    assert_eq!(r.code(), Some(143), "{r}");
+    assert!(r.stderr.contains("SIGINT: stopping c/long"), "{r}");
+    assert!(r.stderr.contains("killed by signal 15 (SIGTERM)"), "{r}");
+    let after = e.get("c", "long").await.unwrap();
+    assert_eq!(
+        after.exit.unwrap().how,
+        Some(pb::exit_status::How::Signal(15))
+    );
+    assert!(processes(&["/bin/sleep", &m3]).is_empty());
+
+    // SIGTERM to aer does the same.
+    let run = e
+        .aer
+        .spawn(&[
+            "run",
+            "--cell",
+            "c",
+            "--name",
+            "termed",
+            "--",
+            "/bin/sleep",
+            &m4,
+        ])
+        .unwrap();
+    e.running("c", "termed").await;
+    kill(Pid::from_raw(run.pid() as i32), Signal::SIGTERM).unwrap();
+    let r = run.finish(LIMIT).unwrap();
+    assert_eq!(r.code(), Some(143), "{r}");
+    assert!(processes(&["/bin/sleep", &m4]).is_empty());
+
+    // A workload that ignores SIGTERM: the first Ctrl-C asks (a long grace), the second
+    // kills it at once: 137, long before the grace is over.
+    let start = Instant::now();
+    let run = e
+        .aer
+        .spawn(&[
+            "run",
+            "--cell",
+            "c",
+            "--name",
+            "stubborn",
+            "--stop-grace",
+            "5m",
+            "--rm",
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("trap '' TERM; exec /bin/sleep {m5}"),
+        ])
+        .unwrap();
+    e.running("c", "stubborn").await;
+    // The shell has exec'd sleep (which keeps SIGTERM ignored).
+    let t = Instant::now();
+    while processes(&["/bin/sleep", &m5]).is_empty() {
+        assert!(t.elapsed() < LIMIT);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigint(run.pid());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        processes(&["/bin/sleep", &m5]).len(),
+        1,
+        "SIGTERM is ignored"
+    );
+    sigint(run.pid());
+    let r = run.finish(LIMIT).unwrap();
+    assert_eq!(r.code(), Some(137), "{r}");
+    assert!(r.stderr.contains("SIGINT: killing c/stubborn"), "{r}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert!(processes(&["/bin/sleep", &m5]).is_empty());
+    // --rm after Ctrl-C: freed.
+    assert_eq!(
+        e.get("c", "stubborn").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_frees_and_detach_prints_the_id() {
+    let Some(e) = env("rm_frees_and_detach_prints_the_id").await else {
+        return;
+    };
+    let m6 = marker(6);
+    let r = e.aer(&[
+        "run", "--cell", "c", "--name", "gone", "--rm", "--", "/bin/sh", "-c", "exit 4",
+    ]);
+    assert_eq!(r.code(), Some(4), "{r}");
+    assert_eq!(e.get("c", "gone").await.unwrap_err().code(), Code::NotFound);
+    let l =
+        e.c.executables()
+            .list(pb::ListExecutablesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(l.executables.is_empty(), "{l:?}");
+
+    // -d: the id on stdout, back while the workload still runs.
+    let start = Instant::now();
+    let r = e.aer(&[
+        "run",
+        "-d",
+        "--cell",
+        "c",
+        "--name",
+        "bg",
+        "--",
+        "/bin/sleep",
+        &m6,
+    ]);
+    assert_eq!((r.code(), r.stdout.as_str()), (Some(0), "c/bg\n"), "{r}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert_eq!(
+        e.get("c", "bg").await.unwrap().phase,
+        pb::Phase::Running as i32
+    );
+    let r = e.aer(&[
+        "run",
+        "-d",
+        "-o",
+        "json",
+        "--cell",
+        "c",
+        "--",
+        "/bin/sleep",
+        &m6,
+    ]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let id = j["id"].as_str().unwrap();
+    assert_eq!(j["cell"], "c");
+    assert_eq!(id, format!("c/{}", j["name"].as_str().unwrap()));
+    assert!(j["pid"].as_i64().unwrap() > 0, "{j}");
+    assert_eq!(j["phase"], "running");
+    assert_eq!(processes(&["/bin/sleep", &m6]).len(), 2);
+    // Both stopped by the daemon's drop (its cgroup is killed); stop one here as a user would.
+    let r = e.aer(&["executable", "stop", "c/bg", "--grace", "1s"]);
+    assert_eq!(r.code(), Some(0), "{r}");
+
+    // --rm with -d is refused: nothing would free it.
+    let r = e.aer(&["run", "-d", "--rm", "--cell", "c", "--", "/bin/true"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(
+        r.stderr.contains("--rm") && r.stderr.contains("--detach"),
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aers_own_failures_exit_125_naming_the_field() {
+    let Some(e) = env("aers_own_failures_exit_125_naming_the_field").await else {
+        return;
+    };
+    // No program.
+    let r = e.aer(&["run", "--cell", "c"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("argv"), "{r}");
+    // No --cell (clap refuses it).
+    let r = e.aer(&["run", "--", "/bin/true"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("--cell"), "{r}");
+    // A cell that does not exist (auraed refuses it).
+    let r = e.aer(&["run", "--cell", "nosuch", "--", "/bin/true"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("nosuch"), "{r}");
+    // A relative program.
+    let r = e.aer(&["run", "--cell", "c", "--", "true"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("argv"), "{r}");
+    // A flag aer does not know, and run-cell without an image.
+    let r = e.aer(&["run", "--cell", "c", "--bogus", "--", "/bin/true"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    let r = e.aer(&["run-cell", "web"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("--image"), "{r}");
+    // auraed unreachable.
+    let nowhere = Aer {
+        socket: e.d.dir.path().join("nothing-here.sock"),
+        ..e.aer.clone()
+    };
+    let r = nowhere
+        .run(&["run", "--cell", "c", "--", "/bin/true"], LIMIT)
+        .unwrap();
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("nothing-here.sock"), "{r}");
+    // Other commands keep their own codes (clap's 2 for a usage error).
+    let r = e.aer(&["cell", "allocate"]);
+    assert_eq!(r.code(), Some(2), "{r}");
+    // Nothing was left running by any of these.
+    let l =
+        e.c.executables()
+            .list(pb::ListExecutablesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(l.executables.is_empty(), "{l:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_cell_rm_runs_an_image_and_leaves_no_cell() {
+    let test = "run_cell_rm_runs_an_image_and_leaves_no_cell";
+    let Some(registry) = for_containers(test).unwrap() else {
+        return;
+    };
+    let (m7, m8) = (marker(7), marker(8));
+    let host = registry.host();
+    oci::push_busybox(
+        &host,
+        "aurae/busybox",
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let e = start(vec!["--insecure-registry".into(), host.clone()]).await;
+    let image = format!("{host}/aurae/busybox:v1");
+    let r = e.aer(&[
+        "run-cell", "--rm", "web", "--image", &image, "--", "echo", "hi",
+    ]);
+    assert_eq!((r.code(), r.stdout.as_str()), (Some(0), "hi\n"), "{r}");
+    let r = e.aer(&[
+        "run-cell", "--rm", "web", "--image", &image, "--", "sh", "-c", "exit 3",
+    ]);
+    assert_eq!((r.code(), r.stdout.as_str()), (Some(3), ""), "{r}");
+    assert!(e.cells().await.is_empty(), "{:?}", e.cells().await);
+
+    // Ctrl-C: the container is stopped (SIGTERM) and the cell freed.
+    let run = e
+        .aer
+        .spawn(&[
+            "run-cell",
+            "--rm",
+            "--stop-grace",
+            "1s",
+            "job",
+            "--image",
+            &image,
+            "--",
+            "sleep",
+            &m7,
+        ])
+        .unwrap();
+    let t = Instant::now();
+    while e.cells().await.is_empty() || processes(&["sleep", &m7]).is_empty() {
+        assert!(t.elapsed() < LIMIT, "{}", e.d.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigint(run.pid());
+    let r = run.finish(LIMIT).unwrap();
+    assert_eq!(r.code(), Some(143), "{r}");
+    assert!(r.stderr.contains("killed by signal 15 (SIGTERM)"), "{r}");
+    assert!(e.cells().await.is_empty(), "{:?}", e.cells().await);
+    assert!(processes(&["sleep", &m7]).is_empty());
+
+    // -d: the executable's id, and in JSON its cell and the image digest.
+    let r = e.aer(&[
+        "run-cell", "-d", "-o", "json", "bg", "--image", &image, "--", "sleep", &m8,
+    ]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (j["id"].as_str(), j["cell"].as_str()),
+        (Some("bg/busybox"), Some("bg")),
+        "{j}"
+    );
+    assert!(
+        j["image_digest"].as_str().unwrap().starts_with("sha256:"),
+        "{j}"
+    );
+    let r = e.aer(&[
+        "run-cell", "-d", "bg2", "--image", &image, "--", "sleep", &m8,
+    ]);
+    assert_eq!(
+        (r.code(), r.stdout.as_str()),
+        (Some(0), "bg2/busybox\n"),
+        "{r}"
+    );
+    for cell in ["bg", "bg2"] {
+        e.c.cells()
+            .free(pb::NameRef { name: cell.into() })
+            .await
+            .unwrap();
+    }
+    assert!(processes(&["sleep", &m8]).is_empty());
+}
