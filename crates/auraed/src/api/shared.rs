@@ -61,6 +61,10 @@ pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStre
         let mut next = from;
         let mut updates = log.subscribe();
         loop {
+            // Whether the log was closed, seen *before* reading: a closed log gets no
+            // more writes, so this read holds everything; an open one that is written
+            // after this line wakes `changed()` below.
+            let closed = updates.borrow_and_update().1;
             let (chunks, dropped) = log.read_from(next);
             for c in chunks {
                 next = c.offset + c.data.len() as u64;
@@ -78,8 +82,7 @@ pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStre
                     return;
                 }
             }
-            let closed = updates.borrow_and_update().1;
-            if !follow || (closed && log.read_from(next).0.is_empty()) {
+            if !follow || closed {
                 return;
             }
             if updates.changed().await.is_err() {
@@ -187,5 +190,41 @@ mod tests {
         );
         let past_the_end: Vec<_> = log_stream(out, 11, false).collect().await;
         assert!(past_the_end.is_empty());
+    }
+
+    /// Output written and the log closed while a follower is still sending an earlier
+    /// batch (its channel full): the follower sends the rest and ends, instead of
+    /// waiting for a change that never comes.
+    #[tokio::test]
+    async fn a_follower_busy_sending_when_the_log_closes_still_ends() {
+        let out = Arc::new(Log::new(None));
+        // Alternating streams: one chunk each (same-stream writes may merge).
+        let stream = |i: u8| {
+            if i % 2 == 0 {
+                log::Stream::Stdout
+            } else {
+                log::Stream::Stderr
+            }
+        };
+        for i in 0..40u8 {
+            out.append(stream(i), &[i]);
+        }
+        let mut s = log_stream(out.clone(), 0, true);
+        // The follower has read all 40 and blocks on its full channel.
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(first.data, [0]);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        for i in 40..45u8 {
+            out.append(stream(i), &[i]);
+        }
+        out.close();
+        let rest: Vec<u8> = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            s.map(|c| c.unwrap().data).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("the stream ends once the closed log is sent")
+        .concat();
+        assert_eq!(rest, (1..45u8).collect::<Vec<_>>());
     }
 }
