@@ -5,6 +5,8 @@
 //! - `lint`: format, clippy `-D warnings`, rustdoc `-D warnings`, dependency rules.
 //! - `demo`: the README's main job: build, create a dev PKI, start auraed, talk to it with
 //!   aer, shut it down.
+//! - `setup`: as root, installs what the test tiers need on a fresh Debian machine (the
+//!   Debian packages, cargo-fuzz) and prepares the guest tier; `test` runs it first.
 
 use std::{
     env,
@@ -168,7 +170,7 @@ fn check_deps() -> anyhow::Result<()> {
 /// its own layer or below, so the import circle between cells, containers, executables
 /// and VMs cannot come back. Modules not listed (main.rs wiring) are not checked.
 const MODULE_LAYERS: &[&[&str]] = &[
-    &["spec", "events", "reaper", "store"],
+    &["spec", "events", "reaper", "store", "config"],
     &["identity"],
     &["workload"],
     &["image"],
@@ -338,20 +340,152 @@ fn tests() -> anyhow::Result<Totals> {
     Ok(totals)
 }
 
-fn test() -> anyhow::Result<ExitCode> {
-    lint()?;
-    // The guest tier needs its kernel, busybox and a static auraed; without root (or the
-    // tools) its tests print SKIP instead.
-    let root_user = Command::new("id")
+/// The Debian packages the test tiers use: a C toolchain (ring's assembly); the host
+/// tier's tools (python3, iproute2, nsenter from util-linux); the guest tier (qemu,
+/// busybox-static; the kernel is fetched by `guest`); a registry on loopback for image
+/// pulls (docker-registry); crun and runc as benchmark peers.
+const PACKAGES: &[&str] = &[
+    "build-essential",
+    "pkg-config",
+    "ca-certificates",
+    "python3",
+    "iproute2",
+    "util-linux",
+    "qemu-system-x86",
+    "busybox-static",
+    "crun",
+    "runc",
+    "docker-registry",
+];
+
+fn is_root() -> bool {
+    Command::new("id")
         .arg("-u")
         .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if root_user && let Err(e) = guest() {
-        eprintln!(
-            "xtask: guest artifacts not prepared ({e:#}); guest-tier tests will SKIP unless required"
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// The packages of `PACKAGES` dpkg does not list as installed.
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| o.stdout.ends_with(b"install ok installed"))
+        })
+        .collect()
+}
+
+fn have_nightly() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn have_cargo_fuzz() -> bool {
+    Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes this machine able to run every tier: as root, installs the missing Debian
+/// packages and cargo-fuzz and prepares the guest tier. What it cannot do it says, with
+/// the reason, and the tests that need it print SKIP with the same reason. Returns the
+/// problems (empty when the machine is ready).
+fn setup() -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let root_user = is_root();
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        if root_user {
+            let list = missing.join(" ");
+            eprintln!("==> apt-get install {list}");
+            let update = Command::new("apt-get")
+                .args(["update", "-qq"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            if !update.is_ok_and(|s| s.success()) {
+                problems.push("apt-get update failed".to_owned());
+            }
+            let install = Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            if !install.is_ok_and(|s| s.success()) {
+                problems.push(format!("apt-get install {list} failed"));
+            }
+        } else {
+            problems.push(format!(
+                "not root: cannot install the Debian packages {} (run `sudo cargo xtask setup`)",
+                missing.join(" ")
+            ));
+        }
+    }
+    if !have_nightly() {
+        problems.push(
+            "the nightly toolchain is missing (`rustup toolchain install nightly`): the fuzz smoke will SKIP"
+                .to_owned(),
+        );
+    } else if !have_cargo_fuzz() {
+        eprintln!("==> cargo install cargo-fuzz");
+        let ok = Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked", "--quiet"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            problems.push("cargo install cargo-fuzz failed: the fuzz smoke will SKIP".to_owned());
+        }
+    }
+    if root_user {
+        if let Err(e) = guest() {
+            problems.push(format!(
+                "guest artifacts not prepared ({e:#}): guest-tier tests will SKIP unless required"
+            ));
+        }
+    } else {
+        problems.push(
+            "not root: the host tier (namespaces, cgroups) and the guest tier (QEMU) will SKIP"
+                .to_owned(),
         );
     }
+    for p in &problems {
+        eprintln!("xtask setup: {p}");
+    }
+    if problems.is_empty() {
+        eprintln!("==> setup: this machine can run every tier");
+    }
+    Ok(problems)
+}
+
+fn test() -> anyhow::Result<ExitCode> {
+    // Set the machine up first (as root), so a fresh Debian machine runs every tier; the
+    // lints need a C toolchain for ring, which setup installs.
+    let problems = setup()?;
+    lint()?;
     let mut t = tests()?;
+    match readme() {
+        Ok(r) => {
+            t.passed += r.passed;
+            t.failed += r.failed;
+            t.skipped += r.skipped;
+        }
+        Err(e) => {
+            println!("README walkthrough: {e:#}");
+            t.failed += 1;
+        }
+    }
     match fuzz_smoke(30) {
         Ok(true) => {}
         Ok(false) => t.failed += 1,
@@ -360,7 +494,10 @@ fn test() -> anyhow::Result<ExitCode> {
             t.failed += 1;
         }
     }
-    // The plain closing line CI and people read.
+    // The plain closing line CI and people read, after what setup could not do.
+    for p in &problems {
+        println!("setup: {p}");
+    }
     println!(
         "{} passed, {} failed, {} skipped",
         t.passed, t.failed, t.skipped
@@ -372,17 +509,188 @@ fn test() -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A fenced `sh` block of README.md: where it starts, its text, and why it is not run
+/// (the HTML comment `<!-- not run: REASON -->` on the line before its fence).
+#[derive(Debug, PartialEq)]
+struct Block {
+    line: usize,
+    text: String,
+    not_run: Option<String>,
+}
+
+fn sh_blocks(readme: &str) -> Vec<Block> {
+    let mut out = Vec::new();
+    let mut prev = "";
+    let mut open: Option<Block> = None;
+    for (i, l) in readme.lines().enumerate() {
+        match &mut open {
+            Some(b) if l.trim_start().starts_with("```") => {
+                out.push(std::mem::replace(
+                    b,
+                    Block {
+                        line: 0,
+                        text: String::new(),
+                        not_run: None,
+                    },
+                ));
+                open = None;
+            }
+            Some(b) => {
+                b.text.push_str(l);
+                b.text.push('\n');
+            }
+            None if l.trim() == "```sh" => {
+                let not_run = prev
+                    .trim()
+                    .strip_prefix("<!-- not run:")
+                    .and_then(|r| r.strip_suffix("-->"))
+                    .map(|r| r.trim().to_owned());
+                open = Some(Block {
+                    line: i + 1,
+                    text: String::new(),
+                    not_run,
+                });
+            }
+            None => {}
+        }
+        prev = l;
+    }
+    out
+}
+
+/// Paths the walkthrough writes, each under a private tmpfs while it runs.
+const README_SCRATCH: &[&str] = &[
+    "/tmp/aurae",
+    "/run/aurae",
+    "/var/lib/aurae",
+    "/srv",
+    "/etc/aurae",
+];
+
+/// Runs README.md's shell blocks as written, in order, as one bash session (`set -euo
+/// pipefail`) from the repository root: every command a newcomer copies must work. It runs
+/// as root in new mount, network and PID namespaces (a tmpfs over each of
+/// `README_SCRATCH`, only loopback, and everything it started dies with it), and removes
+/// the cgroups its auraed made. Blocks marked `<!-- not run: REASON -->` are listed with
+/// their reason. Returns (blocks passed, blocks failed, skipped).
+fn readme() -> anyhow::Result<Totals> {
+    let text = std::fs::read_to_string(root().join("README.md"))?;
+    let blocks = sh_blocks(&text);
+    let mut t = Totals::default();
+    if !is_root() {
+        println!("SKIP README walkthrough: needs root (cells, namespaces)");
+        t.skipped += 1;
+        return Ok(t);
+    }
+    let cg = Path::new("/sys/fs/cgroup/unified/aurae");
+    let cg = if cg.parent().is_some_and(Path::exists) {
+        cg.to_path_buf()
+    } else {
+        PathBuf::from("/sys/fs/cgroup/aurae")
+    };
+    if cg.exists() {
+        bail!(
+            "{} exists (a real auraed's cells?): the README walkthrough uses auraed's default cgroup root and will not share it",
+            cg.display()
+        );
+    }
+    let mut script = String::from("set -euo pipefail\nip link set lo up\n");
+    for d in README_SCRATCH {
+        script.push_str(&format!(
+            "mkdir -p {d} && mount -t tmpfs -o mode=0755 readme {d}\n"
+        ));
+    }
+    let mut made = Vec::new();
+    for d in README_SCRATCH {
+        if !Path::new(d).exists() {
+            made.push(*d);
+        }
+    }
+    let mut run_blocks = 0;
+    for b in &blocks {
+        let first = b.text.lines().next().unwrap_or("");
+        match &b.not_run {
+            Some(why) => println!("README.md:{} not run ({why}): {first}", b.line),
+            None => {
+                run_blocks += 1;
+                script.push_str(&format!(
+                    "echo '==> README.md:{}: {}' >&2\n{}echo 'README.md:{} ok'\n",
+                    b.line,
+                    first.replace('\'', ""),
+                    b.text,
+                    b.line
+                ));
+            }
+        }
+    }
+    let file = root().join("target/readme-walkthrough.sh");
+    std::fs::write(&file, &script)?;
+    eprintln!(
+        "==> README walkthrough: {run_blocks} blocks as one bash session ({})",
+        file.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
+        .arg("bash")
+        .arg("-x")
+        .arg(&file)
+        .current_dir(root())
+        .env("PS4", "+ ")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("unshare (util-linux)")?;
+    let mut ok = 0;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if line.starts_with("README.md:") && line.ends_with(" ok") {
+                ok += 1;
+            }
+        }
+    }
+    let status = child.wait()?;
+    // The PID namespace took every process with it; the cgroups stay: remove them.
+    remove_cgroup_tree(&cg);
+    for d in made {
+        let _ = std::fs::remove_dir(d);
+    }
+    t.passed = ok;
+    if !status.success() || ok != run_blocks {
+        println!("README walkthrough failed ({status}) after {ok} of {run_blocks} blocks");
+        t.failed += 1;
+    } else {
+        println!("README walkthrough: {ok} blocks ran as written");
+    }
+    Ok(t)
+}
+
+/// Removes a cgroup directory and those below it (deepest first); they must be empty of
+/// processes, as they are once the walkthrough's PID namespace is gone.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    if dir.exists() {
+        // A cgroup whose last process just died may take a moment to become removable.
+        for _ in 0..50 {
+            if std::fs::remove_dir(dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("xtask: could not remove {}", dir.display());
+    }
+}
+
 /// Fuzzes the layer extractor for `secs` seconds (cargo-fuzz, nightly, libFuzzer), from
 /// the committed seeds. Prints SKIP when cargo-fuzz or the nightly toolchain is missing.
 fn fuzz_smoke(secs: u64) -> anyhow::Result<bool> {
-    let have = Command::new("cargo")
-        .args(["+nightly", "fuzz", "--version"])
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
+    if !have_cargo_fuzz() {
         println!(
             "SKIP fuzz smoke: cargo-fuzz or the nightly toolchain is missing (cargo install cargo-fuzz --locked)"
         );
@@ -705,6 +1013,20 @@ fn main() -> ExitCode {
         "deps" => check_deps().map(|()| ExitCode::SUCCESS),
         "demo" => demo(),
         "guest" => guest(),
+        "readme" => readme().map(|t| {
+            if t.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
+        "setup" => setup().map(|problems| {
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         "fuzz" => fuzz_smoke(
             std::env::args()
                 .nth(2)
@@ -719,7 +1041,7 @@ fn main() -> ExitCode {
             }
         }),
         _ => {
-            eprintln!("usage: cargo xtask <test|lint|deps|demo|guest|fuzz [SECS]>");
+            eprintln!("usage: cargo xtask <test|setup|lint|deps|demo|guest|readme|fuzz [SECS]>");
             return ExitCode::from(2);
         }
     };
@@ -749,6 +1071,19 @@ fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readme_blocks_are_found_with_their_reasons() {
+        let md = "text\n```sh\necho a\n```\n<!-- not run: boots QEMU -->\n```sh\nqemu\n```\n```toml\nx = 1\n```\n";
+        let b = sh_blocks(md);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!(
+            (b[0].line, b[0].text.as_str(), b[0].not_run.as_deref()),
+            (2, "echo a\n", None)
+        );
+        assert_eq!(b[1].not_run.as_deref(), Some("boots QEMU"));
+        assert_eq!(b[1].text, "qemu\n");
+    }
 
     #[test]
     fn crate_imports_reads_paths_and_groups() {
