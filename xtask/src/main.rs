@@ -596,8 +596,14 @@ fn readme() -> anyhow::Result<Totals> {
     }
     let mut script = String::from("set -euo pipefail\nip link set lo up\n");
     for d in README_SCRATCH {
+        // auraed wants the directories of its socket and its state private.
+        let mode = if matches!(*d, "/run/aurae" | "/var/lib/aurae") {
+            "0700"
+        } else {
+            "0755"
+        };
         script.push_str(&format!(
-            "mkdir -p {d} && mount -t tmpfs -o mode=0755 readme {d}\n"
+            "mkdir -p {d} && mount -t tmpfs -o mode={mode} readme {d}\n"
         ));
     }
     let mut made = Vec::new();
