@@ -20,6 +20,10 @@ struct Args {
     /// Also serve on this TCP address (mTLS as on the socket), e.g. 127.0.0.1:8443.
     #[arg(long, env = "AURAED_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no authentication:
+    /// keep it on loopback), e.g. 127.0.0.1:9464. Off by default.
+    #[arg(long, env = "AURAED_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Directory for auraed's durable state.
     #[arg(long, env = "AURAED_STATE_DIR", default_value = "/var/lib/aurae")]
     state_dir: PathBuf,
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
         bridge_gateway: None,
         instance_kernel: args.instance_kernel,
         instance_modules: args.instance_modules,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -227,6 +232,7 @@ fn run_instance() -> ExitCode {
         bridge_gateway: Some(boot.bridge_gateway),
         instance_kernel: None,
         instance_modules: None,
+        metrics_listen: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -300,6 +306,7 @@ fn run_pid1() -> ! {
         instance_kernel: Some(PathBuf::from(auraed::pid1::INSTANCE_KERNEL)).filter(|p| p.exists()),
         instance_modules: Some(PathBuf::from(auraed::pid1::INSTANCE_MODULES))
             .filter(|p| p.exists()),
+        metrics_listen: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

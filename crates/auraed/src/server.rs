@@ -10,6 +10,7 @@
 //! connection over any of them is closed at once.
 
 pub mod limits;
+pub mod metrics;
 
 use std::{
     fs, io,
@@ -79,6 +80,8 @@ pub struct ServerConfig {
     /// The kernel microVM instances boot, and the modules it needs (`order` + `*.ko`).
     pub instance_kernel: Option<PathBuf>,
     pub instance_modules: Option<PathBuf>,
+    /// Serve Prometheus metrics (plain HTTP, no authentication) on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 enum Io {
@@ -363,6 +366,21 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         lineage: cfg.lineage.clone(),
     };
     let reboot = ctx.reboot.clone();
+    let grpc_metrics = Arc::new(metrics::GrpcMetrics::new(
+        api::served_methods().iter().map(String::as_str),
+    ));
+    if let Some(addr) = cfg.metrics_listen {
+        let sources = metrics::Sources {
+            cells: cells.clone(),
+            vms: vms.clone(),
+            instances: instances.clone(),
+            pods: pods.clone(),
+            grpc: grpc_metrics.clone(),
+            started_at,
+        };
+        let bound = metrics::serve(addr, sources).await?;
+        info!(metrics_listen = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let routes = api::routes(ctx.clone(), health)?;
     for svc in [""].into_iter().chain(SERVICES) {
@@ -391,7 +409,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
 
     serve(
         &cfg,
-        Api { policy, routes },
+        Api {
+            policy,
+            routes,
+            grpc_metrics,
+        },
         Running {
             conn_rx,
             health_reporter,
@@ -549,6 +571,8 @@ fn open_state(
 struct Api {
     policy: Policy,
     routes: tonic::service::Routes,
+    /// Counts every call, refused ones included (outside the authorization layer).
+    grpc_metrics: Arc<metrics::GrpcMetrics>,
 }
 
 /// What is running once auraed serves.
@@ -580,7 +604,11 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         pods,
         reboot,
     } = run;
-    let Api { policy, routes } = api;
+    let Api {
+        policy,
+        routes,
+        grpc_metrics,
+    } = api;
     let signal = async move {
         let grace = wait_for_shutdown(&mut shutdown_rx).await;
         for svc in [""].into_iter().chain(SERVICES) {
@@ -598,6 +626,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .http2_max_header_list_size(Some(16 * 1024))
         .timeout(crate::spec::MAX_GRACE + Duration::from_secs(60))
+        .layer(metrics::GrpcMetricsLayer::new(grpc_metrics))
         .layer(AuthzLayer::new(Arc::new(policy)))
         .add_routes(routes)
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {

@@ -83,6 +83,8 @@ pub fn stats(s: &CellStats) -> pb::ResourceStats {
         memory_peak_bytes: s.memory_peak_bytes,
         pids_current: s.pids_current,
         oom_kills: s.oom_kills,
+        io_read_bytes: s.io_read_bytes,
+        io_write_bytes: s.io_write_bytes,
     }
 }
 

@@ -135,20 +135,30 @@ impl Executables for ExecutablesApi {
 
 /// An executable's own usage from /proc (cgroup figures are per cell). Read while it
 /// runs; the pidfd check afterwards makes sure the pid was still ours.
-fn process_stats(e: &Executable) -> pb::ResourceStats {
+pub fn process_stats(e: &Executable) -> pb::ResourceStats {
     if e.exited() {
         return pb::ResourceStats::default();
     }
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", e.pid)).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{}/status", e.pid)).unwrap_or_default();
+    let io = std::fs::read_to_string(format!("/proc/{}/io", e.pid)).unwrap_or_default();
     if e.pidfd.as_ref().is_none_or(|p| p.send_signal(0).is_err()) {
         return pb::ResourceStats::default();
     }
-    proc_stats(&stat, &status)
+    let field = |key: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    pb::ResourceStats {
+        io_read_bytes: field("read_bytes:"),
+        io_write_bytes: field("write_bytes:"),
+        ..proc_stats(&stat, &status)
+    }
 }
 
 /// Usage from the text of `/proc/PID/stat` and `/proc/PID/status`; what is missing reads 0.
-fn proc_stats(stat: &str, status: &str) -> pb::ResourceStats {
+pub fn proc_stats(stat: &str, status: &str) -> pb::ResourceStats {
     // Fields after the command (which may hold spaces) start after the last ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')

@@ -69,6 +69,7 @@ pub fn read_stats(tree: &dyn CgroupTree, name: &CellName) -> CellStats {
     };
     let one = |f: &str| read(f).trim().parse::<u64>().unwrap_or(0);
     let cpu = read("cpu.stat");
+    let io = read("io.stat");
     CellStats {
         cpu_usage_usec: kv(&cpu, "usage_usec "),
         cpu_user_usec: kv(&cpu, "user_usec "),
@@ -79,7 +80,19 @@ pub fn read_stats(tree: &dyn CgroupTree, name: &CellName) -> CellStats {
         memory_peak_bytes: one("memory.peak"),
         pids_current: one("pids.current"),
         oom_kills: kv(&read("memory.events"), "oom_kill "),
+        io_read_bytes: io_bytes(&io, "rbytes="),
+        io_write_bytes: io_bytes(&io, "wbytes="),
     }
+}
+
+/// `key` (`rbytes=` or `wbytes=`) summed over the devices of an `io.stat` text (one line
+/// per device: `8:0 rbytes=… wbytes=… rios=…`); 0 without the io controller (no file).
+pub fn io_bytes(io_stat: &str, key: &str) -> u64 {
+    io_stat
+        .lines()
+        .flat_map(str::split_whitespace)
+        .filter_map(|f| f.strip_prefix(key)?.parse::<u64>().ok())
+        .fold(0, u64::saturating_add)
 }
 
 /// A cell's whole-subtree usage, from its cgroup files (0 where a controller is missing).
@@ -94,6 +107,9 @@ pub struct CellStats {
     pub memory_peak_bytes: u64,
     pub pids_current: u64,
     pub oom_kills: u64,
+    /// io.stat rbytes / wbytes summed over devices (0 without the io controller).
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
 }
 
 /// A limit the kernel refuses (a cpuset it cannot give, an io.max device that is not

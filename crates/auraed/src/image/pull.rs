@@ -3,7 +3,14 @@
 //! already in the store are not fetched again; concurrent pulls of the same blob or layer
 //! share the work (one lock per digest).
 
-use std::{io::Read, sync::Arc, time::Duration};
+use std::{
+    io::Read,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
@@ -33,6 +40,75 @@ pub enum PullError {
     #[error("{image} does not exist in the registry ({what})")]
     NotFound { image: String, what: String },
 }
+
+/// How a pull ended, as the metrics endpoint counts it (a bounded set).
+pub const PULL_RESULTS: [&str; 7] = [
+    "success",
+    "not_found",
+    "registry_error",
+    "invalid_image",
+    "verify_failed",
+    "store_error",
+    "unpack_error",
+];
+
+/// Pulls and fetched bytes of this process (every [`Puller`] together), for the metrics
+/// endpoint: pulls by result ([`PULL_RESULTS`]) and bytes received from registries
+/// (manifests, configs and layers; cached blobs are not fetched, so not counted).
+#[derive(Debug)]
+pub struct PullCounters {
+    results: [AtomicU64; PULL_RESULTS.len()],
+    bytes: AtomicU64,
+}
+
+impl PullCounters {
+    const fn new() -> Self {
+        Self {
+            results: [const { AtomicU64::new(0) }; PULL_RESULTS.len()],
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// (result, pulls) for every result, in [`PULL_RESULTS`] order.
+    pub fn results(&self) -> Vec<(&'static str, u64)> {
+        PULL_RESULTS
+            .iter()
+            .zip(&self.results)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Bytes received from registries so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn fetched(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn ended(&self, r: &Result<Pulled, PullError>) {
+        let result = match r {
+            Ok(_) => "success",
+            Err(PullError::NotFound { .. }) => "not_found",
+            Err(PullError::Registry(_)) => "registry_error",
+            Err(PullError::Manifest { .. }) => "invalid_image",
+            Err(PullError::Store(
+                StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. },
+            )) => "verify_failed",
+            Err(PullError::Store(_)) => "store_error",
+            Err(PullError::Unpack(_)) => "unpack_error",
+        };
+        if let Some(i) = PULL_RESULTS.iter().position(|r| *r == result)
+            && let Some(n) = self.results.get(i)
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The counters of every pull in this process.
+pub static PULLS: PullCounters = PullCounters::new();
 
 /// A descriptor from a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +212,7 @@ impl Puller {
         }
         let ct = resp.content_type.clone();
         let bytes = read_small(resp.body, MAX_JSON, self.timeout, &r.registry).await?;
+        PULLS.fetched(bytes.len());
         let digest = sha256(&bytes);
         if reference.starts_with("sha256:") && digest != reference {
             return Err(StoreError::DigestMismatch {
@@ -161,6 +238,7 @@ impl Puller {
         }
         let resp = self.open_blob(r, d).await?;
         let bytes = read_small(resp.body, MAX_JSON, self.timeout, &r.registry).await?;
+        PULLS.fetched(bytes.len());
         let got = sha256(&bytes);
         if got != d.digest || bytes.len() as u64 != d.size {
             return Err(StoreError::DigestMismatch {
@@ -249,6 +327,7 @@ impl Puller {
                 }
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
+                        PULLS.fetched(data.len());
                         if ing.written() + data.len() as u64 > d.size {
                             let got = ing.written() + data.len() as u64;
                             self.store.abort(ing);
@@ -363,7 +442,9 @@ impl Puller {
     ) -> Result<Pulled, PullError> {
         // No garbage collection while this pull has blobs it has not recorded yet.
         let _gc = self.store.gc_lock.read().await;
-        self.pull_holding_gc(r, progress, false).await
+        let pulled = self.pull_holding_gc(r, progress, false).await;
+        PULLS.ended(&pulled);
+        pulled
     }
 
     /// [`Puller::pull`] for a caller that already holds the store's `gc_lock` (read);
