@@ -23,6 +23,7 @@ use crate::{
     },
     instance_path::{self, InstancePath},
     output::Format,
+    top::{self, TopArgs},
 };
 
 /// aer: the Aurae command-line client.
@@ -31,7 +32,7 @@ use crate::{
 pub struct Args {
     #[command(flatten)]
     conn: Conn,
-    /// Output format.
+    /// Output format: table (for people) or json (for scripts), e.g. -o json.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
     #[command(subcommand)]
@@ -42,28 +43,32 @@ pub struct Args {
 /// ($AURAE_CONFIG or ~/.config/aurae/config.toml).
 #[derive(Debug, ClapArgs)]
 struct Conn {
-    /// Config file (TOML: socket/endpoint, pki_dir, ca, cert, key, server_name).
-    #[arg(long, global = true, env = "AURAE_CONFIG")]
+    /// Config file (TOML: socket/endpoint, pki_dir, ca, cert, key, server_name), e.g.
+    /// ~/.config/aurae/config.toml.
+    #[arg(long, global = true, env = "AURAE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// auraed's Unix socket [default: /run/aurae/auraed.sock].
-    #[arg(long, global = true, conflicts_with = "endpoint")]
+    /// auraed's Unix socket, a path, e.g. /run/aurae/auraed.sock [default:
+    /// /run/aurae/auraed.sock].
+    #[arg(long, global = true, conflicts_with = "endpoint", value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// auraed's TCP address, host:port.
-    #[arg(long, global = true)]
+    /// auraed's TCP address, HOST:PORT, e.g. 127.0.0.1:8443.
+    #[arg(long, global = true, value_name = "HOST:PORT")]
     endpoint: Option<String>,
-    /// PKI directory with ca.pem and the identity's .pem/.key [default: /etc/aurae/pki].
-    #[arg(long, global = true)]
+    /// PKI directory with ca.pem and the identity's .pem/.key, e.g. /tmp/aurae/pki
+    /// [default: /etc/aurae/pki].
+    #[arg(long, global = true, value_name = "DIR")]
     pki_dir: Option<PathBuf>,
-    /// Identity in the PKI directory to present (NAME.pem / NAME.key).
-    #[arg(long, global = true)]
+    /// Identity in the PKI directory to present (NAME.pem / NAME.key), e.g. alice.
+    #[arg(long, global = true, value_name = "NAME")]
     identity: Option<String>,
-    /// Name to check auraed's certificate against [default: localhost, or the endpoint's host].
-    #[arg(long, global = true)]
+    /// Name to check auraed's certificate against, e.g. auraed.local [default: localhost,
+    /// or the endpoint's host].
+    #[arg(long, global = true, value_name = "NAME")]
     server_name: Option<String>,
     /// Run the command in a spawned instance instead: NAME (an instance of the auraed
     /// above), or a/b/c (instance c of instance b of instance a), reached one daemon after
     /// the other with the same CA and identity, each checked against the SPIFFE ID its
-    /// parent reports.
+    /// parent reports; e.g. --instance web-1 or --instance web-1/job.
     #[arg(long, global = true, env = "AER_INSTANCE", value_name = "PATH",
           value_parser = InstancePath::from_str)]
     instance: Option<InstancePath>,
@@ -104,10 +109,17 @@ pub enum Command {
     Pod(PodCmd),
     /// Watch lifecycle events.
     Events(EventsArgs),
+    /// A live tree of cells, executables, containers, VMs, instances and pods with CPU %,
+    /// memory, pids and IO, redrawn every --interval on a terminal (Ctrl-C ends it); one
+    /// snapshot on a pipe, with --once or -o json. E.g. `aer top --interval 500ms`.
+    Top(TopArgs),
     /// Ask auraed to shut down in order.
     Shutdown(ShutdownArgs),
-    /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
+    /// Print shell completions, e.g. `aer completions bash > /etc/bash_completion.d/aer`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs one command line: the PKI and completions here, everything else against auraed.
@@ -185,6 +197,7 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         Command::Instance(cmd) => instance::run(c, cmd, fmt).await,
         Command::Pod(cmd) => pod::run(c, cmd, fmt).await,
         Command::Events(a) => events::run(c, a, fmt).await,
+        Command::Top(a) => top::run(c, a, fmt).await,
     }
 }
 

@@ -8,9 +8,14 @@
 
 mod cli;
 mod cmd;
+mod help;
 mod instance_path;
 mod output;
+mod progress;
 mod time;
+// `aer top` (a module of `cmd` in all but where it is declared).
+#[path = "cmd/top.rs"]
+mod top;
 mod units;
 
 use std::process::ExitCode;

@@ -18,26 +18,50 @@ use crate::{
 
 #[derive(Debug, Args)]
 pub struct LimitArgs {
-    #[arg(long)]
+    /// CPU weight against sibling cells (cgroup cpu.weight), 1..=10000, e.g. 200
+    /// [default: the kernel's, 100].
+    #[arg(long, value_name = "N")]
     cpu_weight: Option<u64>,
-    /// CPU quota per period, e.g. 50000/100000 (µs).
-    #[arg(long)]
+    /// CPU quota per period in µs (cgroup cpu.max), QUOTA/PERIOD or max/PERIOD, e.g.
+    /// 50000/100000 for half a CPU [default: no quota].
+    #[arg(long, value_name = "QUOTA/PERIOD")]
     cpu_max: Option<String>,
-    #[arg(long, default_value = "")]
+    /// CPUs the cell may run on (cgroup cpuset.cpus), in the kernel's list format, e.g.
+    /// 0-1,3 [default: all].
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "",
+        hide_default_value = true
+    )]
     cpuset_cpus: String,
-    #[arg(long, value_parser = parse_size)]
+    /// Memory the cell is guaranteed (cgroup memory.min), in bytes with a K, M, G or T
+    /// suffix (powers of 1024), e.g. 32M [default: none].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_min: Option<u64>,
-    #[arg(long, value_parser = parse_size)]
+    /// Memory protected on a best-effort basis (cgroup memory.low), e.g. 64M [default:
+    /// none].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_low: Option<u64>,
-    #[arg(long, value_parser = parse_size)]
+    /// Memory above which the cell is throttled and reclaimed (cgroup memory.high), e.g.
+    /// 1G [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_high: Option<u64>,
-    #[arg(long, value_parser = parse_size)]
+    /// Memory limit, past which the OOM killer acts (cgroup memory.max), in bytes with a
+    /// K, M, G or T suffix (powers of 1024), e.g. 512M or 2G [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_max: Option<u64>,
-    #[arg(long, value_parser = parse_size)]
+    /// Swap limit (cgroup memory.swap.max), e.g. 0 for no swap or 256M [default: no
+    /// limit].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_swap_max: Option<u64>,
-    #[arg(long)]
+    /// Most processes and threads at once (cgroup pids.max), e.g. 32 [default: no
+    /// limit].
+    #[arg(long, value_name = "N")]
     pids_max: Option<u64>,
-    #[arg(long)]
+    /// IO weight against sibling cells (cgroup io.weight), 1..=10000, e.g. 200 [default:
+    /// the kernel's, 100].
+    #[arg(long, value_name = "N")]
     io_weight: Option<u64>,
 }
 
@@ -75,10 +99,11 @@ fn cpu_max(s: &str) -> anyhow::Result<pb::CpuMax> {
 
 #[derive(Debug, Args)]
 pub struct NsArgs {
-    /// Share a host namespace: pid, net, ipc, uts, mount, cgroup (repeatable; needs a policy grant).
-    #[arg(long = "share-host")]
+    /// Share a host namespace: pid, net, ipc, uts, mount or cgroup (repeatable; needs a
+    /// policy grant), e.g. --share-host net.
+    #[arg(long = "share-host", value_name = "NS")]
     share: Vec<String>,
-    /// Run the cell in a new user namespace.
+    /// Run the cell in a new user namespace (root inside, unprivileged outside).
     #[arg(long)]
     userns: bool,
 }
@@ -108,33 +133,60 @@ impl NsArgs {
 pub enum CellCmd {
     /// Create a cell, e.g. `aer cell allocate web --memory-max 64M --pids-max 32`.
     Allocate {
+        /// The cell's name: DNS labels joined by '/', a child below its parent, e.g. web
+        /// or web/api.
         name: String,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
         ns: NsArgs,
     },
+    /// Show one cell, e.g. `aer cell get web/api`.
     Get {
+        /// The cell's full name, e.g. web/api.
         name: String,
     },
+    /// Show the cells, e.g. `aer cell list --prefix web/`.
     List {
-        #[arg(long, default_value = "")]
+        /// Only cells whose name starts with this, e.g. web/ [default: every cell the
+        /// caller may see].
+        #[arg(
+            long,
+            value_name = "PREFIX",
+            default_value = "",
+            hide_default_value = true
+        )]
         prefix: String,
     },
+    /// Stop every process in a cell: SIGTERM, then SIGKILL after the grace period.
     Stop {
+        /// The cell's full name, e.g. web.
         name: String,
-        #[arg(long, value_parser = parse_duration)]
+        /// How long to wait after SIGTERM before killing: a number with ms, s, m or h
+        /// (plain = seconds), at most 10m, e.g. 5s [default: auraed's, 10s].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         grace: Option<Duration>,
     },
+    /// Remove a cell and everything in it.
     Free {
+        /// The cell's full name, e.g. web.
         name: String,
     },
+    /// A cell's usage (cgroup cpu.stat, memory, pids, io).
     Stats {
+        /// The cell's full name, e.g. web.
         name: String,
     },
     /// Cells as a tree, with their limits and usage.
     Tree {
-        #[arg(long, default_value = "")]
+        /// Only cells whose name starts with this, e.g. web [default: every cell the
+        /// caller may see].
+        #[arg(
+            long,
+            value_name = "PREFIX",
+            default_value = "",
+            hide_default_value = true
+        )]
         prefix: String,
     },
 }
@@ -198,28 +250,46 @@ async fn list(
         .cells)
 }
 
+/// Every cell under the prefix, sorted by name (so each comes right after its parent and
+/// its parent's earlier children), with its usage: `None` where Stats failed (the cell was
+/// freed in between, or Stats is not granted). Shared by `aer cell tree` and `aer top`.
+pub async fn walk(
+    x: &mut CellsClient<Channel>,
+    prefix: String,
+) -> Result<Vec<(pb::CellStatus, Option<pb::ResourceStats>)>, Status> {
+    let mut cells = list(x, prefix).await?;
+    cells.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::with_capacity(cells.len());
+    for cell in cells {
+        let st = x.stats(name(&cell.name)).await.map(|r| r.into_inner()).ok();
+        out.push((cell, st));
+    }
+    Ok(out)
+}
+
+/// A cell's depth below the top (`web` 0, `web/api` 1) and its last label.
+pub fn depth_and_label(name: &str) -> (usize, &str) {
+    (
+        name.matches('/').count(),
+        name.rsplit('/').next().unwrap_or(name),
+    )
+}
+
 /// `aer cell tree`: every cell under the prefix, indented below its parent, with usage
 /// against its limits (a cell whose stats fail shows zero usage).
 async fn tree(x: &mut CellsClient<Channel>, prefix: String, fmt: Format) -> Result<(), Status> {
-    let mut cells = list(x, prefix).await?;
-    cells.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut rows = Vec::new();
-    for cell in &cells {
-        let st = x
-            .stats(name(&cell.name))
-            .await
-            .map(|r| r.into_inner())
-            .unwrap_or_default();
-        rows.push(tree_row(cell, &st, fmt));
-    }
+    let rows: Vec<Row> = walk(x, prefix)
+        .await?
+        .iter()
+        .map(|(cell, st)| tree_row(cell, &st.unwrap_or_default(), fmt))
+        .collect();
     print(fmt, &rows, false);
     Ok(())
 }
 
 fn tree_row(cell: &pb::CellStatus, st: &pb::ResourceStats, fmt: Format) -> Row {
     let l = cell.limits.clone().unwrap_or_default();
-    let depth = cell.name.matches('/').count();
-    let label = cell.name.rsplit('/').next().unwrap_or(&cell.name);
+    let (depth, label) = depth_and_label(&cell.name);
     let cpu = l.cpu_max.map_or("-".to_owned(), |c| {
         if c.quota_us == 0 {
             "max".to_owned()

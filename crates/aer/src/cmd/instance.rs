@@ -15,12 +15,14 @@ use super::{
 };
 use crate::{
     output::{Format, Row, print},
+    progress::{self, Watch},
     units::{parse_duration, parse_size, proto_duration},
 };
 
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
-    /// Start a new auraed instance with its own SPIFFE identity, and wait until it is ready.
+    /// Start a new auraed instance with its own SPIFFE identity, and wait until it is ready
+    /// (a spinner on a terminal), e.g. `aer instance spawn web-1 --isolation cell`.
     Spawn(SpawnArgs),
     #[command(flatten)]
     Lifecycle(Lifecycle),
@@ -141,7 +143,18 @@ kind!(
 pub async fn run(c: &Client, cmd: InstanceCmd, fmt: Format) -> Result<(), Status> {
     match cmd {
         InstanceCmd::Spawn(a) => {
-            let s = c.runtime().spawn(a.proto()).await?.into_inner();
+            let inst = a.proto();
+            let name = inst.name.clone();
+            let watch = Watch {
+                what: format!("spawning instance {name}"),
+                first_phase: "starting its auraed; waiting for its health",
+                name: &name,
+                kinds: vec![pb::Kind::Instance],
+                then: None,
+            };
+            let s = progress::wait(c, watch, c.runtime().spawn(inst))
+                .await?
+                .into_inner();
             let row = lifecycle::shown::<InstancesClient<Channel>>(fmt, &s);
             print(fmt, &[row], true);
         }

@@ -18,18 +18,20 @@ use super::{
 };
 use crate::{
     output::{Format, Row, print},
+    progress::{self, Watch},
     units::{parse_duration, parse_size, proto_duration},
 };
 
 #[derive(Debug, Subcommand)]
 pub enum PodCmd {
     /// Run a container in an instance spawned for it alone, and wait until it is up (and
-    /// its --port accepts connections).
+    /// its --port accepts connections), with a spinner on a terminal.
     Run(PodRunArgs),
     #[command(flatten)]
     Lifecycle(Lifecycle),
     /// The container's output (stdout and stderr), from the instance.
     Logs {
+        /// The pod's name, e.g. web.
         name: String,
         /// Keep the stream open and print new output as it is written.
         #[arg(long, short = 'f')]
@@ -220,7 +222,20 @@ pub async fn run(c: &Client, cmd: PodCmd, fmt: Format) -> Result<(), Status> {
     match cmd {
         PodCmd::Run(a) => {
             let pod = a.proto().map_err(invalid)?;
-            let s = c.runtime().run_pod(pod).await?.into_inner();
+            let name = pod.name.clone();
+            let watch = Watch {
+                what: format!("running pod {name}"),
+                first_phase: "pulling the image; spawning its instance",
+                name: &name,
+                kinds: vec![pb::Kind::Pod, pb::Kind::Instance],
+                then: Some((
+                    pb::Kind::Instance,
+                    "handing over the image, starting the container",
+                )),
+            };
+            let s = progress::wait(c, watch, c.runtime().run_pod(pod))
+                .await?
+                .into_inner();
             let row = lifecycle::shown::<PodsClient<Channel>>(fmt, &s);
             print(fmt, &[row], true);
         }

@@ -13,16 +13,22 @@ use super::{
 };
 use crate::{
     output::{Format, Row, print},
+    progress::{self, Watch},
     units::parse_size,
 };
 
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
+    /// Boot a microVM and wait until it runs (a spinner on a terminal), e.g.
+    /// `aer vm run web --kernel /srv/vm-images/vmlinuz --memory 512M --net`.
     Run(RunArgs),
     #[command(flatten)]
     Lifecycle(Lifecycle),
+    /// A VM's serial console: what it printed so far, then more with -f.
     Console {
+        /// The VM's name, e.g. web.
         name: String,
+        /// Keep the stream open and print new console output as it comes.
         #[arg(long, short = 'f')]
         follow: bool,
     },
@@ -30,21 +36,36 @@ pub enum VmCmd {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The VM's name, a DNS label unique on this auraed, e.g. web.
     name: String,
-    #[arg(long)]
+    /// Guest kernel (bzImage or vmlinux), an absolute path on auraed's machine, e.g.
+    /// /srv/vm-images/vmlinuz.
+    #[arg(long, value_name = "PATH")]
     kernel: String,
-    #[arg(long, default_value = "")]
+    /// Initramfs, an absolute path on auraed's machine, e.g. /srv/vm-images/initrd
+    /// [default: none].
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "",
+        hide_default_value = true
+    )]
     initramfs: String,
-    #[arg(long, default_value = "console=ttyS0")]
+    /// Kernel command line, e.g. 'console=ttyS0 reboot=k panic=-1'.
+    #[arg(long, value_name = "ARGS", default_value = "console=ttyS0")]
     cmdline: String,
-    #[arg(long, default_value_t = 1)]
+    /// Virtual CPUs, a count 1..=32, e.g. 2.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u32,
-    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    /// Guest memory in bytes with a K, M, G or T suffix (powers of 1024), a multiple of
+    /// 2M and at least 32M, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
     memory: u64,
     /// A block device `PATH[:rw]` under one of auraed's --vm-image-root (repeatable;
-    /// the first is /dev/vda). Read-only unless `:rw` (which needs a grant with
-    /// allow_writable_drives and the path in its volumes); `:ro` is accepted.
-    #[arg(long = "drive")]
+    /// the first is /dev/vda), e.g. /srv/vm-images/data.img:rw. Read-only unless `:rw`
+    /// (which needs a grant with allow_writable_drives and the path in its volumes);
+    /// `:ro` is accepted.
+    #[arg(long = "drive", value_name = "PATH[:rw]")]
     drives: Vec<String>,
     /// Attach a network interface (a TAP on auraed's bridge; the address is leased).
     #[arg(long)]
@@ -107,7 +128,16 @@ kind!(
 pub async fn run(c: &Client, cmd: VmCmd, fmt: Format) -> Result<(), Status> {
     match cmd {
         VmCmd::Run(a) => {
-            let s = c.runtime().run_virtual_machine(a.proto()).await?;
+            let vm = a.proto();
+            let name = vm.name.clone();
+            let watch = Watch {
+                what: format!("booting vm {name}"),
+                first_phase: "starting its VMM",
+                name: &name,
+                kinds: vec![pb::Kind::VirtualMachine],
+                then: None,
+            };
+            let s = progress::wait(c, watch, c.runtime().run_virtual_machine(vm)).await?;
             print(fmt, &[vm_row(&s.into_inner())], true);
         }
         VmCmd::Lifecycle(cmd) => lifecycle::run(c.virtual_machines(), cmd, fmt).await?,
