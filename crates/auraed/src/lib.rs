@@ -2,6 +2,7 @@
 //! one mTLS-authenticated gRPC API for executables, cells, VMs, instances and pods.
 //!
 //! Module map (one noun per module; see ARCHITECTURE.md):
+//! - [`config`]: the `--config` file (auraed's options in TOML).
 //! - [`server`]: listeners, TLS handshakes, connection limits, ordered shutdown.
 //! - [`api`]: one thin adapter per gRPC service, the authorization layer, error mapping.
 //! - [`identity`]: the authorization policy.
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod cell;
 pub mod compose;
+pub mod config;
 pub mod container;
 pub mod events;
 pub mod executable;
