@@ -1007,32 +1007,34 @@ impl Drop for Screen {
 
 /// Resolves when the user asks `aer top` to end: Ctrl-C (SIGINT), SIGTERM or SIGHUP.
 struct Stop {
-    term: Option<tokio::signal::unix::Signal>,
-    hup: Option<tokio::signal::unix::Signal>,
+    /// Registered once, up front: a signal that comes while a frame is drawn waits here
+    /// for the next `requested` instead of being missed.
+    signals: Vec<tokio::signal::unix::Signal>,
 }
 
 impl Stop {
-    fn new() -> Self {
+    fn new() -> Result<Self, Status> {
         use tokio::signal::unix::{SignalKind, signal};
-        Self {
-            term: signal(SignalKind::terminate()).ok(),
-            hup: signal(SignalKind::hangup()).ok(),
-        }
+        let signals = [
+            SignalKind::interrupt(),
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+        ]
+        .into_iter()
+        .map(signal)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::internal(format!("handling Ctrl-C: {e}")))?;
+        Ok(Self { signals })
     }
 
     async fn requested(&mut self) {
-        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
-            match s {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        }
+        let [int, term, hup] = self.signals.as_mut_slice() else {
+            return std::future::pending().await;
+        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = recv(&mut self.term) => {}
-            () = recv(&mut self.hup) => {}
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
         }
     }
 }
@@ -1042,7 +1044,7 @@ impl Stop {
 /// keeps trying.
 async fn live_loop(sampler: &mut Sampler, interval: Duration, frames: u64) -> Result<(), Status> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut stop = Stop::new();
+    let mut stop = Stop::new()?;
     let mut winch = signal(SignalKind::window_change()).ok();
     let mut screen = Screen::enter()?;
     let mut last: Option<Snapshot> = None;
