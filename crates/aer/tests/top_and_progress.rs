@@ -395,12 +395,14 @@ async fn top_on_a_pipe_prints_one_plain_snapshot_and_json_nests_the_tree() {
             .is_some_and(|s| s.starts_with("spiffe://"))
     );
 
-    // --once on a terminal: the same plain table, no escape codes, exit 0.
-    let once = OnPty::spawn(e.aer.command(&["top", "--once"]), 100, 30, false);
-    let (status, text, _) = once.finish(LIMIT);
-    assert!(status.success(), "{text}");
-    assert!(!text.contains(ESC), "{text:?}");
-    assert!(text.contains("─ spin "), "{text}");
+    // --once or -n 1 on a terminal: the same plain table, no escape codes, exit 0.
+    for once in [&["top", "--once"][..], &["top", "-n", "1"]] {
+        let top = OnPty::spawn(e.aer.command(once), 100, 30, false);
+        let (status, text, _) = top.finish(LIMIT);
+        assert!(status.success(), "{once:?}: {text}");
+        assert!(!text.contains(ESC), "{once:?}: {text:?}");
+        assert!(text.contains("─ spin "), "{once:?}: {text}");
+    }
 
     // --prefix: only what is named under it.
     let r = e

@@ -70,9 +70,11 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 const SNAPSHOT_SAMPLE: Duration = Duration::from_millis(500);
 
 pub async fn run(c: &Client, a: TopArgs, fmt: Format) -> Result<(), Status> {
+    // `-n 1` is `--once`: one plain snapshot, even on a terminal.
+    let once = a.once || a.iterations == Some(1);
     let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
-    let live = fmt == Format::Table && !a.once && !dumb && std::io::stdout().is_terminal();
-    let frames = if a.once {
+    let live = fmt == Format::Table && !once && !dumb && std::io::stdout().is_terminal();
+    let frames = if once {
         1
     } else {
         a.iterations.unwrap_or(if live { u64::MAX } else { 1 })
