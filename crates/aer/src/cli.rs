@@ -134,9 +134,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         command => command,
     };
     let instance = args.conn.instance.clone();
+    // `aer health --wait`: keep trying until auraed serves (a script right after starting it).
+    let wait = match &command {
+        Command::Health(a) => a.wait,
+        _ => None,
+    };
     let connected = async {
         let cfg = config(args.conn)?;
-        let mut client = Client::connect(&cfg).await?;
+        let mut client = daemon::connect_waiting(&cfg, wait).await?;
         if let Some(path) = &instance {
             client = instance_path::resolve(&cfg, client, path).await?;
         }

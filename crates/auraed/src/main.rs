@@ -345,8 +345,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cfg)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("auraed: {e:#}");
+            let e = aurae_client::errors::chain_text(e.as_ref());
+            tracing::error!("{e}");
+            eprintln!("auraed: {e}");
             ExitCode::FAILURE
         }
     }
@@ -406,7 +407,10 @@ fn run_instance() -> ExitCode {
     match runtime.block_on(run(cfg)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("auraed (instance): {e:#}");
+            eprintln!(
+                "auraed (instance): {}",
+                aurae_client::errors::chain_text(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -476,7 +480,13 @@ fn run_pid1() -> ! {
     };
     match runtime.block_on(run(cfg)) {
         Ok(reboot) => auraed::pid1::power_off(reboot, "shutdown requested"),
-        Err(e) => auraed::pid1::power_off(false, &format!("auraed failed: {e:#}")),
+        Err(e) => auraed::pid1::power_off(
+            false,
+            &format!(
+                "auraed failed: {}",
+                aurae_client::errors::chain_text(e.as_ref())
+            ),
+        ),
     }
 }
 

@@ -21,6 +21,50 @@ pub struct HealthArgs {
     /// A service name, e.g. aurae.runtime.v0.Runtime ("" = the whole server).
     #[arg(long, default_value = "", value_name = "SERVICE")]
     service: String,
+    /// Wait until auraed serves, trying again every 100 ms for at most this long, e.g.
+    /// 10s (for scripts that have just started it).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub wait: Option<Duration>,
+}
+
+/// Connects to auraed; with `wait`, keeps trying (connection and health both) until it
+/// answers SERVING or `wait` has passed, then reports the last failure.
+pub async fn connect_waiting(
+    cfg: &aurae_client::ClientConfig,
+    wait: Option<Duration>,
+) -> anyhow::Result<Client> {
+    let Some(wait) = wait else {
+        return Ok(Client::connect(cfg).await?);
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let last = match Client::connect(cfg).await {
+            Ok(c) => {
+                let req = HealthCheckRequest {
+                    service: String::new(),
+                };
+                match c.health().check(req).await {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(c),
+                    Ok(r) => anyhow::anyhow!("auraed answers health {:?}", r.get_ref().status),
+                    Err(s) => anyhow::anyhow!("health: {}", s.message()),
+                }
+            }
+            // Missing certificates or a bad config do not mend by waiting; a socket not
+            // there yet does.
+            Err(
+                e @ aurae_client::ClientError::Config(
+                    aurae_client::ConfigError::Missing { .. }
+                    | aurae_client::ConfigError::File { .. }
+                    | aurae_client::ConfigError::BothEndpoints,
+                ),
+            ) => return Err(e.into()),
+            Err(e) => e.into(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(last.context(format!("auraed did not serve within {wait:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[derive(Debug, Args)]

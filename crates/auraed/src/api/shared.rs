@@ -200,7 +200,7 @@ mod tests {
         let out = Arc::new(Log::new(None));
         // Alternating streams: one chunk each (same-stream writes may merge).
         let stream = |i: u8| {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 log::Stream::Stdout
             } else {
                 log::Stream::Stderr
