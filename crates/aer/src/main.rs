@@ -14,8 +14,6 @@ mod output;
 mod progress;
 mod time;
 // `aer top` (a module of `cmd` in all but where it is declared).
-#[path = "cmd/top.rs"]
-mod top;
 mod units;
 
 use std::process::ExitCode;

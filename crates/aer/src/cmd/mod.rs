@@ -12,6 +12,7 @@ pub mod instance;
 mod lifecycle;
 pub mod pki;
 pub mod pod;
+pub mod top;
 pub mod vm;
 
 use std::collections::HashMap;
