@@ -582,11 +582,12 @@ fn readme() -> anyhow::Result<Totals> {
         t.skipped += 1;
         return Ok(t);
     }
-    let cg = Path::new("/sys/fs/cgroup/unified/aurae");
-    let cg = if cg.parent().is_some_and(Path::exists) {
-        cg.to_path_buf()
-    } else {
-        PathBuf::from("/sys/fs/cgroup/aurae")
+    // auraed's default cgroup root, found as auraed finds it: `aurae` under the first of
+    // /sys/fs/cgroup and /sys/fs/cgroup/unified that is a cgroup2 mount (a directory named
+    // `unified` on a pure v2 host is a cgroup, not the mount).
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let Some(cg) = cgroup2_mount(&mounts).map(|m| m.join("aurae")) else {
+        bail!("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified: auraed cannot run cells here");
     };
     if cg.exists() {
         bail!(
@@ -635,8 +636,18 @@ fn readme() -> anyhow::Result<Totals> {
         "==> README walkthrough: {run_blocks} blocks as one bash session ({})",
         file.display()
     );
+    // --kill-child: should unshare die (xtask killed), the walkthrough's PID 1 gets SIGKILL
+    // and everything it started goes with it.
     let mut child = Command::new("unshare")
-        .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
+        .args([
+            "--mount",
+            "--net",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            "--",
+        ])
         .arg("bash")
         .arg("-x")
         .arg(&file)
@@ -645,30 +656,66 @@ fn readme() -> anyhow::Result<Totals> {
         .stdout(Stdio::piped())
         .spawn()
         .context("unshare (util-linux)")?;
-    let mut ok = 0;
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            println!("{line}");
-            if line.starts_with("README.md:") && line.ends_with(" ok") {
-                ok += 1;
-            }
-        }
-    }
-    let status = child.wait()?;
+    // Nothing between here and the clean-up may return early: a walkthrough that printed
+    // bytes that are not UTF-8 once ended xtask here, leaving its cgroups on the host.
+    let ok = child
+        .stdout
+        .take()
+        .map_or(0, |out| echo_and_count_ok(BufReader::new(out)));
+    let status = child.wait();
     // The PID namespace took every process with it; the cgroups stay: remove them.
     remove_cgroup_tree(&cg);
     for d in made {
         let _ = std::fs::remove_dir(d);
     }
     t.passed = ok;
-    if !status.success() || ok != run_blocks {
+    let status = match status {
+        Ok(s) if s.success() && ok == run_blocks => None,
+        Ok(s) => Some(s.to_string()),
+        Err(e) => Some(format!("waiting for it: {e}")),
+    };
+    if let Some(status) = status {
         println!("README walkthrough failed ({status}) after {ok} of {run_blocks} blocks");
         t.failed += 1;
     } else {
         println!("README walkthrough: {ok} blocks ran as written");
     }
     Ok(t)
+}
+
+/// The first of /sys/fs/cgroup and /sys/fs/cgroup/unified that `mounts` (the text of
+/// /proc/self/mounts) lists as a cgroup2 mount: where auraed puts its default cgroup root.
+fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+    let is_cgroup2 = |dir: &str| {
+        mounts.lines().any(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            f.next() == Some(dir) && f.next() == Some("cgroup2")
+        })
+    };
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|d| is_cgroup2(d))
+        .map(PathBuf::from)
+}
+
+/// Prints the walkthrough's output line by line (bytes that are not UTF-8 shown as U+FFFD,
+/// never an error) and counts the `README.md:N ok` lines; ends at EOF or a read error.
+fn echo_and_count_ok(mut r: impl BufRead) -> u64 {
+    let mut ok = 0;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return ok,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches('\n');
+        println!("{line}");
+        if line.starts_with("README.md:") && line.ends_with(" ok") {
+            ok += 1;
+        }
+    }
 }
 
 /// Removes a cgroup directory and those below it (deepest first); they must be empty of
@@ -1077,6 +1124,25 @@ fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_walkthrough_output_may_hold_bytes_that_are_not_utf8() {
+        let out: &[u8] = b"README.md:1 ok\n\xff\xfe binary from a workload\nREADME.md:7 ok\nREADME.md:9 ok";
+        assert_eq!(echo_and_count_ok(out), 3);
+    }
+
+    #[test]
+    fn the_cgroup_root_is_where_auraed_puts_it() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        // Pure v2: a cgroup named `unified` (a directory, not a mount) is not the root.
+        let pure = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(cgroup2_mount("proc /proc proc rw 0 0\n"), None);
+    }
 
     #[test]
     fn readme_blocks_are_found_with_their_reasons() {
