@@ -2,8 +2,9 @@
 //! `aurae-registry start 127.0.0.1:5000 DIR` starts Debian's `docker-registry` on that
 //! address, storing in DIR, pushes `aurae/busybox:latest` (busybox-static, `sh` by default)
 //! and `aurae/web:latest` (busybox `httpd` serving a page on port 8080), writes the
-//! registry's pid to DIR/pid and returns; `aurae-registry stop DIR` stops it (by that pid,
-//! after checking it is that registry) and removes DIR.
+//! registry's pid to DIR/pid and returns; `aurae-registry stop DIR` stops it (through a
+//! pidfd, after checking its exact command line) and removes DIR. DIR must be new or empty
+//! at start, and stop removes only a directory with the registry.yml start wrote.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -61,6 +62,13 @@ fn start(addr: &str, dir: &Path) -> anyhow::Result<()> {
     }
     if answers_v2(addr) {
         bail!("something already serves a registry on {addr}");
+    }
+    // `stop` removes DIR: only one that is new or empty is taken.
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "DIR {}: not empty (`aurae-registry stop` removes it): give a new directory",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
@@ -141,7 +149,27 @@ fn retag(host: &str, repo: &str, from: &str, to: &str) -> anyhow::Result<String>
     Ok(oci::sha256(&manifest))
 }
 
+/// The command line `start` gives the registry it starts in the directory `dir`.
+fn registry_argv(dir: &Path) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    vec![
+        b"/usr/bin/docker-registry".to_vec(),
+        b"serve".to_vec(),
+        dir.join("registry.yml").as_os_str().as_bytes().to_vec(),
+    ]
+}
+
 fn stop(dir: &Path) -> anyhow::Result<()> {
+    // `start` wrote the config with the canonical path; `stop` may be given another.
+    let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let cfg: PathBuf = dir.join("registry.yml");
+    // Only a directory `start` made is removed at the end.
+    if !cfg.is_file() {
+        bail!(
+            "{}: no registry.yml there: not a directory `aurae-registry start` made; leaving it",
+            dir.display()
+        );
+    }
     let pid_file = dir.join("pid");
     let text = std::fs::read_to_string(&pid_file)
         .with_context(|| format!("{}: no registry started there", pid_file.display()))?;
@@ -149,35 +177,36 @@ fn stop(dir: &Path) -> anyhow::Result<()> {
         .trim()
         .parse()
         .with_context(|| format!("{}: not a pid", pid_file.display()))?;
-    // Only that registry: its command line names this directory's config.
+    // Only that registry: a pidfd first (it names this process, whatever reuses the pid
+    // later), then its exact command line (`docker-registry serve DIR/registry.yml`).
+    let pidfd = aurae_sys::Pidfd::open(pid).ok();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cfg: PathBuf = dir.join("registry.yml");
-    let ours = String::from_utf8_lossy(&cmdline).contains(&*cfg.to_string_lossy());
-    if ours {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        let started = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists()
-            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .unwrap_or_default()
-                .contains(") Z ")
-        {
-            if started.elapsed() > Duration::from_secs(5) {
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )?;
-                break;
+    let argv: Vec<Vec<u8>> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    match pidfd {
+        Some(pidfd) if argv == registry_argv(dir) => {
+            pidfd.send_signal(nix::libc::SIGTERM)?;
+            let started = Instant::now();
+            // Alive (signal 0 reaches it) and not yet a zombie.
+            while pidfd.send_signal(0).is_ok()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z ")
+            {
+                if started.elapsed() > Duration::from_secs(5) {
+                    let _ = pidfd.send_signal(nix::libc::SIGKILL);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-    } else {
-        eprintln!(
+        _ => eprintln!(
             "aurae-registry: pid {pid} is no longer the registry of {}",
             dir.display()
-        );
+        ),
     }
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
