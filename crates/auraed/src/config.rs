@@ -147,6 +147,29 @@ pub fn absolute(p: &Path) -> Result<PathBuf, String> {
 }
 
 /// The line (1-based) of byte offset `at` in `text`.
+/// The config file decides auraed's PKI, policy and kernel: whoever may write it controls
+/// auraed. It must be a regular file owned by root or by auraed's own user, and not
+/// writable by group or others (it holds no secrets: reading is not checked).
+pub fn check_owner_and_mode(md: &fs::Metadata, euid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !md.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "mode {mode:o} lets group or others write it, and the file decides auraed's PKI,              policy and kernel: chmod go-w it"
+        ));
+    }
+    if md.uid() != 0 && md.uid() != euid {
+        return Err(format!(
+            "is owned by uid {}, neither root nor auraed's uid {euid}: that user could              rewrite auraed's PKI, policy and kernel; chown it",
+            md.uid()
+        ));
+    }
+    Ok(())
+}
+
 fn line_of(text: &str, at: usize) -> usize {
     text.get(..at)
         .map(|s| s.bytes().filter(|b| *b == b'\n').count() + 1)
@@ -161,6 +184,15 @@ impl FileConfig {
             path: path.to_owned(),
             reason: format!("path {reason}"),
         })?;
+        let md = fs::metadata(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        check_owner_and_mode(&md, nix::unistd::geteuid().as_raw())
+            .map_err(|reason| ConfigError::ConfigPath {
+                path: path.clone(),
+                reason,
+            })?;
         let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
@@ -379,5 +411,52 @@ no_pid1 = true
         );
         assert_eq!(absolute(Path::new("/a/b")).unwrap(), PathBuf::from("/a/b"));
         assert!(absolute(Path::new("a")).unwrap().is_absolute());
+    }
+
+    #[test]
+    fn a_config_file_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auraed.toml");
+        fs::write(&file, "log_json = true\n").unwrap();
+        for (mode, ok) in [(0o600, true), (0o644, true), (0o664, false), (0o646, false)] {
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+            let r = FileConfig::load(&file);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+            if let Err(e) = r {
+                let e = e.to_string();
+                assert!(e.contains(&file.display().to_string()), "{e}");
+                assert!(e.contains("chmod go-w"), "{e}");
+            }
+        }
+        // A directory is not a config file.
+        let e = FileConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_config_file_of_another_user_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auraed.toml");
+        fs::write(&file, "log_json = true\n").unwrap();
+        let md = fs::metadata(&file).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(check_owner_and_mode(&md, me).is_ok());
+        // As seen by an auraed of another (non-root) uid, a file of ours is foreign,
+        // unless ours is root.
+        let other = me.wrapping_add(4242);
+        let r = check_owner_and_mode(&md, other);
+        if me == 0 {
+            assert!(r.is_ok(), "{r:?}");
+        } else {
+            assert!(r.unwrap_err().contains(&format!("owned by uid {me}")));
+        }
+        if me == 0 {
+            nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = FileConfig::load(&file).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        } else {
+            println!("SKIP a_config_file_of_another_user_is_refused (chown): needs root");
+        }
     }
 }

@@ -220,7 +220,10 @@ impl Args {
 }
 
 /// Whether a PID 1 auraed was told to stay a plain daemon by its config file
-/// (`--config FILE`, `--config=FILE` or AURAED_CONFIG, with `no_pid1 = true`).
+/// (`--config FILE`, `--config=FILE` or AURAED_CONFIG, with `no_pid1 = true`). A config
+/// file that is named but does not load also keeps it a daemon: the daemon path reports
+/// the file's error and exits, instead of PID 1 ignoring the file and setting the machine
+/// up (a container's `auraed --config bad.toml` must not silently become a machine init).
 fn config_says_no_pid1(raw: &[std::ffi::OsString]) -> bool {
     let flag = raw.iter().enumerate().find_map(|(i, a)| {
         if a == "--config" {
@@ -230,9 +233,7 @@ fn config_says_no_pid1(raw: &[std::ffi::OsString]) -> bool {
         }
     });
     flag.or_else(|| std::env::var_os("AURAED_CONFIG").map(PathBuf::from))
-        .and_then(|p| FileConfig::load(&p).ok())
-        .and_then(|f| f.no_pid1)
-        .unwrap_or(false)
+        .is_some_and(|p| FileConfig::load(&p).map_or(true, |f| f.no_pid1 == Some(true)))
 }
 
 fn main() -> ExitCode {
@@ -840,6 +841,18 @@ mod tests {
         assert!(config_says_no_pid1(&[
             "auraed".into(),
             format!("--config={f}").into()
+        ]));
+        // A file that does not load is reported by the daemon path, not ignored by PID 1.
+        std::fs::write(&file, "no_pid1 = true\nbogus = 1\n").unwrap();
+        assert!(config_says_no_pid1(&[
+            "auraed".into(),
+            "--config".into(),
+            f.into()
+        ]));
+        assert!(config_says_no_pid1(&[
+            "auraed".into(),
+            "--config".into(),
+            dir.path().join("missing.toml").into_os_string()
         ]));
         std::fs::write(&file, "no_pid1 = false\n").unwrap();
         assert!(!config_says_no_pid1(&[
