@@ -561,3 +561,55 @@ async fn run_cell_rm_runs_an_image_and_leaves_no_cell() {
     }
     assert!(processes(&["sleep", &m8]).is_empty());
 }
+
+/// `--rm` frees only what this aer created: when someone else frees the workload while aer
+/// still copies its output and uses the name again, aer leaves the new one running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_leaves_a_name_someone_else_used_again() {
+    let Some(e) = env("rm_leaves_a_name_someone_else_used_again").await else {
+        return;
+    };
+    let m7 = marker(7);
+    // It exits at once, but a process it started holds its output open: aer follows that
+    // output for a few seconds after the exit, and then frees with --rm.
+    let script = format!("/bin/sleep {m7} & exit 0");
+    let aer = e
+        .aer
+        .spawn(&[
+            "run", "--cell", "c", "--name", "job", "--rm", "--", "/bin/sh", "-c", &script,
+        ])
+        .unwrap();
+    let start = Instant::now();
+    let mine = loop {
+        if let Ok(s) = e.get("c", "job").await
+            && s.phase == pb::Phase::Exited as i32
+        {
+            break s;
+        }
+        assert!(start.elapsed() < LIMIT, "c/job never exited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Another client frees it and starts its own `job`.
+    e.c.executables().free(exe_ref("c", "job")).await.unwrap();
+    let theirs =
+        e.c.runtime()
+            .run_executable(pb::Executable {
+                cell: "c".into(),
+                name: "job".into(),
+                argv: vec!["/bin/sleep".into(), m7.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_ne!(theirs.started_at, mine.started_at);
+    let r = aer.finish(LIMIT).unwrap();
+    let now = e.get("c", "job").await;
+    assert!(
+        now.as_ref()
+            .is_ok_and(|s| s.phase == pb::Phase::Running as i32
+                && s.started_at == theirs.started_at),
+        "aer --rm stopped or freed the other client's c/job: {now:?}\n{r}"
+    );
+    assert!(r.stderr.contains("not freeing it"), "{r}");
+}

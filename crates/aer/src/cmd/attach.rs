@@ -85,8 +85,9 @@ pub struct AttachArgs {
 pub enum Made {
     /// `aer run`: an executable in an existing cell.
     Executable,
-    /// `aer run-cell`: a cell of its own (freeing it frees its executable).
-    Cell(String),
+    /// `aer run-cell`: a cell of its own (freeing it frees its executable), and when
+    /// auraed created it (a cell of that name created at another time is not aer's).
+    Cell(String, Option<prost_types::Timestamp>),
 }
 
 /// A workload that was started: its executable and what to free for `--rm`.
@@ -159,11 +160,11 @@ pub async fn launch(
         }
     };
     if a.rm
-        && let Err(e) = remove(c, &exe, &started.made, a.stop_grace).await
+        && let Err(e) = remove(c, &started, a.stop_grace).await
     {
         let what = match &started.made {
             Made::Executable => format!("executable {id}"),
-            Made::Cell(cell) => format!("cell {cell}"),
+            Made::Cell(cell, _) => format!("cell {cell}"),
         };
         eprintln!(
             "aer: --rm: could not free {what}: {:?}: {}",
@@ -516,20 +517,66 @@ fn signal_name(n: i32) -> Option<&'static str> {
     })
 }
 
+/// Why what auraed now holds under the name is not what aer created (`None`: it is): the
+/// name was freed and used again meanwhile (by another client, or another aer), so `--rm`
+/// must leave it alone. `then` is when aer's own was started or created.
+fn replaced(
+    what: &str,
+    then: Option<&prost_types::Timestamp>,
+    now: Option<&prost_types::Timestamp>,
+) -> Option<String> {
+    (then != now).then(|| {
+        format!(
+            "{what} was freed and created again by someone else meanwhile (started {}, not {}); \
+             not freeing it",
+            now.map_or_else(|| "?".into(), |t| format!("{}.{:09}", t.seconds, t.nanos)),
+            then.map_or_else(|| "?".into(), |t| format!("{}.{:09}", t.seconds, t.nanos)),
+        )
+    })
+}
+
 /// `--rm`: frees the executable (stopping it first if an aer error left it running) or
-/// the whole cell (Cells/Free kills what is left).
-async fn remove(
-    c: &Client,
-    exe: &pb::ExecutableRef,
-    made: &Made,
-    grace: Option<Duration>,
-) -> Result<(), Status> {
-    match made {
-        Made::Cell(cell) => {
-            c.cells().free(pb::NameRef { name: cell.clone() }).await?;
+/// the whole cell (Cells/Free kills what is left) — only while the name still holds what
+/// aer created (checked just before: another client may have freed it and used the name
+/// again; auraed has no conditional free, so a window of one round trip remains).
+async fn remove(c: &Client, started: &Started, grace: Option<Duration>) -> Result<(), Status> {
+    let exe = pb::ExecutableRef {
+        cell: started.exe.cell.clone(),
+        name: started.exe.name.clone(),
+    };
+    match &started.made {
+        Made::Cell(cell, created_at) => {
+            let name = pb::NameRef { name: cell.clone() };
+            let mut cells = c.cells();
+            let now = match cells.get(name.clone()).await {
+                Ok(s) => s.into_inner(),
+                // Freed already (by someone else): nothing of aer's is left.
+                Err(e) if e.code() == Code::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if let Some(why) = replaced(
+                &format!("cell {cell}"),
+                created_at.as_ref(),
+                now.created_at.as_ref(),
+            ) {
+                return Err(Status::failed_precondition(why));
+            }
+            cells.free(name).await?;
         }
         Made::Executable => {
             let mut x = c.executables();
+            let now = match x.get(exe.clone()).await {
+                Ok(s) => s.into_inner(),
+                Err(e) if e.code() == Code::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if let Some(why) = replaced(
+                &format!("executable {}/{}", exe.cell, exe.name),
+                started.exe.started_at.as_ref(),
+                now.started_at.as_ref(),
+            ) {
+                return Err(Status::failed_precondition(why));
+            }
             match x.free(exe.clone()).await {
                 Err(e) if e.code() == Code::FailedPrecondition => {
                     x.stop(pb::StopExecutableRequest {
@@ -640,6 +687,18 @@ mod tests {
         assert_eq!(c.admit(&chunk(21, b"y", 4)), b"y");
         assert_eq!(c.admit(&chunk(100, b"z", 83)), b"z");
         assert_eq!((c.next, c.lost), (101, 4 + 78));
+    }
+
+    #[test]
+    fn rm_leaves_a_name_that_was_used_again() {
+        let t = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        let mine = t(1_700_000_000, 5);
+        assert_eq!(replaced("cell job", Some(&mine), Some(&mine)), None);
+        let why = replaced("cell job", Some(&mine), Some(&t(1_700_000_000, 6))).unwrap();
+        assert!(why.starts_with("cell job was freed and created again"), "{why}");
+        assert!(why.ends_with("not freeing it"), "{why}");
+        assert!(replaced("executable c/x", Some(&mine), None).is_some());
+        assert!(replaced("executable c/x", None, Some(&mine)).is_some());
     }
 
     #[test]

@@ -157,7 +157,7 @@ pub async fn run(c: &Client, mut a: RunCellArgs, fmt: Format) -> ExitCode {
             })?;
         Ok(Started {
             exe,
-            made: Made::Cell(s.name),
+            made: Made::Cell(s.name, s.created_at),
             image_digest: s.image_digest,
         })
     };
