@@ -587,7 +587,9 @@ fn readme() -> anyhow::Result<Totals> {
     // `unified` on a pure v2 host is a cgroup, not the mount).
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let Some(cg) = cgroup2_mount(&mounts).map(|m| m.join("aurae")) else {
-        bail!("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified: auraed cannot run cells here");
+        bail!(
+            "no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified: auraed cannot run cells here"
+        );
     };
     if cg.exists() {
         bail!(
@@ -1127,13 +1129,15 @@ mod tests {
 
     #[test]
     fn the_walkthrough_output_may_hold_bytes_that_are_not_utf8() {
-        let out: &[u8] = b"README.md:1 ok\n\xff\xfe binary from a workload\nREADME.md:7 ok\nREADME.md:9 ok";
+        let out: &[u8] =
+            b"README.md:1 ok\n\xff\xfe binary from a workload\nREADME.md:7 ok\nREADME.md:9 ok";
         assert_eq!(echo_and_count_ok(out), 3);
     }
 
     #[test]
     fn the_cgroup_root_is_where_auraed_puts_it() {
-        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        let hybrid =
+            "tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
         assert_eq!(
             cgroup2_mount(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))

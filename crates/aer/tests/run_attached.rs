@@ -606,9 +606,9 @@ async fn rm_leaves_a_name_someone_else_used_again() {
     let r = aer.finish(LIMIT).unwrap();
     let now = e.get("c", "job").await;
     assert!(
-        now.as_ref()
-            .is_ok_and(|s| s.phase == pb::Phase::Running as i32
-                && s.started_at == theirs.started_at),
+        now.as_ref().is_ok_and(
+            |s| s.phase == pb::Phase::Running as i32 && s.started_at == theirs.started_at
+        ),
         "aer --rm stopped or freed the other client's c/job: {now:?}\n{r}"
     );
     assert!(r.stderr.contains("not freeing it"), "{r}");

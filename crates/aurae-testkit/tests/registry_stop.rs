@@ -54,7 +54,10 @@ fn stop_spares_a_process_that_only_mentions_the_registry_config() {
     let survived = alive(&mut other);
     let _ = other.kill();
     let _ = other.wait();
-    assert!(survived, "stop killed a process that was not the registry: {err}");
+    assert!(
+        survived,
+        "stop killed a process that was not the registry: {err}"
+    );
     assert!(err.contains("no longer the registry"), "{err}");
 }
 

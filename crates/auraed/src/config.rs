@@ -188,11 +188,12 @@ impl FileConfig {
             path: path.clone(),
             source,
         })?;
-        check_owner_and_mode(&md, nix::unistd::geteuid().as_raw())
-            .map_err(|reason| ConfigError::ConfigPath {
+        check_owner_and_mode(&md, nix::unistd::geteuid().as_raw()).map_err(|reason| {
+            ConfigError::ConfigPath {
                 path: path.clone(),
                 reason,
-            })?;
+            }
+        })?;
         let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,

@@ -695,7 +695,10 @@ mod tests {
         let mine = t(1_700_000_000, 5);
         assert_eq!(replaced("cell job", Some(&mine), Some(&mine)), None);
         let why = replaced("cell job", Some(&mine), Some(&t(1_700_000_000, 6))).unwrap();
-        assert!(why.starts_with("cell job was freed and created again"), "{why}");
+        assert!(
+            why.starts_with("cell job was freed and created again"),
+            "{why}"
+        );
         assert!(why.ends_with("not freeing it"), "{why}");
         assert!(replaced("executable c/x", Some(&mine), None).is_some());
         assert!(replaced("executable c/x", None, Some(&mine)).is_some());
