@@ -343,7 +343,7 @@ fn tests() -> anyhow::Result<Totals> {
 /// The Debian packages the test tiers use: a C toolchain (ring's assembly); the host
 /// tier's tools (python3, iproute2, nsenter from util-linux); the guest tier (qemu,
 /// busybox-static; the kernel is fetched by `guest`); a registry on loopback for image
-/// pulls (docker-registry); crun and runc as benchmark peers.
+/// pulls (docker-registry); crun and runc as benchmark peers; curl and jq for the README.
 const PACKAGES: &[&str] = &[
     "build-essential",
     "pkg-config",
@@ -356,6 +356,9 @@ const PACKAGES: &[&str] = &[
     "crun",
     "runc",
     "docker-registry",
+    // The README walkthrough's HTTP and JSON tools.
+    "curl",
+    "jq",
 ];
 
 fn is_root() -> bool {
