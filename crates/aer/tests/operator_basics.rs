@@ -151,7 +151,10 @@ fn an_unreachable_daemon_is_one_line_with_each_cause_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("aer: cannot reach auraed at 127.0.0.1:"), "{err}");
+    assert!(
+        err.starts_with("aer: cannot reach auraed at 127.0.0.1:"),
+        "{err}"
+    );
     assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
     assert_eq!(err.matches("transport error").count(), 1, "{err}");
 }
