@@ -87,7 +87,7 @@ fn volume(v: &str) -> anyhow::Result<pb::Volume> {
 #[command(after_help = super::attach::AFTER_HELP)]
 pub struct RunCellArgs {
     /// The new cell's name, a DNS label, e.g. web; its container's executable is
-    /// NAME/<image name>, e.g. web/busybox.
+    /// NAME/IMAGE-NAME (the last part of the repository), e.g. web/busybox.
     name: String,
     /// The image to run, a reference with its registry, e.g.
     /// 127.0.0.1:5000/aurae/busybox:latest (pulled if auraed does not hold it yet).

@@ -21,7 +21,7 @@ pub enum ImageCmd {
     /// stdout.
     Pull {
         /// The image, by tag or digest, e.g. 127.0.0.1:5000/aurae/busybox:latest or
-        /// registry.local/app@sha256:<hex>.
+        /// registry.local/app@sha256:HEX.
         image: String,
     },
     /// Images in the store.
