@@ -1006,8 +1006,8 @@ const SPIN: [u8; 11] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_shows_its_vcpu_time_and_memory_and_goes_when_freed() {
-    let test = "a_vm_shows_its_vcpu_time_and_memory_and_goes_when_freed";
+async fn a_vm_shows_its_vcpu_time_memory_and_exits_and_goes_when_freed() {
+    let test = "a_vm_shows_its_vcpu_time_memory_and_exits_and_goes_when_freed";
     if !tier::check(
         test,
         Tier::Host,
@@ -1082,6 +1082,27 @@ async fn a_vm_shows_its_vcpu_time_and_memory_and_goes_when_freed() {
         whole >= b,
         "the VMM's CPU ({whole}) includes its vCPU's ({b})"
     );
+    // The guest spins on `out 0x80`: port-I/O exits, reported by the VMM every second.
+    let io = [("vm", "spinner"), ("kind", "io")];
+    let t = Instant::now();
+    let before = loop {
+        let (e, _) = scrape(addr);
+        if let Some(n) = e.get("aurae_vm_exits_total", &io).filter(|n| *n > 0.0) {
+            assert!(
+                e.get("aurae_vm_exits_total", &[("vm", "spinner"), ("kind", "mmio")])
+                    .is_some(),
+                "mmio exits are reported beside io"
+            );
+            break n;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no VM exits reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (later, _) = scrape(addr);
+    let after = later.get("aurae_vm_exits_total", &io).unwrap();
+    println!("io exits: {before} then {after}");
+    assert!(after > before, "io exits did not grow: {before} -> {after}");
     c.virtual_machines()
         .free(pb::NameRef {
             name: "spinner".into(),

@@ -757,6 +757,8 @@ struct VmRow {
     vcpus: u64,
     memory_bytes: u64,
     usage: Option<VmmUsage>,
+    /// Port-I/O and MMIO exits, as the VMM last reported them.
+    exits: Option<crate::vm::VmExits>,
 }
 
 struct VmmUsage {
@@ -880,6 +882,7 @@ pub fn collect(s: &Sources) -> String {
                 vcpus: u64::from(v.spec.vcpus),
                 memory_bytes: v.spec.memory_bytes,
                 usage,
+                exits: st.exits,
             }
         })
         .collect();
@@ -1191,6 +1194,18 @@ fn encode_vms(enc: &mut Encoder, vms: &[VmRow]) {
     for v in vms {
         for (id, t) in v.usage.iter().flat_map(|u| &u.vcpus) {
             f.sample(&[("vm", &v.name), ("vcpu", id)], usec(*t));
+        }
+    }
+    let mut f = enc.family(
+        "aurae_vm_exits_total",
+        "Exits from the guest to the VMM it handled, all vCPUs, by kind (io: port I/O, mmio: \
+         memory-mapped I/O such as virtio registers); reported by the VMM every second.",
+        Kind::Counter,
+    );
+    for v in vms {
+        if let Some(x) = v.exits {
+            f.sample(&[("vm", &v.name), ("kind", "io")], x.io);
+            f.sample(&[("vm", &v.name), ("kind", "mmio")], x.mmio);
         }
     }
     let mut f = enc.family(

@@ -55,6 +55,16 @@ pub struct VmState {
     /// when it was not auraed's child any more).
     pub process: Option<(Option<ExitStatus>, SystemTime)>,
     pub message: String,
+    /// Port-I/O and MMIO exits the monitor handled, all vCPUs, as it last reported them
+    /// (every second while the guest runs).
+    pub exits: Option<VmExits>,
+}
+
+/// Exits a VM's monitor handled (each one a return from the guest to the VMM).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmExits {
+    pub io: u64,
+    pub mmio: u64,
 }
 
 /// One VM and its VMM process.
@@ -508,6 +518,7 @@ impl Vms {
             ended: None,
             process: None,
             message: String::new(),
+            exits: None,
         });
         let vm = Arc::new(Vm {
             spec: spec.clone(),
@@ -648,6 +659,14 @@ impl Vms {
             .name("vm-reports".into())
             .spawn(move || {
                 while let Ok(Some(r)) = vmm::recv_msg::<Report>(&reader) {
+                    if let Report::Exits { io, mmio } = r {
+                        // A figure, not a change of state: waiters are not woken.
+                        vm2.state.send_if_modified(|s| {
+                            s.exits = Some(VmExits { io, mmio });
+                            false
+                        });
+                        continue;
+                    }
                     vm2.state.send_modify(|s| match r {
                         Report::Started => s.phase = Phase::Running,
                         Report::Booted { boot_ns } => {
@@ -662,6 +681,7 @@ impl Vms {
                             s.phase = Phase::Failed;
                             s.message = message;
                         }
+                        Report::Exits { .. } => {}
                     });
                 }
             })

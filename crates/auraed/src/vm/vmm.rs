@@ -83,12 +83,38 @@ pub enum Report {
     Exited { reason: String, clean: bool },
     /// The VM could not be set up (bad kernel, no /dev/kvm, …).
     Failed { message: String },
+    /// The exits the monitor handled so far, all vCPUs (sent every second while the guest
+    /// runs, and once more before `Exited`).
+    Exits { io: u64, mmio: u64 },
+}
+
+/// How often the VMM reports its exit counts.
+const EXITS_EVERY: Duration = Duration::from_secs(1);
+
+fn exits_report(h: &aurae_vmm::VmHandle) -> Report {
+    Report::Exits {
+        io: h.io_exits(),
+        mmio: h.mmio_exits(),
+    }
 }
 
 pub fn send_msg<T: Serialize>(fd: &impl AsRawFd, msg: &T) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL)?;
     Ok(())
+}
+
+/// [`send_msg`] that never waits: a message that does not fit now is dropped (for
+/// figures whose next report carries the total; while auraed is down its reports queue
+/// in the socket, and a full queue must not hold the VMM).
+fn send_msg_or_drop<T: Serialize>(fd: &impl AsRawFd, msg: &T) {
+    if let Ok(bytes) = serde_json::to_vec(msg) {
+        let _ = send(
+            fd.as_raw_fd(),
+            &bytes,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        );
+    }
 }
 
 impl VmmConfig {
@@ -471,25 +497,37 @@ fn run(
             .try_clone()
             .map_err(|e| format!("control socket: {e}"))?;
         std::thread::Builder::new()
-            .name("vmm-boot-timer".into())
+            .name("vmm-reports".into())
             .spawn(move || {
                 if install_control_filter().is_err() {
                     return;
                 }
+                // The boot timer, polled every 2 ms until the guest writes it; the exit
+                // counts every second while the guest runs.
+                let mut booted = false;
+                let mut last_exits = std::time::Instant::now();
                 while !d.load(Ordering::Relaxed) {
-                    if let Some(t) = h.boot_time() {
+                    if !booted && let Some(t) = h.boot_time() {
+                        booted = true;
                         let _ = send_msg(
                             &ctl3,
                             &Report::Booted {
                                 boot_ns: u64::try_from(t.as_nanos()).unwrap_or(u64::MAX),
                             },
                         );
-                        return;
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    if last_exits.elapsed() >= EXITS_EVERY {
+                        last_exits = std::time::Instant::now();
+                        send_msg_or_drop(&ctl3, &exits_report(&h));
+                    }
+                    std::thread::sleep(if booted {
+                        Duration::from_millis(50)
+                    } else {
+                        Duration::from_millis(2)
+                    });
                 }
             })
-            .map_err(|e| format!("boot-timer thread: {e}"))?;
+            .map_err(|e| format!("report thread: {e}"))?;
     }
     let exit = vm.run();
     done.store(true, Ordering::Relaxed);
@@ -502,6 +540,7 @@ fn run(
             },
         );
     }
+    send_msg_or_drop(ctl, &exits_report(&handle));
     let (reason, clean) = match exit {
         Ok(aurae_vmm::VmExit::PowerOff) => ("poweroff".to_owned(), true),
         Ok(aurae_vmm::VmExit::Reset) => ("reset".to_owned(), true),
