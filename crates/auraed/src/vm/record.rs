@@ -114,6 +114,7 @@ impl Vms {
                     ended: None,
                     process: None,
                     message: String::new(),
+                    exits: None,
                 })
                 .0,
                 ctl: Arc::new(ctl),
