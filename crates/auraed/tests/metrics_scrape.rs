@@ -1089,13 +1089,19 @@ async fn a_vm_shows_its_vcpu_time_memory_and_exits_and_goes_when_freed() {
         let (e, _) = scrape(addr);
         if let Some(n) = e.get("aurae_vm_exits_total", &io).filter(|n| *n > 0.0) {
             assert!(
-                e.get("aurae_vm_exits_total", &[("vm", "spinner"), ("kind", "mmio")])
-                    .is_some(),
+                e.get(
+                    "aurae_vm_exits_total",
+                    &[("vm", "spinner"), ("kind", "mmio")]
+                )
+                .is_some(),
                 "mmio exits are reported beside io"
             );
             break n;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no VM exits reported");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no VM exits reported"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     tokio::time::sleep(Duration::from_millis(2200)).await;
