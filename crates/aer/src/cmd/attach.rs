@@ -529,8 +529,8 @@ fn replaced(
         format!(
             "{what} was freed and created again by someone else meanwhile (started {}, not {}); \
              not freeing it",
-            now.map_or_else(|| "?".into(), |t| format!("{}.{:09}", t.seconds, t.nanos)),
-            then.map_or_else(|| "?".into(), |t| format!("{}.{:09}", t.seconds, t.nanos)),
+            now.map_or_else(|| "?".into(), |t| crate::time::rfc3339(t.seconds, t.nanos)),
+            then.map_or_else(|| "?".into(), |t| crate::time::rfc3339(t.seconds, t.nanos)),
         )
     })
 }
