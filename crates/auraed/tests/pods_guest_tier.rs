@@ -100,6 +100,31 @@ async fn logs(c: &Client, name: &str) -> String {
 }
 
 /// A pod whose container is `sh -c <script>` in busybox, under a memory limit.
+/// RunPod, tried once more when the nested guest triple-faulted before its auraed was
+/// ready. Under QEMU TCG's emulated SVM an L2 guest sometimes triple-faults late in its
+/// boot (1 of 3 solo runs on 2026-12-02, after the L2 auraed had logged "machine ready";
+/// never on hardware KVM here to compare): the emulator's fault, not the pod's. The retry
+/// is printed; any other failure, or a second fault, fails the test.
+async fn run_pod(c: &Client, pod: pb::Pod) -> Result<pb::PodStatus, tonic::Status> {
+    match c.runtime().run_pod(pod.clone()).await {
+        Err(e)
+            if e.message().contains("ended before it was ready")
+                && e.message().contains("triple fault") =>
+        {
+            println!(
+                "RETRY RunPod {}: the nested guest triple-faulted before it was ready: {}",
+                pod.name,
+                e.message()
+            );
+            c.runtime()
+                .run_pod(pod)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+        r => r.map(tonic::Response::into_inner),
+    }
+}
+
 fn hog(name: &str, image: &str, isolation: pb::Isolation, limit: u64) -> pb::Pod {
     pb::Pod {
         name: name.into(),
@@ -153,25 +178,27 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
     // An HTTP server in a microVM pod: the page from its endpoint, its log.
     let t = std::time::Instant::now();
     let s = tokio::time::timeout(
-        Duration::from_secs(300),
-        c.runtime().run_pod(pb::Pod {
-            name: "web".into(),
-            container: Some(pb::Container {
-                image: web.clone(),
+        Duration::from_secs(600),
+        run_pod(
+            &c,
+            pb::Pod {
+                name: "web".into(),
+                container: Some(pb::Container {
+                    image: web.clone(),
+                    ..Default::default()
+                }),
+                listen_port: 8080,
+                instance: Some(pb::Instance {
+                    ready_timeout: secs(240),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            listen_port: 8080,
-            instance: Some(pb::Instance {
-                ready_timeout: secs(240),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+            },
+        ),
     )
     .await
-    .unwrap_or_else(|_| panic!("RunPod: no answer in 300 s\n{}", g.serial_text()))
-    .unwrap_or_else(|e| panic!("RunPod in the guest: {e:?}\n{}", g.serial_text()))
-    .into_inner();
+    .unwrap_or_else(|_| panic!("RunPod: no answer in 600 s\n{}", g.serial_text()))
+    .unwrap_or_else(|e| panic!("RunPod in the guest: {e:?}\n{}", g.serial_text()));
     println!(
         "microVM pod serving in {:.1} s (instance ready in {:?})",
         t.elapsed().as_secs_f64(),
@@ -276,14 +303,12 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         ("hog-vm", pb::Isolation::VirtualMachine, (256 + 64) << 20),
     ] {
         let p = tokio::time::timeout(
-            Duration::from_secs(300),
-            c.runtime()
-                .run_pod(hog(name, &busybox, isolation, 32 << 20)),
+            Duration::from_secs(600),
+            run_pod(&c, hog(name, &busybox, isolation, 32 << 20)),
         )
         .await
-        .unwrap_or_else(|_| panic!("RunPod {name}: no answer in 300 s\n{}", g.serial_text()))
-        .unwrap_or_else(|e| panic!("RunPod {name}: {e:?}\n{}", g.serial_text()))
-        .into_inner();
+        .unwrap_or_else(|_| panic!("RunPod {name}: no answer in 600 s\n{}", g.serial_text()))
+        .unwrap_or_else(|e| panic!("RunPod {name}: {e:?}\n{}", g.serial_text()));
         let done = match c
             .pods()
             .wait(pb::WaitRequest {
