@@ -51,19 +51,32 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
     ip(&["-n", &g.netns, "route", "add", "10.201.0.0/16", "via", &via]);
 
     let t = std::time::Instant::now();
-    let s = c
-        .runtime()
-        .spawn(pb::Instance {
-            name: "vm1".into(),
-            ready_timeout: Some(prost_types::Duration {
-                seconds: 240,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("Spawn in the guest: {e:?}\n{}", g.serial_text()))
-        .into_inner();
+    let vm1 = pb::Instance {
+        name: "vm1".into(),
+        ready_timeout: Some(prost_types::Duration {
+            seconds: 240,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    // Once more when the nested guest triple-faulted before it was ready: QEMU TCG's
+    // emulated SVM does that now and then late in an L2 boot (see pods_guest_tier.rs);
+    // printed, and a second fault or any other failure fails the test.
+    let s = match c.runtime().spawn(vm1.clone()).await {
+        Err(e)
+            if e.message().contains("ended before it was ready")
+                && e.message().contains("triple fault") =>
+        {
+            println!(
+                "RETRY Spawn vm1: the nested guest triple-faulted: {}",
+                e.message()
+            );
+            c.runtime().spawn(vm1).await
+        }
+        r => r,
+    }
+    .unwrap_or_else(|e| panic!("Spawn in the guest: {e:?}\n{}", g.serial_text()))
+    .into_inner();
     println!(
         "L2 microVM instance ready in {:.1} s (status: boot {:?}, ready {:?}); {}",
         t.elapsed().as_secs_f64(),
