@@ -849,30 +849,21 @@ fn demo() -> anyhow::Result<ExitCode> {
             .spawn()?,
     ));
     let start = Instant::now();
-    while !aer(&["health"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?
-        .success()
-    {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "auraed did not answer health within 20 s; see {}",
-                work.join("auraed.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    run(
+        "aer health --wait 20s",
+        &mut aer(&["health", "--wait", "20s"]),
+    )
+    .with_context(|| {
+        format!(
+            "auraed did not answer health; see {}",
+            work.join("auraed.log").display()
+        )
+    })?;
     eprintln!("==> auraed answered health after {:?}", start.elapsed());
-    run("aer health", &mut aer(&["health"]))?;
     run("aer info", &mut aer(&["info"]))?;
     // A real workload: a cell with its own namespaces, a process in it, its output and
     // exit status. Cells need root and a cgroup v2 hierarchy.
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if is_root {
+    if is_root() {
         run(
             "aer cell allocate demo",
             &mut aer(&["cell", "allocate", "demo"]),
