@@ -127,6 +127,17 @@ pub fn push_busybox(host: &str, repo: &str, config: serde_json::Value) -> anyhow
 /// (a second layer, `/www/index.html` = `page`), served by `httpd -f -vv -p <port>`
 /// (each request logged on stderr). Its manifest digest.
 pub fn push_http_server(host: &str, repo: &str, port: u16, page: &str) -> anyhow::Result<String> {
+    push_http_server_as(host, repo, "v1", port, page)
+}
+
+/// [`push_http_server`] as `<repo>:<tag>`.
+pub fn push_http_server_as(
+    host: &str,
+    repo: &str,
+    tag: &str,
+    port: u16,
+    page: &str,
+) -> anyhow::Result<String> {
     let base = busybox_rootfs()?.finish()?;
     let www = LayerBuilder::new()
         .dir("www", 0o755)?
@@ -135,7 +146,7 @@ pub fn push_http_server(host: &str, repo: &str, port: u16, page: &str) -> anyhow
     push_image(
         host,
         repo,
-        "v1",
+        tag,
         &[base, www],
         serde_json::json!({
             "Entrypoint": ["/bin/httpd", "-f", "-vv", "-p", port.to_string(), "-h", "/www"],

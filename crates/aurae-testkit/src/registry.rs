@@ -4,13 +4,36 @@
 
 use std::{
     io::{Read, Write},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use tempfile::TempDir;
+
+/// Writes `dir/registry.yml`: docker-registry on `addr`, storing in `dir/data`, deletes
+/// allowed, errors only in its log. Its path.
+pub fn write_config(dir: &Path, addr: std::net::SocketAddr) -> std::io::Result<PathBuf> {
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        ),
+    )?;
+    Ok(cfg)
+}
+
+/// Whether the registry on the other end of `s` (connected to `addr`) answers `GET /v2/`
+/// with 200.
+pub fn answers_v2(mut s: impl Read + Write, addr: std::net::SocketAddr) -> bool {
+    let _ = s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
 
 #[derive(Debug)]
 pub struct LocalRegistry {
@@ -53,14 +76,7 @@ impl LocalRegistry {
         let dir = tempfile::Builder::new()
             .prefix("aurae-registry-")
             .tempdir()?;
-        let cfg = dir.path().join("registry.yml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )?;
+        let cfg = write_config(dir.path(), addr)?;
         // `ip netns exec` enters the namespace and execs the registry: the pid is its own.
         let mut cmd = match netns {
             Some(ns) => {
@@ -85,14 +101,8 @@ impl LocalRegistry {
         };
         let start = Instant::now();
         loop {
-            if let Ok(mut s) = crate::dial_in(netns, addr) {
-                let _ =
-                    s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
-                    return Ok(r);
-                }
+            if crate::dial_in(netns, addr).is_ok_and(|s| answers_v2(s, addr)) {
+                return Ok(r);
             }
             if start.elapsed() > Duration::from_secs(20) {
                 bail!("docker-registry did not answer /v2/ within 20 s");

@@ -8,7 +8,6 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -16,7 +15,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use aurae_testkit::{oci, registry::needs_registry};
+use aurae_testkit::{
+    oci,
+    registry::{self, needs_registry},
+};
 
 const USAGE: &str = "usage: aurae-registry start ADDR DIR | aurae-registry stop DIR";
 
@@ -40,14 +42,11 @@ fn main() -> ExitCode {
 }
 
 fn answers_v2(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+    let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+    registry::answers_v2(s, addr)
 }
 
 fn start(addr: &str, dir: &Path) -> anyhow::Result<()> {
@@ -72,14 +71,7 @@ fn start(addr: &str, dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
-    let cfg = dir.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-            dir.join("data").display()
-        ),
-    )?;
+    let cfg = registry::write_config(&dir, addr)?;
     let child = Command::new("/usr/bin/docker-registry")
         .arg("serve")
         .arg(&cfg)
@@ -101,9 +93,7 @@ fn start(addr: &str, dir: &Path) -> anyhow::Result<()> {
     let busybox = oci::busybox_rootfs()?.finish()?;
     let config = serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]});
     let d1 = oci::push_image(&host, "aurae/busybox", "latest", &[busybox], config)?;
-    oci::push_http_server(&host, "aurae/web", 8080, "hello from a pod\n")?;
-    // push_http_server tags v1; the walkthrough says latest: tag the same manifest.
-    let d2 = retag(&host, "aurae/web", "v1", "latest")?;
+    let d2 = oci::push_http_server_as(&host, "aurae/web", "latest", 8080, "hello from a pod\n")?;
     println!("{host}/aurae/busybox:latest {d1}");
     println!("{host}/aurae/web:latest {d2}");
     println!(
@@ -112,41 +102,6 @@ fn start(addr: &str, dir: &Path) -> anyhow::Result<()> {
         dir.display()
     );
     Ok(())
-}
-
-/// Copies the manifest of `repo:from` to `repo:to`; its digest.
-fn retag(host: &str, repo: &str, from: &str, to: &str) -> anyhow::Result<String> {
-    let get = |path: &str| -> anyhow::Result<Vec<u8>> {
-        let mut s = TcpStream::connect(host)?;
-        write!(
-            s,
-            "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n"
-        )?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let at = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .context("no HTTP header end")?;
-        Ok(raw[at + 4..].to_vec())
-    };
-    let manifest = get(&format!("/v2/{repo}/manifests/{from}"))?;
-    let mut s = TcpStream::connect(host)?;
-    write!(
-        s,
-        "PUT /v2/{repo}/manifests/{to} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
-        manifest.len()
-    )?;
-    s.write_all(&manifest)?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
-    if !reply.starts_with("HTTP/1.0 201") && !reply.starts_with("HTTP/1.1 201") {
-        bail!(
-            "tagging {repo}:{to}: {}",
-            reply.lines().next().unwrap_or("")
-        );
-    }
-    Ok(oci::sha256(&manifest))
 }
 
 /// The command line `start` gives the registry it starts in the directory `dir`.
