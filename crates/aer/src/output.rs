@@ -14,6 +14,14 @@ pub enum Format {
 /// One record: field names and values, in display order.
 pub type Row = Vec<(&'static str, Value)>;
 
+/// `s` with every control character (C0, DEL, C1) replaced by a space: text from auraed,
+/// a tenant or a registry never drives the operator's terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// Whether field `key` holds a time (RFC 3339 in JSON, relative in tables).
 fn is_time(key: &str) -> bool {
     key == "at" || key.ends_with("_at")

@@ -216,11 +216,7 @@ pub fn event_phase(e: &pb::Event) -> String {
         },
     );
     // Control characters from auraed never reach the terminal.
-    let msg: String = e
-        .message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let msg = crate::output::printable(&e.message);
     if msg.is_empty() {
         format!("{kind} {ty}")
     } else {

@@ -59,11 +59,16 @@ pub fn dur(d: Option<&prost_types::Duration>) -> Value {
     })
 }
 
-pub fn phase(p: i32) -> Value {
-    json!(pb::Phase::try_from(p).map_or_else(
+/// A phase as a word: `running`, `exited`, `unknown(99)`.
+pub fn phase_name(p: i32) -> String {
+    pb::Phase::try_from(p).map_or_else(
         |_| format!("unknown({p})"),
-        |p| p.as_str_name().trim_start_matches("PHASE_").to_lowercase()
-    ))
+        |p| p.as_str_name().trim_start_matches("PHASE_").to_lowercase(),
+    )
+}
+
+pub fn phase(p: i32) -> Value {
+    json!(phase_name(p))
 }
 
 /// An exit status as `code N` or `signal N`, with ` (OOM)` when the OOM killer did it.

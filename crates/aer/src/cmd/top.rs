@@ -25,7 +25,7 @@ use crate::{
         cell::{depth_and_label, walk},
         size,
     },
-    output::Format,
+    output::{Format, printable},
     units::parse_duration,
 };
 
@@ -148,7 +148,7 @@ impl Node {
             kind,
             name,
             label,
-            state: phase_word(phase),
+            state: crate::cmd::phase_name(phase),
             cpu_percent: None,
             cpu_usage_usec: None,
             memory_bytes: None,
@@ -169,13 +169,6 @@ impl Node {
             c.visit(f);
         }
     }
-}
-
-fn phase_word(p: i32) -> String {
-    pb::Phase::try_from(p).map_or_else(
-        |_| format!("unknown({p})"),
-        |p| p.as_str_name().trim_start_matches("PHASE_").to_lowercase(),
-    )
 }
 
 /// How it ended, for INFO: `code 3`, `signal 9 (OOM)`.
@@ -645,14 +638,6 @@ fn instance_node(i: &pb::InstanceStatus) -> Node {
 // ---------------------------------------------------------------------------------------
 // Rendering.
 
-/// Text from auraed made safe for a terminal: control characters (escape sequences, line
-/// breaks) become spaces, so a name or message can neither move the cursor nor wrap.
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
 /// Columns `s` takes on a terminal.
 fn width_of(s: &str) -> usize {
     s.chars().map(char_width).sum()
@@ -753,7 +738,7 @@ fn rows(tree: &[Node]) -> Vec<[String; 8]> {
                 (false, false) => ("├─ ", "│  "),
                 (false, true) => ("└─ ", "   "),
             };
-            let name = format!("{indent}{branch}{}", clean(&n.label));
+            let name = format!("{indent}{branch}{}", printable(&n.label));
             let mem = against(
                 n.memory_bytes.map(|b| size(Some(b))),
                 n.memory_max_bytes.map(|b| size(Some(b))),
@@ -769,12 +754,12 @@ fn rows(tree: &[Node]) -> Vec<[String; 8]> {
             out.push([
                 name,
                 n.kind.word().to_owned(),
-                clean(&n.state),
+                printable(&n.state),
                 pct(n.cpu_percent),
                 mem,
                 pids,
                 io,
-                clean(&n.info),
+                printable(&n.info),
             ]);
             walk(&n.children, &format!("{indent}{more}"), false, out);
         }
@@ -822,7 +807,11 @@ pub fn render(s: &Snapshot, width: Option<usize>, height: Option<usize>) -> Vec<
     let mut lines = Vec::new();
     lines.push(match &s.daemon {
         Some(d) => {
-            let mut l = format!("auraed {}  {}", clean(&d.version), clean(&d.server_id));
+            let mut l = format!(
+                "auraed {}  {}",
+                printable(&d.version),
+                printable(&d.server_id)
+            );
             if let Some(u) = d.uptime_s {
                 l.push_str(&format!("  up {}", uptime(u)));
             }
@@ -847,7 +836,7 @@ pub fn render(s: &Snapshot, width: Option<usize>, height: Option<usize>) -> Vec<
     l.push_str(&format!("  every {}", every(s.interval_ms)));
     lines.push(l);
     for n in &s.notes {
-        lines.push(format!("not shown: {}", clean(n)));
+        lines.push(format!("not shown: {}", printable(n)));
     }
     lines.push(String::new());
 
@@ -1141,7 +1130,7 @@ mod tests {
         assert_eq!(width_of("日本"), 4);
         assert_eq!(truncate("日本語", 5), "日本…");
         // Escape sequences and line breaks from auraed cannot reach the terminal.
-        assert_eq!(clean("a\x1b[2Jb\nc"), "a [2Jb c");
+        assert_eq!(printable("a\x1b[2Jb\nc"), "a [2Jb c");
     }
 
     fn exe(name: &str, state: &str, cpu: Option<f64>) -> Node {
