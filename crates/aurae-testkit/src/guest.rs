@@ -694,3 +694,11 @@ ip addr add $ADDR/24 dev eth0
 ip link set eth0 up
 if ping -c 1 -W 10 $GW >/dev/null; then echo AURAE_MICROVM_PING_OK; else echo AURAE_MICROVM_PING_FAILED; fi
 "#;
+
+/// Whether `message` (a Spawn or RunPod error from a guest) says the nested (L2) guest
+/// triple-faulted before it was ready. QEMU TCG's emulated SVM does that now and then late
+/// in an L2 boot (seen after the L2 auraed had logged "machine ready"): the guest tests
+/// try such a call once more, saying so.
+pub fn nested_guest_faulted(message: &str) -> bool {
+    message.contains("ended before it was ready") && message.contains("triple fault")
+}

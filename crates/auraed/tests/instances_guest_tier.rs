@@ -63,10 +63,7 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
     // emulated SVM does that now and then late in an L2 boot (see pods_guest_tier.rs);
     // printed, and a second fault or any other failure fails the test.
     let s = match c.runtime().spawn(vm1.clone()).await {
-        Err(e)
-            if e.message().contains("ended before it was ready")
-                && e.message().contains("triple fault") =>
-        {
+        Err(e) if aurae_testkit::guest::nested_guest_faulted(e.message()) => {
             println!(
                 "RETRY Spawn vm1: the nested guest triple-faulted: {}",
                 e.message()

@@ -107,10 +107,7 @@ async fn logs(c: &Client, name: &str) -> String {
 /// is printed; any other failure, or a second fault, fails the test.
 async fn run_pod(c: &Client, pod: pb::Pod) -> Result<pb::PodStatus, tonic::Status> {
     match c.runtime().run_pod(pod.clone()).await {
-        Err(e)
-            if e.message().contains("ended before it was ready")
-                && e.message().contains("triple fault") =>
-        {
+        Err(e) if aurae_testkit::guest::nested_guest_faulted(e.message()) => {
             println!(
                 "RETRY RunPod {}: the nested guest triple-faulted before it was ready: {}",
                 pod.name,
