@@ -99,7 +99,6 @@ async fn logs(c: &Client, name: &str) -> String {
     aurae_testkit::workload::pod_output(c, name).await.unwrap()
 }
 
-/// A pod whose container is `sh -c <script>` in busybox, under a memory limit.
 /// RunPod, tried once more when the nested guest triple-faulted before its auraed was
 /// ready. Under QEMU TCG's emulated SVM an L2 guest sometimes triple-faults late in its
 /// boot (1 of 3 solo runs on 2026-12-02, after the L2 auraed had logged "machine ready";
@@ -122,6 +121,7 @@ async fn run_pod(c: &Client, pod: pb::Pod) -> Result<pb::PodStatus, tonic::Statu
     }
 }
 
+/// A pod whose container is `sh -c <script>` in busybox, under a memory limit.
 fn hog(name: &str, image: &str, isolation: pb::Isolation, limit: u64) -> pb::Pod {
     pb::Pod {
         name: name.into(),
