@@ -36,6 +36,18 @@ fn aer(pki: &Path, socket: &Path) -> Command {
     c
 }
 
+/// `aer pki init` in `dir/pki`; that directory.
+fn pki_init(dir: &Path) -> std::path::PathBuf {
+    let pki = dir.join("pki");
+    let init = Command::new(AER)
+        .args(["pki", "init", "--dir"])
+        .arg(&pki)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    pki
+}
+
 fn start_auraed(dir: &Path, pki: &Path, socket: &Path) -> Reap {
     let auraed = auraed_beside(Path::new(AER)).unwrap();
     Reap(
@@ -61,17 +73,11 @@ fn start_auraed(dir: &Path, pki: &Path, socket: &Path) -> Reap {
 #[test]
 fn health_waits_for_a_daemon_that_starts_later_and_times_read_for_people_and_scripts() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
+    let pki = pki_init(dir.path());
     let run = dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
     std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let socket = run.join("auraed.sock");
-    let init = Command::new(AER)
-        .args(["pki", "init", "--dir"])
-        .arg(&pki)
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
 
     // Nothing listens yet: a short wait fails, naming the wait and the cause once.
     let out = aer(&pki, &socket)
@@ -128,13 +134,7 @@ fn health_waits_for_a_daemon_that_starts_later_and_times_read_for_people_and_scr
 #[test]
 fn an_unreachable_daemon_is_one_line_with_each_cause_once() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    let init = Command::new(AER)
-        .args(["pki", "init", "--dir"])
-        .arg(&pki)
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
+    let pki = pki_init(dir.path());
     // A loopback port nobody listens on (bound, then released).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
