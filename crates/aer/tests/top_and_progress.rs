@@ -298,8 +298,16 @@ async fn top_on_a_terminal_redraws_the_nested_tree_and_restores_the_screen() {
         }
     }
 
-    // The tree: a, then b below it, the busy executable below b, the idle one below a.
-    let f = frames.last().unwrap();
+    // The tree: a, then b below it, the busy executable below b, the idle one below a —
+    // in the last whole frame (`text` may end in the middle of one; every frame ends with
+    // erase-below).
+    let whole: Vec<String> = text
+        .split("\x1b[H")
+        .skip(1)
+        .filter(|f| f.contains("\x1b[J"))
+        .map(plain)
+        .collect();
+    let f = whole.last().expect("a whole frame");
     let lines: Vec<&str> = f.lines().collect();
     let row = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
     let a = row(&|l| l.starts_with("a ") && l.contains(" cell ")).expect(f);
