@@ -98,7 +98,7 @@ impl Client {
             }
         });
         // The URI is only a placeholder: the connector decides where to connect.
-        let channel = TonicEndpoint::from_static("http://auraed.invalid")
+        let channel = placeholder_endpoint()
             .connect_with_connector(service)
             .await
             .map_err(|source| ClientError::Connect {
@@ -163,7 +163,7 @@ impl Client {
                     .map(|t| TokioIo::new(Stream::Tcp(t)))
             }
         });
-        let channel = TonicEndpoint::from_static("http://auraed.invalid")
+        let channel = placeholder_endpoint()
             .connect_with_connector(service)
             .await
             .map_err(|source| ClientError::Connect {
@@ -264,3 +264,19 @@ mod io_impl {
         }
     }
 }
+
+/// The channel's endpoint. The URI is only a placeholder (the connector decides where to
+/// connect). HTTP/2 keepalive pings, also while idle, make a peer that stopped answering
+/// (a hung guest, a dead link) fail its calls and streams within
+/// [`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`] instead of holding them forever.
+fn placeholder_endpoint() -> TonicEndpoint {
+    TonicEndpoint::from_static("http://auraed.invalid")
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+}
+
+/// How often an otherwise quiet connection is pinged.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -47,10 +47,13 @@ pub fn signal_all_in_namespace(signal: i32) -> io::Result<()> {
     }
 }
 
-/// Loads a kernel module from a file (`finit_module`), with no parameters.
-pub fn load_module(path: &std::path::Path) -> io::Result<()> {
+/// Loads a kernel module from a file (`finit_module`) with `params` (`name=value`
+/// separated by spaces, as `modprobe` passes them; empty for none).
+pub fn load_module(path: &std::path::Path, params: &str) -> io::Result<()> {
     let f = std::fs::File::open(path)?;
-    let params = c"";
+    let params = std::ffi::CString::new(params).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "module parameters contain NUL")
+    })?;
     // SAFETY: finit_module takes an open fd we own, a NUL-terminated parameter string and
     // flags 0.
     let r = unsafe {

@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub net: Option<NetConfig>,
     /// Install per-thread seccomp filters ([`crate::seccomp`]) on the VMM's threads.
     pub seccomp: bool,
+    /// What CPUID the guest sees ([`crate::template`]).
+    pub cpu_template: crate::CpuTemplate,
 }
 
 impl Default for VmConfig {
@@ -74,6 +76,7 @@ impl Default for VmConfig {
             drives: Vec::new(),
             net: None,
             seccomp: false,
+            cpu_template: crate::CpuTemplate::default(),
         }
     }
 }

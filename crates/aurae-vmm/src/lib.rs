@@ -7,7 +7,7 @@
 //! ([`vm::vcpu_kick_signal`]).
 //!
 //! Modules: [`layout`] (guest memory map and e820), [`boot`] (64-bit Linux boot protocol),
-//! [`acpi`] (RSDP, XSDT, FADT, MADT, DSDT), [`cpu`] (CPUID, MSRs, LAPIC), [`devices`]
+//! [`acpi`] (RSDP, XSDT, FADT, MADT, DSDT), [`cpu`] (CPUID, MSRs, LAPIC), [`template`] (what CPUID the guest sees), [`devices`]
 //! (serial, i8042, boot timer, ACPI power management), [`virtio`] (virtio-mmio transport,
 //! block, net on TAP), [`seccomp`] (per-thread filters), [`vm`] (threads, exits), [`sys`]
 //! (the only unsafe code: guest memory handed to KVM, TAP setup). See the crate's
@@ -23,9 +23,11 @@ pub mod devices;
 pub mod layout;
 pub mod seccomp;
 pub mod sys;
+pub mod template;
 pub mod virtio;
 pub mod vm;
 
 pub use boot::BootError;
 pub use config::{ConfigError, DriveConfig, NetConfig, SerialSink, VmConfig};
+pub use template::CpuTemplate;
 pub use vm::{ExitError, Vm, VmExit, VmHandle, VmmError};

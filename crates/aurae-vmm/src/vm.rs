@@ -384,7 +384,8 @@ impl Vm {
             cfg.serial_out,
         );
 
-        let supported = cpu::supported_cpuid(&kvm)?;
+        let mut supported = cpu::supported_cpuid(&kvm)?;
+        cfg.cpu_template.apply(supported.as_mut_slice());
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             let v = guest.create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;

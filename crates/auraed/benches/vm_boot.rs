@@ -35,6 +35,56 @@ async fn exe_has_marker(c: &Client, cell: &str, name: &str) -> bool {
         .is_ok_and(|t| t.contains(MICROVM_MARKER))
 }
 
+/// Boots the bench's VM with `template` and returns the seconds to the marker, or None when
+/// the guest ended without it (a nested triple fault) or took over 300 s.
+async fn boot_to_marker(c: &Client, name: &str, template: &str) -> Option<f64> {
+    let t = Instant::now();
+    c.runtime()
+        .run_virtual_machine(pb::VirtualMachine {
+            name: name.into(),
+            kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+            initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
+            cmdline: CMDLINE.into(),
+            vcpus: 1,
+            memory_bytes: MEMORY,
+            cpu_template: template.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut secs = None;
+    while t.elapsed() < Duration::from_secs(300) {
+        if console_has_marker(c, name).await {
+            secs = Some(t.elapsed().as_secs_f64());
+            break;
+        }
+        let st = c
+            .virtual_machines()
+            .get(pb::NameRef { name: name.into() })
+            .await
+            .map(tonic::Response::into_inner);
+        if st.is_ok_and(|s| s.exit.is_some()) && !console_has_marker(c, name).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = c
+        .virtual_machines()
+        .wait(pb::WaitRequest {
+            name: name.into(),
+            timeout: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+        })
+        .await;
+    let _ = c
+        .virtual_machines()
+        .free(pb::NameRef { name: name.into() })
+        .await;
+    secs
+}
+
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 const MEMORY: u64 = 256 << 20;
 
@@ -145,7 +195,16 @@ fn main() {
         println!("vm boot bench: {rounds} interleaved rounds in one TCG guest with nested KVM");
         let (mut ours, mut theirs, mut boot_timer, mut overhead) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut host_template = Vec::new();
+        let mut faults = 0;
+        let mut peer_failed: Option<String> = None;
         for i in 0..rounds {
+            // The host CPU template (KVM's set as it is), for the template's effect.
+            if let Some(secs) = boot_to_marker(&c, &format!("h{i}"), "host").await {
+                host_template.push(secs);
+            } else {
+                faults += 1;
+            }
             let name = format!("b{i}");
             let t = Instant::now();
             let st = c
@@ -233,11 +292,28 @@ fn main() {
                 })
                 .await
                 .unwrap();
+            let mut ended = None;
             while !exe_has_marker(&c, "qemu", &qn).await && t.elapsed() < Duration::from_secs(300)
             {
+                // A peer that ended without the marker (e.g. no /dev/kvm in its cell).
+                if let Ok(st) = c
+                    .executables()
+                    .get(workload::exe_ref("qemu", &qn))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    && st.exit.is_some()
+                    && !exe_has_marker(&c, "qemu", &qn).await
+                {
+                    ended = Some(workload::logs(&c, "qemu", &qn, false).await.unwrap_or_default());
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            theirs.push(t.elapsed().as_secs_f64());
+            if let Some(out) = ended {
+                peer_failed = Some(out.lines().take(3).collect::<Vec<_>>().join(" | "));
+            } else {
+                theirs.push(t.elapsed().as_secs_f64());
+            }
             let st = workload::wait(&c, "qemu", &qn).await.unwrap();
             if st.exit.is_none() {
                 println!("qemu did not exit: {st:?}");
@@ -248,6 +324,14 @@ fn main() {
             v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
         };
         println!("  aurae RunVirtualMachine → marker  {ours:.2?} s, median {:.2} s", med(ours.clone()));
+        println!(
+            "  same, cpu_template host            {host_template:.2?} s, median {:.2} s → normalized/host = {:.2} ({faults} boots of the host arm did not reach the marker)",
+            med(host_template.clone()),
+            med(ours.clone()) / med(host_template.clone())
+        );
+        if let Some(why) = &peer_failed {
+            println!("  qemu -M microvm: did not boot: {why}");
+        }
         println!("  qemu -M microvm → marker          {theirs:.2?} s, median {:.2} s", med(theirs.clone()));
         println!(
             "  ratio aurae/qemu-microvm = {:.2} (target <= 0.5); boot timer medians {:.2} s",

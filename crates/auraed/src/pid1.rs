@@ -47,6 +47,28 @@ pub fn cmdline_params(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The parameters the command line gives module `module` (`module.param=value`, with `-`
+/// and `_` the same in module names, as `modprobe` reads them from `/proc/cmdline`), as
+/// `finit_module` takes them.
+pub fn module_params(params: &[(String, String)], module: &str) -> String {
+    let norm = |s: &str| s.replace('-', "_");
+    let module = norm(module);
+    params
+        .iter()
+        .filter_map(|(k, v)| {
+            let (m, p) = k.split_once('.')?;
+            (norm(m) == module && !p.is_empty()).then(|| {
+                if v.is_empty() {
+                    p.to_owned()
+                } else {
+                    format!("{p}={v}")
+                }
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A static address for a device, from `ip=`, `aurae.ip=` or `aurae.ip6=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticAddr {
@@ -306,11 +328,13 @@ pub fn prepare() -> Boot {
             .map(|(_, v)| v.clone())
     };
 
-    // Kernel modules the image carries, in the order listed.
+    // Kernel modules the image carries, in the order listed, each with the parameters
+    // the command line gives it (`kvm_amd.nested=1`).
     if let Ok(order) = fs::read_to_string("/lib/modules/order") {
         for m in order.split_whitespace() {
             let path = Path::new("/lib/modules").join(format!("{m}.ko"));
-            if let Err(e) = aurae_sys::process::load_module(&path) {
+            let name = m.rsplit('/').next().unwrap_or(m);
+            if let Err(e) = aurae_sys::process::load_module(&path, &module_params(&params, name)) {
                 w.push(format!("module {m}: {e}"));
             }
         }
@@ -457,6 +481,15 @@ pub fn power_off(reboot: bool, reason: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_parameters_come_from_the_command_line_as_modprobe_reads_them() {
+        let p =
+            cmdline_params("quiet kvm_amd.nested=1 kvm-amd.vgif=0 kvm.ignore_msrs kvm_amd. x.y=z");
+        assert_eq!(module_params(&p, "kvm-amd"), "nested=1 vgif=0");
+        assert_eq!(module_params(&p, "kvm"), "ignore_msrs");
+        assert_eq!(module_params(&p, "virtio_net"), "");
+    }
 
     #[test]
     fn network_parameters_parse_or_warn() {

@@ -595,39 +595,64 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
         .unwrap()
         .into_inner();
     assert!(info.warnings.is_empty(), "{:?}", info.warnings);
-    let t = std::time::Instant::now();
-    let st = c
-        .runtime()
-        .run_virtual_machine(pb::VirtualMachine {
-            name: "micro".into(),
-            kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
-            initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
-            cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            interfaces: vec![pb::NetworkInterface::default()],
-            drives: vec![pb::Drive {
-                path: "/var/lib/aurae/vm-images/disk".into(),
-                read_only: true,
-                writable: false,
-            }],
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunVirtualMachine in the guest: {e:?}\n{}", g.serial_text()))
-        .into_inner();
-    assert_eq!(st.addresses, ["10.200.0.2"], "{st:?}");
-    let done = c
-        .virtual_machines()
-        .wait(pb::WaitRequest {
-            name: "micro".into(),
-            timeout: Some(prost_types::Duration {
-                seconds: 300,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Booted again when the nested guest triple-faulted (QEMU TCG's emulated SVM: see
+    // aurae_testkit::guest::nested_guest_faulted); printed.
+    let mut tries = 1;
+    let (done, t) = loop {
+        let t = std::time::Instant::now();
+        let st = c
+            .runtime()
+            .run_virtual_machine(pb::VirtualMachine {
+                name: "micro".into(),
+                kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+                initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
+                cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+                vcpus: 1,
+                memory_bytes: 256 << 20,
+                interfaces: vec![pb::NetworkInterface::default()],
+                drives: vec![pb::Drive {
+                    path: "/var/lib/aurae/vm-images/disk".into(),
+                    read_only: true,
+                    writable: false,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| {
+                panic!("RunVirtualMachine in the guest: {e:?}\n{}", g.serial_text())
+            })
+            .into_inner();
+        assert_eq!(st.addresses, ["10.200.0.2"], "{st:?}");
+        let done = c
+            .virtual_machines()
+            .wait(pb::WaitRequest {
+                name: "micro".into(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 300,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if aurae_testkit::guest::nested_guest_faulted(&done.message)
+            && tries < aurae_testkit::guest::NESTED_TRIES
+        {
+            println!(
+                "RETRY RunVirtualMachine micro: the nested guest triple-faulted: {}",
+                done.message
+            );
+            tries += 1;
+            c.virtual_machines()
+                .free(pb::NameRef {
+                    name: "micro".into(),
+                })
+                .await
+                .unwrap();
+            continue;
+        }
+        break (done, t);
+    };
     let wall = t.elapsed();
     let console = workload::console(&c, "micro").await.unwrap();
     println!(
@@ -646,6 +671,33 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
     );
     assert!(console.contains("AURAE_MICROVM_MARKER"), "{console}");
     assert!(done.boot_time.is_some(), "boot timer reported: {done:?}");
+    // The default CPU template: the guest's kernel searched for no GART aperture (the
+    // TCG machine reports AMD family 0Fh, which has one) and sees no PMU, SVM, PKU or
+    // LA57, though KVM here offers SVM, PKU and LA57.
+    let cpu = console
+        .lines()
+        .find_map(|l| l.strip_prefix("AURAE_CPU "))
+        .unwrap_or_else(|| panic!("no AURAE_CPU line: {console}"));
+    assert!(cpu.contains("aperture=0"), "{cpu}");
+    assert!(!cpu.contains("family=15"), "{cpu}");
+    let flags = console
+        .lines()
+        .find_map(|l| l.strip_prefix("AURAE_CPU_FLAGS "))
+        .unwrap_or_else(|| panic!("no AURAE_CPU_FLAGS line: {console}"));
+    println!("microVM CPU: {cpu}; flags: {flags}");
+    for gone in [
+        " svm ",
+        " pku ",
+        " ospke ",
+        " la57 ",
+        " perfctr_core ",
+        " mpx ",
+    ] {
+        assert!(!flags.contains(gone), "{gone:?} in {flags}");
+    }
+    for kept in [" sse2 ", " x2apic ", " hypervisor "] {
+        assert!(flags.contains(kept), "{kept:?} not in {flags}");
+    }
     assert!(console.contains("AURAE_MICROVM_PING_OK"), "{console}");
     assert!(console.contains("AURAE_MICROVM_DISK_OK"), "{console}");
     assert!(console.contains("AURAE_MICROVM_DISK_READONLY"), "{console}");

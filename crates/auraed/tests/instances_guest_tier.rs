@@ -59,19 +59,12 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
         }),
         ..Default::default()
     };
-    // Once more when the nested guest triple-faulted before it was ready: QEMU TCG's
-    // emulated SVM does that now and then late in an L2 boot (see pods_guest_tier.rs);
-    // printed, and a second fault or any other failure fails the test.
-    let s = match c.runtime().spawn(vm1.clone()).await {
-        Err(e) if aurae_testkit::guest::nested_guest_faulted(e.message()) => {
-            println!(
-                "RETRY Spawn vm1: the nested guest triple-faulted: {}",
-                e.message()
-            );
-            c.runtime().spawn(vm1).await
-        }
-        r => r,
-    }
+    // Again when the nested guest triple-faulted (QEMU TCG's emulated SVM; see
+    // aurae_testkit::guest::nested_guest_faulted); printed.
+    let s = aurae_testkit::guest::retry_nested("Spawn vm1", || async {
+        c.runtime().spawn(vm1.clone()).await
+    })
+    .await
     .unwrap_or_else(|e| panic!("Spawn in the guest: {e:?}\n{}", g.serial_text()))
     .into_inner();
     println!(

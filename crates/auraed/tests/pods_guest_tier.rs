@@ -99,26 +99,17 @@ async fn logs(c: &Client, name: &str) -> String {
     aurae_testkit::workload::pod_output(c, name).await.unwrap()
 }
 
-/// RunPod, tried once more when the nested guest triple-faulted before its auraed was
-/// ready. Under QEMU TCG's emulated SVM an L2 guest sometimes triple-faults late in its
-/// boot (1 of 3 solo runs on 2026-12-02, after the L2 auraed had logged "machine ready";
-/// never on hardware KVM here to compare): the emulator's fault, not the pod's. The retry
-/// is printed; any other failure, or a second fault, fails the test.
+/// RunPod, tried again when the nested guest triple-faulted (QEMU TCG's emulated SVM: see
+/// `aurae_testkit::guest::nested_guest_faulted`); each retry is printed, any other failure
+/// fails the test.
 async fn run_pod(c: &Client, pod: pb::Pod) -> Result<pb::PodStatus, tonic::Status> {
-    match c.runtime().run_pod(pod.clone()).await {
-        Err(e) if aurae_testkit::guest::nested_guest_faulted(e.message()) => {
-            println!(
-                "RETRY RunPod {}: the nested guest triple-faulted before it was ready: {}",
-                pod.name,
-                e.message()
-            );
-            c.runtime()
-                .run_pod(pod)
-                .await
-                .map(tonic::Response::into_inner)
-        }
-        r => r.map(tonic::Response::into_inner),
-    }
+    aurae_testkit::guest::retry_nested(&format!("RunPod {}", pod.name), || async {
+        c.runtime()
+            .run_pod(pod.clone())
+            .await
+            .map(tonic::Response::into_inner)
+    })
+    .await
 }
 
 /// A pod whose container is `sh -c <script>` in busybox, under a memory limit.

@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// Attach a network interface (a TAP on auraed's bridge; the address is leased).
     #[arg(long)]
     net: bool,
+    /// What CPUID the guest sees: normalized (the set a microVM needs, the same on every
+    /// host of one vendor) or host (KVM's supported set as it is), e.g. host.
+    #[arg(long, value_name = "TEMPLATE", default_value = "normalized")]
+    cpu_template: String,
 }
 
 impl RunArgs {
@@ -87,6 +91,7 @@ impl RunArgs {
             } else {
                 Vec::new()
             },
+            cpu_template: self.cpu_template,
         }
     }
 }

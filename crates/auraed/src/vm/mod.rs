@@ -354,6 +354,7 @@ impl Vms {
                 .collect(),
             net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
             initramfs_in_memory: false,
+            cpu_template: spec.cpu_template.name().to_owned(),
         };
         let started = self
             .start_vmm(&tree, &spec, &cgroup, cfg, &files, lease.clone(), None)
@@ -415,6 +416,7 @@ impl Vms {
             memory_bytes,
             drives: Vec::new(),
             macs: vec![Some(lease.mac)],
+            cpu_template: aurae_vmm::CpuTemplate::default(),
         };
         let cfg = VmmConfig {
             kernel: spec.kernel.clone(),
@@ -425,6 +427,7 @@ impl Vms {
             drives: Vec::new(),
             net: Some((lease.tap.clone(), lease.mac)),
             initramfs_in_memory: true,
+            cpu_template: spec.cpu_template.name().to_owned(),
         };
         self.start_vmm(
             &tree,

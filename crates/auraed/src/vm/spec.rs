@@ -103,6 +103,26 @@ pub struct VmSpec {
     pub memory_bytes: u64,
     pub drives: Vec<Drive>,
     pub macs: Vec<Option<[u8; 6]>>,
+    /// Recorded by name; a record from before templates existed reads as the default.
+    #[serde(default, with = "template_by_name")]
+    pub cpu_template: aurae_vmm::CpuTemplate,
+}
+
+/// A [`aurae_vmm::CpuTemplate`] in a record: its name.
+mod template_by_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &aurae_vmm::CpuTemplate, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(t.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<aurae_vmm::CpuTemplate, D::Error> {
+        let name = String::deserialize(d)?;
+        aurae_vmm::CpuTemplate::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown CPU template {name:?}")))
+    }
 }
 
 impl TryFrom<pb::VirtualMachine> for VmSpec {
@@ -144,8 +164,30 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
                 .enumerate()
                 .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
                 .collect::<Result<_, FieldError>>()?,
+            cpu_template: cpu_template("cpu_template", &v.cpu_template)?,
         })
     }
+}
+
+/// A CPU template by name; empty is the default (normalized).
+fn cpu_template(field: &str, name: &str) -> Result<aurae_vmm::CpuTemplate, FieldError> {
+    if name.is_empty() {
+        return Ok(aurae_vmm::CpuTemplate::default());
+    }
+    aurae_vmm::CpuTemplate::from_name(name).ok_or_else(|| {
+        let known: Vec<&str> = aurae_vmm::CpuTemplate::ALL
+            .iter()
+            .map(|t| t.name())
+            .collect();
+        FieldError::new(
+            field,
+            format!(
+                "unknown CPU template {:?}: one of {}",
+                name.chars().take(64).collect::<String>(),
+                known.join(", ")
+            ),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -160,6 +202,27 @@ mod tests {
             memory_bytes: 5 << 30,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn cpu_template_is_named_or_refused() {
+        assert_eq!(
+            VmSpec::try_from(vm()).unwrap().cpu_template,
+            aurae_vmm::CpuTemplate::Normalized
+        );
+        let named = |t: &str| {
+            VmSpec::try_from(pb::VirtualMachine {
+                cpu_template: t.into(),
+                ..vm()
+            })
+        };
+        assert_eq!(
+            named("host").unwrap().cpu_template,
+            aurae_vmm::CpuTemplate::Host
+        );
+        let e = named("T2").unwrap_err();
+        assert_eq!(e.field, "cpu_template");
+        assert!(e.to_string().contains("normalized, host"), "{e}");
     }
 
     #[test]

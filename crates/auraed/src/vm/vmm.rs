@@ -61,6 +61,9 @@ pub struct VmmConfig {
     /// detached mount: the jail copies it into a tmpfs of its own size.
     #[serde(default)]
     pub initramfs_in_memory: bool,
+    /// The CPU template's name (`aurae_vmm::CpuTemplate::name`); absent = the default.
+    #[serde(default)]
+    pub cpu_template: String,
 }
 
 /// auraed → VMM.
@@ -441,6 +444,12 @@ fn run(
     ctl2: Option<Arc<OwnedFd>>,
     ctl: &OwnedFd,
 ) -> Result<(), String> {
+    let cpu_template = if cfg.cpu_template.is_empty() {
+        aurae_vmm::CpuTemplate::default()
+    } else {
+        aurae_vmm::CpuTemplate::from_name(&cfg.cpu_template)
+            .ok_or_else(|| format!("unknown CPU template {:?}", cfg.cpu_template))?
+    };
     let inside = jail(&cfg, files)?;
     {
         use seccompiler::SeccompAction as A;
@@ -469,6 +478,7 @@ fn run(
             .net
             .map(|(tap, mac)| aurae_vmm::NetConfig { tap, mac }),
         seccomp: true,
+        cpu_template,
     })
     .map_err(|e| e.to_string())?;
     let handle = vm.handle();
@@ -579,6 +589,7 @@ mod tests {
             drives: vec![("/d".into(), true)],
             net: Some(("aurae-t1".into(), [2, 0, 0, 0, 0, 1])),
             initramfs_in_memory: false,
+            cpu_template: String::new(),
         };
         send_msg(&a, &cfg).unwrap();
         assert_eq!(recv_msg::<VmmConfig>(&b).unwrap(), Some(cfg));
@@ -615,6 +626,7 @@ mod tests {
             drives: vec![],
             net: None,
             initramfs_in_memory: false,
+            cpu_template: String::new(),
         };
         send_with_fds(&a, &cfg, &[f.as_raw_fd()]).unwrap();
         let (got, fds) = recv_with_fds::<VmmConfig>(&b).unwrap().unwrap();
