@@ -580,160 +580,164 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
         mode: 0o644,
         data: aurae_testkit::guest::microvm_initramfs(true).unwrap(),
     });
-    let g = Guest::boot(GuestOptions {
+    let opts = GuestOptions {
         extra_files: files,
         memory_mib: 1536,
         ..Default::default()
-    })
-    .await
-    .unwrap();
-    let c = g.client("admin").await.unwrap();
-    let info = c
-        .daemon()
-        .info(pb::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(info.warnings.is_empty(), "{:?}", info.warnings);
-    // Booted again when the nested guest triple-faulted (QEMU TCG's emulated SVM: see
-    // aurae_testkit::guest::nested_guest_faulted); printed.
-    let mut tries = 1;
-    let (done, t) = loop {
-        let t = std::time::Instant::now();
-        let st = c
-            .runtime()
-            .run_virtual_machine(pb::VirtualMachine {
-                name: "micro".into(),
-                kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
-                initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
-                cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
-                vcpus: 1,
-                memory_bytes: 256 << 20,
-                interfaces: vec![pb::NetworkInterface::default()],
-                drives: vec![pb::Drive {
-                    path: "/var/lib/aurae/vm-images/disk".into(),
-                    read_only: true,
-                    writable: false,
-                }],
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| {
-                panic!("RunVirtualMachine in the guest: {e:?}\n{}", g.serial_text())
-            })
-            .into_inner();
-        assert_eq!(st.addresses, ["10.200.0.2"], "{st:?}");
-        let done = c
-            .virtual_machines()
-            .wait(pb::WaitRequest {
-                name: "micro".into(),
-                timeout: Some(prost_types::Duration {
-                    seconds: 300,
-                    nanos: 0,
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if aurae_testkit::guest::nested_guest_faulted(&done.message)
-            && tries < aurae_testkit::guest::NESTED_TRIES
-        {
+    };
+    aurae_testkit::guest::with_live_guest("guest_tier microVM", opts, move |g| {
+        async move {
+            let c = g.client("admin").await.unwrap();
+            let info = c
+                .daemon()
+                .info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(info.warnings.is_empty(), "{:?}", info.warnings);
+            // Booted again when the nested guest triple-faulted (QEMU TCG's emulated SVM: see
+            // aurae_testkit::guest::nested_guest_faulted); printed.
+            let mut tries = 1;
+            let (done, t) = loop {
+                let t = std::time::Instant::now();
+                let st = c
+                    .runtime()
+                    .run_virtual_machine(pb::VirtualMachine {
+                        name: "micro".into(),
+                        kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+                        initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
+                        cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+                        vcpus: 1,
+                        memory_bytes: 256 << 20,
+                        interfaces: vec![pb::NetworkInterface::default()],
+                        drives: vec![pb::Drive {
+                            path: "/var/lib/aurae/vm-images/disk".into(),
+                            read_only: true,
+                            writable: false,
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("RunVirtualMachine in the guest: {e:?}\n{}", g.serial_text())
+                    })
+                    .into_inner();
+                assert_eq!(st.addresses, ["10.200.0.2"], "{st:?}");
+                let done = c
+                    .virtual_machines()
+                    .wait(pb::WaitRequest {
+                        name: "micro".into(),
+                        timeout: Some(prost_types::Duration {
+                            seconds: 300,
+                            nanos: 0,
+                        }),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if aurae_testkit::guest::nested_guest_faulted(&done.message)
+                    && tries < aurae_testkit::guest::NESTED_TRIES
+                {
+                    println!(
+                        "RETRY RunVirtualMachine micro: the nested guest triple-faulted: {}",
+                        done.message
+                    );
+                    tries += 1;
+                    c.virtual_machines()
+                        .free(pb::NameRef {
+                            name: "micro".into(),
+                        })
+                        .await
+                        .unwrap();
+                    continue;
+                }
+                break (done, t);
+            };
+            let wall = t.elapsed();
+            let console = workload::console(&c, "micro").await.unwrap();
             println!(
-                "RETRY RunVirtualMachine micro: the nested guest triple-faulted: {}",
-                done.message
+                "microVM: boot timer {:?}, whole run {:.1} s; console tail:\n{}",
+                done.boot_time,
+                wall.as_secs_f64(),
+                console
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
-            tries += 1;
+            assert!(console.contains("AURAE_MICROVM_MARKER"), "{console}");
+            assert!(done.boot_time.is_some(), "boot timer reported: {done:?}");
+            // The default CPU template: the guest's kernel searched for no GART aperture (the
+            // TCG machine reports AMD family 0Fh, which has one) and sees no PMU, SVM, PKU or
+            // LA57, though KVM here offers SVM, PKU and LA57.
+            let cpu = console
+                .lines()
+                .find_map(|l| l.strip_prefix("AURAE_CPU "))
+                .unwrap_or_else(|| panic!("no AURAE_CPU line: {console}"));
+            assert!(cpu.contains("aperture=0"), "{cpu}");
+            assert!(!cpu.contains("family=15"), "{cpu}");
+            let flags = console
+                .lines()
+                .find_map(|l| l.strip_prefix("AURAE_CPU_FLAGS "))
+                .unwrap_or_else(|| panic!("no AURAE_CPU_FLAGS line: {console}"));
+            println!("microVM CPU: {cpu}; flags: {flags}");
+            for gone in [
+                " svm ",
+                " pku ",
+                " ospke ",
+                " la57 ",
+                " perfctr_core ",
+                " mpx ",
+            ] {
+                assert!(!flags.contains(gone), "{gone:?} in {flags}");
+            }
+            for kept in [" sse2 ", " x2apic ", " hypervisor "] {
+                assert!(flags.contains(kept), "{kept:?} not in {flags}");
+            }
+            assert!(console.contains("AURAE_MICROVM_PING_OK"), "{console}");
+            assert!(console.contains("AURAE_MICROVM_DISK_OK"), "{console}");
+            assert!(console.contains("AURAE_MICROVM_DISK_READONLY"), "{console}");
+            assert_eq!(done.phase, pb::Phase::Exited as i32, "{done:?}");
+            assert!(done.message.contains("poweroff"), "{done:?}");
+            // Seen from the machine's network namespace: the bridge and the VM's TAP device, and
+            // after free the TAP is gone (the bridge stays for the next VM).
+            c.cells()
+                .allocate(pb::Cell {
+                    name: "netview".into(),
+                    namespaces: Some(pb::CellNamespaces {
+                        share_host_net: true,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let links = |n: &str| pb::Executable {
+                argv: vec!["/bin/ls".into(), "/sys/class/net".into()],
+                ..sh("netview", n, "")
+            };
+            let (_, before) = run_wait(&c, links("before")).await;
+            assert!(
+                before.contains("aurae0") && before.contains("aurae-t1"),
+                "{before}"
+            );
             c.virtual_machines()
                 .free(pb::NameRef {
                     name: "micro".into(),
                 })
                 .await
                 .unwrap();
-            continue;
+            let (_, after) = run_wait(&c, links("after")).await;
+            assert!(
+                after.contains("aurae0") && !after.contains("aurae-t"),
+                "{after}"
+            );
         }
-        break (done, t);
-    };
-    let wall = t.elapsed();
-    let console = workload::console(&c, "micro").await.unwrap();
-    println!(
-        "microVM: boot timer {:?}, whole run {:.1} s; console tail:\n{}",
-        done.boot_time,
-        wall.as_secs_f64(),
-        console
-            .lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    assert!(console.contains("AURAE_MICROVM_MARKER"), "{console}");
-    assert!(done.boot_time.is_some(), "boot timer reported: {done:?}");
-    // The default CPU template: the guest's kernel searched for no GART aperture (the
-    // TCG machine reports AMD family 0Fh, which has one) and sees no PMU, SVM, PKU or
-    // LA57, though KVM here offers SVM, PKU and LA57.
-    let cpu = console
-        .lines()
-        .find_map(|l| l.strip_prefix("AURAE_CPU "))
-        .unwrap_or_else(|| panic!("no AURAE_CPU line: {console}"));
-    assert!(cpu.contains("aperture=0"), "{cpu}");
-    assert!(!cpu.contains("family=15"), "{cpu}");
-    let flags = console
-        .lines()
-        .find_map(|l| l.strip_prefix("AURAE_CPU_FLAGS "))
-        .unwrap_or_else(|| panic!("no AURAE_CPU_FLAGS line: {console}"));
-    println!("microVM CPU: {cpu}; flags: {flags}");
-    for gone in [
-        " svm ",
-        " pku ",
-        " ospke ",
-        " la57 ",
-        " perfctr_core ",
-        " mpx ",
-    ] {
-        assert!(!flags.contains(gone), "{gone:?} in {flags}");
-    }
-    for kept in [" sse2 ", " x2apic ", " hypervisor "] {
-        assert!(flags.contains(kept), "{kept:?} not in {flags}");
-    }
-    assert!(console.contains("AURAE_MICROVM_PING_OK"), "{console}");
-    assert!(console.contains("AURAE_MICROVM_DISK_OK"), "{console}");
-    assert!(console.contains("AURAE_MICROVM_DISK_READONLY"), "{console}");
-    assert_eq!(done.phase, pb::Phase::Exited as i32, "{done:?}");
-    assert!(done.message.contains("poweroff"), "{done:?}");
-    // Seen from the machine's network namespace: the bridge and the VM's TAP device, and
-    // after free the TAP is gone (the bridge stays for the next VM).
-    c.cells()
-        .allocate(pb::Cell {
-            name: "netview".into(),
-            namespaces: Some(pb::CellNamespaces {
-                share_host_net: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let links = |n: &str| pb::Executable {
-        argv: vec!["/bin/ls".into(), "/sys/class/net".into()],
-        ..sh("netview", n, "")
-    };
-    let (_, before) = run_wait(&c, links("before")).await;
-    assert!(
-        before.contains("aurae0") && before.contains("aurae-t1"),
-        "{before}"
-    );
-    c.virtual_machines()
-        .free(pb::NameRef {
-            name: "micro".into(),
-        })
-        .await
-        .unwrap();
-    let (_, after) = run_wait(&c, links("after")).await;
-    assert!(
-        after.contains("aurae0") && !after.contains("aurae-t"),
-        "{after}"
-    );
+    })
+    .await
+    .unwrap();
 }

@@ -131,7 +131,7 @@ fn hog(name: &str, image: &str, isolation: pb::Isolation, limit: u64) -> pb::Pod
         }),
         instance: Some(pb::Instance {
             isolation: isolation as i32,
-            ready_timeout: secs(240),
+            ready_timeout: secs(150),
             ..Default::default()
         }),
         ..Default::default()
@@ -152,13 +152,15 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
     let (web, busybox, store) = seeded_store().await;
     let mut files = aurae_testkit::guest::instance_files().unwrap();
     files.extend(store);
-    let g = Guest::boot(GuestOptions {
+    let opts = GuestOptions {
         extra_files: files,
         memory_mib: 2048,
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    aurae_testkit::guest::with_live_guest("pods_guest_tier", opts, move |g| {
+        let web = web.clone();
+        let busybox = busybox.clone();
+        async move {
     let c = g.client("admin").await.unwrap();
     let via = g.addr.ip().to_string();
     ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
@@ -177,7 +179,7 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
                 }),
                 listen_port: 8080,
                 instance: Some(pb::Instance {
-                    ready_timeout: secs(240),
+                    ready_timeout: secs(150),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -365,4 +367,8 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         .unwrap()
         .into_inner();
     assert!(left.instances.is_empty(), "{left:?}");
+        }
+    })
+    .await
+    .unwrap();
 }
