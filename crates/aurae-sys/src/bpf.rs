@@ -86,6 +86,27 @@ pub const DEFAULT_DEVICES: [DeviceRule; 8] = [
     chr(136, None),  // /dev/pts/N
 ];
 
+/// `/dev/kvm` (10:232), for a cell granted it ([`CellDevices::kvm`]).
+pub const KVM_DEVICE: DeviceRule = chr(10, Some(232));
+
+/// Devices a cell may use beyond [`DEFAULT_DEVICES`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CellDevices {
+    /// `/dev/kvm`: the cell's processes may run virtual machines of their own.
+    pub kvm: bool,
+}
+
+impl CellDevices {
+    /// The filter's rules: [`DEFAULT_DEVICES`] and what this adds.
+    pub fn rules(self) -> Vec<DeviceRule> {
+        let mut r = DEFAULT_DEVICES.to_vec();
+        if self.kvm {
+            r.push(KVM_DEVICE);
+        }
+        r
+    }
+}
+
 // Opcodes (class | operation | source).
 const LDX_MEM_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
 const ALU32_AND_K: u8 = 0x54; // BPF_ALU | BPF_AND | BPF_K
@@ -298,11 +319,15 @@ pub fn load_device_program(prog: &[Insn]) -> Result<OwnedFd, DeviceFilterError> 
     })
 }
 
-/// Loads the [`DEFAULT_DEVICES`] filter and attaches it (`BPF_F_ALLOW_MULTI`: child
-/// cgroups may add their own, every program must allow) to the cgroup v2 directory
-/// `cgroup`. The attachment holds the program: it lives until the cgroup is removed.
-pub fn attach_device_filter(cgroup: BorrowedFd<'_>) -> Result<(), DeviceFilterError> {
-    let prog = default_program()?;
+/// Loads the device filter for `devices` ([`DEFAULT_DEVICES`] and what `devices` adds)
+/// and attaches it (`BPF_F_ALLOW_MULTI`: child cgroups may add their own, every program
+/// must allow) to the cgroup v2 directory `cgroup`. The attachment holds the program: it
+/// lives until the cgroup is removed.
+pub fn attach_device_filter(
+    cgroup: BorrowedFd<'_>,
+    devices: CellDevices,
+) -> Result<(), DeviceFilterError> {
+    let prog = program(devices)?;
     let mut attr = ProgAttachAttr {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
@@ -316,18 +341,24 @@ pub fn attach_device_filter(cgroup: BorrowedFd<'_>) -> Result<(), DeviceFilterEr
         .map_err(DeviceFilterError::Attach)
 }
 
-/// The default device program, loaded (and verified by the kernel) once per process and
-/// attached to every cell: one program serves any number of cgroups.
+/// The device programs, each loaded (and verified by the kernel) once per process and
+/// attached to every cell that uses it: one program serves any number of cgroups.
 static DEFAULT_PROGRAM: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+static KVM_PROGRAM: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
 
-fn default_program() -> Result<BorrowedFd<'static>, DeviceFilterError> {
+fn program(devices: CellDevices) -> Result<BorrowedFd<'static>, DeviceFilterError> {
     use std::os::fd::AsFd;
-    if let Some(fd) = DEFAULT_PROGRAM.get() {
+    let cache = if devices.kvm {
+        &KVM_PROGRAM
+    } else {
+        &DEFAULT_PROGRAM
+    };
+    if let Some(fd) = cache.get() {
         return Ok(fd.as_fd());
     }
-    let fd = load_device_program(&device_program(&DEFAULT_DEVICES))?;
+    let fd = load_device_program(&device_program(&devices.rules()))?;
     // Two first callers may both load it: one copy is kept, the other closed.
-    Ok(DEFAULT_PROGRAM.get_or_init(|| fd).as_fd())
+    Ok(cache.get_or_init(|| fd).as_fd())
 }
 
 /// How many device programs are attached to the cgroup directory `cgroup` itself (not
@@ -448,6 +479,38 @@ mod tests {
         }
         // An unknown type is denied too.
         assert!(!allow(3, ACC_READ, 1, 3));
+    }
+
+    #[test]
+    fn the_kvm_filter_adds_exactly_dev_kvm() {
+        let d = device_program(&DEFAULT_DEVICES);
+        let k = device_program(&CellDevices { kvm: true }.rules());
+        assert_eq!(CellDevices::default().rules(), DEFAULT_DEVICES.to_vec());
+        for a in [ACC_READ, ACC_WRITE, ACC_READ | ACC_WRITE] {
+            assert_eq!(eval(&k, C, a, 10, 232), Some(1), "kvm, access {a}");
+            assert_ne!(
+                eval(&d, C, a, 10, 232),
+                Some(1),
+                "kvm by default, access {a}"
+            );
+        }
+        // Nothing else comes with it: tun, the rest of misc, block 10:232.
+        for (kind, ma, mi) in [
+            (C, 10, 200),
+            (C, 10, 231),
+            (C, 10, 233),
+            (B, 10, 232),
+            (C, 1, 1),
+        ] {
+            assert_ne!(
+                eval(&k, kind, ACC_READ, ma, mi),
+                Some(1),
+                "{kind} {ma}:{mi}"
+            );
+        }
+        for (ma, mi) in [(1, 3), (5, 2), (136, 7)] {
+            assert_eq!(eval(&k, C, ACC_READ, ma, mi), Some(1), "c {ma}:{mi}");
+        }
     }
 
     #[test]
@@ -663,7 +726,7 @@ mod tests {
         let before = sh_in(&cg, &open);
         let f = std::fs::File::open(&cg).unwrap();
         let attached_before = device_programs_attached(f.as_fd()).unwrap();
-        let attach = attach_device_filter(f.as_fd());
+        let attach = attach_device_filter(f.as_fd(), CellDevices::default());
         let attached = device_programs_attached(f.as_fd()).unwrap();
         let results = [
             sh_in(&cg, &open),

@@ -9,7 +9,7 @@
 //! `ROUNDS` (default 2), `STRESS_SECS` (20), `TEMPLATE` (the VM's cpu_template, default
 //! empty = normalized), `VCPUS` (1), `L1_CMDLINE` (appended to the machine's command line,
 //! e.g. `kvm_amd.vgif=0`), `QEMU_PEER` (set: boot with `qemu -M microvm` as an executable
-//! instead — needs a cell that may open /dev/kvm, which cells may not today).
+//! of a cell with `devices.kvm` instead).
 //! Needs the guest tier; prints SKIP otherwise.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use aurae_proto::runtime::v0 as pb;
@@ -153,6 +153,7 @@ echo AURAE_MICROVM_MARKER
             c.cells()
                 .allocate(pb::Cell {
                     name: "qemu".into(),
+                    devices: Some(pb::CellDevices { kvm: true }),
                     ..Default::default()
                 })
                 .await

@@ -179,6 +179,7 @@ fn main() {
         .await
         .unwrap();
         let c = g.client("admin").await.unwrap();
+        // QEMU's cell may open /dev/kvm (devices.kvm; the machine's admin grant allows it).
         for (cell, share_pid) in [("qemu", false), ("probe", true)] {
             c.cells()
                 .allocate(pb::Cell {
@@ -187,6 +188,7 @@ fn main() {
                         share_host_pid: share_pid,
                         ..Default::default()
                     }),
+                    devices: Some(pb::CellDevices { kvm: cell == "qemu" }),
                     ..Default::default()
                 })
                 .await

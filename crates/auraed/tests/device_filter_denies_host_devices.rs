@@ -4,6 +4,10 @@
 //! block device node: `EPERM` from the device cgroup, not from a missing capability (it
 //! may still make an allowed character node). `/dev/null` and `/dev/urandom` still work.
 //! Nothing is read from or written to any device; every node made is removed.
+//!
+//! `/dev/kvm` is denied like any device unless the cell asks for it (`devices.kvm`) and the
+//! caller's grant has `allow_kvm`; a child cell needs a parent that has it; a container
+//! may not ask.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -15,7 +19,7 @@ use std::{
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
-    Daemon, DaemonOptions,
+    Daemon, DaemonOptions, TRUST_DOMAIN,
     tier::{self, Tier},
     workload,
 };
@@ -211,4 +215,133 @@ async fn a_root_process_in_any_cell_can_neither_make_nor_open_block_devices() {
             .join(format!("aurae-devfilter-{}", std::process::id()))
             .exists()
     );
+}
+
+/// What opening /dev/kvm read-write gives in `cell` (its processes share the host's /dev).
+async fn open_kvm(c: &Client, cell: &str, n: &str) -> String {
+    let (_, out) = workload::run_to_end(
+        c,
+        pb::Executable {
+            cell: cell.into(),
+            name: n.into(),
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "(exec 3<> /dev/kvm) 2>&1 && echo OPENED".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_kvm_is_opened_only_by_cells_that_asked_with_a_grant_that_allows_it() {
+    let test = "dev_kvm_is_opened_only_by_cells_that_asked_with_a_grant_that_allows_it";
+    let missing = tier::needs_cells().or_else(|| {
+        (!Path::new("/dev/kvm").exists()).then(|| "no /dev/kvm on this host".to_owned())
+    });
+    if !tier::check(test, Tier::Host, missing) {
+        return;
+    }
+    let policy = format!(
+        "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
+         allow_kvm = true\nallow_uid_zero = true\nuids = [\"1-2147483647\"]\ngids = [\"1-2147483647\"]\n\n\
+         [[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/alice\"\nmethods = [\"*\"]\nnames = [\"team-a\"]\n"
+    );
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let admin = d.client("admin").await.unwrap();
+    let alice = d.client("alice").await.unwrap();
+    // The control: outside any cell, the test opens it.
+    assert!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+        "the test itself opens /dev/kvm"
+    );
+    let kvm = |name: &str, kvm: bool| pb::Cell {
+        name: name.into(),
+        devices: Some(pb::CellDevices { kvm }),
+        ..Default::default()
+    };
+    // Asked, with the grant: opened; the same cell's child that asks too: opened.
+    admin.cells().allocate(kvm("vmm", true)).await.unwrap();
+    admin
+        .cells()
+        .allocate(kvm("vmm/inner", true))
+        .await
+        .unwrap();
+    // Not asked: denied by the device cgroup, even below a cell that has it.
+    admin.cells().allocate(kvm("plain", false)).await.unwrap();
+    admin
+        .cells()
+        .allocate(kvm("vmm/plain", false))
+        .await
+        .unwrap();
+    for (cell, opened) in [
+        ("vmm", true),
+        ("vmm/inner", true),
+        ("plain", false),
+        ("vmm/plain", false),
+    ] {
+        let out = open_kvm(&admin, cell, "probe").await;
+        if opened {
+            assert!(out.contains("OPENED"), "{cell}: {out}");
+        } else {
+            assert!(
+                !out.contains("OPENED") && out.contains("Operation not permitted"),
+                "{cell}: {out}"
+            );
+        }
+    }
+    // A child asking under a parent without it: refused, naming the field.
+    let e = admin
+        .cells()
+        .allocate(kvm("plain/vm", true))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("devices.kvm"), "{e:?}");
+    // A grant without allow_kvm: refused, naming it; nothing made.
+    let e = alice
+        .cells()
+        .allocate(kvm("team-a", true))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("allow_kvm"), "{e:?}");
+    assert!(!d.cgroup.clone().unwrap().join("team-a").exists());
+    // A container may not ask (its /dev holds no /dev/kvm).
+    let e = admin
+        .runtime()
+        .run_cell(pb::Cell {
+            container: Some(pb::Container {
+                image: "127.0.0.1:1/none:latest".into(),
+                ..Default::default()
+            }),
+            ..kvm("ct", true)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("devices.kvm"), "{e:?}");
+    for name in ["vmm", "plain"] {
+        admin
+            .cells()
+            .free(pb::NameRef { name: name.into() })
+            .await
+            .unwrap();
+    }
 }

@@ -140,6 +140,10 @@ pub enum CellCmd {
         limits: LimitArgs,
         #[command(flatten)]
         ns: NsArgs,
+        /// Let the cell's processes open /dev/kvm to run VMs of their own (QEMU, another
+        /// VMM); needs the grant's allow_kvm and a parent cell that has it, e.g. --kvm.
+        #[arg(long)]
+        kvm: bool,
     },
     /// Show one cell, e.g. `aer cell get web/api`.
     Get {
@@ -209,12 +213,18 @@ pub async fn run(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), Status> {
     let mut x = c.cells();
     let one = |s: tonic::Response<pb::CellStatus>| print(fmt, &[cell_row(&s.into_inner())], true);
     match cmd {
-        CellCmd::Allocate { name, limits, ns } => {
+        CellCmd::Allocate {
+            name,
+            limits,
+            ns,
+            kvm,
+        } => {
             let cell = pb::Cell {
                 name,
                 limits: Some(limits.proto().map_err(invalid)?),
                 namespaces: Some(ns.proto().map_err(invalid)?),
                 container: None,
+                devices: kvm.then_some(pb::CellDevices { kvm }),
             };
             one(x.allocate(cell).await?);
         }
@@ -327,7 +337,10 @@ mod tests {
     use crate::cli::{Command, parse};
 
     fn allocate(line: &str) -> (String, LimitArgs, NsArgs) {
-        let Command::Cell(CellCmd::Allocate { name, limits, ns }) = parse(line).unwrap() else {
+        let Command::Cell(CellCmd::Allocate {
+            name, limits, ns, ..
+        }) = parse(line).unwrap()
+        else {
             panic!("not cell allocate")
         };
         (name, limits, ns)

@@ -132,6 +132,7 @@ impl RunCellArgs {
             limits: Some(limits),
             namespaces: Some(namespaces),
             container: Some(container),
+            devices: None,
         })
     }
 }

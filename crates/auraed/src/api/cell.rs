@@ -50,6 +50,11 @@ impl Cells for CellsApi {
             "share a host namespace",
             spec.name.as_str(),
         )?;
+        caller.authorize_privilege(
+            !spec.devices.kvm || caller.grant.allow_kvm,
+            "open /dev/kvm (devices.kvm needs allow_kvm)",
+            spec.name.as_str(),
+        )?;
         let demand = Demand::cell(&caller, &spec);
         let _admitted = self.quotas.admit(&caller, demand).await?;
         Ok(Response::new(convert::cell(

@@ -365,6 +365,17 @@ impl Cells {
                     )));
                 }
                 check_narrowing(&spec.limits, &parent.spec.limits, p.as_str())?;
+                // Every device filter on the path must allow a device: under a parent
+                // without /dev/kvm, a child's kvm would be granted and never work.
+                if spec.devices.kvm && !parent.spec.devices.kvm {
+                    return Err(WorkloadError::Invalid(FieldError::new(
+                        "devices.kvm",
+                        format!(
+                            "parent cell {:?} does not allow /dev/kvm, so no cell below it can",
+                            p.as_str()
+                        ),
+                    )));
+                }
                 Some(parent)
             }
         };
@@ -387,14 +398,15 @@ impl Cells {
             }
             // Every cell, containers or plain executables, own or host namespaces: no
             // block device and no character device beyond null, zero, full, random,
-            // urandom, tty, ptmx and ptys, even for uid 0 with CAP_MKNOD. Host devices
-            // for a cell would be a future, explicit grant. Never skipped: a kernel that
-            // cannot attach it refuses the cell.
-            tree.attach_device_filter(&spec.name).map_err(|e| {
-                WorkloadError::Precondition(format!(
-                    "the cell's device filter (cgroup BPF) is not available here: {e}"
-                ))
-            })?;
+            // urandom, tty, ptmx and ptys, even for uid 0 with CAP_MKNOD; /dev/kvm too
+            // when the cell asked for it (authorized by the grant's allow_kvm before
+            // this). Never skipped: a kernel that cannot attach it refuses the cell.
+            tree.attach_device_filter(&spec.name, spec.devices)
+                .map_err(|e| {
+                    WorkloadError::Precondition(format!(
+                        "the cell's device filter (cgroup BPF) is not available here: {e}"
+                    ))
+                })?;
             Ok(())
         })();
         if let Err(e) = setup {

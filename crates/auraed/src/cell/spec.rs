@@ -234,6 +234,34 @@ pub struct CellSpec {
     pub namespaces: Namespaces,
     /// Set for RunCell; Allocate ignores it.
     pub container: Option<ContainerSpec>,
+    /// Devices beyond the default set (recorded; absent in older records = none).
+    #[serde(default, with = "devices_record")]
+    pub devices: aurae_sys::bpf::CellDevices,
+}
+
+/// [`aurae_sys::bpf::CellDevices`] in a record: `{"kvm": true}`.
+mod devices_record {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize, Default)]
+    struct Devices {
+        #[serde(default)]
+        kvm: bool,
+    }
+
+    pub fn serialize<S: Serializer>(
+        d: &aurae_sys::bpf::CellDevices,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        Devices { kvm: d.kvm }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<aurae_sys::bpf::CellDevices, D::Error> {
+        let r = Devices::deserialize(d)?;
+        Ok(aurae_sys::bpf::CellDevices { kvm: r.kvm })
+    }
 }
 
 impl CellSpec {
@@ -247,6 +275,16 @@ impl CellSpec {
                 Some(ContainerSpec::parse("container", c.container)?)
             } else {
                 None
+            },
+            devices: {
+                let kvm = c.devices.is_some_and(|d| d.kvm);
+                if kvm && with_container {
+                    return Err(FieldError::new(
+                        "devices.kvm",
+                        "not for RunCell: a container's /dev holds no /dev/kvm (allocate the cell and run an executable in it)",
+                    ));
+                }
+                aurae_sys::bpf::CellDevices { kvm }
             },
         })
     }

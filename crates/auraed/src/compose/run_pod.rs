@@ -197,6 +197,7 @@ async fn start(
             ..Default::default()
         }),
         container: Some(container),
+        devices: None,
     };
     step_to("starting the container in the instance");
     let status = c

@@ -9,6 +9,7 @@
 //! allow_uid_zero = false          # may a workload run as uid 0 (or gid 0)?
 //! allow_new_privileges = false    # may plain executables run without no_new_privs?
 //! allow_writable_drives = false   # may a VM write to a drive (under `volumes`)?
+//! allow_kvm = false               # may a cell's processes open /dev/kvm (`devices.kvm`)?
 //! uids = ["1000-1999"]            # the uids its workloads may run as (besides 0)
 //! gids = ["1000-1999"]            # the gids likewise
 //! volumes = ["team-a"]            # host paths, relative to a --volume-root or --vm-image-root
@@ -105,6 +106,8 @@ struct GrantFile {
     allow_new_privileges: bool,
     #[serde(default)]
     allow_writable_drives: bool,
+    #[serde(default)]
+    allow_kvm: bool,
     #[serde(default)]
     uids: Vec<String>,
     #[serde(default)]
@@ -222,6 +225,7 @@ pub struct Grant {
     pub allow_uid_zero: bool,
     pub allow_new_privileges: bool,
     pub allow_writable_drives: bool,
+    pub allow_kvm: bool,
     pub uids: IdRanges,
     pub gids: IdRanges,
     /// Relative host paths (subtrees) below a volume or VM image root; `None`: all.
@@ -241,6 +245,7 @@ impl Grant {
             allow_uid_zero: true,
             allow_new_privileges: true,
             allow_writable_drives: true,
+            allow_kvm: true,
             uids: IdRanges::all(),
             gids: IdRanges::all(),
             volumes: None,
@@ -298,6 +303,7 @@ impl Grant {
             (self.allow_uid_zero, "allow_uid_zero"),
             (self.allow_new_privileges, "allow_new_privileges"),
             (self.allow_writable_drives, "allow_writable_drives"),
+            (self.allow_kvm, "allow_kvm"),
         ] {
             if on {
                 v.push(what.to_owned());
@@ -355,6 +361,7 @@ impl Grant {
             allow_uid_zero: self.allow_uid_zero,
             allow_new_privileges: self.allow_new_privileges,
             allow_writable_drives: self.allow_writable_drives,
+            allow_kvm: self.allow_kvm,
             uids: self.uids.describe(),
             gids: self.gids.describe(),
             volumes: match &self.volumes {
@@ -639,6 +646,7 @@ impl Policy {
                 allow_uid_zero: g.allow_uid_zero,
                 allow_new_privileges: g.allow_new_privileges,
                 allow_writable_drives: g.allow_writable_drives,
+                allow_kvm: g.allow_kvm,
                 uids,
                 gids,
                 volumes,
@@ -685,6 +693,7 @@ impl Policy {
             allow_uid_zero: false,
             allow_new_privileges: false,
             allow_writable_drives: false,
+            allow_kvm: false,
             quota: Quota::default(),
             id: id.clone(),
         })

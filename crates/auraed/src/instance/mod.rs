@@ -491,11 +491,12 @@ impl Instances {
         // A cell child gets the cells' device filter (no block devices). A microVM's VMM
         // needs /dev/kvm and /dev/net/tun, and its jail holds nothing else (as any VM's).
         if !is_vm {
-            tree.attach_device_filter(&cgroup).map_err(|e| {
-                precondition(format!(
-                    "the instance's device filter (cgroup BPF) is not available here: {e}"
-                ))
-            })?;
+            tree.attach_device_filter(&cgroup, Default::default())
+                .map_err(|e| {
+                    precondition(format!(
+                        "the instance's device filter (cgroup BPF) is not available here: {e}"
+                    ))
+                })?;
         }
 
         // Network: an address on our bridge; the child's own bridge gets another /24.

@@ -72,10 +72,14 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     fn kill(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Freezes or thaws the subtree.
     fn freeze(&self, cell: &CellName, frozen: bool) -> Result<(), CgroupError>;
-    /// Attaches the device filter ([`aurae_sys::bpf::DEFAULT_DEVICES`]) to the cell's
-    /// directory: every process of the subtree may create and open only those few
-    /// character devices, whatever its uid and capabilities.
-    fn attach_device_filter(&self, cell: &CellName) -> Result<(), CgroupError>;
+    /// Attaches the device filter ([`aurae_sys::bpf::DEFAULT_DEVICES`] and what `devices`
+    /// adds) to the cell's directory: every process of the subtree may create and open only
+    /// those few character devices, whatever its uid and capabilities.
+    fn attach_device_filter(
+        &self,
+        cell: &CellName,
+        devices: aurae_sys::bpf::CellDevices,
+    ) -> Result<(), CgroupError>;
     /// Removes the cell's leaf and directory; child cells must be removed first.
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Where the cell's directory is, for messages and probes.
@@ -318,11 +322,15 @@ impl CgroupTree for FsTree {
         self.write(cell, "cgroup.freeze", if frozen { "1" } else { "0" })
     }
 
-    fn attach_device_filter(&self, cell: &CellName) -> Result<(), CgroupError> {
+    fn attach_device_filter(
+        &self,
+        cell: &CellName,
+        devices: aurae_sys::bpf::CellDevices,
+    ) -> Result<(), CgroupError> {
         use std::os::fd::AsFd;
         let dir = self.path(cell);
         let f = fs::File::open(&dir).map_err(io_err(&dir))?;
-        aurae_sys::bpf::attach_device_filter(f.as_fd())
+        aurae_sys::bpf::attach_device_filter(f.as_fd(), devices)
             .map_err(|source| CgroupError::DeviceFilter { path: dir, source })
     }
 
@@ -364,6 +372,8 @@ struct FakeState {
     populated: BTreeMap<String, bool>,
     /// Cells with the device filter attached.
     filtered: std::collections::BTreeSet<String>,
+    /// Of those, the cells whose filter allows /dev/kvm.
+    kvm: std::collections::BTreeSet<String>,
     /// Make `attach_device_filter` fail, as on a kernel without CONFIG_CGROUP_BPF.
     no_device_filter: bool,
 }
@@ -387,6 +397,11 @@ impl FakeTree {
     /// Whether the cell's device filter is attached.
     pub fn has_device_filter(&self, cell: &str) -> bool {
         self.state.lock().is_ok_and(|s| s.filtered.contains(cell))
+    }
+
+    /// Whether the cell's device filter allows /dev/kvm.
+    pub fn allows_kvm(&self, cell: &str) -> bool {
+        self.state.lock().is_ok_and(|s| s.kvm.contains(cell))
     }
 
     /// Makes every later `attach_device_filter` fail (a kernel without cgroup BPF).
@@ -474,7 +489,11 @@ impl CgroupTree for FakeTree {
         self.write(cell, "cgroup.freeze", if frozen { "1" } else { "0" })
     }
 
-    fn attach_device_filter(&self, cell: &CellName) -> Result<(), CgroupError> {
+    fn attach_device_filter(
+        &self,
+        cell: &CellName,
+        devices: aurae_sys::bpf::CellDevices,
+    ) -> Result<(), CgroupError> {
         let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
         if !s.dirs.contains_key(cell.as_str()) {
             return Err(fake_err(cell, "no such cell"));
@@ -489,6 +508,9 @@ impl CgroupTree for FakeTree {
             });
         }
         s.filtered.insert(cell.as_str().to_owned());
+        if devices.kvm {
+            s.kvm.insert(cell.as_str().to_owned());
+        }
         Ok(())
     }
 
@@ -535,9 +557,12 @@ mod tests {
     fn fake_tree_records_the_device_filter_and_can_refuse_it() {
         let t = FakeTree::default();
         let web = CellName::parse("n", "web").unwrap();
-        assert!(t.attach_device_filter(&web).is_err(), "no such cell");
+        assert!(
+            t.attach_device_filter(&web, Default::default()).is_err(),
+            "no such cell"
+        );
         t.create(&web).unwrap();
-        t.attach_device_filter(&web).unwrap();
+        t.attach_device_filter(&web, Default::default()).unwrap();
         assert!(t.has_device_filter("web"));
         assert_eq!(
             t.files("web").unwrap().len(),
@@ -548,7 +573,9 @@ mod tests {
         assert!(!t.has_device_filter("web"));
         t.refuse_device_filter();
         t.create(&web).unwrap();
-        let err = t.attach_device_filter(&web).unwrap_err();
+        let err = t
+            .attach_device_filter(&web, Default::default())
+            .unwrap_err();
         assert!(matches!(err, CgroupError::DeviceFilter { .. }), "{err:?}");
         assert!(err.to_string().contains("CONFIG_CGROUP_BPF"), "{err}");
     }
@@ -569,7 +596,7 @@ mod tests {
         let t = FsTree::open(&root).unwrap();
         let web = CellName::parse("n", "web").unwrap();
         t.create(&web).unwrap();
-        let attached = t.attach_device_filter(&web);
+        let attached = t.attach_device_filter(&web, Default::default());
         let count = |p: &Path| {
             let f = fs::File::open(p).unwrap();
             aurae_sys::bpf::device_programs_attached(f.as_fd()).unwrap()
