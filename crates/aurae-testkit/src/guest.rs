@@ -701,10 +701,10 @@ if ping -c 1 -W 10 $GW >/dev/null; then echo AURAE_MICROVM_PING_OK; else echo AU
 "#;
 
 /// How often [`with_live_guest`] asks the machine's auraed for its health.
-const WATCH_EVERY: Duration = Duration::from_secs(10);
+pub const WATCH_EVERY: Duration = Duration::from_secs(10);
 /// Consecutive unanswered health checks (each given [`WATCH_EVERY`]) that make a machine
 /// wedged.
-const WATCH_MISSES: u32 = 4;
+pub const WATCH_MISSES: u32 = 4;
 
 /// Boots a guest with `opts` and runs `body` on it; when the machine itself stops answering
 /// (its auraed's health unanswered [`WATCH_MISSES`] times in a row, [`WATCH_EVERY`] apart)
