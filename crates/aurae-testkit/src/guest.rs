@@ -597,6 +597,41 @@ pub fn instance_files() -> anyhow::Result<Vec<cpio::Entry>> {
 
 /// QEMU as the benches run it inside a guest (`-M microvm`).
 pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// The benches' QEMU peer: `-M microvm` with KVM and `-cpu host`, 1 vCPU, 256 MiB, the serial
+/// console on stdout, SeaBIOS's microvm build, `kernel` + `initrd` + `cmdline`, no reboot.
+pub fn qemu_microvm_argv(kernel: &str, initrd: &str, cmdline: &str) -> Vec<String> {
+    [
+        QEMU,
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-bios",
+        "/usr/share/seabios/bios-microvm.bin",
+        "-kernel",
+        kernel,
+        "-initrd",
+        initrd,
+        "-append",
+        cmdline,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
 const QEMU_FIRMWARE: [&str; 4] = [
     "/usr/share/seabios/bios-microvm.bin",
     "/usr/share/qemu/qboot.rom",

@@ -16,7 +16,8 @@ use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     cpio::Entry,
     guest::{
-        Guest, GuestOptions, QEMU, artifacts, microvm_initramfs_with, needs_guest, qemu_files,
+        Guest, GuestOptions, artifacts, microvm_initramfs_with, needs_guest, qemu_files,
+        qemu_microvm_argv,
     },
     workload,
 };
@@ -165,36 +166,11 @@ echo AURAE_MICROVM_MARKER
                     .run_executable(pb::Executable {
                         cell: "qemu".into(),
                         name: qn.clone(),
-                        argv: [
-                            QEMU,
-                            "-M",
-                            "microvm",
-                            "-enable-kvm",
-                            "-cpu",
-                            "host",
-                            "-m",
-                            "256",
-                            "-smp",
-                            "1",
-                            "-nodefaults",
-                            "-no-user-config",
-                            "-display",
-                            "none",
-                            "-serial",
-                            "stdio",
-                            "-no-reboot",
-                            "-bios",
-                            "/usr/share/seabios/bios-microvm.bin",
-                            "-kernel",
+                        argv: qemu_microvm_argv(
                             "/var/lib/aurae/vm-images/vmlinuz",
-                            "-initrd",
                             "/var/lib/aurae/vm-images/initrd",
-                            "-append",
                             "console=ttyS0 reboot=k panic=-1",
-                        ]
-                        .iter()
-                        .map(|s| (*s).to_owned())
-                        .collect(),
+                        ),
                         ..Default::default()
                     })
                     .await

@@ -18,7 +18,7 @@ use aurae_testkit::{
     cpio::Entry,
     guest::{
         Guest, GuestOptions, MICROVM_MARKER, QEMU, artifacts, microvm_initramfs, needs_guest,
-        qemu_files,
+        qemu_files, qemu_microvm_argv,
     },
     workload,
 };
@@ -260,36 +260,11 @@ fn main() {
                 .run_executable(pb::Executable {
                     cell: "qemu".into(),
                     name: qn.clone(),
-                    argv: [
-                        QEMU,
-                        "-M",
-                        "microvm",
-                        "-enable-kvm",
-                        "-cpu",
-                        "host",
-                        "-m",
-                        "256",
-                        "-smp",
-                        "1",
-                        "-nodefaults",
-                        "-no-user-config",
-                        "-display",
-                        "none",
-                        "-serial",
-                        "stdio",
-                        "-no-reboot",
-                        "-bios",
-                        "/usr/share/seabios/bios-microvm.bin",
-                        "-kernel",
+                    argv: qemu_microvm_argv(
                         "/var/lib/aurae/vm-images/vmlinuz",
-                        "-initrd",
                         "/var/lib/aurae/vm-images/initrd",
-                        "-append",
                         CMDLINE,
-                    ]
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect(),
+                    ),
                     ..Default::default()
                 })
                 .await

@@ -277,7 +277,13 @@ async fn dev_kvm_is_opened_only_by_cells_that_asked_with_a_grant_that_allows_it(
         ..Default::default()
     };
     // Asked, with the grant: opened; the same cell's child that asks too: opened.
-    admin.cells().allocate(kvm("vmm", true)).await.unwrap();
+    let st = admin
+        .cells()
+        .allocate(kvm("vmm", true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.devices, Some(pb::CellDevices { kvm: true }), "{st:?}");
     admin
         .cells()
         .allocate(kvm("vmm/inner", true))

@@ -69,6 +69,9 @@ pub fn cell(c: &Cell) -> pb::CellStatus {
             .unwrap_or_default(),
         created_at: Some(c.created_at.into()),
         message,
+        devices: Some(pb::CellDevices {
+            kvm: c.spec.devices.kvm,
+        }),
     }
 }
 
