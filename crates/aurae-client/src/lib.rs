@@ -98,7 +98,7 @@ impl Client {
             }
         });
         // The URI is only a placeholder: the connector decides where to connect.
-        let channel = placeholder_endpoint()
+        let channel = TonicEndpoint::from_static("http://auraed.invalid")
             .connect_with_connector(service)
             .await
             .map_err(|source| ClientError::Connect {
@@ -143,6 +143,33 @@ impl Client {
     where
         D: Fn() -> std::io::Result<std::net::TcpStream> + Send + Sync + Clone + 'static,
     {
+        Self::dial_tcp(dial, server_name, tls, false).await
+    }
+
+    /// [`Client::connect_tcp_with`] with HTTP/2 keepalive pings, also while idle: calls and
+    /// streams to a peer that stopped answering (a hung guest, a dead link) fail within
+    /// [`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`] instead of waiting forever. For a
+    /// daemon's own connections to what it runs (its spawned instances).
+    pub async fn connect_tcp_with_keepalive<D>(
+        dial: D,
+        server_name: &str,
+        tls: rustls::ClientConfig,
+    ) -> Result<Self, ClientError>
+    where
+        D: Fn() -> std::io::Result<std::net::TcpStream> + Send + Sync + Clone + 'static,
+    {
+        Self::dial_tcp(dial, server_name, tls, true).await
+    }
+
+    async fn dial_tcp<D>(
+        dial: D,
+        server_name: &str,
+        tls: rustls::ClientConfig,
+        keepalive: bool,
+    ) -> Result<Self, ClientError>
+    where
+        D: Fn() -> std::io::Result<std::net::TcpStream> + Send + Sync + Clone + 'static,
+    {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| ClientError::ServerName(server_name.to_owned()))?;
         let connector = TlsConnector::from(Arc::new(tls));
@@ -163,7 +190,16 @@ impl Client {
                     .map(|t| TokioIo::new(Stream::Tcp(t)))
             }
         });
-        let channel = placeholder_endpoint()
+        let endpoint = TonicEndpoint::from_static("http://auraed.invalid");
+        let endpoint = if keepalive {
+            endpoint
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+        } else {
+            endpoint
+        };
+        let channel = endpoint
             .connect_with_connector(service)
             .await
             .map_err(|source| ClientError::Connect {
@@ -265,18 +301,9 @@ mod io_impl {
     }
 }
 
-/// The channel's endpoint. The URI is only a placeholder (the connector decides where to
-/// connect). HTTP/2 keepalive pings, also while idle, make a peer that stopped answering
-/// (a hung guest, a dead link) fail its calls and streams within
-/// [`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`] instead of holding them forever.
-fn placeholder_endpoint() -> TonicEndpoint {
-    TonicEndpoint::from_static("http://auraed.invalid")
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-}
-
-/// How often an otherwise quiet connection is pinged.
-pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a ping may go unanswered before the connection is closed.
-pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a keepalive connection is pinged.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed. Generous: a guest
+/// under nested emulation has been seen to leave a ping 10 s unanswered while it was busy
+/// and well.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

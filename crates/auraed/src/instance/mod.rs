@@ -911,7 +911,7 @@ impl Instances {
         // address is up is lost, and the kernel would resend it only after a second.
         let addr = inst.endpoint();
         let dial = move || std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT);
-        aurae_client::Client::connect_tcp_with(dial, &inst.addr.to_string(), tls)
+        aurae_client::Client::connect_tcp_with_keepalive(dial, &inst.addr.to_string(), tls)
             .await
             .map_err(|e| precondition(format!("{}: {}", inst.endpoint(), error_chain(&e))))
     }
