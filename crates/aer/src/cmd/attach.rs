@@ -277,34 +277,43 @@ async fn follow(
             break;
         }
         tokio::select! {
-            m = next_chunk(&mut logs), if logs.is_some() => match m? {
-                Some(chunk) => {
+            m = next_chunk(&mut logs), if logs.is_some() => match m {
+                Ok(Some(chunk)) => {
                     out.write(&chunk);
                     if ended.is_some() {
                         give_up = (Instant::now() + OPEN_OUTPUT_IDLE).min(cap);
                     }
                 }
-                None => logs = None,
+                Ok(None) => logs = None,
+                Err(e) if freed_after_end(&e, &ended, id) => logs = None,
+                Err(e) => return Err(freed_before_end(e, id)),
             },
             r = &mut wait, if ended.is_none() => {
-                ended = Some(r?);
+                ended = Some(r.map_err(|e| freed_before_end(e, id))?);
                 cap = Instant::now() + OPEN_OUTPUT_MAX;
                 give_up = Instant::now() + OPEN_OUTPUT_IDLE;
             }
             () = tokio::time::sleep_until(give_up.into()), if ended.is_some() => {
                 if refollowed {
                     logs = None;
-                    drain(c, exe, out).await?;
-                    eprintln!(
-                        "aer: {id} has ended but its output is still open (a process it \
-                         started holds it); not following it further: \
-                         `aer executable logs {id} -f`"
-                    );
+                    match drain(c, exe, out).await {
+                        Ok(()) => eprintln!(
+                            "aer: {id} has ended but its output is still open (a process it \
+                             started holds it); not following it further: \
+                             `aer executable logs {id} -f`"
+                        ),
+                        Err(e) if freed_after_end(&e, &ended, id) => {}
+                        Err(e) => return Err(e),
+                    }
                 } else {
                     // A stream can stall once the output has closed while auraed was still
                     // sending what came before; a fresh one from where the copy stands ends
                     // as soon as it has sent the rest, unless the output is really open.
-                    logs = Some(open_logs(c, exe, out.next, true).await?);
+                    match open_logs(c, exe, out.next, true).await {
+                        Ok(l) => logs = Some(l),
+                        Err(e) if freed_after_end(&e, &ended, id) => logs = None,
+                        Err(e) => return Err(e),
+                    }
                     refollowed = true;
                     give_up = Instant::now() + OPEN_OUTPUT_IDLE;
                 }
@@ -322,6 +331,32 @@ async fn follow(
         }
     }
     ended.ok_or_else(|| Status::internal("the executable's end was not seen"))
+}
+
+/// Whether `e` says the executable is gone after aer saw it end (someone freed it while aer
+/// still copied output a process it started held open): then there is nothing more to
+/// copy, and its end is known. Says so on stderr.
+fn freed_after_end(e: &Status, ended: &Option<pb::ExecutableStatus>, id: &str) -> bool {
+    let gone = e.code() == Code::NotFound && ended.is_some();
+    if gone {
+        eprintln!(
+            "aer: {id} was freed by someone else after it ended; not following its output further"
+        );
+    }
+    gone
+}
+
+/// A NotFound before aer saw the end: someone freed the executable (its status with it)
+/// under aer; said as such, and that aer will not free what may now use the name.
+fn freed_before_end(e: Status, id: &str) -> Status {
+    if e.code() == Code::NotFound {
+        Status::not_found(format!(
+            "{id} was freed by someone else before aer saw its end: its exit status is \
+             unknown; not freeing it"
+        ))
+    } else {
+        e
+    }
 }
 
 /// Executables/Logs of `exe` from byte `from`.
