@@ -496,6 +496,32 @@ pub fn microvm_initramfs(network: bool) -> anyhow::Result<Vec<u8>> {
     ))
 }
 
+/// Entries for a machine's initramfs that give it `/var/lib/aurae/vm-images` (auraed's
+/// default VM image root) holding the guest kernel as `vmlinuz` and `initrd`.
+pub fn vm_image_files(initrd: Vec<u8>) -> anyhow::Result<Vec<cpio::Entry>> {
+    use crate::cpio::Entry::{Dir, File};
+    Ok(vec![
+        Dir {
+            path: "var/lib/aurae".into(),
+            mode: 0o700,
+        },
+        Dir {
+            path: "var/lib/aurae/vm-images".into(),
+            mode: 0o755,
+        },
+        File {
+            path: "var/lib/aurae/vm-images/vmlinuz".into(),
+            mode: 0o644,
+            data: std::fs::read(artifacts().join("vmlinuz"))?,
+        },
+        File {
+            path: "var/lib/aurae/vm-images/initrd".into(),
+            mode: 0o644,
+            data: initrd,
+        },
+    ])
+}
+
 /// [`microvm_initramfs`]'s busybox, modules and mounts with `body` as the rest of the init
 /// script (before its `poweroff -f`).
 pub fn microvm_initramfs_with(body: &str) -> anyhow::Result<Vec<u8>> {

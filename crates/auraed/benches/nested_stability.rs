@@ -14,10 +14,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
-    cpio::Entry,
     guest::{
-        Guest, GuestOptions, artifacts, microvm_initramfs_with, needs_guest, qemu_files,
-        qemu_microvm_argv,
+        Guest, GuestOptions, microvm_initramfs_with, needs_guest, qemu_files, qemu_microvm_argv,
+        vm_image_files,
     },
     workload,
 };
@@ -50,7 +49,6 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let art = artifacts();
     let body = format!(
         r#"echo PROBE-BEGIN
 uname -a
@@ -67,26 +65,7 @@ echo STRESS-DONE
 echo AURAE_MICROVM_MARKER
 "#
     );
-    let mut files = vec![
-        Entry::Dir {
-            path: "var/lib/aurae".into(),
-            mode: 0o700,
-        },
-        Entry::Dir {
-            path: "var/lib/aurae/vm-images".into(),
-            mode: 0o755,
-        },
-        Entry::File {
-            path: "var/lib/aurae/vm-images/vmlinuz".into(),
-            mode: 0o644,
-            data: std::fs::read(art.join("vmlinuz")).unwrap(),
-        },
-        Entry::File {
-            path: "var/lib/aurae/vm-images/initrd".into(),
-            mode: 0o644,
-            data: microvm_initramfs_with(&body).unwrap(),
-        },
-    ];
+    let mut files = vm_image_files(microvm_initramfs_with(&body).unwrap()).unwrap();
     let use_qemu = std::env::var("QEMU_PEER").is_ok();
     if use_qemu {
         files.extend(qemu_files().unwrap());

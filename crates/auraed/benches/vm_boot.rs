@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
-    cpio::Entry,
     guest::{
-        Guest, GuestOptions, MICROVM_MARKER, QEMU, artifacts, microvm_initramfs, needs_guest,
-        qemu_files, qemu_microvm_argv,
+        Guest, GuestOptions, MICROVM_MARKER, QEMU, microvm_initramfs, needs_guest, qemu_files,
+        qemu_microvm_argv, vm_image_files,
     },
     workload,
 };
@@ -143,27 +142,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let art = artifacts();
-    let mut files = vec![
-        Entry::Dir {
-            path: "var/lib/aurae".into(),
-            mode: 0o700,
-        },
-        Entry::Dir {
-            path: "var/lib/aurae/vm-images".into(),
-            mode: 0o755,
-        },
-        Entry::File {
-            path: "var/lib/aurae/vm-images/vmlinuz".into(),
-            mode: 0o644,
-            data: std::fs::read(art.join("vmlinuz")).unwrap(),
-        },
-        Entry::File {
-            path: "var/lib/aurae/vm-images/initrd".into(),
-            mode: 0o644,
-            data: microvm_initramfs(false).unwrap(),
-        },
-    ];
+    let mut files = vm_image_files(microvm_initramfs(false).unwrap()).unwrap();
     files.extend(qemu);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -549,23 +549,11 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
     ) {
         return;
     }
-    use cpio::Entry::{Dir, File};
-    let art = aurae_testkit::guest::artifacts();
-    let mut files = vec![
-        Dir {
-            path: "var/lib/aurae".into(),
-            mode: 0o700,
-        },
-        Dir {
-            path: "var/lib/aurae/vm-images".into(),
-            mode: 0o755,
-        },
-    ];
-    files.push(File {
-        path: "var/lib/aurae/vm-images/vmlinuz".into(),
-        mode: 0o644,
-        data: std::fs::read(art.join("vmlinuz")).unwrap(),
-    });
+    use cpio::Entry::File;
+    let mut files = aurae_testkit::guest::vm_image_files(
+        aurae_testkit::guest::microvm_initramfs(true).unwrap(),
+    )
+    .unwrap();
     let mut disk = aurae_testkit::guest::MICROVM_DISK_MARKER
         .as_bytes()
         .to_vec();
@@ -574,11 +562,6 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
         path: "var/lib/aurae/vm-images/disk".into(),
         mode: 0o644,
         data: disk,
-    });
-    files.push(File {
-        path: "var/lib/aurae/vm-images/initrd".into(),
-        mode: 0o644,
-        data: aurae_testkit::guest::microvm_initramfs(true).unwrap(),
     });
     let opts = GuestOptions {
         extra_files: files,
