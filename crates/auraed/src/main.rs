@@ -68,6 +68,11 @@ struct Args {
     /// Most concurrent calls (HTTP/2 streams) per connection. A count, e.g. 128.
     #[arg(long, default_value_t = 128)]
     max_streams_per_connection: u32,
+    /// Spare cell inits kept ready (namespaces made, set up, waiting): a new top-level cell
+    /// with its own namespaces takes one instead of starting its init. 0 turns the pool
+    /// off; at most 64. A count, e.g. 4.
+    #[arg(long, default_value_t = auraed::cell::pool::DEFAULT_POOL)]
+    cell_pool: usize,
     /// cgroup v2 directory for cells, e.g. /sys/fs/cgroup/aurae [default: aurae below
     /// /sys/fs/cgroup or /sys/fs/cgroup/unified, whichever is cgroup2].
     #[arg(long, env = "AURAED_CGROUP_ROOT")]
@@ -160,6 +165,7 @@ impl Args {
             max_handshakes_per_peer,
             max_connections_per_identity,
             max_streams_per_connection,
+            cell_pool,
             cgroup_root,
             insecure_registry,
             registry_auth,
@@ -191,6 +197,7 @@ impl Args {
         take!(max_handshakes_per_peer, max_handshakes_per_peer);
         take!(max_connections_per_identity, max_connections_per_identity);
         take!(max_streams_per_connection, max_streams_per_connection);
+        take!(cell_pool, cell_pool);
         take!(cgroup_root, cgroup_root.map(Some));
         take!(insecure_registries, insecure_registry);
         take!(registry_auth, registry_auth.map(Some));
@@ -305,6 +312,7 @@ fn main() -> ExitCode {
         max_handshakes_per_peer: args.max_handshakes_per_peer.max(1),
         max_connections_per_identity: args.max_connections_per_identity.max(1),
         max_streams_per_connection: args.max_streams_per_connection.max(1),
+        cell_pool: args.cell_pool,
         cgroup_root: args.cgroup_root,
         warnings: Vec::new(),
         registry: auraed::image::registry::RegistryConfig {
@@ -380,6 +388,7 @@ fn run_instance() -> ExitCode {
         max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
         max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
         max_streams_per_connection: 128,
+        cell_pool: auraed::cell::pool::DEFAULT_POOL,
         cgroup_root: Some(boot.cgroup_root),
         mode: "instance",
         warnings: boot.warnings,
@@ -453,6 +462,7 @@ fn run_pid1() -> ! {
         max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
         max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
         max_streams_per_connection: 128,
+        cell_pool: auraed::cell::pool::DEFAULT_POOL,
         cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
         mode: "pid1",
         warnings,

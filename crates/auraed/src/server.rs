@@ -61,6 +61,8 @@ pub struct ServerConfig {
     /// Most established connections of one SPIFFE identity, both listeners together.
     pub max_connections_per_identity: usize,
     pub max_streams_per_connection: u32,
+    /// Spare cell inits to keep ready (see [`crate::cell::pool`]); 0: none.
+    pub cell_pool: usize,
     /// cgroup v2 directory under which cells are created; `None` = detect.
     pub cgroup_root: Option<PathBuf>,
     /// "daemon" or "pid1".
@@ -1062,11 +1064,15 @@ async fn wire_workloads(
             found.cells.contains(name)
                 || found_vms.cgroups.contains(name)
                 || found_instances.cgroups.contains(name)
+                // The pool's own start removes its group (its spares left with the
+                // previous auraed: nothing to warn about).
+                || name == crate::workload::layout::POOL_GROUP
         }) {
             events.emit(Kind::Cell, "", EventType::Freed, w.clone());
             warnings.push(w);
         }
     }
+    cells.start_pool(cfg.cell_pool).await;
     // The previous auraed's holder may hold nothing that was taken back (it had no
     // running executables): retire it by its record, then record ours.
     if let Ok(Some(old)) =

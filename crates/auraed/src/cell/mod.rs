@@ -2,6 +2,7 @@
 
 pub mod init;
 pub mod limits;
+pub mod pool;
 pub mod record;
 pub mod registry;
 mod run;

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use super::{
     init::INIT_ARG,
     limits::{check_controllers, limit_writes},
+    pool::StartedInit,
     spec::CellSpec,
     state::{Cell, Init, Inner, NsSet, check_narrowing},
 };
@@ -37,14 +38,14 @@ use crate::{
         WorkloadError,
         cgroup::{CgroupError, CgroupTree},
         layout::VM_GROUP,
-        supervise::{oom_kills, read_report, wait_empty},
+        supervise::{oom_kills, wait_empty},
     },
 };
 
 /// Most executables (running or exited, not yet freed) per cell.
 pub const MAX_EXECUTABLES: usize = 4096;
 /// How long a cell init may take to report ready.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long free waits for a killed cell to empty.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -179,6 +180,8 @@ pub struct Cells {
     pub(super) holder: Option<Arc<crate::workload::holder::Holder>>,
     /// Why no new work is taken (the state disk takes no writes), if so.
     read_only: Mutex<Option<String>>,
+    /// Spare cell inits (see [`super::pool`]).
+    pub(super) pool: super::pool::Pool,
 }
 
 impl Cells {
@@ -197,6 +200,7 @@ impl Cells {
             images: d.images,
             holder: d.holder,
             read_only: Mutex::new(None),
+            pool: Default::default(),
         }
     }
 
@@ -327,17 +331,19 @@ impl Cells {
                 "namespaces.user_namespace: user namespaces for cells are not supported by this auraed yet".into(),
             ));
         }
-        if spec.name.as_str().split('/').next() == Some(VM_GROUP) {
-            return Err(WorkloadError::Exists(format!(
-                "name: {:?} is reserved for the cgroups of virtual machines",
-                VM_GROUP
-            )));
-        }
-        if spec.name.as_str().split('/').next() == Some(crate::workload::layout::INSTANCE_GROUP) {
-            return Err(WorkloadError::Exists(format!(
-                "name: {:?} is reserved for the cgroups of spawned instances",
-                crate::workload::layout::INSTANCE_GROUP
-            )));
+        for (group, what) in [
+            (VM_GROUP, "the cgroups of virtual machines"),
+            (
+                crate::workload::layout::INSTANCE_GROUP,
+                "the cgroups of spawned instances",
+            ),
+            (crate::workload::layout::POOL_GROUP, "spare cell inits"),
+        ] {
+            if spec.name.as_str().split('/').next() == Some(group) {
+                return Err(WorkloadError::Exists(format!(
+                    "name: {group:?} is reserved for {what}"
+                )));
+            }
         }
         self.check_writable()?;
         let writes = limit_writes(&spec.limits);
@@ -415,16 +421,43 @@ impl Cells {
         }
         let ns = NsSet::of(&spec, parent.is_some());
         let init = if ns.any() {
+            // A spare init from the pool when one fits (a top-level cell with every
+            // namespace of its own), else a fresh one; both end the same way (see init.rs).
+            let pooled = if parent.is_none() {
+                self.pool.take(ns)
+            } else {
+                None
+            };
             let me = self.clone();
             let spec2 = spec.clone();
             let parent2 = parent.clone();
             let tree2 = tree.clone();
-            let spawned = tokio::task::spawn_blocking(move || {
-                me.spawn_init(&tree2, &spec2, ns, parent2.as_deref())
+            let started = tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let from_pool = pooled.is_some();
+                let r = match pooled {
+                    Some(p) => me.finish_pooled_init(&tree2, &spec2, p),
+                    None => me
+                        .start_init(
+                            &tree2,
+                            &spec2.name,
+                            ns,
+                            parent2.as_deref(),
+                            spec2.namespaces.share_host_pid,
+                        )
+                        .and_then(|s| me.finish_init(s, &spec2.name)),
+                };
+                tracing::debug!(
+                    from_pool,
+                    init_us = t.elapsed().as_micros() as u64,
+                    "allocate timings"
+                );
+                r
             })
             .await
             .map_err(|e| WorkloadError::Precondition(format!("cell init task: {e}")))?;
-            match spawned {
+            self.pool.refill();
+            match started {
                 Ok(i) => Some(i),
                 Err(e) => {
                     let _ = tree.kill(&spec.name);
@@ -474,38 +507,35 @@ impl Cells {
         Ok(cell)
     }
 
-    /// Starts the cell init (blocking: clone, exec, wait for its readiness report).
-    fn spawn_init(
+    /// Step 1 of a cell init (blocking): clone it into the leaf of `group` with the new
+    /// namespaces of `ns` (below `parent`'s, for a nested cell), exec, wait for `ready`.
+    /// Its cgroup namespace is the init's own step 2 (see [`super::init`]).
+    pub(super) fn start_init(
         &self,
         tree: &Arc<dyn CgroupTree>,
-        spec: &CellSpec,
+        group: &CellName,
         ns: NsSet,
         parent: Option<&Cell>,
-    ) -> Result<Init, WorkloadError> {
-        let leaf = tree.leaf_fd(&spec.name)?;
+        share_host_pid: bool,
+    ) -> Result<StartedInit, WorkloadError> {
+        let leaf = tree.leaf_fd(group)?;
         let sealed = self.sealed()?;
-        let (ready_r, ready_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        let (ctl, theirs) = std::os::unix::net::UnixStream::pair()?;
         let devnull = std::fs::File::open("/dev/null")?;
-        let hostname = spec
-            .name
-            .as_str()
-            .rsplit('/')
-            .next()
-            .unwrap_or("cell")
-            .to_owned();
-        let argv: Vec<std::ffi::CString> = ["aurae-cell-init", INIT_ARG, &hostname, &ns.describe()]
+        let argv: Vec<std::ffi::CString> = ["aurae-cell-init", INIT_ARG, &ns.describe()]
             .iter()
             .filter_map(|s| std::ffi::CString::new(*s).ok())
             .collect();
         let null = devnull.as_raw_fd();
+        // The cgroup namespace is made by the init once it is in its cell's cgroup.
+        let others = ns.others & !Ns::CGROUP;
         // A top-level cell's init is born with all its new namespaces. A nested cell's init
         // is born in its parent's PID namespace, joins the parent's other namespaces and
         // unshares its own below them (PID namespaces cannot be nested from a thread that
         // entered one: clone(CLONE_NEWPID) there is EINVAL).
         let (pid_ns_of, new_namespaces, join, unshare) = match parent {
             Some(p) => (
-                if spec.namespaces.share_host_pid {
+                if share_host_pid {
                     None
                 } else {
                     p.pid_holder.as_ref().map(|h| h.as_raw_fd())
@@ -515,11 +545,11 @@ impl Cells {
                     .as_ref()
                     .filter(|_| p.ns.others != 0)
                     .map(|i| (i.pidfd.as_raw_fd(), Ns(p.ns.others))),
-                Ns(ns.others),
+                Ns(others),
             ),
             None => (
                 None,
-                Ns(ns.others | if ns.pid { Ns::PID } else { 0 }),
+                Ns(others | if ns.pid { Ns::PID } else { 0 }),
                 None,
                 Ns(0),
             ),
@@ -533,7 +563,7 @@ impl Cells {
             gid: None,
             no_new_privs: true,
             stdio: [null, null, null],
-            pass_fd: Some(ready_w.as_raw_fd()),
+            pass_fd: Some(theirs.as_raw_fd()),
             cgroup: Some(leaf.as_raw_fd()),
             new_namespaces,
             pid_namespace_of: pid_ns_of,
@@ -545,29 +575,60 @@ impl Cells {
             .spawner
             .spawn(&req)
             .map_err(|source| WorkloadError::Spawn {
-                what: format!("starting the init of cell {:?}", spec.name.as_str()),
+                what: format!("starting a cell init in {:?}", group.as_str()),
                 source,
             })?;
-        drop(ready_w);
-        let report = read_report(ready_r, INIT_TIMEOUT);
-        if report.trim() != "ok" {
-            let _ = child.pidfd.send_signal(nix::libc::SIGKILL);
-            return Err(WorkloadError::Precondition(format!(
-                "the init of cell {:?} failed: {}",
-                spec.name.as_str(),
-                if report.is_empty() {
-                    "no report within 10 s".to_owned()
-                } else {
-                    report.trim().to_owned()
-                }
-            )));
+        drop(theirs);
+        let mut started = StartedInit { child, ctl };
+        match started.line() {
+            Ok(l) if l == super::init::READY => Ok(started),
+            r => {
+                let _ = started.child.pidfd.send_signal(nix::libc::SIGKILL);
+                Err(WorkloadError::Precondition(format!(
+                    "a cell init in {:?} failed to start: {}",
+                    group.as_str(),
+                    match r {
+                        Ok(l) => l,
+                        Err(e) => e,
+                    }
+                )))
+            }
         }
-        // The init lives as long as the cell; its exit is noticed by `watch_init`.
+    }
+
+    /// Step 2 of a cell init (blocking), once it is in the cell's leaf: its cgroup
+    /// namespace and hostname; then its exit is watched for the cell's events.
+    pub(super) fn finish_init(
+        &self,
+        mut started: StartedInit,
+        name: &CellName,
+    ) -> Result<Init, WorkloadError> {
+        let hostname = name.as_str().rsplit('/').next().unwrap_or("cell");
+        let reply = std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
+            .map_err(|e| format!("sending the hostname: {e}"))
+            .and_then(|()| started.line());
+        match reply {
+            Ok(l) if l == super::init::OK => {}
+            r => {
+                let _ = started.child.pidfd.send_signal(nix::libc::SIGKILL);
+                return Err(WorkloadError::Precondition(format!(
+                    "the init of cell {:?} failed: {}",
+                    name.as_str(),
+                    match r {
+                        Ok(l) => l,
+                        Err(e) => e,
+                    }
+                )));
+            }
+        }
+        let StartedInit { child, ctl } = started;
+        drop(ctl);
+        // The init lives as long as the cell; its exit is an event of the cell.
         let pidfd = child.pidfd.clone();
         let pid = child.pid;
         tokio::runtime::Handle::try_current()
             .map(|h| {
-                let name = spec.name.clone();
+                let name = name.clone();
                 let events = self.events.clone();
                 h.spawn(async move {
                     if let Ok(status) = child.exit.await {
@@ -719,6 +780,7 @@ impl Cells {
                 warn!(cell = %n, "freeing on shutdown: {e}");
             }
         }
+        self.drain_pool().await;
         if let Ok(t) = &self.tree {
             t.release();
         }

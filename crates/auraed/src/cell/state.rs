@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The namespaces a cell has of its own.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct NsSet {
     /// New namespaces other than PID.
     pub(super) others: i32,

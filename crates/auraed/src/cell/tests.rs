@@ -107,10 +107,16 @@ async fn allocate_makes_the_cgroup_attaches_the_filter_starts_the_init_and_recor
         libc_ns::NET,
         libc_ns::IPC,
         libc_ns::UTS,
-        libc_ns::CGROUP,
     ] {
         assert_ne!(new & ns, 0, "namespace {ns:#x} missing from {new:#x}");
     }
+    // The cgroup namespace is the init's own second step, once it is in the cell's leaf.
+    assert_eq!(new & libc_ns::CGROUP, 0);
+    assert!(
+        init.argv[2].split(',').any(|f| f == "cgroup"),
+        "{:?}",
+        init.argv
+    );
     assert!(init.no_new_privs);
     let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
     assert_eq!(rec.spec.name.as_str(), "web");
@@ -122,8 +128,12 @@ async fn allocate_makes_the_cgroup_attaches_the_filter_starts_the_init_and_recor
         Err(WorkloadError::Exists(_))
     ));
     assert_eq!(f.spawner.requests().len(), before);
-    // The VM group's name is not a cell's.
+    // The VM group's name is not a cell's, nor the pool's.
     assert!(f.cells.allocate(cell("vms")).await.is_err());
+    assert!(matches!(
+        f.cells.allocate(cell("cell-pool")).await,
+        Err(WorkloadError::Exists(m)) if m.contains("spare cell inits")
+    ));
     // A parent must exist first.
     assert!(matches!(
         f.cells.allocate(cell("nope/child")).await,
@@ -445,4 +455,85 @@ async fn a_freed_executable_leaves_no_record_behind() {
             .records
             .is_empty()
     );
+}
+
+/// Waits until the pool holds `n` spares (the fakes answer at once).
+async fn pool_holds(f: &Fixture, n: usize) {
+    for _ in 0..500 {
+        if f.cells.pool().waiting() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the pool holds {} spares, not {n}",
+        f.cells.pool().waiting()
+    );
+}
+
+fn inits(f: &Fixture) -> usize {
+    f.spawner
+        .requests()
+        .iter()
+        .filter(|r| r.argv[1] == crate::workload::layout::CELL_INIT_ARG)
+        .count()
+}
+
+#[tokio::test]
+async fn a_pooled_init_is_moved_into_the_cell_and_the_pool_refills() {
+    let f = fixture();
+    f.cells.start_pool(2).await;
+    pool_holds(&f, 2).await;
+    assert!(
+        f.tree.has("cell-pool"),
+        "the spares wait in their own group"
+    );
+    assert!(f.tree.has_device_filter("cell-pool"));
+    assert_eq!(inits(&f), 2);
+    let spare = f.cells.pool().waiting();
+    let c = f.cells.allocate(cell("web")).await.unwrap();
+    // The cell's init is a spare: moved into its leaf, not a new clone in the cell.
+    let pid = c.init_pid().unwrap();
+    let moved = f
+        .tree
+        .read(&CellName::parse("n", "web").unwrap(), "moved")
+        .unwrap();
+    assert_eq!(moved, pid.to_string());
+    assert!(f.tree.has_device_filter("web"));
+    pool_holds(&f, spare).await;
+    assert_eq!(inits(&f), 3, "one spare made to replace the one taken");
+    // Not from the pool: a nested cell (its parent's PID namespace) and a cell sharing a
+    // host namespace; they start their own init in their own leaf.
+    f.cells.allocate(cell("web/api")).await.unwrap();
+    let mut host_net = cell("hn");
+    host_net.namespaces.share_host_net = true;
+    let hn = f.cells.allocate(host_net).await.unwrap();
+    assert!(
+        f.tree
+            .read(&CellName::parse("n", "hn").unwrap(), "moved")
+            .is_err(),
+        "a cell sharing the host network starts its own init"
+    );
+    assert!(hn.init_pid().is_some());
+    assert_eq!(inits(&f), 5);
+    pool_holds(&f, 2).await;
+    // Shutdown drains the pool: its spares killed, its group gone, no refill.
+    f.cells.shutdown(Duration::ZERO).await;
+    assert_eq!(f.cells.pool().waiting(), 0);
+    assert!(!f.tree.has("cell-pool"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(inits(&f), 5, "a drained pool makes no more spares");
+}
+
+#[tokio::test]
+async fn a_pool_left_by_a_previous_auraed_is_removed_and_size_zero_keeps_none() {
+    let f = fixture();
+    f.tree
+        .create(&CellName::parse("n", "cell-pool").unwrap())
+        .unwrap();
+    f.cells.start_pool(0).await;
+    assert!(!f.tree.has("cell-pool"));
+    f.cells.allocate(cell("web")).await.unwrap();
+    assert_eq!(inits(&f), 1);
+    assert_eq!(f.cells.pool().waiting(), 0);
 }

@@ -66,6 +66,10 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     fn read(&self, cell: &CellName, file: &str) -> Result<String, CgroupError>;
     /// An `O_DIRECTORY` fd of the leaf, for `clone3(CLONE_INTO_CGROUP)`.
     fn leaf_fd(&self, cell: &CellName) -> Result<OwnedFd, CgroupError>;
+    /// Moves the process `pid` into the cell's leaf (`cgroup.procs`): a spare cell init
+    /// from the pool joining the cell that took it. What it was charged before stays with
+    /// its old group (cgroup v2 does not move charges).
+    fn move_into(&self, cell: &CellName, pid: i32) -> Result<(), CgroupError>;
     /// Whether any process is left in the cell's subtree (`cgroup.events populated`).
     fn populated(&self, cell: &CellName) -> Result<bool, CgroupError>;
     /// Kills every process of the subtree at once (`cgroup.kill`).
@@ -307,6 +311,11 @@ impl CgroupTree for FsTree {
         Ok(OwnedFd::from(f))
     }
 
+    fn move_into(&self, cell: &CellName, pid: i32) -> Result<(), CgroupError> {
+        let p = self.path(cell).join(LEAF).join("cgroup.procs");
+        fs::write(&p, pid.to_string()).map_err(io_err(&p))
+    }
+
     fn populated(&self, cell: &CellName) -> Result<bool, CgroupError> {
         Ok(self
             .read(cell, "cgroup.events")?
@@ -473,6 +482,13 @@ impl CgroupTree for FakeTree {
         fs::File::open("/")
             .map(OwnedFd::from)
             .map_err(|e| fake_err(cell, &e.to_string()))
+    }
+
+    fn move_into(&self, cell: &CellName, pid: i32) -> Result<(), CgroupError> {
+        if !self.has(cell.as_str()) {
+            return Err(fake_err(cell, "no such cgroup"));
+        }
+        self.write(cell, "moved", &pid.to_string())
     }
 
     fn populated(&self, cell: &CellName) -> Result<bool, CgroupError> {

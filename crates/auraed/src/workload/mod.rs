@@ -40,6 +40,8 @@ pub mod layout {
     pub const VM_GROUP: &str = "vms";
     /// The cgroup group of spawned instances (a name cells may not take either).
     pub const INSTANCE_GROUP: &str = "instances";
+    /// The cgroup (below the cells' root) where spare cell inits wait; not a cell name.
+    pub const POOL_GROUP: &str = "cell-pool";
     /// The hidden first argument of auraed's binary when it runs as a cell init.
     pub const CELL_INIT_ARG: &str = "__aurae-cell-init";
 }

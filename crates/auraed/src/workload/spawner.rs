@@ -32,7 +32,7 @@ pub struct Recorded {
 }
 
 /// A spawner for unit tests: records every request; a cell init (`argv[1]` is the init
-/// argument) reports ready on its passed fd and is stood in for by `sleep`; anything
+/// argument) answers its two set-up steps on its passed socket and is stood in for by `sleep`; anything
 /// else runs its argv as a plain child with the request's stdio. No cgroup, namespace,
 /// id change or container is applied.
 #[derive(Debug, Default)]
@@ -103,8 +103,23 @@ impl Spawner for FakeSpawner {
         let dup = |fd: i32, write: bool| reopen(fd, write).map(Stdio::from);
         let mut cmd = if is_init {
             if let Some(fd) = req.pass_fd {
-                use std::io::Write;
-                let _ = reopen(fd, true)?.write_all(b"ok\n");
+                // The init's two steps on its socket: ready, then a hostname → ok.
+                let mut s = std::os::unix::net::UnixStream::from(
+                    aurae_sys::fd::dup_raw(fd).map_err(SpawnError::Setup)?,
+                );
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    if s.write_all(b"ready\n").is_err() {
+                        return;
+                    }
+                    let mut b = [0u8; 1];
+                    while matches!(s.read(&mut b), Ok(1)) {
+                        if b[0] == b'\n' {
+                            let _ = s.write_all(b"ok\n");
+                            return;
+                        }
+                    }
+                });
             }
             let mut c = Command::new("/bin/sleep");
             c.arg("3600");

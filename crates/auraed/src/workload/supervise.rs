@@ -1,31 +1,10 @@
-//! Watching what runs: a cgroup draining after a kill, its OOM-kill counter, a child's
-//! readiness report.
+//! Watching what runs: a cgroup draining after a kill, its OOM-kill counter, a process
+//! that is not our child.
 
-use std::{
-    os::fd::OwnedFd,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use super::cgroup::CgroupTree;
 use crate::spec::CellName;
-
-/// Reads a child's readiness report from `fd`, waiting at most `timeout` (empty if
-/// none came).
-pub fn read_report(fd: OwnedFd, timeout: Duration) -> String {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::io::Read;
-    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    let mut fds = [PollFd::new(
-        std::os::fd::AsFd::as_fd(&fd),
-        PollFlags::POLLIN,
-    )];
-    if !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
-        return String::new();
-    }
-    let mut s = String::new();
-    let _ = std::fs::File::from(fd).read_to_string(&mut s);
-    s
-}
 
 /// Resolves once the process behind `pidfd` has exited (the pidfd polls readable; it
 /// need not be our child), checking ten times a second: only processes found again after

@@ -1,0 +1,315 @@
+//! The pool of spare cell inits: inits started ahead of time, every namespace of their own
+//! made and set up (mounts, /proc, /sys, `lo` up), each waiting in the pool's cgroup for a
+//! cell to take it. A top-level cell that wants every namespace of its own takes one
+//! instead of starting its init (a clone with six new namespaces and an exec, the largest
+//! cost of an allocation): it moves the init into its own leaf, then the init makes its
+//! cgroup namespace there and sets the hostname — the same second step a fresh init takes
+//! (see [`super::init`]), so a pooled cell is the same as a fresh one.
+//!
+//! Each spare is used once (a freed cell's init dies with it); the pool refills in the
+//! background. A spare that cannot be used (it died, the move failed) is killed and the
+//! cell starts a fresh init instead, with a warning. When auraed goes away, the spares
+//! read EOF and exit by themselves; the next auraed removes the pool's cgroup and makes
+//! it again.
+
+use std::{
+    collections::VecDeque,
+    io::Read,
+    os::unix::net::UnixStream,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tracing::{info, warn};
+
+use super::{
+    registry::{Cells, INIT_TIMEOUT},
+    spec::CellSpec,
+    state::{Init, NsSet},
+};
+use crate::{
+    reaper::Child,
+    spec::CellName,
+    workload::{WorkloadError, cgroup::CgroupTree, layout::POOL_GROUP, supervise::wait_empty},
+};
+
+/// How long the pool waits before trying again after it failed to make a spare.
+const RETRY: Duration = Duration::from_secs(5);
+/// The most spare inits a pool may keep.
+pub const MAX_POOL: usize = 64;
+/// Spare inits kept by default: enough for a burst of two, a few hundred KiB of memory.
+pub const DEFAULT_POOL: usize = 2;
+
+/// A cell init after its first step: ready, waiting for its cell.
+#[derive(Debug)]
+pub(super) struct StartedInit {
+    pub(super) child: Child,
+    /// auraed's end of the init's socket.
+    pub(super) ctl: UnixStream,
+}
+
+impl StartedInit {
+    /// One line from the init (without the newline), within the init timeout; `Err` with
+    /// why not.
+    pub(super) fn line(&mut self) -> Result<String, String> {
+        self.ctl
+            .set_read_timeout(Some(INIT_TIMEOUT))
+            .map_err(|e| format!("reading its report: {e}"))?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 256];
+        loop {
+            match self.ctl.read(&mut b) {
+                Ok(0) => {
+                    return Err(if line.is_empty() {
+                        "it exited without a report".to_owned()
+                    } else {
+                        format!("a cut report: {:?}", String::from_utf8_lossy(&line))
+                    });
+                }
+                Ok(n) => {
+                    line.extend_from_slice(&b[..n]);
+                    if let Some(end) = line.iter().position(|&c| c == b'\n') {
+                        line.truncate(end);
+                        return Ok(String::from_utf8_lossy(&line).into_owned());
+                    }
+                    if line.len() > 4096 {
+                        return Err("a report without end".to_owned());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(format!("no report within {} s", INIT_TIMEOUT.as_secs()));
+                }
+                Err(e) => return Err(format!("reading its report: {e}")),
+            }
+        }
+    }
+
+    fn kill(&self) {
+        let _ = self.child.pidfd.send_signal(nix::libc::SIGKILL);
+    }
+
+    /// Whether it has exited (its pidfd polls readable).
+    fn exited(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(self.child.pidfd.as_ref()),
+            PollFlags::POLLIN,
+        )];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
+/// The spare inits, and how many to keep.
+#[derive(Debug, Default)]
+pub struct Pool {
+    size: AtomicUsize,
+    waiting: Mutex<VecDeque<StartedInit>>,
+    wake: tokio::sync::Notify,
+    closed: AtomicBool,
+    /// Held while a spare is being made, so a drain never races one.
+    making: tokio::sync::Mutex<()>,
+}
+
+/// The namespaces of a pooled init: every one of its own (a top-level cell with the
+/// default namespaces).
+pub(super) fn pooled_namespaces() -> NsSet {
+    use aurae_sys::Namespaces as Ns;
+    NsSet {
+        others: Ns::MOUNT | Ns::UTS | Ns::IPC | Ns::NET | Ns::CGROUP,
+        pid: true,
+    }
+}
+
+impl Pool {
+    /// A spare init for a top-level cell with namespaces `ns`, if a live one is waiting
+    /// (spares that died while they waited are dropped).
+    pub(super) fn take(&self, ns: NsSet) -> Option<StartedInit> {
+        if ns != pooled_namespaces() || self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut w = self.waiting.lock().ok()?;
+        while let Some(s) = w.pop_front() {
+            if !s.exited() {
+                return Some(s);
+            }
+            warn!(
+                pid = s.child.pid,
+                "a spare cell init died while it waited; dropped"
+            );
+        }
+        None
+    }
+
+    /// Asks the background task to top the pool up.
+    pub(super) fn refill(&self) {
+        self.wake.notify_one();
+    }
+
+    /// How many spares wait now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.lock().map_or(0, |w| w.len())
+    }
+
+    /// How many spares it keeps.
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::SeqCst)
+    }
+}
+
+fn pool_group() -> Result<CellName, WorkloadError> {
+    Ok(CellName::parse("name", POOL_GROUP)?)
+}
+
+impl Cells {
+    /// The pool of spare inits.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Keeps `size` spare inits ready from now on (0: none, cells start their own). Also
+    /// removes the pool group a previous auraed left. Call once at start, after the sweep
+    /// of leftovers; a pool that cannot be made is a warning (cells then start their
+    /// own inits), never a failure.
+    pub async fn start_pool(self: &Arc<Self>, size: usize) {
+        let Ok(tree) = self.tree() else { return };
+        let Ok(group) = pool_group() else { return };
+        if tree.exists(&group) {
+            // Its spares read EOF when the previous auraed went and exited; whatever is
+            // left goes now.
+            let _ = tree.kill(&group);
+            wait_empty(tree.as_ref(), &group, Duration::from_secs(10)).await;
+            match tree.remove(&group) {
+                Ok(()) => info!("removed the cell pool group of a previous auraed"),
+                Err(e) => {
+                    warn!(
+                        "the cell pool group of a previous auraed could not be removed ({e}): no cell pool"
+                    );
+                    return;
+                }
+            }
+        }
+        if size == 0 {
+            return;
+        }
+        let made = tree.create(&group).and_then(|()| {
+            tree.attach_device_filter(&group, aurae_sys::bpf::CellDevices::default())
+        });
+        if let Err(e) = made {
+            let _ = tree.remove(&group);
+            warn!("no cell pool ({e}): every cell starts its own init");
+            return;
+        }
+        self.pool.size.store(size.min(MAX_POOL), Ordering::SeqCst);
+        info!(size, "keeping spare cell inits");
+        tokio::spawn(keep_filled(self.clone(), tree, group));
+    }
+
+    /// A pooled init for the cell `spec` (blocking): moved into the cell's leaf, then its
+    /// second step. One that cannot be used is killed and a fresh init started instead.
+    pub(super) fn finish_pooled_init(
+        &self,
+        tree: &Arc<dyn CgroupTree>,
+        spec: &CellSpec,
+        pooled: StartedInit,
+    ) -> Result<Init, WorkloadError> {
+        let used = match tree.move_into(&spec.name, pooled.child.pid) {
+            Ok(()) => self.finish_init(pooled, &spec.name),
+            Err(e) => {
+                pooled.kill();
+                Err(e.into())
+            }
+        };
+        used.or_else(|e| {
+            warn!(cell = %spec.name, "a spare cell init could not be used ({e}); starting a fresh one");
+            let ns = NsSet::of(spec, false);
+            self.start_init(tree, &spec.name, ns, None, false)
+                .and_then(|s| self.finish_init(s, &spec.name))
+        })
+    }
+
+    /// Stops refilling, kills the spares and removes the pool's group (at shutdown).
+    pub async fn drain_pool(&self) {
+        self.pool.closed.store(true, Ordering::SeqCst);
+        self.pool.wake.notify_one();
+        let _making = self.pool.making.lock().await;
+        let spares: Vec<StartedInit> = self
+            .pool
+            .waiting
+            .lock()
+            .map(|mut w| w.drain(..).collect())
+            .unwrap_or_default();
+        for s in &spares {
+            s.kill();
+        }
+        drop(spares);
+        let (Ok(tree), Ok(group)) = (self.tree(), pool_group()) else {
+            return;
+        };
+        if !tree.exists(&group) {
+            return;
+        }
+        let _ = tree.kill(&group);
+        if !wait_empty(tree.as_ref(), &group, Duration::from_secs(10)).await {
+            warn!("the cell pool group still has processes after cgroup.kill");
+        }
+        if let Err(e) = tree.remove(&group) {
+            warn!("removing the cell pool group: {e}");
+        }
+    }
+}
+
+/// The pool's background task: makes spares until there are `size`, then sleeps until one
+/// is taken. Failures are warned about once per streak and retried every [`RETRY`].
+async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellName) {
+    let pool = &cells.pool;
+    let mut failing = false;
+    loop {
+        if pool.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if pool.waiting() >= pool.size() {
+            pool.wake.notified().await;
+            continue;
+        }
+        let making = pool.making.lock().await;
+        if pool.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (me, t, g) = (cells.clone(), tree.clone(), group.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            me.start_init(&t, &g, pooled_namespaces(), None, false)
+        })
+        .await
+        .map_err(|e| WorkloadError::Precondition(format!("cell pool task: {e}")))
+        .and_then(|r| r);
+        match made {
+            Ok(spare) => {
+                failing = false;
+                if let Ok(mut w) = pool.waiting.lock() {
+                    w.push_back(spare);
+                }
+                drop(making);
+            }
+            Err(e) => {
+                drop(making);
+                if !failing {
+                    warn!(
+                        "the cell pool could not make a spare init ({e}); trying again every {} s",
+                        RETRY.as_secs()
+                    );
+                }
+                failing = true;
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
