@@ -573,10 +573,11 @@ async fn five_hundred_lifecycles_leak_no_fds_or_threads() {
         threads1 <= threads0 + 2, // the blocking pool may keep one more idle thread; a leak would add ~500
         "thread leak: {threads0} -> {threads1}"
     );
+    // Only the pool of spare inits' own group stays (removed when auraed stops).
     let left: Vec<_> = std::fs::read_dir(d.cgroup.as_ref().unwrap())
         .unwrap()
         .flatten()
-        .filter(|e| e.path().is_dir())
+        .filter(|e| e.path().is_dir() && e.file_name() != "cell-pool")
         .collect();
     assert!(left.is_empty(), "cgroups left behind: {left:?}");
 }
@@ -775,7 +776,11 @@ async fn bad_cell_requests_get_precise_errors() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(ok.phase, pb::Phase::Running as i32);
+    // `id` may have exited before the reply was built.
+    assert!(
+        [pb::Phase::Running as i32, pb::Phase::Exited as i32].contains(&ok.phase),
+        "{ok:?}"
+    );
     assert_eq!(code(&wait(&c, "team-a", "nobody").await), Some(0));
     assert_eq!(output(&c, "team-a", "nobody").await.trim(), "65534");
     let e = alice
