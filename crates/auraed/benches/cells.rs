@@ -24,6 +24,9 @@ use std::{
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{Daemon, DaemonOptions, tier};
 
+/// The pause after each of auraed's rounds in B2 and B3, before the peers run.
+const SETTLE: Duration = Duration::from_millis(60);
+
 fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     v.sort();
     let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
@@ -205,6 +208,13 @@ async fn run() {
         extra_args: registry
             .iter()
             .flat_map(|r| ["--insecure-registry".to_owned(), r.host()])
+            // AURAE_BENCH_POOL=N: auraed's --cell-pool (default: auraed's own).
+            .chain(
+                std::env::var("AURAE_BENCH_POOL")
+                    .ok()
+                    .into_iter()
+                    .flat_map(|n| ["--cell-pool".to_owned(), n]),
+            )
             .collect(),
         ..Default::default()
     };
@@ -337,6 +347,9 @@ async fn run() {
             cell_t.push(dt);
             cell_fails += usize::from(!ok);
         }
+        // auraed's background work after a round (refilling its pool of spare cell
+        // inits) happens in this pause, not in a peer's time.
+        tokio::time::sleep(SETTLE).await;
         b2_peers.round("b2", i, i >= warm2);
     }
     println!("B2: new cell + /bin/true + exit (+ free)");
@@ -429,6 +442,9 @@ async fn run() {
             phases[1].push(marks[1].saturating_sub(marks[0]));
             phases[2].push(marks[2].saturating_sub(marks[1]));
         }
+        // auraed's background work after a round (refilling its pool of spare cell
+        // inits) happens in this pause, not in a peer's time.
+        tokio::time::sleep(SETTLE).await;
         b3_peers.round("b3", i, i >= warm2);
     }
     println!("B3: RunCell (cached busybox image, /bin/true) + wait + free");
@@ -451,6 +467,8 @@ async fn run() {
             "spawn timings",
             "run timings",
             "Free timings",
+            "allocate timings",
+            "pool timings",
         ] {
             let mut fields: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
             for l in log.lines().filter(|l| l.contains(what)) {

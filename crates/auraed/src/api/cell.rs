@@ -43,7 +43,19 @@ impl CellsApi {
 impl Cells for CellsApi {
     async fn allocate(&self, r: Request<pb::Cell>) -> Result<Response<pb::CellStatus>, Status> {
         let caller = Caller::of(&r)?;
-        let spec = CellSpec::parse(r.into_inner(), false, self.cpus).map_err(invalid)?;
+        let m = r.into_inner();
+        for (field, given) in [
+            ("run", m.run.is_some()),
+            ("executable", m.executable.is_some()),
+        ] {
+            if given {
+                return Err(invalid(crate::spec::FieldError::new(
+                    field,
+                    "only for RunCell: Allocate makes the cell and starts nothing in it",
+                )));
+            }
+        }
+        let spec = CellSpec::parse(m, false, self.cpus).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
         caller.authorize_privilege(
             !spec.namespaces.shares_host() || caller.grant.allow_host_namespaces,

@@ -41,6 +41,32 @@ pub fn executable(e: &Executable) -> pb::ExecutableStatus {
             ),
         },
         image_digest: e.image_digest.clone().unwrap_or_default(),
+        output: Vec::new(),
+    }
+}
+
+/// The output `e`'s log keeps in memory, as the chunks Logs would stream from offset 0
+/// (the reply to a one-call run with `run.output`).
+pub fn output(e: &Executable) -> Vec<pb::LogChunk> {
+    let (chunks, dropped) = e.log.read_from(0);
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| log_chunk(c, if i == 0 { dropped } else { 0 }))
+        .collect()
+}
+
+/// One chunk of a log, `dropped` bytes before it cut from memory.
+pub fn log_chunk(c: crate::workload::log::Chunk, dropped: u64) -> pb::LogChunk {
+    pb::LogChunk {
+        offset: c.offset,
+        stream: match c.stream {
+            crate::workload::log::Stream::Stdout => pb::LogStream::Stdout,
+            crate::workload::log::Stream::Stderr => pb::LogStream::Stderr,
+        } as i32,
+        data: c.data,
+        at: Some(c.at.into()),
+        dropped,
     }
 }
 

@@ -3,13 +3,18 @@
 use aurae_proto::runtime::v0::{self as pb, runtime_server::Runtime};
 use tonic::{Request, Response, Status};
 
-use super::{Context, authz::Caller, convert, quota::Demand, status::invalid};
+use super::{Context, authz::Caller, convert, quota::Demand, shared::run_options, status::invalid};
 use crate::{
     cell::CellSpec,
+    compose::{
+        run_cell::Workload,
+        run_to_end::{self, Made, RunOptions},
+    },
     container::{ContainerSpec, Plan},
     executable::ExecutableSpec,
     instance::InstanceSpec,
     pod::PodSpec,
+    spec::FieldError,
     vm::VmSpec,
 };
 
@@ -60,6 +65,117 @@ impl RuntimeApi {
             .await
             .map_err(|e| Status::internal(format!("container plan: {e}")))?
             .map_err(Status::from)
+    }
+}
+
+impl RuntimeApi {
+    /// RunCell of a plain process (`Cell.executable`): the cell's checks, the process's
+    /// (its ids against the grant), one quota admission for both.
+    async fn run_cell_process(
+        &self,
+        caller: &Caller,
+        spec: CellSpec,
+        name: &str,
+        e: pb::Executable,
+        run: RunOptions,
+    ) -> Result<Response<pb::CellStatus>, Status> {
+        let within = |f: FieldError| FieldError::new(format!("executable.{}", f.field), f.reason);
+        if !(e.cell.is_empty() || e.cell == name) {
+            return Err(invalid(FieldError::new(
+                "executable.cell",
+                format!("must be empty or this cell's name {name:?}"),
+            )));
+        }
+        for (field, given) in [
+            ("executable.container", e.container.is_some()),
+            ("executable.run", e.run.is_some()),
+        ] {
+            if given {
+                return Err(invalid(FieldError::new(
+                    field,
+                    "must be unset: use the cell's container and run",
+                )));
+            }
+        }
+        let exe = ExecutableSpec::try_from(pb::Executable {
+            cell: name.to_owned(),
+            ..e
+        })
+        .map_err(|f| invalid(within(f)))?;
+        caller.authorize_privilege(
+            !spec.devices.kvm || caller.grant.allow_kvm,
+            "open /dev/kvm (devices.kvm needs allow_kvm)",
+            spec.name.as_str(),
+        )?;
+        authorize_ids(caller, exe.uid, exe.gid, spec.name.as_str())?;
+        if self.ctx.cells.get(&spec.name).is_ok() {
+            return Err(Status::already_exists(format!(
+                "cell {:?} already exists",
+                spec.name.as_str()
+            )));
+        }
+        let mut demand = Demand::cell(caller, &spec);
+        demand.executables = 1;
+        let admitted = self.ctx.quotas.admit(caller, demand).await?;
+        let options = crate::compose::run_cell::Options {
+            allow_new_privileges: caller.grant.allow_new_privileges,
+            allow_mixed_cell: caller.grant.allow_host_namespaces,
+        };
+        let (cell, exe) = crate::compose::run_cell::run_cell(
+            &self.ctx.cells,
+            spec,
+            Workload::Process(exe),
+            options,
+        )
+        .await?;
+        drop(admitted);
+        self.finish_run_cell(cell, exe, run).await
+    }
+
+    /// The reply to RunCell once its workload started: at once, or (`run.wait`) once it
+    /// ended and (`run.remove`) the cell is freed.
+    async fn finish_run_cell(
+        &self,
+        cell: std::sync::Arc<crate::cell::Cell>,
+        exe: std::sync::Arc<crate::executable::Executable>,
+        run: RunOptions,
+    ) -> Result<Response<pb::CellStatus>, Status> {
+        let ended =
+            run_to_end::follow(&self.ctx.cells, exe.clone(), Made::Cell(cell.clone()), run).await;
+        timed_out(&exe, run, ended)?;
+        let mut status = convert::cell(&cell);
+        if run.wait && run.output {
+            for s in status
+                .executables
+                .iter_mut()
+                .filter(|s| s.name == exe.name.as_str())
+            {
+                s.output = convert::output(&exe);
+            }
+        }
+        Ok(Response::new(status))
+    }
+}
+
+/// DEADLINE_EXCEEDED naming run.timeout when a run call's wait ran out.
+fn timed_out(
+    exe: &crate::executable::Executable,
+    run: RunOptions,
+    ended: run_to_end::Ended,
+) -> Result<(), Status> {
+    match ended {
+        run_to_end::Ended::Done => Ok(()),
+        run_to_end::Ended::TimedOut(t) => Err(Status::deadline_exceeded(format!(
+            "run.timeout: {}/{} is still running after {} ms; it keeps running{}",
+            exe.cell,
+            exe.name,
+            t.as_millis(),
+            if run.remove {
+                " and is freed when it ends (run.remove)"
+            } else {
+                ""
+            }
+        ))),
     }
 }
 
@@ -136,7 +252,9 @@ impl Runtime for RuntimeApi {
         req: Request<pb::Executable>,
     ) -> Result<Response<pb::ExecutableStatus>, Status> {
         let caller = Caller::of(&req)?;
-        let mut spec = ExecutableSpec::try_from(req.into_inner()).map_err(invalid)?;
+        let mut m = req.into_inner();
+        let run = run_options(m.run.take().as_ref()).map_err(invalid)?;
+        let mut spec = ExecutableSpec::try_from(m).map_err(invalid)?;
         caller.authorize_name(spec.cell.as_str())?;
         grant_options(&caller, &mut spec);
         // Cheap checks first: ids asked for explicitly, the cell, the quota; only then
@@ -167,15 +285,34 @@ impl Runtime for RuntimeApi {
         }
         // What the process will really run as (the image's user included).
         authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
-        let status = self.ctx.cells.run(spec, plan).await?;
+        let exe = self.ctx.cells.run(spec, plan).await?;
         drop(admitted);
-        Ok(Response::new(convert::executable(&status)))
+        let ended = run_to_end::follow(&self.ctx.cells, exe.clone(), Made::Executable, run).await;
+        timed_out(&exe, run, ended)?;
+        let mut status = convert::executable(&exe);
+        if run.wait && run.output {
+            status.output = convert::output(&exe);
+        }
+        Ok(Response::new(status))
     }
 
     async fn run_cell(&self, req: Request<pb::Cell>) -> Result<Response<pb::CellStatus>, Status> {
         let caller = Caller::of(&req)?;
-        let spec = CellSpec::parse(req.into_inner(), true, self.ctx.cpus).map_err(invalid)?;
+        let mut m = req.into_inner();
+        let run = run_options(m.run.take().as_ref()).map_err(invalid)?;
+        let plain = m.executable.take();
+        if plain.is_some() && m.container.is_some() {
+            return Err(invalid(FieldError::new(
+                "executable",
+                "give a container or a plain executable, not both",
+            )));
+        }
+        let name = m.name.clone();
+        let spec = CellSpec::parse(m, plain.is_none(), self.ctx.cpus).map_err(invalid)?;
         authorize_cell(&caller, &spec)?;
+        if let Some(e) = plain {
+            return self.run_cell_process(&caller, spec, &name, e, run).await;
+        }
         let Some(container) = spec.container.clone() else {
             return Err(Status::invalid_argument("container: is missing"));
         };
@@ -203,12 +340,16 @@ impl Runtime for RuntimeApi {
             allow_new_privileges: caller.grant.allow_new_privileges,
             allow_mixed_cell: caller.grant.allow_host_namespaces,
         };
-        let status =
-            crate::compose::run_cell::run_cell(&self.ctx.cells, spec, container, plan, options)
-                .await?;
+        let (cell, exe) = crate::compose::run_cell::run_cell(
+            &self.ctx.cells,
+            spec,
+            Workload::Container(container, Box::new(plan)),
+            options,
+        )
+        .await?;
         drop(admitted);
         tracing::debug!(plan_us = t_plan.as_micros() as u64, "RunCell plan timing");
-        Ok(Response::new(convert::cell(&status)))
+        self.finish_run_cell(cell, exe, run).await
     }
 
     async fn run_virtual_machine(

@@ -10,7 +10,7 @@ use tonic::{Request, Status};
 use super::{authz::Caller, status::invalid};
 use crate::{
     spec::{DEFAULT_GRACE, FieldError, MAX_GRACE, duration, name_prefix},
-    workload::log::{self, Log},
+    workload::log::Log,
 };
 
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -46,6 +46,37 @@ pub(super) fn grace(
     duration(field, d, DEFAULT_GRACE, MAX_GRACE)
 }
 
+/// The `run` options of RunExecutable and RunCell: `timeout` and `output` only with
+/// `wait`; a timeout of at most 10 minutes.
+pub(super) fn run_options(
+    r: Option<&pb::RunOptions>,
+) -> Result<crate::compose::run_to_end::RunOptions, FieldError> {
+    let Some(r) = r else {
+        return Ok(Default::default());
+    };
+    for (field, given) in [
+        ("run.timeout", r.timeout.is_some()),
+        ("run.output", r.output),
+    ] {
+        if given && !r.wait {
+            return Err(FieldError::new(
+                field,
+                "needs run.wait (without it the call returns once the process has started)",
+            ));
+        }
+    }
+    Ok(crate::compose::run_to_end::RunOptions {
+        wait: r.wait,
+        remove: r.remove,
+        timeout: r
+            .timeout
+            .as_ref()
+            .map(|t| grace("run.timeout", Some(t)))
+            .transpose()?,
+        output: r.output,
+    })
+}
+
 /// A `timeout`: none (wait as long as it takes) when absent.
 pub(super) fn timeout(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, Status> {
     d.map(|t| grace("timeout", Some(t)))
@@ -68,16 +99,7 @@ pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStre
             let (chunks, dropped) = log.read_from(next);
             for c in chunks {
                 next = c.offset + c.data.len() as u64;
-                let chunk = pb::LogChunk {
-                    offset: c.offset,
-                    stream: match c.stream {
-                        log::Stream::Stdout => pb::LogStream::Stdout,
-                        log::Stream::Stderr => pb::LogStream::Stderr,
-                    } as i32,
-                    data: c.data,
-                    at: Some(c.at.into()),
-                    dropped,
-                };
+                let chunk = super::convert::log_chunk(c, dropped);
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }

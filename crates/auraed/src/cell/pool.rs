@@ -38,6 +38,10 @@ use crate::{
 
 /// How long the pool waits before trying again after it failed to make a spare.
 const RETRY: Duration = Duration::from_secs(5);
+/// A spare is made only once no cell has taken one for this long: making one (a clone
+/// with six namespaces, an exec, the set-up) costs as much CPU as the fresh init it
+/// saves, and must not compete with the cells of a burst that is still starting.
+const REFILL_IDLE: Duration = Duration::from_millis(25);
 /// The most spare inits a pool may keep.
 pub const MAX_POOL: usize = 64;
 /// Spare inits kept by default: enough for a burst of two, a few hundred KiB of memory.
@@ -117,6 +121,8 @@ pub struct Pool {
     closed: AtomicBool,
     /// Held while a spare is being made, so a drain never races one.
     making: tokio::sync::Mutex<()>,
+    /// When a cell last took a spare (or tried to).
+    last_take: Mutex<Option<std::time::Instant>>,
 }
 
 /// The namespaces of a pooled init: every one of its own (a top-level cell with the
@@ -135,6 +141,9 @@ impl Pool {
     pub(super) fn take(&self, ns: NsSet) -> Option<StartedInit> {
         if ns != pooled_namespaces() || self.closed.load(Ordering::SeqCst) {
             return None;
+        }
+        if let Ok(mut t) = self.last_take.lock() {
+            *t = Some(std::time::Instant::now());
         }
         let mut w = self.waiting.lock().ok()?;
         while let Some(s) = w.pop_front() {
@@ -221,7 +230,10 @@ impl Cells {
         spec: &CellSpec,
         pooled: StartedInit,
     ) -> Result<Init, WorkloadError> {
-        let used = match tree.move_into(&spec.name, pooled.child.pid) {
+        let t = std::time::Instant::now();
+        let moved = tree.move_into(&spec.name, pooled.child.pid);
+        tracing::debug!(move_us = t.elapsed().as_micros() as u64, "pool timings");
+        let used = match moved {
             Ok(()) => self.finish_init(pooled, &spec.name),
             Err(e) => {
                 pooled.kill();
@@ -267,8 +279,8 @@ impl Cells {
     }
 }
 
-/// The pool's background task: makes spares until there are `size`, then sleeps until one
-/// is taken. Failures are warned about once per streak and retried every [`RETRY`].
+/// The pool's background task: makes spares until there are `size` (once cells stopped
+/// taking them for [`REFILL_IDLE`]), then sleeps until one is taken. Failures are warned about once per streak and retried every [`RETRY`].
 async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellName) {
     let pool = &cells.pool;
     let mut failing = false;
@@ -278,6 +290,19 @@ async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellNa
         }
         if pool.waiting() >= pool.size() {
             pool.wake.notified().await;
+            continue;
+        }
+        // Not while cells are still being taken.
+        let since = pool
+            .last_take
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .map(|t| t.elapsed());
+        if let Some(since) = since
+            && since < REFILL_IDLE
+        {
+            tokio::time::sleep(REFILL_IDLE - since).await;
             continue;
         }
         let making = pool.making.lock().await;

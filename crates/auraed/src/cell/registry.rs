@@ -705,6 +705,20 @@ impl Cells {
     /// Kills what is left of the cell and its children and removes them.
     pub async fn free(self: &Arc<Self>, name: &CellName) -> Result<(), WorkloadError> {
         let _ops = self.ops.lock().await;
+        self.free_locked(name).await
+    }
+
+    /// Frees `cell` if the registry still holds this very cell under its name (not one
+    /// freed meanwhile and allocated again by someone else); `Ok` either way.
+    pub async fn free_if_same(self: &Arc<Self>, cell: &Arc<Cell>) -> Result<(), WorkloadError> {
+        let _ops = self.ops.lock().await;
+        match self.find(&cell.spec.name) {
+            Ok(now) if Arc::ptr_eq(&now, cell) => self.free_locked(&cell.spec.name).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn free_locked(self: &Arc<Self>, name: &CellName) -> Result<(), WorkloadError> {
         let tree = self.tree()?;
         self.find(name)?;
         let t0 = Instant::now();

@@ -390,6 +390,27 @@ impl Cells {
             .collect()
     }
 
+    /// Forgets the exited executable `exe` if its cell still holds this very executable
+    /// under its name (not one freed meanwhile and started again by someone else, nor one
+    /// whose cell went); `Ok` either way.
+    pub fn free_executable_if_same(&self, exe: &Arc<Executable>) -> Result<(), WorkloadError> {
+        let Ok(cell) = self.find(&exe.cell) else {
+            return Ok(());
+        };
+        let removed = cell.inner.lock().is_ok_and(|mut inner| {
+            let same = inner
+                .executables
+                .get(&exe.name)
+                .is_some_and(|now| Arc::ptr_eq(now, exe) && now.exited());
+            same && inner.executables.remove(&exe.name).is_some()
+        });
+        if removed {
+            let _ = exe.log.remove_files();
+            self.recorder.forget_executable(&exe.cell, &exe.name);
+        }
+        Ok(())
+    }
+
     /// Forgets an exited executable.
     pub fn free_executable(&self, r: &executable::ExecutableRef) -> Result<(), WorkloadError> {
         let exe = self.executable(r)?;

@@ -1,12 +1,12 @@
-//! RunCell: allocate a cell, start its container, free the cell if the container cannot
-//! start. The caller has authorized everything and resolved the container's plan.
+//! RunCell: allocate a cell, start its container (or plain process), free the cell if it
+//! cannot start. The caller has authorized everything and resolved the container's plan.
 
 use std::{sync::Arc, time::Instant};
 
 use crate::{
     cell::{Cell, CellSpec, Cells},
     container::{ContainerSpec, Plan},
-    executable::ExecutableSpec,
+    executable::{Executable, ExecutableSpec},
     spec::Label,
     workload::WorkloadError,
 };
@@ -18,46 +18,68 @@ pub struct Options {
     pub allow_mixed_cell: bool,
 }
 
-/// A new cell `cell` running `container` (resolved as `plan`); the cell's status.
+/// What RunCell runs in its new cell.
+#[derive(Debug)]
+pub enum Workload {
+    /// A container from an image (resolved as the plan).
+    Container(ContainerSpec, Box<Plan>),
+    /// A plain process (its `cell` is the new cell's name).
+    Process(ExecutableSpec),
+}
+
+/// A new cell `cell` running `what`; the cell and its one executable.
 pub async fn run_cell(
     cells: &Arc<Cells>,
     cell: CellSpec,
-    container: ContainerSpec,
-    plan: Plan,
+    what: Workload,
     options: Options,
-) -> Result<Arc<Cell>, WorkloadError> {
+) -> Result<(Arc<Cell>, Arc<Executable>), WorkloadError> {
     let name = cell.name.clone();
-    let mut exe = ExecutableSpec {
-        cell: name.clone(),
-        name: Some(container_name(&container.image)),
-        argv: Vec::new(),
-        env: Vec::new(),
-        working_dir: "/".into(),
-        uid: None,
-        gid: None,
-        stdin: Vec::new(),
-        allow_new_privileges: options.allow_new_privileges && !container.no_new_privileges,
-        allow_mixed_cell: options.allow_mixed_cell,
-        container: Some(container),
+    let (exe, plan) = match what {
+        Workload::Container(container, plan) => {
+            let mut exe = ExecutableSpec {
+                cell: name.clone(),
+                name: Some(container_name(&container.image)),
+                argv: Vec::new(),
+                env: Vec::new(),
+                working_dir: "/".into(),
+                uid: None,
+                gid: None,
+                stdin: Vec::new(),
+                allow_new_privileges: options.allow_new_privileges && !container.no_new_privileges,
+                allow_mixed_cell: options.allow_mixed_cell,
+                container: Some(container),
+            };
+            exe.apply_plan(&plan);
+            (exe, Some(*plan))
+        }
+        Workload::Process(mut exe) => {
+            exe.cell = name.clone();
+            exe.allow_new_privileges = options.allow_new_privileges;
+            exe.allow_mixed_cell = options.allow_mixed_cell;
+            (exe, None)
+        }
     };
-    exe.apply_plan(&plan);
     let t0 = Instant::now();
     cells.allocate(cell).await?;
     let t_alloc = t0.elapsed();
-    if let Err(e) = cells.run(exe, Some(plan)).await {
-        // Nothing stays behind from a container that could not start.
-        if let Err(free) = cells.free(&name).await {
-            tracing::warn!(cell = %name, "freeing after a failed RunCell: {free}");
+    let started = match cells.run(exe, plan).await {
+        Ok(e) => e,
+        Err(e) => {
+            // Nothing stays behind from a workload that could not start.
+            if let Err(free) = cells.free(&name).await {
+                tracing::warn!(cell = %name, "freeing after a failed RunCell: {free}");
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     tracing::debug!(
         cell = %name,
         allocate_us = t_alloc.as_micros() as u64,
         start_us = (t0.elapsed() - t_alloc).as_micros() as u64,
         "RunCell timings"
     );
-    cells.get(&name)
+    Ok((cells.get(&name)?, started))
 }
 
 /// The container's executable name in a RunCell cell: the image's last path component.

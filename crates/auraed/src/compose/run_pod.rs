@@ -198,6 +198,8 @@ async fn start(
         }),
         container: Some(container),
         devices: None,
+        run: None,
+        executable: None,
     };
     step_to("starting the container in the instance");
     let status = c

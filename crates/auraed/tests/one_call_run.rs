@@ -1,0 +1,365 @@
+//! Host tier (T1): the one-call run (`RunOptions` of RunExecutable and RunCell). With
+//! `wait`, `remove` and `output`, one call starts a process, returns its exit and output,
+//! and leaves nothing behind; without `wait`, `remove` frees at the end (free on exit).
+//! What the call made is freed however the call ends (a timeout, a caller gone), never
+//! what someone else made under the same name; bad options are INVALID_ARGUMENT naming
+//! the field.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{path::Path, time::Duration};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    Daemon, DaemonOptions,
+    tier::{self, Tier},
+};
+use tonic::Code;
+
+async fn daemon(test: &str) -> Option<(Daemon, Client)> {
+    if !tier::check(test, Tier::Host, tier::needs_cells()) {
+        return None;
+    }
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions::default(),
+    )
+    .await
+    .unwrap();
+    let c = d.client("admin").await.unwrap();
+    Some((d, c))
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+fn run(wait: bool, remove: bool, output: bool, timeout_ms: Option<i32>) -> Option<pb::RunOptions> {
+    Some(pb::RunOptions {
+        wait,
+        remove,
+        output,
+        timeout: timeout_ms.map(|ms| prost_types::Duration {
+            seconds: 0,
+            nanos: ms * 1_000_000,
+        }),
+    })
+}
+
+fn plain_cell(name: &str, script: &str, run: Option<pb::RunOptions>) -> pb::Cell {
+    pb::Cell {
+        name: name.into(),
+        executable: Some(pb::Executable {
+            name: "job".into(),
+            argv: sh(script),
+            ..Default::default()
+        }),
+        run,
+        ..Default::default()
+    }
+}
+
+fn stream_text(out: &[pb::LogChunk], stream: pb::LogStream) -> String {
+    String::from_utf8_lossy(
+        &out.iter()
+            .filter(|c| c.stream == stream as i32)
+            .flat_map(|c| c.data.clone())
+            .collect::<Vec<u8>>(),
+    )
+    .into_owned()
+}
+
+fn code(s: &pb::ExecutableStatus) -> Option<i32> {
+    match s.exit.as_ref()?.how? {
+        pb::exit_status::How::Code(c) => Some(c),
+        pb::exit_status::How::Signal(_) => None,
+    }
+}
+
+async fn cell_exists(c: &Client, name: &str) -> bool {
+    match c.cells().get(pb::NameRef { name: name.into() }).await {
+        Ok(_) => true,
+        Err(e) if e.code() == Code::NotFound => false,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+async fn gone_within(c: &Client, name: &str, t: Duration) -> bool {
+    let end = std::time::Instant::now() + t;
+    while std::time::Instant::now() < end {
+        if !cell_exists(c, name).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_returns_exit_and_output_and_leaves_nothing() {
+    let Some((d, c)) = daemon("one_call_returns_exit_and_output_and_leaves_nothing").await else {
+        return;
+    };
+    let root = d.cgroup.clone().unwrap();
+    // RunCell of a plain process: a new cell, its exit and output, the cell gone.
+    let st = c
+        .runtime()
+        .run_cell(plain_cell(
+            "job1",
+            "echo out; echo err >&2; hostname; exit 3",
+            run(true, true, true, None),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.phase, pb::Phase::Exited as i32, "{st:?}");
+    let exe = &st.executables[0];
+    assert_eq!(exe.name, "job");
+    assert_eq!(code(exe), Some(3), "{exe:?}");
+    assert_eq!(stream_text(&exe.output, pb::LogStream::Stdout), "out\njob1\n");
+    assert_eq!(stream_text(&exe.output, pb::LogStream::Stderr), "err\n");
+    assert!(!cell_exists(&c, "job1").await, "removed before the reply");
+    assert!(!root.join("job1").exists(), "its cgroup too");
+    assert!(!d.dir.path().join("state/store/cell/job1.json").exists());
+    // RunExecutable in an existing cell: the executable goes, the cell stays.
+    c.cells()
+        .allocate(pb::Cell {
+            name: "keep".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let st = c
+        .runtime()
+        .run_executable(pb::Executable {
+            cell: "keep".into(),
+            name: "once".into(),
+            argv: sh("printf 'a%.0s' $(seq 1 5000)"),
+            run: run(true, true, true, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&st), Some(0));
+    assert_eq!(stream_text(&st.output, pb::LogStream::Stdout), "a".repeat(5000));
+    let e = c
+        .executables()
+        .get(aurae_testkit::workload::exe_ref("keep", "once"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(cell_exists(&c, "keep").await);
+    // wait without remove or output: the exit, no output, still there to read.
+    let st = c
+        .runtime()
+        .run_executable(pb::Executable {
+            cell: "keep".into(),
+            name: "kept".into(),
+            argv: sh("echo kept; exit 7"),
+            run: run(true, false, false, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&st), Some(7));
+    assert!(st.output.is_empty());
+    assert_eq!(
+        aurae_testkit::workload::output(&c, "keep", "kept").await.unwrap(),
+        "kept\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_frees_at_the_end_however_the_call_ends() {
+    let Some((_d, c)) = daemon("remove_frees_at_the_end_however_the_call_ends").await else {
+        return;
+    };
+    // Free on exit: the call returns at once, the cell goes when its process ends.
+    let st = c
+        .runtime()
+        .run_cell(plain_cell("bg", "sleep 0.4", run(false, true, false, None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.phase, pb::Phase::Running as i32);
+    assert!(cell_exists(&c, "bg").await);
+    assert!(gone_within(&c, "bg", Duration::from_secs(5)).await, "freed on exit");
+    // A wait that times out: DEADLINE_EXCEEDED naming run.timeout; it keeps running and
+    // is freed at its end.
+    let e = c
+        .runtime()
+        .run_cell(plain_cell("slow", "sleep 1", run(true, true, false, Some(200))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("run.timeout"), "{}", e.message());
+    assert!(cell_exists(&c, "slow").await, "still running after the timeout");
+    assert!(gone_within(&c, "slow", Duration::from_secs(6)).await);
+    // A caller that goes away: the same.
+    let mut rt = c.runtime();
+    let call = rt.run_cell(plain_cell("left", "sleep 0.6", run(true, true, true, None)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), call)
+            .await
+            .is_err(),
+        "the call was still waiting"
+    );
+    assert!(cell_exists(&c, "left").await);
+    assert!(gone_within(&c, "left", Duration::from_secs(6)).await);
+    // Someone frees the cell and makes another with the same name before the end is
+    // seen: the new one is not touched.
+    c.runtime()
+        .run_cell(plain_cell("reused", "sleep 30", run(false, true, false, None)))
+        .await
+        .unwrap();
+    c.cells()
+        .free(pb::NameRef {
+            name: "reused".into(),
+        })
+        .await
+        .unwrap();
+    c.cells()
+        .allocate(pb::Cell {
+            name: "reused".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(cell_exists(&c, "reused").await, "another's cell was freed");
+    // The same for an executable name.
+    c.cells()
+        .allocate(pb::Cell {
+            name: "ex".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = aurae_testkit::workload::exe_ref("ex", "w");
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "ex".into(),
+            name: "w".into(),
+            argv: sh("sleep 30"),
+            run: run(false, true, false, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.executables()
+        .stop(pb::StopExecutableRequest {
+            executable: Some(r.clone()),
+            grace_period: None,
+        })
+        .await
+        .unwrap();
+    // Freed at its end by run.remove.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while c.executables().get(r.clone()).await.is_ok() && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        c.executables().get(r.clone()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_run_options_name_the_field() {
+    let Some((_d, c)) = daemon("bad_run_options_name_the_field").await else {
+        return;
+    };
+    let cases: Vec<(pb::Cell, &str)> = vec![
+        (plain_cell("a", "true", run(false, true, true, None)), "run.output"),
+        (plain_cell("a", "true", run(false, false, false, Some(100))), "run.timeout"),
+        (
+            pb::Cell {
+                run: Some(pb::RunOptions {
+                    wait: true,
+                    timeout: Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+                ..plain_cell("a", "true", None)
+            },
+            "run.timeout",
+        ),
+        (
+            pb::Cell {
+                container: Some(pb::Container {
+                    image: "x/y:z".into(),
+                    ..Default::default()
+                }),
+                ..plain_cell("a", "true", None)
+            },
+            "executable",
+        ),
+        (
+            pb::Cell {
+                executable: Some(pb::Executable {
+                    cell: "other".into(),
+                    argv: sh("true"),
+                    ..Default::default()
+                }),
+                ..plain_cell("a", "true", None)
+            },
+            "executable.cell",
+        ),
+        (
+            pb::Cell {
+                executable: Some(pb::Executable::default()),
+                ..plain_cell("a", "true", None)
+            },
+            "executable.argv",
+        ),
+        (
+            pb::Cell {
+                executable: Some(pb::Executable {
+                    argv: sh("true"),
+                    run: run(true, false, false, None),
+                    ..Default::default()
+                }),
+                ..plain_cell("a", "true", None)
+            },
+            "executable.run",
+        ),
+    ];
+    for (cell, field) in cases {
+        let e = c.runtime().run_cell(cell).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    for (cell, field) in [
+        (plain_cell("a", "true", None), "executable"),
+        (
+            pb::Cell {
+                name: "a".into(),
+                run: run(true, true, false, None),
+                ..Default::default()
+            },
+            "run",
+        ),
+    ] {
+        let e = c.cells().allocate(cell).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+    let e = c
+        .runtime()
+        .run_executable(pb::Executable {
+            cell: "nope".into(),
+            argv: sh("true"),
+            run: run(false, false, true, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("run.output"), "{}", e.message());
+    // Nothing was made by any of them.
+    assert!(!cell_exists(&c, "a").await);
+}
