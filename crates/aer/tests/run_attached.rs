@@ -2,8 +2,8 @@
 //! a cgroup v2 hierarchy; run-cell also needs the `docker-registry` package and a static
 //! busybox): the workload's output on aer's stdout/stderr, complete and in order; aer's
 //! exit code is the workload's (128+N for signal N, 125 for aer's own failures); Ctrl-C and
-//! SIGTERM stop the workload and a second Ctrl-C kills it; `--rm` leaves nothing; `-d`
-//! prints the id and returns while the workload runs.
+//! SIGTERM stop the workload and a second Ctrl-C kills it; `--rm` leaves nothing (with
+//! `-d` auraed frees it at its end); `-d` prints the id and returns while the workload runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -417,13 +417,29 @@ async fn rm_frees_and_detach_prints_the_id() {
     let r = e.aer(&["executable", "stop", "c/bg", "--grace", "1s"]);
     assert_eq!(r.code(), Some(0), "{r}");
 
-    // --rm with -d is refused: nothing would free it.
-    let r = e.aer(&["run", "-d", "--rm", "--cell", "c", "--", "/bin/true"]);
-    assert_eq!(r.code(), Some(125), "{r}");
-    assert!(
-        r.stderr.contains("--rm") && r.stderr.contains("--detach"),
-        "{r}"
+    // --rm with -d: auraed frees it at its end (run.remove), aer has long returned.
+    let r = e.aer(&[
+        "run",
+        "-d",
+        "--rm",
+        "--cell",
+        "c",
+        "--name",
+        "gone",
+        "--",
+        "/bin/sleep",
+        "0.5",
+    ]);
+    assert_eq!((r.code(), r.stdout.as_str()), (Some(0), "c/gone\n"), "{r}");
+    assert_eq!(
+        e.get("c", "gone").await.unwrap().phase,
+        pb::Phase::Running as i32
     );
+    let start = Instant::now();
+    while e.get("c", "gone").await.is_ok() {
+        assert!(start.elapsed() < LIMIT, "c/gone was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

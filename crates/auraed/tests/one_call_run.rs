@@ -117,7 +117,10 @@ async fn one_call_returns_exit_and_output_and_leaves_nothing() {
     let exe = &st.executables[0];
     assert_eq!(exe.name, "job");
     assert_eq!(code(exe), Some(3), "{exe:?}");
-    assert_eq!(stream_text(&exe.output, pb::LogStream::Stdout), "out\njob1\n");
+    assert_eq!(
+        stream_text(&exe.output, pb::LogStream::Stdout),
+        "out\njob1\n"
+    );
     assert_eq!(stream_text(&exe.output, pb::LogStream::Stderr), "err\n");
     assert!(!cell_exists(&c, "job1").await, "removed before the reply");
     assert!(!root.join("job1").exists(), "its cgroup too");
@@ -143,7 +146,10 @@ async fn one_call_returns_exit_and_output_and_leaves_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(code(&st), Some(0));
-    assert_eq!(stream_text(&st.output, pb::LogStream::Stdout), "a".repeat(5000));
+    assert_eq!(
+        stream_text(&st.output, pb::LogStream::Stdout),
+        "a".repeat(5000)
+    );
     let e = c
         .executables()
         .get(aurae_testkit::workload::exe_ref("keep", "once"))
@@ -167,7 +173,9 @@ async fn one_call_returns_exit_and_output_and_leaves_nothing() {
     assert_eq!(code(&st), Some(7));
     assert!(st.output.is_empty());
     assert_eq!(
-        aurae_testkit::workload::output(&c, "keep", "kept").await.unwrap(),
+        aurae_testkit::workload::output(&c, "keep", "kept")
+            .await
+            .unwrap(),
         "kept\n"
     );
 }
@@ -186,17 +194,27 @@ async fn remove_frees_at_the_end_however_the_call_ends() {
         .into_inner();
     assert_eq!(st.phase, pb::Phase::Running as i32);
     assert!(cell_exists(&c, "bg").await);
-    assert!(gone_within(&c, "bg", Duration::from_secs(5)).await, "freed on exit");
+    assert!(
+        gone_within(&c, "bg", Duration::from_secs(5)).await,
+        "freed on exit"
+    );
     // A wait that times out: DEADLINE_EXCEEDED naming run.timeout; it keeps running and
     // is freed at its end.
     let e = c
         .runtime()
-        .run_cell(plain_cell("slow", "sleep 1", run(true, true, false, Some(200))))
+        .run_cell(plain_cell(
+            "slow",
+            "sleep 1",
+            run(true, true, false, Some(200)),
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(e.message().contains("run.timeout"), "{}", e.message());
-    assert!(cell_exists(&c, "slow").await, "still running after the timeout");
+    assert!(
+        cell_exists(&c, "slow").await,
+        "still running after the timeout"
+    );
     assert!(gone_within(&c, "slow", Duration::from_secs(6)).await);
     // A caller that goes away: the same.
     let mut rt = c.runtime();
@@ -212,7 +230,11 @@ async fn remove_frees_at_the_end_however_the_call_ends() {
     // Someone frees the cell and makes another with the same name before the end is
     // seen: the new one is not touched.
     c.runtime()
-        .run_cell(plain_cell("reused", "sleep 30", run(false, true, false, None)))
+        .run_cell(plain_cell(
+            "reused",
+            "sleep 30",
+            run(false, true, false, None),
+        ))
         .await
         .unwrap();
     c.cells()
@@ -273,8 +295,14 @@ async fn bad_run_options_name_the_field() {
         return;
     };
     let cases: Vec<(pb::Cell, &str)> = vec![
-        (plain_cell("a", "true", run(false, true, true, None)), "run.output"),
-        (plain_cell("a", "true", run(false, false, false, Some(100))), "run.timeout"),
+        (
+            plain_cell("a", "true", run(false, true, true, None)),
+            "run.output",
+        ),
+        (
+            plain_cell("a", "true", run(false, false, false, Some(100))),
+            "run.timeout",
+        ),
         (
             pb::Cell {
                 run: Some(pb::RunOptions {

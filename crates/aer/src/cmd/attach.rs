@@ -58,6 +58,8 @@ after --stop-grace) and aer waits for its end; a second Ctrl-C kills it at once.
 Examples:
   aer run --cell web --rm -- /bin/sh -c 'echo hi; exit 3'     # prints hi, exits 3
   aer run-cell job --rm --image 127.0.0.1:5000/aurae/busybox:latest -- echo hi
+  aer run-cell batch -d --rm --image 127.0.0.1:5000/aurae/busybox:latest -- sleep 5
+                                                              # freed by auraed at its end
   id=$(aer run -d --cell web --name api -- /srv/api)          # prints web/api";
 
 /// The foreground options `aer run` and `aer run-cell` share.
@@ -69,15 +71,26 @@ pub struct AttachArgs {
     pub detach: bool,
     /// Once the workload has ended (also after Ctrl-C or an aer error), free what this
     /// command created: for `aer run` the executable and its log, for `aer run-cell` the
-    /// whole cell. Not with -d: auraed has no free-on-exit, so nothing would be left to
-    /// free it (free it later with `aer executable free` / `aer cell free`).
-    #[arg(long, conflicts_with = "detach")]
+    /// whole cell. With -d auraed frees it when it ends (free on exit, the call's
+    /// run.remove): its output is gone with it.
+    #[arg(long)]
     pub rm: bool,
     /// On Ctrl-C or SIGTERM to aer: how long the workload has after its SIGTERM before it is
     /// killed: a number with ms, s, m or h (plain = seconds), at most 10m, e.g. 30s
     /// [default: auraed's, 10s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "detach")]
     pub stop_grace: Option<Duration>,
+}
+
+impl AttachArgs {
+    /// The call's run options: with `-d --rm`, auraed frees it at its end (in the
+    /// foreground aer frees it itself once it has shown the whole output).
+    pub fn run_options(&self) -> Option<pb::RunOptions> {
+        (self.detach && self.rm).then(|| pb::RunOptions {
+            remove: true,
+            ..Default::default()
+        })
+    }
 }
 
 /// What the command created, for `--rm`.

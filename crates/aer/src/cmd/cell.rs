@@ -223,8 +223,8 @@ pub async fn run(c: &Client, cmd: CellCmd, fmt: Format) -> Result<(), Status> {
                 name,
                 limits: Some(limits.proto().map_err(invalid)?),
                 namespaces: Some(ns.proto().map_err(invalid)?),
-                container: None,
                 devices: kvm.then_some(pb::CellDevices { kvm }),
+                ..Default::default()
             };
             one(x.allocate(cell).await?);
         }

@@ -132,7 +132,7 @@ impl RunCellArgs {
             limits: Some(limits),
             namespaces: Some(namespaces),
             container: Some(container),
-            devices: None,
+            ..Default::default()
         })
     }
 }
@@ -142,7 +142,8 @@ impl RunCellArgs {
 pub async fn run(c: &Client, mut a: RunCellArgs, fmt: Format) -> ExitCode {
     let attach = std::mem::take(&mut a.attach);
     let create = async {
-        let cell = a.proto().map_err(invalid)?;
+        let mut cell = a.proto().map_err(invalid)?;
+        cell.run = attach.run_options();
         let name = cell.name.clone();
         let s = c.runtime().run_cell(cell).await?.into_inner();
         // Its one executable: the container (named after the image).

@@ -81,8 +81,7 @@ impl RunArgs {
                 working_dir: self.cwd,
                 uid: self.uid,
                 gid: self.gid,
-                stdin: Vec::new(),
-                container: None,
+                ..Default::default()
             });
         };
         let container = self
@@ -193,7 +192,9 @@ fn exe_row(s: &pb::ExecutableStatus) -> Row {
 pub async fn start(c: &Client, mut a: RunArgs, fmt: Format) -> ExitCode {
     let attach = std::mem::take(&mut a.attach);
     let create = async {
-        let exe = c.runtime().run_executable(a.proto()?).await?.into_inner();
+        let mut e = a.proto()?;
+        e.run = attach.run_options();
+        let exe = c.runtime().run_executable(e).await?.into_inner();
         let image_digest = exe.image_digest.clone();
         Ok(Started {
             exe,

@@ -192,8 +192,8 @@ mod tests {
     #[tokio::test]
     async fn a_log_streams_from_an_offset_and_ends_with_the_output() {
         let out = Arc::new(Log::new(None));
-        out.append(log::Stream::Stdout, b"hello ");
-        out.append(log::Stream::Stderr, b"world");
+        out.append(crate::workload::log::Stream::Stdout, b"hello ");
+        out.append(crate::workload::log::Stream::Stderr, b"world");
         out.close();
         let chunks: Vec<pb::LogChunk> = log_stream(out.clone(), 3, true)
             .map(|c| c.unwrap())
@@ -223,9 +223,9 @@ mod tests {
         // Alternating streams: one chunk each (same-stream writes may merge).
         let stream = |i: u8| {
             if i.is_multiple_of(2) {
-                log::Stream::Stdout
+                crate::workload::log::Stream::Stdout
             } else {
-                log::Stream::Stderr
+                crate::workload::log::Stream::Stderr
             }
         };
         for i in 0..40u8 {
