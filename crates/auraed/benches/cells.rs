@@ -9,6 +9,13 @@
 //! - B3 `RunCell` of a cached busybox image running `/bin/true` + exit + free (a container:
 //!   overlay root, pivot_root, /proc, /dev, /sys, masks, caps, seccomp) vs the same crun
 //!   and runc runs (target ≤ 0.7× crun). Needs docker-registry for the image.
+//! - B2 and B3 also in one call (RunCell with `run {wait, remove}`, a plain process or the
+//!   image): the `--rm` path, the same single user action as `crun run` (targets 0.3× /
+//!   0.7× crun).
+//!
+//! `AURAE_BENCH_POOL=N` sets auraed's `--cell-pool` (default: auraed's own). Each of
+//! auraed's B2/B3 arms is followed by a short pause ([`SETTLE`]) so the pool's refill runs
+//! there, not inside the next arm or a peer's time.
 //!
 //! Needs root and cgroup v2 (prints SKIP otherwise). crun/runc run in a private mount
 //! namespace where /sys/fs/cgroup is the cgroup2 hierarchy, as on a pure v2 host.
@@ -23,6 +30,25 @@ use std::{
 
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{Daemon, DaemonOptions, tier};
+
+/// The one-call run: wait for the end, free the cell.
+fn one_call() -> pb::RunOptions {
+    pb::RunOptions {
+        wait: true,
+        remove: true,
+        ..Default::default()
+    }
+}
+
+/// Whether a one-call RunCell's process exited 0.
+fn exited_zero(s: &pb::CellStatus) -> bool {
+    s.executables.first().is_some_and(|e| {
+        matches!(
+            e.exit.as_ref().and_then(|x| x.how),
+            Some(pb::exit_status::How::Code(0))
+        )
+    })
+}
 
 /// The pause after each of auraed's rounds in B2 and B3, before the peers run.
 const SETTLE: Duration = Duration::from_millis(60);
@@ -309,6 +335,7 @@ async fn run() {
     let rounds2 = rounds / 4;
     let warm2 = warm / 4 + 1;
     let mut cell_t = Vec::new();
+    let (mut one_t, mut one_fails) = (Vec::new(), 0);
     let mut b2_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut cell_fails = 0;
     for i in 0..rounds2 + warm2 {
@@ -347,6 +374,28 @@ async fn run() {
             cell_t.push(dt);
             cell_fails += usize::from(!ok);
         }
+        tokio::time::sleep(SETTLE).await;
+        // The same in one call: RunCell of a plain process with run {wait, remove}.
+        let t = Instant::now();
+        let ok = c
+            .runtime()
+            .run_cell(pb::Cell {
+                name: format!("o{i}"),
+                executable: Some(pb::Executable {
+                    name: "t".into(),
+                    argv: vec!["/bin/true".into()],
+                    ..Default::default()
+                }),
+                run: Some(one_call()),
+                ..Default::default()
+            })
+            .await
+            .is_ok_and(|r| exited_zero(r.get_ref()));
+        let dt = t.elapsed();
+        if i >= warm2 {
+            one_t.push(dt);
+            one_fails += usize::from(!ok);
+        }
         // auraed's background work after a round (refilling its pool of spare cell
         // inits) happens in this pause, not in a peer's time.
         tokio::time::sleep(SETTLE).await;
@@ -354,7 +403,11 @@ async fn run() {
     }
     println!("B2: new cell + /bin/true + exit (+ free)");
     let m = report("  aurae allocate+run+wait+free", &cell_t, cell_fails);
+    let m1 = report("  aurae one call (RunCell run)", &one_t, one_fails);
     let peer_medians = b2_peers.report(m, 0.3);
+    if let Some(crun) = peer_medians.first() {
+        println!("  ratio one call/crun = {:.2} (target <= 0.3)", m1 / crun);
+    }
 
     // B3: RunCell of a cached image vs the same peers (interleaved with a fresh peer run
     // per round, so drift hits both).
@@ -386,6 +439,7 @@ async fn run() {
         .await
         .ok();
     let mut run_cell_t = Vec::new();
+    let (mut one3_t, mut one3_fails) = (Vec::new(), 0);
     let mut phases: [Vec<Duration>; 3] = Default::default();
     let mut b3_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut fails3 = 0;
@@ -435,6 +489,26 @@ async fn run() {
         .await
         .unwrap_or(false);
         let dt = t.elapsed();
+        tokio::time::sleep(SETTLE).await;
+        let t1 = Instant::now();
+        let ok1 = c
+            .runtime()
+            .run_cell(pb::Cell {
+                name: format!("q{i}"),
+                container: Some(pb::Container {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                run: Some(one_call()),
+                ..Default::default()
+            })
+            .await
+            .is_ok_and(|r| exited_zero(r.get_ref()));
+        let dt1 = t1.elapsed();
+        if i >= warm2 {
+            one3_t.push(dt1);
+            one3_fails += usize::from(!ok1);
+        }
         if i >= warm2 {
             run_cell_t.push(dt);
             fails3 += usize::from(!ok);
@@ -449,14 +523,15 @@ async fn run() {
     }
     println!("B3: RunCell (cached busybox image, /bin/true) + wait + free");
     let m3 = report("  aurae RunCell+wait+free", &run_cell_t, fails3);
+    let m31 = report("  aurae one call (RunCell run)", &one3_t, one3_fails);
     for (p, what) in phases.iter().zip(["RunCell", "Wait", "Free"]) {
         report(&format!("    of which {what}"), p, 0);
     }
-    for (p, (tool, b2)) in b3_peers
-        .report(m3, 0.7)
-        .iter()
-        .zip(tools.iter().zip(&peer_medians))
-    {
+    let b3_medians = b3_peers.report(m3, 0.7);
+    if let Some(crun) = b3_medians.first() {
+        println!("  ratio one call/crun = {:.2} (target <= 0.7)", m31 / crun);
+    }
+    for (p, (tool, b2)) in b3_medians.iter().zip(tools.iter().zip(&peer_medians)) {
         println!("  (B3 {tool} median {p:.3} ms; in B2 it was {b2:.3} ms)");
     }
     if std::env::var_os("AURAE_BENCH_TIMINGS").is_some() {
