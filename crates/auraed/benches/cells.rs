@@ -3,12 +3,16 @@
 //! the issues set targets for:
 //!
 //! - B1 `RunExecutable(/bin/true)` + `Wait` in an existing cell, client reused, vs a plain
-//!   fork+exec+wait of `/bin/true` (target ≤ 2×).
+//!   fork+exec+wait of `/bin/true` (target ≤ 2×); and in one call (`run {wait, remove}`,
+//!   target ≤ 1.5×).
 //! - B2 new cell + `/bin/true` + exit + free vs `crun run` and `runc run` of a busybox
 //!   bundle running `/bin/true` (target ≤ 0.3× crun).
 //! - B3 `RunCell` of a cached busybox image running `/bin/true` + exit + free (a container:
 //!   overlay root, pivot_root, /proc, /dev, /sys, masks, caps, seccomp) vs the same crun
 //!   and runc runs (target ≤ 0.7× crun). Needs docker-registry for the image.
+//! - B4 throughput: cells made, run and freed per second (one call each) by 2 and 8
+//!   clients at once vs as many parallel `crun run` loops (target ≥ 3×;
+//!   `AURAE_BENCH_SPAN_MS`, default 3000, per contender).
 //! - B2 and B3 also in one call (RunCell with `run {wait, remove}`, a plain process or the
 //!   image): the `--rm` path, the same single user action as `crun run` (targets 0.3× /
 //!   0.7× crun).
@@ -30,6 +34,75 @@ use std::{
 
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{Daemon, DaemonOptions, tier};
+
+/// `n` clients (a connection each) running one-call cells (`/bin/true`) for `span`: cells
+/// per second that exited 0.
+async fn cells_per_second(d: &Daemon, n: usize, span: Duration) -> f64 {
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for k in 0..n {
+        let c = d.client("admin").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            let mut i = 0u32;
+            while start.elapsed() < span {
+                i += 1;
+                let ok = c
+                    .runtime()
+                    .run_cell(pb::Cell {
+                        name: format!("tp{n}-{k}-{i}"),
+                        executable: Some(pb::Executable {
+                            name: "t".into(),
+                            argv: vec!["/bin/true".into()],
+                            ..Default::default()
+                        }),
+                        run: Some(one_call()),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok_and(|r| exited_zero(r.get_ref()));
+                done += u32::from(ok);
+            }
+            done
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap();
+    }
+    f64::from(done) / start.elapsed().as_secs_f64()
+}
+
+/// `n` threads each running `crun run` of the bundle in a loop for `span`: runs per second
+/// that succeeded.
+fn crun_per_second(bundle: &Path, state: &Path, n: usize, span: Duration) -> f64 {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..n)
+        .map(|k| {
+            let (bundle, state) = (bundle.to_owned(), state.join("state-crun"));
+            std::thread::spawn(move || {
+                let mut done = 0u32;
+                let mut i = 0u32;
+                while start.elapsed() < span {
+                    i += 1;
+                    let id = format!("aurae-tp{n}-{k}-{}-{i}", std::process::id());
+                    let (_, ok) = time_cmd(
+                        Command::new("crun")
+                            .arg("--root")
+                            .arg(&state)
+                            .args(["run", "-b"])
+                            .arg(&bundle)
+                            .arg(&id),
+                    );
+                    done += u32::from(ok);
+                }
+                done
+            })
+        })
+        .collect();
+    let done: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    f64::from(done) / start.elapsed().as_secs_f64()
+}
 
 /// The one-call run: wait for the end, free the cell.
 fn one_call() -> pb::RunOptions {
@@ -267,6 +340,7 @@ async fn run() {
         .await
         .unwrap();
     let (mut aurae, mut fork) = (Vec::new(), Vec::new());
+    let (mut one1, mut fails1) = (Vec::new(), 0);
     let mut fails = (0, 0);
     for i in 0..rounds + warm {
         let name = format!("t{i}");
@@ -293,6 +367,25 @@ async fn run() {
         .await
         .is_ok();
         let dt = t.elapsed();
+        // The same in one call: RunExecutable with run {wait, remove}.
+        let t1 = Instant::now();
+        let ok1 = c
+            .runtime()
+            .run_executable(pb::Executable {
+                cell: "bench".into(),
+                name: format!("o{i}"),
+                argv: vec!["/bin/true".into()],
+                run: Some(one_call()),
+                ..Default::default()
+            })
+            .await
+            .is_ok_and(|r| {
+                matches!(
+                    r.get_ref().exit.as_ref().and_then(|x| x.how),
+                    Some(pb::exit_status::How::Code(0))
+                )
+            });
+        let dt1 = t1.elapsed();
         let (df, okf) = time_cmd(&mut Command::new("/bin/true"));
         let _ = c
             .executables()
@@ -303,6 +396,8 @@ async fn run() {
             .await;
         if i >= warm {
             aurae.push(dt);
+            one1.push(dt1);
+            fails1 += usize::from(!ok1);
             fork.push(df);
             fails.0 += usize::from(!ok);
             fails.1 += usize::from(!okf);
@@ -312,6 +407,8 @@ async fn run() {
     let a = report("  aurae RunExecutable+Wait", &aurae, fails.0);
     let f = report("  fork+exec+wait (harness floor)", &fork, fails.1);
     println!("  ratio aurae/fork = {:.2} (target <= 2)", a / f);
+    let o = report("  aurae one call (run wait+remove)", &one1, fails1);
+    println!("  ratio one call/fork = {:.2} (target <= 1.5)", o / f);
 
     // B2: new cell + /bin/true + exit (+ free) vs crun/runc run.
     let tmp = tempfile::tempdir().unwrap();
@@ -407,6 +504,34 @@ async fn run() {
     let peer_medians = b2_peers.report(m, 0.3);
     if let Some(crun) = peer_medians.first() {
         println!("  ratio one call/crun = {:.2} (target <= 0.3)", m1 / crun);
+    }
+
+    // B4: throughput, cells created+run+freed per second (one call each) by 2 and 8
+    // clients at once, vs as many parallel `crun run` loops.
+    let span = Duration::from_millis(
+        std::env::var("AURAE_BENCH_SPAN_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000),
+    );
+    println!(
+        "B4: cells per second, one call each ({} s per contender)",
+        span.as_secs_f64()
+    );
+    for n in [2usize, 8] {
+        let ours = cells_per_second(&d, n, span).await;
+        let peer = match (&bundle, tools.contains(&"crun")) {
+            (Some(b), true) => Some(crun_per_second(b, tmp.path(), n, span)),
+            _ => None,
+        };
+        match peer {
+            Some(p) => println!(
+                "  {n} clients: aurae {ours:.1} cells/s, crun {p:.1} runs/s, ratio {:.2} (target >= 3)",
+                ours / p
+            ),
+            None => println!("  {n} clients: aurae {ours:.1} cells/s (no crun peer)"),
+        }
+        tokio::time::sleep(SETTLE).await;
     }
 
     // B3: RunCell of a cached image vs the same peers (interleaved with a fresh peer run

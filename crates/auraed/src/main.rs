@@ -70,9 +70,11 @@ struct Args {
     max_streams_per_connection: u32,
     /// Spare cell inits kept ready (namespaces made, set up, waiting): a new top-level cell
     /// with its own namespaces takes one instead of starting its init. 0 turns the pool
-    /// off; at most 64. A count, e.g. 4.
-    #[arg(long, default_value_t = auraed::cell::pool::DEFAULT_POOL)]
-    cell_pool: usize,
+    /// off; at most 64. A count, e.g. 4 [default: 2 where cgroup2 is mounted with
+    /// favordynmods (auraed as PID 1 mounts it so), else 0: there moving a spare into its
+    /// cell waits for an RCU grace period, about as long as a fresh init takes].
+    #[arg(long)]
+    cell_pool: Option<usize>,
     /// cgroup v2 directory for cells, e.g. /sys/fs/cgroup/aurae [default: aurae below
     /// /sys/fs/cgroup or /sys/fs/cgroup/unified, whichever is cgroup2].
     #[arg(long, env = "AURAED_CGROUP_ROOT")]
@@ -197,7 +199,7 @@ impl Args {
         take!(max_handshakes_per_peer, max_handshakes_per_peer);
         take!(max_connections_per_identity, max_connections_per_identity);
         take!(max_streams_per_connection, max_streams_per_connection);
-        take!(cell_pool, cell_pool);
+        take!(cell_pool, cell_pool.map(Some));
         take!(cgroup_root, cgroup_root.map(Some));
         take!(insecure_registries, insecure_registry);
         take!(registry_auth, registry_auth.map(Some));
@@ -388,7 +390,7 @@ fn run_instance() -> ExitCode {
         max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
         max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
         max_streams_per_connection: 128,
-        cell_pool: auraed::cell::pool::DEFAULT_POOL,
+        cell_pool: None,
         cgroup_root: Some(boot.cgroup_root),
         mode: "instance",
         warnings: boot.warnings,
@@ -462,7 +464,7 @@ fn run_pid1() -> ! {
         max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
         max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
         max_streams_per_connection: 128,
-        cell_pool: auraed::cell::pool::DEFAULT_POOL,
+        cell_pool: None,
         cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
         mode: "pid1",
         warnings,

@@ -311,14 +311,28 @@ pub fn prepare() -> Boot {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
     );
-    try_mount(
-        &mut w,
-        "cgroup2",
+    // favordynmods (Linux 6.0+): moving a process between cgroups (a spare cell init
+    // joining its cell, see cell::pool) costs no RCU grace period; older kernels refuse
+    // the option and mount without it.
+    let _ = fs::create_dir_all("/sys/fs/cgroup");
+    if mount(
+        Some("cgroup2"),
         "/sys/fs/cgroup",
-        "cgroup2",
+        Some("cgroup2"),
         nosuid,
-        Some("nsdelegate"),
-    );
+        Some("nsdelegate,favordynmods"),
+    )
+    .is_err()
+    {
+        try_mount(
+            &mut w,
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid,
+            Some("nsdelegate"),
+        );
+    }
 
     let params = cmdline_params(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let get = |k: &str| {

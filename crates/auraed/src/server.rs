@@ -61,8 +61,9 @@ pub struct ServerConfig {
     /// Most established connections of one SPIFFE identity, both listeners together.
     pub max_connections_per_identity: usize,
     pub max_streams_per_connection: u32,
-    /// Spare cell inits to keep ready (see [`crate::cell::pool`]); 0: none.
-    pub cell_pool: usize,
+    /// Spare cell inits to keep ready (see [`crate::cell::pool`]); 0: none; `None`: the
+    /// default for this cgroup hierarchy.
+    pub cell_pool: Option<usize>,
     /// cgroup v2 directory under which cells are created; `None` = detect.
     pub cgroup_root: Option<PathBuf>,
     /// "daemon" or "pid1".

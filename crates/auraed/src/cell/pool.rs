@@ -44,7 +44,9 @@ const RETRY: Duration = Duration::from_secs(5);
 const REFILL_IDLE: Duration = Duration::from_millis(25);
 /// The most spare inits a pool may keep.
 pub const MAX_POOL: usize = 64;
-/// Spare inits kept by default: enough for a burst of two, a few hundred KiB of memory.
+/// Spare inits kept by default where moving a process between cgroups is cheap (see
+/// [`crate::workload::cgroup::CgroupTree::cheap_moves`]): enough for a burst of two, a
+/// few hundred KiB of memory.
 pub const DEFAULT_POOL: usize = 2;
 
 /// A cell init after its first step: ready, waiting for its cell.
@@ -188,8 +190,20 @@ impl Cells {
     /// removes the pool group a previous auraed left. Call once at start, after the sweep
     /// of leftovers; a pool that cannot be made is a warning (cells then start their
     /// own inits), never a failure.
-    pub async fn start_pool(self: &Arc<Self>, size: usize) {
+    pub async fn start_pool(self: &Arc<Self>, size: Option<usize>) {
         let Ok(tree) = self.tree() else { return };
+        let size = size.unwrap_or_else(|| {
+            if tree.cheap_moves() {
+                DEFAULT_POOL
+            } else {
+                info!(
+                    "no spare cell inits by default: cgroup2 is mounted here without \
+                     favordynmods, so moving one into its cell waits for an RCU grace period \
+                     (about as long as starting a fresh init); --cell-pool N keeps N anyway"
+                );
+                0
+            }
+        });
         let Ok(group) = pool_group() else { return };
         if tree.exists(&group) {
             // Its spares read EOF when the previous auraed went and exited; whatever is

@@ -482,7 +482,7 @@ fn inits(f: &Fixture) -> usize {
 #[tokio::test]
 async fn a_pooled_init_is_moved_into_the_cell_and_the_pool_refills() {
     let f = fixture();
-    f.cells.start_pool(2).await;
+    f.cells.start_pool(Some(2)).await;
     pool_holds(&f, 2).await;
     assert!(
         f.tree.has("cell-pool"),
@@ -531,7 +531,7 @@ async fn a_pool_left_by_a_previous_auraed_is_removed_and_size_zero_keeps_none() 
     f.tree
         .create(&CellName::parse("n", "cell-pool").unwrap())
         .unwrap();
-    f.cells.start_pool(0).await;
+    f.cells.start_pool(Some(0)).await;
     assert!(!f.tree.has("cell-pool"));
     f.cells.allocate(cell("web")).await.unwrap();
     assert_eq!(inits(&f), 1);
