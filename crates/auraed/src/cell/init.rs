@@ -9,9 +9,9 @@
 //! Set-up is two steps on the socket auraed passed at fd 3, so that an init can be made
 //! ahead of time and wait in the pool of spare inits (see [`super::pool`]) until a cell
 //! takes it:
-//! 1. [`prepare`]: private mount propagation, its own /proc and /sys, `lo` up; then it
+//! 1. `prepare`: private mount propagation, its own /proc and /sys, `lo` up; then it
 //!    reports `ready` (or `error: …`) and waits for one line: the cell's hostname.
-//! 2. [`finish`]: once auraed has placed it in the cell's cgroup, a cgroup namespace of its
+//! 2. `finish`: once auraed has placed it in the cell's cgroup, a cgroup namespace of its
 //!    own rooted there (with the cell's cgroup tree mounted read-only at /sys/fs/cgroup),
 //!    the hostname; it reports `ok` (or `error: …`), closes the socket and waits for
 //!    signals forever.
@@ -37,9 +37,9 @@ use nix::{
 
 /// The hidden first argument that selects this mode.
 pub const INIT_ARG: &str = crate::workload::layout::CELL_INIT_ARG;
-/// What the init reports after [`prepare`] when all went well.
+/// What the init reports after its first set-up step when all went well.
 pub const READY: &str = "ready";
-/// What the init reports after [`finish`] when all went well.
+/// What the init reports after its second set-up step when all went well.
 pub const OK: &str = "ok";
 /// Longest hostname line auraed sends (a label is at most 63 bytes).
 const MAX_LINE: usize = 256;
