@@ -168,8 +168,10 @@ pub struct Cells {
     /// Containers' private directories (`<state>/containers`).
     pub(super) containers_dir: PathBuf,
     pub(super) cells: Mutex<BTreeMap<CellName, Arc<Cell>>>,
-    /// Serializes allocate/stop/free (executables do not take it).
-    ops: tokio::sync::Mutex<()>,
+    /// Orders allocate/stop/free (executables do not take it): see [`Cells::lock_for`].
+    ops: tokio::sync::RwLock<()>,
+    /// One lock per top-level cell name with an operation in flight.
+    names: Mutex<std::collections::HashMap<CellName, Arc<tokio::sync::Mutex<()>>>>,
     sealed: Arc<aurae_sys::memfd::SealedSelf>,
     pub(super) counter: AtomicU64,
     /// Durable records of cells and executables (see [`super::record`]).
@@ -194,7 +196,8 @@ impl Cells {
             logs_dir: d.logs_dir,
             containers_dir: d.containers_dir,
             cells: Mutex::new(BTreeMap::new()),
-            ops: tokio::sync::Mutex::new(()),
+            ops: tokio::sync::RwLock::new(()),
+            names: Mutex::new(Default::default()),
             sealed: d.sealed,
             counter: AtomicU64::new(0),
             images: d.images,
@@ -348,7 +351,7 @@ impl Cells {
         self.check_writable()?;
         let writes = limit_writes(&spec.limits);
         check_controllers(&writes, &tree.controllers())?;
-        let _ops = self.ops.lock().await;
+        let _ops = self.lock_for(&spec.name).await;
         if self.cells.lock().is_ok_and(|c| c.contains_key(&spec.name)) {
             return Err(WorkloadError::Exists(format!(
                 "cell {:?} already exists",
@@ -649,13 +652,46 @@ impl Cells {
         })
     }
 
+    /// The lock an operation on the cell `name` (allocate, stop, free) holds. A top-level
+    /// cell's family is its own: operations on different top-level cells run at once
+    /// (shared [`Cells::ops`] plus the name's own lock, so one name's operations take
+    /// turns). A nested cell's operation touches its parent's family too: it excludes
+    /// every other (exclusive `ops`), as does shutdown.
+    async fn lock_for(&self, name: &CellName) -> OpsGuard<'_> {
+        if name.parent().is_some() {
+            return OpsGuard::Exclusive(self.ops.write().await);
+        }
+        let shared = self.ops.read().await;
+        let lock = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let held = lock.clone().lock_owned().await;
+        OpsGuard::Shared {
+            _shared: shared,
+            held: Some(held),
+            lock,
+            name: name.clone(),
+            names: &self.names,
+        }
+    }
+
+    /// How many top-level names have an operation in flight (their lock is kept).
+    #[cfg(test)]
+    pub(super) fn names_in_flight(&self) -> usize {
+        self.names.lock().map_or(usize::MAX, |m| m.len())
+    }
+
     /// Stops every process of the cell and its children: SIGTERM, grace, cgroup.kill.
     pub async fn stop(
         self: &Arc<Self>,
         name: &CellName,
         grace: Duration,
     ) -> Result<Arc<Cell>, WorkloadError> {
-        let _ops = self.ops.lock().await;
+        let _ops = self.lock_for(name).await;
         self.stop_locked(name, grace).await
     }
 
@@ -704,14 +740,14 @@ impl Cells {
 
     /// Kills what is left of the cell and its children and removes them.
     pub async fn free(self: &Arc<Self>, name: &CellName) -> Result<(), WorkloadError> {
-        let _ops = self.ops.lock().await;
+        let _ops = self.lock_for(name).await;
         self.free_locked(name).await
     }
 
     /// Frees `cell` if the registry still holds this very cell under its name (not one
     /// freed meanwhile and allocated again by someone else); `Ok` either way.
     pub async fn free_if_same(self: &Arc<Self>, cell: &Arc<Cell>) -> Result<(), WorkloadError> {
-        let _ops = self.ops.lock().await;
+        let _ops = self.lock_for(&cell.spec.name).await;
         match self.find(&cell.spec.name) {
             Ok(now) if Arc::ptr_eq(&now, cell) => self.free_locked(&cell.spec.name).await,
             _ => Ok(()),
@@ -777,7 +813,7 @@ impl Cells {
         // Every cell at once: one grace period in all (plus the kill), not one per cell.
         // Each top-level stop covers its whole family; free removes children first.
         {
-            let _ops = self.ops.lock().await;
+            let _ops = self.ops.write().await;
             let mut stops = tokio::task::JoinSet::new();
             for n in tops.clone() {
                 let me = self.clone();
@@ -826,6 +862,42 @@ pub(super) async fn watch_oom(cells: Arc<Cells>, cell: Arc<Cell>, tree: Arc<dyn 
                     now - before
                 ),
             );
+        }
+    }
+}
+
+/// What [`Cells::lock_for`] holds; dropping it forgets the name's lock when nobody else
+/// holds or waits for it.
+enum OpsGuard<'a> {
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+    Shared {
+        _shared: tokio::sync::RwLockReadGuard<'a, ()>,
+        held: Option<tokio::sync::OwnedMutexGuard<()>>,
+        lock: Arc<tokio::sync::Mutex<()>>,
+        name: CellName,
+        names: &'a Mutex<std::collections::HashMap<CellName, Arc<tokio::sync::Mutex<()>>>>,
+    },
+}
+
+impl Drop for OpsGuard<'_> {
+    fn drop(&mut self) {
+        if let OpsGuard::Shared {
+            held,
+            lock,
+            name,
+            names,
+            ..
+        } = self
+        {
+            drop(held.take());
+            let mut m = names
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The map's reference and ours: nobody else holds or waits for it (others
+            // take theirs under this map lock).
+            if Arc::strong_count(lock) == 2 {
+                m.remove(name);
+            }
         }
     }
 }

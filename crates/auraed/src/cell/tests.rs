@@ -537,3 +537,46 @@ async fn a_pool_left_by_a_previous_auraed_is_removed_and_size_zero_keeps_none() 
     assert_eq!(inits(&f), 1);
     assert_eq!(f.cells.pool().waiting(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_on_one_name_take_turns_others_run_at_once() {
+    let f = fixture();
+    // Eight allocations of one name at once: exactly one cell.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let c = f.cells.clone();
+        set.spawn(async move { c.allocate(cell("same")).await.is_ok() });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        ok += usize::from(r.unwrap());
+    }
+    assert_eq!(ok, 1);
+    // Different names, and frees, and nested cells, all at once: every one done.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let c = f.cells.clone();
+        set.spawn(async move {
+            let top = format!("n{i}");
+            c.allocate(cell(&top)).await?;
+            c.allocate(cell(&format!("{top}/kid"))).await?;
+            c.free(&CellName::parse("n", &top).unwrap()).await?;
+            c.allocate(cell(&top)).await.map(|_| ())
+        });
+    }
+    let frees = f.cells.clone();
+    set.spawn(async move { frees.free(&CellName::parse("n", "same").unwrap()).await });
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let names: Vec<String> = f
+        .cells
+        .list(|_| true)
+        .iter()
+        .map(|c| c.spec.name.to_string())
+        .collect();
+    assert_eq!(names, ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7"]);
+    assert_eq!(f.cells.names_in_flight(), 0, "no name lock is kept");
+    f.cells.shutdown(Duration::ZERO).await;
+    assert!(f.cells.list(|_| true).is_empty());
+}
