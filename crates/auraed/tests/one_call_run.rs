@@ -391,3 +391,98 @@ async fn bad_run_options_name_the_field() {
     // Nothing was made by any of them.
     assert!(!cell_exists(&c, "a").await);
 }
+
+/// Eight clients running one-call cells at once while two more fight over one name
+/// (allocate, free, allocate…): every run exits 0, the fight ends with the name either
+/// free or one cell, and nothing else is left (cgroups, records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_at_once_leave_nothing() {
+    let Some((d, c)) = daemon("many_clients_at_once_leave_nothing").await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for k in 0..8 {
+        let c = d.client("admin").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..12 {
+                let st = c
+                    .runtime()
+                    .run_cell(plain_cell(
+                        &format!("w{k}-{i}"),
+                        "echo $(hostname)",
+                        run(true, true, true, None),
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let e = &st.executables[0];
+                assert_eq!(
+                    stream_text(&e.output, pb::LogStream::Stdout),
+                    format!("w{k}-{i}\n")
+                );
+                ok += usize::from(code(e) == Some(0));
+            }
+            ok
+        }));
+    }
+    let mut fights = Vec::new();
+    for _ in 0..2 {
+        let c = d.client("admin").await.unwrap();
+        fights.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                let _ = c
+                    .cells()
+                    .allocate(pb::Cell {
+                        name: "contested".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                let _ = c
+                    .cells()
+                    .free(pb::NameRef {
+                        name: "contested".into(),
+                    })
+                    .await;
+            }
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    for f in fights {
+        f.await.unwrap();
+    }
+    assert_eq!(ok, 96, "every run exited 0");
+    let left: Vec<String> = c
+        .cells()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+        .into_iter()
+        .map(|c| c.name)
+        .filter(|n| n != "contested")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = c
+        .cells()
+        .free(pb::NameRef {
+            name: "contested".into(),
+        })
+        .await;
+    let root = d.cgroup.clone().unwrap();
+    let dirs: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir() && e.file_name() != "cell-pool")
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(dirs.is_empty(), "cgroups left: {dirs:?}");
+    let records = std::fs::read_dir(d.dir.path().join("state/store/cell"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(records, 0, "cell records left");
+}
