@@ -305,6 +305,33 @@ async fn guest_tier_limits_and_pid1_duties() {
         "{out:?}"
     );
 
+    // As PID 1 auraed mounts cgroup2 with favordynmods, so the pool of spare cell inits
+    // is on by default (two spares wait in its group, refilled after "pin" took one), and
+    // the pooled "pin" got its cpuset above like any cell.
+    c.cells()
+        .allocate(pb::Cell {
+            name: "hostview".into(),
+            namespaces: Some(pb::CellNamespaces {
+                share_host_mount: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (_, out) = run_wait(
+        &c,
+        sh(
+            "hostview",
+            "pool",
+            "grep -o favordynmods /proc/self/mountinfo | head -n 1; \
+             for i in $(seq 100); do n=$(wc -l < /sys/fs/cgroup/cells/cell-pool/_procs/cgroup.procs); \
+             [ \"$n\" = 2 ] && break; sleep 0.1; done; echo spares=$n",
+        ),
+    )
+    .await;
+    assert_eq!(out, "favordynmods\nspares=2\n", "{out:?}");
+
     // A child may only narrow its parent's limits.
     cell(
         &c,
