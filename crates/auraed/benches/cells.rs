@@ -49,16 +49,7 @@ async fn cells_per_second(d: &Daemon, n: usize, span: Duration) -> f64 {
                 i += 1;
                 let ok = c
                     .runtime()
-                    .run_cell(pb::Cell {
-                        name: format!("tp{n}-{k}-{i}"),
-                        executable: Some(pb::Executable {
-                            name: "t".into(),
-                            argv: vec!["/bin/true".into()],
-                            ..Default::default()
-                        }),
-                        run: Some(one_call()),
-                        ..Default::default()
-                    })
+                    .run_cell(one_call_true(format!("tp{n}-{k}-{i}")))
                     .await
                     .is_ok_and(|r| exited_zero(r.get_ref()));
                 done += u32::from(ok);
@@ -109,6 +100,20 @@ fn one_call() -> pb::RunOptions {
     pb::RunOptions {
         wait: true,
         remove: true,
+        ..Default::default()
+    }
+}
+
+/// A new cell `name` running `/bin/true` in one call.
+fn one_call_true(name: String) -> pb::Cell {
+    pb::Cell {
+        name,
+        executable: Some(pb::Executable {
+            name: "t".into(),
+            argv: vec!["/bin/true".into()],
+            ..Default::default()
+        }),
+        run: Some(one_call()),
         ..Default::default()
     }
 }
@@ -476,16 +481,7 @@ async fn run() {
         let t = Instant::now();
         let ok = c
             .runtime()
-            .run_cell(pb::Cell {
-                name: format!("o{i}"),
-                executable: Some(pb::Executable {
-                    name: "t".into(),
-                    argv: vec!["/bin/true".into()],
-                    ..Default::default()
-                }),
-                run: Some(one_call()),
-                ..Default::default()
-            })
+            .run_cell(one_call_true(format!("o{i}")))
             .await
             .is_ok_and(|r| exited_zero(r.get_ref()));
         let dt = t.elapsed();

@@ -117,10 +117,7 @@ impl RuntimeApi {
         let mut demand = Demand::cell(caller, &spec);
         demand.executables = 1;
         let admitted = self.ctx.quotas.admit(caller, demand).await?;
-        let options = crate::compose::run_cell::Options {
-            allow_new_privileges: caller.grant.allow_new_privileges,
-            allow_mixed_cell: caller.grant.allow_host_namespaces,
-        };
+        let options = run_cell_options(caller);
         let (cell, exe) = crate::compose::run_cell::run_cell(
             &self.ctx.cells,
             spec,
@@ -154,6 +151,14 @@ impl RuntimeApi {
             }
         }
         Ok(Response::new(status))
+    }
+}
+
+/// What the caller's grant allows RunCell's workload (never from the request).
+fn run_cell_options(caller: &Caller) -> crate::compose::run_cell::Options {
+    crate::compose::run_cell::Options {
+        allow_new_privileges: caller.grant.allow_new_privileges,
+        allow_mixed_cell: caller.grant.allow_host_namespaces,
     }
 }
 
@@ -336,10 +341,7 @@ impl Runtime for RuntimeApi {
             Some(plan.process.gid),
             spec.name.as_str(),
         )?;
-        let options = crate::compose::run_cell::Options {
-            allow_new_privileges: caller.grant.allow_new_privileges,
-            allow_mixed_cell: caller.grant.allow_host_namespaces,
-        };
+        let options = run_cell_options(&caller);
         let (cell, exe) = crate::compose::run_cell::run_cell(
             &self.ctx.cells,
             spec,
