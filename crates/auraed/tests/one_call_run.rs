@@ -486,3 +486,84 @@ async fn many_clients_at_once_leave_nothing() {
         .unwrap_or(0);
     assert_eq!(records, 0, "cell records left");
 }
+
+/// `remove` survives a crash of auraed: what a run call asked to free is recorded, and the
+/// restarted auraed frees it at its end — also when it ended while auraed was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_is_done_by_a_restarted_auraed() {
+    let Some((mut d, c)) = daemon("remove_is_done_by_a_restarted_auraed").await else {
+        return;
+    };
+    c.cells()
+        .allocate(pb::Cell {
+            name: "keep".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Ends after the restart: a cell, and an executable in a kept cell.
+    c.runtime()
+        .run_cell(plain_cell(
+            "later",
+            "sleep 2",
+            run(false, true, false, None),
+        ))
+        .await
+        .unwrap();
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "keep".into(),
+            name: "later".into(),
+            argv: sh("sleep 2"),
+            run: run(false, true, false, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Ends while auraed is down.
+    c.runtime()
+        .run_cell(plain_cell(
+            "down",
+            "sleep 0.3",
+            run(false, true, false, None),
+        ))
+        .await
+        .unwrap();
+    // A plain one without remove: kept.
+    c.runtime()
+        .run_cell(plain_cell(
+            "plain",
+            "sleep 0.3",
+            run(false, false, false, None),
+        ))
+        .await
+        .unwrap();
+    drop(c);
+    d.crash_and_restart_after(Duration::from_secs(1))
+        .await
+        .unwrap();
+    let c = d.client("admin").await.unwrap();
+    assert!(
+        gone_within(&c, "down", Duration::from_secs(5)).await,
+        "ended while down"
+    );
+    assert!(
+        cell_exists(&c, "later").await,
+        "still running after the restart"
+    );
+    assert!(
+        gone_within(&c, "later", Duration::from_secs(8)).await,
+        "freed at its end"
+    );
+    let r = aurae_testkit::workload::exe_ref("keep", "later");
+    let end = std::time::Instant::now() + Duration::from_secs(8);
+    while c.executables().get(r.clone()).await.is_ok() && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.executables().get(r).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert!(cell_exists(&c, "keep").await);
+    assert!(cell_exists(&c, "plain").await, "no remove asked: kept");
+}

@@ -8,7 +8,7 @@ use crate::{
     cell::CellSpec,
     compose::{
         run_cell::Workload,
-        run_to_end::{self, Made, RunOptions},
+        run_to_end::{self, RunOptions},
     },
     container::{ContainerSpec, Plan},
     executable::ExecutableSpec,
@@ -137,8 +137,14 @@ impl RuntimeApi {
         exe: std::sync::Arc<crate::executable::Executable>,
         run: RunOptions,
     ) -> Result<Response<pb::CellStatus>, Status> {
-        let ended =
-            run_to_end::follow(&self.ctx.cells, exe.clone(), Made::Cell(cell.clone()), run).await;
+        let ended = run_to_end::follow(
+            &self.ctx.cells,
+            exe.clone(),
+            Some(cell.clone()),
+            crate::executable::FreeOnExit::Cell,
+            run,
+        )
+        .await;
         timed_out(&exe, run, ended)?;
         let mut status = convert::cell(&cell);
         if run.wait && run.output {
@@ -292,7 +298,14 @@ impl Runtime for RuntimeApi {
         authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
         let exe = self.ctx.cells.run(spec, plan).await?;
         drop(admitted);
-        let ended = run_to_end::follow(&self.ctx.cells, exe.clone(), Made::Executable, run).await;
+        let ended = run_to_end::follow(
+            &self.ctx.cells,
+            exe.clone(),
+            None,
+            crate::executable::FreeOnExit::Executable,
+            run,
+        )
+        .await;
         timed_out(&exe, run, ended)?;
         let mut status = convert::executable(&exe);
         if run.wait && run.output {

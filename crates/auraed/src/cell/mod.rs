@@ -8,6 +8,7 @@ pub mod registry;
 mod run;
 pub mod spec;
 mod state;
+pub mod when_ended;
 
 pub use registry::{CellStats, Cells, Usage};
 pub use spec::{CellSpec, Limits, Namespaces};

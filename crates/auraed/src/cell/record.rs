@@ -113,6 +113,9 @@ pub struct ExecutableRecord {
     /// Where its output pipes are held (none: they did not survive the crash).
     #[serde(default)]
     pub output: Option<HeldOutput>,
+    /// What is freed once it has ended (a run call's `remove`), if anything.
+    #[serde(default)]
+    pub free_on_exit: Option<crate::executable::FreeOnExit>,
 }
 
 /// The store key of an executable: `cell/name` (its own kind directory, so it never
@@ -181,6 +184,7 @@ impl Executable {
             container: self.container_record.clone(),
             exit: self.state.borrow().exit.as_ref().map(ExitRecord::from),
             output: self.held.clone(),
+            free_on_exit: self.free_on_exit.lock().ok().and_then(|f| *f),
         }
     }
 }
@@ -308,6 +312,13 @@ impl Cells {
             if let Ok(mut c) = self.cells.lock() {
                 c.insert(name.clone(), cell.clone());
             }
+            // Run calls' `remove` that the previous auraed had not done yet.
+            for exe in cell.executables() {
+                let free = exe.free_on_exit.lock().ok().and_then(|f| *f);
+                if let Some(free) = free {
+                    drop(self.when_ended(exe, Some(free), Some(cell.clone())));
+                }
+            }
             if tree.controllers().iter().any(|c| c == "memory") {
                 tokio::spawn(super::registry::watch_oom(
                     self.clone(),
@@ -405,6 +416,7 @@ impl Cells {
                 exit,
             })
             .0,
+            free_on_exit: std::sync::Mutex::new(r.free_on_exit),
         });
         let id = executable_key(&r.cell, &r.name);
         if ended {

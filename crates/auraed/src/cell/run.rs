@@ -219,6 +219,7 @@ impl Cells {
                 exit: None,
             })
             .0,
+            free_on_exit: Default::default(),
         });
         // The cell may have been stopped or freed while the child started: then the child
         // goes (it was born in a cgroup being killed) and the start fails.

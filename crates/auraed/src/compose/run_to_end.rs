@@ -2,20 +2,17 @@
 //! for the process's end and its output, and free what the call made — the executable or
 //! the whole cell — however the call ends.
 //!
-//! The waiting and freeing run in a task of their own: a caller that goes away, or a
-//! wait that times out, changes nothing about what happens to the process and its
-//! removal. The caller only waits (bounded) for that task to report.
+//! The waiting and freeing run in a task of the cell layer's ([`Cells::when_ended`]),
+//! recorded with the executable: a caller that goes away, a wait that times out or an
+//! auraed restart changes nothing about the process and its removal. The caller only
+//! waits (bounded) for that task to report.
 
 use std::{sync::Arc, time::Duration};
 
 use crate::{
     cell::{Cell, Cells},
-    executable::Executable,
+    executable::{Executable, FreeOnExit},
 };
-
-/// How long after the process's end its output may still arrive (children that keep its
-/// stdout or stderr open) before the reply is made without it.
-pub const OUTPUT_SETTLE: Duration = Duration::from_secs(2);
 
 /// What a run call asked for (validated).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,15 +34,6 @@ impl RunOptions {
     }
 }
 
-/// What `remove` frees.
-#[derive(Debug, Clone)]
-pub enum Made {
-    /// RunExecutable: the executable (its cell stays).
-    Executable,
-    /// RunCell: the whole cell.
-    Cell(Arc<Cell>),
-}
-
 /// How a waited run call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -55,52 +43,33 @@ pub enum Ended {
     TimedOut(Duration),
 }
 
-/// After a run call started `exe`: follows it to its end in a task of its own (waits
-/// for its output, frees `made` with `remove`). With `wait`, resolves once that is
-/// done, or at the timeout; without, at once.
+/// After a run call started `exe` (in `cell`, for RunCell): with `remove`, `free` goes once
+/// it has ended
+/// (done by the cell layer in a task of its own, recorded: see
+/// [`crate::cell::when_ended`]); with `wait`, resolves once that is done, or at the
+/// timeout; otherwise at once.
 pub async fn follow(
     cells: &Arc<Cells>,
     exe: Arc<Executable>,
-    made: Made,
+    cell: Option<Arc<Cell>>,
+    free: FreeOnExit,
     opts: RunOptions,
 ) -> Ended {
     if !opts.follows() {
         return Ended::Done;
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let cells = cells.clone();
-    tokio::spawn(async move {
-        exe.wait(None).await;
-        settle_output(&exe).await;
-        if opts.remove {
-            let freed = match &made {
-                Made::Executable => cells.free_executable_if_same(&exe),
-                Made::Cell(cell) => cells.free_if_same(cell).await,
-            };
-            if let Err(e) = freed {
-                tracing::warn!(executable = %format!("{}/{}", exe.cell, exe.name), "freeing after the run (run.remove): {e}");
-            }
-        }
-        let _ = tx.send(());
-    });
+    let done = cells.when_ended(exe, opts.remove.then_some(free), cell);
     if !opts.wait {
         return Ended::Done;
     }
     match opts.timeout {
-        Some(t) => match tokio::time::timeout(t, rx).await {
+        Some(t) => match tokio::time::timeout(t, done).await {
             Ok(_) => Ended::Done,
             Err(_) => Ended::TimedOut(t),
         },
         None => {
-            let _ = rx.await;
+            let _ = done.await;
             Ended::Done
         }
     }
-}
-
-/// Waits until the executable's output has ended (its pipes reached EOF), at most
-/// [`OUTPUT_SETTLE`].
-async fn settle_output(exe: &Executable) {
-    let mut updates = exe.log.subscribe();
-    let _ = tokio::time::timeout(OUTPUT_SETTLE, updates.wait_for(|(_, closed)| *closed)).await;
 }

@@ -45,6 +45,17 @@ pub struct ContainerRecord {
     pub layers: Vec<String>,
 }
 
+/// What is freed once an executable has ended (a run call's `remove`): recorded with it,
+/// so a restarted auraed frees it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreeOnExit {
+    /// The executable (its cell stays).
+    Executable,
+    /// Its whole cell.
+    Cell,
+}
+
 /// A started process of a cell.
 #[derive(Debug)]
 pub struct Executable {
@@ -69,6 +80,8 @@ pub struct Executable {
     pub started_at: SystemTime,
     pub log: Arc<Log>,
     pub state: watch::Sender<State>,
+    /// What goes once it has ended, if anything (see [`FreeOnExit`]).
+    pub free_on_exit: std::sync::Mutex<Option<FreeOnExit>>,
 }
 
 impl Executable {

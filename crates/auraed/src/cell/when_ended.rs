@@ -1,0 +1,58 @@
+//! Following an executable to its end and freeing what a run call made (`RunOptions.remove`:
+//! the executable or its whole cell) — in a task of its own, so nobody waiting or going
+//! away changes it, and recorded first, so a restarted auraed finishes it too (see
+//! [`super::record`]).
+
+use std::{sync::Arc, time::Duration};
+
+use tracing::warn;
+
+use super::{registry::Cells, state::Cell};
+use crate::executable::{Executable, FreeOnExit};
+
+/// How long after the process's end its output may still arrive (children that keep its
+/// stdout or stderr open) before it is taken as complete.
+pub const OUTPUT_SETTLE: Duration = Duration::from_secs(2);
+
+impl Cells {
+    /// Once `exe` (of `cell`, needed to free the whole cell) has ended and its output is in (at most [`OUTPUT_SETTLE`]
+    /// after its end), frees `free` — the executable, or the whole cell — if the registry
+    /// still holds that very one (never a name freed and used again by someone else). The
+    /// receiver resolves once that is done (with `free` `None`: once it ended and its
+    /// output is in).
+    pub fn when_ended(
+        self: &Arc<Self>,
+        exe: Arc<Executable>,
+        free: Option<FreeOnExit>,
+        cell: Option<Arc<Cell>>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        if let Some(f) = free
+            && let Ok(mut slot) = exe.free_on_exit.lock()
+            && slot.replace(f) != Some(f)
+        {
+            drop(slot);
+            self.recorder.executable(&exe.record());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        tokio::spawn(async move {
+            exe.wait(None).await;
+            let mut updates = exe.log.subscribe();
+            let _ =
+                tokio::time::timeout(OUTPUT_SETTLE, updates.wait_for(|(_, closed)| *closed)).await;
+            let freed = match free {
+                None => Ok(()),
+                Some(FreeOnExit::Executable) => me.free_executable_if_same(&exe),
+                Some(FreeOnExit::Cell) => match &cell {
+                    Some(c) => me.free_if_same(c).await,
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = freed {
+                warn!(executable = %format!("{}/{}", exe.cell, exe.name), "freeing it at its end (run.remove): {e}");
+            }
+            let _ = tx.send(());
+        });
+        rx
+    }
+}
