@@ -529,6 +529,22 @@ async fn remove_is_done_by_a_restarted_auraed() {
         ))
         .await
         .unwrap();
+    // One with a nested cell: freed whole once the restarted auraed has both back.
+    c.runtime()
+        .run_cell(plain_cell(
+            "parent",
+            "sleep 0.3",
+            run(false, true, false, None),
+        ))
+        .await
+        .unwrap();
+    c.cells()
+        .allocate(pb::Cell {
+            name: "parent/kid".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // A plain one without remove: kept.
     c.runtime()
         .run_cell(plain_cell(
@@ -548,6 +564,11 @@ async fn remove_is_done_by_a_restarted_auraed() {
         "ended while down"
     );
     assert!(
+        gone_within(&c, "parent", Duration::from_secs(5)).await,
+        "with its child"
+    );
+    assert!(!cell_exists(&c, "parent/kid").await);
+    assert!(
         cell_exists(&c, "later").await,
         "still running after the restart"
     );
@@ -566,4 +587,77 @@ async fn remove_is_done_by_a_restarted_auraed() {
     );
     assert!(cell_exists(&c, "keep").await);
     assert!(cell_exists(&c, "plain").await, "no remove asked: kept");
+}
+
+/// Calls cut off by the caller at any moment (1–20 ms deadlines) leave nothing half made:
+/// a one-call `remove` run is gone at its end, and every cell an allocation made is listed
+/// (its cgroup is a listed cell's), so nothing is left that nobody can see or free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cut_off_at_any_moment_leave_nothing_half_made() {
+    let Some((d, c)) = daemon("calls_cut_off_at_any_moment_leave_nothing_half_made").await else {
+        return;
+    };
+    for i in 0..30u64 {
+        let cut = Duration::from_millis(1 + i % 20);
+        let mut rt = c.runtime();
+        let _ = tokio::time::timeout(
+            cut,
+            rt.run_cell(plain_cell(
+                &format!("r{i}"),
+                "true",
+                run(true, true, true, None),
+            )),
+        )
+        .await;
+        let mut cells = c.cells();
+        let _ = tokio::time::timeout(
+            cut,
+            cells.allocate(pb::Cell {
+                name: format!("a{i}"),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let listed: Vec<String> = c
+        .cells()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(
+        listed.iter().all(|n| n.starts_with('a')),
+        "one-call cells left: {listed:?}"
+    );
+    let root = d.cgroup.clone().unwrap();
+    let mut dirs: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir() && e.file_name() != "cell-pool")
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(dirs, sorted, "a cgroup nobody lists");
+    // Every name is usable: a listed one frees, an unlisted one allocates.
+    for i in 0..30 {
+        let name = format!("a{i}");
+        if listed.contains(&name) {
+            c.cells().free(pb::NameRef { name }).await.unwrap();
+        } else {
+            c.cells()
+                .allocate(pb::Cell {
+                    name,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
 }

@@ -118,46 +118,36 @@ impl RuntimeApi {
         demand.executables = 1;
         let admitted = self.ctx.quotas.admit(caller, demand).await?;
         let options = run_cell_options(caller);
-        let (cell, exe) = crate::compose::run_cell::run_cell(
-            &self.ctx.cells,
-            spec,
-            Workload::Process(exe),
-            options,
-        )
-        .await?;
+        let started =
+            run_to_end::run_cell(&self.ctx.cells, spec, Workload::Process(exe), options, run)
+                .await?;
         drop(admitted);
-        self.finish_run_cell(cell, exe, run).await
+        finish_run_cell(started, run)
     }
+}
 
-    /// The reply to RunCell once its workload started: at once, or (`run.wait`) once it
-    /// ended and (`run.remove`) the cell is freed.
-    async fn finish_run_cell(
-        &self,
-        cell: std::sync::Arc<crate::cell::Cell>,
-        exe: std::sync::Arc<crate::executable::Executable>,
-        run: RunOptions,
-    ) -> Result<Response<pb::CellStatus>, Status> {
-        let ended = run_to_end::follow(
-            &self.ctx.cells,
-            exe.clone(),
-            Some(cell.clone()),
-            crate::executable::FreeOnExit::Cell,
-            run,
-        )
-        .await;
-        timed_out(&exe, run, ended)?;
-        let mut status = convert::cell(&cell);
-        if run.wait && run.output {
-            for s in status
-                .executables
-                .iter_mut()
-                .filter(|s| s.name == exe.name.as_str())
-            {
-                s.output = convert::output(&exe);
-            }
+/// The reply to RunCell once its workload started: at once, or (`run.wait`) once it
+/// ended and (`run.remove`) the cell is freed.
+fn finish_run_cell(
+    (cell, exe, ended): (
+        std::sync::Arc<crate::cell::Cell>,
+        std::sync::Arc<crate::executable::Executable>,
+        run_to_end::Ended,
+    ),
+    run: RunOptions,
+) -> Result<Response<pb::CellStatus>, Status> {
+    timed_out(&exe, run, ended)?;
+    let mut status = convert::cell(&cell);
+    if run.wait && run.output {
+        for s in status
+            .executables
+            .iter_mut()
+            .filter(|s| s.name == exe.name.as_str())
+        {
+            s.output = convert::output(&exe);
         }
-        Ok(Response::new(status))
     }
+    Ok(Response::new(status))
 }
 
 /// What the caller's grant allows RunCell's workload (never from the request).
@@ -165,6 +155,7 @@ fn run_cell_options(caller: &Caller) -> crate::compose::run_cell::Options {
     crate::compose::run_cell::Options {
         allow_new_privileges: caller.grant.allow_new_privileges,
         allow_mixed_cell: caller.grant.allow_host_namespaces,
+        free_on_exit: None,
     }
 }
 
@@ -296,16 +287,8 @@ impl Runtime for RuntimeApi {
         }
         // What the process will really run as (the image's user included).
         authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
-        let exe = self.ctx.cells.run(spec, plan).await?;
+        let (exe, ended) = run_to_end::run_executable(&self.ctx.cells, spec, plan, run).await?;
         drop(admitted);
-        let ended = run_to_end::follow(
-            &self.ctx.cells,
-            exe.clone(),
-            None,
-            crate::executable::FreeOnExit::Executable,
-            run,
-        )
-        .await;
         timed_out(&exe, run, ended)?;
         let mut status = convert::executable(&exe);
         if run.wait && run.output {
@@ -355,16 +338,17 @@ impl Runtime for RuntimeApi {
             spec.name.as_str(),
         )?;
         let options = run_cell_options(&caller);
-        let (cell, exe) = crate::compose::run_cell::run_cell(
+        let started = run_to_end::run_cell(
             &self.ctx.cells,
             spec,
             Workload::Container(container, Box::new(plan)),
             options,
+            run,
         )
         .await?;
         drop(admitted);
         tracing::debug!(plan_us = t_plan.as_micros() as u64, "RunCell plan timing");
-        self.finish_run_cell(cell, exe, run).await
+        finish_run_cell(started, run)
     }
 
     async fn run_virtual_machine(

@@ -68,11 +68,11 @@ pub(super) fn run_options(
     Ok(crate::compose::run_to_end::RunOptions {
         wait: r.wait,
         remove: r.remove,
-        timeout: r
-            .timeout
-            .as_ref()
-            .map(|t| grace("run.timeout", Some(t)))
-            .transpose()?,
+        // Unset: the most, 10 minutes — within the server's bound on any call (11).
+        timeout: match &r.timeout {
+            Some(t) => Some(grace("run.timeout", Some(t))?),
+            None => r.wait.then_some(MAX_GRACE),
+        },
         output: r.output,
     })
 }

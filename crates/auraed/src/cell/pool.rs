@@ -205,6 +205,15 @@ impl Cells {
             }
         });
         let Ok(group) = pool_group() else { return };
+        if self.find(&group).is_ok() {
+            // A cell of that name from before it was reserved, re-adopted: it is left
+            // alone, and no pool is kept until it is freed and auraed restarts.
+            warn!(
+                "a cell is named {POOL_GROUP:?} (made before the name was reserved for the \
+                 pool of spare cell inits): no pool while it exists"
+            );
+            return;
+        }
         if tree.exists(&group) {
             // Its spares read EOF when the previous auraed went and exited; whatever is
             // left goes now.

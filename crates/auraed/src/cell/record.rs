@@ -217,6 +217,7 @@ impl Cells {
         out.warnings.extend(cells.quarantined);
         out.warnings.extend(exes.quarantined);
         let mut by_cell: BTreeMap<String, Vec<ExecutableRecord>> = BTreeMap::new();
+        let mut to_free = Vec::new();
         for (_, r) in exes.records {
             by_cell.entry(r.cell.to_string()).or_default().push(r);
         }
@@ -312,11 +313,11 @@ impl Cells {
             if let Ok(mut c) = self.cells.lock() {
                 c.insert(name.clone(), cell.clone());
             }
-            // Run calls' `remove` that the previous auraed had not done yet.
+            // Run calls' `remove` that the previous auraed had not done yet: started once
+            // every cell is back (a parent's free needs its children registered).
             for exe in cell.executables() {
-                let free = exe.free_on_exit.lock().ok().and_then(|f| *f);
-                if let Some(free) = free {
-                    drop(self.when_ended(exe, Some(free), Some(cell.clone())));
+                if exe.free_on_exit.lock().ok().and_then(|f| *f).is_some() {
+                    to_free.push((exe, cell.clone()));
                 }
             }
             if tree.controllers().iter().any(|c| c == "memory") {
@@ -328,6 +329,9 @@ impl Cells {
             }
             info!(cell = %name, "cell re-adopted after a restart");
             out.cells.insert(name.to_string());
+        }
+        for (exe, cell) in to_free {
+            drop(self.when_ended(exe, Some(cell)));
         }
         for (cell, rs) in by_cell {
             for r in rs {

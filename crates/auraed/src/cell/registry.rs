@@ -326,8 +326,14 @@ impl Cells {
         u
     }
 
-    /// Creates a cell: cgroup, limits, namespaces (its init).
+    /// Creates a cell: cgroup, limits, namespaces (its init). In a task of its own: a caller
+    /// that goes away cannot leave half a cell (a cgroup and an init nobody lists).
     pub async fn allocate(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
+        let me = self.clone();
+        detached(async move { me.allocate_here(spec).await }).await
+    }
+
+    async fn allocate_here(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
         let tree = self.tree()?;
         if spec.namespaces.user_namespace {
             return Err(WorkloadError::Precondition(
@@ -691,8 +697,12 @@ impl Cells {
         name: &CellName,
         grace: Duration,
     ) -> Result<Arc<Cell>, WorkloadError> {
-        let _ops = self.lock_for(name).await;
-        self.stop_locked(name, grace).await
+        let (me, name) = (self.clone(), name.clone());
+        detached(async move {
+            let _ops = me.lock_for(&name).await;
+            me.stop_locked(&name, grace).await
+        })
+        .await
     }
 
     async fn stop_locked(
@@ -740,8 +750,12 @@ impl Cells {
 
     /// Kills what is left of the cell and its children and removes them.
     pub async fn free(self: &Arc<Self>, name: &CellName) -> Result<(), WorkloadError> {
-        let _ops = self.lock_for(name).await;
-        self.free_locked(name).await
+        let (me, name) = (self.clone(), name.clone());
+        detached(async move {
+            let _ops = me.lock_for(&name).await;
+            me.free_locked(&name).await
+        })
+        .await
     }
 
     /// Frees `cell` if the registry still holds this very cell under its name (not one
@@ -864,6 +878,16 @@ pub(super) async fn watch_oom(cells: Arc<Cells>, cell: Arc<Cell>, tree: Arc<dyn 
             );
         }
     }
+}
+
+/// Runs a cell operation in a task of its own, so that the caller going away (a cancelled
+/// call) cannot stop it halfway.
+pub(super) async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, WorkloadError>> + Send + 'static,
+) -> Result<T, WorkloadError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| WorkloadError::Precondition(format!("cell operation task: {e}")))?
 }
 
 /// What [`Cells::lock_for`] holds; dropping it forgets the name's lock when nobody else

@@ -14,7 +14,10 @@ use aurae_sys::{ExitStatus, Namespaces as Ns, SpawnError, SpawnRequest, spawn::P
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::registry::{Cells, MAX_EXECUTABLES};
+use super::{
+    registry::{Cells, MAX_EXECUTABLES},
+    state::Cell,
+};
 use crate::{
     events::EventBus,
     executable::{self, Executable, ExecutableSpec, Exit, Prepared, State},
@@ -30,11 +33,35 @@ use crate::{
 
 impl Cells {
     /// Starts an executable in its cell; with a `container` plan (already applied to
-    /// `spec`), in a container root of its own.
+    /// `spec`), in a container root of its own. In a task of its own: a caller that goes
+    /// away cannot leave a process started but not supervised.
     pub async fn run(
         self: &Arc<Self>,
         spec: ExecutableSpec,
         container: Option<crate::container::Plan>,
+    ) -> Result<Arc<Executable>, WorkloadError> {
+        let me = self.clone();
+        super::registry::detached(async move { me.run_checked(spec, container, None).await }).await
+    }
+
+    /// [`Cells::run`] in the cell `cell` itself: refused if its name now names another
+    /// cell (freed and allocated again meanwhile).
+    pub async fn run_in(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        spec: ExecutableSpec,
+        container: Option<crate::container::Plan>,
+    ) -> Result<Arc<Executable>, WorkloadError> {
+        let (me, cell) = (self.clone(), cell.clone());
+        super::registry::detached(async move { me.run_checked(spec, container, Some(cell)).await })
+            .await
+    }
+
+    async fn run_checked(
+        self: &Arc<Self>,
+        spec: ExecutableSpec,
+        container: Option<crate::container::Plan>,
+        expected: Option<Arc<Cell>>,
     ) -> Result<Arc<Executable>, WorkloadError> {
         if spec.container.is_some() != container.is_some() {
             return Err(WorkloadError::Precondition(
@@ -50,6 +77,12 @@ impl Cells {
                 spec.cell.as_str()
             ))
         })?;
+        if expected.as_ref().is_some_and(|e| !Arc::ptr_eq(e, &cell)) {
+            return Err(WorkloadError::Precondition(format!(
+                "cell {:?} was freed and allocated again by someone else meanwhile",
+                spec.cell.as_str()
+            )));
+        }
         if cell.phase() != Phase::Running {
             return Err(WorkloadError::Precondition(format!(
                 "cell {:?} is not running; free it and allocate it again",
@@ -219,7 +252,7 @@ impl Cells {
                 exit: None,
             })
             .0,
-            free_on_exit: Default::default(),
+            free_on_exit: std::sync::Mutex::new(spec.free_on_exit),
         });
         // The cell may have been stopped or freed while the child started: then the child
         // goes (it was born in a cgroup being killed) and the start fails.
@@ -398,16 +431,18 @@ impl Cells {
         let Ok(cell) = self.find(&exe.cell) else {
             return Ok(());
         };
-        let removed = cell.inner.lock().is_ok_and(|mut inner| {
+        if let Ok(mut inner) = cell.inner.lock() {
             let same = inner
                 .executables
                 .get(&exe.name)
                 .is_some_and(|now| Arc::ptr_eq(now, exe) && now.exited());
-            same && inner.executables.remove(&exe.name).is_some()
-        });
-        if removed {
-            let _ = exe.log.remove_files();
-            self.recorder.forget_executable(&exe.cell, &exe.name);
+            if same {
+                inner.executables.remove(&exe.name);
+                // Under the cell's lock: a new executable of this name cannot start (and
+                // lose its log and record to this) before they are gone.
+                let _ = exe.log.remove_files();
+                self.recorder.forget_executable(&exe.cell, &exe.name);
+            }
         }
         Ok(())
     }
@@ -425,9 +460,10 @@ impl Cells {
         let cell = self.find(&r.cell)?;
         if let Ok(mut inner) = cell.inner.lock() {
             inner.executables.remove(&r.name);
+            // Under the cell's lock (see free_executable_if_same).
+            let _ = exe.log.remove_files();
+            self.recorder.forget_executable(&r.cell, &r.name);
         }
-        let _ = exe.log.remove_files();
-        self.recorder.forget_executable(&r.cell, &r.name);
         Ok(())
     }
 }

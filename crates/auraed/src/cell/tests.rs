@@ -87,6 +87,7 @@ fn exe(cell: &str, name: &str, argv: &[&str], uid: Option<u32>) -> ExecutableSpe
         stdin: Vec::new(),
         allow_new_privileges: false,
         allow_mixed_cell: false,
+        free_on_exit: None,
         container: None,
     }
 }

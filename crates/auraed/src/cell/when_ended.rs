@@ -1,6 +1,7 @@
 //! Following an executable to its end and freeing what a run call made (`RunOptions.remove`:
 //! the executable or its whole cell) — in a task of its own, so nobody waiting or going
-//! away changes it, and recorded first, so a restarted auraed finishes it too (see
+//! away changes it. What is to be freed is recorded with the executable from its first
+//! record on (`ExecutableSpec::free_on_exit`), so a restarted auraed finishes it too (see
 //! [`super::record`]).
 
 use std::{sync::Arc, time::Duration};
@@ -15,24 +16,18 @@ use crate::executable::{Executable, FreeOnExit};
 pub const OUTPUT_SETTLE: Duration = Duration::from_secs(2);
 
 impl Cells {
-    /// Once `exe` (of `cell`, needed to free the whole cell) has ended and its output is in (at most [`OUTPUT_SETTLE`]
-    /// after its end), frees `free` — the executable, or the whole cell — if the registry
+    /// Once `exe` (of `cell`, needed to free the whole cell) has ended and its output is in
+    /// (at most [`OUTPUT_SETTLE`] after its end), frees what its `free_on_exit` names — the
+    /// executable, or the whole cell — if the registry
     /// still holds that very one (never a name freed and used again by someone else). The
-    /// receiver resolves once that is done (with `free` `None`: once it ended and its
+    /// receiver resolves once that is done (with nothing to free: once it ended and its
     /// output is in).
     pub fn when_ended(
         self: &Arc<Self>,
         exe: Arc<Executable>,
-        free: Option<FreeOnExit>,
         cell: Option<Arc<Cell>>,
     ) -> tokio::sync::oneshot::Receiver<()> {
-        if let Some(f) = free
-            && let Ok(mut slot) = exe.free_on_exit.lock()
-            && slot.replace(f) != Some(f)
-        {
-            drop(slot);
-            self.recorder.executable(&exe.record());
-        }
+        let free = exe.free_on_exit.lock().ok().and_then(|f| *f);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         tokio::spawn(async move {

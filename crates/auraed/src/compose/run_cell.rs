@@ -16,6 +16,8 @@ use crate::{
 pub struct Options {
     pub allow_new_privileges: bool,
     pub allow_mixed_cell: bool,
+    /// The run call's `remove`: the whole cell goes once the workload has ended.
+    pub free_on_exit: Option<crate::executable::FreeOnExit>,
 }
 
 /// What RunCell runs in its new cell.
@@ -48,6 +50,7 @@ pub async fn run_cell(
                 stdin: Vec::new(),
                 allow_new_privileges: options.allow_new_privileges && !container.no_new_privileges,
                 allow_mixed_cell: options.allow_mixed_cell,
+                free_on_exit: options.free_on_exit,
                 container: Some(container),
             };
             exe.apply_plan(&plan);
@@ -57,17 +60,19 @@ pub async fn run_cell(
             exe.cell = name.clone();
             exe.allow_new_privileges = options.allow_new_privileges;
             exe.allow_mixed_cell = options.allow_mixed_cell;
+            exe.free_on_exit = options.free_on_exit;
             (exe, None)
         }
     };
     let t0 = Instant::now();
-    cells.allocate(cell).await?;
+    let made = cells.allocate(cell).await?;
     let t_alloc = t0.elapsed();
-    let started = match cells.run(exe, plan).await {
+    // In this very cell: not one someone freed and allocated again under its name.
+    let started = match cells.run_in(&made, exe, plan).await {
         Ok(e) => e,
         Err(e) => {
             // Nothing stays behind from a workload that could not start.
-            if let Err(free) = cells.free(&name).await {
+            if let Err(free) = cells.free_if_same(&made).await {
                 tracing::warn!(cell = %name, "freeing after a failed RunCell: {free}");
             }
             return Err(e);
@@ -79,7 +84,7 @@ pub async fn run_cell(
         start_us = (t0.elapsed() - t_alloc).as_micros() as u64,
         "RunCell timings"
     );
-    Ok((cells.get(&name)?, started))
+    Ok((made, started))
 }
 
 /// The container's executable name in a RunCell cell: the image's last path component.

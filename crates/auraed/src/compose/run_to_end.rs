@@ -9,9 +9,12 @@
 
 use std::{sync::Arc, time::Duration};
 
+use super::run_cell::{Options, Workload};
 use crate::{
-    cell::{Cell, Cells},
-    executable::{Executable, FreeOnExit},
+    cell::{Cell, CellSpec, Cells},
+    container::Plan,
+    executable::{Executable, ExecutableSpec, FreeOnExit},
+    workload::WorkloadError,
 };
 
 /// What a run call asked for (validated).
@@ -21,7 +24,8 @@ pub struct RunOptions {
     pub wait: bool,
     /// Free what the call made once the process has ended.
     pub remove: bool,
-    /// With `wait`: the longest the call waits (`None`: as long as it runs).
+    /// With `wait`: the longest the call waits (`None`: as long as it runs; the API
+    /// always sets one).
     pub timeout: Option<Duration>,
     /// With `wait`: the output comes back with the status.
     pub output: bool,
@@ -43,25 +47,68 @@ pub enum Ended {
     TimedOut(Duration),
 }
 
-/// After a run call started `exe` (in `cell`, for RunCell): with `remove`, `free` goes once
-/// it has ended
-/// (done by the cell layer in a task of its own, recorded: see
-/// [`crate::cell::when_ended`]); with `wait`, resolves once that is done, or at the
-/// timeout; otherwise at once.
-pub async fn follow(
+/// RunExecutable: starts `spec` and, with `wait` or `remove`, follows it to its end — in
+/// a task of its own, so a caller that goes away cannot stop it halfway (a process
+/// started but not supervised, a `remove` never registered). Resolves once it has started
+/// (with `wait`: ended, or at the timeout).
+pub async fn run_executable(
     cells: &Arc<Cells>,
-    exe: Arc<Executable>,
-    cell: Option<Arc<Cell>>,
-    free: FreeOnExit,
+    mut spec: ExecutableSpec,
+    plan: Option<Plan>,
     opts: RunOptions,
-) -> Ended {
-    if !opts.follows() {
-        return Ended::Done;
+) -> Result<(Arc<Executable>, Ended), WorkloadError> {
+    if opts.remove {
+        spec.free_on_exit = Some(FreeOnExit::Executable);
     }
-    let done = cells.when_ended(exe, opts.remove.then_some(free), cell);
-    if !opts.wait {
-        return Ended::Done;
+    let c = cells.clone();
+    let (exe, done) = detached("RunExecutable", async move {
+        let exe = c.run(spec, plan).await?;
+        let done = opts.follows().then(|| c.when_ended(exe.clone(), None));
+        Ok((exe, done))
+    })
+    .await?;
+    Ok((exe, wait_for(done, opts).await))
+}
+
+/// RunCell: a new cell running `what`, followed to its end as [`run_executable`] does (with
+/// `remove`, the whole cell goes), in a task of its own.
+pub async fn run_cell(
+    cells: &Arc<Cells>,
+    cell: CellSpec,
+    what: Workload,
+    mut options: Options,
+    opts: RunOptions,
+) -> Result<(Arc<Cell>, Arc<Executable>, Ended), WorkloadError> {
+    if opts.remove {
+        options.free_on_exit = Some(FreeOnExit::Cell);
     }
+    let c = cells.clone();
+    let (cell, exe, done) = detached("RunCell", async move {
+        let (cell, exe) = super::run_cell::run_cell(&c, cell, what, options).await?;
+        let done = opts
+            .follows()
+            .then(|| c.when_ended(exe.clone(), Some(cell.clone())));
+        Ok((cell, exe, done))
+    })
+    .await?;
+    Ok((cell, exe, wait_for(done, opts).await))
+}
+
+/// Runs `f` in a task of its own and waits for it.
+async fn detached<T: Send + 'static>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, WorkloadError>> + Send + 'static,
+) -> Result<T, WorkloadError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| WorkloadError::Precondition(format!("{what} task: {e}")))?
+}
+
+/// With `wait`: until `done` (the end, the output, the removal), at most the timeout.
+async fn wait_for(done: Option<tokio::sync::oneshot::Receiver<()>>, opts: RunOptions) -> Ended {
+    let Some(done) = done.filter(|_| opts.wait) else {
+        return Ended::Done;
+    };
     match opts.timeout {
         Some(t) => match tokio::time::timeout(t, done).await {
             Ok(_) => Ended::Done,

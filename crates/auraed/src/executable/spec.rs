@@ -34,6 +34,9 @@ pub struct ExecutableSpec {
     /// executable). Never from the request: set from the caller's grant
     /// (`allow_host_namespaces`, since a plain executable sees the host's files).
     pub allow_mixed_cell: bool,
+    /// What goes once it has ended (a run call's `remove`), recorded with it from its
+    /// first record on.
+    pub free_on_exit: Option<super::FreeOnExit>,
     /// Run as a container from an image: argv, env, working_dir, uid and gid are filled
     /// in from the image and this spec before the start (see [`crate::container`]).
     pub container: Option<ContainerSpec>,
@@ -81,6 +84,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                 stdin: e.stdin,
                 allow_new_privileges: false,
                 allow_mixed_cell: false,
+                free_on_exit: None,
                 container: Some(ContainerSpec::parse("container", e.container)?),
             });
         }
@@ -146,6 +150,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
             stdin: e.stdin,
             allow_new_privileges: false,
             allow_mixed_cell: false,
+            free_on_exit: None,
             container: None,
         })
     }
