@@ -60,6 +60,25 @@ fn plain_cell(name: &str, script: &str, run: Option<pb::RunOptions>) -> pb::Cell
     }
 }
 
+/// Starts a one-call cell in the background (`remove` freeing it at its end, or not).
+async fn start_cell(c: &Client, name: &str, script: &str, remove: bool) {
+    c.runtime()
+        .run_cell(plain_cell(name, script, run(false, remove, false, None)))
+        .await
+        .unwrap();
+}
+
+/// Allocates a cell with no options.
+async fn allocate(c: &Client, name: &str) {
+    c.cells()
+        .allocate(pb::Cell {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 fn stream_text(out: &[pb::LogChunk], stream: pb::LogStream) -> String {
     String::from_utf8_lossy(
         &out.iter()
@@ -126,13 +145,7 @@ async fn one_call_returns_exit_and_output_and_leaves_nothing() {
     assert!(!root.join("job1").exists(), "its cgroup too");
     assert!(!d.dir.path().join("state/store/cell/job1.json").exists());
     // RunExecutable in an existing cell: the executable goes, the cell stays.
-    c.cells()
-        .allocate(pb::Cell {
-            name: "keep".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "keep").await;
     let st = c
         .runtime()
         .run_executable(pb::Executable {
@@ -229,37 +242,18 @@ async fn remove_frees_at_the_end_however_the_call_ends() {
     assert!(gone_within(&c, "left", Duration::from_secs(6)).await);
     // Someone frees the cell and makes another with the same name before the end is
     // seen: the new one is not touched.
-    c.runtime()
-        .run_cell(plain_cell(
-            "reused",
-            "sleep 30",
-            run(false, true, false, None),
-        ))
-        .await
-        .unwrap();
+    start_cell(&c, "reused", "sleep 30", true).await;
     c.cells()
         .free(pb::NameRef {
             name: "reused".into(),
         })
         .await
         .unwrap();
-    c.cells()
-        .allocate(pb::Cell {
-            name: "reused".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "reused").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(cell_exists(&c, "reused").await, "another's cell was freed");
     // The same for an executable name.
-    c.cells()
-        .allocate(pb::Cell {
-            name: "ex".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "ex").await;
     let r = aurae_testkit::workload::exe_ref("ex", "w");
     c.runtime()
         .run_executable(pb::Executable {
@@ -494,22 +488,9 @@ async fn remove_is_done_by_a_restarted_auraed() {
     let Some((mut d, c)) = daemon("remove_is_done_by_a_restarted_auraed").await else {
         return;
     };
-    c.cells()
-        .allocate(pb::Cell {
-            name: "keep".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    allocate(&c, "keep").await;
     // Ends after the restart: a cell, and an executable in a kept cell.
-    c.runtime()
-        .run_cell(plain_cell(
-            "later",
-            "sleep 2",
-            run(false, true, false, None),
-        ))
-        .await
-        .unwrap();
+    start_cell(&c, "later", "sleep 2", true).await;
     c.runtime()
         .run_executable(pb::Executable {
             cell: "keep".into(),
@@ -521,39 +502,12 @@ async fn remove_is_done_by_a_restarted_auraed() {
         .await
         .unwrap();
     // Ends while auraed is down.
-    c.runtime()
-        .run_cell(plain_cell(
-            "down",
-            "sleep 0.3",
-            run(false, true, false, None),
-        ))
-        .await
-        .unwrap();
+    start_cell(&c, "down", "sleep 0.3", true).await;
     // One with a nested cell: freed whole once the restarted auraed has both back.
-    c.runtime()
-        .run_cell(plain_cell(
-            "parent",
-            "sleep 0.3",
-            run(false, true, false, None),
-        ))
-        .await
-        .unwrap();
-    c.cells()
-        .allocate(pb::Cell {
-            name: "parent/kid".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    start_cell(&c, "parent", "sleep 0.3", true).await;
+    allocate(&c, "parent/kid").await;
     // A plain one without remove: kept.
-    c.runtime()
-        .run_cell(plain_cell(
-            "plain",
-            "sleep 0.3",
-            run(false, false, false, None),
-        ))
-        .await
-        .unwrap();
+    start_cell(&c, "plain", "sleep 0.3", false).await;
     drop(c);
     d.crash_and_restart_after(Duration::from_secs(1))
         .await
