@@ -97,8 +97,7 @@ impl Client {
                 }
             }
         });
-        // The URI is only a placeholder: the connector decides where to connect.
-        let channel = TonicEndpoint::from_static("http://auraed.invalid")
+        let channel = placeholder_endpoint()
             .connect_with_connector(service)
             .await
             .map_err(|source| ClientError::Connect {
@@ -190,7 +189,7 @@ impl Client {
                     .map(|t| TokioIo::new(Stream::Tcp(t)))
             }
         });
-        let endpoint = TonicEndpoint::from_static("http://auraed.invalid");
+        let endpoint = placeholder_endpoint();
         let endpoint = if keepalive {
             endpoint
                 .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -299,6 +298,12 @@ mod io_impl {
             }
         }
     }
+}
+
+/// The channel's endpoint: the URI is only a placeholder (the connector decides where to
+/// connect).
+fn placeholder_endpoint() -> TonicEndpoint {
+    TonicEndpoint::from_static("http://auraed.invalid")
 }
 
 /// How often a keepalive connection is pinged.

@@ -99,6 +99,18 @@ impl StartedInit {
         }
     }
 
+    /// Reads the init's next report: `Ok` if it is `want`; else kills the init and says
+    /// what came instead (its `error: …` line, or why nothing came).
+    pub(super) fn expect(&mut self, want: &str) -> Result<(), String> {
+        match self.line() {
+            Ok(l) if l == want => Ok(()),
+            r => {
+                self.kill();
+                Err(r.unwrap_or_else(|e| e))
+            }
+        }
+    }
+
     fn kill(&self) {
         let _ = self.child.pidfd.send_signal(nix::libc::SIGKILL);
     }
@@ -147,6 +159,8 @@ impl Pool {
         if let Ok(mut t) = self.last_take.lock() {
             *t = Some(std::time::Instant::now());
         }
+        // The background task tops the pool up (once cells stop taking spares).
+        self.wake.notify_one();
         let mut w = self.waiting.lock().ok()?;
         while let Some(s) = w.pop_front() {
             if !s.exited() {
@@ -158,11 +172,6 @@ impl Pool {
             );
         }
         None
-    }
-
-    /// Asks the background task to top the pool up.
-    pub(super) fn refill(&self) {
-        self.wake.notify_one();
     }
 
     /// How many spares wait now.

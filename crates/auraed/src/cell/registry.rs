@@ -330,7 +330,7 @@ impl Cells {
     /// that goes away cannot leave half a cell (a cgroup and an init nobody lists).
     pub async fn allocate(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
         let me = self.clone();
-        detached(async move { me.allocate_here(spec).await }).await
+        detached("allocate", async move { me.allocate_here(spec).await }).await
     }
 
     async fn allocate_here(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
@@ -465,7 +465,6 @@ impl Cells {
             })
             .await
             .map_err(|e| WorkloadError::Precondition(format!("cell init task: {e}")))?;
-            self.pool.refill();
             match started {
                 Ok(i) => Some(i),
                 Err(e) => {
@@ -589,20 +588,13 @@ impl Cells {
             })?;
         drop(theirs);
         let mut started = StartedInit { child, ctl };
-        match started.line() {
-            Ok(l) if l == super::init::READY => Ok(started),
-            r => {
-                let _ = started.child.pidfd.send_signal(nix::libc::SIGKILL);
-                Err(WorkloadError::Precondition(format!(
-                    "a cell init in {:?} failed to start: {}",
-                    group.as_str(),
-                    match r {
-                        Ok(l) => l,
-                        Err(e) => e,
-                    }
-                )))
-            }
-        }
+        started.expect(super::init::READY).map_err(|why| {
+            WorkloadError::Precondition(format!(
+                "a cell init in {:?} failed to start: {why}",
+                group.as_str()
+            ))
+        })?;
+        Ok(started)
     }
 
     /// Step 2 of a cell init (blocking), once it is in the cell's leaf: its cgroup
@@ -613,23 +605,16 @@ impl Cells {
         name: &CellName,
     ) -> Result<Init, WorkloadError> {
         let hostname = name.as_str().rsplit('/').next().unwrap_or("cell");
-        let reply = std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
+        std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
             .map_err(|e| format!("sending the hostname: {e}"))
-            .and_then(|()| started.line());
-        match reply {
-            Ok(l) if l == super::init::OK => {}
-            r => {
+            .and_then(|()| started.expect(super::init::OK))
+            .map_err(|why| {
                 let _ = started.child.pidfd.send_signal(nix::libc::SIGKILL);
-                return Err(WorkloadError::Precondition(format!(
-                    "the init of cell {:?} failed: {}",
-                    name.as_str(),
-                    match r {
-                        Ok(l) => l,
-                        Err(e) => e,
-                    }
-                )));
-            }
-        }
+                WorkloadError::Precondition(format!(
+                    "the init of cell {:?} failed: {why}",
+                    name.as_str()
+                ))
+            })?;
         let StartedInit { child, ctl } = started;
         drop(ctl);
         // The init lives as long as the cell; its exit is an event of the cell.
@@ -698,7 +683,7 @@ impl Cells {
         grace: Duration,
     ) -> Result<Arc<Cell>, WorkloadError> {
         let (me, name) = (self.clone(), name.clone());
-        detached(async move {
+        detached("stop", async move {
             let _ops = me.lock_for(&name).await;
             me.stop_locked(&name, grace).await
         })
@@ -751,7 +736,7 @@ impl Cells {
     /// Kills what is left of the cell and its children and removes them.
     pub async fn free(self: &Arc<Self>, name: &CellName) -> Result<(), WorkloadError> {
         let (me, name) = (self.clone(), name.clone());
-        detached(async move {
+        detached("free", async move {
             let _ops = me.lock_for(&name).await;
             me.free_locked(&name).await
         })
@@ -880,14 +865,15 @@ pub(super) async fn watch_oom(cells: Arc<Cells>, cell: Arc<Cell>, tree: Arc<dyn 
     }
 }
 
-/// Runs a cell operation in a task of its own, so that the caller going away (a cancelled
-/// call) cannot stop it halfway.
-pub(super) async fn detached<T: Send + 'static>(
+/// Runs the operation `what` in a task of its own, so that the caller going away (a
+/// cancelled call) cannot stop it halfway.
+pub async fn detached<T: Send + 'static>(
+    what: &str,
     f: impl std::future::Future<Output = Result<T, WorkloadError>> + Send + 'static,
 ) -> Result<T, WorkloadError> {
     tokio::spawn(f)
         .await
-        .map_err(|e| WorkloadError::Precondition(format!("cell operation task: {e}")))?
+        .map_err(|e| WorkloadError::Precondition(format!("{what} task: {e}")))?
 }
 
 /// What [`Cells::lock_for`] holds; dropping it forgets the name's lock when nobody else

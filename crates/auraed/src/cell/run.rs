@@ -41,7 +41,11 @@ impl Cells {
         container: Option<crate::container::Plan>,
     ) -> Result<Arc<Executable>, WorkloadError> {
         let me = self.clone();
-        super::registry::detached(async move { me.run_checked(spec, container, None).await }).await
+        super::registry::detached(
+            "run",
+            async move { me.run_checked(spec, container, None).await },
+        )
+        .await
     }
 
     /// [`Cells::run`] in the cell `cell` itself: refused if its name now names another
@@ -53,8 +57,10 @@ impl Cells {
         container: Option<crate::container::Plan>,
     ) -> Result<Arc<Executable>, WorkloadError> {
         let (me, cell) = (self.clone(), cell.clone());
-        super::registry::detached(async move { me.run_checked(spec, container, Some(cell)).await })
-            .await
+        super::registry::detached("run", async move {
+            me.run_checked(spec, container, Some(cell)).await
+        })
+        .await
     }
 
     async fn run_checked(

@@ -40,7 +40,9 @@ impl Cells {
                 Some(FreeOnExit::Executable) => me.free_executable_if_same(&exe),
                 Some(FreeOnExit::Cell) => match &cell {
                     Some(c) => me.free_if_same(c).await,
-                    None => Ok(()),
+                    None => Err(crate::workload::WorkloadError::Precondition(
+                        "its cell was not given: the cell is left".into(),
+                    )),
                 },
             };
             if let Err(e) = freed {

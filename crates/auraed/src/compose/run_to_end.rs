@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use super::run_cell::{Options, Workload};
 use crate::{
-    cell::{Cell, CellSpec, Cells},
+    cell::{Cell, CellSpec, Cells, registry::detached},
     container::Plan,
     executable::{Executable, ExecutableSpec, FreeOnExit},
     workload::WorkloadError,
@@ -92,16 +92,6 @@ pub async fn run_cell(
     })
     .await?;
     Ok((cell, exe, wait_for(done, opts).await))
-}
-
-/// Runs `f` in a task of its own and waits for it.
-async fn detached<T: Send + 'static>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, WorkloadError>> + Send + 'static,
-) -> Result<T, WorkloadError> {
-    tokio::spawn(f)
-        .await
-        .map_err(|e| WorkloadError::Precondition(format!("{what} task: {e}")))?
 }
 
 /// With `wait`: until `done` (the end, the output, the removal), at most the timeout.
