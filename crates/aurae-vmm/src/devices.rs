@@ -102,6 +102,28 @@ impl Trigger for EventFdTrigger {
 /// The COM1 UART, writing the guest's output to a sink.
 pub type SerialDevice = Serial<EventFdTrigger, NoEvents, SerialSink>;
 
+/// A UART with a snapshot's registers (its pending interrupts raised again).
+pub fn serial_from_regs(
+    r: &crate::snapshot::SerialRegs,
+    trigger: EventFdTrigger,
+    out: SerialSink,
+) -> Result<SerialDevice, String> {
+    let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = r.regs;
+    let st = vm_superio::serial::SerialState {
+        baud_divisor_low: dll,
+        baud_divisor_high: dlm,
+        interrupt_enable: ier,
+        interrupt_identification: iir,
+        line_control: lcr,
+        line_status: lsr,
+        modem_control: mcr,
+        modem_status: msr,
+        scratch: scr,
+        in_buffer: r.in_buffer.clone(),
+    };
+    Serial::from_state(&st, trigger, NoEvents, out).map_err(|e| format!("serial port: {e:?}"))
+}
+
 /// i8042 status bit 0: output buffer full (a byte waits at 0x60).
 const I8042_STATUS_OBF: u8 = 0x01;
 /// i8042 status bit 2: system flag (self-test passed).
@@ -249,6 +271,28 @@ impl PortIo {
         data.fill(0xff);
         if let Some(first) = data.first_mut() {
             *first = value;
+        }
+    }
+
+    /// The serial port's registers, for a snapshot.
+    pub fn serial_regs(&self) -> crate::snapshot::SerialRegs {
+        let st = match self.serial.lock() {
+            Ok(s) => s.state(),
+            Err(p) => p.into_inner().state(),
+        };
+        crate::snapshot::SerialRegs {
+            regs: [
+                st.baud_divisor_low,
+                st.baud_divisor_high,
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_control,
+                st.line_status,
+                st.modem_control,
+                st.modem_status,
+                st.scratch,
+            ],
+            in_buffer: st.in_buffer,
         }
     }
 

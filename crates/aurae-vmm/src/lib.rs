@@ -9,7 +9,8 @@
 //! Modules: [`layout`] (guest memory map and e820), [`boot`] (64-bit Linux boot protocol),
 //! [`acpi`] (RSDP, XSDT, FADT, MADT, DSDT), [`cpu`] (CPUID, MSRs, LAPIC), [`template`] (what CPUID the guest sees), [`devices`]
 //! (serial, i8042, boot timer, ACPI power management), [`virtio`] (virtio-mmio transport,
-//! block, net on TAP), [`seccomp`] (per-thread filters), [`vm`] (threads, exits), [`sys`]
+//! block, net on TAP), [`seccomp`] (per-thread filters), [`snapshot`] (a stopped VM's state
+//! and memory in two files, and their restore), [`vm`] (threads, exits), [`sys`]
 //! (the only unsafe code: guest memory handed to KVM, TAP setup). See the crate's
 //! README.md for the memory map, the ports and what is not built yet.
 //!
@@ -22,6 +23,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod seccomp;
+pub mod snapshot;
 pub mod sys;
 pub mod template;
 pub mod virtio;
@@ -29,5 +31,9 @@ pub mod vm;
 
 pub use boot::BootError;
 pub use config::{ConfigError, DriveConfig, NetConfig, SerialSink, VmConfig};
+pub use snapshot::{Snapshot, SnapshotError};
 pub use template::CpuTemplate;
-pub use vm::{ExitError, Vm, VmExit, VmHandle, VmmError};
+pub use vm::{
+    ExitError, RestoreConfig, RestoreInfo, SnapshotInfo, SnapshotTarget, Vm, VmExit, VmHandle,
+    VmmError,
+};

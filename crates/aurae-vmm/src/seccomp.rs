@@ -9,7 +9,7 @@
 //! |----------|--------------------------------------------------------------------|
 //! | all      | `fcntl(F_GETFD)` only (std's debug check when an fd is dropped), plus:  |
 //! | `vcpuN`  | `ioctl` (`KVM_RUN`, `KVM_GET_REGS` only), `read`, `write`, `pread64`, `pwrite64`, `fsync`, `fdatasync` (disk, TAP, eventfds, serial sink), `futex`, memory (`mmap`, `munmap`, `mremap`, `madvise`, `brk`), signals (`rt_sigreturn` for the kick, `rt_sigprocmask`, `sigaltstack`), `sched_yield`, `clock_gettime`, `close`, `exit` |
-//! | `vmm`    | the controller: `futex`, `tgkill`/`getpid` (kicks), `clock_nanosleep`/`nanosleep`, `write`/`fsync` (serial flush, RX stop), `close`, memory, signals, `exit` |
+//! | `vmm`    | the controller: `futex`, `tgkill`/`getpid` (kicks), `clock_nanosleep`/`nanosleep`, `write`/`fsync` (serial flush, RX stop), `close`, memory, signals, `exit`; for a snapshot, `ioctl` ([`SNAPSHOT_IOCTLS`]: the `KVM_GET_*` of the vCPUs' and VM's state only), `pwrite64` and `ftruncate` on its files, `mprotect` (malloc's arena) |
 //! | `net-rx` | `epoll_wait`/`epoll_pwait`, `read`, `write`, `futex`, `close`, memory, signals, `exit` |
 //!
 //! The serial sink is the embedder's `Write`: a file, a pipe or a socket works (`write`);
@@ -26,6 +26,37 @@ use seccompiler::{
 pub const KVM_RUN: u64 = 0xae80;
 /// `KVM_GET_REGS` (read after an internal error).
 pub const KVM_GET_REGS: u64 = 0x8090_ae81;
+
+/// `_IOC(dir, KVMIO, nr, size)`.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+const IOR: u64 = 2;
+const IOWR: u64 = 3;
+
+/// The read-only KVM ioctls a snapshot needs, allowed on the controller thread only: the
+/// vCPUs' and the VM's state, nothing that changes it.
+pub const SNAPSHOT_IOCTLS: &[u64] = {
+    use std::mem::size_of;
+
+    use kvm_bindings as k;
+    &[
+        kvm_ioc(IOR, 0x81, size_of::<k::kvm_regs>()), // KVM_GET_REGS
+        kvm_ioc(IOR, 0x83, size_of::<k::kvm_sregs>()), // KVM_GET_SREGS
+        kvm_ioc(IOWR, 0x88, size_of::<k::kvm_msrs>()), // KVM_GET_MSRS
+        kvm_ioc(IOR, 0x8e, size_of::<k::kvm_lapic_state>()), // KVM_GET_LAPIC
+        kvm_ioc(IOWR, 0x91, size_of::<k::kvm_cpuid2>()), // KVM_GET_CPUID2
+        kvm_ioc(IOR, 0x98, size_of::<k::kvm_mp_state>()), // KVM_GET_MP_STATE
+        kvm_ioc(IOR, 0x9f, size_of::<k::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+        kvm_ioc(IOR, 0xa1, size_of::<k::kvm_debugregs>()), // KVM_GET_DEBUGREGS
+        kvm_ioc(0, 0xa3, 0),                          // KVM_GET_TSC_KHZ
+        kvm_ioc(IOR, 0xa4, size_of::<k::kvm_xsave>()), // KVM_GET_XSAVE
+        kvm_ioc(IOR, 0xa6, size_of::<k::kvm_xcrs>()), // KVM_GET_XCRS
+        kvm_ioc(IOWR, 0x62, size_of::<k::kvm_irqchip>()), // KVM_GET_IRQCHIP
+        kvm_ioc(IOR, 0x9f, size_of::<k::kvm_pit_state2>()), // KVM_GET_PIT2
+        kvm_ioc(IOR, 0x7c, size_of::<k::kvm_clock_data>()), // KVM_GET_CLOCK
+    ]
+};
 
 /// Which thread a filter is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +120,11 @@ fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
             libc::SYS_gettid,
             libc::SYS_nanosleep,
             libc::SYS_clock_nanosleep,
+            // A snapshot's files (opened by the embedder beforehand), and its buffers
+            // (malloc grows a thread's arena with mprotect).
+            libc::SYS_pwrite64,
+            libc::SYS_ftruncate,
+            libc::SYS_mprotect,
         ],
         ThreadKind::NetRx => &[
             libc::SYS_read,
@@ -116,6 +152,15 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         rules.insert(
             libc::SYS_ioctl,
             vec![arg1_is(KVM_RUN)?, arg1_is(KVM_GET_REGS)?],
+        );
+    }
+    if kind == ThreadKind::Vmm {
+        rules.insert(
+            libc::SYS_ioctl,
+            SNAPSHOT_IOCTLS
+                .iter()
+                .map(|&nr| arg1_is(nr))
+                .collect::<Result<_, _>>()?,
         );
     }
     let f = SeccompFilter::new(

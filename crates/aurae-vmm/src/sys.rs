@@ -152,3 +152,13 @@ pub fn open_tap(name: &str) -> io::Result<File> {
     }
     Ok(file)
 }
+
+/// `KVM_SET_XSAVE` with the legacy 4 KiB area, as [`kvm_ioctls::VcpuFd::get_xsave`] read
+/// it.
+pub fn set_xsave(fd: &VcpuFd, xsave: &kvm_bindings::kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: KVM_SET_XSAVE copies the vCPU's uabi XSAVE size from the pointer. The legacy
+    // KVM_GET_XSAVE that produced a snapshot's area fails when that size exceeds
+    // `sizeof(struct kvm_xsave)` (4 KiB, dynamically enabled features such as AMX), and
+    // this monitor enables none, so the kernel reads at most the 4 KiB `xsave` holds.
+    unsafe { fd.set_xsave(xsave) }
+}

@@ -38,6 +38,7 @@ use crate::{
     devices::{EventFdTrigger, IoAction, PortIo, SERIAL_IRQ},
     layout::{self, MemoryLayout},
     seccomp::{self, Filters, SeccompError},
+    snapshot::{self, Snapshot, SnapshotError},
     sys::{self, GuestVm, Vcpu},
     virtio::{MmioBus, MmioTransport, VirtioDevice, block::Block, net::Net},
 };
@@ -106,6 +107,9 @@ pub enum VmmError {
     /// The seccomp filters could not be compiled.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// A snapshot could not be restored.
+    #[error("restoring the snapshot: {0}")]
+    Restore(#[from] SnapshotError),
 }
 
 /// Why a vCPU ended the VM with an error.
@@ -153,6 +157,9 @@ pub enum ExitError {
         /// Which vCPU.
         vcpu: u8,
     },
+    /// The VM was stopped for a snapshot that could not be written.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// A VMM thread could not install its seccomp filter (it then runs no guest code).
     #[error("{thread}: {error}")]
     Seccomp {
@@ -180,6 +187,8 @@ pub enum VmExit {
     },
     /// [`VmHandle::stop`] was called.
     Stopped,
+    /// [`VmHandle::snapshot`] was called: the VM was stopped and its state written.
+    Snapshotted(SnapshotInfo),
     /// A vCPU failed.
     Error(ExitError),
 }
@@ -196,7 +205,70 @@ struct Shared {
 
 enum Event {
     Stop,
+    Snapshot(SnapshotTarget),
     VcpuEnded(u8, Option<VmExit>),
+}
+
+/// Where [`VmHandle::snapshot`] writes.
+#[derive(Debug)]
+pub struct SnapshotTarget {
+    /// The state file (written from its start, then truncated to its length).
+    pub state: File,
+    /// The memory file (truncated, then written sparse).
+    pub memory: File,
+}
+
+/// What a snapshot wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The state file's length.
+    pub state_bytes: u64,
+    /// The memory file's length (guest RAM).
+    pub memory_bytes: u64,
+    /// From the stop request to both files written.
+    pub took: Duration,
+}
+
+/// What [`Vm::restore`] needs beyond the snapshot: the devices the guest had, rebuilt on
+/// this host (its own drive files and TAP), and where its console goes.
+pub struct RestoreConfig {
+    /// The decoded state file ([`Snapshot::read`]).
+    pub snapshot: Snapshot,
+    /// The memory file, mapped `MAP_PRIVATE` (never written).
+    pub memory: File,
+    /// Where the serial console's output goes from now on.
+    pub serial_out: config::SerialSink,
+    /// The drives, as many as the snapshot's VM had, in order.
+    pub drives: Vec<config::DriveConfig>,
+    /// The network device, if the snapshot's VM had one: this VM's own TAP and MAC.
+    pub net: Option<config::NetConfig>,
+    /// Per-thread seccomp filters, as [`VmConfig::seccomp`].
+    pub seccomp: bool,
+}
+
+impl std::fmt::Debug for RestoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreConfig")
+            .field("snapshot", &self.snapshot)
+            .field("drives", &self.drives)
+            .field("net", &self.net)
+            .field("seccomp", &self.seccomp)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Vm::restore`] did, for the embedder's report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreInfo {
+    /// From the call to vCPUs ready (memory mapped, not yet read).
+    pub took: Duration,
+    /// Of which: the VM with its memory mapped, irqchip, PIT, clock and devices.
+    pub machine: Duration,
+    /// Of which: creating the vCPUs and setting their state.
+    pub vcpus: Duration,
+    /// The guest's kvmclock was advanced by the time since the snapshot (a kernel with
+    /// `KVM_CLOCK_REALTIME`); otherwise it resumes at the snapshot's instant.
+    pub clock_advanced: bool,
 }
 
 /// A cheap, cloneable handle on a VM, usable from any thread.
@@ -210,6 +282,7 @@ impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Event::Stop => f.write_str("Stop"),
+            Event::Snapshot(_) => f.write_str("Snapshot"),
             Event::VcpuEnded(i, e) => write!(f, "VcpuEnded({i}, {e:?})"),
         }
     }
@@ -221,6 +294,15 @@ impl VmHandle {
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = self.events.send(Event::Stop);
+    }
+
+    /// Stops the VM and writes its snapshot to `target`; [`Vm::run`] then returns
+    /// [`VmExit::Snapshotted`] (or an error exit if the files could not be written), unless
+    /// the guest ended first. Returns at once.
+    pub fn snapshot(&self, target: SnapshotTarget) {
+        let _ = self.events.send(Event::Snapshot(target));
+        // Woken only by the controller, which sets the stop flag itself: the vCPUs must
+        // not see it before the controller knows why they stop.
     }
 
     /// Time from the VM's start to the guest's first boot-timer write
@@ -254,6 +336,108 @@ pub struct Vm {
     net: Option<(Arc<Mutex<MmioTransport>>, File)>,
     /// The seccomp programs, when asked for.
     filters: Option<Filters>,
+    /// The MSRs a snapshot reads (KVM's list, read while /dev/kvm is open).
+    msr_indices: Vec<u32>,
+    /// What a snapshot records about the VM's shape and CPU.
+    meta: Meta,
+}
+
+/// The VM's shape and CPU, for a snapshot's header.
+#[derive(Clone, Debug)]
+struct Meta {
+    cpu_template: String,
+    cpu_fingerprint: [u8; 32],
+    vcpus: u8,
+    mem_bytes: u64,
+}
+
+/// The machine without its vCPUs: VM fd with memory, irqchip, PIT, virtio devices.
+struct Machine {
+    guest: GuestVm,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    infos: Vec<MmioDeviceInfo>,
+    net: Option<(Arc<Mutex<MmioTransport>>, File)>,
+}
+
+fn dev_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |source| VmmError::Device { what, source }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Machine {
+    /// The VM with `mem` registered, its TSS, irqchip and PIT, and one virtio-mmio
+    /// transport per drive (slots 0..) then the network device; slot n has its registers
+    /// at `mmio_device_addr(n)` and interrupts on GSI `mmio_device_gsi(n)`.
+    fn build(
+        kvm: &Kvm,
+        mem: GuestMemoryMmap,
+        drives: &[config::DriveConfig],
+        net: Option<&config::NetConfig>,
+    ) -> Result<Self, VmmError> {
+        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+        let guest = GuestVm::new(kvm, Arc::new(mem))
+            .map_err(kvm_err("KVM_CREATE_VM / KVM_SET_USER_MEMORY_REGION"))?;
+        let vm = guest.fd();
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, d) in drives.iter().enumerate() {
+            let blk =
+                Block::open(&d.path, d.read_only, &format!("aurae-vd{i}")).map_err(|source| {
+                    VmmError::Drive {
+                        path: d.path.clone(),
+                        source,
+                    }
+                })?;
+            virtio.push(Box::new(blk));
+        }
+        let mut net_tap = None;
+        if let Some(n) = net {
+            let tap_err = |source| VmmError::Tap {
+                name: n.tap.clone(),
+                source,
+            };
+            let tap = sys::open_tap(&n.tap).map_err(tap_err)?;
+            net_tap = Some(tap.try_clone().map_err(tap_err)?);
+            virtio.push(Box::new(Net::new(tap, n.mac)));
+        }
+        let mut transports = Vec::with_capacity(virtio.len());
+        let mut infos = Vec::with_capacity(virtio.len());
+        for (i, dev) in virtio.into_iter().enumerate() {
+            let gsi = layout::mmio_device_gsi(i);
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio eventfd"))?;
+            vm.register_irqfd(&irq, gsi)
+                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let t = MmioTransport::new(dev, guest.memory_arc(), irq).map_err(VmmError::Virtio)?;
+            transports.push(Arc::new(Mutex::new(t)));
+            infos.push(MmioDeviceInfo {
+                addr: layout::mmio_device_addr(i),
+                len: layout::MMIO_DEVICE_SIZE as u32,
+                gsi,
+            });
+        }
+        let net = match net_tap {
+            Some(tap) => transports.last().map(|t| (Arc::clone(t), tap)),
+            None => None,
+        };
+        Ok(Self {
+            guest,
+            transports,
+            infos,
+            net,
+        })
+    }
 }
 
 /// The signal that interrupts a vCPU's `KVM_RUN` (SIGRTMIN). Its handler, installed for
@@ -297,72 +481,16 @@ impl Vm {
             bytes: cfg.mem_bytes,
             source,
         })?;
-        let guest = GuestVm::new(&kvm, Arc::new(mem))
-            .map_err(kvm_err("KVM_CREATE_VM / KVM_SET_USER_MEMORY_REGION"))?;
-        let vm = guest.fd();
-        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let machine = Machine::build(&kvm, mem, &cfg.drives, cfg.net.as_ref())?;
 
-        let dev_err = |what| move |source| VmmError::Device { what, source };
-
-        // virtio-mmio devices: drives first, then the network device; slot n has its
-        // registers at mmio_device_addr(n) and interrupts on GSI mmio_device_gsi(n).
-        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (i, d) in cfg.drives.iter().enumerate() {
-            let blk =
-                Block::open(&d.path, d.read_only, &format!("aurae-vd{i}")).map_err(|source| {
-                    VmmError::Drive {
-                        path: d.path.clone(),
-                        source,
-                    }
-                })?;
-            virtio.push(Box::new(blk));
-        }
-        let mut net_tap = None;
-        if let Some(n) = &cfg.net {
-            let tap_err = |source| VmmError::Tap {
-                name: n.tap.clone(),
-                source,
-            };
-            let tap = sys::open_tap(&n.tap).map_err(tap_err)?;
-            net_tap = Some(tap.try_clone().map_err(tap_err)?);
-            virtio.push(Box::new(Net::new(tap, n.mac)));
-        }
-        let mut transports = Vec::with_capacity(virtio.len());
-        let mut infos = Vec::with_capacity(virtio.len());
-        for (i, dev) in virtio.into_iter().enumerate() {
-            let gsi = layout::mmio_device_gsi(i);
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio eventfd"))?;
-            vm.register_irqfd(&irq, gsi)
-                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let t = MmioTransport::new(dev, guest.memory_arc(), irq).map_err(VmmError::Virtio)?;
-            transports.push(Arc::new(Mutex::new(t)));
-            infos.push(MmioDeviceInfo {
-                addr: layout::mmio_device_addr(i),
-                len: layout::MMIO_DEVICE_SIZE as u32,
-                gsi,
-            });
-        }
-        let net = match net_tap {
-            Some(tap) => transports.last().map(|t| (Arc::clone(t), tap)),
-            None => None,
-        };
-
-        let mem = guest.memory();
+        let mem = machine.guest.memory();
         let kernel = boot::load_kernel(mem, &cfg.kernel)?;
         let initramfs = match &cfg.initramfs {
             Some(p) => Some(boot::load_initramfs(mem, &layout, p, &kernel)?),
             None => None,
         };
         boot::write_cmdline(mem, &cfg.cmdline)?;
-        let tables = acpi::build(cfg.vcpus, &infos)?;
+        let tables = acpi::build(cfg.vcpus, &machine.infos)?;
         acpi::write(mem, &tables)?;
         let mut params =
             boot::build_boot_params(kernel.header, &layout, cfg.cmdline.len(), initramfs);
@@ -370,15 +498,8 @@ impl Vm {
         boot::write_boot_params(mem, &params)?;
         boot::write_gdt(mem)?;
         boot::write_page_tables(mem)?;
-        let filters = if cfg.seccomp {
-            Some(Filters::new()?)
-        } else {
-            None
-        };
 
         let serial_irq = EventFdTrigger::new().map_err(dev_err("serial eventfd"))?;
-        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
         let serial = Serial::new(
             serial_irq.try_clone().map_err(dev_err("serial eventfd"))?,
             cfg.serial_out,
@@ -388,11 +509,177 @@ impl Vm {
         cfg.cpu_template.apply(supported.as_mut_slice());
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
-            let v = guest.create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let v = machine
+                .guest
+                .create_vcpu(id)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             cpu::configure_vcpu(v.fd(), id, cfg.vcpus, &supported, kernel.entry)?;
             vcpus.push(v);
         }
+        let meta = Meta {
+            cpu_template: cfg.cpu_template.name().to_owned(),
+            cpu_fingerprint: snapshot::cpuid_fingerprint(supported.as_slice()),
+            vcpus: cfg.vcpus,
+            mem_bytes: cfg.mem_bytes,
+        };
+        Self::assemble(
+            &kvm,
+            machine,
+            vcpus,
+            serial_irq,
+            serial,
+            layout,
+            cfg.seccomp,
+            meta,
+        )
+    }
 
+    /// Brings back a snapshot's VM in this process, stopped where it was: checks the
+    /// snapshot against this host (CPU template and the CPUID it gives here, memory file
+    /// length), maps the memory file `MAP_PRIVATE` (pages are read from it on first touch
+    /// and copied on first write; the file is never written), rebuilds the irqchip, PIT,
+    /// clock, serial port and virtio devices (on this VM's own drive files and TAP) and
+    /// every vCPU. Nothing runs until [`Vm::run`].
+    pub fn restore(cfg: RestoreConfig) -> Result<(Self, RestoreInfo), VmmError> {
+        let started = std::time::Instant::now();
+        let RestoreConfig {
+            snapshot: snap,
+            memory,
+            serial_out,
+            drives,
+            net,
+            seccomp,
+        } = cfg;
+        let h = &snap.header;
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+
+        let template =
+            crate::CpuTemplate::from_name(&h.cpu_template).ok_or_else(|| SnapshotError::Cpu {
+                what: "template",
+                found: h.cpu_template.clone(),
+                here: "no such template in this monitor".into(),
+            })?;
+        let mut supported = cpu::supported_cpuid(&kvm)?;
+        template.apply(supported.as_mut_slice());
+        let fingerprint = snapshot::cpuid_fingerprint(supported.as_slice());
+        if fingerprint != h.cpu_fingerprint {
+            return Err(SnapshotError::Cpu {
+                what: "fingerprint",
+                found: hex(&h.cpu_fingerprint),
+                here: hex(&fingerprint),
+            }
+            .into());
+        }
+        VmConfig {
+            vcpus: h.vcpus,
+            mem_bytes: h.mem_bytes,
+            ..Default::default()
+        }
+        .validate_with_cap(config::host_mem_bytes().unwrap_or(config::MAX_MEM_BYTES))?;
+        let wanted = snap.transports.len();
+        let have = drives.len() + usize::from(net.is_some());
+        let nets = snap
+            .transports
+            .iter()
+            .filter(|t| t.device_type == 1)
+            .count();
+        if have != wanted || nets != usize::from(net.is_some()) {
+            return Err(SnapshotError::Device(format!(
+                "the snapshot's VM had {} drive(s) and {nets} network device(s); {} drive(s) \
+                 and {} network device(s) given",
+                wanted - nets,
+                drives.len(),
+                usize::from(net.is_some())
+            ))
+            .into());
+        }
+
+        let layout = MemoryLayout::new(h.mem_bytes);
+        let ranges = layout
+            .ranges()
+            .ok_or(VmmError::Config(ConfigError::Memory {
+                got: h.mem_bytes,
+                min: config::MIN_MEM_BYTES,
+                max: usize::MAX as u64,
+            }))?;
+        let machine_started = std::time::Instant::now();
+        let mem = snapshot::map_memory(&memory, &ranges, h.memory_len)?;
+        let machine = Machine::build(&kvm, mem, &drives, net.as_ref())?;
+        snapshot::restore_vm(machine.guest.fd(), &snap.vm)?;
+        for (i, (t, s)) in machine.transports.iter().zip(&snap.transports).enumerate() {
+            let mut t = t
+                .lock()
+                .map_err(|_| SnapshotError::Device(format!("virtio slot {i}: poisoned")))?;
+            t.restore(s)
+                .map_err(|e| SnapshotError::Device(format!("virtio slot {i}: {e}")))?;
+        }
+        let serial_irq = EventFdTrigger::new().map_err(dev_err("serial eventfd"))?;
+        let serial = crate::devices::serial_from_regs(
+            &snap.serial,
+            serial_irq.try_clone().map_err(dev_err("serial eventfd"))?,
+            serial_out,
+        )
+        .map_err(SnapshotError::Device)?;
+        let machine_took = machine_started.elapsed();
+        let vcpus_started = std::time::Instant::now();
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for (id, state) in snap.vcpus.iter().enumerate() {
+            let id = id as u8;
+            let v = machine
+                .guest
+                .create_vcpu(id)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            snapshot::restore_vcpu(v.fd(), id, state)?;
+            vcpus.push(v);
+        }
+        let vcpus_took = vcpus_started.elapsed();
+        let meta = Meta {
+            cpu_template: h.cpu_template.clone(),
+            cpu_fingerprint: fingerprint,
+            vcpus: h.vcpus,
+            mem_bytes: h.mem_bytes,
+        };
+        let clock_advanced = snap.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0;
+        let vm = Self::assemble(
+            &kvm, machine, vcpus, serial_irq, serial, layout, seccomp, meta,
+        )?;
+        Ok((
+            vm,
+            RestoreInfo {
+                took: started.elapsed(),
+                machine: machine_took,
+                vcpus: vcpus_took,
+                clock_advanced,
+            },
+        ))
+    }
+
+    /// The parts shared by [`Vm::new`] and [`Vm::restore`]: the serial IRQ wired, the
+    /// filters compiled, KVM's MSR list read, the handle made.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        kvm: &Kvm,
+        machine: Machine,
+        vcpus: Vec<Vcpu>,
+        serial_irq: EventFdTrigger,
+        serial: crate::devices::SerialDevice,
+        layout: MemoryLayout,
+        seccomp: bool,
+        meta: Meta,
+    ) -> Result<Self, VmmError> {
+        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+        machine
+            .guest
+            .fd()
+            .register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let filters = if seccomp { Some(Filters::new()?) } else { None };
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         let (tx, rx) = mpsc::channel();
         let handle = VmHandle {
             shared: Arc::new(Shared {
@@ -400,19 +687,21 @@ impl Vm {
                 io_exits: AtomicU64::new(0),
                 mmio_exits: AtomicU64::new(0),
                 devices: PortIo::new(serial),
-                mmio: MmioBus::new(transports),
+                mmio: MmioBus::new(machine.transports),
             }),
             events: tx,
         };
         Ok(Self {
             vcpus,
-            guest,
+            guest: machine.guest,
             _serial_irq: serial_irq,
             handle,
             events: rx,
             layout,
-            net,
+            net: machine.net,
             filters,
+            msr_indices,
+            meta,
         })
     }
 
@@ -459,13 +748,15 @@ impl Vm {
             layout: _,
             net,
             filters,
+            msr_indices,
+            meta,
         } = self;
         let shared = Arc::clone(&handle.shared);
         shared.devices.boot_timer().start();
 
-        let mut threads: Vec<(u8, JoinHandle<()>)> = Vec::with_capacity(vcpus.len());
+        let mut threads: Vec<(u8, JoinHandle<Vcpu>)> = Vec::with_capacity(vcpus.len());
         let mut spawn_error = None;
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
+        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
             let id = id as u8;
             let shared = Arc::clone(&shared);
             let tx = handle.events.clone();
@@ -478,9 +769,10 @@ impl Vm {
                             thread: format!("vcpu{id}"),
                             error: e.to_string(),
                         })),
-                        _ => vcpu_loop(vcpu, id, &shared),
+                        _ => vcpu_loop(&mut vcpu, id, &shared),
                     };
                     let _ = tx.send(Event::VcpuEnded(id, exit));
+                    vcpu
                 });
             match spawned {
                 Ok(t) => threads.push((id, t)),
@@ -518,6 +810,7 @@ impl Vm {
             }
         }
 
+        let mut snapshot_to = None;
         let mut exit = if spawn_error.is_some() {
             VmExit::Stopped
         } else {
@@ -534,6 +827,10 @@ impl Vm {
             }
             .unwrap_or_else(|| match events.recv() {
                 Ok(Event::VcpuEnded(_, Some(exit))) => exit,
+                Ok(Event::Snapshot(target)) => {
+                    snapshot_to = Some((target, std::time::Instant::now()));
+                    VmExit::Stopped
+                }
                 Ok(Event::VcpuEnded(_, None) | Event::Stop) | Err(_) => VmExit::Stopped,
             })
         };
@@ -547,15 +844,40 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        let mut stopped = Vec::with_capacity(threads.len());
         for (id, t) in threads {
-            if t.join().is_err() && !matches!(exit, VmExit::Error(_)) {
-                exit = VmExit::Error(ExitError::Panicked { vcpu: id });
+            match t.join() {
+                Ok(v) => stopped.push(v),
+                Err(_) if !matches!(exit, VmExit::Error(_)) => {
+                    exit = VmExit::Error(ExitError::Panicked { vcpu: id });
+                }
+                Err(_) => {}
             }
         }
         if let Some((t, stop)) = rx_thread {
             let _ = stop.write(1);
             let _ = t.join();
         }
+        // A snapshot asked before the guest ended, with every vCPU back and stopped.
+        if let Some((target, asked)) = snapshot_to
+            && exit == VmExit::Stopped
+        {
+            exit = if stopped.len() == usize::from(meta.vcpus) {
+                match write_snapshot(&guest, &stopped, &shared, &msr_indices, &meta, &target) {
+                    Ok((state_bytes, memory_bytes)) => VmExit::Snapshotted(SnapshotInfo {
+                        state_bytes,
+                        memory_bytes,
+                        took: asked.elapsed(),
+                    }),
+                    Err(e) => VmExit::Error(ExitError::Snapshot(e.to_string())),
+                }
+            } else {
+                VmExit::Error(ExitError::Snapshot(
+                    "a vCPU thread did not come back".into(),
+                ))
+            };
+        }
+        drop(stopped);
         shared.devices.flush_serial();
         drop(guest);
         match spawn_error {
@@ -563,6 +885,61 @@ impl Vm {
             None => Ok(exit),
         }
     }
+}
+
+/// Captures the stopped VM and writes its two files; returns their lengths.
+fn write_snapshot(
+    guest: &GuestVm,
+    vcpus: &[Vcpu],
+    shared: &Shared,
+    msr_indices: &[u32],
+    meta: &Meta,
+    target: &SnapshotTarget,
+) -> Result<(u64, u64), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let vm = snapshot::capture_vm(guest.fd())?;
+    let mut states = Vec::with_capacity(vcpus.len());
+    for (id, v) in vcpus.iter().enumerate() {
+        states.push(snapshot::capture_vcpu(v.fd(), id as u8, msr_indices)?);
+    }
+    let mut transports = Vec::new();
+    for (i, t) in shared.mmio.devices().iter().enumerate() {
+        let t = t
+            .lock()
+            .map_err(|_| SnapshotError::Device(format!("virtio slot {i}: poisoned")))?;
+        transports.push(t.state());
+    }
+    let (memory_len, memory_sha256) = snapshot::write_memory(guest.memory(), &target.memory)?;
+    let taken_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let snap = Snapshot {
+        header: snapshot::Header {
+            vmm_version: snapshot::VMM_VERSION.to_owned(),
+            cpu_template: meta.cpu_template.clone(),
+            cpu_fingerprint: meta.cpu_fingerprint,
+            vcpus: meta.vcpus,
+            mem_bytes: meta.mem_bytes,
+            memory_len,
+            memory_sha256,
+            taken_unix_ns,
+        },
+        vm,
+        vcpus: states,
+        serial: shared.devices.serial_regs(),
+        transports,
+    };
+    let bytes = snap.encode();
+    let io = |what| move |source| SnapshotError::Io { what, source };
+    target
+        .state
+        .write_all_at(&bytes, 0)
+        .map_err(io("writing the state file"))?;
+    target
+        .state
+        .set_len(bytes.len() as u64)
+        .map_err(io("truncating the state file"))?;
+    Ok((bytes.len() as u64, memory_len))
 }
 
 /// What one exit means for the vCPU loop.
@@ -574,9 +951,15 @@ enum Step {
 }
 
 /// Runs one vCPU until the guest ends the VM (`Some`) or the stop flag is seen (`None`).
-fn vcpu_loop(mut vcpu: Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
+fn vcpu_loop(vcpu: &mut Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
     loop {
         if shared.stop.load(Ordering::SeqCst) {
+            // Complete the last exit's I/O (an `in`'s value, an MMIO read's) inside KVM
+            // before the state can be read: KVM_RUN with immediate_exit does that and
+            // returns EINTR without entering the guest.
+            vcpu.set_immediate_exit(true);
+            let _ = vcpu.run();
+            vcpu.set_immediate_exit(false);
             return None;
         }
         let step = match vcpu.run() {

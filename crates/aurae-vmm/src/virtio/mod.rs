@@ -323,6 +323,92 @@ impl MmioTransport {
         self.device.reset();
     }
 
+    /// The registers and queues, for a snapshot.
+    pub fn state(&self) -> crate::snapshot::TransportState {
+        crate::snapshot::TransportState {
+            device_type: self.device.device_type(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    crate::snapshot::QueueState {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts back the registers and queues a snapshot recorded, on a transport rebuilt for
+    /// the same kind of device (checked: device type, queue count and sizes). A pending
+    /// interrupt is raised again.
+    pub fn restore(&mut self, s: &crate::snapshot::TransportState) -> Result<(), String> {
+        let here = self.device.device_type();
+        if s.device_type != here {
+            return Err(format!(
+                "the snapshot has device type {} here, the VM has {here}",
+                s.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device type {here}: {} queues in the snapshot, {} here",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (q, now) in s.queues.iter().zip(&self.queues) {
+            if q.max_size != now.max_size() {
+                return Err(format!(
+                    "device type {here}: queue of {} entries in the snapshot, {} here",
+                    q.max_size,
+                    now.max_size()
+                ));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(
+                Queue::try_from(state).map_err(|e| format!("device type {here}: a queue: {e}"))?,
+            );
+        }
+        self.queues = queues;
+        self.queue_select = s.queue_select;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        if self.interrupt_status != 0 {
+            let _ = self.irq.write(1);
+        }
+        Ok(())
+    }
+
     /// Processes queue `index` if the device runs and the queue is ready; interrupts the
     /// driver if the device asks for it.
     pub fn notify(&mut self, index: usize) {
