@@ -555,6 +555,8 @@ fn run(
         Ok(aurae_vmm::VmExit::PowerOff) => ("poweroff".to_owned(), true),
         Ok(aurae_vmm::VmExit::Reset) => ("reset".to_owned(), true),
         Ok(aurae_vmm::VmExit::Stopped) => ("stopped".to_owned(), true),
+        // auraed does not ask its VMMs for snapshots yet; named should one ever come.
+        Ok(aurae_vmm::VmExit::Snapshotted(_)) => ("snapshotted".to_owned(), true),
         Ok(aurae_vmm::VmExit::TripleFault { vcpu }) => {
             (format!("triple fault on vcpu {vcpu}"), false)
         }
