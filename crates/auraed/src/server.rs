@@ -1004,7 +1004,8 @@ async fn wire_workloads(
             cfg.bridge_gateway
                 .unwrap_or(std::net::Ipv4Addr::new(10, 200, 0, 1)),
         )
-        .with_records(Some(store.clone()), holder.clone()),
+        .with_records(Some(store.clone()), holder.clone())
+        .with_snapshots(cfg.state_dir.join("vm-snapshots")),
     );
     let instances = Arc::new(crate::instance::Instances::new(
         crate::instance::InstancesDeps {

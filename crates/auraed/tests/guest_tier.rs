@@ -751,3 +751,187 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
     .await
     .unwrap();
 }
+
+/// A Linux microVM (Debian's kernel, nested KVM in the TCG guest) snapshotted while it
+/// ticks, restored twice: each restored VM goes on ticking from the snapshot's count (its
+/// timers, console and memory carry on; it does not boot again), with the restore time
+/// reported. What both print from the kernel's RNG right after the restore is printed:
+/// a snapshot clones the guest's RNG state, which the Spawn template path must reseed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_restores_a_linux_microvm_from_its_snapshot() {
+    if !tier::check(
+        "guest_tier_restores_a_linux_microvm_from_its_snapshot",
+        Tier::Guest,
+        needs_guest(),
+    ) {
+        return;
+    }
+    let body = "i=0\nwhile true; do i=$((i+1)); echo \"AURAE_TICK $i $(cat /proc/sys/kernel/random/uuid)\"; sleep 0.2; done\n";
+    let files = aurae_testkit::guest::vm_image_files(
+        aurae_testkit::guest::microvm_initramfs_with(body).unwrap(),
+    )
+    .unwrap();
+    let opts = GuestOptions {
+        extra_files: files,
+        memory_mib: 1536,
+        ..Default::default()
+    };
+    aurae_testkit::guest::with_live_guest("guest_tier microVM snapshot", opts, move |g| {
+        async move {
+            let c = g.client("admin").await.unwrap();
+            let ticks = |text: &str| -> Vec<(u64, String)> {
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("AURAE_TICK "))
+                    .filter_map(|l| {
+                        let (n, id) = l.split_once(' ')?;
+                        Some((n.parse().ok()?, id.to_owned()))
+                    })
+                    .collect()
+            };
+            let wait_ticks = |name: &'static str, n: usize| {
+                let c = c.clone();
+                async move {
+                    let t = std::time::Instant::now();
+                    loop {
+                        let text = workload::console(&c, name).await.unwrap_or_default();
+                        let st = c
+                            .virtual_machines()
+                            .get(pb::NameRef { name: name.into() })
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        let k = text
+                            .lines()
+                            .filter(|l| l.starts_with("AURAE_TICK "))
+                            .count();
+                        if k >= n || st.phase != pb::Phase::Running as i32 {
+                            return (text, st);
+                        }
+                        assert!(
+                            t.elapsed() < Duration::from_secs(300),
+                            "{name}: no {n} ticks in 300 s: {text}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            // The source VM, booted again when the nested guest triple-faulted.
+            let mut tries = 1;
+            loop {
+                c.runtime()
+                    .run_virtual_machine(pb::VirtualMachine {
+                        name: "src".into(),
+                        kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+                        initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
+                        cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+                        vcpus: 1,
+                        memory_bytes: 256 << 20,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                let (text, st) = wait_ticks("src", 5).await;
+                if st.phase == pb::Phase::Running as i32 {
+                    break;
+                }
+                assert!(
+                    aurae_testkit::guest::nested_guest_faulted(&st.message)
+                        && tries < aurae_testkit::guest::NESTED_TRIES,
+                    "src ended before ticking: {st:?}\n{text}"
+                );
+                println!("RETRY src: the nested guest ended: {}", st.message);
+                tries += 1;
+                c.virtual_machines()
+                    .free(pb::NameRef { name: "src".into() })
+                    .await
+                    .unwrap();
+            }
+            let snap = c
+                .virtual_machines()
+                .snapshot(pb::SnapshotRequest {
+                    name: "src".into(),
+                    snapshot: "linux".into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("Snapshot: {e:?}\n{}", g.serial_text()))
+                .into_inner();
+            // Everything it printed up to the snapshot: its VMM has ended, its console
+            // is drained (two reads alike).
+            c.virtual_machines()
+                .wait(pb::WaitRequest {
+                    name: "src".into(),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .unwrap();
+            let mut text = workload::console(&c, "src").await.unwrap();
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let now = workload::console(&c, "src").await.unwrap();
+                if now == text {
+                    break;
+                }
+                text = now;
+            }
+            let before = ticks(&text);
+            let last = before.last().expect("ticks before the snapshot").0;
+            println!("snapshot of a ticking Linux microVM after tick {last}: {snap:?}");
+            for name in ["r1", "r2"] {
+                let st = c
+                    .runtime()
+                    .run_virtual_machine(pb::VirtualMachine {
+                        name: name.into(),
+                        snapshot: "linux".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("restore {name}: {e:?}\n{}", g.serial_text()))
+                    .into_inner();
+                println!("{name}: restored in {:?}", st.restore_time);
+                assert!(st.restore_time.is_some(), "{st:?}");
+            }
+            let mut firsts = Vec::new();
+            for name in ["r1", "r2"] {
+                let (text, st) = wait_ticks(name, 5).await;
+                assert_eq!(
+                    st.phase,
+                    pb::Phase::Running as i32,
+                    "{name}: {st:?}\n{text}"
+                );
+                let after = ticks(&text);
+                let n: Vec<u64> = after.iter().map(|t| t.0).collect();
+                println!("{name}: ticks {n:?} (the snapshot's last: {last})");
+                assert_eq!(n[0], last + 1, "{name} carries on from tick {last}: {text}");
+                assert!(n.windows(2).all(|w| w[1] == w[0] + 1), "{n:?}");
+                firsts.push(after[0].1.clone());
+            }
+            println!(
+                "the first random UUID after the restore: r1 {} r2 {} ({})",
+                firsts[0],
+                firsts[1],
+                if firsts[0] == firsts[1] {
+                    "the same: the guest's RNG state was cloned"
+                } else {
+                    "different"
+                }
+            );
+            for name in ["r1", "r2", "src"] {
+                c.virtual_machines()
+                    .free(pb::NameRef { name: name.into() })
+                    .await
+                    .unwrap();
+            }
+            c.virtual_machines()
+                .remove_snapshot(pb::NameRef {
+                    name: "linux".into(),
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -52,6 +52,35 @@ const BYE_THEN_RESET: [u8; 18] = [
     0xf4,                         // hlt
 ];
 
+/// Prints `A`..`Z` round and round (each letter through COM1's scratch register: out,
+/// in, out), counting them at 3 MiB; every 26 letters prints `#` and the count's low
+/// byte as two letters `a` + nibble. A restored copy must carry on with the next letter
+/// and the next count.
+#[rustfmt::skip]
+const LETTERS: [u8; 73] = [
+    0x66, 0xba, 0xf8, 0x03,             // mov dx, COM1
+    0xb3, b'A',                         // mov bl, 'A'
+    0x66, 0xba, 0xff, 0x03,             // loop: mov dx, COM1 scratch
+    0x88, 0xd8, 0xee,                   // mov al, bl ; out dx, al
+    0x31, 0xc0, 0xec,                   // xor eax, eax ; in al, dx
+    0x66, 0xba, 0xf8, 0x03, 0xee,       // mov dx, COM1 ; out dx, al
+    0xff, 0x04, 0x25, 0, 0, 0x30, 0,    // inc dword [0x300000]
+    0xfe, 0xc3,                         // inc bl
+    0x80, 0xfb, b'Z' + 1,               // cmp bl, 'Z'+1
+    0x75, 0x1d,                         // jne spin
+    0xb3, b'A',                         // mov bl, 'A'
+    0xb0, b'#', 0xee,                   // mov al, '#' ; out dx, al
+    0x8b, 0x04, 0x25, 0, 0, 0x30, 0,    // mov eax, [0x300000]
+    0x89, 0xc1,                         // mov ecx, eax
+    0xc0, 0xe8, 0x04, 0x24, 0x0f,       // shr al, 4 ; and al, 0xf
+    0x04, b'a', 0xee,                   // add al, 'a' ; out dx, al
+    0x88, 0xc8, 0x24, 0x0f,             // mov al, cl ; and al, 0xf
+    0x04, b'a', 0xee,                   // add al, 'a' ; out dx, al
+    0xb9, 0x00, 0x10, 0x00, 0x00,       // spin: mov ecx, 0x1000
+    0xe2, 0xfe,                         // loop $
+    0xeb, 0xbd,                         // jmp loop
+];
+
 /// `ud2` with no IDT: #UD, double fault, triple fault.
 const TRIPLE_FAULT: [u8; 2] = [0x0f, 0x0b];
 
@@ -74,6 +103,7 @@ async fn env_with(test: &str, policy: Option<String>) -> Option<Env> {
         ("hello", &HELLO_THEN_SPIN[..]),
         ("bye", &BYE_THEN_RESET[..]),
         ("fault", &TRIPLE_FAULT[..]),
+        ("letters", &LETTERS[..]),
     ] {
         std::fs::write(images.path().join(name), tiny_elf(0x20_0000, code)).unwrap();
     }
@@ -862,4 +892,328 @@ async fn a_vm_is_readopted_after_a_crash() {
             .unwrap()
             .into_inner();
     assert!(listed.virtual_machines.is_empty(), "{listed:?}");
+}
+
+/// The console of `name` once it holds at least `n` bytes.
+async fn console_of_at_least(e: &Env, name: &str, n: usize) -> String {
+    let t = Instant::now();
+    loop {
+        let c = e.console(name).await;
+        if c.len() >= n || t.elapsed() > Duration::from_secs(20) {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A console that has stopped growing (read twice, 200 ms apart, alike).
+async fn settled_console(e: &Env, name: &str) -> String {
+    let mut last = e.console(name).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = e.console(name).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// The last count [`LETTERS`] printed (`#` + two nibble letters), and the position of
+/// the first one.
+fn counts(out: &str) -> (Option<u8>, Option<u8>) {
+    let b = out.as_bytes();
+    let at = |i: usize| -> Option<u8> {
+        let hi = b.get(i + 1)?.checked_sub(b'a')?;
+        let lo = b.get(i + 2)?.checked_sub(b'a')?;
+        Some((hi << 4) | lo)
+    };
+    let first = b.iter().position(|&x| x == b'#').and_then(at);
+    let last = b.iter().rposition(|&x| x == b'#').and_then(at);
+    (first, last)
+}
+
+async fn snapshot(
+    e: &Env,
+    vm: &str,
+    snap: &str,
+) -> Result<pb::VirtualMachineSnapshot, tonic::Status> {
+    e.c.virtual_machines()
+        .snapshot(pb::SnapshotRequest {
+            name: vm.into(),
+            snapshot: snap.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn restore_of(name: &str, snap: &str) -> pb::VirtualMachine {
+    pb::VirtualMachine {
+        name: name.into(),
+        snapshot: snap.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_stored_and_restored_vms_carry_on_from_it() {
+    let Some(e) = env("a_snapshot_is_stored_and_restored_vms_carry_on_from_it").await else {
+        return;
+    };
+    e.c.runtime()
+        .run_virtual_machine(e.vm("src", "letters"))
+        .await
+        .unwrap();
+    console_of_at_least(&e, "src", 80).await;
+    let info = snapshot(&e, "src", "snap1").await.unwrap();
+    assert_eq!(
+        (
+            info.name.as_str(),
+            info.vm.as_str(),
+            info.vcpus,
+            info.memory_bytes
+        ),
+        ("snap1", "src", 1, 64 << 20),
+        "{info:?}"
+    );
+    assert!(info.state_bytes > 4096, "{info:?}");
+    let st = e.get("src").await;
+    assert_eq!(st.phase, pb::Phase::Exited as i32, "{st:?}");
+    assert!(st.message.contains("snapshotted"), "{st:?}");
+    // Everything the source printed up to the snapshot: its VMM has ended and its
+    // console's pipe is drained (two reads alike).
+    e.wait("src").await;
+    let before = settled_console(&e, "src").await;
+    let (_, count_before) = counts(&before);
+    let count_before = count_before.expect("a count before the snapshot");
+    let listed =
+        e.c.virtual_machines()
+            .list_snapshots(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+    assert_eq!(listed, vec![info.clone()]);
+
+    // Two VMs restored from it at once, each in its own jailed VMM.
+    for name in ["r1", "r2"] {
+        let st =
+            e.c.runtime()
+                .run_virtual_machine(restore_of(name, "snap1"))
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(st.phase, pb::Phase::Running as i32, "{st:?}");
+        assert_eq!(st.snapshot, "snap1");
+        let took = st.restore_time.expect("the restore time is reported");
+        assert!(took.seconds < 5, "{took:?}");
+        let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{}/root", st.vmm_pid))
+            .unwrap()
+            .flatten()
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .collect();
+        root.sort();
+        assert_eq!(root, ["dev"], "a restore's jail holds no kernel");
+    }
+    for name in ["r1", "r2"] {
+        let after = console_of_at_least(&e, name, 80).await;
+        let (first, _) = counts(&after);
+        assert_eq!(
+            first,
+            Some(count_before.wrapping_add(26)),
+            "{name} carries on counting from the snapshot's memory: before …{:?}, after {:?}…",
+            &before[before.len().saturating_sub(12)..],
+            &after[..after.len().min(40)]
+        );
+        let letter = after.bytes().find(u8::is_ascii_uppercase).unwrap();
+        let last = before.bytes().rev().find(u8::is_ascii_uppercase).unwrap();
+        let inside_count = before.ends_with('#') || before.as_bytes()[before.len() - 2] == b'#';
+        if !inside_count {
+            assert_eq!(
+                letter,
+                if last == b'Z' { b'A' } else { last + 1 },
+                "{name} carries on with the next letter"
+            );
+        }
+    }
+    for name in ["r1", "r2", "src"] {
+        e.free(name).await;
+    }
+    // Removed: listed no more, restored no more.
+    e.c.virtual_machines()
+        .remove_snapshot(pb::NameRef {
+            name: "snap1".into(),
+        })
+        .await
+        .unwrap();
+    let listed =
+        e.c.virtual_machines()
+            .list_snapshots(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+    assert!(listed.is_empty(), "{listed:?}");
+    let err =
+        e.c.runtime()
+            .run_virtual_machine(restore_of("r3", "snap1"))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let cg = e.d.cgroup.clone().unwrap();
+    for name in ["src", "r1", "r2", "r3"] {
+        assert!(!cg.join("vms").join(name).exists(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_snapshot_requests_are_refused_and_leave_nothing() {
+    let Some(e) = env_with(
+        "bad_snapshot_requests_are_refused_and_leave_nothing",
+        Some(tenants_policy()),
+    )
+    .await
+    else {
+        return;
+    };
+    let code = |r: Result<_, tonic::Status>| r.map(|_| ()).unwrap_err();
+    // Nothing to snapshot.
+    let err = code(snapshot(&e, "nope", "s1").await);
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    e.c.runtime()
+        .run_virtual_machine(e.vm("bye", "bye"))
+        .await
+        .unwrap();
+    e.wait("bye").await;
+    let err = code(snapshot(&e, "bye", "s1").await);
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not running"), "{err:?}");
+    // A running VM: a bad or taken snapshot name leaves it running.
+    e.c.runtime()
+        .run_virtual_machine(e.vm("src", "letters"))
+        .await
+        .unwrap();
+    let err = code(snapshot(&e, "src", "Not_A_Label").await);
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("snapshot"), "{err:?}");
+    snapshot(&e, "src", "s1").await.unwrap();
+    e.c.runtime()
+        .run_virtual_machine(e.vm("src2", "letters"))
+        .await
+        .unwrap();
+    let err = code(snapshot(&e, "src2", "s1").await);
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(e.get("src2").await.phase, pb::Phase::Running as i32);
+    // Restores that contradict the snapshot or name what it decides.
+    for (field, vm) in [
+        (
+            "kernel_path",
+            pb::VirtualMachine {
+                kernel_path: e.image("hello"),
+                ..restore_of("r", "s1")
+            },
+        ),
+        (
+            "vcpus",
+            pb::VirtualMachine {
+                vcpus: 2,
+                ..restore_of("r", "s1")
+            },
+        ),
+        (
+            "memory_bytes",
+            pb::VirtualMachine {
+                memory_bytes: 64 << 20,
+                ..restore_of("r", "s1")
+            },
+        ),
+        (
+            "drives",
+            pb::VirtualMachine {
+                drives: vec![drive(e.image("disk"), false, false)],
+                ..restore_of("r", "s1")
+            },
+        ),
+        ("snapshot", restore_of("r", "../s1")),
+    ] {
+        let err = e.c.runtime().run_virtual_machine(vm).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
+    }
+    let err =
+        e.c.runtime()
+            .run_virtual_machine(restore_of("r", "missing"))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // A tenant (names a-*) sees, restores and removes none of the operator's snapshots,
+    // and names its own within its grant.
+    let a = e.d.client("a").await.unwrap();
+    let listed = a
+        .virtual_machines()
+        .list_snapshots(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert!(listed.is_empty(), "{listed:?}");
+    let err = a
+        .runtime()
+        .run_virtual_machine(restore_of("a-r", "s1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = a
+        .virtual_machines()
+        .remove_snapshot(pb::NameRef { name: "s1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    a.runtime()
+        .run_virtual_machine(e.vm("a-vm", "hello"))
+        .await
+        .unwrap();
+    let err = a
+        .virtual_machines()
+        .snapshot(pb::SnapshotRequest {
+            name: "a-vm".into(),
+            snapshot: "theirs".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    a.virtual_machines()
+        .snapshot(pb::SnapshotRequest {
+            name: "a-vm".into(),
+            snapshot: "a-snap".into(),
+        })
+        .await
+        .unwrap();
+    let st = a
+        .runtime()
+        .run_virtual_machine(restore_of("a-r", "a-snap"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.phase, pb::Phase::Running as i32, "{st:?}");
+    // Nothing half made: the failed requests left no VM and no snapshot directory.
+    for name in ["bye", "src", "src2", "a-vm", "a-r"] {
+        e.free(name).await;
+    }
+    let cg = e.d.cgroup.clone().unwrap();
+    let left: Vec<_> = std::fs::read_dir(cg.join("vms"))
+        .map(|d| d.flatten().map(|x| x.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let stored: Vec<String> =
+        e.c.virtual_machines()
+            .list_snapshots(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+    assert_eq!(stored, ["a-snap", "s1"]);
 }

@@ -32,6 +32,26 @@ pub enum VmCmd {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Stop a running VM and store its snapshot (its vCPUs', devices' and memory's state)
+    /// on auraed's machine, e.g. `aer vm snapshot web web-warm`; `aer vm run NAME
+    /// --snapshot web-warm` restores it.
+    Snapshot {
+        /// The running VM, e.g. web.
+        name: String,
+        /// The snapshot's name, a DNS label unique on this auraed, e.g. web-warm.
+        snapshot: String,
+    },
+    /// The stored snapshots you may use.
+    Snapshots {
+        /// Only snapshots whose name starts with this, e.g. web-.
+        #[arg(long, default_value = "", hide_default_value = true)]
+        prefix: String,
+    },
+    /// Remove a stored snapshot (VMs restored from it run on), e.g. `aer vm rm-snapshot web-warm`.
+    RmSnapshot {
+        /// The snapshot's name, e.g. web-warm.
+        snapshot: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -39,9 +59,17 @@ pub struct RunArgs {
     /// The VM's name, a DNS label unique on this auraed, e.g. web.
     name: String,
     /// Guest kernel (bzImage or vmlinux), an absolute path on auraed's machine, e.g.
-    /// /srv/vm-images/vmlinuz.
-    #[arg(long, value_name = "PATH")]
-    kernel: String,
+    /// /srv/vm-images/vmlinuz (required unless --snapshot).
+    #[arg(long, value_name = "PATH", required_unless_present = "snapshot")]
+    kernel: Option<String>,
+    /// Restore this stored snapshot instead of booting a kernel (its size, command line
+    /// and CPU template are the snapshot's), e.g. web-warm.
+    #[arg(
+        long,
+        value_name = "SNAPSHOT",
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "memory", "cpu_template"]
+    )]
+    snapshot: Option<String>,
     /// Initramfs, an absolute path on auraed's machine, e.g. /srv/vm-images/initrd
     /// [default: none].
     #[arg(
@@ -78,20 +106,33 @@ pub struct RunArgs {
 
 impl RunArgs {
     fn proto(self) -> pb::VirtualMachine {
+        let drives = self.drives.iter().map(|d| drive(d)).collect();
+        let interfaces = if self.net {
+            vec![pb::NetworkInterface::default()]
+        } else {
+            Vec::new()
+        };
+        if let Some(snapshot) = self.snapshot {
+            // The snapshot decides the rest (clap refused them on the command line).
+            return pb::VirtualMachine {
+                name: self.name,
+                snapshot,
+                drives,
+                interfaces,
+                ..Default::default()
+            };
+        }
         pb::VirtualMachine {
             name: self.name,
-            kernel_path: self.kernel,
+            kernel_path: self.kernel.unwrap_or_default(),
             initramfs_path: self.initramfs,
             cmdline: self.cmdline,
             vcpus: self.vcpus,
             memory_bytes: self.memory,
-            drives: self.drives.iter().map(|d| drive(d)).collect(),
-            interfaces: if self.net {
-                vec![pb::NetworkInterface::default()]
-            } else {
-                Vec::new()
-            },
+            drives,
+            interfaces,
             cpu_template: self.cpu_template,
+            snapshot: String::new(),
         }
     }
 }
@@ -120,6 +161,27 @@ fn vm_row(s: &pb::VirtualMachineStatus) -> Row {
         ("addresses", json!(s.addresses)),
         ("exit", exit(s.exit.as_ref())),
         ("message", json!(s.message)),
+    ]
+}
+
+fn snapshot_row(s: &pb::VirtualMachineSnapshot) -> Row {
+    vec![
+        ("name", json!(s.name)),
+        ("vm", json!(s.vm)),
+        ("vcpus", json!(s.vcpus)),
+        ("memory_bytes", json!(s.memory_bytes)),
+        ("drives", json!(s.drives)),
+        ("interfaces", json!(s.interfaces)),
+        ("state_bytes", json!(s.state_bytes)),
+        (
+            "took_ms",
+            json!(
+                s.took
+                    .as_ref()
+                    .map_or(0.0, |d| d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6)
+            ),
+        ),
+        ("cpu_template", json!(s.cpu_template)),
     ]
 }
 
@@ -153,6 +215,30 @@ pub async fn run(c: &Client, cmd: VmCmd, fmt: Format) -> Result<(), Status> {
                 .await?;
             stream_logs(logs.into_inner()).await?;
         }
+        VmCmd::Snapshot { name, snapshot } => {
+            let s = c
+                .virtual_machines()
+                .snapshot(pb::SnapshotRequest { name, snapshot })
+                .await?
+                .into_inner();
+            print(fmt, &[snapshot_row(&s)], true);
+        }
+        VmCmd::Snapshots { prefix } => {
+            let l = c
+                .virtual_machines()
+                .list_snapshots(pb::ListRequest {
+                    name_prefix: prefix,
+                })
+                .await?
+                .into_inner();
+            let rows: Vec<Row> = l.snapshots.iter().map(snapshot_row).collect();
+            print(fmt, &rows, false);
+        }
+        VmCmd::RmSnapshot { snapshot } => {
+            c.virtual_machines()
+                .remove_snapshot(pb::NameRef { name: snapshot })
+                .await?;
+        }
     }
     Ok(())
 }
@@ -180,6 +266,35 @@ mod tests {
         assert_eq!(drives, [("/a", true), ("/b", false), ("/c", false)]);
         assert!(vm.drives.iter().all(|d| !d.read_only));
         assert_eq!(vm.interfaces.len(), 1);
+    }
+
+    #[test]
+    fn vm_run_from_a_snapshot_sends_only_what_the_snapshot_does_not_decide() {
+        let Command::Vm(VmCmd::Run(a)) = parse("vm run r1 --snapshot warm --net").unwrap() else {
+            panic!("not vm run")
+        };
+        let vm = a.proto();
+        assert_eq!((vm.name.as_str(), vm.snapshot.as_str()), ("r1", "warm"));
+        assert_eq!((vm.kernel_path.as_str(), vm.cmdline.as_str()), ("", ""));
+        assert_eq!((vm.vcpus, vm.memory_bytes), (0, 0));
+        assert!(vm.cpu_template.is_empty());
+        assert_eq!(vm.interfaces.len(), 1);
+        // What the snapshot decides cannot be asked for, and a kernel or a snapshot is needed.
+        assert!(parse("vm run r1 --snapshot warm --vcpus 2").is_err());
+        assert!(parse("vm run r1 --snapshot warm --kernel /k").is_err());
+        assert!(parse("vm run r1").is_err());
+        assert!(matches!(
+            parse("vm snapshot web warm").unwrap(),
+            Command::Vm(VmCmd::Snapshot { .. })
+        ));
+        assert!(matches!(
+            parse("vm rm-snapshot warm").unwrap(),
+            Command::Vm(VmCmd::RmSnapshot { .. })
+        ));
+        assert!(matches!(
+            parse("vm snapshots --prefix web-").unwrap(),
+            Command::Vm(VmCmd::Snapshots { .. })
+        ));
     }
 
     #[test]

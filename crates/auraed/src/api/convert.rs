@@ -132,6 +132,32 @@ pub fn vm(v: &Vm) -> pb::VirtualMachineStatus {
             .map(|(st, at)| crate::events::exit_status(st, false, at)),
         started_at: Some(v.started_at.into()),
         message: s.message,
+        snapshot: v
+            .spec
+            .snapshot
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        restore_time: s
+            .restore_time
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+    }
+}
+
+pub fn vm_snapshot(i: &crate::vm::snapshots::SnapshotInfo) -> pb::VirtualMachineSnapshot {
+    pb::VirtualMachineSnapshot {
+        name: i.name.clone(),
+        vm: i.vm.clone(),
+        vcpus: i.vcpus,
+        memory_bytes: i.memory_bytes,
+        drives: u32::try_from(i.drives).unwrap_or(u32::MAX),
+        interfaces: u32::try_from(i.interfaces).unwrap_or(u32::MAX),
+        state_bytes: i.state_bytes,
+        took: prost_types::Duration::try_from(std::time::Duration::from_nanos(i.took_ns)).ok(),
+        created_at: Some(
+            (std::time::UNIX_EPOCH + std::time::Duration::from_secs(i.created_unix_s)).into(),
+        ),
+        cpu_template: i.cpu_template.clone(),
     }
 }
 

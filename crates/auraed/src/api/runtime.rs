@@ -356,13 +356,25 @@ impl Runtime for RuntimeApi {
         req: Request<pb::VirtualMachine>,
     ) -> Result<Response<pb::VirtualMachineStatus>, Status> {
         let caller = Caller::of(&req)?;
-        let spec = VmSpec::try_from(req.into_inner()).map_err(invalid)?;
+        let mut spec = VmSpec::try_from(req.into_inner()).map_err(invalid)?;
         caller.authorize_name(spec.name.as_str())?;
+        // A snapshot holds its VM's memory: restoring one is authorized by its name like a
+        // VM's, and its size counts against the caller's quota like a booted VM's.
+        if let Some(snap) = spec.snapshot.clone() {
+            caller.authorize_name(snap.as_str())?;
+            let info = self.ctx.vms.snapshots()?.info(&snap)?;
+            spec = spec.restoring(&info).map_err(invalid)?;
+        }
         // Every host file a VM uses (kernel, initramfs, drives) must lie under the grant's
         // volumes (relative to its image root): another tenant's disk is not readable
         // through a read-only drive. A writable drive also needs allow_writable_drives.
         // Checked by name before anything is opened.
-        let files = std::iter::once(("kernel_path".to_owned(), &spec.kernel, false))
+        let kernel = spec
+            .snapshot
+            .is_none()
+            .then(|| ("kernel_path".to_owned(), &spec.kernel, false));
+        let files = kernel
+            .into_iter()
             .chain(
                 spec.initramfs
                     .iter()

@@ -82,6 +82,46 @@ impl VirtualMachines for VirtualMachinesApi {
         let name = vm.spec.name.to_string();
         Ok(Response::new(pb::Freed { name }))
     }
+    async fn snapshot(
+        &self,
+        r: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::VirtualMachineSnapshot>, Status> {
+        let vm = self.find(&r, &r.get_ref().name)?;
+        let (_, snap) = authorized(
+            &r,
+            Label::parse("snapshot", &r.get_ref().snapshot),
+            Label::as_str,
+        )?;
+        let info = self.vms.snapshot(&vm.spec.name, &snap).await?;
+        Ok(Response::new(convert::vm_snapshot(&info)))
+    }
+    async fn list_snapshots(
+        &self,
+        r: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListVirtualMachineSnapshotsResponse>, Status> {
+        let show = visible(&r, "name_prefix", &r.get_ref().name_prefix)?;
+        let snapshots = self
+            .vms
+            .snapshots()?
+            .list()
+            .iter()
+            .filter(|i| show(&i.name))
+            .map(convert::vm_snapshot)
+            .collect();
+        Ok(Response::new(pb::ListVirtualMachineSnapshotsResponse {
+            snapshots,
+        }))
+    }
+    async fn remove_snapshot(
+        &self,
+        r: Request<pb::NameRef>,
+    ) -> Result<Response<pb::Freed>, Status> {
+        let (_, name) = authorized(&r, Label::parse("name", &r.get_ref().name), Label::as_str)?;
+        self.vms.snapshots()?.remove(&name)?;
+        Ok(Response::new(pb::Freed {
+            name: name.to_string(),
+        }))
+    }
     type ConsoleStream = ResponseStream<pb::LogChunk>;
     async fn console(
         &self,

@@ -4,6 +4,7 @@
 
 pub mod network;
 pub mod record;
+pub mod snapshots;
 pub mod spec;
 pub mod vmm;
 
@@ -58,6 +59,10 @@ pub struct VmState {
     /// Port-I/O and MMIO exits the monitor handled, all vCPUs, as it last reported them
     /// (every second while the guest runs).
     pub exits: Option<VmExits>,
+    /// How long the VMM took to restore the VM (restored VMs only).
+    pub restore_time: Option<Duration>,
+    /// The snapshot the VMM wrote when asked: state file bytes, memory bytes, time taken.
+    pub snapshotted: Option<(u64, u64, Duration)>,
 }
 
 /// Exits a VM's monitor handled (each one a return from the guest to the VMM).
@@ -121,7 +126,12 @@ pub struct Vms {
     network: Mutex<Network>,
     recorder: crate::workload::record::Recorder,
     holder: Option<Arc<crate::workload::holder::Holder>>,
+    /// Where snapshots are stored (`None`: no state directory was usable; reported).
+    snapshots: Result<snapshots::SnapshotStore, String>,
 }
+
+/// How long a VMM has to write a snapshot once asked (a pass over the guest's memory).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn precondition(m: impl Into<String>) -> WorkloadError {
     WorkloadError::Precondition(m.into())
@@ -192,7 +202,39 @@ impl Vms {
             recorder: crate::workload::record::Recorder::new(None, events.clone()),
             events,
             holder: None,
+            snapshots: Err("no snapshot directory was configured".into()),
         }
+    }
+
+    /// Stores snapshots in `dir` (created 0700); what a crashed auraed left half written
+    /// there is removed and reported.
+    pub fn with_snapshots(mut self, dir: PathBuf) -> Self {
+        self.snapshots = match snapshots::SnapshotStore::open(dir.clone()) {
+            Ok((store, removed)) => {
+                for name in removed {
+                    warn!(snapshot = %name, "removed a snapshot a previous auraed left half written");
+                    self.events.emit(
+                        pb::Kind::VirtualMachine,
+                        &name,
+                        pb::EventType::Freed,
+                        "a snapshot left half written by a previous auraed was removed",
+                    );
+                }
+                Ok(store)
+            }
+            Err(e) => {
+                warn!("VM snapshots unavailable: {e}");
+                Err(format!("VM snapshots are unavailable here: {e}"))
+            }
+        };
+        self
+    }
+
+    /// The snapshot store, or FAILED_PRECONDITION saying why there is none.
+    pub fn snapshots(&self) -> Result<&snapshots::SnapshotStore, WorkloadError> {
+        self.snapshots
+            .as_ref()
+            .map_err(|e| WorkloadError::Precondition(e.clone()))
     }
 
     /// Records every VM in `store` and hands its control socket and console to
@@ -299,7 +341,13 @@ impl Vms {
         // Each file opened once, here; the VMM gets these fds, never a path to open. A
         // writable drive has been authorized by the caller (see RunVirtualMachine).
         let roots = &self.image_roots;
-        let mut files = vec![allowed_file("kernel_path", &spec.kernel, roots, false)?];
+        let mut files = match &spec.snapshot {
+            Some(name) => {
+                let (_, state, memory) = self.snapshots()?.open_files(name)?;
+                vec![OwnedFd::from(state), OwnedFd::from(memory)]
+            }
+            None => vec![allowed_file("kernel_path", &spec.kernel, roots, false)?],
+        };
         if let Some(p) = &spec.initramfs {
             files.push(allowed_file("initramfs_path", p, roots, false)?);
         }
@@ -336,7 +384,7 @@ impl Vms {
             None => None,
         };
         let mut cmdline = spec.cmdline.clone();
-        if let (Some(l), Ok(n)) = (&lease, self.network.lock()) {
+        if let (Some(l), Ok(n), None) = (&lease, self.network.lock(), &spec.snapshot) {
             cmdline = format!("{} {}", cmdline.trim(), n.cmdline(l))
                 .trim()
                 .to_owned();
@@ -355,6 +403,7 @@ impl Vms {
             net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
             initramfs_in_memory: false,
             cpu_template: spec.cpu_template.name().to_owned(),
+            restore: spec.snapshot.is_some(),
         };
         let started = self
             .start_vmm(&tree, &spec, &cgroup, cfg, &files, lease.clone(), None)
@@ -417,6 +466,7 @@ impl Vms {
             drives: Vec::new(),
             macs: vec![Some(lease.mac)],
             cpu_template: aurae_vmm::CpuTemplate::default(),
+            snapshot: None,
         };
         let cfg = VmmConfig {
             kernel: spec.kernel.clone(),
@@ -428,6 +478,7 @@ impl Vms {
             net: Some((lease.tap.clone(), lease.mac)),
             initramfs_in_memory: true,
             cpu_template: spec.cpu_template.name().to_owned(),
+            restore: false,
         };
         self.start_vmm(
             &tree,
@@ -522,6 +573,8 @@ impl Vms {
             process: None,
             message: String::new(),
             exits: None,
+            restore_time: None,
+            snapshotted: None,
         });
         let vm = Arc::new(Vm {
             spec: spec.clone(),
@@ -684,6 +737,17 @@ impl Vms {
                             s.phase = Phase::Failed;
                             s.message = message;
                         }
+                        Report::Restored { restore_ns } => {
+                            s.restore_time = Some(Duration::from_nanos(restore_ns));
+                        }
+                        Report::Snapshotted {
+                            state_bytes,
+                            memory_bytes,
+                            took_ns,
+                        } => {
+                            s.snapshotted =
+                                Some((state_bytes, memory_bytes, Duration::from_nanos(took_ns)));
+                        }
                         Report::Exits { .. } => {}
                     });
                 }
@@ -704,6 +768,81 @@ impl Vms {
             }
         }
         Ok(vm)
+    }
+
+    /// Stops a running VM and stores its snapshot as `snapshot`: the VMM writes both files
+    /// into a partial directory auraed made, which is put under its name only once the
+    /// VMM has said it wrote them. The VM ends EXITED ("snapshotted").
+    pub async fn snapshot(
+        &self,
+        name: &Label,
+        snapshot: &Label,
+    ) -> Result<snapshots::SnapshotInfo, WorkloadError> {
+        let vm = self.find(name)?;
+        if vm.gone() || vm.state.borrow().phase != Phase::Running {
+            return Err(precondition(format!(
+                "virtual machine {:?} is not running",
+                name.as_str()
+            )));
+        }
+        let store = self.snapshots()?;
+        let partial = store.begin(snapshot)?;
+        let asked = std::time::Instant::now();
+        let sent = vmm::send_with_fds(
+            vm.ctl.as_ref(),
+            &vmm::Command::Snapshot,
+            &[partial.state.as_raw_fd(), partial.memory.as_raw_fd()],
+        );
+        if let Err(e) = sent {
+            partial.abort();
+            return Err(precondition(format!("asking the VMM for a snapshot: {e}")));
+        }
+        let mut rx = vm.state.subscribe();
+        let done = tokio::time::timeout(
+            SNAPSHOT_TIMEOUT,
+            rx.wait_for(|s| s.snapshotted.is_some() || s.process.is_some()),
+        )
+        .await;
+        let written = vm.state.borrow().snapshotted;
+        let Some((state_bytes, _memory_bytes, took)) = written else {
+            partial.abort();
+            if done.is_err() {
+                let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
+            }
+            let why = vm.state.borrow().message.clone();
+            return Err(precondition(format!(
+                "virtual machine {:?}: no snapshot was written{}",
+                name.as_str(),
+                if done.is_err() {
+                    format!(" within {SNAPSHOT_TIMEOUT:?} (the VMM was killed)")
+                } else {
+                    format!(": {why}")
+                }
+            )));
+        };
+        let info = snapshots::SnapshotInfo {
+            name: snapshot.to_string(),
+            vm: name.to_string(),
+            vcpus: vm.spec.vcpus,
+            memory_bytes: vm.spec.memory_bytes,
+            drives: vm.spec.drives.len(),
+            interfaces: vm.spec.macs.len(),
+            state_bytes,
+            took_ns: u64::try_from(took.max(asked.elapsed()).as_nanos()).unwrap_or(u64::MAX),
+            created_unix_s: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            cpu_template: vm.spec.cpu_template.name().to_owned(),
+        };
+        partial.commit(&info)?;
+        info!(vm = %name, snapshot = %snapshot, "snapshot stored");
+        self.events.emit(
+            pb::Kind::VirtualMachine,
+            name.as_str(),
+            pb::EventType::Stopped,
+            format!("snapshot {snapshot} stored"),
+        );
+        Ok(info)
     }
 
     /// Stops (at once) and removes the VM, its TAP device, address and cgroup.

@@ -115,6 +115,8 @@ impl Vms {
                     process: None,
                     message: String::new(),
                     exits: None,
+                    restore_time: None,
+                    snapshotted: None,
                 })
                 .0,
                 ctl: Arc::new(ctl),

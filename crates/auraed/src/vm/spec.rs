@@ -106,6 +106,37 @@ pub struct VmSpec {
     /// Recorded by name; a record from before templates existed reads as the default.
     #[serde(default, with = "template_by_name")]
     pub cpu_template: aurae_vmm::CpuTemplate,
+    /// Restored from this stored snapshot instead of booted: `kernel` is then empty and
+    /// `vcpus`, `memory_bytes` and `cpu_template` are the snapshot's
+    /// ([`VmSpec::restoring`]).
+    #[serde(default)]
+    pub snapshot: Option<Label>,
+}
+
+impl VmSpec {
+    /// A restore's spec with the snapshot's size and template filled in, once its info is
+    /// read; INVALID_ARGUMENT naming `drives` or `interfaces` when the request does not
+    /// give as many as the snapshot's VM had.
+    pub fn restoring(mut self, info: &super::snapshots::SnapshotInfo) -> Result<Self, FieldError> {
+        for (field, given, had) in [
+            ("drives", self.drives.len(), info.drives),
+            ("interfaces", self.macs.len(), info.interfaces),
+        ] {
+            if given != had {
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "{given} given: snapshot {:?} was taken of a VM with {had}",
+                        info.name
+                    ),
+                ));
+            }
+        }
+        self.vcpus = vcpus("vcpus", info.vcpus)?;
+        self.memory_bytes = memory("memory_bytes", info.memory_bytes)?;
+        self.cpu_template = cpu_template("cpu_template", &info.cpu_template)?;
+        Ok(self)
+    }
 }
 
 /// A [`aurae_vmm::CpuTemplate`] in a record: its name.
@@ -141,6 +172,47 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
                 format!("longer than {MAX_CMDLINE} bytes or contains NUL"),
             ));
         }
+        if !v.snapshot.is_empty() {
+            let snapshot = Label::parse("snapshot", &v.snapshot)?;
+            for (field, set) in [
+                ("kernel_path", !v.kernel_path.is_empty()),
+                ("initramfs_path", !v.initramfs_path.is_empty()),
+                ("cmdline", !v.cmdline.is_empty()),
+                ("vcpus", v.vcpus != 0),
+                ("memory_bytes", v.memory_bytes != 0),
+                ("cpu_template", !v.cpu_template.is_empty()),
+            ] {
+                if set {
+                    return Err(FieldError::new(
+                        field,
+                        "must be unset when restoring a snapshot: the snapshot's is used",
+                    ));
+                }
+            }
+            return Ok(Self {
+                name: Label::parse("name", &v.name)?,
+                kernel: PathBuf::new(),
+                initramfs: None,
+                cmdline: String::new(),
+                // Placeholders until the snapshot's info is read (VmSpec::restoring).
+                vcpus: 1,
+                memory_bytes: MIN_MEMORY,
+                drives: v
+                    .drives
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| drive(i, d))
+                    .collect::<Result<_, FieldError>>()?,
+                macs: v
+                    .interfaces
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
+                    .collect::<Result<_, FieldError>>()?,
+                cpu_template: aurae_vmm::CpuTemplate::default(),
+                snapshot: Some(snapshot),
+            });
+        }
         Ok(Self {
             name: Label::parse("name", &v.name)?,
             kernel: abs_path("kernel_path", &v.kernel_path)?,
@@ -165,6 +237,7 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
                 .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
                 .collect::<Result<_, FieldError>>()?,
             cpu_template: cpu_template("cpu_template", &v.cpu_template)?,
+            snapshot: None,
         })
     }
 }

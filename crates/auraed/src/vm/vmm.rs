@@ -64,6 +64,11 @@ pub struct VmmConfig {
     /// The CPU template's name (`aurae_vmm::CpuTemplate::name`); absent = the default.
     #[serde(default)]
     pub cpu_template: String,
+    /// Restore a snapshot instead of booting: the fds are then the state file, the memory
+    /// file and the drives (no kernel, no initramfs; `cmdline`, `vcpus`, `memory_bytes`
+    /// and the template come from the snapshot).
+    #[serde(default)]
+    pub restore: bool,
 }
 
 /// auraed → VMM.
@@ -72,6 +77,9 @@ pub struct VmmConfig {
 pub enum Command {
     /// Stop the guest now (its vCPUs are halted; the VMM then exits).
     Stop,
+    /// Stop the guest and write its snapshot to the two files attached (state, memory;
+    /// opened for writing by auraed); the VMM reports [`Report::Snapshotted`] and exits.
+    Snapshot,
 }
 
 /// VMM → auraed.
@@ -89,6 +97,14 @@ pub enum Report {
     /// The exits the monitor handled so far, all vCPUs (sent every second while the guest
     /// runs, and once more before `Exited`).
     Exits { io: u64, mmio: u64 },
+    /// The VM was restored from a snapshot in this long (before `Started`).
+    Restored { restore_ns: u64 },
+    /// The snapshot asked for was written (before `Exited`).
+    Snapshotted {
+        state_bytes: u64,
+        memory_bytes: u64,
+        took_ns: u64,
+    },
 }
 
 /// How often the VMM reports its exit counts.
@@ -123,6 +139,9 @@ fn send_msg_or_drop<T: Serialize>(fd: &impl AsRawFd, msg: &T) {
 impl VmmConfig {
     /// How many fds come with the configuration.
     pub fn fds(&self) -> usize {
+        if self.restore {
+            return 2 + self.drives.len();
+        }
         1 + usize::from(self.initramfs.is_some()) + self.drives.len()
     }
 }
@@ -220,8 +239,18 @@ pub fn main() -> ExitCode {
 /// Where things are inside the jail.
 const JAIL: &str = "/tmp";
 
-/// `files`: auraed's fds of the kernel, initramfs (if any) and drives, in that order.
-fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, String> {
+/// A snapshot's two files, opened in the VMM before its jail closes what auraed sent.
+struct SnapshotFiles {
+    state: std::fs::File,
+    memory: std::fs::File,
+}
+
+/// `files`: auraed's fds of the kernel, initramfs (if any) and drives, in that order; for
+/// a restore, of the snapshot's state and memory files, then the drives.
+fn jail(
+    cfg: &VmmConfig,
+    files: &[std::os::fd::RawFd],
+) -> Result<(VmmConfig, Option<SnapshotFiles>), String> {
     use std::fs::{File, OpenOptions};
     fn e(what: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
         move |err| format!("jail: {what}: {err}")
@@ -251,8 +280,29 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
             cfg.fds()
         ));
     }
-    let mut names = vec![("kernel".to_owned(), true)];
-    if cfg.initramfs.is_some() {
+    let all = files;
+    // A restore's state and memory files are used as open files, never by a path: each
+    // opened again, read-only, through /proc/self/fd before the jail closes auraed's.
+    let (snapshot, files) = if cfg.restore {
+        let again = |fd: &std::os::fd::RawFd, what: &str| {
+            File::open(format!("/proc/self/fd/{fd}"))
+                .map_err(|err| format!("jail: the snapshot's {what} file: {err}"))
+        };
+        (
+            Some(SnapshotFiles {
+                state: again(&files[0], "state")?,
+                memory: again(&files[1], "memory")?,
+            }),
+            &files[2..],
+        )
+    } else {
+        (None, files)
+    };
+    let mut names = Vec::new();
+    if !cfg.restore {
+        names.push(("kernel".to_owned(), true));
+    }
+    if cfg.initramfs.is_some() && !cfg.restore {
         names.push(("initramfs".into(), true));
     }
     for (i, (_, ro)) in cfg.drives.iter().enumerate() {
@@ -358,7 +408,7 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
     }
     // Nothing of the host stays open across the pivot but what is bound.
     drop((kvm, tun));
-    for fd in files {
+    for fd in all {
         let _ = nix::unistd::close(*fd);
     }
     std::env::set_current_dir(JAIL).map_err(|err| format!("jail: chdir: {err}"))?;
@@ -367,7 +417,7 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
     std::env::set_current_dir("/").map_err(|err| format!("jail: chdir /: {err}"))?;
     aurae_sys::process::drop_all_capabilities()
         .map_err(|err| format!("jail: dropping capabilities: {err}"))?;
-    Ok(VmmConfig {
+    let inside = VmmConfig {
         kernel: "/kernel".into(),
         initramfs: cfg.initramfs.as_ref().map(|_| {
             if cfg.initramfs_in_memory {
@@ -380,7 +430,8 @@ fn jail(cfg: &VmmConfig, files: &[std::os::fd::RawFd]) -> Result<VmmConfig, Stri
             .map(|i| (PathBuf::from(format!("/drive{i}")), cfg.drives[i].1))
             .collect(),
         ..cfg.clone()
-    })
+    };
+    Ok((inside, snapshot))
 }
 
 /// Syscalls no thread of the VMM ever needs, refused process-wide (inherited by every
@@ -416,6 +467,8 @@ const CONTROL_ALLOWED: &[nix::libc::c_long] = {
         SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sigaltstack, SYS_mmap, SYS_munmap,
         SYS_mprotect, SYS_madvise, SYS_brk, SYS_write, SYS_close, SYS_sched_yield,
         SYS_exit, SYS_exit_group, SYS_rseq, SYS_set_robust_list,
+        // A snapshot's files arrive as fds: duplicated into owned ones (F_DUPFD_CLOEXEC).
+        SYS_fcntl,
     ]
 };
 
@@ -450,7 +503,7 @@ fn run(
         aurae_vmm::CpuTemplate::from_name(&cfg.cpu_template)
             .ok_or_else(|| format!("unknown CPU template {:?}", cfg.cpu_template))?
     };
-    let inside = jail(&cfg, files)?;
+    let (inside, snapshot) = jail(&cfg, files)?;
     {
         use seccompiler::SeccompAction as A;
         let eperm = A::Errno(nix::libc::EPERM as u32);
@@ -462,25 +515,50 @@ fn run(
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| format!("serial: {e}"))?;
-    let vm = aurae_vmm::Vm::new(aurae_vmm::VmConfig {
-        kernel: inside.kernel,
-        initramfs: inside.initramfs,
-        cmdline: inside.cmdline,
-        vcpus: inside.vcpus,
-        mem_bytes: inside.memory_bytes,
-        serial_out: Box::new(std::fs::File::from(serial)),
-        drives: inside
-            .drives
-            .into_iter()
-            .map(|(path, read_only)| aurae_vmm::DriveConfig { path, read_only })
-            .collect(),
-        net: inside
-            .net
-            .map(|(tap, mac)| aurae_vmm::NetConfig { tap, mac }),
-        seccomp: true,
-        cpu_template,
-    })
-    .map_err(|e| e.to_string())?;
+    let drives: Vec<_> = inside
+        .drives
+        .into_iter()
+        .map(|(path, read_only)| aurae_vmm::DriveConfig { path, read_only })
+        .collect();
+    let net = inside
+        .net
+        .map(|(tap, mac)| aurae_vmm::NetConfig { tap, mac });
+    let serial_out = Box::new(std::fs::File::from(serial));
+    let vm = match snapshot {
+        Some(SnapshotFiles { mut state, memory }) => {
+            let snapshot = aurae_vmm::Snapshot::read(&mut state).map_err(|e| e.to_string())?;
+            let (vm, info) = aurae_vmm::Vm::restore(aurae_vmm::RestoreConfig {
+                snapshot,
+                memory,
+                serial_out,
+                drives,
+                net,
+                seccomp: true,
+            })
+            .map_err(|e| e.to_string())?;
+            send_msg(
+                ctl,
+                &Report::Restored {
+                    restore_ns: u64::try_from(info.took.as_nanos()).unwrap_or(u64::MAX),
+                },
+            )
+            .map_err(|e| format!("control socket: {e}"))?;
+            vm
+        }
+        None => aurae_vmm::Vm::new(aurae_vmm::VmConfig {
+            kernel: inside.kernel,
+            initramfs: inside.initramfs,
+            cmdline: inside.cmdline,
+            vcpus: inside.vcpus,
+            mem_bytes: inside.memory_bytes,
+            serial_out,
+            drives,
+            net,
+            seccomp: true,
+            cpu_template,
+        })
+        .map_err(|e| e.to_string())?,
+    };
     let handle = vm.handle();
     send_msg(ctl, &Report::Started).map_err(|e| format!("control socket: {e}"))?;
     let done = Arc::new(AtomicBool::new(false));
@@ -495,10 +573,33 @@ fn run(
                     h.stop();
                     return;
                 }
-                // The only command is Stop; the end of the stream (auraed gone) or an
-                // unreadable message stops the guest as well.
-                let _ = recv_msg::<Command>(ctl2.as_ref());
-                h.stop();
+                // Stop, or Snapshot with its two files; the end of the stream (auraed
+                // gone) or an unreadable message stops the guest as well.
+                match recv_with_fds::<Command>(ctl2.as_ref()) {
+                    Ok(Some((Command::Snapshot, fds))) if fds.len() == 2 => {
+                        let owned: Vec<_> = fds
+                            .iter()
+                            .filter_map(|&fd| aurae_sys::fd::dup_raw(fd).ok())
+                            .collect();
+                        for fd in fds {
+                            let _ = nix::unistd::close(fd);
+                        }
+                        match <[OwnedFd; 2]>::try_from(owned) {
+                            Ok([state, memory]) => h.snapshot(aurae_vmm::SnapshotTarget {
+                                state: state.into(),
+                                memory: memory.into(),
+                            }),
+                            Err(_) => h.stop(),
+                        }
+                    }
+                    Ok(Some((_, fds))) => {
+                        for fd in fds {
+                            let _ = nix::unistd::close(fd);
+                        }
+                        h.stop();
+                    }
+                    _ => h.stop(),
+                }
             })
             .map_err(|e| format!("control thread: {e}"))?;
         let h = handle.clone();
@@ -551,11 +652,20 @@ fn run(
         );
     }
     send_msg_or_drop(ctl, &exits_report(&handle));
+    if let Ok(aurae_vmm::VmExit::Snapshotted(info)) = &exit {
+        let _ = send_msg(
+            ctl,
+            &Report::Snapshotted {
+                state_bytes: info.state_bytes,
+                memory_bytes: info.memory_bytes,
+                took_ns: u64::try_from(info.took.as_nanos()).unwrap_or(u64::MAX),
+            },
+        );
+    }
     let (reason, clean) = match exit {
         Ok(aurae_vmm::VmExit::PowerOff) => ("poweroff".to_owned(), true),
         Ok(aurae_vmm::VmExit::Reset) => ("reset".to_owned(), true),
         Ok(aurae_vmm::VmExit::Stopped) => ("stopped".to_owned(), true),
-        // auraed does not ask its VMMs for snapshots yet; named should one ever come.
         Ok(aurae_vmm::VmExit::Snapshotted(_)) => ("snapshotted".to_owned(), true),
         Ok(aurae_vmm::VmExit::TripleFault { vcpu }) => {
             (format!("triple fault on vcpu {vcpu}"), false)
@@ -592,6 +702,7 @@ mod tests {
             net: Some(("aurae-t1".into(), [2, 0, 0, 0, 0, 1])),
             initramfs_in_memory: false,
             cpu_template: String::new(),
+            restore: false,
         };
         send_msg(&a, &cfg).unwrap();
         assert_eq!(recv_msg::<VmmConfig>(&b).unwrap(), Some(cfg));
@@ -629,6 +740,7 @@ mod tests {
             net: None,
             initramfs_in_memory: false,
             cpu_template: String::new(),
+            restore: false,
         };
         send_with_fds(&a, &cfg, &[f.as_raw_fd()]).unwrap();
         let (got, fds) = recv_with_fds::<VmmConfig>(&b).unwrap().unwrap();
