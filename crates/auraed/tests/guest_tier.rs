@@ -893,6 +893,14 @@ async fn guest_tier_restores_a_linux_microvm_from_its_snapshot() {
                 println!("{name}: restored in {:?}", st.restore_time);
                 assert!(st.restore_time.is_some(), "{st:?}");
             }
+            // What the restore spent its time on (auraed's log line, on the guest's console).
+            for l in g
+                .serial_text()
+                .lines()
+                .filter(|l| l.contains("virtual machine restored"))
+            {
+                println!("{l}");
+            }
             let mut firsts = Vec::new();
             for name in ["r1", "r2"] {
                 let (text, st) = wait_ticks(name, 5).await;

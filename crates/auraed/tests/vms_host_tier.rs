@@ -1202,7 +1202,12 @@ async fn bad_snapshot_requests_are_refused_and_leave_nothing() {
     }
     let cg = e.d.cgroup.clone().unwrap();
     let left: Vec<_> = std::fs::read_dir(cg.join("vms"))
-        .map(|d| d.flatten().map(|x| x.file_name()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|x| x.path().is_dir() && x.file_name() != "_procs")
+                .map(|x| x.file_name())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     let stored: Vec<String> =

@@ -737,8 +737,19 @@ impl Vms {
                             s.phase = Phase::Failed;
                             s.message = message;
                         }
-                        Report::Restored { restore_ns } => {
+                        Report::Restored {
+                            restore_ns,
+                            machine_ns,
+                            vcpus_ns,
+                        } => {
                             s.restore_time = Some(Duration::from_nanos(restore_ns));
+                            info!(
+                                vm = %vm2.spec.name,
+                                restore_ms = restore_ns as f64 / 1e6,
+                                machine_ms = machine_ns as f64 / 1e6,
+                                vcpus_ms = vcpus_ns as f64 / 1e6,
+                                "virtual machine restored"
+                            );
                         }
                         Report::Snapshotted {
                             state_bytes,

@@ -97,8 +97,15 @@ pub enum Report {
     /// The exits the monitor handled so far, all vCPUs (sent every second while the guest
     /// runs, and once more before `Exited`).
     Exits { io: u64, mmio: u64 },
-    /// The VM was restored from a snapshot in this long (before `Started`).
-    Restored { restore_ns: u64 },
+    /// The VM was restored from a snapshot in this long (before `Started`): in all, of
+    /// which the VM with its memory mapped and devices, and the vCPUs' state.
+    Restored {
+        restore_ns: u64,
+        #[serde(default)]
+        machine_ns: u64,
+        #[serde(default)]
+        vcpus_ns: u64,
+    },
     /// The snapshot asked for was written (before `Exited`).
     Snapshotted {
         state_bytes: u64,
@@ -540,6 +547,8 @@ fn run(
                 ctl,
                 &Report::Restored {
                     restore_ns: u64::try_from(info.took.as_nanos()).unwrap_or(u64::MAX),
+                    machine_ns: u64::try_from(info.machine.as_nanos()).unwrap_or(u64::MAX),
+                    vcpus_ns: u64::try_from(info.vcpus.as_nanos()).unwrap_or(u64::MAX),
                 },
             )
             .map_err(|e| format!("control socket: {e}"))?;
