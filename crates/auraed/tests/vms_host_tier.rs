@@ -1222,3 +1222,68 @@ async fn bad_snapshot_requests_are_refused_and_leave_nothing() {
             .collect();
     assert_eq!(stored, ["a-snap", "s1"]);
 }
+
+/// auraed killed (-9) while VMs restored from a snapshot run and a snapshot is half
+/// written: after the restart the restored VM is re-adopted (the same VMM, still saying
+/// which snapshot it came from, still counting), the half-written snapshot is gone, the
+/// stored one is listed and restores again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_keeps_restored_vms_and_drops_half_written_snapshots() {
+    let Some(mut e) = env("a_crash_keeps_restored_vms_and_drops_half_written_snapshots").await
+    else {
+        return;
+    };
+    e.c.runtime()
+        .run_virtual_machine(e.vm("src", "letters"))
+        .await
+        .unwrap();
+    console_of_at_least(&e, "src", 80).await;
+    snapshot(&e, "src", "s1").await.unwrap();
+    let st =
+        e.c.runtime()
+            .run_virtual_machine(restore_of("r1", "s1"))
+            .await
+            .unwrap()
+            .into_inner();
+    let vmm = st.vmm_pid;
+    console_of_at_least(&e, "r1", 40).await;
+    // As if a snapshot were being written when auraed died.
+    let partial = e.d.dir.path().join("state/vm-snapshots/.s2.partial");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("memory"), b"half").unwrap();
+    e.d.crash_and_restart_after(Duration::from_millis(300))
+        .await
+        .unwrap();
+    e.c = e.d.client("admin").await.unwrap();
+    let st = e.get("r1").await;
+    assert_eq!(st.phase, pb::Phase::Running as i32, "{st:?}");
+    assert_eq!((st.vmm_pid, st.snapshot.as_str()), (vmm, "s1"), "{st:?}");
+    let n = e.console("r1").await.len();
+    let grown = console_of_at_least(&e, "r1", n + 20).await;
+    assert!(grown.len() >= n + 20, "the restored guest goes on");
+    assert!(
+        !partial.exists(),
+        "the half-written snapshot was removed at start"
+    );
+    let names: Vec<String> =
+        e.c.virtual_machines()
+            .list_snapshots(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+    assert_eq!(names, ["s1"]);
+    let st =
+        e.c.runtime()
+            .run_virtual_machine(restore_of("r2", "s1"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(st.phase, pb::Phase::Running as i32, "{st:?}");
+    for name in ["src", "r1", "r2"] {
+        e.free(name).await;
+    }
+}
