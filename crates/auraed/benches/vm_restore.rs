@@ -6,9 +6,9 @@
 //!   vs a cold `RunVirtualMachine` (kernel + initramfs) → its first tick (issue 15's
 //!   target for Spawn from a template vs a cold Spawn: ≤ 0.05×); the restore inside the
 //!   VMM (its report) alone (target ≤ 10 ms);
-//! - **V2** what each restored VM costs the machine while it runs, 4 at once: its VMM's
+//! - **V2** what each restored VM costs the machine while it runs, 3 at once: its VMM's
 //!   private memory beyond the guest pages it wrote (target ≤ 3 MiB), and L1's
-//!   MemAvailable drop per VM (kernel memory included), vs the same for cold-booted VMs.
+//!   MemAvailable drop per VM (kernel memory included), vs the same for one cold-booted VM.
 //!
 //! Needs the guest tier (root, qemu, `cargo xtask guest`); prints SKIP otherwise.
 //! `AURAE_BENCH_ROUNDS` (default 3).
@@ -61,6 +61,21 @@ async fn run_to_tick(
     vm: pb::VirtualMachine,
     already: usize,
 ) -> (Option<f64>, pb::VirtualMachineStatus) {
+    // A TCG machine that died (its kernel panicked under nested load) answers nothing:
+    // bounded, so the bench ends and prints what it has.
+    tokio::time::timeout(Duration::from_secs(320), run_to_tick_inner(c, vm, already))
+        .await
+        .unwrap_or_else(|_| {
+            println!("a VM did not tick within 320 s: is the TCG machine still alive?");
+            (None, pb::VirtualMachineStatus::default())
+        })
+}
+
+async fn run_to_tick_inner(
+    c: &Client,
+    vm: pb::VirtualMachine,
+    already: usize,
+) -> (Option<f64>, pb::VirtualMachineStatus) {
     let name = vm.name.clone();
     let t = Instant::now();
     let st = c
@@ -89,17 +104,18 @@ async fn run_to_tick(
 }
 
 async fn free(c: &Client, name: &str) {
-    let _ = c
-        .virtual_machines()
-        .free(pb::NameRef { name: name.into() })
-        .await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(60),
+        c.virtual_machines().free(pb::NameRef { name: name.into() }),
+    )
+    .await;
 }
 
 /// `cat` of files of L1's host PID namespace, through a cell that shares it.
 async fn read(c: &Client, what: &str, paths: &[String]) -> String {
     let mut argv = vec!["/bin/cat".to_owned()];
     argv.extend(paths.iter().cloned());
-    workload::run_to_end(
+    let run = workload::run_to_end(
         c,
         pb::Executable {
             cell: "probe".into(),
@@ -107,10 +123,11 @@ async fn read(c: &Client, what: &str, paths: &[String]) -> String {
             argv,
             ..Default::default()
         },
-    )
-    .await
-    .map(|(_, out)| out)
-    .unwrap_or_default()
+    );
+    match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok((_, out))) => out,
+        _ => String::new(),
+    }
 }
 
 fn kib(line: &str) -> u64 {
@@ -187,7 +204,6 @@ fn main() {
             .await
             .unwrap();
         // The snapshot, once (booted again if the nested guest faults).
-        let mut before = 0;
         for attempt in 1..=4 {
             let (t, _) = run_to_tick(&c, cold("src"), 2).await;
             if t.is_some() {
@@ -200,7 +216,7 @@ fn main() {
                     .await
                     .unwrap()
                     .into_inner();
-                before = ticks(&workload::console(&c, "src").await.unwrap());
+                let before = ticks(&workload::console(&c, "src").await.unwrap());
                 println!("vm restore bench: snapshot after {before} ticks: {info:?}");
                 free(&c, "src").await;
                 break;
@@ -219,15 +235,7 @@ fn main() {
             free(&c, &format!("c{i}")).await;
             // The restored guest's console starts empty: its first line is the tick after
             // the snapshot's last.
-            let (t, _) = run_to_tick(&c, restored(&format!("r{i}")), 0).await;
-            let st = c
-                .virtual_machines()
-                .get(pb::NameRef {
-                    name: format!("r{i}"),
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let (t, st) = run_to_tick(&c, restored(&format!("r{i}")), 0).await;
             if let Some(t) = t {
                 warm_s.push(t);
             }
@@ -247,11 +255,14 @@ fn main() {
             "V1 restore inside the VMM: median {:.1} ms (runs {restore_ms:.1?}; target <= 10 ms)",
             med(restore_ms.clone())
         );
-        // V2: 4 at once, each kind; each VMM's private memory after 1 s of ticking.
+        // V2: 3 restored at once, 1 cold; each VMM's private memory after 1 s of ticking.
         for kind in ["restored", "cold"] {
             let avail0 = mem_available(&c, &format!("{kind}-0")).await;
             let mut pids = Vec::new();
-            for k in 0..4 {
+            // One cold VM: three booting at once is what twice made the TCG machine's own
+            // kernel panic (nested SVM under TCG), and one tells what a booted VMM holds.
+            let n = if kind == "restored" { 3 } else { 1 };
+            for k in 0..n {
                 let name = format!("{}{k}", &kind[..1]);
                 let vm = if kind == "restored" {
                     restored(&name)
