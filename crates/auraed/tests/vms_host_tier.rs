@@ -947,6 +947,19 @@ async fn snapshot(
         .map(tonic::Response::into_inner)
 }
 
+/// The stored snapshots the operator sees, by name.
+async fn snapshot_names(e: &Env) -> Vec<String> {
+    e.c.virtual_machines()
+        .list_snapshots(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}
+
 fn restore_of(name: &str, snap: &str) -> pb::VirtualMachine {
     pb::VirtualMachine {
         name: name.into(),
@@ -1210,17 +1223,7 @@ async fn bad_snapshot_requests_are_refused_and_leave_nothing() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
-    let stored: Vec<String> =
-        e.c.virtual_machines()
-            .list_snapshots(pb::ListRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshots
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-    assert_eq!(stored, ["a-snap", "s1"]);
+    assert_eq!(snapshot_names(&e).await, ["a-snap", "s1"]);
 }
 
 /// auraed killed (-9) while VMs restored from a snapshot run and a snapshot is half
@@ -1265,17 +1268,7 @@ async fn a_crash_keeps_restored_vms_and_drops_half_written_snapshots() {
         !partial.exists(),
         "the half-written snapshot was removed at start"
     );
-    let names: Vec<String> =
-        e.c.virtual_machines()
-            .list_snapshots(pb::ListRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshots
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-    assert_eq!(names, ["s1"]);
+    assert_eq!(snapshot_names(&e).await, ["s1"]);
     let st =
         e.c.runtime()
             .run_virtual_machine(restore_of("r2", "s1"))

@@ -156,6 +156,22 @@ mod template_by_name {
     }
 }
 
+fn drives(v: &pb::VirtualMachine) -> Result<Vec<Drive>, FieldError> {
+    v.drives
+        .iter()
+        .enumerate()
+        .map(|(i, d)| drive(i, d))
+        .collect()
+}
+
+fn macs(v: &pb::VirtualMachine) -> Result<Vec<Option<[u8; 6]>>, FieldError> {
+    v.interfaces
+        .iter()
+        .enumerate()
+        .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
+        .collect()
+}
+
 impl TryFrom<pb::VirtualMachine> for VmSpec {
     type Error = FieldError;
 
@@ -197,18 +213,8 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
                 // Placeholders until the snapshot's info is read (VmSpec::restoring).
                 vcpus: 1,
                 memory_bytes: MIN_MEMORY,
-                drives: v
-                    .drives
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| drive(i, d))
-                    .collect::<Result<_, FieldError>>()?,
-                macs: v
-                    .interfaces
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
-                    .collect::<Result<_, FieldError>>()?,
+                drives: drives(&v)?,
+                macs: macs(&v)?,
                 cpu_template: aurae_vmm::CpuTemplate::default(),
                 snapshot: Some(snapshot),
             });
@@ -221,21 +227,11 @@ impl TryFrom<pb::VirtualMachine> for VmSpec {
             } else {
                 Some(abs_path("initramfs_path", &v.initramfs_path)?)
             },
-            cmdline: v.cmdline,
+            cmdline: v.cmdline.clone(),
             vcpus: vcpus("vcpus", v.vcpus)?,
             memory_bytes: memory("memory_bytes", v.memory_bytes)?,
-            drives: v
-                .drives
-                .iter()
-                .enumerate()
-                .map(|(i, d)| drive(i, d))
-                .collect::<Result<_, FieldError>>()?,
-            macs: v
-                .interfaces
-                .iter()
-                .enumerate()
-                .map(|(i, n)| mac(&format!("interfaces[{i}].mac"), &n.mac))
-                .collect::<Result<_, FieldError>>()?,
+            drives: drives(&v)?,
+            macs: macs(&v)?,
             cpu_template: cpu_template("cpu_template", &v.cpu_template)?,
             snapshot: None,
         })
