@@ -107,6 +107,10 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Io { what, source }
+    }
+
     pub(crate) fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> Self {
         let what = what.into();
         move |source| Self::Kvm { what, source }
@@ -600,13 +604,12 @@ impl Snapshot {
 
     /// Reads and decodes a state file (at most [`MAX_STATE_BYTES`]).
     pub fn read(file: &mut File) -> Result<Self, SnapshotError> {
-        let io = |what| move |source| SnapshotError::Io { what, source };
         file.seek(SeekFrom::Start(0))
-            .map_err(io("reading the snapshot state"))?;
+            .map_err(SnapshotError::io("reading the snapshot state"))?;
         let mut bytes = Vec::new();
         file.take(MAX_STATE_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(io("reading the snapshot state"))?;
+            .map_err(SnapshotError::io("reading the snapshot state"))?;
         if bytes.len() as u64 > MAX_STATE_BYTES {
             return Err(SnapshotError::Malformed(format!(
                 "state file over {MAX_STATE_BYTES} bytes"
@@ -778,10 +781,11 @@ pub fn write_memory(
     out: &File,
 ) -> Result<(u64, [u8; 32]), SnapshotError> {
     use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
-    let io = |what| move |source| SnapshotError::Io { what, source };
     let total: u64 = mem.iter().map(|r| r.len()).sum();
-    out.set_len(0).map_err(io("truncating the memory file"))?;
-    out.set_len(total).map_err(io("sizing the memory file"))?;
+    out.set_len(0)
+        .map_err(SnapshotError::io("truncating the memory file"))?;
+    out.set_len(total)
+        .map_err(SnapshotError::io("sizing the memory file"))?;
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut file_off = 0u64;
@@ -796,7 +800,7 @@ pub fn write_memory(
             for (i, page) in chunk.chunks(PAGE).enumerate() {
                 if !is_zero(page) {
                     out.write_all_at(page, file_off + done + (i * PAGE) as u64)
-                        .map_err(io("writing the memory file"))?;
+                        .map_err(SnapshotError::io("writing the memory file"))?;
                 }
             }
             done += n as u64;
@@ -814,10 +818,9 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// Checks a memory file against its snapshot: length and SHA-256 (one pass over it).
 pub fn verify_memory(header: &Header, memory: &File) -> Result<(), SnapshotError> {
-    let io = |what| move |source| SnapshotError::Io { what, source };
     let len = memory
         .metadata()
-        .map_err(io("reading the memory file"))?
+        .map_err(SnapshotError::io("reading the memory file"))?
         .len();
     if len != header.memory_len {
         return Err(SnapshotError::Memory(format!(
@@ -831,7 +834,7 @@ pub fn verify_memory(header: &Header, memory: &File) -> Result<(), SnapshotError
     while off < len {
         let n = memory
             .read_at(&mut buf, off)
-            .map_err(io("reading the memory file"))?;
+            .map_err(SnapshotError::io("reading the memory file"))?;
         if n == 0 {
             break;
         }
@@ -855,10 +858,9 @@ pub fn map_memory(
     expected_len: u64,
 ) -> Result<vm_memory::GuestMemoryMmap, SnapshotError> {
     use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion, mmap::MmapRegionBuilder};
-    let io = |what| move |source| SnapshotError::Io { what, source };
     let len = memory
         .metadata()
-        .map_err(io("reading the memory file"))?
+        .map_err(SnapshotError::io("reading the memory file"))?
         .len();
     let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
     if len != expected_len || len != total {
@@ -871,7 +873,7 @@ pub fn map_memory(
     for &(addr, size) in ranges {
         let file = memory
             .try_clone()
-            .map_err(io("duplicating the memory file"))?;
+            .map_err(SnapshotError::io("duplicating the memory file"))?;
         let region: MmapRegion = MmapRegionBuilder::new(size)
             .with_file_offset(FileOffset::new(file, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)

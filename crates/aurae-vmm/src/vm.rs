@@ -24,7 +24,7 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vm_superio::Serial;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -363,6 +363,20 @@ fn dev_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
     move |source| VmmError::Device { what, source }
 }
 
+/// The guest memory layout for `mem_bytes` and its RAM ranges (none: the size does not
+/// fit this host's address space).
+fn layout_of(mem_bytes: u64) -> Result<(MemoryLayout, Vec<(GuestAddress, usize)>), VmmError> {
+    let layout = MemoryLayout::new(mem_bytes);
+    let ranges = layout
+        .ranges()
+        .ok_or(VmmError::Config(ConfigError::Memory {
+            got: mem_bytes,
+            min: config::MIN_MEM_BYTES,
+            max: usize::MAX as u64,
+        }))?;
+    Ok((layout, ranges))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -469,14 +483,7 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
 
-        let layout = MemoryLayout::new(cfg.mem_bytes);
-        let ranges = layout
-            .ranges()
-            .ok_or(VmmError::Config(ConfigError::Memory {
-                got: cfg.mem_bytes,
-                min: config::MIN_MEM_BYTES,
-                max: usize::MAX as u64,
-            }))?;
+        let (layout, ranges) = layout_of(cfg.mem_bytes)?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::Memory {
             bytes: cfg.mem_bytes,
             source,
@@ -582,7 +589,7 @@ impl Vm {
         let nets = snap
             .transports
             .iter()
-            .filter(|t| t.device_type == 1)
+            .filter(|t| t.device_type == crate::virtio::net::DEVICE_TYPE)
             .count();
         if have != wanted || nets != usize::from(net.is_some()) {
             return Err(SnapshotError::Device(format!(
@@ -595,14 +602,7 @@ impl Vm {
             .into());
         }
 
-        let layout = MemoryLayout::new(h.mem_bytes);
-        let ranges = layout
-            .ranges()
-            .ok_or(VmmError::Config(ConfigError::Memory {
-                got: h.mem_bytes,
-                min: config::MIN_MEM_BYTES,
-                max: usize::MAX as u64,
-            }))?;
+        let (layout, ranges) = layout_of(h.mem_bytes)?;
         let machine_started = std::time::Instant::now();
         let mem = snapshot::map_memory(&memory, &ranges, h.memory_len)?;
         let machine = Machine::build(&kvm, mem, &drives, net.as_ref())?;
@@ -930,15 +930,14 @@ fn write_snapshot(
         transports,
     };
     let bytes = snap.encode();
-    let io = |what| move |source| SnapshotError::Io { what, source };
     target
         .state
         .write_all_at(&bytes, 0)
-        .map_err(io("writing the state file"))?;
+        .map_err(SnapshotError::io("writing the state file"))?;
     target
         .state
         .set_len(bytes.len() as u64)
-        .map_err(io("truncating the state file"))?;
+        .map_err(SnapshotError::io("truncating the state file"))?;
     Ok((bytes.len() as u64, memory_len))
 }
 

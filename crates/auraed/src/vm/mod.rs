@@ -61,8 +61,8 @@ pub struct VmState {
     pub exits: Option<VmExits>,
     /// How long the VMM took to restore the VM (restored VMs only).
     pub restore_time: Option<Duration>,
-    /// The snapshot the VMM wrote when asked: state file bytes, memory bytes, time taken.
-    pub snapshotted: Option<(u64, u64, Duration)>,
+    /// The length of the state file the VMM wrote when asked for a snapshot.
+    pub snapshotted: Option<u64>,
 }
 
 /// Exits a VM's monitor handled (each one a return from the guest to the VMM).
@@ -343,7 +343,7 @@ impl Vms {
         let roots = &self.image_roots;
         let mut files = match &spec.snapshot {
             Some(name) => {
-                let (_, state, memory) = self.snapshots()?.open_files(name)?;
+                let (state, memory) = self.snapshots()?.open_files(name)?;
                 vec![OwnedFd::from(state), OwnedFd::from(memory)]
             }
             None => vec![allowed_file("kernel_path", &spec.kernel, roots, false)?],
@@ -756,8 +756,14 @@ impl Vms {
                             memory_bytes,
                             took_ns,
                         } => {
-                            s.snapshotted =
-                                Some((state_bytes, memory_bytes, Duration::from_nanos(took_ns)));
+                            s.snapshotted = Some(state_bytes);
+                            info!(
+                                vm = %vm2.spec.name,
+                                state_bytes,
+                                memory_bytes,
+                                vmm_ms = took_ns as f64 / 1e6,
+                                "the VMM wrote a snapshot"
+                            );
                         }
                         Report::Exits { .. } => {}
                     });
@@ -815,7 +821,7 @@ impl Vms {
         )
         .await;
         let written = vm.state.borrow().snapshotted;
-        let Some((state_bytes, _memory_bytes, took)) = written else {
+        let Some(state_bytes) = written else {
             partial.abort();
             if done.is_err() {
                 let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
@@ -839,7 +845,7 @@ impl Vms {
             drives: vm.spec.drives.len(),
             interfaces: vm.spec.macs.len(),
             state_bytes,
-            took_ns: u64::try_from(took.max(asked.elapsed()).as_nanos()).unwrap_or(u64::MAX),
+            took_ns: u64::try_from(asked.elapsed().as_nanos()).unwrap_or(u64::MAX),
             created_unix_s: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

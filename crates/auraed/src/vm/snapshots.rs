@@ -150,18 +150,23 @@ impl SnapshotStore {
         })
     }
 
-    /// A stored snapshot's info and its two files, opened once, read-only, without
-    /// following a symlink.
-    pub fn open_files(&self, name: &Label) -> Result<(SnapshotInfo, File, File), WorkloadError> {
-        let info = self.info(name)?;
+    /// A stored snapshot's two files (state, memory), opened once, read-only, without
+    /// following a symlink; NOT_FOUND if there is no such snapshot.
+    pub fn open_files(&self, name: &Label) -> Result<(File, File), WorkloadError> {
         let open = |f: &str| {
             OpenOptions::new()
                 .read(true)
                 .custom_flags(libc_flags())
                 .open(self.path(name).join(f))
-                .map_err(io(format!("snapshot {:?}: its {f} file", name.as_str())))
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => WorkloadError::NotFound(format!(
+                        "snapshot {:?} does not exist",
+                        name.as_str()
+                    )),
+                    _ => io(format!("snapshot {:?}: its {f} file", name.as_str()))(e),
+                })
         };
-        Ok((info, open("state")?, open("memory")?))
+        Ok((open("state")?, open("memory")?))
     }
 
     /// Every stored snapshot, by name (an unreadable one is skipped with a warning).
@@ -269,7 +274,7 @@ mod tests {
         assert_eq!(store.info(&n).unwrap(), info("snap1"));
         assert_eq!(store.list(), vec![info("snap1")]);
         assert!(matches!(store.begin(&n), Err(WorkloadError::Exists(_))));
-        let (_, _, _) = store.open_files(&n).unwrap();
+        store.open_files(&n).unwrap();
         store.remove(&n).unwrap();
         assert!(matches!(store.remove(&n), Err(WorkloadError::NotFound(_))));
     }

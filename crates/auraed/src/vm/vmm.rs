@@ -114,6 +114,11 @@ pub enum Report {
     },
 }
 
+/// A duration in a report: whole nanoseconds, saturating.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// How often the VMM reports its exit counts.
 const EXITS_EVERY: Duration = Duration::from_secs(1);
 
@@ -546,9 +551,9 @@ fn run(
             send_msg(
                 ctl,
                 &Report::Restored {
-                    restore_ns: u64::try_from(info.took.as_nanos()).unwrap_or(u64::MAX),
-                    machine_ns: u64::try_from(info.machine.as_nanos()).unwrap_or(u64::MAX),
-                    vcpus_ns: u64::try_from(info.vcpus.as_nanos()).unwrap_or(u64::MAX),
+                    restore_ns: nanos(info.took),
+                    machine_ns: nanos(info.machine),
+                    vcpus_ns: nanos(info.vcpus),
                 },
             )
             .map_err(|e| format!("control socket: {e}"))?;
@@ -629,12 +634,7 @@ fn run(
                 while !d.load(Ordering::Relaxed) {
                     if !booted && let Some(t) = h.boot_time() {
                         booted = true;
-                        let _ = send_msg(
-                            &ctl3,
-                            &Report::Booted {
-                                boot_ns: u64::try_from(t.as_nanos()).unwrap_or(u64::MAX),
-                            },
-                        );
+                        let _ = send_msg(&ctl3, &Report::Booted { boot_ns: nanos(t) });
                     }
                     if last_exits.elapsed() >= EXITS_EVERY {
                         last_exits = std::time::Instant::now();
@@ -653,12 +653,7 @@ fn run(
     done.store(true, Ordering::Relaxed);
     // A last boot-timer look, in case the guest booted and ended within one poll.
     if let Some(t) = handle.boot_time() {
-        let _ = send_msg(
-            ctl,
-            &Report::Booted {
-                boot_ns: u64::try_from(t.as_nanos()).unwrap_or(u64::MAX),
-            },
-        );
+        let _ = send_msg(ctl, &Report::Booted { boot_ns: nanos(t) });
     }
     send_msg_or_drop(ctl, &exits_report(&handle));
     if let Ok(aurae_vmm::VmExit::Snapshotted(info)) = &exit {
@@ -667,7 +662,7 @@ fn run(
             &Report::Snapshotted {
                 state_bytes: info.state_bytes,
                 memory_bytes: info.memory_bytes,
-                took_ns: u64::try_from(info.took.as_nanos()).unwrap_or(u64::MAX),
+                took_ns: nanos(info.took),
             },
         );
     }
