@@ -38,3 +38,97 @@ pub fn needs_kvm() -> Option<String> {
         .err()
         .map(|e| format!("cannot open /dev/kvm: {e}"))
 }
+
+/// A serial console sink a test reads back (the VMM writes it from its vCPU threads).
+#[derive(Clone, Debug, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where [`letters_guest`] counts its letters.
+pub const LETTERS_COUNT_ADDR: u32 = 0x30_0000;
+
+/// A guest for snapshot tests (load it with [`tiny_elf`] at 2 MiB): `bl` = the next
+/// letter; each round it writes it to COM1's scratch register, reads it back (an `in`
+/// whose value KVM must complete before a snapshot reads the registers) and prints what it
+/// read, adds one to the count at [`LETTERS_COUNT_ADDR`], and every 26 letters prints `#`
+/// and the count's low byte as two letters (`a` + high nibble, `a` + low nibble); then
+/// spins a while. A restored copy must carry on with the next letter (its registers) and
+/// the next count (its memory).
+pub fn letters_guest() -> Vec<u8> {
+    let [s0, s1] = 0x3f8u16.to_le_bytes();
+    let [c0, c1, c2, c3] = LETTERS_COUNT_ADDR.to_le_bytes();
+    #[rustfmt::skip]
+    let code = vec![
+        0x66, 0xba, s0, s1,                 // mov dx, COM1
+        0xb3, b'A',                         // mov bl, 'A'
+        // loop:
+        0x66, 0xba, 0xff, 0x03,             // mov dx, COM1 scratch
+        0x88, 0xd8,                         // mov al, bl
+        0xee,                               // out dx, al
+        0x31, 0xc0,                         // xor eax, eax
+        0xec,                               // in al, dx
+        0x66, 0xba, s0, s1,                 // mov dx, COM1
+        0xee,                               // out dx, al
+        0xff, 0x04, 0x25, c0, c1, c2, c3,   // inc dword [LETTERS_COUNT_ADDR]
+        0xfe, 0xc3,                         // inc bl
+        0x80, 0xfb, b'Z' + 1,               // cmp bl, 'Z'+1
+        0x75, 0x1d,                         // jne spin (+29)
+        0xb3, b'A',                         // mov bl, 'A'
+        0xb0, b'#', 0xee,                   // mov al, '#' ; out dx, al
+        0x8b, 0x04, 0x25, c0, c1, c2, c3,   // mov eax, [LETTERS_COUNT_ADDR]
+        0x89, 0xc1,                         // mov ecx, eax
+        0xc0, 0xe8, 0x04,                   // shr al, 4
+        0x24, 0x0f,                         // and al, 0x0f
+        0x04, b'a', 0xee,                   // add al, 'a' ; out dx, al
+        0x88, 0xc8,                         // mov al, cl
+        0x24, 0x0f,                         // and al, 0x0f
+        0x04, b'a', 0xee,                   // add al, 'a' ; out dx, al
+        // spin:
+        0xb9, 0x00, 0x10, 0x00, 0x00,       // mov ecx, 0x1000
+        0xe2, 0xfe,                         // loop $
+        0xeb, 0xbd,                         // jmp loop (-67)
+    ];
+    code
+}
+
+/// The first and the last count [`letters_guest`] printed (`#` + two nibble letters).
+pub fn letter_counts(out: &[u8]) -> (Option<u8>, Option<u8>) {
+    let at = |i: usize| -> Option<u8> {
+        let hi = out.get(i + 1)?.checked_sub(b'a')?;
+        let lo = out.get(i + 2)?.checked_sub(b'a')?;
+        Some((hi << 4) | lo)
+    };
+    let first = out.iter().position(|&b| b == b'#').and_then(at);
+    let last = out.iter().rposition(|&b| b == b'#').and_then(at);
+    (first, last)
+}
+
+/// The letter [`letters_guest`] prints after what `before` ends with, or `None` when
+/// `before` ends inside a count (the next letter is then not known from its output).
+pub fn next_letter_after(before: &[u8]) -> Option<u8> {
+    let n = before.len();
+    if n < 2 || before[n - 1] == b'#' || before[n - 2] == b'#' {
+        return None;
+    }
+    let last = *before.iter().rev().find(|b| b.is_ascii_uppercase())?;
+    Some(if last == b'Z' { b'A' } else { last + 1 })
+}

@@ -17,13 +17,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
-    io::{self, Write},
+    io::Write,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use aurae_testkit::vm::tiny_elf;
+use aurae_testkit::vm::{Captured, tiny_elf};
 use aurae_vmm::{
     Vm, VmConfig, VmExit,
     devices::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT, SERIAL_PORT_BASE},
@@ -43,29 +43,6 @@ fn kvm_or_skip(test: &str) -> Option<Kvm> {
         return None;
     }
     Kvm::new().ok()
-}
-
-/// A sink the test can read back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().map(|b| b.clone()).unwrap_or_default()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]

@@ -8,30 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
-    io::{self, Write},
+    io::Write,
     path::PathBuf,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aurae_testkit::vm::tiny_elf;
+use aurae_testkit::vm::{Captured, tiny_elf};
 use aurae_vmm::{NetConfig, Vm, VmConfig, VmExit};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// `(name, seccomp mode)` of every thread of this process.
 fn threads() -> Vec<(String, u8)> {
@@ -111,7 +94,7 @@ fn run_filtered(vcpus: u8, net: Option<NetConfig>) -> (Vec<(String, u8)>, VmExit
     }
     handle.stop();
     let exit = runner.join().unwrap().unwrap();
-    let bytes = sink.0.lock().unwrap().len();
+    let bytes = sink.bytes().len();
     (seen, exit, bytes)
 }
 

@@ -13,14 +13,13 @@
 use std::{
     fs::File,
     io::{self, Write},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aurae_testkit::vm::tiny_elf;
+use aurae_testkit::vm::{Captured, letter_counts, letters_guest, next_letter_after, tiny_elf};
 use aurae_vmm::{
     RestoreConfig, Snapshot, SnapshotError, SnapshotTarget, Vm, VmConfig, VmExit, VmmError,
-    devices::SERIAL_PORT_BASE, snapshot,
+    snapshot,
 };
 
 fn kvm_or_skip(test: &str) -> bool {
@@ -31,75 +30,8 @@ fn kvm_or_skip(test: &str) -> bool {
     )
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().map(|b| b.clone()).unwrap_or_default()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The guests' memory.
 const MEM_BYTES: u64 = 32 << 20;
-
-/// Where the guest counts its letters.
-const COUNT_ADDR: u32 = 0x30_0000;
-
-/// The guest: `bl` = the next letter; each round it writes it to the serial port's
-/// scratch register, reads it back and prints what it read, adds one to the count at
-/// [`COUNT_ADDR`], and every 26 letters prints `#` and the count's low byte as two hex
-/// digits' worth of letters (`a` + high nibble, `a` + low nibble); then spins a while.
-fn letters_guest() -> Vec<u8> {
-    let [s0, s1] = SERIAL_PORT_BASE.to_le_bytes();
-    let [c0, c1, c2, c3] = COUNT_ADDR.to_le_bytes();
-    #[rustfmt::skip]
-    let code = vec![
-        0x66, 0xba, s0, s1,                 // mov dx, COM1
-        0xb3, b'A',                         // mov bl, 'A'
-        // loop: the letter goes out through the scratch register and back in (an `in`
-        // whose value KVM must complete before a snapshot reads the registers)
-        0x66, 0xba, 0xff, 0x03,             // mov dx, COM1 scratch
-        0x88, 0xd8,                         // mov al, bl
-        0xee,                               // out dx, al
-        0x31, 0xc0,                         // xor eax, eax
-        0xec,                               // in al, dx
-        0x66, 0xba, s0, s1,                 // mov dx, COM1
-        0xee,                               // out dx, al
-        0xff, 0x04, 0x25, c0, c1, c2, c3,   // inc dword [COUNT_ADDR]
-        0xfe, 0xc3,                         // inc bl
-        0x80, 0xfb, b'Z' + 1,               // cmp bl, 'Z'+1
-        0x75, 0x1d,                         // jne spin (+29)
-        0xb3, b'A',                         // mov bl, 'A'
-        0xb0, b'#', 0xee,                   // mov al, '#' ; out dx, al
-        0x8b, 0x04, 0x25, c0, c1, c2, c3,   // mov eax, [COUNT_ADDR]
-        0x89, 0xc1,                         // mov ecx, eax
-        0xc0, 0xe8, 0x04,                   // shr al, 4
-        0x24, 0x0f,                         // and al, 0x0f
-        0x04, b'a', 0xee,                   // add al, 'a' ; out dx, al
-        0x88, 0xc8,                         // mov al, cl
-        0x24, 0x0f,                         // and al, 0x0f
-        0x04, b'a', 0xee,                   // add al, 'a' ; out dx, al
-        // spin:
-        0xb9, 0x00, 0x10, 0x00, 0x00,       // mov ecx, 0x1000
-        0xe2, 0xfe,                         // loop $
-        0xeb, 0xbd,                         // jmp loop (-67)
-    ];
-    code
-}
 
 /// A guest built from [`letters_guest`] with `vcpus`, printing into `sink`.
 fn letters_vm(vcpus: u8, sink: &Captured, kernel: &tempfile::NamedTempFile) -> Vm {
@@ -175,27 +107,6 @@ fn restore(state: &mut File, memory: &File, sink: &Captured) -> Result<Vm, VmmEr
     .map(|(vm, _)| vm)
 }
 
-/// The letter after `c` in the guest's round.
-fn next_letter(c: u8) -> u8 {
-    if c == b'Z' { b'A' } else { c + 1 }
-}
-
-/// The last count the guest printed (`#` + two nibble letters), if any.
-fn last_count(out: &[u8]) -> Option<u8> {
-    let at = out.iter().rposition(|&b| b == b'#')?;
-    let hi = *out.get(at + 1)?;
-    let lo = *out.get(at + 2)?;
-    Some(((hi - b'a') << 4) | (lo - b'a'))
-}
-
-/// The last letter the guest printed, skipping a trailing count.
-fn last_letter(out: &[u8]) -> u8 {
-    *out.iter()
-        .rev()
-        .find(|b| b.is_ascii_uppercase())
-        .expect("a letter")
-}
-
 #[test]
 fn a_restored_vm_carries_on_where_the_snapshot_stopped() {
     if !kvm_or_skip("a_restored_vm_carries_on_where_the_snapshot_stopped") {
@@ -203,9 +114,10 @@ fn a_restored_vm_carries_on_where_the_snapshot_stopped() {
     }
     // Past two rounds, so the memory count has been printed.
     let (mut state, memory, before) = take_snapshot(2, 70);
-    let count_before = last_count(&before).expect("a count before the snapshot");
-    let ends_inside_count =
-        before.len() >= 2 && (before[before.len() - 1] == b'#' || before[before.len() - 2] == b'#');
+    let count_before = letter_counts(&before)
+        .1
+        .expect("a count before the snapshot");
+    let next = next_letter_after(&before);
     let memory_sum = Snapshot::read(&mut state).unwrap().header.memory_sha256;
 
     let mut firsts = Vec::new();
@@ -221,20 +133,17 @@ fn a_restored_vm_carries_on_where_the_snapshot_stopped() {
             .iter()
             .find(|b| b.is_ascii_uppercase())
             .expect("a letter");
-        if !ends_inside_count {
+        if let Some(next) = next {
             assert_eq!(
                 first,
-                next_letter(last_letter(&before)),
+                next,
                 "before: …{:?}, after: {:?}…",
                 String::from_utf8_lossy(&before[before.len().saturating_sub(10)..]),
                 String::from_utf8_lossy(&after[..10])
             );
         }
         // Memory: the count goes on from the snapshot's (26 letters a round).
-        let first_count = {
-            let at = after.iter().position(|&b| b == b'#').expect("a count");
-            ((after[at + 1] - b'a') << 4) | (after[at + 2] - b'a')
-        };
+        let first_count = letter_counts(&after).0.expect("a count");
         assert_eq!(
             first_count,
             count_before.wrapping_add(26),
