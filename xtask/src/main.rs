@@ -298,21 +298,53 @@ struct Totals {
     passed: u64,
     failed: u64,
     skipped: u64,
+    /// What libtest printed under "failures:" for each failing test binary (backtrace
+    /// frames left out), printed again at the very end: a CI log's tail shows why.
+    failures: Vec<String>,
+}
+
+/// A backtrace frame line (`  12: std::…` or `at /rustc/…`): left out of the summary.
+fn is_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn tests() -> anyhow::Result<Totals> {
     eprintln!("==> cargo test --workspace");
+    // Every test binary runs even after one fails: one flaky test must not hide the rest.
     let mut child = cargo()
-        .args(["test", "--workspace", "--locked", "--", "--nocapture"])
+        .args([
+            "test",
+            "--workspace",
+            "--locked",
+            "--no-fail-fast",
+            "--",
+            "--nocapture",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
     let mut totals = Totals::default();
+    let mut failing: Option<String> = None;
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let line = line?;
             println!("{line}");
+            if line == "failures:" && failing.is_none() {
+                failing = Some(String::new());
+            } else if let Some(f) = failing.as_mut()
+                && !line.starts_with("test result: ")
+                && !is_frame(&line)
+            {
+                f.push_str(&line);
+                f.push('\n');
+            }
             if let Some(rest) = line.strip_prefix("test result: ") {
+                if let Some(f) = failing.take() {
+                    totals.failures.push(f);
+                }
                 let num = |key: &str| {
                     rest.split(';')
                         .find_map(|part| {
@@ -497,6 +529,10 @@ fn test() -> anyhow::Result<ExitCode> {
             eprintln!("xtask: fuzz smoke: {e:#}");
             t.failed += 1;
         }
+    }
+    // Why tests failed, again at the end (the log's tail is what CI shows).
+    for f in &t.failures {
+        println!("==> a failing test binary printed:\n{f}");
     }
     // The plain closing line CI and people read, after what setup could not do.
     for p in &problems {
@@ -932,11 +968,13 @@ const GUEST_MODULES: &[&str] = &[
 ];
 
 /// The modules a microVM instance's kernel needs (`auraed --instance-modules`): its
-/// network over virtio-mmio, and a bridge and veths for its own cell-isolated instances.
+/// network and a template's handover drive over virtio-mmio, and a bridge and veths for its own cell-isolated instances.
 const INSTANCE_MODULES: &[&str] = &[
     "drivers/virtio/virtio_ring",
     "drivers/virtio/virtio",
     "drivers/virtio/virtio_mmio",
+    // A template instance's handover drive (see auraed's instance::template).
+    "drivers/block/virtio_blk",
     "net/core/failover",
     "drivers/net/net_failover",
     "drivers/net/virtio_net",

@@ -122,6 +122,15 @@ pub fn peer_spiffe_id(der: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     }
 }
 
+/// The DER SubjectPublicKeyInfo of the first certificate in `cert_pem` (what a key's
+/// fingerprint is taken of).
+pub fn public_key_der(cert_pem: &str) -> Result<Vec<u8>, TlsError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| TlsError::X509(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| TlsError::X509(e.to_string()))?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
 /// Whether SPIFFE path `inner` lies strictly below `outer`, by whole segments:
 /// `/instance/a/x` is below `/instance/a`; `/instance/a` and `/instance/ab` are not.
 pub fn path_is_below(inner: &str, outer: &str) -> bool {

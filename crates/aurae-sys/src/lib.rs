@@ -1,6 +1,6 @@
 //! The daemon's only unsafe code: thin, documented wrappers over the Linux calls the
 //! standard library and nix do not offer (clone3 into a cgroup and namespaces, pidfds,
-//! `waitid(P_PIDFD)`, sealed self-exec, an interface-flags ioctl, a container's root and
+//! `waitid(P_PIDFD)`, sealed self-exec, interface ioctls (flags, MAC), the CRNG's reseed, a container's root and
 //! privileges set up between clone and exec, the cgroup device filter loaded with `bpf(2)`).
 //!
 //! Rules here: every `unsafe` block states its invariant in a `SAFETY:` comment; code that
@@ -17,6 +17,7 @@ pub mod net;
 pub mod netlink;
 pub mod pidfd;
 pub mod process;
+pub mod random;
 pub mod spawn;
 
 pub use pidfd::{ExitStatus, Pidfd};

@@ -101,6 +101,33 @@ pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<
     Ok(())
 }
 
+/// Sets the hardware (MAC) address of `name` (SIOCSIFHWADDR); the link should be down.
+/// A restored microVM instance takes its own MAC this way (its template's is baked into
+/// the guest's driver state).
+pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    // SAFETY: socket() takes integer arguments; the result is checked below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new fd we own exclusively.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = ifreq_for(name)?;
+    let mut hw = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (dst, src) in hw.sa_data.iter_mut().zip(mac) {
+        *dst = libc::c_char::from_ne_bytes([src]);
+    }
+    req.ifr_ifru.ifru_hwaddr = hw;
+    // SAFETY: `req` holds a valid name and an ARPHRD_ETHER address; the kernel reads it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `struct in6_ifreq` from <linux/ipv6.h>.
 #[repr(C)]
 struct In6Ifreq {

@@ -334,13 +334,7 @@ pub fn prepare() -> Boot {
         );
     }
 
-    let params = cmdline_params(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    let get = |k: &str| {
-        params
-            .iter()
-            .find(|(pk, _)| pk == k)
-            .map(|(_, v)| v.clone())
-    };
+    let mut params = cmdline_params(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
 
     // Kernel modules the image carries, in the order listed, each with the parameters
     // the command line gives it (`kvm_amd.nested=1`).
@@ -353,6 +347,22 @@ pub fn prepare() -> Boot {
             }
         }
     }
+
+    // An instance template: waits here for the handover a restore puts on its drive (the
+    // snapshot is taken while it waits), becomes unique, and boots on with the
+    // parameters it was handed. Without an identity it cannot serve: it powers off.
+    if params.iter().any(|(k, _)| k == crate::instance::template::TEMPLATE_PARAM) {
+        match become_instance(&mut w) {
+            Ok(more) => params.extend(more),
+            Err(e) => power_off(false, &format!("instance template: {e}")),
+        }
+    }
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(pk, _)| pk == k)
+            .map(|(_, v)| v.clone())
+    };
 
     // cgroup v2: every controller for the children of the root; auraed in its own leaf.
     match crate::workload::cgroup::settle_in(Path::new("/sys/fs/cgroup")) {
@@ -453,6 +463,22 @@ pub fn prepare() -> Boot {
         bridge_gateway,
         probe: params.iter().any(|(k, _)| k == "aurae.probe"),
     }
+}
+
+/// A template's wait for its handover drive (the device node appears shortly after
+/// virtio_blk loads), then what it was handed applied.
+fn become_instance(w: &mut Vec<String>) -> Result<Vec<(String, String)>, String> {
+    use crate::instance::template;
+    let dev = Path::new(template::DRIVE_DEVICE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not appear within 10 s", dev.display()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let handed = template::wait_for_handover(dev)?;
+    template::apply(&handed, w)
 }
 
 /// Waits (by short polling, with a deadline) for the device, then sets the address.

@@ -1020,6 +1020,7 @@ async fn wire_workloads(
             store: Some(store.clone()),
             kernel: cfg.instance_kernel.clone(),
             modules: cfg.instance_modules.clone(),
+            templates_dir: cfg.state_dir.join("instance-templates"),
         },
     ));
     let found_vms = vms.readopt().await;

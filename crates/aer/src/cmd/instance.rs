@@ -24,8 +24,51 @@ pub enum InstanceCmd {
     /// Start a new auraed instance with its own SPIFFE identity, and wait until it is ready
     /// (a spinner on a terminal), e.g. `aer instance spawn web-1 --isolation cell`.
     Spawn(SpawnArgs),
+    /// Instance templates: microVM instances snapshotted once, restored for each spawn of
+    /// the same kernel, auraed and size (`aer instance template ls`, `… rm NAME`).
+    #[command(subcommand)]
+    Template(TemplateCmd),
     #[command(flatten)]
     Lifecycle(Lifecycle),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCmd {
+    /// The stored templates: name, size, when built, how long it took, whether current.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Only templates whose names start with this, e.g. t-1x512m.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Removes a stored template (the next spawn with --template required builds it
+    /// again), e.g. `aer instance template rm t-1x512m-0123456789abcdef`.
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// The template's name, as `aer instance template ls` shows it.
+        name: String,
+    },
+}
+
+/// Whether a microVM instance is restored from a template, as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TemplateArg {
+    /// Restore from the matching template when one is stored; boot otherwise.
+    Auto,
+    /// Always boot the kernel.
+    Never,
+    /// Restore from the matching template, building it first when none is stored.
+    Required,
+}
+
+impl From<TemplateArg> for pb::TemplateUse {
+    fn from(t: TemplateArg) -> Self {
+        match t {
+            TemplateArg::Auto => Self::TemplateAuto,
+            TemplateArg::Never => Self::TemplateNever,
+            TemplateArg::Required => Self::TemplateRequired,
+        }
+    }
 }
 
 /// How a spawned instance is isolated, as written on the command line.
@@ -89,6 +132,10 @@ pub struct SpawnArgs {
     /// /srv/vm-images/initrd [default: the one auraed was configured with].
     #[arg(long, default_value = "", hide_default_value = true)]
     initramfs: String,
+    /// Restore the microVM from a template (a snapshot of an instance booted once):
+    /// auto (when one is stored), never, or required (built first when missing).
+    #[arg(long, value_enum, default_value_t = TemplateArg::Auto)]
+    template: TemplateArg,
 }
 
 impl SpawnArgs {
@@ -102,6 +149,7 @@ impl SpawnArgs {
             initramfs_path: self.initramfs,
             ready_timeout: self.ready_timeout.map(proto_duration),
             svid_ttl: self.svid_ttl.map(proto_duration),
+            template: pb::TemplateUse::from(self.template) as i32,
         }
     }
 }
@@ -123,12 +171,27 @@ fn instance_row(s: &pb::InstanceStatus) -> Row {
 fn instance_detail(s: &pb::InstanceStatus) -> Row {
     vec![
         ("isolation_reason", json!(s.isolation_reason)),
+        ("template", json!(s.template)),
+        ("boot_reason", json!(s.boot_reason)),
         ("addresses", json!(s.addresses)),
         ("depth", json!(s.depth)),
         ("started_at", ts(s.started_at.as_ref())),
         ("boot_time", dur(s.boot_time.as_ref())),
         ("svid_expires_at", ts(s.svid_expires_at.as_ref())),
         ("exit", exit(s.exit.as_ref())),
+    ]
+}
+
+/// What a table shows of a template.
+fn template_row(t: &pb::InstanceTemplate) -> Row {
+    vec![
+        ("name", json!(t.name)),
+        ("vcpus", json!(t.vcpus)),
+        ("memory_bytes", json!(t.memory_bytes)),
+        ("created_at", ts(t.created_at.as_ref())),
+        ("build_time", dur(t.build_time.as_ref())),
+        ("disk_bytes", json!(t.state_bytes + t.memory_disk_bytes)),
+        ("current", json!(t.current)),
     ]
 }
 
@@ -157,6 +220,25 @@ pub async fn run(c: &Client, cmd: InstanceCmd, fmt: Format) -> Result<(), Status
                 .into_inner();
             let row = lifecycle::shown::<InstancesClient<Channel>>(fmt, &s);
             print(fmt, &[row], true);
+        }
+        InstanceCmd::Template(TemplateCmd::List { prefix }) => {
+            let list = c
+                .instances()
+                .list_templates(pb::ListRequest {
+                    name_prefix: prefix,
+                })
+                .await?
+                .into_inner();
+            let rows: Vec<Row> = list.templates.iter().map(template_row).collect();
+            print(fmt, &rows, false);
+        }
+        InstanceCmd::Template(TemplateCmd::Remove { name }) => {
+            let freed = c
+                .instances()
+                .remove_template(pb::NameRef { name })
+                .await?
+                .into_inner();
+            print(fmt, &[vec![("removed", json!(freed.name))]], true);
         }
         InstanceCmd::Lifecycle(cmd) => lifecycle::run(c.instances(), cmd, fmt).await?,
     }
@@ -201,6 +283,46 @@ mod tests {
             ));
         }
         assert!(parse("instance console i1").is_err());
+    }
+
+    #[test]
+    fn templates_parse() {
+        assert_eq!(
+            spawn("instance spawn t1").template,
+            pb::TemplateUse::TemplateAuto as i32
+        );
+        assert_eq!(
+            spawn("instance spawn t1 --template required").template,
+            pb::TemplateUse::TemplateRequired as i32
+        );
+        assert_eq!(
+            spawn("instance spawn t1 --template never").template,
+            pb::TemplateUse::TemplateNever as i32
+        );
+        assert!(parse("instance spawn t1 --template always").is_err());
+        for line in ["instance template ls", "instance template list --prefix t-1x"] {
+            assert!(
+                matches!(
+                    parse(line).unwrap(),
+                    Command::Instance(InstanceCmd::Template(TemplateCmd::List { .. }))
+                ),
+                "{line}"
+            );
+        }
+        assert!(matches!(
+            parse("instance template rm t-1x512m-00").unwrap(),
+            Command::Instance(InstanceCmd::Template(TemplateCmd::Remove { name })) if name == "t-1x512m-00"
+        ));
+        assert!(parse("instance template rm").is_err(), "NAME is required");
+        let row = template_row(&pb::InstanceTemplate {
+            name: "t-1x512m-00".into(),
+            vcpus: 1,
+            memory_bytes: 512 << 20,
+            current: true,
+            ..Default::default()
+        });
+        assert_eq!(row[0].1, json!("t-1x512m-00"));
+        assert_eq!(row[6].1, json!(true));
     }
 
     #[test]
@@ -279,6 +401,8 @@ mod tests {
         let all = lifecycle::shown::<I>(Format::Json, &s);
         for k in [
             "isolation_reason",
+            "template",
+            "boot_reason",
             "addresses",
             "depth",
             "started_at",
@@ -288,6 +412,6 @@ mod tests {
         ] {
             assert!(keys(&all).contains(&k), "JSON lacks {k}");
         }
-        assert_eq!(all.len(), table.len() + 7);
+        assert_eq!(all.len(), table.len() + 9);
     }
 }

@@ -185,6 +185,8 @@ pub fn instance(i: &crate::instance::Instance) -> pb::InstanceStatus {
         svid_expires_at: s.svid_expires_at.map(Into::into),
         addresses: vec![i.addr.to_string(), i.addr6.to_string()],
         depth: i.depth,
+        template: i.template.clone().unwrap_or_default(),
+        boot_reason: i.boot_reason.clone(),
     }
 }
 

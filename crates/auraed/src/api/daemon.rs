@@ -49,6 +49,20 @@ impl Daemon for DaemonApi {
                 .map(|l| l.parent_id.clone())
                 .unwrap_or_default(),
             depth: self.ctx.lineage.as_ref().map_or(0, |l| l.depth),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            server_key_sha256: aurae_identity::tls::public_key_der(
+                &self.ctx.instances.identity().creds().cert_pem,
+            )
+            .map(|der| {
+                use sha2::Digest;
+                sha2::Sha256::digest(der)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            })
+            .unwrap_or_default(),
         }))
     }
 

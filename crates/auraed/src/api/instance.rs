@@ -102,4 +102,43 @@ impl InstancesService for InstancesApi {
             expires_at: Some(expires.into()),
         }))
     }
+    async fn list_templates(
+        &self,
+        r: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListInstanceTemplatesResponse>, Status> {
+        let show = visible(&r, "name_prefix", &r.get_ref().name_prefix)?;
+        let t = self.instances.templates();
+        let templates = t
+            .list(|i| t.is_current(i))
+            .into_iter()
+            .filter(|t| show(&t.info.name))
+            .map(|t| pb::InstanceTemplate {
+                name: t.info.name,
+                vcpus: t.info.vcpus,
+                memory_bytes: t.info.memory_bytes,
+                created_at: Some(
+                    (std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.info.created_unix_s))
+                        .into(),
+                ),
+                state_bytes: t.info.state_bytes,
+                memory_disk_bytes: t.memory_disk_bytes,
+                current: t.current,
+                build_time: prost_types::Duration::try_from(std::time::Duration::from_nanos(
+                    t.info.took_ns,
+                ))
+                .ok(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListInstanceTemplatesResponse { templates }))
+    }
+    async fn remove_template(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
+        let (_, name) = authorized(&r, Label::parse("name", &r.get_ref().name), Label::as_str)?;
+        let t = self.instances.templates();
+        let _one = t.building.lock().await;
+        t.remove(&name)?;
+        tracing::info!(template = %name, "instance template removed");
+        Ok(Response::new(pb::Freed {
+            name: name.to_string(),
+        }))
+    }
 }

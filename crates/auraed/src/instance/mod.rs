@@ -17,6 +17,7 @@ pub mod initramfs;
 pub mod record;
 pub mod renew;
 pub mod spec;
+pub mod template;
 
 use std::{
     collections::BTreeMap,
@@ -47,7 +48,7 @@ use crate::{
     identity::{Grant, Policy},
     reaper::Reaper,
     spec::{CellName, Label},
-    vm::Vms,
+    vm::{InstanceBoot, Vms},
     workload::{
         Phase, WorkloadError, cgroup::CgroupTree, layout::INSTANCE_GROUP, supervise::wait_empty,
     },
@@ -120,6 +121,10 @@ pub struct Instance {
     /// A microVM instance's VM and TAP lease.
     vm: Option<Arc<crate::vm::Vm>>,
     lease: Option<crate::vm::network::Lease>,
+    /// The template its microVM was restored from (None: booted).
+    pub template: Option<String>,
+    /// How it started and why.
+    pub boot_reason: String,
 }
 
 impl Instance {
@@ -177,6 +182,7 @@ pub struct Instances {
     bridge_served: Mutex<bool>,
     next_veth: AtomicU64,
     recorder: crate::workload::record::Recorder,
+    templates: Arc<template::Templates>,
 }
 
 impl std::fmt::Debug for Instances {
@@ -206,6 +212,8 @@ pub struct InstancesDeps {
     /// The kernel (and its modules) microVM instances boot.
     pub kernel: Option<PathBuf>,
     pub modules: Option<PathBuf>,
+    /// Where instance templates are stored (see [`template`]).
+    pub templates_dir: PathBuf,
 }
 
 /// Whether KVM boots a guest here (see [`Instances::probe_kvm`]).
@@ -247,7 +255,25 @@ impl Instances {
             bridge_served: Mutex::new(false),
             next_veth: AtomicU64::new(0),
             recorder: crate::workload::record::Recorder::new(d.store, d.events.clone()),
+            templates: {
+                let (t, removed) = template::Templates::open(d.templates_dir);
+                for name in removed {
+                    warn!(template = %name, "removed an instance template a previous auraed left half written");
+                    d.events.emit(
+                        pb::Kind::Instance,
+                        &name,
+                        pb::EventType::Freed,
+                        "an instance template left half written by a previous auraed was removed",
+                    );
+                }
+                Arc::new(t)
+            },
         }
+    }
+
+    /// The stored instance templates.
+    pub fn templates(&self) -> &template::Templates {
+        &self.templates
     }
 
     /// The server's hook for serving on the bridge address (see [`ServeOn`]).
@@ -375,11 +401,14 @@ impl Instances {
             .run_for_instance(
                 &name,
                 &group,
-                kernel,
-                fd,
+                InstanceBoot::Boot {
+                    kernel: kernel.to_owned(),
+                    initramfs: fd,
+                    cmdline: "console=ttyS0 reboot=k panic=-1 quiet aurae.probe=1".into(),
+                    drive: None,
+                },
                 1,
                 256 << 20,
-                "console=ttyS0 reboot=k panic=-1 quiet aurae.probe=1".into(),
                 &lease,
                 console.clone(),
             )
@@ -566,11 +595,45 @@ impl Instances {
             .logs_dir
             .join("instances")
             .join(format!("{}.log", spec.name));
-        let started = if is_vm {
-            self.start_vm(&spec, &cgroup, h, &log, &mut undo).await
-        } else {
-            self.start_cell(&tree, &cgroup, h, &log, &bridge, &mut undo)
+        let (template, mut boot_reason) = if is_vm {
+            match self
+                .template_for(&spec, &cgroup, t0 + ready_timeout)
                 .await
+            {
+                Ok(t) => t,
+                Err(e) => return Err(undo.fail(e.to_string()).await),
+            }
+        } else {
+            (None, "a cell: our own binary, started at once".into())
+        };
+        let mut restored_from = None;
+        let started = match template {
+            Some((name, state, memory)) => {
+                match self
+                    .start_vm_restored(&spec, &cgroup, h.clone(), state, memory, &log, &mut undo)
+                    .await
+                {
+                    Ok((s, took)) => {
+                        boot_reason = format!(
+                            "restored from template {name} (restore {:.1} ms)",
+                            took.unwrap_or_default().as_secs_f64() * 1e3
+                        );
+                        restored_from = Some(name.to_string());
+                        Ok(s)
+                    }
+                    Err(e) if spec.template == pb::TemplateUse::TemplateAuto => {
+                        warn!(instance = %spec.name, template = %name, "restoring the template failed, booting instead: {e}");
+                        boot_reason = format!("booted: restoring template {name} failed: {e}");
+                        self.start_vm(&spec, &cgroup, h, &log, &mut undo).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            None if is_vm => self.start_vm(&spec, &cgroup, h, &log, &mut undo).await,
+            None => {
+                self.start_cell(&tree, &cgroup, h, &log, &bridge, &mut undo)
+                    .await
+            }
         };
         let Started {
             pid,
@@ -623,6 +686,8 @@ impl Instances {
             route: (bridge.clone(), child_net),
             vm,
             lease: undo.lease.clone(),
+            template: restored_from,
+            boot_reason,
         });
         self.supervise(&inst, exit);
 
@@ -802,37 +867,80 @@ impl Instances {
             .map_err(precondition)?;
         let fd = initramfs::sealed(&entries).map_err(precondition)?;
         drop(entries);
-        let cmdline = self
-            .vms
-            .network()
-            .lock()
-            .map(|n| {
-                format!(
-                    "console=ttyS0 reboot=k panic=-1 quiet {} aurae.ip6={}/64@eth0 aurae.gw6={} aurae.hostname={}",
-                    n.cmdline(&lease),
-                    n.ipv6_of(lease.addr),
-                    n.gateway6(),
-                    spec.name
-                )
-            })
-            .map_err(|_| precondition("network lock poisoned"))?;
+        let cmdline = format!(
+            "console=ttyS0 reboot=k panic=-1 quiet {}",
+            self.instance_params(&lease, &spec.name)?
+        );
         let vm = self
             .vms
             .run_for_instance(
                 &spec.name,
                 cgroup,
-                &kernel,
-                fd,
+                InstanceBoot::Boot {
+                    kernel,
+                    initramfs: fd,
+                    cmdline,
+                    drive: None,
+                },
                 spec.vcpus,
                 spec.memory_bytes,
-                cmdline,
                 &lease,
                 log.to_owned(),
             )
             .await?;
         undo.vm = Some(vm.clone());
+        Ok(Self::started_vm(vm, &lease))
+    }
+
+    /// A microVM child restored from a template: its handover (`h`, its MAC, addresses,
+    /// hostname, a seed and the time) on the drive where the template's zeros were.
+    /// Returns how long the restore itself took (the VMM's report).
+    #[allow(clippy::too_many_arguments)]
+    async fn start_vm_restored(
+        &self,
+        spec: &InstanceSpec,
+        cgroup: &CellName,
+        h: Handover,
+        state: std::fs::File,
+        memory: std::fs::File,
+        log: &std::path::Path,
+        undo: &mut Undo,
+    ) -> Result<(Started, Option<Duration>), WorkloadError> {
+        let lease = undo
+            .lease
+            .clone()
+            .ok_or_else(|| precondition("no TAP lease"))?;
+        let params = self.instance_params(&lease, &spec.name)?;
+        let drive = template::Personal::new(h, lease.mac, params)
+            .and_then(|p| template::encode(&p))
+            .and_then(|bytes| {
+                aurae_sys::memfd::sealed_bytes(&bytes, "aurae-handover").map_err(|e| e.to_string())
+            })
+            .map_err(precondition)?;
+        let vm = self
+            .vms
+            .run_for_instance(
+                &spec.name,
+                cgroup,
+                InstanceBoot::Restore {
+                    state,
+                    memory,
+                    drive,
+                },
+                spec.vcpus,
+                spec.memory_bytes,
+                &lease,
+                log.to_owned(),
+            )
+            .await?;
+        undo.vm = Some(vm.clone());
+        let took = vm.state.borrow().restore_time;
+        Ok((Self::started_vm(vm, &lease), took))
+    }
+
+    fn started_vm(vm: Arc<crate::vm::Vm>, lease: &crate::vm::network::Lease) -> Started {
         let vm2 = vm.clone();
-        Ok(Started {
+        Started {
             pid: vm.pid,
             pidfd: vm.pidfd.clone(),
             exit: Box::pin(async move {
@@ -842,7 +950,218 @@ impl Instances {
             }),
             link: lease.tap.clone(),
             vm: Some(vm),
+        }
+    }
+
+    /// What a microVM instance's PID 1 configures its network and name from: on the
+    /// kernel command line of a booted one, in the handover of a restored one.
+    fn instance_params(
+        &self,
+        lease: &crate::vm::network::Lease,
+        name: &Label,
+    ) -> Result<String, WorkloadError> {
+        self.vms
+            .network()
+            .lock()
+            .map(|n| {
+                format!(
+                    "{} aurae.ip6={}/64@eth0 aurae.gw6={} aurae.hostname={name}",
+                    n.cmdline(lease),
+                    n.ipv6_of(lease.addr),
+                    n.gateway6(),
+                )
+            })
+            .map_err(|_| precondition("network lock poisoned"))
+    }
+
+    /// Whether a microVM instance is restored from a template, and why: TEMPLATE_AUTO
+    /// takes a stored one, TEMPLATE_REQUIRED builds it first (in the instance's own
+    /// cgroup, before its VM, within its ready deadline), TEMPLATE_NEVER boots.
+    async fn template_for(
+        &self,
+        spec: &InstanceSpec,
+        cgroup: &CellName,
+        deadline: Instant,
+    ) -> Result<(Option<(Label, std::fs::File, std::fs::File)>, String), WorkloadError> {
+        let mode = spec.template;
+        if mode == pb::TemplateUse::TemplateNever {
+            return Ok((None, "booted: the request said TEMPLATE_NEVER".into()));
+        }
+        let Some(kernel) = self.vm_kernel.clone() else {
+            return Err(precondition("no --instance-kernel is configured"));
+        };
+        let sealed = self.sealed.get()?;
+        let modules = self.vm_modules.clone();
+        let templates = self.templates.clone();
+        let (vcpus, memory) = (spec.vcpus, spec.memory_bytes);
+        let name = tokio::task::spawn_blocking(move || {
+            let binary = std::fs::File::from(sealed.try_clone().map_err(|e| e.to_string())?);
+            templates.current_name(&kernel, modules.as_deref(), &binary, vcpus, memory)
         })
+        .await
+        .map_err(|e| precondition(format!("template task: {e}")))?
+        .map_err(|e| precondition(format!("instance template: {e}")))?;
+        let label = Label::parse("template", &name)?;
+        let store = self.templates.store()?;
+        if store.info(&label).is_err() {
+            if mode == pb::TemplateUse::TemplateAuto {
+                return Ok((
+                    None,
+                    format!(
+                        "booted: no template is stored for {vcpus} vCPU, {} MiB (TEMPLATE_REQUIRED builds {name})",
+                        memory >> 20
+                    ),
+                ));
+            }
+            let _one = self.templates.building.lock().await;
+            if store.info(&label).is_err() {
+                self.build_template(&label, spec, cgroup, deadline).await?;
+            }
+        }
+        let templates = self.templates.clone();
+        let l2 = label.clone();
+        let files = tokio::task::spawn_blocking(move || templates.open_files(&l2))
+            .await
+            .map_err(|e| precondition(format!("template task: {e}")))?;
+        match files {
+            Ok((state, memory)) => Ok((
+                Some((label, state, memory)),
+                format!("restoring template {name}"),
+            )),
+            Err(e) if mode == pb::TemplateUse::TemplateAuto => {
+                warn!(instance = %spec.name, "not using template {name}: {e}");
+                Ok((None, format!("booted: template {name}: {e}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Boots the template `name` (no identity, no address, an empty handover drive) in
+    /// `cgroup`, waits for its PID 1 to say it waits, and snapshots it into the store.
+    /// Stale templates are removed first.
+    async fn build_template(
+        &self,
+        name: &Label,
+        spec: &InstanceSpec,
+        cgroup: &CellName,
+        deadline: Instant,
+    ) -> Result<(), WorkloadError> {
+        let t0 = Instant::now();
+        let templates = &self.templates;
+        for t in templates.list(|i| templates.is_current(i)) {
+            if !t.current
+                && let Ok(stale) = Label::parse("template", &t.info.name)
+            {
+                match templates.remove(&stale) {
+                    Ok(()) => info!(template = %stale, "removed a stale instance template"),
+                    Err(e) => warn!(template = %stale, "a stale instance template stays: {e}"),
+                }
+            }
+        }
+        if templates.list(|_| true).len() >= template::MAX_TEMPLATES {
+            return Err(WorkloadError::Exhausted(format!(
+                "{} instance templates are stored already (Instances/RemoveTemplate frees one)",
+                template::MAX_TEMPLATES
+            )));
+        }
+        let kernel = self
+            .vm_kernel
+            .clone()
+            .ok_or_else(|| precondition("no --instance-kernel is configured"))?;
+        let sealed = self.sealed.get()?;
+        let modules = self.vm_modules.clone();
+        let entries = tokio::task::spawn_blocking(move || initramfs::base(&sealed, modules.as_deref()))
+            .await
+            .map_err(|e| precondition(format!("initramfs task: {e}")))?
+            .map_err(precondition)?;
+        let initramfs = initramfs::sealed(&entries).map_err(precondition)?;
+        drop(entries);
+        let drive = aurae_sys::memfd::sealed_bytes(&vec![0u8; template::DRIVE_BYTES], "aurae-template-drive")?;
+        let lease = self
+            .vms
+            .network()
+            .lock()
+            .map_err(|_| precondition("network lock poisoned"))?
+            .lease(None)
+            .map_err(precondition)?;
+        let log = self.logs_dir.join("instances").join(format!("{name}.template.log"));
+        let vm = self
+            .vms
+            .run_for_instance(
+                name,
+                cgroup,
+                InstanceBoot::Boot {
+                    kernel,
+                    initramfs,
+                    cmdline: format!(
+                        "console=ttyS0 reboot=k panic=-1 quiet {}",
+                        template::TEMPLATE_PARAM
+                    ),
+                    drive: Some(drive),
+                },
+                spec.vcpus,
+                spec.memory_bytes,
+                &lease,
+                log.clone(),
+            )
+            .await;
+        let result = match vm {
+            Ok(vm) => {
+                let waited = loop {
+                    if vm.log.text().contains(template::WAITING_MARKER) {
+                        break Ok(());
+                    }
+                    if vm.gone() {
+                        break Err(precondition(format!(
+                            "the template's guest ended before it waited for its identity: {}",
+                            vm.state.borrow().message
+                        )));
+                    }
+                    if Instant::now() > deadline {
+                        break Err(WorkloadError::Deadline(format!(
+                            "the template's guest was not ready in time: it did not wait for its identity within the ready timeout ({:.0} s)",
+                            t0.elapsed().as_secs_f64()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                let stored = match waited {
+                    Ok(()) => {
+                        let store = templates.store()?;
+                        Vms::snapshot_into(&vm, store, name).await.map(|_| ())
+                    }
+                    Err(e) => Err(e),
+                };
+                self.vms.kill_for_instance(&vm).await;
+                stored
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(mut n) = self.vms.network().lock() {
+            n.release(&lease);
+        }
+        let output = tail(&log, 6);
+        let _ = std::fs::remove_file(&log);
+        match result {
+            Ok(()) => {
+                templates.written(name);
+                info!(template = %name, took_ms = t0.elapsed().as_millis() as u64, "instance template built");
+                self.events.emit(
+                    pb::Kind::Instance,
+                    name.as_str(),
+                    pb::EventType::Created,
+                    format!("instance template built in {:.1} s", t0.elapsed().as_secs_f64()),
+                );
+                Ok(())
+            }
+            Err(e) if output.is_empty() => Err(e),
+            Err(WorkloadError::Deadline(m)) => Err(WorkloadError::Deadline(format!(
+                "building template {name}: {m}; its last output: {output}"
+            ))),
+            Err(e) => Err(precondition(format!(
+                "building template {name}: {e}; its last output: {output}"
+            ))),
+        }
     }
 
     /// Notices the child's end: phase, cause, event.

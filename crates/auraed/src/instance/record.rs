@@ -51,6 +51,8 @@ pub struct InstanceRecord {
     pub boot_ns: Option<u64>,
     pub ready_ns: Option<u64>,
     pub svid_expires_at: Option<SystemTime>,
+    #[serde(default)]
+    pub boot_reason: String,
 }
 
 /// What a restart found of the instances.
@@ -87,6 +89,7 @@ impl Instances {
             boot_ns: ns(s.boot_time),
             ready_ns: ns(s.ready_time),
             svid_expires_at: s.svid_expires_at,
+            boot_reason: i.boot_reason.clone(),
         };
         self.recorder.put(
             pb::Kind::Instance,
@@ -143,6 +146,7 @@ impl Instances {
                 initramfs: None,
                 ready_timeout: Duration::from_millis(r.ready_timeout_ms),
                 svid_ttl: Duration::from_secs(r.svid_ttl_s),
+                template: pb::TemplateUse::TemplateAuto,
             };
             let inst = Arc::new(Instance {
                 spec,
@@ -174,6 +178,9 @@ impl Instances {
                 route: r.route.clone(),
                 vm: None,
                 lease: None,
+                // Only cell-isolated instances are taken back: never restored.
+                template: None,
+                boot_reason: r.boot_reason.clone(),
             });
             self.watch_readopted(&inst, pidfd);
             if let Ok(mut m) = self.instances.lock() {

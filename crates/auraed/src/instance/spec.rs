@@ -24,6 +24,8 @@ pub struct InstanceSpec {
     pub ready_timeout: Duration,
     /// How long each SVID of the child is valid.
     pub svid_ttl: Duration,
+    /// Whether its microVM is restored from a template (see `instance::template`).
+    pub template: pb::TemplateUse,
 }
 
 /// The shortest SVID lifetime a request may ask for (renewal runs at two thirds).
@@ -76,14 +78,23 @@ impl InstanceSpec {
             }
             Some(d) => d,
         };
+        let isolation = known_enum(&format!("{field}isolation"), i.isolation, true)?;
+        let template = known_enum(&format!("{field}template"), i.template, true)?;
+        if template == pb::TemplateUse::TemplateRequired && isolation == pb::Isolation::Cell {
+            return Err(FieldError::new(
+                format!("{field}template"),
+                "TEMPLATE_REQUIRED restores a microVM: a cell-isolated instance has no template",
+            ));
+        }
         Ok(Self {
+            template,
             ready_timeout,
             svid_ttl,
             name: match name {
                 Some(n) => n,
                 None => Label::parse(&format!("{field}name"), &i.name)?,
             },
-            isolation: known_enum(&format!("{field}isolation"), i.isolation, true)?,
+            isolation,
             vcpus: vcpus(&format!("{field}vcpus"), i.vcpus.max(1))?,
             memory_bytes: memory(
                 &format!("{field}memory_bytes"),
@@ -157,5 +168,35 @@ mod tests {
             None,
         );
         assert_eq!(r.unwrap_err().field, "ready_timeout");
+    }
+
+    #[test]
+    fn a_template_is_known_and_only_for_microvms() {
+        let with = |template: i32, isolation: pb::Isolation| {
+            InstanceSpec::parse(
+                "instance.",
+                pb::Instance {
+                    name: "i1".into(),
+                    template,
+                    isolation: isolation as i32,
+                    ..Default::default()
+                },
+                None,
+            )
+        };
+        assert_eq!(
+            with(9, pb::Isolation::Auto).unwrap_err().field,
+            "instance.template"
+        );
+        let e = with(pb::TemplateUse::TemplateRequired as i32, pb::Isolation::Cell).unwrap_err();
+        assert_eq!(e.field, "instance.template");
+        assert!(e.reason.contains("cell-isolated"), "{e:?}");
+        for (t, i) in [
+            (pb::TemplateUse::TemplateRequired, pb::Isolation::Auto),
+            (pb::TemplateUse::TemplateNever, pb::Isolation::Cell),
+            (pb::TemplateUse::TemplateAuto, pb::Isolation::VirtualMachine),
+        ] {
+            assert_eq!(with(t as i32, i).unwrap().template, t);
+        }
     }
 }

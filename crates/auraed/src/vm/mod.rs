@@ -96,7 +96,7 @@ impl Vm {
         self.lease.iter().map(|l| l.addr.to_string()).collect()
     }
 
-    fn gone(&self) -> bool {
+    pub fn gone(&self) -> bool {
         self.state.borrow().process.is_some()
     }
 
@@ -109,6 +109,28 @@ impl Vm {
             None => w.await.is_ok(),
         }
     }
+}
+
+/// How a spawned instance's microVM starts ([`Vms::run_for_instance`]).
+#[derive(Debug)]
+pub enum InstanceBoot {
+    /// Boots `kernel` with `initramfs` (a sealed memfd auraed built); `drive`, when
+    /// given, is a handover drive (a sealed memfd): an instance template boots with an
+    /// empty one.
+    Boot {
+        kernel: PathBuf,
+        initramfs: OwnedFd,
+        cmdline: String,
+        drive: Option<OwnedFd>,
+    },
+    /// Restores a template's snapshot (its state and memory files, opened by the
+    /// template store); `drive` is this instance's handover (a sealed memfd), put where
+    /// the template's empty one was.
+    Restore {
+        state: std::fs::File,
+        memory: std::fs::File,
+        drive: OwnedFd,
+    },
 }
 
 /// The domain service behind `RunVirtualMachine` and the `VirtualMachines` API.
@@ -402,6 +424,7 @@ impl Vms {
                 .collect(),
             net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
             initramfs_in_memory: false,
+            last_drive_in_memory: false,
             cpu_template: spec.cpu_template.name().to_owned(),
             restore: spec.snapshot.is_some(),
         };
@@ -426,20 +449,19 @@ impl Vms {
         }
     }
 
-    /// Boots the VM of a spawned instance: like any VM (its own jailed VMM process in
-    /// `cgroup`), from the operator's `kernel` and an `initramfs` auraed built in memory,
-    /// on `lease`'s TAP device; neither listed nor recorded as a VM (the instance is what
-    /// the API shows). Its console goes to `console_log`.
+    /// Starts the VM of a spawned instance: like any VM (its own jailed VMM process in
+    /// `cgroup`), booted from the operator's kernel and an initramfs auraed built in
+    /// memory, or restored from an instance template; on `lease`'s TAP device; neither
+    /// listed nor recorded as a VM (the instance is what the API shows). Its console goes
+    /// to `console_log`.
     #[allow(clippy::too_many_arguments)]
     pub async fn run_for_instance(
         self: &Arc<Self>,
         name: &Label,
         cgroup: &CellName,
-        kernel: &Path,
-        initramfs: OwnedFd,
+        boot: InstanceBoot,
         vcpus: u32,
         memory_bytes: u64,
-        cmdline: String,
         lease: &Lease,
         console_log: PathBuf,
     ) -> Result<Arc<Vm>, WorkloadError> {
@@ -449,18 +471,11 @@ impl Vms {
                 "this machine has no /dev/kvm: microVM instances need KVM",
             ));
         }
-        let kernel_fd = std::fs::File::open(kernel)
-            .map_err(|e| precondition(format!("--instance-kernel {}: {e}", kernel.display())))
-            .and_then(|f| {
-                aurae_sys::container::clone_mount(f.as_fd(), true).map_err(|e| {
-                    precondition(format!("--instance-kernel {}: {e}", kernel.display()))
-                })
-            })?;
-        let spec = VmSpec {
+        let mut spec = VmSpec {
             name: name.clone(),
-            kernel: kernel.to_owned(),
-            initramfs: Some(PathBuf::from("(in memory)")),
-            cmdline: cmdline.clone(),
+            kernel: PathBuf::new(),
+            initramfs: None,
+            cmdline: String::new(),
             vcpus,
             memory_bytes,
             drives: Vec::new(),
@@ -468,24 +483,65 @@ impl Vms {
             cpu_template: aurae_vmm::CpuTemplate::default(),
             snapshot: None,
         };
+        let handover_drive = || (PathBuf::from("(in memory)"), true);
+        let (files, drives, restore) = match boot {
+            InstanceBoot::Boot {
+                kernel,
+                initramfs,
+                cmdline,
+                drive,
+            } => {
+                let kernel_fd = std::fs::File::open(&kernel)
+                    .map_err(|e| {
+                        precondition(format!("--instance-kernel {}: {e}", kernel.display()))
+                    })
+                    .and_then(|f| {
+                        aurae_sys::container::clone_mount(f.as_fd(), true).map_err(|e| {
+                            precondition(format!("--instance-kernel {}: {e}", kernel.display()))
+                        })
+                    })?;
+                spec.kernel = kernel;
+                spec.initramfs = Some(PathBuf::from("(in memory)"));
+                spec.cmdline = cmdline;
+                let mut files = vec![kernel_fd, initramfs];
+                let drives = match drive {
+                    Some(d) => {
+                        files.push(d);
+                        vec![handover_drive()]
+                    }
+                    None => Vec::new(),
+                };
+                (files, drives, false)
+            }
+            InstanceBoot::Restore {
+                state,
+                memory,
+                drive,
+            } => (
+                vec![OwnedFd::from(state), OwnedFd::from(memory), drive],
+                vec![handover_drive()],
+                true,
+            ),
+        };
         let cfg = VmmConfig {
             kernel: spec.kernel.clone(),
             initramfs: spec.initramfs.clone(),
-            cmdline,
+            cmdline: spec.cmdline.clone(),
             vcpus: u8::try_from(vcpus).unwrap_or(1),
             memory_bytes,
-            drives: Vec::new(),
+            last_drive_in_memory: !drives.is_empty(),
+            drives,
             net: Some((lease.tap.clone(), lease.mac)),
-            initramfs_in_memory: true,
+            initramfs_in_memory: !restore,
             cpu_template: spec.cpu_template.name().to_owned(),
-            restore: false,
+            restore,
         };
         self.start_vmm(
             &tree,
             &spec,
             cgroup,
             cfg,
-            &[kernel_fd, initramfs],
+            &files,
             Some(lease.clone()),
             Some(console_log),
         )
@@ -796,13 +852,31 @@ impl Vms {
         snapshot: &Label,
     ) -> Result<snapshots::SnapshotInfo, WorkloadError> {
         let vm = self.find(name)?;
+        let info = Self::snapshot_into(&vm, self.snapshots()?, snapshot).await?;
+        info!(vm = %name, snapshot = %snapshot, "snapshot stored");
+        self.events.emit(
+            pb::Kind::VirtualMachine,
+            name.as_str(),
+            pb::EventType::Stopped,
+            format!("snapshot {snapshot} stored"),
+        );
+        Ok(info)
+    }
+
+    /// The snapshot of `vm` (running), written into `store` as `snapshot` (see
+    /// [`Vms::snapshot`]); also how an instance template is made.
+    pub async fn snapshot_into(
+        vm: &Arc<Vm>,
+        store: &snapshots::SnapshotStore,
+        snapshot: &Label,
+    ) -> Result<snapshots::SnapshotInfo, WorkloadError> {
+        let name = &vm.spec.name;
         if vm.gone() || vm.state.borrow().phase != Phase::Running {
             return Err(precondition(format!(
                 "virtual machine {:?} is not running",
                 name.as_str()
             )));
         }
-        let store = self.snapshots()?;
         let partial = store.begin(snapshot)?;
         let asked = std::time::Instant::now();
         let sent = vmm::send_with_fds(
@@ -852,13 +926,6 @@ impl Vms {
             cpu_template: vm.spec.cpu_template.name().to_owned(),
         };
         partial.commit(&info)?;
-        info!(vm = %name, snapshot = %snapshot, "snapshot stored");
-        self.events.emit(
-            pb::Kind::VirtualMachine,
-            name.as_str(),
-            pb::EventType::Stopped,
-            format!("snapshot {snapshot} stored"),
-        );
         Ok(info)
     }
 

@@ -69,6 +69,11 @@ pub struct VmmConfig {
     /// and the template come from the snapshot).
     #[serde(default)]
     pub restore: bool,
+    /// The last drive is a sealed memfd auraed built (a template instance's handover
+    /// drive, see `instance::template`), not a detached mount: the jail copies it into a
+    /// tmpfs of its own size, read-only.
+    #[serde(default)]
+    pub last_drive_in_memory: bool,
 }
 
 /// auraed → VMM.
@@ -320,15 +325,24 @@ fn jail(
     for (i, (_, ro)) in cfg.drives.iter().enumerate() {
         names.push((format!("drive{i}"), *ro));
     }
+    let last_drive = format!("drive{}", cfg.drives.len().saturating_sub(1));
+    let in_memory_drive = |name: &str| cfg.last_drive_in_memory && name == last_drive;
     // (fd, name in the jail, read-only, a detached mount to move rather than bind)
     let mut binds: Vec<(std::os::fd::RawFd, String, bool, bool)> = files
         .iter()
         .zip(names)
-        .filter(|(_, (name, _))| !(cfg.initramfs_in_memory && name == "initramfs"))
+        .filter(|(_, (name, _))| {
+            !(cfg.initramfs_in_memory && name == "initramfs") && !in_memory_drive(name)
+        })
         .map(|(fd, (name, ro))| (*fd, name, ro, true))
         .collect();
     let in_memory = if cfg.initramfs_in_memory {
         files.get(1).copied()
+    } else {
+        None
+    };
+    let drive_in_memory = if cfg.last_drive_in_memory && !cfg.drives.is_empty() {
+        files.last().copied()
     } else {
         None
     };
@@ -382,41 +396,13 @@ fn jail(
         )
         .map_err(e(&format!("restricting {name}")))?;
     }
-    // An initramfs auraed built in memory: copied into a tmpfs of its size, read-only.
+    // An initramfs or a drive auraed built in memory: copied into a tmpfs of its size,
+    // read-only.
     if let Some(fd) = in_memory {
-        let src = format!("/proc/self/fd/{fd}");
-        let size = std::fs::metadata(&src)
-            .map_err(|err| format!("jail: initramfs: {err}"))?
-            .len();
-        let dir = format!("{JAIL}/boot");
-        std::fs::create_dir(&dir).map_err(|err| format!("jail: {dir}: {err}"))?;
-        mount(
-            Some("tmpfs"),
-            dir.as_str(),
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
-            Some(format!("mode=0500,size={}", size + (64 << 10)).as_str()),
-        )
-        .map_err(e("mounting the initramfs tmpfs"))?;
-        {
-            // Closed before the remount (a file open for writing keeps it busy).
-            let mut from = File::open(&src).map_err(|err| format!("jail: initramfs: {err}"))?;
-            let mut to = File::create(format!("{dir}/initramfs"))
-                .map_err(|err| format!("jail: initramfs: {err}"))?;
-            std::io::copy(&mut from, &mut to).map_err(|err| format!("jail: initramfs: {err}"))?;
-        }
-        mount(
-            None::<&str>,
-            dir.as_str(),
-            None::<&str>,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NOEXEC
-                | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(e("making the initramfs read-only"))?;
+        copy_into_tmpfs(fd, "boot", "initramfs")?;
+    }
+    if let Some(fd) = drive_in_memory {
+        copy_into_tmpfs(fd, "handover", "drive")?;
     }
     // Nothing of the host stays open across the pivot but what is bound.
     drop((kvm, tun));
@@ -439,11 +425,54 @@ fn jail(
             }
         }),
         drives: (0..cfg.drives.len())
-            .map(|i| (PathBuf::from(format!("/drive{i}")), cfg.drives[i].1))
+            .map(|i| {
+                let path = if cfg.last_drive_in_memory && i + 1 == cfg.drives.len() {
+                    PathBuf::from("/handover/drive")
+                } else {
+                    PathBuf::from(format!("/drive{i}"))
+                };
+                (path, cfg.drives[i].1)
+            })
             .collect(),
         ..cfg.clone()
     };
     Ok((inside, snapshot))
+}
+
+/// The memfd `fd` copied into `{JAIL}/<dir>/<file>`, on a tmpfs of its size made
+/// read-only afterwards (the jail's own tmpfs is only 64 KiB).
+fn copy_into_tmpfs(fd: std::os::fd::RawFd, dir: &str, file: &str) -> Result<(), String> {
+    use std::fs::File;
+    let src = format!("/proc/self/fd/{fd}");
+    let size = std::fs::metadata(&src)
+        .map_err(|err| format!("jail: {file}: {err}"))?
+        .len();
+    let dir = format!("{JAIL}/{dir}");
+    std::fs::create_dir(&dir).map_err(|err| format!("jail: {dir}: {err}"))?;
+    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount(
+        Some("tmpfs"),
+        dir.as_str(),
+        Some("tmpfs"),
+        ro,
+        Some(format!("mode=0500,size={}", size + (64 << 10)).as_str()),
+    )
+    .map_err(|err| format!("jail: mounting the {file} tmpfs: {err}"))?;
+    {
+        // Closed before the remount (a file open for writing keeps it busy).
+        let mut from = File::open(&src).map_err(|err| format!("jail: {file}: {err}"))?;
+        let mut to =
+            File::create(format!("{dir}/{file}")).map_err(|err| format!("jail: {file}: {err}"))?;
+        std::io::copy(&mut from, &mut to).map_err(|err| format!("jail: {file}: {err}"))?;
+    }
+    mount(
+        None::<&str>,
+        dir.as_str(),
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | ro,
+        None::<&str>,
+    )
+    .map_err(|err| format!("jail: making the {file} read-only: {err}"))
 }
 
 /// Syscalls no thread of the VMM ever needs, refused process-wide (inherited by every
@@ -705,6 +734,7 @@ mod tests {
             drives: vec![("/d".into(), true)],
             net: Some(("aurae-t1".into(), [2, 0, 0, 0, 0, 1])),
             initramfs_in_memory: false,
+            last_drive_in_memory: false,
             cpu_template: String::new(),
             restore: false,
         };
@@ -743,6 +773,7 @@ mod tests {
             drives: vec![],
             net: None,
             initramfs_in_memory: false,
+            last_drive_in_memory: false,
             cpu_template: String::new(),
             restore: false,
         };

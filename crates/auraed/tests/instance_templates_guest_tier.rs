@@ -1,0 +1,271 @@
+//! Guest tier (QEMU TCG guest with nested KVM): `Spawn` from an instance template. L1 is
+//! the TCG guest (auraed as PID 1, carrying the instance kernel and modules). The first
+//! spawn with TEMPLATE_REQUIRED builds the template (one boot to "waiting for its
+//! identity", a snapshot) and restores it; the second restores the stored one. Each copy
+//! must be its own machine: its SVID and key, its address, its kernel's random state
+//! (seen in its boot ID, made from the CRNG after the reseed) — and both serve.
+//!
+//! One nested guest runs at a time (two running microVMs under TCG's emulated SVM have
+//! panicked L1's kernel on this fleet): the first instance is stopped, not freed, before
+//! the second starts, so it keeps its address lease.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::time::{Duration, Instant};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use aurae_testkit::{
+    guest::{Guest, GuestOptions, needs_guest},
+    tier::{self, Tier},
+};
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+fn from_template(name: &str, template: pb::TemplateUse) -> pb::Instance {
+    pb::Instance {
+        name: name.into(),
+        isolation: pb::Isolation::VirtualMachine as i32,
+        template: template as i32,
+        ready_timeout: secs(240),
+        ..Default::default()
+    }
+}
+
+async fn spawn(g: &Guest, c: &Client, inst: pb::Instance) -> (pb::InstanceStatus, Duration) {
+    let t = Instant::now();
+    let what = format!("Spawn {}", inst.name);
+    let s = aurae_testkit::guest::retry_nested(&what, || async {
+        c.runtime().spawn(inst.clone()).await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", g.serial_text()))
+    .into_inner();
+    (s, t.elapsed())
+}
+
+/// What the instance says of itself, and `auraed --version` run in a one-call cell in it.
+async fn inside(g: &Guest, s: &pb::InstanceStatus) -> (pb::DaemonInfo, String) {
+    let ic = g
+        .instance_client("admin", &s.endpoint, &s.spiffe_id)
+        .await
+        .unwrap_or_else(|e| panic!("reaching {}: {e:?}", s.name));
+    let info = ic
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let run = ic
+        .runtime()
+        .run_cell(pb::Cell {
+            name: "job".into(),
+            executable: Some(pb::Executable {
+                name: "version".into(),
+                argv: vec!["/init".into(), "--version".into()],
+                ..Default::default()
+            }),
+            run: Some(pb::RunOptions {
+                wait: true,
+                remove: true,
+                output: true,
+                timeout: secs(60),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunCell in {}: {e:?}", s.name))
+        .into_inner();
+    let out: Vec<u8> = run
+        .executables
+        .iter()
+        .flat_map(|e| e.output.iter().flat_map(|c| c.data.clone()))
+        .collect();
+    (info, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
+    if !tier::check(
+        "guest_tier_instances_restored_from_one_template_are_each_their_own",
+        Tier::Guest,
+        needs_guest(),
+    ) {
+        return;
+    }
+    let opts = GuestOptions {
+        extra_files: aurae_testkit::guest::instance_files().unwrap(),
+        memory_mib: 2048,
+        ..Default::default()
+    };
+    aurae_testkit::guest::with_live_guest("instance_templates_guest_tier", opts, move |g| {
+        async move {
+            let c = g.client("admin").await.unwrap();
+            let via = g.addr.ip().to_string();
+            ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
+
+            // No template yet: AUTO boots, and says why.
+            let none = c
+                .instances()
+                .list_templates(pb::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(none.templates.is_empty(), "{none:?}");
+
+            // REQUIRED builds the template, then restores it.
+            let (s1, took1) = spawn(&g, &c, from_template("t1", pb::TemplateUse::TemplateRequired)).await;
+            println!(
+                "t1: template built and restored, ready in {:.1} s ({})",
+                took1.as_secs_f64(),
+                s1.boot_reason
+            );
+            assert_eq!(s1.phase, pb::Phase::Running as i32, "{s1:?}");
+            assert!(s1.template.starts_with("t-1x512m-"), "{s1:?}");
+            assert!(s1.boot_reason.starts_with("restored from template"), "{s1:?}");
+            let listed = c
+                .instances()
+                .list_templates(pb::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(listed.templates.len(), 1, "{listed:?}");
+            let t = &listed.templates[0];
+            assert_eq!(t.name, s1.template);
+            assert!(t.current, "{t:?}");
+            assert_eq!((t.vcpus, t.memory_bytes), (1, 512 << 20));
+            assert!(
+                t.memory_disk_bytes < t.memory_bytes,
+                "zero pages are holes: {t:?}"
+            );
+            let (i1, v1) = inside(&g, &s1).await;
+            assert_eq!(i1.server_id, s1.spiffe_id);
+            assert_eq!(i1.mode, "pid1");
+            assert!(v1.contains("auraed"), "RunCell in t1: {v1:?}");
+
+            // One nested guest at a time: t1 stops but keeps its address.
+            let stopped = c
+                .instances()
+                .stop(pb::StopRequest {
+                    name: "t1".into(),
+                    grace_period: secs(10),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(stopped.phase, pb::Phase::Exited as i32, "{stopped:?}");
+
+            // AUTO restores the stored template.
+            let (s2, took2) = spawn(&g, &c, from_template("t2", pb::TemplateUse::TemplateAuto)).await;
+            println!(
+                "t2: restored, ready in {:.2} s ({})",
+                took2.as_secs_f64(),
+                s2.boot_reason
+            );
+            assert_eq!(s2.template, s1.template, "{s2:?}");
+            let (i2, v2) = inside(&g, &s2).await;
+            assert_eq!(i2.server_id, s2.spiffe_id);
+            assert!(v2.contains("auraed"), "RunCell in t2: {v2:?}");
+
+            // Each its own: identity, key, address, kernel random state.
+            assert_ne!(s1.spiffe_id, s2.spiffe_id);
+            assert_ne!(s1.addresses, s2.addresses);
+            assert_ne!(s1.endpoint, s2.endpoint);
+            for i in [&i1, &i2] {
+                assert_eq!(i.boot_id.len(), 36, "{i:?}");
+                assert_eq!(i.server_key_sha256.len(), 64, "{i:?}");
+            }
+            assert_ne!(i1.boot_id, i2.boot_id, "boot IDs (from each copy's CRNG)");
+            assert_ne!(i1.server_key_sha256, i2.server_key_sha256, "SVID keys");
+            println!(
+                "t1 {} boot {} key {}…; t2 {} boot {} key {}…",
+                s1.addresses[0],
+                i1.boot_id,
+                &i1.server_key_sha256[..12],
+                s2.addresses[0],
+                i2.boot_id,
+                &i2.server_key_sha256[..12]
+            );
+
+            c.instances()
+                .stop(pb::StopRequest {
+                    name: "t2".into(),
+                    grace_period: secs(10),
+                })
+                .await
+                .unwrap();
+
+            // A template removed is rebuilt by the next REQUIRED spawn; AUTO boots without.
+            c.instances()
+                .remove_template(pb::NameRef {
+                    name: s1.template.clone(),
+                })
+                .await
+                .unwrap();
+            let e = c
+                .instances()
+                .remove_template(pb::NameRef {
+                    name: s1.template.clone(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+            let e = c
+                .instances()
+                .remove_template(pb::NameRef {
+                    name: "../etc".into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            let (s3, took3) = spawn(&g, &c, from_template("t3", pb::TemplateUse::TemplateAuto)).await;
+            println!(
+                "t3: booted in {:.1} s ({})",
+                took3.as_secs_f64(),
+                s3.boot_reason
+            );
+            assert!(s3.template.is_empty(), "{s3:?}");
+            assert!(s3.boot_reason.contains("no template is stored"), "{s3:?}");
+            println!(
+                "restored t2 ready in {:.2} s vs booted t3 in {:.1} s: {:.3}x",
+                took2.as_secs_f64(),
+                took3.as_secs_f64(),
+                took2.as_secs_f64() / took3.as_secs_f64()
+            );
+
+            for name in ["t1", "t2", "t3"] {
+                c.instances()
+                    .free(pb::NameRef { name: name.into() })
+                    .await
+                    .unwrap_or_else(|e| panic!("free {name}: {e:?}"));
+            }
+            let left = c
+                .instances()
+                .list(pb::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(left.instances.is_empty(), "{left:?}");
+        }
+    })
+    .await
+    .unwrap();
+}
