@@ -477,6 +477,10 @@ fn become_instance(w: &mut Vec<String>) -> Result<Vec<(String, String)>, String>
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // What costs time at start and needs no identity is done before the snapshot.
+    if let Err(e) = aurae_sys::memfd::make_ahead() {
+        w.push(format!("the sealed copy of auraed, made ahead: {e}"));
+    }
     let handed = template::wait_for_handover(dev)?;
     template::apply(&handed, w)
 }
@@ -494,10 +498,19 @@ fn configure(a: &StaticAddr) -> std::io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    aurae_sys::net::set_link_up(&a.device)?;
+    // The address first, then the link up announcing it (gratuitous ARP): a parent
+    // already trying to reach it has a neighbour entry waiting, which this answers at
+    // once instead of at its next ARP probe (a second later).
+    let _ = fs::write(
+        format!("/proc/sys/net/ipv4/conf/{}/arp_notify", a.device),
+        "1",
+    );
     match a.addr {
         IpAddr::V4(v4) => aurae_sys::net::set_ipv4(&a.device, v4, a.prefix)?,
-        IpAddr::V6(v6) => aurae_sys::net::add_ipv6(&a.device, v6, a.prefix)?,
+        IpAddr::V6(v6) => {
+            aurae_sys::net::set_link_up(&a.device)?;
+            aurae_sys::net::add_ipv6(&a.device, v6, a.prefix)?;
+        }
     }
     aurae_sys::net::set_link_up(&a.device)
 }

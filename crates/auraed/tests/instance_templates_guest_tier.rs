@@ -184,7 +184,37 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
             let (i2, v2) = inside(&g, &s2).await;
             assert_eq!(i2.server_id, s2.spiffe_id);
             assert!(v2.contains("auraed"), "RunCell in t2: {v2:?}");
+            // Where the time went: the child's clock was set from L1's at the handover,
+            // so its auraed's start compares with L1's spawn start.
+            let at = |t: &Option<prost_types::Timestamp>| {
+                t.as_ref().map_or(0.0, |t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+            };
+            println!(
+                "t2: L1 spawn started → the child's auraed started {:.2} s (restore {}); ready at {:.2} s",
+                at(&i2.started_at) - at(&s2.started_at),
+                s2.boot_reason,
+                s2.ready_time.as_ref().map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9),
+            );
 
+            if std::env::var_os("AURAE_DEBUG_T2").is_some() {
+                let run = c
+                    .runtime()
+                    .run_cell(pb::Cell {
+                        name: "dbg".into(),
+                        executable: Some(pb::Executable {
+                            name: "cat".into(),
+                            argv: vec!["/bin/busybox".into(), "cat".into(), "/var/lib/aurae/logs/instances/t2.log".into()],
+                            ..Default::default()
+                        }),
+                        run: Some(pb::RunOptions { wait: true, remove: true, output: true, timeout: secs(60) }),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let out: Vec<u8> = run.executables.iter().flat_map(|e| e.output.iter().flat_map(|c| c.data.clone())).collect();
+                println!("---- t2.log ----\n{}\n----", String::from_utf8_lossy(&out));
+            }
             // Each its own: identity, key, address, kernel random state.
             assert_ne!(s1.spiffe_id, s2.spiffe_id);
             assert_ne!(s1.addresses, s2.addresses);

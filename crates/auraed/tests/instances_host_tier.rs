@@ -265,6 +265,61 @@ async fn bad_spawns_are_refused_and_leave_nothing() {
     );
     assert_eq!(k, Code::InvalidArgument, "{m}");
 
+    // Templates: an unknown use, and REQUIRED where there is no microVM to restore.
+    let (k, m) = code(
+        c.runtime()
+            .spawn(pb::Instance {
+                template: 7,
+                ..instance("t2")
+            })
+            .await,
+    );
+    assert_eq!(k, Code::InvalidArgument, "{m}");
+    assert!(m.starts_with("template"), "{m}");
+    let required = pb::TemplateUse::TemplateRequired as i32;
+    let (k, m) = code(
+        c.runtime()
+            .spawn(pb::Instance {
+                template: required,
+                isolation: pb::Isolation::Cell as i32,
+                ..instance("t3")
+            })
+            .await,
+    );
+    assert_eq!(k, Code::InvalidArgument, "{m}");
+    assert!(m.starts_with("template"), "{m}");
+    // AUTO isolation without usable KVM picks a cell: REQUIRED cannot be met.
+    let (k, m) = code(
+        c.runtime()
+            .spawn(pb::Instance {
+                template: required,
+                ..instance("t4")
+            })
+            .await,
+    );
+    assert_eq!(k, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("TEMPLATE_REQUIRED"), "{m}");
+    // No templates here; removing one that is not stored, or a bad name, says so.
+    let t = c
+        .instances()
+        .list_templates(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(t.templates.is_empty(), "{t:?}");
+    for (name, want) in [
+        ("t-1x512m-0000000000000000", Code::NotFound),
+        ("../vm-snapshots", Code::InvalidArgument),
+        ("", Code::InvalidArgument),
+    ] {
+        let e = c
+            .instances()
+            .remove_template(pb::NameRef { name: name.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), want, "{name:?}: {e:?}");
+    }
+
     // Name taken.
     spawn(&c, "dup").await;
     let (k, m) = code(c.runtime().spawn(instance("dup")).await);
@@ -660,6 +715,15 @@ memory_bytes = 1073741824
     .await
     .unwrap();
     let bob = d.client("bob").await.unwrap();
+    // Templates belong to the daemon: outside bob's names.
+    let e = bob
+        .instances()
+        .remove_template(pb::NameRef {
+            name: "t-1x512m-0000000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = bob.runtime().spawn(instance("alice-1")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let big = bob

@@ -475,6 +475,11 @@ impl Instances {
         let tree = self.tree()?;
         let (isolation, isolation_reason) = self.choose(&spec).await?;
         let is_vm = isolation == Isolation::VirtualMachine;
+        if !is_vm && spec.template == pb::TemplateUse::TemplateRequired {
+            return Err(precondition(format!(
+                "template: TEMPLATE_REQUIRED restores a microVM, and this instance is a cell ({isolation_reason})"
+            )));
+        }
         let _ops = self.ops.lock().await;
         if self
             .instances

@@ -442,7 +442,12 @@ impl Templates {
     }
 
     pub fn remove(&self, name: &Label) -> Result<(), WorkloadError> {
-        self.store()?.remove(name)?;
+        self.store()?.remove(name).map_err(|e| match e {
+            WorkloadError::NotFound(_) => {
+                WorkloadError::NotFound(format!("instance template {name:?} is not stored"))
+            }
+            e => e,
+        })?;
         if let Ok(mut v) = self.verified.lock() {
             v.remove(name.as_str());
         }
@@ -516,6 +521,75 @@ mod tests {
         let mut p = personal();
         p.handover.policy_toml = "x".repeat(DRIVE_BYTES);
         assert!(encode(&p).unwrap_err().contains("does not fit"));
+    }
+
+    fn stored(t: &Templates, name: &str, state: &[u8], vcpus: u32) -> Label {
+        let label = Label::parse("name", name).unwrap();
+        let p = t.store().unwrap().begin(&label).unwrap();
+        std::io::Write::write_all(&mut &p.state, state).unwrap();
+        p.commit(&SnapshotInfo {
+            name: name.into(),
+            vm: name.into(),
+            vcpus,
+            memory_bytes: 512 << 20,
+            drives: 1,
+            interfaces: 1,
+            state_bytes: state.len() as u64,
+            took_ns: 1,
+            created_unix_s: 1,
+            cpu_template: "normalized".into(),
+        })
+        .unwrap();
+        label
+    }
+
+    #[test]
+    fn a_template_that_does_not_check_out_is_removed_and_a_half_written_one_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, removed) = Templates::open(dir.path().join("templates"));
+        assert!(removed.is_empty());
+        // Another format version, or a damaged file: refused on first use, removed.
+        let bad = stored(&t, "t-1x512m-0000000000000000", b"AURAESNP\xff\xff\xff\xff", 1);
+        let e = t.open_files(&bad).unwrap_err().to_string();
+        assert!(e.contains("it was removed"), "{e}");
+        assert!(t.store().unwrap().info(&bad).is_err());
+        let e = t.remove(&bad).unwrap_err();
+        assert!(matches!(e, WorkloadError::NotFound(_)), "{e:?}");
+        // A build cut off by a crash: swept at the next start, and said.
+        let p = t.store().unwrap().begin(&bad).unwrap();
+        drop(p);
+        let (again, removed) = Templates::open(dir.path().join("templates"));
+        assert_eq!(removed, [".t-1x512m-0000000000000000.partial"]);
+        assert!(again.list(|_| true).is_empty());
+    }
+
+    #[test]
+    fn a_template_of_other_inputs_is_listed_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = Templates::open(dir.path().join("templates"));
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let bin = std::fs::File::open(&kernel).unwrap();
+        // Nothing is known stale before the inputs were hashed.
+        stored(&t, "t-1x512m-0000000000000000", b"x", 1);
+        assert!(t.list(|i| t.is_current(i))[0].current);
+        let now = t.current_name(&kernel, None, &bin, 1, 512 << 20).unwrap();
+        stored(&t, &now, b"x", 1);
+        let listed = t.list(|i| t.is_current(i));
+        let current: Vec<_> = listed
+            .iter()
+            .map(|l| (l.info.name.as_str(), l.current))
+            .collect();
+        assert!(current.contains(&(now.as_str(), true)), "{current:?}");
+        assert!(
+            current.contains(&("t-1x512m-0000000000000000", false)),
+            "{current:?}"
+        );
+        // The kernel changes: the stored one is stale.
+        std::fs::write(&kernel, b"kernel 2").unwrap();
+        let next = t.current_name(&kernel, None, &bin, 1, 512 << 20).unwrap();
+        assert_ne!(next, now);
+        assert!(t.list(|i| t.is_current(i)).iter().all(|l| !l.current));
     }
 
     #[test]
