@@ -127,7 +127,9 @@ pub fn peer_spiffe_id(der: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
 pub fn public_key_der(cert_pem: &str) -> Result<Vec<u8>, TlsError> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
         .map_err(|e| TlsError::X509(e.to_string()))?;
-    let cert = pem.parse_x509().map_err(|e| TlsError::X509(e.to_string()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| TlsError::X509(e.to_string()))?;
     Ok(cert.public_key().raw.to_vec())
 }
 

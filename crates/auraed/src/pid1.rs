@@ -351,7 +351,10 @@ pub fn prepare() -> Boot {
     // An instance template: waits here for the handover a restore puts on its drive (the
     // snapshot is taken while it waits), becomes unique, and boots on with the
     // parameters it was handed. Without an identity it cannot serve: it powers off.
-    if params.iter().any(|(k, _)| k == crate::instance::template::TEMPLATE_PARAM) {
+    if params
+        .iter()
+        .any(|(k, _)| k == crate::instance::template::TEMPLATE_PARAM)
+    {
         match become_instance(&mut w) {
             Ok(more) => params.extend(more),
             Err(e) => power_off(false, &format!("instance template: {e}")),

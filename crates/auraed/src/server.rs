@@ -395,6 +395,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let (conn_rx, accept_unix, accept_tcp, serve_on) =
         start_acceptors(&cfg, tls_config, unix, tcp, per_listener);
     instances.set_serve_on(serve_on);
+    // Spare cell inits once we answer: filling the pool would otherwise compete with the
+    // start (a microVM instance has one vCPU); a cell made before it is filled starts its
+    // own init, as without a pool.
+    cells.start_pool(cfg.cell_pool).await;
 
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -1075,7 +1079,6 @@ async fn wire_workloads(
             warnings.push(w);
         }
     }
-    cells.start_pool(cfg.cell_pool).await;
     // The previous auraed's holder may hold nothing that was taken back (it had no
     // running executables): retire it by its record, then record ours.
     if let Ok(Some(old)) =

@@ -300,7 +300,10 @@ mod tests {
             pb::TemplateUse::TemplateNever as i32
         );
         assert!(parse("instance spawn t1 --template always").is_err());
-        for line in ["instance template ls", "instance template list --prefix t-1x"] {
+        for line in [
+            "instance template ls",
+            "instance template list --prefix t-1x",
+        ] {
             assert!(
                 matches!(
                     parse(line).unwrap(),

@@ -129,9 +129,14 @@ impl InstancesService for InstancesApi {
                 .ok(),
             })
             .collect();
-        Ok(Response::new(pb::ListInstanceTemplatesResponse { templates }))
+        Ok(Response::new(pb::ListInstanceTemplatesResponse {
+            templates,
+        }))
     }
-    async fn remove_template(&self, r: Request<pb::NameRef>) -> Result<Response<pb::Freed>, Status> {
+    async fn remove_template(
+        &self,
+        r: Request<pb::NameRef>,
+    ) -> Result<Response<pb::Freed>, Status> {
         let (_, name) = authorized(&r, Label::parse("name", &r.get_ref().name), Label::as_str)?;
         let t = self.instances.templates();
         let _one = t.building.lock().await;

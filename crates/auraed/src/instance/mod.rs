@@ -601,10 +601,7 @@ impl Instances {
             .join("instances")
             .join(format!("{}.log", spec.name));
         let (template, mut boot_reason) = if is_vm {
-            match self
-                .template_for(&spec, &cgroup, t0 + ready_timeout)
-                .await
-            {
+            match self.template_for(&spec, &cgroup, t0 + ready_timeout).await {
                 Ok(t) => t,
                 Err(e) => return Err(undo.fail(e.to_string()).await),
             }
@@ -1075,13 +1072,17 @@ impl Instances {
             .ok_or_else(|| precondition("no --instance-kernel is configured"))?;
         let sealed = self.sealed.get()?;
         let modules = self.vm_modules.clone();
-        let entries = tokio::task::spawn_blocking(move || initramfs::base(&sealed, modules.as_deref()))
-            .await
-            .map_err(|e| precondition(format!("initramfs task: {e}")))?
-            .map_err(precondition)?;
+        let entries =
+            tokio::task::spawn_blocking(move || initramfs::base(&sealed, modules.as_deref()))
+                .await
+                .map_err(|e| precondition(format!("initramfs task: {e}")))?
+                .map_err(precondition)?;
         let initramfs = initramfs::sealed(&entries).map_err(precondition)?;
         drop(entries);
-        let drive = aurae_sys::memfd::sealed_bytes(&vec![0u8; template::DRIVE_BYTES], "aurae-template-drive")?;
+        let drive = aurae_sys::memfd::sealed_bytes(
+            &vec![0u8; template::DRIVE_BYTES],
+            "aurae-template-drive",
+        )?;
         let lease = self
             .vms
             .network()
@@ -1089,7 +1090,10 @@ impl Instances {
             .map_err(|_| precondition("network lock poisoned"))?
             .lease(None)
             .map_err(precondition)?;
-        let log = self.logs_dir.join("instances").join(format!("{name}.template.log"));
+        let log = self
+            .logs_dir
+            .join("instances")
+            .join(format!("{name}.template.log"));
         let vm = self
             .vms
             .run_for_instance(
@@ -1155,7 +1159,10 @@ impl Instances {
                     pb::Kind::Instance,
                     name.as_str(),
                     pb::EventType::Created,
-                    format!("instance template built in {:.1} s", t0.elapsed().as_secs_f64()),
+                    format!(
+                        "instance template built in {:.1} s",
+                        t0.elapsed().as_secs_f64()
+                    ),
                 );
                 Ok(())
             }

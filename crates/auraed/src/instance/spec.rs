@@ -188,7 +188,11 @@ mod tests {
             with(9, pb::Isolation::Auto).unwrap_err().field,
             "instance.template"
         );
-        let e = with(pb::TemplateUse::TemplateRequired as i32, pb::Isolation::Cell).unwrap_err();
+        let e = with(
+            pb::TemplateUse::TemplateRequired as i32,
+            pb::Isolation::Cell,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "instance.template");
         assert!(e.reason.contains("cell-isolated"), "{e:?}");
         for (t, i) in [

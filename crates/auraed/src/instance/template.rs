@@ -246,7 +246,9 @@ pub fn inputs_digest(
         let mut buf = vec![0u8; 1 << 20];
         let mut off = 0u64;
         loop {
-            let n = f.read_at(&mut buf, off).map_err(|e| format!("{what}: {e}"))?;
+            let n = f
+                .read_at(&mut buf, off)
+                .map_err(|e| format!("{what}: {e}"))?;
             if n == 0 {
                 return Ok(());
             }
@@ -317,7 +319,9 @@ fn stamps(kernel: &Path, modules: Option<&Path>) -> Vec<Stamp> {
         .into_iter()
         .map(|p| {
             let m = std::fs::metadata(&p).ok();
-            let (len, mtime, ino) = m.map_or((0, 0, 0), |m| (m.len(), m.mtime_nsec() + m.mtime() * 1_000_000_000, m.ino()));
+            let (len, mtime, ino) = m.map_or((0, 0, 0), |m| {
+                (m.len(), m.mtime_nsec() + m.mtime() * 1_000_000_000, m.ino())
+            });
             (p, len, mtime, ino)
         })
         .collect()
@@ -381,7 +385,12 @@ impl Templates {
     /// Whether `info` is the template `current_name` gives for its size (true while no
     /// name was asked for yet: nothing is known stale before the inputs are hashed).
     pub fn is_current(&self, info: &SnapshotInfo) -> bool {
-        match self.digest.lock().ok().and_then(|g| g.as_ref().map(|(_, d)| *d)) {
+        match self
+            .digest
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(_, d)| *d))
+        {
             Some(d) => name(&d, info.vcpus, info.memory_bytes) == info.name,
             None => true,
         }
@@ -430,8 +439,9 @@ impl Templates {
             .list()
             .into_iter()
             .map(|info| {
-                let memory_disk_bytes = std::fs::metadata(store.dir().join(&info.name).join("memory"))
-                    .map_or(0, |m| m.blocks() * 512);
+                let memory_disk_bytes =
+                    std::fs::metadata(store.dir().join(&info.name).join("memory"))
+                        .map_or(0, |m| m.blocks() * 512);
                 TemplateInfo {
                     current: current(&info),
                     info,
@@ -549,7 +559,12 @@ mod tests {
         let (t, removed) = Templates::open(dir.path().join("templates"));
         assert!(removed.is_empty());
         // Another format version, or a damaged file: refused on first use, removed.
-        let bad = stored(&t, "t-1x512m-0000000000000000", b"AURAESNP\xff\xff\xff\xff", 1);
+        let bad = stored(
+            &t,
+            "t-1x512m-0000000000000000",
+            b"AURAESNP\xff\xff\xff\xff",
+            1,
+        );
         let e = t.open_files(&bad).unwrap_err().to_string();
         assert!(e.contains("it was removed"), "{e}");
         assert!(t.store().unwrap().info(&bad).is_err());

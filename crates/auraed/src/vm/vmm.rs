@@ -332,7 +332,8 @@ fn jail(
         .iter()
         .zip(names)
         .filter(|(_, (name, _))| {
-            !(cfg.initramfs_in_memory && name == "initramfs") && !in_memory_drive(name)
+            let copied = (cfg.initramfs_in_memory && name == "initramfs") || in_memory_drive(name);
+            !copied
         })
         .map(|(fd, (name, ro))| (*fd, name, ro, true))
         .collect();
