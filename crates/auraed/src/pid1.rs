@@ -356,7 +356,7 @@ pub fn prepare() -> Boot {
         .any(|(k, _)| k == crate::instance::template::TEMPLATE_PARAM)
     {
         match become_instance(&mut w) {
-            Ok(more) => params.extend(more),
+            Ok(more) => params.extend(cmdline_params(&more)),
             Err(e) => power_off(false, &format!("instance template: {e}")),
         }
     }
@@ -470,7 +470,7 @@ pub fn prepare() -> Boot {
 
 /// A template's wait for its handover drive (the device node appears shortly after
 /// virtio_blk loads), then what it was handed applied.
-fn become_instance(w: &mut Vec<String>) -> Result<Vec<(String, String)>, String> {
+fn become_instance(w: &mut Vec<String>) -> Result<String, String> {
     use crate::instance::template;
     let dev = Path::new(template::DRIVE_DEVICE);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -192,9 +192,9 @@ fn libc_o_direct() -> i32 {
 
 /// The guest side, once the handover is read: the CRNG reseeded first, the clock set,
 /// the identity, policy and place written where a booted instance's initramfs has them,
-/// its MAC set. Returns the kernel command line parameters to boot on with; an error
-/// when it cannot serve (no identity written).
-pub fn apply(p: &Personal, w: &mut Vec<String>) -> Result<Vec<(String, String)>, String> {
+/// its MAC set. Returns the kernel command line parameters to boot on with (as text);
+/// an error when it cannot serve (no identity written).
+pub fn apply(p: &Personal, w: &mut Vec<String>) -> Result<String, String> {
     if let Err(e) = aurae_sys::random::reseed(&p.seed) {
         // Serving with a CRNG cloned from the template would repeat another
         // instance's random bytes: refuse.
@@ -229,7 +229,7 @@ pub fn apply(p: &Personal, w: &mut Vec<String>) -> Result<Vec<(String, String)>,
     if let Err(e) = aurae_sys::net::set_mac("eth0", p.mac) {
         w.push(format!("eth0: setting its MAC: {e}"));
     }
-    Ok(crate::pid1::cmdline_params(&p.cmdline))
+    Ok(p.cmdline.clone())
 }
 
 /// The digest of what a template is made of: its format, the kernel, the modules (their
