@@ -5,6 +5,9 @@
 //! must be its own machine: its SVID and key, its address, its kernel's random state
 //! (seen in its boot ID, made from the CRNG after the reseed) — and both serve.
 //!
+//! A template whose state file says another format version is refused by the monitor:
+//! TEMPLATE_REQUIRED fails naming it, AUTO boots instead and says why.
+//!
 //! One nested guest runs at a time (two running microVMs under TCG's emulated SVM have
 //! panicked L1's kernel on this fleet): the first instance is stopped, not freed, before
 //! the second starts, so it keeps its address lease.
@@ -62,7 +65,7 @@ async fn spawn(g: &Guest, c: &Client, inst: pb::Instance) -> (pb::InstanceStatus
     (s, t.elapsed())
 }
 
-/// What the instance says of itself, and `auraed --version` run in a one-call cell in it.
+/// What the instance says of itself, and `auraed --version` run by RunExecutable in it.
 async fn inside(g: &Guest, s: &pb::InstanceStatus) -> (pb::DaemonInfo, String) {
     let ic = g
         .instance_client("admin", &s.endpoint, &s.spiffe_id)
@@ -74,13 +77,49 @@ async fn inside(g: &Guest, s: &pb::InstanceStatus) -> (pb::DaemonInfo, String) {
         .await
         .unwrap()
         .into_inner();
+    ic.cells()
+        .allocate(pb::Cell {
+            name: "job".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("a cell in {}: {e:?}", s.name));
     let run = ic
         .runtime()
+        .run_executable(pb::Executable {
+            cell: "job".into(),
+            name: "version".into(),
+            argv: vec!["/init".into(), "--version".into()],
+            run: Some(pb::RunOptions {
+                wait: true,
+                remove: true,
+                output: true,
+                timeout: secs(60),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunExecutable in {}: {e:?}", s.name))
+        .into_inner();
+    let out: Vec<u8> = run.output.iter().flat_map(|c| c.data.clone()).collect();
+    (info, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `sh -c script` with L1's busybox (applets called as `/bin/busybox <applet>`), in a
+/// one-call cell of L1: it runs as root and sees L1's files.
+async fn l1_sh(c: &Client, script: &str) -> String {
+    let run = c
+        .runtime()
         .run_cell(pb::Cell {
-            name: "job".into(),
+            name: "l1sh".into(),
             executable: Some(pb::Executable {
-                name: "version".into(),
-                argv: vec!["/init".into(), "--version".into()],
+                name: "sh".into(),
+                argv: vec![
+                    "/bin/busybox".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    script.into(),
+                ],
                 ..Default::default()
             }),
             run: Some(pb::RunOptions {
@@ -92,14 +131,22 @@ async fn inside(g: &Guest, s: &pb::InstanceStatus) -> (pb::DaemonInfo, String) {
             ..Default::default()
         })
         .await
-        .unwrap_or_else(|e| panic!("RunCell in {}: {e:?}", s.name))
+        .unwrap_or_else(|e| panic!("RunCell in L1 ({script}): {e:?}"))
         .into_inner();
-    let out: Vec<u8> = run
-        .executables
-        .iter()
-        .flat_map(|e| e.output.iter().flat_map(|c| c.data.clone()))
-        .collect();
-    (info, String::from_utf8_lossy(&out).into_owned())
+    let exe = &run.executables[0];
+    let out = String::from_utf8_lossy(
+        &exe.output
+            .iter()
+            .flat_map(|c| c.data.clone())
+            .collect::<Vec<u8>>(),
+    )
+    .into_owned();
+    let ok = matches!(
+        exe.exit.as_ref().and_then(|e| e.how.clone()),
+        Some(pb::exit_status::How::Code(0))
+    );
+    assert!(ok, "L1: {script}: {:?}\n{out}", exe.exit);
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +206,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
             let (i1, v1) = inside(&g, &s1).await;
             assert_eq!(i1.server_id, s1.spiffe_id);
             assert_eq!(i1.mode, "pid1");
-            assert!(v1.contains("auraed"), "RunCell in t1: {v1:?}");
+            assert!(v1.contains("auraed"), "RunExecutable in t1: {v1:?}");
 
             // One nested guest at a time: t1 stops but keeps its address.
             let stopped = c
@@ -183,7 +230,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
             assert_eq!(s2.template, s1.template, "{s2:?}");
             let (i2, v2) = inside(&g, &s2).await;
             assert_eq!(i2.server_id, s2.spiffe_id);
-            assert!(v2.contains("auraed"), "RunCell in t2: {v2:?}");
+            assert!(v2.contains("auraed"), "RunExecutable in t2: {v2:?}");
             // Where the time went: the child's clock was set from L1's at the handover,
             // so its auraed's start compares with L1's spawn start.
             let at = |t: &Option<prost_types::Timestamp>| {
@@ -197,23 +244,8 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
             );
 
             if std::env::var_os("AURAE_DEBUG_T2").is_some() {
-                let run = c
-                    .runtime()
-                    .run_cell(pb::Cell {
-                        name: "dbg".into(),
-                        executable: Some(pb::Executable {
-                            name: "cat".into(),
-                            argv: vec!["/bin/busybox".into(), "cat".into(), "/var/lib/aurae/logs/instances/t2.log".into()],
-                            ..Default::default()
-                        }),
-                        run: Some(pb::RunOptions { wait: true, remove: true, output: true, timeout: secs(60) }),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let out: Vec<u8> = run.executables.iter().flat_map(|e| e.output.iter().flat_map(|c| c.data.clone())).collect();
-                println!("---- t2.log ----\n{}\n----", String::from_utf8_lossy(&out));
+                let log = l1_sh(&c, "/bin/busybox cat /var/lib/aurae/logs/instances/t2.log").await;
+                println!("---- t2.log ----\n{log}\n----");
             }
             // Each its own: identity, key, address, kernel random state.
             assert_ne!(s1.spiffe_id, s2.spiffe_id);
@@ -243,13 +275,56 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
                 .await
                 .unwrap();
 
-            // A template removed is rebuilt by the next REQUIRED spawn; AUTO boots without.
+            // A template of another format version (its state file's version field
+            // changed on L1's disk, by a cell of L1): the monitor refuses to restore it;
+            // REQUIRED fails naming it, AUTO boots instead and says why.
+            let state = format!("/var/lib/aurae/instance-templates/{}/state", s1.template);
+            l1_sh(
+                &c,
+                &format!(
+                    "/bin/busybox printf c | /bin/busybox dd of={state} bs=1 seek=8 count=1 conv=notrunc"
+                ),
+            )
+            .await;
+            let e = c
+                .runtime()
+                .spawn(from_template("t4", pb::TemplateUse::TemplateRequired))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains("format version 99"), "{e:?}");
+            let (s3, took3) = spawn(&g, &c, from_template("t3", pb::TemplateUse::TemplateAuto)).await;
+            println!(
+                "t3: booted in {:.1} s ({})",
+                took3.as_secs_f64(),
+                s3.boot_reason
+            );
+            assert!(s3.template.is_empty(), "{s3:?}");
+            assert!(
+                s3.boot_reason.starts_with("booted: restoring template") && s3.boot_reason.contains("format version 99"),
+                "{s3:?}"
+            );
+            println!(
+                "restored t2 ready in {:.2} s vs booted t3 in {:.1} s: {:.3}x",
+                took2.as_secs_f64(),
+                took3.as_secs_f64(),
+                took2.as_secs_f64() / took3.as_secs_f64()
+            );
+
+            // Removed: not listed; a second remove NOT_FOUND, a bad name refused.
             c.instances()
                 .remove_template(pb::NameRef {
                     name: s1.template.clone(),
                 })
                 .await
                 .unwrap();
+            let left = c
+                .instances()
+                .list_templates(pb::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(left.templates.is_empty(), "{left:?}");
             let e = c
                 .instances()
                 .remove_template(pb::NameRef {
@@ -266,20 +341,6 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-            let (s3, took3) = spawn(&g, &c, from_template("t3", pb::TemplateUse::TemplateAuto)).await;
-            println!(
-                "t3: booted in {:.1} s ({})",
-                took3.as_secs_f64(),
-                s3.boot_reason
-            );
-            assert!(s3.template.is_empty(), "{s3:?}");
-            assert!(s3.boot_reason.contains("no template is stored"), "{s3:?}");
-            println!(
-                "restored t2 ready in {:.2} s vs booted t3 in {:.1} s: {:.3}x",
-                took2.as_secs_f64(),
-                took3.as_secs_f64(),
-                took2.as_secs_f64() / took3.as_secs_f64()
-            );
 
             for name in ["t1", "t2", "t3"] {
                 c.instances()
