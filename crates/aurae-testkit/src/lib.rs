@@ -491,7 +491,7 @@ pub async fn instance_client(
 }
 
 /// Runs `ip ARGS`, failing with its stderr.
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -570,4 +570,20 @@ pub fn remove_cgroup_tree(root: &Path) {
     for d in dirs {
         let _ = fs::remove_dir(&d);
     }
+}
+
+/// A bench's rounds: `AURAE_BENCH_ROUNDS`, or `default`.
+pub fn bench_rounds(default: usize) -> usize {
+    std::env::var("AURAE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The runtime a bench drives its clients from: two workers (this fleet's two cores).
+pub fn bench_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }

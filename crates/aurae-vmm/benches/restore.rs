@@ -103,10 +103,7 @@ fn main() {
         println!("SKIP restore bench: {why}");
         return;
     }
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let rounds = aurae_testkit::bench_rounds(30);
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("guest.elf");
     std::fs::write(&kernel, tiny_elf(0x20_0000, &guest())).unwrap();

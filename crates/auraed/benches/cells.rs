@@ -289,11 +289,7 @@ fn main() {
         println!("SKIP cells bench: cannot make a cgroup2-only mount namespace: {e}");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(run());
 }
 
@@ -324,10 +320,7 @@ async fn run() {
     };
     let d = Daemon::start(bin, opts).await.unwrap();
     let c = d.client("admin").await.unwrap();
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let rounds = aurae_testkit::bench_rounds(200);
     let warm = rounds / 10;
     println!(
         "cells bench: {rounds} interleaved rounds after {warm} warm-up; load {}",

@@ -21,11 +21,7 @@ fn main() {
         println!("SKIP guest boot bench: {reason}");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(async {
         let n: usize = std::env::var("AURAE_BOOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
         let (mut aurae, mut busybox, mut rss) = (Vec::new(), Vec::new(), Vec::new());

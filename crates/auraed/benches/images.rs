@@ -72,10 +72,7 @@ fn main() {
         println!("SKIP images bench: {reason}");
         return;
     }
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let rounds = aurae_testkit::bench_rounds(10);
     let reg = LocalRegistry::start().unwrap();
     let host = reg.host();
     let layers = [
@@ -96,11 +93,7 @@ fn main() {
         bytes as f64 / f64::from(1 << 20),
         layers.iter().map(Vec::len).sum::<usize>() as f64 / f64::from(1 << 20)
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     let r = ImageRef::parse(&format!("{host}/bench/pull:v1")).unwrap();
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for i in 0..=rounds {

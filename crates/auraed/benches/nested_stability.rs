@@ -70,11 +70,7 @@ echo AURAE_MICROVM_MARKER
     if use_qemu {
         files.extend(qemu_files().unwrap());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(async {
         let g = Guest::boot(GuestOptions {
             extra_files: files,

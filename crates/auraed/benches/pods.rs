@@ -282,11 +282,7 @@ fn main() {
         println!("SKIP pods bench: {reason}");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(run());
 }
 
@@ -322,10 +318,7 @@ async fn run() {
     let store =
         Arc::new(auraed::image::store::ImageStore::open(&d.dir.path().join("state")).unwrap());
 
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+    let rounds = aurae_testkit::bench_rounds(6);
     let warm = 1;
     println!(
         "pods bench: {rounds} interleaved rounds after {warm} warm-up; load {}",

@@ -330,11 +330,7 @@ fn main() {
             return;
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(run());
 }
 
@@ -351,10 +347,7 @@ async fn run() {
     .await
     .unwrap();
     let c = d.client("admin").await.unwrap();
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let rounds = aurae_testkit::bench_rounds(8);
     let warm = 1;
     println!(
         "spawn bench: {rounds} interleaved rounds after {warm} warm-up; load {}",

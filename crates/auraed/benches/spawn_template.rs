@@ -107,15 +107,8 @@ fn main() {
         println!("SKIP spawn template bench: {reason}");
         return;
     }
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rounds = aurae_testkit::bench_rounds(3);
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(async {
         let g = Guest::boot(GuestOptions {
             extra_files: instance_files().unwrap(),

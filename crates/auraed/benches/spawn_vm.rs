@@ -487,10 +487,7 @@ fn main() {
         println!("SKIP spawn vm bench: ldd {QEMU} failed");
         return;
     };
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = aurae_testkit::bench_rounds(3);
     let mut files = instance_files().unwrap();
     files.push(Entry::Dir {
         path: "var/lib/aurae/bench".into(),
@@ -502,11 +499,7 @@ fn main() {
         data: peer_initramfs().unwrap(),
     });
     files.extend(qemu);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(async {
         let g = Guest::boot(GuestOptions {
             extra_files: files,

@@ -173,16 +173,9 @@ fn main() {
         println!("SKIP vm restore bench: {reason}");
         return;
     }
-    let rounds: usize = std::env::var("AURAE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = aurae_testkit::bench_rounds(3);
     let files = vm_image_files(microvm_initramfs_with(TICKS).unwrap()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(async {
         let g = Guest::boot(GuestOptions {
             extra_files: files,

@@ -23,23 +23,20 @@ use aurae_testkit::{
     tier::{self, Tier},
 };
 
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn secs(s: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
         seconds: s,
         nanos: 0,
+    })
+}
+
+/// Wait for the end, free what ran, return its output (at most a minute).
+fn wait_for_output() -> Option<pb::RunOptions> {
+    Some(pb::RunOptions {
+        wait: true,
+        remove: true,
+        output: true,
+        timeout: secs(60),
     })
 }
 
@@ -90,12 +87,7 @@ async fn inside(g: &Guest, s: &pb::InstanceStatus) -> (pb::DaemonInfo, String) {
             cell: "job".into(),
             name: "version".into(),
             argv: vec!["/init".into(), "--version".into()],
-            run: Some(pb::RunOptions {
-                wait: true,
-                remove: true,
-                output: true,
-                timeout: secs(60),
-            }),
+            run: wait_for_output(),
             ..Default::default()
         })
         .await
@@ -122,12 +114,7 @@ async fn l1_sh(c: &Client, script: &str) -> String {
                 ],
                 ..Default::default()
             }),
-            run: Some(pb::RunOptions {
-                wait: true,
-                remove: true,
-                output: true,
-                timeout: secs(60),
-            }),
+            run: wait_for_output(),
             ..Default::default()
         })
         .await
@@ -142,7 +129,7 @@ async fn l1_sh(c: &Client, script: &str) -> String {
     )
     .into_owned();
     let ok = matches!(
-        exe.exit.as_ref().and_then(|e| e.how.clone()),
+        exe.exit.as_ref().and_then(|e| e.how),
         Some(pb::exit_status::How::Code(0))
     );
     assert!(ok, "L1: {script}: {:?}\n{out}", exe.exit);
@@ -167,7 +154,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
         async move {
             let c = g.client("admin").await.unwrap();
             let via = g.addr.ip().to_string();
-            ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
+            aurae_testkit::ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]).unwrap();
 
             // No template yet: AUTO boots, and says why.
             let none = c

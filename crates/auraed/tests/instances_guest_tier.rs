@@ -15,19 +15,6 @@ use aurae_testkit::{
     tier::{self, Tier},
 };
 
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
     if !tier::check(
@@ -47,8 +34,10 @@ async fn guest_tier_spawns_a_microvm_instance_and_recurses_into_a_cell() {
             let c = g.client("admin").await.unwrap();
             // The harness reaches the guest's instances through the guest.
             let via = g.addr.ip().to_string();
-            ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
-            ip(&["-n", &g.netns, "route", "add", "10.201.0.0/16", "via", &via]);
+            aurae_testkit::ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via])
+                .unwrap();
+            aurae_testkit::ip(&["-n", &g.netns, "route", "add", "10.201.0.0/16", "via", &via])
+                .unwrap();
 
             let t = std::time::Instant::now();
             let vm1 = pb::Instance {

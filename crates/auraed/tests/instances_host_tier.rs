@@ -814,17 +814,7 @@ async fn a_child_presenting_a_foreign_svid_is_refused() {
     .unwrap();
     // The impostor's address on lo in the parent's namespace, and its listener there.
     let ns = d.netns.clone().unwrap();
-    let ip = |args: &[&str]| {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let ip = |args: &[&str]| aurae_testkit::ip(args).unwrap();
     ip(&["-n", &ns, "addr", "add", "10.200.0.2/32", "dev", "lo"]);
     let listener = d
         .in_netns(|| std::net::TcpListener::bind("10.200.0.2:8443"))

@@ -70,19 +70,6 @@ async fn seeded_store() -> (String, String, Vec<cpio::Entry>) {
     (web, busybox, e)
 }
 
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn secs(s: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
         seconds: s,
@@ -163,7 +150,7 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
         async move {
     let c = g.client("admin").await.unwrap();
     let via = g.addr.ip().to_string();
-    ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]);
+    aurae_testkit::ip(&["-n", &g.netns, "route", "add", "10.200.0.0/16", "via", &via]).unwrap();
 
     // An HTTP server in a microVM pod: the page from its endpoint, its log.
     let t = std::time::Instant::now();

@@ -873,25 +873,14 @@ impl Instances {
             "console=ttyS0 reboot=k panic=-1 quiet {}",
             self.instance_params(&lease, &spec.name)?
         );
-        let vm = self
-            .vms
-            .run_for_instance(
-                &spec.name,
-                cgroup,
-                InstanceBoot::Boot {
-                    kernel,
-                    initramfs: fd,
-                    cmdline,
-                    drive: None,
-                },
-                spec.vcpus,
-                spec.memory_bytes,
-                &lease,
-                log.to_owned(),
-            )
-            .await?;
-        undo.vm = Some(vm.clone());
-        Ok(Self::started_vm(vm, &lease))
+        let boot = InstanceBoot::Boot {
+            kernel,
+            initramfs: fd,
+            cmdline,
+            drive: None,
+        };
+        let (started, _) = self.run_vm(spec, cgroup, boot, &lease, log, undo).await?;
+        Ok(started)
     }
 
     /// A microVM child restored from a template: its handover (`h`, its MAC, addresses,
@@ -919,30 +908,41 @@ impl Instances {
                 aurae_sys::memfd::sealed_bytes(&bytes, "aurae-handover").map_err(|e| e.to_string())
             })
             .map_err(precondition)?;
+        let boot = InstanceBoot::Restore {
+            state,
+            memory,
+            drive,
+        };
+        let (started, vm) = self.run_vm(spec, cgroup, boot, &lease, log, undo).await?;
+        let took = vm.state.borrow().restore_time;
+        Ok((started, took))
+    }
+
+    /// The instance's microVM started (booted or restored) on `lease`, in `undo`.
+    async fn run_vm(
+        &self,
+        spec: &InstanceSpec,
+        cgroup: &CellName,
+        boot: InstanceBoot,
+        lease: &crate::vm::network::Lease,
+        log: &std::path::Path,
+        undo: &mut Undo,
+    ) -> Result<(Started, Arc<crate::vm::Vm>), WorkloadError> {
         let vm = self
             .vms
             .run_for_instance(
                 &spec.name,
                 cgroup,
-                InstanceBoot::Restore {
-                    state,
-                    memory,
-                    drive,
-                },
+                boot,
                 spec.vcpus,
                 spec.memory_bytes,
-                &lease,
+                lease,
                 log.to_owned(),
             )
             .await?;
         undo.vm = Some(vm.clone());
-        let took = vm.state.borrow().restore_time;
-        Ok((Self::started_vm(vm, &lease), took))
-    }
-
-    fn started_vm(vm: Arc<crate::vm::Vm>, lease: &crate::vm::network::Lease) -> Started {
         let vm2 = vm.clone();
-        Started {
+        let started = Started {
             pid: vm.pid,
             pidfd: vm.pidfd.clone(),
             exit: Box::pin(async move {
@@ -951,8 +951,9 @@ impl Instances {
                 p.and_then(|(st, _)| st)
             }),
             link: lease.tap.clone(),
-            vm: Some(vm),
-        }
+            vm: Some(vm.clone()),
+        };
+        Ok((started, vm))
     }
 
     /// What a microVM instance's PID 1 configures its network and name from: on the
