@@ -8,7 +8,9 @@
 //!   with its own SVID). Also the restore alone (the VMM's report, in `boot_reason`).
 //! - B: the same Spawn with TEMPLATE_NEVER: the instance kernel booted.
 //!
-//! Prints `report` lines (median / p10 / p90) and `RATIO` lines (target A/B ≤ 0.05).
+//! Prints `report` lines (median / p10 / p90) and `RATIO` lines (target A/B ≤ 0.05). A
+//! round whose Spawn fails while L1 no longer answers ends the rounds (what was measured
+//! is reported).
 //! Needs the guest tier (root, qemu, `cargo xtask guest`); prints SKIP otherwise.
 //! `AURAE_BENCH_ROUNDS` (default 3).
 
@@ -50,6 +52,14 @@ async fn spawn(
         Ok(Err(e)) => Err(format!("{e:?}")),
         Err(_) => Err("no answer within 270 s".into()),
     }
+}
+
+/// Whether L1's auraed still answers (a frozen L1 ends the rounds).
+async fn l1_alive(c: &Client) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(15), c.daemon().info(pb::InfoRequest {})).await,
+        Ok(Ok(_))
+    )
 }
 
 async fn stop_and_free(c: &Client, name: &str) {
@@ -142,7 +152,7 @@ fn main() {
         }
         let (mut a, mut restore, mut b) = (Vec::new(), Vec::new(), Vec::new());
         let (mut a_fails, mut b_fails) = (0, 0);
-        for i in 0..rounds {
+        'rounds: for i in 0..rounds {
             let order = if i % 2 == 0 { ["a", "b"] } else { ["b", "a"] };
             for side in order {
                 let name = format!("{side}{i}");
@@ -175,6 +185,14 @@ fn main() {
                             a_fails += 1;
                         } else {
                             b_fails += 1;
+                        }
+                        if !l1_alive(&c).await {
+                            println!(
+                                "  L1 stopped answering (a TCG machine under nested KVM can freeze): \
+                                 the rounds end here; L1's console: {}",
+                                g.serial.display()
+                            );
+                            break 'rounds;
                         }
                     }
                 }
