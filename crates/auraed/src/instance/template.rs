@@ -190,21 +190,27 @@ fn libc_o_direct() -> i32 {
     nix::fcntl::OFlag::O_DIRECT.bits()
 }
 
-/// The guest side, once the handover is read: the CRNG reseeded first, the clock set,
-/// the identity, policy and place written where a booted instance's initramfs has them,
-/// its MAC set. Returns the kernel command line parameters to boot on with (as text);
-/// an error when it cannot serve (no identity written).
+/// The guest side, once the handover is read: the CRNG reseeded first, the clock moved
+/// forward to the parent's if it is behind, the identity, policy and place written where
+/// a booted instance's initramfs has them, its MAC set. Returns the kernel command line
+/// parameters to boot on with (as text); an error when it cannot serve (no identity
+/// written).
 pub fn apply(p: &Personal, w: &mut Vec<String>) -> Result<String, String> {
     if let Err(e) = aurae_sys::random::reseed(&p.seed) {
         // Serving with a CRNG cloned from the template would repeat another
         // instance's random bytes: refuse.
         return Err(format!("reseeding the kernel's CRNG: {e}"));
     }
-    let now = nix::sys::time::TimeSpec::new(
+    // The parent's clock when it wrote the handover: earlier than now by the restore.
+    // A clock the restore already moved past it (KVM advances kvmclock by the time since
+    // the snapshot) is closer to the truth and is kept: never set back.
+    let handed = nix::sys::time::TimeSpec::new(
         i64::try_from(p.now.0).unwrap_or(i64::MAX),
         i64::from(p.now.1),
     );
-    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now) {
+    let ours = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME);
+    let behind = ours.map_or(true, |t| t < handed);
+    if behind && let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, handed) {
         w.push(format!("setting the clock: {e}"));
     }
     let h = &p.handover;
