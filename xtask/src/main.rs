@@ -301,6 +301,46 @@ struct Totals {
     /// What libtest printed under "failures:" for each failing test binary (backtrace
     /// frames left out), printed again at the very end: a CI log's tail shows why.
     failures: Vec<String>,
+    /// Every panic message the tests printed (stderr: `--nocapture`), with the test
+    /// binary it came from; printed again at the end when a test failed.
+    panics: Vec<String>,
+}
+
+/// Echoes the tests' stderr and keeps each panic's message (up to its backtrace or
+/// note, at most 12 lines) with the binary cargo said it was running.
+fn panics_of(err: impl std::io::Read) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut binary = String::new();
+    let mut current: Option<(String, usize)> = None;
+    for line in BufReader::new(err).lines().map_while(Result::ok) {
+        eprintln!("{line}");
+        if let Some(r) = line.trim_start().strip_prefix("Running ") {
+            binary = r.to_owned();
+        }
+        if line.contains("panicked at") {
+            if let Some((b, _)) = current.take() {
+                found.push(b);
+            }
+            current = Some((format!("in {binary}:\n{line}\n"), 12));
+            continue;
+        }
+        if let Some((b, left)) = current.as_mut() {
+            if line.starts_with("stack backtrace:")
+                || line.starts_with("note: ")
+                || is_frame(&line)
+                || *left == 0
+            {
+                found.push(std::mem::take(b));
+                current = None;
+            } else {
+                b.push_str(&line);
+                b.push('\n');
+                *left -= 1;
+            }
+        }
+    }
+    found.extend(current.map(|(b, _)| b));
+    found
 }
 
 /// A backtrace frame line (`  12: std::…` or `at /rustc/…`): left out of the summary.
@@ -324,8 +364,10 @@ fn tests() -> anyhow::Result<Totals> {
             "--nocapture",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()?;
+    let err = child.stderr.take();
+    let panics = std::thread::spawn(move || err.map(panics_of).unwrap_or_default());
     let mut totals = Totals::default();
     let mut failing: Option<String> = None;
     if let Some(out) = child.stdout.take() {
@@ -367,6 +409,7 @@ fn tests() -> anyhow::Result<Totals> {
         }
     }
     let status = child.wait()?;
+    totals.panics = panics.join().unwrap_or_default();
     if !status.success() && totals.failed == 0 {
         totals.failed += 1;
     }
@@ -533,6 +576,11 @@ fn test() -> anyhow::Result<ExitCode> {
     // Why tests failed, again at the end (the log's tail is what CI shows).
     for f in &t.failures {
         println!("==> a failing test binary printed:\n{f}");
+    }
+    if t.failed > 0 {
+        for p in &t.panics {
+            println!("==> a panic during the tests (some tests panic on purpose) {p}");
+        }
     }
     // The plain closing line CI and people read, after what setup could not do.
     for p in &problems {
@@ -1159,6 +1207,36 @@ fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panics_are_kept_with_their_binary_and_message_without_frames() {
+        let err: &[u8] = b"     Running tests/a.rs (target/debug/deps/a-1)\n\
+thread 'tokio-rt-worker' (7) panicked at crates/x/tests/a.rs:81:17:\n\
+RunPod web: no answer\n\
+stack backtrace:\n   0: std::panicking\n             at /rustc/x.rs:1\n\
+     Running tests/b.rs (target/debug/deps/b-2)\n\
+thread 'main' panicked at b.rs:1:1:\nboom\n";
+        let p = panics_of(err);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("in tests/a.rs (target/debug/deps/a-1):\n"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("RunPod web: no answer"), "{p:?}");
+        assert!(!p[0].contains("std::panicking"), "{p:?}");
+        assert!(
+            p[1].contains("tests/b.rs") && p[1].ends_with("boom\n"),
+            "{p:?}"
+        );
+        assert_eq!(
+            (
+                is_frame("   0: std::panicking"),
+                is_frame("  at /rustc/x.rs:1")
+            ),
+            (true, true)
+        );
+        assert!(!is_frame("thread 'main' panicked at b.rs:1:1:"));
+    }
 
     #[test]
     fn the_walkthrough_output_may_hold_bytes_that_are_not_utf8() {
