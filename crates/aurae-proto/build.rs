@@ -32,5 +32,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;
+    // The Kubernetes CRI (`runtime.v1`), as published: a descriptor set of its own, so
+    // the Aurae API's reflection and method list stay ours.
+    let cri = protox::compile(["cri/runtime/v1/api.proto"], [&proto_root])?;
+    fs::write(out.join("cri_descriptor.bin"), cri.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .client_mod_attribute(".", "#[cfg(feature = \"client\")]")
+        .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
+        .emit_rerun_if_changed(false)
+        .compile_fds(cri)?;
     Ok(())
 }

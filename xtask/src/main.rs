@@ -182,6 +182,7 @@ const MODULE_LAYERS: &[&[&str]] = &[
     &["instance", "pod"],
     &["compose"],
     &["api"],
+    &["cri"],
     &["server", "pid1"],
 ];
 

@@ -1,4 +1,5 @@
-//! Generated code for the Aurae API (`proto/aurae/runtime/v0`), nothing else.
+//! Generated code for the Aurae API (`proto/aurae/runtime/v0`) and the Kubernetes CRI
+//! (`proto/cri/runtime/v1`), nothing else.
 //!
 //! The tonic clients and servers are behind the `client` and `server` features so that
 //! crates needing only the messages (the VMM's control channel, later) stay free of tonic.
@@ -23,6 +24,17 @@ pub mod runtime {
         tonic::include_proto!("aurae.runtime.v0");
     }
 }
+
+/// `runtime.v1`: the Kubernetes Container Runtime Interface (`proto/cri`, as Kubernetes
+/// publishes it), served by auraed on `--cri-socket`.
+pub mod cri {
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of the CRI proto.
+pub const CRI_FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cri_descriptor");
 
 /// The encoded `FileDescriptorSet` of every Aurae proto file, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("aurae_descriptor");

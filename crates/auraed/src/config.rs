@@ -30,6 +30,8 @@ pub const KEYS: &[&str] = &[
     "socket",
     "listen",
     "metrics_listen",
+    "cri_socket",
+    "cri_identity",
     "state_dir",
     "policy",
     "handshake_timeout_s",
@@ -59,6 +61,8 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    pub cri_socket: Option<PathBuf>,
+    pub cri_identity: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub policy: Option<PathBuf>,
     pub handshake_timeout_s: Option<u64>,
@@ -262,6 +266,7 @@ impl FileConfig {
             ("registry_ca", &mut self.registry_ca),
             ("instance_kernel", &mut self.instance_kernel),
             ("instance_modules", &mut self.instance_modules),
+            ("cri_socket", &mut self.cri_socket),
         ] {
             out.extend(p.as_mut().map(|p| (key, p)));
         }

@@ -20,6 +20,7 @@ pub mod cell;
 pub mod compose;
 pub mod config;
 pub mod container;
+pub mod cri;
 pub mod events;
 pub mod executable;
 pub mod identity;

@@ -44,6 +44,16 @@ struct Args {
     /// keep it on loopback), e.g. 127.0.0.1:9464. Off by default.
     #[arg(long, env = "AURAED_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the Kubernetes CRI (runtime.v1, for kubelet) on this Unix socket, plain gRPC
+    /// (mode 0600 in a 0700 directory; only peers running as auraed's uid are served),
+    /// e.g. /run/aurae/cri.sock. Unset: no CRI.
+    #[arg(long)]
+    cri_socket: Option<PathBuf>,
+    /// The SPIFFE ID CRI calls are authorized as: its grant in the policy decides what
+    /// kubelet may do, e.g. spiffe://aurae.local/cri [default: spiffe://<auraed's trust
+    /// domain>/cri].
+    #[arg(long)]
+    cri_identity: Option<String>,
     /// Directory for auraed's durable state, e.g. /var/lib/aurae.
     #[arg(long, env = "AURAED_STATE_DIR", default_value = "/var/lib/aurae")]
     state_dir: PathBuf,
@@ -134,6 +144,7 @@ impl Args {
             ("--registry-ca", &mut self.registry_ca),
             ("--instance-kernel", &mut self.instance_kernel),
             ("--instance-modules", &mut self.instance_modules),
+            ("--cri-socket", &mut self.cri_socket),
         ] {
             out.extend(p.as_mut().map(|p| (flag, p)));
         }
@@ -160,6 +171,8 @@ impl Args {
             socket,
             listen,
             metrics_listen,
+            cri_socket,
+            cri_identity,
             state_dir,
             policy,
             handshake_timeout_s,
@@ -192,6 +205,8 @@ impl Args {
         take!(socket, socket);
         take!(listen, listen.map(Some));
         take!(metrics_listen, metrics_listen.map(Some));
+        take!(cri_socket, cri_socket.map(Some));
+        take!(cri_identity, cri_identity.map(Some));
         take!(state_dir, state_dir);
         take!(policy, policy.map(Some));
         take!(handshake_timeout_s, handshake_timeout_s);
@@ -342,6 +357,10 @@ fn main() -> ExitCode {
         instance_kernel: args.instance_kernel,
         instance_modules: args.instance_modules,
         metrics_listen: args.metrics_listen,
+        cri: args.cri_socket.map(|socket| auraed::server::CriConfig {
+            socket,
+            identity: args.cri_identity,
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -405,6 +424,7 @@ fn run_instance() -> ExitCode {
         instance_kernel: None,
         instance_modules: None,
         metrics_listen: None,
+        cri: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -483,6 +503,7 @@ fn run_pid1() -> ! {
         instance_modules: Some(PathBuf::from(auraed::pid1::INSTANCE_MODULES))
             .filter(|p| p.exists()),
         metrics_listen: None,
+        cri: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

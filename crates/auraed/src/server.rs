@@ -15,7 +15,7 @@ pub mod metrics;
 use std::{
     fs, io,
     net::SocketAddr,
-    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     pin::Pin,
     sync::Arc,
@@ -85,6 +85,16 @@ pub struct ServerConfig {
     pub instance_modules: Option<PathBuf>,
     /// Serve Prometheus metrics (plain HTTP, no authentication) on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the Kubernetes CRI on a Unix socket (see [`crate::cri`]).
+    pub cri: Option<CriConfig>,
+}
+
+/// Where the CRI is served and who its calls are authorized as.
+#[derive(Debug, Clone)]
+pub struct CriConfig {
+    pub socket: PathBuf,
+    /// A SPIFFE ID; `None`: `spiffe://<auraed's trust domain>/cri`.
+    pub identity: Option<String>,
 }
 
 enum Io {
@@ -182,54 +192,6 @@ fn verified_peer<IO>(stream: &TlsStream<IO>) -> Option<SpiffeId> {
     tls::peer_spiffe_id(cert).ok()
 }
 
-/// Prepares the socket's directory (0700, created if missing) and clears a stale socket.
-fn prepare_socket(path: &Path) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .with_context(|| {
-            format!(
-                "--socket {}: give a path inside a directory",
-                path.display()
-            )
-        })?;
-    if !dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
-    let meta = fs::metadata(dir).with_context(|| format!("socket directory {}", dir.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if !meta.is_dir() || mode != 0o700 {
-        bail!(
-            "socket directory {} has mode {mode:o}; auraed needs a directory only its owner can enter (0700): \
-             use a dedicated directory such as /run/aurae",
-            dir.display()
-        );
-    }
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!(
-                    "{} is in use: another auraed is listening on it",
-                    path.display()
-                );
-            }
-            fs::remove_file(path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        Ok(_) => bail!(
-            "{} exists and is not a socket: refusing to replace it",
-            path.display()
-        ),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("socket {}", path.display())),
-    }
-    Ok(())
-}
-
 /// cgroup2's filesystem magic number (statfs f_type).
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -290,7 +252,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let started_at = SystemTime::now();
     let (store, boot, read_only) = open_state(&cfg, started_at)?;
 
-    prepare_socket(&cfg.socket)?;
+    api::prepare_socket(&cfg.socket, "--socket")?;
     let unix = UnixListener::bind(&cfg.socket)
         .with_context(|| format!("binding {}", cfg.socket.display()))?;
     fs::set_permissions(&cfg.socket, fs::Permissions::from_mode(0o600))?;
@@ -386,6 +348,22 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let routes = api::routes(ctx.clone(), health)?;
+    let policy = Arc::new(policy);
+    let cri = match &cfg.cri {
+        Some(c) => Some(
+            start_cri(
+                c,
+                &server_id,
+                &policy,
+                &ctx,
+                &store,
+                &cfg.state_dir,
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     for svc in [""].into_iter().chain(SERVICES) {
         health_reporter
             .set_service_status(svc, tonic_health::ServingStatus::Serving)
@@ -432,9 +410,44 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             instances,
             pods,
             reboot,
+            cri,
         },
     )
     .await
+}
+
+/// The CRI server (see [`crate::cri`]), its records re-adopted; it stops with the API.
+async fn start_cri(
+    c: &CriConfig,
+    server_id: &SpiffeId,
+    policy: &Arc<Policy>,
+    ctx: &ApiContext,
+    store: &Store,
+    state_dir: &Path,
+    shutdown: watch::Receiver<Option<Duration>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let id = match &c.identity {
+        Some(s) => s
+            .parse::<SpiffeId>()
+            .map_err(|e| anyhow::anyhow!("--cri-identity {s:?}: {e}"))?,
+        None => SpiffeId::new(server_id.trust_domain(), "/cri")?,
+    };
+    let allocate = format!("{}/Allocate", aurae_proto::service_names::CELLS);
+    if policy.authorize(&id, &allocate).is_none() {
+        warn!(cri_identity = %id, "the CRI identity has no grant for {allocate}: every sandbox kubelet asks for will be refused (grant it in the policy)");
+    }
+    let (cri, warnings) = crate::cri::Cri::new(
+        id,
+        policy.clone(),
+        ctx.clone(),
+        Some(store.clone()),
+        state_dir.join("images"),
+    );
+    for w in warnings {
+        warn!("{w}");
+    }
+    cri.readopt();
+    crate::cri::serve(c.socket.clone(), cri, shutdown).await
 }
 
 /// Verified connections, the accept loops (Unix socket, TCP) that make them, and a hook
@@ -576,7 +589,7 @@ fn open_state(
 
 /// What the API is: who may call what, and the services.
 struct Api {
-    policy: Policy,
+    policy: Arc<Policy>,
     routes: tonic::service::Routes,
     /// Counts every call, refused ones included (outside the authorization layer).
     grpc_metrics: Arc<metrics::GrpcMetrics>,
@@ -594,6 +607,8 @@ struct Running {
     instances: Arc<crate::instance::Instances>,
     pods: Arc<crate::pod::Pods>,
     reboot: Arc<std::sync::atomic::AtomicBool>,
+    /// The CRI server, when one was asked for.
+    cri: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Serves until a signal or a Shutdown RPC, then stops workloads (VMs, then cells: every
@@ -610,6 +625,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         instances,
         pods,
         reboot,
+        cri,
     } = run;
     let Api {
         policy,
@@ -634,7 +650,7 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
         .http2_max_header_list_size(Some(16 * 1024))
         .timeout(crate::spec::MAX_GRACE + Duration::from_secs(60))
         .layer(metrics::GrpcMetricsLayer::new(grpc_metrics))
-        .layer(AuthzLayer::new(Arc::new(policy)))
+        .layer(AuthzLayer::new(policy))
         .add_routes(routes)
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
             let grace = signal.await;
@@ -678,6 +694,13 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
     accept_unix.abort();
     if let Some(t) = accept_tcp {
         t.abort();
+    }
+    if let Some(t) = cri
+        && tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+    {
+        warn!("the CRI server did not stop within 5 s");
     }
     if let Err(e) = fs::remove_file(&cfg.socket) {
         warn!(socket = %cfg.socket.display(), "could not remove the socket: {e}");

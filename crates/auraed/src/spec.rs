@@ -32,7 +32,7 @@ pub const MAX_DEPTH: usize = 8;
 #[serde(transparent)]
 pub struct Label(String);
 
-fn label_reason(s: &str) -> Option<&'static str> {
+pub(crate) fn label_reason(s: &str) -> Option<&'static str> {
     if s.is_empty() {
         Some("is empty")
     } else if s.len() > MAX_LABEL {

@@ -20,6 +20,8 @@ mod shared;
 pub mod status;
 pub mod vm;
 
+pub use shared::ResponseStream;
+
 use std::{collections::BTreeSet, sync::Arc, time::SystemTime};
 
 use aurae_identity::SpiffeId;
@@ -144,6 +146,55 @@ pub fn routes(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
     Ok(routes)
+}
+
+/// Prepares the socket's directory (0700, created if missing) and clears a stale socket.
+pub fn prepare_socket(path: &std::path::Path, flag: &str) -> anyhow::Result<()> {
+    use std::{
+        fs, io,
+        os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    };
+
+    use anyhow::{Context as _, bail};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .with_context(|| format!("{flag} {}: give a path inside a directory", path.display()))?;
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    let meta = fs::metadata(dir).with_context(|| format!("socket directory {}", dir.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if !meta.is_dir() || mode != 0o700 {
+        bail!(
+            "socket directory {} has mode {mode:o}; auraed needs a directory only its owner can enter (0700): \
+             use a dedicated directory such as /run/aurae",
+            dir.display()
+        );
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{} is in use: another auraed is listening on it",
+                    path.display()
+                );
+            }
+            fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("socket {}", path.display())),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ mod state;
 pub mod when_ended;
 
 pub use registry::{CellStats, Cells, Usage};
-pub use spec::{CellSpec, Limits, Namespaces};
+pub use spec::{CellSpec, Limits, Namespaces, parse_hostname};
 pub use state::Cell;
 
 #[cfg(test)]

@@ -266,7 +266,7 @@ impl Cells {
         let moved = tree.move_into(&spec.name, pooled.child.pid);
         tracing::debug!(move_us = t.elapsed().as_micros() as u64, "pool timings");
         let used = match moved {
-            Ok(()) => self.finish_init(pooled, &spec.name),
+            Ok(()) => self.finish_init(pooled, &spec.name, spec.hostname()),
             Err(e) => {
                 pooled.kill();
                 Err(e.into())
@@ -276,7 +276,7 @@ impl Cells {
             warn!(cell = %spec.name, "a spare cell init could not be used ({e}); starting a fresh one");
             let ns = NsSet::of(spec, false);
             self.start_init(tree, &spec.name, ns, None, false)
-                .and_then(|s| self.finish_init(s, &spec.name))
+                .and_then(|s| self.finish_init(s, &spec.name, spec.hostname()))
         })
     }
 

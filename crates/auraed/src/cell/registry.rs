@@ -454,7 +454,7 @@ impl Cells {
                             parent2.as_deref(),
                             spec2.namespaces.share_host_pid,
                         )
-                        .and_then(|s| me.finish_init(s, &spec2.name)),
+                        .and_then(|s| me.finish_init(s, &spec2.name, spec2.hostname())),
                 };
                 tracing::debug!(
                     from_pool,
@@ -603,8 +603,8 @@ impl Cells {
         &self,
         mut started: StartedInit,
         name: &CellName,
+        hostname: &str,
     ) -> Result<Init, WorkloadError> {
-        let hostname = name.as_str().rsplit('/').next().unwrap_or("cell");
         std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
             .map_err(|e| format!("sending the hostname: {e}"))
             .and_then(|()| started.expect(super::init::OK))

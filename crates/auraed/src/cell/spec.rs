@@ -237,6 +237,39 @@ pub struct CellSpec {
     /// Devices beyond the default set (recorded; absent in older records = none).
     #[serde(default, with = "devices_record")]
     pub devices: aurae_sys::bpf::CellDevices,
+    /// The hostname its init sets; `None`: the name's last label (absent in older
+    /// records = none).
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+impl CellSpec {
+    /// The hostname the cell's init sets.
+    pub fn hostname(&self) -> &str {
+        self.hostname
+            .as_deref()
+            .unwrap_or_else(|| self.name.as_str().rsplit('/').next().unwrap_or("cell"))
+    }
+}
+
+/// A hostname as `sethostname(2)` takes it and resolvers expect: DNS labels joined by
+/// '.', at most 64 bytes (the kernel's limit).
+pub fn parse_hostname(field: &str, s: &str) -> Result<String, FieldError> {
+    if s.len() > 64 {
+        return Err(FieldError::new(
+            field,
+            format!("is {} bytes; at most 64", s.len()),
+        ));
+    }
+    for label in s.split('.') {
+        if let Some(r) = crate::spec::label_reason(label) {
+            return Err(FieldError::new(
+                field,
+                format!("{s:?}: label {label:?} {r} (a hostname is DNS labels joined by '.')"),
+            ));
+        }
+    }
+    Ok(s.to_owned())
 }
 
 /// [`aurae_sys::bpf::CellDevices`] in a record: `{"kvm": true}`.
@@ -267,7 +300,20 @@ mod devices_record {
 impl CellSpec {
     /// `with_container`: RunCell (container required) or Allocate (ignored).
     pub fn parse(c: pb::Cell, with_container: bool, cpus: u64) -> Result<Self, FieldError> {
+        let hostname = match c.hostname.as_str() {
+            "" => None,
+            h if c.namespaces.is_some_and(|n| n.share_host_uts) => {
+                return Err(FieldError::new(
+                    "hostname",
+                    format!(
+                        "{h:?}: the cell shares the host's UTS namespace (namespaces.share_host_uts), whose hostname is the host's"
+                    ),
+                ));
+            }
+            h => Some(parse_hostname("hostname", h)?),
+        };
         Ok(Self {
+            hostname,
             name: CellName::parse("name", &c.name)?,
             limits: Limits::parse("limits", c.limits, cpus)?,
             namespaces: c.namespaces.into(),

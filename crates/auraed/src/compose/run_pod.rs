@@ -198,6 +198,7 @@ async fn start(
         }),
         container: Some(container),
         devices: None,
+        hostname: String::new(),
         run: None,
         executable: None,
     };

@@ -52,6 +52,10 @@ pub mod kinds {
     pub const VIRTUAL_MACHINE: &str = "vm";
     pub const INSTANCE: &str = "instance";
     pub const POD: &str = "pod";
+    /// The CRI's sandboxes and containers, and how far each container's CRI log got.
+    pub const CRI_SANDBOX: &str = "cri-sandbox";
+    pub const CRI_CONTAINER: &str = "cri-container";
+    pub const CRI_LOG_OFFSET: &str = "cri-log-offset";
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +154,9 @@ impl Store {
             kinds::VIRTUAL_MACHINE,
             kinds::INSTANCE,
             kinds::POD,
+            kinds::CRI_SANDBOX,
+            kinds::CRI_CONTAINER,
+            kinds::CRI_LOG_OFFSET,
         ] {
             let dir = root.join(kind);
             fs::DirBuilder::new()

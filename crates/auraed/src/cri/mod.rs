@@ -1,0 +1,546 @@
+//! The Kubernetes Container Runtime Interface (CRI `runtime.v1`) on a local Unix socket.
+//!
+//! kubelet's calls become calls of our own API, made as the configured CRI identity
+//! (`--cri-identity`): every one passes the same checks, grants and quotas as a call
+//! from `aer` would (the identity's grant in the policy decides which methods, names,
+//! uids, volumes and registries the CRI may use). A pod sandbox is a cell named
+//! `k8s-<16 hex of its id>`; a container is an executable `c-<16 hex of its id>` in it,
+//! a container of our own (RunCell's machinery). What the CRI has and our API does not
+//! (metadata, labels, annotations, the created-but-not-started state, log paths) is kept
+//! in durable records (`<state>/records/cri-sandbox`, `cri-container`) and re-adopted
+//! with the cells after a restart.
+//!
+//! Not built yet, answered UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler,
+//! ExecSync and the streaming calls (Exec, Attach, PortForward), container resource
+//! updates, checkpoints, container events, metric descriptors. No CNI: a sandbox has its
+//! own network namespace with loopback only, and `Status` says the network is not ready.
+
+pub mod image;
+pub mod log;
+pub mod runtime;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use aurae_identity::SpiffeId;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Status};
+use tracing::{info, warn};
+
+use crate::{
+    api::{
+        Context, authz::Caller, cell::CellsApi, executable::ExecutablesApi, image::ImagesApi,
+        runtime::RuntimeApi,
+    },
+    identity::policy::Policy,
+    store::Store,
+};
+
+use crate::store::kinds::{
+    CRI_CONTAINER as CONTAINER_KIND, CRI_LOG_OFFSET as LOG_OFFSET_KIND,
+    CRI_SANDBOX as SANDBOX_KIND,
+};
+
+/// Nanoseconds since the epoch, as the CRI counts time.
+pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+pub(crate) fn now_nanos() -> i64 {
+    unix_nanos(SystemTime::now())
+}
+
+/// A new id: 64 hex digits, as kubelet and crictl expect.
+fn new_id() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The namespace modes a sandbox really runs with (CRI `NamespaceMode` numbers).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Modes {
+    pub network: i32,
+    pub pid: i32,
+    pub ipc: i32,
+}
+
+/// A pod sandbox: a cell, and what the CRI knows of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub attempt: u32,
+    pub cell: String,
+    pub hostname: String,
+    pub log_directory: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub runtime_handler: String,
+    pub created_at: i64,
+    pub modes: Modes,
+    /// StopPodSandbox was called (or its cell is gone): NOTREADY from then on.
+    pub stopped: bool,
+}
+
+/// What a container runs: the parts of its CRI config our containers take.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ContainerRun {
+    pub entrypoint: Vec<String>,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub read_only_root: bool,
+    pub no_new_privileges: bool,
+    /// (host path, container path, read-only)
+    pub volumes: Vec<(String, String, bool)>,
+}
+
+/// How a container ended, once seen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ended {
+    pub exit_code: i32,
+    pub finished_at: i64,
+    pub reason: String,
+    pub message: String,
+}
+
+/// A container: an executable of its sandbox's cell once started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub sandbox_id: String,
+    pub name: String,
+    pub attempt: u32,
+    /// The executable's name in the sandbox's cell.
+    pub executable: String,
+    /// The image as the request named it.
+    pub image: String,
+    /// The stored reference it resolved to (what the executable runs).
+    pub image_reference: String,
+    /// `<registry>/<repository>@<manifest digest>`.
+    pub image_ref: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// The CRI log file (absolute), empty for none.
+    pub log_path: String,
+    pub run: ContainerRun,
+    pub created_at: i64,
+    /// Set once StartContainer started it.
+    pub started_at: Option<i64>,
+    pub ended: Option<Ended>,
+}
+
+/// The records, by id.
+#[derive(Debug, Default)]
+struct State {
+    sandboxes: BTreeMap<String, SandboxRecord>,
+    containers: BTreeMap<String, ContainerRecord>,
+}
+
+/// The CRI's adapters and records.
+#[derive(Debug)]
+pub struct Cri {
+    identity: SpiffeId,
+    policy: Arc<Policy>,
+    ctx: Context,
+    runtime: RuntimeApi,
+    cells: CellsApi,
+    executables: ExecutablesApi,
+    images: ImagesApi,
+    store: Option<Store>,
+    state: Mutex<State>,
+    /// One sandbox or container created at a time (kubelet's retries of one request
+    /// must find the first one's record).
+    create: tokio::sync::Mutex<()>,
+    logs: log::Writers,
+    /// The pod CIDR kubelet gave (UpdateRuntimeConfig); kept for a CNI to come.
+    pod_cidr: Mutex<String>,
+    /// Where the image store lives (ImageFsInfo).
+    images_dir: PathBuf,
+}
+
+impl Cri {
+    /// The CRI over `ctx`, its records loaded from `store` (unreadable ones quarantined
+    /// and returned as warnings).
+    pub fn new(
+        identity: SpiffeId,
+        policy: Arc<Policy>,
+        ctx: Context,
+        store: Option<Store>,
+        images_dir: PathBuf,
+    ) -> (Arc<Self>, Vec<String>) {
+        let mut warnings = Vec::new();
+        let mut state = State::default();
+        if let Some(s) = &store {
+            let sb = s.load::<SandboxRecord>(SANDBOX_KIND);
+            warnings.extend(sb.quarantined);
+            for (_, r) in sb.records {
+                state.sandboxes.insert(r.id.clone(), r);
+            }
+            let cs = s.load::<ContainerRecord>(CONTAINER_KIND);
+            warnings.extend(cs.quarantined);
+            for (_, r) in cs.records {
+                if state.sandboxes.contains_key(&r.sandbox_id) {
+                    state.containers.insert(r.id.clone(), r);
+                } else {
+                    warnings.push(format!(
+                        "CRI container {} names sandbox {} which has no record: dropped",
+                        r.id, r.sandbox_id
+                    ));
+                    let _ = s.delete(CONTAINER_KIND, &r.id);
+                }
+            }
+        }
+        let cri = Arc::new(Self {
+            runtime: RuntimeApi::new(ctx.clone()),
+            cells: CellsApi::new(ctx.cpus, ctx.cells.clone(), ctx.quotas.clone()),
+            executables: ExecutablesApi::new(ctx.cells.clone()),
+            images: ImagesApi::new(ctx.puller.clone(), None),
+            identity,
+            policy,
+            ctx,
+            store,
+            state: Mutex::new(state),
+            create: tokio::sync::Mutex::new(()),
+            logs: log::Writers::default(),
+            pod_cidr: Mutex::new(String::new()),
+            images_dir,
+        });
+        (cri, warnings)
+    }
+
+    /// After a restart: the log writers of the containers that still run, continued where
+    /// the last auraed left them.
+    pub fn readopt(self: &Arc<Self>) {
+        let running: Vec<ContainerRecord> = self
+            .lock()
+            .containers
+            .values()
+            .filter(|c| c.started_at.is_some() && c.ended.is_none() && !c.log_path.is_empty())
+            .cloned()
+            .collect();
+        for c in running {
+            let Some(sb) = self.sandbox(&c.sandbox_id).ok() else {
+                continue;
+            };
+            if let Err(e) = self.start_log(&sb, &c) {
+                warn!(container = %c.id, "CRI log of a re-adopted container: {}", e.message());
+            }
+        }
+        let n = self.lock().sandboxes.len();
+        if n > 0 {
+            info!(sandboxes = n, "CRI sandboxes re-adopted");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request to one of our own services, as the CRI identity: its grant for `method`
+    /// is looked up in the policy exactly as the authorization layer does.
+    fn call<T>(&self, service: &str, method: &str, msg: T) -> Result<Request<T>, Status> {
+        let full = format!("{service}/{method}");
+        let grant = self
+            .policy
+            .authorize(&self.identity, &full)
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "the CRI identity {} may not call {full}: grant it in the policy",
+                    self.identity
+                ))
+            })?;
+        let mut r = Request::new(msg);
+        r.extensions_mut().insert(Caller {
+            id: self.identity.clone(),
+            grant,
+            method: Arc::from(full.as_str()),
+            request_id: uuid::Uuid::new_v4(),
+        });
+        Ok(r)
+    }
+
+    fn put_sandbox(&self, r: &SandboxRecord) -> Result<(), Status> {
+        if let Some(s) = &self.store {
+            s.put(SANDBOX_KIND, &r.id, r)
+                .map_err(|e| Status::internal(format!("recording sandbox {}: {e}", r.id)))?;
+        }
+        self.lock().sandboxes.insert(r.id.clone(), r.clone());
+        Ok(())
+    }
+
+    fn put_container(&self, r: &ContainerRecord) -> Result<(), Status> {
+        if let Some(s) = &self.store {
+            s.put(CONTAINER_KIND, &r.id, r)
+                .map_err(|e| Status::internal(format!("recording container {}: {e}", r.id)))?;
+        }
+        self.lock().containers.insert(r.id.clone(), r.clone());
+        Ok(())
+    }
+
+    fn delete_container(&self, id: &str) {
+        if let Some(s) = &self.store
+            && let Err(e) = s.delete(CONTAINER_KIND, id)
+        {
+            warn!(container = id, "removing the CRI container's record: {e}");
+        }
+        self.lock().containers.remove(id);
+    }
+
+    fn delete_sandbox(&self, id: &str) {
+        if let Some(s) = &self.store
+            && let Err(e) = s.delete(SANDBOX_KIND, id)
+        {
+            warn!(sandbox = id, "removing the CRI sandbox's record: {e}");
+        }
+        self.lock().sandboxes.remove(id);
+    }
+
+    /// The sandbox with this id, or the one whose id it is a unique prefix of (crictl
+    /// shows and takes short ids).
+    fn sandbox(&self, id: &str) -> Result<SandboxRecord, Status> {
+        let st = self.lock();
+        find(&st.sandboxes, "pod_sandbox_id", "sandbox", id).cloned()
+    }
+
+    fn container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        let st = self.lock();
+        find(&st.containers, "container_id", "container", id).cloned()
+    }
+
+    fn containers_of(&self, sandbox: &str) -> Vec<ContainerRecord> {
+        self.lock()
+            .containers
+            .values()
+            .filter(|c| c.sandbox_id == sandbox)
+            .cloned()
+            .collect()
+    }
+
+    /// Starts (or restarts, reopened) the CRI log writer of a started container.
+    fn start_log(self: &Arc<Self>, _sb: &SandboxRecord, c: &ContainerRecord) -> Result<(), Status> {
+        if c.log_path.is_empty() {
+            return Ok(());
+        }
+        let file = log::open(Path::new(&c.log_path))?;
+        let logs = self.logs_request(c)?;
+        self.logs.start(&c.id, file, logs, self.clone());
+        Ok(())
+    }
+
+    fn logs_request(
+        &self,
+        c: &ContainerRecord,
+    ) -> Result<Request<aurae_proto::runtime::v0::ExecutableLogsRequest>, Status> {
+        let sb = self.sandbox(&c.sandbox_id)?;
+        self.call(
+            aurae_proto::service_names::EXECUTABLES,
+            "Logs",
+            aurae_proto::runtime::v0::ExecutableLogsRequest {
+                executable: Some(aurae_proto::runtime::v0::ExecutableRef {
+                    cell: sb.cell.clone(),
+                    name: c.executable.clone(),
+                }),
+                follow: true,
+                from_offset: 0,
+            },
+        )
+    }
+
+    /// Where the log writer of `id` got to in its executable's log (kept so a restarted
+    /// auraed continues there).
+    fn log_offset(&self, id: &str) -> u64 {
+        self.store
+            .as_ref()
+            .and_then(|s| s.get::<u64>(LOG_OFFSET_KIND, id).ok().flatten())
+            .unwrap_or(0)
+    }
+
+    fn set_log_offset(&self, id: &str, offset: u64) {
+        if let Some(s) = &self.store
+            && let Err(e) = s.put_atomic(LOG_OFFSET_KIND, id, &offset)
+        {
+            warn!(container = id, "recording the CRI log offset: {e}");
+        }
+    }
+
+    fn forget_log_offset(&self, id: &str) {
+        if let Some(s) = &self.store {
+            let _ = s.delete(LOG_OFFSET_KIND, id);
+        }
+    }
+}
+
+/// `id` in `map`, exactly or as the unique prefix of one key.
+fn find<'a, T>(
+    map: &'a BTreeMap<String, T>,
+    field: &str,
+    what: &str,
+    id: &str,
+) -> Result<&'a T, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: is empty")));
+    }
+    if let Some(v) = map.get(id) {
+        return Ok(v);
+    }
+    let mut hits = map
+        .range(id.to_owned()..)
+        .take_while(|(k, _)| k.starts_with(id));
+    match (hits.next(), hits.next()) {
+        (Some((_, v)), None) => Ok(v),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(format!(
+            "{field}: {id:?} is the prefix of more than one {what} id"
+        ))),
+        _ => Err(Status::not_found(format!("{what} {id:?} does not exist"))),
+    }
+}
+
+/// Whether `labels` has every pair of `selector`.
+fn selected(
+    labels: &BTreeMap<String, String>,
+    selector: &std::collections::HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Serves the CRI on `socket` (0600, a directory only root enters) until `shutdown`.
+/// Only peers with auraed's own uid (root) are served, whatever the file's mode.
+pub async fn serve(
+    socket: PathBuf,
+    cri: Arc<Cri>,
+    mut shutdown: tokio::sync::watch::Receiver<Option<std::time::Duration>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
+
+    use anyhow::Context as _;
+    use aurae_proto::cri::v1::{
+        image_service_server::ImageServiceServer, runtime_service_server::RuntimeServiceServer,
+    };
+    crate::api::prepare_socket(&socket, "--cri-socket")?;
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding --cri-socket {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    let own_uid = rustix::process::getuid().as_raw();
+    let incoming = async_stream_of(listener, own_uid);
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            RuntimeServiceServer::new(runtime::CriRuntime(cri.clone()))
+                .max_decoding_message_size(crate::api::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(crate::api::MAX_RESPONSE_BYTES),
+        )
+        .add_service(
+            ImageServiceServer::new(image::CriImages(cri.clone()))
+                .max_decoding_message_size(crate::api::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(crate::api::MAX_RESPONSE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            while shutdown.borrow().is_none() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    info!(cri_socket = %socket.display(), identity = %cri.identity, "serving the Kubernetes CRI (runtime.v1)");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!("the CRI server stopped: {e}");
+        }
+        cri.logs.stop_all();
+        if let Err(e) = std::fs::remove_file(&socket) {
+            warn!(cri_socket = %socket.display(), "could not remove the CRI socket: {e}");
+        }
+    }))
+}
+
+/// The accepted connections of `listener` whose peer runs as `uid`; others are closed
+/// (and logged).
+fn async_stream_of(
+    listener: tokio::net::UnixListener,
+    uid: u32,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    let peer = s.peer_cred().map(|c| c.uid());
+                    if peer.as_ref().is_ok_and(|p| *p == uid) {
+                        if tx.send(Ok(s)).await.is_err() {
+                            return;
+                        }
+                    } else {
+                        warn!(peer_uid = ?peer.ok(), "CRI socket: a peer that is not auraed's uid was refused");
+                    }
+                }
+                Err(e) => {
+                    warn!("CRI socket: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The CRI's name for our runtime and the API version it serves.
+pub const RUNTIME_NAME: &str = "auraed";
+pub const RUNTIME_API_VERSION: &str = "v1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_found_whole_or_by_a_unique_prefix() {
+        let mut m = BTreeMap::new();
+        m.insert("abc1".to_owned(), 1);
+        m.insert("abc2".to_owned(), 2);
+        m.insert("def".to_owned(), 3);
+        assert_eq!(*find(&m, "id", "x", "abc1").unwrap(), 1);
+        assert_eq!(*find(&m, "id", "x", "d").unwrap(), 3);
+        let e = find(&m, "id", "x", "abc").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("more than one"), "{}", e.message());
+        assert_eq!(
+            find(&m, "id", "x", "zz").unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            find(&m, "id", "x", "").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(new_id().len(), 64);
+        assert_ne!(new_id(), new_id());
+    }
+
+    #[test]
+    fn label_selectors_need_every_pair() {
+        let labels: BTreeMap<String, String> = [
+            ("a".to_owned(), "1".to_owned()),
+            ("b".to_owned(), "2".to_owned()),
+        ]
+        .into();
+        let sel = |p: &[(&str, &str)]| {
+            p.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert!(selected(&labels, &sel(&[])));
+        assert!(selected(&labels, &sel(&[("a", "1")])));
+        assert!(!selected(&labels, &sel(&[("a", "1"), ("c", "3")])));
+        assert!(!selected(&labels, &sel(&[("a", "2")])));
+    }
+}

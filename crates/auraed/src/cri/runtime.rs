@@ -1,0 +1,1600 @@
+//! `runtime.v1.RuntimeService`: sandboxes as cells, containers as executables in them.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use aurae_proto::{
+    cri::v1::{self as cri, runtime_service_server::RuntimeService},
+    runtime::v0::{
+        self as pb, cells_server::Cells, executables_server::Executables, runtime_server::Runtime,
+    },
+    service_names as svc,
+};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::{
+    ContainerRecord, ContainerRun, Cri, Ended, Modes, RUNTIME_API_VERSION, RUNTIME_NAME,
+    SandboxRecord, new_id, now_nanos, selected, unix_nanos,
+};
+
+/// The RuntimeService over the shared CRI state.
+#[derive(Debug, Clone)]
+pub struct CriRuntime(pub Arc<Cri>);
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+fn unimplemented(what: &str, why: &str) -> Status {
+    Status::unimplemented(format!("{what} is not built yet in auraed: {why}"))
+}
+
+fn to_btree(m: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn to_hash(m: &BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The runtime handlers served: "" (the default) and "aurae" are cells.
+const HANDLERS: [&str; 2] = ["", "aurae"];
+/// The handler that will put a sandbox in a spawned instance.
+const VM_HANDLER: &str = "aurae-vm";
+
+/// A namespace mode of a sandbox's options, checked.
+fn mode(field: &str, m: i32, allowed: &[cri::NamespaceMode]) -> Result<i32, Status> {
+    match cri::NamespaceMode::try_from(m) {
+        Ok(x) if allowed.contains(&x) => Ok(m),
+        Ok(x) => Err(invalid(
+            field,
+            format!("{} is not supported for a sandbox here", x.as_str_name()),
+        )),
+        Err(_) => Err(invalid(field, format!("{m} is not a NamespaceMode"))),
+    }
+}
+
+/// An id from an `Int64Value`: what the kernel will take as a uid or gid (-1, i.e.
+/// 4294967295, means "unchanged" to the kernel: refused).
+fn id_of(field: &str, v: Option<&cri::Int64Value>) -> Result<Option<u32>, Status> {
+    match v {
+        None => Ok(None),
+        Some(v) if (0..i64::from(u32::MAX)).contains(&v.value) => Ok(Some(v.value as u32)),
+        Some(v) => Err(invalid(
+            field,
+            format!("{} is outside 0..=4294967294", v.value),
+        )),
+    }
+}
+
+/// Cell limits from a sandbox's pod-level resources (zero fields are unset).
+fn limits(r: Option<&cri::LinuxContainerResources>) -> Result<Option<pb::CellLimits>, Status> {
+    let Some(r) = r else { return Ok(None) };
+    let field = "config.linux.resources";
+    let mut l = pb::CellLimits::default();
+    let mut any = false;
+    if r.memory_limit_in_bytes < 0 || r.cpu_quota < -1 || r.cpu_period < 0 || r.cpu_shares < 0 {
+        return Err(invalid(field, "negative values are not limits"));
+    }
+    if r.memory_limit_in_bytes > 0 {
+        l.memory_max_bytes = Some(r.memory_limit_in_bytes as u64);
+        any = true;
+    }
+    if r.cpu_quota > 0 {
+        l.cpu_max = Some(pb::CpuMax {
+            quota_us: r.cpu_quota as u64,
+            period_us: if r.cpu_period > 0 {
+                r.cpu_period as u64
+            } else {
+                100_000
+            },
+        });
+        any = true;
+    }
+    if r.cpu_shares > 0 {
+        // cgroup v1 shares 2..=262144 → v2 weight 1..=10000, as runc converts them.
+        let shares = (r.cpu_shares as u64).clamp(2, 262_144);
+        l.cpu_weight = Some(1 + ((shares - 2) * 9_999) / 262_142);
+        any = true;
+    }
+    Ok(any.then_some(l))
+}
+
+impl CriRuntime {
+    fn cri(&self) -> &Arc<Cri> {
+        &self.0
+    }
+
+    /// The CRI status of a container: its record and, once started, its executable.
+    async fn status_of(&self, c: &ContainerRecord) -> cri::ContainerStatus {
+        let mut state = cri::ContainerState::ContainerCreated;
+        let (mut started_at, mut finished_at, mut exit_code) = (0, 0, 0);
+        let (mut reason, mut message) = (String::new(), String::new());
+        if let Some(s) = c.started_at {
+            started_at = s;
+            let ended = match &c.ended {
+                Some(e) => Some(e.clone()),
+                None => self.observe(c).await,
+            };
+            match ended {
+                None => state = cri::ContainerState::ContainerRunning,
+                Some(e) => {
+                    state = if e.reason == "Unknown" {
+                        cri::ContainerState::ContainerUnknown
+                    } else {
+                        cri::ContainerState::ContainerExited
+                    };
+                    finished_at = e.finished_at;
+                    exit_code = e.exit_code;
+                    reason = e.reason;
+                    message = e.message;
+                }
+            }
+        } else if let Some(e) = &c.ended {
+            // It never started (StartContainer failed).
+            state = cri::ContainerState::ContainerExited;
+            finished_at = e.finished_at;
+            exit_code = e.exit_code;
+            reason = e.reason.clone();
+            message = e.message.clone();
+        }
+        cri::ContainerStatus {
+            id: c.id.clone(),
+            metadata: Some(cri::ContainerMetadata {
+                name: c.name.clone(),
+                attempt: c.attempt,
+            }),
+            state: state as i32,
+            created_at: c.created_at,
+            started_at,
+            finished_at,
+            exit_code,
+            image: Some(cri::ImageSpec {
+                image: c.image.clone(),
+                ..Default::default()
+            }),
+            image_ref: c.image_ref.clone(),
+            reason,
+            message,
+            labels: to_hash(&c.labels),
+            annotations: to_hash(&c.annotations),
+            mounts: c
+                .run
+                .volumes
+                .iter()
+                .map(|(h, p, ro)| cri::Mount {
+                    host_path: h.clone(),
+                    container_path: p.clone(),
+                    readonly: *ro,
+                    ..Default::default()
+                })
+                .collect(),
+            log_path: c.log_path.clone(),
+            resources: None,
+            image_id: c.image_ref.clone(),
+            user: c.run.uid.map(|uid| cri::ContainerUser {
+                linux: Some(cri::LinuxContainerUser {
+                    uid: i64::from(uid),
+                    gid: i64::from(c.run.gid.unwrap_or(uid)),
+                    supplemental_groups: Vec::new(),
+                }),
+            }),
+        }
+    }
+
+    /// The end of a started container, from its executable (recorded once seen): `None`
+    /// while it runs.
+    async fn observe(&self, c: &ContainerRecord) -> Option<Ended> {
+        let cri = self.cri();
+        let sb = cri.sandbox(&c.sandbox_id).ok()?;
+        let got = match cri.call(
+            svc::EXECUTABLES,
+            "Get",
+            pb::ExecutableRef {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+            },
+        ) {
+            Ok(r) => cri.executables.get(r).await,
+            Err(e) => Err(e),
+        };
+        let ended = match got {
+            Ok(s) => {
+                let s = s.into_inner();
+                let exit = s.exit?;
+                let (code, signal) = match exit.how {
+                    Some(pb::exit_status::How::Code(c)) => (c, None),
+                    Some(pb::exit_status::How::Signal(s)) => (128 + s, Some(s)),
+                    None => (255, None),
+                };
+                let reason = if exit.oom_killed {
+                    "OOMKilled"
+                } else if code == 0 {
+                    "Completed"
+                } else {
+                    "Error"
+                };
+                Ended {
+                    exit_code: code,
+                    finished_at: exit
+                        .exited_at
+                        .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                        .map_or_else(now_nanos, unix_nanos),
+                    reason: reason.to_owned(),
+                    message: signal
+                        .map(|s| format!("killed by signal {s}"))
+                        .unwrap_or(s.message),
+                }
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => Ended {
+                exit_code: 255,
+                finished_at: now_nanos(),
+                reason: "Unknown".to_owned(),
+                message: format!(
+                    "its executable {}/{} is gone: {}",
+                    sb.cell,
+                    c.executable,
+                    e.message()
+                ),
+            },
+            Err(e) => {
+                warn!(container = %c.id, "CRI status: {}", e.message());
+                return None;
+            }
+        };
+        let mut rec = c.clone();
+        rec.ended = Some(ended.clone());
+        if let Err(e) = cri.put_container(&rec) {
+            warn!(container = %c.id, "{}", e.message());
+        }
+        Some(ended)
+    }
+
+    /// Whether the sandbox's cell still runs.
+    async fn sandbox_ready(&self, sb: &SandboxRecord) -> bool {
+        if sb.stopped {
+            return false;
+        }
+        let cri = self.cri();
+        let Ok(r) = cri.call(
+            svc::CELLS,
+            "Get",
+            pb::NameRef {
+                name: sb.cell.clone(),
+            },
+        ) else {
+            return false;
+        };
+        cri.cells
+            .get(r)
+            .await
+            .is_ok_and(|s| s.get_ref().phase == pb::Phase::Running as i32)
+    }
+
+    fn sandbox_status(&self, sb: &SandboxRecord, ready: bool) -> cri::PodSandboxStatus {
+        cri::PodSandboxStatus {
+            id: sb.id.clone(),
+            metadata: Some(metadata(sb)),
+            state: if ready {
+                cri::PodSandboxState::SandboxReady
+            } else {
+                cri::PodSandboxState::SandboxNotready
+            } as i32,
+            created_at: sb.created_at,
+            network: Some(cri::PodSandboxNetworkStatus::default()),
+            linux: Some(cri::LinuxPodSandboxStatus {
+                namespaces: Some(cri::Namespace {
+                    options: Some(cri::NamespaceOption {
+                        network: sb.modes.network,
+                        pid: sb.modes.pid,
+                        ipc: sb.modes.ipc,
+                        ..Default::default()
+                    }),
+                }),
+            }),
+            labels: to_hash(&sb.labels),
+            annotations: to_hash(&sb.annotations),
+            runtime_handler: sb.runtime_handler.clone(),
+        }
+    }
+
+    /// Stops a started container's executable: SIGTERM, SIGKILL after `grace_s`; with no
+    /// grace at all, SIGKILL at once (as containerd does for a timeout of 0).
+    async fn stop_executable(
+        &self,
+        sb: &SandboxRecord,
+        c: &ContainerRecord,
+        grace_s: i64,
+    ) -> Result<(), Status> {
+        let cri = self.cri();
+        let exe = || {
+            Some(pb::ExecutableRef {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+            })
+        };
+        let seconds = |s: i64| {
+            Some(prost_types::Duration {
+                seconds: s.min(crate::spec::MAX_GRACE.as_secs() as i64),
+                nanos: 0,
+            })
+        };
+        let done = if grace_s <= 0 {
+            let signal = pb::SignalExecutableRequest {
+                executable: exe(),
+                signal: 9,
+            };
+            match cri
+                .executables
+                .signal(cri.call(svc::EXECUTABLES, "Signal", signal)?)
+                .await
+            {
+                // Killed, or it had already exited: either way, wait for its end.
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => Ok(()),
+                Err(e) => Err(e),
+            }
+            .map(|()| pb::WaitExecutableRequest {
+                executable: exe(),
+                timeout: seconds(10),
+            })
+            .and_then(|w| cri.call(svc::EXECUTABLES, "Wait", w))
+            .map(|w| cri.executables.wait(w))
+        } else {
+            let stop = pb::StopExecutableRequest {
+                executable: exe(),
+                grace_period: seconds(grace_s),
+            };
+            cri.call(svc::EXECUTABLES, "Stop", stop)
+                .map(|r| cri.executables.stop(r))
+        };
+        match done {
+            Ok(call) => match call.await {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        cri.logs.finish(&c.id).await;
+        self.observe(c).await;
+        Ok(())
+    }
+
+    async fn remove_container_record(&self, c: &ContainerRecord) -> Result<(), Status> {
+        let cri = self.cri();
+        if let Ok(sb) = cri.sandbox(&c.sandbox_id)
+            && c.started_at.is_some()
+        {
+            self.stop_executable(&sb, c, 0).await?;
+            let r = cri.call(
+                svc::EXECUTABLES,
+                "Free",
+                pb::ExecutableRef {
+                    cell: sb.cell.clone(),
+                    name: c.executable.clone(),
+                },
+            )?;
+            match cri.executables.free(r).await {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        cri.logs.finish(&c.id).await;
+        cri.forget_log_offset(&c.id);
+        cri.delete_container(&c.id);
+        Ok(())
+    }
+}
+
+fn metadata(sb: &SandboxRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: sb.name.clone(),
+        uid: sb.uid.clone(),
+        namespace: sb.namespace.clone(),
+        attempt: sb.attempt,
+    }
+}
+
+/// The container's run from its CRI config; every field we cannot honour is refused,
+/// naming it, never dropped in silence (see SPECIFICATION.md for what is accepted and
+/// not applied).
+fn container_run(c: &cri::ContainerConfig) -> Result<ContainerRun, Status> {
+    let mut run = ContainerRun {
+        entrypoint: c.command.clone(),
+        args: c.args.clone(),
+        working_dir: c.working_dir.clone(),
+        ..Default::default()
+    };
+    for (i, kv) in c.envs.iter().enumerate() {
+        if kv.key.is_empty() || kv.key.contains('=') || kv.key.contains('\0') {
+            return Err(invalid(
+                &format!("config.envs[{i}].key"),
+                format!("{:?} is not an environment variable name", kv.key),
+            ));
+        }
+        run.env.insert(kv.key.clone(), kv.value.clone());
+    }
+    for (i, m) in c.mounts.iter().enumerate() {
+        let f = |n: &str| format!("config.mounts[{i}].{n}");
+        if !Path::new(&m.host_path).is_absolute() {
+            return Err(invalid(
+                &f("host_path"),
+                format!("{:?} is not absolute", m.host_path),
+            ));
+        }
+        if !Path::new(&m.container_path).is_absolute() {
+            return Err(invalid(
+                &f("container_path"),
+                format!("{:?} is not absolute", m.container_path),
+            ));
+        }
+        if m.propagation != cri::MountPropagation::PropagationPrivate as i32 {
+            return Err(invalid(
+                &f("propagation"),
+                "only PROPAGATION_PRIVATE is supported (a container's mounts never propagate)",
+            ));
+        }
+        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+            return Err(invalid(
+                &f("uid_mappings"),
+                "id-mapped mounts are not supported",
+            ));
+        }
+        if m.image.is_some() {
+            return Err(invalid(&f("image"), "image volumes are not supported"));
+        }
+        run.volumes.push((
+            m.host_path.clone(),
+            m.container_path.clone(),
+            m.readonly || m.recursive_read_only,
+        ));
+    }
+    if !c.devices.is_empty() {
+        return Err(invalid(
+            "config.devices",
+            "host devices in a container are not supported",
+        ));
+    }
+    if !c.cdi_devices.is_empty() {
+        return Err(invalid(
+            "config.cdi_devices",
+            "CDI devices are not supported",
+        ));
+    }
+    if c.stdin || c.tty {
+        return Err(invalid(
+            if c.stdin {
+                "config.stdin"
+            } else {
+                "config.tty"
+            },
+            "attaching to a container (Attach) is not built yet",
+        ));
+    }
+    if let Some(l) = &c.linux
+        && let Some(s) = &l.security_context
+    {
+        let f = |n: &str| format!("config.linux.security_context.{n}");
+        if s.privileged {
+            return Err(invalid(
+                &f("privileged"),
+                "privileged containers are not supported",
+            ));
+        }
+        if let Some(caps) = &s.capabilities
+            && !(caps.add_capabilities.is_empty()
+                && caps.drop_capabilities.is_empty()
+                && caps.add_ambient_capabilities.is_empty())
+        {
+            return Err(invalid(
+                &f("capabilities"),
+                "changing a container's capabilities is not supported (it keeps the default set)",
+            ));
+        }
+        if !s.run_as_username.is_empty() {
+            return Err(invalid(
+                &f("run_as_username"),
+                "a user name is not supported: give run_as_user (a number)",
+            ));
+        }
+        if !s.supplemental_groups.is_empty() {
+            return Err(invalid(&f("supplemental_groups"), "not supported"));
+        }
+        if let Some(p) = &s.seccomp
+            && p.profile_type == cri::security_profile::ProfileType::Localhost as i32
+        {
+            return Err(invalid(
+                &f("seccomp"),
+                "Localhost profiles are not supported (every container gets auraed's default filter)",
+            ));
+        }
+        if let Some(ns) = &s.namespace_options
+            && ns.pid == cri::NamespaceMode::Target as i32
+        {
+            return Err(invalid(
+                &f("namespace_options.pid"),
+                "TARGET is not supported",
+            ));
+        }
+        run.uid = id_of(&f("run_as_user"), s.run_as_user.as_ref())?;
+        run.gid = id_of(&f("run_as_group"), s.run_as_group.as_ref())?;
+        if run.gid.is_some() && run.uid.is_none() {
+            return Err(invalid(&f("run_as_group"), "needs run_as_user"));
+        }
+        run.read_only_root = s.readonly_rootfs;
+        run.no_new_privileges = s.no_new_privs;
+    }
+    Ok(run)
+}
+
+#[tonic::async_trait]
+impl RuntimeService for CriRuntime {
+    async fn version(
+        &self,
+        _r: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".to_owned(),
+            runtime_name: RUNTIME_NAME.to_owned(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_owned(),
+            runtime_api_version: RUNTIME_API_VERSION.to_owned(),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        r: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        if m.runtime_handler == VM_HANDLER {
+            return Err(unimplemented(
+                "the runtime handler \"aurae-vm\"",
+                "a sandbox in a spawned instance (use the default handler: a cell)",
+            ));
+        }
+        if !HANDLERS.contains(&m.runtime_handler.as_str()) {
+            return Err(invalid(
+                "runtime_handler",
+                format!(
+                    "{:?} is not a handler of this runtime (\"\" or \"aurae\")",
+                    m.runtime_handler
+                ),
+            ));
+        }
+        let config = m.config.ok_or_else(|| invalid("config", "is missing"))?;
+        let md = config
+            .metadata
+            .clone()
+            .ok_or_else(|| invalid("config.metadata", "is missing"))?;
+        for (f, v) in [
+            ("name", &md.name),
+            ("namespace", &md.namespace),
+            ("uid", &md.uid),
+        ] {
+            if v.is_empty() {
+                return Err(invalid(&format!("config.metadata.{f}"), "is empty"));
+            }
+        }
+        if config.windows.is_some() {
+            return Err(invalid("config.windows", "this is a Linux runtime"));
+        }
+        let linux = config.linux.clone().unwrap_or_default();
+        if !linux.sysctls.is_empty() {
+            return Err(invalid("config.linux.sysctls", "sysctls are not supported"));
+        }
+        let sec = linux.security_context.clone().unwrap_or_default();
+        if sec.privileged {
+            return Err(invalid(
+                "config.linux.security_context.privileged",
+                "privileged sandboxes are not supported",
+            ));
+        }
+        let ns = sec.namespace_options.clone().unwrap_or_default();
+        use cri::NamespaceMode as M;
+        let modes = Modes {
+            network: mode(
+                "config.linux.security_context.namespace_options.network",
+                ns.network,
+                &[M::Pod, M::Node],
+            )?,
+            // Containers of a sandbox share its PID namespace (a cell's): CONTAINER is
+            // served as POD, and the status says POD.
+            pid: match mode(
+                "config.linux.security_context.namespace_options.pid",
+                ns.pid,
+                &[M::Pod, M::Container, M::Node],
+            )? {
+                x if x == M::Node as i32 => x,
+                _ => M::Pod as i32,
+            },
+            ipc: mode(
+                "config.linux.security_context.namespace_options.ipc",
+                ns.ipc,
+                &[M::Pod, M::Node],
+            )?,
+        };
+        if ns
+            .userns_options
+            .as_ref()
+            .is_some_and(|u| u.mode != M::Node as i32)
+        {
+            return Err(invalid(
+                "config.linux.security_context.namespace_options.userns_options",
+                "user namespaces are not supported",
+            ));
+        }
+        let host_net = modes.network == M::Node as i32;
+        let hostname = if host_net {
+            String::new()
+        } else if config.hostname.is_empty() {
+            crate::spec::Label::sanitized(&md.name, 63, "pod").to_string()
+        } else {
+            crate::cell::parse_hostname("config.hostname", &config.hostname)
+                .map_err(|e| invalid(&e.field, e.reason))?
+        };
+        if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
+            return Err(invalid("config.log_directory", "is not absolute"));
+        }
+        if !config.port_mappings.is_empty() {
+            warn!(pod = %md.name, "CRI: port mappings are not applied (no CNI portmap yet)");
+        }
+        let limits = limits(linux.resources.as_ref())?;
+        let _one = cri.create.lock().await;
+        // kubelet retries: the same metadata is the same sandbox.
+        let existing = cri
+            .lock()
+            .sandboxes
+            .values()
+            .find(|s| {
+                s.name == md.name
+                    && s.namespace == md.namespace
+                    && s.uid == md.uid
+                    && s.attempt == md.attempt
+            })
+            .map(|s| s.id.clone());
+        if let Some(id) = existing {
+            return Ok(Response::new(cri::RunPodSandboxResponse {
+                pod_sandbox_id: id,
+            }));
+        }
+        let id = new_id();
+        let cell = format!("k8s-{}", &id[..16]);
+        let req = cri.call(
+            svc::CELLS,
+            "Allocate",
+            pb::Cell {
+                name: cell.clone(),
+                limits,
+                namespaces: Some(pb::CellNamespaces {
+                    share_host_net: host_net,
+                    share_host_uts: host_net,
+                    share_host_pid: modes.pid == M::Node as i32,
+                    share_host_ipc: modes.ipc == M::Node as i32,
+                    ..Default::default()
+                }),
+                hostname: hostname.clone(),
+                ..Default::default()
+            },
+        )?;
+        cri.cells.allocate(req).await?;
+        let rec = SandboxRecord {
+            id: id.clone(),
+            name: md.name,
+            uid: md.uid,
+            namespace: md.namespace,
+            attempt: md.attempt,
+            cell: cell.clone(),
+            hostname,
+            log_directory: config.log_directory,
+            labels: to_btree(&config.labels),
+            annotations: to_btree(&config.annotations),
+            runtime_handler: m.runtime_handler,
+            created_at: now_nanos(),
+            modes,
+            stopped: false,
+        };
+        if let Err(e) = cri.put_sandbox(&rec) {
+            // Nothing stays behind a sandbox we could not record.
+            if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
+                let _ = cri.cells.free(r).await;
+            }
+            return Err(e);
+        }
+        info!(sandbox = %id, cell = %rec.cell, pod = %rec.name, namespace = %rec.namespace, "CRI sandbox running");
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        r: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        let mut sb = cri.sandbox(&r.get_ref().pod_sandbox_id)?;
+        for c in cri.containers_of(&sb.id) {
+            if c.started_at.is_some() && c.ended.is_none() {
+                self.stop_executable(&sb, &c, 0).await?;
+            }
+        }
+        let req = cri.call(
+            svc::CELLS,
+            "Stop",
+            pb::StopRequest {
+                name: sb.cell.clone(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+            },
+        )?;
+        match cri.cells.stop(req).await {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if !sb.stopped {
+            sb.stopped = true;
+            cri.put_sandbox(&sb)?;
+        }
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        r: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        // Removing what is gone succeeds (kubelet retries removals).
+        let sb = match cri.sandbox(&r.get_ref().pod_sandbox_id) {
+            Ok(sb) => sb,
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(cri::RemovePodSandboxResponse {}));
+            }
+            Err(e) => return Err(e),
+        };
+        for c in cri.containers_of(&sb.id) {
+            self.remove_container_record(&c).await?;
+        }
+        let req = cri.call(
+            svc::CELLS,
+            "Free",
+            pb::NameRef {
+                name: sb.cell.clone(),
+            },
+        )?;
+        match cri.cells.free(req).await {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        cri.delete_sandbox(&sb.id);
+        info!(sandbox = %sb.id, cell = %sb.cell, "CRI sandbox removed");
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        r: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let cri = self.cri().clone();
+        let sb = cri.sandbox(&r.get_ref().pod_sandbox_id)?;
+        let ready = self.sandbox_ready(&sb).await;
+        let mut containers_statuses = Vec::new();
+        for c in cri.containers_of(&sb.id) {
+            containers_statuses.push(self.status_of(&c).await);
+        }
+        let mut info = std::collections::HashMap::new();
+        if r.get_ref().verbose {
+            info.insert(
+                "info".to_owned(),
+                serde_json::json!({ "cell": sb.cell, "hostname": sb.hostname }).to_string(),
+            );
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(self.sandbox_status(&sb, ready)),
+            info,
+            containers_statuses,
+            timestamp: now_nanos(),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        r: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        let filter = r.into_inner().filter.unwrap_or_default();
+        let all: Vec<SandboxRecord> = cri.lock().sandboxes.values().cloned().collect();
+        let mut items = Vec::new();
+        for sb in all {
+            if !filter.id.is_empty() && !sb.id.starts_with(&filter.id) {
+                continue;
+            }
+            if !selected(&sb.labels, &filter.label_selector) {
+                continue;
+            }
+            let ready = self.sandbox_ready(&sb).await;
+            let s = self.sandbox_status(&sb, ready);
+            if filter.state.as_ref().is_some_and(|f| f.state != s.state) {
+                continue;
+            }
+            items.push(cri::PodSandbox {
+                id: s.id,
+                metadata: s.metadata,
+                state: s.state,
+                created_at: s.created_at,
+                labels: s.labels,
+                annotations: s.annotations,
+                runtime_handler: s.runtime_handler,
+            });
+        }
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        r: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        let sb = cri.sandbox(&m.pod_sandbox_id)?;
+        let config = m.config.ok_or_else(|| invalid("config", "is missing"))?;
+        let md = config
+            .metadata
+            .clone()
+            .ok_or_else(|| invalid("config.metadata", "is missing"))?;
+        if md.name.is_empty() {
+            return Err(invalid("config.metadata.name", "is empty"));
+        }
+        let image = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| invalid("config.image.image", "is empty"))?;
+        let run = container_run(&config)?;
+        if config.windows.is_some() {
+            return Err(invalid("config.windows", "this is a Linux runtime"));
+        }
+        let log_path = if config.log_path.is_empty() {
+            String::new()
+        } else {
+            let rel = Path::new(&config.log_path);
+            if sb.log_directory.is_empty() {
+                return Err(invalid(
+                    "config.log_path",
+                    "the sandbox has no log_directory to put it in",
+                ));
+            }
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(invalid(
+                    "config.log_path",
+                    format!(
+                        "{:?} must be relative to the sandbox's log_directory, without '..'",
+                        config.log_path
+                    ),
+                ));
+            }
+            Path::new(&sb.log_directory)
+                .join(rel)
+                .to_string_lossy()
+                .into_owned()
+        };
+        if !self.sandbox_ready(&sb).await {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {} is not ready (stopped or its cell is gone)",
+                sb.id
+            )));
+        }
+        let (reference, image_ref) = super::image::resolve(&cri, &image)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "config.image.image: {image:?} is not in the image store (PullImage first)"
+            ))
+        })?;
+        let _one = cri.create.lock().await;
+        if cri
+            .containers_of(&sb.id)
+            .iter()
+            .any(|c| c.name == md.name && c.attempt == md.attempt)
+        {
+            return Err(Status::already_exists(format!(
+                "config.metadata: sandbox {} already has a container {:?} attempt {}",
+                sb.id, md.name, md.attempt
+            )));
+        }
+        let id = new_id();
+        let rec = ContainerRecord {
+            executable: format!("c-{}", &id[..16]),
+            id: id.clone(),
+            sandbox_id: sb.id.clone(),
+            name: md.name,
+            attempt: md.attempt,
+            image,
+            image_reference: reference,
+            image_ref,
+            labels: to_btree(&config.labels),
+            annotations: to_btree(&config.annotations),
+            log_path,
+            run,
+            created_at: now_nanos(),
+            started_at: None,
+            ended: None,
+        };
+        cri.put_container(&rec)?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        r: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let cri = self.cri().clone();
+        let mut c = cri.container(&r.get_ref().container_id)?;
+        if c.started_at.is_some() || c.ended.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "container {} was started before (a container starts once)",
+                c.id
+            )));
+        }
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        let file = if c.log_path.is_empty() {
+            None
+        } else {
+            Some(super::log::open(Path::new(&c.log_path))?)
+        };
+        let run = &c.run;
+        let req = cri.call(
+            svc::RUNTIME,
+            "RunExecutable",
+            pb::Executable {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+                container: Some(pb::Container {
+                    image: c.image_reference.clone(),
+                    entrypoint: run.entrypoint.clone(),
+                    args: run.args.clone(),
+                    env: to_hash(&run.env),
+                    working_dir: run.working_dir.clone(),
+                    uid: run.uid,
+                    gid: run.gid,
+                    read_only_root: run.read_only_root,
+                    volumes: run
+                        .volumes
+                        .iter()
+                        .map(|(h, p, ro)| pb::Volume {
+                            host_path: h.clone(),
+                            container_path: p.clone(),
+                            read_only: *ro,
+                        })
+                        .collect(),
+                    no_new_privileges: run.no_new_privileges,
+                }),
+                ..Default::default()
+            },
+        )?;
+        match cri.runtime.run_executable(req).await {
+            Ok(_) => {}
+            Err(e) => {
+                // As containerd does: a container that cannot start has exited, and
+                // says why.
+                c.ended = Some(Ended {
+                    exit_code: 128,
+                    finished_at: now_nanos(),
+                    reason: "StartError".to_owned(),
+                    message: e.message().to_owned(),
+                });
+                cri.put_container(&c)?;
+                return Err(e);
+            }
+        }
+        c.started_at = Some(now_nanos());
+        cri.put_container(&c)?;
+        if let Some(file) = file {
+            let logs = cri.logs_request(&c)?;
+            cri.logs.start(&c.id, file, logs, cri.clone());
+        }
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        r: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let cri = self.cri().clone();
+        let c = cri.container(&r.get_ref().container_id)?;
+        if c.started_at.is_some() && c.ended.is_none() {
+            let sb = cri.sandbox(&c.sandbox_id)?;
+            self.stop_executable(&sb, &c, r.get_ref().timeout).await?;
+        }
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        r: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let cri = self.cri().clone();
+        match cri.container(&r.get_ref().container_id) {
+            Ok(c) => self.remove_container_record(&c).await?,
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        r: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let cri = self.cri().clone();
+        let filter = r.into_inner().filter.unwrap_or_default();
+        let all: Vec<ContainerRecord> = cri.lock().containers.values().cloned().collect();
+        let mut containers = Vec::new();
+        for c in all {
+            if !filter.id.is_empty() && !c.id.starts_with(&filter.id) {
+                continue;
+            }
+            if !filter.pod_sandbox_id.is_empty()
+                && !c.sandbox_id.starts_with(&filter.pod_sandbox_id)
+            {
+                continue;
+            }
+            if !selected(&c.labels, &filter.label_selector) {
+                continue;
+            }
+            let s = self.status_of(&c).await;
+            if filter.state.as_ref().is_some_and(|f| f.state != s.state) {
+                continue;
+            }
+            containers.push(cri::Container {
+                id: s.id,
+                pod_sandbox_id: c.sandbox_id.clone(),
+                metadata: s.metadata,
+                image: s.image,
+                image_ref: s.image_ref,
+                state: s.state,
+                created_at: s.created_at,
+                labels: s.labels,
+                annotations: s.annotations,
+                image_id: s.image_id,
+            });
+        }
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        r: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let cri = self.cri().clone();
+        let c = cri.container(&r.get_ref().container_id)?;
+        let mut info = std::collections::HashMap::new();
+        if r.get_ref().verbose {
+            let sb = cri.sandbox(&c.sandbox_id)?;
+            info.insert(
+                "info".to_owned(),
+                serde_json::json!({
+                    "cell": sb.cell,
+                    "executable": c.executable,
+                    "image_reference": c.image_reference,
+                })
+                .to_string(),
+            );
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(self.status_of(&c).await),
+            info,
+        }))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _r: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(unimplemented(
+            "UpdateContainerResources",
+            "a container has no cgroup of its own (its sandbox's cell holds the limits)",
+        ))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        r: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let cri = self.cri().clone();
+        let c = cri.container(&r.get_ref().container_id)?;
+        cri.logs.reopen(&c.id)?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(
+        &self,
+        r: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        self.cri().container(&r.get_ref().container_id)?;
+        Err(unimplemented(
+            "ExecSync",
+            "running a command inside a running container's root and namespaces",
+        ))
+    }
+
+    async fn exec(
+        &self,
+        r: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        self.cri().container(&r.get_ref().container_id)?;
+        Err(unimplemented("Exec", "the CRI streaming server"))
+    }
+
+    async fn attach(
+        &self,
+        r: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        self.cri().container(&r.get_ref().container_id)?;
+        Err(unimplemented("Attach", "the CRI streaming server"))
+    }
+
+    async fn port_forward(
+        &self,
+        r: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        self.cri().sandbox(&r.get_ref().pod_sandbox_id)?;
+        Err(unimplemented("PortForward", "the CRI streaming server"))
+    }
+
+    async fn container_stats(
+        &self,
+        r: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let cri = self.cri().clone();
+        let c = cri.container(&r.get_ref().container_id)?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(self.container_stats_of(&c).await),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        r: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let cri = self.cri().clone();
+        let filter = r.into_inner().filter.unwrap_or_default();
+        let all: Vec<ContainerRecord> = cri.lock().containers.values().cloned().collect();
+        let mut stats = Vec::new();
+        for c in all {
+            if (!filter.id.is_empty() && !c.id.starts_with(&filter.id))
+                || (!filter.pod_sandbox_id.is_empty()
+                    && !c.sandbox_id.starts_with(&filter.pod_sandbox_id))
+                || !selected(&c.labels, &filter.label_selector)
+            {
+                continue;
+            }
+            stats.push(self.container_stats_of(&c).await);
+        }
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        r: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let cri = self.cri().clone();
+        let sb = cri.sandbox(&r.get_ref().pod_sandbox_id)?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(self.sandbox_stats_of(&sb).await?),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        r: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let cri = self.cri().clone();
+        let filter = r.into_inner().filter.unwrap_or_default();
+        let all: Vec<SandboxRecord> = cri.lock().sandboxes.values().cloned().collect();
+        let mut stats = Vec::new();
+        for sb in all {
+            if (!filter.id.is_empty() && !sb.id.starts_with(&filter.id))
+                || !selected(&sb.labels, &filter.label_selector)
+            {
+                continue;
+            }
+            match self.sandbox_stats_of(&sb).await {
+                Ok(s) => stats.push(s),
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        r: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let cidr = r
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        if !cidr.is_empty() {
+            info!(pod_cidr = %cidr, "CRI: the pod CIDR kubelet gave is kept (not used: no CNI yet)");
+        }
+        *self
+            .cri()
+            .pod_cidr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = cidr;
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn status(
+        &self,
+        r: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let cri = self.cri();
+        let mut info = std::collections::HashMap::new();
+        if r.get_ref().verbose {
+            let pod_cidr = cri
+                .pod_cidr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            info.insert(
+                "config".to_owned(),
+                serde_json::json!({
+                    "identity": cri.identity.to_string(),
+                    "pod_cidr": pod_cidr,
+                    "mode": cri.ctx.mode,
+                })
+                .to_string(),
+            );
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![
+                    cri::RuntimeCondition {
+                        r#type: "RuntimeReady".to_owned(),
+                        status: true,
+                        reason: String::new(),
+                        message: String::new(),
+                    },
+                    cri::RuntimeCondition {
+                        r#type: "NetworkReady".to_owned(),
+                        status: false,
+                        reason: "NetworkPluginNotReady".to_owned(),
+                        message: "no CNI network: a sandbox gets its own network namespace \
+                                  with loopback only (CNI is not built yet)"
+                            .to_owned(),
+                    },
+                ],
+            }),
+            info,
+            runtime_handlers: HANDLERS
+                .iter()
+                .map(|h| cri::RuntimeHandler {
+                    name: (*h).to_owned(),
+                    features: Some(cri::RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: false,
+                        user_namespaces: false,
+                    }),
+                })
+                .collect(),
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _r: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(unimplemented(
+            "CheckpointContainer",
+            "container checkpoints",
+        ))
+    }
+
+    type GetContainerEventsStream = crate::api::ResponseStream<cri::ContainerEventResponse>;
+
+    async fn get_container_events(
+        &self,
+        _r: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(unimplemented(
+            "GetContainerEvents",
+            "container events for kubelet's evented PLEG (kubelet polls instead)",
+        ))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _r: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(unimplemented(
+            "ListMetricDescriptors",
+            "CRI metrics (use the stats calls)",
+        ))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _r: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(unimplemented(
+            "ListPodSandboxMetrics",
+            "CRI metrics (use the stats calls)",
+        ))
+    }
+
+    async fn runtime_config(
+        &self,
+        _r: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+}
+
+impl CriRuntime {
+    async fn container_stats_of(&self, c: &ContainerRecord) -> cri::ContainerStats {
+        let cri = self.cri();
+        let now = now_nanos();
+        let mut out = cri::ContainerStats {
+            attributes: Some(cri::ContainerAttributes {
+                id: c.id.clone(),
+                metadata: Some(cri::ContainerMetadata {
+                    name: c.name.clone(),
+                    attempt: c.attempt,
+                }),
+                labels: to_hash(&c.labels),
+                annotations: to_hash(&c.annotations),
+            }),
+            ..Default::default()
+        };
+        let Ok(sb) = cri.sandbox(&c.sandbox_id) else {
+            return out;
+        };
+        if c.started_at.is_none() {
+            return out;
+        }
+        let Ok(req) = cri.call(
+            svc::EXECUTABLES,
+            "Stats",
+            pb::ExecutableRef {
+                cell: sb.cell,
+                name: c.executable.clone(),
+            },
+        ) else {
+            return out;
+        };
+        if let Ok(s) = cri.executables.stats(req).await {
+            let s = s.into_inner();
+            out.cpu = Some(cri::CpuUsage {
+                timestamp: now,
+                usage_core_nano_seconds: Some(cri::UInt64Value {
+                    value: s.cpu_usage_usec.saturating_mul(1000),
+                }),
+                usage_nano_cores: None,
+            });
+            out.memory = Some(cri::MemoryUsage {
+                timestamp: now,
+                working_set_bytes: Some(cri::UInt64Value {
+                    value: s.memory_current_bytes,
+                }),
+                usage_bytes: Some(cri::UInt64Value {
+                    value: s.memory_current_bytes,
+                }),
+                ..Default::default()
+            });
+        }
+        out
+    }
+
+    async fn sandbox_stats_of(&self, sb: &SandboxRecord) -> Result<cri::PodSandboxStats, Status> {
+        let cri = self.cri();
+        let now = now_nanos();
+        let req = cri.call(
+            svc::CELLS,
+            "Stats",
+            pb::NameRef {
+                name: sb.cell.clone(),
+            },
+        )?;
+        let s = cri.cells.stats(req).await?.into_inner();
+        let mut containers = Vec::new();
+        for c in cri.containers_of(&sb.id) {
+            containers.push(self.container_stats_of(&c).await);
+        }
+        Ok(cri::PodSandboxStats {
+            attributes: Some(cri::PodSandboxAttributes {
+                id: sb.id.clone(),
+                metadata: Some(metadata(sb)),
+                labels: to_hash(&sb.labels),
+                annotations: to_hash(&sb.annotations),
+            }),
+            linux: Some(cri::LinuxPodSandboxStats {
+                cpu: Some(cri::CpuUsage {
+                    timestamp: now,
+                    usage_core_nano_seconds: Some(cri::UInt64Value {
+                        value: s.cpu_usage_usec.saturating_mul(1000),
+                    }),
+                    usage_nano_cores: None,
+                }),
+                memory: Some(cri::MemoryUsage {
+                    timestamp: now,
+                    working_set_bytes: Some(cri::UInt64Value {
+                        value: s.memory_current_bytes,
+                    }),
+                    usage_bytes: Some(cri::UInt64Value {
+                        value: s.memory_current_bytes,
+                    }),
+                    ..Default::default()
+                }),
+                network: None,
+                process: Some(cri::ProcessUsage {
+                    timestamp: now,
+                    process_count: Some(cri::UInt64Value {
+                        value: s.pids_current,
+                    }),
+                }),
+                containers,
+            }),
+            windows: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_the_kernel_reads_as_unchanged_are_refused() {
+        let v = |x| Some(cri::Int64Value { value: x });
+        assert_eq!(id_of("u", v(0).as_ref()).unwrap(), Some(0));
+        assert_eq!(
+            id_of("u", v(4_294_967_294).as_ref()).unwrap(),
+            Some(4_294_967_294)
+        );
+        for bad in [-1, 4_294_967_295, 1 << 40] {
+            let e = id_of("run_as_user", v(bad).as_ref()).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with("run_as_user:"), "{}", e.message());
+        }
+    }
+
+    #[test]
+    fn pod_resources_become_cell_limits() {
+        assert_eq!(limits(None).unwrap(), None);
+        assert_eq!(limits(Some(&Default::default())).unwrap(), None);
+        let l = limits(Some(&cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            cpu_shares: 1024,
+            ..Default::default()
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.memory_max_bytes, Some(64 << 20));
+        assert_eq!(l.cpu_max.unwrap().quota_us, 50_000);
+        assert_eq!(l.cpu_weight, Some(39));
+        assert!(
+            limits(Some(&cri::LinuxContainerResources {
+                memory_limit_in_bytes: -5,
+                ..Default::default()
+            }))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn container_configs_we_cannot_honour_are_refused_by_field() {
+        let base = cri::ContainerConfig {
+            command: vec!["/bin/sh".into()],
+            ..Default::default()
+        };
+        assert!(container_run(&base).is_ok());
+        let cases: Vec<(cri::ContainerConfig, &str)> = vec![
+            (
+                cri::ContainerConfig {
+                    tty: true,
+                    ..base.clone()
+                },
+                "config.tty",
+            ),
+            (
+                cri::ContainerConfig {
+                    devices: vec![cri::Device::default()],
+                    ..base.clone()
+                },
+                "config.devices",
+            ),
+            (
+                cri::ContainerConfig {
+                    envs: vec![cri::KeyValue {
+                        key: "A=B".into(),
+                        value: "x".into(),
+                    }],
+                    ..base.clone()
+                },
+                "config.envs[0].key",
+            ),
+            (
+                cri::ContainerConfig {
+                    mounts: vec![cri::Mount {
+                        host_path: "rel".into(),
+                        container_path: "/x".into(),
+                        ..Default::default()
+                    }],
+                    ..base.clone()
+                },
+                "config.mounts[0].host_path",
+            ),
+            (
+                cri::ContainerConfig {
+                    mounts: vec![cri::Mount {
+                        host_path: "/a".into(),
+                        container_path: "/x".into(),
+                        propagation: cri::MountPropagation::PropagationBidirectional as i32,
+                        ..Default::default()
+                    }],
+                    ..base.clone()
+                },
+                "config.mounts[0].propagation",
+            ),
+            (
+                cri::ContainerConfig {
+                    linux: Some(cri::LinuxContainerConfig {
+                        security_context: Some(cri::LinuxContainerSecurityContext {
+                            privileged: true,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..base.clone()
+                },
+                "config.linux.security_context.privileged",
+            ),
+            (
+                cri::ContainerConfig {
+                    linux: Some(cri::LinuxContainerConfig {
+                        security_context: Some(cri::LinuxContainerSecurityContext {
+                            run_as_user: Some(cri::Int64Value { value: -1 }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..base.clone()
+                },
+                "config.linux.security_context.run_as_user",
+            ),
+        ];
+        for (c, field) in cases {
+            let e = container_run(&c).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}");
+            assert!(
+                e.message().starts_with(&format!("{field}:")),
+                "{field}: {}",
+                e.message()
+            );
+        }
+    }
+}

@@ -1,0 +1,997 @@
+//! The Kubernetes CRI (runtime.v1) against a running auraed, as kubelet drives it (host
+//! tier: root, cgroup v2, a loopback registry, busybox-static). A tonic client of the
+//! published CRI proto on `--cri-socket` walks the areas of the CRI validation suite we
+//! serve: runtime info and status, images, sandboxes, containers, logs, stats; then bad
+//! input, the CRI identity's grant, and a kill -9 of auraed with a pod running.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aurae_proto::{
+    cri::v1::{
+        self as cri, image_service_client::ImageServiceClient,
+        runtime_service_client::RuntimeServiceClient,
+    },
+    runtime::v0 as pb,
+};
+use aurae_testkit::{
+    Daemon, DaemonOptions, TRUST_DOMAIN, oci,
+    registry::{LocalRegistry, for_containers},
+};
+use tonic::{Code, transport::Channel};
+
+struct Env {
+    _registry: LocalRegistry,
+    d: Daemon,
+    host: String,
+    /// Holds the CRI socket (a 0700 directory) and the pods' log directories.
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn socket(&self) -> PathBuf {
+        self.tmp.path().join("run/cri.sock")
+    }
+
+    async fn cri(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+        let path = self.socket();
+        let ch = tonic::transport::Endpoint::from_static("http://cri.local")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        (
+            RuntimeServiceClient::new(ch.clone()),
+            ImageServiceClient::new(ch),
+        )
+    }
+
+    /// Pushes busybox as `aurae/<repo>:v1`; its reference.
+    fn push(&self, repo: &str) -> String {
+        oci::push_busybox(&self.host, &format!("aurae/{repo}"), serde_json::json!({})).unwrap();
+        format!("{}/aurae/{repo}:v1", self.host)
+    }
+
+    /// Pushes busybox and pulls it through the CRI (as kubelet does before a container).
+    async fn pulled(&self, im: &mut ImageServiceClient<Channel>, repo: &str) -> String {
+        let image = self.push(repo);
+        im.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        image
+    }
+
+    fn log_dir(&self, pod: &str) -> PathBuf {
+        let d = self.tmp.path().join("pods").join(pod);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
+
+/// The CRI identity's grant: sandboxes and containers under `k8s-*`, the loopback
+/// registry, no root; the admin may do everything (to look at what the CRI made).
+fn policy(host: &str, cri_methods: &str) -> String {
+    format!(
+        "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
+         allow_uid_zero = true\nregistries = [\"*\"]\n\n\
+         [[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/cri\"\nmethods = {cri_methods}\nnames = [\"k8s-*\"]\n\
+         allow_uid_zero = true\nuids = [\"1-65535\"]\ngids = [\"1-65535\"]\nregistries = [\"{host}/aurae\"]\n"
+    )
+}
+
+async fn env_with(test: &str, cri_methods: &str) -> Option<Env> {
+    let registry = for_containers(test).unwrap()?;
+    let host = registry.host();
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("run/cri.sock");
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            policy: Some(policy(&host, cri_methods)),
+            extra_args: vec![
+                "--insecure-registry".to_owned(),
+                host.clone(),
+                "--cri-socket".to_owned(),
+                socket.display().to_string(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    Some(Env {
+        _registry: registry,
+        d,
+        host,
+        tmp,
+    })
+}
+
+async fn env(test: &str) -> Option<Env> {
+    env_with(test, "[\"*\"]").await
+}
+
+fn sandbox_config(name: &str, uid: &str, log_dir: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-0"),
+        log_directory: log_dir.display().to_string(),
+        labels: [("app".to_owned(), name.to_owned())].into(),
+        annotations: [("note".to_owned(), "from the test".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()],
+        envs: vec![cri::KeyValue {
+            key: "GREETING".to_owned(),
+            value: "hello".to_owned(),
+        }],
+        log_path: format!("{name}/0.log"),
+        labels: [("c".to_owned(), name.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+async fn run_sandbox(
+    rt: &mut RuntimeServiceClient<Channel>,
+    config: &cri::PodSandboxConfig,
+) -> String {
+    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .pod_sandbox_id
+}
+
+async fn create(
+    rt: &mut RuntimeServiceClient<Channel>,
+    sandbox: &str,
+    c: cri::ContainerConfig,
+    sb: &cri::PodSandboxConfig,
+    log_dir: &Path,
+) -> Result<String, tonic::Status> {
+    if let Some(dir) = Path::new(&c.log_path).parent() {
+        std::fs::create_dir_all(log_dir.join(dir)).unwrap();
+    }
+    rt.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: sandbox.to_owned(),
+        config: Some(c),
+        sandbox_config: Some(sb.clone()),
+    })
+    .await
+    .map(|r| r.into_inner().container_id)
+}
+
+async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: id.to_owned(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+}
+
+/// Waits (bounded) until `id` has exited; its status.
+async fn exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
+    let t = Instant::now();
+    loop {
+        let s = status(rt, id).await;
+        if s.state == cri::ContainerState::ContainerExited as i32 {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{id} still runs: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (bounded) until the CRI log at `path` has a line ending in `want`; all lines.
+async fn log_has(path: &Path, want: &str) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.iter().any(|l| l.ends_with(want)) {
+            return lines;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} has no line ending in {want:?}: {text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The cells auraed has (seen by the admin).
+async fn cells(d: &Daemon) -> Vec<String> {
+    let c = d.client("admin").await.unwrap();
+    c.cells()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+        .into_iter()
+        .map(|c| c.name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
+    let Some(e) = env("cri_walks_runtime_images_sandboxes_containers_logs_and_stats").await else {
+        return;
+    };
+    let image = e.push("busybox");
+    let (mut rt, mut im) = e.cri().await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(e.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the CRI socket is for root only");
+
+    // Runtime info.
+    let v = rt.version(cri::VersionRequest::default()).await.unwrap().into_inner();
+    assert_eq!((v.runtime_name.as_str(), v.runtime_api_version.as_str()), ("auraed", "v1"));
+    let st = rt.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
+    let conds = st.status.unwrap().conditions;
+    let cond = |t: &str| conds.iter().find(|c| c.r#type == t).unwrap().clone();
+    assert!(cond("RuntimeReady").status);
+    let net = cond("NetworkReady");
+    assert!(!net.status && net.message.contains("CNI"), "{net:?}");
+    assert!(st.info["config"].contains("spiffe://aurae.test/cri"), "{:?}", st.info);
+    let rc = rt.runtime_config(cri::RuntimeConfigRequest {}).await.unwrap().into_inner();
+    assert_eq!(rc.linux.unwrap().cgroup_driver, cri::CgroupDriver::Cgroupfs as i32);
+
+    // Images: pull, status by tag / image_ref / id, list, filesystem.
+    let spec = |i: &str| {
+        Some(cri::ImageSpec {
+            image: i.to_owned(),
+            ..Default::default()
+        })
+    };
+    let pulled = im
+        .pull_image(cri::PullImageRequest {
+            image: spec(&image),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    assert!(
+        pulled.starts_with(&format!("{}/aurae/busybox@sha256:", e.host)),
+        "{pulled}"
+    );
+    let by_tag = im
+        .image_status(cri::ImageStatusRequest {
+            image: spec(&image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
+    assert_eq!(by_tag.repo_tags, vec![image.clone()]);
+    assert_eq!(by_tag.repo_digests, vec![pulled.clone()]);
+    assert!(by_tag.size > 0 && by_tag.id.starts_with("sha256:"));
+    for other in [pulled.clone(), by_tag.id.clone()] {
+        let s = im
+            .image_status(cri::ImageStatusRequest {
+                image: spec(&other),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.image.map(|i| i.id), Some(by_tag.id.clone()), "{other}");
+    }
+    let none = im
+        .image_status(cri::ImageStatusRequest {
+            image: spec(&format!("{}/aurae/never:v1", e.host)),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.image.is_none(), "an image not stored is an empty answer");
+    let listed = im.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.images.iter().any(|i| i.id == by_tag.id));
+    let fs = im.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner();
+    assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value >= by_tag.size);
+
+    // A sandbox: a cell with the pod's hostname; the same metadata again is the same one.
+    let log_dir = e.log_dir("default_web_u1");
+    let sbc = sandbox_config("web", "u1", &log_dir);
+    let sb = run_sandbox(&mut rt, &sbc).await;
+    assert_eq!(sb.len(), 64);
+    assert_eq!(run_sandbox(&mut rt, &sbc).await, sb, "kubelet's retry gets the same id");
+    let cell = format!("k8s-{}", &sb[..16]);
+    assert!(cells(&e.d).await.contains(&cell));
+    let s = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: sb[..12].to_owned(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sbs = s.status.unwrap();
+    assert_eq!(sbs.id, sb, "a unique prefix finds the sandbox");
+    assert_eq!(sbs.state, cri::PodSandboxState::SandboxReady as i32);
+    assert_eq!(sbs.metadata.unwrap().name, "web");
+    assert_eq!(sbs.labels["app"], "web");
+    assert!(s.info["info"].contains(&cell));
+    let listed = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest {
+            filter: Some(cri::PodSandboxFilter {
+                label_selector: [("app".to_owned(), "web".to_owned())].into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(listed.len(), 1);
+    let other = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest {
+            filter: Some(cri::PodSandboxFilter {
+                label_selector: [("app".to_owned(), "db".to_owned())].into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(other.is_empty());
+
+    // A container: created, started once, its output in the CRI log format.
+    let app = create(
+        &mut rt,
+        &sb,
+        container_config(
+            "app",
+            &pulled,
+            "echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
+        ),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    let s = status(&mut rt, &app).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
+    assert_eq!(s.log_path, log_dir.join("app/0.log").display().to_string());
+    let dup = create(
+        &mut rt,
+        &sb,
+        container_config("app", &pulled, "true"),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
+    rt.start_container(cri::StartContainerRequest {
+        container_id: app.clone(),
+    })
+    .await
+    .unwrap();
+    let again = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: app.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    let s = status(&mut rt, &app).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
+    assert!(s.started_at >= s.created_at && s.created_at > 0);
+    let lines = log_has(&log_dir.join("app/0.log"), "stdout F no newline").await;
+    for want in [" stdout F hello", " stderr F oops", " stdout F web-0"] {
+        assert!(lines.iter().any(|l| l.ends_with(want)), "{want}: {lines:?}");
+    }
+    // Every line: an RFC 3339 time, the stream, the tag, the text.
+    for l in &lines {
+        let parts: Vec<&str> = l.splitn(4, ' ').collect();
+        assert!(parts[0].len() >= 20 && parts[0].ends_with('Z'), "{l}");
+        assert!(["stdout", "stderr"].contains(&parts[1]) && ["F", "P"].contains(&parts[2]), "{l}");
+    }
+    let running = rt
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerRunning as i32,
+                }),
+                pod_sandbox_id: sb.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].id, app);
+    assert_eq!(running[0].image_ref, pulled);
+    let stats = rt
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: app.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(stats.attributes.unwrap().id, app);
+    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    let pod_stats = rt
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: sb.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(pod_stats.attributes.unwrap().id, sb);
+    assert_eq!(pod_stats.linux.unwrap().containers.len(), 1);
+    rt.reopen_container_log(cri::ReopenContainerLogRequest {
+        container_id: app.clone(),
+    })
+    .await
+    .unwrap();
+
+    // What is not built says so; unknown ids are NOT_FOUND.
+    let ex = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: app.clone(),
+            cmd: vec!["true".into()],
+            timeout: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ex.code(), Code::Unimplemented);
+    assert!(ex.message().contains("ExecSync"), "{ex:?}");
+    let ex = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: "f".repeat(64),
+            cmd: vec!["true".into()],
+            timeout: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ex.code(), Code::NotFound);
+
+    // Exits: a code, a kill, a clean end, each with its CRI reason.
+    let job = create(
+        &mut rt,
+        &sb,
+        container_config("job", &pulled, "echo done; exit 3"),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    let ok = create(
+        &mut rt,
+        &sb,
+        container_config("ok", &pulled, "true"),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    for id in [&job, &ok] {
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    let s = exited(&mut rt, &job).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"));
+    assert!(s.finished_at >= s.started_at);
+    log_has(&log_dir.join("job/0.log"), "stdout F done").await;
+    let s = exited(&mut rt, &ok).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: app.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    let s = exited(&mut rt, &app).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "Error"), "{s:?}");
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: app.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: ok.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: ok.clone(),
+    })
+    .await
+    .expect("removing a removed container succeeds");
+    let left = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(left.len(), 2, "{left:?}");
+
+    // Stopped: NOTREADY, no new containers; removed: nothing left, the cell gone.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    let s = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: sb.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.status.unwrap().state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    let late = create(
+        &mut rt,
+        &sb,
+        container_config("late", &pulled, "true"),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .expect("removing a removed sandbox succeeds");
+    assert!(
+        rt.list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .is_empty()
+    );
+    assert!(
+        rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .containers
+            .is_empty()
+    );
+    assert!(!cells(&e.d).await.contains(&cell));
+    let gone = rt
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sb.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // Removing the image by its image_ref.
+    im.remove_image(cri::RemoveImageRequest {
+        image: spec(&pulled),
+    })
+    .await
+    .unwrap();
+    let s = im
+        .image_status(cri::ImageStatusRequest {
+            image: spec(&image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.image.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
+    let Some(e) = env("cri_bad_input_is_refused_naming_the_field_and_loses_nothing").await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let image = e.pulled(&mut im, "busybox").await;
+    let log_dir = e.log_dir("bad");
+    let good = sandbox_config("bad", "u2", &log_dir);
+    let expect = |r: Result<tonic::Response<cri::RunPodSandboxResponse>, tonic::Status>,
+                  code: Code,
+                  field: &str| {
+        let err = r.unwrap_err();
+        assert_eq!(err.code(), code, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    };
+    let run = |c: Option<cri::PodSandboxConfig>, handler: &str| cri::RunPodSandboxRequest {
+        config: c,
+        runtime_handler: handler.to_owned(),
+    };
+    expect(rt.run_pod_sandbox(run(None, "")).await, Code::InvalidArgument, "config");
+    let mut c = good.clone();
+    c.metadata.as_mut().unwrap().uid.clear();
+    expect(
+        rt.run_pod_sandbox(run(Some(c), "")).await,
+        Code::InvalidArgument,
+        "config.metadata.uid",
+    );
+    let mut c = good.clone();
+    c.hostname = "Bad_Host".into();
+    expect(
+        rt.run_pod_sandbox(run(Some(c), "")).await,
+        Code::InvalidArgument,
+        "config.hostname",
+    );
+    let mut c = good.clone();
+    c.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    expect(
+        rt.run_pod_sandbox(run(Some(c), "")).await,
+        Code::InvalidArgument,
+        "privileged",
+    );
+    expect(
+        rt.run_pod_sandbox(run(Some(good.clone()), "aurae-vm")).await,
+        Code::Unimplemented,
+        "aurae-vm",
+    );
+    expect(
+        rt.run_pod_sandbox(run(Some(good.clone()), "runc")).await,
+        Code::InvalidArgument,
+        "runtime_handler",
+    );
+    // Nothing was made by any of those.
+    assert!(
+        rt.list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .is_empty()
+    );
+    assert!(!cells(&e.d).await.iter().any(|c| c.starts_with("k8s-")));
+
+    // Unknown ids.
+    let unknown = "0".repeat(64);
+    let nf = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: unknown.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nf.code(), Code::NotFound);
+    for r in [
+        rt.start_container(cri::StartContainerRequest {
+            container_id: unknown.clone(),
+        })
+        .await
+        .map(|_| ()),
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: unknown.clone(),
+            timeout: 1,
+        })
+        .await
+        .map(|_| ()),
+        rt.container_status(cri::ContainerStatusRequest {
+            container_id: unknown.clone(),
+            verbose: false,
+        })
+        .await
+        .map(|_| ()),
+    ] {
+        assert_eq!(r.unwrap_err().code(), Code::NotFound);
+    }
+    let nf = create(
+        &mut rt,
+        &unknown,
+        container_config("x", &image, "true"),
+        &good,
+        &log_dir,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(nf.code(), Code::NotFound);
+
+    // Containers: an image not pulled, a uid the kernel reads as "unchanged", a log path
+    // out of the pod's directory; each refused naming the field, nothing recorded.
+    let sb = run_sandbox(&mut rt, &good).await;
+    let cases: Vec<(cri::ContainerConfig, Code, &str)> = vec![
+        (
+            container_config("a", &format!("{}/aurae/never:v1", e.host), "true"),
+            Code::NotFound,
+            "config.image.image",
+        ),
+        (
+            {
+                let mut c = container_config("b", &image, "true");
+                c.linux = Some(cri::LinuxContainerConfig {
+                    security_context: Some(cri::LinuxContainerSecurityContext {
+                        run_as_user: Some(cri::Int64Value { value: 4_294_967_295 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+                c
+            },
+            Code::InvalidArgument,
+            "run_as_user",
+        ),
+        (
+            {
+                let mut c = container_config("c", &image, "true");
+                c.log_path = "../../escape.log".into();
+                c
+            },
+            Code::InvalidArgument,
+            "config.log_path",
+        ),
+        (
+            {
+                let mut c = container_config("d", &image, "true");
+                c.metadata = None;
+                c
+            },
+            Code::InvalidArgument,
+            "config.metadata",
+        ),
+    ];
+    for (c, code, field) in cases {
+        let err = create(&mut rt, &sb, c, &good, &log_dir).await.unwrap_err();
+        assert_eq!(err.code(), code, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    assert!(
+        rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .containers
+            .is_empty()
+    );
+    // A uid outside the CRI identity's grant: created (the grant is checked at the
+    // start, as RunExecutable checks it), refused at the start, recorded as a StartError.
+    let mut c = container_config("e", &image, "true");
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 70_000 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = create(&mut rt, &sb, c, &good, &log_dir).await.unwrap();
+    let err = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let s = status(&mut rt, &id).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(s.reason, "StartError");
+    assert!(s.message.contains("uid 70000"), "{}", s.message);
+    // Per-pull credentials are refused, not ignored.
+    let err = im
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            auth: Some(cri::AuthConfig {
+                username: "u".into(),
+                password: "p".into(),
+                ..Default::default()
+            }),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("auth:"), "{err:?}");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb,
+    })
+    .await
+    .unwrap();
+    assert!(!cells(&e.d).await.iter().any(|c| c.starts_with("k8s-")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_calls_are_only_what_the_cri_identity_is_granted() {
+    let Some(e) = env_with(
+        "cri_calls_are_only_what_the_cri_identity_is_granted",
+        "[\"aurae.runtime.v0.Images/*\"]",
+    )
+    .await
+    else {
+        return;
+    };
+    let (mut rt, _) = e.cri().await;
+    let err = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config("p", "u3", &e.log_dir("p"))),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("aurae.runtime.v0.Cells/Allocate"),
+        "{err:?}"
+    );
+    assert!(cells(&e.d).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
+    let Some(mut e) = env("cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on").await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let image = e.pulled(&mut im, "busybox").await;
+    let log_dir = e.log_dir("default_tick_u4");
+    let sbc = sandbox_config("tick", "u4", &log_dir);
+    let sb = run_sandbox(&mut rt, &sbc).await;
+    let c = create(
+        &mut rt,
+        &sb,
+        container_config(
+            "tick",
+            &image,
+            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        ),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    let created = create(
+        &mut rt,
+        &sb,
+        container_config("later", &image, "echo later"),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    let log = log_dir.join("tick/0.log");
+    log_has(&log, "stdout F tick 3").await;
+    drop(rt);
+
+    e.d.crash_and_restart_after(Duration::from_millis(500))
+        .await
+        .unwrap();
+    let (mut rt, _) = e.cri().await;
+    let s = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: sb.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32);
+    assert_eq!(s.labels["app"], "tick");
+    assert_eq!(
+        status(&mut rt, &c).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    assert_eq!(
+        status(&mut rt, &created).await.state,
+        cri::ContainerState::ContainerCreated as i32
+    );
+    // The log goes on after the restart, and nothing written while auraed was down is
+    // missing: every tick from 0 to the last is there.
+    let before = std::fs::read_to_string(&log).unwrap().lines().count();
+    let t = Instant::now();
+    let lines = loop {
+        let lines = log_has(&log, "stdout F tick 1").await;
+        if lines.len() > before + 10 {
+            break lines;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the log stopped: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ticks: std::collections::BTreeSet<u64> = lines
+        .iter()
+        .filter_map(|l| l.rsplit_once(" stdout F tick ").and_then(|(_, n)| n.parse().ok()))
+        .collect();
+    let last = *ticks.iter().next_back().unwrap();
+    let missing: Vec<u64> = (0..=last).filter(|n| !ticks.contains(n)).collect();
+    assert!(missing.is_empty(), "ticks missing from the CRI log: {missing:?}");
+    // The created container starts after the restart.
+    rt.start_container(cri::StartContainerRequest {
+        container_id: created.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(exited(&mut rt, &created).await.exit_code, 0);
+    log_has(&log_dir.join("later/0.log"), "stdout F later").await;
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb,
+    })
+    .await
+    .unwrap();
+    assert!(cells(&e.d).await.is_empty());
+}
