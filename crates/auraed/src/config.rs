@@ -32,6 +32,8 @@ pub const KEYS: &[&str] = &[
     "metrics_listen",
     "cri_socket",
     "cri_identity",
+    "cni_conf_dir",
+    "cni_bin_dir",
     "state_dir",
     "policy",
     "handshake_timeout_s",
@@ -63,6 +65,8 @@ pub struct FileConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub cri_socket: Option<PathBuf>,
     pub cri_identity: Option<String>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dir: Option<Vec<PathBuf>>,
     pub state_dir: Option<PathBuf>,
     pub policy: Option<PathBuf>,
     pub handshake_timeout_s: Option<u64>,
@@ -267,12 +271,14 @@ impl FileConfig {
             ("instance_kernel", &mut self.instance_kernel),
             ("instance_modules", &mut self.instance_modules),
             ("cri_socket", &mut self.cri_socket),
+            ("cni_conf_dir", &mut self.cni_conf_dir),
         ] {
             out.extend(p.as_mut().map(|p| (key, p)));
         }
         for (key, list) in [
             ("volume_root", &mut self.volume_root),
             ("vm_image_root", &mut self.vm_image_root),
+            ("cni_bin_dir", &mut self.cni_bin_dir),
         ] {
             out.extend(list.iter_mut().flatten().map(|p| (key, p)));
         }

@@ -54,6 +54,14 @@ struct Args {
     /// domain>/cri].
     #[arg(long)]
     cri_identity: Option<String>,
+    /// Where CRI pod networks are configured: the first CNI configuration here (lexical
+    /// order; .conflist, .conf or .json) is used for every sandbox, e.g. /etc/cni/net.d.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// A directory CNI plugins are run from (repeatable, searched in order), e.g.
+    /// /usr/lib/cni [default: /opt/cni/bin and /usr/lib/cni].
+    #[arg(long = "cni-bin-dir")]
+    cni_bin_dirs: Vec<PathBuf>,
     /// Directory for auraed's durable state, e.g. /var/lib/aurae.
     #[arg(long, env = "AURAED_STATE_DIR", default_value = "/var/lib/aurae")]
     state_dir: PathBuf,
@@ -135,6 +143,7 @@ impl Args {
             ("--pki-dir", &mut self.pki_dir),
             ("--socket", &mut self.socket),
             ("--state-dir", &mut self.state_dir),
+            ("--cni-conf-dir", &mut self.cni_conf_dir),
         ];
         for (flag, p) in [
             ("--config", &mut self.config),
@@ -149,6 +158,7 @@ impl Args {
             out.extend(p.as_mut().map(|p| (flag, p)));
         }
         out.extend(self.volume_roots.iter_mut().map(|p| ("--volume-root", p)));
+        out.extend(self.cni_bin_dirs.iter_mut().map(|p| ("--cni-bin-dir", p)));
         out.extend(
             self.vm_image_roots
                 .iter_mut()
@@ -173,6 +183,8 @@ impl Args {
             metrics_listen,
             cri_socket,
             cri_identity,
+            cni_conf_dir,
+            cni_bin_dir,
             state_dir,
             policy,
             handshake_timeout_s,
@@ -207,6 +219,8 @@ impl Args {
         take!(metrics_listen, metrics_listen.map(Some));
         take!(cri_socket, cri_socket.map(Some));
         take!(cri_identity, cri_identity.map(Some));
+        take!(cni_conf_dir, cni_conf_dir);
+        take!(cni_bin_dirs, cni_bin_dir);
         take!(state_dir, state_dir);
         take!(policy, policy.map(Some));
         take!(handshake_timeout_s, handshake_timeout_s);
@@ -360,6 +374,14 @@ fn main() -> ExitCode {
         cri: args.cri_socket.map(|socket| auraed::server::CriConfig {
             socket,
             identity: args.cri_identity,
+            cni: auraed::cri::cni::CniConfig {
+                conf_dir: args.cni_conf_dir,
+                bin_dirs: if args.cni_bin_dirs.is_empty() {
+                    auraed::cri::cni::CniConfig::default().bin_dirs
+                } else {
+                    args.cni_bin_dirs
+                },
+            },
         }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -95,6 +95,8 @@ pub struct CriConfig {
     pub socket: PathBuf,
     /// A SPIFFE ID; `None`: `spiffe://<auraed's trust domain>/cri`.
     pub identity: Option<String>,
+    /// Where pod networks come from.
+    pub cni: crate::cri::cni::CniConfig,
 }
 
 enum Io {
@@ -275,6 +277,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     }
     let reaper = Arc::new(crate::reaper::Reaper::default());
     tokio::spawn(reaper.clone().run());
+    let reaper_for_cri = reaper.clone();
     let events = Arc::new(crate::events::EventBus::default());
     let mut warnings = cfg.warnings.clone();
     warnings.extend(identity_warnings);
@@ -353,10 +356,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         Some(c) => Some(
             start_cri(
                 c,
-                &server_id,
                 &policy,
                 &ctx,
                 &store,
+                crate::cri::cni::Cni::new(c.cni.clone(), reaper_for_cri),
                 &cfg.state_dir,
                 shutdown_rx.clone(),
             )
@@ -419,10 +422,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
 /// The CRI server (see [`crate::cri`]), its records re-adopted; it stops with the API.
 async fn start_cri(
     c: &CriConfig,
-    server_id: &SpiffeId,
     policy: &Arc<Policy>,
     ctx: &ApiContext,
     store: &Store,
+    cni: crate::cri::cni::Cni,
     state_dir: &Path,
     shutdown: watch::Receiver<Option<Duration>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -430,7 +433,7 @@ async fn start_cri(
         Some(s) => s
             .parse::<SpiffeId>()
             .map_err(|e| anyhow::anyhow!("--cri-identity {s:?}: {e}"))?,
-        None => SpiffeId::new(server_id.trust_domain(), "/cri")?,
+        None => SpiffeId::new(ctx.server_id.trust_domain(), "/cri")?,
     };
     let allocate = format!("{}/Allocate", aurae_proto::service_names::CELLS);
     if policy.authorize(&id, &allocate).is_none() {
@@ -442,6 +445,7 @@ async fn start_cri(
         ctx.clone(),
         Some(store.clone()),
         state_dir.join("images"),
+        cni,
     );
     for w in warnings {
         warn!("{w}");

@@ -38,22 +38,7 @@ impl Env {
     }
 
     async fn cri(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
-        let path = self.socket();
-        let ch = tonic::transport::Endpoint::from_static("http://cri.local")
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let p = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        (
-            RuntimeServiceClient::new(ch.clone()),
-            ImageServiceClient::new(ch),
-        )
+        cri_at(&self.socket()).await
     }
 
     /// Pushes busybox as `aurae/<repo>:v1`; its reference.
@@ -82,6 +67,26 @@ impl Env {
         std::fs::create_dir_all(&d).unwrap();
         d
     }
+}
+
+/// CRI clients on the socket at `path` (plain gRPC over the Unix socket, as kubelet).
+async fn cri_at(path: &Path) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+    let path = path.to_owned();
+    let ch = tonic::transport::Endpoint::from_static("http://cri.local")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    (
+        RuntimeServiceClient::new(ch.clone()),
+        ImageServiceClient::new(ch),
+    )
 }
 
 /// The CRI identity's grant: sandboxes and containers under `k8s-*`, the loopback
@@ -217,7 +222,10 @@ async fn exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::Contai
         if s.state == cri::ContainerState::ContainerExited as i32 {
             return s;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "{id} still runs: {s:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{id} still runs: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -266,17 +274,39 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     assert_eq!(mode, 0o600, "the CRI socket is for root only");
 
     // Runtime info.
-    let v = rt.version(cri::VersionRequest::default()).await.unwrap().into_inner();
-    assert_eq!((v.runtime_name.as_str(), v.runtime_api_version.as_str()), ("auraed", "v1"));
-    let st = rt.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
+    let v = rt
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
+        ("auraed", "v1")
+    );
+    let st = rt
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
     let conds = st.status.unwrap().conditions;
     let cond = |t: &str| conds.iter().find(|c| c.r#type == t).unwrap().clone();
     assert!(cond("RuntimeReady").status);
     let net = cond("NetworkReady");
     assert!(!net.status && net.message.contains("CNI"), "{net:?}");
-    assert!(st.info["config"].contains("spiffe://aurae.test/cri"), "{:?}", st.info);
-    let rc = rt.runtime_config(cri::RuntimeConfigRequest {}).await.unwrap().into_inner();
-    assert_eq!(rc.linux.unwrap().cgroup_driver, cri::CgroupDriver::Cgroupfs as i32);
+    assert!(
+        st.info["config"].contains("spiffe://aurae.test/cri"),
+        "{:?}",
+        st.info
+    );
+    let rc = rt
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rc.linux.unwrap().cgroup_driver,
+        cri::CgroupDriver::Cgroupfs as i32
+    );
 
     // Images: pull, status by tag / image_ref / id, list, filesystem.
     let spec = |i: &str| {
@@ -330,10 +360,21 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .await
         .unwrap()
         .into_inner();
-    assert!(none.image.is_none(), "an image not stored is an empty answer");
-    let listed = im.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner();
+    assert!(
+        none.image.is_none(),
+        "an image not stored is an empty answer"
+    );
+    let listed = im
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(listed.images.iter().any(|i| i.id == by_tag.id));
-    let fs = im.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner();
+    let fs = im
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value >= by_tag.size);
 
     // A sandbox: a cell with the pod's hostname; the same metadata again is the same one.
@@ -341,7 +382,11 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     let sbc = sandbox_config("web", "u1", &log_dir);
     let sb = run_sandbox(&mut rt, &sbc).await;
     assert_eq!(sb.len(), 64);
-    assert_eq!(run_sandbox(&mut rt, &sbc).await, sb, "kubelet's retry gets the same id");
+    assert_eq!(
+        run_sandbox(&mut rt, &sbc).await,
+        sb,
+        "kubelet's retry gets the same id"
+    );
     let cell = format!("k8s-{}", &sb[..16]);
     assert!(cells(&e.d).await.contains(&cell));
     let s = rt
@@ -433,7 +478,10 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     for l in &lines {
         let parts: Vec<&str> = l.splitn(4, ' ').collect();
         assert!(parts[0].len() >= 20 && parts[0].ends_with('Z'), "{l}");
-        assert!(["stdout", "stderr"].contains(&parts[1]) && ["F", "P"].contains(&parts[2]), "{l}");
+        assert!(
+            ["stdout", "stderr"].contains(&parts[1]) && ["F", "P"].contains(&parts[2]),
+            "{l}"
+        );
     }
     let running = rt
         .list_containers(cri::ListContainersRequest {
@@ -670,7 +718,11 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         config: c,
         runtime_handler: handler.to_owned(),
     };
-    expect(rt.run_pod_sandbox(run(None, "")).await, Code::InvalidArgument, "config");
+    expect(
+        rt.run_pod_sandbox(run(None, "")).await,
+        Code::InvalidArgument,
+        "config",
+    );
     let mut c = good.clone();
     c.metadata.as_mut().unwrap().uid.clear();
     expect(
@@ -699,7 +751,8 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         "privileged",
     );
     expect(
-        rt.run_pod_sandbox(run(Some(good.clone()), "aurae-vm")).await,
+        rt.run_pod_sandbox(run(Some(good.clone()), "aurae-vm"))
+            .await,
         Code::Unimplemented,
         "aurae-vm",
     );
@@ -775,7 +828,9 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
                 let mut c = container_config("b", &image, "true");
                 c.linux = Some(cri::LinuxContainerConfig {
                     security_context: Some(cri::LinuxContainerSecurityContext {
-                        run_as_user: Some(cri::Int64Value { value: 4_294_967_295 }),
+                        run_as_user: Some(cri::Int64Value {
+                            value: 4_294_967_295,
+                        }),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -857,11 +912,9 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("auth:"), "{err:?}");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: sb,
-    })
-    .await
-    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb })
+        .await
+        .unwrap();
     assert!(!cells(&e.d).await.iter().any(|c| c.starts_with("k8s-")));
 }
 
@@ -965,16 +1018,25 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
         if lines.len() > before + 10 {
             break lines;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "the log stopped: {lines:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the log stopped: {lines:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let ticks: std::collections::BTreeSet<u64> = lines
         .iter()
-        .filter_map(|l| l.rsplit_once(" stdout F tick ").and_then(|(_, n)| n.parse().ok()))
+        .filter_map(|l| {
+            l.rsplit_once(" stdout F tick ")
+                .and_then(|(_, n)| n.parse().ok())
+        })
         .collect();
     let last = *ticks.iter().next_back().unwrap();
     let missing: Vec<u64> = (0..=last).filter(|n| !ticks.contains(n)).collect();
-    assert!(missing.is_empty(), "ticks missing from the CRI log: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "ticks missing from the CRI log: {missing:?}"
+    );
     // The created container starts after the restart.
     rt.start_container(cri::StartContainerRequest {
         container_id: created.clone(),
@@ -988,10 +1050,233 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     })
     .await
     .unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: sb,
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb })
+        .await
+        .unwrap();
+    assert!(cells(&e.d).await.is_empty());
+}
+
+/// `Some(reason)` unless Debian's CNI plugins are installed.
+fn needs_cni_plugins() -> Option<String> {
+    ["bridge", "host-local", "loopback"]
+        .iter()
+        .find(|p| !Path::new("/usr/lib/cni").join(p).exists())
+        .map(|p| format!("CNI plugin {p} is missing (apt-get install containernetworking-plugins)"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
+    let test = "cri_pod_networks_come_from_cni_plugins_and_are_released";
+    use aurae_testkit::tier::{self, Tier};
+    if !tier::check(test, Tier::Host, needs_cni_plugins()) {
+        return;
+    }
+    let Some(registry) = for_containers(test).unwrap() else {
+        return;
+    };
+    let host = registry.host();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let socket = tmp.path().join("run/cri.sock");
+    let args = |extra: &[String]| {
+        let mut a = vec![
+            "--insecure-registry".to_owned(),
+            host.clone(),
+            "--cri-socket".to_owned(),
+            socket.display().to_string(),
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    // The image is pulled by an auraed on the host's network (the registry is on its
+    // loopback) into the state directory the pod-network auraed then uses.
+    let image = {
+        let _first = Daemon::start(
+            Path::new(env!("CARGO_BIN_EXE_auraed")),
+            DaemonOptions {
+                policy: Some(policy(&host, "[\"*\"]")),
+                extra_args: args(&[]),
+                state_dir: Some(state.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        oci::push_busybox(&host, "aurae/busybox", serde_json::json!({})).unwrap();
+        let image = format!("{host}/aurae/busybox:v1");
+        let (_, mut im) = cri_at(&socket).await;
+        im.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        image
+    };
+    drop(registry);
+    // auraed in a network namespace of its own: the CNI bridge is made there.
+    let net_d = tmp.path().join("net.d");
+    std::fs::create_dir_all(&net_d).unwrap();
+    let ipam = tmp.path().join("ipam");
+    std::fs::write(
+        net_d.join("10-aurae-test.conflist"),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "aurae-test",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": "cni-aurae0",
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": "10.88.9.0/24"}]],
+                        "dataDir": ipam.display().to_string()
+                    }
+                }
+            ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            policy: Some(policy(&host, "[\"*\"]")),
+            extra_args: args(&[
+                "--cni-conf-dir".to_owned(),
+                net_d.display().to_string(),
+                "--cni-bin-dir".to_owned(),
+                "/usr/lib/cni".to_owned(),
+            ]),
+            state_dir: Some(state.clone()),
+            own_netns: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (mut rt, _) = cri_at(&socket).await;
+    let st = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let net = st
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .unwrap();
+    assert!(net.status, "{net:?}");
+
+    let logs = tmp.path().join("pods");
+    let mut pods = Vec::new();
+    for name in ["server", "client"] {
+        let dir = logs.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sbc = sandbox_config(name, &format!("uid-{name}"), &dir);
+        let id = run_sandbox(&mut rt, &sbc).await;
+        let s = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        let ip = s.network.unwrap().ip;
+        assert!(ip.starts_with("10.88.9."), "{name}: {ip:?}");
+        assert!(
+            ipam.join("aurae-test").join(&ip).exists(),
+            "host-local holds {ip}"
+        );
+        pods.push((id, sbc, dir, ip));
+    }
+    assert_ne!(pods[0].3, pods[1].3, "two pods, two addresses");
+    // The server's pod answers on its address; the client's pod reaches it there.
+    let (sid, sbc, dir, sip) = &pods[0];
+    let srv = create(
+        &mut rt,
+        sid,
+        container_config(
+            "web",
+            &image,
+            "mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+        ),
+        sbc,
+        dir,
+    )
+    .await
+    .unwrap();
+    rt.start_container(cri::StartContainerRequest { container_id: srv })
+        .await
+        .unwrap();
+    let (cid, cbc, cdir, _) = &pods[1];
+    let cli = create(
+        &mut rt,
+        cid,
+        container_config(
+            "get",
+            &image,
+            &format!(
+                "for i in $(seq 50); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {sip} 8080 && exit 0; sleep 0.2; done; exit 1"
+            ),
+        ),
+        cbc,
+        cdir,
+    )
+    .await
+    .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: cli.clone(),
     })
     .await
     .unwrap();
-    assert!(cells(&e.d).await.is_empty());
+    let s = exited(&mut rt, &cli).await;
+    assert_eq!(
+        s.exit_code,
+        0,
+        "{s:?}\nclient: {}\nserver: {}",
+        std::fs::read_to_string(cdir.join("get/0.log")).unwrap_or_default(),
+        std::fs::read_to_string(dir.join("web/0.log")).unwrap_or_default()
+    );
+    log_has(&cdir.join("get/0.log"), "stdout F pong").await;
+
+    // Stopping a sandbox gives its address back; removing both leaves nothing.
+    for (id, _, _, ip) in &pods {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        assert!(
+            !ipam.join("aurae-test").join(ip).exists(),
+            "{ip} is released"
+        );
+        let s = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert!(s.network.unwrap().ip.is_empty());
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(cells(&d).await.is_empty());
 }

@@ -15,6 +15,7 @@
 //! updates, checkpoints, container events, metric descriptors. No CNI: a sandbox has its
 //! own network namespace with loopback only, and `Status` says the network is not ready.
 
+pub mod cni;
 pub mod image;
 pub mod log;
 pub mod runtime;
@@ -41,8 +42,7 @@ use crate::{
 };
 
 use crate::store::kinds::{
-    CRI_CONTAINER as CONTAINER_KIND, CRI_LOG_OFFSET as LOG_OFFSET_KIND,
-    CRI_SANDBOX as SANDBOX_KIND,
+    CRI_CONTAINER as CONTAINER_KIND, CRI_LOG_OFFSET as LOG_OFFSET_KIND, CRI_SANDBOX as SANDBOX_KIND,
 };
 
 /// Nanoseconds since the epoch, as the CRI counts time.
@@ -90,6 +90,13 @@ pub struct SandboxRecord {
     pub modes: Modes,
     /// StopPodSandbox was called (or its cell is gone): NOTREADY from then on.
     pub stopped: bool,
+    /// The pod network CNI attached (until StopPodSandbox detaches it); absent: none
+    /// (host network, or no CNI configuration when it was made).
+    #[serde(default)]
+    pub network: Option<cni::Attached>,
+    /// The sandbox's port mappings as CNI's `runtimeConfig.portMappings`.
+    #[serde(default)]
+    pub port_mappings: serde_json::Value,
 }
 
 /// What a container runs: the parts of its CRI config our containers take.
@@ -169,6 +176,7 @@ pub struct Cri {
     pod_cidr: Mutex<String>,
     /// Where the image store lives (ImageFsInfo).
     images_dir: PathBuf,
+    cni: cni::Cni,
 }
 
 impl Cri {
@@ -180,6 +188,7 @@ impl Cri {
         ctx: Context,
         store: Option<Store>,
         images_dir: PathBuf,
+        cni: cni::Cni,
     ) -> (Arc<Self>, Vec<String>) {
         let mut warnings = Vec::new();
         let mut state = State::default();
@@ -217,6 +226,7 @@ impl Cri {
             logs: log::Writers::default(),
             pod_cidr: Mutex::new(String::new()),
             images_dir,
+            cni,
         });
         (cri, warnings)
     }
@@ -243,6 +253,41 @@ impl Cri {
         if n > 0 {
             info!(sandboxes = n, "CRI sandboxes re-adopted");
         }
+    }
+
+    /// The network namespace of a sandbox's cell, opened from its init (`None`: the
+    /// cell or its init is gone).
+    fn netns_of(&self, cell: &str) -> Option<std::os::fd::OwnedFd> {
+        let name = crate::spec::CellName::parse("cell", cell).ok()?;
+        let pid = self.ctx.cells.get(&name).ok()?.init_pid()?;
+        std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .map(std::os::fd::OwnedFd::from)
+    }
+
+    /// What the CNI plugins are told about a sandbox.
+    fn cni_target(sb: &SandboxRecord) -> cni::Target<'_> {
+        cni::Target {
+            container_id: &sb.id,
+            pod_name: &sb.name,
+            pod_namespace: &sb.namespace,
+            pod_uid: &sb.uid,
+            port_mappings: sb.port_mappings.clone(),
+        }
+    }
+
+    /// Detaches the sandbox's pod network (CNI DEL), recorded; nothing when it has none.
+    async fn detach_network(&self, sb: &mut SandboxRecord) -> Result<(), Status> {
+        let Some(net) = sb.network.clone() else {
+            return Ok(());
+        };
+        let netns = self.netns_of(&sb.cell).map(Arc::new);
+        self.cni
+            .del(&net.conf, Some(&net.result), netns, &Self::cni_target(sb))
+            .await
+            .map_err(|e| Status::unavailable(format!("pod network of sandbox {}: {e}", sb.id)))?;
+        sb.network = None;
+        self.put_sandbox(sb)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -281,7 +281,18 @@ impl CriRuntime {
                 cri::PodSandboxState::SandboxNotready
             } as i32,
             created_at: sb.created_at,
-            network: Some(cri::PodSandboxNetworkStatus::default()),
+            network: Some(match &sb.network {
+                Some(n) => cri::PodSandboxNetworkStatus {
+                    ip: n.ips.first().cloned().unwrap_or_default(),
+                    additional_ips: n
+                        .ips
+                        .iter()
+                        .skip(1)
+                        .map(|ip| cri::PodIp { ip: ip.clone() })
+                        .collect(),
+                },
+                None => cri::PodSandboxNetworkStatus::default(),
+            }),
             linux: Some(cri::LinuxPodSandboxStatus {
                 namespaces: Some(cri::Namespace {
                     options: Some(cri::NamespaceOption {
@@ -639,10 +650,48 @@ impl RuntimeService for CriRuntime {
         if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
             return Err(invalid("config.log_directory", "is not absolute"));
         }
-        if !config.port_mappings.is_empty() {
-            warn!(pod = %md.name, "CRI: port mappings are not applied (no CNI portmap yet)");
-        }
         let limits = limits(linux.resources.as_ref())?;
+        let mut port_mappings = Vec::new();
+        for (i, p) in config.port_mappings.iter().enumerate() {
+            let f = |n: &str| format!("config.port_mappings[{i}].{n}");
+            let proto = match cri::Protocol::try_from(p.protocol) {
+                Ok(cri::Protocol::Tcp) => "tcp",
+                Ok(cri::Protocol::Udp) => "udp",
+                Ok(cri::Protocol::Sctp) => "sctp",
+                Err(_) => {
+                    return Err(invalid(
+                        &f("protocol"),
+                        format!("{} is not a protocol", p.protocol),
+                    ));
+                }
+            };
+            if !(1..=65535).contains(&p.container_port) {
+                return Err(invalid(
+                    &f("container_port"),
+                    format!("{} is outside 1..=65535", p.container_port),
+                ));
+            }
+            if !(0..=65535).contains(&p.host_port) {
+                return Err(invalid(
+                    &f("host_port"),
+                    format!("{} is outside 0..=65535", p.host_port),
+                ));
+            }
+            if !p.host_ip.is_empty() && p.host_ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    &f("host_ip"),
+                    format!("{:?} is not an IP address", p.host_ip),
+                ));
+            }
+            if p.host_port > 0 {
+                port_mappings.push(serde_json::json!({
+                    "hostPort": p.host_port,
+                    "containerPort": p.container_port,
+                    "protocol": proto,
+                    "hostIP": p.host_ip,
+                }));
+            }
+        }
         let _one = cri.create.lock().await;
         // kubelet retries: the same metadata is the same sandbox.
         let existing = cri
@@ -681,7 +730,7 @@ impl RuntimeService for CriRuntime {
             },
         )?;
         cri.cells.allocate(req).await?;
-        let rec = SandboxRecord {
+        let mut rec = SandboxRecord {
             id: id.clone(),
             name: md.name,
             uid: md.uid,
@@ -696,9 +745,44 @@ impl RuntimeService for CriRuntime {
             created_at: now_nanos(),
             modes,
             stopped: false,
+            network: None,
+            port_mappings: serde_json::Value::Array(port_mappings),
         };
-        if let Err(e) = cri.put_sandbox(&rec) {
+        let attached = if host_net {
+            Ok(None)
+        } else {
+            match (cri.cni.config(), cri.netns_of(&cell)) {
+                (Ok(conf), Some(netns)) => cri
+                    .cni
+                    .add(conf, netns, &Cri::cni_target(&rec))
+                    .await
+                    .map(Some)
+                    .map_err(|e| Status::unavailable(format!("pod network: {e}"))),
+                (Ok(_), None) => Err(Status::internal(format!(
+                    "pod network: the init of cell {cell} is gone"
+                ))),
+                (Err(why), _) => {
+                    warn!(pod = %rec.name, "CRI sandbox without a pod network (loopback only): {why}");
+                    Ok(None)
+                }
+            }
+        };
+        let recorded = attached.and_then(|net| {
+            rec.network = net;
+            cri.put_sandbox(&rec)
+        });
+        if let Err(e) = recorded {
             // Nothing stays behind a sandbox we could not record.
+            if let Some(net) = rec.network.take() {
+                let netns = cri.netns_of(&cell).map(Arc::new);
+                if let Err(d) = cri
+                    .cni
+                    .del(&net.conf, Some(&net.result), netns, &Cri::cni_target(&rec))
+                    .await
+                {
+                    warn!(sandbox = %id, "undoing the pod network of a sandbox that failed: {d}");
+                }
+            }
             if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
                 let _ = cri.cells.free(r).await;
             }
@@ -721,6 +805,7 @@ impl RuntimeService for CriRuntime {
                 self.stop_executable(&sb, &c, 0).await?;
             }
         }
+        cri.detach_network(&mut sb).await?;
         let req = cri.call(
             svc::CELLS,
             "Stop",
@@ -750,7 +835,7 @@ impl RuntimeService for CriRuntime {
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let cri = self.cri().clone();
         // Removing what is gone succeeds (kubelet retries removals).
-        let sb = match cri.sandbox(&r.get_ref().pod_sandbox_id) {
+        let mut sb = match cri.sandbox(&r.get_ref().pod_sandbox_id) {
             Ok(sb) => sb,
             Err(e) if e.code() == tonic::Code::NotFound => {
                 return Ok(Response::new(cri::RemovePodSandboxResponse {}));
@@ -760,6 +845,7 @@ impl RuntimeService for CriRuntime {
         for c in cri.containers_of(&sb.id) {
             self.remove_container_record(&c).await?;
         }
+        cri.detach_network(&mut sb).await?;
         let req = cri.call(
             svc::CELLS,
             "Free",
@@ -1271,13 +1357,22 @@ impl RuntimeService for CriRuntime {
                         reason: String::new(),
                         message: String::new(),
                     },
-                    cri::RuntimeCondition {
-                        r#type: "NetworkReady".to_owned(),
-                        status: false,
-                        reason: "NetworkPluginNotReady".to_owned(),
-                        message: "no CNI network: a sandbox gets its own network namespace \
-                                  with loopback only (CNI is not built yet)"
-                            .to_owned(),
+                    match cri.cni.config() {
+                        Ok(_) => cri::RuntimeCondition {
+                            r#type: "NetworkReady".to_owned(),
+                            status: true,
+                            reason: String::new(),
+                            message: String::new(),
+                        },
+                        Err(why) => cri::RuntimeCondition {
+                            r#type: "NetworkReady".to_owned(),
+                            status: false,
+                            reason: "NetworkPluginNotReady".to_owned(),
+                            message: format!(
+                                "no usable CNI network ({why}): a sandbox gets its own \
+                                 network namespace with loopback only"
+                            ),
+                        },
                     },
                 ],
             }),
