@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod cpio;
+pub mod cri;
 pub mod guest;
 pub mod identities;
 pub mod oci;

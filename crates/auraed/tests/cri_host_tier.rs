@@ -71,22 +71,7 @@ impl Env {
 
 /// CRI clients on the socket at `path` (plain gRPC over the Unix socket, as kubelet).
 async fn cri_at(path: &Path) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
-    let path = path.to_owned();
-    let ch = tonic::transport::Endpoint::from_static("http://cri.local")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    (
-        RuntimeServiceClient::new(ch.clone()),
-        ImageServiceClient::new(ch),
-    )
+    aurae_testkit::cri::clients(path).await.unwrap()
 }
 
 /// The CRI identity's grant: sandboxes and containers under `k8s-*`, the loopback

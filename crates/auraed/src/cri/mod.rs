@@ -317,9 +317,11 @@ impl Cri {
         Ok(r)
     }
 
+    /// Records are written atomically, not synced: like the records of cells and
+    /// executables, they describe processes that do not outlive the machine.
     fn put_sandbox(&self, r: &SandboxRecord) -> Result<(), Status> {
         if let Some(s) = &self.store {
-            s.put(SANDBOX_KIND, &r.id, r)
+            s.put_atomic(SANDBOX_KIND, &r.id, r)
                 .map_err(|e| Status::internal(format!("recording sandbox {}: {e}", r.id)))?;
         }
         self.lock().sandboxes.insert(r.id.clone(), r.clone());
@@ -328,7 +330,7 @@ impl Cri {
 
     fn put_container(&self, r: &ContainerRecord) -> Result<(), Status> {
         if let Some(s) = &self.store {
-            s.put(CONTAINER_KIND, &r.id, r)
+            s.put_atomic(CONTAINER_KIND, &r.id, r)
                 .map_err(|e| Status::internal(format!("recording container {}: {e}", r.id)))?;
         }
         self.lock().containers.insert(r.id.clone(), r.clone());
