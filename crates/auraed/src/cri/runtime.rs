@@ -878,7 +878,12 @@ impl RuntimeService for CriRuntime {
         if r.get_ref().verbose {
             info.insert(
                 "info".to_owned(),
-                serde_json::json!({ "cell": sb.cell, "hostname": sb.hostname }).to_string(),
+                serde_json::json!({
+                    "cell": sb.cell,
+                    "hostname": sb.hostname,
+                    "log_directory": sb.log_directory,
+                })
+                .to_string(),
             );
         }
         Ok(Response::new(cri::PodSandboxStatusResponse {
