@@ -133,6 +133,12 @@ pub struct ContainerSetup<'a> {
     pub seccomp: &'a [Vec<BpfInstruction>],
     /// Paths tried in order for the program (a PATH search done without allocating).
     pub program: &'a [CString],
+    /// Enter a running container instead of building one (an exec into it): the child has
+    /// joined (`SpawnRequest::join`) the namespaces of a process of that container, mount
+    /// namespace included, so its root already is the container's. Steps 1–5 are skipped
+    /// (the mount fields are ignored); step 6 and `finish` run as for a new container:
+    /// the same capability sets, `no_new_privs`, working directory and seccomp filters.
+    pub enter: bool,
 }
 
 /// Steps of the container set-up, as reported by a failing child.
@@ -292,6 +298,13 @@ const DEV_LINKS: [(&CStr, &CStr); 5] = [
 /// # Safety
 /// Only in the freshly cloned child (async-signal-safe: raw syscalls on prepared data).
 pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
+    if c.enter {
+        // SAFETY: as for the whole function (umask and raw prctl calls only).
+        return unsafe {
+            libc::umask(0o022);
+            drop_capabilities(c)
+        };
+    }
     // SAFETY: raw syscalls on integers, stack values and the prepared C strings of `c`.
     unsafe {
         libc::umask(0o022);
@@ -418,6 +431,18 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
         {
             return Err(step(13));
         }
+        drop_capabilities(c)
+    }
+}
+
+/// Step 6: every capability outside the kept set leaves the bounding set; the ambient set
+/// is cleared.
+///
+/// # Safety
+/// Child only (raw syscalls).
+unsafe fn drop_capabilities(c: &ContainerSetup<'_>) -> Result<(), Failure> {
+    // SAFETY: raw prctl calls on integers.
+    unsafe {
         for cap in 0..64u32 {
             if c.capabilities & (1u64 << cap) == 0
                 && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0

@@ -83,8 +83,9 @@ pub struct SpawnRequest<'a> {
     pub join: Option<(RawFd, Namespaces)>,
     pub unshare: Namespaces,
     /// Run in a container root (after `join`/`unshare`, which must include a new mount
-    /// namespace): see [`crate::container`]. `program` and `cwd` are then ignored in
-    /// favour of the container's.
+    /// namespace, or with [`ContainerSetup::enter`] a join of a running container's):
+    /// see [`crate::container`]. `program` and `cwd` are then ignored in favour of the
+    /// container's.
     pub container: Option<&'a ContainerSetup<'a>>,
 }
 

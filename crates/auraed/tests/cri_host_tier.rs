@@ -420,7 +420,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         container_config(
             "app",
             &pulled,
-            "echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
+            "echo inside > /marker; echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
         ),
         &sbc,
         &log_dir,
@@ -513,17 +513,55 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     .await
     .unwrap();
 
-    // What is not built says so; unknown ids are NOT_FOUND.
+    // ExecSync: inside the container (its root, hostname, environment), with its
+    // capability bounding set, no_new_privs and seccomp filter; its exit and both outputs.
     let ex = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: app.clone(),
-            cmd: vec!["true".into()],
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /marker; echo err >&2; id -u; hostname; echo $GREETING; \
+                 grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; exit 4"
+                    .into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = String::from_utf8_lossy(&ex.stdout);
+    assert_eq!(ex.exit_code, 4, "{out}");
+    assert_eq!(String::from_utf8_lossy(&ex.stderr), "err\n");
+    assert!(out.starts_with("inside\n0\nweb-0\nhello\n"), "{out}");
+    assert!(out.contains("CapBnd:\t00000000a00425fb"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(
+        !Path::new("/marker").exists(),
+        "the marker is in the container, not here"
+    );
+    let slow = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: app.clone(),
+            cmd: vec!["sleep".into(), "30".into()],
             timeout: 1,
         })
         .await
         .unwrap_err();
-    assert_eq!(ex.code(), Code::Unimplemented);
-    assert!(ex.message().contains("ExecSync"), "{ex:?}");
+    assert_eq!(slow.code(), Code::DeadlineExceeded, "{slow:?}");
+    let missing = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: app.clone(),
+            cmd: vec!["no-such-program".into()],
+            timeout: 5,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        missing.message().contains("no-such-program") || missing.message().contains("exec"),
+        "{missing:?}"
+    );
     let ex = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: "f".repeat(64),
@@ -533,6 +571,17 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .await
         .unwrap_err();
     assert_eq!(ex.code(), Code::NotFound);
+    // What is not built says so.
+    let at = rt
+        .attach(cri::AttachRequest {
+            container_id: app.clone(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(at.code(), Code::Unimplemented);
+    assert!(at.message().contains("Attach"), "{at:?}");
 
     // Exits: a code, a kill, a clean end, each with its CRI reason.
     let job = create(
@@ -562,6 +611,15 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     }
     let s = exited(&mut rt, &job).await;
     assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"));
+    let gone = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: job.clone(),
+            cmd: vec!["true".into()],
+            timeout: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::FailedPrecondition, "{gone:?}");
     assert!(s.finished_at >= s.started_at);
     log_has(&log_dir.join("job/0.log"), "stdout F done").await;
     let s = exited(&mut rt, &ok).await;

@@ -114,6 +114,43 @@ impl Executables for ExecutablesApi {
         let name = format!("{}/{}", er.cell, er.name);
         Ok(Response::new(pb::Freed { name }))
     }
+    async fn exec(
+        &self,
+        r: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        let m = r.get_ref();
+        if m.argv.is_empty() || m.argv[0].is_empty() {
+            return Err(invalid(FieldError::new(
+                "argv",
+                "is empty: give the command to run",
+            )));
+        }
+        if m.argv.len() > 4096 || m.argv.iter().map(String::len).sum::<usize>() > 256 << 10 {
+            return Err(invalid(FieldError::new(
+                "argv",
+                "is longer than 4096 arguments or 256 KiB",
+            )));
+        }
+        let timeout = crate::spec::duration(
+            "timeout",
+            m.timeout.as_ref(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(600),
+        )
+        .map_err(invalid)?;
+        let er = Self::reference(&r, m.executable.as_ref())?;
+        let out = self.cells.exec_in(&er, m.argv.clone(), timeout).await?;
+        Ok(Response::new(pb::ExecResponse {
+            exit: Some(crate::events::exit_status(
+                Some(out.exit),
+                false,
+                std::time::SystemTime::now(),
+            )),
+            stdout: out.stdout,
+            stderr: out.stderr,
+            truncated: out.truncated,
+        }))
+    }
     type LogsStream = ResponseStream<pb::LogChunk>;
     async fn logs(
         &self,

@@ -117,12 +117,7 @@ impl StartedInit {
 
     /// Whether it has exited (its pidfd polls readable).
     fn exited(&self) -> bool {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(self.child.pidfd.as_ref()),
-            PollFlags::POLLIN,
-        )];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        crate::workload::supervise::has_exited(&self.child.pidfd)
     }
 }
 

@@ -370,6 +370,7 @@ impl Args {
             capabilities: DEFAULT_CAPABILITIES,
             seccomp: seccomp::default_filters().map_err(WorkloadError::Precondition)?,
             program: &self.program,
+            enter: false,
         })
     }
 

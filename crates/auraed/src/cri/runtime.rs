@@ -250,6 +250,14 @@ impl CriRuntime {
         Some(ended)
     }
 
+    /// `Some` when the container has ended (recorded or seen now).
+    async fn observe_if_running(&self, c: &ContainerRecord) -> Option<Ended> {
+        match &c.ended {
+            Some(e) => Some(e.clone()),
+            None => self.observe(c).await,
+        }
+    }
+
     /// Whether the sandbox's cell still runs.
     async fn sandbox_ready(&self, sb: &SandboxRecord) -> bool {
         if sb.stopped {
@@ -1213,11 +1221,50 @@ impl RuntimeService for CriRuntime {
         &self,
         r: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        self.cri().container(&r.get_ref().container_id)?;
-        Err(unimplemented(
-            "ExecSync",
-            "running a command inside a running container's root and namespaces",
-        ))
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        let c = cri.container(&m.container_id)?;
+        if c.started_at.is_none() || self.observe_if_running(&c).await.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        if m.timeout < 0 {
+            return Err(invalid("timeout", "is negative"));
+        }
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        let req = cri.call(
+            svc::EXECUTABLES,
+            "Exec",
+            pb::ExecRequest {
+                executable: Some(pb::ExecutableRef {
+                    cell: sb.cell,
+                    name: c.executable.clone(),
+                }),
+                argv: m.cmd,
+                // 0: no timeout of kubelet's; ours is 10 minutes.
+                timeout: Some(prost_types::Duration {
+                    seconds: if m.timeout == 0 {
+                        600
+                    } else {
+                        m.timeout.min(600)
+                    },
+                    nanos: 0,
+                }),
+            },
+        )?;
+        let out = cri.executables.exec(req).await?.into_inner();
+        let exit_code = match out.exit.and_then(|e| e.how) {
+            Some(pb::exit_status::How::Code(c)) => c,
+            Some(pb::exit_status::How::Signal(s)) => 128 + s,
+            None => 255,
+        };
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code,
+        }))
     }
 
     async fn exec(

@@ -25,6 +25,17 @@ pub async fn exited(pidfd: std::sync::Arc<aurae_sys::Pidfd>) {
     }
 }
 
+/// Whether the process of `pidfd` has exited (its pidfd polls readable; a zombie
+/// counts), without reaping it.
+pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(pidfd),
+        PollFlags::POLLIN,
+    )];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
 /// Polls `populated` until the cell is empty; `false` on timeout.
 pub async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

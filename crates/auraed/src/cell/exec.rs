@@ -1,0 +1,243 @@
+//! A command run inside a running container executable (`Executables/Exec`, the CRI's
+//! ExecSync): born in the cell's cgroup and the container's PID namespace, joining the
+//! container process's mount, UTS, IPC, network and cgroup namespaces (so its root is the
+//! container's), with the container's capability bounding set, `no_new_privs`, seccomp
+//! filters and the user and environment of the container's process. It is not an
+//! executable of the cell: nothing lists it, and it dies with the cell.
+
+use std::{
+    ffi::CString,
+    io::Read,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use aurae_sys::{ExitStatus, Namespaces as Ns, SpawnRequest, spawn::Program};
+
+use super::registry::Cells;
+use crate::{executable::ExecutableRef, workload::WorkloadError};
+
+/// Most bytes kept of each output stream (the rest is read and dropped).
+pub const MAX_EXEC_OUTPUT: u64 = 16 << 20;
+/// Most bytes of the container process's environment taken.
+const MAX_ENVIRON: u64 = 128 << 10;
+/// The PATH searched when the container's environment has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How an exec ended.
+#[derive(Debug)]
+pub struct ExecOutput {
+    pub exit: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub truncated: bool,
+}
+
+/// The real uid and gid in a `/proc/<pid>/status` text.
+fn ids_of(status: &str) -> Option<(u32, u32)> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+/// The program paths tried for `argv0` in a container whose environment is `env`.
+fn candidates(argv0: &str, env: &[CString]) -> Vec<String> {
+    if argv0.contains('/') {
+        return vec![argv0.to_owned()];
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.to_str().ok()?.strip_prefix("PATH=").map(str::to_owned))
+        .unwrap_or_else(|| DEFAULT_PATH.to_owned());
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|d| format!("{}/{argv0}", d.trim_end_matches('/')))
+        .collect()
+}
+
+/// Reads `f` to its end, keeping at most [`MAX_EXEC_OUTPUT`] bytes; (kept, truncated).
+fn drain(f: OwnedFd) -> (Vec<u8>, bool) {
+    let mut f = std::fs::File::from(f);
+    let mut kept = Vec::new();
+    let _ = (&mut f).take(MAX_EXEC_OUTPUT).read_to_end(&mut kept);
+    let rest = std::io::copy(&mut f, &mut std::io::sink()).unwrap_or(0);
+    (kept, rest > 0)
+}
+
+impl Cells {
+    /// Runs `argv` in the running container executable `r` (see the module docs); killed
+    /// after `timeout` (then `Deadline`).
+    pub async fn exec_in(
+        self: &Arc<Self>,
+        r: &ExecutableRef,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, WorkloadError> {
+        let exe = self.executable(r)?;
+        let gone = || {
+            WorkloadError::Precondition(format!(
+                "executable {}/{} is not running: nothing to exec in",
+                r.cell, r.name
+            ))
+        };
+        if exe.exited() {
+            return Err(gone());
+        }
+        if exe.rootfs.is_none() && exe.container_record.is_none() {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} is not a container: exec runs only inside a container",
+                r.cell, r.name
+            )));
+        }
+        let target = exe.pidfd.clone().ok_or_else(gone)?;
+        let cell = self.find(&r.cell)?;
+        let tree = self.tree()?;
+        let argv0 = argv.first().cloned().unwrap_or_default();
+        let pid = exe.pid;
+        let spawner = self.spawner.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            // The container process's user and environment, read while it runs (checked
+            // again after: a pid reused meanwhile is refused).
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let (uid, gid) = ids_of(&status).ok_or_else(|| {
+                WorkloadError::Precondition(format!("/proc/{pid}/status names no uid/gid"))
+            })?;
+            let mut environ = Vec::new();
+            std::fs::File::open(format!("/proc/{pid}/environ"))?
+                .take(MAX_ENVIRON)
+                .read_to_end(&mut environ)?;
+            if crate::workload::supervise::has_exited(&target) {
+                return Err(WorkloadError::Precondition(format!(
+                    "process {pid} ended while exec read its user"
+                )));
+            }
+            let envp: Vec<CString> = environ
+                .split(|b| *b == 0)
+                .filter(|kv| kv.contains(&b'='))
+                .filter_map(|kv| CString::new(kv).ok())
+                .collect();
+            let argv_c: Vec<CString> = argv
+                .iter()
+                .map(|a| CString::new(a.as_str()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| crate::spec::FieldError::new("argv", "contains a NUL byte"))?;
+            let program: Vec<CString> = candidates(&argv0, &envp)
+                .into_iter()
+                .filter_map(|p| CString::new(p).ok())
+                .collect();
+            let setup = aurae_sys::container::ContainerSetup {
+                layers_dir: c"",
+                overlay_options: c"",
+                rootfs: c"",
+                volumes: &[],
+                mkdirs: &[],
+                mount_cgroup: false,
+                masked: &[],
+                read_only_paths: &[],
+                read_only_root: false,
+                workdir: c"/",
+                capabilities: crate::container::DEFAULT_CAPABILITIES,
+                seccomp: crate::container::seccomp::default_filters()
+                    .map_err(WorkloadError::Precondition)?,
+                program: &program,
+                enter: true,
+            };
+            let leaf = tree.leaf_fd(&cell.spec.name)?;
+            let devnull = std::fs::File::open("/dev/null")?;
+            let (out_r, out_w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+            let (err_r, err_w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+            let req = SpawnRequest {
+                program: Program::Path(c"/"),
+                argv: &argv_c,
+                envp: &envp,
+                cwd: None,
+                uid: Some(uid),
+                gid: Some(gid),
+                no_new_privs: true,
+                stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                pass_fd: None,
+                cgroup: Some(leaf.as_raw_fd()),
+                new_namespaces: Ns(0),
+                pid_namespace_of: Some(target.as_raw_fd()),
+                join: Some((
+                    target.as_raw_fd(),
+                    Ns(Ns::MOUNT | Ns::UTS | Ns::IPC | Ns::NET | Ns::CGROUP),
+                )),
+                unshare: Ns(0),
+                container: Some(&setup),
+            };
+            let child = spawner.spawn(&req).map_err(|source| WorkloadError::Spawn {
+                what: format!("exec in {}/{}", cell.spec.name, exe.name),
+                source,
+            })?;
+            drop((out_w, err_w));
+            Ok::<_, WorkloadError>((child, out_r, err_r))
+        })
+        .await
+        .map_err(|e| WorkloadError::Precondition(format!("exec task: {e}")))??;
+        let (child, out_r, err_r) = started;
+        let out = tokio::task::spawn_blocking(move || drain(out_r));
+        let err = tokio::task::spawn_blocking(move || drain(err_r));
+        let pidfd = child.pidfd.clone();
+        let mut exit = child.exit;
+        let status = match tokio::time::timeout(timeout, &mut exit).await {
+            Ok(s) => {
+                s.map_err(|_| WorkloadError::Precondition("exec: its exit was lost".into()))?
+            }
+            Err(_) => {
+                let _ = pidfd.send_signal(nix::libc::SIGKILL);
+                let _ = exit.await;
+                return Err(WorkloadError::Deadline(format!(
+                    "exec in {}/{}: still running after {} ms: killed",
+                    r.cell,
+                    r.name,
+                    timeout.as_millis()
+                )));
+            }
+        };
+        // Its output ends with it, unless a child of it keeps the pipes open: bounded.
+        let bounded = |t: tokio::task::JoinHandle<(Vec<u8>, bool)>| async move {
+            tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        };
+        let (stdout, t1) = bounded(out).await;
+        let (stderr, t2) = bounded(err).await;
+        Ok(ExecOutput {
+            exit: status,
+            stdout,
+            stderr,
+            truncated: t1 || t2,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_is_the_real_ids_of_the_status() {
+        let status = "Name:\tsh\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\n";
+        assert_eq!(ids_of(status), Some((1000, 50)));
+        assert_eq!(ids_of("Name:\tsh\n"), None);
+    }
+
+    #[test]
+    fn programs_are_looked_up_in_the_containers_path() {
+        let env = [CString::new("PATH=/bin:relative:/usr/bin/").unwrap()];
+        assert_eq!(candidates("ls", &env), ["/bin/ls", "/usr/bin/ls"]);
+        assert_eq!(candidates("/x/y", &env), ["/x/y"]);
+        assert_eq!(candidates("ls", &[]).len(), 6);
+    }
+}
