@@ -52,6 +52,8 @@ async fn run() {
                 host.clone(),
                 "--cri-socket".to_owned(),
                 socket.display().to_string(),
+                "--cri-log-root".to_owned(),
+                tmp.path().join("pods").display().to_string(),
                 // No CNI configuration: both arms get loopback only.
                 "--cni-conf-dir".to_owned(),
                 tmp.path().display().to_string(),

@@ -34,6 +34,7 @@ pub const KEYS: &[&str] = &[
     "cri_identity",
     "cni_conf_dir",
     "cni_bin_dir",
+    "cri_log_root",
     "state_dir",
     "policy",
     "handshake_timeout_s",
@@ -67,6 +68,7 @@ pub struct FileConfig {
     pub cri_identity: Option<String>,
     pub cni_conf_dir: Option<PathBuf>,
     pub cni_bin_dir: Option<Vec<PathBuf>>,
+    pub cri_log_root: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub policy: Option<PathBuf>,
     pub handshake_timeout_s: Option<u64>,
@@ -272,6 +274,7 @@ impl FileConfig {
             ("instance_modules", &mut self.instance_modules),
             ("cri_socket", &mut self.cri_socket),
             ("cni_conf_dir", &mut self.cni_conf_dir),
+            ("cri_log_root", &mut self.cri_log_root),
         ] {
             out.extend(p.as_mut().map(|p| (key, p)));
         }

@@ -58,6 +58,10 @@ struct Args {
     /// order; .conflist, .conf or .json) is used for every sandbox, e.g. /etc/cni/net.d.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// The directory every CRI sandbox's log directory must lie below (kubelet's pod
+    /// logs), e.g. /var/log/pods.
+    #[arg(long, default_value = "/var/log/pods")]
+    cri_log_root: PathBuf,
     /// A directory CNI plugins are run from (repeatable, searched in order), e.g.
     /// /usr/lib/cni [default: /opt/cni/bin and /usr/lib/cni].
     #[arg(long = "cni-bin-dir")]
@@ -144,6 +148,7 @@ impl Args {
             ("--socket", &mut self.socket),
             ("--state-dir", &mut self.state_dir),
             ("--cni-conf-dir", &mut self.cni_conf_dir),
+            ("--cri-log-root", &mut self.cri_log_root),
         ];
         for (flag, p) in [
             ("--config", &mut self.config),
@@ -185,6 +190,7 @@ impl Args {
             cri_identity,
             cni_conf_dir,
             cni_bin_dir,
+            cri_log_root,
             state_dir,
             policy,
             handshake_timeout_s,
@@ -220,6 +226,7 @@ impl Args {
         take!(cri_socket, cri_socket.map(Some));
         take!(cri_identity, cri_identity.map(Some));
         take!(cni_conf_dir, cni_conf_dir);
+        take!(cri_log_root, cri_log_root);
         take!(cni_bin_dirs, cni_bin_dir);
         take!(state_dir, state_dir);
         take!(policy, policy.map(Some));
@@ -374,6 +381,7 @@ fn main() -> ExitCode {
         cri: args.cri_socket.map(|socket| auraed::server::CriConfig {
             socket,
             identity: args.cri_identity,
+            log_root: args.cri_log_root,
             cni: auraed::cri::cni::CniConfig {
                 conf_dir: args.cni_conf_dir,
                 bin_dirs: if args.cni_bin_dirs.is_empty() {

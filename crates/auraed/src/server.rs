@@ -97,6 +97,8 @@ pub struct CriConfig {
     pub identity: Option<String>,
     /// Where pod networks come from.
     pub cni: crate::cri::cni::CniConfig,
+    /// Every sandbox's log directory must lie below it.
+    pub log_root: PathBuf,
 }
 
 enum Io {
@@ -446,11 +448,12 @@ async fn start_cri(
         Some(store.clone()),
         state_dir.join("images"),
         cni,
+        c.log_root.clone(),
     );
     for w in warnings {
         warn!("{w}");
     }
-    cri.readopt();
+    cri.readopt().await;
     crate::cri::serve(c.socket.clone(), cri, shutdown).await
 }
 

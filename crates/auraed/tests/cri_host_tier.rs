@@ -99,6 +99,8 @@ async fn env_with(test: &str, cri_methods: &str) -> Option<Env> {
                 host.clone(),
                 "--cri-socket".to_owned(),
                 socket.display().to_string(),
+                "--cri-log-root".to_owned(),
+                tmp.path().join("pods").display().to_string(),
             ],
             ..Default::default()
         },
@@ -310,8 +312,8 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .into_inner()
         .image_ref;
     assert!(
-        pulled.starts_with(&format!("{}/aurae/busybox@sha256:", e.host)),
-        "{pulled}"
+        pulled.starts_with("sha256:"),
+        "image_ref is the image's id: {pulled}"
     );
     let by_tag = im
         .image_status(cri::ImageStatusRequest {
@@ -324,9 +326,12 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .image
         .unwrap();
     assert_eq!(by_tag.repo_tags, vec![image.clone()]);
-    assert_eq!(by_tag.repo_digests, vec![pulled.clone()]);
-    assert!(by_tag.size > 0 && by_tag.id.starts_with("sha256:"));
-    for other in [pulled.clone(), by_tag.id.clone()] {
+    assert_eq!(
+        by_tag.repo_digests,
+        vec![format!("{}/aurae/busybox@{pulled}", e.host)]
+    );
+    assert!(by_tag.size > 0 && by_tag.id == pulled);
+    for other in [pulled.clone(), by_tag.repo_digests[0].clone()] {
         let s = im
             .image_status(cri::ImageStatusRequest {
                 image: spec(&other),
@@ -774,6 +779,22 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         "config.metadata.uid",
     );
     let mut c = good.clone();
+    c.metadata.as_mut().unwrap().name = "a;IP=10.0.0.9".into();
+    expect(
+        rt.run_pod_sandbox(run(Some(c), "")).await,
+        Code::InvalidArgument,
+        "config.metadata.name",
+    );
+    for dir in ["/etc", "relative", "/tmp/../etc"] {
+        let mut c = good.clone();
+        c.log_directory = dir.into();
+        expect(
+            rt.run_pod_sandbox(run(Some(c), "")).await,
+            Code::InvalidArgument,
+            "config.log_directory",
+        );
+    }
+    let mut c = good.clone();
     c.hostname = "Bad_Host".into();
     expect(
         rt.run_pod_sandbox(run(Some(c), "")).await,
@@ -937,6 +958,36 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(s.reason, "StartError");
     assert!(s.message.contains("uid 70000"), "{}", s.message);
+    // A log path through a symlink (to a directory outside the log root) is refused at the
+    // start and nothing is written there.
+    let outside = e.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, log_dir.join("link")).unwrap();
+    let mut c = container_config("f", &image, "echo leaked");
+    c.log_path = "link/0.log".into();
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(c),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    let err = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(!outside.join("0.log").exists());
+    assert_eq!(
+        status(&mut rt, &id).await.state,
+        cri::ContainerState::ContainerCreated as i32,
+        "a start refused before anything ran leaves it CREATED"
+    );
     // Per-pull credentials are refused, not ignored.
     let err = im
         .pull_image(cri::PullImageRequest {
@@ -1027,6 +1078,17 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     let log = log_dir.join("tick/0.log");
     log_has(&log, "stdout F tick 3").await;
     drop(rt);
+    // A sandbox's cell whose RunPodSandbox never finished (no record): freed at the start.
+    let admin = e.d.client("admin").await.unwrap();
+    admin
+        .cells()
+        .allocate(pb::Cell {
+            name: "k8s-00000000deadbeef".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(admin);
 
     e.d.crash_and_restart_after(Duration::from_millis(500))
         .await
@@ -1044,6 +1106,12 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
         .unwrap();
     assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32);
     assert_eq!(s.labels["app"], "tick");
+    let left = cells(&e.d).await;
+    assert!(
+        !left.contains(&"k8s-00000000deadbeef".to_owned()),
+        "{left:?}"
+    );
+    assert!(left.contains(&format!("k8s-{}", &sb[..16])), "{left:?}");
     assert_eq!(
         status(&mut rt, &c).await.state,
         cri::ContainerState::ContainerRunning as i32
@@ -1127,6 +1195,8 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
             host.clone(),
             "--cri-socket".to_owned(),
             socket.display().to_string(),
+            "--cri-log-root".to_owned(),
+            tmp.path().join("pods").display().to_string(),
         ];
         a.extend_from_slice(extra);
         a

@@ -6,6 +6,7 @@
 //!   | runp NAME [--namespace NS] [--log-dir DIR]        prints the sandbox id
 //!   | create SANDBOX NAME IMAGE -- CMD [ARG…]          prints the container id
 //!   | start ID | stop ID [--timeout S] | rm ID
+//!   | exec ID -- CMD [ARG…]                             its output; exits with its code
 //!   | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID
 //! ```
 //!
@@ -20,7 +21,7 @@ use aurae_proto::cri::v1 as cri;
 
 const USAGE: &str = "usage: aurae-cri [--socket PATH] version | images | pull IMAGE | \
 runp NAME [--namespace NS] [--log-dir DIR] | create SANDBOX NAME IMAGE -- CMD [ARG...] | \
-start ID | stop ID [--timeout S] | rm ID | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID";
+start ID | stop ID [--timeout S] | rm ID | exec ID -- CMD [ARG...] | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID";
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(socket, args)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) if e.to_string() == USAGE => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -75,7 +76,8 @@ fn state_name(s: i32) -> &'static str {
     })
 }
 
-async fn run(socket: PathBuf, args: Vec<String>) -> anyhow::Result<()> {
+/// The verb's exit code (exec: the command's).
+async fn run(socket: PathBuf, args: Vec<String>) -> anyhow::Result<u8> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let Some((&verb, rest)) = a.split_first() else {
         bail!(USAGE);
@@ -182,6 +184,20 @@ async fn run(socket: PathBuf, args: Vec<String>) -> anyhow::Result<()> {
                 .container_id;
             println!("{id}");
         }
+        ("exec", [id, "--", cmd @ ..]) if !cmd.is_empty() => {
+            let r = rt
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: (*id).to_owned(),
+                    cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+                    timeout: 60,
+                })
+                .await?
+                .into_inner();
+            use std::io::Write;
+            std::io::stdout().write_all(&r.stdout)?;
+            std::io::stderr().write_all(&r.stderr)?;
+            return Ok(u8::try_from(r.exit_code.clamp(0, 255)).unwrap_or(255));
+        }
         ("start", [id]) => {
             rt.start_container(cri::StartContainerRequest {
                 container_id: (*id).to_owned(),
@@ -286,5 +302,5 @@ async fn run(socket: PathBuf, args: Vec<String>) -> anyhow::Result<()> {
         }
         _ => bail!(USAGE),
     }
-    Ok(())
+    Ok(0)
 }

@@ -336,7 +336,11 @@ impl Cni {
             }
         }
         .map_err(|_| format!("{what}: its exit status was lost"))?;
-        let (out, err) = io.await.map_err(|e| format!("{what}: {e}"))?;
+        // Its output ends with it, unless a process it left behind holds the pipes.
+        let (out, err) = tokio::time::timeout(Duration::from_secs(5), io)
+            .await
+            .map_err(|_| format!("{what}: its output did not end 5 s after it exited"))?
+            .map_err(|e| format!("{what}: {e}"))?;
         let code = match status {
             aurae_sys::ExitStatus::Code(c) => c,
             aurae_sys::ExitStatus::Signal(sig) => 128 + sig,

@@ -1,7 +1,8 @@
 //! `runtime.v1.ImageService` over our image store: pulls, lists and removes go through
-//! `Images` as the CRI identity (its grant's registries apply). An image's id is its
-//! manifest digest; its `image_ref` (what kubelet hands back in CreateContainer) is
-//! `<registry>/<repository>@<manifest digest>`.
+//! `Images` as the CRI identity, and every lookup sees only the references its grant's
+//! registries cover. An image's id is its manifest digest, and that is also the
+//! `image_ref` PullImage returns and a container reports (kubelet matches the two to know
+//! which images are in use); `repo_digests` are `<registry>/<repository>@<digest>`.
 
 use std::sync::Arc;
 
@@ -44,14 +45,35 @@ fn repo_digest(reference: &str, digest: &str) -> String {
     }
 }
 
-/// The stored reference `image` names, and its `image_ref`: a reference (as stored), a
-/// `<repository>@<digest>` or a bare manifest digest (an image's id). `None`: not stored.
-pub fn resolve(cri: &Cri, image: &str) -> Result<Option<(String, String)>, Status> {
-    let all = stored(cri);
+/// The stored references the CRI identity may see (`Images/List` as it).
+pub async fn visible(cri: &Cri) -> Result<std::collections::BTreeSet<String>, Status> {
+    Ok(cri
+        .images
+        .list(cri.call(svc::IMAGES, "List", pb::ListImagesRequest {})?)
+        .await?
+        .into_inner()
+        .images
+        .into_iter()
+        .map(|i| i.reference)
+        .collect())
+}
+
+/// The stored reference `image` names among `visible`, and the image's id (its manifest
+/// digest): `image` is a reference (as stored), a `<repository>@<digest>` or a bare
+/// manifest digest (an image's id). `None`: not stored (or not visible).
+pub fn resolve(
+    cri: &Cri,
+    visible: &std::collections::BTreeSet<String>,
+    image: &str,
+) -> Result<Option<(String, String)>, Status> {
+    let all: Vec<_> = stored(cri)
+        .into_iter()
+        .filter(|(r, _, _)| visible.contains(r))
+        .collect();
     let hit = |pred: &dyn Fn(&(String, String, u64)) -> bool| {
         all.iter()
             .find(|x| pred(x))
-            .map(|(r, d, _)| (r.clone(), repo_digest(r, d)))
+            .map(|(r, d, _)| (r.clone(), d.clone()))
     };
     if image.starts_with("sha256:") {
         return Ok(hit(&|(_, d, _)| d == image));
@@ -97,13 +119,7 @@ impl ImageService for CriImages {
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
         let cri = &self.0;
         // Authorized as Images/List is (the grant's registries only).
-        let listed = cri
-            .images
-            .list(cri.call(svc::IMAGES, "List", pb::ListImagesRequest {})?)
-            .await?
-            .into_inner();
-        let visible: std::collections::BTreeSet<String> =
-            listed.images.into_iter().map(|i| i.reference).collect();
+        let visible = visible(cri).await?;
         let want = r
             .into_inner()
             .filter
@@ -111,7 +127,7 @@ impl ImageService for CriImages {
             .map(|i| i.image)
             .filter(|i| !i.is_empty());
         let want = match want {
-            Some(w) => Some(resolve(cri, &w)?.map(|(s, _)| s)),
+            Some(w) => Some(resolve(cri, &visible, &w)?.map(|(s, _)| s)),
             None => None,
         };
         let images = images(cri)
@@ -143,10 +159,15 @@ impl ImageService for CriImages {
             .filter(|i| !i.is_empty())
             .ok_or_else(|| Status::invalid_argument("image.image: is empty"))?;
         // Not stored is an empty answer, not an error (kubelet then pulls).
-        let found = resolve(cri, &image)?.and_then(|(reference, _)| {
+        let visible = visible(cri).await?;
+        let found = resolve(cri, &visible, &image)?.and_then(|(reference, _)| {
             images(cri)
                 .into_iter()
                 .find(|i| i.repo_tags.contains(&reference))
+                .map(|mut i| {
+                    i.repo_tags.retain(|t| visible.contains(t));
+                    i
+                })
         });
         Ok(Response::new(cri::ImageStatusResponse {
             image: found,
@@ -203,7 +224,7 @@ impl ImageService for CriImages {
             ))
         })?;
         Ok(Response::new(cri::PullImageResponse {
-            image_ref: repo_digest(&info.reference, &info.digest),
+            image_ref: info.digest,
         }))
     }
 
@@ -220,23 +241,22 @@ impl ImageService for CriImages {
             .ok_or_else(|| Status::invalid_argument("image.image: is empty"))?;
         // An id or a digest removes every reference to that image; removing what is not
         // stored succeeds (kubelet's garbage collection retries).
-        let Some((reference, _)) = resolve(cri, &image)? else {
+        let visible = visible(cri).await?;
+        let Some((reference, digest)) = resolve(cri, &visible, &image)? else {
             return Ok(Response::new(cri::RemoveImageResponse {}));
         };
-        let digest = stored(cri)
-            .into_iter()
-            .find(|(s, _, _)| *s == reference)
-            .map(|(_, d, _)| d);
-        let all: Vec<String> =
-            if image.contains(':') && !image.contains('@') && !image.starts_with("sha256:") {
-                vec![reference]
-            } else {
-                stored(cri)
-                    .into_iter()
-                    .filter(|(_, d, _)| Some(d) == digest.as_ref())
-                    .map(|(s, _, _)| s)
-                    .collect()
-            };
+        // A tag removes that reference; an id or a digest every reference to the image.
+        let by_tag = !image.starts_with("sha256:")
+            && ImageRef::parse(&image).is_ok_and(|r| r.digest.is_none());
+        let all: Vec<String> = if by_tag {
+            vec![reference]
+        } else {
+            stored(cri)
+                .into_iter()
+                .filter(|(s, d, _)| *d == digest && visible.contains(s))
+                .map(|(s, _, _)| s)
+                .collect()
+        };
         for reference in all {
             let req = cri.call(
                 svc::IMAGES,

@@ -23,41 +23,54 @@ use super::Cri;
 /// A partial line longer than this is written as `P` lines of this size.
 const MAX_LINE: usize = 16 * 1024;
 
-/// Opens (creating, appending, 0640) a container's CRI log file. The last component is
-/// never followed if it is a symbolic link, no magic link is followed on the way, and it
-/// must be a regular file.
-pub fn open(path: &Path) -> Result<File, Status> {
+/// Opens (creating, appending, 0640) a container's CRI log file `path`, which must lie
+/// below `root` (`--cri-log-root`): resolved from an fd of `root` with `openat2`, never
+/// leaving it, following no symlink and no magic link on the way, never blocking on a FIFO
+/// nor taking a terminal; it must be a regular file with one link.
+pub fn open(root: &Path, path: &Path) -> Result<File, Status> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
-    if !path.is_absolute() {
-        return Err(Status::invalid_argument(format!(
-            "log path {}: must be absolute (log_directory + log_path)",
-            path.display()
-        )));
-    }
-    let fd = rustix::fs::openat2(
-        rustix::fs::CWD,
-        path,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::from_raw_mode(0o640),
-        ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| {
+    let refused = |why: String| {
         Status::failed_precondition(format!(
-            "opening the container's log file {}: {e}",
+            "the container's log file {}: {why}",
             path.display()
         ))
-    })?;
+    };
+    let rel = path
+        .strip_prefix(root)
+        .ok()
+        .filter(|r| !r.as_os_str().is_empty())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "log path {}: must lie below --cri-log-root {}",
+                path.display(),
+                root.display()
+            ))
+        })?;
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| refused(format!("--cri-log-root {}: {e}", root.display())))?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        rel,
+        OFlags::WRONLY
+            | OFlags::CREATE
+            | OFlags::APPEND
+            | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::NOCTTY,
+        Mode::from_raw_mode(0o640),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| refused(e.to_string()))?;
     let file = File::from(fd);
     match file.metadata() {
-        Ok(m) if m.is_file() => Ok(file),
-        Ok(_) => Err(Status::failed_precondition(format!(
-            "the container's log file {} is not a regular file",
-            path.display()
-        ))),
-        Err(e) => Err(Status::failed_precondition(format!(
-            "the container's log file {}: {e}",
-            path.display()
-        ))),
+        Ok(m) if m.is_file() && std::os::unix::fs::MetadataExt::nlink(&m) == 1 => Ok(file),
+        Ok(_) => Err(refused("not a regular file with one link".into())),
+        Err(e) => Err(refused(e.to_string())),
     }
 }
 
@@ -168,14 +181,14 @@ impl Writers {
     }
 
     /// Opens the log file anew (ReopenContainerLog: after kubelet rotated it).
-    pub fn reopen(&self, id: &str) -> Result<(), Status> {
+    pub fn reopen(&self, id: &str, root: &Path) -> Result<(), Status> {
         let running = self.lock();
         let Some(w) = running.get(id).filter(|w| !w.task.is_finished()) else {
             return Err(Status::failed_precondition(format!(
                 "container {id} is not running: no log to reopen"
             )));
         };
-        let fresh = open(&w.path)?;
+        let fresh = open(root, &w.path)?;
         *w.file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
     }
@@ -313,17 +326,37 @@ mod tests {
     }
 
     #[test]
-    fn the_log_file_is_a_regular_file_never_a_link() {
+    fn the_log_file_stays_below_the_root_and_is_a_regular_file_never_a_link() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("0.log");
-        let mut f = open(&p).unwrap();
+        let root = dir.path().join("pods");
+        std::fs::create_dir_all(root.join("p/c")).unwrap();
+        let p = root.join("p/c/0.log");
+        let mut f = open(&root, &p).unwrap();
         f.write_all(b"x").unwrap();
-        std::os::unix::fs::symlink(&p, dir.path().join("link.log")).unwrap();
-        assert!(open(&dir.path().join("link.log")).is_err());
-        assert!(open(dir.path()).is_err());
-        assert_eq!(
-            open(Path::new("rel.log")).unwrap_err().code(),
-            tonic::Code::InvalidArgument
+        // A link as the file, a link on the way, a directory, a FIFO, a hard link, a path
+        // outside the root: all refused, nothing written outside.
+        std::os::unix::fs::symlink(&p, root.join("p/c/link.log")).unwrap();
+        assert!(open(&root, &root.join("p/c/link.log")).is_err());
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("p/esc")).unwrap();
+        assert!(open(&root, &root.join("p/esc/0.log")).is_err());
+        assert!(!outside.join("0.log").exists());
+        assert!(open(&root, &root.join("p/c")).is_err());
+        nix::unistd::mkfifo(
+            &root.join("p/c/fifo.log"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(
+            open(&root, &root.join("p/c/fifo.log")).is_err(),
+            "no block on a FIFO"
         );
+        std::fs::hard_link(&p, root.join("p/c/hard.log")).unwrap();
+        assert!(open(&root, &p).is_err(), "a file with two links");
+        let e = open(&root, &outside.join("x.log")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(open(&root, &root.join("p/../../outside/y.log")).is_err());
+        assert!(!outside.join("y.log").exists());
     }
 }

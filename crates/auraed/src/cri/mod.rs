@@ -10,10 +10,15 @@
 //! in durable records (`<state>/records/cri-sandbox`, `cri-container`) and re-adopted
 //! with the cells after a restart.
 //!
-//! Not built yet, answered UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler,
-//! ExecSync and the streaming calls (Exec, Attach, PortForward), container resource
-//! updates, checkpoints, container events, metric descriptors. No CNI: a sandbox has its
-//! own network namespace with loopback only, and `Status` says the network is not ready.
+//! Pod networks come from CNI ([`cni`]); ExecSync runs through `Executables/Exec`. Not
+//! built yet, answered UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler, the
+//! streaming calls (Exec, Attach, PortForward), container resource updates, checkpoints,
+//! container events, metric descriptors.
+//!
+//! Calls that change something run in a task of their own (a kubelet that gives up cannot
+//! leave a cell or an address half-made), records change in place under one lock (a
+//! concurrent remove is never undone by a late write), and a sandbox is made once per
+//! metadata at a time (kubelet's retries find the first one).
 
 pub mod cni;
 pub mod image;
@@ -144,6 +149,10 @@ pub struct ContainerRecord {
     pub log_path: String,
     pub run: ContainerRun,
     pub created_at: i64,
+    /// StartContainer is starting it (its executable may exist): no second start, and a
+    /// removal stops and frees what may be there.
+    #[serde(default)]
+    pub starting: bool,
     /// Set once StartContainer started it.
     pub started_at: Option<i64>,
     pub ended: Option<Ended>,
@@ -168,9 +177,11 @@ pub struct Cri {
     images: ImagesApi,
     store: Option<Store>,
     state: Mutex<State>,
-    /// One sandbox or container created at a time (kubelet's retries of one request
-    /// must find the first one's record).
-    create: tokio::sync::Mutex<()>,
+    /// One RunPodSandbox per metadata at a time (kubelet's retries of one request must
+    /// find the first one's record); others run at once.
+    creating: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The directory every sandbox's log directory must lie below.
+    log_root: PathBuf,
     logs: log::Writers,
     /// The pod CIDR kubelet gave (UpdateRuntimeConfig); kept for a CNI to come.
     pod_cidr: Mutex<String>,
@@ -189,6 +200,7 @@ impl Cri {
         store: Option<Store>,
         images_dir: PathBuf,
         cni: cni::Cni,
+        log_root: PathBuf,
     ) -> (Arc<Self>, Vec<String>) {
         let mut warnings = Vec::new();
         let mut state = State::default();
@@ -222,7 +234,8 @@ impl Cri {
             ctx,
             store,
             state: Mutex::new(state),
-            create: tokio::sync::Mutex::new(()),
+            creating: Mutex::new(std::collections::HashMap::new()),
+            log_root,
             logs: log::Writers::default(),
             pod_cidr: Mutex::new(String::new()),
             images_dir,
@@ -233,7 +246,79 @@ impl Cri {
 
     /// After a restart: the log writers of the containers that still run, continued where
     /// the last auraed left them.
-    pub fn readopt(self: &Arc<Self>) {
+    pub async fn readopt(self: &Arc<Self>) {
+        // Cells a sandbox was being made in when the last auraed died (no record): freed.
+        let recorded: std::collections::BTreeSet<String> = self
+            .lock()
+            .sandboxes
+            .values()
+            .map(|s| s.cell.clone())
+            .collect();
+        let orphans: Vec<String> = self
+            .ctx
+            .cells
+            .list(|n| n.starts_with("k8s-") && !n.contains('/'))
+            .iter()
+            .map(|c| c.spec.name.to_string())
+            .filter(|n| !recorded.contains(n))
+            .collect();
+        for name in orphans {
+            let freed = match self.call(
+                aurae_proto::service_names::CELLS,
+                "Free",
+                aurae_proto::runtime::v0::NameRef { name: name.clone() },
+            ) {
+                Ok(r) => {
+                    use aurae_proto::runtime::v0::cells_server::Cells as _;
+                    self.cells.free(r).await.map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            match freed {
+                Ok(()) => {
+                    warn!(cell = %name, "CRI: a sandbox's cell without a record (its RunPodSandbox never finished) was freed")
+                }
+                Err(e) => {
+                    warn!(cell = %name, "CRI: freeing a sandbox's cell without a record: {}", e.message())
+                }
+            }
+        }
+        // Containers whose start was cut: started if their executable is there.
+        let starting: Vec<ContainerRecord> = self
+            .lock()
+            .containers
+            .values()
+            .filter(|c| c.starting)
+            .cloned()
+            .collect();
+        for c in starting {
+            let exists = match self.sandbox(&c.sandbox_id) {
+                Ok(sb) => crate::spec::CellName::parse("cell", &sb.cell)
+                    .ok()
+                    .zip(crate::spec::Label::parse("name", &c.executable).ok())
+                    .is_some_and(|(cell, name)| {
+                        self.ctx
+                            .cells
+                            .executable(&crate::executable::ExecutableRef { cell, name })
+                            .is_ok()
+                    }),
+                Err(_) => false,
+            };
+            let now = now_nanos();
+            let _ = self.update_container(&c.id, |r| {
+                r.starting = false;
+                if exists {
+                    r.started_at = Some(now);
+                }
+                true
+            });
+        }
+        self.resume_logs();
+    }
+
+    /// The log followers of the containers that still run, continued where the last
+    /// auraed left them.
+    fn resume_logs(self: &Arc<Self>) {
         let running: Vec<ContainerRecord> = self
             .lock()
             .containers
@@ -287,7 +372,11 @@ impl Cri {
             .await
             .map_err(|e| Status::unavailable(format!("pod network of sandbox {}: {e}", sb.id)))?;
         sb.network = None;
-        self.put_sandbox(sb)
+        self.update_sandbox(&sb.id, |r| {
+            r.network = None;
+            true
+        })
+        .map(|_| ())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -302,11 +391,13 @@ impl Cri {
             .policy
             .authorize(&self.identity, &full)
             .ok_or_else(|| {
+                info!(target: "aurae::audit", peer_id = %self.identity, method = %full, resource = "-", via = "cri", decision = "deny");
                 Status::permission_denied(format!(
                     "the CRI identity {} may not call {full}: grant it in the policy",
                     self.identity
                 ))
             })?;
+        info!(target: "aurae::audit", peer_id = %self.identity, method = %full, resource = "-", via = "cri", decision = "allow");
         let mut r = Request::new(msg);
         r.extensions_mut().insert(Caller {
             id: self.identity.clone(),
@@ -318,41 +409,112 @@ impl Cri {
     }
 
     /// Records are written atomically, not synced: like the records of cells and
-    /// executables, they describe processes that do not outlive the machine.
-    fn put_sandbox(&self, r: &SandboxRecord) -> Result<(), Status> {
-        if let Some(s) = &self.store {
-            s.put_atomic(SANDBOX_KIND, &r.id, r)
-                .map_err(|e| Status::internal(format!("recording sandbox {}: {e}", r.id)))?;
+    /// executables, they describe processes that do not outlive the machine. Written
+    /// under the state lock, so the store and the map never disagree.
+    fn write(&self, kind: &str, id: &str, value: &impl Serialize) -> Result<(), Status> {
+        match &self.store {
+            Some(s) => s
+                .put_atomic(kind, id, value)
+                .map_err(|e| Status::internal(format!("recording {kind} {id}: {e}"))),
+            None => Ok(()),
         }
-        self.lock().sandboxes.insert(r.id.clone(), r.clone());
+    }
+
+    /// A new sandbox's record.
+    fn insert_sandbox(&self, r: &SandboxRecord) -> Result<(), Status> {
+        let mut st = self.lock();
+        self.write(SANDBOX_KIND, &r.id, r)?;
+        st.sandboxes.insert(r.id.clone(), r.clone());
         Ok(())
     }
 
-    fn put_container(&self, r: &ContainerRecord) -> Result<(), Status> {
-        if let Some(s) = &self.store {
-            s.put_atomic(CONTAINER_KIND, &r.id, r)
-                .map_err(|e| Status::internal(format!("recording container {}: {e}", r.id)))?;
+    /// A new container's record, if its sandbox still exists and has no container of
+    /// that name and attempt.
+    fn insert_container(&self, r: &ContainerRecord) -> Result<(), Status> {
+        let mut st = self.lock();
+        if !st.sandboxes.contains_key(&r.sandbox_id) {
+            return Err(Status::not_found(format!(
+                "sandbox {} does not exist (removed meanwhile)",
+                r.sandbox_id
+            )));
         }
-        self.lock().containers.insert(r.id.clone(), r.clone());
+        if st
+            .containers
+            .values()
+            .any(|c| c.sandbox_id == r.sandbox_id && c.name == r.name && c.attempt == r.attempt)
+        {
+            return Err(Status::already_exists(format!(
+                "config.metadata: sandbox {} already has a container {:?} attempt {}",
+                r.sandbox_id, r.name, r.attempt
+            )));
+        }
+        self.write(CONTAINER_KIND, &r.id, r)?;
+        st.containers.insert(r.id.clone(), r.clone());
         Ok(())
+    }
+
+    /// Changes the sandbox's record in place: `f` says whether it changed anything.
+    /// `None`: there is no such record any more (removed meanwhile): nothing is written.
+    fn update_sandbox(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SandboxRecord) -> bool,
+    ) -> Result<Option<SandboxRecord>, Status> {
+        let mut st = self.lock();
+        let Some(r) = st.sandboxes.get_mut(id) else {
+            return Ok(None);
+        };
+        let mut next = r.clone();
+        if f(&mut next) {
+            self.write(SANDBOX_KIND, id, &next)?;
+            *r = next.clone();
+        }
+        Ok(Some(next))
+    }
+
+    /// [`Cri::update_sandbox`] for a container's record.
+    fn update_container(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ContainerRecord) -> bool,
+    ) -> Result<Option<ContainerRecord>, Status> {
+        let mut st = self.lock();
+        let Some(r) = st.containers.get_mut(id) else {
+            return Ok(None);
+        };
+        let mut next = r.clone();
+        if f(&mut next) {
+            self.write(CONTAINER_KIND, id, &next)?;
+            *r = next.clone();
+        }
+        Ok(Some(next))
+    }
+
+    /// The lock of one sandbox metadata (RunPodSandbox runs once per metadata at a time).
+    fn creating(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(key.to_owned()).or_default().clone()
     }
 
     fn delete_container(&self, id: &str) {
+        let mut st = self.lock();
         if let Some(s) = &self.store
             && let Err(e) = s.delete(CONTAINER_KIND, id)
         {
             warn!(container = id, "removing the CRI container's record: {e}");
         }
-        self.lock().containers.remove(id);
+        st.containers.remove(id);
     }
 
     fn delete_sandbox(&self, id: &str) {
+        let mut st = self.lock();
         if let Some(s) = &self.store
             && let Err(e) = s.delete(SANDBOX_KIND, id)
         {
             warn!(sandbox = id, "removing the CRI sandbox's record: {e}");
         }
-        self.lock().sandboxes.remove(id);
+        st.sandboxes.remove(id);
     }
 
     /// The sandbox with this id, or the one whose id it is a unique prefix of (crictl
@@ -381,7 +543,7 @@ impl Cri {
         if c.log_path.is_empty() {
             return Ok(());
         }
-        let file = log::open(Path::new(&c.log_path))?;
+        let file = log::open(&self.log_root, Path::new(&c.log_path))?;
         let logs = self.logs_request(c)?;
         self.logs.start(&c.id, file, logs, self.clone());
         Ok(())

@@ -97,6 +97,14 @@ fn limits(r: Option<&cri::LinuxContainerResources>) -> Result<Option<pb::CellLim
         l.cpu_weight = Some(1 + ((shares - 2) * 9_999) / 262_142);
         any = true;
     }
+    if !r.cpuset_cpus.is_empty() {
+        l.cpuset_cpus = r.cpuset_cpus.clone();
+        any = true;
+    }
+    if !r.cpuset_mems.is_empty() {
+        l.cpuset_mems = r.cpuset_mems.clone();
+        any = true;
+    }
     Ok(any.then_some(l))
 }
 
@@ -242,12 +250,22 @@ impl CriRuntime {
                 return None;
             }
         };
-        let mut rec = c.clone();
-        rec.ended = Some(ended.clone());
-        if let Err(e) = cri.put_container(&rec) {
-            warn!(container = %c.id, "{}", e.message());
+        // In place, and only if no end was recorded meanwhile (nor the record removed).
+        let recorded = cri.update_container(&c.id, |r| {
+            if r.ended.is_some() {
+                return false;
+            }
+            r.ended = Some(ended.clone());
+            true
+        });
+        match recorded {
+            Ok(Some(r)) => r.ended.or(Some(ended)),
+            Ok(None) => Some(ended),
+            Err(e) => {
+                warn!(container = %c.id, "{}", e.message());
+                Some(ended)
+            }
         }
-        Some(ended)
     }
 
     /// `Some` when the container has ended (recorded or seen now).
@@ -406,6 +424,504 @@ impl CriRuntime {
         cri.delete_container(&c.id);
         Ok(())
     }
+}
+
+impl CriRuntime {
+    /// StartContainer, in a task of its own: the container is marked starting first (a
+    /// second start is refused; a removal meanwhile stops what may have started).
+    async fn start(&self, m: cri::StartContainerRequest) -> Result<(), Status> {
+        let cri = self.cri().clone();
+        let c = cri.container(&m.container_id)?;
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        if !self.sandbox_ready(&sb).await {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {} is not ready (stopped or its cell is gone)",
+                sb.id
+            )));
+        }
+        let file = if c.log_path.is_empty() {
+            None
+        } else {
+            Some(super::log::open(&cri.log_root, Path::new(&c.log_path))?)
+        };
+        let mut won = false;
+        cri.update_container(&c.id, |r| {
+            if r.starting || r.started_at.is_some() || r.ended.is_some() {
+                return false;
+            }
+            r.starting = true;
+            won = true;
+            true
+        })?;
+        if !won {
+            return Err(Status::failed_precondition(format!(
+                "container {} was started before (a container starts once)",
+                c.id
+            )));
+        }
+        let run = &c.run;
+        let req = cri.call(
+            svc::RUNTIME,
+            "RunExecutable",
+            pb::Executable {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+                container: Some(pb::Container {
+                    image: c.image_reference.clone(),
+                    entrypoint: run.entrypoint.clone(),
+                    args: run.args.clone(),
+                    env: to_hash(&run.env),
+                    working_dir: run.working_dir.clone(),
+                    uid: run.uid,
+                    gid: run.gid,
+                    read_only_root: run.read_only_root,
+                    volumes: run
+                        .volumes
+                        .iter()
+                        .map(|(h, p, ro)| pb::Volume {
+                            host_path: h.clone(),
+                            container_path: p.clone(),
+                            read_only: *ro,
+                        })
+                        .collect(),
+                    no_new_privileges: run.no_new_privileges,
+                }),
+                ..Default::default()
+            },
+        );
+        let started = match req {
+            Ok(req) => cri.runtime.run_executable(req).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            // As containerd does: a container that cannot start has exited, and says why.
+            let ended = Ended {
+                exit_code: 128,
+                finished_at: now_nanos(),
+                reason: "StartError".to_owned(),
+                message: e.message().to_owned(),
+            };
+            cri.update_container(&c.id, |r| {
+                r.starting = false;
+                r.ended = Some(ended);
+                true
+            })?;
+            return Err(e);
+        }
+        let now = now_nanos();
+        let rec = cri.update_container(&c.id, |r| {
+            r.starting = false;
+            r.started_at = Some(now);
+            true
+        })?;
+        match (rec, file) {
+            (Some(rec), Some(file)) => {
+                let logs = cri.logs_request(&rec)?;
+                cri.logs.start(&rec.id, file, logs, cri.clone());
+            }
+            (Some(_), None) => {}
+            // Removed while it started: what started goes too.
+            (None, _) => {
+                let _ = self.remove_container_record(&c).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CriRuntime {
+    // The changing calls, run by their trait methods in a task of their own.
+
+    async fn run_pod_sandbox_now(
+        &self,
+        r: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        if m.runtime_handler == VM_HANDLER {
+            return Err(unimplemented(
+                "the runtime handler \"aurae-vm\"",
+                "a sandbox in a spawned instance (use the default handler: a cell)",
+            ));
+        }
+        if !HANDLERS.contains(&m.runtime_handler.as_str()) {
+            return Err(invalid(
+                "runtime_handler",
+                format!(
+                    "{:?} is not a handler of this runtime (\"\" or \"aurae\")",
+                    m.runtime_handler
+                ),
+            ));
+        }
+        let config = m.config.ok_or_else(|| invalid("config", "is missing"))?;
+        let md = config
+            .metadata
+            .clone()
+            .ok_or_else(|| invalid("config.metadata", "is missing"))?;
+        dns_subdomain("config.metadata.name", &md.name)?;
+        dns_subdomain("config.metadata.namespace", &md.namespace)?;
+        if md.uid.is_empty()
+            || md.uid.len() > 128
+            || !md
+                .uid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(invalid(
+                "config.metadata.uid",
+                format!("{:?} is not 1..=128 of [A-Za-z0-9._-]", md.uid),
+            ));
+        }
+        if config.windows.is_some() {
+            return Err(invalid("config.windows", "this is a Linux runtime"));
+        }
+        let linux = config.linux.clone().unwrap_or_default();
+        if !linux.sysctls.is_empty() {
+            return Err(invalid("config.linux.sysctls", "sysctls are not supported"));
+        }
+        let sec = linux.security_context.clone().unwrap_or_default();
+        if sec.privileged {
+            return Err(invalid(
+                "config.linux.security_context.privileged",
+                "privileged sandboxes are not supported",
+            ));
+        }
+        let ns = sec.namespace_options.clone().unwrap_or_default();
+        use cri::NamespaceMode as M;
+        let modes = Modes {
+            network: mode(
+                "config.linux.security_context.namespace_options.network",
+                ns.network,
+                &[M::Pod, M::Node],
+            )?,
+            // Containers of a sandbox share its PID namespace (a cell's): CONTAINER is
+            // served as POD, and the status says POD.
+            pid: match mode(
+                "config.linux.security_context.namespace_options.pid",
+                ns.pid,
+                &[M::Pod, M::Container, M::Node],
+            )? {
+                x if x == M::Node as i32 => x,
+                _ => M::Pod as i32,
+            },
+            ipc: mode(
+                "config.linux.security_context.namespace_options.ipc",
+                ns.ipc,
+                &[M::Pod, M::Node],
+            )?,
+        };
+        if ns
+            .userns_options
+            .as_ref()
+            .is_some_and(|u| u.mode != M::Node as i32)
+        {
+            return Err(invalid(
+                "config.linux.security_context.namespace_options.userns_options",
+                "user namespaces are not supported",
+            ));
+        }
+        let host_net = modes.network == M::Node as i32;
+        let hostname = if host_net {
+            String::new()
+        } else if config.hostname.is_empty() {
+            crate::spec::Label::sanitized(&md.name, 63, "pod").to_string()
+        } else {
+            crate::cell::parse_hostname("config.hostname", &config.hostname)
+                .map_err(|e| invalid(&e.field, e.reason))?
+        };
+        if !config.log_directory.is_empty() {
+            below(&cri.log_root, "config.log_directory", &config.log_directory)?;
+        }
+        let limits = limits(linux.resources.as_ref())?;
+        let mut port_mappings = Vec::new();
+        for (i, p) in config.port_mappings.iter().enumerate() {
+            let f = |n: &str| format!("config.port_mappings[{i}].{n}");
+            let proto = match cri::Protocol::try_from(p.protocol) {
+                Ok(cri::Protocol::Tcp) => "tcp",
+                Ok(cri::Protocol::Udp) => "udp",
+                Ok(cri::Protocol::Sctp) => "sctp",
+                Err(_) => {
+                    return Err(invalid(
+                        &f("protocol"),
+                        format!("{} is not a protocol", p.protocol),
+                    ));
+                }
+            };
+            if !(1..=65535).contains(&p.container_port) {
+                return Err(invalid(
+                    &f("container_port"),
+                    format!("{} is outside 1..=65535", p.container_port),
+                ));
+            }
+            if !(0..=65535).contains(&p.host_port) {
+                return Err(invalid(
+                    &f("host_port"),
+                    format!("{} is outside 0..=65535", p.host_port),
+                ));
+            }
+            if !p.host_ip.is_empty() && p.host_ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    &f("host_ip"),
+                    format!("{:?} is not an IP address", p.host_ip),
+                ));
+            }
+            if p.host_port > 0 {
+                port_mappings.push(serde_json::json!({
+                    "hostPort": p.host_port,
+                    "containerPort": p.container_port,
+                    "protocol": proto,
+                    "hostIP": p.host_ip,
+                }));
+            }
+        }
+        let key = format!("{}\0{}\0{}\0{}", md.namespace, md.name, md.uid, md.attempt);
+        let one = cri.creating(&key);
+        let _one = one.lock().await;
+        // kubelet retries: the same metadata is the same sandbox.
+        let existing = cri
+            .lock()
+            .sandboxes
+            .values()
+            .find(|s| {
+                s.name == md.name
+                    && s.namespace == md.namespace
+                    && s.uid == md.uid
+                    && s.attempt == md.attempt
+            })
+            .map(|s| s.id.clone());
+        if let Some(id) = existing {
+            return Ok(Response::new(cri::RunPodSandboxResponse {
+                pod_sandbox_id: id,
+            }));
+        }
+        let id = new_id();
+        let cell = format!("k8s-{}", &id[..16]);
+        let req = cri.call(
+            svc::CELLS,
+            "Allocate",
+            pb::Cell {
+                name: cell.clone(),
+                limits,
+                namespaces: Some(pb::CellNamespaces {
+                    share_host_net: host_net,
+                    share_host_uts: host_net,
+                    share_host_pid: modes.pid == M::Node as i32,
+                    share_host_ipc: modes.ipc == M::Node as i32,
+                    ..Default::default()
+                }),
+                hostname: hostname.clone(),
+                ..Default::default()
+            },
+        )?;
+        cri.cells.allocate(req).await?;
+        let mut rec = SandboxRecord {
+            id: id.clone(),
+            name: md.name,
+            uid: md.uid,
+            namespace: md.namespace,
+            attempt: md.attempt,
+            cell: cell.clone(),
+            hostname,
+            log_directory: config.log_directory,
+            labels: to_btree(&config.labels),
+            annotations: to_btree(&config.annotations),
+            runtime_handler: m.runtime_handler,
+            created_at: now_nanos(),
+            modes,
+            stopped: false,
+            network: None,
+            port_mappings: serde_json::Value::Array(port_mappings),
+        };
+        let attached = if host_net {
+            Ok(None)
+        } else {
+            match (cri.cni.config(), cri.netns_of(&cell)) {
+                (Ok(conf), Some(netns)) => cri
+                    .cni
+                    .add(conf, netns, &Cri::cni_target(&rec))
+                    .await
+                    .map(Some)
+                    .map_err(|e| Status::unavailable(format!("pod network: {e}"))),
+                (Ok(_), None) => Err(Status::internal(format!(
+                    "pod network: the init of cell {cell} is gone"
+                ))),
+                (Err(why), _) => {
+                    warn!(pod = %rec.name, "CRI sandbox without a pod network (loopback only): {why}");
+                    Ok(None)
+                }
+            }
+        };
+        let recorded = attached.and_then(|net| {
+            rec.network = net;
+            cri.insert_sandbox(&rec)
+        });
+        if let Err(e) = recorded {
+            // Nothing stays behind a sandbox we could not record.
+            if let Some(net) = rec.network.take() {
+                let netns = cri.netns_of(&cell).map(Arc::new);
+                if let Err(d) = cri
+                    .cni
+                    .del(&net.conf, Some(&net.result), netns, &Cri::cni_target(&rec))
+                    .await
+                {
+                    warn!(sandbox = %id, "undoing the pod network of a sandbox that failed: {d}");
+                }
+            }
+            if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
+                let _ = cri.cells.free(r).await;
+            }
+            return Err(e);
+        }
+        info!(sandbox = %id, cell = %rec.cell, pod = %rec.name, namespace = %rec.namespace, "CRI sandbox running");
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox_now(
+        &self,
+        r: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        let mut sb = cri.sandbox(&r.get_ref().pod_sandbox_id)?;
+        for c in cri.containers_of(&sb.id) {
+            if c.started_at.is_some() && c.ended.is_none() {
+                self.stop_executable(&sb, &c, 0).await?;
+            }
+        }
+        cri.detach_network(&mut sb).await?;
+        let req = cri.call(
+            svc::CELLS,
+            "Stop",
+            pb::StopRequest {
+                name: sb.cell.clone(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+            },
+        )?;
+        match cri.cells.stop(req).await {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        cri.update_sandbox(&sb.id, |r| {
+            let changed = !r.stopped;
+            r.stopped = true;
+            changed
+        })?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox_now(
+        &self,
+        r: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let cri = self.cri().clone();
+        // Removing what is gone succeeds (kubelet retries removals).
+        let mut sb = match cri.sandbox(&r.get_ref().pod_sandbox_id) {
+            Ok(sb) => sb,
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(cri::RemovePodSandboxResponse {}));
+            }
+            Err(e) => return Err(e),
+        };
+        for c in cri.containers_of(&sb.id) {
+            self.remove_container_record(&c).await?;
+        }
+        cri.detach_network(&mut sb).await?;
+        let req = cri.call(
+            svc::CELLS,
+            "Free",
+            pb::NameRef {
+                name: sb.cell.clone(),
+            },
+        )?;
+        match cri.cells.free(req).await {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        cri.delete_sandbox(&sb.id);
+        info!(sandbox = %sb.id, cell = %sb.cell, "CRI sandbox removed");
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn stop_container_now(
+        &self,
+        r: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let cri = self.cri().clone();
+        let c = cri.container(&r.get_ref().container_id)?;
+        if c.started_at.is_some() && c.ended.is_none() {
+            let sb = cri.sandbox(&c.sandbox_id)?;
+            self.stop_executable(&sb, &c, r.get_ref().timeout).await?;
+        }
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container_now(
+        &self,
+        r: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let cri = self.cri().clone();
+        match cri.container(&r.get_ref().container_id) {
+            Ok(c) => self.remove_container_record(&c).await?,
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+}
+
+/// Runs `f` in a task of its own: a caller that goes away (or a deadline it set) cannot
+/// stop it halfway and leave a cell, an address or a process behind unrecorded.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| Status::internal(format!("CRI task: {e}")))?
+}
+
+/// A DNS-1123 subdomain (a pod's name, a namespace): labels of [a-z0-9-] joined by '.', at
+/// most 253 characters. Also keeps `;`, `=` and NUL out of CNI_ARGS.
+fn dns_subdomain(field: &str, v: &str) -> Result<(), Status> {
+    if v.is_empty() || v.len() > 253 {
+        return Err(invalid(field, format!("{v:?} is not 1..=253 characters")));
+    }
+    for label in v.split('.') {
+        if let Some(r) = crate::spec::label_reason(label) {
+            return Err(invalid(
+                field,
+                format!("{v:?}: label {label:?} {r} (a DNS-1123 subdomain)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `path` as an absolute path below `root`, without `.` or `..` components.
+fn below(root: &Path, field: &str, path: &str) -> Result<(), Status> {
+    let p = Path::new(path);
+    let clean = p.is_absolute()
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+    if !clean || !p.starts_with(root) || p == root {
+        return Err(invalid(
+            field,
+            format!(
+                "{path:?} must be an absolute path below --cri-log-root {} (no '.' or '..')",
+                root.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn metadata(sb: &SandboxRecord) -> cri::PodSandboxMetadata {
@@ -567,308 +1083,24 @@ impl RuntimeService for CriRuntime {
         &self,
         r: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        let cri = self.cri().clone();
-        let m = r.into_inner();
-        if m.runtime_handler == VM_HANDLER {
-            return Err(unimplemented(
-                "the runtime handler \"aurae-vm\"",
-                "a sandbox in a spawned instance (use the default handler: a cell)",
-            ));
-        }
-        if !HANDLERS.contains(&m.runtime_handler.as_str()) {
-            return Err(invalid(
-                "runtime_handler",
-                format!(
-                    "{:?} is not a handler of this runtime (\"\" or \"aurae\")",
-                    m.runtime_handler
-                ),
-            ));
-        }
-        let config = m.config.ok_or_else(|| invalid("config", "is missing"))?;
-        let md = config
-            .metadata
-            .clone()
-            .ok_or_else(|| invalid("config.metadata", "is missing"))?;
-        for (f, v) in [
-            ("name", &md.name),
-            ("namespace", &md.namespace),
-            ("uid", &md.uid),
-        ] {
-            if v.is_empty() {
-                return Err(invalid(&format!("config.metadata.{f}"), "is empty"));
-            }
-        }
-        if config.windows.is_some() {
-            return Err(invalid("config.windows", "this is a Linux runtime"));
-        }
-        let linux = config.linux.clone().unwrap_or_default();
-        if !linux.sysctls.is_empty() {
-            return Err(invalid("config.linux.sysctls", "sysctls are not supported"));
-        }
-        let sec = linux.security_context.clone().unwrap_or_default();
-        if sec.privileged {
-            return Err(invalid(
-                "config.linux.security_context.privileged",
-                "privileged sandboxes are not supported",
-            ));
-        }
-        let ns = sec.namespace_options.clone().unwrap_or_default();
-        use cri::NamespaceMode as M;
-        let modes = Modes {
-            network: mode(
-                "config.linux.security_context.namespace_options.network",
-                ns.network,
-                &[M::Pod, M::Node],
-            )?,
-            // Containers of a sandbox share its PID namespace (a cell's): CONTAINER is
-            // served as POD, and the status says POD.
-            pid: match mode(
-                "config.linux.security_context.namespace_options.pid",
-                ns.pid,
-                &[M::Pod, M::Container, M::Node],
-            )? {
-                x if x == M::Node as i32 => x,
-                _ => M::Pod as i32,
-            },
-            ipc: mode(
-                "config.linux.security_context.namespace_options.ipc",
-                ns.ipc,
-                &[M::Pod, M::Node],
-            )?,
-        };
-        if ns
-            .userns_options
-            .as_ref()
-            .is_some_and(|u| u.mode != M::Node as i32)
-        {
-            return Err(invalid(
-                "config.linux.security_context.namespace_options.userns_options",
-                "user namespaces are not supported",
-            ));
-        }
-        let host_net = modes.network == M::Node as i32;
-        let hostname = if host_net {
-            String::new()
-        } else if config.hostname.is_empty() {
-            crate::spec::Label::sanitized(&md.name, 63, "pod").to_string()
-        } else {
-            crate::cell::parse_hostname("config.hostname", &config.hostname)
-                .map_err(|e| invalid(&e.field, e.reason))?
-        };
-        if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
-            return Err(invalid("config.log_directory", "is not absolute"));
-        }
-        let limits = limits(linux.resources.as_ref())?;
-        let mut port_mappings = Vec::new();
-        for (i, p) in config.port_mappings.iter().enumerate() {
-            let f = |n: &str| format!("config.port_mappings[{i}].{n}");
-            let proto = match cri::Protocol::try_from(p.protocol) {
-                Ok(cri::Protocol::Tcp) => "tcp",
-                Ok(cri::Protocol::Udp) => "udp",
-                Ok(cri::Protocol::Sctp) => "sctp",
-                Err(_) => {
-                    return Err(invalid(
-                        &f("protocol"),
-                        format!("{} is not a protocol", p.protocol),
-                    ));
-                }
-            };
-            if !(1..=65535).contains(&p.container_port) {
-                return Err(invalid(
-                    &f("container_port"),
-                    format!("{} is outside 1..=65535", p.container_port),
-                ));
-            }
-            if !(0..=65535).contains(&p.host_port) {
-                return Err(invalid(
-                    &f("host_port"),
-                    format!("{} is outside 0..=65535", p.host_port),
-                ));
-            }
-            if !p.host_ip.is_empty() && p.host_ip.parse::<std::net::IpAddr>().is_err() {
-                return Err(invalid(
-                    &f("host_ip"),
-                    format!("{:?} is not an IP address", p.host_ip),
-                ));
-            }
-            if p.host_port > 0 {
-                port_mappings.push(serde_json::json!({
-                    "hostPort": p.host_port,
-                    "containerPort": p.container_port,
-                    "protocol": proto,
-                    "hostIP": p.host_ip,
-                }));
-            }
-        }
-        let _one = cri.create.lock().await;
-        // kubelet retries: the same metadata is the same sandbox.
-        let existing = cri
-            .lock()
-            .sandboxes
-            .values()
-            .find(|s| {
-                s.name == md.name
-                    && s.namespace == md.namespace
-                    && s.uid == md.uid
-                    && s.attempt == md.attempt
-            })
-            .map(|s| s.id.clone());
-        if let Some(id) = existing {
-            return Ok(Response::new(cri::RunPodSandboxResponse {
-                pod_sandbox_id: id,
-            }));
-        }
-        let id = new_id();
-        let cell = format!("k8s-{}", &id[..16]);
-        let req = cri.call(
-            svc::CELLS,
-            "Allocate",
-            pb::Cell {
-                name: cell.clone(),
-                limits,
-                namespaces: Some(pb::CellNamespaces {
-                    share_host_net: host_net,
-                    share_host_uts: host_net,
-                    share_host_pid: modes.pid == M::Node as i32,
-                    share_host_ipc: modes.ipc == M::Node as i32,
-                    ..Default::default()
-                }),
-                hostname: hostname.clone(),
-                ..Default::default()
-            },
-        )?;
-        cri.cells.allocate(req).await?;
-        let mut rec = SandboxRecord {
-            id: id.clone(),
-            name: md.name,
-            uid: md.uid,
-            namespace: md.namespace,
-            attempt: md.attempt,
-            cell: cell.clone(),
-            hostname,
-            log_directory: config.log_directory,
-            labels: to_btree(&config.labels),
-            annotations: to_btree(&config.annotations),
-            runtime_handler: m.runtime_handler,
-            created_at: now_nanos(),
-            modes,
-            stopped: false,
-            network: None,
-            port_mappings: serde_json::Value::Array(port_mappings),
-        };
-        let attached = if host_net {
-            Ok(None)
-        } else {
-            match (cri.cni.config(), cri.netns_of(&cell)) {
-                (Ok(conf), Some(netns)) => cri
-                    .cni
-                    .add(conf, netns, &Cri::cni_target(&rec))
-                    .await
-                    .map(Some)
-                    .map_err(|e| Status::unavailable(format!("pod network: {e}"))),
-                (Ok(_), None) => Err(Status::internal(format!(
-                    "pod network: the init of cell {cell} is gone"
-                ))),
-                (Err(why), _) => {
-                    warn!(pod = %rec.name, "CRI sandbox without a pod network (loopback only): {why}");
-                    Ok(None)
-                }
-            }
-        };
-        let recorded = attached.and_then(|net| {
-            rec.network = net;
-            cri.put_sandbox(&rec)
-        });
-        if let Err(e) = recorded {
-            // Nothing stays behind a sandbox we could not record.
-            if let Some(net) = rec.network.take() {
-                let netns = cri.netns_of(&cell).map(Arc::new);
-                if let Err(d) = cri
-                    .cni
-                    .del(&net.conf, Some(&net.result), netns, &Cri::cni_target(&rec))
-                    .await
-                {
-                    warn!(sandbox = %id, "undoing the pod network of a sandbox that failed: {d}");
-                }
-            }
-            if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
-                let _ = cri.cells.free(r).await;
-            }
-            return Err(e);
-        }
-        info!(sandbox = %id, cell = %rec.cell, pod = %rec.name, namespace = %rec.namespace, "CRI sandbox running");
-        Ok(Response::new(cri::RunPodSandboxResponse {
-            pod_sandbox_id: id,
-        }))
+        let me = self.clone();
+        detached(async move { me.run_pod_sandbox_now(r).await }).await
     }
 
     async fn stop_pod_sandbox(
         &self,
         r: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        let cri = self.cri().clone();
-        let mut sb = cri.sandbox(&r.get_ref().pod_sandbox_id)?;
-        for c in cri.containers_of(&sb.id) {
-            if c.started_at.is_some() && c.ended.is_none() {
-                self.stop_executable(&sb, &c, 0).await?;
-            }
-        }
-        cri.detach_network(&mut sb).await?;
-        let req = cri.call(
-            svc::CELLS,
-            "Stop",
-            pb::StopRequest {
-                name: sb.cell.clone(),
-                grace_period: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-            },
-        )?;
-        match cri.cells.stop(req).await {
-            Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        if !sb.stopped {
-            sb.stopped = true;
-            cri.put_sandbox(&sb)?;
-        }
-        Ok(Response::new(cri::StopPodSandboxResponse {}))
+        let me = self.clone();
+        detached(async move { me.stop_pod_sandbox_now(r).await }).await
     }
 
     async fn remove_pod_sandbox(
         &self,
         r: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        let cri = self.cri().clone();
-        // Removing what is gone succeeds (kubelet retries removals).
-        let mut sb = match cri.sandbox(&r.get_ref().pod_sandbox_id) {
-            Ok(sb) => sb,
-            Err(e) if e.code() == tonic::Code::NotFound => {
-                return Ok(Response::new(cri::RemovePodSandboxResponse {}));
-            }
-            Err(e) => return Err(e),
-        };
-        for c in cri.containers_of(&sb.id) {
-            self.remove_container_record(&c).await?;
-        }
-        cri.detach_network(&mut sb).await?;
-        let req = cri.call(
-            svc::CELLS,
-            "Free",
-            pb::NameRef {
-                name: sb.cell.clone(),
-            },
-        )?;
-        match cri.cells.free(req).await {
-            Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        cri.delete_sandbox(&sb.id);
-        info!(sandbox = %sb.id, cell = %sb.cell, "CRI sandbox removed");
-        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+        let me = self.clone();
+        detached(async move { me.remove_pod_sandbox_now(r).await }).await
     }
 
     async fn pod_sandbox_status(
@@ -947,8 +1179,11 @@ impl RuntimeService for CriRuntime {
             .metadata
             .clone()
             .ok_or_else(|| invalid("config.metadata", "is missing"))?;
-        if md.name.is_empty() {
-            return Err(invalid("config.metadata.name", "is empty"));
+        if let Some(r) = crate::spec::label_reason(&md.name) {
+            return Err(invalid(
+                "config.metadata.name",
+                format!("{:?} {r} (a container name is a DNS label)", md.name),
+            ));
         }
         let image = config
             .image
@@ -994,22 +1229,13 @@ impl RuntimeService for CriRuntime {
                 sb.id
             )));
         }
-        let (reference, image_ref) = super::image::resolve(&cri, &image)?.ok_or_else(|| {
-            Status::not_found(format!(
-                "config.image.image: {image:?} is not in the image store (PullImage first)"
-            ))
-        })?;
-        let _one = cri.create.lock().await;
-        if cri
-            .containers_of(&sb.id)
-            .iter()
-            .any(|c| c.name == md.name && c.attempt == md.attempt)
-        {
-            return Err(Status::already_exists(format!(
-                "config.metadata: sandbox {} already has a container {:?} attempt {}",
-                sb.id, md.name, md.attempt
-            )));
-        }
+        let visible = super::image::visible(&cri).await?;
+        let (reference, image_ref) =
+            super::image::resolve(&cri, &visible, &image)?.ok_or_else(|| {
+                Status::not_found(format!(
+                    "config.image.image: {image:?} is not in the image store (PullImage first)"
+                ))
+            })?;
         let id = new_id();
         let rec = ContainerRecord {
             executable: format!("c-{}", &id[..16]),
@@ -1025,10 +1251,11 @@ impl RuntimeService for CriRuntime {
             log_path,
             run,
             created_at: now_nanos(),
+            starting: false,
             started_at: None,
             ended: None,
         };
-        cri.put_container(&rec)?;
+        cri.insert_container(&rec)?;
         Ok(Response::new(cri::CreateContainerResponse {
             container_id: id,
         }))
@@ -1038,71 +1265,8 @@ impl RuntimeService for CriRuntime {
         &self,
         r: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        let cri = self.cri().clone();
-        let mut c = cri.container(&r.get_ref().container_id)?;
-        if c.started_at.is_some() || c.ended.is_some() {
-            return Err(Status::failed_precondition(format!(
-                "container {} was started before (a container starts once)",
-                c.id
-            )));
-        }
-        let sb = cri.sandbox(&c.sandbox_id)?;
-        let file = if c.log_path.is_empty() {
-            None
-        } else {
-            Some(super::log::open(Path::new(&c.log_path))?)
-        };
-        let run = &c.run;
-        let req = cri.call(
-            svc::RUNTIME,
-            "RunExecutable",
-            pb::Executable {
-                cell: sb.cell.clone(),
-                name: c.executable.clone(),
-                container: Some(pb::Container {
-                    image: c.image_reference.clone(),
-                    entrypoint: run.entrypoint.clone(),
-                    args: run.args.clone(),
-                    env: to_hash(&run.env),
-                    working_dir: run.working_dir.clone(),
-                    uid: run.uid,
-                    gid: run.gid,
-                    read_only_root: run.read_only_root,
-                    volumes: run
-                        .volumes
-                        .iter()
-                        .map(|(h, p, ro)| pb::Volume {
-                            host_path: h.clone(),
-                            container_path: p.clone(),
-                            read_only: *ro,
-                        })
-                        .collect(),
-                    no_new_privileges: run.no_new_privileges,
-                }),
-                ..Default::default()
-            },
-        )?;
-        match cri.runtime.run_executable(req).await {
-            Ok(_) => {}
-            Err(e) => {
-                // As containerd does: a container that cannot start has exited, and
-                // says why.
-                c.ended = Some(Ended {
-                    exit_code: 128,
-                    finished_at: now_nanos(),
-                    reason: "StartError".to_owned(),
-                    message: e.message().to_owned(),
-                });
-                cri.put_container(&c)?;
-                return Err(e);
-            }
-        }
-        c.started_at = Some(now_nanos());
-        cri.put_container(&c)?;
-        if let Some(file) = file {
-            let logs = cri.logs_request(&c)?;
-            cri.logs.start(&c.id, file, logs, cri.clone());
-        }
+        let me = self.clone();
+        detached(async move { me.start(r.into_inner()).await }).await?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 
@@ -1110,26 +1274,16 @@ impl RuntimeService for CriRuntime {
         &self,
         r: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
-        let cri = self.cri().clone();
-        let c = cri.container(&r.get_ref().container_id)?;
-        if c.started_at.is_some() && c.ended.is_none() {
-            let sb = cri.sandbox(&c.sandbox_id)?;
-            self.stop_executable(&sb, &c, r.get_ref().timeout).await?;
-        }
-        Ok(Response::new(cri::StopContainerResponse {}))
+        let me = self.clone();
+        detached(async move { me.stop_container_now(r).await }).await
     }
 
     async fn remove_container(
         &self,
         r: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        let cri = self.cri().clone();
-        match cri.container(&r.get_ref().container_id) {
-            Ok(c) => self.remove_container_record(&c).await?,
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        Ok(Response::new(cri::RemoveContainerResponse {}))
+        let me = self.clone();
+        detached(async move { me.remove_container_now(r).await }).await
     }
 
     async fn list_containers(
@@ -1213,7 +1367,7 @@ impl RuntimeService for CriRuntime {
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
         let cri = self.cri().clone();
         let c = cri.container(&r.get_ref().container_id)?;
-        cri.logs.reopen(&c.id)?;
+        cri.logs.reopen(&c.id, &cri.log_root)?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
@@ -1368,7 +1522,7 @@ impl RuntimeService for CriRuntime {
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
         if !cidr.is_empty() {
-            info!(pod_cidr = %cidr, "CRI: the pod CIDR kubelet gave is kept (not used: no CNI yet)");
+            info!(pod_cidr = %cidr, "CRI: the pod CIDR kubelet gave is kept (not used: the CNI configuration's IPAM decides addresses)");
         }
         *self
             .cri()
