@@ -25,6 +25,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(FILES, [&proto_root])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("aurae_descriptor.bin"), fds.encode_to_vec())?;
+    generate(fds)?;
+    // The Kubernetes CRI (`runtime.v1`), as published: a descriptor set of its own, so
+    // the Aurae API's reflection and method list stay ours.
+    let cri = protox::compile(["cri/runtime/v1/api.proto"], [&proto_root])?;
+    fs::write(out.join("cri_descriptor.bin"), cri.encode_to_vec())?;
+    generate(cri)?;
+    Ok(())
+}
+
+/// The prost messages and the tonic clients and servers of `fds`, each side behind its
+/// feature.
+fn generate(fds: prost_types::FileDescriptorSet) -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -32,16 +44,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;
-    // The Kubernetes CRI (`runtime.v1`), as published: a descriptor set of its own, so
-    // the Aurae API's reflection and method list stay ours.
-    let cri = protox::compile(["cri/runtime/v1/api.proto"], [&proto_root])?;
-    fs::write(out.join("cri_descriptor.bin"), cri.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .client_mod_attribute(".", "#[cfg(feature = \"client\")]")
-        .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
-        .emit_rerun_if_changed(false)
-        .compile_fds(cri)?;
     Ok(())
 }

@@ -90,6 +90,13 @@ pub fn resolve(
     Ok(hit(&|(s, _, _)| *s == want))
 }
 
+/// The image an `ImageSpec` names: INVALID_ARGUMENT naming `image.image` when empty.
+fn image_of(spec: Option<cri::ImageSpec>) -> Result<String, Status> {
+    spec.map(|i| i.image)
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| Status::invalid_argument("image.image: is empty"))
+}
+
 /// Every stored image as the CRI lists it: one per manifest digest, its references as
 /// tags.
 fn images(cri: &Cri) -> Vec<cri::Image> {
@@ -152,12 +159,7 @@ impl ImageService for CriImages {
         r: Request<cri::ImageStatusRequest>,
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
         let cri = &self.0;
-        let image = r
-            .into_inner()
-            .image
-            .map(|i| i.image)
-            .filter(|i| !i.is_empty())
-            .ok_or_else(|| Status::invalid_argument("image.image: is empty"))?;
+        let image = image_of(r.into_inner().image)?;
         // Not stored is an empty answer, not an error (kubelet then pulls).
         let visible = visible(cri).await?;
         let found = resolve(cri, &visible, &image)?.and_then(|(reference, _)| {
@@ -181,11 +183,7 @@ impl ImageService for CriImages {
     ) -> Result<Response<cri::PullImageResponse>, Status> {
         let cri = &self.0;
         let m = r.into_inner();
-        let image = m
-            .image
-            .map(|i| i.image)
-            .filter(|i| !i.is_empty())
-            .ok_or_else(|| Status::invalid_argument("image.image: is empty"))?;
+        let image = image_of(m.image)?;
         if let Some(a) = &m.auth
             && !(a.username.is_empty()
                 && a.password.is_empty()
@@ -233,12 +231,7 @@ impl ImageService for CriImages {
         r: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let cri = &self.0;
-        let image = r
-            .into_inner()
-            .image
-            .map(|i| i.image)
-            .filter(|i| !i.is_empty())
-            .ok_or_else(|| Status::invalid_argument("image.image: is empty"))?;
+        let image = image_of(r.into_inner().image)?;
         // An id or a digest removes every reference to that image; removing what is not
         // stored succeeds (kubelet's garbage collection retries).
         let visible = visible(cri).await?;
