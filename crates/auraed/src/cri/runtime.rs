@@ -490,25 +490,34 @@ impl CriRuntime {
             },
         );
         let started = match req {
-            Ok(req) => cri.runtime.run_executable(req).await.map(|_| ()),
+            // Its start time is the executable's own: the clock read after the call
+            // returned could come after a quick process's exit.
+            Ok(req) => cri.runtime.run_executable(req).await.map(|r| {
+                r.into_inner()
+                    .started_at
+                    .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                    .map_or_else(now_nanos, unix_nanos)
+            }),
             Err(e) => Err(e),
         };
-        if let Err(e) = started {
-            // As containerd does: a container that cannot start has exited, and says why.
-            let ended = Ended {
-                exit_code: 128,
-                finished_at: now_nanos(),
-                reason: "StartError".to_owned(),
-                message: e.message().to_owned(),
-            };
-            cri.update_container(&c.id, |r| {
-                r.starting = false;
-                r.ended = Some(ended);
-                true
-            })?;
-            return Err(e);
-        }
-        let now = now_nanos();
+        let now = match started {
+            Ok(at) => at,
+            Err(e) => {
+                // As containerd does: a container that cannot start has exited, and says why.
+                let ended = Ended {
+                    exit_code: 128,
+                    finished_at: now_nanos(),
+                    reason: "StartError".to_owned(),
+                    message: e.message().to_owned(),
+                };
+                cri.update_container(&c.id, |r| {
+                    r.starting = false;
+                    r.ended = Some(ended);
+                    true
+                })?;
+                return Err(e);
+            }
+        };
         let rec = cri.update_container(&c.id, |r| {
             r.starting = false;
             r.started_at = Some(now);
