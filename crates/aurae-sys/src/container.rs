@@ -6,7 +6,7 @@
 //! 2. clones the host's six device nodes (null, zero, full, random, urandom, tty) into
 //!    detached mounts (`open_tree`), checking each is the character device it should be,
 //!    while the host is still visible (the volumes come as detached trees auraed cloned
-//!    from the directories it checked: [`clone_mount`]);
+//!    from the directories and files it checked: [`clone_mount`]);
 //! 3. mounts the image root: an overlay of the shared, read-only layer directories with a
 //!    private upper directory (lower dirs are named relative to the layer store, so the
 //!    options fit in one page);
@@ -31,7 +31,7 @@ use std::ffi::{CStr, CString};
 /// One classic BPF instruction, as `seccomp(2)` takes it.
 pub use libc::sock_filter as BpfInstruction;
 
-/// A host directory bind-mounted into the container.
+/// A host directory or regular file bind-mounted into the container.
 #[derive(Debug, Clone)]
 pub struct VolumeMount {
     /// A detached mount of the host directory made by [`clone_mount`] from the fd auraed
@@ -39,8 +39,12 @@ pub struct VolumeMount {
     /// attaches it: no host path is resolved after the check, so what auraed checked is
     /// what gets mounted. One fd per volume (the child closes its copy once attached).
     pub source: std::os::fd::RawFd,
-    /// Absolute container path; created if missing.
+    /// Absolute container path; created if missing (a directory, or an empty file for a
+    /// file volume). A symlink there is refused, never followed.
     pub target: CString,
+    /// The source is a regular file: the target must be (or is created as) a regular
+    /// file.
+    pub file: bool,
 }
 
 /// Clones what `src` is open on (auraed's fd of a volume directory or a VM's file, resolved
@@ -257,6 +261,36 @@ fn open_dir_nofollow(path: &CStr) -> libc::c_int {
     }
 }
 
+/// The mount point of a file volume: an existing regular file or a new empty one (0644),
+/// never a symlink (`O_NOFOLLOW`), FIFO, socket or device (non-blocking open, then
+/// `fstat`). Returns a close-on-exec fd or -1 (errno set).
+fn open_file_target(path: &CStr) -> libc::c_int {
+    // SAFETY: open(2) on a NUL-terminated path and fstat(2) into a stack struct; the fd is
+    // closed here on refusal, else by the caller.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY
+                | libc::O_CREAT
+                | libc::O_NOFOLLOW
+                | libc::O_NONBLOCK
+                | libc::O_NOCTTY
+                | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        );
+        if fd < 0 {
+            return fd;
+        }
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) < 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            libc::close(fd);
+            *libc::__errno_location() = libc::EINVAL;
+            return -1;
+        }
+        fd
+    }
+}
+
 /// Refuses a mount point that is not a real directory.
 fn check_dir(path: &CStr) -> bool {
     let fd = open_dir_nofollow(path);
@@ -381,7 +415,11 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
             return Err(step(9));
         }
         for (i, v) in c.volumes.iter().enumerate() {
-            let target = open_dir_nofollow(&v.target);
+            let target = if v.file {
+                open_file_target(&v.target)
+            } else {
+                open_dir_nofollow(&v.target)
+            };
             if target < 0 {
                 return Err(at(10, i));
             }

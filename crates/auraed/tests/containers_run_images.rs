@@ -536,6 +536,168 @@ async fn sidecars_share_localhost_and_volumes_come_only_from_allowed_roots() {
     assert_eq!(e.containers_left(), 0);
 }
 
+/// Files as volumes (kubelet mounts a pod's /etc/hosts and a termination log in /dev) and
+/// DNS settings as the container's /etc/resolv.conf; what must stay refused is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_volumes_and_dns_settings() {
+    let vols = tempfile::tempdir().unwrap();
+    let root = vols.path().join("allowed");
+    std::fs::create_dir_all(root.join("dir")).unwrap();
+    std::fs::write(root.join("hosts"), "10.0.0.7 db\n").unwrap();
+    std::fs::write(root.join("term"), "").unwrap();
+    let root_arg = root.to_string_lossy().into_owned();
+    let Some(e) = env(
+        "file_volumes_and_dns_settings",
+        &["--volume-root", &root_arg],
+    )
+    .await
+    else {
+        return;
+    };
+    let file = |host: &str, target: &str, read_only: bool| pb::Volume {
+        host_path: root.join(host).to_string_lossy().into(),
+        container_path: target.into(),
+        read_only,
+    };
+    // On a read-only root: the targets are made before the root turns read-only.
+    let mut c = e.container(
+        "cat /etc/hosts /etc/resolv.conf; echo done > /dev/termination-log; \
+         if echo x >> /etc/hosts; then echo hosts-writable; fi 2>/dev/null; \
+         if echo x >> /etc/resolv.conf; then echo resolv-writable; fi 2>/dev/null; \
+         stat -c %F /etc/hosts /dev/termination-log /dev/null; ls /new/dir/f",
+    );
+    c.read_only_root = true;
+    c.volumes = vec![
+        file("hosts", "/etc/hosts", true),
+        file("term", "/dev/termination-log", false),
+        file("hosts", "/new/dir/f", true),
+    ];
+    c.dns = Some(pb::ContainerDns {
+        servers: vec!["10.96.0.10".into(), "fd00::a".into()],
+        searches: vec!["ns.svc.cluster.local".into()],
+        options: vec!["ndots:5".into(), "edns0".into()],
+    });
+    let (st, out) = e.run_cell("files", c.clone()).await.unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    assert!(out.contains("10.0.0.7 db"), "{out}");
+    assert!(
+        out.contains(
+            "nameserver 10.96.0.10\nnameserver fd00::a\nsearch ns.svc.cluster.local\noptions ndots:5 edns0\n"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("writable"), "{out}");
+    assert!(
+        out.contains("regular file\nregular file\ncharacter special file\n/new/dir/f"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("term")).unwrap(),
+        "done\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("hosts")).unwrap(),
+        "10.0.0.7 db\n"
+    );
+    assert_eq!(
+        e.containers_left(),
+        0,
+        "the resolv.conf went with the container"
+    );
+    // Refused before anything runs, naming the field.
+    std::os::unix::fs::symlink(root.join("hosts"), root.join("link")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let refused = [
+        (
+            vec![file("dir", "/dev/data", false)],
+            "container.volumes[0].container_path",
+        ),
+        (
+            vec![file("hosts", "/dev/null", false)],
+            "container.volumes[0].container_path",
+        ),
+        (
+            vec![file("hosts", "/dev/pts/9", false)],
+            "container.volumes[0].container_path",
+        ),
+        (
+            vec![file("hosts", "/dev/shm/x", false)],
+            "container.volumes[0].container_path",
+        ),
+        (
+            vec![file("hosts", "/sys/x", false)],
+            "container.volumes[0].container_path",
+        ),
+        (
+            vec![file("fifo", "/etc/f", false)],
+            "container.volumes[0].host_path",
+        ),
+        (
+            vec![file("link", "/etc/f", false)],
+            "container.volumes[0].host_path",
+        ),
+    ];
+    for (i, (volumes, field)) in refused.into_iter().enumerate() {
+        let mut bad = e.container("true");
+        bad.volumes = volumes;
+        let err = e.run_cell(&format!("bad-{i}"), bad).await.unwrap_err();
+        assert!(
+            matches!(err.code(), Code::InvalidArgument | Code::FailedPrecondition),
+            "{i}: {err:?}"
+        );
+        assert!(err.message().contains(field), "{i}: {}", err.message());
+    }
+    for (dns, field) in [
+        (
+            pb::ContainerDns {
+                servers: vec!["10.0.0.1\nnameserver 6.6.6.6".into()],
+                ..Default::default()
+            },
+            "container.dns.servers[0]",
+        ),
+        (
+            pb::ContainerDns {
+                searches: vec!["a b".into()],
+                ..Default::default()
+            },
+            "container.dns.searches[0]",
+        ),
+        (
+            pb::ContainerDns {
+                options: vec!["".into()],
+                ..Default::default()
+            },
+            "container.dns.options[0]",
+        ),
+    ] {
+        let mut bad = e.container("true");
+        bad.dns = Some(dns);
+        let err = e.run_cell("bad-dns", bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    // A file onto a directory of the image: the container does not start, and says which.
+    let mut bad = e.container("true");
+    bad.volumes = vec![file("hosts", "/etc", true)];
+    let err = e.run_cell("onto-dir", bad).await.unwrap_err();
+    assert!(err.message().contains("attach volume"), "{err:?}");
+    assert_eq!(e.containers_left(), 0);
+    let cells =
+        e.c.cells()
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(cells.cells.is_empty(), "{cells:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_user_read_only_root_and_bad_input() {
     let Some(e) = env("image_user_read_only_root_and_bad_input", &[]).await else {

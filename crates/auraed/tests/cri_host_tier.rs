@@ -81,7 +81,7 @@ fn policy(host: &str, cri_methods: &str) -> String {
         "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
          allow_uid_zero = true\nregistries = [\"*\"]\n\n\
          [[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/cri\"\nmethods = {cri_methods}\nnames = [\"k8s-*\"]\n\
-         allow_uid_zero = true\nuids = [\"1-65535\"]\ngids = [\"1-65535\"]\nregistries = [\"{host}/aurae\"]\n"
+         allow_uid_zero = true\nuids = [\"1-65535\"]\ngids = [\"1-65535\"]\nregistries = [\"{host}/aurae\"]\nvolumes = [\"pods\"]\n"
     )
 }
 
@@ -90,6 +90,8 @@ async fn env_with(test: &str, cri_methods: &str) -> Option<Env> {
     let host = registry.host();
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("run/cri.sock");
+    // kubelet's own files (a pod's /etc/hosts, a container's termination log) live here.
+    std::fs::create_dir_all(tmp.path().join("kubelet")).unwrap();
     let d = Daemon::start(
         Path::new(env!("CARGO_BIN_EXE_auraed")),
         DaemonOptions {
@@ -101,6 +103,8 @@ async fn env_with(test: &str, cri_methods: &str) -> Option<Env> {
                 socket.display().to_string(),
                 "--cri-log-root".to_owned(),
                 tmp.path().join("pods").display().to_string(),
+                "--volume-root".to_owned(),
+                tmp.path().join("kubelet").display().to_string(),
             ],
             ..Default::default()
         },
@@ -369,7 +373,16 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
 
     // A sandbox: a cell with the pod's hostname; the same metadata again is the same one.
     let log_dir = e.log_dir("default_web_u1");
-    let sbc = sandbox_config("web", "u1", &log_dir);
+    let mut sbc = sandbox_config("web", "u1", &log_dir);
+    // As kubelet sends ClusterFirst: the cluster's DNS service, the pod's search path.
+    sbc.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec![
+            "default.svc.cluster.local".into(),
+            "svc.cluster.local".into(),
+        ],
+        options: vec!["ndots:5".into()],
+    });
     let sb = run_sandbox(&mut rt, &sbc).await;
     assert_eq!(sb.len(), 64);
     assert_eq!(
@@ -418,20 +431,35 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .items;
     assert!(other.is_empty());
 
-    // A container: created, started once, its output in the CRI log format.
-    let app = create(
-        &mut rt,
-        &sb,
-        container_config(
-            "app",
-            &pulled,
-            "echo inside > /marker; echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
-        ),
-        &sbc,
-        &log_dir,
+    // A container: created, started once, its output in the CRI log format; with the
+    // files kubelet mounts into every container (the pod's /etc/hosts, a termination log
+    // in /dev).
+    let kubelet = e.tmp.path().join("kubelet/pods/u1");
+    std::fs::create_dir_all(kubelet.join("containers/app")).unwrap();
+    std::fs::write(
+        kubelet.join("etc-hosts"),
+        "127.0.0.1 localhost\n10.0.0.1 web-0\n",
     )
-    .await
     .unwrap();
+    std::fs::write(kubelet.join("containers/app/1a2b"), "").unwrap();
+    let mut appc = container_config(
+        "app",
+        &pulled,
+        "echo inside > /marker; echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
+    );
+    appc.mounts = vec![
+        cri::Mount {
+            container_path: "/etc/hosts".into(),
+            host_path: kubelet.join("etc-hosts").display().to_string(),
+            ..Default::default()
+        },
+        cri::Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: kubelet.join("containers/app/1a2b").display().to_string(),
+            ..Default::default()
+        },
+    ];
+    let app = create(&mut rt, &sb, appc, &sbc, &log_dir).await.unwrap();
     let s = status(&mut rt, &app).await;
     assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
     assert_eq!(s.log_path, log_dir.join("app/0.log").display().to_string());
@@ -545,6 +573,37 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     assert!(
         !Path::new("/marker").exists(),
         "the marker is in the container, not here"
+    );
+    // The pod's DNS settings and kubelet's files, each a file mounted onto a file.
+    let ex = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: app.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /etc/resolv.conf /etc/hosts; echo 'bye' > /dev/termination-log; \
+                 if echo x >> /etc/resolv.conf; then echo resolv-writable; fi 2>/dev/null; true"
+                    .into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = String::from_utf8_lossy(&ex.stdout);
+    assert_eq!(ex.exit_code, 0, "{out}");
+    assert!(
+        out.contains(
+            "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("10.0.0.1 web-0"), "{out}");
+    assert!(!out.contains("resolv-writable"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(kubelet.join("containers/app/1a2b")).unwrap(),
+        "bye\n",
+        "the termination message reached kubelet's file"
     );
     let slow = rt
         .exec_sync(cri::ExecSyncRequest {
@@ -801,6 +860,45 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         Code::InvalidArgument,
         "config.hostname",
     );
+    // DNS settings become resolv.conf lines: nothing that could start another line.
+    for (dns, field) in [
+        (
+            cri::DnsConfig {
+                servers: vec!["10.0.0.1\nnameserver 6.6.6.6".into()],
+                ..Default::default()
+            },
+            "config.dns_config.servers[0]",
+        ),
+        (
+            cri::DnsConfig {
+                searches: vec!["svc.cluster.local evil.example".into()],
+                ..Default::default()
+            },
+            "config.dns_config.searches[0]",
+        ),
+        (
+            cri::DnsConfig {
+                options: vec!["ndots:5\nnameserver".into()],
+                ..Default::default()
+            },
+            "config.dns_config.options[0]",
+        ),
+        (
+            cri::DnsConfig {
+                servers: vec!["1.1.1.1".into(); 4],
+                ..Default::default()
+            },
+            "config.dns_config.servers",
+        ),
+    ] {
+        let mut c = good.clone();
+        c.dns_config = Some(dns);
+        expect(
+            rt.run_pod_sandbox(run(Some(c), "")).await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
     let mut c = good.clone();
     c.linux = Some(cri::LinuxPodSandboxConfig {
         security_context: Some(cri::LinuxSandboxSecurityContext {

@@ -38,6 +38,17 @@ pub struct ContainerArgs {
     /// HOST must lie under one of auraed's --volume-root (repeatable; default rw).
     #[arg(long = "volume", short = 'v', value_name = "HOST:CONTAINER[:ro]")]
     volumes: Vec<String>,
+    /// A name server for the container's /etc/resolv.conf, e.g. --dns 10.96.0.10
+    /// (repeatable, at most 3; any --dns* flag replaces the image's file).
+    #[arg(long = "dns", value_name = "IP")]
+    dns_servers: Vec<String>,
+    /// A search domain for /etc/resolv.conf, e.g. --dns-search svc.cluster.local
+    /// (repeatable).
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    dns_searches: Vec<String>,
+    /// A resolver option for /etc/resolv.conf, e.g. --dns-option ndots:5 (repeatable).
+    #[arg(long = "dns-option", value_name = "OPT")]
+    dns_options: Vec<String>,
 }
 
 impl ContainerArgs {
@@ -65,6 +76,14 @@ impl ContainerArgs {
                 .map(|v| volume(v))
                 .collect::<anyhow::Result<_>>()?,
             no_new_privileges: self.no_new_privileges,
+            dns: (!(self.dns_servers.is_empty()
+                && self.dns_searches.is_empty()
+                && self.dns_options.is_empty()))
+            .then(|| pb::ContainerDns {
+                servers: self.dns_servers.clone(),
+                searches: self.dns_searches.clone(),
+                options: self.dns_options.clone(),
+            }),
         })
     }
 }

@@ -127,6 +127,7 @@ impl PodRunArgs {
             read_only_root: self.read_only,
             volumes: Vec::new(),
             no_new_privileges: self.no_new_privileges,
+            dns: None,
         };
         let limits = self.memory.map(|m| pb::CellLimits {
             memory_max_bytes: Some(m),

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! aurae-cri [--socket PATH] version | images | pull IMAGE
-//!   | runp NAME [--namespace NS] [--log-dir DIR]        prints the sandbox id
+//!   | runp NAME [--namespace NS] [--log-dir DIR] [--dns IP] [--dns-search DOMAIN]
+//!                                                     prints the sandbox id
 //!   | create SANDBOX NAME IMAGE -- CMD [ARG…]          prints the container id
 //!   | start ID | stop ID [--timeout S] | rm ID
 //!   | exec ID -- CMD [ARG…]                             its output; exits with its code
@@ -20,7 +21,7 @@ use anyhow::{Context, bail};
 use aurae_proto::cri::v1 as cri;
 
 const USAGE: &str = "usage: aurae-cri [--socket PATH] version | images | pull IMAGE | \
-runp NAME [--namespace NS] [--log-dir DIR] | create SANDBOX NAME IMAGE -- CMD [ARG...] | \
+runp NAME [--namespace NS] [--log-dir DIR] [--dns IP] [--dns-search DOMAIN] | create SANDBOX NAME IMAGE -- CMD [ARG...] | \
 start ID | stop ID [--timeout S] | rm ID | exec ID -- CMD [ARG...] | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID";
 
 fn main() -> ExitCode {
@@ -132,6 +133,12 @@ async fn run(socket: PathBuf, args: Vec<String>) -> anyhow::Result<u8> {
                         }),
                         hostname: (*name).to_owned(),
                         log_directory: log_dir,
+                        // As kubelet sends a pod's DNS policy, worked out.
+                        dns_config: flag(&args, "--dns").map(|server| cri::DnsConfig {
+                            servers: vec![server],
+                            searches: flag(&args, "--dns-search").into_iter().collect(),
+                            options: vec!["ndots:5".to_owned()],
+                        }),
                         ..Default::default()
                     }),
                     runtime_handler: String::new(),

@@ -265,6 +265,7 @@ mod tests {
             read_only_root: false,
             volumes: vec![],
             no_new_privileges: false,
+            dns: None,
         }
     }
 

@@ -82,6 +82,48 @@ pub const READ_ONLY: [&str; 4] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/s
 /// Container paths a volume may not cover.
 const RESERVED: [&str; 3] = ["/proc", "/sys", "/dev"];
 
+/// What auraed's `/dev` holds (and names kept for what kernels and runtimes put there): a
+/// file volume may be a new file directly in `/dev` (kubelet's `/dev/termination-log`),
+/// never one of these.
+const DEV_NAMES: [&str; 16] = [
+    "null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "fd", "stdin", "stdout",
+    "stderr", "ptmx", "console", "core", "mqueue",
+];
+
+/// Whether a volume may be mounted at `target` (absolute, normalised): never `/`, `/proc`
+/// or `/sys`; in `/dev` only a file volume, as a new name directly in it.
+fn volume_target_allowed(target: &Path, file: bool) -> bool {
+    if target == Path::new("/") {
+        return false;
+    }
+    if let Ok(rest) = target.strip_prefix("/dev") {
+        let mut c = rest.components();
+        return file
+            && match (c.next(), c.next()) {
+                (Some(std::path::Component::Normal(n)), None) => {
+                    !DEV_NAMES.iter().any(|d| std::ffi::OsStr::new(d) == n)
+                }
+                _ => false,
+            };
+    }
+    !RESERVED.iter().any(|r| target.starts_with(r))
+}
+
+/// The `/etc/resolv.conf` a container gets from its [`ContainerSpec::dns`].
+pub fn resolv_conf(dns: &spec::Dns) -> String {
+    let mut s = String::from("# written by auraed\n");
+    for n in &dns.servers {
+        s.push_str(&format!("nameserver {n}\n"));
+    }
+    if !dns.searches.is_empty() {
+        s.push_str(&format!("search {}\n", dns.searches.join(" ")));
+    }
+    if !dns.options.is_empty() {
+        s.push_str(&format!("options {}\n", dns.options.join(" ")));
+    }
+    s
+}
+
 /// A container ready to start: image, process, volumes, all resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -92,15 +134,20 @@ pub struct Plan {
     pub process: config::Resolved,
     pub read_only_root: bool,
     pub volumes: Vec<Volume>,
+    /// The container's `/etc/resolv.conf` (written into its private directory and
+    /// mounted read-only over the image's), when the spec asks for DNS settings.
+    pub resolv_conf: Option<String>,
 }
 
-/// A volume, its host directory already open: resolved once, below its root, when the
+/// A volume, its host directory or file already open: resolved once, below its root, when the
 /// plan was made; its mount is cloned from this fd (`open_tree`, see [`Args::new`]) and
 /// attached by the child, so nothing can be swapped in between.
 #[derive(Debug, Clone)]
 pub struct Volume {
-    /// `O_PATH | O_DIRECTORY | O_CLOEXEC`, held until the spawn is done.
+    /// `O_PATH | O_CLOEXEC` (a directory or a regular file), held until the spawn is done.
     pub source: Arc<OwnedFd>,
+    /// A regular file (mounted onto a file), else a directory.
+    pub file: bool,
     /// The host path as the caller sent it (for messages only).
     pub sent: PathBuf,
     /// The container path (absolute, normalised).
@@ -109,7 +156,7 @@ pub struct Volume {
 }
 
 impl Plan {
-    /// Resolves `spec` against `image`; volumes must be directories under `volume_roots`,
+    /// Resolves `spec` against `image`; volumes must be directories or regular files under `volume_roots`,
     /// named by their real path (no symlink is followed below a root), and are opened
     /// here, once. The caller has checked the grant allows each (see
     /// [`crate::workload::host_path::under_root`]).
@@ -130,10 +177,10 @@ impl Plan {
             )));
         }
         let process = config::resolve(spec, &image.config, &image.layer_dirs(store))?;
-        if spec.volumes.len() > MAX_VOLUMES {
+        if spec.volumes.len() + usize::from(spec.dns.is_some()) > MAX_VOLUMES {
             return Err(FieldError::new(
                 "container.volumes",
-                format!("more than {MAX_VOLUMES} volumes"),
+                format!("more than {MAX_VOLUMES} volumes (DNS settings take one)"),
             )
             .into());
         }
@@ -142,22 +189,40 @@ impl Plan {
             let field = |f: &str| format!("container.volumes[{i}].{f}");
             // The container path first: a bad request never opens anything.
             let target = config::normalise(&field("container_path"), &target.to_string_lossy())?;
-            if target == Path::new("/") || RESERVED.iter().any(|r| target.starts_with(r)) {
+            if target == Path::new("/") || RESERVED[..2].iter().any(|r| target.starts_with(r)) {
                 return Err(FieldError::new(
                     field("container_path"),
-                    format!("{} is reserved (/, /proc, /sys, /dev)", target.display()),
+                    format!("{} is reserved (/, /proc, /sys)", target.display()),
                 )
                 .into());
             }
             let (source, _) = crate::workload::host_path::open_host_path(
                 &field("host_path"),
                 host,
-                crate::workload::host_path::HostPath::Dir,
+                crate::workload::host_path::HostPath::DirOrFile,
                 volume_roots,
                 "--volume-root",
             )?;
+            let file = crate::workload::host_path::is_regular_file(&source).map_err(|e| {
+                WorkloadError::Precondition(format!(
+                    "{}: {}: {e}",
+                    field("host_path"),
+                    host.display()
+                ))
+            })?;
+            if !volume_target_allowed(&target, file) {
+                return Err(FieldError::new(
+                    field("container_path"),
+                    format!(
+                        "{} is reserved (in /dev only a file volume may go, as a new name directly in it)",
+                        target.display()
+                    ),
+                )
+                .into());
+            }
             volumes.push(Volume {
                 source: Arc::new(source),
+                file,
                 sent: host.clone(),
                 target,
                 read_only: *ro,
@@ -170,6 +235,7 @@ impl Plan {
             process,
             read_only_root: spec.read_only_root,
             volumes,
+            resolv_conf: spec.dns.as_ref().map(resolv_conf),
         })
     }
 }
@@ -298,7 +364,13 @@ impl Args {
         }
         let mut mkdirs: Vec<PathBuf> = RESERVED.iter().map(PathBuf::from).collect();
         for v in &plan.volumes {
-            mkdirs.extend(with_parents(&v.target));
+            match (v.file, v.target.parent()) {
+                (true, Some(parent)) => mkdirs.extend(with_parents(parent)),
+                _ => mkdirs.extend(with_parents(&v.target)),
+            }
+        }
+        if plan.resolv_conf.is_some() {
+            mkdirs.push(PathBuf::from("/etc"));
         }
         mkdirs.extend(with_parents(&plan.process.working_dir));
         let mut seen = std::collections::HashSet::new();
@@ -307,6 +379,34 @@ impl Args {
         // checked; the child, in a namespace of its own, can only attach them.
         let mut volume_trees = Vec::new();
         let mut volumes = Vec::new();
+        let mut volume_names = Vec::new();
+        // The DNS settings first: a volume the caller put at /etc/resolv.conf goes over it.
+        if let Some(text) = &plan.resolv_conf {
+            let path = rootfs.path().join("resolv.conf");
+            let fail = |e: std::io::Error| {
+                WorkloadError::Precondition(format!(
+                    "container.dns: writing {}: {e}",
+                    path.display()
+                ))
+            };
+            std::fs::write(&path, text).map_err(fail)?;
+            let fd = rustix::fs::open(
+                &path,
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| fail(e.into()))?;
+            let tree = aurae_sys::container::clone_mount(fd.as_fd(), true).map_err(fail)?;
+            volumes.push(VolumeMount {
+                source: tree.as_raw_fd(),
+                target: c"/etc/resolv.conf".to_owned(),
+                file: true,
+            });
+            volume_trees.push(tree);
+            volume_names.push("(its DNS settings) -> /etc/resolv.conf".to_owned());
+        }
         for (i, v) in plan.volumes.iter().enumerate() {
             let tree =
                 aurae_sys::container::clone_mount(v.source.as_fd(), v.read_only).map_err(|e| {
@@ -318,14 +418,11 @@ impl Args {
             volumes.push(VolumeMount {
                 source: tree.as_raw_fd(),
                 target: cstr(&v.target)?,
+                file: v.file,
             });
             volume_trees.push(tree);
+            volume_names.push(format!("{} -> {}", v.sent.display(), v.target.display()));
         }
-        let volume_names = plan
-            .volumes
-            .iter()
-            .map(|v| format!("{} -> {}", v.sent.display(), v.target.display()))
-            .collect();
         let strs = |v: &[&str]| {
             v.iter()
                 .map(|p| cstr(Path::new(p)))
@@ -404,6 +501,69 @@ mod tests {
         assert_eq!(DEFAULT_CAPABILITIES & (1 << 27), 0, "no CAP_MKNOD");
         assert_eq!(DEFAULT_CAPABILITIES & (1 << 21), 0, "no CAP_SYS_ADMIN");
         assert_eq!(DEFAULT_CAPABILITIES & (1 << 19), 0, "no CAP_SYS_PTRACE");
+    }
+
+    #[test]
+    fn volume_targets_in_dev_are_new_files_directly_in_it() {
+        for (t, file, ok) in [
+            ("/data", false, true),
+            ("/etc/hosts", true, true),
+            ("/dev/termination-log", true, true),
+            ("/dev/termination-log", false, false),
+            ("/dev/null", true, false),
+            ("/dev/shm", true, false),
+            ("/dev/pts/0", true, false),
+            ("/dev/a/b", true, false),
+            ("/dev", true, false),
+            ("/devices", false, true),
+            ("/proc/x", true, false),
+            ("/sys", false, false),
+            ("/", false, false),
+        ] {
+            assert_eq!(
+                volume_target_allowed(Path::new(t), file),
+                ok,
+                "{t} file={file}"
+            );
+        }
+    }
+
+    #[test]
+    fn dns_settings_are_one_token_each() {
+        let d = |servers: &[&str], searches: &[&str], options: &[&str]| {
+            spec::Dns::parse(
+                "dns",
+                &aurae_proto::runtime::v0::ContainerDns {
+                    servers: servers.iter().map(|s| (*s).to_owned()).collect(),
+                    searches: searches.iter().map(|s| (*s).to_owned()).collect(),
+                    options: options.iter().map(|s| (*s).to_owned()).collect(),
+                },
+            )
+        };
+        let ok = d(
+            &["10.0.0.10", "::1"],
+            &["a.b.", "svc"],
+            &["ndots:5", "edns0"],
+        )
+        .unwrap();
+        assert_eq!(
+            resolv_conf(&ok),
+            "# written by auraed\nnameserver 10.0.0.10\nnameserver ::1\nsearch a.b. svc\noptions ndots:5 edns0\n"
+        );
+        for (bad, field) in [
+            (d(&["10.0.0.1 8.8.8.8"], &[], &[]), "dns.servers[0]"),
+            (
+                d(&["1.1.1.1", "1.1.1.2", "1.1.1.3", "1.1.1.4"], &[], &[]),
+                "dns.servers",
+            ),
+            (d(&[], &["a..b"], &[]), "dns.searches[0]"),
+            (d(&[], &["x\nnameserver"], &[]), "dns.searches[0]"),
+            (d(&[], &[&"a".repeat(64)], &[]), "dns.searches[0]"),
+            (d(&[], &[], &["a b"]), "dns.options[0]"),
+            (d(&[], &[], &["#x"]), "dns.options[0]"),
+        ] {
+            assert_eq!(bad.unwrap_err().field, field);
+        }
     }
 
     #[test]

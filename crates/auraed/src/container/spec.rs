@@ -20,6 +20,94 @@ pub struct ContainerSpec {
     pub volumes: Vec<(std::path::PathBuf, std::path::PathBuf, bool)>,
     /// Asked for no_new_privs whatever the grant allows.
     pub no_new_privileges: bool,
+    /// The container's `/etc/resolv.conf`; none: the image's.
+    #[serde(default)]
+    pub dns: Option<Dns>,
+}
+
+/// DNS settings, checked as what the resolver will read: one token per value, nothing that
+/// could start a new line or directive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dns {
+    pub servers: Vec<std::net::IpAddr>,
+    pub searches: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// Most name servers glibc's and musl's resolvers read (`MAXNS`).
+const MAX_DNS_SERVERS: usize = 3;
+const MAX_DNS_SEARCHES: usize = 32;
+const MAX_DNS_OPTIONS: usize = 16;
+
+impl Dns {
+    pub fn parse(field: &str, d: &pb::ContainerDns) -> Result<Self, FieldError> {
+        if d.servers.len() > MAX_DNS_SERVERS {
+            return Err(FieldError::new(
+                format!("{field}.servers"),
+                format!("more than {MAX_DNS_SERVERS} (the resolver reads no more)"),
+            ));
+        }
+        let servers = d
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<std::net::IpAddr>().map_err(|_| {
+                    FieldError::new(
+                        format!("{field}.servers[{i}]"),
+                        format!("{s:?} is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if d.searches.len() > MAX_DNS_SEARCHES {
+            return Err(FieldError::new(
+                format!("{field}.searches"),
+                format!("more than {MAX_DNS_SEARCHES}"),
+            ));
+        }
+        for (i, s) in d.searches.iter().enumerate() {
+            let name = s.strip_suffix('.').unwrap_or(s);
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !ok {
+                return Err(FieldError::new(
+                    format!("{field}.searches[{i}]"),
+                    format!("{s:?} is not a DNS name"),
+                ));
+            }
+        }
+        if d.options.len() > MAX_DNS_OPTIONS {
+            return Err(FieldError::new(
+                format!("{field}.options"),
+                format!("more than {MAX_DNS_OPTIONS}"),
+            ));
+        }
+        for (i, o) in d.options.iter().enumerate() {
+            if o.is_empty()
+                || o.len() > 64
+                || !o
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:+".contains(&b))
+            {
+                return Err(FieldError::new(
+                    format!("{field}.options[{i}]"),
+                    format!("{o:?} is not a resolver option (one word, [A-Za-z0-9._:+-])"),
+                ));
+            }
+        }
+        Ok(Self {
+            servers,
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        })
+    }
 }
 
 impl ContainerSpec {
@@ -75,6 +163,11 @@ impl ContainerSpec {
             read_only_root: c.read_only_root,
             volumes,
             no_new_privileges: c.no_new_privileges,
+            dns: c
+                .dns
+                .as_ref()
+                .map(|d| Dns::parse(&format!("{field}.dns"), d))
+                .transpose()?,
         })
     }
 }

@@ -102,6 +102,9 @@ pub struct SandboxRecord {
     /// The sandbox's port mappings as CNI's `runtimeConfig.portMappings`.
     #[serde(default)]
     pub port_mappings: serde_json::Value,
+    /// The pod's DNS settings: every container's `/etc/resolv.conf`. None: the image's.
+    #[serde(default)]
+    pub dns: Option<crate::container::spec::Dns>,
 }
 
 /// What a container runs: the parts of its CRI config our containers take.

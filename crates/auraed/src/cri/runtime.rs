@@ -485,6 +485,11 @@ impl CriRuntime {
                         })
                         .collect(),
                     no_new_privileges: run.no_new_privileges,
+                    dns: sb.dns.as_ref().map(|d| pb::ContainerDns {
+                        servers: d.servers.iter().map(ToString::to_string).collect(),
+                        searches: d.searches.clone(),
+                        options: d.options.clone(),
+                    }),
                 }),
                 ..Default::default()
             },
@@ -642,6 +647,24 @@ impl CriRuntime {
             below(&cri.log_root, "config.log_directory", &config.log_directory)?;
         }
         let limits = limits(linux.resources.as_ref())?;
+        // kubelet sends the pod's DNS policy worked out (cluster DNS, or the node's
+        // resolv.conf for `Default`); nothing in it: the image's own file.
+        let dns = match &config.dns_config {
+            Some(d) if !(d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty()) => {
+                Some(
+                    crate::container::spec::Dns::parse(
+                        "config.dns_config",
+                        &pb::ContainerDns {
+                            servers: d.servers.clone(),
+                            searches: d.searches.clone(),
+                            options: d.options.clone(),
+                        },
+                    )
+                    .map_err(|e| invalid(&e.field, e.reason))?,
+                )
+            }
+            _ => None,
+        };
         let mut port_mappings = Vec::new();
         for (i, p) in config.port_mappings.iter().enumerate() {
             let f = |n: &str| format!("config.port_mappings[{i}].{n}");
@@ -740,6 +763,7 @@ impl CriRuntime {
             stopped: false,
             network: None,
             port_mappings: serde_json::Value::Array(port_mappings),
+            dns,
         };
         let attached = if host_net {
             Ok(None)

@@ -12,6 +12,15 @@ pub enum HostPath {
     File { write: bool },
     /// A directory, opened `O_PATH` (for `open_tree`).
     Dir,
+    /// A directory or a regular file (nothing else: no FIFO, socket or device), opened
+    /// `O_PATH` (for `open_tree`); [`is_regular_file`] tells which.
+    DirOrFile,
+}
+
+/// Whether an fd [`UnderRoot::open`] returned is a regular file (else a directory).
+pub fn is_regular_file(fd: &std::os::fd::OwnedFd) -> std::io::Result<bool> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok(rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile)
 }
 
 /// A host path from a request, placed under one of the operator's roots by its name
@@ -151,11 +160,22 @@ impl UnderRoot {
             }
             e => WorkloadError::Precondition(format!("{field}: {sent}: {e}")),
         })?;
-        let HostPath::File { write } = kind else {
-            return Ok(fd);
-        };
         let st = rustix::fs::fstat(&fd)
             .map_err(|e| WorkloadError::Precondition(format!("{field}: {sent}: {e}")))?;
+        let write = match kind {
+            HostPath::Dir => return Ok(fd),
+            HostPath::DirOrFile => {
+                return match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Directory | FileType::RegularFile => Ok(fd),
+                    _ => Err(FieldError::new(
+                        field,
+                        format!("{sent} is neither a directory nor a regular file"),
+                    )
+                    .into()),
+                };
+            }
+            HostPath::File { write } => write,
+        };
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(FieldError::new(field, format!("{sent} is not a regular file")).into());
         }
