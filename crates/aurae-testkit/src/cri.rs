@@ -28,3 +28,229 @@ pub async fn clients(
         ImageServiceClient::new(ch),
     ))
 }
+
+/// What a streamed exec gave back: its output and the `Status` object its `error` stream
+/// carried (`{"status":"Success"}`, or a failure with its exit code), as `kubectl exec`
+/// reads them.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: String,
+}
+
+impl Streamed {
+    /// The exit code the status reports (0 for Success).
+    pub fn exit_code(&self) -> Option<i32> {
+        let v: serde_json::Value = serde_json::from_str(&self.status).ok()?;
+        if v["status"] == "Success" {
+            return Some(0);
+        }
+        v["details"]["causes"]
+            .as_array()?
+            .iter()
+            .find(|c| c["reason"] == "ExitCode")?["message"]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+/// Connects to a streaming URL (`http://host:port/path`) and upgrades to SPDY/3.1 offering
+/// `protocol`, as client-go's SPDY round tripper does. The refusal's status line and body
+/// as the error when the server does not switch.
+pub async fn upgrade(
+    url: &str,
+    protocol: &str,
+) -> anyhow::Result<(
+    aurae_client::spdy::FrameReader<
+        tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>,
+    >,
+    aurae_client::spdy::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("not an http URL: {url}"))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut conn = tokio::net::TcpStream::connect(host).await?;
+    conn.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!(
+                "closed before a response: {}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let mut rest = buf.split_off(end + 4);
+    let head = String::from_utf8_lossy(&buf).to_lowercase();
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    if !status.starts_with("http/1.1 101")
+        || !head.contains("upgrade: spdy/3.1")
+        || !head.contains(&format!("x-stream-protocol-version: {protocol}"))
+    {
+        // The body of a refusal (Connection: close): read it whole.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.read_to_end(&mut rest),
+        )
+        .await;
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&rest).trim());
+    }
+    let (r, w) = conn.into_split();
+    Ok((
+        aurae_client::spdy::FrameReader::new(std::io::Cursor::new(rest).chain(r)),
+        aurae_client::spdy::FrameWriter::new(w)?,
+    ))
+}
+
+/// Runs a CRI Exec URL to its end as `kubectl exec` does (`v4.channel.k8s.io`): streams
+/// `error`, then `stdin` (when `stdin` is given: written, then closed), `stdout`,
+/// `stderr`; reads until every stream the server writes has ended.
+pub async fn exec_stream(url: &str, stdin: Option<&[u8]>) -> anyhow::Result<Streamed> {
+    use aurae_client::spdy::{FLAG_FIN, Frame};
+    let (mut r, mut w) = upgrade(url, "v4.channel.k8s.io").await?;
+    let mut kinds = vec![("error", 1u32)];
+    if stdin.is_some() {
+        kinds.push(("stdin", 3));
+    }
+    kinds.push(("stdout", 5));
+    kinds.push(("stderr", 7));
+    for (kind, id) in &kinds {
+        w.send(&Frame::SynStream {
+            stream: *id,
+            associated: 0,
+            flags: 0,
+            headers: vec![("streamtype".into(), (*kind).into())],
+        })
+        .await?;
+    }
+    if let Some(input) = stdin {
+        for c in input.chunks(aurae_client::spdy::DATA_CHUNK) {
+            w.send(&Frame::Data {
+                stream: 3,
+                flags: 0,
+                data: c.to_vec(),
+            })
+            .await?;
+        }
+        w.send(&Frame::Data {
+            stream: 3,
+            flags: FLAG_FIN,
+            data: Vec::new(),
+        })
+        .await?;
+    }
+    let mut out = Streamed::default();
+    let mut status = Vec::new();
+    let mut open: std::collections::HashSet<u32> = [1, 5, 7].into();
+    while !open.is_empty() {
+        let Some(f) = r.next().await? else { break };
+        if let Frame::Data {
+            stream,
+            flags,
+            data,
+        } = f
+        {
+            match stream {
+                1 => status.extend(data),
+                5 => out.stdout.extend(data),
+                7 => out.stderr.extend(data),
+                _ => {}
+            }
+            if flags & FLAG_FIN != 0 {
+                open.remove(&stream);
+            }
+        }
+    }
+    out.status = String::from_utf8_lossy(&status).into_owned();
+    Ok(out)
+}
+
+/// One connection through a CRI PortForward URL (`portforward.k8s.io`), as `kubectl
+/// port-forward` makes it: an error stream (closed at once on our side) and a data stream
+/// for `port`, `request` written, then the data stream closed; returns what came back
+/// and what the error stream said.
+pub async fn port_forward_once(
+    url: &str,
+    port: u16,
+    request: &[u8],
+) -> anyhow::Result<(Vec<u8>, String)> {
+    use aurae_client::spdy::{FLAG_FIN, Frame};
+    let (mut r, mut w) = upgrade(url, "portforward.k8s.io").await?;
+    let headers = |kind: &str| {
+        vec![
+            ("streamtype".to_owned(), kind.to_owned()),
+            ("port".to_owned(), port.to_string()),
+            ("requestid".to_owned(), "0".to_owned()),
+        ]
+    };
+    w.send(&Frame::SynStream {
+        stream: 1,
+        associated: 0,
+        flags: 0,
+        headers: headers("error"),
+    })
+    .await?;
+    w.send(&Frame::Data {
+        stream: 1,
+        flags: FLAG_FIN,
+        data: Vec::new(),
+    })
+    .await?;
+    w.send(&Frame::SynStream {
+        stream: 3,
+        associated: 0,
+        flags: 0,
+        headers: headers("data"),
+    })
+    .await?;
+    w.send(&Frame::Data {
+        stream: 3,
+        flags: 0,
+        data: request.to_vec(),
+    })
+    .await?;
+    w.send(&Frame::Data {
+        stream: 3,
+        flags: FLAG_FIN,
+        data: Vec::new(),
+    })
+    .await?;
+    let (mut data, mut error) = (Vec::new(), Vec::new());
+    let mut open: std::collections::HashSet<u32> = [1, 3].into();
+    while !open.is_empty() {
+        let Some(f) = r.next().await? else { break };
+        if let Frame::Data {
+            stream,
+            flags,
+            data: d,
+        } = f
+        {
+            match stream {
+                1 => error.extend(d),
+                3 => data.extend(d),
+                _ => {}
+            }
+            if flags & FLAG_FIN != 0 {
+                open.remove(&stream);
+            }
+        }
+    }
+    Ok((data, String::from_utf8_lossy(&error).into_owned()))
+}

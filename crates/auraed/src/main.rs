@@ -62,6 +62,11 @@ struct Args {
     /// logs), e.g. /var/log/pods.
     #[arg(long, default_value = "/var/log/pods")]
     cri_log_root: PathBuf,
+    /// Where the CRI streaming server (the URLs Exec and PortForward answer, which kubelet
+    /// proxies to) listens, plain HTTP upgraded to SPDY; each URL carries a one-time
+    /// token. Port 0: one the kernel picks.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    cri_stream_address: SocketAddr,
     /// A directory CNI plugins are run from (repeatable, searched in order), e.g.
     /// /usr/lib/cni [default: /opt/cni/bin and /usr/lib/cni].
     #[arg(long = "cni-bin-dir")]
@@ -191,6 +196,7 @@ impl Args {
             cni_conf_dir,
             cni_bin_dir,
             cri_log_root,
+            cri_stream_address,
             state_dir,
             policy,
             handshake_timeout_s,
@@ -227,6 +233,7 @@ impl Args {
         take!(cri_identity, cri_identity.map(Some));
         take!(cni_conf_dir, cni_conf_dir);
         take!(cri_log_root, cri_log_root);
+        take!(cri_stream_address, cri_stream_address);
         take!(cni_bin_dirs, cni_bin_dir);
         take!(state_dir, state_dir);
         take!(policy, policy.map(Some));
@@ -382,6 +389,7 @@ fn main() -> ExitCode {
             socket,
             identity: args.cri_identity,
             log_root: args.cri_log_root,
+            stream_address: args.cri_stream_address,
             cni: auraed::cri::cni::CniConfig {
                 conf_dir: args.cni_conf_dir,
                 bin_dirs: if args.cni_bin_dirs.is_empty() {

@@ -99,6 +99,8 @@ pub struct CriConfig {
     pub cni: crate::cri::cni::CniConfig,
     /// Every sandbox's log directory must lie below it.
     pub log_root: PathBuf,
+    /// Where the streaming server (Exec, PortForward) listens.
+    pub stream_address: std::net::SocketAddr,
 }
 
 enum Io {
@@ -454,6 +456,8 @@ async fn start_cri(
         warn!("{w}");
     }
     cri.readopt().await;
+    cri.start_streaming(c.stream_address, shutdown.clone())
+        .await?;
     crate::cri::serve(c.socket.clone(), cri, shutdown).await
 }
 

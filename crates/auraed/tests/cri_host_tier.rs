@@ -1110,6 +1110,290 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     assert!(!cells(&e.d).await.iter().any(|c| c.starts_with("k8s-")));
 }
 
+/// Whether a process whose command line is `cmdline` (NUL-separated) runs on this host.
+fn running(cmdline: &[u8]) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|d| std::fs::read(d.path().join("cmdline")).is_ok_and(|c| c.starts_with(cmdline)))
+}
+
+/// Exec and PortForward through the streaming server, as kubelet proxies `kubectl exec`
+/// and `kubectl port-forward` to it: SPDY/3.1, `v4.channel.k8s.io` and
+/// `portforward.k8s.io`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_exec_and_port_forward_stream_over_spdy() {
+    use aurae_testkit::cri::{exec_stream, port_forward_once};
+    let Some(e) = env("cri_exec_and_port_forward_stream_over_spdy").await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let image = e.pulled(&mut im, "busybox").await;
+    let log_dir = e.log_dir("streams");
+    let sbc = sandbox_config("streams", "u9", &log_dir);
+    let sb = run_sandbox(&mut rt, &sbc).await;
+    let app = create(
+        &mut rt,
+        &sb,
+        container_config(
+            "web",
+            &image,
+            "mkdir -p /www && echo 'hello over port-forward' > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: app.clone(),
+    })
+    .await
+    .unwrap();
+    let exec = |cmd: &[&str], stdin: bool| cri::ExecRequest {
+        container_id: app.clone(),
+        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+        stdin,
+        stdout: true,
+        stderr: true,
+        tty: false,
+    };
+    // stdin through the container and back: 200 KiB, more than one frame each way.
+    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let url = rt
+        .exec(exec(&["cat"], true))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let out = exec_stream(&url, Some(&input)).await.unwrap();
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "the bytes came back as sent");
+    assert_eq!(out.exit_code(), Some(0), "{}", out.status);
+    // Both outputs apart, the exit code as kubectl reads it, inside the container.
+    let url = rt
+        .exec(exec(
+            &["sh", "-c", "echo out; hostname; echo err >&2; exit 3"],
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = exec_stream(&url, None).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nstreams-0\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(out.exit_code(), Some(3), "{}", out.status);
+    assert!(out.status.contains("NonZeroExitCode"), "{}", out.status);
+    // A URL is good once.
+    let again = exec_stream(&url, None).await.unwrap_err();
+    assert!(again.to_string().contains("404"), "{again}");
+    let forged = exec_stream(
+        &format!(
+            "{}/exec/{}",
+            &url[..url.rfind("/exec/").unwrap()],
+            "0".repeat(64)
+        ),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(forged.to_string().contains("404"), "{forged}");
+    // Only SPDY/3.1 with the protocol the session speaks.
+    let url = rt
+        .exec(exec(&["true"], false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let wrong = aurae_testkit::cri::upgrade(&url, "v1.channel.k8s.io")
+        .await
+        .unwrap_err();
+    assert!(wrong.to_string().contains("403"), "{wrong}");
+    // A missing program: the error stream says so, the connection ends cleanly.
+    let url = rt
+        .exec(exec(&["/no/such/program"], false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = exec_stream(&url, None).await.unwrap();
+    assert!(out.status.contains("Failure"), "{}", out.status);
+    assert!(out.status.contains("/no/such/program"), "{}", out.status);
+    // A client that leaves takes its command with it.
+    let url = rt
+        .exec(exec(&["sleep", "987"], true))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let (r, w) = aurae_testkit::cri::upgrade(&url, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    let mut w = w;
+    for (kind, id) in [("error", 1), ("stdin", 3), ("stdout", 5), ("stderr", 7)] {
+        w.send(&aurae_client::spdy::Frame::SynStream {
+            stream: id,
+            associated: 0,
+            flags: 0,
+            headers: vec![("streamtype".into(), kind.into())],
+        })
+        .await
+        .unwrap();
+    }
+    let t = Instant::now();
+    while !running(b"sleep\x00987") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the exec never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((r, w));
+    let t = Instant::now();
+    while running(b"sleep\x00987") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the exec outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Attacks on the server itself: each connection ends, the server serves the next.
+    let host = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    for junk in [
+        vec![b'a'; 20 << 10],
+        b"BREW /pot HTCPCP/1.0\r\n\r\n".to_vec(),
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let _ = c.write_all(&junk).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+            .await
+            .expect("the server closes a connection it cannot serve")
+            .ok();
+    }
+    // A header block that inflates past its bound: the session ends, nothing runs.
+    let url = rt
+        .exec(exec(&["sleep", "988"], false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let (mut r, mut w) = aurae_testkit::cri::upgrade(&url, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    w.send(&aurae_client::spdy::Frame::SynStream {
+        stream: 1,
+        associated: 0,
+        flags: 0,
+        headers: vec![
+            ("streamtype".into(), "error".into()),
+            ("x".into(), "a".repeat(1 << 20)),
+        ],
+    })
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = r.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the session ended");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running(b"sleep\x00988"), "nothing ran for it");
+
+    // Refused before any URL: a terminal, nothing to stream, no command, unknown ids.
+    let mut tty = exec(&["sh"], true);
+    tty.tty = true;
+    let err = rt.exec(tty).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("tty"), "{err:?}");
+    let mut none = exec(&["true"], false);
+    none.stdout = false;
+    none.stderr = false;
+    assert_eq!(
+        rt.exec(none).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        rt.exec(exec(&[], false)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut unknown = exec(&["true"], false);
+    unknown.container_id = "f".repeat(64);
+    assert_eq!(rt.exec(unknown).await.unwrap_err().code(), Code::NotFound);
+
+    // Port-forward into the pod's own loopback (the sandbox has no other network here).
+    let pf = |ports: Vec<i32>| cri::PortForwardRequest {
+        pod_sandbox_id: sb.clone(),
+        port: ports,
+    };
+    let mut body = String::new();
+    for _ in 0..100 {
+        let url = rt
+            .port_forward(pf(vec![8080]))
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let (data, error) = port_forward_once(&url, 8080, b"GET /index.html HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        body = String::from_utf8_lossy(&data).into_owned();
+        if body.contains("hello over port-forward") {
+            assert!(error.is_empty(), "{error}");
+            break;
+        }
+        // httpd may not listen yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(body.contains("hello over port-forward"), "{body}");
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let url = rt.port_forward(pf(vec![9])).await.unwrap().into_inner().url;
+    let (data, error) = port_forward_once(&url, 9, b"x").await.unwrap();
+    assert!(data.is_empty());
+    assert!(
+        error.contains("port 9") && error.contains("refused"),
+        "{error}"
+    );
+    // The pod's port is the pod's: the host's loopback does not serve its page.
+    if let Ok(mut c) = std::net::TcpStream::connect("127.0.0.1:8080") {
+        use std::io::{Read, Write};
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
+        let mut got = String::new();
+        let _ = c.read_to_string(&mut got);
+        assert!(!got.contains("hello over port-forward"), "{got}");
+    }
+    assert_eq!(
+        rt.port_forward(pf(vec![70000])).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut unknown = pf(vec![8080]);
+    unknown.pod_sandbox_id = "f".repeat(64);
+    assert_eq!(
+        rt.port_forward(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        rt.port_forward(pf(vec![8080])).await.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "a stopped sandbox has nothing to forward to"
+    );
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_calls_are_only_what_the_cri_identity_is_granted() {
     let Some(e) = env_with(

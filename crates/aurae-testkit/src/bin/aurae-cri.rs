@@ -7,7 +7,9 @@
 //!                                                     prints the sandbox id
 //!   | create SANDBOX NAME IMAGE -- CMD [ARG…]          prints the container id
 //!   | start ID | stop ID [--timeout S] | rm ID
-//!   | exec ID -- CMD [ARG…]                             its output; exits with its code
+//!   | exec [-i] ID -- CMD [ARG…]                        its output; exits with its code
+//!                                                     (-i: streamed, stdin sent)
+//!   | port-forward SANDBOX PORT                         stdin to the pod's PORT, the answer out
 //!   | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID
 //! ```
 //!
@@ -22,7 +24,7 @@ use aurae_proto::cri::v1 as cri;
 
 const USAGE: &str = "usage: aurae-cri [--socket PATH] version | images | pull IMAGE | \
 runp NAME [--namespace NS] [--log-dir DIR] [--dns IP] [--dns-search DOMAIN] | create SANDBOX NAME IMAGE -- CMD [ARG...] | \
-start ID | stop ID [--timeout S] | rm ID | exec ID -- CMD [ARG...] | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID";
+start ID | stop ID [--timeout S] | rm ID | exec [-i] ID -- CMD [ARG...] | port-forward SANDBOX PORT | pods | ps | inspectp ID | inspect ID | stopp ID | rmp ID";
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -190,6 +192,51 @@ async fn run(socket: PathBuf, args: Vec<String>) -> anyhow::Result<u8> {
                 .into_inner()
                 .container_id;
             println!("{id}");
+        }
+        ("exec", ["-i", id, "--", cmd @ ..]) if !cmd.is_empty() => {
+            // Streamed (Exec + the streaming server, as kubectl exec -i): stdin to its end.
+            let url = rt
+                .exec(cri::ExecRequest {
+                    container_id: (*id).to_owned(),
+                    cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+                    stdin: true,
+                    stdout: true,
+                    stderr: true,
+                    tty: false,
+                })
+                .await?
+                .into_inner()
+                .url;
+            let mut input = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)?;
+            let out = aurae_testkit::cri::exec_stream(&url, Some(&input)).await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&out.stdout)?;
+            std::io::stderr().write_all(&out.stderr)?;
+            let code = out
+                .exit_code()
+                .with_context(|| format!("the exec ended without an exit code: {}", out.status))?;
+            return Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255));
+        }
+        ("port-forward", [pod, port]) => {
+            // One connection to the pod's loopback PORT: stdin sent, the answer printed.
+            let port: u16 = port.parse().context("PORT")?;
+            let url = rt
+                .port_forward(cri::PortForwardRequest {
+                    pod_sandbox_id: (*pod).to_owned(),
+                    port: vec![i32::from(port)],
+                })
+                .await?
+                .into_inner()
+                .url;
+            let mut input = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)?;
+            let (data, error) = aurae_testkit::cri::port_forward_once(&url, port, &input).await?;
+            if !error.is_empty() {
+                bail!("{error}");
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(&data)?;
         }
         ("exec", [id, "--", cmd @ ..]) if !cmd.is_empty() => {
             let r = rt

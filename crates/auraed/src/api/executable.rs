@@ -119,18 +119,7 @@ impl Executables for ExecutablesApi {
         r: Request<pb::ExecRequest>,
     ) -> Result<Response<pb::ExecResponse>, Status> {
         let m = r.get_ref();
-        if m.argv.is_empty() || m.argv[0].is_empty() {
-            return Err(invalid(FieldError::new(
-                "argv",
-                "is empty: give the command to run",
-            )));
-        }
-        if m.argv.len() > 4096 || m.argv.iter().map(String::len).sum::<usize>() > 256 << 10 {
-            return Err(invalid(FieldError::new(
-                "argv",
-                "is longer than 4096 arguments or 256 KiB",
-            )));
-        }
+        exec_argv(&m.argv)?;
         let timeout = crate::spec::duration(
             "timeout",
             m.timeout.as_ref(),
@@ -167,6 +156,40 @@ impl Executables for ExecutablesApi {
     ) -> Result<Response<pb::ResourceStats>, Status> {
         let e = self.find(&r, Some(r.get_ref()))?;
         Ok(Response::new(process_stats(&e)))
+    }
+}
+
+/// An exec's command line: not empty, at most 4096 arguments and 256 KiB.
+fn exec_argv(argv: &[String]) -> Result<(), Status> {
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(invalid(FieldError::new(
+            "argv",
+            "is empty: give the command to run",
+        )));
+    }
+    if argv.len() > 4096 || argv.iter().map(String::len).sum::<usize>() > 256 << 10 {
+        return Err(invalid(FieldError::new(
+            "argv",
+            "is longer than 4096 arguments or 256 KiB",
+        )));
+    }
+    Ok(())
+}
+
+impl ExecutablesApi {
+    /// `Exec` with the command's stdio streamed rather than collected (the CRI streaming
+    /// server's exec): the same checks and authorization (the request's caller must be
+    /// granted `Executables/Exec` and the executable's names), the process returned
+    /// running; no timeout (the stream's end ends it: see the caller).
+    pub async fn exec_streaming(
+        &self,
+        r: Request<pb::ExecRequest>,
+        stdin: bool,
+    ) -> Result<crate::cell::exec::ExecProcess, Status> {
+        let m = r.get_ref();
+        exec_argv(&m.argv)?;
+        let er = Self::reference(&r, m.executable.as_ref())?;
+        Ok(self.cells.spawn_exec(&er, m.argv.clone(), stdin).await?)
     }
 }
 

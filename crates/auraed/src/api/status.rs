@@ -111,11 +111,11 @@ fn spawn_status(what: &str, e: aurae_sys::SpawnError) -> Status {
             | K::NotADirectory
             | K::InvalidInput
             | K::ExecutableFileBusy => {
-                Status::invalid_argument(format!("argv[0]: cannot execute it in the cell: {error}"))
+                Status::invalid_argument(format!("argv[0]: {what}: cannot execute it: {error}"))
             }
-            _ if error.raw_os_error() == Some(nix::libc::ENOEXEC) => {
-                Status::invalid_argument(format!("argv[0]: not an executable format: {error}"))
-            }
+            _ if error.raw_os_error() == Some(nix::libc::ENOEXEC) => Status::invalid_argument(
+                format!("argv[0]: {what}: not an executable format: {error}"),
+            ),
             _ => internal(format!("{what}: execute: {error}")),
         },
         (Step::CHANGE_DIRECTORY, _) => Status::invalid_argument(format!("working_dir: {error}")),

@@ -25,6 +25,18 @@ const MAX_ENVIRON: u64 = 128 << 10;
 /// The PATH searched when the container's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// A command started in a container, its stdio ours: what the CRI streaming server's
+/// exec copies to and from its client.
+#[derive(Debug)]
+pub struct ExecProcess {
+    /// Its pidfd and exit status (from the reaper).
+    pub child: crate::reaper::Child,
+    /// The write end of its stdin (None: its stdin is `/dev/null`).
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
 /// How an exec ended.
 #[derive(Debug)]
 pub struct ExecOutput {
@@ -71,14 +83,15 @@ fn drain(f: OwnedFd) -> (Vec<u8>, bool) {
 }
 
 impl Cells {
-    /// Runs `argv` in the running container executable `r` (see the module docs); killed
-    /// after `timeout` (then `Deadline`).
-    pub async fn exec_in(
+    /// Starts `argv` in the running container executable `r` (see the module docs), its
+    /// stdout and stderr pipes to us, its stdin a pipe from us with `stdin`, else
+    /// `/dev/null`.
+    pub async fn spawn_exec(
         self: &Arc<Self>,
         r: &ExecutableRef,
         argv: Vec<String>,
-        timeout: Duration,
-    ) -> Result<ExecOutput, WorkloadError> {
+        stdin: bool,
+    ) -> Result<ExecProcess, WorkloadError> {
         let exe = self.executable(r)?;
         let gone = || {
             WorkloadError::Precondition(format!(
@@ -101,7 +114,7 @@ impl Cells {
         let argv0 = argv.first().cloned().unwrap_or_default();
         let pid = exe.pid;
         let spawner = self.spawner.clone();
-        let started = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             // The container process's user and environment, read while it runs (checked
             // again after: a pid reused meanwhile is refused).
             let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -149,7 +162,13 @@ impl Cells {
                 enter: true,
             };
             let leaf = tree.leaf_fd(&cell.spec.name)?;
-            let devnull = std::fs::File::open("/dev/null")?;
+            let (in_r, in_w): (OwnedFd, Option<OwnedFd>) = if stdin {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(std::io::Error::from)?;
+                (r, Some(w))
+            } else {
+                (std::fs::File::open("/dev/null")?.into(), None)
+            };
             let (out_r, out_w) =
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
             let (err_r, err_w) =
@@ -162,7 +181,7 @@ impl Cells {
                 uid: Some(uid),
                 gid: Some(gid),
                 no_new_privs: true,
-                stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                stdio: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
                 pass_fd: None,
                 cgroup: Some(leaf.as_raw_fd()),
                 new_namespaces: Ns(0),
@@ -175,15 +194,35 @@ impl Cells {
                 container: Some(&setup),
             };
             let child = spawner.spawn(&req).map_err(|source| WorkloadError::Spawn {
-                what: format!("exec in {}/{}", cell.spec.name, exe.name),
+                what: format!("exec of {argv0:?} in {}/{}", cell.spec.name, exe.name),
                 source,
             })?;
-            drop((out_w, err_w));
-            Ok::<_, WorkloadError>((child, out_r, err_r))
+            drop((in_r, out_w, err_w));
+            Ok::<_, WorkloadError>(ExecProcess {
+                child,
+                stdin: in_w,
+                stdout: out_r,
+                stderr: err_r,
+            })
         })
         .await
-        .map_err(|e| WorkloadError::Precondition(format!("exec task: {e}")))??;
-        let (child, out_r, err_r) = started;
+        .map_err(|e| WorkloadError::Precondition(format!("exec task: {e}")))?
+    }
+
+    /// Runs `argv` in the running container executable `r` (see the module docs); killed
+    /// after `timeout` (then `Deadline`).
+    pub async fn exec_in(
+        self: &Arc<Self>,
+        r: &ExecutableRef,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, WorkloadError> {
+        let ExecProcess {
+            child,
+            stdout: out_r,
+            stderr: err_r,
+            ..
+        } = self.spawn_exec(r, argv, false).await?;
         let out = tokio::task::spawn_blocking(move || drain(out_r));
         let err = tokio::task::spawn_blocking(move || drain(err_r));
         let pidfd = child.pidfd.clone();

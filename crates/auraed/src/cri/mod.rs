@@ -10,10 +10,10 @@
 //! in durable records (`<state>/records/cri-sandbox`, `cri-container`) and re-adopted
 //! with the cells after a restart.
 //!
-//! Pod networks come from CNI ([`cni`]); ExecSync runs through `Executables/Exec`. Not
-//! built yet, answered UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler, the
-//! streaming calls (Exec, Attach, PortForward), container resource updates, checkpoints,
-//! container events, metric descriptors.
+//! Pod networks come from CNI ([`cni`]); ExecSync runs through `Executables/Exec`; Exec
+//! and PortForward through the streaming server ([`stream`]). Not built yet, answered
+//! UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler, Attach, container
+//! resource updates, checkpoints, container events, metric descriptors.
 //!
 //! Calls that change something run in a task of their own (a kubelet that gives up cannot
 //! leave a cell or an address half-made), records change in place under one lock (a
@@ -24,6 +24,7 @@ pub mod cni;
 pub mod image;
 pub mod log;
 pub mod runtime;
+pub mod stream;
 
 use std::{
     collections::BTreeMap,
@@ -191,6 +192,8 @@ pub struct Cri {
     /// Where the image store lives (ImageFsInfo).
     images_dir: PathBuf,
     cni: cni::Cni,
+    /// The streaming server (Exec, PortForward), once it listens.
+    streams: std::sync::OnceLock<Arc<stream::Streams>>,
 }
 
 impl Cri {
@@ -243,6 +246,7 @@ impl Cri {
             pod_cidr: Mutex::new(String::new()),
             images_dir,
             cni,
+            streams: std::sync::OnceLock::new(),
         });
         (cri, warnings)
     }
@@ -351,6 +355,24 @@ impl Cri {
         std::fs::File::open(format!("/proc/{pid}/ns/net"))
             .ok()
             .map(std::os::fd::OwnedFd::from)
+    }
+
+    /// Starts the streaming server on `addr` (Exec and PortForward answer its URLs).
+    pub async fn start_streaming(
+        &self,
+        addr: std::net::SocketAddr,
+        shutdown: tokio::sync::watch::Receiver<Option<std::time::Duration>>,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        let s = stream::start(addr, self.executables.clone(), shutdown).await?;
+        let bound = s.addr();
+        let _ = self.streams.set(s);
+        Ok(bound)
+    }
+
+    fn streams(&self) -> Result<&Arc<stream::Streams>, Status> {
+        self.streams
+            .get()
+            .ok_or_else(|| Status::unavailable("the CRI streaming server is not listening"))
     }
 
     /// What the CNI plugins are told about a sandbox.

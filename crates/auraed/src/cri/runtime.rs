@@ -1458,8 +1458,51 @@ impl RuntimeService for CriRuntime {
         &self,
         r: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        self.cri().container(&r.get_ref().container_id)?;
-        Err(unimplemented("Exec", "the CRI streaming server"))
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        let c = cri.container(&m.container_id)?;
+        if m.tty {
+            return Err(invalid(
+                "tty",
+                "a terminal for an exec is not built yet (run without -t)",
+            ));
+        }
+        if !(m.stdin || m.stdout || m.stderr) {
+            return Err(invalid(
+                "stdin",
+                "one of stdin, stdout and stderr must be asked for",
+            ));
+        }
+        if m.cmd.is_empty() || m.cmd[0].is_empty() {
+            return Err(invalid("cmd", "is empty: give the command to run"));
+        }
+        if c.started_at.is_none() || self.observe_if_running(&c).await.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        // Authorized now, as the CRI identity; run when kubelet connects to the URL.
+        let request = cri.call(
+            svc::EXECUTABLES,
+            "Exec",
+            pb::ExecRequest {
+                executable: Some(pb::ExecutableRef {
+                    cell: sb.cell,
+                    name: c.executable.clone(),
+                }),
+                argv: m.cmd,
+                timeout: None,
+            },
+        )?;
+        let url = cri.streams()?.issue(super::stream::Pending::Exec {
+            request,
+            stdin: m.stdin,
+            stdout: m.stdout,
+            stderr: m.stderr,
+        })?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
@@ -1467,15 +1510,49 @@ impl RuntimeService for CriRuntime {
         r: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
         self.cri().container(&r.get_ref().container_id)?;
-        Err(unimplemented("Attach", "the CRI streaming server"))
+        Err(unimplemented(
+            "Attach",
+            "attaching to a container's own stdio (its output is in its log; use Exec for a command)",
+        ))
     }
 
     async fn port_forward(
         &self,
         r: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        self.cri().sandbox(&r.get_ref().pod_sandbox_id)?;
-        Err(unimplemented("PortForward", "the CRI streaming server"))
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        let sb = cri.sandbox(&m.pod_sandbox_id)?;
+        for (i, p) in m.port.iter().enumerate() {
+            if !(1..=65535).contains(p) {
+                return Err(invalid(
+                    &format!("port[{i}]"),
+                    format!("{p} is outside 1..=65535"),
+                ));
+            }
+        }
+        if !self.sandbox_ready(&sb).await {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {} is not ready",
+                sb.id
+            )));
+        }
+        // A port-forward reaches the pod's loopback: no further than an exec in it could,
+        // so it takes the same grant on the sandbox's cell.
+        let request = cri.call(svc::EXECUTABLES, "Exec", ())?;
+        let caller = request
+            .extensions()
+            .get::<crate::api::authz::Caller>()
+            .ok_or_else(|| Status::internal("a CRI call without its caller"))?;
+        caller.authorize_name(&sb.cell)?;
+        let netns = cri.netns_of(&sb.cell).ok_or_else(|| {
+            Status::failed_precondition(format!("the init of cell {} is gone", sb.cell))
+        })?;
+        let url = cri.streams()?.issue(super::stream::Pending::PortForward {
+            sandbox: sb.id.clone(),
+            netns: Arc::new(netns),
+        })?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(
