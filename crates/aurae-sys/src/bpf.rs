@@ -688,6 +688,7 @@ mod tests {
             gid: None,
             no_new_privs: false,
             stdio: [devnull.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+            controlling_terminal: false,
             pass_fd: None,
             cgroup: Some(cg.as_raw_fd()),
             new_namespaces: crate::Namespaces::default(),

@@ -17,6 +17,7 @@ pub mod net;
 pub mod netlink;
 pub mod pidfd;
 pub mod process;
+pub mod pty;
 pub mod random;
 pub mod spawn;
 

@@ -70,6 +70,10 @@ pub struct SpawnRequest<'a> {
     pub no_new_privs: bool,
     /// Become fds 0, 1, 2 of the child.
     pub stdio: [RawFd; 3],
+    /// Start a session (`setsid`) and take fd 0, a terminal's slave side, as its
+    /// controlling terminal (`TIOCSCTTY`): an interactive shell's job control and
+    /// `/dev/tty` then work.
+    pub controlling_terminal: bool,
     /// Becomes fd 3 of the child (e.g. a readiness pipe).
     pub pass_fd: Option<RawFd>,
     /// cgroup v2 directory to be born in (`CLONE_INTO_CGROUP`).
@@ -199,7 +203,7 @@ impl std::fmt::Display for Step {
 /// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-const STEPS: [&str; 13] = [
+const STEPS: [&str; 14] = [
     "join namespaces (setns)",
     "unshare namespaces",
     "set up stdio",
@@ -213,6 +217,7 @@ const STEPS: [&str; 13] = [
     "verify credentials",
     "set no_new_privs",
     "set the open-file limit",
+    "take the terminal (setsid, TIOCSCTTY)",
 ];
 
 /// Layout of `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
@@ -476,6 +481,11 @@ unsafe fn child(
                 fail(err_w, 2);
             }
         }
+        if req.controlling_terminal
+            && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0)
+        {
+            fail(err_w, 13);
+        }
         if let Some(fd) = req.pass_fd
             && libc::dup2(fd, crate::fd::PASSED_FD) < 0
         {
@@ -609,6 +619,7 @@ mod tests {
             gid,
             no_new_privs,
             stdio: [fd, fd, fd],
+            controlling_terminal: false,
             pass_fd: None,
             cgroup: None,
             new_namespaces: Namespaces::default(),

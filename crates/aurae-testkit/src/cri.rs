@@ -123,6 +123,16 @@ pub async fn upgrade(
 /// `error`, then `stdin` (when `stdin` is given: written, then closed), `stdout`,
 /// `stderr`; reads until every stream the server writes has ended.
 pub async fn exec_stream(url: &str, stdin: Option<&[u8]>) -> anyhow::Result<Streamed> {
+    exec_stream_with(url, stdin, None).await
+}
+
+/// [`exec_stream`], with a terminal of `size` (columns, rows) when given, as `kubectl
+/// exec -t` asks: no `stderr` stream, a `resize` stream carrying the size first.
+pub async fn exec_stream_with(
+    url: &str,
+    stdin: Option<&[u8]>,
+    size: Option<(u16, u16)>,
+) -> anyhow::Result<Streamed> {
     use aurae_client::spdy::{FLAG_FIN, Frame};
     let (mut r, mut w) = upgrade(url, "v4.channel.k8s.io").await?;
     let mut kinds = vec![("error", 1u32)];
@@ -130,13 +140,25 @@ pub async fn exec_stream(url: &str, stdin: Option<&[u8]>) -> anyhow::Result<Stre
         kinds.push(("stdin", 3));
     }
     kinds.push(("stdout", 5));
-    kinds.push(("stderr", 7));
+    if size.is_some() {
+        kinds.push(("resize", 9));
+    } else {
+        kinds.push(("stderr", 7));
+    }
     for (kind, id) in &kinds {
         w.send(&Frame::SynStream {
             stream: *id,
             associated: 0,
             flags: 0,
             headers: vec![("streamtype".into(), (*kind).into())],
+        })
+        .await?;
+    }
+    if let Some((cols, rows)) = size {
+        w.send(&Frame::Data {
+            stream: 9,
+            flags: 0,
+            data: format!("{{\"Width\":{cols},\"Height\":{rows}}}\n").into_bytes(),
         })
         .await?;
     }
@@ -158,7 +180,11 @@ pub async fn exec_stream(url: &str, stdin: Option<&[u8]>) -> anyhow::Result<Stre
     }
     let mut out = Streamed::default();
     let mut status = Vec::new();
-    let mut open: std::collections::HashSet<u32> = [1, 5, 7].into();
+    let mut open: std::collections::HashSet<u32> = if size.is_some() {
+        [1, 5].into()
+    } else {
+        [1, 5, 7].into()
+    };
     while !open.is_empty() {
         let Some(f) = r.next().await? else { break };
         if let Frame::Data {

@@ -1304,12 +1304,28 @@ async fn cri_exec_and_port_forward_stream_over_spdy() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!running(b"sleep\x00988"), "nothing ran for it");
 
-    // Refused before any URL: a terminal, nothing to stream, no command, unknown ids.
+    // A terminal, as kubectl exec -it: the container's own pseudo-terminal (tty names it,
+    // its size is what the client sent), the shell's input echoed, its exit code.
     let mut tty = exec(&["sh"], true);
     tty.tty = true;
-    let err = rt.exec(tty).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("tty"), "{err:?}");
+    let url = rt.exec(tty).await.unwrap().into_inner().url;
+    let out = aurae_testkit::cri::exec_stream_with(
+        &url,
+        Some(b"stty size; tty; test -t 0 && echo on-a-terminal; exit 5\n"),
+        Some((100, 30)),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("30 100"), "{text}");
+    assert!(
+        text.contains("/dev/pts/0"),
+        "the container's devpts: {text}"
+    );
+    assert!(text.contains("on-a-terminal"), "{text}");
+    assert!(out.stderr.is_empty(), "with a terminal everything is on it");
+    assert_eq!(out.exit_code(), Some(5), "{}", out.status);
+    // Refused before any URL: nothing to stream, no command, unknown ids.
     let mut none = exec(&["true"], false);
     none.stdout = false;
     none.stderr = false;

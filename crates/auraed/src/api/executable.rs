@@ -184,12 +184,12 @@ impl ExecutablesApi {
     pub async fn exec_streaming(
         &self,
         r: Request<pb::ExecRequest>,
-        stdin: bool,
+        stdio: crate::cell::exec::ExecStdio,
     ) -> Result<crate::cell::exec::ExecProcess, Status> {
         let m = r.get_ref();
         exec_argv(&m.argv)?;
         let er = Self::reference(&r, m.executable.as_ref())?;
-        Ok(self.cells.spawn_exec(&er, m.argv.clone(), stdin).await?)
+        Ok(self.cells.spawn_exec(&er, m.argv.clone(), stdio).await?)
     }
 }
 

@@ -31,10 +31,23 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct ExecProcess {
     /// Its pidfd and exit status (from the reaper).
     pub child: crate::reaper::Child,
-    /// The write end of its stdin (None: its stdin is `/dev/null`).
+    /// The write end of its stdin pipe (None: `/dev/null`, or the terminal).
     pub stdin: Option<OwnedFd>,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    /// The read ends of its output pipes (None with a terminal).
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// With a terminal: its master side (the process's stdio and controlling terminal is
+    /// the slave side; its input is written here, its output read here).
+    pub terminal: Option<OwnedFd>,
+}
+
+/// How an exec's stdio is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStdio {
+    /// Output through pipes; stdin a pipe from us when `stdin`, else `/dev/null`.
+    Pipes { stdin: bool },
+    /// A pseudo-terminal: all three on its slave side, its controlling terminal too.
+    Terminal,
 }
 
 /// How an exec ended.
@@ -73,6 +86,42 @@ fn candidates(argv0: &str, env: &[CString]) -> Vec<String> {
         .collect()
 }
 
+/// The container's `/dev/pts/ptmx`, opened through the root of its process `pid`
+/// (`openat2` in that root, no symlink or magic link followed) and checked to be the
+/// pseudo-terminal multiplexer (character device 5:2): a new terminal of the container's
+/// devpts.
+fn container_ptmx(pid: i32) -> Result<OwnedFd, WorkloadError> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    let fail = |e: std::io::Error| {
+        WorkloadError::Precondition(format!(
+            "a terminal in the container (its /dev/pts/ptmx): {e}"
+        ))
+    };
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| fail(e.into()))?;
+    let master = rustix::fs::openat2(
+        &root,
+        "dev/pts/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| fail(e.into()))?;
+    let st = rustix::fs::fstat(&master).map_err(|e| fail(e.into()))?;
+    let dev = st.st_rdev;
+    if FileType::from_raw_mode(st.st_mode) != FileType::CharacterDevice
+        || rustix::fs::major(dev) != 5
+        || rustix::fs::minor(dev) != 2
+    {
+        return Err(fail(std::io::Error::other("not the ptmx device")));
+    }
+    Ok(master)
+}
+
 /// Reads `f` to its end, keeping at most [`MAX_EXEC_OUTPUT`] bytes; (kept, truncated).
 fn drain(f: OwnedFd) -> (Vec<u8>, bool) {
     let mut f = std::fs::File::from(f);
@@ -84,13 +133,12 @@ fn drain(f: OwnedFd) -> (Vec<u8>, bool) {
 
 impl Cells {
     /// Starts `argv` in the running container executable `r` (see the module docs), its
-    /// stdout and stderr pipes to us, its stdin a pipe from us with `stdin`, else
-    /// `/dev/null`.
+    /// stdio wired as `stdio` says.
     pub async fn spawn_exec(
         self: &Arc<Self>,
         r: &ExecutableRef,
         argv: Vec<String>,
-        stdin: bool,
+        stdio: ExecStdio,
     ) -> Result<ExecProcess, WorkloadError> {
         let exe = self.executable(r)?;
         let gone = || {
@@ -125,6 +173,12 @@ impl Cells {
             std::fs::File::open(format!("/proc/{pid}/environ"))?
                 .take(MAX_ENVIRON)
                 .read_to_end(&mut environ)?;
+            // A terminal from the container's own devpts (opened through its root, never
+            // following a link; checked to be the ptmx device), before the check below.
+            let master = match stdio {
+                ExecStdio::Terminal => Some(container_ptmx(pid)?),
+                ExecStdio::Pipes { .. } => None,
+            };
             if crate::workload::supervise::has_exited(&target) {
                 return Err(WorkloadError::Precondition(format!(
                     "process {pid} ended while exec read its user"
@@ -162,17 +216,30 @@ impl Cells {
                 enter: true,
             };
             let leaf = tree.leaf_fd(&cell.spec.name)?;
-            let (in_r, in_w): (OwnedFd, Option<OwnedFd>) = if stdin {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                    .map_err(std::io::Error::from)?;
-                (r, Some(w))
-            } else {
-                (std::fs::File::open("/dev/null")?.into(), None)
+            // What the child gets as fds 0, 1, 2, and what we keep.
+            let pipe =
+                || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+            let (child_fds, ours) = match stdio {
+                ExecStdio::Pipes { stdin } => {
+                    let (in_r, in_w): (OwnedFd, Option<OwnedFd>) = if stdin {
+                        let (r, w) = pipe()?;
+                        (r, Some(w))
+                    } else {
+                        (std::fs::File::open("/dev/null")?.into(), None)
+                    };
+                    let (out_r, out_w) = pipe()?;
+                    let (err_r, err_w) = pipe()?;
+                    ([in_r, out_w, err_w], (in_w, Some(out_r), Some(err_r), None))
+                }
+                ExecStdio::Terminal => {
+                    let master = master.ok_or_else(|| {
+                        WorkloadError::Precondition("exec: no terminal was opened".into())
+                    })?;
+                    let slave = aurae_sys::pty::open_peer(std::os::fd::AsFd::as_fd(&master))?;
+                    let (a, b) = (slave.try_clone()?, slave.try_clone()?);
+                    ([slave, a, b], (None, None, None, Some(master)))
+                }
             };
-            let (out_r, out_w) =
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
-            let (err_r, err_w) =
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
             let req = SpawnRequest {
                 program: Program::Path(c"/"),
                 argv: &argv_c,
@@ -181,7 +248,12 @@ impl Cells {
                 uid: Some(uid),
                 gid: Some(gid),
                 no_new_privs: true,
-                stdio: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                stdio: [
+                    child_fds[0].as_raw_fd(),
+                    child_fds[1].as_raw_fd(),
+                    child_fds[2].as_raw_fd(),
+                ],
+                controlling_terminal: stdio == ExecStdio::Terminal,
                 pass_fd: None,
                 cgroup: Some(leaf.as_raw_fd()),
                 new_namespaces: Ns(0),
@@ -197,12 +269,14 @@ impl Cells {
                 what: format!("exec of {argv0:?} in {}/{}", cell.spec.name, exe.name),
                 source,
             })?;
-            drop((in_r, out_w, err_w));
+            drop(child_fds);
+            let (stdin, stdout, stderr, terminal) = ours;
             Ok::<_, WorkloadError>(ExecProcess {
                 child,
-                stdin: in_w,
-                stdout: out_r,
-                stderr: err_r,
+                stdin,
+                stdout,
+                stderr,
+                terminal,
             })
         })
         .await
@@ -219,10 +293,17 @@ impl Cells {
     ) -> Result<ExecOutput, WorkloadError> {
         let ExecProcess {
             child,
-            stdout: out_r,
-            stderr: err_r,
+            stdout: Some(out_r),
+            stderr: Some(err_r),
             ..
-        } = self.spawn_exec(r, argv, false).await?;
+        } = self
+            .spawn_exec(r, argv, ExecStdio::Pipes { stdin: false })
+            .await?
+        else {
+            return Err(WorkloadError::Precondition(
+                "exec: its output pipes are missing".into(),
+            ));
+        };
         let out = tokio::task::spawn_blocking(move || drain(out_r));
         let err = tokio::task::spawn_blocking(move || drain(err_r));
         let pidfd = child.pidfd.clone();

@@ -571,6 +571,7 @@ impl Cells {
             gid: None,
             no_new_privs: true,
             stdio: [null, null, null],
+            controlling_terminal: false,
             pass_fd: Some(theirs.as_raw_fd()),
             cgroup: Some(leaf.as_raw_fd()),
             new_namespaces,

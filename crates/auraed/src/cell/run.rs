@@ -172,6 +172,7 @@ impl Cells {
                     gid: Some(gid),
                     no_new_privs: !allow_new_privileges,
                     stdio: prepared.stdio(),
+                    controlling_terminal: false,
                     pass_fd: None,
                     cgroup: Some(leaf.as_raw_fd()),
                     new_namespaces: Ns(0),

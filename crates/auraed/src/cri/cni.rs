@@ -404,6 +404,7 @@ fn start(
         gid: None,
         no_new_privs: false,
         stdio: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        controlling_terminal: false,
         pass_fd: netns.map(AsRawFd::as_raw_fd),
         cgroup: None,
         new_namespaces: Ns(0),

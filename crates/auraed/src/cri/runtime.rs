@@ -1461,12 +1461,6 @@ impl RuntimeService for CriRuntime {
         let cri = self.cri().clone();
         let m = r.into_inner();
         let c = cri.container(&m.container_id)?;
-        if m.tty {
-            return Err(invalid(
-                "tty",
-                "a terminal for an exec is not built yet (run without -t)",
-            ));
-        }
         if !(m.stdin || m.stdout || m.stderr) {
             return Err(invalid(
                 "stdin",
@@ -1501,6 +1495,7 @@ impl RuntimeService for CriRuntime {
             stdin: m.stdin,
             stdout: m.stdout,
             stderr: m.stderr,
+            tty: m.tty,
         })?;
         Ok(Response::new(cri::ExecResponse { url }))
     }

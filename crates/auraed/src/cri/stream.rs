@@ -62,6 +62,8 @@ pub enum Pending {
         stdin: bool,
         stdout: bool,
         stderr: bool,
+        /// A terminal: stdin and stdout through it (no stderr), and a `resize` stream.
+        tty: bool,
     },
     PortForward {
         sandbox: String,
@@ -320,9 +322,15 @@ impl Streams {
                 stdin,
                 stdout,
                 stderr,
+                tty,
             } => {
-                self.exec(reader, tx.clone(), request, stdin, stdout, stderr)
-                    .await
+                let streams = Wanted {
+                    stdin,
+                    stdout,
+                    stderr: stderr && !tty,
+                    tty,
+                };
+                self.exec(reader, tx.clone(), request, streams).await
             }
             Pending::PortForward { sandbox, netns } => {
                 port_forward(reader, tx.clone(), &sandbox, netns).await
@@ -450,11 +458,9 @@ fn failure_json(message: &str) -> String {
     serde_json::json!({"metadata": {}, "status": "Failure", "message": message}).to_string()
 }
 
-/// Copies a pipe to a stream, then ends the stream.
-async fn pump(fd: OwnedFd, tx: Tx, stream: Option<u32>) {
-    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
+/// Copies a pipe (or a terminal's master side) to a stream, then ends the stream (at the
+/// end of the output, or EIO: no process holds the terminal any more).
+async fn pump(mut rx: tokio::net::unix::pipe::Receiver, tx: Tx, stream: Option<u32>) {
     let mut buf = vec![0u8; spdy::DATA_CHUNK];
     loop {
         match rx.read(&mut buf).await {
@@ -473,24 +479,74 @@ async fn pump(fd: OwnedFd, tx: Tx, stream: Option<u32>) {
     }
 }
 
+/// A terminal's master side as tokio reads and writes it (non-blocking, one description
+/// shared by the three fds): its output, its input, and the fd its size is set on.
+fn terminal_ends(
+    master: OwnedFd,
+) -> std::io::Result<(
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Sender,
+    OwnedFd,
+)> {
+    use tokio::net::unix::pipe::{Receiver, Sender};
+    let fl = rustix::fs::fcntl_getfl(&master)?;
+    rustix::fs::fcntl_setfl(&master, fl | rustix::fs::OFlags::NONBLOCK)?;
+    // Not a pipe, but a character device tokio's pipe types read and write alike.
+    let rx = Receiver::from_owned_fd_unchecked(master.try_clone()?)?;
+    let tx = Sender::from_owned_fd_unchecked(master.try_clone()?)?;
+    Ok((rx, tx, master))
+}
+
+/// The streams an exec's client opens (besides `error`).
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
+/// Window sizes as kubectl sends them on the `resize` stream: JSON objects, one after
+/// another; the last complete one read is returned, the rest kept in `pending`.
+fn last_size(pending: &mut Vec<u8>) -> Option<(u16, u16)> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Size {
+        width: u16,
+        height: u16,
+    }
+    let mut last = None;
+    let mut used = 0;
+    let mut it = serde_json::Deserializer::from_slice(pending).into_iter::<Size>();
+    while let Some(Ok(sz)) = it.next() {
+        used = it.byte_offset();
+        last = Some((sz.width, sz.height));
+    }
+    pending.drain(..used);
+    // Garbage that never parses is not kept growing.
+    if pending.len() > 4096 {
+        pending.clear();
+    }
+    last
+}
+
 impl Streams {
     async fn exec(
         &self,
         mut reader: Reader,
         tx: Tx,
         request: Request<pb::ExecRequest>,
-        stdin: bool,
-        stdout: bool,
-        stderr: bool,
+        want: Wanted,
     ) -> anyhow::Result<()> {
         let argv = request.get_ref().argv.clone();
         // The client opens its streams first: error always, the others as asked for.
         let mut ids: HashMap<&'static str, u32> = HashMap::new();
         let wanted: Vec<&'static str> = [
             ("error", true),
-            ("stdin", stdin),
-            ("stdout", stdout),
-            ("stderr", stderr),
+            ("stdin", want.stdin),
+            ("stdout", want.stdout),
+            ("stderr", want.stderr),
+            ("resize", want.tty),
         ]
         .into_iter()
         .filter(|(_, w)| *w)
@@ -534,7 +590,12 @@ impl Streams {
             Err(_) => anyhow::bail!("the client opened {ids:?} of {wanted:?} within {HANDSHAKE:?}"),
         }
         let error = ids["error"];
-        let process = match self.executables.exec_streaming(request, stdin).await {
+        let stdio = if want.tty {
+            crate::cell::exec::ExecStdio::Terminal
+        } else {
+            crate::cell::exec::ExecStdio::Pipes { stdin: want.stdin }
+        };
+        let process = match self.executables.exec_streaming(request, stdio).await {
             Ok(p) => p,
             Err(e) => {
                 data(&tx, error, failure_json(e.message()).as_bytes(), true).await;
@@ -544,33 +605,71 @@ impl Streams {
                 return Ok(());
             }
         };
-        info!(argv = ?argv, pid = process.child.pid, "CRI stream: exec started");
-        let out = tokio::spawn(pump(process.stdout, tx.clone(), ids.get("stdout").copied()));
-        let err = tokio::spawn(pump(process.stderr, tx.clone(), ids.get("stderr").copied()));
+        info!(argv = ?argv, pid = process.child.pid, tty = want.tty, "CRI stream: exec started");
+        let (stdout_id, stderr_id) = (ids.get("stdout").copied(), ids.get("stderr").copied());
+        let mut pumps = Vec::new();
+        let mut terminal = None;
+        let mut stdin_w = None;
+        if let Some(master) = process.terminal {
+            let (rx, w, ctl) = terminal_ends(master)?;
+            pumps.push(tokio::spawn(pump(rx, tx.clone(), stdout_id)));
+            stdin_w = Some(w);
+            terminal = Some(ctl);
+        }
+        for (fd, id) in [(process.stdout, stdout_id), (process.stderr, stderr_id)] {
+            if let Some(fd) = fd {
+                let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+                pumps.push(tokio::spawn(pump(rx, tx.clone(), id)));
+            }
+        }
+        if let Some(fd) = process.stdin {
+            stdin_w = Some(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?);
+        }
         let stdin_id = ids.get("stdin").copied();
-        let mut stdin_pipe = match process.stdin {
-            Some(fd) => Some(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?),
-            None => None,
-        };
+        let resize_id = ids.get("resize").copied();
+        let mut stdin_open = want.stdin;
+        let mut sizes = Vec::new();
         let pidfd = process.child.pidfd.clone();
         let mut exit = process.child.exit;
-        // The client's frames until the command ends: stdin, pings, its leaving.
+        // The client's frames until the command ends: stdin, sizes, pings, its leaving.
         let status = loop {
             tokio::select! {
                 s = &mut exit => break s.ok(),
                 f = reader.next() => match f {
                     Ok(Some(Frame::Data { stream, flags, data })) if Some(stream) == stdin_id => {
-                        if let Some(p) = stdin_pipe.as_mut()
-                            && p.write_all(&data).await.is_err()
+                        if stdin_open
+                            && let Some(w) = stdin_w.as_mut()
+                            && w.write_all(&data).await.is_err()
                         {
-                            stdin_pipe = None;
+                            stdin_open = false;
+                            stdin_w = None;
                         }
                         if flags & FLAG_FIN != 0 {
-                            stdin_pipe = None;
+                            // The end of input: a pipe is closed; a terminal gets its EOF
+                            // character (and stays: its output goes on).
+                            if stdin_open
+                                && terminal.is_some()
+                                && let Some(w) = stdin_w.as_mut()
+                            {
+                                let _ = w.write_all(&[4]).await;
+                            } else {
+                                stdin_w = None;
+                            }
+                            stdin_open = false;
+                        }
+                    }
+                    Ok(Some(Frame::Data { stream, data, .. })) if Some(stream) == resize_id => {
+                        sizes.extend_from_slice(&data);
+                        if let (Some((w, h)), Some(t)) = (last_size(&mut sizes), &terminal) {
+                            use std::os::fd::AsFd;
+                            let _ = aurae_sys::pty::set_window_size(t.as_fd(), w, h);
                         }
                     }
                     Ok(Some(Frame::RstStream { stream, .. })) if Some(stream) == stdin_id => {
-                        stdin_pipe = None;
+                        if terminal.is_none() {
+                            stdin_w = None;
+                        }
+                        stdin_open = false;
                     }
                     Ok(Some(Frame::Ping { id })) => {
                         send(&tx, Frame::Ping { id }).await;
@@ -584,19 +683,31 @@ impl Streams {
                         let _ = pidfd.send_signal(nix::libc::SIGKILL);
                         let _ = (&mut exit).await;
                         warn!(argv = ?argv, "CRI stream: the client left before its exec ended: killed");
-                        out.abort();
-                        err.abort();
+                        for p in &pumps {
+                            p.abort();
+                        }
                         return Ok(());
                     }
                 },
             }
         };
-        drop(stdin_pipe);
-        let _ = tokio::time::timeout(OUTPUT_GRACE, async {
-            let _ = out.await;
-            let _ = err.await;
+        drop(stdin_w);
+        let drained = tokio::time::timeout(OUTPUT_GRACE, async {
+            for p in &mut pumps {
+                let _ = p.await;
+            }
         })
         .await;
+        if drained.is_err() {
+            // Something the command started still holds its output: the stream ends
+            // here all the same.
+            for p in &pumps {
+                p.abort();
+            }
+            for s in [stdout_id, stderr_id].into_iter().flatten() {
+                data(&tx, s, &[], true).await;
+            }
+        }
         let code = match status {
             Some(aurae_sys::ExitStatus::Code(c)) => c,
             Some(aurae_sys::ExitStatus::Signal(s)) => 128 + s,
@@ -842,6 +953,18 @@ mod tests {
         }
         let full = t.issue(forward()).unwrap_err();
         assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn window_sizes_are_read_as_kubectl_sends_them() {
+        let mut p = br#"{"Width":80,"Height":24}{"Width":100,"Height":"#.to_vec();
+        assert_eq!(last_size(&mut p), Some((80, 24)));
+        p.extend_from_slice(b"30}\n");
+        assert_eq!(last_size(&mut p), Some((100, 30)));
+        assert_eq!(last_size(&mut p), None);
+        let mut junk = vec![b'x'; 5000];
+        assert_eq!(last_size(&mut junk), None);
+        assert!(junk.is_empty(), "garbage is not kept");
     }
 
     #[test]

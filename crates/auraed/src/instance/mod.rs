@@ -776,6 +776,7 @@ impl Instances {
                 gid: None,
                 no_new_privs: true,
                 stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()],
+                controlling_terminal: false,
                 pass_fd: Some(memfd.as_raw_fd()),
                 cgroup: Some(leaf.as_raw_fd()),
                 new_namespaces: Ns(Ns::PID | Ns::MOUNT | Ns::NET | Ns::UTS | Ns::IPC | Ns::CGROUP),

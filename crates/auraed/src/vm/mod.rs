@@ -598,6 +598,7 @@ impl Vms {
                 gid: None,
                 no_new_privs: true,
                 stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()],
+                controlling_terminal: false,
                 pass_fd: Some(ctl_child.as_raw_fd()),
                 cgroup: Some(leaf.as_raw_fd()),
                 new_namespaces: Ns(Ns::MOUNT | Ns::PID | Ns::IPC | Ns::UTS | Ns::CGROUP),

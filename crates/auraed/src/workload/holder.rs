@@ -213,6 +213,7 @@ impl Holder {
             gid: None,
             no_new_privs: true,
             stdio: [null, null, null],
+            controlling_terminal: false,
             pass_fd: Some(child_end.as_raw_fd()),
             // auraed's own cgroup and namespaces: the holder belongs to no cell.
             cgroup: None,
