@@ -1110,6 +1110,119 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     assert!(!cells(&e.d).await.iter().any(|c| c.starts_with("k8s-")));
 }
 
+/// The next event of `kind` for `id` (others on the way are skipped), within 20 s.
+async fn event_for(
+    events: &mut tonic::Streaming<cri::ContainerEventResponse>,
+    id: &str,
+    kind: cri::ContainerEventType,
+) -> cri::ContainerEventResponse {
+    let t = Instant::now();
+    loop {
+        let left = Duration::from_secs(20).saturating_sub(t.elapsed());
+        let e = tokio::time::timeout(left, events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind:?} event for {id} within 20 s"))
+            .unwrap()
+            .unwrap();
+        if e.container_id == id && e.container_event_type == kind as i32 {
+            return e;
+        }
+    }
+}
+
+/// GetContainerEvents, as kubelet's evented PLEG reads it: every change of a pod's life,
+/// each with the sandbox's and the containers' statuses as they are then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_container_events_follow_a_pods_life() {
+    use cri::ContainerEventType as E;
+    let Some(e) = env("cri_container_events_follow_a_pods_life").await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let image = e.pulled(&mut im, "busybox").await;
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let log_dir = e.log_dir("ev");
+    let sbc = sandbox_config("ev", "u7", &log_dir);
+    let sb = run_sandbox(&mut rt, &sbc).await;
+    let ev = event_for(&mut events, &sb, E::ContainerCreatedEvent).await;
+    assert_eq!(ev.pod_sandbox_status.unwrap().id, sb);
+    let ev = event_for(&mut events, &sb, E::ContainerStartedEvent).await;
+    assert_eq!(
+        ev.pod_sandbox_status.unwrap().state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
+    let c = create(
+        &mut rt,
+        &sb,
+        container_config("job", &image, "sleep 0.3; exit 7"),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    let ev = event_for(&mut events, &c, E::ContainerCreatedEvent).await;
+    assert_eq!(ev.containers_statuses.len(), 1);
+    assert_eq!(
+        ev.containers_statuses[0].state,
+        cri::ContainerState::ContainerCreated as i32
+    );
+    // A second subscriber, from now on.
+    let mut later = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    event_for(&mut events, &c, E::ContainerStartedEvent).await;
+    // Its end is reported without anyone asking for its status.
+    let ev = event_for(&mut events, &c, E::ContainerStoppedEvent).await;
+    let st = ev.containers_statuses.iter().find(|s| s.id == c).unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(st.exit_code, 7);
+    assert_eq!(st.reason, "Error");
+    let first = tokio::time::timeout(Duration::from_secs(5), later.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.container_id.as_str(), first.container_event_type),
+        (c.as_str(), E::ContainerStartedEvent as i32),
+        "the later subscriber sees only what came after it"
+    );
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    let ev = event_for(&mut events, &c, E::ContainerDeletedEvent).await;
+    assert!(ev.containers_statuses.is_empty());
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    let ev = event_for(&mut events, &sb, E::ContainerStoppedEvent).await;
+    assert_eq!(
+        ev.pod_sandbox_status.unwrap().state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    event_for(&mut events, &sb, E::ContainerDeletedEvent).await;
+}
+
 /// Whether a process whose command line is `cmdline` (NUL-separated) runs on this host.
 fn running(cmdline: &[u8]) -> bool {
     std::fs::read_dir("/proc")
@@ -1546,19 +1659,39 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
         missing.is_empty(),
         "ticks missing from the CRI log: {missing:?}"
     );
-    // The created container starts after the restart.
+    // The created container starts after the restart; events go on (the running
+    // container's end is watched again after the restart).
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     rt.start_container(cri::StartContainerRequest {
         container_id: created.clone(),
     })
     .await
     .unwrap();
     assert_eq!(exited(&mut rt, &created).await.exit_code, 0);
+    event_for(
+        &mut events,
+        &created,
+        cri::ContainerEventType::ContainerStartedEvent,
+    )
+    .await;
     log_has(&log_dir.join("later/0.log"), "stdout F later").await;
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: sb.clone(),
     })
     .await
     .unwrap();
+    let ev = event_for(
+        &mut events,
+        &c,
+        cri::ContainerEventType::ContainerStoppedEvent,
+    )
+    .await;
+    let st = ev.containers_statuses.iter().find(|s| s.id == c).unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb })
         .await
         .unwrap();

@@ -13,7 +13,8 @@
 //! Pod networks come from CNI ([`cni`]); ExecSync runs through `Executables/Exec`; Exec
 //! and PortForward through the streaming server ([`stream`]). Not built yet, answered
 //! UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler, Attach, container
-//! resource updates, checkpoints, container events, metric descriptors.
+//! resource updates, checkpoints, metric descriptors. Container events come from the
+//! calls that change something and from a watcher of each started container's end.
 //!
 //! Calls that change something run in a task of their own (a kubelet that gives up cannot
 //! leave a cell or an address half-made), records change in place under one lock (a
@@ -50,6 +51,10 @@ use crate::{
 use crate::store::kinds::{
     CRI_CONTAINER as CONTAINER_KIND, CRI_LOG_OFFSET as LOG_OFFSET_KIND, CRI_SANDBOX as SANDBOX_KIND,
 };
+
+/// Events kept for a GetContainerEvents subscriber that lags; one that falls further
+/// behind has its stream ended (kubelet then relists).
+const EVENTS_BUFFERED: usize = 1024;
 
 /// Nanoseconds since the epoch, as the CRI counts time.
 pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
@@ -194,6 +199,8 @@ pub struct Cri {
     cni: cni::Cni,
     /// The streaming server (Exec, PortForward), once it listens.
     streams: std::sync::OnceLock<Arc<stream::Streams>>,
+    /// Container and sandbox events for GetContainerEvents' subscribers.
+    events: tokio::sync::broadcast::Sender<aurae_proto::cri::v1::ContainerEventResponse>,
 }
 
 impl Cri {
@@ -247,6 +254,7 @@ impl Cri {
             images_dir,
             cni,
             streams: std::sync::OnceLock::new(),
+            events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
         });
         (cri, warnings)
     }
@@ -321,6 +329,18 @@ impl Cri {
             });
         }
         self.resume_logs();
+        // Their ends reported again as they come (GetContainerEvents).
+        let running: Vec<String> = self
+            .lock()
+            .containers
+            .values()
+            .filter(|c| c.started_at.is_some() && c.ended.is_none())
+            .map(|c| c.id.clone())
+            .collect();
+        let rt = runtime::CriRuntime(self.clone());
+        for id in running {
+            rt.watch(id);
+        }
     }
 
     /// The log followers of the containers that still run, continued where the last

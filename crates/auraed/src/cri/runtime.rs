@@ -422,11 +422,99 @@ impl CriRuntime {
         cri.logs.finish(&c.id).await;
         cri.forget_log_offset(&c.id);
         cri.delete_container(&c.id);
+        self.emit(
+            &c.id,
+            &c.sandbox_id,
+            cri::ContainerEventType::ContainerDeletedEvent,
+        )
+        .await;
         Ok(())
     }
 }
 
 impl CriRuntime {
+    /// Tells GetContainerEvents' subscribers (kubelet's evented PLEG) that `id` (a
+    /// container, or a sandbox for sandbox events, as containerd reports them) changed:
+    /// with its sandbox's status and all its containers' as they are now.
+    async fn emit(&self, id: &str, sandbox_id: &str, kind: cri::ContainerEventType) {
+        let cri = self.cri();
+        if cri.events.receiver_count() == 0 {
+            return;
+        }
+        let (pod_sandbox_status, containers_statuses) = match cri.sandbox(sandbox_id) {
+            Ok(sb) => {
+                let ready = self.sandbox_ready(&sb).await;
+                let mut cs = Vec::new();
+                for c in cri.containers_of(&sb.id) {
+                    cs.push(self.status_of(&c).await);
+                }
+                (Some(self.sandbox_status(&sb, ready)), cs)
+            }
+            Err(_) => (None, Vec::new()),
+        };
+        let _ = cri.events.send(cri::ContainerEventResponse {
+            container_id: id.to_owned(),
+            container_event_type: kind as i32,
+            created_at: now_nanos(),
+            pod_sandbox_status,
+            containers_statuses,
+        });
+    }
+
+    /// Waits for a started container's end, records it and reports it (STOPPED, once per
+    /// start); ends without a word when the container is removed first.
+    pub(super) fn watch(&self, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let cri = me.cri();
+                // (An end already recorded by a status call is still reported: the wait
+                // below returns at once.)
+                let Ok(c) = cri.container(&id) else { return };
+                let Ok(sb) = cri.sandbox(&c.sandbox_id) else {
+                    return;
+                };
+                let waited = match cri.call(
+                    svc::EXECUTABLES,
+                    "Wait",
+                    pb::WaitExecutableRequest {
+                        executable: Some(pb::ExecutableRef {
+                            cell: sb.cell.clone(),
+                            name: c.executable.clone(),
+                        }),
+                        timeout: Some(prost_types::Duration {
+                            seconds: 60,
+                            nanos: 0,
+                        }),
+                    },
+                ) {
+                    Ok(r) => cri.executables.wait(r).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match waited {
+                    Err(e) if e.code() == tonic::Code::DeadlineExceeded => continue,
+                    Err(e) if e.code() != tonic::Code::NotFound => {
+                        warn!(container = %id, "CRI: watching the container's end: {}", e.message());
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    _ => {}
+                }
+                // Ended (or its executable is gone): recorded, then told.
+                let Ok(c) = cri.container(&id) else { return };
+                if me.observe_if_running(&c).await.is_some() {
+                    me.emit(
+                        &id,
+                        &c.sandbox_id,
+                        cri::ContainerEventType::ContainerStoppedEvent,
+                    )
+                    .await;
+                    return;
+                }
+            }
+        });
+    }
+
     /// StartContainer, in a task of its own: the container is marked starting first (a
     /// second start is refused; a removal meanwhile stops what may have started).
     async fn start(&self, m: cri::StartContainerRequest) -> Result<(), Status> {
@@ -537,8 +625,16 @@ impl CriRuntime {
             // Removed while it started: what started goes too.
             (None, _) => {
                 let _ = self.remove_container_record(&c).await;
+                return Ok(());
             }
         }
+        self.emit(
+            &c.id,
+            &c.sandbox_id,
+            cri::ContainerEventType::ContainerStartedEvent,
+        )
+        .await;
+        self.watch(c.id.clone());
         Ok(())
     }
 }
@@ -806,6 +902,10 @@ impl CriRuntime {
             return Err(e);
         }
         info!(sandbox = %id, cell = %rec.cell, pod = %rec.name, namespace = %rec.namespace, "CRI sandbox running");
+        self.emit(&id, &id, cri::ContainerEventType::ContainerCreatedEvent)
+            .await;
+        self.emit(&id, &id, cri::ContainerEventType::ContainerStartedEvent)
+            .await;
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
         }))
@@ -839,11 +939,20 @@ impl CriRuntime {
             Err(e) if e.code() == tonic::Code::NotFound => {}
             Err(e) => return Err(e),
         }
+        let mut newly = false;
         cri.update_sandbox(&sb.id, |r| {
-            let changed = !r.stopped;
+            newly = !r.stopped;
             r.stopped = true;
-            changed
+            newly
         })?;
+        if newly {
+            self.emit(
+                &sb.id,
+                &sb.id,
+                cri::ContainerEventType::ContainerStoppedEvent,
+            )
+            .await;
+        }
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -876,6 +985,13 @@ impl CriRuntime {
             Err(e) if e.code() == tonic::Code::NotFound => {}
             Err(e) => return Err(e),
         }
+        // Told with the sandbox's last status (it is gone from the records after).
+        self.emit(
+            &sb.id,
+            &sb.id,
+            cri::ContainerEventType::ContainerDeletedEvent,
+        )
+        .await;
         cri.delete_sandbox(&sb.id);
         info!(sandbox = %sb.id, cell = %sb.cell, "CRI sandbox removed");
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
@@ -1289,6 +1405,12 @@ impl RuntimeService for CriRuntime {
             ended: None,
         };
         cri.insert_container(&rec)?;
+        self.emit(
+            &rec.id,
+            &rec.sandbox_id,
+            cri::ContainerEventType::ContainerCreatedEvent,
+        )
+        .await;
         Ok(Response::new(cri::CreateContainerResponse {
             container_id: id,
         }))
@@ -1720,10 +1842,34 @@ impl RuntimeService for CriRuntime {
         &self,
         _r: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(unimplemented(
-            "GetContainerEvents",
-            "container events for kubelet's evented PLEG (kubelet polls instead)",
-        ))
+        // Events from now on; a subscriber that falls EVENTS_BUFFERED behind has its
+        // stream ended with the count it missed (kubelet relists and subscribes again).
+        let mut rx = self.cri().events.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let next = tokio::select! {
+                    n = rx.recv() => n,
+                    // The subscriber left.
+                    () = tx.closed() => return,
+                };
+                let item = match next {
+                    Ok(e) => Ok(e),
+                    Err(RecvError::Lagged(n)) => Err(Status::aborted(format!(
+                        "{n} container events were dropped (this subscriber fell behind): list again and subscribe anew"
+                    ))),
+                    Err(RecvError::Closed) => return,
+                };
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn list_metric_descriptors(
