@@ -64,7 +64,7 @@ struct Args {
     cri_log_root: PathBuf,
     /// Where the CRI streaming server (the URLs Exec and PortForward answer, which kubelet
     /// proxies to) listens, plain HTTP upgraded to SPDY; each URL carries a one-time
-    /// token. Port 0: one the kernel picks.
+    /// token, e.g. 127.0.0.1:10010 (port 0: one the kernel picks).
     #[arg(long, default_value = "127.0.0.1:0")]
     cri_stream_address: SocketAddr,
     /// A directory CNI plugins are run from (repeatable, searched in order), e.g.

@@ -404,7 +404,15 @@ async fn volume_errors_name_only_the_path_sent() {
     std::os::unix::fs::symlink("/proc/self/fd/2", root.join("fd2")).unwrap();
     std::os::unix::fs::symlink("/proc/self/cwd", root.join("cwd")).unwrap();
     std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
-    std::fs::write(root.join("file"), "").unwrap();
+    // A file is a volume now (mounted onto a file); a FIFO is neither kind.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
     // What the old canonicalising check would have revealed: auraed's stderr (its log in
     // the daemon's directory) and working directory.
     let secrets = [
@@ -420,7 +428,7 @@ async fn volume_errors_name_only_the_path_sent() {
         (under("fd2"), Code::FailedPrecondition),
         (under("cwd"), Code::FailedPrecondition),
         (under("etc"), Code::FailedPrecondition),
-        (under("file"), Code::InvalidArgument),
+        (under("fifo"), Code::InvalidArgument),
         (under("missing"), Code::InvalidArgument),
     ];
     for (i, (sent, want)) in cases.into_iter().enumerate() {
