@@ -119,6 +119,37 @@ pub async fn upgrade(
     ))
 }
 
+/// The data the server writes on streams `ids`, each read until it ends (FIN) or the
+/// connection does.
+async fn read_streams(
+    r: &mut aurae_client::spdy::FrameReader<
+        tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>,
+    >,
+    ids: &[u32],
+) -> anyhow::Result<std::collections::HashMap<u32, Vec<u8>>> {
+    use aurae_client::spdy::{FLAG_FIN, Frame};
+    let mut got: std::collections::HashMap<u32, Vec<u8>> =
+        ids.iter().map(|i| (*i, Vec::new())).collect();
+    let mut open: std::collections::HashSet<u32> = ids.iter().copied().collect();
+    while !open.is_empty() {
+        let Some(f) = r.next().await? else { break };
+        if let Frame::Data {
+            stream,
+            flags,
+            data,
+        } = f
+        {
+            if let Some(buf) = got.get_mut(&stream) {
+                buf.extend(data);
+            }
+            if flags & FLAG_FIN != 0 {
+                open.remove(&stream);
+            }
+        }
+    }
+    Ok(got)
+}
+
 /// Runs a CRI Exec URL to its end as `kubectl exec` does (`v4.channel.k8s.io`): streams
 /// `error`, then `stdin` (when `stdin` is given: written, then closed), `stdout`,
 /// `stderr`; reads until every stream the server writes has ended.
@@ -178,34 +209,14 @@ pub async fn exec_stream_with(
         })
         .await?;
     }
-    let mut out = Streamed::default();
-    let mut status = Vec::new();
-    let mut open: std::collections::HashSet<u32> = if size.is_some() {
-        [1, 5].into()
-    } else {
-        [1, 5, 7].into()
-    };
-    while !open.is_empty() {
-        let Some(f) = r.next().await? else { break };
-        if let Frame::Data {
-            stream,
-            flags,
-            data,
-        } = f
-        {
-            match stream {
-                1 => status.extend(data),
-                5 => out.stdout.extend(data),
-                7 => out.stderr.extend(data),
-                _ => {}
-            }
-            if flags & FLAG_FIN != 0 {
-                open.remove(&stream);
-            }
-        }
-    }
-    out.status = String::from_utf8_lossy(&status).into_owned();
-    Ok(out)
+    let ids: &[u32] = if size.is_some() { &[1, 5] } else { &[1, 5, 7] };
+    let mut got = read_streams(&mut r, ids).await?;
+    let mut take = |id| got.remove(&id).unwrap_or_default();
+    Ok(Streamed {
+        status: String::from_utf8_lossy(&take(1)).into_owned(),
+        stdout: take(5),
+        stderr: take(7),
+    })
 }
 
 /// One connection through a CRI PortForward URL (`portforward.k8s.io`), as `kubectl
@@ -258,25 +269,8 @@ pub async fn port_forward_once(
         data: Vec::new(),
     })
     .await?;
-    let (mut data, mut error) = (Vec::new(), Vec::new());
-    let mut open: std::collections::HashSet<u32> = [1, 3].into();
-    while !open.is_empty() {
-        let Some(f) = r.next().await? else { break };
-        if let Frame::Data {
-            stream,
-            flags,
-            data: d,
-        } = f
-        {
-            match stream {
-                1 => error.extend(d),
-                3 => data.extend(d),
-                _ => {}
-            }
-            if flags & FLAG_FIN != 0 {
-                open.remove(&stream);
-            }
-        }
-    }
+    let mut got = read_streams(&mut r, &[1, 3]).await?;
+    let data = got.remove(&3).unwrap_or_default();
+    let error = got.remove(&1).unwrap_or_default();
     Ok((data, String::from_utf8_lossy(&error).into_owned()))
 }

@@ -276,6 +276,21 @@ impl CriRuntime {
         }
     }
 
+    /// A container that runs now, and its sandbox (else FAILED_PRECONDITION; an unknown
+    /// id NOT_FOUND).
+    async fn running(&self, id: &str) -> Result<(ContainerRecord, SandboxRecord), Status> {
+        let cri = self.cri();
+        let c = cri.container(id)?;
+        if c.started_at.is_none() || self.observe_if_running(&c).await.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        Ok((c, sb))
+    }
+
     /// Whether the sandbox's cell still runs.
     async fn sandbox_ready(&self, sb: &SandboxRecord) -> bool {
         if sb.stopped {
@@ -1532,17 +1547,10 @@ impl RuntimeService for CriRuntime {
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
         let cri = self.cri().clone();
         let m = r.into_inner();
-        let c = cri.container(&m.container_id)?;
-        if c.started_at.is_none() || self.observe_if_running(&c).await.is_some() {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                c.id
-            )));
-        }
+        let (c, sb) = self.running(&m.container_id).await?;
         if m.timeout < 0 {
             return Err(invalid("timeout", "is negative"));
         }
-        let sb = cri.sandbox(&c.sandbox_id)?;
         let req = cri.call(
             svc::EXECUTABLES,
             "Exec",
@@ -1582,7 +1590,8 @@ impl RuntimeService for CriRuntime {
     ) -> Result<Response<cri::ExecResponse>, Status> {
         let cri = self.cri().clone();
         let m = r.into_inner();
-        let c = cri.container(&m.container_id)?;
+        // An unknown id is NOT_FOUND before anything else is looked at.
+        cri.container(&m.container_id)?;
         if !(m.stdin || m.stdout || m.stderr) {
             return Err(invalid(
                 "stdin",
@@ -1592,13 +1601,7 @@ impl RuntimeService for CriRuntime {
         if m.cmd.is_empty() || m.cmd[0].is_empty() {
             return Err(invalid("cmd", "is empty: give the command to run"));
         }
-        if c.started_at.is_none() || self.observe_if_running(&c).await.is_some() {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                c.id
-            )));
-        }
-        let sb = cri.sandbox(&c.sandbox_id)?;
+        let (c, sb) = self.running(&m.container_id).await?;
         // Authorized now, as the CRI identity; run when kubelet connects to the URL.
         let request = cri.call(
             svc::EXECUTABLES,

@@ -386,6 +386,18 @@ async fn send(tx: &Tx, f: Frame) -> bool {
     tx.send(Out::Frame(f)).await.is_ok()
 }
 
+/// Refuses a stream the session does not take.
+async fn refuse(tx: &Tx, stream: u32) -> bool {
+    send(
+        tx,
+        Frame::RstStream {
+            stream,
+            status: spdy::rst::REFUSED_STREAM,
+        },
+    )
+    .await
+}
+
 async fn reply(tx: &Tx, stream: u32) -> bool {
     send(
         tx,
@@ -458,9 +470,9 @@ fn failure_json(message: &str) -> String {
     serde_json::json!({"metadata": {}, "status": "Failure", "message": message}).to_string()
 }
 
-/// Copies a pipe (or a terminal's master side) to a stream, then ends the stream (at the
-/// end of the output, or EIO: no process holds the terminal any more).
-async fn pump(mut rx: tokio::net::unix::pipe::Receiver, tx: Tx, stream: Option<u32>) {
+/// Copies a pipe (a terminal's master side, a forwarded connection) to a stream, then ends
+/// the stream (at the end of the output, or EIO: no process holds the terminal any more).
+async fn pump(mut rx: impl tokio::io::AsyncRead + Unpin, tx: Tx, stream: Option<u32>) {
     let mut buf = vec![0u8; spdy::DATA_CHUNK];
     loop {
         match rx.read(&mut buf).await {
@@ -566,14 +578,7 @@ impl Streams {
                             reply(&tx, stream).await;
                         }
                         _ => {
-                            send(
-                                &tx,
-                                Frame::RstStream {
-                                    stream,
-                                    status: spdy::rst::REFUSED_STREAM,
-                                },
-                            )
-                            .await;
+                            refuse(&tx, stream).await;
                         }
                     },
                     Frame::Ping { id } => {
@@ -675,7 +680,7 @@ impl Streams {
                         send(&tx, Frame::Ping { id }).await;
                     }
                     Ok(Some(Frame::SynStream { stream, .. })) => {
-                        send(&tx, Frame::RstStream { stream, status: spdy::rst::REFUSED_STREAM }).await;
+                        refuse(&tx, stream).await;
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => {
@@ -788,14 +793,7 @@ async fn port_forward(
                     || request.is_empty()
                     || (pairs.len() >= MAX_FORWARDS && !pairs.contains_key(&request))
                 {
-                    send(
-                        &tx,
-                        Frame::RstStream {
-                            stream,
-                            status: spdy::rst::REFUSED_STREAM,
-                        },
-                    )
-                    .await;
+                    refuse(&tx, stream).await;
                     continue;
                 }
                 reply(&tx, stream).await;
@@ -889,7 +887,7 @@ async fn forward(
             return;
         }
     };
-    let (mut r, mut w) = conn.into_split();
+    let (r, mut w) = conn.into_split();
     let up = async {
         while let Some(Some(chunk)) = from_client.recv().await {
             if w.write_all(&chunk).await.is_err() {
@@ -898,20 +896,7 @@ async fn forward(
         }
         let _ = w.shutdown().await;
     };
-    let down = async {
-        let mut buf = vec![0u8; spdy::DATA_CHUNK];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if !data(&tx, data_id, &buf[..n], false).await {
-                        return;
-                    }
-                }
-            }
-        }
-        data(&tx, data_id, &[], true).await;
-    };
+    let down = pump(r, tx.clone(), Some(data_id));
     tokio::join!(up, down);
     data(&tx, error, &[], true).await;
 }
