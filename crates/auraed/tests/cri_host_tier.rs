@@ -912,11 +912,24 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         Code::InvalidArgument,
         "privileged",
     );
+    // An aurae-vm sandbox is an instance of its own: it shares nothing of the node
+    // (refused before anything is spawned; the handler's own walk is in
+    // cri_instances_host_tier.rs).
+    let mut c = good.clone();
+    c.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     expect(
-        rt.run_pod_sandbox(run(Some(good.clone()), "aurae-vm"))
-            .await,
-        Code::Unimplemented,
-        "aurae-vm",
+        rt.run_pod_sandbox(run(Some(c), "aurae-vm")).await,
+        Code::InvalidArgument,
+        "namespace_options.pid",
     );
     expect(
         rt.run_pod_sandbox(run(Some(good.clone()), "runc")).await,

@@ -59,7 +59,7 @@ fn info(v: &serde_json::Value) -> pb::ImageInfo {
     }
 }
 
-pub(super) fn parse(field: &str, s: &str) -> Result<ImageRef, Status> {
+pub(crate) fn parse(field: &str, s: &str) -> Result<ImageRef, Status> {
     ImageRef::parse(s).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 

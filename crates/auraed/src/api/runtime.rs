@@ -30,7 +30,7 @@ impl RuntimeApi {
 
     /// The image (pulled if the store lacks it) and the container's process and volumes.
     /// Every cheap check is done before this: it may reach a registry.
-    async fn plan(&self, caller: &Caller, c: &ContainerSpec) -> Result<Plan, Status> {
+    pub(crate) async fn plan(&self, caller: &Caller, c: &ContainerSpec) -> Result<Plan, Status> {
         // Volumes against the grant, by their names alone: before anything is opened
         // (a caller learns nothing of paths it may not use) or pulled.
         for (i, (host, _, _)) in c.volumes.iter().enumerate() {
@@ -183,7 +183,7 @@ fn timed_out(
 
 /// The ids a workload will actually run as, against the grant: no uid means root, no
 /// gid means the uid's number (as the spawn does).
-pub(super) fn authorize_ids(
+pub(crate) fn authorize_ids(
     caller: &Caller,
     uid: Option<u32>,
     gid: Option<u32>,

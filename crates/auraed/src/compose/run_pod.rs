@@ -54,7 +54,7 @@ pub struct PodRun {
 }
 
 /// The error of step `what`, of the same kind as `e`.
-fn step(what: &str, e: WorkloadError) -> WorkloadError {
+pub(crate) fn step(what: &str, e: WorkloadError) -> WorkloadError {
     let m = |s: String| format!("{what}: {s}");
     match e {
         WorkloadError::NotFound(s) => WorkloadError::NotFound(m(s)),
@@ -236,7 +236,7 @@ async fn start(
 }
 
 /// Sends the image's blobs from our store to the instance's `Images/Load`.
-async fn load(
+pub(crate) async fn load(
     c: &aurae_client::Client,
     image: &ImageRef,
     blobs: Vec<Blob>,

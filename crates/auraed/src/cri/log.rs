@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aurae_proto::runtime::v0::{self as pb, executables_server::Executables};
+use aurae_proto::runtime::v0 as pb;
 use tokio_stream::StreamExt;
 use tonic::Status;
 use tracing::warn;
@@ -155,12 +155,14 @@ impl Writers {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the writer of container `id` into `file`, following `logs`.
+    /// Starts the writer of container `id` into `file`, following `logs` where its
+    /// sandbox is.
     pub(super) fn start(
         &self,
         id: &str,
         file: File,
-        mut logs: tonic::Request<pb::ExecutableLogsRequest>,
+        place: super::place::Place,
+        mut logs: pb::ExecutableLogsRequest,
         cri: Arc<Cri>,
     ) {
         let path = cri
@@ -170,8 +172,8 @@ impl Writers {
             .map(|c| std::path::PathBuf::from(&c.log_path))
             .unwrap_or_default();
         let file = Arc::new(Mutex::new(file));
-        logs.get_mut().from_offset = cri.log_offset(id);
-        let task = tokio::spawn(follow(cri, id.to_owned(), file.clone(), logs));
+        logs.from_offset = cri.log_offset(id);
+        let task = tokio::spawn(follow(cri, id.to_owned(), file.clone(), place, logs));
         if let Some(old) = self
             .lock()
             .insert(id.to_owned(), Writer { task, file, path })
@@ -218,10 +220,11 @@ async fn follow(
     cri: Arc<Cri>,
     id: String,
     file: Arc<Mutex<File>>,
-    logs: tonic::Request<pb::ExecutableLogsRequest>,
+    place: super::place::Place,
+    logs: pb::ExecutableLogsRequest,
 ) {
-    let mut stream = match cri.executables.logs(logs).await {
-        Ok(r) => r.into_inner(),
+    let mut stream = match place.exe_logs(logs).await {
+        Ok(s) => s,
         Err(e) => {
             warn!(container = %id, "CRI log: following the container's output failed: {}", e.message());
             return;

@@ -24,6 +24,7 @@
 pub mod cni;
 pub mod image;
 pub mod log;
+mod place;
 pub mod runtime;
 pub mod stream;
 
@@ -45,6 +46,7 @@ use crate::{
         runtime::RuntimeApi,
     },
     identity::policy::Policy,
+    instance::Instance,
     store::Store,
 };
 
@@ -55,6 +57,10 @@ use crate::store::kinds::{
 /// Events kept for a GetContainerEvents subscriber that lags; one that falls further
 /// behind has its stream ended (kubelet then relists).
 const EVENTS_BUFFERED: usize = 1024;
+
+/// Room for the images of an `aurae-vm` sandbox sized from its pod's memory limit: its
+/// containers' images are unpacked in the instance's memory.
+const IMAGES_IN_INSTANCE: u64 = 256 << 20;
 
 /// Nanoseconds since the epoch, as the CRI counts time.
 pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
@@ -201,6 +207,9 @@ pub struct Cri {
     streams: std::sync::OnceLock<Arc<stream::Streams>>,
     /// Container and sandbox events for GetContainerEvents' subscribers.
     events: tokio::sync::broadcast::Sender<aurae_proto::cri::v1::ContainerEventResponse>,
+    /// Clients of `aurae-vm` sandboxes' instances, by sandbox id (with the instance they
+    /// reach: one spawned again under the name gets a client of its own).
+    clients: Mutex<std::collections::HashMap<String, (Arc<Instance>, aurae_client::Client)>>,
 }
 
 impl Cri {
@@ -255,6 +264,7 @@ impl Cri {
             cni,
             streams: std::sync::OnceLock::new(),
             events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
+            clients: Mutex::new(std::collections::HashMap::new()),
         });
         (cri, warnings)
     }
@@ -298,6 +308,24 @@ impl Cri {
                 }
             }
         }
+        // Instances a sandbox was being made in when the last auraed died: freed.
+        let orphans: Vec<_> = self
+            .ctx
+            .instances
+            .list(|n| n.starts_with("k8s-"))
+            .into_iter()
+            .filter(|i| !recorded.contains(i.spec.name.as_str()))
+            .collect();
+        for inst in orphans {
+            match self.ctx.instances.free_exact(&inst).await {
+                Ok(()) => {
+                    warn!(instance = %inst.spec.name, "CRI: a sandbox's instance without a record (its RunPodSandbox never finished) was freed")
+                }
+                Err(e) => {
+                    warn!(instance = %inst.spec.name, "CRI: freeing a sandbox's instance without a record: {e}")
+                }
+            }
+        }
         // Containers whose start was cut: started if their executable is there.
         let starting: Vec<ContainerRecord> = self
             .lock()
@@ -308,15 +336,16 @@ impl Cri {
             .collect();
         for c in starting {
             let exists = match self.sandbox(&c.sandbox_id) {
-                Ok(sb) => crate::spec::CellName::parse("cell", &sb.cell)
-                    .ok()
-                    .zip(crate::spec::Label::parse("name", &c.executable).ok())
-                    .is_some_and(|(cell, name)| {
-                        self.ctx
-                            .cells
-                            .executable(&crate::executable::ExecutableRef { cell, name })
-                            .is_ok()
-                    }),
+                Ok(sb) => match self.place(&sb).await {
+                    Ok(p) => p
+                        .exe_get(aurae_proto::runtime::v0::ExecutableRef {
+                            cell: sb.cell.clone(),
+                            name: c.executable.clone(),
+                        })
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                },
                 Err(_) => false,
             };
             let now = now_nanos();
@@ -328,7 +357,7 @@ impl Cri {
                 true
             });
         }
-        self.resume_logs();
+        self.resume_logs().await;
         // Their ends reported again as they come (GetContainerEvents).
         let running: Vec<String> = self
             .lock()
@@ -345,7 +374,7 @@ impl Cri {
 
     /// The log followers of the containers that still run, continued where the last
     /// auraed left them.
-    fn resume_logs(self: &Arc<Self>) {
+    async fn resume_logs(self: &Arc<Self>) {
         let running: Vec<ContainerRecord> = self
             .lock()
             .containers
@@ -354,10 +383,7 @@ impl Cri {
             .cloned()
             .collect();
         for c in running {
-            let Some(sb) = self.sandbox(&c.sandbox_id).ok() else {
-                continue;
-            };
-            if let Err(e) = self.start_log(&sb, &c) {
+            if let Err(e) = self.start_log(&c).await {
                 warn!(container = %c.id, "CRI log of a re-adopted container: {}", e.message());
             }
         }
@@ -365,6 +391,114 @@ impl Cri {
         if n > 0 {
             info!(sandboxes = n, "CRI sandboxes re-adopted");
         }
+    }
+
+    /// Where the sandbox's cell is: here, or in its instance (`aurae-vm`; NOT_FOUND once
+    /// the instance is gone, UNAVAILABLE while it does not answer).
+    async fn place(self: &Arc<Self>, sb: &SandboxRecord) -> Result<place::Place, Status> {
+        if sb.runtime_handler != runtime::VM_HANDLER {
+            return Ok(place::Place::Here(self.clone()));
+        }
+        let gone = || {
+            Status::not_found(format!(
+                "the instance {} of sandbox {} is gone",
+                sb.cell, sb.id
+            ))
+        };
+        let inst = self.instance_of(sb).ok_or_else(gone)?;
+        let cached = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sb.id)
+            .filter(|(i, _)| Arc::ptr_eq(i, &inst))
+            .map(|(_, c)| c.clone());
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let c = self.ctx.instances.connect(&inst).await.map_err(|e| {
+                    Status::unavailable(format!("the instance of sandbox {}: {e}", sb.id))
+                })?;
+                self.clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sb.id.clone(), (inst.clone(), c.clone()));
+                c
+            }
+        };
+        Ok(place::Place::Instance {
+            cri: self.clone(),
+            inst,
+            client,
+        })
+    }
+
+    /// Spawns the instance of an `aurae-vm` sandbox (named as its cell), as the CRI
+    /// identity: Spawn's checks, grant and quota apply. Its memory: the pod's limit and
+    /// the instance's own share beside room for images, or Spawn's default.
+    async fn spawn_instance(
+        &self,
+        sb: &SandboxRecord,
+        limits: Option<&aurae_proto::runtime::v0::CellLimits>,
+    ) -> Result<(), Status> {
+        use aurae_proto::runtime::v0::runtime_server::Runtime as _;
+        let memory_bytes = limits.and_then(|l| l.memory_max_bytes).map_or(0, |max| {
+            max.saturating_add(crate::pod::spec::VM_OVERHEAD)
+                .saturating_add(IMAGES_IN_INSTANCE)
+                .next_multiple_of(2 << 20)
+        });
+        let r = self.call(
+            aurae_proto::service_names::RUNTIME,
+            "Spawn",
+            aurae_proto::runtime::v0::Instance {
+                name: sb.cell.clone(),
+                memory_bytes,
+                ..Default::default()
+            },
+        )?;
+        let st = self.runtime.spawn(r).await?.into_inner();
+        info!(sandbox = %sb.id, instance = %sb.cell, addresses = ?st.addresses, "CRI sandbox's instance ready");
+        Ok(())
+    }
+
+    /// Frees the instance of an `aurae-vm` sandbox (and with it all that ran in it);
+    /// nothing when it is gone or the sandbox is a cell here.
+    async fn free_instance(&self, sb: &SandboxRecord) -> Result<(), Status> {
+        if sb.runtime_handler != runtime::VM_HANDLER {
+            return Ok(());
+        }
+        self.forget_client(&sb.id);
+        self.call(
+            aurae_proto::service_names::INSTANCES,
+            "Free",
+            aurae_proto::runtime::v0::NameRef {
+                name: sb.cell.clone(),
+            },
+        )?;
+        let Ok(name) = crate::spec::Label::parse("cell", &sb.cell) else {
+            return Ok(());
+        };
+        match self.ctx.instances.free(&name).await {
+            Ok(()) | Err(crate::workload::WorkloadError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The instance of an `aurae-vm` sandbox, while it exists.
+    fn instance_of(&self, sb: &SandboxRecord) -> Option<Arc<Instance>> {
+        if sb.runtime_handler != runtime::VM_HANDLER {
+            return None;
+        }
+        let name = crate::spec::Label::parse("cell", &sb.cell).ok()?;
+        self.ctx.instances.find(&name).ok().filter(|i| !i.gone())
+    }
+
+    /// Forgets the client of a sandbox's instance (it was freed).
+    fn forget_client(&self, sandbox: &str) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox);
     }
 
     /// The network namespace of a sandbox's cell, opened from its init (`None`: the
@@ -584,24 +718,31 @@ impl Cri {
     }
 
     /// Starts (or restarts, reopened) the CRI log writer of a started container.
-    fn start_log(self: &Arc<Self>, _sb: &SandboxRecord, c: &ContainerRecord) -> Result<(), Status> {
+    async fn start_log(self: &Arc<Self>, c: &ContainerRecord) -> Result<(), Status> {
         if c.log_path.is_empty() {
             return Ok(());
         }
         let file = log::open(&self.log_root, Path::new(&c.log_path))?;
-        let logs = self.logs_request(c)?;
-        self.logs.start(&c.id, file, logs, self.clone());
+        let (place, logs) = self.logs_request(c).await?;
+        self.logs.start(&c.id, file, place, logs, self.clone());
         Ok(())
     }
 
-    fn logs_request(
-        &self,
+    /// Where a container's output is followed from, and the request that follows it.
+    async fn logs_request(
+        self: &Arc<Self>,
         c: &ContainerRecord,
-    ) -> Result<Request<aurae_proto::runtime::v0::ExecutableLogsRequest>, Status> {
+    ) -> Result<
+        (
+            place::Place,
+            aurae_proto::runtime::v0::ExecutableLogsRequest,
+        ),
+        Status,
+    > {
         let sb = self.sandbox(&c.sandbox_id)?;
-        self.call(
-            aurae_proto::service_names::EXECUTABLES,
-            "Logs",
+        let place = self.place(&sb).await?;
+        Ok((
+            place,
             aurae_proto::runtime::v0::ExecutableLogsRequest {
                 executable: Some(aurae_proto::runtime::v0::ExecutableRef {
                     cell: sb.cell.clone(),
@@ -610,7 +751,7 @@ impl Cri {
                 follow: true,
                 from_offset: 0,
             },
-        )
+        ))
     }
 
     /// Where the log writer of `id` got to in its executable's log (kept so a restarted

@@ -4,9 +4,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use aurae_proto::{
     cri::v1::{self as cri, runtime_service_server::RuntimeService},
-    runtime::v0::{
-        self as pb, cells_server::Cells, executables_server::Executables, runtime_server::Runtime,
-    },
+    runtime::v0::{self as pb, cells_server::Cells},
     service_names as svc,
 };
 use tonic::{Request, Response, Status};
@@ -37,10 +35,12 @@ fn to_hash(m: &BTreeMap<String, String>) -> std::collections::HashMap<String, St
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// The runtime handlers served: "" (the default) and "aurae" are cells.
-const HANDLERS: [&str; 2] = ["", "aurae"];
-/// The handler that will put a sandbox in a spawned instance.
-const VM_HANDLER: &str = "aurae-vm";
+/// The runtime handlers served: "" (the default) and "aurae" make a sandbox a cell here;
+/// [`VM_HANDLER`] a cell in an instance spawned for the sandbox.
+const HANDLERS: [&str; 3] = ["", "aurae", VM_HANDLER];
+/// The handler that puts a sandbox in an instance of its own (a microVM where this
+/// machine boots one, else an isolated cell: Spawn's choice).
+pub(super) const VM_HANDLER: &str = "aurae-vm";
 
 /// A namespace mode of a sandbox's options, checked.
 fn mode(field: &str, m: i32, allowed: &[cri::NamespaceMode]) -> Result<i32, Status> {
@@ -195,20 +195,18 @@ impl CriRuntime {
     async fn observe(&self, c: &ContainerRecord) -> Option<Ended> {
         let cri = self.cri();
         let sb = cri.sandbox(&c.sandbox_id).ok()?;
-        let got = match cri.call(
-            svc::EXECUTABLES,
-            "Get",
-            pb::ExecutableRef {
-                cell: sb.cell.clone(),
-                name: c.executable.clone(),
-            },
-        ) {
-            Ok(r) => cri.executables.get(r).await,
+        let got = match cri.place(&sb).await {
+            Ok(p) => {
+                p.exe_get(pb::ExecutableRef {
+                    cell: sb.cell.clone(),
+                    name: c.executable.clone(),
+                })
+                .await
+            }
             Err(e) => Err(e),
         };
         let ended = match got {
             Ok(s) => {
-                let s = s.into_inner();
                 let exit = s.exit?;
                 let (code, signal) = match exit.how {
                     Some(pb::exit_status::How::Code(c)) => (c, None),
@@ -296,20 +294,12 @@ impl CriRuntime {
         if sb.stopped {
             return false;
         }
-        let cri = self.cri();
-        let Ok(r) = cri.call(
-            svc::CELLS,
-            "Get",
-            pb::NameRef {
-                name: sb.cell.clone(),
-            },
-        ) else {
+        let Ok(p) = self.cri().place(sb).await else {
             return false;
         };
-        cri.cells
-            .get(r)
+        p.cell_get(&sb.cell)
             .await
-            .is_ok_and(|s| s.get_ref().phase == pb::Phase::Running as i32)
+            .is_ok_and(|s| s.phase == pb::Phase::Running as i32)
     }
 
     fn sandbox_status(&self, sb: &SandboxRecord, ready: bool) -> cri::PodSandboxStatus {
@@ -332,7 +322,17 @@ impl CriRuntime {
                         .map(|ip| cri::PodIp { ip: ip.clone() })
                         .collect(),
                 },
-                None => cri::PodSandboxNetworkStatus::default(),
+                // A sandbox in an instance has the instance's addresses.
+                None => self
+                    .cri()
+                    .instance_of(sb)
+                    .map(|i| cri::PodSandboxNetworkStatus {
+                        ip: i.addr.to_string(),
+                        additional_ips: vec![cri::PodIp {
+                            ip: i.addr6.to_string(),
+                        }],
+                    })
+                    .unwrap_or_default(),
             }),
             linux: Some(cri::LinuxPodSandboxStatus {
                 namespaces: Some(cri::Namespace {
@@ -371,41 +371,38 @@ impl CriRuntime {
                 nanos: 0,
             })
         };
+        let place = match cri.place(sb).await {
+            Ok(p) => p,
+            Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let done = if grace_s <= 0 {
             let signal = pb::SignalExecutableRequest {
                 executable: exe(),
                 signal: 9,
             };
-            match cri
-                .executables
-                .signal(cri.call(svc::EXECUTABLES, "Signal", signal)?)
-                .await
-            {
-                // Killed, or it had already exited: either way, wait for its end.
-                Ok(_) => Ok(()),
-                Err(e) if e.code() == tonic::Code::FailedPrecondition => Ok(()),
-                Err(e) => Err(e),
+            // Killed, or it had already exited: either way, wait for its end.
+            match place.exe_signal(signal).await {
+                Err(e) if e.code() != tonic::Code::FailedPrecondition => Err(e),
+                _ => place
+                    .exe_wait(pb::WaitExecutableRequest {
+                        executable: exe(),
+                        timeout: seconds(10),
+                    })
+                    .await
+                    .map(|_| ()),
             }
-            .map(|()| pb::WaitExecutableRequest {
-                executable: exe(),
-                timeout: seconds(10),
-            })
-            .and_then(|w| cri.call(svc::EXECUTABLES, "Wait", w))
-            .map(|w| cri.executables.wait(w))
         } else {
-            let stop = pb::StopExecutableRequest {
-                executable: exe(),
-                grace_period: seconds(grace_s),
-            };
-            cri.call(svc::EXECUTABLES, "Stop", stop)
-                .map(|r| cri.executables.stop(r))
+            place
+                .exe_stop(pb::StopExecutableRequest {
+                    executable: exe(),
+                    grace_period: seconds(grace_s),
+                })
+                .await
+                .map(|_| ())
         };
         match done {
-            Ok(call) => match call.await {
-                Ok(_) => {}
-                Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
-                Err(e) => return Err(e),
-            },
+            Ok(()) => {}
             Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
             Err(e) => return Err(e),
         }
@@ -420,15 +417,17 @@ impl CriRuntime {
             && c.started_at.is_some()
         {
             self.stop_executable(&sb, c, 0).await?;
-            let r = cri.call(
-                svc::EXECUTABLES,
-                "Free",
-                pb::ExecutableRef {
-                    cell: sb.cell.clone(),
-                    name: c.executable.clone(),
-                },
-            )?;
-            match cri.executables.free(r).await {
+            let freed = match cri.place(&sb).await {
+                Ok(p) => {
+                    p.exe_free(pb::ExecutableRef {
+                        cell: sb.cell.clone(),
+                        name: c.executable.clone(),
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match freed {
                 Ok(_) => {}
                 Err(e) if e.code() == tonic::Code::NotFound => {}
                 Err(e) => return Err(e),
@@ -489,21 +488,20 @@ impl CriRuntime {
                 let Ok(sb) = cri.sandbox(&c.sandbox_id) else {
                     return;
                 };
-                let waited = match cri.call(
-                    svc::EXECUTABLES,
-                    "Wait",
-                    pb::WaitExecutableRequest {
-                        executable: Some(pb::ExecutableRef {
-                            cell: sb.cell.clone(),
-                            name: c.executable.clone(),
-                        }),
-                        timeout: Some(prost_types::Duration {
-                            seconds: 60,
-                            nanos: 0,
-                        }),
-                    },
-                ) {
-                    Ok(r) => cri.executables.wait(r).await.map(|_| ()),
+                let waited = match cri.place(&sb).await {
+                    Ok(p) => p
+                        .exe_wait(pb::WaitExecutableRequest {
+                            executable: Some(pb::ExecutableRef {
+                                cell: sb.cell.clone(),
+                                name: c.executable.clone(),
+                            }),
+                            timeout: Some(prost_types::Duration {
+                                seconds: 60,
+                                nanos: 0,
+                            }),
+                        })
+                        .await
+                        .map(|_| ()),
                     Err(e) => Err(e),
                 };
                 match waited {
@@ -528,6 +526,60 @@ impl CriRuntime {
                 }
             }
         });
+    }
+
+    /// A container's executable made fit for the sandbox's instance: its image planned
+    /// here (the CRI identity's registries, the ids it will really run as against its
+    /// grant), handed to the instance by the digest checked here, and sent with those ids
+    /// and its privileges explicitly (the instance serves this auraed as its parent).
+    async fn for_instance(
+        &self,
+        place: &super::place::Place,
+        sb: &SandboxRecord,
+        mut msg: pb::Executable,
+    ) -> Result<pb::Executable, Status> {
+        let cri = self.cri();
+        let Some(client) = place.client() else {
+            return Ok(msg);
+        };
+        let r = cri.call(svc::RUNTIME, "RunExecutable", ())?;
+        let caller = r
+            .extensions()
+            .get::<crate::api::authz::Caller>()
+            .cloned()
+            .ok_or_else(|| Status::internal("a CRI call without its caller"))?;
+        caller.authorize_name(&sb.cell)?;
+        let mut c = msg.container.take().unwrap_or_default();
+        let spec = crate::container::ContainerSpec::parse("container", Some(c.clone()))
+            .map_err(|e| invalid(&e.field, e.reason))?;
+        let plan = cri.runtime.plan(&caller, &spec).await?;
+        let ids = (plan.process.uid, plan.process.gid);
+        crate::api::runtime::authorize_ids(&caller, Some(ids.0), Some(ids.1), &sb.cell)?;
+        let image = crate::api::image::parse("container.image", &spec.image)?;
+        let store = cri.ctx.puller.store.clone();
+        let (s2, digest) = (store.clone(), plan.image.digest.clone());
+        let (by_digest, blobs) =
+            tokio::task::spawn_blocking(move || crate::image::load::blobs_of(&s2, &image, &digest))
+                .await
+                .map_err(|e| Status::internal(format!("listing the image's blobs: {e}")))??;
+        {
+            // No collection of our store while its blobs are read out.
+            let _gc = store.gc_lock.read().await;
+            crate::compose::run_pod::load(client, &by_digest, blobs)
+                .await
+                .map_err(|e| {
+                    Status::from(crate::compose::run_pod::step(
+                        "handing the image to the sandbox's instance",
+                        e,
+                    ))
+                })?;
+        }
+        drop(plan);
+        c.image = by_digest.to_string();
+        (c.uid, c.gid) = (Some(ids.0), Some(ids.1));
+        c.no_new_privileges |= !caller.grant.allow_new_privileges;
+        msg.container = Some(c);
+        Ok(msg)
     }
 
     /// StartContainer, in a task of its own: the container is marked starting first (a
@@ -563,51 +615,51 @@ impl CriRuntime {
             )));
         }
         let run = &c.run;
-        let req = cri.call(
-            svc::RUNTIME,
-            "RunExecutable",
-            pb::Executable {
-                cell: sb.cell.clone(),
-                name: c.executable.clone(),
-                container: Some(pb::Container {
-                    image: c.image_reference.clone(),
-                    entrypoint: run.entrypoint.clone(),
-                    args: run.args.clone(),
-                    env: to_hash(&run.env),
-                    working_dir: run.working_dir.clone(),
-                    uid: run.uid,
-                    gid: run.gid,
-                    read_only_root: run.read_only_root,
-                    volumes: run
-                        .volumes
-                        .iter()
-                        .map(|(h, p, ro)| pb::Volume {
-                            host_path: h.clone(),
-                            container_path: p.clone(),
-                            read_only: *ro,
-                        })
-                        .collect(),
-                    no_new_privileges: run.no_new_privileges,
-                    dns: sb.dns.as_ref().map(|d| pb::ContainerDns {
-                        servers: d.servers.iter().map(ToString::to_string).collect(),
-                        searches: d.searches.clone(),
-                        options: d.options.clone(),
-                    }),
+        let msg = pb::Executable {
+            cell: sb.cell.clone(),
+            name: c.executable.clone(),
+            container: Some(pb::Container {
+                image: c.image_reference.clone(),
+                entrypoint: run.entrypoint.clone(),
+                args: run.args.clone(),
+                env: to_hash(&run.env),
+                working_dir: run.working_dir.clone(),
+                uid: run.uid,
+                gid: run.gid,
+                read_only_root: run.read_only_root,
+                volumes: run
+                    .volumes
+                    .iter()
+                    .map(|(h, p, ro)| pb::Volume {
+                        host_path: h.clone(),
+                        container_path: p.clone(),
+                        read_only: *ro,
+                    })
+                    .collect(),
+                no_new_privileges: run.no_new_privileges,
+                dns: sb.dns.as_ref().map(|d| pb::ContainerDns {
+                    servers: d.servers.iter().map(ToString::to_string).collect(),
+                    searches: d.searches.clone(),
+                    options: d.options.clone(),
                 }),
-                ..Default::default()
-            },
-        );
-        let started = match req {
+            }),
+            ..Default::default()
+        };
+        let started = async {
+            let place = cri.place(&sb).await?;
+            let msg = match place.instance() {
+                Some(_) => self.for_instance(&place, &sb, msg).await?,
+                None => msg,
+            };
             // Its start time is the executable's own: the clock read after the call
             // returned could come after a quick process's exit.
-            Ok(req) => cri.runtime.run_executable(req).await.map(|r| {
-                r.into_inner()
-                    .started_at
+            place.run_executable(msg).await.map(|r| {
+                r.started_at
                     .and_then(|t| std::time::SystemTime::try_from(t).ok())
                     .map_or_else(now_nanos, unix_nanos)
-            }),
-            Err(e) => Err(e),
-        };
+            })
+        }
+        .await;
         let now = match started {
             Ok(at) => at,
             Err(e) => {
@@ -633,8 +685,8 @@ impl CriRuntime {
         })?;
         match (rec, file) {
             (Some(rec), Some(file)) => {
-                let logs = cri.logs_request(&rec)?;
-                cri.logs.start(&rec.id, file, logs, cri.clone());
+                let (place, logs) = cri.logs_request(&rec).await?;
+                cri.logs.start(&rec.id, file, place, logs, cri.clone());
             }
             (Some(_), None) => {}
             // Removed while it started: what started goes too.
@@ -663,17 +715,11 @@ impl CriRuntime {
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
         let cri = self.cri().clone();
         let m = r.into_inner();
-        if m.runtime_handler == VM_HANDLER {
-            return Err(unimplemented(
-                "the runtime handler \"aurae-vm\"",
-                "a sandbox in a spawned instance (use the default handler: a cell)",
-            ));
-        }
         if !HANDLERS.contains(&m.runtime_handler.as_str()) {
             return Err(invalid(
                 "runtime_handler",
                 format!(
-                    "{:?} is not a handler of this runtime (\"\" or \"aurae\")",
+                    "{:?} is not a handler of this runtime (\"\", \"aurae\" or \"{VM_HANDLER}\")",
                     m.runtime_handler
                 ),
             ));
@@ -745,6 +791,25 @@ impl CriRuntime {
                 "user namespaces are not supported",
             ));
         }
+        let in_instance = m.runtime_handler == VM_HANDLER;
+        if in_instance {
+            // The sandbox is its instance: nothing of this machine's is shared.
+            for (field, m) in [
+                ("network", modes.network),
+                ("pid", modes.pid),
+                ("ipc", modes.ipc),
+            ] {
+                if m == M::Node as i32 {
+                    return Err(invalid(
+                        &format!("config.linux.security_context.namespace_options.{field}"),
+                        format!(
+                            "NODE: a sandbox of the {VM_HANDLER:?} handler is an instance of \
+                             its own and shares nothing of the node"
+                        ),
+                    ));
+                }
+            }
+        }
         let host_net = modes.network == M::Node as i32;
         let hostname = if host_net {
             String::new()
@@ -808,6 +873,15 @@ impl CriRuntime {
                     format!("{:?} is not an IP address", p.host_ip),
                 ));
             }
+            if p.host_port > 0 && in_instance {
+                return Err(invalid(
+                    &f("host_port"),
+                    format!(
+                        "a sandbox of the {VM_HANDLER:?} handler has its instance's own address: \
+                         reach its ports there, not through the node's"
+                    ),
+                ));
+            }
             if p.host_port > 0 {
                 port_mappings.push(serde_json::json!({
                     "hostPort": p.host_port,
@@ -839,24 +913,6 @@ impl CriRuntime {
         }
         let id = new_id();
         let cell = format!("k8s-{}", &id[..16]);
-        let req = cri.call(
-            svc::CELLS,
-            "Allocate",
-            pb::Cell {
-                name: cell.clone(),
-                limits,
-                namespaces: Some(pb::CellNamespaces {
-                    share_host_net: host_net,
-                    share_host_uts: host_net,
-                    share_host_pid: modes.pid == M::Node as i32,
-                    share_host_ipc: modes.ipc == M::Node as i32,
-                    ..Default::default()
-                }),
-                hostname: hostname.clone(),
-                ..Default::default()
-            },
-        )?;
-        cri.cells.allocate(req).await?;
         let mut rec = SandboxRecord {
             id: id.clone(),
             name: md.name,
@@ -864,7 +920,7 @@ impl CriRuntime {
             namespace: md.namespace,
             attempt: md.attempt,
             cell: cell.clone(),
-            hostname,
+            hostname: hostname.clone(),
             log_directory: config.log_directory,
             labels: to_btree(&config.labels),
             annotations: to_btree(&config.annotations),
@@ -876,30 +932,59 @@ impl CriRuntime {
             port_mappings: serde_json::Value::Array(port_mappings),
             dns,
         };
-        let attached = if host_net {
-            Ok(None)
-        } else {
-            match (cri.cni.config(), cri.netns_of(&cell)) {
-                (Ok(conf), Some(netns)) => cri
-                    .cni
-                    .add(conf, netns, &Cri::cni_target(&rec))
-                    .await
-                    .map(Some)
-                    .map_err(|e| Status::unavailable(format!("pod network: {e}"))),
-                (Ok(_), None) => Err(Status::internal(format!(
-                    "pod network: the init of cell {cell} is gone"
-                ))),
-                (Err(why), _) => {
-                    warn!(pod = %rec.name, "CRI sandbox without a pod network (loopback only): {why}");
-                    Ok(None)
+        let cell_msg = pb::Cell {
+            name: cell.clone(),
+            namespaces: Some(if in_instance {
+                // The instance's own network is the pod's (its address is the pod's IP).
+                pb::CellNamespaces {
+                    share_host_net: true,
+                    ..Default::default()
                 }
-            }
+            } else {
+                pb::CellNamespaces {
+                    share_host_net: host_net,
+                    share_host_uts: host_net,
+                    share_host_pid: modes.pid == M::Node as i32,
+                    share_host_ipc: modes.ipc == M::Node as i32,
+                    ..Default::default()
+                }
+            }),
+            hostname: hostname.clone(),
+            limits,
+            ..Default::default()
         };
-        let recorded = attached.and_then(|net| {
-            rec.network = net;
-            cri.insert_sandbox(&rec)
-        });
-        if let Err(e) = recorded {
+        let made = async {
+            if in_instance {
+                cri.spawn_instance(&rec, cell_msg.limits.as_ref()).await?;
+            }
+            let place = cri.place(&rec).await?;
+            place.cell_allocate(cell_msg).await?;
+            let attached = if host_net || in_instance {
+                Ok(None)
+            } else {
+                match (cri.cni.config(), cri.netns_of(&cell)) {
+                    (Ok(conf), Some(netns)) => cri
+                        .cni
+                        .add(conf, netns, &Cri::cni_target(&rec))
+                        .await
+                        .map(Some)
+                        .map_err(|e| Status::unavailable(format!("pod network: {e}"))),
+                    (Ok(_), None) => Err(Status::internal(format!(
+                        "pod network: the init of cell {cell} is gone"
+                    ))),
+                    (Err(why), _) => {
+                        warn!(pod = %rec.name, "CRI sandbox without a pod network (loopback only): {why}");
+                        Ok(None)
+                    }
+                }
+            };
+            attached.and_then(|net| {
+                rec.network = net;
+                cri.insert_sandbox(&rec)
+            })
+        }
+        .await;
+        if let Err(e) = made {
             // Nothing stays behind a sandbox we could not record.
             if let Some(net) = rec.network.take() {
                 let netns = cri.netns_of(&cell).map(Arc::new);
@@ -911,7 +996,11 @@ impl CriRuntime {
                     warn!(sandbox = %id, "undoing the pod network of a sandbox that failed: {d}");
                 }
             }
-            if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
+            if in_instance {
+                if let Err(f) = cri.free_instance(&rec).await {
+                    warn!(sandbox = %id, "removing the instance of a sandbox that failed: {}", f.message());
+                }
+            } else if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
                 let _ = cri.cells.free(r).await;
             }
             return Err(e);
@@ -938,22 +1027,27 @@ impl CriRuntime {
             }
         }
         cri.detach_network(&mut sb).await?;
-        let req = cri.call(
-            svc::CELLS,
-            "Stop",
-            pb::StopRequest {
-                name: sb.cell.clone(),
-                grace_period: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-            },
-        )?;
-        match cri.cells.stop(req).await {
-            Ok(_) => {}
+        let stopped = match cri.place(&sb).await {
+            Ok(p) => {
+                p.cell_stop(pb::StopRequest {
+                    name: sb.cell.clone(),
+                    grace_period: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 0,
+                    }),
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match stopped {
+            Ok(()) => {}
             Err(e) if e.code() == tonic::Code::NotFound => {}
             Err(e) => return Err(e),
         }
+        // An instance's resources (its memory, its address) go with the stop, as a
+        // stopped sandbox's network does.
+        cri.free_instance(&sb).await?;
         let mut newly = false;
         cri.update_sandbox(&sb.id, |r| {
             newly = !r.stopped;
@@ -988,18 +1082,16 @@ impl CriRuntime {
             self.remove_container_record(&c).await?;
         }
         cri.detach_network(&mut sb).await?;
-        let req = cri.call(
-            svc::CELLS,
-            "Free",
-            pb::NameRef {
-                name: sb.cell.clone(),
-            },
-        )?;
-        match cri.cells.free(req).await {
-            Ok(_) => {}
+        let freed = match cri.place(&sb).await {
+            Ok(p) => p.cell_free(&sb.cell).await,
+            Err(e) => Err(e),
+        };
+        match freed {
+            Ok(()) => {}
             Err(e) if e.code() == tonic::Code::NotFound => {}
             Err(e) => return Err(e),
         }
+        cri.free_instance(&sb).await?;
         // Told with the sandbox's last status (it is gone from the records after).
         self.emit(
             &sb.id,
@@ -1356,6 +1448,15 @@ impl RuntimeService for CriRuntime {
             .filter(|i| !i.is_empty())
             .ok_or_else(|| invalid("config.image.image", "is empty"))?;
         let run = container_run(&config)?;
+        if sb.runtime_handler == VM_HANDLER && !run.volumes.is_empty() {
+            return Err(invalid(
+                "config.mounts",
+                format!(
+                    "a container of an {VM_HANDLER:?} sandbox runs in the sandbox's own \
+                     instance, which has no host paths to mount"
+                ),
+            ));
+        }
         if config.windows.is_some() {
             return Err(invalid("config.windows", "this is a Linux runtime"));
         }
@@ -1551,27 +1652,23 @@ impl RuntimeService for CriRuntime {
         if m.timeout < 0 {
             return Err(invalid("timeout", "is negative"));
         }
-        let req = cri.call(
-            svc::EXECUTABLES,
-            "Exec",
-            pb::ExecRequest {
-                executable: Some(pb::ExecutableRef {
-                    cell: sb.cell,
-                    name: c.executable.clone(),
-                }),
-                argv: m.cmd,
-                // 0: no timeout of kubelet's; ours is 10 minutes.
-                timeout: Some(prost_types::Duration {
-                    seconds: if m.timeout == 0 {
-                        600
-                    } else {
-                        m.timeout.min(600)
-                    },
-                    nanos: 0,
-                }),
-            },
-        )?;
-        let out = cri.executables.exec(req).await?.into_inner();
+        let msg = pb::ExecRequest {
+            executable: Some(pb::ExecutableRef {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+            }),
+            argv: m.cmd,
+            // 0: no timeout of kubelet's; ours is 10 minutes.
+            timeout: Some(prost_types::Duration {
+                seconds: if m.timeout == 0 {
+                    600
+                } else {
+                    m.timeout.min(600)
+                },
+                nanos: 0,
+            }),
+        };
+        let out = cri.place(&sb).await?.exe_exec(msg).await?;
         let exit_code = match out.exit.and_then(|e| e.how) {
             Some(pb::exit_status::How::Code(c)) => c,
             Some(pb::exit_status::How::Signal(s)) => 128 + s,
@@ -1602,6 +1699,13 @@ impl RuntimeService for CriRuntime {
             return Err(invalid("cmd", "is empty: give the command to run"));
         }
         let (c, sb) = self.running(&m.container_id).await?;
+        if sb.runtime_handler == VM_HANDLER {
+            return Err(unimplemented(
+                "Exec into a container of an \"aurae-vm\" sandbox",
+                "a streamed exec in a spawned instance (ExecSync runs there; Exec streams \
+                 only in sandboxes that are cells of this auraed)",
+            ));
+        }
         // Authorized now, as the CRI identity; run when kubelet connects to the URL.
         let request = cri.call(
             svc::EXECUTABLES,
@@ -1665,12 +1769,18 @@ impl RuntimeService for CriRuntime {
             .get::<crate::api::authz::Caller>()
             .ok_or_else(|| Status::internal("a CRI call without its caller"))?;
         caller.authorize_name(&sb.cell)?;
-        let netns = cri.netns_of(&sb.cell).ok_or_else(|| {
-            Status::failed_precondition(format!("the init of cell {} is gone", sb.cell))
-        })?;
+        // A sandbox in an instance is reached at the instance's address (its network is
+        // the pod's); one here through its cell's network namespace.
+        let to =
+            match cri.place(&sb).await?.instance() {
+                Some(inst) => super::stream::Dial::Addr(std::net::IpAddr::V4(inst.addr)),
+                None => super::stream::Dial::Netns(Arc::new(cri.netns_of(&sb.cell).ok_or_else(
+                    || Status::failed_precondition(format!("the init of cell {} is gone", sb.cell)),
+                )?)),
+            };
         let url = cri.streams()?.issue(super::stream::Pending::PortForward {
             sandbox: sb.id.clone(),
-            netns: Arc::new(netns),
+            to,
         })?;
         Ok(Response::new(cri::PortForwardResponse { url }))
     }
@@ -1929,18 +2039,16 @@ impl CriRuntime {
         if c.started_at.is_none() {
             return out;
         }
-        let Ok(req) = cri.call(
-            svc::EXECUTABLES,
-            "Stats",
-            pb::ExecutableRef {
-                cell: sb.cell,
-                name: c.executable.clone(),
-            },
-        ) else {
+        let Ok(place) = cri.place(&sb).await else {
             return out;
         };
-        if let Ok(s) = cri.executables.stats(req).await {
-            let s = s.into_inner();
+        if let Ok(s) = place
+            .exe_stats(pb::ExecutableRef {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+            })
+            .await
+        {
             out.cpu = Some(cri::CpuUsage {
                 timestamp: now,
                 usage_core_nano_seconds: Some(cri::UInt64Value {
@@ -1965,14 +2073,7 @@ impl CriRuntime {
     async fn sandbox_stats_of(&self, sb: &SandboxRecord) -> Result<cri::PodSandboxStats, Status> {
         let cri = self.cri();
         let now = now_nanos();
-        let req = cri.call(
-            svc::CELLS,
-            "Stats",
-            pb::NameRef {
-                name: sb.cell.clone(),
-            },
-        )?;
-        let s = cri.cells.stats(req).await?.into_inner();
+        let s = cri.place(sb).await?.cell_stats(&sb.cell).await?;
         let mut containers = Vec::new();
         for c in cri.containers_of(&sb.id) {
             containers.push(self.container_stats_of(&c).await);

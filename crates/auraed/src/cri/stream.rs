@@ -67,9 +67,18 @@ pub enum Pending {
     },
     PortForward {
         sandbox: String,
-        /// The sandbox's network namespace, opened when the call was made.
-        netns: Arc<OwnedFd>,
+        /// Where the pod's ports are, found when the call was made.
+        to: Dial,
     },
+}
+
+/// Where a forwarded port is dialled.
+#[derive(Debug, Clone)]
+pub enum Dial {
+    /// The pod's loopback, from inside its network namespace (a sandbox that is a cell).
+    Netns(Arc<OwnedFd>),
+    /// The pod's own address (a sandbox in an instance: the instance's address).
+    Addr(std::net::IpAddr),
 }
 
 impl std::fmt::Debug for Pending {
@@ -332,8 +341,8 @@ impl Streams {
                 };
                 self.exec(reader, tx.clone(), request, streams).await
             }
-            Pending::PortForward { sandbox, netns } => {
-                port_forward(reader, tx.clone(), &sandbox, netns).await
+            Pending::PortForward { sandbox, to } => {
+                port_forward(reader, tx.clone(), &sandbox, to).await
             }
         };
         let _ = tx
@@ -723,9 +732,19 @@ impl Streams {
     }
 }
 
-/// Opens a TCP connection to the pod's loopback `port` from inside its network namespace
-/// (a thread of its own enters it, connects, and ends: no thread of auraed's stays there).
-async fn dial(netns: Arc<OwnedFd>, port: u16) -> std::io::Result<TcpStream> {
+/// Opens a TCP connection to the pod's `port`: at its own address, or on its loopback
+/// from inside its network namespace (a thread of its own enters it, connects, and ends:
+/// no thread of auraed's stays there).
+async fn dial(to: Dial, port: u16) -> std::io::Result<TcpStream> {
+    let netns = match to {
+        Dial::Addr(ip) => {
+            let at = SocketAddr::from((ip, port));
+            return tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(at))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+        }
+        Dial::Netns(n) => n,
+    };
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("cri-portforward".into())
@@ -765,12 +784,7 @@ struct Pair {
     to_pod: Option<mpsc::Sender<Option<Vec<u8>>>>,
 }
 
-async fn port_forward(
-    mut reader: Reader,
-    tx: Tx,
-    sandbox: &str,
-    netns: Arc<OwnedFd>,
-) -> anyhow::Result<()> {
+async fn port_forward(mut reader: Reader, tx: Tx, sandbox: &str, to: Dial) -> anyhow::Result<()> {
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // Stream id → request id.
     let mut by_stream: HashMap<u32, String> = HashMap::new();
@@ -820,7 +834,7 @@ async fn port_forward(
                 p.to_pod = Some(to_pod);
                 let port = p.port;
                 tasks.spawn(forward(
-                    netns.clone(),
+                    to.clone(),
                     port,
                     tx.clone(),
                     error,
@@ -870,7 +884,7 @@ async fn port_forward(
 
 /// One forwarded connection: dial, then copy both ways until both sides are done.
 async fn forward(
-    netns: Arc<OwnedFd>,
+    to: Dial,
     port: u16,
     tx: Tx,
     error: u32,
@@ -878,7 +892,7 @@ async fn forward(
     mut from_client: mpsc::Receiver<Option<Vec<u8>>>,
     sandbox: String,
 ) {
-    let conn = match dial(netns, port).await {
+    let conn = match dial(to, port).await {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("forwarding port {port} of sandbox {sandbox}: {e}");
@@ -910,7 +924,9 @@ mod tests {
     fn forward() -> Pending {
         Pending::PortForward {
             sandbox: "s".into(),
-            netns: Arc::new(std::fs::File::open("/proc/self/ns/net").unwrap().into()),
+            to: Dial::Netns(Arc::new(
+                std::fs::File::open("/proc/self/ns/net").unwrap().into(),
+            )),
         }
     }
 

@@ -1,0 +1,301 @@
+//! Where a sandbox's cell lives: in this auraed (the default handler) or in the instance
+//! spawned for the sandbox (the `aurae-vm` handler). Every call the CRI makes on a
+//! sandbox's cell and its containers' executables goes through a [`Place`], so the paths
+//! of the RuntimeService are the same for both.
+//!
+//! Either way the CRI identity's grant for the method is looked up in our policy first
+//! ([`Cri::call`]): a policy that denies it denies it for both. Here, the call then goes
+//! to our own API adapters (which also check names, ids and quotas). In an instance, it
+//! goes to the child's API, called with this auraed's identity (the child's parent): the
+//! instance was spawned under the CRI identity's grant, with the sandbox's name, and the
+//! container's image, ids and privileges are checked here before anything is sent.
+
+use std::{pin::Pin, sync::Arc};
+
+use aurae_proto::{
+    runtime::v0::{self as pb, cells_server::Cells, executables_server::Executables},
+    service_names as svc,
+};
+use tokio_stream::Stream;
+use tonic::Status;
+
+use super::Cri;
+use crate::instance::Instance;
+
+/// The output of an executable, followed.
+pub(super) type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+/// Where a sandbox's cell and executables are.
+#[derive(Clone)]
+pub(super) enum Place {
+    /// This auraed's own API, called as the CRI identity.
+    Here(Arc<Cri>),
+    /// The sandbox's instance, through its API.
+    Instance {
+        cri: Arc<Cri>,
+        inst: Arc<Instance>,
+        client: aurae_client::Client,
+    },
+}
+
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Here(_) => f.write_str("Place::Here"),
+            Self::Instance { inst, .. } => write!(f, "Place::Instance({})", inst.spec.name),
+        }
+    }
+}
+
+/// A status from the instance, or the instance gone (NOT_FOUND: what was in it is gone).
+fn remote(inst: &Instance, e: Status) -> Status {
+    if inst.gone() {
+        Status::not_found(format!(
+            "the sandbox's instance {} has ended: {}",
+            inst.spec.name,
+            e.message()
+        ))
+    } else {
+        e
+    }
+}
+
+impl Place {
+    fn cri(&self) -> &Arc<Cri> {
+        match self {
+            Self::Here(cri) | Self::Instance { cri, .. } => cri,
+        }
+    }
+
+    /// The sandbox's instance, when it is in one.
+    pub(super) fn instance(&self) -> Option<&Arc<Instance>> {
+        match self {
+            Self::Here(_) => None,
+            Self::Instance { inst, .. } => Some(inst),
+        }
+    }
+
+    /// The client of the sandbox's instance, when it is in one.
+    pub(super) fn client(&self) -> Option<&aurae_client::Client> {
+        match self {
+            Self::Here(_) => None,
+            Self::Instance { client, .. } => Some(client),
+        }
+    }
+
+    pub(super) async fn cell_get(&self, name: &str) -> Result<pb::CellStatus, Status> {
+        let msg = pb::NameRef {
+            name: name.to_owned(),
+        };
+        let r = self.cri().call(svc::CELLS, "Get", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.cells.get(r).await,
+            Self::Instance { inst, client, .. } => {
+                client.cells().get(msg).await.map_err(|e| remote(inst, e))
+            }
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn cell_allocate(&self, msg: pb::Cell) -> Result<pb::CellStatus, Status> {
+        let r = self.cri().call(svc::CELLS, "Allocate", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.cells.allocate(r).await,
+            Self::Instance { inst, client, .. } => client
+                .cells()
+                .allocate(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn cell_stop(&self, msg: pb::StopRequest) -> Result<(), Status> {
+        let r = self.cri().call(svc::CELLS, "Stop", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.cells.stop(r).await.map(|_| ()),
+            Self::Instance { inst, client, .. } => client
+                .cells()
+                .stop(msg)
+                .await
+                .map(|_| ())
+                .map_err(|e| remote(inst, e)),
+        }
+    }
+
+    pub(super) async fn cell_free(&self, name: &str) -> Result<(), Status> {
+        let msg = pb::NameRef {
+            name: name.to_owned(),
+        };
+        let r = self.cri().call(svc::CELLS, "Free", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.cells.free(r).await.map(|_| ()),
+            Self::Instance { inst, client, .. } => client
+                .cells()
+                .free(msg)
+                .await
+                .map(|_| ())
+                .map_err(|e| remote(inst, e)),
+        }
+    }
+
+    pub(super) async fn cell_stats(&self, name: &str) -> Result<pb::ResourceStats, Status> {
+        let msg = pb::NameRef {
+            name: name.to_owned(),
+        };
+        let r = self.cri().call(svc::CELLS, "Stats", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.cells.stats(r).await,
+            Self::Instance { inst, client, .. } => {
+                client.cells().stats(msg).await.map_err(|e| remote(inst, e))
+            }
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn run_executable(
+        &self,
+        msg: pb::Executable,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        use aurae_proto::runtime::v0::runtime_server::Runtime as _;
+        let r = self
+            .cri()
+            .call(svc::RUNTIME, "RunExecutable", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.runtime.run_executable(r).await,
+            Self::Instance { inst, client, .. } => client
+                .runtime()
+                .run_executable(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_get(
+        &self,
+        msg: pb::ExecutableRef,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Get", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.get(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .get(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_signal(
+        &self,
+        msg: pb::SignalExecutableRequest,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Signal", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.signal(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .signal(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_wait(
+        &self,
+        msg: pb::WaitExecutableRequest,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Wait", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.wait(r).await,
+            Self::Instance { inst, client, .. } => {
+                // The instance ending ends every wait in it.
+                let mut exes = client.executables();
+                tokio::select! {
+                    w = exes.wait(msg) => w.map_err(|e| remote(inst, e)),
+                    _ = inst.wait(None) => Err(remote(inst, Status::unavailable("it ended"))),
+                }
+            }
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_stop(
+        &self,
+        msg: pb::StopExecutableRequest,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Stop", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.stop(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .stop(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_free(&self, msg: pb::ExecutableRef) -> Result<(), Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Free", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.free(r).await.map(|_| ()),
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .free(msg)
+                .await
+                .map(|_| ())
+                .map_err(|e| remote(inst, e)),
+        }
+    }
+
+    pub(super) async fn exe_exec(&self, msg: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Exec", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.exec(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .exec(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_stats(
+        &self,
+        msg: pb::ExecutableRef,
+    ) -> Result<pb::ResourceStats, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Stats", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.stats(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .stats(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub(super) async fn exe_logs(
+        &self,
+        msg: pb::ExecutableLogsRequest,
+    ) -> Result<LogStream, Status> {
+        let r = self.cri().call(svc::EXECUTABLES, "Logs", msg.clone())?;
+        match self {
+            Self::Here(cri) => Ok(Box::pin(cri.executables.logs(r).await?.into_inner()) as _),
+            Self::Instance { inst, client, .. } => Ok(Box::pin(
+                client
+                    .executables()
+                    .logs(msg)
+                    .await
+                    .map_err(|e| remote(inst, e))?
+                    .into_inner(),
+            ) as _),
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The CRI's `aurae-vm` runtime handler in the host tier (T1: root, cgroup v2, network
+//! namespaces): a pod sandbox is an instance of auraed spawned for it (here an isolated
+//! cell: this machine boots no microVM; the guest tier's L1 boots one), the containers
+//! run in a cell inside it. auraed and the registry run in a network namespace of their
+//! own (the instances' bridge and veths are made there).
+//!
+//! What must show: the sandbox's status carries the instance's address; the container
+//! runs in the instance (no cell of the sandbox's on this auraed), its log is written on
+//! this machine, ExecSync and stats reach it, port-forward reaches its port at the
+//! instance's address; a retried RunPodSandbox finds the same sandbox; what an instance
+//! cannot do is refused naming the field (host ports, NODE namespaces, host mounts) or
+//! UNIMPLEMENTED (a streamed exec); a kill -9 of auraed costs the pod nothing; stop frees
+//! the instance and remove leaves nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aurae_proto::{
+    cri::v1::{
+        self as cri, image_service_client::ImageServiceClient,
+        runtime_service_client::RuntimeServiceClient,
+    },
+    runtime::v0 as pb,
+};
+use aurae_testkit::{
+    Daemon, DaemonOptions, TRUST_DOMAIN, oci,
+    registry::{LocalRegistry, needs_registry},
+    tier::{self, Tier},
+};
+use tonic::{Code, transport::Channel};
+
+const VM: &str = "aurae-vm";
+
+struct Env {
+    _registry: LocalRegistry,
+    d: Daemon,
+    image: String,
+    tmp: tempfile::TempDir,
+}
+
+fn policy(host: &str) -> String {
+    format!(
+        "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
+         allow_uid_zero = true\nregistries = [\"*\"]\n\n\
+         [[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/cri\"\nmethods = [\"*\"]\nnames = [\"k8s-*\"]\n\
+         allow_uid_zero = true\nuids = [\"1-65535\"]\ngids = [\"1-65535\"]\nregistries = [\"{host}/aurae\"]\n"
+    )
+}
+
+async fn env(test: &str) -> Option<Env> {
+    if !tier::check(
+        test,
+        Tier::Host,
+        tier::needs_cells()
+            .or_else(needs_registry)
+            .or_else(oci::needs_busybox),
+    ) {
+        return None;
+    }
+    aurae_testkit::init_crypto();
+    let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let host = addr.to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        Path::new(env!("CARGO_BIN_EXE_auraed")),
+        DaemonOptions {
+            own_netns: true,
+            policy: Some(policy(&host)),
+            extra_args: vec![
+                "--insecure-registry".to_owned(),
+                host.clone(),
+                "--cri-socket".to_owned(),
+                tmp.path().join("run/cri.sock").display().to_string(),
+                "--cri-log-root".to_owned(),
+                tmp.path().join("pods").display().to_string(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let registry = LocalRegistry::start_in(d.netns.as_deref(), addr).unwrap();
+    let h = host.clone();
+    d.in_netns(move || oci::push_busybox(&h, "aurae/busybox", serde_json::json!({})))
+        .unwrap()
+        .unwrap();
+    Some(Env {
+        _registry: registry,
+        d,
+        image: format!("{host}/aurae/busybox:v1"),
+        tmp,
+    })
+}
+
+impl Env {
+    async fn cri(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+        aurae_testkit::cri::clients(&self.tmp.path().join("run/cri.sock"))
+            .await
+            .unwrap()
+    }
+
+    fn log_dir(&self, pod: &str) -> PathBuf {
+        let d = self.tmp.path().join("pods").join(pod);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    async fn instances(&self) -> Vec<String> {
+        let c = self.d.client("admin").await.unwrap();
+        c.instances()
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .into_iter()
+            .map(|i| i.name)
+            .collect()
+    }
+
+    async fn cells(&self) -> Vec<String> {
+        let c = self.d.client("admin").await.unwrap();
+        c.cells()
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cells
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+fn sandbox_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-0"),
+        log_directory: log_dir.display().to_string(),
+        labels: [("app".to_owned(), name.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()],
+        envs: vec![cri::KeyValue {
+            key: "GREETING".to_owned(),
+            value: "hello".to_owned(),
+        }],
+        log_path: format!("{name}/0.log"),
+        ..Default::default()
+    }
+}
+
+async fn run_vm_sandbox(
+    rt: &mut RuntimeServiceClient<Channel>,
+    config: &cri::PodSandboxConfig,
+) -> Result<String, tonic::Status> {
+    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: VM.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner().pod_sandbox_id)
+}
+
+async fn sandbox_status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::PodSandboxStatus {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.to_owned(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+}
+
+async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: id.to_owned(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+}
+
+async fn log_has(path: &Path, want: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| l.ends_with(want)) {
+            return text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} has no line ending in {want:?}: {text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn exec_sync(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    cmd: &[&str],
+) -> cri::ExecSyncResponse {
+    rt.exec_sync(cri::ExecSyncRequest {
+        container_id: id.to_owned(),
+        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+        timeout: 10,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The whole life of an `aurae-vm` pod, with the refusals and a crash of auraed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
+    let Some(mut e) = env("cri_aurae_vm_sandboxes_are_spawned_instances").await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let handlers = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .runtime_handlers;
+    assert!(handlers.iter().any(|h| h.name == VM), "{handlers:?}");
+    im.pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: e.image.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // What an instance cannot be is refused before anything is made.
+    let log_dir = e.log_dir("default_web_uid-web");
+    let good = sandbox_config("web", &log_dir);
+    let mut bad = good.clone();
+    bad.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: 18080,
+        host_ip: String::new(),
+    }];
+    let err = run_vm_sandbox(&mut rt, &bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("config.port_mappings[0].host_port"),
+        "{err:?}"
+    );
+    let mut bad = good.clone();
+    bad.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = run_vm_sandbox(&mut rt, &bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("security_context.namespace_options.network"),
+        "{err:?}"
+    );
+    assert!(e.instances().await.is_empty(), "{:?}", e.instances().await);
+
+    // The sandbox: an instance of its own, its address the pod's IP.
+    let t0 = Instant::now();
+    let sb = run_vm_sandbox(&mut rt, &good).await.unwrap();
+    let spawn_ms = t0.elapsed().as_millis();
+    let name = format!("k8s-{}", &sb[..16]);
+    assert_eq!(
+        run_vm_sandbox(&mut rt, &good).await.unwrap(),
+        sb,
+        "a retried RunPodSandbox finds the same sandbox"
+    );
+    assert_eq!(e.instances().await, vec![name.clone()]);
+    assert!(
+        !e.cells().await.contains(&name),
+        "the sandbox's cell is in its instance, not here: {:?}",
+        e.cells().await
+    );
+    let s = sandbox_status(&mut rt, &sb).await;
+    assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32, "{s:?}");
+    assert_eq!(s.runtime_handler, VM);
+    let ip: std::net::Ipv4Addr = s.network.as_ref().unwrap().ip.parse().unwrap();
+    eprintln!("aurae-vm sandbox {sb} ready in {spawn_ms} ms at {ip}");
+
+    // A container of it: runs in the instance, logs here.
+    let mut mounted = container_config("app", &e.image, "true");
+    mounted.mounts = vec![cri::Mount {
+        host_path: log_dir.display().to_string(),
+        container_path: "/data".to_owned(),
+        ..Default::default()
+    }];
+    let err = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(mounted),
+            sandbox_config: Some(good.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("config.mounts"), "{err:?}");
+    std::fs::create_dir_all(log_dir.join("app")).unwrap();
+    let app = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(container_config(
+                "app",
+                &e.image,
+                "echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
+                 echo 'served by the instance' > /tmp/www/index.html && \
+                 exec httpd -f -p 8080 -h /tmp/www",
+            )),
+            sandbox_config: Some(good.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: app.clone(),
+    })
+    .await
+    .unwrap();
+    let log = log_dir.join("app/0.log");
+    log_has(&log, "stdout F hello from web-0").await;
+    assert_eq!(
+        status(&mut rt, &app).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    let out = exec_sync(
+        &mut rt,
+        &app,
+        &["sh", "-c", "echo $GREETING; hostname; exit 3"],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\nweb-0\n");
+    assert_eq!(out.exit_code, 3);
+    let stats = rt
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: app.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .is_some_and(|b| b.value > 0),
+        "the container's memory, from the instance"
+    );
+    let ps = rt
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: sb.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let linux = ps.linux.unwrap();
+    // (Its cell's cgroup figures are the instance's: without controllers on this host
+    // they read 0; the container's own come from its processes.)
+    assert!(linux.memory.is_some() && linux.cpu.is_some());
+    assert_eq!(linux.containers.len(), 1);
+
+    // A streamed exec is not built for instances; port-forward reaches the instance.
+    let err = rt
+        .exec(cri::ExecRequest {
+            container_id: app.clone(),
+            cmd: vec!["sh".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    let mut body = String::new();
+    for _ in 0..100 {
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: sb.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        // The streaming server listens in auraed's namespace.
+        let (data, _) =
+            e.d.in_netns(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(aurae_testkit::cri::port_forward_once(
+                        &url,
+                        8080,
+                        b"GET /index.html HTTP/1.0\r\n\r\n",
+                    ))
+                    .unwrap()
+            })
+            .unwrap();
+        body = String::from_utf8_lossy(&data).into_owned();
+        if body.contains("served by the instance") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("served by the instance"), "{body}");
+
+    // A kill -9 of auraed: the pod runs on, and the restarted auraed serves it again.
+    drop(rt);
+    drop(im);
+    e.d.crash_and_restart_after(Duration::from_millis(300))
+        .await
+        .unwrap();
+    let (mut rt, _im) = e.cri().await;
+    let s = sandbox_status(&mut rt, &sb).await;
+    assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32, "{s:?}");
+    assert_eq!(s.network.unwrap().ip, ip.to_string());
+    assert_eq!(
+        status(&mut rt, &app).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    let out = exec_sync(&mut rt, &app, &["cat", "/tmp/www/index.html"]).await;
+    assert_eq!(out.stdout, b"served by the instance\n");
+
+    // Stop: the container ends (its end recorded), the instance is freed.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    let st = status(&mut rt, &app).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{st:?}"
+    );
+    assert_eq!(st.exit_code, 137, "{st:?}");
+    let s = sandbox_status(&mut rt, &sb).await;
+    assert_eq!(s.state, cri::PodSandboxState::SandboxNotready as i32);
+    assert!(e.instances().await.is_empty(), "{:?}", e.instances().await);
+    let err = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: app.clone(),
+            cmd: vec!["true".into()],
+            timeout: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    let left = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(left.is_empty(), "{left:?}");
+    let err = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: app.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Nothing of the instance is left on this machine.
+    let cg = e.d.cgroup.clone().unwrap().join("instances");
+    let cgroups: Vec<String> = std::fs::read_dir(&cg)
+        .map(|r| {
+            r.flatten()
+                .filter(|d| d.path().is_dir() && d.file_name() != "_procs")
+                .map(|d| d.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(cgroups.is_empty(), "instance cgroups left: {cgroups:?}");
+}
