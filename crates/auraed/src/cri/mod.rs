@@ -10,10 +10,11 @@
 //! in durable records (`<state>/records/cri-sandbox`, `cri-container`) and re-adopted
 //! with the cells after a restart.
 //!
-//! Pod networks come from CNI ([`cni`]); ExecSync runs through `Executables/Exec`; Exec
-//! and PortForward through the streaming server ([`stream`]). Not built yet, answered
-//! UNIMPLEMENTED with the reason: the `aurae-vm` runtime handler, Attach, container
-//! resource updates, checkpoints, metric descriptors. Container events come from the
+//! A sandbox of the `aurae-vm` handler is an instance spawned for it, its cell inside
+//! (see [`place`]). Pod networks come from CNI ([`cni`]); ExecSync runs through
+//! `Executables/Exec`; Exec and PortForward through the streaming server ([`stream`]).
+//! Not built yet, answered UNIMPLEMENTED with the reason: Attach, a streamed exec in an
+//! instance, container resource updates, checkpoints, metric descriptors. Container events come from the
 //! calls that change something and from a watcher of each started container's end.
 //!
 //! Calls that change something run in a task of their own (a kubelet that gives up cannot
