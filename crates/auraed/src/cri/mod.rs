@@ -11,7 +11,7 @@
 //! with the cells after a restart.
 //!
 //! A sandbox of the `aurae-vm` handler is an instance spawned for it, its cell inside
-//! (see [`place`]). Pod networks come from CNI ([`cni`]); ExecSync runs through
+//! (see `place`). Pod networks come from CNI ([`cni`]); ExecSync runs through
 //! `Executables/Exec`; Exec and PortForward through the streaming server ([`stream`]).
 //! Not built yet, answered UNIMPLEMENTED with the reason: Attach, a streamed exec in an
 //! instance, container resource updates, checkpoints, metric descriptors. Container events come from the
