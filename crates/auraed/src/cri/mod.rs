@@ -289,18 +289,7 @@ impl Cri {
             .filter(|n| !recorded.contains(n))
             .collect();
         for name in orphans {
-            let freed = match self.call(
-                aurae_proto::service_names::CELLS,
-                "Free",
-                aurae_proto::runtime::v0::NameRef { name: name.clone() },
-            ) {
-                Ok(r) => {
-                    use aurae_proto::runtime::v0::cells_server::Cells as _;
-                    self.cells.free(r).await.map(|_| ())
-                }
-                Err(e) => Err(e),
-            };
-            match freed {
+            match place::Place::Here(self.clone()).cell_free(&name).await {
                 Ok(()) => {
                     warn!(cell = %name, "CRI: a sandbox's cell without a record (its RunPodSandbox never finished) was freed")
                 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use aurae_proto::{
     cri::v1::{self as cri, runtime_service_server::RuntimeService},
-    runtime::v0::{self as pb, cells_server::Cells},
+    runtime::v0 as pb,
     service_names as svc,
 };
 use tonic::{Request, Response, Status};
@@ -1000,8 +1000,10 @@ impl CriRuntime {
                 if let Err(f) = cri.free_instance(&rec).await {
                     warn!(sandbox = %id, "removing the instance of a sandbox that failed: {}", f.message());
                 }
-            } else if let Ok(r) = cri.call(svc::CELLS, "Free", pb::NameRef { name: cell }) {
-                let _ = cri.cells.free(r).await;
+            } else {
+                let _ = super::place::Place::Here(cri.clone())
+                    .cell_free(&cell)
+                    .await;
             }
             return Err(e);
         }
