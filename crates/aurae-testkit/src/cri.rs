@@ -1,10 +1,14 @@
 //! Clients of auraed's Kubernetes CRI (`--cri-socket`): plain gRPC over the Unix socket,
 //! as kubelet connects.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aurae_proto::cri::v1::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+    self as cri, image_service_client::ImageServiceClient,
+    runtime_service_client::RuntimeServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -273,4 +277,112 @@ pub async fn port_forward_once(
     let data = got.remove(&3).unwrap_or_default();
     let error = got.remove(&1).unwrap_or_default();
     Ok((data, String::from_utf8_lossy(&error).into_owned()))
+}
+
+/// A sandbox's configuration as kubelet sends one: `default/<name>`, pod uid `uid`,
+/// hostname `<name>-0`, its logs under `log_dir`, a label and an annotation.
+pub fn sandbox_config(name: &str, uid: &str, log_dir: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-0"),
+        log_directory: log_dir.display().to_string(),
+        labels: [("app".to_owned(), name.to_owned())].into(),
+        annotations: [("note".to_owned(), "from the test".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// A container `name` of `image` running `/bin/sh -c script` (none: the image's command),
+/// with `GREETING=hello`, logging to `<name>/0.log` in the sandbox's log directory.
+pub fn container_config(name: &str, image: &str, script: Option<&str>) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        command: script.map_or_else(Vec::new, |s| {
+            vec!["/bin/sh".to_owned(), "-c".to_owned(), s.to_owned()]
+        }),
+        envs: vec![cri::KeyValue {
+            key: "GREETING".to_owned(),
+            value: "hello".to_owned(),
+        }],
+        log_path: format!("{name}/0.log"),
+        labels: [("c".to_owned(), name.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// ContainerStatus of `id`.
+pub async fn container_status(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<cri::ContainerStatus, tonic::Status> {
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: id.to_owned(),
+        verbose: false,
+    })
+    .await?
+    .into_inner()
+    .status
+    .ok_or_else(|| tonic::Status::internal("ContainerStatus without a status"))
+}
+
+/// PodSandboxStatus of `id`.
+pub async fn sandbox_status(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<cri::PodSandboxStatus, tonic::Status> {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.to_owned(),
+        verbose: false,
+    })
+    .await?
+    .into_inner()
+    .status
+    .ok_or_else(|| tonic::Status::internal("PodSandboxStatus without a status"))
+}
+
+/// ExecSync of `cmd` in `id` (10 s timeout).
+pub async fn exec_sync(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    cmd: &[&str],
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    rt.exec_sync(cri::ExecSyncRequest {
+        container_id: id.to_owned(),
+        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+        timeout: 10,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Waits (at most `within`) until the CRI log at `path` has a line ending in `want`; all
+/// its lines.
+pub async fn log_has(path: &Path, want: &str, within: Duration) -> anyhow::Result<Vec<String>> {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.iter().any(|l| l.ends_with(want)) {
+            return Ok(lines);
+        }
+        if t.elapsed() > within {
+            anyhow::bail!(
+                "{} has no line ending in {want:?} after {within:?}: {text}",
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -700,25 +700,91 @@ fn host_file(
 /// [`QEMU`], the shared libraries `ldd` names, and the microvm firmware, as entries for
 /// a guest's initramfs (beside the directories it already has); `None` if `ldd` fails.
 pub fn qemu_files() -> Option<Vec<cpio::Entry>> {
-    let ldd = Command::new("ldd").arg(QEMU).output().ok()?;
-    let mut seen = std::collections::BTreeSet::new();
-    for d in [
-        "bin", "dev", "etc", "lib", "proc", "sys", "run", "tmp", "var", "var/lib", "sbin", "usr",
-        "usr/bin",
-    ] {
-        seen.insert(d.to_owned());
-    }
+    let mut seen = initramfs_dirs();
     let mut out = Vec::new();
     host_file(Path::new(QEMU), &mut seen, &mut out);
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
-            host_file(Path::new(p), &mut seen, &mut out);
-        }
-    }
+    libraries(Path::new(QEMU), &mut seen, &mut out).ok()?;
     for f in QEMU_FIRMWARE {
         host_file(Path::new(f), &mut seen, &mut out);
     }
     Some(out)
+}
+
+/// A program of this machine for a guest's initramfs (beside the directories it already
+/// has): stripped of its debug information, at `at` (e.g. `usr/local/bin/walk`), with the
+/// shared libraries `ldd` names at their paths. How a test binary runs itself inside L1.
+pub fn program_files(program: &Path, at: &str) -> anyhow::Result<Vec<cpio::Entry>> {
+    let tmp = tempfile::tempdir()?;
+    let stripped = tmp.path().join("program");
+    let st = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(program)
+        .status()
+        .context("running strip (binutils)")?;
+    if !st.success() {
+        bail!("strip --strip-debug {} failed: {st}", program.display());
+    }
+    let mut seen = initramfs_dirs();
+    let mut out = Vec::new();
+    let mut dir = String::new();
+    for p in at
+        .split('/')
+        .collect::<Vec<_>>()
+        .split_last()
+        .map_or(&[][..], |(_, d)| d)
+    {
+        if !dir.is_empty() {
+            dir.push('/');
+        }
+        dir.push_str(p);
+        if seen.insert(dir.clone()) {
+            out.push(cpio::Entry::Dir {
+                path: dir.clone(),
+                mode: 0o755,
+            });
+        }
+    }
+    out.push(cpio::Entry::File {
+        path: at.to_owned(),
+        mode: 0o755,
+        data: fs::read(&stripped)?,
+    });
+    libraries(program, &mut seen, &mut out)?;
+    Ok(out)
+}
+
+/// The directories every guest's initramfs has.
+fn initramfs_dirs() -> std::collections::BTreeSet<String> {
+    [
+        "bin", "dev", "etc", "lib", "proc", "sys", "run", "tmp", "var", "var/lib", "sbin", "usr",
+        "usr/bin",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The shared libraries `ldd` names for `program`, as initramfs entries at their paths.
+fn libraries(
+    program: &Path,
+    seen: &mut std::collections::BTreeSet<String>,
+    out: &mut Vec<cpio::Entry>,
+) -> anyhow::Result<()> {
+    let ldd = Command::new("ldd")
+        .arg(program)
+        .output()
+        .context("running ldd")?;
+    if !ldd.status.success() {
+        bail!("ldd {}: {}", program.display(), ldd.status);
+    }
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            host_file(Path::new(p), seen, out);
+        }
+    }
+    Ok(())
 }
 
 /// The modules a directory lists in `order` (`<name>.ko` beside it), as initramfs entries

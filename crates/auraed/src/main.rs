@@ -1,7 +1,12 @@
 //! `auraed`: mode selection and wiring only.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use auraed::{
     config::FileConfig,
@@ -500,7 +505,6 @@ fn run_pid1() -> ! {
         auraed::pid1::power_off(false, "KVM probe");
     }
     tracing::info!(hostname = %boot.hostname, listen = ?boot.listen, warnings = boot.warnings.len(), "pid1: machine ready");
-    let policy = PathBuf::from("/etc/aurae/policy.toml");
     let mut warnings = boot.warnings;
     let auth = PathBuf::from("/etc/aurae/registries.toml");
     let credentials = if auth.exists() {
@@ -511,38 +515,22 @@ fn run_pid1() -> ! {
     } else {
         Default::default()
     };
-    let cfg = ServerConfig {
-        pki_dir: PathBuf::from("/etc/aurae/pki"),
-        socket: PathBuf::from("/run/aurae/auraed.sock"),
-        listen: boot.listen,
-        state_dir: PathBuf::from("/var/lib/aurae"),
-        policy: policy.exists().then_some(policy),
-        handshake_timeout: Duration::from_secs(10),
-        max_connections: 1024,
-        max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
-        max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
-        max_streams_per_connection: 128,
-        cell_pool: None,
-        cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
-        mode: "pid1",
+    let mut cfg = pid1_config(
+        boot.listen,
+        boot.lineage,
+        boot.bridge_gateway,
         warnings,
-        registry: auraed::image::registry::RegistryConfig {
-            timeout: Duration::from_secs(30),
-            credentials,
-            ..Default::default()
-        },
-        volume_roots: Vec::new(),
-        // The guest's own files: VMs nested in a PID 1 machine boot what it carries.
-        vm_image_roots: vec![PathBuf::from("/var/lib/aurae/vm-images")],
-        lineage: boot.lineage,
-        bridge_gateway: boot.bridge_gateway,
-        // What a PID 1 machine carries for its own microVM instances.
-        instance_kernel: Some(PathBuf::from(auraed::pid1::INSTANCE_KERNEL)).filter(|p| p.exists()),
-        instance_modules: Some(PathBuf::from(auraed::pid1::INSTANCE_MODULES))
-            .filter(|p| p.exists()),
-        metrics_listen: None,
-        cri: None,
-    };
+        credentials,
+    );
+    let file = Path::new(PID1_CONFIG);
+    if file.exists() {
+        match FileConfig::load(file) {
+            Ok(f) => pid1_settings(&mut cfg, f),
+            Err(e) => cfg
+                .warnings
+                .push(format!("{e}: booted without it (built-in settings)")),
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -562,6 +550,172 @@ fn run_pid1() -> ! {
     }
 }
 
+/// A PID 1 auraed's settings before its configuration file: everything at the machine's
+/// fixed places.
+fn pid1_config(
+    listen: Option<SocketAddr>,
+    lineage: Option<auraed::instance::handover::Lineage>,
+    bridge_gateway: Option<std::net::Ipv4Addr>,
+    warnings: Vec<String>,
+    credentials: std::collections::HashMap<String, (String, String)>,
+) -> ServerConfig {
+    let policy = PathBuf::from("/etc/aurae/policy.toml");
+    ServerConfig {
+        pki_dir: PathBuf::from("/etc/aurae/pki"),
+        socket: PathBuf::from("/run/aurae/auraed.sock"),
+        listen,
+        state_dir: PathBuf::from("/var/lib/aurae"),
+        policy: policy.exists().then_some(policy),
+        handshake_timeout: Duration::from_secs(10),
+        max_connections: 1024,
+        max_handshakes_per_peer: auraed::server::limits::MAX_HANDSHAKES_PER_PEER,
+        max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
+        max_streams_per_connection: 128,
+        cell_pool: None,
+        cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
+        mode: "pid1",
+        warnings,
+        registry: auraed::image::registry::RegistryConfig {
+            timeout: Duration::from_secs(30),
+            credentials,
+            ..Default::default()
+        },
+        volume_roots: Vec::new(),
+        // The guest's own files: VMs nested in a PID 1 machine boot what it carries.
+        vm_image_roots: vec![PathBuf::from("/var/lib/aurae/vm-images")],
+        lineage,
+        bridge_gateway,
+        // What a PID 1 machine carries for its own microVM instances.
+        instance_kernel: Some(PathBuf::from(auraed::pid1::INSTANCE_KERNEL)).filter(|p| p.exists()),
+        instance_modules: Some(PathBuf::from(auraed::pid1::INSTANCE_MODULES))
+            .filter(|p| p.exists()),
+        metrics_listen: None,
+        cri: None,
+    }
+}
+
+/// The configuration file a PID 1 auraed reads, when the machine carries one.
+const PID1_CONFIG: &str = "/etc/aurae/auraed.toml";
+
+/// What a PID 1 auraed takes from its configuration file: what the workloads may use
+/// (the CRI and its pod networks, registries, volume and VM image roots, metrics, the
+/// cell pool and the connection limits). Where its PKI, socket, state, cgroups, policy,
+/// registry credentials and instance files are is fixed by the machine it sets up, and
+/// its address comes from the kernel's command line: a file setting one of those is
+/// reported (a warning in Daemon/Info) and the fixed value kept.
+fn pid1_settings(cfg: &mut ServerConfig, file: FileConfig) {
+    let FileConfig {
+        pki_dir,
+        socket,
+        listen,
+        metrics_listen,
+        cri_socket,
+        cri_identity,
+        cni_conf_dir,
+        cni_bin_dir,
+        cri_log_root,
+        cri_stream_address,
+        state_dir,
+        policy,
+        handshake_timeout_s,
+        max_connections,
+        max_handshakes_per_peer,
+        max_connections_per_identity,
+        max_streams_per_connection,
+        cell_pool,
+        cgroup_root,
+        insecure_registry,
+        registry_auth,
+        registry_ca,
+        volume_root,
+        vm_image_root,
+        instance_kernel,
+        instance_modules,
+        no_pid1,
+        log_json,
+    } = file;
+    for (key, set) in [
+        ("pki_dir", pki_dir.is_some()),
+        ("socket", socket.is_some()),
+        ("listen", listen.is_some()),
+        ("state_dir", state_dir.is_some()),
+        ("policy", policy.is_some()),
+        ("cgroup_root", cgroup_root.is_some()),
+        ("registry_auth", registry_auth.is_some()),
+        ("instance_kernel", instance_kernel.is_some()),
+        ("instance_modules", instance_modules.is_some()),
+        ("no_pid1", no_pid1.is_some()),
+        ("log_json", log_json.is_some()),
+    ] {
+        if set {
+            cfg.warnings.push(format!(
+                "{PID1_CONFIG}: key `{key}` is fixed for auraed as PID 1 (the machine's own \
+                 places, its address from the kernel command line): ignored"
+            ));
+        }
+    }
+    let cri_keys = cri_identity.is_some()
+        || cni_conf_dir.is_some()
+        || cni_bin_dir.is_some()
+        || cri_log_root.is_some()
+        || cri_stream_address.is_some();
+    match cri_socket {
+        Some(socket) => {
+            let cni = auraed::cri::cni::CniConfig::default();
+            cfg.cri = Some(auraed::server::CriConfig {
+                socket,
+                identity: cri_identity,
+                cni: auraed::cri::cni::CniConfig {
+                    conf_dir: cni_conf_dir.unwrap_or(cni.conf_dir),
+                    bin_dirs: cni_bin_dir
+                        .filter(|d| !d.is_empty())
+                        .unwrap_or(cni.bin_dirs),
+                },
+                log_root: cri_log_root.unwrap_or_else(|| PathBuf::from("/var/log/pods")),
+                stream_address: cri_stream_address
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            });
+        }
+        None if cri_keys => cfg.warnings.push(format!(
+            "{PID1_CONFIG}: CRI settings without `cri_socket`: no CRI is served"
+        )),
+        None => {}
+    }
+    if metrics_listen.is_some() {
+        cfg.metrics_listen = metrics_listen;
+    }
+    if let Some(s) = handshake_timeout_s {
+        cfg.handshake_timeout = Duration::from_secs(s.max(1));
+    }
+    if let Some(n) = max_connections {
+        cfg.max_connections = n.max(1);
+    }
+    if let Some(n) = max_handshakes_per_peer {
+        cfg.max_handshakes_per_peer = n.max(1);
+    }
+    if let Some(n) = max_connections_per_identity {
+        cfg.max_connections_per_identity = n.max(1);
+    }
+    if let Some(n) = max_streams_per_connection {
+        cfg.max_streams_per_connection = n.max(1);
+    }
+    if cell_pool.is_some() {
+        cfg.cell_pool = cell_pool;
+    }
+    if let Some(r) = insecure_registry {
+        cfg.registry.insecure = r;
+    }
+    if registry_ca.is_some() {
+        cfg.registry.extra_ca = registry_ca;
+    }
+    if let Some(v) = volume_root {
+        cfg.volume_roots = v;
+    }
+    if let Some(v) = vm_image_root {
+        cfg.vm_image_roots = v;
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -573,6 +727,64 @@ mod tests {
 
     /// Flags that are not settings: they have no key in the file.
     const NOT_IN_FILE: &[&str] = &["config", "help", "version"];
+
+    /// A PID 1 machine's file: the CRI and what workloads use are taken; the machine's
+    /// own places are kept and each key that tried to move one is reported.
+    #[test]
+    fn pid1_takes_the_cri_and_workload_settings_from_its_file_and_keeps_its_places() {
+        let base = || pid1_config(None, None, None, Vec::new(), Default::default());
+        let file = FileConfig::parse(
+            "cri_socket = \"/run/aurae/cri.sock\"\ncri_stream_address = \"127.0.0.1:10010\"\n\
+             insecure_registry = [\"10.0.0.1:5000\"]\ncell_pool = 3\n\
+             state_dir = \"/elsewhere\"\nlisten = \"0.0.0.0:1\"\n",
+            Path::new("/etc/aurae/auraed.toml"),
+            Path::new("/etc/aurae"),
+        )
+        .unwrap();
+        let mut cfg = base();
+        pid1_settings(&mut cfg, file);
+        let cri = cfg.cri.as_ref().expect("the CRI is served");
+        assert_eq!(cri.socket, Path::new("/run/aurae/cri.sock"));
+        assert_eq!(cri.stream_address, "127.0.0.1:10010".parse().unwrap());
+        assert_eq!(
+            cri.log_root,
+            Path::new("/var/log/pods"),
+            "the daemon's default"
+        );
+        assert_eq!(cri.cni.conf_dir, Path::new("/etc/cni/net.d"));
+        assert_eq!(cfg.registry.insecure, vec!["10.0.0.1:5000".to_owned()]);
+        assert_eq!(cfg.cell_pool, Some(3));
+        assert_eq!(cfg.state_dir, Path::new("/var/lib/aurae"), "fixed");
+        assert_eq!(cfg.listen, None, "from the kernel command line only");
+        assert_eq!(cfg.warnings.len(), 2, "{:?}", cfg.warnings);
+        assert!(cfg.warnings[0].contains("`listen`"), "{:?}", cfg.warnings);
+        assert!(
+            cfg.warnings[1].contains("`state_dir`"),
+            "{:?}",
+            cfg.warnings
+        );
+
+        // CRI settings without a socket: no CRI, and said so.
+        let file = FileConfig::parse(
+            "cri_log_root = \"/logs\"\n",
+            Path::new("/etc/aurae/auraed.toml"),
+            Path::new("/etc/aurae"),
+        )
+        .unwrap();
+        let mut cfg = base();
+        pid1_settings(&mut cfg, file);
+        assert!(cfg.cri.is_none());
+        assert!(
+            cfg.warnings[0].contains("without `cri_socket`"),
+            "{:?}",
+            cfg.warnings
+        );
+        // An empty file changes nothing.
+        let mut cfg = base();
+        pid1_settings(&mut cfg, FileConfig::default());
+        assert!(cfg.cri.is_none() && cfg.warnings.is_empty());
+        assert_eq!(cfg.vm_image_roots, base().vm_image_roots);
+    }
 
     fn settings(argv: &[&str]) -> Result<Args, String> {
         let m = Args::command()

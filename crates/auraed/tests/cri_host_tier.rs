@@ -19,7 +19,9 @@ use aurae_proto::{
     runtime::v0 as pb,
 };
 use aurae_testkit::{
-    Daemon, DaemonOptions, TRUST_DOMAIN, oci,
+    Daemon, DaemonOptions, TRUST_DOMAIN,
+    cri::{container_config, container_status, log_has, sandbox_config},
+    oci,
     registry::{LocalRegistry, for_containers},
 };
 use tonic::{Code, transport::Channel};
@@ -123,43 +125,6 @@ async fn env(test: &str) -> Option<Env> {
     env_with(test, "[\"*\"]").await
 }
 
-fn sandbox_config(name: &str, uid: &str, log_dir: &Path) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.to_owned(),
-            uid: uid.to_owned(),
-            namespace: "default".to_owned(),
-            attempt: 0,
-        }),
-        hostname: format!("{name}-0"),
-        log_directory: log_dir.display().to_string(),
-        labels: [("app".to_owned(), name.to_owned())].into(),
-        annotations: [("note".to_owned(), "from the test".to_owned())].into(),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.to_owned(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()],
-        envs: vec![cri::KeyValue {
-            key: "GREETING".to_owned(),
-            value: "hello".to_owned(),
-        }],
-        log_path: format!("{name}/0.log"),
-        labels: [("c".to_owned(), name.to_owned())].into(),
-        ..Default::default()
-    }
-}
-
 async fn run_sandbox(
     rt: &mut RuntimeServiceClient<Channel>,
     config: &cri::PodSandboxConfig,
@@ -193,47 +158,17 @@ async fn create(
     .map(|r| r.into_inner().container_id)
 }
 
-async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.to_owned(),
-        verbose: false,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .status
-    .unwrap()
-}
-
 /// Waits (bounded) until `id` has exited; its status.
 async fn exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
     let t = Instant::now();
     loop {
-        let s = status(rt, id).await;
+        let s = container_status(rt, id).await.unwrap();
         if s.state == cri::ContainerState::ContainerExited as i32 {
             return s;
         }
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "{id} still runs: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits (bounded) until the CRI log at `path` has a line ending in `want`; all lines.
-async fn log_has(path: &Path, want: &str) -> Vec<String> {
-    let t = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        if lines.iter().any(|l| l.ends_with(want)) {
-            return lines;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{} has no line ending in {want:?}: {text}",
-            path.display()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -445,7 +380,9 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     let mut appc = container_config(
         "app",
         &pulled,
-        "echo inside > /marker; echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
+        Some(
+            "echo inside > /marker; echo $GREETING; echo oops >&2; hostname; printf 'no newline'; sleep 1; echo; exec sleep 60",
+        ),
     );
     appc.mounts = vec![
         cri::Mount {
@@ -460,13 +397,13 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         },
     ];
     let app = create(&mut rt, &sb, appc, &sbc, &log_dir).await.unwrap();
-    let s = status(&mut rt, &app).await;
+    let s = container_status(&mut rt, &app).await.unwrap();
     assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
     assert_eq!(s.log_path, log_dir.join("app/0.log").display().to_string());
     let dup = create(
         &mut rt,
         &sb,
-        container_config("app", &pulled, "true"),
+        container_config("app", &pulled, Some("true")),
         &sbc,
         &log_dir,
     )
@@ -485,10 +422,16 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
-    let s = status(&mut rt, &app).await;
+    let s = container_status(&mut rt, &app).await.unwrap();
     assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
     assert!(s.started_at >= s.created_at && s.created_at > 0);
-    let lines = log_has(&log_dir.join("app/0.log"), "stdout F no newline").await;
+    let lines = log_has(
+        &log_dir.join("app/0.log"),
+        "stdout F no newline",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
     for want in [" stdout F hello", " stderr F oops", " stdout F web-0"] {
         assert!(lines.iter().any(|l| l.ends_with(want)), "{want}: {lines:?}");
     }
@@ -651,7 +594,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     let job = create(
         &mut rt,
         &sb,
-        container_config("job", &pulled, "echo done; exit 3"),
+        container_config("job", &pulled, Some("echo done; exit 3")),
         &sbc,
         &log_dir,
     )
@@ -660,7 +603,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     let ok = create(
         &mut rt,
         &sb,
-        container_config("ok", &pulled, "true"),
+        container_config("ok", &pulled, Some("true")),
         &sbc,
         &log_dir,
     )
@@ -685,7 +628,13 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .unwrap_err();
     assert_eq!(gone.code(), Code::FailedPrecondition, "{gone:?}");
     assert!(s.finished_at >= s.started_at);
-    log_has(&log_dir.join("job/0.log"), "stdout F done").await;
+    log_has(
+        &log_dir.join("job/0.log"),
+        "stdout F done",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
     let s = exited(&mut rt, &ok).await;
     assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
     rt.stop_container(cri::StopContainerRequest {
@@ -746,7 +695,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     let late = create(
         &mut rt,
         &sb,
-        container_config("late", &pulled, "true"),
+        container_config("late", &pulled, Some("true")),
         &sbc,
         &log_dir,
     )
@@ -981,7 +930,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     let nf = create(
         &mut rt,
         &unknown,
-        container_config("x", &image, "true"),
+        container_config("x", &image, Some("true")),
         &good,
         &log_dir,
     )
@@ -994,13 +943,13 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     let sb = run_sandbox(&mut rt, &good).await;
     let cases: Vec<(cri::ContainerConfig, Code, &str)> = vec![
         (
-            container_config("a", &format!("{}/aurae/never:v1", e.host), "true"),
+            container_config("a", &format!("{}/aurae/never:v1", e.host), Some("true")),
             Code::NotFound,
             "config.image.image",
         ),
         (
             {
-                let mut c = container_config("b", &image, "true");
+                let mut c = container_config("b", &image, Some("true"));
                 c.linux = Some(cri::LinuxContainerConfig {
                     security_context: Some(cri::LinuxContainerSecurityContext {
                         run_as_user: Some(cri::Int64Value {
@@ -1017,7 +966,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         ),
         (
             {
-                let mut c = container_config("c", &image, "true");
+                let mut c = container_config("c", &image, Some("true"));
                 c.log_path = "../../escape.log".into();
                 c
             },
@@ -1026,7 +975,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         ),
         (
             {
-                let mut c = container_config("d", &image, "true");
+                let mut c = container_config("d", &image, Some("true"));
                 c.metadata = None;
                 c
             },
@@ -1049,7 +998,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     );
     // A uid outside the CRI identity's grant: created (the grant is checked at the
     // start, as RunExecutable checks it), refused at the start, recorded as a StartError.
-    let mut c = container_config("e", &image, "true");
+    let mut c = container_config("e", &image, Some("true"));
     c.linux = Some(cri::LinuxContainerConfig {
         security_context: Some(cri::LinuxContainerSecurityContext {
             run_as_user: Some(cri::Int64Value { value: 70_000 }),
@@ -1065,7 +1014,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    let s = status(&mut rt, &id).await;
+    let s = container_status(&mut rt, &id).await.unwrap();
     assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(s.reason, "StartError");
     assert!(s.message.contains("uid 70000"), "{}", s.message);
@@ -1074,7 +1023,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     let outside = e.tmp.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, log_dir.join("link")).unwrap();
-    let mut c = container_config("f", &image, "echo leaked");
+    let mut c = container_config("f", &image, Some("echo leaked"));
     c.log_path = "link/0.log".into();
     let id = rt
         .create_container(cri::CreateContainerRequest {
@@ -1095,7 +1044,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(!outside.join("0.log").exists());
     assert_eq!(
-        status(&mut rt, &id).await.state,
+        container_status(&mut rt, &id).await.unwrap().state,
         cri::ContainerState::ContainerCreated as i32,
         "a start refused before anything ran leaves it CREATED"
     );
@@ -1171,7 +1120,7 @@ async fn cri_container_events_follow_a_pods_life() {
     let c = create(
         &mut rt,
         &sb,
-        container_config("job", &image, "sleep 0.3; exit 7"),
+        container_config("job", &image, Some("sleep 0.3; exit 7")),
         &sbc,
         &log_dir,
     )
@@ -1263,9 +1212,7 @@ async fn cri_exec_and_port_forward_stream_over_spdy() {
         &sb,
         container_config(
             "web",
-            &image,
-            "mkdir -p /www && echo 'hello over port-forward' > /www/index.html && exec httpd -f -p 8080 -h /www",
-        ),
+            &image, Some("mkdir -p /www && echo 'hello over port-forward' > /www/index.html && exec httpd -f -p 8080 -h /www")),
         &sbc,
         &log_dir,
     )
@@ -1578,7 +1525,7 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
         container_config(
             "tick",
             &image,
-            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+            Some("i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"),
         ),
         &sbc,
         &log_dir,
@@ -1588,7 +1535,7 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     let created = create(
         &mut rt,
         &sb,
-        container_config("later", &image, "echo later"),
+        container_config("later", &image, Some("echo later")),
         &sbc,
         &log_dir,
     )
@@ -1600,7 +1547,9 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     .await
     .unwrap();
     let log = log_dir.join("tick/0.log");
-    log_has(&log, "stdout F tick 3").await;
+    log_has(&log, "stdout F tick 3", Duration::from_secs(20))
+        .await
+        .unwrap();
     drop(rt);
     // A sandbox's cell whose RunPodSandbox never finished (no record): freed at the start.
     let admin = e.d.client("admin").await.unwrap();
@@ -1637,11 +1586,11 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     );
     assert!(left.contains(&format!("k8s-{}", &sb[..16])), "{left:?}");
     assert_eq!(
-        status(&mut rt, &c).await.state,
+        container_status(&mut rt, &c).await.unwrap().state,
         cri::ContainerState::ContainerRunning as i32
     );
     assert_eq!(
-        status(&mut rt, &created).await.state,
+        container_status(&mut rt, &created).await.unwrap().state,
         cri::ContainerState::ContainerCreated as i32
     );
     // The log goes on after the restart, and nothing written while auraed was down is
@@ -1649,7 +1598,9 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     let before = std::fs::read_to_string(&log).unwrap().lines().count();
     let t = Instant::now();
     let lines = loop {
-        let lines = log_has(&log, "stdout F tick 1").await;
+        let lines = log_has(&log, "stdout F tick 1", Duration::from_secs(20))
+            .await
+            .unwrap();
         if lines.len() > before + 10 {
             break lines;
         }
@@ -1691,7 +1642,13 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
         cri::ContainerEventType::ContainerStartedEvent,
     )
     .await;
-    log_has(&log_dir.join("later/0.log"), "stdout F later").await;
+    log_has(
+        &log_dir.join("later/0.log"),
+        "stdout F later",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: sb.clone(),
     })
@@ -1865,9 +1822,7 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
         sid,
         container_config(
             "web",
-            &image,
-            "mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
-        ),
+            &image, Some("mkdir -p /tmp/www && echo pong > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")),
         sbc,
         dir,
     )
@@ -1882,11 +1837,9 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
         cid,
         container_config(
             "get",
-            &image,
-            &format!(
+            &image, Some(&*format!(
                 "for i in $(seq 50); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {sip} 8080 && exit 0; sleep 0.2; done; exit 1"
-            ),
-        ),
+            ))),
         cbc,
         cdir,
     )
@@ -1905,7 +1858,13 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
         std::fs::read_to_string(cdir.join("get/0.log")).unwrap_or_default(),
         std::fs::read_to_string(dir.join("web/0.log")).unwrap_or_default()
     );
-    log_has(&cdir.join("get/0.log"), "stdout F pong").await;
+    log_has(
+        &cdir.join("get/0.log"),
+        "stdout F pong",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
 
     // Stopping a sandbox gives its address back; removing both leaves nothing.
     for (id, _, _, ip) in &pods {

@@ -28,7 +28,9 @@ use aurae_proto::{
     runtime::v0 as pb,
 };
 use aurae_testkit::{
-    Daemon, DaemonOptions, TRUST_DOMAIN, oci,
+    Daemon, DaemonOptions, TRUST_DOMAIN,
+    cri::{container_config, container_status, exec_sync, log_has, sandbox_config, sandbox_status},
+    oci,
     registry::{LocalRegistry, needs_registry},
     tier::{self, Tier},
 };
@@ -137,41 +139,6 @@ impl Env {
     }
 }
 
-fn sandbox_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.to_owned(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_owned(),
-            attempt: 0,
-        }),
-        hostname: format!("{name}-0"),
-        log_directory: log_dir.display().to_string(),
-        labels: [("app".to_owned(), name.to_owned())].into(),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.to_owned(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()],
-        envs: vec![cri::KeyValue {
-            key: "GREETING".to_owned(),
-            value: "hello".to_owned(),
-        }],
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
-    }
-}
-
 async fn run_vm_sandbox(
     rt: &mut RuntimeServiceClient<Channel>,
     config: &cri::PodSandboxConfig,
@@ -182,61 +149,6 @@ async fn run_vm_sandbox(
     })
     .await
     .map(|r| r.into_inner().pod_sandbox_id)
-}
-
-async fn sandbox_status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::PodSandboxStatus {
-    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-        pod_sandbox_id: id.to_owned(),
-        verbose: false,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .status
-    .unwrap()
-}
-
-async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.to_owned(),
-        verbose: false,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .status
-    .unwrap()
-}
-
-async fn log_has(path: &Path, want: &str) -> String {
-    let t = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().any(|l| l.ends_with(want)) {
-            return text;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} has no line ending in {want:?}: {text}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn exec_sync(
-    rt: &mut RuntimeServiceClient<Channel>,
-    id: &str,
-    cmd: &[&str],
-) -> cri::ExecSyncResponse {
-    rt.exec_sync(cri::ExecSyncRequest {
-        container_id: id.to_owned(),
-        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
-        timeout: 10,
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 /// The whole life of an `aurae-vm` pod, with the refusals and a crash of auraed.
@@ -265,7 +177,7 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
 
     // What an instance cannot be is refused before anything is made.
     let log_dir = e.log_dir("default_web_uid-web");
-    let good = sandbox_config("web", &log_dir);
+    let good = sandbox_config("web", "uid-web", &log_dir);
     let mut bad = good.clone();
     bad.port_mappings = vec![cri::PortMapping {
         protocol: cri::Protocol::Tcp as i32,
@@ -315,14 +227,14 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         "the sandbox's cell is in its instance, not here: {:?}",
         e.cells().await
     );
-    let s = sandbox_status(&mut rt, &sb).await;
+    let s = sandbox_status(&mut rt, &sb).await.unwrap();
     assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32, "{s:?}");
     assert_eq!(s.runtime_handler, VM);
     let ip: std::net::Ipv4Addr = s.network.as_ref().unwrap().ip.parse().unwrap();
     eprintln!("aurae-vm sandbox {sb} ready in {spawn_ms} ms at {ip}");
 
     // A container of it: runs in the instance, logs here.
-    let mut mounted = container_config("app", &e.image, "true");
+    let mut mounted = container_config("app", &e.image, Some("true"));
     mounted.mounts = vec![cri::Mount {
         host_path: log_dir.display().to_string(),
         container_path: "/data".to_owned(),
@@ -345,9 +257,11 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
             config: Some(container_config(
                 "app",
                 &e.image,
-                "echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
+                Some(
+                    "echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
                  echo 'served by the instance' > /tmp/www/index.html && \
                  exec httpd -f -p 8080 -h /tmp/www",
+                ),
             )),
             sandbox_config: Some(good.clone()),
         })
@@ -361,9 +275,11 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     .await
     .unwrap();
     let log = log_dir.join("app/0.log");
-    log_has(&log, "stdout F hello from web-0").await;
+    log_has(&log, "stdout F hello from web-0", Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(
-        status(&mut rt, &app).await.state,
+        container_status(&mut rt, &app).await.unwrap().state,
         cri::ContainerState::ContainerRunning as i32
     );
     let out = exec_sync(
@@ -371,7 +287,8 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         &app,
         &["sh", "-c", "echo $GREETING; hostname; exit 3"],
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\nweb-0\n");
     assert_eq!(out.exit_code, 3);
     let stats = rt
@@ -458,14 +375,16 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         .await
         .unwrap();
     let (mut rt, _im) = e.cri().await;
-    let s = sandbox_status(&mut rt, &sb).await;
+    let s = sandbox_status(&mut rt, &sb).await.unwrap();
     assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32, "{s:?}");
     assert_eq!(s.network.unwrap().ip, ip.to_string());
     assert_eq!(
-        status(&mut rt, &app).await.state,
+        container_status(&mut rt, &app).await.unwrap().state,
         cri::ContainerState::ContainerRunning as i32
     );
-    let out = exec_sync(&mut rt, &app, &["cat", "/tmp/www/index.html"]).await;
+    let out = exec_sync(&mut rt, &app, &["cat", "/tmp/www/index.html"])
+        .await
+        .unwrap();
     assert_eq!(out.stdout, b"served by the instance\n");
 
     // Stop: the container ends (its end recorded), the instance is freed.
@@ -474,14 +393,14 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     })
     .await
     .unwrap();
-    let st = status(&mut rt, &app).await;
+    let st = container_status(&mut rt, &app).await.unwrap();
     assert_eq!(
         st.state,
         cri::ContainerState::ContainerExited as i32,
         "{st:?}"
     );
     assert_eq!(st.exit_code, 137, "{st:?}");
-    let s = sandbox_status(&mut rt, &sb).await;
+    let s = sandbox_status(&mut rt, &sb).await.unwrap();
     assert_eq!(s.state, cri::PodSandboxState::SandboxNotready as i32);
     assert!(e.instances().await.is_empty(), "{:?}", e.instances().await);
     let err = rt

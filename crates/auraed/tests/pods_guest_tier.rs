@@ -10,65 +10,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::{sync::Arc, time::Duration};
+mod common;
+
+use std::time::Duration;
 
 use aurae_client::Client;
 use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
-    cpio,
     guest::{Guest, GuestOptions, needs_guest},
     oci,
-    registry::{LocalRegistry, needs_registry},
+    registry::needs_registry,
     tier::{self, Tier},
 };
 
 const PAGE: &str = "<h1>hello from a pod in a microVM</h1>\n";
-
-/// The HTTP server image (and busybox) pulled from a loopback registry into a store the
-/// initramfs carries to L1's /var/lib/aurae: L1 runs them without a registry.
-async fn seeded_store() -> (String, String, Vec<cpio::Entry>) {
-    use auraed::image::{
-        pull::Puller,
-        reference::ImageRef,
-        registry::{Registry, RegistryConfig},
-        store::ImageStore,
-        unpack::Limits,
-    };
-    let reg = LocalRegistry::start().unwrap();
-    let host = reg.host();
-    oci::push_http_server(&host, "aurae/web", 8080, PAGE).unwrap();
-    oci::push_busybox(
-        &host,
-        "aurae/busybox",
-        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let puller = Puller {
-        store: Arc::new(ImageStore::open(dir.path()).unwrap()),
-        registry: Registry::new(RegistryConfig {
-            insecure: vec![host.clone()],
-            timeout: Duration::from_secs(5),
-            ..Default::default()
-        }),
-        limits: Limits::default(),
-        timeout: Duration::from_secs(5),
-    };
-    let web = format!("{host}/aurae/web:v1");
-    let busybox = format!("{host}/aurae/busybox:v1");
-    for i in [&web, &busybox] {
-        puller
-            .pull(&ImageRef::parse(i).unwrap(), |_| {})
-            .await
-            .unwrap();
-    }
-    let mut e = vec![cpio::Entry::Dir {
-        path: "var/lib/aurae".into(),
-        mode: 0o700,
-    }];
-    e.extend(cpio::tree(&dir.path().join("images"), "var/lib/aurae/images").unwrap());
-    (web, busybox, e)
-}
 
 fn secs(s: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
@@ -136,7 +91,7 @@ async fn guest_tier_pods_serve_from_microvms_and_are_accounted_as_a_whole() {
     ) {
         return;
     }
-    let (web, busybox, store) = seeded_store().await;
+    let (web, busybox, store) = common::seeded_store(PAGE).await;
     let mut files = aurae_testkit::guest::instance_files().unwrap();
     files.extend(store);
     let opts = GuestOptions {

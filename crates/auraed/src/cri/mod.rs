@@ -63,6 +63,11 @@ const EVENTS_BUFFERED: usize = 1024;
 /// containers' images are unpacked in the instance's memory.
 const IMAGES_IN_INSTANCE: u64 = 256 << 20;
 
+/// How long an `aurae-vm` sandbox's instance may take to become ready: a microVM boot
+/// under nested virtualisation is tens of seconds; kubelet gives RunPodSandbox two
+/// minutes (`--runtime-request-timeout`), so the answer comes inside that.
+const INSTANCE_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(110);
+
 /// Nanoseconds since the epoch, as the CRI counts time.
 pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -443,6 +448,7 @@ impl Cri {
             aurae_proto::runtime::v0::Instance {
                 name: sb.cell.clone(),
                 memory_bytes,
+                ready_timeout: prost_types::Duration::try_from(INSTANCE_READY_TIMEOUT).ok(),
                 ..Default::default()
             },
         )?;

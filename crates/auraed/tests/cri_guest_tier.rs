@@ -1,0 +1,394 @@
+//! Guest tier (QEMU TCG guest with nested KVM): the CRI's `aurae-vm` handler with a real
+//! microVM. L1 is the TCG guest, auraed its PID 1 serving the CRI (its
+//! `/etc/aurae/auraed.toml` names the socket), its image store seeded with an HTTP server
+//! image. The CRI socket is local to L1 (as kubelet's is to its node), so this test runs
+//! itself inside L1: the same binary, stripped, with its shared libraries, started by L1's
+//! auraed in a cell that shares L1's network and mounts, finds `AURAE_CRI_IN_L1` set and
+//! walks the pod's life against the socket there.
+//!
+//! What must show: a sandbox of the `aurae-vm` handler is a microVM (another kernel: its
+//! boot id is not L1's) whose address is the pod's IP; the container runs the image there;
+//! its CRI log is written on L1; ExecSync (output, exit code) and stats reach into it;
+//! port-forward reaches its port over the bridge; stop ends it (137) and frees the
+//! microVM, remove leaves no sandbox, container, instance or cgroup behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+mod common;
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aurae_proto::{cri::v1 as cri, runtime::v0 as pb};
+use aurae_testkit::{
+    cpio,
+    cri::{container_config, container_status, exec_sync, log_has, sandbox_config, sandbox_status},
+    guest::{GuestOptions, needs_guest},
+    oci,
+    registry::needs_registry,
+    tier::{self, Tier},
+};
+use tonic::Code;
+
+const TEST: &str = "guest_tier_cri_aurae_vm_pods_are_microvms";
+/// Set (to the HTTP server image's reference) when this binary runs inside L1.
+const INNER: &str = "AURAE_CRI_IN_L1";
+const SOCKET: &str = "/run/aurae/cri.sock";
+const STREAM: &str = "127.0.0.1:10010";
+const PAGE: &str = "<h1>hello from a CRI pod in a microVM</h1>\n";
+const WALK: &str = "usr/local/bin/cri-walk";
+
+fn policy(registry: &str) -> String {
+    let td = aurae_testkit::TRUST_DOMAIN;
+    format!(
+        "[[grant]]\nid = \"spiffe://{td}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
+         allow_uid_zero = true\nallow_host_namespaces = true\nregistries = [\"*\"]\n\n\
+         [[grant]]\nid = \"spiffe://{td}/cri\"\nmethods = [\"*\"]\nnames = [\"k8s-*\"]\n\
+         allow_uid_zero = true\nregistries = [\"{registry}/aurae\"]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_tier_cri_aurae_vm_pods_are_microvms() {
+    if let Ok(web) = std::env::var(INNER) {
+        inside_l1(&web).await;
+        return;
+    }
+    if !tier::check(
+        TEST,
+        Tier::Guest,
+        needs_guest()
+            .or_else(needs_registry)
+            .or_else(oci::needs_busybox),
+    ) {
+        return;
+    }
+    let (web, _busybox, store) = common::seeded_store(PAGE).await;
+    let registry = web.split('/').next().unwrap().to_owned();
+    let mut files = aurae_testkit::guest::instance_files().unwrap();
+    files.extend(store);
+    files.extend(
+        aurae_testkit::guest::program_files(&std::env::current_exe().unwrap(), WALK).unwrap(),
+    );
+    for d in ["var/log", "var/log/pods"] {
+        files.push(cpio::Entry::Dir {
+            path: d.into(),
+            mode: 0o755,
+        });
+    }
+    files.push(cpio::Entry::File {
+        path: "etc/aurae/auraed.toml".into(),
+        mode: 0o644,
+        data: format!("cri_socket = \"{SOCKET}\"\ncri_stream_address = \"{STREAM}\"\n")
+            .into_bytes(),
+    });
+    files.push(cpio::Entry::File {
+        path: "etc/aurae/policy.toml".into(),
+        mode: 0o644,
+        data: policy(&registry).into_bytes(),
+    });
+    let opts = GuestOptions {
+        extra_files: files,
+        memory_mib: 2048,
+        ..Default::default()
+    };
+    aurae_testkit::guest::with_live_guest(TEST, opts, move |g| {
+        let web = web.clone();
+        async move {
+            let c = g.client("admin").await.unwrap();
+            let info = c
+                .daemon()
+                .info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                !info.warnings.iter().any(|w| w.contains("auraed.toml")),
+                "L1 read its config file without a warning: {:?}",
+                info.warnings
+            );
+            // A cell sharing L1's network (the streaming server is on its loopback) and
+            // mounts (the CRI socket, the pods' log directory, the cgroup tree).
+            c.cells()
+                .allocate(pb::Cell {
+                    name: "criwalk".into(),
+                    namespaces: Some(pb::CellNamespaces {
+                        share_host_net: true,
+                        share_host_mount: true,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let t = Instant::now();
+            let st = c
+                .runtime()
+                .run_executable(pb::Executable {
+                    cell: "criwalk".into(),
+                    name: "walk".into(),
+                    argv: vec![
+                        format!("/{WALK}"),
+                        TEST.into(),
+                        "--exact".into(),
+                        "--nocapture".into(),
+                        "--test-threads=1".into(),
+                    ],
+                    env: [
+                        (INNER.to_owned(), web.clone()),
+                        ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
+                        ("PATH".to_owned(), "/bin".to_owned()),
+                        ("TMPDIR".to_owned(), "/tmp".to_owned()),
+                    ]
+                    .into(),
+                    uid: Some(0),
+                    gid: Some(0),
+                    run: Some(pb::RunOptions {
+                        wait: true,
+                        remove: true,
+                        output: true,
+                        timeout: Some(prost_types::Duration {
+                            seconds: 590,
+                            nanos: 0,
+                        }),
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("the walk in L1: {e:?}\n{}", g.serial_text()))
+                .into_inner();
+            let out: String = st
+                .output
+                .iter()
+                .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+                .collect();
+            println!(
+                "--- the CRI walk inside L1 ({:.1} s) ---\n{out}--- end of the walk ---",
+                t.elapsed().as_secs_f64()
+            );
+            let code = st.exit.as_ref().and_then(|e| e.how);
+            assert_eq!(
+                code,
+                Some(pb::exit_status::How::Code(0)),
+                "the walk inside L1 failed ({st:?}):\n{out}\nL1's console:\n{}",
+                g.serial_text()
+            );
+            assert!(out.contains("test result: ok. 1 passed"), "{out}");
+            c.cells()
+                .free(pb::NameRef {
+                    name: "criwalk".into(),
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// RunPodSandbox of an `aurae-vm` sandbox, again when the nested guest triple-faulted
+/// (QEMU TCG's emulated SVM: see `aurae_testkit::guest::nested_guest_faulted`).
+async fn run_vm_sandbox(
+    rt: &mut aurae_proto::cri::v1::runtime_service_client::RuntimeServiceClient<
+        tonic::transport::Channel,
+    >,
+    config: &cri::PodSandboxConfig,
+) -> String {
+    aurae_testkit::guest::retry_nested("RunPodSandbox", || {
+        let mut rt = rt.clone();
+        let config = config.clone();
+        async move {
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: "aurae-vm".into(),
+            })
+            .await
+            .map(|r| r.into_inner().pod_sandbox_id)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The walk, inside L1 (root there, L1's network and mounts).
+async fn inside_l1(web: &str) {
+    let (mut rt, mut im) = aurae_testkit::cri::clients(Path::new(SOCKET))
+        .await
+        .unwrap();
+    let handlers = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .runtime_handlers;
+    assert!(
+        handlers.iter().any(|h| h.name == "aurae-vm"),
+        "{handlers:?}"
+    );
+    let image = im
+        .image_status(cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: web.to_owned(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image;
+    assert!(image.is_some(), "{web} is in L1's store");
+
+    let log_dir = Path::new("/var/log/pods/default_web_uid-web");
+    std::fs::create_dir_all(log_dir.join("web")).unwrap();
+    let config = sandbox_config("web", "uid-web", log_dir);
+    let t = Instant::now();
+    let sb = run_vm_sandbox(&mut rt, &config).await;
+    println!(
+        "aurae-vm sandbox {sb} ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let s = sandbox_status(&mut rt, &sb).await.unwrap();
+    assert_eq!(s.state, cri::PodSandboxState::SandboxReady as i32, "{s:?}");
+    let ip: std::net::Ipv4Addr = s.network.as_ref().unwrap().ip.parse().unwrap();
+
+    let web_c = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(container_config("web", web, None)),
+            sandbox_config: Some(config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    let t = Instant::now();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: web_c.clone(),
+    })
+    .await
+    .unwrap();
+    println!(
+        "container started in the microVM in {:.2} s (image handed over)",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        container_status(&mut rt, &web_c).await.unwrap().state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+
+    // Another kernel: the container's boot id is not L1's.
+    let l1_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let out = exec_sync(&mut rt, &web_c, &["cat", "/proc/sys/kernel/random/boot_id"])
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let boot = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(boot.trim().len(), 36, "{boot:?}");
+    assert_ne!(boot, l1_boot, "the pod runs on a kernel of its own");
+    let out = exec_sync(
+        &mut rt,
+        &web_c,
+        &["sh", "-c", "echo $GREETING from $(hostname); exit 3"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from web-0\n");
+    assert_eq!(out.exit_code, 3);
+
+    // Port-forward: the streaming server on L1's loopback dials the microVM's address.
+    let mut body = String::new();
+    for _ in 0..100 {
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: sb.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        assert!(url.starts_with(&format!("http://{STREAM}/")), "{url}");
+        let (data, _) =
+            aurae_testkit::cri::port_forward_once(&url, 8080, b"GET / HTTP/1.0\r\n\r\n")
+                .await
+                .unwrap();
+        body = String::from_utf8_lossy(&data).into_owned();
+        if body.contains(PAGE) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains(PAGE), "{body}");
+    // httpd -vv logs each request on stderr: written on L1, in the CRI's format.
+    log_has(&log_dir.join("web/0.log"), "url:/", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let stats = rt
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: web_c.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .is_some_and(|b| b.value > 0),
+        "the container's memory, read in the microVM"
+    );
+
+    // Stop ends the container and frees the microVM; remove leaves nothing.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    let st = container_status(&mut rt, &web_c).await.unwrap();
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{st:?}"
+    );
+    assert_eq!(st.exit_code, 137, "{st:?}");
+    let err = exec_sync(&mut rt, &web_c, &["true"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    let left = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(left.is_empty(), "{left:?}");
+    let err = container_status(&mut rt, &web_c).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let instances = Path::new("/sys/fs/cgroup/cells/instances");
+    let cgroups: Vec<String> = std::fs::read_dir(instances)
+        .unwrap()
+        .flatten()
+        .filter(|d| d.path().is_dir() && d.file_name() != "_procs")
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        cgroups.is_empty(),
+        "instance cgroups left on L1: {cgroups:?}"
+    );
+    // No route to the freed microVM's address: nothing answers there any more.
+    let gone = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((ip, 8080)),
+    )
+    .await;
+    assert!(!matches!(gone, Ok(Ok(_))), "{ip}:8080 still answers");
+}
