@@ -8,9 +8,10 @@
 //! runs in the instance (no cell of the sandbox's on this auraed), its log is written on
 //! this machine, ExecSync and stats reach it, port-forward reaches its port at the
 //! instance's address; a retried RunPodSandbox finds the same sandbox; what an instance
-//! cannot do is refused naming the field (host ports, NODE namespaces, host mounts) or
-//! UNIMPLEMENTED (a streamed exec); a kill -9 of auraed costs the pod nothing; stop frees
-//! the instance and remove leaves nothing.
+//! cannot do is refused naming the field (host ports, NODE namespaces, host mounts); a
+//! streamed exec (pipes or a terminal) runs there through the instance's interactive
+//! exec, and a client that leaves takes its command; a kill -9 of auraed costs the pod
+//! nothing; stop frees the instance and remove leaves nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -100,6 +101,23 @@ async fn env(test: &str) -> Option<Env> {
 }
 
 impl Env {
+    /// Runs `f` to its end on a thread in auraed's network namespace (where the streaming
+    /// server listens).
+    fn in_ns<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        self.d
+            .in_netns(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(f)
+            })
+            .unwrap()
+    }
+
     async fn cri(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
         aurae_testkit::cri::clients(&self.tmp.path().join("run/cri.sock"))
             .await
@@ -322,17 +340,123 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     assert!(linux.memory.is_some() && linux.cpu.is_some());
     assert_eq!(linux.containers.len(), 1);
 
-    // A streamed exec is not built for instances; port-forward reaches the instance.
-    let err = rt
-        .exec(cri::ExecRequest {
-            container_id: app.clone(),
-            cmd: vec!["sh".into()],
-            stdout: true,
-            ..Default::default()
-        })
+    // A streamed exec runs in the instance (its interactive exec): input in, output out
+    // as it comes, the exit code; a terminal; a client that leaves takes its command.
+    let exec = |cmd: &[&str], stdin: bool, tty: bool| cri::ExecRequest {
+        container_id: app.clone(),
+        cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+        stdin,
+        stdout: true,
+        stderr: !tty,
+        tty,
+    };
+    let url = rt
+        .exec(exec(&["cat"], true, false))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+        .unwrap()
+        .into_inner()
+        .url;
+    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = input.clone();
+    let out = e
+        .in_ns(async move { aurae_testkit::cri::exec_stream(&url, Some(&sent)).await })
+        .unwrap();
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(
+        out.stdout == input,
+        "200 000 bytes through cat in the instance, unchanged"
+    );
+    assert_eq!(out.exit_code(), Some(0), "{}", out.status);
+    let url = rt
+        .exec(exec(
+            &["sh", "-c", "echo out; echo err >&2; hostname; exit 3"],
+            false,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = e
+        .in_ns(async move { aurae_testkit::cri::exec_stream(&url, None).await })
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nweb-0\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(out.exit_code(), Some(3), "{}", out.status);
+    let url = rt
+        .exec(exec(&["sh"], true, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = e
+        .in_ns(async move {
+            aurae_testkit::cri::exec_stream_with(
+                &url,
+                Some(b"stty size; test -t 0 && echo on-a-terminal; exit 5\n"),
+                Some((100, 30)),
+            )
+            .await
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("30 100"), "{text}");
+    assert!(text.contains("on-a-terminal"), "{text}");
+    assert_eq!(out.exit_code(), Some(5), "{}", out.status);
+    let url = rt
+        .exec(exec(&["sleep", "987"], true, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let sleeping =
+        |out: &cri::ExecSyncResponse| String::from_utf8_lossy(&out.stdout).contains("sleep 987");
+    let socket = e.tmp.path().join("run/cri.sock");
+    let id = app.clone();
+    // The client opens its streams, sees its command run, and goes away.
+    e.in_ns(async move {
+        let (r, mut w) = aurae_testkit::cri::upgrade(&url, "v4.channel.k8s.io")
+            .await
+            .unwrap();
+        for (kind, stream) in [("error", 1u32), ("stdin", 3), ("stdout", 5), ("stderr", 7)] {
+            w.send(&aurae_client::spdy::Frame::SynStream {
+                stream,
+                associated: 0,
+                flags: 0,
+                headers: vec![("streamtype".into(), kind.into())],
+            })
+            .await
+            .unwrap();
+        }
+        let (mut rt, _) = aurae_testkit::cri::clients(&socket).await.unwrap();
+        let t = Instant::now();
+        while !sleeping(
+            &exec_sync(&mut rt, &id, &["ps", "-o", "args"])
+                .await
+                .unwrap(),
+        ) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the streamed sleep never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop((r, w));
+    });
+    let t = Instant::now();
+    while sleeping(
+        &exec_sync(&mut rt, &app, &["ps", "-o", "args"])
+            .await
+            .unwrap(),
+    ) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the command of a client that left still runs in the instance"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Port-forward reaches the instance.
     let mut body = String::new();
     for _ in 0..100 {
         let url = rt

@@ -172,6 +172,68 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
             s.message()
         );
     }
+    // An interactive exec: what its first message must be, the terminal's size, whose
+    // executable: each refused naming the field, before anything runs.
+    let start = |tty: bool, size: Option<(u32, u32)>, cell: &str| pb::ExecInput {
+        what: Some(pb::exec_input::What::Start(pb::ExecStart {
+            request: Some(pb::ExecRequest {
+                executable: Some(pb::ExecutableRef {
+                    cell: cell.into(),
+                    name: "app".into(),
+                }),
+                argv: vec!["sh".into()],
+                timeout: None,
+            }),
+            stdin: true,
+            tty,
+            size: size.map(|(width, height)| pb::TerminalSize { width, height }),
+        })),
+    };
+    let stdin_first = pb::ExecInput {
+        what: Some(pb::exec_input::What::Stdin(b"echo hi\n".to_vec())),
+    };
+    let cases: Vec<(Vec<pb::ExecInput>, Code, &str)> = vec![
+        (vec![], Code::InvalidArgument, "start: "),
+        (vec![stdin_first], Code::InvalidArgument, "start: "),
+        (
+            vec![start(false, Some((80, 24)), "web")],
+            Code::InvalidArgument,
+            "start.size: ",
+        ),
+        (
+            vec![start(true, Some((0, 24)), "web")],
+            Code::InvalidArgument,
+            "start.size.width",
+        ),
+        (
+            vec![start(true, Some((80, 70000)), "web")],
+            Code::InvalidArgument,
+            "start.size.height",
+        ),
+        (
+            vec![start(true, None, "Web")],
+            Code::InvalidArgument,
+            "executable",
+        ),
+        (
+            vec![start(false, None, "nosuchcell")],
+            Code::NotFound,
+            "nosuchcell",
+        ),
+    ];
+    for (input, code, want) in cases {
+        let s = c
+            .executables()
+            .exec_stream(tokio_stream::iter(input))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), code, "{want}: {s:?}");
+        assert!(
+            s.message().contains(want),
+            "{want:?} not in {:?}",
+            s.message()
+        );
+    }
     // An unknown enum value.
     let s = c
         .runtime()

@@ -12,7 +12,7 @@ use super::{
     status::{internal, invalid},
 };
 use crate::{
-    cell::Cells,
+    cell::{Cells, exec::ExecStdio, session::Session},
     executable::{Executable, ExecutableRef},
     spec::FieldError,
 };
@@ -140,6 +140,51 @@ impl Executables for ExecutablesApi {
             truncated: out.truncated,
         }))
     }
+    type ExecStreamStream = ResponseStream<pb::ExecEvent>;
+    async fn exec_stream(
+        &self,
+        r: Request<tonic::Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStreamStream>, Status> {
+        let (meta, ext, mut input) = r.into_parts();
+        let first = input.message().await?;
+        let Some(pb::ExecInput {
+            what: Some(pb::exec_input::What::Start(start)),
+        }) = first
+        else {
+            return Err(invalid(FieldError::new(
+                "start",
+                "the first message must be `start` (what to run and how)",
+            )));
+        };
+        let size = match (start.tty, start.size) {
+            (true, Some(sz)) => Some(terminal_size("start.size", &sz)?),
+            (false, Some(_)) => {
+                return Err(invalid(FieldError::new(
+                    "start.size",
+                    "is for a terminal: set `tty` too",
+                )));
+            }
+            (_, None) => None,
+        };
+        let stdio = if start.tty {
+            ExecStdio::Terminal
+        } else {
+            ExecStdio::Pipes { stdin: start.stdin }
+        };
+        let request = Request::from_parts(meta, ext, start.request.unwrap_or_default());
+        let argv = request.get_ref().argv.clone();
+        let process = self.exec_streaming(request, stdio).await?;
+        let session = Session::local(process).map_err(|e| internal(&e))?;
+        if let (Some(resize), Some((w, h))) = (&session.resize, size) {
+            resize(w, h);
+        }
+        tracing::info!(argv = ?argv, session = %session.what, tty = start.tty, "interactive exec started");
+        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        tokio::spawn(serve_session(session, input, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
     type LogsStream = ResponseStream<pb::LogChunk>;
     async fn logs(
         &self,
@@ -176,6 +221,147 @@ fn exec_argv(argv: &[String]) -> Result<(), Status> {
     Ok(())
 }
 
+/// A terminal size from a client: columns and rows, each 1..=65535.
+fn terminal_size(field: &str, sz: &pb::TerminalSize) -> Result<(u16, u16), Status> {
+    let dim = |v: u32, what: &str| {
+        u16::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| {
+            invalid(FieldError::new(
+                format!("{field}.{what}"),
+                format!("{v} is outside 1..=65535"),
+            ))
+        })
+    };
+    Ok((dim(sz.width, "width")?, dim(sz.height, "height")?))
+}
+
+type Events = tokio::sync::mpsc::Sender<Result<pb::ExecEvent, Status>>;
+
+/// Copies an interactive exec to and from its client until it ends: input, terminal
+/// sizes and the end of input from the client; output as it comes, then its exit. A
+/// client that goes away (its call cancelled) has the command killed.
+async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInput>, tx: Events) {
+    use pb::exec_input::What;
+    use tokio::io::AsyncWriteExt;
+    let Session {
+        stdout,
+        stderr,
+        mut stdin,
+        resize,
+        mut exit,
+        kill,
+        what,
+    } = session;
+    let tty = resize.is_some();
+    let mut pumps = Vec::new();
+    for (r, make) in [
+        (
+            stdout,
+            pb::exec_event::What::Stdout as fn(Vec<u8>) -> pb::exec_event::What,
+        ),
+        (stderr, pb::exec_event::What::Stderr),
+    ] {
+        if let Some(r) = r {
+            pumps.push(tokio::spawn(pump_events(r, tx.clone(), make)));
+        }
+    }
+    let mut reading = true;
+    let status = loop {
+        tokio::select! {
+            s = &mut exit => break s,
+            () = tx.closed() => {
+                kill();
+                let _ = exit.await;
+                for p in &pumps {
+                    p.abort();
+                }
+                tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
+                return;
+            }
+            m = input.message(), if reading => match m {
+                Ok(Some(pb::ExecInput { what: Some(What::Stdin(data)) })) => {
+                    if let Some(w) = stdin.as_mut()
+                        && w.write_all(&data).await.is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+                Ok(Some(pb::ExecInput { what: Some(What::Resize(sz)) })) => {
+                    if let (Some(resize), Ok((w, h))) = (&resize, terminal_size("resize", &sz)) {
+                        resize(w, h);
+                    }
+                }
+                Ok(Some(pb::ExecInput { what: Some(What::CloseStdin(true)) })) => {
+                    end_of_input(&mut stdin, tty).await;
+                }
+                Ok(Some(_)) => {}
+                // The client's side closed: so is the input.
+                Ok(None) | Err(_) => {
+                    reading = false;
+                    end_of_input(&mut stdin, tty).await;
+                }
+            },
+        }
+    };
+    drop(stdin);
+    let drained = tokio::time::timeout(crate::cell::session::OUTPUT_GRACE, async {
+        for p in &mut pumps {
+            let _ = p.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        // Something the command started still holds its output: it ends here anyway.
+        for p in &pumps {
+            p.abort();
+        }
+    }
+    let _ = tx
+        .send(Ok(pb::ExecEvent {
+            what: Some(pb::exec_event::What::Exit(crate::events::exit_status(
+                status,
+                false,
+                std::time::SystemTime::now(),
+            ))),
+        }))
+        .await;
+}
+
+/// The end of an interactive exec's input: its stdin pipe is closed; a terminal gets its
+/// EOF character (and stays open: its output goes on).
+async fn end_of_input(stdin: &mut Option<crate::cell::session::Write>, tty: bool) {
+    use tokio::io::AsyncWriteExt;
+    if tty {
+        if let Some(w) = stdin.as_mut() {
+            let _ = w.write_all(&[4]).await;
+        }
+    } else {
+        *stdin = None;
+    }
+}
+
+/// Sends what `r` reads as events until its end.
+async fn pump_events(
+    mut r: crate::cell::session::Read,
+    tx: Events,
+    make: fn(Vec<u8>) -> pb::exec_event::What,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let ev = pb::ExecEvent {
+                    what: Some(make(buf[..n].to_vec())),
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 impl ExecutablesApi {
     /// `Exec` with the command's stdio streamed rather than collected (the CRI streaming
     /// server's exec): the same checks and authorization (the request's caller must be
@@ -184,7 +370,7 @@ impl ExecutablesApi {
     pub async fn exec_streaming(
         &self,
         r: Request<pb::ExecRequest>,
-        stdio: crate::cell::exec::ExecStdio,
+        stdio: ExecStdio,
     ) -> Result<crate::cell::exec::ExecProcess, Status> {
         let m = r.get_ref();
         exec_argv(&m.argv)?;

@@ -7,6 +7,7 @@ pub mod pool;
 pub mod record;
 pub mod registry;
 mod run;
+pub mod session;
 pub mod spec;
 mod state;
 pub mod when_ended;

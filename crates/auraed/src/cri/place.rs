@@ -299,3 +299,123 @@ impl Place {
         }
     }
 }
+
+/// An interactive exec in a sandbox's instance, over the child's `Executables/ExecStream`:
+/// its output and exit come from the child's events, its input and terminal sizes go as
+/// messages. Killing it cancels the call (the child kills the command).
+pub(super) async fn instance_session(
+    client: &aurae_client::Client,
+    request: pb::ExecRequest,
+    stdio: crate::cell::exec::ExecStdio,
+) -> Result<crate::cell::session::Session, Status> {
+    use pb::{exec_event::What as Ev, exec_input::What as In};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (stdin, tty) = match stdio {
+        crate::cell::exec::ExecStdio::Pipes { stdin } => (stdin, false),
+        crate::cell::exec::ExecStdio::Terminal => (true, true),
+    };
+    let what = format!("{:?} in an instance", request.argv);
+    let (input, rx) = tokio::sync::mpsc::channel::<pb::ExecInput>(16);
+    let start = pb::ExecInput {
+        what: Some(In::Start(pb::ExecStart {
+            request: Some(request),
+            stdin,
+            tty,
+            size: None,
+        })),
+    };
+    input
+        .send(start)
+        .await
+        .map_err(|_| Status::internal("the exec's input closed before it started"))?;
+    let mut events = client
+        .executables()
+        .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    const BUFFER: usize = 64 << 10;
+    // Each a pair whose one end's drop is the other's end of file.
+    let (stdout_r, mut stdout_w) = tokio::io::duplex(BUFFER);
+    let (stderr_r, mut stderr_w) = tokio::io::duplex(BUFFER);
+    let (stdin_r, stdin_w) = tokio::io::duplex(BUFFER);
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    // Input and output each flow on their own (one waiting on the other would deadlock
+    // once both directions are full, as `cat` makes them).
+    let to_child = input.clone();
+    let feed = stdin.then(|| {
+        tokio::spawn(async move {
+            let mut stdin_r = stdin_r;
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                let msg = match stdin_r.read(&mut buf).await {
+                    Ok(n) if n > 0 => In::Stdin(buf[..n].to_vec()),
+                    _ => In::CloseStdin(true),
+                };
+                let last = matches!(msg, In::CloseStdin(_));
+                if to_child
+                    .send(pb::ExecInput { what: Some(msg) })
+                    .await
+                    .is_err()
+                    || last
+                {
+                    return;
+                }
+            }
+        })
+    });
+    let bridge = tokio::spawn(async move {
+        let exit = loop {
+            match events.message().await {
+                Ok(Some(pb::ExecEvent {
+                    what: Some(Ev::Stdout(d)),
+                })) => {
+                    let _ = stdout_w.write_all(&d).await;
+                }
+                Ok(Some(pb::ExecEvent {
+                    what: Some(Ev::Stderr(d)),
+                })) => {
+                    let _ = stderr_w.write_all(&d).await;
+                }
+                Ok(Some(pb::ExecEvent {
+                    what: Some(Ev::Exit(e)),
+                })) => {
+                    break e.how.map(|h| match h {
+                        pb::exit_status::How::Code(c) => aurae_sys::ExitStatus::Code(c),
+                        pb::exit_status::How::Signal(s) => aurae_sys::ExitStatus::Signal(s),
+                    });
+                }
+                Ok(Some(_)) => {}
+                // The call ended without an exit: the instance (or the link) is gone.
+                Ok(None) | Err(_) => break None,
+            }
+        };
+        // Output written so far reaches its readers, then their end.
+        drop((stdout_w, stderr_w));
+        let _ = exit_tx.send(exit);
+    });
+    let abort = bridge.abort_handle();
+    let abort_feed = feed.map(|f| f.abort_handle());
+    Ok(crate::cell::session::Session {
+        stdout: Some(Box::new(stdout_r)),
+        stderr: (!tty).then(|| Box::new(stderr_r) as crate::cell::session::Read),
+        stdin: stdin.then(|| Box::new(stdin_w) as crate::cell::session::Write),
+        resize: tty.then(|| {
+            Box::new(move |width: u16, height: u16| {
+                let _ = input.try_send(pb::ExecInput {
+                    what: Some(In::Resize(pb::TerminalSize {
+                        width: width.into(),
+                        height: height.into(),
+                    })),
+                });
+            }) as Box<dyn Fn(u16, u16) + Send + Sync>
+        }),
+        exit: Box::pin(async move { exit_rx.await.ok().flatten() }),
+        kill: Box::new(move || {
+            abort.abort();
+            if let Some(f) = abort_feed {
+                f.abort();
+            }
+        }),
+        what,
+    })
+}

@@ -1701,13 +1701,8 @@ impl RuntimeService for CriRuntime {
             return Err(invalid("cmd", "is empty: give the command to run"));
         }
         let (c, sb) = self.running(&m.container_id).await?;
-        if sb.runtime_handler == VM_HANDLER {
-            return Err(unimplemented(
-                "Exec into a container of an \"aurae-vm\" sandbox",
-                "a streamed exec in a spawned instance (ExecSync runs there; Exec streams \
-                 only in sandboxes that are cells of this auraed)",
-            ));
-        }
+        // In an instance, it runs through the instance's interactive exec.
+        let instance = cri.place(&sb).await?.client().cloned().map(Box::new);
         // Authorized now, as the CRI identity; run when kubelet connects to the URL.
         let request = cri.call(
             svc::EXECUTABLES,
@@ -1723,6 +1718,7 @@ impl RuntimeService for CriRuntime {
         )?;
         let url = cri.streams()?.issue(super::stream::Pending::Exec {
             request,
+            instance,
             stdin: m.stdin,
             stdout: m.stdout,
             stderr: m.stderr,

@@ -47,9 +47,7 @@ const MAX_FORWARDS: usize = 128;
 const MAX_HEAD: usize = 16 << 10;
 /// How long a client has to send its request head, and to open its streams.
 const HANDSHAKE: Duration = Duration::from_secs(30);
-/// How long an exec's output may go on after its command ended (a child of it holding
-/// the pipes).
-const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+use crate::cell::session::OUTPUT_GRACE;
 
 pub const EXEC_PROTOCOL: &str = "v4.channel.k8s.io";
 pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
@@ -59,6 +57,8 @@ pub enum Pending {
     Exec {
         /// `Executables/Exec`, authorized as the CRI identity.
         request: Request<pb::ExecRequest>,
+        /// The client of the sandbox's instance it runs in (None: a cell here).
+        instance: Option<Box<aurae_client::Client>>,
         stdin: bool,
         stdout: bool,
         stderr: bool,
@@ -328,6 +328,7 @@ impl Streams {
         let result = match pending {
             Pending::Exec {
                 request,
+                instance,
                 stdin,
                 stdout,
                 stderr,
@@ -339,7 +340,8 @@ impl Streams {
                     stderr: stderr && !tty,
                     tty,
                 };
-                self.exec(reader, tx.clone(), request, streams).await
+                self.exec(reader, tx.clone(), request, instance, streams)
+                    .await
             }
             Pending::PortForward { sandbox, to } => {
                 port_forward(reader, tx.clone(), &sandbox, to).await
@@ -500,24 +502,6 @@ async fn pump(mut rx: impl tokio::io::AsyncRead + Unpin, tx: Tx, stream: Option<
     }
 }
 
-/// A terminal's master side as tokio reads and writes it (non-blocking, one description
-/// shared by the three fds): its output, its input, and the fd its size is set on.
-fn terminal_ends(
-    master: OwnedFd,
-) -> std::io::Result<(
-    tokio::net::unix::pipe::Receiver,
-    tokio::net::unix::pipe::Sender,
-    OwnedFd,
-)> {
-    use tokio::net::unix::pipe::{Receiver, Sender};
-    let fl = rustix::fs::fcntl_getfl(&master)?;
-    rustix::fs::fcntl_setfl(&master, fl | rustix::fs::OFlags::NONBLOCK)?;
-    // Not a pipe, but a character device tokio's pipe types read and write alike.
-    let rx = Receiver::from_owned_fd_unchecked(master.try_clone()?)?;
-    let tx = Sender::from_owned_fd_unchecked(master.try_clone()?)?;
-    Ok((rx, tx, master))
-}
-
 /// The streams an exec's client opens (besides `error`).
 #[derive(Debug, Clone, Copy)]
 struct Wanted {
@@ -557,6 +541,7 @@ impl Streams {
         mut reader: Reader,
         tx: Tx,
         request: Request<pb::ExecRequest>,
+        via: Option<Box<aurae_client::Client>>,
         want: Wanted,
     ) -> anyhow::Result<()> {
         let argv = request.get_ref().argv.clone();
@@ -609,8 +594,18 @@ impl Streams {
         } else {
             crate::cell::exec::ExecStdio::Pipes { stdin: want.stdin }
         };
-        let process = match self.executables.exec_streaming(request, stdio).await {
-            Ok(p) => p,
+        let started = match via {
+            None => match self.executables.exec_streaming(request, stdio).await {
+                Ok(p) => crate::cell::session::Session::local(p)
+                    .map_err(|e| Status::internal(e.to_string())),
+                Err(e) => Err(e),
+            },
+            Some(client) => {
+                super::place::instance_session(&client, request.into_inner(), stdio).await
+            }
+        };
+        let session = match started {
+            Ok(s) => s,
             Err(e) => {
                 data(&tx, error, failure_json(e.message()).as_bytes(), true).await;
                 for s in ["stdout", "stderr"].iter().filter_map(|n| ids.get(n)) {
@@ -619,36 +614,31 @@ impl Streams {
                 return Ok(());
             }
         };
-        info!(argv = ?argv, pid = process.child.pid, tty = want.tty, "CRI stream: exec started");
+        info!(argv = ?argv, session = %session.what, tty = want.tty, "CRI stream: exec started");
+        let crate::cell::session::Session {
+            stdout,
+            stderr,
+            stdin: mut stdin_w,
+            resize,
+            mut exit,
+            kill,
+            ..
+        } = session;
         let (stdout_id, stderr_id) = (ids.get("stdout").copied(), ids.get("stderr").copied());
         let mut pumps = Vec::new();
-        let mut terminal = None;
-        let mut stdin_w = None;
-        if let Some(master) = process.terminal {
-            let (rx, w, ctl) = terminal_ends(master)?;
-            pumps.push(tokio::spawn(pump(rx, tx.clone(), stdout_id)));
-            stdin_w = Some(w);
-            terminal = Some(ctl);
-        }
-        for (fd, id) in [(process.stdout, stdout_id), (process.stderr, stderr_id)] {
-            if let Some(fd) = fd {
-                let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
-                pumps.push(tokio::spawn(pump(rx, tx.clone(), id)));
+        for (r, id) in [(stdout, stdout_id), (stderr, stderr_id)] {
+            if let Some(r) = r {
+                pumps.push(tokio::spawn(pump(r, tx.clone(), id)));
             }
-        }
-        if let Some(fd) = process.stdin {
-            stdin_w = Some(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?);
         }
         let stdin_id = ids.get("stdin").copied();
         let resize_id = ids.get("resize").copied();
         let mut stdin_open = want.stdin;
         let mut sizes = Vec::new();
-        let pidfd = process.child.pidfd.clone();
-        let mut exit = process.child.exit;
         // The client's frames until the command ends: stdin, sizes, pings, its leaving.
         let status = loop {
             tokio::select! {
-                s = &mut exit => break s.ok(),
+                s = &mut exit => break s,
                 f = reader.next() => match f {
                     Ok(Some(Frame::Data { stream, flags, data })) if Some(stream) == stdin_id => {
                         if stdin_open
@@ -662,7 +652,7 @@ impl Streams {
                             // The end of input: a pipe is closed; a terminal gets its EOF
                             // character (and stays: its output goes on).
                             if stdin_open
-                                && terminal.is_some()
+                                && resize.is_some()
                                 && let Some(w) = stdin_w.as_mut()
                             {
                                 let _ = w.write_all(&[4]).await;
@@ -674,13 +664,12 @@ impl Streams {
                     }
                     Ok(Some(Frame::Data { stream, data, .. })) if Some(stream) == resize_id => {
                         sizes.extend_from_slice(&data);
-                        if let (Some((w, h)), Some(t)) = (last_size(&mut sizes), &terminal) {
-                            use std::os::fd::AsFd;
-                            let _ = aurae_sys::pty::set_window_size(t.as_fd(), w, h);
+                        if let (Some((w, h)), Some(resize)) = (last_size(&mut sizes), &resize) {
+                            resize(w, h);
                         }
                     }
                     Ok(Some(Frame::RstStream { stream, .. })) if Some(stream) == stdin_id => {
-                        if terminal.is_none() {
+                        if resize.is_none() {
                             stdin_w = None;
                         }
                         stdin_open = false;
@@ -694,7 +683,7 @@ impl Streams {
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => {
                         // The client is gone: so is what it ran.
-                        let _ = pidfd.send_signal(nix::libc::SIGKILL);
+                        kill();
                         let _ = (&mut exit).await;
                         warn!(argv = ?argv, "CRI stream: the client left before its exec ended: killed");
                         for p in &pumps {
