@@ -8,7 +8,8 @@
 //!
 //! What must show: a sandbox of the `aurae-vm` handler is a microVM (another kernel: its
 //! boot id is not L1's) whose address is the pod's IP; the container runs the image there;
-//! its CRI log is written on L1; ExecSync (output, exit code) and stats reach into it;
+//! its CRI log is written on L1; ExecSync (output, exit code), a streamed exec (input in,
+//! output and exit code out) and stats reach into it;
 //! port-forward reaches its port over the bridge; stop ends it (137) and frees the
 //! microVM, remove leaves no sandbox, container, instance or cgroup behind.
 
@@ -298,6 +299,29 @@ async fn inside_l1(web: &str) {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from web-0\n");
     assert_eq!(out.exit_code, 3);
 
+    // A streamed exec (kubectl exec -i) into the microVM: input through, the exit code.
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: web_c.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "tr a-z A-Z; exit 4".into()],
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = aurae_testkit::cri::exec_stream(&url, Some(b"streamed into a microvm\n"))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "STREAMED INTO A MICROVM\n"
+    );
+    assert_eq!(out.exit_code(), Some(4), "{}", out.status);
+
     // Port-forward: the streaming server on L1's loopback dials the microVM's address.
     let mut body = String::new();
     for _ in 0..100 {
@@ -342,6 +366,28 @@ async fn inside_l1(web: &str) {
             .and_then(|m| m.working_set_bytes)
             .is_some_and(|b| b.value > 0),
         "the container's memory, read in the microVM"
+    );
+
+    // The pod's cost on L1 is the whole microVM's (its cgroup here: VMM and guest).
+    let ps = rt
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: sb.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let pod_memory = ps
+        .linux
+        .as_ref()
+        .and_then(|l| l.memory.as_ref())
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value);
+    println!("the pod on L1: {} MiB", pod_memory >> 20);
+    assert!(
+        pod_memory > 64 << 20,
+        "a microVM pod costs its guest's memory on L1, not its container's: {pod_memory}"
     );
 
     // Stop ends the container and frees the microVM; remove leaves nothing.

@@ -153,6 +153,21 @@ impl Place {
         .map(tonic::Response::into_inner)
     }
 
+    /// What the sandbox whose cell is `name` costs this machine (CPU µs, memory bytes,
+    /// processes): its cell's usage here; for an instance, its cgroup's here — the VMM and
+    /// the whole guest, or the child auraed and all it runs: what kubelet's eviction must
+    /// weigh — or, where that cannot be read, its cell's inside it.
+    pub(super) async fn sandbox_usage(&self, name: &str) -> Result<(u64, u64, u64), Status> {
+        if let Self::Instance { cri, inst, .. } = self {
+            cri.call(svc::CELLS, "Stats", ())?;
+            if let Some((s, _)) = cri.ctx.instances.host_stats(inst) {
+                return Ok((s.cpu_usage_usec, s.memory_current_bytes, s.pids_current));
+            }
+        }
+        let s = self.cell_stats(name).await?;
+        Ok((s.cpu_usage_usec, s.memory_current_bytes, s.pids_current))
+    }
+
     pub(super) async fn run_executable(
         &self,
         msg: pb::Executable,

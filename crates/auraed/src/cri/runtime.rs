@@ -2071,7 +2071,7 @@ impl CriRuntime {
     async fn sandbox_stats_of(&self, sb: &SandboxRecord) -> Result<cri::PodSandboxStats, Status> {
         let cri = self.cri();
         let now = now_nanos();
-        let s = cri.place(sb).await?.cell_stats(&sb.cell).await?;
+        let (cpu_usec, memory, pids) = cri.place(sb).await?.sandbox_usage(&sb.cell).await?;
         let mut containers = Vec::new();
         for c in cri.containers_of(&sb.id) {
             containers.push(self.container_stats_of(&c).await);
@@ -2087,26 +2087,20 @@ impl CriRuntime {
                 cpu: Some(cri::CpuUsage {
                     timestamp: now,
                     usage_core_nano_seconds: Some(cri::UInt64Value {
-                        value: s.cpu_usage_usec.saturating_mul(1000),
+                        value: cpu_usec.saturating_mul(1000),
                     }),
                     usage_nano_cores: None,
                 }),
                 memory: Some(cri::MemoryUsage {
                     timestamp: now,
-                    working_set_bytes: Some(cri::UInt64Value {
-                        value: s.memory_current_bytes,
-                    }),
-                    usage_bytes: Some(cri::UInt64Value {
-                        value: s.memory_current_bytes,
-                    }),
+                    working_set_bytes: Some(cri::UInt64Value { value: memory }),
+                    usage_bytes: Some(cri::UInt64Value { value: memory }),
                     ..Default::default()
                 }),
                 network: None,
                 process: Some(cri::ProcessUsage {
                     timestamp: now,
-                    process_count: Some(cri::UInt64Value {
-                        value: s.pids_current,
-                    }),
+                    process_count: Some(cri::UInt64Value { value: pids }),
                 }),
                 containers,
             }),
