@@ -14,6 +14,7 @@ use crate::{
         container::{self, RunCellArgs},
         daemon::{self, Detail, HealthArgs, ShutdownArgs},
         events::{self, EventsArgs},
+        exec::{self, ExecArgs},
         executable::{self, ExeCmd, RunArgs},
         image::{self, ImageCmd},
         instance::{self, InstanceCmd},
@@ -87,6 +88,9 @@ pub enum Command {
     Version,
     /// Run a process in a cell (RunExecutable).
     Run(RunArgs),
+    /// Run a command inside a running container executable, e.g. `aer exec -it web/app --
+    /// sh` (Executables/ExecStream); aer's exit code is the command's.
+    Exec(ExecArgs),
     /// Executables: get, list, stop, signal, wait, free, logs, stats.
     #[command(subcommand, alias = "exe")]
     Executable(ExeCmd),
@@ -166,6 +170,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         // The workload's exit code, or 125 (see `cmd::attach`).
         Command::Run(a) => executable::start(&client, a, fmt).await,
         Command::RunCell(a) => container::run(&client, a, fmt).await,
+        Command::Exec(a) => exec::run(&client, a)
+            .await
+            .unwrap_or_else(|status| status_exit(&status)),
         command => match call(&client, command, fmt).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(status) => status_exit(&status),
@@ -188,9 +195,11 @@ fn config(conn: Conn) -> anyhow::Result<ClientConfig> {
 async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status> {
     match cmd {
         // Handled in `run`.
-        Command::Pki(_) | Command::Completions { .. } | Command::Run(_) | Command::RunCell(_) => {
-            Ok(())
-        }
+        Command::Pki(_)
+        | Command::Completions { .. }
+        | Command::Run(_)
+        | Command::RunCell(_)
+        | Command::Exec(_) => Ok(()),
         Command::Health(a) => daemon::health(c, a, fmt).await,
         Command::Info => daemon::info(c, Detail::Everything, fmt).await,
         Command::Version => daemon::info(c, Detail::Versions, fmt).await,

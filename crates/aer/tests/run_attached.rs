@@ -629,3 +629,119 @@ async fn rm_leaves_a_name_someone_else_used_again() {
     );
     assert!(r.stderr.contains("not freeing it"), "{r}");
 }
+
+/// `aer exec`: a command inside a running container, its output and exit code aer's;
+/// `-i` passes aer's stdin, `-t` gives it a terminal; an unknown executable is NOT_FOUND's
+/// exit code, a plain process (not a container) FAILED_PRECONDITION's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_a_command_in_a_running_container() {
+    let test = "exec_runs_a_command_in_a_running_container";
+    let Some(registry) = for_containers(test).unwrap() else {
+        return;
+    };
+    let host = registry.host();
+    oci::push_busybox(
+        &host,
+        "aurae/busybox",
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let e = start(vec!["--insecure-registry".into(), host.clone()]).await;
+    let image = format!("{host}/aurae/busybox:v1");
+    let r = e.aer(&[
+        "run-cell", "-d", "web", "--image", &image, "--", "sleep", "600",
+    ]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let target = r.stdout.trim().to_owned();
+    assert!(target.starts_with("web/"), "{r}");
+
+    let r = e.aer(&[
+        "exec",
+        &target,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; hostname; exit 3",
+    ]);
+    assert_eq!(
+        (r.code(), r.stdout.as_str()),
+        (Some(3), "out\nweb\n"),
+        "{r}"
+    );
+    assert_eq!(r.stderr, "err\n", "{r}");
+
+    // -i: aer's stdin, to its end.
+    let mut child = e
+        .aer
+        .command(&["exec", "-i", &target, "--", "tr", "a-z", "A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"piped through aer\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED THROUGH AER\n");
+
+    // -t: a terminal of the container's own.
+    let r = e.aer(&[
+        "exec",
+        "-t",
+        &target,
+        "--",
+        "sh",
+        "-c",
+        "tty; test -t 1 && exit 5",
+    ]);
+    assert_eq!(r.code(), Some(5), "{r}");
+    assert!(r.stdout.contains("/dev/pts/"), "{r}");
+
+    // Refusals keep aer's exit codes for auraed's answers.
+    let r = e.aer(&["exec", "web/nosuch", "--", "true"]);
+    assert_eq!(r.code(), Some(3), "NOT_FOUND: {r}");
+    let r = e.aer(&["exec", "no-slash", "--", "true"]);
+    assert_eq!(r.code(), Some(2), "INVALID_ARGUMENT: {r}");
+    e.c.cells()
+        .allocate(pb::Cell {
+            name: "plain".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = e.aer(&[
+        "run",
+        "-d",
+        "--cell",
+        "plain",
+        "--name",
+        "p",
+        "--",
+        "/bin/sleep",
+        "600",
+    ]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let r = e.aer(&["exec", "plain/p", "--", "true"]);
+    assert_eq!(
+        r.code(),
+        Some(6),
+        "FAILED_PRECONDITION (not a container): {r}"
+    );
+    for cell in ["web", "plain"] {
+        e.c.cells()
+            .stop(pb::StopRequest {
+                name: cell.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        e.c.cells()
+            .free(pb::NameRef { name: cell.into() })
+            .await
+            .unwrap();
+    }
+}

@@ -104,7 +104,7 @@ pub struct ExeRef {
 }
 
 impl ExeRef {
-    fn proto(&self) -> Result<pb::ExecutableRef, Status> {
+    pub(crate) fn proto(&self) -> Result<pb::ExecutableRef, Status> {
         let (cell, name) = self.id.rsplit_once('/').ok_or_else(|| {
             Status::invalid_argument(format!(
                 "{:?}: give the executable as CELL/NAME, e.g. web/echo-1",

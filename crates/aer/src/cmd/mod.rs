@@ -6,6 +6,7 @@ pub mod cell;
 pub mod container;
 pub mod daemon;
 pub mod events;
+pub mod exec;
 pub mod executable;
 pub mod image;
 pub mod instance;

@@ -1,0 +1,190 @@
+//! `aer exec CELL/NAME -- COMMAND…`: a command inside a running container executable, as
+//! `kubectl exec` and `docker exec` run one (Executables/ExecStream): its output copied live
+//! to aer's stdout and stderr, aer's stdin to it with `-i`, a pseudo-terminal with `-t`
+//! (aer's own terminal in raw mode while it runs, its size following aer's), and aer's
+//! exit code the command's (128+N when signal N killed it; 125 when aer itself failed, as
+//! for `aer run`). Leaving (Ctrl-C without `-t`, or aer killed) cancels the call, which
+//! kills the command.
+
+use std::{
+    io::{IsTerminal, Read, Write},
+    process::ExitCode,
+};
+
+use aurae_client::Client;
+use aurae_proto::runtime::v0 as pb;
+use clap::Args;
+use pb::{exec_event::What as Ev, exec_input::What as In};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::{attach::AER_FAILED, executable::ExeRef};
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Pass aer's stdin to the command (without it the command's stdin is /dev/null).
+    #[arg(short = 'i', long)]
+    stdin: bool,
+    /// Give the command a pseudo-terminal (its stdout and stderr both on it). With -i and
+    /// aer's stdin a terminal, that terminal is in raw mode while the command runs.
+    #[arg(short = 't', long)]
+    tty: bool,
+    #[command(flatten)]
+    target: ExeRef,
+    /// The command and its arguments, after `--` (looked up in the container's PATH unless
+    /// it holds a '/'), e.g. -- sh -c 'echo $HOSTNAME'.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+/// Runs the command to its end; aer's exit code is its.
+pub async fn run(c: &Client, a: ExecArgs) -> Result<ExitCode, Status> {
+    let request = pb::ExecRequest {
+        executable: Some(a.target.proto()?),
+        argv: a.argv,
+        timeout: None,
+    };
+    let size = a.tty.then(terminal_size).flatten();
+    let (input, rx) = mpsc::channel::<pb::ExecInput>(16);
+    let start = pb::ExecInput {
+        what: Some(In::Start(pb::ExecStart {
+            request: Some(request),
+            stdin: a.stdin,
+            tty: a.tty,
+            size,
+        })),
+    };
+    input
+        .send(start)
+        .await
+        .map_err(|_| Status::internal("the exec's input closed before it started"))?;
+    let mut events = c
+        .executables()
+        .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Raw mode only once the command runs (an error above leaves the terminal as it was).
+    let _raw = (a.tty && a.stdin && std::io::stdin().is_terminal())
+        .then(RawMode::enter)
+        .flatten();
+    if a.stdin {
+        feed_stdin(input.clone());
+    }
+    if a.tty && std::io::stdout().is_terminal() {
+        follow_size(input.clone());
+    }
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    loop {
+        let Some(ev) = events.message().await? else {
+            return Err(Status::unavailable(
+                "the exec's stream ended without its exit (auraed or the connection went away)",
+            ));
+        };
+        match ev.what {
+            Some(Ev::Stdout(d)) => {
+                let _ = stdout.write_all(&d).and_then(|()| stdout.flush());
+            }
+            Some(Ev::Stderr(d)) => {
+                let _ = stderr.write_all(&d).and_then(|()| stderr.flush());
+            }
+            Some(Ev::Exit(e)) => {
+                drop(_raw);
+                return Ok(ExitCode::from(exit_code(&e)));
+            }
+            None => {}
+        }
+    }
+}
+
+/// aer's exit code for the command's end: its code, 128+N for signal N, 125 unknown.
+fn exit_code(e: &pb::ExitStatus) -> u8 {
+    match e.how {
+        Some(pb::exit_status::How::Code(c)) => u8::try_from(c).unwrap_or(AER_FAILED),
+        Some(pb::exit_status::How::Signal(n)) => {
+            u8::try_from(128 + n.clamp(0, 127)).unwrap_or(u8::MAX)
+        }
+        None => {
+            eprintln!("aer: the command ended with no exit status");
+            AER_FAILED
+        }
+    }
+}
+
+/// Copies aer's stdin to the command on a thread of its own (a blocking read: the process
+/// may end while it waits), then says the input ended.
+fn feed_stdin(input: mpsc::Sender<pb::ExecInput>) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            let what = match stdin.read(&mut buf) {
+                Ok(n) if n > 0 => In::Stdin(buf[..n].to_vec()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => In::CloseStdin(true),
+            };
+            let last = matches!(what, In::CloseStdin(_));
+            if input
+                .blocking_send(pb::ExecInput { what: Some(what) })
+                .is_err()
+                || last
+            {
+                return;
+            }
+        }
+    });
+}
+
+/// aer's terminal's size (columns, rows), when its stdout is one.
+fn terminal_size() -> Option<pb::TerminalSize> {
+    let (rows, cols) = console::Term::stdout().size_checked()?;
+    Some(pb::TerminalSize {
+        width: cols.into(),
+        height: rows.into(),
+    })
+}
+
+/// Sends the terminal's new size each time it changes (SIGWINCH).
+fn follow_size(input: mpsc::Sender<pb::ExecInput>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut winch) = signal(SignalKind::window_change()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        while winch.recv().await.is_some() {
+            if let Some(sz) = terminal_size()
+                && input
+                    .send(pb::ExecInput {
+                        what: Some(In::Resize(sz)),
+                    })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
+/// aer's terminal in raw mode (keys go to the command as typed: Ctrl-C is its, not aer's),
+/// restored when dropped.
+struct RawMode(nix::sys::termios::Termios);
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{SetArg, tcsetattr};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.0);
+    }
+}
