@@ -578,17 +578,47 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .await
         .unwrap_err();
     assert_eq!(ex.code(), Code::NotFound);
-    // What is not built says so.
+    // Attach follows output only: a container's stdin and terminal are not built.
+    for (req, field) in [
+        (
+            cri::AttachRequest {
+                container_id: app.clone(),
+                stdin: true,
+                stdout: true,
+                ..Default::default()
+            },
+            "stdin",
+        ),
+        (
+            cri::AttachRequest {
+                container_id: app.clone(),
+                tty: true,
+                stdout: true,
+                ..Default::default()
+            },
+            "tty",
+        ),
+        (
+            cri::AttachRequest {
+                container_id: app.clone(),
+                ..Default::default()
+            },
+            "stdout",
+        ),
+    ] {
+        let at = rt.attach(req).await.unwrap_err();
+        assert_eq!(at.code(), Code::InvalidArgument, "{at:?}");
+        assert!(at.message().starts_with(field), "{field}: {at:?}");
+    }
     let at = rt
         .attach(cri::AttachRequest {
-            container_id: app.clone(),
+            container_id: "f".repeat(64),
             stdout: true,
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert_eq!(at.code(), Code::Unimplemented);
-    assert!(at.message().contains("Attach"), "{at:?}");
+    assert_eq!(at.code(), Code::NotFound);
 
     // Exits: a code, a kill, a clean end, each with its CRI reason.
     let job = create(
@@ -1413,6 +1443,92 @@ async fn cri_exec_and_port_forward_stream_over_spdy() {
     let mut unknown = exec(&["true"], false);
     unknown.container_id = "f".repeat(64);
     assert_eq!(rt.exec(unknown).await.unwrap_err().code(), Code::NotFound);
+
+    // Attach (kubectl attach): the container's output from now on, stdout and stderr
+    // apart, until it exits (Success); what it wrote before is not replayed.
+    let talker = create(
+        &mut rt,
+        &sb,
+        container_config(
+            "talker",
+            &image,
+            Some("echo early; sleep 1.5; echo attached-out; echo attached-err >&2; sleep 0.3; echo last"),
+        ),
+        &sbc,
+        &log_dir,
+    )
+    .await
+    .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: talker.clone(),
+    })
+    .await
+    .unwrap();
+    log_has(
+        &log_dir.join("talker/0.log"),
+        "stdout F early",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: talker.clone(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    assert!(url.contains("/attach/"), "{url}");
+    let out = exec_stream(&url, None).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "attached-out\nlast\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "attached-err\n");
+    assert!(out.status.contains("Success"), "{}", out.status);
+    exited(&mut rt, &talker).await;
+    // A client that leaves an attach leaves the container running.
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: app.clone(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    {
+        let (_r, mut w) = aurae_testkit::cri::upgrade(&url, "v4.channel.k8s.io")
+            .await
+            .unwrap();
+        for (kind, stream) in [("error", 1u32), ("stdout", 5)] {
+            w.send(&aurae_client::spdy::Frame::SynStream {
+                stream,
+                associated: 0,
+                flags: 0,
+                headers: vec![("streamtype".into(), kind.into())],
+            })
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        container_status(&mut rt, &app).await.unwrap().state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    let at = rt
+        .attach(cri::AttachRequest {
+            container_id: talker.clone(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(at.code(), Code::FailedPrecondition, "exited: {at:?}");
 
     // Port-forward into the pod's own loopback (the sandbox has no other network here).
     let pf = |ports: Vec<i32>| cri::PortForwardRequest {

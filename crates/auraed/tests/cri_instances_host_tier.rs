@@ -456,6 +456,52 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Attach follows a container's output in the instance, from now until it exits.
+    std::fs::create_dir_all(log_dir.join("talker")).unwrap();
+    let talker = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(container_config(
+                "talker",
+                &e.image,
+                Some("echo early; sleep 1.5; echo attached-out; echo attached-err >&2"),
+            )),
+            sandbox_config: Some(good.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: talker.clone(),
+    })
+    .await
+    .unwrap();
+    log_has(
+        &log_dir.join("talker/0.log"),
+        "stdout F early",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: talker.clone(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = e
+        .in_ns(async move { aurae_testkit::cri::exec_stream(&url, None).await })
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "attached-out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "attached-err\n");
+    assert!(out.status.contains("Success"), "{}", out.status);
+
     // Port-forward reaches the instance.
     let mut body = String::new();
     for _ in 0..100 {

@@ -275,6 +275,7 @@ async fn follow(
         let out = lines.push(chunk.at.as_ref(), chunk.stream, &chunk.data);
         write(&out, &mut failures);
         offset = Some(chunk.offset + chunk.data.len() as u64);
+        cri.set_log_reached(&id, chunk.offset + chunk.data.len() as u64);
         if saved.elapsed() >= Duration::from_secs(1) {
             cri.set_log_offset(&id, chunk.offset + chunk.data.len() as u64);
             saved = Instant::now();

@@ -216,6 +216,9 @@ pub struct Cri {
     /// Clients of `aurae-vm` sandboxes' instances, by sandbox id (with the instance they
     /// reach: one spawned again under the name gets a client of its own).
     clients: Mutex<std::collections::HashMap<String, (Arc<Instance>, aurae_client::Client)>>,
+    /// How far each container's CRI log writer has read its output (where an Attach
+    /// starts following it).
+    reached: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Cri {
@@ -271,6 +274,7 @@ impl Cri {
             streams: std::sync::OnceLock::new(),
             events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
             clients: Mutex::new(std::collections::HashMap::new()),
+            reached: Mutex::new(std::collections::HashMap::new()),
         });
         (cri, warnings)
     }
@@ -759,6 +763,25 @@ impl Cri {
             .unwrap_or(0)
     }
 
+    /// Where container `id`'s output has been read to: what its log writer reached, or
+    /// the last offset it recorded.
+    fn log_reached(&self, id: &str) -> u64 {
+        let reached = self
+            .reached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied();
+        reached.unwrap_or_else(|| self.log_offset(id))
+    }
+
+    fn set_log_reached(&self, id: &str, offset: u64) {
+        self.reached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), offset);
+    }
+
     fn set_log_offset(&self, id: &str, offset: u64) {
         if let Some(s) = &self.store
             && let Err(e) = s.put_atomic(LOG_OFFSET_KIND, id, &offset)
@@ -768,6 +791,10 @@ impl Cri {
     }
 
     fn forget_log_offset(&self, id: &str) {
+        self.reached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         if let Some(s) = &self.store {
             let _ = s.delete(LOG_OFFSET_KIND, id);
         }

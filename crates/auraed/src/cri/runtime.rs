@@ -1264,7 +1264,8 @@ fn container_run(c: &cri::ContainerConfig) -> Result<ContainerRun, Status> {
             } else {
                 "config.tty"
             },
-            "attaching to a container (Attach) is not built yet",
+            "a container's own stdin and terminal are not built (its stdin is /dev/null; \
+             Attach follows its output, Exec runs a command with either)",
         ));
     }
     if let Some(l) = &c.linux
@@ -1731,11 +1732,41 @@ impl RuntimeService for CriRuntime {
         &self,
         r: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        self.cri().container(&r.get_ref().container_id)?;
-        Err(unimplemented(
-            "Attach",
-            "attaching to a container's own stdio (its output is in its log; use Exec for a command)",
-        ))
+        let cri = self.cri().clone();
+        let m = r.into_inner();
+        // An unknown id is NOT_FOUND before anything else is looked at.
+        cri.container(&m.container_id)?;
+        if m.tty {
+            return Err(invalid(
+                "tty",
+                "the container has no terminal (CreateContainer refuses tty)",
+            ));
+        }
+        if m.stdin {
+            return Err(invalid(
+                "stdin",
+                "the container's stdin is /dev/null (CreateContainer refuses stdin): attach \
+                 follows its output only",
+            ));
+        }
+        if !(m.stdout || m.stderr) {
+            return Err(invalid(
+                "stdout",
+                "one of stdout and stderr must be asked for",
+            ));
+        }
+        let (c, _) = self.running(&m.container_id).await?;
+        // Its output from where its CRI log writer got to, followed: opened now (authorized
+        // as Executables/Logs of its executable, here or in its instance).
+        let (place, mut logs) = cri.logs_request(&c).await?;
+        logs.from_offset = cri.log_reached(&c.id);
+        let output = place.exe_logs(logs).await?;
+        let url = cri.streams()?.issue(super::stream::Pending::Attach {
+            output,
+            stdout: m.stdout,
+            stderr: m.stderr,
+        })?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(

@@ -65,6 +65,13 @@ pub enum Pending {
         /// A terminal: stdin and stdout through it (no stderr), and a `resize` stream.
         tty: bool,
     },
+    Attach {
+        /// The container's output, followed from where it was when Attach was called
+        /// (opened then, authorized as `Executables/Logs` of its executable).
+        output: super::place::LogStream,
+        stdout: bool,
+        stderr: bool,
+    },
     PortForward {
         sandbox: String,
         /// Where the pod's ports are, found when the call was made.
@@ -85,6 +92,7 @@ impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Pending::Exec { request, .. } => write!(f, "Exec({:?})", request.get_ref().argv),
+            Pending::Attach { .. } => f.write_str("Attach"),
             Pending::PortForward { sandbox, .. } => write!(f, "PortForward({sandbox})"),
         }
     }
@@ -95,6 +103,7 @@ impl Pending {
     fn kind(&self) -> &'static str {
         match self {
             Pending::Exec { .. } => "exec",
+            Pending::Attach { .. } => "attach",
             Pending::PortForward { .. } => "portforward",
         }
     }
@@ -301,7 +310,7 @@ impl Streams {
             return Ok(());
         }
         let want = match pending {
-            Pending::Exec { .. } => EXEC_PROTOCOL,
+            Pending::Exec { .. } | Pending::Attach { .. } => EXEC_PROTOCOL,
             Pending::PortForward { .. } => PORT_FORWARD_PROTOCOL,
         };
         let offered = head.values("x-stream-protocol-version");
@@ -343,6 +352,11 @@ impl Streams {
                 self.exec(reader, tx.clone(), request, instance, streams)
                     .await
             }
+            Pending::Attach {
+                output,
+                stdout,
+                stderr,
+            } => attach(reader, tx.clone(), output, stdout, stderr).await,
             Pending::PortForward { sandbox, to } => {
                 port_forward(reader, tx.clone(), &sandbox, to).await
             }
@@ -545,49 +559,18 @@ impl Streams {
         want: Wanted,
     ) -> anyhow::Result<()> {
         let argv = request.get_ref().argv.clone();
-        // The client opens its streams first: error always, the others as asked for.
-        let mut ids: HashMap<&'static str, u32> = HashMap::new();
-        let wanted: Vec<&'static str> = [
-            ("error", true),
-            ("stdin", want.stdin),
-            ("stdout", want.stdout),
-            ("stderr", want.stderr),
-            ("resize", want.tty),
-        ]
-        .into_iter()
-        .filter(|(_, w)| *w)
-        .map(|(n, _)| n)
-        .collect();
-        let opened = tokio::time::timeout(HANDSHAKE, async {
-            while ids.len() < wanted.len() {
-                let Some(f) = reader.next().await? else {
-                    anyhow::bail!("the client left before opening its streams");
-                };
-                match f {
-                    Frame::SynStream {
-                        stream, headers, ..
-                    } => match wanted.iter().find(|w| **w == stream_type(&headers)) {
-                        Some(w) if !ids.contains_key(w) => {
-                            ids.insert(w, stream);
-                            reply(&tx, stream).await;
-                        }
-                        _ => {
-                            refuse(&tx, stream).await;
-                        }
-                    },
-                    Frame::Ping { id } => {
-                        send(&tx, Frame::Ping { id }).await;
-                    }
-                    _ => {}
-                }
-            }
-            Ok(())
-        })
-        .await;
-        match opened {
-            Ok(r) => r?,
-            Err(_) => anyhow::bail!("the client opened {ids:?} of {wanted:?} within {HANDSHAKE:?}"),
-        }
+        let ids = open_streams(
+            &mut reader,
+            &tx,
+            &[
+                ("error", true),
+                ("stdin", want.stdin),
+                ("stdout", want.stdout),
+                ("stderr", want.stderr),
+                ("resize", want.tty),
+            ],
+        )
+        .await?;
         let error = ids["error"];
         let stdio = if want.tty {
             crate::cell::exec::ExecStdio::Terminal
@@ -719,6 +702,104 @@ impl Streams {
         data(&tx, error, exit_status_json(&argv, code).as_bytes(), true).await;
         Ok(())
     }
+}
+
+/// Waits (at most [`HANDSHAKE`]) for the client to open the streams `wanted` marks (by
+/// their `streamtype`), answering each; any other is refused. Their ids by type.
+async fn open_streams(
+    reader: &mut Reader,
+    tx: &Tx,
+    wanted: &[(&'static str, bool)],
+) -> anyhow::Result<HashMap<&'static str, u32>> {
+    let wanted: Vec<&'static str> = wanted.iter().filter(|(_, w)| *w).map(|(n, _)| *n).collect();
+    let mut ids: HashMap<&'static str, u32> = HashMap::new();
+    let opened = tokio::time::timeout(HANDSHAKE, async {
+        while ids.len() < wanted.len() {
+            let Some(f) = reader.next().await? else {
+                anyhow::bail!("the client left before opening its streams");
+            };
+            match f {
+                Frame::SynStream {
+                    stream, headers, ..
+                } => match wanted.iter().find(|w| **w == stream_type(&headers)) {
+                    Some(w) if !ids.contains_key(w) => {
+                        ids.insert(w, stream);
+                        reply(tx, stream).await;
+                    }
+                    _ => {
+                        refuse(tx, stream).await;
+                    }
+                },
+                Frame::Ping { id } => {
+                    send(tx, Frame::Ping { id }).await;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match opened {
+        Ok(r) => r.map(|()| ids),
+        Err(_) => anyhow::bail!("the client opened {ids:?} of {wanted:?} within {HANDSHAKE:?}"),
+    }
+}
+
+/// An attach (output only): the container's output as it comes, each chunk on the stream
+/// of its kind, until the container's output ends (it exited: `Success` on `error`) or the
+/// client leaves.
+async fn attach(
+    mut reader: Reader,
+    tx: Tx,
+    mut output: super::place::LogStream,
+    stdout: bool,
+    stderr: bool,
+) -> anyhow::Result<()> {
+    use tokio_stream::StreamExt as _;
+    let ids = open_streams(
+        &mut reader,
+        &tx,
+        &[("error", true), ("stdout", stdout), ("stderr", stderr)],
+    )
+    .await?;
+    let (out, err) = (ids.get("stdout").copied(), ids.get("stderr").copied());
+    loop {
+        tokio::select! {
+            chunk = output.next() => match chunk {
+                Some(Ok(c)) => {
+                    let to = if c.stream == pb::LogStream::Stderr as i32 { err } else { out };
+                    if let Some(s) = to
+                        && !data(&tx, s, &c.data, false).await
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(Err(e)) => {
+                    data(&tx, ids["error"], failure_json(e.message()).as_bytes(), true).await;
+                    break;
+                }
+                None => {
+                    data(&tx, ids["error"], br#"{"metadata":{},"status":"Success"}"#, true).await;
+                    break;
+                }
+            },
+            f = reader.next() => match f {
+                Ok(Some(Frame::Ping { id })) => {
+                    send(&tx, Frame::Ping { id }).await;
+                }
+                Ok(Some(Frame::SynStream { stream, .. })) => {
+                    refuse(&tx, stream).await;
+                }
+                Ok(Some(_)) => {}
+                // The client left: the container runs on.
+                Ok(None) | Err(_) => return Ok(()),
+            },
+        }
+    }
+    for s in [out, err].into_iter().flatten() {
+        data(&tx, s, &[], true).await;
+    }
+    Ok(())
 }
 
 /// Opens a TCP connection to the pod's `port`: at its own address, or on its loopback
