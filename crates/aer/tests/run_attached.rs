@@ -701,6 +701,39 @@ async fn exec_runs_a_command_in_a_running_container() {
     assert_eq!(r.code(), Some(5), "{r}");
     assert!(r.stdout.contains("/dev/pts/"), "{r}");
 
+    // aer killed while the command does not read the input it was sent (the pipes
+    // full): the call is cancelled and the command killed all the same.
+    let m9 = marker(9);
+    let mut child = e
+        .aer
+        .command(&["exec", "-i", &target, "--", "sleep", &m9])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&vec![b'x'; 4 << 20]);
+    });
+    let t = Instant::now();
+    while processes(&["sleep", &m9]).is_empty() {
+        assert!(t.elapsed() < LIMIT, "the exec'd sleep never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while !processes(&["sleep", &m9]).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the command of a client that left (its stdin full) still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Refusals keep aer's exit codes for auraed's answers.
     let r = e.aer(&["exec", "web/nosuch", "--", "true"]);
     assert_eq!(r.code(), Some(3), "NOT_FOUND: {r}");

@@ -2,9 +2,11 @@
 //! `kubectl exec` and `docker exec` run one (Executables/ExecStream): its output copied live
 //! to aer's stdout and stderr, aer's stdin to it with `-i`, a pseudo-terminal with `-t`
 //! (aer's own terminal in raw mode while it runs, its size following aer's), and aer's
-//! exit code the command's (128+N when signal N killed it; 125 when aer itself failed, as
-//! for `aer run`). Leaving (Ctrl-C without `-t`, or aer killed) cancels the call, which
-//! kills the command.
+//! exit code the command's (128+N when signal N killed it, 125 when it ended without a
+//! status). When auraed refuses (no such executable, not a container, denied) aer exits
+//! with the code every aer command uses for that answer (2 invalid, 3 not found, 4
+//! denied, 6 failed precondition, 7 unavailable). Leaving (Ctrl-C without `-t`, or aer
+//! killed) cancels the call, which kills the command.
 
 use std::{
     io::{IsTerminal, Read, Write},

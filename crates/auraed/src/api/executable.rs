@@ -279,10 +279,24 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
             }
             m = input.message(), if reading => match m {
                 Ok(Some(pb::ExecInput { what: Some(What::Stdin(data)) })) => {
-                    if let Some(w) = stdin.as_mut()
-                        && w.write_all(&data).await.is_err()
-                    {
-                        stdin = None;
+                    // A command that does not read its input must not hide its end or
+                    // its client's leaving: the write races both.
+                    if let Some(w) = stdin.as_mut() {
+                        tokio::select! {
+                            r = w.write_all(&data) => if r.is_err() {
+                                stdin = None;
+                            },
+                            s = &mut exit => break s,
+                            () = tx.closed() => {
+                                kill();
+                                let _ = exit.await;
+                                for p in &pumps {
+                                    p.abort();
+                                }
+                                tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
+                                return;
+                            }
+                        }
                     }
                 }
                 Ok(Some(pb::ExecInput { what: Some(What::Resize(sz)) })) => {

@@ -43,8 +43,15 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// A command started by this auraed.
+    /// A command started by this auraed (killed if its ends cannot be made).
     pub fn local(p: ExecProcess) -> std::io::Result<Self> {
+        let pidfd = p.child.pidfd.clone();
+        Self::wrap(p).inspect_err(|_| {
+            let _ = pidfd.send_signal(nix::libc::SIGKILL);
+        })
+    }
+
+    fn wrap(p: ExecProcess) -> std::io::Result<Self> {
         use tokio::net::unix::pipe::{Receiver, Sender};
         let mut s = Self {
             stdout: None,

@@ -67,6 +67,20 @@ impl Place {
         }
     }
 
+    /// The CRI identity's grant for `method`, and in an instance for the instance's name
+    /// too (every call into it is about that sandbox: a grant whose names do not cover
+    /// the sandbox reaches nothing in it): the request of `msg`.
+    fn call<T>(&self, svc: &str, method: &str, msg: T) -> Result<tonic::Request<T>, Status> {
+        let r = self.cri().call(svc, method, msg)?;
+        if let Self::Instance { inst, .. } = self {
+            r.extensions()
+                .get::<crate::api::authz::Caller>()
+                .ok_or_else(|| Status::internal("a CRI call without its caller"))?
+                .authorize_name(&inst.spec.name.to_string())?;
+        }
+        Ok(r)
+    }
+
     /// The sandbox's instance, when it is in one.
     pub(super) fn instance(&self) -> Option<&Arc<Instance>> {
         match self {
@@ -87,7 +101,7 @@ impl Place {
         let msg = pb::NameRef {
             name: name.to_owned(),
         };
-        let r = self.cri().call(svc::CELLS, "Get", msg.clone())?;
+        let r = self.call(svc::CELLS, "Get", msg.clone())?;
         match self {
             Self::Here(cri) => cri.cells.get(r).await,
             Self::Instance { inst, client, .. } => {
@@ -98,7 +112,7 @@ impl Place {
     }
 
     pub(super) async fn cell_allocate(&self, msg: pb::Cell) -> Result<pb::CellStatus, Status> {
-        let r = self.cri().call(svc::CELLS, "Allocate", msg.clone())?;
+        let r = self.call(svc::CELLS, "Allocate", msg.clone())?;
         match self {
             Self::Here(cri) => cri.cells.allocate(r).await,
             Self::Instance { inst, client, .. } => client
@@ -111,7 +125,7 @@ impl Place {
     }
 
     pub(super) async fn cell_stop(&self, msg: pb::StopRequest) -> Result<(), Status> {
-        let r = self.cri().call(svc::CELLS, "Stop", msg.clone())?;
+        let r = self.call(svc::CELLS, "Stop", msg.clone())?;
         match self {
             Self::Here(cri) => cri.cells.stop(r).await.map(|_| ()),
             Self::Instance { inst, client, .. } => client
@@ -127,7 +141,7 @@ impl Place {
         let msg = pb::NameRef {
             name: name.to_owned(),
         };
-        let r = self.cri().call(svc::CELLS, "Free", msg.clone())?;
+        let r = self.call(svc::CELLS, "Free", msg.clone())?;
         match self {
             Self::Here(cri) => cri.cells.free(r).await.map(|_| ()),
             Self::Instance { inst, client, .. } => client
@@ -143,7 +157,7 @@ impl Place {
         let msg = pb::NameRef {
             name: name.to_owned(),
         };
-        let r = self.cri().call(svc::CELLS, "Stats", msg.clone())?;
+        let r = self.call(svc::CELLS, "Stats", msg.clone())?;
         match self {
             Self::Here(cri) => cri.cells.stats(r).await,
             Self::Instance { inst, client, .. } => {
@@ -173,9 +187,7 @@ impl Place {
         msg: pb::Executable,
     ) -> Result<pb::ExecutableStatus, Status> {
         use aurae_proto::runtime::v0::runtime_server::Runtime as _;
-        let r = self
-            .cri()
-            .call(svc::RUNTIME, "RunExecutable", msg.clone())?;
+        let r = self.call(svc::RUNTIME, "RunExecutable", msg.clone())?;
         match self {
             Self::Here(cri) => cri.runtime.run_executable(r).await,
             Self::Instance { inst, client, .. } => client
@@ -191,7 +203,7 @@ impl Place {
         &self,
         msg: pb::ExecutableRef,
     ) -> Result<pb::ExecutableStatus, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Get", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Get", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.get(r).await,
             Self::Instance { inst, client, .. } => client
@@ -207,7 +219,7 @@ impl Place {
         &self,
         msg: pb::SignalExecutableRequest,
     ) -> Result<pb::ExecutableStatus, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Signal", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Signal", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.signal(r).await,
             Self::Instance { inst, client, .. } => client
@@ -223,7 +235,7 @@ impl Place {
         &self,
         msg: pb::WaitExecutableRequest,
     ) -> Result<pb::ExecutableStatus, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Wait", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Wait", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.wait(r).await,
             Self::Instance { inst, client, .. } => {
@@ -242,7 +254,7 @@ impl Place {
         &self,
         msg: pb::StopExecutableRequest,
     ) -> Result<pb::ExecutableStatus, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Stop", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Stop", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.stop(r).await,
             Self::Instance { inst, client, .. } => client
@@ -255,7 +267,7 @@ impl Place {
     }
 
     pub(super) async fn exe_free(&self, msg: pb::ExecutableRef) -> Result<(), Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Free", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Free", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.free(r).await.map(|_| ()),
             Self::Instance { inst, client, .. } => client
@@ -268,7 +280,7 @@ impl Place {
     }
 
     pub(super) async fn exe_exec(&self, msg: pb::ExecRequest) -> Result<pb::ExecResponse, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Exec", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Exec", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.exec(r).await,
             Self::Instance { inst, client, .. } => client
@@ -284,7 +296,7 @@ impl Place {
         &self,
         msg: pb::ExecutableRef,
     ) -> Result<pb::ResourceStats, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Stats", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Stats", msg.clone())?;
         match self {
             Self::Here(cri) => cri.executables.stats(r).await,
             Self::Instance { inst, client, .. } => client
@@ -300,7 +312,7 @@ impl Place {
         &self,
         msg: pb::ExecutableLogsRequest,
     ) -> Result<LogStream, Status> {
-        let r = self.cri().call(svc::EXECUTABLES, "Logs", msg.clone())?;
+        let r = self.call(svc::EXECUTABLES, "Logs", msg.clone())?;
         match self {
             Self::Here(cri) => Ok(Box::pin(cri.executables.logs(r).await?.into_inner()) as _),
             Self::Instance { inst, client, .. } => Ok(Box::pin(

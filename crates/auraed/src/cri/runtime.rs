@@ -1710,13 +1710,21 @@ impl RuntimeService for CriRuntime {
             "Exec",
             pb::ExecRequest {
                 executable: Some(pb::ExecutableRef {
-                    cell: sb.cell,
+                    cell: sb.cell.clone(),
                     name: c.executable.clone(),
                 }),
                 argv: m.cmd,
                 timeout: None,
             },
         )?;
+        if instance.is_some() {
+            // Here the adapter checks the names when it runs; there, before it is sent.
+            request
+                .extensions()
+                .get::<crate::api::authz::Caller>()
+                .ok_or_else(|| Status::internal("a CRI call without its caller"))?
+                .authorize_name(&sb.cell)?;
+        }
         let url = cri.streams()?.issue(super::stream::Pending::Exec {
             request,
             instance,
@@ -1755,14 +1763,24 @@ impl RuntimeService for CriRuntime {
                 "one of stdout and stderr must be asked for",
             ));
         }
-        let (c, _) = self.running(&m.container_id).await?;
-        // Its output from where its CRI log writer got to, followed: opened now (authorized
-        // as Executables/Logs of its executable, here or in its instance).
+        let (c, sb) = self.running(&m.container_id).await?;
+        // Its output from where its CRI log writer got to, followed once kubelet connects:
+        // authorized now as Executables/Logs of its executable (here the adapter checks
+        // the names when it runs; for an instance, now).
         let (place, mut logs) = cri.logs_request(&c).await?;
         logs.from_offset = cri.log_reached(&c.id);
-        let output = place.exe_logs(logs).await?;
+        let request = cri.call(svc::EXECUTABLES, "Logs", logs)?;
+        let instance = place.client().cloned().map(Box::new);
+        if instance.is_some() {
+            request
+                .extensions()
+                .get::<crate::api::authz::Caller>()
+                .ok_or_else(|| Status::internal("a CRI call without its caller"))?
+                .authorize_name(&sb.cell)?;
+        }
         let url = cri.streams()?.issue(super::stream::Pending::Attach {
-            output,
+            request,
+            instance,
             stdout: m.stdout,
             stderr: m.stderr,
         })?;

@@ -34,6 +34,7 @@ use tonic::{Request, Status};
 use tracing::{info, warn};
 
 use crate::api::executable::ExecutablesApi;
+use aurae_proto::runtime::v0::executables_server::Executables as _;
 
 /// How long a URL may wait for its connection.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -66,9 +67,11 @@ pub enum Pending {
         tty: bool,
     },
     Attach {
-        /// The container's output, followed from where it was when Attach was called
-        /// (opened then, authorized as `Executables/Logs` of its executable).
-        output: super::place::LogStream,
+        /// `Executables/Logs` of the container's executable, following from where its
+        /// output was when Attach was called; authorized then as the CRI identity.
+        request: Request<pb::ExecutableLogsRequest>,
+        /// The client of the sandbox's instance it runs in (None: a cell here).
+        instance: Option<Box<aurae_client::Client>>,
         stdout: bool,
         stderr: bool,
     },
@@ -353,10 +356,27 @@ impl Streams {
                     .await
             }
             Pending::Attach {
-                output,
+                request,
+                instance,
                 stdout,
                 stderr,
-            } => attach(reader, tx.clone(), output, stdout, stderr).await,
+            } => {
+                let output: anyhow::Result<super::place::LogStream> = match instance {
+                    None => self
+                        .executables
+                        .logs(request)
+                        .await
+                        .map(|r| Box::pin(r.into_inner()) as _)
+                        .map_err(|e| anyhow::anyhow!("{}", e.message())),
+                    Some(c) => c
+                        .executables()
+                        .logs(request.into_inner())
+                        .await
+                        .map(|r| Box::pin(r.into_inner()) as _)
+                        .map_err(|e| anyhow::anyhow!("{}", e.message())),
+                };
+                attach(reader, tx.clone(), output, stdout, stderr).await
+            }
             Pending::PortForward { sandbox, to } => {
                 port_forward(reader, tx.clone(), &sandbox, to).await
             }
@@ -624,12 +644,16 @@ impl Streams {
                 s = &mut exit => break s,
                 f = reader.next() => match f {
                     Ok(Some(Frame::Data { stream, flags, data })) if Some(stream) == stdin_id => {
-                        if stdin_open
-                            && let Some(w) = stdin_w.as_mut()
-                            && w.write_all(&data).await.is_err()
-                        {
-                            stdin_open = false;
-                            stdin_w = None;
+                        // A command that does not read its input must not hide its end:
+                        // the write races it.
+                        if stdin_open && let Some(w) = stdin_w.as_mut() {
+                            tokio::select! {
+                                r = w.write_all(&data) => if r.is_err() {
+                                    stdin_open = false;
+                                    stdin_w = None;
+                                },
+                                s = &mut exit => break s,
+                            }
                         }
                         if flags & FLAG_FIN != 0 {
                             // The end of input: a pipe is closed; a terminal gets its EOF
@@ -751,7 +775,7 @@ async fn open_streams(
 async fn attach(
     mut reader: Reader,
     tx: Tx,
-    mut output: super::place::LogStream,
+    output: anyhow::Result<super::place::LogStream>,
     stdout: bool,
     stderr: bool,
 ) -> anyhow::Result<()> {
@@ -763,6 +787,42 @@ async fn attach(
     )
     .await?;
     let (out, err) = (ids.get("stdout").copied(), ids.get("stderr").copied());
+    let mut output = match output {
+        Ok(o) => o,
+        Err(e) => {
+            data(
+                &tx,
+                ids["error"],
+                failure_json(&e.to_string()).as_bytes(),
+                true,
+            )
+            .await;
+            for s in [out, err].into_iter().flatten() {
+                data(&tx, s, &[], true).await;
+            }
+            return Ok(());
+        }
+    };
+    // The client's frames on a task of their own (a frame read is not cancel-safe: it
+    // must not race the output): pings answered, new streams refused, its leaving seen.
+    let client = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match reader.next().await {
+                    Ok(Some(Frame::Ping { id })) => {
+                        send(&tx, Frame::Ping { id }).await;
+                    }
+                    Ok(Some(Frame::SynStream { stream, .. })) => {
+                        refuse(&tx, stream).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        })
+    };
+    let mut client = AbortOnDrop(client);
     loop {
         tokio::select! {
             chunk = output.next() => match chunk {
@@ -783,23 +843,23 @@ async fn attach(
                     break;
                 }
             },
-            f = reader.next() => match f {
-                Ok(Some(Frame::Ping { id })) => {
-                    send(&tx, Frame::Ping { id }).await;
-                }
-                Ok(Some(Frame::SynStream { stream, .. })) => {
-                    refuse(&tx, stream).await;
-                }
-                Ok(Some(_)) => {}
-                // The client left: the container runs on.
-                Ok(None) | Err(_) => return Ok(()),
-            },
+            // The client left: the container runs on.
+            _ = &mut client.0 => return Ok(()),
         }
     }
     for s in [out, err].into_iter().flatten() {
         data(&tx, s, &[], true).await;
     }
     Ok(())
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Opens a TCP connection to the pod's `port`: at its own address, or on its loopback
