@@ -322,6 +322,28 @@ pub fn container_config(name: &str, image: &str, script: Option<&str>) -> cri::C
     }
 }
 
+/// CreateContainer of `c` in `sandbox`, its log's directory made under the sandbox's
+/// `log_dir` first (as kubelet makes it); the container's id.
+pub async fn create_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    sandbox: &str,
+    c: cri::ContainerConfig,
+    sb: &cri::PodSandboxConfig,
+    log_dir: &Path,
+) -> Result<String, tonic::Status> {
+    if let Some(dir) = Path::new(&c.log_path).parent() {
+        std::fs::create_dir_all(log_dir.join(dir))
+            .map_err(|e| tonic::Status::internal(format!("making the log directory: {e}")))?;
+    }
+    rt.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: sandbox.to_owned(),
+        config: Some(c),
+        sandbox_config: Some(sb.clone()),
+    })
+    .await
+    .map(|r| r.into_inner().container_id)
+}
+
 /// ContainerStatus of `id`.
 pub async fn container_status(
     rt: &mut RuntimeServiceClient<Channel>,

@@ -20,7 +20,7 @@ use aurae_proto::{
 };
 use aurae_testkit::{
     Daemon, DaemonOptions, TRUST_DOMAIN,
-    cri::{container_config, container_status, log_has, sandbox_config},
+    cri::{container_config, container_status, create_container, log_has, sandbox_config},
     oci,
     registry::{LocalRegistry, for_containers},
 };
@@ -137,25 +137,6 @@ async fn run_sandbox(
     .unwrap()
     .into_inner()
     .pod_sandbox_id
-}
-
-async fn create(
-    rt: &mut RuntimeServiceClient<Channel>,
-    sandbox: &str,
-    c: cri::ContainerConfig,
-    sb: &cri::PodSandboxConfig,
-    log_dir: &Path,
-) -> Result<String, tonic::Status> {
-    if let Some(dir) = Path::new(&c.log_path).parent() {
-        std::fs::create_dir_all(log_dir.join(dir)).unwrap();
-    }
-    rt.create_container(cri::CreateContainerRequest {
-        pod_sandbox_id: sandbox.to_owned(),
-        config: Some(c),
-        sandbox_config: Some(sb.clone()),
-    })
-    .await
-    .map(|r| r.into_inner().container_id)
 }
 
 /// Waits (bounded) until `id` has exited; its status.
@@ -396,11 +377,13 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
             ..Default::default()
         },
     ];
-    let app = create(&mut rt, &sb, appc, &sbc, &log_dir).await.unwrap();
+    let app = create_container(&mut rt, &sb, appc, &sbc, &log_dir)
+        .await
+        .unwrap();
     let s = container_status(&mut rt, &app).await.unwrap();
     assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
     assert_eq!(s.log_path, log_dir.join("app/0.log").display().to_string());
-    let dup = create(
+    let dup = create_container(
         &mut rt,
         &sb,
         container_config("app", &pulled, Some("true")),
@@ -621,7 +604,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     assert_eq!(at.code(), Code::NotFound);
 
     // Exits: a code, a kill, a clean end, each with its CRI reason.
-    let job = create(
+    let job = create_container(
         &mut rt,
         &sb,
         container_config("job", &pulled, Some("echo done; exit 3")),
@@ -630,7 +613,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
     )
     .await
     .unwrap();
-    let ok = create(
+    let ok = create_container(
         &mut rt,
         &sb,
         container_config("ok", &pulled, Some("true")),
@@ -722,7 +705,7 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         s.status.unwrap().state,
         cri::PodSandboxState::SandboxNotready as i32
     );
-    let late = create(
+    let late = create_container(
         &mut rt,
         &sb,
         container_config("late", &pulled, Some("true")),
@@ -957,7 +940,7 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
     ] {
         assert_eq!(r.unwrap_err().code(), Code::NotFound);
     }
-    let nf = create(
+    let nf = create_container(
         &mut rt,
         &unknown,
         container_config("x", &image, Some("true")),
@@ -1014,7 +997,9 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         ),
     ];
     for (c, code, field) in cases {
-        let err = create(&mut rt, &sb, c, &good, &log_dir).await.unwrap_err();
+        let err = create_container(&mut rt, &sb, c, &good, &log_dir)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), code, "{field}: {err:?}");
         assert!(err.message().contains(field), "{field}: {}", err.message());
     }
@@ -1036,7 +1021,9 @@ async fn cri_bad_input_is_refused_naming_the_field_and_loses_nothing() {
         }),
         ..Default::default()
     });
-    let id = create(&mut rt, &sb, c, &good, &log_dir).await.unwrap();
+    let id = create_container(&mut rt, &sb, c, &good, &log_dir)
+        .await
+        .unwrap();
     let err = rt
         .start_container(cri::StartContainerRequest {
             container_id: id.clone(),
@@ -1147,7 +1134,7 @@ async fn cri_container_events_follow_a_pods_life() {
         ev.pod_sandbox_status.unwrap().state,
         cri::PodSandboxState::SandboxReady as i32
     );
-    let c = create(
+    let c = create_container(
         &mut rt,
         &sb,
         container_config("job", &image, Some("sleep 0.3; exit 7")),
@@ -1237,7 +1224,7 @@ async fn cri_exec_and_port_forward_stream_over_spdy() {
     let log_dir = e.log_dir("streams");
     let sbc = sandbox_config("streams", "u9", &log_dir);
     let sb = run_sandbox(&mut rt, &sbc).await;
-    let app = create(
+    let app = create_container(
         &mut rt,
         &sb,
         container_config(
@@ -1446,7 +1433,7 @@ async fn cri_exec_and_port_forward_stream_over_spdy() {
 
     // Attach (kubectl attach): the container's output from now on, stdout and stderr
     // apart, until it exits (Success); what it wrote before is not replayed.
-    let talker = create(
+    let talker = create_container(
         &mut rt,
         &sb,
         container_config(
@@ -1635,7 +1622,7 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     let log_dir = e.log_dir("default_tick_u4");
     let sbc = sandbox_config("tick", "u4", &log_dir);
     let sb = run_sandbox(&mut rt, &sbc).await;
-    let c = create(
+    let c = create_container(
         &mut rt,
         &sb,
         container_config(
@@ -1648,7 +1635,7 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     )
     .await
     .unwrap();
-    let created = create(
+    let created = create_container(
         &mut rt,
         &sb,
         container_config("later", &image, Some("echo later")),
@@ -1933,7 +1920,7 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
     assert_ne!(pods[0].3, pods[1].3, "two pods, two addresses");
     // The server's pod answers on its address; the client's pod reaches it there.
     let (sid, sbc, dir, sip) = &pods[0];
-    let srv = create(
+    let srv = create_container(
         &mut rt,
         sid,
         container_config(
@@ -1948,7 +1935,7 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
         .await
         .unwrap();
     let (cid, cbc, cdir, _) = &pods[1];
-    let cli = create(
+    let cli = create_container(
         &mut rt,
         cid,
         container_config(

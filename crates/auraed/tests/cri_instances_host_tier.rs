@@ -30,7 +30,10 @@ use aurae_proto::{
 };
 use aurae_testkit::{
     Daemon, DaemonOptions, TRUST_DOMAIN,
-    cri::{container_config, container_status, exec_sync, log_has, sandbox_config, sandbox_status},
+    cri::{
+        container_config, container_status, create_container, exec_sync, log_has, sandbox_config,
+        sandbox_status,
+    },
     oci,
     registry::{LocalRegistry, needs_registry},
     tier::{self, Tier},
@@ -268,25 +271,23 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("config.mounts"), "{err:?}");
-    std::fs::create_dir_all(log_dir.join("app")).unwrap();
-    let app = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sb.clone(),
-            config: Some(container_config(
-                "app",
-                &e.image,
-                Some(
-                    "echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
+    let app = create_container(
+        &mut rt,
+        &sb,
+        container_config(
+            "app",
+            &e.image,
+            Some(
+                "echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
                  echo 'served by the instance' > /tmp/www/index.html && \
                  exec httpd -f -p 8080 -h /tmp/www",
-                ),
-            )),
-            sandbox_config: Some(good.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
+            ),
+        ),
+        &good,
+        &log_dir,
+    )
+    .await
+    .unwrap();
     rt.start_container(cri::StartContainerRequest {
         container_id: app.clone(),
     })
@@ -457,21 +458,19 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     }
 
     // Attach follows a container's output in the instance, from now until it exits.
-    std::fs::create_dir_all(log_dir.join("talker")).unwrap();
-    let talker = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sb.clone(),
-            config: Some(container_config(
-                "talker",
-                &e.image,
-                Some("echo early; sleep 1.5; echo attached-out; echo attached-err >&2"),
-            )),
-            sandbox_config: Some(good.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
+    let talker = create_container(
+        &mut rt,
+        &sb,
+        container_config(
+            "talker",
+            &e.image,
+            Some("echo early; sleep 1.5; echo attached-out; echo attached-err >&2"),
+        ),
+        &good,
+        &log_dir,
+    )
+    .await
+    .unwrap();
     rt.start_container(cri::StartContainerRequest {
         container_id: talker.clone(),
     })

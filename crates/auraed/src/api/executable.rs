@@ -12,7 +12,11 @@ use super::{
     status::{internal, invalid},
 };
 use crate::{
-    cell::{Cells, exec::ExecStdio, session::Session},
+    cell::{
+        Cells,
+        exec::ExecStdio,
+        session::{Session, end_of_input},
+    },
     executable::{Executable, ExecutableRef},
     spec::FieldError,
 };
@@ -265,18 +269,11 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
         }
     }
     let mut reading = true;
-    let status = loop {
+    // Its end, or None: its client left first.
+    let ended = loop {
         tokio::select! {
-            s = &mut exit => break s,
-            () = tx.closed() => {
-                kill();
-                let _ = exit.await;
-                for p in &pumps {
-                    p.abort();
-                }
-                tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
-                return;
-            }
+            s = &mut exit => break Some(s),
+            () = tx.closed() => break None,
             m = input.message(), if reading => match m {
                 Ok(Some(pb::ExecInput { what: Some(What::Stdin(data)) })) => {
                     // A command that does not read its input must not hide its end or
@@ -286,16 +283,8 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
                             r = w.write_all(&data) => if r.is_err() {
                                 stdin = None;
                             },
-                            s = &mut exit => break s,
-                            () = tx.closed() => {
-                                kill();
-                                let _ = exit.await;
-                                for p in &pumps {
-                                    p.abort();
-                                }
-                                tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
-                                return;
-                            }
+                            s = &mut exit => break Some(s),
+                            () = tx.closed() => break None,
                         }
                     }
                 }
@@ -315,6 +304,15 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
                 }
             },
         }
+    };
+    let Some(status) = ended else {
+        kill();
+        let _ = exit.await;
+        for p in &pumps {
+            p.abort();
+        }
+        tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
+        return;
     };
     drop(stdin);
     let drained = tokio::time::timeout(crate::cell::session::OUTPUT_GRACE, async {
@@ -338,19 +336,6 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
             ))),
         }))
         .await;
-}
-
-/// The end of an interactive exec's input: its stdin pipe is closed; a terminal gets its
-/// EOF character (and stays open: its output goes on).
-async fn end_of_input(stdin: &mut Option<crate::cell::session::Write>, tty: bool) {
-    use tokio::io::AsyncWriteExt;
-    if tty {
-        if let Some(w) = stdin.as_mut() {
-            let _ = w.write_all(&[4]).await;
-        }
-    } else {
-        *stdin = None;
-    }
 }
 
 /// Sends what `r` reads as events until its end.

@@ -87,10 +87,18 @@ impl Session {
         }
         Ok(s)
     }
+}
 
-    /// Whether its stdio is a terminal.
-    pub fn tty(&self) -> bool {
-        self.resize.is_some()
+/// The end of an interactive exec's input: its stdin pipe is closed; a terminal gets its
+/// EOF character (and stays open: its output goes on).
+pub async fn end_of_input(stdin: &mut Option<Write>, tty: bool) {
+    use tokio::io::AsyncWriteExt;
+    if tty {
+        if let Some(w) = stdin.as_mut() {
+            let _ = w.write_all(&[4]).await;
+        }
+    } else {
+        *stdin = None;
     }
 }
 

@@ -70,7 +70,12 @@ impl Place {
     /// The CRI identity's grant for `method`, and in an instance for the instance's name
     /// too (every call into it is about that sandbox: a grant whose names do not cover
     /// the sandbox reaches nothing in it): the request of `msg`.
-    fn call<T>(&self, svc: &str, method: &str, msg: T) -> Result<tonic::Request<T>, Status> {
+    pub(super) fn call<T>(
+        &self,
+        svc: &str,
+        method: &str,
+        msg: T,
+    ) -> Result<tonic::Request<T>, Status> {
         let r = self.cri().call(svc, method, msg)?;
         if let Self::Instance { inst, .. } = self {
             r.extensions()

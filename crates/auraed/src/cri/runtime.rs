@@ -1703,9 +1703,11 @@ impl RuntimeService for CriRuntime {
         }
         let (c, sb) = self.running(&m.container_id).await?;
         // In an instance, it runs through the instance's interactive exec.
-        let instance = cri.place(&sb).await?.client().cloned().map(Box::new);
-        // Authorized now, as the CRI identity; run when kubelet connects to the URL.
-        let request = cri.call(
+        let place = cri.place(&sb).await?;
+        let instance = place.client().cloned().map(Box::new);
+        // Authorized now, as the CRI identity (in an instance, its name too: here the
+        // adapter checks the names when it runs); run when kubelet connects to the URL.
+        let request = place.call(
             svc::EXECUTABLES,
             "Exec",
             pb::ExecRequest {
@@ -1717,14 +1719,6 @@ impl RuntimeService for CriRuntime {
                 timeout: None,
             },
         )?;
-        if instance.is_some() {
-            // Here the adapter checks the names when it runs; there, before it is sent.
-            request
-                .extensions()
-                .get::<crate::api::authz::Caller>()
-                .ok_or_else(|| Status::internal("a CRI call without its caller"))?
-                .authorize_name(&sb.cell)?;
-        }
         let url = cri.streams()?.issue(super::stream::Pending::Exec {
             request,
             instance,
@@ -1763,21 +1757,14 @@ impl RuntimeService for CriRuntime {
                 "one of stdout and stderr must be asked for",
             ));
         }
-        let (c, sb) = self.running(&m.container_id).await?;
+        let (c, _) = self.running(&m.container_id).await?;
         // Its output from where its CRI log writer got to, followed once kubelet connects:
         // authorized now as Executables/Logs of its executable (here the adapter checks
-        // the names when it runs; for an instance, now).
+        // the names when it runs; for an instance, `Place::call` now).
         let (place, mut logs) = cri.logs_request(&c).await?;
         logs.from_offset = cri.log_reached(&c.id);
-        let request = cri.call(svc::EXECUTABLES, "Logs", logs)?;
+        let request = place.call(svc::EXECUTABLES, "Logs", logs)?;
         let instance = place.client().cloned().map(Box::new);
-        if instance.is_some() {
-            request
-                .extensions()
-                .get::<crate::api::authz::Caller>()
-                .ok_or_else(|| Status::internal("a CRI call without its caller"))?
-                .authorize_name(&sb.cell)?;
-        }
         let url = cri.streams()?.issue(super::stream::Pending::Attach {
             request,
             instance,

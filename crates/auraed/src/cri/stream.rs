@@ -24,7 +24,7 @@ use std::{
 };
 
 use aurae_client::spdy::{self, FLAG_FIN, Frame, FrameReader, FrameWriter, Headers};
-use aurae_proto::runtime::v0 as pb;
+use aurae_proto::runtime::v0::{self as pb, executables_server::Executables as _};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -33,8 +33,10 @@ use tokio::{
 use tonic::{Request, Status};
 use tracing::{info, warn};
 
-use crate::api::executable::ExecutablesApi;
-use aurae_proto::runtime::v0::executables_server::Executables as _;
+use crate::{
+    api::executable::ExecutablesApi,
+    cell::session::{OUTPUT_GRACE, end_of_input},
+};
 
 /// How long a URL may wait for its connection.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -48,7 +50,6 @@ const MAX_FORWARDS: usize = 128;
 const MAX_HEAD: usize = 16 << 10;
 /// How long a client has to send its request head, and to open its streams.
 const HANDSHAKE: Duration = Duration::from_secs(30);
-use crate::cell::session::OUTPUT_GRACE;
 
 pub const EXEC_PROTOCOL: &str = "v4.channel.k8s.io";
 pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
@@ -656,13 +657,8 @@ impl Streams {
                             }
                         }
                         if flags & FLAG_FIN != 0 {
-                            // The end of input: a pipe is closed; a terminal gets its EOF
-                            // character (and stays: its output goes on).
-                            if stdin_open
-                                && resize.is_some()
-                                && let Some(w) = stdin_w.as_mut()
-                            {
-                                let _ = w.write_all(&[4]).await;
+                            if stdin_open {
+                                end_of_input(&mut stdin_w, resize.is_some()).await;
                             } else {
                                 stdin_w = None;
                             }
