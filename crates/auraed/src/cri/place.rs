@@ -47,12 +47,15 @@ impl std::fmt::Debug for Place {
     }
 }
 
-/// A status from the instance, or the instance gone (NOT_FOUND: what was in it is gone).
+/// A status from the instance, or the instance gone (NOT_FOUND: what was in it is gone),
+/// saying how it ended.
 fn remote(inst: &Instance, e: Status) -> Status {
     if inst.gone() {
         Status::not_found(format!(
-            "the sandbox's instance {} has ended: {}",
+            "the sandbox's instance {} has ended ({}{}): {}",
             inst.spec.name,
+            inst.state.borrow().message,
+            inst.vm_end(),
             e.message()
         ))
     } else {

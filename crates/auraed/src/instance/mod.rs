@@ -140,6 +140,17 @@ impl Instance {
         self.state.borrow().exited.is_some()
     }
 
+    /// For a microVM once it has ended: how its VMM says the guest ended (a reset, a
+    /// triple fault…), as `"; the VM: …"`; else empty.
+    pub fn vm_end(&self) -> String {
+        self.vm
+            .as_ref()
+            .map(|vm| vm.state.borrow().message.clone())
+            .filter(|m| !m.is_empty())
+            .map(|m| format!("; the VM: {m}"))
+            .unwrap_or_default()
+    }
+
     /// Waits for the child to end, at most `timeout`.
     pub async fn wait(&self, timeout: Option<Duration>) -> bool {
         let mut rx = self.state.subscribe();
@@ -1253,14 +1264,7 @@ impl Instances {
         let mut last = String::from("no answer yet");
         loop {
             if let Some((status, _)) = inst.state.borrow().exited {
-                // A microVM's VMM says how its guest ended (a reset, a triple fault…).
-                let how = inst
-                    .vm
-                    .as_ref()
-                    .map(|vm| vm.state.borrow().message.clone())
-                    .filter(|m| !m.is_empty())
-                    .map(|m| format!("; the VM: {m}"))
-                    .unwrap_or_default();
+                let how = inst.vm_end();
                 return Err(precondition(format!(
                     "instance {:?} ended before it was ready ({status:?}){how}",
                     inst.spec.name.as_str()
