@@ -223,6 +223,77 @@ pub async fn exec_stream_with(
     })
 }
 
+/// Attaches through a CRI Attach URL as `kubectl attach -i` does (streams `error`,
+/// `stdin`, `stdout`, and `stderr` or with a terminal of `size` a `resize` stream), writes
+/// `input` (its stdin left open), reads until the output holds `want`, then leaves (the
+/// container runs on); the output read. An error if `want` does not come `within`.
+pub async fn attach_until(
+    url: &str,
+    input: &[u8],
+    size: Option<(u16, u16)>,
+    want: &str,
+    within: std::time::Duration,
+) -> anyhow::Result<String> {
+    use aurae_client::spdy::Frame;
+    let (mut r, mut w) = upgrade(url, "v4.channel.k8s.io").await?;
+    let mut kinds = vec![("error", 1u32), ("stdin", 3), ("stdout", 5)];
+    kinds.push(if size.is_some() {
+        ("resize", 9)
+    } else {
+        ("stderr", 7)
+    });
+    for (kind, id) in &kinds {
+        w.send(&Frame::SynStream {
+            stream: *id,
+            associated: 0,
+            flags: 0,
+            headers: vec![("streamtype".into(), (*kind).into())],
+        })
+        .await?;
+    }
+    if let Some((cols, rows)) = size {
+        w.send(&Frame::Data {
+            stream: 9,
+            flags: 0,
+            data: format!("{{\"Width\":{cols},\"Height\":{rows}}}\n").into_bytes(),
+        })
+        .await?;
+    }
+    w.send(&Frame::Data {
+        stream: 3,
+        flags: 0,
+        data: input.to_vec(),
+    })
+    .await?;
+    let mut out = Vec::new();
+    let mut status = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        while !String::from_utf8_lossy(&out).contains(want) {
+            match r.next().await? {
+                Some(Frame::Data {
+                    stream: 5, data, ..
+                }) => out.extend(data),
+                Some(Frame::Data {
+                    stream: 1, data, ..
+                }) => status.extend(data),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match read {
+        Ok(Ok(())) if text.contains(want) => Ok(text),
+        Ok(r) => anyhow::bail!(
+            "the attach ended ({r:?}, status {:?}) without {want:?}: {text:?}",
+            String::from_utf8_lossy(&status)
+        ),
+        Err(_) => anyhow::bail!("no {want:?} within {within:?}: {text:?}"),
+    }
+}
+
 /// One connection through a CRI PortForward URL (`portforward.k8s.io`), as `kubectl
 /// port-forward` makes it: an error stream (closed at once on our side) and a data stream
 /// for `port`, `request` written, then the data stream closed; returns what came back

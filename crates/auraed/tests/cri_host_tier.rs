@@ -561,7 +561,8 @@ async fn cri_walks_runtime_images_sandboxes_containers_logs_and_stats() {
         .await
         .unwrap_err();
     assert_eq!(ex.code(), Code::NotFound);
-    // Attach follows output only: a container's stdin and terminal are not built.
+    // Attach's input and terminal are the container's own: one created without them has
+    // neither.
     for (req, field) in [
         (
             cri::AttachRequest {
@@ -1765,6 +1766,181 @@ async fn cri_pods_survive_a_kill_of_auraed_and_their_logs_go_on() {
     .await;
     let st = ev.containers_statuses.iter().find(|s| s.id == c).unwrap();
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb })
+        .await
+        .unwrap();
+    assert!(cells(&e.d).await.is_empty());
+}
+
+/// Attach with input (`kubectl attach -i`, `kubectl run -it`): a container created with
+/// `stdin` reads what an attach writes; `stdin_once` closes it when that attach ends; a
+/// container with `tty` has a terminal of its own, sized by the attach; its stdin
+/// survives a `kill -9` of auraed (held by the holder) and is written again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_attach_writes_a_containers_own_stdin_and_terminal() {
+    use aurae_testkit::cri::{attach_until, exec_stream, exec_stream_with};
+    let Some(mut e) = env("cri_attach_writes_a_containers_own_stdin_and_terminal").await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let image = e.pulled(&mut im, "busybox").await;
+    let log_dir = e.log_dir("default_talk_u9");
+    let sbc = sandbox_config("talk", "u9", &log_dir);
+    let sb = run_sandbox(&mut rt, &sbc).await;
+    let interactive = |name: &str, script: &str, stdin_once: bool, tty: bool| {
+        let mut c = container_config(name, &image, Some(script));
+        c.stdin = true;
+        c.stdin_once = stdin_once;
+        c.tty = tty;
+        c
+    };
+    let attach = |id: &str, tty: bool| cri::AttachRequest {
+        container_id: id.to_owned(),
+        stdin: true,
+        stdout: true,
+        stderr: !tty,
+        tty,
+    };
+    let mut started = Vec::new();
+    for (name, script, once, tty) in [
+        (
+            "once",
+            "while read l; do echo \"got $l\"; done; echo bye; exit 4",
+            true,
+            false,
+        ),
+        (
+            "keeper",
+            "while read l; do echo \"kept $l\"; done",
+            false,
+            false,
+        ),
+        ("term", "exec sh", false, true),
+    ] {
+        let id = create_container(
+            &mut rt,
+            &sb,
+            interactive(name, script, once, tty),
+            &sbc,
+            &log_dir,
+        )
+        .await
+        .unwrap();
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        started.push(id);
+    }
+    let [once, keeper, term] = <[String; 3]>::try_from(started).unwrap();
+
+    // stdin_once: what the attach writes is read; its end closes the container's stdin,
+    // so the loop ends and the container exits; the attach ends with it.
+    let url = rt
+        .attach(attach(&once, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = exec_stream(&url, Some(b"one\ntwo\n")).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got one\ngot two\nbye\n"
+    );
+    assert!(out.status.contains("Success"), "{}", out.status);
+    assert_eq!(exited(&mut rt, &once).await.exit_code, 4);
+    log_has(
+        &log_dir.join("once/0.log"),
+        "stdout F got two",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
+    // A terminal of its own, sized by the attach: `stty size` reads it; the shell's exit
+    // ends the attach and the container.
+    let url = rt
+        .attach(attach(&term, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = exec_stream_with(
+        &url,
+        Some(b"stty size; test -t 0 && echo on-a-tty; exit 7\n"),
+        Some((100, 30)),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("30 100"), "{text:?}");
+    assert!(text.contains("on-a-tty"), "{text:?}");
+    assert_eq!(exited(&mut rt, &term).await.exit_code, 7);
+
+    // Without stdin_once the stdin stays open when an attach leaves, and across a kill
+    // of auraed.
+    let url = rt
+        .attach(attach(&keeper, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    attach_until(&url, b"a\n", None, "kept a", Duration::from_secs(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        container_status(&mut rt, &keeper).await.unwrap().state,
+        cri::ContainerState::ContainerRunning as i32,
+        "an attach leaving does not close the stdin"
+    );
+    drop(rt);
+    e.d.crash_and_restart_after(Duration::from_millis(300))
+        .await
+        .unwrap();
+    let (mut rt, _) = e.cri().await;
+    assert_eq!(
+        container_status(&mut rt, &keeper).await.unwrap().state,
+        cri::ContainerState::ContainerRunning as i32,
+        "the stdin was not closed by auraed's end"
+    );
+    let url = rt
+        .attach(attach(&keeper, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let text = attach_until(&url, b"b\n", None, "kept b", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("kept a"),
+        "only output from the attach on: {text:?}"
+    );
+    log_has(
+        &log_dir.join("keeper/0.log"),
+        "stdout F kept b",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
+    // Refused: input to an exited container, stdin_once without stdin.
+    let at = rt.attach(attach(&once, false)).await.unwrap_err();
+    assert_eq!(at.code(), Code::FailedPrecondition, "{at:?}");
+    let mut bad = interactive("bad", "true", true, false);
+    bad.stdin = false;
+    let err = create_container(&mut rt, &sb, bad, &sbc, &log_dir)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("config.stdin_once"), "{err:?}");
+
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb })
         .await
         .unwrap();

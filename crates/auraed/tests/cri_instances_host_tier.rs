@@ -501,6 +501,78 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "attached-err\n");
     assert!(out.status.contains("Success"), "{}", out.status);
 
+    // Attach with input, through the instance's Executables/Attach: a stdin_once reader
+    // (the attach's end closes its stdin), and a shell on a terminal of its own, sized by
+    // the attach.
+    let mut started = Vec::new();
+    for (name, script, tty) in [
+        (
+            "reader",
+            "while read l; do echo \"got $l\"; done; echo bye; exit 4",
+            false,
+        ),
+        ("term", "exec sh", true),
+    ] {
+        let mut c = container_config(name, &e.image, Some(script));
+        c.stdin = true;
+        c.stdin_once = !tty;
+        c.tty = tty;
+        let id = create_container(&mut rt, &sb, c, &good, &log_dir)
+            .await
+            .unwrap();
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        started.push(id);
+    }
+    let [reader, term] = <[String; 2]>::try_from(started).unwrap();
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: reader.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = e
+        .in_ns(async move { aurae_testkit::cri::exec_stream(&url, Some(b"one\ntwo\n")).await })
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got one\ngot two\nbye\n"
+    );
+    assert!(out.status.contains("Success"), "{}", out.status);
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: term.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: false,
+            tty: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = e
+        .in_ns(async move {
+            aurae_testkit::cri::exec_stream_with(
+                &url,
+                Some(b"stty size; exit 7\n"),
+                Some((100, 30)),
+            )
+            .await
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("30 100"), "{text:?}");
+
     // Port-forward reaches the instance.
     let mut body = String::new();
     for _ in 0..100 {

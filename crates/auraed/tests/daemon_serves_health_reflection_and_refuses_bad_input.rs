@@ -234,6 +234,50 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
             s.message()
         );
     }
+    // Attach: the same first-message and name checks.
+    let attach_start = |cell: &str, name: &str| pb::AttachInput {
+        what: Some(pb::attach_input::What::Start(pb::AttachStart {
+            executable: Some(pb::ExecutableRef {
+                cell: cell.into(),
+                name: name.into(),
+            }),
+            stdin: true,
+            ..Default::default()
+        })),
+    };
+    let cases: Vec<(Vec<pb::AttachInput>, Code, &str)> = vec![
+        (vec![], Code::InvalidArgument, "start: "),
+        (
+            vec![pb::AttachInput {
+                what: Some(pb::attach_input::What::Stdin(b"x".to_vec())),
+            }],
+            Code::InvalidArgument,
+            "start: ",
+        ),
+        (
+            vec![attach_start("web", "Bad")],
+            Code::InvalidArgument,
+            "executable.name",
+        ),
+        (
+            vec![attach_start("nosuchcell", "x")],
+            Code::NotFound,
+            "nosuchcell",
+        ),
+    ];
+    for (input, code, want) in cases {
+        let s = c
+            .executables()
+            .attach(tokio_stream::iter(input))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), code, "{want}: {s:?}");
+        assert!(
+            s.message().contains(want),
+            "{want:?} not in {:?}",
+            s.message()
+        );
+    }
     // An unknown enum value.
     let s = c
         .runtime()

@@ -6,6 +6,9 @@
 //!   control channel (auraed killed): the write succeeds, the holder stays;
 //! - a restarted auraed takes the read end back by number (`reclaim`) and reads what was
 //!   written while it was away; a released number is closed in the holder;
+//! - a number released and reused for another pipe (the kernel gives the lowest free
+//!   number) is neither taken back nor released as the first pipe: the recorded identity
+//!   (device, inode) tells them apart;
 //! - a holder that holds nothing exits when the channel ends;
 //! - `retire` kills the holder through its pidfd and nothing is left.
 
@@ -66,12 +69,38 @@ fn holder_keeps_output_pipes() {
 
     // Release closes the holder's copy: once ours is gone too, writes are EPIPE again.
     let (rb, mut wb) = pipe();
-    let nb = holder.hold(&[rb.as_fd()]).unwrap();
-    assert_eq!(nb.len(), 1);
-    holder.release(&nb).unwrap();
-    assert!(reclaim(&proc, &nb).unwrap()[0].is_none());
+    let held_b = holder.hold_all(&[&rb]).unwrap();
+    assert_eq!(held_b.fds.len(), 1);
+    holder.release_held(&held_b).unwrap();
+    assert!(reclaim(&proc, &held_b.fds).unwrap()[0].is_none());
     drop(rb);
     assert_eq!(wb.write(&kib).unwrap_err().kind(), ErrorKind::BrokenPipe);
+
+    // The attack: B's number, released, now holds another workload's pipe C. B's record
+    // takes nothing back, and releasing B again leaves C held.
+    let (rc, mut wc) = pipe();
+    let held_c = holder.hold_all(&[&rc]).unwrap();
+    assert_eq!(
+        held_c.fds, held_b.fds,
+        "the kernel reuses the lowest free number"
+    );
+    assert!(
+        held_b.reclaim().unwrap()[0].is_none(),
+        "another pipe under B's number is not B's"
+    );
+    holder.release_held(&held_b).unwrap();
+    drop(rc);
+    wc.write_all(&kib).expect("C is still held: no EPIPE");
+    let c_back = held_c.reclaim().unwrap().into_iter().next().unwrap();
+    assert!(c_back.is_some(), "C's own record takes it back");
+    // A record without identities (it cannot be checked) takes nothing back.
+    let unverified = auraed::workload::holder::HeldOutput {
+        ids: Vec::new(),
+        ..held_c.clone()
+    };
+    assert!(unverified.reclaim().unwrap()[0].is_none());
+    holder.release_held(&held_c).unwrap();
+    drop((c_back, wc));
 
     // Held: our read end closes, then the control channel (auraed killed).
     let (ra, mut wa) = pipe();

@@ -189,6 +189,34 @@ impl Executables for ExecutablesApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+    type AttachStream = ResponseStream<pb::ExecEvent>;
+    async fn attach(
+        &self,
+        r: Request<tonic::Streaming<pb::AttachInput>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let (meta, ext, mut input) = r.into_parts();
+        let first = input.message().await?;
+        let Some(pb::AttachInput {
+            what: Some(pb::attach_input::What::Start(start)),
+        }) = first
+        else {
+            return Err(invalid(FieldError::new(
+                "start",
+                "the first message must be `start` (which executable, and whether to write its input)",
+            )));
+        };
+        let request = Request::from_parts(meta, ext, ());
+        let (session, size) = self.attach_session(&request, &start)?;
+        if let (Some(resize), Some((w, h))) = (&session.resize, size) {
+            resize(w, h);
+        }
+        tracing::info!(session = %session.what, stdin = start.stdin, "attached");
+        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        tokio::spawn(serve_session(session, input, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
     type LogsStream = ResponseStream<pb::LogChunk>;
     async fn logs(
         &self,
@@ -240,11 +268,48 @@ fn terminal_size(field: &str, sz: &pb::TerminalSize) -> Result<(u16, u16), Statu
 
 type Events = tokio::sync::mpsc::Sender<Result<pb::ExecEvent, Status>>;
 
-/// Copies an interactive exec to and from its client until it ends: input, terminal
+/// A message of an interactive session's client (ExecStream's or Attach's, after `start`).
+enum ClientMessage {
+    Stdin(Vec<u8>),
+    CloseStdin,
+    Resize(pb::TerminalSize),
+    /// A second `start`, or a message with nothing set: ignored.
+    Other,
+}
+
+impl From<pb::ExecInput> for ClientMessage {
+    fn from(m: pb::ExecInput) -> Self {
+        use pb::exec_input::What;
+        match m.what {
+            Some(What::Stdin(d)) => Self::Stdin(d),
+            Some(What::CloseStdin(true)) => Self::CloseStdin,
+            Some(What::Resize(sz)) => Self::Resize(sz),
+            _ => Self::Other,
+        }
+    }
+}
+
+impl From<pb::AttachInput> for ClientMessage {
+    fn from(m: pb::AttachInput) -> Self {
+        use pb::attach_input::What;
+        match m.what {
+            Some(What::Stdin(d)) => Self::Stdin(d),
+            Some(What::CloseStdin(true)) => Self::CloseStdin,
+            Some(What::Resize(sz)) => Self::Resize(sz),
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Copies an interactive session to and from its client until it ends: input, terminal
 /// sizes and the end of input from the client; output as it comes, then its exit. A
-/// client that goes away (its call cancelled) has the command killed.
-async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInput>, tx: Events) {
-    use pb::exec_input::What;
+/// client that goes away (its call cancelled) has an exec's command killed; an attach
+/// detaches.
+async fn serve_session<M: Into<ClientMessage>>(
+    session: Session,
+    mut input: tonic::Streaming<M>,
+    tx: Events,
+) {
     use tokio::io::AsyncWriteExt;
     let Session {
         stdout,
@@ -253,9 +318,11 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
         resize,
         mut exit,
         kill,
+        detaches,
         what,
     } = session;
-    let tty = resize.is_some();
+    // An attach's end of input is the end of its writing, never an EOF character.
+    let tty = resize.is_some() && !detaches;
     let mut pumps = Vec::new();
     for (r, make) in [
         (
@@ -274,8 +341,8 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
         tokio::select! {
             s = &mut exit => break Some(s),
             () = tx.closed() => break None,
-            m = input.message(), if reading => match m {
-                Ok(Some(pb::ExecInput { what: Some(What::Stdin(data)) })) => {
+            m = input.message(), if reading => match m.map(|m| m.map(Into::into)) {
+                Ok(Some(ClientMessage::Stdin(data))) => {
                     // A command that does not read its input must not hide its end or
                     // its client's leaving: the write races both.
                     if let Some(w) = stdin.as_mut() {
@@ -288,15 +355,15 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
                         }
                     }
                 }
-                Ok(Some(pb::ExecInput { what: Some(What::Resize(sz)) })) => {
+                Ok(Some(ClientMessage::Resize(sz))) => {
                     if let (Some(resize), Ok((w, h))) = (&resize, terminal_size("resize", &sz)) {
                         resize(w, h);
                     }
                 }
-                Ok(Some(pb::ExecInput { what: Some(What::CloseStdin(true)) })) => {
+                Ok(Some(ClientMessage::CloseStdin)) => {
                     end_of_input(&mut stdin, tty).await;
                 }
-                Ok(Some(_)) => {}
+                Ok(Some(ClientMessage::Other)) => {}
                 // The client's side closed: so is the input.
                 Ok(None) | Err(_) => {
                     reading = false;
@@ -307,6 +374,13 @@ async fn serve_session(session: Session, mut input: tonic::Streaming<pb::ExecInp
     };
     let Some(status) = ended else {
         kill();
+        if detaches {
+            for p in &pumps {
+                p.abort();
+            }
+            tracing::info!(session = %what, "the client detached");
+            return;
+        }
         let _ = exit.await;
         for p in &pumps {
             p.abort();
@@ -362,6 +436,33 @@ async fn pump_events(
 }
 
 impl ExecutablesApi {
+    /// An attach as `Executables/Attach` starts it, for the caller of `r` (authorized on
+    /// the executable's names; the method was checked on the way in): the session and
+    /// the terminal's first size. Also the CRI streaming server's attach.
+    pub fn attach_session<T>(
+        &self,
+        r: &Request<T>,
+        start: &pb::AttachStart,
+    ) -> Result<(Session, Option<(u16, u16)>), Status> {
+        let exe = self.find(r, start.executable.as_ref())?;
+        let tty = exe.input.as_ref().is_some_and(|i| i.tty);
+        let size = match (tty, &start.size) {
+            (true, Some(sz)) => Some(terminal_size("start.size", sz)?),
+            (false, Some(_)) => {
+                return Err(invalid(FieldError::new(
+                    "start.size",
+                    format!(
+                        "executable {}/{} has no terminal (it was not started with interactive.tty)",
+                        exe.cell, exe.name
+                    ),
+                )));
+            }
+            (_, None) => None,
+        };
+        let session = Session::attach(exe, start.stdin, start.from_offset)?;
+        Ok((session, size))
+    }
+
     /// `Exec` with the command's stdio streamed rather than collected (the CRI streaming
     /// server's exec): the same checks and authorization (the request's caller must be
     /// granted `Executables/Exec` and the executable's names), the process returned

@@ -116,6 +116,10 @@ pub struct ExecutableRecord {
     /// What is freed once it has ended (a run call's `remove`), if anything.
     #[serde(default)]
     pub free_on_exit: Option<crate::executable::FreeOnExit>,
+    /// How its input is wired: `output` then holds stdout, stderr and (with `stdin`) its
+    /// stdin's write end, or (with `tty`) only its terminal's master side.
+    #[serde(default)]
+    pub interactive: crate::executable::Interactive,
 }
 
 /// The store key of an executable: `cell/name` (its own kind directory, so it never
@@ -185,6 +189,7 @@ impl Executable {
             exit: self.state.borrow().exit.as_ref().map(ExitRecord::from),
             output: self.held.clone(),
             free_on_exit: self.free_on_exit.lock().ok().and_then(|f| *f),
+            interactive: self.interactive,
         }
     }
 }
@@ -370,9 +375,12 @@ impl Cells {
         });
         let log = Arc::new(Log::resume(r.log.clone()));
         // Its pipes, taken back from the holder that kept them: what was written while
-        // auraed was down is still in them.
-        let pipes = r.output.as_ref().and_then(|h| match h.reclaim_pair() {
-            Ok(pipes) => pipes,
+        // auraed was down is still in them. Its output must all come back (else none is
+        // pumped); its stdin only if it was not closed meanwhile.
+        let tty = r.interactive.tty;
+        let outputs = if tty { 1 } else { 2 };
+        let reclaimed = r.output.as_ref().and_then(|h| match h.reclaim() {
+            Ok(fds) => Some(fds),
             Err(e) => {
                 out.warnings.push(format!(
                     "executable {}/{}: its output pipes could not be taken back ({e})",
@@ -381,9 +389,30 @@ impl Cells {
                 None
             }
         });
-        let held = pipes
-            .as_ref()
-            .and_then(|(o, e)| self.hold_output(&r.cell, &r.name, [o, e]));
+        let (pipes, input): (
+            Option<Vec<std::os::fd::OwnedFd>>,
+            Option<std::os::fd::OwnedFd>,
+        ) = match reclaimed {
+            Some(mut fds) if fds.len() >= outputs => {
+                let rest = fds.split_off(outputs);
+                let output: Option<Vec<std::os::fd::OwnedFd>> = fds.into_iter().collect();
+                let input = match (&output, tty) {
+                    (Some(o), true) => o[0].try_clone().ok(),
+                    (Some(_), false) if r.interactive.stdin => rest.into_iter().next().flatten(),
+                    _ => None,
+                };
+                (output, input)
+            }
+            _ => (None, None),
+        };
+        let held = pipes.as_ref().and_then(|o| {
+            let mut all: Vec<&std::os::fd::OwnedFd> = o.iter().collect();
+            if let (Some(i), false) = (&input, tty) {
+                all.push(i);
+            }
+            self.hold_output(&r.cell, &r.name, &all)
+        });
+        let ours = held.clone();
         // The old holder goes only once our holder holds the pipes; until then (no holder
         // of ours, a state disk that takes no writes) it keeps them, and the record keeps
         // naming it.
@@ -398,6 +427,22 @@ impl Cells {
             // gone): nothing is held.
             _ => None,
         };
+        let input = input.map(|fd| {
+            let held_input = match (&self.holder, &ours) {
+                (Some(h), Some(held)) if !tty => held
+                    .fds
+                    .last()
+                    .zip(held.ids.last())
+                    .map(|(n, id)| (h.clone(), *n, *id)),
+                _ => None,
+            };
+            Arc::new(crate::executable::Input::new(
+                fd,
+                tty,
+                r.interactive.stdin_once,
+                held_input,
+            ))
+        });
         let exe = Arc::new(Executable {
             cell: r.cell.clone(),
             name: r.name.clone(),
@@ -409,6 +454,8 @@ impl Cells {
             rootfs,
             image_digest: r.container.as_ref().map(|c| c.image_digest.clone()),
             container_record: r.container.clone(),
+            interactive: r.interactive,
+            input: input.clone(),
             started_at: r.started_at,
             log: log.clone(),
             state: watch::channel(State {
@@ -432,8 +479,8 @@ impl Cells {
             );
         }
         let pumped = pipes.is_some();
-        if let Some((o, e)) = pipes {
-            self.pump_output(&r.cell, &r.name, [o, e], log.clone(), held);
+        if let Some(o) = pipes {
+            self.pump_output(&r.cell, &r.name, o, log.clone(), held, input);
         } else if exit.is_some() {
             log.close();
         }

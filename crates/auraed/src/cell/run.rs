@@ -172,7 +172,7 @@ impl Cells {
                     gid: Some(gid),
                     no_new_privs: !allow_new_privileges,
                     stdio: prepared.stdio(),
-                    controlling_terminal: false,
+                    controlling_terminal: prepared.tty,
                     pass_fd: None,
                     cgroup: Some(leaf.as_raw_fd()),
                     new_namespaces: Ns(0),
@@ -206,19 +206,41 @@ impl Cells {
             "run timings"
         );
         let Prepared {
-            stdin,
+            child: child_fds,
+            output,
             stdin_data,
-            stdout,
-            stderr,
+            input,
             argv,
             ..
         } = prepared;
-        drop((stdin, stdout.1, stderr.1));
+        drop(child_fds);
         let _ = argv;
-        // The holder keeps copies of the read ends: a crash of auraed never leaves the
-        // workload writing into a pipe nobody can read (SIGPIPE), and a restarted auraed
-        // takes them back.
-        let held = self.hold_output(&spec.cell, &name, [&stdout.0, &stderr.0]);
+        // The holder keeps copies of the read ends (and of an interactive stdin's write
+        // end): a crash of auraed never leaves the workload writing into a pipe nobody
+        // can read (SIGPIPE), nor reading EOF on a stdin still to be written; a restarted
+        // auraed takes them back.
+        let interactive = spec.interactive;
+        let mut to_hold: Vec<&std::os::fd::OwnedFd> = output.iter().collect();
+        if let (Some(i), false) = (&input, interactive.tty) {
+            to_hold.push(i);
+        }
+        let held = self.hold_output(&spec.cell, &name, &to_hold);
+        let input = input.map(|fd| {
+            let held_input = match (&self.holder, &held) {
+                (Some(h), Some(held)) if !interactive.tty => held
+                    .fds
+                    .last()
+                    .zip(held.ids.last())
+                    .map(|(n, id)| (h.clone(), *n, *id)),
+                _ => None,
+            };
+            Arc::new(executable::Input::new(
+                fd,
+                interactive.tty,
+                interactive.stdin_once,
+                held_input,
+            ))
+        });
         let log = Arc::new(Log::new(Some(
             self.logs_dir
                 .join(spec.cell.as_str())
@@ -227,9 +249,10 @@ impl Cells {
         self.pump_output(
             &spec.cell,
             &name,
-            [stdout.0, stderr.0],
+            output,
             log.clone(),
             held.clone(),
+            input.clone(),
         );
         if let Some((w, data)) = stdin_data {
             tokio::spawn(output::feed(w, data));
@@ -252,6 +275,8 @@ impl Cells {
             },
             rootfs,
             image_digest,
+            interactive,
+            input,
             started_at: SystemTime::now(),
             log,
             state: watch::channel(State {
@@ -298,16 +323,16 @@ impl Cells {
         Ok(exe)
     }
 
-    /// Gives the holder copies of an executable's output read ends; `None` (reported)
-    /// when there is no holder or it does not answer: the executable still runs, but its
-    /// output would not survive a crash of auraed.
+    /// Gives the holder copies of an executable's output read ends (and its input's
+    /// write end); `None` (reported) when there is no holder or it does not answer: the
+    /// executable still runs, but its output would not survive a crash of auraed.
     pub(super) fn hold_output(
         &self,
         cell: &CellName,
         name: &Label,
-        fds: [&std::os::fd::OwnedFd; 2],
+        fds: &[&std::os::fd::OwnedFd],
     ) -> Option<super::record::HeldOutput> {
-        match self.holder.as_ref()?.hold_pair(fds) {
+        match self.holder.as_ref()?.hold_all(fds) {
             Ok(held) => Some(held),
             Err(e) => {
                 let id = super::record::executable_key(cell, name);
@@ -323,30 +348,39 @@ impl Cells {
         }
     }
 
-    /// Pumps an executable's stdout and stderr into its log; once both reach EOF the log
-    /// is complete and the holder lets go of its copies of the pipes.
+    /// Pumps an executable's stdout and stderr (or its terminal: all `stdout`) into its
+    /// log; once all reach EOF the log is complete, its input is closed and the holder
+    /// lets go of its copies.
     pub(super) fn pump_output(
         &self,
         cell: &CellName,
         name: &Label,
-        [stdout, stderr]: [std::os::fd::OwnedFd; 2],
+        output: Vec<std::os::fd::OwnedFd>,
         log: Arc<Log>,
         held: Option<super::record::HeldOutput>,
+        input: Option<Arc<executable::Input>>,
     ) {
-        let pumps = [(stdout, Stream::Stdout), (stderr, Stream::Stderr)].map(|(fd, stream)| {
-            tokio::spawn(output::pump(
-                fd,
-                log.clone(),
-                stream,
-                log_failure(&self.events, cell, name),
-            ))
-        });
+        let pumps: Vec<_> = output
+            .into_iter()
+            .zip([Stream::Stdout, Stream::Stderr])
+            .map(|(fd, stream)| {
+                tokio::spawn(output::pump(
+                    fd,
+                    log.clone(),
+                    stream,
+                    log_failure(&self.events, cell, name),
+                ))
+            })
+            .collect();
         let holder = self.holder.clone();
         tokio::spawn(async move {
             for p in pumps {
                 let _ = p.await;
             }
             log.close();
+            if let Some(i) = input {
+                i.close();
+            }
             if let (Some(h), Some(held)) = (holder, held) {
                 let _ = h.release_held(&held);
             }

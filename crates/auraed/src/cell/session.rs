@@ -5,11 +5,12 @@
 //! stream. [`Session::local`] is a command of this auraed; a session in an instance is
 //! built over that instance's `ExecStream` (`cri::place`).
 
-use std::{future::Future, os::fd::OwnedFd, pin::Pin};
+use std::{future::Future, os::fd::OwnedFd, pin::Pin, sync::Arc};
 
 use aurae_sys::ExitStatus;
 
 use super::exec::ExecProcess;
+use crate::{executable::Executable, workload::WorkloadError};
 
 /// How long an exec's output may go on after its command ended (a child of it holding
 /// the pipes).
@@ -30,8 +31,13 @@ pub struct Session {
     pub resize: Option<Box<dyn Fn(u16, u16) + Send + Sync>>,
     /// Its end (None: it is not known how, e.g. the instance it ran in went away).
     pub exit: Pin<Box<dyn Future<Output = Option<ExitStatus>> + Send>>,
-    /// Kills it (its user went away).
+    /// Ends it as its user goes away: an exec's command is killed; an attach lets go of
+    /// its ends (the executable runs on, see `detaches`).
     pub kill: Box<dyn FnOnce() + Send>,
+    /// An attach to an executable's own stdio: its user leaving detaches (the executable
+    /// runs on and its end is not waited for), and the end of its user's input is only
+    /// the end of this attach's writing (no EOF character into a terminal).
+    pub detaches: bool,
     /// For logs: its pid here, or where it runs.
     pub what: String,
 }
@@ -59,6 +65,7 @@ impl Session {
             stdin: None,
             resize: None,
             what: format!("pid {}", p.child.pid),
+            detaches: false,
             exit: Box::pin(async move { p.child.exit.await.ok() }),
             kill: {
                 let pidfd = p.child.pidfd.clone();
@@ -86,6 +93,136 @@ impl Session {
             s.stdin = Some(Box::new(Sender::from_owned_fd(fd)?));
         }
         Ok(s)
+    }
+}
+
+impl Session {
+    /// Attaches to the running executable `exe`: its output from byte `from` of its log
+    /// (None: from now) until its output ends, its input when `stdin` (it must have been
+    /// started with one), its terminal's size. With `stdin_once`, its stdin is closed
+    /// when this attach's input ends or this attach goes.
+    pub fn attach(
+        exe: Arc<Executable>,
+        stdin: bool,
+        from: Option<u64>,
+    ) -> Result<Self, WorkloadError> {
+        let id = format!("{}/{}", exe.cell, exe.name);
+        if exe.exited() {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {id} has exited: there is nothing to attach to"
+            )));
+        }
+        let input = exe.input.clone();
+        let writer = if stdin {
+            let Some(i) = &input else {
+                return Err(WorkloadError::Invalid(crate::spec::FieldError::new(
+                    "stdin",
+                    format!(
+                        "executable {id} was started without an input of its own (interactive.stdin or tty)"
+                    ),
+                )));
+            };
+            let fd = i.writer().map_err(WorkloadError::io)?.ok_or_else(|| {
+                WorkloadError::Precondition(format!(
+                    "executable {id}'s stdin was closed (it was started stdin_once and an attach has ended)"
+                ))
+            })?;
+            let tx = crate::workload::output::sender(fd).map_err(WorkloadError::io)?;
+            let close = (i.once && !i.tty).then(|| CloseOnDrop(i.clone()));
+            Some(Box::new(AttachInput { tx, _close: close }) as Write)
+        } else {
+            None
+        };
+        let tty = input.as_ref().is_some_and(|i| i.tty);
+        let (out_r, out_w) = tokio::io::duplex(64 << 10);
+        let (err_r, err_w) = tokio::io::duplex(64 << 10);
+        let log = exe.log.clone();
+        let from = from.unwrap_or_else(|| log.subscribe().borrow().0);
+        let following = tokio::spawn(follow(log, from, out_w, (!tty).then_some(err_w)));
+        let waited = exe.clone();
+        Ok(Self {
+            stdout: Some(Box::new(out_r)),
+            stderr: (!tty).then(|| Box::new(err_r) as Read),
+            stdin: writer,
+            resize: input.filter(|i| i.tty).map(|i| {
+                Box::new(move |w, h| i.resize(w, h)) as Box<dyn Fn(u16, u16) + Send + Sync>
+            }),
+            exit: Box::pin(async move { waited.wait(None).await.and_then(|e| e.status) }),
+            kill: Box::new(move || following.abort()),
+            detaches: true,
+            what: format!("attach to {id}"),
+        })
+    }
+}
+
+/// Closes an executable's stdin when dropped (an attach to one started `stdin_once`).
+struct CloseOnDrop(Arc<crate::executable::Input>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// An attach's writer into the executable's input.
+struct AttachInput {
+    tx: tokio::net::unix::pipe::Sender,
+    _close: Option<CloseOnDrop>,
+}
+
+impl tokio::io::AsyncWrite for AttachInput {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tx).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tx).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tx).poll_shutdown(cx)
+    }
+}
+
+/// Copies a log from `from` into the attach's output ends (stderr's chunks into `err`, or
+/// into `out` when there is none) until the log is closed and read, or the attach goes.
+async fn follow(
+    log: Arc<crate::workload::log::Log>,
+    from: u64,
+    mut out: tokio::io::DuplexStream,
+    mut err: Option<tokio::io::DuplexStream>,
+) {
+    use crate::workload::log::Stream;
+    use tokio::io::AsyncWriteExt;
+    let mut next = from;
+    let mut updates = log.subscribe();
+    loop {
+        // Closed before reading: this read then holds everything (as Logs does).
+        let closed = updates.borrow_and_update().1;
+        let (chunks, _) = log.read_from(next);
+        for c in chunks {
+            next = c.offset + c.data.len() as u64;
+            let to = match (&mut err, c.stream) {
+                (Some(e), Stream::Stderr) => e,
+                _ => &mut out,
+            };
+            if to.write_all(&c.data).await.is_err() {
+                return;
+            }
+        }
+        if closed || updates.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -89,6 +89,7 @@ fn exe(cell: &str, name: &str, argv: &[&str], uid: Option<u32>) -> ExecutableSpe
         allow_mixed_cell: false,
         free_on_exit: None,
         container: None,
+        interactive: Default::default(),
     }
 }
 
@@ -584,4 +585,54 @@ async fn operations_on_one_name_take_turns_others_run_at_once() {
     assert_eq!(f.cells.names_in_flight(), 0, "no name lock is kept");
     f.cells.shutdown(Duration::ZERO).await;
     assert!(f.cells.list(|_| true).is_empty());
+}
+
+/// An interactive executable: an attach writes its stdin (a pipe auraed keeps open, not
+/// /dev/null) and follows its output from now; a second attach writes too; with
+/// `stdin_once` the first attach's end closes the stdin (the process reads EOF).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_writes_an_interactive_stdin_and_stdin_once_closes_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    let mut spec = exe("web", "cat", &["/bin/cat"], None);
+    spec.interactive = crate::executable::Interactive {
+        stdin: true,
+        stdin_once: true,
+        tty: false,
+    };
+    let cat = f.cells.run(spec, None).await.unwrap();
+    assert!(cat.input.as_ref().is_some_and(|i| i.is_open()));
+    // An attach that does not write leaves the stdin as it is.
+    let watcher = super::session::Session::attach(cat.clone(), false, None).unwrap();
+    assert!(watcher.stdin.is_none());
+    let mut first = super::session::Session::attach(cat.clone(), true, None).unwrap();
+    let mut w = first.stdin.take().unwrap();
+    w.write_all(b"one\n").await.unwrap();
+    let mut out = first.stdout.take().unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"one\n");
+    assert!(!cat.exited(), "cat still reads");
+    // The first writer's end (stdin_once) closes the stdin: cat reads EOF and exits.
+    drop(w);
+    drop(first);
+    let exit = cat.wait(Some(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(exit.status, Some(aurae_sys::ExitStatus::Code(0)));
+    assert!(!cat.input.as_ref().unwrap().is_open());
+    let again = super::session::Session::attach(cat.clone(), true, None).unwrap_err();
+    assert!(again.to_string().contains("has exited"), "{again}");
+    drop(watcher);
+    // Attaching to input that was never kept is refused naming `stdin`.
+    let plain = f
+        .cells
+        .run(exe("web", "sleeper", &["/bin/sleep", "5"], None), None)
+        .await
+        .unwrap();
+    let err = super::session::Session::attach(plain.clone(), true, None).unwrap_err();
+    assert!(err.to_string().starts_with("stdin"), "{err}");
+    let _ = plain.signal(nix::libc::SIGKILL);
 }

@@ -52,6 +52,7 @@ pub async fn run_cell(
                 allow_mixed_cell: options.allow_mixed_cell,
                 free_on_exit: options.free_on_exit,
                 container: Some(container),
+                interactive: Default::default(),
             };
             exe.apply_plan(&plan);
             (exe, Some(*plan))

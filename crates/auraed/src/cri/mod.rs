@@ -138,6 +138,14 @@ pub struct ContainerRun {
     pub no_new_privileges: bool,
     /// (host path, container path, read-only)
     pub volumes: Vec<(String, String, bool)>,
+    /// Its stdin kept open for Attach (`config.stdin`), closed after the first attach
+    /// (`config.stdin_once`); a terminal of its own (`config.tty`).
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// How a container ended, once seen.

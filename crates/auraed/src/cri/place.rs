@@ -335,6 +335,55 @@ impl Place {
     }
 }
 
+/// A client message of an interactive session in an instance (ExecStream's or Attach's).
+trait InputMessage: Send + 'static {
+    fn stdin(data: Vec<u8>) -> Self;
+    fn close_stdin() -> Self;
+    fn resize(width: u16, height: u16) -> Self;
+}
+
+impl InputMessage for pb::ExecInput {
+    fn stdin(data: Vec<u8>) -> Self {
+        Self {
+            what: Some(pb::exec_input::What::Stdin(data)),
+        }
+    }
+    fn close_stdin() -> Self {
+        Self {
+            what: Some(pb::exec_input::What::CloseStdin(true)),
+        }
+    }
+    fn resize(width: u16, height: u16) -> Self {
+        Self {
+            what: Some(pb::exec_input::What::Resize(pb::TerminalSize {
+                width: width.into(),
+                height: height.into(),
+            })),
+        }
+    }
+}
+
+impl InputMessage for pb::AttachInput {
+    fn stdin(data: Vec<u8>) -> Self {
+        Self {
+            what: Some(pb::attach_input::What::Stdin(data)),
+        }
+    }
+    fn close_stdin() -> Self {
+        Self {
+            what: Some(pb::attach_input::What::CloseStdin(true)),
+        }
+    }
+    fn resize(width: u16, height: u16) -> Self {
+        Self {
+            what: Some(pb::attach_input::What::Resize(pb::TerminalSize {
+                width: width.into(),
+                height: height.into(),
+            })),
+        }
+    }
+}
+
 /// An interactive exec in a sandbox's instance, over the child's `Executables/ExecStream`:
 /// its output and exit come from the child's events, its input and terminal sizes go as
 /// messages. Killing it cancels the call (the child kills the command).
@@ -343,8 +392,6 @@ pub(super) async fn instance_session(
     request: pb::ExecRequest,
     stdio: crate::cell::exec::ExecStdio,
 ) -> Result<crate::cell::session::Session, Status> {
-    use pb::{exec_event::What as Ev, exec_input::What as In};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (stdin, tty) = match stdio {
         crate::cell::exec::ExecStdio::Pipes { stdin } => (stdin, false),
         crate::cell::exec::ExecStdio::Terminal => (true, true),
@@ -352,7 +399,7 @@ pub(super) async fn instance_session(
     let what = format!("{:?} in an instance", request.argv);
     let (input, rx) = tokio::sync::mpsc::channel::<pb::ExecInput>(16);
     let start = pb::ExecInput {
-        what: Some(In::Start(pb::ExecStart {
+        what: Some(pb::exec_input::What::Start(pb::ExecStart {
             request: Some(request),
             stdin,
             tty,
@@ -363,11 +410,54 @@ pub(super) async fn instance_session(
         .send(start)
         .await
         .map_err(|_| Status::internal("the exec's input closed before it started"))?;
-    let mut events = client
+    let events = client
         .executables()
         .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
+    Ok(bridge(input, events, stdin, tty, false, what))
+}
+
+/// An attach to a container of a sandbox's instance, over the child's
+/// `Executables/Attach` (`tty`: the container has a terminal). Killing it cancels the
+/// call: the child detaches, the container runs on.
+pub(super) async fn instance_attach(
+    client: &aurae_client::Client,
+    start: pb::AttachStart,
+    tty: bool,
+) -> Result<crate::cell::session::Session, Status> {
+    let what = format!(
+        "attach to {:?} in an instance",
+        start.executable.as_ref().map(|e| e.name.as_str())
+    );
+    let stdin = start.stdin;
+    let (input, rx) = tokio::sync::mpsc::channel::<pb::AttachInput>(16);
+    input
+        .send(pb::AttachInput {
+            what: Some(pb::attach_input::What::Start(start)),
+        })
+        .await
+        .map_err(|_| Status::internal("the attach's input closed before it started"))?;
+    let events = client
+        .executables()
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok(bridge(input, events, stdin, tty, true, what))
+}
+
+/// A session whose ends are a call into an instance: its events become output and exit,
+/// its input and sizes messages.
+fn bridge<M: InputMessage>(
+    input: tokio::sync::mpsc::Sender<M>,
+    mut events: tonic::Streaming<pb::ExecEvent>,
+    stdin: bool,
+    tty: bool,
+    detaches: bool,
+    what: String,
+) -> crate::cell::session::Session {
+    use pb::exec_event::What as Ev;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BUFFER: usize = 64 << 10;
     // Each a pair whose one end's drop is the other's end of file.
     let (stdout_r, mut stdout_w) = tokio::io::duplex(BUFFER);
@@ -382,17 +472,11 @@ pub(super) async fn instance_session(
             let mut stdin_r = stdin_r;
             let mut buf = vec![0u8; 32 << 10];
             loop {
-                let msg = match stdin_r.read(&mut buf).await {
-                    Ok(n) if n > 0 => In::Stdin(buf[..n].to_vec()),
-                    _ => In::CloseStdin(true),
+                let (msg, last) = match stdin_r.read(&mut buf).await {
+                    Ok(n) if n > 0 => (M::stdin(buf[..n].to_vec()), false),
+                    _ => (M::close_stdin(), true),
                 };
-                let last = matches!(msg, In::CloseStdin(_));
-                if to_child
-                    .send(pb::ExecInput { what: Some(msg) })
-                    .await
-                    .is_err()
-                    || last
-                {
+                if to_child.send(msg).await.is_err() || last {
                     return;
                 }
             }
@@ -430,18 +514,13 @@ pub(super) async fn instance_session(
     });
     let abort = bridge.abort_handle();
     let abort_feed = feed.map(|f| f.abort_handle());
-    Ok(crate::cell::session::Session {
+    crate::cell::session::Session {
         stdout: Some(Box::new(stdout_r)),
         stderr: (!tty).then(|| Box::new(stderr_r) as crate::cell::session::Read),
         stdin: stdin.then(|| Box::new(stdin_w) as crate::cell::session::Write),
         resize: tty.then(|| {
             Box::new(move |width: u16, height: u16| {
-                let _ = input.try_send(pb::ExecInput {
-                    what: Some(In::Resize(pb::TerminalSize {
-                        width: width.into(),
-                        height: height.into(),
-                    })),
-                });
+                let _ = input.try_send(M::resize(width, height));
             }) as Box<dyn Fn(u16, u16) + Send + Sync>
         }),
         exit: Box::pin(async move { exit_rx.await.ok().flatten() }),
@@ -451,6 +530,7 @@ pub(super) async fn instance_session(
                 f.abort();
             }
         }),
+        detaches,
         what,
-    })
+    }
 }

@@ -643,6 +643,11 @@ impl CriRuntime {
                     options: d.options.clone(),
                 }),
             }),
+            interactive: (run.stdin || run.tty).then_some(pb::Interactive {
+                stdin: run.stdin,
+                stdin_once: run.stdin_once,
+                tty: run.tty,
+            }),
             ..Default::default()
         };
         let started = async {
@@ -1257,17 +1262,15 @@ fn container_run(c: &cri::ContainerConfig) -> Result<ContainerRun, Status> {
             "CDI devices are not supported",
         ));
     }
-    if c.stdin || c.tty {
+    if c.stdin_once && !c.stdin {
         return Err(invalid(
-            if c.stdin {
-                "config.stdin"
-            } else {
-                "config.tty"
-            },
-            "a container's own stdin and terminal are not built (its stdin is /dev/null; \
-             Attach follows its output, Exec runs a command with either)",
+            "config.stdin_once",
+            "closes a kept-open stdin: set config.stdin too",
         ));
     }
+    run.stdin = c.stdin;
+    run.stdin_once = c.stdin_once;
+    run.tty = c.tty;
     if let Some(l) = &c.linux
         && let Some(s) = &l.security_context
     {
@@ -1738,38 +1741,45 @@ impl RuntimeService for CriRuntime {
         let m = r.into_inner();
         // An unknown id is NOT_FOUND before anything else is looked at.
         cri.container(&m.container_id)?;
-        if m.tty {
-            return Err(invalid(
-                "tty",
-                "the container has no terminal (CreateContainer refuses tty)",
-            ));
-        }
-        if m.stdin {
-            return Err(invalid(
-                "stdin",
-                "the container's stdin is /dev/null (CreateContainer refuses stdin): attach \
-                 follows its output only",
-            ));
-        }
-        if !(m.stdout || m.stderr) {
+        if !(m.stdin || m.stdout || m.stderr) {
             return Err(invalid(
                 "stdout",
-                "one of stdout and stderr must be asked for",
+                "one of stdin, stdout and stderr must be asked for",
             ));
         }
         let (c, _) = self.running(&m.container_id).await?;
-        // Its output from where its CRI log writer got to, followed once kubelet connects:
-        // authorized now as Executables/Logs of its executable (here the adapter checks
-        // the names when it runs; for an instance, `Place::call` now).
-        let (place, mut logs) = cri.logs_request(&c).await?;
-        logs.from_offset = cri.log_reached(&c.id);
-        let request = place.call(svc::EXECUTABLES, "Logs", logs)?;
+        if m.tty && !c.run.tty {
+            return Err(invalid(
+                "tty",
+                "the container has no terminal (it was created without config.tty)",
+            ));
+        }
+        if m.stdin && !c.run.stdin {
+            return Err(invalid(
+                "stdin",
+                "the container's stdin is /dev/null (it was created without config.stdin)",
+            ));
+        }
+        // Its output from where its CRI log writer got to, followed once kubelet
+        // connects, and its input: authorized now as Executables/Attach of its executable
+        // (here the adapter checks the names when it runs; for an instance,
+        // `Place::call` now).
+        let (place, logs) = cri.logs_request(&c).await?;
+        let start = pb::AttachStart {
+            executable: logs.executable,
+            stdin: m.stdin,
+            from_offset: Some(cri.log_reached(&c.id)),
+            size: None,
+        };
+        let request = place.call(svc::EXECUTABLES, "Attach", start)?;
         let instance = place.client().cloned().map(Box::new);
         let url = cri.streams()?.issue(super::stream::Pending::Attach {
             request,
             instance,
+            stdin: m.stdin,
             stdout: m.stdout,
-            stderr: m.stderr,
+            stderr: m.stderr && !c.run.tty,
+            tty: c.run.tty,
         })?;
         Ok(Response::new(cri::AttachResponse { url }))
     }
@@ -2196,13 +2206,21 @@ mod tests {
             ..Default::default()
         };
         assert!(container_run(&base).is_ok());
+        let run = container_run(&cri::ContainerConfig {
+            stdin: true,
+            stdin_once: true,
+            tty: true,
+            ..base.clone()
+        })
+        .unwrap();
+        assert!(run.stdin && run.stdin_once && run.tty);
         let cases: Vec<(cri::ContainerConfig, &str)> = vec![
             (
                 cri::ContainerConfig {
-                    tty: true,
+                    stdin_once: true,
                     ..base.clone()
                 },
-                "config.tty",
+                "config.stdin_once",
             ),
             (
                 cri::ContainerConfig {

@@ -24,7 +24,7 @@ use std::{
 };
 
 use aurae_client::spdy::{self, FLAG_FIN, Frame, FrameReader, FrameWriter, Headers};
-use aurae_proto::runtime::v0::{self as pb, executables_server::Executables as _};
+use aurae_proto::runtime::v0 as pb;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -68,13 +68,17 @@ pub enum Pending {
         tty: bool,
     },
     Attach {
-        /// `Executables/Logs` of the container's executable, following from where its
-        /// output was when Attach was called; authorized then as the CRI identity.
-        request: Request<pb::ExecutableLogsRequest>,
+        /// `Executables/Attach` of the container's executable, its output from where its
+        /// CRI log writer had got to when Attach was called; authorized then as the CRI
+        /// identity.
+        request: Request<pb::AttachStart>,
         /// The client of the sandbox's instance it runs in (None: a cell here).
         instance: Option<Box<aurae_client::Client>>,
+        stdin: bool,
         stdout: bool,
         stderr: bool,
+        /// The container has a terminal: its output is `stdout`, and a `resize` stream.
+        tty: bool,
     },
     PortForward {
         sandbox: String,
@@ -359,24 +363,19 @@ impl Streams {
             Pending::Attach {
                 request,
                 instance,
+                stdin,
                 stdout,
                 stderr,
+                tty,
             } => {
-                let output: anyhow::Result<super::place::LogStream> = match instance {
-                    None => self
-                        .executables
-                        .logs(request)
-                        .await
-                        .map(|r| Box::pin(r.into_inner()) as _)
-                        .map_err(|e| anyhow::anyhow!("{}", e.message())),
-                    Some(c) => c
-                        .executables()
-                        .logs(request.into_inner())
-                        .await
-                        .map(|r| Box::pin(r.into_inner()) as _)
-                        .map_err(|e| anyhow::anyhow!("{}", e.message())),
+                let streams = Wanted {
+                    stdin,
+                    stdout,
+                    stderr: stderr && !tty,
+                    tty,
                 };
-                attach(reader, tx.clone(), output, stdout, stderr).await
+                self.attach(reader, tx.clone(), request, instance, streams)
+                    .await
             }
             Pending::PortForward { sandbox, to } => {
                 port_forward(reader, tx.clone(), &sandbox, to).await
@@ -573,155 +572,215 @@ fn last_size(pending: &mut Vec<u8>) -> Option<(u16, u16)> {
 impl Streams {
     async fn exec(
         &self,
-        mut reader: Reader,
+        reader: Reader,
         tx: Tx,
         request: Request<pb::ExecRequest>,
         via: Option<Box<aurae_client::Client>>,
         want: Wanted,
     ) -> anyhow::Result<()> {
         let argv = request.get_ref().argv.clone();
-        let ids = open_streams(
-            &mut reader,
-            &tx,
-            &[
-                ("error", true),
-                ("stdin", want.stdin),
-                ("stdout", want.stdout),
-                ("stderr", want.stderr),
-                ("resize", want.tty),
-            ],
-        )
-        .await?;
-        let error = ids["error"];
         let stdio = if want.tty {
             crate::cell::exec::ExecStdio::Terminal
         } else {
             crate::cell::exec::ExecStdio::Pipes { stdin: want.stdin }
         };
-        let started = match via {
-            None => match self.executables.exec_streaming(request, stdio).await {
-                Ok(p) => crate::cell::session::Session::local(p)
-                    .map_err(|e| Status::internal(e.to_string())),
-                Err(e) => Err(e),
-            },
-            Some(client) => {
-                super::place::instance_session(&client, request.into_inner(), stdio).await
-            }
-        };
-        let session = match started {
-            Ok(s) => s,
-            Err(e) => {
-                data(&tx, error, failure_json(e.message()).as_bytes(), true).await;
-                for s in ["stdout", "stderr"].iter().filter_map(|n| ids.get(n)) {
-                    data(&tx, *s, &[], true).await;
+        let start = async move {
+            match via {
+                None => match self.executables.exec_streaming(request, stdio).await {
+                    Ok(p) => crate::cell::session::Session::local(p)
+                        .map_err(|e| Status::internal(e.to_string())),
+                    Err(e) => Err(e),
+                },
+                Some(client) => {
+                    super::place::instance_session(&client, request.into_inner(), stdio).await
                 }
-                return Ok(());
             }
         };
-        info!(argv = ?argv, session = %session.what, tty = want.tty, "CRI stream: exec started");
-        let crate::cell::session::Session {
-            stdout,
-            stderr,
-            stdin: mut stdin_w,
-            resize,
-            mut exit,
-            kill,
-            ..
-        } = session;
-        let (stdout_id, stderr_id) = (ids.get("stdout").copied(), ids.get("stderr").copied());
-        let mut pumps = Vec::new();
-        for (r, id) in [(stdout, stdout_id), (stderr, stderr_id)] {
-            if let Some(r) = r {
-                pumps.push(tokio::spawn(pump(r, tx.clone(), id)));
+        run_session(reader, tx, want, start, |code| {
+            exit_status_json(&argv, code)
+        })
+        .await
+    }
+
+    /// An attach: the container's own stdio (its output from when Attach was called, its
+    /// input with `stdin`, its terminal's size), until its output ends (it exited:
+    /// `Success` on `error`, as kubelet's own streaming server reports an attach) or the
+    /// client leaves (the container runs on).
+    async fn attach(
+        &self,
+        reader: Reader,
+        tx: Tx,
+        request: Request<pb::AttachStart>,
+        via: Option<Box<aurae_client::Client>>,
+        want: Wanted,
+    ) -> anyhow::Result<()> {
+        let start = async move {
+            match via {
+                None => {
+                    let start = request.get_ref().clone();
+                    self.executables
+                        .attach_session(&request, &start)
+                        .map(|(s, _)| s)
+                }
+                Some(client) => {
+                    super::place::instance_attach(&client, request.into_inner(), want.tty).await
+                }
             }
+        };
+        run_session(reader, tx, want, start, |_| {
+            serde_json::json!({"metadata": {}, "status": "Success"}).to_string()
+        })
+        .await
+    }
+}
+
+/// Serves one exec or attach over its SPDY connection: the client's streams opened, the
+/// session started, then its input, terminal sizes and pings copied in and its output
+/// out until it ends (`end` of its exit code on the `error` stream) or the client leaves
+/// (an exec's command is killed; an attach detaches).
+async fn run_session(
+    mut reader: Reader,
+    tx: Tx,
+    want: Wanted,
+    start: impl std::future::Future<Output = Result<crate::cell::session::Session, Status>>,
+    end: impl FnOnce(i32) -> String,
+) -> anyhow::Result<()> {
+    let ids = open_streams(
+        &mut reader,
+        &tx,
+        &[
+            ("error", true),
+            ("stdin", want.stdin),
+            ("stdout", want.stdout),
+            ("stderr", want.stderr),
+            ("resize", want.tty),
+        ],
+    )
+    .await?;
+    let error = ids["error"];
+    let session = match start.await {
+        Ok(s) => s,
+        Err(e) => {
+            data(&tx, error, failure_json(e.message()).as_bytes(), true).await;
+            for s in ["stdout", "stderr"].iter().filter_map(|n| ids.get(n)) {
+                data(&tx, *s, &[], true).await;
+            }
+            return Ok(());
         }
-        let stdin_id = ids.get("stdin").copied();
-        let resize_id = ids.get("resize").copied();
-        let mut stdin_open = want.stdin;
-        let mut sizes = Vec::new();
-        // The client's frames until the command ends: stdin, sizes, pings, its leaving.
-        let status = loop {
-            tokio::select! {
-                s = &mut exit => break s,
-                f = reader.next() => match f {
-                    Ok(Some(Frame::Data { stream, flags, data })) if Some(stream) == stdin_id => {
-                        // A command that does not read its input must not hide its end:
-                        // the write races it.
-                        if stdin_open && let Some(w) = stdin_w.as_mut() {
-                            tokio::select! {
-                                r = w.write_all(&data) => if r.is_err() {
-                                    stdin_open = false;
-                                    stdin_w = None;
-                                },
-                                s = &mut exit => break s,
-                            }
-                        }
-                        if flags & FLAG_FIN != 0 {
-                            if stdin_open {
-                                end_of_input(&mut stdin_w, resize.is_some()).await;
-                            } else {
+    };
+    info!(session = %session.what, tty = want.tty, "CRI stream: started");
+    let crate::cell::session::Session {
+        stdout,
+        stderr,
+        stdin: mut stdin_w,
+        resize,
+        mut exit,
+        kill,
+        detaches,
+        what,
+    } = session;
+    // An attach's end of input ends its writing only (no EOF character into a terminal).
+    let eof_char = resize.is_some() && !detaches;
+    let (stdout_id, stderr_id) = (ids.get("stdout").copied(), ids.get("stderr").copied());
+    let mut pumps = Vec::new();
+    for (r, id) in [(stdout, stdout_id), (stderr, stderr_id)] {
+        if let Some(r) = r {
+            pumps.push(tokio::spawn(pump(r, tx.clone(), id)));
+        }
+    }
+    let stdin_id = ids.get("stdin").copied();
+    let resize_id = ids.get("resize").copied();
+    let mut stdin_open = want.stdin;
+    if !want.stdin {
+        stdin_w = None;
+    }
+    let mut sizes = Vec::new();
+    // The client's frames until the session ends: stdin, sizes, pings, its leaving.
+    let status = loop {
+        tokio::select! {
+            s = &mut exit => break s,
+            f = reader.next() => match f {
+                Ok(Some(Frame::Data { stream, flags, data })) if Some(stream) == stdin_id => {
+                    // A command that does not read its input must not hide its end:
+                    // the write races it.
+                    if stdin_open && let Some(w) = stdin_w.as_mut() {
+                        tokio::select! {
+                            r = w.write_all(&data) => if r.is_err() {
+                                stdin_open = false;
                                 stdin_w = None;
-                            }
-                            stdin_open = false;
+                            },
+                            s = &mut exit => break s,
                         }
                     }
-                    Ok(Some(Frame::Data { stream, data, .. })) if Some(stream) == resize_id => {
-                        sizes.extend_from_slice(&data);
-                        if let (Some((w, h)), Some(resize)) = (last_size(&mut sizes), &resize) {
-                            resize(w, h);
-                        }
-                    }
-                    Ok(Some(Frame::RstStream { stream, .. })) if Some(stream) == stdin_id => {
-                        if resize.is_none() {
+                    if flags & FLAG_FIN != 0 {
+                        if stdin_open {
+                            end_of_input(&mut stdin_w, eof_char).await;
+                        } else {
                             stdin_w = None;
                         }
                         stdin_open = false;
                     }
-                    Ok(Some(Frame::Ping { id })) => {
-                        send(&tx, Frame::Ping { id }).await;
+                }
+                Ok(Some(Frame::Data { stream, data, .. })) if Some(stream) == resize_id => {
+                    sizes.extend_from_slice(&data);
+                    if let (Some((w, h)), Some(resize)) = (last_size(&mut sizes), &resize) {
+                        resize(w, h);
                     }
-                    Ok(Some(Frame::SynStream { stream, .. })) => {
-                        refuse(&tx, stream).await;
+                }
+                Ok(Some(Frame::RstStream { stream, .. })) if Some(stream) == stdin_id => {
+                    if !eof_char {
+                        stdin_w = None;
                     }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => {
-                        // The client is gone: so is what it ran.
-                        kill();
+                    stdin_open = false;
+                }
+                Ok(Some(Frame::Ping { id })) => {
+                    send(&tx, Frame::Ping { id }).await;
+                }
+                Ok(Some(Frame::SynStream { stream, .. })) => {
+                    refuse(&tx, stream).await;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    // The client is gone: an exec's command goes too; an attach lets go.
+                    kill();
+                    for p in &pumps {
+                        p.abort();
+                    }
+                    if detaches {
+                        info!(session = %what, "CRI stream: the client detached");
+                    } else {
                         let _ = (&mut exit).await;
-                        warn!(argv = ?argv, "CRI stream: the client left before its exec ended: killed");
-                        for p in &pumps {
-                            p.abort();
-                        }
-                        return Ok(());
+                        warn!(session = %what, "CRI stream: the client left before its exec ended: killed");
                     }
-                },
-            }
-        };
-        drop(stdin_w);
-        let drained = tokio::time::timeout(OUTPUT_GRACE, async {
-            for p in &mut pumps {
-                let _ = p.await;
-            }
-        })
-        .await;
-        if drained.is_err() {
-            // Something the command started still holds its output: the stream ends
-            // here all the same.
-            for p in &pumps {
-                p.abort();
-            }
-            for s in [stdout_id, stderr_id].into_iter().flatten() {
-                data(&tx, s, &[], true).await;
-            }
+                    return Ok(());
+                }
+            },
         }
-        let code = match status {
-            Some(aurae_sys::ExitStatus::Code(c)) => c,
-            Some(aurae_sys::ExitStatus::Signal(s)) => 128 + s,
-            None => 255,
-        };
-        data(&tx, error, exit_status_json(&argv, code).as_bytes(), true).await;
-        Ok(())
+    };
+    drop(stdin_w);
+    let drained = tokio::time::timeout(OUTPUT_GRACE, async {
+        for p in &mut pumps {
+            let _ = p.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        // Something the command started still holds its output: the stream ends
+        // here all the same.
+        for p in &pumps {
+            p.abort();
+        }
+        for s in [stdout_id, stderr_id].into_iter().flatten() {
+            data(&tx, s, &[], true).await;
+        }
     }
+    let code = match status {
+        Some(aurae_sys::ExitStatus::Code(c)) => c,
+        Some(aurae_sys::ExitStatus::Signal(s)) => 128 + s,
+        None => 255,
+    };
+    data(&tx, error, end(code).as_bytes(), true).await;
+    Ok(())
 }
 
 /// Waits (at most [`HANDSHAKE`]) for the client to open the streams `wanted` marks (by
@@ -762,99 +821,6 @@ async fn open_streams(
     match opened {
         Ok(r) => r.map(|()| ids),
         Err(_) => anyhow::bail!("the client opened {ids:?} of {wanted:?} within {HANDSHAKE:?}"),
-    }
-}
-
-/// An attach (output only): the container's output as it comes, each chunk on the stream
-/// of its kind, until the container's output ends (it exited: `Success` on `error`) or the
-/// client leaves.
-async fn attach(
-    mut reader: Reader,
-    tx: Tx,
-    output: anyhow::Result<super::place::LogStream>,
-    stdout: bool,
-    stderr: bool,
-) -> anyhow::Result<()> {
-    use tokio_stream::StreamExt as _;
-    let ids = open_streams(
-        &mut reader,
-        &tx,
-        &[("error", true), ("stdout", stdout), ("stderr", stderr)],
-    )
-    .await?;
-    let (out, err) = (ids.get("stdout").copied(), ids.get("stderr").copied());
-    let mut output = match output {
-        Ok(o) => o,
-        Err(e) => {
-            data(
-                &tx,
-                ids["error"],
-                failure_json(&e.to_string()).as_bytes(),
-                true,
-            )
-            .await;
-            for s in [out, err].into_iter().flatten() {
-                data(&tx, s, &[], true).await;
-            }
-            return Ok(());
-        }
-    };
-    // The client's frames on a task of their own (a frame read is not cancel-safe: it
-    // must not race the output): pings answered, new streams refused, its leaving seen.
-    let client = {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match reader.next().await {
-                    Ok(Some(Frame::Ping { id })) => {
-                        send(&tx, Frame::Ping { id }).await;
-                    }
-                    Ok(Some(Frame::SynStream { stream, .. })) => {
-                        refuse(&tx, stream).await;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => return,
-                }
-            }
-        })
-    };
-    let mut client = AbortOnDrop(client);
-    loop {
-        tokio::select! {
-            chunk = output.next() => match chunk {
-                Some(Ok(c)) => {
-                    let to = if c.stream == pb::LogStream::Stderr as i32 { err } else { out };
-                    if let Some(s) = to
-                        && !data(&tx, s, &c.data, false).await
-                    {
-                        return Ok(());
-                    }
-                }
-                Some(Err(e)) => {
-                    data(&tx, ids["error"], failure_json(e.message()).as_bytes(), true).await;
-                    break;
-                }
-                None => {
-                    data(&tx, ids["error"], br#"{"metadata":{},"status":"Success"}"#, true).await;
-                    break;
-                }
-            },
-            // The client left: the container runs on.
-            _ = &mut client.0 => return Ok(()),
-        }
-    }
-    for s in [out, err].into_iter().flatten() {
-        data(&tx, s, &[], true).await;
-    }
-    Ok(())
-}
-
-/// A task aborted when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

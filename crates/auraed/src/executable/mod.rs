@@ -1,5 +1,6 @@
 //! Executables: plain processes started in a cell, supervised through their pidfd.
 
+pub mod input;
 pub mod spec;
 
 use std::{
@@ -13,7 +14,8 @@ use crate::workload::Phase;
 use aurae_sys::{ExitStatus, Pidfd};
 use tokio::sync::watch;
 
-pub use spec::{ExecutableRef, ExecutableSpec};
+pub use input::Input;
+pub use spec::{ExecutableRef, ExecutableSpec, Interactive};
 
 use crate::{
     spec::{CellName, Label},
@@ -77,6 +79,10 @@ pub struct Executable {
     pub held: Option<crate::workload::holder::HeldOutput>,
     /// A container's directory and layers, for its record.
     pub container_record: Option<ContainerRecord>,
+    /// How its input is wired (recorded: a restarted auraed takes it back the same way).
+    pub interactive: Interactive,
+    /// Its input, for Attach (started with `interactive.stdin` or `tty`, and not lost).
+    pub input: Option<Arc<Input>>,
     pub started_at: SystemTime,
     pub log: Arc<Log>,
     pub state: watch::Sender<State>,
@@ -129,16 +135,24 @@ impl Executable {
     }
 }
 
-/// Prepared, owned pieces of an exec: C strings and the stdio pipes.
+/// Prepared, owned pieces of an exec: C strings and the stdio.
 #[derive(Debug)]
 pub struct Prepared {
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
     pub cwd: CString,
-    pub stdin: OwnedFd,
+    /// The child's fds 0, 1 and 2.
+    pub child: [OwnedFd; 3],
+    /// Our read ends of its output: stdout and stderr, or the terminal's master side
+    /// alone (all its output is `stdout`).
+    pub output: Vec<OwnedFd>,
+    /// Bytes for its stdin and the pipe's write end (`spec.stdin`).
     pub stdin_data: Option<(OwnedFd, Vec<u8>)>,
-    pub stdout: (OwnedFd, OwnedFd),
-    pub stderr: (OwnedFd, OwnedFd),
+    /// Our end of an interactive input: its stdin pipe's write end, or the terminal's
+    /// master side.
+    pub input: Option<OwnedFd>,
+    /// Its stdio is a terminal (made its controlling terminal).
+    pub tty: bool,
 }
 
 fn cstring(field: &str, s: &str) -> Result<CString, crate::spec::FieldError> {
@@ -149,9 +163,28 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
+/// A new pseudo-terminal of auraed's devpts: (master, slave). The master is checked to
+/// be the multiplexer's (character device 5:2) before the slave is taken from it.
+pub fn open_terminal() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let master = rustix::fs::open(
+        "/dev/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&master)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::CharacterDevice
+        || rustix::fs::major(st.st_rdev) != 5
+        || rustix::fs::minor(st.st_rdev) != 2
+    {
+        return Err(std::io::Error::other("/dev/ptmx is not the ptmx device"));
+    }
+    let slave = aurae_sys::pty::open_peer(std::os::fd::AsFd::as_fd(&master))?;
+    Ok((master, slave))
+}
+
 impl Prepared {
-    /// Builds the C strings and pipes for `spec` (read ends are ours, write ends go to the
-    /// child).
+    /// Builds the C strings and the stdio for `spec` (see the fields).
     pub fn new(spec: &ExecutableSpec) -> Result<Self, crate::workload::WorkloadError> {
         let argv = spec
             .argv
@@ -166,29 +199,49 @@ impl Prepared {
             .collect::<Result<Vec<_>, _>>()?;
         let cwd = cstring("working_dir", &spec.working_dir.to_string_lossy())?;
         let io = crate::workload::WorkloadError::io;
-        let (stdin, stdin_data) = if spec.stdin.is_empty() {
-            let null = std::fs::File::open("/dev/null").map_err(io)?;
-            (OwnedFd::from(null), None)
+        let mut stdin_data = None;
+        let mut input = None;
+        let (child, output) = if spec.interactive.tty {
+            let (master, slave) = open_terminal().map_err(|e| {
+                crate::workload::WorkloadError::Precondition(format!("a terminal for it: {e}"))
+            })?;
+            let child = [
+                slave.try_clone().map_err(io)?,
+                slave.try_clone().map_err(io)?,
+                slave,
+            ];
+            let out = master.try_clone().map_err(io)?;
+            input = Some(master);
+            (child, vec![out])
         } else {
-            let (r, w) = pipe().map_err(io)?;
-            (r, Some((w, spec.stdin.clone())))
+            let stdin = if spec.interactive.stdin {
+                let (r, w) = pipe().map_err(io)?;
+                input = Some(w);
+                r
+            } else if spec.stdin.is_empty() {
+                OwnedFd::from(std::fs::File::open("/dev/null").map_err(io)?)
+            } else {
+                let (r, w) = pipe().map_err(io)?;
+                stdin_data = Some((w, spec.stdin.clone()));
+                r
+            };
+            let (out_r, out_w) = pipe().map_err(io)?;
+            let (err_r, err_w) = pipe().map_err(io)?;
+            ([stdin, out_w, err_w], vec![out_r, err_r])
         };
         Ok(Self {
             argv,
             envp,
             cwd,
-            stdin,
+            child,
+            output,
             stdin_data,
-            stdout: pipe().map_err(io)?,
-            stderr: pipe().map_err(io)?,
+            input,
+            tty: spec.interactive.tty,
         })
     }
 
     pub fn stdio(&self) -> [std::os::fd::RawFd; 3] {
-        [
-            self.stdin.as_raw_fd(),
-            self.stdout.1.as_raw_fd(),
-            self.stderr.1.as_raw_fd(),
-        ]
+        self.child.each_ref().map(|f| f.as_raw_fd())
     }
 }

@@ -40,6 +40,50 @@ pub struct ExecutableSpec {
     /// Run as a container from an image: argv, env, working_dir, uid and gid are filled
     /// in from the image and this spec before the start (see [`crate::container`]).
     pub container: Option<ContainerSpec>,
+    /// Its input comes later, through Attach (see [`Interactive`]).
+    pub interactive: Interactive,
+}
+
+/// How a process's input is wired when it comes through Attach rather than the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Interactive {
+    /// Its stdin is a pipe auraed holds open.
+    pub stdin: bool,
+    /// Its stdin is closed when the first attach that wrote to it ends.
+    pub stdin_once: bool,
+    /// A pseudo-terminal for its stdio (and its controlling terminal).
+    pub tty: bool,
+}
+
+impl Interactive {
+    /// Parses the request's `interactive`, given whether `stdin` bytes came too.
+    pub fn parse(i: Option<pb::Interactive>, stdin_bytes: bool) -> Result<Self, FieldError> {
+        let Some(i) = i else {
+            return Ok(Self::default());
+        };
+        if i.stdin_once && !i.stdin {
+            return Err(FieldError::new(
+                "interactive.stdin_once",
+                "closes a kept-open stdin: set interactive.stdin too",
+            ));
+        }
+        if stdin_bytes && (i.stdin || i.tty) {
+            return Err(FieldError::new(
+                "stdin",
+                "bytes for stdin and an interactive stdin or terminal exclude each other",
+            ));
+        }
+        Ok(Self {
+            stdin: i.stdin,
+            stdin_once: i.stdin_once,
+            tty: i.tty,
+        })
+    }
+
+    /// Whether anything of it is asked for.
+    pub fn any(&self) -> bool {
+        self.stdin || self.tty
+    }
 }
 
 impl TryFrom<pb::Executable> for ExecutableSpec {
@@ -73,6 +117,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                     format!("is larger than {MAX_STDIN} bytes"),
                 ));
             }
+            let interactive = Interactive::parse(e.interactive, !e.stdin.is_empty())?;
             return Ok(Self {
                 cell,
                 name,
@@ -81,6 +126,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                 working_dir: PathBuf::from("/"),
                 uid: None,
                 gid: None,
+                interactive,
                 stdin: e.stdin,
                 allow_new_privileges: false,
                 allow_mixed_cell: false,
@@ -139,12 +185,14 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                 format!("is larger than {MAX_STDIN} bytes"),
             ));
         }
+        let interactive = Interactive::parse(e.interactive, !e.stdin.is_empty())?;
         Ok(Self {
             cell,
             name,
             argv: e.argv,
             env,
             working_dir,
+            interactive,
             uid: e.uid.map(|v| id("uid", v)).transpose()?,
             gid: e.gid.map(|v| id("gid", v)).transpose()?,
             stdin: e.stdin,
@@ -209,7 +257,7 @@ mod tests {
 
     #[test]
     fn invalid_executables_name_the_field() {
-        let cases: Vec<(pb::Executable, &str)> = vec![
+        let mut cases: Vec<(pb::Executable, &str)> = vec![
             (exe(&[]), "argv"),
             (exe(&["echo"]), "argv[0]"),
             (exe(&["/bin/echo", "a\0b"]), "argv[1]"),
@@ -242,6 +290,33 @@ mod tests {
                 "working_dir",
             ),
         ];
+        let interactive = |stdin, stdin_once, tty| {
+            Some(pb::Interactive {
+                stdin,
+                stdin_once,
+                tty,
+            })
+        };
+        cases.push((
+            pb::Executable {
+                interactive: interactive(false, true, false),
+                ..exe(&["/bin/cat"])
+            },
+            "interactive.stdin_once",
+        ));
+        for i in [
+            interactive(true, false, false),
+            interactive(false, false, true),
+        ] {
+            cases.push((
+                pb::Executable {
+                    interactive: i,
+                    stdin: b"x".to_vec(),
+                    ..exe(&["/bin/cat"])
+                },
+                "stdin",
+            ));
+        }
         for (e, field) in cases {
             let err = ExecutableSpec::try_from(e).unwrap_err();
             assert_eq!(err.field, field, "{err}");

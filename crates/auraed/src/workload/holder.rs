@@ -19,8 +19,15 @@
 //! - `{"op":"ping","seq":1}` → `{"seq":1,"fds":[]}` (the start-up check);
 //! - `{"op":"hold","seq":2}` with N fds (`SCM_RIGHTS`) → `{"seq":2,"fds":[7,8]}`: the
 //!   numbers the fds have in the holder, in the order sent;
-//! - `{"op":"release","seq":3,"fds":[7,8]}` → `{"seq":3,"fds":[7,8]}`: the ones it held,
-//!   now closed (numbers it does not hold are ignored).
+//! - `{"op":"release","seq":3,"fds":[7,8],"ids":[[d,i],[d,i]]}` → `{"seq":3,"fds":[7,8]}`:
+//!   the ones it held, now closed (numbers it does not hold are ignored, and so is one
+//!   whose file is not the `(device, inode)` given: a number released once may since hold
+//!   another workload's fd).
+//!
+//! The holder's numbers are reused once released (the kernel gives the lowest free
+//! number), so auraed records each held fd's identity ([`HeldOutput::ids`], its device and
+//! inode when it was handed over) and checks it on every take-back and release: a
+//! restarted auraed never takes another workload's pipe for one of its own.
 //!
 //! On end of stream (auraed died) the holder keeps everything it holds and sleeps until it
 //! is killed; holding nothing, it exits.
@@ -56,9 +63,19 @@ const MAX_MESSAGE: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
-    Ping { seq: u64 },
-    Hold { seq: u64 },
-    Release { seq: u64, fds: Vec<i32> },
+    Ping {
+        seq: u64,
+    },
+    Hold {
+        seq: u64,
+    },
+    Release {
+        seq: u64,
+        fds: Vec<i32>,
+        /// Each number's file identity: one that does not match is not closed.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ids: Vec<FileId>,
+    },
 }
 
 impl Request {
@@ -81,16 +98,50 @@ struct Reply {
 
 pub use super::process::ProcRef;
 
+/// A file's identity: its device and inode (a pipe's, a terminal's, a socket's).
+pub type FileId = (u64, u64);
+
+/// The identity of the file `fd` refers to.
+pub fn file_id(fd: BorrowedFd<'_>) -> io::Result<FileId> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// The identity of our own fd `n`, through `/proc/self/fd` (the magic link is the file
+/// itself: a pipe's stat is the pipe's).
+fn file_id_of_number(n: RawFd) -> io::Result<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/self/fd/{n}"))?;
+    Ok((m.dev(), m.ino()))
+}
+
 impl HeldOutput {
-    /// Takes back the two ends a previous holder keeps (see [`reclaim`]); `Ok(None)` when
-    /// it no longer holds both (released at the end of the output).
+    /// Takes back the ends a previous holder keeps (see [`reclaim`]), in order: `None`
+    /// for one it no longer holds (released) or whose number now holds another file than
+    /// the one handed over ([`HeldOutput::ids`]; a record without them takes nothing
+    /// back: it cannot be told from another workload's).
+    pub fn reclaim(&self) -> io::Result<Vec<Option<OwnedFd>>> {
+        let got = reclaim(&self.holder, &self.fds)?;
+        Ok(got
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                let fd = fd?;
+                let same = self
+                    .ids
+                    .get(i)
+                    .is_some_and(|want| file_id(fd.as_fd()).is_ok_and(|id| id == *want));
+                same.then_some(fd)
+            })
+            .collect())
+    }
+
+    /// [`HeldOutput::reclaim`] of two ends; `Ok(None)` unless both come back.
     pub fn reclaim_pair(&self) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
-        Ok(
-            match <[Option<OwnedFd>; 2]>::try_from(reclaim(&self.holder, &self.fds)?) {
-                Ok([Some(a), Some(b)]) => Some((a, b)),
-                _ => None,
-            },
-        )
+        Ok(match <[Option<OwnedFd>; 2]>::try_from(self.reclaim()?) {
+            Ok([Some(a), Some(b)]) => Some((a, b)),
+            _ => None,
+        })
     }
 }
 
@@ -109,6 +160,10 @@ pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 pub struct HeldOutput {
     pub holder: ProcRef,
     pub fds: Vec<i32>,
+    /// Each fd's identity when it was handed over ([`file_id`]), checked when it is taken
+    /// back or released.
+    #[serde(default)]
+    pub ids: Vec<FileId>,
 }
 
 /// Opens the old holder named by `old`, checking that it is still that process and still
@@ -281,13 +336,25 @@ impl Holder {
         Ok(numbers)
     }
 
-    /// Hands copies of two ends (an executable's stdout and stderr, a VMM's control socket
-    /// and console) to the holder, off the async runtime; where it keeps them.
+    /// Hands copies of two ends (a VMM's control socket and console) to the holder, off
+    /// the async runtime; where it keeps them.
     pub fn hold_pair(&self, fds: [&OwnedFd; 2]) -> io::Result<HeldOutput> {
-        let numbers = off_runtime(|| self.hold(&[fds[0].as_fd(), fds[1].as_fd()]))?;
+        self.hold_all(&fds)
+    }
+
+    /// Hands copies of `fds` (an executable's output ends and its input) to the holder,
+    /// off the async runtime; where it keeps them, and what they are.
+    pub fn hold_all(&self, fds: &[&OwnedFd]) -> io::Result<HeldOutput> {
+        let ids = fds
+            .iter()
+            .map(|f| file_id(f.as_fd()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        let numbers = off_runtime(|| self.hold(&borrowed))?;
         Ok(HeldOutput {
             holder: self.proc,
             fds: numbers,
+            ids,
         })
     }
 
@@ -297,16 +364,18 @@ impl Holder {
         if held.holder != self.proc {
             return Ok(());
         }
-        off_runtime(|| self.release(&held.fds))
+        off_runtime(|| self.release(&held.fds, &held.ids))
     }
 
-    /// Closes the holder's copies at `numbers` (numbers it does not hold are ignored).
-    pub fn release(&self, numbers: &[i32]) -> io::Result<()> {
+    /// Closes the holder's copies at `numbers` whose files are `ids` (numbers it does not
+    /// hold, and ones now holding another file, are left alone).
+    pub fn release(&self, numbers: &[i32], ids: &[FileId]) -> io::Result<()> {
         if numbers.is_empty() {
             return Ok(());
         }
         let fds = numbers.to_vec();
-        self.call(|seq| Request::Release { seq, fds }, &[])?;
+        let ids = ids.to_vec();
+        self.call(|seq| Request::Release { seq, fds, ids }, &[])?;
         Ok(())
     }
 
@@ -465,10 +534,18 @@ fn serve_one(ctl: &OwnedFd, held: &mut BTreeSet<RawFd>) -> io::Result<bool> {
             fds: Vec::new(),
             error: None,
         },
-        Ok(Request::Release { seq, fds: numbers }) => {
+        Ok(Request::Release {
+            seq,
+            fds: numbers,
+            ids,
+        }) => {
             let mut released = Vec::new();
-            for n in numbers {
-                if held.remove(&n) {
+            for (i, n) in numbers.into_iter().enumerate() {
+                // With identities, only the very file handed over is closed.
+                let other_file = ids.get(i).is_some_and(|want| {
+                    held.contains(&n) && file_id_of_number(n).is_ok_and(|id| id != *want)
+                });
+                if !other_file && held.remove(&n) {
                     let _ = nix::unistd::close(n);
                     released.push(n);
                 }
@@ -642,7 +719,8 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::Release {
                 seq: 3,
-                fds: vec![7, 8]
+                fds: vec![7, 8],
+                ids: Vec::new(),
             })
             .unwrap(),
             r#"{"op":"release","seq":3,"fds":[7,8]}"#
@@ -703,11 +781,27 @@ mod tests {
             let link = std::fs::read_link(format!("/proc/self/fd/{n}")).unwrap();
             assert!(link.to_string_lossy().starts_with("pipe:"), "{link:?}");
         }
-        // Release one held number and one that is not held (our own socket).
+        // A release naming another file than the one a number holds (the number was
+        // released and reused meanwhile) leaves it alone.
+        let (r_id, w_id) = (file_id(r.as_fd()).unwrap(), file_id(w.as_fd()).unwrap());
+        let (other, _other_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        send(
+            &Request::Release {
+                seq: 20,
+                fds: vec![got.fds[0]],
+                ids: vec![file_id(other.as_fd()).unwrap()],
+            },
+            &[],
+        );
+        assert_eq!(answer(&mut held).fds, Vec::<i32>::new());
+        assert!(open_flags(got.fds[0]).is_some(), "another file's id: kept");
+        assert_eq!(r_id, w_id, "a pipe's two ends are one file");
+        // Release one held number (its own id) and one that is not held (our socket).
         send(
             &Request::Release {
                 seq: 2,
                 fds: vec![got.fds[0], ours.as_raw_fd()],
+                ids: vec![r_id, file_id(ours.as_fd()).unwrap()],
             },
             &[],
         );

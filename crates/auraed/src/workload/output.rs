@@ -15,7 +15,7 @@ pub async fn pump(
     on_write_error: impl Fn(String) + Send + 'static,
 ) {
     use tokio::io::AsyncReadExt;
-    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
+    let Ok(mut rx) = receiver(read) else {
         return;
     };
     let mut buf = vec![0u8; 16 * 1024];
@@ -30,6 +30,36 @@ pub async fn pump(
             }
         }
     }
+}
+
+/// A reader of a pipe's read end, or of a terminal's master side (not a pipe, but a
+/// character device tokio's pipe types read alike once it is non-blocking; its end is
+/// EIO once no process holds the terminal).
+pub fn receiver(fd: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    use tokio::net::unix::pipe::Receiver;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo {
+        return Receiver::from_owned_fd(fd);
+    }
+    nonblocking(&fd)?;
+    Receiver::from_owned_fd_unchecked(fd)
+}
+
+/// A writer of a pipe's write end, or of a terminal's master side (see [`receiver`]).
+pub fn sender(fd: OwnedFd) -> std::io::Result<tokio::net::unix::pipe::Sender> {
+    use tokio::net::unix::pipe::Sender;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo {
+        return Sender::from_owned_fd(fd);
+    }
+    nonblocking(&fd)?;
+    Sender::from_owned_fd_unchecked(fd)
+}
+
+fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    let fl = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)?;
+    Ok(())
 }
 
 /// Writes `data` to the child's stdin, then closes it.
