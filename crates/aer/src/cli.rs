@@ -14,7 +14,7 @@ use crate::{
         container::{self, RunCellArgs},
         daemon::{self, Detail, HealthArgs, ShutdownArgs},
         events::{self, EventsArgs},
-        exec::{self, ExecArgs},
+        exec::{self, AttachArgs, ExecArgs},
         executable::{self, ExeCmd, RunArgs},
         image::{self, ImageCmd},
         instance::{self, InstanceCmd},
@@ -91,6 +91,10 @@ pub enum Command {
     /// Run a command inside a running container executable, e.g. `aer exec -it web/app --
     /// sh` (Executables/ExecStream); aer's exit code is the command's.
     Exec(ExecArgs),
+    /// Attach to a running executable's own stdio, e.g. `aer attach -i web/cat`
+    /// (Executables/Attach): its output from now, aer's stdin to it with -i; aer's exit
+    /// code is its once it ends, Ctrl-C detaches.
+    Attach(AttachArgs),
     /// Executables: get, list, stop, signal, wait, free, logs, stats.
     #[command(subcommand, alias = "exe")]
     Executable(ExeCmd),
@@ -173,6 +177,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Exec(a) => exec::run(&client, a)
             .await
             .unwrap_or_else(|status| status_exit(&status)),
+        Command::Attach(a) => exec::attach(&client, a)
+            .await
+            .unwrap_or_else(|status| status_exit(&status)),
         command => match call(&client, command, fmt).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(status) => status_exit(&status),
@@ -199,7 +206,8 @@ async fn call(c: &Client, cmd: Command, fmt: Format) -> Result<(), tonic::Status
         | Command::Completions { .. }
         | Command::Run(_)
         | Command::RunCell(_)
-        | Command::Exec(_) => Ok(()),
+        | Command::Exec(_)
+        | Command::Attach(_) => Ok(()),
         Command::Health(a) => daemon::health(c, a, fmt).await,
         Command::Info => daemon::info(c, Detail::Everything, fmt).await,
         Command::Version => daemon::info(c, Detail::Versions, fmt).await,

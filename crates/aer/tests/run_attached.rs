@@ -778,3 +778,167 @@ async fn exec_runs_a_command_in_a_running_container() {
             .unwrap();
     }
 }
+
+/// `aer run -i` (`docker run -i`): aer's stdin to the process, its end the process's;
+/// `-t`: a terminal of its own; `aer run -d -i` keeps the stdin open for `aer attach -i`,
+/// which writes it, shows the output from then on and leaves it running when aer goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_i_and_attach_write_a_processs_own_stdin() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let Some(e) = env("run_i_and_attach_write_a_processs_own_stdin").await else {
+        return;
+    };
+    // -i in the foreground: everything piped in goes through, EOF ends it, its code is aer's.
+    let mut child = e
+        .aer
+        .command(&[
+            "run",
+            "-i",
+            "--rm",
+            "--cell",
+            "c",
+            "--",
+            "/bin/sh",
+            "-c",
+            "tr a-z A-Z; exit 4",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"into its own stdin\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "INTO ITS OWN STDIN\n");
+
+    // -t: its own terminal.
+    let r = e.aer(&[
+        "run",
+        "-t",
+        "--rm",
+        "--cell",
+        "c",
+        "--",
+        "/bin/sh",
+        "-c",
+        "test -t 0 && test -t 1 && exit 5",
+    ]);
+    assert_eq!(r.code(), Some(5), "{r}");
+
+    // -d -i: kept open; an attach writes it and sees only what came after it attached.
+    let r = e.aer(&[
+        "run",
+        "-d",
+        "-i",
+        "--cell",
+        "c",
+        "--name",
+        "cat",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo before; while read l; do echo \"kept $l\"; done; echo closed",
+    ]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    e.running("c", "cat").await;
+    let mut child = e
+        .aer
+        .command(&["attach", "-i", "c/cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"one\n").unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while !String::from_utf8_lossy(&got).contains("kept one") {
+        let mut buf = [0u8; 256];
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(
+            n > 0 && t.elapsed() < LIMIT,
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        !String::from_utf8_lossy(&got).contains("before"),
+        "only from now"
+    );
+    // aer's end of input ends aer's writing only: the stdin stays open (not stdin_once).
+    drop(stdin);
+    sigint(child.id());
+    let _ = child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        e.get("c", "cat").await.unwrap().phase,
+        pb::Phase::Running as i32,
+        "detached, still reading"
+    );
+    let mut child = e
+        .aer
+        .command(&["attach", "-i", "c/cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"two\n").unwrap();
+    // Stopped meanwhile: the attach ends with its exit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = e.aer(&["executable", "stop", "c/cat"]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept two"),
+        "{out:?}"
+    );
+    assert_eq!(out.status.code(), Some(128 + 15), "{out:?}");
+
+    // Refused: -i to a process started without it; -t to one without a terminal.
+    let r = e.aer(&[
+        "run",
+        "-d",
+        "--cell",
+        "c",
+        "--name",
+        "plain",
+        "--",
+        "/bin/sleep",
+        "30",
+    ]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let r = e.aer(&["attach", "-i", "c/plain"]);
+    assert_eq!(r.code(), Some(2), "{r}");
+    assert!(r.stderr.contains("stdin"), "{r}");
+    // A terminal size to one without a terminal (aer sends one with -t on a terminal).
+    let start = pb::AttachInput {
+        what: Some(pb::attach_input::What::Start(pb::AttachStart {
+            executable: Some(exe_ref("c", "plain")),
+            size: Some(pb::TerminalSize {
+                width: 80,
+                height: 24,
+            }),
+            ..Default::default()
+        })),
+    };
+    let err =
+        e.c.executables()
+            .attach(tokio_stream::iter(vec![start]))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("start.size"), "{err:?}");
+    let r = e.aer(&["executable", "stop", "c/plain"]);
+    assert_eq!(r.code(), Some(0), "{r}");
+}

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod errors;
+pub mod session;
 pub mod spdy;
 
 use std::sync::Arc;

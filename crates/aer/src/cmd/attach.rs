@@ -188,6 +188,47 @@ pub async fn launch(
     ExitCode::from(code)
 }
 
+/// `aer run -i` / `-t` in the foreground: starts it with its input kept (and its
+/// terminal), attaches to its own stdio from its first byte (aer's stdin to it, aer's end
+/// of input its stdin's end), exits with its exit code; `--rm` frees it once it ended.
+/// Ctrl-C without `-t` detaches: it runs on (and is not freed).
+pub async fn interactive(
+    c: &Client,
+    exe: Result<pb::Executable, Status>,
+    a: &AttachArgs,
+    stdin: bool,
+    tty: bool,
+) -> ExitCode {
+    let started = async { Ok::<_, Status>(c.runtime().run_executable(exe?).await?.into_inner()) };
+    let exe = match started.await {
+        Ok(e) => e,
+        Err(e) => return failed(&e),
+    };
+    let r = pb::ExecutableRef {
+        cell: exe.cell.clone(),
+        name: exe.name.clone(),
+    };
+    let code = match super::exec::attach_to(c, r, stdin, tty, Some(0)).await {
+        Ok(code) => code,
+        Err(e) => return failed(&e),
+    };
+    if a.rm {
+        let started = Started {
+            image_digest: exe.image_digest.clone(),
+            exe,
+            made: Made::Executable,
+        };
+        if let Err(e) = remove(c, &started, a.stop_grace).await {
+            eprintln!(
+                "aer: --rm: could not free it: {:?}: {}",
+                e.code(),
+                e.message()
+            );
+        }
+    }
+    code
+}
+
 /// An error of aer's own (before or around the workload): reported, exit 125.
 pub fn failed(e: &Status) -> ExitCode {
     report(e);

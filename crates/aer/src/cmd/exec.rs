@@ -7,13 +7,21 @@
 //! with the code every aer command uses for that answer (2 invalid, 3 not found, 4
 //! denied, 6 failed precondition, 7 unavailable). Leaving (Ctrl-C without `-t`, or aer
 //! killed) cancels the call, which kills the command.
+//!
+//! `aer attach [-i] [-t] CELL/NAME` attaches to a running executable's own stdio
+//! (Executables/Attach), as `kubectl attach` and `docker attach` do: its output from now
+//! on, aer's stdin to it with `-i` (it must have been started with `aer run -i` or `-t`),
+//! aer's terminal in raw mode and its size with `-t` (it must have a terminal), and aer's
+//! exit code its own once it ends. Leaving (Ctrl-C without `-t`, or aer killed) detaches:
+//! it runs on. aer's end of input ends aer's writing (an executable started with
+//! `stdin_once`, as `aer run -i` starts one, then reads EOF).
 
 use std::{
     io::{IsTerminal, Read, Write},
     process::ExitCode,
 };
 
-use aurae_client::Client;
+use aurae_client::{Client, session::InputMessage};
 use aurae_proto::runtime::v0 as pb;
 use clap::Args;
 use pb::{exec_event::What as Ev, exec_input::What as In};
@@ -60,19 +68,78 @@ pub async fn run(c: &Client, a: ExecArgs) -> Result<ExitCode, Status> {
         .send(start)
         .await
         .map_err(|_| Status::internal("the exec's input closed before it started"))?;
-    let mut events = c
+    let events = c
         .executables()
         .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    // Raw mode only once the command runs (an error above leaves the terminal as it was).
-    let _raw = (a.tty && a.stdin && std::io::stdin().is_terminal())
+    copy_session(input, events, a.stdin, a.tty).await
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Pass aer's stdin to it (it must have been started with an input: `aer run -i` or
+    /// `-t`).
+    #[arg(short = 'i', long)]
+    stdin: bool,
+    /// It has a terminal: aer's terminal in raw mode (with -i) and its size sent.
+    #[arg(short = 't', long)]
+    tty: bool,
+    #[command(flatten)]
+    target: ExeRef,
+}
+
+/// Attaches until it ends (aer's exit code is its) or aer leaves (it runs on).
+pub async fn attach(c: &Client, a: AttachArgs) -> Result<ExitCode, Status> {
+    attach_to(c, a.target.proto()?, a.stdin, a.tty, None).await
+}
+
+/// Attaches to `exe` (its output from byte `from` of its log, else from now) until it
+/// ends; aer's exit code is its. `aer run -i` attaches this way from 0.
+pub async fn attach_to(
+    c: &Client,
+    exe: pb::ExecutableRef,
+    stdin: bool,
+    tty: bool,
+    from: Option<u64>,
+) -> Result<ExitCode, Status> {
+    let (input, rx) = mpsc::channel::<pb::AttachInput>(16);
+    let start = pb::AttachInput {
+        what: Some(pb::attach_input::What::Start(pb::AttachStart {
+            executable: Some(exe),
+            stdin,
+            from_offset: from,
+            size: tty.then(terminal_size).flatten(),
+        })),
+    };
+    input
+        .send(start)
+        .await
+        .map_err(|_| Status::internal("the attach's input closed before it started"))?;
+    let events = c
+        .executables()
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    copy_session(input, events, stdin, tty).await
+}
+
+/// Copies a started session: aer's stdin to it (with `stdin`), aer's terminal's size
+/// (with `tty`, in raw mode while it runs), its output to aer's; aer's exit code its.
+async fn copy_session<M: InputMessage>(
+    input: mpsc::Sender<M>,
+    mut events: tonic::Streaming<pb::ExecEvent>,
+    stdin: bool,
+    tty: bool,
+) -> Result<ExitCode, Status> {
+    // Raw mode only once it runs (an error above leaves the terminal as it was).
+    let _raw = (tty && stdin && std::io::stdin().is_terminal())
         .then(RawMode::enter)
         .flatten();
-    if a.stdin {
+    if stdin {
         feed_stdin(input.clone());
     }
-    if a.tty && std::io::stdout().is_terminal() {
+    if tty && std::io::stdout().is_terminal() {
         follow_size(input.clone());
     }
     let mut stdout = std::io::stdout();
@@ -80,7 +147,7 @@ pub async fn run(c: &Client, a: ExecArgs) -> Result<ExitCode, Status> {
     loop {
         let Some(ev) = events.message().await? else {
             return Err(Status::unavailable(
-                "the exec's stream ended without its exit (auraed or the connection went away)",
+                "the stream ended without its exit (auraed or the connection went away)",
             ));
         };
         match ev.what {
@@ -113,24 +180,19 @@ fn exit_code(e: &pb::ExitStatus) -> u8 {
     }
 }
 
-/// Copies aer's stdin to the command on a thread of its own (a blocking read: the process
+/// Copies aer's stdin to the session on a thread of its own (a blocking read: the process
 /// may end while it waits), then says the input ended.
-fn feed_stdin(input: mpsc::Sender<pb::ExecInput>) {
+fn feed_stdin<M: InputMessage>(input: mpsc::Sender<M>) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 32 << 10];
         loop {
-            let what = match stdin.read(&mut buf) {
-                Ok(n) if n > 0 => In::Stdin(buf[..n].to_vec()),
+            let (msg, last) = match stdin.read(&mut buf) {
+                Ok(n) if n > 0 => (M::stdin(buf[..n].to_vec()), false),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                _ => In::CloseStdin(true),
+                _ => (M::close_stdin(), true),
             };
-            let last = matches!(what, In::CloseStdin(_));
-            if input
-                .blocking_send(pb::ExecInput { what: Some(what) })
-                .is_err()
-                || last
-            {
+            if input.blocking_send(msg).is_err() || last {
                 return;
             }
         }
@@ -147,7 +209,7 @@ fn terminal_size() -> Option<pb::TerminalSize> {
 }
 
 /// Sends the terminal's new size each time it changes (SIGWINCH).
-fn follow_size(input: mpsc::Sender<pb::ExecInput>) {
+fn follow_size<M: InputMessage>(input: mpsc::Sender<M>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut winch) = signal(SignalKind::window_change()) else {
         return;
@@ -155,12 +217,7 @@ fn follow_size(input: mpsc::Sender<pb::ExecInput>) {
     tokio::spawn(async move {
         while winch.recv().await.is_some() {
             if let Some(sz) = terminal_size()
-                && input
-                    .send(pb::ExecInput {
-                        what: Some(In::Resize(sz)),
-                    })
-                    .await
-                    .is_err()
+                && input.send(M::resize(sz)).await.is_err()
             {
                 return;
             }

@@ -56,6 +56,14 @@ pub struct RunArgs {
     container: ContainerArgs,
     #[command(flatten)]
     attach: AttachArgs,
+    /// Keep its stdin open for input (`docker run -i`): in the foreground aer's stdin goes
+    /// to it and aer's end of input closes it; with -d it stays open for `aer attach -i`.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give it a pseudo-terminal of its own (its stdout and stderr both on it); in the
+    /// foreground with -i, aer's terminal is in raw mode while it runs.
+    #[arg(short = 't', long)]
+    tty: bool,
     /// The program (an absolute path, executed directly: no shell) and its arguments,
     /// after `--`, e.g. -- /bin/sh -c 'echo hi'.
     #[arg(last = true, value_name = "ARGV")]
@@ -64,8 +72,15 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The executable to start: a plain process, or a container when `--image` is given.
-    fn proto(self) -> Result<pb::Executable, Status> {
+    /// `detach`: started with -d (then its stdin is not closed by the first attach).
+    fn proto(self, detach: bool) -> Result<pb::Executable, Status> {
         let env = env_pairs(&self.env).map_err(invalid)?;
+        let interactive = (self.interactive || self.tty).then_some(pb::Interactive {
+            stdin: self.interactive,
+            // In the foreground aer's end of input is the workload's (`docker run -i`).
+            stdin_once: self.interactive && !detach,
+            tty: self.tty,
+        });
         let Some(image) = self.image else {
             if self.argv.is_empty() {
                 return Err(Status::invalid_argument(
@@ -81,6 +96,7 @@ impl RunArgs {
                 working_dir: self.cwd,
                 uid: self.uid,
                 gid: self.gid,
+                interactive,
                 ..Default::default()
             });
         };
@@ -92,6 +108,7 @@ impl RunArgs {
             cell: self.cell,
             name: self.name,
             container: Some(container),
+            interactive,
             ..Default::default()
         })
     }
@@ -190,9 +207,14 @@ fn exe_row(s: &pb::ExecutableStatus) -> Row {
 /// its output and exits with its exit code (see [`super::attach`]), or with `-d` prints
 /// its id.
 pub async fn start(c: &Client, mut a: RunArgs, fmt: Format) -> ExitCode {
+    if (a.interactive || a.tty) && !a.attach.detach {
+        let attach = std::mem::take(&mut a.attach);
+        let (stdin, tty) = (a.interactive, a.tty);
+        return super::attach::interactive(c, a.proto(false), &attach, stdin, tty).await;
+    }
     let attach = std::mem::take(&mut a.attach);
     let create = async {
-        let mut e = a.proto()?;
+        let mut e = a.proto(attach.detach)?;
         e.run = attach.run_options();
         let exe = c.runtime().run_executable(e).await?.into_inner();
         let image_digest = exe.image_digest.clone();
@@ -264,7 +286,27 @@ mod tests {
         let Command::Run(a) = parse(line).unwrap() else {
             panic!("not aer run")
         };
-        a.proto()
+        let detach = a.attach.detach;
+        a.proto(detach)
+    }
+
+    #[test]
+    fn i_and_t_ask_for_an_input_closed_at_the_end_of_aers_in_the_foreground() {
+        let e = run_args("run -i -t --cell web -- /bin/sh").unwrap();
+        let i = e.interactive.unwrap();
+        assert!(i.stdin && i.stdin_once && i.tty);
+        let e = run_args("run -d -i --cell web -- /bin/cat").unwrap();
+        let i = e.interactive.unwrap();
+        assert!(
+            i.stdin && !i.stdin_once && !i.tty,
+            "kept open for aer attach"
+        );
+        assert!(
+            run_args("run --cell web -- /bin/true")
+                .unwrap()
+                .interactive
+                .is_none()
+        );
     }
 
     #[test]

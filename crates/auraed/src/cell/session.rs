@@ -97,8 +97,8 @@ impl Session {
 }
 
 impl Session {
-    /// Attaches to the running executable `exe`: its output from byte `from` of its log
-    /// (None: from now) until its output ends, its input when `stdin` (it must have been
+    /// Attaches to the running executable `exe` (an exited one only with `from`): its
+    /// output from byte `from` of its log (None: from now) until its output ends, its input when `stdin` (it must have been
     /// started with one), its terminal's size. With `stdin_once`, its stdin is closed
     /// when this attach's input ends or this attach goes.
     pub fn attach(
@@ -107,7 +107,11 @@ impl Session {
         from: Option<u64>,
     ) -> Result<Self, WorkloadError> {
         let id = format!("{}/{}", exe.cell, exe.name);
-        if exe.exited() {
+        // An exited one is attached to only for its output from an offset (a client that
+        // started it and attaches from its first byte, after a quick exit): then its
+        // input goes nowhere.
+        let exited = exe.exited();
+        if exited && from.is_none() {
             return Err(WorkloadError::Precondition(format!(
                 "executable {id} has exited: there is nothing to attach to"
             )));
@@ -122,14 +126,19 @@ impl Session {
                     ),
                 )));
             };
-            let fd = i.writer().map_err(WorkloadError::io)?.ok_or_else(|| {
-                WorkloadError::Precondition(format!(
-                    "executable {id}'s stdin was closed (it was started stdin_once and an attach has ended)"
-                ))
-            })?;
-            let tx = crate::workload::output::sender(fd).map_err(WorkloadError::io)?;
-            let close = (i.once && !i.tty).then(|| CloseOnDrop(i.clone()));
-            Some(Box::new(AttachInput { tx, _close: close }) as Write)
+            match i.writer().map_err(WorkloadError::io)? {
+                Some(fd) => {
+                    let tx = crate::workload::output::sender(fd).map_err(WorkloadError::io)?;
+                    let close = (i.once && !i.tty).then(|| CloseOnDrop(i.clone()));
+                    Some(Box::new(AttachInput { tx, _close: close }) as Write)
+                }
+                None if exited => None,
+                None => {
+                    return Err(WorkloadError::Precondition(format!(
+                        "executable {id}'s stdin was closed (it was started stdin_once and an attach has ended)"
+                    )));
+                }
+            }
         } else {
             None
         };

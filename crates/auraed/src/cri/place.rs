@@ -335,55 +335,6 @@ impl Place {
     }
 }
 
-/// A client message of an interactive session in an instance (ExecStream's or Attach's).
-trait InputMessage: Send + 'static {
-    fn stdin(data: Vec<u8>) -> Self;
-    fn close_stdin() -> Self;
-    fn resize(width: u16, height: u16) -> Self;
-}
-
-impl InputMessage for pb::ExecInput {
-    fn stdin(data: Vec<u8>) -> Self {
-        Self {
-            what: Some(pb::exec_input::What::Stdin(data)),
-        }
-    }
-    fn close_stdin() -> Self {
-        Self {
-            what: Some(pb::exec_input::What::CloseStdin(true)),
-        }
-    }
-    fn resize(width: u16, height: u16) -> Self {
-        Self {
-            what: Some(pb::exec_input::What::Resize(pb::TerminalSize {
-                width: width.into(),
-                height: height.into(),
-            })),
-        }
-    }
-}
-
-impl InputMessage for pb::AttachInput {
-    fn stdin(data: Vec<u8>) -> Self {
-        Self {
-            what: Some(pb::attach_input::What::Stdin(data)),
-        }
-    }
-    fn close_stdin() -> Self {
-        Self {
-            what: Some(pb::attach_input::What::CloseStdin(true)),
-        }
-    }
-    fn resize(width: u16, height: u16) -> Self {
-        Self {
-            what: Some(pb::attach_input::What::Resize(pb::TerminalSize {
-                width: width.into(),
-                height: height.into(),
-            })),
-        }
-    }
-}
-
 /// An interactive exec in a sandbox's instance, over the child's `Executables/ExecStream`:
 /// its output and exit come from the child's events, its input and terminal sizes go as
 /// messages. Killing it cancels the call (the child kills the command).
@@ -448,7 +399,7 @@ pub(super) async fn instance_attach(
 
 /// A session whose ends are a call into an instance: its events become output and exit,
 /// its input and sizes messages.
-fn bridge<M: InputMessage>(
+fn bridge<M: aurae_client::session::InputMessage>(
     input: tokio::sync::mpsc::Sender<M>,
     mut events: tonic::Streaming<pb::ExecEvent>,
     stdin: bool,
@@ -520,7 +471,10 @@ fn bridge<M: InputMessage>(
         stdin: stdin.then(|| Box::new(stdin_w) as crate::cell::session::Write),
         resize: tty.then(|| {
             Box::new(move |width: u16, height: u16| {
-                let _ = input.try_send(M::resize(width, height));
+                let _ = input.try_send(M::resize(pb::TerminalSize {
+                    width: width.into(),
+                    height: height.into(),
+                }));
             }) as Box<dyn Fn(u16, u16) + Send + Sync>
         }),
         exit: Box::pin(async move { exit_rx.await.ok().flatten() }),
