@@ -54,7 +54,7 @@ fn policy(host: &str) -> String {
         "[[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/operator/admin\"\nmethods = [\"*\"]\nnames = [\"*\"]\n\
          allow_uid_zero = true\nregistries = [\"*\"]\n\n\
          [[grant]]\nid = \"spiffe://{TRUST_DOMAIN}/cri\"\nmethods = [\"*\"]\nnames = [\"k8s-*\"]\n\
-         allow_uid_zero = true\nuids = [\"1-65535\"]\ngids = [\"1-65535\"]\nregistries = [\"{host}/aurae\"]\n"
+         allow_uid_zero = true\nuids = [\"1-65535\"]\ngids = [\"1-65535\"]\nregistries = [\"{host}/aurae\"]\nvolumes = [\"pods\"]\n"
     )
 }
 
@@ -72,6 +72,8 @@ async fn env(test: &str) -> Option<Env> {
     let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let host = addr.to_string();
     let tmp = tempfile::tempdir().unwrap();
+    // kubelet's own files (a pod's /etc/hosts, a service account's token) live here.
+    std::fs::create_dir_all(tmp.path().join("kubelet/pods")).unwrap();
     let d = Daemon::start(
         Path::new(env!("CARGO_BIN_EXE_auraed")),
         DaemonOptions {
@@ -84,6 +86,8 @@ async fn env(test: &str) -> Option<Env> {
                 tmp.path().join("run/cri.sock").display().to_string(),
                 "--cri-log-root".to_owned(),
                 tmp.path().join("pods").display().to_string(),
+                "--volume-root".to_owned(),
+                tmp.path().join("kubelet").display().to_string(),
             ],
             ..Default::default()
         },
@@ -270,33 +274,91 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("config.mounts"), "{err:?}");
-    let app = create_container(
-        &mut rt,
-        &sb,
-        container_config(
-            "app",
-            &e.image,
-            Some(
-                "echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
-                 echo 'served by the instance' > /tmp/www/index.html && \
-                 exec httpd -f -p 8080 -h /tmp/www",
-            ),
-        ),
-        &good,
-        &log_dir,
+    assert!(
+        err.message().contains("config.mounts[0].readonly"),
+        "a writable directory is refused: {err:?}"
+    );
+    // kubelet's mounts, copied into the instance when it starts: the pod's /etc/hosts, a
+    // termination log, a service account's token as kubelet writes it (names that are
+    // links into `..data`, a link to a timestamped directory).
+    let kubelet = e.tmp.path().join("kubelet/pods/u1");
+    std::fs::create_dir_all(kubelet.join("containers/app")).unwrap();
+    std::fs::write(
+        kubelet.join("etc-hosts"),
+        "127.0.0.1 localhost\n10.0.0.1 web-0\n",
     )
-    .await
     .unwrap();
+    std::fs::write(kubelet.join("containers/app/1a2b"), "").unwrap();
+    let sa = kubelet.join("volumes/kubernetes.io~projected/kube-api-access-x");
+    let ts = sa.join("..2026_12_03_00_00_00.1");
+    std::fs::create_dir_all(&ts).unwrap();
+    std::fs::write(ts.join("token"), "eyJ.test-token").unwrap();
+    std::fs::write(ts.join("namespace"), "default").unwrap();
+    std::os::unix::fs::symlink("..2026_12_03_00_00_00.1", sa.join("..data")).unwrap();
+    for n in ["token", "namespace"] {
+        std::os::unix::fs::symlink(format!("..data/{n}"), sa.join(n)).unwrap();
+    }
+    let mut appc = container_config(
+        "app",
+        &e.image,
+        Some(
+            "cat /etc/hosts; cat /var/run/secrets/kubernetes.io/serviceaccount/token; echo; \
+             ls -a /var/run/secrets/kubernetes.io/serviceaccount | tr '\\n' ' '; echo; \
+             echo bye > /dev/termination-log && echo wrote-termination-log; \
+             echo \"$GREETING from $(hostname)\"; mkdir -p /tmp/www && \
+             echo 'served by the instance' > /tmp/www/index.html && \
+             exec httpd -f -p 8080 -h /tmp/www",
+        ),
+    );
+    appc.mounts = vec![
+        cri::Mount {
+            container_path: "/etc/hosts".into(),
+            host_path: kubelet.join("etc-hosts").display().to_string(),
+            ..Default::default()
+        },
+        cri::Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: kubelet.join("containers/app/1a2b").display().to_string(),
+            ..Default::default()
+        },
+        cri::Mount {
+            container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            host_path: sa.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
+    ];
+    let app = create_container(&mut rt, &sb, appc, &good, &log_dir)
+        .await
+        .unwrap();
     rt.start_container(cri::StartContainerRequest {
         container_id: app.clone(),
     })
     .await
     .unwrap();
     let log = log_dir.join("app/0.log");
-    log_has(&log, "stdout F hello from web-0", Duration::from_secs(30))
+    let lines = log_has(&log, "stdout F hello from web-0", Duration::from_secs(30))
         .await
         .unwrap();
+    let said = |want: &str| lines.iter().any(|l| l.ends_with(want));
+    assert!(
+        said("stdout F 10.0.0.1 web-0"),
+        "/etc/hosts copied: {lines:?}"
+    );
+    assert!(
+        said("stdout F eyJ.test-token"),
+        "the token copied: {lines:?}"
+    );
+    assert!(
+        said("stdout F . .. namespace token "),
+        "only the names, not kubelet's ..data: {lines:?}"
+    );
+    assert!(said("stdout F wrote-termination-log"), "{lines:?}");
+    assert_eq!(
+        std::fs::read_to_string(kubelet.join("containers/app/1a2b")).unwrap(),
+        "",
+        "a copy: the instance's writes stay there"
+    );
     assert_eq!(
         container_status(&mut rt, &app).await.unwrap().state,
         cri::ContainerState::ContainerRunning as i32

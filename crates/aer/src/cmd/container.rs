@@ -84,6 +84,7 @@ impl ContainerArgs {
                 searches: self.dns_searches.clone(),
                 options: self.dns_options.clone(),
             }),
+            files: Vec::new(),
         })
     }
 }

@@ -128,6 +128,7 @@ impl PodRunArgs {
             volumes: Vec::new(),
             no_new_privileges: self.no_new_privileges,
             dns: None,
+            files: Vec::new(),
         };
         let limits = self.memory.map(|m| pb::CellLimits {
             memory_max_bytes: Some(m),

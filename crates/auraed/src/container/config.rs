@@ -266,6 +266,7 @@ mod tests {
             volumes: vec![],
             no_new_privileges: false,
             dns: None,
+            files: vec![],
         }
     }
 

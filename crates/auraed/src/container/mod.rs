@@ -16,6 +16,7 @@
 //! over localhost (the sidecar pattern).
 
 pub mod config;
+pub mod copy;
 pub mod seccomp;
 pub mod spec;
 
@@ -109,6 +110,39 @@ fn volume_target_allowed(target: &Path, file: bool) -> bool {
     !RESERVED.iter().any(|r| target.starts_with(r))
 }
 
+/// Writes a new file `path` (never following or reusing what is there) with `mode`.
+fn write_new_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    f.write_all(content)?;
+    // The mode as asked, whatever the umask took away.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    Ok(())
+}
+
+/// Makes a new directory `path` (0755) holding `entries` (relative names checked when the
+/// spec was parsed: plain components only), their directories made on the way.
+fn write_new_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o755).create(path)?;
+    for (name, content, mode) in entries {
+        let at = path.join(name);
+        if let Some(parent) = at.parent().filter(|p| *p != path) {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .recursive(true)
+                .create(parent)?;
+        }
+        write_new_file(&at, content, *mode)?;
+    }
+    Ok(())
+}
+
 /// The `/etc/resolv.conf` a container gets from its [`ContainerSpec::dns`].
 pub fn resolv_conf(dns: &spec::Dns) -> String {
     let mut s = String::from("# written by auraed\n");
@@ -137,6 +171,8 @@ pub struct Plan {
     /// The container's `/etc/resolv.conf` (written into its private directory and
     /// mounted read-only over the image's), when the spec asks for DNS settings.
     pub resolv_conf: Option<String>,
+    /// Files written into its private directory and mounted over their (checked) paths.
+    pub files: Vec<spec::FileSpec>,
 }
 
 /// A volume, its host directory or file already open: resolved once, below its root, when the
@@ -177,12 +213,31 @@ impl Plan {
             )));
         }
         let process = config::resolve(spec, &image.config, &image.layer_dirs(store))?;
-        if spec.volumes.len() + usize::from(spec.dns.is_some()) > MAX_VOLUMES {
+        if spec.volumes.len() + spec.files.len() + usize::from(spec.dns.is_some()) > MAX_VOLUMES {
             return Err(FieldError::new(
                 "container.volumes",
-                format!("more than {MAX_VOLUMES} volumes (DNS settings take one)"),
+                format!("more than {MAX_VOLUMES} volumes (DNS settings and each file take one)"),
             )
             .into());
+        }
+        let mut files = Vec::new();
+        for (i, f) in spec.files.iter().enumerate() {
+            let field = format!("container.files[{i}].path");
+            let path = config::normalise(&field, &f.path.to_string_lossy())?;
+            if path == Path::new("/")
+                || RESERVED[..2].iter().any(|r| path.starts_with(r))
+                || !volume_target_allowed(&path, f.entries.is_empty())
+            {
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "{} is reserved (/, /proc, /sys; in /dev only a file, as a new name directly in it)",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+            files.push(spec::FileSpec { path, ..f.clone() });
         }
         let mut volumes = Vec::new();
         for (i, (host, target, ro)) in spec.volumes.iter().enumerate() {
@@ -236,6 +291,7 @@ impl Plan {
             read_only_root: spec.read_only_root,
             volumes,
             resolv_conf: spec.dns.as_ref().map(resolv_conf),
+            files,
         })
     }
 }
@@ -372,6 +428,12 @@ impl Args {
         if plan.resolv_conf.is_some() {
             mkdirs.push(PathBuf::from("/etc"));
         }
+        for f in &plan.files {
+            match (f.entries.is_empty(), f.path.parent()) {
+                (true, Some(parent)) => mkdirs.extend(with_parents(parent)),
+                _ => mkdirs.extend(with_parents(&f.path)),
+            }
+        }
         mkdirs.extend(with_parents(&plan.process.working_dir));
         let mut seen = std::collections::HashSet::new();
         mkdirs.retain(|p| seen.insert(p.clone()));
@@ -406,6 +468,37 @@ impl Args {
             });
             volume_trees.push(tree);
             volume_names.push("(its DNS settings) -> /etc/resolv.conf".to_owned());
+        }
+        // Then the files it was given (a volume at the same path goes over one).
+        for (i, f) in plan.files.iter().enumerate() {
+            let path = rootfs.path().join(format!("file-{i}"));
+            let fail = |e: std::io::Error| {
+                WorkloadError::Precondition(format!(
+                    "container.files[{i}]: writing {}: {e}",
+                    path.display()
+                ))
+            };
+            if f.entries.is_empty() {
+                write_new_file(&path, &f.content, f.mode).map_err(fail)?;
+            } else {
+                write_new_dir(&path, &f.entries).map_err(fail)?;
+            }
+            let fd = rustix::fs::open(
+                &path,
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| fail(e.into()))?;
+            let tree = aurae_sys::container::clone_mount(fd.as_fd(), f.read_only).map_err(fail)?;
+            volumes.push(VolumeMount {
+                source: tree.as_raw_fd(),
+                target: cstr(&f.path)?,
+                file: f.entries.is_empty(),
+            });
+            volume_trees.push(tree);
+            volume_names.push(format!("(a file it was given) -> {}", f.path.display()));
         }
         for (i, v) in plan.volumes.iter().enumerate() {
             let tree =

@@ -23,6 +23,61 @@ pub struct ContainerSpec {
     /// The container's `/etc/resolv.conf`; none: the image's.
     #[serde(default)]
     pub dns: Option<Dns>,
+    /// Files written into its private directory and mounted over their paths.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+}
+
+/// One of [`ContainerSpec::files`]: a file, or a directory of files (`entries`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileSpec {
+    /// Absolute (checked as a volume's target when the plan is made).
+    pub path: std::path::PathBuf,
+    pub content: Vec<u8>,
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    pub read_only: bool,
+    /// A directory's files: (relative name, content, mode); empty for a file.
+    pub entries: Vec<(std::path::PathBuf, Vec<u8>, u32)>,
+}
+
+/// Most files or directories a container may be given (each a mount).
+pub const MAX_FILES: usize = 16;
+/// Most directory entries, together.
+pub const MAX_FILE_ENTRIES: usize = 256;
+/// Most bytes of content, together.
+pub const MAX_FILE_BYTES: usize = 512 << 10;
+
+/// A mode from a request: permission bits only; 0 is 0644.
+fn file_mode(field: String, mode: u32) -> Result<u32, FieldError> {
+    match mode {
+        0 => Ok(0o644),
+        m if m <= 0o777 => Ok(m),
+        m => Err(FieldError::new(
+            field,
+            format!("{m:#o} is more than permission bits (0777)"),
+        )),
+    }
+}
+
+/// A directory entry's name: plain components, at most 4 deep.
+fn entry_name(field: String, name: &str) -> Result<std::path::PathBuf, FieldError> {
+    let parts: Vec<&str> = name.split('/').collect();
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && parts.len() <= 4
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\0'));
+    if !ok {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{name:?} is not a relative name (plain names separated by '/', at most 4 deep)"
+            ),
+        ));
+    }
+    Ok(std::path::PathBuf::from(name))
 }
 
 /// DNS settings, checked as what the resolver will read: one token per value, nothing that
@@ -141,6 +196,69 @@ impl ContainerSpec {
         } else {
             Some(abs_path(&format!("{field}.working_dir"), &c.working_dir)?)
         };
+        if c.files.len() > MAX_FILES {
+            return Err(FieldError::new(
+                format!("{field}.files"),
+                format!("more than {MAX_FILES}"),
+            ));
+        }
+        let entries: usize = c.files.iter().map(|f| f.entries.len()).sum();
+        if entries > MAX_FILE_ENTRIES {
+            return Err(FieldError::new(
+                format!("{field}.files"),
+                format!("{entries} directory entries together, more than {MAX_FILE_ENTRIES}"),
+            ));
+        }
+        let total: usize = c
+            .files
+            .iter()
+            .map(|f| f.content.len() + f.entries.iter().map(|e| e.content.len()).sum::<usize>())
+            .sum();
+        if total > MAX_FILE_BYTES {
+            return Err(FieldError::new(
+                format!("{field}.files"),
+                format!("{total} bytes together, more than {MAX_FILE_BYTES}"),
+            ));
+        }
+        let mut files = Vec::new();
+        for (i, f) in c.files.iter().enumerate() {
+            let at = |n: &str| format!("{field}.files[{i}].{n}");
+            if !f.entries.is_empty() && !f.content.is_empty() {
+                return Err(FieldError::new(
+                    at("content"),
+                    "a directory (entries) has no content of its own",
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            let mut dir = Vec::new();
+            for (j, e) in f.entries.iter().enumerate() {
+                let name = entry_name(at(&format!("entries[{j}].name")), &e.name)?;
+                if !seen.insert(name.clone()) {
+                    return Err(FieldError::new(
+                        at(&format!("entries[{j}].name")),
+                        format!("{:?} is given twice", e.name),
+                    ));
+                }
+                let mode = file_mode(at(&format!("entries[{j}].mode")), e.mode)?;
+                dir.push((name, e.content.clone(), mode));
+            }
+            // A name that is also another's directory ("a" and "a/b") cannot be both.
+            for (name, _, _) in &dir {
+                if seen.iter().any(|o| o != name && o.starts_with(name)) {
+                    return Err(FieldError::new(
+                        at("entries"),
+                        format!("{} is a file and a directory", name.display()),
+                    ));
+                }
+            }
+            files.push(FileSpec {
+                path: abs_path(&at("path"), &f.path)?,
+                content: f.content.clone(),
+                mode: file_mode(at("mode"), f.mode)?,
+                read_only: f.read_only,
+                entries: dir,
+            });
+        }
         let mut volumes = Vec::new();
         for (i, v) in c.volumes.iter().enumerate() {
             volumes.push((
@@ -168,6 +286,107 @@ impl ContainerSpec {
                 .as_ref()
                 .map(|d| Dns::parse(&format!("{field}.dns"), d))
                 .transpose()?,
+            files,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+    use super::*;
+
+    fn with_files(files: Vec<pb::ContainerFile>) -> Result<ContainerSpec, FieldError> {
+        ContainerSpec::parse(
+            "container",
+            Some(pb::Container {
+                image: "reg/x:1".into(),
+                files,
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn entry(name: &str) -> pb::DirectoryEntry {
+        pb::DirectoryEntry {
+            name: name.into(),
+            content: b"x".to_vec(),
+            mode: 0,
+        }
+    }
+
+    #[test]
+    fn files_are_checked_as_what_will_be_written() {
+        let ok = with_files(vec![
+            pb::ContainerFile {
+                path: "/etc/hosts".into(),
+                content: b"127.0.0.1 localhost\n".to_vec(),
+                ..Default::default()
+            },
+            pb::ContainerFile {
+                path: "/var/run/secrets/sa".into(),
+                entries: vec![entry("token"), entry("conf/app.yaml")],
+                read_only: true,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        assert_eq!(ok.files[0].mode, 0o644);
+        assert_eq!(ok.files[1].entries.len(), 2);
+        let file = |path: &str, mode: u32, entries: Vec<pb::DirectoryEntry>| pb::ContainerFile {
+            path: path.into(),
+            mode,
+            entries,
+            ..Default::default()
+        };
+        for (files, field) in [
+            (vec![file("rel", 0, vec![])], "container.files[0].path"),
+            (vec![file("/a", 0o4755, vec![])], "container.files[0].mode"),
+            (
+                vec![file("/a", 0, vec![entry("../x")])],
+                "container.files[0].entries[0].name",
+            ),
+            (
+                vec![file("/a", 0, vec![entry("/abs")])],
+                "container.files[0].entries[0].name",
+            ),
+            (
+                vec![file("/a", 0, vec![entry("a/b/c/d/e")])],
+                "container.files[0].entries[0].name",
+            ),
+            (
+                vec![file("/a", 0, vec![entry("x"), entry("x")])],
+                "container.files[0].entries[1].name",
+            ),
+            (
+                vec![file("/a", 0, vec![entry("x"), entry("x/y")])],
+                "container.files[0].entries",
+            ),
+            (
+                vec![pb::ContainerFile {
+                    path: "/a".into(),
+                    content: b"x".to_vec(),
+                    entries: vec![entry("y")],
+                    ..Default::default()
+                }],
+                "container.files[0].content",
+            ),
+            (
+                (0..17).map(|_| file("/a", 0, vec![])).collect(),
+                "container.files",
+            ),
+            (
+                vec![pb::ContainerFile {
+                    path: "/big".into(),
+                    content: vec![0; MAX_FILE_BYTES + 1],
+                    ..Default::default()
+                }],
+                "container.files",
+            ),
+        ] {
+            let e = with_files(files).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 }

@@ -574,7 +574,15 @@ impl CriRuntime {
                     ))
                 })?;
         }
+        // Its mounts are on this machine: copied into the container's files (read from
+        // what the plan opened, below the volume roots and within the grant).
+        let volumes = plan.volumes.clone();
+        let files = tokio::task::spawn_blocking(move || copy_volumes(&volumes))
+            .await
+            .map_err(|e| Status::internal(format!("copying the mounts: {e}")))??;
         drop(plan);
+        c.volumes.clear();
+        c.files = files;
         c.image = by_digest.to_string();
         (c.uid, c.gid) = (Some(ids.0), Some(ids.1));
         c.no_new_privileges |= !caller.grant.allow_new_privileges;
@@ -642,6 +650,7 @@ impl CriRuntime {
                     searches: d.searches.clone(),
                     options: d.options.clone(),
                 }),
+                files: Vec::new(),
             }),
             interactive: (run.stdin || run.tty).then_some(pb::Interactive {
                 stdin: run.stdin,
@@ -1196,6 +1205,54 @@ fn metadata(sb: &SandboxRecord) -> cri::PodSandboxMetadata {
     }
 }
 
+/// The mounts of a container of an `aurae-vm` sandbox as files for its instance
+/// (`Container.files`), read from the volumes its plan opened; one too large, or a
+/// writable directory, is refused naming its mount.
+fn copy_volumes(volumes: &[crate::container::Volume]) -> Result<Vec<pb::ContainerFile>, Status> {
+    use crate::container::copy::{Budget, Copied, copy};
+    let mut budget = Budget::default();
+    let mut files = Vec::new();
+    for (i, v) in volumes.iter().enumerate() {
+        let field = format!("config.mounts[{i}]");
+        let copied = copy(&v.source, v.file, &mut budget).map_err(|e| {
+            Status::failed_precondition(format!(
+                "{field}: copying {} into the sandbox's instance: {e}",
+                v.sent.display()
+            ))
+        })?;
+        let path = v.target.display().to_string();
+        files.push(match copied {
+            Copied::File(content, mode) => pb::ContainerFile {
+                path,
+                content,
+                mode,
+                read_only: v.read_only,
+                entries: Vec::new(),
+            },
+            Copied::Dir(_) if !v.read_only => {
+                return Err(invalid(
+                    &format!("{field}.readonly"),
+                    "a writable directory cannot be shared into an instance: mount it read-only",
+                ));
+            }
+            Copied::Dir(entries) => pb::ContainerFile {
+                path,
+                read_only: true,
+                entries: entries
+                    .into_iter()
+                    .map(|(name, content, mode)| pb::DirectoryEntry {
+                        name: name.display().to_string(),
+                        content,
+                        mode,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        });
+    }
+    Ok(files)
+}
+
 /// The container's run from its CRI config; every field we cannot honour is refused,
 /// naming it, never dropped in silence (see SPECIFICATION.md for what is accepted and
 /// not applied).
@@ -1454,14 +1511,23 @@ impl RuntimeService for CriRuntime {
             .filter(|i| !i.is_empty())
             .ok_or_else(|| invalid("config.image.image", "is empty"))?;
         let run = container_run(&config)?;
-        if sb.runtime_handler == VM_HANDLER && !run.volumes.is_empty() {
-            return Err(invalid(
-                "config.mounts",
-                format!(
-                    "a container of an {VM_HANDLER:?} sandbox runs in the sandbox's own \
-                     instance, which has no host paths to mount"
-                ),
-            ));
+        if sb.runtime_handler == VM_HANDLER {
+            // Its mounts are copied into the instance when it starts: a file (kubelet's
+            // /etc/hosts, a termination log) or a read-only directory (a service
+            // account's token, a ConfigMap). A writable directory (an emptyDir shared by
+            // the pod's containers) would be a copy of its own in each: refused.
+            for (i, (host, _, ro)) in run.volumes.iter().enumerate() {
+                if !ro && Path::new(host).is_dir() {
+                    return Err(invalid(
+                        &format!("config.mounts[{i}].readonly"),
+                        format!(
+                            "a writable directory cannot be shared into an {VM_HANDLER:?} \
+                             sandbox's instance (its mounts are copies made at the start): \
+                             mount it read-only"
+                        ),
+                    ));
+                }
+            }
         }
         if config.windows.is_some() {
             return Err(invalid("config.windows", "this is a Linux runtime"));
