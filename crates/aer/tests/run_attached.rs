@@ -818,6 +818,11 @@ async fn run_i_and_attach_write_a_processs_own_stdin() {
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "INTO ITS OWN STDIN\n");
 
+    // -t with -i from a pipe: refused (a terminal gets no end of input from a pipe).
+    let r = e.aer(&["run", "-it", "--cell", "c", "--", "/bin/cat"]);
+    assert_eq!(r.code(), Some(125), "{r}");
+    assert!(r.stderr.contains("not a terminal"), "{r}");
+
     // -t: its own terminal.
     let r = e.aer(&[
         "run",

@@ -234,6 +234,28 @@ pub async fn attach_until(
     want: &str,
     within: std::time::Duration,
 ) -> anyhow::Result<String> {
+    Ok(attach_open(url, input, size, want, within).await?.output)
+}
+
+/// An attach still connected (dropping it leaves).
+#[allow(missing_debug_implementations)] // the connection's halves are not Debug
+pub struct Attached {
+    /// What it read until what was wanted came.
+    pub output: String,
+    _reader: aurae_client::spdy::FrameReader<
+        tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>,
+    >,
+    _writer: aurae_client::spdy::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+/// [`attach_until`], staying connected: the attach ends when the result is dropped.
+pub async fn attach_open(
+    url: &str,
+    input: &[u8],
+    size: Option<(u16, u16)>,
+    want: &str,
+    within: std::time::Duration,
+) -> anyhow::Result<Attached> {
     use aurae_client::spdy::Frame;
     let (mut r, mut w) = upgrade(url, "v4.channel.k8s.io").await?;
     let mut kinds = vec![("error", 1u32), ("stdin", 3), ("stdout", 5)];
@@ -285,7 +307,11 @@ pub async fn attach_until(
     .await;
     let text = String::from_utf8_lossy(&out).into_owned();
     match read {
-        Ok(Ok(())) if text.contains(want) => Ok(text),
+        Ok(Ok(())) if text.contains(want) => Ok(Attached {
+            output: text,
+            _reader: r,
+            _writer: w,
+        }),
         Ok(r) => anyhow::bail!(
             "the attach ended ({r:?}, status {:?}) without {want:?}: {text:?}",
             String::from_utf8_lossy(&status)

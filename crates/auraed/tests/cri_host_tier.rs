@@ -1816,6 +1816,13 @@ async fn cri_attach_writes_a_containers_own_stdin_and_terminal() {
             false,
         ),
         ("term", "exec sh", false, true),
+        (
+            "once2",
+            "while read l; do echo \"got $l\"; done; echo eof; exec sleep 60",
+            true,
+            false,
+        ),
+        ("term2", "exec sh", false, true),
     ] {
         let id = create_container(
             &mut rt,
@@ -1833,7 +1840,7 @@ async fn cri_attach_writes_a_containers_own_stdin_and_terminal() {
         .unwrap();
         started.push(id);
     }
-    let [once, keeper, term] = <[String; 3]>::try_from(started).unwrap();
+    let [once, keeper, term, once2, term2] = <[String; 5]>::try_from(started).unwrap();
 
     // stdin_once: what the attach writes is read; its end closes the container's stdin,
     // so the loop ends and the container exits; the attach ends with it.
@@ -1895,16 +1902,53 @@ async fn cri_attach_writes_a_containers_own_stdin_and_terminal() {
         cri::ContainerState::ContainerRunning as i32,
         "an attach leaving does not close the stdin"
     );
+    // A stdin_once container attached to, with the attach still connected when auraed
+    // is killed: that attach ends with auraed, and so must the stdin after the restart.
+    let url = rt
+        .attach(attach(&once2, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let connected =
+        aurae_testkit::cri::attach_open(&url, b"x\n", None, "got x", Duration::from_secs(20))
+            .await
+            .unwrap();
     drop(rt);
     e.d.crash_and_restart_after(Duration::from_millis(300))
         .await
         .unwrap();
+    drop(connected);
     let (mut rt, _) = e.cri().await;
     assert_eq!(
         container_status(&mut rt, &keeper).await.unwrap().state,
         cri::ContainerState::ContainerRunning as i32,
         "the stdin was not closed by auraed's end"
     );
+    log_has(
+        &log_dir.join("once2/0.log"),
+        "stdout F eof",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    // A terminal taken back after the restart: written and sized again.
+    let url = rt
+        .attach(attach(&term2, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let text = attach_until(
+        &url,
+        b"echo again-$((40+2)); stty size\n",
+        Some((90, 20)),
+        "20 90",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert!(text.contains("again-42"), "{text:?}");
     let url = rt
         .attach(attach(&keeper, false))
         .await

@@ -85,20 +85,22 @@ fn holder_keeps_output_pipes() {
         "the kernel reuses the lowest free number"
     );
     assert!(
-        held_b.reclaim().unwrap()[0].is_none(),
+        held_b.reclaim(true).unwrap()[0].is_none(),
         "another pipe under B's number is not B's"
     );
     holder.release_held(&held_b).unwrap();
     drop(rc);
     wc.write_all(&kib).expect("C is still held: no EPIPE");
-    let c_back = held_c.reclaim().unwrap().into_iter().next().unwrap();
+    let c_back = held_c.reclaim(true).unwrap().into_iter().next().unwrap();
     assert!(c_back.is_some(), "C's own record takes it back");
-    // A record without identities (it cannot be checked) takes nothing back.
+    // A record without identities (from before they were kept) is taken at its word only
+    // while its workload runs (its ends were not released), and only for a pipe or socket.
     let unverified = auraed::workload::holder::HeldOutput {
         ids: Vec::new(),
         ..held_c.clone()
     };
-    assert!(unverified.reclaim().unwrap()[0].is_none());
+    assert!(unverified.reclaim(false).unwrap()[0].is_none());
+    assert!(unverified.reclaim(true).unwrap()[0].is_some());
     holder.release_held(&held_c).unwrap();
     drop((c_back, wc));
 

@@ -191,7 +191,9 @@ pub async fn launch(
 /// `aer run -i` / `-t` in the foreground: starts it with its input kept (and its
 /// terminal), attaches to its own stdio from its first byte (aer's stdin to it, aer's end
 /// of input its stdin's end), exits with its exit code; `--rm` frees it once it ended.
-/// Ctrl-C without `-t` detaches: it runs on (and is not freed).
+/// Ctrl-C or SIGTERM to aer (without a terminal in raw mode) stops it as `aer run` does
+/// (a second kills it) and aer waits for its end. `-t` with `-i` needs aer's stdin to be
+/// a terminal (as `docker run -it`): a pipe has no end a terminal could pass on.
 pub async fn interactive(
     c: &Client,
     exe: Result<pb::Executable, Status>,
@@ -199,6 +201,25 @@ pub async fn interactive(
     stdin: bool,
     tty: bool,
 ) -> ExitCode {
+    if stdin && tty && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return failed(&Status::invalid_argument(
+            "-t with -i: aer's stdin is not a terminal (pipe into -i without -t)",
+        ));
+    }
+    if let Some(g) = a.stop_grace
+        && g > MAX_STOP_GRACE
+    {
+        return failed(&Status::invalid_argument(format!(
+            "--stop-grace {g:?}: at most 10m (auraed's longest grace period)"
+        )));
+    }
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("aer: cannot handle SIGINT/SIGTERM: {e}");
+            return ExitCode::from(AER_FAILED);
+        }
+    };
     let started = async { Ok::<_, Status>(c.runtime().run_executable(exe?).await?.into_inner()) };
     let exe = match started.await {
         Ok(e) => e,
@@ -208,9 +229,25 @@ pub async fn interactive(
         cell: exe.cell.clone(),
         name: exe.name.clone(),
     };
-    let code = match super::exec::attach_to(c, r, stdin, tty, Some(0)).await {
+    let id = format!("{}/{}", r.cell, r.name);
+    let attached = super::exec::attach_to(c, r.clone(), stdin, tty, Some(0));
+    tokio::pin!(attached);
+    let mut interrupts = 0u32;
+    let result = loop {
+        tokio::select! {
+            res = &mut attached => break res,
+            sig = signals.recv() => {
+                interrupts += 1;
+                forward(c, &r, &id, sig, interrupts, a.stop_grace);
+            }
+        }
+    };
+    let code = match result {
         Ok(code) => code,
-        Err(e) => return failed(&e),
+        Err(e) => {
+            report(&e);
+            ExitCode::from(AER_FAILED)
+        }
     };
     if a.rm {
         let started = Started {
@@ -220,7 +257,7 @@ pub async fn interactive(
         };
         if let Err(e) = remove(c, &started, a.stop_grace).await {
             eprintln!(
-                "aer: --rm: could not free it: {:?}: {}",
+                "aer: --rm: could not free {id}: {:?}: {}",
                 e.code(),
                 e.message()
             );

@@ -89,8 +89,15 @@ pub struct AttachArgs {
     target: ExeRef,
 }
 
-/// Attaches until it ends (aer's exit code is its) or aer leaves (it runs on).
+/// Attaches until it ends (aer's exit code is its) or aer leaves (it runs on). `-t` with
+/// `-i` needs aer's stdin to be a terminal (an attach passes no end of input into a
+/// terminal: a pipe's end would go nowhere).
 pub async fn attach(c: &Client, a: AttachArgs) -> Result<ExitCode, Status> {
+    if a.stdin && a.tty && !std::io::stdin().is_terminal() {
+        return Err(Status::invalid_argument(
+            "-t with -i: aer's stdin is not a terminal (pipe into -i without -t)",
+        ));
+    }
     attach_to(c, a.target.proto()?, a.stdin, a.tty, None).await
 }
 

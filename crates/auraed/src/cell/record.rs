@@ -116,10 +116,14 @@ pub struct ExecutableRecord {
     /// What is freed once it has ended (a run call's `remove`), if anything.
     #[serde(default)]
     pub free_on_exit: Option<crate::executable::FreeOnExit>,
-    /// How its input is wired: `output` then holds stdout, stderr and (with `stdin`) its
-    /// stdin's write end, or (with `tty`) only its terminal's master side.
+    /// How its input is wired: `output` then holds stdout, stderr and (with `stdin`, while
+    /// it is open) its stdin's write end, or (with `tty`) only its terminal's master side.
     #[serde(default)]
     pub interactive: crate::executable::Interactive,
+    /// With `stdin_once`: an attach asked to write its stdin, so the stdin is not taken
+    /// back after a restart (that attach ended with the old auraed).
+    #[serde(default)]
+    pub stdin_claimed: bool,
 }
 
 /// The store key of an executable: `cell/name` (its own kind directory, so it never
@@ -187,10 +191,63 @@ impl Executable {
             log: self.log.path().unwrap_or_default(),
             container: self.container_record.clone(),
             exit: self.state.borrow().exit.as_ref().map(ExitRecord::from),
-            output: self.held.clone(),
+            output: self.held_now(),
             free_on_exit: self.free_on_exit.lock().ok().and_then(|f| *f),
             interactive: self.interactive,
+            stdin_claimed: self.input.as_ref().is_some_and(|i| i.claimed()),
         }
+    }
+
+    /// What the holder still keeps of it: nothing once its output was let go; without the
+    /// stdin's write end once its input closed.
+    fn held_now(&self) -> Option<HeldOutput> {
+        if self
+            .output_released
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
+        let mut h = self.held.clone()?;
+        let i = self.interactive;
+        let input_open = self.input.as_ref().is_some_and(|i| i.is_open());
+        if i.stdin && !i.tty && !input_open && h.fds.len() > 2 {
+            h.fds.truncate(2);
+            h.ids.truncate(2);
+        }
+        Some(h)
+    }
+
+    /// Writes its record, unless it was freed.
+    pub fn write_record(&self, recorder: &Recorder) {
+        self.write_given(recorder, &self.record());
+    }
+
+    /// Writes `rec` as its record (its record and more: an exit not yet announced),
+    /// unless it was freed.
+    pub fn write_given(&self, recorder: &Recorder, rec: &ExecutableRecord) {
+        let ok = self.recordable.lock().unwrap_or_else(|e| e.into_inner());
+        if *ok {
+            recorder.executable(rec);
+        }
+    }
+
+    /// Deletes its record; nothing writes it again.
+    pub fn forget_record(&self, recorder: &Recorder) {
+        let mut ok = self.recordable.lock().unwrap_or_else(|e| e.into_inner());
+        *ok = false;
+        recorder.forget_executable(&self.cell, &self.name);
+    }
+}
+
+/// Writes `exe`'s record again whenever its input's state changes (claimed, closed).
+pub(super) fn record_input_changes(exe: &Arc<Executable>, recorder: &Recorder) {
+    if let Some(i) = &exe.input {
+        let (w, recorder) = (Arc::downgrade(exe), recorder.clone());
+        i.on_change(move || {
+            if let Some(e) = w.upgrade() {
+                e.write_record(&recorder);
+            }
+        });
     }
 }
 
@@ -379,16 +436,19 @@ impl Cells {
         // pumped); its stdin only if it was not closed meanwhile.
         let tty = r.interactive.tty;
         let outputs = if tty { 1 } else { 2 };
-        let reclaimed = r.output.as_ref().and_then(|h| match h.reclaim() {
-            Ok(fds) => Some(fds),
-            Err(e) => {
-                out.warnings.push(format!(
-                    "executable {}/{}: its output pipes could not be taken back ({e})",
-                    r.cell, r.name
-                ));
-                None
-            }
-        });
+        let reclaimed = r
+            .output
+            .as_ref()
+            .and_then(|h| match h.reclaim(pidfd.is_some()) {
+                Ok(fds) => Some(fds),
+                Err(e) => {
+                    out.warnings.push(format!(
+                        "executable {}/{}: its output pipes could not be taken back ({e})",
+                        r.cell, r.name
+                    ));
+                    None
+                }
+            });
         let (pipes, input): (
             Option<Vec<std::os::fd::OwnedFd>>,
             Option<std::os::fd::OwnedFd>,
@@ -398,6 +458,9 @@ impl Cells {
                 let output: Option<Vec<std::os::fd::OwnedFd>> = fds.into_iter().collect();
                 let input = match (&output, tty) {
                     (Some(o), true) => o[0].try_clone().ok(),
+                    // A stdin_once whose attach had begun: that attach ended with the old
+                    // auraed, and so does the stdin (the old holder's copy goes with it).
+                    (Some(_), false) if r.interactive.stdin_once && r.stdin_claimed => None,
                     (Some(_), false) if r.interactive.stdin => rest.into_iter().next().flatten(),
                     _ => None,
                 };
@@ -427,22 +490,7 @@ impl Cells {
             // gone): nothing is held.
             _ => None,
         };
-        let input = input.map(|fd| {
-            let held_input = match (&self.holder, &ours) {
-                (Some(h), Some(held)) if !tty => held
-                    .fds
-                    .last()
-                    .zip(held.ids.last())
-                    .map(|(n, id)| (h.clone(), *n, *id)),
-                _ => None,
-            };
-            Arc::new(crate::executable::Input::new(
-                fd,
-                tty,
-                r.interactive.stdin_once,
-                held_input,
-            ))
-        });
+        let input = input.map(|fd| self.new_input(fd, r.interactive, ours.as_ref()));
         let exe = Arc::new(Executable {
             cell: r.cell.clone(),
             name: r.name.clone(),
@@ -468,7 +516,10 @@ impl Cells {
             })
             .0,
             free_on_exit: std::sync::Mutex::new(r.free_on_exit),
+            output_released: Default::default(),
+            recordable: std::sync::Mutex::new(true),
         });
+        record_input_changes(&exe, &self.recorder);
         let id = executable_key(&r.cell, &r.name);
         if ended {
             self.events.emit(
@@ -480,11 +531,16 @@ impl Cells {
         }
         let pumped = pipes.is_some();
         if let Some(o) = pipes {
-            self.pump_output(&r.cell, &r.name, o, log.clone(), held, input);
+            self.pump_output(&exe, o);
         } else if exit.is_some() {
             log.close();
         }
-        self.recorder.executable(&exe.record());
+        if exit.is_some()
+            && let Some(i) = &exe.input
+        {
+            i.close();
+        }
+        exe.write_record(&self.recorder);
         if let Some(pidfd) = pidfd {
             tokio::spawn(watch_readopted_executable(
                 self.events.clone(),
@@ -526,6 +582,9 @@ async fn watch_readopted_executable(
     if close_log {
         exe.log.close();
     }
+    if let Some(i) = &exe.input {
+        i.close();
+    }
     let e = Exit {
         status: None,
         oom_killed: false,
@@ -534,7 +593,7 @@ async fn watch_readopted_executable(
     // Recorded before anyone waiting learns of it (see `supervise`).
     let mut rec = exe.record();
     rec.exit = Some(ExitRecord::from(&e));
-    recorder.executable(&rec);
+    exe.write_given(&recorder, &rec);
     exe.state.send_replace(State {
         phase: Phase::Exited,
         exit: Some(e),

@@ -779,7 +779,7 @@ impl Cells {
             tree.remove(&n)?;
             let removed = self.cells.lock().ok().and_then(|mut c| c.remove(&n));
             for e in removed.iter().flat_map(|c| c.executables()) {
-                self.recorder.forget_executable(&e.cell, &e.name);
+                e.forget_record(&self.recorder);
             }
             self.recorder.forget_cell(&n);
             let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));

@@ -225,35 +225,12 @@ impl Cells {
             to_hold.push(i);
         }
         let held = self.hold_output(&spec.cell, &name, &to_hold);
-        let input = input.map(|fd| {
-            let held_input = match (&self.holder, &held) {
-                (Some(h), Some(held)) if !interactive.tty => held
-                    .fds
-                    .last()
-                    .zip(held.ids.last())
-                    .map(|(n, id)| (h.clone(), *n, *id)),
-                _ => None,
-            };
-            Arc::new(executable::Input::new(
-                fd,
-                interactive.tty,
-                interactive.stdin_once,
-                held_input,
-            ))
-        });
+        let input = input.map(|fd| self.new_input(fd, interactive, held.as_ref()));
         let log = Arc::new(Log::new(Some(
             self.logs_dir
                 .join(spec.cell.as_str())
                 .join(format!("{name}.log")),
         )));
-        self.pump_output(
-            &spec.cell,
-            &name,
-            output,
-            log.clone(),
-            held.clone(),
-            input.clone(),
-        );
         if let Some((w, data)) = stdin_data {
             tokio::spawn(output::feed(w, data));
         }
@@ -285,7 +262,11 @@ impl Cells {
             })
             .0,
             free_on_exit: std::sync::Mutex::new(spec.free_on_exit),
+            output_released: Default::default(),
+            recordable: std::sync::Mutex::new(true),
         });
+        super::record::record_input_changes(&exe, &self.recorder);
+        self.pump_output(&exe, output);
         // The cell may have been stopped or freed while the child started: then the child
         // goes (it was born in a cgroup being killed) and the start fails.
         let still_here = self
@@ -299,12 +280,13 @@ impl Cells {
         if !inserted {
             let _ = exe.signal(nix::libc::SIGKILL);
             let _ = exe.log.remove_files();
+            exe.forget_record(&self.recorder);
             return Err(WorkloadError::Precondition(format!(
                 "cell {:?} was stopped or freed while the executable started",
                 spec.cell.as_str()
             )));
         }
-        self.recorder.executable(&exe.record());
+        exe.write_record(&self.recorder);
         let id = format!("{}/{}", spec.cell, name);
         self.events.emit(
             pb::Kind::Executable,
@@ -348,41 +330,65 @@ impl Cells {
         }
     }
 
-    /// Pumps an executable's stdout and stderr (or its terminal: all `stdout`) into its
-    /// log; once all reach EOF the log is complete, its input is closed and the holder
-    /// lets go of its copies.
-    pub(super) fn pump_output(
+    /// The input of an executable started `interactive` (`fd`: its stdin's write end, or
+    /// its terminal's master side), with the holder's copy of a stdin (the last of what
+    /// `held` names) let go when it closes.
+    pub(super) fn new_input(
         &self,
-        cell: &CellName,
-        name: &Label,
-        output: Vec<std::os::fd::OwnedFd>,
-        log: Arc<Log>,
-        held: Option<super::record::HeldOutput>,
-        input: Option<Arc<executable::Input>>,
-    ) {
+        fd: std::os::fd::OwnedFd,
+        interactive: executable::Interactive,
+        held: Option<&super::record::HeldOutput>,
+    ) -> Arc<executable::Input> {
+        let held_input = match (&self.holder, held) {
+            (Some(h), Some(held)) if !interactive.tty && held.fds.len() > 2 => held
+                .fds
+                .last()
+                .zip(held.ids.last())
+                .map(|(n, id)| (h.clone(), *n, *id)),
+            _ => None,
+        };
+        Arc::new(executable::Input::new(
+            fd,
+            interactive.tty,
+            interactive.stdin_once,
+            held_input,
+        ))
+    }
+
+    /// Pumps an executable's stdout and stderr (or its terminal: all `stdout`) into its
+    /// log; once all reach EOF the log is complete, its record stops naming the holder's
+    /// copies, and the holder lets go of them (its stdin's copy goes when the process
+    /// ends: see [`executable::Input::close`]).
+    pub(super) fn pump_output(&self, exe: &Arc<Executable>, output: Vec<std::os::fd::OwnedFd>) {
+        let outputs = output.len();
         let pumps: Vec<_> = output
             .into_iter()
             .zip([Stream::Stdout, Stream::Stderr])
             .map(|(fd, stream)| {
                 tokio::spawn(output::pump(
                     fd,
-                    log.clone(),
+                    exe.log.clone(),
                     stream,
-                    log_failure(&self.events, cell, name),
+                    log_failure(&self.events, &exe.cell, &exe.name),
                 ))
             })
             .collect();
-        let holder = self.holder.clone();
+        let (holder, recorder, exe) = (self.holder.clone(), self.recorder.clone(), exe.clone());
         tokio::spawn(async move {
             for p in pumps {
                 let _ = p.await;
             }
-            log.close();
-            if let Some(i) = input {
-                i.close();
-            }
-            if let (Some(h), Some(held)) = (holder, held) {
-                let _ = h.release_held(&held);
+            exe.log.close();
+            exe.output_released
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            exe.write_record(&recorder);
+            if let (Some(h), Some(held)) = (holder, &exe.held) {
+                let outs = super::record::HeldOutput {
+                    holder: held.holder,
+                    fds: held.fds.iter().take(outputs).copied().collect(),
+                    ids: held.ids.iter().take(outputs).copied().collect(),
+                };
+                let _ = h.release_held(&outs);
             }
         });
     }
@@ -482,7 +488,7 @@ impl Cells {
                 // Under the cell's lock: a new executable of this name cannot start (and
                 // lose its log and record to this) before they are gone.
                 let _ = exe.log.remove_files();
-                self.recorder.forget_executable(&exe.cell, &exe.name);
+                exe.forget_record(&self.recorder);
             }
         }
         Ok(())
@@ -503,7 +509,7 @@ impl Cells {
             inner.executables.remove(&r.name);
             // Under the cell's lock (see free_executable_if_same).
             let _ = exe.log.remove_files();
-            self.recorder.forget_executable(&r.cell, &r.name);
+            exe.forget_record(&self.recorder);
         }
         Ok(())
     }
@@ -587,11 +593,16 @@ async fn supervise(
     // find the record to delete, not have it written back after.
     let mut rec = exe.record();
     rec.exit = Some(super::record::ExitRecord::from(&e));
-    recorder.executable(&rec);
+    exe.write_given(&recorder, &rec);
     exe.state.send_replace(State {
         phase: Phase::Exited,
         exit: Some(e),
     });
+    // Its input goes with it (a process that closed its output may still read on until
+    // here).
+    if let Some(i) = &exe.input {
+        i.close();
+    }
     let (ty, msg) = if oom_killed {
         (
             pb::EventType::OomKilled,

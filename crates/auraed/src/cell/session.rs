@@ -118,7 +118,15 @@ impl Session {
         }
         let input = exe.input.clone();
         let writer = if stdin {
+            let closed = || {
+                WorkloadError::Precondition(format!(
+                    "executable {id}'s stdin was closed (it was started stdin_once and an attach to it has ended, or it has exited)"
+                ))
+            };
             let Some(i) = &input else {
+                if exe.interactive.any() && !exited {
+                    return Err(closed());
+                }
                 return Err(WorkloadError::Invalid(crate::spec::FieldError::new(
                     "stdin",
                     format!(
@@ -129,15 +137,16 @@ impl Session {
             match i.writer().map_err(WorkloadError::io)? {
                 Some(fd) => {
                     let tx = crate::workload::output::sender(fd).map_err(WorkloadError::io)?;
-                    let close = (i.once && !i.tty).then(|| CloseOnDrop(i.clone()));
+                    // stdin_once: this attach's end closes it (recorded now, so a restart
+                    // in between closes it too).
+                    let close = (i.once && !i.tty).then(|| {
+                        i.claim();
+                        CloseOnDrop(i.clone())
+                    });
                     Some(Box::new(AttachInput { tx, _close: close }) as Write)
                 }
                 None if exited => None,
-                None => {
-                    return Err(WorkloadError::Precondition(format!(
-                        "executable {id}'s stdin was closed (it was started stdin_once and an attach has ended)"
-                    )));
-                }
+                None => return Err(closed()),
             }
         } else {
             None

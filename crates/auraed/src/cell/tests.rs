@@ -603,10 +603,20 @@ async fn an_attach_writes_an_interactive_stdin_and_stdin_once_closes_it() {
     };
     let cat = f.cells.run(spec, None).await.unwrap();
     assert!(cat.input.as_ref().is_some_and(|i| i.is_open()));
-    // An attach that does not write leaves the stdin as it is.
+    // An attach that does not write leaves the stdin as it is, also when it goes.
     let watcher = super::session::Session::attach(cat.clone(), false, None).unwrap();
     assert!(watcher.stdin.is_none());
+    drop(watcher);
+    assert!(cat.input.as_ref().is_some_and(|i| i.is_open()));
+    let watcher = super::session::Session::attach(cat.clone(), false, None).unwrap();
+    let claimed = |f: &Fixture| {
+        let r: super::record::ExecutableRecord =
+            f.store.get(kinds::EXECUTABLE, "web/cat").unwrap().unwrap();
+        r.stdin_claimed
+    };
+    assert!(!claimed(&f));
     let mut first = super::session::Session::attach(cat.clone(), true, None).unwrap();
+    assert!(claimed(&f), "recorded: a restart now closes it too");
     let mut w = first.stdin.take().unwrap();
     w.write_all(b"one\n").await.unwrap();
     let mut out = first.stdout.take().unwrap();

@@ -696,20 +696,48 @@ async fn run_session(
     }
     let mut sizes = Vec::new();
     // The client's frames until the session ends: stdin, sizes, pings, its leaving.
-    let status = loop {
+    // The client's frames on a task of their own (a frame read is not cancel-safe, so it
+    // must not race anything): into a channel, and `gone` once the client has left, so
+    // a write into a stdin nobody reads races the client's leaving too.
+    let (frames_tx, mut frames) = mpsc::channel::<Frame>(64);
+    let (gone_tx, gone) = tokio::sync::watch::channel(false);
+    let _reading = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            match reader.next().await {
+                Ok(Some(f)) => {
+                    if frames_tx.send(f).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    let _ = gone_tx.send(true);
+                    return;
+                }
+            }
+        }
+    }));
+    let left = || {
+        let mut g = gone.clone();
+        async move {
+            let _ = g.wait_for(|gone| *gone).await;
+        }
+    };
+    // Its end, or None: the client left first.
+    let ended = loop {
         tokio::select! {
-            s = &mut exit => break s,
-            f = reader.next() => match f {
-                Ok(Some(Frame::Data { stream, flags, data })) if Some(stream) == stdin_id => {
-                    // A command that does not read its input must not hide its end:
-                    // the write races it.
+            s = &mut exit => break Some(s),
+            f = frames.recv() => match f {
+                Some(Frame::Data { stream, flags, data }) if Some(stream) == stdin_id => {
+                    // A command that does not read its input must not hide its end or
+                    // its client's leaving: the write races both.
                     if stdin_open && let Some(w) = stdin_w.as_mut() {
                         tokio::select! {
                             r = w.write_all(&data) => if r.is_err() {
                                 stdin_open = false;
                                 stdin_w = None;
                             },
-                            s = &mut exit => break s,
+                            s = &mut exit => break Some(s),
+                            () = left() => break None,
                         }
                     }
                     if flags & FLAG_FIN != 0 {
@@ -721,41 +749,43 @@ async fn run_session(
                         stdin_open = false;
                     }
                 }
-                Ok(Some(Frame::Data { stream, data, .. })) if Some(stream) == resize_id => {
+                Some(Frame::Data { stream, data, .. }) if Some(stream) == resize_id => {
                     sizes.extend_from_slice(&data);
                     if let (Some((w, h)), Some(resize)) = (last_size(&mut sizes), &resize) {
                         resize(w, h);
                     }
                 }
-                Ok(Some(Frame::RstStream { stream, .. })) if Some(stream) == stdin_id => {
+                Some(Frame::RstStream { stream, .. }) if Some(stream) == stdin_id => {
                     if !eof_char {
                         stdin_w = None;
                     }
                     stdin_open = false;
                 }
-                Ok(Some(Frame::Ping { id })) => {
+                Some(Frame::Ping { id }) => {
                     send(&tx, Frame::Ping { id }).await;
                 }
-                Ok(Some(Frame::SynStream { stream, .. })) => {
+                Some(Frame::SynStream { stream, .. }) => {
                     refuse(&tx, stream).await;
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    // The client is gone: an exec's command goes too; an attach lets go.
-                    kill();
-                    for p in &pumps {
-                        p.abort();
-                    }
-                    if detaches {
-                        info!(session = %what, "CRI stream: the client detached");
-                    } else {
-                        let _ = (&mut exit).await;
-                        warn!(session = %what, "CRI stream: the client left before its exec ended: killed");
-                    }
-                    return Ok(());
-                }
+                Some(_) => {}
+                None => break None,
             },
         }
+    };
+    let Some(status) = ended else {
+        // The client is gone: an exec's command goes too; an attach lets go.
+        kill();
+        for p in &pumps {
+            p.abort();
+        }
+        drop(stdin_w);
+        if detaches {
+            info!(session = %what, "CRI stream: the client detached");
+        } else {
+            let _ = exit.await;
+            warn!(session = %what, "CRI stream: the client left before its exec ended: killed");
+        }
+        return Ok(());
     };
     drop(stdin_w);
     let drained = tokio::time::timeout(OUTPUT_GRACE, async {
@@ -821,6 +851,15 @@ async fn open_streams(
     match opened {
         Ok(r) => r.map(|()| ids),
         Err(_) => anyhow::bail!("the client opened {ids:?} of {wanted:?} within {HANDSHAKE:?}"),
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

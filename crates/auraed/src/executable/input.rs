@@ -12,13 +12,25 @@ use std::{
 use crate::workload::holder::{FileId, Holder};
 
 /// The input of an executable started with `interactive.stdin` or `tty`.
-#[derive(Debug)]
 pub struct Input {
     /// A terminal: the fd is its master side (its output is read from the same side).
     pub tty: bool,
     /// Its stdin is closed when the first attach that wrote to it ends.
     pub once: bool,
     state: Mutex<State>,
+    /// Called when what its record says changes (claimed, closed): the executable's
+    /// record is written again, before the holder lets go of anything.
+    on_change: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Input")
+            .field("tty", &self.tty)
+            .field("once", &self.once)
+            .field("state", &self.state)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -28,6 +40,9 @@ struct State {
     /// The holder's copy of a stdin pipe's write end (its number and file), let go when
     /// the input closes. Never for a terminal: that copy keeps the output too.
     held: Option<(Arc<Holder>, i32, FileId)>,
+    /// With `once`: an attach asked to write it (its end closes it; recorded, so a
+    /// restart in between closes it too).
+    claimed: bool,
 }
 
 impl Input {
@@ -43,7 +58,40 @@ impl Input {
             state: Mutex::new(State {
                 fd: Some(fd),
                 held: if tty { None } else { held },
+                claimed: false,
             }),
+            on_change: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// What to call when what its record says changes (set once, after the executable
+    /// exists).
+    pub fn on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(f));
+    }
+
+    fn changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f();
+        }
+    }
+
+    /// Whether an attach asked to write it (with `once`).
+    pub fn claimed(&self) -> bool {
+        self.state().claimed
+    }
+
+    /// An attach asks to write it: with `once`, recorded (its end will close it).
+    pub fn claim(&self) {
+        if !self.once {
+            return;
+        }
+        let first = {
+            let mut s = self.state();
+            !std::mem::replace(&mut s.claimed, true)
+        };
+        if first {
+            self.changed();
         }
     }
 
@@ -73,13 +121,18 @@ impl Input {
 
     /// Closes it: auraed's end and the holder's copy (the executable reads EOF once no
     /// attach still writes). A terminal stays open for its output: only auraed's writing
-    /// end goes.
+    /// end goes. The record stops naming the holder's copy before it is let go (a number
+    /// the holder released may soon hold another workload's fd).
     pub fn close(&self) {
         let (fd, held) = {
             let mut s = self.state();
             (s.fd.take(), s.held.take())
         };
+        if fd.is_none() {
+            return;
+        }
         drop(fd);
+        self.changed();
         if let Some((holder, number, id)) = held
             && let Err(e) =
                 crate::workload::holder::off_runtime(|| holder.release(&[number], &[id]))

@@ -83,6 +83,12 @@ pub struct Executable {
     pub interactive: Interactive,
     /// Its input, for Attach (started with `interactive.stdin` or `tty`, and not lost).
     pub input: Option<Arc<Input>>,
+    /// The holder let go of its output (at its end): its record names none of the
+    /// holder's numbers any more (one released may soon hold another workload's fd).
+    pub output_released: std::sync::atomic::AtomicBool,
+    /// Its record may be written: false once it was freed (a late write would bring back
+    /// the record of something gone).
+    pub recordable: std::sync::Mutex<bool>,
     pub started_at: SystemTime,
     pub log: Arc<Log>,
     pub state: watch::Sender<State>,

@@ -88,7 +88,7 @@ impl Vms {
             let channels = r
                 .channels
                 .as_ref()
-                .and_then(|h| h.reclaim_pair().ok().flatten());
+                .and_then(|h| h.reclaim_pair(vmm.is_some()).ok().flatten());
             let (Some(pidfd), Some((ctl, console))) = (vmm, channels) else {
                 self.forget_lost(&r, &mut out);
                 continue;

@@ -107,6 +107,17 @@ pub fn file_id(fd: BorrowedFd<'_>) -> io::Result<FileId> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// Whether `fd` is a pipe or a socket (what holders held before identities were kept).
+fn pipe_or_socket(fd: &OwnedFd) -> bool {
+    use rustix::fs::FileType;
+    rustix::fs::fstat(fd).is_ok_and(|st| {
+        matches!(
+            FileType::from_raw_mode(st.st_mode),
+            FileType::Fifo | FileType::Socket
+        )
+    })
+}
+
 /// The identity of our own fd `n`, through `/proc/self/fd` (the magic link is the file
 /// itself: a pipe's stat is the pipe's).
 fn file_id_of_number(n: RawFd) -> io::Result<FileId> {
@@ -118,30 +129,38 @@ fn file_id_of_number(n: RawFd) -> io::Result<FileId> {
 impl HeldOutput {
     /// Takes back the ends a previous holder keeps (see [`reclaim`]), in order: `None`
     /// for one it no longer holds (released) or whose number now holds another file than
-    /// the one handed over ([`HeldOutput::ids`]; a record without them takes nothing
-    /// back: it cannot be told from another workload's).
-    pub fn reclaim(&self) -> io::Result<Vec<Option<OwnedFd>>> {
+    /// the one handed over ([`HeldOutput::ids`]). A record from before identities were
+    /// kept (none) is taken at its word only when `owner_alive` (the workload still
+    /// runs: its ends were not released, so its numbers were not reused) and only for
+    /// what was held then (pipes and sockets); else nothing comes back.
+    pub fn reclaim(&self, owner_alive: bool) -> io::Result<Vec<Option<OwnedFd>>> {
         let got = reclaim(&self.holder, &self.fds)?;
+        let legacy = self.ids.is_empty();
         Ok(got
             .into_iter()
             .enumerate()
             .map(|(i, fd)| {
                 let fd = fd?;
-                let same = self
-                    .ids
-                    .get(i)
-                    .is_some_and(|want| file_id(fd.as_fd()).is_ok_and(|id| id == *want));
+                let same = if legacy {
+                    owner_alive && pipe_or_socket(&fd)
+                } else {
+                    self.ids
+                        .get(i)
+                        .is_some_and(|want| file_id(fd.as_fd()).is_ok_and(|id| id == *want))
+                };
                 same.then_some(fd)
             })
             .collect())
     }
 
     /// [`HeldOutput::reclaim`] of two ends; `Ok(None)` unless both come back.
-    pub fn reclaim_pair(&self) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
-        Ok(match <[Option<OwnedFd>; 2]>::try_from(self.reclaim()?) {
-            Ok([Some(a), Some(b)]) => Some((a, b)),
-            _ => None,
-        })
+    pub fn reclaim_pair(&self, owner_alive: bool) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
+        Ok(
+            match <[Option<OwnedFd>; 2]>::try_from(self.reclaim(owner_alive)?) {
+                Ok([Some(a), Some(b)]) => Some((a, b)),
+                _ => None,
+            },
+        )
     }
 }
 
@@ -543,7 +562,8 @@ fn serve_one(ctl: &OwnedFd, held: &mut BTreeSet<RawFd>) -> io::Result<bool> {
             for (i, n) in numbers.into_iter().enumerate() {
                 // With identities, only the very file handed over is closed.
                 let other_file = ids.get(i).is_some_and(|want| {
-                    held.contains(&n) && file_id_of_number(n).is_ok_and(|id| id != *want)
+                    // Unreadable counts as another file: kept, never closed blind.
+                    held.contains(&n) && file_id_of_number(n).map_or(true, |id| id != *want)
                 });
                 if !other_file && held.remove(&n) {
                     let _ = nix::unistd::close(n);
