@@ -49,3 +49,17 @@ impl InputMessage for pb::AttachInput {
         }
     }
 }
+
+/// A session's input channel with its `start` already in it: the sender for what follows,
+/// and the stream the call sends (its first message the start).
+pub fn with_start<M: Send + 'static>(
+    start: M,
+) -> (
+    tokio::sync::mpsc::Sender<M>,
+    tokio_stream::wrappers::ReceiverStream<M>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    // A fresh channel has room: the start goes first.
+    let _ = tx.try_send(start);
+    (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -170,33 +170,7 @@ pub async fn exec_stream_with(
 ) -> anyhow::Result<Streamed> {
     use aurae_client::spdy::{FLAG_FIN, Frame};
     let (mut r, mut w) = upgrade(url, "v4.channel.k8s.io").await?;
-    let mut kinds = vec![("error", 1u32)];
-    if stdin.is_some() {
-        kinds.push(("stdin", 3));
-    }
-    kinds.push(("stdout", 5));
-    if size.is_some() {
-        kinds.push(("resize", 9));
-    } else {
-        kinds.push(("stderr", 7));
-    }
-    for (kind, id) in &kinds {
-        w.send(&Frame::SynStream {
-            stream: *id,
-            associated: 0,
-            flags: 0,
-            headers: vec![("streamtype".into(), (*kind).into())],
-        })
-        .await?;
-    }
-    if let Some((cols, rows)) = size {
-        w.send(&Frame::Data {
-            stream: 9,
-            flags: 0,
-            data: format!("{{\"Width\":{cols},\"Height\":{rows}}}\n").into_bytes(),
-        })
-        .await?;
-    }
+    open_exec_streams(&mut w, stdin.is_some(), size).await?;
     if let Some(input) = stdin {
         for c in input.chunks(aurae_client::spdy::DATA_CHUNK) {
             w.send(&Frame::Data {
@@ -258,29 +232,7 @@ pub async fn attach_open(
 ) -> anyhow::Result<Attached> {
     use aurae_client::spdy::Frame;
     let (mut r, mut w) = upgrade(url, "v4.channel.k8s.io").await?;
-    let mut kinds = vec![("error", 1u32), ("stdin", 3), ("stdout", 5)];
-    kinds.push(if size.is_some() {
-        ("resize", 9)
-    } else {
-        ("stderr", 7)
-    });
-    for (kind, id) in &kinds {
-        w.send(&Frame::SynStream {
-            stream: *id,
-            associated: 0,
-            flags: 0,
-            headers: vec![("streamtype".into(), (*kind).into())],
-        })
-        .await?;
-    }
-    if let Some((cols, rows)) = size {
-        w.send(&Frame::Data {
-            stream: 9,
-            flags: 0,
-            data: format!("{{\"Width\":{cols},\"Height\":{rows}}}\n").into_bytes(),
-        })
-        .await?;
-    }
+    open_exec_streams(&mut w, true, size).await?;
     w.send(&Frame::Data {
         stream: 3,
         flags: 0,
@@ -318,6 +270,45 @@ pub async fn attach_open(
         ),
         Err(_) => anyhow::bail!("no {want:?} within {within:?}: {text:?}"),
     }
+}
+
+/// Opens the streams kubectl opens for an exec or attach: `error` (1), `stdin` (3) when
+/// `stdin`, `stdout` (5), and `stderr` (7) or with a terminal of `size` (columns, rows) a
+/// `resize` stream (9) carrying the size first.
+async fn open_exec_streams(
+    w: &mut aurae_client::spdy::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    stdin: bool,
+    size: Option<(u16, u16)>,
+) -> anyhow::Result<()> {
+    use aurae_client::spdy::Frame;
+    let mut kinds = vec![("error", 1u32)];
+    if stdin {
+        kinds.push(("stdin", 3));
+    }
+    kinds.push(("stdout", 5));
+    kinds.push(if size.is_some() {
+        ("resize", 9)
+    } else {
+        ("stderr", 7)
+    });
+    for (kind, id) in &kinds {
+        w.send(&Frame::SynStream {
+            stream: *id,
+            associated: 0,
+            flags: 0,
+            headers: vec![("streamtype".into(), (*kind).into())],
+        })
+        .await?;
+    }
+    if let Some((cols, rows)) = size {
+        w.send(&Frame::Data {
+            stream: 9,
+            flags: 0,
+            data: format!("{{\"Width\":{cols},\"Height\":{rows}}}\n").into_bytes(),
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// One connection through a CRI PortForward URL (`portforward.k8s.io`), as `kubectl

@@ -349,6 +349,51 @@ async fn inside_l1(web: &str) {
     );
     assert_eq!(out.exit_code(), Some(4), "{}", out.status);
 
+    // Attach with input (kubectl run -i) to a container of the microVM: its own stdin,
+    // written through the instance's Executables/Attach and closed at the attach's end.
+    let mut talk = container_config(
+        "talk",
+        web,
+        Some("while read l; do echo \"got $l\"; done; echo bye"),
+    );
+    (talk.stdin, talk.stdin_once) = (true, true);
+    std::fs::create_dir_all(log_dir.join("talk")).unwrap();
+    let talk = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(talk),
+            sandbox_config: Some(config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: talk.clone(),
+    })
+    .await
+    .unwrap();
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: talk.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = aurae_testkit::cri::exec_stream(&url, Some(b"into its own stdin\n"))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got into its own stdin\nbye\n"
+    );
+    assert!(out.status.contains("Success"), "{}", out.status);
+
     // Port-forward: the streaming server on L1's loopback dials the microVM's address.
     let mut body = String::new();
     for _ in 0..100 {

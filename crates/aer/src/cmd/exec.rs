@@ -21,7 +21,10 @@ use std::{
     process::ExitCode,
 };
 
-use aurae_client::{Client, session::InputMessage};
+use aurae_client::{
+    Client,
+    session::{InputMessage, with_start},
+};
 use aurae_proto::runtime::v0 as pb;
 use clap::Args;
 use pb::{exec_event::What as Ev, exec_input::What as In};
@@ -55,24 +58,15 @@ pub async fn run(c: &Client, a: ExecArgs) -> Result<ExitCode, Status> {
         timeout: None,
     };
     let size = a.tty.then(terminal_size).flatten();
-    let (input, rx) = mpsc::channel::<pb::ExecInput>(16);
-    let start = pb::ExecInput {
+    let (input, stream) = with_start(pb::ExecInput {
         what: Some(In::Start(pb::ExecStart {
             request: Some(request),
             stdin: a.stdin,
             tty: a.tty,
             size,
         })),
-    };
-    input
-        .send(start)
-        .await
-        .map_err(|_| Status::internal("the exec's input closed before it started"))?;
-    let events = c
-        .executables()
-        .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    });
+    let events = c.executables().exec_stream(stream).await?.into_inner();
     copy_session(input, events, a.stdin, a.tty).await
 }
 
@@ -110,24 +104,15 @@ pub async fn attach_to(
     tty: bool,
     from: Option<u64>,
 ) -> Result<ExitCode, Status> {
-    let (input, rx) = mpsc::channel::<pb::AttachInput>(16);
-    let start = pb::AttachInput {
+    let (input, stream) = with_start(pb::AttachInput {
         what: Some(pb::attach_input::What::Start(pb::AttachStart {
             executable: Some(exe),
             stdin,
             from_offset: from,
             size: tty.then(terminal_size).flatten(),
         })),
-    };
-    input
-        .send(start)
-        .await
-        .map_err(|_| Status::internal("the attach's input closed before it started"))?;
-    let events = c
-        .executables()
-        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    });
+    let events = c.executables().attach(stream).await?.into_inner();
     copy_session(input, events, stdin, tty).await
 }
 

@@ -348,24 +348,15 @@ pub(super) async fn instance_session(
         crate::cell::exec::ExecStdio::Terminal => (true, true),
     };
     let what = format!("{:?} in an instance", request.argv);
-    let (input, rx) = tokio::sync::mpsc::channel::<pb::ExecInput>(16);
-    let start = pb::ExecInput {
+    let (input, stream) = aurae_client::session::with_start(pb::ExecInput {
         what: Some(pb::exec_input::What::Start(pb::ExecStart {
             request: Some(request),
             stdin,
             tty,
             size: None,
         })),
-    };
-    input
-        .send(start)
-        .await
-        .map_err(|_| Status::internal("the exec's input closed before it started"))?;
-    let events = client
-        .executables()
-        .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    });
+    let events = client.executables().exec_stream(stream).await?.into_inner();
     Ok(bridge(input, events, stdin, tty, false, what))
 }
 
@@ -382,18 +373,10 @@ pub(super) async fn instance_attach(
         start.executable.as_ref().map(|e| e.name.as_str())
     );
     let stdin = start.stdin;
-    let (input, rx) = tokio::sync::mpsc::channel::<pb::AttachInput>(16);
-    input
-        .send(pb::AttachInput {
-            what: Some(pb::attach_input::What::Start(start)),
-        })
-        .await
-        .map_err(|_| Status::internal("the attach's input closed before it started"))?;
-    let events = client
-        .executables()
-        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (input, stream) = aurae_client::session::with_start(pb::AttachInput {
+        what: Some(pb::attach_input::What::Start(start)),
+    });
+    let events = client.executables().attach(stream).await?.into_inner();
     Ok(bridge(input, events, stdin, tty, true, what))
 }
 
