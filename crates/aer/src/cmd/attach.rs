@@ -83,6 +83,16 @@ pub struct AttachArgs {
 }
 
 impl AttachArgs {
+    /// `--stop-grace` within auraed's bound.
+    fn check_grace(&self) -> Result<(), Status> {
+        match self.stop_grace {
+            Some(g) if g > MAX_STOP_GRACE => Err(Status::invalid_argument(format!(
+                "--stop-grace {g:?}: at most 10m (auraed's longest grace period)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The call's run options: with `-d --rm`, auraed frees it at its end (in the
     /// foreground aer frees it itself once it has shown the whole output).
     pub fn run_options(&self) -> Option<pb::RunOptions> {
@@ -120,24 +130,17 @@ pub async fn launch(
     fmt: Format,
     create: impl Future<Output = Result<Started, Status>>,
 ) -> ExitCode {
-    if let Some(g) = a.stop_grace
-        && g > MAX_STOP_GRACE
-    {
-        return failed(&Status::invalid_argument(format!(
-            "--stop-grace {g:?}: at most 10m (auraed's longest grace period)"
-        )));
+    if let Err(e) = a.check_grace() {
+        return failed(&e);
     }
     // Installed before anything is created: a Ctrl-C from now on stops the workload
     // (once it exists) instead of killing aer and leaving it behind.
     let mut signals = if a.detach {
         None
     } else {
-        match Signals::install() {
+        match Signals::install_or_report() {
             Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("aer: cannot handle SIGINT/SIGTERM: {e}");
-                return ExitCode::from(AER_FAILED);
-            }
+            Err(code) => return code,
         }
     };
     let started = match create.await {
@@ -201,24 +204,12 @@ pub async fn interactive(
     stdin: bool,
     tty: bool,
 ) -> ExitCode {
-    if stdin && tty && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        return failed(&Status::invalid_argument(
-            "-t with -i: aer's stdin is not a terminal (pipe into -i without -t)",
-        ));
+    if let Err(e) = super::exec::refuse_piped_tty(stdin, tty).and_then(|()| a.check_grace()) {
+        return failed(&e);
     }
-    if let Some(g) = a.stop_grace
-        && g > MAX_STOP_GRACE
-    {
-        return failed(&Status::invalid_argument(format!(
-            "--stop-grace {g:?}: at most 10m (auraed's longest grace period)"
-        )));
-    }
-    let mut signals = match Signals::install() {
+    let mut signals = match Signals::install_or_report() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("aer: cannot handle SIGINT/SIGTERM: {e}");
-            return ExitCode::from(AER_FAILED);
-        }
+        Err(code) => return code,
     };
     let started = async { Ok::<_, Status>(c.runtime().run_executable(exe?).await?.into_inner()) };
     let exe = match started.await {
@@ -306,6 +297,14 @@ pub struct Signals {
 }
 
 impl Signals {
+    /// [`Signals::install`], a failure reported (aer then exits 125).
+    fn install_or_report() -> Result<Self, ExitCode> {
+        Self::install().map_err(|e| {
+            eprintln!("aer: cannot handle SIGINT/SIGTERM: {e}");
+            ExitCode::from(AER_FAILED)
+        })
+    }
+
     pub fn install() -> std::io::Result<Self> {
         Ok(Self {
             int: signal(SignalKind::interrupt())?,

@@ -87,12 +87,18 @@ pub struct AttachArgs {
 /// `-i` needs aer's stdin to be a terminal (an attach passes no end of input into a
 /// terminal: a pipe's end would go nowhere).
 pub async fn attach(c: &Client, a: AttachArgs) -> Result<ExitCode, Status> {
-    if a.stdin && a.tty && !std::io::stdin().is_terminal() {
+    refuse_piped_tty(a.stdin, a.tty)?;
+    attach_to(c, a.target.proto()?, a.stdin, a.tty, None).await
+}
+
+/// `-t` with `-i` and aer's stdin not a terminal: refused (as `docker run -it`).
+pub fn refuse_piped_tty(stdin: bool, tty: bool) -> Result<(), Status> {
+    if stdin && tty && !std::io::stdin().is_terminal() {
         return Err(Status::invalid_argument(
             "-t with -i: aer's stdin is not a terminal (pipe into -i without -t)",
         ));
     }
-    attach_to(c, a.target.proto()?, a.stdin, a.tty, None).await
+    Ok(())
 }
 
 /// Attaches to `exe` (its output from byte `from` of its log, else from now) until it

@@ -373,19 +373,19 @@ async fn serve_session<M: Into<ClientMessage>>(
         }
     };
     let Some(status) = ended else {
+        // An exec's command is killed (and its end waited for); an attach lets go.
         kill();
-        if detaches {
-            for p in &pumps {
-                p.abort();
-            }
-            tracing::info!(session = %what, "the client detached");
-            return;
+        if !detaches {
+            let _ = exit.await;
         }
-        let _ = exit.await;
         for p in &pumps {
             p.abort();
         }
-        tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
+        if detaches {
+            tracing::info!(session = %what, "the client detached");
+        } else {
+            tracing::warn!(session = %what, "interactive exec: the client left before it ended: killed");
+        }
         return;
     };
     drop(stdin);

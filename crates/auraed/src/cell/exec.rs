@@ -91,7 +91,7 @@ fn candidates(argv0: &str, env: &[CString]) -> Vec<String> {
 /// pseudo-terminal multiplexer (character device 5:2): a new terminal of the container's
 /// devpts.
 fn container_ptmx(pid: i32) -> Result<OwnedFd, WorkloadError> {
-    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     let fail = |e: std::io::Error| {
         WorkloadError::Precondition(format!(
             "a terminal in the container (its /dev/pts/ptmx): {e}"
@@ -111,15 +111,7 @@ fn container_ptmx(pid: i32) -> Result<OwnedFd, WorkloadError> {
         ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
     .map_err(|e| fail(e.into()))?;
-    let st = rustix::fs::fstat(&master).map_err(|e| fail(e.into()))?;
-    let dev = st.st_rdev;
-    if FileType::from_raw_mode(st.st_mode) != FileType::CharacterDevice
-        || rustix::fs::major(dev) != 5
-        || rustix::fs::minor(dev) != 2
-    {
-        return Err(fail(std::io::Error::other("not the ptmx device")));
-    }
-    Ok(master)
+    crate::executable::checked_ptmx(master).map_err(fail)
 }
 
 /// Reads `f` to its end, keeping at most [`MAX_EXEC_OUTPUT`] bytes; (kept, truncated).

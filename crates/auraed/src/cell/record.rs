@@ -207,14 +207,14 @@ impl Executable {
         {
             return None;
         }
-        let mut h = self.held.clone()?;
+        let h = self.held.as_ref()?;
         let i = self.interactive;
         let input_open = self.input.as_ref().is_some_and(|i| i.is_open());
-        if i.stdin && !i.tty && !input_open && h.fds.len() > 2 {
-            h.fds.truncate(2);
-            h.ids.truncate(2);
-        }
-        Some(h)
+        Some(if i.stdin && !i.tty && !input_open {
+            h.first(2)
+        } else {
+            h.clone()
+        })
     }
 
     /// Writes its record, unless it was freed.

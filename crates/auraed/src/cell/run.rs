@@ -383,12 +383,7 @@ impl Cells {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             exe.write_record(&recorder);
             if let (Some(h), Some(held)) = (holder, &exe.held) {
-                let outs = super::record::HeldOutput {
-                    holder: held.holder,
-                    fds: held.fds.iter().take(outputs).copied().collect(),
-                    ids: held.ids.iter().take(outputs).copied().collect(),
-                };
-                let _ = h.release_held(&outs);
+                let _ = h.release_held(&held.first(outputs));
             }
         });
     }

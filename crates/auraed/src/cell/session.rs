@@ -258,7 +258,8 @@ pub async fn end_of_input(stdin: &mut Option<Write>, tty: bool) {
 }
 
 /// A terminal's master side as tokio reads and writes it (non-blocking, one description
-/// shared by the three fds): its output, its input, and the fd its size is set on.
+/// shared by the three fds: `workload::output`'s reader and writer): its output, its
+/// input, and the fd its size is set on.
 fn terminal_ends(
     master: OwnedFd,
 ) -> std::io::Result<(
@@ -266,11 +267,10 @@ fn terminal_ends(
     tokio::net::unix::pipe::Sender,
     OwnedFd,
 )> {
-    use tokio::net::unix::pipe::{Receiver, Sender};
-    let fl = rustix::fs::fcntl_getfl(&master)?;
-    rustix::fs::fcntl_setfl(&master, fl | rustix::fs::OFlags::NONBLOCK)?;
-    // Not a pipe, but a character device tokio's pipe types read and write alike.
-    let rx = Receiver::from_owned_fd_unchecked(master.try_clone()?)?;
-    let tx = Sender::from_owned_fd_unchecked(master.try_clone()?)?;
-    Ok((rx, tx, master))
+    use crate::workload::output::{receiver, sender};
+    Ok((
+        receiver(master.try_clone()?)?,
+        sender(master.try_clone()?)?,
+        master,
+    ))
 }

@@ -1813,7 +1813,7 @@ impl RuntimeService for CriRuntime {
                 "one of stdin, stdout and stderr must be asked for",
             ));
         }
-        let (c, _) = self.running(&m.container_id).await?;
+        let (c, sb) = self.running(&m.container_id).await?;
         if m.tty && !c.run.tty {
             return Err(invalid(
                 "tty",
@@ -1830,9 +1830,12 @@ impl RuntimeService for CriRuntime {
         // connects, and its input: authorized now as Executables/Attach of its executable
         // (here the adapter checks the names when it runs; for an instance,
         // `Place::call` now).
-        let (place, logs) = cri.logs_request(&c).await?;
+        let place = cri.place(&sb).await?;
         let start = pb::AttachStart {
-            executable: logs.executable,
+            executable: Some(pb::ExecutableRef {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+            }),
             stdin: m.stdin,
             from_offset: Some(cri.log_reached(&c.id)),
             size: None,
@@ -1844,7 +1847,7 @@ impl RuntimeService for CriRuntime {
             instance,
             stdin: m.stdin,
             stdout: m.stdout,
-            stderr: m.stderr && !c.run.tty,
+            stderr: m.stderr,
             tty: c.run.tty,
         })?;
         Ok(Response::new(cri::AttachResponse { url }))

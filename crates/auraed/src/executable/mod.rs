@@ -169,22 +169,29 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
-/// A new pseudo-terminal of auraed's devpts: (master, slave). The master is checked to
-/// be the multiplexer's (character device 5:2) before the slave is taken from it.
-pub fn open_terminal() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    use rustix::fs::{FileType, Mode, OFlags};
-    let master = rustix::fs::open(
-        "/dev/ptmx",
-        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+/// `master` if it is the pseudo-terminal multiplexer's (character device 5:2): a new
+/// terminal's master side, not whatever a path led to.
+pub fn checked_ptmx(master: OwnedFd) -> std::io::Result<OwnedFd> {
+    use rustix::fs::FileType;
     let st = rustix::fs::fstat(&master)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::CharacterDevice
         || rustix::fs::major(st.st_rdev) != 5
         || rustix::fs::minor(st.st_rdev) != 2
     {
-        return Err(std::io::Error::other("/dev/ptmx is not the ptmx device"));
+        return Err(std::io::Error::other("not the ptmx device"));
     }
+    Ok(master)
+}
+
+/// A new pseudo-terminal of auraed's devpts: (master, slave). The master is checked to
+/// be the multiplexer's ([`checked_ptmx`]) before the slave is taken from it.
+pub fn open_terminal() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::fs::{Mode, OFlags};
+    let master = checked_ptmx(rustix::fs::open(
+        "/dev/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)?;
     let slave = aurae_sys::pty::open_peer(std::os::fd::AsFd::as_fd(&master))?;
     Ok((master, slave))
 }

@@ -720,7 +720,7 @@ impl Vms {
     /// (reported) without a holder or an answer: the VM runs, but a crash of auraed
     /// would stop it.
     fn hold(&self, name: &str, fds: [&OwnedFd; 2]) -> Option<crate::workload::holder::HeldOutput> {
-        match self.holder.as_ref()?.hold_pair(fds) {
+        match self.holder.as_ref()?.hold_all(&fds) {
             Ok(held) => Some(held),
             Err(e) => {
                 warn!(vm = name, "the holder did not take the VMM's channels: {e}");

@@ -153,6 +153,15 @@ impl HeldOutput {
             .collect())
     }
 
+    /// The first `n` of what it names (with their identities).
+    pub fn first(&self, n: usize) -> HeldOutput {
+        HeldOutput {
+            holder: self.holder,
+            fds: self.fds.iter().take(n).copied().collect(),
+            ids: self.ids.iter().take(n).copied().collect(),
+        }
+    }
+
     /// [`HeldOutput::reclaim`] of two ends; `Ok(None)` unless both come back.
     pub fn reclaim_pair(&self, owner_alive: bool) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
         Ok(
@@ -355,14 +364,9 @@ impl Holder {
         Ok(numbers)
     }
 
-    /// Hands copies of two ends (a VMM's control socket and console) to the holder, off
-    /// the async runtime; where it keeps them.
-    pub fn hold_pair(&self, fds: [&OwnedFd; 2]) -> io::Result<HeldOutput> {
-        self.hold_all(&fds)
-    }
-
-    /// Hands copies of `fds` (an executable's output ends and its input) to the holder,
-    /// off the async runtime; where it keeps them, and what they are.
+    /// Hands copies of `fds` (an executable's output ends and its input, a VMM's control
+    /// socket and console) to the holder, off the async runtime; where it keeps them, and
+    /// what they are.
     pub fn hold_all(&self, fds: &[&OwnedFd]) -> io::Result<HeldOutput> {
         let ids = fds
             .iter()
