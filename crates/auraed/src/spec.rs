@@ -129,7 +129,17 @@ impl CellName {
     pub fn parent(&self) -> Option<CellName> {
         self.0.rsplit_once('/').map(|(p, _)| Self(p.to_owned()))
     }
+
+    /// The cgroup path of executable `exe`'s own group below this cell (`web/_exe.api`):
+    /// a path of the cgroup seam, not a cell any request can name ('_' is in no label, so
+    /// it never clashes with a child cell or the cell's leaf).
+    pub fn own_group(&self, exe: &Label) -> CellName {
+        Self(format!("{}/{OWN_GROUP_PREFIX}{}", self.0, exe.as_str()))
+    }
 }
+
+/// How an executable's own cgroup is named below its cell's (see [`CellName::own_group`]).
+pub const OWN_GROUP_PREFIX: &str = "_exe.";
 
 impl fmt::Display for CellName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -262,7 +262,13 @@ async fn inside_l1(web: &str) {
         let web_c = rt
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: sb.clone(),
-                config: Some(container_config("web", web, None)),
+                config: Some(cri::ContainerConfig {
+                    linux: Some(cri::LinuxContainerConfig {
+                        resources: Some(kubelets_resources(64 << 20)),
+                        ..Default::default()
+                    }),
+                    ..container_config("web", web, None)
+                }),
                 sandbox_config: Some(config.clone()),
             })
             .await
@@ -325,6 +331,46 @@ async fn inside_l1(web: &str) {
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from web-0\n");
     assert_eq!(out.exit_code, 3);
+
+    // Its resources, applied to its own cgroup in the microVM, and changed while it runs.
+    let limits = |rt: &mut cri::runtime_service_client::RuntimeServiceClient<_>| {
+        let id = web_c.clone();
+        let rt = rt.clone();
+        async move {
+            let mut rt = rt;
+            let out = exec_sync(
+                &mut rt,
+                &id,
+                &[
+                    "cat",
+                    "/sys/fs/cgroup/memory.max",
+                    "/sys/fs/cgroup/memory.oom.group",
+                ],
+            )
+            .await
+            .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    assert_eq!(limits(&mut rt).await, format!("{}\n1\n", 64u64 << 20));
+    rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+        container_id: web_c.clone(),
+        linux: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 96 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(limits(&mut rt).await, format!("{}\n1\n", 96u64 << 20));
+    let st = container_status(&mut rt, &web_c).await.unwrap();
+    let linux = st.resources.unwrap().linux.unwrap();
+    assert_eq!(
+        (linux.memory_limit_in_bytes, linux.cpu_shares),
+        (96 << 20, 256)
+    );
+    println!("the microVM container's memory.max: 64 MiB at its start, 96 MiB after an update");
 
     // A streamed exec (kubectl exec -i) into the microVM: input through, the exit code.
     let url = rt
@@ -509,4 +555,87 @@ async fn inside_l1(web: &str) {
     )
     .await;
     assert!(!matches!(gone, Ok(Ok(_))), "{ip}:8080 still answers");
+
+    // The default handler on L1 (a cell of L1's): a container over its own memory limit
+    // is OOM-killed in its own group and reported `OOMKilled`; its sibling runs on.
+    let log_dir = Path::new("/var/log/pods/default_hog_uid-hog");
+    for c in ["hog", "calm"] {
+        std::fs::create_dir_all(log_dir.join(c)).unwrap();
+    }
+    let config = sandbox_config("hog", "uid-hog", log_dir);
+    let sb = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let mut ids = Vec::new();
+    for (name, script) in [
+        ("calm", "exec sleep 300"),
+        ("hog", "head -c 200000000 /dev/zero | tail"),
+    ] {
+        let id = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sb.clone(),
+                config: Some(cri::ContainerConfig {
+                    linux: Some(cri::LinuxContainerConfig {
+                        resources: Some(kubelets_resources(32 << 20)),
+                        ..Default::default()
+                    }),
+                    ..container_config(name, web, Some(script))
+                }),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let t = Instant::now();
+    let hog = loop {
+        let st = container_status(&mut rt, &ids[1]).await.unwrap();
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(hog.reason, "OOMKilled", "{hog:?}");
+    assert_eq!(hog.exit_code, 137, "{hog:?}");
+    let calm = container_status(&mut rt, &ids[0]).await.unwrap();
+    assert_eq!(
+        calm.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{calm:?}"
+    );
+    println!("a container over its own 32 MiB: OOMKilled, its sibling running");
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sb.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb })
+        .await
+        .unwrap();
+}
+
+/// A container's resources as kubelet sends them on a cgroup v2 node (Burstable: a
+/// memory limit, CPU shares, a group OOM kill).
+fn kubelets_resources(memory: i64) -> cri::LinuxContainerResources {
+    cri::LinuxContainerResources {
+        memory_limit_in_bytes: memory,
+        cpu_shares: 256,
+        cpu_period: 100_000,
+        unified: [("memory.oom.group".to_owned(), "1".to_owned())].into(),
+        ..Default::default()
+    }
 }

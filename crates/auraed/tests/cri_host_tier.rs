@@ -2219,3 +2219,192 @@ async fn cri_pod_networks_come_from_cni_plugins_and_are_released() {
     }
     assert!(cells(&d).await.is_empty());
 }
+
+/// Each container has a cgroup of its own (host tier: no controllers here, so no limits
+/// can be applied; the limits themselves are tested in the guest tier): ExecSync's
+/// command is born in it and sees it as its cgroup namespace's root; a second container
+/// of the pod has another; UpdateContainerResources records resources of a container not
+/// started yet (its status reports them, its start applies them: refused here naming the
+/// missing controller, the container EXITED `StartError`), refuses what this host cannot
+/// apply to a running one (FAILED_PRECONDITION, the container runs on), and bad input
+/// names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_containers_have_cgroups_of_their_own_and_update_their_resources() {
+    let test = "cri_containers_have_cgroups_of_their_own_and_update_their_resources";
+    let Some(e) = env(test).await else {
+        return;
+    };
+    let (mut rt, mut im) = e.cri().await;
+    let image = e.pulled(&mut im, "busybox").await;
+    let logs = e.log_dir("res");
+    let sb = sandbox_config("res", "uid-res", &logs);
+    let pod = run_sandbox(&mut rt, &sb).await;
+    let mut ids = Vec::new();
+    for name in ["one", "two"] {
+        let id = create_container(
+            &mut rt,
+            &pod,
+            container_config(name, &image, Some("exec sleep 300")),
+            &sb,
+            &logs,
+        )
+        .await
+        .unwrap();
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let cgroup = |out: &cri::ExecSyncResponse| String::from_utf8_lossy(&out.stdout).into_owned();
+    // The cgroup v2 line (this host also has v1 hierarchies).
+    let v2 = |text: String| {
+        text.lines()
+            .find(|l| l.starts_with("0::"))
+            .map(str::to_owned)
+    };
+    let one = aurae_testkit::cri::exec_sync(&mut rt, &ids[0], &["cat", "/proc/self/cgroup"])
+        .await
+        .unwrap();
+    assert_eq!(v2(cgroup(&one)).as_deref(), Some("0::/"), "{one:?}");
+    // Its /sys/fs/cgroup is its own group: the container's process and the exec's own.
+    let procs = aurae_testkit::cri::exec_sync(
+        &mut rt,
+        &ids[0],
+        &["sh", "-c", "wc -l < /sys/fs/cgroup/cgroup.procs"],
+    )
+    .await
+    .unwrap();
+    let n: usize = cgroup(&procs).trim().parse().unwrap();
+    assert!(
+        (2..=3).contains(&n),
+        "{n} processes in its group: {procs:?}"
+    );
+    // On the host: two groups below the sandbox's cell, one per container.
+    let root = e.d.cgroup.clone().unwrap();
+    let cell = cells(&e.d)
+        .await
+        .into_iter()
+        .find(|c| c.starts_with("k8s-"))
+        .unwrap();
+    let groups: Vec<String> = std::fs::read_dir(root.join(&cell))
+        .unwrap()
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("_exe."))
+        .collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    let update =
+        |id: &str, linux: cri::LinuxContainerResources| cri::UpdateContainerResourcesRequest {
+            container_id: id.to_owned(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+    // Nothing to apply: fine. A memory limit on a host without the memory controller:
+    // FAILED_PRECONDITION naming it, the container runs on.
+    rt.update_container_resources(update(&ids[0], Default::default()))
+        .await
+        .unwrap();
+    let err = rt
+        .update_container_resources(update(
+            &ids[0],
+            cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("memory controller"), "{err:?}");
+    let s = container_status(&mut rt, &ids[0]).await.unwrap();
+    assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
+    let linux = s.resources.unwrap().linux.unwrap();
+    assert_eq!(linux.memory_limit_in_bytes, 0, "not applied, not recorded");
+    // Bad input names the field; an unknown id is NOT_FOUND.
+    for (bad, field) in [
+        (
+            cri::LinuxContainerResources {
+                memory_limit_in_bytes: -1,
+                ..Default::default()
+            },
+            "linux",
+        ),
+        (
+            cri::LinuxContainerResources {
+                unified: [("memory.oom.group".to_owned(), "2".to_owned())].into(),
+                ..Default::default()
+            },
+            "linux.unified[\"memory.oom.group\"]",
+        ),
+        (
+            cri::LinuxContainerResources {
+                cpuset_cpus: "0-x".to_owned(),
+                ..Default::default()
+            },
+            "linux.cpuset_cpus",
+        ),
+    ] {
+        let err = rt
+            .update_container_resources(update(&ids[0], bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{field}: {err:?}");
+    }
+    let err = rt
+        .update_container_resources(update("nope", Default::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Not started yet: recorded and reported; its start applies them (refused here).
+    let later = create_container(
+        &mut rt,
+        &pod,
+        container_config("later", &image, Some("exec sleep 300")),
+        &sb,
+        &logs,
+    )
+    .await
+    .unwrap();
+    rt.update_container_resources(update(
+        &later,
+        cri::LinuxContainerResources {
+            memory_limit_in_bytes: 128 << 20,
+            cpu_shares: 512,
+            unified: [("memory.oom.group".to_owned(), "1".to_owned())].into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let s = container_status(&mut rt, &later).await.unwrap();
+    let linux = s.resources.unwrap().linux.unwrap();
+    assert_eq!(
+        (linux.memory_limit_in_bytes, linux.cpu_shares),
+        (128 << 20, 512)
+    );
+    assert_eq!(linux.unified["memory.oom.group"], "1");
+    let err = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: later.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("controller"), "{err:?}");
+    let s = container_status(&mut rt, &later).await.unwrap();
+    assert_eq!(s.reason, "StartError", "{s:?}");
+    // Stopped: its group goes with its executable at removal.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    assert!(!root.join(&cell).exists(), "the sandbox's cgroups are gone");
+}

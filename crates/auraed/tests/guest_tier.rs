@@ -482,6 +482,109 @@ async fn guest_tier_limits_and_pid1_duties() {
         .await
         .unwrap();
 
+    // An executable's own group (`Executable.limits`) in a cell without limits: a hog
+    // is OOM-killed by its own memory.max while its sibling runs on; Update raises the
+    // sibling's limits (the fields given; read back in its status); its stats come from
+    // its group; a container with its own group sees its own limits in /sys/fs/cgroup.
+    cell(&c, "own", pb::CellLimits::default()).await.unwrap();
+    let own = |memory: u64| {
+        Some(pb::CellLimits {
+            memory_max_bytes: Some(memory),
+            ..Default::default()
+        })
+    };
+    c.runtime()
+        .run_executable(pb::Executable {
+            limits: own(48 << 20),
+            ..sh("own", "keeper", "exec sleep 300")
+        })
+        .await
+        .unwrap();
+    let (st, _) = run_wait(
+        &c,
+        pb::Executable {
+            argv: vec![
+                "/bin/dd".into(),
+                "if=/dev/zero".into(),
+                "of=/dev/null".into(),
+                "bs=64M".into(),
+                "count=1".into(),
+            ],
+            limits: own(32 << 20),
+            ..sh("own", "hog", "")
+        },
+    )
+    .await;
+    assert_eq!(how(&st), Some(pb::exit_status::How::Signal(9)), "{st:?}");
+    assert!(st.exit.as_ref().unwrap().oom_killed, "{st:?}");
+    let keeper = c
+        .executables()
+        .update(pb::UpdateExecutableRequest {
+            executable: Some(workload::exe_ref("own", "keeper")),
+            limits: Some(pb::CellLimits {
+                memory_max_bytes: Some(96 << 20),
+                pids_max: Some(8),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keeper.phase, pb::Phase::Running as i32, "{keeper:?}");
+    let l = keeper.limits.unwrap();
+    assert_eq!((l.memory_max_bytes, l.pids_max), (Some(96 << 20), Some(8)));
+    let err = c
+        .executables()
+        .update(pb::UpdateExecutableRequest {
+            executable: Some(workload::exe_ref("own", "keeper")),
+            limits: Some(pb::CellLimits {
+                cpuset_cpus: "63".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("limits.cpuset_cpus"), "{err:?}");
+    let stats = c
+        .executables()
+        .stats(workload::exe_ref("own", "keeper"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.pids_current, 1, "its group's pids.current: {stats:?}");
+    assert!(stats.memory_current_bytes > 0, "{stats:?}");
+    cell(&c, "ownc", pb::CellLimits::default()).await.unwrap();
+    let (st, out) = run_wait(
+        &c,
+        pb::Executable {
+            cell: "ownc".into(),
+            name: "probe".into(),
+            container: Some(pb::Container {
+                image: image.clone(),
+                entrypoint: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "cat /sys/fs/cgroup/memory.max /proc/self/cgroup".into(),
+                ],
+                ..Default::default()
+            }),
+            limits: own(48 << 20),
+            ..Default::default()
+        },
+    )
+    .await;
+    println!("a container's own group, seen from inside: {out:?}");
+    assert_eq!(how(&st), Some(pb::exit_status::How::Code(0)), "{out}");
+    assert!(out.contains(&format!("{}\n", 48u64 << 20)), "{out}");
+    assert!(out.contains("0::/\n"), "{out}");
+    for name in ["own", "ownc"] {
+        c.cells()
+            .free(pb::NameRef { name: name.into() })
+            .await
+            .unwrap();
+    }
+
     // The static IPv6 address from the command line serves the same API.
     let c6 = g.client_at("admin", g.addr6()).await.unwrap();
     assert_eq!(

@@ -42,6 +42,7 @@ pub fn executable(e: &Executable) -> pb::ExecutableStatus {
         },
         image_digest: e.image_digest.clone().unwrap_or_default(),
         output: Vec::new(),
+        limits: e.limits().as_ref().map(limits),
     }
 }
 

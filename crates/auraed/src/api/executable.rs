@@ -232,7 +232,30 @@ impl Executables for ExecutablesApi {
         r: Request<pb::ExecutableRef>,
     ) -> Result<Response<pb::ResourceStats>, Status> {
         let e = self.find(&r, Some(r.get_ref()))?;
-        Ok(Response::new(process_stats(&e)))
+        let stats = match self.cells.own_group_stats(&e) {
+            Some(s) => convert::stats(&s),
+            None => process_stats(&e),
+        };
+        Ok(Response::new(stats))
+    }
+    async fn update(
+        &self,
+        r: Request<pb::UpdateExecutableRequest>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
+        let m = r.get_ref();
+        let limits = m.limits.clone().ok_or_else(|| {
+            invalid(FieldError::new(
+                "limits",
+                "is missing: give the limits to write",
+            ))
+        })?;
+        let oom_group = limits.memory_oom_group;
+        let update = crate::executable::spec::own_limits("limits", Some(limits))
+            .map_err(invalid)?
+            .unwrap_or_default();
+        let er = Self::reference(&r, m.executable.as_ref())?;
+        let e = self.cells.update_limits(&er, &update, oom_group)?;
+        Ok(Response::new(convert::executable(&e)))
     }
 }
 

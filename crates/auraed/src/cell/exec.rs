@@ -154,6 +154,8 @@ impl Cells {
         let argv0 = argv.first().cloned().unwrap_or_default();
         let pid = exe.pid;
         let spawner = self.spawner.clone();
+        // Charged where the container is: its own group when it has one (as `runc exec`).
+        let own_group = exe.own_group();
         tokio::task::spawn_blocking(move || {
             // The container process's user and environment, read while it runs (checked
             // again after: a pid reused meanwhile is refused).
@@ -207,7 +209,10 @@ impl Cells {
                 program: &program,
                 enter: true,
             };
-            let leaf = tree.leaf_fd(&cell.spec.name)?;
+            let leaf = match &own_group {
+                Some(g) => tree.group_fd(g)?,
+                None => tree.leaf_fd(&cell.spec.name)?,
+            };
             // What the child gets as fds 0, 1, 2, and what we keep.
             let pipe =
                 || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);

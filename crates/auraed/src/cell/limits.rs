@@ -97,6 +97,21 @@ pub fn limit_writes(l: &Limits) -> Vec<LimitWrite> {
     w
 }
 
+/// The writes of an executable's own group: its limits, then `memory.oom.group` (on or
+/// off as asked) where the memory controller is.
+pub fn own_writes(l: &Limits, has_memory: bool) -> Vec<LimitWrite> {
+    let mut w = limit_writes(l);
+    if has_memory || l.memory_oom_group {
+        w.push(LimitWrite {
+            field: "limits.memory_oom_group",
+            controller: "memory",
+            file: "memory.oom.group",
+            value: if l.memory_oom_group { "1" } else { "0" }.to_owned(),
+        });
+    }
+    w
+}
+
 /// Checks that every limit's controller is available; names the first missing one.
 pub fn check_controllers(writes: &[LimitWrite], available: &[String]) -> Result<(), CgroupError> {
     for w in writes {

@@ -124,6 +124,10 @@ pub struct ExecutableRecord {
     /// back after a restart (that attach ended with the old auraed).
     #[serde(default)]
     pub stdin_claimed: bool,
+    /// Started with a cgroup of its own: the limits in force (see
+    /// [`CellName::own_group`]).
+    #[serde(default)]
+    pub limits: Option<super::spec::Limits>,
 }
 
 /// The store key of an executable: `cell/name` (its own kind directory, so it never
@@ -195,6 +199,7 @@ impl Executable {
             free_on_exit: self.free_on_exit.lock().ok().and_then(|f| *f),
             interactive: self.interactive,
             stdin_claimed: self.input.as_ref().is_some_and(|i| i.claimed()),
+            limits: self.limits(),
         }
     }
 
@@ -418,14 +423,24 @@ impl Cells {
             (None, Some(p), false) => p.open().ok().flatten().map(Arc::new),
             _ => None,
         };
+        // A group of its own: an OOM kill counted there was its own.
+        let own = match (&r.limits, self.tree()) {
+            (Some(_), Ok(tree)) => Some((tree, r.cell.own_group(&r.name))),
+            _ => None,
+        };
         let exit = r.exit.as_ref().map(Exit::from).or_else(|| {
             pidfd.is_none().then(|| Exit {
                 status: None,
-                oom_killed: false,
+                oom_killed: own.as_ref().is_some_and(|(tree, g)| {
+                    crate::workload::supervise::oom_kills(tree.as_ref(), g) > 0
+                }),
                 at: SystemTime::now(),
             })
         });
         let ended = r.exit.is_none() && exit.is_some();
+        if ended && let Some((tree, g)) = &own {
+            super::run::end_own_group(tree.as_ref(), g, &executable_key(&r.cell, &r.name));
+        }
         let rootfs = r.container.as_ref().map(|c| {
             let pin = Arc::new(self.pin_layers(&c.layers));
             crate::container::Rootfs::adopt(c.dir.clone(), pin)
@@ -518,6 +533,7 @@ impl Cells {
             free_on_exit: std::sync::Mutex::new(r.free_on_exit),
             output_released: Default::default(),
             recordable: std::sync::Mutex::new(true),
+            own_limits: r.limits.clone().map(std::sync::Mutex::new),
         });
         record_input_changes(&exe, &self.recorder);
         let id = executable_key(&r.cell, &r.name);
@@ -548,6 +564,7 @@ impl Cells {
                 exe.clone(),
                 pidfd,
                 !pumped,
+                own,
             ));
         }
         (exe, ended)
@@ -577,6 +594,7 @@ async fn watch_readopted_executable(
     exe: Arc<Executable>,
     pidfd: Arc<aurae_sys::Pidfd>,
     close_log: bool,
+    own: Option<(Arc<dyn crate::workload::cgroup::CgroupTree>, CellName)>,
 ) {
     crate::workload::supervise::exited(pidfd).await;
     if close_log {
@@ -585,9 +603,17 @@ async fn watch_readopted_executable(
     if let Some(i) = &exe.input {
         i.close();
     }
+    let id = executable_key(&exe.cell, &exe.name);
+    // Its exit status went to its new parent; an OOM kill in its own group is still seen.
+    let oom_killed = own
+        .as_ref()
+        .is_some_and(|(tree, g)| crate::workload::supervise::oom_kills(tree.as_ref(), g) > 0);
+    if let Some((tree, g)) = &own {
+        super::run::end_own_group(tree.as_ref(), g, &id);
+    }
     let e = Exit {
         status: None,
-        oom_killed: false,
+        oom_killed,
         at: SystemTime::now(),
     };
     // Recorded before anyone waiting learns of it (see `supervise`).
@@ -600,8 +626,12 @@ async fn watch_readopted_executable(
     });
     events.emit(
         pb::Kind::Executable,
-        &executable_key(&exe.cell, &exe.name),
-        pb::EventType::Exited,
+        &id,
+        if oom_killed {
+            pb::EventType::OomKilled
+        } else {
+            pb::EventType::Exited
+        },
         "exited after auraed re-adopted it (its exit status went to its new parent)",
     );
 }

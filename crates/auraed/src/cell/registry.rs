@@ -115,7 +115,7 @@ pub struct CellStats {
 
 /// A limit the kernel refuses (a cpuset it cannot give, an io.max device that is not
 /// there, a value out of range) is the request's fault: INVALID_ARGUMENT naming the field.
-fn refused_limit(w: &super::limits::LimitWrite, e: CgroupError) -> WorkloadError {
+pub(super) fn refused_limit(w: &super::limits::LimitWrite, e: CgroupError) -> WorkloadError {
     match &e {
         CgroupError::Io { source, .. }
             if matches!(
@@ -797,6 +797,14 @@ impl Cells {
     }
 
     /// Usage of a cell's whole subtree, from its cgroup files.
+    /// The usage of a running executable's own group (`None` without one, or once ended:
+    /// its group then holds nothing).
+    pub fn own_group_stats(&self, exe: &crate::executable::Executable) -> Option<CellStats> {
+        let group = exe.own_group()?;
+        let tree = self.tree().ok()?;
+        (!exe.exited()).then(|| read_stats(tree.as_ref(), &group))
+    }
+
     pub fn stats(&self, name: &CellName) -> Result<CellStats, WorkloadError> {
         let tree = self.tree()?;
         self.find(name)?;

@@ -127,13 +127,26 @@ impl Cells {
         self.claim_kind(&spec)?;
         let prepared = Prepared::new(&spec)?;
         let has_memory = tree.controllers().iter().any(|c| c == "memory");
+        // With limits of its own: its own group, every limit's controller checked first.
+        let own = spec
+            .limits
+            .clone()
+            .map(|l| (cell.spec.name.own_group(&name), *l));
+        if let Some((_, l)) = &own {
+            super::limits::check_controllers(
+                &super::limits::own_writes(l, has_memory),
+                &tree.controllers(),
+            )?;
+        }
+        let charged = own.as_ref().map_or(&spec.cell, |(g, _)| g).clone();
         let oom = has_memory.then(|| {
             (
                 tree.clone(),
-                spec.cell.clone(),
-                oom_kills(tree.as_ref(), &spec.cell),
+                charged.clone(),
+                oom_kills(tree.as_ref(), &charged),
             )
         });
+        let own_group = own.as_ref().map(|(g, _)| g.clone());
         let uid = spec.uid.unwrap_or(0);
         let gid = spec.gid.unwrap_or(uid);
         let allow_new_privileges = spec.allow_new_privileges;
@@ -143,11 +156,18 @@ impl Cells {
         let image_digest = container.as_ref().map(|p| p.image.digest.clone());
         let image_layers = container.as_ref().map(|p| p.image.layers.clone());
         let t_spawn = Instant::now();
+        let tree_after = tree.clone();
         let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
             let mut rootfs = None;
             let r = (|| {
                 let t = Instant::now();
-                let leaf = tree.leaf_fd(&cell2.spec.name)?;
+                let leaf = match &own {
+                    Some((group, limits)) => {
+                        make_own_group(tree.as_ref(), group, limits, has_memory)?;
+                        tree.group_fd(group)?
+                    }
+                    None => tree.leaf_fd(&cell2.spec.name)?,
+                };
                 let init = cell2.init.as_ref();
                 let args = match &container {
                     Some(plan) => {
@@ -180,7 +200,16 @@ impl Cells {
                     join: init
                         .filter(|_| cell2.ns.others != 0)
                         .map(|i| (i.pidfd.as_raw_fd(), Ns(cell2.ns.others))),
-                    unshare: Ns(if setup.is_some() { Ns::MOUNT } else { 0 }),
+                    // With a group of its own in a cell with its own cgroup namespace: a
+                    // cgroup namespace of its own, rooted at its group (born there), so
+                    // its /proc/self/cgroup reads "/" and a container's /sys/fs/cgroup
+                    // shows its own limits (what a JVM sizes its heap from).
+                    unshare: Ns(if setup.is_some() { Ns::MOUNT } else { 0 }
+                        | if own.is_some() && cell2.ns.others & Ns::CGROUP != 0 {
+                            Ns::CGROUP
+                        } else {
+                            0
+                        }),
                     container: setup.as_ref(),
                 };
                 let t_prep = t.elapsed();
@@ -195,6 +224,9 @@ impl Cells {
                 );
                 r
             })();
+            if let (Err(_), Some((group, _))) = (&r, &own) {
+                let _ = tree.remove(group);
+            }
             (prepared, r, rootfs)
         })
         .await
@@ -264,6 +296,7 @@ impl Cells {
             free_on_exit: std::sync::Mutex::new(spec.free_on_exit),
             output_released: Default::default(),
             recordable: std::sync::Mutex::new(true),
+            own_limits: spec.limits.clone().map(|l| std::sync::Mutex::new(*l)),
         });
         super::record::record_input_changes(&exe, &self.recorder);
         self.pump_output(&exe, output);
@@ -281,6 +314,9 @@ impl Cells {
             let _ = exe.signal(nix::libc::SIGKILL);
             let _ = exe.log.remove_files();
             exe.forget_record(&self.recorder);
+            if let Some(g) = &own_group {
+                let _ = tree_after.kill(g);
+            }
             return Err(WorkloadError::Precondition(format!(
                 "cell {:?} was stopped or freed while the executable started",
                 spec.cell.as_str()
@@ -298,6 +334,7 @@ impl Cells {
             self.events.clone(),
             self.recorder.clone(),
             oom,
+            own_group.map(|g| (tree_after, g)),
             exe.clone(),
             child.exit,
             id,
@@ -484,9 +521,75 @@ impl Cells {
                 // lose its log and record to this) before they are gone.
                 let _ = exe.log.remove_files();
                 exe.forget_record(&self.recorder);
+                self.remove_own_group(exe);
             }
         }
         Ok(())
+    }
+
+    /// Removes a freed executable's own group (if it had one); what it left there was
+    /// killed at its end. One not empty yet is killed again and left (reported): a start
+    /// of the same name takes it over once empty, and the cell's free removes it.
+    fn remove_own_group(&self, exe: &Executable) {
+        let (Some(group), Ok(tree)) = (exe.own_group(), self.tree()) else {
+            return;
+        };
+        if let Err(e) = tree.remove(&group)
+            && tree.exists(&group)
+        {
+            let _ = tree.kill(&group);
+            warn!(group = %group, "a freed executable's own cgroup is not empty yet; left for its cell's free: {e}");
+        }
+    }
+
+    /// Writes new limits to a running executable's own group (the fields `update` sets;
+    /// the others stay as they are) and records them. FAILED_PRECONDITION for one without
+    /// a group of its own or that has ended; a limit the kernel refuses is named.
+    pub fn update_limits(
+        &self,
+        r: &executable::ExecutableRef,
+        update: &super::spec::Limits,
+        oom_group: Option<bool>,
+    ) -> Result<Arc<Executable>, WorkloadError> {
+        let exe = self.executable(r)?;
+        let (Some(group), Some(current)) = (exe.own_group(), exe.own_limits.as_ref()) else {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} has no cgroup of its own to update: start it with limits",
+                r.cell.as_str(),
+                r.name.as_str()
+            )));
+        };
+        if exe.exited() {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} has ended",
+                r.cell.as_str(),
+                r.name.as_str()
+            )));
+        }
+        let tree = self.tree()?;
+        let mut writes = super::limits::limit_writes(update);
+        if let Some(on) = oom_group {
+            let with = super::spec::Limits {
+                memory_oom_group: on,
+                ..Default::default()
+            };
+            writes.extend(super::limits::own_writes(&with, true));
+        }
+        super::limits::check_controllers(&writes, &tree.controllers())?;
+        // One update at a time: what is recorded is what was written last.
+        let mut now = current
+            .lock()
+            .map_err(|_| WorkloadError::Precondition("executable lock poisoned".into()))?;
+        // Raising memory.max above memory.high (or lowering it below) in one call works in
+        // either order for the kernel; min/low/high/max are written in that order.
+        for w in &writes {
+            tree.write(&group, w.file, &w.value)
+                .map_err(|e| super::registry::refused_limit(w, e))?;
+        }
+        now.merge(update, oom_group);
+        drop(now);
+        exe.write_record(&self.recorder);
+        Ok(exe)
     }
 
     /// Forgets an exited executable.
@@ -505,6 +608,7 @@ impl Cells {
             // Under the cell's lock (see free_executable_if_same).
             let _ = exe.log.remove_files();
             exe.forget_record(&self.recorder);
+            self.remove_own_group(&exe);
         }
         Ok(())
     }
@@ -565,13 +669,15 @@ impl Drop for Reservation {
     }
 }
 
-/// Waits for an executable's exit and records it. A SIGKILL while the cell's OOM-kill
-/// counter (memory.events) moved since the executable started is attributed to the OOM
-/// killer, and the event names the victim.
+/// Waits for an executable's exit and records it. A SIGKILL while the OOM-kill counter
+/// (memory.events) of its cell's group, or of its own, moved since the executable started
+/// is attributed to the OOM killer, and the event names the victim. What it leaves
+/// running in a group of its own is killed.
 async fn supervise(
     events: Arc<EventBus>,
     recorder: super::record::Recorder,
     oom: Option<(Arc<dyn CgroupTree>, CellName, u64)>,
+    own_group: Option<(Arc<dyn CgroupTree>, CellName)>,
     exe: Arc<Executable>,
     exit: tokio::sync::oneshot::Receiver<ExitStatus>,
     id: String,
@@ -579,6 +685,9 @@ async fn supervise(
     let status = exit.await.unwrap_or(ExitStatus::Signal(nix::libc::SIGKILL));
     let oom_killed = status == ExitStatus::Signal(nix::libc::SIGKILL)
         && oom.is_some_and(|(tree, cell, before)| oom_kills(tree.as_ref(), &cell) > before);
+    if let Some((tree, group)) = own_group {
+        end_own_group(tree.as_ref(), &group, &id);
+    }
     let e = Exit {
         status: Some(status),
         oom_killed,
@@ -620,4 +729,35 @@ async fn supervise(
         message: msg,
         ..Default::default()
     });
+}
+
+/// Makes an executable's own group and writes its limits (and `memory.oom.group` where
+/// the memory controller is); on any failure removes it again. A limit the kernel
+/// refuses is named as the request's field.
+pub(super) fn make_own_group(
+    tree: &dyn CgroupTree,
+    group: &CellName,
+    limits: &super::spec::Limits,
+    has_memory: bool,
+) -> Result<(), WorkloadError> {
+    tree.create_leaf(group)?;
+    let written = super::limits::own_writes(limits, has_memory)
+        .iter()
+        .try_for_each(|w| {
+            tree.write(group, w.file, &w.value)
+                .map_err(|e| super::registry::refused_limit(w, e))
+        });
+    if written.is_err() {
+        let _ = tree.remove(group);
+    }
+    written
+}
+
+/// At the end of an executable with a group of its own: what it left running there (its
+/// children, in the cell's PID namespace) is killed, as runc does for a container that
+/// shares its pod's PID namespace. Reported when the kill fails.
+pub(super) fn end_own_group(tree: &dyn CgroupTree, group: &CellName, id: &str) {
+    if let Err(e) = tree.kill(group) {
+        warn!(executable = %id, "killing what it left in its own group: {e}");
+    }
 }

@@ -74,6 +74,34 @@ fn cpu_list(field: &str, s: &str) -> Result<Option<String>, FieldError> {
 }
 
 impl Limits {
+    /// Takes the limits `update` sets (and `oom_group` when given); keeps the others.
+    pub fn merge(&mut self, update: &Limits, oom_group: Option<bool>) {
+        fn set<T: Clone>(into: &mut Option<T>, from: &Option<T>) {
+            if from.is_some() {
+                into.clone_from(from);
+            }
+        }
+        set(&mut self.cpu_weight, &update.cpu_weight);
+        set(&mut self.cpu_max, &update.cpu_max);
+        set(&mut self.cpuset_cpus, &update.cpuset_cpus);
+        set(&mut self.cpuset_mems, &update.cpuset_mems);
+        set(&mut self.memory_min, &update.memory_min);
+        set(&mut self.memory_low, &update.memory_low);
+        set(&mut self.memory_high, &update.memory_high);
+        set(&mut self.memory_max, &update.memory_max);
+        set(&mut self.memory_swap_max, &update.memory_swap_max);
+        set(&mut self.pids_max, &update.pids_max);
+        set(&mut self.io_weight, &update.io_weight);
+        for m in &update.io_max {
+            self.io_max
+                .retain(|o| (o.major, o.minor) != (m.major, m.minor));
+            self.io_max.push(m.clone());
+        }
+        if let Some(on) = oom_group {
+            self.memory_oom_group = on;
+        }
+    }
+
     /// Validates `l`; `cpus` is how many CPUs the machine has (bounds cpu.max).
     pub fn parse(field: &str, l: Option<pb::CellLimits>, cpus: u64) -> Result<Self, FieldError> {
         let Some(l) = l else {

@@ -90,6 +90,7 @@ fn exe(cell: &str, name: &str, argv: &[&str], uid: Option<u32>) -> ExecutableSpe
         free_on_exit: None,
         container: None,
         interactive: Default::default(),
+        limits: None,
     }
 }
 
@@ -645,4 +646,117 @@ async fn an_attach_writes_an_interactive_stdin_and_stdin_once_closes_it() {
     let err = super::session::Session::attach(plain.clone(), true, None).unwrap_err();
     assert!(err.to_string().starts_with("stdin"), "{err}");
     let _ = plain.signal(nix::libc::SIGKILL);
+}
+
+/// An executable started with limits gets a cgroup of its own below its cell's, with its
+/// limits written (memory.oom.group off unless asked); Update changes the fields it sets
+/// and keeps the rest (recorded); a limit whose controller is missing is refused naming
+/// the field before anything is made; one without a group of its own cannot be updated;
+/// its end kills what it left there; its free removes the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executable_with_limits_gets_its_own_group() {
+    let f = fixture();
+    f.cells.allocate(cell("web")).await.unwrap();
+    let limits = |l: pb::CellLimits| {
+        crate::executable::spec::own_limits("limits", Some(l))
+            .unwrap()
+            .map(Box::new)
+    };
+    let mut spec = exe("web", "api", &["/bin/sleep", "30"], None);
+    spec.limits = limits(pb::CellLimits {
+        memory_max_bytes: Some(64 << 20),
+        pids_max: Some(16),
+        ..Default::default()
+    });
+    let api = f.cells.run(spec, None).await.unwrap();
+    let files = f.tree.files("web/_exe.api").expect("its own group");
+    assert_eq!(files["memory.max"], (64u64 << 20).to_string());
+    assert_eq!(files["pids.max"], "16");
+    assert_eq!(files["memory.oom.group"], "0");
+    let r = crate::executable::ExecutableRef {
+        cell: CellName::parse("cell", "web").unwrap(),
+        name: Label::parse("name", "api").unwrap(),
+    };
+    let update = super::spec::Limits {
+        memory_max: Some(32 << 20),
+        ..Default::default()
+    };
+    f.cells.update_limits(&r, &update, Some(true)).unwrap();
+    let files = f.tree.files("web/_exe.api").unwrap();
+    assert_eq!(files["memory.max"], (32u64 << 20).to_string());
+    assert_eq!(files["pids.max"], "16", "a field not given stays");
+    assert_eq!(files["memory.oom.group"], "1");
+    let rec: ExecutableRecord = f.store.get(kinds::EXECUTABLE, "web/api").unwrap().unwrap();
+    let kept = rec.limits.expect("recorded");
+    assert_eq!(
+        (kept.memory_max, kept.pids_max, kept.memory_oom_group),
+        (Some(32 << 20), Some(16), true)
+    );
+    // A controller this tree lacks: refused naming the field, nothing made.
+    let mut cpu = exe("web", "cpu", &["/bin/true"], None);
+    cpu.limits = limits(pb::CellLimits {
+        cpu_weight: Some(100),
+        ..Default::default()
+    });
+    let err = f.cells.run(cpu, None).await.unwrap_err().to_string();
+    assert!(
+        err.contains("limits.cpu_weight") && err.contains("cpu controller"),
+        "{err}"
+    );
+    assert!(!f.tree.has("web/_exe.cpu"));
+    let err = f
+        .cells
+        .update_limits(
+            &r,
+            &super::spec::Limits {
+                cpu_weight: Some(5),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limits.cpu_weight"), "{err}");
+    // Without limits: no group of its own, nothing to update.
+    f.cells
+        .run(exe("web", "plain", &["/bin/sleep", "30"], None), None)
+        .await
+        .unwrap();
+    assert!(!f.tree.has("web/_exe.plain"));
+    let plain = crate::executable::ExecutableRef {
+        cell: r.cell.clone(),
+        name: Label::parse("name", "plain").unwrap(),
+    };
+    let err = f
+        .cells
+        .update_limits(&plain, &update, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no cgroup of its own"), "{err}");
+    // Its end kills what it left in its group; its free removes the group.
+    api.signal(nix::libc::SIGKILL).unwrap();
+    api.wait(Some(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(
+        f.tree.files("web/_exe.api").unwrap().get("cgroup.kill"),
+        Some(&"1".to_owned())
+    );
+    let err = f
+        .cells
+        .update_limits(&r, &update, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has ended"), "{err}");
+    f.cells.free_executable(&r).unwrap();
+    assert!(!f.tree.has("web/_exe.api"));
+    // A cell's free takes its executables' groups with it.
+    let mut again = exe("web", "again", &["/bin/sleep", "30"], None);
+    again.limits = limits(pb::CellLimits::default());
+    f.cells.run(again, None).await.unwrap();
+    assert!(f.tree.has("web/_exe.again"));
+    f.spawner.kill_all();
+    f.cells
+        .free(&CellName::parse("cell", "web").unwrap())
+        .await
+        .unwrap();
+    assert!(!f.tree.has("web/_exe.again") && !f.tree.has("web"));
 }

@@ -53,6 +53,7 @@ pub async fn run_cell(
                 free_on_exit: options.free_on_exit,
                 container: Some(container),
                 interactive: Default::default(),
+                limits: None,
             };
             exe.apply_plan(&plan);
             (exe, Some(*plan))

@@ -146,6 +146,26 @@ pub struct ContainerRun {
     pub stdin_once: bool,
     #[serde(default)]
     pub tty: bool,
+    /// Its resources as kubelet gave them (at CreateContainer, changed by
+    /// UpdateContainerResources): applied to its executable's own cgroup, reported in its
+    /// status.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// A container's resources as kubelet gives them (`LinuxContainerResources`): the fields
+/// auraed applies, in the CRI's own units (0 = unset), so its status reports them as
+/// given (kubelet compares them when it resizes a pod in place).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_period: i64,
+    pub cpu_quota: i64,
+    pub cpu_shares: i64,
+    pub memory_limit_in_bytes: i64,
+    pub cpuset_cpus: String,
+    pub cpuset_mems: String,
+    /// `unified["memory.oom.group"]` (kubelet sets "1" on cgroup v2 nodes).
+    pub memory_oom_group: Option<bool>,
 }
 
 /// How a container ended, once seen.

@@ -300,6 +300,22 @@ impl Place {
         .map(tonic::Response::into_inner)
     }
 
+    pub(super) async fn exe_update(
+        &self,
+        msg: pb::UpdateExecutableRequest,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        let r = self.call(svc::EXECUTABLES, "Update", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.update(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .update(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
     pub(super) async fn exe_stats(
         &self,
         msg: pb::ExecutableRef,

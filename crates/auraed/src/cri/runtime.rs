@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::{
-    ContainerRecord, ContainerRun, Cri, Ended, Modes, RUNTIME_API_VERSION, RUNTIME_NAME,
+    ContainerRecord, ContainerRun, Cri, Ended, Modes, RUNTIME_API_VERSION, RUNTIME_NAME, Resources,
     SandboxRecord, new_id, now_nanos, selected, unix_nanos,
 };
 
@@ -69,8 +69,109 @@ fn id_of(field: &str, v: Option<&cri::Int64Value>) -> Result<Option<u32>, Status
 
 /// Cell limits from a sandbox's pod-level resources (zero fields are unset).
 fn limits(r: Option<&cri::LinuxContainerResources>) -> Result<Option<pb::CellLimits>, Status> {
+    limits_of("config.linux.resources", r)
+}
+
+/// A container's resources (`field`), checked: what it keeps (see [`Resources`]) and the
+/// limits of its executable's own group they become. Of `unified`, `memory.oom.group`
+/// ("0" or "1") is applied; the rest is not (documented).
+fn container_resources(
+    field: &str,
+    r: Option<&cri::LinuxContainerResources>,
+) -> Result<(Resources, pb::CellLimits), Status> {
+    let Some(r) = r else {
+        return Ok(Default::default());
+    };
+    let mut l = limits_of(field, Some(r))?.unwrap_or_default();
+    let memory_oom_group = match r.unified.get("memory.oom.group").map(String::as_str) {
+        None => None,
+        Some("1") => Some(true),
+        Some("0") => Some(false),
+        Some(v) => {
+            return Err(invalid(
+                &format!("{field}.unified[\"memory.oom.group\"]"),
+                format!("{v:?} is not \"0\" or \"1\""),
+            ));
+        }
+    };
+    l.memory_oom_group = memory_oom_group;
+    // Checked as auraed checks an executable's limits (ranges, the cpu list format).
+    crate::executable::spec::own_limits(field, Some(l.clone()))
+        .map_err(|e| invalid(&e.field, e.reason))?;
+    let kept = Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit_in_bytes: r.memory_limit_in_bytes,
+        cpuset_cpus: r.cpuset_cpus.clone(),
+        cpuset_mems: r.cpuset_mems.clone(),
+        memory_oom_group,
+    };
+    Ok((kept, l))
+}
+
+/// The limits a container's kept resources become (at its start).
+fn limits_of_kept(r: &Resources) -> Result<pb::CellLimits, Status> {
+    let (_, l) = container_resources("config.linux.resources", Some(&cri_resources(r)))?;
+    Ok(l)
+}
+
+/// Kept resources as the CRI's message (a status's `resources`).
+fn cri_resources(r: &Resources) -> cri::LinuxContainerResources {
+    cri::LinuxContainerResources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit_in_bytes: r.memory_limit_in_bytes,
+        cpuset_cpus: r.cpuset_cpus.clone(),
+        cpuset_mems: r.cpuset_mems.clone(),
+        unified: r
+            .memory_oom_group
+            .map(|on| {
+                [(
+                    "memory.oom.group".to_owned(),
+                    if on { "1" } else { "0" }.to_owned(),
+                )]
+                .into()
+            })
+            .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+impl Resources {
+    /// Takes what an update sets (its non-zero fields); keeps the rest.
+    fn merge(&mut self, u: &Resources) {
+        for (into, from) in [
+            (&mut self.cpu_period, u.cpu_period),
+            (&mut self.cpu_quota, u.cpu_quota),
+            (&mut self.cpu_shares, u.cpu_shares),
+            (&mut self.memory_limit_in_bytes, u.memory_limit_in_bytes),
+        ] {
+            if from != 0 {
+                *into = from;
+            }
+        }
+        for (into, from) in [
+            (&mut self.cpuset_cpus, &u.cpuset_cpus),
+            (&mut self.cpuset_mems, &u.cpuset_mems),
+        ] {
+            if !from.is_empty() {
+                into.clone_from(from);
+            }
+        }
+        if u.memory_oom_group.is_some() {
+            self.memory_oom_group = u.memory_oom_group;
+        }
+    }
+}
+
+/// Cell limits from CRI resources (`field`; zero fields are unset).
+fn limits_of(
+    field: &str,
+    r: Option<&cri::LinuxContainerResources>,
+) -> Result<Option<pb::CellLimits>, Status> {
     let Some(r) = r else { return Ok(None) };
-    let field = "config.linux.resources";
     let mut l = pb::CellLimits::default();
     let mut any = false;
     if r.memory_limit_in_bytes < 0 || r.cpu_quota < -1 || r.cpu_period < 0 || r.cpu_shares < 0 {
@@ -178,7 +279,10 @@ impl CriRuntime {
                 })
                 .collect(),
             log_path: c.log_path.clone(),
-            resources: None,
+            resources: Some(cri::ContainerResources {
+                linux: Some(cri_resources(&c.run.resources)),
+                ..Default::default()
+            }),
             image_id: c.image_ref.clone(),
             user: c.run.uid.map(|uid| cri::ContainerUser {
                 linux: Some(cri::LinuxContainerUser {
@@ -590,6 +694,56 @@ impl CriRuntime {
         Ok(msg)
     }
 
+    /// UpdateContainerResources, in a task of its own: a container not started yet has
+    /// its record changed (its start applies them); a running one its executable's own
+    /// group (here, or in its sandbox's instance) first, then its record; an exited one
+    /// FAILED_PRECONDITION.
+    async fn update_resources(
+        &self,
+        m: cri::UpdateContainerResourcesRequest,
+    ) -> Result<(), Status> {
+        if m.windows.is_some() {
+            return Err(invalid("windows", "this is a Linux runtime"));
+        }
+        let (update, limits) = container_resources("linux", m.linux.as_ref())?;
+        let cri = self.cri().clone();
+        let c = cri.container(&m.container_id)?;
+        let mut merged = false;
+        cri.update_container(&c.id, |r| {
+            if r.started_at.is_some() || r.starting || r.ended.is_some() {
+                return false;
+            }
+            r.run.resources.merge(&update);
+            merged = true;
+            true
+        })?;
+        if merged {
+            return Ok(());
+        }
+        if c.ended.is_some() || c.started_at.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "container {} has exited or is starting: nothing to update",
+                c.id
+            )));
+        }
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        let place = cri.place(&sb).await?;
+        place
+            .exe_update(pb::UpdateExecutableRequest {
+                executable: Some(pb::ExecutableRef {
+                    cell: sb.cell.clone(),
+                    name: c.executable.clone(),
+                }),
+                limits: Some(limits),
+            })
+            .await?;
+        cri.update_container(&c.id, |r| {
+            r.run.resources.merge(&update);
+            true
+        })?;
+        Ok(())
+    }
+
     /// StartContainer, in a task of its own: the container is marked starting first (a
     /// second start is refused; a removal meanwhile stops what may have started).
     async fn start(&self, m: cri::StartContainerRequest) -> Result<(), Status> {
@@ -657,6 +811,9 @@ impl CriRuntime {
                 stdin_once: run.stdin_once,
                 tty: run.tty,
             }),
+            // Always a cgroup of its own (its usage, its OOM kills, its limits, changed by
+            // UpdateContainerResources), limits or not.
+            limits: Some(limits_of_kept(&run.resources)?),
             ..Default::default()
         };
         let started = async {
@@ -1328,6 +1485,11 @@ fn container_run(c: &cri::ContainerConfig) -> Result<ContainerRun, Status> {
     run.stdin = c.stdin;
     run.stdin_once = c.stdin_once;
     run.tty = c.tty;
+    run.resources = container_resources(
+        "config.linux.resources",
+        c.linux.as_ref().and_then(|l| l.resources.as_ref()),
+    )?
+    .0;
     if let Some(l) = &c.linux
         && let Some(s) = &l.security_context
     {
@@ -1696,12 +1858,11 @@ impl RuntimeService for CriRuntime {
 
     async fn update_container_resources(
         &self,
-        _r: Request<cri::UpdateContainerResourcesRequest>,
+        r: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(unimplemented(
-            "UpdateContainerResources",
-            "a container has no cgroup of its own (its sandbox's cell holds the limits)",
-        ))
+        let me = self.clone();
+        detached(async move { me.update_resources(r.into_inner()).await }).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(

@@ -94,9 +94,25 @@ pub struct Executable {
     pub state: watch::Sender<State>,
     /// What goes once it has ended, if anything (see [`FreeOnExit`]).
     pub free_on_exit: std::sync::Mutex<Option<FreeOnExit>>,
+    /// Started with a cgroup of its own ([`CellName::own_group`]): the limits in force.
+    pub own_limits: Option<std::sync::Mutex<crate::cell::spec::Limits>>,
 }
 
 impl Executable {
+    /// Its own cgroup, when it was started with one.
+    pub fn own_group(&self) -> Option<CellName> {
+        self.own_limits
+            .as_ref()
+            .map(|_| self.cell.own_group(&self.name))
+    }
+
+    /// The limits of its own group, when it has one.
+    pub fn limits(&self) -> Option<crate::cell::spec::Limits> {
+        self.own_limits
+            .as_ref()
+            .and_then(|l| l.lock().ok().map(|l| l.clone()))
+    }
+
     pub fn exited(&self) -> bool {
         self.state.borrow().exit.is_some()
     }

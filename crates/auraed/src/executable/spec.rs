@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use aurae_proto::runtime::v0 as pb;
 
 use crate::{
+    cell::spec::Limits,
     container::ContainerSpec,
     spec::{CellName, FieldError, Label, abs_path, id},
 };
@@ -42,6 +43,20 @@ pub struct ExecutableSpec {
     pub container: Option<ContainerSpec>,
     /// Its input comes later, through Attach (see [`Interactive`]).
     pub interactive: Interactive,
+    /// A cgroup of its own below its cell's, with these limits (`Executable.limits`).
+    pub limits: Option<Box<Limits>>,
+}
+
+/// An executable's own limits (`field`): validated as a cell's are, except that
+/// `memory_oom_group` is off unless asked for (an OOM kill takes one process, as in a
+/// cell's group).
+pub fn own_limits(field: &str, l: Option<pb::CellLimits>) -> Result<Option<Limits>, FieldError> {
+    let Some(l) = l else { return Ok(None) };
+    let oom_group = l.memory_oom_group.unwrap_or(false);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let mut parsed = Limits::parse(field, Some(l), cpus)?;
+    parsed.memory_oom_group = oom_group;
+    Ok(Some(parsed))
 }
 
 /// How a process's input is wired when it comes through Attach rather than the request.
@@ -132,6 +147,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                 allow_mixed_cell: false,
                 free_on_exit: None,
                 container: Some(ContainerSpec::parse("container", e.container)?),
+                limits: own_limits("limits", e.limits)?.map(Box::new),
             });
         }
         let first = e.argv.first().ok_or_else(|| {
@@ -200,6 +216,7 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
             allow_mixed_cell: false,
             free_on_exit: None,
             container: None,
+            limits: own_limits("limits", e.limits)?.map(Box::new),
         })
     }
 }

@@ -4,8 +4,10 @@
 //!
 //! Layout under the root: each cell is a directory (`web`, `web/api`) that carries its
 //! limits; its processes live in the leaf `<cell>/_procs` (no label contains '_', so it
-//! never clashes with a child cell). Interior directories hold no processes, so the
-//! no-internal-processes rule holds with controllers enabled for children.
+//! never clashes with a child cell), those of an executable started with limits of its
+//! own in its own leaf `<cell>/_exe.<name>` beside it. Interior directories hold no
+//! processes, so the no-internal-processes rule holds with controllers enabled for
+//! children.
 
 use std::{
     collections::BTreeMap,
@@ -60,6 +62,13 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     /// Creates the cell's directory and leaf, enabling the available controllers for its
     /// children on every directory above the leaf. The parent cell must exist.
     fn create(&self, cell: &CellName) -> Result<(), CgroupError>;
+    /// Creates `group`, a leaf that holds processes itself and has no children (an
+    /// executable's own group, [`CellName::own_group`]). One left behind empty (a free
+    /// whose removal failed) is taken over; a populated one is an error.
+    fn create_leaf(&self, group: &CellName) -> Result<(), CgroupError>;
+    /// An `O_DIRECTORY` fd of `group` itself (a leaf made by [`CgroupTree::create_leaf`]),
+    /// for `clone3(CLONE_INTO_CGROUP)`.
+    fn group_fd(&self, group: &CellName) -> Result<OwnedFd, CgroupError>;
     /// Writes one interface file of the cell's directory.
     fn write(&self, cell: &CellName, file: &str, value: &str) -> Result<(), CgroupError>;
     /// Reads one interface file of the cell's directory (whole subtree figures).
@@ -90,7 +99,9 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
         cell: &CellName,
         devices: aurae_sys::bpf::CellDevices,
     ) -> Result<(), CgroupError>;
-    /// Removes the cell's leaf and directory; child cells must be removed first.
+    /// Removes the cell's leaf, its executables' own groups (empty by now) and its
+    /// directory; child cells must be removed first. Also removes a leaf made by
+    /// [`CgroupTree::create_leaf`].
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError>;
     /// Where the cell's directory is, for messages and probes.
     fn path(&self, cell: &CellName) -> PathBuf;
@@ -193,7 +204,9 @@ impl FsTree {
                 continue;
             }
             let base = e.file_name().to_string_lossy().into_owned();
-            if base == LEAF {
+            // The cell's leaf and its executables' own groups are the cell's: they go
+            // with it.
+            if base.starts_with('_') {
                 continue;
             }
             let name = if prefix.is_empty() {
@@ -327,6 +340,29 @@ impl CgroupTree for FsTree {
         Ok(())
     }
 
+    fn create_leaf(&self, group: &CellName) -> Result<(), CgroupError> {
+        let dir = self.path(group);
+        match fs::create_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // rmdir fails (EBUSY) while a process is in it.
+                fs::remove_dir(&dir).map_err(io_err(&dir))?;
+                fs::create_dir(&dir).map_err(io_err(&dir))
+            }
+            r => r.map_err(io_err(&dir)),
+        }
+    }
+
+    fn group_fd(&self, group: &CellName) -> Result<OwnedFd, CgroupError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.path(group);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECTORY)
+            .open(&p)
+            .map_err(io_err(&p))?;
+        Ok(OwnedFd::from(f))
+    }
+
     fn write(&self, cell: &CellName, file: &str, value: &str) -> Result<(), CgroupError> {
         let p = self.path(cell).join(file);
         fs::write(&p, value).map_err(io_err(&p))
@@ -389,6 +425,17 @@ impl CgroupTree for FsTree {
         let leaf = dir.join(LEAF);
         if leaf.exists() {
             fs::remove_dir(&leaf).map_err(io_err(&leaf))?;
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(crate::spec::OWN_GROUP_PREFIX)
+                {
+                    let p = e.path();
+                    fs::remove_dir(&p).map_err(io_err(&p))?;
+                }
+            }
         }
         fs::remove_dir(&dir).map_err(io_err(&dir))
     }
@@ -497,6 +544,25 @@ impl CgroupTree for FakeTree {
         Ok(())
     }
 
+    fn create_leaf(&self, group: &CellName) -> Result<(), CgroupError> {
+        let mut s = self.state.lock().map_err(|_| fake_err(group, "poisoned"))?;
+        if group
+            .parent()
+            .is_none_or(|p| !s.dirs.contains_key(p.as_str()))
+        {
+            return Err(fake_err(group, "parent missing"));
+        }
+        if s.populated.get(group.as_str()).copied().unwrap_or(false) {
+            return Err(fake_err(group, "populated"));
+        }
+        s.dirs.insert(group.as_str().to_owned(), BTreeMap::new());
+        Ok(())
+    }
+
+    fn group_fd(&self, group: &CellName) -> Result<OwnedFd, CgroupError> {
+        self.leaf_fd(group)
+    }
+
     fn write(&self, cell: &CellName, file: &str, value: &str) -> Result<(), CgroupError> {
         let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
         let d = s
@@ -574,6 +640,8 @@ impl CgroupTree for FakeTree {
     fn remove(&self, cell: &CellName) -> Result<(), CgroupError> {
         let mut s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
         let prefix = format!("{}/", cell.as_str());
+        let own = format!("{prefix}{}", crate::spec::OWN_GROUP_PREFIX);
+        s.dirs.retain(|k, _| !k.starts_with(&own));
         if s.dirs.keys().any(|k| k.starts_with(&prefix)) {
             return Err(fake_err(cell, "has child cells"));
         }
