@@ -1103,6 +1103,7 @@ async fn wire_workloads(
     if let Some(t) = &fs_tree {
         for w in t.sweep_leftovers(&|name| {
             found.cells.contains(name)
+                || found.own_groups.contains(name)
                 || found_vms.cgroups.contains(name)
                 || found_instances.cgroups.contains(name)
                 // The pool's own start removes its group (its spares left with the

@@ -203,10 +203,25 @@ async fn an_executables_own_group_holds_its_processes_across_a_crash() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("no cgroup of its own"), "{err:?}");
 
+    // A process in an own group no record explains (started, never recorded: a crash
+    // in between) is swept at the restart, reported.
+    let ghost = root.join("web/_exe.ghost");
+    std::fs::create_dir(&ghost).unwrap();
+    let mut stray = std::process::Command::new("/bin/sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    std::fs::write(ghost.join("cgroup.procs"), stray.id().to_string()).unwrap();
+
     // kill -9 of auraed: the group is neither lost nor swept as unexplained.
     d.crash_and_restart_after(Duration::from_millis(200))
         .await
         .unwrap();
+    assert!(
+        stray.wait().is_ok_and(|s| !s.success()),
+        "the unexplained group's process was killed"
+    );
+    assert!(!ghost.exists(), "the unexplained group was removed");
     let c = d.client("admin").await.unwrap();
     assert!(alive(st.pid) && alive(straggler));
     assert!(
@@ -219,8 +234,13 @@ async fn an_executables_own_group_holds_its_processes_across_a_crash() {
         .await
         .unwrap()
         .into_inner();
+    let swept: Vec<&String> = info
+        .warnings
+        .iter()
+        .filter(|w| w.contains("_exe"))
+        .collect();
     assert!(
-        !info.warnings.iter().any(|w| w.contains("_exe")),
+        swept.len() == 1 && swept[0].contains("web/_exe.ghost"),
         "{:?}",
         info.warnings
     );

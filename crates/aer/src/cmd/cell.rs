@@ -24,8 +24,8 @@ pub struct LimitArgs {
     cpu_weight: Option<u64>,
     /// CPU quota per period in µs (cgroup cpu.max), QUOTA/PERIOD or max/PERIOD, e.g.
     /// 50000/100000 for half a CPU [default: no quota].
-    #[arg(long, value_name = "QUOTA/PERIOD")]
-    cpu_max: Option<String>,
+    #[arg(long, value_name = "QUOTA/PERIOD", value_parser = cpu_max)]
+    cpu_max: Option<pb::CpuMax>,
     /// CPUs the cell may run on (cgroup cpuset.cpus), in the kernel's list format, e.g.
     /// 0-1,3 [default: all].
     #[arg(
@@ -69,7 +69,7 @@ impl LimitArgs {
     pub fn proto(&self) -> anyhow::Result<pb::CellLimits> {
         Ok(pb::CellLimits {
             cpu_weight: self.cpu_weight,
-            cpu_max: self.cpu_max.as_deref().map(cpu_max).transpose()?,
+            cpu_max: self.cpu_max,
             cpuset_cpus: self.cpuset_cpus.clone(),
             memory_min_bytes: self.memory_min,
             memory_low_bytes: self.memory_low,

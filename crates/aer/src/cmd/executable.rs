@@ -64,6 +64,14 @@ pub struct RunArgs {
     /// foreground with -i, aer's terminal is in raw mode while it runs.
     #[arg(short = 't', long)]
     tty: bool,
+    /// Give it a cgroup of its own below its cell's (implied by any limit below): its
+    /// usage is its own (`aer executable stats`), what it leaves running there dies with
+    /// it, and `aer executable update` changes its limits while it runs.
+    #[arg(long)]
+    own_cgroup: bool,
+    /// Limits of its own cgroup (bounded by its cell's too).
+    #[command(flatten)]
+    limits: super::cell::LimitArgs,
     /// The program (an absolute path, executed directly: no shell) and its arguments,
     /// after `--`, e.g. -- /bin/sh -c 'echo hi'.
     #[arg(last = true, value_name = "ARGV")]
@@ -81,6 +89,8 @@ impl RunArgs {
             stdin_once: self.interactive && !detach,
             tty: self.tty,
         });
+        let limits = self.limits.proto().map_err(invalid)?;
+        let limits = (self.own_cgroup || limits != pb::CellLimits::default()).then_some(limits);
         let Some(image) = self.image else {
             if self.argv.is_empty() {
                 return Err(Status::invalid_argument(
@@ -97,6 +107,7 @@ impl RunArgs {
                 uid: self.uid,
                 gid: self.gid,
                 interactive,
+                limits,
                 ..Default::default()
             });
         };
@@ -109,6 +120,7 @@ impl RunArgs {
             name: self.name,
             container: Some(container),
             interactive,
+            limits,
             ..Default::default()
         })
     }
@@ -187,8 +199,17 @@ pub enum ExeCmd {
         #[arg(long, short = 'f')]
         follow: bool,
     },
-    /// Its CPU and memory use (from /proc while it runs).
+    /// Its CPU and memory use (from its own cgroup when it has one, else from /proc),
+    /// while it runs.
     Stats(ExeRef),
+    /// Change the limits of a running executable's own cgroup (started with
+    /// --own-cgroup or a limit): the limits given are written, the others stay.
+    Update {
+        #[command(flatten)]
+        r: ExeRef,
+        #[command(flatten)]
+        limits: super::cell::LimitArgs,
+    },
 }
 
 fn exe_row(s: &pb::ExecutableStatus) -> Row {
@@ -199,8 +220,38 @@ fn exe_row(s: &pb::ExecutableStatus) -> Row {
         ("exit", exit(s.exit.as_ref())),
         ("started_at", ts(s.started_at.as_ref())),
         ("argv", json!(s.argv)),
+        ("limits", json!(s.limits.as_ref().map(own_limits))),
         ("message", json!(s.message)),
     ]
+}
+
+/// The limits of an executable's own cgroup as its files would read, e.g.
+/// `memory.max=67108864 pids.max=16` (empty: a group without limits).
+fn own_limits(l: &pb::CellLimits) -> String {
+    let mut out = Vec::new();
+    let mut put = |file: &str, v: Option<String>| {
+        if let Some(v) = v {
+            out.push(format!("{file}={v}"));
+        }
+    };
+    put("cpu.weight", l.cpu_weight.map(|v| v.to_string()));
+    put(
+        "cpu.max",
+        l.cpu_max.as_ref().map(|c| match c.quota_us {
+            0 => format!("max/{}", c.period_us),
+            q => format!("{q}/{}", c.period_us),
+        }),
+    );
+    put(
+        "cpuset.cpus",
+        (!l.cpuset_cpus.is_empty()).then(|| l.cpuset_cpus.clone()),
+    );
+    put("memory.min", l.memory_min_bytes.map(|v| v.to_string()));
+    put("memory.low", l.memory_low_bytes.map(|v| v.to_string()));
+    put("memory.high", l.memory_high_bytes.map(|v| v.to_string()));
+    put("memory.max", l.memory_max_bytes.map(|v| v.to_string()));
+    put("pids.max", l.pids_max.map(|v| v.to_string()));
+    out.join(" ")
 }
 
 /// `aer run`: starts a process (or a sidecar container) in an existing cell, then streams
@@ -273,6 +324,13 @@ pub async fn run(c: &Client, cmd: ExeCmd, fmt: Format) -> Result<(), Status> {
             let s = x.stats(r.proto()?).await?.into_inner();
             print(fmt, &[stats_row(&s)], true);
         }
+        ExeCmd::Update { r, limits } => {
+            let req = pb::UpdateExecutableRequest {
+                executable: Some(r.proto()?),
+                limits: Some(limits.proto().map_err(invalid)?),
+            };
+            one(x.update(req).await?);
+        }
     }
     Ok(())
 }
@@ -288,6 +346,24 @@ mod tests {
         };
         let detach = a.attach.detach;
         a.proto(detach)
+    }
+
+    #[test]
+    fn a_limit_or_own_cgroup_asks_for_a_cgroup_of_its_own() {
+        assert!(
+            run_args("run --cell web -- /bin/true")
+                .unwrap()
+                .limits
+                .is_none()
+        );
+        let e = run_args("run --own-cgroup --cell web -- /bin/true").unwrap();
+        assert_eq!(e.limits, Some(pb::CellLimits::default()));
+        let e = run_args("run --memory-max 64M --pids-max 16 --cell web -- /bin/true").unwrap();
+        let l = e.limits.unwrap();
+        assert_eq!((l.memory_max_bytes, l.pids_max), (Some(64 << 20), Some(16)));
+        assert_eq!(own_limits(&l), "memory.max=67108864 pids.max=16");
+        let e = run_args("run --cpu-max 50000/100000 --cell web --image r/x:1").unwrap();
+        assert_eq!(own_limits(&e.limits.unwrap()), "cpu.max=50000/100000");
     }
 
     #[test]

@@ -261,6 +261,9 @@ pub(super) fn record_input_changes(exe: &Arc<Executable>, recorder: &Recorder) {
 pub struct Readopted {
     /// Cells served again (their names: the sweep leaves them alone).
     pub cells: BTreeSet<String>,
+    /// The own groups of executables served again (`web/_exe.api`: the sweep leaves
+    /// them alone; one no record explains is a process started and never recorded).
+    pub own_groups: BTreeSet<String>,
     pub executables: usize,
     /// Executables that ended while auraed was down.
     pub ended: usize,
@@ -364,6 +367,10 @@ impl Cells {
                 spec: rec.spec,
             });
             for r in by_cell.remove(name.as_str()).unwrap_or_default() {
+                if r.limits.is_some() {
+                    out.own_groups
+                        .insert(r.cell.own_group(&r.name).as_str().to_owned());
+                }
                 let (exe, ended) = self.readopt_executable(&r, init_lost, &mut out);
                 if ended {
                     out.ended += 1;

@@ -95,9 +95,22 @@ fn container_resources(
         }
     };
     l.memory_oom_group = memory_oom_group;
-    // Checked as auraed checks an executable's limits (ranges, the cpu list format).
-    crate::executable::spec::own_limits(field, Some(l.clone()))
-        .map_err(|e| invalid(&e.field, e.reason))?;
+    // Checked as auraed checks an executable's limits (ranges, the cpu list format),
+    // the field named as the CRI names it.
+    crate::executable::spec::own_limits(field, Some(l.clone())).map_err(|e| {
+        let cri_name = [
+            ("memory_max_bytes", "memory_limit_in_bytes"),
+            ("cpu_max.period_us", "cpu_period"),
+            ("cpu_max.quota_us", "cpu_quota"),
+            ("cpu_max", "cpu_quota"),
+            ("cpu_weight", "cpu_shares"),
+        ]
+        .iter()
+        .find_map(|(ours, theirs)| {
+            (e.field == format!("{field}.{ours}")).then(|| format!("{field}.{theirs}"))
+        });
+        invalid(&cri_name.unwrap_or(e.field), e.reason)
+    })?;
     let kept = Resources {
         cpu_period: r.cpu_period,
         cpu_quota: r.cpu_quota,
@@ -2427,6 +2440,104 @@ mod tests {
             }))
             .is_err()
         );
+    }
+
+    /// A container's resources: kept as given (its status reports them), applied as its
+    /// own group's limits (shares → weight, the oom group from `unified`); an update
+    /// takes only what it sets; bad values name their field.
+    #[test]
+    fn container_resources_are_kept_as_given_and_become_limits() {
+        let kubelet = cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_shares: 2,
+            cpu_period: 100_000,
+            cpuset_cpus: "0".into(),
+            unified: [
+                ("memory.oom.group".to_owned(), "1".to_owned()),
+                ("memory.high".to_owned(), "max".to_owned()),
+            ]
+            .into(),
+            oom_score_adj: 1000,
+            ..Default::default()
+        };
+        let (kept, l) = container_resources("config.linux.resources", Some(&kubelet)).unwrap();
+        assert_eq!(
+            (
+                l.memory_max_bytes,
+                l.cpu_weight,
+                l.cpu_max,
+                l.memory_oom_group
+            ),
+            (Some(64 << 20), Some(1), None, Some(true))
+        );
+        assert_eq!(l.cpuset_cpus, "0");
+        assert_eq!(
+            limits_of_kept(&kept).unwrap(),
+            l,
+            "the start applies what was kept"
+        );
+        let back = cri_resources(&kept);
+        assert_eq!(
+            (back.memory_limit_in_bytes, back.cpu_shares, back.cpu_period),
+            (64 << 20, 2, 100_000)
+        );
+        assert_eq!(back.unified.len(), 1, "only what is applied is reported");
+        // An update of the memory alone keeps the rest.
+        let (update, _) = container_resources(
+            "linux",
+            Some(&cri::LinuxContainerResources {
+                memory_limit_in_bytes: 96 << 20,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let mut merged = kept.clone();
+        merged.merge(&update);
+        assert_eq!(
+            (
+                merged.memory_limit_in_bytes,
+                merged.cpu_shares,
+                merged.cpuset_cpus.as_str()
+            ),
+            (96 << 20, 2, "0")
+        );
+        assert_eq!(merged.memory_oom_group, Some(true));
+        // Nothing given: a group of its own without limits.
+        let (none, l) = container_resources("config.linux.resources", None).unwrap();
+        assert_eq!((none, l), (Resources::default(), pb::CellLimits::default()));
+        for (bad, field) in [
+            (
+                cri::LinuxContainerResources {
+                    cpu_quota: -2,
+                    ..Default::default()
+                },
+                "linux",
+            ),
+            (
+                cri::LinuxContainerResources {
+                    unified: [("memory.oom.group".to_owned(), "yes".to_owned())].into(),
+                    ..Default::default()
+                },
+                "linux.unified[\"memory.oom.group\"]",
+            ),
+            (
+                cri::LinuxContainerResources {
+                    cpuset_mems: "1-0".into(),
+                    ..Default::default()
+                },
+                "linux.cpuset_mems",
+            ),
+            (
+                cri::LinuxContainerResources {
+                    memory_limit_in_bytes: 4096,
+                    ..Default::default()
+                },
+                "linux.memory_limit_in_bytes",
+            ),
+        ] {
+            let err = container_resources("linux", Some(&bad)).unwrap_err();
+            assert!(err.message().starts_with(field), "{field}: {err:?}");
+        }
     }
 
     #[test]

@@ -204,9 +204,10 @@ impl FsTree {
                 continue;
             }
             let base = e.file_name().to_string_lossy().into_owned();
-            // The cell's leaf and its executables' own groups are the cell's: they go
-            // with it.
-            if base.starts_with('_') {
+            // The cell's leaf is the cell's. Its executables' own groups are explained
+            // by their records like cells (one without is a process started and never
+            // recorded: it goes).
+            if base == LEAF {
                 continue;
             }
             let name = if prefix.is_empty() {
