@@ -233,7 +233,20 @@ impl Executables for ExecutablesApi {
     ) -> Result<Response<pb::ResourceStats>, Status> {
         let e = self.find(&r, Some(r.get_ref()))?;
         let stats = match self.cells.own_group_stats(&e) {
-            Some(s) => convert::stats(&s),
+            // A figure whose controller this host lacks reads 0 from the group: the main
+            // process's own (from /proc) stands in for it.
+            Some(s) => {
+                let (group, own) = (convert::stats(&s), process_stats(&e));
+                let or = |g: u64, p: u64| if g == 0 { p } else { g };
+                pb::ResourceStats {
+                    memory_current_bytes: or(group.memory_current_bytes, own.memory_current_bytes),
+                    memory_peak_bytes: or(group.memory_peak_bytes, own.memory_peak_bytes),
+                    pids_current: or(group.pids_current, own.pids_current),
+                    io_read_bytes: or(group.io_read_bytes, own.io_read_bytes),
+                    io_write_bytes: or(group.io_write_bytes, own.io_write_bytes),
+                    ..group
+                }
+            }
             None => process_stats(&e),
         };
         Ok(Response::new(stats))
