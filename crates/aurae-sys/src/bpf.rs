@@ -696,6 +696,7 @@ mod tests {
             join: None,
             unshare: crate::Namespaces::default(),
             container: None,
+            console: None,
         };
         let (_, pidfd) = crate::spawn(&req).unwrap();
         let code = match pidfd.wait_blocking().unwrap() {

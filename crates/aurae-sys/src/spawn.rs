@@ -91,6 +91,13 @@ pub struct SpawnRequest<'a> {
     /// see [`crate::container`]. `program` and `cwd` are then ignored in favour of the
     /// container's.
     pub container: Option<&'a ContainerSetup<'a>>,
+    /// With a new `container` (not [`ContainerSetup::enter`]): a socket on which the
+    /// child, once the container's root is set up, sends the master side of a new
+    /// pseudo-terminal of the container's own devpts (`/dev/pts/ptmx`, `SCM_RIGHTS`), as
+    /// runc's console socket; its slave side replaces `stdio` as fds 0, 1 and 2 and
+    /// becomes the controlling terminal of a new session (`controlling_terminal` is then
+    /// not needed). Inside, the terminal is the container's own (`tty` names it).
+    pub console: Option<RawFd>,
 }
 
 /// Why a spawn failed.
@@ -203,7 +210,7 @@ impl std::fmt::Display for Step {
 /// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-const STEPS: [&str; 14] = [
+const STEPS: [&str; 16] = [
     "join namespaces (setns)",
     "unshare namespaces",
     "set up stdio",
@@ -218,6 +225,8 @@ const STEPS: [&str; 14] = [
     "set no_new_privs",
     "set the open-file limit",
     "take the terminal (setsid, TIOCSCTTY)",
+    "open a terminal of the container's devpts (/dev/pts/ptmx)",
+    "send the terminal's master side (console socket)",
 ];
 
 /// Layout of `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
@@ -507,6 +516,12 @@ unsafe fn child(
         {
             fail_at(err_w, f);
         }
+        if let (Some(sock), Some(c)) = (req.console, req.container)
+            && !c.enter
+            && let Err(step) = take_console(sock)
+        {
+            fail(err_w, step);
+        }
         // Raw syscalls, not glibc's set*id wrappers: those synchronize every thread glibc
         // believes exists (nptl setxid), and after a raw clone3 it still believes in the
         // parent's threads, so the child would wait forever. Supplementary groups are
@@ -592,6 +607,73 @@ unsafe fn child(
     }
 }
 
+/// In the child, inside the container's root: a new pseudo-terminal of its devpts, its
+/// slave side as fds 0, 1, 2 and the controlling terminal of a new session, its master
+/// side sent on `sock` and closed here. `Err(step)` on failure (errno set).
+///
+/// # Safety
+///
+/// Only in the child between clone and exec: raw syscalls on its own fds and on memory
+/// on its stack.
+unsafe fn take_console(sock: RawFd) -> Result<(), u8> {
+    const OPEN: u8 = 14;
+    const SEND: u8 = 15;
+    // SAFETY: see the function's contract; every pointer is to a local of this frame.
+    unsafe {
+        let master = libc::open(
+            c"/dev/pts/ptmx".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        );
+        if master < 0 {
+            return Err(OPEN);
+        }
+        let unlock: libc::c_int = 0;
+        if libc::ioctl(master, libc::TIOCSPTLCK, ptr::addr_of!(unlock)) < 0 {
+            return Err(OPEN);
+        }
+        let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY);
+        if slave < 0 {
+            return Err(OPEN);
+        }
+        for target in 0..3 {
+            if libc::dup2(slave, target) < 0 {
+                return Err(2);
+            }
+        }
+        if slave > 2 {
+            libc::close(slave);
+        }
+        if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            return Err(13);
+        }
+        // One byte and the master side as SCM_RIGHTS.
+        let mut byte = [b't'];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut space = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = ptr::addr_of_mut!(iov);
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(ptr::addr_of!(msg));
+        if cmsg.is_null() {
+            return Err(SEND);
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), master);
+        if libc::sendmsg(sock, ptr::addr_of!(msg), libc::MSG_NOSIGNAL) != 1 {
+            return Err(SEND);
+        }
+        libc::close(master);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;
@@ -627,6 +709,7 @@ mod tests {
             join: None,
             unshare: Namespaces::default(),
             container: None,
+            console: None,
         };
         let (_, pidfd) = spawn(&req)?;
         Ok(pidfd.wait_blocking().unwrap())

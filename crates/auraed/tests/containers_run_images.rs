@@ -240,6 +240,29 @@ async fn probe_from_inside_a_container() {
         0,
         "the container's directories are removed"
     );
+    // Pseudo-terminal exhaustion: 300 processes each holding a new terminal of the
+    // container's devpts get at most 256 (its own instance's `max`), the rest ENOSPC;
+    // the host's devpts is not where they come from.
+    let host_ptys = std::fs::read_dir("/dev/pts").map_or(0, |d| d.count());
+    let (st, out) = e
+        .run_cell(
+            "ptys",
+            e.container(
+                "for i in $(seq 300); do sleep 20 </dev/ptmx 2>/dev/null & done; sleep 2; \
+                 echo held: $(ls /dev/pts | grep -c '^[0-9]'); kill $(jobs -p) 2>/dev/null; true",
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code(&st), Some(0), "{out}");
+    let held: usize = field(&out, "held").parse().unwrap();
+    println!("a container opening 300 terminals holds {held}");
+    assert_eq!(held, 256, "{out}");
+    let host_now = std::fs::read_dir("/dev/pts").map_or(0, |d| d.count());
+    assert!(
+        host_now <= host_ptys + 2,
+        "the host's devpts grew: {host_ptys} -> {host_now}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

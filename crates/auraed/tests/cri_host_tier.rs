@@ -1875,7 +1875,7 @@ async fn cri_attach_writes_a_containers_own_stdin_and_terminal() {
         .url;
     let out = exec_stream_with(
         &url,
-        Some(b"stty size; test -t 0 && echo on-a-tty; exit 7\n"),
+        Some(b"stty size; test -t 0 && echo on-a-tty; tty; ls /dev/pts; exit 7\n"),
         Some((100, 30)),
     )
     .await
@@ -1883,6 +1883,9 @@ async fn cri_attach_writes_a_containers_own_stdin_and_terminal() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("30 100"), "{text:?}");
     assert!(text.contains("on-a-tty"), "{text:?}");
+    // The container's own devpts: its terminal has a name there, and it is the only one.
+    assert!(text.contains("/dev/pts/0"), "{text:?}");
+    assert!(!text.contains("not a tty"), "{text:?}");
     assert_eq!(exited(&mut rt, &term).await.exit_code, 7);
 
     // Without stdin_once the stdin stays open when an attach leaves, and across a kill

@@ -261,6 +261,7 @@ impl Cells {
                 )),
                 unshare: Ns(0),
                 container: Some(&setup),
+                console: None,
             };
             let child = spawner.spawn(&req).map_err(|source| WorkloadError::Spawn {
                 what: format!("exec of {argv0:?} in {}/{}", cell.spec.name, exe.name),

@@ -579,6 +579,7 @@ impl Cells {
             join,
             unshare,
             container: None,
+            console: None,
         };
         let child = self
             .spawner

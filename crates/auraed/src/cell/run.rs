@@ -192,7 +192,7 @@ impl Cells {
                     gid: Some(gid),
                     no_new_privs: !allow_new_privileges,
                     stdio: prepared.stdio(),
-                    controlling_terminal: prepared.tty,
+                    controlling_terminal: prepared.tty && prepared.console.is_none(),
                     pass_fd: None,
                     cgroup: Some(leaf.as_raw_fd()),
                     new_namespaces: Ns(0),
@@ -211,6 +211,10 @@ impl Cells {
                             0
                         }),
                     container: setup.as_ref(),
+                    console: prepared
+                        .console
+                        .as_ref()
+                        .map(|(_, theirs)| theirs.as_raw_fd()),
                 };
                 let t_prep = t.elapsed();
                 let r = me
@@ -233,6 +237,16 @@ impl Cells {
         .map_err(|e| WorkloadError::Precondition(format!("spawn task: {e}")))?;
         // On failure `rootfs` is dropped here, and its directories with it.
         let child = child?;
+        let mut prepared = prepared;
+        if let Err(e) = prepared.take_console() {
+            let _ = child.pidfd.send_signal(nix::libc::SIGKILL);
+            if let Some(g) = &own_group {
+                let _ = tree_after.kill(g);
+            }
+            return Err(WorkloadError::Precondition(format!(
+                "the container's terminal: {e}"
+            )));
+        }
         tracing::debug!(
             total_us = t_spawn.elapsed().as_micros() as u64,
             "run timings"

@@ -412,6 +412,7 @@ fn start(
         join: None,
         unshare: Ns(0),
         container: None,
+        console: None,
     };
     let child = reaper
         .spawn(|| aurae_sys::spawn(&req))

@@ -175,6 +175,10 @@ pub struct Prepared {
     pub input: Option<OwnedFd>,
     /// Its stdio is a terminal (made its controlling terminal).
     pub tty: bool,
+    /// A container's terminal comes from its own devpts: (our end, the child's end) of
+    /// the console socket its child sends the master side on (its stdio until then is
+    /// /dev/null, and `output`/`input` are filled from [`Prepared::take_console`]).
+    pub console: Option<(OwnedFd, OwnedFd)>,
 }
 
 fn cstring(field: &str, s: &str) -> Result<CString, crate::spec::FieldError> {
@@ -230,7 +234,25 @@ impl Prepared {
         let io = crate::workload::WorkloadError::io;
         let mut stdin_data = None;
         let mut input = None;
-        let (child, output) = if spec.interactive.tty {
+        let mut console = None;
+        let (child, output) = if spec.interactive.tty && spec.container.is_some() {
+            // The container's own terminal, opened by its child inside its root.
+            let (ours, theirs) = nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::SeqPacket,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC
+                    | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+            )
+            .map_err(|e| io(e.into()))?;
+            console = Some((ours, theirs));
+            let null = || {
+                std::fs::File::open("/dev/null")
+                    .map(OwnedFd::from)
+                    .map_err(io)
+            };
+            ([null()?, null()?, null()?], Vec::new())
+        } else if spec.interactive.tty {
             let (master, slave) = open_terminal().map_err(|e| {
                 crate::workload::WorkloadError::Precondition(format!("a terminal for it: {e}"))
             })?;
@@ -267,7 +289,36 @@ impl Prepared {
             stdin_data,
             input,
             tty: spec.interactive.tty,
+            console,
         })
+    }
+
+    /// After the spawn of a container with its own terminal: the master side its child
+    /// sent (checked to be a ptmx), as its output and its input.
+    pub fn take_console(&mut self) -> std::io::Result<()> {
+        let Some((ours, _)) = self.console.take() else {
+            return Ok(());
+        };
+        let mut byte = [0u8; 1];
+        let got = crate::workload::fdpass::recv(&ours, &mut byte)?;
+        // Owned copies of what came (the raw numbers closed once copied).
+        let owned: Vec<std::io::Result<OwnedFd>> = got
+            .fds
+            .into_iter()
+            .map(|fd| {
+                let copy = aurae_sys::fd::dup_raw(fd);
+                let _ = nix::unistd::close(fd);
+                copy
+            })
+            .collect();
+        let master = owned
+            .into_iter()
+            .next()
+            .ok_or_else(|| std::io::Error::other("the container's child sent no terminal"))??;
+        let master = checked_ptmx(master)?;
+        self.output = vec![master.try_clone()?];
+        self.input = Some(master);
+        Ok(())
     }
 
     pub fn stdio(&self) -> [std::os::fd::RawFd; 3] {

@@ -795,6 +795,7 @@ impl Instances {
                 join: None,
                 unshare: Ns(0),
                 container: None,
+                console: None,
             };
             crate::workload::spawner::Spawner::spawn(reaper.as_ref(), &req).map_err(|source| {
                 WorkloadError::Spawn {

@@ -606,6 +606,7 @@ impl Vms {
                 join: None,
                 unshare: Ns(0),
                 container: None,
+                console: None,
             };
             me.reaper
                 .spawn(|| aurae_sys::spawn(&req))

@@ -305,6 +305,7 @@ impl Holder {
             join: None,
             unshare: aurae_sys::Namespaces::default(),
             container: None,
+            console: None,
         };
         let child = reaper
             .spawn(|| aurae_sys::spawn(&req))
