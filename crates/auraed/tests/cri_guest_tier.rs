@@ -562,7 +562,17 @@ async fn inside_l1(web: &str) {
     for c in ["hog", "calm"] {
         std::fs::create_dir_all(log_dir.join(c)).unwrap();
     }
-    let config = sandbox_config("hog", "uid-hog", log_dir);
+    // The pod's own limit (as kubelet sends it: its containers' sum) bounds them together.
+    let config = cri::PodSandboxConfig {
+        linux: Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 96 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..sandbox_config("hog", "uid-hog", log_dir)
+    };
     let sb = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(config.clone()),
@@ -618,6 +628,33 @@ async fn inside_l1(web: &str) {
         "{calm:?}"
     );
     println!("a container over its own 32 MiB: OOMKilled, its sibling running");
+    // A resize within the pod's limit is applied; past it, refused naming both figures.
+    let resize = |memory: i64| cri::UpdateContainerResourcesRequest {
+        container_id: ids[0].clone(),
+        linux: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: memory,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    rt.update_container_resources(resize(80 << 20))
+        .await
+        .unwrap();
+    let err = rt
+        .update_container_resources(resize(200 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().starts_with("linux.memory_limit_in_bytes")
+            && err.message().contains(&(96u64 << 20).to_string()),
+        "{err:?}"
+    );
+    let calm = container_status(&mut rt, &ids[0]).await.unwrap();
+    assert_eq!(
+        calm.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
+        80 << 20
+    );
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: sb.clone(),
     })

@@ -538,6 +538,7 @@ async fn guest_tier_limits_and_pid1_duties() {
         .update(pb::UpdateExecutableRequest {
             executable: Some(workload::exe_ref("own", "keeper")),
             limits: Some(pb::CellLimits {
+                cpu_weight: Some(200),
                 cpuset_cpus: "63".into(),
                 ..Default::default()
             }),
@@ -546,6 +547,24 @@ async fn guest_tier_limits_and_pid1_duties() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("limits.cpuset_cpus"), "{err:?}");
+    assert!(err.message().contains("before it were applied"), "{err:?}");
+    // What the kernel took before the refusal is what the status says.
+    let now = c
+        .executables()
+        .get(workload::exe_ref("own", "keeper"))
+        .await
+        .unwrap()
+        .into_inner()
+        .limits
+        .unwrap();
+    assert_eq!(
+        (
+            now.cpu_weight,
+            now.memory_max_bytes,
+            now.cpuset_cpus.as_str()
+        ),
+        (Some(200), Some(96 << 20), "")
+    );
     let stats = c
         .executables()
         .stats(workload::exe_ref("own", "keeper"))

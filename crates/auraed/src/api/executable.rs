@@ -267,7 +267,11 @@ impl Executables for ExecutablesApi {
             .map_err(invalid)?
             .unwrap_or_default();
         let er = Self::reference(&r, m.executable.as_ref())?;
-        let e = self.cells.update_limits(&er, &update, oom_group)?;
+        // Off the runtime's threads: lowering memory.max makes the kernel reclaim first.
+        let cells = self.cells.clone();
+        let e = tokio::task::spawn_blocking(move || cells.update_limits(&er, &update, oom_group))
+            .await
+            .map_err(|e| Status::internal(format!("update task: {e}")))??;
         Ok(Response::new(convert::executable(&e)))
     }
 }

@@ -541,6 +541,7 @@ impl Cells {
             output_released: Default::default(),
             recordable: std::sync::Mutex::new(true),
             own_limits: r.limits.clone().map(std::sync::Mutex::new),
+            updating: Default::default(),
         });
         record_input_changes(&exe, &self.recorder);
         let id = executable_key(&r.cell, &r.name);

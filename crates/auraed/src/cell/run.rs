@@ -139,11 +139,17 @@ impl Cells {
             )?;
         }
         let charged = own.as_ref().map_or(&spec.cell, |(g, _)| g).clone();
+        // A group of its own starts counting at 0 (one taken over from a free whose
+        // removal failed is made anew).
         let oom = has_memory.then(|| {
             (
                 tree.clone(),
                 charged.clone(),
-                oom_kills(tree.as_ref(), &charged),
+                if own.is_some() {
+                    0
+                } else {
+                    oom_kills(tree.as_ref(), &charged)
+                },
             )
         });
         let own_group = own.as_ref().map(|(g, _)| g.clone());
@@ -311,6 +317,7 @@ impl Cells {
             output_released: Default::default(),
             recordable: std::sync::Mutex::new(true),
             own_limits: spec.limits.clone().map(|l| std::sync::Mutex::new(*l)),
+            updating: Default::default(),
         });
         super::record::record_input_changes(&exe, &self.recorder);
         self.pump_output(&exe, output);
@@ -548,10 +555,17 @@ impl Cells {
         let (Some(group), Ok(tree)) = (exe.own_group(), self.tree()) else {
             return;
         };
+        // What it left was killed at its end, but a kill is not instant: a short wait.
+        for _ in 0..10 {
+            if tree.remove(&group).is_ok() || !tree.exists(&group) {
+                return;
+            }
+            let _ = tree.kill(&group);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         if let Err(e) = tree.remove(&group)
             && tree.exists(&group)
         {
-            let _ = tree.kill(&group);
             warn!(group = %group, "a freed executable's own cgroup is not empty yet; left for its cell's free: {e}");
         }
     }
@@ -590,20 +604,43 @@ impl Cells {
             writes.extend(super::limits::own_writes(&with, true));
         }
         super::limits::check_controllers(&writes, &tree.controllers())?;
-        // One update at a time: what is recorded is what was written last.
-        let mut now = current
+        // One update at a time (what is recorded is what was written last); readers of
+        // the limits only wait for the merge, not for the kernel's writes (lowering
+        // memory.max makes the kernel reclaim first).
+        let one = exe
+            .updating
             .lock()
             .map_err(|_| WorkloadError::Precondition("executable lock poisoned".into()))?;
-        // Raising memory.max above memory.high (or lowering it below) in one call works in
-        // either order for the kernel; min/low/high/max are written in that order.
+        let mut applied = super::spec::Limits::default();
+        let mut applied_oom = None;
+        let mut refused = None;
         for w in &writes {
-            tree.write(&group, w.file, &w.value)
-                .map_err(|e| super::registry::refused_limit(w, e))?;
+            if let Err(e) = tree.write(&group, w.file, &w.value) {
+                refused = Some(super::registry::refused_limit(w, e));
+                break;
+            }
+            if w.file == "memory.oom.group" {
+                applied_oom = oom_group;
+            } else {
+                applied.merge(&update.only(w.field), None);
+            }
         }
-        now.merge(update, oom_group);
-        drop(now);
+        // What the kernel took is recorded, also when a later write was refused.
+        if let Ok(mut now) = current.lock() {
+            now.merge(&applied, applied_oom);
+        }
         exe.write_record(&self.recorder);
-        Ok(exe)
+        drop(one);
+        let partial = applied != super::spec::Limits::default() || applied_oom.is_some();
+        match refused {
+            Some(WorkloadError::Invalid(mut f)) if partial => {
+                f.reason
+                    .push_str(" (the limits before it were applied: see the executable's status)");
+                Err(WorkloadError::Invalid(f))
+            }
+            Some(e) => Err(e),
+            None => Ok(exe),
+        }
     }
 
     /// Forgets an exited executable.

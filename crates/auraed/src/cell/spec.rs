@@ -74,6 +74,28 @@ fn cpu_list(field: &str, s: &str) -> Result<Option<String>, FieldError> {
 }
 
 impl Limits {
+    /// Only the limit the request field `field` names (`limits.memory_max_bytes`, …;
+    /// `io_max` whole); nothing for another name.
+    pub fn only(&self, field: &str) -> Limits {
+        let mut o = Limits::default();
+        match field.rsplit('.').next().unwrap_or_default() {
+            "cpu_weight" => o.cpu_weight = self.cpu_weight,
+            "cpu_max" => o.cpu_max = self.cpu_max,
+            "cpuset_cpus" => o.cpuset_cpus.clone_from(&self.cpuset_cpus),
+            "cpuset_mems" => o.cpuset_mems.clone_from(&self.cpuset_mems),
+            "memory_min_bytes" => o.memory_min = self.memory_min,
+            "memory_low_bytes" => o.memory_low = self.memory_low,
+            "memory_high_bytes" => o.memory_high = self.memory_high,
+            "memory_max_bytes" => o.memory_max = self.memory_max,
+            "memory_swap_max_bytes" => o.memory_swap_max = self.memory_swap_max,
+            "pids_max" => o.pids_max = self.pids_max,
+            "io_weight" => o.io_weight = self.io_weight,
+            "io_max" => o.io_max.clone_from(&self.io_max),
+            _ => {}
+        }
+        o
+    }
+
     /// Takes the limits `update` sets (and `oom_group` when given); keeps the others.
     pub fn merge(&mut self, update: &Limits, oom_group: Option<bool>) {
         fn set<T: Clone>(into: &mut Option<T>, from: &Option<T>) {

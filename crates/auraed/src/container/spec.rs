@@ -68,16 +68,85 @@ fn entry_name(field: String, name: &str) -> Result<std::path::PathBuf, FieldErro
         && parts.len() <= 4
         && parts
             .iter()
-            .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\0'));
+            .all(|p| !p.is_empty() && *p != "." && !p.starts_with("..") && !p.contains('\0'));
     if !ok {
         return Err(FieldError::new(
             field,
             format!(
-                "{name:?} is not a relative name (plain names separated by '/', at most 4 deep)"
+                "{name:?} is not a relative name (plain names separated by '/', at most 4 deep, none starting with \"..\": those are the directory's own)"
             ),
         ));
     }
     Ok(std::path::PathBuf::from(name))
+}
+
+/// The files of a container (`{field}.files`), checked: at most [`MAX_FILES`], entries
+/// and bytes bounded, names relative (see [`entry_name`]), modes permission bits.
+pub fn parse_files(field: &str, files: &[pb::ContainerFile]) -> Result<Vec<FileSpec>, FieldError> {
+    let given = files;
+    if given.len() > MAX_FILES {
+        return Err(FieldError::new(
+            format!("{field}.files"),
+            format!("more than {MAX_FILES}"),
+        ));
+    }
+    let entries: usize = given.iter().map(|f| f.entries.len()).sum();
+    if entries > MAX_FILE_ENTRIES {
+        return Err(FieldError::new(
+            format!("{field}.files"),
+            format!("{entries} directory entries together, more than {MAX_FILE_ENTRIES}"),
+        ));
+    }
+    let total: usize = given
+        .iter()
+        .map(|f| f.content.len() + f.entries.iter().map(|e| e.content.len()).sum::<usize>())
+        .sum();
+    if total > MAX_FILE_BYTES {
+        return Err(FieldError::new(
+            format!("{field}.files"),
+            format!("{total} bytes together, more than {MAX_FILE_BYTES}"),
+        ));
+    }
+    let mut files = Vec::new();
+    for (i, f) in given.iter().enumerate() {
+        let at = |n: &str| format!("{field}.files[{i}].{n}");
+        if !f.entries.is_empty() && !f.content.is_empty() {
+            return Err(FieldError::new(
+                at("content"),
+                "a directory (entries) has no content of its own",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut dir = Vec::new();
+        for (j, e) in f.entries.iter().enumerate() {
+            let name = entry_name(at(&format!("entries[{j}].name")), &e.name)?;
+            if !seen.insert(name.clone()) {
+                return Err(FieldError::new(
+                    at(&format!("entries[{j}].name")),
+                    format!("{:?} is given twice", e.name),
+                ));
+            }
+            let mode = file_mode(at(&format!("entries[{j}].mode")), e.mode)?;
+            dir.push((name, e.content.clone(), mode));
+        }
+        // A name that is also another's directory ("a" and "a/b") cannot be both.
+        for (name, _, _) in &dir {
+            if seen.iter().any(|o| o != name && o.starts_with(name)) {
+                return Err(FieldError::new(
+                    at("entries"),
+                    format!("{} is a file and a directory", name.display()),
+                ));
+            }
+        }
+        files.push(FileSpec {
+            path: abs_path(&at("path"), &f.path)?,
+            content: f.content.clone(),
+            mode: file_mode(at("mode"), f.mode)?,
+            read_only: f.read_only,
+            entries: dir,
+        });
+    }
+    Ok(files)
 }
 
 /// DNS settings, checked as what the resolver will read: one token per value, nothing that
@@ -196,69 +265,7 @@ impl ContainerSpec {
         } else {
             Some(abs_path(&format!("{field}.working_dir"), &c.working_dir)?)
         };
-        if c.files.len() > MAX_FILES {
-            return Err(FieldError::new(
-                format!("{field}.files"),
-                format!("more than {MAX_FILES}"),
-            ));
-        }
-        let entries: usize = c.files.iter().map(|f| f.entries.len()).sum();
-        if entries > MAX_FILE_ENTRIES {
-            return Err(FieldError::new(
-                format!("{field}.files"),
-                format!("{entries} directory entries together, more than {MAX_FILE_ENTRIES}"),
-            ));
-        }
-        let total: usize = c
-            .files
-            .iter()
-            .map(|f| f.content.len() + f.entries.iter().map(|e| e.content.len()).sum::<usize>())
-            .sum();
-        if total > MAX_FILE_BYTES {
-            return Err(FieldError::new(
-                format!("{field}.files"),
-                format!("{total} bytes together, more than {MAX_FILE_BYTES}"),
-            ));
-        }
-        let mut files = Vec::new();
-        for (i, f) in c.files.iter().enumerate() {
-            let at = |n: &str| format!("{field}.files[{i}].{n}");
-            if !f.entries.is_empty() && !f.content.is_empty() {
-                return Err(FieldError::new(
-                    at("content"),
-                    "a directory (entries) has no content of its own",
-                ));
-            }
-            let mut seen = std::collections::BTreeSet::new();
-            let mut dir = Vec::new();
-            for (j, e) in f.entries.iter().enumerate() {
-                let name = entry_name(at(&format!("entries[{j}].name")), &e.name)?;
-                if !seen.insert(name.clone()) {
-                    return Err(FieldError::new(
-                        at(&format!("entries[{j}].name")),
-                        format!("{:?} is given twice", e.name),
-                    ));
-                }
-                let mode = file_mode(at(&format!("entries[{j}].mode")), e.mode)?;
-                dir.push((name, e.content.clone(), mode));
-            }
-            // A name that is also another's directory ("a" and "a/b") cannot be both.
-            for (name, _, _) in &dir {
-                if seen.iter().any(|o| o != name && o.starts_with(name)) {
-                    return Err(FieldError::new(
-                        at("entries"),
-                        format!("{} is a file and a directory", name.display()),
-                    ));
-                }
-            }
-            files.push(FileSpec {
-                path: abs_path(&at("path"), &f.path)?,
-                content: f.content.clone(),
-                mode: file_mode(at("mode"), f.mode)?,
-                read_only: f.read_only,
-                entries: dir,
-            });
-        }
+        let files = parse_files(field, &c.files)?;
         let mut volumes = Vec::new();
         for (i, v) in c.volumes.iter().enumerate() {
             volumes.push((

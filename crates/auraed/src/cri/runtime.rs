@@ -194,6 +194,18 @@ fn limits_of(
         l.memory_max_bytes = Some(r.memory_limit_in_bytes as u64);
         any = true;
     }
+    if r.cpu_quota == -1 {
+        // The CRI's "no quota": cpu.max "max".
+        l.cpu_max = Some(pb::CpuMax {
+            quota_us: 0,
+            period_us: if r.cpu_period > 0 {
+                r.cpu_period as u64
+            } else {
+                100_000
+            },
+        });
+        any = true;
+    }
     if r.cpu_quota > 0 {
         l.cpu_max = Some(pb::CpuMax {
             quota_us: r.cpu_quota as u64,
@@ -721,6 +733,10 @@ impl CriRuntime {
         let (update, limits) = container_resources("linux", m.linux.as_ref())?;
         let cri = self.cri().clone();
         let c = cri.container(&m.container_id)?;
+        let sb = cri.sandbox(&c.sandbox_id)?;
+        let place = cri.place(&sb).await?;
+        self.within_the_pods_limits(&place, &sb, &c, &update)
+            .await?;
         let mut merged = false;
         cri.update_container(&c.id, |r| {
             if r.started_at.is_some() || r.starting || r.ended.is_some() {
@@ -733,14 +749,14 @@ impl CriRuntime {
         if merged {
             return Ok(());
         }
+        // As it is now (it may have started since it was read above).
+        let c = cri.container(&m.container_id)?;
         if c.ended.is_some() || c.started_at.is_none() {
             return Err(Status::failed_precondition(format!(
-                "container {} has exited or is starting: nothing to update",
+                "container {} has exited or is still starting: nothing to update",
                 c.id
             )));
         }
-        let sb = cri.sandbox(&c.sandbox_id)?;
-        let place = cri.place(&sb).await?;
         place
             .exe_update(pb::UpdateExecutableRequest {
                 executable: Some(pb::ExecutableRef {
@@ -754,6 +770,65 @@ impl CriRuntime {
             r.run.resources.merge(&update);
             true
         })?;
+        Ok(())
+    }
+
+    /// The pod's own limits (RunPodSandbox's resources, its cell's memory.max and
+    /// cpu.max) bound its containers together: an update that would take the sum of its
+    /// containers' limits past them is refused (FAILED_PRECONDITION naming the field and
+    /// both figures) rather than reported applied and never reached. (kubelet resizes the
+    /// pod first through UpdatePodSandboxResources, which this CRI version lacks.)
+    async fn within_the_pods_limits(
+        &self,
+        place: &super::place::Place,
+        sb: &SandboxRecord,
+        c: &ContainerRecord,
+        update: &Resources,
+    ) -> Result<(), Status> {
+        if update.memory_limit_in_bytes <= 0 && update.cpu_quota <= 0 {
+            return Ok(());
+        }
+        let Some(pod) = place.cell_get(&sb.cell).await?.limits else {
+            return Ok(());
+        };
+        let mut after = c.run.resources.clone();
+        after.merge(update);
+        let others: Vec<Resources> = self
+            .cri()
+            .containers_of(&sb.id)
+            .into_iter()
+            .filter(|o| o.id != c.id && o.ended.is_none())
+            .map(|o| o.run.resources)
+            .chain([after])
+            .collect();
+        if let Some(max) = pod.memory_max_bytes
+            && update.memory_limit_in_bytes > 0
+        {
+            let sum: u64 = others
+                .iter()
+                .map(|r| u64::try_from(r.memory_limit_in_bytes).unwrap_or(0))
+                .sum();
+            if sum > max {
+                return Err(Status::failed_precondition(format!(
+                    "linux.memory_limit_in_bytes: the pod's containers would have {sum} bytes \
+                     together, more than the pod's own limit of {max}"
+                )));
+            }
+        }
+        if let Some(cpu) = pod.cpu_max.filter(|c| c.quota_us > 0)
+            && update.cpu_quota > 0
+        {
+            // In CPUs: each quota over its period.
+            let cpus = |q: i64, p: i64| q.max(0) as f64 / if p > 0 { p as f64 } else { 100_000.0 };
+            let sum: f64 = others.iter().map(|r| cpus(r.cpu_quota, r.cpu_period)).sum();
+            let max = cpu.quota_us as f64 / cpu.period_us.max(1) as f64;
+            if sum > max + 1e-9 {
+                return Err(Status::failed_precondition(format!(
+                    "linux.cpu_quota: the pod's containers would have {sum:.3} CPUs together, \
+                     more than the pod's own limit of {max:.3}"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -96,6 +96,8 @@ pub struct Executable {
     pub free_on_exit: std::sync::Mutex<Option<FreeOnExit>>,
     /// Started with a cgroup of its own ([`CellName::own_group`]): the limits in force.
     pub own_limits: Option<std::sync::Mutex<crate::cell::spec::Limits>>,
+    /// Held while an update writes its group's limits (one at a time).
+    pub updating: std::sync::Mutex<()>,
 }
 
 impl Executable {

@@ -53,8 +53,9 @@ pub struct ExecutableSpec {
 pub fn own_limits(field: &str, l: Option<pb::CellLimits>) -> Result<Option<Limits>, FieldError> {
     let Some(l) = l else { return Ok(None) };
     let oom_group = l.memory_oom_group.unwrap_or(false);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    let mut parsed = Limits::parse(field, Some(l), cpus)?;
+    // No bound from this machine's CPU count: the kernel takes a quota above it (as runc
+    // writes Kubernetes limits above a node's, or a microVM's single vCPU).
+    let mut parsed = Limits::parse(field, Some(l), u64::MAX)?;
     parsed.memory_oom_group = oom_group;
     Ok(Some(parsed))
 }
