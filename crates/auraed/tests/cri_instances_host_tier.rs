@@ -350,8 +350,8 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         "the token copied: {lines:?}"
     );
     assert!(
-        said("stdout F . .. namespace token "),
-        "only the names, not kubelet's ..data: {lines:?}"
+        said("stdout F . .. ..data ..v1 namespace token "),
+        "kubelet's atomic layout, written by the instance: {lines:?}"
     );
     assert!(said("stdout F wrote-termination-log"), "{lines:?}");
     assert_eq!(
@@ -372,6 +372,29 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\nweb-0\n");
     assert_eq!(out.exit_code, 3);
+    // kubelet rotates the token (its atomic writer: a new timestamped directory, `..data`
+    // swapped onto it, the old one removed): the copy in the instance follows, the whole
+    // directory at once; a key that goes, goes.
+    kubelet_writes(
+        &sa,
+        "..2026_12_03_00_50_00.2",
+        &[("token", "eyJ.rotated-token")],
+    );
+    let (seen, took) = token_in(&mut rt, &app, "rotated").await;
+    println!(
+        "the rotated token reached the instance in {:.1} s",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        seen,
+        "eyJ.rotated-token\ntoken\n",
+        "{}",
+        e.d.log_text()
+            .lines()
+            .filter(|l| l.contains("mounts"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let stats = rt
         .container_stats(cri::ContainerStatsRequest {
             container_id: app.clone(),
@@ -689,6 +712,18 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         .await
         .unwrap();
     assert_eq!(out.stdout, b"served by the instance\n");
+    // The restarted auraed keeps the mounts fresh too.
+    kubelet_writes(
+        &sa,
+        "..2026_12_03_01_40_00.3",
+        &[("token", "eyJ.after-restart")],
+    );
+    let (seen, took) = token_in(&mut rt, &app, "after-restart").await;
+    println!(
+        "after the restart, a rotated token reached the instance in {:.1} s",
+        took.as_secs_f64()
+    );
+    assert_eq!(seen, "eyJ.after-restart\ntoken\n");
 
     // Stop: the container ends (its end recorded), the instance is freed.
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -746,4 +781,58 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         })
         .unwrap_or_default();
     assert!(cgroups.is_empty(), "instance cgroups left: {cgroups:?}");
+}
+
+/// What kubelet's atomic writer does to a volume directory: `files` in a new timestamped
+/// directory `stamp`, `..data` swapped onto it, the names linked into it; the previous
+/// directory and the names no longer given removed.
+fn kubelet_writes(dir: &Path, stamp: &str, files: &[(&str, &str)]) {
+    let old = std::fs::read_link(dir.join("..data")).unwrap();
+    std::fs::create_dir_all(dir.join(stamp)).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(stamp).join(name), content).unwrap();
+    }
+    std::os::unix::fs::symlink(stamp, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !files.iter().any(|(n, _)| *n == name) {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), link).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(dir.join(old)).unwrap();
+}
+
+/// The service account directory as the container `app` reads it (its token, then its
+/// names), once the token holds `want` (at most 30 s); and how long that took.
+async fn token_in(
+    rt: &mut RuntimeServiceClient<Channel>,
+    app: &str,
+    want: &str,
+) -> (String, Duration) {
+    let t = std::time::Instant::now();
+    loop {
+        let out = exec_sync(
+            rt,
+            app,
+            &[
+                "sh",
+                "-c",
+                "cd /var/run/secrets/kubernetes.io/serviceaccount; cat token; echo; ls",
+            ],
+        )
+        .await
+        .unwrap();
+        let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+        if seen.contains(want) || t.elapsed() > Duration::from_secs(30) {
+            return (seen, t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

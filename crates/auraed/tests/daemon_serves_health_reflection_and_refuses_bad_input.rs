@@ -278,6 +278,61 @@ async fn bad_requests_get_precise_errors_and_the_daemon_stays_up() {
             s.message()
         );
     }
+    // UpdateFiles: entries named as the directory's own layout, an unknown executable,
+    // Update without limits.
+    let dir = |name: &str| pb::ContainerFile {
+        path: "/etc/conf".into(),
+        read_only: true,
+        entries: vec![pb::DirectoryEntry {
+            name: name.into(),
+            content: b"x".to_vec(),
+            mode: 0,
+        }],
+        ..Default::default()
+    };
+    for (files, code, want) in [
+        (
+            vec![dir("..data")],
+            Code::InvalidArgument,
+            "files[0].entries[0].name",
+        ),
+        (
+            vec![dir("../x")],
+            Code::InvalidArgument,
+            "files[0].entries[0].name",
+        ),
+        (vec![dir("ok")], Code::NotFound, "does not exist"),
+    ] {
+        let s = c
+            .executables()
+            .update_files(pb::UpdateFilesRequest {
+                executable: Some(pb::ExecutableRef {
+                    cell: "nope".into(),
+                    name: "x".into(),
+                }),
+                files,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), code, "{want}: {s:?}");
+        assert!(
+            s.message().contains(want),
+            "{want:?} not in {:?}",
+            s.message()
+        );
+    }
+    let s = c
+        .executables()
+        .update(pb::UpdateExecutableRequest {
+            executable: Some(pb::ExecutableRef {
+                cell: "nope".into(),
+                name: "x".into(),
+            }),
+            limits: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     // An unknown enum value.
     let s = c
         .runtime()

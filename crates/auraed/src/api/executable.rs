@@ -251,6 +251,22 @@ impl Executables for ExecutablesApi {
         };
         Ok(Response::new(stats))
     }
+    async fn update_files(
+        &self,
+        r: Request<pb::UpdateFilesRequest>,
+    ) -> Result<Response<pb::ExecutableStatus>, Status> {
+        let m = r.get_ref();
+        let files = crate::container::spec::parse_files("", &m.files).map_err(|mut e| {
+            e.field = e.field.trim_start_matches('.').to_owned();
+            invalid(e)
+        })?;
+        let er = Self::reference(&r, m.executable.as_ref())?;
+        let cells = self.cells.clone();
+        let e = tokio::task::spawn_blocking(move || cells.update_files(&er, &files))
+            .await
+            .map_err(|e| Status::internal(format!("update task: {e}")))??;
+        Ok(Response::new(convert::executable(&e)))
+    }
     async fn update(
         &self,
         r: Request<pb::UpdateExecutableRequest>,

@@ -161,6 +161,13 @@ impl Cells {
         let containers_dir = self.containers_dir.clone();
         let image_digest = container.as_ref().map(|p| p.image.digest.clone());
         let image_layers = container.as_ref().map(|p| p.image.layers.clone());
+        let file_dirs: Vec<Option<std::path::PathBuf>> =
+            container.as_ref().map_or_else(Vec::new, |p| {
+                p.files
+                    .iter()
+                    .map(|f| (!f.entries.is_empty()).then(|| f.path.clone()))
+                    .collect()
+            });
         let t_spawn = Instant::now();
         let tree_after = tree.clone();
         let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
@@ -299,6 +306,7 @@ impl Cells {
                     dir: r.path().to_owned(),
                     image_digest: d.clone(),
                     layers,
+                    file_dirs,
                 }),
                 _ => None,
             },
@@ -641,6 +649,62 @@ impl Cells {
             Some(e) => Err(e),
             None => Ok(exe),
         }
+    }
+
+    /// Writes again directories a running container was given at its start (see
+    /// [`crate::container::swap_dir`]); a path that was not one of them, or a file given
+    /// for a directory, is refused naming `files[i]`.
+    pub fn update_files(
+        &self,
+        r: &executable::ExecutableRef,
+        files: &[crate::container::spec::FileSpec],
+    ) -> Result<Arc<Executable>, WorkloadError> {
+        let exe = self.executable(r)?;
+        let Some(rec) = &exe.container_record else {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} is not a container",
+                r.cell.as_str(),
+                r.name.as_str()
+            )));
+        };
+        if exe.exited() {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} has ended",
+                r.cell.as_str(),
+                r.name.as_str()
+            )));
+        }
+        let mut at = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let index = rec
+                .file_dirs
+                .iter()
+                .position(|d| d.as_deref() == Some(f.path.as_path()))
+                .filter(|_| !f.entries.is_empty())
+                .ok_or_else(|| {
+                    crate::spec::FieldError::new(
+                        format!("files[{i}].path"),
+                        format!(
+                            "{} is not a directory the container was given at its start",
+                            f.path.display()
+                        ),
+                    )
+                })?;
+            at.push((index, f));
+        }
+        // One writer at a time (the same lock as its limits' updates).
+        let _one = exe
+            .updating
+            .lock()
+            .map_err(|_| WorkloadError::Precondition("executable lock poisoned".into()))?;
+        for (index, f) in at {
+            let dir = rec.dir.join(format!("file-{index}"));
+            crate::container::swap_dir(&dir, &f.entries).map_err(|e| {
+                WorkloadError::Precondition(format!("writing {} again: {e}", f.path.display()))
+            })?;
+        }
+        drop(_one);
+        Ok(exe)
     }
 
     /// Forgets an exited executable.

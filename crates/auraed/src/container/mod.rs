@@ -125,9 +125,10 @@ fn write_new_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// Makes a new directory `path` (0755) holding `entries` (relative names checked when the
-/// spec was parsed: plain components only), their directories made on the way.
-fn write_new_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
+/// Writes `entries` (relative names checked when the spec was parsed: plain components,
+/// none starting with "..") into the new directory `path` (0755), their directories made
+/// on the way.
+fn write_entries(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().mode(0o755).create(path)?;
     for (name, content, mode) in entries {
@@ -141,6 +142,66 @@ fn write_new_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::R
         write_new_file(&at, content, *mode)?;
     }
     Ok(())
+}
+
+/// The top-level names of `entries` (`conf/app.yaml` → `conf`).
+fn top_names(
+    entries: &[(PathBuf, Vec<u8>, u32)],
+) -> std::collections::BTreeSet<std::ffi::OsString> {
+    entries
+        .iter()
+        .filter_map(|(n, _, _)| n.components().next())
+        .map(|c| c.as_os_str().to_owned())
+        .collect()
+}
+
+/// Makes a new directory `path` (0755) holding `entries` in kubelet's atomic layout: the
+/// files in `..v1/`, `..data -> ..v1`, and each top-level name a link into `..data`, so
+/// [`swap_dir`] can replace them all at once.
+fn write_new_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o755).create(path)?;
+    write_entries(&path.join("..v1"), entries)?;
+    std::os::unix::fs::symlink("..v1", path.join("..data"))?;
+    for name in top_names(entries) {
+        std::os::unix::fs::symlink(Path::new("..data").join(&name), path.join(&name))?;
+    }
+    Ok(())
+}
+
+/// Replaces the entries of a directory [`write_new_dir`] made with `entries`, all at once
+/// for a reader: the new version is written beside the old, `..data` is renamed onto it
+/// (atomic), the top-level links follow (new names linked, gone ones removed), the old
+/// version goes. A reader sees the old set or the new, never a mix (as kubelet's atomic
+/// writer). `path` is auraed's own (the container sees it read-only).
+pub fn swap_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
+    let old = std::fs::read_link(path.join("..data"))?;
+    let n: u64 = old
+        .to_str()
+        .and_then(|s| s.strip_prefix("..v"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("..data points at {}", old.display())))?;
+    let new = format!("..v{}", n + 1);
+    let _ = std::fs::remove_dir_all(path.join(&new));
+    write_entries(&path.join(&new), entries)?;
+    let tmp = path.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&new, &tmp)?;
+    std::fs::rename(&tmp, path.join("..data"))?;
+    let wanted = top_names(entries);
+    for name in &wanted {
+        let link = path.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), &link)?;
+        }
+    }
+    for e in std::fs::read_dir(path)?.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with("..") && !wanted.contains(&name) {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    std::fs::remove_dir_all(path.join(old))
 }
 
 /// The `/etc/resolv.conf` a container gets from its [`ContainerSpec::dns`].
@@ -585,6 +646,45 @@ impl Args {
 
 #[cfg(test)]
 mod tests {
+    /// A directory given to a container is kubelet's atomic layout; written again, the
+    /// names follow the new set (new linked, gone removed), `..data` points at the new
+    /// version and the old one is gone.
+    #[test]
+    fn a_given_directory_is_swapped_whole() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("file-0");
+        let e = |n: &str, c: &str| (PathBuf::from(n), c.as_bytes().to_vec(), 0o644);
+        write_new_dir(&dir, &[e("token", "one"), e("conf/app.yaml", "a: 1")]).unwrap();
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).ok();
+        assert_eq!(read("token").as_deref(), Some("one"));
+        assert_eq!(read("conf/app.yaml").as_deref(), Some("a: 1"));
+        assert_eq!(
+            std::fs::read_link(dir.join("token")).unwrap(),
+            Path::new("..data/token")
+        );
+        swap_dir(&dir, &[e("token", "two"), e("ca.crt", "pem")]).unwrap();
+        assert_eq!(read("token").as_deref(), Some("two"));
+        assert_eq!(read("ca.crt").as_deref(), Some("pem"));
+        assert_eq!(read("conf/app.yaml"), None, "a name no longer given goes");
+        assert_eq!(
+            std::fs::read_link(dir.join("..data")).unwrap(),
+            Path::new("..v2")
+        );
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["..data", "..v2", "ca.crt", "token"]);
+        swap_dir(&dir, &[e("token", "three")]).unwrap();
+        assert_eq!(read("token").as_deref(), Some("three"));
+        assert_eq!(
+            std::fs::read_link(dir.join("..data")).unwrap(),
+            Path::new("..v3")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -358,6 +358,15 @@ mod tests {
                 vec![file("/a", 0, vec![entry("/abs")])],
                 "container.files[0].entries[0].name",
             ),
+            // The directory's own names (its atomic layout) are not an entry's.
+            (
+                vec![file("/a", 0, vec![entry("..data")])],
+                "container.files[0].entries[0].name",
+            ),
+            (
+                vec![file("/a", 0, vec![entry("x/..v2")])],
+                "container.files[0].entries[0].name",
+            ),
             (
                 vec![file("/a", 0, vec![entry("a/b/c/d/e")])],
                 "container.files[0].entries[0].name",

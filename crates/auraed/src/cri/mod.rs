@@ -395,6 +395,7 @@ impl Cri {
             .collect();
         let rt = runtime::CriRuntime(self.clone());
         for id in running {
+            rt.keep_mounts_fresh(id.clone());
             rt.watch(id);
         }
     }

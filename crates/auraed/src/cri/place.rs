@@ -316,6 +316,22 @@ impl Place {
         .map(tonic::Response::into_inner)
     }
 
+    pub(super) async fn exe_update_files(
+        &self,
+        msg: pb::UpdateFilesRequest,
+    ) -> Result<pb::ExecutableStatus, Status> {
+        let r = self.call(svc::EXECUTABLES, "UpdateFiles", msg.clone())?;
+        match self {
+            Self::Here(cri) => cri.executables.update_files(r).await,
+            Self::Instance { inst, client, .. } => client
+                .executables()
+                .update_files(msg)
+                .await
+                .map_err(|e| remote(inst, e)),
+        }
+        .map(tonic::Response::into_inner)
+    }
+
     pub(super) async fn exe_stats(
         &self,
         msg: pb::ExecutableRef,

@@ -67,6 +67,11 @@ fn id_of(field: &str, v: Option<&cri::Int64Value>) -> Result<Option<u32>, Status
     }
 }
 
+/// How often the directories kubelet mounts into an `aurae-vm` pod's containers are read
+/// again (kubelet itself refreshes them about once a minute; a token rotates at 80 % of
+/// its life, at least ten minutes).
+const MOUNT_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Cell limits from a sandbox's pod-level resources (zero fields are unset).
 fn limits(r: Option<&cri::LinuxContainerResources>) -> Result<Option<pb::CellLimits>, Status> {
     limits_of("config.linux.resources", r)
@@ -606,6 +611,118 @@ impl CriRuntime {
 
     /// Waits for a started container's end, records it and reports it (STOPPED, once per
     /// start); ends without a word when the container is removed first.
+    /// Keeps the read-only directories kubelet mounts into a container of an `aurae-vm`
+    /// pod (a service account's token, a ConfigMap, a Secret) as kubelet keeps them: its
+    /// copies inside the instance are written again (`Executables/UpdateFiles`, all at once
+    /// for a reader) whenever what is on this machine changed, checked every
+    /// [`MOUNT_REFRESH`], until the container ends. Failures are logged and tried again.
+    pub(super) fn keep_mounts_fresh(&self, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let cri = me.cri().clone();
+            let (Ok(c), Ok(sb)) = (
+                cri.container(&id),
+                cri.container(&id).and_then(|c| cri.sandbox(&c.sandbox_id)),
+            ) else {
+                return;
+            };
+            if sb.runtime_handler != VM_HANDLER || !c.run.volumes.iter().any(|(_, _, ro)| *ro) {
+                return;
+            }
+            let volumes = match me.dir_volumes(&c).await {
+                Ok(v) if !v.is_empty() => v,
+                Ok(_) => return,
+                Err(e) => {
+                    warn!(container = %id, "CRI: its mounts will not be refreshed: {}", e.message());
+                    return;
+                }
+            };
+            let executable = pb::ExecutableRef {
+                cell: sb.cell.clone(),
+                name: c.executable.clone(),
+            };
+            let mut sent: Option<Vec<pb::ContainerFile>> = None;
+            loop {
+                tokio::time::sleep(MOUNT_REFRESH).await;
+                match cri.container(&id) {
+                    Ok(c) if c.ended.is_none() => {}
+                    _ => return,
+                }
+                let v = volumes.clone();
+                let files = match tokio::task::spawn_blocking(move || copy_volumes(&v)).await {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(e)) => {
+                        warn!(container = %id, "CRI: reading its mounts again: {}", e.message());
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if sent.as_ref() == Some(&files) {
+                    continue;
+                }
+                let update = pb::UpdateFilesRequest {
+                    executable: Some(executable.clone()),
+                    files: files.clone(),
+                };
+                let written = match cri.place(&sb).await {
+                    Ok(place) => place.exe_update_files(update).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match written {
+                    Ok(()) => sent = Some(files),
+                    Err(e) => {
+                        warn!(container = %id, "CRI: writing its mounts again in its instance: {}", e.message());
+                    }
+                }
+            }
+        });
+    }
+
+    /// The read-only directories among a container's mounts, opened as its start opened
+    /// them (below the volume roots, within the CRI identity's grant).
+    async fn dir_volumes(
+        &self,
+        c: &ContainerRecord,
+    ) -> Result<Vec<crate::container::Volume>, Status> {
+        let cri = self.cri();
+        let r = cri.call(svc::RUNTIME, "RunExecutable", ())?;
+        let caller = r
+            .extensions()
+            .get::<crate::api::authz::Caller>()
+            .cloned()
+            .ok_or_else(|| Status::internal("a CRI call without its caller"))?;
+        let spec = crate::container::ContainerSpec::parse(
+            "container",
+            Some(pb::Container {
+                image: c.image_reference.clone(),
+                entrypoint: c.run.entrypoint.clone(),
+                args: c.run.args.clone(),
+                working_dir: c.run.working_dir.clone(),
+                uid: c.run.uid,
+                gid: c.run.gid,
+                volumes: c
+                    .run
+                    .volumes
+                    .iter()
+                    .map(|(h, p, ro)| pb::Volume {
+                        host_path: h.clone(),
+                        container_path: p.clone(),
+                        read_only: *ro,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        )
+        .map_err(|e| invalid(&e.field, e.reason))?;
+        let plan = cri.runtime.plan(&caller, &spec).await?;
+        Ok(plan
+            .volumes
+            .iter()
+            .filter(|v| !v.file && v.read_only)
+            .cloned()
+            .collect())
+    }
+
     pub(super) fn watch(&self, id: String) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -942,6 +1059,7 @@ impl CriRuntime {
             r.started_at = Some(now);
             true
         })?;
+        self.keep_mounts_fresh(c.id.clone());
         match (rec, file) {
             (Some(rec), Some(file)) => {
                 let (place, logs) = cri.logs_request(&rec).await?;

@@ -45,6 +45,10 @@ pub struct ContainerRecord {
     pub dir: std::path::PathBuf,
     pub image_digest: String,
     pub layers: Vec<String>,
+    /// The container paths of its `Container.files` directories, by their index (a
+    /// file's place holds `None`): what `Executables/UpdateFiles` may write again.
+    #[serde(default)]
+    pub file_dirs: Vec<Option<std::path::PathBuf>>,
 }
 
 /// What is freed once an executable has ended (a run call's `remove`): recorded with it,
