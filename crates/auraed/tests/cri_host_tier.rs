@@ -2398,6 +2398,42 @@ async fn cri_containers_have_cgroups_of_their_own_and_update_their_resources() {
     assert!(err.message().contains("controller"), "{err:?}");
     let s = container_status(&mut rt, &later).await.unwrap();
     assert_eq!(s.reason, "StartError", "{s:?}");
+    // Records are bounded: a sandbox holds at most 256 containers (exited ones until
+    // removed); the next is RESOURCE_EXHAUSTED and nothing is recorded.
+    let t = Instant::now();
+    for i in 3..256 {
+        create_container(
+            &mut rt,
+            &pod,
+            container_config(&format!("c{i}"), &image, Some("true")),
+            &sb,
+            &logs,
+        )
+        .await
+        .unwrap();
+    }
+    println!(
+        "253 container records in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    let err = create_container(
+        &mut rt,
+        &pod,
+        container_config("one-too-many", &image, Some("true")),
+        &sb,
+        &logs,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("256"), "{err:?}");
+    let listed = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(listed.len(), 256);
     // Stopped: its group goes with its executable at removal.
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: pod.clone(),

@@ -207,6 +207,14 @@ pub struct ContainerRecord {
     pub ended: Option<Ended>,
 }
 
+/// Most sandbox records auraed keeps (stopped ones included, until removed).
+pub const MAX_SANDBOXES: usize = 4096;
+/// Most container records of one sandbox (exited ones included, until removed: kubelet
+/// keeps one dead container per container for its restarts).
+pub const MAX_CONTAINERS_PER_SANDBOX: usize = 256;
+/// Most container records auraed keeps.
+pub const MAX_CONTAINERS: usize = 16_384;
+
 /// The records, by id.
 #[derive(Debug, Default)]
 struct State {
@@ -654,6 +662,20 @@ impl Cri {
             return Err(Status::already_exists(format!(
                 "config.metadata: sandbox {} already has a container {:?} attempt {}",
                 r.sandbox_id, r.name, r.attempt
+            )));
+        }
+        let in_sandbox = st
+            .containers
+            .values()
+            .filter(|c| c.sandbox_id == r.sandbox_id)
+            .count();
+        if in_sandbox >= MAX_CONTAINERS_PER_SANDBOX || st.containers.len() >= MAX_CONTAINERS {
+            return Err(Status::resource_exhausted(format!(
+                "sandbox {} holds {in_sandbox} container records and auraed {} (at most \
+                 {MAX_CONTAINERS_PER_SANDBOX} and {MAX_CONTAINERS}): remove exited \
+                 containers first (kubelet's garbage collection does)",
+                r.sandbox_id,
+                st.containers.len()
             )));
         }
         self.write(CONTAINER_KIND, &r.id, r)?;

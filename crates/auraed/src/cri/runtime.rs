@@ -1288,6 +1288,15 @@ impl CriRuntime {
                 pod_sandbox_id: id,
             }));
         }
+        // Bounded before anything is made (a concurrent one may pass with it: the bound
+        // is the records' size, not a quota; the CRI identity's cell quota is that).
+        let n = cri.lock().sandboxes.len();
+        if n >= super::MAX_SANDBOXES {
+            return Err(Status::resource_exhausted(format!(
+                "auraed holds {n} sandbox records, its most: remove stopped sandboxes first \
+                 (kubelet's garbage collection does)"
+            )));
+        }
         let id = new_id();
         let cell = format!("k8s-{}", &id[..16]);
         let mut rec = SandboxRecord {
