@@ -617,7 +617,7 @@ unsafe fn setup_dev(devices: &[libc::c_int; DEVICES.len()]) -> Result<(), Failur
             c"/dev/pts",
             Some(c"devpts"),
             NOSUID | NOEXEC,
-            Some(c"newinstance,ptmxmode=0666,mode=0620,max=256"),
+            Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5,max=64"),
         ) || !mount(
             Some(c"shm"),
             c"/dev/shm",

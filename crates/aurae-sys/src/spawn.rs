@@ -518,7 +518,7 @@ unsafe fn child(
         }
         if let (Some(sock), Some(c)) = (req.console, req.container)
             && !c.enter
-            && let Err(step) = take_console(sock)
+            && let Err(step) = take_console(sock, req.uid)
         {
             fail(err_w, step);
         }
@@ -615,7 +615,7 @@ unsafe fn child(
 ///
 /// Only in the child between clone and exec: raw syscalls on its own fds and on memory
 /// on its stack.
-unsafe fn take_console(sock: RawFd) -> Result<(), u8> {
+unsafe fn take_console(sock: RawFd, uid: Option<u32>) -> Result<(), u8> {
     const OPEN: u8 = 14;
     const SEND: u8 = 15;
     // SAFETY: see the function's contract; every pointer is to a local of this frame.
@@ -633,6 +633,14 @@ unsafe fn take_console(sock: RawFd) -> Result<(), u8> {
         }
         let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY);
         if slave < 0 {
+            return Err(OPEN);
+        }
+        // The user it will run as owns its terminal (as runc's fixStdioPermissions): it
+        // can open it again by name (`script`, `ttyname`); the group stays devpts's.
+        // (u32::MAX: the group left as it is, devpts's `gid=5`.)
+        if let Some(owner) = uid
+            && libc::fchown(slave, owner, u32::MAX) < 0
+        {
             return Err(OPEN);
         }
         for target in 0..3 {

@@ -241,7 +241,7 @@ async fn probe_from_inside_a_container() {
         "the container's directories are removed"
     );
     // Pseudo-terminal exhaustion: 300 processes each holding a new terminal of the
-    // container's devpts get at most 256 (its own instance's `max`), the rest ENOSPC;
+    // container's devpts get at most 64 (its own instance's `max`), the rest ENOSPC;
     // the host's devpts is not where they come from.
     let host_ptys = std::fs::read_dir("/dev/pts").map_or(0, |d| d.count());
     let (st, out) = e
@@ -257,7 +257,7 @@ async fn probe_from_inside_a_container() {
     assert_eq!(code(&st), Some(0), "{out}");
     let held: usize = field(&out, "held").parse().unwrap();
     println!("a container opening 300 terminals holds {held}");
-    assert_eq!(held, 256, "{out}");
+    assert_eq!(held, 64, "{out}");
     let host_now = std::fs::read_dir("/dev/pts").map_or(0, |d| d.count());
     assert!(
         host_now <= host_ptys + 2,
@@ -842,4 +842,115 @@ async fn image_user_read_only_root_and_bad_input() {
             .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("argv"), "{}", err.message());
+}
+
+/// Directories given to a container (`Container.files`) are kubelet's atomic layout;
+/// a read-only one is written again while it runs (`Executables/UpdateFiles`: the new
+/// set through the same names), the container cannot change it (read-only), and a
+/// writable one is never written again (the container could put links where auraed
+/// writes): refused naming `files[0].path`, as is a path it was not given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_directories_are_written_again_only_when_read_only() {
+    let Some(e) = env(
+        "given_directories_are_written_again_only_when_read_only",
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let c = &e.c;
+    let dir = |path: &str, read_only: bool, entries: &[(&str, &str)]| pb::ContainerFile {
+        path: path.into(),
+        read_only,
+        entries: entries
+            .iter()
+            .map(|(n, v)| pb::DirectoryEntry {
+                name: (*n).into(),
+                content: v.as_bytes().to_vec(),
+                mode: 0,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    c.cells()
+        .allocate(pb::Cell {
+            name: "given".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut container = e.container("exec sleep 300");
+    container.files = vec![
+        dir("/conf", true, &[("token", "one"), ("sub/key", "k1")]),
+        dir("/data", false, &[("a", "x")]),
+    ];
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "given".into(),
+            name: "app".into(),
+            container: Some(container),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let exec = |script: &str| {
+        let c = c.clone();
+        let script = script.to_owned();
+        async move {
+            let r = c
+                .executables()
+                .exec(pb::ExecRequest {
+                    executable: Some(workload::exe_ref("given", "app")),
+                    argv: vec!["sh".into(), "-c".into(), script],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            String::from_utf8_lossy(&r.stdout).into_owned()
+        }
+    };
+    assert_eq!(exec("cat /conf/token /conf/sub/key").await, "onek1");
+    // The container cannot swap what auraed writes.
+    let out = exec("ln -sfn /etc /conf/..data 2>&1 || echo refused").await;
+    assert!(out.contains("refused"), "{out}");
+    let update = |files: Vec<pb::ContainerFile>| {
+        let c = c.clone();
+        async move {
+            c.executables()
+                .update_files(pb::UpdateFilesRequest {
+                    executable: Some(workload::exe_ref("given", "app")),
+                    files,
+                })
+                .await
+        }
+    };
+    update(vec![dir(
+        "/conf",
+        true,
+        &[("token", "two"), ("ca.crt", "pem")],
+    )])
+    .await
+    .unwrap();
+    assert_eq!(
+        exec("cat /conf/token /conf/ca.crt; ls /conf").await,
+        "twopemca.crt\ntoken\n"
+    );
+    for (bad, why) in [
+        (dir("/data", false, &[("a", "y")]), "writable"),
+        (dir("/elsewhere", true, &[("a", "y")]), "not given"),
+    ] {
+        let err = update(vec![bad]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{why}: {err:?}");
+        assert!(err.message().starts_with("files[0].path"), "{why}: {err:?}");
+    }
+    assert_eq!(exec("cat /data/a").await, "x");
+    c.cells()
+        .free(pb::NameRef {
+            name: "given".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(e.containers_left(), 0);
 }

@@ -165,7 +165,9 @@ impl Cells {
             container.as_ref().map_or_else(Vec::new, |p| {
                 p.files
                     .iter()
-                    .map(|f| (!f.entries.is_empty()).then(|| f.path.clone()))
+                    // Only a read-only directory may be written again: a writable one is the
+                    // container's to change (it could put links where auraed writes).
+                    .map(|f| (!f.entries.is_empty() && f.read_only).then(|| f.path.clone()))
                     .collect()
             });
         let t_spawn = Instant::now();
@@ -685,7 +687,7 @@ impl Cells {
                     crate::spec::FieldError::new(
                         format!("files[{i}].path"),
                         format!(
-                            "{} is not a directory the container was given at its start",
+                            "{} is not a read-only directory the container was given at its start",
                             f.path.display()
                         ),
                     )

@@ -169,11 +169,13 @@ fn write_new_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::R
     Ok(())
 }
 
-/// Replaces the entries of a directory [`write_new_dir`] made with `entries`, all at once
-/// for a reader: the new version is written beside the old, `..data` is renamed onto it
-/// (atomic), the top-level links follow (new names linked, gone ones removed), the old
-/// version goes. A reader sees the old set or the new, never a mix (as kubelet's atomic
-/// writer). `path` is auraed's own (the container sees it read-only).
+/// Replaces the entries of a directory [`write_new_dir`] made with `entries`: the new
+/// version is written beside the old, `..data` is renamed onto it (atomic), the top-level
+/// links follow (new names linked, gone ones removed), the old version goes. A reader
+/// that goes through `..data` once sees the old set or the new, never a mix; reading two
+/// names one after the other across a swap may see one of each (as with kubelet's own
+/// atomic writer). `path` must be auraed's own, mounted read-only into the container
+/// (only read-only directories are written again: see [`crate::cell::Cells::update_files`]).
 pub fn swap_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
     let old = std::fs::read_link(path.join("..data"))?;
     let n: u64 = old
@@ -181,8 +183,18 @@ pub fn swap_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Re
         .and_then(|s| s.strip_prefix("..v"))
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("..data points at {}", old.display())))?;
-    let new = format!("..v{}", n + 1);
-    let _ = std::fs::remove_dir_all(path.join(&new));
+    let next = n
+        .checked_add(1)
+        .ok_or_else(|| std::io::Error::other("no version after ..data's"))?;
+    let new = format!("..v{next}");
+    // Versions a crash left (mid-swap, or before the old one went): only `..data`'s stays.
+    for e in std::fs::read_dir(path)?.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("..v") && Path::new(name.as_ref()) != old {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
     write_entries(&path.join(&new), entries)?;
     let tmp = path.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp);

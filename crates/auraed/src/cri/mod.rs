@@ -403,7 +403,7 @@ impl Cri {
             .collect();
         let rt = runtime::CriRuntime(self.clone());
         for id in running {
-            rt.keep_mounts_fresh(id.clone());
+            rt.keep_mounts_fresh(id.clone(), false);
             rt.watch(id);
         }
     }

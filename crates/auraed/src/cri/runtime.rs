@@ -609,14 +609,14 @@ impl CriRuntime {
         });
     }
 
-    /// Waits for a started container's end, records it and reports it (STOPPED, once per
-    /// start); ends without a word when the container is removed first.
     /// Keeps the read-only directories kubelet mounts into a container of an `aurae-vm`
     /// pod (a service account's token, a ConfigMap, a Secret) as kubelet keeps them: its
     /// copies inside the instance are written again (`Executables/UpdateFiles`, all at once
     /// for a reader) whenever what is on this machine changed, checked every
     /// [`MOUNT_REFRESH`], until the container ends. Failures are logged and tried again.
-    pub(super) fn keep_mounts_fresh(&self, id: String) {
+    /// `fresh`: the container was just started with what is there now (nothing to send
+    /// until it changes); after a restart it may have changed meanwhile: sent once.
+    pub(super) fn keep_mounts_fresh(&self, id: String, fresh: bool) {
         let me = self.clone();
         tokio::spawn(async move {
             let cri = me.cri().clone();
@@ -641,21 +641,28 @@ impl CriRuntime {
                 cell: sb.cell.clone(),
                 name: c.executable.clone(),
             };
+            let read = |v: Vec<crate::container::Volume>| async move {
+                match tokio::task::spawn_blocking(move || copy_volumes(&v)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(Status::internal(format!("reading task: {e}"))),
+                }
+            };
             let mut sent: Option<Vec<pb::ContainerFile>> = None;
+            if fresh {
+                sent = read(volumes.clone()).await.ok();
+            }
             loop {
                 tokio::time::sleep(MOUNT_REFRESH).await;
                 match cri.container(&id) {
                     Ok(c) if c.ended.is_none() => {}
                     _ => return,
                 }
-                let v = volumes.clone();
-                let files = match tokio::task::spawn_blocking(move || copy_volumes(&v)).await {
-                    Ok(Ok(f)) => f,
-                    Ok(Err(e)) => {
+                let files = match read(volumes.clone()).await {
+                    Ok(f) => f,
+                    Err(e) => {
                         warn!(container = %id, "CRI: reading its mounts again: {}", e.message());
                         continue;
                     }
-                    Err(_) => continue,
                 };
                 if sent.as_ref() == Some(&files) {
                     continue;
@@ -723,6 +730,8 @@ impl CriRuntime {
             .collect())
     }
 
+    /// Waits for a started container's end, records it and reports it (STOPPED, once per
+    /// start); ends without a word when the container is removed first.
     pub(super) fn watch(&self, id: String) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -1059,7 +1068,7 @@ impl CriRuntime {
             r.started_at = Some(now);
             true
         })?;
-        self.keep_mounts_fresh(c.id.clone());
+        self.keep_mounts_fresh(c.id.clone(), true);
         match (rec, file) {
             (Some(rec), Some(file)) => {
                 let (place, logs) = cri.logs_request(&rec).await?;

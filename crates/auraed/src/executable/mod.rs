@@ -45,8 +45,9 @@ pub struct ContainerRecord {
     pub dir: std::path::PathBuf,
     pub image_digest: String,
     pub layers: Vec<String>,
-    /// The container paths of its `Container.files` directories, by their index (a
-    /// file's place holds `None`): what `Executables/UpdateFiles` may write again.
+    /// The container paths of its read-only `Container.files` directories, by their
+    /// index (a file's or a writable directory's place holds `None`): what
+    /// `Executables/UpdateFiles` may write again.
     #[serde(default)]
     pub file_dirs: Vec<Option<std::path::PathBuf>>,
 }
