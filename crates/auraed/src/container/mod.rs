@@ -689,12 +689,26 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["..data", "..v2", "ca.crt", "token"]);
+        // A crash mid-swap left a version and a `..data_tmp`: the next swap clears them.
+        std::fs::create_dir(dir.join("..v7")).unwrap();
+        std::os::unix::fs::symlink("..v7", dir.join("..data_tmp")).unwrap();
         swap_dir(&dir, &[e("token", "three")]).unwrap();
         assert_eq!(read("token").as_deref(), Some("three"));
         assert_eq!(
             std::fs::read_link(dir.join("..data")).unwrap(),
             Path::new("..v3")
         );
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["..data", "..v3", "token"]);
+        // A `..data` the directory's owner did not write is refused, not overflowed.
+        std::fs::remove_file(dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..v18446744073709551615", dir.join("..data")).unwrap();
+        assert!(swap_dir(&dir, &[e("token", "four")]).is_err());
     }
 
     use super::*;
