@@ -871,6 +871,7 @@ async fn given_directories_are_written_again_only_when_read_only() {
                 mode: 0,
             })
             .collect(),
+        directory: true,
         ..Default::default()
     };
     c.cells()
@@ -884,6 +885,8 @@ async fn given_directories_are_written_again_only_when_read_only() {
     container.files = vec![
         dir("/conf", true, &[("token", "one"), ("sub/key", "k1")]),
         dir("/data", false, &[("a", "x")]),
+        // An empty ConfigMap: a directory with nothing in it, not a file.
+        dir("/empty", true, &[]),
     ];
     c.runtime()
         .run_executable(pb::Executable {
@@ -946,6 +949,18 @@ async fn given_directories_are_written_again_only_when_read_only() {
         assert!(err.message().starts_with("files[0].path"), "{why}: {err:?}");
     }
     assert_eq!(exec("cat /data/a").await, "x");
+    // The empty directory is one, fills later, and a directory can empty again.
+    assert_eq!(
+        exec("test -d /empty && ls /empty | wc -l").await.trim(),
+        "0"
+    );
+    update(vec![
+        dir("/empty", true, &[("late", "v")]),
+        dir("/conf", true, &[]),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(exec("cat /empty/late; ls /conf | wc -l").await, "v0\n");
     c.cells()
         .free(pb::NameRef {
             name: "given".into(),

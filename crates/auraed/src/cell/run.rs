@@ -167,7 +167,7 @@ impl Cells {
                     .iter()
                     // Only a read-only directory may be written again: a writable one is the
                     // container's to change (it could put links where auraed writes).
-                    .map(|f| (!f.entries.is_empty() && f.read_only).then(|| f.path.clone()))
+                    .map(|f| (f.is_dir() && f.read_only).then(|| f.path.clone()))
                     .collect()
             });
         let t_spawn = Instant::now();
@@ -682,7 +682,7 @@ impl Cells {
                 .file_dirs
                 .iter()
                 .position(|d| d.as_deref() == Some(f.path.as_path()))
-                .filter(|_| !f.entries.is_empty())
+                .filter(|_| f.is_dir())
                 .ok_or_else(|| {
                     crate::spec::FieldError::new(
                         format!("files[{i}].path"),

@@ -299,7 +299,7 @@ impl Plan {
             let path = config::normalise(&field, &f.path.to_string_lossy())?;
             if path == Path::new("/")
                 || RESERVED[..2].iter().any(|r| path.starts_with(r))
-                || !volume_target_allowed(&path, f.entries.is_empty())
+                || !volume_target_allowed(&path, !f.is_dir())
             {
                 return Err(FieldError::new(
                     field,
@@ -502,7 +502,7 @@ impl Args {
             mkdirs.push(PathBuf::from("/etc"));
         }
         for f in &plan.files {
-            match (f.entries.is_empty(), f.path.parent()) {
+            match (!f.is_dir(), f.path.parent()) {
                 (true, Some(parent)) => mkdirs.extend(with_parents(parent)),
                 _ => mkdirs.extend(with_parents(&f.path)),
             }
@@ -551,7 +551,7 @@ impl Args {
                     path.display()
                 ))
             };
-            if f.entries.is_empty() {
+            if !f.is_dir() {
                 write_new_file(&path, &f.content, f.mode).map_err(fail)?;
             } else {
                 write_new_dir(&path, &f.entries).map_err(fail)?;
@@ -568,7 +568,7 @@ impl Args {
             volumes.push(VolumeMount {
                 source: tree.as_raw_fd(),
                 target: cstr(&f.path)?,
-                file: f.entries.is_empty(),
+                file: !f.is_dir(),
             });
             volume_trees.push(tree);
             volume_names.push(format!("(a file it was given) -> {}", f.path.display()));

@@ -39,6 +39,16 @@ pub struct FileSpec {
     pub read_only: bool,
     /// A directory's files: (relative name, content, mode); empty for a file.
     pub entries: Vec<(std::path::PathBuf, Vec<u8>, u32)>,
+    /// A directory, also with no entries.
+    #[serde(default)]
+    pub directory: bool,
+}
+
+impl FileSpec {
+    /// A directory (`directory`, or entries given), else a file.
+    pub fn is_dir(&self) -> bool {
+        self.directory || !self.entries.is_empty()
+    }
 }
 
 /// Most files or directories a container may be given (each a mount).
@@ -110,7 +120,7 @@ pub fn parse_files(field: &str, files: &[pb::ContainerFile]) -> Result<Vec<FileS
     let mut files = Vec::new();
     for (i, f) in given.iter().enumerate() {
         let at = |n: &str| format!("{field}.files[{i}].{n}");
-        if !f.entries.is_empty() && !f.content.is_empty() {
+        if (f.directory || !f.entries.is_empty()) && !f.content.is_empty() {
             return Err(FieldError::new(
                 at("content"),
                 "a directory (entries) has no content of its own",
@@ -144,6 +154,7 @@ pub fn parse_files(field: &str, files: &[pb::ContainerFile]) -> Result<Vec<FileS
             mode: file_mode(at("mode"), f.mode)?,
             read_only: f.read_only,
             entries: dir,
+            directory: f.directory,
         });
     }
     Ok(files)

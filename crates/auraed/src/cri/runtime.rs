@@ -1609,6 +1609,7 @@ fn copy_volumes(volumes: &[crate::container::Volume]) -> Result<Vec<pb::Containe
                 mode,
                 read_only: v.read_only,
                 entries: Vec::new(),
+                directory: false,
             },
             Copied::Dir(_) if !v.read_only => {
                 return Err(invalid(
@@ -1619,6 +1620,7 @@ fn copy_volumes(volumes: &[crate::container::Volume]) -> Result<Vec<pb::Containe
             Copied::Dir(entries) => pb::ContainerFile {
                 path,
                 read_only: true,
+                directory: true,
                 entries: entries
                     .into_iter()
                     .map(|(name, content, mode)| pb::DirectoryEntry {
