@@ -580,6 +580,22 @@ impl Cells {
         }
     }
 
+    /// The executable `r`, while it runs (FAILED_PRECONDITION once it has ended).
+    fn running_executable(
+        &self,
+        r: &executable::ExecutableRef,
+    ) -> Result<Arc<Executable>, WorkloadError> {
+        let exe = self.executable(r)?;
+        if exe.exited() {
+            return Err(WorkloadError::Precondition(format!(
+                "executable {}/{} has ended",
+                r.cell.as_str(),
+                r.name.as_str()
+            )));
+        }
+        Ok(exe)
+    }
+
     /// Writes new limits to a running executable's own group (the fields `update` sets;
     /// the others stay as they are) and records them. FAILED_PRECONDITION for one without
     /// a group of its own or that has ended; a limit the kernel refuses is named.
@@ -589,7 +605,7 @@ impl Cells {
         update: &super::spec::Limits,
         oom_group: Option<bool>,
     ) -> Result<Arc<Executable>, WorkloadError> {
-        let exe = self.executable(r)?;
+        let exe = self.running_executable(r)?;
         let (Some(group), Some(current)) = (exe.own_group(), exe.own_limits.as_ref()) else {
             return Err(WorkloadError::Precondition(format!(
                 "executable {}/{} has no cgroup of its own to update: start it with limits",
@@ -597,13 +613,6 @@ impl Cells {
                 r.name.as_str()
             )));
         };
-        if exe.exited() {
-            return Err(WorkloadError::Precondition(format!(
-                "executable {}/{} has ended",
-                r.cell.as_str(),
-                r.name.as_str()
-            )));
-        }
         let tree = self.tree()?;
         let mut writes = super::limits::limit_writes(update);
         if let Some(on) = oom_group {
@@ -661,7 +670,7 @@ impl Cells {
         r: &executable::ExecutableRef,
         files: &[crate::container::spec::FileSpec],
     ) -> Result<Arc<Executable>, WorkloadError> {
-        let exe = self.executable(r)?;
+        let exe = self.running_executable(r)?;
         let Some(rec) = &exe.container_record else {
             return Err(WorkloadError::Precondition(format!(
                 "executable {}/{} is not a container",
@@ -669,13 +678,6 @@ impl Cells {
                 r.name.as_str()
             )));
         };
-        if exe.exited() {
-            return Err(WorkloadError::Precondition(format!(
-                "executable {}/{} has ended",
-                r.cell.as_str(),
-                r.name.as_str()
-            )));
-        }
         let mut at = Vec::new();
         for (i, f) in files.iter().enumerate() {
             let index = rec

@@ -169,13 +169,14 @@ fn write_new_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::R
     Ok(())
 }
 
-/// Replaces the entries of a directory [`write_new_dir`] made with `entries`: the new
+/// Replaces the entries of a directory a container was given (kubelet's atomic layout, as
+/// written at its start) with `entries`: the new
 /// version is written beside the old, `..data` is renamed onto it (atomic), the top-level
 /// links follow (new names linked, gone ones removed), the old version goes. A reader
 /// that goes through `..data` once sees the old set or the new, never a mix; reading two
 /// names one after the other across a swap may see one of each (as with kubelet's own
 /// atomic writer). `path` must be auraed's own, mounted read-only into the container
-/// (only read-only directories are written again: see [`crate::cell::Cells::update_files`]).
+/// (only read-only directories are written again).
 pub fn swap_dir(path: &Path, entries: &[(PathBuf, Vec<u8>, u32)]) -> std::io::Result<()> {
     let old = std::fs::read_link(path.join("..data"))?;
     let n: u64 = old
@@ -682,13 +683,16 @@ mod tests {
             std::fs::read_link(dir.join("..data")).unwrap(),
             Path::new("..v2")
         );
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|d| d.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["..data", "..v2", "ca.crt", "token"]);
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|d| d.file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(), ["..data", "..v2", "ca.crt", "token"]);
         // A crash mid-swap left a version and a `..data_tmp`: the next swap clears them.
         std::fs::create_dir(dir.join("..v7")).unwrap();
         std::os::unix::fs::symlink("..v7", dir.join("..data_tmp")).unwrap();
@@ -698,13 +702,7 @@ mod tests {
             std::fs::read_link(dir.join("..data")).unwrap(),
             Path::new("..v3")
         );
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|d| d.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["..data", "..v3", "token"]);
+        assert_eq!(names(), ["..data", "..v3", "token"]);
         // A `..data` the directory's owner did not write is refused, not overflowed.
         std::fs::remove_file(dir.join("..data")).unwrap();
         std::os::unix::fs::symlink("..v18446744073709551615", dir.join("..data")).unwrap();

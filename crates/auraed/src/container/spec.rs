@@ -91,7 +91,8 @@ fn entry_name(field: String, name: &str) -> Result<std::path::PathBuf, FieldErro
 }
 
 /// The files of a container (`{field}.files`), checked: at most [`MAX_FILES`], entries
-/// and bytes bounded, names relative (see [`entry_name`]), modes permission bits.
+/// and bytes bounded, names relative (plain components, none starting with ".."), modes
+/// permission bits.
 pub fn parse_files(field: &str, files: &[pb::ContainerFile]) -> Result<Vec<FileSpec>, FieldError> {
     let given = files;
     if given.len() > MAX_FILES {

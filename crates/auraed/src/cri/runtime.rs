@@ -67,6 +67,48 @@ fn id_of(field: &str, v: Option<&cri::Int64Value>) -> Result<Option<u32>, Status
     }
 }
 
+/// The container a record describes, as our API's message (kubelet's mounts as volumes;
+/// the pod's DNS settings when given).
+fn container_of(c: &ContainerRecord, dns: Option<&crate::container::spec::Dns>) -> pb::Container {
+    let run = &c.run;
+    pb::Container {
+        image: c.image_reference.clone(),
+        entrypoint: run.entrypoint.clone(),
+        args: run.args.clone(),
+        env: to_hash(&run.env),
+        working_dir: run.working_dir.clone(),
+        uid: run.uid,
+        gid: run.gid,
+        read_only_root: run.read_only_root,
+        volumes: run
+            .volumes
+            .iter()
+            .map(|(h, p, ro)| pb::Volume {
+                host_path: h.clone(),
+                container_path: p.clone(),
+                read_only: *ro,
+            })
+            .collect(),
+        no_new_privileges: run.no_new_privileges,
+        dns: dns.map(|d| pb::ContainerDns {
+            servers: d.servers.iter().map(ToString::to_string).collect(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        }),
+        files: Vec::new(),
+    }
+}
+
+/// The CRI identity as the caller of `method` of our Runtime service (its grant looked
+/// up, the call audited).
+fn cri_caller(cri: &Cri, method: &str) -> Result<crate::api::authz::Caller, Status> {
+    cri.call(svc::RUNTIME, method, ())?
+        .extensions()
+        .get::<crate::api::authz::Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("a CRI call without its caller"))
+}
+
 /// How often the directories kubelet mounts into an `aurae-vm` pod's containers are read
 /// again (kubelet itself refreshes them about once a minute; a token rotates at 80 % of
 /// its life, at least ten minutes).
@@ -692,35 +734,9 @@ impl CriRuntime {
         c: &ContainerRecord,
     ) -> Result<Vec<crate::container::Volume>, Status> {
         let cri = self.cri();
-        let r = cri.call(svc::RUNTIME, "RunExecutable", ())?;
-        let caller = r
-            .extensions()
-            .get::<crate::api::authz::Caller>()
-            .cloned()
-            .ok_or_else(|| Status::internal("a CRI call without its caller"))?;
-        let spec = crate::container::ContainerSpec::parse(
-            "container",
-            Some(pb::Container {
-                image: c.image_reference.clone(),
-                entrypoint: c.run.entrypoint.clone(),
-                args: c.run.args.clone(),
-                working_dir: c.run.working_dir.clone(),
-                uid: c.run.uid,
-                gid: c.run.gid,
-                volumes: c
-                    .run
-                    .volumes
-                    .iter()
-                    .map(|(h, p, ro)| pb::Volume {
-                        host_path: h.clone(),
-                        container_path: p.clone(),
-                        read_only: *ro,
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-        )
-        .map_err(|e| invalid(&e.field, e.reason))?;
+        let caller = cri_caller(cri, "RunExecutable")?;
+        let spec = crate::container::ContainerSpec::parse("container", Some(container_of(c, None)))
+            .map_err(|e| invalid(&e.field, e.reason))?;
         let plan = cri.runtime.plan(&caller, &spec).await?;
         Ok(plan
             .volumes
@@ -797,12 +813,7 @@ impl CriRuntime {
         let Some(client) = place.client() else {
             return Ok(msg);
         };
-        let r = cri.call(svc::RUNTIME, "RunExecutable", ())?;
-        let caller = r
-            .extensions()
-            .get::<crate::api::authz::Caller>()
-            .cloned()
-            .ok_or_else(|| Status::internal("a CRI call without its caller"))?;
+        let caller = cri_caller(cri, "RunExecutable")?;
         caller.authorize_name(&sb.cell)?;
         let mut c = msg.container.take().unwrap_or_default();
         let spec = crate::container::ContainerSpec::parse("container", Some(c.clone()))
@@ -994,32 +1005,7 @@ impl CriRuntime {
         let msg = pb::Executable {
             cell: sb.cell.clone(),
             name: c.executable.clone(),
-            container: Some(pb::Container {
-                image: c.image_reference.clone(),
-                entrypoint: run.entrypoint.clone(),
-                args: run.args.clone(),
-                env: to_hash(&run.env),
-                working_dir: run.working_dir.clone(),
-                uid: run.uid,
-                gid: run.gid,
-                read_only_root: run.read_only_root,
-                volumes: run
-                    .volumes
-                    .iter()
-                    .map(|(h, p, ro)| pb::Volume {
-                        host_path: h.clone(),
-                        container_path: p.clone(),
-                        read_only: *ro,
-                    })
-                    .collect(),
-                no_new_privileges: run.no_new_privileges,
-                dns: sb.dns.as_ref().map(|d| pb::ContainerDns {
-                    servers: d.servers.iter().map(ToString::to_string).collect(),
-                    searches: d.searches.clone(),
-                    options: d.options.clone(),
-                }),
-                files: Vec::new(),
-            }),
+            container: Some(container_of(&c, sb.dns.as_ref())),
             interactive: (run.stdin || run.tty).then_some(pb::Interactive {
                 stdin: run.stdin,
                 stdin_once: run.stdin_once,

@@ -100,7 +100,7 @@ pub struct Executable {
     /// What goes once it has ended, if anything (see [`FreeOnExit`]).
     pub free_on_exit: std::sync::Mutex<Option<FreeOnExit>>,
     /// Started with a cgroup of its own ([`CellName::own_group`]): the limits in force.
-    pub own_limits: Option<std::sync::Mutex<crate::cell::spec::Limits>>,
+    pub own_limits: Option<std::sync::Mutex<crate::workload::limits::Limits>>,
     /// Held while an update writes its group's limits (one at a time).
     pub updating: std::sync::Mutex<()>,
 }
@@ -114,7 +114,7 @@ impl Executable {
     }
 
     /// The limits of its own group, when it has one.
-    pub fn limits(&self) -> Option<crate::cell::spec::Limits> {
+    pub fn limits(&self) -> Option<crate::workload::limits::Limits> {
         self.own_limits
             .as_ref()
             .and_then(|l| l.lock().ok().map(|l| l.clone()))

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use aurae_proto::runtime::v0 as pb;
 
 use crate::{
-    cell::spec::Limits,
     container::ContainerSpec,
     spec::{CellName, FieldError, Label, abs_path, id},
+    workload::limits::Limits,
 };
 
 /// Most arguments or environment entries.

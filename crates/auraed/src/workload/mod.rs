@@ -13,6 +13,7 @@ pub mod error;
 pub mod fdpass;
 pub mod holder;
 pub mod host_path;
+pub mod limits;
 pub mod log;
 pub mod output;
 pub mod process;
