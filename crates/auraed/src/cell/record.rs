@@ -430,17 +430,21 @@ impl Cells {
             (None, Some(p), false) => p.open().ok().flatten().map(Arc::new),
             _ => None,
         };
-        // A group of its own: an OOM kill counted there was its own.
+        // A group of its own: its OOM kills are counted there. Ended while auraed was down,
+        // it was OOM-killed if one happened and such a kill takes the whole group
+        // (`memory.oom.group`); else a process of it may have been. The count now is its
+        // watcher's baseline.
         let own = match (&r.limits, self.tree()) {
             (Some(_), Ok(tree)) => Some((tree, r.cell.own_group(&r.name))),
             _ => None,
         };
+        let oom_before = own.as_ref().map_or(0, |(tree, g)| {
+            crate::workload::supervise::oom_kills(tree.as_ref(), g)
+        });
         let exit = r.exit.as_ref().map(Exit::from).or_else(|| {
             pidfd.is_none().then(|| Exit {
                 status: None,
-                oom_killed: own.as_ref().is_some_and(|(tree, g)| {
-                    crate::workload::supervise::oom_kills(tree.as_ref(), g) > 0
-                }),
+                oom_killed: oom_before > 0 && r.limits.as_ref().is_some_and(|l| l.memory_oom_group),
                 at: SystemTime::now(),
             })
         });
@@ -572,7 +576,7 @@ impl Cells {
                 exe.clone(),
                 pidfd,
                 !pumped,
-                own,
+                own.map(|(tree, g)| (tree, g, oom_before)),
             ));
         }
         (exe, ended)
@@ -602,7 +606,7 @@ async fn watch_readopted_executable(
     exe: Arc<Executable>,
     pidfd: Arc<aurae_sys::Pidfd>,
     close_log: bool,
-    own: Option<(Arc<dyn crate::workload::cgroup::CgroupTree>, CellName)>,
+    own: Option<(Arc<dyn crate::workload::cgroup::CgroupTree>, CellName, u64)>,
 ) {
     crate::workload::supervise::exited(pidfd).await;
     if close_log {
@@ -612,11 +616,12 @@ async fn watch_readopted_executable(
         i.close();
     }
     let id = executable_key(&exe.cell, &exe.name);
-    // Its exit status went to its new parent; an OOM kill in its own group is still seen.
-    let oom_killed = own
-        .as_ref()
-        .is_some_and(|(tree, g)| crate::workload::supervise::oom_kills(tree.as_ref(), g) > 0);
-    if let Some((tree, g)) = &own {
+    // Its exit status went to its new parent; an OOM kill in its own group since it was
+    // re-adopted is still seen.
+    let oom_killed = own.as_ref().is_some_and(|(tree, g, before)| {
+        crate::workload::supervise::oom_kills(tree.as_ref(), g) > *before
+    });
+    if let Some((tree, g, _)) = &own {
         super::run::end_own_group(tree.as_ref(), g, &id);
     }
     let e = Exit {
