@@ -990,6 +990,7 @@ async fn wire_workloads(
     let (tree_for_instances, reaper_for_instances, sealed_for_instances) =
         (tree.clone(), reaper.clone(), sealed.clone());
     let containers = containers_dir(&cfg.state_dir)?;
+    let cell_dirs = crate::cell::dirs::CellDirs::new(private_dir(&cfg.state_dir, "cell-dirs")?);
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
     // On a state disk that takes no writes no holder is started: whatever a previous
@@ -1022,6 +1023,7 @@ async fn wire_workloads(
         events: events.clone(),
         logs_dir: cfg.state_dir.join("logs"),
         containers_dir: containers.clone(),
+        cell_dirs: cell_dirs.clone(),
         sealed,
         store: Some(store.clone()),
         images: Some(image_store.clone()),
@@ -1137,6 +1139,8 @@ async fn wire_workloads(
     for w in remove_stray_containers(&containers, &cells.container_dirs()) {
         warnings.push(w);
     }
+    // Directories of cells that were not found again (a crash between a free's steps).
+    warnings.extend(cell_dirs.remove_strays(&|rel| found.cells.contains(rel)));
     // Logs of cells and VMs that were not found again (a crash between a free's steps,
     // or a start that never got its record) go too.
     let logs = cfg.state_dir.join("logs");
@@ -1226,8 +1230,13 @@ fn remove_stray_logs(dir: &std::path::Path, kept: &dyn Fn(&str) -> bool) -> Vec<
 /// `<state>/containers` (0700: upper directories hold the containers' files); what no
 /// re-adopted container uses is removed after re-adoption ([`remove_stray_containers`]).
 fn containers_dir(state: &std::path::Path) -> anyhow::Result<PathBuf> {
+    private_dir(state, "containers")
+}
+
+/// `<state>/<name>`, made 0700 if missing.
+fn private_dir(state: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = state.join("containers");
+    let dir = state.join(name);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

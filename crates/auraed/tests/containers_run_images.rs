@@ -969,3 +969,162 @@ async fn given_directories_are_written_again_only_when_read_only() {
         .unwrap();
     assert_eq!(e.containers_left(), 0);
 }
+
+/// A cell's directories (`Container.cell_directories`, a pod's emptyDir): made empty
+/// (0777) by the first container naming one, shared by the cell's containers (read-only
+/// where asked, also by one started after another ended), not by another cell's; a link
+/// a container leaves there is never followed; kept across a `kill -9` of auraed; gone with
+/// the cell, and a stray one (a crash between a free's steps) gone at the next start;
+/// bad names and paths refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cell_directories_are_shared_by_a_cells_containers_and_go_with_it() {
+    let Some(mut e) = env(
+        "cell_directories_are_shared_by_a_cells_containers_and_go_with_it",
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let dirs = e.d.dir.path().join("state/cell-dirs");
+    let image = e.image.clone();
+    let with = |script: &str, d: &[(&str, &str, bool)]| {
+        let mut c = pb::Container {
+            image: image.clone(),
+            entrypoint: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        };
+        c.cell_directories = d
+            .iter()
+            .map(|(name, path, read_only)| pb::CellDirectory {
+                name: (*name).into(),
+                path: (*path).into(),
+                read_only: *read_only,
+            })
+            .collect();
+        c
+    };
+    let run = |c: Client, cell: &str, name: &str, mut container: pb::Container, uid: u32| {
+        let (cell, name) = (cell.to_owned(), name.to_owned());
+        (container.uid, container.gid) = (Some(uid), Some(uid));
+        async move {
+            c.runtime()
+                .run_executable(pb::Executable {
+                    cell: cell.clone(),
+                    name: name.clone(),
+                    container: Some(container),
+                    run: Some(pb::RunOptions {
+                        wait: true,
+                        output: true,
+                        remove: true,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    let st = r.into_inner();
+                    let out: String = st
+                        .output
+                        .iter()
+                        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+                        .collect();
+                    (code(&st), out)
+                })
+        }
+    };
+    for cell in ["pod", "other"] {
+        e.c.cells()
+            .allocate(pb::Cell {
+                name: cell.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // The first: the directory is new, empty, 0777; it writes and leaves links to the host.
+    let first = with(
+        "stat -c %a /cache; ls -A /cache | wc -l; echo one > /cache/a; \
+         ln -s /etc /cache/etc; ln -s / /cache/root; echo done",
+        &[("cache", "/cache", false)],
+    );
+    let (code0, out) = run(e.c.clone(), "pod", "first", first, 0).await.unwrap();
+    assert_eq!((code0, out.as_str()), (Some(0), "777\n0\ndone\n"));
+    let host = dirs.join("pod/_dir.cache");
+    assert_eq!(std::fs::read_to_string(host.join("a")).unwrap(), "one\n");
+    // Another container of the cell, not root, at another path: what the first wrote;
+    // it writes too (0777, as kubelet's emptyDir).
+    let second = with(
+        "cat /data/a; echo two > /data/b && echo wrote; readlink /data/etc",
+        &[("cache", "/data", false)],
+    );
+    let (code1, out) = run(e.c.clone(), "pod", "second", second, 1000)
+        .await
+        .unwrap();
+    assert_eq!((code1, out.as_str()), (Some(0), "one\nwrote\n/etc\n"));
+    // Read-only where asked.
+    let reader = with(
+        "cat /ro/b; touch /ro/c 2>/dev/null && echo written || echo refused",
+        &[("cache", "/ro", true)],
+    );
+    let (code2, out) = run(e.c.clone(), "pod", "reader", reader, 0).await.unwrap();
+    assert_eq!((code2, out.as_str()), (Some(0), "two\nrefused\n"));
+    // Another cell's directory of the same name is its own.
+    let other = with("ls -A /cache | wc -l", &[("cache", "/cache", false)]);
+    let (_, out) = run(e.c.clone(), "other", "x", other, 0).await.unwrap();
+    assert_eq!(out, "0\n", "another cell shares nothing");
+
+    // Bad input, refused naming the field; nothing is made.
+    for (d, field) in [
+        (
+            ("Bad_Name", "/x", false),
+            "container.cell_directories[0].name",
+        ),
+        (
+            ("ok", "/dev/x", false),
+            "container.cell_directories[0].path",
+        ),
+        (
+            ("ok", "/proc/x", false),
+            "container.cell_directories[0].path",
+        ),
+        (("ok", "x", false), "container.cell_directories[0].path"),
+    ] {
+        let err = run(e.c.clone(), "pod", "bad", with("true", &[d]), 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{d:?}: {err:?}");
+        assert!(err.message().starts_with(field), "{d:?}: {err:?}");
+    }
+    assert!(!dirs.join("pod/_dir.ok").exists());
+
+    // A kill -9 of auraed: the cell is found again with its directory; a stray directory
+    // of a cell no record explains is removed at that start.
+    std::fs::create_dir_all(dirs.join("ghost/_dir.left")).unwrap();
+    std::fs::write(dirs.join("ghost/_dir.left/f"), b"x").unwrap();
+    e.d.crash_and_restart().await.unwrap();
+    let c = e.d.client("admin").await.unwrap();
+    assert!(
+        !dirs.join("ghost").exists(),
+        "the stray directory is removed"
+    );
+    let after = with("cat /cache/a /cache/b", &[("cache", "/cache", false)]);
+    let (_, out) = run(c.clone(), "pod", "after", after, 0).await.unwrap();
+    assert_eq!(out, "one\ntwo\n", "kept across the crash");
+
+    // Freed with the cell; the links it held were not followed.
+    c.cells()
+        .free(pb::NameRef { name: "pod".into() })
+        .await
+        .unwrap();
+    assert!(!dirs.join("pod").exists(), "gone with the cell");
+    assert!(Path::new("/etc/passwd").exists());
+    c.cells()
+        .free(pb::NameRef {
+            name: "other".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!dirs.join("other").exists());
+    assert_eq!(e.containers_left(), 0);
+}

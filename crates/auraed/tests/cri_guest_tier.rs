@@ -213,8 +213,47 @@ async fn run_vm_sandbox(
     .unwrap()
 }
 
+/// Printed when the walk inside L1 fails: what the microVMs' own consoles said (their
+/// kernel and their auraed, from L1's instance logs) and L1's load, so that a nested guest
+/// that stopped answering shows why.
+struct ReportOnFailure;
+
+impl Drop for ReportOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let dir = Path::new("/var/lib/aurae/logs/instances");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            println!("no instance logs in {}", dir.display());
+            return;
+        };
+        for e in entries.flatten() {
+            let text = std::fs::read(e.path()).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(300);
+            println!(
+                "---- {} (last {} of {} lines) ----\n{}\n----",
+                e.path().display(),
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n")
+            );
+        }
+        for f in ["/proc/loadavg", "/proc/pressure/cpu", "/proc/meminfo"] {
+            let t = std::fs::read_to_string(f).unwrap_or_default();
+            println!(
+                "---- L1 {f} ----\n{}",
+                t.lines().take(8).collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
 /// The walk, inside L1 (root there, L1's network and mounts).
 async fn inside_l1(web: &str) {
+    let _report = ReportOnFailure;
     let (mut rt, mut im) = aurae_testkit::cri::clients(Path::new(SOCKET))
         .await
         .unwrap();

@@ -278,6 +278,33 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         err.message().contains("config.mounts[0].readonly"),
         "a writable directory is refused: {err:?}"
     );
+    // The pod's emptyDir (kubelet's path for it, below the pod's own uid) is shared in the
+    // instance as a directory of the pod's cell; another pod's is a host directory: refused.
+    let pods = e.tmp.path().join("kubelet/pods");
+    let empty_dir = |uid: &str| {
+        let d = pods.join(format!("{uid}/volumes/kubernetes.io~empty-dir/cache"));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let (cache, others) = (empty_dir("uid-web"), empty_dir("uid-other"));
+    let mut mounted = container_config("app", &e.image, Some("true"));
+    mounted.mounts = vec![cri::Mount {
+        host_path: others.display().to_string(),
+        container_path: "/cache".to_owned(),
+        ..Default::default()
+    }];
+    let err = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sb.clone(),
+            config: Some(mounted),
+            sandbox_config: Some(good.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("config.mounts[0].readonly"),
+        "another pod's emptyDir is refused: {err:?}"
+    );
     // kubelet's mounts, copied into the instance when it starts: the pod's /etc/hosts, a
     // termination log, a service account's token as kubelet writes it (names that are
     // links into `..data`, a link to a timestamped directory).
@@ -327,6 +354,11 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
             readonly: true,
             ..Default::default()
         },
+        cri::Mount {
+            container_path: "/cache".into(),
+            host_path: cache.display().to_string(),
+            ..Default::default()
+        },
     ];
     let app = create_container(&mut rt, &sb, appc, &good, &log_dir)
         .await
@@ -372,6 +404,62 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\nweb-0\n");
     assert_eq!(out.exit_code, 3);
+    // The emptyDir: what the app writes there, a second container of the pod (read-only
+    // there) reads; it cannot write; none of it is on this machine's copy.
+    let out = exec_sync(
+        &mut rt,
+        &app,
+        &["sh", "-c", "stat -c %a /cache; echo from-app > /cache/a"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "777\n", "{out:?}");
+    let mut readerc = container_config(
+        "reader",
+        &e.image,
+        Some("cat /shared/a; touch /shared/b 2>/dev/null || echo read-only; exec sleep 300"),
+    );
+    readerc.mounts = vec![cri::Mount {
+        container_path: "/shared".into(),
+        host_path: cache.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let reader = create_container(&mut rt, &sb, readerc, &good, &log_dir)
+        .await
+        .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: reader.clone(),
+    })
+    .await
+    .unwrap();
+    let lines = log_has(
+        &log_dir.join("reader/0.log"),
+        "stdout F read-only",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert!(
+        lines.iter().any(|l| l.ends_with("stdout F from-app")),
+        "the pod's containers share its emptyDir in the instance: {lines:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "the node's emptyDir stays empty: the pod's is in its instance"
+    );
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: reader.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: reader.clone(),
+    })
+    .await
+    .unwrap();
     // kubelet rotates the token (its atomic writer: a new timestamped directory, `..data`
     // swapped onto it, the old one removed): the copy in the instance follows, the whole
     // directory at once; a key that goes, goes.

@@ -38,6 +38,11 @@ pub struct ContainerArgs {
     /// HOST must lie under one of auraed's --volume-root (repeatable; default rw).
     #[arg(long = "volume", short = 'v', value_name = "HOST:CONTAINER[:ro]")]
     volumes: Vec<String>,
+    /// A directory of the cell, NAME:CONTAINER[:ro|:rw], e.g. --cell-dir cache:/cache:
+    /// made empty by the first container of the cell naming it, shared by the cell's
+    /// containers naming it, removed with the cell (a pod's emptyDir; repeatable).
+    #[arg(long = "cell-dir", value_name = "NAME:CONTAINER[:ro]")]
+    cell_dirs: Vec<String>,
     /// A name server for the container's /etc/resolv.conf, e.g. --dns 10.96.0.10
     /// (repeatable, at most 3; any --dns* flag replaces the image's file).
     #[arg(long = "dns", value_name = "IP")]
@@ -85,8 +90,27 @@ impl ContainerArgs {
                 options: self.dns_options.clone(),
             }),
             files: Vec::new(),
+            cell_directories: self
+                .cell_dirs
+                .iter()
+                .map(|v| cell_dir(v))
+                .collect::<anyhow::Result<_>>()?,
         })
     }
+}
+
+/// `NAME:CONTAINER`, `NAME:CONTAINER:ro` or `NAME:CONTAINER:rw`.
+fn cell_dir(v: &str) -> anyhow::Result<pb::CellDirectory> {
+    let (name, path, read_only) = match v.split(':').collect::<Vec<_>>().as_slice() {
+        [n, c] | [n, c, "rw"] => (*n, *c, false),
+        [n, c, "ro"] => (*n, *c, true),
+        _ => return Err(anyhow!("--cell-dir {v}: use NAME:CONTAINER[:ro]")),
+    };
+    Ok(pb::CellDirectory {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        read_only,
+    })
 }
 
 /// `HOST:CONTAINER`, `HOST:CONTAINER:ro` or `HOST:CONTAINER:rw`.

@@ -129,6 +129,7 @@ impl PodRunArgs {
             no_new_privileges: self.no_new_privileges,
             dns: None,
             files: Vec::new(),
+            cell_directories: Vec::new(),
         };
         let limits = self.memory.map(|m| pb::CellLimits {
             memory_max_bytes: Some(m),

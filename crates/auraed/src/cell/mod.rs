@@ -1,5 +1,6 @@
 //! Cells: a cgroup v2 group of processes with their own namespaces.
 
+pub mod dirs;
 pub mod exec;
 pub mod init;
 pub mod limits;

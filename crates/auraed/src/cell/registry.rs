@@ -150,6 +150,8 @@ pub struct CellsDeps {
     pub logs_dir: PathBuf,
     /// Containers' private directories (`<state>/containers`).
     pub containers_dir: PathBuf,
+    /// Cells' directories (`<state>/cell-dirs`).
+    pub cell_dirs: super::dirs::CellDirs,
     pub sealed: Arc<aurae_sys::memfd::SealedSelf>,
     /// Where records go (`None`: nothing is recorded).
     pub store: Option<crate::store::Store>,
@@ -167,6 +169,8 @@ pub struct Cells {
     pub(super) logs_dir: PathBuf,
     /// Containers' private directories (`<state>/containers`).
     pub(super) containers_dir: PathBuf,
+    /// Cells' directories, mounted into their containers (see [`super::dirs`]).
+    pub(super) cell_dirs: super::dirs::CellDirs,
     pub(super) cells: Mutex<BTreeMap<CellName, Arc<Cell>>>,
     /// Orders allocate/stop/free (executables do not take it): see [`Cells::lock_for`].
     ops: tokio::sync::RwLock<()>,
@@ -195,6 +199,7 @@ impl Cells {
             events: d.events,
             logs_dir: d.logs_dir,
             containers_dir: d.containers_dir,
+            cell_dirs: d.cell_dirs,
             cells: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::RwLock::new(()),
             names: Mutex::new(Default::default()),
@@ -784,6 +789,10 @@ impl Cells {
             }
             self.recorder.forget_cell(&n);
             let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
+            if let Err(e) = self.cell_dirs.remove(&n) {
+                // Freed all the same; a later start removes what is left.
+                warn!(cell = %n, error = %e, "removing the cell's directories");
+            }
             self.events
                 .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
             info!(cell = %n, "cell freed");

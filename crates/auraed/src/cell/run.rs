@@ -159,6 +159,7 @@ impl Cells {
         let me = self.clone();
         let cell2 = cell.clone();
         let containers_dir = self.containers_dir.clone();
+        let cell_dirs = self.cell_dirs.clone();
         let image_digest = container.as_ref().map(|p| p.image.digest.clone());
         let image_layers = container.as_ref().map(|p| p.image.layers.clone());
         let file_dirs: Vec<Option<std::path::PathBuf>> =
@@ -188,7 +189,20 @@ impl Cells {
                     Some(plan) => {
                         let r =
                             crate::container::Rootfs::create(&containers_dir, plan.pin.clone())?;
-                        let a = crate::container::Args::new(plan, &r)?;
+                        let dirs = plan
+                            .cell_dirs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, d)| {
+                                cell_dirs.open(&cell2.spec.name, &d.name).map_err(|e| {
+                                    WorkloadError::Precondition(format!(
+                                        "container.cell_directories[{i}]: the cell's directory {:?}: {e}",
+                                        d.name
+                                    ))
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let a = crate::container::Args::new(plan, &r, &dirs)?;
                         rootfs = Some(r);
                         Some(a)
                     }

@@ -49,6 +49,7 @@ fn fixture() -> Fixture {
         events: Arc::new(EventBus::default()),
         logs_dir: dir.path().join("logs"),
         containers_dir: dir.path().join("containers"),
+        cell_dirs: crate::cell::dirs::CellDirs::new(dir.path().join("cell-dirs")),
         sealed: Arc::new(aurae_sys::memfd::SealedSelf::default()),
         store: Some(store.clone()),
         images: None,

@@ -267,6 +267,7 @@ mod tests {
             no_new_privileges: false,
             dns: None,
             files: vec![],
+            cell_dirs: vec![],
         }
     }
 

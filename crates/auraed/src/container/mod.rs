@@ -247,6 +247,9 @@ pub struct Plan {
     pub resolv_conf: Option<String>,
     /// Files written into its private directory and mounted over their (checked) paths.
     pub files: Vec<spec::FileSpec>,
+    /// Its cell's directories mounted over their (checked) paths (see
+    /// the cell module's `dirs`; opened when it is started, in its cell).
+    pub cell_dirs: Vec<spec::CellDirSpec>,
 }
 
 /// A volume, its host directory or file already open: resolved once, below its root, when the
@@ -287,10 +290,17 @@ impl Plan {
             )));
         }
         let process = config::resolve(spec, &image.config, &image.layer_dirs(store))?;
-        if spec.volumes.len() + spec.files.len() + usize::from(spec.dns.is_some()) > MAX_VOLUMES {
+        if spec.volumes.len()
+            + spec.files.len()
+            + spec.cell_dirs.len()
+            + usize::from(spec.dns.is_some())
+            > MAX_VOLUMES
+        {
             return Err(FieldError::new(
                 "container.volumes",
-                format!("more than {MAX_VOLUMES} volumes (DNS settings and each file take one)"),
+                format!(
+                    "more than {MAX_VOLUMES} volumes (DNS settings, each file and each cell directory take one)"
+                ),
             )
             .into());
         }
@@ -312,6 +322,25 @@ impl Plan {
                 .into());
             }
             files.push(spec::FileSpec { path, ..f.clone() });
+        }
+        let mut cell_dirs = Vec::new();
+        for (i, d) in spec.cell_dirs.iter().enumerate() {
+            let field = format!("container.cell_directories[{i}].path");
+            let path = config::normalise(&field, &d.path.to_string_lossy())?;
+            if path == Path::new("/")
+                || RESERVED[..2].iter().any(|r| path.starts_with(r))
+                || !volume_target_allowed(&path, false)
+            {
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "{} is reserved (/, /proc, /sys; nothing but a file goes in /dev)",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+            cell_dirs.push(spec::CellDirSpec { path, ..d.clone() });
         }
         let mut volumes = Vec::new();
         for (i, (host, target, ro)) in spec.volumes.iter().enumerate() {
@@ -366,6 +395,7 @@ impl Plan {
             volumes,
             resolv_conf: spec.dns.as_ref().map(resolv_conf),
             files,
+            cell_dirs,
         })
     }
 }
@@ -460,7 +490,8 @@ pub struct Args {
 const MAX_OVERLAY_OPTIONS: usize = 4000;
 
 impl Args {
-    pub fn new(plan: &Plan, rootfs: &Rootfs) -> Result<Self, WorkloadError> {
+    /// `cell_dirs`: the plan's cell directories opened (`O_PATH`), in its order.
+    pub fn new(plan: &Plan, rootfs: &Rootfs, cell_dirs: &[OwnedFd]) -> Result<Self, WorkloadError> {
         let upper = rootfs.path().join("upper");
         let work = rootfs.path().join("work");
         for p in [&upper, &work] {
@@ -507,6 +538,9 @@ impl Args {
                 (true, Some(parent)) => mkdirs.extend(with_parents(parent)),
                 _ => mkdirs.extend(with_parents(&f.path)),
             }
+        }
+        for d in &plan.cell_dirs {
+            mkdirs.extend(with_parents(&d.path));
         }
         mkdirs.extend(with_parents(&plan.process.working_dir));
         let mut seen = std::collections::HashSet::new();
@@ -573,6 +607,26 @@ impl Args {
             });
             volume_trees.push(tree);
             volume_names.push(format!("(a file it was given) -> {}", f.path.display()));
+        }
+        // Then its cell's directories (a volume at the same path goes over one).
+        for (d, fd) in plan.cell_dirs.iter().zip(cell_dirs) {
+            let tree = aurae_sys::container::clone_mount(fd.as_fd(), d.read_only).map_err(|e| {
+                WorkloadError::Precondition(format!(
+                    "the cell's directory {:?}: cannot clone its mount: {e}",
+                    d.name
+                ))
+            })?;
+            volumes.push(VolumeMount {
+                source: tree.as_raw_fd(),
+                target: cstr(&d.path)?,
+                file: false,
+            });
+            volume_trees.push(tree);
+            volume_names.push(format!(
+                "(its cell's directory {:?}) -> {}",
+                d.name,
+                d.path.display()
+            ));
         }
         for (i, v) in plan.volumes.iter().enumerate() {
             let tree =

@@ -26,6 +26,57 @@ pub struct ContainerSpec {
     /// Files written into its private directory and mounted over their paths.
     #[serde(default)]
     pub files: Vec<FileSpec>,
+    /// Directories of its cell mounted over their paths.
+    #[serde(default)]
+    pub cell_dirs: Vec<CellDirSpec>,
+}
+
+/// One of [`ContainerSpec::cell_dirs`]: a directory of the container's cell (see
+/// the cell module's `dirs`) mounted at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CellDirSpec {
+    /// A DNS label.
+    pub name: String,
+    /// Absolute (checked as a volume's target when the plan is made).
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+/// [`pb::CellDirectory`]s checked: names are DNS labels, each named once; paths absolute,
+/// each used once.
+pub fn parse_cell_dirs(
+    field: &str,
+    dirs: &[pb::CellDirectory],
+) -> Result<Vec<CellDirSpec>, FieldError> {
+    let mut out: Vec<CellDirSpec> = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let f = |x: &str| format!("{field}.cell_directories[{i}].{x}");
+        if let Some(r) = crate::spec::label_reason(&d.name) {
+            return Err(FieldError::new(
+                f("name"),
+                format!("{:?} {r} (a cell directory's name is a DNS label)", d.name),
+            ));
+        }
+        let path = abs_path(&f("path"), &d.path)?;
+        if out.iter().any(|o| o.name == d.name) {
+            return Err(FieldError::new(
+                f("name"),
+                format!("{:?} is named twice", d.name),
+            ));
+        }
+        if out.iter().any(|o| o.path == path) {
+            return Err(FieldError::new(
+                f("path"),
+                format!("{} is used twice", path.display()),
+            ));
+        }
+        out.push(CellDirSpec {
+            name: d.name.clone(),
+            path,
+            read_only: d.read_only,
+        });
+    }
+    Ok(out)
 }
 
 /// One of [`ContainerSpec::files`]: a file, or a directory of files (`entries`).
@@ -306,6 +357,7 @@ impl ContainerSpec {
                 .map(|d| Dns::parse(&format!("{field}.dns"), d))
                 .transpose()?,
             files,
+            cell_dirs: parse_cell_dirs(field, &c.cell_directories)?,
         })
     }
 }
@@ -332,6 +384,51 @@ mod tests {
             name: name.into(),
             content: b"x".to_vec(),
             mode: 0,
+        }
+    }
+
+    #[test]
+    fn cell_directories_are_named_by_labels_once_each() {
+        let with = |dirs: Vec<(&str, &str)>| {
+            ContainerSpec::parse(
+                "container",
+                Some(pb::Container {
+                    image: "reg/x:1".into(),
+                    cell_directories: dirs
+                        .into_iter()
+                        .map(|(name, path)| pb::CellDirectory {
+                            name: name.into(),
+                            path: path.into(),
+                            read_only: false,
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+            )
+        };
+        let ok = with(vec![("cache", "/cache"), ("scratch", "/var/tmp/s")]).unwrap();
+        assert_eq!(ok.cell_dirs.len(), 2);
+        assert_eq!(ok.cell_dirs[1].path, std::path::Path::new("/var/tmp/s"));
+        for (dirs, field) in [
+            (vec![("", "/c")], "container.cell_directories[0].name"),
+            (vec![("_dir", "/c")], "container.cell_directories[0].name"),
+            (vec![("a/b", "/c")], "container.cell_directories[0].name"),
+            (vec![("..", "/c")], "container.cell_directories[0].name"),
+            (
+                vec![("c", "relative")],
+                "container.cell_directories[0].path",
+            ),
+            (
+                vec![("c", "/a"), ("c", "/b")],
+                "container.cell_directories[1].name",
+            ),
+            (
+                vec![("c", "/a"), ("d", "/a")],
+                "container.cell_directories[1].path",
+            ),
+        ] {
+            let e = with(dirs.clone()).unwrap_err();
+            assert_eq!(e.field, field, "{dirs:?}: {e:?}");
         }
     }
 

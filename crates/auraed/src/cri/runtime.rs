@@ -96,6 +96,7 @@ fn container_of(c: &ContainerRecord, dns: Option<&crate::container::spec::Dns>) 
             options: d.options.clone(),
         }),
         files: Vec::new(),
+        cell_directories: Vec::new(),
     }
 }
 
@@ -671,7 +672,7 @@ impl CriRuntime {
             if sb.runtime_handler != VM_HANDLER || !c.run.volumes.iter().any(|(_, _, ro)| *ro) {
                 return;
             }
-            let volumes = match me.dir_volumes(&c).await {
+            let volumes = match me.dir_volumes(&c, &sb.uid).await {
                 Ok(v) if !v.is_empty() => v,
                 Ok(_) => return,
                 Err(e) => {
@@ -684,8 +685,9 @@ impl CriRuntime {
                 name: c.executable.clone(),
             };
             let read = |v: Vec<crate::container::Volume>| async move {
-                match tokio::task::spawn_blocking(move || copy_volumes(&v)).await {
-                    Ok(r) => r,
+                // (No emptyDir among them: see dir_volumes.)
+                match tokio::task::spawn_blocking(move || copy_volumes(&v, "")).await {
+                    Ok(r) => r.map(|(files, _)| files),
                     Err(e) => Err(Status::internal(format!("reading task: {e}"))),
                 }
             };
@@ -732,6 +734,7 @@ impl CriRuntime {
     async fn dir_volumes(
         &self,
         c: &ContainerRecord,
+        pod_uid: &str,
     ) -> Result<Vec<crate::container::Volume>, Status> {
         let cri = self.cri();
         let caller = cri_caller(cri, "RunExecutable")?;
@@ -741,7 +744,11 @@ impl CriRuntime {
         Ok(plan
             .volumes
             .iter()
-            .filter(|v| !v.file && v.read_only)
+            .filter(|v| {
+                !v.file
+                    && v.read_only
+                    && empty_dir_name(&v.sent.to_string_lossy(), pod_uid).is_none()
+            })
             .cloned()
             .collect())
     }
@@ -842,13 +849,14 @@ impl CriRuntime {
         }
         // Its mounts are on this machine: copied into the container's files (read from
         // what the plan opened, below the volume roots and within the grant).
-        let volumes = plan.volumes.clone();
-        let files = tokio::task::spawn_blocking(move || copy_volumes(&volumes))
+        let (volumes, uid) = (plan.volumes.clone(), sb.uid.clone());
+        let (files, dirs) = tokio::task::spawn_blocking(move || copy_volumes(&volumes, &uid))
             .await
             .map_err(|e| Status::internal(format!("copying the mounts: {e}")))??;
         drop(plan);
         c.volumes.clear();
         c.files = files;
+        c.cell_directories = dirs;
         c.image = by_digest.to_string();
         (c.uid, c.gid) = (Some(ids.0), Some(ids.1));
         c.no_new_privileges |= !caller.grant.allow_new_privileges;
@@ -1572,15 +1580,48 @@ fn metadata(sb: &SandboxRecord) -> cri::PodSandboxMetadata {
     }
 }
 
+/// The volume name of the pod's emptyDir that kubelet mounts from `host`
+/// (`…/pods/<pod uid>/volumes/kubernetes.io~empty-dir/<name>`), when `host` is one of the
+/// pod `pod_uid`'s; `None` for anything else (another pod's, a subPath's bind, a hostPath).
+fn empty_dir_name<'a>(host: &'a str, pod_uid: &str) -> Option<&'a str> {
+    let mut parts = host.rsplit('/');
+    let name = parts.next()?;
+    let ok = parts.next() == Some("kubernetes.io~empty-dir")
+        && parts.next() == Some("volumes")
+        && parts.next() == Some(pod_uid)
+        && parts.next() == Some("pods")
+        && host.starts_with('/')
+        && crate::spec::label_reason(name).is_none();
+    ok.then_some(name)
+}
+
 /// The mounts of a container of an `aurae-vm` sandbox as files for its instance
 /// (`Container.files`), read from the volumes its plan opened; one too large, or a
 /// writable directory, is refused naming its mount.
-fn copy_volumes(volumes: &[crate::container::Volume]) -> Result<Vec<pb::ContainerFile>, Status> {
+///
+/// The pod's emptyDirs (see [`empty_dir_name`]) are not copied: each becomes a directory of
+/// the pod's cell in the instance (`Container.cell_directories`), shared by the pod's
+/// containers there as the node's is here.
+fn copy_volumes(
+    volumes: &[crate::container::Volume],
+    pod_uid: &str,
+) -> Result<(Vec<pb::ContainerFile>, Vec<pb::CellDirectory>), Status> {
     use crate::container::copy::{Budget, Copied, copy};
     let mut budget = Budget::default();
     let mut files = Vec::new();
+    let mut dirs = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         let field = format!("config.mounts[{i}]");
+        if !v.file
+            && let Some(name) = empty_dir_name(&v.sent.to_string_lossy(), pod_uid)
+        {
+            dirs.push(pb::CellDirectory {
+                name: name.to_owned(),
+                path: v.target.display().to_string(),
+                read_only: v.read_only,
+            });
+            continue;
+        }
         let copied = copy(&v.source, v.file, &mut budget).map_err(|e| {
             Status::failed_precondition(format!(
                 "{field}: copying {} into the sandbox's instance: {e}",
@@ -1600,7 +1641,8 @@ fn copy_volumes(volumes: &[crate::container::Volume]) -> Result<Vec<pb::Containe
             Copied::Dir(_) if !v.read_only => {
                 return Err(invalid(
                     &format!("{field}.readonly"),
-                    "a writable directory cannot be shared into an instance: mount it read-only",
+                    "a writable directory other than the pod's emptyDir cannot be shared into \
+                     an instance: mount it read-only",
                 ));
             }
             Copied::Dir(entries) => pb::ContainerFile {
@@ -1619,7 +1661,7 @@ fn copy_volumes(volumes: &[crate::container::Volume]) -> Result<Vec<pb::Containe
             },
         });
     }
-    Ok(files)
+    Ok((files, dirs))
 }
 
 /// The container's run from its CRI config; every field we cannot honour is refused,
@@ -1888,16 +1930,17 @@ impl RuntimeService for CriRuntime {
         if sb.runtime_handler == VM_HANDLER {
             // Its mounts are copied into the instance when it starts: a file (kubelet's
             // /etc/hosts, a termination log) or a read-only directory (a service
-            // account's token, a ConfigMap). A writable directory (an emptyDir shared by
-            // the pod's containers) would be a copy of its own in each: refused.
+            // account's token, a ConfigMap); the pod's emptyDir is a directory of the
+            // pod's cell there. Another writable directory (a hostPath) would be a copy of
+            // its own in each container, its writes never reaching this machine: refused.
             for (i, (host, _, ro)) in run.volumes.iter().enumerate() {
-                if !ro && Path::new(host).is_dir() {
+                if !ro && Path::new(host).is_dir() && empty_dir_name(host, &sb.uid).is_none() {
                     return Err(invalid(
                         &format!("config.mounts[{i}].readonly"),
                         format!(
-                            "a writable directory cannot be shared into an {VM_HANDLER:?} \
-                             sandbox's instance (its mounts are copies made at the start): \
-                             mount it read-only"
+                            "a writable directory other than the pod's emptyDir cannot be \
+                             shared into an {VM_HANDLER:?} sandbox's instance (its mounts are \
+                             copies made at the start): mount it read-only"
                         ),
                     ));
                 }
@@ -2600,6 +2643,33 @@ impl CriRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_pods_own_empty_dirs_are_shared_as_its_cells_directories() {
+        let uid = "6f1f1a4e-0b9d-4a36-9a0c-1b2c3d4e5f60";
+        let at = |rest: &str| format!("/var/lib/kubelet/pods/{uid}/volumes/{rest}");
+        assert_eq!(
+            empty_dir_name(&at("kubernetes.io~empty-dir/cache"), uid),
+            Some("cache")
+        );
+        for (host, why) in [
+            (at("kubernetes.io~empty-dir/cache"), "another pod's"),
+            (at("kubernetes.io~configmap/cache"), "not an emptyDir"),
+            (at("kubernetes.io~empty-dir/Cache_1"), "not a DNS label"),
+            (at("kubernetes.io~empty-dir/cache/sub"), "below one"),
+            (
+                format!("/var/lib/kubelet/pods/{uid}/volume-subpaths/cache/web/0"),
+                "a subPath's bind",
+            ),
+            (
+                format!("pods/{uid}/volumes/kubernetes.io~empty-dir/cache"),
+                "relative",
+            ),
+        ] {
+            let pod = if why == "another pod's" { "other" } else { uid };
+            assert_eq!(empty_dir_name(&host, pod), None, "{why}: {host}");
+        }
+    }
 
     #[test]
     fn ids_the_kernel_reads_as_unchanged_are_refused() {
