@@ -1,10 +1,15 @@
 //! `clone3` straight into a cgroup and into (new or existing) namespaces, then `execve`.
 //!
 //! The child is created with `CLONE_INTO_CGROUP` (it never runs outside its cell) and
-//! `CLONE_PIDFD` (we never signal or wait by pid). Between the clone and the exec the child
-//! runs only raw syscalls on data prepared before the clone: it may not allocate or lock,
-//! because the parent is multi-threaded. A close-on-exec pipe reports a failed step: no
-//! bytes means the exec succeeded.
+//! `CLONE_PIDFD` (we never signal or wait by pid), and with `CLONE_VM | CLONE_VFORK`, as
+//! glibc's `posix_spawn`: it runs in auraed's own memory, on a stack of its own, while the
+//! calling thread waits for its exec (or its exit), so no page table is copied and no page
+//! is copied on write (a fork of auraed copied its whole address space's page tables for
+//! every process it started). Between the clone and the exec the child runs only raw
+//! syscalls on data prepared before the clone: it may not allocate, lock or write anything
+//! of the parent's, and no signal handler of auraed's may run in it (every signal is
+//! blocked across the clone; the child resets each handler before it unblocks them). A
+//! close-on-exec pipe reports a failed step: no bytes means the exec succeeded.
 //!
 //! Joining a cell's PID namespace cannot be done by the child itself (`setns(CLONE_NEWPID)`
 //! only affects the caller's future children), so [`spawn`] does it on a short-lived helper
@@ -210,6 +215,84 @@ impl std::fmt::Display for Step {
 /// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
+/// The child's stack between clone and exec (it runs a few raw syscalls, no allocation);
+/// a multiple of 16, so the stack pointer the kernel gives it is aligned as the ABI wants.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// The kernel's `struct sigaction` on x86_64 (handler, flags, restorer, mask): all zero is
+/// `SIG_DFL` with no flags and nothing masked.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// What the child's entry point is handed (on the parent's stack; the parent waits,
+/// `CLONE_VFORK`, until the child no longer uses it).
+struct ChildArgs<'a, 'r> {
+    req: &'a SpawnRequest<'r>,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    empty: &'a CStr,
+    err_w: RawFd,
+}
+
+/// The child's entry point: on its own stack, in the parent's memory.
+///
+/// # Safety
+/// Only as the function [`clone3_vfork`] runs in the child, with a `ChildArgs`.
+unsafe extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` is the ChildArgs the parent passed, alive while it waits for us.
+    unsafe {
+        let a = &*(arg as *const ChildArgs<'_, '_>);
+        child(a.req, a.argv, a.envp, a.empty, a.err_w)
+    }
+}
+
+/// `clone3(args)` whose child runs `entry(arg)` on the stack `args` names (the kernel sets
+/// its stack pointer to `stack + stack_size`) and never returns into this frame. Returns
+/// the child's pid, or `-errno`.
+///
+/// # Safety
+/// `args` must name a valid, 16-aligned stack that outlives the child's use of it (with
+/// `CLONE_VFORK`: until its exec); `entry` must never return and must be safe to run in
+/// this address space (see the module's rules).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vfork(
+    args: &CloneArgs,
+    entry: unsafe extern "C" fn(*mut libc::c_void) -> !,
+    arg: *mut libc::c_void,
+) -> i64 {
+    let ret: i64;
+    // SAFETY: the raw clone3 syscall; in the parent it returns like any syscall (rax, with
+    // rcx and r11 clobbered). In the child (rax 0) the code after it runs on the new stack:
+    // it clears the frame pointer, calls `entry(arg)` (r12, r13: preserved by the syscall)
+    // and traps if that ever returned. Nothing of this frame is used by the child.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") ptr::from_ref(args),
+            in("rsi") size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
+}
+
 const STEPS: [&str; 16] = [
     "join namespaces (setns)",
     "unshare namespaces",
@@ -244,6 +327,17 @@ struct CloneArgs {
     set_tid: u64,
     set_tid_size: u64,
     cgroup: u64,
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("spawn's clone3 trampoline is written for x86_64 only");
+
+/// Makes this process not dumpable (no core dump, no ptrace or `/proc/PID/mem` but by
+/// a holder of CAP_SYS_PTRACE): auraed's memory holds keys, and a child between
+/// [`spawn`]'s clone and its exec runs in it (and marks it so in any case).
+pub fn forbid_dumps() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(|_| ())
 }
 
 /// Starts the process described by `req`; returns its pid (in our namespace) and pidfd.
@@ -320,24 +414,49 @@ fn spawn_here(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
         args.cgroup =
             u64::try_from(cg).map_err(|_| SpawnError::Setup(io::Error::other("bad cgroup fd")))?;
     }
-    args.flags = flags;
-
-    // SAFETY: clone3 with a valid clone_args of the size we pass. Without CLONE_VM the
-    // child gets a copy-on-write copy of this address space and continues on this stack.
+    // The child's stack: on ours (this thread waits until the child is done with it).
+    #[repr(C, align(16))]
+    struct Stack([std::mem::MaybeUninit<u8>; CHILD_STACK]);
+    let mut stack = Stack([std::mem::MaybeUninit::uninit(); CHILD_STACK]);
+    args.flags = flags | u64::try_from(libc::CLONE_VM | libc::CLONE_VFORK).unwrap_or(0);
+    args.stack = stack.0.as_mut_ptr() as u64;
+    args.stack_size = CHILD_STACK as u64;
+    let mut child_args = ChildArgs {
+        req,
+        argv: &argv,
+        envp: &envp,
+        empty,
+        err_w: err_w_raw,
+    };
+    // Every signal blocked across the clone: the child inherits the mask and resets every
+    // handler before it unblocks them, so none of ours runs in our memory from it.
+    // SAFETY: a sigset_t is plain integers: all zeroes is a valid (empty) one.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigfillset/pthread_sigmask on sigset_t values of this frame.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: a valid clone_args naming `stack` (16-aligned, alive until the child's exec:
+    // CLONE_VFORK holds this thread until then); `child_entry` never returns and only
+    // runs raw syscalls on data prepared above (see `child`).
     let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            ptr::addr_of!(args),
-            size_of::<CloneArgs>(),
+        clone3_vfork(
+            &args,
+            child_entry,
+            ptr::addr_of_mut!(child_args).cast::<libc::c_void>(),
         )
     };
-    if pid == 0 {
-        // SAFETY: we are the new child; `child` only uses the prepared data and raw
-        // syscalls, and never returns.
-        unsafe { child(req, &argv, &envp, empty, err_w_raw) }
+    // SAFETY: restoring this thread's mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
     }
+    // (The child is done with `stack`: it has exec'd or exited.)
+    let _ = &stack;
     if pid < 0 {
-        return Err(SpawnError::Setup(io::Error::last_os_error()));
+        let errno = i32::try_from(-pid).unwrap_or(libc::EINVAL);
+        return Err(SpawnError::Setup(io::Error::from_raw_os_error(errno)));
     }
     drop(err_w);
     let pid =
@@ -468,8 +587,26 @@ unsafe fn child(
     // SAFETY: every call below is a raw syscall (or an async-signal-safe libc wrapper) on
     // integers and on memory prepared before the clone; on failure `fail` exits.
     unsafe {
-        // Not dumpable until exec: processes already in the cell cannot ptrace us or read
-        // our /proc entries while we hold the parent's memory (CVE-2016-9962).
+        // Every handler back to its default first (ignored signals stay ignored across
+        // exec, and Rust ignores SIGPIPE), while all are still blocked: none of auraed's
+        // handlers may run here, in auraed's memory. The raw syscall, for all 64: glibc's
+        // wrapper refuses the two it keeps for itself (32, 33), which stayed as they were.
+        let dfl = KernelSigaction::default();
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    ptr::addr_of!(dfl),
+                    ptr::null_mut::<KernelSigaction>(),
+                    size_of::<u64>(),
+                );
+            }
+        }
+        // Not dumpable: processes already in the cell cannot ptrace us or read our /proc
+        // entries while we hold auraed's memory (CVE-2016-9962). With CLONE_VM the flag is
+        // the memory's, i.e. auraed's own too (it stays so: see `forbid_dumps`); the
+        // exec gives the program a fresh one.
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         if let Some((fd, ns)) = req.join
             && libc::setns(fd, ns.0) < 0
@@ -504,12 +641,6 @@ unsafe fn child(
         libc::sigemptyset(&mut set);
         if libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut()) < 0 {
             fail(err_w, 4);
-        }
-        // Ignored signals stay ignored across exec (Rust ignores SIGPIPE): reset them all.
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
         }
         if let Some(c) = req.container
             && let Err(f) = container::setup_root(c)
@@ -734,6 +865,91 @@ mod tests {
         no_new_privs: bool,
     ) -> Result<ExitStatus, SpawnError> {
         spawn_wait(&["/bin/sh", "-c", script], None, uid, gid, no_new_privs)
+    }
+
+    /// The child runs in our memory until its exec (CLONE_VM): every signal is blocked
+    /// across the clone and reset in the child, which starts with no signal blocked or
+    /// ignored (this test process ignores SIGPIPE, as Rust does, and blocks SIGUSR2 on
+    /// this thread); this thread's mask is its own again afterwards, and many spawns in a
+    /// row (one failing before its exec) leave this memory as it was.
+    #[test]
+    fn the_child_starts_with_default_signals_and_the_parent_keeps_its_mask() {
+        // SAFETY: signal-mask calls on sigset_t values of this frame.
+        let before = unsafe {
+            let mut usr2: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut usr2);
+            libc::sigaddset(&mut usr2, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &usr2, ptr::null_mut());
+            let mut now: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, ptr::null(), &mut now);
+            now
+        };
+        let marker = vec![0x5au8; 4096];
+        for i in 0..20 {
+            let (r, w) = std::io::pipe().unwrap();
+            let devnull = std::fs::File::open("/dev/null").unwrap();
+            let script = "grep -E '^(SigBlk|SigIgn)' /proc/self/status";
+            let argv: Vec<CString> = ["/bin/sh", "-c", script]
+                .iter()
+                .map(|a| CString::new(*a).unwrap())
+                .collect();
+            let missing = [CString::new("/nonexistent/program").unwrap()];
+            let req = SpawnRequest {
+                program: Program::Path(if i == 7 { &missing[0] } else { &argv[0] }),
+                argv: &argv,
+                envp: &[],
+                cwd: None,
+                uid: None,
+                gid: None,
+                no_new_privs: false,
+                stdio: [devnull.as_raw_fd(), w.as_raw_fd(), devnull.as_raw_fd()],
+                controlling_terminal: false,
+                pass_fd: None,
+                cgroup: None,
+                new_namespaces: Namespaces::default(),
+                pid_namespace_of: None,
+                join: None,
+                unshare: Namespaces::default(),
+                container: None,
+                console: None,
+            };
+            let spawned = spawn(&req);
+            drop(w);
+            if i == 7 {
+                match spawned {
+                    Err(SpawnError::Child { error, .. }) => {
+                        assert_eq!(error.raw_os_error(), Some(libc::ENOENT));
+                    }
+                    other => panic!("{other:?}"),
+                }
+                continue;
+            }
+            let (_, pidfd) = spawned.unwrap();
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut &r, &mut out).unwrap();
+            assert_eq!(pidfd.wait_blocking().unwrap(), ExitStatus::Code(0));
+            assert_eq!(
+                out, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+                "the child's signals"
+            );
+        }
+        // SAFETY: as above.
+        let after = unsafe {
+            let mut now: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, ptr::null(), &mut now);
+            now
+        };
+        for sig in 1..libc::SIGRTMAX() {
+            // SAFETY: sigismember on the two sets read above.
+            let (b, a) = unsafe {
+                (
+                    libc::sigismember(&before, sig),
+                    libc::sigismember(&after, sig),
+                )
+            };
+            assert_eq!(b, a, "signal {sig} in this thread's mask");
+        }
+        assert!(marker.iter().all(|b| *b == 0x5a));
     }
 
     /// uid/gid 4294967295 is "-1" to set*id: the child would keep our uid 0.

@@ -235,6 +235,10 @@ fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::workload::cgroup::FsTr
 /// Runs auraed's API until SIGTERM/SIGINT or a Shutdown RPC, then shuts down in order.
 /// Returns whether a reboot (rather than a power-off) was asked for.
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
+    // Keys live in this memory, and every process it starts runs in it until its exec.
+    if let Err(e) = aurae_sys::spawn::forbid_dumps() {
+        warn!(error = %e, "could not make auraed not dumpable (PR_SET_DUMPABLE)");
+    }
     let fd_limit = limits::raise_fd_limit();
     let listeners = if cfg.listen.is_some() { 2 } else { 1 };
     let per_listener = limits::budget_per_listener(cfg.max_connections, listeners, fd_limit);
