@@ -45,6 +45,10 @@ pub struct VolumeMount {
     /// The source is a regular file: the target must be (or is created as) a regular
     /// file.
     pub file: bool,
+    /// Directories made (if missing) right before it is attached, parents first: its
+    /// target's parents (and the target, for a directory). Made then, not before any
+    /// mount, so that a path below another mount exists in what that mount shows.
+    pub parents: Vec<CString>,
 }
 
 /// Clones what `src` is open on (auraed's fd of a volume directory or a VM's file, resolved
@@ -415,6 +419,11 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
             return Err(step(9));
         }
         for (i, v) in c.volumes.iter().enumerate() {
+            for p in &v.parents {
+                if libc::mkdir(p.as_ptr(), 0o755) < 0 && !errno_is(libc::EEXIST) {
+                    return Err(at(10, i));
+                }
+            }
             let target = if v.file {
                 open_file_target(&v.target)
             } else {

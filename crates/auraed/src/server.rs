@@ -1140,11 +1140,21 @@ async fn wire_workloads(
     {
         warnings.push(format!("recording the output holder: {e}"));
     }
-    for w in remove_stray_containers(&containers, &cells.container_dirs()) {
-        warnings.push(w);
+    if found.ran {
+        for w in remove_stray_containers(&containers, &cells.container_dirs()) {
+            warnings.push(w);
+        }
+        // Directories of cells that were not found again (a crash between a free's steps).
+        warnings.extend(cell_dirs.remove_strays(&|rel| found.cells.contains(rel)));
+    } else if [&containers, cell_dirs.root()]
+        .iter()
+        .any(|d| std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some()))
+    {
+        warnings.push(
+            "the records of a previous auraed were not read (no cgroup tree): its containers' and cells' directories are kept"
+                .into(),
+        );
     }
-    // Directories of cells that were not found again (a crash between a free's steps).
-    warnings.extend(cell_dirs.remove_strays(&|rel| found.cells.contains(rel)));
     // Logs of cells and VMs that were not found again (a crash between a free's steps,
     // or a start that never got its record) go too.
     let logs = cfg.state_dir.join("logs");
@@ -1180,7 +1190,7 @@ fn remove_stray_containers(dir: &std::path::Path, used: &[PathBuf]) -> Vec<Strin
         if used.iter().any(|u| u == &p) {
             continue;
         }
-        if let Err(err) = std::fs::remove_dir_all(&p) {
+        if let Err(err) = crate::workload::tree::remove_tree(&p) {
             warnings.push(format!(
                 "container directory {} left by a previous auraed could not be removed: {err}",
                 p.display()

@@ -1053,15 +1053,25 @@ async fn cell_directories_are_shared_by_a_cells_containers_and_go_with_it() {
     let host = dirs.join("pod/_dir.cache");
     assert_eq!(std::fs::read_to_string(host.join("a")).unwrap(), "one\n");
     // Another container of the cell, not root, at another path: what the first wrote;
-    // it writes too (0777, as kubelet's emptyDir).
-    let second = with(
-        "cat /data/a; echo two > /data/b && echo wrote; readlink /data/etc",
+    // it writes too (0777, as kubelet's emptyDir). A file given to it below that path is
+    // mounted after the directory (parents first), not hidden under it.
+    let mut second = with(
+        "cat /data/a; echo two > /data/b && echo wrote; readlink /data/etc; cat /data/conf/given",
         &[("cache", "/data", false)],
     );
+    second.files = vec![pb::ContainerFile {
+        path: "/data/conf/given".into(),
+        content: b"given\n".to_vec(),
+        read_only: true,
+        ..Default::default()
+    }];
     let (code1, out) = run(e.c.clone(), "pod", "second", second, 1000)
         .await
         .unwrap();
-    assert_eq!((code1, out.as_str()), (Some(0), "one\nwrote\n/etc\n"));
+    assert_eq!(
+        (code1, out.as_str()),
+        (Some(0), "one\nwrote\n/etc\ngiven\n")
+    );
     // Read-only where asked.
     let reader = with(
         "cat /ro/b; touch /ro/c 2>/dev/null && echo written || echo refused",
@@ -1112,12 +1122,39 @@ async fn cell_directories_are_shared_by_a_cells_containers_and_go_with_it() {
     let (_, out) = run(c.clone(), "pod", "after", after, 0).await.unwrap();
     assert_eq!(out, "one\ntwo\n", "kept across the crash");
 
+    // A tree deeper than any path (20 chains of 1000 levels, each moved to the bottom of
+    // the next: 20 000 levels): removed with the cell below, auraed up (a removal
+    // recursing once per level would not be).
+    let deep = with(
+        "cd /cache && prev= && for k in $(seq 20); do p=c$k; i=0; \
+         while [ $i -lt 1000 ]; do p=$p/d; i=$((i+1)); done; mkdir -p $p || exit 1; \
+         if [ -n \"$prev\" ]; then mv $prev $p/ || exit 1; fi; prev=c$k; done; echo deep",
+        &[("cache", "/cache", false)],
+    );
+    let (_, out) = run(c.clone(), "pod", "deep", deep, 0).await.unwrap();
+    assert_eq!(out, "deep\n");
     // Freed with the cell; the links it held were not followed.
     c.cells()
         .free(pb::NameRef { name: "pod".into() })
         .await
         .unwrap();
+    for _ in 0..600 {
+        if std::fs::read_dir(&dirs).unwrap().count() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(!dirs.join("pod").exists(), "gone with the cell");
+    let left: Vec<_> = std::fs::read_dir(&dirs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("other")],
+        "removed in the background"
+    );
+    c.daemon().info(pb::InfoRequest {}).await.unwrap();
     assert!(Path::new("/etc/passwd").exists());
     c.cells()
         .free(pb::NameRef {
@@ -1125,6 +1162,12 @@ async fn cell_directories_are_shared_by_a_cells_containers_and_go_with_it() {
         })
         .await
         .unwrap();
-    assert!(!dirs.join("other").exists());
+    for _ in 0..100 {
+        if std::fs::read_dir(&dirs).unwrap().count() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_dir(&dirs).unwrap().count(), 0, "nothing left");
     assert_eq!(e.containers_left(), 0);
 }

@@ -354,8 +354,10 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
             readonly: true,
             ..Default::default()
         },
+        // The pod's emptyDir at a parent of the token's directory: mounted first, the
+        // token's below it (else the token would be hidden under it).
         cri::Mount {
-            container_path: "/cache".into(),
+            container_path: "/var/run".into(),
             host_path: cache.display().to_string(),
             ..Default::default()
         },
@@ -409,7 +411,11 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
     let out = exec_sync(
         &mut rt,
         &app,
-        &["sh", "-c", "stat -c %a /cache; echo from-app > /cache/a"],
+        &[
+            "sh",
+            "-c",
+            "stat -c %a /var/run; echo from-app > /var/run/a",
+        ],
     )
     .await
     .unwrap();
@@ -448,6 +454,26 @@ async fn cri_aurae_vm_sandboxes_are_spawned_instances() {
         std::fs::read_dir(&cache).unwrap().count(),
         0,
         "the node's emptyDir stays empty: the pod's is in its instance"
+    );
+    // A subPath of it (kubelet's bind below volume-subpaths) would be a copy of the
+    // node's, always empty: refused naming the mount.
+    let subpath = pods.join("uid-web/volume-subpaths/cache/reader/0");
+    std::fs::create_dir_all(&subpath).unwrap();
+    let mut mounted = container_config("sub", &e.image, Some("true"));
+    mounted.mounts = vec![cri::Mount {
+        host_path: subpath.display().to_string(),
+        container_path: "/out".to_owned(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let err = create_container(&mut rt, &sb, mounted, &good, &log_dir)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("config.mounts[0].host_path")
+            && err.message().contains("subPath"),
+        "{err:?}"
     );
     rt.stop_container(cri::StopContainerRequest {
         container_id: reader.clone(),

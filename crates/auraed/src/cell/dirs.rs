@@ -8,7 +8,9 @@
 //!
 //! `<root>` is auraed's (0700): a container sees only the directories mounted into it, never
 //! their parents, so nothing a workload writes can redirect where auraed creates, opens or
-//! removes (removal does not follow links: `std::fs::remove_dir_all`).
+//! removes. What a workload left is removed whatever its shape (see
+//! [`crate::workload::tree`]: links not followed, any depth), moved aside first so that a
+//! cell allocated again under the name starts with none, and off the caller's thread.
 
 use std::{
     os::fd::OwnedFd,
@@ -70,27 +72,61 @@ impl CellDirs {
             .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
             .count();
         if has >= MAX_PER_CELL {
-            return Err(std::io::Error::other(format!(
-                "the cell has {has} directories already (at most {MAX_PER_CELL})"
-            )));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::QuotaExceeded,
+                format!("the cell has {has} directories already (at most {MAX_PER_CELL})"),
+            ));
         }
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {
-                // (The mode after the umask; then what kubelet gives an emptyDir.)
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        // Made whole under a name of its own (its mode set: what kubelet gives an
+        // emptyDir), then put in place: a crash in between never leaves a 0700 one there.
+        let tmp = own.join(format!(".new-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777))
+            .and_then(|()| {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &tmp,
+                    rustix::fs::CWD,
+                    &dir,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(std::io::Error::from)
+            });
+        match placed {
+            Ok(()) => {}
+            // Made meanwhile by another container's start: that one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let _ = std::fs::remove_dir(&tmp);
             }
-            // Made meanwhile by another container's start: the same directory.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&tmp);
+                return Err(e);
+            }
         }
         open()
     }
 
-    /// Removes `cell`'s directories (and those of its children). Nothing there is fine.
+    /// Moves `cell`'s directories (and those of its children) aside at once (a cell
+    /// allocated again under the name finds none) and returns where they went, for
+    /// [`remove_tree`](crate::workload::tree::remove_tree) to remove off the caller's
+    /// thread; `None` when it had none.
+    pub fn take(&self, cell: &CellName) -> std::io::Result<Option<PathBuf>> {
+        let trash = self
+            .root
+            .join(format!(".gone-{}", uuid::Uuid::new_v4().simple()));
+        match std::fs::rename(self.of_cell(cell), &trash) {
+            Ok(()) => Ok(Some(trash)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`take`](Self::take) and remove now (a test's, or a caller's already off the
+    /// runtime's threads).
     pub fn remove(&self, cell: &CellName) -> std::io::Result<()> {
-        match std::fs::remove_dir_all(self.of_cell(cell)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        match self.take(cell)? {
+            Some(t) => crate::workload::tree::remove_tree(&t),
+            None => Ok(()),
         }
     }
 
@@ -119,7 +155,7 @@ impl CellDirs {
                     continue;
                 }
                 let gone = if is_dir {
-                    std::fs::remove_dir_all(e.path())
+                    crate::workload::tree::remove_tree(&e.path())
                 } else {
                     std::fs::remove_file(e.path())
                 };

@@ -259,6 +259,10 @@ pub(super) fn record_input_changes(exe: &Arc<Executable>, recorder: &Recorder) {
 /// What a restart found.
 #[derive(Debug, Default)]
 pub struct Readopted {
+    /// The records were read and acted on (a store and a cgroup tree were there): only
+    /// then may what they do not name be swept (else a start without its cgroup tree
+    /// would remove the directories of cells a later start serves again).
+    pub ran: bool,
     /// Cells served again (their names: the sweep leaves them alone).
     pub cells: BTreeSet<String>,
     /// The own groups of executables served again (`web/_exe.api`: the sweep leaves
@@ -282,6 +286,7 @@ impl Cells {
         let (Some(store), Ok(tree)) = (self.recorder.store().cloned(), self.tree()) else {
             return out;
         };
+        out.ran = true;
         let cells = store.load::<CellRecord>(kinds::CELL);
         let exes = store.load::<ExecutableRecord>(kinds::EXECUTABLE);
         out.warnings.extend(cells.quarantined);

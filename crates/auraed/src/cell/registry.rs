@@ -399,6 +399,9 @@ impl Cells {
                 Some(parent)
             }
         };
+        // A cell starts with no directories: whatever a free before left under the name
+        // (its removal failed, or a start racing it made one again) is not handed on.
+        self.discard_dirs(&spec.name);
         tree.create(&spec.name)?;
         let setup = (|| -> Result<(), WorkloadError> {
             for w in &writes {
@@ -740,6 +743,24 @@ impl Cells {
         Ok(cell)
     }
 
+    /// Moves the directories of cell `name` (see [`super::dirs`]) aside at once and
+    /// removes them on a blocking thread; failures are logged (a later start removes what
+    /// is left, as strays).
+    fn discard_dirs(&self, name: &CellName) {
+        match self.cell_dirs.take(name) {
+            Ok(None) => {}
+            Ok(Some(trash)) => {
+                let name = name.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = crate::workload::tree::remove_tree(&trash) {
+                        warn!(cell = %name, dir = %trash.display(), error = %e, "removing the cell's directories");
+                    }
+                });
+            }
+            Err(e) => warn!(cell = %name, error = %e, "moving the cell's directories aside"),
+        }
+    }
+
     /// Kills what is left of the cell and its children and removes them.
     pub async fn free(self: &Arc<Self>, name: &CellName) -> Result<(), WorkloadError> {
         let (me, name) = (self.clone(), name.clone());
@@ -789,10 +810,7 @@ impl Cells {
             }
             self.recorder.forget_cell(&n);
             let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
-            if let Err(e) = self.cell_dirs.remove(&n) {
-                // Freed all the same; a later start removes what is left.
-                warn!(cell = %n, error = %e, "removing the cell's directories");
-            }
+            self.discard_dirs(&n);
             self.events
                 .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
             info!(cell = %n, "cell freed");

@@ -195,10 +195,15 @@ impl Cells {
                             .enumerate()
                             .map(|(i, d)| {
                                 cell_dirs.open(&cell2.spec.name, &d.name).map_err(|e| {
-                                    WorkloadError::Precondition(format!(
+                                    let msg = format!(
                                         "container.cell_directories[{i}]: the cell's directory {:?}: {e}",
                                         d.name
-                                    ))
+                                    );
+                                    if e.kind() == std::io::ErrorKind::QuotaExceeded {
+                                        WorkloadError::Exhausted(msg)
+                                    } else {
+                                        WorkloadError::Precondition(msg)
+                                    }
                                 })
                             })
                             .collect::<Result<Vec<_>, _>>()?;

@@ -23,7 +23,7 @@ pub mod spec;
 pub use spec::ContainerSpec;
 
 use std::{
-    ffi::CString,
+    ffi::{CStr, CString},
     os::{
         fd::{AsFd, AsRawFd, OwnedFd},
         unix::ffi::OsStrExt,
@@ -443,7 +443,7 @@ impl Rootfs {
 
 impl Drop for Rootfs {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+        if let Err(e) = crate::workload::tree::remove_tree(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "removing a container's directories");
         }
     }
@@ -452,6 +452,25 @@ impl Drop for Rootfs {
 fn cstr(p: &Path) -> Result<CString, WorkloadError> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| WorkloadError::Precondition(format!("{} contains NUL", p.display())))
+}
+
+/// How many components a mount's target has (`/a/b`: 2).
+fn depth(target: &CStr) -> usize {
+    target
+        .to_bytes()
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .count()
+}
+
+/// The directories to make before a mount at `target` is attached: its parents, and
+/// itself unless it is a file.
+fn mount_points(target: &Path, file: bool) -> Result<Vec<CString>, WorkloadError> {
+    let dirs = match (file, target.parent()) {
+        (true, Some(parent)) => with_parents(parent),
+        _ => with_parents(target),
+    };
+    dirs.iter().map(|p| cstr(p)).collect()
 }
 
 /// `p` and its parents below `/`, parents first.
@@ -523,25 +542,9 @@ impl Args {
                 lower.len()
             )));
         }
+        // (Each mount's own mount points are made right before it is attached: see
+        // `VolumeMount::parents`.)
         let mut mkdirs: Vec<PathBuf> = RESERVED.iter().map(PathBuf::from).collect();
-        for v in &plan.volumes {
-            match (v.file, v.target.parent()) {
-                (true, Some(parent)) => mkdirs.extend(with_parents(parent)),
-                _ => mkdirs.extend(with_parents(&v.target)),
-            }
-        }
-        if plan.resolv_conf.is_some() {
-            mkdirs.push(PathBuf::from("/etc"));
-        }
-        for f in &plan.files {
-            match (!f.is_dir(), f.path.parent()) {
-                (true, Some(parent)) => mkdirs.extend(with_parents(parent)),
-                _ => mkdirs.extend(with_parents(&f.path)),
-            }
-        }
-        for d in &plan.cell_dirs {
-            mkdirs.extend(with_parents(&d.path));
-        }
         mkdirs.extend(with_parents(&plan.process.working_dir));
         let mut seen = std::collections::HashSet::new();
         mkdirs.retain(|p| seen.insert(p.clone()));
@@ -573,6 +576,7 @@ impl Args {
                 source: tree.as_raw_fd(),
                 target: c"/etc/resolv.conf".to_owned(),
                 file: true,
+                parents: mount_points(Path::new("/etc/resolv.conf"), true)?,
             });
             volume_trees.push(tree);
             volume_names.push("(its DNS settings) -> /etc/resolv.conf".to_owned());
@@ -604,6 +608,7 @@ impl Args {
                 source: tree.as_raw_fd(),
                 target: cstr(&f.path)?,
                 file: !f.is_dir(),
+                parents: mount_points(&f.path, !f.is_dir())?,
             });
             volume_trees.push(tree);
             volume_names.push(format!("(a file it was given) -> {}", f.path.display()));
@@ -620,6 +625,7 @@ impl Args {
                 source: tree.as_raw_fd(),
                 target: cstr(&d.path)?,
                 file: false,
+                parents: mount_points(&d.path, false)?,
             });
             volume_trees.push(tree);
             volume_names.push(format!(
@@ -640,10 +646,20 @@ impl Args {
                 source: tree.as_raw_fd(),
                 target: cstr(&v.target)?,
                 file: v.file,
+                parents: mount_points(&v.target, v.file)?,
             });
             volume_trees.push(tree);
             volume_names.push(format!("{} -> {}", v.sent.display(), v.target.display()));
         }
+        // Parents before what is below them, whatever their kind (as containerd sorts a
+        // container's mounts): an emptyDir at /var/run before a token directory at
+        // /var/run/secrets/…, which would be hidden under it otherwise. At one depth the
+        // order above holds (a volume at the same path goes over a file given there).
+        let mut order: Vec<usize> = (0..volumes.len()).collect();
+        order.sort_by_key(|&i| depth(&volumes[i].target));
+        let mut slots: Vec<Option<VolumeMount>> = volumes.into_iter().map(Some).collect();
+        let volumes: Vec<VolumeMount> = order.iter().filter_map(|&i| slots[i].take()).collect();
+        let volume_names: Vec<String> = order.iter().map(|&i| volume_names[i].clone()).collect();
         let strs = |v: &[&str]| {
             v.iter()
                 .map(|p| cstr(Path::new(p)))

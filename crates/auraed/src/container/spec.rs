@@ -42,13 +42,23 @@ pub struct CellDirSpec {
     pub read_only: bool,
 }
 
-/// [`pb::CellDirectory`]s checked: names are DNS labels, each named once; paths absolute,
-/// each used once.
+/// Most cell directories one container may name.
+pub const MAX_CELL_DIRS: usize = 16;
+
+/// [`pb::CellDirectory`]s checked: at most [`MAX_CELL_DIRS`]; names are DNS labels (one
+/// may be mounted at several paths, as a pod's volume may); paths absolute, each used once.
 pub fn parse_cell_dirs(
     field: &str,
     dirs: &[pb::CellDirectory],
 ) -> Result<Vec<CellDirSpec>, FieldError> {
+    if dirs.len() > MAX_CELL_DIRS {
+        return Err(FieldError::new(
+            format!("{field}.cell_directories"),
+            format!("more than {MAX_CELL_DIRS}"),
+        ));
+    }
     let mut out: Vec<CellDirSpec> = Vec::new();
+    let mut paths = std::collections::HashSet::new();
     for (i, d) in dirs.iter().enumerate() {
         let f = |x: &str| format!("{field}.cell_directories[{i}].{x}");
         if let Some(r) = crate::spec::label_reason(&d.name) {
@@ -58,13 +68,7 @@ pub fn parse_cell_dirs(
             ));
         }
         let path = abs_path(&f("path"), &d.path)?;
-        if out.iter().any(|o| o.name == d.name) {
-            return Err(FieldError::new(
-                f("name"),
-                format!("{:?} is named twice", d.name),
-            ));
-        }
-        if out.iter().any(|o| o.path == path) {
+        if !paths.insert(path.clone()) {
             return Err(FieldError::new(
                 f("path"),
                 format!("{} is used twice", path.display()),
@@ -406,8 +410,18 @@ mod tests {
                 }),
             )
         };
-        let ok = with(vec![("cache", "/cache"), ("scratch", "/var/tmp/s")]).unwrap();
-        assert_eq!(ok.cell_dirs.len(), 2);
+        let ok = with(vec![
+            ("cache", "/cache"),
+            ("scratch", "/var/tmp/s"),
+            ("cache", "/also/cache"),
+        ])
+        .unwrap();
+        assert_eq!(ok.cell_dirs.len(), 3);
+        let many: Vec<(String, String)> = (0..17)
+            .map(|i| (format!("d{i}"), format!("/d{i}")))
+            .collect();
+        let e = with(many.iter().map(|(n, p)| (n.as_str(), p.as_str())).collect()).unwrap_err();
+        assert_eq!(e.field, "container.cell_directories", "{e:?}");
         assert_eq!(ok.cell_dirs[1].path, std::path::Path::new("/var/tmp/s"));
         for (dirs, field) in [
             (vec![("", "/c")], "container.cell_directories[0].name"),
@@ -417,10 +431,6 @@ mod tests {
             (
                 vec![("c", "relative")],
                 "container.cell_directories[0].path",
-            ),
-            (
-                vec![("c", "/a"), ("c", "/b")],
-                "container.cell_directories[1].name",
             ),
             (
                 vec![("c", "/a"), ("d", "/a")],

@@ -1595,6 +1595,26 @@ fn empty_dir_name<'a>(host: &'a str, pod_uid: &str) -> Option<&'a str> {
     ok.then_some(name)
 }
 
+/// The volume name when `host` is kubelet's bind of a `subPath` of the pod `pod_uid`'s
+/// emptyDir (`…/pods/<uid>/volume-subpaths/<name>/<container>/<index>`, the emptyDir
+/// `…/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>` there on this machine).
+fn empty_dir_subpath(host: &str, pod_uid: &str) -> Option<String> {
+    let parts: Vec<&str> = host.split('/').collect();
+    let n = parts.len();
+    if n < 6
+        || parts[n - 6] != "pods"
+        || parts[n - 5] != pod_uid
+        || parts[n - 4] != "volume-subpaths"
+    {
+        return None;
+    }
+    let name = parts[n - 3];
+    let pod = parts[..n - 4].join("/");
+    Path::new(&format!("{pod}/volumes/kubernetes.io~empty-dir/{name}"))
+        .is_dir()
+        .then(|| name.to_owned())
+}
+
 /// The mounts of a container of an `aurae-vm` sandbox as files for its instance
 /// (`Container.files`), read from the volumes its plan opened; one too large, or a
 /// writable directory, is refused naming its mount.
@@ -1934,6 +1954,18 @@ impl RuntimeService for CriRuntime {
             // pod's cell there. Another writable directory (a hostPath) would be a copy of
             // its own in each container, its writes never reaching this machine: refused.
             for (i, (host, _, ro)) in run.volumes.iter().enumerate() {
+                if let Some(name) = empty_dir_subpath(host, &sb.uid) {
+                    // Its copy would be of the node's emptyDir, which stays empty: the
+                    // pod's is in the instance.
+                    return Err(invalid(
+                        &format!("config.mounts[{i}].host_path"),
+                        format!(
+                            "a subPath of the pod's emptyDir {name:?} cannot be mounted in an \
+                             {VM_HANDLER:?} sandbox (its emptyDir lives in the instance): mount \
+                             the whole volume"
+                        ),
+                    ));
+                }
                 if !ro && Path::new(host).is_dir() && empty_dir_name(host, &sb.uid).is_none() {
                     return Err(invalid(
                         &format!("config.mounts[{i}].readonly"),
@@ -2669,6 +2701,18 @@ mod tests {
             let pod = if why == "another pod's" { "other" } else { uid };
             assert_eq!(empty_dir_name(&host, pod), None, "{why}: {host}");
         }
+        // A subPath of the pod's emptyDir (there on this machine) is known as one; of
+        // another volume, or another pod's, it is not.
+        let tmp = tempfile::tempdir().unwrap();
+        let pod = tmp.path().join(format!("pods/{uid}"));
+        std::fs::create_dir_all(pod.join("volumes/kubernetes.io~empty-dir/cache")).unwrap();
+        let sub = |vol: &str| format!("{}/volume-subpaths/{vol}/web/0", pod.display());
+        assert_eq!(
+            empty_dir_subpath(&sub("cache"), uid).as_deref(),
+            Some("cache")
+        );
+        assert_eq!(empty_dir_subpath(&sub("config"), uid), None);
+        assert_eq!(empty_dir_subpath(&sub("cache"), "other"), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod process;
 pub mod record;
 pub mod spawner;
 pub mod supervise;
+pub mod tree;
 
 pub use error::WorkloadError;
 
