@@ -265,22 +265,90 @@ fn open_dir_nofollow(path: &CStr) -> libc::c_int {
     }
 }
 
-/// The mount point of a file volume: an existing regular file or a new empty one (0644),
-/// never a symlink (`O_NOFOLLOW`), FIFO, socket or device (non-blocking open, then
-/// `fstat`). Returns a close-on-exec fd or -1 (errno set).
-fn open_file_target(path: &CStr) -> libc::c_int {
-    // SAFETY: open(2) on a NUL-terminated path and fstat(2) into a stack struct; the fd is
+/// Opens `path` (absolute, a path in the container) from the container's root `root`:
+/// symlinks are followed only inside the root (`RESOLVE_IN_ROOT`: an absolute one is read
+/// from the root) and never through a magic link (`RESOLVE_NO_MAGICLINKS`:
+/// `/proc/<pid>/root` or `/proc/self/fd/N` would reach the host's tree, or a directory of
+/// auraed's). Returns a close-on-exec fd or -1 (errno set).
+///
+/// # Safety
+/// In the child between clone and exec: a raw syscall on a stack struct.
+unsafe fn open_in_root(
+    root: libc::c_int,
+    path: &CStr,
+    flags: libc::c_int,
+    mode: u64,
+) -> libc::c_int {
+    let how = OpenHow {
+        flags: u64::try_from(flags | libc::O_CLOEXEC).unwrap_or(0),
+        mode,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 with a NUL-terminated path and an open_how of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            path.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    libc::c_int::try_from(fd).unwrap_or(-1)
+}
+
+/// Makes the missing ones of `dirs` (absolute, each the previous one's child, parents
+/// first), each with `mkdirat` in its parent as resolved from `root` (see
+/// [`open_in_root`]): nothing is made outside the container's root, whatever symlinks
+/// its image or a directory shared with another container holds.
+///
+/// # Safety
+/// In the child between clone and exec, after the pivot: raw syscalls on its own fds.
+unsafe fn make_dirs_in_root(root: libc::c_int, dirs: &[CString]) -> bool {
+    const DIR: libc::c_int = libc::O_PATH | libc::O_DIRECTORY;
+    let mut parent = -1;
+    // SAFETY: see the function's contract; `name` points into `d`'s own NUL-terminated
+    // buffer, after its last '/'.
+    unsafe {
+        for d in dirs {
+            let mut fd = open_in_root(root, d, DIR, 0);
+            if fd < 0 && errno_is(libc::ENOENT) {
+                let bytes = d.to_bytes();
+                let slash = bytes.iter().rposition(|b| *b == b'/').unwrap_or(0);
+                let name = d.as_ptr().add(slash + 1);
+                let at = if parent < 0 { root } else { parent };
+                if libc::mkdirat(at, name, 0o755) == 0 || errno_is(libc::EEXIST) {
+                    fd = open_in_root(root, d, DIR, 0);
+                }
+            }
+            if parent >= 0 {
+                libc::close(parent);
+            }
+            if fd < 0 {
+                return false;
+            }
+            parent = fd;
+        }
+        if parent >= 0 {
+            libc::close(parent);
+        }
+    }
+    true
+}
+
+/// The mount point of a file volume, from the container's root `root` (see
+/// [`open_in_root`]): an existing regular file or a new empty one (0644), never a symlink
+/// (`O_NOFOLLOW`), FIFO, socket or device (non-blocking open, then `fstat`). Returns a
+/// close-on-exec fd or -1 (errno set).
+fn open_file_target(root: libc::c_int, path: &CStr) -> libc::c_int {
+    // SAFETY: openat2 on a NUL-terminated path and fstat(2) into a stack struct; the fd is
     // closed here on refusal, else by the caller.
     unsafe {
-        let fd = libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY
-                | libc::O_CREAT
-                | libc::O_NOFOLLOW
-                | libc::O_NONBLOCK
-                | libc::O_NOCTTY
-                | libc::O_CLOEXEC,
-            0o644 as libc::c_uint,
+        let fd = open_in_root(
+            root,
+            path,
+            libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+            0o644,
         );
         if fd < 0 {
             return fd;
@@ -418,18 +486,31 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
         {
             return Err(step(9));
         }
+        // Mount points are made and opened from the new root only (see `open_in_root`):
+        // /proc is mounted by now, and a symlink to /proc/1/root/… (in the image, or left
+        // in a directory shared with another container) would otherwise reach the host.
+        let root = libc::open(
+            c"/".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if root < 0 {
+            return Err(step(10));
+        }
         for (i, v) in c.volumes.iter().enumerate() {
-            for p in &v.parents {
-                if libc::mkdir(p.as_ptr(), 0o755) < 0 && !errno_is(libc::EEXIST) {
-                    return Err(at(10, i));
-                }
-            }
-            let target = if v.file {
-                open_file_target(&v.target)
+            let target = if !make_dirs_in_root(root, &v.parents) {
+                -1
+            } else if v.file {
+                open_file_target(root, &v.target)
             } else {
-                open_dir_nofollow(&v.target)
+                open_in_root(
+                    root,
+                    &v.target,
+                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY,
+                    0,
+                )
             };
             if target < 0 {
+                libc::close(root);
                 return Err(at(10, i));
             }
             let r = libc::syscall(
@@ -444,9 +525,11 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
             // Our copy of the fd table (no CLONE_FILES): auraed's stays open.
             libc::close(v.source);
             if r < 0 {
+                libc::close(root);
                 return Err(at(10, i));
             }
         }
+        libc::close(root);
         for (i, p) in c.masked.iter().enumerate() {
             mask(p).map_err(|()| at(11, i))?;
         }

@@ -452,6 +452,8 @@ fn spawn_here(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
     }
+    // (Whatever the child's id change did to the dumpable flag of our memory, undone.)
+    let _ = forbid_dumps();
     // (The child is done with `stack`: it has exec'd or exited.)
     let _ = &stack;
     if pid < 0 {
@@ -670,6 +672,9 @@ unsafe fn child(
         {
             fail(err_w, 7);
         }
+        // A change of ids sets the memory's dumpable flag to `fs.suid_dumpable` (2 where a
+        // core-dump collector runs): the memory is auraed's, so not dumpable again at once.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         // Trust nothing: the kernel must report exactly the requested ids.
         if !credentials_are(req.uid, req.gid) {
             *libc::__errno_location() = libc::EPERM;

@@ -1079,6 +1079,42 @@ async fn cell_directories_are_shared_by_a_cells_containers_and_go_with_it() {
     );
     let (code2, out) = run(e.c.clone(), "pod", "reader", reader, 0).await.unwrap();
     assert_eq!((code2, out.as_str()), (Some(0), "two\nrefused\n"));
+    // A link to the host (through /proc: the cell init's root is the host's) left in the
+    // shared directory by one container: a later container's mount below it is refused,
+    // and nothing is made on the host (mount points are made from the container's root,
+    // never through a magic link).
+    let planter = with(
+        "ln -s /proc/1/root/tmp /cache/host && echo planted",
+        &[("cache", "/cache", false)],
+    );
+    let (_, out) = run(e.c.clone(), "pod", "planter", planter, 0)
+        .await
+        .unwrap();
+    assert_eq!(out, "planted\n");
+    let marker = format!("aurae-escape-{}", std::process::id());
+    for (path, what) in [
+        (format!("/cache/host/{marker}/f"), "a directory"),
+        (format!("/cache/host/{marker}.file"), "a file"),
+    ] {
+        let mut victim = with("true", &[("cache", "/cache", false)]);
+        victim.files = vec![pb::ContainerFile {
+            path: path.clone(),
+            content: b"x".to_vec(),
+            read_only: true,
+            ..Default::default()
+        }];
+        let err = run(e.c.clone(), "pod", "victim", victim, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {err:?}");
+        assert!(err.message().contains(&path), "{what}: {err:?}");
+        for made in [format!("/tmp/{marker}"), format!("/tmp/{marker}.file")] {
+            assert!(
+                !Path::new(&made).exists(),
+                "{what}: {made} made on the host"
+            );
+        }
+    }
     // Another cell's directory of the same name is its own.
     let other = with("ls -A /cache | wc -l", &[("cache", "/cache", false)]);
     let (_, out) = run(e.c.clone(), "other", "x", other, 0).await.unwrap();
