@@ -825,6 +825,29 @@ mod tests {
     use super::*;
     use crate::pidfd::ExitStatus;
 
+    /// A plain request: `program` with `argv`, stdio on `stdio`, nothing else asked.
+    fn request<'a>(program: &'a CStr, argv: &'a [CString], stdio: [RawFd; 3]) -> SpawnRequest<'a> {
+        SpawnRequest {
+            program: Program::Path(program),
+            argv,
+            envp: &[],
+            cwd: None,
+            uid: None,
+            gid: None,
+            no_new_privs: false,
+            stdio,
+            controlling_terminal: false,
+            pass_fd: None,
+            cgroup: None,
+            new_namespaces: Namespaces::default(),
+            pid_namespace_of: None,
+            join: None,
+            unshare: Namespaces::default(),
+            container: None,
+            console: None,
+        }
+    }
+
     /// Runs `argv` (stdio on /dev/null) as `uid`/`gid`, and waits.
     fn spawn_wait(
         argv: &[&str],
@@ -837,23 +860,11 @@ mod tests {
         let devnull = std::fs::File::open("/dev/null").unwrap();
         let fd = devnull.as_raw_fd();
         let req = SpawnRequest {
-            program: Program::Path(&argv[0]),
-            argv: &argv,
-            envp: &[],
             cwd,
             uid,
             gid,
             no_new_privs,
-            stdio: [fd, fd, fd],
-            controlling_terminal: false,
-            pass_fd: None,
-            cgroup: None,
-            new_namespaces: Namespaces::default(),
-            pid_namespace_of: None,
-            join: None,
-            unshare: Namespaces::default(),
-            container: None,
-            console: None,
+            ..request(&argv[0], &argv, [fd, fd, fd])
         };
         let (_, pidfd) = spawn(&req)?;
         Ok(pidfd.wait_blocking().unwrap())
@@ -899,25 +910,12 @@ mod tests {
                 .map(|a| CString::new(*a).unwrap())
                 .collect();
             let missing = [CString::new("/nonexistent/program").unwrap()];
-            let req = SpawnRequest {
-                program: Program::Path(if i == 7 { &missing[0] } else { &argv[0] }),
-                argv: &argv,
-                envp: &[],
-                cwd: None,
-                uid: None,
-                gid: None,
-                no_new_privs: false,
-                stdio: [devnull.as_raw_fd(), w.as_raw_fd(), devnull.as_raw_fd()],
-                controlling_terminal: false,
-                pass_fd: None,
-                cgroup: None,
-                new_namespaces: Namespaces::default(),
-                pid_namespace_of: None,
-                join: None,
-                unshare: Namespaces::default(),
-                container: None,
-                console: None,
-            };
+            let program = if i == 7 { &missing[0] } else { &argv[0] };
+            let req = request(
+                program,
+                &argv,
+                [devnull.as_raw_fd(), w.as_raw_fd(), devnull.as_raw_fd()],
+            );
             let spawned = spawn(&req);
             drop(w);
             if i == 7 {

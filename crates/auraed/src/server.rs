@@ -993,7 +993,7 @@ async fn wire_workloads(
         (tree.clone(), reaper.clone(), sealed.clone());
     let (tree_for_instances, reaper_for_instances, sealed_for_instances) =
         (tree.clone(), reaper.clone(), sealed.clone());
-    let containers = containers_dir(&cfg.state_dir)?;
+    let containers = private_dir(&cfg.state_dir, "containers")?;
     let cell_dirs = crate::cell::dirs::CellDirs::new(private_dir(&cfg.state_dir, "cell-dirs")?);
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
@@ -1241,13 +1241,9 @@ fn remove_stray_logs(dir: &std::path::Path, kept: &dyn Fn(&str) -> bool) -> Vec<
     warnings
 }
 
-/// `<state>/containers` (0700: upper directories hold the containers' files); what no
-/// re-adopted container uses is removed after re-adoption ([`remove_stray_containers`]).
-fn containers_dir(state: &std::path::Path) -> anyhow::Result<PathBuf> {
-    private_dir(state, "containers")
-}
-
-/// `<state>/<name>`, made 0700 if missing.
+/// `<state>/<name>`, made 0700 if missing: `containers` (upper directories hold the
+/// containers' files; what no re-adopted container uses is removed after re-adoption,
+/// [`remove_stray_containers`]) and `cell-dirs` (see [`crate::cell::dirs`]).
 fn private_dir(state: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = state.join(name);

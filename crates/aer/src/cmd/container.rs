@@ -99,13 +99,19 @@ impl ContainerArgs {
     }
 }
 
+/// `SOURCE:CONTAINER`, `SOURCE:CONTAINER:ro` or `SOURCE:CONTAINER:rw` as given to `flag`
+/// (`use` names the form in the error): the source, the container path, read-only.
+fn mount_arg<'a>(flag: &str, form: &str, v: &'a str) -> anyhow::Result<(&'a str, &'a str, bool)> {
+    match v.split(':').collect::<Vec<_>>().as_slice() {
+        [s, c] | [s, c, "rw"] => Ok((s, c, false)),
+        [s, c, "ro"] => Ok((s, c, true)),
+        _ => Err(anyhow!("{flag} {v}: use {form}")),
+    }
+}
+
 /// `NAME:CONTAINER`, `NAME:CONTAINER:ro` or `NAME:CONTAINER:rw`.
 fn cell_dir(v: &str) -> anyhow::Result<pb::CellDirectory> {
-    let (name, path, read_only) = match v.split(':').collect::<Vec<_>>().as_slice() {
-        [n, c] | [n, c, "rw"] => (*n, *c, false),
-        [n, c, "ro"] => (*n, *c, true),
-        _ => return Err(anyhow!("--cell-dir {v}: use NAME:CONTAINER[:ro]")),
-    };
+    let (name, path, read_only) = mount_arg("--cell-dir", "NAME:CONTAINER[:ro]", v)?;
     Ok(pb::CellDirectory {
         name: name.to_owned(),
         path: path.to_owned(),
@@ -115,11 +121,7 @@ fn cell_dir(v: &str) -> anyhow::Result<pb::CellDirectory> {
 
 /// `HOST:CONTAINER`, `HOST:CONTAINER:ro` or `HOST:CONTAINER:rw`.
 fn volume(v: &str) -> anyhow::Result<pb::Volume> {
-    let (host, container, read_only) = match v.split(':').collect::<Vec<_>>().as_slice() {
-        [h, c] | [h, c, "rw"] => (*h, *c, false),
-        [h, c, "ro"] => (*h, *c, true),
-        _ => return Err(anyhow!("--volume {v}: use HOST:CONTAINER[:ro]")),
-    };
+    let (host, container, read_only) = mount_arg("--volume", "HOST:CONTAINER[:ro]", v)?;
     Ok(pb::Volume {
         host_path: host.to_owned(),
         container_path: container.to_owned(),
