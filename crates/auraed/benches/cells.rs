@@ -339,10 +339,12 @@ async fn run() {
         .unwrap();
     let (mut aurae, mut fork) = (Vec::new(), Vec::new());
     let (mut one1, mut fails1) = (Vec::new(), 0);
+    let mut split1: [Vec<Duration>; 2] = Default::default();
     let mut fails = (0, 0);
     for i in 0..rounds + warm {
         let name = format!("t{i}");
         let t = Instant::now();
+        let mut started = Duration::ZERO;
         let ok = async {
             c.runtime()
                 .run_executable(pb::Executable {
@@ -352,6 +354,7 @@ async fn run() {
                     ..Default::default()
                 })
                 .await?;
+            started = t.elapsed();
             c.executables()
                 .wait(pb::WaitExecutableRequest {
                     executable: Some(pb::ExecutableRef {
@@ -394,6 +397,8 @@ async fn run() {
             .await;
         if i >= warm {
             aurae.push(dt);
+            split1[0].push(started);
+            split1[1].push(dt.saturating_sub(started));
             one1.push(dt1);
             fails1 += usize::from(!ok1);
             fork.push(df);
@@ -403,6 +408,9 @@ async fn run() {
     }
     println!("B1: run /bin/true in an existing cell");
     let a = report("  aurae RunExecutable+Wait", &aurae, fails.0);
+    for (p, what) in split1.iter().zip(["RunExecutable", "Wait"]) {
+        report(&format!("    of which {what}"), p, 0);
+    }
     let f = report("  fork+exec+wait (harness floor)", &fork, fails.1);
     println!("  ratio aurae/fork = {:.2} (target <= 2)", a / f);
     let o = report("  aurae one call (run wait+remove)", &one1, fails1);

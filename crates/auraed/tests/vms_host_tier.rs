@@ -229,6 +229,17 @@ async fn a_vm_runs_jailed_reports_and_stops() {
     );
     let ts = threads(pid);
     println!("VMM threads: {ts:?}");
+    // The VMM's memory (a figure, printed): its binary's pages (a sealed copy of auraed:
+    // shmem), the shared libraries (file) and its own (anon).
+    let mem: Vec<&str> = status
+        .lines()
+        .filter(|l| {
+            ["VmRSS:", "RssAnon:", "RssFile:", "RssShmem:", "VmPTE:"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect();
+    println!("VMM memory: {}", mem.join(", ").replace('\t', " "));
     assert!(
         ts.iter().filter(|(n, _)| n.starts_with("vcpu")).count() == 2,
         "{ts:?}"

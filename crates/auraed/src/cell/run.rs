@@ -173,7 +173,7 @@ impl Cells {
             });
         let t_spawn = Instant::now();
         let tree_after = tree.clone();
-        let (prepared, child, rootfs) = tokio::task::spawn_blocking(move || {
+        let (prepared, child, rootfs) = crate::workload::off_runtime(move || {
             let mut rootfs = None;
             let r = (|| {
                 let t = Instant::now();
@@ -266,9 +266,7 @@ impl Cells {
                 let _ = tree.remove(group);
             }
             (prepared, r, rootfs)
-        })
-        .await
-        .map_err(|e| WorkloadError::Precondition(format!("spawn task: {e}")))?;
+        });
         // On failure `rootfs` is dropped here, and its directories with it.
         let child = child?;
         let mut prepared = prepared;

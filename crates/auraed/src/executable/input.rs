@@ -134,8 +134,7 @@ impl Input {
         drop(fd);
         self.changed();
         if let Some((holder, number, id)) = held
-            && let Err(e) =
-                crate::workload::holder::off_runtime(|| holder.release(&[number], &[id]))
+            && let Err(e) = crate::workload::off_runtime(|| holder.release(&[number], &[id]))
         {
             tracing::warn!("the holder did not let go of a closed stdin: {e}");
         }

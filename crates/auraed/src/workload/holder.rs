@@ -32,6 +32,7 @@
 //! On end of stream (auraed died) the holder keeps everything it holds and sleeps until it
 //! is killed; holding nothing, it exits.
 
+use super::off_runtime;
 use std::{
     collections::BTreeSet,
     io::{self, Write},
@@ -170,15 +171,6 @@ impl HeldOutput {
                 _ => None,
             },
         )
-    }
-}
-
-/// Runs a blocking holder call from async code without stalling the runtime's other
-/// tasks (`block_in_place` on a multi-threaded runtime; directly elsewhere).
-pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 
