@@ -5,9 +5,9 @@
 //! `RELA` entries they are a 600 KiB table the loader reads at every start, and those
 //! pages stay resident in every process that runs the binary — auraed, its output holder,
 //! every VMM (where they were an eighth of its memory overhead). As `RELR` they are a few
-//! KiB. Needs glibc ≥ 2.36 to run (Debian 12 has it) and binutils ≥ 2.38 to link; the
-//! flag is probed with the C compiler that links Rust binaries here, and left out (with a
-//! warning) where it does not link.
+//! KiB. Needs glibc ≥ 2.36 to run (Debian 12 has it) and a linker that knows the flag;
+//! probed with the C compiler (a program linked with it must run here), and left out,
+//! with a warning, where it does not link or run, and in cross builds.
 
 use std::{env, path::PathBuf, process::Command};
 
@@ -15,8 +15,11 @@ const FLAG: &str = "-Wl,-z,pack-relative-relocs";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=CC");
     let target = env::var("TARGET").unwrap_or_default();
-    if !(target.contains("linux") && target.ends_with("-gnu")) {
+    // A cross build's linker and C library are not the ones the probe could check.
+    let native = env::var("HOST").ok().as_deref() == Some(target.as_str());
+    if !(native && target.contains("linux") && target.ends_with("-gnu")) {
         return;
     }
     if links_with_relr() {
@@ -28,8 +31,8 @@ fn main() {
     }
 }
 
-/// Whether `cc` links a program with the flag and the result runs (the loader knows
-/// `DT_RELR`).
+/// Whether `cc` links a program with the flag (an older GNU ld only warns that it ignores
+/// it: warnings are made fatal) and the result runs (the loader knows `DT_RELR`).
 fn links_with_relr() -> bool {
     let Some(out) = env::var_os("OUT_DIR").map(PathBuf::from) else {
         return false;
@@ -46,12 +49,10 @@ fn links_with_relr() -> bool {
     }
     let cc = env::var("CC").unwrap_or_else(|_| "cc".into());
     let linked = Command::new(&cc)
-        .args(["-fPIE", "-pie", FLAG, "-o"])
+        .args(["-fPIE", "-pie", FLAG, "-Wl,--fatal-warnings", "-o"])
         .arg(&bin)
         .arg(&src)
         .status()
         .is_ok_and(|s| s.success());
-    // Cross builds cannot run the probe; trust the link there.
-    let native = env::var("HOST").ok() == env::var("TARGET").ok();
-    linked && (!native || Command::new(&bin).status().is_ok_and(|s| s.success()))
+    linked && Command::new(&bin).status().is_ok_and(|s| s.success())
 }

@@ -355,15 +355,18 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
         return spawn_here(req);
     };
     std::thread::scope(|s| {
-        let helper = s.spawn(|| {
-            // SAFETY: setns on a pidfd we were given, with CLONE_NEWPID only: it changes
-            // this helper thread's pid_ns_for_children and nothing else; the thread ends
-            // right after the clone.
-            if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
-                return Err(SpawnError::Setup(io::Error::last_os_error()));
-            }
-            spawn_here(req)
-        });
+        // A thread that cannot be made (pids.max, RLIMIT_NPROC) is an error, not a panic.
+        let helper = std::thread::Builder::new()
+            .spawn_scoped(s, || {
+                // SAFETY: setns on a pidfd we were given, with CLONE_NEWPID only: it
+                // changes this helper thread's pid_ns_for_children and nothing else; the
+                // thread ends right after the clone.
+                if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
+                    return Err(SpawnError::Setup(io::Error::last_os_error()));
+                }
+                spawn_here(req)
+            })
+            .map_err(SpawnError::Setup)?;
         helper.join().unwrap_or_else(|_| {
             Err(SpawnError::Setup(io::Error::other(
                 "spawn helper thread panicked",

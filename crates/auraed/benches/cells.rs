@@ -397,8 +397,10 @@ async fn run() {
             .await;
         if i >= warm {
             aurae.push(dt);
-            split1[0].push(started);
-            split1[1].push(dt.saturating_sub(started));
+            if ok {
+                split1[0].push(started);
+                split1[1].push(dt.saturating_sub(started));
+            }
             one1.push(dt1);
             fails1 += usize::from(!ok1);
             fork.push(df);

@@ -25,12 +25,12 @@ pub mod tree;
 pub use error::WorkloadError;
 
 /// Runs a short blocking step (a call to the output holder, a spawn: the calling thread
-/// waits for the child's exec) from async code without stalling the runtime's other tasks
-/// and without waiting for another thread on the way in or out: on a multi-thread runtime
-/// the worker hands its other tasks to another thread and runs `f` itself
+/// waits until the child has exec'd) from async code without stalling the runtime's other
+/// tasks and without waiting for another thread on the way in or out: on a multi-thread
+/// runtime the worker hands its other tasks to another thread and runs `f` itself
 /// (`block_in_place`); elsewhere (a current-thread runtime: unit tests) directly. Not for
-/// steps that may block for long (waiting on a child's report): those take
-/// `spawn_blocking`. Measured on `RunExecutable`'s spawn: the round trip through the
+/// steps that wait on something else for long (a cell init's set-up report, bounded by a
+/// timeout of seconds): those take `spawn_blocking`. Measured on `RunExecutable`'s spawn: the round trip through the
 /// blocking pool was ~0.5 ms of a ~1.9 ms call on a busy two-CPU machine (two
 /// cross-thread wake-ups on the call's path).
 pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
