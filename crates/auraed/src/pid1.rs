@@ -348,15 +348,39 @@ pub fn prepare() -> Boot {
         }
     }
 
+    // What needs nothing a restore hands over comes first: an instance template has
+    // done it before its snapshot.
+    // cgroup v2: every controller for the children of the root; auraed in its own leaf.
+    match crate::workload::cgroup::settle_in(Path::new("/sys/fs/cgroup")) {
+        Ok(mut warnings) => w.append(&mut warnings),
+        Err(_) => w.push("no cgroup v2 at /sys/fs/cgroup: cells are unavailable".into()),
+    }
+    if let Err(e) = aurae_sys::net::set_link_up("lo") {
+        w.push(format!("lo: {e}"));
+    }
+    // This machine routes for its VMs and instances (they sit behind its bridge).
+    for (path, what) in [
+        ("/proc/sys/net/ipv4/ip_forward", "IPv4 forwarding"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6 forwarding"),
+    ] {
+        if let Err(e) = fs::write(path, "1") {
+            w.push(format!("{what}: {e}"));
+        }
+    }
+
     // An instance template: waits here for the handover a restore puts on its drive (the
     // snapshot is taken while it waits), becomes unique, and boots on with the
     // parameters it was handed. Without an identity it cannot serve: it powers off.
+    let mut restored = None;
     if params
         .iter()
         .any(|(k, _)| k == crate::instance::template::TEMPLATE_PARAM)
     {
         match become_instance(&mut w) {
-            Ok(more) => params.extend(cmdline_params(&more)),
+            Ok((more, times)) => {
+                params.extend(cmdline_params(&more));
+                restored = Some(times);
+            }
             Err(e) => power_off(false, &format!("instance template: {e}")),
         }
     }
@@ -367,20 +391,11 @@ pub fn prepare() -> Boot {
             .map(|(_, v)| v.clone())
     };
 
-    // cgroup v2: every controller for the children of the root; auraed in its own leaf.
-    match crate::workload::cgroup::settle_in(Path::new("/sys/fs/cgroup")) {
-        Ok(mut warnings) => w.append(&mut warnings),
-        Err(_) => w.push("no cgroup v2 at /sys/fs/cgroup: cells are unavailable".into()),
-    }
-
     let hostname = get("aurae.hostname").unwrap_or_else(|| "aurae".into());
     if let Err(e) = nix::unistd::sethostname(&hostname) {
         w.push(format!("hostname {hostname:?}: {e}"));
     }
 
-    if let Err(e) = aurae_sys::net::set_link_up("lo") {
-        w.push(format!("lo: {e}"));
-    }
     let (addrs, mut net_warnings) = network_config(&params);
     w.append(&mut net_warnings);
     for a in addrs {
@@ -418,15 +433,6 @@ pub fn prepare() -> Boot {
             Err(_) => w.push(format!("aurae.gw6={gw6}: not an IPv6 address")),
         }
     }
-    // This machine routes for its VMs and instances (they sit behind its bridge).
-    for (path, what) in [
-        ("/proc/sys/net/ipv4/ip_forward", "IPv4 forwarding"),
-        ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6 forwarding"),
-    ] {
-        if let Err(e) = fs::write(path, "1") {
-            w.push(format!("{what}: {e}"));
-        }
-    }
     // A spawned instance: its place (parent, depth, renewal endpoint) and policy.
     let place = Path::new(crate::instance::handover::PLACE_FILE);
     let (lineage, bridge_gateway) = if place.exists() {
@@ -458,6 +464,18 @@ pub fn prepare() -> Boot {
     for warning in &w {
         tracing::warn!("pid1: {warning}");
     }
+    // Where a restored template's time goes before auraed starts (whole milliseconds:
+    // every byte on a microVM's serial console costs an exit).
+    if let Some(read) = restored {
+        tracing::info!(
+            handover_ms = read
+                .applied
+                .saturating_duration_since(read.read)
+                .as_millis() as u64,
+            then_ms = read.applied.elapsed().as_millis() as u64,
+            "pid1: restored from an instance template"
+        );
+    }
     Boot {
         hostname,
         listen,
@@ -470,7 +488,7 @@ pub fn prepare() -> Boot {
 
 /// A template's wait for its handover drive (the device node appears shortly after
 /// virtio_blk loads), then what it was handed applied.
-fn become_instance(w: &mut Vec<String>) -> Result<String, String> {
+fn become_instance(w: &mut Vec<String>) -> Result<(String, RestoreTimes), String> {
     use crate::instance::template;
     let dev = Path::new(template::DRIVE_DEVICE);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -485,7 +503,22 @@ fn become_instance(w: &mut Vec<String>) -> Result<String, String> {
         w.push(format!("the sealed copy of auraed, made ahead: {e}"));
     }
     let handed = template::wait_for_handover(dev)?;
-    template::apply(&handed, w)
+    let read = Instant::now();
+    let more = template::apply(&handed, w)?;
+    Ok((
+        more,
+        RestoreTimes {
+            read,
+            applied: Instant::now(),
+        },
+    ))
+}
+
+/// When a restored template had read its handover, and when it had applied it.
+#[derive(Debug, Clone, Copy)]
+struct RestoreTimes {
+    read: Instant,
+    applied: Instant,
 }
 
 /// Waits (by short polling, with a deadline) for the device, then sets the address.

@@ -20,7 +20,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -235,6 +235,10 @@ fn open_cgroups(root: Option<&Path>) -> Result<Arc<crate::workload::cgroup::FsTr
 /// Runs auraed's API until SIGTERM/SIGINT or a Shutdown RPC, then shuts down in order.
 /// Returns whether a reboot (rather than a power-off) was asked for.
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
+    // Where the start's time goes, said when auraed serves (a spawned instance's readiness
+    // waits on all of it).
+    let t0 = Instant::now();
+    let ms = |t: Instant| t.saturating_duration_since(t0).as_millis() as u64;
     // Keys live in this memory, and every process it starts runs in it until its exec.
     if let Err(e) = aurae_sys::spawn::forbid_dumps() {
         warn!(error = %e, "could not make auraed not dumpable (PR_SET_DUMPABLE)");
@@ -260,7 +264,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     ));
     let policy = policy.with_instance_signer(identity.signer_id.clone());
     let started_at = SystemTime::now();
+    let identity_done = Instant::now();
     let (store, boot, read_only) = open_state(&cfg, started_at)?;
+    let state_done = Instant::now();
 
     api::prepare_socket(&cfg.socket, "--socket")?;
     let unix = UnixListener::bind(&cfg.socket)
@@ -300,6 +306,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         identity.clone(),
     )
     .await?;
+    let workloads_done = Instant::now();
     if let Some(l) = cfg.lineage.clone() {
         tokio::spawn(crate::instance::renew::renew_loop(identity.clone(), l));
     }
@@ -400,6 +407,10 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         max_connections_per_identity = cfg.max_connections_per_identity,
         fd_limit = ?fd_limit,
         boots = boot.boots,
+        start_ms = ms(Instant::now()),
+        identity_ms = ms(identity_done),
+        state_ms = ms(state_done).saturating_sub(ms(identity_done)),
+        workloads_ms = ms(workloads_done).saturating_sub(ms(state_done)),
         "auraed is serving"
     );
 

@@ -42,6 +42,10 @@ const RETRY: Duration = Duration::from_secs(5);
 /// with six namespaces, an exec, the set-up) costs as much CPU as the fresh init it
 /// saves, and must not compete with the cells of a burst that is still starting.
 const REFILL_IDLE: Duration = Duration::from_millis(25);
+/// The first spare is made this long after the pool starts (when auraed serves): the
+/// first calls — a parent's health check of a spawned instance, the first cells — are
+/// answered before making spares competes with them (an instance has one vCPU).
+const FIRST_FILL_AFTER: Duration = Duration::from_millis(500);
 /// The most spare inits a pool may keep.
 pub const MAX_POOL: usize = 64;
 /// Spare inits kept by default where moving a process between cgroups is cheap (see
@@ -306,11 +310,13 @@ impl Cells {
     }
 }
 
-/// The pool's background task: makes spares until there are `size` (once cells stopped
-/// taking them for [`REFILL_IDLE`]), then sleeps until one is taken. Failures are warned about once per streak and retried every [`RETRY`].
+/// The pool's background task: from [`FIRST_FILL_AFTER`] on makes spares until there are
+/// `size` (once cells stopped taking them for [`REFILL_IDLE`]), then sleeps until one is
+/// taken. Failures are warned about once per streak and retried every [`RETRY`].
 async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellName) {
     let pool = &cells.pool;
     let mut failing = false;
+    tokio::time::sleep(FIRST_FILL_AFTER).await;
     loop {
         if pool.closed.load(Ordering::SeqCst) {
             return;

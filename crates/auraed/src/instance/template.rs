@@ -60,7 +60,7 @@ const MAGIC: &[u8; 8] = b"AURAEHO1";
 
 /// What a template's guest does before it waits, and how it reads its drive: part of every
 /// template's name, so a change makes the old templates stale.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// Most templates kept (one per size in use); stale ones are removed first.
 pub const MAX_TEMPLATES: usize = 8;
