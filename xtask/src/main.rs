@@ -1024,6 +1024,8 @@ const INSTANCE_MODULES: &[&str] = &[
     "drivers/virtio/virtio_ring",
     "drivers/virtio/virtio",
     "drivers/virtio/virtio_mmio",
+    // Its console for auraed's output (hvc0: a buffer per exit; the UART takes one per byte).
+    "drivers/char/virtio_console",
     // A template instance's handover drive (see auraed's instance::template).
     "drivers/block/virtio_blk",
     "net/core/failover",

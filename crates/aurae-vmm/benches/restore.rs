@@ -154,6 +154,7 @@ fn main() {
             serial_out: Box::new(out),
             drives: Vec::new(),
             net: None,
+            console_out: None,
             seccomp: true,
         })
         .unwrap();

@@ -58,6 +58,10 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// An optional virtio-net device (the virtio-mmio slot after the drives).
     pub net: Option<NetConfig>,
+    /// An optional virtio console (the slot after the network device; `hvc0` in a Linux
+    /// guest that loads `virtio_console`), its output written here: a whole buffer per
+    /// exit where the UART takes an exit per byte.
+    pub console_out: Option<SerialSink>,
     /// Install per-thread seccomp filters ([`crate::seccomp`]) on the VMM's threads.
     pub seccomp: bool,
     /// What CPUID the guest sees ([`crate::template`]).
@@ -75,6 +79,7 @@ impl Default for VmConfig {
             serial_out: Box::new(std::io::sink()),
             drives: Vec::new(),
             net: None,
+            console_out: None,
             seccomp: false,
             cpu_template: crate::CpuTemplate::default(),
         }
@@ -91,6 +96,7 @@ impl fmt::Debug for VmConfig {
             .field("mem_bytes", &self.mem_bytes)
             .field("drives", &self.drives)
             .field("net", &self.net)
+            .field("console", &self.console_out.is_some())
             .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
@@ -155,7 +161,9 @@ impl VmConfig {
         if !self.mem_bytes.is_multiple_of(crate::layout::PAGE_SIZE) {
             return Err(ConfigError::MemoryAlignment(self.mem_bytes));
         }
-        let devices = self.drives.len() + usize::from(self.net.is_some());
+        let devices = self.drives.len()
+            + usize::from(self.net.is_some())
+            + usize::from(self.console_out.is_some());
         if devices > crate::layout::MAX_MMIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }

@@ -40,7 +40,7 @@ use crate::{
     seccomp::{self, Filters, SeccompError},
     snapshot::{self, Snapshot, SnapshotError},
     sys::{self, GuestVm, Vcpu},
-    virtio::{MmioBus, MmioTransport, VirtioDevice, block::Block, net::Net},
+    virtio::{MmioBus, MmioTransport, VirtioDevice, block::Block, console::Console, net::Net},
 };
 
 /// Why [`Vm::new`] failed.
@@ -242,6 +242,8 @@ pub struct RestoreConfig {
     pub drives: Vec<config::DriveConfig>,
     /// The network device, if the snapshot's VM had one: this VM's own TAP and MAC.
     pub net: Option<config::NetConfig>,
+    /// Where the virtio console writes, if the snapshot's VM had one.
+    pub console_out: Option<config::SerialSink>,
     /// Per-thread seccomp filters, as [`VmConfig::seccomp`].
     pub seccomp: bool,
 }
@@ -252,6 +254,7 @@ impl std::fmt::Debug for RestoreConfig {
             .field("snapshot", &self.snapshot)
             .field("drives", &self.drives)
             .field("net", &self.net)
+            .field("console", &self.console_out.is_some())
             .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
@@ -383,13 +386,15 @@ fn hex(b: &[u8]) -> String {
 
 impl Machine {
     /// The VM with `mem` registered, its TSS, irqchip and PIT, and one virtio-mmio
-    /// transport per drive (slots 0..) then the network device; slot n has its registers
-    /// at `mmio_device_addr(n)` and interrupts on GSI `mmio_device_gsi(n)`.
+    /// transport per drive (slots 0..), then the network device, then the console; slot n
+    /// has its registers at `mmio_device_addr(n)` and interrupts on GSI
+    /// `mmio_device_gsi(n)`.
     fn build(
         kvm: &Kvm,
         mem: GuestMemoryMmap,
         drives: &[config::DriveConfig],
         net: Option<&config::NetConfig>,
+        console_out: Option<config::SerialSink>,
     ) -> Result<Self, VmmError> {
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
         let guest = GuestVm::new(kvm, Arc::new(mem))
@@ -426,6 +431,9 @@ impl Machine {
             net_tap = Some(tap.try_clone().map_err(tap_err)?);
             virtio.push(Box::new(Net::new(tap, n.mac)));
         }
+        if let Some(out) = console_out {
+            virtio.push(Box::new(Console::new(out)));
+        }
         let mut transports = Vec::with_capacity(virtio.len());
         let mut infos = Vec::with_capacity(virtio.len());
         for (i, dev) in virtio.into_iter().enumerate() {
@@ -442,7 +450,7 @@ impl Machine {
             });
         }
         let net = match net_tap {
-            Some(tap) => transports.last().map(|t| (Arc::clone(t), tap)),
+            Some(tap) => transports.get(drives.len()).map(|t| (Arc::clone(t), tap)),
             None => None,
         };
         Ok(Self {
@@ -488,7 +496,7 @@ impl Vm {
             bytes: cfg.mem_bytes,
             source,
         })?;
-        let machine = Machine::build(&kvm, mem, &cfg.drives, cfg.net.as_ref())?;
+        let machine = Machine::build(&kvm, mem, &cfg.drives, cfg.net.as_ref(), cfg.console_out)?;
 
         let mem = machine.guest.memory();
         let kernel = boot::load_kernel(mem, &cfg.kernel)?;
@@ -555,6 +563,7 @@ impl Vm {
             serial_out,
             drives,
             net,
+            console_out,
             seccomp,
         } = cfg;
         let h = &snap.header;
@@ -585,19 +594,26 @@ impl Vm {
         }
         .validate_with_cap(config::host_mem_bytes().unwrap_or(config::MAX_MEM_BYTES))?;
         let wanted = snap.transports.len();
-        let have = drives.len() + usize::from(net.is_some());
-        let nets = snap
-            .transports
-            .iter()
-            .filter(|t| t.device_type == crate::virtio::net::DEVICE_TYPE)
-            .count();
-        if have != wanted || nets != usize::from(net.is_some()) {
+        let have = drives.len() + usize::from(net.is_some()) + usize::from(console_out.is_some());
+        let of_type = |ty| {
+            snap.transports
+                .iter()
+                .filter(|t| t.device_type == ty)
+                .count()
+        };
+        let nets = of_type(crate::virtio::net::DEVICE_TYPE);
+        let consoles = of_type(crate::virtio::console::DEVICE_TYPE);
+        if have != wanted
+            || nets != usize::from(net.is_some())
+            || consoles != usize::from(console_out.is_some())
+        {
             return Err(SnapshotError::Device(format!(
-                "the snapshot's VM had {} drive(s) and {nets} network device(s); {} drive(s) \
-                 and {} network device(s) given",
-                wanted - nets,
+                "the snapshot's VM had {} drive(s), {nets} network device(s) and {consoles} \
+                 console(s); {} drive(s), {} network device(s) and {} console(s) given",
+                wanted.saturating_sub(nets + consoles),
                 drives.len(),
-                usize::from(net.is_some())
+                usize::from(net.is_some()),
+                usize::from(console_out.is_some())
             ))
             .into());
         }
@@ -605,7 +621,7 @@ impl Vm {
         let (layout, ranges) = layout_of(h.mem_bytes)?;
         let machine_started = std::time::Instant::now();
         let mem = snapshot::map_memory(&memory, &ranges, h.memory_len)?;
-        let machine = Machine::build(&kvm, mem, &drives, net.as_ref())?;
+        let machine = Machine::build(&kvm, mem, &drives, net.as_ref(), console_out)?;
         snapshot::restore_vm(machine.guest.fd(), &snap.vm)?;
         for (i, (t, s)) in machine.transports.iter().zip(&snap.transports).enumerate() {
             let mut t = t

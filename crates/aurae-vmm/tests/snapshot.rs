@@ -102,6 +102,7 @@ fn restore(state: &mut File, memory: &File, sink: &Captured) -> Result<Vm, VmmEr
         serial_out: Box::new(sink.clone()),
         drives: Vec::new(),
         net: None,
+        console_out: None,
         seccomp: true,
     })
     .map(|(vm, _)| vm)
@@ -209,6 +210,7 @@ fn bad_snapshots_are_refused_with_the_reason() {
             serial_out: Box::new(io::sink()),
             drives,
             net: None,
+            console_out: None,
             seccomp: false,
         })
         .map(|_| ())
@@ -241,6 +243,23 @@ fn bad_snapshots_are_refused_with_the_reason() {
     }];
     let e = try_restore(good.clone(), &memory, drives);
     assert!(e.contains("0 drive(s)") && e.contains("1 drive(s)"), "{e}");
+    // A console the snapshot's VM did not have.
+    let e = Vm::restore(RestoreConfig {
+        snapshot: good.clone(),
+        memory: memory.try_clone().unwrap(),
+        serial_out: Box::new(io::sink()),
+        drives: Vec::new(),
+        net: None,
+        console_out: Some(Box::new(io::sink())),
+        seccomp: false,
+    })
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("0 console(s)") && e.contains("1 console(s)"),
+        "{e}"
+    );
     // A memory file that is not the snapshot's is caught by the explicit check.
     let other_mem = tempfile::tempfile().unwrap();
     other_mem.set_len(MEM_BYTES).unwrap();

@@ -1,5 +1,6 @@
 //! virtio over MMIO (virtio 1.x, register layout version 2) and the devices behind it:
-//! [`block::Block`] (a file-backed disk) and [`net::Net`] (a TAP device).
+//! [`block::Block`] (a file-backed disk), [`net::Net`] (a TAP device) and
+//! [`console::Console`] (an output-only console).
 //!
 //! A [`MmioTransport`] owns one device, its split virtqueues (`virtio-queue`) and the
 //! eventfd registered with KVM as the device's irqfd. The vCPU thread that takes an MMIO
@@ -14,6 +15,7 @@
 //! addresses outside guest memory; chains are length-limited).
 
 pub mod block;
+pub mod console;
 pub mod net;
 
 use std::sync::{Arc, Mutex};
@@ -84,7 +86,7 @@ pub const INT_USED_RING: u32 = 1;
 
 /// A virtio device model behind a [`MmioTransport`].
 pub trait VirtioDevice: Send {
-    /// The virtio device id (1 = net, 2 = block).
+    /// The virtio device id (1 = net, 2 = block, 3 = console).
     fn device_type(&self) -> u32;
     /// The feature bits offered ([`VIRTIO_F_VERSION_1`] included).
     fn features(&self) -> u64;

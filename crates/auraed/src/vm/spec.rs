@@ -63,8 +63,9 @@ fn mac(field: &str, s: &str) -> Result<Option<[u8; 6]>, FieldError> {
     Ok(Some(out))
 }
 
-/// Most drives a VM may have (each is a virtio-mmio device of the VMM).
-pub const MAX_DRIVES: usize = aurae_vmm::layout::MAX_MMIO_DEVICES;
+/// Most drives a VM may have (each is a virtio-mmio device of the VMM, as are its network
+/// interface and its virtio console).
+pub const MAX_DRIVES: usize = aurae_vmm::layout::MAX_MMIO_DEVICES - 2;
 
 /// A block device of a VM: read-only unless asked (and granted) otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

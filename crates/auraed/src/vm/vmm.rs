@@ -565,16 +565,29 @@ fn run(
     let net = inside
         .net
         .map(|(tap, mac)| aurae_vmm::NetConfig { tap, mac });
+    // The virtio console writes to the same pipe (a guest that loads virtio_console and
+    // writes to hvc0 takes an exit per buffer, not per byte).
+    let console_out: aurae_vmm::SerialSink = Box::new(std::fs::File::from(
+        serial
+            .try_clone()
+            .map_err(|e| format!("virtio console: {e}"))?,
+    ));
     let serial_out = Box::new(std::fs::File::from(serial));
     let vm = match snapshot {
         Some(SnapshotFiles { mut state, memory }) => {
             let snapshot = aurae_vmm::Snapshot::read(&mut state).map_err(|e| e.to_string())?;
+            // A snapshot's VM has the devices it had: a console only if it had one.
+            let had_console = snapshot
+                .transports
+                .iter()
+                .any(|t| t.device_type == aurae_vmm::virtio::console::DEVICE_TYPE);
             let (vm, info) = aurae_vmm::Vm::restore(aurae_vmm::RestoreConfig {
                 snapshot,
                 memory,
                 serial_out,
                 drives,
                 net,
+                console_out: had_console.then_some(console_out),
                 seccomp: true,
             })
             .map_err(|e| e.to_string())?;
@@ -598,6 +611,7 @@ fn run(
             serial_out,
             drives,
             net,
+            console_out: Some(console_out),
             seccomp: true,
             cpu_template,
         })
