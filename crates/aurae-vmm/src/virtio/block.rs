@@ -239,20 +239,15 @@ impl VirtioDevice for Block {
 mod tests {
     use std::io::{Seek, SeekFrom};
 
-    use virtio_queue::{desc::RawDescriptor, desc::split::Descriptor, mock::MockSplitQueue};
+    use virtio_queue::{desc::RawDescriptor, mock::MockSplitQueue};
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::virtio::tests::{F_NEXT, F_WRITE, desc};
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
     const STATUS: u64 = 0x30_0000;
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-    }
 
     fn disk(sectors: u64) -> File {
         let mut f = tempfile::tempfile().unwrap();

@@ -477,9 +477,19 @@ impl MmioBus {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use vm_memory::GuestAddress;
 
     use super::*;
+
+    /// Split-ring descriptor flags: another descriptor follows; the device writes here.
+    pub(crate) const F_NEXT: u16 = 1;
+    pub(crate) const F_WRITE: u16 = 2;
+
+    /// A descriptor for `MockSplitQueue::add_desc_chains`.
+    pub(crate) fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
 
     /// A device with one queue that uses every chain it gets (length 0).
     struct Echo {

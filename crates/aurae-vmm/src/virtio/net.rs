@@ -244,17 +244,11 @@ mod tests {
     use std::os::fd::OwnedFd;
 
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    use virtio_queue::{desc::RawDescriptor, desc::split::Descriptor, mock::MockSplitQueue};
+    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-    }
+    use crate::virtio::tests::{F_NEXT, F_WRITE, desc};
 
     /// A datagram socket pair standing in for a TAP: (device end, "host" end).
     fn fake_tap() -> (File, File) {
