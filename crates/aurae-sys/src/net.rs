@@ -8,6 +8,15 @@ use std::{
 
 /// Sets IFF_UP on interface `name` in the calling thread's network namespace.
 pub fn set_link_up(name: &str) -> io::Result<()> {
+    set_link(name, true)
+}
+
+/// Clears IFF_UP on interface `name` in the calling thread's network namespace.
+pub fn set_link_down(name: &str) -> io::Result<()> {
+    set_link(name, false)
+}
+
+fn set_link(name: &str, up: bool) -> io::Result<()> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
         return Err(io::Error::new(
@@ -32,9 +41,14 @@ pub fn set_link_up(name: &str) -> io::Result<()> {
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    let flag = i16::try_from(libc::IFF_UP).unwrap_or(1);
     // SAFETY: ifru_flags is the union member SIOCGIFFLAGS just wrote.
     unsafe {
-        req.ifr_ifru.ifru_flags |= i16::try_from(libc::IFF_UP).unwrap_or(1);
+        if up {
+            req.ifr_ifru.ifru_flags |= flag;
+        } else {
+            req.ifr_ifru.ifru_flags &= !flag;
+        }
     }
     // SAFETY: as above; SIOCSIFFLAGS reads the name and flags.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
@@ -101,9 +115,9 @@ pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<
     Ok(())
 }
 
-/// Sets the hardware (MAC) address of `name` (SIOCSIFHWADDR); the link should be down.
-/// A restored microVM instance takes its own MAC this way (its template's is baked into
-/// the guest's driver state).
+/// Sets the hardware (MAC) address of `name` (SIOCSIFHWADDR): with the link down, or up
+/// where the driver takes a live change (virtio-net does). A restored microVM instance
+/// takes its own MAC this way (its template's is baked into the guest's driver state).
 pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
     // SAFETY: socket() takes integer arguments; the result is checked below.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

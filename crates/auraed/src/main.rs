@@ -499,13 +499,17 @@ fn run_pid1() -> ! {
         .with_writer(std::io::stderr)
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let boot = auraed::pid1::prepare();
+    let boot =
+        auraed::pid1::prepare(&|w| auraed::server::ahead::make(Path::new(PID1_CGROUP_ROOT), w));
     if boot.probe {
         eprintln!("{}", auraed::instance::handover::PROBE_MARKER);
         auraed::pid1::power_off(false, "KVM probe");
     }
     tracing::info!(hostname = %boot.hostname, listen = ?boot.listen, warnings = boot.warnings.len(), "pid1: machine ready");
     let mut warnings = boot.warnings;
+    warnings.extend(auraed::pid1::templates_in_huge_pages(
+        &Path::new(PID1_STATE_DIR).join(auraed::instance::template::DIR),
+    ));
     let auth = PathBuf::from("/etc/aurae/registries.toml");
     let credentials = if auth.exists() {
         auraed::image::registry::load_credentials(&auth).unwrap_or_else(|e| {
@@ -531,14 +535,21 @@ fn run_pid1() -> ! {
                 .push(format!("{e}: booted without it (built-in settings)")),
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let runtime = match auraed::server::ahead::take_runtime()
+        .map_or_else(auraed::server::ahead::runtime, Ok)
     {
         Ok(rt) => rt,
         Err(e) => auraed::pid1::power_off(false, &format!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cfg)) {
+    // On a worker of the runtime, not this thread: an instance template's main thread
+    // drew its hash keys (the log filter's maps) before the snapshot, so every copy
+    // restored from it would make its maps with the same keys.
+    let served = runtime.block_on(async {
+        tokio::spawn(run(cfg))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("auraed's task ended: {e}")))
+    });
+    match served {
         Ok(reboot) => auraed::pid1::power_off(reboot, "shutdown requested"),
         Err(e) => auraed::pid1::power_off(
             false,
@@ -564,7 +575,7 @@ fn pid1_config(
         pki_dir: PathBuf::from("/etc/aurae/pki"),
         socket: PathBuf::from("/run/aurae/auraed.sock"),
         listen,
-        state_dir: PathBuf::from("/var/lib/aurae"),
+        state_dir: PathBuf::from(PID1_STATE_DIR),
         policy: policy.exists().then_some(policy),
         handshake_timeout: Duration::from_secs(10),
         max_connections: 1024,
@@ -572,7 +583,7 @@ fn pid1_config(
         max_connections_per_identity: auraed::server::limits::MAX_CONNECTIONS_PER_IDENTITY,
         max_streams_per_connection: 128,
         cell_pool: None,
-        cgroup_root: Some(PathBuf::from("/sys/fs/cgroup/cells")),
+        cgroup_root: Some(PathBuf::from(PID1_CGROUP_ROOT)),
         mode: "pid1",
         warnings,
         registry: auraed::image::registry::RegistryConfig {
@@ -596,6 +607,12 @@ fn pid1_config(
 
 /// The configuration file a PID 1 auraed reads, when the machine carries one.
 const PID1_CONFIG: &str = "/etc/aurae/auraed.toml";
+
+/// Where a PID 1 auraed keeps its state.
+const PID1_STATE_DIR: &str = "/var/lib/aurae";
+
+/// Where a PID 1 auraed keeps its cells.
+const PID1_CGROUP_ROOT: &str = "/sys/fs/cgroup/cells";
 
 /// What a PID 1 auraed takes from its configuration file: what the workloads may use
 /// (the CRI and its pod networks, registries, volume and VM image roots, metrics, the

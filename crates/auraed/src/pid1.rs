@@ -254,6 +254,47 @@ fn leave_initramfs(w: &mut Vec<String>) {
     }
 }
 
+/// Instance templates' memory files in huge pages (whole 2 MiB stretches): a guest
+/// restored from one then faults its memory in 2 MiB at a time (its nested page tables
+/// follow ours) instead of 4 KiB, each fault an exit to this machine's KVM. Only where
+/// `dir`'s parent (the state directory) is a tmpfs already — the templates are in memory
+/// anyway —: a tmpfs of their own at `dir` with `huge=within_size`. The price: a memory
+/// file's 4 KiB holes are filled up to whole huge pages. A warning when it cannot be.
+pub fn templates_in_huge_pages(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let parent = dir.parent()?;
+    // Made as the state store makes it (0700), so its type can be read.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .ok()?;
+    let in_memory =
+        nix::sys::statfs::statfs(parent).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC);
+    // Already a mount point (of its own device): left as it is.
+    let mounted = fs::metadata(dir)
+        .and_then(|d| fs::metadata(parent).map(|p| d.dev() != p.dev()))
+        .unwrap_or(false);
+    if !in_memory || mounted {
+        return None;
+    }
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700,huge=within_size"),
+    )
+    .err()
+    .map(|e| {
+        format!(
+            "instance templates in huge pages ({}: {e}): restored instances fault their memory in 4 KiB at a time",
+            dir.display()
+        )
+    })
+}
+
 /// Copies a tree keeping modes, owners, symlinks and device nodes.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -292,8 +333,9 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Everything PID 1 does before the API starts. Synchronous: runs before the async
-/// runtime exists.
-pub fn prepare() -> Boot {
+/// runtime exists. An instance template calls `ahead` before its snapshot: whatever the
+/// start can make before it knows who it is (it adds its problems to the warnings).
+pub fn prepare(ahead: &dyn Fn(&mut Vec<String>)) -> Boot {
     let mut w = Vec::new();
     leave_initramfs(&mut w);
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -406,7 +448,7 @@ pub fn prepare() -> Boot {
         .iter()
         .any(|(k, _)| k == crate::instance::template::TEMPLATE_PARAM)
     {
-        match become_instance(&mut w) {
+        match become_instance(&mut w, ahead) {
             Ok((more, times)) => {
                 params.extend(cmdline_params(&more));
                 restored = Some(times);
@@ -432,6 +474,12 @@ pub fn prepare() -> Boot {
         if let Err(e) = configure(&a) {
             w.push(format!("{}: {} /{}: {e}", a.device, a.addr, a.prefix));
         }
+    }
+    if let Some(r) = restored
+        && r.link_up
+        && let Err(e) = crate::instance::template::own_link(r.mac, true, &mut w)
+    {
+        power_off(false, &format!("instance template: {e}"));
     }
     // Default routes: the gateway of `ip=` and `aurae.gw6=`.
     if let Some(gw) = params
@@ -518,7 +566,10 @@ pub fn prepare() -> Boot {
 
 /// A template's wait for its handover drive (the device node appears shortly after
 /// virtio_blk loads), then what it was handed applied.
-fn become_instance(w: &mut Vec<String>) -> Result<(String, RestoreTimes), String> {
+fn become_instance(
+    w: &mut Vec<String>,
+    ahead: &dyn Fn(&mut Vec<String>),
+) -> Result<(String, Restored), String> {
     use crate::instance::template;
     let dev = Path::new(template::DRIVE_DEVICE);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -529,26 +580,34 @@ fn become_instance(w: &mut Vec<String>) -> Result<(String, RestoreTimes), String
         std::thread::sleep(Duration::from_millis(5));
     }
     // What costs time at start and needs no identity is done before the snapshot.
-    if let Err(e) = aurae_sys::memfd::make_ahead() {
-        w.push(format!("the sealed copy of auraed, made ahead: {e}"));
-    }
+    ahead(w);
+    let link_up = template::link_ahead(w);
     let handed = template::wait_for_handover(dev)?;
     let read = Instant::now();
     let more = template::apply(&handed, w)?;
+    if !link_up {
+        template::own_link(handed.mac, false, w)?;
+    }
     Ok((
         more,
-        RestoreTimes {
+        Restored {
             read,
             applied: Instant::now(),
+            mac: handed.mac,
+            link_up,
         },
     ))
 }
 
-/// When a restored template had read its handover, and when it had applied it.
+/// When a restored template had read its handover and applied it; its own MAC, and
+/// whether its link was up before the snapshot (then the MAC is set once its addresses
+/// are).
 #[derive(Debug, Clone, Copy)]
-struct RestoreTimes {
+struct Restored {
     read: Instant,
     applied: Instant,
+    mac: [u8; 6],
+    link_up: bool,
 }
 
 /// Waits (by short polling, with a deadline) for the device, then sets the address.
@@ -600,6 +659,61 @@ pub fn power_off(reboot: bool, reason: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mount points below `dir` in this mount namespace, with their options.
+    fn mounts_below(dir: &Path) -> Vec<String> {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(4)
+                    .is_some_and(|m| Path::new(m).starts_with(dir))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn templates_get_huge_pages_only_where_the_state_is_in_memory_and_once() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP templates_get_huge_pages…: needs root (mount)");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("aurae-huge-{}", std::process::id()));
+        let state = base.join("state");
+        fs::create_dir_all(&state).unwrap();
+        // Not in memory (unless the temporary directory is a tmpfs itself): left alone.
+        let on_disk = base.join("disk-state");
+        let before = mounts_below(&base).len();
+        let plain = nix::sys::statfs::statfs(&base).map(|s| s.filesystem_type().0);
+        if plain.is_ok_and(|t| t != 0x0102_1994) {
+            assert_eq!(templates_in_huge_pages(&on_disk.join("t")), None);
+            assert_eq!(mounts_below(&base).len(), before, "nothing mounted");
+        }
+        // A state directory in memory: the templates get a tmpfs of their own, once.
+        mount(
+            Some("tmpfs"),
+            &state,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=0700,size=16m"),
+        )
+        .unwrap();
+        let dir = state.join(crate::instance::template::DIR);
+        let warning = templates_in_huge_pages(&dir);
+        let below = mounts_below(&dir);
+        let again = templates_in_huge_pages(&dir);
+        let below_again = mounts_below(&dir);
+        let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&state, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir_all(&base);
+        assert_eq!(warning, None);
+        assert_eq!(below.len(), 1, "{below:?}");
+        assert!(below[0].contains("huge=within_size"), "{below:?}");
+        assert_eq!(again, None);
+        assert_eq!(below_again.len(), 1, "mounted once: {below_again:?}");
+    }
 
     #[test]
     fn module_parameters_come_from_the_command_line_as_modprobe_reads_them() {

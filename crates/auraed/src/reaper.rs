@@ -9,7 +9,7 @@
 //! orphan.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -32,7 +32,9 @@ type Tracked = (Arc<Pidfd>, oneshot::Sender<ExitStatus>);
 #[derive(Debug, Default)]
 pub struct Reaper {
     gate: RwLock<()>,
-    tracked: Mutex<HashMap<i32, Tracked>>,
+    /// By pid. Not a hash map: an instance template makes its reaper before its
+    /// snapshot, and every copy restored from it would share the map's hash keys.
+    tracked: Mutex<BTreeMap<i32, Tracked>>,
     orphans: std::sync::atomic::AtomicU64,
 }
 

@@ -9,6 +9,7 @@
 //! on handshakes in progress, a SPIFFE identity a cap on established connections; a
 //! connection over any of them is closed at once.
 
+pub mod ahead;
 pub mod limits;
 pub mod metrics;
 
@@ -289,7 +290,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
             "cannot become a child subreaper ({e}): orphans of workloads sharing auraed's PID namespace go to the host's init"
         );
     }
-    let reaper = Arc::new(crate::reaper::Reaper::default());
+    // An instance template made some of what follows before its snapshot (`ahead`).
+    let reaper = ahead::take_reaper().unwrap_or_default();
     tokio::spawn(reaper.clone().run());
     let reaper_for_cri = reaper.clone();
     let events = Arc::new(crate::events::EventBus::default());
@@ -365,7 +367,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
         info!(metrics_listen = %bound, "serving Prometheus metrics at http://{bound}/metrics");
     }
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let routes = api::routes(ctx.clone(), health)?;
+    let reflection = match ahead::take_reflection() {
+        Some(r) => r,
+        None => api::reflection_routes()?,
+    };
+    let routes = api::routes(ctx.clone(), health, reflection);
     let policy = Arc::new(policy);
     let cri = match &cfg.cri {
         Some(c) => Some(
@@ -1010,8 +1016,28 @@ async fn wire_workloads(
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
     // On a state disk that takes no writes no holder is started: whatever a previous
     // holder keeps stays with it (its records cannot be rewritten to name another).
+    // One made ahead of a template's snapshot is tracked by the reaper made with it.
+    let holder_made_ahead = ahead::take_holder().and_then(|h| match h.answers() {
+        Ok(()) => Some(h.in_this_boot()),
+        Err(e) => {
+            let _ = h.kill();
+            warnings.push(format!(
+                "the output holder made ahead does not answer ({e}): another is started"
+            ));
+            None
+        }
+    });
     let holder = if read_only {
+        if let Some(h) = holder_made_ahead
+            && let Err(e) = h.kill()
+        {
+            warnings.push(format!(
+                "the output holder made ahead could not be stopped: {e}"
+            ));
+        }
         None
+    } else if let Some(h) = holder_made_ahead {
+        Some(Arc::new(h))
     } else {
         let (sealed, reaper) = (sealed.clone(), reaper.clone());
         match tokio::task::spawn_blocking(move || {
@@ -1075,7 +1101,7 @@ async fn wire_workloads(
             store: Some(store.clone()),
             kernel: cfg.instance_kernel.clone(),
             modules: cfg.instance_modules.clone(),
-            templates_dir: cfg.state_dir.join("instance-templates"),
+            templates_dir: cfg.state_dir.join(crate::instance::template::DIR),
         },
     ));
     let found_vms = vms.readopt().await;

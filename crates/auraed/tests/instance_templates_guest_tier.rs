@@ -97,8 +97,78 @@ async fn inside(g: &Guest, s: &pb::InstanceStatus) -> (pb::DaemonInfo, String) {
     (info, String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The running instance's MAC as L1's neighbour table learns it, after checking that its
+/// IPv6 link-local address is the one made from that MAC (EUI-64) and answers: a
+/// template's link goes up before its snapshot without one (made from the template's
+/// MAC, it would be every copy's).
+async fn own_link(c: &Client, s: &pb::InstanceStatus) -> String {
+    let v4 = &s.addresses[0];
+    let neigh = l1_sh(
+        c,
+        &format!("/bin/busybox ping -c 1 -w 5 {v4} >/dev/null; /bin/busybox ip neigh show {v4}"),
+    )
+    .await;
+    let mac = neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}: no neighbour entry for {v4}: {neigh}", s.name))
+        .to_owned();
+    let ll = link_local_of(&mac);
+    // A new address answers once its duplicate address detection is over (~1 s).
+    let ping = l1_sh(
+        c,
+        &format!(
+            "for i in 1 2 3 4 5 6; do /bin/busybox ping6 -c 1 -w 2 -I aurae0 {ll} >/dev/null 2>&1 \
+               && echo ANSWERED after $i && break; /bin/busybox sleep 1; done; \
+             /bin/busybox ping6 -c 2 -w 3 -I aurae0 ff02::1 2>&1; \
+             /bin/busybox ping6 -c 1 -w 3 {} 2>&1; /bin/busybox ip -6 neigh",
+            s.addresses
+                .get(1)
+                .unwrap_or_else(|| panic!("{}: no IPv6 address: {s:?}", s.name))
+        ),
+    )
+    .await;
+    assert!(
+        ping.contains("ANSWERED"),
+        "{}: its link-local address {ll} (from its MAC {mac}) does not answer:\n{ping}",
+        s.name
+    );
+    println!("{}: MAC {mac}, link-local {ll}: {ping}", s.name);
+    mac
+}
+
+/// The EUI-64 IPv6 link-local address of a MAC (`52:54:00:12:34:56` →
+/// `fe80::5054:ff:fe12:3456`), as the kernel makes it.
+fn link_local_of(mac: &str) -> std::net::Ipv6Addr {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("MAC {mac}")))
+        .collect();
+    assert_eq!(b.len(), 6, "MAC {mac}");
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        b[0] ^ 2,
+        b[1],
+        b[2],
+        0xff,
+        0xfe,
+        b[3],
+        b[4],
+        b[5],
+    ])
+}
+
 /// `sh -c script` with L1's busybox (applets called as `/bin/busybox <applet>`), in a
-/// one-call cell of L1: it runs as root and sees L1's files.
+/// one-call cell of L1: it runs as root, sees L1's files and shares L1's network (its
+/// bridge to the instances).
 async fn l1_sh(c: &Client, script: &str) -> String {
     let run = c
         .runtime()
@@ -115,6 +185,11 @@ async fn l1_sh(c: &Client, script: &str) -> String {
                 ..Default::default()
             }),
             run: wait_for_output(),
+            namespaces: Some(pb::CellNamespaces {
+                share_host_net: true,
+                share_host_pid: true,
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await
@@ -191,6 +266,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
                 "zero pages are holes: {t:?}"
             );
             let (i1, v1) = inside(&g, &s1).await;
+            let mac1 = own_link(&c, &s1).await;
             assert_eq!(i1.server_id, s1.spiffe_id);
             assert_eq!(i1.mode, "pid1");
             assert!(v1.contains("auraed"), "RunExecutable in t1: {v1:?}");
@@ -216,6 +292,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
             );
             assert_eq!(s2.template, s1.template, "{s2:?}");
             let (i2, v2) = inside(&g, &s2).await;
+            let mac2 = own_link(&c, &s2).await;
             assert_eq!(i2.server_id, s2.spiffe_id);
             assert!(v2.contains("auraed"), "RunExecutable in t2: {v2:?}");
             // Where the time went: the child's clock was set from L1's at the handover,
@@ -238,6 +315,17 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
                     println!("L1: {line}");
                 }
                 println!("t2 boot_time (L1: request → its VM started): {:?}", s2.boot_time);
+                // What the restored guest has touched (its nested page faults so far).
+                let vmm = l1_sh(
+                    &c,
+                    "for c in /proc/[0-9]*/comm; do if [ \"$(/bin/busybox cat $c 2>/dev/null)\" = aurae-vmm ]; then p=${c%/comm}; echo $p; /bin/busybox awk '/^Size: +524288 kB/{s=1} s&&/^(Rss|Anonymous|Private_Dirty|Shared_Clean|Private_Clean):/{print} /^VmFlags/{s=0}' $p/smaps; fi; done",
+                )
+                .await;
+                println!(
+                    "the template's memory file: {} MiB of {} MiB; t2's VMM, its guest memory mapping:\n{vmm}",
+                    t.memory_disk_bytes >> 20,
+                    t.memory_bytes >> 20
+                );
             }
             // Each its own: identity, key, address, kernel random state.
             assert_ne!(s1.spiffe_id, s2.spiffe_id);
@@ -248,6 +336,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
                 assert_eq!(i.server_key_sha256.len(), 64, "{i:?}");
             }
             assert_ne!(i1.boot_id, i2.boot_id, "boot IDs (from each copy's CRNG)");
+            assert_ne!(mac1, mac2, "MACs");
             assert_ne!(i1.server_key_sha256, i2.server_key_sha256, "SVID keys");
             println!(
                 "t1 {} boot {} key {}…; t2 {} boot {} key {}…",

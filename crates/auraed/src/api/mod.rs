@@ -89,12 +89,29 @@ pub fn served_methods() -> BTreeSet<String> {
 }
 
 /// Builds the router with every service, each with its message-size limits.
+/// The reflection services (v1 and v1alpha) as routes of their own, for [`routes`] to
+/// add the API to. Building them decodes every descriptor set twice (tens of
+/// milliseconds on an instance's one vCPU): an instance template builds them before its
+/// snapshot (`server::ahead`).
+pub fn reflection_routes() -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aurae_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(tonic::service::Routes::default()
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
+}
+
+/// Every service of the API, added to `reflection` ([`reflection_routes`]).
 pub fn routes(
     ctx: Context,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    reflection: tonic::service::Routes,
+) -> tonic::service::Routes {
     use pb::{
         cells_server::CellsServer, daemon_server::DaemonServer, events_server::EventsServer,
         executables_server::ExecutablesServer, images_server::ImagesServer,
@@ -108,15 +125,10 @@ pub fn routes(
                 .max_encoding_message_size(MAX_RESPONSE_BYTES)
         };
     }
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(aurae_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let mut routes = tonic::service::Routes::new(limited!(RuntimeServer::new(
-        runtime::RuntimeApi::new(ctx.clone())
-    )));
-    routes = routes
+    reflection
+        .add_service(limited!(RuntimeServer::new(runtime::RuntimeApi::new(
+            ctx.clone()
+        ))))
         .add_service(limited!(ExecutablesServer::new(
             executable::ExecutablesApi::new(ctx.cells.clone())
         )))
@@ -143,9 +155,6 @@ pub fn routes(
         ))))
         .add_service(limited!(DaemonServer::new(daemon::DaemonApi::new(ctx))))
         .add_service(health)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?);
-    Ok(routes)
 }
 
 /// Prepares the socket's directory (0700, created if missing) and clears a stale socket.

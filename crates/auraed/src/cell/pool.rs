@@ -240,14 +240,8 @@ impl Cells {
         if size == 0 {
             return;
         }
-        let made = tree.create(&group).and_then(|()| {
-            tree.attach_device_filter(&group, aurae_sys::bpf::CellDevices::default())
-        });
-        if let Err(e) = made {
-            let _ = tree.remove(&group);
-            warn!("no cell pool ({e}): every cell starts its own init");
-            return;
-        }
+        // The group (its device filter is a BPF program: loading it is tens of
+        // milliseconds on an instance's one vCPU) is made by the task, off the start.
         self.pool.size.store(size.min(MAX_POOL), Ordering::SeqCst);
         info!(size, "keeping spare cell inits");
         tokio::spawn(keep_filled(self.clone(), tree, group));
@@ -317,6 +311,26 @@ async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellNa
     let pool = &cells.pool;
     let mut failing = false;
     tokio::time::sleep(FIRST_FILL_AFTER).await;
+    {
+        let _making = pool.making.lock().await;
+        if pool.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (t, g) = (tree.clone(), group.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            t.create(&g)
+                .and_then(|()| t.attach_device_filter(&g, aurae_sys::bpf::CellDevices::default()))
+        })
+        .await
+        .map_err(|e| format!("cell pool task: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = made {
+            let _ = tree.remove(&group);
+            pool.size.store(0, Ordering::SeqCst);
+            warn!("no cell pool ({e}): every cell starts its own init");
+            return;
+        }
+    }
     loop {
         if pool.closed.load(Ordering::SeqCst) {
             return;

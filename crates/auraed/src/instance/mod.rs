@@ -74,6 +74,10 @@ struct Started {
 /// How long one TCP connect to a child may take before it is tried again.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// The pause between two readiness checks of a starting child. Short: a restored child
+/// serves within about a second, and a check it refuses costs it one RST.
+const READY_RETRY: Duration = Duration::from_millis(10);
+
 /// How long a child's SVID is valid unless the request says.
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 
@@ -1307,7 +1311,7 @@ impl Instances {
                 }
                 Err(_) => last = format!("no answer within {} ms", try_for.as_millis()),
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(READY_RETRY).await;
         }
     }
 

@@ -3,7 +3,8 @@
 //! auraed binary and size, instead of booting a kernel each time.
 //!
 //! A restored copy must become unique before it serves anything. The template boots with
-//! no identity, no address and its network link down, with one extra virtio-blk drive
+//! no identity, no address and its network link up without an IPv6 link-local address
+//! ([`link_ahead`]), with one extra virtio-blk drive
 //! holding zeros; its PID 1 prints [`WAITING_MARKER`] and polls that drive (`O_DIRECT`:
 //! never the page cache). A restore puts the new instance's [`Personal`] handover where
 //! the zeros were (a sealed memfd auraed wrote, copied into the VMM's jail): its freshly
@@ -11,8 +12,9 @@
 //! initramfs), its MAC, addresses and hostname (what a booted one finds on its kernel
 //! command line), the time, and 64 random bytes from the parent. The child mixes those
 //! into its kernel's CRNG and reseeds it ([`aurae_sys::random::reseed`]) before anything
-//! reads a random byte, sets its clock and MAC, and from there boots exactly as a booted
-//! instance does. Its keys are minted by the parent for this spawn, after the restore:
+//! reads a random byte, sets its clock, and from there boots exactly as a booted
+//! instance does, taking its own MAC and link-local address once its addresses are set
+//! ([`own_link`]). Its keys are minted by the parent for this spawn, after the restore:
 //! never shared by two instances. The kernel's boot ID is made on its first read, after
 //! the reseed, so each copy has its own.
 //!
@@ -43,6 +45,9 @@ use crate::{
     workload::WorkloadError,
 };
 
+/// Where templates are kept, in the state directory.
+pub const DIR: &str = "instance-templates";
+
 /// On a template's kernel command line: wait for the handover drive.
 pub const TEMPLATE_PARAM: &str = "aurae.template";
 
@@ -60,7 +65,7 @@ const MAGIC: &[u8; 8] = b"AURAEHO1";
 
 /// What a template's guest does before it waits, and how it reads its drive: part of every
 /// template's name, so a change makes the old templates stale.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 
 /// Most templates kept (one per size in use); stale ones are removed first.
 pub const MAX_TEMPLATES: usize = 8;
@@ -232,10 +237,83 @@ pub fn apply(p: &Personal, w: &mut Vec<String>) -> Result<String, String> {
             .and_then(|mut f| f.write_all(data.as_bytes()))
             .map_err(|e| format!("{path}: {e}"))?;
     }
-    if let Err(e) = aurae_sys::net::set_mac("eth0", p.mac) {
-        w.push(format!("eth0: setting its MAC: {e}"));
-    }
     Ok(p.cmdline.clone())
+}
+
+/// The template's network interface.
+const LINK: &str = "eth0";
+
+fn addr_gen_mode() -> String {
+    format!("/proc/sys/net/ipv6/conf/{LINK}/addr_gen_mode")
+}
+
+/// Before the snapshot: the interface up (its driver posts its receive buffers then:
+/// tens of milliseconds of a copy's start), but without the IPv6 link-local address the
+/// kernel makes from the MAC at link-up: made from the template's MAC, every copy would
+/// have it ([`own_link`] makes each copy's from its own). Returns whether it is up; it is
+/// not when that address cannot be held back (it is brought up after the restore then).
+pub fn link_ahead(w: &mut Vec<String>) -> bool {
+    match std::fs::write(addr_gen_mode(), "1") {
+        Ok(()) => {}
+        // No IPv6: no link-local address to hold back.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            w.push(format!(
+                "{LINK}: its link-local address cannot be held back ({}: {e}): brought up after the restore",
+                addr_gen_mode()
+            ));
+            return false;
+        }
+    }
+    match aurae_sys::net::set_link_up(LINK) {
+        Ok(()) => true,
+        Err(e) => {
+            w.push(format!("{LINK}: up before the snapshot: {e}"));
+            // Brought up after the restore, it makes its link-local address then.
+            if let Err(e) = std::fs::write(addr_gen_mode(), "0")
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                w.push(format!("{LINK}: its IPv6 link-local address: {e}"));
+            }
+            false
+        }
+    }
+}
+
+/// A restored copy's own MAC. With its link up ([`link_ahead`]) after its addresses are
+/// set: the kernel announces the change with a gratuitous ARP for its address
+/// (`arp_notify`), which a parent already asking for it takes at once; then its IPv6
+/// link-local address is made from it (EUI-64, as at a link-up). With its link down,
+/// before anything (it is brought up with the right MAC).
+///
+/// A copy that cannot take its own MAC must not serve: it would share the template's
+/// with every other copy on the bridge (an error).
+pub fn own_link(mac: [u8; 6], link_up: bool, w: &mut Vec<String>) -> Result<(), String> {
+    if let Err(live) = aurae_sys::net::set_mac(LINK, mac) {
+        // A driver without live changes takes it with the link down (its IPv6
+        // addresses kept across).
+        let again = if link_up {
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv6/conf/{LINK}/keep_addr_on_down"),
+                "1",
+            );
+            aurae_sys::net::set_link_down(LINK)
+                .and_then(|()| aurae_sys::net::set_mac(LINK, mac))
+                .and_then(|()| aurae_sys::net::set_link_up(LINK))
+        } else {
+            Err(live)
+        };
+        if let Err(e) = again {
+            return Err(format!("{LINK}: setting its own MAC: {e}"));
+        }
+    }
+    if link_up
+        && let Err(e) = std::fs::write(addr_gen_mode(), "0")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        w.push(format!("{LINK}: its IPv6 link-local address: {e}"));
+    }
+    Ok(())
 }
 
 /// The digest of what a template is made of: its format, the kernel, the modules (their

@@ -267,6 +267,31 @@ impl Holder {
     /// Like [`Holder::start`] with the program given as an open executable (an auraed
     /// binary: tests, whose own executable is not auraed, pass it this way).
     pub fn start_from(program: BorrowedFd<'_>, reaper: &Reaper) -> io::Result<Holder> {
+        Ok(Self::launch(program, reaper)?.in_this_boot())
+    }
+
+    /// Like [`Holder::start`] without reading the kernel's boot ID: an instance template
+    /// starts its holder before its snapshot, and each copy restored from it must read
+    /// (and so make) its own. Named by pid and start time only until
+    /// [`Holder::in_this_boot`].
+    pub fn start_before_boot_id(sealed: &SealedSelf, reaper: &Reaper) -> io::Result<Holder> {
+        let program = sealed.get()?;
+        Self::launch(program.as_fd(), reaper)
+    }
+
+    /// Whether it still answers (one round trip): a holder started long before it is
+    /// used (an instance template's) may have died since.
+    pub fn answers(&self) -> io::Result<()> {
+        self.call(|seq| Request::Ping { seq }, &[]).map(drop)
+    }
+
+    /// The holder named with this boot's ID too (see [`ProcRef::boot`]).
+    pub fn in_this_boot(mut self) -> Holder {
+        self.proc.boot = crate::workload::process::boot_id();
+        self
+    }
+
+    fn launch(program: BorrowedFd<'_>, reaper: &Reaper) -> io::Result<Holder> {
         let (sock, child_end) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -309,12 +334,16 @@ impl Holder {
         let holder = Holder {
             ctl: Mutex::new(Ctl { sock, seq: 0 }),
             pidfd: child.pidfd,
-            // Our child, not reaped yet: its pid cannot name another process.
-            proc: ProcRef::of(child.pid).unwrap_or(ProcRef {
+            // Our child, not reaped yet: its pid cannot name another process. Its boot
+            // is filled in by `in_this_boot`.
+            proc: ProcRef {
                 pid: child.pid,
-                start_time: 0,
-                boot: crate::workload::process::boot_id(),
-            }),
+                start_time: crate::workload::process::read_stat(child.pid)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |(_, start)| start),
+                boot: 0,
+            },
             exit: Mutex::new(Some(child.exit)),
         };
         let ready = holder.call(|seq| Request::Ping { seq }, &[]).and_then(|_| {
