@@ -420,7 +420,7 @@ fn tests() -> anyhow::Result<Totals> {
 /// The Debian packages the test tiers use: a C toolchain (ring's assembly); the host
 /// tier's tools (python3, iproute2, nsenter from util-linux); the guest tier (qemu,
 /// busybox-static; the kernel is fetched by `guest`); a registry on loopback for image
-/// pulls (docker-registry); crun and runc as benchmark peers; curl and jq for the README;
+/// pulls (docker-registry); xz for the guest kernel's vmlinux; crun and runc as benchmark peers; curl and jq for the README;
 /// the CNI plugins (bridge, host-local, loopback, portmap) for the CRI's pod networks.
 const PACKAGES: &[&str] = &[
     "build-essential",
@@ -431,6 +431,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "qemu-system-x86",
     "busybox-static",
+    // `xz`, to take the guest kernel's uncompressed vmlinux out of its bzImage.
+    "xz-utils",
     "crun",
     "runc",
     "docker-registry",
@@ -1063,8 +1065,94 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Prepares the guest tier's artifacts in target/guest: Debian's kernel and the modules
-/// the guest needs (downloaded and extracted, nothing installed), busybox-static, and a
+/// Writes the uncompressed kernel (the ELF `vmlinux`) inside the bzImage `vmlinuz` to `out`,
+/// for a microVM to boot without decompressing itself (the same kernel: the boot bench's
+/// `vmlinux` arm). The payload is found through the setup header (boot protocol ≥ 2.08:
+/// `setup_sects` at 0x1f1, `payload_offset`/`payload_length` at 0x248), is xz-compressed
+/// (Debian's `CONFIG_KERNEL_XZ`) and ends with its uncompressed size (4 bytes,
+/// little-endian), which the result must have.
+fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> anyhow::Result<()> {
+    let image = std::fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    let field = |at: usize, len: usize| {
+        image
+            .get(at..at + len)
+            .with_context(|| format!("{}: too short for a bzImage", vmlinuz.display()))
+    };
+    let u32_at = |at: usize| -> anyhow::Result<usize> {
+        let b = field(at, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let version = field(0x206, 2).map(|b| u16::from_le_bytes([b[0], b[1]]))?;
+    if field(0x202, 4)? != b"HdrS" || version < 0x208 {
+        bail!(
+            "{}: not a bzImage with boot protocol 2.08 or later (no payload fields)",
+            vmlinuz.display()
+        );
+    }
+    let setup_sects = match field(0x1f1, 1)?[0] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let (offset, length) = (u32_at(0x248)?, u32_at(0x24c)?);
+    let start = (setup_sects + 1) * 512 + offset;
+    let payload = field(start, length)?;
+    let (compressed, size) = payload.split_at(length.saturating_sub(4));
+    let size = u32::from_le_bytes(size.try_into().context("payload shorter than 4 bytes")?);
+    if !compressed.starts_with(b"\xfd7zXZ\0") {
+        bail!(
+            "{}: its payload is not xz-compressed (magic {:02x?})",
+            vmlinuz.display(),
+            &compressed[..compressed.len().min(6)]
+        );
+    }
+    let mut xz = Command::new("xz")
+        .args(["--decompress", "--stdout", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running xz (apt-get install xz-utils)")?;
+    let mut stdin = xz.stdin.take().context("xz's stdin")?;
+    let input = compressed.to_vec();
+    let feeder = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+    let result = xz.wait_with_output()?;
+    let fed = feeder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread feeding xz panicked"))?;
+    if !result.status.success() {
+        bail!(
+            "xz failed on {}'s payload: {}",
+            vmlinuz.display(),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    fed.context("writing the payload to xz")?;
+    let elf = result.stdout;
+    if elf.len() != size as usize || !elf.starts_with(b"\x7fELF") {
+        bail!(
+            "{}: the payload decompressed to {} bytes{}, its header says {size}",
+            vmlinuz.display(),
+            elf.len(),
+            if elf.starts_with(b"\x7fELF") {
+                ""
+            } else {
+                " (not an ELF)"
+            }
+        );
+    }
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &elf)?;
+    std::fs::rename(&tmp, out)?;
+    eprintln!(
+        "==> {} ({} MiB) from {}",
+        out.display(),
+        elf.len() >> 20,
+        vmlinuz.display()
+    );
+    Ok(())
+}
+
+/// Prepares the guest tier's artifacts in target/guest: Debian's kernel (and its
+/// uncompressed `vmlinux`, [`extract_vmlinux`]) and the modules the guest needs (downloaded and extracted, nothing installed), busybox-static, and a
 /// static auraed. The kernel is cached; everything else is refreshed.
 fn guest() -> anyhow::Result<ExitCode> {
     let out = root().join("target/guest");
@@ -1111,6 +1199,11 @@ fn guest() -> anyhow::Result<ExitCode> {
         std::fs::copy(&kernel, out.join("vmlinuz"))?;
         std::fs::write(out.join("versions.txt"), format!("guest kernel: {pkg}\n"))?;
         let _ = std::fs::remove_dir_all(&dl);
+    }
+    let (vmlinuz, vmlinux) = (out.join("vmlinuz"), out.join("vmlinux"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&vmlinux) < modified(&vmlinuz) {
+        extract_vmlinux(&vmlinuz, &vmlinux)?;
     }
     let modroot = std::fs::read_dir(pkg_dir.join("lib/modules"))?
         .flatten()
@@ -1212,6 +1305,78 @@ fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bzImage-shaped file: `setup_sects` 1, boot protocol 2.15, `payload` at
+    /// `payload_offset` 16 in the protected-mode part.
+    fn bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 1024 + 16];
+        img[0x1f1] = 1;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x20f_u16.to_le_bytes());
+        img[0x248..0x24c].copy_from_slice(&16_u32.to_le_bytes());
+        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img.extend_from_slice(payload);
+        img
+    }
+
+    fn xz(data: &[u8]) -> Vec<u8> {
+        let dir = tempdir();
+        let p = dir.join("in");
+        std::fs::write(&p, data).unwrap();
+        assert!(
+            Command::new("xz")
+                .arg("-k")
+                .arg(&p)
+                .status()
+                .unwrap()
+                .success()
+        );
+        std::fs::read(dir.join("in.xz")).unwrap()
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "xtask-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_uncompressed_kernel_is_taken_out_of_a_bzimage_and_checked() {
+        if Command::new("xz").arg("--version").output().is_err() {
+            println!("SKIP: no xz (apt-get install xz-utils)");
+            return;
+        }
+        let dir = tempdir();
+        let (vmlinuz, out) = (dir.join("vmlinuz"), dir.join("vmlinux"));
+        let elf = [b"\x7fELF".as_slice(), &[7u8; 5000]].concat();
+        let mut payload = xz(&elf);
+        payload.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+        std::fs::write(&vmlinuz, bzimage(&payload)).unwrap();
+        extract_vmlinux(&vmlinuz, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), elf);
+
+        // A size that does not match, a payload that is not xz, not a bzImage: errors
+        // naming why, and nothing written.
+        std::fs::remove_file(&out).unwrap();
+        let n = payload.len();
+        payload[n - 4..].copy_from_slice(&1_u32.to_le_bytes());
+        std::fs::write(&vmlinuz, bzimage(&payload)).unwrap();
+        let e = extract_vmlinux(&vmlinuz, &out).unwrap_err().to_string();
+        assert!(e.contains("header says 1"), "{e}");
+        std::fs::write(&vmlinuz, bzimage(b"\x1f\x8bgzip....")).unwrap();
+        let e = extract_vmlinux(&vmlinuz, &out).unwrap_err().to_string();
+        assert!(e.contains("not xz-compressed"), "{e}");
+        std::fs::write(&vmlinuz, vec![0u8; 4096]).unwrap();
+        let e = extract_vmlinux(&vmlinuz, &out).unwrap_err().to_string();
+        assert!(e.contains("not a bzImage"), "{e}");
+        assert!(!out.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn panics_are_kept_with_their_binary_and_message_without_frames() {

@@ -522,6 +522,19 @@ pub fn vm_image_files(initrd: Vec<u8>) -> anyhow::Result<Vec<cpio::Entry>> {
     ])
 }
 
+/// An entry for a machine's initramfs: the guest kernel uncompressed (the ELF `vmlinux`
+/// `cargo xtask guest` takes out of `vmlinuz`) as `/var/lib/aurae/vm-images/vmlinux`,
+/// beside [`vm_image_files`]. 63 MiB: only for what boots it.
+pub fn vmlinux_file() -> anyhow::Result<cpio::Entry> {
+    let path = artifacts().join("vmlinux");
+    Ok(cpio::Entry::File {
+        path: "var/lib/aurae/vm-images/vmlinux".into(),
+        mode: 0o644,
+        data: std::fs::read(&path)
+            .with_context(|| format!("{} (made by `cargo xtask guest`)", path.display()))?,
+    })
+}
+
 /// [`microvm_initramfs`]'s busybox, modules and mounts with `body` as the rest of the init
 /// script (before its `poweroff -f`).
 pub fn microvm_initramfs_with(body: &str) -> anyhow::Result<Vec<u8>> {

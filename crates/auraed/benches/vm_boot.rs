@@ -3,7 +3,9 @@
 //! through `RunVirtualMachine` (our VMM) and by `qemu-system-x86_64 -M microvm -enable-kvm`
 //! started as an executable of a cell, interleaved round by round. Time = request sent →
 //! marker in the console (for both: read through the API). Also the VMM's memory overhead:
-//! its RSS minus the guest memory it has touched (Firecracker promises ≤ 5 MiB).
+//! its RSS minus the guest memory it has touched (Firecracker promises ≤ 5 MiB). Two more
+//! arms of ours: the `host` CPU template, and the same kernel uncompressed (the ELF
+//! `vmlinux` inside the bzImage, `cargo xtask guest`), which skips the guest's decompressor.
 //!
 //! Needs the guest tier (root, qemu, `cargo xtask guest`); prints SKIP otherwise.
 //! `AURAE_BENCH_ROUNDS` (default 3).
@@ -17,7 +19,7 @@ use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     guest::{
         Guest, GuestOptions, MICROVM_MARKER, QEMU, microvm_initramfs, needs_guest, qemu_files,
-        qemu_microvm_argv, vm_image_files,
+        qemu_microvm_argv, vm_image_files, vmlinux_file,
     },
     workload,
 };
@@ -34,14 +36,15 @@ async fn exe_has_marker(c: &Client, cell: &str, name: &str) -> bool {
         .is_ok_and(|t| t.contains(MICROVM_MARKER))
 }
 
-/// Boots the bench's VM with `template` and returns the seconds to the marker, or None when
-/// the guest ended without it (a nested triple fault) or took over 300 s.
-async fn boot_to_marker(c: &Client, name: &str, template: &str) -> Option<f64> {
+/// Boots the bench's VM from `kernel` (in the VM image root) with `template` and returns
+/// the seconds to the marker, or None when the guest ended without it (a nested triple
+/// fault) or took over 300 s.
+async fn boot_to_marker(c: &Client, name: &str, kernel: &str, template: &str) -> Option<f64> {
     let t = Instant::now();
     c.runtime()
         .run_virtual_machine(pb::VirtualMachine {
             name: name.into(),
-            kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
+            kernel_path: format!("/var/lib/aurae/vm-images/{kernel}"),
             initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
             cmdline: CMDLINE.into(),
             vcpus: 1,
@@ -140,6 +143,7 @@ fn main() {
     };
     let rounds = aurae_testkit::bench_rounds(3);
     let mut files = vm_image_files(microvm_initramfs(false).unwrap()).unwrap();
+    files.push(vmlinux_file().unwrap());
     files.extend(qemu);
     let rt = aurae_testkit::bench_runtime().unwrap();
     rt.block_on(async {
@@ -170,14 +174,20 @@ fn main() {
         let (mut ours, mut theirs, mut boot_timer, mut overhead) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut host_template = Vec::new();
-        let mut faults = 0;
+        let (mut faults, mut elf, mut elf_faults) = (0, Vec::new(), 0);
         let mut peer_failed: Option<String> = None;
         for i in 0..rounds {
             // The host CPU template (KVM's set as it is), for the template's effect.
-            if let Some(secs) = boot_to_marker(&c, &format!("h{i}"), "host").await {
+            if let Some(secs) = boot_to_marker(&c, &format!("h{i}"), "vmlinuz", "host").await {
                 host_template.push(secs);
             } else {
                 faults += 1;
+            }
+            // The same kernel uncompressed: the guest skips its decompressor.
+            if let Some(secs) = boot_to_marker(&c, &format!("v{i}"), "vmlinux", "").await {
+                elf.push(secs);
+            } else {
+                elf_faults += 1;
             }
             let name = format!("b{i}");
             let t = Instant::now();
@@ -278,14 +288,23 @@ fn main() {
             med(host_template.clone()),
             med(ours.clone()) / med(host_template.clone())
         );
+        println!(
+            "  same, vmlinux (ELF, no decompression) {elf:.2?} s, median {:.2} s → vmlinux/bzImage = {:.2} ({elf_faults} did not reach the marker)",
+            med(elf.clone()),
+            med(elf.clone()) / med(ours.clone())
+        );
         if let Some(why) = &peer_failed {
             println!("  qemu -M microvm: did not boot: {why}");
         }
         println!("  qemu -M microvm → marker          {theirs:.2?} s, median {:.2} s", med(theirs.clone()));
         println!(
             "  ratio aurae/qemu-microvm = {:.2} (target <= 0.5); boot timer medians {:.2} s",
-            med(ours) / med(theirs),
+            med(ours) / med(theirs.clone()),
             med(boot_timer)
+        );
+        println!(
+            "  ratio aurae vmlinux/qemu-microvm = {:.2} (target <= 0.5; QEMU boots the bzImage as before)",
+            med(elf) / med(theirs)
         );
         for (rss, guest) in &overhead {
             println!(
