@@ -420,8 +420,8 @@ fn tests() -> anyhow::Result<Totals> {
 /// The Debian packages the test tiers use: a C toolchain (ring's assembly); the host
 /// tier's tools (python3, iproute2, nsenter from util-linux); the guest tier (qemu,
 /// busybox-static; the kernel is fetched by `guest`); a registry on loopback for image
-/// pulls (docker-registry); xz for the guest kernel's vmlinux; crun and runc as benchmark peers; curl and jq for the README;
-/// the CNI plugins (bridge, host-local, loopback, portmap) for the CRI's pod networks.
+/// pulls (docker-registry); xz for the guest kernel's vmlinux; crun and runc as
+/// benchmark peers; curl and jq for the README; the CNI plugins (bridge, host-local, loopback, portmap) for the CRI's pod networks.
 const PACKAGES: &[&str] = &[
     "build-essential",
     "pkg-config",

@@ -261,8 +261,8 @@ fn leave_initramfs(w: &mut Vec<String>) {
 /// anyway —: a tmpfs of their own at `dir` with `huge=within_size`. The price: a memory
 /// file's 4 KiB holes are filled up to whole huge pages. A warning when it cannot be.
 pub fn templates_in_huge_pages(dir: &Path) -> Option<String> {
+    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
     let parent = dir.parent()?;
     // Made as the state store makes it (0700), so its type can be read.
     fs::DirBuilder::new()
@@ -270,8 +270,7 @@ pub fn templates_in_huge_pages(dir: &Path) -> Option<String> {
         .mode(0o700)
         .create(dir)
         .ok()?;
-    let in_memory =
-        nix::sys::statfs::statfs(parent).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC);
+    let in_memory = statfs(parent).is_ok_and(|s| s.filesystem_type() == TMPFS_MAGIC);
     // Already a mount point (of its own device): left as it is.
     let mounted = fs::metadata(dir)
         .and_then(|d| fs::metadata(parent).map(|p| d.dev() != p.dev()))
@@ -686,8 +685,8 @@ mod tests {
         // Not in memory (unless the temporary directory is a tmpfs itself): left alone.
         let on_disk = base.join("disk-state");
         let before = mounts_below(&base).len();
-        let plain = nix::sys::statfs::statfs(&base).map(|s| s.filesystem_type().0);
-        if plain.is_ok_and(|t| t != 0x0102_1994) {
+        let plain = nix::sys::statfs::statfs(&base).map(|s| s.filesystem_type());
+        if plain.is_ok_and(|t| t != nix::sys::statfs::TMPFS_MAGIC) {
             assert_eq!(templates_in_huge_pages(&on_disk.join("t")), None);
             assert_eq!(mounts_below(&base).len(), before, "nothing mounted");
         }

@@ -1017,16 +1017,7 @@ async fn wire_workloads(
     // On a state disk that takes no writes no holder is started: whatever a previous
     // holder keeps stays with it (its records cannot be rewritten to name another).
     // One made ahead of a template's snapshot is tracked by the reaper made with it.
-    let holder_made_ahead = ahead::take_holder().and_then(|h| match h.answers() {
-        Ok(()) => Some(h.in_this_boot()),
-        Err(e) => {
-            let _ = h.kill();
-            warnings.push(format!(
-                "the output holder made ahead does not answer ({e}): another is started"
-            ));
-            None
-        }
-    });
+    let holder_made_ahead = ahead::take_holder();
     let holder = if read_only {
         if let Some(h) = holder_made_ahead
             && let Err(e) = h.kill()
@@ -1036,7 +1027,16 @@ async fn wire_workloads(
             ));
         }
         None
-    } else if let Some(h) = holder_made_ahead {
+    } else if let Some(h) = holder_made_ahead.and_then(|h| match h.answers() {
+        Ok(()) => Some(h.in_this_boot()),
+        Err(e) => {
+            let _ = h.kill();
+            warnings.push(format!(
+                "the output holder made ahead does not answer ({e}): another is started"
+            ));
+            None
+        }
+    }) {
         Some(Arc::new(h))
     } else {
         let (sealed, reaper) = (sealed.clone(), reaper.clone());

@@ -88,7 +88,6 @@ pub fn served_methods() -> BTreeSet<String> {
     out
 }
 
-/// Builds the router with every service, each with its message-size limits.
 /// The reflection services (v1 and v1alpha) as routes of their own, for [`routes`] to
 /// add the API to. Building them decodes every descriptor set twice (tens of
 /// milliseconds on an instance's one vCPU): an instance template builds them before its
@@ -104,7 +103,8 @@ pub fn reflection_routes() -> Result<tonic::service::Routes, tonic_reflection::s
         .add_service(reflection().build_v1alpha()?))
 }
 
-/// Every service of the API, added to `reflection` ([`reflection_routes`]).
+/// The router with every service of the API, each with its message-size limits, added
+/// to `reflection` ([`reflection_routes`]).
 pub fn routes(
     ctx: Context,
     health: tonic_health::pb::health_server::HealthServer<

@@ -243,8 +243,13 @@ pub fn apply(p: &Personal, w: &mut Vec<String>) -> Result<String, String> {
 /// The template's network interface.
 const LINK: &str = "eth0";
 
+/// The interface's IPv6 setting `key`.
+fn ipv6_conf(key: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{LINK}/{key}")
+}
+
 fn addr_gen_mode() -> String {
-    format!("/proc/sys/net/ipv6/conf/{LINK}/addr_gen_mode")
+    ipv6_conf("addr_gen_mode")
 }
 
 /// Before the snapshot: the interface up (its driver posts its receive buffers then:
@@ -293,10 +298,7 @@ pub fn own_link(mac: [u8; 6], link_up: bool, w: &mut Vec<String>) -> Result<(), 
         // A driver without live changes takes it with the link down (its IPv6
         // addresses kept across).
         let again = if link_up {
-            let _ = std::fs::write(
-                format!("/proc/sys/net/ipv6/conf/{LINK}/keep_addr_on_down"),
-                "1",
-            );
+            let _ = std::fs::write(ipv6_conf("keep_addr_on_down"), "1");
             aurae_sys::net::set_link_down(LINK)
                 .and_then(|()| aurae_sys::net::set_mac(LINK, mac))
                 .and_then(|()| aurae_sys::net::set_link_up(LINK))
