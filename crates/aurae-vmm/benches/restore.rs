@@ -165,6 +165,7 @@ fn main() {
     let (mut cold, mut warm, mut alone, mut reads, mut machines, mut vcpus) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut cold_run, mut warm_run) = (vec![], vec![]);
+    let mut steps: Vec<(&'static str, Vec<f64>)> = Vec::new();
     for round in 0..=rounds {
         let c = Counter::default();
         let t = Instant::now();
@@ -195,6 +196,12 @@ fn main() {
         reads.push(read.as_secs_f64() * 1e3);
         machines.push(info.machine.as_secs_f64() * 1e3);
         vcpus.push(info.vcpus.as_secs_f64() * 1e3);
+        for (i, (step, took)) in info.steps.iter().enumerate() {
+            if steps.len() <= i {
+                steps.push((step, Vec::new()));
+            }
+            steps[i].1.push(took.as_secs_f64() * 1e3);
+        }
     }
     let (cm, wm) = (median(&mut cold), median(&mut warm));
     println!(
@@ -218,6 +225,11 @@ fn main() {
         median(&mut machines),
         median(&mut vcpus)
     );
+    let steps: Vec<String> = steps
+        .iter_mut()
+        .map(|(step, ms)| format!("{step} {:.3}", median(ms)))
+        .collect();
+    println!("R1 restore's steps (medians, ms): {}", steps.join(", "));
 
     // R2: 8 at once, each kind.
     const N: usize = 8;

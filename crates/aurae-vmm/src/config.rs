@@ -204,12 +204,10 @@ pub fn check_cmdline(cmdline: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The host's physical memory in bytes, from `/proc/meminfo` (`None` if unreadable).
+/// The host's physical memory in bytes (`/proc/meminfo`'s `MemTotal`, read through
+/// `sysinfo(2)`: one syscall, no `/proc` needed in a jail); `None` if it fails.
 pub fn host_mem_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    crate::sys::total_ram()
 }
 
 #[cfg(test)]
@@ -309,8 +307,14 @@ mod tests {
     }
 
     #[test]
-    fn host_memory_is_read() {
-        assert!(host_mem_bytes().is_some_and(|m| m > 0));
+    fn host_memory_is_read_and_is_meminfos_total() {
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert_eq!(host_mem_bytes(), Some(kib * 1024));
     }
 
     #[test]

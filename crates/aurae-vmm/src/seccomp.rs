@@ -1,5 +1,6 @@
 //! Per-thread seccomp filters for the VMM's threads, as Firecracker does: allowlists
-//! compiled to BPF in pure Rust (`seccompiler`) when the VM is built, each installed by its
+//! (`seccomp/rules.rs`) compiled to BPF in pure Rust (`seccompiler`) once, by `build.rs`
+//! (a VM's VMM copies the programs rather than compiling them), each installed by its
 //! thread on itself (`seccomp(SECCOMP_SET_MODE_FILTER)` without TSYNC, after
 //! `PR_SET_NO_NEW_PRIVS`) before it runs guest code or handles guest input. Any other
 //! syscall kills the process (`SECCOMP_RET_KILL_PROCESS`): a VMM that does something
@@ -15,59 +16,11 @@
 //! The serial sink is the embedder's `Write`: a file, a pipe or a socket works (`write`);
 //! a sink that needs other syscalls (e.g. one that opens files) does not.
 
-use std::collections::BTreeMap;
+mod rules;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::{BpfProgram, sock_filter};
 
-/// `KVM_RUN`.
-pub const KVM_RUN: u64 = 0xae80;
-/// `KVM_GET_REGS` (read after an internal error).
-pub const KVM_GET_REGS: u64 = 0x8090_ae81;
-
-/// `_IOC(dir, KVMIO, nr, size)`.
-const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
-}
-const IOR: u64 = 2;
-const IOWR: u64 = 3;
-
-/// The read-only KVM ioctls a snapshot needs, allowed on the controller thread only: the
-/// vCPUs' and the VM's state, nothing that changes it.
-pub const SNAPSHOT_IOCTLS: &[u64] = {
-    use std::mem::size_of;
-
-    use kvm_bindings as k;
-    &[
-        kvm_ioc(IOR, 0x81, size_of::<k::kvm_regs>()), // KVM_GET_REGS
-        kvm_ioc(IOR, 0x83, size_of::<k::kvm_sregs>()), // KVM_GET_SREGS
-        kvm_ioc(IOWR, 0x88, size_of::<k::kvm_msrs>()), // KVM_GET_MSRS
-        kvm_ioc(IOR, 0x8e, size_of::<k::kvm_lapic_state>()), // KVM_GET_LAPIC
-        kvm_ioc(IOWR, 0x91, size_of::<k::kvm_cpuid2>()), // KVM_GET_CPUID2
-        kvm_ioc(IOR, 0x98, size_of::<k::kvm_mp_state>()), // KVM_GET_MP_STATE
-        kvm_ioc(IOR, 0x9f, size_of::<k::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
-        kvm_ioc(IOR, 0xa1, size_of::<k::kvm_debugregs>()), // KVM_GET_DEBUGREGS
-        kvm_ioc(0, 0xa3, 0),                          // KVM_GET_TSC_KHZ
-        kvm_ioc(IOR, 0xa4, size_of::<k::kvm_xsave>()), // KVM_GET_XSAVE
-        kvm_ioc(IOR, 0xa6, size_of::<k::kvm_xcrs>()), // KVM_GET_XCRS
-        kvm_ioc(IOWR, 0x62, size_of::<k::kvm_irqchip>()), // KVM_GET_IRQCHIP
-        kvm_ioc(IOR, 0x9f, size_of::<k::kvm_pit_state2>()), // KVM_GET_PIT2
-        kvm_ioc(IOR, 0x7c, size_of::<k::kvm_clock_data>()), // KVM_GET_CLOCK
-    ]
-};
-
-/// Which thread a filter is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ThreadKind {
-    /// A vCPU thread.
-    Vcpu,
-    /// The controller thread (`vmm`) that waits for the vCPUs and stops them.
-    Vmm,
-    /// The network RX thread.
-    NetRx,
-}
+pub use rules::{KVM_GET_REGS, KVM_RUN, SNAPSHOT_IOCTLS, ThreadKind};
 
 /// A filter could not be built or installed.
 #[derive(Debug, thiserror::Error)]
@@ -80,96 +33,22 @@ pub enum SeccompError {
     Install(#[from] seccompiler::Error),
 }
 
-/// Syscalls every VMM thread needs: memory, futexes, signal return and masks, thread
-/// exit, time.
-const COMMON: &[libc::c_long] = &[
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_sched_yield,
-    libc::SYS_clock_gettime,
-    libc::SYS_close,
-    libc::SYS_exit,
-    libc::SYS_rseq,
-];
-
-fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
-    let mut v = COMMON.to_vec();
-    v.extend_from_slice(match kind {
-        ThreadKind::Vcpu => &[
-            libc::SYS_read,
-            libc::SYS_write,
-            libc::SYS_writev,
-            libc::SYS_pread64,
-            libc::SYS_pwrite64,
-            libc::SYS_fsync,
-            libc::SYS_fdatasync,
-        ],
-        ThreadKind::Vmm => &[
-            libc::SYS_write,
-            libc::SYS_writev,
-            libc::SYS_fsync,
-            libc::SYS_tgkill,
-            libc::SYS_getpid,
-            libc::SYS_gettid,
-            libc::SYS_nanosleep,
-            libc::SYS_clock_nanosleep,
-            // A snapshot's files (opened by the embedder beforehand), and its buffers
-            // (malloc grows a thread's arena with mprotect).
-            libc::SYS_pwrite64,
-            libc::SYS_ftruncate,
-            libc::SYS_mprotect,
-        ],
-        ThreadKind::NetRx => &[
-            libc::SYS_read,
-            libc::SYS_write,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-        ],
-    });
-    v
+/// The BPF program for one kind of thread (x86_64), compiled now from the rules (the
+/// VMM takes [`Filters::built`]'s, compiled at build time from the same rules).
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    Ok(rules::compile(kind)?)
 }
 
-/// The BPF program for one kind of thread (x86_64).
-pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
-        .into_iter()
-        .map(|nr| (nr, Vec::new()))
-        .collect();
-    let arg1_is = |v| {
-        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
-            .and_then(|c| SeccompRule::new(vec![c]))
-    };
-    // std's `OwnedFd` drop checks the fd with `fcntl(F_GETFD)` in debug builds.
-    rules.insert(libc::SYS_fcntl, vec![arg1_is(libc::F_GETFD as u64)?]);
-    if kind == ThreadKind::Vcpu {
-        rules.insert(
-            libc::SYS_ioctl,
-            vec![arg1_is(KVM_RUN)?, arg1_is(KVM_GET_REGS)?],
-        );
-    }
-    if kind == ThreadKind::Vmm {
-        rules.insert(
-            libc::SYS_ioctl,
-            SNAPSHOT_IOCTLS
-                .iter()
-                .map(|&nr| arg1_is(nr))
-                .collect::<Result<_, _>>()?,
-        );
-    }
-    let f = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?;
-    Ok(f.try_into()?)
+/// The programs `build.rs` compiled from `seccomp/rules.rs`: `(code, jt, jf, k)`.
+mod built {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
+}
+
+fn program(insns: &[(u16, u8, u8, u32)]) -> BpfProgram {
+    insns
+        .iter()
+        .map(|&(code, jt, jf, k)| sock_filter { code, jt, jf, k })
+        .collect()
 }
 
 /// The three programs, compiled once per VM.
@@ -184,8 +63,17 @@ pub struct Filters {
 }
 
 impl Filters {
-    /// Compiles every filter.
-    pub fn new() -> Result<Self, SeccompError> {
+    /// Every filter, as compiled at build time.
+    pub fn built() -> Self {
+        Self {
+            vcpu: program(built::VCPU),
+            vmm: program(built::VMM),
+            net_rx: program(built::NET_RX),
+        }
+    }
+
+    /// Every filter, compiled now from the rules (what [`Filters::built`] gives, slower).
+    pub fn compile() -> Result<Self, SeccompError> {
         Ok(Self {
             vcpu: filter(ThreadKind::Vcpu)?,
             vmm: filter(ThreadKind::Vmm)?,
@@ -214,8 +102,25 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        let f = Filters::new().unwrap();
+        let f = Filters::compile().unwrap();
         assert!(!f.vcpu.is_empty() && !f.vmm.is_empty() && !f.net_rx.is_empty());
+    }
+
+    fn insns(p: &BpfProgram) -> Vec<(u16, u8, u8, u32)> {
+        p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
+    }
+
+    #[test]
+    fn the_programs_compiled_at_build_time_are_the_rules_compiled_now() {
+        let (built, now) = (Filters::built(), Filters::compile().unwrap());
+        for (kind, b, n) in [
+            ("vcpu", &built.vcpu, &now.vcpu),
+            ("vmm", &built.vmm, &now.vmm),
+            ("net_rx", &built.net_rx, &now.net_rx),
+        ] {
+            assert!(!b.is_empty(), "{kind}");
+            assert_eq!(insns(b), insns(n), "{kind}");
+        }
     }
 
     #[test]

@@ -32,7 +32,12 @@ impl GuestVm {
     /// Creates a VM and registers every region of `mem` as a KVM memory slot (slot `i` for
     /// the `i`th region).
     pub fn new(kvm: &Kvm, mem: Arc<GuestMemoryMmap>) -> Result<Self, kvm_ioctls::Error> {
-        let vm = kvm.create_vm()?;
+        Self::with_vm(kvm.create_vm()?, mem)
+    }
+
+    /// Registers every region of `mem` in `vm`, a VM just created (`KVM_CREATE_VM`) with
+    /// no memory yet.
+    pub fn with_vm(vm: VmFd, mem: Arc<GuestMemoryMmap>) -> Result<Self, kvm_ioctls::Error> {
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -161,4 +166,17 @@ pub fn set_xsave(fd: &VcpuFd, xsave: &kvm_bindings::kvm_xsave) -> Result<(), kvm
     // `sizeof(struct kvm_xsave)` (4 KiB, dynamically enabled features such as AMX), and
     // this monitor enables none, so the kernel reads at most the 4 KiB `xsave` holds.
     unsafe { fd.set_xsave(xsave) }
+}
+
+/// `sysinfo(2)`'s total usable RAM in bytes (what `/proc/meminfo` shows as `MemTotal`).
+pub fn total_ram() -> Option<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: `sysinfo` writes one `struct sysinfo` into the buffer, which we own and
+    // which has that type's size and alignment; it keeps no pointer to it.
+    if unsafe { libc::sysinfo(info.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: zero is a valid value of every field, and the kernel filled it on success.
+    let info = unsafe { info.assume_init() };
+    info.totalram.checked_mul(u64::from(info.mem_unit))
 }

@@ -272,6 +272,29 @@ pub struct RestoreInfo {
     /// The guest's kvmclock was advanced by the time since the snapshot (a kernel with
     /// `KVM_CLOCK_REALTIME`); otherwise it resumes at the snapshot's instant.
     pub clock_advanced: bool,
+    /// Every step of `took`, in order, each with its own time (they add up to `took`).
+    pub steps: Vec<(&'static str, Duration)>,
+}
+
+/// Times consecutive steps: each [`Laps::lap`] ends one and starts the next.
+struct Laps {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn start() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            steps: Vec::with_capacity(12),
+        }
+    }
+
+    fn lap(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
 }
 
 /// A cheap, cloneable handle on a VM, usable from any thread.
@@ -395,20 +418,26 @@ impl Machine {
         drives: &[config::DriveConfig],
         net: Option<&config::NetConfig>,
         console_out: Option<config::SerialSink>,
+        laps: &mut Laps,
     ) -> Result<Self, VmmError> {
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
-        let guest = GuestVm::new(kvm, Arc::new(mem))
-            .map_err(kvm_err("KVM_CREATE_VM / KVM_SET_USER_MEMORY_REGION"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        laps.lap("KVM_CREATE_VM");
+        let guest =
+            GuestVm::with_vm(vm, Arc::new(mem)).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        laps.lap("memory regions");
         let vm = guest.fd();
         vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        laps.lap("TSS and irqchip");
         vm.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        laps.lap("PIT");
 
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in drives.iter().enumerate() {
@@ -421,6 +450,7 @@ impl Machine {
                 })?;
             virtio.push(Box::new(blk));
         }
+        laps.lap("drives opened");
         let mut net_tap = None;
         if let Some(n) = net {
             let tap_err = |source| VmmError::Tap {
@@ -430,6 +460,7 @@ impl Machine {
             let tap = sys::open_tap(&n.tap).map_err(tap_err)?;
             net_tap = Some(tap.try_clone().map_err(tap_err)?);
             virtio.push(Box::new(Net::new(tap, n.mac)));
+            laps.lap("TAP opened");
         }
         if let Some(out) = console_out {
             virtio.push(Box::new(Console::new(out)));
@@ -453,6 +484,7 @@ impl Machine {
             Some(tap) => transports.get(drives.len()).map(|t| (Arc::clone(t), tap)),
             None => None,
         };
+        laps.lap("virtio transports and irqfds");
         Ok(Self {
             guest,
             transports,
@@ -496,7 +528,16 @@ impl Vm {
             bytes: cfg.mem_bytes,
             source,
         })?;
-        let machine = Machine::build(&kvm, mem, &cfg.drives, cfg.net.as_ref(), cfg.console_out)?;
+        // A cold build reports no steps; the laps are only the restore's.
+        let mut laps = Laps::start();
+        let machine = Machine::build(
+            &kvm,
+            mem,
+            &cfg.drives,
+            cfg.net.as_ref(),
+            cfg.console_out,
+            &mut laps,
+        )?;
 
         let mem = machine.guest.memory();
         let kernel = boot::load_kernel(mem, &cfg.kernel)?;
@@ -546,6 +587,7 @@ impl Vm {
             layout,
             cfg.seccomp,
             meta,
+            &mut laps,
         )
     }
 
@@ -557,6 +599,7 @@ impl Vm {
     /// every vCPU. Nothing runs until [`Vm::run`].
     pub fn restore(cfg: RestoreConfig) -> Result<(Self, RestoreInfo), VmmError> {
         let started = std::time::Instant::now();
+        let mut laps = Laps::start();
         let RestoreConfig {
             snapshot: snap,
             memory,
@@ -569,6 +612,7 @@ impl Vm {
         let h = &snap.header;
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+        laps.lap("open /dev/kvm");
 
         let template =
             crate::CpuTemplate::from_name(&h.cpu_template).ok_or_else(|| SnapshotError::Cpu {
@@ -577,8 +621,10 @@ impl Vm {
                 here: "no such template in this monitor".into(),
             })?;
         let mut supported = cpu::supported_cpuid(&kvm)?;
+        laps.lap("supported CPUID");
         template.apply(supported.as_mut_slice());
         let fingerprint = snapshot::cpuid_fingerprint(supported.as_slice());
+        laps.lap("CPU template and fingerprint");
         if fingerprint != h.cpu_fingerprint {
             return Err(SnapshotError::Cpu {
                 what: "fingerprint",
@@ -619,10 +665,13 @@ impl Vm {
         }
 
         let (layout, ranges) = layout_of(h.mem_bytes)?;
+        laps.lap("checks");
         let machine_started = std::time::Instant::now();
         let mem = snapshot::map_memory(&memory, &ranges, h.memory_len)?;
-        let machine = Machine::build(&kvm, mem, &drives, net.as_ref(), console_out)?;
+        laps.lap("memory mapped");
+        let machine = Machine::build(&kvm, mem, &drives, net.as_ref(), console_out, &mut laps)?;
         snapshot::restore_vm(machine.guest.fd(), &snap.vm)?;
+        laps.lap("irqchip, PIT, clock");
         for (i, (t, s)) in machine.transports.iter().zip(&snap.transports).enumerate() {
             let mut t = t
                 .lock()
@@ -637,6 +686,7 @@ impl Vm {
             serial_out,
         )
         .map_err(SnapshotError::Device)?;
+        laps.lap("devices' state");
         let machine_took = machine_started.elapsed();
         let vcpus_started = std::time::Instant::now();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
@@ -646,7 +696,9 @@ impl Vm {
                 .guest
                 .create_vcpu(id)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            laps.lap("KVM_CREATE_VCPU");
             snapshot::restore_vcpu(v.fd(), id, state)?;
+            laps.lap("vCPU state");
             vcpus.push(v);
         }
         let vcpus_took = vcpus_started.elapsed();
@@ -658,7 +710,7 @@ impl Vm {
         };
         let clock_advanced = snap.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0;
         let vm = Self::assemble(
-            &kvm, machine, vcpus, serial_irq, serial, layout, seccomp, meta,
+            &kvm, machine, vcpus, serial_irq, serial, layout, seccomp, meta, &mut laps,
         )?;
         Ok((
             vm,
@@ -667,6 +719,7 @@ impl Vm {
                 machine: machine_took,
                 vcpus: vcpus_took,
                 clock_advanced,
+                steps: laps.steps,
             },
         ))
     }
@@ -683,19 +736,24 @@ impl Vm {
         layout: MemoryLayout,
         seccomp: bool,
         meta: Meta,
+        laps: &mut Laps,
     ) -> Result<Self, VmmError> {
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+        let mut lap = |step| laps.lap(step);
         machine
             .guest
             .fd()
             .register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let filters = if seccomp { Some(Filters::new()?) } else { None };
+        lap("serial IRQ");
+        let filters = seccomp.then(Filters::built);
+        lap("seccomp programs");
         let msr_indices = kvm
             .get_msr_index_list()
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
+        lap("MSR list");
         let (tx, rx) = mpsc::channel();
         let handle = VmHandle {
             shared: Arc::new(Shared {

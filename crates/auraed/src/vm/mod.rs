@@ -799,6 +799,7 @@ impl Vms {
                             restore_ns,
                             machine_ns,
                             vcpus_ns,
+                            steps,
                         } => {
                             s.restore_time = Some(Duration::from_nanos(restore_ns));
                             info!(
@@ -806,6 +807,7 @@ impl Vms {
                                 restore_ms = restore_ns as f64 / 1e6,
                                 machine_ms = machine_ns as f64 / 1e6,
                                 vcpus_ms = vcpus_ns as f64 / 1e6,
+                                steps_ms = %steps,
                                 "virtual machine restored"
                             );
                         }

@@ -110,6 +110,9 @@ pub enum Report {
         machine_ns: u64,
         #[serde(default)]
         vcpus_ns: u64,
+        /// Every step with its time in ms ("open /dev/kvm 0.31, …"), for the log.
+        #[serde(default)]
+        steps: String,
     },
     /// The snapshot asked for was written (before `Exited`).
     Snapshotted {
@@ -597,6 +600,12 @@ fn run(
                     restore_ns: nanos(info.took),
                     machine_ns: nanos(info.machine),
                     vcpus_ns: nanos(info.vcpus),
+                    steps: info
+                        .steps
+                        .iter()
+                        .map(|(step, took)| format!("{step} {:.2}", took.as_secs_f64() * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 },
             )
             .map_err(|e| format!("control socket: {e}"))?;
