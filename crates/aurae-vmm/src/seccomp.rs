@@ -20,7 +20,9 @@ mod rules;
 
 use seccompiler::{BpfProgram, sock_filter};
 
-pub use rules::{KVM_GET_REGS, KVM_RUN, SNAPSHOT_IOCTLS, ThreadKind};
+pub use rules::{
+    CONTROL_ALLOWED, KVM_GET_REGS, KVM_RUN, PROCESS_DENIED, SNAPSHOT_IOCTLS, ThreadKind,
+};
 
 /// A filter could not be built or installed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,18 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 /// The programs `build.rs` compiled from `seccomp/rules.rs`: `(code, jt, jf, k)`.
 mod built {
     include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
+}
+
+/// [`PROCESS_DENIED`] as a program (compiled at build time), for an embedder that runs the
+/// VMM in a process of its own to install process-wide before it builds the VM.
+pub fn process_denylist_program() -> BpfProgram {
+    program(built::PROCESS_DENYLIST)
+}
+
+/// [`CONTROL_ALLOWED`] as a program (compiled at build time), for that embedder's own
+/// control and report threads.
+pub fn control_program() -> BpfProgram {
+    program(built::CONTROL)
 }
 
 fn program(insns: &[(u16, u8, u8, u32)]) -> BpfProgram {
@@ -120,6 +134,21 @@ mod tests {
         ] {
             assert!(!b.is_empty(), "{kind}");
             assert_eq!(insns(b), insns(n), "{kind}");
+        }
+        for (kind, b, n) in [
+            (
+                "process denylist",
+                process_denylist_program(),
+                rules::compile_process_denylist().unwrap(),
+            ),
+            (
+                "control",
+                control_program(),
+                rules::compile_control().unwrap(),
+            ),
+        ] {
+            assert!(!b.is_empty(), "{kind}");
+            assert_eq!(insns(&b), insns(&n), "{kind}");
         }
     }
 

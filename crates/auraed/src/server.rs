@@ -579,7 +579,7 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
     let trust_domain = server_id.trust_domain().to_owned();
     let methods = api::served_methods();
     let policy = match &cfg.policy {
-        Some(p) => Policy::load(p, &trust_domain, &methods)?,
+        Some(p) => Policy::load(p, &trust_domain, methods)?,
         None => Policy::default_for(SpiffeId::new(&trust_domain, ADMIN_PATH)?),
     };
     for g in policy.grants() {

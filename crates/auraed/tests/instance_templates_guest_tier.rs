@@ -311,7 +311,7 @@ async fn guest_tier_instances_restored_from_one_template_are_each_their_own() {
                 let log = l1_sh(&c, "/bin/busybox cat /var/lib/aurae/logs/instances/t2.log").await;
                 println!("---- t2.log ----\n{log}\n----");
                 let l1 = g.serial_text();
-                for line in l1.lines().filter(|l| l.contains("virtual machine restored")) {
+                for line in l1.lines().filter(|l| l.contains("virtual machine restored") || l.contains("instance ready")) {
                     println!("L1: {line}");
                 }
                 println!("t2 boot_time (L1: request → its VM started): {:?}", s2.boot_time);

@@ -149,3 +149,73 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     )?;
     f.try_into()
 }
+
+/// Syscalls no thread of a VMM process ever needs, refused process-wide with `EPERM` by an
+/// embedder that runs the VMM in a process of its own (inherited by every thread; the
+/// vCPU, controller and network threads stack their own allowlists on top).
+#[rustfmt::skip]
+pub const PROCESS_DENIED: &[libc::c_long] = {
+    use libc::*;
+    &[
+        SYS_execve, SYS_execveat, SYS_ptrace, SYS_mount, SYS_umount2, SYS_pivot_root,
+        SYS_chroot, SYS_setns, SYS_unshare, SYS_open_by_handle_at, SYS_name_to_handle_at,
+        SYS_kexec_load, SYS_kexec_file_load, SYS_init_module, SYS_finit_module,
+        SYS_delete_module, SYS_bpf, SYS_perf_event_open, SYS_keyctl, SYS_add_key,
+        SYS_request_key, SYS_userfaultfd, SYS_process_vm_readv, SYS_process_vm_writev,
+        SYS_socket, SYS_connect, SYS_bind, SYS_listen, SYS_accept, SYS_accept4, SYS_setuid,
+        SYS_setgid, SYS_setreuid, SYS_setregid, SYS_setresuid, SYS_setresgid, SYS_setgroups,
+        SYS_capset, SYS_fsopen, SYS_fsmount, SYS_move_mount, SYS_open_tree, SYS_fspick,
+        SYS_mount_setattr, SYS_reboot, SYS_swapon, SYS_swapoff, SYS_syslog, SYS_acct,
+        SYS_iopl, SYS_ioperm, SYS_quotactl, SYS_settimeofday, SYS_clock_settime,
+        SYS_adjtimex, SYS_clock_adjtime, SYS_sethostname, SYS_setdomainname,
+        SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_pidfd_getfd,
+        SYS_kcmp, SYS_fanotify_init, SYS_vhangup, SYS_personality,
+    ]
+};
+
+/// What such an embedder's own control and report threads may do (anything else `EPERM`): talk on the control socket, sleep,
+/// kick vCPU threads, allocate, exit.
+#[rustfmt::skip]
+pub const CONTROL_ALLOWED: &[libc::c_long] = {
+    use libc::*;
+    &[
+        SYS_recvfrom, SYS_recvmsg, SYS_sendto, SYS_sendmsg, SYS_futex, SYS_nanosleep,
+        SYS_clock_nanosleep, SYS_clock_gettime, SYS_tgkill, SYS_getpid, SYS_gettid,
+        SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sigaltstack, SYS_mmap, SYS_munmap,
+        SYS_mprotect, SYS_madvise, SYS_brk, SYS_write, SYS_close, SYS_sched_yield,
+        SYS_exit, SYS_exit_group, SYS_rseq, SYS_set_robust_list,
+        // A snapshot's files arrive as fds: duplicated into owned ones (F_DUPFD_CLOEXEC).
+        SYS_fcntl,
+    ]
+};
+
+/// A program from a bare list of syscalls: `matched` for those listed, `mismatch` for the rest.
+#[allow(dead_code)] // build.rs compiles it; the crate's tests compare
+pub fn compile_list(
+    list: &[libc::c_long],
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, BackendError> {
+    let rules = list.iter().map(|&nr| (nr, Vec::new())).collect();
+    SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)?.try_into()
+}
+
+/// [`PROCESS_DENIED`]: listed → `EPERM`, the rest allowed.
+#[allow(dead_code)] // build.rs compiles it; the crate's tests compare
+pub fn compile_process_denylist() -> Result<BpfProgram, BackendError> {
+    compile_list(
+        PROCESS_DENIED,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )
+}
+
+/// [`CONTROL_ALLOWED`]: listed allowed, the rest → `EPERM`.
+#[allow(dead_code)] // build.rs compiles it; the crate's tests compare
+pub fn compile_control() -> Result<BpfProgram, BackendError> {
+    compile_list(
+        CONTROL_ALLOWED,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+    )
+}

@@ -64,8 +64,16 @@ pub struct Context {
     pub lineage: Option<crate::instance::handover::Lineage>,
 }
 
-/// Every method auraed serves, as `package.Service/Method`, from the descriptor sets.
-pub fn served_methods() -> BTreeSet<String> {
+/// Every method auraed serves, as `package.Service/Method`, from the descriptor sets:
+/// decoded once per process (tens of milliseconds on an instance's one vCPU; an instance
+/// template decodes them before its snapshot, `server::ahead`).
+pub fn served_methods() -> &'static BTreeSet<String> {
+    static METHODS: std::sync::LazyLock<BTreeSet<String>> =
+        std::sync::LazyLock::new(decode_served_methods);
+    &METHODS
+}
+
+fn decode_served_methods() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for fds in [
         aurae_proto::FILE_DESCRIPTOR_SET,

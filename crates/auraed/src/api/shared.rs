@@ -131,7 +131,7 @@ pub(super) mod test_support {
             &format!("[[grant]]\nid = \"{id}\"\nmethods = [\"{method}\"]\nnames = {names:?}\n"),
             "test.toml",
             "aurae.local",
-            &crate::api::served_methods(),
+            crate::api::served_methods(),
         )
         .unwrap();
         let mut r = Request::new(msg);

@@ -574,6 +574,8 @@ impl Instances {
             )
         };
         self.serve_on_bridge(gateway);
+        // Where the spawn's time goes, for "instance ready".
+        let mut steps = vec![("group and address", t0.elapsed())];
         let depth = self.depth + 1;
         let bridge_gateway =
             Ipv4Addr::new(10, 200u8.saturating_add(depth as u8), addr.octets()[3], 1);
@@ -583,6 +585,7 @@ impl Instances {
             .identity
             .mint(&id, vec![IpAddr::V4(addr), IpAddr::V6(addr6)], svid_ttl)
             .map_err(precondition)?;
+        steps.push(("identity minted", t0.elapsed()));
         let parent_grant = Grant::everything(self.identity.id.clone());
         let mut grants: Vec<(&SpiffeId, &Grant)> = vec![(&self.identity.id, &parent_grant)];
         if caller.0 != &self.identity.id {
@@ -623,6 +626,7 @@ impl Instances {
         } else {
             (None, "a cell: our own binary, started at once".into())
         };
+        steps.push(("template chosen", t0.elapsed()));
         let mut restored_from = None;
         let started = match template {
             Some((name, state, memory)) => {
@@ -676,6 +680,7 @@ impl Instances {
             }
         }
         let boot_time = t0.elapsed();
+        steps.push(("started", boot_time));
 
         let (state, _) = watch::channel(InstanceState {
             phase: Phase::Starting,
@@ -737,7 +742,19 @@ impl Instances {
             m.insert(inst.spec.name.clone(), inst.clone());
         }
         self.record(&inst);
-        info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, "instance ready");
+        steps.push(("ready", t0.elapsed()));
+        // Each step's own time, in order: "group and address 12.3, identity minted 40.1, …".
+        let mut last = Duration::ZERO;
+        let steps_ms = steps
+            .iter()
+            .map(|(step, at)| {
+                let took = at.saturating_sub(last);
+                last = *at;
+                format!("{step} {:.1}", took.as_secs_f64() * 1e3)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, steps_ms = %steps_ms, "instance ready");
         self.events.emit(
             pb::Kind::Instance,
             inst.spec.name.as_str(),

@@ -1,8 +1,8 @@
 //! What a start can make before it knows who it is. An instance template makes it
 //! before its snapshot (`pid1::prepare` calls [`make`]), so every copy restored from the
 //! template starts with it made: the sealed copy of auraed, the reaper and the output
-//! holder (a process: auraed re-executed), the reflection services, the cells' cgroup
-//! root and the async runtime (its worker threads). Without a template nothing is made
+//! holder (a process: auraed re-executed), the reflection services and the list of
+//! served methods, the cells' cgroup root and the async runtime (its worker threads). Without a template nothing is made
 //! ahead.
 //!
 //! Nothing made here may differ between two restored copies or be one's secret: no key,
@@ -53,6 +53,8 @@ pub fn make(cgroup_root: &Path, warnings: &mut Vec<String>) {
     let holder = Holder::start_before_boot_id(&aurae_sys::memfd::SealedSelf::default(), &reaper)
         .map_err(|e| warnings.push(format!("the output holder, made ahead: {e}")))
         .ok();
+    // Decoded once per process, kept in a static (a `BTreeSet`: no hash keys).
+    let _ = crate::api::served_methods();
     let reflection = std::thread::Builder::new()
         .name("made-ahead".into())
         .spawn(crate::api::reflection_routes)

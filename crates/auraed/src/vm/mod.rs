@@ -807,6 +807,12 @@ impl Vms {
                                 restore_ms = restore_ns as f64 / 1e6,
                                 machine_ms = machine_ns as f64 / 1e6,
                                 vcpus_ms = vcpus_ns as f64 / 1e6,
+                                since_spawn_ms = vm2
+                                    .started_at
+                                    .elapsed()
+                                    .unwrap_or_default()
+                                    .as_secs_f64()
+                                    * 1e3,
                                 steps_ms = %steps,
                                 "virtual machine restored"
                             );

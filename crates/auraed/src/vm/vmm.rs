@@ -110,7 +110,9 @@ pub enum Report {
         machine_ns: u64,
         #[serde(default)]
         vcpus_ns: u64,
-        /// Every step with its time in ms ("open /dev/kvm 0.31, …"), for the log.
+        /// Every step with its time in ms, for the log: the VMM process's own from its
+        /// `main` (configuration received, jail, …), then the restore's ("open /dev/kvm
+        /// 0.31, …").
         #[serde(default)]
         steps: String,
     },
@@ -217,6 +219,7 @@ pub fn recv_msg<T: for<'de> Deserialize<'de>>(fd: &impl AsRawFd) -> std::io::Res
 
 /// Entry point of the VMM process.
 pub fn main() -> ExitCode {
+    let entered = std::time::Instant::now();
     let _ = nix::sys::prctl::set_name(c"aurae-vmm");
     let Some(ctl) = aurae_sys::fd::take_passed() else {
         let _ = writeln!(std::io::stderr(), "aurae-vmm: no control socket on fd 3");
@@ -247,7 +250,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(cfg, &fds, ctl.try_clone().ok().map(Arc::new), &ctl) {
+    match run(cfg, &fds, ctl.try_clone().ok().map(Arc::new), &ctl, entered) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             let _ = send_msg(&ctl, &Report::Failed { message });
@@ -479,61 +482,9 @@ fn copy_into_tmpfs(fd: std::os::fd::RawFd, dir: &str, file: &str) -> Result<(), 
     .map_err(|err| format!("jail: making the {file} read-only: {err}"))
 }
 
-/// Syscalls no thread of the VMM ever needs, refused process-wide (inherited by every
-/// thread; the vCPU, controller and network threads stack their own allowlists on top).
-#[rustfmt::skip]
-const DENIED: &[nix::libc::c_long] = {
-    use nix::libc::*;
-    &[
-        SYS_execve, SYS_execveat, SYS_ptrace, SYS_mount, SYS_umount2, SYS_pivot_root,
-        SYS_chroot, SYS_setns, SYS_unshare, SYS_open_by_handle_at, SYS_name_to_handle_at,
-        SYS_kexec_load, SYS_kexec_file_load, SYS_init_module, SYS_finit_module,
-        SYS_delete_module, SYS_bpf, SYS_perf_event_open, SYS_keyctl, SYS_add_key,
-        SYS_request_key, SYS_userfaultfd, SYS_process_vm_readv, SYS_process_vm_writev,
-        SYS_socket, SYS_connect, SYS_bind, SYS_listen, SYS_accept, SYS_accept4, SYS_setuid,
-        SYS_setgid, SYS_setreuid, SYS_setregid, SYS_setresuid, SYS_setresgid, SYS_setgroups,
-        SYS_capset, SYS_fsopen, SYS_fsmount, SYS_move_mount, SYS_open_tree, SYS_fspick,
-        SYS_mount_setattr, SYS_reboot, SYS_swapon, SYS_swapoff, SYS_syslog, SYS_acct,
-        SYS_iopl, SYS_ioperm, SYS_quotactl, SYS_settimeofday, SYS_clock_settime,
-        SYS_adjtimex, SYS_clock_adjtime, SYS_sethostname, SYS_setdomainname,
-        SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_pidfd_getfd,
-        SYS_kcmp, SYS_fanotify_init, SYS_vhangup, SYS_personality,
-    ]
-};
-
-/// What the control and boot-timer threads may do: talk on the control socket, sleep,
-/// kick vCPU threads, allocate, exit.
-#[rustfmt::skip]
-const CONTROL_ALLOWED: &[nix::libc::c_long] = {
-    use nix::libc::*;
-    &[
-        SYS_recvfrom, SYS_recvmsg, SYS_sendto, SYS_sendmsg, SYS_futex, SYS_nanosleep,
-        SYS_clock_nanosleep, SYS_clock_gettime, SYS_tgkill, SYS_getpid, SYS_gettid,
-        SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sigaltstack, SYS_mmap, SYS_munmap,
-        SYS_mprotect, SYS_madvise, SYS_brk, SYS_write, SYS_close, SYS_sched_yield,
-        SYS_exit, SYS_exit_group, SYS_rseq, SYS_set_robust_list,
-        // A snapshot's files arrive as fds: duplicated into owned ones (F_DUPFD_CLOEXEC).
-        SYS_fcntl,
-    ]
-};
-
-fn compile(
-    list: &[nix::libc::c_long],
-    mismatch: seccompiler::SeccompAction,
-    matched: seccompiler::SeccompAction,
-) -> Result<seccompiler::BpfProgram, String> {
-    let rules = list.iter().map(|&nr| (nr, Vec::new())).collect();
-    let f =
-        seccompiler::SeccompFilter::new(rules, mismatch, matched, seccompiler::TargetArch::x86_64)
-            .map_err(|e| format!("seccomp: {e}"))?;
-    seccompiler::BpfProgram::try_from(f).map_err(|e| format!("seccomp: {e}"))
-}
-
 fn install_control_filter() -> Result<(), String> {
-    use seccompiler::SeccompAction as A;
-    let eperm = A::Errno(nix::libc::EPERM as u32);
-    let prog = compile(CONTROL_ALLOWED, eperm, A::Allow)?;
-    seccompiler::apply_filter(&prog).map_err(|e| format!("seccomp: {e}"))
+    seccompiler::apply_filter(&aurae_vmm::seccomp::control_program())
+        .map_err(|e| format!("seccomp: {e}"))
 }
 
 fn run(
@@ -541,7 +492,10 @@ fn run(
     files: &[std::os::fd::RawFd],
     ctl2: Option<Arc<OwnedFd>>,
     ctl: &OwnedFd,
+    entered: std::time::Instant,
 ) -> Result<(), String> {
+    // The VMM process's own steps before a restore, for its report.
+    let mut before = vec![("configuration received", entered.elapsed())];
     let cpu_template = if cfg.cpu_template.is_empty() {
         aurae_vmm::CpuTemplate::default()
     } else {
@@ -549,12 +503,10 @@ fn run(
             .ok_or_else(|| format!("unknown CPU template {:?}", cfg.cpu_template))?
     };
     let (inside, snapshot) = jail(&cfg, files)?;
-    {
-        use seccompiler::SeccompAction as A;
-        let eperm = A::Errno(nix::libc::EPERM as u32);
-        let deny = compile(DENIED, A::Allow, eperm)?;
-        seccompiler::apply_filter(&deny).map_err(|e| format!("seccomp: {e}"))?;
-    }
+    before.push(("jail", entered.elapsed()));
+    seccompiler::apply_filter(&aurae_vmm::seccomp::process_denylist_program())
+        .map_err(|e| format!("seccomp: {e}"))?;
+    before.push(("process filter", entered.elapsed()));
     // The serial console: our stdout (a pipe to auraed), written with write(2) only.
     let serial = std::io::stdout()
         .as_fd()
@@ -579,6 +531,7 @@ fn run(
     let vm = match snapshot {
         Some(SnapshotFiles { mut state, memory }) => {
             let snapshot = aurae_vmm::Snapshot::read(&mut state).map_err(|e| e.to_string())?;
+            before.push(("state file read", entered.elapsed()));
             // A snapshot's VM has the devices it had: a console only if it had one.
             let had_console = snapshot
                 .transports
@@ -600,12 +553,19 @@ fn run(
                     restore_ns: nanos(info.took),
                     machine_ns: nanos(info.machine),
                     vcpus_ns: nanos(info.vcpus),
-                    steps: info
-                        .steps
-                        .iter()
-                        .map(|(step, took)| format!("{step} {:.2}", took.as_secs_f64() * 1e3))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    steps: {
+                        let mut last = Duration::ZERO;
+                        let before = before.iter().map(|(step, at)| {
+                            let took = at.saturating_sub(last);
+                            last = *at;
+                            (*step, took)
+                        });
+                        before
+                            .chain(info.steps.iter().copied())
+                            .map(|(step, took)| format!("{step} {:.2}", took.as_secs_f64() * 1e3))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
                 },
             )
             .map_err(|e| format!("control socket: {e}"))?;
