@@ -94,6 +94,9 @@ async fn boot_to_marker(
     Ok(secs)
 }
 
+/// How long one round may take before the machine counts as lost.
+const ROUND_LIMIT: Duration = Duration::from_secs(600);
+
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 const MEMORY: u64 = 256 << 20;
 
@@ -189,7 +192,9 @@ fn main() {
         for i in 0..rounds {
             // A round that loses the machine (it stops answering: "No route to host") ends
             // the rounds; what the rounds before measured is still reported below.
-            let round: Result<(), String> = async {
+            // A machine that freezes (no answer, no error) is lost too: a round takes
+            // ~1 min, so one of over 10 ends the rounds.
+            let round = tokio::time::timeout(ROUND_LIMIT, async {
                 // The host CPU template (KVM's set as it is), for the template's effect.
                 if host_arm {
                     match boot_to_marker(&c, &format!("h{i}"), "vmlinuz", "host").await? {
@@ -307,9 +312,10 @@ fn main() {
                 println!(
                     "  round {i}: vmlinux {v:.2?} s, bzImage {b:.2} s, qemu {q:.2?} s"
                 );
-                Ok(())
-            }
-            .await;
+                Ok::<(), String>(())
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ROUND_LIMIT:?}")));
             if let Err(e) = round {
                 println!("  round {i}: the machine was lost ({e}); reporting the rounds before it");
                 break;
