@@ -34,6 +34,6 @@ pub use config::{ConfigError, DriveConfig, NetConfig, SerialSink, VmConfig};
 pub use snapshot::{Snapshot, SnapshotError};
 pub use template::CpuTemplate;
 pub use vm::{
-    ExitError, RestoreConfig, RestoreInfo, SnapshotInfo, SnapshotTarget, Vm, VmExit, VmHandle,
-    VmmError,
+    ExitError, Laps, RestoreConfig, RestoreInfo, SnapshotInfo, SnapshotTarget, Vm, VmExit,
+    VmHandle, VmmError,
 };

@@ -276,24 +276,56 @@ pub struct RestoreInfo {
     pub steps: Vec<(&'static str, Duration)>,
 }
 
-/// Times consecutive steps: each [`Laps::lap`] ends one and starts the next.
-struct Laps {
+/// Times consecutive steps: each [`Laps::lap`] ends one and starts the next. Shown
+/// (`Display`) as "step 0.31, next 1.20" in milliseconds, two decimals unless the format
+/// says (`{:.1}`). [`Vm::restore`] times its steps with it, and an embedder its own.
+#[derive(Clone, Debug)]
+pub struct Laps {
     last: std::time::Instant,
     steps: Vec<(&'static str, Duration)>,
 }
 
 impl Laps {
-    fn start() -> Self {
+    /// The first step starts now.
+    pub fn start() -> Self {
+        Self::start_at(std::time::Instant::now())
+    }
+
+    /// The first step started at `at`.
+    pub fn start_at(at: std::time::Instant) -> Self {
         Self {
-            last: std::time::Instant::now(),
-            steps: Vec::with_capacity(12),
+            last: at,
+            steps: Vec::with_capacity(16),
         }
     }
 
-    fn lap(&mut self, step: &'static str) {
+    /// Ends the current step, named `step`; the next one starts now.
+    pub fn lap(&mut self, step: &'static str) {
         let now = std::time::Instant::now();
-        self.steps.push((step, now - self.last));
+        self.steps
+            .push((step, now.saturating_duration_since(self.last)));
         self.last = now;
+    }
+
+    /// Appends steps timed elsewhere (e.g. [`RestoreInfo::steps`]) as they are.
+    pub fn extend(&mut self, steps: impl IntoIterator<Item = (&'static str, Duration)>) {
+        self.steps.extend(steps);
+    }
+
+    /// Every step so far, in order, with its own time.
+    pub fn steps(&self) -> &[(&'static str, Duration)] {
+        &self.steps
+    }
+}
+
+impl std::fmt::Display for Laps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let decimals = f.precision().unwrap_or(2);
+        for (i, (step, took)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {:.decimals$}", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
     }
 }
 
@@ -739,21 +771,20 @@ impl Vm {
         laps: &mut Laps,
     ) -> Result<Self, VmmError> {
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
-        let mut lap = |step| laps.lap(step);
         machine
             .guest
             .fd()
             .register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        lap("serial IRQ");
+        laps.lap("serial IRQ");
         let filters = seccomp.then(Filters::built);
-        lap("seccomp programs");
+        laps.lap("seccomp programs");
         let msr_indices = kvm
             .get_msr_index_list()
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
-        lap("MSR list");
+        laps.lap("MSR list");
         let (tx, rx) = mpsc::channel();
         let handle = VmHandle {
             shared: Arc::new(Shared {
@@ -1101,5 +1132,29 @@ fn vcpu_loop(vcpu: &mut Vcpu, id: u8, shared: &Shared) -> Option<VmExit> {
                 }));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn laps_keep_each_steps_own_time_in_order_and_show_in_milliseconds() {
+        let start = std::time::Instant::now() - Duration::from_millis(5);
+        let mut laps = Laps::start_at(start);
+        laps.lap("first");
+        laps.lap("second");
+        laps.extend([("elsewhere", Duration::from_micros(1_234))]);
+        let names: Vec<_> = laps.steps().iter().map(|(s, _)| *s).collect();
+        assert_eq!(names, ["first", "second", "elsewhere"]);
+        assert!(laps.steps()[0].1 >= Duration::from_millis(5));
+        assert!(laps.steps()[1].1 < laps.steps()[0].1);
+        let shown = laps.to_string();
+        assert!(shown.starts_with("first "), "{shown}");
+        assert_eq!(shown.matches(", ").count(), 2, "{shown}");
+        assert!(shown.ends_with(", elsewhere 1.23"), "{shown}");
+        assert!(format!("{laps:.1}").ends_with(", elsewhere 1.2"));
+        assert_eq!(Laps::start().to_string(), "");
     }
 }

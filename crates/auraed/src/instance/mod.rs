@@ -575,7 +575,8 @@ impl Instances {
         };
         self.serve_on_bridge(gateway);
         // Where the spawn's time goes, for "instance ready".
-        let mut steps = vec![("group and address", t0.elapsed())];
+        let mut laps = aurae_vmm::Laps::start_at(t0);
+        laps.lap("group and address");
         let depth = self.depth + 1;
         let bridge_gateway =
             Ipv4Addr::new(10, 200u8.saturating_add(depth as u8), addr.octets()[3], 1);
@@ -585,7 +586,7 @@ impl Instances {
             .identity
             .mint(&id, vec![IpAddr::V4(addr), IpAddr::V6(addr6)], svid_ttl)
             .map_err(precondition)?;
-        steps.push(("identity minted", t0.elapsed()));
+        laps.lap("identity minted");
         let parent_grant = Grant::everything(self.identity.id.clone());
         let mut grants: Vec<(&SpiffeId, &Grant)> = vec![(&self.identity.id, &parent_grant)];
         if caller.0 != &self.identity.id {
@@ -626,7 +627,7 @@ impl Instances {
         } else {
             (None, "a cell: our own binary, started at once".into())
         };
-        steps.push(("template chosen", t0.elapsed()));
+        laps.lap("template chosen");
         let mut restored_from = None;
         let started = match template {
             Some((name, state, memory)) => {
@@ -680,7 +681,7 @@ impl Instances {
             }
         }
         let boot_time = t0.elapsed();
-        steps.push(("started", boot_time));
+        laps.lap("started");
 
         let (state, _) = watch::channel(InstanceState {
             phase: Phase::Starting,
@@ -742,18 +743,9 @@ impl Instances {
             m.insert(inst.spec.name.clone(), inst.clone());
         }
         self.record(&inst);
-        steps.push(("ready", t0.elapsed()));
+        laps.lap("ready");
         // Each step's own time, in order: "group and address 12.3, identity minted 40.1, …".
-        let mut last = Duration::ZERO;
-        let steps_ms = steps
-            .iter()
-            .map(|(step, at)| {
-                let took = at.saturating_sub(last);
-                last = *at;
-                format!("{step} {:.1}", took.as_secs_f64() * 1e3)
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let steps_ms = format!("{laps:.1}");
         info!(instance = %inst.spec.name, id = %inst.spiffe_id, pid, addr = %addr, ready_ms = t0.elapsed().as_millis() as u64, steps_ms = %steps_ms, "instance ready");
         self.events.emit(
             pb::Kind::Instance,

@@ -494,8 +494,9 @@ fn run(
     ctl: &OwnedFd,
     entered: std::time::Instant,
 ) -> Result<(), String> {
-    // The VMM process's own steps before a restore, for its report.
-    let mut before = vec![("configuration received", entered.elapsed())];
+    // The VMM process's own steps before a restore, then the restore's, for its report.
+    let mut laps = aurae_vmm::Laps::start_at(entered);
+    laps.lap("configuration received");
     let cpu_template = if cfg.cpu_template.is_empty() {
         aurae_vmm::CpuTemplate::default()
     } else {
@@ -503,10 +504,10 @@ fn run(
             .ok_or_else(|| format!("unknown CPU template {:?}", cfg.cpu_template))?
     };
     let (inside, snapshot) = jail(&cfg, files)?;
-    before.push(("jail", entered.elapsed()));
+    laps.lap("jail");
     seccompiler::apply_filter(&aurae_vmm::seccomp::process_denylist_program())
         .map_err(|e| format!("seccomp: {e}"))?;
-    before.push(("process filter", entered.elapsed()));
+    laps.lap("process filter");
     // The serial console: our stdout (a pipe to auraed), written with write(2) only.
     let serial = std::io::stdout()
         .as_fd()
@@ -531,7 +532,7 @@ fn run(
     let vm = match snapshot {
         Some(SnapshotFiles { mut state, memory }) => {
             let snapshot = aurae_vmm::Snapshot::read(&mut state).map_err(|e| e.to_string())?;
-            before.push(("state file read", entered.elapsed()));
+            laps.lap("state file read");
             // A snapshot's VM has the devices it had: a console only if it had one.
             let had_console = snapshot
                 .transports
@@ -554,17 +555,8 @@ fn run(
                     machine_ns: nanos(info.machine),
                     vcpus_ns: nanos(info.vcpus),
                     steps: {
-                        let mut last = Duration::ZERO;
-                        let before = before.iter().map(|(step, at)| {
-                            let took = at.saturating_sub(last);
-                            last = *at;
-                            (*step, took)
-                        });
-                        before
-                            .chain(info.steps.iter().copied())
-                            .map(|(step, took)| format!("{step} {:.2}", took.as_secs_f64() * 1e3))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        laps.extend(info.steps.iter().copied());
+                        laps.to_string()
                     },
                 },
             )
