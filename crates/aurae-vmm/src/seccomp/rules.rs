@@ -190,7 +190,6 @@ pub const CONTROL_ALLOWED: &[libc::c_long] = {
 };
 
 /// A program from a bare list of syscalls: `matched` for those listed, `mismatch` for the rest.
-#[allow(dead_code)] // build.rs compiles it; the crate's tests compare
 pub fn compile_list(
     list: &[libc::c_long],
     mismatch: SeccompAction,
@@ -201,7 +200,6 @@ pub fn compile_list(
 }
 
 /// [`PROCESS_DENIED`]: listed → `EPERM`, the rest allowed.
-#[allow(dead_code)] // build.rs compiles it; the crate's tests compare
 pub fn compile_process_denylist() -> Result<BpfProgram, BackendError> {
     compile_list(
         PROCESS_DENIED,
@@ -211,7 +209,6 @@ pub fn compile_process_denylist() -> Result<BpfProgram, BackendError> {
 }
 
 /// [`CONTROL_ALLOWED`]: listed allowed, the rest → `EPERM`.
-#[allow(dead_code)] // build.rs compiles it; the crate's tests compare
 pub fn compile_control() -> Result<BpfProgram, BackendError> {
     compile_list(
         CONTROL_ALLOWED,
