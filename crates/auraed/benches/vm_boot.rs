@@ -38,17 +38,30 @@ async fn exe_has_marker(c: &Client, cell: &str, name: &str) -> bool {
         .is_ok_and(|t| t.contains(MICROVM_MARKER))
 }
 
-/// Boots the bench's VM from `kernel` (in the VM image root) with `template` and returns
-/// the seconds to the marker, or None when the guest ended without it (a nested triple
-/// fault) or took over 300 s; an error when the machine did not take the request.
+/// What one boot of ours measured.
+struct Boot {
+    /// Request sent → the marker on the console; `None` when the guest ended without it
+    /// (a nested triple fault) or took over 300 s (then it is stopped).
+    secs: Option<f64>,
+    /// The VMM's boot timer.
+    boot_timer: Option<f64>,
+    /// The VMM's VmRSS and its guest memory touched (KiB), when asked for.
+    memory: Option<(u64, u64)>,
+}
+
+/// Boots the bench's VM from `kernel` (in the VM image root) with `template`, waits for
+/// its end and frees it; reads the VMM's memory 2 s in when given the round's number
+/// (`probe`). An error when the machine did not answer.
 async fn boot_to_marker(
     c: &Client,
     name: &str,
     kernel: &str,
     template: &str,
-) -> Result<Option<f64>, String> {
+    probe: Option<usize>,
+) -> Result<Boot, String> {
     let t = Instant::now();
-    c.runtime()
+    let st = c
+        .runtime()
         .run_virtual_machine(pb::VirtualMachine {
             name: name.into(),
             kernel_path: format!("/var/lib/aurae/vm-images/{kernel}"),
@@ -60,12 +73,19 @@ async fn boot_to_marker(
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("RunVirtualMachine {name}: {e}"))?;
-    let mut secs = None;
+        .map_err(|e| format!("RunVirtualMachine {name}: {e}"))?
+        .into_inner();
+    let (mut secs, mut memory) = (None, None);
     while t.elapsed() < Duration::from_secs(300) {
         if console_has_marker(c, name).await {
             secs = Some(t.elapsed().as_secs_f64());
             break;
+        }
+        if let Some(round) = probe
+            && memory.is_none()
+            && t.elapsed() > Duration::from_secs(2)
+        {
+            memory = vmm_memory(c, st.vmm_pid, round).await;
         }
         let st = c
             .virtual_machines()
@@ -77,21 +97,41 @@ async fn boot_to_marker(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = c
+    if secs.is_none() {
+        let _ = c
+            .virtual_machines()
+            .stop(pb::StopRequest {
+                name: name.into(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+            })
+            .await;
+    }
+    let done = c
         .virtual_machines()
         .wait(pb::WaitRequest {
             name: name.into(),
             timeout: Some(prost_types::Duration {
-                seconds: 60,
+                seconds: 300,
                 nanos: 0,
             }),
         })
-        .await;
-    let _ = c
-        .virtual_machines()
+        .await
+        .map_err(|e| format!("waiting for {name}: {e}"))?
+        .into_inner();
+    c.virtual_machines()
         .free(pb::NameRef { name: name.into() })
-        .await;
-    Ok(secs)
+        .await
+        .map_err(|e| format!("freeing {name}: {e}"))?;
+    Ok(Boot {
+        secs,
+        boot_timer: done
+            .boot_time
+            .map(|b| b.seconds as f64 + f64::from(b.nanos) / 1e9),
+        memory,
+    })
 }
 
 /// How long one round may take before the machine counts as lost.
@@ -198,83 +238,30 @@ fn main() {
             let round = tokio::time::timeout(ROUND_LIMIT, async {
                 // The host CPU template (KVM's set as it is), for the template's effect.
                 if host_arm {
-                    match boot_to_marker(&c, &format!("h{i}"), "vmlinuz", "host").await? {
+                    let h = boot_to_marker(&c, &format!("h{i}"), "vmlinuz", "host", None).await?;
+                    match h.secs {
                         Some(secs) => host_template.push(secs),
                         None => faults += 1,
                     }
                 }
                 // The same kernel uncompressed: the guest skips its decompressor.
-                let v = boot_to_marker(&c, &format!("v{i}"), "vmlinux", "").await?;
+                let v = boot_to_marker(&c, &format!("v{i}"), "vmlinux", "", None)
+                    .await?
+                    .secs;
                 match v {
                     Some(secs) => elf.push(secs),
                     None => elf_faults += 1,
                 }
-                let name = format!("b{i}");
-                let t = Instant::now();
-                let st = c
-                    .runtime()
-                    .run_virtual_machine(pb::VirtualMachine {
-                        name: name.clone(),
-                        kernel_path: "/var/lib/aurae/vm-images/vmlinuz".into(),
-                        initramfs_path: "/var/lib/aurae/vm-images/initrd".into(),
-                        cmdline: CMDLINE.into(),
-                        vcpus: 1,
-                        memory_bytes: MEMORY,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| format!("RunVirtualMachine {name}: {e}"))?
-                    .into_inner();
-                let mut mem = None;
-                let mut b = None;
-                while t.elapsed() < Duration::from_secs(300) {
-                    if console_has_marker(&c, &name).await {
-                        b = Some(t.elapsed().as_secs_f64());
-                        break;
-                    }
-                    if mem.is_none() && t.elapsed() > Duration::from_secs(2) {
-                        mem = vmm_memory(&c, st.vmm_pid, i).await;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
                 // A boot without the marker (a nested triple fault, or over 300 s) is a
                 // failure, not a time.
+                let bz = boot_to_marker(&c, &format!("b{i}"), "vmlinuz", "", Some(i)).await?;
+                let b = bz.secs;
                 match b {
                     Some(b) => ours.push(b),
                     None => bz_faults += 1,
                 }
-                let _ = c
-                    .virtual_machines()
-                    .stop(pb::StopRequest {
-                        name: name.clone(),
-                        grace_period: Some(prost_types::Duration {
-                            seconds: 0,
-                            nanos: 0,
-                        }),
-                    })
-                    .await;
-                let done = c
-                    .virtual_machines()
-                    .wait(pb::WaitRequest {
-                        name: name.clone(),
-                        timeout: Some(prost_types::Duration {
-                            seconds: 300,
-                            nanos: 0,
-                        }),
-                    })
-                    .await
-                    .map_err(|e| format!("waiting for {name}: {e}"))?
-                    .into_inner();
-                if let Some(b) = done.boot_time {
-                    boot_timer.push(b.seconds as f64 + f64::from(b.nanos) / 1e9);
-                }
-                if let Some((rss, guest)) = mem {
-                    overhead.push((rss, guest));
-                }
-                c.virtual_machines()
-                    .free(pb::NameRef { name: name.clone() })
-                    .await
-                    .map_err(|e| format!("freeing {name}: {e}"))?;
+                boot_timer.extend(bz.boot_timer);
+                overhead.extend(bz.memory);
 
                 let qn = format!("q{i}");
                 let t = Instant::now();
