@@ -2,8 +2,8 @@
 //! before its snapshot (`pid1::prepare` calls [`make`]), so every copy restored from the
 //! template starts with it made: the sealed copy of auraed, the reaper and the output
 //! holder (a process: auraed re-executed), the reflection services and the list of
-//! served methods, the cells' cgroup root and the async runtime (its worker threads). Without a template nothing is made
-//! ahead.
+//! served methods, the cells' cgroup root and the async runtime (its worker threads).
+//! Without a template nothing is made ahead.
 //!
 //! Nothing made here may differ between two restored copies or be one's secret: no key,
 //! no random value, not the kernel's boot ID (the kernel makes it when it is first read:
