@@ -711,11 +711,13 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
         "{:?}",
         info.warnings
     );
-    assert_eq!(
-        status(&c, "busy", "w").await.phase,
-        pb::Phase::Running as i32
+    let st = status(&c, "busy", "w").await;
+    assert!(
+        st.phase == pb::Phase::Running as i32 && alive(pid),
+        "after a restart on the full disk: {st:?}, process {pid} alive: {}; auraed's log:\n{}",
+        alive(pid),
+        d.log_text()
     );
-    assert!(alive(pid));
     let e = c
         .cells()
         .allocate(pb::Cell {

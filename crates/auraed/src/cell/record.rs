@@ -320,6 +320,7 @@ impl Cells {
                 continue;
             }
             let ns = NsSet::of(&rec.spec, parent.is_some());
+            let mut why_lost = "its init exited while auraed was down".to_owned();
             let init = match (&rec.init, ns.any()) {
                 (Some(p), true) => match p.open() {
                     Ok(Some(pidfd)) => Some(Init {
@@ -327,16 +328,21 @@ impl Cells {
                         proc: Some(*p),
                         pidfd: Arc::new(pidfd),
                     }),
-                    _ => None,
+                    Ok(None) => None,
+                    Err(e) => {
+                        why_lost = format!("its init (pid {}) could not be checked ({e})", p.pid);
+                        None
+                    }
                 },
                 _ => None,
             };
             let init_lost = ns.any() && init.is_none();
             if init_lost && rec.stopped.is_none() {
-                // Its namespaces are gone with the init: what is left cannot be served.
+                // Its namespaces are gone with the init (or cannot be reached through it):
+                // what is left cannot be served.
                 let _ = tree.kill(&name);
                 out.warnings.push(format!(
-                    "cell {name:?}: its init exited while auraed was down; its processes were killed"
+                    "cell {name:?}: {why_lost}; its processes were killed"
                 ));
             }
             let pid_holder = match (&parent, &init) {
@@ -346,10 +352,7 @@ impl Cells {
             };
             let (phase, message) = match (&rec.stopped, init_lost) {
                 (Some(m), _) => (Phase::Exited, m.clone()),
-                (None, true) => (
-                    Phase::Exited,
-                    "its init exited while auraed was down".to_owned(),
-                ),
+                (None, true) => (Phase::Exited, why_lost),
                 (None, false) => (Phase::Running, String::new()),
             };
             let cell = Arc::new(Cell {
@@ -432,7 +435,16 @@ impl Cells {
         out: &mut Readopted,
     ) -> (Arc<Executable>, bool) {
         let pidfd = match (&r.exit, &r.process, cell_killed) {
-            (None, Some(p), false) => p.open().ok().flatten().map(Arc::new),
+            (None, Some(p), false) => match p.open() {
+                Ok(pidfd) => pidfd.map(Arc::new),
+                Err(e) => {
+                    out.warnings.push(format!(
+                        "executable {}/{}: its process (pid {}) could not be checked ({e}); it is shown as ended and no longer supervised",
+                        r.cell, r.name, p.pid
+                    ));
+                    None
+                }
+            },
             _ => None,
         };
         // A group of its own: its OOM kills are counted there. Ended while auraed was down,

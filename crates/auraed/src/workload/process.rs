@@ -6,15 +6,17 @@ use std::io;
 use aurae_sys::Pidfd;
 use serde::{Deserialize, Serialize};
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`) as a number; 0 if unreadable.
+/// This boot's id (`/proc/sys/kernel/random/boot_id`) as a number; 0 if unreadable (then
+/// read again on the next call: a failed read is not kept for the process's lifetime).
 pub fn boot_id() -> u128 {
     static BOOT: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
-    *BOOT.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .ok()
-            .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
-            .unwrap_or(0)
-    })
+    if let Some(b) = BOOT.get() {
+        return *b;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
+        .map_or(0, |b| *BOOT.get_or_init(|| b))
 }
 
 /// A process named so that a recorded reference survives an auraed restart: its pid and
@@ -83,9 +85,31 @@ impl ProcRef {
     }
 
     /// A pidfd of this very process, or `None` when it is gone (exited, a zombie, or its
-    /// pid now names another process).
+    /// pid now names another process). An error is "could not tell", never "gone": callers
+    /// that take it for gone would kill or forget a live workload, so a short-lived one
+    /// (out of fds or memory, interrupted) is tried again a few times first.
     pub fn open(&self) -> io::Result<Option<Pidfd>> {
-        if self.pid <= 0 || (self.boot != 0 && self.boot != boot_id()) {
+        const TRIES: u32 = 5;
+        let mut tries = 1;
+        loop {
+            match self.open_once() {
+                Err(e) if tries < TRIES && transient(&e) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_once(&self) -> io::Result<Option<Pidfd>> {
+        if self.pid <= 0 {
+            return Ok(None);
+        }
+        // Another boot's process is gone; an unreadable boot id proves nothing (pid and
+        // start time still tell this process from a later one).
+        let now = boot_id();
+        if self.boot != 0 && now != 0 && self.boot != now {
             return Ok(None);
         }
         let pidfd = match Pidfd::open(self.pid) {
@@ -106,6 +130,16 @@ impl ProcRef {
             Err(e) => Err(e),
         }
     }
+}
+
+/// An error that may not happen again: out of file descriptors or memory, interrupted.
+fn transient(e: &io::Error) -> bool {
+    use nix::libc::{EAGAIN, EINTR, EMFILE, ENFILE, ENOMEM};
+    e.kind() == io::ErrorKind::Interrupted
+        || matches!(
+            e.raw_os_error(),
+            Some(EAGAIN | EINTR | EMFILE | ENFILE | ENOMEM)
+        )
 }
 
 #[cfg(test)]
@@ -143,5 +177,16 @@ mod tests {
         }
         // A record from before boot ids were kept still matches.
         assert!(ProcRef { boot: 0, ..me }.open().unwrap().is_some());
+    }
+
+    #[test]
+    fn only_errors_that_may_pass_are_tried_again() {
+        use nix::libc::{EACCES, EINVAL, EMFILE, ENFILE, ENOMEM};
+        for e in [EMFILE, ENFILE, ENOMEM] {
+            assert!(transient(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+        for e in [EACCES, EINVAL] {
+            assert!(!transient(&io::Error::from_raw_os_error(e)), "{e}");
+        }
     }
 }
