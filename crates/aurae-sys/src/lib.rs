@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod container;
 pub mod fd;
 pub mod memfd;
+pub mod memory;
 pub mod net;
 pub mod netlink;
 pub mod pidfd;

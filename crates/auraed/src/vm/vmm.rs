@@ -654,6 +654,15 @@ fn run(
             })
             .map_err(|e| format!("report thread: {e}"))?;
     }
+    // What only the set-up ran (configuration, jail, KVM set-up: most of the code this
+    // process touched) stays mapped for its life unless given back; the guest's own paths
+    // map their pages again as they run. Costs memory only if it fails: said, not fatal.
+    if let Err(e) = aurae_sys::memory::release(&aurae_sys::memory::read_only_segments()) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "aurae-vmm: the set-up's code pages were not given back: {e}"
+        );
+    }
     let exit = vm.run();
     done.store(true, Ordering::Relaxed);
     // A last boot-timer look, in case the guest booted and ended within one poll.
