@@ -279,8 +279,20 @@ pub fn server_config(
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
     let first = chain.first().ok_or(TlsError::NoSpiffeId)?;
-    let own_id = peer_spiffe_id(first).map_err(|e| file_err(cert, e))?;
-    let resolver = Arc::new(ServerCert::new(chain, key)?);
+    peer_spiffe_id(first).map_err(|e| file_err(cert, e))?;
+    server_config_with(ca_certs, certified(chain, key)?)
+}
+
+/// [`server_config`] from what is already loaded: the CA's certificates and auraed's own
+/// certificate chain with its signing key (checked to match by whoever made it), so that a
+/// start that has checked its files does not read and parse them (the key above all) again.
+pub fn server_config_with(
+    ca_certs: Vec<CertificateDer<'static>>,
+    own: CertifiedKey,
+) -> Result<(ServerConfig, SpiffeId, Arc<ServerCert>), TlsError> {
+    let first = own.cert.first().ok_or(TlsError::NoSpiffeId)?;
+    let own_id = peer_spiffe_id(first)?;
+    let resolver = Arc::new(ServerCert(std::sync::RwLock::new(Arc::new(own))));
     let verifier = client_verifier(ca_certs, own_id.trust_domain())?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -299,15 +311,6 @@ pub fn server_config(
 pub struct ServerCert(std::sync::RwLock<Arc<CertifiedKey>>);
 
 impl ServerCert {
-    fn new(
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    ) -> Result<Self, TlsError> {
-        Ok(Self(std::sync::RwLock::new(Arc::new(certified(
-            chain, key,
-        )?))))
-    }
-
     /// Replaces the certificate with `chain_pem` (leaf first) and `key_pem`; the new
     /// leaf must carry the same SPIFFE ID as the old one.
     pub fn replace(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
@@ -715,11 +718,13 @@ mod tests {
         assert_eq!(peer_spiffe_id(&chain[0]).unwrap(), id("/instance/node/a"));
         client_verdict(&ca, &leaf).unwrap();
         // The key in the request is the one certified: a server config takes the pair.
-        let cert = ServerCert::new(
-            chain,
-            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let cert = ServerCert(std::sync::RwLock::new(Arc::new(
+            certified(
+                chain,
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        )));
         // A replacement must keep the SPIFFE ID.
         let (k2, c2) = crate::pki::key_and_request().unwrap();
         let other = node

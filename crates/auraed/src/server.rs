@@ -574,8 +574,9 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
     // Chains to ca.pem, one SPIFFE ID of the CA's trust domain, the key matches.
     let own = crate::identity::own::check(&pki)?;
     let mut warnings = own.warnings;
-    let (tls_config, server_id, server_cert) =
-        tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key)?;
+    // What the check loaded serves the TLS configuration: each file read and the key
+    // parsed once.
+    let (tls_config, server_id, server_cert) = tls::server_config_with(own.ca, own.own)?;
     let trust_domain = server_id.trust_domain().to_owned();
     let methods = api::served_methods();
     let policy = match &cfg.policy {

@@ -38,11 +38,14 @@ fn refused(file: &Path, reason: impl Into<String>) -> OwnIdentityError {
     }
 }
 
-/// What the check found: auraed's SPIFFE ID and what to warn about.
-#[derive(Debug, Clone)]
+/// What the check found: auraed's SPIFFE ID and what to warn about, with what it loaded
+/// (the CA's certificates, auraed's chain and signing key) for the TLS configuration.
+#[derive(Debug)]
 pub struct Checked {
     pub id: SpiffeId,
     pub warnings: Vec<String>,
+    pub ca: Vec<CertificateDer<'static>>,
+    pub own: CertifiedKey,
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (UTC, proleptic Gregorian).
@@ -122,7 +125,8 @@ pub fn check(pki: &PkiPaths) -> Result<Checked, OwnIdentityError> {
         .key_provider
         .load_private_key(key)
         .map_err(|e| refused(&pki.server_key, format!("is not a usable private key: {e}")))?;
-    match CertifiedKey::new(chain.clone(), signing).keys_match() {
+    let own = CertifiedKey::new(chain.clone(), signing);
+    match own.keys_match() {
         Ok(()) | Err(RustlsError::InconsistentKeys(InconsistentKeys::Unknown)) => {}
         Err(RustlsError::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
             return Err(refused(
@@ -140,7 +144,12 @@ pub fn check(pki: &PkiPaths) -> Result<Checked, OwnIdentityError> {
     verify_chain(pki, &ca, leaf, intermediates, &provider, &mut warnings)?;
     tls::check_chain_ids(leaf, intermediates, &ca, trust_domain.as_deref())
         .map_err(|e| refused(cert_file, e.to_string()))?;
-    Ok(Checked { id, warnings })
+    Ok(Checked {
+        id,
+        warnings,
+        ca,
+        own,
+    })
 }
 
 /// webpki's server-side verdict on the chain (CA, signatures, serverAuth), at now or, if
