@@ -290,6 +290,9 @@ pub fn server_config_with(
     ca_certs: Vec<CertificateDer<'static>>,
     own: CertifiedKey,
 ) -> Result<(ServerConfig, SpiffeId, Arc<ServerCert>), TlsError> {
+    // Cheap (no parsing): a key that is not the certificate's, or whose match cannot be
+    // told, would fail every handshake later.
+    own.keys_match().map_err(TlsError::Rustls)?;
     let first = own.cert.first().ok_or(TlsError::NoSpiffeId)?;
     let own_id = peer_spiffe_id(first)?;
     let resolver = Arc::new(ServerCert(std::sync::RwLock::new(Arc::new(own))));

@@ -111,6 +111,7 @@ async fn a_cell_has_its_own_namespaces_with_lo_up_and_only_stdio() {
     let script = "echo pid=$$; echo host=$(hostname); grep '^0::' /proc/self/cgroup; echo net=$(ls /sys/class/net); \
                   echo loflags=$(cat /sys/class/net/lo/flags); echo init=$(cat /proc/1/comm); \
                   echo netns=$(readlink /proc/self/ns/net); echo maxpid=$(ls /proc | grep '^[0-9]' | sort -n | tail -1); \
+                  for i in $(seq 100); do [ $(awk '/^RssShmem:/ {print $2}' /proc/1/status) -le 2048 ] && break; sleep 0.02; done; \
                   grep -E '^(VmRSS|RssAnon|RssFile|RssShmem):' /proc/1/status | tr -s ' \t' ' ';";
     run(&c, sh("probe", "p", script)).await;
     let st = wait(&c, "probe", "p").await;
@@ -145,9 +146,9 @@ async fn a_cell_has_its_own_namespaces_with_lo_up_and_only_stdio() {
         !out.contains(&format!("netns={}", host_net.display())),
         "a new network namespace: {out}"
     );
-    // The init gave back the code pages of its set-up: its binary's resident pages (a
-    // sealed copy of auraed: shmem) are the wait loop's few (4.2 MiB in a debug build
-    // before, 0.5 after).
+    // The init gives back the code pages of its set-up once it has reported (the script
+    // waits up to 2 s for it): its binary's resident pages (a sealed copy of auraed: shmem)
+    // are then the wait loop's few (4.2 MiB in a debug build before, 0.5 after).
     let init_shmem_kib: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("RssShmem: "))

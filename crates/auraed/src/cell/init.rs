@@ -169,10 +169,11 @@ pub fn main(args: &[OsString]) -> ExitCode {
         return ExitCode::FAILURE;
     }
     drop(ctl);
-    // Waiting is all that is left: the set-up's code pages (most of what this process
-    // touched) are given back; the wait loop maps its few again. A cell's init lives as long
-    // as the cell, so this is memory per cell. Costs memory only if it fails.
-    let _ = aurae_sys::memory::release(&aurae_sys::memory::read_only_segments());
+    // Waiting is all that is left: the code pages of the set-up (most of what this process
+    // touched) are given back, off the allocation's path; the wait loop maps its few again.
+    // A cell's init lives as long as the cell, so this is memory per cell. A failure costs
+    // only that memory, and the init protocol has no place left to report it.
+    let _ = aurae_sys::memory::release_read_only_segments();
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => reap_all(),

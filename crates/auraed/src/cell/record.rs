@@ -438,8 +438,15 @@ impl Cells {
             (None, Some(p), false) => match p.open() {
                 Ok(pidfd) => pidfd.map(Arc::new),
                 Err(e) => {
+                    // Taken as ended: with a group of its own, ending it kills what is in
+                    // it (below); without, nothing can be signalled safely by pid alone.
+                    let then = if r.limits.is_some() {
+                        "it is ended (its group killed)"
+                    } else {
+                        "it is shown as ended and no longer supervised"
+                    };
                     out.warnings.push(format!(
-                        "executable {}/{}: its process (pid {}) could not be checked ({e}); it is shown as ended and no longer supervised",
+                        "executable {}/{}: its process (pid {}) could not be checked ({e}); {then}",
                         r.cell, r.name, p.pid
                     ));
                     None

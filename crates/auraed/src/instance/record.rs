@@ -109,7 +109,17 @@ impl Instances {
         let loaded = store.load::<InstanceRecord>(kinds::INSTANCE);
         out.warnings.extend(loaded.quarantined);
         for (_, r) in loaded.records {
-            let pidfd = r.process.and_then(|p| p.open().ok().flatten());
+            let pidfd = match r.process.map(|p| (p.pid, p.open())) {
+                Some((_, Ok(pidfd))) => pidfd,
+                Some((pid, Err(e))) => {
+                    out.warnings.push(format!(
+                        "instance {}: its process (pid {pid}) could not be checked ({e})",
+                        r.name
+                    ));
+                    None
+                }
+                None => None,
+            };
             // A microVM instance's VMM is not taken back (its console and control socket
             // are not kept across a crash yet): it is stopped and forgotten.
             if r.vm

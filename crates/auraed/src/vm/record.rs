@@ -84,7 +84,17 @@ impl Vms {
         out.warnings.extend(loaded.quarantined);
         for (_, r) in loaded.records {
             let name = r.spec.name.clone();
-            let vmm = r.vmm.and_then(|p| p.open().ok().flatten());
+            let vmm = match r.vmm.map(|p| (p.pid, p.open())) {
+                Some((_, Ok(pidfd))) => pidfd,
+                Some((pid, Err(e))) => {
+                    out.warnings.push(format!(
+                        "virtual machine {:?}: its VMM (pid {pid}) could not be checked ({e})",
+                        name.as_str()
+                    ));
+                    None
+                }
+                None => None,
+            };
             let channels = r
                 .channels
                 .as_ref()

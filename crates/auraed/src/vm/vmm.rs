@@ -657,7 +657,7 @@ fn run(
     // What only the set-up ran (configuration, jail, KVM set-up: most of the code this
     // process touched) stays mapped for its life unless given back; the guest's own paths
     // map their pages again as they run. Costs memory only if it fails: said, not fatal.
-    if let Err(e) = aurae_sys::memory::release(&aurae_sys::memory::read_only_segments()) {
+    if let Err(e) = aurae_sys::memory::release_read_only_segments() {
         let _ = writeln!(
             std::io::stderr(),
             "aurae-vmm: the set-up's code pages were not given back: {e}"

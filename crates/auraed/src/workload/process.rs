@@ -85,11 +85,11 @@ impl ProcRef {
     }
 
     /// A pidfd of this very process, or `None` when it is gone (exited, a zombie, or its
-    /// pid now names another process). An error is "could not tell", never "gone": callers
-    /// that take it for gone would kill or forget a live workload, so a short-lived one
-    /// (out of fds or memory, interrupted) is tried again a few times first.
+    /// pid now names another process). An error means "could not tell", not "gone": a
+    /// short-lived one (out of fds or memory, interrupted) is tried again a few times
+    /// first, and callers name a persistent one in what they report.
     pub fn open(&self) -> io::Result<Option<Pidfd>> {
-        const TRIES: u32 = 5;
+        const TRIES: u32 = 3;
         let mut tries = 1;
         loop {
             match self.open_once() {
