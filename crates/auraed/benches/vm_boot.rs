@@ -121,6 +121,14 @@ async fn boot_to_marker(
         .await
         .map_err(|e| format!("waiting for {name}: {e}"))?
         .into_inner();
+    if secs.is_none() {
+        // Why: the nested guest's own fault (a triple fault, a kernel panic on the console)
+        // or the monitor's (a VMM error).
+        println!(
+            "  {name} did not reach the marker: phase {}, {:?}",
+            done.phase, done.message
+        );
+    }
     c.virtual_machines()
         .free(pb::NameRef { name: name.into() })
         .await
