@@ -16,21 +16,9 @@ use std::io;
 
 /// A range of this process's address space: a never-written segment of a loaded object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
+struct Segment {
     start: usize,
     len: usize,
-}
-
-impl Segment {
-    pub fn start(&self) -> usize {
-        self.start
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 const DT_NULL: i64 = 0;
@@ -167,7 +155,8 @@ fn walk(release: bool) -> Walk {
 
 /// The never-written segments of every object loaded in this process (the program, its
 /// shared libraries), whole pages only: what [`release_read_only_segments`] gives back.
-pub fn read_only_segments() -> Vec<Segment> {
+#[cfg(test)]
+fn read_only_segments() -> Vec<Segment> {
     walk(false).out
 }
 

@@ -322,15 +322,15 @@ impl Cells {
             let ns = NsSet::of(&rec.spec, parent.is_some());
             let mut why_lost = "its init exited while auraed was down".to_owned();
             let init = match (&rec.init, ns.any()) {
-                (Some(p), true) => match p.open() {
+                (Some(p), true) => match p.open_or_why() {
                     Ok(Some(pidfd)) => Some(Init {
                         pid: p.pid,
                         proc: Some(*p),
                         pidfd: Arc::new(pidfd),
                     }),
                     Ok(None) => None,
-                    Err(e) => {
-                        why_lost = format!("its init (pid {}) could not be checked ({e})", p.pid);
+                    Err(why) => {
+                        why_lost = format!("its init {why}");
                         None
                     }
                 },
@@ -435,9 +435,9 @@ impl Cells {
         out: &mut Readopted,
     ) -> (Arc<Executable>, bool) {
         let pidfd = match (&r.exit, &r.process, cell_killed) {
-            (None, Some(p), false) => match p.open() {
+            (None, Some(p), false) => match p.open_or_why() {
                 Ok(pidfd) => pidfd.map(Arc::new),
-                Err(e) => {
+                Err(why) => {
                     // Taken as ended: with a group of its own, ending it kills what is in
                     // it (below); without, nothing can be signalled safely by pid alone.
                     let then = if r.limits.is_some() {
@@ -446,8 +446,8 @@ impl Cells {
                         "it is shown as ended and no longer supervised"
                     };
                     out.warnings.push(format!(
-                        "executable {}/{}: its process (pid {}) could not be checked ({e}); {then}",
-                        r.cell, r.name, p.pid
+                        "executable {}/{}: its process {why}; {then}",
+                        r.cell, r.name
                     ));
                     None
                 }

@@ -109,13 +109,11 @@ impl Instances {
         let loaded = store.load::<InstanceRecord>(kinds::INSTANCE);
         out.warnings.extend(loaded.quarantined);
         for (_, r) in loaded.records {
-            let pidfd = match r.process.map(|p| (p.pid, p.open())) {
-                Some((_, Ok(pidfd))) => pidfd,
-                Some((pid, Err(e))) => {
-                    out.warnings.push(format!(
-                        "instance {}: its process (pid {pid}) could not be checked ({e})",
-                        r.name
-                    ));
+            let pidfd = match r.process.map(|p| p.open_or_why()) {
+                Some(Ok(pidfd)) => pidfd,
+                Some(Err(why)) => {
+                    out.warnings
+                        .push(format!("instance {}: its process {why}", r.name));
                     None
                 }
                 None => None,

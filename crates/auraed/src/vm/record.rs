@@ -84,11 +84,11 @@ impl Vms {
         out.warnings.extend(loaded.quarantined);
         for (_, r) in loaded.records {
             let name = r.spec.name.clone();
-            let vmm = match r.vmm.map(|p| (p.pid, p.open())) {
-                Some((_, Ok(pidfd))) => pidfd,
-                Some((pid, Err(e))) => {
+            let vmm = match r.vmm.map(|p| p.open_or_why()) {
+                Some(Ok(pidfd)) => pidfd,
+                Some(Err(why)) => {
                     out.warnings.push(format!(
-                        "virtual machine {:?}: its VMM (pid {pid}) could not be checked ({e})",
+                        "virtual machine {:?}: its VMM {why}",
                         name.as_str()
                     ));
                     None

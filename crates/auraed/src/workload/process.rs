@@ -102,6 +102,13 @@ impl ProcRef {
         }
     }
 
+    /// [`ProcRef::open`] for re-adoption: an error is worded for its warning ("(pid N)
+    /// could not be checked (…)"), to follow whose process it was.
+    pub fn open_or_why(&self) -> Result<Option<Pidfd>, String> {
+        self.open()
+            .map_err(|e| format!("(pid {}) could not be checked ({e})", self.pid))
+    }
+
     fn open_once(&self) -> io::Result<Option<Pidfd>> {
         if self.pid <= 0 {
             return Ok(None);
