@@ -134,8 +134,10 @@ impl Reaper {
                 }
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.reap()).await;
+            // On this worker (its other tasks handed on): a trip through the blocking pool
+            // and back was two more cross-thread wake-ups between a child's exit and
+            // whoever waits for it.
+            crate::workload::off_runtime(|| self.reap());
         }
     }
 }

@@ -615,3 +615,97 @@ async fn calls_cut_off_at_any_moment_leave_nothing_half_made() {
         }
     }
 }
+
+/// Copies of pipes the output holder keeps: its open fds (numbers ≥ 4; 0–2 are
+/// /dev/null, 3 its control socket).
+fn held_by(holder: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{holder}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) >= Some(4))
+        .count()
+}
+
+/// The holder is handed a start's pipes while the process starts: a start that fails
+/// (exec refused in the child) gives them back, so do one-call runs once they end; what
+/// still runs keeps its two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_keeps_nothing_of_failed_or_finished_starts() {
+    let Some((d, c)) = daemon("the_holder_keeps_nothing_of_failed_or_finished_starts").await else {
+        return;
+    };
+    allocate(&c, "held").await;
+    let holder = aurae_testkit::holder_of(d.pid().unwrap()).expect("auraed runs a holder");
+    let before = held_by(holder);
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "held".into(),
+            name: "runs".into(),
+            argv: vec!["/bin/sleep".into(), "60".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        held_by(holder),
+        before + 2,
+        "a running process's stdout and stderr"
+    );
+    // Exec refused in the child: not executable, a directory, a missing interpreter.
+    let script = std::env::temp_dir().join(format!("aurae-noexec-{}", std::process::id()));
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bad = ["/etc/hostname", "/tmp", script.to_str().unwrap()];
+    for (i, prog) in bad.iter().cycle().take(12).enumerate() {
+        let r = c
+            .runtime()
+            .run_executable(pb::Executable {
+                cell: "held".into(),
+                name: format!("bad{i}"),
+                argv: vec![(*prog).into()],
+                ..Default::default()
+            })
+            .await;
+        assert!(r.is_err(), "{prog} started: {r:?}");
+    }
+    for i in 0..12 {
+        let r = c
+            .runtime()
+            .run_executable(pb::Executable {
+                cell: "held".into(),
+                name: format!("ok{i}"),
+                argv: sh("echo out; echo err >&2"),
+                run: run(true, true, true, Some(900)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&r), Some(0));
+    }
+    let _ = std::fs::remove_file(&script);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held_by(holder) != before + 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        held_by(holder),
+        before + 2,
+        "the holder keeps only what still runs"
+    );
+    c.executables()
+        .stop(pb::StopExecutableRequest {
+            executable: Some(pb::ExecutableRef {
+                cell: "held".into(),
+                name: "runs".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held_by(holder) != before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(held_by(holder), before, "an ended process's copies go too");
+}

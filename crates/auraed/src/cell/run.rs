@@ -31,6 +31,10 @@ use crate::{
     },
 };
 
+/// How long an executable whose output ended waits for its exit before its record stops
+/// naming the holder's copies and the holder lets go of them.
+const RELEASE_AFTER_EXIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Cells {
     /// Starts an executable in its cell; with a `container` plan (already applied to
     /// `spec`), in a container root of its own. In a task of its own: a caller that goes
@@ -171,6 +175,13 @@ impl Cells {
                     .map(|f| (f.is_dir() && f.read_only).then(|| f.path.clone()))
                     .collect()
             });
+        // The holder takes its copies while the child starts, on a pool thread (the spawn
+        // keeps this one until the child has exec'd): a round trip to another process off
+        // the call's path. A terminal's ends exist only after the spawn: taken then.
+        let early_hold = match &prepared.console {
+            None => self.hold_early(&prepared, spec.interactive),
+            Some(_) => None,
+        };
         let t_spawn = Instant::now();
         let tree_after = tree.clone();
         let (prepared, child, rootfs) = crate::workload::off_runtime(move || {
@@ -268,7 +279,15 @@ impl Cells {
             (prepared, r, rootfs)
         });
         // On failure `rootfs` is dropped here, and its directories with it.
-        let child = child?;
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(h) = early_hold {
+                    self.let_go(h);
+                }
+                return Err(e);
+            }
+        };
         let mut prepared = prepared;
         if let Err(e) = prepared.take_console() {
             let _ = child.pidfd.send_signal(nix::libc::SIGKILL);
@@ -298,11 +317,19 @@ impl Cells {
         // can read (SIGPIPE), nor reading EOF on a stdin still to be written; a restarted
         // auraed takes them back.
         let interactive = spec.interactive;
-        let mut to_hold: Vec<&std::os::fd::OwnedFd> = output.iter().collect();
-        if let (Some(i), false) = (&input, interactive.tty) {
-            to_hold.push(i);
-        }
-        let held = self.hold_output(&spec.cell, &name, &to_hold);
+        let held = match early_hold {
+            Some(h) => {
+                let r = h.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                self.held_or_report(&spec.cell, &name, r)
+            }
+            None => {
+                let mut to_hold: Vec<&std::os::fd::OwnedFd> = output.iter().collect();
+                if let (Some(i), false) = (&input, interactive.tty) {
+                    to_hold.push(i);
+                }
+                self.hold_output(&spec.cell, &name, &to_hold)
+            }
+        };
         let input = input.map(|fd| self.new_input(fd, interactive, held.as_ref()));
         let log = Arc::new(Log::new(Some(
             self.logs_dir
@@ -399,7 +426,55 @@ impl Cells {
         name: &Label,
         fds: &[&std::os::fd::OwnedFd],
     ) -> Option<super::record::HeldOutput> {
-        match self.holder.as_ref()?.hold_all(fds) {
+        let r = self.holder.as_ref()?.hold_all(fds);
+        self.held_or_report(cell, name, r)
+    }
+
+    /// Starts handing copies of a prepared executable's output read ends (and of a
+    /// piped stdin's write end) to the holder on a pool thread; `None` without a holder.
+    /// A copy that cannot be made fails the hand-over (reported when it is collected).
+    fn hold_early(
+        &self,
+        prepared: &Prepared,
+        interactive: executable::Interactive,
+    ) -> Option<tokio::task::JoinHandle<std::io::Result<super::record::HeldOutput>>> {
+        let holder = self.holder.clone()?;
+        let input = prepared.input.iter().filter(|_| !interactive.tty);
+        let fds: std::io::Result<Vec<std::os::fd::OwnedFd>> = prepared
+            .output
+            .iter()
+            .chain(input)
+            .map(|f| f.try_clone())
+            .collect();
+        Some(tokio::task::spawn_blocking(move || {
+            let fds = fds?;
+            holder.hold_all(&fds.iter().collect::<Vec<_>>())
+        }))
+    }
+
+    /// Lets the holder go of what an early hand-over gave it, once it is done (the start
+    /// failed).
+    fn let_go(&self, h: tokio::task::JoinHandle<std::io::Result<super::record::HeldOutput>>) {
+        let Some(holder) = self.holder.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(Ok(held)) = h.await
+                && let Err(e) = holder.release_held(&held)
+            {
+                warn!("the output holder did not let go of a failed start's pipes: {e}");
+            }
+        });
+    }
+
+    /// `r`, the holder's answer to a hand-over, or `None` with the failure reported.
+    fn held_or_report(
+        &self,
+        cell: &CellName,
+        name: &Label,
+        r: std::io::Result<super::record::HeldOutput>,
+    ) -> Option<super::record::HeldOutput> {
+        match r {
             Ok(held) => Some(held),
             Err(e) => {
                 let id = super::record::executable_key(cell, name);
@@ -464,6 +539,10 @@ impl Cells {
                 let _ = p.await;
             }
             exe.log.close();
+            // Most processes close their output by exiting: their end (its record, the
+            // caller's wait, a one-call free, which leaves no record to write) goes first,
+            // and this record and the holder's round trip come after it, not beside it.
+            exe.wait(Some(RELEASE_AFTER_EXIT)).await;
             exe.output_released
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             exe.write_record(&recorder);
