@@ -489,6 +489,27 @@ async fn remove_is_done_by_a_restarted_auraed() {
         return;
     };
     allocate(&c, "keep").await;
+    // Ended before the crash, its free waiting for output a child still holds open: an
+    // executable freed at its end has no exit record, and the restarted auraed frees it.
+    c.runtime()
+        .run_executable(pb::Executable {
+            cell: "keep".into(),
+            name: "settling".into(),
+            argv: sh("sleep 3 & exit 3"),
+            run: run(false, true, false, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let settling = aurae_testkit::workload::exe_ref("keep", "settling");
+    let s = c
+        .executables()
+        .get(settling.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&s), Some(3), "ended, its free waiting for its output");
     // Ends after the restart: a cell, and an executable in a kept cell.
     start_cell(&c, "later", "sleep 2", true).await;
     c.runtime()
@@ -538,6 +559,16 @@ async fn remove_is_done_by_a_restarted_auraed() {
     assert_eq!(
         c.executables().get(r).await.unwrap_err().code(),
         Code::NotFound
+    );
+    // Once its output settles (the child holding it keeps running).
+    let end = std::time::Instant::now() + Duration::from_secs(8);
+    while c.executables().get(settling.clone()).await.is_ok() && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.executables().get(settling).await.unwrap_err().code(),
+        Code::NotFound,
+        "ended before the crash: freed by the restarted auraed"
     );
     assert!(cell_exists(&c, "keep").await);
     assert!(cell_exists(&c, "plain").await, "no remove asked: kept");

@@ -545,7 +545,9 @@ impl Cells {
             exe.wait(Some(RELEASE_AFTER_EXIT)).await;
             exe.output_released
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            exe.write_record(&recorder);
+            if !(exe.exited() && exe.freed_at_end()) {
+                exe.write_record(&recorder);
+            }
             if let (Some(h), Some(held)) = (holder, &exe.held) {
                 let _ = h.release_held(&held.first(outputs));
             }
@@ -912,7 +914,12 @@ async fn supervise(
     // find the record to delete, not have it written back after.
     let mut rec = exe.record();
     rec.exit = Some(super::record::ExitRecord::from(&e));
-    exe.write_given(&recorder, &rec);
+    // One that a run call frees at its end (`remove`) is about to go: no exit record (a
+    // restarted auraed frees it all the same, as ended while it was down; a free that
+    // fails writes it then, see `Cells::when_ended`).
+    if !exe.freed_at_end() {
+        exe.write_given(&recorder, &rec);
+    }
     exe.state.send_replace(State {
         phase: Phase::Exited,
         exit: Some(e),

@@ -46,6 +46,8 @@ impl Cells {
                 },
             };
             if let Err(e) = freed {
+                // It stays: its record says how it ended (not written at its end).
+                exe.write_record(&me.recorder);
                 warn!(executable = %format!("{}/{}", exe.cell, exe.name), "freeing it at its end (run.remove): {e}");
             }
             let _ = tx.send(());

@@ -124,6 +124,11 @@ impl Executable {
         self.state.borrow().exit.is_some()
     }
 
+    /// Whether a run call frees it (or its cell) at its end.
+    pub fn freed_at_end(&self) -> bool {
+        self.free_on_exit.lock().ok().and_then(|f| *f).is_some()
+    }
+
     /// Waits until the process has exited, at most `timeout`.
     pub async fn wait(&self, timeout: Option<Duration>) -> Option<Exit> {
         let mut rx = self.state.subscribe();
