@@ -35,5 +35,5 @@ pub use snapshot::{Snapshot, SnapshotError};
 pub use template::CpuTemplate;
 pub use vm::{
     ExitError, Laps, RestoreConfig, RestoreInfo, SnapshotInfo, SnapshotTarget, Vm, VmExit,
-    VmHandle, VmmError,
+    VmHandle, VmShell, VmmError,
 };

@@ -71,6 +71,15 @@ impl GuestVm {
         Arc::clone(&self.mem)
     }
 
+    /// Takes in a vCPU of this VM created before its memory was registered
+    /// ([`crate::vm::VmShell`]).
+    pub(crate) fn adopt_vcpu(&self, fd: VcpuFd) -> Vcpu {
+        Vcpu {
+            fd,
+            _mem: Arc::clone(&self.mem),
+        }
+    }
+
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu, kvm_ioctls::Error> {
         Ok(Vcpu {

@@ -445,31 +445,19 @@ impl Machine {
     /// has its registers at `mmio_device_addr(n)` and interrupts on GSI
     /// `mmio_device_gsi(n)`.
     fn build(
-        kvm: &Kvm,
+        vm: kvm_ioctls::VmFd,
         mem: GuestMemoryMmap,
         drives: &[config::DriveConfig],
         net: Option<&config::NetConfig>,
+        tap_ahead: Option<(String, File)>,
         console_out: Option<config::SerialSink>,
         laps: &mut Laps,
     ) -> Result<Self, VmmError> {
         let kvm_err = |what| move |source| VmmError::Kvm { what, source };
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        laps.lap("KVM_CREATE_VM");
         let guest =
             GuestVm::with_vm(vm, Arc::new(mem)).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         laps.lap("memory regions");
         let vm = guest.fd();
-        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        laps.lap("TSS and irqchip");
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        laps.lap("PIT");
 
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in drives.iter().enumerate() {
@@ -489,7 +477,10 @@ impl Machine {
                 name: n.tap.clone(),
                 source,
             };
-            let tap = sys::open_tap(&n.tap).map_err(tap_err)?;
+            let tap = match tap_ahead.filter(|(name, _)| *name == n.tap) {
+                Some((_, tap)) => tap,
+                None => sys::open_tap(&n.tap).map_err(tap_err)?,
+            };
             net_tap = Some(tap.try_clone().map_err(tap_err)?);
             virtio.push(Box::new(Net::new(tap, n.mac)));
             laps.lap("TAP opened");
@@ -544,6 +535,154 @@ fn install_kick_handler() -> Result<(), VmmError> {
     result
 }
 
+/// What every VM needs whatever it will be, made before its configuration is known:
+/// `/dev/kvm` opened, the VM created with its TSS, in-kernel irqchip and PIT, and what KVM
+/// supports read (CPUID, the MSR list). The VMM process makes it on a thread of its own
+/// while it receives its configuration and builds its jail: under nested virtualisation
+/// each of these ioctls exits to the L1 hypervisor (~11 ms of a ~30 ms restore there).
+pub struct VmShell {
+    kvm: Kvm,
+    vm: kvm_ioctls::VmFd,
+    /// vCPU 0 (every VM has one), made before the VM's memory is registered.
+    vcpu0: Option<kvm_ioctls::VcpuFd>,
+    supported: kvm_bindings::CpuId,
+    /// `supported` through the default CPU template, and its fingerprint.
+    templated: (kvm_bindings::CpuId, [u8; 32]),
+    msr_indices: Vec<u32>,
+    /// The TAP named in the configuration, opened ahead.
+    tap: Option<(String, File)>,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl std::fmt::Debug for VmShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShell")
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmShell {
+    /// Opens `/dev/kvm` and makes the shell.
+    pub fn create() -> Result<Self, VmmError> {
+        Self::create_with(Kvm::new().map_err(VmmError::OpenKvm)?)
+    }
+
+    /// Opens `/dev/kvm` on this thread (its path is resolved here, whatever happens to
+    /// this process's root meanwhile) and makes the shell on a thread of its own.
+    /// The thread runs `first` before anything else (the VMM drops the thread's
+    /// capabilities there: it opens `tap`, the TAP named in the configuration, with no
+    /// more rights than the jailed VMM would have).
+    pub fn create_on_thread(
+        tap: Option<String>,
+        first: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<Self, VmmError>>, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        std::thread::Builder::new()
+            .name("aurae-vmm-shell".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                first().map_err(|e| {
+                    VmmError::Thread(std::io::Error::new(
+                        e.kind(),
+                        format!("the VM's set-up thread: {e}"),
+                    ))
+                })?;
+                let mut shell = Self::create_with(kvm)?;
+                if let Some(name) = tap {
+                    let t = std::time::Instant::now();
+                    let file = sys::open_tap(&name).map_err(|source| VmmError::Tap {
+                        name: name.clone(),
+                        source,
+                    })?;
+                    shell.steps.push(("ahead: TAP opened", t.elapsed()));
+                    shell.tap = Some((name, file));
+                }
+                Ok(shell)
+            })
+            .map_err(VmmError::Thread)
+    }
+
+    /// Makes the shell on an opened `/dev/kvm`.
+    pub fn create_with(kvm: Kvm) -> Result<Self, VmmError> {
+        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+        let mut laps = Laps::start();
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        laps.lap("ahead: KVM_CREATE_VM");
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        laps.lap("ahead: TSS and irqchip");
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        laps.lap("ahead: PIT");
+        let vcpu0 = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        laps.lap("ahead: KVM_CREATE_VCPU 0");
+        let supported = cpu::supported_cpuid(&kvm)?;
+        laps.lap("ahead: supported CPUID");
+        let mut with_template = supported.clone();
+        crate::CpuTemplate::default().apply(with_template.as_mut_slice());
+        let fingerprint = snapshot::cpuid_fingerprint(with_template.as_slice());
+        laps.lap("ahead: CPU template and fingerprint");
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        laps.lap("ahead: MSR list");
+        Ok(Self {
+            kvm,
+            vm,
+            vcpu0: Some(vcpu0),
+            supported,
+            templated: (with_template, fingerprint),
+            msr_indices,
+            tap: None,
+            steps: laps.steps,
+        })
+    }
+
+    /// How long each of its steps took (where they ran).
+    pub fn steps(&self) -> &[(&'static str, Duration)] {
+        &self.steps
+    }
+
+    /// What KVM supports through `template`, and its fingerprint (made ahead for the
+    /// default template).
+    fn cpuid_for(
+        supported: kvm_bindings::CpuId,
+        templated: (kvm_bindings::CpuId, [u8; 32]),
+        template: crate::CpuTemplate,
+    ) -> (kvm_bindings::CpuId, [u8; 32]) {
+        if template == crate::CpuTemplate::default() {
+            return templated;
+        }
+        let mut cpuid = supported;
+        template.apply(cpuid.as_mut_slice());
+        let fingerprint = snapshot::cpuid_fingerprint(cpuid.as_slice());
+        (cpuid, fingerprint)
+    }
+}
+
+/// vCPU `id` of `guest`: the one made ahead for 0, else a new one.
+fn vcpu_of(
+    guest: &GuestVm,
+    ahead: &mut Option<kvm_ioctls::VcpuFd>,
+    id: u8,
+) -> Result<Vcpu, VmmError> {
+    match ahead.take().filter(|_| id == 0) {
+        Some(fd) => Ok(guest.adopt_vcpu(fd)),
+        None => guest.create_vcpu(id).map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_VCPU",
+            source,
+        }),
+    }
+}
+
 impl Vm {
     /// Builds the VM: checks the configuration (memory capped at the host's), opens
     /// `/dev/kvm`, allocates and registers guest memory, creates the in-kernel irqchip and
@@ -552,8 +691,23 @@ impl Vm {
     pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
         let host = config::host_mem_bytes().unwrap_or(config::MAX_MEM_BYTES);
         cfg.validate_with_cap(host)?;
-        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
-        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+        Self::new_in(VmShell::create()?, cfg)
+    }
+
+    /// [`Vm::new`] in a shell made ahead ([`VmShell`]).
+    pub fn new_in(shell: VmShell, cfg: VmConfig) -> Result<Self, VmmError> {
+        let host = config::host_mem_bytes().unwrap_or(config::MAX_MEM_BYTES);
+        cfg.validate_with_cap(host)?;
+        let VmShell {
+            kvm,
+            vm,
+            mut vcpu0,
+            supported,
+            templated,
+            msr_indices,
+            tap,
+            ..
+        } = shell;
 
         let (layout, ranges) = layout_of(cfg.mem_bytes)?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::Memory {
@@ -563,10 +717,11 @@ impl Vm {
         // A cold build reports no steps; the laps are only the restore's.
         let mut laps = Laps::start();
         let machine = Machine::build(
-            &kvm,
+            vm,
             mem,
             &cfg.drives,
             cfg.net.as_ref(),
+            tap,
             cfg.console_out,
             &mut laps,
         )?;
@@ -593,25 +748,22 @@ impl Vm {
             cfg.serial_out,
         );
 
-        let mut supported = cpu::supported_cpuid(&kvm)?;
-        cfg.cpu_template.apply(supported.as_mut_slice());
+        let (supported, fingerprint) = VmShell::cpuid_for(supported, templated, cfg.cpu_template);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
-            let v = machine
-                .guest
-                .create_vcpu(id)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let v = vcpu_of(&machine.guest, &mut vcpu0, id)?;
             cpu::configure_vcpu(v.fd(), id, cfg.vcpus, &supported, kernel.entry)?;
             vcpus.push(v);
         }
         let meta = Meta {
             cpu_template: cfg.cpu_template.name().to_owned(),
-            cpu_fingerprint: snapshot::cpuid_fingerprint(supported.as_slice()),
+            cpu_fingerprint: fingerprint,
             vcpus: cfg.vcpus,
             mem_bytes: cfg.mem_bytes,
         };
+        drop(kvm);
         Self::assemble(
-            &kvm,
+            msr_indices,
             machine,
             vcpus,
             serial_irq,
@@ -631,7 +783,30 @@ impl Vm {
     /// every vCPU. Nothing runs until [`Vm::run`].
     pub fn restore(cfg: RestoreConfig) -> Result<(Self, RestoreInfo), VmmError> {
         let started = std::time::Instant::now();
+        let shell = VmShell::create()?;
+        Self::restore_in(shell, cfg, started)
+    }
+
+    /// [`Vm::restore`] in a shell made ahead ([`VmShell`]); the restore's time counts from
+    /// `started` (this call, or before the shell was made when it is made here). Its
+    /// steps list the shell's first, named `ahead: …`.
+    pub fn restore_in(
+        shell: VmShell,
+        cfg: RestoreConfig,
+        started: std::time::Instant,
+    ) -> Result<(Self, RestoreInfo), VmmError> {
         let mut laps = Laps::start();
+        laps.extend(shell.steps.iter().copied());
+        let VmShell {
+            kvm,
+            vm,
+            mut vcpu0,
+            supported,
+            templated,
+            msr_indices,
+            tap,
+            ..
+        } = shell;
         let RestoreConfig {
             snapshot: snap,
             memory,
@@ -642,9 +817,6 @@ impl Vm {
             seccomp,
         } = cfg;
         let h = &snap.header;
-        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
-        let kvm_err = |what| move |source| VmmError::Kvm { what, source };
-        laps.lap("open /dev/kvm");
 
         let template =
             crate::CpuTemplate::from_name(&h.cpu_template).ok_or_else(|| SnapshotError::Cpu {
@@ -652,10 +824,7 @@ impl Vm {
                 found: h.cpu_template.clone(),
                 here: "no such template in this monitor".into(),
             })?;
-        let mut supported = cpu::supported_cpuid(&kvm)?;
-        laps.lap("supported CPUID");
-        template.apply(supported.as_mut_slice());
-        let fingerprint = snapshot::cpuid_fingerprint(supported.as_slice());
+        let (_, fingerprint) = VmShell::cpuid_for(supported, templated, template);
         laps.lap("CPU template and fingerprint");
         if fingerprint != h.cpu_fingerprint {
             return Err(SnapshotError::Cpu {
@@ -701,7 +870,7 @@ impl Vm {
         let machine_started = std::time::Instant::now();
         let mem = snapshot::map_memory(&memory, &ranges, h.memory_len)?;
         laps.lap("memory mapped");
-        let machine = Machine::build(&kvm, mem, &drives, net.as_ref(), console_out, &mut laps)?;
+        let machine = Machine::build(vm, mem, &drives, net.as_ref(), tap, console_out, &mut laps)?;
         snapshot::restore_vm(machine.guest.fd(), &snap.vm)?;
         laps.lap("irqchip, PIT, clock");
         for (i, (t, s)) in machine.transports.iter().zip(&snap.transports).enumerate() {
@@ -724,10 +893,7 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for (id, state) in snap.vcpus.iter().enumerate() {
             let id = id as u8;
-            let v = machine
-                .guest
-                .create_vcpu(id)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let v = vcpu_of(&machine.guest, &mut vcpu0, id)?;
             laps.lap("KVM_CREATE_VCPU");
             snapshot::restore_vcpu(v.fd(), id, state)?;
             laps.lap("vCPU state");
@@ -741,8 +907,17 @@ impl Vm {
             mem_bytes: h.mem_bytes,
         };
         let clock_advanced = snap.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0;
+        drop(kvm);
         let vm = Self::assemble(
-            &kvm, machine, vcpus, serial_irq, serial, layout, seccomp, meta, &mut laps,
+            msr_indices,
+            machine,
+            vcpus,
+            serial_irq,
+            serial,
+            layout,
+            seccomp,
+            meta,
+            &mut laps,
         )?;
         Ok((
             vm,
@@ -760,7 +935,7 @@ impl Vm {
     /// filters compiled, KVM's MSR list read, the handle made.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
-        kvm: &Kvm,
+        msr_indices: Vec<u32>,
         machine: Machine,
         vcpus: Vec<Vcpu>,
         serial_irq: EventFdTrigger,
@@ -779,12 +954,6 @@ impl Vm {
         laps.lap("serial IRQ");
         let filters = seccomp.then(Filters::built);
         laps.lap("seccomp programs");
-        let msr_indices = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-            .as_slice()
-            .to_vec();
-        laps.lap("MSR list");
         let (tx, rx) = mpsc::channel();
         let handle = VmHandle {
             shared: Arc::new(Shared {

@@ -74,7 +74,9 @@ impl Net {
             tap,
             config: mac,
             sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            frame: vec![0u8; MAX_FRAME],
+            // Allocated on the first frame: not on a restore's path (zeroing 64 KiB and
+            // faulting its pages in took ~1 ms of a nested restore).
+            frame: Vec::new(),
             pending: None,
             counters: NetCounters::default(),
         }
@@ -90,8 +92,16 @@ impl Net {
         self.counters
     }
 
+    /// Makes the frame buffer ([`MAX_FRAME`] bytes) if it is not there yet.
+    fn frame_buffer(&mut self) {
+        if self.frame.len() < MAX_FRAME {
+            self.frame = vec![0u8; MAX_FRAME];
+        }
+    }
+
     /// Moves frames from the TAP into RX buffers until one of them runs out.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.frame_buffer();
         let mut used = false;
         loop {
             let len = match self.pending {
@@ -137,6 +147,7 @@ impl Net {
 
     /// Sends every frame the driver queued.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.frame_buffer();
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();

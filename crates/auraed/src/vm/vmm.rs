@@ -503,8 +503,25 @@ fn run(
         aurae_vmm::CpuTemplate::from_name(&cfg.cpu_template)
             .ok_or_else(|| format!("unknown CPU template {:?}", cfg.cpu_template))?
     };
-    let (inside, snapshot) = jail(&cfg, files)?;
+    // The VM itself (created, TSS, irqchip, PIT, vCPU 0, what KVM supports) and its TAP
+    // on a thread of its own while the jail is built: none of it needs the jail, and each
+    // ioctl is an exit to the L1 hypervisor under nested virtualisation. The thread drops
+    // its capabilities first (the TAP is opened as the jailed VMM would), and is joined
+    // before any filter is installed, so no thread runs outside them.
+    let shell = aurae_vmm::VmShell::create_on_thread(
+        cfg.net.as_ref().map(|(tap, _)| tap.clone()),
+        aurae_sys::process::drop_all_capabilities,
+    )
+    .map_err(|e| format!("{e} (is KVM available?)"))?;
+    let jailed = jail(&cfg, files);
+    let shell = shell
+        .join()
+        .map_err(|_| "the VM's set-up thread panicked".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let (inside, snapshot) = jailed?;
     laps.lap("jail");
+    let shell = shell?;
+    laps.lap("VM made ahead (waited for)");
     seccompiler::apply_filter(&aurae_vmm::seccomp::process_denylist_program())
         .map_err(|e| format!("seccomp: {e}"))?;
     laps.lap("process filter");
@@ -538,15 +555,19 @@ fn run(
                 .transports
                 .iter()
                 .any(|t| t.device_type == aurae_vmm::virtio::console::DEVICE_TYPE);
-            let (vm, info) = aurae_vmm::Vm::restore(aurae_vmm::RestoreConfig {
-                snapshot,
-                memory,
-                serial_out,
-                drives,
-                net,
-                console_out: had_console.then_some(console_out),
-                seccomp: true,
-            })
+            let (vm, info) = aurae_vmm::Vm::restore_in(
+                shell,
+                aurae_vmm::RestoreConfig {
+                    snapshot,
+                    memory,
+                    serial_out,
+                    drives,
+                    net,
+                    console_out: had_console.then_some(console_out),
+                    seccomp: true,
+                },
+                std::time::Instant::now(),
+            )
             .map_err(|e| e.to_string())?;
             send_msg(
                 ctl,
@@ -563,19 +584,22 @@ fn run(
             .map_err(|e| format!("control socket: {e}"))?;
             vm
         }
-        None => aurae_vmm::Vm::new(aurae_vmm::VmConfig {
-            kernel: inside.kernel,
-            initramfs: inside.initramfs,
-            cmdline: inside.cmdline,
-            vcpus: inside.vcpus,
-            mem_bytes: inside.memory_bytes,
-            serial_out,
-            drives,
-            net,
-            console_out: Some(console_out),
-            seccomp: true,
-            cpu_template,
-        })
+        None => aurae_vmm::Vm::new_in(
+            shell,
+            aurae_vmm::VmConfig {
+                kernel: inside.kernel,
+                initramfs: inside.initramfs,
+                cmdline: inside.cmdline,
+                vcpus: inside.vcpus,
+                mem_bytes: inside.memory_bytes,
+                serial_out,
+                drives,
+                net,
+                console_out: Some(console_out),
+                seccomp: true,
+                cpu_template,
+            },
+        )
         .map_err(|e| e.to_string())?,
     };
     let handle = vm.handle();
