@@ -1256,3 +1256,69 @@ async fn a_crash_keeps_restored_vms_and_drops_half_written_snapshots() {
         assert!(!cg.join("vms").join(name).exists(), "{name}");
     }
 }
+
+/// The VM's shell, made on a thread of its own while the VMM builds its jail: it runs its
+/// `first` step before anything (the VMM drops the thread's rights there), opens only a TAP
+/// that exists with the rights it is left (`TUNSETIFF` of a missing name would create one
+/// with CAP_NET_ADMIN), and a restore or build goes on in it.
+#[test]
+fn the_vm_shell_is_made_ahead_with_the_rights_it_is_left() {
+    if !tier::check(
+        "the_vm_shell_is_made_ahead_with_the_rights_it_is_left",
+        Tier::Host,
+        needs_kvm(),
+    ) {
+        return;
+    }
+    let shell = aurae_vmm::VmShell::create_on_thread(None, || Ok(()))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    let steps: Vec<&str> = shell.steps().iter().map(|(s, _)| *s).collect();
+    for want in [
+        "ahead: KVM_CREATE_VM",
+        "ahead: PIT",
+        "ahead: KVM_CREATE_VCPU 0",
+    ] {
+        assert!(steps.contains(&want), "{steps:?}");
+    }
+    // A step that fails first: nothing else is made.
+    let e = aurae_vmm::VmShell::create_on_thread(None, || {
+        Err(std::io::Error::other("no rights to drop"))
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("set-up thread") && e.contains("no rights to drop"),
+        "{e}"
+    );
+    // A TAP that does not exist, opened by a thread that dropped its capabilities (as the
+    // VMM's does; capabilities are per thread): refused, and no interface made.
+    let name = format!("aurae-nx{}", std::process::id() % 100_000);
+    let e = aurae_vmm::VmShell::create_on_thread(
+        Some(name.clone()),
+        aurae_sys::process::drop_all_capabilities,
+    )
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(&name), "{e}");
+    assert!(
+        !Path::new("/sys/class/net").join(&name).exists(),
+        "{name} was created"
+    );
+    // And this thread kept its own: the drop stayed on the shell's thread.
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert_ne!(
+        eff.split_whitespace().nth(1),
+        Some("0000000000000000"),
+        "{eff}"
+    );
+}
