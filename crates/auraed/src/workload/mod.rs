@@ -24,21 +24,9 @@ pub mod tree;
 
 pub use error::WorkloadError;
 
-/// Runs a short blocking step (a call to the output holder, a spawn: the calling thread
-/// waits until the child has exec'd) from async code without stalling the runtime's other
-/// tasks and without waiting for another thread on the way in or out: on a multi-thread
-/// runtime the worker hands its other tasks to another thread and runs `f` itself
-/// (`block_in_place`); elsewhere (a current-thread runtime: unit tests) directly. Not for
-/// steps that wait on something else for long (a cell init's set-up report, bounded by a
-/// timeout of seconds): those take `spawn_blocking`. Measured on `RunExecutable`'s spawn: the round trip through the
-/// blocking pool was ~0.5 ms of a ~1.9 ms call on a busy two-CPU machine (two
-/// cross-thread wake-ups on the call's path).
-pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
+/// Short blocking steps from async code: see [`crate::reaper::off_runtime`] (it lives
+/// with the reaper, the lowest layer that needs it).
+pub use crate::reaper::off_runtime;
 
 /// Where a workload (cell, executable, VM) is in its life. The API's `Phase` is made from
 /// it at the edge (`api::convert`).
