@@ -272,7 +272,10 @@ pub struct RestoreInfo {
     /// The guest's kvmclock was advanced by the time since the snapshot (a kernel with
     /// `KVM_CLOCK_REALTIME`); otherwise it resumes at the snapshot's instant.
     pub clock_advanced: bool,
-    /// Every step of `took`, in order, each with its own time (they add up to `took`).
+    /// The steps of the VM's shell first (`ahead: …`: made before `took` began where the
+    /// shell was made ahead — in the VMM, beside its jail — and inside it for
+    /// [`Vm::restore`]), then every step of the restore, in order, each with its own time
+    /// (those add up to `took`, less opening `/dev/kvm` for [`Vm::restore`]).
     pub steps: Vec<(&'static str, Duration)>,
 }
 
@@ -449,7 +452,7 @@ impl Machine {
         mem: GuestMemoryMmap,
         drives: &[config::DriveConfig],
         net: Option<&config::NetConfig>,
-        tap_ahead: Option<(String, File)>,
+        tap_ahead: Option<(String, File, Vec<u8>)>,
         console_out: Option<config::SerialSink>,
         laps: &mut Laps,
     ) -> Result<Self, VmmError> {
@@ -477,12 +480,12 @@ impl Machine {
                 name: n.tap.clone(),
                 source,
             };
-            let tap = match tap_ahead.filter(|(name, _)| *name == n.tap) {
-                Some((_, tap)) => tap,
-                None => sys::open_tap(&n.tap).map_err(tap_err)?,
+            let (tap, frame) = match tap_ahead.filter(|(name, _, _)| *name == n.tap) {
+                Some((_, tap, frame)) => (tap, frame),
+                None => (sys::open_tap(&n.tap).map_err(tap_err)?, Vec::new()),
             };
             net_tap = Some(tap.try_clone().map_err(tap_err)?);
-            virtio.push(Box::new(Net::new(tap, n.mac)));
+            virtio.push(Box::new(Net::with_frame(tap, n.mac, frame)));
             laps.lap("TAP opened");
         }
         if let Some(out) = console_out {
@@ -549,8 +552,9 @@ pub struct VmShell {
     /// `supported` through the default CPU template, and its fingerprint.
     templated: (kvm_bindings::CpuId, [u8; 32]),
     msr_indices: Vec<u32>,
-    /// The TAP named in the configuration, opened ahead.
-    tap: Option<(String, File)>,
+    /// The TAP named in the configuration, opened ahead, with its device's frame buffer
+    /// (made here, on a thread no filter limits yet).
+    tap: Option<(String, File, Vec<u8>)>,
     steps: Vec<(&'static str, Duration)>,
 }
 
@@ -595,8 +599,9 @@ impl VmShell {
                         name: name.clone(),
                         source,
                     })?;
+                    let frame = vec![0u8; crate::virtio::net::MAX_FRAME];
                     shell.steps.push(("ahead: TAP opened", t.elapsed()));
-                    shell.tap = Some((name, file));
+                    shell.tap = Some((name, file, frame));
                 }
                 Ok(shell)
             })
@@ -689,6 +694,7 @@ impl Vm {
     /// PIT, loads the kernel, initramfs and boot structures, wires COM1 to IRQ 4 and creates
     /// and configures the vCPUs. Nothing runs until [`Vm::run`].
     pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
+        // Checked before the shell is made (and again by `new_in`, cheaply).
         let host = config::host_mem_bytes().unwrap_or(config::MAX_MEM_BYTES);
         cfg.validate_with_cap(host)?;
         Self::new_in(VmShell::create()?, cfg)
@@ -932,7 +938,7 @@ impl Vm {
     }
 
     /// The parts shared by [`Vm::new`] and [`Vm::restore`]: the serial IRQ wired, the
-    /// filters compiled, KVM's MSR list read, the handle made.
+    /// filters compiled, the handle made (KVM's MSR list comes from the shell).
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         msr_indices: Vec<u32>,

@@ -1258,9 +1258,9 @@ async fn a_crash_keeps_restored_vms_and_drops_half_written_snapshots() {
 }
 
 /// The VM's shell, made on a thread of its own while the VMM builds its jail: it runs its
-/// `first` step before anything (the VMM drops the thread's rights there), opens only a TAP
-/// that exists with the rights it is left (`TUNSETIFF` of a missing name would create one
-/// with CAP_NET_ADMIN), and a restore or build goes on in it.
+/// `first` step before anything (the VMM drops the thread's rights there) and opens only a
+/// TAP that exists, with the rights it is left (`TUNSETIFF` of a missing name would create
+/// one with CAP_NET_ADMIN). Every VM of the tests above is built or restored in one.
 #[test]
 fn the_vm_shell_is_made_ahead_with_the_rights_it_is_left() {
     if !tier::check(

@@ -70,13 +70,24 @@ pub struct Net {
 impl Net {
     /// A device on an open, non-blocking TAP (one frame per `read`/`write`).
     pub fn new(tap: File, mac: [u8; 6]) -> Self {
+        Self::with_frame(tap, mac, vec![0u8; MAX_FRAME])
+    }
+
+    /// [`Net::new`] with its frame buffer made elsewhere ([`MAX_FRAME`] bytes, only ever
+    /// read up to what was just written into it; one of another length is made again
+    /// here). Never made lazily on a device thread: those run under seccomp filters
+    /// without `mprotect`, which glibc needs to grow a thread's arena.
+    pub fn with_frame(tap: File, mac: [u8; 6], frame: Vec<u8>) -> Self {
+        let frame = if frame.len() == MAX_FRAME {
+            frame
+        } else {
+            vec![0u8; MAX_FRAME]
+        };
         Self {
             tap,
             config: mac,
             sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            // Allocated on the first frame: not on a restore's path (zeroing 64 KiB and
-            // faulting its pages in took ~1 ms of a nested restore).
-            frame: Vec::new(),
+            frame,
             pending: None,
             counters: NetCounters::default(),
         }
@@ -92,16 +103,8 @@ impl Net {
         self.counters
     }
 
-    /// Makes the frame buffer ([`MAX_FRAME`] bytes) if it is not there yet.
-    fn frame_buffer(&mut self) {
-        if self.frame.len() < MAX_FRAME {
-            self.frame = vec![0u8; MAX_FRAME];
-        }
-    }
-
     /// Moves frames from the TAP into RX buffers until one of them runs out.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        self.frame_buffer();
         let mut used = false;
         loop {
             let len = match self.pending {
@@ -147,7 +150,6 @@ impl Net {
 
     /// Sends every frame the driver queued.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        self.frame_buffer();
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();

@@ -3,9 +3,10 @@
 //!
 //! One JSON file per record, `<state>/store/<kind>/<key>.json`, written atomically (write a
 //! temporary file, fsync it, rename over the old one, fsync the directory; records of
-//! running processes unsynced and swapped in place: [`Store::put_atomic`]): a crash leaves
-//! either the old or the new record, never a torn one. Leftover temporary files from a
-//! crash are removed on open.
+//! running processes unsynced and swapped in place: [`Store::put_atomic`]): a crash of
+//! auraed leaves either the old or the new record, never a torn one (a power loss can
+//! empty an unsynced one: see there). Leftover temporary files from a crash are removed on
+//! open.
 
 use std::{
     fs,
@@ -185,10 +186,13 @@ impl Store {
         self.write(kind, key, value, true)
     }
 
-    /// Writes a record atomically (temporary file, rename): a crash of auraed leaves the
-    /// old record or the new one, never a torn one. Not synced: for records of running
-    /// processes, which do not outlive the machine either (after a reboot their records
-    /// name nothing: boot ids differ). Two fewer fsyncs on every start and exit.
+    /// Writes a record atomically (temporary file, swapped in: [`replace`]): a crash of
+    /// auraed leaves the old record or the new one, never a torn one. Not synced: for
+    /// records of running processes, which do not outlive the machine either (after a
+    /// reboot their records name nothing: boot ids differ). Two fewer fsyncs on every
+    /// start and exit. After a power loss a record written shortly before can come back
+    /// empty (its data never reached the disk): it is then quarantined and reported at
+    /// the next start, as an unreadable record is.
     pub fn put_atomic<T: Serialize>(
         &self,
         kind: &str,

@@ -111,8 +111,8 @@ pub enum Report {
         #[serde(default)]
         vcpus_ns: u64,
         /// Every step with its time in ms, for the log: the VMM process's own from its
-        /// `main` (configuration received, jail, …), then the restore's ("open /dev/kvm
-        /// 0.31, …").
+        /// `main` (configuration received, jail, …), then the VM shell's (`ahead: …`,
+        /// beside the jail), then the restore's ("CPU template and fingerprint 0.31, …").
         #[serde(default)]
         steps: String,
     },
