@@ -186,8 +186,8 @@ impl Store {
         self.write(kind, key, value, true)
     }
 
-    /// Writes a record atomically (temporary file, swapped in: [`replace`]): a crash of
-    /// auraed leaves the old record or the new one, never a torn one. Not synced: for
+    /// Writes a record atomically (temporary file, swapped in with `RENAME_EXCHANGE`): a
+    /// crash of auraed leaves the old record or the new one, never a torn one. Not synced: for
     /// records of running processes, which do not outlive the machine either (after a
     /// reboot their records name nothing: boot ids differ). Two fewer fsyncs on every
     /// start and exit. After a power loss a record written shortly before can come back
