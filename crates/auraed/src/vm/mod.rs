@@ -899,22 +899,26 @@ impl Vms {
             return Err(precondition(format!("asking the VMM for a snapshot: {e}")));
         }
         let mut rx = vm.state.subscribe();
-        let done = tokio::time::timeout(
+        // Only whether it timed out: the state `wait_for` hands back is a read lock on it,
+        // which, held over the `borrow` below, deadlocked this task against the VMM's
+        // next report (its writer waiting on the first read, the second read on it).
+        let timed_out = tokio::time::timeout(
             SNAPSHOT_TIMEOUT,
             rx.wait_for(|s| s.snapshotted.is_some() || s.process.is_some()),
         )
-        .await;
+        .await
+        .is_err();
         let written = vm.state.borrow().snapshotted;
         let Some(state_bytes) = written else {
             partial.abort();
-            if done.is_err() {
+            if timed_out {
                 let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
             }
             let why = vm.state.borrow().message.clone();
             return Err(precondition(format!(
                 "virtual machine {:?}: no snapshot was written{}",
                 name.as_str(),
-                if done.is_err() {
+                if timed_out {
                     format!(" within {SNAPSHOT_TIMEOUT:?} (the VMM was killed)")
                 } else {
                     format!(": {why}")
