@@ -486,7 +486,8 @@ fn build_initramfs(
 }
 
 /// The microVM's initramfs: busybox, the virtio modules of the same kernel, and an init
-/// that writes the boot-timer port (0x440), prints [`MICROVM_MARKER`], with `network` brings
+/// that writes the boot-timer port (0x440), prints [`MICROVM_MARKER`], with `network` reads
+/// its first drive (a sector, then 1 MiB and 512 KiB requests) and tries to write it, brings
 /// eth0 up with the address auraed put on its command line and pings the gateway over the
 /// TAP, and powers off.
 pub fn microvm_initramfs(network: bool) -> anyhow::Result<Vec<u8>> {
@@ -829,6 +830,7 @@ const NET_SCRIPT: &str = r#"for m in virtio_ring virtio virtio_mmio failover net
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vda ] && break; sleep 1; done
 [ -e /dev/vda ] || mknod /dev/vda b $(sed 's/:/ /' /sys/block/vda/dev)
 if dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -q AURAE_DISK_CONTENT; then echo AURAE_MICROVM_DISK_OK; else echo AURAE_MICROVM_DISK_FAILED; fi
+if dd if=/dev/vda of=/dev/null bs=1M count=1 iflag=direct 2>/dev/null && dd if=/dev/vda of=/dev/null bs=512K count=2 iflag=direct 2>/dev/null; then echo AURAE_MICROVM_BIG_READS_OK; else echo AURAE_MICROVM_BIG_READS_FAILED; fi
 if echo x | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then echo AURAE_MICROVM_DISK_WRITABLE; else echo AURAE_MICROVM_DISK_READONLY; fi
 ADDR=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\1/p' /proc/cmdline)
 GW=$(sed -n 's/.*ip=\([0-9.]*\)::\([0-9.]*\):.*/\2/p' /proc/cmdline)

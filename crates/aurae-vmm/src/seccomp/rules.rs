@@ -59,10 +59,9 @@ pub enum ThreadKind {
 }
 
 /// Syscalls every VMM thread needs: memory, futexes, signal return and masks, thread
-/// exit, time.
+/// exit, time. (`mmap` and `mprotect` too, never with `PROT_EXEC`: see [`compile`].)
 const COMMON: &[libc::c_long] = &[
     libc::SYS_futex,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
     libc::SYS_madvise,
@@ -98,11 +97,9 @@ fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
             libc::SYS_gettid,
             libc::SYS_nanosleep,
             libc::SYS_clock_nanosleep,
-            // A snapshot's files (opened by the embedder beforehand), and its buffers
-            // (malloc grows a thread's arena with mprotect).
+            // A snapshot's files (opened by the embedder beforehand).
             libc::SYS_pwrite64,
             libc::SYS_ftruncate,
-            libc::SYS_mprotect,
         ],
         ThreadKind::NetRx => &[
             libc::SYS_read,
@@ -126,6 +123,21 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     };
     // std's `OwnedFd` drop checks the fd with `fcntl(F_GETFD)` in debug builds.
     rules.insert(libc::SYS_fcntl, vec![arg1_is(libc::F_GETFD as u64)?]);
+    // Memory, never executable: glibc maps a thread's arena `PROT_NONE` and grows it with
+    // `mprotect(PROT_READ | PROT_WRITE)` on any thread that allocates past what it has
+    // (a guest's 1 MiB read then 512 KiB read did, and without `mprotect` the VMM was
+    // killed); no thread of ours maps or makes code.
+    let not_exec = || {
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+    };
+    rules.insert(libc::SYS_mmap, vec![not_exec()?]);
+    rules.insert(libc::SYS_mprotect, vec![not_exec()?]);
     if kind == ThreadKind::Vcpu {
         rules.insert(
             libc::SYS_ioctl,
@@ -147,7 +159,41 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
         SeccompAction::Allow,
         TargetArch::x86_64,
     )?;
-    f.try_into()
+    Ok(answering_enoent(f.try_into()?))
+}
+
+/// Syscalls a thread's filter answers with `ENOENT` rather than killing the process:
+/// glibc's malloc opens `/proc/sys/vm/overcommit_memory` the first time it gives back the
+/// top of a thread's heap, which a filtered thread does after freeing enough. Nothing is
+/// opened either way; the thread's malloc goes on (it gives the memory back with
+/// `madvise`).
+pub const ANSWERED_ENOENT: &[libc::c_long] = &[libc::SYS_open, libc::SYS_openat];
+
+/// `prog` behind a preamble that answers [`ANSWERED_ENOENT`] with `ENOENT` (x86_64 only;
+/// anything else goes on to `prog`, which checks the architecture itself).
+fn answering_enoent(prog: BpfProgram) -> BpfProgram {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JA: u16 = 0x05; // BPF_JMP | BPF_JA
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let insn = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+    let n = ANSWERED_ENOENT.len() as u8;
+    // 0 arch; 1 not x86_64: to `prog`; 2 nr; 3.. one test each, to the answer; then over
+    // the answer; the answer; `prog`.
+    let mut out = vec![
+        insn(LD_W_ABS, 0, 0, 4),
+        insn(JEQ_K, 0, n + 3, AUDIT_ARCH_X86_64),
+        insn(LD_W_ABS, 0, 0, 0),
+    ];
+    for (i, &nr) in ANSWERED_ENOENT.iter().enumerate() {
+        out.push(insn(JEQ_K, n - i as u8, 0, nr as u32));
+    }
+    out.push(insn(JA, 0, 0, 1));
+    out.push(insn(RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOENT as u32));
+    out.extend(prog);
+    out
 }
 
 /// Syscalls no thread of a VMM process ever needs, refused process-wide with `EPERM` by an

@@ -67,7 +67,9 @@ impl Console {
         Self {
             out,
             sizes: [QUEUE_SIZE; 2],
-            buf: Vec::new(),
+            // Made here, at its largest: growing it on the (filtered) vCPU thread would
+            // allocate there.
+            buf: Vec::with_capacity(MAX_CHAIN),
             counters: ConsoleCounters::default(),
         }
     }
