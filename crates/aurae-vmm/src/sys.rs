@@ -141,30 +141,41 @@ pub const IFNAMSIZ: usize = 16;
 /// `name` as `IFF_TAP | IFF_NO_PI` (no `IFF_VNET_HDR`), non-blocking and close-on-exec:
 /// each `read` returns one Ethernet frame, each `write` sends one.
 pub fn open_tap(name: &str) -> io::Result<File> {
+    attach_tap(open_tun()?, name)
+}
+
+/// `/dev/net/tun` opened, not yet attached to a device (for [`attach_tap`]), non-blocking
+/// and close-on-exec: a caller whose root is about to change opens it first.
+pub fn open_tun() -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+}
+
+/// [`open_tap`] on a `/dev/net/tun` opened before ([`open_tun`]): the device `name` is
+/// attached (or created) with the caller's rights at this call.
+pub fn attach_tap(tun: File, name: &str) -> io::Result<File> {
     if name.is_empty() || name.len() >= IFNAMSIZ || name.bytes().any(|b| b == 0 || b == b'/') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("invalid interface name {name:?}"),
         ));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")?;
     // struct ifreq: the name (IFNAMSIZ bytes), then a union whose first member used here
     // is `short ifr_flags`; 40 bytes in all on x86_64.
     let mut ifr = [0u8; 40];
     ifr[..name.len()].copy_from_slice(name.as_bytes());
     ifr[IFNAMSIZ..IFNAMSIZ + 2].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: `file` is an open fd of /dev/net/tun; TUNSETIFF reads and writes a
+    // SAFETY: `tun` is an open fd of /dev/net/tun; TUNSETIFF reads and writes a
     // `struct ifreq`, and `ifr` is a live, writable buffer of its full size (40 bytes on
     // x86_64) for the duration of the call; no pointer is kept by the kernel.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(file)
+    Ok(tun)
 }
 
 /// `KVM_SET_XSAVE` with the legacy 4 KiB area, as [`kvm_ioctls::VcpuFd::get_xsave`] read

@@ -572,16 +572,24 @@ impl VmShell {
         Self::create_with(Kvm::new().map_err(VmmError::OpenKvm)?)
     }
 
-    /// Opens `/dev/kvm` on this thread (its path is resolved here, whatever happens to
-    /// this process's root meanwhile) and makes the shell on a thread of its own.
-    /// The thread runs `first` before anything else (the VMM drops the thread's
-    /// capabilities there: it opens `tap`, the TAP named in the configuration, with no
-    /// more rights than the jailed VMM would have).
+    /// Opens `/dev/kvm`, and `/dev/net/tun` for `tap`, on this thread (their paths are
+    /// resolved here, whatever happens to this process's root meanwhile: a jail needs
+    /// neither) and makes the shell on a thread of its own. The thread runs `first`
+    /// before anything else (the VMM drops the thread's capabilities there: it attaches
+    /// `tap`, the TAP named in the configuration, with no more rights than the jailed VMM
+    /// would have).
     pub fn create_on_thread(
         tap: Option<String>,
         first: impl FnOnce() -> std::io::Result<()> + Send + 'static,
     ) -> Result<std::thread::JoinHandle<Result<Self, VmmError>>, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let tap = match tap {
+            Some(name) => match sys::open_tun() {
+                Ok(tun) => Some((name, tun)),
+                Err(source) => return Err(VmmError::Tap { name, source }),
+            },
+            None => None,
+        };
         std::thread::Builder::new()
             .name("aurae-vmm-shell".into())
             .stack_size(256 << 10)
@@ -593,9 +601,9 @@ impl VmShell {
                     ))
                 })?;
                 let mut shell = Self::create_with(kvm)?;
-                if let Some(name) = tap {
+                if let Some((name, tun)) = tap {
                     let t = std::time::Instant::now();
-                    let file = sys::open_tap(&name).map_err(|source| VmmError::Tap {
+                    let file = sys::attach_tap(tun, &name).map_err(|source| VmmError::Tap {
                         name: name.clone(),
                         source,
                     })?;

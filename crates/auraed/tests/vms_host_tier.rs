@@ -219,8 +219,8 @@ async fn a_vm_runs_jailed_reports_and_stops() {
     root.sort();
     assert_eq!(
         root,
-        ["dev", "kernel"],
-        "the jail holds only the VM's files"
+        ["kernel"],
+        "the jail holds only the VM's files: no device (/dev/kvm was opened before)"
     );
     let mine = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     assert_ne!(
@@ -1002,7 +1002,10 @@ async fn a_snapshot_is_stored_and_restored_vms_carry_on_from_it() {
             .map(|d| d.file_name().to_string_lossy().into_owned())
             .collect();
         root.sort();
-        assert_eq!(root, ["dev"], "a restore's jail holds no kernel");
+        assert!(
+            root.is_empty(),
+            "a restore's jail holds no kernel and no device: {root:?}"
+        );
     }
     for name in ["r1", "r2"] {
         let after = console_of_at_least(&e, name, 80).await;

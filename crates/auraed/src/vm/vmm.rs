@@ -12,17 +12,17 @@
 //! once, below its image root without following symlinks, and the file it checked is the
 //! file the jail holds.
 //!
-//! The jail, before any guest code runs: every mount private; a tmpfs root holding only the
-//! kernel, initramfs and drives (read-only unless a drive is writable), `/dev/kvm` and
-//! `/dev/net/tun`, bound from fds (auraed's, and `/dev`'s opened before); `pivot_root`
-//! into it, old root detached;
+//! The jail, before any guest code runs: every mount private; a tmpfs root (`nodev`)
+//! holding only the kernel, initramfs and drives (read-only unless a drive is writable),
+//! moved in from auraed's fds, and no device at all (`/dev/kvm` and `/dev/net/tun` are
+//! opened before, by the VM's shell); `pivot_root` into it, old root detached;
 //! every capability dropped, `no_new_privs`; and each of the VMM's own threads (vCPUs,
 //! controller, network RX) installs its seccomp allowlist on itself (aurae-vmm).
 
 use std::{
     io::Write,
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     sync::{
         Arc,
@@ -273,8 +273,9 @@ struct SnapshotFiles {
 fn jail(
     cfg: &VmmConfig,
     files: &[std::os::fd::RawFd],
+    laps: &mut aurae_vmm::Laps,
 ) -> Result<(VmmConfig, Option<SnapshotFiles>), String> {
-    use std::fs::{File, OpenOptions};
+    use std::fs::File;
     fn e(what: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
         move |err| format!("jail: {what}: {err}")
     }
@@ -286,16 +287,11 @@ fn jail(
         None::<&str>,
     )
     .map_err(e("making mounts private"))?;
+    laps.lap("jail: mounts private");
     // The VM's files are detached mounts auraed cloned from the files it checked, moved
-    // into place (a mount of auraed's namespace could not be bound here); the devices are
-    // opened here and bound. Both through /proc/self/fd: nothing is resolved twice.
-    let open = |p: &Path, write: bool| {
-        OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(p)
-            .map_err(|err| format!("{}: {err}", p.display()))
-    };
+    // into place through /proc/self/fd (a mount of auraed's namespace could not be bound
+    // here): nothing is resolved twice. No device: /dev/kvm and /dev/net/tun were opened
+    // before (aurae_vmm::VmShell::create_on_thread), so the jail holds none.
     if files.len() != cfg.fds() {
         return Err(format!(
             "jail: {} files for a VM that needs {}",
@@ -333,15 +329,15 @@ fn jail(
     }
     let last_drive = format!("drive{}", cfg.drives.len().saturating_sub(1));
     let in_memory_drive = |name: &str| cfg.last_drive_in_memory && name == last_drive;
-    // (fd, name in the jail, read-only, a detached mount to move rather than bind)
-    let mut binds: Vec<(std::os::fd::RawFd, String, bool, bool)> = files
+    // (fd, name in the jail, read-only)
+    let binds: Vec<(std::os::fd::RawFd, String, bool)> = files
         .iter()
         .zip(names)
         .filter(|(_, (name, _))| {
             let copied = (cfg.initramfs_in_memory && name == "initramfs") || in_memory_drive(name);
             !copied
         })
-        .map(|(fd, (name, ro))| (*fd, name, ro, true))
+        .map(|(fd, (name, ro))| (*fd, name, ro))
         .collect();
     let in_memory = if cfg.initramfs_in_memory {
         files.get(1).copied()
@@ -353,25 +349,15 @@ fn jail(
     } else {
         None
     };
-    let kvm = open(Path::new("/dev/kvm"), true).map_err(|m| format!("{m} (is KVM available?)"))?;
-    binds.push((kvm.as_raw_fd(), "dev/kvm".into(), false, false));
-    let tun = match cfg.net {
-        Some(_) => Some(open(Path::new("/dev/net/tun"), true)?),
-        None => None,
-    };
-    if let Some(t) = &tun {
-        binds.push((t.as_raw_fd(), "dev/net/tun".into(), false, false));
-    }
     mount(
         Some("tmpfs"),
         JAIL,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
         Some("mode=0700,size=64k"),
     )
     .map_err(e("mounting the jail's tmpfs"))?;
-    std::fs::create_dir_all(format!("{JAIL}/dev/net")).map_err(|err| format!("jail: {err}"))?;
-    for (fd, name, ro, detached) in &binds {
+    for (fd, name, ro) in &binds {
         let target = format!("{JAIL}/{name}");
         File::create(&target).map_err(|err| format!("jail: {target}: {err}"))?;
         let src = format!("/proc/self/fd/{fd}");
@@ -379,20 +365,14 @@ fn jail(
             Some(src.as_str()),
             target.as_str(),
             None::<&str>,
-            if *detached {
-                MsFlags::MS_MOVE
-            } else {
-                MsFlags::MS_BIND
-            },
+            MsFlags::MS_MOVE,
             None::<&str>,
         )
-        .map_err(e(&format!("binding {name}")))?;
-        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
+        .map_err(e(&format!("moving {name} in")))?;
+        let mut flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         if *ro {
             flags |= MsFlags::MS_RDONLY;
-        }
-        if !name.starts_with("dev/") {
-            flags |= MsFlags::MS_NODEV;
         }
         mount(
             None::<&str>,
@@ -411,17 +391,20 @@ fn jail(
     if let Some(fd) = drive_in_memory {
         copy_into_tmpfs(fd, "handover", "drive")?;
     }
+    laps.lap("jail: files in");
     // Nothing of the host stays open across the pivot but what is bound.
-    drop((kvm, tun));
     for fd in all {
         let _ = nix::unistd::close(*fd);
     }
     std::env::set_current_dir(JAIL).map_err(|err| format!("jail: chdir: {err}"))?;
     nix::unistd::pivot_root(".", ".").map_err(e("pivot_root"))?;
+    laps.lap("jail: pivot_root");
     umount2(".", MntFlags::MNT_DETACH).map_err(e("detaching the old root"))?;
+    laps.lap("jail: old root detached");
     std::env::set_current_dir("/").map_err(|err| format!("jail: chdir /: {err}"))?;
     aurae_sys::process::drop_all_capabilities()
         .map_err(|err| format!("jail: dropping capabilities: {err}"))?;
+    laps.lap("jail: capabilities dropped");
     let inside = VmmConfig {
         kernel: "/kernel".into(),
         initramfs: cfg.initramfs.as_ref().map(|_| {
@@ -513,13 +496,12 @@ fn run(
         aurae_sys::process::drop_all_capabilities,
     )
     .map_err(|e| format!("{e} (is KVM available?)"))?;
-    let jailed = jail(&cfg, files);
+    let jailed = jail(&cfg, files, &mut laps);
     let shell = shell
         .join()
         .map_err(|_| "the VM's set-up thread panicked".to_owned())
         .and_then(|r| r.map_err(|e| e.to_string()));
     let (inside, snapshot) = jailed?;
-    laps.lap("jail");
     let shell = shell?;
     laps.lap("VM made ahead (waited for)");
     seccompiler::apply_filter(&aurae_vmm::seccomp::process_denylist_program())
