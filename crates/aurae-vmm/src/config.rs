@@ -19,10 +19,28 @@ pub type SerialSink = Box<dyn Write + Send>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DriveConfig {
     /// The image file; its length, rounded down to 512-byte sectors, is the disk size.
+    /// Opened by this path unless `opened` is given (then it only names the drive in
+    /// errors).
     pub path: PathBuf,
     /// Refuse guest writes (`VIRTIO_BLK_F_RO`; the file is opened read-only).
     pub read_only: bool,
+    /// The image, opened beforehand (read-write only if the drive is writable): what an
+    /// embedder that jails the VMM hands over, so that the jail need not hold the file.
+    pub opened: Option<OpenedFile>,
 }
+
+/// A file opened beforehand, shared by the configurations cloned from one (two are equal
+/// when they are the same open file).
+#[derive(Clone, Debug)]
+pub struct OpenedFile(pub std::sync::Arc<std::fs::File>);
+
+impl PartialEq for OpenedFile {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OpenedFile {}
 
 /// A virtio-net device on a host TAP interface.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

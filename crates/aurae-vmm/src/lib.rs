@@ -30,7 +30,7 @@ pub mod virtio;
 pub mod vm;
 
 pub use boot::BootError;
-pub use config::{ConfigError, DriveConfig, NetConfig, SerialSink, VmConfig};
+pub use config::{ConfigError, DriveConfig, NetConfig, OpenedFile, SerialSink, VmConfig};
 pub use snapshot::{Snapshot, SnapshotError};
 pub use template::CpuTemplate;
 pub use vm::{

@@ -464,13 +464,18 @@ impl Machine {
 
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in drives.iter().enumerate() {
-            let blk =
-                Block::open(&d.path, d.read_only, &format!("aurae-vd{i}")).map_err(|source| {
-                    VmmError::Drive {
-                        path: d.path.clone(),
-                        source,
-                    }
-                })?;
+            let id = format!("aurae-vd{i}");
+            let blk = match &d.opened {
+                Some(f) => {
+                    f.0.try_clone()
+                        .and_then(|file| Block::new(file, d.read_only, &id))
+                }
+                None => Block::open(&d.path, d.read_only, &id),
+            }
+            .map_err(|source| VmmError::Drive {
+                path: d.path.clone(),
+                source,
+            })?;
             virtio.push(Box::new(blk));
         }
         laps.lap("drives opened");

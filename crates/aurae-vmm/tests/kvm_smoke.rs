@@ -172,9 +172,13 @@ fn guest_code_sees_acpi_and_virtio_mmio() {
     code.extend([0xbb, 0x00, 0x00, 0x00, 0xd1]); // mov ebx, 0xd1000000 (no device)
     code.extend([0x8b, 0x03, 0xee]); // mov eax, [rbx] ; out dx, al (0xff)
     code.extend([0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // i8042 reset ; hlt
+    // Handed over open (as a jailed VMM's are): its path is only a name, never opened.
     let drives = vec![aurae_vmm::DriveConfig {
-        path: disk.path().to_owned(),
+        path: "/nonexistent/drive0".into(),
         read_only: true,
+        opened: Some(aurae_vmm::OpenedFile(std::sync::Arc::new(
+            std::fs::File::open(disk.path()).unwrap(),
+        ))),
     }];
     let (exit, out) = run_tiny(&code, 1, drives);
     assert_eq!(exit, VmExit::Reset);

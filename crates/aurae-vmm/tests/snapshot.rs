@@ -240,6 +240,7 @@ fn bad_snapshots_are_refused_with_the_reason() {
     let drives = vec![aurae_vmm::DriveConfig {
         path: disk.path().to_owned(),
         read_only: true,
+        opened: None,
     }];
     let e = try_restore(good.clone(), &memory, drives);
     assert!(e.contains("0 drive(s)") && e.contains("1 drive(s)"), "{e}");

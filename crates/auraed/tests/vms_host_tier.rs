@@ -483,26 +483,44 @@ fn drive(path: String, read_only: bool, writable: bool) -> pb::Drive {
 
 /// The access mode (`O_RDONLY` 0, `O_RDWR` 2) of the VMM's open file of its jail's
 /// `/drive0`.
-fn vmm_drive_access(pid: i32) -> Option<u32> {
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+fn vmm_drive_access(pid: i32, image: &Path) -> Option<u32> {
+    let fd = vmm_fd_of(pid, image)?;
+    let info = std::fs::read_to_string(format!(
+        "/proc/{pid}/fdinfo/{}",
+        fd.file_name().unwrap().to_string_lossy()
+    ))
+    .unwrap();
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .unwrap()
+        .trim();
+    Some(u32::from_str_radix(flags, 8).unwrap() & 3)
+}
+
+/// `/proc/<pid>/fd/<n>` of the VMM's open file that is `image` (same device and inode).
+fn vmm_fd_of(pid: i32, image: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(image).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
-    {
-        if std::fs::read_link(fd.path()).is_ok_and(|l| l == Path::new("/drive0")) {
-            let info = std::fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                fd.file_name().to_string_lossy()
-            ))
-            .unwrap();
-            let flags = info
-                .lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .unwrap()
-                .trim();
-            return Some(u32::from_str_radix(flags, 8).unwrap() & 3);
-        }
-    }
-    None
+        .map(|fd| fd.path())
+        .find(|fd| {
+            std::fs::metadata(fd).is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino())
+        })
+}
+
+/// The contents of the VMM's open regular files of at most 1 MiB (its drives, and any
+/// other small file it holds).
+fn vmm_small_files(pid: i32) -> Vec<Vec<u8>> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|fd| fd.path())
+        .filter(|fd| std::fs::metadata(fd).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20))
+        .filter_map(|fd| std::fs::read(fd).ok())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,8 +602,10 @@ async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
         let err = c.runtime().run_virtual_machine(vm).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{who}: {err:?}");
     }
-    // The default (and read_only, as old clients send it): read-only. The jail's mount
-    // refuses writes and the VMM's file is O_RDONLY.
+    // The default (and read_only, as old clients send it): read-only. The VMM's file is
+    // O_RDONLY, on a read-only mount (opening it again for writing is refused) and not in
+    // its jail at all.
+    let disk = e.images.path().join("tenant-a/disk");
     for (name, c, d) in [
         ("n-ro", &n, drive(e.image("tenant-a/disk"), false, false)),
         ("a-ro", &a, drive(e.image("tenant-a/disk"), true, false)),
@@ -597,12 +617,20 @@ async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
             .unwrap()
             .into_inner();
         let pid = st.vmm_pid;
+        let fd = vmm_fd_of(pid, &disk).expect("the VMM holds its drive");
         let err = std::fs::OpenOptions::new()
             .write(true)
-            .open(format!("/proc/{pid}/root/drive0"))
+            .open(&fd)
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{name}: {err}");
-        assert_eq!(vmm_drive_access(pid), Some(0), "{name}: O_RDONLY");
+        assert_eq!(vmm_drive_access(pid, &disk), Some(0), "{name}: O_RDONLY");
+        assert!(
+            std::fs::read_dir(format!("/proc/{pid}/root"))
+                .unwrap()
+                .flatten()
+                .all(|f| f.file_name() == "kernel"),
+            "{name}: the jail holds only the kernel"
+        );
         e.c.virtual_machines()
             .stop(pb::StopRequest {
                 name: name.into(),
@@ -620,12 +648,12 @@ async fn drives_are_read_only_unless_writable_is_granted_for_the_path() {
         .unwrap()
         .into_inner();
     let pid = st.vmm_pid;
-    assert_eq!(vmm_drive_access(pid), Some(2), "O_RDWR");
+    assert_eq!(vmm_drive_access(pid, &disk), Some(2), "O_RDWR");
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .open(format!("/proc/{pid}/root/drive0"))
+            .open(vmm_fd_of(pid, &disk).unwrap())
             .unwrap();
         f.write_all(b"written").unwrap();
     }
@@ -723,7 +751,12 @@ async fn a_kernel_or_drive_swapped_for_a_symlink_is_never_booted_or_attached() {
             }
             Ok(st) => {
                 let pid = st.into_inner().vmm_pid;
-                let drive = std::fs::read(format!("/proc/{pid}/root/drive0")).unwrap();
+                let files = vmm_small_files(pid);
+                let drive = files
+                    .iter()
+                    .find(|f| f.as_slice() == b"real-disk" || f.as_slice() == b"host-secret")
+                    .cloned()
+                    .unwrap_or_default();
                 let t = Instant::now();
                 let mut console = String::new();
                 while console.is_empty() && t.elapsed() < Duration::from_secs(20) {

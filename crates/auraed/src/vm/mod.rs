@@ -424,7 +424,6 @@ impl Vms {
                 .collect(),
             net: lease.as_ref().map(|l| (l.tap.clone(), l.mac)),
             initramfs_in_memory: false,
-            last_drive_in_memory: false,
             cpu_template: spec.cpu_template.name().to_owned(),
             restore: spec.snapshot.is_some(),
         };
@@ -529,7 +528,6 @@ impl Vms {
             cmdline: spec.cmdline.clone(),
             vcpus: u8::try_from(vcpus).unwrap_or(1),
             memory_bytes,
-            last_drive_in_memory: !drives.is_empty(),
             drives,
             net: Some((lease.tap.clone(), lease.mac)),
             initramfs_in_memory: !restore,

@@ -10,12 +10,14 @@
 //!
 //! The VMM never opens a kernel, initramfs or drive by a host path: auraed resolved each
 //! once, below its image root without following symlinks, and the file it checked is the
-//! file the jail holds.
+//! file the VMM uses.
 //!
-//! The jail, before any guest code runs: every mount private; a tmpfs root (`nodev`)
-//! holding only the kernel, initramfs and drives (read-only unless a drive is writable),
-//! moved in from auraed's fds, and no device at all (`/dev/kvm` and `/dev/net/tun` are
-//! opened before, by the VM's shell); `pivot_root` into it, old root detached;
+//! The jail, before any guest code runs: every mount private; the drives (and a restore's
+//! state and memory files) opened again from auraed's fds through `/proc/self/fd`
+//! (read-write only for a writable drive) and used as open files; a tmpfs root (`nodev`)
+//! holding only the kernel and initramfs, moved in from auraed's fds, and no device at all
+//! (`/dev/kvm` and `/dev/net/tun` are opened before, by the VM's shell); `pivot_root` into
+//! it, old root detached;
 //! every capability dropped, `no_new_privs`; and each of the VMM's own threads (vCPUs,
 //! controller, network RX) installs its seccomp allowlist on itself (aurae-vmm).
 
@@ -69,11 +71,6 @@ pub struct VmmConfig {
     /// and the template come from the snapshot).
     #[serde(default)]
     pub restore: bool,
-    /// The last drive is a sealed memfd auraed built (a template instance's handover
-    /// drive, see `instance::template`), not a detached mount: the jail copies it into a
-    /// tmpfs of its own size, read-only.
-    #[serde(default)]
-    pub last_drive_in_memory: bool,
 }
 
 /// auraed → VMM.
@@ -268,14 +265,23 @@ struct SnapshotFiles {
     memory: std::fs::File,
 }
 
+/// What the jail leaves the VMM: its configuration with the paths inside, and the files
+/// it uses open.
+struct Jailed {
+    inside: VmmConfig,
+    snapshot: Option<SnapshotFiles>,
+    /// The drives, in order.
+    drives: Vec<std::fs::File>,
+}
+
 /// `files`: auraed's fds of the kernel, initramfs (if any) and drives, in that order; for
 /// a restore, of the snapshot's state and memory files, then the drives.
 fn jail(
     cfg: &VmmConfig,
     files: &[std::os::fd::RawFd],
     laps: &mut aurae_vmm::Laps,
-) -> Result<(VmmConfig, Option<SnapshotFiles>), String> {
-    use std::fs::File;
+) -> Result<Jailed, String> {
+    use std::fs::{File, OpenOptions};
     fn e(what: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
         move |err| format!("jail: {what}: {err}")
     }
@@ -300,23 +306,35 @@ fn jail(
         ));
     }
     let all = files;
-    // A restore's state and memory files are used as open files, never by a path: each
-    // opened again, read-only, through /proc/self/fd before the jail closes auraed's.
+    // Opened again through /proc/self/fd before the jail closes auraed's fds (read-write
+    // only where asked): a file used as an open file, never by a path.
+    let again = |fd: &std::os::fd::RawFd, write: bool, what: &str| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(format!("/proc/self/fd/{fd}"))
+            .map_err(|err| format!("jail: {what}: {err}"))
+    };
+    // A restore's state and memory files, read-only.
     let (snapshot, files) = if cfg.restore {
-        let again = |fd: &std::os::fd::RawFd, what: &str| {
-            File::open(format!("/proc/self/fd/{fd}"))
-                .map_err(|err| format!("jail: the snapshot's {what} file: {err}"))
-        };
         (
             Some(SnapshotFiles {
-                state: again(&files[0], "state")?,
-                memory: again(&files[1], "memory")?,
+                state: again(&files[0], false, "the snapshot's state file")?,
+                memory: again(&files[1], false, "the snapshot's memory file")?,
             }),
             &files[2..],
         )
     } else {
         (None, files)
     };
+    // The drives (the last fds), read-write only if writable: the jail holds none.
+    let (files, drive_fds) = files.split_at(files.len() - cfg.drives.len());
+    let drives = drive_fds
+        .iter()
+        .zip(&cfg.drives)
+        .enumerate()
+        .map(|(i, (fd, (_, ro)))| again(fd, !ro, &format!("drive {i}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut names = Vec::new();
     if !cfg.restore {
         names.push(("kernel".to_owned(), true));
@@ -324,28 +342,15 @@ fn jail(
     if cfg.initramfs.is_some() && !cfg.restore {
         names.push(("initramfs".into(), true));
     }
-    for (i, (_, ro)) in cfg.drives.iter().enumerate() {
-        names.push((format!("drive{i}"), *ro));
-    }
-    let last_drive = format!("drive{}", cfg.drives.len().saturating_sub(1));
-    let in_memory_drive = |name: &str| cfg.last_drive_in_memory && name == last_drive;
     // (fd, name in the jail, read-only)
     let binds: Vec<(std::os::fd::RawFd, String, bool)> = files
         .iter()
         .zip(names)
-        .filter(|(_, (name, _))| {
-            let copied = (cfg.initramfs_in_memory && name == "initramfs") || in_memory_drive(name);
-            !copied
-        })
+        .filter(|(_, (name, _))| !(cfg.initramfs_in_memory && name == "initramfs"))
         .map(|(fd, (name, ro))| (*fd, name, ro))
         .collect();
     let in_memory = if cfg.initramfs_in_memory {
         files.get(1).copied()
-    } else {
-        None
-    };
-    let drive_in_memory = if cfg.last_drive_in_memory && !cfg.drives.is_empty() {
-        files.last().copied()
     } else {
         None
     };
@@ -383,13 +388,9 @@ fn jail(
         )
         .map_err(e(&format!("restricting {name}")))?;
     }
-    // An initramfs or a drive auraed built in memory: copied into a tmpfs of its size,
-    // read-only.
+    // An initramfs auraed built in memory: copied into a tmpfs of its size, read-only.
     if let Some(fd) = in_memory {
         copy_into_tmpfs(fd, "boot", "initramfs")?;
-    }
-    if let Some(fd) = drive_in_memory {
-        copy_into_tmpfs(fd, "handover", "drive")?;
     }
     laps.lap("jail: files in");
     // Nothing of the host stays open across the pivot but what is bound.
@@ -414,19 +415,15 @@ fn jail(
                 "/initramfs".into()
             }
         }),
-        drives: (0..cfg.drives.len())
-            .map(|i| {
-                let path = if cfg.last_drive_in_memory && i + 1 == cfg.drives.len() {
-                    PathBuf::from("/handover/drive")
-                } else {
-                    PathBuf::from(format!("/drive{i}"))
-                };
-                (path, cfg.drives[i].1)
-            })
-            .collect(),
+        // The paths the caller sent, to name the drives in errors.
+        drives: cfg.drives.clone(),
         ..cfg.clone()
     };
-    Ok((inside, snapshot))
+    Ok(Jailed {
+        inside,
+        snapshot,
+        drives,
+    })
 }
 
 /// The memfd `fd` copied into `{JAIL}/<dir>/<file>`, on a tmpfs of its size made
@@ -496,17 +493,31 @@ fn run(
         aurae_sys::process::drop_all_capabilities,
     )
     .map_err(|e| format!("{e} (is KVM available?)"))?;
-    let jailed = jail(&cfg, files, &mut laps);
+    // While the shell is still being made (it takes longer than the jail): this thread's
+    // process-wide filter (inherited by every thread it starts; the shell's thread, which
+    // runs no guest code and is joined below, has its capabilities dropped instead) and a
+    // restore's state file read.
+    let jailed = jail(&cfg, files, &mut laps).and_then(|j| {
+        seccompiler::apply_filter(&aurae_vmm::seccomp::process_denylist_program())
+            .map_err(|e| format!("seccomp: {e}"))?;
+        laps.lap("process filter");
+        let snapshot = match j.snapshot {
+            Some(SnapshotFiles { mut state, memory }) => {
+                let read = aurae_vmm::Snapshot::read(&mut state).map_err(|e| e.to_string())?;
+                laps.lap("state file read");
+                Some((read, memory))
+            }
+            None => None,
+        };
+        Ok((j.inside, snapshot, j.drives))
+    });
     let shell = shell
         .join()
         .map_err(|_| "the VM's set-up thread panicked".to_owned())
         .and_then(|r| r.map_err(|e| e.to_string()));
-    let (inside, snapshot) = jailed?;
+    let (inside, snapshot, drives) = jailed?;
     let shell = shell?;
     laps.lap("VM made ahead (waited for)");
-    seccompiler::apply_filter(&aurae_vmm::seccomp::process_denylist_program())
-        .map_err(|e| format!("seccomp: {e}"))?;
-    laps.lap("process filter");
     // The serial console: our stdout (a pipe to auraed), written with write(2) only.
     let serial = std::io::stdout()
         .as_fd()
@@ -515,7 +526,12 @@ fn run(
     let drives: Vec<_> = inside
         .drives
         .into_iter()
-        .map(|(path, read_only)| aurae_vmm::DriveConfig { path, read_only })
+        .zip(drives)
+        .map(|((path, read_only), file)| aurae_vmm::DriveConfig {
+            path,
+            read_only,
+            opened: Some(aurae_vmm::OpenedFile(Arc::new(file))),
+        })
         .collect();
     let net = inside
         .net
@@ -529,9 +545,7 @@ fn run(
     ));
     let serial_out = Box::new(std::fs::File::from(serial));
     let vm = match snapshot {
-        Some(SnapshotFiles { mut state, memory }) => {
-            let snapshot = aurae_vmm::Snapshot::read(&mut state).map_err(|e| e.to_string())?;
-            laps.lap("state file read");
+        Some((snapshot, memory)) => {
             // A snapshot's VM has the devices it had: a console only if it had one.
             let had_console = snapshot
                 .transports
@@ -725,7 +739,6 @@ mod tests {
             drives: vec![("/d".into(), true)],
             net: Some(("aurae-t1".into(), [2, 0, 0, 0, 0, 1])),
             initramfs_in_memory: false,
-            last_drive_in_memory: false,
             cpu_template: String::new(),
             restore: false,
         };
@@ -764,7 +777,6 @@ mod tests {
             drives: vec![],
             net: None,
             initramfs_in_memory: false,
-            last_drive_in_memory: false,
             cpu_template: String::new(),
             restore: false,
         };
