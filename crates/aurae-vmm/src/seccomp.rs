@@ -38,8 +38,9 @@ mod built {
     include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
 }
 
-/// [`PROCESS_DENIED`] as a program (compiled at build time), for an embedder that runs the
-/// VMM in a process of its own to install process-wide before it builds the VM.
+/// [`PROCESS_DENIED`] and executable memory refused, as a program (compiled at build
+/// time), for an embedder that runs the VMM in a process of its own to install
+/// process-wide before it builds the VM.
 pub fn process_denylist_program() -> BpfProgram {
     program(built::PROCESS_DENYLIST)
 }
@@ -191,6 +192,33 @@ mod tests {
         .unwrap();
         assert_eq!(mode, 7);
         assert_eq!(current_mode(), before, "the test thread is not filtered");
+    }
+
+    /// The process-wide denylist refuses executable memory (`EPERM`, not a kill) and
+    /// leaves the rest of memory alone.
+    #[test]
+    fn the_process_denylist_refuses_executable_memory() {
+        let prog = process_denylist_program();
+        let (exec, plain) = std::thread::spawn(move || {
+            install(&prog).unwrap();
+            let map = |prot| {
+                vm_memory::mmap::MmapRegionBuilder::<()>::new(4096)
+                    .with_mmap_prot(prot)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+                    .build()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            (
+                map(libc::PROT_READ | libc::PROT_EXEC),
+                map(libc::PROT_READ | libc::PROT_WRITE),
+            )
+        })
+        .join()
+        .unwrap();
+        let err = exec.unwrap_err();
+        assert!(err.contains("Operation not permitted"), "{err}");
+        plain.unwrap();
     }
 
     fn kind(name: &str) -> ThreadKind {

@@ -245,13 +245,31 @@ pub fn compile_list(
     SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)?.try_into()
 }
 
-/// [`PROCESS_DENIED`]: listed → `EPERM`, the rest allowed.
+/// [`PROCESS_DENIED`] → `EPERM`, and so is any `mmap`, `mprotect` or `pkey_mprotect` that
+/// asks for `PROT_EXEC` (no thread of a VMM process makes code once it is jailed); the
+/// rest allowed.
 pub fn compile_process_denylist() -> Result<BpfProgram, BackendError> {
-    compile_list(
-        PROCESS_DENIED,
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        PROCESS_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let exec = || {
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            libc::PROT_EXEC as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+    };
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect, libc::SYS_pkey_mprotect] {
+        rules.insert(nr, vec![exec()?]);
+    }
+    SeccompFilter::new(
+        rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
-    )
+        TargetArch::x86_64,
+    )?
+    .try_into()
 }
 
 /// [`CONTROL_ALLOWED`]: listed allowed, the rest → `EPERM`.
