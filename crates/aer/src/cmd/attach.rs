@@ -352,7 +352,13 @@ async fn follow(
     signals: &mut Signals,
     out: &mut Copier,
 ) -> Result<pb::ExecutableStatus, Status> {
-    let mut logs = Some(open_logs(c, exe, 0, true).await?);
+    // Freed by someone else already (it can end, be seen ended and be freed before this
+    // first call): its end was not seen here either.
+    let mut logs = Some(
+        open_logs(c, exe, 0, true)
+            .await
+            .map_err(|e| freed_before_end(e, id))?,
+    );
     let wait = wait_end(c.executables(), exe.clone());
     tokio::pin!(wait);
     let mut ended: Option<pb::ExecutableStatus> = None;
