@@ -142,7 +142,7 @@ impl Cells {
         if exe.exited() {
             return Err(gone());
         }
-        if exe.rootfs.is_none() && exe.container_record.is_none() {
+        if exe.rootfs_path().is_none() && exe.container_record.is_none() {
             return Err(WorkloadError::Precondition(format!(
                 "executable {}/{} is not a container: exec runs only inside a container",
                 r.cell, r.name

@@ -549,7 +549,7 @@ impl Cells {
             pidfd: pidfd.clone(),
             process: r.process,
             held: held.clone(),
-            rootfs,
+            rootfs: std::sync::Mutex::new(rootfs),
             image_digest: r.container.as_ref().map(|c| c.image_digest.clone()),
             container_record: r.container.clone(),
             interactive: r.interactive,

@@ -241,7 +241,7 @@ impl Cells {
         self.snapshot()
             .iter()
             .flat_map(|c| c.executables())
-            .filter_map(|e| e.rootfs.as_ref().map(|r| r.path().to_owned()))
+            .filter_map(|e| e.rootfs_path())
             .collect()
     }
 
@@ -807,6 +807,7 @@ impl Cells {
             let removed = self.cells.lock().ok().and_then(|mut c| c.remove(&n));
             for e in removed.iter().flat_map(|c| c.executables()) {
                 e.forget_record(&self.recorder);
+                e.remove_rootfs();
             }
             self.recorder.forget_cell(&n);
             let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));

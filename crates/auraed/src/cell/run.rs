@@ -356,7 +356,7 @@ impl Cells {
                 }),
                 _ => None,
             },
-            rootfs,
+            rootfs: std::sync::Mutex::new(rootfs),
             image_digest,
             interactive,
             input,
@@ -651,6 +651,7 @@ impl Cells {
                 let _ = exe.log.remove_files();
                 exe.forget_record(&self.recorder);
                 self.remove_own_group(exe);
+                exe.remove_rootfs();
             }
         }
         Ok(())
@@ -826,6 +827,7 @@ impl Cells {
             let _ = exe.log.remove_files();
             exe.forget_record(&self.recorder);
             self.remove_own_group(&exe);
+            exe.remove_rootfs();
         }
         Ok(())
     }

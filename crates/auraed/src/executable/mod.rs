@@ -75,8 +75,9 @@ pub struct Executable {
     pub pidfd: Option<Arc<Pidfd>>,
     /// The process as its record names it (pid + start time + boot).
     pub process: Option<crate::workload::process::ProcRef>,
-    /// A container's private directories, removed with the executable.
-    pub rootfs: Option<crate::container::Rootfs>,
+    /// A container's private directories, removed when the executable is freed
+    /// ([`Executable::remove_rootfs`]; at the latest with the executable).
+    pub rootfs: std::sync::Mutex<Option<crate::container::Rootfs>>,
     /// A container's image (manifest digest).
     pub image_digest: Option<String>,
     /// Where the holder keeps copies of its output pipes' read ends (see
@@ -106,6 +107,22 @@ pub struct Executable {
 }
 
 impl Executable {
+    /// Removes a container's private directories now (a free does, so that they are gone
+    /// when it returns, whatever task still holds the executable a moment longer).
+    pub fn remove_rootfs(&self) {
+        if let Ok(mut r) = self.rootfs.lock() {
+            drop(r.take());
+        }
+    }
+
+    /// A container's private directory (`None` for a plain process, or once freed).
+    pub fn rootfs_path(&self) -> Option<std::path::PathBuf> {
+        self.rootfs
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|r| r.path().to_owned()))
+    }
+
     /// Its own cgroup, when it was started with one.
     pub fn own_group(&self) -> Option<CellName> {
         self.own_limits
