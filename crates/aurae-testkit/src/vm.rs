@@ -110,15 +110,17 @@ pub fn letters_guest() -> Vec<u8> {
     code
 }
 
-/// The first and the last count [`letters_guest`] printed (`#` + two nibble letters).
+/// The first and the last count [`letters_guest`] printed whole (`#` + two nibble letters;
+/// a count cut short at the end, or at the start, is passed over).
 pub fn letter_counts(out: &[u8]) -> (Option<u8>, Option<u8>) {
     let at = |i: usize| -> Option<u8> {
         let hi = out.get(i + 1)?.checked_sub(b'a')?;
         let lo = out.get(i + 2)?.checked_sub(b'a')?;
         Some((hi << 4) | lo)
     };
-    let first = out.iter().position(|&b| b == b'#').and_then(at);
-    let last = out.iter().rposition(|&b| b == b'#').and_then(at);
+    let hashes = || out.iter().enumerate().filter(|(_, b)| **b == b'#');
+    let first = hashes().find_map(|(i, _)| at(i));
+    let last = hashes().rev().find_map(|(i, _)| at(i));
     (first, last)
 }
 

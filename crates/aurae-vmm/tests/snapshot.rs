@@ -145,9 +145,11 @@ fn a_restored_vm_carries_on_where_the_snapshot_stopped() {
         }
         // Memory: the count goes on from the snapshot's (26 letters a round).
         let first_count = letter_counts(&after).0.expect("a count");
+        // A snapshot inside a count: the copy finishes that one first (see vms_host_tier).
+        let step = if next.is_none() { 52 } else { 26 };
         assert_eq!(
             first_count,
-            count_before.wrapping_add(26),
+            count_before.wrapping_add(step),
             "the count carries on from the snapshot's memory"
         );
         firsts.push(after[..40].to_vec());

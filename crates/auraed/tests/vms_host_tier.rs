@@ -1008,6 +1008,10 @@ async fn a_snapshot_is_stored_and_restored_vms_carry_on_from_it() {
     let before = settled_console(&e, "src").await;
     let (_, count_before) = letter_counts(before.as_bytes());
     let count_before = count_before.expect("a count before the snapshot");
+    // A snapshot taken inside a count (`#` and at most one letter of it printed): the
+    // restored copies finish that one, and the first they print whole is the one after.
+    let cut_in_a_count = next_letter_after(before.as_bytes()).is_none();
+    let first_after = count_before.wrapping_add(if cut_in_a_count { 52 } else { 26 });
     let listed =
         e.c.virtual_machines()
             .list_snapshots(pb::ListRequest::default())
@@ -1045,7 +1049,7 @@ async fn a_snapshot_is_stored_and_restored_vms_carry_on_from_it() {
         let (first, _) = letter_counts(after.as_bytes());
         assert_eq!(
             first,
-            Some(count_before.wrapping_add(26)),
+            Some(first_after),
             "{name} carries on counting from the snapshot's memory: before …{:?}, after {:?}…",
             &before[before.len().saturating_sub(12)..],
             &after[..after.len().min(40)]
