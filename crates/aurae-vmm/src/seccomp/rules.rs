@@ -111,6 +111,19 @@ fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
     v
 }
 
+/// A rule on the protection (argument 2) of `mmap`, `mprotect` or `pkey_mprotect`: it
+/// matches when `PROT_EXEC` is asked for (`exec`) or when it is not.
+fn prot_exec_is(exec: bool) -> Result<SeccompRule, BackendError> {
+    let want = if exec { libc::PROT_EXEC as u64 } else { 0 };
+    SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        want,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+}
+
 /// The BPF program for one kind of thread (x86_64).
 pub fn compile(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
@@ -127,17 +140,8 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     // `mprotect(PROT_READ | PROT_WRITE)` on any thread that allocates past what it has
     // (a guest's 1 MiB read then 512 KiB read did, and without `mprotect` the VMM was
     // killed); no thread of ours maps or makes code.
-    let not_exec = || {
-        SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-            0,
-        )
-        .and_then(|c| SeccompRule::new(vec![c]))
-    };
-    rules.insert(libc::SYS_mmap, vec![not_exec()?]);
-    rules.insert(libc::SYS_mprotect, vec![not_exec()?]);
+    rules.insert(libc::SYS_mmap, vec![prot_exec_is(false)?]);
+    rules.insert(libc::SYS_mprotect, vec![prot_exec_is(false)?]);
     if kind == ThreadKind::Vcpu {
         rules.insert(
             libc::SYS_ioctl,
@@ -251,17 +255,8 @@ pub fn compile_list(
 pub fn compile_process_denylist() -> Result<BpfProgram, BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         PROCESS_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let exec = || {
-        SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-            libc::PROT_EXEC as u64,
-        )
-        .and_then(|c| SeccompRule::new(vec![c]))
-    };
     for nr in [libc::SYS_mmap, libc::SYS_mprotect, libc::SYS_pkey_mprotect] {
-        rules.insert(nr, vec![exec()?]);
+        rules.insert(nr, vec![prot_exec_is(true)?]);
     }
     SeccompFilter::new(
         rules,
