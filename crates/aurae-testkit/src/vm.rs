@@ -29,6 +29,45 @@ pub fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
     v
 }
 
+/// `data` compressed as a kernel's build compresses its ELF: xz, x86 BCJ then LZMA2 (a
+/// dictionary of `dict` bytes), one block.
+pub fn xz_like_a_kernel(data: &[u8], dict: u32) -> Vec<u8> {
+    use std::io::Write;
+    let mut opts = lzma_rust2::XzOptions::with_preset(1);
+    opts.lzma_options.dict_size = dict;
+    opts.filters
+        .insert(0, lzma_rust2::FilterConfig::new_bcj_x86(0));
+    let mut w = lzma_rust2::XzWriter::new(Vec::new(), opts).expect("an xz writer");
+    w.write_all(data).expect("compressing");
+    w.finish().expect("compressing")
+}
+
+/// A bzImage (boot protocol 2.15, 64-bit entry, one setup sector) whose protected-mode
+/// code is `code` at its 64-bit entry (0x200 in) and whose payload is `compressed`
+/// followed by the size `said` (little-endian u32), as a kernel's build appends it.
+pub fn bzimage(code: &[u8], compressed: &[u8], said: u32) -> Vec<u8> {
+    let mut v = vec![0u8; 1024];
+    v[0x1f1] = 1; // setup_sects
+    v[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    v[0x202..0x206].copy_from_slice(b"HdrS");
+    v[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    v[0x211] = 1; // loadflags: LOADED_HIGH
+    v[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    v[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    v[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    let offset = 0x400u32;
+    v[0x248..0x24c].copy_from_slice(&offset.to_le_bytes()); // payload_offset
+    let length = u32::try_from(compressed.len() + 4).expect("a payload under 4 GiB");
+    v[0x24c..0x250].copy_from_slice(&length.to_le_bytes()); // payload_length
+    v[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes()); // init_size
+    let mut pm = vec![0x90u8; offset as usize];
+    pm[0x200..0x200 + code.len()].copy_from_slice(code);
+    v.extend_from_slice(&pm);
+    v.extend_from_slice(compressed);
+    v.extend_from_slice(&said.to_le_bytes());
+    v
+}
+
 /// `Some(reason)` unless /dev/kvm can be opened read-write.
 pub fn needs_kvm() -> Option<String> {
     std::fs::OpenOptions::new()

@@ -131,6 +131,12 @@ struct Args {
     /// (repeatable), e.g. /var/lib/aurae/vm-images. None = no virtual machines.
     #[arg(long = "vm-image-root")]
     vm_image_roots: Vec<PathBuf>,
+    /// Boot bzImage kernels as given (the guest decompresses itself, with its KASLR)
+    /// instead of from the ELF inside them, which auraed otherwise decompresses once and
+    /// keeps under the state directory (vm-kernels/) for every later boot of the same
+    /// bytes. A switch; in the config file: vm_kernel_as_given = true.
+    #[arg(long)]
+    vm_kernel_as_given: bool,
     /// The kernel (bzImage or vmlinux) microVM instances boot (Spawn with VM isolation;
     /// probed once at start), e.g. /var/lib/aurae/vmlinux. Without it, instances are
     /// cell-isolated.
@@ -216,6 +222,7 @@ impl Args {
             registry_ca,
             volume_root,
             vm_image_root,
+            vm_kernel_as_given,
             instance_kernel,
             instance_modules,
             no_pid1,
@@ -254,6 +261,7 @@ impl Args {
         take!(registry_ca, registry_ca.map(Some));
         take!(volume_roots, volume_root);
         take!(vm_image_roots, vm_image_root);
+        take!(vm_kernel_as_given, vm_kernel_as_given);
         take!(instance_kernel, instance_kernel.map(Some));
         take!(instance_modules, instance_modules.map(Some));
         take!(no_pid1, no_pid1);
@@ -384,6 +392,7 @@ fn main() -> ExitCode {
         },
         volume_roots: args.volume_roots,
         vm_image_roots: args.vm_image_roots,
+        vm_kernel_as_given: args.vm_kernel_as_given,
         mode: "daemon",
         lineage: None,
         bridge_gateway: None,
@@ -462,6 +471,7 @@ fn run_instance() -> ExitCode {
         },
         volume_roots: Vec::new(),
         vm_image_roots: Vec::new(),
+        vm_kernel_as_given: false,
         lineage: Some(boot.lineage),
         bridge_gateway: Some(boot.bridge_gateway),
         instance_kernel: None,
@@ -594,6 +604,7 @@ fn pid1_config(
         volume_roots: Vec::new(),
         // The guest's own files: VMs nested in a PID 1 machine boot what it carries.
         vm_image_roots: vec![PathBuf::from("/var/lib/aurae/vm-images")],
+        vm_kernel_as_given: false,
         lineage,
         bridge_gateway,
         // What a PID 1 machine carries for its own microVM instances.
@@ -646,6 +657,7 @@ fn pid1_settings(cfg: &mut ServerConfig, file: FileConfig) {
         registry_ca,
         volume_root,
         vm_image_root,
+        vm_kernel_as_given,
         instance_kernel,
         instance_modules,
         no_pid1,
@@ -730,6 +742,9 @@ fn pid1_settings(cfg: &mut ServerConfig, file: FileConfig) {
     }
     if let Some(v) = vm_image_root {
         cfg.vm_image_roots = v;
+    }
+    if let Some(v) = vm_kernel_as_given {
+        cfg.vm_kernel_as_given = v;
     }
 }
 

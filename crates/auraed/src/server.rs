@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub volume_roots: Vec<PathBuf>,
     /// Host directories VM kernels, initramfs images and drives may come from.
     pub vm_image_roots: Vec<PathBuf>,
+    /// Boot bzImages as given instead of from the ELF kept for them ([`crate::vm::kernels`]).
+    pub vm_kernel_as_given: bool,
     /// Set when a parent spawned this auraed (see [`crate::instance`]).
     pub lineage: Option<crate::instance::handover::Lineage>,
     /// The gateway of the bridge for VMs and spawned instances (default 10.200.0.1).
@@ -1073,22 +1075,25 @@ async fn wire_workloads(
     }));
     // A previous auraed's cells are served again where their records say how; whatever
     // else it left under the cgroup root is killed and removed, each one reported.
-    let vms = Arc::new(
-        crate::vm::Vms::new(
-            tree_for_vms,
-            reaper_for_vms,
-            events.clone(),
-            cfg.state_dir.join("logs"),
-            canonical_dirs(&cfg.vm_image_roots, "VM image root"),
-            sealed_for_vms,
-        )
-        .with_bridge_gateway(
-            cfg.bridge_gateway
-                .unwrap_or(std::net::Ipv4Addr::new(10, 200, 0, 1)),
-        )
-        .with_records(Some(store.clone()), holder.clone())
-        .with_snapshots(cfg.state_dir.join("vm-snapshots")),
-    );
+    let vms = crate::vm::Vms::new(
+        tree_for_vms,
+        reaper_for_vms,
+        events.clone(),
+        cfg.state_dir.join("logs"),
+        canonical_dirs(&cfg.vm_image_roots, "VM image root"),
+        sealed_for_vms,
+    )
+    .with_bridge_gateway(
+        cfg.bridge_gateway
+            .unwrap_or(std::net::Ipv4Addr::new(10, 200, 0, 1)),
+    )
+    .with_records(Some(store.clone()), holder.clone())
+    .with_snapshots(cfg.state_dir.join("vm-snapshots"));
+    let vms = Arc::new(if cfg.vm_kernel_as_given {
+        vms
+    } else {
+        vms.with_kernel_elfs(cfg.state_dir.join(crate::vm::kernels::DIR))
+    });
     let instances = Arc::new(crate::instance::Instances::new(
         crate::instance::InstancesDeps {
             tree: tree_for_instances,

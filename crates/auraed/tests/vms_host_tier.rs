@@ -21,9 +21,13 @@ use aurae_proto::runtime::v0 as pb;
 use aurae_testkit::{
     Daemon, DaemonOptions,
     tier::{self, Tier},
-    vm::{letter_counts, letters_guest, needs_kvm, next_letter_after, tiny_elf},
+    vm::{
+        bzimage, letter_counts, letters_guest, needs_kvm, next_letter_after, tiny_elf,
+        xz_like_a_kernel,
+    },
     workload,
 };
+use sha2::Digest;
 use tonic::Code;
 
 /// Writes the boot-timer port, prints "OK\n" on COM1, then spins on port 0x80.
@@ -283,6 +287,88 @@ async fn a_vm_runs_jailed_reports_and_stops() {
             .await
             .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+/// A bzImage whose own code prints "bye" and resets, around an xz-compressed ELF that
+/// prints "OK": its first boot goes as given (the bzImage's code runs), auraed keeps the
+/// ELF inside it meanwhile, and the next boots run that ELF; the same bytes under another
+/// name too. A file changed in place is not mistaken for the one kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot() {
+    let Some(e) = env("a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot").await else {
+        return;
+    };
+    let elf = tiny_elf(0x20_0000, &HELLO_THEN_SPIN);
+    let image = bzimage(
+        &BYE_THEN_RESET,
+        &xz_like_a_kernel(&elf, 1 << 20),
+        elf.len() as u32,
+    );
+    std::fs::write(e.images.path().join("zimage"), &image).unwrap();
+    let kept_dir = e.d.dir.path().join("state/vm-kernels");
+    let kept = kept_dir.join(format!("{:x}.elf", sha2::Sha256::digest(&image)));
+    // Boots `kernel` as `name`, reads its console until one of the two guests spoke,
+    // then stops and frees it.
+    async fn boot(e: &Env, name: &str, kernel: &str) -> String {
+        e.c.runtime()
+            .run_virtual_machine(e.vm(name, kernel))
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let mut console = String::new();
+        while !(console.contains("OK") || console.contains("bye"))
+            && t.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            console = e.console(name).await;
+        }
+        e.c.virtual_machines()
+            .stop(pb::StopRequest {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .ok();
+        e.wait(name).await;
+        e.free(name).await;
+        console
+    }
+    assert_eq!(boot(&e, "first", "zimage").await, "bye", "booted as given");
+    let t = Instant::now();
+    while !kept.exists() && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read(&kept).unwrap(), elf, "the ELF kept");
+    assert_eq!(
+        boot(&e, "second", "zimage").await,
+        "OK\n",
+        "booted from the kept ELF"
+    );
+    std::fs::write(e.images.path().join("copy"), &image).unwrap();
+    assert_eq!(boot(&e, "copy", "copy").await, "OK\n", "found by content");
+    // Rewritten in place with another kernel inside: not the old ELF; and an ELF that is
+    // not x86-64 (e_machine 3) is never kept: booted as given each time.
+    let mut other = elf.clone();
+    other[18] = 3;
+    let changed = bzimage(
+        &BYE_THEN_RESET,
+        &xz_like_a_kernel(&other, 1 << 20),
+        other.len() as u32,
+    );
+    std::fs::write(e.images.path().join("zimage"), &changed).unwrap();
+    assert_eq!(boot(&e, "third", "zimage").await, "bye");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(boot(&e, "fourth", "zimage").await, "bye");
+    let names: Vec<_> = std::fs::read_dir(&kept_dir)
+        .unwrap()
+        .map(|d| d.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let log = std::fs::read_to_string(&e.d.log).unwrap();
+    assert!(
+        log.contains("its ELF could not be kept") && log.contains("not an x86-64 ELF"),
+        "the refusal is reported"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! its own cgroup under `vms/`, with its serial console logged like an executable's output
 //! and a control socket through which auraed always knows the VM's true state.
 
+pub mod kernels;
 pub mod network;
 pub mod record;
 pub mod snapshots;
@@ -150,6 +151,8 @@ pub struct Vms {
     holder: Option<Arc<crate::workload::holder::Holder>>,
     /// Where snapshots are stored (`None`: no state directory was usable; reported).
     snapshots: Result<snapshots::SnapshotStore, String>,
+    /// The ELFs kept for bzImage kernels (`None`: bzImages boot as given).
+    kernels: Option<Arc<kernels::KernelElfs>>,
 }
 
 /// How long a VMM has to write a snapshot once asked (a pass over the guest's memory).
@@ -225,6 +228,55 @@ impl Vms {
             events,
             holder: None,
             snapshots: Err("no snapshot directory was configured".into()),
+            kernels: None,
+        }
+    }
+
+    /// Boots a bzImage kernel from the ELF inside it once that ELF is kept in `dir` (see
+    /// [`kernels`]); what a crashed auraed left half written there is removed and reported.
+    pub fn with_kernel_elfs(mut self, dir: PathBuf) -> Self {
+        self.kernels = match kernels::KernelElfs::open(dir) {
+            Ok((store, removed)) => {
+                for name in removed {
+                    warn!(file = %name, "removed a kernel ELF a previous auraed left half written");
+                }
+                Some(Arc::new(store))
+            }
+            Err(e) => {
+                warn!("bzImage kernels boot as given: no place to keep their ELFs: {e}");
+                None
+            }
+        };
+        self
+    }
+
+    /// The kernel to hand the VMM for `kernel` (a detached mount of the file the caller
+    /// named, `name` in messages): a detached mount of the ELF kept for it when there is
+    /// one, else `kernel` itself (and the ELF is made for the next boot where it can be).
+    fn kernel_to_boot(&self, kernel: OwnedFd, name: &Path) -> OwnedFd {
+        let Some(store) = &self.kernels else {
+            return kernel;
+        };
+        // The very file checked and cloned, read through its fd.
+        let file = match std::fs::File::open(format!("/proc/self/fd/{}", kernel.as_raw_fd())) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(kernel = %name.display(), "booted as given: cannot read it: {e}");
+                return kernel;
+            }
+        };
+        let Some(elf) = crate::reaper::off_runtime(|| store.elf_for(&file, name)) else {
+            return kernel;
+        };
+        match aurae_sys::container::clone_mount(elf.as_fd(), true) {
+            Ok(mount) => {
+                info!(kernel = %name.display(), "booting the ELF kept for this bzImage");
+                mount
+            }
+            Err(e) => {
+                warn!(kernel = %name.display(), "booted as given: cannot mount its kept ELF: {e}");
+                kernel
+            }
         }
     }
 
@@ -368,7 +420,10 @@ impl Vms {
                 let (state, memory) = self.snapshots()?.open_files(name)?;
                 vec![OwnedFd::from(state), OwnedFd::from(memory)]
             }
-            None => vec![allowed_file("kernel_path", &spec.kernel, roots, false)?],
+            None => {
+                let kernel = allowed_file("kernel_path", &spec.kernel, roots, false)?;
+                vec![self.kernel_to_boot(kernel, &spec.kernel)]
+            }
         };
         if let Some(p) = &spec.initramfs {
             files.push(allowed_file("initramfs_path", p, roots, false)?);
@@ -499,6 +554,7 @@ impl Vms {
                             precondition(format!("--instance-kernel {}: {e}", kernel.display()))
                         })
                     })?;
+                let kernel_fd = self.kernel_to_boot(kernel_fd, &kernel);
                 spec.kernel = kernel;
                 spec.initramfs = Some(PathBuf::from("(in memory)"));
                 spec.cmdline = cmdline;
