@@ -59,6 +59,10 @@ pub(super) struct StartedInit {
     pub(super) child: Child,
     /// auraed's end of the init's socket.
     pub(super) ctl: UnixStream,
+    /// What was read past the last line (the init may write its two reports at once).
+    pub(super) pending: Vec<u8>,
+    /// Whether the hostname was sent already (a fresh init gets it with its start).
+    pub(super) hostname_sent: bool,
 }
 
 impl StartedInit {
@@ -68,9 +72,14 @@ impl StartedInit {
         self.ctl
             .set_read_timeout(Some(INIT_TIMEOUT))
             .map_err(|e| format!("reading its report: {e}"))?;
-        let mut line = Vec::new();
+        let mut line = std::mem::take(&mut self.pending);
         let mut b = [0u8; 256];
         loop {
+            if let Some(end) = line.iter().position(|&c| c == b'\n') {
+                self.pending = line.split_off(end + 1);
+                line.truncate(end);
+                return Ok(String::from_utf8_lossy(&line).into_owned());
+            }
             match self.ctl.read(&mut b) {
                 Ok(0) => {
                     return Err(if line.is_empty() {
@@ -81,11 +90,7 @@ impl StartedInit {
                 }
                 Ok(n) => {
                     line.extend_from_slice(&b[..n]);
-                    if let Some(end) = line.iter().position(|&c| c == b'\n') {
-                        line.truncate(end);
-                        return Ok(String::from_utf8_lossy(&line).into_owned());
-                    }
-                    if line.len() > 4096 {
+                    if line.len() > 4096 && !line.contains(&b'\n') {
                         return Err("a report without end".to_owned());
                     }
                 }
@@ -268,7 +273,7 @@ impl Cells {
         used.or_else(|e| {
             warn!(cell = %spec.name, "a spare cell init could not be used ({e}); starting a fresh one");
             let ns = NsSet::of(spec, false);
-            self.start_init(tree, &spec.name, ns, None, false)
+            self.start_init(tree, &spec.name, ns, None, false, Some(spec.hostname()))
                 .and_then(|s| self.finish_init(s, &spec.name, spec.hostname()))
         })
     }
@@ -358,7 +363,7 @@ async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellNa
         }
         let (me, t, g) = (cells.clone(), tree.clone(), group.clone());
         let made = tokio::task::spawn_blocking(move || {
-            me.start_init(&t, &g, pooled_namespaces(), None, false)
+            me.start_init(&t, &g, pooled_namespaces(), None, false, None)
         })
         .await
         .map_err(|e| WorkloadError::Precondition(format!("cell pool task: {e}")))

@@ -449,7 +449,10 @@ impl Cells {
             let spec2 = spec.clone();
             let parent2 = parent.clone();
             let tree2 = tree.clone();
-            let started = tokio::task::spawn_blocking(move || {
+            // On this worker (its other tasks handed on: `off_runtime`), not a trip through
+            // the blocking pool: the init's start is a few milliseconds of waiting on its
+            // socket, and two cross-thread wake-ups less on its path.
+            let started = crate::workload::off_runtime(move || {
                 let t = Instant::now();
                 let from_pool = pooled.is_some();
                 let r = match pooled {
@@ -461,6 +464,7 @@ impl Cells {
                             ns,
                             parent2.as_deref(),
                             spec2.namespaces.share_host_pid,
+                            Some(spec2.hostname()),
                         )
                         .and_then(|s| me.finish_init(s, &spec2.name, spec2.hostname())),
                 };
@@ -470,9 +474,7 @@ impl Cells {
                     "allocate timings"
                 );
                 r
-            })
-            .await
-            .map_err(|e| WorkloadError::Precondition(format!("cell init task: {e}")))?;
+            });
             match started {
                 Ok(i) => Some(i),
                 Err(e) => {
@@ -526,6 +528,9 @@ impl Cells {
     /// Step 1 of a cell init (blocking): clone it into the leaf of `group` with the new
     /// namespaces of `ns` (below `parent`'s, for a nested cell), exec, wait for `ready`.
     /// Its cgroup namespace is the init's own step 2 (see [`super::init`]).
+    /// `hostname`: the cell's, for an init that goes on to its step 2 at once (sent with
+    /// its start, so the init reads it as soon as step 1 is done: one wake-up of auraed
+    /// less); `None` for a spare of the pool.
     pub(super) fn start_init(
         &self,
         tree: &Arc<dyn CgroupTree>,
@@ -533,6 +538,7 @@ impl Cells {
         ns: NsSet,
         parent: Option<&Cell>,
         share_host_pid: bool,
+        hostname: Option<&str>,
     ) -> Result<StartedInit, WorkloadError> {
         let leaf = tree.leaf_fd(group)?;
         let sealed = self.sealed()?;
@@ -597,7 +603,18 @@ impl Cells {
                 source,
             })?;
         drop(theirs);
-        let mut started = StartedInit { child, ctl };
+        let mut started = StartedInit {
+            child,
+            ctl,
+            pending: Vec::new(),
+            hostname_sent: false,
+        };
+        if let Some(h) = hostname {
+            // Buffered in the socket until the init reads it after its step 1; a write
+            // that fails is the init's own failure, reported by its next line.
+            started.hostname_sent =
+                std::io::Write::write_all(&mut started.ctl, format!("{h}\n").as_bytes()).is_ok();
+        }
         started.expect(super::init::READY).map_err(|why| {
             WorkloadError::Precondition(format!(
                 "a cell init in {:?} failed to start: {why}",
@@ -615,8 +632,12 @@ impl Cells {
         name: &CellName,
         hostname: &str,
     ) -> Result<Init, WorkloadError> {
-        std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
-            .map_err(|e| format!("sending the hostname: {e}"))
+        let sent = if started.hostname_sent {
+            Ok(())
+        } else {
+            std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
+        };
+        sent.map_err(|e| format!("sending the hostname: {e}"))
             .and_then(|()| started.expect(super::init::OK))
             .map_err(|why| {
                 let _ = started.child.pidfd.send_signal(nix::libc::SIGKILL);
@@ -625,7 +646,7 @@ impl Cells {
                     name.as_str()
                 ))
             })?;
-        let StartedInit { child, ctl } = started;
+        let StartedInit { child, ctl, .. } = started;
         drop(ctl);
         // The init lives as long as the cell; its exit is an event of the cell.
         let pidfd = child.pidfd.clone();

@@ -36,18 +36,41 @@ pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
-/// Polls `populated` until the cell is empty; `false` on timeout.
+/// How long [`wait_empty`] looks at `populated` every [`FINE_STEP`] before it polls on
+/// tokio's timer (whose millisecond ticks would round most drains up by up to 1 ms).
+const FINE_FOR: Duration = Duration::from_millis(5);
+const FINE_STEP: Duration = Duration::from_micros(100);
+
+/// Polls `populated` until the cell is empty; `false` on timeout. The first
+/// [`FINE_FOR`] every [`FINE_STEP`] on this worker (`off_runtime`: a killed cell drains
+/// in a few hundred microseconds), then every 500 µs on the runtime's timer. (The kernel's
+/// notification of `cgroup.events` is no faster: it is sent at most every 10 ms per file,
+/// so a cell that filled just before, as a short-lived one did, is told empty late.)
 pub async fn wait_empty(tree: &dyn CgroupTree, name: &CellName, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    let empty = || !tree.populated(name).unwrap_or(false);
+    if empty() {
+        return true;
+    }
+    let fine_until = Instant::now() + FINE_FOR.min(timeout);
+    if super::off_runtime(|| {
+        while Instant::now() < fine_until {
+            std::thread::sleep(FINE_STEP);
+            if empty() {
+                return true;
+            }
+        }
+        false
+    }) {
+        return true;
+    }
     loop {
-        if !tree.populated(name).unwrap_or(false) {
+        if empty() {
             return true;
         }
         if Instant::now() > deadline {
             return false;
         }
-        // cgroup.kill is synchronous for signal delivery; exits follow within a few
-        // hundred microseconds, so poll finely.
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
 }
