@@ -666,6 +666,7 @@ async fn run() {
             "spawn timings",
             "run timings",
             "Free timings",
+            "Free remove timings",
             "allocate timings",
             "pool timings",
         ] {

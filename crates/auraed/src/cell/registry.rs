@@ -824,15 +824,25 @@ impl Cells {
                     n.as_str()
                 )));
             }
+            let t = Instant::now();
             tree.remove(&n)?;
+            let rmdir = t.elapsed();
             let removed = self.cells.lock().ok().and_then(|mut c| c.remove(&n));
             for e in removed.iter().flat_map(|c| c.executables()) {
                 e.forget_record(&self.recorder);
                 e.remove_rootfs();
             }
             self.recorder.forget_cell(&n);
+            let records = t.elapsed() - rmdir;
             let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
             self.discard_dirs(&n);
+            tracing::debug!(
+                cell = %n,
+                rmdir_us = rmdir.as_micros() as u64,
+                records_us = records.as_micros() as u64,
+                files_us = (t.elapsed() - rmdir - records).as_micros() as u64,
+                "Free remove timings"
+            );
             self.events
                 .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
             info!(cell = %n, "cell freed");
