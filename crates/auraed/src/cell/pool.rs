@@ -75,10 +75,9 @@ impl StartedInit {
         let mut line = std::mem::take(&mut self.pending);
         let mut b = [0u8; 256];
         loop {
-            if let Some(end) = line.iter().position(|&c| c == b'\n') {
-                self.pending = line.split_off(end + 1);
-                line.truncate(end);
-                return Ok(String::from_utf8_lossy(&line).into_owned());
+            if let Some(l) = take_line(&mut line) {
+                self.pending = line;
+                return Ok(l);
             }
             match self.ctl.read(&mut b) {
                 Ok(0) => {
@@ -128,6 +127,18 @@ impl StartedInit {
     fn exited(&self) -> bool {
         crate::workload::supervise::has_exited(&self.child.pidfd)
     }
+}
+
+/// The first line of `buf` (without its newline), taken out of it; `None` while it holds
+/// no whole line. What follows stays in `buf`: an init writes its two reports back to back
+/// when it got its hostname with its start, and one read may return both.
+fn take_line(buf: &mut Vec<u8>) -> Option<String> {
+    let end = buf.iter().position(|&c| c == b'\n')?;
+    let rest = buf.split_off(end + 1);
+    buf.truncate(end);
+    let line = String::from_utf8_lossy(buf).into_owned();
+    *buf = rest;
+    Some(line)
 }
 
 /// The spare inits, and how many to keep.
@@ -388,5 +399,22 @@ async fn keep_filled(cells: Arc<Cells>, tree: Arc<dyn CgroupTree>, group: CellNa
                 tokio::time::sleep(RETRY).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_line;
+
+    #[test]
+    fn two_reports_read_at_once_are_two_lines() {
+        let mut buf = b"ready\nok\nerror: x".to_vec();
+        assert_eq!(take_line(&mut buf).as_deref(), Some("ready"));
+        assert_eq!(take_line(&mut buf).as_deref(), Some("ok"));
+        assert_eq!(take_line(&mut buf), None, "a line without its end waits");
+        assert_eq!(buf, b"error: x");
+        buf.extend_from_slice(b"\n");
+        assert_eq!(take_line(&mut buf).as_deref(), Some("error: x"));
+        assert!(buf.is_empty());
     }
 }

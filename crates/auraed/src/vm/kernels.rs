@@ -16,8 +16,11 @@
 //! output must be exactly that size and an x86-64 ELF, and it is written as
 //! `.partial-<digest>` (0600, root's 0700 directory) and renamed only when complete and
 //! synced. A crash mid-way leaves a partial file, which the next auraed removes and reports.
-//! Files are told apart by content (SHA-256), remembered per (device, inode, size, mtime,
-//! ctime) so an unchanged file is hashed once per auraed.
+//! Files are told apart by content (SHA-256, checked again before and after the ELF is
+//! made), remembered per (device, inode, size, mtime, ctime) so an unchanged file is hashed
+//! once per auraed. (A file rewritten in place to the same size within one tick of the
+//! kernel's clock keeps its ctime: only a writer of the image root can do that, and the
+//! next auraed hashes it again.)
 
 use std::{
     collections::{HashMap, HashSet},
@@ -478,6 +481,14 @@ impl KernelElfs {
     /// Decompresses `kernel`'s ELF into `<digest>.elf` (through a partial file, synced
     /// before its rename) and removes the oldest kept ones past [`KEEP`].
     fn make(&self, kernel: &File, digest: &str) -> Result<u64, String> {
+        // The bytes decompressed are the bytes hashed: the file is hashed again before and
+        // after (a file rewritten meanwhile is not kept under the old content's name).
+        let same = || match sha256_of(kernel) {
+            Ok(d) if d == digest => Ok(()),
+            Ok(_) => Err("it changed while its ELF was being made".to_owned()),
+            Err(e) => Err(format!("reading it: {e}")),
+        };
+        same()?;
         let payload = xz_payload(kernel)?;
         let partial = self.dir.join(format!("{PARTIAL}{digest}"));
         let _ = std::fs::remove_file(&partial);
@@ -491,6 +502,7 @@ impl KernelElfs {
                 .map_err(|e| format!("creating {}: {e}", partial.display()))?;
             let mut out = BufWriter::with_capacity(1 << 20, file);
             decompress(kernel, &payload, &mut out)?;
+            same()?;
             let file = out
                 .into_inner()
                 .map_err(|e| format!("writing {}: {}", partial.display(), e.error()))?;
