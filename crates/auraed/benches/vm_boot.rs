@@ -276,7 +276,7 @@ fn main() {
         println!(
             "  bzImage first boot (as given; its ELF kept meanwhile) {first:.2?} s; the kept ELF there {:.1} s after it: {:?}",
             t.elapsed().as_secs_f64(),
-            kept.as_ref().map(|(st, out)| (st.exit.clone(), out.trim().to_owned()))
+            kept.as_ref().map(|(st, out)| (st.exit, out.trim().to_owned()))
         );
         let (mut ours, mut theirs, mut boot_timer, mut overhead) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -301,7 +301,7 @@ async fn a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot() {
     let elf = tiny_elf(0x20_0000, &HELLO_THEN_SPIN);
     let image = bzimage(
         &BYE_THEN_RESET,
-        &xz_like_a_kernel(&elf, 1 << 20),
+        &xz_like_a_kernel(&elf, 1 << 20).unwrap(),
         elf.len() as u32,
     );
     std::fs::write(e.images.path().join("zimage"), &image).unwrap();
@@ -352,7 +352,7 @@ async fn a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot() {
     other[18] = 3;
     let changed = bzimage(
         &BYE_THEN_RESET,
-        &xz_like_a_kernel(&other, 1 << 20),
+        &xz_like_a_kernel(&other, 1 << 20).unwrap(),
         other.len() as u32,
     );
     std::fs::write(e.images.path().join("zimage"), &changed).unwrap();

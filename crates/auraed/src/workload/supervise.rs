@@ -41,8 +41,8 @@ pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
 const FINE_FOR: Duration = Duration::from_millis(5);
 const FINE_STEP: Duration = Duration::from_micros(100);
 
-/// Polls `populated` until the cell is empty; `false` on timeout. The first
-/// [`FINE_FOR`] every [`FINE_STEP`] on this worker (`off_runtime`: a killed cell drains
+/// Polls `populated` until the cell is empty; `false` on timeout. The first 5 ms
+/// every 100 µs on this worker (`off_runtime`: a killed cell drains
 /// in a few hundred microseconds), then every 500 µs on the runtime's timer. (The kernel's
 /// notification of `cgroup.events` is no faster: it is sent at most every 10 ms per file,
 /// so a cell that filled just before, as a short-lived one did, is told empty late.)

@@ -1,7 +1,7 @@
 use super::*;
 
 fn xz(data: &[u8], dict: u32) -> Vec<u8> {
-    aurae_testkit::vm::xz_like_a_kernel(data, dict)
+    aurae_testkit::vm::xz_like_a_kernel(data, dict).unwrap()
 }
 
 fn bzimage(compressed: &[u8], said: u32, code: &[u8]) -> Vec<u8> {
