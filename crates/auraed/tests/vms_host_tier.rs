@@ -70,6 +70,11 @@ async fn env(test: &str) -> Option<Env> {
 }
 
 async fn env_with(test: &str, policy: Option<String>) -> Option<Env> {
+    env_args(test, policy, &[]).await
+}
+
+/// [`env_with`], auraed started with `args` too.
+async fn env_args(test: &str, policy: Option<String>, args: &[&str]) -> Option<Env> {
     if !tier::check(test, Tier::Host, tier::needs_cells().or_else(needs_kvm)) {
         return None;
     }
@@ -87,10 +92,13 @@ async fn env_with(test: &str, policy: Option<String>) -> Option<Env> {
     let d = Daemon::start(
         Path::new(env!("CARGO_BIN_EXE_auraed")),
         DaemonOptions {
-            extra_args: vec![
+            extra_args: [
                 "--vm-image-root".into(),
-                images.path().to_string_lossy().into(),
-            ],
+                images.path().to_string_lossy().into_owned(),
+            ]
+            .into_iter()
+            .chain(args.iter().map(|a| (*a).to_owned()))
+            .collect(),
             policy,
             ..Default::default()
         },
@@ -289,6 +297,32 @@ async fn a_vm_runs_jailed_reports_and_stops() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
+// Boots `kernel` as `name`, reads its console until one of the two guests spoke,
+// then stops and frees it.
+async fn boot(e: &Env, name: &str, kernel: &str) -> String {
+    e.c.runtime()
+        .run_virtual_machine(e.vm(name, kernel))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut console = String::new();
+    while !(console.contains("OK") || console.contains("bye"))
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        console = e.console(name).await;
+    }
+    e.c.virtual_machines()
+        .stop(pb::StopRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .ok();
+    e.wait(name).await;
+    e.free(name).await;
+    console
+}
 /// A bzImage whose own code prints "bye" and resets, around an xz-compressed ELF that
 /// prints "OK": its first boot goes as given (the bzImage's code runs), auraed keeps the
 /// ELF inside it meanwhile, and the next boots run that ELF; the same bytes under another
@@ -307,32 +341,6 @@ async fn a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot() {
     std::fs::write(e.images.path().join("zimage"), &image).unwrap();
     let kept_dir = e.d.dir.path().join("state/vm-kernels");
     let kept = kept_dir.join(format!("{:x}.elf", sha2::Sha256::digest(&image)));
-    // Boots `kernel` as `name`, reads its console until one of the two guests spoke,
-    // then stops and frees it.
-    async fn boot(e: &Env, name: &str, kernel: &str) -> String {
-        e.c.runtime()
-            .run_virtual_machine(e.vm(name, kernel))
-            .await
-            .unwrap();
-        let t = Instant::now();
-        let mut console = String::new();
-        while !(console.contains("OK") || console.contains("bye"))
-            && t.elapsed() < Duration::from_secs(20)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            console = e.console(name).await;
-        }
-        e.c.virtual_machines()
-            .stop(pb::StopRequest {
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .ok();
-        e.wait(name).await;
-        e.free(name).await;
-        console
-    }
     assert_eq!(boot(&e, "first", "zimage").await, "bye", "booted as given");
     let t = Instant::now();
     while !kept.exists() && t.elapsed() < Duration::from_secs(20) {
@@ -369,6 +377,32 @@ async fn a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot() {
         log.contains("its ELF could not be kept") && log.contains("not an x86-64 ELF"),
         "the refusal is reported"
     );
+}
+
+/// With `--vm-kernel-as-given` a bzImage always boots as given: its own code runs each
+/// time and no ELF is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_vm_kernel_as_given_a_bzimage_always_boots_as_given() {
+    let Some(e) = env_args(
+        "with_vm_kernel_as_given_a_bzimage_always_boots_as_given",
+        None,
+        &["--vm-kernel-as-given"],
+    )
+    .await
+    else {
+        return;
+    };
+    let elf = tiny_elf(0x20_0000, &HELLO_THEN_SPIN);
+    let image = bzimage(
+        &BYE_THEN_RESET,
+        &xz_like_a_kernel(&elf, 1 << 20).unwrap(),
+        elf.len() as u32,
+    );
+    std::fs::write(e.images.path().join("zimage"), &image).unwrap();
+    assert_eq!(boot(&e, "first", "zimage").await, "bye");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(boot(&e, "second", "zimage").await, "bye");
+    assert!(!e.d.dir.path().join("state/vm-kernels").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
