@@ -46,6 +46,10 @@ pub const DECODER_MEMORY_KIB: u32 = 128 << 10;
 /// How many kept ELFs stay; the oldest made goes first.
 pub const KEEP: usize = 4;
 
+/// Most ELFs waiting to be made at once (one is made at a time); past it a bzImage boots
+/// as given and is taken up again at a later boot.
+pub const MAX_WAITING: usize = 4;
+
 const PARTIAL: &str = ".partial-";
 const SUFFIX: &str = ".elf";
 
@@ -333,6 +337,8 @@ struct Memo {
 pub struct KernelElfs {
     dir: PathBuf,
     memo: Mutex<Memo>,
+    /// Held while an ELF is made: one decoder (its dictionary, a core) at a time.
+    making: Mutex<()>,
 }
 
 fn sha256_of(file: &File) -> std::io::Result<String> {
@@ -374,6 +380,7 @@ impl KernelElfs {
             Self {
                 dir,
                 memo: Mutex::default(),
+                making: Mutex::new(()),
             },
             removed,
         ))
@@ -435,9 +442,14 @@ impl KernelElfs {
         let Ok(mut memo) = self.memo.lock() else {
             return;
         };
-        if !memo.filling.insert(digest.clone()) {
+        if memo.filling.contains(&digest) {
             return;
         }
+        if memo.filling.len() >= MAX_WAITING {
+            info!(kernel = %name.display(), "booted as given: {MAX_WAITING} kernel ELFs are waiting to be made already; taken up at a later boot");
+            return;
+        }
+        memo.filling.insert(digest.clone());
         drop(memo);
         let digest_copy = digest.clone();
         let (me, label) = (self.clone(), name.to_owned());
@@ -448,8 +460,10 @@ impl KernelElfs {
                     // Below the VMs it is made for (nice 10: this thread only).
                     let tid = rustix::process::Pid::from_raw(nix::unistd::gettid().as_raw());
                     let _ = rustix::process::setpriority_process(tid, 10);
+                    let one = me.making.lock();
                     let started = std::time::Instant::now();
                     let made = me.make(&kernel, &digest);
+                    drop(one);
                     if let Ok(mut memo) = me.memo.lock() {
                         memo.filling.remove(&digest);
                         if made.is_err() {

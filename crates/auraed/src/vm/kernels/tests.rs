@@ -213,3 +213,51 @@ fn only_the_newest_kept_elfs_stay() {
     want.sort();
     assert_eq!(names, want);
 }
+
+#[test]
+fn elfs_are_made_one_at_a_time_and_at_most_a_few_wait() {
+    let state = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let dir = state.path().join(DIR);
+    let (store, _) = KernelElfs::open(dir.clone()).unwrap();
+    let store = Arc::new(store);
+    let images_of: Vec<Vec<u8>> = (0..MAX_WAITING + 2)
+        .map(|i| {
+            let mut e = elf();
+            e[0x800] = i as u8;
+            bzimage(&xz(&e, 1 << 20), e.len() as u32, b"\xf4")
+        })
+        .collect();
+    let files: Vec<File> = images_of
+        .iter()
+        .enumerate()
+        .map(|(i, b)| file_of(images.path(), &format!("k{i}"), b))
+        .collect();
+    let kept = |i: usize| dir.join(format!("{:x}.elf", Sha256::digest(&images_of[i])));
+    {
+        // While one is being made (held here), the others wait; past MAX_WAITING none
+        // is taken.
+        let _making = store.making.lock().unwrap();
+        for (i, f) in files.iter().enumerate() {
+            assert!(store.elf_for(f, Path::new(&format!("k{i}"))).is_none());
+        }
+        assert_eq!(store.memo.lock().unwrap().filling.len(), MAX_WAITING);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!kept(0).exists(), "nothing made while the decoder is held");
+    }
+    for i in 0..MAX_WAITING {
+        wait_for(&kept(i));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !kept(MAX_WAITING).exists(),
+        "one past the limit was not taken"
+    );
+    // Taken up at a later boot.
+    assert!(
+        store
+            .elf_for(&files[MAX_WAITING], Path::new("again"))
+            .is_none()
+    );
+    wait_for(&kept(MAX_WAITING));
+}
