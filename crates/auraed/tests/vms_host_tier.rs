@@ -323,6 +323,19 @@ async fn boot(e: &Env, name: &str, kernel: &str) -> String {
     e.free(name).await;
     console
 }
+/// Writes `zimage` into the image root: a bzImage whose own code prints "bye" and
+/// resets, around an xz-compressed ELF that prints "OK"; returns the ELF and the image.
+fn zimage(e: &Env) -> (Vec<u8>, Vec<u8>) {
+    let elf = tiny_elf(0x20_0000, &HELLO_THEN_SPIN);
+    let image = bzimage(
+        &BYE_THEN_RESET,
+        &xz_like_a_kernel(&elf, 1 << 20).unwrap(),
+        elf.len() as u32,
+    );
+    std::fs::write(e.images.path().join("zimage"), &image).unwrap();
+    (elf, image)
+}
+
 /// A bzImage whose own code prints "bye" and resets, around an xz-compressed ELF that
 /// prints "OK": its first boot goes as given (the bzImage's code runs), auraed keeps the
 /// ELF inside it meanwhile, and the next boots run that ELF; the same bytes under another
@@ -332,13 +345,7 @@ async fn a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot() {
     let Some(e) = env("a_bzimage_boots_from_the_elf_kept_for_it_after_its_first_boot").await else {
         return;
     };
-    let elf = tiny_elf(0x20_0000, &HELLO_THEN_SPIN);
-    let image = bzimage(
-        &BYE_THEN_RESET,
-        &xz_like_a_kernel(&elf, 1 << 20).unwrap(),
-        elf.len() as u32,
-    );
-    std::fs::write(e.images.path().join("zimage"), &image).unwrap();
+    let (elf, image) = zimage(&e);
     let kept_dir = e.d.dir.path().join("state/vm-kernels");
     let kept = kept_dir.join(format!("{:x}.elf", sha2::Sha256::digest(&image)));
     assert_eq!(boot(&e, "first", "zimage").await, "bye", "booted as given");
@@ -392,13 +399,7 @@ async fn with_vm_kernel_as_given_a_bzimage_always_boots_as_given() {
     else {
         return;
     };
-    let elf = tiny_elf(0x20_0000, &HELLO_THEN_SPIN);
-    let image = bzimage(
-        &BYE_THEN_RESET,
-        &xz_like_a_kernel(&elf, 1 << 20).unwrap(),
-        elf.len() as u32,
-    );
-    std::fs::write(e.images.path().join("zimage"), &image).unwrap();
+    let _ = zimage(&e);
     assert_eq!(boot(&e, "first", "zimage").await, "bye");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(boot(&e, "second", "zimage").await, "bye");
