@@ -328,19 +328,8 @@ pub fn inputs_digest(
 ) -> Result<[u8; 32], String> {
     let mut h = Sha256::new();
     h.update(FORMAT.to_le_bytes());
-    let file = |h: &mut Sha256, f: &std::fs::File, what: &str| -> Result<(), String> {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0u64;
-        loop {
-            let n = f
-                .read_at(&mut buf, off)
-                .map_err(|e| format!("{what}: {e}"))?;
-            if n == 0 {
-                return Ok(());
-            }
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
+    let file = |h: &mut Sha256, f: &std::fs::File, what: &str| {
+        crate::vm::kernels::hash_file(h, f).map_err(|e| format!("{what}: {e}"))
     };
     let open = |p: &Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
     h.update(b"kernel");

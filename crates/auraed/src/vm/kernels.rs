@@ -300,8 +300,9 @@ pub fn decompress(file: &File, payload: &Payload, out: &mut impl Write) -> Resul
 enum Known {
     /// Booted as given (why, said once).
     AsGiven,
-    /// A bzImage with an ELF inside, by its SHA-256.
-    Digest(String),
+    /// A bzImage with an ELF inside: its SHA-256, and where that ELF is in it (valid for
+    /// those bytes: the maker hashes the file again before it reads the payload).
+    Digest(String, Payload),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -341,18 +342,23 @@ pub struct KernelElfs {
     making: Mutex<()>,
 }
 
-fn sha256_of(file: &File) -> std::io::Result<String> {
-    let mut h = Sha256::new();
+/// Feeds the whole of `file` to `h` (through `pread`: no shared file offset).
+pub fn hash_file(h: &mut Sha256, file: &File) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0;
     loop {
         let n = file.read_at(&mut buf, at)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         h.update(&buf[..n]);
         at += n as u64;
     }
+}
+
+fn sha256_of(file: &File) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    hash_file(&mut h, file)?;
     Ok(format!("{:x}", h.finalize()))
 }
 
@@ -393,7 +399,7 @@ impl KernelElfs {
     fn open_kept(&self, digest: &str) -> Option<File> {
         OpenOptions::new()
             .read(true)
-            .custom_flags(libc_o_nofollow())
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(self.path_of(digest))
             .ok()
     }
@@ -412,14 +418,17 @@ impl KernelElfs {
             }
         };
         let known = self.memo.lock().ok()?.known.get(&key).cloned();
-        let digest = match known {
+        let (digest, payload) = match known {
             Some(Known::AsGiven) => return None,
-            Some(Known::Digest(d)) => d,
+            Some(Known::Digest(d, p)) => (d, p),
             None => {
-                let found = xz_payload(kernel)
-                    .and_then(|_| sha256_of(kernel).map_err(|e| format!("reading it: {e}")));
+                let found = xz_payload(kernel).and_then(|p| {
+                    sha256_of(kernel)
+                        .map(|d| (d, p))
+                        .map_err(|e| format!("reading it: {e}"))
+                });
                 let known = match &found {
-                    Ok(d) => Known::Digest(d.clone()),
+                    Ok((d, p)) => Known::Digest(d.clone(), *p),
                     Err(why) => {
                         info!(kernel = %name.display(), "kernel booted as given: {why}");
                         Known::AsGiven
@@ -432,13 +441,20 @@ impl KernelElfs {
         if let Some(elf) = self.open_kept(&digest) {
             return Some(elf);
         }
-        self.fill(kernel, key, digest, name);
+        self.fill(kernel, key, digest, payload, name);
         None
     }
 
-    /// Makes the ELF of `kernel` (whose content is `digest`) on a thread of its own,
-    /// unless one is being made.
-    fn fill(self: &Arc<Self>, kernel: &File, key: FileKey, digest: String, name: &Path) {
+    /// Makes the ELF of `kernel` (whose content is `digest`, its ELF at `payload`) on a
+    /// thread of its own, unless one is being made.
+    fn fill(
+        self: &Arc<Self>,
+        kernel: &File,
+        key: FileKey,
+        digest: String,
+        payload: Payload,
+        name: &Path,
+    ) {
         let Ok(mut memo) = self.memo.lock() else {
             return;
         };
@@ -462,7 +478,7 @@ impl KernelElfs {
                     let _ = rustix::process::setpriority_process(tid, 10);
                     let one = me.making.lock();
                     let started = std::time::Instant::now();
-                    let made = me.make(&kernel, &digest);
+                    let made = me.make(&kernel, &digest, &payload);
                     drop(one);
                     if let Ok(mut memo) = me.memo.lock() {
                         memo.filling.remove(&digest);
@@ -492,18 +508,19 @@ impl KernelElfs {
         }
     }
 
-    /// Decompresses `kernel`'s ELF into `<digest>.elf` (through a partial file, synced
-    /// before its rename) and removes the oldest kept ones past [`KEEP`].
-    fn make(&self, kernel: &File, digest: &str) -> Result<u64, String> {
-        // The bytes decompressed are the bytes hashed: the file is hashed again before and
-        // after (a file rewritten meanwhile is not kept under the old content's name).
+    /// Decompresses `kernel`'s ELF (at `payload`, found in the bytes whose SHA-256 is
+    /// `digest`) into `<digest>.elf` (through a partial file, synced before its rename)
+    /// and removes the oldest kept ones past [`KEEP`].
+    fn make(&self, kernel: &File, digest: &str, payload: &Payload) -> Result<u64, String> {
+        // The bytes decompressed are the bytes hashed (and `payload` was found in): the
+        // file is hashed again before and after (a file rewritten meanwhile is not kept
+        // under the old content's name).
         let same = || match sha256_of(kernel) {
             Ok(d) if d == digest => Ok(()),
             Ok(_) => Err("it changed while its ELF was being made".to_owned()),
             Err(e) => Err(format!("reading it: {e}")),
         };
         same()?;
-        let payload = xz_payload(kernel)?;
         let partial = self.dir.join(format!("{PARTIAL}{digest}"));
         let _ = std::fs::remove_file(&partial);
         let result = (|| {
@@ -511,11 +528,11 @@ impl KernelElfs {
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .custom_flags(libc_o_nofollow())
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&partial)
                 .map_err(|e| format!("creating {}: {e}", partial.display()))?;
             let mut out = BufWriter::with_capacity(1 << 20, file);
-            decompress(kernel, &payload, &mut out)?;
+            decompress(kernel, payload, &mut out)?;
             same()?;
             let file = out
                 .into_inner()
@@ -556,10 +573,6 @@ impl KernelElfs {
             }
         }
     }
-}
-
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 #[cfg(test)]
