@@ -61,8 +61,6 @@ pub(super) struct StartedInit {
     pub(super) ctl: UnixStream,
     /// What was read past the last line (the init may write its two reports at once).
     pub(super) pending: Vec<u8>,
-    /// Whether the hostname was sent already (a fresh init gets it with its start).
-    pub(super) hostname_sent: bool,
 }
 
 impl StartedInit {
@@ -275,7 +273,7 @@ impl Cells {
         let moved = tree.move_into(&spec.name, pooled.child.pid);
         tracing::debug!(move_us = t.elapsed().as_micros() as u64, "pool timings");
         let used = match moved {
-            Ok(()) => self.finish_init(pooled, &spec.name, spec.hostname()),
+            Ok(()) => self.finish_init(pooled, &spec.name, Some(spec.hostname())),
             Err(e) => {
                 pooled.kill();
                 Err(e.into())
@@ -285,7 +283,7 @@ impl Cells {
             warn!(cell = %spec.name, "a spare cell init could not be used ({e}); starting a fresh one");
             let ns = NsSet::of(spec, false);
             self.start_init(tree, &spec.name, ns, None, false, Some(spec.hostname()))
-                .and_then(|s| self.finish_init(s, &spec.name, spec.hostname()))
+                .and_then(|s| self.finish_init(s, &spec.name, None))
         })
     }
 

@@ -466,7 +466,7 @@ impl Cells {
                             spec2.namespaces.share_host_pid,
                             Some(spec2.hostname()),
                         )
-                        .and_then(|s| me.finish_init(s, &spec2.name, spec2.hostname())),
+                        .and_then(|s| me.finish_init(s, &spec2.name, None)),
                 };
                 tracing::debug!(
                     from_pool,
@@ -607,13 +607,11 @@ impl Cells {
             child,
             ctl,
             pending: Vec::new(),
-            hostname_sent: false,
         };
         if let Some(h) = hostname {
             // Buffered in the socket until the init reads it after its step 1; a write
             // that fails is the init's own failure, reported by its next line.
-            started.hostname_sent =
-                std::io::Write::write_all(&mut started.ctl, format!("{h}\n").as_bytes()).is_ok();
+            let _ = std::io::Write::write_all(&mut started.ctl, format!("{h}\n").as_bytes());
         }
         started.expect(super::init::READY).map_err(|why| {
             WorkloadError::Precondition(format!(
@@ -625,17 +623,17 @@ impl Cells {
     }
 
     /// Step 2 of a cell init (blocking), once it is in the cell's leaf: its cgroup
-    /// namespace and hostname; then its exit is watched for the cell's events.
+    /// namespace and hostname (`hostname` is sent here unless [`Cells::start_init`] sent it
+    /// with the start: then `None`); then its exit is watched for the cell's events.
     pub(super) fn finish_init(
         &self,
         mut started: StartedInit,
         name: &CellName,
-        hostname: &str,
+        hostname: Option<&str>,
     ) -> Result<Init, WorkloadError> {
-        let sent = if started.hostname_sent {
-            Ok(())
-        } else {
-            std::io::Write::write_all(&mut started.ctl, format!("{hostname}\n").as_bytes())
+        let sent = match hostname {
+            Some(h) => std::io::Write::write_all(&mut started.ctl, format!("{h}\n").as_bytes()),
+            None => Ok(()),
         };
         sent.map_err(|e| format!("sending the hostname: {e}"))
             .and_then(|()| started.expect(super::init::OK))
