@@ -648,13 +648,19 @@ impl Cells {
                 inner.executables.remove(&exe.name);
                 // Under the cell's lock: a new executable of this name cannot start (and
                 // lose its log and record to this) before they are gone.
-                let _ = exe.log.remove_files();
-                exe.forget_record(&self.recorder);
-                self.remove_own_group(exe);
-                exe.remove_rootfs();
+                self.discard_freed(exe);
             }
         }
         Ok(())
+    }
+
+    /// What a freed executable leaves: its log files, its record, its own group, a
+    /// container's private directories (its caller holds the cell's lock).
+    fn discard_freed(&self, exe: &Executable) {
+        let _ = exe.log.remove_files();
+        exe.forget_record(&self.recorder);
+        self.remove_own_group(exe);
+        exe.remove_rootfs();
     }
 
     /// Removes a freed executable's own group (if it had one); what it left there was
@@ -824,10 +830,7 @@ impl Cells {
         if let Ok(mut inner) = cell.inner.lock() {
             inner.executables.remove(&r.name);
             // Under the cell's lock (see free_executable_if_same).
-            let _ = exe.log.remove_files();
-            exe.forget_record(&self.recorder);
-            self.remove_own_group(&exe);
-            exe.remove_rootfs();
+            self.discard_freed(&exe);
         }
         Ok(())
     }
