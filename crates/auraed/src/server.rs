@@ -680,8 +680,8 @@ async fn serve(cfg: &ServerConfig, api: Api, run: Running) -> anyhow::Result<boo
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.max_streams_per_connection))
         .concurrency_limit_per_connection(cfg.max_streams_per_connection as usize)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .http2_max_header_list_size(Some(16 * 1024))
         .timeout(crate::spec::MAX_GRACE + Duration::from_secs(60))
         .layer(metrics::GrpcMetricsLayer::new(grpc_metrics))
@@ -764,6 +764,16 @@ const SERVICES: [&str; 9] = [
 ];
 
 /// Resolves with the grace period on SIGTERM, SIGINT or a Shutdown RPC.
+/// How often a connection that has been quiet that long is pinged (HTTP/2 PING).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long auraed waits for a ping's answer before it closes the connection (and fails
+/// every call on it). Generous, as its own connections to spawned instances are
+/// (`aurae_client::KEEPALIVE_TIMEOUT`): what misses this deadline is auraed on a busy
+/// machine reading the answer late, not the client. With 10 s a guest-tier auraed (PID 1 of
+/// a QEMU TCG machine booting a nested microVM and decompressing its kernel) closed a
+/// healthy client's connection in the middle of a five-minute `Wait` (CI, 2026-12-05).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn wait_for_shutdown(rx: &mut watch::Receiver<Option<Duration>>) -> Duration {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int) = match (

@@ -765,7 +765,9 @@ async fn guest_tier_boots_a_microvm_through_the_api() {
                         }),
                     })
                     .await
-                    .unwrap()
+                    .unwrap_or_else(|e| {
+                        panic!("Wait for micro in the guest: {e:?}\n{}", g.serial_text())
+                    })
                     .into_inner();
                 if aurae_testkit::guest::nested_guest_faulted(&done.message)
                     && tries < aurae_testkit::guest::NESTED_TRIES

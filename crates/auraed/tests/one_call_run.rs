@@ -740,3 +740,86 @@ async fn the_holder_keeps_nothing_of_failed_or_finished_starts() {
     }
     assert_eq!(held_by(holder), before, "an ended process's copies go too");
 }
+
+/// A slow link: a Unix socket at `path` that forwards to auraed's socket at `to`, passing
+/// what auraed sends at once and what the client sends `late` late once `hold_after` has
+/// passed since the connection was accepted (one connection).
+async fn late_link(
+    path: &Path,
+    to: std::path::PathBuf,
+    hold_after: Duration,
+    late: Duration,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let accepted = tokio::time::Instant::now();
+        let server = tokio::net::UnixStream::connect(&to).await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        });
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((at, bytes)) = rx.recv().await {
+                if at > accepted + hold_after {
+                    tokio::time::sleep_until(at + late).await;
+                }
+                if sw.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = cr.read(&mut buf).await {
+            if n == 0
+                || tx
+                    .send((tokio::time::Instant::now(), buf[..n].to_vec()))
+                    .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+/// A client on a slow link keeps its call: auraed pings a connection 30 s quiet (HTTP/2
+/// keepalive) and here the answer comes 15 s late, as from a client (or an auraed, a busy
+/// guest's) that is slow but well. A one-call run of 50 s on that connection returns its
+/// exit; auraed does not close the connection under it (it did with a 10 s answer time:
+/// a guest-tier `Wait` failed "broken pipe" in CI on 2026-12-05). About 50 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_a_slow_link_outlives_a_late_ping_answer() {
+    let Some((d, _)) = daemon("a_call_on_a_slow_link_outlives_a_late_ping_answer").await else {
+        return;
+    };
+    let link = d.dir.path().join("slow.sock");
+    let proxy = late_link(
+        &link,
+        d.socket.clone(),
+        Duration::from_secs(3),
+        Duration::from_secs(15),
+    )
+    .await;
+    let (cert, key) = d.identity("admin").unwrap();
+    let tls = aurae_identity::tls::client_config(&d.pki.ca_cert, &cert, &key).unwrap();
+    let c = Client::connect_with(&aurae_client::Endpoint::Unix(link), "localhost", tls)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let st = c
+        .runtime()
+        .run_cell(plain_cell(
+            "slow",
+            "sleep 50; exit 7",
+            run(true, true, false, None),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("after {:?}: {e:?}", t.elapsed()))
+        .into_inner();
+    assert_eq!(code(&st.executables[0]), Some(7), "{st:?}");
+    proxy.abort();
+}
