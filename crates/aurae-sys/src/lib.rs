@@ -12,6 +12,7 @@
 pub mod bpf;
 pub mod container;
 pub mod fd;
+pub mod fork;
 pub mod memfd;
 pub mod memory;
 pub mod net;

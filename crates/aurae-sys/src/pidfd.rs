@@ -37,6 +37,26 @@ impl Pidfd {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// Takes a pidfd that another process handed us (`SCM_RIGHTS`): checked to be a pidfd
+    /// (its `/proc/self/fdinfo` names the process), returned with the pid it names in our
+    /// PID namespace. What the sender said the pid was is not needed.
+    pub fn from_received(fd: OwnedFd) -> io::Result<(Self, i32)> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+        let pid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a pidfd"))?;
+        if pid <= 0 {
+            // -1: the process has exited and been reaped; 0: in no namespace of ours.
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the pidfd names no process of ours (Pid: {pid})"),
+            ));
+        }
+        Ok((Self(fd), pid))
+    }
+
     /// Sends `signal` to the process; ESRCH once it has exited (even before it is reaped).
     pub fn send_signal(&self, signal: i32) -> io::Result<()> {
         // SAFETY: the fd is a live pidfd we own; info is NULL (kernel fills a default

@@ -213,7 +213,7 @@ impl std::fmt::Display for Step {
 }
 
 /// `CLONE_INTO_CGROUP` (Linux 5.7), as the 64-bit flag clone3 takes.
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// The child's stack between clone and exec (it runs a few raw syscalls, no allocation);
 /// a multiple of 16, so the stack pointer the kernel gives it is aligned as the ABI wants.
@@ -315,18 +315,18 @@ const STEPS: [&str; 16] = [
 /// Layout of `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
 #[repr(C)]
 #[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+pub(crate) struct CloneArgs {
+    pub(crate) flags: u64,
+    pub(crate) pidfd: u64,
+    pub(crate) child_tid: u64,
+    pub(crate) parent_tid: u64,
+    pub(crate) exit_signal: u64,
+    pub(crate) stack: u64,
+    pub(crate) stack_size: u64,
+    pub(crate) tls: u64,
+    pub(crate) set_tid: u64,
+    pub(crate) set_tid_size: u64,
+    pub(crate) cgroup: u64,
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -310,6 +310,13 @@ fn main() -> ExitCode {
     {
         return auraed::cell::init::main(&raw[2..]);
     }
+    // So is the zygote that forks the cell inits.
+    if raw
+        .get(1)
+        .is_some_and(|a| a == auraed::cell::zygote::ZYGOTE_ARG)
+    {
+        return auraed::cell::zygote::zygote_main();
+    }
     // So is the VMM process of each virtual machine.
     if raw.get(1).is_some_and(|a| a == auraed::vm::vmm::VMM_ARG) {
         return auraed::vm::vmm::main();

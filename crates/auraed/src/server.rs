@@ -1073,7 +1073,7 @@ async fn wire_workloads(
     };
     let cells = Arc::new(crate::cell::Cells::new(crate::cell::registry::CellsDeps {
         tree,
-        spawner: reaper,
+        spawner: Arc::new(crate::cell::zygote::ZygoteSpawner::new(reaper)),
         events: events.clone(),
         logs_dir: cfg.state_dir.join("logs"),
         containers_dir: containers.clone(),

@@ -974,3 +974,154 @@ async fn stdin_environment_and_process_stats() {
         "stdin given, environment exactly as asked"
     );
 }
+
+/// `argv` of a process, NUL-separated fields split.
+fn argv_of(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// `PPid:` of a process.
+fn ppid_of(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The running (not zombie) children of `parent` that are a cell init zygote.
+fn zygotes_of(parent: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let running = state
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+        // (Its inits have its argv too, but their own name.)
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if running
+            && comm == "aurae-zygote\n"
+            && ppid_of(pid) == Some(parent)
+            && argv_of(pid).get(1).map(String::as_str) == Some(auraed::cell::zygote::ZYGOTE_ARG)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The host pid of a cell's init (its leaf holds only the init until a process starts).
+fn init_of(d: &Daemon, cell: &str) -> Option<i32> {
+    let procs = d
+        .cgroup
+        .clone()
+        .unwrap()
+        .join(cell)
+        .join("_procs/cgroup.procs");
+    std::fs::read_to_string(&procs)
+        .unwrap()
+        .lines()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Top-level cells' inits are forked by one zygote (auraed's child, its binary exec'd
+/// once), born auraed's children in their cells; a nested cell's init is exec'd. The
+/// zygote killed: the next init comes from a new one (or, had the death not been seen
+/// yet, is exec'd: never lost). auraed killed: its zygote ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
+    let Some((mut d, c)) = daemon(
+        "inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let auraed = i32::try_from(d.pid().unwrap()).unwrap();
+    for name in ["z1", "z2", "z3"] {
+        allocate(&c, name).await;
+    }
+    let zygotes = zygotes_of(auraed);
+    assert_eq!(
+        zygotes.len(),
+        1,
+        "one zygote: {zygotes:?}; auraed's log:\n{}",
+        d.log_text()
+    );
+    let zygote = zygotes[0];
+    for name in ["z1", "z2", "z3"] {
+        let init = init_of(&d, name).unwrap();
+        assert_eq!(
+            ppid_of(init),
+            Some(auraed),
+            "{name}'s init is auraed's child"
+        );
+        assert_eq!(argv_of(init), argv_of(zygote), "{name}'s init was forked");
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{init}/comm")).unwrap(),
+            "aurae-init\n"
+        );
+    }
+    // A nested cell's init (where it has one) joins its parent's namespaces: exec'd.
+    allocate(&c, "z1/inner").await;
+    if let Some(inner) = init_of(&d, "z1/inner") {
+        assert_eq!(
+            argv_of(inner).get(1).map(String::as_str),
+            Some("__aurae-cell-init"),
+            "{:?}",
+            argv_of(inner)
+        );
+    }
+
+    // The zygote killed (and seen dead): a new one forks the next init.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zygote),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    while zygotes_of(auraed).contains(&zygote) && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    allocate(&c, "z4").await;
+    let now = zygotes_of(auraed);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], zygote, "a new zygote");
+    assert_eq!(argv_of(init_of(&d, "z4").unwrap()), argv_of(now[0]));
+    run(&c, sh("z4", "p", "echo pid=$$ host=$(hostname)")).await;
+    assert_eq!(code(&wait(&c, "z4", "p").await), Some(0));
+    assert_eq!(output(&c, "z4", "p").await, "pid=2 host=z4\n");
+
+    // auraed killed: its zygote sees its socket end and exits.
+    let last = now[0];
+    d.crash_and_restart().await.unwrap();
+    let t = Instant::now();
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+    };
+    while !gone(last) && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gone(last), "the zygote outlived its auraed");
+    // The restarted auraed serves the cells again and forks new inits from its own.
+    let c = d.client("admin").await.unwrap();
+    allocate(&c, "z5").await;
+    let auraed = i32::try_from(d.pid().unwrap()).unwrap();
+    assert_eq!(zygotes_of(auraed).len(), 1);
+    drop(d);
+}

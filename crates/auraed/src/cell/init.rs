@@ -23,7 +23,7 @@
 use std::{
     ffi::OsString,
     io::{Read, Write},
-    os::unix::net::UnixStream,
+    os::{fd::OwnedFd, unix::net::UnixStream},
     process::ExitCode,
 };
 
@@ -135,14 +135,20 @@ fn report(s: &mut UnixStream, result: &Result<(), String>, ok: &str) -> bool {
 /// Entry point of the init process; `args` are the arguments after [`INIT_ARG`]: the
 /// comma list of its new namespaces.
 pub fn main(args: &[OsString]) -> ExitCode {
-    // Show as "aurae-init" in ps instead of the sealed memfd's name.
-    let _ = nix::sys::prctl::set_name(c"aurae-init");
     let flags = args.first().and_then(|s| s.to_str()).unwrap_or("");
     // The socket auraed passed (placed at fd 3 by aurae_sys::spawn).
     let Some(fd) = aurae_sys::fd::take_passed() else {
         return ExitCode::FAILURE;
     };
-    let mut ctl = UnixStream::from(fd);
+    run(fd, flags)
+}
+
+/// The init itself, reporting on `ctl`, with the comma list of its new namespaces `flags`:
+/// what [`main`] runs, and what the zygote's child runs (see [`super::zygote`]).
+pub(super) fn run(ctl: OwnedFd, flags: &str) -> ExitCode {
+    // Show as "aurae-init" in ps instead of the sealed memfd's name.
+    let _ = nix::sys::prctl::set_name(c"aurae-init");
+    let mut ctl = UnixStream::from(ctl);
     // Block the signals we wait for before reporting ready, so none is lost.
     let mut set = SigSet::empty();
     for s in [

@@ -12,6 +12,7 @@ pub mod session;
 pub mod spec;
 mod state;
 pub mod when_ended;
+pub mod zygote;
 
 pub use registry::{CellStats, Cells, Usage};
 pub use spec::{CellSpec, Limits, Namespaces, parse_hostname};

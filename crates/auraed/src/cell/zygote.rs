@@ -1,0 +1,415 @@
+//! The cell inits' zygote: a small process of auraed's own binary, exec'd once, that forks
+//! each top-level cell's init instead of auraed exec'ing the binary again for every cell.
+//!
+//! A cell init made by exec spends most of its start in the exec (~0.6 ms more than a
+//! small program's) and the dynamic loader (~0.7 ms) before its first step (measured on
+//! 181 inits, see SPECIFICATION.md). The zygote has paid that once: it waits,
+//! single-threaded, on its control socket; for each init it is sent the cell's cgroup
+//! leaf, the init's end of its report socket and which namespaces to make, and it forks
+//! (`aurae_sys::fork::fork_sibling`: `clone3` into the leaf with the new namespaces, as
+//! auraed's child, not its own). The child closes the zygote's socket and runs the same
+//! [`super::init::run`] an exec'd init runs; the zygote answers with its pidfd.
+//!
+//! [`ZygoteSpawner`] sits in front of the real spawner: a request that is a top-level
+//! cell init (no namespace to join, nothing but what the zygote does the same way) goes to
+//! the zygote; anything else, and any init the zygote fails to make, goes the exec way (a
+//! failure is logged and the zygote replaced at the next init). What a cell sees of its
+//! init is the same but for `/proc/1/cmdline` (the zygote's), as for every cell made so.
+//!
+//! The zygote holds nothing of auraed's: it is exec'd fresh (no keys, no runtime, one
+//! thread), with no fds but its socket and /dev/null; what each init inherits from it is
+//! what it would have been exec'd with. It ends when its socket does (auraed gone or
+//! replacing it), so a crash of auraed leaves no zygote behind. (Not `PR_SET_PDEATHSIG`:
+//! that fires when the thread that started it ends, and auraed's threads come and go.)
+
+use std::{
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use aurae_sys::{Namespaces, SpawnError, SpawnRequest, fork::Forked, spawn::Program};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    reaper::{Child, Reaper},
+    workload::{fdpass, layout::CELL_INIT_ARG, spawner::Spawner},
+};
+
+/// The hidden first argument of auraed's binary when it runs as the zygote.
+pub const ZYGOTE_ARG: &str = "__aurae-cell-zygote";
+/// The zygote's `argv[0]`: what `ps` and a cell's `/proc/1/cmdline` show.
+const ZYGOTE_NAME: &str = "aurae-cell-init";
+/// Longest request or answer.
+const MAX_MESSAGE: usize = 1024;
+
+/// One init to fork: the namespaces it is born with (`CLONE_NEW*`) and the comma list its
+/// [`super::init::main`] gets; fds attached: its report socket, then the cgroup leaf.
+#[derive(Debug, Serialize, Deserialize)]
+struct Fork {
+    new: i32,
+    init: String,
+}
+
+/// What the zygote answers: `None` and the pidfd attached, or what failed.
+#[derive(Debug, Serialize, Deserialize)]
+struct Answer {
+    error: Option<String>,
+}
+
+/// The zygote program (auraed re-executed with [`ZYGOTE_ARG`]): single-threaded, it forks
+/// inits until its socket ends.
+pub fn zygote_main() -> ExitCode {
+    let Some(ctl) = aurae_sys::fd::take_passed() else {
+        return ExitCode::FAILURE;
+    };
+    let _ = nix::sys::prctl::set_name(c"aurae-zygote");
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let Ok(got) = fdpass::recv(&ctl, &mut buf) else {
+            return ExitCode::FAILURE;
+        };
+        if got.len == 0 && got.fds.is_empty() {
+            // auraed went away, or replaced us.
+            return ExitCode::SUCCESS;
+        }
+        let fds: Vec<std::io::Result<OwnedFd>> = got
+            .fds
+            .iter()
+            .map(|&fd| {
+                let copy = aurae_sys::fd::dup_raw(fd);
+                let _ = nix::unistd::close(fd);
+                copy
+            })
+            .collect();
+        let request: Result<(Fork, OwnedFd, OwnedFd), String> = if got.truncated {
+            Err("request truncated".into())
+        } else {
+            serde_json::from_slice::<Fork>(&buf[..got.len])
+                .map_err(|e| format!("bad request: {e}"))
+                .and_then(|f| match <[_; 2]>::try_from(fds) {
+                    Ok([Ok(report), Ok(leaf)]) => Ok((f, report, leaf)),
+                    _ => Err("a request needs its report socket and cgroup leaf".into()),
+                })
+        };
+        let answer = match request {
+            Err(e) => Err(e),
+            Ok((fork, report, leaf)) => {
+                match aurae_sys::fork::fork_sibling(leaf.as_fd(), Namespaces(fork.new)) {
+                    Ok(Forked::Child) => {
+                        // The new init: nothing of the zygote's open but stdio (/dev/null)
+                        // and its report socket.
+                        drop((leaf, ctl));
+                        // It returns only when it failed (before serving its cell).
+                        return super::init::run(report, &fork.init);
+                    }
+                    Ok(Forked::Parent(pidfd)) => Ok(pidfd),
+                    Err(e) => Err(format!("forking the init: {e}")),
+                }
+            }
+        };
+        let sent = match answer {
+            Ok(pidfd) => send_json(&ctl, &Answer { error: None }, &[pidfd.as_raw_fd()]),
+            Err(e) => send_json(&ctl, &Answer { error: Some(e) }, &[]),
+        };
+        if sent.is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+}
+
+fn send_json(sock: &OwnedFd, msg: &impl Serialize, fds: &[i32]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    fdpass::send(sock, &bytes, fds)
+}
+
+/// A running zygote, as auraed holds it.
+#[derive(Debug)]
+struct Zygote {
+    sock: OwnedFd,
+    child: Child,
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        // Its socket closing ends it too; a zygote stuck in a fork does not get to go on.
+        let _ = self.child.pidfd.send_signal(nix::libc::SIGKILL);
+    }
+}
+
+/// The spawner of a daemon's cells: top-level cell inits from the zygote, the rest (and
+/// any init the zygote fails to make) through `reaper`.
+#[derive(Debug)]
+pub struct ZygoteSpawner {
+    reaper: Arc<Reaper>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    zygote: Option<Zygote>,
+    /// Inits it failed to make in a row; at [`MAX_FAILURES`] it is not asked again.
+    failures: u32,
+}
+
+/// Failures in a row after which every init is exec'd (said once, as a warning).
+const MAX_FAILURES: u32 = 3;
+
+impl ZygoteSpawner {
+    pub fn new(reaper: Arc<Reaper>) -> Self {
+        Self {
+            reaper,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn start(&self, program: Program<'_>) -> std::io::Result<Zygote> {
+        let (sock, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let devnull = std::fs::File::open("/dev/null")?;
+        let null = devnull.as_raw_fd();
+        let argv: Vec<std::ffi::CString> = [ZYGOTE_NAME, ZYGOTE_ARG]
+            .iter()
+            .filter_map(|s| std::ffi::CString::new(*s).ok())
+            .collect();
+        let req = SpawnRequest {
+            program,
+            argv: &argv,
+            envp: &[],
+            cwd: Some(c"/"),
+            uid: None,
+            gid: None,
+            no_new_privs: true,
+            stdio: [null, null, null],
+            controlling_terminal: false,
+            pass_fd: Some(theirs.as_raw_fd()),
+            // auraed's own cgroup and namespaces: each init is born in its cell's.
+            cgroup: None,
+            new_namespaces: Namespaces::default(),
+            pid_namespace_of: None,
+            join: None,
+            unshare: Namespaces::default(),
+            container: None,
+            console: None,
+        };
+        let child = self
+            .reaper
+            .spawn(|| aurae_sys::spawn(&req))
+            .map_err(|e| std::io::Error::other(format!("starting the zygote: {e}")))?;
+        info!(pid = child.pid, "cell init zygote started");
+        Ok(Zygote { sock, child })
+    }
+
+    /// One init from the zygote (starting one if none runs); `None` once it is off.
+    fn fork_init(&self, req: &SpawnRequest<'_>, init: &str) -> Option<Result<Child, String>> {
+        let (Some(report), Some(leaf)) = (req.pass_fd, req.cgroup) else {
+            return None;
+        };
+        let Ok(mut state) = self.state.lock() else {
+            return None;
+        };
+        if state.failures >= MAX_FAILURES {
+            return None;
+        }
+        if state.zygote.as_ref().is_some_and(|z| has_exited(&z.child)) {
+            warn!("the cell init zygote has exited; starting another");
+            state.zygote = None;
+        }
+        if state.zygote.is_none() {
+            match self.start(req.program) {
+                Ok(z) => state.zygote = Some(z),
+                Err(e) => return Some(Err(state.failed(e.to_string()))),
+            }
+        }
+        let z = state.zygote.as_ref()?;
+        let fork = Fork {
+            new: req.new_namespaces.0,
+            init: init.to_owned(),
+        };
+        // Whether the zygote answered (so is still there to ask again).
+        let mut answered = false;
+        let asked = self.reaper.spawn(|| {
+            send_json(&z.sock, &fork, &[report, leaf]).map_err(SpawnError::Setup)?;
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            let got = fdpass::recv(&z.sock, &mut buf).map_err(SpawnError::Setup)?;
+            let fds: Vec<std::io::Result<OwnedFd>> = got
+                .fds
+                .iter()
+                .map(|&fd| {
+                    let copy = aurae_sys::fd::dup_raw(fd);
+                    let _ = nix::unistd::close(fd);
+                    copy
+                })
+                .collect();
+            if got.len == 0 && fds.is_empty() {
+                return Err(SpawnError::Setup(std::io::Error::other(
+                    "the zygote is gone",
+                )));
+            }
+            let answer: Answer = serde_json::from_slice(&buf[..got.len])
+                .map_err(|e| SpawnError::Setup(std::io::Error::other(e)))?;
+            answered = true;
+            if let Some(e) = answer.error {
+                return Err(SpawnError::Setup(std::io::Error::other(e)));
+            }
+            let pidfd = fds
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Err(std::io::Error::other("the zygote sent no pidfd")))
+                .and_then(aurae_sys::Pidfd::from_received)
+                .map_err(SpawnError::Setup)?;
+            Ok((pidfd.1, pidfd.0))
+        });
+        Some(match asked {
+            Ok(child) => {
+                state.failures = 0;
+                Ok(child)
+            }
+            Err(e) => {
+                if !answered {
+                    // Its channel broke: the next init gets a fresh zygote.
+                    state.zygote = None;
+                }
+                Err(state.failed(e.to_string()))
+            }
+        })
+    }
+}
+
+impl State {
+    /// Counts a failure; returns what to report of it.
+    fn failed(&mut self, why: String) -> String {
+        self.failures += 1;
+        if self.failures >= MAX_FAILURES {
+            self.zygote = None;
+            format!(
+                "{why}; {MAX_FAILURES} failures in a row: every cell init is exec'd from now on"
+            )
+        } else {
+            why
+        }
+    }
+}
+
+/// Whether `child` has exited (its pidfd is readable then), without waiting.
+fn has_exited(child: &Child) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(child.pidfd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+}
+
+/// The comma list of an init request the zygote can make exactly as the exec would: a
+/// cell init of auraed's sealed binary, born into its leaf with its new namespaces, with
+/// nothing to join and nothing else asked of the spawn.
+fn zygote_init<'a>(req: &SpawnRequest<'a>) -> Option<&'a str> {
+    let is_init = matches!(req.program, Program::Fd(_))
+        && req.argv.len() == 3
+        && req.argv[1].to_bytes() == CELL_INIT_ARG.as_bytes()
+        && req.envp.is_empty()
+        && req.cwd == Some(c"/")
+        && req.uid.is_none()
+        && req.gid.is_none()
+        && req.no_new_privs
+        && !req.controlling_terminal
+        && req.pass_fd.is_some()
+        && req.cgroup.is_some()
+        && req.pid_namespace_of.is_none()
+        && req.join.is_none()
+        && req.unshare.is_empty()
+        && req.container.is_none()
+        && req.console.is_none();
+    if is_init {
+        req.argv[2].to_str().ok()
+    } else {
+        None
+    }
+}
+
+impl Spawner for ZygoteSpawner {
+    fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Child, SpawnError> {
+        if let Some(init) = zygote_init(req) {
+            match self.fork_init(req, init) {
+                Some(Ok(child)) => return Ok(child),
+                Some(Err(e)) => warn!("the cell init zygote failed ({e}); this init is exec'd"),
+                None => {}
+            }
+        }
+        Reaper::spawn(&self.reaper, || aurae_sys::spawn(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+
+    use super::*;
+
+    fn init_request<'a>(argv: &'a [CString]) -> SpawnRequest<'a> {
+        SpawnRequest {
+            program: Program::Fd(7),
+            argv,
+            envp: &[],
+            cwd: Some(c"/"),
+            uid: None,
+            gid: None,
+            no_new_privs: true,
+            stdio: [0, 0, 0],
+            controlling_terminal: false,
+            pass_fd: Some(8),
+            cgroup: Some(9),
+            new_namespaces: Namespaces(Namespaces::PID | Namespaces::NET),
+            pid_namespace_of: None,
+            join: None,
+            unshare: Namespaces::default(),
+            container: None,
+            console: None,
+        }
+    }
+
+    /// Only a top-level cell init goes to the zygote: one that joins namespaces, is born
+    /// in another's PID namespace, changes ids, or is anything but an init is exec'd.
+    #[test]
+    fn only_a_top_level_init_is_forked_by_the_zygote() {
+        let argv: Vec<CString> = ["aurae-cell-init", CELL_INIT_ARG, "mnt,net,pid"]
+            .iter()
+            .map(|s| CString::new(*s).unwrap())
+            .collect();
+        assert_eq!(zygote_init(&init_request(&argv)), Some("mnt,net,pid"));
+        let joins = SpawnRequest {
+            join: Some((3, Namespaces(Namespaces::NET))),
+            ..init_request(&argv)
+        };
+        assert_eq!(zygote_init(&joins), None);
+        let nested = SpawnRequest {
+            pid_namespace_of: Some(3),
+            ..init_request(&argv)
+        };
+        assert_eq!(zygote_init(&nested), None);
+        let as_user = SpawnRequest {
+            uid: Some(1000),
+            ..init_request(&argv)
+        };
+        assert_eq!(zygote_init(&as_user), None);
+        let path = SpawnRequest {
+            program: Program::Path(c"/bin/true"),
+            ..init_request(&argv)
+        };
+        assert_eq!(zygote_init(&path), None);
+        let other: Vec<CString> = ["sh", "-c", "true"]
+            .iter()
+            .map(|s| CString::new(*s).unwrap())
+            .collect();
+        assert_eq!(zygote_init(&init_request(&other)), None);
+        let no_leaf = SpawnRequest {
+            cgroup: None,
+            ..init_request(&argv)
+        };
+        assert_eq!(zygote_init(&no_leaf), None);
+    }
+}
