@@ -8,7 +8,7 @@
 //! leaf, the init's end of its report socket and which namespaces to make, and it forks
 //! (`aurae_sys::fork::fork_sibling`: `clone3` into the leaf with the new namespaces, as
 //! auraed's child, not its own). The child closes the zygote's socket and runs the same
-//! [`super::init::run`] an exec'd init runs; the zygote answers with its pidfd.
+//! `init::run` an exec'd init runs; the zygote answers with its pidfd.
 //!
 //! [`ZygoteSpawner`] sits in front of the real spawner: a request that is a top-level
 //! cell init (no namespace to join, nothing but what the zygote does the same way) goes to
