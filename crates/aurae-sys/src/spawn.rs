@@ -105,6 +105,33 @@ pub struct SpawnRequest<'a> {
     pub console: Option<RawFd>,
 }
 
+impl<'a> SpawnRequest<'a> {
+    /// A helper process of auraed's own binary (`program`, the sealed copy): in auraed's
+    /// own cgroup and namespaces, no environment, `/` as its directory, `no_new_privs`,
+    /// `null` as stdio and `pass_fd` at fd 3; nothing else.
+    pub fn helper(program: Program<'a>, argv: &'a [CString], null: RawFd, pass_fd: RawFd) -> Self {
+        Self {
+            program,
+            argv,
+            envp: &[],
+            cwd: Some(c"/"),
+            uid: None,
+            gid: None,
+            no_new_privs: true,
+            stdio: [null, null, null],
+            controlling_terminal: false,
+            pass_fd: Some(pass_fd),
+            cgroup: None,
+            new_namespaces: Namespaces(0),
+            pid_namespace_of: None,
+            join: None,
+            unshare: Namespaces(0),
+            container: None,
+            console: None,
+        }
+    }
+}
+
 /// Why a spawn failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {

@@ -576,24 +576,19 @@ impl Cells {
                 Ns(0),
             ),
         };
+        // A helper of our binary, born in the cell's leaf with its namespaces.
         let req = SpawnRequest {
-            program: Program::Fd(sealed.as_raw_fd()),
-            argv: &argv,
-            envp: &[],
-            cwd: Some(c"/"),
-            uid: None,
-            gid: None,
-            no_new_privs: true,
-            stdio: [null, null, null],
-            controlling_terminal: false,
-            pass_fd: Some(theirs.as_raw_fd()),
             cgroup: Some(leaf.as_raw_fd()),
             new_namespaces,
             pid_namespace_of: pid_ns_of,
             join,
             unshare,
-            container: None,
-            console: None,
+            ..SpawnRequest::helper(
+                Program::Fd(sealed.as_raw_fd()),
+                &argv,
+                null,
+                theirs.as_raw_fd(),
+            )
         };
         let child = self
             .spawner

@@ -29,7 +29,6 @@ use std::{
 };
 
 use aurae_sys::{Namespaces, SpawnError, SpawnRequest, fork::Forked, spawn::Program};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -75,15 +74,7 @@ pub fn zygote_main() -> ExitCode {
             // auraed went away, or replaced us.
             return ExitCode::SUCCESS;
         }
-        let fds: Vec<std::io::Result<OwnedFd>> = got
-            .fds
-            .iter()
-            .map(|&fd| {
-                let copy = aurae_sys::fd::dup_raw(fd);
-                let _ = nix::unistd::close(fd);
-                copy
-            })
-            .collect();
+        let fds = fdpass::owned(&got.fds);
         let request: Result<(Fork, OwnedFd, OwnedFd), String> = if got.truncated {
             Err("request truncated".into())
         } else {
@@ -166,42 +157,13 @@ impl ZygoteSpawner {
     }
 
     fn start(&self, program: Program<'_>) -> std::io::Result<Zygote> {
-        let (sock, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
-        let devnull = std::fs::File::open("/dev/null")?;
-        let null = devnull.as_raw_fd();
-        let argv: Vec<std::ffi::CString> = [ZYGOTE_NAME, ZYGOTE_ARG]
-            .iter()
-            .filter_map(|s| std::ffi::CString::new(*s).ok())
-            .collect();
-        let req = SpawnRequest {
+        // auraed's own cgroup and namespaces: each init is born in its cell's.
+        let (sock, child) = crate::workload::spawner::start_helper(
+            &self.reaper,
             program,
-            argv: &argv,
-            envp: &[],
-            cwd: Some(c"/"),
-            uid: None,
-            gid: None,
-            no_new_privs: true,
-            stdio: [null, null, null],
-            controlling_terminal: false,
-            pass_fd: Some(theirs.as_raw_fd()),
-            // auraed's own cgroup and namespaces: each init is born in its cell's.
-            cgroup: None,
-            new_namespaces: Namespaces::default(),
-            pid_namespace_of: None,
-            join: None,
-            unshare: Namespaces::default(),
-            container: None,
-            console: None,
-        };
-        let child = self
-            .reaper
-            .spawn(|| aurae_sys::spawn(&req))
-            .map_err(|e| std::io::Error::other(format!("starting the zygote: {e}")))?;
+            [ZYGOTE_NAME, ZYGOTE_ARG],
+        )
+        .map_err(|e| std::io::Error::other(format!("starting the zygote: {e}")))?;
         info!(pid = child.pid, "cell init zygote started");
         Ok(Zygote { sock, child })
     }
@@ -238,15 +200,7 @@ impl ZygoteSpawner {
             send_json(&z.sock, &fork, &[report, leaf]).map_err(SpawnError::Setup)?;
             let mut buf = vec![0u8; MAX_MESSAGE];
             let got = fdpass::recv(&z.sock, &mut buf).map_err(SpawnError::Setup)?;
-            let fds: Vec<std::io::Result<OwnedFd>> = got
-                .fds
-                .iter()
-                .map(|&fd| {
-                    let copy = aurae_sys::fd::dup_raw(fd);
-                    let _ = nix::unistd::close(fd);
-                    copy
-                })
-                .collect();
+            let fds = fdpass::owned(&got.fds);
             if got.len == 0 && fds.is_empty() {
                 return Err(SpawnError::Setup(std::io::Error::other(
                     "the zygote is gone",
@@ -352,23 +306,9 @@ mod tests {
 
     fn init_request<'a>(argv: &'a [CString]) -> SpawnRequest<'a> {
         SpawnRequest {
-            program: Program::Fd(7),
-            argv,
-            envp: &[],
-            cwd: Some(c"/"),
-            uid: None,
-            gid: None,
-            no_new_privs: true,
-            stdio: [0, 0, 0],
-            controlling_terminal: false,
-            pass_fd: Some(8),
             cgroup: Some(9),
             new_namespaces: Namespaces(Namespaces::PID | Namespaces::NET),
-            pid_namespace_of: None,
-            join: None,
-            unshare: Namespaces::default(),
-            container: None,
-            console: None,
+            ..SpawnRequest::helper(Program::Fd(7), argv, 0, 8)
         }
     }
 

@@ -330,17 +330,7 @@ impl Prepared {
         };
         let mut byte = [0u8; 1];
         let got = crate::workload::fdpass::recv(&ours, &mut byte)?;
-        // Owned copies of what came (the raw numbers closed once copied).
-        let owned: Vec<std::io::Result<OwnedFd>> = got
-            .fds
-            .into_iter()
-            .map(|fd| {
-                let copy = aurae_sys::fd::dup_raw(fd);
-                let _ = nix::unistd::close(fd);
-                copy
-            })
-            .collect();
-        let master = owned
+        let master = crate::workload::fdpass::owned(&got.fds)
             .into_iter()
             .next()
             .ok_or_else(|| std::io::Error::other("the container's child sent no terminal"))??;

@@ -73,6 +73,18 @@ pub fn recv(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
     }
 }
 
+/// Owned copies of fds a message brought (see [`Received::fds`]); the raw numbers are
+/// closed once copied.
+pub fn owned(fds: &[RawFd]) -> Vec<io::Result<std::os::fd::OwnedFd>> {
+    fds.iter()
+        .map(|&fd| {
+            let copy = aurae_sys::fd::dup_raw(fd);
+            let _ = nix::unistd::close(fd);
+            copy
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;

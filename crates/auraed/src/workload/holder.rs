@@ -43,7 +43,7 @@ use std::{
 };
 
 use aurae_sys::{ExitStatus, Pidfd, memfd::SealedSelf};
-use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, socketpair};
+use nix::sys::socket::{MsgFlags, recv};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -292,45 +292,12 @@ impl Holder {
     }
 
     fn launch(program: BorrowedFd<'_>, reaper: &Reaper) -> io::Result<Holder> {
-        let (sock, child_end) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
+        // auraed's own cgroup and namespaces: the holder belongs to no cell.
+        let (sock, child) = crate::workload::spawner::start_helper(
+            reaper,
+            aurae_sys::spawn::Program::Fd(program.as_raw_fd()),
+            [HOLDER_NAME, HOLDER_ARG],
         )?;
-        let devnull = std::fs::File::open("/dev/null")?;
-        let null = devnull.as_raw_fd();
-        let argv: Vec<std::ffi::CString> = [HOLDER_NAME, HOLDER_ARG]
-            .iter()
-            .filter_map(|s| std::ffi::CString::new(*s).ok())
-            .collect();
-        let req = aurae_sys::SpawnRequest {
-            program: aurae_sys::spawn::Program::Fd(program.as_raw_fd()),
-            argv: &argv,
-            envp: &[],
-            cwd: Some(c"/"),
-            uid: None,
-            gid: None,
-            no_new_privs: true,
-            stdio: [null, null, null],
-            controlling_terminal: false,
-            pass_fd: Some(child_end.as_raw_fd()),
-            // auraed's own cgroup and namespaces: the holder belongs to no cell.
-            cgroup: None,
-            new_namespaces: aurae_sys::Namespaces::default(),
-            pid_namespace_of: None,
-            join: None,
-            unshare: aurae_sys::Namespaces::default(),
-            container: None,
-            console: None,
-        };
-        let child = reaper
-            .spawn(|| aurae_sys::spawn(&req))
-            .map_err(|e| match e {
-                aurae_sys::SpawnError::Setup(e) => e,
-                other => io::Error::other(format!("starting the holder: {other}")),
-            })?;
-        drop(child_end);
         let holder = Holder {
             ctl: Mutex::new(Ctl { sock, seq: 0 }),
             pidfd: child.pidfd,
@@ -797,6 +764,7 @@ mod tests {
     /// another request is closed, EOF ends serving.
     #[test]
     fn serve_one_holds_releases_and_stops_at_eof() {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,

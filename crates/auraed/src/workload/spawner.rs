@@ -18,6 +18,41 @@ impl Spawner for Reaper {
     }
 }
 
+/// Starts a helper process of auraed's own binary (`program`, the sealed copy) as
+/// `argv` (its name and hidden argument), in auraed's own cgroup and namespaces (see
+/// [`SpawnRequest::helper`]), with one end of a new `SOCK_SEQPACKET` pair at its fd 3:
+/// returns the other end and the child.
+pub fn start_helper(
+    reaper: &Reaper,
+    program: aurae_sys::spawn::Program<'_>,
+    argv: [&str; 2],
+) -> std::io::Result<(std::os::fd::OwnedFd, Child)> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (sock, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let devnull = std::fs::File::open("/dev/null")?;
+    let argv: Vec<std::ffi::CString> = argv
+        .iter()
+        .filter_map(|s| std::ffi::CString::new(*s).ok())
+        .collect();
+    let req = SpawnRequest::helper(program, &argv, devnull.as_raw_fd(), theirs.as_raw_fd());
+    let child = reaper
+        .spawn(|| aurae_sys::spawn(&req))
+        .map_err(|e| match e {
+            SpawnError::Setup(e) => e,
+            other => {
+                std::io::Error::other(format!("starting {}: {other}", argv[0].to_string_lossy()))
+            }
+        })?;
+    Ok((sock, child))
+}
+
 /// What a [`FakeSpawner`] was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
