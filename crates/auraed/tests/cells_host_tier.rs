@@ -1039,7 +1039,8 @@ fn init_of(d: &Daemon, cell: &str) -> Option<i32> {
 /// Top-level cells' inits are forked by one zygote (auraed's child, its binary exec'd
 /// once), born auraed's children in their cells; a nested cell's init is exec'd. The
 /// zygote killed: the next init comes from a new one (or, had the death not been seen
-/// yet, is exec'd: never lost). auraed killed: its zygote ends with it.
+/// yet, is exec'd: never lost); stopped: one init is exec'd after 5 s and the zygote
+/// replaced. auraed killed: its zygote ends with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
     let Some((mut d, c)) = daemon(
@@ -1105,6 +1106,32 @@ async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
     assert_eq!(code(&wait(&c, "z4", "p").await), Some(0));
     assert_eq!(output(&c, "z4", "p").await, "pid=2 host=z4\n");
 
+    // The zygote stopped (SIGSTOP): the next init is exec'd once the zygote has not
+    // answered in time (5 s), the stopped one is killed, and a new one serves after.
+    let stopped = now[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stopped),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = Instant::now();
+    allocate(&c, "z5").await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(
+        argv_of(init_of(&d, "z5").unwrap())
+            .get(1)
+            .map(String::as_str),
+        Some("__aurae-cell-init"),
+        "exec'd"
+    );
+    allocate(&c, "z6").await;
+    let now = zygotes_of(auraed);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], stopped, "the stopped zygote is gone");
+    assert_eq!(argv_of(init_of(&d, "z6").unwrap()), argv_of(now[0]));
+    assert!(d.log_text().contains("this init is exec'd"), "reported");
+
     // auraed killed: its zygote sees its socket end and exits.
     let last = now[0];
     d.crash_and_restart().await.unwrap();
@@ -1120,7 +1147,7 @@ async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
     assert!(gone(last), "the zygote outlived its auraed");
     // The restarted auraed serves the cells again and forks new inits from its own.
     let c = d.client("admin").await.unwrap();
-    allocate(&c, "z5").await;
+    allocate(&c, "z7").await;
     let auraed = i32::try_from(d.pid().unwrap()).unwrap();
     assert_eq!(zygotes_of(auraed).len(), 1);
     drop(d);

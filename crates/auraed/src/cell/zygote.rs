@@ -147,6 +147,8 @@ struct State {
 
 /// Failures in a row after which every init is exec'd (said once, as a warning).
 const MAX_FAILURES: u32 = 3;
+/// How long the zygote has to answer (a fork takes about a millisecond).
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ZygoteSpawner {
     pub fn new(reaper: Arc<Reaper>) -> Self {
@@ -164,6 +166,11 @@ impl ZygoteSpawner {
             [ZYGOTE_NAME, ZYGOTE_ARG],
         )
         .map_err(|e| std::io::Error::other(format!("starting the zygote: {e}")))?;
+        // A zygote that stops answering (stopped, stuck) fails one init, which is exec'd,
+        // and is replaced: it never holds cells up.
+        let limit = nix::sys::time::TimeVal::new(ANSWER_WITHIN.as_secs() as i64, 0);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &limit)?;
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SendTimeout, &limit)?;
         info!(pid = child.pid, "cell init zygote started");
         Ok(Zygote { sock, child })
     }
