@@ -763,7 +763,6 @@ const SERVICES: [&str; 9] = [
     aurae_proto::service_names::DAEMON,
 ];
 
-/// Resolves with the grace period on SIGTERM, SIGINT or a Shutdown RPC.
 /// How often a connection that has been quiet that long is pinged (HTTP/2 PING).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long auraed waits for a ping's answer before it closes the connection (and fails
@@ -774,6 +773,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// healthy client's connection in the middle of a five-minute `Wait` (CI, 2026-12-05).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Resolves with the grace period on SIGTERM, SIGINT or a Shutdown RPC.
 async fn wait_for_shutdown(rx: &mut watch::Receiver<Option<Duration>>) -> Duration {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int) = match (
