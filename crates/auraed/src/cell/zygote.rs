@@ -102,18 +102,13 @@ pub fn zygote_main() -> ExitCode {
             }
         };
         let sent = match answer {
-            Ok(pidfd) => send_json(&ctl, &Answer { error: None }, &[pidfd.as_raw_fd()]),
-            Err(e) => send_json(&ctl, &Answer { error: Some(e) }, &[]),
+            Ok(pidfd) => fdpass::send_json(&ctl, &Answer { error: None }, &[pidfd.as_raw_fd()]),
+            Err(e) => fdpass::send_json(&ctl, &Answer { error: Some(e) }, &[]),
         };
         if sent.is_err() {
             return ExitCode::FAILURE;
         }
     }
-}
-
-fn send_json(sock: &OwnedFd, msg: &impl Serialize, fds: &[i32]) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    fdpass::send(sock, &bytes, fds)
 }
 
 /// A running zygote, as auraed holds it.
@@ -186,7 +181,11 @@ impl ZygoteSpawner {
         if state.failures >= MAX_FAILURES {
             return None;
         }
-        if state.zygote.as_ref().is_some_and(|z| has_exited(&z.child)) {
+        if state
+            .zygote
+            .as_ref()
+            .is_some_and(|z| crate::workload::supervise::has_exited(&z.child.pidfd))
+        {
             warn!("the cell init zygote has exited; starting another");
             state.zygote = None;
         }
@@ -204,7 +203,7 @@ impl ZygoteSpawner {
         // Whether the zygote answered (so is still there to ask again).
         let mut answered = false;
         let asked = self.reaper.spawn(|| {
-            send_json(&z.sock, &fork, &[report, leaf]).map_err(SpawnError::Setup)?;
+            fdpass::send_json(&z.sock, &fork, &[report, leaf]).map_err(SpawnError::Setup)?;
             let mut buf = vec![0u8; MAX_MESSAGE];
             let got = fdpass::recv(&z.sock, &mut buf).map_err(SpawnError::Setup)?;
             let fds = fdpass::owned(&got.fds);
@@ -256,13 +255,6 @@ impl State {
             why
         }
     }
-}
-
-/// Whether `child` has exited (its pidfd is readable then), without waiting.
-fn has_exited(child: &Child) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut fds = [PollFd::new(child.pidfd.as_fd(), PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// The comma list of an init request the zygote can make exactly as the exec would: a

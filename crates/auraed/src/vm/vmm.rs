@@ -177,8 +177,7 @@ pub fn send_with_fds<T: Serialize>(
     if fds.len() > MAX_FDS {
         return Err(std::io::Error::other(format!("more than {MAX_FDS} fds")));
     }
-    let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    crate::workload::fdpass::send(fd, &bytes, fds)
+    crate::workload::fdpass::send_json(fd, msg, fds)
 }
 
 /// One message and the fds that came with it (close-on-exec), or `None` at end of stream.

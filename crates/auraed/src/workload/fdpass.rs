@@ -32,6 +32,16 @@ pub fn send(sock: &impl AsRawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> 
     }
 }
 
+/// Sends `msg` as JSON with `fds` attached (see [`send`]).
+pub fn send_json(
+    sock: &impl AsRawFd,
+    msg: &impl serde::Serialize,
+    fds: &[RawFd],
+) -> io::Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    send(sock, &bytes, fds)
+}
+
 /// What one message brought: its length in the buffer, the fds (raw, ours to close), and
 /// whether the message or its fds were cut short.
 #[derive(Debug, Default)]
