@@ -996,6 +996,14 @@ fn ppid_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
+/// Whether process `pid` exists and is not a zombie.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
+
 /// The running (not zombie) children of `parent` that are a cell init zygote.
 fn zygotes_of(parent: i32) -> Vec<i32> {
     let mut found = Vec::new();
@@ -1003,13 +1011,9 @@ fn zygotes_of(parent: i32) -> Vec<i32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let running = state
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'));
         // (Its inits have its argv too, but their own name.)
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if running
+        if running(pid)
             && comm == "aurae-zygote\n"
             && ppid_of(pid) == Some(parent)
             && argv_of(pid).get(1).map(String::as_str) == Some(auraed::cell::zygote::ZYGOTE_ARG)
@@ -1136,15 +1140,10 @@ async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
     let last = now[0];
     d.crash_and_restart().await.unwrap();
     let t = Instant::now();
-    let gone = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
-        })
-    };
-    while !gone(last) && t.elapsed() < Duration::from_secs(5) {
+    while running(last) && t.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(gone(last), "the zygote outlived its auraed");
+    assert!(!running(last), "the zygote outlived its auraed");
     // The restarted auraed serves the cells again and forks new inits from its own.
     let c = d.client("admin").await.unwrap();
     allocate(&c, "z7").await;
