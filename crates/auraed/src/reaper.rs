@@ -61,11 +61,25 @@ impl Reaper {
         })
     }
 
-    /// Reaps every exited child; returns how many were orphans.
+    /// Reaps every exited child; returns how many were orphans. Waits for spawns in
+    /// flight (they hold the gate until their child is tracked).
     pub fn reap(&self) -> u64 {
-        let Ok(_gate) = self.gate.write() else {
+        let Ok(gate) = self.gate.write() else {
             return 0;
         };
+        self.reap_gated(gate)
+    }
+
+    /// [`Reaper::reap`] if no spawn is in flight; `None` (nothing done) if one is.
+    fn try_reap(&self) -> Option<u64> {
+        match self.gate.try_write() {
+            Ok(gate) => Some(self.reap_gated(gate)),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(_)) => Some(0),
+        }
+    }
+
+    fn reap_gated(&self, _gate: std::sync::RwLockWriteGuard<'_, ()>) -> u64 {
         let mut orphans = 0;
         loop {
             let child = match pidfd::peek_exited_child() {
@@ -134,10 +148,22 @@ impl Reaper {
                 }
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
-            // On this worker (its other tasks handed on): a trip through the blocking pool
-            // and back was two more cross-thread wake-ups between a child's exit and
-            // whoever waits for it.
-            off_runtime(|| self.reap());
+            // Here on this worker when no spawn is in flight (nearly always: a reap is a
+            // few non-blocking `waitid`s): a trip through the blocking pool and back was
+            // two more cross-thread wake-ups between a child's exit and whoever waits for
+            // it. Otherwise the blocking pool waits for the spawn, not this worker (a
+            // cell init's spawn can wait seconds for the zygote). Never `block_in_place`:
+            // a task in it goes on after its runtime has shut down, and its next timer
+            // panics ("context being shutdown"); awaited here, it is dropped instead.
+            if self.try_reap().is_none() {
+                let me = self.clone();
+                if tokio::task::spawn_blocking(move || me.reap())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
         }
     }
 }
