@@ -132,6 +132,9 @@ pub struct ContainerSetup<'a> {
     /// Paths made read-only.
     pub read_only_paths: &'a [CString],
     pub read_only_root: bool,
+    /// Where the overlay's upper layer lives when it is not a directory on the host's
+    /// disk (a read-only root): see [`UpperInMemory`].
+    pub upper_in_memory: Option<UpperInMemory<'a>>,
     /// The working directory (absolute, normalised).
     pub workdir: &'a CStr,
     /// Capabilities kept (bit n = capability n) in the bounding, permitted and effective
@@ -148,6 +151,24 @@ pub struct ContainerSetup<'a> {
     /// the same capability sets, `no_new_privs`, working directory and seccomp filters.
     pub enter: bool,
 }
+
+/// A read-only root's upper layer, kept in memory: a small tmpfs mounted on
+/// `mount_point` in the child's own mount namespace (the host never sees it), with the
+/// overlay's `upper` and `work` directories (named in the overlay options) made in it. It
+/// takes only what the set-up makes before the root turns read-only — mount points, the
+/// working directory — and goes with the container's mount namespace: nothing of it is
+/// written to the host's disk or left there, and the overlay's unmount has no upper
+/// filesystem to sync.
+#[derive(Debug, Clone, Copy)]
+pub struct UpperInMemory<'a> {
+    pub mount_point: &'a CStr,
+    pub upper: &'a CStr,
+    pub work: &'a CStr,
+}
+
+/// The in-memory upper layer's tmpfs: room for mount points and a working directory, not
+/// for files (the root is read-only once set up).
+const UPPER_IN_MEMORY_OPTIONS: &CStr = c"size=1m,nr_inodes=4096,mode=0755";
 
 /// Steps of the container set-up, as reported by a failing child.
 pub const STEPS: [&str; 19] = [
@@ -425,6 +446,19 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
         if c.volumes.len() > MAX_VOLUMES {
             *libc::__errno_location() = libc::E2BIG;
             return Err(step(1));
+        }
+        // A read-only root's upper layer, in memory (reported as the overlay's step).
+        if let Some(u) = &c.upper_in_memory
+            && (!mount(
+                Some(c"tmpfs"),
+                u.mount_point,
+                Some(c"tmpfs"),
+                NOSUID | NODEV,
+                Some(UPPER_IN_MEMORY_OPTIONS),
+            ) || libc::mkdir(u.upper.as_ptr(), 0o755) < 0
+                || libc::mkdir(u.work.as_ptr(), 0o755) < 0)
+        {
+            return Err(step(3));
         }
         // The image root. Relative lower dirs resolve against our working directory.
         if libc::chdir(c.layers_dir.as_ptr()) < 0

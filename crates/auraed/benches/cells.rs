@@ -15,7 +15,8 @@
 //!   `AURAE_BENCH_SPAN_MS`, default 3000, per contender).
 //! - B2 and B3 also in one call (RunCell with `run {wait, remove}`, a plain process or the
 //!   image): the `--rm` path, the same single user action as `crun run` (targets 0.3× /
-//!   0.7× crun).
+//!   0.7× crun). B3's one call is also run with a read-only root, as the peers' bundle
+//!   has (the container's upper layer then lives in memory, in its mount namespace).
 //!
 //! `AURAE_BENCH_POOL=N` sets auraed's `--cell-pool` (default: auraed's own). Each of
 //! auraed's B2/B3 arms is followed by a short pause ([`SETTLE`]) so the pool's refill runs
@@ -564,6 +565,7 @@ async fn run() {
         .ok();
     let mut run_cell_t = Vec::new();
     let (mut one3_t, mut one3_fails) = (Vec::new(), 0);
+    let (mut one3_ro_t, mut one3_ro_fails) = (Vec::new(), 0);
     let mut phases: [Vec<Duration>; 3] = Default::default();
     let mut b3_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut fails3 = 0;
@@ -629,9 +631,29 @@ async fn run() {
             .await
             .is_ok_and(|r| exited_zero(r.get_ref()));
         let dt1 = t1.elapsed();
+        tokio::time::sleep(SETTLE).await;
+        // The same with a read-only root, as crun's bundle is (its upper layer in memory).
+        let t2 = Instant::now();
+        let ok2 = c
+            .runtime()
+            .run_cell(pb::Cell {
+                name: format!("p{i}"),
+                container: Some(pb::Container {
+                    image: image.clone(),
+                    read_only_root: true,
+                    ..Default::default()
+                }),
+                run: Some(one_call()),
+                ..Default::default()
+            })
+            .await
+            .is_ok_and(|r| exited_zero(r.get_ref()));
+        let dt2 = t2.elapsed();
         if i >= warm2 {
             one3_t.push(dt1);
             one3_fails += usize::from(!ok1);
+            one3_ro_t.push(dt2);
+            one3_ro_fails += usize::from(!ok2);
         }
         if i >= warm2 {
             run_cell_t.push(dt);
@@ -648,12 +670,21 @@ async fn run() {
     println!("B3: RunCell (cached busybox image, /bin/true) + wait + free");
     let m3 = report("  aurae RunCell+wait+free", &run_cell_t, fails3);
     let m31 = report("  aurae one call (RunCell run)", &one3_t, one3_fails);
+    let m32 = report(
+        "  aurae one call, read-only root",
+        &one3_ro_t,
+        one3_ro_fails,
+    );
     for (p, what) in phases.iter().zip(["RunCell", "Wait", "Free"]) {
         report(&format!("    of which {what}"), p, 0);
     }
     let b3_medians = b3_peers.report(m3, 0.7);
     if let Some(crun) = b3_medians.first() {
         println!("  ratio one call/crun = {:.2} (target <= 0.7)", m31 / crun);
+        println!(
+            "  ratio one call, read-only root/crun = {:.2} (target <= 0.7; crun's root is read-only too)",
+            m32 / crun
+        );
     }
     for (p, (tool, b2)) in b3_medians.iter().zip(tools.iter().zip(&peer_medians)) {
         println!("  (B3 {tool} median {p:.3} ms; in B2 it was {b2:.3} ms)");

@@ -753,6 +753,64 @@ async fn image_user_read_only_root_and_bad_input() {
     );
     assert!(out.contains("Read-only file system"), "{out}");
     assert!(out.contains("ro"), "{out}");
+    // A read-only root's upper layer is in memory, in the container's own mount
+    // namespace: the working directory it had to make is there, the root stays read-only,
+    // and nothing is written on the host (its `upper` is an empty mount point there, no
+    // `work`, no mount under it in the host's namespace); freed, nothing is left.
+    let mut ro = e.container(
+        "pwd; grep -c ' / / .*upperdir=[^,]*/upper/u,' /proc/self/mountinfo; touch /srv/app/f || echo ro-ok; sleep 60",
+    );
+    ro.read_only_root = true;
+    ro.working_dir = "/srv/app".into();
+    let st =
+        e.c.runtime()
+            .run_cell(pb::Cell {
+                name: "ro-mem".into(),
+                container: Some(ro),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let exe = st.executables[0].name.clone();
+    let mut out = String::new();
+    for _ in 0..100 {
+        out = workload::logs(&e.c, "ro-mem", &exe, false).await.unwrap();
+        if out.contains("ro-ok") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert!(lines.contains(&"/srv/app"), "{out}");
+    assert!(
+        lines.contains(&"1"),
+        "the root's upper layer in memory: {out}"
+    );
+    assert!(
+        out.contains("Read-only file system") && lines.contains(&"ro-ok"),
+        "{out}"
+    );
+    let dirs: Vec<std::path::PathBuf> = std::fs::read_dir(e.d.dir.path().join("state/containers"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let upper = dirs[0].join("upper");
+    assert_eq!(std::fs::read_dir(&upper).unwrap().count(), 0, "{upper:?}");
+    assert!(!dirs[0].join("work").exists());
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mounts.contains(&dirs[0].to_string_lossy().into_owned()),
+        "{host_mounts}"
+    );
+    e.c.cells()
+        .free(pb::NameRef {
+            name: "ro-mem".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(e.containers_left(), 0);
     // Bad input: each a precise error, no cell left, no container directory left.
     let cases: Vec<(&str, pb::Container, Code, &str)> = vec![
         (

@@ -543,8 +543,31 @@ async fn a_container_is_readopted_after_a_crash() {
         .into_inner();
     let name = st.executables[0].name.clone();
     let pid = st.executables[0].pid;
+    // Beside it a read-only root, whose upper layer is in memory in its own mount
+    // namespace (its working directory was made there): a crash of auraed does not touch it.
+    let ro = c
+        .runtime()
+        .run_executable(pb::Executable {
+            cell: "web".into(),
+            name: "ro".into(),
+            container: Some(pb::Container {
+                image: image.clone(),
+                entrypoint: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "while [ -d /srv/ro ]; do echo ro-alive; sleep 0.05; done; echo ro-gone".into(),
+                ],
+                working_dir: "/srv/ro".into(),
+                read_only_root: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(files_in(&state.join("containers")).len(), 1);
+    assert_eq!(files_in(&state.join("containers")).len(), 2);
     d.crash_and_restart_after(Duration::from_secs(1))
         .await
         .unwrap();
@@ -554,9 +577,12 @@ async fn a_container_is_readopted_after_a_crash() {
     assert!(alive(pid));
     assert_eq!(
         files_in(&state.join("containers")).len(),
-        1,
-        "its root was kept"
+        2,
+        "their roots were kept"
     );
+    let s = status(&c, "web", "ro").await;
+    assert_eq!(s.phase, pb::Phase::Running as i32, "{s:?}");
+    assert!(alive(ro.pid));
     // Its files are its own still (the upper directory survived), and a sidecar starts
     // in the re-adopted cell.
     c.runtime()
@@ -577,6 +603,11 @@ async fn a_container_is_readopted_after_a_crash() {
     let ticks = out.lines().filter(|l| l.starts_with("tick ")).count();
     println!("container across a crash: running, {ticks} ticks in its log");
     assert!(ticks > 15, "{out}");
+    let out = workload::logs(&c, "web", "ro", false).await.unwrap();
+    assert!(
+        out.lines().filter(|l| *l == "ro-alive").count() > 15 && !out.contains("ro-gone"),
+        "{out}"
+    );
     // Removing the image while the container runs keeps its layers (pinned again).
     c.images()
         .remove(pb::RemoveImageRequest {
@@ -590,7 +621,7 @@ async fn a_container_is_readopted_after_a_crash() {
         "the running container's layer was garbage-collected"
     );
     free(&c, "web").await;
-    assert!(!alive(pid));
+    assert!(!alive(pid) && !alive(ro.pid));
     assert!(files_in(&state.join("containers")).is_empty());
 }
 

@@ -202,6 +202,7 @@ impl Cells {
                 masked: &[],
                 read_only_paths: &[],
                 read_only_root: false,
+                upper_in_memory: None,
                 workdir: c"/",
                 capabilities: crate::container::DEFAULT_CAPABILITIES,
                 seccomp: crate::container::seccomp::default_filters()

@@ -198,8 +198,11 @@ impl Cells {
                 let init = cell2.init.as_ref();
                 let args = match &container {
                     Some(plan) => {
-                        let r =
-                            crate::container::Rootfs::create(&containers_dir, plan.pin.clone())?;
+                        let r = crate::container::Rootfs::create(
+                            &containers_dir,
+                            plan.pin.clone(),
+                            plan.read_only_root,
+                        )?;
                         let dirs = plan
                             .cell_dirs
                             .iter()

@@ -4,7 +4,9 @@
 //! started with three more things:
 //! - a root: an overlay of the image's shared, read-only layer directories with a private
 //!   upper directory under `<state>/containers/<id>` (removed when the executable is
-//!   freed), mounted in a mount namespace of the container's own, then `pivot_root`;
+//!   freed) — for a read-only root, an upper layer in memory instead, mounted in the
+//!   container's namespace on that directory (`aurae_sys::container::UpperInMemory`) —,
+//!   mounted in a mount namespace of the container's own, then `pivot_root`;
 //! - the usual container hardening: fresh `/proc`, minimal `/dev`, read-only `/sys`,
 //!   [`MASKED`] and [`READ_ONLY`] paths, capabilities cut to [`DEFAULT_CAPABILITIES`]
 //!   (inheritable and ambient empty), `no_new_privs`, the [`seccomp`] allowlist;
@@ -416,10 +418,14 @@ impl Rootfs {
     }
 
     /// Creates `<containers_dir>/<id>/{upper,work,rootfs}` (0700 at the top: the upper
-    /// directory holds the container's files with the container's owners and modes).
+    /// directory holds the container's files with the container's owners and modes). For
+    /// a read-only root (`upper_in_memory`) `upper` stays empty on the host — the
+    /// container's own mount namespace mounts its in-memory upper layer on it — and there
+    /// is no `work`.
     pub fn create(
         containers_dir: &Path,
         pin: Arc<crate::image::store::Pin>,
+        upper_in_memory: bool,
     ) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = containers_dir.join(uuid::Uuid::new_v4().simple().to_string());
@@ -428,7 +434,12 @@ impl Rootfs {
             .mode(0o700)
             .create(&dir)?;
         let me = Self { dir, _pin: pin };
-        for d in ["upper", "work", "rootfs"] {
+        let dirs: &[&str] = if upper_in_memory {
+            &["upper", "rootfs"]
+        } else {
+            &["upper", "work", "rootfs"]
+        };
+        for d in dirs {
             std::fs::DirBuilder::new()
                 .mode(0o755)
                 .create(me.dir.join(d))?;
@@ -503,6 +514,8 @@ pub struct Args {
     workdir: CString,
     program: Vec<CString>,
     read_only_root: bool,
+    /// A read-only root's in-memory upper layer: its mount point, `upper`, `work`.
+    upper_in_memory: Option<[CString; 3]>,
 }
 
 /// Largest overlay option string (one page for mount(2)).
@@ -511,8 +524,14 @@ const MAX_OVERLAY_OPTIONS: usize = 4000;
 impl Args {
     /// `cell_dirs`: the plan's cell directories opened (`O_PATH`), in its order.
     pub fn new(plan: &Plan, rootfs: &Rootfs, cell_dirs: &[OwnedFd]) -> Result<Self, WorkloadError> {
-        let upper = rootfs.path().join("upper");
-        let work = rootfs.path().join("work");
+        // A read-only root takes only mount points before it turns read-only: its upper
+        // layer is a tmpfs the child mounts on `upper` (see `UpperInMemory`).
+        let (upper, work) = if plan.read_only_root {
+            let m = rootfs.path().join("upper");
+            (m.join("u"), m.join("w"))
+        } else {
+            (rootfs.path().join("upper"), rootfs.path().join("work"))
+        };
         for p in [&upper, &work] {
             let s = p.to_string_lossy();
             if s.contains([',', ':']) {
@@ -684,6 +703,15 @@ impl Args {
                 .map(|p| cstr(p))
                 .collect::<Result<_, _>>()?,
             read_only_root: plan.read_only_root,
+            upper_in_memory: if plan.read_only_root {
+                Some([
+                    cstr(&rootfs.path().join("upper"))?,
+                    cstr(&upper)?,
+                    cstr(&work)?,
+                ])
+            } else {
+                None
+            },
         })
     }
 
@@ -700,6 +728,13 @@ impl Args {
             masked: &self.masked,
             read_only_paths: &self.read_only,
             read_only_root: self.read_only_root,
+            upper_in_memory: self.upper_in_memory.as_ref().map(|[m, u, w]| {
+                aurae_sys::container::UpperInMemory {
+                    mount_point: m,
+                    upper: u,
+                    work: w,
+                }
+            }),
             workdir: &self.workdir,
             capabilities: DEFAULT_CAPABILITIES,
             seccomp: seccomp::default_filters().map_err(WorkloadError::Precondition)?,
