@@ -495,7 +495,7 @@ async fn remove_is_done_by_a_restarted_auraed() {
         .run_executable(pb::Executable {
             cell: "keep".into(),
             name: "settling".into(),
-            argv: sh("sleep 3 & exit 3"),
+            argv: sh("sleep 6 & exit 3"),
             run: run(false, true, false, None),
             ..Default::default()
         })
@@ -534,6 +534,15 @@ async fn remove_is_done_by_a_restarted_auraed() {
         .await
         .unwrap();
     let c = d.client("admin").await.unwrap();
+    // Its end is known as it was (its free waits up to 2 s for the output to settle): not
+    // taken as ended while auraed was down, without a status.
+    let s = c
+        .executables()
+        .get(settling.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&s), Some(3), "its exit kept across the crash: {s:?}");
     assert!(
         gone_within(&c, "down", Duration::from_secs(5)).await,
         "ended while down"

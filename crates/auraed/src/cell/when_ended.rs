@@ -33,6 +33,13 @@ impl Cells {
         tokio::spawn(async move {
             exe.wait(None).await;
             let mut updates = exe.log.subscribe();
+            // Its output still open (a child of it holds it): the free waits for it, so
+            // its end is recorded now. An executable freed at its end writes no exit
+            // record (the free comes at once), and a restart in this wait would take it as
+            // ended while auraed was down: a second Exited, its status lost.
+            if free.is_some() && !updates.borrow().1 {
+                exe.write_record(&me.recorder);
+            }
             let _ =
                 tokio::time::timeout(OUTPUT_SETTLE, updates.wait_for(|(_, closed)| *closed)).await;
             let freed = match free {
