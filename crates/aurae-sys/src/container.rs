@@ -154,7 +154,8 @@ pub struct ContainerSetup<'a> {
 
 /// A read-only root's upper layer, kept in memory: a small tmpfs mounted on
 /// `mount_point` in the child's own mount namespace (the host never sees it), with the
-/// overlay's `upper` and `work` directories (named in the overlay options) made in it. It
+/// overlay's `upper` and `work` directories (named in the overlay options) and the
+/// overlay's mount point ([`ContainerSetup::rootfs`]) made in it. It
 /// takes only what the set-up makes before the root turns read-only — mount points, the
 /// working directory — and goes with the container's mount namespace: nothing of it is
 /// written to the host's disk or left there, and the overlay's unmount has no upper
@@ -456,7 +457,8 @@ pub(crate) unsafe fn setup_root(c: &ContainerSetup<'_>) -> Result<(), Failure> {
                 NOSUID | NODEV,
                 Some(UPPER_IN_MEMORY_OPTIONS),
             ) || libc::mkdir(u.upper.as_ptr(), 0o755) < 0
-                || libc::mkdir(u.work.as_ptr(), 0o755) < 0)
+                || libc::mkdir(u.work.as_ptr(), 0o755) < 0
+                || libc::mkdir(c.rootfs.as_ptr(), 0o755) < 0)
         {
             return Err(step(3));
         }

@@ -5,7 +5,8 @@
 //! - a root: an overlay of the image's shared, read-only layer directories with a private
 //!   upper directory under `<state>/containers/<id>` (removed when the executable is
 //!   freed) — for a read-only root, an upper layer in memory instead, mounted in the
-//!   container's namespace on that directory (`aurae_sys::container::UpperInMemory`) —,
+//!   container's namespace over that (then empty) directory
+//!   (`aurae_sys::container::UpperInMemory`) —,
 //!   mounted in a mount namespace of the container's own, then `pivot_root`;
 //! - the usual container hardening: fresh `/proc`, minimal `/dev`, read-only `/sys`,
 //!   [`MASKED`] and [`READ_ONLY`] paths, capabilities cut to [`DEFAULT_CAPABILITIES`]
@@ -419,9 +420,9 @@ impl Rootfs {
 
     /// Creates `<containers_dir>/<id>/{upper,work,rootfs}` (0700 at the top: the upper
     /// directory holds the container's files with the container's owners and modes). For
-    /// a read-only root (`upper_in_memory`) `upper` stays empty on the host — the
-    /// container's own mount namespace mounts its in-memory upper layer on it — and there
-    /// is no `work`.
+    /// a read-only root (`upper_in_memory`) only `<id>`, which stays empty on the host
+    /// but for the files given to the container: its own mount namespace mounts its
+    /// in-memory upper layer over it, with the overlay's directories in that.
     pub fn create(
         containers_dir: &Path,
         pin: Arc<crate::image::store::Pin>,
@@ -435,7 +436,7 @@ impl Rootfs {
             .create(&dir)?;
         let me = Self { dir, _pin: pin };
         let dirs: &[&str] = if upper_in_memory {
-            &["upper", "rootfs"]
+            &[]
         } else {
             &["upper", "work", "rootfs"]
         };
@@ -514,7 +515,8 @@ pub struct Args {
     workdir: CString,
     program: Vec<CString>,
     read_only_root: bool,
-    /// A read-only root's in-memory upper layer: its mount point, `upper`, `work`.
+    /// A read-only root's in-memory upper layer: its mount point (the container's
+    /// directory), `upper`, `work`.
     upper_in_memory: Option<[CString; 3]>,
 }
 
@@ -525,12 +527,13 @@ impl Args {
     /// `cell_dirs`: the plan's cell directories opened (`O_PATH`), in its order.
     pub fn new(plan: &Plan, rootfs: &Rootfs, cell_dirs: &[OwnedFd]) -> Result<Self, WorkloadError> {
         // A read-only root takes only mount points before it turns read-only: its upper
-        // layer is a tmpfs the child mounts on `upper` (see `UpperInMemory`).
-        let (upper, work) = if plan.read_only_root {
-            let m = rootfs.path().join("upper");
-            (m.join("u"), m.join("w"))
+        // layer is a tmpfs the child mounts over the container's directory, with the
+        // overlay's directories and mount point in it (see `UpperInMemory`).
+        let m = rootfs.path();
+        let (upper, work, root) = if plan.read_only_root {
+            (m.join("u"), m.join("w"), m.join("r"))
         } else {
-            (rootfs.path().join("upper"), rootfs.path().join("work"))
+            (m.join("upper"), m.join("work"), m.join("rootfs"))
         };
         for p in [&upper, &work] {
             let s = p.to_string_lossy();
@@ -688,7 +691,7 @@ impl Args {
             layers_dir: cstr(&plan.layers_dir)?,
             overlay: CString::new(overlay)
                 .map_err(|_| WorkloadError::Precondition("overlay options contain NUL".into()))?,
-            rootfs: cstr(&rootfs.path().join("rootfs"))?,
+            rootfs: cstr(&root)?,
             volumes,
             _volume_trees: volume_trees,
             volume_names,
@@ -704,11 +707,7 @@ impl Args {
                 .collect::<Result<_, _>>()?,
             read_only_root: plan.read_only_root,
             upper_in_memory: if plan.read_only_root {
-                Some([
-                    cstr(&rootfs.path().join("upper"))?,
-                    cstr(&upper)?,
-                    cstr(&work)?,
-                ])
+                Some([cstr(rootfs.path())?, cstr(&upper)?, cstr(&work)?])
             } else {
                 None
             },
