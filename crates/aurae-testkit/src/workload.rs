@@ -57,6 +57,15 @@ pub async fn logs(
     collect(s.into_inner()).await
 }
 
+/// The executable's status (`Executables/Get`).
+pub async fn status(
+    c: &Client,
+    cell: &str,
+    name: &str,
+) -> Result<pb::ExecutableStatus, tonic::Status> {
+    Ok(c.executables().get(exe_ref(cell, name)).await?.into_inner())
+}
+
 /// The executable's whole output (stdout and stderr interleaved), once its output ends.
 pub async fn output(c: &Client, cell: &str, name: &str) -> Result<String, tonic::Status> {
     logs(c, cell, name, true).await

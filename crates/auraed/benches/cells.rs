@@ -105,6 +105,21 @@ fn one_call() -> pb::RunOptions {
     }
 }
 
+/// A new cell `name` running `image` (its own command) in one call, its root read-only
+/// or not.
+fn one_call_image(name: String, image: &str, read_only_root: bool) -> pb::Cell {
+    pb::Cell {
+        name,
+        container: Some(pb::Container {
+            image: image.to_owned(),
+            read_only_root,
+            ..Default::default()
+        }),
+        run: Some(one_call()),
+        ..Default::default()
+    }
+}
+
 /// A new cell `name` running `/bin/true` in one call.
 fn one_call_true(name: String) -> pb::Cell {
     pb::Cell {
@@ -619,15 +634,7 @@ async fn run() {
         let t1 = Instant::now();
         let ok1 = c
             .runtime()
-            .run_cell(pb::Cell {
-                name: format!("q{i}"),
-                container: Some(pb::Container {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                run: Some(one_call()),
-                ..Default::default()
-            })
+            .run_cell(one_call_image(format!("q{i}"), &image, false))
             .await
             .is_ok_and(|r| exited_zero(r.get_ref()));
         let dt1 = t1.elapsed();
@@ -636,16 +643,7 @@ async fn run() {
         let t2 = Instant::now();
         let ok2 = c
             .runtime()
-            .run_cell(pb::Cell {
-                name: format!("p{i}"),
-                container: Some(pb::Container {
-                    image: image.clone(),
-                    read_only_root: true,
-                    ..Default::default()
-                }),
-                run: Some(one_call()),
-                ..Default::default()
-            })
+            .run_cell(one_call_image(format!("p{i}"), &image, true))
             .await
             .is_ok_and(|r| exited_zero(r.get_ref()));
         let dt2 = t2.elapsed();

@@ -94,11 +94,9 @@ async fn free(c: &Client, name: &str) {
 }
 
 async fn status(c: &Client, cell: &str, name: &str) -> pb::ExecutableStatus {
-    c.executables()
-        .get(workload::exe_ref(cell, name))
+    workload::status(c, cell, name)
         .await
         .unwrap_or_else(|e| panic!("{cell}/{name}: {e:?}"))
-        .into_inner()
 }
 
 /// 50 cells (quiet, chatty, nested, one whose process dies while auraed is down):

@@ -503,12 +503,9 @@ async fn remove_is_done_by_a_restarted_auraed() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let settling = aurae_testkit::workload::exe_ref("keep", "settling");
-    let s = c
-        .executables()
-        .get(settling.clone())
+    let s = aurae_testkit::workload::status(&c, "keep", "settling")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(code(&s), Some(3), "ended, its free waiting for its output");
     // Ends after the restart: a cell, and an executable in a kept cell.
     start_cell(&c, "later", "sleep 2", true).await;
@@ -536,12 +533,9 @@ async fn remove_is_done_by_a_restarted_auraed() {
     let c = d.client("admin").await.unwrap();
     // Its end is known as it was (its free waits up to 2 s for the output to settle): not
     // taken as ended while auraed was down, without a status.
-    let s = c
-        .executables()
-        .get(settling.clone())
+    let s = aurae_testkit::workload::status(&c, "keep", "settling")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(code(&s), Some(3), "its exit kept across the crash: {s:?}");
     assert!(
         gone_within(&c, "down", Duration::from_secs(5)).await,

@@ -707,7 +707,7 @@ impl Args {
                 .collect::<Result<_, _>>()?,
             read_only_root: plan.read_only_root,
             upper_in_memory: if plan.read_only_root {
-                Some([cstr(rootfs.path())?, cstr(&upper)?, cstr(&work)?])
+                Some([cstr(m)?, cstr(&upper)?, cstr(&work)?])
             } else {
                 None
             },

@@ -282,21 +282,27 @@ mod tests {
 
     /// Runs `prog` on a seccomp_data (arch, nr, arg0) as the kernel would.
     fn run(prog: &[BpfInstruction], arch: u32, nr: libc::c_long, arg0: u64) -> u32 {
+        exec(prog, arch, nr, arg0).0
+    }
+
+    /// [`run`]'s verdict and how many instructions it took.
+    fn exec(prog: &[BpfInstruction], arch: u32, nr: libc::c_long, arg0: u64) -> (u32, usize) {
         let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&(nr as u32).to_le_bytes());
         data[4..8].copy_from_slice(&arch.to_le_bytes());
         data[16..24].copy_from_slice(&arg0.to_le_bytes());
-        let (mut a, mut pc) = (0u32, 0usize);
+        let (mut a, mut pc, mut n) = (0u32, 0usize, 0usize);
         loop {
             let i = prog[pc];
             pc += 1;
+            n += 1;
             match i.code {
                 LD_W_ABS => {
                     let o = i.k as usize;
                     a = u32::from_le_bytes(data[o..o + 4].try_into().unwrap());
                 }
                 AND_K => a &= i.k,
-                RET_K => return i.k,
+                RET_K => return (i.k, n),
                 JEQ_K | JGE_K => {
                     let hit = if i.code == JEQ_K { a == i.k } else { a >= i.k };
                     pc += usize::from(if hit { i.jt } else { i.jf });
@@ -425,37 +431,13 @@ mod tests {
             } else {
                 eperm
             };
-            assert_eq!(run(p, AUDIT_ARCH_X86_64, nr, 0), want, "syscall {n}");
-            longest = longest.max(steps(p, nr));
+            let (got, took) = exec(p, AUDIT_ARCH_X86_64, nr, 0);
+            assert_eq!(got, want, "syscall {n}");
+            longest = longest.max(took);
         }
         assert!(longest <= 40, "{longest} instructions for one syscall");
         // The ranges: disjoint, sorted, each a run of consecutive numbers.
         assert_eq!(ranges(&[1, 2, 3, 5, 7, 8]), vec![(1, 3), (5, 5), (7, 8)]);
         assert_eq!(ranges(&[]), vec![]);
-    }
-
-    /// How many instructions `prog` runs for syscall `nr` (x86_64, argument 0).
-    fn steps(prog: &[BpfInstruction], nr: libc::c_long) -> usize {
-        let (mut pc, mut a, mut n) = (0usize, 0u32, 0);
-        loop {
-            let i = prog[pc];
-            pc += 1;
-            n += 1;
-            match i.code {
-                LD_W_ABS => {
-                    a = match i.k {
-                        OFF_NR => nr as u32,
-                        OFF_ARCH => AUDIT_ARCH_X86_64,
-                        _ => 0,
-                    }
-                }
-                AND_K => a &= i.k,
-                RET_K => return n,
-                _ => {
-                    let hit = if i.code == JEQ_K { a == i.k } else { a >= i.k };
-                    pc += usize::from(if hit { i.jt } else { i.jf });
-                }
-            }
-        }
     }
 }
