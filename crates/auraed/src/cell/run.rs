@@ -201,6 +201,8 @@ impl Cells {
                         let r = crate::container::Rootfs::create(
                             &containers_dir,
                             plan.pin.clone(),
+                            // A read-only root takes only mount points before it turns
+                            // read-only: its upper layer can be in memory.
                             plan.read_only_root,
                         )?;
                         let dirs = plan

@@ -408,6 +408,8 @@ impl Plan {
 #[derive(Debug)]
 pub struct Rootfs {
     dir: PathBuf,
+    /// Its upper layer is in memory (a read-only root): see [`Rootfs::layout`].
+    upper_in_memory: bool,
     /// The image's layers stay out of garbage collection while the container exists.
     _pin: Arc<crate::image::store::Pin>,
 }
@@ -415,7 +417,12 @@ pub struct Rootfs {
 impl Rootfs {
     /// The directory of a container found again after an auraed restart.
     pub fn adopt(dir: PathBuf, pin: Arc<crate::image::store::Pin>) -> Self {
-        Self { dir, _pin: pin }
+        // (Its layout is not used again: the container runs already.)
+        Self {
+            dir,
+            upper_in_memory: false,
+            _pin: pin,
+        }
     }
 
     /// Creates `<containers_dir>/<id>/{upper,work,rootfs}` (0700 at the top: the upper
@@ -434,18 +441,30 @@ impl Rootfs {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        let me = Self { dir, _pin: pin };
-        let dirs: &[&str] = if upper_in_memory {
-            &[]
-        } else {
-            &["upper", "work", "rootfs"]
+        let me = Self {
+            dir,
+            upper_in_memory,
+            _pin: pin,
         };
-        for d in dirs {
-            std::fs::DirBuilder::new()
-                .mode(0o755)
-                .create(me.dir.join(d))?;
+        if !upper_in_memory {
+            let (upper, work, root) = me.layout();
+            for d in [upper, work, root] {
+                std::fs::DirBuilder::new().mode(0o755).create(d)?;
+            }
         }
         Ok(me)
+    }
+
+    /// The overlay's upper and work directories and its mount point: on the host's disk,
+    /// or (upper layer in memory) in the tmpfs the child mounts over the container's
+    /// directory (see `UpperInMemory`).
+    fn layout(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let m = &self.dir;
+        if self.upper_in_memory {
+            (m.join("u"), m.join("w"), m.join("r"))
+        } else {
+            (m.join("upper"), m.join("work"), m.join("rootfs"))
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -526,15 +545,7 @@ const MAX_OVERLAY_OPTIONS: usize = 4000;
 impl Args {
     /// `cell_dirs`: the plan's cell directories opened (`O_PATH`), in its order.
     pub fn new(plan: &Plan, rootfs: &Rootfs, cell_dirs: &[OwnedFd]) -> Result<Self, WorkloadError> {
-        // A read-only root takes only mount points before it turns read-only: its upper
-        // layer is a tmpfs the child mounts over the container's directory, with the
-        // overlay's directories and mount point in it (see `UpperInMemory`).
-        let m = rootfs.path();
-        let (upper, work, root) = if plan.read_only_root {
-            (m.join("u"), m.join("w"), m.join("r"))
-        } else {
-            (m.join("upper"), m.join("work"), m.join("rootfs"))
-        };
+        let (upper, work, root) = rootfs.layout();
         for p in [&upper, &work] {
             let s = p.to_string_lossy();
             if s.contains([',', ':']) {
@@ -706,8 +717,8 @@ impl Args {
                 .map(|p| cstr(p))
                 .collect::<Result<_, _>>()?,
             read_only_root: plan.read_only_root,
-            upper_in_memory: if plan.read_only_root {
-                Some([cstr(m)?, cstr(&upper)?, cstr(&work)?])
+            upper_in_memory: if rootfs.upper_in_memory {
+                Some([cstr(rootfs.path())?, cstr(&upper)?, cstr(&work)?])
             } else {
                 None
             },
