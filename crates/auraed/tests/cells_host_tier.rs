@@ -1151,3 +1151,112 @@ async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
     assert_eq!(zygotes_of(auraed).len(), 1);
     drop(d);
 }
+
+/// The network namespaces (`net:[…]`) a process holds open, but `except`.
+fn net_namespaces_held(pid: i32, except: &Path) -> Vec<std::path::PathBuf> {
+    let mut held: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("net:[") && l != except)
+        .collect();
+    held.sort();
+    held
+}
+
+/// A top-level cell's init is born in a network namespace its zygote made ahead (`lo`
+/// up, nothing else) when it has one: each spare serves one cell and is then no longer
+/// held, none is ever the host's, the zygote itself stays in auraed's namespace and makes
+/// the next spares; what a workload sees of its network is what a cell whose namespace was
+/// made with it sees (`a_cell_has_its_own_namespaces_with_lo_up_and_only_stdio`): `lo`
+/// alone, up, 127.0.0.1 and ::1 on it, nothing routed elsewhere (the first cell's init
+/// was most likely asked for before the new zygote had made a spare). Freed, the cells leave
+/// the zygote's spares as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
+    let Some((d, c)) = daemon(
+        "cells_are_born_in_network_namespaces_made_ahead_each_used_once",
+        DaemonOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let auraed = i32::try_from(d.pid().unwrap()).unwrap();
+    let host_net = std::fs::read_link(format!("/proc/{auraed}/ns/net")).unwrap();
+    // The first init starts the zygote.
+    allocate(&c, "n0").await;
+    let zygote = zygotes_of(auraed)[0];
+    let mut used =
+        vec![std::fs::read_link(format!("/proc/{}/ns/net", init_of(&d, "n0").unwrap())).unwrap()];
+    for i in 1..=6 {
+        let t = Instant::now();
+        let mut spares = net_namespaces_held(zygote, &host_net);
+        while spares.len() < auraed::cell::zygote::SPARE_NETS
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            spares = net_namespaces_held(zygote, &host_net);
+        }
+        assert_eq!(
+            spares.len(),
+            auraed::cell::zygote::SPARE_NETS,
+            "the zygote's spares: {spares:?}"
+        );
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{zygote}/ns/net")).unwrap(),
+            host_net,
+            "the zygote stays in auraed's network namespace"
+        );
+        for s in &spares {
+            assert!(
+                !used.contains(s),
+                "a spare ({}) a cell already had",
+                s.display()
+            );
+        }
+        let name = format!("n{i}");
+        allocate(&c, &name).await;
+        let net =
+            std::fs::read_link(format!("/proc/{}/ns/net", init_of(&d, &name).unwrap())).unwrap();
+        assert!(
+            spares.contains(&net),
+            "{name} in a spare: {} not in {spares:?}",
+            net.display()
+        );
+        assert_ne!(net, host_net);
+        assert!(!used.contains(&net), "{name} shares a namespace");
+        assert!(
+            !net_namespaces_held(zygote, &host_net).contains(&net),
+            "the zygote still holds {name}'s namespace"
+        );
+        used.push(net);
+    }
+    let script = "ls /sys/class/net; cat /sys/class/net/lo/flags; \
+                  awk '{print $1, $6}' /proc/net/if_inet6; cat /proc/net/route | wc -l; \
+                  grep -c '127.0.0.1' /proc/net/fib_trie";
+    for cell in ["n0", "n3"] {
+        run(&c, sh(cell, "net", script)).await;
+        let st = wait(&c, cell, "net").await;
+        let out = output(&c, cell, "net").await;
+        assert_eq!(code(&st), Some(0), "{out}");
+        assert_eq!(
+            out, "lo\n0x9\n00000000000000000000000000000001 lo\n1\n2\n",
+            "{cell}: lo alone, up, ::1 and 127.0.0.1 on it, no route but the header"
+        );
+    }
+    for i in 0..=6 {
+        c.cells()
+            .free(pb::NameRef {
+                name: format!("n{i}"),
+            })
+            .await
+            .unwrap();
+    }
+    let held = net_namespaces_held(zygote, &host_net);
+    assert!(held.len() <= auraed::cell::zygote::SPARE_NETS, "{held:?}");
+    for s in &held {
+        assert!(!used.contains(s), "{}", s.display());
+    }
+    drop(d);
+}
