@@ -696,6 +696,7 @@ async fn run() {
             "run timings",
             "Free timings",
             "Free remove timings",
+            "Stop timings",
             "allocate timings",
             "pool timings",
         ] {

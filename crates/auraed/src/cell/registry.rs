@@ -48,6 +48,9 @@ pub const MAX_EXECUTABLES: usize = 4096;
 pub(super) const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long free waits for a killed cell to empty.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits on a killed cell's init (on the calling worker) before it looks
+/// at `populated` as any drain does.
+const FINE_DRAIN: Duration = Duration::from_millis(5);
 
 /// What a set of cells holds (see [`Cells::usage`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -709,15 +712,18 @@ impl Cells {
         let (me, name) = (self.clone(), name.clone());
         detached("stop", async move {
             let _ops = me.lock_for(&name).await;
-            me.stop_locked(&name, grace).await
+            me.stop_locked(&name, grace, true).await
         })
         .await
     }
 
+    /// `record`: whether the stopped cells' records are written (not when they are freed
+    /// next: their records are deleted, or written after all if a removal fails).
     async fn stop_locked(
         &self,
         name: &CellName,
         grace: Duration,
+        record: bool,
     ) -> Result<Arc<Cell>, WorkloadError> {
         let tree = self.tree()?;
         let cell = self.find(name)?;
@@ -736,22 +742,43 @@ impl Cells {
                 let _ = i.pidfd.send_signal(nix::libc::SIGTERM);
             }
         }
-        let deadline = Instant::now() + grace;
+        let t0 = Instant::now();
+        let deadline = t0 + grace;
         for e in &exes {
             let left = deadline.saturating_duration_since(Instant::now());
             e.wait(Some(left)).await;
         }
+        let t_grace = t0.elapsed();
         tree.kill(name)?;
+        let t_kill = t0.elapsed();
+        if let Some(init) = &cell.init {
+            // Its exit is the drain's last step (it waits for its PID namespace to
+            // empty): seen when it happens, not at the next look at `populated`.
+            crate::workload::supervise::exits_within(&init.pidfd, FINE_DRAIN);
+        }
         if !wait_empty(tree.as_ref(), name, DRAIN_TIMEOUT).await {
             warn!(cell = %name, "cell still populated after cgroup.kill");
         }
+        let t_drain = t0.elapsed();
         for e in &exes {
             e.wait(Some(Duration::from_secs(5))).await;
         }
+        let t_exes = t0.elapsed();
         for c in &family {
             c.set_phase(Phase::Exited, "stopped");
-            self.recorder.cell(&c.record());
+            if record {
+                self.recorder.cell(&c.record());
+            }
         }
+        tracing::debug!(
+            cell = %name,
+            grace_us = t_grace.as_micros() as u64,
+            kill_us = (t_kill - t_grace).as_micros() as u64,
+            drain_us = (t_drain - t_kill).as_micros() as u64,
+            exes_us = (t_exes - t_drain).as_micros() as u64,
+            record_us = (t0.elapsed() - t_exes).as_micros() as u64,
+            "Stop timings"
+        );
         self.events
             .emit(pb::Kind::Cell, name.as_str(), pb::EventType::Stopped, "");
         Ok(cell)
@@ -799,7 +826,10 @@ impl Cells {
         let tree = self.tree()?;
         self.find(name)?;
         let t0 = Instant::now();
-        self.stop_locked(name, Duration::ZERO).await?;
+        // Its records are deleted below: a record of the stop would be a write for nothing
+        // (a crash before the deletion leaves the cell as it was recorded, ended while
+        // auraed was down, and freed by a Free again).
+        self.stop_locked(name, Duration::ZERO, false).await?;
         let t_stop = t0.elapsed();
         let mut family: Vec<CellName> = self
             .family(name)
@@ -808,37 +838,16 @@ impl Cells {
             .collect();
         // Deepest first.
         family.sort_by_key(|n| std::cmp::Reverse(n.as_str().matches('/').count()));
-        for n in family {
-            if tree.populated(&n).unwrap_or(false)
-                && !wait_empty(tree.as_ref(), &n, DRAIN_TIMEOUT).await
-            {
-                return Err(WorkloadError::Precondition(format!(
-                    "cell {:?} still has processes after cgroup.kill",
-                    n.as_str()
-                )));
+        for (i, n) in family.iter().enumerate() {
+            if let Err(e) = self.remove_stopped(tree.as_ref(), n).await {
+                // What is not removed stays, stopped: its record says so after all.
+                for left in &family[i..] {
+                    if let Ok(c) = self.find(left) {
+                        self.recorder.cell(&c.record());
+                    }
+                }
+                return Err(e);
             }
-            let t = Instant::now();
-            tree.remove(&n)?;
-            let rmdir = t.elapsed();
-            let removed = self.cells.lock().ok().and_then(|mut c| c.remove(&n));
-            for e in removed.iter().flat_map(|c| c.executables()) {
-                e.forget_record(&self.recorder);
-                e.remove_rootfs();
-            }
-            self.recorder.forget_cell(&n);
-            let records = t.elapsed() - rmdir;
-            let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
-            self.discard_dirs(&n);
-            tracing::debug!(
-                cell = %n,
-                rmdir_us = rmdir.as_micros() as u64,
-                records_us = records.as_micros() as u64,
-                files_us = (t.elapsed() - rmdir - records).as_micros() as u64,
-                "Free remove timings"
-            );
-            self.events
-                .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
-            info!(cell = %n, "cell freed");
         }
         tracing::debug!(
             cell = %name,
@@ -846,6 +855,44 @@ impl Cells {
             remove_us = (t0.elapsed() - t_stop).as_micros() as u64,
             "Free timings"
         );
+        Ok(())
+    }
+
+    /// Removes the stopped cell `n` (its children gone before it): its cgroup, records,
+    /// logs and directories.
+    async fn remove_stopped(
+        self: &Arc<Self>,
+        tree: &dyn CgroupTree,
+        n: &CellName,
+    ) -> Result<(), WorkloadError> {
+        if tree.populated(n).unwrap_or(false) && !wait_empty(tree, n, DRAIN_TIMEOUT).await {
+            return Err(WorkloadError::Precondition(format!(
+                "cell {:?} still has processes after cgroup.kill",
+                n.as_str()
+            )));
+        }
+        let t = Instant::now();
+        tree.remove(n)?;
+        let rmdir = t.elapsed();
+        let removed = self.cells.lock().ok().and_then(|mut c| c.remove(n));
+        for e in removed.iter().flat_map(|c| c.executables()) {
+            e.forget_record(&self.recorder);
+            e.remove_rootfs();
+        }
+        self.recorder.forget_cell(n);
+        let records = t.elapsed() - rmdir;
+        let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
+        self.discard_dirs(n);
+        tracing::debug!(
+            cell = %n,
+            rmdir_us = rmdir.as_micros() as u64,
+            records_us = records.as_micros() as u64,
+            files_us = (t.elapsed() - rmdir - records).as_micros() as u64,
+            "Free remove timings"
+        );
+        self.events
+            .emit(pb::Kind::Cell, n.as_str(), pb::EventType::Freed, "");
+        info!(cell = %n, "cell freed");
         Ok(())
     }
 
@@ -879,7 +926,7 @@ impl Cells {
             for n in tops.clone() {
                 let me = self.clone();
                 stops.spawn(async move {
-                    if let Err(e) = me.stop_locked(&n, grace).await {
+                    if let Err(e) = me.stop_locked(&n, grace, true).await {
                         warn!(cell = %n, "stopping on shutdown: {e}");
                     }
                 });

@@ -761,3 +761,32 @@ async fn an_executable_with_limits_gets_its_own_group() {
         .unwrap();
     assert!(!f.tree.has("web/_exe.again") && !f.tree.has("web"));
 }
+
+/// Free writes no record of its stop (the cell's records are deleted right after); when
+/// the removal fails (here: a group inside the cell's cgroup that no cell of ours is), the
+/// cell stays, stopped, and its record says so — as a Stop's would; a later Free removes
+/// it and its record.
+#[tokio::test]
+async fn a_free_that_cannot_remove_its_cell_leaves_it_recorded_as_stopped() {
+    let f = fixture();
+    let web = CellName::parse("n", "web").unwrap();
+    let stray = CellName::parse("n", "web/stray").unwrap();
+    f.cells.allocate(cell("web")).await.unwrap();
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert!(rec.stopped.is_none());
+    f.tree.create(&stray).unwrap();
+    let e = f.cells.free(&web).await.unwrap_err();
+    assert!(e.to_string().contains("child cells"), "{e}");
+    assert!(f.tree.has("web"));
+    let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
+    assert_eq!(rec.stopped.as_deref(), Some("stopped"), "{rec:?}");
+    f.tree.remove(&stray).unwrap();
+    f.cells.free(&web).await.unwrap();
+    assert!(!f.tree.has("web"));
+    assert!(
+        f.store
+            .get::<CellRecord>(kinds::CELL, "web")
+            .unwrap()
+            .is_none()
+    );
+}

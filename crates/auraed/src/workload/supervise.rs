@@ -36,6 +36,20 @@ pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
+/// Waits up to `within` (on this worker: `off_runtime`) for the process of `pidfd` to
+/// exit; whether it has.
+pub fn exits_within(pidfd: &aurae_sys::Pidfd, within: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
+    super::off_runtime(|| {
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(pidfd),
+            PollFlags::POLLIN,
+        )];
+        matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+    })
+}
+
 /// How long [`wait_empty`] looks at `populated` every [`FINE_STEP`] before it polls on
 /// tokio's timer (whose millisecond ticks would round most drains up by up to 1 ms).
 const FINE_FOR: Duration = Duration::from_millis(5);
