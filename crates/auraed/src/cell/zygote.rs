@@ -20,9 +20,11 @@
 //! ~0.37 ms over a plain fork, `lo` up not counted): the zygote keeps [`SPARE_NETS`]
 //! network namespaces made ahead (`lo` up, nothing else ever in them: unused, as a fresh
 //! one is) and forks an init that needs one into a spare instead, making the next spare
-//! once no init has been asked for in a while ([`QUIET_BEFORE_SPARE`]). Each spare serves one init, never two; the zygote's own
-//! namespace stays auraed's. A spare it cannot make costs nothing: the init is born with
-//! `CLONE_NEWNET` as before (and that clone reports what is wrong, if anything is).
+//! once no init has been asked for in a while (10 ms: made right after an init, its CPU
+//! was taken from the cell just started). Each spare serves one init, never two; the
+//! zygote's own namespace stays auraed's. A spare it cannot make costs nothing: the init
+//! is born with `CLONE_NEWNET` as before (and that clone reports what is wrong, if
+//! anything is).
 //!
 //! The zygote holds nothing of auraed's: it is exec'd fresh (no keys, no runtime, one
 //! thread), with no fds but its socket and /dev/null; what each init inherits from it is
