@@ -293,6 +293,14 @@ impl Cells {
                 return Err(e);
             }
         };
+        if let Some(r) = &rootfs
+            && let Ok(ns) = std::fs::File::open(format!("/proc/{}/ns/mnt", child.pid))
+            // Still running, so the pid was still its own when opened (not a reused
+            // one); one that has exited already took its namespace down itself.
+            && !crate::workload::supervise::has_exited(&child.pidfd)
+        {
+            r.hold_mount_namespace(ns.into());
+        }
         let mut prepared = prepared;
         if let Err(e) = prepared.take_console() {
             let _ = child.pidfd.send_signal(nix::libc::SIGKILL);
@@ -910,6 +918,8 @@ async fn supervise(
     id: String,
 ) {
     let status = exit.await.unwrap_or(ExitStatus::Signal(nix::libc::SIGKILL));
+    // A container's mounts go now, off this task (see `Rootfs::hold_mount_namespace`).
+    exe.release_mount_namespace();
     let oom_killed = status == ExitStatus::Signal(nix::libc::SIGKILL)
         && oom.is_some_and(|(tree, cell, before)| oom_kills(tree.as_ref(), &cell) > before);
     if let Some((tree, group)) = own_group {

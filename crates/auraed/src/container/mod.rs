@@ -412,6 +412,9 @@ pub struct Rootfs {
     upper_in_memory: bool,
     /// The image's layers stay out of garbage collection while the container exists.
     _pin: Arc<crate::image::store::Pin>,
+    /// The container's mount namespace, held while its process runs: see
+    /// [`Rootfs::hold_mount_namespace`].
+    mount_ns: Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>,
 }
 
 impl Rootfs {
@@ -422,6 +425,7 @@ impl Rootfs {
             dir,
             upper_in_memory: false,
             _pin: pin,
+            mount_ns: Default::default(),
         }
     }
 
@@ -445,6 +449,7 @@ impl Rootfs {
             dir,
             upper_in_memory,
             _pin: pin,
+            mount_ns: Default::default(),
         };
         if !upper_in_memory {
             let (upper, work, root) = me.layout();
@@ -470,10 +475,48 @@ impl Rootfs {
     pub fn path(&self) -> &Path {
         &self.dir
     }
+
+    /// Holds the container's mount namespace (`ns`, an fd of it) so that its process's
+    /// exit does not take it down: the last process of a mount namespace unmounts every
+    /// mount in it (the overlay, `/proc`, `/dev`, volumes: an RCU grace period and the
+    /// overlay's shutdown) before it has exited, so before its exit is seen and waited
+    /// for. Held, that is done by [`Self::release_mount_namespace`] after the exit, off
+    /// the caller's thread, or at the latest when this is dropped, before the
+    /// directories go (a mount point in use cannot be removed).
+    pub fn hold_mount_namespace(&self, ns: std::os::fd::OwnedFd) {
+        if let Ok(mut held) = self.mount_ns.lock() {
+            *held = Some(ns);
+        }
+    }
+
+    /// Lets the held mount namespace go (its mounts with it) on the blocking pool: once
+    /// the container's process has exited. Without a runtime, here and now.
+    pub fn release_mount_namespace(&self) {
+        let held = self.mount_ns.clone();
+        let release = move || {
+            // Dropped under the lock: whoever locks it next (`drop`) waits for the
+            // unmounts to be done (closing the last fd of a namespace takes it down before
+            // the close returns).
+            if let Ok(mut ns) = held.lock() {
+                drop(ns.take());
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(release);
+            }
+            Err(_) => release(),
+        }
+    }
 }
 
 impl Drop for Rootfs {
     fn drop(&mut self) {
+        // The mount namespace first, if still held (waiting for a release under way):
+        // the container's mounts are on its directories.
+        if let Ok(mut ns) = self.mount_ns.lock() {
+            drop(ns.take());
+        }
         if let Err(e) = crate::workload::tree::remove_tree(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "removing a container's directories");
         }

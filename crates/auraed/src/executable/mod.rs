@@ -109,6 +109,16 @@ pub struct Executable {
 impl Executable {
     /// Removes a container's private directories now (a free does, so that they are gone
     /// when it returns, whatever task still holds the executable a moment longer).
+    /// Lets a container's mount namespace go, once its process has exited (see
+    /// `Rootfs::hold_mount_namespace`).
+    pub fn release_mount_namespace(&self) {
+        if let Ok(r) = self.rootfs.lock()
+            && let Some(r) = r.as_ref()
+        {
+            r.release_mount_namespace();
+        }
+    }
+
     pub fn remove_rootfs(&self) {
         if let Ok(mut r) = self.rootfs.lock() {
             drop(r.take());
