@@ -29,25 +29,14 @@ pub fn namespace_ahead(home: BorrowedFd<'_>) -> Result<OwnedFd, AheadError> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(AheadError::Failed(io::Error::last_os_error()));
     }
-    let made = open_own_namespace().and_then(|fd| set_link_up("lo").map(|()| fd));
-    // SAFETY: setns on an fd the caller lends us for the call, CLONE_NEWNET only: moves
-    // only this thread back to the namespace it came from.
-    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(AheadError::Stranded(io::Error::last_os_error()));
-    }
+    let made = own_namespace().and_then(|fd| set_link_up("lo").map(|()| fd));
+    enter_namespace(home).map_err(AheadError::Stranded)?;
     made.map_err(AheadError::Failed)
 }
 
 /// An fd of the calling thread's network namespace.
-fn open_own_namespace() -> io::Result<OwnedFd> {
-    let path = c"/proc/thread-self/ns/net";
-    // SAFETY: a NUL-terminated path and flags; the result is checked below.
-    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a new fd we own exclusively.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+pub fn own_namespace() -> io::Result<OwnedFd> {
+    std::fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from)
 }
 
 /// Moves the calling thread into the network namespace `ns` (an fd of one).
@@ -352,7 +341,7 @@ mod tests {
     fn a_namespace_made_ahead_is_new_has_lo_up_and_leaves_the_thread_home() {
         // A thread of its own: the test harness's threads stay where they are.
         std::thread::spawn(|| {
-            let home = open_own_namespace().unwrap();
+            let home = own_namespace().unwrap();
             let ahead = match namespace_ahead(home.as_fd()) {
                 Err(AheadError::Failed(e)) if e.kind() == io::ErrorKind::PermissionDenied => {
                     eprintln!("SKIP a_namespace_made_ahead…: needs CAP_SYS_ADMIN ({e})");
@@ -360,14 +349,14 @@ mod tests {
                 }
                 r => r.unwrap(),
             };
-            let now = open_own_namespace().unwrap();
+            let now = own_namespace().unwrap();
             assert_eq!(inode_of(&now), inode_of(&home), "back home");
             assert_ne!(inode_of(&ahead), inode_of(&home), "a new namespace");
             let second = namespace_ahead(home.as_fd()).unwrap();
             assert_ne!(inode_of(&second), inode_of(&ahead), "each one new");
             enter_namespace(ahead.as_fd()).unwrap();
             let bound = std::net::UdpSocket::bind("127.0.0.1:0");
-            let here = open_own_namespace().unwrap();
+            let here = own_namespace().unwrap();
             enter_namespace(home.as_fd()).unwrap();
             assert_eq!(inode_of(&here), inode_of(&ahead));
             bound.expect("lo is up in the namespace made ahead");

@@ -426,6 +426,25 @@ impl Daemon {
     }
 }
 
+/// Which namespace of `kind` ("net", "mnt", …) process `pid` is in (`net:[4026…]`).
+pub fn namespace_of(pid: u32, kind: &str) -> std::io::Result<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+}
+
+/// The namespaces of `kind` process `pid` holds open as fds (`net:[…]`), sorted.
+pub fn namespaces_held(pid: u32, kind: &str) -> Vec<PathBuf> {
+    let prefix = format!("{kind}:[");
+    let mut held: Vec<PathBuf> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with(&prefix))
+        .collect();
+    held.sort();
+    held
+}
+
 /// The output holder the auraed `pid` started (its child `aurae-holder`), if any.
 pub fn holder_of(pid: u32) -> Option<i32> {
     fs::read_dir("/proc").ok()?.flatten().find_map(|e| {

@@ -1152,16 +1152,16 @@ async fn inits_come_from_one_zygote_that_is_replaced_and_ends_with_auraed() {
     drop(d);
 }
 
-/// The network namespaces (`net:[…]`) a process holds open, but `except`.
-fn net_namespaces_held(pid: i32, except: &Path) -> Vec<std::path::PathBuf> {
-    let mut held: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter(|l| l.to_string_lossy().starts_with("net:[") && l != except)
-        .collect();
-    held.sort();
+/// The network namespaces the zygote `pid` holds made ahead (its own, `home`, left out).
+fn spares_held(pid: i32, home: &Path) -> Vec<std::path::PathBuf> {
+    let mut held = aurae_testkit::namespaces_held(pid.unsigned_abs(), "net");
+    held.retain(|n| n != home);
     held
+}
+
+/// The network namespace of the init of cell `name`.
+fn init_net(d: &Daemon, name: &str) -> std::path::PathBuf {
+    aurae_testkit::namespace_of(init_of(d, name).unwrap().unsigned_abs(), "net").unwrap()
 }
 
 /// A top-level cell's init is born in a network namespace its zygote made ahead (`lo`
@@ -1183,20 +1183,19 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
         return;
     };
     let auraed = i32::try_from(d.pid().unwrap()).unwrap();
-    let host_net = std::fs::read_link(format!("/proc/{auraed}/ns/net")).unwrap();
+    let host_net = aurae_testkit::namespace_of(auraed.unsigned_abs(), "net").unwrap();
     // The first init starts the zygote.
     allocate(&c, "n0").await;
     let zygote = zygotes_of(auraed)[0];
-    let mut used =
-        vec![std::fs::read_link(format!("/proc/{}/ns/net", init_of(&d, "n0").unwrap())).unwrap()];
+    let mut used = vec![init_net(&d, "n0")];
     for i in 1..=6 {
         let t = Instant::now();
-        let mut spares = net_namespaces_held(zygote, &host_net);
+        let mut spares = spares_held(zygote, &host_net);
         while spares.len() < auraed::cell::zygote::SPARE_NETS
             && t.elapsed() < Duration::from_secs(5)
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            spares = net_namespaces_held(zygote, &host_net);
+            spares = spares_held(zygote, &host_net);
         }
         assert_eq!(
             spares.len(),
@@ -1204,7 +1203,7 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
             "the zygote's spares: {spares:?}"
         );
         assert_eq!(
-            std::fs::read_link(format!("/proc/{zygote}/ns/net")).unwrap(),
+            aurae_testkit::namespace_of(zygote.unsigned_abs(), "net").unwrap(),
             host_net,
             "the zygote stays in auraed's network namespace"
         );
@@ -1217,8 +1216,7 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
         }
         let name = format!("n{i}");
         allocate(&c, &name).await;
-        let net =
-            std::fs::read_link(format!("/proc/{}/ns/net", init_of(&d, &name).unwrap())).unwrap();
+        let net = init_net(&d, &name);
         assert!(
             spares.contains(&net),
             "{name} in a spare: {} not in {spares:?}",
@@ -1227,7 +1225,7 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
         assert_ne!(net, host_net);
         assert!(!used.contains(&net), "{name} shares a namespace");
         assert!(
-            !net_namespaces_held(zygote, &host_net).contains(&net),
+            !spares_held(zygote, &host_net).contains(&net),
             "the zygote still holds {name}'s namespace"
         );
         used.push(net);
@@ -1253,7 +1251,7 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
             .await
             .unwrap();
     }
-    let held = net_namespaces_held(zygote, &host_net);
+    let held = spares_held(zygote, &host_net);
     assert!(held.len() <= auraed::cell::zygote::SPARE_NETS, "{held:?}");
     for s in &held {
         assert!(!used.contains(s), "{}", s.display());

@@ -1265,18 +1265,6 @@ async fn cell_directories_are_shared_by_a_cells_containers_and_go_with_it() {
     assert_eq!(e.containers_left(), 0);
 }
 
-/// The mount namespaces (`mnt:[…]`) a process holds open as fds.
-fn mount_namespaces_held(pid: u32) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("mnt:["))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// auraed holds a running container's mount namespace, so the container's exit is not
 /// held up by its mounts going (they go after, off the exit's path): held while it runs,
 /// let go once it has exited, nothing left when its cell is freed — also when the cell is
@@ -1299,10 +1287,10 @@ async fn a_containers_mounts_go_after_its_exit() {
                 .unwrap()
                 .into_inner();
         let exe = &st.executables[0];
-        let ns = std::fs::read_link(format!("/proc/{}/ns/mnt", exe.pid)).unwrap();
+        let ns = aurae_testkit::namespace_of(exe.pid.unsigned_abs(), "mnt").unwrap();
         assert_ne!(ns, std::fs::read_link("/proc/self/ns/mnt").unwrap());
         assert!(
-            mount_namespaces_held(auraed).contains(&ns),
+            aurae_testkit::namespaces_held(auraed, "mnt").contains(&ns),
             "{cell}: auraed holds the running container's mount namespace {}",
             ns.display()
         );
@@ -1310,13 +1298,13 @@ async fn a_containers_mounts_go_after_its_exit() {
             let exit = workload::wait(&e.c, cell, &exe.name).await.unwrap();
             assert_eq!(code(&exit), Some(3));
             let t = std::time::Instant::now();
-            while mount_namespaces_held(auraed).contains(&ns)
+            while aurae_testkit::namespaces_held(auraed, "mnt").contains(&ns)
                 && t.elapsed() < std::time::Duration::from_secs(2)
             {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             assert!(
-                !mount_namespaces_held(auraed).contains(&ns),
+                !aurae_testkit::namespaces_held(auraed, "mnt").contains(&ns),
                 "let go after the exit"
             );
         }
@@ -1324,7 +1312,10 @@ async fn a_containers_mounts_go_after_its_exit() {
             .free(pb::NameRef { name: cell.into() })
             .await
             .unwrap();
-        assert!(!mount_namespaces_held(auraed).contains(&ns), "{cell}");
+        assert!(
+            !aurae_testkit::namespaces_held(auraed, "mnt").contains(&ns),
+            "{cell}"
+        );
         assert_eq!(e.containers_left(), 0, "{cell}: its directories are gone");
     }
 }

@@ -153,11 +153,8 @@ struct SpareNets {
 
 impl SpareNets {
     fn open() -> Self {
-        let home = std::fs::File::open("/proc/thread-self/ns/net")
-            .ok()
-            .map(OwnedFd::from);
         Self {
-            home,
+            home: aurae_sys::net::own_namespace().ok(),
             spares: Vec::with_capacity(SPARE_NETS),
         }
     }
@@ -200,11 +197,8 @@ impl SpareNets {
 
 /// Whether a request is waiting to be read on `ctl` (or it has ended) within `within`.
 fn waiting(ctl: &OwnedFd, within: std::time::Duration) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
-    let ms = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
     // An error counts as waiting: the receive that follows says what it is.
-    poll(&mut fds, PollTimeout::from(ms)).map_or(true, |n| n > 0)
+    crate::workload::supervise::readable_within(ctl.as_fd(), within).unwrap_or(true)
 }
 
 /// A running zygote, as auraed holds it.

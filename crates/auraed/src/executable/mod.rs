@@ -107,8 +107,6 @@ pub struct Executable {
 }
 
 impl Executable {
-    /// Removes a container's private directories now (a free does, so that they are gone
-    /// when it returns, whatever task still holds the executable a moment longer).
     /// Lets a container's mount namespace go, once its process has exited (see
     /// `Rootfs::hold_mount_namespace`).
     pub fn release_mount_namespace(&self) {
@@ -119,6 +117,8 @@ impl Executable {
         }
     }
 
+    /// Removes a container's private directories now (a free does, so that they are gone
+    /// when it returns, whatever task still holds the executable a moment longer).
     pub fn remove_rootfs(&self) {
         if let Ok(mut r) = self.rootfs.lock() {
             drop(r.take());

@@ -1,7 +1,10 @@
 //! Watching what runs: a cgroup draining after a kill, its OOM-kill counter, a process
 //! that is not our child.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    time::{Duration, Instant},
+};
 
 use super::cgroup::CgroupTree;
 use crate::spec::CellName;
@@ -10,44 +13,37 @@ use crate::spec::CellName;
 /// need not be our child), checking ten times a second: only processes found again after
 /// a restart are watched this way (our children's exits come from the reaper).
 pub async fn exited(pidfd: std::sync::Arc<aurae_sys::Pidfd>) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     loop {
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(pidfd.as_ref()),
-            PollFlags::POLLIN,
-        )];
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(n) if n > 0 => return,
-            Err(nix::errno::Errno::EINTR) | Ok(_) => {}
+        match readable_within(pidfd.as_fd(), Duration::ZERO) {
+            Ok(true) => return,
+            Err(nix::errno::Errno::EINTR) | Ok(false) => {}
             Err(_) => return,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// Whether `fd` polls readable within `within` (at once with zero), on this thread.
+pub fn readable_within(fd: BorrowedFd<'_>, within: Duration) -> nix::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
+    poll(
+        &mut [PollFd::new(fd, PollFlags::POLLIN)],
+        PollTimeout::from(ms),
+    )
+    .map(|n| n > 0)
+}
+
 /// Whether the process of `pidfd` has exited (its pidfd polls readable; a zombie
 /// counts), without reaping it.
 pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut fds = [PollFd::new(
-        std::os::fd::AsFd::as_fd(pidfd),
-        PollFlags::POLLIN,
-    )];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    readable_within(pidfd.as_fd(), Duration::ZERO).unwrap_or(false)
 }
 
 /// Waits up to `within` (on this worker: `off_runtime`) for the process of `pidfd` to
 /// exit; whether it has.
 pub fn exits_within(pidfd: &aurae_sys::Pidfd, within: Duration) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let ms = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
-    super::off_runtime(|| {
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(pidfd),
-            PollFlags::POLLIN,
-        )];
-        matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
-    })
+    super::off_runtime(|| readable_within(pidfd.as_fd(), within).unwrap_or(false))
 }
 
 /// How long [`wait_empty`] looks at `populated` every [`FINE_STEP`] before it polls on
