@@ -1024,6 +1024,10 @@ async fn wire_workloads(
     let (tree_for_instances, reaper_for_instances, sealed_for_instances) =
         (tree.clone(), reaper.clone(), sealed.clone());
     let containers = private_dir(&cfg.state_dir, "containers")?;
+    // Where freed containers' directories are deleted from; what a previous auraed left
+    // there is deleted now (whatever its records say: nothing in it is in use).
+    let removed = private_dir(&cfg.state_dir, "containers-removed")?;
+    warnings.extend(crate::container::empty_removed(&removed));
     let cell_dirs = crate::cell::dirs::CellDirs::new(private_dir(&cfg.state_dir, "cell-dirs")?);
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
@@ -1296,7 +1300,9 @@ fn remove_stray_logs(dir: &std::path::Path, kept: &dyn Fn(&str) -> bool) -> Vec<
 
 /// `<state>/<name>`, made 0700 if missing: `containers` (upper directories hold the
 /// containers' files; what no re-adopted container uses is removed after re-adoption,
-/// [`remove_stray_containers`]) and `cell-dirs` (see [`crate::cell::dirs`]).
+/// [`remove_stray_containers`]), `containers-removed` (freed containers' directories
+/// being deleted, see [`crate::container::removed_dir`]) and `cell-dirs` (see
+/// [`crate::cell::dirs`]).
 fn private_dir(state: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = state.join(name);

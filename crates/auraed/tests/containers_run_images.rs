@@ -68,6 +68,18 @@ impl Env {
             .unwrap_or(0)
     }
 
+    /// Whether what freed containers left in `containers-removed` is deleted within 10 s.
+    async fn removed_drained(&self) -> bool {
+        let removed = self.d.dir.path().join("state/containers-removed");
+        for _ in 0..1000 {
+            if std::fs::read_dir(&removed).is_ok_and(|mut r| r.next().is_none()) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     fn container(&self, script: &str) -> pb::Container {
         pb::Container {
             image: self.image.clone(),
@@ -370,6 +382,8 @@ async fn runc_cve_classes_are_refused() {
     assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd_before);
     assert_eq!(std::fs::read(env!("CARGO_BIN_EXE_auraed")).unwrap(), auraed);
     assert_eq!(e.containers_left(), 0);
+    // Their upper layers (one with the files written above) deleted after the frees.
+    assert!(e.removed_drained().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -566,9 +566,25 @@ async fn a_container_is_readopted_after_a_crash() {
         .into_inner();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(files_in(&state.join("containers")).len(), 2);
+    // A freed container's directory the crash leaves half deleted (moved out of
+    // `containers`, its files not yet deleted): the restarted auraed deletes it.
+    let half = state.join("containers-removed/0123abcd");
+    std::fs::create_dir_all(half.join("upper/etc")).unwrap();
+    std::fs::write(half.join("upper/etc/data"), b"x").unwrap();
+    std::fs::create_dir_all(half.join("work/work")).unwrap();
+    std::fs::set_permissions(
+        half.join("work/work"),
+        std::os::unix::fs::PermissionsExt::from_mode(0),
+    )
+    .unwrap();
     d.crash_and_restart_after(Duration::from_secs(1))
         .await
         .unwrap();
+    assert!(
+        files_in(&state.join("containers-removed")).is_empty(),
+        "{:?}",
+        files_in(&state.join("containers-removed"))
+    );
     let c = d.client("admin").await.unwrap();
     let s = status(&c, "web", &name).await;
     assert_eq!(s.phase, pb::Phase::Running as i32, "{s:?}");

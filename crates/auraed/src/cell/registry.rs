@@ -875,19 +875,23 @@ impl Cells {
         tree.remove(n)?;
         let rmdir = t.elapsed();
         let removed = self.cells.lock().ok().and_then(|mut c| c.remove(n));
+        let mut rootfs = Duration::ZERO;
         for e in removed.iter().flat_map(|c| c.executables()) {
             e.forget_record(&self.recorder);
+            let r = Instant::now();
             e.remove_rootfs();
+            rootfs += r.elapsed();
         }
         self.recorder.forget_cell(n);
-        let records = t.elapsed() - rmdir;
+        let records = t.elapsed() - rmdir - rootfs;
         let _ = std::fs::remove_dir_all(self.logs_dir.join(n.as_str()));
         self.discard_dirs(n);
         tracing::debug!(
             cell = %n,
             rmdir_us = rmdir.as_micros() as u64,
             records_us = records.as_micros() as u64,
-            files_us = (t.elapsed() - rmdir - records).as_micros() as u64,
+            rootfs_us = rootfs.as_micros() as u64,
+            files_us = (t.elapsed() - rmdir - records - rootfs).as_micros() as u64,
             "Free remove timings"
         );
         self.events

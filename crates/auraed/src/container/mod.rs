@@ -404,7 +404,9 @@ impl Plan {
 }
 
 /// A container's private directories on the host (`upper`, `work`, `rootfs`), removed
-/// when dropped (the executable is freed only after its process has exited).
+/// when dropped (the executable is freed only after its process has exited): moved out of
+/// the containers' directory then, their files deleted right after off the caller's
+/// path (see [`removed_dir`]).
 #[derive(Debug)]
 pub struct Rootfs {
     dir: PathBuf,
@@ -517,10 +519,69 @@ impl Drop for Rootfs {
         if let Ok(mut ns) = self.mount_ns.lock() {
             drop(ns.take());
         }
-        if let Err(e) = crate::workload::tree::remove_tree(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a container's directories");
+        discard_dir(&self.dir);
+    }
+}
+
+/// Where a container's directory goes when it is removed, beside the containers'
+/// directory (`<state>/containers` → `<state>/containers-removed`): one rename takes it out
+/// of `containers_dir` at once, and its files (an upper layer may hold many) are deleted
+/// after, off the caller's path. auraed empties it when it starts
+/// ([`empty_removed`]), so a crash in between leaves nothing for long.
+pub fn removed_dir(containers_dir: &Path) -> PathBuf {
+    containers_dir.with_file_name(format!(
+        "{}-removed",
+        containers_dir
+            .file_name()
+            .map_or_else(Default::default, |n| n.to_string_lossy())
+    ))
+}
+
+/// Removes the container directory `dir`: renamed into [`removed_dir`] and deleted there
+/// on tokio's blocking pool (here and now without a runtime, or where the rename fails).
+/// A file that cannot be deleted is logged.
+fn discard_dir(dir: &Path) {
+    let remove = |p: PathBuf| {
+        if let Err(e) = crate::workload::tree::remove_tree(&p) {
+            tracing::warn!(dir = %p.display(), error = %e, "removing a container's directories");
+        }
+    };
+    let moved = match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => {
+            let to = removed_dir(parent).join(name);
+            match std::fs::rename(dir, &to) {
+                Ok(()) => Some(to),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => return,
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "not moved out: removed in place");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    match (moved, tokio::runtime::Handle::try_current()) {
+        (Some(to), Ok(rt)) => {
+            rt.spawn_blocking(move || remove(to));
+        }
+        (Some(to), Err(_)) => remove(to),
+        (None, _) => remove(dir.to_path_buf()),
+    }
+}
+
+/// Empties [`removed_dir`] (what a previous auraed had not finished deleting); one warning
+/// per entry that cannot be removed.
+pub fn empty_removed(removed: &Path) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for e in std::fs::read_dir(removed).into_iter().flatten().flatten() {
+        if let Err(err) = crate::workload::tree::remove_tree(&e.path()) {
+            warnings.push(format!(
+                "removed container directory {} could not be deleted: {err}",
+                e.path().display()
+            ));
         }
     }
+    warnings
 }
 
 fn cstr(p: &Path) -> Result<CString, WorkloadError> {
@@ -952,5 +1013,70 @@ mod tests {
             ]
         );
         assert!(with_parents(Path::new("/")).is_empty());
+    }
+
+    /// A container directory (an upper layer with files, a subdirectory no one may enter,
+    /// a link out) leaves `containers` at once and is deleted from `containers-removed`
+    /// after; without a runtime, before the call returns; where it cannot be moved, in
+    /// place. What a link points at stays. `empty_removed` deletes what is left there.
+    #[test]
+    fn a_containers_directory_leaves_at_once_and_is_deleted_after() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let containers = t.path().join("containers");
+        let removed = removed_dir(&containers);
+        assert_eq!(removed, t.path().join("containers-removed"));
+        std::fs::create_dir(&containers).unwrap();
+        std::fs::create_dir(&removed).unwrap();
+        let outside = t.path().join("precious");
+        std::fs::write(&outside, b"x").unwrap();
+        let make = |id: &str| {
+            let d = containers.join(id);
+            std::fs::create_dir_all(d.join("upper/etc")).unwrap();
+            std::fs::write(d.join("upper/etc/data"), b"written").unwrap();
+            std::fs::create_dir_all(d.join("work/work")).unwrap();
+            std::fs::set_permissions(d.join("work/work"), std::fs::Permissions::from_mode(0))
+                .unwrap();
+            std::os::unix::fs::symlink(&outside, d.join("upper/link")).unwrap();
+            d
+        };
+        let listed = |d: &Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+        // No runtime: done before it returns.
+        let d = make("a");
+        discard_dir(&d);
+        assert!(!d.exists());
+        assert_eq!(listed(&removed), 0);
+        // In a runtime: out of `containers` at once, deleted on the blocking pool.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let d = make("b");
+        rt.block_on(async {
+            discard_dir(&d);
+            assert!(!d.exists(), "moved out before it returns");
+            for _ in 0..500 {
+                if listed(&removed) == 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        });
+        assert_eq!(listed(&removed), 0, "deleted after");
+        // Nowhere to move it: removed in place. A missing one is fine.
+        std::fs::remove_dir(&removed).unwrap();
+        let d = make("c");
+        discard_dir(&d);
+        assert!(!d.exists());
+        discard_dir(&d);
+        assert_eq!(std::fs::read(&outside).unwrap(), b"x");
+        // What a previous auraed left there.
+        std::fs::create_dir(&removed).unwrap();
+        let d = make("d");
+        std::fs::rename(&d, removed.join("d")).unwrap();
+        assert!(empty_removed(&removed).is_empty());
+        assert_eq!(listed(&removed), 0);
+        assert_eq!(listed(&containers), 0);
+        assert_eq!(std::fs::read(&outside).unwrap(), b"x");
     }
 }

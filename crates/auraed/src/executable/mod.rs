@@ -117,8 +117,10 @@ impl Executable {
         }
     }
 
-    /// Removes a container's private directories now (a free does, so that they are gone
-    /// when it returns, whatever task still holds the executable a moment longer).
+    /// Removes a container's private directories now (a free does, so that they are out of
+    /// the containers' directory when it returns, whatever task still holds the executable
+    /// a moment longer; their files are deleted right after, see
+    /// [`crate::container::removed_dir`]).
     pub fn remove_rootfs(&self) {
         if let Ok(mut r) = self.rootfs.lock() {
             drop(r.take());
