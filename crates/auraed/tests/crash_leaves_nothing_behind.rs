@@ -574,7 +574,7 @@ async fn a_container_is_readopted_after_a_crash() {
     std::fs::create_dir_all(half.join("work/work")).unwrap();
     std::fs::set_permissions(
         half.join("work/work"),
-        std::os::unix::fs::PermissionsExt::from_mode(0),
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
     )
     .unwrap();
     d.crash_and_restart_after(Duration::from_secs(1))

@@ -1035,7 +1035,7 @@ mod tests {
             std::fs::create_dir_all(d.join("upper/etc")).unwrap();
             std::fs::write(d.join("upper/etc/data"), b"written").unwrap();
             std::fs::create_dir_all(d.join("work/work")).unwrap();
-            std::fs::set_permissions(d.join("work/work"), std::fs::Permissions::from_mode(0))
+            std::fs::set_permissions(d.join("work/work"), std::fs::Permissions::from_mode(0o000))
                 .unwrap();
             std::os::unix::fs::symlink(&outside, d.join("upper/link")).unwrap();
             d
