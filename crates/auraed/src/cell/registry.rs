@@ -338,10 +338,34 @@ impl Cells {
     /// that goes away cannot leave half a cell (a cgroup and an init nobody lists).
     pub async fn allocate(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
         let me = self.clone();
-        detached("allocate", async move { me.allocate_here(spec).await }).await
+        detached(
+            "allocate",
+            async move { me.allocate_here(spec, None).await },
+        )
+        .await
     }
 
-    async fn allocate_here(self: &Arc<Self>, spec: CellSpec) -> Result<Arc<Cell>, WorkloadError> {
+    /// [`Cells::allocate`] of a cell made for one kind of workload (`containers`, or plain
+    /// executables): the kind is fixed at once, as its first start would fix it (see
+    /// `Inner::runs_containers`), and recorded with the cell — that start then writes
+    /// the cell's record no second time.
+    pub async fn allocate_for(
+        self: &Arc<Self>,
+        spec: CellSpec,
+        containers: bool,
+    ) -> Result<Arc<Cell>, WorkloadError> {
+        let me = self.clone();
+        detached("allocate", async move {
+            me.allocate_here(spec, Some(containers)).await
+        })
+        .await
+    }
+
+    async fn allocate_here(
+        self: &Arc<Self>,
+        spec: CellSpec,
+        runs_containers: Option<bool>,
+    ) -> Result<Arc<Cell>, WorkloadError> {
         let tree = self.tree()?;
         if spec.namespaces.user_namespace {
             return Err(WorkloadError::Precondition(
@@ -504,7 +528,8 @@ impl Cells {
                 phase: Phase::Running,
                 message: String::new(),
                 executables: BTreeMap::new(),
-                runs_containers: None,
+                // Kept by the top-level cell of a tree (`claim_kind`).
+                runs_containers: runs_containers.filter(|_| parent.is_none()),
                 mixed: false,
                 starting: Default::default(),
             }),
@@ -878,6 +903,11 @@ impl Cells {
         let mut rootfs = Duration::ZERO;
         for e in removed.iter().flat_map(|c| c.executables()) {
             e.forget_record(&self.recorder);
+            // Given up before the cell's log directory goes: output still on its way
+            // (a pump draining a pipe) must not make a file, or the directory, again.
+            if let Err(err) = e.log.remove_files() {
+                warn!(cell = %n, executable = %e.name, error = %err, "removing an executable's log");
+            }
             let r = Instant::now();
             e.remove_rootfs();
             rootfs += r.elapsed();

@@ -344,11 +344,11 @@ impl Cells {
             }
         };
         let input = input.map(|fd| self.new_input(fd, interactive, held.as_ref()));
-        let log = Arc::new(Log::new(Some(
+        let log = Arc::new(Log::on_first_write(
             self.logs_dir
                 .join(spec.cell.as_str())
                 .join(format!("{name}.log")),
-        )));
+        ));
         if let Some((w, data)) = stdin_data {
             tokio::spawn(output::feed(w, data));
         }

@@ -278,6 +278,58 @@ async fn a_container_never_joins_a_tree_of_plain_executables() {
         .unwrap();
 }
 
+/// A cell allocated for one kind (RunCell's) has it recorded with the cell at once: its
+/// first start writes the cell's record no second time, the other kind is refused as in a
+/// tree whose first start fixed it, and a nested cell leaves the kind to its top.
+#[tokio::test]
+async fn a_cell_allocated_for_a_kind_records_it_with_the_cell() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture();
+    f.cells.allocate_for(cell("one"), false).await.unwrap();
+    let rec: CellRecord = f.store.get(kinds::CELL, "one").unwrap().unwrap();
+    assert_eq!(rec.runs_containers, Some(false));
+    let record_file = || {
+        let files: Vec<_> = std::fs::read_dir(f._dir.path().join("state/store/cell"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(files.len(), 1);
+        files[0].metadata().unwrap().ino()
+    };
+    let before = record_file();
+    f.cells
+        .run(exe("one", "plain", &["/bin/sleep", "5"], Some(1000)), None)
+        .await
+        .unwrap();
+    assert_eq!(record_file(), before, "the cell's record was written again");
+    let mut c = exe("one", "c", &[], None);
+    c.container = Some(
+        crate::container::ContainerSpec::parse(
+            "container",
+            Some(pb::Container {
+                image: "reg/x:1".into(),
+                ..Default::default()
+            }),
+        )
+        .unwrap(),
+    );
+    let e = f.cells.claim_kind(&c).unwrap_err();
+    assert!(e.to_string().contains("/proc/<pid>/root"), "{e}");
+    // Nested: the top's kind holds.
+    f.cells.allocate_for(cell("one/two"), true).await.unwrap();
+    let rec: CellRecord = f.store.get(kinds::CELL, "one/two").unwrap().unwrap();
+    assert_eq!(rec.runs_containers, None);
+    c.cell = CellName::parse("n", "one/two").unwrap();
+    assert!(f.cells.claim_kind(&c).is_err());
+    f.cells
+        .stop(
+            &CellName::parse("n", "one").unwrap(),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_failing_spawn_is_reported_and_leaves_no_executable() {
     let f = fixture();

@@ -67,7 +67,7 @@ pub async fn run_cell(
         }
     };
     let t0 = Instant::now();
-    let made = cells.allocate(cell).await?;
+    let made = cells.allocate_for(cell, exe.container.is_some()).await?;
     let t_alloc = t0.elapsed();
     // In this very cell: not one someone freed and allocated again under its name.
     let started = match cells.run_in(&made, exe, plan).await {

@@ -78,6 +78,9 @@ struct FileSink {
     /// Last failed open, to retry at most every [`REOPEN_INTERVAL`].
     failed_open: Option<Instant>,
     removed: bool,
+    /// Not made yet ([`Log::on_first_write`]): the first write creates it (and its
+    /// directory).
+    unmade: bool,
 }
 
 #[derive(Debug, Default)]
@@ -204,11 +207,12 @@ impl Inner {
                 self.write_failures += 1;
                 return;
             }
-            match open_log(&sink.path, false) {
+            match open_log(&sink.path, sink.unmade) {
                 Ok((f, len)) => {
                     sink.file = Some(f);
                     sink.len = len;
                     sink.failed_open = None;
+                    sink.unmade = false;
                 }
                 Err(e) => {
                     sink.failed_open = Some(Instant::now());
@@ -326,8 +330,32 @@ impl Log {
                 len,
                 failed_open,
                 removed: false,
+                unmade: false,
             });
         }
+        Self {
+            inner: Mutex::new(inner),
+            tx: watch::channel((0, false)).0,
+        }
+    }
+
+    /// A log whose file (and the file's directory) is made by its first write, not now:
+    /// a process that writes nothing (most short ones) costs no file on the state disk,
+    /// made when it starts and deleted when it is freed. The file is `file` all the same
+    /// ([`Log::path`]); once the owner gives it up ([`Log::remove_files`]) nothing makes
+    /// it again.
+    pub fn on_first_write(file: PathBuf) -> Self {
+        let inner = Inner {
+            file: Some(FileSink {
+                path: file,
+                file: None,
+                len: 0,
+                failed_open: None,
+                removed: false,
+                unmade: true,
+            }),
+            ..Default::default()
+        };
         Self {
             inner: Mutex::new(inner),
             tx: watch::channel((0, false)).0,
@@ -699,6 +727,41 @@ mod tests {
         }
         assert!(!p.exists() && !old.exists());
         log.remove_files().unwrap();
+    }
+
+    /// A log made on first write: no file, no directory until output comes; then both
+    /// (0700, 0600) with everything written; once given up, output after it makes neither
+    /// again (a cell's free removes the directory after giving its logs up).
+    #[test]
+    fn a_log_made_on_first_write_costs_no_file_until_then() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("cell/e.log");
+        let log = Log::on_first_write(p.clone());
+        assert_eq!(log.path(), Some(p.clone()));
+        assert!(!p.parent().unwrap().exists(), "nothing made before a write");
+        log.append(Stream::Stdout, b"");
+        assert!(
+            !p.parent().unwrap().exists(),
+            "an empty write makes nothing"
+        );
+        log.append(Stream::Stdout, b"one\n");
+        log.append(Stream::Stderr, b"two\n");
+        assert_eq!(fs::read(&p).unwrap(), b"one\ntwo\n");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let dir = fs::metadata(p.parent().unwrap()).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o777, 0o700);
+        assert_eq!(log.write_error(), None);
+        // Given up before anything was written: nothing is made afterwards.
+        let q = tmp.path().join("gone/e.log");
+        let quiet = Log::on_first_write(q.clone());
+        quiet.remove_files().unwrap();
+        quiet.append(Stream::Stdout, b"late\n");
+        assert!(!q.parent().unwrap().exists());
+        let (c, _) = quiet.read_from(0);
+        assert_eq!(c[0].data, b"late\n", "kept in memory");
     }
 
     #[test]
