@@ -46,6 +46,8 @@ use crate::{
 pub const MAX_EXECUTABLES: usize = 4096;
 /// How long a cell init may take to report ready.
 pub(super) const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a shutdown waits for freed containers' directories to be deleted.
+const SHUTDOWN_DELETIONS: Duration = Duration::from_secs(10);
 /// How long free waits for a killed cell to empty.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop waits on a killed cell's init (on the calling worker) before it looks
@@ -973,6 +975,17 @@ impl Cells {
             }
         }
         self.drain_pool().await;
+        // The freed containers' directories deleted, not left for the next start.
+        let deleted =
+            tokio::task::spawn_blocking(|| crate::container::deletions_done(SHUTDOWN_DELETIONS))
+                .await
+                .unwrap_or(false);
+        if !deleted {
+            warn!(
+                "freed containers' directories are still being deleted after {}s: the rest goes at the next start",
+                SHUTDOWN_DELETIONS.as_secs()
+            );
+        }
         if let Ok(t) = &self.tree {
             t.release();
         }

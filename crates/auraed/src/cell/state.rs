@@ -86,7 +86,8 @@ pub(super) struct Inner {
     pub(super) message: String,
     pub(super) executables: BTreeMap<Label, Arc<Executable>>,
     /// Of a top-level cell: whether its tree (one PID namespace) runs containers
-    /// (`Some(true)`) or plain executables (`Some(false)`); fixed by the first start.
+    /// (`Some(true)`) or plain executables (`Some(false)`); fixed by the first start, or
+    /// by the allocation of a cell made for one kind (RunCell: `Cells::allocate_for`).
     /// A container must never share a PID namespace with a plain executable of the same
     /// uid: its `/proc/<pid>/root` would lead out of the container to the host's files.
     pub(super) runs_containers: Option<bool>,

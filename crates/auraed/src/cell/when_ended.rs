@@ -15,6 +15,11 @@ use crate::executable::{Executable, FreeOnExit};
 /// stdout or stderr open) before it is taken as complete.
 pub const OUTPUT_SETTLE: Duration = Duration::from_secs(2);
 
+/// How long after the process's end its output is waited for before its end is recorded
+/// (for a free that waits for the output longer): the output's end is most often seen
+/// within microseconds of the process's.
+const OUTPUT_GRACE: Duration = Duration::from_millis(5);
+
 impl Cells {
     /// Once `exe` (of `cell`, needed to free the whole cell) has ended and its output is in
     /// (at most [`OUTPUT_SETTLE`] after its end), frees what its `free_on_exit` names — the
@@ -37,7 +42,13 @@ impl Cells {
             // its end is recorded now. An executable freed at its end writes no exit
             // record (the free comes at once), and a restart in this wait would take it as
             // ended while auraed was down: a second Exited, its status lost.
-            if free.is_some() && !updates.borrow().1 {
+            // Its end is usually seen a moment before its output's: a quarter of B3's
+            // one-call rounds wrote this record for nothing. A short grace first.
+            let settled =
+                tokio::time::timeout(OUTPUT_GRACE, updates.wait_for(|(_, closed)| *closed))
+                    .await
+                    .is_ok();
+            if free.is_some() && !settled {
                 exe.write_record(&me.recorder);
             }
             let _ =

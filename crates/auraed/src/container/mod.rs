@@ -538,14 +538,11 @@ pub fn removed_dir(containers_dir: &Path) -> PathBuf {
 }
 
 /// Removes the container directory `dir`: renamed into [`removed_dir`] and deleted there
-/// on tokio's blocking pool (here and now without a runtime, or where the rename fails).
-/// A file that cannot be deleted is logged.
+/// by the deleter thread ([`deletions_done`] waits for it), or here and now where the
+/// rename fails (reported once) or no thread can be started. A file that cannot be
+/// deleted is logged.
 fn discard_dir(dir: &Path) {
-    let remove = |p: PathBuf| {
-        if let Err(e) = crate::workload::tree::remove_tree(&p) {
-            tracing::warn!(dir = %p.display(), error = %e, "removing a container's directories");
-        }
-    };
+    static NOT_MOVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let moved = match (dir.parent(), dir.file_name()) {
         (Some(parent), Some(name)) => {
             let to = removed_dir(parent).join(name);
@@ -553,27 +550,109 @@ fn discard_dir(dir: &Path) {
                 Ok(()) => Some(to),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => return,
                 Err(e) => {
-                    tracing::debug!(dir = %dir.display(), error = %e, "not moved out: removed in place");
+                    if !NOT_MOVED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(dir = %dir.display(), to = %to.display(), error = %e, "a freed container's directory cannot be moved out: removed in place, on the free's path (reported once)");
+                    }
                     None
                 }
             }
         }
         _ => None,
     };
-    match (moved, tokio::runtime::Handle::try_current()) {
-        (Some(to), Ok(rt)) => {
-            rt.spawn_blocking(move || remove(to));
-        }
-        (Some(to), Err(_)) => remove(to),
-        (None, _) => remove(dir.to_path_buf()),
+    match moved {
+        Some(to) => match deleter() {
+            Some(d) => {
+                if let Err(std::sync::mpsc::SendError(Deletion::Tree(to))) =
+                    d.send(Deletion::Tree(to))
+                {
+                    delete_tree(&to);
+                }
+            }
+            None => delete_tree(&to),
+        },
+        None => delete_tree(dir),
     }
+}
+
+fn delete_tree(p: &Path) {
+    if let Err(e) = crate::workload::tree::remove_tree(p) {
+        tracing::warn!(dir = %p.display(), error = %e, "removing a container's directories");
+    }
+}
+
+/// What the deleter thread is asked.
+enum Deletion {
+    Tree(PathBuf),
+    /// Answered once everything sent before is deleted.
+    Done(std::sync::mpsc::Sender<()>),
+}
+
+/// The deleter: one thread, started on first use, deleting moved-out container directories
+/// in turn (however many frees come at once, one tree at a time: never a pool's worth of
+/// threads walking upper layers). `None` if it cannot be started.
+fn deleter() -> Option<&'static std::sync::mpsc::Sender<Deletion>> {
+    static DELETER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Deletion>>> =
+        std::sync::OnceLock::new();
+    DELETER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Deletion>();
+            let started = std::thread::Builder::new()
+                .name("aurae-deleter".into())
+                .spawn(move || {
+                    for job in rx {
+                        match job {
+                            Deletion::Tree(p) => delete_tree(&p),
+                            Deletion::Done(reply) => {
+                                let _ = reply.send(());
+                            }
+                        }
+                    }
+                });
+            match started {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no deleter thread: freed containers' directories are deleted on the free's path");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Waits (at most `within`) until the deleter has deleted every directory moved out
+/// before this call; `false` if it has not by then (what is left is deleted at the next
+/// start). A shutdown's last step: nothing freed is left on the disk.
+pub fn deletions_done(within: std::time::Duration) -> bool {
+    let Some(d) = deleter() else {
+        return true;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    if d.send(Deletion::Done(tx)).is_err() {
+        return true;
+    }
+    rx.recv_timeout(within).is_ok()
 }
 
 /// Empties [`removed_dir`] (what a previous auraed had not finished deleting); one warning
 /// per entry that cannot be removed.
 pub fn empty_removed(removed: &Path) -> Vec<String> {
     let mut warnings = Vec::new();
-    for e in std::fs::read_dir(removed).into_iter().flatten().flatten() {
+    let entries = match std::fs::read_dir(removed) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return warnings,
+        Err(e) => {
+            warnings.push(format!("reading {}: {e}", removed.display()));
+            return warnings;
+        }
+    };
+    for e in entries {
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                warnings.push(format!("reading {}: {err}", removed.display()));
+                continue;
+            }
+        };
         if let Err(err) = crate::workload::tree::remove_tree(&e.path()) {
             warnings.push(format!(
                 "removed container directory {} could not be deleted: {err}",
@@ -1041,27 +1120,13 @@ mod tests {
             d
         };
         let listed = |d: &Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
-        // No runtime: done before it returns.
-        let d = make("a");
-        discard_dir(&d);
-        assert!(!d.exists());
-        assert_eq!(listed(&removed), 0);
-        // In a runtime: out of `containers` at once, deleted on the blocking pool.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let d = make("b");
-        rt.block_on(async {
+        // Out of `containers` at once, deleted by the deleter thread.
+        for id in ["a", "b"] {
+            let d = make(id);
             discard_dir(&d);
             assert!(!d.exists(), "moved out before it returns");
-            for _ in 0..500 {
-                if listed(&removed) == 0 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        });
+        }
+        assert!(deletions_done(std::time::Duration::from_secs(10)));
         assert_eq!(listed(&removed), 0, "deleted after");
         // Nowhere to move it: removed in place. A missing one is fine.
         std::fs::remove_dir(&removed).unwrap();

@@ -68,8 +68,8 @@ impl Chunk {
     }
 }
 
-/// The log file: where it is, the open handle (none while opening fails or after
-/// [`Log::remove_files`]), its length.
+/// The log file: where it is, the open handle (none before the first write of a log made
+/// on first write, while opening fails, or after [`Log::remove_files`]), its length.
 #[derive(Debug)]
 struct FileSink {
     path: PathBuf,
@@ -367,7 +367,13 @@ impl Log {
     /// they have in the file, and new output appends after them. The file does not say
     /// which stream a byte came from: the replayed tail reads as stdout.
     pub fn resume(path: PathBuf) -> Self {
-        let log = Self::new(Some(path.clone()));
+        // A process that had written nothing has no file: made by its first output, as
+        // at its start.
+        let log = if path.exists() {
+            Self::new(Some(path.clone()))
+        } else {
+            Self::on_first_write(path.clone())
+        };
         match read_tail(&path, (MEMORY_BYTES / 4) as u64) {
             Ok((len, tail)) => {
                 let mut g = log.lock();
@@ -503,6 +509,10 @@ impl Log {
         };
         sink.removed = true;
         sink.file = None;
+        if sink.unmade {
+            // Never written: nothing was made.
+            return Ok(());
+        }
         let mut result = Ok(());
         for p in [sink.path.clone(), rotated(&sink.path)] {
             match fs::remove_file(&p) {
@@ -762,6 +772,12 @@ mod tests {
         assert!(!q.parent().unwrap().exists());
         let (c, _) = quiet.read_from(0);
         assert_eq!(c[0].data, b"late\n", "kept in memory");
+        // Resumed after a restart with no file (it had written nothing): none made yet.
+        let r = tmp.path().join("again/e.log");
+        let resumed = Log::resume(r.clone());
+        assert!(!r.parent().unwrap().exists());
+        resumed.append(Stream::Stdout, b"now\n");
+        assert_eq!(fs::read(&r).unwrap(), b"now\n");
     }
 
     #[test]
