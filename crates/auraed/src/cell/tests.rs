@@ -95,6 +95,23 @@ fn exe(cell: &str, name: &str, argv: &[&str], uid: Option<u32>) -> ExecutableSpe
     }
 }
 
+/// A container executable `name` in `cell` (its image never pulled: for the checks made
+/// before a start).
+fn container_exe(cell: &str, name: &str) -> ExecutableSpec {
+    let mut s = exe(cell, name, &[], None);
+    s.container = Some(
+        crate::container::ContainerSpec::parse(
+            "container",
+            Some(pb::Container {
+                image: "reg/x:1".into(),
+                ..Default::default()
+            }),
+        )
+        .unwrap(),
+    );
+    s
+}
+
 #[tokio::test]
 async fn allocate_makes_the_cgroup_attaches_the_filter_starts_the_init_and_records_it() {
     let f = fixture();
@@ -244,20 +261,7 @@ async fn a_container_never_joins_a_tree_of_plain_executables() {
     // The first start fixed the tree's kind (recorded); it covers the nested cell.
     let rec: CellRecord = f.store.get(kinds::CELL, "web").unwrap().unwrap();
     assert_eq!(rec.runs_containers, Some(false));
-    let container = || {
-        let mut s = exe("web/side", "c", &[], None);
-        s.container = Some(
-            crate::container::ContainerSpec::parse(
-                "container",
-                Some(pb::Container {
-                    image: "reg/x:1".into(),
-                    ..Default::default()
-                }),
-            )
-            .unwrap(),
-        );
-        s
-    };
+    let container = || container_exe("web/side", "c");
     let e = f.cells.claim_kind(&container()).unwrap_err();
     assert!(e.to_string().contains("/proc/<pid>/root"), "{e}");
     // Another plain executable is fine.
@@ -302,17 +306,7 @@ async fn a_cell_allocated_for_a_kind_records_it_with_the_cell() {
         .await
         .unwrap();
     assert_eq!(record_file(), before, "the cell's record was written again");
-    let mut c = exe("one", "c", &[], None);
-    c.container = Some(
-        crate::container::ContainerSpec::parse(
-            "container",
-            Some(pb::Container {
-                image: "reg/x:1".into(),
-                ..Default::default()
-            }),
-        )
-        .unwrap(),
-    );
+    let mut c = container_exe("one", "c");
     let e = f.cells.claim_kind(&c).unwrap_err();
     assert!(e.to_string().contains("/proc/<pid>/root"), "{e}");
     // Nested: the top's kind holds.
@@ -434,17 +428,7 @@ async fn after_a_privileged_mix_nothing_unprivileged_starts() {
         Some(false),
         "a privileged start fixes the kind too"
     );
-    let mut container = exe("web", "c", &[], None);
-    container.container = Some(
-        crate::container::ContainerSpec::parse(
-            "container",
-            Some(pb::Container {
-                image: "reg/x:1".into(),
-                ..Default::default()
-            }),
-        )
-        .unwrap(),
-    );
+    let mut container = container_exe("web", "c");
     assert!(f.cells.claim_kind(&container).is_err());
     container.allow_mixed_cell = true;
     f.cells.claim_kind(&container).unwrap();
