@@ -1027,7 +1027,11 @@ async fn wire_workloads(
     // Where freed containers' directories are deleted from; what a previous auraed left
     // there is deleted now (whatever its records say: nothing in it is in use).
     let removed = private_dir(&cfg.state_dir, "containers-removed")?;
-    warnings.extend(crate::container::empty_removed(&removed));
+    warnings.extend(crate::container::remove_all_but(
+        &removed,
+        &[],
+        "freed container directory",
+    ));
     let cell_dirs = crate::cell::dirs::CellDirs::new(private_dir(&cfg.state_dir, "cell-dirs")?);
     // The output holder: keeps copies of executables' pipes so a crash of auraed never
     // SIGPIPEs them. Without it workloads still run, but their output dies with auraed.
@@ -1198,9 +1202,11 @@ async fn wire_workloads(
         warnings.push(format!("recording the output holder: {e}"));
     }
     if found.ran {
-        for w in remove_stray_containers(&containers, &cells.container_dirs()) {
-            warnings.push(w);
-        }
+        warnings.extend(crate::container::remove_all_but(
+            &containers,
+            &cells.container_dirs(),
+            "container directory",
+        ));
         // Directories of cells that were not found again (a crash between a free's steps).
         warnings.extend(cell_dirs.remove_strays(&|rel| found.cells.contains(rel)));
     } else if [&containers, cell_dirs.root()]
@@ -1236,25 +1242,6 @@ async fn wire_workloads(
         timeout: cfg.registry.timeout,
     });
     Ok((cells, vms, puller, instances))
-}
-
-/// Removes every container directory no re-adopted container uses (their containers
-/// died with a previous auraed); one warning per directory that cannot be removed.
-fn remove_stray_containers(dir: &std::path::Path, used: &[PathBuf]) -> Vec<String> {
-    let mut warnings = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if used.iter().any(|u| u == &p) {
-            continue;
-        }
-        if let Err(err) = crate::workload::tree::remove_tree(&p) {
-            warnings.push(format!(
-                "container directory {} left by a previous auraed could not be removed: {err}",
-                p.display()
-            ));
-        }
-    }
-    warnings
 }
 
 /// Removes what under `dir` (auraed's logs) `kept` does not keep, by path relative to
@@ -1300,7 +1287,7 @@ fn remove_stray_logs(dir: &std::path::Path, kept: &dyn Fn(&str) -> bool) -> Vec<
 
 /// `<state>/<name>`, made 0700 if missing: `containers` (upper directories hold the
 /// containers' files; what no re-adopted container uses is removed after re-adoption,
-/// [`remove_stray_containers`]), `containers-removed` (freed containers' directories
+/// [`crate::container::remove_all_but`]), `containers-removed` (freed containers' directories
 /// being deleted, see [`crate::container::removed_dir`]) and `cell-dirs` (see
 /// [`crate::cell::dirs`]).
 fn private_dir(state: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {

@@ -527,7 +527,7 @@ impl Drop for Rootfs {
 /// directory (`<state>/containers` → `<state>/containers-removed`): one rename takes it out
 /// of `containers_dir` at once, and its files (an upper layer may hold many) are deleted
 /// after, off the caller's path. auraed empties it when it starts
-/// ([`empty_removed`]), so a crash in between leaves nothing for long.
+/// ([`remove_all_but`]), so a crash in between leaves nothing for long.
 pub fn removed_dir(containers_dir: &Path) -> PathBuf {
     containers_dir.with_file_name(format!(
         "{}-removed",
@@ -633,30 +633,35 @@ pub fn deletions_done(within: std::time::Duration) -> bool {
     rx.recv_timeout(within).is_ok()
 }
 
-/// Empties [`removed_dir`] (what a previous auraed had not finished deleting); one warning
-/// per entry that cannot be removed.
-pub fn empty_removed(removed: &Path) -> Vec<String> {
+/// Removes every entry of `dir` but those `kept` names (whole trees, links not followed),
+/// at a start: the containers' directory (what no re-adopted container uses) and
+/// [`removed_dir`] (what a previous auraed had not finished deleting). One warning per
+/// entry that cannot be read or removed, naming it as `what`.
+pub fn remove_all_but(dir: &Path, kept: &[PathBuf], what: &str) -> Vec<String> {
     let mut warnings = Vec::new();
-    let entries = match std::fs::read_dir(removed) {
+    let entries = match std::fs::read_dir(dir) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return warnings,
         Err(e) => {
-            warnings.push(format!("reading {}: {e}", removed.display()));
+            warnings.push(format!("reading {}: {e}", dir.display()));
             return warnings;
         }
     };
     for e in entries {
-        let e = match e {
-            Ok(e) => e,
+        let p = match e {
+            Ok(e) => e.path(),
             Err(err) => {
-                warnings.push(format!("reading {}: {err}", removed.display()));
+                warnings.push(format!("reading {}: {err}", dir.display()));
                 continue;
             }
         };
-        if let Err(err) = crate::workload::tree::remove_tree(&e.path()) {
+        if kept.contains(&p) {
+            continue;
+        }
+        if let Err(err) = crate::workload::tree::remove_tree(&p) {
             warnings.push(format!(
-                "removed container directory {} could not be deleted: {err}",
-                e.path().display()
+                "{what} {} left by a previous auraed could not be removed: {err}",
+                p.display()
             ));
         }
     }
@@ -1097,7 +1102,7 @@ mod tests {
     /// A container directory (an upper layer with files, a subdirectory no one may enter,
     /// a link out) leaves `containers` at once and is deleted from `containers-removed`
     /// after; without a runtime, before the call returns; where it cannot be moved, in
-    /// place. What a link points at stays. `empty_removed` deletes what is left there.
+    /// place. What a link points at stays. `remove_all_but` deletes what is left there.
     #[test]
     fn a_containers_directory_leaves_at_once_and_is_deleted_after() {
         use std::os::unix::fs::PermissionsExt;
@@ -1139,7 +1144,7 @@ mod tests {
         std::fs::create_dir(&removed).unwrap();
         let d = make("d");
         std::fs::rename(&d, removed.join("d")).unwrap();
-        assert!(empty_removed(&removed).is_empty());
+        assert!(remove_all_but(&removed, &[], "freed container directory").is_empty());
         assert_eq!(listed(&removed), 0);
         assert_eq!(listed(&containers), 0);
         assert_eq!(std::fs::read(&outside).unwrap(), b"x");
