@@ -1166,8 +1166,8 @@ fn init_net(d: &Daemon, name: &str) -> std::path::PathBuf {
 
 /// A top-level cell's init is born in a network namespace its zygote made ahead (`lo`
 /// up, nothing else) when it has one: each spare serves one cell and is then no longer
-/// held, none is ever the host's, the zygote itself stays in auraed's namespace and makes
-/// the next spares; what a workload sees of its network is what a cell whose namespace was
+/// held, none is ever the host's, the zygote itself is back in auraed's namespace once it
+/// has made the next spares (it steps into each only to make it); what a workload sees of its network is what a cell whose namespace was
 /// made with it sees (`a_cell_has_its_own_namespaces_with_lo_up_and_only_stdio`): `lo`
 /// alone, up, 127.0.0.1 and ::1 on it, nothing routed elsewhere (the first cell's init
 /// was most likely asked for before the new zygote had made a spare). Freed, the cells leave
@@ -1189,13 +1189,19 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
     let zygote = zygotes_of(auraed)[0];
     let mut used = vec![init_net(&d, "n0")];
     for i in 1..=6 {
+        // Done making spares: all held and the zygote back home. It opens a spare's fd
+        // before it leaves it (`namespace_ahead`), so the count alone can be read while
+        // it is still inside the last one.
         let t = Instant::now();
+        let zygote_net = || aurae_testkit::namespace_of(zygote.unsigned_abs(), "net").unwrap();
         let mut spares = spares_held(zygote, &host_net);
-        while spares.len() < auraed::cell::zygote::SPARE_NETS
+        let mut own = zygote_net();
+        while (spares.len() < auraed::cell::zygote::SPARE_NETS || own != host_net)
             && t.elapsed() < Duration::from_secs(5)
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
             spares = spares_held(zygote, &host_net);
+            own = zygote_net();
         }
         assert_eq!(
             spares.len(),
@@ -1203,9 +1209,8 @@ async fn cells_are_born_in_network_namespaces_made_ahead_each_used_once() {
             "the zygote's spares: {spares:?}"
         );
         assert_eq!(
-            aurae_testkit::namespace_of(zygote.unsigned_abs(), "net").unwrap(),
-            host_net,
-            "the zygote stays in auraed's network namespace"
+            own, host_net,
+            "the zygote goes back to auraed's network namespace after making its spares"
         );
         for s in &spares {
             assert!(
