@@ -13,7 +13,8 @@ use std::{
     collections::VecDeque,
     fs,
     io::{self, Write},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    os::fd::BorrowedFd,
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
@@ -81,6 +82,16 @@ struct FileSink {
     /// Not made yet ([`Log::on_first_write`]): the first write creates it (and its
     /// directory).
     unmade: bool,
+    /// A regular file (written at `len`, spliced into); else a device, written in order.
+    regular: bool,
+}
+
+impl FileSink {
+    fn opened(&mut self, o: Opened) {
+        self.file = Some(o.file);
+        self.len = o.len;
+        self.regular = o.regular;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -191,49 +202,132 @@ impl Inner {
         self.start = self.chunks.front().map_or(self.end, |c| c.offset);
     }
 
+    /// Opens the file when it is not (made on a log's first write), at most every
+    /// [`REOPEN_INTERVAL`] after a failure; whether there is an open file to write. A
+    /// failed open and a write while opening waits to be retried are counted.
+    fn open_file(&mut self) -> bool {
+        let Some(sink) = self.file.as_mut() else {
+            return false;
+        };
+        if sink.removed {
+            return false;
+        }
+        if sink.file.is_some() {
+            return true;
+        }
+        if sink
+            .failed_open
+            .is_some_and(|t| t.elapsed() < REOPEN_INTERVAL)
+        {
+            self.write_failures += 1;
+            return false;
+        }
+        match open_log(&sink.path, sink.unmade) {
+            Ok(opened) => {
+                sink.opened(opened);
+                sink.failed_open = None;
+                sink.unmade = false;
+                true
+            }
+            Err(e) => {
+                sink.failed_open = Some(Instant::now());
+                let what = format!("opening {}: {e}", sink.path.display());
+                self.fail(what);
+                false
+            }
+        }
+    }
+
     /// Appends `data` to the file, rotating it at [`FILE_BYTES`]; failures are recorded.
     fn write_file(&mut self, data: &[u8]) {
+        if !self.open_file() {
+            return;
+        }
         let Some(sink) = self.file.as_mut() else {
             return;
         };
-        if sink.removed {
+        let Some(f) = sink.file.as_mut() else {
             return;
-        }
-        if sink.file.is_none() {
-            if sink
-                .failed_open
-                .is_some_and(|t| t.elapsed() < REOPEN_INTERVAL)
-            {
-                self.write_failures += 1;
-                return;
+        };
+        let written = if sink.regular {
+            f.write_all_at(data, sink.len)
+        } else {
+            f.write_all(data)
+        };
+        let failure = match written {
+            Ok(()) => {
+                sink.len += data.len() as u64;
+                None
             }
-            match open_log(&sink.path, sink.unmade) {
-                Ok((f, len)) => {
-                    sink.file = Some(f);
-                    sink.len = len;
-                    sink.failed_open = None;
-                    sink.unmade = false;
-                }
-                Err(e) => {
-                    sink.failed_open = Some(Instant::now());
-                    let what = format!("opening {}: {e}", sink.path.display());
-                    self.fail(what);
-                    return;
-                }
+            Err(e) => {
+                // Part of it may be written: the file's real length, as far as known.
+                sink.len = f.metadata().map_or(sink.len, |m| m.len());
+                Some(format!("writing {}: {e}", sink.path.display()))
             }
+        };
+        self.rotate_if_full(failure);
+    }
+
+    /// Moves what `pipe` holds (at most [`MOVE_BYTES`]) to the end of the file in one
+    /// `splice`, then reads it back into `buf` for memory. The move is one system call: a
+    /// `kill -9` of auraed leaves each byte either still in the pipe (the holder keeps it
+    /// for the next auraed) or in the file, never in a buffer of ours only.
+    fn splice_in(&mut self, pipe: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<Moved> {
+        if self.file.as_ref().is_none_or(|s| s.removed) {
+            return Ok(Moved::Read { write: true });
         }
-        let mut failure = None;
-        if let Some(f) = sink.file.as_mut() {
-            match f.write_all(data) {
-                Ok(()) => sink.len += data.len() as u64,
-                Err(e) => {
-                    // Part of it may be written: the file's real length, as far as known.
-                    sink.len = f.metadata().map_or(sink.len, |m| m.len());
-                    failure = Some(format!("writing {}: {e}", sink.path.display()));
-                }
+        if !self.open_file() {
+            // Counted: the bytes go to memory only.
+            return Ok(Moved::Read { write: false });
+        }
+        let Some(sink) = self.file.as_mut() else {
+            return Ok(Moved::Read { write: true });
+        };
+        let Some(f) = sink.file.as_ref().filter(|_| sink.regular) else {
+            // A device (such as /dev/null) is written, never spliced into or read back.
+            return Ok(Moved::Read { write: true });
+        };
+        let room = usize::try_from(FILE_BYTES.saturating_sub(sink.len)).unwrap_or(MOVE_BYTES);
+        let at = sink.len;
+        let mut end = at;
+        let moved = rustix::pipe::splice(
+            pipe,
+            None,
+            f,
+            Some(&mut end),
+            room.clamp(1, MOVE_BYTES),
+            rustix::pipe::SpliceFlags::NONBLOCK,
+        );
+        let n = match moved {
+            Ok(n) => n,
+            Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => {
+                // Nothing moved (disk full, …): read into memory, the failure counted.
+                let what = format!("writing {}: {e}", sink.path.display());
+                self.fail(what);
+                return Ok(Moved::Read { write: false });
             }
+        };
+        sink.len = end;
+        buf.clear();
+        buf.resize(n, 0);
+        let back = f.read_exact_at(buf, at);
+        let path = sink.path.clone();
+        if let Err(e) = back {
+            // In the file, not in memory: a reader of this log skips these bytes.
+            buf.clear();
+            self.fail(format!("reading {} back: {e}", path.display()));
         }
-        if sink.len >= FILE_BYTES {
+        self.rotate_if_full(None);
+        Ok(Moved::Spliced(n))
+    }
+
+    /// Rotates the file once it reached [`FILE_BYTES`]; records `failure` (or the
+    /// rotation's own).
+    fn rotate_if_full(&mut self, mut failure: Option<String>) {
+        if let Some(sink) = self.file.as_mut()
+            && sink.len >= FILE_BYTES
+        {
             let old = rotated(&sink.path);
             // Close first: whatever happens next, nothing more goes to the rotated file.
             sink.file = None;
@@ -246,10 +340,7 @@ impl Inner {
                 ));
             }
             match open_log(&sink.path, false) {
-                Ok((f, len)) => {
-                    sink.file = Some(f);
-                    sink.len = len;
-                }
+                Ok(opened) => sink.opened(opened),
                 Err(e) => {
                     sink.failed_open = Some(Instant::now());
                     failure.get_or_insert(format!("reopening {}: {e}", sink.path.display()));
@@ -261,6 +352,19 @@ impl Inner {
         }
     }
 }
+
+/// What [`Inner::splice_in`] did.
+enum Moved {
+    /// This many bytes moved into the file (0: the pipe's end); the caller's buffer holds
+    /// them (or nothing, when reading them back failed).
+    Spliced(usize),
+    /// Not moved: the caller reads the pipe, and writes what it read to the file when
+    /// `write` (no file, or a device; not after a failed open or splice, counted already).
+    Read { write: bool },
+}
+
+/// The most bytes one move from a pipe takes: a whole default pipe buffer.
+pub const MOVE_BYTES: usize = 64 << 10;
 
 /// The most bytes one chunk may hold: the bound less its allocator overhead and a queue of
 /// 64 slots.
@@ -275,11 +379,12 @@ fn rotated(path: &Path) -> PathBuf {
     path.with_extension("log.1")
 }
 
-/// Opens (creating) the log file for appending, mode 0600 — also when it already existed
-/// with another mode — and returns it with its length. With `create_dir` (only when the log
-/// is made: a later reopen must not bring back a directory a cell's free removed), its
-/// directory is created 0700.
-fn open_log(path: &Path, create_dir: bool) -> io::Result<(fs::File, u64)> {
+/// Opens (creating) the log file, mode 0600 — also when it already existed with another
+/// mode. Not `O_APPEND` (a `splice` into such a file is refused): every write is at the
+/// known end ([`FileSink::len`]). With `create_dir` (only when the log is made: a later
+/// reopen must not bring back a directory a cell's free removed), its directory is created
+/// 0700.
+fn open_log(path: &Path, create_dir: bool) -> io::Result<Opened> {
     if create_dir
         && let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
@@ -292,7 +397,9 @@ fn open_log(path: &Path, create_dir: bool) -> io::Result<(fs::File, u64)> {
     }
     let f = fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
         .mode(0o600)
         .open(path)?;
     let meta = f.metadata()?;
@@ -300,7 +407,18 @@ fn open_log(path: &Path, create_dir: bool) -> io::Result<(fs::File, u64)> {
     if meta.is_file() && meta.permissions().mode() & 0o777 != 0o600 {
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
-    Ok((f, meta.len()))
+    Ok(Opened {
+        len: meta.len(),
+        regular: meta.is_file(),
+        file: f,
+    })
+}
+
+/// A log file just opened: the handle, its length, whether it is a regular file.
+struct Opened {
+    file: fs::File,
+    len: u64,
+    regular: bool,
 }
 
 /// The log. Writers append; readers replay then follow through [`Log::subscribe`].
@@ -317,21 +435,23 @@ impl Log {
     pub fn new(file: Option<PathBuf>) -> Self {
         let mut inner = Inner::default();
         if let Some(path) = file {
-            let (file, len, failed_open) = match open_log(&path, true) {
-                Ok((f, len)) => (Some(f), len, None),
-                Err(e) => {
-                    inner.fail(format!("opening {}: {e}", path.display()));
-                    (None, 0, Some(Instant::now()))
-                }
-            };
-            inner.file = Some(FileSink {
+            let mut sink = FileSink {
                 path,
-                file,
-                len,
-                failed_open,
+                file: None,
+                len: 0,
+                failed_open: None,
                 removed: false,
                 unmade: false,
-            });
+                regular: true,
+            };
+            match open_log(&sink.path, true) {
+                Ok(opened) => sink.opened(opened),
+                Err(e) => {
+                    inner.fail(format!("opening {}: {e}", sink.path.display()));
+                    sink.failed_open = Some(Instant::now());
+                }
+            }
+            inner.file = Some(sink);
         }
         Self {
             inner: Mutex::new(inner),
@@ -353,6 +473,7 @@ impl Log {
                 failed_open: None,
                 removed: false,
                 unmade: true,
+                regular: true,
             }),
             ..Default::default()
         };
@@ -413,6 +534,45 @@ impl Log {
         let end = g.end;
         drop(g);
         self.tx.send_modify(|s| s.0 = end);
+    }
+
+    /// Moves what the pipe `pipe` (non-blocking) holds into the log, at most
+    /// [`MOVE_BYTES`]: into the file in one `splice` when the log has a regular file (see
+    /// [`Inner::splice_in`]: a crash never loses a byte taken from the pipe), else read
+    /// into memory (and written). `buf` is scratch space. Ok(0): the pipe's end;
+    /// `WouldBlock`: nothing to take.
+    pub fn append_from(
+        &self,
+        stream: Stream,
+        pipe: BorrowedFd<'_>,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        let mut g = self.lock();
+        let n = match g.splice_in(pipe, buf)? {
+            Moved::Spliced(n) => n,
+            Moved::Read { write } => {
+                buf.clear();
+                buf.resize(MOVE_BYTES, 0);
+                let n = rustix::io::read(pipe, &mut buf[..])?;
+                buf.truncate(n);
+                if write && n > 0 {
+                    g.write_file(buf);
+                }
+                n
+            }
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        let offset = g.end;
+        g.end += n as u64;
+        if !buf.is_empty() {
+            g.keep(stream, buf, offset);
+        }
+        let end = g.end;
+        drop(g);
+        self.tx.send_modify(|s| s.0 = end);
+        Ok(n)
     }
 
     /// No more output will come (the process's pipes reached EOF).

@@ -7,29 +7,56 @@ use super::log::{Log, Stream};
 
 /// Copies a pipe into the log until EOF. A failed write to the log file (disk full, …)
 /// is reported once per failure through `on_write_error` (an event, by the caller); the
-/// output still reaches the in-memory log.
+/// output still reaches the in-memory log. A pipe's output is moved into the log's file
+/// by [`Log::append_from`] (`splice`: taken from the pipe and in the file in one system
+/// call, so a `kill -9` of auraed loses none of it); a terminal's is read and written.
 pub async fn pump(
     read: OwnedFd,
     log: Arc<Log>,
     stream: Stream,
     on_write_error: impl Fn(String) + Send + 'static,
 ) {
+    use std::os::fd::AsFd;
     use tokio::io::AsyncReadExt;
+    let fifo = is_fifo(&read);
     let Ok(mut rx) = receiver(read) else {
         return;
     };
+    let report = |log: &Log| {
+        if let Some(e) = log.take_unreported_write_error() {
+            on_write_error(e);
+        }
+    };
+    if fifo {
+        let mut buf = Vec::with_capacity(super::log::MOVE_BYTES);
+        loop {
+            if rx.readable().await.is_err() {
+                return;
+            }
+            match rx.try_io(|| log.append_from(stream, rx.as_fd(), &mut buf)) {
+                Ok(0) => return,
+                Ok(_) => report(&log),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 log.append(stream, &buf[..n]);
-                if let Some(e) = log.take_unreported_write_error() {
-                    on_write_error(e);
-                }
+                report(&log);
             }
         }
     }
+}
+
+fn is_fifo(fd: &OwnedFd) -> bool {
+    rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo
+    })
 }
 
 /// A reader of a pipe's read end, or of a terminal's master side (not a pipe, but a
@@ -67,5 +94,138 @@ pub async fn feed(write: OwnedFd, data: Vec<u8>) {
     use tokio::io::AsyncWriteExt;
     if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(write) {
         let _ = tx.write_all(&data).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::{Read, Write},
+        os::fd::AsFd,
+        process::{Command, Stdio},
+        sync::atomic::{AtomicBool, Ordering},
+        time::Duration,
+    };
+
+    /// Set in the pumping child this test starts: the log file it appends to.
+    const CHILD: &str = "AURAE_TEST_PUMP_CHILD";
+    const RECORD: usize = 13;
+
+    /// A `kill -9` of the process pumping a pipe into a log, at random points of a
+    /// steady stream, again and again (each new pumper resumes the same log file and
+    /// takes the same pipe, as a restarted auraed takes its executables' pipes back from
+    /// the holder): what the file holds plus what is left in the pipe is every byte
+    /// written, in order, none twice. A pumper that read a chunk and died before writing
+    /// it lost that chunk.
+    #[test]
+    fn a_kill_9_of_the_pumper_loses_no_output() {
+        if let Ok(path) = std::env::var(CHILD) {
+            // The child: pump stdin (the pipe) into the log until killed.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let fd = std::io::stdin().as_fd().try_clone_to_owned().unwrap();
+            let log = Arc::new(Log::resume(path.into()));
+            rt.block_on(pump(fd, log, Stream::Stdout, |_| {}));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        let (mut rx, tx) = std::io::pipe().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let stop = stop.clone();
+            let mut tx = tx;
+            move || {
+                let mut n = 0u64;
+                let mut batch = String::new();
+                while !stop.load(Ordering::Relaxed) {
+                    batch.clear();
+                    for _ in 0..256 {
+                        batch += &format!("{n:012}\n");
+                        n += 1;
+                    }
+                    tx.write_all(batch.as_bytes()).unwrap();
+                    // ~3 MB/s: the whole run stays below the file's rotation.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                n
+            }
+        });
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64
+            | 1;
+        println!("seed {seed}");
+        let me = std::env::current_exe().unwrap();
+        const KILLS: usize = 30;
+        for _ in 0..KILLS {
+            let mut child = Command::new(&me)
+                .args([
+                    "--exact",
+                    "workload::output::tests::a_kill_9_of_the_pumper_loses_no_output",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, &path)
+                .stdin(Stdio::from(rx.try_clone().unwrap()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // xorshift: 20–60 ms into the stream (the child's start takes some of it).
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(Duration::from_millis(20 + seed % 40));
+            child.kill().unwrap();
+            let st = child.wait().unwrap();
+            assert!(st.code().is_none(), "the pumper ended by itself: {st:?}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        // What no pumper took: the rest of the pipe, until the writer is done.
+        let mut rest = Vec::new();
+        // The pumpers made the pipe's (shared) description non-blocking.
+        let fl = rustix::fs::fcntl_getfl(&rx).unwrap();
+        rustix::fs::fcntl_setfl(&rx, fl - rustix::fs::OFlags::NONBLOCK).unwrap();
+        let drain = std::thread::spawn(move || {
+            rx.read_to_end(&mut rest).unwrap();
+            rest
+        });
+        let written = writer.join().unwrap();
+        let rest = drain.join().unwrap();
+        assert!(
+            !path.with_extension("log.1").exists(),
+            "rotated: write less"
+        );
+        let mut all = std::fs::read(&path).unwrap();
+        let in_file = all.len();
+        all.extend_from_slice(&rest);
+        assert_eq!(all.len() % RECORD, 0, "a torn record");
+        let mut next = 0u64;
+        for r in all.chunks(RECORD) {
+            let got: u64 = std::str::from_utf8(&r[..RECORD - 1])
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(
+                got, next,
+                "record {next} missing or repeated (seed printed above)"
+            );
+            next += 1;
+        }
+        assert_eq!(
+            next, written,
+            "every record written is in the file or the pipe"
+        );
+        assert!(in_file > 0, "the pumpers moved nothing");
+        println!(
+            "{KILLS} kills: {written} records, {} in the file, {} left in the pipe",
+            in_file / RECORD,
+            rest.len() / RECORD
+        );
     }
 }
