@@ -82,8 +82,11 @@ struct FileSink {
     /// Not made yet ([`Log::on_first_write`]): the first write creates it (and its
     /// directory).
     unmade: bool,
-    /// A regular file (written at `len`, spliced into); else a device, written in order.
+    /// A regular file (written at `len`, spliced into, rotated); else a device, written
+    /// in order, never rotated.
     regular: bool,
+    /// Its file system refused a `splice`: output is read and written.
+    no_splice: bool,
 }
 
 impl FileSink {
@@ -256,7 +259,9 @@ impl Inner {
         };
         let failure = match written {
             Ok(()) => {
-                sink.len += data.len() as u64;
+                if sink.regular {
+                    sink.len += data.len() as u64;
+                }
                 None
             }
             Err(e) => {
@@ -268,12 +273,23 @@ impl Inner {
         self.rotate_if_full(failure);
     }
 
-    /// Moves what `pipe` holds (at most [`MOVE_BYTES`]) to the end of the file in one
-    /// `splice`, then reads it back into `buf` for memory. The move is one system call: a
-    /// `kill -9` of auraed leaves each byte either still in the pipe (the holder keeps it
-    /// for the next auraed) or in the file, never in a buffer of ours only.
+    /// Moves what `pipe` holds (at most [`MOVE_BYTES`], and no further than
+    /// [`FILE_BYTES`] into the file) to the end of the file in one `splice`, then reads it
+    /// back into `buf` for memory. The move is one system call: a `kill -9` of auraed
+    /// leaves each byte either still in the pipe (the holder keeps it for the next auraed)
+    /// or in the file, never in a buffer of ours only. Without an open regular file that
+    /// takes a splice, the caller reads instead ([`Moved::Read`]).
     fn splice_in(&mut self, pipe: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<Moved> {
-        if self.file.as_ref().is_none_or(|s| s.removed) {
+        let Some(sink) = self.file.as_ref() else {
+            return Ok(Moved::Read { write: true });
+        };
+        if sink.removed || sink.no_splice {
+            return Ok(Moved::Read { write: true });
+        }
+        // Not open (a log made on first write, or after a failed open): only bytes may
+        // open it — the pipe also reads ready at its end, and a process that wrote nothing
+        // must cost no file. Bytes that come after this look are read and written.
+        if sink.file.is_none() && rustix::io::ioctl_fionread(pipe).unwrap_or(0) == 0 {
             return Ok(Moved::Read { write: true });
         }
         if !self.open_file() {
@@ -287,7 +303,11 @@ impl Inner {
             // A device (such as /dev/null) is written, never spliced into or read back.
             return Ok(Moved::Read { write: true });
         };
-        let room = usize::try_from(FILE_BYTES.saturating_sub(sink.len)).unwrap_or(MOVE_BYTES);
+        // Past the rotation size only when renaming the full file failed: go on writing.
+        let room = match usize::try_from(FILE_BYTES.saturating_sub(sink.len)) {
+            Ok(0) | Err(_) => MOVE_BYTES,
+            Ok(room) => room.min(MOVE_BYTES),
+        };
         let at = sink.len;
         let mut end = at;
         let moved = rustix::pipe::splice(
@@ -295,12 +315,19 @@ impl Inner {
             None,
             f,
             Some(&mut end),
-            room.clamp(1, MOVE_BYTES),
+            room,
             rustix::pipe::SpliceFlags::NONBLOCK,
         );
         let n = match moved {
             Ok(n) => n,
             Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+            Err(
+                rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP,
+            ) => {
+                // A file system that takes no splice: read and write from now on.
+                sink.no_splice = true;
+                return Ok(Moved::Read { write: true });
+            }
             Err(e) => {
                 // Nothing moved (disk full, …): read into memory, the failure counted.
                 let what = format!("writing {}: {e}", sink.path.display());
@@ -314,7 +341,8 @@ impl Inner {
         let back = f.read_exact_at(buf, at);
         let path = sink.path.clone();
         if let Err(e) = back {
-            // In the file, not in memory: a reader of this log skips these bytes.
+            // In the file, not in memory (a read-back failing where the bytes were just
+            // written: an I/O error): reported, and a reader of the memory skips them.
             buf.clear();
             self.fail(format!("reading {} back: {e}", path.display()));
         }
@@ -363,7 +391,8 @@ enum Moved {
     Read { write: bool },
 }
 
-/// The most bytes one move from a pipe takes: a whole default pipe buffer.
+/// The most bytes one move from a pipe takes (a whole default pipe buffer with 4 KiB
+/// pages).
 pub const MOVE_BYTES: usize = 64 << 10;
 
 /// The most bytes one chunk may hold: the bound less its allocator overhead and a queue of
@@ -380,8 +409,9 @@ fn rotated(path: &Path) -> PathBuf {
 }
 
 /// Opens (creating) the log file, mode 0600 — also when it already existed with another
-/// mode. Not `O_APPEND` (a `splice` into such a file is refused): every write is at the
-/// known end ([`FileSink::len`]). With `create_dir` (only when the log is made: a later
+/// mode. Not `O_APPEND` (a `splice` into such a file is refused): every write to a regular
+/// file is at its known end ([`FileSink::len`]; a file truncated under auraed's feet gets
+/// a hole up to there), a device is written in order. With `create_dir` (only when the log is made: a later
 /// reopen must not bring back a directory a cell's free removed), its directory is created
 /// 0700.
 fn open_log(path: &Path, create_dir: bool) -> io::Result<Opened> {
@@ -443,6 +473,7 @@ impl Log {
                 removed: false,
                 unmade: false,
                 regular: true,
+                no_splice: false,
             };
             match open_log(&sink.path, true) {
                 Ok(opened) => sink.opened(opened),
@@ -474,6 +505,7 @@ impl Log {
                 removed: false,
                 unmade: true,
                 regular: true,
+                no_splice: false,
             }),
             ..Default::default()
         };
