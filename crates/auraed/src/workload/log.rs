@@ -569,9 +569,9 @@ impl Log {
     }
 
     /// Moves what the pipe `pipe` (non-blocking) holds into the log, at most
-    /// [`MOVE_BYTES`]: into the file in one `splice` when the log has a regular file (see
-    /// [`Inner::splice_in`]: a crash never loses a byte taken from the pipe), else read
-    /// into memory (and written). `buf` is scratch space. Ok(0): the pipe's end;
+    /// [`MOVE_BYTES`]: into the file in one `splice` when the log has an open regular file
+    /// (then read back for the memory: a crash never loses a byte taken from the pipe),
+    /// else read into memory (and written). `buf` is scratch space. Ok(0): the pipe's end;
     /// `WouldBlock`: nothing to take.
     pub fn append_from(
         &self,
