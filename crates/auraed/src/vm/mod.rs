@@ -674,7 +674,13 @@ impl Vms {
         let held = self.hold(spec.name.as_str(), [&ctl, &out_r]);
         let ctl = Arc::new(ctl);
         let raw: Vec<_> = files.iter().map(AsRawFd::as_raw_fd).collect();
-        vmm::send_with_fds(ctl.as_ref(), &cfg, &raw)?;
+        if let Err(e) = vmm::send_with_fds(ctl.as_ref(), &cfg, &raw) {
+            // Nothing runs yet: the VMM goes, and the holder lets its channels go (its
+            // copy of the control socket would keep the VMM waiting for a config).
+            let _ = child.pidfd.send_signal(nix::libc::SIGKILL);
+            self.release_held(spec.name.as_str(), held.as_ref());
+            return Err(e.into());
+        }
         let log = Arc::new(Log::new(Some(hidden_log.unwrap_or_else(|| {
             self.logs_dir.join("vms").join(format!("{}.log", spec.name))
         }))));
@@ -701,7 +707,13 @@ impl Vms {
             held,
         });
         self.pump_console(&vm, out_r);
-        self.read_reports(&vm, &ctl)?;
+        if let Err(e) = self.read_reports(&vm, &ctl) {
+            let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
+            vm.wait(Some(Duration::from_secs(5))).await;
+            let _ = vm.log.remove_files();
+            self.release(&vm);
+            return Err(e);
+        }
         // The VMM process's end: the truth when it died without a report.
         {
             let vm2 = vm.clone();
@@ -792,10 +804,14 @@ impl Vms {
 
     /// The holder lets go of a VM's channels (it is gone).
     fn release(&self, vm: &Vm) {
-        if let (Some(h), Some(held)) = (&self.holder, &vm.held)
+        self.release_held(vm.spec.name.as_str(), vm.held.as_ref());
+    }
+
+    fn release_held(&self, name: &str, held: Option<&crate::workload::holder::HeldOutput>) {
+        if let (Some(h), Some(held)) = (&self.holder, held)
             && let Err(e) = h.release_held(held)
         {
-            warn!(vm = %vm.spec.name, "releasing the VMM's channels in the holder: {e}");
+            warn!(vm = name, "releasing the VMM's channels in the holder: {e}");
         }
     }
 
