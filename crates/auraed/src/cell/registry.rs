@@ -776,6 +776,19 @@ impl Cells {
             e.wait(Some(left)).await;
         }
         let t_grace = t0.elapsed();
+        // The inits' mount namespaces, held across their deaths: a namespace's teardown
+        // (its mounts undone, an RCU grace period waited for) is then not part of the
+        // drain the caller waits for; let go below, off the call's path.
+        let mounts: Vec<std::fs::File> = family
+            .iter()
+            .filter(|c| c.ns.others & Ns::MOUNT != 0)
+            .filter_map(|c| c.init.as_ref())
+            .filter_map(|i| {
+                let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", i.pid)).ok()?;
+                // Still running, so the pid was its own when opened.
+                (!crate::workload::supervise::has_exited(&i.pidfd)).then_some(ns)
+            })
+            .collect();
         tree.kill(name)?;
         let t_kill = t0.elapsed();
         if let Some(init) = &cell.init {
@@ -787,6 +800,9 @@ impl Cells {
             warn!(cell = %name, "cell still populated after cgroup.kill");
         }
         let t_drain = t0.elapsed();
+        if !mounts.is_empty() {
+            tokio::task::spawn_blocking(move || drop(mounts));
+        }
         for e in &exes {
             e.wait(Some(Duration::from_secs(5))).await;
         }
