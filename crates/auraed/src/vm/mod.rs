@@ -675,8 +675,9 @@ impl Vms {
         let ctl = Arc::new(ctl);
         let raw: Vec<_> = files.iter().map(AsRawFd::as_raw_fd).collect();
         if let Err(e) = vmm::send_with_fds(ctl.as_ref(), &cfg, &raw) {
-            // Nothing runs yet: the VMM goes, and the holder lets its channels go (its
-            // copy of the control socket would keep the VMM waiting for a config).
+            // No guest runs yet, the VMM waits for its config: it goes, and the holder
+            // lets its channels go (its copy of the control socket would keep the VMM
+            // waiting).
             let _ = child.pidfd.send_signal(nix::libc::SIGKILL);
             self.release_held(spec.name.as_str(), held.as_ref());
             return Err(e.into());
@@ -709,7 +710,8 @@ impl Vms {
         self.pump_console(&vm, out_r);
         if let Err(e) = self.read_reports(&vm, &ctl) {
             let _ = vm.pidfd.send_signal(nix::libc::SIGKILL);
-            vm.wait(Some(Duration::from_secs(5))).await;
+            // Its exit, from the reaper (the VM's own watch of it is not started yet).
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.exit).await;
             let _ = vm.log.remove_files();
             self.release(&vm);
             return Err(e);
