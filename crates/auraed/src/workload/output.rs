@@ -112,6 +112,8 @@ mod tests {
     /// Set in the pumping child this test starts: the log file it appends to.
     const CHILD: &str = "AURAE_TEST_PUMP_CHILD";
     const RECORD: usize = 13;
+    /// 6.5 MB of records at most: below the log's rotation size (8 MiB).
+    const MAX_RECORDS: u64 = 500_000;
 
     /// A pipe pumped into a log made on first write: closed without a byte, it makes
     /// neither the file nor its directory (the pipe reads ready at its end too); with
@@ -173,15 +175,19 @@ mod tests {
                 let mut n = 0u64;
                 let mut batch = String::new();
                 while !stop.load(Ordering::Relaxed) {
-                    batch.clear();
-                    for _ in 0..128 {
-                        batch += &format!("{n:012}\n");
-                        n += 1;
+                    // ~1.7 MB/s (~3.6 MB in a run), and never past MAX_RECORDS however
+                    // slow the machine: the file never reaches its rotation.
+                    if n < MAX_RECORDS {
+                        batch.clear();
+                        for _ in 0..128 {
+                            batch += &format!("{n:012}\n");
+                            n += 1;
+                        }
+                        tx.write_all(batch.as_bytes()).unwrap();
                     }
-                    tx.write_all(batch.as_bytes()).unwrap();
-                    // ~1.7 MB/s: the whole run stays well below the file's rotation.
                     std::thread::sleep(Duration::from_millis(1));
                 }
+                // The write end stays open until now: a pumper never sees the pipe end.
                 n
             }
         });
