@@ -779,15 +779,11 @@ impl Cells {
         // The inits' mount namespaces, held across their deaths: a namespace's teardown
         // (its mounts undone, an RCU grace period waited for) is then not part of the
         // drain the caller waits for; let go below, off the call's path.
-        let mounts: Vec<std::fs::File> = family
+        let mounts: Vec<_> = family
             .iter()
             .filter(|c| c.ns.others & Ns::MOUNT != 0)
             .filter_map(|c| c.init.as_ref())
-            .filter_map(|i| {
-                let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", i.pid)).ok()?;
-                // Still running, so the pid was its own when opened.
-                (!crate::workload::supervise::has_exited(&i.pidfd)).then_some(ns)
-            })
+            .filter_map(|i| crate::workload::supervise::mount_namespace_of(i.pid, &i.pidfd))
             .collect();
         tree.kill(name)?;
         let t_kill = t0.elapsed();

@@ -294,12 +294,10 @@ impl Cells {
             }
         };
         if let Some(r) = &rootfs
-            && let Ok(ns) = std::fs::File::open(format!("/proc/{}/ns/mnt", child.pid))
-            // Still running, so the pid was still its own when opened (not a reused
-            // one); one that has exited already took its namespace down itself.
-            && !crate::workload::supervise::has_exited(&child.pidfd)
+            && let Some(ns) =
+                crate::workload::supervise::mount_namespace_of(child.pid, &child.pidfd)
         {
-            r.hold_mount_namespace(ns.into());
+            r.hold_mount_namespace(ns);
         }
         let mut prepared = prepared;
         if let Err(e) = prepared.take_console() {

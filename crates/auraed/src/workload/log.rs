@@ -90,6 +90,20 @@ struct FileSink {
 }
 
 impl FileSink {
+    /// Not open yet: opened by [`Log::new`] at once, or by the first write when `unmade`.
+    fn unopened(path: PathBuf, unmade: bool) -> Self {
+        Self {
+            path,
+            file: None,
+            len: 0,
+            failed_open: None,
+            removed: false,
+            unmade,
+            regular: true,
+            no_splice: false,
+        }
+    }
+
     fn opened(&mut self, o: Opened) {
         self.file = Some(o.file);
         self.len = o.len;
@@ -465,16 +479,7 @@ impl Log {
     pub fn new(file: Option<PathBuf>) -> Self {
         let mut inner = Inner::default();
         if let Some(path) = file {
-            let mut sink = FileSink {
-                path,
-                file: None,
-                len: 0,
-                failed_open: None,
-                removed: false,
-                unmade: false,
-                regular: true,
-                no_splice: false,
-            };
+            let mut sink = FileSink::unopened(path, false);
             match open_log(&sink.path, true) {
                 Ok(opened) => sink.opened(opened),
                 Err(e) => {
@@ -497,16 +502,7 @@ impl Log {
     /// it again.
     pub fn on_first_write(file: PathBuf) -> Self {
         let inner = Inner {
-            file: Some(FileSink {
-                path: file,
-                file: None,
-                len: 0,
-                failed_open: None,
-                removed: false,
-                unmade: true,
-                regular: true,
-                no_splice: false,
-            }),
+            file: Some(FileSink::unopened(file, true)),
             ..Default::default()
         };
         Self {

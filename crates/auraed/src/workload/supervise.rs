@@ -40,6 +40,16 @@ pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
     readable_within(pidfd.as_fd(), Duration::ZERO).unwrap_or(false)
 }
 
+/// The mount namespace of process `pid` (whose pidfd is `pidfd`) while it runs: opened,
+/// then the process checked still running, so the pid was its own when opened (not a
+/// reused one). `None` once it has exited (it took its namespace down itself) or where
+/// the namespace cannot be opened. Held, the namespace outlives the process: its mounts
+/// are undone when the fd is dropped, not in the process's exit.
+pub fn mount_namespace_of(pid: i32, pidfd: &aurae_sys::Pidfd) -> Option<std::os::fd::OwnedFd> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok()?;
+    (!has_exited(pidfd)).then(|| ns.into())
+}
+
 /// Waits up to `within` (on this worker: `off_runtime`) for the process of `pidfd` to
 /// exit; whether it has.
 pub fn exits_within(pidfd: &aurae_sys::Pidfd, within: Duration) -> bool {
