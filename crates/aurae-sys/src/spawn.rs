@@ -12,10 +12,15 @@
 //! close-on-exec pipe reports a failed step: no bytes means the exec succeeded.
 //!
 //! Joining a cell's PID namespace cannot be done by the child itself (`setns(CLONE_NEWPID)`
-//! only affects the caller's future children), so [`spawn`] does it on a short-lived helper
-//! thread: `setns(pidfd, CLONE_NEWPID)` changes that thread's `pid_ns_for_children`, and the
-//! clone from that thread is born inside the cell's PID namespace while still being our
-//! child (we wait for it and get its exit status).
+//! only affects the caller's future children), so [`spawn`] does it on the calling thread:
+//! `setns(pidfd, CLONE_NEWPID)` changes that thread's `pid_ns_for_children`, the clone from
+//! it is born inside the cell's PID namespace while still being our child (we wait for it
+//! and get its exit status), and the thread goes back to auraed's own PID namespace right
+//! after (`setns` of the namespace opened once at the first such spawn). A thread that
+//! could not go back (the kernel out of memory for its namespace set) is marked: every
+//! later spawn from it tries again first and fails rather than start a process in the
+//! cell's PID namespace. (This was a short-lived helper thread per spawn: a thread made
+//! and joined, its stack mapped and unmapped, for two `setns` calls.)
 
 use std::{
     ffi::{CStr, CString},
@@ -378,28 +383,64 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
             )));
         }
     }
+    back_home().map_err(SpawnError::Setup)?;
     let Some(ns) = req.pid_namespace_of else {
         return spawn_here(req);
     };
-    std::thread::scope(|s| {
-        // A thread that cannot be made (pids.max, RLIMIT_NPROC) is an error, not a panic.
-        let helper = std::thread::Builder::new()
-            .spawn_scoped(s, || {
-                // SAFETY: setns on a pidfd we were given, with CLONE_NEWPID only: it
-                // changes this helper thread's pid_ns_for_children and nothing else; the
-                // thread ends right after the clone.
-                if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
-                    return Err(SpawnError::Setup(io::Error::last_os_error()));
-                }
-                spawn_here(req)
-            })
-            .map_err(SpawnError::Setup)?;
-        helper.join().unwrap_or_else(|_| {
-            Err(SpawnError::Setup(io::Error::other(
-                "spawn helper thread panicked",
-            )))
-        })
-    })
+    let home = own_pid_namespace().map_err(SpawnError::Setup)?;
+    // SAFETY: setns on an fd we were given, with CLONE_NEWPID only: it changes this
+    // thread's pid_ns_for_children and nothing else (its own PID stays auraed's); put back
+    // below before anything else can start a process from this thread.
+    if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
+        return Err(SpawnError::Setup(io::Error::last_os_error()));
+    }
+    let spawned = spawn_here(req);
+    // SAFETY: as above, back to auraed's own PID namespace (always allowed: it is this
+    // thread's active one).
+    if unsafe { libc::setns(home, libc::CLONE_NEWPID) } < 0 {
+        AWAY.with(|a| a.set(true));
+    }
+    spawned
+}
+
+/// A pidfd of auraed itself, whose active PID namespace (every thread's) is where a
+/// thread goes back to after a spawn into a cell's; opened at the first such spawn (a
+/// pidfd: no /proc needed).
+static OWN_PID_NS: std::sync::OnceLock<Pidfd> = std::sync::OnceLock::new();
+
+fn own_pid_namespace() -> io::Result<RawFd> {
+    use std::os::fd::AsRawFd;
+    if let Some(fd) = OWN_PID_NS.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    let fd = Pidfd::open(std::process::id().try_into().map_err(io::Error::other)?)?;
+    Ok(OWN_PID_NS.get_or_init(|| fd).as_raw_fd())
+}
+
+thread_local! {
+    /// This thread's `pid_ns_for_children` is still a cell's (going back failed).
+    static AWAY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Puts this thread's `pid_ns_for_children` back to auraed's own if a spawn left it in a
+/// cell's; an error when it still cannot (no process may be started from it then).
+fn back_home() -> io::Result<()> {
+    if !AWAY.with(std::cell::Cell::get) {
+        return Ok(());
+    }
+    let home = own_pid_namespace()?;
+    // SAFETY: setns to this thread's active PID namespace, CLONE_NEWPID only.
+    if unsafe { libc::setns(home, libc::CLONE_NEWPID) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "this thread could not go back to auraed's PID namespace after a spawn into a cell's: {e}"
+            ),
+        ));
+    }
+    AWAY.with(|a| a.set(false));
+    Ok(())
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -1064,5 +1105,87 @@ mod tests {
             }
             other => panic!("expected a chdir error, got {other:?}"),
         }
+    }
+
+    /// `echo $$` spawned with `pid_namespace_of`: its pid as it sees it.
+    fn own_pid_seen(pid_namespace_of: Option<RawFd>) -> (i32, String) {
+        let argv: Vec<CString> = ["/bin/sh", "-c", "echo $$"]
+            .iter()
+            .map(|a| CString::new(*a).unwrap())
+            .collect();
+        let (r, w) = std::io::pipe().unwrap();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let req = SpawnRequest {
+            pid_namespace_of,
+            ..request(
+                &argv[0],
+                &argv,
+                [devnull.as_raw_fd(), w.as_raw_fd(), devnull.as_raw_fd()],
+            )
+        };
+        let (pid, pidfd) = spawn(&req).unwrap();
+        drop(w);
+        let out = std::io::read_to_string(r).unwrap();
+        assert_eq!(pidfd.wait_blocking().unwrap(), ExitStatus::Code(0));
+        (pid, out.trim().to_owned())
+    }
+
+    fn link(p: &str) -> String {
+        std::fs::read_link(p)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A spawn into another process's PID namespace is born there, and the calling thread
+    /// is back in auraed's own at once: the next spawn from it (without one) is born in
+    /// ours. A failed setns leaves the thread as it was; a thread left in a cell's PID
+    /// namespace (a failed way back) goes back before its next spawn.
+    #[test]
+    fn a_spawn_into_a_pid_namespace_leaves_the_thread_in_its_own() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!(
+                "SKIP a_spawn_into_a_pid_namespace_leaves_the_thread_in_its_own: needs root for CLONE_NEWPID"
+            );
+            return;
+        }
+        let argv: Vec<CString> = ["/bin/sleep", "30"]
+            .iter()
+            .map(|a| CString::new(*a).unwrap())
+            .collect();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let fd = devnull.as_raw_fd();
+        let holder = SpawnRequest {
+            new_namespaces: Namespaces(Namespaces::PID),
+            ..request(&argv[0], &argv, [fd, fd, fd])
+        };
+        let (_, holder) = spawn(&holder).unwrap();
+        let ours = link("/proc/self/ns/pid");
+        for _ in 0..3 {
+            let (pid, seen) = own_pid_seen(Some(holder.as_raw_fd()));
+            assert!(pid > 1);
+            assert_ne!(seen, pid.to_string(), "born in the holder's PID namespace");
+            assert_eq!(link("/proc/thread-self/ns/pid_for_children"), ours);
+            let (pid, seen) = own_pid_seen(None);
+            assert_eq!(seen, pid.to_string(), "the next spawn is born in ours");
+        }
+        // Not a namespace: refused, the thread unchanged.
+        let bad = SpawnRequest {
+            pid_namespace_of: Some(fd),
+            ..request(&argv[0], &argv, [fd, fd, fd])
+        };
+        assert!(spawn(&bad).is_err());
+        assert_eq!(link("/proc/thread-self/ns/pid_for_children"), ours);
+        // As if the way back had failed: the next spawn goes back first.
+        // SAFETY: setns of this test thread's pid_ns_for_children to the holder's.
+        let moved = unsafe { libc::setns(holder.as_raw_fd(), libc::CLONE_NEWPID) };
+        assert_eq!(moved, 0);
+        AWAY.with(|a| a.set(true));
+        let (pid, seen) = own_pid_seen(None);
+        assert_eq!(seen, pid.to_string(), "born in ours after going back");
+        assert_eq!(link("/proc/thread-self/ns/pid_for_children"), ours);
+        holder.send_signal(libc::SIGKILL).unwrap();
+        holder.wait_blocking().unwrap();
     }
 }

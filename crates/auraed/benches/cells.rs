@@ -152,6 +152,51 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
     (at(0.5), at(0.1), at(0.9))
 }
+/// With `AURAE_TEST_DAEMON_LOG=auraed=debug`: the medians of the daemon's own phase
+/// timings in `log` (the part written during one bench), over the last `rounds` lines of
+/// each kind (the bench's measured rounds: the earlier ones are its warm-up, or a
+/// four-call arm's lines of the same kind).
+fn print_phases(bench: &str, log: &str, rounds: usize) {
+    for what in [
+        "RunCell timings",
+        "spawn timings",
+        "run timings",
+        "Free timings",
+        "Free remove timings",
+        "Stop timings",
+        "allocate timings",
+        "pool timings",
+        "run end timings",
+        "run call timings",
+        "start timings",
+        "handler timings",
+    ] {
+        let mut fields: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for l in log.lines().filter(|l| l.contains(what)) {
+            for w in l.split_whitespace() {
+                if let Some((k, v)) = w.split_once('=')
+                    && k.ends_with("_us")
+                    && let Ok(n) = v.parse::<u64>()
+                {
+                    fields.entry(k.to_owned()).or_default().push(n);
+                }
+            }
+        }
+        let med: Vec<String> = fields
+            .iter_mut()
+            .map(|(k, v)| {
+                let n = v.len().saturating_sub(rounds);
+                v.drain(..n);
+                v.sort_unstable();
+                let at = |q: usize| v[(v.len() - 1) * q / 100];
+                format!("{k} {} ({}–{})", at(50), at(10), at(90))
+            })
+            .collect();
+        if !med.is_empty() {
+            println!("  {bench} {what}: {}", med.join(", "));
+        }
+    }
+}
 
 fn report(name: &str, v: &[Duration], fails: usize) -> f64 {
     let (m, p10, p90) = stats(v.to_vec());
@@ -357,6 +402,8 @@ async fn run() {
     let (mut one1, mut fails1) = (Vec::new(), 0);
     let mut split1: [Vec<Duration>; 2] = Default::default();
     let mut fails = (0, 0);
+    let timings = std::env::var_os("AURAE_BENCH_TIMINGS").is_some();
+    let b1_log = d.log_text().len();
     for i in 0..rounds + warm {
         let name = format!("t{i}");
         let t = Instant::now();
@@ -433,6 +480,10 @@ async fn run() {
     println!("  ratio aurae/fork = {:.2} (target <= 2)", a / f);
     let o = report("  aurae one call (run wait+remove)", &one1, fails1);
     println!("  ratio one call/fork = {:.2} (target <= 1.5)", o / f);
+    if timings {
+        // Both of B1's arms start a process: twice as many lines.
+        print_phases("B1", &d.log_text()[b1_log..], 2 * rounds);
+    }
 
     // B2: new cell + /bin/true + exit (+ free) vs crun/runc run.
     let tmp = tempfile::tempdir().unwrap();
@@ -459,6 +510,7 @@ async fn run() {
     let (mut one_t, mut one_fails) = (Vec::new(), 0);
     let mut b2_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut cell_fails = 0;
+    let b2_log = d.log_text().len();
     for i in 0..rounds2 + warm2 {
         let name = format!("c{i}");
         let t = Instant::now();
@@ -519,6 +571,9 @@ async fn run() {
     let peer_medians = b2_peers.report(m, 0.3);
     if let Some(crun) = peer_medians.first() {
         println!("  ratio one call/crun = {:.2} (target <= 0.3)", m1 / crun);
+    }
+    if timings {
+        print_phases("B2", &d.log_text()[b2_log..], rounds2);
     }
 
     // B4: throughput, cells created+run+freed per second (one call each) by 2 and 8
@@ -584,6 +639,7 @@ async fn run() {
     let mut phases: [Vec<Duration>; 3] = Default::default();
     let mut b3_peers = Peers::new(&tools, tmp.path(), bundle.clone());
     let mut fails3 = 0;
+    let b3_log = d.log_text().len();
     for i in 0..rounds2 + warm2 {
         let name = format!("r{i}");
         let t = Instant::now();
@@ -687,42 +743,8 @@ async fn run() {
     for (p, (tool, b2)) in b3_medians.iter().zip(tools.iter().zip(&peer_medians)) {
         println!("  (B3 {tool} median {p:.3} ms; in B2 it was {b2:.3} ms)");
     }
-    if std::env::var_os("AURAE_BENCH_TIMINGS").is_some() {
-        // With AURAE_TEST_DAEMON_LOG=auraed=debug: the daemon's own phase timings, medians.
-        let log = d.log_text();
-        for what in [
-            "RunCell timings",
-            "spawn timings",
-            "run timings",
-            "Free timings",
-            "Free remove timings",
-            "Stop timings",
-            "allocate timings",
-            "pool timings",
-        ] {
-            let mut fields: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
-            for l in log.lines().filter(|l| l.contains(what)) {
-                for w in l.split_whitespace() {
-                    if let Some((k, v)) = w.split_once('=')
-                        && k.ends_with("_us")
-                        && let Ok(n) = v.parse::<u64>()
-                    {
-                        fields.entry(k.to_owned()).or_default().push(n);
-                    }
-                }
-            }
-            let med: Vec<String> = fields
-                .iter_mut()
-                .map(|(k, v)| {
-                    // The last rounds are B3's (the others are B1's and B2's).
-                    let n = v.len().saturating_sub(rounds2);
-                    v.drain(..n);
-                    v.sort_unstable();
-                    format!("{k} {}", v[v.len() / 2])
-                })
-                .collect();
-            println!("  {what}: {}", med.join(", "));
-        }
+    if timings {
+        print_phases("B3", &d.log_text()[b3_log..], rounds2);
     }
     drop(d);
     drop(reg);

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::{
-    registry::{Cells, MAX_EXECUTABLES},
+    registry::{Cells, InTask, MAX_EXECUTABLES},
     state::Cell,
 };
 use crate::{
@@ -45,26 +45,32 @@ impl Cells {
         container: Option<crate::container::Plan>,
     ) -> Result<Arc<Executable>, WorkloadError> {
         let me = self.clone();
-        super::registry::detached(
-            "run",
-            async move { me.run_checked(spec, container, None).await },
-        )
+        super::registry::detached("run", move |t| async move {
+            me.run_in_task(spec, container, t).await
+        })
         .await
     }
 
-    /// [`Cells::run`] in the cell `cell` itself: refused if its name now names another
-    /// cell (freed and allocated again meanwhile).
+    /// [`Cells::run`] in the caller's own task (`InTask`), as part of a larger operation.
+    pub async fn run_in_task(
+        self: &Arc<Self>,
+        spec: ExecutableSpec,
+        container: Option<crate::container::Plan>,
+        _: InTask,
+    ) -> Result<Arc<Executable>, WorkloadError> {
+        self.run_checked(spec, container, None).await
+    }
+
+    /// [`Cells::run_in_task`] in the cell `cell` itself: refused if its name now names
+    /// another cell (freed and allocated again meanwhile).
     pub async fn run_in(
         self: &Arc<Self>,
         cell: &Arc<Cell>,
         spec: ExecutableSpec,
         container: Option<crate::container::Plan>,
+        _: InTask,
     ) -> Result<Arc<Executable>, WorkloadError> {
-        let (me, cell) = (self.clone(), cell.clone());
-        super::registry::detached("run", async move {
-            me.run_checked(spec, container, Some(cell)).await
-        })
-        .await
+        self.run_checked(spec, container, Some(cell.clone())).await
     }
 
     async fn run_checked(
@@ -73,6 +79,7 @@ impl Cells {
         container: Option<crate::container::Plan>,
         expected: Option<Arc<Cell>>,
     ) -> Result<Arc<Executable>, WorkloadError> {
+        let t_call = Instant::now();
         if spec.container.is_some() != container.is_some() {
             return Err(WorkloadError::Precondition(
                 "a container executable needs its resolved image".into(),
@@ -183,6 +190,7 @@ impl Cells {
             Some(_) => None,
         };
         let t_spawn = Instant::now();
+        let t_before = t_call.elapsed();
         let tree_after = tree.clone();
         let (prepared, child, rootfs) = crate::workload::off_runtime(move || {
             let mut rootfs = None;
@@ -341,6 +349,7 @@ impl Cells {
                 self.hold_output(&spec.cell, &name, &to_hold)
             }
         };
+        let t_held = t_call.elapsed();
         let input = input.map(|fd| self.new_input(fd, interactive, held.as_ref()));
         let log = Arc::new(Log::on_first_write(
             self.logs_dir
@@ -408,7 +417,9 @@ impl Cells {
                 spec.cell.as_str()
             )));
         }
+        let t_built = t_call.elapsed();
         exe.write_record(&self.recorder);
+        let t_recorded = t_call.elapsed();
         let id = format!("{}/{}", spec.cell, name);
         self.events.emit(
             pb::Kind::Executable,
@@ -425,6 +436,14 @@ impl Cells {
             child.exit,
             id,
         ));
+        tracing::debug!(
+            before_us = t_before.as_micros() as u64,
+            spawn_hold_us = (t_held - t_before).as_micros() as u64,
+            build_us = (t_built - t_held).as_micros() as u64,
+            record_us = (t_recorded - t_built).as_micros() as u64,
+            total_us = t_call.elapsed().as_micros() as u64,
+            "start timings"
+        );
         Ok(exe)
     }
 

@@ -289,7 +289,12 @@ async fn a_container_never_joins_a_tree_of_plain_executables() {
 async fn a_cell_allocated_for_a_kind_records_it_with_the_cell() {
     use std::os::unix::fs::MetadataExt;
     let f = fixture();
-    f.cells.allocate_for(cell("one"), false).await.unwrap();
+    let cells = f.cells.clone();
+    super::registry::detached("allocate", move |t| async move {
+        cells.allocate_for(cell("one"), false, t).await
+    })
+    .await
+    .unwrap();
     let rec: CellRecord = f.store.get(kinds::CELL, "one").unwrap().unwrap();
     assert_eq!(rec.runs_containers, Some(false));
     let record_file = || {
@@ -310,7 +315,12 @@ async fn a_cell_allocated_for_a_kind_records_it_with_the_cell() {
     let e = f.cells.claim_kind(&c).unwrap_err();
     assert!(e.to_string().contains("/proc/<pid>/root"), "{e}");
     // Nested: the top's kind holds.
-    f.cells.allocate_for(cell("one/two"), true).await.unwrap();
+    let cells = f.cells.clone();
+    super::registry::detached("allocate", move |t| async move {
+        cells.allocate_for(cell("one/two"), true, t).await
+    })
+    .await
+    .unwrap();
     let rec: CellRecord = f.store.get(kinds::CELL, "one/two").unwrap().unwrap();
     assert_eq!(rec.runs_containers, None);
     c.cell = CellName::parse("n", "one/two").unwrap();

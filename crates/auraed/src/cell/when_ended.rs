@@ -36,7 +36,9 @@ impl Cells {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
             exe.wait(None).await;
+            let t_ended = t0.elapsed();
             let mut updates = exe.log.subscribe();
             // Its output still open (a child of it holds it): the free waits for it, so
             // its end is recorded now. An executable freed at its end writes no exit
@@ -53,6 +55,7 @@ impl Cells {
             }
             let _ =
                 tokio::time::timeout(OUTPUT_SETTLE, updates.wait_for(|(_, closed)| *closed)).await;
+            let t_settled = t0.elapsed();
             let freed = match free {
                 None => Ok(()),
                 Some(FreeOnExit::Executable) => me.free_executable_if_same(&exe),
@@ -68,6 +71,12 @@ impl Cells {
                 exe.write_record(&me.recorder);
                 warn!(executable = %format!("{}/{}", exe.cell, exe.name), "freeing it at its end (run.remove): {e}");
             }
+            tracing::debug!(
+                ended_us = t_ended.as_micros() as u64,
+                settle_us = (t_settled - t_ended).as_micros() as u64,
+                free_us = (t0.elapsed() - t_settled).as_micros() as u64,
+                "run end timings"
+            );
             let _ = tx.send(());
         });
         rx

@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    cell::{Cell, CellSpec, Cells},
+    cell::{Cell, CellSpec, Cells, registry::InTask},
     container::{ContainerSpec, Plan},
     executable::{Executable, ExecutableSpec},
     spec::Label,
@@ -29,12 +29,14 @@ pub enum Workload {
     Process(ExecutableSpec),
 }
 
-/// A new cell `cell` running `what`; the cell and its one executable.
+/// A new cell `cell` running `what`; the cell and its one executable. In the caller's own
+/// task (`InTask`): nothing stops it between the allocation and the start.
 pub async fn run_cell(
     cells: &Arc<Cells>,
     cell: CellSpec,
     what: Workload,
     options: Options,
+    task: InTask,
 ) -> Result<(Arc<Cell>, Arc<Executable>), WorkloadError> {
     let name = cell.name.clone();
     let (exe, plan) = match what {
@@ -67,10 +69,12 @@ pub async fn run_cell(
         }
     };
     let t0 = Instant::now();
-    let made = cells.allocate_for(cell, exe.container.is_some()).await?;
+    let made = cells
+        .allocate_for(cell, exe.container.is_some(), task)
+        .await?;
     let t_alloc = t0.elapsed();
     // In this very cell: not one someone freed and allocated again under its name.
-    let started = match cells.run_in(&made, exe, plan).await {
+    let started = match cells.run_in(&made, exe, plan, task).await {
         Ok(e) => e,
         Err(e) => {
             // Nothing stays behind from a workload that could not start.

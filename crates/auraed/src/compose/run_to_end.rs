@@ -61,8 +61,8 @@ pub async fn run_executable(
         spec.free_on_exit = Some(FreeOnExit::Executable);
     }
     let c = cells.clone();
-    let (exe, done) = detached("RunExecutable", async move {
-        let exe = c.run(spec, plan).await?;
+    let (exe, done) = detached("RunExecutable", move |t| async move {
+        let exe = c.run_in_task(spec, plan, t).await?;
         let done = opts.follows().then(|| c.when_ended(exe.clone(), None));
         Ok((exe, done))
     })
@@ -82,16 +82,24 @@ pub async fn run_cell(
     if opts.remove {
         options.free_on_exit = Some(FreeOnExit::Cell);
     }
+    let t0 = std::time::Instant::now();
     let c = cells.clone();
-    let (cell, exe, done) = detached("RunCell", async move {
-        let (cell, exe) = super::run_cell::run_cell(&c, cell, what, options).await?;
+    let (cell, exe, done) = detached("RunCell", move |t| async move {
+        let (cell, exe) = super::run_cell::run_cell(&c, cell, what, options, t).await?;
         let done = opts
             .follows()
             .then(|| c.when_ended(exe.clone(), Some(cell.clone())));
         Ok((cell, exe, done))
     })
     .await?;
-    Ok((cell, exe, wait_for(done, opts).await))
+    let t_started = t0.elapsed();
+    let ended = wait_for(done, opts).await;
+    tracing::debug!(
+        started_us = t_started.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "run call timings"
+    );
+    Ok((cell, exe, ended))
 }
 
 /// With `wait`: until `done` (the end, the output, the removal), at most the timeout.
