@@ -35,9 +35,22 @@ pub fn readable_within(fd: BorrowedFd<'_>, within: Duration) -> nix::Result<bool
 }
 
 /// Whether the process of `pidfd` has exited (its pidfd polls readable; a zombie
-/// counts), without reaping it.
+/// counts), without reaping it. A poll that fails (but for an interruption: asked again)
+/// counts as exited: every caller asks before it trusts what it read of a process or
+/// hands it work (its namespace, its /proc, a spare init, the zygote), and a process
+/// not known to run is not to be trusted. (It counted as running.)
 pub fn has_exited(pidfd: &aurae_sys::Pidfd) -> bool {
-    readable_within(pidfd.as_fd(), Duration::ZERO).unwrap_or(false)
+    exited_by(|| readable_within(pidfd.as_fd(), Duration::ZERO))
+}
+
+fn exited_by(mut poll: impl FnMut() -> nix::Result<bool>) -> bool {
+    loop {
+        match poll() {
+            Ok(readable) => return readable,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return true,
+        }
+    }
 }
 
 /// The mount namespace of process `pid` (whose pidfd is `pidfd`) while it runs: opened,
@@ -105,4 +118,38 @@ pub fn oom_kills(tree: &dyn CgroupTree, name: &CellName) -> u64 {
                 .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A poll that fails is an exit, an interrupted one is asked again, and a real pidfd
+    /// reads running, then exited once its process ends.
+    #[test]
+    fn a_process_not_known_to_run_counts_as_exited() {
+        assert!(exited_by(|| Err(nix::errno::Errno::EBADF)));
+        let mut asked = 0;
+        assert!(!exited_by(|| {
+            asked += 1;
+            if asked < 3 {
+                Err(nix::errno::Errno::EINTR)
+            } else {
+                Ok(false)
+            }
+        }));
+        assert_eq!(asked, 3);
+        let child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let pidfd = aurae_sys::Pidfd::open(pid).unwrap();
+        assert!(!has_exited(&pidfd));
+        pidfd.send_signal(nix::libc::SIGKILL).unwrap();
+        assert!(readable_within(pidfd.as_fd(), Duration::from_secs(5)).unwrap());
+        assert!(has_exited(&pidfd));
+        let mut child = child;
+        child.wait().unwrap();
+    }
 }
