@@ -390,17 +390,27 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
     let home = own_pid_namespace().map_err(SpawnError::Setup)?;
     // SAFETY: setns on an fd we were given, with CLONE_NEWPID only: it changes this
     // thread's pid_ns_for_children and nothing else (its own PID stays auraed's); put back
-    // below before anything else can start a process from this thread.
+    // by `GoBack` however the spawn ends, before anything else can start a process from
+    // this thread.
     if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
         return Err(SpawnError::Setup(io::Error::last_os_error()));
     }
-    let spawned = spawn_here(req);
-    // SAFETY: as above, back to auraed's own PID namespace (always allowed: it is this
-    // thread's active one).
-    if unsafe { libc::setns(home, libc::CLONE_NEWPID) } < 0 {
-        AWAY.with(|a| a.set(true));
+    let _back = GoBack(home);
+    spawn_here(req)
+}
+
+/// Puts the thread's `pid_ns_for_children` back to auraed's own (the fd) when dropped:
+/// after the spawn, and also if it unwound. Marks the thread when that fails.
+struct GoBack(RawFd);
+
+impl Drop for GoBack {
+    fn drop(&mut self) {
+        // SAFETY: setns to this thread's active PID namespace (always allowed),
+        // CLONE_NEWPID only.
+        if unsafe { libc::setns(self.0, libc::CLONE_NEWPID) } < 0 {
+            AWAY.with(|a| a.set(true));
+        }
     }
-    spawned
 }
 
 /// A pidfd of auraed itself, whose active PID namespace (every thread's) is where a

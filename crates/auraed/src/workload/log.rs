@@ -555,13 +555,8 @@ impl Log {
             return;
         }
         let mut g = self.lock();
-        let offset = g.end;
-        g.end += data.len() as u64;
-        g.keep(stream, data, offset);
         g.write_file(data);
-        let end = g.end;
-        drop(g);
-        self.tx.send_modify(|s| s.0 = end);
+        self.taken(g, stream, data, data.len());
     }
 
     /// Moves what the pipe `pipe` (non-blocking) holds into the log, at most
@@ -589,18 +584,29 @@ impl Log {
                 n
             }
         };
-        if n == 0 {
-            return Ok(0);
+        if n > 0 {
+            self.taken(g, stream, buf, n);
         }
+        Ok(n)
+    }
+
+    /// Counts `n` bytes taken at the log's end, keeps `data` (those bytes; empty when they
+    /// could not be read back from the file) in memory, and tells the watchers.
+    fn taken(
+        &self,
+        mut g: std::sync::MutexGuard<'_, Inner>,
+        stream: Stream,
+        data: &[u8],
+        n: usize,
+    ) {
         let offset = g.end;
         g.end += n as u64;
-        if !buf.is_empty() {
-            g.keep(stream, buf, offset);
+        if !data.is_empty() {
+            g.keep(stream, data, offset);
         }
         let end = g.end;
         drop(g);
         self.tx.send_modify(|s| s.0 = end);
-        Ok(n)
     }
 
     /// No more output will come (the process's pipes reached EOF).
