@@ -169,7 +169,6 @@ fn print_phases(bench: &str, log: &str, rounds: usize) {
         "run end timings",
         "run call timings",
         "start timings",
-        "handler timings",
     ] {
         let mut fields: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
         for l in log.lines().filter(|l| l.contains(what)) {

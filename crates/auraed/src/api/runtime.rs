@@ -79,7 +79,6 @@ impl RuntimeApi {
         e: pb::Executable,
         run: RunOptions,
     ) -> Result<Response<pb::CellStatus>, Status> {
-        let t0 = std::time::Instant::now();
         let within = |f: FieldError| FieldError::new(format!("executable.{}", f.field), f.reason);
         if !(e.cell.is_empty() || e.cell == name) {
             return Err(invalid(FieldError::new(
@@ -117,24 +116,13 @@ impl RuntimeApi {
         }
         let mut demand = Demand::cell(caller, &spec);
         demand.executables = 1;
-        let t_checked = t0.elapsed();
         let admitted = self.ctx.quotas.admit(caller, demand).await?;
-        let t_admitted = t0.elapsed();
         let options = run_cell_options(caller);
         let started =
             run_to_end::run_cell(&self.ctx.cells, spec, Workload::Process(exe), options, run)
                 .await?;
-        let t_ran = t0.elapsed();
         drop(admitted);
-        let r = finish_run_cell(started, run);
-        tracing::debug!(
-            checked_us = t_checked.as_micros() as u64,
-            admit_us = (t_admitted - t_checked).as_micros() as u64,
-            run_us = (t_ran - t_admitted).as_micros() as u64,
-            finish_us = (t0.elapsed() - t_ran).as_micros() as u64,
-            "handler timings"
-        );
-        r
+        finish_run_cell(started, run)
     }
 }
 

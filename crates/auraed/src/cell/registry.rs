@@ -1054,9 +1054,8 @@ where
 /// Proof that the code holding it runs in a task of its own (only [`detached`] makes
 /// one): whoever awaits that task can go away, the task goes on to its end. Operations
 /// that must not stop halfway take it instead of starting a task of their own again: a
-/// second task is a hop between threads on the call's path (~0.1–0.2 ms of a RunCell's
-/// allocation on this two-CPU host, measured by the debug log's `RunCell timings` against
-/// `allocate timings`).
+/// second task is one more hand-off between threads on the call's path (its cost was
+/// not measurable apart from this host's noise).
 #[derive(Debug, Clone, Copy)]
 pub struct InTask(());
 
