@@ -160,6 +160,7 @@ echo "mknod-dev: $(mknod /dev/x b 7 0 2>&1 && echo made)"
 echo "mknod-tmp: $(mknod /tmp/x c 1 3 2>&1 && echo made)"
 echo "dev-opts: $(awk '$5 == "/dev" {print $6}' /proc/self/mountinfo)"
 echo "devnull-opts: $(awk '$5 == "/dev/null" {print $6}' /proc/self/mountinfo)"
+echo "root-fs: $(awk '$5 == "/" {print $(NF-2), $NF}' /proc/self/mountinfo)"
 if echo hi > /dev/null; then echo "devnull-write: ok"; else echo "devnull-write: failed"; fi
 echo "zero: $(head -c 5 /dev/zero | wc -c) urandom: $(head -c 5 /dev/urandom | wc -c)"
 if chmod 666 /dev/null; then echo "devnull-chmod: allowed"; else echo "devnull-chmod: refused"; fi
@@ -231,6 +232,23 @@ async fn probe_from_inside_a_container() {
     assert!(
         opts("devnull-opts").contains(&"ro") && opts("devnull-opts").contains(&"nosuid"),
         "{out}"
+    );
+    // The root is the image's overlay, `volatile` where the kernel has it (5.10 on): its
+    // unmount at the container's end syncs nothing of the host's file system.
+    let (fs, super_opts) = field(&out, "root-fs").split_once(' ').unwrap_or_default();
+    assert_eq!(fs, "overlay", "{out}");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let new_enough = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (5, 10);
+    assert_eq!(
+        // (Shown as `fsync=volatile` by newer kernels.)
+        super_opts
+            .split(',')
+            .any(|o| o == "volatile" || o == "fsync=volatile"),
+        new_enough,
+        "kernel {release}: {out}"
     );
     assert_eq!(field(&out, "devnull-write"), "ok");
     assert_eq!(field(&out, "zero"), "5 urandom: 5");
