@@ -191,6 +191,48 @@ async fn one_call_returns_exit_and_output_and_leaves_nothing() {
             .unwrap(),
         "kept\n"
     );
+    // More output than the bounded memory keeps (1 MiB): what is missing is said once,
+    // on the first chunk after the cut, in the reply and in Logs (which read it in one
+    // batch of many chunks), and data plus `dropped` add up to all that was written.
+    let written: u64 = 1_500_000;
+    let st = c
+        .runtime()
+        .run_executable(pb::Executable {
+            cell: "keep".into(),
+            name: "big".into(),
+            argv: sh(&format!("head -c {written} /dev/zero | tr '\\0' a")),
+            run: run(true, false, true, None),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&st), Some(0));
+    let mut logs = c
+        .executables()
+        .logs(pb::ExecutableLogsRequest {
+            executable: Some(aurae_testkit::workload::exe_ref("keep", "big")),
+            follow: false,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = Vec::new();
+    while let Some(chunk) = logs.message().await.unwrap() {
+        streamed.push(chunk);
+    }
+    for (what, chunks) in [("reply", &st.output), ("Logs", &streamed)] {
+        assert!(chunks.len() > 1, "{what}: {} chunks", chunks.len());
+        let data: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
+        let dropped: Vec<u64> = chunks.iter().map(|c| c.dropped).collect();
+        assert!(
+            dropped[0] > 0 && dropped[0] == chunks[0].offset,
+            "{what}: {dropped:?}"
+        );
+        assert!(dropped[1..].iter().all(|d| *d == 0), "{what}: {dropped:?}");
+        assert_eq!(data + dropped[0], written, "{what}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

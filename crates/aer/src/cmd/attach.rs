@@ -812,8 +812,9 @@ mod tests {
         let old = chunk(0, b"hello ", 0);
         assert_eq!(c.admit(&old), b"", "nothing twice");
         assert_eq!((c.next, c.lost), (16, 0), "and never backwards");
-        // Gaps (rotated away) are lost; `dropped`, repeated on every chunk of a batch
-        // auraed read at once, does not count again.
+        // Gaps (rotated away) are lost, counted from the offsets; a chunk's `dropped`
+        // (auraed's count of the same gap; older auraed repeated it on every chunk of a
+        // batch) is not added again.
         assert_eq!(c.admit(&chunk(20, b"x", 4)), b"x");
         assert_eq!(c.admit(&chunk(21, b"y", 4)), b"y");
         assert_eq!(c.admit(&chunk(100, b"z", 83)), b"z");

@@ -49,16 +49,22 @@ pub fn executable(e: &Executable) -> pb::ExecutableStatus {
 /// The output `e`'s log keeps in memory, as the chunks Logs would stream from offset 0
 /// (the reply to a one-call run with `run.output`).
 pub fn output(e: &Executable) -> Vec<pb::LogChunk> {
-    let (chunks, dropped) = e.log.read_from(0);
-    chunks
+    let mut next = 0;
+    e.log
+        .read_from(0)
+        .0
         .into_iter()
-        .enumerate()
-        .map(|(i, c)| log_chunk(c, if i == 0 { dropped } else { 0 }))
+        .map(|c| log_chunk(c, &mut next))
         .collect()
 }
 
-/// One chunk of a log, `dropped` bytes before it cut from memory.
-pub fn log_chunk(c: crate::workload::log::Chunk, dropped: u64) -> pb::LogChunk {
+/// One chunk of a log read from `next` (moved to the chunk's end): its `dropped` is the
+/// gap between the two, the bytes of the log this reader will not get — cut from memory
+/// before they were read, or never kept there (reading them back from the log file
+/// failed, reported as a log failure) —, counted once, on the chunk after the gap.
+pub fn log_chunk(c: crate::workload::log::Chunk, next: &mut u64) -> pb::LogChunk {
+    let dropped = c.offset.saturating_sub(*next);
+    *next = (*next).max(c.offset + c.data.len() as u64);
     pb::LogChunk {
         offset: c.offset,
         stream: match c.stream {
@@ -259,5 +265,31 @@ mod tests {
         assert_eq!(phase(Phase::Stopping), pb::Phase::Stopping as i32);
         assert_eq!(phase(Phase::Exited), pb::Phase::Exited as i32);
         assert_eq!(phase(Phase::Failed), pb::Phase::Failed as i32);
+    }
+
+    /// `dropped` is each gap before a chunk, once: the cut start of the memory, a hole in
+    /// the middle (bytes that were not read back from the file), nothing between
+    /// contiguous chunks — never the first gap repeated on every chunk of a read.
+    #[test]
+    fn each_gap_is_counted_once_on_the_chunk_after_it() {
+        use crate::workload::log::{Chunk, Stream};
+        let chunk = |offset: u64, len: usize| Chunk {
+            offset,
+            stream: Stream::Stdout,
+            data: vec![b'x'; len],
+            at: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let mut next = 3;
+        let got: Vec<(u64, u64)> = [chunk(10, 5), chunk(15, 5), chunk(30, 2), chunk(32, 1)]
+            .into_iter()
+            .map(|c| log_chunk(c, &mut next))
+            .map(|c| (c.offset, c.dropped))
+            .collect();
+        assert_eq!(got, [(10, 7), (15, 0), (30, 10), (32, 0)]);
+        assert_eq!(next, 33);
+        // A chunk the reader is already past (never sent by a read, which cuts at its
+        // position) counts nothing and does not move it back.
+        let c = log_chunk(chunk(20, 4), &mut next);
+        assert_eq!((c.dropped, next), (0, 33));
     }
 }

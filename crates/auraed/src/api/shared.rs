@@ -96,10 +96,8 @@ pub(super) fn log_stream(log: Arc<Log>, from: u64, follow: bool) -> ResponseStre
             // more writes, so this read holds everything; an open one that is written
             // after this line wakes `changed()` below.
             let closed = updates.borrow_and_update().1;
-            let (chunks, dropped) = log.read_from(next);
-            for c in chunks {
-                next = c.offset + c.data.len() as u64;
-                let chunk = super::convert::log_chunk(c, dropped);
+            for c in log.read_from(next).0 {
+                let chunk = super::convert::log_chunk(c, &mut next);
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
