@@ -828,19 +828,15 @@ impl Cells {
     }
 
     /// Moves the directories of cell `name` (see [`super::dirs`]) aside at once and
-    /// removes them on a blocking thread; failures are logged (a later start removes what
-    /// is left, as strays).
+    /// removes them on the deleter thread (`workload::tree::discard`, which shutdown waits
+    /// for); failures are logged (a later start removes what is left, as strays).
     fn discard_dirs(&self, name: &CellName) {
         match self.cell_dirs.take(name) {
             Ok(None) => {}
-            Ok(Some(trash)) => {
-                let name = name.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = crate::workload::tree::remove_tree(&trash) {
-                        warn!(cell = %name, dir = %trash.display(), error = %e, "removing the cell's directories");
-                    }
-                });
-            }
+            Ok(Some(trash)) => crate::workload::tree::discard(
+                trash,
+                format!("the directories of cell {:?}", name.as_str()),
+            ),
             Err(e) => warn!(cell = %name, error = %e, "moving the cell's directories aside"),
         }
     }
@@ -992,13 +988,14 @@ impl Cells {
         }
         self.drain_pool().await;
         // The freed containers' directories deleted, not left for the next start.
-        let deleted =
-            tokio::task::spawn_blocking(|| crate::container::deletions_done(SHUTDOWN_DELETIONS))
-                .await
-                .unwrap_or(false);
+        let deleted = tokio::task::spawn_blocking(|| {
+            crate::workload::tree::deletions_done(SHUTDOWN_DELETIONS)
+        })
+        .await
+        .unwrap_or(false);
         if !deleted {
             warn!(
-                "freed containers' directories are still being deleted after {}s: the rest goes at the next start",
+                "freed containers' and cells' directories are still being deleted after {}s: the rest goes at the next start",
                 SHUTDOWN_DELETIONS.as_secs()
             );
         }

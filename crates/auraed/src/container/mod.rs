@@ -540,99 +540,25 @@ pub fn removed_dir(containers_dir: &Path) -> PathBuf {
 }
 
 /// Removes the container directory `dir`: renamed into [`removed_dir`] and deleted there
-/// by the deleter thread ([`deletions_done`] waits for it), or here and now where the
-/// rename fails (reported once) or no thread can be started. A file that cannot be
-/// deleted is logged.
+/// by the deleter thread (`workload::tree::discard`; shutdown waits for it), or here and
+/// now where the rename fails (reported once). A file that cannot be deleted is logged.
 fn discard_dir(dir: &Path) {
     static NOT_MOVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let moved = match (dir.parent(), dir.file_name()) {
-        (Some(parent), Some(name)) => {
-            let to = removed_dir(parent).join(name);
-            match std::fs::rename(dir, &to) {
-                Ok(()) => Some(to),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => return,
-                Err(e) => {
-                    if !NOT_MOVED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::warn!(dir = %dir.display(), to = %to.display(), error = %e, "a freed container's directory cannot be moved out: removed in place, on the free's path (reported once)");
-                    }
-                    None
-                }
+    const WHAT: &str = "a freed container's directories";
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return crate::workload::tree::remove_logged(dir, WHAT);
+    };
+    let to = removed_dir(parent).join(name);
+    match std::fs::rename(dir, &to) {
+        Ok(()) => crate::workload::tree::discard(to, WHAT.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {}
+        Err(e) => {
+            if !NOT_MOVED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(dir = %dir.display(), to = %to.display(), error = %e, "a freed container's directory cannot be moved out: removed in place, on the free's path (reported once)");
             }
+            crate::workload::tree::remove_logged(dir, WHAT);
         }
-        _ => None,
-    };
-    match moved {
-        Some(to) => match deleter() {
-            Some(d) => {
-                if let Err(std::sync::mpsc::SendError(Deletion::Tree(to))) =
-                    d.send(Deletion::Tree(to))
-                {
-                    delete_tree(&to);
-                }
-            }
-            None => delete_tree(&to),
-        },
-        None => delete_tree(dir),
     }
-}
-
-fn delete_tree(p: &Path) {
-    if let Err(e) = crate::workload::tree::remove_tree(p) {
-        tracing::warn!(dir = %p.display(), error = %e, "removing a container's directories");
-    }
-}
-
-/// What the deleter thread is asked.
-enum Deletion {
-    Tree(PathBuf),
-    /// Answered once everything sent before is deleted.
-    Done(std::sync::mpsc::Sender<()>),
-}
-
-/// The deleter: one thread, started on first use, deleting moved-out container directories
-/// in turn (however many frees come at once, one tree at a time: never a pool's worth of
-/// threads walking upper layers). `None` if it cannot be started.
-fn deleter() -> Option<&'static std::sync::mpsc::Sender<Deletion>> {
-    static DELETER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Deletion>>> =
-        std::sync::OnceLock::new();
-    DELETER
-        .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<Deletion>();
-            let started = std::thread::Builder::new()
-                .name("aurae-deleter".into())
-                .spawn(move || {
-                    for job in rx {
-                        match job {
-                            Deletion::Tree(p) => delete_tree(&p),
-                            Deletion::Done(reply) => {
-                                let _ = reply.send(());
-                            }
-                        }
-                    }
-                });
-            match started {
-                Ok(_) => Some(tx),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no deleter thread: freed containers' directories are deleted on the free's path");
-                    None
-                }
-            }
-        })
-        .as_ref()
-}
-
-/// Waits (at most `within`) until the deleter has deleted every directory moved out
-/// before this call; `false` if it has not by then (what is left is deleted at the next
-/// start). A shutdown's last step: nothing freed is left on the disk.
-pub fn deletions_done(within: std::time::Duration) -> bool {
-    let Some(d) = deleter() else {
-        return true;
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    if d.send(Deletion::Done(tx)).is_err() {
-        return true;
-    }
-    rx.recv_timeout(within).is_ok()
 }
 
 /// Removes every entry of `dir` but those `kept` names (whole trees, links not followed),
@@ -1192,7 +1118,9 @@ mod tests {
             discard_dir(&d);
             assert!(!d.exists(), "moved out before it returns");
         }
-        assert!(deletions_done(std::time::Duration::from_secs(10)));
+        assert!(crate::workload::tree::deletions_done(
+            std::time::Duration::from_secs(10)
+        ));
         assert_eq!(listed(&removed), 0, "deleted after");
         // Nowhere to move it: removed in place. A missing one is fine.
         std::fs::remove_dir(&removed).unwrap();

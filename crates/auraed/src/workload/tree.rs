@@ -6,11 +6,19 @@
 //! subdirectory met is moved up to the top (a rename within the tree) and emptied from
 //! there in turn, so the depth it works at is always one. Links are removed, never
 //! followed.
+//!
+//! A tree taken out of the way (renamed aside by its owner, so the name is free at once)
+//! is deleted off the caller's path by [`discard`]: one deleter thread for all of them —
+//! freed containers' directories, freed cells' directories —, one tree at a time however
+//! many frees come at once (never a pool's worth of threads walking upper layers);
+//! [`deletions_done`] waits for it at shutdown.
 
 use std::{
     io,
     os::fd::{AsFd, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
+    sync::{OnceLock, mpsc},
+    time::Duration,
 };
 
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
@@ -117,11 +125,113 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     std::fs::remove_dir(path)
 }
 
+/// [`remove_tree`], a failure logged as removing `what`.
+pub fn remove_logged(path: &Path, what: &str) {
+    if let Err(e) = remove_tree(path) {
+        tracing::warn!(dir = %path.display(), error = %e, "removing {what}");
+    }
+}
+
+/// Deletes the tree at `path` — already out of its owner's way — on the deleter thread,
+/// or here and now where no thread can be started; a failure is logged as removing
+/// `what`.
+pub fn discard(path: PathBuf, what: String) {
+    match deleter() {
+        Some(d) => {
+            if let Err(mpsc::SendError(Deletion::Tree(path, what))) =
+                d.send(Deletion::Tree(path, what))
+            {
+                remove_logged(&path, &what);
+            }
+        }
+        None => remove_logged(&path, &what),
+    }
+}
+
+/// What the deleter thread is asked.
+enum Deletion {
+    Tree(PathBuf, String),
+    /// Answered once everything sent before is deleted.
+    Done(mpsc::Sender<()>),
+}
+
+/// The deleter: one thread, started on first use, deleting discarded trees in turn.
+/// `None` if it cannot be started.
+fn deleter() -> Option<&'static mpsc::Sender<Deletion>> {
+    static DELETER: OnceLock<Option<mpsc::Sender<Deletion>>> = OnceLock::new();
+    DELETER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Deletion>();
+            let started = std::thread::Builder::new()
+                .name("aurae-deleter".into())
+                .spawn(move || {
+                    for job in rx {
+                        match job {
+                            Deletion::Tree(p, what) => remove_logged(&p, &what),
+                            Deletion::Done(reply) => {
+                                let _ = reply.send(());
+                            }
+                        }
+                    }
+                });
+            match started {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no deleter thread: freed workloads' directories are deleted on the free's path");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Waits (at most `within`) until the deleter has deleted every tree discarded before
+/// this call; `false` if it has not by then (what is left is deleted at the next start).
+/// A shutdown's last step: nothing freed is left on the disk.
+pub fn deletions_done(within: Duration) -> bool {
+    let Some(d) = deleter() else {
+        return true;
+    };
+    let (tx, rx) = mpsc::channel();
+    if d.send(Deletion::Done(tx)).is_err() {
+        return true;
+    }
+    rx.recv_timeout(within).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
     use super::*;
+
+    /// Discarded trees go on the one deleter thread, in turn; `deletions_done` returns once
+    /// all sent before it are gone (a cell's and a container's alike), a link's target
+    /// stays, a missing tree is no error.
+    #[test]
+    fn discarded_trees_are_gone_once_the_deleter_says_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("precious");
+        std::fs::write(&outside, b"x").unwrap();
+        let trees: Vec<PathBuf> = (0..20)
+            .map(|i| {
+                let t = tmp.path().join(format!(".gone-{i}"));
+                std::fs::create_dir_all(t.join("a/b/c")).unwrap();
+                std::fs::write(t.join("a/b/c/f"), b"data").unwrap();
+                std::os::unix::fs::symlink(&outside, t.join("a/link")).unwrap();
+                t
+            })
+            .collect();
+        for t in &trees {
+            discard(t.clone(), format!("test tree {}", t.display()));
+        }
+        discard(tmp.path().join("never-made"), "a missing tree".into());
+        assert!(deletions_done(Duration::from_secs(30)));
+        for t in &trees {
+            assert!(!t.exists(), "{}", t.display());
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"x");
+    }
 
     #[test]
     fn a_deep_wide_tree_with_links_goes_and_what_they_point_at_stays() {
