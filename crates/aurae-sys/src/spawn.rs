@@ -388,15 +388,23 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<(i32, Pidfd), SpawnError> {
         return spawn_here(req);
     };
     let home = own_pid_namespace().map_err(SpawnError::Setup)?;
-    // SAFETY: setns on an fd we were given, with CLONE_NEWPID only: it changes this
-    // thread's pid_ns_for_children and nothing else (its own PID stays auraed's); put back
-    // by `GoBack` however the spawn ends, before anything else can start a process from
-    // this thread.
-    if unsafe { libc::setns(ns, libc::CLONE_NEWPID) } < 0 {
-        return Err(SpawnError::Setup(io::Error::last_os_error()));
-    }
+    // Put back by `GoBack` however the spawn ends, before anything else can start a
+    // process from this thread.
+    set_pid_ns_for_children(ns).map_err(SpawnError::Setup)?;
     let _back = GoBack(home);
     spawn_here(req)
+}
+
+/// `setns(fd, CLONE_NEWPID)`: changes this thread's `pid_ns_for_children` (where the
+/// processes it starts are born) and nothing else — its own PID stays auraed's.
+fn set_pid_ns_for_children(fd: RawFd) -> io::Result<()> {
+    // SAFETY: setns on an fd with CLONE_NEWPID only: the kernel checks the fd is a PID
+    // namespace (or a pidfd) it may enter, and changes only this thread's
+    // pid_ns_for_children; no memory of ours is touched.
+    if unsafe { libc::setns(fd, libc::CLONE_NEWPID) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Puts the thread's `pid_ns_for_children` back to auraed's own (the fd) when dropped:
@@ -405,9 +413,7 @@ struct GoBack(RawFd);
 
 impl Drop for GoBack {
     fn drop(&mut self) {
-        // SAFETY: setns to this thread's active PID namespace (always allowed),
-        // CLONE_NEWPID only.
-        if unsafe { libc::setns(self.0, libc::CLONE_NEWPID) } < 0 {
+        if set_pid_ns_for_children(self.0).is_err() {
             AWAY.with(|a| a.set(true));
         }
     }
@@ -438,17 +444,14 @@ fn back_home() -> io::Result<()> {
     if !AWAY.with(std::cell::Cell::get) {
         return Ok(());
     }
-    let home = own_pid_namespace()?;
-    // SAFETY: setns to this thread's active PID namespace, CLONE_NEWPID only.
-    if unsafe { libc::setns(home, libc::CLONE_NEWPID) } < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
+    set_pid_ns_for_children(own_pid_namespace()?).map_err(|e| {
+        io::Error::new(
             e.kind(),
             format!(
                 "this thread could not go back to auraed's PID namespace after a spawn into a cell's: {e}"
             ),
-        ));
-    }
+        )
+    })?;
     AWAY.with(|a| a.set(false));
     Ok(())
 }

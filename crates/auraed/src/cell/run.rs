@@ -190,7 +190,7 @@ impl Cells {
             Some(_) => None,
         };
         let t_spawn = Instant::now();
-        let t_before = t_call.elapsed();
+        let t_before = t_spawn - t_call;
         let tree_after = tree.clone();
         let (prepared, child, rootfs) = crate::workload::off_runtime(move || {
             let mut rootfs = None;
