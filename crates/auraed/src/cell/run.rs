@@ -350,6 +350,7 @@ impl Cells {
             }
         };
         let t_held = t_call.elapsed();
+        let output_count = output.len();
         let input = input.map(|fd| self.new_input(fd, interactive, held.as_ref()));
         let log = Arc::new(Log::on_first_write(
             self.logs_dir
@@ -394,9 +395,10 @@ impl Cells {
             updating: Default::default(),
         });
         super::record::record_input_changes(&exe, &self.recorder);
-        self.pump_output(&exe, output);
         // The cell may have been stopped or freed while the child started: then the child
-        // goes (it was born in a cgroup being killed) and the start fails.
+        // goes (it was born in a cgroup being killed) and the start fails. Its output is
+        // pumped only once it is the cell's: a pump started before this could make the
+        // log file, and the log directory the cell's free removed, again.
         let still_here = self
             .find(&spec.cell)
             .is_ok_and(|c| Arc::ptr_eq(&c, &cell) && c.phase() == Phase::Running);
@@ -409,6 +411,15 @@ impl Cells {
             let _ = exe.signal(nix::libc::SIGKILL);
             let _ = exe.log.remove_files();
             exe.forget_record(&self.recorder);
+            drop(output);
+            if let (Some(h), Some(held)) = (self.holder.clone(), exe.held.as_ref()) {
+                let held = held.first(output_count);
+                tokio::spawn(async move {
+                    if let Err(e) = h.release_held(&held) {
+                        warn!("the output holder did not let go of a failed start's pipes: {e}");
+                    }
+                });
+            }
             if let Some(g) = &own_group {
                 let _ = tree_after.kill(g);
             }
@@ -417,6 +428,7 @@ impl Cells {
                 spec.cell.as_str()
             )));
         }
+        self.pump_output(&exe, output);
         let t_built = t_call.elapsed();
         exe.write_record(&self.recorder);
         let t_recorded = t_call.elapsed();

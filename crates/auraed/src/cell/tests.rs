@@ -836,3 +836,62 @@ async fn a_free_that_cannot_remove_its_cell_leaves_it_recorded_as_stopped() {
             .is_none()
     );
 }
+
+/// A cell freed while one of its executables is being started: the start fails, its
+/// child is killed, and nothing of it is left — no record, and no log file or log
+/// directory made by output the child wrote meanwhile (its pump used to start before
+/// the start found its cell gone and made `logs/<cell>/` again after the free removed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_cell_is_freed_meanwhile_fails_and_leaves_nothing() {
+    let f = fixture();
+    let logs = f._dir.path().join("logs").join("web");
+    f.cells.allocate(cell("web")).await.unwrap();
+    let (spawned_tx, spawned) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    *f.spawner.gate.lock().unwrap() = Some((spawned_tx, go_rx));
+    let cells = f.cells.clone();
+    let start = tokio::spawn(async move {
+        cells
+            .run(
+                exe(
+                    "web",
+                    "talker",
+                    &["/bin/sh", "-c", "echo out; echo err >&2; exec sleep 30"],
+                    Some(1000),
+                ),
+                None,
+            )
+            .await
+    });
+    tokio::task::spawn_blocking(move || spawned.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    f.cells
+        .free(&CellName::parse("c", "web").unwrap())
+        .await
+        .unwrap();
+    assert!(!logs.exists(), "the free removed the cell's logs");
+    // The child has written its output by now (it is running, not held).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    go.send(()).unwrap();
+    let e = start.await.unwrap().err().expect("the start must fail");
+    assert!(
+        matches!(&e, WorkloadError::Precondition(m) if m.contains("freed while")),
+        "{e:?}"
+    );
+    // Anything still on its way (a pump, a record) has had its chance.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !logs.exists(),
+        "a failed start made the freed cell's log directory again: {:?}",
+        std::fs::read_dir(&logs).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    assert!(
+        f.store
+            .get::<ExecutableRecord>(kinds::EXECUTABLE, "web/talker")
+            .unwrap()
+            .is_none()
+    );
+    assert!(!f.tree.has("web"));
+}

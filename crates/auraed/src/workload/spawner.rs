@@ -77,7 +77,14 @@ pub struct FakeSpawner {
     pub fail_with: std::sync::Mutex<Option<i32>>,
     /// Every child it started: killed when the fake goes.
     children: std::sync::Mutex<Vec<std::sync::Arc<aurae_sys::Pidfd>>>,
+    /// A test's gate on the next spawn (taken by it): once its child runs, the spawn
+    /// says so on the sender and waits on the receiver before it returns — what a
+    /// start looks like to the rest of auraed while its child is being made.
+    pub gate: std::sync::Mutex<Option<Gate>>,
 }
+
+/// See [`FakeSpawner::gate`].
+pub type Gate = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
 
 impl FakeSpawner {
     /// SIGKILLs every child it started (by pidfd).
@@ -192,6 +199,10 @@ impl Spawner for FakeSpawner {
         let pidfd = std::sync::Arc::new(pidfd);
         if let Ok(mut c) = self.children.lock() {
             c.push(pidfd.clone());
+        }
+        if let Some((spawned, go)) = self.gate.lock().ok().and_then(|mut g| g.take()) {
+            let _ = spawned.send(());
+            let _ = go.recv();
         }
         Ok(Child {
             pid,
