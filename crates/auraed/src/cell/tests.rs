@@ -875,7 +875,7 @@ async fn a_start_whose_cell_is_freed_meanwhile_fails_and_leaves_nothing() {
     // The child has written its output by now (it is running, not held).
     tokio::time::sleep(Duration::from_millis(100)).await;
     go.send(()).unwrap();
-    let e = start.await.unwrap().err().expect("the start must fail");
+    let e = start.await.unwrap().expect_err("the start must fail");
     assert!(
         matches!(&e, WorkloadError::Precondition(m) if m.contains("freed while")),
         "{e:?}"
