@@ -296,8 +296,15 @@ impl Cells {
         for (_, r) in exes.records {
             by_cell.entry(r.cell.to_string()).or_default().push(r);
         }
-        // Parents sort before their children ("a" < "a/b").
-        for (_, rec) in cells.records {
+        // Parents before their children: by depth, then name. Not by the store's key: a
+        // name too long for a file name is stored under its hash (`h-…`), which sorts
+        // anywhere among its parents.
+        let mut cells = cells.records;
+        cells.sort_by_cached_key(|(_, r)| {
+            let n = r.spec.name.as_str();
+            (n.matches('/').count(), n.to_owned())
+        });
+        for (_, rec) in cells {
             let name = rec.spec.name.clone();
             let parent = match name.parent() {
                 None => None,

@@ -895,3 +895,46 @@ async fn a_start_whose_cell_is_freed_meanwhile_fails_and_leaves_nothing() {
     );
     assert!(!f.tree.has("web"));
 }
+
+/// A restart serves nested cells again whatever their names: a name too long for a file
+/// name is stored under its hash (`h-…`), which sorts before its parents' keys — the
+/// child was taken for an orphan, its record deleted and its cgroup swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_serves_again_nested_cells_stored_under_a_hash() {
+    let f = fixture();
+    let long = |c: char| std::iter::repeat_n(c, 63).collect::<String>();
+    let mut names = vec!["zz".to_string()];
+    for c in ['a', 'b', 'c', 'd'] {
+        let n = format!("{}/{}", names.last().unwrap(), long(c));
+        names.push(n);
+    }
+    assert!(
+        names.last().unwrap().len() > 240,
+        "the deepest is stored under a hash"
+    );
+    for n in &names {
+        f.cells.allocate(cell(n)).await.unwrap();
+    }
+    let again = Arc::new(Cells::new(CellsDeps {
+        tree: Ok(f.tree.clone() as Arc<dyn CgroupTree>),
+        spawner: f.spawner.clone(),
+        events: Arc::new(EventBus::default()),
+        logs_dir: f._dir.path().join("logs"),
+        containers_dir: f._dir.path().join("containers"),
+        cell_dirs: crate::cell::dirs::CellDirs::new(f._dir.path().join("cell-dirs")),
+        sealed: Arc::new(aurae_sys::memfd::SealedSelf::default()),
+        store: Some(f.store.clone()),
+        images: None,
+        holder: None,
+    }));
+    let out = again.readopt().await;
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    for n in &names {
+        let name = CellName::parse("c", n).unwrap();
+        assert!(again.find(&name).is_ok(), "{n} served again");
+        assert!(
+            f.store.get::<CellRecord>(kinds::CELL, n).unwrap().is_some(),
+            "{n} still recorded"
+        );
+    }
+}
