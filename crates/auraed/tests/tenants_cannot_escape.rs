@@ -345,6 +345,94 @@ async fn quotas_bound_a_tenant() {
         .ok();
 }
 
+/// A quota's admission is held while the resource is made, never while it runs: a run
+/// call that waits for its process (up to 10 minutes) held the one lock every quota'd
+/// request takes, so one tenant's `run.wait` of a `sleep` froze every other quota'd
+/// tenant's Allocate, RunExecutable, RunCell and Spawn until the sleep ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_run_call_holds_no_quota_lock() {
+    let Some(d) = daemon(
+        "a_waiting_run_call_holds_no_quota_lock",
+        "[grant.quota]
+cells = 8
+executables = 8",
+    )
+    .await
+    else {
+        return;
+    };
+    let alice = d.client("alice").await.unwrap();
+    let admin = d.client("admin").await.unwrap();
+    allocate(&alice, "team-a").await.unwrap();
+    let waiting = {
+        let c = alice.clone();
+        tokio::spawn(async move {
+            let mut e = sh("team-a", "long", "sleep 20", Some(1000), None);
+            e.run = Some(pb::RunOptions {
+                wait: true,
+                remove: true,
+                timeout: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                output: false,
+            });
+            c.runtime().run_executable(e).await
+        })
+    };
+    // The run has started (and counts) once its executable is listed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = alice
+            .executables()
+            .list(pb::ListExecutablesRequest::default())
+            .await
+            .map(|r| r.into_inner().executables.len())
+            .unwrap_or(0);
+        if listed > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another quota'd request goes through while the run waits, and is counted with it.
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(8), allocate(&alice, "team-a/beside")).await;
+    assert!(
+        matches!(r, Ok(Ok(_))),
+        "an Allocate waited {:?} behind a waiting run call: {r:?}",
+        t.elapsed()
+    );
+    let r = tokio::time::timeout(
+        Duration::from_secs(8),
+        alice
+            .runtime()
+            .run_executable(sh("team-a", "short", "true", Some(1000), None)),
+    )
+    .await;
+    assert!(matches!(r, Ok(Ok(_))), "{r:?}");
+    println!(
+        "quota'd Allocate beside a waiting run call: {:?}",
+        t.elapsed()
+    );
+    assert!(!waiting.is_finished(), "the long run still waits");
+    admin
+        .cells()
+        .stop(pb::StopRequest {
+            name: "team-a".into(),
+            grace_period: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+        })
+        .await
+        .ok();
+    let _ = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+}
+
 /// Item 11: executable events of cell `team-a` reached a grant for `team-a/api` (the
 /// event's name `team-a/api` read as a cell name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,10 +118,15 @@ impl RuntimeApi {
         demand.executables = 1;
         let admitted = self.ctx.quotas.admit(caller, demand).await?;
         let options = run_cell_options(caller);
-        let started =
-            run_to_end::run_cell(&self.ctx.cells, spec, Workload::Process(exe), options, run)
-                .await?;
-        drop(admitted);
+        let started = run_to_end::run_cell(
+            &self.ctx.cells,
+            spec,
+            Workload::Process(exe),
+            options,
+            run,
+            admitted,
+        )
+        .await?;
         finish_run_cell(started, run)
     }
 }
@@ -287,8 +292,8 @@ impl Runtime for RuntimeApi {
         }
         // What the process will really run as (the image's user included).
         authorize_ids(&caller, spec.uid, spec.gid, spec.cell.as_str())?;
-        let (exe, ended) = run_to_end::run_executable(&self.ctx.cells, spec, plan, run).await?;
-        drop(admitted);
+        let (exe, ended) =
+            run_to_end::run_executable(&self.ctx.cells, spec, plan, run, admitted).await?;
         timed_out(&exe, run, ended)?;
         let mut status = convert::executable(&exe);
         if run.wait && run.output {
@@ -344,9 +349,9 @@ impl Runtime for RuntimeApi {
             Workload::Container(container, Box::new(plan)),
             options,
             run,
+            admitted,
         )
         .await?;
-        drop(admitted);
         tracing::debug!(plan_us = t_plan.as_micros() as u64, "RunCell plan timing");
         finish_run_cell(started, run)
     }
@@ -453,9 +458,8 @@ impl Runtime for RuntimeApi {
         let inst = self
             .ctx
             .instances
-            .spawn(spec, (&caller.id, &caller.grant))
+            .spawn(spec, (&caller.id, &caller.grant), admitted)
             .await?;
-        drop(admitted);
         Ok(Response::new(convert::instance(&inst)))
     }
 

@@ -84,8 +84,8 @@ fn from_status(s: tonic::Status) -> WorkloadError {
     }
 }
 
-/// A new pod: see the module documentation. `admitted` (the caller's quota admission) is
-/// held until the instance exists, then released: from then on the instance counts.
+/// A new pod: see the module documentation. `admitted` (the caller's quota admission)
+/// goes to the instance's spawn, which releases it once the instance counts.
 pub async fn run_pod<A: Send>(
     pods: Arc<Pods>,
     run: PodRun,
@@ -96,9 +96,12 @@ pub async fn run_pod<A: Send>(
     let t0 = Instant::now();
     let spawned = pods
         .instances()
-        .spawn(run.spec.instance.clone(), (&run.spawner.0, &run.spawner.1))
+        .spawn(
+            run.spec.instance.clone(),
+            (&run.spawner.0, &run.spawner.1),
+            admitted,
+        )
         .await;
-    drop(admitted);
     let inst = spawned.map_err(|e| step("spawning the pod's instance", e))?;
     let t_spawn = t0.elapsed();
     // The steps in the instance get the instance's ready_timeout again, all together: a

@@ -50,48 +50,57 @@ pub enum Ended {
 /// RunExecutable: starts `spec` and, with `wait` or `remove`, follows it to its end — in
 /// a task of its own, so a caller that goes away cannot stop it halfway (a process
 /// started but not supervised, a `remove` never registered). Resolves once it has started
-/// (with `wait`: ended, or at the timeout).
-pub async fn run_executable(
+/// (with `wait`: ended, or at the timeout). `admission` (the caller's quota admission) is
+/// held until the executable exists, then released: from then on it counts, and the
+/// wait for its end holds no one else's request.
+pub async fn run_executable<A: Send>(
     cells: &Arc<Cells>,
     mut spec: ExecutableSpec,
     plan: Option<Plan>,
     opts: RunOptions,
+    admission: A,
 ) -> Result<(Arc<Executable>, Ended), WorkloadError> {
     if opts.remove {
         spec.free_on_exit = Some(FreeOnExit::Executable);
     }
     let c = cells.clone();
-    let (exe, done) = detached("RunExecutable", move |t| async move {
+    let started = detached("RunExecutable", move |t| async move {
         let exe = c.run_in_task(spec, plan, t).await?;
         let done = opts.follows().then(|| c.when_ended(exe.clone(), None));
         Ok((exe, done))
     })
-    .await?;
+    .await;
+    drop(admission);
+    let (exe, done) = started?;
     Ok((exe, wait_for(done, opts).await))
 }
 
 /// RunCell: a new cell running `what`, followed to its end as [`run_executable`] does (with
-/// `remove`, the whole cell goes), in a task of its own.
-pub async fn run_cell(
+/// `remove`, the whole cell goes), in a task of its own; `admission` is released once
+/// the cell and its workload exist, as there.
+pub async fn run_cell<A: Send>(
     cells: &Arc<Cells>,
     cell: CellSpec,
     what: Workload,
     mut options: Options,
     opts: RunOptions,
+    admission: A,
 ) -> Result<(Arc<Cell>, Arc<Executable>, Ended), WorkloadError> {
     if opts.remove {
         options.free_on_exit = Some(FreeOnExit::Cell);
     }
     let t0 = std::time::Instant::now();
     let c = cells.clone();
-    let (cell, exe, done) = detached("RunCell", move |t| async move {
+    let started = detached("RunCell", move |t| async move {
         let (cell, exe) = super::run_cell::run_cell(&c, cell, what, options, t).await?;
         let done = opts
             .follows()
             .then(|| c.when_ended(exe.clone(), Some(cell.clone())));
         Ok((cell, exe, done))
     })
-    .await?;
+    .await;
+    drop(admission);
+    let (cell, exe, done) = started?;
     let t_started = t0.elapsed();
     let ended = wait_for(done, opts).await;
     tracing::debug!(

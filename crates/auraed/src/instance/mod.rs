@@ -192,6 +192,9 @@ pub struct Instances {
     vm_modules: Option<PathBuf>,
     probe: watch::Sender<Probe>,
     instances: Mutex<BTreeMap<Label, Arc<Instance>>>,
+    /// Instances being spawned, with their memory: counted by [`Instances::usage`] from
+    /// the spawn's first step, so a quota's admission need not be held while they boot.
+    making: Arc<Mutex<BTreeMap<Label, u64>>>,
     ops: tokio::sync::Mutex<()>,
     serve_on: OnceLock<ServeOn>,
     bridge_served: Mutex<bool>,
@@ -210,6 +213,20 @@ impl std::fmt::Debug for Instances {
 
 fn precondition(m: impl Into<String>) -> WorkloadError {
     WorkloadError::Precondition(m.into())
+}
+
+/// An instance being made (see [`Instances::start_making`]); forgotten when dropped.
+struct Making {
+    making: Arc<Mutex<BTreeMap<Label, u64>>>,
+    name: Label,
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.making.lock() {
+            m.remove(&self.name);
+        }
+    }
 }
 
 /// What [`Instances::new`] needs.
@@ -265,6 +282,7 @@ impl Instances {
             vm_kernel: d.kernel.clone(),
             vm_modules: d.modules.clone(),
             instances: Mutex::new(BTreeMap::new()),
+            making: Arc::default(),
             ops: tokio::sync::Mutex::new(()),
             serve_on: OnceLock::new(),
             bridge_served: Mutex::new(false),
@@ -325,10 +343,45 @@ impl Instances {
             .unwrap_or_default()
     }
 
-    /// Instances and their memory under the names `within` accepts (quotas).
+    /// Instances and their memory under the names `within` accepts (quotas), those being
+    /// spawned included.
     pub fn usage(&self, within: impl Fn(&str) -> bool) -> (usize, u64) {
-        self.list(within).iter().fold((0, 0u64), |(n, m), i| {
+        let listed = self.list(&within);
+        let made = listed.iter().fold((0, 0u64), |(n, m), i| {
             (n + 1, m.saturating_add(i.spec.memory_bytes))
+        });
+        let making = self.making.lock().map(|m| m.clone()).unwrap_or_default();
+        making
+            .iter()
+            .filter(|(name, _)| {
+                within(name.as_str()) && !listed.iter().any(|i| &i.spec.name == *name)
+            })
+            .fold(made, |(n, m), (_, mem)| (n + 1, m.saturating_add(*mem)))
+    }
+
+    /// Marks `spec`'s instance as being made until the guard goes; `Exists` if an
+    /// instance of that name exists or is being made.
+    fn start_making(&self, spec: &InstanceSpec) -> Result<Making, WorkloadError> {
+        let exists =
+            || WorkloadError::Exists(format!("instance {:?} already exists", spec.name.as_str()));
+        if self
+            .instances
+            .lock()
+            .is_ok_and(|m| m.contains_key(&spec.name))
+        {
+            return Err(exists());
+        }
+        let mut m = self
+            .making
+            .lock()
+            .map_err(|_| precondition("instances lock poisoned"))?;
+        if m.contains_key(&spec.name) {
+            return Err(exists());
+        }
+        m.insert(spec.name.clone(), spec.memory_bytes);
+        Ok(Making {
+            making: self.making.clone(),
+            name: spec.name.clone(),
         })
     }
 
@@ -479,14 +532,20 @@ impl Instances {
     }
 
     /// Spawns an instance for `caller` (whose grant the child copies for it) and waits
-    /// until it is ready; on any failure everything made for it is removed.
-    pub async fn spawn(
+    /// until it is ready; on any failure everything made for it is removed. `admission`
+    /// (the caller's quota admission) is released as soon as the instance counts (from
+    /// its first step: [`Instances::usage`]), not held while it boots.
+    pub async fn spawn<A: Send>(
         self: &Arc<Self>,
         spec: InstanceSpec,
         caller: (&SpiffeId, &Grant),
+        admission: A,
     ) -> Result<Arc<Instance>, WorkloadError> {
         let (ready_timeout, svid_ttl) = (spec.ready_timeout, spec.svid_ttl);
         let t0 = Instant::now();
+        let making = self.start_making(&spec);
+        drop(admission);
+        let _making = making?;
         let tree = self.tree()?;
         let (isolation, isolation_reason) = self.choose(&spec).await?;
         let is_vm = isolation == Isolation::VirtualMachine;
