@@ -31,6 +31,10 @@ struct Env {
 }
 
 async fn env(test: &str, extra: &[&str]) -> Option<Env> {
+    env_with(test, extra, None).await
+}
+
+async fn env_with(test: &str, extra: &[&str], policy: Option<String>) -> Option<Env> {
     let registry = for_containers(test).unwrap()?;
     let host = registry.host();
     let digest = oci::push_busybox(
@@ -45,6 +49,7 @@ async fn env(test: &str, extra: &[&str]) -> Option<Env> {
         Path::new(env!("CARGO_BIN_EXE_auraed")),
         DaemonOptions {
             extra_args: args,
+            policy,
             ..Default::default()
         },
     )
@@ -1350,4 +1355,123 @@ async fn a_containers_mounts_go_after_its_exit() {
         );
         assert_eq!(e.containers_left(), 0, "{cell}: its directories are gone");
     }
+}
+
+/// An exec runs as the container's process does, so it is authorized as running as that
+/// user: a tenant without uid 0 got a root shell (all default capabilities) in a root
+/// container another identity started under its names. Also an attach that writes the
+/// input of a root process. Both PERMISSION_DENIED now, naming the user; the tenant's
+/// own container (uid 1000) still takes an exec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_is_authorized_as_the_user_it_runs_as() {
+    let id = |who: &str| format!("spiffe://{}/operator/{who}", aurae_testkit::TRUST_DOMAIN);
+    let policy = format!(
+        "[[grant]]\nid = \"{}\"\nmethods = [\"*\"]\nnames = [\"*\"]\nregistries = [\"*\"]\n\
+         allow_uid_zero = true\nuids = [\"1-2147483647\"]\ngids = [\"1-2147483647\"]\n\n\
+         [[grant]]\nid = \"{}\"\nmethods = [\"*\"]\nnames = [\"team-a\"]\n\
+         uids = [\"1000-1999\"]\ngids = [\"1000-1999\"]\n",
+        id("admin"),
+        id("alice")
+    );
+    let Some(e) = env_with(
+        "an_exec_is_authorized_as_the_user_it_runs_as",
+        &[],
+        Some(policy),
+    )
+    .await
+    else {
+        return;
+    };
+    let alice = e.d.client("alice").await.unwrap();
+    e.c.cells()
+        .allocate(pb::Cell {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The admin's root container, and one as uid 1000, under alice's names.
+    for (name, uid) in [("root", 0), ("user", 1000)] {
+        let mut container = e.container("exec sleep 300");
+        container.uid = Some(uid);
+        container.gid = Some(uid);
+        e.c.runtime()
+            .run_executable(pb::Executable {
+                cell: "team-a".into(),
+                name: name.into(),
+                container: Some(container),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let exec = |c: &Client, name: &str| {
+        let (c, name) = (c.clone(), name.to_owned());
+        async move {
+            c.executables()
+                .exec(pb::ExecRequest {
+                    executable: Some(workload::exe_ref("team-a", &name)),
+                    argv: vec!["id".into(), "-u".into()],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    String::from_utf8_lossy(&r.into_inner().stdout)
+                        .trim()
+                        .to_owned()
+                })
+        }
+    };
+    let denied = exec(&alice, "root").await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("uid 0"), "{}", denied.message());
+    assert_eq!(exec(&alice, "user").await.unwrap(), "1000");
+    assert_eq!(exec(&e.c, "root").await.unwrap(), "0", "the admin may");
+    // Writing a root process's input is acting as it.
+    e.c.runtime()
+        .run_executable(pb::Executable {
+            cell: "team-a".into(),
+            name: "shell".into(),
+            container: Some(e.container("exec cat")),
+            interactive: Some(pb::Interactive {
+                stdin: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let attach = |c: &Client, stdin: bool| {
+        let c = c.clone();
+        async move {
+            let start = pb::AttachInput {
+                what: Some(pb::attach_input::What::Start(pb::AttachStart {
+                    executable: Some(workload::exe_ref("team-a", "shell")),
+                    stdin,
+                    ..Default::default()
+                })),
+            };
+            c.executables()
+                .attach(tokio_stream::iter(vec![start]))
+                .await
+                .map(|_| ())
+        }
+    };
+    let denied = attach(&alice, true).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains("start.stdin"),
+        "{}",
+        denied.message()
+    );
+    attach(&alice, false)
+        .await
+        .expect("reading its output is not acting as it");
+    attach(&e.c, true).await.expect("the admin may");
+    e.c.cells()
+        .free(pb::NameRef {
+            name: "team-a".into(),
+        })
+        .await
+        .unwrap();
 }

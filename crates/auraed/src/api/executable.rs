@@ -7,6 +7,7 @@ use aurae_proto::runtime::v0::{self as pb, executables_server::Executables};
 use tonic::{Request, Response, Status};
 
 use super::{
+    authz::Caller,
     convert,
     shared::{ResponseStream, authorized, grace, log_stream, timeout, visible},
     status::{internal, invalid},
@@ -132,7 +133,11 @@ impl Executables for ExecutablesApi {
         )
         .map_err(invalid)?;
         let er = Self::reference(&r, m.executable.as_ref())?;
-        let out = self.cells.exec_in(&er, m.argv.clone(), timeout).await?;
+        let may = may_run_as(&r, &er)?;
+        let out = self
+            .cells
+            .exec_in(&er, m.argv.clone(), timeout, may)
+            .await?;
         Ok(Response::new(pb::ExecResponse {
             exit: Some(crate::events::exit_status(
                 Some(out.exit),
@@ -515,6 +520,32 @@ impl ExecutablesApi {
             }
             (_, None) => None,
         };
+        if start.stdin && !exe.exited() {
+            // Writing a process's input is acting as it: the caller must be one that may
+            // run as its user (read as the attach starts; a pid reused meanwhile is not
+            // the executable's and is refused).
+            let (uid, gid) = crate::cell::exec::process_ids(exe.pid)?;
+            if exe
+                .pidfd
+                .as_ref()
+                .is_some_and(|p| crate::workload::supervise::has_exited(p))
+            {
+                return Err(Status::failed_precondition(format!(
+                    "executable {}/{} ended while the attach read its user",
+                    exe.cell, exe.name
+                )));
+            }
+            let caller = Caller::of(r)?;
+            super::runtime::authorize_ids(&caller, Some(uid), Some(gid), exe.cell.as_str())
+                .map_err(|e| {
+                    Status::permission_denied(format!(
+                        "start.stdin: executable {}/{} runs as uid {uid}, gid {gid}: {}",
+                        exe.cell,
+                        exe.name,
+                        e.message()
+                    ))
+                })?;
+        }
         let session = Session::attach(exe, start.stdin, start.from_offset)?;
         Ok((session, size))
     }
@@ -531,7 +562,11 @@ impl ExecutablesApi {
         let m = r.get_ref();
         exec_argv(&m.argv)?;
         let er = Self::reference(&r, m.executable.as_ref())?;
-        Ok(self.cells.spawn_exec(&er, m.argv.clone(), stdio).await?)
+        let may = may_run_as(&r, &er)?;
+        Ok(self
+            .cells
+            .spawn_exec(&er, m.argv.clone(), stdio, may)
+            .await?)
     }
 }
 
@@ -615,4 +650,22 @@ mod tests {
         assert_eq!(s.pids_current, 3);
         assert_eq!(proc_stats("", ""), pb::ResourceStats::default());
     }
+}
+
+/// What an exec in `er` may run as for the caller of `r`: the ids its grant allows (the
+/// command takes the container process's ids, known only once it is read).
+fn may_run_as<T>(
+    r: &Request<T>,
+    er: &ExecutableRef,
+) -> Result<crate::cell::exec::MayRunAs, Status> {
+    let caller = Caller::of(r)?;
+    let name = format!("{}/{}", er.cell, er.name);
+    Ok(Box::new(move |uid, gid| {
+        super::runtime::authorize_ids(&caller, Some(uid), Some(gid), &name).map_err(|e| {
+            format!(
+                "executable {name} runs as uid {uid}, gid {gid}, which an exec takes: {}",
+                e.message()
+            )
+        })
+    }))
 }

@@ -73,6 +73,7 @@ impl From<crate::workload::WorkloadError> for Status {
             E::Exists(m) => Status::already_exists(m),
             E::Precondition(m) => Status::failed_precondition(m),
             E::Exhausted(m) => Status::resource_exhausted(m),
+            E::Denied(m) => Status::permission_denied(m),
             E::Deadline(m) => Status::deadline_exceeded(m),
             E::Cgroup(c @ CgroupError::MissingController { .. }) => {
                 Status::failed_precondition(c.to_string())

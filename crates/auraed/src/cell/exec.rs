@@ -59,6 +59,17 @@ pub struct ExecOutput {
     pub truncated: bool,
 }
 
+/// Whether the caller may run a process as (uid, gid) — the ids an exec takes from the
+/// container's process, checked as read: `Err` says why not (PERMISSION_DENIED).
+pub type MayRunAs = Box<dyn FnOnce(u32, u32) -> Result<(), String> + Send>;
+
+/// The real uid and gid of the running process `pid`.
+pub fn process_ids(pid: i32) -> Result<(u32, u32), WorkloadError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    ids_of(&status)
+        .ok_or_else(|| WorkloadError::Precondition(format!("/proc/{pid}/status names no uid/gid")))
+}
+
 /// The real uid and gid in a `/proc/<pid>/status` text.
 fn ids_of(status: &str) -> Option<(u32, u32)> {
     let field = |name: &str| {
@@ -125,12 +136,13 @@ fn drain(f: OwnedFd) -> (Vec<u8>, bool) {
 
 impl Cells {
     /// Starts `argv` in the running container executable `r` (see the module docs), its
-    /// stdio wired as `stdio` says.
+    /// stdio wired as `stdio` says, if `may_run_as` accepts the container process's ids.
     pub async fn spawn_exec(
         self: &Arc<Self>,
         r: &ExecutableRef,
         argv: Vec<String>,
         stdio: ExecStdio,
+        may_run_as: MayRunAs,
     ) -> Result<ExecProcess, WorkloadError> {
         let exe = self.executable(r)?;
         let gone = || {
@@ -159,10 +171,11 @@ impl Cells {
         tokio::task::spawn_blocking(move || {
             // The container process's user and environment, read while it runs (checked
             // again after: a pid reused meanwhile is refused).
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            let (uid, gid) = ids_of(&status).ok_or_else(|| {
-                WorkloadError::Precondition(format!("/proc/{pid}/status names no uid/gid"))
-            })?;
+            let (uid, gid) = process_ids(pid)?;
+            // The command runs as the container's process does: the caller must be one
+            // that may run as those ids (a tenant without uid 0 gets no root shell in a
+            // root container another identity started under its names).
+            may_run_as(uid, gid).map_err(WorkloadError::Denied)?;
             let mut environ = Vec::new();
             std::fs::File::open(format!("/proc/{pid}/environ"))?
                 .take(MAX_ENVIRON)
@@ -282,13 +295,14 @@ impl Cells {
         .map_err(|e| WorkloadError::Precondition(format!("exec task: {e}")))?
     }
 
-    /// Runs `argv` in the running container executable `r` (see the module docs); killed
-    /// after `timeout` (then `Deadline`).
+    /// Runs `argv` in the running container executable `r` (see the module docs), if
+    /// `may_run_as` accepts its ids; killed after `timeout` (then `Deadline`).
     pub async fn exec_in(
         self: &Arc<Self>,
         r: &ExecutableRef,
         argv: Vec<String>,
         timeout: Duration,
+        may_run_as: MayRunAs,
     ) -> Result<ExecOutput, WorkloadError> {
         let ExecProcess {
             child,
@@ -296,7 +310,7 @@ impl Cells {
             stderr: Some(err_r),
             ..
         } = self
-            .spawn_exec(r, argv, ExecStdio::Pipes { stdin: false })
+            .spawn_exec(r, argv, ExecStdio::Pipes { stdin: false }, may_run_as)
             .await?
         else {
             return Err(WorkloadError::Precondition(

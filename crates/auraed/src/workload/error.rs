@@ -22,6 +22,10 @@ pub enum WorkloadError {
     Precondition(String),
     #[error("{0}")]
     Exhausted(String),
+    /// The caller may not do it (what only shows further down: the user a running
+    /// process has).
+    #[error("{0}")]
+    Denied(String),
     /// Something did not happen in time (a spawned instance never became ready).
     #[error("{0}")]
     Deadline(String),
