@@ -633,6 +633,24 @@ pub fn proc_stats(stat: &str, status: &str) -> pb::ResourceStats {
     }
 }
 
+/// What an exec in `er` may run as for the caller of `r`: the ids its grant allows (the
+/// command takes the container process's ids, known only once it is read).
+fn may_run_as<T>(
+    r: &Request<T>,
+    er: &ExecutableRef,
+) -> Result<crate::cell::exec::MayRunAs, Status> {
+    let caller = Caller::of(r)?;
+    let name = format!("{}/{}", er.cell, er.name);
+    Ok(Box::new(move |uid, gid| {
+        super::runtime::authorize_ids(&caller, Some(uid), Some(gid), &name).map_err(|e| {
+            format!(
+                "executable {name} runs as uid {uid}, gid {gid}, which an exec takes: {}",
+                e.message()
+            )
+        })
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,22 +668,4 @@ mod tests {
         assert_eq!(s.pids_current, 3);
         assert_eq!(proc_stats("", ""), pb::ResourceStats::default());
     }
-}
-
-/// What an exec in `er` may run as for the caller of `r`: the ids its grant allows (the
-/// command takes the container process's ids, known only once it is read).
-fn may_run_as<T>(
-    r: &Request<T>,
-    er: &ExecutableRef,
-) -> Result<crate::cell::exec::MayRunAs, Status> {
-    let caller = Caller::of(r)?;
-    let name = format!("{}/{}", er.cell, er.name);
-    Ok(Box::new(move |uid, gid| {
-        super::runtime::authorize_ids(&caller, Some(uid), Some(gid), &name).map_err(|e| {
-            format!(
-                "executable {name} runs as uid {uid}, gid {gid}, which an exec takes: {}",
-                e.message()
-            )
-        })
-    }))
 }
