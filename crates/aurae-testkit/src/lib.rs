@@ -217,6 +217,22 @@ impl Daemon {
         self.wait_ready(Duration::from_secs(30)).await
     }
 
+    /// Starts auraed again (after it exited or was killed) with its arguments changed by
+    /// `change` for this start only; waits until it serves. A later
+    /// [`Daemon::start_again`] uses the original arguments.
+    pub async fn start_again_with(
+        &mut self,
+        change: impl FnOnce(&mut Vec<std::ffi::OsString>),
+    ) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("auraed is still running");
+        }
+        let mut args = self.args.clone();
+        change(&mut args);
+        self.child = Some(spawn_daemon(&self.bin, &args, &self.log)?);
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
     /// Starts a second auraed with the same arguments, without waiting for it: for
     /// tests that it is refused. Returns its exit status (or None if it kept running
     /// for `wait`, in which case it is killed) and its log.

@@ -1182,21 +1182,42 @@ async fn wire_workloads(
         }
     }
     // The previous auraed's holder may hold nothing that was taken back (it had no
-    // running executables): retire it by its record, then record ours.
-    if let Ok(Some(old)) =
-        store.get::<crate::workload::holder::ProcRef>(crate::store::kinds::DAEMON, "holder")
-        && let Some(h) = &holder
-        && h.proc() != old
-        && !cells.holds_with(&old)
-        && !vms.holds_with(&old)
-        && let Err(e) = crate::workload::holder::retire(&old)
+    // running executables): retire it by its record, then record ours. Only once the
+    // records were read and acted on: without them (no cgroup tree) nothing was taken
+    // back, and retiring it would close the last read end of every surviving workload's
+    // pipes; it stays recorded for the next start that reads them.
+    let old_holder = match store
+        .get::<crate::workload::holder::ProcRef>(crate::store::kinds::DAEMON, "holder")
     {
-        warnings.push(format!(
-            "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
-            old.pid
-        ));
+        Ok(old) => old,
+        Err(e) => {
+            warnings.push(format!(
+                "the record of a previous auraed's output holder is unreadable ({e}): that holder, if it still runs, is not stopped"
+            ));
+            None
+        }
+    };
+    if let Some(old) = &old_holder
+        && let Some(h) = &holder
+        && h.proc() != *old
+    {
+        if !found.ran {
+            warnings.push(format!(
+                "the output holder (pid {}) of a previous auraed is kept: its records were not read (no cgroup tree)",
+                old.pid
+            ));
+        } else if !cells.holds_with(old)
+            && !vms.holds_with(old)
+            && let Err(e) = crate::workload::holder::retire(old)
+        {
+            warnings.push(format!(
+                "the output holder (pid {}) of a previous auraed could not be stopped: {e}",
+                old.pid
+            ));
+        }
     }
     if let Some(h) = &holder
+        && (found.ran || old_holder.is_none())
         && let Err(e) = store.put(crate::store::kinds::DAEMON, "holder", &h.proc())
     {
         warnings.push(format!("recording the output holder: {e}"));
@@ -1219,10 +1240,14 @@ async fn wire_workloads(
         );
     }
     // Logs of cells and VMs that were not found again (a crash between a free's steps,
-    // or a start that never got its record) go too.
+    // or a start that never got its record) go too — only once the records were read:
+    // without them every cell's logs would look stray.
     let logs = cfg.state_dir.join("logs");
     let instances_dir = format!("{}/", crate::workload::layout::INSTANCE_GROUP);
-    warnings.extend(remove_stray_logs(&logs, &|rel| {
+    let kept_logs = |rel: &str| {
+        if !found.ran {
+            return true;
+        }
         if let Some(i) = rel.strip_prefix(&instances_dir) {
             return instances.holds_log(i);
         }
@@ -1234,7 +1259,8 @@ async fn wire_workloads(
                     || found.cells.contains(rel)
             }
         }
-    }));
+    };
+    warnings.extend(remove_stray_logs(&logs, &kept_logs));
     let puller = Arc::new(crate::image::pull::Puller {
         store: image_store,
         registry: crate::image::registry::Registry::new(cfg.registry.clone()),

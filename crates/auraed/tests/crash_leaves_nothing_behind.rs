@@ -796,3 +796,105 @@ async fn a_full_state_disk_is_reported_and_auraed_still_starts() {
         "holders left: {alive_holders:?} of {holders:?}"
     );
 }
+
+/// A start that cannot read the records (no cgroup tree: a wrong `--cgroup-root`) takes
+/// nothing back, so it must leave alone what the records name: it retired the previous
+/// auraed's output holder (closing the last read end of every surviving workload's
+/// pipes: a chatty one died of SIGPIPE) and removed every cell's logs as strays. Now
+/// both are kept, and the next proper start serves the executable again with its
+/// output, what was written meanwhile included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_without_its_cgroup_tree_keeps_what_the_records_name() {
+    let Some(mut d) = daemon("a_start_without_its_cgroup_tree_keeps_what_the_records_name").await
+    else {
+        return;
+    };
+    let c = d.client("admin").await.unwrap();
+    allocate(&c, "web").await.unwrap();
+    let st = c
+        .runtime()
+        .run_executable(sh(
+            "web",
+            "chatty",
+            "n=0; while :; do n=$((n+1)); echo tick $n; sleep 0.02; done",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holder = aurae_testkit::holder_of(d.pid().unwrap()).expect("a holder");
+    // Kept alive on purpose while the records are not read: killed by pid if the test
+    // fails before a proper start retires it.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if alive(self.0) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.0),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _old_holder = KillOnDrop(holder);
+    let logs = d.dir.path().join("state/logs/web");
+    assert!(logs.exists());
+    d.crash().unwrap();
+    // Started with a cgroup root that is no cgroup2 directory.
+    let elsewhere = d.dir.path().join("not-a-cgroup");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    d.start_again_with(|args| {
+        let i = args.iter().position(|a| a == "--cgroup-root").unwrap();
+        args[i + 1] = elsewhere.clone().into_os_string();
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(holder), "the previous holder was retired");
+    assert!(
+        alive(st.pid),
+        "the chatty workload died (its pipe's last reader gone)"
+    );
+    assert!(logs.exists(), "the cell's logs were removed as strays");
+    let info = d
+        .client("admin")
+        .await
+        .unwrap()
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.warnings
+            .iter()
+            .any(|w| w.contains("is kept: its records were not read")),
+        "the kept holder is reported: {:?}",
+        info.warnings
+    );
+    // The next proper start serves it again, with its output.
+    d.crash_and_restart().await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let e = status(&c, "web", "chatty").await;
+    assert_eq!(e.pid, st.pid);
+    assert!(e.exit.is_none(), "{e:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = aurae_testkit::workload::logs(&c, "web", "chatty", false)
+        .await
+        .unwrap();
+    let ticks: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(ticks.len() > 30, "{out}");
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "no tick lost across both restarts"
+    );
+    free(&c, "web").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !alive(holder),
+        "the previous holder is retired once its records were read"
+    );
+}
