@@ -71,7 +71,18 @@ impl PodSpec {
             && let Some(max) = limits.memory_max
         {
             // The whole pod's bound on this machine: the container's and the instance's own.
-            i.memory_bytes = max.saturating_add(own).next_multiple_of(2 << 20);
+            i.memory_bytes = max
+                .checked_add(own)
+                .and_then(|m| m.checked_next_multiple_of(2 << 20))
+                .ok_or_else(|| {
+                    FieldError::new(
+                        "limits.memory_max_bytes",
+                        format!(
+                            "{max} with the instance's own {} MiB is past any memory size",
+                            own >> 20
+                        ),
+                    )
+                })?;
         }
         let instance = InstanceSpec::parse("instance.", i, Some(name.clone()))?;
         if let Some(max) = limits.memory_max
@@ -140,6 +151,32 @@ impl PodSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A memory limit near `u64::MAX` sized the instance with an overflowing sum (a panic
+    /// with overflow checks on, a wrap to a small size without): refused, naming it.
+    #[test]
+    fn a_memory_limit_past_any_size_is_refused() {
+        for max in [u64::MAX, u64::MAX - (1 << 20), u64::MAX / 2 * 2] {
+            let p = pb::Pod {
+                name: "p1".into(),
+                container: Some(pb::Container {
+                    image: "busybox".into(),
+                    ..Default::default()
+                }),
+                listen_port: 8080,
+                limits: Some(pb::CellLimits {
+                    memory_max_bytes: Some(max),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let e = PodSpec::parse(p, 2).unwrap_err();
+            assert!(
+                e.field.starts_with("limits.memory_max") || e.field.starts_with("instance.memory"),
+                "{e:?}"
+            );
+        }
+    }
 
     #[test]
     fn pods_validate_port_and_container() {
