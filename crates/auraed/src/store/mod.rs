@@ -345,7 +345,7 @@ impl Store {
                 .recursive(true)
                 .mode(0o700)
                 .create(&q)
-                .and_then(|()| fs::rename(&p, q.join(entry.file_name())));
+                .and_then(|()| quarantine(&p, &q, &entry.file_name()));
             loaded.quarantined.push(match moved {
                 Ok(()) => format!(
                     "record {kind}/{key} is unreadable ({why}): moved to {}",
@@ -359,6 +359,27 @@ impl Store {
         loaded.records.sort_by(|a, b| a.0.cmp(&b.0));
         loaded
     }
+}
+
+/// Moves the unreadable record `from` into the quarantine directory `dir` under its own
+/// name, or `<name>.1`, `<name>.2`, … when a record of that name was quarantined before:
+/// never over one (each is kept for whoever looks into why).
+fn quarantine(from: &Path, dir: &Path, name: &std::ffi::OsStr) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    for n in 0..1000u32 {
+        let mut to = name.to_owned();
+        if n > 0 {
+            to.push(format!(".{n}"));
+        }
+        match renameat_with(CWD, from, CWD, dir.join(&to), RenameFlags::NOREPLACE) {
+            Err(rustix::io::Errno::EXIST) => {}
+            r => return r.map_err(std::io::Error::from),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!("{} holds 1000 records named {name:?}", dir.display()),
+    ))
 }
 
 /// What the store records about each start of auraed.
@@ -513,6 +534,13 @@ mod tests {
         assert!(l.quarantined[0].contains("cell/c"), "{:?}", l.quarantined);
         assert!(tmp.path().join("store/quarantine/cell/c.json").exists());
         assert!(!tmp.path().join("store/cell/c.json").exists());
+        // Another unreadable record of that name later is kept beside the first.
+        fs::write(tmp.path().join("store/cell/c.json"), b"{again").unwrap();
+        let l = s.load::<u32>(kinds::CELL);
+        assert_eq!(l.quarantined.len(), 1, "{:?}", l.quarantined);
+        let q = tmp.path().join("store/quarantine/cell");
+        assert_eq!(fs::read(q.join("c.json")).unwrap(), b"{trunc");
+        assert_eq!(fs::read(q.join("c.json.1")).unwrap(), b"{again");
     }
 
     #[test]
