@@ -268,7 +268,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let policy = policy.with_instance_signer(identity.signer_id.clone());
     let started_at = SystemTime::now();
     let identity_done = Instant::now();
-    let (store, boot, read_only) = open_state(&cfg, started_at)?;
+    let (store, boot, read_only, boot_note) = open_state(&cfg, started_at)?;
     let state_done = Instant::now();
 
     api::prepare_socket(&cfg.socket, "--socket")?;
@@ -300,6 +300,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<bool> {
     let mut warnings = cfg.warnings.clone();
     warnings.extend(identity_warnings);
     warnings.extend(read_only.clone());
+    warnings.extend(boot_note);
     let (cells, vms, puller, instances) = wire_workloads(
         &cfg,
         &events,
@@ -599,25 +600,36 @@ fn load_identity(cfg: &ServerConfig) -> anyhow::Result<Identity> {
 
 /// The state store (locked: one auraed per state directory) and this start's boot
 /// record. A state disk that takes no writes (full) still lets auraed start: it serves
-/// what runs, takes no new work, and says why (the third value).
+/// what runs, takes no new work, and says why (the third value); an unreadable boot
+/// record is quarantined and said so (the fourth).
 fn open_state(
     cfg: &ServerConfig,
     started_at: SystemTime,
-) -> anyhow::Result<(Store, crate::store::BootRecord, Option<String>)> {
+) -> anyhow::Result<(
+    Store,
+    crate::store::BootRecord,
+    Option<String>,
+    Option<String>,
+)> {
     let store = Store::open(&cfg.state_dir)?;
     let epoch = started_at
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     match store.record_boot(env!("CARGO_PKG_VERSION"), std::process::id(), epoch) {
-        Ok(b) => Ok((store, b, None)),
+        Ok((b, note)) => {
+            if let Some(n) = &note {
+                warn!("{n}");
+            }
+            Ok((store, b, None, note))
+        }
         Err(e) => {
             let why = format!(
                 "the state directory {} takes no writes ({e}): auraed serves what runs but takes no new work until there is room (then restart it)",
                 cfg.state_dir.display()
             );
             warn!("{why}");
-            Ok((store, crate::store::BootRecord::default(), Some(why)))
+            Ok((store, crate::store::BootRecord::default(), Some(why), None))
         }
     }
 }

@@ -395,13 +395,40 @@ pub struct BootRecord {
 
 impl Store {
     /// Records this start and returns the record (boots counts every start so far).
+    ///
+    /// An unreadable previous record is quarantined (as [`Store::load`] does) and the
+    /// count starts again, with a note saying so (the second value): it never keeps
+    /// auraed from taking writes at every start.
     pub fn record_boot(
         &self,
         version: &str,
         pid: u32,
         started_at: u64,
-    ) -> Result<BootRecord, StoreError> {
-        let prev: Option<BootRecord> = self.get(kinds::DAEMON, "boot")?;
+    ) -> Result<(BootRecord, Option<String>), StoreError> {
+        let (prev, note) = match self.get::<BootRecord>(kinds::DAEMON, "boot") {
+            Ok(prev) => (prev, None),
+            Err(StoreError::Corrupt { path, source }) => {
+                let q = self.root.join("quarantine").join(kinds::DAEMON);
+                let moved = fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&q)
+                    .and_then(|()| quarantine(&path, &q, path.file_name().unwrap_or_default()));
+                let note = match moved {
+                    Ok(()) => format!(
+                        "the boot record {} is unreadable ({source}): moved to {}; boots are counted from 1 again",
+                        path.display(),
+                        q.display()
+                    ),
+                    Err(e) => format!(
+                        "the boot record {} is unreadable ({source}) and could not be quarantined ({e}); it is written anew",
+                        path.display()
+                    ),
+                };
+                (None, Some(note))
+            }
+            Err(e) => return Err(e),
+        };
         let rec = BootRecord {
             boots: prev.map_or(1, |p| p.boots + 1),
             version: version.to_owned(),
@@ -409,7 +436,7 @@ impl Store {
             started_at,
         };
         self.put(kinds::DAEMON, "boot", &rec)?;
-        Ok(rec)
+        Ok((rec, note))
     }
 }
 
@@ -551,6 +578,7 @@ mod tests {
                 .unwrap()
                 .record_boot("0.1.0", 1, 0)
                 .unwrap()
+                .0
                 .boots,
             1
         );
@@ -559,8 +587,27 @@ mod tests {
                 .unwrap()
                 .record_boot("0.1.0", 2, 1)
                 .unwrap()
+                .0
                 .boots,
             2
         );
+        // An unreadable boot record is quarantined and the count starts again (it kept
+        // auraed read-only at every start).
+        fs::write(tmp.path().join("store/daemon/boot.json"), b"{").unwrap();
+        let (b, note) = Store::open(tmp.path())
+            .unwrap()
+            .record_boot("0.1.0", 3, 2)
+            .unwrap();
+        assert_eq!(b.boots, 1);
+        assert!(note.is_some_and(|n| n.contains("unreadable")));
+        assert_eq!(
+            fs::read(tmp.path().join("store/quarantine/daemon/boot.json")).unwrap(),
+            b"{"
+        );
+        let (b, note) = Store::open(tmp.path())
+            .unwrap()
+            .record_boot("0.1.0", 4, 3)
+            .unwrap();
+        assert_eq!((b.boots, note), (2, None));
     }
 }
