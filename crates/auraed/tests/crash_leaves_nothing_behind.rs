@@ -898,3 +898,96 @@ async fn a_start_without_its_cgroup_tree_keeps_what_the_records_name() {
         "the previous holder is retired once its records were read"
     );
 }
+
+/// The processes in `cell`'s leaf whose command line is `cmdline` (space-joined).
+fn in_leaf(root: &Path, cell: &str, cmdline: &str) -> Vec<i32> {
+    std::fs::read_to_string(root.join(cell).join("_procs/cgroup.procs"))
+        .unwrap_or_default()
+        .split_ascii_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p: &i32| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    == cmdline
+            })
+        })
+        .collect()
+}
+
+/// A start cut by a crash between its spawn and its record left a process no record
+/// names: the restarted auraed served the cell without it, and it ran on unseen (a
+/// retry of the same start ran a second copy beside it). Now it is killed at the
+/// restart, with what it started, and reported; another executable's daemonized child
+/// (an orphan of its own workload, reparented to the cell's init) is left alone.
+/// The crash window is made exact by removing the executable's record while auraed is
+/// down: what the next auraed finds is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_before_its_record_is_killed_at_the_restart() {
+    let Some(mut d) = daemon("a_start_cut_before_its_record_is_killed_at_the_restart").await else {
+        return;
+    };
+    let root = d.cgroup.clone().unwrap();
+    let c = d.client("admin").await.unwrap();
+    allocate(&c, "web").await.unwrap();
+    let cut = c
+        .runtime()
+        .run_executable(sh("web", "cut", "sleep 300 & exec sleep 301"))
+        .await
+        .unwrap()
+        .into_inner();
+    let kept = c
+        .runtime()
+        .run_executable(sh("web", "kept", "(sleep 302 &); exec sleep 303"))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (child, orphan) = loop {
+        let (a, b) = (
+            in_leaf(&root, "web", "sleep 300"),
+            in_leaf(&root, "web", "sleep 302"),
+        );
+        if a.len() == 1 && b.len() == 1 {
+            break (a[0], b[0]);
+        }
+        assert!(std::time::Instant::now() < deadline, "{a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    d.crash().unwrap();
+    std::fs::remove_file(d.dir.path().join("state/store/executable/web.cut.json")).unwrap();
+    d.start_again().await.unwrap();
+    let c = d.client("admin").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive(cut.pid) || alive(child) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unrecorded start ({}) and its child ({child}) still run",
+            cut.pid
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alive(kept.pid), "a recorded executable was killed");
+    assert!(alive(orphan), "a workload's own orphan was killed");
+    let info = c
+        .daemon()
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let reported: Vec<&String> = info
+        .warnings
+        .iter()
+        .filter(|w| w.contains("stopped before recording it"))
+        .collect();
+    assert_eq!(reported.len(), 1, "{:?}", info.warnings);
+    assert!(reported[0].contains(&cut.pid.to_string()), "{reported:?}");
+    assert!(reported[0].contains("2 processes"), "{reported:?}");
+    let e = status(&c, "web", "kept").await;
+    assert!(e.exit.is_none(), "{e:?}");
+    free(&c, "web").await;
+    assert!(!alive(kept.pid) && !alive(orphan));
+}

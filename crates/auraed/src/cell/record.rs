@@ -278,6 +278,50 @@ pub struct Readopted {
     pub old_holders: Vec<crate::workload::holder::ProcRef>,
 }
 
+/// Kills what a previous auraed started in `cell` and died before recording (a start
+/// between its spawn and its record), with everything below it, and says so. In a cell
+/// with a PID namespace of its own, a process whose parent is outside that namespace was
+/// started by auraed (an executable, a container, an exec's command): its own workloads'
+/// forks have their parent inside, and their orphans go to the cell's init. One that no
+/// record names is no executable anyone can see or free, and its start was never
+/// acknowledged: left, it would run unseen beside a retry of the same start. (An exec's
+/// command is such a process too: its call ended with the previous auraed.)
+fn kill_unrecorded_starts(
+    tree: &dyn crate::workload::cgroup::CgroupTree,
+    cell: &Cell,
+) -> Vec<String> {
+    let name = &cell.spec.name;
+    let procs = match tree.leaf_procs(name) {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![format!(
+                "cell {name:?}: its processes could not be listed to find starts a previous auraed did not record: {e}"
+            )];
+        }
+    };
+    let mut named: std::collections::BTreeSet<i32> = cell.init.iter().map(|i| i.pid).collect();
+    named.extend(
+        cell.executables()
+            .iter()
+            .filter(|e| !e.exited())
+            .map(|e| e.pid),
+    );
+    let mut warnings = Vec::new();
+    for pid in procs {
+        if named.contains(&pid) || crate::workload::process::started_from_outside(pid) != Some(true)
+        {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let killed = crate::workload::process::kill_tree(pid);
+        warnings.push(format!(
+            "cell {name:?}: process {pid} ({}) was started by a previous auraed that stopped before recording it: killed, with what it started ({killed} processes)",
+            comm.trim()
+        ));
+    }
+    warnings
+}
+
 impl Cells {
     /// Serves again what the records of a previous auraed describe (see the module
     /// documentation). Call once, at start, before the sweep and before serving.
@@ -394,6 +438,10 @@ impl Cells {
                 if let Ok(mut i) = cell.inner.lock() {
                     i.executables.insert(exe.name.clone(), exe);
                 }
+            }
+            if cell.pid_holder.is_some() && !init_lost {
+                out.warnings
+                    .extend(kill_unrecorded_starts(tree.as_ref(), &cell));
             }
             if let Some(i) = &cell.init {
                 self.watch_readopted_init(&name, i.pidfd.clone());

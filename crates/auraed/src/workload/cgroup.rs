@@ -109,6 +109,15 @@ pub trait CgroupTree: Send + Sync + std::fmt::Debug {
     fn exists(&self, cell: &CellName) -> bool;
     /// At shutdown, once every cell is gone: removes the root if auraed created it.
     fn release(&self) {}
+    /// The processes in the cell's leaf (its `cgroup.procs`: not its children's, nor its
+    /// executables' own groups').
+    fn leaf_procs(&self, cell: &CellName) -> Result<Vec<i32>, CgroupError> {
+        Ok(self
+            .read(cell, &format!("{LEAF}/cgroup.procs"))?
+            .split_ascii_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
 }
 /// The real cgroup v2 filesystem below `root` (created if missing, mode 0755).
 #[derive(Debug)]
@@ -576,10 +585,16 @@ impl CgroupTree for FakeTree {
 
     fn read(&self, cell: &CellName, file: &str) -> Result<String, CgroupError> {
         let s = self.state.lock().map_err(|_| fake_err(cell, "poisoned"))?;
-        s.dirs
+        let d = s
+            .dirs
             .get(cell.as_str())
-            .and_then(|d| d.get(file).cloned())
-            .ok_or_else(|| fake_err(cell, file))
+            .ok_or_else(|| fake_err(cell, "no such cell"))?;
+        match d.get(file) {
+            Some(v) => Ok(v.clone()),
+            // No process was placed in it (the fake spawner places none).
+            None if file.ends_with("cgroup.procs") => Ok(String::new()),
+            None => Err(fake_err(cell, file)),
+        }
     }
 
     /// A stand-in fd (`/`, read-only): the fake spawner never uses it.

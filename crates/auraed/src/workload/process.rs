@@ -139,6 +139,85 @@ impl ProcRef {
     }
 }
 
+/// `pid`'s parent and how deep its PID namespace is below ours (the length of its
+/// `NSpid` list): from `/proc/<pid>/status`, which anyone may read (a namespace link
+/// needs ptrace access, which auraed does not keep for other users' processes).
+fn parent_and_depth(pid: i32) -> Option<(i32, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::split_ascii_whitespace)
+    };
+    let ppid = field("PPid:")?.next()?.parse().ok()?;
+    let depth = field("NSpid:")?.count();
+    (depth > 0).then_some((ppid, depth))
+}
+
+/// Whether the parent of the live process `pid` is in another PID namespace than `pid`
+/// itself: a process started from outside its namespace (by auraed: `setns` or
+/// `CLONE_NEWPID`, then reparented to the host's reaper when auraed died), never one of
+/// its own workload's forks (an orphan of those goes to the namespace's init). A child's
+/// namespace is its parent's or one below it (`setns` goes only down), so a parent less
+/// deep is one outside. `None` when it cannot be told (gone, unreadable).
+pub fn started_from_outside(pid: i32) -> Option<bool> {
+    let (ppid, depth) = parent_and_depth(pid)?;
+    if ppid == 0 {
+        // Its parent is outside our own PID namespace, so outside its too.
+        return Some(depth > 1);
+    }
+    let (_, parent_depth) = parent_and_depth(ppid)?;
+    Some(parent_depth < depth)
+}
+
+/// SIGKILLs `root` and every process below it. They are stopped first, from the top down
+/// (SIGSTOP through a pidfd each), until no new child shows up: none can fork past the
+/// kill, and none is reparented to somewhere it would be missed. Returns how many were
+/// killed.
+pub fn kill_tree(root: i32) -> usize {
+    let mut stopped: Vec<Pidfd> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![root];
+    // Two passes over what was stopped catch a child forked while its parent was being
+    // stopped.
+    for _ in 0..2 {
+        while let Some(pid) = todo.pop() {
+            if !seen.insert(pid) {
+                continue;
+            }
+            let Ok(pidfd) = Pidfd::open(pid) else {
+                continue;
+            };
+            let _ = pidfd.send_signal(nix::libc::SIGSTOP);
+            todo.extend(children_of(pid));
+            stopped.push(pidfd);
+        }
+        todo = seen.iter().flat_map(|p| children_of(*p)).collect();
+        todo.retain(|p| !seen.contains(p));
+    }
+    for p in &stopped {
+        let _ = p.send_signal(nix::libc::SIGKILL);
+    }
+    stopped.len()
+}
+
+/// The children of `pid` (every thread's `children` list).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_ascii_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
 /// An error that may not happen again: out of file descriptors or memory, interrupted.
 fn transient(e: &io::Error) -> bool {
     use nix::libc::{EAGAIN, EINTR, EMFILE, ENFILE, ENOMEM};
@@ -184,6 +263,47 @@ mod tests {
         }
         // A record from before boot ids were kept still matches.
         assert!(ProcRef { boot: 0, ..me }.open().unwrap().is_some());
+    }
+
+    /// A process and its parent in one PID namespace: not started from outside; a
+    /// `sleep` in a PID namespace of its own (`unshare --pid --fork`, root only): started
+    /// from outside, and killed with its tree.
+    #[test]
+    fn a_process_started_into_a_namespace_below_its_parent_is_told_apart() {
+        assert_eq!(started_from_outside(std::process::id() as i32), Some(false));
+        if !nix::unistd::geteuid().is_root() {
+            println!(
+                "SKIP a_process_started_into_a_namespace_below_its_parent_is_told_apart: needs root for unshare --pid"
+            );
+            return;
+        }
+        let mut c = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "sh", "-c", "sleep 30 & exec sleep 31"])
+            .spawn()
+            .unwrap();
+        let unshare = c.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let inner = loop {
+            if let Some(p) = children_of(unshare).first() {
+                break *p;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare forked nothing"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(started_from_outside(inner), Some(true));
+        while children_of(inner).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no child of the sleep"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(started_from_outside(children_of(inner)[0]), Some(false));
+        assert_eq!(kill_tree(inner), 2);
+        let _ = c.wait();
     }
 
     #[test]
