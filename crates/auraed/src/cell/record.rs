@@ -56,6 +56,9 @@ pub struct CellRecord {
     pub mixed: bool,
     /// Set once the cell was stopped: its message.
     pub stopped: Option<String>,
+    /// Made by a run call for its one workload (see `Inner::made_for_run`).
+    #[serde(default)]
+    pub made_for_run: bool,
 }
 
 /// How an executable ended, as recorded.
@@ -161,7 +164,7 @@ impl Recorder {
 impl Cell {
     /// This cell's record as it stands.
     pub fn record(&self) -> CellRecord {
-        let (runs_containers, mixed, stopped) = self
+        let (runs_containers, mixed, stopped, made_for_run) = self
             .inner
             .lock()
             .map(|i| {
@@ -169,6 +172,7 @@ impl Cell {
                     i.runs_containers,
                     i.mixed,
                     (i.phase != Phase::Running).then(|| i.message.clone()),
+                    i.made_for_run,
                 )
             })
             .unwrap_or_default();
@@ -179,6 +183,7 @@ impl Cell {
             runs_containers,
             mixed,
             stopped,
+            made_for_run,
         }
     }
 }
@@ -418,6 +423,7 @@ impl Cells {
                     runs_containers: rec.runs_containers,
                     mixed: rec.mixed,
                     starting: Default::default(),
+                    made_for_run: rec.made_for_run,
                 }),
                 oom_kills: AtomicU64::new(crate::workload::supervise::oom_kills(
                     tree.as_ref(),
@@ -469,6 +475,33 @@ impl Cells {
         }
         for (exe, cell) in to_free {
             drop(self.when_ended(exe, Some(cell)));
+        }
+        // A run call's cell that holds nothing: its start was cut by a crash before the
+        // workload's record (what it had started was killed above). The call failed; as
+        // a failed start's cell, it goes.
+        let snapshot = self.snapshot();
+        for cell in &snapshot {
+            let name = &cell.spec.name;
+            let empty = cell.phase() == Phase::Running
+                && cell.inner.lock().is_ok_and(|i| i.made_for_run)
+                && cell.executables().is_empty()
+                && !snapshot
+                    .iter()
+                    .any(|c| c.spec.name.parent().as_ref() == Some(name));
+            if !empty {
+                continue;
+            }
+            match self.free_if_same(cell).await {
+                Ok(()) => {
+                    out.cells.remove(name.as_str());
+                    out.warnings.push(format!(
+                        "cell {name:?}: made by a run call whose workload a previous auraed started but never recorded; freed"
+                    ));
+                }
+                Err(e) => out.warnings.push(format!(
+                    "cell {name:?}: made by a run call whose workload a previous auraed never recorded; freeing it failed: {e}"
+                )),
+            }
         }
         for (cell, rs) in by_cell {
             for r in rs {

@@ -527,6 +527,8 @@ impl Cells {
                 runs_containers: runs_containers.filter(|_| parent.is_none()),
                 mixed: false,
                 starting: Default::default(),
+                // `allocate_for`: a run call's cell.
+                made_for_run: runs_containers.is_some(),
             }),
             oom_kills: AtomicU64::new(0),
             spec,

@@ -681,6 +681,7 @@ impl Cells {
         let Ok(cell) = self.find(&exe.cell) else {
             return Ok(());
         };
+        let mut was_run_cell = false;
         if let Ok(mut inner) = cell.inner.lock() {
             let same = inner
                 .executables
@@ -691,7 +692,12 @@ impl Cells {
                 // Under the cell's lock: a new executable of this name cannot start (and
                 // lose its log and record to this) before they are gone.
                 self.discard_freed(exe);
+                was_run_cell = std::mem::take(&mut inner.made_for_run);
             }
+        }
+        if was_run_cell {
+            // Emptied on purpose now (see free_executable).
+            self.recorder.cell(&cell.record());
         }
         Ok(())
     }
@@ -869,10 +875,16 @@ impl Cells {
             )));
         }
         let cell = self.find(&r.cell)?;
+        let mut was_run_cell = false;
         if let Ok(mut inner) = cell.inner.lock() {
             inner.executables.remove(&r.name);
             // Under the cell's lock (see free_executable_if_same).
             self.discard_freed(&exe);
+            was_run_cell = std::mem::take(&mut inner.made_for_run);
+        }
+        if was_run_cell {
+            // Emptied on purpose now: a restart must not take it for a cut run call.
+            self.recorder.cell(&cell.record());
         }
         Ok(())
     }

@@ -97,6 +97,10 @@ pub(super) struct Inner {
     /// Names reserved by starts in progress (checked with `executables`, so two starts
     /// of one name cannot both pass).
     pub(super) starting: std::collections::BTreeSet<Label>,
+    /// Made by a run call (RunCell) for its one workload, and no executable of it was
+    /// freed since: a restart that finds it holding nothing (the call's start cut by a
+    /// crash before its record) frees it, as the call would have.
+    pub(super) made_for_run: bool,
 }
 
 /// One cell.

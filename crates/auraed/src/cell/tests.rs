@@ -915,7 +915,23 @@ async fn a_restart_serves_again_nested_cells_stored_under_a_hash() {
     for n in &names {
         f.cells.allocate(cell(n)).await.unwrap();
     }
-    let again = Arc::new(Cells::new(CellsDeps {
+    let again = restarted(&f);
+    let out = again.readopt().await;
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    for n in &names {
+        let name = CellName::parse("c", n).unwrap();
+        assert!(again.find(&name).is_ok(), "{n} served again");
+        assert!(
+            f.store.get::<CellRecord>(kinds::CELL, n).unwrap().is_some(),
+            "{n} still recorded"
+        );
+    }
+}
+
+/// What a restarted auraed makes of the fixture's records: a second `Cells` on the same
+/// tree, spawner and store (`readopt` not run yet).
+fn restarted(f: &Fixture) -> Arc<Cells> {
+    Arc::new(Cells::new(CellsDeps {
         tree: Ok(f.tree.clone() as Arc<dyn CgroupTree>),
         spawner: f.spawner.clone(),
         events: Arc::new(EventBus::default()),
@@ -926,15 +942,60 @@ async fn a_restart_serves_again_nested_cells_stored_under_a_hash() {
         store: Some(f.store.clone()),
         images: None,
         holder: None,
-    }));
+    }))
+}
+
+/// A run call's cell (RunCell: `allocate_for`) whose workload was never recorded — the
+/// call's start cut by a crash between the allocation and the workload's record — is
+/// freed at the restart, as the failed call would have freed it; one whose workload was
+/// recorded stays, and so does one whose workload its owner freed on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_calls_cell_left_without_its_workload_is_freed_at_the_restart() {
+    let f = fixture();
+    for n in ["cut", "busy", "emptied"] {
+        let cells = f.cells.clone();
+        super::registry::detached("allocate", move |t| async move {
+            cells.allocate_for(cell(n), false, t).await
+        })
+        .await
+        .unwrap();
+    }
+    for n in ["busy", "emptied"] {
+        f.cells
+            .run(exe(n, "w", &["/bin/sleep", "30"], Some(1000)), None)
+            .await
+            .unwrap();
+    }
+    let r = crate::executable::ExecutableRef {
+        cell: CellName::parse("c", "emptied").unwrap(),
+        name: Label::parse("n", "w").unwrap(),
+    };
+    let e = f.cells.executable(&r).unwrap();
+    let _ = e.signal(nix::libc::SIGKILL);
+    e.wait(Some(Duration::from_secs(10))).await.unwrap();
+    f.cells.free_executable(&r).unwrap();
+    let again = restarted(&f);
     let out = again.readopt().await;
-    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
-    for n in &names {
-        let name = CellName::parse("c", n).unwrap();
-        assert!(again.find(&name).is_ok(), "{n} served again");
+    let freed: Vec<&String> = out
+        .warnings
+        .iter()
+        .filter(|w| w.contains("never recorded"))
+        .collect();
+    assert_eq!(freed.len(), 1, "{:?}", out.warnings);
+    assert!(freed[0].contains("\"cut\""), "{freed:?}");
+    assert!(!f.tree.has("cut"), "its cgroup is gone");
+    assert!(
+        f.store
+            .get::<CellRecord>(kinds::CELL, "cut")
+            .unwrap()
+            .is_none()
+    );
+    assert!(!out.cells.contains("cut"));
+    for n in ["busy", "emptied"] {
         assert!(
-            f.store.get::<CellRecord>(kinds::CELL, n).unwrap().is_some(),
-            "{n} still recorded"
+            again.find(&CellName::parse("c", n).unwrap()).is_ok(),
+            "{n} kept"
         );
+        assert!(f.tree.has(n));
     }
 }
