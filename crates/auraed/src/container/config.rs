@@ -96,6 +96,7 @@ pub fn resolve(
             c["WorkingDir"].as_str().unwrap_or("/"),
         )?,
     };
+    bounded(spec, &argv, &env)?;
     let (uid, gid) = user(spec, c["User"].as_str().unwrap_or(""), layers)?;
     let path = env.get("PATH").cloned().unwrap_or_default();
     let program = program_candidates(&argv[0], &path, &working_dir);
@@ -107,6 +108,58 @@ pub fn resolve(
         gid,
         program,
     })
+}
+
+/// The resolved command and environment hold what an exec takes, within the bounds a
+/// plain executable has (`MAX_ENTRIES` entries each, `MAX_ARG_BYTES` in all, no NUL):
+/// the request's and the image config's together (an image's `Cmd` or `Env` is bounded
+/// only by its config's size otherwise).
+fn bounded(
+    spec: &ContainerSpec,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+) -> Result<(), FieldError> {
+    use crate::executable::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
+    let argv_field = if spec.entrypoint.is_empty() && spec.args.is_empty() {
+        "image config Entrypoint and Cmd"
+    } else {
+        "container.args"
+    };
+    if argv.len() > MAX_ENTRIES {
+        return Err(FieldError::new(
+            argv_field,
+            format!("{} arguments: more than {MAX_ENTRIES}", argv.len()),
+        ));
+    }
+    if env.len() > MAX_ENTRIES {
+        return Err(FieldError::new(
+            "container.env",
+            format!(
+                "{} variables with the image config's Env: more than {MAX_ENTRIES}",
+                env.len()
+            ),
+        ));
+    }
+    if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(FieldError::new(
+            format!("{argv_field} [{i}]"),
+            "contains NUL",
+        ));
+    }
+    let bytes: usize = argv.iter().map(|a| a.len() + 1).sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    if bytes > MAX_ARG_BYTES {
+        return Err(FieldError::new(
+            argv_field,
+            format!(
+                "the command and environment (the image config's included) are {bytes} bytes: more than {MAX_ARG_BYTES}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `argv[0]` itself when it has a '/', else each PATH directory joined with it.
@@ -305,6 +358,32 @@ mod tests {
         let r = resolve(&s, &none, &[]).unwrap();
         assert_eq!(r.program.len(), 6, "default PATH searched");
         assert_eq!((r.uid, r.gid), (0, 0));
+    }
+
+    /// The image's Cmd and Env count with the request's against a plain executable's
+    /// bounds; a NUL in the image's Cmd is refused here, naming where it came from.
+    #[test]
+    fn the_command_and_environment_are_bounded_with_the_images() {
+        let many: Vec<String> = (0..5000).map(|i| format!("a{i}")).collect();
+        let img = config(serde_json::json!({ "Cmd": many }));
+        let e = resolve(&spec(), &img, &[]).unwrap_err();
+        assert_eq!(e.field, "image config Entrypoint and Cmd", "{e:?}");
+        let env: Vec<String> = (0..5000).map(|i| format!("V{i}=1")).collect();
+        let img = config(serde_json::json!({ "Cmd": ["/x"], "Env": env }));
+        assert_eq!(
+            resolve(&spec(), &img, &[]).unwrap_err().field,
+            "container.env"
+        );
+        let big = "x".repeat(200 * 1024);
+        let img = config(serde_json::json!({ "Cmd": ["/x"], "Env": [format!("BIG={big}")] }));
+        let mut s = spec();
+        s.args = vec![big.clone()];
+        assert_eq!(resolve(&s, &img, &[]).unwrap_err().field, "container.args");
+        let img = config(serde_json::json!({ "Cmd": ["/x", "a\u{0}b"] }));
+        let e = resolve(&spec(), &img, &[]).unwrap_err();
+        assert!(e.field.contains("[1]") && e.reason.contains("NUL"), "{e:?}");
+        let img = config(serde_json::json!({ "Cmd": ["/x"], "Env": [format!("BIG={big}")] }));
+        assert!(resolve(&spec(), &img, &[]).is_ok(), "within the bounds");
     }
 
     #[test]

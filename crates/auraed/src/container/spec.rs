@@ -321,6 +321,31 @@ impl ContainerSpec {
                 ));
             }
         }
+        // The request's own share, before any pull (with the image's: `config::bounded`).
+        {
+            use crate::executable::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
+            let bytes: usize = c
+                .entrypoint
+                .iter()
+                .chain(&c.args)
+                .map(|a| a.len() + 1)
+                .sum::<usize>()
+                + c.env
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 2)
+                    .sum::<usize>();
+            if c.entrypoint.len() + c.args.len() > MAX_ENTRIES
+                || c.env.len() > MAX_ENTRIES
+                || bytes > MAX_ARG_BYTES
+            {
+                return Err(FieldError::new(
+                    format!("{field}.args"),
+                    format!(
+                        "more than {MAX_ENTRIES} arguments or variables, or more than {MAX_ARG_BYTES} bytes of them"
+                    ),
+                ));
+            }
+        }
         if c.entrypoint.iter().chain(&c.args).any(|a| a.contains('\0')) {
             return Err(FieldError::new(
                 format!("{field}.args"),
@@ -389,6 +414,29 @@ mod tests {
             content: b"x".to_vec(),
             mode: 0,
         }
+    }
+
+    /// A request's arguments and variables are bounded before any pull, as a plain
+    /// executable's are.
+    #[test]
+    fn a_containers_arguments_are_bounded() {
+        let c = |args: Vec<String>| {
+            ContainerSpec::parse(
+                "container",
+                Some(pb::Container {
+                    image: "reg/x:1".into(),
+                    args,
+                    ..Default::default()
+                }),
+            )
+        };
+        let many = (0..5000).map(|i| i.to_string()).collect();
+        assert_eq!(c(many).unwrap_err().field, "container.args");
+        assert_eq!(
+            c(vec!["x".repeat(300 * 1024)]).unwrap_err().field,
+            "container.args"
+        );
+        assert!(c(vec!["x".repeat(1024)]).is_ok());
     }
 
     #[test]
