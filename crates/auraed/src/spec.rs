@@ -202,11 +202,15 @@ pub fn known_enum<E: TryFrom<i32>>(field: &str, v: i32, allow_zero: bool) -> Res
     E::try_from(v).map_err(|_| FieldError::new(field, format!("unknown value {v}")))
 }
 
-/// An absolute host or guest path from a request: no NUL, no `..` component.
 /// The largest uid or gid a workload may run as: no user namespace maps ids, so ids from
 /// 2³¹ on are refused (negative to many kernel and libc paths), and `4294967295` is the
 /// "-1" that set*id reads as "leave unchanged" (it would keep auraed's uid 0).
 pub const MAX_ID: u32 = (1 << 31) - 1;
+
+/// Most arguments or environment entries of a process (plain or a container's).
+pub const MAX_ENTRIES: usize = 4096;
+/// Most bytes of argv plus env together (the kernel's own limit is larger; this bounds memory).
+pub const MAX_ARG_BYTES: usize = 256 * 1024;
 
 /// A uid or gid as the kernel will use it: 0 to [`MAX_ID`].
 pub fn id(field: &str, v: u32) -> Result<u32, FieldError> {
@@ -222,6 +226,7 @@ pub fn id(field: &str, v: u32) -> Result<u32, FieldError> {
     Ok(v)
 }
 
+/// An absolute host or guest path from a request: no NUL, no `..` component.
 pub fn abs_path(field: &str, s: &str) -> Result<std::path::PathBuf, FieldError> {
     if s.is_empty() {
         return Err(FieldError::new(field, "is empty: give an absolute path"));

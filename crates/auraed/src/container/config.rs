@@ -119,7 +119,7 @@ fn bounded(
     argv: &[String],
     env: &BTreeMap<String, String>,
 ) -> Result<(), FieldError> {
-    use crate::executable::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
+    use crate::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
     let argv_field = if spec.entrypoint.is_empty() && spec.args.is_empty() {
         "image config Entrypoint and Cmd"
     } else {

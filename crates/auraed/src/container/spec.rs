@@ -323,7 +323,7 @@ impl ContainerSpec {
         }
         // The request's own share, before any pull (with the image's: `config::bounded`).
         {
-            use crate::executable::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
+            use crate::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
             let bytes: usize = c
                 .entrypoint
                 .iter()

@@ -10,10 +10,7 @@ use crate::{
     workload::limits::Limits,
 };
 
-/// Most arguments or environment entries.
-pub const MAX_ENTRIES: usize = 4096;
-/// Most bytes of argv plus env together (the kernel's own limit is larger; this bounds memory).
-pub const MAX_ARG_BYTES: usize = 256 * 1024;
+pub use crate::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
 /// Most bytes of stdin a request may carry.
 pub const MAX_STDIN: usize = 512 * 1024;
 
