@@ -95,13 +95,21 @@ impl Vms {
                 }
                 None => None,
             };
-            let channels = r
-                .channels
-                .as_ref()
-                .and_then(|h| h.reclaim_pair(vmm.is_some()).ok().flatten());
-            let (Some(pidfd), Some((ctl, console))) = (vmm, channels) else {
-                self.forget_lost(&r, &mut out);
-                continue;
+            let channels = match (&vmm, &r.channels) {
+                (None, _) => Err("its VMM is gone".to_owned()),
+                (Some(_), None) => Err("its control socket was not held".to_owned()),
+                (Some(_), Some(h)) => reclaim_channels(h).await,
+            };
+            let (pidfd, (ctl, console)) = match (vmm, channels) {
+                (Some(p), Ok(c)) => (p, c),
+                (_, Err(why)) => {
+                    self.forget_lost(&r, &why, &mut out);
+                    continue;
+                }
+                (None, Ok(_)) => {
+                    self.forget_lost(&r, "its VMM is gone", &mut out);
+                    continue;
+                }
             };
             let held = self.hold(name.as_str(), [&ctl, &console]);
             if let (Some(_), Some(old)) = (&held, &r.channels) {
@@ -163,7 +171,7 @@ impl Vms {
     /// A VM that cannot be served again: its VMM is gone (or cannot be controlled and is
     /// killed), its TAP device deleted, its record removed; its cgroup is left to the
     /// sweep.
-    fn forget_lost(&self, r: &VmRecord, out: &mut ReadoptedVms) {
+    fn forget_lost(&self, r: &VmRecord, why: &str, out: &mut ReadoptedVms) {
         if let Some(Ok(Some(pidfd))) = r.vmm.map(|p| p.open()) {
             let _ = pidfd.send_signal(nix::libc::SIGKILL);
         }
@@ -174,7 +182,7 @@ impl Vms {
             tracing::warn!(tap = %l.tap, "deleting a lost VM's TAP: {e}");
         }
         out.warnings.push(format!(
-            "virtual machine {:?} could not be served again (its VMM or its control socket is gone): removed",
+            "virtual machine {:?} could not be served again ({why}): its VMM stopped, removed",
             r.spec.name.as_str()
         ));
         self.recorder.delete(
@@ -228,5 +236,30 @@ impl Vms {
                     .any(|v| v.held.as_ref().is_some_and(|held| &held.holder == h))
             })
             .unwrap_or(false)
+    }
+}
+
+/// A VMM's control socket and console taken back from the holder that kept them; an
+/// error that may pass (out of fds or memory, interrupted) is tried again, three times
+/// in all, before the VM is given up; `Err` says why, for the warning.
+async fn reclaim_channels(
+    h: &crate::workload::holder::HeldOutput,
+) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), String> {
+    let mut tries = 1;
+    loop {
+        match h.reclaim_pair(true) {
+            Ok(Some(pair)) => return Ok(pair),
+            Ok(None) => {
+                return Err(
+                    "its control socket and console were no longer held (the holder lost them)"
+                        .into(),
+                );
+            }
+            Err(e) if tries < 3 && crate::workload::process::transient(&e) => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("taking its control socket back failed: {e}")),
+        }
     }
 }

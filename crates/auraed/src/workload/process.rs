@@ -219,7 +219,7 @@ fn children_of(pid: i32) -> Vec<i32> {
 }
 
 /// An error that may not happen again: out of file descriptors or memory, interrupted.
-fn transient(e: &io::Error) -> bool {
+pub(crate) fn transient(e: &io::Error) -> bool {
     use nix::libc::{EAGAIN, EINTR, EMFILE, ENFILE, ENOMEM};
     e.kind() == io::ErrorKind::Interrupted
         || matches!(
