@@ -212,6 +212,19 @@ pub const MAX_ENTRIES: usize = 4096;
 /// Most bytes of argv plus env together (the kernel's own limit is larger; this bounds memory).
 pub const MAX_ARG_BYTES: usize = 256 * 1024;
 
+/// The bytes [`MAX_ARG_BYTES`] bounds: each argument with its NUL, each variable as
+/// `name=value` with its NUL.
+pub fn arg_bytes<'a>(
+    args: impl IntoIterator<Item = &'a String>,
+    env: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> usize {
+    args.into_iter().map(|a| a.len() + 1).sum::<usize>()
+        + env
+            .into_iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+}
+
 /// A uid or gid as the kernel will use it: 0 to [`MAX_ID`].
 pub fn id(field: &str, v: u32) -> Result<u32, FieldError> {
     if v > MAX_ID {

@@ -133,7 +133,7 @@ impl Executables for ExecutablesApi {
         )
         .map_err(invalid)?;
         let er = Self::reference(&r, m.executable.as_ref())?;
-        let may = may_run_as(&r, &er)?;
+        let may = may_run_as(&r, &er, "which an exec takes")?;
         let out = self
             .cells
             .exec_in(&er, m.argv.clone(), timeout, may)
@@ -535,16 +535,12 @@ impl ExecutablesApi {
                     exe.cell, exe.name
                 )));
             }
-            let caller = Caller::of(r)?;
-            super::runtime::authorize_ids(&caller, Some(uid), Some(gid), exe.cell.as_str())
-                .map_err(|e| {
-                    Status::permission_denied(format!(
-                        "start.stdin: executable {}/{} runs as uid {uid}, gid {gid}: {}",
-                        exe.cell,
-                        exe.name,
-                        e.message()
-                    ))
-                })?;
+            let er = ExecutableRef {
+                cell: exe.cell.clone(),
+                name: exe.name.clone(),
+            };
+            may_run_as(r, &er, "which start.stdin writes to as it")?(uid, gid)
+                .map_err(Status::permission_denied)?;
         }
         let session = Session::attach(exe, start.stdin, start.from_offset)?;
         Ok((session, size))
@@ -562,7 +558,7 @@ impl ExecutablesApi {
         let m = r.get_ref();
         exec_argv(&m.argv)?;
         let er = Self::reference(&r, m.executable.as_ref())?;
-        let may = may_run_as(&r, &er)?;
+        let may = may_run_as(&r, &er, "which an exec takes")?;
         Ok(self
             .cells
             .spawn_exec(&er, m.argv.clone(), stdio, may)
@@ -633,18 +629,20 @@ pub fn proc_stats(stat: &str, status: &str) -> pb::ResourceStats {
     }
 }
 
-/// What an exec in `er` may run as for the caller of `r`: the ids its grant allows (the
-/// command takes the container process's ids, known only once it is read).
+/// What the caller of `r` may act as in `er` (an exec's command takes its process's ids;
+/// an attach writing its input acts as it): the ids its grant allows, checked once they
+/// are read; `how` says in the refusal how the ids would have been taken.
 fn may_run_as<T>(
     r: &Request<T>,
     er: &ExecutableRef,
+    how: &'static str,
 ) -> Result<crate::cell::exec::MayRunAs, Status> {
     let caller = Caller::of(r)?;
     let name = format!("{}/{}", er.cell, er.name);
     Ok(Box::new(move |uid, gid| {
         super::runtime::authorize_ids(&caller, Some(uid), Some(gid), &name).map_err(|e| {
             format!(
-                "executable {name} runs as uid {uid}, gid {gid}, which an exec takes: {}",
+                "executable {name} runs as uid {uid}, gid {gid}, {how}: {}",
                 e.message()
             )
         })

@@ -681,25 +681,34 @@ impl Cells {
         let Ok(cell) = self.find(&exe.cell) else {
             return Ok(());
         };
+        self.take_out_freed(&cell, exe, |now| {
+            now.is_some_and(|now| Arc::ptr_eq(now, exe) && now.exited())
+        });
+        Ok(())
+    }
+
+    /// Takes the freed executable `exe` out of `cell` if `is_it` says so of the one there
+    /// by its name (if any), and discards what it leaves — under the cell's lock, so a new executable
+    /// of this name cannot start (and lose its log and record to this) before they are
+    /// gone. A run call's cell emptied so on purpose is recorded as no longer one: a
+    /// restart must not take it for a cut run call.
+    fn take_out_freed(
+        &self,
+        cell: &Cell,
+        exe: &Executable,
+        is_it: impl FnOnce(Option<&Arc<Executable>>) -> bool,
+    ) {
         let mut was_run_cell = false;
-        if let Ok(mut inner) = cell.inner.lock() {
-            let same = inner
-                .executables
-                .get(&exe.name)
-                .is_some_and(|now| Arc::ptr_eq(now, exe) && now.exited());
-            if same {
-                inner.executables.remove(&exe.name);
-                // Under the cell's lock: a new executable of this name cannot start (and
-                // lose its log and record to this) before they are gone.
-                self.discard_freed(exe);
-                was_run_cell = std::mem::take(&mut inner.made_for_run);
-            }
+        if let Ok(mut inner) = cell.inner.lock()
+            && is_it(inner.executables.get(&exe.name))
+        {
+            inner.executables.remove(&exe.name);
+            self.discard_freed(exe);
+            was_run_cell = std::mem::take(&mut inner.made_for_run);
         }
         if was_run_cell {
-            // Emptied on purpose now (see free_executable).
             self.recorder.cell(&cell.record());
         }
-        Ok(())
     }
 
     /// What a freed executable leaves: its log files, its record, its own group, a
@@ -875,17 +884,7 @@ impl Cells {
             )));
         }
         let cell = self.find(&r.cell)?;
-        let mut was_run_cell = false;
-        if let Ok(mut inner) = cell.inner.lock() {
-            inner.executables.remove(&r.name);
-            // Under the cell's lock (see free_executable_if_same).
-            self.discard_freed(&exe);
-            was_run_cell = std::mem::take(&mut inner.made_for_run);
-        }
-        if was_run_cell {
-            // Emptied on purpose now: a restart must not take it for a cut run call.
-            self.recorder.cell(&cell.record());
-        }
+        self.take_out_freed(&cell, &exe, |_| true);
         Ok(())
     }
 }

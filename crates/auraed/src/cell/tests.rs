@@ -43,18 +43,7 @@ fn fixture() -> Fixture {
     let tree = Arc::new(FakeTree::with_controllers(&["memory", "pids"]));
     let spawner = Arc::new(FakeSpawner::default());
     let store = Store::open(&dir.path().join("state")).unwrap();
-    let cells = Arc::new(Cells::new(CellsDeps {
-        tree: Ok(tree.clone() as Arc<dyn CgroupTree>),
-        spawner: spawner.clone(),
-        events: Arc::new(EventBus::default()),
-        logs_dir: dir.path().join("logs"),
-        containers_dir: dir.path().join("containers"),
-        cell_dirs: crate::cell::dirs::CellDirs::new(dir.path().join("cell-dirs")),
-        sealed: Arc::new(aurae_sys::memfd::SealedSelf::default()),
-        store: Some(store.clone()),
-        images: None,
-        holder: None,
-    }));
+    let cells = cells_on(dir.path(), &tree, &spawner, &store);
     Fixture {
         cells,
         tree,
@@ -931,15 +920,25 @@ async fn a_restart_serves_again_nested_cells_stored_under_a_hash() {
 /// What a restarted auraed makes of the fixture's records: a second `Cells` on the same
 /// tree, spawner and store (`readopt` not run yet).
 fn restarted(f: &Fixture) -> Arc<Cells> {
+    cells_on(f._dir.path(), &f.tree, &f.spawner, &f.store)
+}
+
+/// A `Cells` on the fakes, its directories under `dir`.
+fn cells_on(
+    dir: &std::path::Path,
+    tree: &Arc<FakeTree>,
+    spawner: &Arc<FakeSpawner>,
+    store: &Store,
+) -> Arc<Cells> {
     Arc::new(Cells::new(CellsDeps {
-        tree: Ok(f.tree.clone() as Arc<dyn CgroupTree>),
-        spawner: f.spawner.clone(),
+        tree: Ok(tree.clone() as Arc<dyn CgroupTree>),
+        spawner: spawner.clone(),
         events: Arc::new(EventBus::default()),
-        logs_dir: f._dir.path().join("logs"),
-        containers_dir: f._dir.path().join("containers"),
-        cell_dirs: crate::cell::dirs::CellDirs::new(f._dir.path().join("cell-dirs")),
+        logs_dir: dir.join("logs"),
+        containers_dir: dir.join("containers"),
+        cell_dirs: crate::cell::dirs::CellDirs::new(dir.join("cell-dirs")),
         sealed: Arc::new(aurae_sys::memfd::SealedSelf::default()),
-        store: Some(f.store.clone()),
+        store: Some(store.clone()),
         images: None,
         holder: None,
     }))

@@ -146,11 +146,7 @@ fn bounded(
             "contains NUL",
         ));
     }
-    let bytes: usize = argv.iter().map(|a| a.len() + 1).sum::<usize>()
-        + env
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 2)
-            .sum::<usize>();
+    let bytes = crate::spec::arg_bytes(argv, env);
     if bytes > MAX_ARG_BYTES {
         return Err(FieldError::new(
             argv_field,

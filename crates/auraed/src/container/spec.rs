@@ -324,16 +324,7 @@ impl ContainerSpec {
         // The request's own share, before any pull (with the image's: `config::bounded`).
         {
             use crate::spec::{MAX_ARG_BYTES, MAX_ENTRIES};
-            let bytes: usize = c
-                .entrypoint
-                .iter()
-                .chain(&c.args)
-                .map(|a| a.len() + 1)
-                .sum::<usize>()
-                + c.env
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len() + 2)
-                    .sum::<usize>();
+            let bytes = crate::spec::arg_bytes(c.entrypoint.iter().chain(&c.args), &c.env);
             if c.entrypoint.len() + c.args.len() > MAX_ENTRIES
                 || c.env.len() > MAX_ENTRIES
                 || bytes > MAX_ARG_BYTES

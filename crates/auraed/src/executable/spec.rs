@@ -158,12 +158,10 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                 format!("more than {MAX_ENTRIES} arguments or environment entries"),
             ));
         }
-        let mut bytes = 0;
         for (i, a) in e.argv.iter().enumerate() {
             if a.contains('\0') {
                 return Err(FieldError::new(format!("argv[{i}]"), "contains NUL"));
             }
-            bytes += a.len() + 1;
         }
         let mut env: Vec<(String, String)> = e.env.into_iter().collect();
         env.sort();
@@ -180,9 +178,8 @@ impl TryFrom<pb::Executable> for ExecutableSpec {
                     "the value contains NUL",
                 ));
             }
-            bytes += k.len() + v.len() + 2;
         }
-        if bytes > MAX_ARG_BYTES {
+        if crate::spec::arg_bytes(&e.argv, env.iter().map(|(k, v)| (k, v))) > MAX_ARG_BYTES {
             return Err(FieldError::new(
                 "argv",
                 format!("argv and env together exceed {MAX_ARG_BYTES} bytes"),

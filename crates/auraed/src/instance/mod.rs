@@ -554,17 +554,8 @@ impl Instances {
                 "template: TEMPLATE_REQUIRED restores a microVM, and this instance is a cell ({isolation_reason})"
             )));
         }
+        // Not there nor being made by another spawn: `start_making` saw to that.
         let _ops = self.ops.lock().await;
-        if self
-            .instances
-            .lock()
-            .is_ok_and(|m| m.contains_key(&spec.name))
-        {
-            return Err(WorkloadError::Exists(format!(
-                "instance {:?} already exists",
-                spec.name.as_str()
-            )));
-        }
         if self.depth + 1 > self.max_depth {
             return Err(precondition(format!(
                 "this auraed is at depth {} of at most {}: it may not spawn deeper",

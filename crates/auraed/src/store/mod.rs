@@ -340,14 +340,8 @@ impl Store {
                 Ok(None) => continue,
                 Err(e) => e.to_string(),
             };
-            let q = self.root.join("quarantine").join(kind);
-            let moved = fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&q)
-                .and_then(|()| quarantine(&p, &q, &entry.file_name()));
-            loaded.quarantined.push(match moved {
-                Ok(()) => format!(
+            loaded.quarantined.push(match self.quarantine(kind, &p) {
+                Ok(q) => format!(
                     "record {kind}/{key} is unreadable ({why}): moved to {}",
                     q.display()
                 ),
@@ -361,10 +355,25 @@ impl Store {
     }
 }
 
-/// Moves the unreadable record `from` into the quarantine directory `dir` under its own
-/// name, or `<name>.1`, `<name>.2`, … when a record of that name was quarantined before:
-/// never over one (each is kept for whoever looks into why).
-fn quarantine(from: &Path, dir: &Path, name: &std::ffi::OsStr) -> std::io::Result<()> {
+impl Store {
+    /// Moves the unreadable record `from` of `kind` into `quarantine/<kind>/` (made mode
+    /// 0700 if missing; returned) under its own name, or `<name>.1`, `<name>.2`, … when a
+    /// record of that name was quarantined before: never over one (each is kept for
+    /// whoever looks into why).
+    fn quarantine(&self, kind: &str, from: &Path) -> std::io::Result<PathBuf> {
+        let dir = self.root.join("quarantine").join(kind);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let name = from.file_name().unwrap_or_default();
+        quarantine_into(from, &dir, name)?;
+        Ok(dir)
+    }
+}
+
+/// [`Store::quarantine`]'s move: a rename that never replaces.
+fn quarantine_into(from: &Path, dir: &Path, name: &std::ffi::OsStr) -> std::io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     for n in 0..1000u32 {
         let mut to = name.to_owned();
@@ -408,14 +417,8 @@ impl Store {
         let (prev, note) = match self.get::<BootRecord>(kinds::DAEMON, "boot") {
             Ok(prev) => (prev, None),
             Err(StoreError::Corrupt { path, source }) => {
-                let q = self.root.join("quarantine").join(kinds::DAEMON);
-                let moved = fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&q)
-                    .and_then(|()| quarantine(&path, &q, path.file_name().unwrap_or_default()));
-                let note = match moved {
-                    Ok(()) => format!(
+                let note = match self.quarantine(kinds::DAEMON, &path) {
+                    Ok(q) => format!(
                         "the boot record {} is unreadable ({source}): moved to {}; boots are counted from 1 again",
                         path.display(),
                         q.display()

@@ -95,19 +95,15 @@ impl Vms {
                 }
                 None => None,
             };
-            let channels = match (&vmm, &r.channels) {
+            let found = match (vmm, &r.channels) {
                 (None, _) => Err("its VMM is gone".to_owned()),
                 (Some(_), None) => Err("its control socket was not held".to_owned()),
-                (Some(_), Some(h)) => reclaim_channels(h).await,
+                (Some(pidfd), Some(h)) => reclaim_channels(h).map(|c| (pidfd, c)),
             };
-            let (pidfd, (ctl, console)) = match (vmm, channels) {
-                (Some(p), Ok(c)) => (p, c),
-                (_, Err(why)) => {
+            let (pidfd, (ctl, console)) = match found {
+                Ok(f) => f,
+                Err(why) => {
                     self.forget_lost(&r, &why, &mut out);
-                    continue;
-                }
-                (None, Ok(_)) => {
-                    self.forget_lost(&r, "its VMM is gone", &mut out);
                     continue;
                 }
             };
@@ -239,27 +235,17 @@ impl Vms {
     }
 }
 
-/// A VMM's control socket and console taken back from the holder that kept them; an
-/// error that may pass (out of fds or memory, interrupted) is tried again, three times
-/// in all, before the VM is given up; `Err` says why, for the warning.
-async fn reclaim_channels(
+/// A VMM's control socket and console taken back from the holder that kept them (an
+/// error that may pass tried again: `workload::process::tried_again`); `Err` says why
+/// not, for the warning.
+fn reclaim_channels(
     h: &crate::workload::holder::HeldOutput,
 ) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), String> {
-    let mut tries = 1;
-    loop {
-        match h.reclaim_pair(true) {
-            Ok(Some(pair)) => return Ok(pair),
-            Ok(None) => {
-                return Err(
-                    "its control socket and console were no longer held (the holder lost them)"
-                        .into(),
-                );
-            }
-            Err(e) if tries < 3 && crate::workload::process::transient(&e) => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(format!("taking its control socket back failed: {e}")),
+    match crate::workload::process::tried_again(|| h.reclaim_pair(true)) {
+        Ok(Some(pair)) => Ok(pair),
+        Ok(None) => {
+            Err("its control socket and console were no longer held (the holder lost them)".into())
         }
+        Err(e) => Err(format!("taking its control socket back failed: {e}")),
     }
 }

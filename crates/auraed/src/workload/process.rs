@@ -89,17 +89,7 @@ impl ProcRef {
     /// short-lived one (out of fds or memory, interrupted) is tried again a few times
     /// first, and callers name a persistent one in what they report.
     pub fn open(&self) -> io::Result<Option<Pidfd>> {
-        const TRIES: u32 = 3;
-        let mut tries = 1;
-        loop {
-            match self.open_once() {
-                Err(e) if tries < TRIES && transient(&e) => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                r => return r,
-            }
-        }
+        tried_again(|| self.open_once())
     }
 
     /// [`ProcRef::open`] for re-adoption: an error is worded for its warning ("(pid N)
@@ -218,8 +208,24 @@ fn children_of(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// `f`, tried again (three tries in all, 10 ms apart) while it fails with an error that
+/// may pass (out of fds or memory, interrupted); its last answer.
+pub fn tried_again<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    const TRIES: u32 = 3;
+    let mut tries = 1;
+    loop {
+        match f() {
+            Err(e) if tries < TRIES && transient(&e) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// An error that may not happen again: out of file descriptors or memory, interrupted.
-pub(crate) fn transient(e: &io::Error) -> bool {
+fn transient(e: &io::Error) -> bool {
     use nix::libc::{EAGAIN, EINTR, EMFILE, ENFILE, ENOMEM};
     e.kind() == io::ErrorKind::Interrupted
         || matches!(
